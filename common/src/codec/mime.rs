@@ -1,0 +1,750 @@
+//! `multipart/related` framing (RFC 2046, RFC 2387): the envelope writer and
+//! the streaming decoder.
+//!
+//! Written by hand, not with multer: the decoder must be sans-IO (fed byte
+//! slices, so it can be fuzzed and driven from any body stream), must hand
+//! back a message's content part as a zero-copy slice without looking inside
+//! it, and must enforce this protocol's pairing rules per part as it goes.
+//! The media type itself is parsed with the `mime` crate.
+
+use std::collections::{HashSet, VecDeque};
+
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use memchr::memmem::Finder;
+
+use super::content::{XML_PART_TYPE, decode_base64};
+use super::{
+    DataInfo, DecodeError, Encoded, Limits, PartRef, ROOT_CONTENT_ID, RawEnvelope, RawMessage,
+    XmlError, header, meta,
+};
+use crate::ids::MessageId;
+use crate::model::{Content, ContentKind, EnvelopeMeta, Header, Message, TransferEncoding};
+
+/// Writes an envelope: the root part first, then each message's header and
+/// content parts.
+#[derive(Debug)]
+pub struct EnvelopeWriter {
+    boundary: String,
+    delim: Vec<u8>,
+    buf: Vec<u8>,
+    messages: usize,
+}
+
+impl EnvelopeWriter {
+    /// Starts an envelope with its envelope header.
+    pub fn new(meta: &EnvelopeMeta) -> Self {
+        let boundary = format!("rs-{}", uuid::Uuid::now_v7().simple());
+        let mut delim = b"\r\n--".to_vec();
+        delim.extend_from_slice(boundary.as_bytes());
+        let mut w = EnvelopeWriter {
+            boundary,
+            delim,
+            buf: Vec::with_capacity(4096),
+            messages: 0,
+        };
+        // The first delimiter has no leading CRLF.
+        w.buf.extend_from_slice(&w.delim[2..]);
+        w.part_headers(XML_PART_TYPE, ROOT_CONTENT_ID.as_bytes(), None);
+        meta::encode(meta, &mut w.buf);
+        w
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True when no message has been added.
+    pub fn is_empty(&self) -> bool {
+        self.messages == 0
+    }
+
+    /// Messages added so far.
+    pub fn message_count(&self) -> usize {
+        self.messages
+    }
+
+    fn part_headers(&mut self, ctype: &str, cid: &[u8], cte: Option<TransferEncoding>) {
+        let b = &mut self.buf;
+        b.extend_from_slice(b"\r\nContent-Type: ");
+        b.extend_from_slice(ctype.as_bytes());
+        b.extend_from_slice(b"\r\nContent-ID: ");
+        b.extend_from_slice(cid);
+        if let Some(e) = cte {
+            b.extend_from_slice(b"\r\nContent-Transfer-Encoding: ");
+            b.extend_from_slice(e.as_str().as_bytes());
+        }
+        b.extend_from_slice(b"\r\n\r\n");
+    }
+
+    fn start_part(&mut self) {
+        self.buf.extend_from_slice(&self.delim);
+    }
+
+    fn cid(id: &MessageId, which: &str) -> Vec<u8> {
+        let mut v = Vec::with_capacity(id.as_str().len() + 10);
+        v.push(b'<');
+        v.extend_from_slice(id.as_str().as_bytes());
+        v.push(b'@');
+        v.extend_from_slice(which.as_bytes());
+        v.push(b'>');
+        v
+    }
+
+    fn header_part(&mut self, h: &Header, kind: ContentKind, data: Option<&DataInfo>) {
+        self.start_part();
+        self.part_headers(XML_PART_TYPE, &Self::cid(&h.id, "header"), None);
+        // Our XML never contains a raw CR, so it cannot contain the delimiter.
+        header::encode(h, kind, data, &mut self.buf);
+    }
+
+    /// True when `bytes` would end a part early.
+    fn collides(&self, bytes: &[u8]) -> bool {
+        Finder::new(&self.delim).find(bytes).is_some()
+    }
+
+    /// Adds a decoded message.
+    pub fn push(&mut self, m: &Message) {
+        match &m.content {
+            Content::Data(d) => {
+                let mut encoding = d.encoding;
+                if encoding == TransferEncoding::Binary && self.collides(&d.bytes) {
+                    encoding = TransferEncoding::Base64;
+                }
+                let info = DataInfo {
+                    mime: d.mime.clone(),
+                    size: d.bytes.len() as u64,
+                    encoding,
+                };
+                self.header_part(&m.header, ContentKind::Data, Some(&info));
+                self.start_part();
+                self.part_headers(&d.mime, &Self::cid(&m.header.id, "content"), Some(encoding));
+                match encoding {
+                    TransferEncoding::Binary => self.buf.extend_from_slice(&d.bytes),
+                    TransferEncoding::Base64 => {
+                        append_base64(&mut self.buf, &d.bytes);
+                    }
+                }
+            }
+            _ => {
+                self.header_part(&m.header, m.content.kind(), None);
+                self.start_part();
+                self.part_headers(XML_PART_TYPE, &Self::cid(&m.header.id, "content"), None);
+                let raw = m.to_raw();
+                self.buf.extend_from_slice(&raw.content);
+            }
+        }
+        self.messages += 1;
+    }
+
+    /// Adds a message whose content is passed through unparsed (a forwarder
+    /// after appending its routing hop).
+    pub fn push_raw(&mut self, m: &RawMessage) {
+        let collides = self.collides(&m.content);
+        match &m.data {
+            Some(info) if collides && info.encoding == TransferEncoding::Binary => {
+                // Re-encode rather than let the payload end the part early.
+                let info = DataInfo {
+                    encoding: TransferEncoding::Base64,
+                    ..info.clone()
+                };
+                self.header_part(&m.header, m.kind, Some(&info));
+                self.start_part();
+                self.part_headers(
+                    &m.content_type,
+                    &Self::cid(&m.header.id, "content"),
+                    Some(TransferEncoding::Base64),
+                );
+                append_base64(&mut self.buf, &m.content);
+            }
+            Some(info) => {
+                self.header_part(&m.header, m.kind, Some(info));
+                self.start_part();
+                self.part_headers(
+                    &m.content_type,
+                    &Self::cid(&m.header.id, "content"),
+                    Some(info.encoding),
+                );
+                self.buf.extend_from_slice(&m.content);
+            }
+            None => {
+                self.header_part(&m.header, m.kind, None);
+                self.start_part();
+                let cid = Self::cid(&m.header.id, "content");
+                if collides {
+                    self.part_headers(&m.content_type, &cid, Some(TransferEncoding::Base64));
+                    append_base64(&mut self.buf, &m.content);
+                } else {
+                    self.part_headers(&m.content_type, &cid, None);
+                    self.buf.extend_from_slice(&m.content);
+                }
+            }
+        }
+        self.messages += 1;
+    }
+
+    /// Closes the envelope.
+    pub fn finish(mut self) -> Encoded {
+        self.buf.extend_from_slice(&self.delim);
+        self.buf.extend_from_slice(b"--\r\n");
+        Encoded {
+            content_type: format!(
+                "multipart/related; boundary=\"{}\"; type=\"text/xml\"; start=\"{ROOT_CONTENT_ID}\"",
+                self.boundary
+            ),
+            body: Bytes::from(self.buf),
+        }
+    }
+}
+
+/// Appends `bytes` base64-encoded (no line breaks) to `buf`.
+fn append_base64(buf: &mut Vec<u8>, bytes: &[u8]) {
+    let start = buf.len();
+    let n = base64::encoded_len(bytes.len(), true).unwrap_or(0);
+    buf.resize(start + n, 0);
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(bytes, &mut buf[start..])
+        .unwrap_or(0);
+    buf.truncate(start + written);
+}
+
+/// Extracts and checks the boundary of a `multipart/related` content type.
+fn boundary_of(content_type: &str) -> Result<String, DecodeError> {
+    let bad = || DecodeError::ContentType(content_type.chars().take(200).collect());
+    let m: mime::Mime = content_type.parse().map_err(|_| bad())?;
+    if m.type_() != mime::MULTIPART || m.subtype().as_str() != "related" {
+        return Err(bad());
+    }
+    let b = m.get_param(mime::BOUNDARY).ok_or_else(bad)?.as_str();
+    // RFC 2046 bchars, 1 to 70 of them, not ending in a space.
+    let ok = !b.is_empty()
+        && b.len() <= 70
+        && !b.ends_with(' ')
+        && b.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"'()+_,-./:=? ".contains(&c));
+    if ok { Ok(b.to_owned()) } else { Err(bad()) }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Before the first delimiter.
+    Preamble,
+    /// Just after a delimiter line's boundary.
+    Part,
+    /// After the close delimiter.
+    Epilogue,
+}
+
+/// What the scanner found at the front of the buffer.
+enum Step {
+    NeedMore,
+    /// Consume this many bytes; nothing else to do.
+    Skip(usize),
+    /// A whole part: its header block, its body, and the bytes it spans
+    /// (through the next delimiter).
+    Part {
+        headers: std::ops::Range<usize>,
+        body: std::ops::Range<usize>,
+        consumed: usize,
+    },
+}
+
+/// Finds part boundaries at the front of a buffer.
+#[derive(Debug)]
+struct Scanner {
+    limits: Limits,
+    delim: Vec<u8>,
+    finder: Finder<'static>,
+    state: State,
+    /// Where to resume the delimiter search (already scanned up to here).
+    scan_from: usize,
+    epilogue: usize,
+}
+
+impl Scanner {
+    /// Looks at the front of `buf` in the current state.
+    fn step(&mut self, buf: &[u8], part_no: usize) -> Result<Step, DecodeError> {
+        match self.state {
+            State::Preamble => {
+                // The body may open with the delimiter (no CRLF before it)...
+                let dashes = &self.delim[2..];
+                if buf.len() < dashes.len() && dashes.starts_with(buf) {
+                    return Ok(Step::NeedMore);
+                }
+                if buf.starts_with(dashes) {
+                    self.state = State::Part;
+                    return Ok(Step::Skip(dashes.len()));
+                }
+                // ...or after a preamble.
+                if let Some(i) = self.finder.find(buf) {
+                    if i > self.limits.max_preamble_bytes {
+                        return Err(DecodeError::PreambleTooLarge {
+                            limit: self.limits.max_preamble_bytes,
+                        });
+                    }
+                    self.state = State::Part;
+                    return Ok(Step::Skip(i + self.delim.len()));
+                }
+                if buf.len() > self.limits.max_preamble_bytes + self.delim.len() {
+                    return Err(DecodeError::NoFirstBoundary);
+                }
+                Ok(Step::NeedMore)
+            }
+            State::Epilogue => {
+                self.epilogue += buf.len();
+                if self.epilogue > self.limits.max_preamble_bytes {
+                    return Err(DecodeError::PreambleTooLarge {
+                        limit: self.limits.max_preamble_bytes,
+                    });
+                }
+                Ok(if buf.is_empty() {
+                    Step::NeedMore
+                } else {
+                    Step::Skip(buf.len())
+                })
+            }
+            State::Part => {
+                let part = PartRef::Index(part_no);
+                if buf.len() < 2 {
+                    return Ok(Step::NeedMore);
+                }
+                if buf.starts_with(b"--") {
+                    self.state = State::Epilogue;
+                    return Ok(Step::Skip(2));
+                }
+                // Transport padding, then the CRLF that ends the delimiter line.
+                let pad = buf.iter().take_while(|&&c| c == b' ' || c == b'\t').count();
+                if pad > 64 {
+                    return Err(DecodeError::PartHeaders {
+                        part,
+                        reason: "junk after the boundary".into(),
+                    });
+                }
+                let Some(rest) = buf.get(pad..) else {
+                    return Ok(Step::NeedMore);
+                };
+                if rest.len() < 2 {
+                    return Ok(Step::NeedMore);
+                }
+                if &rest[..2] != b"\r\n" {
+                    return Err(DecodeError::PartHeaders {
+                        part,
+                        reason: "boundary line not ended by CRLF".into(),
+                    });
+                }
+                // Headers run from the CRLF to the first blank line; an empty
+                // block is CRLF CRLF straight away.
+                let hstart = pad;
+                let hlimit = self.limits.max_part_header_bytes + 4;
+                let window = &buf[hstart..buf.len().min(hstart + hlimit)];
+                let Some(hend) = memchr::memmem::find(window, b"\r\n\r\n") else {
+                    if window.len() >= hlimit {
+                        return Err(DecodeError::PartHeaders {
+                            part,
+                            reason: format!(
+                                "headers longer than {} bytes",
+                                self.limits.max_part_header_bytes
+                            ),
+                        });
+                    }
+                    return Ok(Step::NeedMore);
+                };
+                let headers = hstart + 2..hstart + hend + 2;
+                let body_start = hstart + hend + 4;
+                let from = self.scan_from.max(body_start);
+                match self.finder.find(&buf[from.min(buf.len())..]) {
+                    Some(i) => {
+                        let body_end = from + i;
+                        if body_end - body_start > self.limits.max_part_bytes {
+                            return Err(DecodeError::PartTooLarge {
+                                part,
+                                limit: self.limits.max_part_bytes,
+                            });
+                        }
+                        Ok(Step::Part {
+                            headers,
+                            body: body_start..body_end,
+                            consumed: body_end + self.delim.len(),
+                        })
+                    }
+                    None => {
+                        if buf.len().saturating_sub(body_start)
+                            > self.limits.max_part_bytes + self.delim.len()
+                        {
+                            return Err(DecodeError::PartTooLarge {
+                                part,
+                                limit: self.limits.max_part_bytes,
+                            });
+                        }
+                        // Resume where a delimiter could still begin.
+                        self.scan_from = buf.len().saturating_sub(self.delim.len() - 1);
+                        Ok(Step::NeedMore)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Decodes an envelope as its body arrives, holding at most one part (plus
+/// the last chunk) in memory. Feed it with [`push`](Self::push) or
+/// [`push_bytes`](Self::push_bytes), take messages with
+/// [`pop`](Self::pop) as they complete, and call [`finish`](Self::finish)
+/// at the end of the body.
+#[derive(Debug)]
+pub struct StreamDecoder {
+    limits: Limits,
+    scanner: Scanner,
+    buf: BytesMut,
+    total: usize,
+    parts: usize,
+    meta: Option<EnvelopeMeta>,
+    pending: Option<(Header, ContentKind, Option<DataInfo>)>,
+    seen: HashSet<MessageId>,
+    ready: VecDeque<RawMessage>,
+    messages: usize,
+}
+
+struct PartHeaders<'a> {
+    content_type: Option<&'a str>,
+    content_id: Option<&'a str>,
+    cte: Option<&'a str>,
+}
+
+fn parse_part_headers<'a>(block: &'a [u8], part: &PartRef) -> Result<PartHeaders<'a>, DecodeError> {
+    let err = |reason: String| DecodeError::PartHeaders {
+        part: part.clone(),
+        reason,
+    };
+    let text = std::str::from_utf8(block).map_err(|_| err("not ASCII".into()))?;
+    let mut h = PartHeaders {
+        content_type: None,
+        content_id: None,
+        cte: None,
+    };
+    for line in text.split("\r\n").filter(|l| !l.is_empty()) {
+        if line.starts_with([' ', '\t']) {
+            return Err(err("folded header lines are not allowed".into()));
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| err(format!("line {:?} has no colon", trunc(line))))?;
+        if name.is_empty() || !name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
+            return Err(err(format!("bad header name {:?}", trunc(name))));
+        }
+        if !value
+            .bytes()
+            .all(|c| c == b'\t' || (0x20..0x7f).contains(&c))
+        {
+            return Err(err(format!("header {name} has a non-ASCII value")));
+        }
+        let value = value.trim_matches([' ', '\t']);
+        let slot = if name.eq_ignore_ascii_case("content-type") {
+            &mut h.content_type
+        } else if name.eq_ignore_ascii_case("content-id") {
+            &mut h.content_id
+        } else if name.eq_ignore_ascii_case("content-transfer-encoding") {
+            &mut h.cte
+        } else {
+            continue;
+        };
+        if slot.replace(value).is_some() {
+            return Err(err(format!("header {name} appears twice")));
+        }
+    }
+    Ok(h)
+}
+
+fn trunc(s: &str) -> String {
+    s.chars().take(60).collect()
+}
+
+/// What a Content-ID names.
+enum Cid {
+    Root,
+    Header(MessageId),
+    Content(MessageId),
+}
+
+fn parse_cid(v: &str) -> Option<Cid> {
+    if v == ROOT_CONTENT_ID {
+        return Some(Cid::Root);
+    }
+    let inner = v.strip_prefix('<')?.strip_suffix('>')?;
+    let (id, which) = inner.split_once('@')?;
+    let id = MessageId::new(id).ok()?;
+    match which {
+        "header" => Some(Cid::Header(id)),
+        "content" => Some(Cid::Content(id)),
+        _ => None,
+    }
+}
+
+impl StreamDecoder {
+    /// A decoder for a body of this `Content-Type`.
+    pub fn new(content_type: &str, limits: Limits) -> Result<Self, DecodeError> {
+        let boundary = boundary_of(content_type)?;
+        let mut delim = b"\r\n--".to_vec();
+        delim.extend_from_slice(boundary.as_bytes());
+        let finder = Finder::new(&delim).into_owned();
+        Ok(StreamDecoder {
+            scanner: Scanner {
+                limits: limits.clone(),
+                delim,
+                finder,
+                state: State::Preamble,
+                scan_from: 0,
+                epilogue: 0,
+            },
+            limits,
+            buf: BytesMut::new(),
+            total: 0,
+            parts: 0,
+            meta: None,
+            pending: None,
+            seen: HashSet::new(),
+            ready: VecDeque::new(),
+            messages: 0,
+        })
+    }
+
+    fn count(&mut self, n: usize) -> Result<(), DecodeError> {
+        self.total += n;
+        if self.total > self.limits.max_envelope_bytes {
+            return Err(DecodeError::EnvelopeTooLarge {
+                limit: self.limits.max_envelope_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Feeds the next chunk of the body.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<(), DecodeError> {
+        self.count(chunk.len())?;
+        self.buf.extend_from_slice(chunk);
+        self.drain_buf()
+    }
+
+    /// Feeds the next chunk of the body without copying whatever of it
+    /// completes parts.
+    pub fn push_bytes(&mut self, chunk: Bytes) -> Result<(), DecodeError> {
+        self.count(chunk.len())?;
+        if !self.buf.is_empty() {
+            self.buf.extend_from_slice(&chunk);
+            return self.drain_buf();
+        }
+        let mut off = 0;
+        loop {
+            match self.scanner.step(&chunk[off..], self.parts + 1)? {
+                Step::NeedMore => break,
+                Step::Skip(n) => off += n,
+                Step::Part {
+                    headers,
+                    body,
+                    consumed,
+                } => {
+                    let base = off;
+                    off += consumed;
+                    self.scanner.scan_from = 0;
+                    let block = chunk.slice(base + headers.start..base + headers.end);
+                    let body = chunk.slice(base + body.start..base + body.end);
+                    self.handle_part(&block, body)?;
+                }
+            }
+        }
+        self.buf.extend_from_slice(&chunk[off..]);
+        Ok(())
+    }
+
+    fn drain_buf(&mut self) -> Result<(), DecodeError> {
+        loop {
+            match self.scanner.step(&self.buf[..], self.parts + 1)? {
+                Step::NeedMore => return Ok(()),
+                Step::Skip(n) => {
+                    let _ = self.buf.split_to(n);
+                }
+                Step::Part {
+                    headers,
+                    body,
+                    consumed,
+                } => {
+                    let part = self.buf.split_to(consumed).freeze();
+                    self.scanner.scan_from = 0;
+                    self.handle_part(&part.slice(headers), part.slice(body))?;
+                }
+            }
+        }
+    }
+
+    fn handle_part(&mut self, block: &[u8], body: Bytes) -> Result<(), DecodeError> {
+        self.parts += 1;
+        let index = PartRef::Index(self.parts);
+        let h = parse_part_headers(block, &index)?;
+        let cid_value = h.content_id.ok_or(DecodeError::MissingContentId {
+            part: index.clone(),
+        })?;
+        let cid = parse_cid(cid_value).ok_or_else(|| DecodeError::BadContentId {
+            part: index.clone(),
+            value: trunc(cid_value),
+        })?;
+        let part_ref = match &cid {
+            Cid::Root => PartRef::Root,
+            Cid::Header(id) => PartRef::Header(id.clone()),
+            Cid::Content(id) => PartRef::Content(id.clone()),
+        };
+        let encoding = match h.cte {
+            None => TransferEncoding::Binary,
+            Some(v) => TransferEncoding::parse(v).ok_or_else(|| DecodeError::TransferEncoding {
+                part: part_ref.clone(),
+                value: trunc(v),
+            })?,
+        };
+        if self.meta.is_none() && !matches!(cid, Cid::Root) {
+            return Err(DecodeError::MissingRoot);
+        }
+        let xml_body = |body: &Bytes| -> Result<Bytes, DecodeError> {
+            match encoding {
+                TransferEncoding::Binary => Ok(body.clone()),
+                TransferEncoding::Base64 => {
+                    decode_base64(body)
+                        .map(Bytes::from)
+                        .map_err(|reason| DecodeError::Base64 {
+                            part: part_ref.clone(),
+                            reason,
+                        })
+                }
+            }
+        };
+        let xml_err = |error: XmlError| DecodeError::Xml {
+            part: part_ref.clone(),
+            error,
+        };
+        match cid {
+            Cid::Root => {
+                if self.meta.is_some() {
+                    return Err(DecodeError::DuplicatePart {
+                        part: PartRef::Root,
+                    });
+                }
+                let xml = xml_body(&body)?;
+                self.meta = Some(meta::decode(&xml, &self.limits).map_err(xml_err)?);
+            }
+            Cid::Header(id) => {
+                if let Some((pending, _, _)) = self.pending.take() {
+                    return Err(DecodeError::HeaderWithoutContent(pending.id));
+                }
+                if self.seen.contains(&id) {
+                    return Err(DecodeError::DuplicatePart {
+                        part: PartRef::Header(id),
+                    });
+                }
+                self.messages += 1;
+                if self.messages > self.limits.max_messages {
+                    return Err(DecodeError::TooManyMessages {
+                        limit: self.limits.max_messages,
+                    });
+                }
+                let xml = xml_body(&body)?;
+                let (header, kind, data) =
+                    header::decode(&xml, &self.limits).map_err(|e| match e {
+                        XmlError::UnknownContentType(value) => DecodeError::UnknownContentType {
+                            id: id.clone(),
+                            value,
+                        },
+                        error => xml_err(error),
+                    })?;
+                if header.id != id {
+                    return Err(xml_err(XmlError::Invalid(format!(
+                        "header id {} differs from its Content-ID",
+                        header.id
+                    ))));
+                }
+                self.seen.insert(id);
+                self.pending = Some((header, kind, data));
+            }
+            Cid::Content(id) => {
+                let Some((header, kind, data)) = self.pending.take() else {
+                    return Err(if self.seen.contains(&id) {
+                        DecodeError::DuplicatePart {
+                            part: PartRef::Content(id),
+                        }
+                    } else {
+                        DecodeError::ContentWithoutHeader(id)
+                    });
+                };
+                if header.id != id {
+                    return Err(DecodeError::HeaderWithoutContent(header.id));
+                }
+                let content_type = h.content_type.unwrap_or("application/octet-stream");
+                let content = match &data {
+                    Some(info) => {
+                        if info.encoding != encoding {
+                            return Err(DecodeError::ContentMismatch {
+                                id,
+                                reason: format!(
+                                    "header says {} encoding, part says {}",
+                                    info.encoding.as_str(),
+                                    encoding.as_str()
+                                ),
+                            });
+                        }
+                        body
+                    }
+                    None => {
+                        let base = content_type.split(';').next().unwrap_or("").trim();
+                        if !base.eq_ignore_ascii_case("text/xml")
+                            && !base.eq_ignore_ascii_case("application/xml")
+                        {
+                            return Err(DecodeError::ContentMismatch {
+                                id,
+                                reason: format!(
+                                    "a {} content must be text/xml, not {}",
+                                    kind.as_str(),
+                                    trunc(content_type)
+                                ),
+                            });
+                        }
+                        xml_body(&body)?
+                    }
+                };
+                self.ready.push_back(RawMessage {
+                    header,
+                    kind,
+                    data,
+                    content_type: content_type.to_owned(),
+                    content,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The envelope header, once its part has arrived.
+    pub fn meta(&self) -> Option<&EnvelopeMeta> {
+        self.meta.as_ref()
+    }
+
+    /// The next complete message, if any.
+    pub fn pop(&mut self) -> Option<RawMessage> {
+        self.ready.pop_front()
+    }
+
+    /// Ends the body: checks it was complete and returns the envelope
+    /// header and every message not yet popped.
+    pub fn finish(self) -> Result<RawEnvelope, DecodeError> {
+        match self.scanner.state {
+            State::Epilogue => {}
+            State::Preamble if self.parts == 0 => return Err(DecodeError::NoFirstBoundary),
+            _ => return Err(DecodeError::Unterminated),
+        }
+        if let Some((h, _, _)) = self.pending {
+            return Err(DecodeError::HeaderWithoutContent(h.id));
+        }
+        let meta = self.meta.ok_or(DecodeError::MissingRoot)?;
+        Ok(RawEnvelope {
+            meta,
+            messages: self.ready.into(),
+        })
+    }
+}

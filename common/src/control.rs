@@ -1,0 +1,168 @@
+//! Control actions and the status tree: payloads carried as `text/xml` data
+//! messages, identified by their classification.
+//!
+//! | class            | subclass                         | payload                  |
+//! |------------------|----------------------------------|--------------------------|
+//! | `infrastructure` | `heartbeat`, `coldStart`, `shutdown` | `<status>` tree (`dtd/status.dtd`) |
+//! | `control`        | the action name (see [`ControlAction`]) | `<control>` (`dtd/control.dtd`) |
+//!
+//! The result of a control action travels back up as a message response
+//! whose `ref` is the control message's ID; `getStatus` and `getConfig` put
+//! their answer in the response's `result` element.
+
+use crate::ids::RsId;
+use crate::model::Detail;
+use crate::time::Timestamp;
+
+/// Class of infrastructure messages (heartbeats, cold start, shutdown).
+pub const CLASS_INFRASTRUCTURE: &str = "infrastructure";
+/// Subclass of periodic heartbeats.
+pub const SUB_HEARTBEAT: &str = "heartbeat";
+/// Subclass sent once when a component starts.
+pub const SUB_COLD_START: &str = "coldStart";
+/// Subclass sent once when a component stops cleanly.
+pub const SUB_SHUTDOWN: &str = "shutdown";
+/// Class of control actions; the subclass is the action name.
+pub const CLASS_CONTROL: &str = "control";
+
+/// An action the provider asks a component to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlAction {
+    /// Answer with the component's status tree.
+    GetStatus,
+    /// Answer at once; a very basic heartbeat.
+    Ping,
+    /// Stop the component cleanly (it sends its shutdown message first).
+    Shutdown,
+    /// Install a package fetched through the bulk download path.
+    SoftwareUpdate {
+        package: String,
+        version: String,
+        /// Where the bulk offer for the package bytes is (if already known).
+        url: Option<String>,
+    },
+    /// Replace the component's configuration with this TOML document. A bad
+    /// one is refused with the reason and the old one kept.
+    ConfigChange {
+        config: String,
+    },
+    /// Answer with the component's configuration (TOML).
+    GetConfig,
+    EnableInstance(RsId),
+    DisableInstance(RsId),
+    /// Resume forwarding messages from integrators.
+    EnableForwarding,
+    /// Keep spooling but stop forwarding.
+    DisableForwarding,
+    DeregisterIntegrator(RsId),
+}
+
+impl ControlAction {
+    /// The action name: the `action` attribute and the message subclass.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ControlAction::GetStatus => "getStatus",
+            ControlAction::Ping => "ping",
+            ControlAction::Shutdown => "shutdown",
+            ControlAction::SoftwareUpdate { .. } => "softwareUpdate",
+            ControlAction::ConfigChange { .. } => "configChange",
+            ControlAction::GetConfig => "getConfig",
+            ControlAction::EnableInstance(_) => "enableInstance",
+            ControlAction::DisableInstance(_) => "disableInstance",
+            ControlAction::EnableForwarding => "enableForwarding",
+            ControlAction::DisableForwarding => "disableForwarding",
+            ControlAction::DeregisterIntegrator(_) => "deregisterIntegrator",
+        }
+    }
+
+    /// Every action name, in DTD order.
+    pub const NAMES: [&'static str; 11] = [
+        "getStatus",
+        "ping",
+        "shutdown",
+        "softwareUpdate",
+        "configChange",
+        "getConfig",
+        "enableInstance",
+        "disableInstance",
+        "enableForwarding",
+        "disableForwarding",
+        "deregisterIntegrator",
+    ];
+}
+
+/// Health of one node of a status tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NodeState {
+    Ok,
+    Degraded,
+    Failed,
+    Disabled,
+    Unknown,
+}
+
+impl NodeState {
+    pub const ALL: [NodeState; 5] = [
+        NodeState::Ok,
+        NodeState::Degraded,
+        NodeState::Failed,
+        NodeState::Disabled,
+        NodeState::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ok => "ok",
+            NodeState::Degraded => "degraded",
+            NodeState::Failed => "failed",
+            NodeState::Disabled => "disabled",
+            NodeState::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        NodeState::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// One node of the hierarchical status tree: a proxy contains its
+/// integrators, an integrator its platforms, a platform its support
+/// instances; an MLM reports its own state and queue depths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusNode {
+    /// `proxy`, `mlm`, `appserver`, `integrator`, `platform`, `instance`, ...
+    /// (a token).
+    pub kind: String,
+    pub id: Option<RsId>,
+    pub name: Option<String>,
+    pub state: NodeState,
+    pub version: Option<String>,
+    /// When the node entered its current state.
+    pub since: Option<Timestamp>,
+    /// Named figures (queue depths, counters), name a token.
+    pub metrics: Vec<Detail>,
+    pub children: Vec<StatusNode>,
+}
+
+impl StatusNode {
+    pub fn new(kind: impl Into<String>, state: NodeState) -> Self {
+        StatusNode {
+            kind: kind.into(),
+            id: None,
+            name: None,
+            state,
+            version: None,
+            since: None,
+            metrics: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    /// Visits this node and all below it, depth first.
+    pub fn walk<'a>(&'a self, f: &mut impl FnMut(&'a StatusNode)) {
+        f(self);
+        for c in &self.children {
+            c.walk(f);
+        }
+    }
+}

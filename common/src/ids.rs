@@ -1,0 +1,345 @@
+//! Remote services IDs and message IDs: validated newtypes, so a string that
+//! reaches routing or storage code has already been checked.
+//!
+//! A remote services ID (`RsId`) is a dotted path. Its first segment is the
+//! customer ID, given at customer registration; every further segment is one
+//! letter naming the kind of component and a number allocated by the parent:
+//! `acme` (customer) -> `acme.p3` (proxy 3, allocated at component
+//! registration) -> `acme.p3.s12` (support instance 12, allocated by that
+//! proxy). The customer of any component is therefore its first segment, and
+//! the component that allocated an ID is its parent.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Longest remote services ID accepted, in bytes.
+pub const MAX_RS_ID_LEN: usize = 64;
+/// Longest message ID accepted, in bytes.
+pub const MAX_MESSAGE_ID_LEN: usize = 64;
+/// Longest customer ID accepted, in bytes.
+pub const MAX_CUSTOMER_ID_LEN: usize = 32;
+
+/// Why a string is not a valid ID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("empty ID")]
+    Empty,
+    #[error("ID longer than {max} bytes")]
+    TooLong { max: usize },
+    #[error("invalid character {ch:?} at byte {at}")]
+    BadChar { ch: char, at: usize },
+    #[error("customer ID must start with a lower-case letter")]
+    BadCustomerStart,
+    #[error("segment {segment:?} must be a kind letter (a, m, p, i, s) followed by a number")]
+    BadSegment { segment: String },
+}
+
+/// The kind of component an ID names, from its last segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ComponentKind {
+    /// The ID is a bare customer ID.
+    Customer,
+    /// `a`: an application server.
+    AppServer,
+    /// `m`: a mid-level manager (customer MLM or farm member).
+    Mlm,
+    /// `p`: a customer-site proxy.
+    Proxy,
+    /// `i`: an integrator registered with a proxy.
+    Integrator,
+    /// `s`: a support instance registered through a proxy.
+    SupportInstance,
+}
+
+impl ComponentKind {
+    /// The segment letter, or `None` for [`ComponentKind::Customer`].
+    pub fn letter(self) -> Option<char> {
+        match self {
+            ComponentKind::Customer => None,
+            ComponentKind::AppServer => Some('a'),
+            ComponentKind::Mlm => Some('m'),
+            ComponentKind::Proxy => Some('p'),
+            ComponentKind::Integrator => Some('i'),
+            ComponentKind::SupportInstance => Some('s'),
+        }
+    }
+
+    fn from_letter(b: u8) -> Option<Self> {
+        Some(match b {
+            b'a' => ComponentKind::AppServer,
+            b'm' => ComponentKind::Mlm,
+            b'p' => ComponentKind::Proxy,
+            b'i' => ComponentKind::Integrator,
+            b's' => ComponentKind::SupportInstance,
+            _ => return None,
+        })
+    }
+
+    /// Lower-case name used in status trees and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComponentKind::Customer => "customer",
+            ComponentKind::AppServer => "appserver",
+            ComponentKind::Mlm => "mlm",
+            ComponentKind::Proxy => "proxy",
+            ComponentKind::Integrator => "integrator",
+            ComponentKind::SupportInstance => "instance",
+        }
+    }
+}
+
+impl fmt::Display for ComponentKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn check_customer(s: &str) -> Result<(), IdError> {
+    let b = s.as_bytes();
+    if b.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if b.len() > MAX_CUSTOMER_ID_LEN {
+        return Err(IdError::TooLong {
+            max: MAX_CUSTOMER_ID_LEN,
+        });
+    }
+    if !b[0].is_ascii_lowercase() {
+        return Err(IdError::BadCustomerStart);
+    }
+    for (at, &c) in b.iter().enumerate() {
+        if !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-') {
+            return Err(IdError::BadChar { ch: c as char, at });
+        }
+    }
+    Ok(())
+}
+
+fn check_segment(seg: &str) -> Result<ComponentKind, IdError> {
+    let b = seg.as_bytes();
+    let bad = || IdError::BadSegment {
+        segment: seg.to_owned(),
+    };
+    let kind = b.first().and_then(|&c| ComponentKind::from_letter(c));
+    let digits = &b[b.len().min(1)..];
+    match kind {
+        Some(kind)
+            if !digits.is_empty()
+                && digits.len() <= 10
+                && digits.iter().all(u8::is_ascii_digit)
+                && (digits[0] != b'0' || digits.len() == 1) =>
+        {
+            Ok(kind)
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// A customer ID: `[a-z][a-z0-9-]{0,31}`, given at customer registration.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CustomerId(String);
+
+impl CustomerId {
+    pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
+        let s = s.into();
+        check_customer(&s)?;
+        Ok(CustomerId(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The remote services ID of the customer itself (the root of its tree).
+    pub fn to_rs_id(&self) -> RsId {
+        RsId(self.0.clone())
+    }
+}
+
+/// A remote services ID: a customer ID followed by zero or more
+/// `.<kind letter><number>` segments.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RsId(String);
+
+impl RsId {
+    pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
+        let s = s.into();
+        Self::validate(&s)?;
+        Ok(RsId(s))
+    }
+
+    /// Checks `s` without allocating.
+    pub fn validate(s: &str) -> Result<(), IdError> {
+        if s.len() > MAX_RS_ID_LEN {
+            return Err(IdError::TooLong { max: MAX_RS_ID_LEN });
+        }
+        let mut parts = s.split('.');
+        check_customer(parts.next().unwrap_or(""))?;
+        for seg in parts {
+            check_segment(seg)?;
+        }
+        Ok(())
+    }
+
+    /// Derives the ID of a child component (`parent.<letter><n>`).
+    pub fn child(&self, kind: ComponentKind, n: u32) -> Result<RsId, IdError> {
+        let Some(letter) = kind.letter() else {
+            return Err(IdError::BadSegment {
+                segment: n.to_string(),
+            });
+        };
+        RsId::new(format!("{}.{letter}{n}", self.0))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The customer this component belongs to.
+    pub fn customer(&self) -> CustomerId {
+        CustomerId(self.0.split('.').next().unwrap_or_default().to_owned())
+    }
+
+    /// The kind of component, from the last segment.
+    pub fn kind(&self) -> ComponentKind {
+        match self.0.rfind('.') {
+            None => ComponentKind::Customer,
+            Some(i) => ComponentKind::from_letter(self.0.as_bytes()[i + 1])
+                .unwrap_or(ComponentKind::Customer),
+        }
+    }
+
+    /// The component that allocated this ID, if any.
+    pub fn parent(&self) -> Option<RsId> {
+        self.0.rfind('.').map(|i| RsId(self.0[..i].to_owned()))
+    }
+
+    /// True when `self` is `other` or was allocated (directly or not) under it.
+    pub fn is_within(&self, other: &RsId) -> bool {
+        self.0 == other.0
+            || (self.0.len() > other.0.len()
+                && self.0.starts_with(&other.0)
+                && self.0.as_bytes()[other.0.len()] == b'.')
+    }
+}
+
+/// A globally unique message ID: 1 to 64 bytes of `[A-Za-z0-9._-]`.
+///
+/// IDs this suite generates are UUIDv7 in simple (32 hex digit) form, so they
+/// sort by creation time; other implementations may use any scheme that is
+/// globally unique within the character set.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(String);
+
+impl MessageId {
+    pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
+        let s = s.into();
+        Self::validate(&s)?;
+        Ok(MessageId(s))
+    }
+
+    /// Checks `s` without allocating.
+    pub fn validate(s: &str) -> Result<(), IdError> {
+        if s.is_empty() {
+            return Err(IdError::Empty);
+        }
+        if s.len() > MAX_MESSAGE_ID_LEN {
+            return Err(IdError::TooLong {
+                max: MAX_MESSAGE_ID_LEN,
+            });
+        }
+        for (at, &c) in s.as_bytes().iter().enumerate() {
+            if !(c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-') {
+                return Err(IdError::BadChar { ch: c as char, at });
+            }
+        }
+        Ok(())
+    }
+
+    /// A fresh, time-ordered, globally unique ID (UUIDv7).
+    pub fn generate() -> Self {
+        MessageId(uuid::Uuid::now_v7().simple().to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+macro_rules! string_id_impls {
+    ($($t:ident),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($t), self.0)
+            }
+        }
+        impl FromStr for $t {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                $t::new(s)
+            }
+        }
+        impl AsRef<str> for $t {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+        impl From<$t> for String {
+            fn from(id: $t) -> String {
+                id.0
+            }
+        }
+    )*};
+}
+string_id_impls!(CustomerId, RsId, MessageId);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rs_ids() {
+        let p = RsId::new("acme.p3").unwrap();
+        assert_eq!(p.kind(), ComponentKind::Proxy);
+        assert_eq!(p.customer().as_str(), "acme");
+        let s = p.child(ComponentKind::SupportInstance, 12).unwrap();
+        assert_eq!(s.as_str(), "acme.p3.s12");
+        assert_eq!(s.parent(), Some(p.clone()));
+        assert!(s.is_within(&p));
+        assert!(!RsId::new("acme.p31").unwrap().is_within(&p));
+        assert_eq!(RsId::new("acme").unwrap().kind(), ComponentKind::Customer);
+        for bad in [
+            "",
+            "Acme",
+            "1acme",
+            "acme.",
+            "acme.x1",
+            "acme.p",
+            "acme.p01",
+            "acme.p1.",
+            "acme..p1",
+            "ac me",
+            "acme.p12345678901",
+        ] {
+            assert!(RsId::new(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(RsId::new(format!("a{}", "b".repeat(64))).is_err());
+    }
+
+    #[test]
+    fn message_ids() {
+        let a = MessageId::generate();
+        let b = MessageId::generate();
+        assert_ne!(a, b);
+        assert_eq!(a.as_str().len(), 32);
+        assert!(MessageId::new("abc-DEF_1.2").is_ok());
+        for bad in ["", "a b", "a@b", "<a>", &"x".repeat(65)] {
+            assert!(MessageId::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! The Remote Services protocol, shared by every tier: IDs, the domain model
+//! of messages and envelopes, the delivery outcome, and the wire codec
+//! (XML documents in a `multipart/related` envelope).
+//!
+//! The codec never does IO and never panics on input; see `docs/protocol.md`
+//! for the wire format it implements and `dtd/` for the documents.
+
+pub mod codec;
+pub mod control;
+pub mod ids;
+pub mod model;
+pub mod outcome;
+pub mod time;
+
+pub use codec::{
+    DecodeError, Encoded, EnvelopeWriter, Limits, RawEnvelope, RawMessage, StreamDecoder,
+    decode_envelope, decode_headers, encode_envelope,
+};
+pub use ids::{ComponentKind, CustomerId, MessageId, RsId};
+pub use model::*;
+pub use outcome::{Code, Outcome, Reason};
+pub use time::Timestamp;

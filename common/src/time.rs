@@ -1,0 +1,255 @@
+//! Wire timestamps: UTC, millisecond precision, one fixed RFC 3339 profile.
+//!
+//! Written by hand rather than with a date crate because the protocol admits
+//! exactly one form (`YYYY-MM-DDTHH:MM:SS[.f{1,9}]Z`, years 0000-9999) and a
+//! general RFC 3339 parser would accept offsets and forms that other
+//! implementations need not handle; it is also on the decode hot path.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch, UTC.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Timestamp(i64);
+
+/// Largest representable instant: 9999-12-31T23:59:59.999Z.
+const MAX_MS: i64 = 253_402_300_799_999;
+/// Smallest: 0000-01-01T00:00:00.000Z.
+const MIN_MS: i64 = -62_167_219_200_000;
+
+/// Why a string is not a wire timestamp.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a UTC timestamp of the form YYYY-MM-DDTHH:MM:SS[.fff]Z")]
+pub struct TimestampError;
+
+impl Timestamp {
+    /// The timestamp `ms` milliseconds after the epoch, if within years 0-9999.
+    pub fn from_millis(ms: i64) -> Option<Self> {
+        (MIN_MS..=MAX_MS).contains(&ms).then_some(Timestamp(ms))
+    }
+
+    pub fn as_millis(self) -> i64 {
+        self.0
+    }
+
+    /// Now, from the system clock.
+    pub fn now() -> Self {
+        Self::from_system(SystemTime::now())
+    }
+
+    pub fn from_system(t: SystemTime) -> Self {
+        let ms = match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_millis()).unwrap_or(MAX_MS),
+            Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(-MIN_MS),
+        };
+        Timestamp(ms.clamp(MIN_MS, MAX_MS))
+    }
+
+    /// `self + d`, saturating at the representable range.
+    pub fn saturating_add(self, d: Duration) -> Self {
+        let add = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        Timestamp(self.0.saturating_add(add).min(MAX_MS))
+    }
+
+    /// The time from `earlier` to `self`, or zero if `earlier` is later.
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(u64::try_from(self.0 - earlier.0).unwrap_or(0))
+    }
+
+    /// Parses the wire form.
+    pub fn parse(s: &str) -> Result<Self, TimestampError> {
+        let b = s.as_bytes();
+        if b.len() < 20 || b[b.len() - 1] != b'Z' {
+            return Err(TimestampError);
+        }
+        let num = |r: std::ops::Range<usize>| -> Result<i64, TimestampError> {
+            let mut v = 0i64;
+            for &c in &b[r] {
+                if !c.is_ascii_digit() {
+                    return Err(TimestampError);
+                }
+                v = v * 10 + i64::from(c - b'0');
+            }
+            Ok(v)
+        };
+        let sep = |i: usize, c: u8| {
+            if b[i] == c {
+                Ok(())
+            } else {
+                Err(TimestampError)
+            }
+        };
+        sep(4, b'-')?;
+        sep(7, b'-')?;
+        sep(10, b'T')?;
+        sep(13, b':')?;
+        sep(16, b':')?;
+        let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        let (hour, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+        let ms = match b.len() {
+            20 => 0,
+            n if n >= 22 && n <= 29 && b[19] == b'.' => {
+                let frac = &b[20..n - 1];
+                let mut ms = num(20..n - 1)?;
+                for _ in frac.len()..3 {
+                    ms *= 10;
+                }
+                for _ in 3..frac.len() {
+                    ms /= 10;
+                }
+                ms
+            }
+            _ => return Err(TimestampError),
+        };
+        if !(1..=12).contains(&month)
+            || day < 1
+            || day > days_in_month(year, month)
+            || hour > 23
+            || min > 59
+            || sec > 59
+        {
+            return Err(TimestampError);
+        }
+        let days = days_from_civil(year, month, day);
+        Ok(Timestamp(
+            ((days * 24 + hour) * 60 + min) * 60_000 + sec * 1000 + ms,
+        ))
+    }
+
+    /// Appends the wire form (always with three fractional digits).
+    pub fn write_to(self, out: &mut Vec<u8>) {
+        let days = self.0.div_euclid(86_400_000);
+        let rem = self.0.rem_euclid(86_400_000);
+        let (y, m, d) = civil_from_days(days);
+        let (h, mi, s, ms) = (
+            rem / 3_600_000,
+            rem / 60_000 % 60,
+            rem / 1000 % 60,
+            rem % 1000,
+        );
+        let mut buf = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut v: i64| {
+            for i in (0..width).rev() {
+                buf[at + i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, 4, y);
+        put(5, 2, m);
+        put(8, 2, d);
+        put(11, 2, h);
+        put(14, 2, mi);
+        put(17, 2, s);
+        put(20, 3, ms);
+        out.extend_from_slice(&buf);
+    }
+}
+
+fn is_leap(y: i64) -> bool {
+    y % 4 == 0 && (y % 100 != 0 || y % 400 == 0)
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        2 if is_leap(y) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+// Howard Hinnant's days_from_civil / civil_from_days (public domain).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut v = Vec::with_capacity(24);
+        self.write_to(&mut v);
+        f.write_str(std::str::from_utf8(&v).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn examples() {
+        let t = Timestamp::parse("2026-11-24T22:56:37.123Z").unwrap();
+        assert_eq!(t.as_millis(), 1_795_560_997_123);
+        assert_eq!(t.to_string(), "2026-11-24T22:56:37.123Z");
+        assert_eq!(
+            Timestamp::parse("1970-01-01T00:00:00Z")
+                .unwrap()
+                .as_millis(),
+            0
+        );
+        assert_eq!(
+            Timestamp::parse("1969-12-31T23:59:59.9999Z")
+                .unwrap()
+                .as_millis(),
+            -1
+        );
+        assert_eq!(
+            Timestamp::parse("2024-02-29T00:00:00.5Z")
+                .unwrap()
+                .to_string(),
+            "2024-02-29T00:00:00.500Z"
+        );
+        for bad in [
+            "2023-02-29T00:00:00Z",
+            "2026-11-24 22:56:37Z",
+            "2026-11-24T22:56:37+01:00",
+            "2026-11-24T24:00:00Z",
+            "2026-11-24T22:56:37.Z",
+            "2026-11-24T22:56:37.1234567890Z",
+            "+026-11-24T22:56:37Z",
+        ] {
+            assert!(Timestamp::parse(bad).is_err(), "{bad} accepted");
+        }
+        assert_eq!(
+            Timestamp::from_millis(MIN_MS).unwrap().to_string(),
+            "0000-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            Timestamp::from_millis(MAX_MS).unwrap().to_string(),
+            "9999-12-31T23:59:59.999Z"
+        );
+    }
+
+    #[test]
+    fn round_trip_many() {
+        let mut ms = MIN_MS;
+        while ms < MAX_MS {
+            let t = Timestamp(ms);
+            assert_eq!(Timestamp::parse(&t.to_string()).unwrap(), t);
+            ms += 9_876_543_211;
+        }
+    }
+}
