@@ -330,3 +330,18 @@ pub fn decode_header_part(
 ) -> Result<(Header, ContentKind, Option<DataInfo>), XmlError> {
     header::decode(bytes, limits)
 }
+
+/// Decodes an envelope-header part's body (for tools, tests and fuzzing).
+pub fn decode_meta_part(bytes: &[u8], limits: &Limits) -> Result<EnvelopeMeta, XmlError> {
+    meta::decode(bytes, limits)
+}
+
+/// Decodes an XML content part's body of the given kind (for tools, tests
+/// and fuzzing). Data contents are not XML and are refused.
+pub fn decode_content_part(
+    kind: ContentKind,
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<crate::model::Content, XmlError> {
+    content::parse_xml(kind, bytes, limits)
+}

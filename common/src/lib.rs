@@ -7,9 +7,12 @@
 
 pub mod codec;
 pub mod control;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod model;
 pub mod outcome;
+pub mod samples;
 pub mod time;
 
 pub use codec::{

@@ -1,1 +1,14 @@
-//! test harness
+//! Shared helpers for the Remote Services test suite: proptest strategies
+//! and paths into the repository.
+
+pub mod arb;
+
+use std::path::PathBuf;
+
+/// The repository's top directory.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}

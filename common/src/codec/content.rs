@@ -271,7 +271,11 @@ fn severity(tag: &Tag<'_>) -> Result<Severity, XmlError> {
     tag.req_with("severity", |s| Severity::parse(s).ok_or("unknown severity"))
 }
 
-fn parse_xml(kind: ContentKind, bytes: &[u8], limits: &Limits) -> Result<Content, XmlError> {
+pub(crate) fn parse_xml(
+    kind: ContentKind,
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<Content, XmlError> {
     let mut x = XmlIn::new(bytes, limits)?;
     let root = x.root(kind.as_str())?;
     let content = match kind {

@@ -34,7 +34,14 @@ pub struct EnvelopeWriter {
 impl EnvelopeWriter {
     /// Starts an envelope with its envelope header.
     pub fn new(meta: &EnvelopeMeta) -> Self {
-        let boundary = format!("rs-{}", uuid::Uuid::now_v7().simple());
+        Self::with_boundary(meta, &format!("rs-{}", uuid::Uuid::now_v7().simple()))
+    }
+
+    /// Starts an envelope with a chosen boundary (for reproducible golden
+    /// files). The boundary must be 1 to 70 RFC 2046 `bchars`; payloads that
+    /// contain it are base64-encoded as usual.
+    pub fn with_boundary(meta: &EnvelopeMeta, boundary: &str) -> Self {
+        let boundary = boundary.to_owned();
         let mut delim = b"\r\n--".to_vec();
         delim.extend_from_slice(boundary.as_bytes());
         let mut w = EnvelopeWriter {
@@ -287,7 +294,9 @@ impl Scanner {
                     return Ok(Step::Skip(i + self.delim.len()));
                 }
                 if buf.len() > self.limits.max_preamble_bytes + self.delim.len() {
-                    return Err(DecodeError::NoFirstBoundary);
+                    return Err(DecodeError::PreambleTooLarge {
+                        limit: self.limits.max_preamble_bytes,
+                    });
                 }
                 Ok(Step::NeedMore)
             }
@@ -735,7 +744,7 @@ impl StreamDecoder {
     pub fn finish(self) -> Result<RawEnvelope, DecodeError> {
         match self.scanner.state {
             State::Epilogue => {}
-            State::Preamble if self.parts == 0 => return Err(DecodeError::NoFirstBoundary),
+            State::Preamble => return Err(DecodeError::NoFirstBoundary),
             _ => return Err(DecodeError::Unterminated),
         }
         if let Some((h, _, _)) = self.pending {

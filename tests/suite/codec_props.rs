@@ -1,0 +1,72 @@
+//! Round-trip properties: model -> wire -> model for arbitrary messages and
+//! envelopes of up to 1,000 messages, whole, header-only and streamed.
+
+use proptest::prelude::*;
+use rs_common::codec::Limits;
+use rs_common::*;
+use rs_tests::arb;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn envelope_round_trip(env in arb::envelope(12)) {
+        let enc = encode_envelope(&env);
+        let back = decode_envelope(&enc.content_type, enc.body, &Limits::default());
+        prop_assert_eq!(back, Ok(env));
+    }
+
+    #[test]
+    fn streamed_equals_one_shot(env in arb::envelope(8), chunks in proptest::collection::vec(1usize..200, 1..50)) {
+        let enc = encode_envelope(&env);
+        let one_shot = decode_headers(&enc.content_type, enc.body.clone(), &Limits::default()).unwrap();
+        let mut dec = StreamDecoder::new(&enc.content_type, Limits::default()).unwrap();
+        let mut off = 0;
+        let mut i = 0;
+        while off < enc.body.len() {
+            let end = (off + chunks[i % chunks.len()]).min(enc.body.len());
+            dec.push(&enc.body[off..end]).unwrap();
+            off = end;
+            i += 1;
+        }
+        prop_assert_eq!(dec.finish().unwrap(), one_shot);
+    }
+
+    #[test]
+    fn header_only_then_raw_forward_round_trip(env in arb::envelope(8)) {
+        let limits = Limits::default();
+        let enc = encode_envelope(&env);
+        let raw = decode_headers(&enc.content_type, enc.body, &limits).unwrap();
+        let mut w = EnvelopeWriter::new(&raw.meta);
+        for m in &raw.messages {
+            w.push_raw(m);
+        }
+        let fwd = w.finish();
+        prop_assert_eq!(decode_envelope(&fwd.content_type, fwd.body, &limits), Ok(env));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3, ..ProptestConfig::default() })]
+
+    #[test]
+    fn large_envelopes_round_trip(env in arb::envelope(1000)) {
+        let enc = encode_envelope(&env);
+        let back = decode_envelope(&enc.content_type, enc.body, &Limits::default());
+        prop_assert_eq!(back, Ok(env));
+    }
+}
+
+#[test]
+fn thousand_message_envelope_round_trips() {
+    let messages: Vec<Message> = (0..1000)
+        .map(|i| rs_common::samples::alarm_of_size(i, 2048))
+        .collect();
+    let env = Envelope {
+        meta: rs_common::samples::request_meta("acme.p1"),
+        messages,
+    };
+    let enc = encode_envelope(&env);
+    let back = decode_envelope(&enc.content_type, enc.body, &Limits::default()).unwrap();
+    assert_eq!(back, env);
+}
