@@ -28,13 +28,13 @@ fn limits() -> Limits {
 /// Splits `Content-Type: <value>\r\n\r\n<body>`; otherwise uses a fixed
 /// content type.
 fn split(data: &[u8]) -> (String, &[u8]) {
-    if let Some(rest) = data.strip_prefix(b"Content-Type: ".as_slice()) {
-        if let Some(i) = memchr::memmem::find(rest, b"\r\n\r\n") {
-            return (
-                String::from_utf8_lossy(&rest[..i]).into_owned(),
-                &rest[i + 4..],
-            );
-        }
+    if let Some(rest) = data.strip_prefix(b"Content-Type: ".as_slice())
+        && let Some(i) = memchr::memmem::find(rest, b"\r\n\r\n")
+    {
+        return (
+            String::from_utf8_lossy(&rest[..i]).into_owned(),
+            &rest[i + 4..],
+        );
     }
     ("multipart/related; boundary=\"b\"".to_owned(), data)
 }

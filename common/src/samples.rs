@@ -395,3 +395,11 @@ pub fn alarm_of_size(n: usize, size: usize) -> Message {
         }),
     }
 }
+
+/// The codec benchmark's input: an envelope of 100 alarms of about 2 KB.
+pub fn bench_envelope() -> Envelope {
+    Envelope {
+        meta: request_meta("acme.p1"),
+        messages: (0..100).map(|i| alarm_of_size(i, 2048)).collect(),
+    }
+}

@@ -88,7 +88,7 @@ impl Timestamp {
         let (hour, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
         let ms = match b.len() {
             20 => 0,
-            n if n >= 22 && n <= 29 && b[19] == b'.' => {
+            n if (22..=29).contains(&n) && b[19] == b'.' => {
                 let frac = &b[20..n - 1];
                 let mut ms = num(20..n - 1)?;
                 for _ in frac.len()..3 {

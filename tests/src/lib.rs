@@ -1,5 +1,6 @@
 //! Shared helpers for the Remote Services test suite: proptest strategies
 //! and paths into the repository.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod arb;
 

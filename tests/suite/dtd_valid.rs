@@ -47,14 +47,14 @@ impl Docs {
         if let Content::Response(Response {
             result: Some(r), ..
         }) = &m.content
+            && r.text.starts_with("<?xml")
+            && r.text.contains("<status")
         {
-            if r.text.starts_with("<?xml") && r.text.contains("<status") {
-                self.add(
-                    "status.dtd",
-                    format!("{id}.result"),
-                    r.text.clone().into_bytes(),
-                );
-            }
+            self.add(
+                "status.dtd",
+                format!("{id}.result"),
+                r.text.clone().into_bytes(),
+            );
         }
     }
 }

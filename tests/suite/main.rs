@@ -1,4 +1,5 @@
 //! The one integration-test binary: every suite module is compiled in here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
 
 mod codec_errors;
 mod codec_examples;

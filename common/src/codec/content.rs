@@ -247,7 +247,7 @@ fn body(x: &mut XmlIn<'_>, root: &Tag<'_>, allow_result: bool) -> Result<Body, X
         result: None,
     };
     while let Some(tag) = x.child(root)? {
-        match tag.name.as_str() {
+        match tag.name {
             "text" if b.text.is_none() && b.details.is_empty() && b.result.is_none() => {
                 b.text = Some(x.text(&tag)?);
             }

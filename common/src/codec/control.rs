@@ -147,7 +147,7 @@ fn read_node(x: &mut XmlIn<'_>, tag: &Tag<'_>) -> Result<StatusNode, XmlError> {
         children: Vec::new(),
     };
     while let Some(child) = x.child(tag)? {
-        match child.name.as_str() {
+        match child.name {
             "metric" if n.children.is_empty() => {
                 let name = child.req_with("name", token)?;
                 let value = x.text(&child)?;

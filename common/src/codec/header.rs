@@ -120,7 +120,7 @@ pub(crate) fn decode(
     let mut data = None;
     let mut routing = Vec::new();
     while let Some(tag) = x.child(&root)? {
-        match tag.name.as_str() {
+        match tag.name {
             "class" if class.is_none() && route.is_none() => {
                 class = Some(Classification {
                     class: tag.req_with("name", token)?,

@@ -92,7 +92,7 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<EnvelopeMeta, XmlE
     // Elements must come in DTD order: poll?, ack*, outcome*, advice?.
     let mut stage = 0;
     while let Some(tag) = x.child(&root)? {
-        let (this_stage, repeatable) = match tag.name.as_str() {
+        let (this_stage, repeatable) = match tag.name {
             "poll" => (1, false),
             "ack" => (2, true),
             "outcome" => (3, true),

@@ -23,10 +23,10 @@ pub(crate) fn check_chars(bytes: &[u8]) -> Result<&str, XmlError> {
     let s = std::str::from_utf8(bytes).map_err(|e| XmlError::InvalidUtf8 {
         offset: e.valid_up_to(),
     })?;
-    if let Some(at) = bytes
-        .iter()
-        .position(|&b| b < 0x20 && b != b'\t' && b != b'\n' && b != b'\r')
-    {
+    let bad = |b: u8| b < 0x20 && b != b'\t' && b != b'\n' && b != b'\r';
+    // A branch-free pass vectorises; find the offset only when needed.
+    if bytes.iter().fold(false, |acc, &b| acc | bad(b)) {
+        let at = bytes.iter().position(|&b| bad(b)).unwrap_or(0);
         return Err(XmlError::IllegalChar { offset: at });
     }
     // U+FFFE and U+FFFF are EF BF BE / EF BF BF in UTF-8.
@@ -42,54 +42,70 @@ fn is_xml_char(c: char) -> bool {
     matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
 }
 
-/// A start tag with its attributes parsed and normalised.
+/// A start tag with its attributes parsed and normalised. Everything
+/// borrows from the input document; nothing is allocated unless an
+/// attribute value needs unescaping.
 pub(crate) struct Tag<'a> {
-    pub(crate) name: String,
+    pub(crate) name: &'a str,
     pub(crate) empty: bool,
-    attrs: Vec<(String, String)>,
-    _input: std::marker::PhantomData<&'a str>,
+    attrs: smallvec::SmallVec<[(&'a str, Cow<'a, str>); 6]>,
+}
+
+/// `s`, which quick-xml borrowed from `input`, with `input`'s lifetime.
+fn reborrow<'a>(input: &'a str, s: &str) -> Result<&'a str, XmlError> {
+    let start = (s.as_ptr() as usize).wrapping_sub(input.as_ptr() as usize);
+    input
+        .get(start..start.wrapping_add(s.len()))
+        .filter(|r| r.as_ptr() == s.as_ptr())
+        .ok_or_else(|| XmlError::Syntax("tag not borrowed from the input".into()))
 }
 
 impl<'a> Tag<'a> {
-    fn new(e: &BytesStart<'a>, empty: bool, limits: &Limits) -> Result<Self, XmlError> {
-        let name = e.name().as_ref().to_owned();
-        let mut attrs = Vec::new();
-        for a in e.attributes() {
+    fn new(
+        input: &'a str,
+        e: &BytesStart<'_>,
+        empty: bool,
+        limits: &Limits,
+    ) -> Result<Self, XmlError> {
+        let content = reborrow(input, e)?;
+        let name_len = e.name().as_ref().len();
+        let name = &content[..name_len];
+        let mut attrs = smallvec::SmallVec::new();
+        for a in quick_xml::events::attributes::Attributes::new(content, name_len) {
             let a = a.map_err(|err| XmlError::Syntax(format!("in <{name}>: {err}")))?;
-            let key = a.key.as_ref().to_owned();
+            let key = a.key.into_inner();
             if a.value.len() > limits.max_attr_bytes {
                 return Err(XmlError::AttrTooLong {
-                    element: name,
-                    attr: key,
+                    element: name.to_owned(),
+                    attr: key.to_owned(),
                     limit: limits.max_attr_bytes,
                 });
             }
             let value = a
                 .normalized_value(quick_xml::XmlVersion::Implicit1_0)
                 .map_err(|err| XmlError::Syntax(format!("in <{name} {key}>: {err}")))?;
-            check_value_chars(&value)?;
-            attrs.push((key, value.into_owned()));
+            if let Cow::Owned(v) = &value {
+                // Raw characters were checked with the whole document;
+                // character references are checked here.
+                check_value_chars(v)?;
+            }
+            attrs.push((key, value));
         }
-        Ok(Tag {
-            name,
-            empty,
-            attrs,
-            _input: std::marker::PhantomData,
-        })
+        Ok(Tag { name, empty, attrs })
     }
 
     /// An optional attribute.
     pub(crate) fn opt(&self, attr: &str) -> Option<&str> {
         self.attrs
             .iter()
-            .find(|(k, _)| k == attr)
-            .map(|(_, v)| v.as_str())
+            .find(|(k, _)| *k == attr)
+            .map(|(_, v)| v.as_ref())
     }
 
     /// A required attribute.
     pub(crate) fn req(&self, attr: &'static str) -> Result<&str, XmlError> {
         self.opt(attr).ok_or_else(|| XmlError::MissingAttr {
-            element: self.name.clone(),
+            element: self.name.to_owned(),
             attr,
         })
     }
@@ -97,7 +113,7 @@ impl<'a> Tag<'a> {
     /// An attribute error naming this element.
     pub(crate) fn bad(&self, attr: &'static str, reason: impl Into<String>) -> XmlError {
         XmlError::BadAttr {
-            element: self.name.clone(),
+            element: self.name.to_owned(),
             attr,
             reason: reason.into(),
         }
@@ -142,8 +158,8 @@ impl<'a> Tag<'a> {
     /// An error for a child element that may not appear here.
     pub(crate) fn unexpected_child(&self, child: &Tag<'_>) -> XmlError {
         XmlError::UnexpectedElement {
-            element: child.name.clone(),
-            parent: self.name.clone(),
+            element: child.name.to_owned(),
+            parent: self.name.to_owned(),
         }
     }
 }
@@ -165,6 +181,7 @@ pub(crate) fn parse_u64(s: &str) -> Result<u64, &'static str> {
 
 /// Pull parser over one XML document.
 pub(crate) struct XmlIn<'a> {
+    input: &'a str,
     reader: Reader<&'a [u8]>,
     limits: &'a Limits,
     depth: usize,
@@ -178,9 +195,12 @@ impl<'a> XmlIn<'a> {
         let mut reader = Reader::from_str(s);
         let cfg = reader.config_mut();
         cfg.check_comments = true;
-        cfg.check_end_names = true;
+        // End tags are matched against their start tag by this parser
+        // itself (see `end_tag`), which needs no allocation per document.
+        cfg.check_end_names = false;
         cfg.trim_text(false);
         Ok(XmlIn {
+            input: s,
             reader,
             limits,
             depth: 0,
@@ -227,9 +247,9 @@ impl<'a> XmlIn<'a> {
                 }
                 Event::Start(e) => {
                     self.depth = 1;
-                    return Tag::new(&e, false, self.limits);
+                    return Tag::new(self.input, &e, false, self.limits);
                 }
-                Event::Empty(e) => return Tag::new(&e, true, self.limits),
+                Event::Empty(e) => return Tag::new(self.input, &e, true, self.limits),
                 Event::Eof => return Err(XmlError::Syntax("no root element".into())),
                 other => {
                     return Err(XmlError::Syntax(format!(
@@ -258,7 +278,7 @@ impl<'a> XmlIn<'a> {
                             limit: self.limits.max_xml_depth,
                         });
                     }
-                    return Tag::new(&e, false, self.limits).map(Some);
+                    return Tag::new(self.input, &e, false, self.limits).map(Some);
                 }
                 Event::Empty(e) => {
                     self.count_item()?;
@@ -267,9 +287,10 @@ impl<'a> XmlIn<'a> {
                             limit: self.limits.max_xml_depth,
                         });
                     }
-                    return Tag::new(&e, true, self.limits).map(Some);
+                    return Tag::new(self.input, &e, true, self.limits).map(Some);
                 }
-                Event::End(_) => {
+                Event::End(e) => {
+                    end_tag(parent, e.name().as_ref())?;
                     self.depth -= 1;
                     return Ok(None);
                 }
@@ -318,14 +339,15 @@ impl<'a> XmlIn<'a> {
                 Event::CData(c) => c.xml10_content(),
                 Event::GeneralRef(r) => Cow::Owned(resolve_ref(&r)?.to_string()),
                 Event::Comment(_) | Event::PI(_) => continue,
-                Event::End(_) => {
+                Event::End(e) => {
+                    end_tag(tag, e.name().as_ref())?;
                     self.depth -= 1;
                     return Ok(out);
                 }
                 Event::Start(e) | Event::Empty(e) => {
                     return Err(XmlError::UnexpectedElement {
                         element: e.name().as_ref().to_owned(),
-                        parent: tag.name.clone(),
+                        parent: tag.name.to_owned(),
                     });
                 }
                 Event::Eof => return Err(XmlError::Syntax("unexpected end of document".into())),
@@ -339,7 +361,7 @@ impl<'a> XmlIn<'a> {
             };
             if out.len() + piece.len() > self.limits.max_text_bytes {
                 return Err(XmlError::TextTooLong {
-                    element: tag.name.clone(),
+                    element: tag.name.to_owned(),
                     limit: self.limits.max_text_bytes,
                 });
             }
@@ -362,6 +384,17 @@ impl<'a> XmlIn<'a> {
                 }
             }
         }
+    }
+}
+
+fn end_tag(open: &Tag<'_>, name: &str) -> Result<(), XmlError> {
+    if open.name == name {
+        Ok(())
+    } else {
+        Err(XmlError::Syntax(format!(
+            "end tag </{name}> does not match <{}>",
+            open.name
+        )))
     }
 }
 

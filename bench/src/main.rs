@@ -1,0 +1,270 @@
+//! The benchmark report: runs each benchmark, then merges its figures into
+//! `docs/benchmarks.json` (one object per figure, replaced by id) and
+//! regenerates `docs/benchmarks.md` from it.
+//!
+//! `cargo run --release -p rs-bench` runs everything; `-- codec` runs one
+//! group; `-- --report-only` rewrites the markdown from the JSON.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+/// One figure, as `docs/benchmarks.json` holds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Figure {
+    id: String,
+    what: String,
+    value: f64,
+    unit: String,
+    runs: u32,
+    min: f64,
+    max: f64,
+    peer: Option<String>,
+    peer_value: Option<f64>,
+    ratio: Option<f64>,
+    better: String,
+    command: String,
+    measured_at: String,
+    #[serde(default)]
+    target: Option<String>,
+    #[serde(default)]
+    machine: Option<String>,
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+fn now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Per-iteration times (ns) of one criterion benchmark: median, min, max,
+/// and the number of samples.
+fn criterion_times(group: &str, bench: &str) -> Result<(f64, f64, f64, u32), String> {
+    let dir = root()
+        .join("target/criterion")
+        .join(group)
+        .join(bench)
+        .join("new");
+    let read = |f: &str| -> Result<serde_json::Value, String> {
+        let p = dir.join(f);
+        let s = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        serde_json::from_str(&s).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let est = read("estimates.json")?;
+    let median = est["median"]["point_estimate"]
+        .as_f64()
+        .ok_or("no median in estimates.json")?;
+    let sample = read("sample.json")?;
+    let iters = sample["iters"].as_array().ok_or("no iters")?;
+    let times = sample["times"].as_array().ok_or("no times")?;
+    let per: Vec<f64> = iters
+        .iter()
+        .zip(times)
+        .filter_map(|(i, t)| Some(t.as_f64()? / i.as_f64()?))
+        .collect();
+    let min = per.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = per.iter().copied().fold(0.0, f64::max);
+    Ok((median, min, max, per.len() as u32))
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed: {status}"))
+    }
+}
+
+/// Codec: encode, full decode and header-only decode of 100 messages of
+/// about 2 KB (common/benches/codec.rs).
+fn codec() -> Result<Vec<Figure>, String> {
+    run(Command::new("cargo").current_dir(root()).args([
+        "bench",
+        "-p",
+        "rs-common",
+        "--bench",
+        "codec",
+        "--",
+        "--noplot",
+    ]))?;
+    let env = rs_common::samples::bench_envelope();
+    let bytes = rs_common::encode_envelope(&env).body.len() as f64;
+    let messages = env.messages.len() as f64;
+    let command = "cargo run --release -p rs-bench -- codec".to_owned();
+    let at = now();
+    let machine = machine();
+    let mut out = Vec::new();
+    let mut rates = BTreeMap::new();
+    for (bench, what) in [
+        ("encode", "encode"),
+        ("decode_full", "full decode"),
+        ("decode_headers", "header-only decode"),
+    ] {
+        let (median, min, max, runs) = criterion_times("codec", bench)?;
+        // Per-iteration nanoseconds -> rates; the slowest run gives the min rate.
+        let mbps = |ns: f64| bytes / (ns / 1e9) / 1e6;
+        let mps = |ns: f64| messages / (ns / 1e9);
+        rates.insert(bench, mbps(median));
+        for (suffix, unit, f) in [
+            ("mb_per_s", "MB/s", &mbps as &dyn Fn(f64) -> f64),
+            ("msgs_per_s", "messages/s", &mps),
+        ] {
+            out.push(Figure {
+                id: format!("codec_{bench}_{suffix}"),
+                what: format!(
+                    "codec {what} of an envelope of 100 messages of about 2 KB, one core"
+                ),
+                value: f(median),
+                unit: unit.into(),
+                runs,
+                min: f(max),
+                max: f(min),
+                peer: None,
+                peer_value: None,
+                ratio: None,
+                better: "higher".into(),
+                command: command.clone(),
+                measured_at: at.clone(),
+                target: (bench == "decode_full" && suffix == "mb_per_s")
+                    .then(|| ">= 100 MB/s".into()),
+                machine: Some(machine.clone()),
+            });
+        }
+    }
+    if let (Some(&h), Some(&f)) = (rates.get("decode_headers"), rates.get("decode_full"))
+        && let Some(fig) = out
+            .iter_mut()
+            .find(|x| x.id == "codec_decode_headers_mb_per_s")
+    {
+        fig.peer = Some("full decode of the same envelope".into());
+        fig.peer_value = Some(f);
+        fig.ratio = Some(h / f);
+        fig.target = Some("ratio >= 5".into());
+    }
+    Ok(out)
+}
+
+/// A benchmark group: runs and returns its figures.
+type Group = fn() -> Result<Vec<Figure>, String>;
+
+fn load(path: &Path) -> Vec<Figure> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn markdown(figs: &[Figure]) -> String {
+    let mut s = String::from(include_str!("intro.md"));
+    s.push_str("\n## Figures\n\n| id | what | value | min–max | runs | peer | ratio | target | measured |\n|---|---|---|---|---|---|---|---|---|\n");
+    for f in figs {
+        s.push_str(&format!(
+            "| `{}` | {} | **{} {}** | {}–{} | {} | {} | {} | {} | {} |\n",
+            f.id,
+            f.what,
+            fmt(f.value),
+            f.unit,
+            fmt(f.min),
+            fmt(f.max),
+            f.runs,
+            match (&f.peer, f.peer_value) {
+                (Some(p), Some(v)) => format!("{p}: {} {}", fmt(v), f.unit),
+                _ => "–".into(),
+            },
+            f.ratio.map_or("–".into(), |r| format!("{r:.2}")),
+            f.target.as_deref().unwrap_or("–"),
+            f.measured_at,
+        ));
+    }
+    let mut machines: Vec<&str> = figs.iter().filter_map(|f| f.machine.as_deref()).collect();
+    machines.sort_unstable();
+    machines.dedup();
+    s.push_str("\n## Machines and commands\n\n");
+    for m in machines {
+        s.push_str(&format!("- {m}\n"));
+    }
+    let mut cmds: Vec<&str> = figs.iter().map(|f| f.command.as_str()).collect();
+    cmds.sort_unstable();
+    cmds.dedup();
+    for c in cmds {
+        s.push_str(&format!("- `{c}`\n"));
+    }
+    s
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let report_only = args.iter().any(|a| a == "--report-only");
+    let want = |g: &str| args.iter().all(|a| a.starts_with("--")) || args.iter().any(|a| a == g);
+    let json = root().join("docs/benchmarks.json");
+    let mut figs = load(&json);
+    if !report_only {
+        let mut groups: Vec<(&str, Group)> = vec![("codec", codec)];
+        groups.retain(|(g, _)| want(g));
+        for (name, f) in groups {
+            match f() {
+                Ok(new) => {
+                    for n in new {
+                        figs.retain(|x| x.id != n.id);
+                        figs.push(n);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("rs-bench: {name}: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
+    figs.sort_by(|a, b| a.id.cmp(&b.id));
+    let text = serde_json::to_string_pretty(&figs).unwrap_or_default();
+    let md = markdown(&figs);
+    if let Err(e) = std::fs::write(&json, text + "\n")
+        .and_then(|()| std::fs::write(root().join("docs/benchmarks.md"), md))
+    {
+        eprintln!("rs-bench: writing the report: {e}");
+        std::process::exit(1);
+    }
+    eprintln!(
+        "rs-bench: wrote docs/benchmarks.md and docs/benchmarks.json ({} figures)",
+        figs.len()
+    );
+}
