@@ -23,3 +23,12 @@ pub use ids::{ComponentKind, CustomerId, MessageId, RsId};
 pub use model::*;
 pub use outcome::{Code, Outcome, Reason};
 pub use time::Timestamp;
+
+#[cfg(feature = "runtime")]
+pub mod ingress;
+#[cfg(feature = "runtime")]
+pub mod server;
+#[cfg(feature = "runtime")]
+pub mod spool;
+#[cfg(feature = "runtime")]
+pub mod upstream;

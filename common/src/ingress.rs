@@ -1,0 +1,94 @@
+//! What arrives over HTTP: the envelope body, streamed into the decoder
+//! under its limits and a deadline, and the reply envelope going back.
+
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use http::StatusCode;
+use warp::Filter;
+
+use crate::codec::{DecodeError, Encoded, Limits, RawEnvelope, StreamDecoder};
+use crate::server::Refusal;
+
+/// The HTTP status for a decode error.
+pub fn status_for(e: &DecodeError) -> StatusCode {
+    match e {
+        DecodeError::ContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        DecodeError::EnvelopeTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// Extracts a decoded envelope (headers parsed, contents raw) from a POST,
+/// refusing with 415, 413, 400 or 408 and a text naming the part and the
+/// reason. Nothing is read beyond the limits.
+pub fn envelope(
+    limits: Limits,
+    body_timeout: Duration,
+) -> impl Filter<Extract = (RawEnvelope,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<String>("content-type")
+        .and(warp::body::stream())
+        .and_then(move |ct: Option<String>, body| {
+            read_envelope(ct.unwrap_or_default(), body, limits.clone(), body_timeout)
+        })
+}
+
+async fn read_envelope<S, B>(
+    ct: String,
+    body: S,
+    limits: Limits,
+    body_timeout: Duration,
+) -> Result<RawEnvelope, warp::Rejection>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    let read = async {
+        let mut dec = StreamDecoder::new(&ct, limits)?;
+        let mut body = std::pin::pin!(body);
+        while let Some(chunk) = body.next().await {
+            let mut chunk =
+                chunk.map_err(|e| DecodeError::ContentType(format!("body read failed: {e}")))?;
+            while chunk.has_remaining() {
+                let piece = chunk.chunk();
+                let n = piece.len();
+                dec.push(piece)?;
+                chunk.advance(n);
+            }
+        }
+        dec.finish()
+    };
+    match tokio::time::timeout(body_timeout, read).await {
+        Ok(Ok(env)) => Ok(env),
+        Ok(Err(e)) => Err(warp::reject::custom(Refusal::new(
+            status_for(&e),
+            e.to_string(),
+        ))),
+        Err(_) => Err(warp::reject::custom(Refusal::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the envelope body did not arrive within {} s",
+                body_timeout.as_secs()
+            ),
+        ))),
+    }
+}
+
+/// A `200 OK` carrying an encoded envelope.
+pub fn envelope_response(enc: Encoded) -> warp::reply::Response {
+    let mut r = warp::reply::Response::new(enc.body.into());
+    if let Ok(v) = http::HeaderValue::from_str(&enc.content_type) {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// A `200 OK` carrying an XML document.
+pub fn xml_response(doc: Vec<u8>) -> warp::reply::Response {
+    let mut r = warp::reply::Response::new(doc.into());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/xml; charset=utf-8"),
+    );
+    r
+}

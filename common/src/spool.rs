@@ -1,0 +1,175 @@
+//! The durable spool every sender keeps its messages in until the next hop
+//! has answered for them: the proxy's outgoing queue, the MLM's custody and
+//! aggregation queue.
+//!
+//! Order: highest precedence first, then oldest. A message leaves the spool
+//! only when its delivery is settled: delivered (the next hop accepted it),
+//! dead (rejected for good, kept in the dead letters with the reason),
+//! expired, or evicted under pressure; every removal other than delivery is
+//! recorded with its reason and counted. The interface is async so a
+//! PostgreSQL backend can implement it; [`sqlite::SqliteSpool`] is the
+//! embedded one.
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::codec::RawMessage;
+use crate::ids::MessageId;
+use crate::outcome::Reason;
+use crate::time::Timestamp;
+
+/// Limits and options of a spool.
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    /// The database file.
+    pub path: PathBuf,
+    /// Total bytes of spooled messages; beyond it, less important messages
+    /// are evicted (and counted) or the new one is refused.
+    pub max_bytes: u64,
+    /// Messages older than this are dropped (and counted) by the sweep.
+    pub max_age: Duration,
+    /// Remember accepted message IDs this long and refuse them as
+    /// duplicates (forwarders keeping custody); `None` for originators.
+    pub dedupe_window: Option<Duration>,
+}
+
+impl SpoolConfig {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        SpoolConfig {
+            path: path.into(),
+            max_bytes: 1 << 30,
+            max_age: Duration::from_secs(7 * 86_400),
+            dedupe_window: None,
+        }
+    }
+}
+
+/// What happened to a message offered to the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Durable: it will survive a crash or power loss.
+    Stored,
+    /// Already spooled (or, with a dedupe window, already accepted once).
+    Duplicate,
+    /// Not stored: the spool is full of messages at least as important.
+    Refused(Reason),
+}
+
+/// A message taken from the spool for sending.
+#[derive(Debug, Clone)]
+pub struct Spooled {
+    pub msg: RawMessage,
+    /// Sends attempted before this one.
+    pub attempts: u32,
+    /// When it was spooled.
+    pub spooled_at: Timestamp,
+}
+
+/// How a delivery attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// The next hop accepted it: remove.
+    Delivered,
+    /// Keep it and try again no earlier than `at`.
+    Retry { at: Timestamp },
+    /// Rejected for good: move to the dead letters with the reason.
+    Dead(Reason),
+    /// Its expiry passed: drop and record.
+    Expired,
+    /// Put back unchanged (the attempt never reached the next hop).
+    Release,
+}
+
+/// A message removed without delivery, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropRecord {
+    pub id: MessageId,
+    pub at: Timestamp,
+    /// `expired`, `evicted` or `aged-out`.
+    pub why: String,
+    pub precedence: u8,
+    pub persistent: bool,
+}
+
+/// A message rejected for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub id: MessageId,
+    pub at: Timestamp,
+    pub reason: Reason,
+}
+
+/// Counts for status and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    /// Messages waiting.
+    pub messages: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    pub dead_letters: u64,
+    pub delivered_total: u64,
+    pub expired_total: u64,
+    pub evicted_total: u64,
+    pub aged_out_total: u64,
+    pub refused_total: u64,
+    pub duplicates_total: u64,
+}
+
+/// Why a spool operation failed (the database, not the message).
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool database: {0}")]
+    Db(String),
+    #[error("the spool is closed")]
+    Closed,
+}
+
+/// The storage interface of a spool.
+pub trait Spool: Send + Sync + 'static {
+    /// Stores messages durably (one transaction), in order.
+    fn enqueue(
+        &self,
+        msgs: Vec<RawMessage>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<Enqueued>, SpoolError>> + Send;
+
+    /// Takes up to `max_messages` / about `max_bytes` of the messages due
+    /// at `now`, in order, and holds them until settled. Messages whose
+    /// expiry has passed are not returned (the sweep records them).
+    fn dequeue(
+        &self,
+        max_messages: usize,
+        max_bytes: usize,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<Spooled>, SpoolError>> + Send;
+
+    /// Settles messages taken by `dequeue` (one transaction).
+    fn settle(
+        &self,
+        results: Vec<(MessageId, Settle)>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), SpoolError>> + Send;
+
+    /// Drops expired and aged-out messages, recording each; prunes old
+    /// records and dedupe IDs. Returns how many messages were dropped.
+    fn sweep(&self, now: Timestamp) -> impl Future<Output = Result<u64, SpoolError>> + Send;
+
+    /// The earliest `next attempt` time of any waiting message not in
+    /// flight, if any.
+    fn next_due(&self) -> impl Future<Output = Result<Option<Timestamp>, SpoolError>> + Send;
+
+    fn stats(&self) -> impl Future<Output = Result<SpoolStats, SpoolError>> + Send;
+
+    fn dead_letters(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, SpoolError>> + Send;
+
+    fn drops(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DropRecord>, SpoolError>> + Send;
+}

@@ -1,0 +1,534 @@
+//! The upstream side of every sender (seed 004, Fig. 14): POSTing envelopes
+//! to the next hop with failover among several URLs, and the sender loop
+//! that drains a spool, acting on each message's outcome.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{DecodeError, Encoded, EnvelopeWriter, Limits, RawEnvelope, StreamDecoder};
+use crate::ids::{MessageId, RsId};
+use crate::model::{Advice, EnvelopeMeta};
+use crate::outcome::{Code, Outcome, Reason};
+use crate::spool::{Settle, Spool, Spooled};
+use crate::time::Timestamp;
+
+/// A source of the current time; tests substitute their own.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Timestamp;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// Where and how to POST.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Base URLs (`http://host:port`), tried in order; the first that works
+    /// is used until it fails.
+    pub urls: Vec<String>,
+    /// Whole-request timeout (excluding any long-poll hold).
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Limits on the replies we accept.
+    pub limits: Limits,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            urls: Vec::new(),
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Why a POST did not produce a reply envelope.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PostError {
+    /// Nothing (or nothing usable) came back: connection refused, reset,
+    /// timed out, or a 5xx. The request may or may not have been processed.
+    #[error("{url}: {reason}")]
+    Unavailable { url: String, reason: String },
+    /// The tier cannot take work now (429/503).
+    #[error("{url}: busy ({status}), retry after {retry_after:?}")]
+    Busy {
+        url: String,
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    /// The envelope was refused as malformed (400/415): nothing processed.
+    #[error("{url}: envelope refused ({status}): {text}")]
+    Refused {
+        url: String,
+        status: u16,
+        text: String,
+    },
+    /// 413: the envelope is larger than the next hop takes.
+    #[error("{url}: envelope too large: {text}")]
+    TooLarge { url: String, text: String },
+    /// 401/403: our credentials are not accepted.
+    #[error("{url}: not authorised ({status}): {text}")]
+    Unauthorised {
+        url: String,
+        status: u16,
+        text: String,
+    },
+    /// The reply could not be decoded.
+    #[error("{url}: malformed reply: {error}")]
+    BadReply { url: String, error: DecodeError },
+}
+
+/// An HTTP client for the next hop.
+#[derive(Debug)]
+pub struct Upstream {
+    client: reqwest::Client,
+    cfg: UpstreamConfig,
+    current: AtomicUsize,
+}
+
+impl Upstream {
+    pub fn new(cfg: UpstreamConfig) -> Result<Self, String> {
+        if cfg.urls.is_empty() {
+            return Err("no upstream URL configured".into());
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(50))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Upstream {
+            client,
+            cfg,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    /// The URL in use.
+    pub fn current_url(&self) -> &str {
+        let i = self.current.load(Ordering::Relaxed) % self.cfg.urls.len();
+        &self.cfg.urls[i]
+    }
+
+    /// POSTs an envelope, failing over through the URLs in order when one
+    /// is unavailable. `hold` is the long-poll hold asked for, added to the
+    /// timeout.
+    pub async fn post(
+        &self,
+        enc: &Encoded,
+        hold: Option<Duration>,
+    ) -> Result<RawEnvelope, PostError> {
+        let n = self.cfg.urls.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            match self.post_to(&self.cfg.urls[i], enc, hold).await {
+                Err(e @ PostError::Unavailable { .. }) => {
+                    tracing::debug!("upstream {e}");
+                    last = Some(e);
+                }
+                other => {
+                    if k > 0 {
+                        tracing::info!("failed over to upstream {}", self.cfg.urls[i]);
+                    }
+                    self.current.store(i, Ordering::Relaxed);
+                    return other;
+                }
+            }
+        }
+        Err(last.unwrap_or(PostError::Unavailable {
+            url: String::new(),
+            reason: "no upstream".into(),
+        }))
+    }
+
+    async fn post_to(
+        &self,
+        base: &str,
+        enc: &Encoded,
+        hold: Option<Duration>,
+    ) -> Result<RawEnvelope, PostError> {
+        let url = format!("{}/rs/v1/envelope", base.trim_end_matches('/'));
+        let unavailable = |reason: String| PostError::Unavailable {
+            url: url.clone(),
+            reason,
+        };
+        let resp = self
+            .client
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, &enc.content_type)
+            .timeout(self.cfg.timeout + hold.unwrap_or_default())
+            .body(enc.body.clone())
+            .send()
+            .await
+            .map_err(|e| unavailable(error_chain(&e)))?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let text: String = resp
+                .text()
+                .await
+                .unwrap_or_default()
+                .chars()
+                .take(500)
+                .collect();
+            let text = text.trim().to_owned();
+            return Err(match status {
+                400 | 415 => PostError::Refused { url, status, text },
+                413 => PostError::TooLarge { url, text },
+                401 | 403 => PostError::Unauthorised { url, status, text },
+                429 | 503 => PostError::Busy {
+                    url,
+                    status,
+                    retry_after,
+                },
+                _ => unavailable(format!("HTTP {status}: {text}")),
+            });
+        }
+        let ct = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let mut dec = StreamDecoder::new(&ct, self.cfg.limits.clone()).map_err(|error| {
+            PostError::BadReply {
+                url: url.clone(),
+                error,
+            }
+        })?;
+        let mut resp = resp;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => dec.push_bytes(chunk).map_err(|error| PostError::BadReply {
+                    url: url.clone(),
+                    error,
+                })?,
+                Ok(None) => break,
+                Err(e) => return Err(unavailable(format!("reply cut: {}", error_chain(&e)))),
+            }
+        }
+        dec.finish()
+            .map_err(|error| PostError::BadReply { url, error })
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Exponential backoff from 1 s doubling to `cap`, full jitter.
+pub fn backoff(attempts: u32, cap: Duration) -> Duration {
+    let exp = Duration::from_secs(1).saturating_mul(1u32 << attempts.min(20));
+    let top = exp.min(cap).as_millis() as u64;
+    Duration::from_millis(fastrand::u64(top / 2..=top.max(1)))
+}
+
+/// How the sender batches and paces.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+    /// Longest backoff between attempts.
+    pub max_backoff: Duration,
+    /// How often expired and aged-out messages are swept.
+    pub sweep_every: Duration,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            max_messages: 500,
+            max_bytes: 4 << 20,
+            max_backoff: Duration::from_secs(300),
+            sweep_every: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Live counters of a sender, for status.
+#[derive(Debug, Default)]
+pub struct SenderStats {
+    pub posts_ok: AtomicU64,
+    pub posts_failed: AtomicU64,
+    pub sent: AtomicU64,
+    pub accepted: AtomicU64,
+    pub retried: AtomicU64,
+    pub rejected: AtomicU64,
+    pub expired: AtomicU64,
+    pub connected: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+    /// Heartbeat interval advised by the next hop, in ms (0: none yet).
+    pub advised_heartbeat_ms: AtomicU64,
+}
+
+impl SenderStats {
+    fn fail(&self, e: &PostError) {
+        self.posts_failed.fetch_add(1, Ordering::Relaxed);
+        self.connected.store(false, Ordering::Relaxed);
+        if let Ok(mut l) = self.last_error.lock() {
+            *l = Some(e.to_string());
+        }
+    }
+}
+
+/// Drains a spool upstream until cancelled.
+pub struct Sender<S: Spool> {
+    pub me: RsId,
+    pub spool: S,
+    pub upstream: Arc<Upstream>,
+    pub cfg: SenderConfig,
+    pub clock: Arc<dyn Clock>,
+    pub wake: Arc<Notify>,
+    pub stats: Arc<SenderStats>,
+    /// Forwarding switched off (`disableForwarding`): keep spooling.
+    pub paused: Arc<AtomicBool>,
+}
+
+impl<S: Spool> std::fmt::Debug for Sender<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Spool> Sender<S> {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        let mut advice = Advice::default();
+        // After a 400 on a batch, send these one by one to find the bad one.
+        let mut isolate: usize = 0;
+        let mut last_sweep = None::<tokio::time::Instant>;
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let now = self.clock.now();
+            if last_sweep.is_none_or(|t| t.elapsed() >= self.cfg.sweep_every) {
+                if let Err(e) = self.spool.sweep(now).await {
+                    tracing::error!("spool sweep: {e}");
+                }
+                last_sweep = Some(tokio::time::Instant::now());
+            }
+            if self.paused.load(Ordering::Relaxed) {
+                self.idle(&shutdown, Duration::from_secs(1)).await;
+                continue;
+            }
+            let max_messages = if isolate > 0 {
+                1
+            } else {
+                advice.max_messages.map_or(self.cfg.max_messages, |m| {
+                    (m as usize).clamp(1, self.cfg.max_messages)
+                })
+            };
+            let max_bytes = advice.max_bytes.map_or(self.cfg.max_bytes, |b| {
+                (b as usize).clamp(4096, self.cfg.max_bytes)
+            });
+            let batch = match self.spool.dequeue(max_messages, max_bytes, now).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("spool dequeue: {e}");
+                    self.idle(&shutdown, Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                let wait = match self.spool.next_due().await {
+                    Ok(Some(t)) => t
+                        .since(now)
+                        .clamp(Duration::from_millis(10), self.cfg.sweep_every),
+                    _ => self.cfg.sweep_every,
+                };
+                self.idle(&shutdown, wait).await;
+                continue;
+            }
+            let (enc, ids) = self.envelope(&batch, now);
+            match self.upstream.post(&enc, None).await {
+                Ok(reply) => {
+                    failures = 0;
+                    isolate = isolate.saturating_sub(1);
+                    self.stats.posts_ok.fetch_add(1, Ordering::Relaxed);
+                    self.stats.connected.store(true, Ordering::Relaxed);
+                    self.stats
+                        .sent
+                        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    if let Some(a) = reply.meta.advice {
+                        advice = a;
+                        if let Some(h) = a.heartbeat {
+                            self.stats
+                                .advised_heartbeat_ms
+                                .store(h.as_millis() as u64, Ordering::Relaxed);
+                        }
+                    }
+                    self.settle(&batch, &reply.meta, self.clock.now()).await;
+                    if let Some(pause) = advice.resume_after.filter(|d| !d.is_zero()) {
+                        self.idle(&shutdown, pause).await;
+                    }
+                }
+                Err(e) => {
+                    self.stats.fail(&e);
+                    let now = self.clock.now();
+                    let release = |s: Settle| {
+                        ids.iter()
+                            .map(|id| (id.clone(), s.clone()))
+                            .collect::<Vec<_>>()
+                    };
+                    let (settles, wait) = match &e {
+                        PostError::Refused { text, .. } if batch.len() == 1 => {
+                            let reason = Reason {
+                                code: Code::known("invalid"),
+                                text: format!("refused by the next hop: {text}"),
+                            };
+                            (release(Settle::Dead(reason)), Duration::ZERO)
+                        }
+                        PostError::Refused { .. } => {
+                            tracing::warn!(
+                                "{e}; sending these {} messages one by one",
+                                batch.len()
+                            );
+                            isolate = batch.len();
+                            (release(Settle::Release), Duration::ZERO)
+                        }
+                        PostError::TooLarge { text, .. } if batch.len() == 1 => {
+                            let reason = Reason {
+                                code: Code::known("too-large"),
+                                text: format!("refused by the next hop: {text}"),
+                            };
+                            (release(Settle::Dead(reason)), Duration::ZERO)
+                        }
+                        PostError::TooLarge { .. } => {
+                            advice.max_bytes = Some((max_bytes / 2) as u64);
+                            (release(Settle::Release), Duration::ZERO)
+                        }
+                        PostError::Busy { retry_after, .. } => {
+                            failures += 1;
+                            let w = backoff(failures, self.cfg.max_backoff);
+                            (
+                                release(Settle::Release),
+                                retry_after.map_or(w, |r| r.max(w / 4)),
+                            )
+                        }
+                        _ => {
+                            failures += 1;
+                            tracing::warn!("upstream: {e}");
+                            (
+                                release(Settle::Release),
+                                backoff(failures, self.cfg.max_backoff),
+                            )
+                        }
+                    };
+                    if let Err(e) = self.spool.settle(settles, now).await {
+                        tracing::error!("spool settle: {e}");
+                    }
+                    if !wait.is_zero() {
+                        self.idle(&shutdown, wait).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits up to `d`, or until new messages are spooled or shutdown.
+    async fn idle(&self, shutdown: &CancellationToken, d: Duration) {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = self.wake.notified() => {}
+            () = tokio::time::sleep(d) => {}
+        }
+    }
+
+    fn envelope(&self, batch: &[Spooled], now: Timestamp) -> (Encoded, Vec<MessageId>) {
+        let meta = EnvelopeMeta::new(self.me.clone(), now);
+        let mut w = EnvelopeWriter::new(&meta);
+        let mut ids = Vec::with_capacity(batch.len());
+        for s in batch {
+            let mut m = s.msg.clone();
+            // A hop we appended on receipt (custody) gets its sent time now.
+            if let Some(h) = m.header.routing.last_mut()
+                && h.component == self.me
+                && h.sent.is_none()
+            {
+                h.sent = Some(now);
+            }
+            w.push_raw(&m);
+            ids.push(m.header.id);
+        }
+        (w.finish(), ids)
+    }
+
+    async fn settle(&self, batch: &[Spooled], meta: &EnvelopeMeta, now: Timestamp) {
+        let outcomes: HashMap<&MessageId, &Outcome> =
+            meta.outcomes.iter().map(|(id, o)| (id, o)).collect();
+        let mut settles = Vec::with_capacity(batch.len());
+        for s in batch {
+            let id = &s.msg.header.id;
+            // Never sooner than the hint; a little jitter so a throttled
+            // crowd does not come back in step.
+            let retry_at = |after: Duration| {
+                let after = after.max(Duration::from_millis(100));
+                let jitter =
+                    Duration::from_millis(fastrand::u64(0..=after.as_millis() as u64 / 10));
+                now.saturating_add(after + jitter)
+            };
+            let settle = match outcomes.get(id) {
+                Some(Outcome::Accepted) => {
+                    self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    Settle::Delivered
+                }
+                Some(Outcome::Retry { after, reason }) => {
+                    tracing::debug!("message {id}: retry after {after:?} ({reason})");
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    Settle::Retry {
+                        at: retry_at(*after),
+                    }
+                }
+                Some(Outcome::Rejected(reason)) => {
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    Settle::Dead(reason.clone())
+                }
+                Some(Outcome::Expired) => {
+                    self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                    Settle::Expired
+                }
+                None => {
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    Settle::Retry {
+                        at: now.saturating_add(backoff(s.attempts + 1, self.cfg.max_backoff)),
+                    }
+                }
+            };
+            settles.push((id.clone(), settle));
+        }
+        if let Err(e) = self.spool.settle(settles, now).await {
+            tracing::error!("spool settle: {e}");
+        }
+    }
+}
