@@ -1,1 +1,104 @@
-//! rs-appserver
+//! rs-appserver: the final receiver (seed 004, Fig. 17). Core work happens
+//! before the reply: validate, deduplicate, persist, answer.
+//!
+//! `run` serves `POST /rs/v1/envelope` (the protocol), `GET /rs/v1/health`,
+//! `GET /rs/v1/status` and the read side of the control API
+//! (`/rs/v1/control/messages`, `/rs/v1/control/components`).
+
+pub mod config;
+pub mod control;
+pub mod ingress;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rs_common::server::{ServeConfig, finish, serve_tcp};
+use rs_common::upstream::{Clock, SystemClock};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use warp::Filter;
+
+pub use config::Config;
+
+/// Everything the request handlers share.
+#[derive(Debug)]
+pub struct AppServer {
+    pub cfg: Config,
+    pub id: rs_common::RsId,
+    pub store: store::Store,
+    pub clock: Arc<dyn Clock>,
+    pub stats: ingress::Stats,
+    pub started: rs_common::Timestamp,
+}
+
+impl AppServer {
+    /// Opens the store.
+    pub fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
+        let id = cfg.rs_id().map_err(anyhow::Error::msg)?;
+        let store = store::Store::open(&cfg.data_dir.join("appserver.db"))?;
+        Ok(Arc::new(AppServer {
+            id,
+            store,
+            clock: Arc::new(SystemClock),
+            stats: ingress::Stats::default(),
+            started: rs_common::Timestamp::now(),
+            cfg,
+        }))
+    }
+
+    /// All routes, finished for serving.
+    pub fn routes(
+        self: &Arc<Self>,
+    ) -> impl Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible>
+    + Clone
+    + Send
+    + Sync
+    + 'static {
+        let health = warp::path!("rs" / "v1" / "health")
+            .and(warp::get())
+            .map(|| "ok\n");
+        finish(
+            ingress::route(self.clone())
+                .or(control::routes(self.clone()))
+                .unify()
+                .or(health.map(warp::Reply::into_response))
+                .unify(),
+        )
+    }
+}
+
+/// Serves until `shutdown`, purging expired messages hourly.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let app = AppServer::open(cfg)?;
+    tracing::info!(
+        "rs-appserver {} listening on {}",
+        app.id,
+        listener.local_addr()?
+    );
+    let purge = {
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                match app.store.purge(app.clock.now(), app.cfg.retention()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("purged {n} messages past the retention window"),
+                    Err(e) => tracing::error!("purge: {e}"),
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                }
+            }
+        })
+    };
+    serve_tcp(listener, app.routes(), ServeConfig::default(), shutdown).await;
+    let _ = purge.await;
+    tracing::info!("rs-appserver stopped");
+    Ok(())
+}

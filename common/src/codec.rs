@@ -28,6 +28,7 @@ pub use self::control::{
 };
 pub use self::header::is_token;
 pub use self::mime::{EnvelopeWriter, StreamDecoder};
+pub use self::xml::XmlOut;
 use crate::ids::MessageId;
 use crate::model::{ContentKind, Envelope, EnvelopeMeta, Header, Message, TransferEncoding};
 

@@ -25,6 +25,8 @@ pub use outcome::{Code, Outcome, Reason};
 pub use time::Timestamp;
 
 #[cfg(feature = "runtime")]
+pub mod db;
+#[cfg(feature = "runtime")]
 pub mod ingress;
 #[cfg(feature = "runtime")]
 pub mod server;
@@ -32,3 +34,21 @@ pub mod server;
 pub mod spool;
 #[cfg(feature = "runtime")]
 pub mod upstream;
+
+/// Cancels `token` on SIGTERM or SIGINT (Ctrl-C).
+#[cfg(feature = "runtime")]
+pub async fn shutdown_on_signal(token: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    token.cancel();
+}

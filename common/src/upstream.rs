@@ -18,7 +18,7 @@ use crate::spool::{Settle, Spool, Spooled};
 use crate::time::Timestamp;
 
 /// A source of the current time; tests substitute their own.
-pub trait Clock: Send + Sync + 'static {
+pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
     fn now(&self) -> Timestamp;
 }
 

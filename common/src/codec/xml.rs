@@ -435,25 +435,27 @@ fn describe(e: &Event<'_>) -> &'static str {
     }
 }
 
-/// Appends XML to a buffer.
-pub(crate) struct XmlOut<'a> {
-    pub(crate) buf: &'a mut Vec<u8>,
+/// Appends XML to a buffer, escaping attribute values and text so they
+/// read back exactly (for the daemons' control and status documents too).
+#[derive(Debug)]
+pub struct XmlOut<'a> {
+    pub buf: &'a mut Vec<u8>,
 }
 
 impl<'a> XmlOut<'a> {
     /// Starts a document: the declaration and nothing else.
-    pub(crate) fn document(buf: &'a mut Vec<u8>) -> Self {
+    pub fn document(buf: &'a mut Vec<u8>) -> Self {
         buf.extend_from_slice(DECL);
         XmlOut { buf }
     }
 
-    pub(crate) fn open(&mut self, name: &str) -> &mut Self {
+    pub fn open(&mut self, name: &str) -> &mut Self {
         self.buf.push(b'<');
         self.buf.extend_from_slice(name.as_bytes());
         self
     }
 
-    pub(crate) fn attr(&mut self, name: &str, value: &str) -> &mut Self {
+    pub fn attr(&mut self, name: &str, value: &str) -> &mut Self {
         self.buf.push(b' ');
         self.buf.extend_from_slice(name.as_bytes());
         self.buf.extend_from_slice(b"=\"");
@@ -462,14 +464,14 @@ impl<'a> XmlOut<'a> {
         self
     }
 
-    pub(crate) fn attr_opt(&mut self, name: &str, value: Option<&str>) -> &mut Self {
+    pub fn attr_opt(&mut self, name: &str, value: Option<&str>) -> &mut Self {
         if let Some(v) = value {
             self.attr(name, v);
         }
         self
     }
 
-    pub(crate) fn attr_ts(&mut self, name: &str, t: Timestamp) -> &mut Self {
+    pub fn attr_ts(&mut self, name: &str, t: Timestamp) -> &mut Self {
         self.buf.push(b' ');
         self.buf.extend_from_slice(name.as_bytes());
         self.buf.extend_from_slice(b"=\"");
@@ -478,14 +480,14 @@ impl<'a> XmlOut<'a> {
         self
     }
 
-    pub(crate) fn attr_ts_opt(&mut self, name: &str, t: Option<Timestamp>) -> &mut Self {
+    pub fn attr_ts_opt(&mut self, name: &str, t: Option<Timestamp>) -> &mut Self {
         if let Some(t) = t {
             self.attr_ts(name, t);
         }
         self
     }
 
-    pub(crate) fn attr_num(&mut self, name: &str, n: u64) -> &mut Self {
+    pub fn attr_num(&mut self, name: &str, n: u64) -> &mut Self {
         use std::io::Write as _;
         self.buf.push(b' ');
         self.buf.extend_from_slice(name.as_bytes());
@@ -494,7 +496,7 @@ impl<'a> XmlOut<'a> {
         self
     }
 
-    pub(crate) fn attr_num_opt(&mut self, name: &str, n: Option<u64>) -> &mut Self {
+    pub fn attr_num_opt(&mut self, name: &str, n: Option<u64>) -> &mut Self {
         if let Some(n) = n {
             self.attr_num(name, n);
         }
@@ -502,23 +504,23 @@ impl<'a> XmlOut<'a> {
     }
 
     /// Ends the start tag of an element that will have content.
-    pub(crate) fn gt(&mut self) -> &mut Self {
+    pub fn gt(&mut self) -> &mut Self {
         self.buf.push(b'>');
         self
     }
 
     /// Ends an element with no content.
-    pub(crate) fn empty(&mut self) -> &mut Self {
+    pub fn empty(&mut self) -> &mut Self {
         self.buf.extend_from_slice(b"/>");
         self
     }
 
-    pub(crate) fn text(&mut self, s: &str) -> &mut Self {
+    pub fn text(&mut self, s: &str) -> &mut Self {
         escape_into(self.buf, s, false);
         self
     }
 
-    pub(crate) fn close(&mut self, name: &str) -> &mut Self {
+    pub fn close(&mut self, name: &str) -> &mut Self {
         self.buf.extend_from_slice(b"</");
         self.buf.extend_from_slice(name.as_bytes());
         self.buf.push(b'>');
@@ -526,7 +528,7 @@ impl<'a> XmlOut<'a> {
     }
 
     /// `<name>text</name>`, or `<name/>` when `text` is empty.
-    pub(crate) fn text_element(&mut self, name: &str, text: &str) -> &mut Self {
+    pub fn text_element(&mut self, name: &str, text: &str) -> &mut Self {
         self.open(name);
         if text.is_empty() {
             self.empty()
@@ -535,7 +537,7 @@ impl<'a> XmlOut<'a> {
         }
     }
 
-    pub(crate) fn newline(&mut self) -> &mut Self {
+    pub fn newline(&mut self) -> &mut Self {
         self.buf.push(b'\n');
         self
     }

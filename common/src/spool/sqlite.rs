@@ -1,12 +1,12 @@
 //! The embedded spool: one SQLite file in WAL mode, owned by a dedicated
-//! thread (SQLite calls never run on async workers), with group commit.
+//! thread with group commit ([`crate::db`]).
 //!
 //! Durability: `synchronous=FULL`, so every commit fsyncs the WAL before
 //! the caller hears "stored". A SIGKILL at any instant loses nothing
 //! committed (the WAL is replayed on open), and neither does a power loss,
 //! because the WAL reached the disk before the acknowledgement. The cost of
-//! the fsync is shared: the thread takes every request waiting in its queue
-//! and commits them in one transaction.
+//! the fsync is shared: the thread commits every request waiting in its
+//! queue in one transaction.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -14,45 +14,45 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::Notify;
 
 use super::{
     DeadLetter, DropRecord, Enqueued, Settle, Spool, SpoolConfig, SpoolError, SpoolStats, Spooled,
 };
 use crate::codec::{Limits, RawMessage, decode_header_part, encode_header};
+use crate::db::{Db, DbError, DbState};
 use crate::ids::MessageId;
 use crate::model::ContentKind;
 use crate::outcome::{Code, Reason};
 use crate::time::Timestamp;
 
-type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
-
-enum Cmd {
-    Enqueue(Vec<RawMessage>, Timestamp, Reply<Vec<Enqueued>>),
-    Dequeue(usize, usize, Timestamp, Reply<Vec<Spooled>>),
-    Settle(Vec<(MessageId, Settle)>, Timestamp, Reply<()>),
-    Sweep(Timestamp, Reply<u64>),
-    NextDue(Reply<Option<Timestamp>>),
-    Stats(Reply<SpoolStats>),
-    Dead(usize, Reply<Vec<DeadLetter>>),
-    Drops(usize, Reply<Vec<DropRecord>>),
-}
-
-/// Handle to the spool thread; cheap to clone.
+/// Handle to the spool; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SqliteSpool {
-    tx: mpsc::Sender<Cmd>,
+    db: Db<Worker>,
     notify: Arc<Notify>,
-}
-
-impl std::fmt::Debug for Cmd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("spool command")
-    }
 }
 
 fn db(e: rusqlite::Error) -> SpoolError {
     SpoolError::Db(e.to_string())
+}
+
+impl From<DbError> for SpoolError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Sql(s) => SpoolError::Db(s),
+            DbError::Closed => SpoolError::Closed,
+        }
+    }
+}
+
+impl From<SpoolError> for DbError {
+    fn from(e: SpoolError) -> Self {
+        match e {
+            SpoolError::Db(s) => DbError::Sql(s),
+            SpoolError::Closed => DbError::Closed,
+        }
+    }
 }
 
 const SCHEMA: &str = "
@@ -106,6 +106,8 @@ CREATE TABLE IF NOT EXISTS seen (
 /// How long drop records are kept.
 const DROPS_KEPT: Duration = Duration::from_secs(30 * 86_400);
 
+/// The state owned by the spool's database thread.
+#[derive(Debug)]
 struct Worker {
     conn: Connection,
     cfg: SpoolConfig,
@@ -114,49 +116,38 @@ struct Worker {
     limits: Limits,
 }
 
+impl DbState for Worker {
+    type Saved = (u64, HashSet<String>);
+    fn conn(&self) -> &Connection {
+        &self.conn
+    }
+    fn save(&self) -> Self::Saved {
+        (self.total_bytes, self.inflight.clone())
+    }
+    fn restore(&mut self, saved: Self::Saved) {
+        (self.total_bytes, self.inflight) = saved;
+    }
+}
+
 impl SqliteSpool {
     /// Opens (creating if needed) the spool at `cfg.path`.
     pub fn open(cfg: SpoolConfig) -> Result<Self, SpoolError> {
-        if let Some(dir) = cfg.path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| SpoolError::Db(format!("{}: {e}", dir.display())))?;
-        }
-        let conn = Connection::open(&cfg.path).map_err(db)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;",
-        )
-        .map_err(db)?;
+        let conn = crate::db::open(&cfg.path)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
         let total_bytes: i64 = conn
             .query_row("SELECT COALESCE(SUM(bytes), 0) FROM spool", [], |r| {
                 r.get(0)
             })
             .map_err(db)?;
-        let mut worker = Worker {
+        let worker = Worker {
             conn,
             cfg,
             total_bytes: u64::try_from(total_bytes).unwrap_or(0),
             inflight: HashSet::new(),
             limits: Limits::default(),
         };
-        let (tx, mut rx) = mpsc::channel::<Cmd>(1024);
-        std::thread::Builder::new()
-            .name("rs-spool".into())
-            .spawn(move || {
-                while let Some(first) = rx.blocking_recv() {
-                    let mut batch = vec![first];
-                    while batch.len() < 256 {
-                        match rx.try_recv() {
-                            Ok(c) => batch.push(c),
-                            Err(_) => break,
-                        }
-                    }
-                    worker.run_batch(batch);
-                }
-            })
-            .map_err(|e| SpoolError::Db(format!("cannot start the spool thread: {e}")))?;
         Ok(SqliteSpool {
-            tx,
+            db: Db::start("rs-spool", worker)?,
             notify: Arc::new(Notify::new()),
         })
     }
@@ -164,12 +155,6 @@ impl SqliteSpool {
     /// Woken whenever messages are stored (for the sender loop).
     pub fn notified(&self) -> Arc<Notify> {
         self.notify.clone()
-    }
-
-    async fn call<T>(&self, f: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, SpoolError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(f(tx)).await.map_err(|_| SpoolError::Closed)?;
-        rx.await.map_err(|_| SpoolError::Closed)?
     }
 }
 
@@ -179,9 +164,8 @@ impl Spool for SqliteSpool {
         msgs: Vec<RawMessage>,
         now: Timestamp,
     ) -> Result<Vec<Enqueued>, SpoolError> {
-        let r = self.call(|tx| Cmd::Enqueue(msgs, now, tx)).await?;
+        let r = self.db.write(move |w| Ok(w.enqueue(msgs, now)?)).await?;
         if r.iter().any(|e| *e == Enqueued::Stored) {
-            self.notify.notify_waiters();
             self.notify.notify_one();
         }
         Ok(r)
@@ -193,8 +177,10 @@ impl Spool for SqliteSpool {
         max_bytes: usize,
         now: Timestamp,
     ) -> Result<Vec<Spooled>, SpoolError> {
-        self.call(|tx| Cmd::Dequeue(max_messages, max_bytes, now, tx))
-            .await
+        Ok(self
+            .db
+            .read(move |w| Ok(w.dequeue(max_messages, max_bytes, now)?))
+            .await?)
     }
 
     async fn settle(
@@ -202,35 +188,28 @@ impl Spool for SqliteSpool {
         results: Vec<(MessageId, Settle)>,
         now: Timestamp,
     ) -> Result<(), SpoolError> {
-        self.call(|tx| Cmd::Settle(results, now, tx)).await
+        Ok(self.db.write(move |w| Ok(w.settle(results, now)?)).await?)
     }
 
     async fn sweep(&self, now: Timestamp) -> Result<u64, SpoolError> {
-        self.call(|tx| Cmd::Sweep(now, tx)).await
+        Ok(self.db.write(move |w| Ok(w.sweep(now)?)).await?)
     }
 
     async fn next_due(&self) -> Result<Option<Timestamp>, SpoolError> {
-        self.call(Cmd::NextDue).await
+        Ok(self.db.read(|w| Ok(w.next_due()?)).await?)
     }
 
     async fn stats(&self) -> Result<SpoolStats, SpoolError> {
-        self.call(Cmd::Stats).await
+        Ok(self.db.read(|w| Ok(w.stats()?)).await?)
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
-        self.call(|tx| Cmd::Dead(limit, tx)).await
+        Ok(self.db.read(move |w| Ok(w.dead(limit)?)).await?)
     }
 
     async fn drops(&self, limit: usize) -> Result<Vec<DropRecord>, SpoolError> {
-        self.call(|tx| Cmd::Drops(limit, tx)).await
+        Ok(self.db.read(move |w| Ok(w.drop_records(limit)?)).await?)
     }
-}
-
-/// Replies waiting for the batch's commit.
-enum Pending {
-    Enqueue(Reply<Vec<Enqueued>>, Result<Vec<Enqueued>, SpoolError>),
-    Settle(Reply<()>, Result<(), SpoolError>),
-    Sweep(Reply<u64>, Result<u64, SpoolError>),
 }
 
 fn ms(t: Timestamp) -> i64 {
@@ -249,90 +228,6 @@ fn bump(conn: &Connection, name: &str, by: u64) -> rusqlite::Result<()> {
 }
 
 impl Worker {
-    fn run_batch(&mut self, batch: Vec<Cmd>) {
-        // Writes share one transaction and hear back only after it commits.
-        let mut pending = Vec::new();
-        let began = self.conn.execute_batch("BEGIN IMMEDIATE").map_err(db);
-        let saved_bytes = self.total_bytes;
-        for cmd in batch {
-            match cmd {
-                Cmd::Enqueue(msgs, now, tx) => {
-                    let r = self.in_savepoint(&began, |w| w.enqueue(msgs, now));
-                    pending.push(Pending::Enqueue(tx, r));
-                }
-                Cmd::Settle(results, now, tx) => {
-                    let r = self.in_savepoint(&began, |w| w.settle(results, now));
-                    pending.push(Pending::Settle(tx, r));
-                }
-                Cmd::Sweep(now, tx) => {
-                    let r = self.in_savepoint(&began, |w| w.sweep(now));
-                    pending.push(Pending::Sweep(tx, r));
-                }
-                // Reads answer at once; they see this transaction's writes.
-                Cmd::Dequeue(n, b, now, tx) => {
-                    let _ = tx.send(self.dequeue(n, b, now));
-                }
-                Cmd::NextDue(tx) => {
-                    let _ = tx.send(self.next_due());
-                }
-                Cmd::Stats(tx) => {
-                    let _ = tx.send(self.stats());
-                }
-                Cmd::Dead(limit, tx) => {
-                    let _ = tx.send(self.dead(limit));
-                }
-                Cmd::Drops(limit, tx) => {
-                    let _ = tx.send(self.drop_records(limit));
-                }
-            }
-        }
-        let committed = match began {
-            Ok(()) => self.conn.execute_batch("COMMIT").map_err(db),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = &committed {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            self.total_bytes = saved_bytes;
-            tracing::error!("spool commit failed: {e}");
-        }
-        for p in pending {
-            match p {
-                Pending::Enqueue(tx, r) => {
-                    let _ = tx.send(after_commit(&committed, r));
-                }
-                Pending::Settle(tx, r) => {
-                    let _ = tx.send(after_commit(&committed, r));
-                }
-                Pending::Sweep(tx, r) => {
-                    let _ = tx.send(after_commit(&committed, r));
-                }
-            }
-        }
-    }
-
-    /// Runs one write command so that its failure undoes all of it and
-    /// nothing of the other commands in the batch.
-    fn in_savepoint<T>(
-        &mut self,
-        began: &Result<(), SpoolError>,
-        f: impl FnOnce(&mut Self) -> Result<T, SpoolError>,
-    ) -> Result<T, SpoolError> {
-        began.as_ref().map_err(clone_err)?;
-        self.conn.execute_batch("SAVEPOINT cmd").map_err(db)?;
-        let saved = (self.total_bytes, self.inflight.clone());
-        match f(self) {
-            Ok(v) => {
-                self.conn.execute_batch("RELEASE cmd").map_err(db)?;
-                Ok(v)
-            }
-            Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK TO cmd; RELEASE cmd");
-                (self.total_bytes, self.inflight) = saved;
-                Err(e)
-            }
-        }
-    }
-
     fn enqueue(
         &mut self,
         msgs: Vec<RawMessage>,
@@ -757,24 +652,5 @@ impl Worker {
             });
         }
         Ok(out)
-    }
-}
-
-/// A command's result as its caller may hear it: an error if the batch did
-/// not commit.
-fn after_commit<T>(
-    committed: &Result<(), SpoolError>,
-    r: Result<T, SpoolError>,
-) -> Result<T, SpoolError> {
-    match committed {
-        Ok(()) => r,
-        Err(e) => Err(clone_err(e)),
-    }
-}
-
-fn clone_err(e: &SpoolError) -> SpoolError {
-    match e {
-        SpoolError::Db(s) => SpoolError::Db(s.clone()),
-        SpoolError::Closed => SpoolError::Closed,
     }
 }

@@ -1,0 +1,97 @@
+//! The application server's configuration (TOML).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rs_common::RsId;
+use rs_common::codec::Limits;
+use serde::Deserialize;
+
+/// `appserver.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This server's remote services ID (customer `rs`), e.g. `rs.a1`.
+    pub id: String,
+    /// Where to listen for envelopes and control requests.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where the database lives (`appserver.db`).
+    pub data_dir: PathBuf,
+    /// Days stored messages (and the duplicate-detection IDs) are kept.
+    #[serde(default = "default_retention")]
+    pub retention_days: u32,
+    /// Heartbeat interval every component is told to use.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+    /// Seconds an envelope body may take to arrive.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_secs: u64,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Decoder limits (see docs/protocol.md, Limits).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_envelope_bytes: Option<usize>,
+    pub max_messages: Option<usize>,
+    pub max_part_bytes: Option<usize>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8440))
+}
+fn default_retention() -> u32 {
+    30
+}
+fn default_heartbeat() -> u64 {
+    60
+}
+fn default_body_timeout() -> u64 {
+    60
+}
+
+impl Config {
+    /// Parses and checks a configuration document.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.rs_id()?;
+        if c.retention_days == 0 {
+            return Err("retention_days must be at least 1".into());
+        }
+        if c.heartbeat_secs == 0 {
+            return Err("heartbeat_secs must be at least 1".into());
+        }
+        Ok(c)
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn rs_id(&self) -> Result<RsId, String> {
+        RsId::new(&self.id).map_err(|e| format!("id {:?}: {e}", self.id))
+    }
+
+    pub fn limits(&self) -> Limits {
+        let d = Limits::default();
+        Limits {
+            max_envelope_bytes: self
+                .limits
+                .max_envelope_bytes
+                .unwrap_or(d.max_envelope_bytes),
+            max_messages: self.limits.max_messages.unwrap_or(d.max_messages),
+            max_part_bytes: self.limits.max_part_bytes.unwrap_or(d.max_part_bytes),
+            ..d
+        }
+    }
+
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(u64::from(self.retention_days) * 86_400)
+    }
+}

@@ -1,0 +1,153 @@
+//! `POST /rs/v1/envelope`: validate, deduplicate, persist, answer (Fig. 17).
+//! The reply leaves only after the batch has committed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rs_common::codec::{EnvelopeWriter, RawEnvelope, RawMessage, decode_status};
+use rs_common::control::{CLASS_INFRASTRUCTURE, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN};
+use rs_common::ingress::{envelope, envelope_response};
+use rs_common::model::{Advice, Content, EnvelopeMeta};
+use rs_common::{MessageId, Outcome, Timestamp};
+use warp::Filter;
+
+use crate::AppServer;
+use crate::store::{Incoming, Stored};
+
+/// Live counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub envelopes: AtomicU64,
+    pub received: AtomicU64,
+    pub accepted: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected: AtomicU64,
+    pub expired: AtomicU64,
+    pub retried: AtomicU64,
+}
+
+pub fn route(
+    app: Arc<AppServer>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+    let limits = app.cfg.limits();
+    let timeout = Duration::from_secs(app.cfg.body_timeout_secs);
+    warp::path!("rs" / "v1" / "envelope")
+        .and(warp::post())
+        .and(envelope(limits, timeout))
+        .then(move |env: RawEnvelope| {
+            let app = app.clone();
+            async move { handle(&app, env).await }
+        })
+}
+
+/// Checks one message; `Err` is its outcome when it cannot be stored.
+fn examine(app: &AppServer, m: RawMessage, now: Timestamp) -> Result<Incoming, Outcome> {
+    if m.header.source().is_none() {
+        return Err(Outcome::rejected(
+            "invalid",
+            "a back-channel message (locator=destination) cannot be sent upward",
+        ));
+    }
+    if m.header.is_expired(now) {
+        return Err(Outcome::Expired);
+    }
+    let limits = app.cfg.limits();
+    let full = m
+        .clone()
+        .decode(&limits)
+        .map_err(|e| Outcome::rejected("invalid", e.to_string()))?;
+    let mut inc = Incoming {
+        msg: m,
+        severity: None,
+        status: None,
+    };
+    match &full.content {
+        Content::Alarm(a) => inc.severity = Some(a.severity),
+        Content::Event(e) => inc.severity = Some(e.severity),
+        Content::Data(d)
+            if full.header.class.class == CLASS_INFRASTRUCTURE
+                && [SUB_HEARTBEAT, SUB_COLD_START, SUB_SHUTDOWN]
+                    .contains(&full.header.class.subclass.as_str()) =>
+        {
+            let tree = decode_status(&d.bytes, &limits).map_err(|e| {
+                Outcome::rejected(
+                    "invalid",
+                    format!("status tree of {}: {e}", full.header.class.subclass),
+                )
+            })?;
+            inc.status = Some((d.bytes.to_vec(), tree.state.as_str().to_owned()));
+        }
+        _ => {}
+    }
+    Ok(inc)
+}
+
+async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
+    let now = app.clock.now();
+    app.stats.envelopes.fetch_add(1, Ordering::Relaxed);
+    app.stats
+        .received
+        .fetch_add(env.messages.len() as u64, Ordering::Relaxed);
+    let ids: Vec<MessageId> = env.messages.iter().map(|m| m.header.id.clone()).collect();
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; ids.len()];
+    let mut batch = Vec::new();
+    let mut slots = Vec::new();
+    for (i, m) in env.messages.into_iter().enumerate() {
+        match examine(app, m, now) {
+            Ok(inc) => {
+                batch.push(inc);
+                slots.push(i);
+            }
+            Err(o) => {
+                match &o {
+                    Outcome::Expired => app.stats.expired.fetch_add(1, Ordering::Relaxed),
+                    _ => app.stats.rejected.fetch_add(1, Ordering::Relaxed),
+                };
+                tracing::debug!("message {}: {o}", ids[i]);
+                outcomes[i] = Some(o);
+            }
+        }
+    }
+    if !batch.is_empty() {
+        match app.store.ingest(batch, now).await {
+            Ok(results) => {
+                for (slot, r) in slots.iter().zip(results) {
+                    if r == Stored::Duplicate {
+                        app.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                    app.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    outcomes[*slot] = Some(Outcome::Accepted);
+                }
+            }
+            Err(e) => {
+                // Nothing of the batch was stored: the senders keep custody.
+                tracing::error!("store: {e}");
+                for slot in &slots {
+                    app.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    outcomes[*slot] = Some(Outcome::retry(
+                        Duration::from_secs(5),
+                        "unavailable",
+                        "the application server could not store the message; try again",
+                    ));
+                }
+            }
+        }
+    }
+    let mut meta = EnvelopeMeta::new(app.id.clone(), app.clock.now());
+    meta.outcomes = ids
+        .into_iter()
+        .zip(outcomes)
+        .map(|(id, o)| {
+            (
+                id,
+                o.unwrap_or(Outcome::retry(Duration::from_secs(1), "unavailable", "")),
+            )
+        })
+        .collect();
+    meta.advice = Some(Advice {
+        heartbeat: Some(Duration::from_secs(app.cfg.heartbeat_secs)),
+        ..Advice::default()
+    });
+    envelope_response(EnvelopeWriter::new(&meta).finish())
+}

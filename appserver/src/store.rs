@@ -1,0 +1,422 @@
+//! The application server's store: every accepted message exactly once
+//! (the message ID is the primary key, kept for the retention window), and
+//! each component's latest status tree, last-seen time and route.
+//!
+//! The SQL is portable (SQLite here; the PostgreSQL backend of the farm
+//! issue runs the same statements).
+
+use std::time::Duration;
+
+use rs_common::codec::{RawMessage, encode_header};
+use rs_common::db::{Db, DbError, DbState};
+use rs_common::model::{ContentKind, Severity};
+use rs_common::{MessageId, RsId, Timestamp};
+use rusqlite::{Connection, OptionalExtension, params};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS messages (
+    id           TEXT    PRIMARY KEY,
+    received     INTEGER NOT NULL,
+    created      INTEGER NOT NULL,
+    component    TEXT    NOT NULL,
+    customer     TEXT    NOT NULL,
+    kind         TEXT    NOT NULL,
+    class        TEXT    NOT NULL,
+    subclass     TEXT    NOT NULL,
+    severity     INTEGER,
+    via          TEXT    NOT NULL,
+    header       BLOB    NOT NULL,
+    content_type TEXT    NOT NULL,
+    content      BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_received  ON messages (received);
+CREATE INDEX IF NOT EXISTS messages_component ON messages (component, received);
+CREATE INDEX IF NOT EXISTS messages_class     ON messages (class, subclass, received);
+CREATE TABLE IF NOT EXISTS components (
+    id         TEXT    PRIMARY KEY,
+    kind       TEXT    NOT NULL,
+    customer   TEXT    NOT NULL,
+    version    TEXT,
+    first_seen INTEGER NOT NULL,
+    last_seen  INTEGER NOT NULL,
+    via        TEXT    NOT NULL,
+    state      TEXT,
+    status     BLOB,
+    status_at  INTEGER
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT    PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+";
+
+/// A message ready to store, with what the store indexes.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub msg: RawMessage,
+    pub severity: Option<Severity>,
+    /// For heartbeats, cold starts and shutdowns: the status tree (XML)
+    /// and its root state.
+    pub status: Option<(Vec<u8>, String)>,
+}
+
+/// What the store did with one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    New,
+    Duplicate,
+}
+
+/// One stored message, as queries return it.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub id: String,
+    pub received: i64,
+    pub created: i64,
+    pub component: String,
+    pub kind: String,
+    pub class: String,
+    pub subclass: String,
+    pub severity: Option<Severity>,
+    pub via: String,
+    pub content_type: String,
+    pub content: Vec<u8>,
+}
+
+/// A component as the server knows it.
+#[derive(Debug, Clone)]
+pub struct ComponentRow {
+    pub id: String,
+    pub kind: String,
+    pub version: Option<String>,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub via: String,
+    pub state: Option<String>,
+    pub status: Option<Vec<u8>>,
+}
+
+/// Selects stored messages.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub component: Option<String>,
+    pub class: Option<String>,
+    pub subclass: Option<String>,
+    /// At least this severe (alarms and events).
+    pub severity: Option<Severity>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub kind: Option<ContentKind>,
+    pub limit: usize,
+}
+
+/// Counts for status.
+#[derive(Debug, Clone, Default)]
+pub struct StoreStats {
+    pub messages: u64,
+    pub components: u64,
+    pub stored_total: u64,
+    pub duplicates_total: u64,
+}
+
+#[derive(Debug)]
+pub struct State {
+    conn: Connection,
+}
+
+impl DbState for State {
+    type Saved = ();
+    fn conn(&self) -> &Connection {
+        &self.conn
+    }
+    fn save(&self) {}
+    fn restore(&mut self, (): ()) {}
+}
+
+/// Handle to the store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Db<State>,
+}
+
+fn severity_rank(s: Severity) -> i64 {
+    // critical = 0 ... info = 4, as the enum orders them.
+    Severity::ALL.iter().position(|x| *x == s).unwrap_or(4) as i64
+}
+
+fn bump(conn: &Connection, name: &str, by: u64) -> rusqlite::Result<()> {
+    if by > 0 {
+        conn.execute(
+            "INSERT INTO counters (name, value) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET value = value + ?2",
+            params![name, i64::try_from(by).unwrap_or(i64::MAX)],
+        )?;
+    }
+    Ok(())
+}
+
+fn via_of(m: &RawMessage) -> String {
+    m.header
+        .routing
+        .iter()
+        .map(|h| h.component.as_str())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Store {
+    pub fn open(path: &std::path::Path) -> Result<Self, DbError> {
+        let conn = rs_common::db::open(path)?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            db: Db::start("rs-appserver-store", State { conn })?,
+        })
+    }
+
+    /// Stores a batch in one transaction: each message once (a known ID is
+    /// a duplicate), and the sources' last-seen times, routes and status.
+    pub async fn ingest(
+        &self,
+        batch: Vec<Incoming>,
+        now: Timestamp,
+    ) -> Result<Vec<Stored>, DbError> {
+        self.db
+            .write(move |s| {
+                let mut out = Vec::with_capacity(batch.len());
+                let (mut new, mut dup) = (0, 0);
+                for inc in &batch {
+                    let m = &inc.msg;
+                    let Some(src) = m.header.source() else {
+                        return Err(DbError::Sql("back-channel message offered for storage".into()));
+                    };
+                    let via = via_of(m);
+                    let header = encode_header(&m.header, m.kind, m.data.as_ref());
+                    let n = s.conn.execute(
+                        "INSERT INTO messages (id, received, created, component, customer, kind, class,
+                                               subclass, severity, via, header, content_type, content)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                         ON CONFLICT (id) DO NOTHING",
+                        params![
+                            m.header.id.as_str(),
+                            now.as_millis(),
+                            m.header.created.as_millis(),
+                            src.component.as_str(),
+                            src.component.customer().as_str(),
+                            m.kind.as_str(),
+                            m.header.class.class,
+                            m.header.class.subclass,
+                            inc.severity.map(severity_rank),
+                            via,
+                            header,
+                            m.content_type,
+                            &m.content[..],
+                        ],
+                    )?;
+                    if n == 0 {
+                        dup += 1;
+                        out.push(Stored::Duplicate);
+                        continue;
+                    }
+                    new += 1;
+                    out.push(Stored::New);
+                    upsert_component(&s.conn, &src.component, &src.version, &via, now)?;
+                    if let Some((xml, state)) = &inc.status {
+                        s.conn.execute(
+                            "UPDATE components SET state = ?2, status = ?3, status_at = ?4 WHERE id = ?1",
+                            params![src.component.as_str(), state, xml, m.header.created.as_millis()],
+                        )?;
+                    }
+                    // Every tier a message passed through is alive too.
+                    for (i, hop) in m.header.routing.iter().enumerate() {
+                        let route: Vec<&str> = m.header.routing[..i].iter().map(|h| h.component.as_str()).collect();
+                        touch(&s.conn, &hop.component, &route.join(" "), now)?;
+                    }
+                }
+                bump(&s.conn, "stored", new)?;
+                bump(&s.conn, "duplicates", dup)?;
+                Ok(out)
+            })
+            .await
+    }
+
+    /// Stored messages matching `q`, newest first.
+    pub async fn query(&self, q: Query) -> Result<Vec<Row>, DbError> {
+        self.db
+            .read(move |s| {
+                let mut sql = String::from(
+                    "SELECT id, received, created, component, kind, class, subclass, severity, via,
+                            content_type, content FROM messages WHERE 1 = 1",
+                );
+                let mut args: Vec<rusqlite::types::Value> = Vec::new();
+                let mut add = |cond: &str, v: rusqlite::types::Value| {
+                    args.push(v);
+                    sql.push_str(&format!(" AND {cond} ?{}", args.len()));
+                };
+                if let Some(c) = q.component {
+                    add("component =", c.into());
+                }
+                if let Some(c) = q.class {
+                    add("class =", c.into());
+                }
+                if let Some(c) = q.subclass {
+                    add("subclass =", c.into());
+                }
+                if let Some(sev) = q.severity {
+                    add("severity <=", severity_rank(sev).into());
+                }
+                if let Some(t) = q.since {
+                    add("received >=", t.into());
+                }
+                if let Some(t) = q.until {
+                    add("received <", t.into());
+                }
+                if let Some(k) = q.kind {
+                    add("kind =", k.as_str().to_owned().into());
+                }
+                sql.push_str(&format!(
+                    " ORDER BY received DESC, id LIMIT {}",
+                    q.limit.min(10_000)
+                ));
+                let mut st = s.conn.prepare(&sql)?;
+                let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
+                    Ok(Row {
+                        id: r.get(0)?,
+                        received: r.get(1)?,
+                        created: r.get(2)?,
+                        component: r.get(3)?,
+                        kind: r.get(4)?,
+                        class: r.get(5)?,
+                        subclass: r.get(6)?,
+                        severity: r
+                            .get::<_, Option<i64>>(7)?
+                            .and_then(|i| Severity::ALL.get(usize::try_from(i).ok()?).copied()),
+                        via: r.get(8)?,
+                        content_type: r.get(9)?,
+                        content: r.get(10)?,
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+
+    /// How many stored messages have this ID (0 or 1), for tests and tools.
+    pub async fn count_id(&self, id: MessageId) -> Result<u64, DbError> {
+        self.db
+            .read(move |s| {
+                let n: i64 = s.conn.query_row(
+                    "SELECT COUNT(*) FROM messages WHERE id = ?1",
+                    params![id.as_str()],
+                    |r| r.get(0),
+                )?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            })
+            .await
+    }
+
+    pub async fn components(&self) -> Result<Vec<ComponentRow>, DbError> {
+        self.db
+            .read(|s| {
+                let mut st = s.conn.prepare(
+                    "SELECT id, kind, version, first_seen, last_seen, via, state, status
+                     FROM components ORDER BY id",
+                )?;
+                let rows = st.query_map([], |r| {
+                    Ok(ComponentRow {
+                        id: r.get(0)?,
+                        kind: r.get(1)?,
+                        version: r.get(2)?,
+                        first_seen: r.get(3)?,
+                        last_seen: r.get(4)?,
+                        via: r.get(5)?,
+                        state: r.get(6)?,
+                        status: r.get(7)?,
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+
+    pub async fn stats(&self) -> Result<StoreStats, DbError> {
+        self.db
+            .read(|s| {
+                let counter = |name: &str| -> rusqlite::Result<u64> {
+                    let v: Option<i64> = s
+                        .conn
+                        .query_row(
+                            "SELECT value FROM counters WHERE name = ?1",
+                            params![name],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    Ok(u64::try_from(v.unwrap_or(0)).unwrap_or(0))
+                };
+                let (messages, components): (i64, i64) = s.conn.query_row(
+                    "SELECT (SELECT COUNT(*) FROM messages), (SELECT COUNT(*) FROM components)",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                Ok(StoreStats {
+                    messages: u64::try_from(messages).unwrap_or(0),
+                    components: u64::try_from(components).unwrap_or(0),
+                    stored_total: counter("stored")?,
+                    duplicates_total: counter("duplicates")?,
+                })
+            })
+            .await
+    }
+
+    /// Forgets messages received before `now - retention` (and with them
+    /// their IDs: the retention window is also the duplicate window).
+    pub async fn purge(&self, now: Timestamp, retention: Duration) -> Result<u64, DbError> {
+        let horizon = now.as_millis() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        self.db
+            .write(move |s| {
+                let n = s
+                    .conn
+                    .execute("DELETE FROM messages WHERE received < ?1", params![horizon])?;
+                Ok(n as u64)
+            })
+            .await
+    }
+}
+
+fn upsert_component(
+    conn: &Connection,
+    id: &RsId,
+    version: &str,
+    via: &str,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO components (id, kind, customer, version, first_seen, last_seen, via)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)
+         ON CONFLICT (id) DO UPDATE SET version = ?4, last_seen = ?5, via = ?6",
+        params![
+            id.as_str(),
+            id.kind().as_str(),
+            id.customer().as_str(),
+            version,
+            now.as_millis(),
+            via
+        ],
+    )?;
+    Ok(())
+}
+
+fn touch(conn: &Connection, id: &RsId, via: &str, now: Timestamp) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO components (id, kind, customer, first_seen, last_seen, via)
+         VALUES (?1, ?2, ?3, ?4, ?4, ?5)
+         ON CONFLICT (id) DO UPDATE SET last_seen = ?4, via = ?5",
+        params![
+            id.as_str(),
+            id.kind().as_str(),
+            id.customer().as_str(),
+            now.as_millis(),
+            via
+        ],
+    )?;
+    Ok(())
+}
