@@ -1,1 +1,338 @@
-//! rs-proxy
+//! rs-proxy: the customer-site tier. Integrators (separate processes) hand
+//! it alarms, events and data through a local API; it allocates remote
+//! services IDs for them and their support instances, spools every message
+//! durably before answering, and a sender drains the spool upstream (seed
+//! 004, Fig. 14). It heartbeats its status tree and announces cold starts
+//! and shutdowns.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod registry;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rs_common::codec::encode_status;
+use rs_common::control::{
+    CLASS_INFRASTRUCTURE, NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode,
+};
+use rs_common::model::*;
+use rs_common::spool::sqlite::SqliteSpool;
+use rs_common::spool::{Enqueued, Spool, SpoolConfig};
+use rs_common::upstream::{
+    Clock, Sender, SenderConfig, SenderStats, SystemClock, Upstream, UpstreamConfig,
+};
+use rs_common::{MessageId, RsId};
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// The running proxy's shared state.
+#[derive(Debug)]
+pub struct Proxy {
+    pub cfg: Config,
+    pub id: RsId,
+    pub spool: SqliteSpool,
+    pub registry: registry::Registry,
+    pub sender_stats: Arc<SenderStats>,
+    pub paused: Arc<AtomicBool>,
+    pub clock: Arc<dyn Clock>,
+    pub started: rs_common::Timestamp,
+}
+
+/// Why a message was not spooled.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("not spooled: {0}")]
+    Refused(rs_common::Reason),
+    #[error("{0}")]
+    Storage(String),
+}
+
+impl Proxy {
+    pub fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
+        let id = cfg.rs_id().map_err(anyhow::Error::msg)?;
+        let mut spool_cfg = SpoolConfig::new(cfg.data_dir.join("spool.db"));
+        spool_cfg.max_bytes = cfg.spool.max_bytes;
+        spool_cfg.max_age = Duration::from_secs(cfg.spool.max_age_days * 86_400);
+        let spool = SqliteSpool::open(spool_cfg).context("opening the spool")?;
+        let registry = registry::Registry::open(&cfg.data_dir.join("proxy.db"), id.clone())
+            .context("opening the registry")?;
+        Ok(Arc::new(Proxy {
+            id,
+            spool,
+            registry,
+            sender_stats: Arc::new(SenderStats::default()),
+            paused: Arc::new(AtomicBool::new(false)),
+            clock: Arc::new(SystemClock),
+            started: rs_common::Timestamp::now(),
+            cfg,
+        }))
+    }
+
+    /// Spools a message durably; returns once it would survive a crash.
+    pub async fn submit(&self, m: Message) -> Result<MessageId, SubmitError> {
+        let id = m.header.id.clone();
+        let raw = m.to_raw();
+        let r = self
+            .spool
+            .enqueue(vec![raw], self.clock.now())
+            .await
+            .map_err(|e| SubmitError::Storage(e.to_string()))?;
+        match r.into_iter().next() {
+            Some(Enqueued::Stored) | Some(Enqueued::Duplicate) => Ok(id),
+            Some(Enqueued::Refused(reason)) => Err(SubmitError::Refused(reason)),
+            None => Err(SubmitError::Storage("the spool gave no answer".into())),
+        }
+    }
+
+    /// A forward header from `component` created now.
+    pub fn header(
+        &self,
+        component: RsId,
+        version: String,
+        class: Classification,
+        qos: Qos,
+    ) -> Header {
+        Header {
+            id: MessageId::generate(),
+            created: self.clock.now(),
+            class,
+            route: Route::Source(Source {
+                component,
+                version,
+                qos,
+            }),
+            routing: Vec::new(),
+        }
+    }
+
+    /// The status tree: this proxy, its integrators, their platforms and
+    /// support instances.
+    pub async fn status_tree(&self) -> StatusNode {
+        let mut metrics = Vec::new();
+        let mut state = NodeState::Ok;
+        match self.spool.stats().await {
+            Ok(s) => {
+                for (k, v) in [
+                    ("spool.messages", s.messages),
+                    ("spool.bytes", s.bytes),
+                    ("spool.dead_letters", s.dead_letters),
+                    ("spool.delivered_total", s.delivered_total),
+                    ("spool.expired_total", s.expired_total),
+                    ("spool.evicted_total", s.evicted_total),
+                    ("spool.aged_out_total", s.aged_out_total),
+                    ("spool.refused_total", s.refused_total),
+                ] {
+                    metrics.push(Detail::new(k, v.to_string()));
+                }
+            }
+            Err(_) => state = NodeState::Degraded,
+        }
+        let st = &self.sender_stats;
+        metrics.push(Detail::new(
+            "upstream.accepted",
+            st.accepted.load(Ordering::Relaxed).to_string(),
+        ));
+        metrics.push(Detail::new(
+            "upstream.posts_failed",
+            st.posts_failed.load(Ordering::Relaxed).to_string(),
+        ));
+        metrics.push(Detail::new(
+            "upstream.connected",
+            if st.connected.load(Ordering::Relaxed) {
+                "yes"
+            } else {
+                "no"
+            },
+        ));
+        if self.paused.load(Ordering::Relaxed) {
+            metrics.push(Detail::new("forwarding", "disabled"));
+        }
+        let integrators = self.registry.integrators().await.unwrap_or_default();
+        let instances = self.registry.instances().await.unwrap_or_default();
+        let children = integrators
+            .into_iter()
+            .filter(|i| i.active)
+            .map(|i| {
+                let inst: Vec<StatusNode> = instances
+                    .iter()
+                    .filter(|s| s.integrator == i.id)
+                    .map(|s| StatusNode {
+                        id: Some(s.id.clone()),
+                        name: Some(s.name.clone()),
+                        ..StatusNode::new(
+                            "instance",
+                            if s.enabled {
+                                NodeState::Ok
+                            } else {
+                                NodeState::Disabled
+                            },
+                        )
+                    })
+                    .collect();
+                StatusNode {
+                    id: Some(i.id.clone()),
+                    name: Some(i.name.clone()),
+                    version: Some(i.version.clone()),
+                    children: vec![StatusNode {
+                        name: Some(i.platform.clone()),
+                        children: inst,
+                        ..StatusNode::new("platform", NodeState::Ok)
+                    }],
+                    ..StatusNode::new("integrator", NodeState::Ok)
+                }
+            })
+            .collect();
+        StatusNode {
+            id: Some(self.id.clone()),
+            version: Some(env!("CARGO_PKG_VERSION").into()),
+            since: Some(self.started),
+            metrics,
+            children,
+            ..StatusNode::new("proxy", state)
+        }
+    }
+
+    /// Spools an infrastructure message carrying the status tree.
+    async fn infrastructure(
+        &self,
+        sub: &str,
+        ttl: Duration,
+        precedence: u8,
+    ) -> Result<MessageId, SubmitError> {
+        let tree = self.status_tree().await;
+        let qos = Qos {
+            expiry: Some(self.clock.now().saturating_add(ttl)),
+            precedence,
+            persistent: false,
+        };
+        let header = self.header(
+            self.id.clone(),
+            env!("CARGO_PKG_VERSION").into(),
+            Classification::new(CLASS_INFRASTRUCTURE, sub),
+            qos,
+        );
+        self.submit(Message {
+            header,
+            content: Content::Data(Data {
+                mime: "text/xml".into(),
+                encoding: TransferEncoding::Binary,
+                bytes: encode_status(&tree).into(),
+            }),
+        })
+        .await
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        match self
+            .sender_stats
+            .advised_heartbeat_ms
+            .load(Ordering::Relaxed)
+        {
+            0 => self.cfg.heartbeat(),
+            ms => Duration::from_millis(ms),
+        }
+    }
+}
+
+/// Runs the proxy until `shutdown`: the integrator API on its socket, the
+/// sender, heartbeats. On shutdown it spools a shutdown message and gives
+/// the sender a moment to deliver it.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let proxy = Proxy::open(cfg)?;
+    let upstream = Arc::new(
+        Upstream::new(UpstreamConfig {
+            urls: proxy.cfg.upstream.urls.clone(),
+            ..UpstreamConfig::default()
+        })
+        .map_err(anyhow::Error::msg)?,
+    );
+    let sender_stop = CancellationToken::new();
+    let sender = Sender {
+        me: proxy.id.clone(),
+        spool: proxy.spool.clone(),
+        upstream,
+        cfg: SenderConfig {
+            max_messages: proxy.cfg.upstream.max_messages,
+            max_bytes: proxy.cfg.upstream.max_bytes,
+            max_backoff: Duration::from_secs(proxy.cfg.upstream.max_backoff_secs),
+            ..SenderConfig::default()
+        },
+        clock: proxy.clock.clone(),
+        wake: proxy.spool.notified(),
+        stats: proxy.sender_stats.clone(),
+        paused: proxy.paused.clone(),
+    };
+    let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
+
+    let _ = std::fs::remove_file(&proxy.cfg.socket);
+    if let Some(dir) = proxy.cfg.socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = tokio::net::UnixListener::bind(&proxy.cfg.socket)
+        .with_context(|| format!("cannot listen on {}", proxy.cfg.socket.display()))?;
+    tracing::info!(
+        "rs-proxy {} serving integrators on {}, upstream {:?}",
+        proxy.id,
+        proxy.cfg.socket.display(),
+        proxy.cfg.upstream.urls
+    );
+    if let Err(e) = proxy
+        .infrastructure(SUB_COLD_START, Duration::from_secs(86_400), 6)
+        .await
+    {
+        tracing::warn!("cold start message: {e}");
+    }
+
+    let beats = {
+        let proxy = proxy.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(proxy.heartbeat_interval()) => {}
+                }
+                let ttl = proxy.heartbeat_interval() * 2;
+                if let Err(e) = proxy.infrastructure(SUB_HEARTBEAT, ttl, 2).await {
+                    tracing::warn!("heartbeat: {e}");
+                }
+            }
+        })
+    };
+
+    rs_common::server::serve_unix(
+        listener,
+        api::routes(proxy.clone()),
+        rs_common::server::ServeConfig::default(),
+        shutdown.clone(),
+    )
+    .await;
+    let _ = beats.await;
+    let _ = std::fs::remove_file(&proxy.cfg.socket);
+
+    // Say goodbye, and let the sender try to deliver it (and anything else).
+    if let Err(e) = proxy
+        .infrastructure(SUB_SHUTDOWN, Duration::from_secs(86_400), 6)
+        .await
+    {
+        tracing::warn!("shutdown message: {e}");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < deadline {
+        match proxy.spool.stats().await {
+            Ok(s) if s.messages == 0 => break,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    sender_stop.cancel();
+    let _ = sender_task.await;
+    tracing::info!("rs-proxy stopped");
+    Ok(())
+}

@@ -1,0 +1,473 @@
+//! The local integrator API: HTTP/1.1 with JSON bodies on the proxy's
+//! Unix-domain socket, so an integrator in any language (or `curl
+//! --unix-socket`) can use it. Every send answers with the message ID only
+//! once the message is durably spooled. See docs/integrators.md.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use base64::Engine as _;
+use http::StatusCode;
+use rs_common::RsId;
+use rs_common::model::*;
+use rs_common::spool::Spool as _;
+use serde::{Deserialize, Serialize};
+use warp::Filter;
+
+use crate::{Proxy, SubmitError};
+
+/// Largest request body accepted.
+const MAX_BODY: u64 = 1 << 20;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterIntegrator {
+    pub name: String,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub platform: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterInstance {
+    /// The integrator's RS ID or name.
+    pub integrator: String,
+    /// The systems-management ID (host name, address, agent ID).
+    pub sm_id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// One alarm, event or data message.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    /// The integrator's RS ID or name.
+    pub integrator: String,
+    /// The support instance's systems-management ID (registered on first use).
+    #[serde(default)]
+    pub instance: Option<String>,
+    #[serde(default)]
+    pub severity: Option<String>,
+    /// Alarms: raised (default), updated or cleared.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// Alarms: the integrator's key correlating raise, update and clear.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Events: what kind (a token).
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub details: BTreeMap<String, String>,
+    #[serde(default)]
+    pub class: Option<String>,
+    #[serde(default)]
+    pub subclass: Option<String>,
+    /// 0-9; defaults by type and severity.
+    #[serde(default)]
+    pub precedence: Option<u8>,
+    /// Seconds until the message is worthless.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub persistent: Option<bool>,
+    /// Data: MIME type.
+    #[serde(default)]
+    pub mime: Option<String>,
+    /// Data: the bytes as text.
+    #[serde(default)]
+    pub data: Option<String>,
+    /// Data: the bytes in base64.
+    #[serde(default)]
+    pub data_base64: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Sent {
+    pub message_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Registered {
+    pub id: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ApiError {
+    error: String,
+}
+
+type Reply = warp::reply::Response;
+
+fn json<T: Serialize>(status: StatusCode, v: &T) -> Reply {
+    let mut r = warp::reply::Response::new(serde_json::to_vec(v).unwrap_or_default().into());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, text: impl Into<String>) -> Reply {
+    json(status, &ApiError { error: text.into() })
+}
+
+fn body<T: serde::de::DeserializeOwned + Send>()
+-> impl Filter<Extract = (T,), Error = warp::Rejection> + Clone {
+    warp::body::content_length_limit(MAX_BODY).and(warp::body::json())
+}
+
+/// The API's routes, finished for serving.
+pub fn routes(
+    proxy: Arc<Proxy>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible>
++ Clone
++ Send
++ Sync
++ 'static {
+    let p = warp::any().map(move || proxy.clone());
+    let register = warp::path!("v1" / "integrators")
+        .and(warp::post())
+        .and(p.clone())
+        .and(body::<RegisterIntegrator>())
+        .then(|proxy: Arc<Proxy>, req: RegisterIntegrator| async move {
+            if !rs_common::codec::is_token(&req.name) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "name must be 1-64 characters of [A-Za-z0-9._-]",
+                );
+            }
+            match proxy
+                .registry
+                .register_integrator(
+                    req.name,
+                    req.version.unwrap_or_else(|| "0".into()),
+                    req.platform.unwrap_or_else(|| std::env::consts::OS.into()),
+                )
+                .await
+            {
+                Ok(i) => json(
+                    StatusCode::OK,
+                    &Registered {
+                        id: i.id.to_string(),
+                    },
+                ),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        });
+    let deregister = warp::path!("v1" / "integrators" / String)
+        .and(warp::delete())
+        .and(p.clone())
+        .then(|id: String, proxy: Arc<Proxy>| async move {
+            let Ok(id) = RsId::new(&id) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{id:?} is not an integrator ID"),
+                );
+            };
+            match proxy.registry.deregister_integrator(id).await {
+                Ok(true) => json(StatusCode::OK, &serde_json::json!({"deregistered": true})),
+                Ok(false) => error(StatusCode::NOT_FOUND, "no such integrator"),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        });
+    let instance = warp::path!("v1" / "instances")
+        .and(warp::post())
+        .and(p.clone())
+        .and(body::<RegisterInstance>())
+        .then(|proxy: Arc<Proxy>, req: RegisterInstance| async move {
+            let integ = match proxy.registry.integrator(req.integrator.clone()).await {
+                Ok(Some(i)) => i,
+                Ok(None) => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        format!("no integrator {:?}; register it first", req.integrator),
+                    );
+                }
+                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            };
+            if req.sm_id.is_empty() || req.sm_id.len() > 255 {
+                return error(StatusCode::BAD_REQUEST, "sm_id must be 1 to 255 bytes");
+            }
+            match proxy.registry.instance(integ.id, req.sm_id, req.name).await {
+                Ok(i) => json(
+                    StatusCode::OK,
+                    &Registered {
+                        id: i.id.to_string(),
+                    },
+                ),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        });
+    let send = warp::path!("v1" / String)
+        .and(warp::post())
+        .and(p.clone())
+        .and(body::<SendRequest>())
+        .then(
+            |what: String, proxy: Arc<Proxy>, req: SendRequest| async move {
+                let kind = match what.as_str() {
+                    "alarm" => ContentKind::Alarm,
+                    "event" => ContentKind::Event,
+                    "data" => ContentKind::Data,
+                    other => {
+                        return error(StatusCode::NOT_FOUND, format!("no endpoint /v1/{other}"));
+                    }
+                };
+                match send(&proxy, kind, req).await {
+                    Ok(id) => json(StatusCode::OK, &Sent { message_id: id }),
+                    Err(SubmitError::Invalid(t)) => error(StatusCode::BAD_REQUEST, t),
+                    Err(SubmitError::Refused(r)) => {
+                        error(StatusCode::INSUFFICIENT_STORAGE, r.to_string())
+                    }
+                    Err(SubmitError::Storage(t)) => error(StatusCode::SERVICE_UNAVAILABLE, t),
+                }
+            },
+        );
+    let status = warp::path!("v1" / "status").and(warp::get()).and(p.clone()).then(|proxy: Arc<Proxy>| async move {
+        let spool = proxy.spool.stats().await.unwrap_or_default();
+        let st = &proxy.sender_stats;
+        let last_error = st.last_error.lock().ok().and_then(|l| l.clone());
+        json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "id": proxy.id.to_string(),
+                "spool": {
+                    "messages": spool.messages, "bytes": spool.bytes,
+                    "dead_letters": spool.dead_letters, "delivered_total": spool.delivered_total,
+                    "expired_total": spool.expired_total, "evicted_total": spool.evicted_total,
+                    "aged_out_total": spool.aged_out_total, "refused_total": spool.refused_total,
+                },
+                "upstream": {
+                    "connected": st.connected.load(Ordering::Relaxed),
+                    "posts_ok": st.posts_ok.load(Ordering::Relaxed),
+                    "posts_failed": st.posts_failed.load(Ordering::Relaxed),
+                    "accepted": st.accepted.load(Ordering::Relaxed),
+                    "retried": st.retried.load(Ordering::Relaxed),
+                    "rejected": st.rejected.load(Ordering::Relaxed),
+                    "last_error": last_error,
+                },
+                "forwarding": !proxy.paused.load(Ordering::Relaxed),
+            }),
+        )
+    });
+    let dead = warp::path!("v1" / "dead-letters").and(warp::get()).and(p.clone()).then(|proxy: Arc<Proxy>| async move {
+        match proxy.spool.dead_letters(1000).await {
+            Ok(list) => json(
+                StatusCode::OK,
+                &list
+                    .iter()
+                    .map(|d| serde_json::json!({"id": d.id.to_string(), "at": d.at.to_string(), "code": d.reason.code.as_str(), "reason": d.reason.text}))
+                    .collect::<Vec<_>>(),
+            ),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    });
+    let drops = warp::path!("v1" / "drops").and(warp::get()).and(p).then(|proxy: Arc<Proxy>| async move {
+        match proxy.spool.drops(1000).await {
+            Ok(list) => json(
+                StatusCode::OK,
+                &list
+                    .iter()
+                    .map(|d| serde_json::json!({"id": d.id.to_string(), "at": d.at.to_string(), "why": d.why, "precedence": d.precedence, "persistent": d.persistent}))
+                    .collect::<Vec<_>>(),
+            ),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    });
+    let routes = register
+        .or(deregister)
+        .unify()
+        .or(instance)
+        .unify()
+        .or(status)
+        .unify()
+        .or(dead)
+        .unify()
+        .or(drops)
+        .unify()
+        .or(send)
+        .unify();
+    rs_common::server::finish(routes)
+}
+
+fn default_precedence(kind: ContentKind, severity: Severity) -> u8 {
+    match (kind, severity) {
+        (ContentKind::Alarm, Severity::Critical) => 9,
+        (ContentKind::Alarm, Severity::Major) => 8,
+        (ContentKind::Alarm, Severity::Minor) => 7,
+        (ContentKind::Alarm, _) => 6,
+        (ContentKind::Event, _) => 4,
+        _ => 3,
+    }
+}
+
+/// Builds and spools one message from an API request.
+pub async fn send(
+    proxy: &Proxy,
+    kind: ContentKind,
+    req: SendRequest,
+) -> Result<String, SubmitError> {
+    let bad = |t: String| SubmitError::Invalid(t);
+    let integ = proxy
+        .registry
+        .integrator(req.integrator.clone())
+        .await
+        .map_err(|e| SubmitError::Storage(e.to_string()))?
+        .ok_or_else(|| {
+            bad(format!(
+                "no integrator {:?}; register it first (POST /v1/integrators)",
+                req.integrator
+            ))
+        })?;
+    let instance = match &req.instance {
+        Some(sm) => {
+            if sm.is_empty() || sm.len() > 255 {
+                return Err(bad("instance must be 1 to 255 bytes".into()));
+            }
+            let i = proxy
+                .registry
+                .instance(integ.id.clone(), sm.clone(), None)
+                .await
+                .map_err(|e| SubmitError::Storage(e.to_string()))?;
+            if !i.enabled {
+                return Err(bad(format!("support instance {} ({sm}) is disabled", i.id)));
+            }
+            Some(i.id)
+        }
+        None => None,
+    };
+    let severity = match &req.severity {
+        Some(s) => Severity::parse(s).ok_or_else(|| {
+            bad(format!(
+                "severity {s:?}: one of critical, major, minor, warning, info"
+            ))
+        })?,
+        None if kind == ContentKind::Alarm => return Err(bad("an alarm needs a severity".into())),
+        None => Severity::Info,
+    };
+    let (def_class, def_sub) = match kind {
+        ContentKind::Alarm => ("monitoring", "alarm"),
+        ContentKind::Event => ("monitoring", "event"),
+        _ => ("data", "generic"),
+    };
+    let class = Classification::new(
+        req.class.clone().unwrap_or_else(|| def_class.into()),
+        req.subclass.clone().unwrap_or_else(|| def_sub.into()),
+    );
+    for t in [&class.class, &class.subclass] {
+        if !rs_common::codec::is_token(t) {
+            return Err(bad(format!(
+                "class/subclass {t:?}: 1-64 characters of [A-Za-z0-9._-]"
+            )));
+        }
+    }
+    let precedence = req
+        .precedence
+        .unwrap_or_else(|| default_precedence(kind, severity));
+    if precedence > MAX_PRECEDENCE {
+        return Err(bad("precedence must be 0 to 9".into()));
+    }
+    let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(match kind {
+        ContentKind::Alarm => 7 * 86_400,
+        _ => 86_400,
+    }));
+    let now = proxy.clock.now();
+    let qos = Qos {
+        expiry: Some(now.saturating_add(ttl)),
+        precedence,
+        persistent: req.persistent.unwrap_or(true),
+    };
+    let mut details = Vec::new();
+    for (k, v) in &req.details {
+        if !rs_common::codec::is_token(k) {
+            return Err(bad(format!(
+                "detail name {k:?}: 1-64 characters of [A-Za-z0-9._-]"
+            )));
+        }
+        check_text(v)?;
+        details.push(Detail::new(k.clone(), v.clone()));
+    }
+    let text = req.text.clone().unwrap_or_default();
+    check_text(&text)?;
+    let content = match kind {
+        ContentKind::Alarm => Content::Alarm(Alarm {
+            severity,
+            state: match req.state.as_deref() {
+                None => AlarmState::Raised,
+                Some(s) => AlarmState::parse(s)
+                    .ok_or_else(|| bad(format!("state {s:?}: raised, updated or cleared")))?,
+            },
+            instance: instance.clone(),
+            key: req.key.clone(),
+            text,
+            details,
+        }),
+        ContentKind::Event => {
+            if let Some(k) = &req.kind
+                && !rs_common::codec::is_token(k)
+            {
+                return Err(bad(format!(
+                    "kind {k:?}: 1-64 characters of [A-Za-z0-9._-]"
+                )));
+            }
+            Content::Event(Event {
+                severity,
+                instance: instance.clone(),
+                kind: req.kind.clone(),
+                text,
+                details,
+            })
+        }
+        _ => {
+            let bytes = match (&req.data, &req.data_base64) {
+                (Some(t), None) => t.clone().into_bytes(),
+                (None, Some(b)) => base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|e| bad(format!("data_base64: {e}")))?,
+                _ => return Err(bad("data needs exactly one of data or data_base64".into())),
+            };
+            let mime = req
+                .mime
+                .clone()
+                .unwrap_or_else(|| "application/octet-stream".into());
+            Content::Data(Data {
+                mime,
+                encoding: TransferEncoding::Binary,
+                bytes: bytes.into(),
+            })
+        }
+    };
+    let source = instance.unwrap_or_else(|| integ.id.clone());
+    let header = proxy.header(source, integ.version.clone(), class, qos);
+    let msg = Message { header, content };
+    // What we spool must read back: check it through the codec once.
+    let raw = msg.to_raw();
+    raw.clone()
+        .decode(&rs_common::codec::Limits::default())
+        .map_err(|e| bad(format!("message would not decode: {e}")))?;
+    proxy.submit(msg).await.map(|id| id.to_string())
+}
+
+/// Text XML 1.0 can carry, at most 256 KiB.
+fn check_text(t: &str) -> Result<(), SubmitError> {
+    if t.len() > 256 << 10 {
+        return Err(SubmitError::Invalid("text longer than 256 KiB".into()));
+    }
+    if let Some(c) = t.chars().find(|&c| {
+        !matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+    }) {
+        return Err(SubmitError::Invalid(format!(
+            "character U+{:04X} cannot be sent (XML 1.0 does not allow it)",
+            c as u32
+        )));
+    }
+    Ok(())
+}

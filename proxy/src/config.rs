@@ -1,0 +1,116 @@
+//! The proxy's configuration (TOML).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rs_common::RsId;
+use serde::Deserialize;
+
+/// `proxy.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This proxy's remote services ID, e.g. `acme.p1`.
+    pub id: String,
+    /// Where state lives: `spool.db` (outgoing messages) and `proxy.db`
+    /// (integrators, support instances and their IDs).
+    pub data_dir: PathBuf,
+    /// The integrator API's Unix-domain socket.
+    pub socket: PathBuf,
+    pub upstream: UpstreamSection,
+    #[serde(default)]
+    pub spool: SpoolSection,
+    /// Heartbeat interval until the upstream advises one.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// Base URLs of the MLM(s) or application server, tried in order.
+    pub urls: Vec<String>,
+    /// Most messages per envelope.
+    #[serde(default = "default_batch")]
+    pub max_messages: usize,
+    /// Most bytes per envelope.
+    #[serde(default = "default_batch_bytes")]
+    pub max_bytes: usize,
+    /// Longest wait between attempts, seconds.
+    #[serde(default = "default_backoff")]
+    pub max_backoff_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolSection {
+    /// Bytes the spool may hold; beyond, less important messages are evicted.
+    #[serde(default = "default_spool_bytes")]
+    pub max_bytes: u64,
+    /// Days a message may wait before it is dropped as aged out.
+    #[serde(default = "default_spool_days")]
+    pub max_age_days: u64,
+}
+
+impl Default for SpoolSection {
+    fn default() -> Self {
+        SpoolSection {
+            max_bytes: default_spool_bytes(),
+            max_age_days: default_spool_days(),
+        }
+    }
+}
+
+fn default_heartbeat() -> u64 {
+    60
+}
+fn default_batch() -> usize {
+    500
+}
+fn default_batch_bytes() -> usize {
+    4 << 20
+}
+fn default_backoff() -> u64 {
+    300
+}
+fn default_spool_bytes() -> u64 {
+    256 << 20
+}
+fn default_spool_days() -> u64 {
+    7
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let id = c.rs_id()?;
+        if id.kind() != rs_common::ComponentKind::Proxy {
+            return Err(format!("id {:?} is not a proxy ID (like acme.p1)", c.id));
+        }
+        if c.upstream.urls.is_empty() {
+            return Err("upstream.urls: at least one URL is required".into());
+        }
+        for u in &c.upstream.urls {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(format!("upstream.urls: {u:?} is not an http(s) URL"));
+            }
+        }
+        if c.upstream.max_messages == 0 || c.heartbeat_secs == 0 {
+            return Err("upstream.max_messages and heartbeat_secs must be at least 1".into());
+        }
+        Ok(c)
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn rs_id(&self) -> Result<RsId, String> {
+        RsId::new(&self.id).map_err(|e| format!("id {:?}: {e}", self.id))
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs)
+    }
+}

@@ -1,0 +1,208 @@
+//! `rs-proxy`: runs the proxy daemon (`run`), or talks to a running one
+//! over its socket (`send`, `register`, `status`).
+
+#![allow(clippy::print_stdout)]
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rs_proxy::api::SendRequest;
+use rs_proxy::client::Client;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "The Remote Services proxy")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the proxy daemon.
+    Run {
+        /// Configuration file (TOML); see docs/configuration.md.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Send an alarm, event or data through a running proxy; prints the
+    /// message ID once it is durably spooled.
+    Send(SendArgs),
+    /// Register an integrator; prints its remote services ID.
+    Register {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "1.0")]
+        version: String,
+    },
+    /// Print a running proxy's status (JSON).
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Conn {
+    /// The proxy's integrator socket.
+    #[arg(
+        long,
+        env = "RS_PROXY_SOCKET",
+        default_value = "/run/rs-proxy/rs-proxy.sock"
+    )]
+    socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum What {
+    Alarm,
+    Event,
+    Data,
+}
+
+#[derive(Debug, Args)]
+struct SendArgs {
+    what: What,
+    #[command(flatten)]
+    conn: Conn,
+    /// The integrator sending (registered on first use).
+    #[arg(long, default_value = "cli")]
+    integrator: String,
+    /// The support instance (its systems-management ID: host name, address).
+    #[arg(long)]
+    instance: Option<String>,
+    /// critical, major, minor, warning or info.
+    #[arg(long)]
+    severity: Option<String>,
+    /// Alarms: raised, updated or cleared.
+    #[arg(long)]
+    state: Option<String>,
+    /// Alarms: key correlating raise, update and clear.
+    #[arg(long)]
+    key: Option<String>,
+    /// Events: what kind of event.
+    #[arg(long)]
+    kind: Option<String>,
+    #[arg(long)]
+    text: Option<String>,
+    /// Integrator-specific data, NAME=VALUE (repeatable).
+    #[arg(long = "detail", value_parser = parse_detail)]
+    details: Vec<(String, String)>,
+    #[arg(long)]
+    class: Option<String>,
+    #[arg(long)]
+    subclass: Option<String>,
+    #[arg(long)]
+    precedence: Option<u8>,
+    /// Seconds until the message is worthless.
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// Data: MIME type.
+    #[arg(long)]
+    mime: Option<String>,
+    /// Data: read the bytes from this file.
+    #[arg(long)]
+    file: Option<PathBuf>,
+}
+
+fn parse_detail(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = real_main(cli).await {
+        eprintln!("rs-proxy: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Run { config } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let cfg = rs_proxy::Config::load(&config).map_err(anyhow::Error::msg)?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(rs_common::shutdown_on_signal(shutdown.clone()));
+            rs_proxy::run(cfg, shutdown).await
+        }
+        Cmd::Register {
+            conn,
+            name,
+            version,
+        } => {
+            let id = Client::new(conn.socket)
+                .register_integrator(&name, &version, std::env::consts::OS)
+                .await?;
+            println!("{id}");
+            Ok(())
+        }
+        Cmd::Status { conn } => {
+            let v = Client::new(conn.socket).status().await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Cmd::Send(a) => {
+            let client = Client::new(&a.conn.socket);
+            client
+                .register_integrator(
+                    &a.integrator,
+                    env!("CARGO_PKG_VERSION"),
+                    std::env::consts::OS,
+                )
+                .await?;
+            let (data, data_base64) = match &a.file {
+                Some(f) => {
+                    use base64::Engine as _;
+                    let bytes =
+                        std::fs::read(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                    (
+                        None,
+                        Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                    )
+                }
+                None if matches!(a.what, What::Data) => (a.text.clone(), None),
+                None => (None, None),
+            };
+            let req = SendRequest {
+                integrator: a.integrator,
+                instance: a.instance,
+                severity: a.severity,
+                state: a.state,
+                key: a.key,
+                kind: a.kind,
+                text: if matches!(a.what, What::Data) {
+                    None
+                } else {
+                    a.text
+                },
+                details: a.details.into_iter().collect(),
+                class: a.class,
+                subclass: a.subclass,
+                precedence: a.precedence,
+                ttl_secs: a.ttl,
+                persistent: None,
+                mime: a.mime,
+                data,
+                data_base64,
+            };
+            let what = match a.what {
+                What::Alarm => "alarm",
+                What::Event => "event",
+                What::Data => "data",
+            };
+            println!("{}", client.send(what, &req).await?);
+            Ok(())
+        }
+    }
+}

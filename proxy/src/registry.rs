@@ -1,0 +1,271 @@
+//! Integrators and support instances registered with this proxy, and the
+//! durable mapping between systems-management IDs and the remote services
+//! IDs the proxy allocates from its own (`acme.p1` -> `acme.p1.i3`,
+//! `acme.p1.s12`). Numbers are never reused.
+
+use rs_common::db::{Db, DbError, DbState};
+use rs_common::{ComponentKind, RsId, Timestamp};
+use rusqlite::{Connection, OptionalExtension, params};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS integrators (
+    id         TEXT    PRIMARY KEY,
+    name       TEXT    NOT NULL UNIQUE,
+    version    TEXT    NOT NULL,
+    platform   TEXT    NOT NULL,
+    registered INTEGER NOT NULL,
+    active     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id         TEXT    PRIMARY KEY,
+    sm_id      TEXT    NOT NULL UNIQUE,
+    integrator TEXT    NOT NULL,
+    name       TEXT    NOT NULL,
+    registered INTEGER NOT NULL,
+    enabled    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS allocations (
+    kind TEXT    PRIMARY KEY,
+    next INTEGER NOT NULL
+);
+";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Integrator {
+    pub id: RsId,
+    pub name: String,
+    pub version: String,
+    pub platform: String,
+    pub active: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub id: RsId,
+    pub sm_id: String,
+    pub integrator: RsId,
+    pub name: String,
+    pub enabled: bool,
+}
+
+#[derive(Debug)]
+pub struct State {
+    conn: Connection,
+    me: RsId,
+}
+
+impl DbState for State {
+    type Saved = ();
+    fn conn(&self) -> &Connection {
+        &self.conn
+    }
+    fn save(&self) {}
+    fn restore(&mut self, (): ()) {}
+}
+
+/// Handle to the registry.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    db: Db<State>,
+}
+
+fn rs(s: String) -> rusqlite::Result<RsId> {
+    RsId::new(s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn allocate(conn: &Connection, me: &RsId, kind: ComponentKind) -> Result<RsId, DbError> {
+    let key = kind.as_str();
+    conn.execute(
+        "INSERT INTO allocations (kind, next) VALUES (?1, 1) ON CONFLICT (kind) DO NOTHING",
+        params![key],
+    )?;
+    let n: i64 = conn.query_row(
+        "SELECT next FROM allocations WHERE kind = ?1",
+        params![key],
+        |r| r.get(0),
+    )?;
+    conn.execute(
+        "UPDATE allocations SET next = next + 1 WHERE kind = ?1",
+        params![key],
+    )?;
+    let n = u32::try_from(n).map_err(|_| DbError::Sql("ID space exhausted".into()))?;
+    me.child(kind, n).map_err(|e| DbError::Sql(e.to_string()))
+}
+
+fn integrator_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Integrator> {
+    Ok(Integrator {
+        id: rs(r.get(0)?)?,
+        name: r.get(1)?,
+        version: r.get(2)?,
+        platform: r.get(3)?,
+        active: r.get(4)?,
+    })
+}
+
+fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Instance> {
+    Ok(Instance {
+        id: rs(r.get(0)?)?,
+        sm_id: r.get(1)?,
+        integrator: rs(r.get(2)?)?,
+        name: r.get(3)?,
+        enabled: r.get(4)?,
+    })
+}
+
+impl Registry {
+    pub fn open(path: &std::path::Path, me: RsId) -> Result<Self, DbError> {
+        let conn = rs_common::db::open(path)?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Registry {
+            db: Db::start("rs-proxy-registry", State { conn, me })?,
+        })
+    }
+
+    /// Registers an integrator by name (again: same ID, version updated,
+    /// reactivated).
+    pub async fn register_integrator(
+        &self,
+        name: String,
+        version: String,
+        platform: String,
+    ) -> Result<Integrator, DbError> {
+        self.db
+            .write(move |s| {
+                let existing: Option<String> = s
+                    .conn
+                    .query_row("SELECT id FROM integrators WHERE name = ?1", params![name], |r| r.get(0))
+                    .optional()?;
+                let id = match existing {
+                    Some(id) => {
+                        s.conn.execute(
+                            "UPDATE integrators SET version = ?2, platform = ?3, active = 1 WHERE id = ?1",
+                            params![id, version, platform],
+                        )?;
+                        RsId::new(id).map_err(|e| DbError::Sql(e.to_string()))?
+                    }
+                    None => {
+                        let id = allocate(&s.conn, &s.me, ComponentKind::Integrator)?;
+                        s.conn.execute(
+                            "INSERT INTO integrators (id, name, version, platform, registered, active)
+                             VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+                            params![id.as_str(), name, version, platform, Timestamp::now().as_millis()],
+                        )?;
+                        id
+                    }
+                };
+                Ok(Integrator {
+                    id,
+                    name,
+                    version,
+                    platform,
+                    active: true,
+                })
+            })
+            .await
+    }
+
+    /// Marks an integrator inactive; its instances' IDs are kept.
+    pub async fn deregister_integrator(&self, id: RsId) -> Result<bool, DbError> {
+        self.db
+            .write(move |s| {
+                Ok(s.conn.execute(
+                    "UPDATE integrators SET active = 0 WHERE id = ?1",
+                    params![id.as_str()],
+                )? > 0)
+            })
+            .await
+    }
+
+    /// Finds an active integrator by its RS ID or its name.
+    pub async fn integrator(&self, key: String) -> Result<Option<Integrator>, DbError> {
+        self.db
+            .read(move |s| {
+                Ok(s.conn
+                    .query_row(
+                        "SELECT id, name, version, platform, active FROM integrators
+                         WHERE (id = ?1 OR name = ?1) AND active = 1",
+                        params![key],
+                        integrator_row,
+                    )
+                    .optional()?)
+            })
+            .await
+    }
+
+    /// The instance with this systems-management ID, registering it under
+    /// `integrator` if it is new.
+    pub async fn instance(
+        &self,
+        integrator: RsId,
+        sm_id: String,
+        name: Option<String>,
+    ) -> Result<Instance, DbError> {
+        self.db
+            .write(move |s| {
+                let found = s
+                    .conn
+                    .query_row(
+                        "SELECT id, sm_id, integrator, name, enabled FROM instances WHERE sm_id = ?1",
+                        params![sm_id],
+                        instance_row,
+                    )
+                    .optional()?;
+                if let Some(i) = found {
+                    return Ok(i);
+                }
+                let id = allocate(&s.conn, &s.me, ComponentKind::SupportInstance)?;
+                let name = name.unwrap_or_else(|| sm_id.clone());
+                s.conn.execute(
+                    "INSERT INTO instances (id, sm_id, integrator, name, registered, enabled)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+                    params![id.as_str(), sm_id, integrator.as_str(), name, Timestamp::now().as_millis()],
+                )?;
+                Ok(Instance {
+                    id,
+                    sm_id,
+                    integrator,
+                    name,
+                    enabled: true,
+                })
+            })
+            .await
+    }
+
+    /// Enables or disables an instance; false if unknown.
+    pub async fn set_enabled(&self, id: RsId, enabled: bool) -> Result<bool, DbError> {
+        self.db
+            .write(move |s| {
+                Ok(s.conn.execute(
+                    "UPDATE instances SET enabled = ?2 WHERE id = ?1",
+                    params![id.as_str(), enabled],
+                )? > 0)
+            })
+            .await
+    }
+
+    pub async fn integrators(&self) -> Result<Vec<Integrator>, DbError> {
+        self.db
+            .read(|s| {
+                let mut st = s.conn.prepare(
+                    "SELECT id, name, version, platform, active FROM integrators ORDER BY id",
+                )?;
+                let rows = st.query_map([], integrator_row)?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+
+    pub async fn instances(&self) -> Result<Vec<Instance>, DbError> {
+        self.db
+            .read(|s| {
+                let mut st = s.conn.prepare(
+                    "SELECT id, sm_id, integrator, name, enabled FROM instances ORDER BY id",
+                )?;
+                let rows = st.query_map([], instance_row)?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+}
