@@ -1,1 +1,304 @@
-//! rs-mlm
+//! rs-mlm: the intermediate MLM (seed 004, Figs. 15-16): receives envelopes
+//! from proxies (or MLMs below), runs its service modules, and forwards to
+//! its upstream (an MLM or the application server), synchronously or in
+//! custody. It is also a sender of its own: aggregated summaries, custody
+//! messages and its heartbeats go through its spool.
+
+pub mod aggregate;
+pub mod config;
+pub mod forward;
+pub mod modules;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rs_common::codec::encode_status;
+use rs_common::control::{
+    CLASS_INFRASTRUCTURE, NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode,
+};
+use rs_common::ingress::xml_response;
+use rs_common::model::*;
+use rs_common::server::{ServeConfig, finish, serve_tcp};
+use rs_common::spool::sqlite::SqliteSpool;
+use rs_common::spool::{Spool, SpoolConfig};
+use rs_common::upstream::{
+    Clock, Sender, SenderConfig, SenderStats, SystemClock, Upstream, UpstreamConfig,
+};
+use rs_common::{MessageId, RsId};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use warp::Filter;
+
+pub use config::Config;
+
+/// The running MLM's shared state.
+#[derive(Debug)]
+pub struct Mlm {
+    pub cfg: Config,
+    pub id: RsId,
+    pub modules: Vec<Box<dyn modules::ServiceModule>>,
+    pub aggregation: aggregate::AggregationQueue,
+    pub spool: SqliteSpool,
+    pub upstream: Arc<Upstream>,
+    pub throttle: Box<dyn forward::Throttle>,
+    pub stats: forward::Stats,
+    pub sender_stats: Arc<SenderStats>,
+    pub clock: Arc<dyn Clock>,
+    pub started: rs_common::Timestamp,
+}
+
+impl Mlm {
+    pub fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
+        let id = cfg.rs_id().map_err(anyhow::Error::msg)?;
+        let modules = modules::build(&cfg).map_err(anyhow::Error::msg)?;
+        let mut spool_cfg = SpoolConfig::new(cfg.data_dir.join("spool.db"));
+        spool_cfg.max_bytes = cfg.spool.max_bytes;
+        spool_cfg.max_age = Duration::from_secs(cfg.spool.max_age_days * 86_400);
+        // Custody means receiving other components' messages: refuse a
+        // message ID already accepted within the spool's age window.
+        spool_cfg.dedupe_window = Some(spool_cfg.max_age);
+        let spool = SqliteSpool::open(spool_cfg).context("opening the spool")?;
+        let aggregation = aggregate::AggregationQueue::open(&cfg.data_dir.join("mlm.db"))
+            .context("opening the aggregation queue")?;
+        let upstream = Arc::new(
+            Upstream::new(UpstreamConfig {
+                urls: cfg.upstream.urls.clone(),
+                timeout: Duration::from_secs(cfg.upstream.timeout_secs),
+                ..UpstreamConfig::default()
+            })
+            .map_err(anyhow::Error::msg)?,
+        );
+        Ok(Arc::new(Mlm {
+            id,
+            modules,
+            aggregation,
+            spool,
+            upstream,
+            throttle: Box::new(forward::Unlimited),
+            stats: forward::Stats::default(),
+            sender_stats: Arc::new(SenderStats::default()),
+            clock: Arc::new(SystemClock),
+            started: rs_common::Timestamp::now(),
+            cfg,
+        }))
+    }
+
+    /// The MLM's status: its own state, queue depths and counters.
+    pub async fn status_tree(&self) -> StatusNode {
+        let s = &self.stats;
+        let mut metrics: Vec<(&str, u64)> = vec![
+            ("envelopes.received", s.envelopes.load(Ordering::Relaxed)),
+            ("messages.received", s.received.load(Ordering::Relaxed)),
+            ("messages.forwarded", s.forwarded.load(Ordering::Relaxed)),
+            ("messages.accepted", s.accepted.load(Ordering::Relaxed)),
+            ("messages.filtered", s.filtered.load(Ordering::Relaxed)),
+            ("messages.aggregated", s.aggregated.load(Ordering::Relaxed)),
+            ("messages.retried", s.retried.load(Ordering::Relaxed)),
+            ("messages.rejected", s.rejected.load(Ordering::Relaxed)),
+            ("messages.expired", s.expired.load(Ordering::Relaxed)),
+            ("messages.throttled", s.throttled.load(Ordering::Relaxed)),
+            (
+                "upstream.accepted",
+                self.sender_stats.accepted.load(Ordering::Relaxed),
+            ),
+        ];
+        let mut state = NodeState::Ok;
+        match self.spool.stats().await {
+            Ok(sp) => {
+                metrics.push(("spool.messages", sp.messages));
+                metrics.push(("spool.bytes", sp.bytes));
+                metrics.push(("spool.dead_letters", sp.dead_letters));
+                metrics.push(("spool.evicted_total", sp.evicted_total));
+            }
+            Err(_) => state = NodeState::Degraded,
+        }
+        if let Ok(n) = self.aggregation.pending().await {
+            metrics.push(("aggregation.pending", n));
+        }
+        StatusNode {
+            id: Some(self.id.clone()),
+            version: Some(env!("CARGO_PKG_VERSION").into()),
+            since: Some(self.started),
+            metrics: metrics
+                .into_iter()
+                .map(|(k, v)| Detail::new(k, v.to_string()))
+                .collect(),
+            ..StatusNode::new("mlm", state)
+        }
+    }
+
+    /// Spools one of the MLM's own infrastructure messages.
+    async fn infrastructure(&self, sub: &str, ttl: Duration, precedence: u8) -> anyhow::Result<()> {
+        let now = self.clock.now();
+        let msg = Message {
+            header: Header {
+                id: MessageId::generate(),
+                created: now,
+                class: Classification::new(CLASS_INFRASTRUCTURE, sub),
+                route: Route::Source(Source {
+                    component: self.id.clone(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    qos: Qos {
+                        expiry: Some(now.saturating_add(ttl)),
+                        precedence,
+                        persistent: false,
+                    },
+                }),
+                routing: Vec::new(),
+            },
+            content: Content::Data(Data {
+                mime: "text/xml".into(),
+                encoding: TransferEncoding::Binary,
+                bytes: encode_status(&self.status_tree().await).into(),
+            }),
+        };
+        self.spool.enqueue(vec![msg.to_raw()], now).await?;
+        Ok(())
+    }
+
+    /// Turns due aggregation groups into summaries in the spool.
+    pub async fn flush_aggregates(&self) -> anyhow::Result<usize> {
+        let windows: Vec<Duration> = self
+            .cfg
+            .aggregate
+            .iter()
+            .map(|a| Duration::from_secs(a.window_secs))
+            .collect();
+        let now = self.clock.now();
+        let groups = self.aggregation.due(now, windows.clone()).await?;
+        for g in &groups {
+            let window = windows.get(g.rule).copied().unwrap_or_default();
+            if let Some(summary) = aggregate::summary(&self.id, g, window, now) {
+                self.spool.enqueue(vec![summary.to_raw()], now).await?;
+            }
+            self.aggregation
+                .remove(g.members.iter().map(|m| m.id.clone()).collect())
+                .await?;
+        }
+        Ok(groups.len())
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        match self
+            .sender_stats
+            .advised_heartbeat_ms
+            .load(Ordering::Relaxed)
+        {
+            0 => self.cfg.heartbeat(),
+            ms => Duration::from_millis(ms),
+        }
+    }
+
+    pub fn routes(
+        self: &Arc<Self>,
+    ) -> impl Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible>
+    + Clone
+    + Send
+    + Sync
+    + 'static {
+        let me = self.clone();
+        let status = warp::path!("rs" / "v1" / "status")
+            .and(warp::get())
+            .then(move || {
+                let me = me.clone();
+                async move { xml_response(encode_status(&me.status_tree().await)) }
+            });
+        let health = warp::path!("rs" / "v1" / "health")
+            .and(warp::get())
+            .map(|| warp::reply::Reply::into_response("ok\n"));
+        finish(
+            forward::route(self.clone())
+                .or(status)
+                .unify()
+                .or(health)
+                .unify(),
+        )
+    }
+}
+
+/// Serves until `shutdown`; runs the sender, heartbeats and the
+/// aggregation flush beside it.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mlm = Mlm::open(cfg)?;
+    tracing::info!(
+        "rs-mlm {} listening on {}, upstream {:?}{}",
+        mlm.id,
+        listener.local_addr()?,
+        mlm.cfg.upstream.urls,
+        if mlm.cfg.custody {
+            ", custody mode"
+        } else {
+            ""
+        }
+    );
+    let sender_stop = CancellationToken::new();
+    let sender = Sender {
+        me: mlm.id.clone(),
+        spool: mlm.spool.clone(),
+        upstream: mlm.upstream.clone(),
+        cfg: SenderConfig::default(),
+        clock: mlm.clock.clone(),
+        wake: mlm.spool.notified(),
+        stats: mlm.sender_stats.clone(),
+        paused: Arc::new(AtomicBool::new(false)),
+    };
+    let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
+    if let Err(e) = mlm
+        .infrastructure(SUB_COLD_START, Duration::from_secs(86_400), 6)
+        .await
+    {
+        tracing::warn!("cold start message: {e}");
+    }
+    let background = {
+        let mlm = mlm.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut next_beat = tokio::time::Instant::now() + mlm.heartbeat_interval();
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                let now = mlm.clock.now();
+                for m in &mlm.modules {
+                    m.tick(now);
+                }
+                if let Err(e) = mlm.flush_aggregates().await {
+                    tracing::error!("aggregation flush: {e:#}");
+                }
+                if tokio::time::Instant::now() >= next_beat {
+                    let every = mlm.heartbeat_interval();
+                    next_beat = tokio::time::Instant::now() + every;
+                    if let Err(e) = mlm.infrastructure(SUB_HEARTBEAT, every * 2, 2).await {
+                        tracing::warn!("heartbeat: {e}");
+                    }
+                }
+            }
+        })
+    };
+    serve_tcp(listener, mlm.routes(), ServeConfig::default(), shutdown).await;
+    let _ = background.await;
+    if let Err(e) = mlm
+        .infrastructure(SUB_SHUTDOWN, Duration::from_secs(86_400), 6)
+        .await
+    {
+        tracing::warn!("shutdown message: {e}");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < deadline {
+        match mlm.spool.stats().await {
+            Ok(s) if s.messages == 0 => break,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    sender_stop.cancel();
+    let _ = sender_task.await;
+    tracing::info!("rs-mlm stopped");
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! The MLM's configuration (TOML), including its service modules.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rs_common::codec::Limits;
+use rs_common::{ComponentKind, RsId};
+use serde::Deserialize;
+
+/// `mlm.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This MLM's remote services ID, e.g. `acme.m1` (customer MLM) or
+    /// `rs.m1` (farm member).
+    pub id: String,
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where `spool.db` (custody, summaries, heartbeats) and `mlm.db`
+    /// (aggregation queue) live.
+    pub data_dir: PathBuf,
+    pub upstream: UpstreamSection,
+    /// Accept messages into this MLM's own durable spool and forward them
+    /// later (for sites whose WAN is often down), instead of answering
+    /// only once the upstream has accepted them.
+    #[serde(default)]
+    pub custody: bool,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_secs: u64,
+    #[serde(default)]
+    pub spool: SpoolSection,
+    /// Discard messages that match.
+    #[serde(default)]
+    pub filter: Vec<FilterRule>,
+    /// Change attributes of messages that match.
+    #[serde(default)]
+    pub modify: Vec<ModifyRule>,
+    /// Replace similar alarms within a window by one summary.
+    #[serde(default)]
+    pub aggregate: Vec<AggregateRule>,
+    /// Drop a message that repeats one seen within a window.
+    #[serde(default)]
+    pub drop_repeats: Vec<RepeatRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub urls: Vec<String>,
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolSection {
+    #[serde(default = "default_spool_bytes")]
+    pub max_bytes: u64,
+    #[serde(default = "default_spool_days")]
+    pub max_age_days: u64,
+}
+
+impl Default for SpoolSection {
+    fn default() -> Self {
+        SpoolSection {
+            max_bytes: default_spool_bytes(),
+            max_age_days: default_spool_days(),
+        }
+    }
+}
+
+/// Which messages a rule applies to; every field given must match.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    pub class: Option<String>,
+    pub subclass: Option<String>,
+    /// Content type: alarm, event, response, bulk-request, bulk-response, data.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Alarms and events less severe than this match (e.g. "warning"
+    /// matches warning and info).
+    pub severity_at_most: Option<String>,
+    /// Alarms and events at least this severe match.
+    pub severity_at_least: Option<String>,
+    /// The source component, or a component it was allocated under.
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterRule {
+    #[serde(flatten)]
+    pub when: Match,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModifyRule {
+    #[serde(flatten)]
+    pub when: Match,
+    pub set_precedence: Option<u8>,
+    pub set_class: Option<String>,
+    pub set_subclass: Option<String>,
+    /// Alarms and events: replace the severity.
+    pub set_severity: Option<String>,
+    /// Add a detail NAME=VALUE to alarms and events.
+    pub add_detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateRule {
+    #[serde(flatten)]
+    pub when: Match,
+    /// Seconds from the first alarm of a group to its summary.
+    pub window_secs: u64,
+    /// Alarms with the same value of this are one group: "key" (the
+    /// integrator's alarm key), "source", or "class" (class/subclass).
+    #[serde(default = "default_group")]
+    pub group_by: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepeatRule {
+    #[serde(flatten)]
+    pub when: Match,
+    pub window_secs: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8441))
+}
+fn default_heartbeat() -> u64 {
+    60
+}
+fn default_body_timeout() -> u64 {
+    60
+}
+fn default_timeout() -> u64 {
+    30
+}
+fn default_spool_bytes() -> u64 {
+    1 << 30
+}
+fn default_spool_days() -> u64 {
+    7
+}
+fn default_group() -> String {
+    "key".into()
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let id = c.rs_id()?;
+        if id.kind() != ComponentKind::Mlm {
+            return Err(format!("id {:?} is not an MLM ID (like acme.m1)", c.id));
+        }
+        if c.upstream.urls.is_empty() {
+            return Err("upstream.urls: at least one URL is required".into());
+        }
+        // Build the modules once to report rule errors at load time.
+        crate::modules::build(&c)?;
+        Ok(c)
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn rs_id(&self) -> Result<RsId, String> {
+        RsId::new(&self.id).map_err(|e| format!("id {:?}: {e}", self.id))
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits::default()
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs.max(1))
+    }
+}

@@ -1,0 +1,328 @@
+//! The intermediate receiver (seed 004, Figs. 15-16): for each forward
+//! message, the service modules, then the throttle, then forwarding — at
+//! once to the upstream (the reply says what the upstream said), or into
+//! the MLM's own spool in custody mode. Every tier appends its routing hop.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rs_common::codec::{EnvelopeWriter, RawEnvelope, RawMessage};
+use rs_common::ingress::{envelope, envelope_response};
+use rs_common::model::{Advice, Content, EnvelopeMeta, Hop};
+use rs_common::spool::{Enqueued, Spool as _};
+use rs_common::upstream::PostError;
+use rs_common::{MessageId, Outcome, Timestamp};
+use warp::Filter;
+
+use crate::Mlm;
+use crate::aggregate::Member;
+use crate::modules::{Verdict, View};
+
+/// Live counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub envelopes: AtomicU64,
+    pub received: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub accepted: AtomicU64,
+    pub filtered: AtomicU64,
+    pub aggregated: AtomicU64,
+    pub retried: AtomicU64,
+    pub rejected: AtomicU64,
+    pub expired: AtomicU64,
+    pub throttled: AtomicU64,
+}
+
+/// Decides whether a message may go on now (the throttle issue fills this
+/// in); `Err` is how long the sender should wait.
+pub trait Throttle: Send + Sync + std::fmt::Debug {
+    fn admit(&self, m: &RawMessage, now: Timestamp) -> Result<(), Duration>;
+}
+
+/// No limits.
+#[derive(Debug, Default)]
+pub struct Unlimited;
+
+impl Throttle for Unlimited {
+    fn admit(&self, _m: &RawMessage, _now: Timestamp) -> Result<(), Duration> {
+        Ok(())
+    }
+}
+
+pub fn route(
+    mlm: Arc<Mlm>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+    let limits = mlm.cfg.limits();
+    let timeout = Duration::from_secs(mlm.cfg.body_timeout_secs);
+    warp::path!("rs" / "v1" / "envelope")
+        .and(warp::post())
+        .and(envelope(limits, timeout))
+        .then(move |env: RawEnvelope| {
+            let mlm = mlm.clone();
+            async move { handle(&mlm, env).await }
+        })
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn unavailable(text: impl Into<String>) -> Outcome {
+    Outcome::retry(Duration::from_secs(5), "unavailable", text)
+}
+
+async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
+    let now = mlm.clock.now();
+    let st = &mlm.stats;
+    bump(&st.envelopes);
+    st.received
+        .fetch_add(env.messages.len() as u64, Ordering::Relaxed);
+    let ids: Vec<MessageId> = env.messages.iter().map(|m| m.header.id.clone()).collect();
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; ids.len()];
+    let mut forward: Vec<(usize, RawMessage)> = Vec::new();
+    let mut aggregate: Vec<(usize, usize, String, Member)> = Vec::new();
+
+    for (i, m) in env.messages.into_iter().enumerate() {
+        if m.header.source().is_none() {
+            bump(&st.rejected);
+            outcomes[i] = Some(Outcome::rejected(
+                "invalid",
+                "a back-channel message (locator=destination) cannot be sent upward",
+            ));
+            continue;
+        }
+        if m.header.is_expired(now) {
+            bump(&st.expired);
+            outcomes[i] = Some(Outcome::Expired);
+            continue;
+        }
+        let mut view = View::new(m);
+        let mut verdict = Verdict::Pass;
+        for module in &mlm.modules {
+            verdict = module.inspect(&mut view, now);
+            if verdict != Verdict::Pass {
+                break;
+            }
+        }
+        match verdict {
+            Verdict::Discard(why) => {
+                tracing::debug!("message {} discarded ({why})", ids[i]);
+                bump(&st.filtered);
+                outcomes[i] = Some(Outcome::Accepted);
+            }
+            Verdict::Aggregate { rule, group } => {
+                let src = view
+                    .raw
+                    .header
+                    .source()
+                    .map(|s| (s.component.to_string(), s.qos));
+                let (severity, text) = match view.message().map(|m| &m.content) {
+                    Some(Content::Alarm(a)) => (a.severity, a.text.clone()),
+                    _ => {
+                        outcomes[i] = Some(Outcome::rejected(
+                            "invalid",
+                            "alarm content does not decode",
+                        ));
+                        continue;
+                    }
+                };
+                let Some((source, qos)) = src else { continue };
+                let h = &view.raw.header;
+                aggregate.push((
+                    i,
+                    rule,
+                    group,
+                    Member {
+                        id: h.id.to_string(),
+                        received: now.as_millis(),
+                        severity,
+                        precedence: qos.precedence,
+                        persistent: qos.persistent,
+                        expiry: qos.expiry.map(Timestamp::as_millis),
+                        source,
+                        class: h.class.class.clone(),
+                        subclass: h.class.subclass.clone(),
+                        text,
+                    },
+                ));
+            }
+            Verdict::Pass => {
+                let mut raw = view.into_raw();
+                if let Err(after) = mlm.throttle.admit(&raw, now) {
+                    bump(&st.throttled);
+                    outcomes[i] = Some(Outcome::retry(
+                        after,
+                        "throttled",
+                        "held back by this MLM's throttle",
+                    ));
+                    continue;
+                }
+                raw.header.routing.push(Hop {
+                    component: mlm.id.clone(),
+                    received: now,
+                    sent: None,
+                });
+                forward.push((i, raw));
+            }
+        }
+    }
+
+    if !aggregate.is_empty() {
+        let slots: Vec<usize> = aggregate.iter().map(|a| a.0).collect();
+        let items = aggregate
+            .into_iter()
+            .map(|(_, r, g, m)| (r, g, m))
+            .collect();
+        let o = match mlm.aggregation.add(items).await {
+            Ok(()) => {
+                st.aggregated
+                    .fetch_add(slots.len() as u64, Ordering::Relaxed);
+                Outcome::Accepted
+            }
+            Err(e) => {
+                tracing::error!("aggregation queue: {e}");
+                unavailable("the MLM could not store the message for aggregation")
+            }
+        };
+        for s in slots {
+            outcomes[s] = Some(o.clone());
+        }
+    }
+
+    if !forward.is_empty() {
+        let results = if mlm.cfg.custody {
+            custody(mlm, &forward, now).await
+        } else {
+            relay(mlm, &forward).await
+        };
+        for ((slot, _), o) in forward.iter().zip(results) {
+            match &o {
+                Outcome::Accepted => bump(&st.forwarded),
+                Outcome::Retry { .. } => bump(&st.retried),
+                Outcome::Rejected(_) => bump(&st.rejected),
+                Outcome::Expired => bump(&st.expired),
+            }
+            outcomes[*slot] = Some(o);
+        }
+    }
+
+    let mut meta = EnvelopeMeta::new(mlm.id.clone(), mlm.clock.now());
+    meta.outcomes = ids
+        .into_iter()
+        .zip(outcomes)
+        .map(|(id, o)| {
+            let o = o.unwrap_or_else(|| unavailable(""));
+            if o == Outcome::Accepted {
+                bump(&st.accepted);
+            }
+            (id, o)
+        })
+        .collect();
+    let upstream_beat = mlm
+        .sender_stats
+        .advised_heartbeat_ms
+        .load(Ordering::Relaxed);
+    meta.advice = Some(Advice {
+        heartbeat: Some(if upstream_beat > 0 {
+            Duration::from_millis(upstream_beat)
+        } else {
+            mlm.cfg.heartbeat()
+        }),
+        ..Advice::default()
+    });
+    envelope_response(EnvelopeWriter::new(&meta).finish())
+}
+
+/// Custody: accepted once in this MLM's durable spool; its sender forwards.
+async fn custody(mlm: &Mlm, forward: &[(usize, RawMessage)], now: Timestamp) -> Vec<Outcome> {
+    let msgs = forward.iter().map(|(_, m)| m.clone()).collect();
+    match mlm.spool.enqueue(msgs, now).await {
+        Ok(r) => r
+            .into_iter()
+            .map(|e| match e {
+                Enqueued::Stored | Enqueued::Duplicate => Outcome::Accepted,
+                Enqueued::Refused(reason) => Outcome::Retry {
+                    after: Duration::from_secs(30),
+                    reason,
+                },
+            })
+            .collect(),
+        Err(e) => {
+            tracing::error!("custody spool: {e}");
+            forward
+                .iter()
+                .map(|_| unavailable("the MLM could not store the message"))
+                .collect()
+        }
+    }
+}
+
+/// Synchronous relay: one envelope upstream, its outcomes back down.
+async fn post(
+    mlm: &Mlm,
+    batch: &[&RawMessage],
+) -> Result<rs_common::codec::RawEnvelope, PostError> {
+    let sent = mlm.clock.now();
+    let mut w = EnvelopeWriter::new(&EnvelopeMeta::new(mlm.id.clone(), sent));
+    for m in batch {
+        let mut m = (*m).clone();
+        if let Some(h) = m.header.routing.last_mut() {
+            h.sent = Some(sent);
+        }
+        w.push_raw(&m);
+    }
+    mlm.upstream.post(&w.finish(), None).await
+}
+
+async fn relay(mlm: &Mlm, forward: &[(usize, RawMessage)]) -> Vec<Outcome> {
+    let all: Vec<&RawMessage> = forward.iter().map(|(_, m)| m).collect();
+    match post(mlm, &all).await {
+        Ok(reply) => map_outcomes(&all, &reply.meta),
+        // One message spoils the envelope: find it by sending one by one.
+        Err(PostError::Refused { .. }) if all.len() > 1 => {
+            let mut out = Vec::with_capacity(all.len());
+            for m in &all {
+                out.push(match post(mlm, &[*m]).await {
+                    Ok(reply) => map_outcomes(&[*m], &reply.meta).remove(0),
+                    Err(e) => outcome_of_error(&e),
+                });
+            }
+            out
+        }
+        Err(e) => {
+            tracing::warn!("upstream: {e}");
+            let o = outcome_of_error(&e);
+            all.iter().map(|_| o.clone()).collect()
+        }
+    }
+}
+
+fn outcome_of_error(e: &PostError) -> Outcome {
+    match e {
+        PostError::Refused { text, .. } => {
+            Outcome::rejected("invalid", format!("refused upstream: {text}"))
+        }
+        PostError::TooLarge { text, .. } => {
+            Outcome::rejected("too-large", format!("refused upstream: {text}"))
+        }
+        PostError::Busy { retry_after, .. } => Outcome::retry(
+            retry_after.unwrap_or(Duration::from_secs(5)),
+            "overloaded",
+            "the upstream is busy",
+        ),
+        other => unavailable(format!("upstream unavailable: {other}")),
+    }
+}
+
+fn map_outcomes(sent: &[&RawMessage], meta: &EnvelopeMeta) -> Vec<Outcome> {
+    sent.iter()
+        .map(|m| {
+            meta.outcomes
+                .iter()
+                .find(|(id, _)| *id == m.header.id)
+                .map(|(_, o)| o.clone())
+                .unwrap_or_else(|| unavailable("no outcome from upstream"))
+        })
+        .collect()
+}
