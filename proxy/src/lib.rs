@@ -8,6 +8,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod hostwatch;
 pub mod registry;
 
 use std::sync::Arc;

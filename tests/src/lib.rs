@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod arb;
+pub mod deploy;
 
 use std::path::PathBuf;
 

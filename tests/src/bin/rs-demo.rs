@@ -1,0 +1,274 @@
+//! `rs-demo`: a complete local deployment on loopback, and the multi-call
+//! executable behind every daemon of the test suite.
+//!
+//! With no role (`rs-demo [--duration S] [--proxies N] [--data DIR]`) it
+//! starts an application server, one MLM, N proxies (three by default),
+//! each with the example integrator watching this host, plus a writer of
+//! log lines for the integrators to tail; prints what flows through each
+//! tier every two seconds; and stops cleanly on Ctrl-C or after the
+//! duration, printing what was stored. Every daemon is a real process
+//! (this executable in a role), everything on SQLite under the data
+//! directory.
+
+#![allow(clippy::print_stdout)]
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use rs_tests::deploy::{Deployment, Extra, proxy_metrics, server_metrics, stored_ids};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(about = "Remote Services: a complete local deployment (appserver, MLM, proxies, integrators)")]
+struct Cli {
+    #[command(subcommand)]
+    role: Option<Role>,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Number of proxies, each with its own integrator.
+    #[arg(long, default_value_t = 3)]
+    proxies: usize,
+    /// Where state and logs go (wiped at start).
+    #[arg(long, default_value = "target/rs-demo")]
+    data: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// Run the application server.
+    Appserver {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+    /// Run an MLM.
+    Mlm {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+    /// Run a proxy.
+    Proxy {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the example integrator.
+    Hostwatch(rs_proxy::hostwatch::Args),
+}
+
+fn logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_ansi(false)
+        .init();
+}
+
+async fn serve_role(role: Role) -> anyhow::Result<()> {
+    logging();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(rs_common::shutdown_on_signal(shutdown.clone()));
+    let bind = |listen: std::net::SocketAddr, addr_file: Option<PathBuf>| async move {
+        let l = tokio::net::TcpListener::bind(listen).await?;
+        if let Some(f) = addr_file {
+            // Written whole, then renamed, so readers never see half of it.
+            let tmp = f.with_extension("tmp");
+            std::fs::write(&tmp, l.local_addr()?.to_string())?;
+            std::fs::rename(&tmp, &f)?;
+        }
+        anyhow::Ok(l)
+    };
+    match role {
+        Role::Appserver { config, addr_file } => {
+            let cfg = rs_appserver::Config::load(&config).map_err(anyhow::Error::msg)?;
+            let l = bind(cfg.listen, addr_file).await?;
+            rs_appserver::run(cfg, l, shutdown).await
+        }
+        Role::Mlm { config, addr_file } => {
+            let cfg = rs_mlm::Config::load(&config).map_err(anyhow::Error::msg)?;
+            let l = bind(cfg.listen, addr_file).await?;
+            rs_mlm::run(cfg, l, shutdown).await
+        }
+        Role::Proxy { config } => {
+            let cfg = rs_proxy::Config::load(&config).map_err(anyhow::Error::msg)?;
+            rs_proxy::run(cfg, shutdown).await
+        }
+        Role::Hostwatch(args) => {
+            tokio::select! {
+                () = rs_proxy::hostwatch::run(args) => {}
+                () = shutdown.cancelled() => {}
+            }
+            Ok(())
+        }
+    }
+}
+
+const LOG_LINES: &[&str] = &[
+    "INFO nginx: 200 GET /health",
+    "INFO cron: job backup started",
+    "ERROR postgres: could not write block 1234 of relation base/16384: No space left on device",
+    "INFO systemd: Started Daily apt upgrade",
+    "WARN kernel: ata1.00: exception Emask 0x0 SAct 0x0",
+    "ERROR app: payment service timeout after 30s",
+    "INFO sshd: Accepted publickey for deploy",
+    "CRITICAL raid: md0 degraded, disk sdb failed",
+];
+
+async fn demo(cli: Cli) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let _ = std::fs::remove_dir_all(&cli.data);
+    let mut d = Deployment::new(&cli.data, exe)?;
+    let a = d.appserver("127.0.0.1:0", "heartbeat_secs = 5")?;
+    let mlm_tables = Extra {
+        tables: "[[drop_repeats]]\nclass = \"inventory\"\nwindow_secs = 600\n\n\
+                 [[aggregate]]\ntype = \"alarm\"\nsubclass = \"disk\"\nwindow_secs = 10\ngroup_by = \"class\"\n"
+            .into(),
+        ..Extra::default()
+    };
+    let m = d.mlm("mlm", "acme.m1", std::slice::from_ref(&a), &mlm_tables)?;
+    let mut sockets = Vec::new();
+    for i in 1..=cli.proxies.max(1) {
+        let name = format!("proxy{i}");
+        let socket = d.proxy(&name, &format!("acme.p{i}"), std::slice::from_ref(&m), &Extra::default())?;
+        let log = cli.data.join(&name).join("app.log");
+        std::fs::write(&log, "")?;
+        d.integrator(
+            &format!("hostwatch{i}"),
+            &socket,
+            &[
+                "--interval".into(),
+                "1".into(),
+                "--disk-threshold".into(),
+                "1".into(),
+                "--instance".into(),
+                format!("host{i}.acme.example"),
+                "--log".into(),
+                log.display().to_string(),
+                "--inventory-every".into(),
+                "15".into(),
+            ],
+        )?;
+        sockets.push((socket, log));
+    }
+    println!(
+        "Remote Services demo: proxies {} -> MLM acme.m1 ({m}) -> application server rs.a1 ({a})",
+        (1..=cli.proxies.max(1)).map(|i| format!("acme.p{i}")).collect::<Vec<_>>().join(", ")
+    );
+    println!("each proxy has an rs-hostwatch integrator; state and logs in {}", cli.data.display());
+    println!("try: curl -s 'http://{a}/rs/v1/control/messages?type=alarm&limit=5'");
+    println!("{}", match cli.duration {
+        Some(s) => format!("running for {s} s (Ctrl-C stops sooner)"),
+        None => "running until Ctrl-C".into(),
+    });
+    println!();
+    println!("  time | proxies: spooled   sent queued | MLM: received forwarded aggregated filtered | appserver: stored components");
+
+    let stop = CancellationToken::new();
+    tokio::spawn(rs_common::shutdown_on_signal(stop.clone()));
+    let start = Instant::now();
+    let mut tick = 0u64;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        tick += 1;
+        // Something for the integrators to find in their logs.
+        let (_, log) = &sockets[(tick as usize) % sockets.len()];
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(log) {
+            let _ = writeln!(f, "{}", LOG_LINES[(tick as usize * 7) % LOG_LINES.len()]);
+        }
+        if tick % 4 == 0 {
+            print_line(start, &sockets, &m, &a).await;
+        }
+        if cli.duration.is_some_and(|s| start.elapsed() >= Duration::from_secs(s)) {
+            break;
+        }
+    }
+    println!();
+    println!("stopping: integrators, then proxies (each sends its shutdown message), MLM, server");
+    for (name, n) in d.nodes.iter_mut() {
+        if name.starts_with("hostwatch") {
+            n.stop(Duration::from_secs(5));
+        }
+    }
+    // Let the spools drain before the proxies go.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut drained = false;
+    while !drained && Instant::now() < deadline {
+        let mut all = true;
+        for (s, _) in &sockets {
+            all &= proxy_metrics(s).await.is_ok_and(|m| m.get("spool.messages") == Some(&0));
+        }
+        drained = all;
+        if !drained {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    print_line(start, &sockets, &m, &a).await;
+    d.stop_all();
+    let ids = stored_ids(&cli.data.join("appserver"))?;
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    println!();
+    println!(
+        "stored {} messages at the application server ({} distinct IDs: {}); proxy spools {}",
+        ids.len(),
+        unique.len(),
+        if unique.len() == ids.len() { "each exactly once" } else { "DUPLICATES" },
+        if drained { "drained" } else { "not drained (see the logs)" }
+    );
+    println!("the data stays in {} (logs in logs/); run again to start afresh", cli.data.display());
+    Ok(())
+}
+
+async fn print_line(start: Instant, sockets: &[(PathBuf, PathBuf)], mlm: &str, app: &str) {
+    let (mut spooled, mut sent, mut queued) = (0, 0, 0);
+    for (s, _) in sockets {
+        if let Ok(p) = proxy_metrics(s).await {
+            sent += p.get("upstream.accepted").copied().unwrap_or(0);
+            queued += p.get("spool.messages").copied().unwrap_or(0);
+            spooled += p.get("spool.delivered_total").copied().unwrap_or(0) + p.get("spool.messages").copied().unwrap_or(0);
+        }
+    }
+    let mm = server_metrics(mlm).await.unwrap_or_default();
+    let am = server_metrics(app).await.unwrap_or_default();
+    let g = |m: &std::collections::BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+    println!(
+        "{:>5}s | {:>16} {:>6} {:>6} | {:>13} {:>9} {:>10} {:>8} | {:>17} {:>10}",
+        start.elapsed().as_secs(),
+        spooled,
+        sent,
+        queued,
+        g(&mm, "messages.received"),
+        g(&mm, "messages.forwarded"),
+        g(&mm, "messages.aggregated"),
+        g(&mm, "messages.filtered"),
+        g(&am, "store.messages"),
+        g(&am, "store.components"),
+    );
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rs-demo: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.role {
+            Some(role) => serve_role(role).await,
+            None => demo(cli).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("rs-demo: {e:#}");
+        std::process::exit(1);
+    }
+}
