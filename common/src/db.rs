@@ -33,13 +33,14 @@ pub trait DbState: Send + 'static {
 }
 
 type Deliver = Box<dyn FnOnce(Result<(), DbError>) + Send>;
+type WriteJob<S> = Box<dyn FnOnce(Option<&mut S>) -> Deliver + Send>;
 
 enum Job<S> {
     Read(Box<dyn FnOnce(&mut S) + Send>),
     /// Called with the state inside the batch's transaction, or with `None`
     /// if the transaction could not begin; returns what to tell the caller
     /// once the commit's fate is known.
-    Write(Box<dyn FnOnce(Option<&mut S>) -> Deliver + Send>),
+    Write(WriteJob<S>),
 }
 
 /// Handle to the database thread; cheap to clone.

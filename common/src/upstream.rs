@@ -268,7 +268,7 @@ impl Default for SenderConfig {
             max_messages: 500,
             max_bytes: 4 << 20,
             max_backoff: Duration::from_secs(300),
-            sweep_every: Duration::from_secs(30),
+            sweep_every: Duration::from_secs(5),
         }
     }
 }

@@ -16,9 +16,9 @@ use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
 use crate::api::SendRequest;
 use crate::client::Client;
+use clap::Parser;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -335,7 +335,7 @@ pub async fn run(args: Args) {
     let interval = Duration::from_secs_f64(w.args.interval.max(0.05));
     let mut cycle = 0u64;
     loop {
-        if cycle % w.args.inventory_every.max(1) == 0 {
+        if cycle.is_multiple_of(w.args.inventory_every.max(1)) {
             w.inventory().await;
         }
         w.disks().await;

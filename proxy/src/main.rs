@@ -27,7 +27,7 @@ enum Cmd {
     },
     /// Send an alarm, event or data through a running proxy; prints the
     /// message ID once it is durably spooled.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// Register an integrator; prints its remote services ID.
     Register {
         #[command(flatten)]
@@ -153,6 +153,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Send(a) => {
+            let a = *a;
             let client = Client::new(&a.conn.socket);
             client
                 .register_integrator(

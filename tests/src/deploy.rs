@@ -49,12 +49,18 @@ pub struct Node {
 impl Node {
     /// Starts (or restarts) the process.
     pub fn start(&mut self, exe: &Path) -> std::io::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let err = log.try_clone()?;
         let child = Command::new(exe)
             .arg(self.role.arg())
             .args(&self.args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())
             .stdout(log)
@@ -67,7 +73,10 @@ impl Node {
     /// Sends a signal (`KILL`, `TERM`).
     pub fn signal(&mut self, sig: &str) {
         if let Some(c) = &self.child {
-            let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status();
         }
     }
 
@@ -96,7 +105,9 @@ impl Node {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 }
 
@@ -125,7 +136,11 @@ fn write(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 fn urls(addrs: &[String]) -> String {
-    addrs.iter().map(|a| format!("\"http://{a}\"")).collect::<Vec<_>>().join(", ")
+    addrs
+        .iter()
+        .map(|a| format!("\"http://{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// More configuration for a daemon: top-level keys, keys of its
@@ -177,12 +192,18 @@ impl Deployment {
             config: Some(cfg_path.clone()),
         };
         node.start(&self.exe)?;
-        if !wait_for(Duration::from_secs(30), || addr_file.exists() && std::fs::read_to_string(&addr_file).is_ok_and(|s| !s.is_empty())) {
+        if !wait_for(Duration::from_secs(30), || {
+            addr_file.exists() && std::fs::read_to_string(&addr_file).is_ok_and(|s| !s.is_empty())
+        }) {
             anyhow::bail!("{name} did not start; see {}", node.log.display());
         }
         let addr = std::fs::read_to_string(&addr_file)?.trim().to_owned();
         // Pin the port, so a restart listens where the others connect.
-        let pinned = config.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""), 1);
+        let pinned = config.replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{addr}\""),
+            1,
+        );
         write(&cfg_path, &pinned)?;
         node.addr = Some(addr.clone());
         self.nodes.insert(name.into(), node);
@@ -192,12 +213,21 @@ impl Deployment {
     /// Starts the application server (`extra`: more TOML); returns its address.
     pub fn appserver(&mut self, listen: &str, extra: &str) -> anyhow::Result<String> {
         let dir = self.dir.join("appserver");
-        let cfg = format!("id = \"rs.a1\"\nlisten = \"{listen}\"\ndata_dir = \"{}\"\n{extra}\n", dir.display());
+        let cfg = format!(
+            "id = \"rs.a1\"\nlisten = \"{listen}\"\ndata_dir = \"{}\"\n{extra}\n",
+            dir.display()
+        );
         self.server("appserver", Role::AppServer, cfg)
     }
 
     /// Starts an MLM; returns its address.
-    pub fn mlm(&mut self, name: &str, id: &str, upstream: &[String], extra: &Extra) -> anyhow::Result<String> {
+    pub fn mlm(
+        &mut self,
+        name: &str,
+        id: &str,
+        upstream: &[String],
+        extra: &Extra,
+    ) -> anyhow::Result<String> {
         let cfg = format!(
             "id = \"{id}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nheartbeat_secs = 5\n{}\n[upstream]\nurls = [{}]\n{}\n{}\n",
             self.dir.join(name).display(),
@@ -210,7 +240,13 @@ impl Deployment {
     }
 
     /// Starts a proxy; returns its integrator socket.
-    pub fn proxy(&mut self, name: &str, id: &str, upstream: &[String], extra: &Extra) -> anyhow::Result<PathBuf> {
+    pub fn proxy(
+        &mut self,
+        name: &str,
+        id: &str,
+        upstream: &[String],
+        extra: &Extra,
+    ) -> anyhow::Result<PathBuf> {
         let dir = self.dir.join(name);
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("rs-proxy.sock");
@@ -251,7 +287,11 @@ impl Deployment {
         let mut node = Node {
             name: name.into(),
             role: Role::Integrator,
-            args: [vec!["--socket".into(), socket.display().to_string()], args.to_vec()].concat(),
+            args: [
+                vec!["--socket".into(), socket.display().to_string()],
+                args.to_vec(),
+            ]
+            .concat(),
             log: self.dir.join("logs").join(format!("{name}.log")),
             child: None,
             addr: None,
@@ -264,7 +304,9 @@ impl Deployment {
     }
 
     pub fn node(&mut self, name: &str) -> &mut Node {
-        self.nodes.get_mut(name).unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no node {name}"))
     }
 
     /// Restarts a node (after a kill), waiting until it serves again.
@@ -278,7 +320,9 @@ impl Deployment {
         node.start(&exe)?;
         let (addr, socket) = (node.addr.clone(), node.socket.clone());
         let ok = match (addr, socket) {
-            (Some(a), _) => wait_for(Duration::from_secs(30), || std::net::TcpStream::connect(&a).is_ok()),
+            (Some(a), _) => wait_for(Duration::from_secs(30), || {
+                std::net::TcpStream::connect(&a).is_ok()
+            }),
             (None, Some(s)) => wait_for(Duration::from_secs(30), || s.exists()),
             _ => true,
         };
@@ -298,7 +342,10 @@ impl Deployment {
 
 /// The metrics of a server's `/rs/v1/status` tree.
 pub async fn server_metrics(addr: &str) -> anyhow::Result<BTreeMap<String, u64>> {
-    let body = reqwest::get(format!("http://{addr}/rs/v1/status")).await?.bytes().await?;
+    let body = reqwest::get(format!("http://{addr}/rs/v1/status"))
+        .await?
+        .bytes()
+        .await?;
     let tree = decode_status(&body, &Limits::default())?;
     Ok(tree
         .metrics
@@ -331,12 +378,15 @@ pub fn stored_ids(appserver_dir: &Path) -> anyhow::Result<Vec<String>> {
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )?;
     let mut st = conn.prepare("SELECT id FROM messages ORDER BY rowid")?;
-    let ids = st.query_map([], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+    let ids = st
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
     Ok(ids)
 }
 
 /// `PRAGMA integrity_check` of a SQLite file: "ok" when sound.
 pub fn integrity(path: &Path) -> anyhow::Result<String> {
-    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     Ok(conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
 }

@@ -5,5 +5,6 @@ mod codec_errors;
 mod codec_examples;
 mod codec_props;
 mod dtd_valid;
+mod forward;
 mod fuzz_replay;
 mod golden;

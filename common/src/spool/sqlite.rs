@@ -165,7 +165,7 @@ impl Spool for SqliteSpool {
         now: Timestamp,
     ) -> Result<Vec<Enqueued>, SpoolError> {
         let r = self.db.write(move |w| Ok(w.enqueue(msgs, now)?)).await?;
-        if r.iter().any(|e| *e == Enqueued::Stored) {
+        if r.contains(&Enqueued::Stored) {
             self.notify.notify_one();
         }
         Ok(r)
@@ -313,12 +313,11 @@ impl Worker {
                  ORDER BY persistent, precedence, seq",
             )?;
             let mut rows = st.query(params![persistent, precedence])?;
+            // In-flight messages may go too: if the attempt in flight
+            // succeeds, its settlement finds the row gone and changes nothing.
             while self.total_bytes - freed + need > self.cfg.max_bytes {
                 let Some(r) = rows.next()? else { break };
                 let id: String = r.get(1)?;
-                if self.inflight.contains(&id) {
-                    continue;
-                }
                 let b: i64 = r.get(2)?;
                 freed += u64::try_from(b).unwrap_or(0);
                 victims.push((
@@ -481,16 +480,16 @@ impl Worker {
     fn sweep(&mut self, now: Timestamp) -> Result<u64, SpoolError> {
         let oldest = ms(now) - i64::try_from(self.cfg.max_age.as_millis()).unwrap_or(i64::MAX);
         let mut dropped = 0;
-        for (why, cond) in [
-            ("expired", "expiry IS NOT NULL AND expiry <= ?1"),
-            ("aged-out", "created < ?2"),
+        for (why, cond, bound) in [
+            ("expired", "expiry IS NOT NULL AND expiry <= ?1", ms(now)),
+            ("aged-out", "created < ?1", oldest),
         ] {
             let ids: Vec<(String, i64)> = {
                 let mut st = self
                     .conn
                     .prepare(&format!("SELECT id, bytes FROM spool WHERE {cond}"))
                     .map_err(db)?;
-                st.query_map(params![ms(now), oldest], |r| Ok((r.get(0)?, r.get(1)?)))
+                st.query_map(params![bound], |r| Ok((r.get(0)?, r.get(1)?)))
                     .map_err(db)?
                     .collect::<Result<_, _>>()
                     .map_err(db)?

@@ -21,7 +21,9 @@ use rs_tests::deploy::{Deployment, Extra, proxy_metrics, server_metrics, stored_
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(about = "Remote Services: a complete local deployment (appserver, MLM, proxies, integrators)")]
+#[command(
+    about = "Remote Services: a complete local deployment (appserver, MLM, proxies, integrators)"
+)]
 struct Cli {
     #[command(subcommand)]
     role: Option<Role>,
@@ -63,7 +65,9 @@ enum Role {
 
 fn logging() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_ansi(false)
         .init();
 }
@@ -133,7 +137,12 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     let mut sockets = Vec::new();
     for i in 1..=cli.proxies.max(1) {
         let name = format!("proxy{i}");
-        let socket = d.proxy(&name, &format!("acme.p{i}"), std::slice::from_ref(&m), &Extra::default())?;
+        let socket = d.proxy(
+            &name,
+            &format!("acme.p{i}"),
+            std::slice::from_ref(&m),
+            &Extra::default(),
+        )?;
         let log = cli.data.join(&name).join("app.log");
         std::fs::write(&log, "")?;
         d.integrator(
@@ -156,16 +165,27 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     }
     println!(
         "Remote Services demo: proxies {} -> MLM acme.m1 ({m}) -> application server rs.a1 ({a})",
-        (1..=cli.proxies.max(1)).map(|i| format!("acme.p{i}")).collect::<Vec<_>>().join(", ")
+        (1..=cli.proxies.max(1))
+            .map(|i| format!("acme.p{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    println!("each proxy has an rs-hostwatch integrator; state and logs in {}", cli.data.display());
+    println!(
+        "each proxy has an rs-hostwatch integrator; state and logs in {}",
+        cli.data.display()
+    );
     println!("try: curl -s 'http://{a}/rs/v1/control/messages?type=alarm&limit=5'");
-    println!("{}", match cli.duration {
-        Some(s) => format!("running for {s} s (Ctrl-C stops sooner)"),
-        None => "running until Ctrl-C".into(),
-    });
+    println!(
+        "{}",
+        match cli.duration {
+            Some(s) => format!("running for {s} s (Ctrl-C stops sooner)"),
+            None => "running until Ctrl-C".into(),
+        }
+    );
     println!();
-    println!("  time | proxies: spooled   sent queued | MLM: received forwarded aggregated filtered | appserver: stored components");
+    println!(
+        "  time | proxies: spooled   sent queued | MLM: received forwarded aggregated filtered | appserver: stored components"
+    );
 
     let stop = CancellationToken::new();
     tokio::spawn(rs_common::shutdown_on_signal(stop.clone()));
@@ -182,10 +202,13 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(log) {
             let _ = writeln!(f, "{}", LOG_LINES[(tick as usize * 7) % LOG_LINES.len()]);
         }
-        if tick % 4 == 0 {
+        if tick.is_multiple_of(4) {
             print_line(start, &sockets, &m, &a).await;
         }
-        if cli.duration.is_some_and(|s| start.elapsed() >= Duration::from_secs(s)) {
+        if cli
+            .duration
+            .is_some_and(|s| start.elapsed() >= Duration::from_secs(s))
+        {
             break;
         }
     }
@@ -202,7 +225,9 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     while !drained && Instant::now() < deadline {
         let mut all = true;
         for (s, _) in &sockets {
-            all &= proxy_metrics(s).await.is_ok_and(|m| m.get("spool.messages") == Some(&0));
+            all &= proxy_metrics(s)
+                .await
+                .is_ok_and(|m| m.get("spool.messages") == Some(&0));
         }
         drained = all;
         if !drained {
@@ -218,10 +243,21 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         "stored {} messages at the application server ({} distinct IDs: {}); proxy spools {}",
         ids.len(),
         unique.len(),
-        if unique.len() == ids.len() { "each exactly once" } else { "DUPLICATES" },
-        if drained { "drained" } else { "not drained (see the logs)" }
+        if unique.len() == ids.len() {
+            "each exactly once"
+        } else {
+            "DUPLICATES"
+        },
+        if drained {
+            "drained"
+        } else {
+            "not drained (see the logs)"
+        }
     );
-    println!("the data stays in {} (logs in logs/); run again to start afresh", cli.data.display());
+    println!(
+        "the data stays in {} (logs in logs/); run again to start afresh",
+        cli.data.display()
+    );
     Ok(())
 }
 
@@ -231,7 +267,8 @@ async fn print_line(start: Instant, sockets: &[(PathBuf, PathBuf)], mlm: &str, a
         if let Ok(p) = proxy_metrics(s).await {
             sent += p.get("upstream.accepted").copied().unwrap_or(0);
             queued += p.get("spool.messages").copied().unwrap_or(0);
-            spooled += p.get("spool.delivered_total").copied().unwrap_or(0) + p.get("spool.messages").copied().unwrap_or(0);
+            spooled += p.get("spool.delivered_total").copied().unwrap_or(0)
+                + p.get("spool.messages").copied().unwrap_or(0);
         }
     }
     let mm = server_metrics(mlm).await.unwrap_or_default();
@@ -254,7 +291,11 @@ async fn print_line(start: Instant, sockets: &[(PathBuf, PathBuf)], mlm: &str, a
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rs-demo: cannot start the runtime: {e}");

@@ -1,0 +1,518 @@
+//! The forward path end to end on real daemon processes: integrator ->
+//! proxy spool -> MLM -> application server, across outages, crashes
+//! (SIGKILL) and pressure. Nothing acknowledged to an integrator is lost,
+//! and nothing is stored twice.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rs_proxy::api::SendRequest;
+use rs_proxy::client::{Client, ClientError};
+use rs_tests::deploy::{
+    Deployment, Extra, integrity, proxy_metrics, server_metrics, stored_ids, wait_for,
+};
+
+fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rs-demo"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rs-suite-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn alarm(text: &str, precedence: Option<u8>) -> SendRequest {
+    SendRequest {
+        integrator: "suite".into(),
+        instance: Some("db01".into()),
+        severity: Some("major".into()),
+        key: Some(format!("k:{}", text.chars().take(20).collect::<String>())),
+        text: Some(text.into()),
+        precedence,
+        ..SendRequest::default()
+    }
+}
+
+async fn register(socket: &Path) -> Client {
+    let c = Client::new(socket);
+    c.register_integrator("suite", "1.0", "linux")
+        .await
+        .expect("register");
+    c
+}
+
+/// Waits until every ID is stored, reading the server's database.
+fn all_stored(dir: &Path, ids: &HashSet<String>, timeout: Duration) -> bool {
+    wait_for(timeout, || {
+        stored_ids(&dir.join("appserver")).is_ok_and(|s| {
+            let s: HashSet<String> = s.into_iter().collect();
+            ids.is_subset(&s)
+        })
+    })
+}
+
+fn assert_exactly_once(dir: &Path, ids: &HashSet<String>) {
+    let stored = stored_ids(&dir.join("appserver")).unwrap();
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in &stored {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    for id in ids {
+        assert_eq!(
+            counts.get(id.as_str()).copied(),
+            Some(1),
+            "message {id} stored {:?} times",
+            counts.get(id.as_str())
+        );
+    }
+}
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_flow_end_to_end_and_are_stored_once() {
+    let dir = tmp("e2e");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra::default(),
+        )
+        .unwrap();
+    let s1 = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let s2 = d
+        .proxy("p2", "acme.p2", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let mut ids = HashSet::new();
+    for s in [&s1, &s2] {
+        let c = register(s).await;
+        for i in 0..25 {
+            ids.insert(
+                c.send("alarm", &alarm(&format!("alarm {i}"), None))
+                    .await
+                    .unwrap(),
+            );
+            let ev = SendRequest {
+                severity: Some("info".into()),
+                text: Some(format!("event {i}")),
+                ..alarm("", None)
+            };
+            ids.insert(c.send("event", &ev).await.unwrap());
+        }
+    }
+    assert!(
+        all_stored(&dir, &ids, Duration::from_secs(30)),
+        "not everything arrived"
+    );
+    assert_exactly_once(&dir, &ids);
+
+    // Each went through the MLM, which appended its routing hop, and the
+    // server knows both proxies and how they are reached.
+    let body = reqwest::get(format!(
+        "http://{a}/rs/v1/control/messages?component=acme.p1.s1&limit=1000"
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(body.contains("via=\"acme.m1\""), "{body}");
+    let comps = reqwest::get(format!("http://{a}/rs/v1/control/components"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for c in ["acme.p1", "acme.p2", "acme.m1"] {
+        assert!(
+            comps.contains(&format!("id=\"{c}\"")),
+            "{c} missing: {comps}"
+        );
+    }
+    d.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mlm_filters_aggregates_and_drops_repeats_as_configured() {
+    let dir = tmp("modules");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let modules = Extra {
+        tables: "[[filter]]\nclass = \"performance\"\n\n\
+                 [[filter]]\ntype = \"event\"\nseverity_at_most = \"info\"\n\n\
+                 [[drop_repeats]]\ntype = \"event\"\nwindow_secs = 600\n\n\
+                 [[aggregate]]\ntype = \"alarm\"\nsubclass = \"disk\"\nwindow_secs = 1\ngroup_by = \"class\"\n"
+            .into(),
+        ..Extra::default()
+    };
+    let m = d
+        .mlm("mlm", "acme.m1", std::slice::from_ref(&a), &modules)
+        .unwrap();
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let c = register(&s).await;
+
+    let mut filtered = Vec::new();
+    for i in 0..3 {
+        let perf = SendRequest {
+            class: Some("performance".into()),
+            subclass: Some("host".into()),
+            data: Some(format!("{{\"load1\":{i}}}")),
+            ..SendRequest {
+                integrator: "suite".into(),
+                ..SendRequest::default()
+            }
+        };
+        filtered.push(c.send("data", &perf).await.unwrap());
+        let info = SendRequest {
+            severity: Some("info".into()),
+            text: Some(format!("fyi {i}")),
+            ..alarm("", None)
+        };
+        filtered.push(c.send("event", &info).await.unwrap());
+    }
+    let mut disk = Vec::new();
+    for i in 0..4 {
+        let a = SendRequest {
+            subclass: Some("disk".into()),
+            ..alarm(&format!("/var{i} full"), None)
+        };
+        disk.push(c.send("alarm", &a).await.unwrap());
+    }
+    let warn = SendRequest {
+        severity: Some("warning".into()),
+        text: Some("fan speed low".into()),
+        ..alarm("", None)
+    };
+    let first = c.send("event", &warn).await.unwrap();
+    let repeat = c.send("event", &warn).await.unwrap();
+
+    // The first warning passes; its repeat, the info events, the
+    // performance data and the four disk alarms do not reach the server;
+    // one summary of the four does.
+    let want: HashSet<String> = [first.clone()].into();
+    assert!(all_stored(&dir, &want, Duration::from_secs(30)));
+    let summary_arrived = wait_for(Duration::from_secs(30), || {
+        stored_ids(&dir.join("appserver")).is_ok_and(|s| s.iter().any(|id| id.starts_with("agg-")))
+    });
+    assert!(summary_arrived, "no aggregated summary");
+    let stored: HashSet<String> = stored_ids(&dir.join("appserver"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    for id in filtered.iter().chain(&disk).chain([&repeat]) {
+        assert!(!stored.contains(id), "{id} should not have been forwarded");
+    }
+    let body = reqwest::get(format!(
+        "http://{a}/rs/v1/control/messages?component=acme.m1&type=alarm"
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(
+        body.contains("<detail name=\"aggregated.count\">4</detail>"),
+        "{body}"
+    );
+    let mm = server_metrics(&m).await.unwrap();
+    assert_eq!(mm.get("messages.aggregated"), Some(&4));
+    assert_eq!(mm.get("messages.filtered"), Some(&7), "{mm:?}");
+    // The proxy was told all of them were accepted: nothing is left to resend.
+    let pm = proxy_metrics(&s).await.unwrap();
+    assert_eq!(pm.get("spool.dead_letters"), Some(&0));
+    d.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_spools_and_drains_in_precedence_order() {
+    let dir = tmp("outage");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    // The proxy's upstream is not there yet.
+    let port = free_port();
+    let one_at_a_time = Extra {
+        upstream: "max_messages = 1\nmax_backoff_secs = 1".into(),
+        ..Extra::default()
+    };
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&port), &one_at_a_time)
+        .unwrap();
+    let c = register(&s).await;
+    let mut sent = Vec::new();
+    for i in 0..30u8 {
+        let p = i % 10;
+        let id = c
+            .send("alarm", &alarm(&format!("p{p} #{i}"), Some(p)))
+            .await
+            .unwrap();
+        sent.push((id, p));
+    }
+    let pm = proxy_metrics(&s).await.unwrap();
+    assert!(
+        pm.get("spool.messages").copied().unwrap_or(0) >= 30,
+        "{pm:?}"
+    );
+    assert!(pm.get("upstream.posts_failed").copied().unwrap_or(0) > 0);
+
+    // The server comes up on the port the proxy has been trying.
+    d.appserver(&port, "").unwrap();
+    let ids: HashSet<String> = sent.iter().map(|(id, _)| id.clone()).collect();
+    assert!(
+        all_stored(&dir, &ids, Duration::from_secs(60)),
+        "backlog did not drain"
+    );
+    assert_exactly_once(&dir, &ids);
+    let prec: BTreeMap<&str, u8> = sent.iter().map(|(id, p)| (id.as_str(), *p)).collect();
+    let order: Vec<u8> = stored_ids(&dir.join("appserver"))
+        .unwrap()
+        .iter()
+        .filter_map(|id| prec.get(id.as_str()).copied())
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(
+        order, sorted,
+        "the backlog must drain highest precedence first"
+    );
+    d.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_are_never_delivered() {
+    let dir = tmp("expiry");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let port = free_port();
+    let s = d
+        .proxy(
+            "p1",
+            "acme.p1",
+            std::slice::from_ref(&port),
+            &Extra {
+                upstream: "max_backoff_secs = 1".into(),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    let c = register(&s).await;
+    let mut short = HashSet::new();
+    for i in 0..5 {
+        let req = SendRequest {
+            ttl_secs: Some(1),
+            ..alarm(&format!("short-lived {i}"), None)
+        };
+        short.insert(c.send("alarm", &req).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let lasting: HashSet<String> = [c.send("alarm", &alarm("lasting", None)).await.unwrap()].into();
+    d.appserver(&port, "").unwrap();
+    assert!(all_stored(&dir, &lasting, Duration::from_secs(60)));
+    let stored: HashSet<String> = stored_ids(&dir.join("appserver"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert!(
+        short.is_disjoint(&stored),
+        "an expired message was delivered"
+    );
+    // The proxy records why each was dropped.
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current()
+                    .block_on(proxy_metrics(&s))
+                    .is_ok_and(|m| m.get("spool.expired_total").copied().unwrap_or(0) >= 5)
+            })
+        }),
+        "expired messages were not recorded"
+    );
+    let drops = Client::new(&s)
+        .call::<()>(http::Method::GET, "/v1/drops", None)
+        .await
+        .unwrap();
+    let expired: HashSet<String> = drops
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["why"] == "expired")
+        .map(|d| d["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(short.is_subset(&expired), "{drops}");
+    d.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_evicts_by_policy_and_counts() {
+    let dir = tmp("evict");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let port = free_port();
+    let small = Extra {
+        tables: "[spool]\nmax_bytes = 40000\n".into(),
+        ..Extra::default()
+    };
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&port), &small)
+        .unwrap();
+    let c = register(&s).await;
+    let pad = "x".repeat(1500);
+    // Low-precedence, non-persistent data first...
+    let mut low = Vec::new();
+    for i in 0..20 {
+        let req = SendRequest {
+            data: Some(format!("{i} {pad}")),
+            precedence: Some(1),
+            persistent: Some(false),
+            ..SendRequest {
+                integrator: "suite".into(),
+                ..SendRequest::default()
+            }
+        };
+        low.push(c.send("data", &req).await.unwrap());
+    }
+    // ...then important alarms, which push them out.
+    let mut high = HashSet::new();
+    for i in 0..15 {
+        let req = alarm(&format!("{i} {pad}"), Some(9));
+        high.insert(c.send("alarm", &req).await.unwrap());
+    }
+    let pm = proxy_metrics(&s).await.unwrap();
+    let evicted = pm.get("spool.evicted_total").copied().unwrap_or(0);
+    assert!(evicted > 0, "nothing evicted: {pm:?}");
+    // When only more important messages remain, a new unimportant one is
+    // refused (the integrator hears it), not silently dropped.
+    let req = SendRequest {
+        data: Some("y".repeat(12_000)),
+        precedence: Some(0),
+        persistent: Some(false),
+        ..SendRequest {
+            integrator: "suite".into(),
+            ..SendRequest::default()
+        }
+    };
+    match c.send("data", &req).await {
+        Err(ClientError::Refused { status: 507, .. }) => {}
+        other => panic!("expected 507 Insufficient Storage, got {other:?}"),
+    }
+    let drops = Client::new(&s)
+        .call::<()>(http::Method::GET, "/v1/drops", None)
+        .await
+        .unwrap();
+    let dropped: Vec<&str> = drops
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["why"] == "evicted")
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(dropped.len() as u64, evicted);
+    assert!(
+        dropped.iter().all(|id| !high.contains(*id)),
+        "an important alarm was evicted"
+    );
+    assert!(
+        dropped.iter().any(|id| low.iter().any(|l| l == id)),
+        "low-precedence data goes first"
+    );
+
+    // Every important alarm is delivered once the upstream is back.
+    d.appserver(&port, "").unwrap();
+    assert!(all_stored(&dir, &high, Duration::from_secs(60)));
+    assert_exactly_once(&dir, &high);
+    d.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_each_tier_loses_nothing_acknowledged_and_stores_nothing_twice() {
+    let dir = tmp("kill");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra::default(),
+        )
+        .unwrap();
+    let fast = Extra {
+        upstream: "max_backoff_secs = 1".into(),
+        ..Extra::default()
+    };
+    let s1 = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &fast)
+        .unwrap();
+    let s2 = d
+        .proxy("p2", "acme.p2", std::slice::from_ref(&m), &fast)
+        .unwrap();
+    register(&s1).await;
+    register(&s2).await;
+
+    // Integrators keep sending; what the proxy acknowledged is recorded.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut senders = Vec::new();
+    for s in [s1.clone(), s2.clone()] {
+        let (tx, stop) = (tx.clone(), stop.clone());
+        senders.push(tokio::spawn(async move {
+            let c = Client::new(&s);
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                // While its proxy is down the call fails: nothing was acknowledged.
+                if let Ok(id) = c.send("alarm", &alarm(&format!("load {i}"), None)).await {
+                    let _ = tx.send(id);
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    drop(tx);
+    let pause = || tokio::time::sleep(Duration::from_millis(700));
+    pause().await;
+    for victim in ["p1", "mlm", "appserver", "p2", "mlm", "p1"] {
+        d.node(victim).signal("KILL");
+        let _ = d.node(victim).child.take().map(|mut c| c.wait());
+        pause().await;
+        tokio::task::block_in_place(|| d.restart(victim)).unwrap();
+        pause().await;
+    }
+    stop.cancel();
+    for t in senders {
+        t.await.unwrap();
+    }
+    let mut acked = HashSet::new();
+    while let Some(id) = rx.recv().await {
+        acked.insert(id);
+    }
+    assert!(
+        acked.len() > 100,
+        "too little traffic to mean anything: {}",
+        acked.len()
+    );
+    assert!(
+        all_stored(&dir, &acked, Duration::from_secs(90)),
+        "acknowledged messages were lost"
+    );
+    assert_exactly_once(&dir, &acked);
+    d.stop_all();
+    for db in [
+        "appserver/appserver.db",
+        "mlm/spool.db",
+        "mlm/mlm.db",
+        "p1/spool.db",
+        "p1/proxy.db",
+        "p2/spool.db",
+    ] {
+        assert_eq!(integrity(&dir.join(db)).unwrap(), "ok", "{db}");
+    }
+}
