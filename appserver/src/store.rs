@@ -184,6 +184,7 @@ impl Store {
             .write(move |s| {
                 let mut out = Vec::with_capacity(batch.len());
                 let (mut new, mut dup) = (0, 0);
+                let mut touched = std::collections::HashSet::new();
                 for inc in &batch {
                     let m = &inc.msg;
                     let Some(src) = m.header.source() else {
@@ -219,7 +220,10 @@ impl Store {
                     }
                     new += 1;
                     out.push(Stored::New);
-                    upsert_component(&s.conn, &src.component, &src.version, &via, now)?;
+                    // One update per component per batch is enough.
+                    if touched.insert(src.component.as_str().to_owned()) {
+                        upsert_component(&s.conn, &src.component, &src.version, &via, now)?;
+                    }
                     if let Some((xml, state)) = &inc.status {
                         s.conn.execute(
                             "UPDATE components SET state = ?2, status = ?3, status_at = ?4 WHERE id = ?1",
@@ -228,9 +232,13 @@ impl Store {
                     }
                     // Every tier a message passed through is alive too.
                     for (i, hop) in m.header.routing.iter().enumerate() {
-                        let route: Vec<&str> = m.header.routing[..i].iter().map(|h| h.component.as_str()).collect();
-                        touch(&s.conn, &hop.component, &route.join(" "), now)?;
+                        if touched.insert(hop.component.as_str().to_owned()) {
+                            let route: Vec<&str> =
+                                m.header.routing[..i].iter().map(|h| h.component.as_str()).collect();
+                            touch(&s.conn, &hop.component, &route.join(" "), now)?;
+                        }
                     }
+
                 }
                 bump(&s.conn, "stored", new)?;
                 bump(&s.conn, "duplicates", dup)?;

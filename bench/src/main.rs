@@ -11,36 +11,38 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
+mod forward;
+
 /// One figure, as `docs/benchmarks.json` holds it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Figure {
-    id: String,
-    what: String,
-    value: f64,
-    unit: String,
-    runs: u32,
-    min: f64,
-    max: f64,
-    peer: Option<String>,
-    peer_value: Option<f64>,
-    ratio: Option<f64>,
-    better: String,
-    command: String,
-    measured_at: String,
+pub(crate) struct Figure {
+    pub(crate) id: String,
+    pub(crate) what: String,
+    pub(crate) value: f64,
+    pub(crate) unit: String,
+    pub(crate) runs: u32,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
+    pub(crate) peer: Option<String>,
+    pub(crate) peer_value: Option<f64>,
+    pub(crate) ratio: Option<f64>,
+    pub(crate) better: String,
+    pub(crate) command: String,
+    pub(crate) measured_at: String,
     #[serde(default)]
-    target: Option<String>,
+    pub(crate) target: Option<String>,
     #[serde(default)]
-    machine: Option<String>,
+    pub(crate) machine: Option<String>,
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default()
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -54,7 +56,7 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores")
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     Command::new("date")
         .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
         .output()
@@ -173,7 +175,16 @@ fn codec() -> Result<Vec<Figure>, String> {
 }
 
 /// A benchmark group: runs and returns its figures.
-type Group = fn() -> Result<Vec<Figure>, String>;
+type Group = Box<dyn Fn() -> Result<Vec<Figure>, String>>;
+
+/// The value of `--name N` in `args`, or `default`.
+fn opt(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 fn load(path: &Path) -> Vec<Figure> {
     std::fs::read_to_string(path)
@@ -233,11 +244,29 @@ fn markdown(figs: &[Figure]) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let report_only = args.iter().any(|a| a == "--report-only");
-    let want = |g: &str| args.iter().all(|a| a.starts_with("--")) || args.iter().any(|a| a == g);
+    let groups_named: Vec<&String> = args
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| !a.starts_with("--") && (*i == 0 || !args[i - 1].starts_with("--")))
+        .map(|(_, a)| a)
+        .collect();
+    let want = |g: &str| groups_named.is_empty() || groups_named.iter().any(|a| *a == g);
+    let settings = forward::Settings {
+        messages: opt(&args, "--messages", 100_000),
+        backlog: opt(&args, "--backlog", 1_000_000),
+        clients: opt(&args, "--clients", 32) as usize,
+        runs: opt(&args, "--runs", 3).max(1) as usize,
+    };
     let json = root().join("docs/benchmarks.json");
     let mut figs = load(&json);
     if !report_only {
-        let mut groups: Vec<(&str, Group)> = vec![("codec", codec)];
+        let mut groups: Vec<(&str, Group)> = vec![
+            ("codec", Box::new(codec)),
+            (
+                "forward",
+                Box::new(move || forward::run(&settings).map_err(|e| format!("{e:#}"))),
+            ),
+        ];
         groups.retain(|(g, _)| want(g));
         for (name, f) in groups {
             match f() {

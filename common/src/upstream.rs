@@ -260,6 +260,8 @@ pub struct SenderConfig {
     pub max_backoff: Duration,
     /// How often expired and aged-out messages are swept.
     pub sweep_every: Duration,
+    /// Envelopes in flight at once.
+    pub parallel: usize,
 }
 
 impl Default for SenderConfig {
@@ -269,6 +271,7 @@ impl Default for SenderConfig {
             max_bytes: 4 << 20,
             max_backoff: Duration::from_secs(300),
             sweep_every: Duration::from_secs(5),
+            parallel: 4,
         }
     }
 }
@@ -322,11 +325,18 @@ impl<S: Spool> std::fmt::Debug for Sender<S> {
 
 impl<S: Spool> Sender<S> {
     pub async fn run(self, shutdown: CancellationToken) {
+        use futures_util::StreamExt as _;
         let mut failures: u32 = 0;
         let mut advice = Advice::default();
         // After a 400 on a batch, send these one by one to find the bad one.
         let mut isolate: usize = 0;
         let mut last_sweep = None::<tokio::time::Instant>;
+        // No new POST before this (backoff, or the upstream's advice).
+        let mut resume_at = tokio::time::Instant::now();
+        // Several envelopes may be in flight at once, so one round trip's
+        // latency does not bound the throughput; the spool keeps a message
+        // from being taken twice.
+        let mut inflight = futures_util::stream::FuturesUnordered::new();
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -338,40 +348,66 @@ impl<S: Spool> Sender<S> {
                 }
                 last_sweep = Some(tokio::time::Instant::now());
             }
-            if self.paused.load(Ordering::Relaxed) {
-                self.idle(&shutdown, Duration::from_secs(1)).await;
-                continue;
-            }
-            let max_messages = if isolate > 0 {
+            let parallel = if isolate > 0 {
                 1
             } else {
-                advice.max_messages.map_or(self.cfg.max_messages, |m| {
-                    (m as usize).clamp(1, self.cfg.max_messages)
-                })
+                self.cfg.parallel.max(1)
             };
-            let max_bytes = advice.max_bytes.map_or(self.cfg.max_bytes, |b| {
-                (b as usize).clamp(4096, self.cfg.max_bytes)
-            });
-            let batch = match self.spool.dequeue(max_messages, max_bytes, now).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!("spool dequeue: {e}");
-                    self.idle(&shutdown, Duration::from_secs(1)).await;
-                    continue;
+            let mut next_due = None;
+            while inflight.len() < parallel
+                && !self.paused.load(Ordering::Relaxed)
+                && tokio::time::Instant::now() >= resume_at
+            {
+                let max_messages = if isolate > 0 {
+                    1
+                } else {
+                    advice.max_messages.map_or(self.cfg.max_messages, |m| {
+                        (m as usize).clamp(1, self.cfg.max_messages)
+                    })
+                };
+                let max_bytes = advice.max_bytes.map_or(self.cfg.max_bytes, |b| {
+                    (b as usize).clamp(4096, self.cfg.max_bytes)
+                });
+                let batch = match self.spool.dequeue(max_messages, max_bytes, now).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!("spool dequeue: {e}");
+                        resume_at = tokio::time::Instant::now() + Duration::from_secs(1);
+                        break;
+                    }
+                };
+                if batch.is_empty() {
+                    next_due = self.spool.next_due().await.ok().flatten();
+                    break;
                 }
-            };
-            if batch.is_empty() {
-                let wait = match self.spool.next_due().await {
-                    Ok(Some(t)) => t
-                        .since(now)
-                        .clamp(Duration::from_millis(10), self.cfg.sweep_every),
-                    _ => self.cfg.sweep_every,
+                let (enc, ids) = self.envelope(&batch, now);
+                let upstream = self.upstream.clone();
+                inflight.push(async move {
+                    let r = upstream.post(&enc, None).await;
+                    (batch, ids, max_bytes, r)
+                });
+            }
+            if inflight.is_empty() {
+                let wait = if self.paused.load(Ordering::Relaxed) {
+                    Duration::from_secs(1)
+                } else if tokio::time::Instant::now() < resume_at {
+                    resume_at - tokio::time::Instant::now()
+                } else {
+                    match next_due {
+                        Some(t) => t
+                            .since(now)
+                            .clamp(Duration::from_millis(10), self.cfg.sweep_every),
+                        None => self.cfg.sweep_every,
+                    }
                 };
                 self.idle(&shutdown, wait).await;
                 continue;
             }
-            let (enc, ids) = self.envelope(&batch, now);
-            match self.upstream.post(&enc, None).await {
+            let (batch, ids, max_bytes, result) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                Some(done) = inflight.next() => done,
+            };
+            match result {
                 Ok(reply) => {
                     failures = 0;
                     isolate = isolate.saturating_sub(1);
@@ -387,11 +423,11 @@ impl<S: Spool> Sender<S> {
                                 .advised_heartbeat_ms
                                 .store(h.as_millis() as u64, Ordering::Relaxed);
                         }
+                        if let Some(pause) = a.resume_after.filter(|d| !d.is_zero()) {
+                            resume_at = resume_at.max(tokio::time::Instant::now() + pause);
+                        }
                     }
                     self.settle(&batch, &reply.meta, self.clock.now()).await;
-                    if let Some(pause) = advice.resume_after.filter(|d| !d.is_zero()) {
-                        self.idle(&shutdown, pause).await;
-                    }
                 }
                 Err(e) => {
                     self.stats.fail(&e);
@@ -414,7 +450,7 @@ impl<S: Spool> Sender<S> {
                                 "{e}; sending these {} messages one by one",
                                 batch.len()
                             );
-                            isolate = batch.len();
+                            isolate = isolate.max(batch.len());
                             (release(Settle::Release), Duration::ZERO)
                         }
                         PostError::TooLarge { text, .. } if batch.len() == 1 => {
@@ -449,7 +485,7 @@ impl<S: Spool> Sender<S> {
                         tracing::error!("spool settle: {e}");
                     }
                     if !wait.is_zero() {
-                        self.idle(&shutdown, wait).await;
+                        resume_at = resume_at.max(tokio::time::Instant::now() + wait);
                     }
                 }
             }

@@ -22,11 +22,14 @@ pub enum ClientError {
     Other(String),
 }
 
-/// Talks to one proxy.
+type Conn = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// Talks to one proxy, keeping its connection open between calls.
 #[derive(Debug, Clone)]
 pub struct Client {
     socket: PathBuf,
     timeout: Duration,
+    conn: std::sync::Arc<tokio::sync::Mutex<Option<Conn>>>,
 }
 
 impl Client {
@@ -34,6 +37,7 @@ impl Client {
         Client {
             socket: socket.into(),
             timeout: Duration::from_secs(30),
+            conn: std::sync::Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
 
@@ -45,16 +49,27 @@ impl Client {
         body: Option<&T>,
     ) -> Result<serde_json::Value, ClientError> {
         let fut = async {
-            let stream = tokio::net::UnixStream::connect(&self.socket)
-                .await
-                .map_err(|e| ClientError::Connect {
-                    path: self.socket.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| ClientError::Other(e.to_string()))?;
-            tokio::spawn(conn);
+            let mut guard = self.conn.lock().await;
+            let reusable = match guard.as_mut() {
+                Some(c) => c.ready().await.is_ok(),
+                None => false,
+            };
+            if !reusable {
+                let stream = tokio::net::UnixStream::connect(&self.socket)
+                    .await
+                    .map_err(|e| ClientError::Connect {
+                        path: self.socket.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
+                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| ClientError::Other(e.to_string()))?;
+                tokio::spawn(conn);
+                *guard = Some(send);
+            }
+            let Some(send) = guard.as_mut() else {
+                return Err(ClientError::Other("no connection".into()));
+            };
             let bytes = match body {
                 Some(b) => Bytes::from(
                     serde_json::to_vec(b).map_err(|e| ClientError::Other(e.to_string()))?,

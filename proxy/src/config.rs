@@ -39,6 +39,10 @@ pub struct UpstreamSection {
     /// Longest wait between attempts, seconds.
     #[serde(default = "default_backoff")]
     pub max_backoff_secs: u64,
+    /// Envelopes in flight at once (1 keeps strict precedence order across
+    /// envelopes; more drains a backlog faster).
+    #[serde(default = "default_parallel")]
+    pub parallel: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -72,6 +76,9 @@ fn default_batch_bytes() -> usize {
 }
 fn default_backoff() -> u64 {
     300
+}
+fn default_parallel() -> usize {
+    4
 }
 fn default_spool_bytes() -> u64 {
     256 << 20

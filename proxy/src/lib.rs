@@ -263,6 +263,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             max_messages: proxy.cfg.upstream.max_messages,
             max_bytes: proxy.cfg.upstream.max_bytes,
             max_backoff: Duration::from_secs(proxy.cfg.upstream.max_backoff_secs),
+            parallel: proxy.cfg.upstream.parallel.max(1),
             ..SenderConfig::default()
         },
         clock: proxy.clock.clone(),

@@ -63,10 +63,28 @@ impl DbState for State {
     fn restore(&mut self, (): ()) {}
 }
 
-/// Handle to the registry.
+/// Handle to the registry. Lookups are served from memory (every send
+/// looks up its integrator and instance); the database is written only
+/// when something is registered or changed.
 #[derive(Debug, Clone)]
 pub struct Registry {
     db: Db<State>,
+    cache: std::sync::Arc<std::sync::Mutex<Cache>>,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    /// Active integrators by ID and by name.
+    integrators: std::collections::HashMap<String, Integrator>,
+    /// Instances by systems-management ID.
+    instances: std::collections::HashMap<String, Instance>,
+}
+
+impl Cache {
+    fn put_integrator(&mut self, i: &Integrator) {
+        self.integrators.insert(i.id.to_string(), i.clone());
+        self.integrators.insert(i.name.clone(), i.clone());
+    }
 }
 
 fn rs(s: String) -> rusqlite::Result<RsId> {
@@ -120,7 +138,15 @@ impl Registry {
         conn.execute_batch(SCHEMA)?;
         Ok(Registry {
             db: Db::start("rs-proxy-registry", State { conn, me })?,
+            cache: Default::default(),
         })
+    }
+
+    fn cached<T>(&self, f: impl FnOnce(&mut Cache) -> T) -> T {
+        match self.cache.lock() {
+            Ok(mut c) => f(&mut c),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
     }
 
     /// Registers an integrator by name (again: same ID, version updated,
@@ -131,7 +157,14 @@ impl Registry {
         version: String,
         platform: String,
     ) -> Result<Integrator, DbError> {
-        self.db
+        if let Some(i) = self.cached(|c| c.integrators.get(&name).cloned())
+            && i.version == version
+            && i.platform == platform
+        {
+            return Ok(i);
+        }
+        let i = self
+            .db
             .write(move |s| {
                 let existing: Option<String> = s
                     .conn
@@ -163,7 +196,9 @@ impl Registry {
                     active: true,
                 })
             })
-            .await
+            .await?;
+        self.cached(|c| c.put_integrator(&i));
+        Ok(i)
     }
 
     /// Marks an integrator inactive; its instances' IDs are kept.
@@ -180,7 +215,11 @@ impl Registry {
 
     /// Finds an active integrator by its RS ID or its name.
     pub async fn integrator(&self, key: String) -> Result<Option<Integrator>, DbError> {
-        self.db
+        if let Some(i) = self.cached(|c| c.integrators.get(&key).cloned()) {
+            return Ok(Some(i));
+        }
+        let found = self
+            .db
             .read(move |s| {
                 Ok(s.conn
                     .query_row(
@@ -191,7 +230,11 @@ impl Registry {
                     )
                     .optional()?)
             })
-            .await
+            .await?;
+        if let Some(i) = &found {
+            self.cached(|c| c.put_integrator(i));
+        }
+        Ok(found)
     }
 
     /// The instance with this systems-management ID, registering it under
@@ -202,7 +245,11 @@ impl Registry {
         sm_id: String,
         name: Option<String>,
     ) -> Result<Instance, DbError> {
-        self.db
+        if let Some(i) = self.cached(|c| c.instances.get(&sm_id).cloned()) {
+            return Ok(i);
+        }
+        let inst = self
+            .db
             .write(move |s| {
                 let found = s
                     .conn
@@ -230,19 +277,29 @@ impl Registry {
                     enabled: true,
                 })
             })
-            .await
+            .await?;
+        self.cached(|c| c.instances.insert(inst.sm_id.clone(), inst.clone()));
+        Ok(inst)
     }
 
     /// Enables or disables an instance; false if unknown.
     pub async fn set_enabled(&self, id: RsId, enabled: bool) -> Result<bool, DbError> {
-        self.db
+        let key = id.clone();
+        let r = self
+            .db
             .write(move |s| {
                 Ok(s.conn.execute(
                     "UPDATE instances SET enabled = ?2 WHERE id = ?1",
                     params![id.as_str(), enabled],
                 )? > 0)
             })
-            .await
+            .await?;
+        self.cached(|c| {
+            for i in c.instances.values_mut().filter(|i| i.id == key) {
+                i.enabled = enabled;
+            }
+        });
+        Ok(r)
     }
 
     pub async fn integrators(&self) -> Result<Vec<Integrator>, DbError> {

@@ -242,7 +242,7 @@ async fn an_outage_spools_and_drains_in_precedence_order() {
     // The proxy's upstream is not there yet.
     let port = free_port();
     let one_at_a_time = Extra {
-        upstream: "max_messages = 1\nmax_backoff_secs = 1".into(),
+        upstream: "max_messages = 1\nmax_backoff_secs = 1\nparallel = 1".into(),
         ..Extra::default()
     };
     let s = d

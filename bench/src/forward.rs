@@ -1,0 +1,468 @@
+//! The durable forward path against a mosquitto bridge, in one run.
+//!
+//! Ours: integrators (concurrent clients of the proxy's socket API, each
+//! waiting for the durable acknowledgement) -> rs-proxy -> rs-mlm ->
+//! rs-appserver, 2 KB alarms, counted when stored at the server. Peer:
+//! mosquitto broker A bridged to broker B at QoS 1 with persistence on,
+//! `mosquitto_pub -q 1` into A, `mosquitto_sub -q 1` (persistent session)
+//! out of B, 2 KB messages. Then each drains a backlog built while its far
+//! end was away. Also the idle proxy's resident memory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rs_proxy::api::SendRequest;
+use rs_proxy::client::Client;
+use rs_tests::deploy::{Deployment, Extra, server_metrics};
+
+use crate::Figure;
+
+/// Settings of one run.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) messages: u64,
+    pub(crate) backlog: u64,
+    pub(crate) clients: usize,
+    pub(crate) runs: usize,
+}
+
+fn root() -> PathBuf {
+    crate::root()
+}
+
+fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let s = cmd.status()?;
+    anyhow::ensure!(s.success(), "{cmd:?} failed: {s}");
+    Ok(())
+}
+
+/// Installs mosquitto from Debian if it is missing.
+fn ensure_mosquitto() -> anyhow::Result<()> {
+    let have = |c: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {c}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if have("mosquitto_pub") && (Path::new("/usr/sbin/mosquitto").exists() || have("mosquitto")) {
+        return Ok(());
+    }
+    eprintln!("rs-bench: installing mosquitto and mosquitto-clients from Debian");
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "mosquitto", "mosquitto-clients"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn exe() -> anyhow::Result<PathBuf> {
+    run_cmd(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "rs-tests",
+        "--bin",
+        "rs-demo",
+    ]))?;
+    Ok(root().join("target/release/rs-demo"))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A 2 KB alarm request.
+fn alarm(i: u64) -> SendRequest {
+    let mut text = format!("bench alarm {i}: file system /var/lib/db usage above threshold; ");
+    while text.len() < 1700 {
+        text.push_str("inode pressure rising on db01, write latency up; ");
+    }
+    text.truncate(1700);
+    SendRequest {
+        integrator: "bench".into(),
+        instance: Some("db01".into()),
+        severity: Some("major".into()),
+        key: Some(format!("disk:{}", i % 64)),
+        text: Some(text),
+        details: [
+            ("mount".to_owned(), "/var/lib/db".to_owned()),
+            ("used.pct".to_owned(), "91".to_owned()),
+        ]
+        .into(),
+        ..SendRequest::default()
+    }
+}
+
+/// Sends `n` alarms through the proxy with `clients` concurrent clients.
+async fn load(socket: &Path, n: u64, clients: usize) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (next, socket) = (next.clone(), socket.to_path_buf());
+        tasks.push(tokio::spawn(async move {
+            let c = Client::new(&socket);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return anyhow::Ok(());
+                }
+                c.send("alarm", &alarm(i)).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+async fn stored(app: &str) -> u64 {
+    server_metrics(app)
+        .await
+        .ok()
+        .and_then(|m| m.get("store.stored_total").copied())
+        .unwrap_or(0)
+}
+
+/// Waits until the server has stored `target` messages; returns when.
+async fn until_stored(app: &str, target: u64, limit: Duration) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if stored(app).await >= target {
+            return Ok(Instant::now());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {target} stored after {limit:?}",
+            stored(app).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn rss_mb(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+struct Ours {
+    rate: f64,
+    drain: f64,
+    rss: f64,
+}
+
+async fn ours(exe: &Path, s: &Settings, dir: &Path) -> anyhow::Result<Ours> {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut d = Deployment::new(dir, exe)?;
+    let a = d.appserver("127.0.0.1:0", "heartbeat_secs = 3600")?;
+    let m = d.mlm(
+        "mlm",
+        "acme.m1",
+        std::slice::from_ref(&a),
+        &Extra::default(),
+    )?;
+    // The backoff is capped at 1 s so the drain starts as soon as the MLM
+    // is back, whatever point the proxy's backoff had reached.
+    let big = Extra {
+        upstream: "max_backoff_secs = 1".into(),
+        tables: "[spool]\nmax_bytes = 8000000000\n".into(),
+        ..Extra::default()
+    };
+    let socket = d.proxy("p1", "acme.p1", std::slice::from_ref(&m), &big)?;
+    let c = Client::new(&socket);
+    c.register_integrator("bench", "1", "linux").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = d.node("p1").child.as_ref().map(Child::id).unwrap_or(0);
+    let rss = rss_mb(pid).unwrap_or(0.0);
+
+    // Throughput: from the first send until the last is stored.
+    let base = stored(&a).await;
+    let t0 = Instant::now();
+    load(&socket, s.messages, s.clients).await?;
+    let done = until_stored(&a, base + s.messages, Duration::from_secs(600)).await?;
+    let rate = s.messages as f64 / done.duration_since(t0).as_secs_f64();
+
+    // Drain: the MLM is away while the backlog builds up at the proxy.
+    d.node("mlm").kill();
+    load(&socket, s.backlog, s.clients).await?;
+    let base = stored(&a).await;
+    let t0 = Instant::now();
+    d.restart("mlm")?;
+    let done = until_stored(&a, base + s.backlog, Duration::from_secs(3600)).await?;
+    let drain = s.backlog as f64 / done.duration_since(t0).as_secs_f64();
+    d.stop_all();
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(Ours { rate, drain, rss })
+}
+
+struct Broker(Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn broker(conf: &str, dir: &Path, pa: u16, pb: u16, name: &str) -> anyhow::Result<Broker> {
+    let text = std::fs::read_to_string(root().join("bench/mosquitto").join(conf))?
+        .replace("@PORT_A@", &pa.to_string())
+        .replace("@PORT_B@", &pb.to_string())
+        .replace("@DIR@", &dir.display().to_string());
+    std::fs::create_dir_all(dir.join(name))?;
+    let path = dir.join(conf);
+    std::fs::write(&path, text)?;
+    let bin = if Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    };
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let port = if name == "a" { pa } else { pb };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "mosquitto {name} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Broker(child))
+}
+
+fn payload_file(dir: &Path, n: u64) -> anyhow::Result<PathBuf> {
+    use std::io::Write as _;
+    let path = dir.join(format!("payload-{n}.txt"));
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    for i in 0..n {
+        // 2 KB per message, as ours (mosquitto_pub -l: one message per line).
+        let mut line = format!("bench alarm {i}: ");
+        while line.len() < 2048 {
+            line.push_str("file system /var/lib/db usage above threshold; ");
+        }
+        line.truncate(2048);
+        writeln!(f, "{line}")?;
+    }
+    f.flush()?;
+    Ok(path)
+}
+
+fn sub(pb: u16, count: u64) -> anyhow::Result<Child> {
+    Ok(Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pb.to_string(),
+            "-t",
+            "rs/#",
+            "-q",
+            "1",
+            "-c",
+            "-i",
+            "bench-sub",
+        ])
+        .args(["-C", &count.to_string()])
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
+fn publish(pa: u16, file: &Path) -> anyhow::Result<()> {
+    run_cmd(
+        Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pa.to_string(),
+                "-t",
+                "rs/alarms",
+                "-q",
+                "1",
+                "-l",
+                "-i",
+                "bench-pub",
+            ])
+            .stdin(std::fs::File::open(file)?)
+            .stdout(Stdio::null()),
+    )
+}
+
+fn wait_child(mut c: Child, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = c.try_wait()? {
+            anyhow::ensure!(s.success(), "mosquitto_sub failed: {s}");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let _ = c.kill();
+            anyhow::bail!("mosquitto_sub did not receive everything within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn peer(s: &Settings, dir: &Path) -> anyhow::Result<(f64, f64)> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let (pa, pb) = (free_port()?, free_port()?);
+    let _b = broker("broker-b.conf", dir, pa, pb, "b")?;
+    let _a = broker("broker-a.conf", dir, pa, pb, "a")?;
+    std::thread::sleep(Duration::from_millis(500)); // the bridge connects
+
+    // Throughput: the subscriber is online; first publish until last received.
+    let file = payload_file(dir, s.messages)?;
+    let subscriber = sub(pb, s.messages)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    publish(pa, &file)?;
+    wait_child(subscriber, Duration::from_secs(600))?;
+    let rate = s.messages as f64 / t0.elapsed().as_secs_f64();
+
+    // Drain: the subscriber's persistent session is offline while the
+    // backlog builds up at broker B.
+    let file = payload_file(dir, s.backlog)?;
+    publish(pa, &file)?;
+    std::thread::sleep(Duration::from_secs(2)); // the bridge hands over the rest
+    let t0 = Instant::now();
+    wait_child(sub(pb, s.backlog)?, Duration::from_secs(3600))?;
+    let drain = s.backlog as f64 / t0.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(dir);
+    Ok((rate, drain))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs both sides `runs` times and returns the figures.
+pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
+    ensure_mosquitto()?;
+    let exe = exe()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let tmp = std::env::temp_dir().join(format!("rs-bench-{}", std::process::id()));
+    let (mut rate, mut drain, mut rss, mut prate, mut pdrain) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for i in 0..s.runs {
+        eprintln!("rs-bench forward: run {} of {}: ours", i + 1, s.runs);
+        let o = rt.block_on(ours(&exe, s, &tmp.join("ours")))?;
+        eprintln!(
+            "rs-bench forward: run {} of {}: mosquitto bridge",
+            i + 1,
+            s.runs
+        );
+        let (pr, pd) = peer(s, &tmp.join("peer"))?;
+        eprintln!(
+            "  ours {:.0}/s drain {:.0}/s rss {:.1} MB; mosquitto {pr:.0}/s drain {pd:.0}/s",
+            o.rate, o.drain, o.rss
+        );
+        rate.push(o.rate);
+        drain.push(o.drain);
+        rss.push(o.rss);
+        prate.push(pr);
+        pdrain.push(pd);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    let command = format!(
+        "cargo run --release -p rs-bench -- forward --messages {} --backlog {} --runs {}",
+        s.messages, s.backlog, s.runs
+    );
+    let at = crate::now();
+    let machine = crate::machine();
+    let fig = |id: &str,
+               what: String,
+               vals: &mut Vec<f64>,
+               unit: &str,
+               better: &str,
+               peer: Option<(&str, &mut Vec<f64>)>,
+               target: Option<&str>| {
+        let (min, max) = (
+            vals.iter().copied().fold(f64::INFINITY, f64::min),
+            vals.iter().copied().fold(0.0, f64::max),
+        );
+        let value = median(vals);
+        let (peer, peer_value) = match peer {
+            Some((name, pv)) => (Some(name.to_owned()), Some(median(pv))),
+            None => (None, None),
+        };
+        Figure {
+            id: id.into(),
+            what,
+            value,
+            unit: unit.into(),
+            runs: vals.len() as u32,
+            min,
+            max,
+            peer,
+            ratio: peer_value.map(|p| value / p),
+            peer_value,
+            better: better.into(),
+            command: command.clone(),
+            measured_at: at.clone(),
+            target: target.map(Into::into),
+            machine: Some(machine.clone()),
+        }
+    };
+    Ok(vec![
+        fig(
+            "forward_msgs_per_s",
+            format!(
+                "durable forward path, integrator -> proxy spool -> MLM -> appserver stored, 2 KB alarms, {} messages, {} concurrent integrator clients",
+                s.messages, s.clients
+            ),
+            &mut rate,
+            "messages/s",
+            "higher",
+            Some((
+                "mosquitto bridge A -> B, QoS 1, persistence on, 2 KB",
+                &mut prate,
+            )),
+            Some("ratio >= 1"),
+        ),
+        fig(
+            "drain_msgs_per_s",
+            format!(
+                "drain of a {}-message backlog built while the next hop was away",
+                s.backlog
+            ),
+            &mut drain,
+            "messages/s",
+            "higher",
+            Some((
+                "mosquitto: offline persistent subscriber's queue on broker B",
+                &mut pdrain,
+            )),
+            None,
+        ),
+        fig(
+            "rss_idle_proxy_mb",
+            "resident memory of an idle rs-proxy (3 s after start)".into(),
+            &mut rss,
+            "MB",
+            "lower",
+            None,
+            Some("<= 15 MB"),
+        ),
+    ])
+}
