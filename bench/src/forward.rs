@@ -4,7 +4,7 @@
 //! waiting for the durable acknowledgement) -> rs-proxy -> rs-mlm ->
 //! rs-appserver, 2 KB alarms, counted when stored at the server. Peer:
 //! mosquitto broker A bridged to broker B at QoS 1 with persistence on,
-//! `mosquitto_pub -q 1` into A, `mosquitto_sub -q 1` (persistent session)
+//! `mosquitto_pub -q 1 --repeat` into A, `mosquitto_sub -q 1` (persistent session)
 //! out of B, 2 KB messages. Then each drains a backlog built while its far
 //! end was away. Also the idle proxy's resident memory.
 
@@ -247,21 +247,14 @@ fn broker(conf: &str, dir: &Path, pa: u16, pb: u16, name: &str) -> anyhow::Resul
     Ok(Broker(child))
 }
 
-fn payload_file(dir: &Path, n: u64) -> anyhow::Result<PathBuf> {
-    use std::io::Write as _;
-    let path = dir.join(format!("payload-{n}.txt"));
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
-    for i in 0..n {
-        // 2 KB per message, as ours (mosquitto_pub -l: one message per line).
-        let mut line = format!("bench alarm {i}: ");
-        while line.len() < 2048 {
-            line.push_str("file system /var/lib/db usage above threshold; ");
-        }
-        line.truncate(2048);
-        writeln!(f, "{line}")?;
+/// A 2 KB message, as ours.
+fn payload() -> String {
+    let mut line = String::from("bench alarm: ");
+    while line.len() < 2048 {
+        line.push_str("file system /var/lib/db usage above threshold; ");
     }
-    f.flush()?;
-    Ok(path)
+    line.truncate(2048);
+    line
 }
 
 fn sub(pb: u16, count: u64) -> anyhow::Result<Child> {
@@ -284,23 +277,14 @@ fn sub(pb: u16, count: u64) -> anyhow::Result<Child> {
         .spawn()?)
 }
 
-fn publish(pa: u16, file: &Path) -> anyhow::Result<()> {
+/// Publishes `count` messages at QoS 1 (`--repeat` sends each once the
+/// previous one is on its way; unlike `-l` it cannot lose the tail of its
+/// input when it exits).
+fn publish(pa: u16, count: u64) -> anyhow::Result<()> {
     run_cmd(
         Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &pa.to_string(),
-                "-t",
-                "rs/alarms",
-                "-q",
-                "1",
-                "-l",
-                "-i",
-                "bench-pub",
-            ])
-            .stdin(std::fs::File::open(file)?)
+            .args(["-h", "127.0.0.1", "-p", &pa.to_string(), "-t", "rs/alarms", "-q", "1", "-i", "bench-pub"])
+            .args(["-m", &payload(), "--repeat", &count.to_string()])
             .stdout(Stdio::null()),
     )
 }
@@ -329,18 +313,16 @@ fn peer(s: &Settings, dir: &Path) -> anyhow::Result<(f64, f64)> {
     std::thread::sleep(Duration::from_millis(500)); // the bridge connects
 
     // Throughput: the subscriber is online; first publish until last received.
-    let file = payload_file(dir, s.messages)?;
     let subscriber = sub(pb, s.messages)?;
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
-    publish(pa, &file)?;
+    publish(pa, s.messages)?;
     wait_child(subscriber, Duration::from_secs(600))?;
     let rate = s.messages as f64 / t0.elapsed().as_secs_f64();
 
     // Drain: the subscriber's persistent session is offline while the
     // backlog builds up at broker B.
-    let file = payload_file(dir, s.backlog)?;
-    publish(pa, &file)?;
+    publish(pa, s.backlog)?;
     std::thread::sleep(Duration::from_secs(2)); // the bridge hands over the rest
     let t0 = Instant::now();
     wait_child(sub(pb, s.backlog)?, Duration::from_secs(3600))?;
