@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use rs_common::codec::{RawMessage, encode_header};
-use rs_common::db::{Db, DbError, DbState};
+use rs_common::db::{Db, DbError, Plain};
 use rs_common::model::{ContentKind, Severity};
 use rs_common::{MessageId, RsId, Timestamp};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -119,24 +119,10 @@ pub struct StoreStats {
     pub duplicates_total: u64,
 }
 
-#[derive(Debug)]
-pub struct State {
-    conn: Connection,
-}
-
-impl DbState for State {
-    type Saved = ();
-    fn conn(&self) -> &Connection {
-        &self.conn
-    }
-    fn save(&self) {}
-    fn restore(&mut self, (): ()) {}
-}
-
 /// Handle to the store.
 #[derive(Debug, Clone)]
 pub struct Store {
-    db: Db<State>,
+    db: Db<Plain>,
 }
 
 fn severity_rank(s: Severity) -> i64 {
@@ -169,7 +155,7 @@ impl Store {
         let conn = rs_common::db::open(path)?;
         conn.execute_batch(SCHEMA)?;
         Ok(Store {
-            db: Db::start("rs-appserver-store", State { conn })?,
+            db: Db::start("rs-appserver-store", Plain(conn))?,
         })
     }
 
@@ -192,7 +178,7 @@ impl Store {
                     };
                     let via = via_of(m);
                     let header = encode_header(&m.header, m.kind, m.data.as_ref());
-                    let n = s.conn.execute(
+                    let n = s.0.execute(
                         "INSERT INTO messages (id, received, created, component, customer, kind, class,
                                                subclass, severity, via, header, content_type, content)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
@@ -222,10 +208,10 @@ impl Store {
                     out.push(Stored::New);
                     // One update per component per batch is enough.
                     if touched.insert(src.component.as_str().to_owned()) {
-                        upsert_component(&s.conn, &src.component, &src.version, &via, now)?;
+                        upsert_component(&s.0, &src.component, &src.version, &via, now)?;
                     }
                     if let Some((xml, state)) = &inc.status {
-                        s.conn.execute(
+                        s.0.execute(
                             "UPDATE components SET state = ?2, status = ?3, status_at = ?4 WHERE id = ?1",
                             params![src.component.as_str(), state, xml, m.header.created.as_millis()],
                         )?;
@@ -235,13 +221,13 @@ impl Store {
                         if touched.insert(hop.component.as_str().to_owned()) {
                             let route: Vec<&str> =
                                 m.header.routing[..i].iter().map(|h| h.component.as_str()).collect();
-                            touch(&s.conn, &hop.component, &route.join(" "), now)?;
+                            touch(&s.0, &hop.component, &route.join(" "), now)?;
                         }
                     }
 
                 }
-                bump(&s.conn, "stored", new)?;
-                bump(&s.conn, "duplicates", dup)?;
+                bump(&s.0, "stored", new)?;
+                bump(&s.0, "duplicates", dup)?;
                 Ok(out)
             })
             .await
@@ -285,7 +271,7 @@ impl Store {
                     " ORDER BY received DESC, id LIMIT {}",
                     q.limit.min(10_000)
                 ));
-                let mut st = s.conn.prepare(&sql)?;
+                let mut st = s.0.prepare(&sql)?;
                 let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
                     Ok(Row {
                         id: r.get(0)?,
@@ -312,7 +298,7 @@ impl Store {
     pub async fn count_id(&self, id: MessageId) -> Result<u64, DbError> {
         self.db
             .read(move |s| {
-                let n: i64 = s.conn.query_row(
+                let n: i64 = s.0.query_row(
                     "SELECT COUNT(*) FROM messages WHERE id = ?1",
                     params![id.as_str()],
                     |r| r.get(0),
@@ -325,7 +311,7 @@ impl Store {
     pub async fn components(&self) -> Result<Vec<ComponentRow>, DbError> {
         self.db
             .read(|s| {
-                let mut st = s.conn.prepare(
+                let mut st = s.0.prepare(
                     "SELECT id, kind, version, first_seen, last_seen, via, state, status
                      FROM components ORDER BY id",
                 )?;
@@ -350,9 +336,8 @@ impl Store {
         self.db
             .read(|s| {
                 let counter = |name: &str| -> rusqlite::Result<u64> {
-                    let v: Option<i64> = s
-                        .conn
-                        .query_row(
+                    let v: Option<i64> =
+                        s.0.query_row(
                             "SELECT value FROM counters WHERE name = ?1",
                             params![name],
                             |r| r.get(0),
@@ -360,7 +345,7 @@ impl Store {
                         .optional()?;
                     Ok(u64::try_from(v.unwrap_or(0)).unwrap_or(0))
                 };
-                let (messages, components): (i64, i64) = s.conn.query_row(
+                let (messages, components): (i64, i64) = s.0.query_row(
                     "SELECT (SELECT COUNT(*) FROM messages), (SELECT COUNT(*) FROM components)",
                     [],
                     |r| Ok((r.get(0)?, r.get(1)?)),
@@ -381,9 +366,8 @@ impl Store {
         let horizon = now.as_millis() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         self.db
             .write(move |s| {
-                let n = s
-                    .conn
-                    .execute("DELETE FROM messages WHERE received < ?1", params![horizon])?;
+                let n =
+                    s.0.execute("DELETE FROM messages WHERE received < ?1", params![horizon])?;
                 Ok(n as u64)
             })
             .await

@@ -283,7 +283,18 @@ fn sub(pb: u16, count: u64) -> anyhow::Result<Child> {
 fn publish(pa: u16, count: u64) -> anyhow::Result<()> {
     run_cmd(
         Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &pa.to_string(), "-t", "rs/alarms", "-q", "1", "-i", "bench-pub"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pa.to_string(),
+                "-t",
+                "rs/alarms",
+                "-q",
+                "1",
+                "-i",
+                "bench-pub",
+            ])
             .args(["-m", &payload(), "--repeat", &count.to_string()])
             .stdout(Stdio::null()),
     )

@@ -166,3 +166,39 @@ impl StatusNode {
         }
     }
 }
+
+/// An infrastructure message (`heartbeat`, `coldStart`, `shutdown`) from
+/// `component` carrying its status tree: not persistent, expiring after
+/// `ttl` (a stale heartbeat is worth nothing).
+pub fn status_message(
+    component: RsId,
+    sub: &str,
+    tree: &StatusNode,
+    now: Timestamp,
+    ttl: std::time::Duration,
+    precedence: u8,
+) -> crate::model::Message {
+    use crate::model::*;
+    Message {
+        header: Header {
+            id: crate::ids::MessageId::generate(),
+            created: now,
+            class: Classification::new(CLASS_INFRASTRUCTURE, sub),
+            route: Route::Source(Source {
+                component,
+                version: tree.version.clone().unwrap_or_else(|| "0".into()),
+                qos: Qos {
+                    expiry: Some(now.saturating_add(ttl)),
+                    precedence,
+                    persistent: false,
+                },
+            }),
+            routing: Vec::new(),
+        },
+        content: Content::Data(Data {
+            mime: "text/xml".into(),
+            encoding: TransferEncoding::Binary,
+            bytes: crate::codec::encode_status(tree).into(),
+        }),
+    }
+}

@@ -32,6 +32,19 @@ pub trait DbState: Send + 'static {
     fn restore(&mut self, saved: Self::Saved);
 }
 
+/// The state of a store that caches nothing beside its connection.
+#[derive(Debug)]
+pub struct Plain(pub Connection);
+
+impl DbState for Plain {
+    type Saved = ();
+    fn conn(&self) -> &Connection {
+        &self.0
+    }
+    fn save(&self) {}
+    fn restore(&mut self, (): ()) {}
+}
+
 type Deliver = Box<dyn FnOnce(Result<(), DbError>) + Send>;
 type WriteJob<S> = Box<dyn FnOnce(Option<&mut S>) -> Deliver + Send>;
 

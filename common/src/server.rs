@@ -50,6 +50,30 @@ pub enum Peer {
     Local,
 }
 
+/// A listener the accept loop can serve: TCP, or a Unix-domain socket.
+pub trait Listener: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self)
+    -> impl std::future::Future<Output = std::io::Result<(Self::Io, Peer)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> std::io::Result<(Self::Io, Peer)> {
+        let (s, addr) = TcpListener::accept(self).await?;
+        let _ = s.set_nodelay(true);
+        Ok((s, Peer::Tcp(addr)))
+    }
+}
+
+impl Listener for UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept(&self) -> std::io::Result<(Self::Io, Peer)> {
+        let (s, _) = UnixListener::accept(self).await?;
+        Ok((s, Peer::Local))
+    }
+}
+
 /// Serves `filter` on a TCP listener until `shutdown`, then drains.
 pub async fn serve_tcp<F>(
     listener: TcpListener,
@@ -57,6 +81,35 @@ pub async fn serve_tcp<F>(
     cfg: ServeConfig,
     shutdown: CancellationToken,
 ) where
+    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    serve(listener, filter, cfg, shutdown).await;
+}
+
+/// Serves `filter` on a Unix-domain socket until `shutdown`, then drains.
+pub async fn serve_unix<F>(
+    listener: UnixListener,
+    filter: F,
+    cfg: ServeConfig,
+    shutdown: CancellationToken,
+) where
+    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    serve(listener, filter, cfg, shutdown).await;
+}
+
+/// The accept loop: one task per connection, at most `max_connections`.
+pub async fn serve<L, F>(listener: L, filter: F, cfg: ServeConfig, shutdown: CancellationToken)
+where
+    L: Listener,
     F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
         + Clone
         + Send
@@ -75,11 +128,10 @@ pub async fn serve_tcp<F>(
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, addr)) => {
-                let _ = stream.set_nodelay(true);
+            Ok((io, peer)) => {
                 tracker.spawn(serve_conn(
-                    stream,
-                    Peer::Tcp(addr),
+                    io,
+                    peer,
                     filter.clone(),
                     cfg.clone(),
                     shutdown.clone(),
@@ -100,51 +152,6 @@ pub async fn serve_tcp<F>(
     {
         tracing::warn!("connections still open after the shutdown grace period");
     }
-}
-
-/// Serves `filter` on a Unix-domain socket until `shutdown`, then drains.
-pub async fn serve_unix<F>(
-    listener: UnixListener,
-    filter: F,
-    cfg: ServeConfig,
-    shutdown: CancellationToken,
-) where
-    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-{
-    let sem = Arc::new(Semaphore::new(cfg.max_connections));
-    let tracker = TaskTracker::new();
-    loop {
-        let permit = tokio::select! {
-            () = shutdown.cancelled() => break,
-            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                tracker.spawn(serve_conn(
-                    stream,
-                    Peer::Local,
-                    filter.clone(),
-                    cfg.clone(),
-                    shutdown.clone(),
-                    permit,
-                ));
-            }
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    tracker.close();
-    let _ = tokio::time::timeout(cfg.grace, tracker.wait()).await;
 }
 
 async fn serve_conn<IO, F>(

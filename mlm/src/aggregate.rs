@@ -11,10 +11,10 @@
 
 use std::time::Duration;
 
-use rs_common::db::{Db, DbError, DbState};
+use rs_common::db::{Db, DbError, Plain};
 use rs_common::model::*;
 use rs_common::{MessageId, RsId, Timestamp};
-use rusqlite::{Connection, params};
+use rusqlite::params;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS aggregation (
@@ -58,24 +58,10 @@ pub struct Group {
     pub members: Vec<Member>,
 }
 
-#[derive(Debug)]
-pub struct State {
-    conn: Connection,
-}
-
-impl DbState for State {
-    type Saved = ();
-    fn conn(&self) -> &Connection {
-        &self.conn
-    }
-    fn save(&self) {}
-    fn restore(&mut self, (): ()) {}
-}
-
 /// Handle to the aggregation queue.
 #[derive(Debug, Clone)]
 pub struct AggregationQueue {
-    db: Db<State>,
+    db: Db<Plain>,
 }
 
 fn rank(s: Severity) -> i64 {
@@ -87,7 +73,7 @@ impl AggregationQueue {
         let conn = rs_common::db::open(path)?;
         conn.execute_batch(SCHEMA)?;
         Ok(AggregationQueue {
-            db: Db::start("rs-mlm-aggregation", State { conn })?,
+            db: Db::start("rs-mlm-aggregation", Plain(conn))?,
         })
     }
 
@@ -96,7 +82,7 @@ impl AggregationQueue {
         self.db
             .write(move |s| {
                 for (rule, grp, m) in items {
-                    s.conn.execute(
+                    s.0.execute(
                         "INSERT INTO aggregation (rule, grp, id, received, severity, precedence, persistent,
                                                   expiry, source, class, subclass, text)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
@@ -116,7 +102,7 @@ impl AggregationQueue {
     pub async fn due(&self, now: Timestamp, windows: Vec<Duration>) -> Result<Vec<Group>, DbError> {
         self.db
             .read(move |s| {
-                let mut st = s.conn.prepare(
+                let mut st = s.0.prepare(
                     "SELECT rule, grp, id, received, severity, precedence, persistent, expiry, source,
                             class, subclass, text
                      FROM aggregation ORDER BY rule, grp, seq",
@@ -170,8 +156,7 @@ impl AggregationQueue {
         self.db
             .write(move |s| {
                 for id in ids {
-                    s.conn
-                        .execute("DELETE FROM aggregation WHERE id = ?1", params![id])?;
+                    s.0.execute("DELETE FROM aggregation WHERE id = ?1", params![id])?;
                 }
                 Ok(())
             })
@@ -182,9 +167,8 @@ impl AggregationQueue {
     pub async fn pending(&self) -> Result<u64, DbError> {
         self.db
             .read(|s| {
-                let n: i64 = s
-                    .conn
-                    .query_row("SELECT COUNT(*) FROM aggregation", [], |r| r.get(0))?;
+                let n: i64 =
+                    s.0.query_row("SELECT COUNT(*) FROM aggregation", [], |r| r.get(0))?;
                 Ok(u64::try_from(n).unwrap_or(0))
             })
             .await

@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use rs_common::RsId;
 use rs_common::codec::encode_status;
 use rs_common::control::{
-    CLASS_INFRASTRUCTURE, NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode,
+    NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode, status_message,
 };
 use rs_common::ingress::xml_response;
 use rs_common::model::*;
@@ -26,7 +27,6 @@ use rs_common::spool::{Spool, SpoolConfig};
 use rs_common::upstream::{
     Clock, Sender, SenderConfig, SenderStats, SystemClock, Upstream, UpstreamConfig,
 };
-use rs_common::{MessageId, RsId};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use warp::Filter;
@@ -132,28 +132,8 @@ impl Mlm {
     /// Spools one of the MLM's own infrastructure messages.
     async fn infrastructure(&self, sub: &str, ttl: Duration, precedence: u8) -> anyhow::Result<()> {
         let now = self.clock.now();
-        let msg = Message {
-            header: Header {
-                id: MessageId::generate(),
-                created: now,
-                class: Classification::new(CLASS_INFRASTRUCTURE, sub),
-                route: Route::Source(Source {
-                    component: self.id.clone(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    qos: Qos {
-                        expiry: Some(now.saturating_add(ttl)),
-                        precedence,
-                        persistent: false,
-                    },
-                }),
-                routing: Vec::new(),
-            },
-            content: Content::Data(Data {
-                mime: "text/xml".into(),
-                encoding: TransferEncoding::Binary,
-                bytes: encode_status(&self.status_tree().await).into(),
-            }),
-        };
+        let tree = self.status_tree().await;
+        let msg = status_message(self.id.clone(), sub, &tree, now, ttl, precedence);
         self.spool.enqueue(vec![msg.to_raw()], now).await?;
         Ok(())
     }

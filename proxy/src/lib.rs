@@ -16,9 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rs_common::codec::encode_status;
 use rs_common::control::{
-    CLASS_INFRASTRUCTURE, NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode,
+    NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode, status_message,
 };
 use rs_common::model::*;
 use rs_common::spool::sqlite::SqliteSpool;
@@ -208,25 +207,14 @@ impl Proxy {
         precedence: u8,
     ) -> Result<MessageId, SubmitError> {
         let tree = self.status_tree().await;
-        let qos = Qos {
-            expiry: Some(self.clock.now().saturating_add(ttl)),
-            precedence,
-            persistent: false,
-        };
-        let header = self.header(
+        self.submit(status_message(
             self.id.clone(),
-            env!("CARGO_PKG_VERSION").into(),
-            Classification::new(CLASS_INFRASTRUCTURE, sub),
-            qos,
-        );
-        self.submit(Message {
-            header,
-            content: Content::Data(Data {
-                mime: "text/xml".into(),
-                encoding: TransferEncoding::Binary,
-                bytes: encode_status(&tree).into(),
-            }),
-        })
+            sub,
+            &tree,
+            self.clock.now(),
+            ttl,
+            precedence,
+        ))
         .await
     }
 
