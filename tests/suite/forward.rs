@@ -516,3 +516,58 @@ async fn sigkill_of_each_tier_loses_nothing_acknowledged_and_stores_nothing_twic
         assert_eq!(integrity(&dir.join(db)).unwrap(), "ok", "{db}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custody_mlm_accepts_while_its_upstream_is_down_and_delivers_later() {
+    let dir = tmp("custody");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let port = free_port();
+    let custody = Extra { top: "custody = true".into(), ..Extra::default() };
+    let m = d.mlm("mlm", "acme.m1", std::slice::from_ref(&port), &custody).unwrap();
+    let s = d.proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default()).unwrap();
+    let c = register(&s).await;
+    let mut ids = HashSet::new();
+    for i in 0..20 {
+        ids.insert(c.send("alarm", &alarm(&format!("custody {i}"), None)).await.unwrap());
+    }
+    // The MLM took custody: the proxy's spool empties with no server up.
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current()
+                    .block_on(proxy_metrics(&s))
+                    .is_ok_and(|m| m.get("spool.messages") == Some(&0) && m.get("upstream.accepted").copied().unwrap_or(0) >= 20)
+            })
+        }),
+        "the MLM did not take custody"
+    );
+    // Custody survives a crash of the MLM.
+    d.node("mlm").signal("KILL");
+    let _ = d.node("mlm").child.take().map(|mut c| c.wait());
+    tokio::task::block_in_place(|| d.restart("mlm")).unwrap();
+    d.appserver(&port, "").unwrap();
+    assert!(all_stored(&dir, &ids, Duration::from_secs(60)), "custody messages were not delivered");
+    assert_exactly_once(&dir, &ids);
+    d.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mlms_chain_and_each_appends_its_hop() {
+    let dir = tmp("chain");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let farm = d.mlm("farm", "rs.m1", std::slice::from_ref(&a), &Extra::default()).unwrap();
+    let site = d.mlm("site", "acme.m1", std::slice::from_ref(&farm), &Extra::default()).unwrap();
+    let s = d.proxy("p1", "acme.p1", std::slice::from_ref(&site), &Extra::default()).unwrap();
+    let c = register(&s).await;
+    let id = c.send("alarm", &alarm("through two MLMs", None)).await.unwrap();
+    assert!(all_stored(&dir, &[id.clone()].into(), Duration::from_secs(30)));
+    let body = reqwest::get(format!("http://{a}/rs/v1/control/messages?component=acme.p1.s1"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.contains(&format!("id=\"{id}\"")) && body.contains("via=\"acme.m1 rs.m1\""), "{body}");
+    d.stop_all();
+}
