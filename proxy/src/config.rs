@@ -17,6 +17,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The integrator API's Unix-domain socket.
     pub socket: PathBuf,
+    /// Also serve the integrator API on this loopback TCP address (for
+    /// integrators that cannot use a Unix socket). Loopback only.
+    #[serde(default)]
+    pub api_listen: Option<std::net::SocketAddr>,
     pub upstream: UpstreamSection,
     #[serde(default)]
     pub spool: SpoolSection,
@@ -101,6 +105,13 @@ impl Config {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
                 return Err(format!("upstream.urls: {u:?} is not an http(s) URL"));
             }
+        }
+        if let Some(a) = c.api_listen
+            && !a.ip().is_loopback()
+        {
+            return Err(format!(
+                "api_listen {a}: the integrator API is served on loopback addresses only"
+            ));
         }
         if c.upstream.max_messages == 0 || c.heartbeat_secs == 0 {
             return Err("upstream.max_messages and heartbeat_secs must be at least 1".into());

@@ -297,6 +297,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         })
     };
 
+    let tcp_api = match proxy.cfg.api_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            tracing::info!("integrator API also on {}", l.local_addr()?);
+            Some(tokio::spawn(rs_common::server::serve_tcp(
+                l,
+                api::routes(proxy.clone()),
+                rs_common::server::ServeConfig::default(),
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     rs_common::server::serve_unix(
         listener,
         api::routes(proxy.clone()),
@@ -304,6 +319,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         shutdown.clone(),
     )
     .await;
+    if let Some(t) = tcp_api {
+        let _ = t.await;
+    }
     let _ = beats.await;
     let _ = std::fs::remove_file(&proxy.cfg.socket);
 

@@ -522,13 +522,24 @@ async fn a_custody_mlm_accepts_while_its_upstream_is_down_and_delivers_later() {
     let dir = tmp("custody");
     let mut d = Deployment::new(&dir, exe()).unwrap();
     let port = free_port();
-    let custody = Extra { top: "custody = true".into(), ..Extra::default() };
-    let m = d.mlm("mlm", "acme.m1", std::slice::from_ref(&port), &custody).unwrap();
-    let s = d.proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default()).unwrap();
+    let custody = Extra {
+        top: "custody = true".into(),
+        ..Extra::default()
+    };
+    let m = d
+        .mlm("mlm", "acme.m1", std::slice::from_ref(&port), &custody)
+        .unwrap();
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
     let c = register(&s).await;
     let mut ids = HashSet::new();
     for i in 0..20 {
-        ids.insert(c.send("alarm", &alarm(&format!("custody {i}"), None)).await.unwrap());
+        ids.insert(
+            c.send("alarm", &alarm(&format!("custody {i}"), None))
+                .await
+                .unwrap(),
+        );
     }
     // The MLM took custody: the proxy's spool empties with no server up.
     assert!(
@@ -536,7 +547,10 @@ async fn a_custody_mlm_accepts_while_its_upstream_is_down_and_delivers_later() {
             tokio::task::block_in_place(|| {
                 tokio::runtime::Handle::current()
                     .block_on(proxy_metrics(&s))
-                    .is_ok_and(|m| m.get("spool.messages") == Some(&0) && m.get("upstream.accepted").copied().unwrap_or(0) >= 20)
+                    .is_ok_and(|m| {
+                        m.get("spool.messages") == Some(&0)
+                            && m.get("upstream.accepted").copied().unwrap_or(0) >= 20
+                    })
             })
         }),
         "the MLM did not take custody"
@@ -546,7 +560,10 @@ async fn a_custody_mlm_accepts_while_its_upstream_is_down_and_delivers_later() {
     let _ = d.node("mlm").child.take().map(|mut c| c.wait());
     tokio::task::block_in_place(|| d.restart("mlm")).unwrap();
     d.appserver(&port, "").unwrap();
-    assert!(all_stored(&dir, &ids, Duration::from_secs(60)), "custody messages were not delivered");
+    assert!(
+        all_stored(&dir, &ids, Duration::from_secs(60)),
+        "custody messages were not delivered"
+    );
     assert_exactly_once(&dir, &ids);
     d.stop_all();
 }
@@ -556,18 +573,103 @@ async fn mlms_chain_and_each_appends_its_hop() {
     let dir = tmp("chain");
     let mut d = Deployment::new(&dir, exe()).unwrap();
     let a = d.appserver("127.0.0.1:0", "").unwrap();
-    let farm = d.mlm("farm", "rs.m1", std::slice::from_ref(&a), &Extra::default()).unwrap();
-    let site = d.mlm("site", "acme.m1", std::slice::from_ref(&farm), &Extra::default()).unwrap();
-    let s = d.proxy("p1", "acme.p1", std::slice::from_ref(&site), &Extra::default()).unwrap();
+    let farm = d
+        .mlm("farm", "rs.m1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let site = d
+        .mlm(
+            "site",
+            "acme.m1",
+            std::slice::from_ref(&farm),
+            &Extra::default(),
+        )
+        .unwrap();
+    let s = d
+        .proxy(
+            "p1",
+            "acme.p1",
+            std::slice::from_ref(&site),
+            &Extra::default(),
+        )
+        .unwrap();
     let c = register(&s).await;
-    let id = c.send("alarm", &alarm("through two MLMs", None)).await.unwrap();
-    assert!(all_stored(&dir, &[id.clone()].into(), Duration::from_secs(30)));
-    let body = reqwest::get(format!("http://{a}/rs/v1/control/messages?component=acme.p1.s1"))
+    let id = c
+        .send("alarm", &alarm("through two MLMs", None))
+        .await
+        .unwrap();
+    assert!(all_stored(
+        &dir,
+        &[id.clone()].into(),
+        Duration::from_secs(30)
+    ));
+    let body = reqwest::get(format!(
+        "http://{a}/rs/v1/control/messages?component=acme.p1.s1"
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(
+        body.contains(&format!("id=\"{id}\"")) && body.contains("via=\"acme.m1 rs.m1\""),
+        "{body}"
+    );
+    d.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_integrator_api_also_answers_on_loopback_tcp() {
+    let dir = tmp("tcpapi");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let api = free_port();
+    let extra = Extra {
+        top: format!("api_listen = \"{api}\""),
+        ..Extra::default()
+    };
+    d.proxy("p1", "acme.p1", std::slice::from_ref(&a), &extra)
+        .unwrap();
+    let http = reqwest::Client::new();
+    let reg = http
+        .post(format!("http://{api}/v1/integrators"))
+        .body(r#"{"name":"tcp-script","version":"2.0"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reg.status(), 200);
+    let sent = http
+        .post(format!("http://{api}/v1/alarm"))
+        .body(r#"{"integrator":"tcp-script","severity":"minor","text":"over TCP"}"#)
+        .send()
         .await
         .unwrap()
         .text()
         .await
         .unwrap();
-    assert!(body.contains(&format!("id=\"{id}\"")) && body.contains("via=\"acme.m1 rs.m1\""), "{body}");
+    let sent: serde_json::Value = serde_json::from_str(&sent).unwrap();
+    let id = sent["message_id"].as_str().unwrap().to_owned();
+    assert!(all_stored(&dir, &[id].into(), Duration::from_secs(30)));
+    // A bad request gets a clear error and changes nothing.
+    let bad = http
+        .post(format!("http://{api}/v1/alarm"))
+        .body(r#"{"integrator":"tcp-script","text":"no severity"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(
+        bad.text()
+            .await
+            .unwrap()
+            .contains("an alarm needs a severity")
+    );
     d.stop_all();
+}
+
+#[test]
+fn the_integrator_api_refuses_non_loopback_addresses() {
+    let cfg = "id = \"acme.p1\"\ndata_dir = \"/tmp/x\"\nsocket = \"/tmp/x/s\"\napi_listen = \"0.0.0.0:8449\"\n[upstream]\nurls = [\"http://127.0.0.1:1\"]\n";
+    let err = rs_proxy::Config::parse(cfg).unwrap_err();
+    assert!(err.contains("loopback"), "{err}");
+    assert!(rs_proxy::Config::parse(&cfg.replace("0.0.0.0", "127.0.0.1")).is_ok());
 }
