@@ -130,9 +130,15 @@ fn severity_rank(s: Severity) -> i64 {
     Severity::ALL.iter().position(|x| *x == s).unwrap_or(4) as i64
 }
 
+/// Runs a statement through the connection's statement cache.
+fn exec(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(p)
+}
+
 fn bump(conn: &Connection, name: &str, by: u64) -> rusqlite::Result<()> {
     if by > 0 {
-        conn.execute(
+        exec(
+            conn,
             "INSERT INTO counters (name, value) VALUES (?1, ?2)
              ON CONFLICT (name) DO UPDATE SET value = value + ?2",
             params![name, i64::try_from(by).unwrap_or(i64::MAX)],
@@ -178,7 +184,7 @@ impl Store {
                     };
                     let via = via_of(m);
                     let header = encode_header(&m.header, m.kind, m.data.as_ref());
-                    let n = s.0.execute(
+                    let n = exec(&s.0,
                         "INSERT INTO messages (id, received, created, component, customer, kind, class,
                                                subclass, severity, via, header, content_type, content)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
@@ -211,7 +217,7 @@ impl Store {
                         upsert_component(&s.0, &src.component, &src.version, &via, now)?;
                     }
                     if let Some((xml, state)) = &inc.status {
-                        s.0.execute(
+                        exec(&s.0,
                             "UPDATE components SET state = ?2, status = ?3, status_at = ?4 WHERE id = ?1",
                             params![src.component.as_str(), state, xml, m.header.created.as_millis()],
                         )?;
@@ -366,8 +372,11 @@ impl Store {
         let horizon = now.as_millis() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         self.db
             .write(move |s| {
-                let n =
-                    s.0.execute("DELETE FROM messages WHERE received < ?1", params![horizon])?;
+                let n = exec(
+                    &s.0,
+                    "DELETE FROM messages WHERE received < ?1",
+                    params![horizon],
+                )?;
                 Ok(n as u64)
             })
             .await
@@ -381,7 +390,8 @@ fn upsert_component(
     via: &str,
     now: Timestamp,
 ) -> rusqlite::Result<()> {
-    conn.execute(
+    exec(
+        conn,
         "INSERT INTO components (id, kind, customer, version, first_seen, last_seen, via)
          VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)
          ON CONFLICT (id) DO UPDATE SET version = ?4, last_seen = ?5, via = ?6",
@@ -398,7 +408,8 @@ fn upsert_component(
 }
 
 fn touch(conn: &Connection, id: &RsId, via: &str, now: Timestamp) -> rusqlite::Result<()> {
-    conn.execute(
+    exec(
+        conn,
         "INSERT INTO components (id, kind, customer, first_seen, last_seen, via)
          VALUES (?1, ?2, ?3, ?4, ?4, ?5)
          ON CONFLICT (id) DO UPDATE SET last_seen = ?4, via = ?5",

@@ -150,11 +150,11 @@ fn in_savepoint<S: DbState, T>(
     s: &mut S,
     f: impl FnOnce(&mut S) -> Result<T, DbError>,
 ) -> Result<T, DbError> {
-    s.conn().execute_batch("SAVEPOINT job")?;
+    s.conn().prepare_cached("SAVEPOINT job")?.execute([])?;
     let saved = s.save();
     match f(s) {
         Ok(v) => {
-            s.conn().execute_batch("RELEASE job")?;
+            s.conn().prepare_cached("RELEASE job")?.execute([])?;
             Ok(v)
         }
         Err(e) => {

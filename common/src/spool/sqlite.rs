@@ -117,15 +117,19 @@ struct Worker {
 }
 
 impl DbState for Worker {
-    type Saved = (u64, HashSet<String>);
+    // Only the byte count is restored after a failed job. The in-flight set
+    // is not (copying it for every job was the spool's largest cost): a
+    // message a failed settle took out of it is merely offered again, and
+    // receivers drop duplicates.
+    type Saved = u64;
     fn conn(&self) -> &Connection {
         &self.conn
     }
     fn save(&self) -> Self::Saved {
-        (self.total_bytes, self.inflight.clone())
+        self.total_bytes
     }
     fn restore(&mut self, saved: Self::Saved) {
-        (self.total_bytes, self.inflight) = saved;
+        self.total_bytes = saved;
     }
 }
 
@@ -216,9 +220,16 @@ fn ms(t: Timestamp) -> i64 {
     t.as_millis()
 }
 
+/// Runs a statement through the connection's statement cache (the same few
+/// statements run for every message).
+fn exec(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(p)
+}
+
 fn bump(conn: &Connection, name: &str, by: u64) -> rusqlite::Result<()> {
     if by > 0 {
-        conn.execute(
+        exec(
+            conn,
             "INSERT INTO counters (name, value) VALUES (?1, ?2)
              ON CONFLICT (name) DO UPDATE SET value = value + ?2",
             params![name, i64::try_from(by).unwrap_or(i64::MAX)],
@@ -243,7 +254,8 @@ impl Worker {
     fn enqueue_one(&mut self, m: RawMessage, now: Timestamp) -> rusqlite::Result<Enqueued> {
         let id = m.header.id.as_str().to_owned();
         if self.cfg.dedupe_window.is_some() {
-            let fresh = self.conn.execute(
+            let fresh = exec(
+                &self.conn,
                 "INSERT INTO seen (id, at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
                 params![id, ms(now)],
             )?;
@@ -267,7 +279,8 @@ impl Worker {
                 ),
             }));
         }
-        let n = self.conn.execute(
+        let n = exec(
+            &self.conn,
             "INSERT INTO spool (id, precedence, persistent, expiry, created, bytes, next_attempt,
                                 kind, content_type, header, content)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10)
@@ -332,9 +345,9 @@ impl Worker {
             return Ok(false);
         }
         for (seq, id, prec, pers) in &victims {
-            self.conn
-                .execute("DELETE FROM spool WHERE seq = ?1", params![seq])?;
-            self.conn.execute(
+            exec(&self.conn, "DELETE FROM spool WHERE seq = ?1", params![seq])?;
+            exec(
+                &self.conn,
                 "INSERT INTO drops (id, at, why, precedence, persistent) VALUES (?1, ?2, 'evicted', ?3, ?4)",
                 params![id, ms(now), prec, pers],
             )?;
@@ -427,46 +440,53 @@ impl Worker {
             match s {
                 Settle::Release => {}
                 Settle::Retry { at } => {
-                    self.conn
-                        .execute(
-                            "UPDATE spool SET attempts = attempts + 1, next_attempt = ?2 WHERE id = ?1",
-                            params![id.as_str(), ms(at)],
-                        )
-                        .map_err(db)?;
+                    exec(
+                        &self.conn,
+                        "UPDATE spool SET attempts = attempts + 1, next_attempt = ?2 WHERE id = ?1",
+                        params![id.as_str(), ms(at)],
+                    )
+                    .map_err(db)?;
                 }
                 Settle::Delivered => {
-                    self.conn
-                        .execute("DELETE FROM spool WHERE id = ?1", params![id.as_str()])
-                        .map_err(db)?;
+                    exec(
+                        &self.conn,
+                        "DELETE FROM spool WHERE id = ?1",
+                        params![id.as_str()],
+                    )
+                    .map_err(db)?;
                     self.total_bytes -= size;
                     delivered += 1;
                 }
                 Settle::Expired => {
-                    self.conn
-                        .execute(
+                    exec(&self.conn,
                             "INSERT INTO drops (id, at, why, precedence, persistent)
                              SELECT id, ?2, 'expired', precedence, persistent FROM spool WHERE id = ?1",
                             params![id.as_str(), ms(now)],
                         )
                         .map_err(db)?;
-                    self.conn
-                        .execute("DELETE FROM spool WHERE id = ?1", params![id.as_str()])
-                        .map_err(db)?;
+                    exec(
+                        &self.conn,
+                        "DELETE FROM spool WHERE id = ?1",
+                        params![id.as_str()],
+                    )
+                    .map_err(db)?;
                     self.total_bytes -= size;
                     expired += 1;
                 }
                 Settle::Dead(reason) => {
-                    self.conn
-                        .execute(
+                    exec(&self.conn,
                             "INSERT INTO dead_letters (id, at, code, reason, kind, content_type, header, content)
                              SELECT id, ?2, ?3, ?4, kind, content_type, header, content FROM spool WHERE id = ?1
                              ON CONFLICT (id) DO NOTHING",
                             params![id.as_str(), ms(now), reason.code.as_str(), reason.text],
                         )
                         .map_err(db)?;
-                    self.conn
-                        .execute("DELETE FROM spool WHERE id = ?1", params![id.as_str()])
-                        .map_err(db)?;
+                    exec(
+                        &self.conn,
+                        "DELETE FROM spool WHERE id = ?1",
+                        params![id.as_str()],
+                    )
+                    .map_err(db)?;
                     self.total_bytes -= size;
                     tracing::warn!("message {id} dead-lettered: {reason}");
                 }
@@ -499,16 +519,14 @@ impl Worker {
                 .filter(|(id, _)| !self.inflight.contains(id))
                 .collect();
             for (id, size) in &ids {
-                self.conn
-                    .execute(
-                        "INSERT INTO drops (id, at, why, precedence, persistent)
+                exec(
+                    &self.conn,
+                    "INSERT INTO drops (id, at, why, precedence, persistent)
                          SELECT id, ?2, ?3, precedence, persistent FROM spool WHERE id = ?1",
-                        params![id, ms(now), why],
-                    )
-                    .map_err(db)?;
-                self.conn
-                    .execute("DELETE FROM spool WHERE id = ?1", params![id])
-                    .map_err(db)?;
+                    params![id, ms(now), why],
+                )
+                .map_err(db)?;
+                exec(&self.conn, "DELETE FROM spool WHERE id = ?1", params![id]).map_err(db)?;
                 self.total_bytes -= u64::try_from(*size).unwrap_or(0);
             }
             if !ids.is_empty() {
@@ -527,14 +545,15 @@ impl Worker {
             dropped += ids.len() as u64;
         }
         let kept = ms(now) - i64::try_from(DROPS_KEPT.as_millis()).unwrap_or(i64::MAX);
-        self.conn
-            .execute("DELETE FROM drops WHERE at < ?1", params![kept])
-            .map_err(db)?;
+        exec(&self.conn, "DELETE FROM drops WHERE at < ?1", params![kept]).map_err(db)?;
         if let Some(w) = self.cfg.dedupe_window {
             let horizon = ms(now) - i64::try_from(w.as_millis()).unwrap_or(i64::MAX);
-            self.conn
-                .execute("DELETE FROM seen WHERE at < ?1", params![horizon])
-                .map_err(db)?;
+            exec(
+                &self.conn,
+                "DELETE FROM seen WHERE at < ?1",
+                params![horizon],
+            )
+            .map_err(db)?;
         }
         Ok(dropped)
     }
