@@ -39,13 +39,46 @@ pub fn routes(
                 async move { messages(&app, q).await }
             })
     };
-    let components = warp::path!("rs" / "v1" / "control" / "components")
+    let components = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "components")
+            .and(warp::get())
+            .and_then(move || {
+                let app = app.clone();
+                async move { components(&app).await }
+            })
+    };
+    let send = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "send")
+            .and(warp::post())
+            .and(warp::body::content_length_limit(1 << 20))
+            // Bounded: content_length_limit refuses a body over 1 MiB or
+            // without a Content-Length.
+            .and({
+                #[allow(clippy::disallowed_methods)]
+                warp::body::bytes()
+            })
+            .and_then(move |body: bytes::Bytes| {
+                let app = app.clone();
+                async move { send(&app, &body).await }
+            })
+    };
+    let job = warp::path!("rs" / "v1" / "control" / "jobs" / String)
         .and(warp::get())
-        .and_then(move || {
+        .and_then(move |id: String| {
             let app = app.clone();
-            async move { components(&app).await }
+            async move { job(&app, id).await }
         });
-    status.or(messages).unify().or(components).unify()
+    status
+        .or(messages)
+        .unify()
+        .or(components)
+        .unify()
+        .or(send)
+        .unify()
+        .or(job)
+        .unify()
 }
 
 fn refuse(status: http::StatusCode, text: impl Into<String>) -> warp::Rejection {
@@ -240,5 +273,121 @@ async fn components(app: &AppServer) -> Result<warp::reply::Response, warp::Reje
         x.newline();
     }
     x.close("components").newline();
+    Ok(xml_response(buf))
+}
+
+/// `POST /rs/v1/control/send`: answers at once with a job ID; each
+/// destination's outcome arrives later (`GET /rs/v1/control/jobs/{id}`).
+async fn send(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, warp::Rejection> {
+    let bad = |status, t: String| refuse(status, t);
+    let req = rs_common::codec::decode_send_request(body, &rs_common::codec::Limits::default())
+        .map_err(|e| bad(http::StatusCode::BAD_REQUEST, format!("send request: {e}")))?;
+    let now = app.clock.now();
+    // One copy per next hop, listing the destinations behind it.
+    let mut by_hop: std::collections::BTreeMap<String, Vec<RsId>> =
+        std::collections::BTreeMap::new();
+    for d in &req.to {
+        match app.store.next_hop(d.clone()).await {
+            Ok(Some(hop)) => by_hop.entry(hop).or_default().push(d.clone()),
+            Ok(None) => {
+                return Err(bad(
+                    http::StatusCode::NOT_FOUND,
+                    format!(
+                        "unknown destination {d}: no such component has reported to this server"
+                    ),
+                ));
+            }
+            Err(e) => return Err(bad(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        }
+    }
+    let message_id = rs_common::MessageId::generate();
+    let job_id = rs_common::MessageId::generate().to_string();
+    let copies = by_hop
+        .into_iter()
+        .map(|(hop, dests)| {
+            let mut m =
+                rs_common::control::control_message(message_id.clone(), dests, &req.action, now);
+            m.header.routing.push(rs_common::Hop {
+                component: app.id.clone(),
+                received: now,
+                sent: Some(now),
+            });
+            (hop, m.to_raw())
+        })
+        .collect();
+    let expiry = now.saturating_add(std::time::Duration::from_secs(
+        req.ttl_secs.unwrap_or(86_400),
+    ));
+    app.store
+        .create_job(
+            job_id.clone(),
+            req.action.name().to_owned(),
+            message_id.clone(),
+            copies,
+            Some(expiry),
+            now,
+        )
+        .await
+        .map_err(|e| bad(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    app.outbox_ready.notify_waiters();
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    x.open("job")
+        .attr("id", &job_id)
+        .attr("message", message_id.as_str())
+        .attr("action", req.action.name())
+        .attr_num("targets", req.to.len() as u64)
+        .empty()
+        .newline();
+    Ok(xml_response(buf))
+}
+
+/// `GET /rs/v1/control/jobs/{id}`: each destination's state and result.
+async fn job(app: &AppServer, id: String) -> Result<warp::reply::Response, warp::Rejection> {
+    let job = app
+        .store
+        .job(id.clone())
+        .await
+        .map_err(|e| refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+        .ok_or_else(|| refuse(http::StatusCode::NOT_FOUND, format!("no job {id:?}")))?;
+    let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    let done = job
+        .targets
+        .iter()
+        .all(|t| matches!(t.state.as_str(), "succeeded" | "failed" | "expired"));
+    x.open("job")
+        .attr("id", &job.id)
+        .attr("message", &job.message)
+        .attr("action", &job.action)
+        .attr_ts("created", ts(job.created))
+        .attr("state", if done { "done" } else { "running" })
+        .gt()
+        .newline();
+    for t in &job.targets {
+        x.open("target")
+            .attr("id", &t.dest)
+            .attr("state", &t.state)
+            .attr_ts("updated", ts(t.updated))
+            .attr_opt("code", t.code.as_deref());
+        match (&t.text, &t.result) {
+            (None, None) => {
+                x.empty();
+            }
+            (text, result) => {
+                x.gt();
+                if let Some(text) = text {
+                    x.text_element("text", text);
+                }
+                if let Some(result) = result {
+                    x.text_element("result", result);
+                }
+                x.close("target");
+            }
+        }
+        x.newline();
+    }
+    x.close("job").newline();
     Ok(xml_response(buf))
 }

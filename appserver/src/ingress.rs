@@ -61,10 +61,21 @@ fn examine(app: &AppServer, m: RawMessage, now: Timestamp) -> Result<Incoming, O
         msg: m,
         severity: None,
         status: None,
+        response: None,
     };
     match &full.content {
         Content::Alarm(a) => inc.severity = Some(a.severity),
         Content::Event(e) => inc.severity = Some(e.severity),
+        Content::Response(r) => {
+            if let Some(src) = full.header.source() {
+                inc.response = Some((
+                    r.reference.clone(),
+                    src.component.clone(),
+                    r.outcome.clone(),
+                    r.result.as_ref().map(|p| p.text.clone()),
+                ));
+            }
+        }
         Content::Data(d)
             if full.header.class.class == CLASS_INFRASTRUCTURE
                 && [SUB_HEARTBEAT, SUB_COLD_START, SUB_SHUTDOWN]
@@ -85,6 +96,11 @@ fn examine(app: &AppServer, m: RawMessage, now: Timestamp) -> Result<Incoming, O
 
 async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
     let now = app.clock.now();
+    let sender = env.meta.sender.clone();
+    let acks = env.meta.acks.clone();
+    let env_poll = env.meta.poll;
+    let outcomes_empty = env.messages.is_empty();
+    let mut responses = Vec::new();
     app.stats.envelopes.fetch_add(1, Ordering::Relaxed);
     app.stats
         .received
@@ -96,6 +112,9 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
     for (i, m) in env.messages.into_iter().enumerate() {
         match examine(app, m, now) {
             Ok(inc) => {
+                if let Some(r) = &inc.response {
+                    responses.push(r.clone());
+                }
                 batch.push(inc);
                 slots.push(i);
             }
@@ -134,6 +153,29 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
             }
         }
     }
+    // The caller has these back-channel messages now.
+    if let Err(e) = app.store.acknowledge(sender.to_string(), acks, now).await {
+        tracing::error!("acknowledgements from {sender}: {e}");
+    }
+    // Responses to control actions complete their jobs.
+    for (reference, source, outcome, result) in responses {
+        let (ok, code, text) = match &outcome {
+            Outcome::Accepted => (true, None, None),
+            Outcome::Rejected(r) | Outcome::Retry { reason: r, .. } => {
+                (false, Some(r.code.to_string()), Some(r.text.clone()))
+            }
+            Outcome::Expired => (false, Some("expired".to_owned()), None),
+        };
+        let c = crate::store::Completion {
+            succeeded: ok,
+            code,
+            text,
+            result,
+        };
+        if let Err(e) = app.store.complete(reference, source, c, now).await {
+            tracing::error!("job update: {e}");
+        }
+    }
     let mut meta = EnvelopeMeta::new(app.id.clone(), app.clock.now());
     meta.outcomes = ids
         .into_iter()
@@ -149,5 +191,44 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
         heartbeat: Some(Duration::from_secs(app.cfg.heartbeat_secs)),
         ..Advice::default()
     });
-    envelope_response(EnvelopeWriter::new(&meta).finish())
+    let mut w = EnvelopeWriter::new(&meta);
+    // Piggyback what waits for the caller's subtree; hold the reply a
+    // while if the caller asked to (long poll) and nothing waits yet.
+    let hold = env_poll.map(|h| h.min(MAX_HOLD));
+    let deadline = tokio::time::Instant::now() + hold.unwrap_or_default();
+    loop {
+        let notified = app.outbox_ready.notified();
+        match app
+            .store
+            .offer(sender.to_string(), app.clock.now(), OFFER_AGAIN, MAX_OFFER)
+            .await
+        {
+            Ok(msgs) if !msgs.is_empty() => {
+                for m in &msgs {
+                    w.push_raw(m);
+                }
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!("back-channel for {sender}: {e}");
+                break;
+            }
+        }
+        if !outcomes_empty || hold.is_none() || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+    envelope_response(w.finish())
 }
+
+/// Offered back-channel messages not acknowledged are offered again after this.
+const OFFER_AGAIN: Duration = Duration::from_secs(30);
+/// Most back-channel messages in one reply.
+const MAX_OFFER: usize = 200;
+/// Longest long-poll hold granted.
+pub const MAX_HOLD: Duration = Duration::from_secs(25);

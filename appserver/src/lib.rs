@@ -30,6 +30,8 @@ pub struct AppServer {
     pub clock: Arc<dyn Clock>,
     pub stats: ingress::Stats,
     pub started: rs_common::Timestamp,
+    /// Woken when back-channel messages are queued (long polls wait on it).
+    pub outbox_ready: tokio::sync::Notify,
 }
 
 impl AppServer {
@@ -43,6 +45,7 @@ impl AppServer {
             clock: Arc::new(SystemClock),
             stats: ingress::Stats::default(),
             started: rs_common::Timestamp::now(),
+            outbox_ready: tokio::sync::Notify::new(),
             cfg,
         }))
     }

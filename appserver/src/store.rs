@@ -44,6 +44,35 @@ CREATE TABLE IF NOT EXISTS components (
     status     BLOB,
     status_at  INTEGER
 );
+CREATE TABLE IF NOT EXISTS outbox (
+    id           TEXT    NOT NULL,
+    hop          TEXT    NOT NULL,
+    created      INTEGER NOT NULL,
+    expiry       INTEGER,
+    offered      INTEGER,
+    kind         TEXT    NOT NULL,
+    content_type TEXT    NOT NULL,
+    header       BLOB    NOT NULL,
+    content      BLOB    NOT NULL,
+    PRIMARY KEY (id, hop)
+);
+CREATE INDEX IF NOT EXISTS outbox_hop ON outbox (hop, created);
+CREATE TABLE IF NOT EXISTS jobs (
+    id      TEXT    PRIMARY KEY,
+    created INTEGER NOT NULL,
+    action  TEXT    NOT NULL,
+    message TEXT    NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS job_targets (
+    job     TEXT    NOT NULL,
+    dest    TEXT    NOT NULL,
+    state   TEXT    NOT NULL,
+    updated INTEGER NOT NULL,
+    code    TEXT,
+    text    TEXT,
+    result  TEXT,
+    PRIMARY KEY (job, dest)
+);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT    PRIMARY KEY,
     value INTEGER NOT NULL
@@ -58,6 +87,8 @@ pub struct Incoming {
     /// For heartbeats, cold starts and shutdowns: the status tree (XML)
     /// and its root state.
     pub status: Option<(Vec<u8>, String)>,
+    /// For responses: what they answer, from whom, the outcome and result.
+    pub response: Option<(MessageId, RsId, rs_common::Outcome, Option<String>)>,
 }
 
 /// What the store did with one message.
@@ -422,4 +453,280 @@ fn touch(conn: &Connection, id: &RsId, via: &str, now: Timestamp) -> rusqlite::R
         ],
     )?;
     Ok(())
+}
+
+/// How one destination answered a control action.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub succeeded: bool,
+    pub code: Option<String>,
+    pub text: Option<String>,
+    pub result: Option<String>,
+}
+
+/// One destination of a job.
+#[derive(Debug, Clone)]
+pub struct JobTarget {
+    pub dest: String,
+    /// `pending`, `delivered`, `succeeded`, `failed`, `expired`.
+    pub state: String,
+    pub updated: i64,
+    pub code: Option<String>,
+    pub text: Option<String>,
+    pub result: Option<String>,
+}
+
+/// A job: one control action sent to one or more components.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub created: i64,
+    pub action: String,
+    pub message: String,
+    pub targets: Vec<JobTarget>,
+}
+
+impl Store {
+    /// The tier through which `dest` is reached from here: the last hop of
+    /// its latest route, or itself when it talks to us directly. `None`
+    /// for a component never seen.
+    pub async fn next_hop(&self, dest: RsId) -> Result<Option<String>, DbError> {
+        self.db
+            .read(move |s| {
+                let via: Option<String> =
+                    s.0.query_row(
+                        "SELECT via FROM components WHERE id = ?1",
+                        params![dest.as_str()],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                Ok(via.map(|v| {
+                    v.split_whitespace()
+                        .last()
+                        .map_or_else(|| dest.to_string(), str::to_owned)
+                }))
+            })
+            .await
+    }
+
+    /// Records a job and queues one copy of its message per next hop (each
+    /// listing the destinations behind that hop), in one transaction.
+    pub async fn create_job(
+        &self,
+        job: String,
+        action: String,
+        message: MessageId,
+        copies: Vec<(String, RawMessage)>,
+        expiry: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<(), DbError> {
+        self.db
+            .write(move |s| {
+                exec(
+                    &s.0,
+                    "INSERT INTO jobs (id, created, action, message) VALUES (?1, ?2, ?3, ?4)",
+                    params![job, now.as_millis(), action, message.as_str()],
+                )?;
+                for (hop, m) in &copies {
+                    for d in m.header.destinations() {
+                        exec(
+                            &s.0,
+                            "INSERT INTO job_targets (job, dest, state, updated) VALUES (?1, ?2, 'pending', ?3)
+                             ON CONFLICT (job, dest) DO NOTHING",
+                            params![job, d.as_str(), now.as_millis()],
+                        )?;
+                    }
+                    let expiry = expiry.map(Timestamp::as_millis);
+                    let header = encode_header(&m.header, m.kind, m.data.as_ref());
+                    exec(
+                        &s.0,
+                        "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        params![
+                            m.header.id.as_str(),
+                            hop,
+                            now.as_millis(),
+                            expiry,
+                            m.kind.as_str(),
+                            m.content_type,
+                            header,
+                            &m.content[..]
+                        ],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Back-channel messages for `hop` not offered within `again` (or
+    /// never), oldest first; marks them offered now. A message stays
+    /// queued until `hop` acknowledges it.
+    pub async fn offer(
+        &self,
+        hop: String,
+        now: Timestamp,
+        again: Duration,
+        limit: usize,
+    ) -> Result<Vec<RawMessage>, DbError> {
+        let limits = rs_common::codec::Limits::default();
+        self.db
+            .write(move |s| {
+                let before = now.as_millis() - i64::try_from(again.as_millis()).unwrap_or(i64::MAX);
+                let mut out = Vec::new();
+                let rows: Vec<(String, String, Vec<u8>, Vec<u8>)> = {
+                    let mut st = s.0.prepare_cached(
+                        "SELECT id, content_type, header, content FROM outbox
+                         WHERE hop = ?1 AND (offered IS NULL OR offered < ?2)
+                           AND (expiry IS NULL OR expiry > ?3)
+                         ORDER BY created LIMIT ?4",
+                    )?;
+                    st.query_map(params![hop, before, now.as_millis(), limit as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?
+                    .collect::<Result<_, _>>()?
+                };
+                for (id, content_type, header, content) in rows {
+                    let Ok((header, kind, data)) =
+                        rs_common::codec::decode_header_part(&header, &limits)
+                    else {
+                        continue;
+                    };
+                    exec(
+                        &s.0,
+                        "UPDATE outbox SET offered = ?3 WHERE id = ?1 AND hop = ?2",
+                        params![id, hop, now.as_millis()],
+                    )?;
+                    out.push(RawMessage {
+                        header,
+                        kind,
+                        data,
+                        content_type,
+                        content: bytes::Bytes::from(content),
+                    });
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    /// `hop` has the messages `ids`: forget them; a destination that
+    /// acknowledged its own message has had it delivered.
+    pub async fn acknowledge(
+        &self,
+        hop: String,
+        ids: Vec<MessageId>,
+        now: Timestamp,
+    ) -> Result<(), DbError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.db
+            .write(move |s| {
+                for id in &ids {
+                    exec(&s.0, "DELETE FROM outbox WHERE id = ?1 AND hop = ?2", params![id.as_str(), hop])?;
+                    exec(
+                        &s.0,
+                        "UPDATE job_targets SET state = 'delivered', updated = ?3
+                         WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2 AND state = 'pending'",
+                        params![id.as_str(), hop, now.as_millis()],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// A response from `source` to message `reference` completes that
+    /// destination of its job.
+    pub async fn complete(
+        &self,
+        reference: MessageId,
+        source: RsId,
+        c: Completion,
+        now: Timestamp,
+    ) -> Result<bool, DbError> {
+        self.db
+            .write(move |s| {
+                let n = exec(
+                    &s.0,
+                    "UPDATE job_targets SET state = ?3, code = ?4, text = ?5, result = ?6, updated = ?7
+                     WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2",
+                    params![
+                        reference.as_str(),
+                        source.as_str(),
+                        if c.succeeded { "succeeded" } else { "failed" },
+                        c.code,
+                        c.text,
+                        c.result,
+                        now.as_millis()
+                    ],
+                )?;
+                Ok(n > 0)
+            })
+            .await
+    }
+
+    pub async fn job(&self, id: String) -> Result<Option<Job>, DbError> {
+        self.db
+            .read(move |s| {
+                let head: Option<(String, i64, String, String)> = s
+                    .0
+                    .query_row(
+                        "SELECT id, created, action, message FROM jobs WHERE id = ?1",
+                        params![id],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    )
+                    .optional()?;
+                let Some((id, created, action, message)) = head else {
+                    return Ok(None);
+                };
+                let mut st = s.0.prepare_cached(
+                    "SELECT dest, state, updated, code, text, result FROM job_targets WHERE job = ?1 ORDER BY dest",
+                )?;
+                let targets = st
+                    .query_map(params![id], |r| {
+                        Ok(JobTarget {
+                            dest: r.get(0)?,
+                            state: r.get(1)?,
+                            updated: r.get(2)?,
+                            code: r.get(3)?,
+                            text: r.get(4)?,
+                            result: r.get(5)?,
+                        })
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Some(Job {
+                    id,
+                    created,
+                    action,
+                    message,
+                    targets,
+                }))
+            })
+            .await
+    }
+
+    /// Drops back-channel messages whose expiry passed; their pending
+    /// destinations become `expired`.
+    pub async fn expire_outbox(&self, now: Timestamp) -> Result<u64, DbError> {
+        self.db
+            .write(move |s| {
+                exec(
+                    &s.0,
+                    "UPDATE job_targets SET state = 'expired', updated = ?1
+                     WHERE state IN ('pending', 'delivered') AND job IN (
+                        SELECT j.id FROM jobs j JOIN outbox o ON o.id = j.message
+                        WHERE o.expiry IS NOT NULL AND o.expiry <= ?1)",
+                    params![now.as_millis()],
+                )?;
+                let n = exec(
+                    &s.0,
+                    "DELETE FROM outbox WHERE expiry IS NOT NULL AND expiry <= ?1",
+                    params![now.as_millis()],
+                )?;
+                Ok(n as u64)
+            })
+            .await
+    }
 }

@@ -24,7 +24,8 @@ use bytes::Bytes;
 
 pub use self::content::{parse_sha256, sha256_hex};
 pub use self::control::{
-    ControlError, decode_control, decode_status, encode_control, encode_status,
+    ControlError, SendRequest as ControlSendRequest, decode_control, decode_send_request,
+    decode_status, encode_control, encode_status,
 };
 pub use self::header::is_token;
 pub use self::mime::{EnvelopeWriter, StreamDecoder};

@@ -202,3 +202,27 @@ pub fn status_message(
         }),
     }
 }
+
+/// A back-channel message carrying `action` to `to`.
+pub fn control_message(
+    id: crate::ids::MessageId,
+    to: Vec<RsId>,
+    action: &ControlAction,
+    now: Timestamp,
+) -> crate::model::Message {
+    use crate::model::*;
+    Message {
+        header: Header {
+            id,
+            created: now,
+            class: Classification::new(CLASS_CONTROL, action.name()),
+            route: Route::Destination(to),
+            routing: Vec::new(),
+        },
+        content: Content::Data(Data {
+            mime: "text/xml".into(),
+            encoding: TransferEncoding::Binary,
+            bytes: crate::codec::encode_control(action).into(),
+        }),
+    }
+}

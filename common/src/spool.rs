@@ -138,12 +138,15 @@ pub trait Spool: Send + Sync + 'static {
 
     /// Takes up to `max_messages` / about `max_bytes` of the messages due
     /// at `now`, in order, and holds them until settled. Messages whose
-    /// expiry has passed are not returned (the sweep records them).
+    /// expiry has passed are not returned (the sweep records them). With
+    /// `infrastructure_only`, only `control` and `infrastructure` messages
+    /// are taken (forwarding of integrator data is switched off).
     fn dequeue(
         &self,
         max_messages: usize,
         max_bytes: usize,
         now: Timestamp,
+        infrastructure_only: bool,
     ) -> impl Future<Output = Result<Vec<Spooled>, SpoolError>> + Send;
 
     /// Settles messages taken by `dequeue` (one transaction).

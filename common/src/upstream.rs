@@ -302,6 +302,15 @@ impl SenderStats {
     }
 }
 
+/// Takes the back-channel messages a reply carried; returns the IDs it has
+/// made durable or applied, which the sender acknowledges on its next POST.
+pub trait BackChannel: Send + Sync + 'static {
+    fn receive(
+        &self,
+        msgs: Vec<crate::codec::RawMessage>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<MessageId>> + Send + '_>>;
+}
+
 /// Drains a spool upstream until cancelled.
 pub struct Sender<S: Spool> {
     pub me: RsId,
@@ -313,7 +322,24 @@ pub struct Sender<S: Spool> {
     pub stats: Arc<SenderStats>,
     /// Forwarding switched off (`disableForwarding`): keep spooling.
     pub paused: Arc<AtomicBool>,
+    /// Where back-channel messages go; `None` ignores them.
+    pub back: Option<Arc<dyn BackChannel>>,
+    /// When idle, keep a long poll open, asking the upstream to hold the
+    /// reply this long.
+    pub poll: Option<Duration>,
 }
+
+/// The shortest time between two long polls, whatever the upstream does.
+const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What an envelope in flight yields: its messages, their IDs, the byte
+/// budget it was cut to, and how the POST went.
+type InFlight = (
+    Vec<Spooled>,
+    Vec<MessageId>,
+    usize,
+    Result<RawEnvelope, PostError>,
+);
 
 impl<S: Spool> std::fmt::Debug for Sender<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -336,7 +362,14 @@ impl<S: Spool> Sender<S> {
         // Several envelopes may be in flight at once, so one round trip's
         // latency does not bound the throughput; the spool keeps a message
         // from being taken twice.
-        let mut inflight = futures_util::stream::FuturesUnordered::new();
+        let mut inflight = futures_util::stream::FuturesUnordered::<
+            std::pin::Pin<Box<dyn std::future::Future<Output = InFlight> + Send>>,
+        >::new();
+        // Back-channel messages received and not yet acknowledged upstream.
+        let mut acks: Vec<MessageId> = Vec::new();
+        let mut polling = false;
+        // A poll answered at once with nothing is not repeated before this.
+        let mut next_poll = tokio::time::Instant::now();
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -354,10 +387,10 @@ impl<S: Spool> Sender<S> {
                 self.cfg.parallel.max(1)
             };
             let mut next_due = None;
-            while inflight.len() < parallel
-                && !self.paused.load(Ordering::Relaxed)
-                && tokio::time::Instant::now() >= resume_at
-            {
+            // With forwarding switched off, integrators' messages wait in the
+            // spool; control responses, heartbeats and the long poll go on.
+            let paused = self.paused.load(Ordering::Relaxed);
+            while inflight.len() < parallel && tokio::time::Instant::now() >= resume_at {
                 let max_messages = if isolate > 0 {
                     1
                 } else {
@@ -368,7 +401,11 @@ impl<S: Spool> Sender<S> {
                 let max_bytes = advice.max_bytes.map_or(self.cfg.max_bytes, |b| {
                     (b as usize).clamp(4096, self.cfg.max_bytes)
                 });
-                let batch = match self.spool.dequeue(max_messages, max_bytes, now).await {
+                let batch = match self
+                    .spool
+                    .dequeue(max_messages, max_bytes, now, paused)
+                    .await
+                {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::error!("spool dequeue: {e}");
@@ -378,19 +415,33 @@ impl<S: Spool> Sender<S> {
                 };
                 if batch.is_empty() {
                     next_due = self.spool.next_due().await.ok().flatten();
+                    // Nothing to send: keep one long poll open for the
+                    // back-channel (it also carries our acknowledgements).
+                    if let Some(hold) = self.poll
+                        && !polling
+                        && tokio::time::Instant::now() >= next_poll
+                    {
+                        polling = true;
+                        next_poll = tokio::time::Instant::now() + MIN_POLL_INTERVAL;
+                        let (enc, _) =
+                            self.envelope(&[], now, std::mem::take(&mut acks), Some(hold));
+                        let upstream = self.upstream.clone();
+                        inflight.push(Box::pin(async move {
+                            let r = upstream.post(&enc, Some(hold)).await;
+                            (Vec::new(), Vec::new(), max_bytes, r)
+                        }));
+                    }
                     break;
                 }
-                let (enc, ids) = self.envelope(&batch, now);
+                let (enc, ids) = self.envelope(&batch, now, std::mem::take(&mut acks), None);
                 let upstream = self.upstream.clone();
-                inflight.push(async move {
+                inflight.push(Box::pin(async move {
                     let r = upstream.post(&enc, None).await;
                     (batch, ids, max_bytes, r)
-                });
+                }));
             }
             if inflight.is_empty() {
-                let wait = if self.paused.load(Ordering::Relaxed) {
-                    Duration::from_secs(1)
-                } else if tokio::time::Instant::now() < resume_at {
+                let wait = if tokio::time::Instant::now() < resume_at {
                     resume_at - tokio::time::Instant::now()
                 } else {
                     match next_due {
@@ -400,13 +451,26 @@ impl<S: Spool> Sender<S> {
                         None => self.cfg.sweep_every,
                     }
                 };
-                self.idle(&shutdown, wait).await;
+                // Come back in time for the next long poll.
+                let wait = match self.poll {
+                    Some(_) if !polling => {
+                        wait.min(next_poll.saturating_duration_since(tokio::time::Instant::now()))
+                    }
+                    _ => wait,
+                };
+                self.idle(&shutdown, wait.max(Duration::from_millis(10)))
+                    .await;
                 continue;
             }
             let (batch, ids, max_bytes, result) = tokio::select! {
                 () = shutdown.cancelled() => return,
                 Some(done) = inflight.next() => done,
+                // New messages while only a long poll is out: go and send.
+                () = self.wake.notified(), if inflight.len() < parallel => continue,
             };
+            if batch.is_empty() {
+                polling = false;
+            }
             match result {
                 Ok(reply) => {
                     failures = 0;
@@ -428,6 +492,11 @@ impl<S: Spool> Sender<S> {
                         }
                     }
                     self.settle(&batch, &reply.meta, self.clock.now()).await;
+                    if let Some(back) = &self.back
+                        && !reply.messages.is_empty()
+                    {
+                        acks.extend(back.receive(reply.messages).await);
+                    }
                 }
                 Err(e) => {
                     self.stats.fail(&e);
@@ -501,8 +570,16 @@ impl<S: Spool> Sender<S> {
         }
     }
 
-    fn envelope(&self, batch: &[Spooled], now: Timestamp) -> (Encoded, Vec<MessageId>) {
-        let meta = EnvelopeMeta::new(self.me.clone(), now);
+    fn envelope(
+        &self,
+        batch: &[Spooled],
+        now: Timestamp,
+        acks: Vec<MessageId>,
+        poll: Option<Duration>,
+    ) -> (Encoded, Vec<MessageId>) {
+        let mut meta = EnvelopeMeta::new(self.me.clone(), now);
+        meta.acks = acks;
+        meta.poll = poll;
         let mut w = EnvelopeWriter::new(&meta);
         let mut ids = Vec::with_capacity(batch.len());
         for s in batch {

@@ -73,6 +73,17 @@ fn unavailable(text: impl Into<String>) -> Outcome {
 }
 
 async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
+    // A long poll from below: nothing reaches this MLM's subtree through
+    // it yet (relaying the back-channel comes next), so hold the reply for
+    // the time asked (at most 25 s) rather than let the caller spin.
+    if env.messages.is_empty()
+        && let Some(hold) = env.meta.poll
+    {
+        tokio::select! {
+            () = tokio::time::sleep(hold.min(Duration::from_secs(25))) => {}
+            () = mlm.stopping.cancelled() => {}
+        }
+    }
     let now = mlm.clock.now();
     let st = &mlm.stats;
     bump(&st.envelopes);

@@ -47,6 +47,8 @@ pub struct Mlm {
     pub sender_stats: Arc<SenderStats>,
     pub clock: Arc<dyn Clock>,
     pub started: rs_common::Timestamp,
+    /// Cancelled when the MLM begins to stop (ends held long polls).
+    pub stopping: CancellationToken,
 }
 
 impl Mlm {
@@ -81,6 +83,7 @@ impl Mlm {
             sender_stats: Arc::new(SenderStats::default()),
             clock: Arc::new(SystemClock),
             started: rs_common::Timestamp::now(),
+            stopping: CancellationToken::new(),
             cfg,
         }))
     }
@@ -227,6 +230,9 @@ pub async fn run(
         wake: mlm.spool.notified(),
         stats: mlm.sender_stats.clone(),
         paused: Arc::new(AtomicBool::new(false)),
+        // Relaying the back-channel to the subtree is not built yet.
+        back: None,
+        poll: None,
     };
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
     if let Err(e) = mlm
@@ -262,6 +268,13 @@ pub async fn run(
             }
         })
     };
+    {
+        let (mlm, shutdown) = (mlm.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            mlm.stopping.cancel();
+        });
+    }
     serve_tcp(listener, mlm.routes(), ServeConfig::default(), shutdown).await;
     let _ = background.await;
     if let Err(e) = mlm

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use rs_common::RsId;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `proxy.toml`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This proxy's remote services ID, e.g. `acme.p1`.
@@ -29,7 +29,7 @@ pub struct Config {
     pub heartbeat_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
     /// Base URLs of the MLM(s) or application server, tried in order.
@@ -47,9 +47,13 @@ pub struct UpstreamSection {
     /// envelopes; more drains a backlog faster).
     #[serde(default = "default_parallel")]
     pub parallel: usize,
+    /// When idle, keep a long poll open for the back-channel, asking the
+    /// upstream to hold it this many seconds (0: do not poll).
+    #[serde(default = "default_poll_hold")]
+    pub poll_hold_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolSection {
     /// Bytes the spool may hold; beyond, less important messages are evicted.
@@ -80,6 +84,9 @@ fn default_batch_bytes() -> usize {
 }
 fn default_backoff() -> u64 {
     300
+}
+fn default_poll_hold() -> u64 {
+    25
 }
 fn default_parallel() -> usize {
     4

@@ -6,6 +6,7 @@
 //! and shutdowns.
 
 pub mod api;
+pub mod back_channel;
 pub mod client;
 pub mod config;
 pub mod hostwatch;
@@ -258,6 +259,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         wake: proxy.spool.notified(),
         stats: proxy.sender_stats.clone(),
         paused: proxy.paused.clone(),
+        back: Some(Arc::new(back_channel::Actions(proxy.clone()))),
+        poll: (proxy.cfg.upstream.poll_hold_secs > 0)
+            .then(|| Duration::from_secs(proxy.cfg.upstream.poll_hold_secs)),
     };
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
 

@@ -24,6 +24,10 @@ CREATE TABLE IF NOT EXISTS instances (
     registered INTEGER NOT NULL,
     enabled    INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS received (
+    id TEXT    PRIMARY KEY,
+    at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS allocations (
     kind TEXT    PRIMARY KEY,
     next INTEGER NOT NULL
@@ -322,6 +326,35 @@ impl Registry {
                 )?;
                 let rows = st.query_map([], instance_row)?;
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+}
+
+impl Registry {
+    /// Whether back-channel message `id` was already handled.
+    pub async fn seen(&self, id: String) -> Result<bool, DbError> {
+        self.db
+            .read(move |s| {
+                Ok(s.conn
+                    .query_row("SELECT 1 FROM received WHERE id = ?1", params![id], |_| {
+                        Ok(())
+                    })
+                    .optional()?
+                    .is_some())
+            })
+            .await
+    }
+
+    /// Records that back-channel message `id` was handled.
+    pub async fn mark_seen(&self, id: String) -> Result<(), DbError> {
+        self.db
+            .write(move |s| {
+                s.conn.execute(
+                    "INSERT INTO received (id, at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
+                    params![id, Timestamp::now().as_millis()],
+                )?;
+                Ok(())
             })
             .await
     }

@@ -48,6 +48,14 @@ pub fn encode_control(a: &ControlAction) -> Vec<u8> {
 pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<ControlAction, ControlError> {
     let mut x = XmlIn::new(bytes, limits)?;
     let root = x.root("control")?;
+    let action = control_body(&mut x, &root)?;
+    x.finish()?;
+    Ok(action)
+}
+
+/// The action of a `<control>` element whose start tag is `root`, through
+/// its end tag.
+fn control_body(x: &mut XmlIn<'_>, root: &Tag<'_>) -> Result<ControlAction, XmlError> {
     let target = || root.req_with("target", |s| RsId::new(s));
     let action = match root.req("action")? {
         "getStatus" => ControlAction::GetStatus,
@@ -66,13 +74,12 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<ControlAction, Co
         },
         "configChange" => {
             let mut config = None;
-            while let Some(tag) = x.child(&root)? {
+            while let Some(tag) = x.child(root)? {
                 if tag.name != "config" || config.is_some() {
                     return Err(root.unexpected_child(&tag));
                 }
                 config = Some(x.text(&tag)?);
             }
-            x.finish()?;
             return Ok(ControlAction::ConfigChange {
                 config: config.ok_or(XmlError::MissingElement {
                     element: "control".into(),
@@ -84,8 +91,7 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<ControlAction, Co
             return Err(root.bad("action", format!("unknown control action {other:?}")));
         }
     };
-    x.end(&root)?;
-    x.finish()?;
+    x.end(root)?;
     Ok(action)
 }
 
@@ -158,4 +164,48 @@ fn read_node(x: &mut XmlIn<'_>, tag: &Tag<'_>) -> Result<StatusNode, XmlError> {
         }
     }
     Ok(n)
+}
+
+/// A request to the control API to send an action: its destinations,
+/// the action, and how long it may wait to be delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendRequest {
+    pub to: Vec<RsId>,
+    pub action: ControlAction,
+    pub ttl_secs: Option<u64>,
+}
+
+/// Decodes `<send ttl-secs="…"><to id="…"/>…<control …/></send>`
+/// (`dtd/control-api.dtd`).
+pub fn decode_send_request(bytes: &[u8], limits: &Limits) -> Result<SendRequest, ControlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("send")?;
+    let ttl_secs = root.opt_u64("ttl-secs")?;
+    let mut to = Vec::new();
+    let mut action = None;
+    while let Some(tag) = x.child(&root)? {
+        match tag.name {
+            "to" if action.is_none() => {
+                to.push(tag.req_with("id", |s| RsId::new(s))?);
+                x.end(&tag)?;
+            }
+            "control" if action.is_none() => action = Some(control_body(&mut x, &tag)?),
+            _ => return Err(root.unexpected_child(&tag)),
+        }
+    }
+    x.finish()?;
+    if to.is_empty() {
+        return Err(XmlError::MissingElement {
+            element: "send".into(),
+            child: "to",
+        });
+    }
+    Ok(SendRequest {
+        to,
+        action: action.ok_or(XmlError::MissingElement {
+            element: "send".into(),
+            child: "control",
+        })?,
+        ttl_secs,
+    })
 }

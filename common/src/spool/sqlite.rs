@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS spool (
     bytes        INTEGER NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
     next_attempt INTEGER NOT NULL DEFAULT 0,
+    class        TEXT    NOT NULL,
     kind         TEXT    NOT NULL,
     content_type TEXT    NOT NULL,
     header       BLOB    NOT NULL,
@@ -180,10 +181,11 @@ impl Spool for SqliteSpool {
         max_messages: usize,
         max_bytes: usize,
         now: Timestamp,
+        infrastructure_only: bool,
     ) -> Result<Vec<Spooled>, SpoolError> {
         Ok(self
             .db
-            .read(move |w| Ok(w.dequeue(max_messages, max_bytes, now)?))
+            .read(move |w| Ok(w.dequeue(max_messages, max_bytes, now, infrastructure_only)?))
             .await?)
     }
 
@@ -282,8 +284,8 @@ impl Worker {
         let n = exec(
             &self.conn,
             "INSERT INTO spool (id, precedence, persistent, expiry, created, bytes, next_attempt,
-                                kind, content_type, header, content)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10)
+                                kind, content_type, header, content, class)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT (id) DO NOTHING",
             params![
                 id,
@@ -296,6 +298,7 @@ impl Worker {
                 m.content_type,
                 header,
                 &m.content[..],
+                m.header.class.class,
             ],
         )?;
         if n == 0 {
@@ -366,16 +369,22 @@ impl Worker {
         max_messages: usize,
         max_bytes: usize,
         now: Timestamp,
+        infrastructure_only: bool,
     ) -> Result<Vec<Spooled>, SpoolError> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut st = self
             .conn
-            .prepare_cached(
+            .prepare_cached(if infrastructure_only {
                 "SELECT id, attempts, created, kind, content_type, header, content, bytes FROM spool
                  WHERE next_attempt <= ?1 AND (expiry IS NULL OR expiry > ?1)
-                 ORDER BY precedence DESC, seq LIMIT ?2",
-            )
+                   AND class IN ('control', 'infrastructure')
+                 ORDER BY precedence DESC, seq LIMIT ?2"
+            } else {
+                "SELECT id, attempts, created, kind, content_type, header, content, bytes FROM spool
+                 WHERE next_attempt <= ?1 AND (expiry IS NULL OR expiry > ?1)
+                 ORDER BY precedence DESC, seq LIMIT ?2"
+            })
             .map_err(db)?;
         let limit = i64::try_from(max_messages + self.inflight.len()).unwrap_or(i64::MAX);
         let mut rows = st.query(params![ms(now), limit]).map_err(db)?;

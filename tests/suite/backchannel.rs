@@ -1,0 +1,130 @@
+//! The back-channel, first steps: a control action sent through the
+//! control API reaches a proxy on the reply to its long poll, is applied
+//! once, and its response completes the job.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rs_tests::deploy::{Deployment, Extra, proxy_metrics, wait_for};
+
+fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rs-demo"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rs-suite-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+async fn post(a: &str, body: &str) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{a}/rs/v1/control/send"))
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn attr<'a>(doc: &'a str, name: &str) -> &'a str {
+    let start = doc.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+    &doc[start..start + doc[start..].find('"').unwrap()]
+}
+
+async fn job(a: &str, id: &str) -> String {
+    reqwest::get(format!("http://{a}/rs/v1/control/jobs/{id}"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn until_done(a: &str, id: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = job(a, id).await;
+        if j.contains("state=\"done\"") || std::time::Instant::now() > deadline {
+            return j;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_actions_reach_a_proxy_and_complete_their_jobs() {
+    let dir = tmp("backchannel");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    // The server learns of the proxy from its cold start message.
+    assert!(wait_for(Duration::from_secs(30), || {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                reqwest::get(format!("http://{a}/rs/v1/control/components"))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap()
+                    .contains("id=\"acme.p1\"")
+            })
+        })
+    }));
+
+    let (status, body) = post(
+        &a,
+        r#"<send><to id="acme.p1"/><control action="getStatus"/></send>"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let j = until_done(&a, attr(&body, "id")).await;
+    assert!(
+        j.contains("<target id=\"acme.p1\" state=\"succeeded\""),
+        "{j}"
+    );
+    assert!(
+        j.contains("&lt;status kind=\"proxy\" id=\"acme.p1\""),
+        "the status tree comes back: {j}"
+    );
+
+    let (_, body) = post(
+        &a,
+        r#"<send><to id="acme.p1"/><control action="disableForwarding"/></send>"#,
+    )
+    .await;
+    let j = until_done(&a, attr(&body, "id")).await;
+    assert!(j.contains("state=\"succeeded\""), "{j}");
+    let st = rs_proxy::client::Client::new(&s).status().await.unwrap();
+    assert_eq!(st["forwarding"], false);
+
+    // What a proxy does not support is refused with the reason.
+    let (_, body) = post(
+        &a,
+        r#"<send><to id="acme.p1"/><control action="shutdown"/></send>"#,
+    )
+    .await;
+    let j = until_done(&a, attr(&body, "id")).await;
+    assert!(
+        j.contains("state=\"failed\" ") && j.contains("code=\"unsupported\""),
+        "{j}"
+    );
+
+    // Unknown destinations are refused at the API, with nothing queued.
+    let (status, body) = post(
+        &a,
+        r#"<send><to id="acme.p99"/><control action="ping"/></send>"#,
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(body.contains("unknown destination acme.p99"), "{body}");
+    let (status, body) = post(&a, r#"<send><control action="ping"/></send>"#).await;
+    assert_eq!(status, 400, "{body}");
+
+    let pm = proxy_metrics(&s).await.unwrap();
+    assert_eq!(pm.get("spool.dead_letters"), Some(&0));
+    d.stop_all();
+}
