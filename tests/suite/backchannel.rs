@@ -126,5 +126,34 @@ async fn control_actions_reach_a_proxy_and_complete_their_jobs() {
 
     let pm = proxy_metrics(&s).await.unwrap();
     assert_eq!(pm.get("spool.dead_letters"), Some(&0));
+
+    // The documents of the control API validate against their DTD.
+    let (_, created) = post(
+        &a,
+        r#"<send ttl-secs="60"><to id="acme.p1"/><control action="ping"/></send>"#,
+    )
+    .await;
+    let done = until_done(&a, attr(&created, "id")).await;
+    let docs = [
+        r#"<send ttl-secs="60"><to id="acme.p1"/><control action="ping"/></send>"#.to_owned(),
+        created,
+        done,
+        j,
+    ];
+    for (i, doc) in docs.iter().enumerate() {
+        let f = dir.join(format!("control-api-{i}.xml"));
+        std::fs::write(&f, doc).unwrap();
+        let out = std::process::Command::new("xmllint")
+            .args(["--noout", "--nonet", "--dtdvalid"])
+            .arg(rs_tests::repo_root().join("dtd/control-api.dtd"))
+            .arg(&f)
+            .output()
+            .expect("xmllint (libxml2-utils)");
+        assert!(
+            out.status.success(),
+            "{doc}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     d.stop_all();
 }
