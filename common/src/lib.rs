@@ -29,6 +29,8 @@ pub mod db;
 #[cfg(feature = "runtime")]
 pub mod ingress;
 #[cfg(feature = "runtime")]
+pub mod outbox;
+#[cfg(feature = "runtime")]
 pub mod server;
 #[cfg(feature = "runtime")]
 pub mod spool;

@@ -73,17 +73,6 @@ fn unavailable(text: impl Into<String>) -> Outcome {
 }
 
 async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
-    // A long poll from below: nothing reaches this MLM's subtree through
-    // it yet (relaying the back-channel comes next), so hold the reply for
-    // the time asked (at most 25 s) rather than let the caller spin.
-    if env.messages.is_empty()
-        && let Some(hold) = env.meta.poll
-    {
-        tokio::select! {
-            () = tokio::time::sleep(hold.min(Duration::from_secs(25))) => {}
-            () = mlm.stopping.cancelled() => {}
-        }
-    }
     let now = mlm.clock.now();
     let st = &mlm.stats;
     bump(&st.envelopes);
@@ -91,6 +80,27 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
         .fetch_add(env.messages.len() as u64, Ordering::Relaxed);
     let ids: Vec<MessageId> = env.messages.iter().map(|m| m.header.id.clone()).collect();
     let mut outcomes: Vec<Option<Outcome>> = vec![None; ids.len()];
+    let sender = env.meta.sender.clone();
+    let poll = env.meta.poll;
+    let ids_empty = ids.is_empty();
+    // Who is behind the caller: the sources of what it sends.
+    let mut sources: Vec<rs_common::RsId> = env
+        .messages
+        .iter()
+        .filter_map(|m| m.header.source().map(|s| s.component.clone()))
+        .collect();
+    sources.sort_unstable();
+    sources.dedup();
+    if let Err(e) = mlm.outbox.learn(sender.clone(), sources, now).await {
+        tracing::error!("routes: {e}");
+    }
+    if let Err(e) = mlm
+        .outbox
+        .acknowledge(sender.clone(), env.meta.acks.clone())
+        .await
+    {
+        tracing::error!("acknowledgements from {sender}: {e}");
+    }
     let mut forward: Vec<(usize, RawMessage)> = Vec::new();
     let mut aggregate: Vec<(usize, usize, String, Member)> = Vec::new();
 
@@ -242,7 +252,115 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
         }),
         ..Advice::default()
     });
-    envelope_response(EnvelopeWriter::new(&meta).finish())
+    let mut w = EnvelopeWriter::new(&meta);
+    // What waits for the caller's subtree rides on the reply; a long poll
+    // is held until something does (or the hold runs out).
+    let pure_poll = ids_empty;
+    let deadline = tokio::time::Instant::now() + poll.unwrap_or_default().min(MAX_HOLD);
+    loop {
+        let notified = mlm.outbox_ready.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match mlm
+            .outbox
+            .offer(sender.clone(), mlm.clock.now(), OFFER_AGAIN, 200)
+            .await
+        {
+            Ok(msgs) if !msgs.is_empty() => {
+                for m in &msgs {
+                    w.push_raw(m);
+                }
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!("back-channel for {sender}: {e}");
+                break;
+            }
+        }
+        if !pure_poll || poll.is_none() || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep_until(deadline) => {}
+            () = mlm.stopping.cancelled() => break,
+        }
+    }
+    envelope_response(w.finish())
+}
+
+/// Offered back-channel messages not acknowledged are offered again after this.
+const OFFER_AGAIN: Duration = Duration::from_secs(30);
+/// Longest long-poll hold granted.
+const MAX_HOLD: Duration = Duration::from_secs(25);
+
+/// Takes back-channel messages from upstream into this MLM's queue: one
+/// copy per next hop, listing the destinations behind it (the MLM nearest
+/// the destinations thus makes one copy per destination). Returns the IDs
+/// now safe, to acknowledge upstream.
+pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
+    let mut copies = Vec::new();
+    let mut for_me = Vec::new();
+    for m in msgs {
+        let mut by_hop: std::collections::BTreeMap<rs_common::RsId, Vec<rs_common::RsId>> =
+            Default::default();
+        for d in m.header.destinations() {
+            if *d == mlm.id {
+                tracing::warn!(
+                    "back-channel message {} for this MLM itself: not handled yet",
+                    m.header.id
+                );
+                for_me.push(m.header.id.clone());
+                continue;
+            }
+            let hop = match mlm.outbox.route(d.clone()).await {
+                Ok(Some(h)) => h,
+                // Not seen yet: it will call in itself.
+                _ => d.clone(),
+            };
+            by_hop.entry(hop).or_default().push(d.clone());
+        }
+        for (hop, dests) in by_hop {
+            let mut c = m.clone();
+            c.header.route = rs_common::Route::Destination(dests);
+            let now = mlm.clock.now();
+            c.header.routing.push(Hop {
+                component: mlm.id.clone(),
+                received: now,
+                sent: Some(now),
+            });
+            copies.push((hop, c));
+        }
+    }
+    let all_ids: Vec<MessageId> = copies.iter().map(|(_, m)| m.header.id.clone()).collect();
+    match mlm.outbox.accept(copies, mlm.clock.now()).await {
+        Ok(mut ids) => {
+            mlm.outbox_ready.notify_waiters();
+            ids.extend(for_me);
+            ids
+        }
+        Err(e) => {
+            tracing::error!(
+                "back-channel queue: {e}; {} messages not acknowledged",
+                all_ids.len()
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// The MLM's own sender hands the back-channel it long-polls for here.
+#[derive(Debug)]
+pub struct Downstream(pub std::sync::Arc<Mlm>);
+
+impl rs_common::upstream::BackChannel for Downstream {
+    fn receive(
+        &self,
+        msgs: Vec<RawMessage>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<MessageId>> + Send + '_>> {
+        Box::pin(take_down(&self.0, msgs))
+    }
 }
 
 /// Custody: accepted once in this MLM's durable spool; its sender forwards.
@@ -283,7 +401,15 @@ async fn post(
         }
         w.push_raw(&m);
     }
-    mlm.upstream.post(&w.finish(), None).await
+    let reply = mlm.upstream.post(&w.finish(), None).await?;
+    // Back-channel messages for the subtree may ride on any reply.
+    if !reply.messages.is_empty() {
+        let ids = take_down(mlm, reply.messages.clone()).await;
+        if let Ok(mut acks) = mlm.upstream_acks.lock() {
+            acks.extend(ids);
+        }
+    }
+    Ok(reply)
 }
 
 async fn relay(mlm: &Mlm, forward: &[(usize, RawMessage)]) -> Vec<Outcome> {

@@ -49,6 +49,13 @@ pub struct Mlm {
     pub started: rs_common::Timestamp,
     /// Cancelled when the MLM begins to stop (ends held long polls).
     pub stopping: CancellationToken,
+    /// The back-channel queue for the subtree, and its routes.
+    pub outbox: rs_common::outbox::Outbox,
+    /// Woken when back-channel messages are queued.
+    pub outbox_ready: tokio::sync::Notify,
+    /// Back-channel messages received on relayed replies, to acknowledge
+    /// upstream on the next relayed POST.
+    pub upstream_acks: std::sync::Mutex<Vec<rs_common::MessageId>>,
 }
 
 impl Mlm {
@@ -84,6 +91,10 @@ impl Mlm {
             clock: Arc::new(SystemClock),
             started: rs_common::Timestamp::now(),
             stopping: CancellationToken::new(),
+            outbox: rs_common::outbox::Outbox::open(&cfg.data_dir.join("outbox.db"))
+                .context("opening the back-channel queue")?,
+            outbox_ready: tokio::sync::Notify::new(),
+            upstream_acks: std::sync::Mutex::new(Vec::new()),
             cfg,
         }))
     }
@@ -119,6 +130,9 @@ impl Mlm {
         }
         if let Ok(n) = self.aggregation.pending().await {
             metrics.push(("aggregation.pending", n));
+        }
+        if let Ok(n) = self.outbox.pending().await {
+            metrics.push(("backchannel.pending", n));
         }
         StatusNode {
             id: Some(self.id.clone()),
@@ -230,9 +244,9 @@ pub async fn run(
         wake: mlm.spool.notified(),
         stats: mlm.sender_stats.clone(),
         paused: Arc::new(AtomicBool::new(false)),
-        // Relaying the back-channel to the subtree is not built yet.
-        back: None,
-        poll: None,
+        back: Some(Arc::new(forward::Downstream(mlm.clone()))),
+        // Long-poll upstream on behalf of the whole subtree.
+        poll: Some(Duration::from_secs(25)),
     };
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
     if let Err(e) = mlm

@@ -157,3 +157,70 @@ async fn control_actions_reach_a_proxy_and_complete_their_jobs() {
     }
     d.stop_all();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_actions_travel_through_an_mlm_to_each_proxy() {
+    let dir = tmp("backchannel-mlm");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra::default(),
+        )
+        .unwrap();
+    let s1 = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let s2 = d
+        .proxy("p2", "acme.p2", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    // The server learns of both proxies (and that they are behind the MLM).
+    assert!(wait_for(Duration::from_secs(30), || {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                let c = reqwest::get(format!("http://{a}/rs/v1/control/components"))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                c.contains("id=\"acme.p1\"") && c.contains("id=\"acme.p2\"")
+            })
+        })
+    }));
+    let (status, body) = post(
+        &a,
+        r#"<send><to id="acme.p1"/><to id="acme.p2"/><control action="getStatus"/></send>"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let j = until_done(&a, attr(&body, "id")).await;
+    assert!(
+        j.contains("<target id=\"acme.p1\" state=\"succeeded\""),
+        "{j}"
+    );
+    assert!(
+        j.contains("<target id=\"acme.p2\" state=\"succeeded\""),
+        "{j}"
+    );
+    assert!(
+        j.contains("id=\"acme.p2\"") && j.contains("&lt;status kind=\"proxy\" id=\"acme.p2\""),
+        "{j}"
+    );
+
+    let (_, body) = post(
+        &a,
+        r#"<send><to id="acme.p2"/><control action="disableForwarding"/></send>"#,
+    )
+    .await;
+    let j = until_done(&a, attr(&body, "id")).await;
+    assert!(j.contains("state=\"succeeded\""), "{j}");
+    let st = rs_proxy::client::Client::new(&s2).status().await.unwrap();
+    assert_eq!(st["forwarding"], false);
+    let st = rs_proxy::client::Client::new(&s1).status().await.unwrap();
+    assert_eq!(st["forwarding"], true, "only acme.p2 was addressed");
+    d.stop_all();
+}

@@ -1,0 +1,225 @@
+//! A tier's durable back-channel queue (seed 004, Fig. 18): messages
+//! waiting for a next hop, handed out on the replies to that hop's POSTs,
+//! kept until the hop acknowledges them and offered again if it does not.
+//! Also the tier's knowledge of which next hop reaches which component.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rusqlite::{OptionalExtension, params};
+
+use crate::codec::{Limits, RawMessage, decode_header_part, encode_header};
+use crate::db::{Db, DbError, Plain};
+use crate::ids::{MessageId, RsId};
+use crate::time::Timestamp;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS outbox (
+    id           TEXT    NOT NULL,
+    hop          TEXT    NOT NULL,
+    created      INTEGER NOT NULL,
+    offered      INTEGER,
+    kind         TEXT    NOT NULL,
+    content_type TEXT    NOT NULL,
+    header       BLOB    NOT NULL,
+    content      BLOB    NOT NULL,
+    PRIMARY KEY (id, hop)
+);
+CREATE INDEX IF NOT EXISTS outbox_hop ON outbox (hop, created);
+CREATE TABLE IF NOT EXISTS routes (
+    component TEXT    PRIMARY KEY,
+    hop       TEXT    NOT NULL,
+    updated   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS received (
+    id TEXT    PRIMARY KEY,
+    at INTEGER NOT NULL
+);
+";
+
+fn exec(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(p)
+}
+
+/// Handle to the queue; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    db: Db<Plain>,
+}
+
+impl Outbox {
+    pub fn open(path: &std::path::Path) -> Result<Self, DbError> {
+        let conn = crate::db::open(path)?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Outbox {
+            db: Db::start("rs-outbox", Plain(conn))?,
+        })
+    }
+
+    /// Records that `components` are reached through `hop`.
+    pub async fn learn(
+        &self,
+        hop: RsId,
+        components: Vec<RsId>,
+        now: Timestamp,
+    ) -> Result<(), DbError> {
+        self.db
+            .write(move |s| {
+                for c in components.iter().chain(std::iter::once(&hop)) {
+                    exec(
+                        &s.0,
+                        "INSERT INTO routes (component, hop, updated) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (component) DO UPDATE SET hop = ?2, updated = ?3",
+                        params![c.as_str(), hop.as_str(), now.as_millis()],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// The next hop towards `dest`: the hop of `dest` or of the nearest
+    /// component it was allocated under; `None` if unknown.
+    pub async fn route(&self, dest: RsId) -> Result<Option<RsId>, DbError> {
+        self.db
+            .read(move |s| {
+                let mut at = Some(dest);
+                while let Some(d) = at {
+                    let hop: Option<String> =
+                        s.0.query_row(
+                            "SELECT hop FROM routes WHERE component = ?1",
+                            params![d.as_str()],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if let Some(h) = hop {
+                        return Ok(RsId::new(h).ok());
+                    }
+                    at = d.parent();
+                }
+                Ok(None)
+            })
+            .await
+    }
+
+    /// Queues messages (received from upstream, so each at most once: an
+    /// ID already received is skipped). Returns the IDs now safe, to
+    /// acknowledge upstream.
+    pub async fn accept(
+        &self,
+        copies: Vec<(RsId, RawMessage)>,
+        now: Timestamp,
+    ) -> Result<Vec<MessageId>, DbError> {
+        self.db
+            .write(move |s| {
+                let mut ids = Vec::new();
+                for (hop, m) in &copies {
+                    let header = encode_header(&m.header, m.kind, m.data.as_ref());
+                    exec(
+                        &s.0,
+                        "INSERT INTO outbox (id, hop, created, kind, content_type, header, content)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id, hop) DO NOTHING",
+                        params![
+                            m.header.id.as_str(),
+                            hop.as_str(),
+                            now.as_millis(),
+                            m.kind.as_str(),
+                            m.content_type,
+                            header,
+                            &m.content[..]
+                        ],
+                    )?;
+                    exec(
+                        &s.0,
+                        "INSERT INTO received (id, at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
+                        params![m.header.id.as_str(), now.as_millis()],
+                    )?;
+                    if !ids.contains(&m.header.id) {
+                        ids.push(m.header.id.clone());
+                    }
+                }
+                Ok(ids)
+            })
+            .await
+    }
+
+    /// Messages for `hop` not offered within `again` (or never), oldest
+    /// first; marks them offered now.
+    pub async fn offer(
+        &self,
+        hop: RsId,
+        now: Timestamp,
+        again: Duration,
+        limit: usize,
+    ) -> Result<Vec<RawMessage>, DbError> {
+        let limits = Limits::default();
+        self.db
+            .write(move |s| {
+                let before = now.as_millis() - i64::try_from(again.as_millis()).unwrap_or(i64::MAX);
+                let rows: Vec<(String, String, Vec<u8>, Vec<u8>)> = {
+                    let mut st = s.0.prepare_cached(
+                        "SELECT id, content_type, header, content FROM outbox
+                         WHERE hop = ?1 AND (offered IS NULL OR offered < ?2) ORDER BY created LIMIT ?3",
+                    )?;
+                    st.query_map(params![hop.as_str(), before, limit as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?
+                    .collect::<Result<_, _>>()?
+                };
+                let mut out = Vec::new();
+                for (id, content_type, header, content) in rows {
+                    let Ok((header, kind, data)) = decode_header_part(&header, &limits) else {
+                        continue;
+                    };
+                    exec(
+                        &s.0,
+                        "UPDATE outbox SET offered = ?3 WHERE id = ?1 AND hop = ?2",
+                        params![id, hop.as_str(), now.as_millis()],
+                    )?;
+                    out.push(RawMessage {
+                        header,
+                        kind,
+                        data,
+                        content_type,
+                        content: Bytes::from(content),
+                    });
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    /// `hop` acknowledged `ids`: forget them.
+    pub async fn acknowledge(&self, hop: RsId, ids: Vec<MessageId>) -> Result<(), DbError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.db
+            .write(move |s| {
+                for id in &ids {
+                    exec(
+                        &s.0,
+                        "DELETE FROM outbox WHERE id = ?1 AND hop = ?2",
+                        params![id.as_str(), hop.as_str()],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Messages waiting.
+    pub async fn pending(&self) -> Result<u64, DbError> {
+        self.db
+            .read(|s| {
+                let n: i64 =
+                    s.0.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            })
+            .await
+    }
+}
