@@ -680,3 +680,12 @@ fn the_integrator_api_refuses_non_loopback_addresses() {
     assert!(err.contains("loopback"), "{err}");
     assert!(rs_proxy::Config::parse(&cfg.replace("0.0.0.0", "127.0.0.1")).is_ok());
 }
+
+#[test]
+fn the_packaged_example_configurations_load() {
+    let dir = rs_tests::repo_root().join("packaging/etc");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    rs_appserver::Config::parse(&read("appserver.toml")).unwrap();
+    rs_mlm::Config::parse(&read("mlm.toml")).unwrap();
+    rs_proxy::Config::parse(&read("proxy.toml")).unwrap();
+}
