@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rs_common::codec::{EnvelopeWriter, RawEnvelope, RawMessage, decode_status};
 use rs_common::control::{CLASS_INFRASTRUCTURE, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN};
-use rs_common::ingress::{envelope, envelope_response};
+use rs_common::ingress::{MAX_OFFER, OFFER_AGAIN, envelope, envelope_response, offer_back_channel};
 use rs_common::model::{Advice, Content, EnvelopeMeta};
 use rs_common::{MessageId, Outcome, Timestamp};
 use warp::Filter;
@@ -99,7 +99,7 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
     let sender = env.meta.sender.clone();
     let acks = env.meta.acks.clone();
     let env_poll = env.meta.poll;
-    let outcomes_empty = env.messages.is_empty();
+    let pure_poll = env.messages.is_empty();
     let mut responses = Vec::new();
     app.stats.envelopes.fetch_add(1, Ordering::Relaxed);
     app.stats
@@ -193,42 +193,20 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
     });
     let mut w = EnvelopeWriter::new(&meta);
     // Piggyback what waits for the caller's subtree; hold the reply a
-    // while if the caller asked to (long poll) and nothing waits yet.
-    let hold = env_poll.map(|h| h.min(MAX_HOLD));
-    let deadline = tokio::time::Instant::now() + hold.unwrap_or_default();
-    loop {
-        let notified = app.outbox_ready.notified();
-        match app
-            .store
-            .offer(sender.to_string(), app.clock.now(), OFFER_AGAIN, MAX_OFFER)
-            .await
-        {
-            Ok(msgs) if !msgs.is_empty() => {
-                for m in &msgs {
-                    w.push_raw(m);
-                }
-                break;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!("back-channel for {sender}: {e}");
-                break;
-            }
+    // while if the caller only long-polls and nothing waits yet.
+    let hold = env_poll.filter(|_| pure_poll);
+    let hop = sender.to_string();
+    offer_back_channel(&mut w, &app.outbox_ready, hold, &app.stopping, || {
+        let store = app.store.clone();
+        let hop = hop.clone();
+        let now = app.clock.now();
+        async move {
+            store
+                .offer(hop, now, OFFER_AGAIN, MAX_OFFER)
+                .await
+                .map_err(|e| e.to_string())
         }
-        if !outcomes_empty || hold.is_none() || tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::select! {
-            () = notified => {}
-            () = tokio::time::sleep_until(deadline) => {}
-        }
-    }
+    })
+    .await;
     envelope_response(w.finish())
 }
-
-/// Offered back-channel messages not acknowledged are offered again after this.
-const OFFER_AGAIN: Duration = Duration::from_secs(30);
-/// Most back-channel messages in one reply.
-const MAX_OFFER: usize = 200;
-/// Longest long-poll hold granted.
-pub const MAX_HOLD: Duration = Duration::from_secs(25);

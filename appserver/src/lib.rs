@@ -32,6 +32,8 @@ pub struct AppServer {
     pub started: rs_common::Timestamp,
     /// Woken when back-channel messages are queued (long polls wait on it).
     pub outbox_ready: tokio::sync::Notify,
+    /// Cancelled when the server begins to stop (ends held long polls).
+    pub stopping: CancellationToken,
 }
 
 impl AppServer {
@@ -46,6 +48,7 @@ impl AppServer {
             stats: ingress::Stats::default(),
             started: rs_common::Timestamp::now(),
             outbox_ready: tokio::sync::Notify::new(),
+            stopping: CancellationToken::new(),
             cfg,
         }))
     }
@@ -100,6 +103,13 @@ pub async fn run(
             }
         })
     };
+    {
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            app.stopping.cancel();
+        });
+    }
     serve_tcp(listener, app.routes(), ServeConfig::default(), shutdown).await;
     let _ = purge.await;
     tracing::info!("rs-appserver stopped");

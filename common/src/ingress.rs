@@ -7,7 +7,9 @@ use futures_util::StreamExt as _;
 use http::StatusCode;
 use warp::Filter;
 
-use crate::codec::{DecodeError, Encoded, Limits, RawEnvelope, StreamDecoder};
+use crate::codec::{
+    DecodeError, Encoded, EnvelopeWriter, Limits, RawEnvelope, RawMessage, StreamDecoder,
+};
 use crate::server::Refusal;
 
 /// The HTTP status for a decode error.
@@ -91,4 +93,57 @@ pub fn xml_response(doc: Vec<u8>) -> warp::reply::Response {
         http::HeaderValue::from_static("text/xml; charset=utf-8"),
     );
     r
+}
+
+/// Offered back-channel messages not acknowledged are offered again after this.
+pub const OFFER_AGAIN: Duration = Duration::from_secs(30);
+/// Most back-channel messages in one reply.
+pub const MAX_OFFER: usize = 200;
+/// Longest long-poll hold any tier grants.
+pub const MAX_HOLD: Duration = Duration::from_secs(25);
+
+/// Puts on a reply what waits on the back-channel for the caller, through
+/// `offer` (which marks what it returns as offered). When nothing waits
+/// and `hold` is given (a long poll with nothing else in it), waits up to
+/// `hold` (at most [`MAX_HOLD`]) for `ready` to be notified, or `stop`,
+/// and looks again. Every tier's reply side uses this one loop.
+pub async fn offer_back_channel<F, Fut>(
+    w: &mut EnvelopeWriter,
+    ready: &tokio::sync::Notify,
+    hold: Option<Duration>,
+    stop: &tokio_util::sync::CancellationToken,
+    mut offer: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<RawMessage>, String>>,
+{
+    let deadline = tokio::time::Instant::now() + hold.unwrap_or_default().min(MAX_HOLD);
+    loop {
+        // Registered before looking, so a message queued while we look
+        // still wakes us.
+        let notified = ready.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match offer().await {
+            Ok(msgs) if !msgs.is_empty() => {
+                for m in &msgs {
+                    w.push_raw(m);
+                }
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!("back-channel: {e}");
+                return;
+            }
+        }
+        if hold.is_none() || tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep_until(deadline) => {}
+            () = stop.cancelled() => return,
+        }
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rs_common::codec::{EnvelopeWriter, RawEnvelope, RawMessage};
-use rs_common::ingress::{envelope, envelope_response};
+use rs_common::ingress::{MAX_OFFER, OFFER_AGAIN, envelope, envelope_response, offer_back_channel};
 use rs_common::model::{Advice, Content, EnvelopeMeta, Hop};
 use rs_common::spool::{Enqueued, Spool as _};
 use rs_common::upstream::PostError;
@@ -254,46 +254,21 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
     });
     let mut w = EnvelopeWriter::new(&meta);
     // What waits for the caller's subtree rides on the reply; a long poll
-    // is held until something does (or the hold runs out).
-    let pure_poll = ids_empty;
-    let deadline = tokio::time::Instant::now() + poll.unwrap_or_default().min(MAX_HOLD);
-    loop {
-        let notified = mlm.outbox_ready.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        match mlm
-            .outbox
-            .offer(sender.clone(), mlm.clock.now(), OFFER_AGAIN, 200)
-            .await
-        {
-            Ok(msgs) if !msgs.is_empty() => {
-                for m in &msgs {
-                    w.push_raw(m);
-                }
-                break;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!("back-channel for {sender}: {e}");
-                break;
-            }
+    // with nothing in it is held until something does (or the hold runs out).
+    let hold = poll.filter(|_| ids_empty);
+    offer_back_channel(&mut w, &mlm.outbox_ready, hold, &mlm.stopping, || {
+        let outbox = mlm.outbox.clone();
+        let (hop, now) = (sender.clone(), mlm.clock.now());
+        async move {
+            outbox
+                .offer(hop, now, OFFER_AGAIN, MAX_OFFER)
+                .await
+                .map_err(|e| e.to_string())
         }
-        if !pure_poll || poll.is_none() || tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::select! {
-            () = notified => {}
-            () = tokio::time::sleep_until(deadline) => {}
-            () = mlm.stopping.cancelled() => break,
-        }
-    }
+    })
+    .await;
     envelope_response(w.finish())
 }
-
-/// Offered back-channel messages not acknowledged are offered again after this.
-const OFFER_AGAIN: Duration = Duration::from_secs(30);
-/// Longest long-poll hold granted.
-const MAX_HOLD: Duration = Duration::from_secs(25);
 
 /// Takes back-channel messages from upstream into this MLM's queue: one
 /// copy per next hop, listing the destinations behind it (the MLM nearest
