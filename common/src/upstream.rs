@@ -293,6 +293,15 @@ pub struct SenderStats {
 }
 
 impl SenderStats {
+    /// The heartbeat interval the next hop advised, or `default` until it
+    /// has advised one.
+    pub fn heartbeat(&self, default: Duration) -> Duration {
+        match self.advised_heartbeat_ms.load(Ordering::Relaxed) {
+            0 => default,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
     fn fail(&self, e: &PostError) {
         self.posts_failed.fetch_add(1, Ordering::Relaxed);
         self.connected.store(false, Ordering::Relaxed);

@@ -240,16 +240,9 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
             (id, o)
         })
         .collect();
-    let upstream_beat = mlm
-        .sender_stats
-        .advised_heartbeat_ms
-        .load(Ordering::Relaxed);
+    // Pass on the interval the upstream asks for, so settings cannot drift.
     meta.advice = Some(Advice {
-        heartbeat: Some(if upstream_beat > 0 {
-            Duration::from_millis(upstream_beat)
-        } else {
-            mlm.cfg.heartbeat()
-        }),
+        heartbeat: Some(mlm.sender_stats.heartbeat(mlm.cfg.heartbeat())),
         ..Advice::default()
     });
     let mut w = EnvelopeWriter::new(&meta);

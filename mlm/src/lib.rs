@@ -178,14 +178,7 @@ impl Mlm {
     }
 
     fn heartbeat_interval(&self) -> Duration {
-        match self
-            .sender_stats
-            .advised_heartbeat_ms
-            .load(Ordering::Relaxed)
-        {
-            0 => self.cfg.heartbeat(),
-            ms => Duration::from_millis(ms),
-        }
+        self.sender_stats.heartbeat(self.cfg.heartbeat())
     }
 
     pub fn routes(

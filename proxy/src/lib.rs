@@ -220,14 +220,7 @@ impl Proxy {
     }
 
     fn heartbeat_interval(&self) -> Duration {
-        match self
-            .sender_stats
-            .advised_heartbeat_ms
-            .load(Ordering::Relaxed)
-        {
-            0 => self.cfg.heartbeat(),
-            ms => Duration::from_millis(ms),
-        }
+        self.sender_stats.heartbeat(self.cfg.heartbeat())
     }
 }
 
