@@ -15,7 +15,10 @@ use rs_common::{RsId, Timestamp};
 use warp::Filter;
 
 use crate::AppServer;
-use crate::store::Query;
+use crate::store::{NewJob, Query};
+use rs_common::codec::api::{
+    Component, decode_group, decode_tags, encode_components, encode_groups, encode_job, encode_tags,
+};
 
 pub fn routes(
     app: Arc<AppServer>,
@@ -52,23 +55,65 @@ pub fn routes(
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "send")
             .and(warp::post())
-            .and(warp::body::content_length_limit(1 << 20))
-            // Bounded: content_length_limit refuses a body over 1 MiB or
-            // without a Content-Length.
-            .and({
-                #[allow(clippy::disallowed_methods)]
-                warp::body::bytes()
-            })
+            .and(small_body())
             .and_then(move |body: bytes::Bytes| {
                 let app = app.clone();
                 async move { send(&app, &body).await }
             })
     };
-    let job = warp::path!("rs" / "v1" / "control" / "jobs" / String)
-        .and(warp::get())
-        .and_then(move |id: String| {
+    let job = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "jobs" / String)
+            .and(warp::get())
+            .and(warp::query::<HashMap<String, String>>())
+            .and_then(move |id: String, q| {
+                let app = app.clone();
+                async move { job(&app, id, q).await }
+            })
+    };
+    let group_list = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "groups")
+            .and(warp::get())
+            .and_then(move || {
+                let app = app.clone();
+                async move { groups(&app, None).await }
+            })
+    };
+    let group_get = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "groups" / String)
+            .and(warp::get())
+            .and_then(move |name: String| {
+                let app = app.clone();
+                async move { groups(&app, Some(name)).await }
+            })
+    };
+    let group_put = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "groups" / String)
+            .and(warp::put())
+            .and(small_body())
+            .and_then(move |name: String, body: bytes::Bytes| {
+                let app = app.clone();
+                async move { put_group(&app, name, &body).await }
+            })
+    };
+    let group_delete = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "groups" / String)
+            .and(warp::delete())
+            .and_then(move |name: String| {
+                let app = app.clone();
+                async move { delete_group(&app, name).await }
+            })
+    };
+    let tags = warp::path!("rs" / "v1" / "control" / "components" / String / "tags")
+        .and(warp::put())
+        .and(small_body())
+        .and_then(move |id: String, body: bytes::Bytes| {
             let app = app.clone();
-            async move { job(&app, id).await }
+            async move { put_tags(&app, id, &body).await }
         });
     status
         .or(messages)
@@ -79,6 +124,26 @@ pub fn routes(
         .unify()
         .or(job)
         .unify()
+        .or(group_list)
+        .unify()
+        .or(group_get)
+        .unify()
+        .or(group_put)
+        .unify()
+        .or(group_delete)
+        .unify()
+        .or(tags)
+        .unify()
+}
+
+/// A request body of at most 1 MiB.
+fn small_body() -> impl Filter<Extract = (bytes::Bytes,), Error = warp::Rejection> + Clone {
+    warp::body::content_length_limit(1 << 20).and({
+        // Bounded: content_length_limit refuses a body over 1 MiB or
+        // without a Content-Length.
+        #[allow(clippy::disallowed_methods)]
+        warp::body::bytes()
+    })
 }
 
 fn refuse(status: http::StatusCode, text: impl Into<String>) -> warp::Rejection {
@@ -238,42 +303,38 @@ fn memchr_decl_end(doc: &[u8]) -> Option<usize> {
 }
 
 async fn components(app: &AppServer) -> Result<warp::reply::Response, warp::Rejection> {
-    let rows = app
-        .store
-        .components()
-        .await
-        .map_err(|e| refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    let mut buf = Vec::new();
-    let mut x = XmlOut::document(&mut buf);
-    x.open("components")
-        .attr_num("count", rows.len() as u64)
-        .gt()
-        .newline();
+    let rows = app.store.components().await.map_err(unavailable)?;
+    let limits = rs_common::codec::Limits::default();
     let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
-    for c in &rows {
-        x.open("component")
-            .attr("id", &c.id)
-            .attr("kind", &c.kind)
-            .attr_opt("version", c.version.as_deref())
-            .attr_ts("first-seen", ts(c.first_seen))
-            .attr_ts("last-seen", ts(c.last_seen))
-            .attr("via", &c.via)
-            .attr_opt("state", c.state.as_deref());
-        match &c.status {
-            Some(xml) => {
-                x.gt();
-                let body = memchr_decl_end(xml).map_or(&xml[..], |i| &xml[i..]);
-                x.buf.extend_from_slice(body.trim_ascii());
-                x.close("component");
-            }
-            None => {
-                x.empty();
-            }
-        }
-        x.newline();
-    }
-    x.close("components").newline();
-    Ok(xml_response(buf))
+    let list: Vec<Component> = rows
+        .into_iter()
+        .filter_map(|c| {
+            Some(Component {
+                id: RsId::new(&c.id).ok()?,
+                version: c.version,
+                first_seen: ts(c.first_seen),
+                last_seen: ts(c.last_seen),
+                via: c
+                    .via
+                    .split_whitespace()
+                    .filter_map(|v| RsId::new(v).ok())
+                    .collect(),
+                state: c.state,
+                tags: c.tags,
+                // Stored when it arrived, so it decodes; a tree that does
+                // not (an older format) is left out rather than failing
+                // the whole list.
+                status: c
+                    .status
+                    .and_then(|x| rs_common::codec::decode_status(&x, &limits).ok()),
+            })
+        })
+        .collect();
+    Ok(xml_response(encode_components(&list)))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> warp::Rejection {
+    refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
 /// `POST /rs/v1/control/send`: answers at once with a job ID; each
@@ -283,13 +344,39 @@ async fn send(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, war
     let req = rs_common::codec::decode_send_request(body, &rs_common::codec::Limits::default())
         .map_err(|e| bad(http::StatusCode::BAD_REQUEST, format!("send request: {e}")))?;
     let now = app.clock.now();
+    // Destinations: the IDs named (each must be known) and every member
+    // of the groups named (members never seen start failed in the job).
+    let mut dests: std::collections::BTreeSet<RsId> = std::collections::BTreeSet::new();
+    for g in &req.groups {
+        let found = app
+            .store
+            .groups(Some(g.clone()))
+            .await
+            .map_err(unavailable)?;
+        let Some((_, members)) = found.into_iter().next() else {
+            return Err(bad(
+                http::StatusCode::NOT_FOUND,
+                format!("unknown group {g:?}"),
+            ));
+        };
+        if members.is_empty() {
+            return Err(bad(
+                http::StatusCode::BAD_REQUEST,
+                format!("group {g:?} has no members"),
+            ));
+        }
+        dests.extend(members);
+    }
+    let named: std::collections::BTreeSet<RsId> = req.to.iter().cloned().collect();
+    dests.extend(named.iter().cloned());
     // One copy per next hop, listing the destinations behind it.
     let mut by_hop: std::collections::BTreeMap<String, Vec<RsId>> =
         std::collections::BTreeMap::new();
-    for d in &req.to {
-        match app.store.next_hop(d.clone()).await {
-            Ok(Some(hop)) => by_hop.entry(hop).or_default().push(d.clone()),
-            Ok(None) => {
+    let mut unreachable = Vec::new();
+    for d in dests {
+        match app.store.next_hop(d.clone()).await.map_err(unavailable)? {
+            Some(hop) => by_hop.entry(hop).or_default().push(d),
+            None if named.contains(&d) => {
                 return Err(bad(
                     http::StatusCode::NOT_FOUND,
                     format!(
@@ -297,16 +384,24 @@ async fn send(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, war
                     ),
                 ));
             }
-            Err(e) => return Err(bad(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+            None => unreachable.push(d),
         }
     }
     let message_id = rs_common::MessageId::generate();
     let job_id = rs_common::MessageId::generate().to_string();
+    let expiry = now.saturating_add(std::time::Duration::from_secs(
+        req.ttl_secs.unwrap_or(86_400),
+    ));
     let copies = by_hop
         .into_iter()
         .map(|(hop, dests)| {
-            let mut m =
-                rs_common::control::control_message(message_id.clone(), dests, &req.action, now);
+            let mut m = rs_common::control::control_message(
+                message_id.clone(),
+                dests,
+                Some(expiry),
+                &req.action,
+                now,
+            );
             m.header.routing.push(rs_common::Hop {
                 component: app.id.clone(),
                 received: now,
@@ -315,79 +410,166 @@ async fn send(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, war
             (hop, m.to_raw())
         })
         .collect();
-    let expiry = now.saturating_add(std::time::Duration::from_secs(
-        req.ttl_secs.unwrap_or(86_400),
-    ));
     app.store
         .create_job(
-            job_id.clone(),
-            req.action.name().to_owned(),
-            message_id.clone(),
-            copies,
-            Some(expiry),
+            NewJob {
+                id: job_id.clone(),
+                action: req.action.name().to_owned(),
+                message: message_id.clone(),
+                copies,
+                unreachable,
+                expiry: Some(expiry),
+                notify: req.notify.clone(),
+            },
             now,
         )
         .await
-        .map_err(|e| bad(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        .map_err(unavailable)?;
     app.outbox_ready.notify_waiters();
-    let mut buf = Vec::new();
-    let mut x = XmlOut::document(&mut buf);
-    x.open("job")
-        .attr("id", &job_id)
-        .attr("message", message_id.as_str())
-        .attr("action", req.action.name())
-        .attr_num("targets", req.to.len() as u64)
-        .empty()
-        .newline();
-    Ok(xml_response(buf))
-}
-
-/// `GET /rs/v1/control/jobs/{id}`: each destination's state and result.
-async fn job(app: &AppServer, id: String) -> Result<warp::reply::Response, warp::Rejection> {
+    app.jobs_changed.send_modify(|v| *v += 1);
     let job = app
         .store
-        .job(id.clone())
+        .job(job_id.clone())
         .await
-        .map_err(|e| refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
-        .ok_or_else(|| refuse(http::StatusCode::NOT_FOUND, format!("no job {id:?}")))?;
-    let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
-    let mut buf = Vec::new();
-    let mut x = XmlOut::document(&mut buf);
-    let done = job
-        .targets
-        .iter()
-        .all(|t| matches!(t.state.as_str(), "succeeded" | "failed" | "expired"));
-    x.open("job")
-        .attr("id", &job.id)
-        .attr("message", &job.message)
-        .attr("action", &job.action)
-        .attr_ts("created", ts(job.created))
-        .attr("state", if done { "done" } else { "running" })
-        .gt()
-        .newline();
-    for t in &job.targets {
-        x.open("target")
-            .attr("id", &t.dest)
-            .attr("state", &t.state)
-            .attr_ts("updated", ts(t.updated))
-            .attr_opt("code", t.code.as_deref());
-        match (&t.text, &t.result) {
-            (None, None) => {
-                x.empty();
+        .map_err(unavailable)?
+        .ok_or_else(|| unavailable("the job just recorded is gone"))?;
+    Ok(xml_response(encode_job(&job)))
+}
+
+/// `GET /rs/v1/control/jobs/{id}[?after=V&wait=S]`: each destination's
+/// state and result. With `after`, holds the answer up to `wait` seconds
+/// (default 25, at most 60) until the job's version exceeds `after`.
+async fn job(
+    app: &AppServer,
+    id: String,
+    q: HashMap<String, String>,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let bad = |t: String| refuse(http::StatusCode::BAD_REQUEST, t);
+    let mut after = None;
+    let mut wait = 25u64;
+    for (k, v) in &q {
+        match k.as_str() {
+            "after" => {
+                after = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| bad(format!("after {v:?}: a version number")))?,
+                )
             }
-            (text, result) => {
-                x.gt();
-                if let Some(text) = text {
-                    x.text_element("text", text);
-                }
-                if let Some(result) = result {
-                    x.text_element("result", result);
-                }
-                x.close("target");
+            "wait" => {
+                wait = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|w| *w <= 60)
+                    .ok_or_else(|| bad(format!("wait {v:?}: seconds from 0 to 60")))?;
             }
+            other => return Err(bad(format!("unknown parameter {other:?}"))),
         }
-        x.newline();
     }
-    x.close("job").newline();
-    Ok(xml_response(buf))
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+    let mut changes = app.jobs_changed.subscribe();
+    loop {
+        changes.borrow_and_update();
+        let job = app
+            .store
+            .job(id.clone())
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| refuse(http::StatusCode::NOT_FOUND, format!("no job {id:?}")))?;
+        let hold = after.is_some_and(|a| job.version <= a) && !job.is_done();
+        if !hold {
+            return Ok(xml_response(encode_job(&job)));
+        }
+        tokio::select! {
+            r = changes.changed() => { if r.is_err() { return Ok(xml_response(encode_job(&job))); } }
+            () = tokio::time::sleep_until(deadline) => return Ok(xml_response(encode_job(&job))),
+            () = app.stopping.cancelled() => return Ok(xml_response(encode_job(&job))),
+        }
+    }
+}
+
+/// `GET /rs/v1/control/groups[/{name}]`: definitions and members now.
+async fn groups(
+    app: &AppServer,
+    name: Option<String>,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let list = app.store.groups(name.clone()).await.map_err(unavailable)?;
+    if let (Some(n), true) = (&name, list.is_empty()) {
+        return Err(refuse(
+            http::StatusCode::NOT_FOUND,
+            format!("no group {n:?}"),
+        ));
+    }
+    Ok(xml_response(encode_groups(&list)))
+}
+
+/// `PUT /rs/v1/control/groups/{name}`: creates or replaces a group.
+async fn put_group(
+    app: &AppServer,
+    name: String,
+    body: &[u8],
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let bad = |t: String| refuse(http::StatusCode::BAD_REQUEST, t);
+    let g = decode_group(body, &rs_common::codec::Limits::default())
+        .map_err(|e| bad(format!("group: {e}")))?;
+    if g.name != name {
+        return Err(bad(format!(
+            "the document names group {:?} but the URL {name:?}",
+            g.name
+        )));
+    }
+    if g.members.is_empty() && !g.has_selector() {
+        return Err(bad(format!(
+            "group {name:?}: give members, a selector (customer, kind, tag) or both"
+        )));
+    }
+    app.store
+        .put_group(g, app.clock.now())
+        .await
+        .map_err(unavailable)?;
+    groups(app, Some(name)).await
+}
+
+async fn delete_group(
+    app: &AppServer,
+    name: String,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    if app
+        .store
+        .delete_group(name.clone())
+        .await
+        .map_err(unavailable)?
+    {
+        Ok(warp::reply::Reply::into_response(
+            http::StatusCode::NO_CONTENT,
+        ))
+    } else {
+        Err(refuse(
+            http::StatusCode::NOT_FOUND,
+            format!("no group {name:?}"),
+        ))
+    }
+}
+
+/// `PUT /rs/v1/control/components/{id}/tags`: replaces a component's tags.
+async fn put_tags(
+    app: &AppServer,
+    id: String,
+    body: &[u8],
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let bad = |t: String| refuse(http::StatusCode::BAD_REQUEST, t);
+    let component = RsId::new(&id).map_err(|e| bad(format!("component {id:?}: {e}")))?;
+    let tags = decode_tags(body, &rs_common::codec::Limits::default())
+        .map_err(|e| bad(format!("tags: {e}")))?;
+    if !app
+        .store
+        .set_tags(component, tags.clone())
+        .await
+        .map_err(unavailable)?
+    {
+        return Err(refuse(
+            http::StatusCode::NOT_FOUND,
+            format!("unknown component {id}: no such component has reported to this server"),
+        ));
+    }
+    Ok(xml_response(encode_tags(&tags)))
 }

@@ -154,8 +154,10 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
         }
     }
     // The caller has these back-channel messages now.
-    if let Err(e) = app.store.acknowledge(sender.to_string(), acks, now).await {
-        tracing::error!("acknowledgements from {sender}: {e}");
+    let mut jobs_changed = false;
+    match app.store.acknowledge(sender.to_string(), acks, now).await {
+        Ok(changed) => jobs_changed |= changed,
+        Err(e) => tracing::error!("acknowledgements from {sender}: {e}"),
     }
     // Responses to control actions complete their jobs.
     for (reference, source, outcome, result) in responses {
@@ -172,9 +174,13 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
             text,
             result,
         };
-        if let Err(e) = app.store.complete(reference, source, c, now).await {
-            tracing::error!("job update: {e}");
+        match app.store.complete(reference, source, c, now).await {
+            Ok(changed) => jobs_changed |= changed,
+            Err(e) => tracing::error!("job update: {e}"),
         }
+    }
+    if jobs_changed {
+        app.jobs_changed.send_modify(|v| *v += 1);
     }
     let mut meta = EnvelopeMeta::new(app.id.clone(), app.clock.now());
     meta.outcomes = ids

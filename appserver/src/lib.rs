@@ -8,6 +8,7 @@
 pub mod config;
 pub mod control;
 pub mod ingress;
+pub mod jobs;
 pub mod store;
 
 use std::sync::Arc;
@@ -34,6 +35,8 @@ pub struct AppServer {
     pub outbox_ready: tokio::sync::Notify,
     /// Cancelled when the server begins to stop (ends held long polls).
     pub stopping: CancellationToken,
+    /// Bumped whenever a job changes (watchers of jobs wait on it).
+    pub jobs_changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl AppServer {
@@ -49,6 +52,7 @@ impl AppServer {
             started: rs_common::Timestamp::now(),
             outbox_ready: tokio::sync::Notify::new(),
             stopping: CancellationToken::new(),
+            jobs_changed: tokio::sync::watch::Sender::new(0),
             cfg,
         }))
     }
@@ -110,8 +114,12 @@ pub async fn run(
             app.stopping.cancel();
         });
     }
+    let expire = tokio::spawn(jobs::expire(app.clone(), shutdown.clone()));
+    let push = tokio::spawn(jobs::push(app.clone(), shutdown.clone()));
     serve_tcp(listener, app.routes(), ServeConfig::default(), shutdown).await;
     let _ = purge.await;
+    let _ = expire.await;
+    let _ = push.await;
     tracing::info!("rs-appserver stopped");
     Ok(())
 }

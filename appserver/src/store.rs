@@ -7,10 +7,11 @@
 
 use std::time::Duration;
 
+use rs_common::codec::api::{GroupDef, Job, JobTarget};
 use rs_common::codec::{RawMessage, encode_header};
 use rs_common::db::{Db, DbError, Plain};
 use rs_common::model::{ContentKind, Severity};
-use rs_common::{MessageId, RsId, Timestamp};
+use rs_common::{ComponentKind, CustomerId, MessageId, RsId, Timestamp};
 use rusqlite::{Connection, OptionalExtension, params};
 
 const SCHEMA: &str = "
@@ -58,11 +59,34 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_hop ON outbox (hop, created);
 CREATE TABLE IF NOT EXISTS jobs (
-    id      TEXT    PRIMARY KEY,
-    created INTEGER NOT NULL,
-    action  TEXT    NOT NULL,
-    message TEXT    NOT NULL UNIQUE
+    id       TEXT    PRIMARY KEY,
+    created  INTEGER NOT NULL,
+    action   TEXT    NOT NULL,
+    message  TEXT    NOT NULL UNIQUE,
+    expiry   INTEGER,
+    version  INTEGER NOT NULL DEFAULT 0,
+    notify   TEXT,
+    notified INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expiry);
+CREATE TABLE IF NOT EXISTS groups (
+    name     TEXT    PRIMARY KEY,
+    customer TEXT,
+    kind     TEXT,
+    tag      TEXT,
+    updated  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS group_members (
+    grp       TEXT NOT NULL,
+    component TEXT NOT NULL,
+    PRIMARY KEY (grp, component)
+);
+CREATE TABLE IF NOT EXISTS component_tags (
+    component TEXT NOT NULL,
+    tag       TEXT NOT NULL,
+    PRIMARY KEY (component, tag)
+);
+CREATE INDEX IF NOT EXISTS component_tags_tag ON component_tags (tag);
 CREATE TABLE IF NOT EXISTS job_targets (
     job     TEXT    NOT NULL,
     dest    TEXT    NOT NULL,
@@ -117,6 +141,7 @@ pub struct Row {
 /// A component as the server knows it.
 #[derive(Debug, Clone)]
 pub struct ComponentRow {
+    pub tags: Vec<String>,
     pub id: String,
     pub kind: String,
     pub version: Option<String>,
@@ -348,13 +373,25 @@ impl Store {
     pub async fn components(&self) -> Result<Vec<ComponentRow>, DbError> {
         self.db
             .read(|s| {
+                let mut tags: std::collections::HashMap<String, Vec<String>> =
+                    std::collections::HashMap::new();
+                let mut st =
+                    s.0.prepare("SELECT component, tag FROM component_tags ORDER BY tag")?;
+                for r in
+                    st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                {
+                    let (c, t) = r?;
+                    tags.entry(c).or_default().push(t);
+                }
                 let mut st = s.0.prepare(
                     "SELECT id, kind, version, first_seen, last_seen, via, state, status
                      FROM components ORDER BY id",
                 )?;
                 let rows = st.query_map([], |r| {
+                    let id: String = r.get(0)?;
                     Ok(ComponentRow {
-                        id: r.get(0)?,
+                        tags: tags.remove(&id).unwrap_or_default(),
+                        id,
                         kind: r.get(1)?,
                         version: r.get(2)?,
                         first_seen: r.get(3)?,
@@ -464,28 +501,6 @@ pub struct Completion {
     pub result: Option<String>,
 }
 
-/// One destination of a job.
-#[derive(Debug, Clone)]
-pub struct JobTarget {
-    pub dest: String,
-    /// `pending`, `delivered`, `succeeded`, `failed`, `expired`.
-    pub state: String,
-    pub updated: i64,
-    pub code: Option<String>,
-    pub text: Option<String>,
-    pub result: Option<String>,
-}
-
-/// A job: one control action sent to one or more components.
-#[derive(Debug, Clone)]
-pub struct Job {
-    pub id: String,
-    pub created: i64,
-    pub action: String,
-    pub message: String,
-    pub targets: Vec<JobTarget>,
-}
-
 impl Store {
     /// The tier through which `dest` is reached from here: the last hop of
     /// its latest route, or itself when it talks to us directly. `None`
@@ -511,32 +526,35 @@ impl Store {
 
     /// Records a job and queues one copy of its message per next hop (each
     /// listing the destinations behind that hop), in one transaction.
-    pub async fn create_job(
-        &self,
-        job: String,
-        action: String,
-        message: MessageId,
-        copies: Vec<(String, RawMessage)>,
-        expiry: Option<Timestamp>,
-        now: Timestamp,
-    ) -> Result<(), DbError> {
+    /// `unreachable` destinations (group members never seen) start failed.
+    pub async fn create_job(&self, job: NewJob, now: Timestamp) -> Result<(), DbError> {
         self.db
             .write(move |s| {
+                let expiry = job.expiry.map(Timestamp::as_millis);
                 exec(
                     &s.0,
-                    "INSERT INTO jobs (id, created, action, message) VALUES (?1, ?2, ?3, ?4)",
-                    params![job, now.as_millis(), action, message.as_str()],
+                    "INSERT INTO jobs (id, created, action, message, expiry, notify)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![job.id, now.as_millis(), job.action, job.message.as_str(), expiry, job.notify],
                 )?;
-                for (hop, m) in &copies {
+                for d in &job.unreachable {
+                    exec(
+                        &s.0,
+                        "INSERT INTO job_targets (job, dest, state, updated, code, text)
+                         VALUES (?1, ?2, 'failed', ?3, 'unknown-destination', 'never seen by this server')
+                         ON CONFLICT (job, dest) DO NOTHING",
+                        params![job.id, d.as_str(), now.as_millis()],
+                    )?;
+                }
+                for (hop, m) in &job.copies {
                     for d in m.header.destinations() {
                         exec(
                             &s.0,
                             "INSERT INTO job_targets (job, dest, state, updated) VALUES (?1, ?2, 'pending', ?3)
                              ON CONFLICT (job, dest) DO NOTHING",
-                            params![job, d.as_str(), now.as_millis()],
+                            params![job.id, d.as_str(), now.as_millis()],
                         )?;
                     }
-                    let expiry = expiry.map(Timestamp::as_millis);
                     let header = encode_header(&m.header, m.kind, m.data.as_ref());
                     exec(
                         &s.0,
@@ -611,34 +629,40 @@ impl Store {
     }
 
     /// `hop` has the messages `ids`: forget them; a destination that
-    /// acknowledged its own message has had it delivered.
+    /// acknowledged its own message has had it delivered. True when a
+    /// job changed.
     pub async fn acknowledge(
         &self,
         hop: String,
         ids: Vec<MessageId>,
         now: Timestamp,
-    ) -> Result<(), DbError> {
+    ) -> Result<bool, DbError> {
         if ids.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         self.db
             .write(move |s| {
+                let mut changed = false;
                 for id in &ids {
                     exec(&s.0, "DELETE FROM outbox WHERE id = ?1 AND hop = ?2", params![id.as_str(), hop])?;
-                    exec(
+                    let n = exec(
                         &s.0,
                         "UPDATE job_targets SET state = 'delivered', updated = ?3
                          WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2 AND state = 'pending'",
                         params![id.as_str(), hop, now.as_millis()],
                     )?;
+                    if n > 0 {
+                        bump_job(&s.0, id)?;
+                        changed = true;
+                    }
                 }
-                Ok(())
+                Ok(changed)
             })
             .await
     }
 
     /// A response from `source` to message `reference` completes that
-    /// destination of its job.
+    /// destination of its job (once: a final state stays).
     pub async fn complete(
         &self,
         reference: MessageId,
@@ -651,7 +675,8 @@ impl Store {
                 let n = exec(
                     &s.0,
                     "UPDATE job_targets SET state = ?3, code = ?4, text = ?5, result = ?6, updated = ?7
-                     WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2",
+                     WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2
+                       AND state IN ('pending', 'delivered')",
                     params![
                         reference.as_str(),
                         source.as_str(),
@@ -662,71 +687,305 @@ impl Store {
                         now.as_millis()
                     ],
                 )?;
+                if n > 0 {
+                    bump_job(&s.0, &reference)?;
+                }
                 Ok(n > 0)
             })
             .await
     }
 
     pub async fn job(&self, id: String) -> Result<Option<Job>, DbError> {
+        self.db.read(move |s| Ok(read_job(&s.0, &id)?)).await
+    }
+
+    /// Jobs with a subscriber that has not seen their latest version:
+    /// (job, URL, the job now).
+    pub async fn unnotified(&self, limit: usize) -> Result<Vec<(String, Job)>, DbError> {
         self.db
             .read(move |s| {
-                let head: Option<(String, i64, String, String)> = s
-                    .0
-                    .query_row(
-                        "SELECT id, created, action, message FROM jobs WHERE id = ?1",
-                        params![id],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                    )
-                    .optional()?;
-                let Some((id, created, action, message)) = head else {
-                    return Ok(None);
+                let heads: Vec<(String, String)> = {
+                    let mut st = s.0.prepare_cached(
+                        "SELECT id, notify FROM jobs WHERE notify IS NOT NULL AND notified < version
+                         ORDER BY created LIMIT ?1",
+                    )?;
+                    st.query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<_, _>>()?
                 };
-                let mut st = s.0.prepare_cached(
-                    "SELECT dest, state, updated, code, text, result FROM job_targets WHERE job = ?1 ORDER BY dest",
-                )?;
-                let targets = st
-                    .query_map(params![id], |r| {
-                        Ok(JobTarget {
-                            dest: r.get(0)?,
-                            state: r.get(1)?,
-                            updated: r.get(2)?,
-                            code: r.get(3)?,
-                            text: r.get(4)?,
-                            result: r.get(5)?,
-                        })
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(Some(Job {
-                    id,
-                    created,
-                    action,
-                    message,
-                    targets,
-                }))
+                let mut out = Vec::new();
+                for (id, url) in heads {
+                    if let Some(j) = read_job(&s.0, &id)? {
+                        out.push((url, j));
+                    }
+                }
+                Ok(out)
             })
             .await
     }
 
-    /// Drops back-channel messages whose expiry passed; their pending
-    /// destinations become `expired`.
-    pub async fn expire_outbox(&self, now: Timestamp) -> Result<u64, DbError> {
+    /// The subscriber of `job` has seen `version`.
+    pub async fn notified(&self, job: String, version: u64) -> Result<(), DbError> {
         self.db
             .write(move |s| {
                 exec(
                     &s.0,
-                    "UPDATE job_targets SET state = 'expired', updated = ?1
-                     WHERE state IN ('pending', 'delivered') AND job IN (
-                        SELECT j.id FROM jobs j JOIN outbox o ON o.id = j.message
-                        WHERE o.expiry IS NOT NULL AND o.expiry <= ?1)",
+                    "UPDATE jobs SET notified = MAX(notified, ?2) WHERE id = ?1",
+                    params![job, i64::try_from(version).unwrap_or(i64::MAX)],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Drops back-channel messages whose expiry passed; destinations of
+    /// expired jobs not yet answered become `expired` (wherever the message
+    /// is: here, or queued at an MLM, which drops it on its own clock).
+    /// True when a job changed.
+    pub async fn expire(&self, now: Timestamp) -> Result<bool, DbError> {
+        self.db
+            .write(move |s| {
+                let n = exec(
+                    &s.0,
+                    "UPDATE jobs SET version = version + 1
+                     WHERE expiry IS NOT NULL AND expiry <= ?1 AND id IN (
+                        SELECT job FROM job_targets WHERE state IN ('pending', 'delivered'))",
                     params![now.as_millis()],
                 )?;
-                let n = exec(
+                exec(
+                    &s.0,
+                    "UPDATE job_targets SET state = 'expired', updated = ?1
+                     WHERE state IN ('pending', 'delivered') AND job IN (
+                        SELECT id FROM jobs WHERE expiry IS NOT NULL AND expiry <= ?1)",
+                    params![now.as_millis()],
+                )?;
+                exec(
                     &s.0,
                     "DELETE FROM outbox WHERE expiry IS NOT NULL AND expiry <= ?1",
                     params![now.as_millis()],
                 )?;
-                Ok(n as u64)
+                Ok(n > 0)
             })
             .await
     }
+
+    /// Creates or replaces a group.
+    pub async fn put_group(&self, g: GroupDef, now: Timestamp) -> Result<(), DbError> {
+        self.db
+            .write(move |s| {
+                exec(
+                    &s.0,
+                    "INSERT INTO groups (name, customer, kind, tag, updated) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (name) DO UPDATE SET customer = ?2, kind = ?3, tag = ?4, updated = ?5",
+                    params![
+                        g.name,
+                        g.customer.as_ref().map(|c| c.as_str().to_owned()),
+                        g.kind.map(|k| k.as_str()),
+                        g.tag,
+                        now.as_millis()
+                    ],
+                )?;
+                exec(&s.0, "DELETE FROM group_members WHERE grp = ?1", params![g.name])?;
+                for m in &g.members {
+                    exec(
+                        &s.0,
+                        "INSERT INTO group_members (grp, component) VALUES (?1, ?2)
+                         ON CONFLICT (grp, component) DO NOTHING",
+                        params![g.name, m.as_str()],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Deletes a group; false if there was none.
+    pub async fn delete_group(&self, name: String) -> Result<bool, DbError> {
+        self.db
+            .write(move |s| {
+                exec(
+                    &s.0,
+                    "DELETE FROM group_members WHERE grp = ?1",
+                    params![name],
+                )?;
+                Ok(exec(&s.0, "DELETE FROM groups WHERE name = ?1", params![name])? > 0)
+            })
+            .await
+    }
+
+    /// Groups (all, or the one named), each with its members resolved now:
+    /// the static list plus every known component the selector matches.
+    pub async fn groups(
+        &self,
+        only: Option<String>,
+    ) -> Result<Vec<(GroupDef, Vec<RsId>)>, DbError> {
+        self.db
+            .read(move |s| {
+                let defs: Vec<GroupRow> = {
+                    let mut st = s.0.prepare_cached(
+                        "SELECT name, customer, kind, tag FROM groups
+                         WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
+                    )?;
+                    st.query_map(params![only], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                        .collect::<Result<_, _>>()?
+                };
+                let mut out = Vec::new();
+                for (name, customer, kind, tag) in defs {
+                    let mut g = GroupDef {
+                        name,
+                        customer: customer.and_then(|c| CustomerId::new(c).ok()),
+                        kind: kind.as_deref().and_then(ComponentKind::parse),
+                        tag,
+                        members: Vec::new(),
+                    };
+                    let mut st = s.0.prepare_cached(
+                        "SELECT component FROM group_members WHERE grp = ?1 ORDER BY component",
+                    )?;
+                    g.members = st
+                        .query_map(params![g.name], |r| r.get::<_, String>(0))?
+                        .filter_map(|r| r.ok().and_then(|c| RsId::new(c).ok()))
+                        .collect();
+                    let mut all: std::collections::BTreeSet<RsId> = g.members.iter().cloned().collect();
+                    if g.has_selector() {
+                        let mut st = s.0.prepare_cached(
+                            "SELECT id FROM components
+                             WHERE (?1 IS NULL OR customer = ?1) AND (?2 IS NULL OR kind = ?2)
+                               AND (?3 IS NULL OR id IN (SELECT component FROM component_tags WHERE tag = ?3))",
+                        )?;
+                        let rows = st.query_map(
+                            params![
+                                g.customer.as_ref().map(|c| c.as_str().to_owned()),
+                                g.kind.map(|k| k.as_str()),
+                                g.tag
+                            ],
+                            |r| r.get::<_, String>(0),
+                        )?;
+                        for r in rows {
+                            if let Ok(id) = RsId::new(r?) {
+                                all.insert(id);
+                            }
+                        }
+                    }
+                    out.push((g, all.into_iter().collect()));
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    /// Replaces a known component's tags; false if the component is unknown.
+    pub async fn set_tags(&self, component: RsId, tags: Vec<String>) -> Result<bool, DbError> {
+        self.db
+            .write(move |s| {
+                let known =
+                    s.0.query_row(
+                        "SELECT 1 FROM components WHERE id = ?1",
+                        params![component.as_str()],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some();
+                if !known {
+                    return Ok(false);
+                }
+                exec(
+                    &s.0,
+                    "DELETE FROM component_tags WHERE component = ?1",
+                    params![component.as_str()],
+                )?;
+                for t in &tags {
+                    exec(
+                        &s.0,
+                        "INSERT INTO component_tags (component, tag) VALUES (?1, ?2)
+                         ON CONFLICT (component, tag) DO NOTHING",
+                        params![component.as_str(), t],
+                    )?;
+                }
+                Ok(true)
+            })
+            .await
+    }
+}
+
+/// A group's row: name, customer, kind, tag.
+type GroupRow = (String, Option<String>, Option<String>, Option<String>);
+
+/// A job to record.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: String,
+    pub action: String,
+    pub message: MessageId,
+    /// One copy per next hop.
+    pub copies: Vec<(String, RawMessage)>,
+    /// Destinations that cannot be reached (never seen): they start failed.
+    pub unreachable: Vec<RsId>,
+    pub expiry: Option<Timestamp>,
+    pub notify: Option<String>,
+}
+
+fn bump_job(conn: &Connection, message: &MessageId) -> rusqlite::Result<()> {
+    exec(
+        conn,
+        "UPDATE jobs SET version = version + 1 WHERE message = ?1",
+        params![message.as_str()],
+    )?;
+    Ok(())
+}
+
+fn read_job(conn: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
+    let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
+    let head: Option<(String, i64, String, String, Option<i64>, i64)> = conn
+        .query_row(
+            "SELECT id, created, action, message, expiry, version FROM jobs WHERE id = ?1",
+            params![id],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((id, created, action, message, expiry, version)) = head else {
+        return Ok(None);
+    };
+    let mut st = conn.prepare_cached(
+        "SELECT dest, state, updated, code, text, result FROM job_targets WHERE job = ?1 ORDER BY dest",
+    )?;
+    let targets = st
+        .query_map(params![id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?
+        .filter_map(Result::ok)
+        .filter_map(|(dest, state, updated, code, text, result)| {
+            Some(JobTarget {
+                id: RsId::new(dest).ok()?,
+                state,
+                updated: ts(updated),
+                code,
+                text,
+                result,
+            })
+        })
+        .collect();
+    Ok(Some(Job {
+        id,
+        message,
+        action,
+        created: ts(created),
+        expiry: expiry.map(ts),
+        version: u64::try_from(version).unwrap_or(0),
+        targets,
+    }))
 }

@@ -76,7 +76,7 @@ fn main() {
             ),
             Route::Destination(d) => format!(
                 "to {}",
-                d.iter().map(RsId::as_str).collect::<Vec<_>>().join(", ")
+                d.to.iter().map(RsId::as_str).collect::<Vec<_>>().join(", ")
             ),
         };
         let what = match &msg.content {

@@ -11,6 +11,7 @@
 //! And out: [`EnvelopeWriter`] (or [`encode_envelope`]) writes the root part
 //! and then messages, decoded ([`Message`]) or raw ([`RawMessage`]).
 
+pub mod api;
 mod content;
 mod control;
 mod header;
@@ -22,10 +23,10 @@ use std::fmt;
 
 use bytes::Bytes;
 
+pub use self::api::{SendRequest as ControlSendRequest, decode_send_request};
 pub use self::content::{parse_sha256, sha256_hex};
 pub use self::control::{
-    ControlError, SendRequest as ControlSendRequest, decode_control, decode_send_request,
-    decode_status, encode_control, encode_status,
+    ControlError, decode_control, decode_status, encode_control, encode_status,
 };
 pub use self::header::is_token;
 pub use self::mime::{EnvelopeWriter, StreamDecoder};

@@ -203,10 +203,12 @@ pub fn status_message(
     }
 }
 
-/// A back-channel message carrying `action` to `to`.
+/// A back-channel message carrying `action` to `to`, worth delivering
+/// until `expiry`.
 pub fn control_message(
     id: crate::ids::MessageId,
     to: Vec<RsId>,
+    expiry: Option<Timestamp>,
     action: &ControlAction,
     now: Timestamp,
 ) -> crate::model::Message {
@@ -216,7 +218,7 @@ pub fn control_message(
             id,
             created: now,
             class: Classification::new(CLASS_CONTROL, action.name()),
-            route: Route::Destination(to),
+            route: Route::Destination(Destination::new(to, expiry)),
             routing: Vec::new(),
         },
         content: Content::Data(Data {
@@ -225,4 +227,47 @@ pub fn control_message(
             bytes: crate::codec::encode_control(action).into(),
         }),
     }
+}
+
+/// The message response a component sends for the back-channel message
+/// `to`. Its ID follows from the action's (`re-` and the action's ID), so
+/// a second attempt after a crash is refused upstream as a duplicate
+/// rather than stored as a second response.
+pub fn response_message(
+    to: &crate::codec::RawMessage,
+    from: RsId,
+    version: &str,
+    response: (
+        crate::outcome::Outcome,
+        Vec<Detail>,
+        Option<crate::model::ResultPayload>,
+    ),
+    now: Timestamp,
+) -> Result<crate::model::Message, crate::ids::IdError> {
+    use crate::model::*;
+    let id = to.header.id.as_str();
+    let (outcome, details, result) = response;
+    Ok(Message {
+        header: Header {
+            id: crate::ids::MessageId::new(format!("re-{}", &id[..id.len().min(60)]))?,
+            created: now,
+            class: Classification::new(CLASS_CONTROL, to.header.class.subclass.clone()),
+            route: Route::Source(Source {
+                component: from,
+                version: version.into(),
+                qos: Qos {
+                    expiry: Some(now.saturating_add(std::time::Duration::from_secs(86_400))),
+                    precedence: 7,
+                    persistent: true,
+                },
+            }),
+            routing: Vec::new(),
+        },
+        content: Content::Response(Response {
+            reference: to.header.id.clone(),
+            outcome,
+            details,
+            result,
+        }),
+    })
 }

@@ -52,6 +52,20 @@ pub enum ComponentKind {
 }
 
 impl ComponentKind {
+    pub const ALL: [ComponentKind; 6] = [
+        ComponentKind::Customer,
+        ComponentKind::AppServer,
+        ComponentKind::Mlm,
+        ComponentKind::Proxy,
+        ComponentKind::Integrator,
+        ComponentKind::SupportInstance,
+    ];
+
+    /// The kind named by [`ComponentKind::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
     /// The segment letter, or `None` for [`ComponentKind::Customer`].
     pub fn letter(self) -> Option<char> {
         match self {

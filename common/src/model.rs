@@ -73,7 +73,22 @@ pub struct Source {
 pub enum Route {
     Source(Source),
     /// Final destinations, already expanded from any group; at least one.
-    Destination(Vec<RsId>),
+    Destination(Destination),
+}
+
+/// Where a back-channel message goes, and until when it is worth
+/// delivering: every tier drops it (and says so) once `expiry` passes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    /// Final destinations, already expanded from any group; at least one.
+    pub to: Vec<RsId>,
+    pub expiry: Option<Timestamp>,
+}
+
+impl Destination {
+    pub fn new(to: Vec<RsId>, expiry: Option<Timestamp>) -> Self {
+        Destination { to, expiry }
+    }
 }
 
 /// One routing element, appended by every tier that routes the message.
@@ -108,15 +123,21 @@ impl Header {
     pub fn destinations(&self) -> &[RsId] {
         match &self.route {
             Route::Source(_) => &[],
-            Route::Destination(d) => d,
+            Route::Destination(d) => &d.to,
         }
     }
 
-    /// True when the QoS expiry (if any) is at or before `now`.
+    /// The expiry: the QoS expiry going up, the destination's going down.
+    pub fn expiry(&self) -> Option<Timestamp> {
+        match &self.route {
+            Route::Source(s) => s.qos.expiry,
+            Route::Destination(d) => d.expiry,
+        }
+    }
+
+    /// True when the expiry (if any) is at or before `now`.
     pub fn is_expired(&self, now: Timestamp) -> bool {
-        self.source()
-            .and_then(|s| s.qos.expiry)
-            .is_some_and(|e| e <= now)
+        self.expiry().is_some_and(|e| e <= now)
     }
 }
 

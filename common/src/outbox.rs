@@ -18,6 +18,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     id           TEXT    NOT NULL,
     hop          TEXT    NOT NULL,
     created      INTEGER NOT NULL,
+    expiry       INTEGER,
     offered      INTEGER,
     kind         TEXT    NOT NULL,
     content_type TEXT    NOT NULL,
@@ -121,12 +122,13 @@ impl Outbox {
                     let header = encode_header(&m.header, m.kind, m.data.as_ref());
                     exec(
                         &s.0,
-                        "INSERT INTO outbox (id, hop, created, kind, content_type, header, content)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id, hop) DO NOTHING",
+                        "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id, hop) DO NOTHING",
                         params![
                             m.header.id.as_str(),
                             hop.as_str(),
                             now.as_millis(),
+                            m.header.expiry().map(Timestamp::as_millis),
                             m.kind.as_str(),
                             m.content_type,
                             header,
@@ -147,8 +149,29 @@ impl Outbox {
             .await
     }
 
-    /// Messages for `hop` not offered within `again` (or never), oldest
-    /// first; marks them offered now.
+    /// Drops messages whose expiry passed (they are not worth delivering
+    /// any more; the application server marks their jobs expired on its
+    /// own clock) and forgets received IDs older than `remember`, which
+    /// must exceed the longest expiry upstream gives. Returns how many
+    /// messages were dropped.
+    pub async fn sweep(&self, now: Timestamp, remember: Duration) -> Result<u64, DbError> {
+        self.db
+            .write(move |s| {
+                let n = exec(
+                    &s.0,
+                    "DELETE FROM outbox WHERE expiry IS NOT NULL AND expiry <= ?1",
+                    params![now.as_millis()],
+                )?;
+                let horizon =
+                    now.as_millis() - i64::try_from(remember.as_millis()).unwrap_or(i64::MAX);
+                exec(&s.0, "DELETE FROM received WHERE at < ?1", params![horizon])?;
+                Ok(n as u64)
+            })
+            .await
+    }
+
+    /// Messages for `hop` not offered within `again` (or never) and not
+    /// expired, oldest first; marks them offered now.
     pub async fn offer(
         &self,
         hop: RsId,
@@ -163,11 +186,14 @@ impl Outbox {
                 let rows: Vec<(String, String, Vec<u8>, Vec<u8>)> = {
                     let mut st = s.0.prepare_cached(
                         "SELECT id, content_type, header, content FROM outbox
-                         WHERE hop = ?1 AND (offered IS NULL OR offered < ?2) ORDER BY created LIMIT ?3",
+                         WHERE hop = ?1 AND (offered IS NULL OR offered < ?2)
+                           AND (expiry IS NULL OR expiry > ?4)
+                         ORDER BY created LIMIT ?3",
                     )?;
-                    st.query_map(params![hop.as_str(), before, limit as i64], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })?
+                    st.query_map(
+                        params![hop.as_str(), before, limit as i64, now.as_millis()],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    )?
                     .collect::<Result<_, _>>()?
                 };
                 let mut out = Vec::new();
@@ -207,6 +233,36 @@ impl Outbox {
                         params![id.as_str(), hop.as_str()],
                     )?;
                 }
+                Ok(())
+            })
+            .await
+    }
+
+    /// True when a message with this ID was received (and kept) before.
+    pub async fn seen(&self, id: MessageId) -> Result<bool, DbError> {
+        self.db
+            .read(move |s| {
+                Ok(s.0
+                    .query_row(
+                        "SELECT 1 FROM received WHERE id = ?1",
+                        params![id.as_str()],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some())
+            })
+            .await
+    }
+
+    /// Remembers that a message with this ID was received and dealt with.
+    pub async fn mark_seen(&self, id: MessageId, now: Timestamp) -> Result<(), DbError> {
+        self.db
+            .write(move |s| {
+                exec(
+                    &s.0,
+                    "INSERT INTO received (id, at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
+                    params![id.as_str(), now.as_millis()],
+                )?;
                 Ok(())
             })
             .await

@@ -64,7 +64,10 @@ pub fn back_header(msg: &str, to: &[&str], class: &str, sub: &str) -> Header {
         id: id(msg),
         created: t0(),
         class: Classification::new(class, sub),
-        route: Route::Destination(to.iter().map(|d| rs(d)).collect()),
+        route: Route::Destination(Destination::new(
+            to.iter().map(|d| rs(d)).collect(),
+            Some(at(3_600_000)),
+        )),
         routing: vec![Hop {
             component: rs("rs.a1"),
             received: t0(),

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use rs_common::codec::Limits;
 use rs_common::{ComponentKind, RsId};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `mlm.toml`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This MLM's remote services ID, e.g. `acme.m1` (customer MLM) or
@@ -46,7 +46,7 @@ pub struct Config {
     pub drop_repeats: Vec<RepeatRule>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
     pub urls: Vec<String>,
@@ -54,7 +54,7 @@ pub struct UpstreamSection {
     pub timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolSection {
     #[serde(default = "default_spool_bytes")]
@@ -73,7 +73,7 @@ impl Default for SpoolSection {
 }
 
 /// Which messages a rule applies to; every field given must match.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Match {
     pub class: Option<String>,
@@ -90,14 +90,14 @@ pub struct Match {
     pub source: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterRule {
     #[serde(flatten)]
     pub when: Match,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModifyRule {
     #[serde(flatten)]
@@ -111,7 +111,7 @@ pub struct ModifyRule {
     pub add_detail: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregateRule {
     #[serde(flatten)]
@@ -124,7 +124,7 @@ pub struct AggregateRule {
     pub group_by: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepeatRule {
     #[serde(flatten)]

@@ -32,6 +32,8 @@ pub struct Stats {
     pub rejected: AtomicU64,
     pub expired: AtomicU64,
     pub throttled: AtomicU64,
+    /// Back-channel messages dropped because their expiry passed.
+    pub back_expired: AtomicU64,
 }
 
 /// Decides whether a message may go on now (the throttle issue fills this
@@ -275,11 +277,11 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
             Default::default();
         for d in m.header.destinations() {
             if *d == mlm.id {
-                tracing::warn!(
-                    "back-channel message {} for this MLM itself: not handled yet",
-                    m.header.id
-                );
-                for_me.push(m.header.id.clone());
+                match crate::actions::apply_own(mlm, &m).await {
+                    Ok(()) => for_me.push(m.header.id.clone()),
+                    // Not acknowledged: offered again.
+                    Err(e) => tracing::error!("control {} for this MLM: {e}", m.header.id),
+                }
                 continue;
             }
             let hop = match mlm.outbox.route(d.clone()).await {
@@ -291,7 +293,10 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
         }
         for (hop, dests) in by_hop {
             let mut c = m.clone();
-            c.header.route = rs_common::Route::Destination(dests);
+            c.header.route = rs_common::Route::Destination(rs_common::model::Destination::new(
+                dests,
+                m.header.expiry(),
+            ));
             let now = mlm.clock.now();
             c.header.routing.push(Hop {
                 component: mlm.id.clone(),

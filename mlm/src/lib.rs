@@ -4,6 +4,7 @@
 //! custody. It is also a sender of its own: aggregated summaries, custody
 //! messages and its heartbeats go through its spool.
 
+pub mod actions;
 pub mod aggregate;
 pub mod config;
 pub mod forward;
@@ -56,6 +57,8 @@ pub struct Mlm {
     /// Back-channel messages received on relayed replies, to acknowledge
     /// upstream on the next relayed POST.
     pub upstream_acks: std::sync::Mutex<Vec<rs_common::MessageId>>,
+    /// Its own sender's forwarding switched off (`disableForwarding`).
+    pub paused: Arc<AtomicBool>,
 }
 
 impl Mlm {
@@ -95,6 +98,7 @@ impl Mlm {
                 .context("opening the back-channel queue")?,
             outbox_ready: tokio::sync::Notify::new(),
             upstream_acks: std::sync::Mutex::new(Vec::new()),
+            paused: Arc::new(AtomicBool::new(false)),
             cfg,
         }))
     }
@@ -113,6 +117,10 @@ impl Mlm {
             ("messages.rejected", s.rejected.load(Ordering::Relaxed)),
             ("messages.expired", s.expired.load(Ordering::Relaxed)),
             ("messages.throttled", s.throttled.load(Ordering::Relaxed)),
+            (
+                "backchannel.expired",
+                s.back_expired.load(Ordering::Relaxed),
+            ),
             (
                 "upstream.accepted",
                 self.sender_stats.accepted.load(Ordering::Relaxed),
@@ -236,7 +244,7 @@ pub async fn run(
         clock: mlm.clock.clone(),
         wake: mlm.spool.notified(),
         stats: mlm.sender_stats.clone(),
-        paused: Arc::new(AtomicBool::new(false)),
+        paused: mlm.paused.clone(),
         back: Some(Arc::new(forward::Downstream(mlm.clone()))),
         // Long-poll upstream on behalf of the whole subtree.
         poll: Some(Duration::from_secs(25)),
@@ -253,6 +261,7 @@ pub async fn run(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut next_beat = tokio::time::Instant::now() + mlm.heartbeat_interval();
+            let mut next_sweep = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -264,6 +273,20 @@ pub async fn run(
                 }
                 if let Err(e) = mlm.flush_aggregates().await {
                     tracing::error!("aggregation flush: {e:#}");
+                }
+                if tokio::time::Instant::now() >= next_sweep {
+                    next_sweep = tokio::time::Instant::now() + Duration::from_secs(10);
+                    // Received IDs are kept well past any expiry upstream gives.
+                    match mlm
+                        .outbox
+                        .sweep(now, Duration::from_secs(30 * 86_400))
+                        .await
+                    {
+                        Ok(n) => {
+                            mlm.stats.back_expired.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(e) => tracing::error!("back-channel sweep: {e}"),
+                    }
                 }
                 if tokio::time::Instant::now() >= next_beat {
                     let every = mlm.heartbeat_interval();

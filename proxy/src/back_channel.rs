@@ -5,11 +5,10 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rs_common::codec::{Limits, RawMessage, decode_control, encode_status};
-use rs_common::control::{CLASS_CONTROL, ControlAction};
+use rs_common::control::{CLASS_CONTROL, ControlAction, response_message};
 use rs_common::model::*;
 use rs_common::upstream::BackChannel;
 use rs_common::{MessageId, Outcome};
@@ -18,7 +17,21 @@ use crate::Proxy;
 
 /// Applies control actions addressed to this proxy.
 #[derive(Debug)]
-pub struct Actions(pub Arc<Proxy>);
+pub struct Actions {
+    proxy: Arc<Proxy>,
+    /// An action (`shutdown`, `configChange`) stops the daemon once the
+    /// batch it came in is answered and marked applied.
+    stop_after_batch: AtomicBool,
+}
+
+impl Actions {
+    pub fn new(proxy: Arc<Proxy>) -> Self {
+        Actions {
+            proxy,
+            stop_after_batch: AtomicBool::new(false),
+        }
+    }
+}
 
 impl BackChannel for Actions {
     fn receive(
@@ -34,6 +47,12 @@ impl BackChannel for Actions {
                     Err(e) => tracing::warn!("back-channel message {}: {e}", m.header.id),
                 }
             }
+            if self.stop_after_batch.swap(false, Ordering::Relaxed) {
+                // The responses are spooled and the actions marked applied;
+                // the graceful stop sends both (and these acknowledgements)
+                // before the process ends or starts again.
+                self.proxy.stop.cancel();
+            }
             acked
         })
     }
@@ -41,7 +60,7 @@ impl BackChannel for Actions {
 
 impl Actions {
     async fn handle(&self, m: &RawMessage) -> Result<(), String> {
-        let p = &self.0;
+        let p = &self.proxy;
         let id = m.header.id.to_string();
         if p.registry
             .seen(id.clone())
@@ -54,42 +73,30 @@ impl Actions {
             tracing::warn!("back-channel message {id} is not for {}; ignored", p.id);
             return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
         }
-        let (outcome, details, result) = self.apply(m).await;
-        tracing::info!("control {} ({}): {outcome}", m.header.class.subclass, id);
-        // The response's ID follows from the action's, so a second attempt
-        // after a crash is a duplicate rather than a second response.
-        let rid =
-            MessageId::new(format!("re-{}", &id[..id.len().min(60)])).map_err(|e| e.to_string())?;
-        let now = p.clock.now();
-        let response = Message {
-            header: Header {
-                id: rid,
-                created: now,
-                class: Classification::new(CLASS_CONTROL, m.header.class.subclass.clone()),
-                route: Route::Source(Source {
-                    component: p.id.clone(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    qos: Qos {
-                        expiry: Some(now.saturating_add(Duration::from_secs(86_400))),
-                        precedence: 7,
-                        persistent: true,
-                    },
-                }),
-                routing: Vec::new(),
-            },
-            content: Content::Response(Response {
-                reference: m.header.id.clone(),
-                outcome,
-                details,
-                result,
-            }),
-        };
+        if m.header.is_expired(p.clock.now()) {
+            // Too late to act on; the application server marks it expired.
+            tracing::info!(
+                "control {} ({id}) arrived expired; not applied",
+                m.header.class.subclass
+            );
+            return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
+        }
+        let answer = self.apply(m).await;
+        tracing::info!("control {} ({}): {}", m.header.class.subclass, id, answer.0);
+        let response = response_message(
+            m,
+            p.id.clone(),
+            env!("CARGO_PKG_VERSION"),
+            answer,
+            p.clock.now(),
+        )
+        .map_err(|e| e.to_string())?;
         p.submit(response).await.map_err(|e| e.to_string())?;
         p.registry.mark_seen(id).await.map_err(|e| e.to_string())
     }
 
     async fn apply(&self, m: &RawMessage) -> (Outcome, Vec<Detail>, Option<ResultPayload>) {
-        let p = &self.0;
+        let p = &self.proxy;
         let action = match (&m.header.class.class, m.clone().decode(&Limits::default())) {
             (
                 class,
@@ -169,9 +176,23 @@ impl Actions {
                     Err(e) => (Outcome::rejected("failed", e.to_string()), vec![], None),
                 }
             }
-            ControlAction::ConfigChange { .. }
-            | ControlAction::Shutdown
-            | ControlAction::SoftwareUpdate { .. } => (
+            ControlAction::ConfigChange { config } => match self.change_config(config) {
+                Ok(text) => (
+                    Outcome::Accepted,
+                    vec![],
+                    Some(ResultPayload {
+                        mime: "text/plain".into(),
+                        text,
+                    }),
+                ),
+                Err(o) => (o, vec![], None),
+            },
+            ControlAction::Shutdown => {
+                p.restart.store(false, Ordering::Relaxed);
+                self.stop_after_batch.store(true, Ordering::Relaxed);
+                ok
+            }
+            ControlAction::SoftwareUpdate { .. } => (
                 Outcome::rejected(
                     "unsupported",
                     format!(
@@ -184,4 +205,60 @@ impl Actions {
             ),
         }
     }
+}
+
+impl Actions {
+    /// `configChange`: validates the new configuration, refuses what would
+    /// orphan this proxy's identity or state, writes it in place of the
+    /// old one (atomically: a crash leaves one or the other whole) and
+    /// asks for a restart to take it up. A refusal keeps the old one.
+    fn change_config(&self, text: &str) -> Result<String, Outcome> {
+        let p = &self.proxy;
+        let new = crate::Config::parse(text).map_err(|e| {
+            Outcome::rejected(
+                "invalid",
+                format!("configuration refused, the old one kept: {e}"),
+            )
+        })?;
+        if new.id != p.cfg.id || new.data_dir != p.cfg.data_dir {
+            return Err(Outcome::rejected(
+                "invalid",
+                "configuration refused, the old one kept: id and data_dir cannot change \
+                 remotely (they are this proxy's identity and where its spool lives)",
+            ));
+        }
+        let Some(path) = &p.config_path else {
+            return Err(Outcome::rejected(
+                "unsupported",
+                "this proxy was not started from a configuration file",
+            ));
+        };
+        write_atomically(path, text.as_bytes()).map_err(|e| {
+            Outcome::rejected("failed", format!("cannot write {}: {e}", path.display()))
+        })?;
+        p.restart.store(true, Ordering::Relaxed);
+        self.stop_after_batch.store(true, Ordering::Relaxed);
+        Ok(format!(
+            "written to {}; rs-proxy restarts to apply it",
+            path.display()
+        ))
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash at any point leaves either
+/// the old file or the new one, whole: write a sibling, sync it, rename it
+/// over, sync the directory.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("toml.new");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }

@@ -42,6 +42,38 @@ pub struct Proxy {
     pub paused: Arc<AtomicBool>,
     pub clock: Arc<dyn Clock>,
     pub started: rs_common::Timestamp,
+    /// The file the configuration came from: `configChange` replaces it.
+    pub config_path: Option<std::path::PathBuf>,
+    /// Cancelled to stop the daemon (a signal, or the `shutdown` and
+    /// `configChange` control actions).
+    pub stop: CancellationToken,
+    /// Set when the daemon should start again once stopped (to take up a
+    /// configuration that `configChange` wrote).
+    pub restart: AtomicBool,
+}
+
+/// Starts this program over in this process, with the same arguments
+/// (same PID, so a service manager sees no exit), to read the
+/// configuration file again. Returns only on failure.
+pub fn start_again() -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return anyhow::anyhow!("cannot find this program to start again: {e}"),
+    };
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    anyhow::anyhow!("cannot start again: {err}")
+}
+
+/// How [`run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped for good (a signal or the `shutdown` action).
+    Stopped,
+    /// Stopped to start again with the configuration file as it is now.
+    Restart,
 }
 
 /// Why a message was not spooled.
@@ -56,7 +88,11 @@ pub enum SubmitError {
 }
 
 impl Proxy {
-    pub fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
+    pub fn open(
+        cfg: Config,
+        config_path: Option<std::path::PathBuf>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
         let id = cfg.rs_id().map_err(anyhow::Error::msg)?;
         let mut spool_cfg = SpoolConfig::new(cfg.data_dir.join("spool.db"));
         spool_cfg.max_bytes = cfg.spool.max_bytes;
@@ -72,6 +108,9 @@ impl Proxy {
             paused: Arc::new(AtomicBool::new(false)),
             clock: Arc::new(SystemClock),
             started: rs_common::Timestamp::now(),
+            config_path,
+            stop,
+            restart: AtomicBool::new(false),
             cfg,
         }))
     }
@@ -226,9 +265,15 @@ impl Proxy {
 
 /// Runs the proxy until `shutdown`: the integrator API on its socket, the
 /// sender, heartbeats. On shutdown it spools a shutdown message and gives
-/// the sender a moment to deliver it.
-pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let proxy = Proxy::open(cfg)?;
+/// the sender a moment to deliver it (and the acknowledgements of what it
+/// applied). `config_path` is where `configChange` writes a new
+/// configuration; without it that action is refused.
+pub async fn run(
+    cfg: Config,
+    config_path: Option<std::path::PathBuf>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Exit> {
+    let proxy = Proxy::open(cfg, config_path, shutdown.clone())?;
     let upstream = Arc::new(
         Upstream::new(UpstreamConfig {
             urls: proxy.cfg.upstream.urls.clone(),
@@ -252,7 +297,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         wake: proxy.spool.notified(),
         stats: proxy.sender_stats.clone(),
         paused: proxy.paused.clone(),
-        back: Some(Arc::new(back_channel::Actions(proxy.clone()))),
+        back: Some(Arc::new(back_channel::Actions::new(proxy.clone()))),
         poll: (proxy.cfg.upstream.poll_hold_secs > 0)
             .then(|| Duration::from_secs(proxy.cfg.upstream.poll_hold_secs)),
     };
@@ -338,6 +383,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     sender_stop.cancel();
     let _ = sender_task.await;
-    tracing::info!("rs-proxy stopped");
-    Ok(())
+    if proxy.restart.load(Ordering::Relaxed) {
+        tracing::info!("rs-proxy stopped; starting again with the new configuration");
+        Ok(Exit::Restart)
+    } else {
+        tracing::info!("rs-proxy stopped");
+        Ok(Exit::Stopped)
+    }
 }

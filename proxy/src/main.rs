@@ -134,7 +134,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let cfg = rs_proxy::Config::load(&config).map_err(anyhow::Error::msg)?;
             let shutdown = CancellationToken::new();
             tokio::spawn(rs_common::shutdown_on_signal(shutdown.clone()));
-            rs_proxy::run(cfg, shutdown).await
+            match rs_proxy::run(cfg, Some(config), shutdown).await? {
+                rs_proxy::Exit::Stopped => Ok(()),
+                rs_proxy::Exit::Restart => Err(rs_proxy::start_again()),
+            }
         }
         Cmd::Register {
             conn,

@@ -263,7 +263,8 @@ fn route() -> impl Strategy<Value = Route> {
                     },
                 })
             }),
-        vec(rs_id(), 1..5).prop_map(Route::Destination),
+        (vec(rs_id(), 1..5), proptest::option::of(timestamp()))
+            .prop_map(|(to, expiry)| Route::Destination(Destination::new(to, expiry))),
     ]
 }
 

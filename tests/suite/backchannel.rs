@@ -104,7 +104,7 @@ async fn control_actions_reach_a_proxy_and_complete_their_jobs() {
     // What a proxy does not support is refused with the reason.
     let (_, body) = post(
         &a,
-        r#"<send><to id="acme.p1"/><control action="shutdown"/></send>"#,
+        r#"<send><to id="acme.p1"/><control action="softwareUpdate" package="rs-proxy" version="9.9"/></send>"#,
     )
     .await;
     let j = until_done(&a, attr(&body, "id")).await;
@@ -155,6 +155,62 @@ async fn control_actions_reach_a_proxy_and_complete_their_jobs() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+
+    // configChange: a bad configuration is refused with the reason and
+    // the old one kept.
+    let cfg_path = dir.join("p1.toml");
+    let before = std::fs::read_to_string(&cfg_path).unwrap();
+    let change = |cfg: &str| {
+        format!(
+            r#"<send><to id="acme.p1"/><control action="configChange"><config>{}</config></control></send>"#,
+            cfg.replace('&', "&amp;").replace('<', "&lt;")
+        )
+    };
+    let (_, body) = post(&a, &change(&format!("{before}\nbogus = 1\n"))).await;
+    let j = until_done(&a, attr(&body, "id")).await;
+    assert!(
+        j.contains("state=\"failed\" ") && j.contains("code=\"invalid\""),
+        "{j}"
+    );
+    assert!(j.contains("bogus"), "the reason names the fault: {j}");
+    assert_eq!(std::fs::read_to_string(&cfg_path).unwrap(), before);
+    // Nor may it move the proxy's state elsewhere.
+    let moved = before.replace("data_dir = \"", "data_dir = \"/elsewhere");
+    let (_, body) = post(&a, &change(&moved)).await;
+    let j = until_done(&a, attr(&body, "id")).await;
+    assert!(
+        j.contains("code=\"invalid\"") && j.contains("data_dir"),
+        "{j}"
+    );
+
+    // A good one is written and the proxy restarts with it (in place, so
+    // its process lives on); the restarted proxy reports the new value.
+    let after = before.replace("heartbeat_secs = 5", "heartbeat_secs = 7");
+    assert_ne!(after, before);
+    let (_, body) = post(&a, &change(&after)).await;
+    let j = until_done(&a, attr(&body, "id")).await;
+    assert!(j.contains("state=\"succeeded\""), "{j}");
+    assert_eq!(std::fs::read_to_string(&cfg_path).unwrap(), after);
+    let (_, body) = post(
+        &a,
+        r#"<send><to id="acme.p1"/><control action="getConfig"/></send>"#,
+    )
+    .await;
+    let j = until_done(&a, attr(&body, "id")).await;
+    assert!(j.contains("heartbeat_secs = 7"), "{j}");
+    assert!(d.node("p1").is_running());
+
+    // shutdown: answered, then the proxy stops cleanly.
+    let (_, body) = post(
+        &a,
+        r#"<send><to id="acme.p1"/><control action="shutdown"/></send>"#,
+    )
+    .await;
+    let j = until_done(&a, attr(&body, "id")).await;
+    assert!(j.contains("state=\"succeeded\""), "{j}");
+    assert!(wait_for(Duration::from_secs(30), || !d
+        .node("p1")
+        .is_running()));
     d.stop_all();
 }
 

@@ -55,7 +55,7 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<ControlAction, Co
 
 /// The action of a `<control>` element whose start tag is `root`, through
 /// its end tag.
-fn control_body(x: &mut XmlIn<'_>, root: &Tag<'_>) -> Result<ControlAction, XmlError> {
+pub(crate) fn control_body(x: &mut XmlIn<'_>, root: &Tag<'_>) -> Result<ControlAction, XmlError> {
     let target = || root.req_with("target", |s| RsId::new(s));
     let action = match root.req("action")? {
         "getStatus" => ControlAction::GetStatus,
@@ -104,7 +104,7 @@ pub fn encode_status(node: &StatusNode) -> Vec<u8> {
     buf
 }
 
-fn write_node(x: &mut XmlOut<'_>, n: &StatusNode) {
+pub(crate) fn write_node(x: &mut XmlOut<'_>, n: &StatusNode) {
     x.open("status")
         .attr("kind", &n.kind)
         .attr_opt("id", n.id.as_ref().map(RsId::as_str))
@@ -141,7 +141,7 @@ pub fn decode_status(bytes: &[u8], limits: &Limits) -> Result<StatusNode, Contro
     Ok(node)
 }
 
-fn read_node(x: &mut XmlIn<'_>, tag: &Tag<'_>) -> Result<StatusNode, XmlError> {
+pub(crate) fn read_node(x: &mut XmlIn<'_>, tag: &Tag<'_>) -> Result<StatusNode, XmlError> {
     let mut n = StatusNode {
         kind: tag.req_with("kind", token)?,
         id: tag.opt_with("id", |s| RsId::new(s))?,
@@ -164,48 +164,4 @@ fn read_node(x: &mut XmlIn<'_>, tag: &Tag<'_>) -> Result<StatusNode, XmlError> {
         }
     }
     Ok(n)
-}
-
-/// A request to the control API to send an action: its destinations,
-/// the action, and how long it may wait to be delivered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SendRequest {
-    pub to: Vec<RsId>,
-    pub action: ControlAction,
-    pub ttl_secs: Option<u64>,
-}
-
-/// Decodes `<send ttl-secs="…"><to id="…"/>…<control …/></send>`
-/// (`dtd/control-api.dtd`).
-pub fn decode_send_request(bytes: &[u8], limits: &Limits) -> Result<SendRequest, ControlError> {
-    let mut x = XmlIn::new(bytes, limits)?;
-    let root = x.root("send")?;
-    let ttl_secs = root.opt_u64("ttl-secs")?;
-    let mut to = Vec::new();
-    let mut action = None;
-    while let Some(tag) = x.child(&root)? {
-        match tag.name {
-            "to" if action.is_none() => {
-                to.push(tag.req_with("id", |s| RsId::new(s))?);
-                x.end(&tag)?;
-            }
-            "control" if action.is_none() => action = Some(control_body(&mut x, &tag)?),
-            _ => return Err(root.unexpected_child(&tag)),
-        }
-    }
-    x.finish()?;
-    if to.is_empty() {
-        return Err(XmlError::MissingElement {
-            element: "send".into(),
-            child: "to",
-        });
-    }
-    Ok(SendRequest {
-        to,
-        action: action.ok_or(XmlError::MissingElement {
-            element: "send".into(),
-            child: "control",
-        })?,
-        ttl_secs,
-    })
 }

@@ -4,7 +4,8 @@ use super::xml::{Tag, XmlIn, XmlOut, parse_u64};
 use super::{DataInfo, Limits, XmlError};
 use crate::ids::{MessageId, RsId};
 use crate::model::{
-    Classification, ContentKind, Header, Hop, MAX_PRECEDENCE, Qos, Route, Source, TransferEncoding,
+    Classification, ContentKind, Destination, Header, Hop, MAX_PRECEDENCE, Qos, Route, Source,
+    TransferEncoding,
 };
 
 /// A token: 1 to 64 bytes of `[A-Za-z0-9._-]` (class, subclass, names).
@@ -71,8 +72,8 @@ pub(crate) fn encode(h: &Header, kind: ContentKind, data: Option<&DataInfo>, buf
             x.close("source").newline();
         }
         Route::Destination(ds) => {
-            x.open("destination").gt();
-            for d in ds {
+            x.open("destination").attr_ts_opt("expiry", ds.expiry).gt();
+            for d in &ds.to {
                 x.open("to").attr("id", d.as_str()).empty();
             }
             x.close("destination").newline();
@@ -132,6 +133,7 @@ pub(crate) fn decode(
                 route = Some(Route::Source(source(&mut x, &tag)?));
             }
             "destination" if !want_source && route.is_none() && class.is_some() => {
+                let expiry = tag.opt_ts("expiry")?;
                 let mut ds = Vec::new();
                 while let Some(to) = x.child(&tag)? {
                     if to.name != "to" {
@@ -146,7 +148,7 @@ pub(crate) fn decode(
                         child: "to",
                     });
                 }
-                route = Some(Route::Destination(ds));
+                route = Some(Route::Destination(Destination::new(ds, expiry)));
             }
             "data" if data.is_none() && route.is_some() && routing.is_empty() => {
                 data = Some(DataInfo {

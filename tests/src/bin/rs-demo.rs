@@ -99,7 +99,10 @@ async fn serve_role(role: Role) -> anyhow::Result<()> {
         }
         Role::Proxy { config } => {
             let cfg = rs_proxy::Config::load(&config).map_err(anyhow::Error::msg)?;
-            rs_proxy::run(cfg, shutdown).await
+            match rs_proxy::run(cfg, Some(config), shutdown).await? {
+                rs_proxy::Exit::Stopped => Ok(()),
+                rs_proxy::Exit::Restart => Err(rs_proxy::start_again()),
+            }
         }
         Role::Hostwatch(args) => {
             tokio::select! {

@@ -1,0 +1,439 @@
+//! The documents of the application server's XML control API
+//! (`dtd/control-api.dtd`, `docs/control-api.md`): what an admin tool
+//! sends (send requests, group definitions, tags) and what the server
+//! answers (jobs, components, groups). The server and `rsctl` both use
+//! these, so the two cannot drift apart.
+
+use super::control::{control_body, read_node, write_node};
+use super::header::token;
+use super::xml::{Tag, XmlIn, XmlOut};
+use super::{Limits, XmlError};
+use crate::control::{ControlAction, StatusNode};
+use crate::ids::{ComponentKind, CustomerId, RsId};
+use crate::time::Timestamp;
+
+/// A request to send one control action: to components and to groups
+/// (expanded when the request arrives), how long it may wait to be
+/// delivered, and where to push the job's progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendRequest {
+    pub to: Vec<RsId>,
+    pub groups: Vec<String>,
+    pub action: ControlAction,
+    pub ttl_secs: Option<u64>,
+    /// An `http://` URL the server POSTs the job document to whenever a
+    /// destination's state changes.
+    pub notify: Option<String>,
+}
+
+pub fn encode_send_request(r: &SendRequest) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(256);
+    let mut x = XmlOut::document(&mut buf);
+    x.open("send")
+        .attr_num_opt("ttl-secs", r.ttl_secs)
+        .attr_opt("notify", r.notify.as_deref())
+        .gt()
+        .newline();
+    for t in &r.to {
+        x.open("to").attr("id", t.as_str()).empty().newline();
+    }
+    for g in &r.groups {
+        x.open("to").attr("group", g).empty().newline();
+    }
+    let control = super::encode_control(&r.action);
+    let body = control.strip_prefix(super::xml::DECL).unwrap_or(&control);
+    x.buf.extend_from_slice(body);
+    x.close("send").newline();
+    buf
+}
+
+/// Decodes `<send>`: at least one `<to id>` or `<to group>`, then one
+/// `<control>`.
+pub fn decode_send_request(bytes: &[u8], limits: &Limits) -> Result<SendRequest, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("send")?;
+    let ttl_secs = root.opt_u64("ttl-secs")?;
+    let notify = root.opt_with("notify", notify_url)?;
+    let (mut to, mut groups) = (Vec::new(), Vec::new());
+    let mut action = None;
+    while let Some(tag) = x.child(&root)? {
+        match tag.name {
+            "to" if action.is_none() => {
+                match (tag.opt("id"), tag.opt("group")) {
+                    (Some(_), None) => to.push(tag.req_with("id", |s| RsId::new(s))?),
+                    (None, Some(_)) => groups.push(tag.req_with("group", token)?),
+                    _ => return Err(tag.bad("id", "a <to> names either an id or a group")),
+                }
+                x.end(&tag)?;
+            }
+            "control" if action.is_none() => action = Some(control_body(&mut x, &tag)?),
+            _ => return Err(root.unexpected_child(&tag)),
+        }
+    }
+    x.finish()?;
+    if to.is_empty() && groups.is_empty() {
+        return Err(XmlError::MissingElement {
+            element: "send".into(),
+            child: "to",
+        });
+    }
+    Ok(SendRequest {
+        to,
+        groups,
+        action: action.ok_or(XmlError::MissingElement {
+            element: "send".into(),
+            child: "control",
+        })?,
+        ttl_secs,
+        notify,
+    })
+}
+
+fn notify_url(s: &str) -> Result<String, &'static str> {
+    if (s.starts_with("http://") || s.starts_with("https://")) && s.len() <= 2048 {
+        Ok(s.to_owned())
+    } else {
+        Err("not an http:// or https:// URL")
+    }
+}
+
+/// A group: a static member list, a selector (every attribute given must
+/// match), or both (their union).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupDef {
+    pub name: String,
+    pub members: Vec<RsId>,
+    pub customer: Option<CustomerId>,
+    pub kind: Option<ComponentKind>,
+    pub tag: Option<String>,
+}
+
+impl GroupDef {
+    pub fn has_selector(&self) -> bool {
+        self.customer.is_some() || self.kind.is_some() || self.tag.is_some()
+    }
+}
+
+fn write_group(x: &mut XmlOut<'_>, g: &GroupDef, resolved: Option<&[RsId]>) {
+    x.open("group")
+        .attr("name", &g.name)
+        .attr_opt("customer", g.customer.as_ref().map(CustomerId::as_str))
+        .attr_opt("kind", g.kind.map(ComponentKind::as_str))
+        .attr_opt("tag", g.tag.as_deref());
+    let members: &[RsId] = resolved.unwrap_or(&g.members);
+    if let Some(r) = resolved {
+        x.attr_num("size", r.len() as u64);
+    }
+    if members.is_empty() {
+        x.empty();
+        return;
+    }
+    x.gt().newline();
+    for m in members {
+        x.open("member").attr("id", m.as_str()).empty().newline();
+    }
+    x.close("group");
+}
+
+/// A group definition, as `PUT /rs/v1/control/groups/{name}` takes it.
+pub fn encode_group(g: &GroupDef) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    write_group(&mut x, g, None);
+    x.newline();
+    buf
+}
+
+fn read_group(x: &mut XmlIn<'_>, tag: &Tag<'_>) -> Result<GroupDef, XmlError> {
+    let mut g = GroupDef {
+        name: tag.req_with("name", token)?,
+        members: Vec::new(),
+        customer: tag.opt_with("customer", |s| CustomerId::new(s))?,
+        kind: tag.opt_with("kind", |s| {
+            ComponentKind::parse(s).ok_or("unknown component kind")
+        })?,
+        tag: tag.opt_with("tag", token)?,
+    };
+    while let Some(m) = x.child(tag)? {
+        if m.name != "member" {
+            return Err(tag.unexpected_child(&m));
+        }
+        g.members.push(m.req_with("id", |s| RsId::new(s))?);
+        x.end(&m)?;
+    }
+    Ok(g)
+}
+
+pub fn decode_group(bytes: &[u8], limits: &Limits) -> Result<GroupDef, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("group")?;
+    let g = read_group(&mut x, &root)?;
+    x.finish()?;
+    Ok(g)
+}
+
+/// `<groups>`: each group with its members as resolved now.
+pub fn encode_groups(groups: &[(GroupDef, Vec<RsId>)]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    x.open("groups")
+        .attr_num("count", groups.len() as u64)
+        .gt()
+        .newline();
+    for (g, resolved) in groups {
+        write_group(&mut x, g, Some(resolved));
+        x.newline();
+    }
+    x.close("groups").newline();
+    buf
+}
+
+/// Decodes `<groups>`; each group's `members` are the resolved ones.
+pub fn decode_groups(bytes: &[u8], limits: &Limits) -> Result<Vec<GroupDef>, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("groups")?;
+    let mut out = Vec::new();
+    while let Some(tag) = x.child(&root)? {
+        if tag.name != "group" {
+            return Err(root.unexpected_child(&tag));
+        }
+        out.push(read_group(&mut x, &tag)?);
+    }
+    x.finish()?;
+    Ok(out)
+}
+
+/// `<tags><tag name="…"/>…</tags>`: a component's tags, for selectors.
+pub fn encode_tags(tags: &[String]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    x.open("tags").gt().newline();
+    for t in tags {
+        x.open("tag").attr("name", t).empty().newline();
+    }
+    x.close("tags").newline();
+    buf
+}
+
+pub fn decode_tags(bytes: &[u8], limits: &Limits) -> Result<Vec<String>, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("tags")?;
+    let mut out = Vec::new();
+    while let Some(tag) = x.child(&root)? {
+        if tag.name != "tag" {
+            return Err(root.unexpected_child(&tag));
+        }
+        out.push(tag.req_with("name", token)?);
+        x.end(&tag)?;
+    }
+    x.finish()?;
+    Ok(out)
+}
+
+/// One destination of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobTarget {
+    pub id: RsId,
+    /// `pending`, `delivered`, `succeeded`, `failed` or `expired`.
+    pub state: String,
+    pub updated: Timestamp,
+    pub code: Option<String>,
+    pub text: Option<String>,
+    pub result: Option<String>,
+}
+
+impl JobTarget {
+    pub fn is_final(&self) -> bool {
+        matches!(self.state.as_str(), "succeeded" | "failed" | "expired")
+    }
+}
+
+/// A job: one control action sent to one or more destinations. `version`
+/// grows with every change of a target's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: String,
+    pub message: String,
+    pub action: String,
+    pub created: Timestamp,
+    pub expiry: Option<Timestamp>,
+    pub version: u64,
+    pub targets: Vec<JobTarget>,
+}
+
+impl Job {
+    /// Every destination reached a final state.
+    pub fn is_done(&self) -> bool {
+        self.targets.iter().all(JobTarget::is_final)
+    }
+
+    /// How many targets are in `state`.
+    pub fn count(&self, state: &str) -> usize {
+        self.targets.iter().filter(|t| t.state == state).count()
+    }
+}
+
+pub fn encode_job(j: &Job) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(256 + j.targets.len() * 128);
+    let mut x = XmlOut::document(&mut buf);
+    x.open("job")
+        .attr("id", &j.id)
+        .attr("message", &j.message)
+        .attr("action", &j.action)
+        .attr_num("targets", j.targets.len() as u64)
+        .attr_ts("created", j.created)
+        .attr_ts_opt("expiry", j.expiry)
+        .attr_num("version", j.version)
+        .attr("state", if j.is_done() { "done" } else { "running" })
+        .gt()
+        .newline();
+    for t in &j.targets {
+        x.open("target")
+            .attr("id", t.id.as_str())
+            .attr("state", &t.state)
+            .attr_ts("updated", t.updated)
+            .attr_opt("code", t.code.as_deref());
+        if t.text.is_none() && t.result.is_none() {
+            x.empty();
+        } else {
+            x.gt();
+            if let Some(text) = &t.text {
+                x.text_element("text", text);
+            }
+            if let Some(result) = &t.result {
+                x.text_element("result", result);
+            }
+            x.close("target");
+        }
+        x.newline();
+    }
+    x.close("job").newline();
+    buf
+}
+
+pub fn decode_job(bytes: &[u8], limits: &Limits) -> Result<Job, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("job")?;
+    let mut j = Job {
+        id: root.req_with("id", token)?,
+        message: root.req_with("message", token)?,
+        action: root.req_with("action", token)?,
+        created: root.req_ts("created")?,
+        expiry: root.opt_ts("expiry")?,
+        version: root.opt_u64("version")?.unwrap_or(0),
+        targets: Vec::new(),
+    };
+    while let Some(tag) = x.child(&root)? {
+        if tag.name != "target" {
+            return Err(root.unexpected_child(&tag));
+        }
+        let mut t = JobTarget {
+            id: tag.req_with("id", |s| RsId::new(s))?,
+            state: tag.req_with("state", token)?,
+            updated: tag.req_ts("updated")?,
+            code: tag.opt_with("code", token)?,
+            text: None,
+            result: None,
+        };
+        while let Some(c) = x.child(&tag)? {
+            match c.name {
+                "text" if t.text.is_none() && t.result.is_none() => t.text = Some(x.text(&c)?),
+                "result" if t.result.is_none() => t.result = Some(x.text(&c)?),
+                _ => return Err(tag.unexpected_child(&c)),
+            }
+        }
+        j.targets.push(t);
+    }
+    x.finish()?;
+    Ok(j)
+}
+
+/// A component as the application server knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Component {
+    pub id: RsId,
+    pub version: Option<String>,
+    pub first_seen: Timestamp,
+    pub last_seen: Timestamp,
+    /// The tiers it is reached through, nearest the server last.
+    pub via: Vec<RsId>,
+    pub state: Option<String>,
+    pub tags: Vec<String>,
+    pub status: Option<StatusNode>,
+}
+
+pub fn encode_components(list: &[Component]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    x.open("components")
+        .attr_num("count", list.len() as u64)
+        .gt()
+        .newline();
+    for c in list {
+        let via: Vec<&str> = c.via.iter().map(RsId::as_str).collect();
+        x.open("component")
+            .attr("id", c.id.as_str())
+            .attr("kind", c.id.kind().as_str())
+            .attr_opt("version", c.version.as_deref())
+            .attr_ts("first-seen", c.first_seen)
+            .attr_ts("last-seen", c.last_seen)
+            .attr("via", &via.join(" "))
+            .attr_opt("state", c.state.as_deref())
+            .attr("tags", &c.tags.join(" "));
+        match &c.status {
+            Some(s) => {
+                x.gt();
+                write_node(&mut x, s);
+                x.close("component");
+            }
+            None => {
+                x.empty();
+            }
+        }
+        x.newline();
+    }
+    x.close("components").newline();
+    buf
+}
+
+pub fn decode_components(bytes: &[u8], limits: &Limits) -> Result<Vec<Component>, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("components")?;
+    let mut out = Vec::new();
+    while let Some(tag) = x.child(&root)? {
+        if tag.name != "component" {
+            return Err(root.unexpected_child(&tag));
+        }
+        let ids = |attr: &'static str| -> Result<Vec<String>, XmlError> {
+            Ok(tag
+                .opt(attr)
+                .unwrap_or("")
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect())
+        };
+        let mut via = Vec::new();
+        for v in ids("via")? {
+            via.push(RsId::new(&v).map_err(|e| tag.bad("via", e.to_string()))?);
+        }
+        let mut c = Component {
+            id: tag.req_with("id", |s| RsId::new(s))?,
+            version: tag.opt("version").map(str::to_owned),
+            first_seen: tag.req_ts("first-seen")?,
+            last_seen: tag.req_ts("last-seen")?,
+            via,
+            state: tag.opt("state").map(str::to_owned),
+            tags: ids("tags")?,
+            status: None,
+        };
+        while let Some(s) = x.child(&tag)? {
+            if s.name != "status" || c.status.is_some() {
+                return Err(tag.unexpected_child(&s));
+            }
+            c.status = Some(read_node(&mut x, &s)?);
+        }
+        out.push(c);
+    }
+    x.finish()?;
+    Ok(out)
+}
