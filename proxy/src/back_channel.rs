@@ -208,31 +208,37 @@ impl Actions {
 }
 
 impl Actions {
-    /// `configChange`: validates the new configuration, refuses what would
-    /// orphan this proxy's identity or state, writes it in place of the
-    /// old one (atomically: a crash leaves one or the other whole) and
+    /// `configChange`: lays the TOML document given over the configuration
+    /// file (so one change can go to a whole group of proxies, each keeping
+    /// its own identity and paths), validates the result, refuses what
+    /// would orphan this proxy's identity or state, writes it in place of
+    /// the old one (atomically: a crash leaves one or the other whole) and
     /// asks for a restart to take it up. A refusal keeps the old one.
-    fn change_config(&self, text: &str) -> Result<String, Outcome> {
+    fn change_config(&self, patch: &str) -> Result<String, Outcome> {
         let p = &self.proxy;
-        let new = crate::Config::parse(text).map_err(|e| {
+        let refused = |why: String| {
             Outcome::rejected(
                 "invalid",
-                format!("configuration refused, the old one kept: {e}"),
+                format!("configuration refused, the old one kept: {why}"),
             )
-        })?;
-        if new.id != p.cfg.id || new.data_dir != p.cfg.data_dir {
-            return Err(Outcome::rejected(
-                "invalid",
-                "configuration refused, the old one kept: id and data_dir cannot change \
-                 remotely (they are this proxy's identity and where its spool lives)",
-            ));
-        }
+        };
         let Some(path) = &p.config_path else {
             return Err(Outcome::rejected(
                 "unsupported",
                 "this proxy was not started from a configuration file",
             ));
         };
+        let current = std::fs::read_to_string(path).map_err(|e| {
+            Outcome::rejected("failed", format!("cannot read {}: {e}", path.display()))
+        })?;
+        let (text, new) = crate::Config::merge(&current, patch).map_err(refused)?;
+        if new.id != p.cfg.id || new.data_dir != p.cfg.data_dir {
+            return Err(refused(
+                "id and data_dir cannot change remotely (they are this proxy's identity \
+                 and where its spool lives)"
+                    .into(),
+            ));
+        }
         write_atomically(path, text.as_bytes()).map_err(|e| {
             Outcome::rejected("failed", format!("cannot write {}: {e}", path.display()))
         })?;

@@ -166,7 +166,7 @@ async fn control_actions_reach_a_proxy_and_complete_their_jobs() {
             cfg.replace('&', "&amp;").replace('<', "&lt;")
         )
     };
-    let (_, body) = post(&a, &change(&format!("{before}\nbogus = 1\n"))).await;
+    let (_, body) = post(&a, &change("bogus = 1\n")).await;
     let j = until_done(&a, attr(&body, "id")).await;
     assert!(
         j.contains("state=\"failed\" ") && j.contains("code=\"invalid\""),
@@ -175,22 +175,31 @@ async fn control_actions_reach_a_proxy_and_complete_their_jobs() {
     assert!(j.contains("bogus"), "the reason names the fault: {j}");
     assert_eq!(std::fs::read_to_string(&cfg_path).unwrap(), before);
     // Nor may it move the proxy's state elsewhere.
-    let moved = before.replace("data_dir = \"", "data_dir = \"/elsewhere");
-    let (_, body) = post(&a, &change(&moved)).await;
+    let (_, body) = post(&a, &change("data_dir = \"/elsewhere\"\n")).await;
     let j = until_done(&a, attr(&body, "id")).await;
     assert!(
         j.contains("code=\"invalid\"") && j.contains("data_dir"),
         "{j}"
     );
 
-    // A good one is written and the proxy restarts with it (in place, so
-    // its process lives on); the restarted proxy reports the new value.
-    let after = before.replace("heartbeat_secs = 5", "heartbeat_secs = 7");
-    assert_ne!(after, before);
-    let (_, body) = post(&a, &change(&after)).await;
+    // A good one is laid over the file, which is replaced, and the proxy
+    // restarts with it (in place, so its process lives on); the restarted
+    // proxy reports the new value and kept everything else.
+    let (_, body) = post(
+        &a,
+        &change("heartbeat_secs = 7\n[upstream]\npoll_hold_secs = 20\n"),
+    )
+    .await;
     let j = until_done(&a, attr(&body, "id")).await;
     assert!(j.contains("state=\"succeeded\""), "{j}");
-    assert_eq!(std::fs::read_to_string(&cfg_path).unwrap(), after);
+    let after = rs_proxy::Config::load(&cfg_path).unwrap();
+    assert_eq!(after.heartbeat_secs, 7);
+    assert_eq!(after.upstream.poll_hold_secs, 20);
+    assert_eq!(after.id, "acme.p1");
+    assert_eq!(
+        after.upstream.urls,
+        rs_proxy::Config::parse(&before).unwrap().upstream.urls
+    );
     let (_, body) = post(
         &a,
         r#"<send><to id="acme.p1"/><control action="getConfig"/></send>"#,
