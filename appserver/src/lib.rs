@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod ingress;
 pub mod jobs;
+pub mod rsctl;
 pub mod store;
 
 use std::sync::Arc;

@@ -61,6 +61,12 @@ enum Role {
     },
     /// Run the example integrator.
     Hostwatch(rs_proxy::hostwatch::Args),
+    /// The admin command line (the same as the `rsctl` program).
+    #[command(disable_help_flag = true)]
+    Rsctl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn logging() {
@@ -104,6 +110,7 @@ async fn serve_role(role: Role) -> anyhow::Result<()> {
                 rs_proxy::Exit::Restart => Err(rs_proxy::start_again()),
             }
         }
+        Role::Rsctl { .. } => Ok(()),
         Role::Hostwatch(args) => {
             tokio::select! {
                 () = rs_proxy::hostwatch::run(args) => {}
@@ -178,6 +185,16 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         cli.data.display()
     );
     println!("try: curl -s 'http://{a}/rs/v1/control/messages?type=alarm&limit=5'");
+    match admin_demo(&a, cli.proxies.max(1)).await {
+        Ok(line) => println!("{line}"),
+        Err(e) => println!("back-channel check failed: {e:#}"),
+    }
+    println!("administer it with rsctl (from another shell):");
+    println!("  export RSCTL_SERVER=http://{a}");
+    println!("  cargo run --release -p rs-appserver --bin rsctl -- components");
+    println!(
+        "  cargo run --release -p rs-appserver --bin rsctl -- send configChange --group acme-proxies --set heartbeat_secs=10 --watch"
+    );
     println!(
         "{}",
         match cli.duration {
@@ -264,6 +281,81 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Groups the demo's proxies (`acme-proxies`: every proxy of customer
+/// acme) and asks the group for its status through the back-channel,
+/// waiting for every answer: the control path working end to end.
+async fn admin_demo(a: &str, proxies: usize) -> anyhow::Result<String> {
+    use rs_common::codec::Limits;
+    use rs_common::codec::api::{GroupDef, decode_components, decode_job, encode_group};
+    let http = reqwest::Client::new();
+    let base = format!("http://{a}/rs/v1/control");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let b = http
+            .get(format!("{base}/components"))
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        let known = decode_components(&b, &Limits::default())?
+            .iter()
+            .filter(|c| c.id.kind() == rs_common::ComponentKind::Proxy)
+            .count();
+        if known >= proxies {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {known} proxies reported in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let group = GroupDef {
+        name: "acme-proxies".into(),
+        customer: Some(rs_common::CustomerId::new("acme")?),
+        kind: Some(rs_common::ComponentKind::Proxy),
+        ..GroupDef::default()
+    };
+    let r = http
+        .put(format!("{base}/groups/acme-proxies"))
+        .body(encode_group(&group))
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "group: {}", r.text().await?);
+    let started = Instant::now();
+    let r = http
+        .post(format!("{base}/send"))
+        .body(r#"<send><to group="acme-proxies"/><control action="getStatus"/></send>"#)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "send: {}", r.text().await?);
+    let mut job = decode_job(&r.bytes().await?, &Limits::default())?;
+    while !job.is_done() {
+        let b = http
+            .get(format!(
+                "{base}/jobs/{}?after={}&wait=25",
+                job.id, job.version
+            ))
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        job = decode_job(&b, &Limits::default())?;
+        anyhow::ensure!(
+            Instant::now() < deadline + Duration::from_secs(30),
+            "job {} did not finish",
+            job.id
+        );
+    }
+    Ok(format!(
+        "group acme-proxies: getStatus answered by {}/{} proxies through the MLM in {} ms (job {})",
+        job.count("succeeded"),
+        job.targets.len(),
+        started.elapsed().as_millis(),
+        job.id
+    ))
+}
+
 async fn print_line(start: Instant, sockets: &[(PathBuf, PathBuf)], mlm: &str, app: &str) {
     let (mut spooled, mut sent, mut queued) = (0, 0, 0);
     for (s, _) in sockets {
@@ -294,6 +386,10 @@ async fn print_line(start: Instant, sockets: &[(PathBuf, PathBuf)], mlm: &str, a
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(Role::Rsctl { args }) = &cli.role {
+        let argv = std::iter::once(std::ffi::OsString::from("rsctl")).chain(args.iter().cloned());
+        std::process::exit(rs_appserver::rsctl::main_with(argv));
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,0 +1,597 @@
+//! `rsctl`: the administrator's command line over the application server's
+//! XML control API (docs/control-api.md): components, tags, groups,
+//! sending control actions, and watching jobs finish.
+//!
+//! Exit status: 0 on success; 1 when the server refused a request or a
+//! watched job ended with a destination failed or expired; 2 for usage
+//! errors (from clap).
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use rs_common::codec::Limits;
+use rs_common::codec::api::{
+    GroupDef, Job, SendRequest, decode_components, decode_groups, decode_job, encode_group,
+    encode_send_request, encode_tags,
+};
+use rs_common::control::{ControlAction, StatusNode};
+use rs_common::{ComponentKind, CustomerId, RsId};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Administer Remote Services through the application server's control API"
+)]
+struct Cli {
+    /// The application server's base URL.
+    #[arg(
+        long,
+        short,
+        env = "RSCTL_SERVER",
+        default_value = "http://127.0.0.1:8440",
+        global = true
+    )]
+    server: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// List the components the server knows: state, last seen, route, tags.
+    Components,
+    /// Show one component's status tree.
+    Component { id: String },
+    /// Replace a component's tags (none: remove them all).
+    Tag { id: String, tags: Vec<String> },
+    /// Groups of components.
+    #[command(subcommand)]
+    Groups(GroupCmd),
+    /// Send a control action; prints the job and, with --watch, follows it.
+    Send(Box<SendArgs>),
+    /// Jobs: one control action and its destinations.
+    #[command(subcommand)]
+    Jobs(JobCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCmd {
+    /// Every group with its size.
+    List,
+    /// A group's definition and its members now.
+    Show { name: String },
+    /// Create or replace a group: members, a selector, or both.
+    Set {
+        name: String,
+        /// A static member (repeatable).
+        #[arg(long = "member")]
+        members: Vec<String>,
+        /// Selector: components of this customer.
+        #[arg(long)]
+        customer: Option<String>,
+        /// Selector: components of this kind (proxy, mlm, instance, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Selector: components with this tag.
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// Delete a group.
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobCmd {
+    /// A job's destinations and their states.
+    Show { id: String },
+    /// Follow a job until every destination is final.
+    Watch { id: String },
+}
+
+#[derive(Debug, Args)]
+struct SendArgs {
+    /// getStatus, ping, shutdown, getConfig, configChange, enableInstance,
+    /// disableInstance, enableForwarding, disableForwarding,
+    /// deregisterIntegrator, softwareUpdate.
+    action: String,
+    /// A destination component (repeatable).
+    #[arg(long = "to")]
+    to: Vec<String>,
+    /// A destination group (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// configChange: a TOML file laid over each destination's configuration.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// configChange: one TOML setting (`heartbeat_secs=60`,
+    /// `upstream.poll_hold_secs=20`); repeatable, after --config.
+    #[arg(long = "set")]
+    set: Vec<String>,
+    /// enableInstance, disableInstance, deregisterIntegrator: the target.
+    #[arg(long)]
+    target: Option<String>,
+    /// softwareUpdate: package, version and (optionally) bulk URL.
+    #[arg(long)]
+    package: Option<String>,
+    #[arg(long = "package-version")]
+    package_version: Option<String>,
+    #[arg(long)]
+    url: Option<String>,
+    /// How long the action may wait to be delivered, seconds.
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// POST the job document here at each change.
+    #[arg(long)]
+    notify: Option<String>,
+    /// Follow the job until it finishes.
+    #[arg(long, short)]
+    watch: bool,
+}
+
+fn action_of(a: &SendArgs) -> anyhow::Result<ControlAction> {
+    let target = || -> anyhow::Result<RsId> {
+        let t = a
+            .target
+            .as_deref()
+            .with_context(|| format!("{} needs --target", a.action))?;
+        RsId::new(t).map_err(|e| anyhow::anyhow!("--target {t}: {e}"))
+    };
+    Ok(match a.action.as_str() {
+        "getStatus" => ControlAction::GetStatus,
+        "ping" => ControlAction::Ping,
+        "shutdown" => ControlAction::Shutdown,
+        "getConfig" => ControlAction::GetConfig,
+        "enableForwarding" => ControlAction::EnableForwarding,
+        "disableForwarding" => ControlAction::DisableForwarding,
+        "enableInstance" => ControlAction::EnableInstance(target()?),
+        "disableInstance" => ControlAction::DisableInstance(target()?),
+        "deregisterIntegrator" => ControlAction::DeregisterIntegrator(target()?),
+        "configChange" => {
+            let mut config = match &a.config {
+                Some(f) => std::fs::read_to_string(f)
+                    .with_context(|| format!("--config {}", f.display()))?,
+                None => String::new(),
+            };
+            for s in &a.set {
+                if !config.is_empty() && !config.ends_with('\n') {
+                    config.push('\n');
+                }
+                config.push_str(s);
+                config.push('\n');
+            }
+            if config.trim().is_empty() {
+                bail!("configChange needs --config FILE or --set KEY=VALUE");
+            }
+            ControlAction::ConfigChange { config }
+        }
+        "softwareUpdate" => ControlAction::SoftwareUpdate {
+            package: a
+                .package
+                .clone()
+                .context("softwareUpdate needs --package")?,
+            version: a
+                .package_version
+                .clone()
+                .context("softwareUpdate needs --package-version")?,
+            url: a.url.clone(),
+        },
+        other => bail!(
+            "unknown action {other:?}; one of {}",
+            ControlAction::NAMES.join(", ")
+        ),
+    })
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(base: &str) -> anyhow::Result<Self> {
+        Ok(Api {
+            base: base.trim_end_matches('/').to_owned(),
+            // Long enough for a held watch (the server holds up to 25 s).
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<Vec<u8>> {
+        let url = format!("{}/rs/v1/control/{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
+                .body(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?.to_vec();
+        if !status.is_success() {
+            bail!(
+                "{status}: {}",
+                String::from_utf8_lossy(&bytes).trim().trim_end_matches('.')
+            );
+        }
+        Ok(bytes)
+    }
+
+    async fn job(&self, id: &str, after: Option<u64>) -> anyhow::Result<Job> {
+        let path = match after {
+            Some(v) => format!("jobs/{id}?after={v}&wait=25"),
+            None => format!("jobs/{id}"),
+        };
+        let b = self.call(reqwest::Method::GET, &path, None).await?;
+        Ok(decode_job(&b, &Limits::default())?)
+    }
+}
+
+fn ago(t: rs_common::Timestamp) -> String {
+    let s = (rs_common::Timestamp::now().as_millis() - t.as_millis()).max(0) / 1000;
+    match s {
+        0..=119 => format!("{s}s ago"),
+        120..=7199 => format!("{}m ago", s / 60),
+        _ => format!("{}h ago", s / 3600),
+    }
+}
+
+fn print_tree(n: &StatusNode, depth: usize) {
+    let label =
+        n.id.as_ref()
+            .map(|i| i.to_string())
+            .or_else(|| n.name.clone())
+            .unwrap_or_default();
+    println!(
+        "{:indent$}{} {} [{}]{}",
+        "",
+        n.kind,
+        label,
+        n.state.as_str(),
+        n.version
+            .as_deref()
+            .map(|v| format!(" v{v}"))
+            .unwrap_or_default(),
+        indent = depth * 2
+    );
+    for m in &n.metrics {
+        println!(
+            "{:indent$}{} = {}",
+            "",
+            m.name,
+            m.value,
+            indent = depth * 2 + 4
+        );
+    }
+    for c in &n.children {
+        print_tree(c, depth + 1);
+    }
+}
+
+fn summary(j: &Job) -> String {
+    let mut parts = Vec::new();
+    for s in ["succeeded", "failed", "expired", "delivered", "pending"] {
+        let n = j.count(s);
+        if n > 0 {
+            parts.push(format!("{n} {s}"));
+        }
+    }
+    let done = j.targets.iter().filter(|t| t.is_final()).count();
+    format!(
+        "job {} ({}): {done}/{} final: {}",
+        j.id,
+        j.action,
+        j.targets.len(),
+        parts.join(", ")
+    )
+}
+
+fn print_job(j: &Job) {
+    println!("{}", summary(j));
+    for t in &j.targets {
+        println!("  {:<24} {:<10} {}", t.id.as_str(), t.state, detail(t));
+    }
+}
+
+fn detail(t: &rs_common::codec::api::JobTarget) -> String {
+    let mut d = String::new();
+    if let Some(c) = &t.code {
+        d.push_str(c);
+    }
+    if let Some(x) = &t.text {
+        if !d.is_empty() {
+            d.push_str(": ");
+        }
+        d.push_str(x);
+    }
+    if let Some(r) = &t.result {
+        let first = r.lines().next().unwrap_or("");
+        if !d.is_empty() {
+            d.push_str("; ");
+        }
+        d.push_str(first);
+        if r.lines().nth(1).is_some() {
+            d.push_str(" ...");
+        }
+    }
+    d
+}
+
+/// Follows a job, printing each destination as it changes and a progress
+/// line; returns the final job.
+async fn watch(api: &Api, id: &str) -> anyhow::Result<Job> {
+    let tty = std::io::stdout().is_terminal();
+    let mut job = api.job(id, None).await?;
+    let mut seen: std::collections::HashMap<String, String> = Default::default();
+    loop {
+        for t in &job.targets {
+            if seen.get(t.id.as_str()) != Some(&t.state) {
+                seen.insert(t.id.to_string(), t.state.clone());
+                if tty {
+                    print!("\r\x1b[2K");
+                }
+                println!("  {:<24} {:<10} {}", t.id.as_str(), t.state, detail(t));
+            }
+        }
+        if tty {
+            print!("\r\x1b[2K{}", summary(&job));
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+        } else {
+            println!("{}", summary(&job));
+        }
+        if job.is_done() {
+            if tty {
+                println!();
+            }
+            return Ok(job);
+        }
+        job = api.job(id, Some(job.version)).await?;
+    }
+}
+
+fn finished_well(j: &Job) -> bool {
+    j.targets.iter().all(|t| t.state == "succeeded")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let api = Api::new(&cli.server)?;
+    let limits = Limits::default();
+    match cli.cmd {
+        Cmd::Components => {
+            let b = api.call(reqwest::Method::GET, "components", None).await?;
+            let list = decode_components(&b, &limits)?;
+            println!(
+                "{:<24} {:<10} {:<9} {:<10} {:<20} TAGS",
+                "ID", "KIND", "STATE", "LAST SEEN", "VIA"
+            );
+            for c in &list {
+                let via: Vec<&str> = c.via.iter().map(RsId::as_str).collect();
+                println!(
+                    "{:<24} {:<10} {:<9} {:<10} {:<20} {}",
+                    c.id.as_str(),
+                    c.id.kind().as_str(),
+                    c.state.as_deref().unwrap_or("-"),
+                    ago(c.last_seen),
+                    if via.is_empty() {
+                        "direct".to_owned()
+                    } else {
+                        via.join(" > ")
+                    },
+                    c.tags.join(",")
+                );
+            }
+            println!("{} components", list.len());
+        }
+        Cmd::Component { id } => {
+            let b = api.call(reqwest::Method::GET, "components", None).await?;
+            let list = decode_components(&b, &limits)?;
+            let c = list
+                .iter()
+                .find(|c| c.id.as_str() == id)
+                .with_context(|| format!("no component {id}"))?;
+            println!(
+                "{} (last seen {}, via {})",
+                c.id,
+                ago(c.last_seen),
+                if c.via.is_empty() {
+                    "direct".to_owned()
+                } else {
+                    c.via
+                        .iter()
+                        .map(RsId::as_str)
+                        .collect::<Vec<_>>()
+                        .join(" > ")
+                }
+            );
+            match &c.status {
+                Some(s) => print_tree(s, 0),
+                None => println!("no status tree yet"),
+            }
+        }
+        Cmd::Tag { id, tags } => {
+            api.call(
+                reqwest::Method::PUT,
+                &format!("components/{id}/tags"),
+                Some(encode_tags(&tags)),
+            )
+            .await?;
+            println!("{id}: tags {}", tags.join(","));
+        }
+        Cmd::Groups(g) => match g {
+            GroupCmd::List => {
+                let b = api.call(reqwest::Method::GET, "groups", None).await?;
+                for g in decode_groups(&b, &limits)? {
+                    println!(
+                        "{:<24} {:>6} members  {}",
+                        g.name,
+                        g.members.len(),
+                        selector(&g)
+                    );
+                }
+            }
+            GroupCmd::Show { name } => {
+                let b = api
+                    .call(reqwest::Method::GET, &format!("groups/{name}"), None)
+                    .await?;
+                for g in decode_groups(&b, &limits)? {
+                    println!("{} ({} members) {}", g.name, g.members.len(), selector(&g));
+                    for m in &g.members {
+                        println!("  {m}");
+                    }
+                }
+            }
+            GroupCmd::Set {
+                name,
+                members,
+                customer,
+                kind,
+                tag,
+            } => {
+                let def = GroupDef {
+                    name: name.clone(),
+                    members: members
+                        .iter()
+                        .map(|m| RsId::new(m).map_err(|e| anyhow::anyhow!("--member {m}: {e}")))
+                        .collect::<anyhow::Result<_>>()?,
+                    customer: customer
+                        .map(|c| {
+                            CustomerId::new(&c).map_err(|e| anyhow::anyhow!("--customer {c}: {e}"))
+                        })
+                        .transpose()?,
+                    kind: kind
+                        .map(|k| {
+                            ComponentKind::parse(&k)
+                                .with_context(|| format!("--kind {k}: not a component kind"))
+                        })
+                        .transpose()?,
+                    tag,
+                };
+                let b = api
+                    .call(
+                        reqwest::Method::PUT,
+                        &format!("groups/{name}"),
+                        Some(encode_group(&def)),
+                    )
+                    .await?;
+                for g in decode_groups(&b, &limits)? {
+                    println!(
+                        "{}: {} members now {}",
+                        g.name,
+                        g.members.len(),
+                        selector(&g)
+                    );
+                }
+            }
+            GroupCmd::Delete { name } => {
+                api.call(reqwest::Method::DELETE, &format!("groups/{name}"), None)
+                    .await?;
+                println!("deleted {name}");
+            }
+        },
+        Cmd::Send(a) => {
+            let req = SendRequest {
+                to: a
+                    .to
+                    .iter()
+                    .map(|t| RsId::new(t).map_err(|e| anyhow::anyhow!("--to {t}: {e}")))
+                    .collect::<anyhow::Result<_>>()?,
+                groups: a.groups.clone(),
+                action: action_of(&a)?,
+                ttl_secs: a.ttl,
+                notify: a.notify.clone(),
+            };
+            if req.to.is_empty() && req.groups.is_empty() {
+                bail!("give at least one --to or --group");
+            }
+            let b = api
+                .call(
+                    reqwest::Method::POST,
+                    "send",
+                    Some(encode_send_request(&req)),
+                )
+                .await?;
+            let job = decode_job(&b, &limits)?;
+            println!(
+                "job {} ({}, {} destinations)",
+                job.id,
+                job.action,
+                job.targets.len()
+            );
+            if a.watch {
+                return Ok(finished_well(&watch(&api, &job.id).await?));
+            }
+        }
+        Cmd::Jobs(JobCmd::Show { id }) => print_job(&api.job(&id, None).await?),
+        Cmd::Jobs(JobCmd::Watch { id }) => {
+            return Ok(finished_well(&watch(&api, &id).await?));
+        }
+    }
+    Ok(true)
+}
+
+fn selector(g: &GroupDef) -> String {
+    let mut s = Vec::new();
+    if let Some(c) = &g.customer {
+        s.push(format!("customer={c}"));
+    }
+    if let Some(k) = g.kind {
+        s.push(format!("kind={}", k.as_str()));
+    }
+    if let Some(t) = &g.tag {
+        s.push(format!("tag={t}"));
+    }
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!("[{}]", s.join(" "))
+    }
+}
+
+/// Runs `rsctl` with these arguments (the first is the program name) and
+/// returns the exit status.
+pub fn main_with<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rsctl: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(e) => {
+            eprintln!("rsctl: {e:#}");
+            1
+        }
+    }
+}
