@@ -30,6 +30,11 @@ pub struct Config {
     pub body_timeout_secs: u64,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Seconds after which a back-channel message handed to a next hop
+    /// that has not acknowledged it is offered again (its reply may have
+    /// been lost).
+    #[serde(default = "default_offer_again")]
+    pub offer_again_secs: u64,
 }
 
 /// Decoder limits (see docs/protocol.md, Limits).
@@ -74,6 +79,12 @@ impl Config {
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// How long an unacknowledged back-channel message waits before it is
+    /// offered again.
+    pub fn offer_again(&self) -> Duration {
+        Duration::from_secs(self.offer_again_secs.max(1))
+    }
+
     pub fn rs_id(&self) -> Result<RsId, String> {
         RsId::new(&self.id).map_err(|e| format!("id {:?}: {e}", self.id))
     }
@@ -94,4 +105,8 @@ impl Config {
     pub fn retention(&self) -> Duration {
         Duration::from_secs(u64::from(self.retention_days) * 86_400)
     }
+}
+
+fn default_offer_again() -> u64 {
+    30
 }

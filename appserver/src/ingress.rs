@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rs_common::codec::{EnvelopeWriter, RawEnvelope, RawMessage, decode_status};
 use rs_common::control::{CLASS_INFRASTRUCTURE, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN};
-use rs_common::ingress::{MAX_OFFER, OFFER_AGAIN, envelope, envelope_response, offer_back_channel};
+use rs_common::ingress::{MAX_OFFER, envelope, envelope_response, offer_back_channel};
 use rs_common::model::{Advice, Content, EnvelopeMeta};
 use rs_common::{MessageId, Outcome, Timestamp};
 use warp::Filter;
@@ -206,9 +206,10 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
         let store = app.store.clone();
         let hop = hop.clone();
         let now = app.clock.now();
+        let again = app.cfg.offer_again();
         async move {
             store
-                .offer(hop, now, OFFER_AGAIN, MAX_OFFER)
+                .offer(hop, now, again, MAX_OFFER)
                 .await
                 .map_err(|e| e.to_string())
         }

@@ -33,7 +33,7 @@ pub struct AppServer {
     pub stats: ingress::Stats,
     pub started: rs_common::Timestamp,
     /// Woken when back-channel messages are queued (long polls wait on it).
-    pub outbox_ready: tokio::sync::Notify,
+    pub outbox_ready: Arc<tokio::sync::Notify>,
     /// Cancelled when the server begins to stop (ends held long polls).
     pub stopping: CancellationToken,
     /// Bumped whenever a job changes (watchers of jobs wait on it).
@@ -51,7 +51,7 @@ impl AppServer {
             clock: Arc::new(SystemClock),
             stats: ingress::Stats::default(),
             started: rs_common::Timestamp::now(),
-            outbox_ready: tokio::sync::Notify::new(),
+            outbox_ready: Arc::new(tokio::sync::Notify::new()),
             stopping: CancellationToken::new(),
             jobs_changed: tokio::sync::watch::Sender::new(0),
             cfg,
@@ -117,6 +117,11 @@ pub async fn run(
     }
     let expire = tokio::spawn(jobs::expire(app.clone(), shutdown.clone()));
     let push = tokio::spawn(jobs::push(app.clone(), shutdown.clone()));
+    tokio::spawn(rs_common::ingress::reoffer_ticker(
+        app.outbox_ready.clone(),
+        app.cfg.offer_again(),
+        shutdown.clone(),
+    ));
     serve_tcp(listener, app.routes(), ServeConfig::default(), shutdown).await;
     let _ = purge.await;
     let _ = expire.await;

@@ -95,8 +95,22 @@ pub fn xml_response(doc: Vec<u8>) -> warp::reply::Response {
     r
 }
 
-/// Offered back-channel messages not acknowledged are offered again after this.
-pub const OFFER_AGAIN: Duration = Duration::from_secs(30);
+/// Wakes every held long poll of a tier each `again`, so that messages
+/// offered on a reply that never arrived (and so never acknowledged) go out
+/// again on a poll already held, not only on the next one. One wake per
+/// interval for the whole tier, whatever the number of messages.
+pub async fn reoffer_ticker(
+    ready: std::sync::Arc<tokio::sync::Notify>,
+    again: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(again) => ready.notify_waiters(),
+        }
+    }
+}
 /// Most back-channel messages in one reply.
 pub const MAX_OFFER: usize = 200;
 /// Longest long-poll hold any tier grants.

@@ -30,6 +30,11 @@ pub struct Config {
     pub heartbeat_secs: u64,
     #[serde(default = "default_body_timeout")]
     pub body_timeout_secs: u64,
+    /// Seconds after which a back-channel message handed to a next hop
+    /// that has not acknowledged it is offered again (its reply may have
+    /// been lost).
+    #[serde(default = "default_offer_again")]
+    pub offer_again_secs: u64,
     #[serde(default)]
     pub spool: SpoolSection,
     /// Discard messages that match.
@@ -174,6 +179,12 @@ impl Config {
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// How long an unacknowledged back-channel message waits before it is
+    /// offered again.
+    pub fn offer_again(&self) -> Duration {
+        Duration::from_secs(self.offer_again_secs.max(1))
+    }
+
     pub fn rs_id(&self) -> Result<RsId, String> {
         RsId::new(&self.id).map_err(|e| format!("id {:?}: {e}", self.id))
     }
@@ -185,4 +196,8 @@ impl Config {
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_secs.max(1))
     }
+}
+
+fn default_offer_again() -> u64 {
+    30
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rs_common::codec::{EnvelopeWriter, RawEnvelope, RawMessage};
-use rs_common::ingress::{MAX_OFFER, OFFER_AGAIN, envelope, envelope_response, offer_back_channel};
+use rs_common::ingress::{MAX_OFFER, envelope, envelope_response, offer_back_channel};
 use rs_common::model::{Advice, Content, EnvelopeMeta, Hop};
 use rs_common::spool::{Enqueued, Spool as _};
 use rs_common::upstream::PostError;
@@ -254,9 +254,10 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
     offer_back_channel(&mut w, &mlm.outbox_ready, hold, &mlm.stopping, || {
         let outbox = mlm.outbox.clone();
         let (hop, now) = (sender.clone(), mlm.clock.now());
+        let again = mlm.cfg.offer_again();
         async move {
             outbox
-                .offer(hop, now, OFFER_AGAIN, MAX_OFFER)
+                .offer(hop, now, again, MAX_OFFER)
                 .await
                 .map_err(|e| e.to_string())
         }

@@ -53,7 +53,7 @@ pub struct Mlm {
     /// The back-channel queue for the subtree, and its routes.
     pub outbox: rs_common::outbox::Outbox,
     /// Woken when back-channel messages are queued.
-    pub outbox_ready: tokio::sync::Notify,
+    pub outbox_ready: Arc<tokio::sync::Notify>,
     /// Back-channel messages received on relayed replies, to acknowledge
     /// upstream on the next relayed POST.
     pub upstream_acks: std::sync::Mutex<Vec<rs_common::MessageId>>,
@@ -96,7 +96,7 @@ impl Mlm {
             stopping: CancellationToken::new(),
             outbox: rs_common::outbox::Outbox::open(&cfg.data_dir.join("outbox.db"))
                 .context("opening the back-channel queue")?,
-            outbox_ready: tokio::sync::Notify::new(),
+            outbox_ready: Arc::new(tokio::sync::Notify::new()),
             upstream_acks: std::sync::Mutex::new(Vec::new()),
             paused: Arc::new(AtomicBool::new(false)),
             cfg,
@@ -250,6 +250,11 @@ pub async fn run(
         poll: Some(Duration::from_secs(25)),
     };
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
+    tokio::spawn(rs_common::ingress::reoffer_ticker(
+        mlm.outbox_ready.clone(),
+        mlm.cfg.offer_again(),
+        shutdown.clone(),
+    ));
     if let Err(e) = mlm
         .infrastructure(SUB_COLD_START, Duration::from_secs(86_400), 6)
         .await

@@ -254,6 +254,10 @@ pub fn routes(
                     "rejected": st.rejected.load(Ordering::Relaxed),
                     "last_error": last_error,
                 },
+                "backchannel": {
+                    "applied": proxy.actions_applied.load(Ordering::Relaxed),
+                    "duplicates": proxy.actions_duplicate.load(Ordering::Relaxed),
+                },
                 "forwarding": !proxy.paused.load(Ordering::Relaxed),
             }),
         )

@@ -67,6 +67,7 @@ impl Actions {
             .await
             .map_err(|e| e.to_string())?
         {
+            p.actions_duplicate.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
         if !m.header.destinations().iter().any(|d| d.is_within(&p.id)) {
@@ -82,6 +83,7 @@ impl Actions {
             return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
         }
         let answer = self.apply(m).await;
+        p.actions_applied.fetch_add(1, Ordering::Relaxed);
         tracing::info!("control {} ({}): {}", m.header.class.subclass, id, answer.0);
         let response = response_message(
             m,

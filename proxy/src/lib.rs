@@ -50,6 +50,10 @@ pub struct Proxy {
     /// Set when the daemon should start again once stopped (to take up a
     /// configuration that `configChange` wrote).
     pub restart: AtomicBool,
+    /// Control actions applied, and back-channel messages received again
+    /// after they were applied (dropped as duplicates), since start.
+    pub actions_applied: std::sync::atomic::AtomicU64,
+    pub actions_duplicate: std::sync::atomic::AtomicU64,
 }
 
 /// Starts this program over in this process, with the same arguments
@@ -111,6 +115,8 @@ impl Proxy {
             config_path,
             stop,
             restart: AtomicBool::new(false),
+            actions_applied: Default::default(),
+            actions_duplicate: Default::default(),
             cfg,
         }))
     }
@@ -190,6 +196,14 @@ impl Proxy {
             } else {
                 "no"
             },
+        ));
+        metrics.push(Detail::new(
+            "backchannel.applied",
+            self.actions_applied.load(Ordering::Relaxed).to_string(),
+        ));
+        metrics.push(Detail::new(
+            "backchannel.duplicates",
+            self.actions_duplicate.load(Ordering::Relaxed).to_string(),
         ));
         if self.paused.load(Ordering::Relaxed) {
             metrics.push(Detail::new("forwarding", "disabled"));

@@ -44,6 +44,8 @@ pub struct Node {
     /// The integrator socket, for proxies.
     pub socket: Option<PathBuf>,
     pub config: Option<PathBuf>,
+    /// More environment for the process (e.g. `LD_PRELOAD` of libfaketime).
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -62,6 +64,7 @@ impl Node {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env_remove("RUST_BACKTRACE")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -158,6 +161,8 @@ pub struct Deployment {
     pub dir: PathBuf,
     pub exe: PathBuf,
     pub nodes: BTreeMap<String, Node>,
+    /// Environment given to the daemons started from now on.
+    pub env: Vec<(String, String)>,
 }
 
 impl Deployment {
@@ -168,6 +173,7 @@ impl Deployment {
             dir,
             exe: exe.into(),
             nodes: BTreeMap::new(),
+            env: Vec::new(),
         })
     }
 
@@ -190,6 +196,7 @@ impl Deployment {
             addr: None,
             socket: None,
             config: Some(cfg_path.clone()),
+            env: self.env.clone(),
         };
         node.start(&self.exe)?;
         if !wait_for(Duration::from_secs(30), || {
@@ -272,6 +279,7 @@ impl Deployment {
             addr: None,
             socket: Some(socket.clone()),
             config: Some(cfg_path),
+            env: self.env.clone(),
         };
         let _ = std::fs::remove_file(&socket);
         node.start(&self.exe)?;
@@ -297,6 +305,7 @@ impl Deployment {
             addr: None,
             socket: None,
             config: None,
+            env: self.env.clone(),
         };
         node.start(&self.exe)?;
         self.nodes.insert(name.into(), node);
@@ -358,7 +367,7 @@ pub async fn server_metrics(addr: &str) -> anyhow::Result<BTreeMap<String, u64>>
 pub async fn proxy_metrics(socket: &Path) -> anyhow::Result<BTreeMap<String, u64>> {
     let v = Client::new(socket).status().await?;
     let mut out = BTreeMap::new();
-    for section in ["spool", "upstream"] {
+    for section in ["spool", "upstream", "backchannel"] {
         if let Some(obj) = v.get(section).and_then(|s| s.as_object()) {
             for (k, val) in obj {
                 if let Some(n) = val.as_u64() {

@@ -4,6 +4,7 @@
 
 pub mod arb;
 pub mod deploy;
+pub mod relay;
 
 use std::path::PathBuf;
 

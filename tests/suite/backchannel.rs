@@ -7,17 +7,17 @@ use std::time::Duration;
 
 use rs_tests::deploy::{Deployment, Extra, proxy_metrics, wait_for};
 
-fn exe() -> PathBuf {
+pub(crate) fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_rs-demo"))
 }
 
-fn tmp(name: &str) -> PathBuf {
+pub(crate) fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("rs-suite-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
 }
 
-async fn post(a: &str, body: &str) -> (u16, String) {
+pub(crate) async fn post(a: &str, body: &str) -> (u16, String) {
     let r = reqwest::Client::new()
         .post(format!("http://{a}/rs/v1/control/send"))
         .body(body.to_owned())
@@ -27,12 +27,12 @@ async fn post(a: &str, body: &str) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
-fn attr<'a>(doc: &'a str, name: &str) -> &'a str {
+pub(crate) fn attr<'a>(doc: &'a str, name: &str) -> &'a str {
     let start = doc.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
     &doc[start..start + doc[start..].find('"').unwrap()]
 }
 
-async fn job(a: &str, id: &str) -> String {
+pub(crate) async fn job(a: &str, id: &str) -> String {
     reqwest::get(format!("http://{a}/rs/v1/control/jobs/{id}"))
         .await
         .unwrap()
@@ -41,7 +41,7 @@ async fn job(a: &str, id: &str) -> String {
         .unwrap()
 }
 
-async fn until_done(a: &str, id: &str) -> String {
+pub(crate) async fn until_done(a: &str, id: &str) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let j = job(a, id).await;

@@ -1,0 +1,187 @@
+//! A TCP relay to put between two tiers in tests: it counts the bytes that
+//! cross the link in each direction, counts occurrences of chosen markers
+//! in what flows down (server to client), and can cut a connection at the
+//! moment a marker passes, after the server has written it and before the
+//! client reads it: a reply lost on the way.
+//!
+//! Plain TCP on loopback; the tiers speak HTTP through it unchanged.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the relay saw and what it is told to do.
+#[derive(Debug, Default)]
+pub struct Link {
+    /// Bytes from the client to the server (requests).
+    pub up_bytes: AtomicU64,
+    /// Bytes from the server to the client (replies).
+    pub down_bytes: AtomicU64,
+    /// Connections cut.
+    pub cuts: AtomicU64,
+    /// (marker, times seen going down).
+    counted: Mutex<Vec<(Vec<u8>, u64)>>,
+    /// Cut the next reply (down) that contains this marker.
+    cut_down: Mutex<Option<Vec<u8>>>,
+    /// Cut the next request (up) that contains this marker.
+    cut_up: Mutex<Option<Vec<u8>>>,
+}
+
+impl Link {
+    /// Counts occurrences of `marker` in replies from now on.
+    pub fn count(&self, marker: &str) {
+        if let Ok(mut c) = self.counted.lock() {
+            c.push((marker.as_bytes().to_vec(), 0));
+        }
+    }
+
+    /// How often `marker` crossed down since [`Link::count`].
+    pub fn seen(&self, marker: &str) -> u64 {
+        self.counted
+            .lock()
+            .ok()
+            .and_then(|c| {
+                c.iter()
+                    .find(|(m, _)| m == marker.as_bytes())
+                    .map(|(_, n)| *n)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Drops the next reply that carries `marker`, closing the connection.
+    pub fn cut_reply_with(&self, marker: &str) {
+        if let Ok(mut c) = self.cut_down.lock() {
+            *c = Some(marker.as_bytes().to_vec());
+        }
+    }
+
+    /// Drops the next request that carries `marker`, closing the connection.
+    pub fn cut_request_with(&self, marker: &str) {
+        if let Ok(mut c) = self.cut_up.lock() {
+            *c = Some(marker.as_bytes().to_vec());
+        }
+    }
+
+    pub fn armed(&self) -> bool {
+        self.cut_down.lock().map(|c| c.is_some()).unwrap_or(false)
+            || self.cut_up.lock().map(|c| c.is_some()).unwrap_or(false)
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Starts a relay on 127.0.0.1 to `target`; returns its address and link.
+pub async fn start(target: String) -> std::io::Result<(String, Arc<Link>)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?.to_string();
+    let link = Arc::new(Link::default());
+    let lk = link.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let (target, link) = (target.clone(), lk.clone());
+            tokio::spawn(async move {
+                if let Ok(server) = TcpStream::connect(&target).await {
+                    pipe(client, server, link).await;
+                }
+            });
+        }
+    });
+    Ok((addr, link))
+}
+
+async fn pipe(client: TcpStream, server: TcpStream, link: Arc<Link>) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up = {
+        let link = link.clone();
+        async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            // The end of the previous chunk, so a marker split across two
+            // reads is still found.
+            let mut tail: Vec<u8> = Vec::new();
+            loop {
+                let n = match cr.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let chunk = &buf[..n];
+                let mut window = tail.clone();
+                window.extend_from_slice(chunk);
+                let cut = {
+                    let mut c = link.cut_up.lock().unwrap_or_else(|e| e.into_inner());
+                    match c.as_ref() {
+                        Some(m) if contains(&window, m) => {
+                            *c = None;
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if cut {
+                    link.cuts.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                link.up_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                if sw.write_all(chunk).await.is_err() {
+                    return;
+                }
+                tail = window[window.len().saturating_sub(256)..].to_vec();
+            }
+        }
+    };
+    let down = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut tail: Vec<u8> = Vec::new();
+        loop {
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let chunk = &buf[..n];
+            let mut window = tail.clone();
+            window.extend_from_slice(chunk);
+            let cut = {
+                let mut c = link.cut_down.lock().unwrap_or_else(|e| e.into_inner());
+                match c.as_ref() {
+                    Some(m) if contains(&window, m) => {
+                        *c = None;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if cut {
+                link.cuts.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if let Ok(mut counted) = link.counted.lock() {
+                for (m, k) in counted.iter_mut() {
+                    // Occurrences that end in this chunk.
+                    let before = count_in(&tail, m);
+                    *k += count_in(&window, m) - before;
+                }
+            }
+            link.down_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            if cw.write_all(chunk).await.is_err() {
+                return;
+            }
+            tail = window[window.len().saturating_sub(256)..].to_vec();
+        }
+    };
+    // Either side ending (or a cut) ends the connection both ways.
+    tokio::select! {
+        () = up => {}
+        () = down => {}
+    }
+}
+
+fn count_in(hay: &[u8], needle: &[u8]) -> u64 {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return 0;
+    }
+    hay.windows(needle.len()).filter(|w| *w == needle).count() as u64
+}

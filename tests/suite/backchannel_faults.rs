@@ -1,0 +1,421 @@
+//! The back-channel at scale and under faults, on real daemons: a group
+//! message crosses each link once; a reply lost on the way is offered
+//! again and applied once; a proxy away for an hour gets what has not
+//! expired; a job completes across the reconnect its own action causes.
+
+use std::time::Duration;
+
+use rs_common::codec::Limits;
+use rs_common::codec::api::{decode_components, decode_job};
+use rs_tests::deploy::{Deployment, Extra, proxy_metrics, server_metrics};
+
+use crate::backchannel::{attr, exe, post, tmp};
+
+/// Waits (async) until `cond` holds or `secs` pass; returns whether it held.
+async fn until<F, Fut>(secs: u64, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if cond().await {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The components the server knows, with the tiers they are reached through.
+async fn routes(a: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let Ok(r) = reqwest::get(format!("http://{a}/rs/v1/control/components")).await else {
+        return Default::default();
+    };
+    let b = r.bytes().await.unwrap_or_default();
+    decode_components(&b, &Limits::default())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| {
+            (
+                c.id.to_string(),
+                c.via.iter().map(|v| v.to_string()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// The job's target states, once it is done (or after `secs`).
+async fn finish(a: &str, id: &str, secs: u64) -> rs_common::codec::api::Job {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let b = reqwest::get(format!("http://{a}/rs/v1/control/jobs/{id}?after=0&wait=5"))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let j = decode_job(&b, &Limits::default()).unwrap();
+        if j.is_done() || std::time::Instant::now() > deadline {
+            return j;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn put(a: &str, path: &str, body: &str) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .put(format!("http://{a}/rs/v1/control/{path}"))
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_message_crosses_each_link_once_and_reaches_all_fifty_proxies() {
+    let dir = tmp("group50");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    // Every byte between the appserver and the MLM goes through the relay.
+    let (relay, link) = rs_tests::relay::start(a.clone()).await.unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&relay),
+            &Extra::default(),
+        )
+        .unwrap();
+    const N: usize = 50;
+    for i in 1..=N {
+        d.proxy(
+            &format!("p{i}"),
+            &format!("acme.p{i}"),
+            std::slice::from_ref(&m),
+            &Extra::default(),
+        )
+        .unwrap();
+    }
+    assert!(
+        until(60, || async {
+            routes(&a)
+                .await
+                .iter()
+                .filter(|(id, via)| {
+                    id.starts_with("acme.p") && !id.contains(".s") && via.as_slice() == ["acme.m1"]
+                })
+                .count()
+                == N
+        })
+        .await,
+        "all {N} proxies report through the MLM"
+    );
+    // A selector group (every proxy of customer acme) and a static one.
+    let (s, body) = put(
+        &a,
+        "groups/stores",
+        r#"<group name="stores" customer="acme" kind="proxy"/>"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains(&format!("size=\"{N}\"")), "{body}");
+    let (s, body) = put(
+        &a,
+        "groups/pilot",
+        r#"<group name="pilot"><member id="acme.p1"/><member id="acme.p2"/><member id="acme.p404"/></group>"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+
+    link.count(r#"<control action="getConfig""#);
+    link.count(r#"<to id="acme.p"#);
+    let (s, body) = post(
+        &a,
+        r#"<send><to group="stores"/><control action="getConfig"/></send>"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let j = finish(&a, attr(&body, "id"), 90).await;
+    assert_eq!(j.targets.len(), N);
+    assert_eq!(j.count("succeeded"), N, "{j:?}");
+    for t in &j.targets {
+        let r = t.result.as_deref().unwrap_or("");
+        assert!(
+            r.contains(&format!("id = \"{}\"", t.id)),
+            "each proxy answers with its own configuration: {r}"
+        );
+    }
+    // One copy crossed the appserver -> MLM link, listing the 50.
+    assert_eq!(link.seen(r#"<control action="getConfig""#), 1);
+    assert_eq!(link.seen(r#"<to id="acme.p"#), N as u64);
+
+    // A static member never seen fails in the job; the others succeed.
+    let (s, body) = post(
+        &a,
+        r#"<send><to group="pilot"/><control action="ping"/></send>"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let j = finish(&a, attr(&body, "id"), 30).await;
+    assert_eq!(j.count("succeeded"), 2, "{j:?}");
+    let lost = j
+        .targets
+        .iter()
+        .find(|t| t.id.as_str() == "acme.p404")
+        .unwrap();
+    assert_eq!(
+        (lost.state.as_str(), lost.code.as_deref()),
+        ("failed", Some("unknown-destination"))
+    );
+    // Unknown groups and empty definitions are refused.
+    let (s, body) = post(
+        &a,
+        r#"<send><to group="nosuch"/><control action="ping"/></send>"#,
+    )
+    .await;
+    assert_eq!(s, 404, "{body}");
+    let (s, _) = put(&a, "groups/empty", r#"<group name="empty"/>"#).await;
+    assert_eq!(s, 400);
+    d.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_is_offered_again_and_the_action_applied_once() {
+    let dir = tmp("cut-reply");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "offer_again_secs = 2").unwrap();
+    let (relay, link) = rs_tests::relay::start(a.clone()).await.unwrap();
+    let s = d
+        .proxy(
+            "p1",
+            "acme.p1",
+            std::slice::from_ref(&relay),
+            &Extra::default(),
+        )
+        .unwrap();
+    assert!(until(30, || async { routes(&a).await.contains_key("acme.p1") }).await);
+
+    // The reply carrying the action is cut after the server wrote it.
+    link.cut_reply_with(r#"<control action="disableForwarding""#);
+    let (_, body) = post(
+        &a,
+        r#"<send><to id="acme.p1"/><control action="disableForwarding"/></send>"#,
+    )
+    .await;
+    let j = finish(&a, attr(&body, "id"), 30).await;
+    assert_eq!(j.count("succeeded"), 1, "{j:?}");
+    assert_eq!(link.cuts.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let pm = proxy_metrics(&s).await.unwrap();
+    assert_eq!(pm.get("backchannel.applied"), Some(&1));
+
+    // The request carrying the answer and the acknowledgement is cut: the
+    // answer is sent again from the spool, the action offered again, and
+    // the proxy drops the repeat without applying it a second time.
+    link.cut_request_with(r#"sub="enableForwarding""#);
+    let (_, body) = post(
+        &a,
+        r#"<send><to id="acme.p1"/><control action="enableForwarding"/></send>"#,
+    )
+    .await;
+    let j = finish(&a, attr(&body, "id"), 30).await;
+    assert_eq!(j.count("succeeded"), 1, "{j:?}");
+    assert_eq!(link.cuts.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert!(
+        until(30, || async {
+            proxy_metrics(&s)
+                .await
+                .is_ok_and(|m| m.get("backchannel.duplicates") >= Some(&1))
+        })
+        .await,
+        "the unacknowledged action is offered again"
+    );
+    let pm = proxy_metrics(&s).await.unwrap();
+    assert_eq!(pm.get("backchannel.applied"), Some(&2), "{pm:?}");
+    let st = rs_proxy::client::Client::new(&s).status().await.unwrap();
+    assert_eq!(st["forwarding"], true);
+    // Once acknowledged, nothing waits any more.
+    let am = server_metrics(&a).await.unwrap();
+    assert_eq!(am.get("messages.duplicates"), Some(&0), "{am:?}");
+    d.stop_all();
+}
+
+/// libfaketime, which shifts a process's wall clock (not its monotonic
+/// one) by what a file says; installed by scripts/test (`faketime`).
+fn libfaketime() -> std::path::PathBuf {
+    let p = std::path::PathBuf::from("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1");
+    assert!(
+        p.exists(),
+        "{} is missing: apt-get install faketime (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_away_for_an_hour_gets_what_has_not_expired() {
+    let dir = tmp("away-an-hour");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    // The appserver and the MLM run on a clock the test moves.
+    let clock = dir.join("faketime");
+    std::fs::write(&clock, "+0s\n").unwrap();
+    d.env = vec![
+        ("LD_PRELOAD".into(), libfaketime().display().to_string()),
+        (
+            "FAKETIME_TIMESTAMP_FILE".into(),
+            clock.display().to_string(),
+        ),
+        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra::default(),
+        )
+        .unwrap();
+    d.env.clear();
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    assert!(until(30, || async { routes(&a).await.contains_key("acme.p1") }).await);
+    d.node("p1").stop(Duration::from_secs(10));
+
+    // While it is away: one action worth 30 minutes, one worth two hours.
+    let (_, short) = post(
+        &a,
+        r#"<send ttl-secs="1800"><to id="acme.p1"/><control action="disableForwarding"/></send>"#,
+    )
+    .await;
+    let (_, long) = post(
+        &a,
+        r#"<send ttl-secs="7200"><to id="acme.p1"/><control action="getStatus"/></send>"#,
+    )
+    .await;
+    // Both wait at the MLM, nearest the proxy.
+    assert!(
+        until(30, || async {
+            server_metrics(&m)
+                .await
+                .is_ok_and(|x| x.get("backchannel.pending") == Some(&2))
+        })
+        .await
+    );
+
+    // An hour passes.
+    std::fs::write(&clock, "+3600s\n").unwrap();
+    let j = finish(&a, attr(&short, "id"), 30).await;
+    assert_eq!(j.count("expired"), 1, "{j:?}");
+    assert!(
+        until(30, || async {
+            server_metrics(&m).await.is_ok_and(|x| {
+                x.get("backchannel.pending") == Some(&1) && x.get("backchannel.expired") == Some(&1)
+            })
+        })
+        .await,
+        "the MLM drops the expired copy on its own clock"
+    );
+
+    // Back again: the live action arrives and is applied; the expired one
+    // never is.
+    d.restart("p1").unwrap();
+    let j = finish(&a, attr(&long, "id"), 30).await;
+    assert_eq!(j.count("succeeded"), 1, "{j:?}");
+    let st = rs_proxy::client::Client::new(&s).status().await.unwrap();
+    assert_eq!(
+        st["forwarding"], true,
+        "the expired disableForwarding was not applied"
+    );
+    assert_eq!(st["backchannel"]["applied"], 1);
+    d.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_completes_across_the_reconnect_it_causes_and_routes_follow_the_proxy() {
+    let dir = tmp("move");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let m1 = d
+        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let m2 = d
+        .mlm("m2", "acme.m2", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    d.proxy(
+        "p1",
+        "acme.p1",
+        std::slice::from_ref(&m1),
+        &Extra::default(),
+    )
+    .unwrap();
+    assert!(
+        until(30, || async {
+            routes(&a).await.get("acme.p1").map(Vec::as_slice) == Some(&["acme.m1".to_owned()][..])
+        })
+        .await
+    );
+
+    // Move the proxy to the other MLM: the action resets its connection,
+    // and its job still completes.
+    let (_, body) = post(
+        &a,
+        &format!(
+            r#"<send><to id="acme.p1"/><control action="configChange"><config>[upstream]
+urls = ["http://{m2}"]
+</config></control></send>"#
+        ),
+    )
+    .await;
+    let j = finish(&a, attr(&body, "id"), 30).await;
+    assert_eq!(j.count("succeeded"), 1, "{j:?}");
+    // The server learns the new route from what the proxy sends next...
+    assert!(
+        until(30, || async {
+            routes(&a).await.get("acme.p1").map(Vec::as_slice) == Some(&["acme.m2".to_owned()][..])
+        })
+        .await,
+        "{:?}",
+        routes(&a).await
+    );
+    // ...and the next action goes the new way.
+    let (_, body) = post(
+        &a,
+        r#"<send><to id="acme.p1"/><control action="getStatus"/></send>"#,
+    )
+    .await;
+    let j = finish(&a, attr(&body, "id"), 30).await;
+    assert_eq!(j.count("succeeded"), 1, "{j:?}");
+    let m2_metrics = server_metrics(&m2).await.unwrap();
+    assert!(m2_metrics.get("messages.forwarded") > Some(&0));
+
+    // An action addressed to an MLM is carried out by the MLM itself.
+    let (_, body) = post(
+        &a,
+        r#"<send><to id="acme.m1"/><to id="acme.m2"/><control action="getStatus"/></send>"#,
+    )
+    .await;
+    let j = finish(&a, attr(&body, "id"), 30).await;
+    assert_eq!(j.count("succeeded"), 2, "{j:?}");
+    for t in &j.targets {
+        let r = t.result.as_deref().unwrap_or("");
+        assert!(
+            r.contains(&format!("<status kind=\"mlm\" id=\"{}\"", t.id)),
+            "{r}"
+        );
+    }
+    // What an MLM does not do is refused with the reason.
+    let (_, body) = post(
+        &a,
+        r#"<send><to id="acme.m1"/><control action="shutdown"/></send>"#,
+    )
+    .await;
+    let j = finish(&a, attr(&body, "id"), 30).await;
+    assert_eq!(j.targets[0].code.as_deref(), Some("unsupported"), "{j:?}");
+    d.stop_all();
+}
