@@ -60,7 +60,7 @@ fn ensure_mosquitto() -> anyhow::Result<()> {
     )
 }
 
-fn exe() -> anyhow::Result<PathBuf> {
+pub(crate) fn exe() -> anyhow::Result<PathBuf> {
     run_cmd(Command::new("cargo").current_dir(root()).args([
         "build",
         "--release",

@@ -11,6 +11,7 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
+mod backchannel;
 mod forward;
 
 /// One figure, as `docs/benchmarks.json` holds it.
@@ -257,6 +258,9 @@ fn main() {
         clients: opt(&args, "--clients", 32) as usize,
         runs: opt(&args, "--runs", 3).max(1) as usize,
     };
+    let back = backchannel::Settings {
+        actions: opt(&args, "--actions", 300).max(10) as usize,
+    };
     let json = root().join("docs/benchmarks.json");
     let mut figs = load(&json);
     if !report_only {
@@ -265,6 +269,10 @@ fn main() {
             (
                 "forward",
                 Box::new(move || forward::run(&settings).map_err(|e| format!("{e:#}"))),
+            ),
+            (
+                "backchannel",
+                Box::new(move || backchannel::run(&back).map_err(|e| format!("{e:#}"))),
             ),
         ];
         groups.retain(|(g, _)| want(g));

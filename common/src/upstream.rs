@@ -501,6 +501,11 @@ impl<S: Spool> Sender<S> {
                         }
                     }
                     self.settle(&batch, &reply.meta, self.clock.now()).await;
+                    if batch.is_empty() && !reply.messages.is_empty() {
+                        // A poll that brought something: more may follow
+                        // at once, so poll again without the pause.
+                        next_poll = tokio::time::Instant::now();
+                    }
                     if let Some(back) = &self.back
                         && !reply.messages.is_empty()
                     {

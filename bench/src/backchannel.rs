@@ -1,0 +1,396 @@
+//! The back-channel benchmark (`cargo run --release -p rs-bench --
+//! backchannel`), on real processes over loopback:
+//!
+//! - latency: a control action from the API call until the proxy applies
+//!   it (the `created` time of its response, written when it applied the
+//!   action; one host, one clock), through appserver -> MLM -> proxy with
+//!   long polls held; and the round trip until the job is seen done.
+//!   Actions are sent one at a time, a random 20-120 ms apart, as an admin
+//!   or a script would.
+//! - group fan-out: bytes crossing the appserver -> MLM link (counted by a
+//!   TCP relay on that link) for one configChange to a group of 10, 100
+//!   and 1,000 proxies, against the same sent as one unicast per proxy.
+//!   The proxies are simulated at the MLM (each posts one heartbeat, so
+//!   every tier learns its route): the link, not the proxies, is measured.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rs_common::codec::Limits;
+use rs_common::codec::api::{GroupDef, decode_job, encode_group};
+use rs_common::control::{NodeState, StatusNode, status_message};
+use rs_common::model::EnvelopeMeta;
+use rs_common::{ComponentKind, CustomerId, RsId, Timestamp};
+use rs_tests::deploy::{Deployment, Extra, server_metrics};
+
+use crate::Figure;
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub(crate) actions: usize,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+async fn post(http: &reqwest::Client, a: &str, body: String) -> anyhow::Result<String> {
+    let r = http
+        .post(format!("http://{a}/rs/v1/control/send"))
+        .body(body)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "send: {}", r.status());
+    Ok(r.text().await?)
+}
+
+async fn until_done(http: &reqwest::Client, a: &str, doc: &str) -> anyhow::Result<()> {
+    let mut job = decode_job(doc.as_bytes(), &Limits::default())?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !job.is_done() {
+        anyhow::ensure!(Instant::now() < deadline, "job {} did not finish", job.id);
+        let b = http
+            .get(format!(
+                "http://{a}/rs/v1/control/jobs/{}?after={}&wait=25",
+                job.id, job.version
+            ))
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        job = decode_job(&b, &Limits::default())?;
+    }
+    anyhow::ensure!(
+        job.count("succeeded") == job.targets.len(),
+        "job {} ended with failures",
+        job.id
+    );
+    Ok(())
+}
+
+/// (one-way ms, round-trip ms) per action.
+async fn latency(exe: &Path, dir: &Path, n: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut d = Deployment::new(dir, exe)?;
+    let a = d.appserver("127.0.0.1:0", "")?;
+    let m = d.mlm(
+        "mlm",
+        "acme.m1",
+        std::slice::from_ref(&a),
+        &Extra::default(),
+    )?;
+    d.proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())?;
+    let http = reqwest::Client::new();
+    // Warm up: the route is known and the first action has gone through.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match post(
+            &http,
+            &a,
+            r#"<send><to id="acme.p1"/><control action="ping"/></send>"#.into(),
+        )
+        .await
+        {
+            Ok(doc) => {
+                until_done(&http, &a, &doc).await?;
+                break;
+            }
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut sent: Vec<(String, i64, Duration)> = Vec::with_capacity(n);
+    for _ in 0..n {
+        tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..100))).await;
+        let t0 = Timestamp::now().as_millis();
+        let start = Instant::now();
+        let doc = post(
+            &http,
+            &a,
+            r#"<send><to id="acme.p1"/><control action="ping"/></send>"#.into(),
+        )
+        .await?;
+        until_done(&http, &a, &doc).await?;
+        let job = decode_job(doc.as_bytes(), &Limits::default())?;
+        sent.push((job.message, t0, start.elapsed()));
+    }
+    // When each action was applied: its response's creation time.
+    let body = http
+        .get(format!(
+            "http://{a}/rs/v1/control/messages?type=response&component=acme.p1&limit=10000"
+        ))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let mut applied = std::collections::HashMap::new();
+    for m in body.split("<message ").skip(1) {
+        let attr = |name: &str| -> Option<String> {
+            let k = format!("{name}=\"");
+            let i = m.find(&k)? + k.len();
+            Some(m[i..i + m[i..].find('"')?].to_owned())
+        };
+        if let (Some(created), Some(reference)) = (attr("created"), attr("ref")) {
+            applied.insert(reference, Timestamp::parse(&created)?.as_millis());
+        }
+    }
+    let mut one_way = Vec::new();
+    let mut round = Vec::new();
+    for (msg, t0, rt) in sent {
+        let at = applied
+            .get(&msg)
+            .ok_or_else(|| anyhow::anyhow!("no response stored for {msg}"))?;
+        one_way.push((at - t0).max(0) as f64);
+        round.push(rt.as_secs_f64() * 1000.0);
+    }
+    d.stop_all();
+    Ok((one_way, round))
+}
+
+/// Posts one heartbeat from each of `ids` to the MLM at `m`, as if each
+/// were a proxy calling in.
+async fn simulate(http: &reqwest::Client, m: &str, ids: &[RsId]) -> anyhow::Result<()> {
+    for id in ids {
+        let now = Timestamp::now();
+        let meta = EnvelopeMeta::new(id.clone(), now);
+        let tree = StatusNode {
+            id: Some(id.clone()),
+            version: Some("bench".into()),
+            ..StatusNode::new("proxy", NodeState::Ok)
+        };
+        let msg = status_message(
+            id.clone(),
+            rs_common::control::SUB_COLD_START,
+            &tree,
+            now,
+            Duration::from_secs(3600),
+            5,
+        );
+        let mut w = rs_common::codec::EnvelopeWriter::new(&meta);
+        w.push(&msg);
+        let enc = w.finish();
+        let r = http
+            .post(format!("http://{m}/rs/v1/envelope"))
+            .header("content-type", enc.content_type)
+            .body(enc.body)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "simulated {id}: {}", r.status());
+    }
+    Ok(())
+}
+
+/// Waits until the MLM holds `n` back-channel messages.
+async fn pending_at(m: &str, n: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = server_metrics(m)
+            .await?
+            .get("backchannel.pending")
+            .copied()
+            .unwrap_or(0);
+        if got >= n {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "MLM holds {got} of {n}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A ~1 KB configuration change, escaped for the send document.
+fn config_payload() -> String {
+    let mut s = String::from("heartbeat_secs = 300\n[upstream]\npoll_hold_secs = 20\n");
+    while s.len() < 1024 {
+        s.push_str("# provider note: rolled out by the weekly maintenance window\n");
+    }
+    s
+}
+
+/// For each group size: (group bytes, unicast bytes, payload crossings).
+async fn fanout(
+    exe: &Path,
+    dir: &Path,
+    sizes: &[usize],
+) -> anyhow::Result<Vec<(usize, u64, u64, u64)>> {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut d = Deployment::new(dir, exe)?;
+    let a = d.appserver("127.0.0.1:0", "")?;
+    let (relay, link) = rs_tests::relay::start(a.clone()).await?;
+    let m = d.mlm(
+        "mlm",
+        "rs.m1",
+        std::slice::from_ref(&relay),
+        &Extra::default(),
+    )?;
+    let http = reqwest::Client::new();
+    let payload = config_payload();
+    let control = format!(r#"<control action="configChange"><config>{payload}</config></control>"#);
+    let mut out = Vec::new();
+    let mut pending = 0u64;
+    for &k in sizes {
+        let customer = format!("g{k}");
+        let ids: Vec<RsId> = (1..=k)
+            .map(|i| RsId::new(format!("{customer}.p{i}")))
+            .collect::<Result<_, _>>()?;
+        simulate(&http, &m, &ids).await?;
+        // The server knows them all, through the MLM.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let g = GroupDef {
+                name: customer.clone(),
+                customer: Some(CustomerId::new(&customer)?),
+                kind: Some(ComponentKind::Proxy),
+                ..GroupDef::default()
+            };
+            let r = http
+                .put(format!("http://{a}/rs/v1/control/groups/{customer}"))
+                .body(encode_group(&g))
+                .send()
+                .await?
+                .text()
+                .await?;
+            if r.contains(&format!("size=\"{k}\"")) {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "group {customer}: {r}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        link.count(&payload[..40]);
+        let before_seen = link.seen(&payload[..40]);
+        let b0 = link.down_bytes.load(Ordering::Relaxed);
+        post(
+            &http,
+            &a,
+            format!(r#"<send><to group="{customer}"/>{control}</send>"#),
+        )
+        .await?;
+        pending += k as u64;
+        pending_at(&m, pending).await?;
+        let group_bytes = link.down_bytes.load(Ordering::Relaxed) - b0;
+        let crossings = link.seen(&payload[..40]) - before_seen;
+
+        let b0 = link.down_bytes.load(Ordering::Relaxed);
+        for id in &ids {
+            post(
+                &http,
+                &a,
+                format!(r#"<send><to id="{id}"/>{control}</send>"#),
+            )
+            .await?;
+        }
+        pending += k as u64;
+        pending_at(&m, pending).await?;
+        let unicast_bytes = link.down_bytes.load(Ordering::Relaxed) - b0;
+        eprintln!(
+            "  {k} proxies: group {group_bytes} B (payload crossed {crossings}x), unicast {unicast_bytes} B"
+        );
+        out.push((k, group_bytes, unicast_bytes, crossings));
+    }
+    d.stop_all();
+    Ok(out)
+}
+
+pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
+    let exe = crate::forward::exe()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let tmp = std::env::temp_dir().join(format!("rs-bench-back-{}", std::process::id()));
+    eprintln!("rs-bench backchannel: latency, {} actions", s.actions);
+    let (mut one_way, mut round) = rt.block_on(latency(&exe, &tmp.join("latency"), s.actions))?;
+    eprintln!("rs-bench backchannel: group fan-out");
+    let fan = rt.block_on(fanout(&exe, &tmp.join("fanout"), &[10, 100, 1000]))?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let command = format!(
+        "cargo run --release -p rs-bench -- backchannel --actions {}",
+        s.actions
+    );
+    let at = crate::now();
+    let machine = crate::machine();
+    let n = one_way.len() as u32;
+    let (min, max) = (
+        one_way.iter().copied().fold(f64::INFINITY, f64::min),
+        one_way.iter().copied().fold(0.0, f64::max),
+    );
+    let base = |id: &str, what: String, value: f64, unit: &str, better: &str| Figure {
+        id: id.into(),
+        what,
+        value,
+        unit: unit.into(),
+        runs: n,
+        min,
+        max,
+        peer: None,
+        peer_value: None,
+        ratio: None,
+        better: better.into(),
+        command: command.clone(),
+        measured_at: at.clone(),
+        target: None,
+        machine: Some(machine.clone()),
+    };
+    let mut figs = vec![
+        base(
+            "backchannel_latency_p50_ms",
+            "control action from the API call until the proxy applies it, appserver -> MLM -> proxy with long polls held, median".into(),
+            percentile(&mut one_way, 0.5),
+            "ms",
+            "lower",
+        ),
+        Figure {
+            target: Some("< 100 ms".into()),
+            ..base(
+                "backchannel_latency_p99_ms",
+                "the same, 99th percentile".into(),
+                percentile(&mut one_way, 0.99),
+                "ms",
+                "lower",
+            )
+        },
+        {
+            let (rmin, rmax) = (
+                round.iter().copied().fold(f64::INFINITY, f64::min),
+                round.iter().copied().fold(0.0, f64::max),
+            );
+            Figure {
+                min: rmin,
+                max: rmax,
+                ..base(
+                    "backchannel_roundtrip_p99_ms",
+                    "control action from the API call until its job is seen done (the response back up through the MLM), 99th percentile".into(),
+                    percentile(&mut round, 0.99),
+                    "ms",
+                    "lower",
+                )
+            }
+        },
+    ];
+    for (k, group, unicast, crossings) in fan {
+        figs.push(Figure {
+            runs: 1,
+            min: group as f64,
+            max: group as f64,
+            peer: Some(format!("{k} unicasts of the same action")),
+            peer_value: Some(unicast as f64),
+            ratio: Some(group as f64 / unicast as f64),
+            target: Some(format!(
+                "payload crosses once (crossed {crossings}x)"
+            )),
+            ..base(
+                &format!("backchannel_group_link_bytes_{k}"),
+                format!(
+                    "bytes on the appserver -> MLM link for one ~1 KB configChange to a group of {k} proxies behind the MLM"
+                ),
+                group as f64,
+                "bytes",
+                "lower",
+            )
+        });
+    }
+    Ok(figs)
+}
