@@ -419,3 +419,189 @@ urls = ["http://{m2}"]
     assert_eq!(j.targets[0].code.as_deref(), Some("unsupported"), "{j:?}");
     d.stop_all();
 }
+
+/// A job subscriber: records each pushed document; answers 503 to the
+/// first push, so the server has to push again.
+async fn subscriber() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(u16, bytes::Bytes)>>>,
+    tokio_util::sync::CancellationToken,
+) {
+    use warp::Filter as _;
+    let got: std::sync::Arc<std::sync::Mutex<Vec<(u16, bytes::Bytes)>>> = Default::default();
+    let g = got.clone();
+    let route = warp::path!("hook")
+        .and(warp::post())
+        .and(warp::body::content_length_limit(1 << 20))
+        .and({
+            #[allow(clippy::disallowed_methods)]
+            warp::body::bytes()
+        })
+        .map(move |b: bytes::Bytes| {
+            let mut g = g.lock().unwrap();
+            let status = if g.is_empty() { 503 } else { 200 };
+            g.push((status, b));
+            warp::reply::with_status("", http::StatusCode::from_u16(status).unwrap())
+        });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(rs_common::server::serve_tcp(
+        l,
+        rs_common::server::finish(route),
+        rs_common::server::ServeConfig::default(),
+        stop.clone(),
+    ));
+    (addr, got, stop)
+}
+
+/// Runs `rsctl` (the multi-call executable's role) against `a`.
+fn rsctl(a: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(exe())
+        .arg("rsctl")
+        .arg("--server")
+        .arg(format!("http://{a}"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsctl_changes_a_groups_configuration_and_subscribers_get_the_job_pushed() {
+    let dir = tmp("rsctl");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra::default(),
+        )
+        .unwrap();
+    for i in 1..=3 {
+        d.proxy(
+            &format!("p{i}"),
+            &format!("acme.p{i}"),
+            std::slice::from_ref(&m),
+            &Extra::default(),
+        )
+        .unwrap();
+    }
+    assert!(
+        until(30, || async {
+            let r = routes(&a).await;
+            (1..=3).all(|i| r.contains_key(&format!("acme.p{i}")))
+        })
+        .await
+    );
+    let a2 = a.clone();
+    let run = move |args: Vec<String>| {
+        let a = a2.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            rsctl(&a, &args)
+        })
+    };
+    let v = |s: &[&str]| s.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+
+    let (code, out, err) = run(v(&["components"])).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("acme.p2") && out.contains("acme.m1"), "{out}");
+    let (code, _, err) = run(v(&["tag", "acme.p1", "pilot"])).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run(v(&[
+        "groups",
+        "set",
+        "stores",
+        "--customer",
+        "acme",
+        "--kind",
+        "proxy",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("3 members"), "{out}");
+
+    // Change every proxy of the group and watch the job finish; a
+    // subscriber gets the job pushed as it changes.
+    let (hook, pushed, stop) = subscriber().await;
+    let (code, out, err) = run(v(&[
+        "send",
+        "configChange",
+        "--group",
+        "stores",
+        "--set",
+        "heartbeat_secs = 9",
+        "--notify",
+        &format!("http://{hook}/hook"),
+        "--watch",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("3/3 final: 3 succeeded"), "{out}");
+    for i in 1..=3 {
+        let cfg = rs_proxy::Config::load(&dir.join(format!("p{i}.toml"))).unwrap();
+        assert_eq!(cfg.heartbeat_secs, 9);
+        assert_eq!(cfg.id, format!("acme.p{i}"));
+    }
+    let job_id = out.split_whitespace().nth(1).unwrap().to_owned();
+    // The subscriber is pushed the job until it accepts; the last push it
+    // accepted shows the job done.
+    assert!(
+        until(30, || async {
+            pushed.lock().unwrap().iter().any(|(s, b)| {
+                *s == 200
+                    && decode_job(b, &Limits::default())
+                        .is_ok_and(|j| j.id == job_id && j.is_done() && j.count("succeeded") == 3)
+            })
+        })
+        .await,
+        "{:?}",
+        pushed.lock().unwrap().len()
+    );
+    assert_eq!(
+        pushed.lock().unwrap()[0].0,
+        503,
+        "the first push was refused"
+    );
+    stop.cancel();
+
+    // A tag selects, too.
+    let (code, out, err) = run(v(&["groups", "set", "pilot", "--tag", "pilot"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 members"), "{out}");
+    let (code, out, _) = run(v(&["send", "ping", "--group", "pilot", "--watch"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("acme.p1") && !out.contains("acme.p2"), "{out}");
+
+    // Refusals come back as errors with the reason, and exit status 1.
+    let (code, _, err) = run(v(&["send", "ping", "--to", "acme.p9"])).await.unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown destination acme.p9"), "{err}");
+    let (code, _, err) = run(v(&[
+        "send",
+        "configChange",
+        "--to",
+        "acme.p1",
+        "--set",
+        "nonsense = 1",
+        "--watch",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "a failed destination fails the watch");
+    let _ = err;
+    d.stop_all();
+}
