@@ -337,12 +337,23 @@ fn unavailable(e: impl std::fmt::Display) -> warp::Rejection {
     refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
+/// The longest a control action may wait: every tier remembers the IDs of
+/// back-channel messages it handled for 30 days, so nothing older can come
+/// again and be taken for new.
+const MAX_TTL_SECS: u64 = 30 * 86_400;
+
 /// `POST /rs/v1/control/send`: answers at once with a job ID; each
 /// destination's outcome arrives later (`GET /rs/v1/control/jobs/{id}`).
 async fn send(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, warp::Rejection> {
     let bad = |status, t: String| refuse(status, t);
     let req = rs_common::codec::decode_send_request(body, &rs_common::codec::Limits::default())
         .map_err(|e| bad(http::StatusCode::BAD_REQUEST, format!("send request: {e}")))?;
+    if req.ttl_secs.is_some_and(|t| t == 0 || t > MAX_TTL_SECS) {
+        return Err(bad(
+            http::StatusCode::BAD_REQUEST,
+            format!("ttl-secs: from 1 to {MAX_TTL_SECS} (30 days)"),
+        ));
+    }
     let now = app.clock.now();
     // Destinations: the IDs named (each must be known) and every member
     // of the groups named (members never seen start failed in the job).

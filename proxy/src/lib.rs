@@ -345,6 +345,13 @@ pub async fn run(
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(proxy.heartbeat_interval()) => {}
                 }
+                if let Err(e) = proxy
+                    .registry
+                    .forget_seen(Duration::from_secs(30 * 86_400))
+                    .await
+                {
+                    tracing::warn!("forgetting old back-channel IDs: {e}");
+                }
                 let ttl = proxy.heartbeat_interval() * 2;
                 if let Err(e) = proxy.infrastructure(SUB_HEARTBEAT, ttl, 2).await {
                     tracing::warn!("heartbeat: {e}");

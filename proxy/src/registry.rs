@@ -358,4 +358,20 @@ impl Registry {
             })
             .await
     }
+
+    /// Forgets handled back-channel message IDs older than `keep` (longer
+    /// than any expiry the application server gives, so a repeat of a
+    /// forgotten one has expired and is not applied). Returns how many.
+    pub async fn forget_seen(&self, keep: std::time::Duration) -> Result<u64, DbError> {
+        let horizon =
+            Timestamp::now().as_millis() - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+        self.db
+            .write(move |s| {
+                let n = s
+                    .conn
+                    .execute("DELETE FROM received WHERE at < ?1", params![horizon])?;
+                Ok(n as u64)
+            })
+            .await
+    }
 }
