@@ -195,6 +195,7 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
         .collect();
     meta.advice = Some(Advice {
         heartbeat: Some(Duration::from_secs(app.cfg.heartbeat_secs)),
+        poll_hold: Some(rs_common::ingress::MAX_HOLD),
         ..Advice::default()
     });
     let mut w = EnvelopeWriter::new(&meta);

@@ -432,6 +432,10 @@ impl<S: Spool> Sender<S> {
                     {
                         polling = true;
                         next_poll = tokio::time::Instant::now() + MIN_POLL_INTERVAL;
+                        // Never ask for more than the upstream grants.
+                        let hold = advice.poll_hold.map_or(hold, |granted| {
+                            hold.min(granted.max(Duration::from_secs(1)))
+                        });
                         let (enc, _) =
                             self.envelope(&[], now, std::mem::take(&mut acks), Some(hold));
                         let upstream = self.upstream.clone();

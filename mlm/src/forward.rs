@@ -245,6 +245,7 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
     // Pass on the interval the upstream asks for, so settings cannot drift.
     meta.advice = Some(Advice {
         heartbeat: Some(mlm.sender_stats.heartbeat(mlm.cfg.heartbeat())),
+        poll_hold: Some(rs_common::ingress::MAX_HOLD),
         ..Advice::default()
     });
     let mut w = EnvelopeWriter::new(&meta);
