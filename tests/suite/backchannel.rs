@@ -200,6 +200,21 @@ async fn control_actions_reach_a_proxy_and_complete_their_jobs() {
         after.upstream.urls,
         rs_proxy::Config::parse(&before).unwrap().upstream.urls
     );
+    // Until it has restarted, the old process (still draining) answers
+    // with the configuration it runs: wait for the new one, whose
+    // counters start from zero.
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    proxy_metrics(&s)
+                        .await
+                        .is_ok_and(|m| m.get("backchannel.applied") == Some(&0))
+                })
+            })
+        }),
+        "the proxy restarts"
+    );
     let (_, body) = post(
         &a,
         r#"<send><to id="acme.p1"/><control action="getConfig"/></send>"#,
