@@ -336,7 +336,7 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
     };
     let mut figs = vec![
         base(
-            "backchannel_latency_p50_ms",
+            "backchannel_p50_ms",
             "control action from the API call until the proxy applies it, appserver -> MLM -> proxy with long polls held, median".into(),
             percentile(&mut one_way, 0.5),
             "ms",
@@ -345,7 +345,7 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
         Figure {
             target: Some("< 100 ms".into()),
             ..base(
-                "backchannel_latency_p99_ms",
+                "backchannel_p99_ms",
                 "the same, 99th percentile".into(),
                 percentile(&mut one_way, 0.99),
                 "ms",
@@ -382,7 +382,7 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
                 "payload crosses once (crossed {crossings}x)"
             )),
             ..base(
-                &format!("backchannel_group_link_bytes_{k}"),
+                &format!("group_link_bytes_n{k}"),
                 format!(
                     "bytes on the appserver -> MLM link for one ~1 KB configChange to a group of {k} proxies behind the MLM"
                 ),
