@@ -98,6 +98,7 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
     let now = app.clock.now();
     let sender = env.meta.sender.clone();
     let acks = env.meta.acks.clone();
+    let delivered = env.meta.delivered.clone();
     let env_poll = env.meta.poll;
     let pure_poll = env.messages.is_empty();
     let mut responses = Vec::new();
@@ -158,6 +159,11 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
     match app.store.acknowledge(sender.to_string(), acks, now).await {
         Ok(changed) => jobs_changed |= changed,
         Err(e) => tracing::error!("acknowledgements from {sender}: {e}"),
+    }
+    // Deliveries further down, reported by a forwarder.
+    match app.store.delivered(sender.clone(), delivered, now).await {
+        Ok(changed) => jobs_changed |= changed,
+        Err(e) => tracing::error!("delivery notices from {sender}: {e}"),
     }
     // Responses to control actions complete their jobs.
     for (reference, source, outcome, result) in responses {

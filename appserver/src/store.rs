@@ -661,6 +661,48 @@ impl Store {
             .await
     }
 
+    /// Forwarder `from` reports that `(message, destination)` pairs were
+    /// delivered (the destination acknowledged the message): those still
+    /// pending become `delivered`. A notice about a destination not reached
+    /// through `from` is ignored. True when a job changed.
+    pub async fn delivered(
+        &self,
+        from: RsId,
+        list: Vec<(MessageId, RsId)>,
+        now: Timestamp,
+    ) -> Result<bool, DbError> {
+        if list.is_empty() {
+            return Ok(false);
+        }
+        self.db
+            .write(move |s| {
+                let mut changed = false;
+                for (id, dest) in &list {
+                    let via: Option<String> = s
+                        .0
+                        .prepare_cached("SELECT via FROM components WHERE id = ?1")?
+                        .query_row(params![dest.as_str()], |r| r.get(0))
+                        .optional()?;
+                    if !via.is_some_and(|v| v.split_whitespace().any(|h| h == from.as_str())) {
+                        tracing::warn!("{from} reported delivering {id} to {dest}, which it does not reach; ignored");
+                        continue;
+                    }
+                    let n = exec(
+                        &s.0,
+                        "UPDATE job_targets SET state = 'delivered', updated = ?3
+                         WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2 AND state = 'pending'",
+                        params![id.as_str(), dest.as_str(), now.as_millis()],
+                    )?;
+                    if n > 0 {
+                        bump_job(&s.0, id)?;
+                        changed = true;
+                    }
+                }
+                Ok(changed)
+            })
+            .await
+    }
+
     /// A response from `source` to message `reference` completes that
     /// destination of its job (once: a final state stays).
     pub async fn complete(

@@ -464,6 +464,10 @@ pub struct EnvelopeMeta {
     pub poll: Option<Duration>,
     /// Back-channel message IDs the sender has received (and may forget).
     pub acks: Vec<MessageId>,
+    /// Request only: back-channel messages the sender's subtree delivered
+    /// to a final destination (it acknowledged the message), as (message,
+    /// destination). Informational: it moves the job to `delivered`.
+    pub delivered: Vec<(MessageId, RsId)>,
     /// Reply only: the outcome of each message of the request.
     pub outcomes: Vec<(MessageId, Outcome)>,
     /// Reply only.
@@ -477,6 +481,7 @@ impl EnvelopeMeta {
             created,
             poll: None,
             acks: Vec::new(),
+            delivered: Vec::new(),
             outcomes: Vec::new(),
             advice: None,
         }

@@ -219,21 +219,38 @@ impl Outbox {
             .await
     }
 
-    /// `hop` acknowledged `ids`: forget them.
-    pub async fn acknowledge(&self, hop: RsId, ids: Vec<MessageId>) -> Result<(), DbError> {
+    /// `hop` acknowledged `ids`: forget them. Returns those that `hop`
+    /// was itself a final destination of (delivered, to report upstream).
+    pub async fn acknowledge(
+        &self,
+        hop: RsId,
+        ids: Vec<MessageId>,
+    ) -> Result<Vec<(MessageId, RsId)>, DbError> {
         if ids.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let limits = Limits::default();
         self.db
             .write(move |s| {
+                let mut delivered = Vec::new();
                 for id in &ids {
+                    let header: Option<Vec<u8>> =
+                        s.0.prepare_cached("SELECT header FROM outbox WHERE id = ?1 AND hop = ?2")?
+                            .query_row(params![id.as_str(), hop.as_str()], |r| r.get(0))
+                            .optional()?;
+                    let Some(header) = header else { continue };
+                    if decode_header_part(&header, &limits)
+                        .is_ok_and(|(h, _, _)| h.destinations().contains(&hop))
+                    {
+                        delivered.push((id.clone(), hop.clone()));
+                    }
                     exec(
                         &s.0,
                         "DELETE FROM outbox WHERE id = ?1 AND hop = ?2",
                         params![id.as_str(), hop.as_str()],
                     )?;
                 }
-                Ok(())
+                Ok(delivered)
             })
             .await
     }

@@ -318,6 +318,14 @@ pub trait BackChannel: Send + Sync + 'static {
         &self,
         msgs: Vec<crate::codec::RawMessage>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<MessageId>> + Send + '_>>;
+
+    /// What else to put in the next envelope's header: acknowledgements
+    /// gathered elsewhere (an MLM's relayed replies) and delivery notices
+    /// from the subtree. Taken once; lost with a failed POST, which is
+    /// safe (unacknowledged messages come again; notices are informational).
+    fn take_notices(&self) -> (Vec<MessageId>, Vec<(MessageId, RsId)>) {
+        (Vec::new(), Vec::new())
+    }
 }
 
 /// Drains a spool upstream until cancelled.
@@ -597,6 +605,11 @@ impl<S: Spool> Sender<S> {
     ) -> (Encoded, Vec<MessageId>) {
         let mut meta = EnvelopeMeta::new(self.me.clone(), now);
         meta.acks = acks;
+        if let Some(back) = &self.back {
+            let (more, delivered) = back.take_notices();
+            meta.acks.extend(more);
+            meta.delivered = delivered;
+        }
         meta.poll = poll;
         let mut w = EnvelopeWriter::new(&meta);
         let mut ids = Vec::with_capacity(batch.len());

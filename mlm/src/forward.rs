@@ -96,12 +96,23 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
     if let Err(e) = mlm.outbox.learn(sender.clone(), sources, now).await {
         tracing::error!("routes: {e}");
     }
-    if let Err(e) = mlm
+    let delivered = match mlm
         .outbox
         .acknowledge(sender.clone(), env.meta.acks.clone())
         .await
     {
-        tracing::error!("acknowledgements from {sender}: {e}");
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!("acknowledgements from {sender}: {e}");
+            Vec::new()
+        }
+    };
+    // Deliveries here and further down go up with the next POST.
+    if (!delivered.is_empty() || !env.meta.delivered.is_empty())
+        && let Ok(mut up) = mlm.delivered_up.lock()
+    {
+        up.extend(delivered);
+        up.extend(env.meta.delivered.iter().cloned());
     }
     let mut forward: Vec<(usize, RawMessage)> = Vec::new();
     let mut aggregate: Vec<(usize, usize, String, Member)> = Vec::new();
@@ -325,6 +336,23 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
     }
 }
 
+/// Acknowledgements of messages taken down from relayed replies, and
+/// deliveries in the subtree, for the next POST upstream (relayed or the
+/// MLM's own).
+fn take_notices(mlm: &Mlm) -> (Vec<MessageId>, Vec<(MessageId, rs_common::RsId)>) {
+    let acks = mlm
+        .upstream_acks
+        .lock()
+        .map(|mut a| std::mem::take(&mut *a))
+        .unwrap_or_default();
+    let delivered = mlm
+        .delivered_up
+        .lock()
+        .map(|mut d| std::mem::take(&mut *d))
+        .unwrap_or_default();
+    (acks, delivered)
+}
+
 /// The MLM's own sender hands the back-channel it long-polls for here.
 #[derive(Debug)]
 pub struct Downstream(pub std::sync::Arc<Mlm>);
@@ -335,6 +363,10 @@ impl rs_common::upstream::BackChannel for Downstream {
         msgs: Vec<RawMessage>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<MessageId>> + Send + '_>> {
         Box::pin(take_down(&self.0, msgs))
+    }
+
+    fn take_notices(&self) -> (Vec<MessageId>, Vec<(MessageId, rs_common::RsId)>) {
+        take_notices(&self.0)
     }
 }
 
@@ -368,7 +400,11 @@ async fn post(
     batch: &[&RawMessage],
 ) -> Result<rs_common::codec::RawEnvelope, PostError> {
     let sent = mlm.clock.now();
-    let mut w = EnvelopeWriter::new(&EnvelopeMeta::new(mlm.id.clone(), sent));
+    let mut meta = EnvelopeMeta::new(mlm.id.clone(), sent);
+    let (acks, delivered) = take_notices(mlm);
+    meta.acks = acks;
+    meta.delivered = delivered;
+    let mut w = EnvelopeWriter::new(&meta);
     for m in batch {
         let mut m = (*m).clone();
         if let Some(h) = m.header.routing.last_mut() {
@@ -376,7 +412,19 @@ async fn post(
         }
         w.push_raw(&m);
     }
-    let reply = mlm.upstream.post(&w.finish(), None).await?;
+    let reply = match mlm.upstream.post(&w.finish(), None).await {
+        Ok(r) => r,
+        Err(e) => {
+            // Not sent: keep them for the next POST.
+            if let Ok(mut a) = mlm.upstream_acks.lock() {
+                a.extend(meta.acks);
+            }
+            if let Ok(mut d) = mlm.delivered_up.lock() {
+                d.extend(meta.delivered);
+            }
+            return Err(e);
+        }
+    };
     // Back-channel messages for the subtree may ride on any reply.
     if !reply.messages.is_empty() {
         let ids = take_down(mlm, reply.messages.clone()).await;

@@ -57,6 +57,9 @@ pub struct Mlm {
     /// Back-channel messages received on relayed replies, to acknowledge
     /// upstream on the next relayed POST.
     pub upstream_acks: std::sync::Mutex<Vec<rs_common::MessageId>>,
+    /// Deliveries in the subtree (message, final destination) to report
+    /// upstream on the next POST.
+    pub delivered_up: std::sync::Mutex<Vec<(rs_common::MessageId, RsId)>>,
     /// Its own sender's forwarding switched off (`disableForwarding`).
     pub paused: Arc<AtomicBool>,
 }
@@ -98,6 +101,7 @@ impl Mlm {
                 .context("opening the back-channel queue")?,
             outbox_ready: Arc::new(tokio::sync::Notify::new()),
             upstream_acks: std::sync::Mutex::new(Vec::new()),
+            delivered_up: std::sync::Mutex::new(Vec::new()),
             paused: Arc::new(AtomicBool::new(false)),
             cfg,
         }))

@@ -295,6 +295,7 @@ pub fn meta() -> impl Strategy<Value = EnvelopeMeta> {
         timestamp(),
         option::of(0u64..120_000),
         vec(message_id(), 0..5),
+        vec((message_id(), rs_id()), 0..3),
         vec((message_id(), outcome()), 0..5),
         option::of((
             option::of(0u64..1_000_000),
@@ -305,11 +306,12 @@ pub fn meta() -> impl Strategy<Value = EnvelopeMeta> {
         )),
     )
         .prop_map(
-            |(sender, created, poll, acks, outcomes, advice)| EnvelopeMeta {
+            |(sender, created, poll, acks, delivered, outcomes, advice)| EnvelopeMeta {
                 sender,
                 created,
                 poll: poll.map(Duration::from_millis),
                 acks,
+                delivered,
                 outcomes,
                 advice: advice.map(|(h, p, mm, mb, r)| Advice {
                     heartbeat: h.map(Duration::from_millis),

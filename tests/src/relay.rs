@@ -23,6 +23,8 @@ pub struct Link {
     pub cuts: AtomicU64,
     /// (marker, times seen going down).
     counted: Mutex<Vec<(Vec<u8>, u64)>>,
+    /// (marker, times seen going up).
+    counted_up: Mutex<Vec<(Vec<u8>, u64)>>,
     /// Cut the next reply (down) that contains this marker.
     cut_down: Mutex<Option<Vec<u8>>>,
     /// Cut the next request (up) that contains this marker.
@@ -40,6 +42,26 @@ impl Link {
     /// How often `marker` crossed down since [`Link::count`].
     pub fn seen(&self, marker: &str) -> u64 {
         self.counted
+            .lock()
+            .ok()
+            .and_then(|c| {
+                c.iter()
+                    .find(|(m, _)| m == marker.as_bytes())
+                    .map(|(_, n)| *n)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Counts occurrences of `marker` in requests from now on.
+    pub fn count_up(&self, marker: &str) {
+        if let Ok(mut c) = self.counted_up.lock() {
+            c.push((marker.as_bytes().to_vec(), 0));
+        }
+    }
+
+    /// How often `marker` crossed up since [`Link::count_up`].
+    pub fn seen_up(&self, marker: &str) -> u64 {
+        self.counted_up
             .lock()
             .ok()
             .and_then(|c| {
@@ -124,6 +146,11 @@ async fn pipe(client: TcpStream, server: TcpStream, link: Arc<Link>) {
                 if cut {
                     link.cuts.fetch_add(1, Ordering::Relaxed);
                     return;
+                }
+                if let Ok(mut counted) = link.counted_up.lock() {
+                    for (m, k) in counted.iter_mut() {
+                        *k += count_in(&window, m) - count_in(&tail, m);
+                    }
                 }
                 link.up_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 if sw.write_all(chunk).await.is_err() {

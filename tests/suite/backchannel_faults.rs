@@ -133,6 +133,7 @@ async fn a_group_message_crosses_each_link_once_and_reaches_all_fifty_proxies() 
 
     link.count(r#"<control action="getConfig""#);
     link.count(r#"<to id="acme.p"#);
+    link.count_up(r#"<delivered ref=""#);
     let (s, body) = post(
         &a,
         r#"<send><to group="stores"/><control action="getConfig"/></send>"#,
@@ -152,6 +153,8 @@ async fn a_group_message_crosses_each_link_once_and_reaches_all_fifty_proxies() 
     // One copy crossed the appserver -> MLM link, listing the 50.
     assert_eq!(link.seen(r#"<control action="getConfig""#), 1);
     assert_eq!(link.seen(r#"<to id="acme.p"#), N as u64);
+    // The MLM reported each delivery up (each proxy acknowledged its copy).
+    assert!(link.seen_up(r#"<delivered ref=""#) >= N as u64);
 
     // A static member never seen fails in the job; the others succeed.
     let (s, body) = post(
@@ -603,5 +606,85 @@ async fn rsctl_changes_a_groups_configuration_and_subscribers_get_the_job_pushed
     .unwrap();
     assert_eq!(code, 1, "a failed destination fails the watch");
     let _ = err;
+    d.stop_all();
+}
+
+/// POSTs `msgs` to `a` as an envelope from `sender`, with these notices.
+async fn post_envelope(
+    a: &str,
+    sender: &str,
+    msgs: &[rs_common::Message],
+    delivered: Vec<(rs_common::MessageId, rs_common::RsId)>,
+) -> rs_common::codec::RawEnvelope {
+    let mut meta = rs_common::EnvelopeMeta::new(
+        rs_common::RsId::new(sender).unwrap(),
+        rs_common::Timestamp::now(),
+    );
+    meta.delivered = delivered;
+    let mut w = rs_common::codec::EnvelopeWriter::new(&meta);
+    for m in msgs {
+        w.push(m);
+    }
+    let enc = w.finish();
+    let r = reqwest::Client::new()
+        .post(format!("http://{a}/rs/v1/envelope"))
+        .header("content-type", enc.content_type)
+        .body(enc.body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+    rs_common::codec::decode_headers(&ct, r.bytes().await.unwrap(), &Limits::default()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarder_reports_deliveries_only_for_its_own_subtree() {
+    use rs_common::control::{NodeState, StatusNode, status_message};
+    let dir = tmp("delivered");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    // A hand-written MLM acme.m7 relays acme.p7's cold start: the server
+    // learns that acme.p7 is reached through acme.m7.
+    let now = rs_common::Timestamp::now();
+    let p7 = rs_common::RsId::new("acme.p7").unwrap();
+    let tree = StatusNode {
+        id: Some(p7.clone()),
+        ..StatusNode::new("proxy", NodeState::Ok)
+    };
+    let mut m = status_message(
+        p7.clone(),
+        rs_common::control::SUB_COLD_START,
+        &tree,
+        now,
+        Duration::from_secs(600),
+        5,
+    );
+    m.header.routing.push(rs_common::Hop {
+        component: rs_common::RsId::new("acme.m7").unwrap(),
+        received: now,
+        sent: Some(now),
+    });
+    let reply = post_envelope(&a, "acme.m7", &[m], Vec::new()).await;
+    assert_eq!(reply.meta.outcomes[0].1, rs_common::Outcome::Accepted);
+    assert_eq!(routes(&a).await["acme.p7"], ["acme.m7"]);
+
+    let (_, body) = post(
+        &a,
+        r#"<send><to id="acme.p7"/><control action="ping"/></send>"#,
+    )
+    .await;
+    let msg = rs_common::MessageId::new(attr(&body, "message")).unwrap();
+    // Another component cannot claim the delivery...
+    post_envelope(&a, "acme.m8", &[], vec![(msg.clone(), p7.clone())]).await;
+    let j = finish(&a, attr(&body, "id"), 0).await;
+    assert_eq!(j.targets[0].state, "pending");
+    // ...the MLM it is reached through can, and the copy for it rides on
+    // the reply to its POST.
+    let reply = post_envelope(&a, "acme.m7", &[], vec![(msg.clone(), p7.clone())]).await;
+    assert!(reply.messages.iter().any(|m| m.header.id == msg));
+    let j = finish(&a, attr(&body, "id"), 0).await;
+    assert_eq!(j.targets[0].state, "delivered", "{j:?}");
+    assert!(j.version >= 1);
     d.stop_all();
 }

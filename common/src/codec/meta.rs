@@ -32,6 +32,13 @@ pub(crate) fn encode(m: &EnvelopeMeta, buf: &mut Vec<u8>) {
     for a in &m.acks {
         x.open("ack").attr("ref", a.as_str()).empty().newline();
     }
+    for (id, to) in &m.delivered {
+        x.open("delivered")
+            .attr("ref", id.as_str())
+            .attr("to", to.as_str())
+            .empty()
+            .newline();
+    }
     for (id, o) in &m.outcomes {
         x.open("outcome")
             .attr("ref", id.as_str())
@@ -89,19 +96,20 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<EnvelopeMeta, XmlE
         root.req_with("sender", |s| RsId::new(s))?,
         root.req_ts("created")?,
     );
-    // Elements must come in DTD order: poll?, ack*, outcome*, advice?.
+    // Elements must come in DTD order: poll?, ack*, delivered*, outcome*, advice?.
     let mut stage = 0;
     while let Some(tag) = x.child(&root)? {
         let (this_stage, repeatable) = match tag.name {
             "poll" => (1, false),
             "ack" => (2, true),
-            "outcome" => (3, true),
-            "advice" => (4, false),
+            "delivered" => (3, true),
+            "outcome" => (4, true),
+            "advice" => (5, false),
             _ => return Err(root.unexpected_child(&tag)),
         };
         if this_stage < stage || (this_stage == stage && !repeatable) {
             return Err(XmlError::Invalid(format!(
-                "<{}> out of order or repeated in <envelope> (order: poll?, ack*, outcome*, advice?)",
+                "<{}> out of order or repeated in <envelope> (order: poll?, ack*, delivered*, outcome*, advice?)",
                 tag.name
             )));
         }
@@ -116,6 +124,13 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<EnvelopeMeta, XmlE
                 x.end(&tag)?;
             }
             3 => {
+                meta.delivered.push((
+                    tag.req_with("ref", |s| MessageId::new(s))?,
+                    tag.req_with("to", |s| RsId::new(s))?,
+                ));
+                x.end(&tag)?;
+            }
+            4 => {
                 let id = tag.req_with("ref", |s| MessageId::new(s))?;
                 let outcome = outcome(&mut x, &tag)?;
                 meta.outcomes.push((id, outcome));
