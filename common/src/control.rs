@@ -271,3 +271,74 @@ pub fn response_message(
         }),
     })
 }
+
+/// How a destination answers a control action: the outcome, details, and
+/// an optional result.
+pub type Answer = (
+    crate::outcome::Outcome,
+    Vec<Detail>,
+    Option<crate::model::ResultPayload>,
+);
+
+/// Done, nothing to say.
+pub fn answer_ok() -> Answer {
+    (crate::outcome::Outcome::Accepted, Vec::new(), None)
+}
+
+/// Refused with `code` and the reason.
+pub fn answer_refused(code: &'static str, text: impl Into<String>) -> Answer {
+    (
+        crate::outcome::Outcome::rejected(code, text),
+        Vec::new(),
+        None,
+    )
+}
+
+/// Done, with a result document.
+pub fn answer_with(mime: &str, text: String) -> Answer {
+    (
+        crate::outcome::Outcome::Accepted,
+        Vec::new(),
+        Some(crate::model::ResultPayload {
+            mime: mime.into(),
+            text,
+        }),
+    )
+}
+
+/// `getStatus`: the status tree as the result.
+pub fn answer_status(tree: &StatusNode) -> Answer {
+    answer_with(
+        "text/xml",
+        String::from_utf8_lossy(&crate::codec::encode_status(tree)).into_owned(),
+    )
+}
+
+/// `getConfig`: the configuration (TOML) as the result.
+pub fn answer_config<E: std::fmt::Display>(toml: Result<String, E>) -> Answer {
+    match toml {
+        Ok(text) => answer_with("application/toml", text),
+        Err(e) => answer_refused("failed", e.to_string()),
+    }
+}
+
+/// The control action a back-channel message carries, or the outcome that
+/// refuses it (not a control message, or a payload that does not decode).
+pub fn action_of(m: &crate::codec::RawMessage) -> Result<ControlAction, crate::outcome::Outcome> {
+    use crate::model::{Content, Message};
+    let limits = crate::codec::Limits::default();
+    match m.clone().decode(&limits) {
+        Ok(Message {
+            content: Content::Data(d),
+            ..
+        }) if m.header.class.class == CLASS_CONTROL => {
+            crate::codec::decode_control(&d.bytes, &limits).map_err(|e| {
+                crate::outcome::Outcome::rejected("invalid", format!("control payload: {e}"))
+            })
+        }
+        _ => Err(crate::outcome::Outcome::rejected(
+            "unsupported",
+            "only control actions are carried out here",
+        )),
+    }
+}

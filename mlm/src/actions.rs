@@ -5,10 +5,11 @@
 
 use std::sync::atomic::Ordering;
 
-use rs_common::Outcome;
-use rs_common::codec::{Limits, RawMessage, decode_control, encode_status};
-use rs_common::control::{CLASS_CONTROL, ControlAction, response_message};
-use rs_common::model::{Content, Detail, Message, ResultPayload};
+use rs_common::codec::RawMessage;
+use rs_common::control::{
+    Answer, ControlAction, action_of, answer_config, answer_ok, answer_refused, answer_status,
+    response_message,
+};
 use rs_common::spool::Spool as _;
 
 use crate::Mlm;
@@ -53,69 +54,25 @@ pub async fn apply_own(mlm: &Mlm, m: &RawMessage) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-type Answer = (Outcome, Vec<Detail>, Option<ResultPayload>);
-
 async fn answer(mlm: &Mlm, m: &RawMessage) -> Answer {
-    let limits = Limits::default();
-    let action = match m.clone().decode(&limits) {
-        Ok(Message {
-            content: Content::Data(d),
-            ..
-        }) if m.header.class.class == CLASS_CONTROL => match decode_control(&d.bytes, &limits) {
-            Ok(a) => a,
-            Err(e) => {
-                return (
-                    Outcome::rejected("invalid", format!("control payload: {e}")),
-                    vec![],
-                    None,
-                );
-            }
-        },
-        _ => {
-            return (
-                Outcome::rejected("unsupported", "an MLM handles control actions only"),
-                vec![],
-                None,
-            );
-        }
+    let action = match action_of(m) {
+        Ok(a) => a,
+        Err(refused) => return (refused, Vec::new(), None),
     };
-    let ok = (Outcome::Accepted, vec![], None);
     match &action {
-        ControlAction::Ping => ok,
-        ControlAction::GetStatus => (
-            Outcome::Accepted,
-            vec![],
-            Some(ResultPayload {
-                mime: "text/xml".into(),
-                text: String::from_utf8_lossy(&encode_status(&mlm.status_tree().await))
-                    .into_owned(),
-            }),
-        ),
-        ControlAction::GetConfig => match toml::to_string(&mlm.cfg) {
-            Ok(text) => (
-                Outcome::Accepted,
-                vec![],
-                Some(ResultPayload {
-                    mime: "application/toml".into(),
-                    text,
-                }),
-            ),
-            Err(e) => (Outcome::rejected("failed", e.to_string()), vec![], None),
-        },
+        ControlAction::Ping => answer_ok(),
+        ControlAction::GetStatus => answer_status(&mlm.status_tree().await),
+        ControlAction::GetConfig => answer_config(toml::to_string(&mlm.cfg)),
         ControlAction::EnableForwarding | ControlAction::DisableForwarding => {
             // Its own sender only: what it relays synchronously is the
             // sending proxies' business.
             let off = matches!(action, ControlAction::DisableForwarding);
             mlm.paused.store(off, Ordering::Relaxed);
-            ok
+            answer_ok()
         }
-        other => (
-            Outcome::rejected(
-                "unsupported",
-                format!("{} is not an action an MLM carries out", other.name()),
-            ),
-            vec![],
-            None,
+        other => answer_refused(
+            "unsupported",
+            format!("{} is not an action an MLM carries out", other.name()),
         ),
     }
 }

@@ -7,8 +7,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rs_common::codec::{Limits, RawMessage, decode_control, encode_status};
-use rs_common::control::{CLASS_CONTROL, ControlAction, response_message};
+use rs_common::codec::RawMessage;
+use rs_common::control::{
+    Answer, ControlAction, action_of, answer_config, answer_ok, answer_refused, answer_status,
+    response_message,
+};
 use rs_common::model::*;
 use rs_common::upstream::BackChannel;
 use rs_common::{MessageId, Outcome};
@@ -97,56 +100,17 @@ impl Actions {
         p.registry.mark_seen(id).await.map_err(|e| e.to_string())
     }
 
-    async fn apply(&self, m: &RawMessage) -> (Outcome, Vec<Detail>, Option<ResultPayload>) {
+    async fn apply(&self, m: &RawMessage) -> Answer {
         let p = &self.proxy;
-        let action = match (&m.header.class.class, m.clone().decode(&Limits::default())) {
-            (
-                class,
-                Ok(Message {
-                    content: Content::Data(d),
-                    ..
-                }),
-            ) if class == CLASS_CONTROL => match decode_control(&d.bytes, &Limits::default()) {
-                Ok(a) => a,
-                Err(e) => {
-                    return (
-                        Outcome::rejected("invalid", format!("control payload: {e}")),
-                        vec![],
-                        None,
-                    );
-                }
-            },
-            _ => {
-                return (
-                    Outcome::rejected("unsupported", "this proxy handles control actions only"),
-                    vec![],
-                    None,
-                );
-            }
+        let action = match action_of(m) {
+            Ok(a) => a,
+            Err(refused) => return (refused, Vec::new(), None),
         };
-        let ok = (Outcome::Accepted, vec![], None);
+        let ok = answer_ok();
         match &action {
             ControlAction::Ping => ok,
-            ControlAction::GetStatus => (
-                Outcome::Accepted,
-                vec![],
-                Some(ResultPayload {
-                    mime: "text/xml".into(),
-                    text: String::from_utf8_lossy(&encode_status(&p.status_tree().await))
-                        .into_owned(),
-                }),
-            ),
-            ControlAction::GetConfig => match toml::to_string(&p.cfg) {
-                Ok(text) => (
-                    Outcome::Accepted,
-                    vec![],
-                    Some(ResultPayload {
-                        mime: "application/toml".into(),
-                        text,
-                    }),
-                ),
-                Err(e) => (Outcome::rejected("failed", e.to_string()), vec![], None),
-            },
+            ControlAction::GetStatus => answer_status(&p.status_tree().await),
+            ControlAction::GetConfig => answer_config(toml::to_string(&p.cfg)),
             ControlAction::EnableForwarding | ControlAction::DisableForwarding => {
                 let off = matches!(action, ControlAction::DisableForwarding);
                 p.paused.store(off, Ordering::Relaxed);
@@ -156,26 +120,19 @@ impl Actions {
                 let on = matches!(action, ControlAction::EnableInstance(_));
                 match p.registry.set_enabled(t.clone(), on).await {
                     Ok(true) => ok,
-                    Ok(false) => (
-                        Outcome::rejected(
-                            "unknown-destination",
-                            format!("no support instance {t}"),
-                        ),
-                        vec![],
-                        None,
-                    ),
-                    Err(e) => (Outcome::rejected("failed", e.to_string()), vec![], None),
+                    Ok(false) => {
+                        answer_refused("unknown-destination", format!("no support instance {t}"))
+                    }
+                    Err(e) => answer_refused("failed", e.to_string()),
                 }
             }
             ControlAction::DeregisterIntegrator(t) => {
                 match p.registry.deregister_integrator(t.clone()).await {
                     Ok(true) => ok,
-                    Ok(false) => (
-                        Outcome::rejected("unknown-destination", format!("no integrator {t}")),
-                        vec![],
-                        None,
-                    ),
-                    Err(e) => (Outcome::rejected("failed", e.to_string()), vec![], None),
+                    Ok(false) => {
+                        answer_refused("unknown-destination", format!("no integrator {t}"))
+                    }
+                    Err(e) => answer_refused("failed", e.to_string()),
                 }
             }
             ControlAction::ConfigChange { config } => match self.change_config(config) {
@@ -194,16 +151,12 @@ impl Actions {
                 self.stop_after_batch.store(true, Ordering::Relaxed);
                 ok
             }
-            ControlAction::SoftwareUpdate { .. } => (
-                Outcome::rejected(
-                    "unsupported",
-                    format!(
-                        "{} is not supported by this version of rs-proxy yet",
-                        action.name()
-                    ),
+            ControlAction::SoftwareUpdate { .. } => answer_refused(
+                "unsupported",
+                format!(
+                    "{} is not supported by this version of rs-proxy yet",
+                    action.name()
                 ),
-                vec![],
-                None,
             ),
         }
     }

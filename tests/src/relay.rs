@@ -115,94 +115,91 @@ pub async fn start(target: String) -> std::io::Result<(String, Arc<Link>)> {
     Ok((addr, link))
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// Client to server: requests.
+    Up,
+    /// Server to client: replies.
+    Down,
+}
+
+impl Link {
+    fn cut(&self, way: Way) -> &Mutex<Option<Vec<u8>>> {
+        match way {
+            Way::Up => &self.cut_up,
+            Way::Down => &self.cut_down,
+        }
+    }
+
+    fn counters(&self, way: Way) -> &Mutex<Vec<(Vec<u8>, u64)>> {
+        match way {
+            Way::Up => &self.counted_up,
+            Way::Down => &self.counted,
+        }
+    }
+
+    fn bytes(&self, way: Way) -> &AtomicU64 {
+        match way {
+            Way::Up => &self.up_bytes,
+            Way::Down => &self.down_bytes,
+        }
+    }
+}
+
+/// Copies one direction: counts, and cuts when an armed marker passes.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    link: Arc<Link>,
+    way: Way,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    // The end of the previous chunk, so a marker split across two reads is
+    // still found.
+    let mut tail: Vec<u8> = Vec::new();
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        let mut window = tail.clone();
+        window.extend_from_slice(chunk);
+        let cut = {
+            let mut c = link.cut(way).lock().unwrap_or_else(|e| e.into_inner());
+            match c.as_ref() {
+                Some(m) if contains(&window, m) => {
+                    *c = None;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if cut {
+            link.cuts.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Ok(mut counted) = link.counters(way).lock() {
+            for (m, k) in counted.iter_mut() {
+                // Occurrences that end in this chunk.
+                *k += count_in(&window, m) - count_in(&tail, m);
+            }
+        }
+        link.bytes(way).fetch_add(n as u64, Ordering::Relaxed);
+        if to.write_all(chunk).await.is_err() {
+            return;
+        }
+        tail = window[window.len().saturating_sub(256)..].to_vec();
+    }
+}
+
 async fn pipe(client: TcpStream, server: TcpStream, link: Arc<Link>) {
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
-    let up = {
-        let link = link.clone();
-        async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            // The end of the previous chunk, so a marker split across two
-            // reads is still found.
-            let mut tail: Vec<u8> = Vec::new();
-            loop {
-                let n = match cr.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let chunk = &buf[..n];
-                let mut window = tail.clone();
-                window.extend_from_slice(chunk);
-                let cut = {
-                    let mut c = link.cut_up.lock().unwrap_or_else(|e| e.into_inner());
-                    match c.as_ref() {
-                        Some(m) if contains(&window, m) => {
-                            *c = None;
-                            true
-                        }
-                        _ => false,
-                    }
-                };
-                if cut {
-                    link.cuts.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                if let Ok(mut counted) = link.counted_up.lock() {
-                    for (m, k) in counted.iter_mut() {
-                        *k += count_in(&window, m) - count_in(&tail, m);
-                    }
-                }
-                link.up_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                if sw.write_all(chunk).await.is_err() {
-                    return;
-                }
-                tail = window[window.len().saturating_sub(256)..].to_vec();
-            }
-        }
-    };
-    let down = async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut tail: Vec<u8> = Vec::new();
-        loop {
-            let n = match sr.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let chunk = &buf[..n];
-            let mut window = tail.clone();
-            window.extend_from_slice(chunk);
-            let cut = {
-                let mut c = link.cut_down.lock().unwrap_or_else(|e| e.into_inner());
-                match c.as_ref() {
-                    Some(m) if contains(&window, m) => {
-                        *c = None;
-                        true
-                    }
-                    _ => false,
-                }
-            };
-            if cut {
-                link.cuts.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            if let Ok(mut counted) = link.counted.lock() {
-                for (m, k) in counted.iter_mut() {
-                    // Occurrences that end in this chunk.
-                    let before = count_in(&tail, m);
-                    *k += count_in(&window, m) - before;
-                }
-            }
-            link.down_bytes.fetch_add(n as u64, Ordering::Relaxed);
-            if cw.write_all(chunk).await.is_err() {
-                return;
-            }
-            tail = window[window.len().saturating_sub(256)..].to_vec();
-        }
-    };
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
     // Either side ending (or a cut) ends the connection both ways.
     tokio::select! {
-        () = up => {}
-        () = down => {}
+        () = pump(cr, sw, link.clone(), Way::Up) => {}
+        () = pump(sr, cw, link, Way::Down) => {}
     }
 }
 
