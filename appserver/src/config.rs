@@ -30,6 +30,10 @@ pub struct Config {
     pub body_timeout_secs: u64,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// What may come in when (docs/configuration.md, Throttle). Replaced at
+    /// run time through the control API (kept in appserver.db).
+    #[serde(default)]
+    pub throttle: rs_common::throttle::ThrottleConfig,
     /// Seconds after which a back-channel message handed to a next hop
     /// that has not acknowledged it is offered again (its reply may have
     /// been lost).

@@ -108,6 +108,29 @@ pub fn routes(
                 async move { delete_group(&app, name).await }
             })
     };
+    let throttle_get = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "throttle")
+            .and(warp::get())
+            .map(move || {
+                let cfg = app
+                    .throttle_cfg
+                    .read()
+                    .map(|c| c.clone())
+                    .unwrap_or_default();
+                xml_response(rs_common::throttle::encode_throttle(&cfg))
+            })
+    };
+    let throttle_put = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "throttle")
+            .and(warp::put())
+            .and(small_body())
+            .and_then(move |body: bytes::Bytes| {
+                let app = app.clone();
+                async move { put_throttle(&app, &body).await }
+            })
+    };
     let tags = warp::path!("rs" / "v1" / "control" / "components" / String / "tags")
         .and(warp::put())
         .and(small_body())
@@ -134,6 +157,29 @@ pub fn routes(
         .unify()
         .or(tags)
         .unify()
+        .or(throttle_get)
+        .unify()
+        .or(throttle_put)
+        .unify()
+}
+
+/// `PUT /rs/v1/control/throttle`: replaces this server's throttle, checked
+/// first (a bad document changes nothing), kept across restarts.
+async fn put_throttle(
+    app: &AppServer,
+    body: &[u8],
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let bad = |t: String| refuse(http::StatusCode::BAD_REQUEST, t);
+    let cfg = rs_common::throttle::decode_throttle(body, &rs_common::codec::Limits::default())
+        .map_err(|e| bad(format!("throttle: {e}")))?;
+    rs_common::throttle::Throttle::new(&cfg, app.clock.clone(), None, None).map_err(bad)?;
+    let doc = rs_common::throttle::encode_throttle(&cfg);
+    app.store
+        .set_setting("throttle", doc.clone())
+        .await
+        .map_err(unavailable)?;
+    app.set_throttle(cfg).map_err(unavailable)?;
+    Ok(xml_response(doc))
 }
 
 /// A request body of at most 1 MiB.
@@ -161,7 +207,10 @@ pub async fn status_tree(app: &AppServer) -> StatusNode {
         ("messages.rejected", s.rejected.load(Ordering::Relaxed)),
         ("messages.expired", s.expired.load(Ordering::Relaxed)),
         ("messages.retried", s.retried.load(Ordering::Relaxed)),
+        ("messages.throttled", s.throttled.load(Ordering::Relaxed)),
     ];
+    let throttle = app.current_throttle().metrics();
+    metrics.extend(throttle.iter().map(|(k, v)| (k.as_str(), *v)));
     let state = match app.store.stats().await {
         Ok(st) => {
             metrics.push(("store.messages", st.messages));

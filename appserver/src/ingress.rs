@@ -25,6 +25,8 @@ pub struct Stats {
     pub rejected: AtomicU64,
     pub expired: AtomicU64,
     pub retried: AtomicU64,
+    /// Of the retried: held back by the throttle.
+    pub throttled: AtomicU64,
 }
 
 pub fn route(
@@ -110,9 +112,31 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; ids.len()];
     let mut batch = Vec::new();
     let mut slots = Vec::new();
+    let throttle = app.current_throttle();
     for (i, m) in env.messages.into_iter().enumerate() {
         match examine(app, m, now) {
             Ok(inc) => {
+                if !throttle.is_empty()
+                    && let Some(src) = inc.msg.header.source()
+                {
+                    let subject = rs_common::throttle::Subject {
+                        component: &src.component,
+                        class: &inc.msg.header.class.class,
+                        kind: inc.msg.kind,
+                        bytes: inc.msg.content.len() as u64 + 512,
+                        precedence: src.qos.precedence,
+                        severity: inc.severity,
+                    };
+                    if let rs_common::throttle::Decision::Wait { after, why } =
+                        throttle.check(&subject)
+                    {
+                        // The sender keeps it and comes back then.
+                        app.stats.retried.fetch_add(1, Ordering::Relaxed);
+                        app.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                        outcomes[i] = Some(Outcome::retry(after, "throttled", why));
+                        continue;
+                    }
+                }
                 if let Some(r) = &inc.response {
                     responses.push(r.clone());
                 }

@@ -38,17 +38,49 @@ pub struct AppServer {
     pub stopping: CancellationToken,
     /// Bumped whenever a job changes (watchers of jobs wait on it).
     pub jobs_changed: tokio::sync::watch::Sender<u64>,
+    /// What may come in now; replaced whole through the control API.
+    pub throttle: std::sync::RwLock<Arc<rs_common::throttle::Throttle>>,
+    /// Its configuration, as the API shows it.
+    pub throttle_cfg: std::sync::RwLock<rs_common::throttle::ThrottleConfig>,
 }
 
 impl AppServer {
+    /// The throttle in force.
+    pub fn current_throttle(&self) -> Arc<rs_common::throttle::Throttle> {
+        self.throttle
+            .read()
+            .map(|t| t.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Replaces the throttle (usage counters carry over: they live in
+    /// throttle.db by rule name and key).
+    pub fn set_throttle(&self, cfg: rs_common::throttle::ThrottleConfig) -> Result<(), String> {
+        let old = self.current_throttle();
+        old.flush()?;
+        let t = rs_common::throttle::open(&cfg, self.clock.clone(), &self.cfg.data_dir)?;
+        if let Ok(mut w) = self.throttle.write() {
+            *w = Arc::new(t);
+        }
+        if let Ok(mut w) = self.throttle_cfg.write() {
+            *w = cfg;
+        }
+        Ok(())
+    }
+
     /// Opens the store.
     pub fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
         let id = cfg.rs_id().map_err(anyhow::Error::msg)?;
         let store = store::Store::open(&cfg.data_dir.join("appserver.db"))?;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let throttle = rs_common::throttle::open(&cfg.throttle, clock.clone(), &cfg.data_dir)
+            .map_err(anyhow::Error::msg)?;
         Ok(Arc::new(AppServer {
             id,
             store,
-            clock: Arc::new(SystemClock),
+            clock,
+            throttle: std::sync::RwLock::new(Arc::new(throttle)),
+            throttle_cfg: std::sync::RwLock::new(cfg.throttle.clone()),
             stats: ingress::Stats::default(),
             started: rs_common::Timestamp::now(),
             outbox_ready: Arc::new(tokio::sync::Notify::new()),
@@ -86,6 +118,19 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let app = AppServer::open(cfg)?;
+    // A throttle set at run time outlives restarts.
+    if let Some(doc) = app.store.setting("throttle").await? {
+        match rs_common::throttle::decode_throttle(&doc, &rs_common::codec::Limits::default()) {
+            Ok(t) => {
+                if let Err(e) = app.set_throttle(t) {
+                    tracing::error!(
+                        "the stored throttle is not valid any more ({e}); using the configured one"
+                    );
+                }
+            }
+            Err(e) => tracing::error!("the stored throttle does not decode: {e}"),
+        }
+    }
     tracing::info!(
         "rs-appserver {} listening on {}",
         app.id,
@@ -116,6 +161,27 @@ pub async fn run(
         });
     }
     let expire = tokio::spawn(jobs::expire(app.clone(), shutdown.clone()));
+    let flush = {
+        let app = app.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let done = tokio::select! {
+                    () = stop.cancelled() => true,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => false,
+                };
+                let t = app.current_throttle();
+                match tokio::task::spawn_blocking(move || t.flush()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!("throttle usage: {e}"),
+                    Err(e) => tracing::error!("throttle usage: {e}"),
+                }
+                if done {
+                    return;
+                }
+            }
+        })
+    };
     let push = tokio::spawn(jobs::push(app.clone(), shutdown.clone()));
     tokio::spawn(rs_common::ingress::reoffer_ticker(
         app.outbox_ready.clone(),
@@ -125,6 +191,7 @@ pub async fn run(
     serve_tcp(listener, app.routes(), ServeConfig::default(), shutdown).await;
     let _ = purge.await;
     let _ = expire.await;
+    let _ = flush.await;
     let _ = push.await;
     tracing::info!("rs-appserver stopped");
     Ok(())

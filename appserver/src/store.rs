@@ -97,6 +97,10 @@ CREATE TABLE IF NOT EXISTS job_targets (
     result  TEXT,
     PRIMARY KEY (job, dest)
 );
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT    PRIMARY KEY,
     value INTEGER NOT NULL
@@ -806,6 +810,35 @@ impl Store {
                     params![now.as_millis()],
                 )?;
                 Ok(n > 0)
+            })
+            .await
+    }
+
+    /// A setting changed at run time (the throttle document), if any.
+    pub async fn setting(&self, name: &'static str) -> Result<Option<Vec<u8>>, DbError> {
+        self.db
+            .read(move |s| {
+                Ok(s.0
+                    .query_row(
+                        "SELECT value FROM settings WHERE name = ?1",
+                        params![name],
+                        |r| r.get(0),
+                    )
+                    .optional()?)
+            })
+            .await
+    }
+
+    pub async fn set_setting(&self, name: &'static str, value: Vec<u8>) -> Result<(), DbError> {
+        self.db
+            .write(move |s| {
+                exec(
+                    &s.0,
+                    "INSERT INTO settings (name, value) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET value = ?2",
+                    params![name, value],
+                )?;
+                Ok(())
             })
             .await
     }

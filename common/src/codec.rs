@@ -17,7 +17,7 @@ mod control;
 mod header;
 mod meta;
 mod mime;
-mod xml;
+pub(crate) mod xml;
 
 use std::fmt;
 

@@ -35,6 +35,8 @@ pub mod server;
 #[cfg(feature = "runtime")]
 pub mod spool;
 #[cfg(feature = "runtime")]
+pub mod throttle;
+#[cfg(feature = "runtime")]
 pub mod upstream;
 
 /// Cancels `token` on SIGTERM or SIGINT (Ctrl-C).

@@ -81,6 +81,9 @@ pub enum Settle {
     Expired,
     /// Put back unchanged (the attempt never reached the next hop).
     Release,
+    /// Held back by the throttle: keep it, unchanged but for the time of
+    /// the next attempt (not counted as an attempt).
+    Defer { at: Timestamp },
 }
 
 /// A message removed without delivery, and why.

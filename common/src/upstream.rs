@@ -286,6 +286,8 @@ pub struct SenderStats {
     pub retried: AtomicU64,
     pub rejected: AtomicU64,
     pub expired: AtomicU64,
+    /// Messages the throttle held back in the spool (each time).
+    pub throttled: AtomicU64,
     pub connected: AtomicBool,
     pub last_error: Mutex<Option<String>>,
     /// Heartbeat interval advised by the next hop, in ms (0: none yet).
@@ -339,6 +341,8 @@ pub struct Sender<S: Spool> {
     pub stats: Arc<SenderStats>,
     /// Forwarding switched off (`disableForwarding`): keep spooling.
     pub paused: Arc<AtomicBool>,
+    /// What may go now; what it holds back waits in the spool.
+    pub throttle: Option<Arc<crate::throttle::Throttle>>,
     /// Where back-channel messages go; `None` ignores them.
     pub back: Option<Arc<dyn BackChannel>>,
     /// When idle, keep a long poll open, asking the upstream to hold the
@@ -423,7 +427,7 @@ impl<S: Spool> Sender<S> {
                     .dequeue(max_messages, max_bytes, now, paused)
                     .await
                 {
-                    Ok(b) => b,
+                    Ok(b) => self.throttled(b, now).await,
                     Err(e) => {
                         tracing::error!("spool dequeue: {e}");
                         resume_at = tokio::time::Instant::now() + Duration::from_secs(1);
@@ -594,6 +598,37 @@ impl<S: Spool> Sender<S> {
             () = self.wake.notified() => {}
             () = tokio::time::sleep(d) => {}
         }
+    }
+
+    /// Keeps what the throttle admits (in the spool's order: precedence,
+    /// then age, so higher precedence takes the capacity first); defers
+    /// the rest in the spool until the throttle says.
+    async fn throttled(&self, batch: Vec<Spooled>, now: Timestamp) -> Vec<Spooled> {
+        let Some(t) = self.throttle.as_ref().filter(|t| !t.is_empty()) else {
+            return batch;
+        };
+        let mut keep = Vec::with_capacity(batch.len());
+        let mut defer = Vec::new();
+        for s in batch {
+            match t.check_raw(&s.msg) {
+                crate::throttle::Decision::Admit => keep.push(s),
+                crate::throttle::Decision::Wait { after, .. } => {
+                    self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    defer.push((
+                        s.msg.header.id.clone(),
+                        Settle::Defer {
+                            at: now.saturating_add(after),
+                        },
+                    ));
+                }
+            }
+        }
+        if !defer.is_empty()
+            && let Err(e) = self.spool.settle(defer, now).await
+        {
+            tracing::error!("spool settle: {e}");
+        }
+        keep
     }
 
     fn envelope(

@@ -49,6 +49,9 @@ pub struct Config {
     /// Drop a message that repeats one seen within a window.
     #[serde(default)]
     pub drop_repeats: Vec<RepeatRule>,
+    /// What may come in when (docs/configuration.md, Throttle).
+    #[serde(default)]
+    pub throttle: rs_common::throttle::ThrottleConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -171,6 +174,12 @@ impl Config {
         }
         // Build the modules once to report rule errors at load time.
         crate::modules::build(&c)?;
+        rs_common::throttle::Throttle::new(
+            &c.throttle,
+            std::sync::Arc::new(rs_common::upstream::SystemClock),
+            None,
+            None,
+        )?;
         Ok(c)
     }
 

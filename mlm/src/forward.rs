@@ -36,22 +36,6 @@ pub struct Stats {
     pub back_expired: AtomicU64,
 }
 
-/// Decides whether a message may go on now (the throttle issue fills this
-/// in); `Err` is how long the sender should wait.
-pub trait Throttle: Send + Sync + std::fmt::Debug {
-    fn admit(&self, m: &RawMessage, now: Timestamp) -> Result<(), Duration>;
-}
-
-/// No limits.
-#[derive(Debug, Default)]
-pub struct Unlimited;
-
-impl Throttle for Unlimited {
-    fn admit(&self, _m: &RawMessage, _now: Timestamp) -> Result<(), Duration> {
-        Ok(())
-    }
-}
-
 pub fn route(
     mlm: Arc<Mlm>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
@@ -183,13 +167,12 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
             }
             Verdict::Pass => {
                 let mut raw = view.into_raw();
-                if let Err(after) = mlm.throttle.admit(&raw, now) {
+                if let rs_common::throttle::Decision::Wait { after, why } =
+                    mlm.throttle.check_raw(&raw)
+                {
+                    // The sender keeps custody and comes back then.
                     bump(&st.throttled);
-                    outcomes[i] = Some(Outcome::retry(
-                        after,
-                        "throttled",
-                        "held back by this MLM's throttle",
-                    ));
+                    outcomes[i] = Some(Outcome::retry(after, "throttled", why));
                     continue;
                 }
                 raw.header.routing.push(Hop {

@@ -43,7 +43,8 @@ pub struct Mlm {
     pub aggregation: aggregate::AggregationQueue,
     pub spool: SqliteSpool,
     pub upstream: Arc<Upstream>,
-    pub throttle: Box<dyn forward::Throttle>,
+    /// What may come in now (forwarding and custody alike).
+    pub throttle: Arc<rs_common::throttle::Throttle>,
     pub stats: forward::Stats,
     pub sender_stats: Arc<SenderStats>,
     pub clock: Arc<dyn Clock>,
@@ -75,6 +76,10 @@ impl Mlm {
         // message ID already accepted within the spool's age window.
         spool_cfg.dedupe_window = Some(spool_cfg.max_age);
         let spool = SqliteSpool::open(spool_cfg).context("opening the spool")?;
+        let throttle = Arc::new(
+            rs_common::throttle::open(&cfg.throttle, Arc::new(SystemClock), &cfg.data_dir)
+                .map_err(anyhow::Error::msg)?,
+        );
         let aggregation = aggregate::AggregationQueue::open(&cfg.data_dir.join("mlm.db"))
             .context("opening the aggregation queue")?;
         let upstream = Arc::new(
@@ -91,7 +96,7 @@ impl Mlm {
             aggregation,
             spool,
             upstream,
-            throttle: Box::new(forward::Unlimited),
+            throttle,
             stats: forward::Stats::default(),
             sender_stats: Arc::new(SenderStats::default()),
             clock: Arc::new(SystemClock),
@@ -143,6 +148,9 @@ impl Mlm {
         if let Ok(n) = self.aggregation.pending().await {
             metrics.push(("aggregation.pending", n));
         }
+        let throttle = self.throttle.metrics();
+        let throttle: Vec<(&str, u64)> = throttle.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        metrics.extend(throttle);
         if let Ok(n) = self.outbox.pending().await {
             metrics.push(("backchannel.pending", n));
         }
@@ -249,11 +257,17 @@ pub async fn run(
         wake: mlm.spool.notified(),
         stats: mlm.sender_stats.clone(),
         paused: mlm.paused.clone(),
+        // What it sends was admitted when it came in.
+        throttle: None,
         back: Some(Arc::new(forward::Downstream(mlm.clone()))),
         // Long-poll upstream on behalf of the whole subtree.
         poll: Some(Duration::from_secs(25)),
     };
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
+    let flush = tokio::spawn(rs_common::throttle::flush_loop(
+        mlm.throttle.clone(),
+        sender_stop.clone(),
+    ));
     tokio::spawn(rs_common::ingress::reoffer_ticker(
         mlm.outbox_ready.clone(),
         mlm.cfg.offer_again(),
@@ -331,6 +345,7 @@ pub async fn run(
     }
     sender_stop.cancel();
     let _ = sender_task.await;
+    let _ = flush.await;
     tracing::info!("rs-mlm stopped");
     Ok(())
 }

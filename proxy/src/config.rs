@@ -27,6 +27,9 @@ pub struct Config {
     /// Heartbeat interval until the upstream advises one.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
+    /// What may be sent when (docs/configuration.md, Throttle).
+    #[serde(default)]
+    pub throttle: rs_common::throttle::ThrottleConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -120,6 +123,13 @@ impl Config {
                 "api_listen {a}: the integrator API is served on loopback addresses only"
             ));
         }
+        // Compiling checks every rule (zones, windows, rates).
+        rs_common::throttle::Throttle::new(
+            &c.throttle,
+            std::sync::Arc::new(rs_common::upstream::SystemClock),
+            None,
+            None,
+        )?;
         if c.upstream.max_messages == 0 || c.heartbeat_secs == 0 {
             return Err("upstream.max_messages and heartbeat_secs must be at least 1".into());
         }

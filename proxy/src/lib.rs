@@ -54,6 +54,7 @@ pub struct Proxy {
     /// after they were applied (dropped as duplicates), since start.
     pub actions_applied: std::sync::atomic::AtomicU64,
     pub actions_duplicate: std::sync::atomic::AtomicU64,
+    pub throttle: Arc<rs_common::throttle::Throttle>,
 }
 
 /// Starts this program over in this process, with the same arguments
@@ -104,13 +105,19 @@ impl Proxy {
         let spool = SqliteSpool::open(spool_cfg).context("opening the spool")?;
         let registry = registry::Registry::open(&cfg.data_dir.join("proxy.db"), id.clone())
             .context("opening the registry")?;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let throttle = Arc::new(
+            rs_common::throttle::open(&cfg.throttle, clock.clone(), &cfg.data_dir)
+                .map_err(anyhow::Error::msg)?,
+        );
         Ok(Arc::new(Proxy {
             id,
             spool,
             registry,
             sender_stats: Arc::new(SenderStats::default()),
             paused: Arc::new(AtomicBool::new(false)),
-            clock: Arc::new(SystemClock),
+            clock,
+            throttle,
             started: rs_common::Timestamp::now(),
             config_path,
             stop,
@@ -205,6 +212,16 @@ impl Proxy {
             "backchannel.duplicates",
             self.actions_duplicate.load(Ordering::Relaxed).to_string(),
         ));
+        metrics.push(Detail::new(
+            "throttle.held",
+            self.sender_stats
+                .throttled
+                .load(Ordering::Relaxed)
+                .to_string(),
+        ));
+        for (k, v) in self.throttle.metrics() {
+            metrics.push(Detail::new(k, v.to_string()));
+        }
         if self.paused.load(Ordering::Relaxed) {
             metrics.push(Detail::new("forwarding", "disabled"));
         }
@@ -311,11 +328,16 @@ pub async fn run(
         wake: proxy.spool.notified(),
         stats: proxy.sender_stats.clone(),
         paused: proxy.paused.clone(),
+        throttle: Some(proxy.throttle.clone()),
         back: Some(Arc::new(back_channel::Actions::new(proxy.clone()))),
         poll: (proxy.cfg.upstream.poll_hold_secs > 0)
             .then(|| Duration::from_secs(proxy.cfg.upstream.poll_hold_secs)),
     };
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
+    let flush = tokio::spawn(rs_common::throttle::flush_loop(
+        proxy.throttle.clone(),
+        sender_stop.clone(),
+    ));
 
     let _ = std::fs::remove_file(&proxy.cfg.socket);
     if let Some(dir) = proxy.cfg.socket.parent() {
@@ -404,6 +426,7 @@ pub async fn run(
     }
     sender_stop.cancel();
     let _ = sender_task.await;
+    let _ = flush.await;
     if proxy.restart.load(Ordering::Relaxed) {
         tracing::info!("rs-proxy stopped; starting again with the new configuration");
         Ok(Exit::Restart)

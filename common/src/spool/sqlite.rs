@@ -448,6 +448,14 @@ impl Worker {
             let size = u64::try_from(size).unwrap_or(0);
             match s {
                 Settle::Release => {}
+                Settle::Defer { at } => {
+                    exec(
+                        &self.conn,
+                        "UPDATE spool SET next_attempt = ?2 WHERE id = ?1",
+                        params![id.as_str(), ms(at)],
+                    )
+                    .map_err(db)?;
+                }
                 Settle::Retry { at } => {
                     exec(
                         &self.conn,
