@@ -57,6 +57,135 @@ enum Cmd {
     /// Jobs: one control action and its destinations.
     #[command(subcommand)]
     Jobs(JobCmd),
+    /// Throttle rules: the server's own, or pushed to components.
+    #[command(subcommand)]
+    Throttle(ThrottleCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ThrottleCmd {
+    /// The server's throttle rules.
+    Show,
+    /// Add or replace a rule. Without --to/--group: the server's (other
+    /// rules kept). With them: sent as a configChange that makes this the
+    /// destinations' only rule.
+    Set(Box<RuleArgs>),
+    /// Remove the server's rule of this name.
+    Remove { name: String },
+    /// Remove every rule of the destinations (or, without --to/--group,
+    /// of the server).
+    Clear {
+        #[command(flatten)]
+        targets: Targets,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Targets {
+    /// Push to this component (repeatable).
+    #[arg(long = "to")]
+    to: Vec<String>,
+    /// Push to this group (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// Follow the push until it finishes.
+    #[arg(long, short)]
+    watch: bool,
+}
+
+#[derive(Debug, Args)]
+struct RuleArgs {
+    name: String,
+    /// Match: this customer's components.
+    #[arg(long)]
+    customer: Option<String>,
+    /// Match: this component and what is allocated under it.
+    #[arg(long)]
+    component: Option<String>,
+    /// Match: this data class.
+    #[arg(long)]
+    class: Option<String>,
+    /// Match: this content type (alarm, event, data, ...).
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// Separate allowances per: all, customer, component, class.
+    #[arg(long, default_value = "all")]
+    per: String,
+    #[arg(long)]
+    messages_per_sec: Option<f64>,
+    #[arg(long)]
+    bytes_per_sec: Option<u64>,
+    #[arg(long)]
+    burst_secs: Option<f64>,
+    #[arg(long)]
+    quota_bytes: Option<u64>,
+    /// hour or day.
+    #[arg(long)]
+    quota_period: Option<String>,
+    /// HH:MM-HH:MM, local to --time-zone.
+    #[arg(long)]
+    window: Option<String>,
+    /// IANA zone name (default UTC).
+    #[arg(long)]
+    time_zone: Option<String>,
+    #[arg(long)]
+    exempt_severity: Option<String>,
+    #[arg(long)]
+    exempt_precedence: Option<u8>,
+    #[command(flatten)]
+    targets: Targets,
+}
+
+fn rule_of(a: &RuleArgs) -> anyhow::Result<rs_common::throttle::Rule> {
+    use rs_common::throttle::{Per, Period, Rule};
+    Ok(Rule {
+        name: a.name.clone(),
+        customer: a.customer.clone(),
+        component: a.component.clone(),
+        class: a.class.clone(),
+        kind: a.kind.clone(),
+        per: match a.per.as_str() {
+            "all" => Per::All,
+            "customer" => Per::Customer,
+            "component" => Per::Component,
+            "class" => Per::Class,
+            other => bail!("--per {other}: one of all, customer, component, class"),
+        },
+        messages_per_sec: a.messages_per_sec,
+        bytes_per_sec: a.bytes_per_sec,
+        burst_secs: a.burst_secs,
+        quota_bytes: a.quota_bytes,
+        quota_period: match a.quota_period.as_deref() {
+            None => None,
+            Some("hour") => Some(Period::Hour),
+            Some("day") => Some(Period::Day),
+            Some(other) => bail!("--quota-period {other}: hour or day"),
+        },
+        window: a.window.clone(),
+        time_zone: a.time_zone.clone(),
+        exempt_severity: a.exempt_severity.clone(),
+        exempt_precedence: a.exempt_precedence,
+    })
+}
+
+fn print_throttle(cfg: &rs_common::throttle::ThrottleConfig) {
+    if cfg.rule.is_empty() {
+        println!("no throttle rules");
+    }
+    for r in &cfg.rule {
+        let doc = rs_common::throttle::encode_throttle(&rs_common::throttle::ThrottleConfig {
+            rule: vec![r.clone()],
+            ..Default::default()
+        });
+        let text = String::from_utf8_lossy(&doc);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("<rule"))
+            .unwrap_or("")
+            .trim_start_matches("<rule ")
+            .trim_end_matches("/>");
+        println!("{line}");
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -537,8 +666,119 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             }
         }
         Cmd::Jobs(JobCmd::Show { id }) => print_job(&api.job(&id, None).await?),
+        Cmd::Throttle(t) => return throttle(&api, t).await,
         Cmd::Jobs(JobCmd::Watch { id }) => {
             return Ok(finished_well(&watch(&api, &id).await?));
+        }
+    }
+    Ok(true)
+}
+
+async fn server_throttle(api: &Api) -> anyhow::Result<rs_common::throttle::ThrottleConfig> {
+    let b = api.call(reqwest::Method::GET, "throttle", None).await?;
+    Ok(rs_common::throttle::decode_throttle(
+        &b,
+        &Limits::default(),
+    )?)
+}
+
+async fn put_throttle(api: &Api, cfg: &rs_common::throttle::ThrottleConfig) -> anyhow::Result<()> {
+    let b = api
+        .call(
+            reqwest::Method::PUT,
+            "throttle",
+            Some(rs_common::throttle::encode_throttle(cfg)),
+        )
+        .await?;
+    print_throttle(&rs_common::throttle::decode_throttle(
+        &b,
+        &Limits::default(),
+    )?);
+    Ok(())
+}
+
+/// Sends `[throttle]` settings to components as a configChange.
+async fn push_throttle(
+    api: &Api,
+    t: &Targets,
+    cfg: rs_common::throttle::ThrottleConfig,
+) -> anyhow::Result<bool> {
+    #[derive(serde::Serialize)]
+    struct Doc {
+        throttle: ThrottleDoc,
+    }
+    #[derive(serde::Serialize)]
+    struct ThrottleDoc {
+        rule: Vec<rs_common::throttle::Rule>,
+    }
+    let config = toml::to_string(&Doc {
+        throttle: ThrottleDoc { rule: cfg.rule },
+    })?;
+    let req = SendRequest {
+        to: t
+            .to
+            .iter()
+            .map(|x| RsId::new(x).map_err(|e| anyhow::anyhow!("--to {x}: {e}")))
+            .collect::<anyhow::Result<_>>()?,
+        groups: t.groups.clone(),
+        action: ControlAction::ConfigChange { config },
+        ttl_secs: None,
+        notify: None,
+    };
+    let b = api
+        .call(
+            reqwest::Method::POST,
+            "send",
+            Some(encode_send_request(&req)),
+        )
+        .await?;
+    let job = decode_job(&b, &Limits::default())?;
+    println!(
+        "job {} (configChange, {} destinations)",
+        job.id,
+        job.targets.len()
+    );
+    if t.watch {
+        return Ok(finished_well(&watch(api, &job.id).await?));
+    }
+    Ok(true)
+}
+
+async fn throttle(api: &Api, cmd: ThrottleCmd) -> anyhow::Result<bool> {
+    match cmd {
+        ThrottleCmd::Show => print_throttle(&server_throttle(api).await?),
+        ThrottleCmd::Set(a) => {
+            let rule = rule_of(&a)?;
+            if a.targets.to.is_empty() && a.targets.groups.is_empty() {
+                let mut cfg = server_throttle(api).await?;
+                cfg.rule.retain(|r| r.name != rule.name);
+                cfg.rule.push(rule);
+                put_throttle(api, &cfg).await?;
+            } else {
+                let cfg = rs_common::throttle::ThrottleConfig {
+                    rule: vec![rule],
+                    ..Default::default()
+                };
+                return push_throttle(api, &a.targets, cfg).await;
+            }
+        }
+        ThrottleCmd::Remove { name } => {
+            let mut cfg = server_throttle(api).await?;
+            let before = cfg.rule.len();
+            cfg.rule.retain(|r| r.name != name);
+            if cfg.rule.len() == before {
+                bail!("no rule {name:?}");
+            }
+            put_throttle(api, &cfg).await?;
+        }
+        ThrottleCmd::Clear { targets } => {
+            if targets.to.is_empty() && targets.groups.is_empty() {
+                let mut cfg = server_throttle(api).await?;
+                cfg.rule.clear();
+                put_throttle(api, &cfg).await?;
+            } else {
+                return push_throttle(api, &targets, Default::default()).await;
+            }
         }
     }
     Ok(true)

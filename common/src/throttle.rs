@@ -382,9 +382,27 @@ impl Compiled {
         );
         let mut day = dt.date();
         for _ in 0..3 {
-            if let Some(open) = self.instant(day.to_datetime(start))
+            if let Some(mut open) = self.instant(day.to_datetime(start))
                 && open > now.as_millis()
             {
+                // Inside a DST gap the start time never shows on the wall
+                // clock; the window opens when the clock jumps into it, up
+                // to two hours earlier: find that minute.
+                let open_at = |ms: i64| {
+                    let dt = self.tz.to_datetime(
+                        jiff::Timestamp::from_millisecond(ms)
+                            .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+                    );
+                    w.contains(
+                        u16::try_from(dt.hour()).unwrap_or(0) * 60
+                            + u16::try_from(dt.minute()).unwrap_or(0),
+                    )
+                };
+                let mut back = 0;
+                while back < 120 && open - 60_000 > now.as_millis() && open_at(open - 60_000) {
+                    open -= 60_000;
+                    back += 1;
+                }
                 let ms = open - now.as_millis();
                 return Some(Duration::from_millis(u64::try_from(ms).unwrap_or(1).max(1)));
             }

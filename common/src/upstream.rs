@@ -487,11 +487,19 @@ impl<S: Spool> Sender<S> {
                     .await;
                 continue;
             }
+            // Messages waiting for a time (backoff, throttle) become due
+            // while a long poll is held: go and send them then.
+            let due_at = next_due.map(|t| {
+                tokio::time::Instant::now()
+                    + t.since(now)
+                        .clamp(Duration::from_millis(50), self.cfg.sweep_every)
+            });
             let (batch, ids, max_bytes, result) = tokio::select! {
                 () = shutdown.cancelled() => return,
                 Some(done) = inflight.next() => done,
                 // New messages while only a long poll is out: go and send.
                 () = self.wake.notified(), if inflight.len() < parallel => continue,
+                () = sleep_until_opt(due_at), if inflight.len() < parallel && due_at.is_some() => continue,
             };
             if batch.is_empty() {
                 polling = false;
@@ -709,5 +717,13 @@ impl<S: Spool> Sender<S> {
         if let Err(e) = self.spool.settle(settles, now).await {
             tracing::error!("spool settle: {e}");
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use rs_common::codec::RawMessage;
 use rs_common::control::{
     Answer, ControlAction, action_of, answer_config, answer_ok, answer_refused, answer_status,
-    response_message,
+    answer_with, response_message,
 };
 use rs_common::spool::Spool as _;
 
@@ -51,7 +51,13 @@ pub async fn apply_own(mlm: &Mlm, m: &RawMessage) -> Result<(), String> {
     mlm.outbox
         .mark_seen(id, now)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    if mlm.restart.load(Ordering::Relaxed) {
+        // Answered and marked applied: stop gracefully (delivering the
+        // answer) and start again with the new file.
+        mlm.stop.cancel();
+    }
+    Ok(())
 }
 
 async fn answer(mlm: &Mlm, m: &RawMessage) -> Answer {
@@ -69,6 +75,25 @@ async fn answer(mlm: &Mlm, m: &RawMessage) -> Answer {
             let off = matches!(action, ControlAction::DisableForwarding);
             mlm.paused.store(off, Ordering::Relaxed);
             answer_ok()
+        }
+        ControlAction::ConfigChange { config } => {
+            let Some(path) = &mlm.config_path else {
+                return answer_refused(
+                    "unsupported",
+                    "this MLM was not started from a configuration file",
+                );
+            };
+            let identity = vec![mlm.cfg.id.clone(), mlm.cfg.data_dir.display().to_string()];
+            match rs_common::config_file::change(path, config, &identity, |text| {
+                let c = crate::Config::parse(text)?;
+                Ok(vec![c.id, c.data_dir.display().to_string()])
+            }) {
+                Ok(done) => {
+                    mlm.restart.store(true, Ordering::Relaxed);
+                    answer_with("text/plain", done)
+                }
+                Err(o) => (o, Vec::new(), None),
+            }
         }
         other => answer_refused(
             "unsupported",

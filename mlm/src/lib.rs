@@ -63,10 +63,28 @@ pub struct Mlm {
     pub delivered_up: std::sync::Mutex<Vec<(rs_common::MessageId, RsId)>>,
     /// Its own sender's forwarding switched off (`disableForwarding`).
     pub paused: Arc<AtomicBool>,
+    /// The file the configuration came from: `configChange` replaces it.
+    pub config_path: Option<std::path::PathBuf>,
+    /// Set when the MLM should start again once stopped.
+    pub restart: AtomicBool,
+    /// Cancelled to stop the MLM (a signal, or `configChange`).
+    pub stop: CancellationToken,
+}
+
+/// How [`run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Stopped,
+    /// Stopped to start again with the configuration file as it is now.
+    Restart,
 }
 
 impl Mlm {
-    pub fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
+    pub fn open(
+        cfg: Config,
+        config_path: Option<std::path::PathBuf>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
         let id = cfg.rs_id().map_err(anyhow::Error::msg)?;
         let modules = modules::build(&cfg).map_err(anyhow::Error::msg)?;
         let mut spool_cfg = SpoolConfig::new(cfg.data_dir.join("spool.db"));
@@ -108,6 +126,9 @@ impl Mlm {
             upstream_acks: std::sync::Mutex::new(Vec::new()),
             delivered_up: std::sync::Mutex::new(Vec::new()),
             paused: Arc::new(AtomicBool::new(false)),
+            config_path,
+            restart: AtomicBool::new(false),
+            stop,
             cfg,
         }))
     }
@@ -232,10 +253,11 @@ impl Mlm {
 /// aggregation flush beside it.
 pub async fn run(
     cfg: Config,
+    config_path: Option<std::path::PathBuf>,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let mlm = Mlm::open(cfg)?;
+) -> anyhow::Result<Exit> {
+    let mlm = Mlm::open(cfg, config_path, shutdown.clone())?;
     tracing::info!(
         "rs-mlm {} listening on {}, upstream {:?}{}",
         mlm.id,
@@ -346,6 +368,11 @@ pub async fn run(
     sender_stop.cancel();
     let _ = sender_task.await;
     let _ = flush.await;
-    tracing::info!("rs-mlm stopped");
-    Ok(())
+    if mlm.restart.load(Ordering::Relaxed) {
+        tracing::info!("rs-mlm stopped; starting again with the new configuration");
+        Ok(Exit::Restart)
+    } else {
+        tracing::info!("rs-mlm stopped");
+        Ok(Exit::Stopped)
+    }
 }

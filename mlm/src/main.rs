@@ -36,5 +36,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(rs_common::shutdown_on_signal(shutdown.clone()));
-    rs_mlm::run(cfg, listener, shutdown).await
+    match rs_mlm::run(cfg, Some(args.config), listener, shutdown).await? {
+        rs_mlm::Exit::Stopped => Ok(()),
+        rs_mlm::Exit::Restart => Err(anyhow::anyhow!(
+            "cannot start again: {}",
+            rs_common::config_file::start_again()
+        )),
+    }
 }

@@ -254,6 +254,9 @@ pub fn routes(
                     "rejected": st.rejected.load(Ordering::Relaxed),
                     "last_error": last_error,
                 },
+                "throttle": {
+                    "held": st.throttled.load(Ordering::Relaxed),
+                },
                 "backchannel": {
                     "applied": proxy.actions_applied.load(Ordering::Relaxed),
                     "duplicates": proxy.actions_duplicate.load(Ordering::Relaxed),

@@ -171,55 +171,19 @@ impl Actions {
     /// asks for a restart to take it up. A refusal keeps the old one.
     fn change_config(&self, patch: &str) -> Result<String, Outcome> {
         let p = &self.proxy;
-        let refused = |why: String| {
-            Outcome::rejected(
-                "invalid",
-                format!("configuration refused, the old one kept: {why}"),
-            )
-        };
         let Some(path) = &p.config_path else {
             return Err(Outcome::rejected(
                 "unsupported",
                 "this proxy was not started from a configuration file",
             ));
         };
-        let current = std::fs::read_to_string(path).map_err(|e| {
-            Outcome::rejected("failed", format!("cannot read {}: {e}", path.display()))
-        })?;
-        let (text, new) = crate::Config::merge(&current, patch).map_err(refused)?;
-        if new.id != p.cfg.id || new.data_dir != p.cfg.data_dir {
-            return Err(refused(
-                "id and data_dir cannot change remotely (they are this proxy's identity \
-                 and where its spool lives)"
-                    .into(),
-            ));
-        }
-        write_atomically(path, text.as_bytes()).map_err(|e| {
-            Outcome::rejected("failed", format!("cannot write {}: {e}", path.display()))
+        let identity = vec![p.cfg.id.clone(), p.cfg.data_dir.display().to_string()];
+        let done = rs_common::config_file::change(path, patch, &identity, |text| {
+            let c = crate::Config::parse(text)?;
+            Ok(vec![c.id, c.data_dir.display().to_string()])
         })?;
         p.restart.store(true, Ordering::Relaxed);
         self.stop_after_batch.store(true, Ordering::Relaxed);
-        Ok(format!(
-            "written to {}; rs-proxy restarts to apply it",
-            path.display()
-        ))
+        Ok(done)
     }
-}
-
-/// Replaces `path` with `bytes` so that a crash at any point leaves either
-/// the old file or the new one, whole: write a sibling, sync it, rename it
-/// over, sync the directory.
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("toml.new");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
-    std::fs::File::open(dir)?.sync_all()
 }

@@ -136,22 +136,6 @@ impl Config {
         Ok(c)
     }
 
-    /// `patch` (a TOML document) laid over the configuration document
-    /// `current`: tables merge key by key, anything else given replaces
-    /// what was there. Returns the merged document and what it parses to;
-    /// the merged document is validated like a file (unknown keys and bad
-    /// values refused).
-    pub fn merge(current: &str, patch: &str) -> Result<(String, Self), String> {
-        let mut base: toml::Table = current
-            .parse()
-            .map_err(|e| format!("the current configuration: {e}"))?;
-        let patch: toml::Table = patch.parse().map_err(|e| format!("{e}"))?;
-        merge_tables(&mut base, patch);
-        let text = toml::to_string(&base).map_err(|e| e.to_string())?;
-        let cfg = Self::parse(&text)?;
-        Ok((text, cfg))
-    }
-
     pub fn load(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
@@ -163,16 +147,5 @@ impl Config {
 
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_secs)
-    }
-}
-
-fn merge_tables(base: &mut toml::Table, patch: toml::Table) {
-    for (k, v) in patch {
-        match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(p)) => merge_tables(b, p),
-            (_, v) => {
-                base.insert(k, v);
-            }
-        }
     }
 }

@@ -57,19 +57,13 @@ pub struct Proxy {
     pub throttle: Arc<rs_common::throttle::Throttle>,
 }
 
-/// Starts this program over in this process, with the same arguments
-/// (same PID, so a service manager sees no exit), to read the
-/// configuration file again. Returns only on failure.
+/// Starts this program over in place to read the configuration again;
+/// returns only on failure.
 pub fn start_again() -> anyhow::Error {
-    use std::os::unix::process::CommandExt as _;
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => return anyhow::anyhow!("cannot find this program to start again: {e}"),
-    };
-    let err = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .exec();
-    anyhow::anyhow!("cannot start again: {err}")
+    anyhow::anyhow!(
+        "cannot start again: {}",
+        rs_common::config_file::start_again()
+    )
 }
 
 /// How [`run`] ended.

@@ -23,7 +23,7 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-fn alarm(text: &str, precedence: Option<u8>) -> SendRequest {
+pub(crate) fn alarm(text: &str, precedence: Option<u8>) -> SendRequest {
     SendRequest {
         integrator: "suite".into(),
         instance: Some("db01".into()),
@@ -35,7 +35,7 @@ fn alarm(text: &str, precedence: Option<u8>) -> SendRequest {
     }
 }
 
-async fn register(socket: &Path) -> Client {
+pub(crate) async fn register(socket: &Path) -> Client {
     let c = Client::new(socket);
     c.register_integrator("suite", "1.0", "linux")
         .await
@@ -44,7 +44,7 @@ async fn register(socket: &Path) -> Client {
 }
 
 /// Waits until every ID is stored, reading the server's database.
-fn all_stored(dir: &Path, ids: &HashSet<String>, timeout: Duration) -> bool {
+pub(crate) fn all_stored(dir: &Path, ids: &HashSet<String>, timeout: Duration) -> bool {
     wait_for(timeout, || {
         stored_ids(&dir.join("appserver")).is_ok_and(|s| {
             let s: HashSet<String> = s.into_iter().collect();
@@ -53,7 +53,7 @@ fn all_stored(dir: &Path, ids: &HashSet<String>, timeout: Duration) -> bool {
     })
 }
 
-fn assert_exactly_once(dir: &Path, ids: &HashSet<String>) {
+pub(crate) fn assert_exactly_once(dir: &Path, ids: &HashSet<String>) {
     let stored = stored_ids(&dir.join("appserver")).unwrap();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for id in &stored {

@@ -7,6 +7,7 @@ mod codec_errors;
 mod codec_examples;
 mod codec_props;
 mod dtd_valid;
-mod forward;
+pub(crate) mod forward;
 mod fuzz_replay;
 mod golden;
+mod throttle;

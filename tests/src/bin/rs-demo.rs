@@ -101,7 +101,13 @@ async fn serve_role(role: Role) -> anyhow::Result<()> {
         Role::Mlm { config, addr_file } => {
             let cfg = rs_mlm::Config::load(&config).map_err(anyhow::Error::msg)?;
             let l = bind(cfg.listen, addr_file).await?;
-            rs_mlm::run(cfg, l, shutdown).await
+            match rs_mlm::run(cfg, Some(config), l, shutdown).await? {
+                rs_mlm::Exit::Stopped => Ok(()),
+                rs_mlm::Exit::Restart => Err(anyhow::anyhow!(
+                    "cannot start again: {}",
+                    rs_common::config_file::start_again()
+                )),
+            }
         }
         Role::Proxy { config } => {
             let cfg = rs_proxy::Config::load(&config).map_err(anyhow::Error::msg)?;

@@ -1,0 +1,564 @@
+//! Throttle control: the rules on a simulated clock (no sleeping), and on
+//! real daemons: a throttled sender loses nothing, a throttled forwarder's
+//! refusals lead to later delivery, a throttle set at run time holds and
+//! outlives a restart.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use rs_common::model::{ContentKind, Severity};
+use rs_common::throttle::{
+    Decision, Per, Period, Rule, SqliteUsage, Subject, Throttle, ThrottleConfig,
+};
+use rs_common::upstream::Clock;
+use rs_common::{RsId, Timestamp};
+
+/// A clock the test moves.
+#[derive(Debug, Default)]
+struct FakeClock(AtomicI64);
+
+impl FakeClock {
+    fn at(t: &str) -> Arc<Self> {
+        let c = Arc::new(FakeClock::default());
+        c.set(t);
+        c
+    }
+    fn set(&self, t: &str) {
+        self.0
+            .store(Timestamp::parse(t).unwrap().as_millis(), Ordering::SeqCst);
+    }
+    fn advance(&self, d: Duration) {
+        self.0.fetch_add(d.as_millis() as i64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_millis(self.0.load(Ordering::SeqCst)).unwrap()
+    }
+}
+
+fn throttle(clock: &Arc<FakeClock>, rules: Vec<Rule>) -> Throttle {
+    let cfg = ThrottleConfig {
+        rule: rules,
+        ..ThrottleConfig::default()
+    };
+    Throttle::new(&cfg, clock.clone(), None, None).unwrap()
+}
+
+struct Msg {
+    component: RsId,
+    class: &'static str,
+    kind: ContentKind,
+    bytes: u64,
+    precedence: u8,
+    severity: Option<Severity>,
+}
+
+impl Msg {
+    fn new(component: &str, class: &'static str, bytes: u64) -> Self {
+        Msg {
+            component: RsId::new(component).unwrap(),
+            class,
+            kind: ContentKind::Data,
+            bytes,
+            precedence: 5,
+            severity: None,
+        }
+    }
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            component: &self.component,
+            class: self.class,
+            kind: self.kind,
+            bytes: self.bytes,
+            precedence: self.precedence,
+            severity: self.severity,
+        }
+    }
+}
+
+fn wait_of(d: Decision) -> Option<Duration> {
+    match d {
+        Decision::Admit => None,
+        Decision::Wait { after, .. } => Some(after),
+    }
+}
+
+fn night_bulk() -> Rule {
+    Rule {
+        name: "night-bulk".into(),
+        class: Some("bulk".into()),
+        window: Some("22:00-06:00".into()),
+        time_zone: Some("Europe/Berlin".into()),
+        ..Rule::default()
+    }
+}
+
+#[test]
+fn a_window_opens_and_closes_at_local_times_across_midnight() {
+    // 2026-11-24 is winter time in Berlin: UTC+1.
+    let c = FakeClock::at("2026-11-24T20:59:00Z");
+    let t = throttle(&c, vec![night_bulk()]);
+    let bulk = Msg::new("acme.p1", "bulk", 1000);
+    let other = Msg::new("acme.p1", "inventory", 1000);
+    // 21:59 local: closed for one more minute; other classes pass.
+    assert_eq!(
+        wait_of(t.check(&bulk.subject())),
+        Some(Duration::from_secs(60))
+    );
+    assert_eq!(t.check(&other.subject()), Decision::Admit);
+    c.set("2026-11-24T21:00:00Z"); // 22:00
+    assert_eq!(t.check(&bulk.subject()), Decision::Admit);
+    c.set("2026-11-24T23:30:00Z"); // 00:30, past midnight
+    assert_eq!(t.check(&bulk.subject()), Decision::Admit);
+    c.set("2026-11-25T04:59:00Z"); // 05:59
+    assert_eq!(t.check(&bulk.subject()), Decision::Admit);
+    c.set("2026-11-25T05:00:00Z"); // 06:00: closed until 22:00
+    assert_eq!(
+        wait_of(t.check(&bulk.subject())),
+        Some(Duration::from_secs(16 * 3600))
+    );
+    // The reason names the rule and the window.
+    match t.check(&bulk.subject()) {
+        Decision::Wait { why, .. } => {
+            assert!(
+                why.contains("night-bulk") && why.contains("22:00-06:00"),
+                "{why}"
+            )
+        }
+        Decision::Admit => panic!("admitted outside its window"),
+    }
+}
+
+#[test]
+fn windows_and_quota_days_follow_daylight_saving_changes() {
+    // Berlin springs forward on 2026-03-29: 02:00 CET -> 03:00 CEST. A
+    // window from 02:30 (a time that day never shows) opens when the clock
+    // jumps into it, at 01:00Z.
+    let c = FakeClock::at("2026-03-29T00:30:00Z");
+    let early = Rule {
+        name: "early".into(),
+        window: Some("02:30-04:00".into()),
+        time_zone: Some("Europe/Berlin".into()),
+        ..Rule::default()
+    };
+    let t = throttle(&c, vec![early.clone()]);
+    let m = Msg::new("acme.p1", "bulk", 10);
+    assert_eq!(
+        wait_of(t.check(&m.subject())),
+        Some(Duration::from_secs(1800))
+    );
+    c.set("2026-03-29T01:00:00Z"); // 03:00 CEST
+    assert_eq!(t.check(&m.subject()), Decision::Admit);
+    c.set("2026-03-29T02:00:00Z"); // 04:00 CEST: closed until 02:30 CEST tomorrow
+    assert_eq!(
+        wait_of(t.check(&m.subject())),
+        Some(Duration::from_secs(22 * 3600 + 1800))
+    );
+    // The night the clocks go back (2026-10-25, 03:00 CEST -> 02:00 CET),
+    // the window still opens at the first 02:30.
+    c.set("2026-10-24T23:00:00Z"); // 01:00 CEST
+    assert_eq!(
+        wait_of(t.check(&m.subject())),
+        Some(Duration::from_secs(5400))
+    );
+
+    // A daily quota's day is a local day: 23 hours on the spring day.
+    let quota = Rule {
+        name: "daily".into(),
+        quota_bytes: Some(1000),
+        quota_period: Some(Period::Day),
+        time_zone: Some("Europe/Berlin".into()),
+        ..Rule::default()
+    };
+    c.set("2026-03-29T12:00:00Z");
+    let t = throttle(&c, vec![quota]);
+    let big = Msg::new("acme.p1", "bulk", 600);
+    assert_eq!(t.check(&big.subject()), Decision::Admit);
+    // Next local midnight is 2026-03-29T22:00Z (CEST).
+    assert_eq!(
+        wait_of(t.check(&big.subject())),
+        Some(Duration::from_secs(10 * 3600))
+    );
+}
+
+/// Offers `m` every `every` for `total` of simulated time; returns how many
+/// went through.
+fn offer(c: &FakeClock, t: &Throttle, m: &Msg, every: Duration, total: Duration) -> u64 {
+    let n = total.as_micros() / every.as_micros();
+    let mut admitted = 0;
+    for _ in 0..n {
+        if t.check(&m.subject()) == Decision::Admit {
+            admitted += 1;
+        }
+        c.advance(every);
+    }
+    admitted
+}
+
+#[test]
+fn rates_hold_within_five_percent_under_twice_the_load() {
+    let c = FakeClock::at("2026-11-24T00:00:00Z");
+    let t = throttle(
+        &c,
+        vec![Rule {
+            name: "msgs".into(),
+            messages_per_sec: Some(100.0),
+            ..Rule::default()
+        }],
+    );
+    let m = Msg::new("acme.p1", "events", 100);
+    // 200 offers a second for 20 simulated minutes.
+    let total = Duration::from_secs(1200);
+    let got = offer(&c, &t, &m, Duration::from_millis(5), total) as f64;
+    let want = 100.0 * total.as_secs_f64();
+    assert!(
+        (got - want).abs() / want < 0.05,
+        "{got} messages, want {want}"
+    );
+
+    let t = throttle(
+        &c,
+        vec![Rule {
+            name: "site-x".into(),
+            customer: Some("acme".into()),
+            bytes_per_sec: Some(1_000_000),
+            ..Rule::default()
+        }],
+    );
+    // 10 KB messages, 200 a second: 2 MB/s offered against 1 MB/s.
+    let m = Msg::new("acme.p1", "data", 10_000);
+    let got = offer(&c, &t, &m, Duration::from_millis(5), total) as f64 * 10_000.0;
+    let want = 1_000_000.0 * total.as_secs_f64();
+    assert!((got - want).abs() / want < 0.05, "{got} bytes, want {want}");
+    // Another customer is not limited by site X's rule.
+    let other = Msg::new("globex.p1", "data", 10_000);
+    assert_eq!(
+        offer(
+            &c,
+            &t,
+            &other,
+            Duration::from_millis(5),
+            Duration::from_secs(10)
+        ),
+        2000
+    );
+}
+
+#[test]
+fn quotas_are_per_key_hold_within_five_percent_and_survive_a_restart() {
+    let dir = crate::backchannel::tmp("throttle-quota");
+    std::fs::create_dir_all(&dir).unwrap();
+    let c = FakeClock::at("2026-11-24T00:00:00Z");
+    let cfg = ThrottleConfig {
+        rule: vec![Rule {
+            name: "daily".into(),
+            per: Per::Customer,
+            quota_bytes: Some(50_000_000),
+            quota_period: Some(Period::Day),
+            ..Rule::default()
+        }],
+        ..ThrottleConfig::default()
+    };
+    let usage = || Some(Arc::new(SqliteUsage::open(&dir.join("throttle.db")).unwrap()) as _);
+    let t = Throttle::new(&cfg, c.clone(), usage(), None).unwrap();
+    let m = Msg::new("acme.p1", "data", 100_000);
+    // One 100 KB message a second for 12 simulated hours: 4.3 GB offered.
+    let got = offer(
+        &c,
+        &t,
+        &m,
+        Duration::from_secs(1),
+        Duration::from_secs(12 * 3600),
+    ) as f64
+        * 100_000.0;
+    assert!((50_000_000.0 * 0.95..=50_000_000.0).contains(&got), "{got}");
+    // Another customer has its own allowance.
+    let g = Msg::new("globex.p1", "data", 100_000);
+    assert_eq!(t.check(&g.subject()), Decision::Admit);
+    // A restart remembers what was used today.
+    t.flush().unwrap();
+    drop(t);
+    let t = Throttle::new(&cfg, c.clone(), usage(), None).unwrap();
+    assert!(wait_of(t.check(&m.subject())).is_some());
+    let (_, used) = t.report();
+    assert!(
+        used.iter()
+            .any(|u| u.key == "acme" && u.bytes >= 49_900_000),
+        "{used:?}"
+    );
+    // A new day, a new allowance.
+    c.set("2026-11-25T00:00:00Z");
+    assert_eq!(t.check(&m.subject()), Decision::Admit);
+}
+
+#[test]
+fn severe_alarms_and_high_precedence_pass_a_closed_throttle() {
+    let c = FakeClock::at("2026-11-24T12:00:00Z");
+    let t = throttle(
+        &c,
+        vec![Rule {
+            name: "quiet-hours".into(),
+            window: Some("22:00-06:00".into()),
+            exempt_severity: Some("major".into()),
+            exempt_precedence: Some(9),
+            ..Rule::default()
+        }],
+    );
+    let mut alarm = Msg::new("acme.p1.s1", "disk", 500);
+    alarm.kind = ContentKind::Alarm;
+    alarm.severity = Some(Severity::Critical);
+    assert_eq!(t.check(&alarm.subject()), Decision::Admit);
+    alarm.severity = Some(Severity::Minor);
+    assert!(wait_of(t.check(&alarm.subject())).is_some());
+    let mut urgent = Msg::new("acme.p1", "inventory", 500);
+    urgent.precedence = 9;
+    assert_eq!(t.check(&urgent.subject()), Decision::Admit);
+}
+
+#[test]
+fn bad_rules_are_refused_with_the_reason() {
+    let c = FakeClock::at("2026-11-24T12:00:00Z");
+    let bad = |r: Rule| {
+        Throttle::new(
+            &ThrottleConfig {
+                rule: vec![r],
+                ..ThrottleConfig::default()
+            },
+            c.clone(),
+            None,
+            None,
+        )
+        .unwrap_err()
+    };
+    let base = || Rule {
+        name: "r".into(),
+        messages_per_sec: Some(1.0),
+        ..Rule::default()
+    };
+    assert!(
+        bad(Rule {
+            time_zone: Some("Mars/Olympus".into()),
+            ..base()
+        })
+        .contains("Mars/Olympus")
+    );
+    assert!(
+        bad(Rule {
+            window: Some("25:00-06:00".into()),
+            ..base()
+        })
+        .contains("window")
+    );
+    assert!(
+        bad(Rule {
+            messages_per_sec: Some(0.0),
+            ..base()
+        })
+        .contains("above 0")
+    );
+    assert!(
+        bad(Rule {
+            name: "nothing".into(),
+            ..Rule::default()
+        })
+        .contains("limits nothing")
+    );
+}
+
+mod on_daemons {
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    use rs_tests::deploy::{Deployment, Extra, proxy_metrics, server_metrics, wait_for};
+
+    use crate::backchannel::{exe, tmp};
+    use crate::forward::{alarm, all_stored, assert_exactly_once, register};
+
+    fn rsctl(a: &str, args: &[&str]) -> (i32, String, String) {
+        let out = std::process::Command::new(exe())
+            .arg("rsctl")
+            .arg("--server")
+            .arg(format!("http://{a}"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    async fn send_alarms(socket: &std::path::Path, n: usize) -> HashSet<String> {
+        let c = register(socket).await;
+        let mut ids = HashSet::new();
+        for i in 0..n {
+            ids.insert(
+                c.send("alarm", &alarm(&format!("throttled {i}"), None))
+                    .await
+                    .unwrap(),
+            );
+        }
+        ids
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_throttled_sender_keeps_everything_and_delivers_it_later() {
+        let dir = tmp("throttle-sender");
+        let mut d = Deployment::new(&dir, exe()).unwrap();
+        let a = d.appserver("127.0.0.1:0", "").unwrap();
+        let s = d
+            .proxy(
+                "p1",
+                "acme.p1",
+                std::slice::from_ref(&a),
+                &Extra {
+                    tables: "[[throttle.rule]]\nname = \"slow\"\nmessages_per_sec = 25.0\n".into(),
+                    ..Extra::default()
+                },
+            )
+            .unwrap();
+        let ids = send_alarms(&s, 150).await;
+        assert!(
+            all_stored(&dir, &ids, Duration::from_secs(60)),
+            "not everything arrived"
+        );
+        assert_exactly_once(&dir, &ids);
+        let pm = proxy_metrics(&s).await.unwrap();
+        assert!(pm.get("throttle.held") > Some(&0), "{pm:?}");
+        assert_eq!(pm.get("spool.dead_letters"), Some(&0));
+        d.stop_all();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_throttled_forwarder_refuses_for_now_and_everything_arrives_later() {
+        let dir = tmp("throttle-forwarder");
+        let mut d = Deployment::new(&dir, exe()).unwrap();
+        let a = d.appserver("127.0.0.1:0", "").unwrap();
+        let m = d
+            .mlm(
+                "mlm",
+                "acme.m1",
+                std::slice::from_ref(&a),
+                &Extra::default(),
+            )
+            .unwrap();
+        let s = d
+            .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+            .unwrap();
+        // Wait until both are known, then push a rule to the MLM through
+        // the control API: "no more than 20 messages a second from acme".
+        assert!(wait_for(Duration::from_secs(30), || {
+            let (_, out, _) = rsctl(&a, &["components"]);
+            out.contains("acme.m1") && out.contains("acme.p1")
+        }));
+        let (code, out, err) = rsctl(
+            &a,
+            &[
+                "throttle",
+                "set",
+                "site-acme",
+                "--customer",
+                "acme",
+                "--per",
+                "customer",
+                "--messages-per-sec",
+                "20",
+                "--to",
+                "acme.m1",
+                "--watch",
+            ],
+        );
+        assert_eq!(code, 0, "{out}\n{err}");
+        // The MLM restarted with the rule in its file.
+        let cfg = rs_mlm::Config::load(&dir.join("mlm.toml")).unwrap();
+        assert_eq!(cfg.throttle.rule[0].name, "site-acme");
+        assert!(wait_for(Duration::from_secs(30), || {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current()
+                    .block_on(async { server_metrics(&m).await.is_ok() })
+            })
+        }));
+
+        let ids = send_alarms(&s, 150).await;
+        assert!(
+            all_stored(&dir, &ids, Duration::from_secs(90)),
+            "not everything arrived"
+        );
+        assert_exactly_once(&dir, &ids);
+        let mm = server_metrics(&m).await.unwrap();
+        assert!(mm.get("messages.throttled") > Some(&0), "{mm:?}");
+        assert!(mm.get("throttle.site-acme.held") > Some(&0), "{mm:?}");
+        let pm = proxy_metrics(&s).await.unwrap();
+        assert!(pm.get("upstream.retried") > Some(&0), "{pm:?}");
+        assert_eq!(pm.get("spool.dead_letters"), Some(&0));
+        d.stop_all();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_servers_throttle_is_set_at_run_time_holds_and_outlives_a_restart() {
+        let dir = tmp("throttle-server");
+        let mut d = Deployment::new(&dir, exe()).unwrap();
+        let a = d.appserver("127.0.0.1:0", "").unwrap();
+        let s = d
+            .proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
+            .unwrap();
+        let (code, out, err) = rsctl(
+            &a,
+            &[
+                "throttle",
+                "set",
+                "trickle",
+                "--class",
+                "monitoring",
+                "--messages-per-sec",
+                "10",
+            ],
+        );
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(out.contains("name=\"trickle\""), "{out}");
+        // A bad rule is refused and changes nothing.
+        let (code, _, err) = rsctl(
+            &a,
+            &[
+                "throttle",
+                "set",
+                "bad",
+                "--window",
+                "22:00-06:00",
+                "--time-zone",
+                "Mars/Base",
+            ],
+        );
+        assert_eq!(code, 1);
+        assert!(err.contains("Mars/Base"), "{err}");
+
+        let ids = send_alarms(&s, 80).await;
+        assert!(
+            all_stored(&dir, &ids, Duration::from_secs(60)),
+            "not everything arrived"
+        );
+        assert_exactly_once(&dir, &ids);
+        let am = server_metrics(&a).await.unwrap();
+        assert!(am.get("messages.throttled") > Some(&0), "{am:?}");
+
+        d.restart("appserver").unwrap();
+        assert!(wait_for(Duration::from_secs(30), || rsctl(
+            &a,
+            &["throttle", "show"]
+        )
+        .0 == 0));
+        let (_, out, _) = rsctl(&a, &["throttle", "show"]);
+        assert!(
+            out.contains("name=\"trickle\"") && !out.contains("bad"),
+            "{out}"
+        );
+        let (code, out, _) = rsctl(&a, &["throttle", "remove", "trickle"]);
+        assert_eq!(code, 0);
+        assert!(out.contains("no throttle rules"), "{out}");
+        d.stop_all();
+    }
+}
