@@ -39,6 +39,10 @@ pub struct Config {
     /// been lost).
     #[serde(default = "default_offer_again")]
     pub offer_again_secs: u64,
+    /// Envelopes handled at once above which replies advise callers to
+    /// wait before their next POST (backpressure).
+    #[serde(default = "default_busy_envelopes")]
+    pub busy_envelopes: usize,
 }
 
 /// Decoder limits (see docs/protocol.md, Limits).
@@ -113,4 +117,8 @@ impl Config {
 
 fn default_offer_again() -> u64 {
     30
+}
+
+fn default_busy_envelopes() -> usize {
+    256
 }

@@ -208,6 +208,10 @@ pub async fn status_tree(app: &AppServer) -> StatusNode {
         ("messages.expired", s.expired.load(Ordering::Relaxed)),
         ("messages.retried", s.retried.load(Ordering::Relaxed)),
         ("messages.throttled", s.throttled.load(Ordering::Relaxed)),
+        (
+            "replies.advised_wait",
+            app.load.advised.load(Ordering::Relaxed),
+        ),
     ];
     let throttle = app.current_throttle().metrics();
     metrics.extend(throttle.iter().map(|(k, v)| (k.as_str(), *v)));

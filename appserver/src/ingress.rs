@@ -97,6 +97,7 @@ fn examine(app: &AppServer, m: RawMessage, now: Timestamp) -> Result<Incoming, O
 }
 
 async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
+    let _busy = app.load.enter();
     let now = app.clock.now();
     let sender = env.meta.sender.clone();
     let acks = env.meta.acks.clone();
@@ -226,6 +227,7 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
     meta.advice = Some(Advice {
         heartbeat: Some(Duration::from_secs(app.cfg.heartbeat_secs)),
         poll_hold: Some(rs_common::ingress::MAX_HOLD),
+        resume_after: if pure_poll { None } else { app.load.advice() },
         ..Advice::default()
     });
     let mut w = EnvelopeWriter::new(&meta);

@@ -40,6 +40,8 @@ pub struct AppServer {
     pub jobs_changed: tokio::sync::watch::Sender<u64>,
     /// What may come in now; replaced whole through the control API.
     pub throttle: std::sync::RwLock<Arc<rs_common::throttle::Throttle>>,
+    /// Envelopes being handled (backpressure advice).
+    pub load: rs_common::ingress::Load,
     /// Its configuration, as the API shows it.
     pub throttle_cfg: std::sync::RwLock<rs_common::throttle::ThrottleConfig>,
 }
@@ -81,6 +83,7 @@ impl AppServer {
             clock,
             throttle: std::sync::RwLock::new(Arc::new(throttle)),
             throttle_cfg: std::sync::RwLock::new(cfg.throttle.clone()),
+            load: rs_common::ingress::Load::new(cfg.busy_envelopes),
             stats: ingress::Stats::default(),
             started: rs_common::Timestamp::now(),
             outbox_ready: Arc::new(tokio::sync::Notify::new()),

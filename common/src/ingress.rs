@@ -161,3 +161,63 @@ pub async fn offer_back_channel<F, Fut>(
         }
     }
 }
+
+/// How busy a tier is: envelopes being handled now. Above `busy_at`, each
+/// reply advises the caller to wait before its next POST with messages
+/// (`resume-after-ms`), longer the busier, with jitter so that callers
+/// that came together do not come back together. The envelope in hand is
+/// still processed: backpressure slows callers down, it never refuses
+/// work there is room for.
+#[derive(Debug)]
+pub struct Load {
+    inflight: std::sync::atomic::AtomicUsize,
+    busy_at: usize,
+    /// Replies that carried a resume-after advice.
+    pub advised: std::sync::atomic::AtomicU64,
+}
+
+/// Held while an envelope is handled.
+#[derive(Debug)]
+pub struct LoadGuard<'a>(&'a Load);
+
+impl Drop for LoadGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .inflight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Load {
+    pub fn new(busy_at: usize) -> Self {
+        Load {
+            inflight: std::sync::atomic::AtomicUsize::new(0),
+            busy_at: busy_at.max(1),
+            advised: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn enter(&self) -> LoadGuard<'_> {
+        self.inflight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LoadGuard(self)
+    }
+
+    /// Envelopes being handled now.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The wait to advise now, if the tier is busy: 250 ms per multiple of
+    /// `busy_at` in flight, at most 10 s, randomly 50-150% of that.
+    pub fn advice(&self) -> Option<Duration> {
+        let n = self.inflight();
+        if n <= self.busy_at {
+            return None;
+        }
+        self.advised
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = (250 * (n / self.busy_at) as u64).min(10_000);
+        Some(Duration::from_millis(base / 2 + fastrand::u64(0..=base)))
+    }
+}

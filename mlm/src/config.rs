@@ -35,6 +35,10 @@ pub struct Config {
     /// been lost).
     #[serde(default = "default_offer_again")]
     pub offer_again_secs: u64,
+    /// Envelopes handled at once above which replies advise callers to
+    /// wait before their next POST (backpressure).
+    #[serde(default = "default_busy_envelopes")]
+    pub busy_envelopes: usize,
     #[serde(default)]
     pub spool: SpoolSection,
     /// Discard messages that match.
@@ -209,4 +213,8 @@ impl Config {
 
 fn default_offer_again() -> u64 {
     30
+}
+
+fn default_busy_envelopes() -> usize {
+    256
 }

@@ -59,6 +59,7 @@ fn unavailable(text: impl Into<String>) -> Outcome {
 }
 
 async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
+    let _busy = mlm.load.enter();
     let now = mlm.clock.now();
     let st = &mlm.stats;
     bump(&st.envelopes);
@@ -240,6 +241,14 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
     meta.advice = Some(Advice {
         heartbeat: Some(mlm.sender_stats.heartbeat(mlm.cfg.heartbeat())),
         poll_hold: Some(rs_common::ingress::MAX_HOLD),
+        resume_after: if ids_empty {
+            None
+        } else {
+            let upstream =
+                mlm.upstream_busy_until.load(Ordering::Relaxed) - mlm.clock.now().as_millis();
+            let passed_on = (upstream > 0).then(|| Duration::from_millis(upstream as u64));
+            mlm.load.advice().max(passed_on)
+        },
         ..Advice::default()
     });
     let mut w = EnvelopeWriter::new(&meta);
@@ -408,6 +417,10 @@ async fn post(
             return Err(e);
         }
     };
+    if let Some(wait) = reply.meta.advice.and_then(|a| a.resume_after) {
+        let until = mlm.clock.now().as_millis() + i64::try_from(wait.as_millis()).unwrap_or(0);
+        mlm.upstream_busy_until.fetch_max(until, Ordering::Relaxed);
+    }
     // Back-channel messages for the subtree may ride on any reply.
     if !reply.messages.is_empty() {
         let ids = take_down(mlm, reply.messages.clone()).await;

@@ -61,6 +61,11 @@ pub struct Mlm {
     /// Deliveries in the subtree (message, final destination) to report
     /// upstream on the next POST.
     pub delivered_up: std::sync::Mutex<Vec<(rs_common::MessageId, RsId)>>,
+    /// Envelopes being handled (backpressure advice).
+    pub load: rs_common::ingress::Load,
+    /// Until when (ms) the upstream asked this MLM to hold back; passed on
+    /// to the callers so a storm does not just move up a tier.
+    pub upstream_busy_until: std::sync::atomic::AtomicI64,
     /// Its own sender's forwarding switched off (`disableForwarding`).
     pub paused: Arc<AtomicBool>,
     /// The file the configuration came from: `configChange` replaces it.
@@ -126,6 +131,8 @@ impl Mlm {
             upstream_acks: std::sync::Mutex::new(Vec::new()),
             delivered_up: std::sync::Mutex::new(Vec::new()),
             paused: Arc::new(AtomicBool::new(false)),
+            load: rs_common::ingress::Load::new(cfg.busy_envelopes),
+            upstream_busy_until: std::sync::atomic::AtomicI64::new(0),
             config_path,
             restart: AtomicBool::new(false),
             stop,
@@ -147,6 +154,10 @@ impl Mlm {
             ("messages.rejected", s.rejected.load(Ordering::Relaxed)),
             ("messages.expired", s.expired.load(Ordering::Relaxed)),
             ("messages.throttled", s.throttled.load(Ordering::Relaxed)),
+            (
+                "replies.advised_wait",
+                self.load.advised.load(Ordering::Relaxed),
+            ),
             (
                 "backchannel.expired",
                 s.back_expired.load(Ordering::Relaxed),

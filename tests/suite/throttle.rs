@@ -561,4 +561,113 @@ mod on_daemons {
         assert!(out.contains("no throttle rules"), "{out}");
         d.stop_all();
     }
+
+    /// One simulated proxy back after an outage: posts its backlog in
+    /// envelopes of `batch`, obeying each reply's advice to wait, and
+    /// re-sending what was not accepted. Returns (HTTP failures, messages
+    /// answered retry, replies that advised a wait).
+    async fn reconnecting_proxy(
+        http: reqwest::Client,
+        a: String,
+        i: usize,
+        backlog: usize,
+        batch: usize,
+    ) -> (u64, u64, u64) {
+        use rs_common::model::*;
+        let me = rs_common::RsId::new(format!("storm.p{i}")).unwrap();
+        let mut pending: Vec<Message> = (0..backlog)
+            .map(|k| {
+                let mut m = rs_common::samples::alarm_of_size(i * backlog + k, 1024);
+                if let Route::Source(src) = &mut m.header.route {
+                    src.component = me.clone();
+                    src.qos.expiry = None;
+                }
+                m.header.created = rs_common::Timestamp::now();
+                m
+            })
+            .collect();
+        let (mut failures, mut retried, mut advised) = (0, 0, 0);
+        while !pending.is_empty() {
+            let take: Vec<Message> = pending.iter().take(batch).cloned().collect();
+            let mut w = rs_common::codec::EnvelopeWriter::new(&EnvelopeMeta::new(
+                me.clone(),
+                rs_common::Timestamp::now(),
+            ));
+            for m in &take {
+                w.push(m);
+            }
+            let enc = w.finish();
+            let r = http
+                .post(format!("http://{a}/rs/v1/envelope"))
+                .header("content-type", enc.content_type)
+                .body(enc.body)
+                .send()
+                .await;
+            let Ok(r) = r
+                .map_err(|_| ())
+                .and_then(|r| if r.status() == 200 { Ok(r) } else { Err(()) })
+            else {
+                failures += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            };
+            let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+            let reply = rs_common::codec::decode_headers(
+                &ct,
+                r.bytes().await.unwrap(),
+                &rs_common::codec::Limits::default(),
+            )
+            .unwrap();
+            let accepted: std::collections::HashSet<_> = reply
+                .meta
+                .outcomes
+                .iter()
+                .filter(|(_, o)| *o == rs_common::Outcome::Accepted)
+                .map(|(id, _)| id.clone())
+                .collect();
+            retried += (take.len() - accepted.len()) as u64;
+            pending.retain(|m| !accepted.contains(&m.header.id));
+            if let Some(wait) = reply.meta.advice.and_then(|a| a.resume_after) {
+                advised += 1;
+                tokio::time::sleep(wait).await;
+            }
+        }
+        (failures, retried, advised)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_thousand_proxies_reconnecting_at_once_drain_without_refusals() {
+        let dir = tmp("storm");
+        let mut d = Deployment::new(&dir, exe()).unwrap();
+        let a = d.appserver("127.0.0.1:0", "busy_envelopes = 16").unwrap();
+        const PROXIES: usize = 1000;
+        const BACKLOG: usize = 20;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(PROXIES)
+            .build()
+            .unwrap();
+        let tasks: Vec<_> = (0..PROXIES)
+            .map(|i| tokio::spawn(reconnecting_proxy(http.clone(), a.clone(), i, BACKLOG, 10)))
+            .collect();
+        let (mut failures, mut retried, mut advised) = (0, 0, 0);
+        for t in tasks {
+            let (f, r, ad) = t.await.unwrap();
+            failures += f;
+            retried += r;
+            advised += ad;
+        }
+        let ids = rs_tests::deploy::stored_ids(&dir.join("appserver")).unwrap();
+        let storm = ids.len();
+        let unique: HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), storm, "nothing stored twice");
+        assert!(storm >= PROXIES * BACKLOG, "{storm} stored");
+        // The server had room: it refused nothing and no POST failed; it
+        // slowed the callers down instead.
+        assert_eq!((failures, retried), (0, 0));
+        assert!(advised > 0, "the server advised waits under load");
+        let am = server_metrics(&a).await.unwrap();
+        assert_eq!(am.get("messages.retried"), Some(&0));
+        assert!(am.get("replies.advised_wait") > Some(&0));
+        d.stop_all();
+    }
 }
