@@ -80,7 +80,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// A 2 KB alarm request.
-fn alarm(i: u64) -> SendRequest {
+pub(crate) fn alarm(i: u64) -> SendRequest {
     let mut text = format!("bench alarm {i}: file system /var/lib/db usage above threshold; ");
     while text.len() < 1700 {
         text.push_str("inode pressure rising on db01, write latency up; ");
@@ -124,7 +124,7 @@ async fn load(socket: &Path, n: u64, clients: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn stored(app: &str) -> u64 {
+pub(crate) async fn stored(app: &str) -> u64 {
     server_metrics(app)
         .await
         .ok()

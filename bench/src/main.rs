@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 mod backchannel;
 mod forward;
+mod throttle;
 
 /// One figure, as `docs/benchmarks.json` holds it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -263,12 +264,17 @@ fn main() {
     };
     let json = root().join("docs/benchmarks.json");
     let mut figs = load(&json);
+    let before = figs.clone();
     if !report_only {
         let mut groups: Vec<(&str, Group)> = vec![
             ("codec", Box::new(codec)),
             (
                 "forward",
                 Box::new(move || forward::run(&settings).map_err(|e| format!("{e:#}"))),
+            ),
+            (
+                "throttle",
+                Box::new(move || throttle::run(&before).map_err(|e| format!("{e:#}"))),
             ),
             (
                 "backchannel",

@@ -241,6 +241,19 @@ struct Compiled {
     exempt_severity: Option<Severity>,
     messages: Option<Limiter>,
     bytes: Option<(Limiter, u32)>,
+    /// Time-zone arithmetic is the costly part of a check, and its answers
+    /// hold for a while: the window's state for the current UTC minute
+    /// (zone offsets are whole minutes, windows minute-grained), and the
+    /// current quota period.
+    cache: Mutex<Cache>,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    /// (UTC minute, open then).
+    window: Option<(i64, bool)>,
+    /// (start, end) of the quota period.
+    period: Option<(i64, i64)>,
 }
 
 fn limiter(per_sec: f64, burst_secs: f64, clock: &GovClock) -> Result<(Limiter, u32), String> {
@@ -317,6 +330,7 @@ impl Compiled {
             exempt_severity,
             messages,
             bytes,
+            cache: Mutex::new(Cache::default()),
         })
     }
 
@@ -368,6 +382,21 @@ impl Compiled {
     /// Outside the window: how long until it opens.
     fn closed_for(&self, now: Timestamp) -> Option<Duration> {
         let w = self.window?;
+        let minute = now.as_millis().div_euclid(60_000);
+        if let Ok(c) = self.cache.lock()
+            && let Some((m, true)) = c.window
+            && m == minute
+        {
+            return None;
+        }
+        let closed = self.closed_for_uncached(w, now);
+        if let Ok(mut c) = self.cache.lock() {
+            c.window = Some((minute, closed.is_none()));
+        }
+        closed
+    }
+
+    fn closed_for_uncached(&self, w: Window, now: Timestamp) -> Option<Duration> {
         let dt = self.local(now);
         let minute =
             u16::try_from(dt.hour()).unwrap_or(0) * 60 + u16::try_from(dt.minute()).unwrap_or(0);
@@ -414,6 +443,21 @@ impl Compiled {
     /// The quota period containing `now`: (start, end) in ms, local days or
     /// hours of the rule's zone (a DST day is 23 or 25 hours long).
     fn period(&self, now: Timestamp) -> (i64, i64) {
+        let t = now.as_millis();
+        if let Ok(c) = self.cache.lock()
+            && let Some((s, e)) = c.period
+            && (s..e).contains(&t)
+        {
+            return (s, e);
+        }
+        let p = self.period_uncached(now);
+        if let Ok(mut c) = self.cache.lock() {
+            c.period = Some(p);
+        }
+        p
+    }
+
+    fn period_uncached(&self, now: Timestamp) -> (i64, i64) {
         let dt = self.local(now);
         let midnight = jiff::civil::time(0, 0, 0, 0);
         let fallback = (now.as_millis(), now.as_millis() + 3_600_000);
