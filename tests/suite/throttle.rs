@@ -319,6 +319,50 @@ fn severe_alarms_and_high_precedence_pass_a_closed_throttle() {
 }
 
 #[test]
+fn the_throttle_document_round_trips_and_validates_against_its_dtd() {
+    let cfg = ThrottleConfig {
+        rule: vec![
+            night_bulk(),
+            Rule {
+                name: "site-x".into(),
+                customer: Some("acme".into()),
+                per: Per::Customer,
+                bytes_per_sec: Some(1_000_000),
+                burst_secs: Some(2.5),
+                quota_bytes: Some(10_000_000_000),
+                quota_period: Some(Period::Day),
+                exempt_severity: Some("major".into()),
+                exempt_precedence: Some(8),
+                messages_per_sec: Some(0.5),
+                kind: Some("data".into()),
+                component: Some("acme.p1".into()),
+                ..Rule::default()
+            },
+        ],
+        min_free_disk_mb: Some(512),
+        max_bulk_transfers: Some(4),
+    };
+    let doc = rs_common::throttle::encode_throttle(&cfg);
+    let back =
+        rs_common::throttle::decode_throttle(&doc, &rs_common::codec::Limits::default()).unwrap();
+    assert_eq!(back, cfg);
+    let f = std::env::temp_dir().join(format!("rs-throttle-{}.xml", std::process::id()));
+    std::fs::write(&f, &doc).unwrap();
+    let out = std::process::Command::new("xmllint")
+        .args(["--noout", "--nonet", "--dtdvalid"])
+        .arg(rs_tests::repo_root().join("dtd/control-api.dtd"))
+        .arg(&f)
+        .output()
+        .expect("xmllint (libxml2-utils)");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&doc),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn bad_rules_are_refused_with_the_reason() {
     let c = FakeClock::at("2026-11-24T12:00:00Z");
     let bad = |r: Rule| {
