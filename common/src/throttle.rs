@@ -514,9 +514,57 @@ pub struct Throttle {
     /// Messages held back, per rule (since start).
     held: Mutex<HashMap<String, u64>>,
     disk: Option<(std::path::PathBuf, u64)>,
+    /// Bulk transfers under way, and the cap.
+    bulk: Arc<std::sync::atomic::AtomicU32>,
+    max_bulk: Option<u32>,
+}
+
+/// Held while one bulk transfer runs; dropping it frees its place.
+#[derive(Debug)]
+pub struct BulkPermit(Arc<std::sync::atomic::AtomicU32>);
+
+impl Drop for BulkPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Throttle {
+    /// The accept/refuse decision for a bulk transfer (an upload offered
+    /// from below, a download to fetch): the rules as for any message of
+    /// `s` (typically class `bulk`, its size in `bytes`), then the cap on
+    /// transfers at once. The permit is held for the transfer.
+    pub fn bulk_permit(&self, s: &Subject<'_>) -> Result<BulkPermit, Decision> {
+        use std::sync::atomic::Ordering;
+        if let Some(max) = self.max_bulk {
+            let taken = self
+                .bulk
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok();
+            if !taken {
+                return Err(self.hold(
+                    "bulk",
+                    Duration::from_secs(30),
+                    format!("{max} bulk transfers are under way already"),
+                ));
+            }
+        } else {
+            self.bulk.fetch_add(1, Ordering::AcqRel);
+        }
+        let permit = BulkPermit(self.bulk.clone());
+        match self.check(s) {
+            Decision::Admit => Ok(permit),
+            wait => Err(wait),
+        }
+    }
+
+    /// Bulk transfers under way.
+    pub fn bulk_transfers(&self) -> u32 {
+        self.bulk.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Compiles `cfg`; `usage` keeps quota counters across restarts;
     /// `data_dir` is where the free-disk floor is measured.
     pub fn new(
@@ -540,6 +588,8 @@ impl Throttle {
             usage,
             counts: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
+            bulk: Arc::new(std::sync::atomic::AtomicU32::new(0)),
+            max_bulk: cfg.max_bulk_transfers,
             disk: match (cfg.min_free_disk_mb, data_dir) {
                 (Some(mb), Some(d)) => Some((d.to_path_buf(), mb * 1024 * 1024)),
                 _ => None,

@@ -363,6 +363,55 @@ fn the_throttle_document_round_trips_and_validates_against_its_dtd() {
 }
 
 #[test]
+fn bulk_transfers_are_capped_and_ask_the_same_rules() {
+    let c = FakeClock::at("2026-11-24T12:00:00Z"); // 13:00 in Berlin: outside night-bulk
+    let cfg = ThrottleConfig {
+        rule: vec![night_bulk()],
+        max_bulk_transfers: Some(2),
+        ..ThrottleConfig::default()
+    };
+    let t = Throttle::new(&cfg, c.clone(), None, None).unwrap();
+    let upload = Msg::new("acme.p1", "bulk", 2_000_000_000);
+    // By day the window refuses, and the refused transfer holds no place.
+    assert!(t.bulk_permit(&upload.subject()).is_err());
+    assert_eq!(t.bulk_transfers(), 0);
+    c.set("2026-11-24T22:00:00Z"); // 23:00 in Berlin
+    let p1 = t.bulk_permit(&upload.subject()).unwrap();
+    let _p2 = t.bulk_permit(&upload.subject()).unwrap();
+    match t.bulk_permit(&upload.subject()) {
+        Err(Decision::Wait { why, .. }) => assert!(why.contains("2 bulk transfers"), "{why}"),
+        other => panic!("a third transfer at once: {other:?}"),
+    }
+    drop(p1);
+    assert!(t.bulk_permit(&upload.subject()).is_ok());
+}
+
+#[test]
+fn below_the_free_disk_floor_everything_waits() {
+    let c = FakeClock::at("2026-11-24T12:00:00Z");
+    let dir = std::env::temp_dir();
+    // A floor above any disk's size: the data disk is always "too full".
+    let cfg = ThrottleConfig {
+        min_free_disk_mb: Some(u64::MAX / (2 << 20)),
+        ..ThrottleConfig::default()
+    };
+    let t = Throttle::new(&cfg, c.clone(), None, Some(&dir)).unwrap();
+    match t.check(&Msg::new("acme.p1", "inventory", 10).subject()) {
+        Decision::Wait { why, .. } => assert!(why.contains("free on the data disk"), "{why}"),
+        Decision::Admit => panic!("admitted below the disk floor"),
+    }
+    let cfg = ThrottleConfig {
+        min_free_disk_mb: Some(1),
+        ..ThrottleConfig::default()
+    };
+    let t = Throttle::new(&cfg, c.clone(), None, Some(&dir)).unwrap();
+    assert_eq!(
+        t.check(&Msg::new("acme.p1", "inventory", 10).subject()),
+        Decision::Admit
+    );
+}
+
+#[test]
 fn bad_rules_are_refused_with_the_reason() {
     let c = FakeClock::at("2026-11-24T12:00:00Z");
     let bad = |r: Rule| {
