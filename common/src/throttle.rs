@@ -709,9 +709,10 @@ impl Throttle {
                 }
             }
         }
-        // Admitted: count it against every quota it matched.
+        // Admitted: count it for every rule it matched (quotas read these;
+        // status shows them for every rule).
         if let Ok(mut c) = self.counts.lock() {
-            for r in matching.iter().filter(|r| r.rule.quota_bytes.is_some()) {
+            for r in &matching {
                 let (start, _) = r.period(now);
                 let e = c.entry((r.rule.name.clone(), r.key(s), start)).or_default();
                 e.bytes += s.bytes;

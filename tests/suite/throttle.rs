@@ -527,6 +527,56 @@ mod on_daemons {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn when_throttled_higher_precedence_goes_first() {
+        let dir = tmp("throttle-precedence");
+        let mut d = Deployment::new(&dir, exe()).unwrap();
+        let a = d.appserver("127.0.0.1:0", "").unwrap();
+        let s = d
+            .proxy(
+                "p1",
+                "acme.p1",
+                std::slice::from_ref(&a),
+                &Extra {
+                    tables: "[[throttle.rule]]\nname = \"slow\"\nclass = \"monitoring\"\nmessages_per_sec = 10.0\n"
+                        .into(),
+                    ..Extra::default()
+                },
+            )
+            .unwrap();
+        let c = register(&s).await;
+        let mut low = HashSet::new();
+        for i in 0..40 {
+            low.insert(
+                c.send("alarm", &alarm(&format!("low {i}"), Some(2)))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut high = HashSet::new();
+        for i in 0..5 {
+            high.insert(
+                c.send("alarm", &alarm(&format!("high {i}"), Some(9)))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let all: HashSet<String> = low.union(&high).cloned().collect();
+        assert!(all_stored(&dir, &all, Duration::from_secs(60)));
+        // In storage order, the urgent ones overtook most of the backlog.
+        let order = rs_tests::deploy::stored_ids(&dir.join("appserver")).unwrap();
+        let pos = |id: &String| order.iter().position(|x| x == id).unwrap();
+        let last_high = high.iter().map(pos).max().unwrap();
+        let low_after = low.iter().filter(|id| pos(id) > last_high).count();
+        assert!(
+            low_after >= 20,
+            "only {low_after} of 40 low-precedence messages came after the urgent ones"
+        );
+        let pm = proxy_metrics(&s).await.unwrap();
+        assert!(pm.get("throttle.held") > Some(&0));
+        d.stop_all();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_throttled_forwarder_refuses_for_now_and_everything_arrives_later() {
         let dir = tmp("throttle-forwarder");
         let mut d = Deployment::new(&dir, exe()).unwrap();
