@@ -39,6 +39,19 @@ pub struct Config {
     /// been lost).
     #[serde(default = "default_offer_again")]
     pub offer_again_secs: u64,
+    /// Processors taking up peripheral tasks (webhook deliveries).
+    #[serde(default = "default_processors")]
+    pub processors: usize,
+    /// A task taken by a processor that neither completes nor fails it
+    /// within this many seconds (it died) is taken up again.
+    #[serde(default = "default_visibility")]
+    pub task_visibility_secs: u64,
+    /// Attempts before a task goes to the failed-task queue.
+    #[serde(default = "default_max_attempts")]
+    pub task_max_attempts: u32,
+    /// How long a webhook may take to answer one delivery.
+    #[serde(default = "default_webhook_timeout")]
+    pub webhook_timeout_secs: u64,
     /// Envelopes handled at once above which replies advise callers to
     /// wait before their next POST (backpressure).
     #[serde(default = "default_busy_envelopes")]
@@ -121,4 +134,17 @@ fn default_offer_again() -> u64 {
 
 fn default_busy_envelopes() -> usize {
     256
+}
+
+fn default_processors() -> usize {
+    4
+}
+fn default_visibility() -> u64 {
+    60
+}
+fn default_max_attempts() -> u32 {
+    8
+}
+fn default_webhook_timeout() -> u64 {
+    10
 }

@@ -131,6 +131,75 @@ pub fn routes(
                 async move { put_throttle(&app, &body).await }
             })
     };
+    let subs_post = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "subscriptions")
+            .and(warp::post())
+            .and(small_body())
+            .and_then(move |body: bytes::Bytes| {
+                let app = app.clone();
+                async move { subscribe(&app, &body).await }
+            })
+    };
+    let subs_get = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "subscriptions")
+            .and(warp::get())
+            .and_then(move || {
+                let app = app.clone();
+                async move { subscriptions(&app).await }
+            })
+    };
+    let subs_delete = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "subscriptions" / String)
+            .and(warp::delete())
+            .and_then(move |name: String| {
+                let app = app.clone();
+                async move {
+                    match app.store.unsubscribe(name.clone()).await {
+                        Ok(true) => Ok(warp::reply::Reply::into_response(
+                            http::StatusCode::NO_CONTENT,
+                        )),
+                        Ok(false) => Err(refuse(
+                            http::StatusCode::NOT_FOUND,
+                            format!("no subscription {name:?}"),
+                        )),
+                        Err(e) => Err(unavailable(e)),
+                    }
+                }
+            })
+    };
+    let feed = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "subscriptions" / String / "feed")
+            .and(warp::get())
+            .and(warp::query::<HashMap<String, String>>())
+            .and_then(move |name: String, q| {
+                let app = app.clone();
+                async move { feed(&app, name, q).await }
+            })
+    };
+    let tasks = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "tasks")
+            .and(warp::get())
+            .and(warp::query::<HashMap<String, String>>())
+            .and_then(move |q| {
+                let app = app.clone();
+                async move { tasks(&app, q).await }
+            })
+    };
+    let replay = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "tasks" / "replay")
+            .and(warp::post())
+            .and(warp::query::<HashMap<String, String>>())
+            .and_then(move |q| {
+                let app = app.clone();
+                async move { replay(&app, q).await }
+            })
+    };
     let tags = warp::path!("rs" / "v1" / "control" / "components" / String / "tags")
         .and(warp::put())
         .and(small_body())
@@ -161,6 +230,226 @@ pub fn routes(
         .unify()
         .or(throttle_put)
         .unify()
+        .or(subs_post)
+        .unify()
+        .or(subs_get)
+        .unify()
+        .or(subs_delete)
+        .unify()
+        .or(feed)
+        .unify()
+        .or(tasks)
+        .unify()
+        .or(replay)
+        .unify()
+}
+
+fn def_of(s: &crate::collector::Subscription) -> rs_common::codec::api::SubscriptionDef {
+    rs_common::codec::api::SubscriptionDef {
+        name: s.name.clone(),
+        class: s.class.clone(),
+        subclass: s.subclass.clone(),
+        customer: s.customer.clone(),
+        source: s.source.as_deref().and_then(|x| RsId::new(x).ok()),
+        kind: s.kind.clone(),
+        min_severity: s.min_severity,
+        url: match &s.delivery {
+            crate::collector::Delivery::Webhook(u) => Some(u.clone()),
+            crate::collector::Delivery::Feed => None,
+        },
+    }
+}
+
+/// `GET /rs/v1/control/subscriptions`: each with its task counts.
+async fn subscriptions(app: &AppServer) -> Result<warp::reply::Response, warp::Rejection> {
+    let list = app.store.subscriptions().await.map_err(unavailable)?;
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    x.open("subscriptions")
+        .attr_num("count", list.len() as u64)
+        .gt()
+        .newline();
+    for (s, c) in &list {
+        rs_common::codec::api::write_subscription(
+            &mut x,
+            &def_of(s),
+            Some((c.pending, c.done, c.failed)),
+        );
+        x.newline();
+    }
+    x.close("subscriptions").newline();
+    Ok(xml_response(buf))
+}
+
+/// `POST /rs/v1/control/subscriptions`: creates or replaces one (by name);
+/// messages stored from then on are delivered to it.
+async fn subscribe(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, warp::Rejection> {
+    let d = rs_common::codec::api::decode_subscription(body, &rs_common::codec::Limits::default())
+        .map_err(|e| refuse(http::StatusCode::BAD_REQUEST, format!("subscription: {e}")))?;
+    let s = crate::collector::Subscription {
+        id: 0,
+        name: d.name.clone(),
+        class: d.class.clone(),
+        subclass: d.subclass.clone(),
+        customer: d.customer.clone(),
+        source: d.source.as_ref().map(|x| x.to_string()),
+        kind: d.kind.clone(),
+        min_severity: d.min_severity,
+        delivery: match &d.url {
+            Some(u) => crate::collector::Delivery::Webhook(u.clone()),
+            None => crate::collector::Delivery::Feed,
+        },
+    };
+    app.store
+        .subscribe(s, app.clock.now())
+        .await
+        .map_err(unavailable)?;
+    subscriptions(app).await
+}
+
+fn num(q: &HashMap<String, String>, k: &str, max: i64) -> Result<Option<i64>, warp::Rejection> {
+    q.get(k)
+        .map(|v| {
+            v.parse::<i64>()
+                .ok()
+                .filter(|n| (0..=max).contains(n))
+                .ok_or_else(|| {
+                    refuse(
+                        http::StatusCode::BAD_REQUEST,
+                        format!("{k} {v:?}: a number from 0 to {max}"),
+                    )
+                })
+        })
+        .transpose()
+}
+
+/// `GET .../subscriptions/{name}/feed?after=CURSOR&limit=N&wait=S`: the
+/// messages after the cursor, oldest first; passing a cursor acknowledges
+/// everything up to it. Held up to `wait` seconds while there is nothing.
+async fn feed(
+    app: &AppServer,
+    name: String,
+    q: HashMap<String, String>,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    for k in q.keys() {
+        if !["after", "limit", "wait"].contains(&k.as_str()) {
+            return Err(refuse(
+                http::StatusCode::BAD_REQUEST,
+                format!("unknown parameter {k:?}"),
+            ));
+        }
+    }
+    let after = num(&q, "after", i64::MAX)?;
+    let limit = num(&q, "limit", 1000)?.unwrap_or(100).max(1) as usize;
+    let wait = num(&q, "wait", 60)?.unwrap_or(25);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait as u64);
+    let mut changes = app.feed_ready.subscribe();
+    loop {
+        changes.borrow_and_update();
+        let rows = app
+            .store
+            .feed(name.clone(), after, limit, app.clock.now())
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| {
+                refuse(
+                    http::StatusCode::NOT_FOUND,
+                    format!("no feed subscription {name:?}"),
+                )
+            })?;
+        let held = rows.is_empty() && tokio::time::Instant::now() < deadline;
+        if !held {
+            let mut msgs = Vec::with_capacity(rows.len());
+            for (task, id) in &rows {
+                if let Some(r) = app
+                    .store
+                    .query(Query {
+                        id: Some(id.clone()),
+                        limit: 1,
+                        ..Query::default()
+                    })
+                    .await
+                    .map_err(unavailable)?
+                    .pop()
+                {
+                    msgs.push((Some(*task), r));
+                }
+            }
+            let tagged: Vec<(Option<i64>, &crate::store::Row)> =
+                msgs.iter().map(|(t, r)| (*t, r)).collect();
+            let cursor = rows.last().map(|(t, _)| *t).or(after);
+            return Ok(xml_response(messages_doc_tagged(&tagged, cursor)));
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return Err(unavailable("stopping")) },
+            () = tokio::time::sleep_until(deadline) => {}
+            () = app.stopping.cancelled() => {}
+        }
+    }
+}
+
+/// `GET /rs/v1/control/tasks?state=failed&limit=N`: the collector's tasks.
+async fn tasks(
+    app: &AppServer,
+    q: HashMap<String, String>,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let state = q.get("state").cloned().unwrap_or_else(|| "failed".into());
+    if !["ready", "taken", "done", "failed"].contains(&state.as_str()) {
+        return Err(refuse(
+            http::StatusCode::BAD_REQUEST,
+            format!("state {state:?}: ready, taken, done or failed"),
+        ));
+    }
+    let limit = num(&q, "limit", 10_000)?.unwrap_or(100).max(1) as usize;
+    let rows = app.store.tasks(state, limit).await.map_err(unavailable)?;
+    let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    x.open("tasks")
+        .attr_num("count", rows.len() as u64)
+        .gt()
+        .newline();
+    for t in &rows {
+        x.open("task")
+            .attr_num("id", u64::try_from(t.id).unwrap_or(0))
+            .attr("subscription", &t.sub)
+            .attr("message", &t.message)
+            .attr("state", &t.state)
+            .attr_num("attempts", u64::from(t.attempts))
+            .attr_ts("created", ts(t.created));
+        match &t.last_error {
+            Some(e) => {
+                x.gt().text(e).close("task");
+            }
+            None => {
+                x.empty();
+            }
+        }
+        x.newline();
+    }
+    x.close("tasks").newline();
+    Ok(xml_response(buf))
+}
+
+/// `POST /rs/v1/control/tasks/replay[?id=N]`: failed tasks become ready.
+async fn replay(
+    app: &AppServer,
+    q: HashMap<String, String>,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let id = num(&q, "id", i64::MAX)?;
+    let n = app
+        .store
+        .replay(id, app.clock.now())
+        .await
+        .map_err(unavailable)?;
+    app.tasks_ready.notify_waiters();
+    let mut buf = Vec::new();
+    XmlOut::document(&mut buf)
+        .open("replayed")
+        .attr_num("count", n)
+        .empty()
+        .newline();
+    Ok(xml_response(buf))
 }
 
 /// `PUT /rs/v1/control/throttle`: replaces this server's throttle, checked
@@ -211,6 +500,11 @@ pub async fn status_tree(app: &AppServer) -> StatusNode {
         (
             "replies.advised_wait",
             app.load.advised.load(Ordering::Relaxed),
+        ),
+        ("tasks.done", s.tasks_done.load(Ordering::Relaxed)),
+        (
+            "tasks.failed_attempts",
+            s.tasks_failed.load(Ordering::Relaxed),
         ),
     ];
     let throttle = app.current_throttle().metrics();
@@ -297,15 +591,32 @@ async fn messages(
         .query(query)
         .await
         .map_err(|e| refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(xml_response(messages_doc(&rows)))
+}
+
+/// The `<messages>` document of stored messages (the query answer, and
+/// each webhook delivery with one message).
+pub fn messages_doc(rows: &[crate::store::Row]) -> Vec<u8> {
+    let tagged: Vec<(Option<i64>, &crate::store::Row)> = rows.iter().map(|r| (None, r)).collect();
+    messages_doc_tagged(&tagged, None)
+}
+
+/// `<messages>` with each message's task ID (a feed) and the feed's cursor.
+pub fn messages_doc_tagged(
+    rows: &[(Option<i64>, &crate::store::Row)],
+    cursor: Option<i64>,
+) -> Vec<u8> {
     let mut buf = Vec::with_capacity(256 + rows.len() * 1024);
     let mut x = XmlOut::document(&mut buf);
-    x.open("messages")
-        .attr_num("count", rows.len() as u64)
-        .gt()
-        .newline();
-    for r in &rows {
+    x.open("messages").attr_num("count", rows.len() as u64);
+    if let Some(c) = cursor {
+        x.attr_num("cursor", u64::try_from(c).unwrap_or(0));
+    }
+    x.gt().newline();
+    for (task, r) in rows {
         let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
         x.open("message")
+            .attr_num_opt("task", task.and_then(|t| u64::try_from(t).ok()))
             .attr("id", &r.id)
             .attr("type", &r.kind)
             .attr("component", &r.component)
@@ -343,7 +654,7 @@ async fn messages(
         x.close("message").newline();
     }
     x.close("messages").newline();
-    Ok(xml_response(buf))
+    buf
 }
 
 /// The offset just after an XML declaration at the start of `doc`.

@@ -27,6 +27,9 @@ pub struct Stats {
     pub retried: AtomicU64,
     /// Of the retried: held back by the throttle.
     pub throttled: AtomicU64,
+    /// Peripheral tasks completed, and attempts that failed.
+    pub tasks_done: AtomicU64,
+    pub tasks_failed: AtomicU64,
 }
 
 pub fn route(
@@ -157,6 +160,11 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
     if !batch.is_empty() {
         match app.store.ingest(batch, now).await {
             Ok(results) => {
+                if results.contains(&crate::store::Stored::New) {
+                    // Peripheral work waits for the processors.
+                    app.tasks_ready.notify_waiters();
+                    app.feed_ready.send_modify(|v| *v += 1);
+                }
                 for (slot, r) in slots.iter().zip(results) {
                     if r == Stored::Duplicate {
                         app.stats.duplicates.fetch_add(1, Ordering::Relaxed);

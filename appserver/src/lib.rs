@@ -5,6 +5,7 @@
 //! `GET /rs/v1/status` and the read side of the control API
 //! (`/rs/v1/control/messages`, `/rs/v1/control/components`).
 
+pub mod collector;
 pub mod config;
 pub mod control;
 pub mod ingress;
@@ -42,6 +43,10 @@ pub struct AppServer {
     pub throttle: std::sync::RwLock<Arc<rs_common::throttle::Throttle>>,
     /// Envelopes being handled (backpressure advice).
     pub load: rs_common::ingress::Load,
+    /// Woken when peripheral tasks are queued (idle processors wait on it).
+    pub tasks_ready: tokio::sync::Notify,
+    /// Woken when a feed subscription may have something new.
+    pub feed_ready: tokio::sync::watch::Sender<u64>,
     /// Its configuration, as the API shows it.
     pub throttle_cfg: std::sync::RwLock<rs_common::throttle::ThrottleConfig>,
 }
@@ -84,6 +89,8 @@ impl AppServer {
             throttle: std::sync::RwLock::new(Arc::new(throttle)),
             throttle_cfg: std::sync::RwLock::new(cfg.throttle.clone()),
             load: rs_common::ingress::Load::new(cfg.busy_envelopes),
+            tasks_ready: tokio::sync::Notify::new(),
+            feed_ready: tokio::sync::watch::Sender::new(0),
             stats: ingress::Stats::default(),
             started: rs_common::Timestamp::now(),
             outbox_ready: Arc::new(tokio::sync::Notify::new()),
@@ -164,6 +171,16 @@ pub async fn run(
         });
     }
     let expire = tokio::spawn(jobs::expire(app.clone(), shutdown.clone()));
+    let pool = tokio::spawn(collector::run_pool(
+        app.clone(),
+        collector::PoolConfig {
+            processors: app.cfg.processors,
+            visibility: Duration::from_secs(app.cfg.task_visibility_secs.max(1)),
+            max_attempts: app.cfg.task_max_attempts.max(1),
+            timeout: Duration::from_secs(app.cfg.webhook_timeout_secs.max(1)),
+        },
+        shutdown.clone(),
+    ));
     let flush = {
         let app = app.clone();
         let stop = shutdown.clone();
@@ -194,6 +211,7 @@ pub async fn run(
     serve_tcp(listener, app.routes(), ServeConfig::default(), shutdown).await;
     let _ = purge.await;
     let _ = expire.await;
+    let _ = pool.await;
     let _ = flush.await;
     let _ = push.await;
     tracing::info!("rs-appserver stopped");

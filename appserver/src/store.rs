@@ -97,6 +97,34 @@ CREATE TABLE IF NOT EXISTS job_targets (
     result  TEXT,
     PRIMARY KEY (job, dest)
 );
+CREATE TABLE IF NOT EXISTS subscriptions (
+    id           INTEGER PRIMARY KEY,
+    name         TEXT    NOT NULL UNIQUE,
+    class        TEXT,
+    subclass     TEXT,
+    customer     TEXT,
+    source       TEXT,
+    type         TEXT,
+    min_severity INTEGER,
+    delivery     TEXT    NOT NULL,
+    url          TEXT,
+    created      INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id         INTEGER PRIMARY KEY,
+    sub        INTEGER NOT NULL,
+    message    TEXT    NOT NULL,
+    state      TEXT    NOT NULL DEFAULT 'ready',
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    visible_at INTEGER NOT NULL,
+    taken_by   TEXT,
+    last_error TEXT,
+    created    INTEGER NOT NULL,
+    done_at    INTEGER,
+    UNIQUE (sub, message)
+);
+CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, visible_at);
+CREATE INDEX IF NOT EXISTS tasks_sub   ON tasks (sub, state, id);
 CREATE TABLE IF NOT EXISTS settings (
     name  TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -159,6 +187,8 @@ pub struct ComponentRow {
 /// Selects stored messages.
 #[derive(Debug, Clone, Default)]
 pub struct Query {
+    /// One message by ID.
+    pub id: Option<String>,
     pub component: Option<String>,
     pub class: Option<String>,
     pub subclass: Option<String>,
@@ -182,7 +212,7 @@ pub struct StoreStats {
 /// Handle to the store.
 #[derive(Debug, Clone)]
 pub struct Store {
-    db: Db<Plain>,
+    pub(crate) db: Db<Plain>,
 }
 
 fn severity_rank(s: Severity) -> i64 {
@@ -237,6 +267,10 @@ impl Store {
                 let mut out = Vec::with_capacity(batch.len());
                 let (mut new, mut dup) = (0, 0);
                 let mut touched = std::collections::HashSet::new();
+                // Peripheral work is queued in this same transaction: a
+                // stored message always has its tasks, and no task exists
+                // without its message.
+                let subs = crate::collector::subscriptions_in(&s.0)?;
                 for inc in &batch {
                     let m = &inc.msg;
                     let Some(src) = m.header.source() else {
@@ -272,6 +306,7 @@ impl Store {
                     }
                     new += 1;
                     out.push(Stored::New);
+                    crate::collector::queue_tasks(&s.0, &subs, inc, now)?;
                     // One update per component per batch is enough.
                     if touched.insert(src.component.as_str().to_owned()) {
                         upsert_component(&s.0, &src.component, &src.version, &via, now)?;
@@ -312,6 +347,9 @@ impl Store {
                     args.push(v);
                     sql.push_str(&format!(" AND {cond} ?{}", args.len()));
                 };
+                if let Some(c) = q.id {
+                    add("id =", c.into());
+                }
                 if let Some(c) = q.component {
                     add("component =", c.into());
                 }

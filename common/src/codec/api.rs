@@ -437,3 +437,88 @@ pub fn decode_components(bytes: &[u8], limits: &Limits) -> Result<Vec<Component>
     x.finish()?;
     Ok(out)
 }
+
+/// A subscription, as `POST /rs/v1/control/subscriptions` takes it: which
+/// stored messages (every attribute given must match) and how they are
+/// delivered (`webhook` with a `url`, or `feed`, pulled).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SubscriptionDef {
+    pub name: String,
+    pub class: Option<String>,
+    pub subclass: Option<String>,
+    pub customer: Option<String>,
+    pub source: Option<RsId>,
+    pub kind: Option<String>,
+    pub min_severity: Option<crate::model::Severity>,
+    /// `None`: a feed.
+    pub url: Option<String>,
+}
+
+pub fn encode_subscription(s: &SubscriptionDef) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    write_subscription(&mut x, s, None);
+    x.newline();
+    buf
+}
+
+/// Writes one `<subscription>`; with counts (pending, done, failed).
+pub fn write_subscription(
+    x: &mut XmlOut<'_>,
+    s: &SubscriptionDef,
+    counts: Option<(u64, u64, u64)>,
+) {
+    x.open("subscription")
+        .attr("name", &s.name)
+        .attr_opt("class", s.class.as_deref())
+        .attr_opt("sub", s.subclass.as_deref())
+        .attr_opt("customer", s.customer.as_deref())
+        .attr_opt("source", s.source.as_ref().map(RsId::as_str))
+        .attr_opt("type", s.kind.as_deref())
+        .attr_opt(
+            "min-severity",
+            s.min_severity.map(crate::model::Severity::as_str),
+        )
+        .attr("delivery", if s.url.is_some() { "webhook" } else { "feed" })
+        .attr_opt("url", s.url.as_deref());
+    if let Some((p, d, f)) = counts {
+        x.attr_num("pending", p)
+            .attr_num("done", d)
+            .attr_num("failed", f);
+    }
+    x.empty();
+}
+
+pub fn decode_subscription(bytes: &[u8], limits: &Limits) -> Result<SubscriptionDef, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("subscription")?;
+    let delivery = root.req("delivery")?;
+    let url = root.opt_with("url", notify_url)?;
+    match (delivery, &url) {
+        ("webhook", Some(_)) | ("feed", None) => {}
+        _ => {
+            return Err(root.bad("delivery", "webhook (with a url) or feed (without one)"));
+        }
+    }
+    let s = SubscriptionDef {
+        name: root.req_with("name", token)?,
+        class: root.opt_with("class", token)?,
+        subclass: root.opt_with("sub", token)?,
+        customer: root.opt_with("customer", |s| {
+            CustomerId::new(s).map(|c| c.as_str().to_owned())
+        })?,
+        source: root.opt_with("source", |s| RsId::new(s))?,
+        kind: root.opt_with("type", |s| {
+            crate::model::ContentKind::parse(s)
+                .map(|k| k.as_str().to_owned())
+                .ok_or("not a content type")
+        })?,
+        min_severity: root.opt_with("min-severity", |s| {
+            crate::model::Severity::parse(s).ok_or("critical, major, minor, warning or info")
+        })?,
+        url,
+    };
+    x.end(&root)?;
+    x.finish()?;
+    Ok(s)
+}

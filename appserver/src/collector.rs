@@ -1,0 +1,552 @@
+//! Peripheral work (seeds 000/001): the durable collector queue, its
+//! processors, and the subscriptions that create the work.
+//!
+//! Core work (validate, deduplicate, persist) happens before the reply;
+//! for each stored message the ingest transaction also queues one *task*
+//! per matching subscription (`tasks` table), so neither exists without
+//! the other. A pool of processors takes tasks up after the reply:
+//!
+//! - a processor *claims* a task (state `taken`, `attempts` + 1, invisible
+//!   until `visible_at` = now + the visibility timeout, `taken_by` = the
+//!   processor); only the oldest unfinished task of a subscription can be
+//!   claimed, so each subscription's deliveries happen in order;
+//! - it completes the task only if its claim still stands (same `taken_by`
+//!   and `attempts`): a processor whose claim timed out and was taken over
+//!   cannot complete it too;
+//! - a failure (or a processor that died: its claim times out) makes the
+//!   task `ready` again after a backoff; after `max_attempts` it is
+//!   `failed`, listed and replayed through the control API.
+//!
+//! The task's context (the documented schema, docs/control-api.md): the
+//! subscription, the message ID, and through it the stored message with
+//! its source, class, type, severity, times and route.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::AppServer;
+use crate::store::Incoming;
+use rs_common::Timestamp;
+use rs_common::db::DbError;
+use rs_common::model::Severity;
+
+/// How a subscription's messages are delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// POST of each message's XML to this URL, in order, retried.
+    Webhook(String),
+    /// Pulled by the subscriber (`GET .../feed?after=`); nothing is pushed.
+    Feed,
+}
+
+/// A subscription: which stored messages, and how they are delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub id: i64,
+    pub name: String,
+    pub class: Option<String>,
+    pub subclass: Option<String>,
+    pub customer: Option<String>,
+    /// The source component, or anything allocated under it.
+    pub source: Option<String>,
+    pub kind: Option<String>,
+    /// Alarms and events at least this severe.
+    pub min_severity: Option<Severity>,
+    pub delivery: Delivery,
+}
+
+fn rank(s: Severity) -> i64 {
+    Severity::ALL.iter().position(|x| *x == s).unwrap_or(4) as i64
+}
+
+fn row_sub(r: &rusqlite::Row<'_>) -> rusqlite::Result<Subscription> {
+    let delivery: String = r.get(8)?;
+    let url: Option<String> = r.get(9)?;
+    Ok(Subscription {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        class: r.get(2)?,
+        subclass: r.get(3)?,
+        customer: r.get(4)?,
+        source: r.get(5)?,
+        kind: r.get(6)?,
+        min_severity: r
+            .get::<_, Option<i64>>(7)?
+            .and_then(|i| Severity::ALL.get(usize::try_from(i).ok()?).copied()),
+        delivery: match (delivery.as_str(), url) {
+            ("webhook", Some(u)) => Delivery::Webhook(u),
+            _ => Delivery::Feed,
+        },
+    })
+}
+
+const SUB_COLUMNS: &str =
+    "id, name, class, subclass, customer, source, type, min_severity, delivery, url";
+
+/// Every subscription (inside a transaction).
+pub(crate) fn subscriptions_in(conn: &Connection) -> rusqlite::Result<Vec<Subscription>> {
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {SUB_COLUMNS} FROM subscriptions ORDER BY id"
+    ))?;
+    st.query_map([], row_sub)?.collect()
+}
+
+fn matches(s: &Subscription, inc: &Incoming) -> bool {
+    let m = &inc.msg;
+    let Some(src) = m.header.source() else {
+        return false;
+    };
+    s.class.as_deref().is_none_or(|c| m.header.class.class == c)
+        && s.subclass
+            .as_deref()
+            .is_none_or(|c| m.header.class.subclass == c)
+        && s.customer
+            .as_deref()
+            .is_none_or(|c| src.component.customer().as_str() == c)
+        && s.source
+            .as_deref()
+            .is_none_or(|c| rs_common::RsId::new(c).is_ok_and(|c| src.component.is_within(&c)))
+        && s.kind.as_deref().is_none_or(|k| m.kind.as_str() == k)
+        && s.min_severity
+            .is_none_or(|min| inc.severity.is_some_and(|sev| rank(sev) <= rank(min)))
+}
+
+/// Queues one task per subscription `inc` matches (inside the ingest
+/// transaction).
+pub(crate) fn queue_tasks(
+    conn: &Connection,
+    subs: &[Subscription],
+    inc: &Incoming,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    for s in subs.iter().filter(|s| matches(s, inc)) {
+        conn.prepare_cached(
+            "INSERT INTO tasks (sub, message, visible_at, created) VALUES (?1, ?2, ?3, ?3)
+             ON CONFLICT (sub, message) DO NOTHING",
+        )?
+        .execute(params![s.id, inc.msg.header.id.as_str(), now.as_millis()])?;
+    }
+    Ok(())
+}
+
+/// A task claimed by a processor.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub sub: Subscription,
+    pub message: String,
+    pub attempts: u32,
+}
+
+/// A task, as the control API lists it.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    pub id: i64,
+    pub sub: String,
+    pub message: String,
+    pub state: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub created: i64,
+}
+
+impl crate::store::Store {
+    /// Creates (or replaces, by name) a subscription. Only messages stored
+    /// from now on are delivered to it; returns its ID.
+    pub async fn subscribe(&self, s: Subscription, now: Timestamp) -> Result<i64, DbError> {
+        self.db
+            .write(move |w| {
+                let (delivery, url) = match &s.delivery {
+                    Delivery::Webhook(u) => ("webhook", Some(u.clone())),
+                    Delivery::Feed => ("feed", None),
+                };
+                w.0.execute(
+                    "INSERT INTO subscriptions (name, class, subclass, customer, source, type, min_severity, delivery, url, created)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT (name) DO UPDATE SET class = ?2, subclass = ?3, customer = ?4, source = ?5,
+                        type = ?6, min_severity = ?7, delivery = ?8, url = ?9",
+                    params![
+                        s.name,
+                        s.class,
+                        s.subclass,
+                        s.customer,
+                        s.source,
+                        s.kind,
+                        s.min_severity.map(rank),
+                        delivery,
+                        url,
+                        now.as_millis()
+                    ],
+                )?;
+                Ok(w.0.query_row(
+                    "SELECT id FROM subscriptions WHERE name = ?1",
+                    params![s.name],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+    }
+
+    /// Deletes a subscription and its pending tasks; false if none.
+    pub async fn unsubscribe(&self, name: String) -> Result<bool, DbError> {
+        self.db
+            .write(move |w| {
+                let id: Option<i64> =
+                    w.0.query_row(
+                        "SELECT id FROM subscriptions WHERE name = ?1",
+                        params![name],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let Some(id) = id else { return Ok(false) };
+                w.0.execute("DELETE FROM tasks WHERE sub = ?1", params![id])?;
+                w.0.execute("DELETE FROM subscriptions WHERE id = ?1", params![id])?;
+                Ok(true)
+            })
+            .await
+    }
+
+    pub async fn subscriptions(&self) -> Result<Vec<(Subscription, TaskCounts)>, DbError> {
+        self.db
+            .read(|r| {
+                let subs = subscriptions_in(&r.0)?;
+                let mut out = Vec::new();
+                for s in subs {
+                    let mut c = TaskCounts::default();
+                    let mut st = r.0.prepare_cached(
+                        "SELECT state, COUNT(*) FROM tasks WHERE sub = ?1 GROUP BY state",
+                    )?;
+                    for row in st.query_map(params![s.id], |x| {
+                        Ok((x.get::<_, String>(0)?, x.get::<_, i64>(1)?))
+                    })? {
+                        let (state, n) = row?;
+                        let n = u64::try_from(n).unwrap_or(0);
+                        match state.as_str() {
+                            "ready" | "taken" => c.pending += n,
+                            "done" => c.done += n,
+                            _ => c.failed += n,
+                        }
+                    }
+                    out.push((s, c));
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    /// Claims the next task a processor may work on, if any.
+    pub async fn claim(
+        &self,
+        by: String,
+        now: Timestamp,
+        visibility: Duration,
+    ) -> Result<Option<Claimed>, DbError> {
+        self.db
+            .write(move |w| {
+                let now_ms = now.as_millis();
+                let until = now_ms + i64::try_from(visibility.as_millis()).unwrap_or(i64::MAX / 2);
+                let row: Option<(i64, i64, String, i64)> = w
+                    .0
+                    .prepare_cached(
+                        "UPDATE tasks SET state = 'taken', attempts = attempts + 1, visible_at = ?2, taken_by = ?3
+                         WHERE id = (
+                           SELECT t.id FROM tasks t JOIN subscriptions s ON s.id = t.sub
+                           WHERE s.delivery = 'webhook' AND t.state IN ('ready', 'taken') AND t.visible_at <= ?1
+                             AND NOT EXISTS (SELECT 1 FROM tasks o WHERE o.sub = t.sub
+                                             AND o.state IN ('ready', 'taken') AND o.id < t.id)
+                           ORDER BY t.visible_at, t.id LIMIT 1)
+                         RETURNING id, sub, message, attempts",
+                    )?
+                    .query_row(params![now_ms, until, by], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
+                    .optional()?;
+                let Some((id, sub, message, attempts)) = row else {
+                    return Ok(None);
+                };
+                let sub = w.0.query_row(
+                    &format!("SELECT {SUB_COLUMNS} FROM subscriptions WHERE id = ?1"),
+                    params![sub],
+                    row_sub,
+                )?;
+                Ok(Some(Claimed {
+                    id,
+                    sub,
+                    message,
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                }))
+            })
+            .await
+    }
+
+    /// Completes a claimed task, if the claim still stands. True if it did.
+    pub async fn complete_task(
+        &self,
+        t: &Claimed,
+        by: String,
+        now: Timestamp,
+    ) -> Result<bool, DbError> {
+        let (id, attempts) = (t.id, t.attempts);
+        self.db
+            .write(move |w| {
+                let n =
+                    w.0.prepare_cached(
+                        "UPDATE tasks SET state = 'done', done_at = ?4, last_error = NULL
+                     WHERE id = ?1 AND state = 'taken' AND taken_by = ?2 AND attempts = ?3",
+                    )?
+                    .execute(params![id, by, attempts, now.as_millis()])?;
+                Ok(n == 1)
+            })
+            .await
+    }
+
+    /// A claimed task failed: ready again after `backoff`, or `failed`
+    /// after `max_attempts`.
+    pub async fn fail_task(
+        &self,
+        t: &Claimed,
+        by: String,
+        error: String,
+        now: Timestamp,
+        backoff: Duration,
+        max_attempts: u32,
+    ) -> Result<(), DbError> {
+        let (id, attempts) = (t.id, t.attempts);
+        self.db
+            .write(move |w| {
+                w.0.prepare_cached(
+                    "UPDATE tasks SET state = CASE WHEN attempts >= ?4 THEN 'failed' ELSE 'ready' END,
+                                      visible_at = ?5, last_error = ?6
+                     WHERE id = ?1 AND state = 'taken' AND taken_by = ?2 AND attempts = ?3",
+                )?
+                .execute(params![
+                    id,
+                    by,
+                    attempts,
+                    max_attempts,
+                    now.as_millis() + i64::try_from(backoff.as_millis()).unwrap_or(0),
+                    error
+                ])?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Tasks in `state` (`failed`, ...), oldest first.
+    pub async fn tasks(&self, state: String, limit: usize) -> Result<Vec<TaskRow>, DbError> {
+        self.db
+            .read(move |r| {
+                let mut st = r.0.prepare_cached(
+                    "SELECT t.id, s.name, t.message, t.state, t.attempts, t.last_error, t.created
+                     FROM tasks t JOIN subscriptions s ON s.id = t.sub
+                     WHERE t.state = ?1 ORDER BY t.id LIMIT ?2",
+                )?;
+                let rows = st.query_map(params![state, limit as i64], |x| {
+                    Ok(TaskRow {
+                        id: x.get(0)?,
+                        sub: x.get(1)?,
+                        message: x.get(2)?,
+                        state: x.get(3)?,
+                        attempts: u32::try_from(x.get::<_, i64>(4)?).unwrap_or(0),
+                        last_error: x.get(5)?,
+                        created: x.get(6)?,
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+
+    /// Makes failed tasks ready again (all, or one): returns how many.
+    pub async fn replay(&self, id: Option<i64>, now: Timestamp) -> Result<u64, DbError> {
+        self.db
+            .write(move |w| {
+                let n = w.0.execute(
+                    "UPDATE tasks SET state = 'ready', attempts = 0, visible_at = ?2
+                     WHERE state = 'failed' AND (?1 IS NULL OR id = ?1)",
+                    params![id, now.as_millis()],
+                )?;
+                Ok(n as u64)
+            })
+            .await
+    }
+
+    /// A feed subscription's deliveries after `cursor` (a task ID), in
+    /// order, at most `limit`; acknowledging `cursor` marks everything up
+    /// to it done. Returns (task ID, message ID) pairs.
+    pub async fn feed(
+        &self,
+        name: String,
+        ack: Option<i64>,
+        limit: usize,
+        now: Timestamp,
+    ) -> Result<Option<Vec<(i64, String)>>, DbError> {
+        self.db
+            .write(move |w| {
+                let id: Option<i64> = w
+                    .0
+                    .query_row(
+                        "SELECT id FROM subscriptions WHERE name = ?1 AND delivery = 'feed'",
+                        params![name],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let Some(id) = id else { return Ok(None) };
+                if let Some(a) = ack {
+                    w.0.execute(
+                        "UPDATE tasks SET state = 'done', done_at = ?3 WHERE sub = ?1 AND id <= ?2 AND state = 'ready'",
+                        params![id, a, now.as_millis()],
+                    )?;
+                }
+                let mut st = w.0.prepare_cached(
+                    "SELECT id, message FROM tasks WHERE sub = ?1 AND state = 'ready' ORDER BY id LIMIT ?2",
+                )?;
+                let rows = st
+                    .query_map(params![id, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Some(rows))
+            })
+            .await
+    }
+
+    /// One stored message as its XML delivery document.
+    pub async fn message_xml(&self, id: String) -> Result<Option<Vec<u8>>, DbError> {
+        let rows = self
+            .query(crate::store::Query {
+                id: Some(id),
+                limit: 1,
+                ..crate::store::Query::default()
+            })
+            .await?;
+        Ok(rows
+            .first()
+            .map(|r| crate::control::messages_doc(std::slice::from_ref(r))))
+    }
+}
+
+/// Task counts of a subscription.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TaskCounts {
+    pub pending: u64,
+    pub done: u64,
+    pub failed: u64,
+}
+
+/// Settings of the processor pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolConfig {
+    pub processors: usize,
+    pub visibility: Duration,
+    pub max_attempts: u32,
+    pub timeout: Duration,
+}
+
+/// Runs the processors until `stop`.
+pub async fn run_pool(
+    app: Arc<AppServer>,
+    cfg: PoolConfig,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let client = match reqwest::Client::builder().timeout(cfg.timeout).build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("processors not started: {e}");
+            return;
+        }
+    };
+    let mut workers = Vec::new();
+    for n in 0..cfg.processors.max(1) {
+        let (app, stop, client) = (app.clone(), stop.clone(), client.clone());
+        workers.push(tokio::spawn(async move {
+            let me = format!(
+                "{}-{n}-{}",
+                std::process::id(),
+                rs_common::MessageId::generate()
+            );
+            loop {
+                if stop.is_cancelled() {
+                    return;
+                }
+                let now = app.clock.now();
+                let task = match app.store.claim(me.clone(), now, cfg.visibility).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::error!("collector: {e}");
+                        None
+                    }
+                };
+                let Some(task) = task else {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = app.tasks_ready.notified() => {}
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                };
+                let result = process(&app, &client, &task).await;
+                let now = app.clock.now();
+                match result {
+                    Ok(()) => match app.store.complete_task(&task, me.clone(), now).await {
+                        Ok(true) => {
+                            app.stats
+                                .tasks_done
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Ok(false) => {
+                            tracing::warn!("task {} was taken over; not completed here", task.id)
+                        }
+                        Err(e) => tracing::error!("task {}: {e}", task.id),
+                    },
+                    Err(why) => {
+                        app.stats
+                            .tasks_failed
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let backoff =
+                            Duration::from_millis((500u64 << task.attempts.min(10)).min(300_000));
+                        tracing::warn!("task {} ({}): {why}", task.id, task.sub.name);
+                        if let Err(e) = app
+                            .store
+                            .fail_task(&task, me.clone(), why, now, backoff, cfg.max_attempts)
+                            .await
+                        {
+                            tracing::error!("task {}: {e}", task.id);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+}
+
+/// One delivery.
+async fn process(app: &AppServer, client: &reqwest::Client, t: &Claimed) -> Result<(), String> {
+    let Delivery::Webhook(url) = &t.sub.delivery else {
+        return Ok(());
+    };
+    let doc = app
+        .store
+        .message_xml(t.message.clone())
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("message {} is no longer stored", t.message))?;
+    let r = client
+        .post(url)
+        .header(http::header::CONTENT_TYPE, "text/xml; charset=utf-8")
+        .header("X-RS-Message-Id", &t.message)
+        .header("X-RS-Subscription", &t.sub.name)
+        .header("X-RS-Task", t.id.to_string())
+        .body(doc)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if r.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("{url} answered {}", r.status()))
+    }
+}
