@@ -10,4 +10,5 @@ mod dtd_valid;
 pub(crate) mod forward;
 mod fuzz_replay;
 mod golden;
+mod subscriptions;
 mod throttle;

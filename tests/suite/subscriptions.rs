@@ -1,0 +1,291 @@
+//! Peripheral work at the application server, on real daemons: webhook
+//! subscriptions receive every matching message once, in order, across
+//! the receiver's outage and the server being SIGKILLed mid-delivery;
+//! failed tasks are listed and replayed; feeds are pulled with a cursor.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rs_tests::deploy::{Deployment, Extra, server_metrics, wait_for};
+
+use crate::backchannel::{exe, tmp};
+use crate::forward::{alarm, register};
+
+/// A webhook receiver: records (message ID, X-RS-Task) of each delivery
+/// it accepts; while `down`, answers 503; while `hang`, never answers.
+#[derive(Debug, Default)]
+struct Receiver {
+    got: Mutex<Vec<String>>,
+    down: std::sync::atomic::AtomicBool,
+    hang: std::sync::atomic::AtomicBool,
+    calls: std::sync::atomic::AtomicU64,
+}
+
+async fn receiver() -> (String, Arc<Receiver>) {
+    use warp::Filter as _;
+    let r = Arc::new(Receiver::default());
+    let rr = r.clone();
+    let route = warp::path!("hook")
+        .and(warp::post())
+        .and(warp::header::<String>("x-rs-message-id"))
+        .and(warp::body::content_length_limit(1 << 20))
+        .and({
+            #[allow(clippy::disallowed_methods)]
+            warp::body::bytes()
+        })
+        .then(move |id: String, body: bytes::Bytes| {
+            let r = rr.clone();
+            async move {
+                use std::sync::atomic::Ordering;
+                r.calls.fetch_add(1, Ordering::SeqCst);
+                if r.hang.load(Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
+                if r.down.load(Ordering::SeqCst) {
+                    return warp::reply::with_status("down", http::StatusCode::SERVICE_UNAVAILABLE);
+                }
+                assert!(
+                    String::from_utf8_lossy(&body).contains(&format!("id=\"{id}\"")),
+                    "the body is the message"
+                );
+                r.got.lock().unwrap().push(id);
+                warp::reply::with_status("ok", http::StatusCode::OK)
+            }
+        });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(rs_common::server::serve_tcp(
+        l,
+        rs_common::server::finish(route),
+        rs_common::server::ServeConfig::default(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    (addr, r)
+}
+
+async fn post(a: &str, path: &str, body: String) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{a}/rs/v1/control/{path}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn get(a: &str, path: &str) -> String {
+    reqwest::get(format!("http://{a}/rs/v1/control/{path}"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    wait_for(Duration::from_secs(secs), &mut f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_gets_every_alarm_once_in_order_across_its_outage_and_a_server_kill() {
+    let dir = tmp("webhook");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d
+        .appserver(
+            "127.0.0.1:0",
+            "task_visibility_secs = 2\ntask_max_attempts = 1000\nwebhook_timeout_secs = 30",
+        )
+        .unwrap();
+    let (hook, rx) = receiver().await;
+    let (s, body) = post(
+        &a,
+        "subscriptions",
+        format!(
+            r#"<subscription name="noc" class="monitoring" type="alarm" delivery="webhook" url="http://{hook}/hook"/>"#
+        ),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let sock = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let c = register(&sock).await;
+    let mut sent = Vec::new();
+    // The receiver is down for the first ten.
+    rx.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    for i in 0..10 {
+        sent.push(
+            c.send("alarm", &alarm(&format!("hook {i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(until(30, || rx
+        .calls
+        .load(std::sync::atomic::Ordering::SeqCst)
+        >= 2));
+    rx.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        until(60, || rx.got.lock().unwrap().len() >= 10),
+        "delivered after the outage"
+    );
+
+    // The server is killed while a delivery hangs; the task is taken up
+    // again after it restarts and completed once.
+    rx.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let calls = rx.calls.load(std::sync::atomic::Ordering::SeqCst);
+    for i in 10..20 {
+        sent.push(
+            c.send("alarm", &alarm(&format!("hook {i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(until(30, || rx
+        .calls
+        .load(std::sync::atomic::Ordering::SeqCst)
+        > calls));
+    d.node("appserver").kill();
+    rx.hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    d.restart("appserver").unwrap();
+    assert!(
+        until(60, || rx.got.lock().unwrap().len() >= 20),
+        "delivered after the kill"
+    );
+
+    // Other traffic (heartbeats, cold start) is not theirs: exactly the
+    // alarms, each once, in the order the server stored them (the proxy
+    // sends several envelopes at once, so that can differ from the order
+    // they were sent in).
+    let got = rx.got.lock().unwrap().clone();
+    let sent: HashSet<String> = sent.into_iter().collect();
+    let stored: Vec<String> = rs_tests::deploy::stored_ids(&dir.join("appserver"))
+        .unwrap()
+        .into_iter()
+        .filter(|id| sent.contains(id))
+        .collect();
+    assert_eq!(stored.len(), 20);
+    assert_eq!(got, stored);
+    let subs = get(&a, "subscriptions").await;
+    assert!(
+        subs.contains("done=\"20\"") && subs.contains("failed=\"0\""),
+        "{subs}"
+    );
+    d.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_tasks_are_listed_and_replayed_and_feeds_are_pulled_with_a_cursor() {
+    let dir = tmp("tasks");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d
+        .appserver(
+            "127.0.0.1:0",
+            "task_max_attempts = 2\nwebhook_timeout_secs = 2",
+        )
+        .unwrap();
+    let (hook, rx) = receiver().await;
+    rx.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (s, _) = post(
+        &a,
+        "subscriptions",
+        format!(r#"<subscription name="fragile" type="alarm" delivery="webhook" url="http://{hook}/hook"/>"#),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = post(
+        &a,
+        "subscriptions",
+        r#"<subscription name="pull" type="alarm" min-severity="major" delivery="feed"/>"#.into(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    // Bad definitions are refused.
+    let (s, body) = post(
+        &a,
+        "subscriptions",
+        r#"<subscription name="x" delivery="webhook"/>"#.into(),
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+
+    let sock = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let c = register(&sock).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            c.send("alarm", &alarm(&format!("fragile {i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    // Two attempts each, then the failed-task queue.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let failed = loop {
+        let t = get(&a, "tasks?state=failed").await;
+        if t.contains("count=\"3\"") || std::time::Instant::now() > deadline {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        failed.contains("count=\"3\"") && failed.contains("503"),
+        "{failed}"
+    );
+    rx.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (s, body) = post(&a, "tasks/replay", String::new()).await;
+    assert_eq!(s, 200);
+    assert!(body.contains("count=\"3\""), "{body}");
+    assert!(until(30, || rx.got.lock().unwrap().len() == 3));
+    let mut got = rx.got.lock().unwrap().clone();
+    got.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(got, want);
+    let am = server_metrics(&a).await.unwrap();
+    assert_eq!(am.get("tasks.done"), Some(&3));
+
+    // The feed: the three (major) alarms, in order; after acknowledging
+    // the cursor, nothing more until another arrives.
+    let f = get(&a, "subscriptions/pull/feed?wait=0").await;
+    assert!(f.contains("count=\"3\""), "{f}");
+    let stored: Vec<String> = rs_tests::deploy::stored_ids(&dir.join("appserver"))
+        .unwrap()
+        .into_iter()
+        .filter(|id| ids.contains(id))
+        .collect();
+    let pos: Vec<usize> = stored
+        .iter()
+        .map(|id| f.find(id.as_str()).unwrap())
+        .collect();
+    assert!(pos.windows(2).all(|w| w[0] < w[1]), "in storage order");
+    let cursor = {
+        let i = f.find("cursor=\"").unwrap() + 8;
+        f[i..i + f[i..].find('"').unwrap()].to_owned()
+    };
+    let f = get(
+        &a,
+        &format!("subscriptions/pull/feed?after={cursor}&wait=0"),
+    )
+    .await;
+    assert!(f.contains("count=\"0\""), "{f}");
+    // A held pull returns when the next one is stored.
+    let a2 = a.clone();
+    let pull = tokio::spawn(async move {
+        get(
+            &a2,
+            &format!("subscriptions/pull/feed?after={cursor}&wait=30"),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let next = c.send("alarm", &alarm("one more", None)).await.unwrap();
+    let f = pull.await.unwrap();
+    assert!(f.contains(&next) && f.contains("count=\"1\""), "{f}");
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), 3);
+    d.stop_all();
+}
