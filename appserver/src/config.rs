@@ -39,6 +39,12 @@ pub struct Config {
     /// been lost).
     #[serde(default = "default_offer_again")]
     pub offer_again_secs: u64,
+    /// A proxy or MLM silent for this many heartbeat intervals is late...
+    #[serde(default = "default_late_after")]
+    pub heartbeat_late_after: u32,
+    /// ...and after this many, failed (each change raises a notification).
+    #[serde(default = "default_failed_after")]
+    pub heartbeat_failed_after: u32,
     /// Processors taking up peripheral tasks (webhook deliveries).
     #[serde(default = "default_processors")]
     pub processors: usize,
@@ -147,4 +153,10 @@ fn default_max_attempts() -> u32 {
 }
 fn default_webhook_timeout() -> u64 {
     10
+}
+fn default_late_after() -> u32 {
+    2
+}
+fn default_failed_after() -> u32 {
+    5
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod ingress;
 pub mod jobs;
+pub mod monitor;
 pub mod rsctl;
 pub mod store;
 
@@ -171,6 +172,7 @@ pub async fn run(
         });
     }
     let expire = tokio::spawn(jobs::expire(app.clone(), shutdown.clone()));
+    let monitor = tokio::spawn(monitor::run(app.clone(), shutdown.clone()));
     let pool = tokio::spawn(collector::run_pool(
         app.clone(),
         collector::PoolConfig {
@@ -211,6 +213,7 @@ pub async fn run(
     serve_tcp(listener, app.routes(), ServeConfig::default(), shutdown).await;
     let _ = purge.await;
     let _ = expire.await;
+    let _ = monitor.await;
     let _ = pool.await;
     let _ = flush.await;
     let _ = push.await;

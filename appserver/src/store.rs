@@ -125,6 +125,11 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, visible_at);
 CREATE INDEX IF NOT EXISTS tasks_sub   ON tasks (sub, state, id);
+CREATE TABLE IF NOT EXISTS health (
+    component TEXT    PRIMARY KEY,
+    state     TEXT    NOT NULL,
+    since     INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     name  TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -848,6 +853,46 @@ impl Store {
                     params![now.as_millis()],
                 )?;
                 Ok(n > 0)
+            })
+            .await
+    }
+
+    /// Proxies and MLMs: (ID, last seen, health as last recorded).
+    pub async fn health_scan(&self) -> Result<Vec<(String, i64, crate::monitor::Health)>, DbError> {
+        self.db
+            .read(|s| {
+                let mut st = s.0.prepare_cached(
+                    "SELECT c.id, c.last_seen, COALESCE(h.state, 'ok') FROM components c
+                     LEFT JOIN health h ON h.component = c.id
+                     WHERE c.kind IN ('proxy', 'mlm')",
+                )?;
+                let rows = st.query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        crate::monitor::Health::parse(&r.get::<_, String>(2)?),
+                    ))
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+
+    pub async fn set_health(
+        &self,
+        component: String,
+        h: crate::monitor::Health,
+        now: Timestamp,
+    ) -> Result<(), DbError> {
+        self.db
+            .write(move |s| {
+                exec(
+                    &s.0,
+                    "INSERT INTO health (component, state, since) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (component) DO UPDATE SET state = ?2, since = ?3",
+                    params![component, h.as_str(), now.as_millis()],
+                )?;
+                Ok(())
             })
             .await
     }

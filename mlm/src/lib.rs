@@ -316,7 +316,8 @@ pub async fn run(
         let mlm = mlm.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let mut next_beat = tokio::time::Instant::now() + mlm.heartbeat_interval();
+            // The interval can change with the upstream's advice.
+            let mut last_beat = tokio::time::Instant::now();
             let mut next_sweep = tokio::time::Instant::now();
             loop {
                 tokio::select! {
@@ -344,9 +345,9 @@ pub async fn run(
                         Err(e) => tracing::error!("back-channel sweep: {e}"),
                     }
                 }
-                if tokio::time::Instant::now() >= next_beat {
-                    let every = mlm.heartbeat_interval();
-                    next_beat = tokio::time::Instant::now() + every;
+                let every = mlm.heartbeat_interval();
+                if last_beat.elapsed() >= every {
+                    last_beat = tokio::time::Instant::now();
                     if let Err(e) = mlm.infrastructure(SUB_HEARTBEAT, every * 2, 2).await {
                         tracing::warn!("heartbeat: {e}");
                     }

@@ -356,11 +356,18 @@ pub async fn run(
         let proxy = proxy.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            // The interval can change with the upstream's advice (the first
+            // reply usually brings it): look again every quarter second.
+            let mut last = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(proxy.heartbeat_interval()) => {}
+                    () = tokio::time::sleep(Duration::from_millis(250)) => {}
                 }
+                if last.elapsed() < proxy.heartbeat_interval() {
+                    continue;
+                }
+                last = tokio::time::Instant::now();
                 if let Err(e) = proxy
                     .registry
                     .forget_seen(Duration::from_secs(30 * 86_400))

@@ -289,3 +289,66 @@ async fn failed_tasks_are_listed_and_replayed_and_feeds_are_pulled_with_a_cursor
     assert_eq!(unique.len(), 3);
     d.stop_all();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_loss_and_recovery_each_raise_exactly_one_notification() {
+    let dir = tmp("heartbeat-monitor");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d
+        .appserver(
+            "127.0.0.1:0",
+            "heartbeat_secs = 1\nheartbeat_late_after = 3\nheartbeat_failed_after = 6",
+        )
+        .unwrap();
+    let (s, _) = post(
+        &a,
+        "subscriptions",
+        r#"<subscription name="ops" class="infrastructure" type="alarm" delivery="feed"/>"#.into(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    d.proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    // Healthy for a while: nothing raised.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let f = get(&a, "subscriptions/ops/feed?wait=0").await;
+    assert!(f.contains("count=\"0\""), "{f}");
+
+    d.node("p1").kill();
+    let count = |f: &str, sub: &str| f.matches(&format!("sub=\"{sub}\"")).count();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let f = loop {
+        let f = get(&a, "subscriptions/ops/feed?wait=0&limit=1000").await;
+        if count(&f, "componentFailed") > 0 || std::time::Instant::now() > deadline {
+            break f;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(count(&f, "componentLate"), 1, "{f}");
+    assert_eq!(count(&f, "componentFailed"), 1, "{f}");
+    assert!(f.contains("instance=\"acme.p1\""), "{f}");
+
+    d.restart("p1").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let f = loop {
+        let f = get(&a, "subscriptions/ops/feed?wait=0&limit=1000").await;
+        if count(&f, "componentRecovered") > 0 || std::time::Instant::now() > deadline {
+            break f;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    // A few more seconds: still exactly one of each.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let f2 = get(&a, "subscriptions/ops/feed?wait=0&limit=1000").await;
+    assert_eq!(f, f2, "nothing more was raised");
+    assert_eq!(
+        (
+            count(&f, "componentLate"),
+            count(&f, "componentFailed"),
+            count(&f, "componentRecovered")
+        ),
+        (1, 1, 1),
+        "{f}"
+    );
+    d.stop_all();
+}

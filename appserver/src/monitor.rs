@@ -1,0 +1,178 @@
+//! The heartbeat monitor (a built-in service module): a proxy or MLM that
+//! misses `heartbeat_late_after` heartbeat intervals is marked late, after
+//! `heartbeat_failed_after` failed; hearing from it again recovers it.
+//! Each change of state is stored as an alarm from this server (class
+//! `infrastructure`, subclass `componentLate`, `componentFailed` or
+//! `componentRecovered`, the component as the alarm's instance, its key
+//! `heartbeat:ID`), so it shows in queries and reaches every subscription
+//! that matches, like any other message. The alarm's ID derives from the
+//! component, the new state and the last time it was heard from, so a
+//! restart between storing it and recording the state cannot raise it
+//! twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rs_common::model::*;
+use rs_common::{MessageId, RsId, Timestamp};
+
+use crate::AppServer;
+use crate::store::Incoming;
+
+/// A component's health as the monitor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    Late,
+    Failed,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Late => "late",
+            Health::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Health {
+        match s {
+            "late" => Health::Late,
+            "failed" => Health::Failed,
+            _ => Health::Ok,
+        }
+    }
+}
+
+fn notification(
+    app: &AppServer,
+    component: &RsId,
+    health: Health,
+    last_seen: i64,
+    now: Timestamp,
+) -> Option<Incoming> {
+    let (sub, severity, state, text) = match health {
+        Health::Late => (
+            "componentLate",
+            Severity::Major,
+            AlarmState::Raised,
+            format!("{component} missed its heartbeats"),
+        ),
+        Health::Failed => (
+            "componentFailed",
+            Severity::Critical,
+            AlarmState::Updated,
+            format!("{component} has not been heard from; considered failed"),
+        ),
+        Health::Ok => (
+            "componentRecovered",
+            Severity::Info,
+            AlarmState::Cleared,
+            format!("{component} is heard from again"),
+        ),
+    };
+    let id = MessageId::new(format!(
+        "hb-{}-{}-{last_seen}",
+        component.as_str().replace('.', "_"),
+        health.as_str()
+    ))
+    .ok()?;
+    let m = Message {
+        header: Header {
+            id,
+            created: now,
+            class: Classification::new(rs_common::control::CLASS_INFRASTRUCTURE, sub),
+            route: Route::Source(Source {
+                component: app.id.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                qos: Qos {
+                    expiry: None,
+                    precedence: 8,
+                    persistent: true,
+                },
+            }),
+            routing: Vec::new(),
+        },
+        content: Content::Alarm(Alarm {
+            severity,
+            state,
+            instance: Some(component.clone()),
+            key: Some(format!("heartbeat:{component}")),
+            text,
+            details: vec![Detail::new(
+                "last-seen",
+                Timestamp::from_millis(last_seen)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
+            )],
+        }),
+    };
+    Some(Incoming {
+        msg: m.to_raw(),
+        severity: Some(severity),
+        status: None,
+        response: None,
+    })
+}
+
+/// Checks every second until `stop`.
+pub async fn run(app: Arc<AppServer>, stop: tokio_util::sync::CancellationToken) {
+    let interval = Duration::from_secs(app.cfg.heartbeat_secs.max(1));
+    let late = interval * app.cfg.heartbeat_late_after.max(1);
+    let failed = interval
+        * app
+            .cfg
+            .heartbeat_failed_after
+            .max(app.cfg.heartbeat_late_after + 1);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let now = app.clock.now();
+        // Just started (perhaps after being down itself): give every
+        // component the time to call in before judging it.
+        if now.since(app.started) < late {
+            continue;
+        }
+        let rows = match app.store.health_scan().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("heartbeat monitor: {e}");
+                continue;
+            }
+        };
+        for (id, last_seen, was) in rows {
+            let age =
+                Duration::from_millis(u64::try_from(now.as_millis() - last_seen).unwrap_or(0));
+            let health = if age > failed {
+                Health::Failed
+            } else if age > late {
+                Health::Late
+            } else {
+                Health::Ok
+            };
+            if health == was {
+                continue;
+            }
+            let Ok(component) = RsId::new(&id) else {
+                continue;
+            };
+            let Some(inc) = notification(&app, &component, health, last_seen, now) else {
+                continue;
+            };
+            tracing::info!("{component}: {} -> {}", was.as_str(), health.as_str());
+            match app.store.ingest(vec![inc], now).await {
+                Ok(_) => {
+                    app.tasks_ready.notify_waiters();
+                    app.feed_ready.send_modify(|v| *v += 1);
+                    if let Err(e) = app.store.set_health(id, health, now).await {
+                        tracing::error!("heartbeat monitor: {e}");
+                    }
+                }
+                Err(e) => tracing::error!("heartbeat monitor: {e}"),
+            }
+        }
+    }
+}
