@@ -141,18 +141,9 @@ async fn control_actions_reach_a_proxy_and_complete_their_jobs() {
         j,
     ];
     for (i, doc) in docs.iter().enumerate() {
-        let f = dir.join(format!("control-api-{i}.xml"));
-        std::fs::write(&f, doc).unwrap();
-        let out = std::process::Command::new("xmllint")
-            .args(["--noout", "--nonet", "--dtdvalid"])
-            .arg(rs_tests::repo_root().join("dtd/control-api.dtd"))
-            .arg(&f)
-            .output()
-            .expect("xmllint (libxml2-utils)");
-        assert!(
-            out.status.success(),
-            "{doc}\n{}",
-            String::from_utf8_lossy(&out.stderr)
+        rs_tests::assert_control_api_valid(
+            doc.as_bytes(),
+            &dir.join(format!("control-api-{i}.xml")),
         );
     }
 

@@ -459,7 +459,7 @@ async fn subscriber() -> (
 }
 
 /// Runs `rsctl` (the multi-call executable's role) against `a`.
-fn rsctl(a: &str, args: &[&str]) -> (i32, String, String) {
+pub(crate) fn rsctl(a: &str, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(exe())
         .arg("rsctl")
         .arg("--server")

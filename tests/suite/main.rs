@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
 
 mod backchannel;
-mod backchannel_faults;
+pub(crate) mod backchannel_faults;
 mod codec_errors;
 mod codec_examples;
 mod codec_props;

@@ -240,19 +240,7 @@ async fn failed_tasks_are_listed_and_replayed_and_feeds_are_pulled_with_a_cursor
         .iter()
         .enumerate()
     {
-        let f = dir.join(format!("doc-{i}.xml"));
-        std::fs::write(&f, doc).unwrap();
-        let out = std::process::Command::new("xmllint")
-            .args(["--noout", "--nonet", "--dtdvalid"])
-            .arg(rs_tests::repo_root().join("dtd/control-api.dtd"))
-            .arg(&f)
-            .output()
-            .expect("xmllint (libxml2-utils)");
-        assert!(
-            out.status.success(),
-            "{doc}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        rs_tests::assert_control_api_valid(doc.as_bytes(), &dir.join(format!("doc-{i}.xml")));
     }
     rx.down.store(false, std::sync::atomic::Ordering::SeqCst);
     let (s, body) = post(&a, "tasks/replay", String::new()).await;

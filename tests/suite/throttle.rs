@@ -346,19 +346,9 @@ fn the_throttle_document_round_trips_and_validates_against_its_dtd() {
     let back =
         rs_common::throttle::decode_throttle(&doc, &rs_common::codec::Limits::default()).unwrap();
     assert_eq!(back, cfg);
-    let f = std::env::temp_dir().join(format!("rs-throttle-{}.xml", std::process::id()));
-    std::fs::write(&f, &doc).unwrap();
-    let out = std::process::Command::new("xmllint")
-        .args(["--noout", "--nonet", "--dtdvalid"])
-        .arg(rs_tests::repo_root().join("dtd/control-api.dtd"))
-        .arg(&f)
-        .output()
-        .expect("xmllint (libxml2-utils)");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&doc),
-        String::from_utf8_lossy(&out.stderr)
+    rs_tests::assert_control_api_valid(
+        &doc,
+        &std::env::temp_dir().join(format!("rs-throttle-{}.xml", std::process::id())),
     );
 }
 
@@ -468,22 +458,8 @@ mod on_daemons {
     use rs_tests::deploy::{Deployment, Extra, proxy_metrics, server_metrics, wait_for};
 
     use crate::backchannel::{exe, tmp};
+    use crate::backchannel_faults::rsctl;
     use crate::forward::{alarm, all_stored, assert_exactly_once, register};
-
-    fn rsctl(a: &str, args: &[&str]) -> (i32, String, String) {
-        let out = std::process::Command::new(exe())
-            .arg("rsctl")
-            .arg("--server")
-            .arg(format!("http://{a}"))
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
 
     async fn send_alarms(socket: &std::path::Path, n: usize) -> HashSet<String> {
         let c = register(socket).await;
