@@ -162,8 +162,7 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
             Ok(results) => {
                 if results.contains(&crate::store::Stored::New) {
                     // Peripheral work waits for the processors.
-                    app.tasks_ready.notify_waiters();
-                    app.feed_ready.send_modify(|v| *v += 1);
+                    app.stored_new();
                 }
                 for (slot, r) in slots.iter().zip(results) {
                     if r == Stored::Duplicate {

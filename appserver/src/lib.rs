@@ -53,6 +53,12 @@ pub struct AppServer {
 }
 
 impl AppServer {
+    /// New messages were stored: wake the processors and held feed pulls.
+    pub fn stored_new(&self) {
+        self.tasks_ready.notify_waiters();
+        self.feed_ready.send_modify(|v| *v += 1);
+    }
+
     /// The throttle in force.
     pub fn current_throttle(&self) -> Arc<rs_common::throttle::Throttle> {
         self.throttle
@@ -185,24 +191,10 @@ pub async fn run(
     ));
     let flush = {
         let app = app.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let done = tokio::select! {
-                    () = stop.cancelled() => true,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => false,
-                };
-                let t = app.current_throttle();
-                match tokio::task::spawn_blocking(move || t.flush()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!("throttle usage: {e}"),
-                    Err(e) => tracing::error!("throttle usage: {e}"),
-                }
-                if done {
-                    return;
-                }
-            }
-        })
+        tokio::spawn(rs_common::throttle::flush_loop(
+            move || app.current_throttle(),
+            shutdown.clone(),
+        ))
     };
     let push = tokio::spawn(jobs::push(app.clone(), shutdown.clone()));
     tokio::spawn(rs_common::ingress::reoffer_ticker(

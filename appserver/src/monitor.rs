@@ -165,8 +165,7 @@ pub async fn run(app: Arc<AppServer>, stop: tokio_util::sync::CancellationToken)
             tracing::info!("{component}: {} -> {}", was.as_str(), health.as_str());
             match app.store.ingest(vec![inc], now).await {
                 Ok(_) => {
-                    app.tasks_ready.notify_waiters();
-                    app.feed_ready.send_modify(|v| *v += 1);
+                    app.stored_new();
                     if let Err(e) = app.store.set_health(id, health, now).await {
                         tracing::error!("heartbeat monitor: {e}");
                     }

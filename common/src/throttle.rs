@@ -962,15 +962,19 @@ pub fn open(
 }
 
 /// Flushes the usage counters every second until `stop`, and once more
-/// after it.
-pub async fn flush_loop(t: Arc<Throttle>, stop: tokio_util::sync::CancellationToken) {
+/// after it. `current` gives the throttle in force each time (a daemon
+/// whose throttle is replaced at run time passes a lookup).
+pub async fn flush_loop<F>(current: F, stop: tokio_util::sync::CancellationToken)
+where
+    F: Fn() -> Arc<Throttle>,
+{
     loop {
         let done = tokio::select! {
             () = stop.cancelled() => true,
             () = tokio::time::sleep(Duration::from_secs(1)) => false,
         };
-        let t2 = t.clone();
-        match tokio::task::spawn_blocking(move || t2.flush()).await {
+        let t = current();
+        match tokio::task::spawn_blocking(move || t.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!("throttle usage: {e}"),
             Err(e) => tracing::error!("throttle usage: {e}"),

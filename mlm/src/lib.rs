@@ -297,10 +297,13 @@ pub async fn run(
         poll: Some(Duration::from_secs(25)),
     };
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
-    let flush = tokio::spawn(rs_common::throttle::flush_loop(
-        mlm.throttle.clone(),
-        sender_stop.clone(),
-    ));
+    let flush = {
+        let t = mlm.throttle.clone();
+        tokio::spawn(rs_common::throttle::flush_loop(
+            move || t.clone(),
+            sender_stop.clone(),
+        ))
+    };
     tokio::spawn(rs_common::ingress::reoffer_ticker(
         mlm.outbox_ready.clone(),
         mlm.cfg.offer_again(),

@@ -328,10 +328,13 @@ pub async fn run(
             .then(|| Duration::from_secs(proxy.cfg.upstream.poll_hold_secs)),
     };
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
-    let flush = tokio::spawn(rs_common::throttle::flush_loop(
-        proxy.throttle.clone(),
-        sender_stop.clone(),
-    ));
+    let flush = {
+        let t = proxy.throttle.clone();
+        tokio::spawn(rs_common::throttle::flush_loop(
+            move || t.clone(),
+            sender_stop.clone(),
+        ))
+    };
 
     let _ = std::fs::remove_file(&proxy.cfg.socket);
     if let Some(dir) = proxy.cfg.socket.parent() {
