@@ -32,14 +32,7 @@ use rs_common::Timestamp;
 use rs_common::db::DbError;
 use rs_common::model::Severity;
 
-/// How a subscription's messages are delivered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Delivery {
-    /// POST of each message's XML to this URL, in order, retried.
-    Webhook(String),
-    /// Pulled by the subscriber (`GET .../feed?after=`); nothing is pushed.
-    Feed,
-}
+pub use rs_common::codec::api::Delivery;
 
 /// A subscription: which stored messages, and how they are delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +70,7 @@ fn row_sub(r: &rusqlite::Row<'_>) -> rusqlite::Result<Subscription> {
             .and_then(|i| Severity::ALL.get(usize::try_from(i).ok()?).copied()),
         delivery: match (delivery.as_str(), url) {
             ("webhook", Some(u)) => Delivery::Webhook(u),
+            ("module", Some(m)) => Delivery::Module(m),
             _ => Delivery::Feed,
         },
     })
@@ -158,9 +152,11 @@ impl crate::store::Store {
     pub async fn subscribe(&self, s: Subscription, now: Timestamp) -> Result<i64, DbError> {
         self.db
             .write(move |w| {
-                let (delivery, url) = match &s.delivery {
-                    Delivery::Webhook(u) => ("webhook", Some(u.clone())),
-                    Delivery::Feed => ("feed", None),
+                // `url` holds the webhook's URL or the module's name.
+                let delivery = s.delivery.as_str();
+                let url = match &s.delivery {
+                    Delivery::Webhook(u) | Delivery::Module(u) => Some(u.clone()),
+                    Delivery::Feed => None,
                 };
                 w.0.execute(
                     "INSERT INTO subscriptions (name, class, subclass, customer, source, type, min_severity, delivery, url, created)
@@ -253,7 +249,7 @@ impl crate::store::Store {
                         "UPDATE tasks SET state = 'taken', attempts = attempts + 1, visible_at = ?2, taken_by = ?3
                          WHERE id = (
                            SELECT t.id FROM tasks t JOIN subscriptions s ON s.id = t.sub
-                           WHERE s.delivery = 'webhook' AND t.state IN ('ready', 'taken') AND t.visible_at <= ?1
+                           WHERE s.delivery IN ('webhook', 'module') AND t.state IN ('ready', 'taken') AND t.visible_at <= ?1
                              AND NOT EXISTS (SELECT 1 FROM tasks o WHERE o.sub = t.sub
                                              AND o.state IN ('ready', 'taken') AND o.id < t.id)
                            ORDER BY t.visible_at, t.id LIMIT 1)
@@ -410,20 +406,6 @@ impl crate::store::Store {
             })
             .await
     }
-
-    /// One stored message as its XML delivery document.
-    pub async fn message_xml(&self, id: String) -> Result<Option<Vec<u8>>, DbError> {
-        let rows = self
-            .query(crate::store::Query {
-                id: Some(id),
-                limit: 1,
-                ..crate::store::Query::default()
-            })
-            .await?;
-        Ok(rows
-            .first()
-            .map(|r| crate::control::messages_doc(std::slice::from_ref(r))))
-    }
 }
 
 /// Task counts of a subscription.
@@ -525,28 +507,50 @@ pub async fn run_pool(
 
 /// One delivery.
 async fn process(app: &AppServer, client: &reqwest::Client, t: &Claimed) -> Result<(), String> {
-    let Delivery::Webhook(url) = &t.sub.delivery else {
-        return Ok(());
-    };
-    let doc = app
+    let rows = app
         .store
-        .message_xml(t.message.clone())
+        .query(crate::store::Query {
+            id: Some(t.message.clone()),
+            limit: 1,
+            ..crate::store::Query::default()
+        })
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let row = rows
+        .first()
         .ok_or_else(|| format!("message {} is no longer stored", t.message))?;
-    let r = client
-        .post(url)
-        .header(http::header::CONTENT_TYPE, "text/xml; charset=utf-8")
-        .header("X-RS-Message-Id", &t.message)
-        .header("X-RS-Subscription", &t.sub.name)
-        .header("X-RS-Task", t.id.to_string())
-        .body(doc)
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    if r.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!("{url} answered {}", r.status()))
+    let doc = crate::control::messages_doc(std::slice::from_ref(row));
+    match &t.sub.delivery {
+        Delivery::Feed => Ok(()),
+        Delivery::Module(name) => {
+            let m = app
+                .module(name)
+                .ok_or_else(|| format!("no service module named {name:?} is configured"))?;
+            let d = crate::modules::Delivered {
+                task: t.id,
+                attempt: t.attempts,
+                subscription: &t.sub.name,
+                message: row,
+                xml: &doc,
+            };
+            m.deliver(app, &d).await
+        }
+        Delivery::Webhook(url) => {
+            let r = client
+                .post(url)
+                .header(http::header::CONTENT_TYPE, "text/xml; charset=utf-8")
+                .header("X-RS-Message-Id", &t.message)
+                .header("X-RS-Subscription", &t.sub.name)
+                .header("X-RS-Task", t.id.to_string())
+                .body(doc)
+                .send()
+                .await
+                .map_err(|e| format!("{url}: {e}"))?;
+            if r.status().is_success() {
+                Ok(())
+            } else {
+                Err(format!("{url} answered {}", r.status()))
+            }
+        }
     }
 }

@@ -62,6 +62,9 @@ pub struct Config {
     /// wait before their next POST (backpressure).
     #[serde(default = "default_busy_envelopes")]
     pub busy_envelopes: usize,
+    /// Built-in service modules (alarm notifiers, XML exports).
+    #[serde(default)]
+    pub modules: Vec<crate::modules::ModuleConfig>,
 }
 
 /// Decoder limits (see docs/protocol.md, Limits).
@@ -96,6 +99,13 @@ impl Config {
         }
         if c.heartbeat_secs == 0 {
             return Err("heartbeat_secs must be at least 1".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for m in &c.modules {
+            m.check()?;
+            if !names.insert(m.name.as_str()) {
+                return Err(format!("two modules are named {:?}", m.name));
+            }
         }
         Ok(c)
     }

@@ -20,9 +20,7 @@ use rs_common::codec::api::{
     Component, decode_group, decode_tags, encode_components, encode_groups, encode_job, encode_tags,
 };
 
-pub fn routes(
-    app: Arc<AppServer>,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
     let status = {
         let app = app.clone();
         warp::path!("rs" / "v1" / "status")
@@ -40,6 +38,16 @@ pub fn routes(
             .and_then(move |q| {
                 let app = app.clone();
                 async move { messages(&app, q).await }
+            })
+    };
+    let export = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "export")
+            .and(warp::get())
+            .and(warp::query::<HashMap<String, String>>())
+            .and_then(move |q| {
+                let app = app.clone();
+                async move { export(&app, q).await }
             })
     };
     let components = {
@@ -207,41 +215,33 @@ pub fn routes(
             let app = app.clone();
             async move { put_tags(&app, id, &body).await }
         });
-    status
-        .or(messages)
-        .unify()
-        .or(components)
-        .unify()
-        .or(send)
-        .unify()
-        .or(job)
-        .unify()
-        .or(group_list)
-        .unify()
-        .or(group_get)
-        .unify()
-        .or(group_put)
-        .unify()
-        .or(group_delete)
-        .unify()
-        .or(tags)
-        .unify()
-        .or(throttle_get)
-        .unify()
-        .or(throttle_put)
-        .unify()
-        .or(subs_post)
-        .unify()
-        .or(subs_get)
-        .unify()
-        .or(subs_delete)
-        .unify()
-        .or(feed)
-        .unify()
-        .or(tasks)
-        .unify()
-        .or(replay)
-        .unify()
+    // Each route is boxed before they are joined: a chain of twenty
+    // unboxed `or`s nests its types twenty deep, and type-checking that
+    // took rustc minutes.
+    let mut all = status.boxed();
+    for r in [
+        messages.boxed(),
+        export.boxed(),
+        components.boxed(),
+        send.boxed(),
+        job.boxed(),
+        group_list.boxed(),
+        group_get.boxed(),
+        group_put.boxed(),
+        group_delete.boxed(),
+        tags.boxed(),
+        throttle_get.boxed(),
+        throttle_put.boxed(),
+        subs_post.boxed(),
+        subs_get.boxed(),
+        subs_delete.boxed(),
+        feed.boxed(),
+        tasks.boxed(),
+        replay.boxed(),
+    ] {
+        all = all.or(r).unify().boxed();
+    }
+    all
 }
 
 fn def_of(s: &crate::collector::Subscription) -> rs_common::codec::api::SubscriptionDef {
@@ -253,10 +253,7 @@ fn def_of(s: &crate::collector::Subscription) -> rs_common::codec::api::Subscrip
         source: s.source.as_deref().and_then(|x| RsId::new(x).ok()),
         kind: s.kind.clone(),
         min_severity: s.min_severity,
-        url: match &s.delivery {
-            crate::collector::Delivery::Webhook(u) => Some(u.clone()),
-            crate::collector::Delivery::Feed => None,
-        },
+        delivery: s.delivery.clone(),
     }
 }
 
@@ -295,11 +292,19 @@ async fn subscribe(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response
         source: d.source.as_ref().map(|x| x.to_string()),
         kind: d.kind.clone(),
         min_severity: d.min_severity,
-        delivery: match &d.url {
-            Some(u) => crate::collector::Delivery::Webhook(u.clone()),
-            None => crate::collector::Delivery::Feed,
-        },
+        delivery: d.delivery.clone(),
     };
+    if let crate::collector::Delivery::Module(m) = &d.delivery
+        && app.module(m).is_none()
+    {
+        return Err(refuse(
+            http::StatusCode::BAD_REQUEST,
+            format!(
+                "no service module named {m:?} is configured (modules: {})",
+                app.module_names().join(", ")
+            ),
+        ));
+    }
     app.store
         .subscribe(s, app.clock.now())
         .await
@@ -546,13 +551,14 @@ fn parse_time(v: &str) -> Result<i64, warp::Rejection> {
     })
 }
 
-async fn messages(
-    app: &AppServer,
-    q: HashMap<String, String>,
-) -> Result<warp::reply::Response, warp::Rejection> {
+/// The filters of `GET /messages` and `GET /export`; for an export also
+/// `after` (the cursor) and `limit` (none by default). Unknown names are
+/// refused.
+fn query_of(q: HashMap<String, String>, export: bool) -> Result<Query, warp::Rejection> {
     let bad = |t: String| refuse(http::StatusCode::BAD_REQUEST, t);
     let mut query = Query {
-        limit: 100,
+        limit: if export { usize::MAX } else { 100 },
+        after: export.then_some(0),
         ..Query::default()
     };
     for (k, v) in q {
@@ -560,6 +566,10 @@ async fn messages(
             "component" => {
                 RsId::new(&v).map_err(|e| bad(format!("component {v:?}: {e}")))?;
                 query.component = Some(v);
+            }
+            "customer" => {
+                rs_common::CustomerId::new(&v).map_err(|e| bad(format!("customer {v:?}: {e}")))?;
+                query.customer = Some(v);
             }
             "class" => query.class = Some(v),
             "sub" | "subclass" => query.subclass = Some(v),
@@ -576,22 +586,132 @@ async fn messages(
             }
             "since" => query.since = Some(parse_time(&v)?),
             "until" => query.until = Some(parse_time(&v)?),
+            "after" if export => {
+                query.after = Some(
+                    v.parse::<i64>()
+                        .ok()
+                        .filter(|n| *n >= 0)
+                        .ok_or_else(|| bad(format!("after {v:?}: a cursor (a number)")))?,
+                );
+            }
             "limit" => {
+                let max = if export { 1_000_000_000 } else { 10_000 };
                 query.limit = v
                     .parse::<usize>()
                     .ok()
-                    .filter(|n| (1..=10_000).contains(n))
-                    .ok_or_else(|| bad(format!("limit {v:?}: a number from 1 to 10000")))?;
+                    .filter(|n| (1..=max).contains(n))
+                    .ok_or_else(|| bad(format!("limit {v:?}: a number from 1 to {max}")))?;
             }
             other => return Err(bad(format!("unknown parameter {other:?}"))),
         }
     }
+    Ok(query)
+}
+
+async fn messages(
+    app: &AppServer,
+    q: HashMap<String, String>,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let query = query_of(q, false)?;
     let rows = app
         .store
         .query(query)
         .await
         .map_err(|e| refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     Ok(xml_response(messages_doc(&rows)))
+}
+
+/// Rows an export reads from the database at a time.
+const EXPORT_PAGE: usize = 500;
+
+/// `GET /rs/v1/control/export?...`: every stored message the filters
+/// match, after the cursor `after`, in storage order, at most `limit`,
+/// streamed: the body is written page by page as the database is read
+/// (memory stays bounded whatever the size), and ends with `<end>` giving
+/// the cursor to continue from. A body that stops before `</export>` was
+/// cut: continue from the last `seq` received.
+async fn export(
+    app: &Arc<AppServer>,
+    q: HashMap<String, String>,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let query = query_of(q, true)?;
+    let start = query.after.unwrap_or(0);
+    // Fail before the 200 if the database cannot be read at all.
+    let first = app
+        .store
+        .query(Query {
+            limit: EXPORT_PAGE.min(query.limit),
+            ..query.clone()
+        })
+        .await
+        .map_err(unavailable)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    let app = app.clone();
+    tokio::spawn(async move {
+        let mut head = Vec::new();
+        XmlOut::document(&mut head)
+            .open("export")
+            .attr_num("after", u64::try_from(start).unwrap_or(0))
+            .gt()
+            .newline();
+        if tx.send(Ok(head.into())).await.is_err() {
+            return;
+        }
+        let (mut count, mut cursor, mut page) = (0usize, start, first);
+        loop {
+            let full = page.len() == EXPORT_PAGE.min(query.limit - count);
+            let mut buf = Vec::with_capacity(page.len() * 1024);
+            let mut x = XmlOut::fragment(&mut buf);
+            for r in &page {
+                write_message(&mut x, None, Some(r.seq), r);
+                cursor = r.seq;
+            }
+            count += page.len();
+            if tx.send(Ok(buf.into())).await.is_err() {
+                return;
+            }
+            let more = full && count < query.limit;
+            if !more || count == query.limit {
+                let mut tail = Vec::new();
+                XmlOut::fragment(&mut tail)
+                    .open("end")
+                    .attr_num("count", count as u64)
+                    .attr_num("next", u64::try_from(cursor).unwrap_or(0))
+                    .attr("complete", if full { "no" } else { "yes" })
+                    .empty()
+                    .newline()
+                    .close("export")
+                    .newline();
+                let _ = tx.send(Ok(tail.into())).await;
+                return;
+            }
+            page = match app
+                .store
+                .query(Query {
+                    after: Some(cursor),
+                    limit: EXPORT_PAGE.min(query.limit - count),
+                    ..query.clone()
+                })
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    // Cut the body: the client sees no </export> and
+                    // continues from the last seq it received.
+                    tracing::error!("export: {e}");
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    return;
+                }
+            };
+        }
+    });
+    let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut r = warp::reply::Reply::into_response(warp::reply::stream(body));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/xml; charset=utf-8"),
+    );
+    Ok(r)
 }
 
 /// The `<messages>` document of stored messages (the query answer, and
@@ -614,47 +734,54 @@ pub fn messages_doc_tagged(
     }
     x.gt().newline();
     for (task, r) in rows {
-        let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
-        x.open("message")
-            .attr_num_opt("task", task.and_then(|t| u64::try_from(t).ok()))
-            .attr("id", &r.id)
-            .attr("type", &r.kind)
-            .attr("component", &r.component)
-            .attr("class", &r.class)
-            .attr("sub", &r.subclass)
-            .attr_opt("severity", r.severity.map(Severity::as_str))
-            .attr_ts("created", ts(r.created))
-            .attr_ts("received", ts(r.received))
-            .attr("via", &r.via)
-            .gt();
-        if r.kind == "data" {
-            x.open("data")
-                .attr("mime", &r.content_type)
-                .attr_num("size", r.content.len() as u64);
-            match std::str::from_utf8(&r.content) {
-                Ok(text) if r.content_type.starts_with("text/") => {
-                    x.gt().text(text).close("data");
-                }
-                _ => {
-                    x.attr("encoding", "base64")
-                        .gt()
-                        .text(&base64::engine::general_purpose::STANDARD.encode(&r.content))
-                        .close("data");
-                }
-            }
-        } else {
-            // XML contents were validated when stored; embed the document.
-            let doc = &r.content[..];
-            let body = match memchr_decl_end(doc) {
-                Some(i) => &doc[i..],
-                None => doc,
-            };
-            x.buf.extend_from_slice(body.trim_ascii());
-        }
-        x.close("message").newline();
+        write_message(&mut x, *task, None, r);
     }
     x.close("messages").newline();
     buf
+}
+
+/// One stored `<message>`, with its task ID (a feed) or its storage
+/// sequence number (an export).
+fn write_message(x: &mut XmlOut<'_>, task: Option<i64>, seq: Option<i64>, r: &crate::store::Row) {
+    let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
+    x.open("message")
+        .attr_num_opt("task", task.and_then(|t| u64::try_from(t).ok()))
+        .attr_num_opt("seq", seq.and_then(|t| u64::try_from(t).ok()))
+        .attr("id", &r.id)
+        .attr("type", &r.kind)
+        .attr("component", &r.component)
+        .attr("class", &r.class)
+        .attr("sub", &r.subclass)
+        .attr_opt("severity", r.severity.map(Severity::as_str))
+        .attr_ts("created", ts(r.created))
+        .attr_ts("received", ts(r.received))
+        .attr("via", &r.via)
+        .gt();
+    if r.kind == "data" {
+        x.open("data")
+            .attr("mime", &r.content_type)
+            .attr_num("size", r.content.len() as u64);
+        match std::str::from_utf8(&r.content) {
+            Ok(text) if r.content_type.starts_with("text/") => {
+                x.gt().text(text).close("data");
+            }
+            _ => {
+                x.attr("encoding", "base64")
+                    .gt()
+                    .text(&base64::engine::general_purpose::STANDARD.encode(&r.content))
+                    .close("data");
+            }
+        }
+    } else {
+        // XML contents were validated when stored; embed the document.
+        let doc = &r.content[..];
+        let body = match memchr_decl_end(doc) {
+            Some(i) => &doc[i..],
+            None => doc,
+        };
+        x.buf.extend_from_slice(body.trim_ascii());
+    }
+    x.close("message").newline();
 }
 
 /// The offset just after an XML declaration at the start of `doc`.

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod ingress;
 pub mod jobs;
+pub mod modules;
 pub mod monitor;
 pub mod rsctl;
 pub mod store;
@@ -50,6 +51,9 @@ pub struct AppServer {
     pub feed_ready: tokio::sync::watch::Sender<u64>,
     /// Its configuration, as the API shows it.
     pub throttle_cfg: std::sync::RwLock<rs_common::throttle::ThrottleConfig>,
+    /// The built-in service modules: the heartbeat monitor, then those
+    /// configured.
+    pub modules: Vec<Arc<dyn modules::ServiceModule>>,
 }
 
 impl AppServer {
@@ -57,6 +61,16 @@ impl AppServer {
     pub fn stored_new(&self) {
         self.tasks_ready.notify_waiters();
         self.feed_ready.send_modify(|v| *v += 1);
+    }
+
+    /// The service module of this name.
+    pub fn module(&self, name: &str) -> Option<&Arc<dyn modules::ServiceModule>> {
+        self.modules.iter().find(|m| m.name() == name)
+    }
+
+    /// Every service module's name.
+    pub fn module_names(&self) -> Vec<&str> {
+        self.modules.iter().map(|m| m.name()).collect()
     }
 
     /// The throttle in force.
@@ -89,8 +103,13 @@ impl AppServer {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let throttle = rs_common::throttle::open(&cfg.throttle, clock.clone(), &cfg.data_dir)
             .map_err(anyhow::Error::msg)?;
+        let timeout = Duration::from_secs(cfg.webhook_timeout_secs.max(1));
+        let mut modules: Vec<Arc<dyn modules::ServiceModule>> =
+            vec![Arc::new(monitor::HeartbeatMonitor)];
+        modules.extend(cfg.modules.iter().map(|m| m.build(timeout)));
         Ok(Arc::new(AppServer {
             id,
+            modules,
             store,
             clock,
             throttle: std::sync::RwLock::new(Arc::new(throttle)),
@@ -178,7 +197,14 @@ pub async fn run(
         });
     }
     let expire = tokio::spawn(jobs::expire(app.clone(), shutdown.clone()));
-    let monitor = tokio::spawn(monitor::run(app.clone(), shutdown.clone()));
+    // Configured modules' own subscriptions (created or updated).
+    for m in &app.cfg.modules {
+        if let Some(s) = &m.subscribe {
+            let sub = s.to_subscription(&m.name).map_err(anyhow::Error::msg)?;
+            app.store.subscribe(sub, app.clock.now()).await?;
+        }
+    }
+    let timers = tokio::spawn(modules::run_timers(app.clone(), shutdown.clone()));
     let pool = tokio::spawn(collector::run_pool(
         app.clone(),
         collector::PoolConfig {
@@ -205,7 +231,7 @@ pub async fn run(
     serve_tcp(listener, app.routes(), ServeConfig::default(), shutdown).await;
     let _ = purge.await;
     let _ = expire.await;
-    let _ = monitor.await;
+    let _ = timers.await;
     let _ = pool.await;
     let _ = flush.await;
     let _ = push.await;

@@ -116,8 +116,34 @@ fn notification(
     })
 }
 
-/// Checks every second until `stop`.
-pub async fn run(app: Arc<AppServer>, stop: tokio_util::sync::CancellationToken) {
+/// The heartbeat monitor as a timer service module (checks every second).
+#[derive(Debug, Default)]
+pub struct HeartbeatMonitor;
+
+impl crate::modules::ServiceModule for HeartbeatMonitor {
+    fn name(&self) -> &str {
+        "heartbeat"
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        _app: &'a AppServer,
+        _d: &'a crate::modules::Delivered<'a>,
+    ) -> crate::modules::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Err("the heartbeat monitor takes no messages".to_owned()) })
+    }
+
+    fn period(&self) -> Option<Duration> {
+        Some(Duration::from_secs(1))
+    }
+
+    fn tick<'a>(&'a self, app: &'a Arc<AppServer>) -> crate::modules::BoxFuture<'a, ()> {
+        Box::pin(check(app))
+    }
+}
+
+/// One round: every component's health against its last heartbeat.
+async fn check(app: &AppServer) {
     let interval = Duration::from_secs(app.cfg.heartbeat_secs.max(1));
     let late = interval * app.cfg.heartbeat_late_after.max(1);
     let failed = interval
@@ -125,53 +151,46 @@ pub async fn run(app: Arc<AppServer>, stop: tokio_util::sync::CancellationToken)
             .cfg
             .heartbeat_failed_after
             .max(app.cfg.heartbeat_late_after + 1);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+    let now = app.clock.now();
+    // Just started (perhaps after being down itself): give every
+    // component the time to call in before judging it.
+    if now.since(app.started) < late {
+        return;
+    }
+    let rows = match app.store.health_scan().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("heartbeat monitor: {e}");
+            return;
         }
-        let now = app.clock.now();
-        // Just started (perhaps after being down itself): give every
-        // component the time to call in before judging it.
-        if now.since(app.started) < late {
+    };
+    for (id, last_seen, was) in rows {
+        let age = Duration::from_millis(u64::try_from(now.as_millis() - last_seen).unwrap_or(0));
+        let health = if age > failed {
+            Health::Failed
+        } else if age > late {
+            Health::Late
+        } else {
+            Health::Ok
+        };
+        if health == was {
             continue;
         }
-        let rows = match app.store.health_scan().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("heartbeat monitor: {e}");
-                continue;
-            }
+        let Ok(component) = RsId::new(&id) else {
+            continue;
         };
-        for (id, last_seen, was) in rows {
-            let age =
-                Duration::from_millis(u64::try_from(now.as_millis() - last_seen).unwrap_or(0));
-            let health = if age > failed {
-                Health::Failed
-            } else if age > late {
-                Health::Late
-            } else {
-                Health::Ok
-            };
-            if health == was {
-                continue;
-            }
-            let Ok(component) = RsId::new(&id) else {
-                continue;
-            };
-            let Some(inc) = notification(&app, &component, health, last_seen, now) else {
-                continue;
-            };
-            tracing::info!("{component}: {} -> {}", was.as_str(), health.as_str());
-            match app.store.ingest(vec![inc], now).await {
-                Ok(_) => {
-                    app.stored_new();
-                    if let Err(e) = app.store.set_health(id, health, now).await {
-                        tracing::error!("heartbeat monitor: {e}");
-                    }
+        let Some(inc) = notification(app, &component, health, last_seen, now) else {
+            continue;
+        };
+        tracing::info!("{component}: {} -> {}", was.as_str(), health.as_str());
+        match app.store.ingest(vec![inc], now).await {
+            Ok(_) => {
+                app.stored_new();
+                if let Err(e) = app.store.set_health(id, health, now).await {
+                    tracing::error!("heartbeat monitor: {e}");
                 }
-                Err(e) => tracing::error!("heartbeat monitor: {e}"),
             }
+            Err(e) => tracing::error!("heartbeat monitor: {e}"),
         }
     }
 }

@@ -162,6 +162,8 @@ pub enum Stored {
 /// One stored message, as queries return it.
 #[derive(Debug, Clone)]
 pub struct Row {
+    /// Its place in storage order (the export cursor).
+    pub seq: i64,
     pub id: String,
     pub received: i64,
     pub created: i64,
@@ -195,6 +197,7 @@ pub struct Query {
     /// One message by ID.
     pub id: Option<String>,
     pub component: Option<String>,
+    pub customer: Option<String>,
     pub class: Option<String>,
     pub subclass: Option<String>,
     /// At least this severe (alarms and events).
@@ -202,6 +205,9 @@ pub struct Query {
     pub since: Option<i64>,
     pub until: Option<i64>,
     pub kind: Option<ContentKind>,
+    /// Export: only messages stored after this cursor, in storage order
+    /// (without it: newest first).
+    pub after: Option<i64>,
     pub limit: usize,
 }
 
@@ -344,7 +350,7 @@ impl Store {
         self.db
             .read(move |s| {
                 let mut sql = String::from(
-                    "SELECT id, received, created, component, kind, class, subclass, severity, via,
+                    "SELECT rowid, id, received, created, component, kind, class, subclass, severity, via,
                             content_type, content FROM messages WHERE 1 = 1",
                 );
                 let mut args: Vec<rusqlite::types::Value> = Vec::new();
@@ -357,6 +363,9 @@ impl Store {
                 }
                 if let Some(c) = q.component {
                     add("component =", c.into());
+                }
+                if let Some(c) = q.customer {
+                    add("customer =", c.into());
                 }
                 if let Some(c) = q.class {
                     add("class =", c.into());
@@ -376,26 +385,33 @@ impl Store {
                 if let Some(k) = q.kind {
                     add("kind =", k.as_str().to_owned().into());
                 }
-                sql.push_str(&format!(
-                    " ORDER BY received DESC, id LIMIT {}",
-                    q.limit.min(10_000)
-                ));
+                // The rowid is the storage order: SQLite gives each new row
+                // a rowid above every other, and only retention deletes
+                // (the oldest), so a cursor never skips a later message.
+                if let Some(a) = q.after {
+                    add("rowid >", a.into());
+                    sql.push_str(" ORDER BY rowid");
+                } else {
+                    sql.push_str(" ORDER BY received DESC, id");
+                }
+                sql.push_str(&format!(" LIMIT {}", q.limit.min(10_000)));
                 let mut st = s.0.prepare(&sql)?;
                 let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
                     Ok(Row {
-                        id: r.get(0)?,
-                        received: r.get(1)?,
-                        created: r.get(2)?,
-                        component: r.get(3)?,
-                        kind: r.get(4)?,
-                        class: r.get(5)?,
-                        subclass: r.get(6)?,
+                        seq: r.get(0)?,
+                        id: r.get(1)?,
+                        received: r.get(2)?,
+                        created: r.get(3)?,
+                        component: r.get(4)?,
+                        kind: r.get(5)?,
+                        class: r.get(6)?,
+                        subclass: r.get(7)?,
                         severity: r
-                            .get::<_, Option<i64>>(7)?
+                            .get::<_, Option<i64>>(8)?
                             .and_then(|i| Severity::ALL.get(usize::try_from(i).ok()?).copied()),
-                        via: r.get(8)?,
-                        content_type: r.get(9)?,
-                        content: r.get(10)?,
+                        via: r.get(9)?,
+                        content_type: r.get(10)?,
+                        content: r.get(11)?,
                     })
                 })?;
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)

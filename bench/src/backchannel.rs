@@ -24,17 +24,11 @@ use rs_common::model::EnvelopeMeta;
 use rs_common::{ComponentKind, CustomerId, RsId, Timestamp};
 use rs_tests::deploy::{Deployment, Extra, server_metrics};
 
-use crate::Figure;
+use crate::{Figure, percentile, spread};
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Settings {
     pub(crate) actions: usize,
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
 }
 
 async fn post(http: &reqwest::Client, a: &str, body: String) -> anyhow::Result<String> {
@@ -310,29 +304,9 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
         "cargo run --release -p rs-bench -- backchannel --actions {}",
         s.actions
     );
-    let at = crate::now();
-    let machine = crate::machine();
-    let n = one_way.len() as u32;
-    let (min, max) = (
-        one_way.iter().copied().fold(f64::INFINITY, f64::min),
-        one_way.iter().copied().fold(0.0, f64::max),
-    );
-    let base = |id: &str, what: String, value: f64, unit: &str, better: &str| Figure {
-        id: id.into(),
-        what,
-        value,
-        unit: unit.into(),
-        runs: n,
-        min,
-        max,
-        peer: None,
-        peer_value: None,
-        ratio: None,
-        better: better.into(),
-        command: command.clone(),
-        measured_at: at.clone(),
-        target: None,
-        machine: Some(machine.clone()),
+    let (n, mm) = (one_way.len(), spread(&one_way));
+    let base = |id: &str, what: String, value: f64, unit: &str, better: &str| {
+        Figure::measured(id, what, value, unit, better, n, mm, &command)
     };
     let mut figs = vec![
         base(

@@ -342,7 +342,7 @@ fn peer(s: &Settings, dir: &Path) -> anyhow::Result<(f64, f64)> {
     Ok((rate, drain))
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

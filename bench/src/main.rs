@@ -12,6 +12,7 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 mod backchannel;
+mod collector;
 mod forward;
 mod throttle;
 
@@ -35,6 +36,54 @@ pub(crate) struct Figure {
     pub(crate) target: Option<String>,
     #[serde(default)]
     pub(crate) machine: Option<String>,
+}
+
+impl Figure {
+    /// A figure measured now on this machine, with no peer or target yet.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn measured(
+        id: &str,
+        what: String,
+        value: f64,
+        unit: &str,
+        better: &str,
+        runs: usize,
+        (min, max): (f64, f64),
+        command: &str,
+    ) -> Figure {
+        Figure {
+            id: id.into(),
+            what,
+            value,
+            unit: unit.into(),
+            runs: u32::try_from(runs).unwrap_or(u32::MAX),
+            min,
+            max,
+            peer: None,
+            peer_value: None,
+            ratio: None,
+            better: better.into(),
+            command: command.into(),
+            measured_at: now(),
+            target: None,
+            machine: Some(machine()),
+        }
+    }
+}
+
+/// The `p` quantile (0-1) of `v`, nearest rank.
+pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// (min, max) of `v`.
+pub(crate) fn spread(v: &[f64]) -> (f64, f64) {
+    (
+        v.iter().copied().fold(f64::INFINITY, f64::min),
+        v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    )
 }
 
 pub(crate) fn root() -> PathBuf {
@@ -259,6 +308,7 @@ fn main() {
         clients: opt(&args, "--clients", 32) as usize,
         runs: opt(&args, "--runs", 3).max(1) as usize,
     };
+    let runs = settings.runs;
     let back = backchannel::Settings {
         actions: opt(&args, "--actions", 300).max(10) as usize,
     };
@@ -279,6 +329,10 @@ fn main() {
             (
                 "backchannel",
                 Box::new(move || backchannel::run(&back).map_err(|e| format!("{e:#}"))),
+            ),
+            (
+                "collector",
+                Box::new(move || collector::run(runs).map_err(|e| format!("{e:#}"))),
             ),
         ];
         groups.retain(|(g, _)| want(g));

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rs_tests::deploy::{Deployment, Extra, server_metrics, wait_for};
 
-use crate::backchannel::{exe, tmp};
+use crate::backchannel::{attr, exe, tmp};
 use crate::forward::{alarm, register};
 
 /// A webhook receiver: records (message ID, X-RS-Task) of each delivery
@@ -357,5 +357,190 @@ async fn heartbeat_loss_and_recovery_each_raise_exactly_one_notification() {
         (1, 1, 1),
         "{f}"
     );
+    d.stop_all();
+}
+
+/// The `seq` attributes of an export document, in order.
+fn seqs(doc: &str) -> Vec<u64> {
+    doc.match_indices(" seq=\"")
+        .map(|(i, m)| {
+            let v = &doc[i + m.len()..];
+            v[..v.find('"').unwrap()].parse().unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn built_in_modules_notify_and_export_once_and_queries_export_streamed_in_pages() {
+    let dir = tmp("modules");
+    let log = dir.join("notified.log");
+    let fail_once = dir.join("fail-once");
+    let export = dir.join("export");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The notifier fails its first call (the task is retried, the
+    // message still notified once), then logs what it was told.
+    std::fs::write(&fail_once, "").unwrap();
+    let script = format!(
+        r#"if [ -e {f} ]; then rm {f}; echo not now >&2; exit 3; fi; xml=$(cat); case "$xml" in *"$RS_MESSAGE_ID"*) ;; *) exit 4;; esac; echo "$RS_MESSAGE_ID $RS_SEVERITY $RS_COMPONENT $RS_TEXT" >> {l}"#,
+        f = fail_once.display(),
+        l = log.display()
+    );
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d
+        .appserver(
+            "127.0.0.1:0",
+            &format!(
+                "task_max_attempts = 5\n\
+                 [[modules]]\nname = \"oncall\"\nkind = \"alarm-notifier\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\n\
+                 [modules.subscribe]\ntype = \"alarm\"\nmin_severity = \"major\"\n\
+                 [[modules]]\nname = \"archive\"\nkind = \"xml-export\"\ndir = {:?}\n",
+                export.display().to_string()
+            ),
+        )
+        .unwrap();
+    // The archive is subscribed through the API; an unknown module is not.
+    let (s, body) = post(
+        &a,
+        "subscriptions",
+        r#"<subscription name="archive" type="alarm" delivery="module" module="archive"/>"#.into(),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    rs_tests::assert_control_api_valid(body.as_bytes(), &dir.join("subs.xml"));
+    assert!(body.contains("name=\"oncall\"") && body.contains("module=\"oncall\""));
+    let (s, body) = post(
+        &a,
+        "subscriptions",
+        r#"<subscription name="x" delivery="module" module="nosuch"/>"#.into(),
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("nosuch"), "{body}");
+
+    let sock = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let c = register(&sock).await;
+    let mut major = Vec::new();
+    let mut all = Vec::new();
+    for i in 0..10 {
+        let mut r = alarm(&format!("disk {i} full"), None);
+        if i % 2 == 1 {
+            r.severity = Some("minor".into());
+        } else {
+            major.push(String::new());
+        }
+        let id = c.send("alarm", &r).await.unwrap();
+        if i % 2 == 0 {
+            *major.last_mut().unwrap() = id.clone();
+        }
+        all.push(id);
+    }
+    let all_set: HashSet<String> = all.iter().cloned().collect();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        until(60, || read_log().lines().count() >= 5),
+        "{}",
+        read_log()
+    );
+    let exported = |export: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut v = Vec::new();
+        for day in std::fs::read_dir(export).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(day.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                v.push(f.path());
+            }
+        }
+        v
+    };
+    assert!(until(60, || exported(&export).len() >= 10));
+    let tasks = get(&a, "subscriptions").await;
+    assert!(
+        tasks.contains("name=\"oncall\"") && tasks.contains("done=\"5\""),
+        "{tasks}"
+    );
+
+    // Every major alarm notified once, in storage order, with its facts.
+    let stored: Vec<String> = rs_tests::deploy::stored_ids(&dir.join("appserver"))
+        .unwrap()
+        .into_iter()
+        .filter(|id| all_set.contains(id))
+        .collect();
+    let lines: Vec<String> = read_log().lines().map(str::to_owned).collect();
+    let notified: Vec<&str> = lines.iter().map(|l| l.split(' ').next().unwrap()).collect();
+    let want: Vec<&str> = stored
+        .iter()
+        .filter(|id| major.contains(id))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(notified, want, "{lines:?}");
+    assert!(lines[0].contains(" major acme.p1.s1 disk "), "{lines:?}");
+    assert!(!fail_once.exists(), "the first call failed and was retried");
+
+    // One file per alarm, each holding that message.
+    let files = exported(&export);
+    assert_eq!(files.len(), 10);
+    for f in &files {
+        let id = f.file_stem().unwrap().to_string_lossy().to_string();
+        assert!(all_set.contains(&id), "{id}");
+        assert!(std::fs::read_to_string(f).unwrap().contains(&id));
+    }
+
+    // Export by query: all ten alarms in storage order in one stream...
+    let whole = get(&a, "export?type=alarm&customer=acme").await;
+    assert!(whole.trim_end().ends_with("</export>"), "{whole}");
+    assert_eq!(attr(&whole, "count"), "10");
+    assert_eq!(attr(&whole, "complete"), "yes");
+    let ids_in = |doc: &str| -> Vec<String> {
+        stored
+            .iter()
+            .filter(|id| doc.contains(id.as_str()))
+            .cloned()
+            .collect()
+    };
+    let order: Vec<usize> = stored
+        .iter()
+        .map(|id| whole.find(id.as_str()).unwrap())
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "storage order");
+    let whole_seqs = seqs(&whole);
+    assert!(whole_seqs.windows(2).all(|w| w[0] < w[1]));
+    // ...and in pages of four, continuing from each page's cursor: the
+    // same ten, none twice.
+    let mut after = "0".to_owned();
+    let mut paged = Vec::new();
+    let mut pages = 0;
+    loop {
+        let p = get(
+            &a,
+            &format!("export?type=alarm&customer=acme&limit=4&after={after}"),
+        )
+        .await;
+        pages += 1;
+        paged.extend(seqs(&p));
+        after = attr(&p, "next").to_owned();
+        if attr(&p, "complete") == "yes" {
+            break;
+        }
+        assert!(pages < 10, "{p}");
+    }
+    assert_eq!(paged, whole_seqs);
+    assert_eq!(pages, 3);
+    assert_eq!(ids_in(&whole).len(), 10);
+    // Bad parameters are refused.
+    let r = reqwest::get(format!("http://{a}/rs/v1/control/export?after=x"))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+
+    // After a restart nothing is notified or exported again.
+    d.node("appserver").kill();
+    d.restart("appserver").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(read_log().lines().count(), 5);
+    assert_eq!(exported(&export).len(), 10);
     d.stop_all();
 }

@@ -440,7 +440,7 @@ pub fn decode_components(bytes: &[u8], limits: &Limits) -> Result<Vec<Component>
 
 /// A subscription, as `POST /rs/v1/control/subscriptions` takes it: which
 /// stored messages (every attribute given must match) and how they are
-/// delivered (`webhook` with a `url`, or `feed`, pulled).
+/// delivered.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SubscriptionDef {
     pub name: String,
@@ -450,8 +450,30 @@ pub struct SubscriptionDef {
     pub source: Option<RsId>,
     pub kind: Option<String>,
     pub min_severity: Option<crate::model::Severity>,
-    /// `None`: a feed.
-    pub url: Option<String>,
+    pub delivery: Delivery,
+}
+
+/// How a subscription's messages are delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// POST of each message's XML to this URL, in order, retried.
+    Webhook(String),
+    /// Pulled by the subscriber (`GET .../feed?after=`); nothing is pushed.
+    #[default]
+    Feed,
+    /// Handed to the built-in service module of this name (configured in
+    /// the appserver's TOML), in order, retried.
+    Module(String),
+}
+
+impl Delivery {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Delivery::Webhook(_) => "webhook",
+            Delivery::Feed => "feed",
+            Delivery::Module(_) => "module",
+        }
+    }
 }
 
 pub fn encode_subscription(s: &SubscriptionDef) -> Vec<u8> {
@@ -479,8 +501,16 @@ pub fn write_subscription(
             "min-severity",
             s.min_severity.map(crate::model::Severity::as_str),
         )
-        .attr("delivery", if s.url.is_some() { "webhook" } else { "feed" })
-        .attr_opt("url", s.url.as_deref());
+        .attr("delivery", s.delivery.as_str());
+    match &s.delivery {
+        Delivery::Webhook(u) => {
+            x.attr("url", u);
+        }
+        Delivery::Module(m) => {
+            x.attr("module", m);
+        }
+        Delivery::Feed => {}
+    }
     if let Some((p, d, f)) = counts {
         x.attr_num("pending", p)
             .attr_num("done", d)
@@ -494,12 +524,18 @@ pub fn decode_subscription(bytes: &[u8], limits: &Limits) -> Result<Subscription
     let root = x.root("subscription")?;
     let delivery = root.req("delivery")?;
     let url = root.opt_with("url", notify_url)?;
-    match (delivery, &url) {
-        ("webhook", Some(_)) | ("feed", None) => {}
+    let module = root.opt_with("module", token)?;
+    let delivery = match (delivery, url, module) {
+        ("webhook", Some(u), None) => Delivery::Webhook(u),
+        ("feed", None, None) => Delivery::Feed,
+        ("module", None, Some(m)) => Delivery::Module(m),
         _ => {
-            return Err(root.bad("delivery", "webhook (with a url) or feed (without one)"));
+            return Err(root.bad(
+                "delivery",
+                "webhook (with a url), module (with a module name) or feed (with neither)",
+            ));
         }
-    }
+    };
     let s = SubscriptionDef {
         name: root.req_with("name", token)?,
         class: root.opt_with("class", token)?,
@@ -516,7 +552,7 @@ pub fn decode_subscription(bytes: &[u8], limits: &Limits) -> Result<Subscription
         min_severity: root.opt_with("min-severity", |s| {
             crate::model::Severity::parse(s).ok_or("critical, major, minor, warning or info")
         })?,
-        url,
+        delivery,
     };
     x.end(&root)?;
     x.finish()?;

@@ -449,6 +449,11 @@ impl<'a> XmlOut<'a> {
         XmlOut { buf }
     }
 
+    /// Continues XML already begun in `buf` (no declaration).
+    pub fn fragment(buf: &'a mut Vec<u8>) -> Self {
+        XmlOut { buf }
+    }
+
     pub fn open(&mut self, name: &str) -> &mut Self {
         self.buf.push(b'<');
         self.buf.extend_from_slice(name.as_bytes());
