@@ -248,11 +248,13 @@ impl crate::store::Store {
                     .prepare_cached(
                         "UPDATE tasks SET state = 'taken', attempts = attempts + 1, visible_at = ?2, taken_by = ?3
                          WHERE id = (
-                           SELECT t.id FROM tasks t JOIN subscriptions s ON s.id = t.sub
-                           WHERE s.delivery IN ('webhook', 'module') AND t.state IN ('ready', 'taken') AND t.visible_at <= ?1
-                             AND NOT EXISTS (SELECT 1 FROM tasks o WHERE o.sub = t.sub
-                                             AND o.state IN ('ready', 'taken') AND o.id < t.id)
-                           ORDER BY t.visible_at, t.id LIMIT 1)
+                           SELECT h.id FROM (
+                             SELECT (SELECT o.id FROM tasks o WHERE o.sub = s.id
+                                       AND o.state IN ('ready', 'taken') ORDER BY o.id LIMIT 1) AS head
+                             FROM subscriptions s WHERE s.delivery IN ('webhook', 'module')
+                           ) heads JOIN tasks h ON h.id = heads.head
+                           WHERE h.visible_at <= ?1
+                           ORDER BY h.visible_at, h.id LIMIT 1)
                          RETURNING id, sub, message, attempts",
                     )?
                     .query_row(params![now_ms, until, by], |r| {
@@ -467,6 +469,8 @@ pub async fn run_pool(
                     }
                     continue;
                 };
+                // There may be more: let another processor look.
+                app.tasks_ready.notify_one();
                 let result = process(&app, &client, &task).await;
                 let now = app.clock.now();
                 match result {

@@ -59,7 +59,10 @@ pub struct AppServer {
 impl AppServer {
     /// New messages were stored: wake the processors and held feed pulls.
     pub fn stored_new(&self) {
-        self.tasks_ready.notify_waiters();
+        // One processor looks; each that finds a task wakes the next (see
+        // collector::run_pool), so a burst of envelopes does not send every
+        // idle processor to the database each time.
+        self.tasks_ready.notify_one();
         self.feed_ready.send_modify(|v| *v += 1);
     }
 

@@ -125,6 +125,9 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, visible_at);
 CREATE INDEX IF NOT EXISTS tasks_sub   ON tasks (sub, state, id);
+-- Each subscription's unfinished tasks in order: its head (the only one a
+-- processor may claim) is one index probe away, however long the backlog.
+CREATE INDEX IF NOT EXISTS tasks_open  ON tasks (sub, id) WHERE state IN ('ready', 'taken');
 CREATE TABLE IF NOT EXISTS health (
     component TEXT    PRIMARY KEY,
     state     TEXT    NOT NULL,
