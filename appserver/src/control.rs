@@ -295,12 +295,12 @@ async fn subscribe(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response
         delivery: d.delivery.clone(),
     };
     if let crate::collector::Delivery::Module(m) = &d.delivery
-        && app.module(m).is_none()
+        && !app.module(m).is_some_and(|m| m.takes_messages())
     {
         return Err(refuse(
             http::StatusCode::BAD_REQUEST,
             format!(
-                "no service module named {m:?} is configured (modules: {})",
+                "no service module named {m:?} takes messages (modules that do: {})",
                 app.module_names().join(", ")
             ),
         ));

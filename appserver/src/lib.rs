@@ -71,9 +71,13 @@ impl AppServer {
         self.modules.iter().find(|m| m.name() == name)
     }
 
-    /// Every service module's name.
+    /// The names of the service modules subscriptions may deliver to.
     pub fn module_names(&self) -> Vec<&str> {
-        self.modules.iter().map(|m| m.name()).collect()
+        self.modules
+            .iter()
+            .filter(|m| m.takes_messages())
+            .map(|m| m.name())
+            .collect()
     }
 
     /// The throttle in force.

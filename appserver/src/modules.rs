@@ -60,6 +60,11 @@ pub trait ServiceModule: Send + Sync + std::fmt::Debug {
         d: &'a Delivered<'a>,
     ) -> BoxFuture<'a, Result<(), String>>;
 
+    /// Whether subscriptions may deliver to it (timer-only modules: no).
+    fn takes_messages(&self) -> bool {
+        true
+    }
+
     /// How often `tick` runs, for modules that work on a timer.
     fn period(&self) -> Option<Duration> {
         None

@@ -133,6 +133,10 @@ impl crate::modules::ServiceModule for HeartbeatMonitor {
         Box::pin(async { Err("the heartbeat monitor takes no messages".to_owned()) })
     }
 
+    fn takes_messages(&self) -> bool {
+        false
+    }
+
     fn period(&self) -> Option<Duration> {
         Some(Duration::from_secs(1))
     }

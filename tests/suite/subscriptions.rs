@@ -416,6 +416,14 @@ async fn built_in_modules_notify_and_export_once_and_queries_export_streamed_in_
     .await;
     assert_eq!(s, 400, "{body}");
     assert!(body.contains("nosuch"), "{body}");
+    // Nor the heartbeat monitor, which takes no messages.
+    let (s, body) = post(
+        &a,
+        "subscriptions",
+        r#"<subscription name="x" delivery="module" module="heartbeat"/>"#.into(),
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
 
     let sock = d
         .proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
