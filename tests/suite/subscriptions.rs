@@ -83,6 +83,19 @@ async fn get(a: &str, path: &str) -> String {
         .unwrap()
 }
 
+/// GETs `path` until `done` holds of the answer (or 60 s pass); returns
+/// the last answer, for the caller's assertions.
+async fn get_until(a: &str, path: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = get(a, path).await;
+        if done(&t) || std::time::Instant::now() > deadline {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     wait_for(Duration::from_secs(secs), &mut f)
 }
@@ -223,14 +236,7 @@ async fn failed_tasks_are_listed_and_replayed_and_feeds_are_pulled_with_a_cursor
         );
     }
     // Two attempts each, then the failed-task queue.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let failed = loop {
-        let t = get(&a, "tasks?state=failed").await;
-        if t.contains("count=\"3\"") || std::time::Instant::now() > deadline {
-            break t;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let failed = get_until(&a, "tasks?state=failed", |t| t.contains("count=\"3\"")).await;
     assert!(
         failed.contains("count=\"3\"") && failed.contains("503"),
         "{failed}"
@@ -323,27 +329,19 @@ async fn heartbeat_loss_and_recovery_each_raise_exactly_one_notification() {
 
     d.node("p1").kill();
     let count = |f: &str, sub: &str| f.matches(&format!("sub=\"{sub}\"")).count();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let f = loop {
-        let f = get(&a, "subscriptions/ops/feed?wait=0&limit=1000").await;
-        if count(&f, "componentFailed") > 0 || std::time::Instant::now() > deadline {
-            break f;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let f = get_until(&a, "subscriptions/ops/feed?wait=0&limit=1000", |f| {
+        count(f, "componentFailed") > 0
+    })
+    .await;
     assert_eq!(count(&f, "componentLate"), 1, "{f}");
     assert_eq!(count(&f, "componentFailed"), 1, "{f}");
     assert!(f.contains("instance=\"acme.p1\""), "{f}");
 
     d.restart("p1").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let f = loop {
-        let f = get(&a, "subscriptions/ops/feed?wait=0&limit=1000").await;
-        if count(&f, "componentRecovered") > 0 || std::time::Instant::now() > deadline {
-            break f;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let f = get_until(&a, "subscriptions/ops/feed?wait=0&limit=1000", |f| {
+        count(f, "componentRecovered") > 0
+    })
+    .await;
     // A few more seconds: still exactly one of each.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let f2 = get(&a, "subscriptions/ops/feed?wait=0&limit=1000").await;
