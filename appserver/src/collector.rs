@@ -511,6 +511,10 @@ pub async fn run_pool(
 
 /// One delivery.
 async fn process(app: &AppServer, client: &reqwest::Client, t: &Claimed) -> Result<(), String> {
+    if t.sub.delivery == Delivery::Feed {
+        // Pulled, never claimed (claims take webhook and module tasks).
+        return Ok(());
+    }
     let rows = app
         .store
         .query(crate::store::Query {
