@@ -65,6 +65,9 @@ pub struct Config {
     /// Built-in service modules (alarm notifiers, XML exports).
     #[serde(default)]
     pub modules: Vec<crate::modules::ModuleConfig>,
+    /// Bulk uploads: limits and how long grants last.
+    #[serde(default)]
+    pub bulk: crate::bulk::BulkConfig,
 }
 
 /// Decoder limits (see docs/protocol.md, Limits).

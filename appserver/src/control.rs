@@ -512,6 +512,19 @@ pub async fn status_tree(app: &AppServer) -> StatusNode {
             s.tasks_failed.load(Ordering::Relaxed),
         ),
     ];
+    let b = &app.uploads.stats;
+    metrics.extend([
+        ("bulk.granted", b.granted.load(Ordering::Relaxed)),
+        ("bulk.refused", b.refused.load(Ordering::Relaxed)),
+        ("bulk.completed", b.completed.load(Ordering::Relaxed)),
+        ("bulk.mismatched", b.mismatched.load(Ordering::Relaxed)),
+        ("bulk.resumed", b.resumed.load(Ordering::Relaxed)),
+        ("bulk.bytes_received", b.bytes_received.load(Ordering::Relaxed)),
+        (
+            "bulk.transfers_refused",
+            b.transfers_refused.load(Ordering::Relaxed),
+        ),
+    ]);
     let throttle = app.current_throttle().metrics();
     metrics.extend(throttle.iter().map(|(k, v)| (k.as_str(), *v)));
     let state = match app.store.stats().await {

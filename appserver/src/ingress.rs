@@ -58,6 +58,7 @@ fn examine(app: &AppServer, m: RawMessage, now: Timestamp) -> Result<Incoming, O
         return Err(Outcome::Expired);
     }
     let limits = app.cfg.limits();
+    let full_raw = m.clone();
     let full = m
         .clone()
         .decode(&limits)
@@ -67,9 +68,19 @@ fn examine(app: &AppServer, m: RawMessage, now: Timestamp) -> Result<Incoming, O
         severity: None,
         status: None,
         response: None,
+        bulk: None,
     };
     match &full.content {
         Content::Alarm(a) => inc.severity = Some(a.severity),
+        Content::BulkRequest(b) => {
+            if b.direction != rs_common::model::Direction::Upload {
+                return Err(Outcome::rejected(
+                    "invalid",
+                    "only uploads are requested from below; downloads are offered from above",
+                ));
+            }
+            inc.bulk = app.uploads.decide(&full_raw, b, now);
+        }
         Content::Event(e) => inc.severity = Some(e.severity),
         Content::Response(r) => {
             if let Some(src) = full.header.source() {
@@ -158,8 +169,13 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
         }
     }
     if !batch.is_empty() {
+        let decided = batch.iter().any(|i| i.bulk.is_some());
         match app.store.ingest(batch, now).await {
             Ok(results) => {
+                if decided {
+                    // Bulk answers wait on the back-channel.
+                    app.outbox_ready.notify_waiters();
+                }
                 if results.contains(&crate::store::Stored::New) {
                     // Peripheral work waits for the processors.
                     app.stored_new();

@@ -5,6 +5,7 @@
 //! `GET /rs/v1/status` and the read side of the control API
 //! (`/rs/v1/control/messages`, `/rs/v1/control/components`).
 
+pub mod bulk;
 pub mod collector;
 pub mod config;
 pub mod control;
@@ -54,6 +55,8 @@ pub struct AppServer {
     /// The built-in service modules: the heartbeat monitor, then those
     /// configured.
     pub modules: Vec<Arc<dyn modules::ServiceModule>>,
+    /// Bulk uploads: grants, transfers, stored files.
+    pub uploads: bulk::Uploads,
 }
 
 impl AppServer {
@@ -114,8 +117,10 @@ impl AppServer {
         let mut modules: Vec<Arc<dyn modules::ServiceModule>> =
             vec![Arc::new(monitor::HeartbeatMonitor)];
         modules.extend(cfg.modules.iter().map(|m| m.build(timeout)));
+        let uploads = bulk::Uploads::open(&cfg.data_dir, cfg.bulk.clone())?;
         Ok(Arc::new(AppServer {
             id,
+            uploads,
             modules,
             store,
             clock,
@@ -146,6 +151,10 @@ impl AppServer {
             .map(|| "ok\n");
         finish(
             ingress::route(self.clone())
+                .or(bulk::routes(self.clone()))
+                .unify()
+                .or(bulk::control_routes(self.clone()))
+                .unify()
                 .or(control::routes(self.clone()))
                 .unify()
                 .or(health.map(warp::Reply::into_response))
@@ -204,6 +213,7 @@ pub async fn run(
         });
     }
     let expire = tokio::spawn(jobs::expire(app.clone(), shutdown.clone()));
+    let uploads = tokio::spawn(bulk::sweep(app.clone(), shutdown.clone()));
     // Configured modules' own subscriptions (created or updated).
     for m in &app.cfg.modules {
         if let Some(s) = &m.subscribe {
@@ -238,6 +248,7 @@ pub async fn run(
     serve_tcp(listener, app.routes(), ServeConfig::default(), shutdown).await;
     let _ = purge.await;
     let _ = expire.await;
+    let _ = uploads.await;
     let _ = timers.await;
     let _ = pool.await;
     let _ = flush.await;

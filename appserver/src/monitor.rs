@@ -113,6 +113,7 @@ fn notification(
         severity: Some(severity),
         status: None,
         response: None,
+        bulk: None,
     })
 }
 

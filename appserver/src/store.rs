@@ -137,6 +137,23 @@ CREATE TABLE IF NOT EXISTS settings (
     name  TEXT PRIMARY KEY,
     value BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS uploads (
+    digest    TEXT    PRIMARY KEY,
+    request   TEXT    NOT NULL UNIQUE,
+    component TEXT    NOT NULL,
+    customer  TEXT    NOT NULL,
+    name      TEXT    NOT NULL,
+    size      INTEGER NOT NULL,
+    sha256    TEXT    NOT NULL,
+    class     TEXT    NOT NULL,
+    subclass  TEXT    NOT NULL,
+    granted   INTEGER NOT NULL,
+    expires   INTEGER NOT NULL,
+    state     TEXT    NOT NULL DEFAULT 'open',
+    done_at   INTEGER,
+    reason    TEXT
+);
+CREATE INDEX IF NOT EXISTS uploads_open ON uploads (state, expires);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT    PRIMARY KEY,
     value INTEGER NOT NULL
@@ -153,6 +170,9 @@ pub struct Incoming {
     pub status: Option<(Vec<u8>, String)>,
     /// For responses: what they answer, from whom, the outcome and result.
     pub response: Option<(MessageId, RsId, rs_common::Outcome, Option<String>)>,
+    /// For upload requests: the server's answer, recorded with the request
+    /// (and then no peripheral tasks: the file's announcement gets them).
+    pub bulk: Option<crate::bulk::Decided>,
 }
 
 /// What the store did with one message.
@@ -235,7 +255,7 @@ fn severity_rank(s: Severity) -> i64 {
 }
 
 /// Runs a statement through the connection's statement cache.
-fn exec(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+pub(crate) fn exec(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
     conn.prepare_cached(sql)?.execute(p)
 }
 
@@ -277,74 +297,7 @@ impl Store {
         now: Timestamp,
     ) -> Result<Vec<Stored>, DbError> {
         self.db
-            .write(move |s| {
-                let mut out = Vec::with_capacity(batch.len());
-                let (mut new, mut dup) = (0, 0);
-                let mut touched = std::collections::HashSet::new();
-                // Peripheral work is queued in this same transaction: a
-                // stored message always has its tasks, and no task exists
-                // without its message.
-                let subs = crate::collector::subscriptions_in(&s.0)?;
-                for inc in &batch {
-                    let m = &inc.msg;
-                    let Some(src) = m.header.source() else {
-                        return Err(DbError::Sql("back-channel message offered for storage".into()));
-                    };
-                    let via = via_of(m);
-                    let header = encode_header(&m.header, m.kind, m.data.as_ref());
-                    let n = exec(&s.0,
-                        "INSERT INTO messages (id, received, created, component, customer, kind, class,
-                                               subclass, severity, via, header, content_type, content)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
-                         ON CONFLICT (id) DO NOTHING",
-                        params![
-                            m.header.id.as_str(),
-                            now.as_millis(),
-                            m.header.created.as_millis(),
-                            src.component.as_str(),
-                            src.component.customer().as_str(),
-                            m.kind.as_str(),
-                            m.header.class.class,
-                            m.header.class.subclass,
-                            inc.severity.map(severity_rank),
-                            via,
-                            header,
-                            m.content_type,
-                            &m.content[..],
-                        ],
-                    )?;
-                    if n == 0 {
-                        dup += 1;
-                        out.push(Stored::Duplicate);
-                        continue;
-                    }
-                    new += 1;
-                    out.push(Stored::New);
-                    crate::collector::queue_tasks(&s.0, &subs, inc, now)?;
-                    // One update per component per batch is enough.
-                    if touched.insert(src.component.as_str().to_owned()) {
-                        upsert_component(&s.0, &src.component, &src.version, &via, now)?;
-                    }
-                    if let Some((xml, state)) = &inc.status {
-                        exec(&s.0,
-                            "UPDATE components SET state = ?2, status = ?3, status_at = ?4 WHERE id = ?1",
-                            params![src.component.as_str(), state, xml, m.header.created.as_millis()],
-                        )?;
-                    }
-                    // Every tier a message passed through is alive too.
-                    for (i, hop) in m.header.routing.iter().enumerate() {
-                        if touched.insert(hop.component.as_str().to_owned()) {
-                            let route: Vec<&str> =
-                                m.header.routing[..i].iter().map(|h| h.component.as_str()).collect();
-                            touch(&s.0, &hop.component, &route.join(" "), now)?;
-                        }
-                    }
-
-                }
-                bump(&s.0, "stored", new)?;
-                bump(&s.0, "duplicates", dup)?;
-                Ok(out)
-            })
+            .write(move |s| ingest_in(&s.0, &batch, now))
             .await
     }
 
@@ -515,6 +468,83 @@ impl Store {
             })
             .await
     }
+}
+
+/// Stores a batch inside the caller's transaction (see [`Store::ingest`]).
+pub(crate) fn ingest_in(
+    conn: &Connection,
+    batch: &[Incoming],
+    now: Timestamp,
+) -> Result<Vec<Stored>, DbError> {
+    let mut out = Vec::with_capacity(batch.len());
+    let (mut new, mut dup) = (0, 0);
+    let mut touched = std::collections::HashSet::new();
+    // Peripheral work is queued in this same transaction: a
+    // stored message always has its tasks, and no task exists
+    // without its message.
+    let subs = crate::collector::subscriptions_in(conn)?;
+    for inc in batch {
+        let m = &inc.msg;
+        let Some(src) = m.header.source() else {
+            return Err(DbError::Sql("back-channel message offered for storage".into()));
+        };
+        let via = via_of(m);
+        let header = encode_header(&m.header, m.kind, m.data.as_ref());
+        let n = exec(conn,
+            "INSERT INTO messages (id, received, created, component, customer, kind, class,
+                                   subclass, severity, via, header, content_type, content)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             ON CONFLICT (id) DO NOTHING",
+            params![
+                m.header.id.as_str(),
+                now.as_millis(),
+                m.header.created.as_millis(),
+                src.component.as_str(),
+                src.component.customer().as_str(),
+                m.kind.as_str(),
+                m.header.class.class,
+                m.header.class.subclass,
+                inc.severity.map(severity_rank),
+                via,
+                header,
+                m.content_type,
+                &m.content[..],
+            ],
+        )?;
+        if n == 0 {
+            dup += 1;
+            out.push(Stored::Duplicate);
+            continue;
+        }
+        new += 1;
+        out.push(Stored::New);
+        match &inc.bulk {
+            None => crate::collector::queue_tasks(conn, &subs, inc, now)?,
+            Some(d) => crate::bulk::record_decision(conn, d, now)?,
+        }
+        // One update per component per batch is enough.
+        if touched.insert(src.component.as_str().to_owned()) {
+            upsert_component(conn, &src.component, &src.version, &via, now)?;
+        }
+        if let Some((xml, state)) = &inc.status {
+            exec(conn,
+                "UPDATE components SET state = ?2, status = ?3, status_at = ?4 WHERE id = ?1",
+                params![src.component.as_str(), state, xml, m.header.created.as_millis()],
+            )?;
+        }
+        // Every tier a message passed through is alive too.
+        for (i, hop) in m.header.routing.iter().enumerate() {
+            if touched.insert(hop.component.as_str().to_owned()) {
+                let route: Vec<&str> =
+                    m.header.routing[..i].iter().map(|h| h.component.as_str()).collect();
+                touch(conn, &hop.component, &route.join(" "), now)?;
+            }
+        }
+
+    }
+    bump(conn, "stored", new)?;
+    bump(conn, "duplicates", dup)?;
+    Ok(out)
 }
 
 fn upsert_component(

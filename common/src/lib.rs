@@ -25,6 +25,8 @@ pub use outcome::{Code, Outcome, Reason};
 pub use time::Timestamp;
 
 #[cfg(feature = "runtime")]
+pub mod bulk;
+#[cfg(feature = "runtime")]
 pub mod config_file;
 #[cfg(feature = "runtime")]
 pub mod db;

@@ -823,7 +823,7 @@ impl Throttle {
 }
 
 /// Free bytes (for unprivileged users) on the file system holding `dir`.
-fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+pub fn free_bytes(dir: &std::path::Path) -> Option<u64> {
     let st = rustix::fs::statvfs(dir).ok()?;
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }

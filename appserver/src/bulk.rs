@@ -1,0 +1,983 @@
+//! Uploads at the application server (seed 004, Figs. 20-21): it grants
+//! or refuses each bulk request (in the ingest transaction, with the
+//! answer queued on the back-channel to the requester), receives the file
+//! at the single-use URL it granted (resumable, constant memory), verifies
+//! size and SHA-256, stores it, and announces it to subscribed service
+//! modules as a `bulk-request` message whose `url` says where to fetch it.
+//!
+//! Files live under `data_dir/bulk/`: `partial/DIGEST` while arriving
+//! (DIGEST = SHA-256 of the token, as the database keeps it), then
+//! `files/REQUEST-ID` once verified.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::StatusCode;
+use rs_common::bulk::{self, ContentRange, UPLOAD_COMPLETE, UPLOAD_LENGTH, UPLOAD_OFFSET};
+use rs_common::codec::RawMessage;
+use rs_common::model::*;
+use rs_common::throttle::{Decision, Subject};
+use rs_common::{MessageId, Reason, Timestamp};
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt as _;
+use warp::Filter;
+
+use crate::AppServer;
+
+/// `[bulk]` in appserver.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkConfig {
+    /// Largest upload granted.
+    #[serde(default = "default_max_upload")]
+    pub max_upload_bytes: u64,
+    /// How long a granted URL works.
+    #[serde(default = "default_grant_secs")]
+    pub grant_secs: u64,
+    /// Free space that must remain on the data disk after an upload for
+    /// it to be granted.
+    #[serde(default = "default_min_free")]
+    pub min_free_disk_mb: u64,
+    /// A transfer that sends nothing for this long is cut (what arrived
+    /// is kept for the resume).
+    #[serde(default = "default_idle")]
+    pub idle_secs: u64,
+}
+
+impl Default for BulkConfig {
+    fn default() -> Self {
+        BulkConfig {
+            max_upload_bytes: default_max_upload(),
+            grant_secs: default_grant_secs(),
+            min_free_disk_mb: default_min_free(),
+            idle_secs: default_idle(),
+        }
+    }
+}
+
+fn default_max_upload() -> u64 {
+    16 << 30
+}
+fn default_grant_secs() -> u64 {
+    3600
+}
+fn default_min_free() -> u64 {
+    1024
+}
+fn default_idle() -> u64 {
+    60
+}
+
+/// Upload counters (status metrics).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub granted: AtomicU64,
+    pub refused: AtomicU64,
+    pub completed: AtomicU64,
+    pub mismatched: AtomicU64,
+    /// Transfers that continued a partial file.
+    pub resumed: AtomicU64,
+    /// Bytes written by transfers (a resumed file counts only its rest).
+    pub bytes_received: AtomicU64,
+    /// Requests to transfer refused (unknown, used, expired URL; busy).
+    pub transfers_refused: AtomicU64,
+}
+
+/// The upload side of the server.
+#[derive(Debug)]
+pub struct Uploads {
+    pub dir: PathBuf,
+    pub cfg: BulkConfig,
+    pub stats: Stats,
+    /// Tokens (digests) with a transfer in progress: one at a time each.
+    active: Mutex<HashSet<String>>,
+}
+
+/// A grant to record with its request.
+#[derive(Debug, Clone)]
+pub struct NewUpload {
+    pub digest: String,
+    pub request: MessageId,
+    pub component: String,
+    pub customer: String,
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub class: String,
+    pub subclass: String,
+    pub expires: Timestamp,
+}
+
+/// The server's answer to one bulk request: the grant (if any) and the
+/// `bulk-response` for the back-channel, queued for `hop`.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    pub grant: Option<NewUpload>,
+    pub hop: String,
+    pub reply: RawMessage,
+}
+
+impl Uploads {
+    pub fn open(data_dir: &Path, cfg: BulkConfig) -> std::io::Result<Self> {
+        let dir = data_dir.join("bulk");
+        std::fs::create_dir_all(dir.join("partial"))?;
+        std::fs::create_dir_all(dir.join("files"))?;
+        Ok(Uploads {
+            dir,
+            cfg,
+            stats: Stats::default(),
+            active: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn partial(&self, digest: &str) -> PathBuf {
+        self.dir.join("partial").join(digest)
+    }
+
+    /// Where a verified upload is kept.
+    pub fn file(&self, request: &str) -> PathBuf {
+        self.dir.join("files").join(request)
+    }
+
+    /// Grants or refuses an upload request. `m` is the request as it
+    /// arrived (its source and routing say where the answer goes).
+    pub fn decide(&self, m: &RawMessage, b: &BulkRequest, now: Timestamp) -> Option<Decided> {
+        let src = m.header.source()?;
+        let hop = m
+            .header
+            .routing
+            .last()
+            .map_or_else(|| src.component.to_string(), |h| h.component.to_string());
+        let refuse = |code: &'static str, text: String, retry: Option<Duration>| {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("upload {} ({}) refused: {text}", m.header.id, b.name);
+            Grant::Refused {
+                reason: Reason::new(code, text),
+                retry_after: retry,
+            }
+        };
+        let mut grant = None;
+        let answer = if b.size > self.cfg.max_upload_bytes {
+            refuse(
+                "too-large",
+                format!(
+                    "{} bytes exceed the upload limit of {} bytes",
+                    b.size, self.cfg.max_upload_bytes
+                ),
+                None,
+            )
+        } else if let Some(free) = rs_common::throttle::free_bytes(&self.dir)
+            && free < b.size.saturating_add(self.cfg.min_free_disk_mb << 20)
+        {
+            refuse(
+                "disk-full",
+                format!(
+                    "{} bytes would leave less than {} MB free",
+                    b.size, self.cfg.min_free_disk_mb
+                ),
+                Some(Duration::from_secs(600)),
+            )
+        } else {
+            match bulk::new_token() {
+                Ok(token) => {
+                    let expires = now.saturating_add(Duration::from_secs(self.cfg.grant_secs));
+                    grant = Some(NewUpload {
+                        digest: bulk::token_digest(&token),
+                        request: m.header.id.clone(),
+                        component: src.component.to_string(),
+                        customer: src.component.customer().to_string(),
+                        name: b.name.clone(),
+                        size: b.size,
+                        sha256: rs_common::codec::sha256_hex(&b.sha256),
+                        class: b.class.class.clone(),
+                        subclass: b.class.subclass.clone(),
+                        expires,
+                    });
+                    self.stats.granted.fetch_add(1, Ordering::Relaxed);
+                    Grant::Granted {
+                        url: format!("{}{token}", bulk::PATH),
+                        expires,
+                    }
+                }
+                Err(e) => refuse("unavailable", e, Some(Duration::from_secs(60))),
+            }
+        };
+        let reply = Message {
+            header: Header {
+                id: MessageId::generate(),
+                created: now,
+                class: m.header.class.clone(),
+                route: Route::Destination(Destination::new(
+                    vec![src.component.clone()],
+                    Some(now.saturating_add(Duration::from_secs(self.cfg.grant_secs))),
+                )),
+                routing: Vec::new(),
+            },
+            content: Content::BulkResponse(BulkResponse {
+                request: m.header.id.clone(),
+                grant: answer,
+            }),
+        };
+        Some(Decided {
+            grant,
+            hop,
+            reply: reply.to_raw(),
+        })
+    }
+}
+
+/// A stored upload, as the store returns it.
+#[derive(Debug, Clone)]
+pub struct UploadRow {
+    pub digest: String,
+    pub request: String,
+    pub component: String,
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub class: String,
+    pub subclass: String,
+    pub granted: i64,
+    pub expires: i64,
+    /// `open`, `complete`, `failed` or `expired`.
+    pub state: String,
+    pub received: u64,
+    pub done_at: Option<i64>,
+    pub reason: Option<String>,
+}
+
+fn reply(status: StatusCode, text: impl Into<String>) -> warp::reply::Response {
+    let mut r = warp::reply::Response::new(format!("{}\n", text.into()).into());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn with(mut r: warp::reply::Response, name: &'static str, v: impl ToString) -> warp::reply::Response {
+    if let Ok(v) = http::HeaderValue::from_str(&v.to_string()) {
+        r.headers_mut().insert(name, v);
+    }
+    r
+}
+
+/// `HEAD` and `PUT /rs/v1/bulk/{token}`.
+pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    let head = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "bulk" / String)
+            .and(warp::head())
+            .then(move |token: String| {
+                let app = app.clone();
+                async move { probe(&app, &token).await }
+            })
+    };
+    let put = warp::path!("rs" / "v1" / "bulk" / String)
+        .and(warp::put())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(move |token: String, headers: http::HeaderMap, body| {
+            let app = app.clone();
+            async move { receive(&app, &token, &headers, Box::pin(body)).await }
+        });
+    head.boxed().or(put.boxed()).unify().boxed()
+}
+
+/// The upload a token names, if it may still be used; otherwise the answer.
+async fn usable(app: &AppServer, token: &str) -> Result<UploadRow, warp::reply::Response> {
+    let gone = |t: String| {
+        app.uploads
+            .stats
+            .transfers_refused
+            .fetch_add(1, Ordering::Relaxed);
+        Err(reply(StatusCode::GONE, t))
+    };
+    if !bulk::is_token(token) {
+        app.uploads
+            .stats
+            .transfers_refused
+            .fetch_add(1, Ordering::Relaxed);
+        return Err(reply(StatusCode::NOT_FOUND, "no such upload URL"));
+    }
+    let digest = bulk::token_digest(token);
+    let row = match app.store.upload_by_digest(digest).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            app.uploads
+                .stats
+                .transfers_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(reply(StatusCode::NOT_FOUND, "no such upload URL"));
+        }
+        Err(e) => return Err(reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    };
+    match row.state.as_str() {
+        "complete" => {
+            let r = gone("this upload URL was used already".into())
+                .err()
+                .map(|r| with(with(r, UPLOAD_COMPLETE, 1), UPLOAD_OFFSET, row.size));
+            return Err(r.unwrap_or_default());
+        }
+        "failed" => {
+            return gone(format!(
+                "this upload failed: {}",
+                row.reason.unwrap_or_default()
+            ));
+        }
+        _ => {}
+    }
+    if row.expires <= app.clock.now().as_millis() {
+        return gone("this upload URL has expired".into());
+    }
+    Ok(row)
+}
+
+async fn probe(app: &AppServer, token: &str) -> warp::reply::Response {
+    let row = match usable(app, token).await {
+        Ok(r) => r,
+        // A used URL still tells its sender that the file arrived.
+        Err(r) if r.headers().contains_key(UPLOAD_COMPLETE) => {
+            let mut r = r;
+            *r.status_mut() = StatusCode::OK;
+            return r;
+        }
+        Err(r) => return r,
+    };
+    let have = tokio::fs::metadata(app.uploads.partial(&row.digest))
+        .await
+        .map_or(0, |m| m.len());
+    with(
+        with(reply(StatusCode::OK, ""), UPLOAD_OFFSET, have),
+        UPLOAD_LENGTH,
+        row.size,
+    )
+}
+
+/// Frees a token's transfer slot when the transfer ends, however it ends.
+struct Active<'a>(&'a Mutex<HashSet<String>>, String);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.0.lock() {
+            a.remove(&self.1);
+        }
+    }
+}
+
+async fn receive<S, B>(
+    app: &AppServer,
+    token: &str,
+    headers: &http::HeaderMap,
+    mut body: std::pin::Pin<Box<S>>,
+) -> warp::reply::Response
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + ?Sized,
+    B: bytes::Buf,
+{
+    let up = &app.uploads;
+    let row = match usable(app, token).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let range = match headers
+        .get(http::header::CONTENT_RANGE)
+        .map(|v| v.to_str().ok().and_then(ContentRange::parse))
+    {
+        None if row.size > 0 => ContentRange {
+            start: 0,
+            end: row.size - 1,
+            total: row.size,
+        },
+        Some(Some(r)) => r,
+        _ => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "Content-Range must be bytes START-END/SIZE",
+            );
+        }
+    };
+    if range.total != row.size || range.end + 1 != row.size {
+        return reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the grant is for {} bytes, sent to the end; this range is {}",
+                row.size,
+                range.header()
+            ),
+        );
+    }
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared != Some(range.len()) {
+        return reply(
+            StatusCode::LENGTH_REQUIRED,
+            "Content-Length must be given and match Content-Range",
+        );
+    }
+    let _slot = {
+        let Ok(mut a) = up.active.lock() else {
+            return reply(StatusCode::SERVICE_UNAVAILABLE, "internal lock poisoned");
+        };
+        if !a.insert(row.digest.clone()) {
+            return reply(
+                StatusCode::CONFLICT,
+                "another transfer to this URL is in progress",
+            );
+        }
+        Active(&up.active, row.digest.clone())
+    };
+    let Ok(component) = rs_common::RsId::new(&row.component) else {
+        return reply(StatusCode::INTERNAL_SERVER_ERROR, "bad component in store");
+    };
+    let throttle = app.current_throttle();
+    let _permit = match throttle.bulk_permit(&Subject {
+        component: &component,
+        class: "bulk",
+        kind: ContentKind::BulkRequest,
+        bytes: range.len(),
+        precedence: 3,
+        severity: None,
+    }) {
+        Ok(p) => p,
+        Err(d) => {
+            let (after, why) = match d {
+                Decision::Wait { after, why } => (after, why),
+                Decision::Admit => (Duration::from_secs(1), "busy".to_owned()),
+            };
+            up.stats.transfers_refused.fetch_add(1, Ordering::Relaxed);
+            return with(
+                reply(StatusCode::SERVICE_UNAVAILABLE, why),
+                "retry-after",
+                after.as_secs().max(1),
+            );
+        }
+    };
+    let path = up.partial(&row.digest);
+    let have = tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
+    if range.start != have {
+        return with(
+            reply(
+                StatusCode::CONFLICT,
+                format!("this server holds {have} bytes; send from there"),
+            ),
+            UPLOAD_OFFSET,
+            have,
+        );
+    }
+    // The hash covers the whole file: take up what arrived before.
+    let mut hasher = if have > 0 {
+        up.stats.resumed.fetch_add(1, Ordering::Relaxed);
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || bulk::hash_file(&p, Some(have))).await {
+            Ok(Ok((n, h))) if n == have => h,
+            _ => {
+                return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cannot read back the part received",
+                );
+            }
+        }
+    } else {
+        bulk::Sha256::default()
+    };
+    let mut file = match tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .await
+    {
+        Ok(f) => f,
+        Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let idle = Duration::from_secs(up.cfg.idle_secs.max(1));
+    let mut got = 0u64;
+    let cut = loop {
+        match bulk::next_chunk(&mut body, idle).await {
+            Ok(Some(chunk)) => {
+                if got + chunk.len() as u64 > range.len() {
+                    break Some("more bytes than Content-Length".to_owned());
+                }
+                if let Err(e) = file.write_all(&chunk).await {
+                    // Keep what is whole on disk (a short write may have
+                    // left part of this chunk: cut back to what the hash
+                    // saw); the sender resumes from there.
+                    let _ = file.flush().await;
+                    let _ = file.set_len(have + got).await;
+                    tracing::warn!("upload {}: {e}", row.request);
+                    return with(
+                        with(
+                            reply(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+                            "retry-after",
+                            60,
+                        ),
+                        UPLOAD_OFFSET,
+                        have + got,
+                    );
+                }
+                hasher.update(&chunk);
+                got += chunk.len() as u64;
+                up.stats
+                    .bytes_received
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    if let Err(e) = file.flush().await {
+        return reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    if let Some(why) = cut {
+        tracing::info!(
+            "upload {}: cut after {} of {} bytes ({why}); kept for the resume",
+            row.request,
+            have + got,
+            row.size
+        );
+        return with(
+            reply(StatusCode::BAD_REQUEST, format!("transfer cut: {why}")),
+            UPLOAD_OFFSET,
+            have + got,
+        );
+    }
+    if have + got < row.size {
+        return with(reply(StatusCode::OK, "partial"), UPLOAD_OFFSET, have + got);
+    }
+    if let Err(e) = file.sync_all().await {
+        return reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    drop(file);
+    let sha = rs_common::codec::sha256_hex(&hasher.finish());
+    if sha != row.sha256 {
+        up.stats.mismatched.fetch_add(1, Ordering::Relaxed);
+        let why = format!("SHA-256 {sha} differs from the {} granted", row.sha256);
+        let _ = tokio::fs::remove_file(&path).await;
+        if let Err(e) = app
+            .store
+            .fail_upload(row.digest.clone(), why.clone(), app.clock.now())
+            .await
+        {
+            tracing::error!("upload {}: {e}", row.request);
+        }
+        tracing::warn!("upload {} refused: {why}", row.request);
+        return reply(StatusCode::UNPROCESSABLE_ENTITY, why);
+    }
+    let dest = up.file(&row.request);
+    if let Err(e) = tokio::fs::rename(&path, &dest).await {
+        return reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    if let Some(dir) = dest.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    match app
+        .store
+        .complete_upload(row.digest.clone(), app.clock.now())
+        .await
+    {
+        Ok(()) => {
+            up.stats.completed.fetch_add(1, Ordering::Relaxed);
+            app.stored_new();
+            tracing::info!(
+                "upload {} ({}, {} bytes from {}) stored",
+                row.request,
+                row.name,
+                row.size,
+                row.component
+            );
+            with(reply(StatusCode::CREATED, "stored"), UPLOAD_COMPLETE, 1)
+        }
+        Err(e) => {
+            // Put it back where a retry finds it whole.
+            let _ = tokio::fs::rename(&dest, &path).await;
+            reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    }
+}
+
+/// Drops partial files of grants that expired unused (every minute).
+pub async fn sweep(app: Arc<AppServer>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        match app.store.expire_uploads(app.clock.now()).await {
+            Ok(gone) => {
+                for d in gone {
+                    let _ = tokio::fs::remove_file(app.uploads.partial(&d)).await;
+                }
+            }
+            Err(e) => tracing::error!("upload sweep: {e}"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
+}
+
+/// Records an upload decision with its request (inside the ingest
+/// transaction): the grant, and the answer queued for the hop it goes
+/// down through.
+pub(crate) fn record_decision(
+    conn: &rusqlite::Connection,
+    d: &Decided,
+    now: Timestamp,
+) -> Result<(), rs_common::db::DbError> {
+    use crate::store::exec;
+    use rusqlite::params;
+    if let Some(g) = &d.grant {
+        exec(
+            conn,
+            "INSERT INTO uploads (digest, request, component, customer, name, size, sha256,
+                                  class, subclass, granted, expires)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                g.digest,
+                g.request.as_str(),
+                g.component,
+                g.customer,
+                g.name,
+                i64::try_from(g.size).unwrap_or(i64::MAX),
+                g.sha256,
+                g.class,
+                g.subclass,
+                now.as_millis(),
+                g.expires.as_millis()
+            ],
+        )?;
+    }
+    let m = &d.reply;
+    let header = rs_common::codec::encode_header(&m.header, m.kind, m.data.as_ref());
+    exec(
+        conn,
+        "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            m.header.id.as_str(),
+            d.hop,
+            now.as_millis(),
+            m.header.expiry().map(Timestamp::as_millis),
+            m.kind.as_str(),
+            m.content_type,
+            header,
+            &m.content[..]
+        ],
+    )?;
+    Ok(())
+}
+
+const UPLOAD_COLUMNS: &str = "digest, request, component, name, size, sha256, class, subclass,
+     granted, expires, state, done_at, reason";
+
+fn upload_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRow> {
+    Ok(UploadRow {
+        digest: r.get(0)?,
+        request: r.get(1)?,
+        component: r.get(2)?,
+        name: r.get(3)?,
+        size: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
+        sha256: r.get(5)?,
+        class: r.get(6)?,
+        subclass: r.get(7)?,
+        granted: r.get(8)?,
+        expires: r.get(9)?,
+        state: r.get(10)?,
+        received: 0,
+        done_at: r.get(11)?,
+        reason: r.get(12)?,
+    })
+}
+
+impl crate::store::Store {
+    pub async fn upload_by_digest(
+        &self,
+        digest: String,
+    ) -> Result<Option<UploadRow>, rs_common::db::DbError> {
+        use rusqlite::OptionalExtension as _;
+        self.db
+            .read(move |s| {
+                Ok(s.0
+                    .prepare_cached(&format!(
+                        "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE digest = ?1"
+                    ))?
+                    .query_row([digest], upload_row)
+                    .optional()?)
+            })
+            .await
+    }
+
+    /// Uploads, newest first; `request` selects one.
+    pub async fn uploads(
+        &self,
+        request: Option<String>,
+        component: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<UploadRow>, rs_common::db::DbError> {
+        self.db
+            .read(move |s| {
+                let mut st = s.0.prepare_cached(&format!(
+                    "SELECT {UPLOAD_COLUMNS} FROM uploads
+                     WHERE (?1 IS NULL OR request = ?1) AND (?2 IS NULL OR component = ?2)
+                     ORDER BY granted DESC LIMIT ?3"
+                ))?;
+                let rows = st
+                    .query_map(
+                        rusqlite::params![request, component, limit as i64],
+                        upload_row,
+                    )?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await
+    }
+
+    /// The upload failed verification: its URL is spent.
+    pub async fn fail_upload(
+        &self,
+        digest: String,
+        why: String,
+        now: Timestamp,
+    ) -> Result<(), rs_common::db::DbError> {
+        self.db
+            .write(move |s| {
+                crate::store::exec(
+                    &s.0,
+                    "UPDATE uploads SET state = 'failed', reason = ?2, done_at = ?3
+                     WHERE digest = ?1 AND state = 'open'",
+                    rusqlite::params![digest, why, now.as_millis()],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Grants that expired unused become `expired`; returns their digests
+    /// (their partial files can go).
+    pub async fn expire_uploads(
+        &self,
+        now: Timestamp,
+    ) -> Result<Vec<String>, rs_common::db::DbError> {
+        self.db
+            .write(move |s| {
+                let gone: Vec<String> = s
+                    .0
+                    .prepare_cached(
+                        "SELECT digest FROM uploads WHERE state = 'open' AND expires <= ?1",
+                    )?
+                    .query_map([now.as_millis()], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                crate::store::exec(
+                    &s.0,
+                    "UPDATE uploads SET state = 'expired', done_at = ?1
+                     WHERE state = 'open' AND expires <= ?1",
+                    [now.as_millis()],
+                )?;
+                Ok(gone)
+            })
+            .await
+    }
+
+    /// The file arrived whole and verified: the upload is complete, and
+    /// its announcement (the request again, now with the URL to fetch the
+    /// file) is stored with its peripheral tasks, in one transaction.
+    pub async fn complete_upload(
+        &self,
+        digest: String,
+        now: Timestamp,
+    ) -> Result<(), rs_common::db::DbError> {
+        use rs_common::db::DbError;
+        use rusqlite::OptionalExtension as _;
+        self.db
+            .write(move |s| {
+                let n = crate::store::exec(
+                    &s.0,
+                    "UPDATE uploads SET state = 'complete', done_at = ?2
+                     WHERE digest = ?1 AND state = 'open'",
+                    rusqlite::params![digest, now.as_millis()],
+                )?;
+                if n == 0 {
+                    return Ok(());
+                }
+                let request: String = s.0.query_row(
+                    "SELECT request FROM uploads WHERE digest = ?1",
+                    [&digest],
+                    |r| r.get(0),
+                )?;
+                let stored: Option<(Vec<u8>, String, Vec<u8>)> = s
+                    .0
+                    .query_row(
+                        "SELECT header, content_type, content FROM messages WHERE id = ?1",
+                        [&request],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?;
+                let Some((header, content_type, content)) = stored else {
+                    return Err(DbError::Sql(format!("the request {request} is not stored")));
+                };
+                let limits = rs_common::codec::Limits::default();
+                let (header, kind, data) =
+                    rs_common::codec::decode_header_part(&header, &limits)
+                        .map_err(|e| DbError::Sql(format!("request {request}: {e}")))?;
+                let raw = RawMessage {
+                    header,
+                    kind,
+                    data,
+                    content_type,
+                    content: bytes::Bytes::from(content),
+                };
+                let full = raw
+                    .decode(&limits)
+                    .map_err(|e| DbError::Sql(format!("request {request}: {e}")))?;
+                let Content::BulkRequest(mut b) = full.content else {
+                    return Err(DbError::Sql(format!("{request} is not a bulk request")));
+                };
+                b.url = Some(format!("/rs/v1/control/uploads/{request}/file"));
+                let mut header = full.header;
+                header.id = MessageId::generate();
+                header.created = now;
+                let announcement = Message {
+                    header,
+                    content: Content::BulkRequest(b),
+                };
+                let inc = crate::store::Incoming {
+                    msg: announcement.to_raw(),
+                    severity: None,
+                    status: None,
+                    response: None,
+                    bulk: None,
+                };
+                crate::store::ingest_in(&s.0, std::slice::from_ref(&inc), now)?;
+                Ok(())
+            })
+            .await
+    }
+}
+
+/// `GET /rs/v1/control/uploads` as XML (dtd/control-api.dtd, `uploads`).
+pub fn encode_uploads(list: &[UploadRow]) -> Vec<u8> {
+    use rs_common::codec::XmlOut;
+    let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    x.open("uploads")
+        .attr_num("count", list.len() as u64)
+        .gt()
+        .newline();
+    for u in list {
+        x.open("upload")
+            .attr("request", &u.request)
+            .attr("component", &u.component)
+            .attr("name", &u.name)
+            .attr_num("size", u.size)
+            .attr("sha256", &u.sha256)
+            .attr("class", &u.class)
+            .attr("sub", &u.subclass)
+            .attr("state", &u.state)
+            .attr_num("received", u.received)
+            .attr_ts("granted", ts(u.granted))
+            .attr_ts("expires", ts(u.expires))
+            .attr_ts_opt("done", u.done_at.map(ts))
+            .attr_opt("reason", u.reason.as_deref())
+            .empty()
+            .newline();
+    }
+    x.close("uploads").newline();
+    buf
+}
+
+/// The control API's side of uploads: list them, fetch a stored file.
+pub fn control_routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    let list = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "uploads")
+            .and(warp::get())
+            .and(warp::query::<std::collections::HashMap<String, String>>())
+            .then(move |q: std::collections::HashMap<String, String>| {
+                let app = app.clone();
+                async move {
+                    let limit = q
+                        .get("limit")
+                        .and_then(|l| l.parse().ok())
+                        .unwrap_or(100usize)
+                        .clamp(1, 10_000);
+                    match app
+                        .store
+                        .uploads(
+                            q.get("request").cloned(),
+                            q.get("component").cloned(),
+                            limit,
+                        )
+                        .await
+                    {
+                        Ok(mut rows) => {
+                            for r in &mut rows {
+                                r.received = match r.state.as_str() {
+                                    "complete" => r.size,
+                                    _ => tokio::fs::metadata(app.uploads.partial(&r.digest))
+                                        .await
+                                        .map_or(0, |m| m.len()),
+                                };
+                            }
+                            rs_common::ingress::xml_response(encode_uploads(&rows))
+                        }
+                        Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+                    }
+                }
+            })
+    };
+    let file = warp::path!("rs" / "v1" / "control" / "uploads" / String / "file")
+        .and(warp::get())
+        .then(move |request: String| {
+            let app = app.clone();
+            async move { fetch(&app, request).await }
+        });
+    list.boxed().or(file.boxed()).unify().boxed()
+}
+
+/// Streams a stored upload.
+async fn fetch(app: &AppServer, request: String) -> warp::reply::Response {
+    let row = match app.store.uploads(Some(request.clone()), None, 1).await {
+        Ok(r) => r.into_iter().next(),
+        Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let Some(row) = row.filter(|r| r.state == "complete") else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            format!("no stored upload for request {request:?}"),
+        );
+    };
+    let f = match tokio::fs::File::open(app.uploads.file(&row.request)).await {
+        Ok(f) => f,
+        Err(e) => return reply(StatusCode::NOT_FOUND, format!("the file is gone: {e}")),
+    };
+    let body = tokio_util::io::ReaderStream::with_capacity(f, 256 << 10);
+    let mut r = warp::reply::Reply::into_response(warp::reply::stream(body));
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/octet-stream"),
+    );
+    for (k, v) in [
+        (http::header::CONTENT_LENGTH.as_str(), row.size.to_string()),
+        ("x-rs-sha256", row.sha256.clone()),
+        (
+            http::header::CONTENT_DISPOSITION.as_str(),
+            format!("attachment; filename=\"{}\"", row.name.replace(['"', '\\'], "_")),
+        ),
+    ] {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(&v),
+        ) {
+            h.insert(k, v);
+        }
+    }
+    r
+}
