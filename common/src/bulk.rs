@@ -221,6 +221,11 @@ impl Client {
         Ok(Client { http })
     }
 
+    /// The HTTP client itself (an MLM relays with it).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     async fn answer(r: Result<reqwest::Response, reqwest::Error>) -> Answer {
         match r {
             Ok(resp) => {

@@ -56,6 +56,9 @@ pub struct Config {
     /// What may come in when (docs/configuration.md, Throttle).
     #[serde(default)]
     pub throttle: rs_common::throttle::ThrottleConfig,
+    /// Uploads relayed through this MLM.
+    #[serde(default)]
+    pub bulk: crate::bulk::BulkSection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

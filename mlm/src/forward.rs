@@ -168,6 +168,11 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
             }
             Verdict::Pass => {
                 let mut raw = view.into_raw();
+                if let Some(o) = crate::bulk::check_request(mlm, &raw) {
+                    bump(&st.rejected);
+                    outcomes[i] = Some(o);
+                    continue;
+                }
                 if let rs_common::throttle::Decision::Wait { after, why } =
                     mlm.throttle.check_raw(&raw)
                 {

@@ -6,6 +6,7 @@
 
 pub mod actions;
 pub mod aggregate;
+pub mod bulk;
 pub mod config;
 pub mod forward;
 pub mod modules;
@@ -74,6 +75,9 @@ pub struct Mlm {
     pub restart: AtomicBool,
     /// Cancelled to stop the MLM (a signal, or `configChange`).
     pub stop: CancellationToken,
+    /// Relays uploads upstream.
+    pub bulk_client: rs_common::bulk::Client,
+    pub bulk_stats: bulk::Stats,
 }
 
 /// How [`run`] ended.
@@ -136,6 +140,8 @@ impl Mlm {
             config_path,
             restart: AtomicBool::new(false),
             stop,
+            bulk_client: rs_common::bulk::Client::new().map_err(anyhow::Error::msg)?,
+            bulk_stats: bulk::Stats::default(),
             cfg,
         }))
     }
@@ -165,6 +171,19 @@ impl Mlm {
             (
                 "upstream.accepted",
                 self.sender_stats.accepted.load(Ordering::Relaxed),
+            ),
+            (
+                "bulk.transfers",
+                self.bulk_stats.transfers.load(Ordering::Relaxed),
+            ),
+            (
+                "bulk.bytes_relayed",
+                self.bulk_stats.bytes_relayed.load(Ordering::Relaxed),
+            ),
+            ("bulk.refused", self.bulk_stats.refused.load(Ordering::Relaxed)),
+            (
+                "bulk.requests_refused",
+                self.bulk_stats.requests_refused.load(Ordering::Relaxed),
             ),
         ];
         let mut state = NodeState::Ok;
@@ -252,6 +271,8 @@ impl Mlm {
             .map(|| warp::reply::Reply::into_response("ok\n"));
         finish(
             forward::route(self.clone())
+                .or(bulk::routes(self.clone()))
+                .unify()
                 .or(status)
                 .unify()
                 .or(health)

@@ -1,0 +1,262 @@
+//! The MLM as an HTTP proxy for uploads (seed 004, Fig. 21): `HEAD` and
+//! `PUT /rs/v1/bulk/{token}` are relayed to the same path on the upstream
+//! in use, streaming: the body goes up chunk by chunk as it arrives (hyper's
+//! flow control holds the sender back while the upstream is slower), so the
+//! MLM's memory stays flat for any file size. It never sees the content as
+//! anything but bytes.
+//!
+//! The MLM may refuse: a bulk request larger than its `[bulk]
+//! max_upload_bytes` is rejected when it passes (`too-large`), and a
+//! transfer is refused with 503 and `Retry-After` while its throttle says
+//! no (windows or quotas on class `bulk`, or `max_bulk_transfers` under
+//! way).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::StatusCode;
+use rs_common::bulk::{ContentRange, UPLOAD_COMPLETE, UPLOAD_LENGTH, UPLOAD_OFFSET};
+use rs_common::model::{ContentKind, Direction};
+use rs_common::throttle::{Decision, Subject};
+use serde::{Deserialize, Serialize};
+use warp::Filter;
+
+use crate::Mlm;
+
+/// `[bulk]` in mlm.toml.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkSection {
+    /// Refuse upload requests larger than this (none: no limit here).
+    #[serde(default)]
+    pub max_upload_bytes: Option<u64>,
+    /// A relayed transfer that sends nothing for this long is cut.
+    #[serde(default = "default_idle")]
+    pub idle_secs: u64,
+}
+
+fn default_idle() -> u64 {
+    60
+}
+
+/// Relay counters (status metrics).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub transfers: AtomicU64,
+    pub bytes_relayed: Arc<AtomicU64>,
+    pub refused: AtomicU64,
+    pub requests_refused: AtomicU64,
+}
+
+/// Whether an upload request may pass this MLM; the outcome to answer if
+/// not.
+pub fn check_request(mlm: &Mlm, raw: &rs_common::codec::RawMessage) -> Option<rs_common::Outcome> {
+    if raw.kind != ContentKind::BulkRequest {
+        return None;
+    }
+    let max = mlm.cfg.bulk.max_upload_bytes?;
+    let full = match raw.clone().decode(&mlm.cfg.limits()) {
+        Ok(m) => m,
+        Err(e) => return Some(rs_common::Outcome::rejected("invalid", e.to_string())),
+    };
+    match full.content {
+        rs_common::model::Content::BulkRequest(b)
+            if b.direction == Direction::Upload && b.size > max =>
+        {
+            mlm.bulk_stats
+                .requests_refused
+                .fetch_add(1, Ordering::Relaxed);
+            Some(rs_common::Outcome::rejected(
+                "too-large",
+                format!(
+                    "{} bytes exceed the upload limit of {max} bytes at {}",
+                    b.size, mlm.id
+                ),
+            ))
+        }
+        _ => None,
+    }
+}
+
+fn text(status: StatusCode, t: impl Into<String>) -> warp::reply::Response {
+    let mut r = warp::reply::Response::new(format!("{}\n", t.into()).into());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The upstream's answer, passed down: status, the upload headers, and
+/// its (short) text.
+async fn pass_down(r: Result<reqwest::Response, reqwest::Error>) -> warp::reply::Response {
+    let resp = match r {
+        Ok(r) => r,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("upstream: {}", rs_common::upstream::error_chain(&e)),
+            );
+        }
+    };
+    let status = resp.status();
+    let keep: Vec<(http::HeaderName, http::HeaderValue)> = resp
+        .headers()
+        .iter()
+        .filter(|(k, _)| {
+            [
+                UPLOAD_OFFSET,
+                UPLOAD_LENGTH,
+                UPLOAD_COMPLETE,
+                "retry-after",
+                "content-type",
+            ]
+            .contains(&k.as_str())
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let body: String = resp
+        .text()
+        .await
+        .unwrap_or_default()
+        .chars()
+        .take(4096)
+        .collect();
+    let mut out = warp::reply::Response::new(body.into());
+    *out.status_mut() = status;
+    for (k, v) in keep {
+        out.headers_mut().insert(k, v);
+    }
+    out
+}
+
+fn upstream_url(mlm: &Mlm, token: &str) -> String {
+    format!(
+        "{}{}{token}",
+        mlm.upstream.current_url().trim_end_matches('/'),
+        rs_common::bulk::PATH
+    )
+}
+
+/// `HEAD` and `PUT /rs/v1/bulk/{token}`, relayed.
+pub fn routes(mlm: Arc<Mlm>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    let head = {
+        let mlm = mlm.clone();
+        warp::path!("rs" / "v1" / "bulk" / String)
+            .and(warp::head())
+            .then(move |token: String| {
+                let mlm = mlm.clone();
+                async move {
+                    if !rs_common::bulk::is_token(&token) {
+                        return text(StatusCode::NOT_FOUND, "no such upload URL");
+                    }
+                    pass_down(
+                        mlm.bulk_client
+                            .http()
+                            .head(upstream_url(&mlm, &token))
+                            .timeout(Duration::from_secs(30))
+                            .send()
+                            .await,
+                    )
+                    .await
+                }
+            })
+    };
+    let put = warp::path!("rs" / "v1" / "bulk" / String)
+        .and(warp::put())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(move |token: String, headers: http::HeaderMap, body| {
+            let mlm = mlm.clone();
+            async move { relay(&mlm, token, headers, Box::pin(body)).await }
+        });
+    head.boxed().or(put.boxed()).unify().boxed()
+}
+
+async fn relay<S, B>(
+    mlm: &Mlm,
+    token: String,
+    headers: http::HeaderMap,
+    body: std::pin::Pin<Box<S>>,
+) -> warp::reply::Response
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + 'static + ?Sized,
+    B: bytes::Buf + Send + 'static,
+{
+    if !rs_common::bulk::is_token(&token) {
+        return text(StatusCode::NOT_FOUND, "no such upload URL");
+    }
+    let Some(len) = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return text(StatusCode::LENGTH_REQUIRED, "Content-Length must be given");
+    };
+    let range = headers
+        .get(http::header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Some(r) = &range
+        && ContentRange::parse(r).is_none_or(|r| r.len() != len)
+    {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "Content-Range must be bytes START-END/SIZE and match Content-Length",
+        );
+    }
+    let _permit = match mlm.throttle.bulk_permit(&Subject {
+        component: &mlm.id,
+        class: "bulk",
+        kind: ContentKind::BulkRequest,
+        bytes: len,
+        precedence: 3,
+        severity: None,
+    }) {
+        Ok(p) => p,
+        Err(d) => {
+            mlm.bulk_stats.refused.fetch_add(1, Ordering::Relaxed);
+            let (after, why) = match d {
+                Decision::Wait { after, why } => (after, why),
+                Decision::Admit => (Duration::from_secs(1), "busy".to_owned()),
+            };
+            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, why);
+            if let Ok(v) = http::HeaderValue::from_str(&after.as_secs().max(1).to_string()) {
+                r.headers_mut().insert(http::header::RETRY_AFTER, v);
+            }
+            return r;
+        }
+    };
+    mlm.bulk_stats.transfers.fetch_add(1, Ordering::Relaxed);
+    let idle = Duration::from_secs(mlm.cfg.bulk.idle_secs.max(1));
+    let counter = mlm.bulk_stats.bytes_relayed.clone();
+    // Chunks go up as they come; a sender silent for `idle` ends the
+    // stream with an error, which aborts the upstream request (the
+    // receiver keeps what arrived, for the resume).
+    let stream = futures_util::stream::unfold(Some(body), move |state| {
+        let counter = counter.clone();
+        async move {
+            let mut body = state?;
+            match rs_common::bulk::next_chunk(&mut body, idle).await {
+                Ok(Some(b)) => {
+                    counter.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    Some((Ok(b), Some(body)))
+                }
+                Ok(None) => None,
+                Err(e) => Some((Err(std::io::Error::other(e)), None)),
+            }
+        }
+    });
+    let mut req = mlm
+        .bulk_client
+        .http()
+        .put(upstream_url(mlm, &token))
+        .header(http::header::CONTENT_LENGTH, len)
+        .header(http::header::CONTENT_TYPE, "application/octet-stream");
+    if let Some(r) = range {
+        req = req.header(http::header::CONTENT_RANGE, r);
+    }
+    pass_down(req.body(reqwest::Body::wrap_stream(stream)).send().await).await
+}
