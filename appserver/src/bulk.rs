@@ -260,7 +260,11 @@ fn reply(status: StatusCode, text: impl Into<String>) -> warp::reply::Response {
     r
 }
 
-fn with(mut r: warp::reply::Response, name: &'static str, v: impl ToString) -> warp::reply::Response {
+fn with(
+    mut r: warp::reply::Response,
+    name: &'static str,
+    v: impl ToString,
+) -> warp::reply::Response {
     if let Ok(v) = http::HeaderValue::from_str(&v.to_string()) {
         r.headers_mut().insert(name, v);
     }
@@ -291,51 +295,36 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
 
 /// The upload a token names, if it may still be used; otherwise the answer.
 async fn usable(app: &AppServer, token: &str) -> Result<UploadRow, warp::reply::Response> {
-    let gone = |t: String| {
+    let refused = |status: StatusCode, t: String| {
         app.uploads
             .stats
             .transfers_refused
             .fetch_add(1, Ordering::Relaxed);
-        Err(reply(StatusCode::GONE, t))
+        reply(status, t)
     };
     if !bulk::is_token(token) {
-        app.uploads
-            .stats
-            .transfers_refused
-            .fetch_add(1, Ordering::Relaxed);
-        return Err(reply(StatusCode::NOT_FOUND, "no such upload URL"));
+        return Err(refused(StatusCode::NOT_FOUND, "no such upload URL".into()));
     }
-    let digest = bulk::token_digest(token);
-    let row = match app.store.upload_by_digest(digest).await {
+    let row = match app.store.upload_by_digest(bulk::token_digest(token)).await {
         Ok(Some(r)) => r,
-        Ok(None) => {
-            app.uploads
-                .stats
-                .transfers_refused
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(reply(StatusCode::NOT_FOUND, "no such upload URL"));
-        }
+        Ok(None) => return Err(refused(StatusCode::NOT_FOUND, "no such upload URL".into())),
         Err(e) => return Err(reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     };
     match row.state.as_str() {
         "complete" => {
-            let r = gone("this upload URL was used already".into())
-                .err()
-                .map(|r| with(with(r, UPLOAD_COMPLETE, 1), UPLOAD_OFFSET, row.size));
-            return Err(r.unwrap_or_default());
+            let r = refused(StatusCode::GONE, "this upload URL was used already".into());
+            Err(with(with(r, UPLOAD_COMPLETE, 1), UPLOAD_OFFSET, row.size))
         }
-        "failed" => {
-            return gone(format!(
-                "this upload failed: {}",
-                row.reason.unwrap_or_default()
-            ));
-        }
-        _ => {}
+        "failed" => Err(refused(
+            StatusCode::GONE,
+            format!("this upload failed: {}", row.reason.unwrap_or_default()),
+        )),
+        _ if row.state != "open" || row.expires <= app.clock.now().as_millis() => Err(refused(
+            StatusCode::GONE,
+            "this upload URL has expired".into(),
+        )),
+        _ => Ok(row),
     }
-    if row.expires <= app.clock.now().as_millis() {
-        return gone("this upload URL has expired".into());
-    }
-    Ok(row)
 }
 
 async fn probe(app: &AppServer, token: &str) -> warp::reply::Response {
@@ -766,9 +755,8 @@ impl crate::store::Store {
     ) -> Result<Vec<String>, rs_common::db::DbError> {
         self.db
             .write(move |s| {
-                let gone: Vec<String> = s
-                    .0
-                    .prepare_cached(
+                let gone: Vec<String> =
+                    s.0.prepare_cached(
                         "SELECT digest FROM uploads WHERE state = 'open' AND expires <= ?1",
                     )?
                     .query_map([now.as_millis()], |r| r.get(0))?
@@ -810,9 +798,8 @@ impl crate::store::Store {
                     [&digest],
                     |r| r.get(0),
                 )?;
-                let stored: Option<(Vec<u8>, String, Vec<u8>)> = s
-                    .0
-                    .query_row(
+                let stored: Option<(Vec<u8>, String, Vec<u8>)> =
+                    s.0.query_row(
                         "SELECT header, content_type, content FROM messages WHERE id = ?1",
                         [&request],
                         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -969,7 +956,10 @@ async fn fetch(app: &AppServer, request: String) -> warp::reply::Response {
         ("x-rs-sha256", row.sha256.clone()),
         (
             http::header::CONTENT_DISPOSITION.as_str(),
-            format!("attachment; filename=\"{}\"", row.name.replace(['"', '\\'], "_")),
+            format!(
+                "attachment; filename=\"{}\"",
+                row.name.replace(['"', '\\'], "_")
+            ),
         ),
     ] {
         if let (Ok(k), Ok(v)) = (

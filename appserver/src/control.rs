@@ -519,7 +519,10 @@ pub async fn status_tree(app: &AppServer) -> StatusNode {
         ("bulk.completed", b.completed.load(Ordering::Relaxed)),
         ("bulk.mismatched", b.mismatched.load(Ordering::Relaxed)),
         ("bulk.resumed", b.resumed.load(Ordering::Relaxed)),
-        ("bulk.bytes_received", b.bytes_received.load(Ordering::Relaxed)),
+        (
+            "bulk.bytes_received",
+            b.bytes_received.load(Ordering::Relaxed),
+        ),
         (
             "bulk.transfers_refused",
             b.transfers_refused.load(Ordering::Relaxed),

@@ -255,7 +255,11 @@ fn severity_rank(s: Severity) -> i64 {
 }
 
 /// Runs a statement through the connection's statement cache.
-pub(crate) fn exec(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+pub(crate) fn exec(
+    conn: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
     conn.prepare_cached(sql)?.execute(p)
 }
 
@@ -296,9 +300,7 @@ impl Store {
         batch: Vec<Incoming>,
         now: Timestamp,
     ) -> Result<Vec<Stored>, DbError> {
-        self.db
-            .write(move |s| ingest_in(&s.0, &batch, now))
-            .await
+        self.db.write(move |s| ingest_in(&s.0, &batch, now)).await
     }
 
     /// Stored messages matching `q`, newest first.
@@ -486,11 +488,14 @@ pub(crate) fn ingest_in(
     for inc in batch {
         let m = &inc.msg;
         let Some(src) = m.header.source() else {
-            return Err(DbError::Sql("back-channel message offered for storage".into()));
+            return Err(DbError::Sql(
+                "back-channel message offered for storage".into(),
+            ));
         };
         let via = via_of(m);
         let header = encode_header(&m.header, m.kind, m.data.as_ref());
-        let n = exec(conn,
+        let n = exec(
+            conn,
             "INSERT INTO messages (id, received, created, component, customer, kind, class,
                                    subclass, severity, via, header, content_type, content)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
@@ -527,20 +532,27 @@ pub(crate) fn ingest_in(
             upsert_component(conn, &src.component, &src.version, &via, now)?;
         }
         if let Some((xml, state)) = &inc.status {
-            exec(conn,
+            exec(
+                conn,
                 "UPDATE components SET state = ?2, status = ?3, status_at = ?4 WHERE id = ?1",
-                params![src.component.as_str(), state, xml, m.header.created.as_millis()],
+                params![
+                    src.component.as_str(),
+                    state,
+                    xml,
+                    m.header.created.as_millis()
+                ],
             )?;
         }
         // Every tier a message passed through is alive too.
         for (i, hop) in m.header.routing.iter().enumerate() {
             if touched.insert(hop.component.as_str().to_owned()) {
-                let route: Vec<&str> =
-                    m.header.routing[..i].iter().map(|h| h.component.as_str()).collect();
+                let route: Vec<&str> = m.header.routing[..i]
+                    .iter()
+                    .map(|h| h.component.as_str())
+                    .collect();
                 touch(conn, &hop.component, &route.join(" "), now)?;
             }
         }
-
     }
     bump(conn, "stored", new)?;
     bump(conn, "duplicates", dup)?;

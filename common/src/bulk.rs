@@ -302,10 +302,7 @@ impl Client {
 
 /// Reads a request body of known length chunk by chunk, giving up when no
 /// byte arrives for `idle` (a stalled or half-open sender).
-pub async fn next_chunk<S, B>(
-    body: &mut S,
-    idle: Duration,
-) -> Result<Option<bytes::Bytes>, String>
+pub async fn next_chunk<S, B>(body: &mut S, idle: Duration) -> Result<Option<bytes::Bytes>, String>
 where
     S: futures_util::Stream<Item = Result<B, warp::Error>> + Unpin,
     B: bytes::Buf,
@@ -344,7 +341,10 @@ mod tests {
         let b = new_token().unwrap();
         assert_ne!(a, b);
         assert!(is_token(&a), "{a}");
-        assert_eq!(token_of(&format!("https://x.example/rs/v1/bulk/{a}")), Some(&*a));
+        assert_eq!(
+            token_of(&format!("https://x.example/rs/v1/bulk/{a}")),
+            Some(&*a)
+        );
         assert_eq!(token_of("/rs/v1/bulk/../../etc/passwd"), None);
         assert_eq!(token_digest(&a).len(), 64);
     }

@@ -97,6 +97,19 @@ pub struct DropRecord {
     pub persistent: bool,
 }
 
+/// What became of a spooled message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// Still spooled (waiting or in flight).
+    Waiting,
+    /// Rejected for good by the next hop.
+    Dead(Reason),
+    /// Removed undelivered (`expired`, `evicted`, `aged-out`).
+    Dropped(String),
+    /// Not here: delivered, or never spooled.
+    Gone,
+}
+
 /// A message rejected for good.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
@@ -178,4 +191,8 @@ pub trait Spool: Send + Sync + 'static {
         &self,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<DropRecord>, SpoolError>> + Send;
+
+    /// What became of a message enqueued here (as far as the records that
+    /// are kept still say).
+    fn fate(&self, id: MessageId) -> impl Future<Output = Result<Fate, SpoolError>> + Send;
 }

@@ -180,7 +180,10 @@ impl Mlm {
                 "bulk.bytes_relayed",
                 self.bulk_stats.bytes_relayed.load(Ordering::Relaxed),
             ),
-            ("bulk.refused", self.bulk_stats.refused.load(Ordering::Relaxed)),
+            (
+                "bulk.refused",
+                self.bulk_stats.refused.load(Ordering::Relaxed),
+            ),
             (
                 "bulk.requests_refused",
                 self.bulk_stats.requests_refused.load(Ordering::Relaxed),

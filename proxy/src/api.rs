@@ -262,6 +262,7 @@ pub fn routes(
                     "duplicates": proxy.actions_duplicate.load(Ordering::Relaxed),
                 },
                 "forwarding": !proxy.paused.load(Ordering::Relaxed),
+                "uploads": proxy.uploads.counts().await.unwrap_or_default().into_iter().collect::<BTreeMap<_, _>>(),
             }),
         )
     });
@@ -277,7 +278,7 @@ pub fn routes(
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     });
-    let drops = warp::path!("v1" / "drops").and(warp::get()).and(p).then(|proxy: Arc<Proxy>| async move {
+    let drops = warp::path!("v1" / "drops").and(warp::get()).and(p.clone()).then(|proxy: Arc<Proxy>| async move {
         match proxy.spool.drops(1000).await {
             Ok(list) => json(
                 StatusCode::OK,
@@ -289,7 +290,48 @@ pub fn routes(
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     });
-    let routes = register
+    let upload = warp::path!("v1" / "uploads")
+        .and(warp::post())
+        .and(p.clone())
+        .and(body::<crate::bulk::UploadRequest>())
+        .then(
+            |proxy: Arc<Proxy>, req: crate::bulk::UploadRequest| async move {
+                match crate::bulk::start(&proxy, req).await {
+                    Ok(u) => json(StatusCode::OK, &u),
+                    Err(SubmitError::Invalid(t)) => error(StatusCode::BAD_REQUEST, t),
+                    Err(SubmitError::Refused(r)) => {
+                        error(StatusCode::INSUFFICIENT_STORAGE, r.to_string())
+                    }
+                    Err(SubmitError::Storage(t)) => error(StatusCode::SERVICE_UNAVAILABLE, t),
+                }
+            },
+        );
+    let uploads = warp::path!("v1" / "uploads")
+        .and(warp::get())
+        .and(p.clone())
+        .then(|proxy: Arc<Proxy>| async move {
+            match proxy.uploads.list(1000).await {
+                Ok(list) => json(StatusCode::OK, &list),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        });
+    let upload_get = warp::path!("v1" / "uploads" / String)
+        .and(warp::get())
+        .and(p)
+        .then(|id: String, proxy: Arc<Proxy>| async move {
+            match proxy.uploads.get(id.clone()).await {
+                Ok(Some(u)) => json(StatusCode::OK, &u),
+                Ok(None) => error(StatusCode::NOT_FOUND, format!("no upload {id:?}")),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        });
+    let routes = upload
+        .or(uploads)
+        .unify()
+        .or(upload_get)
+        .unify()
+        .or(register)
+        .unify()
         .or(deregister)
         .unify()
         .or(instance)
@@ -316,32 +358,33 @@ fn default_precedence(kind: ContentKind, severity: Severity) -> u8 {
     }
 }
 
-/// Builds and spools one message from an API request.
-pub async fn send(
+/// The integrator named (by RS ID or name) and, if given, its support
+/// instance by systems-management ID (registered on first use).
+pub(crate) async fn resolve(
     proxy: &Proxy,
-    kind: ContentKind,
-    req: SendRequest,
-) -> Result<String, SubmitError> {
+    integrator: &str,
+    instance: Option<&str>,
+) -> Result<(crate::registry::Integrator, Option<RsId>), SubmitError> {
     let bad = |t: String| SubmitError::Invalid(t);
     let integ = proxy
         .registry
-        .integrator(req.integrator.clone())
+        .integrator(integrator.to_owned())
         .await
         .map_err(|e| SubmitError::Storage(e.to_string()))?
         .ok_or_else(|| {
             bad(format!(
                 "no integrator {:?}; register it first (POST /v1/integrators)",
-                req.integrator
+                integrator
             ))
         })?;
-    let instance = match &req.instance {
+    let instance = match instance {
         Some(sm) => {
             if sm.is_empty() || sm.len() > 255 {
                 return Err(bad("instance must be 1 to 255 bytes".into()));
             }
             let i = proxy
                 .registry
-                .instance(integ.id.clone(), sm.clone(), None)
+                .instance(integ.id.clone(), sm.to_owned(), None)
                 .await
                 .map_err(|e| SubmitError::Storage(e.to_string()))?;
             if !i.enabled {
@@ -351,6 +394,17 @@ pub async fn send(
         }
         None => None,
     };
+    Ok((integ, instance))
+}
+
+/// Builds and spools one message from an API request.
+pub async fn send(
+    proxy: &Proxy,
+    kind: ContentKind,
+    req: SendRequest,
+) -> Result<String, SubmitError> {
+    let bad = |t: String| SubmitError::Invalid(t);
+    let (integ, instance) = resolve(proxy, &req.integrator, req.instance.as_deref()).await?;
     let severity = match &req.severity {
         Some(s) => Severity::parse(s).ok_or_else(|| {
             bad(format!(

@@ -77,6 +77,16 @@ impl Actions {
             tracing::warn!("back-channel message {id} is not for {}; ignored", p.id);
             return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
         }
+        if m.kind == ContentKind::BulkResponse {
+            // The answer to an upload request: no response goes back.
+            let limits = rs_common::codec::Limits::default();
+            match m.clone().decode(&limits).map(|f| f.content) {
+                Ok(Content::BulkResponse(b)) => crate::bulk::answered(p, &b).await?,
+                Ok(_) => {}
+                Err(e) => tracing::warn!("bulk response {id} does not decode: {e}"),
+            }
+            return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
+        }
         if m.header.is_expired(p.clock.now()) {
             // Too late to act on; the application server marks it expired.
             tracing::info!(

@@ -41,6 +41,40 @@ impl Client {
         }
     }
 
+    /// The same client with a different time limit per call.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Hands a file over for upload (the proxy hashes it first, so this
+    /// can take a while for a large file); returns the upload.
+    pub async fn upload(
+        &self,
+        req: &crate::bulk::UploadRequest,
+    ) -> Result<crate::bulk::Upload, ClientError> {
+        let v = self
+            .call(http::Method::POST, "/v1/uploads", Some(req))
+            .await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Other(e.to_string()))
+    }
+
+    /// One upload's state.
+    pub async fn upload_state(&self, id: &str) -> Result<crate::bulk::Upload, ClientError> {
+        let v = self
+            .call::<()>(http::Method::GET, &format!("/v1/uploads/{id}"), None)
+            .await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Other(e.to_string()))
+    }
+
+    /// Every upload, newest first.
+    pub async fn uploads(&self) -> Result<Vec<crate::bulk::Upload>, ClientError> {
+        let v = self
+            .call::<()>(http::Method::GET, "/v1/uploads", None)
+            .await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Other(e.to_string()))
+    }
+
     /// One request; returns the JSON body of a 200 answer.
     pub async fn call<T: Serialize>(
         &self,

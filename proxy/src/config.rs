@@ -30,6 +30,9 @@ pub struct Config {
     /// What may be sent when (docs/configuration.md, Throttle).
     #[serde(default)]
     pub throttle: rs_common::throttle::ThrottleConfig,
+    /// Uploads (docs/configuration.md, Bulk transfers).
+    #[serde(default)]
+    pub bulk: crate::bulk::BulkSection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod back_channel;
+pub mod bulk;
 pub mod client;
 pub mod config;
 pub mod hostwatch;
@@ -55,6 +56,8 @@ pub struct Proxy {
     pub actions_applied: std::sync::atomic::AtomicU64,
     pub actions_duplicate: std::sync::atomic::AtomicU64,
     pub throttle: Arc<rs_common::throttle::Throttle>,
+    /// Files handed over for upload (`bulk.db`).
+    pub uploads: bulk::Uploads,
 }
 
 /// Starts this program over in place to read the configuration again;
@@ -104,8 +107,11 @@ impl Proxy {
             rs_common::throttle::open(&cfg.throttle, clock.clone(), &cfg.data_dir)
                 .map_err(anyhow::Error::msg)?,
         );
+        let uploads =
+            bulk::Uploads::open(&cfg.data_dir.join("bulk.db")).context("opening bulk.db")?;
         Ok(Arc::new(Proxy {
             id,
+            uploads,
             spool,
             registry,
             sender_stats: Arc::new(SenderStats::default()),
@@ -307,6 +313,7 @@ pub async fn run(
         .map_err(anyhow::Error::msg)?,
     );
     let sender_stop = CancellationToken::new();
+    let uploads = tokio::spawn(bulk::run(proxy.clone(), upstream.clone(), shutdown.clone()));
     let sender = Sender {
         me: proxy.id.clone(),
         spool: proxy.spool.clone(),
@@ -412,6 +419,7 @@ pub async fn run(
         let _ = t.await;
     }
     let _ = beats.await;
+    let _ = uploads.await;
     let _ = std::fs::remove_file(&proxy.cfg.socket);
 
     // Say goodbye, and let the sender try to deliver it (and anything else).

@@ -37,6 +37,15 @@ enum Cmd {
         #[arg(long, default_value = "1.0")]
         version: String,
     },
+    /// Hand a file over for upload through a running proxy; prints the
+    /// upload's ID once the request is spooled (with --wait, follows it to
+    /// the end).
+    Upload(Box<UploadArgs>),
+    /// List a running proxy's uploads (JSON).
+    Uploads {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Print a running proxy's status (JSON).
     Status {
         #[command(flatten)]
@@ -53,6 +62,30 @@ struct Conn {
         default_value = "/run/rs-proxy/rs-proxy.sock"
     )]
     socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct UploadArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// The integrator uploading (registered on first use).
+    #[arg(long)]
+    integrator: String,
+    /// The support instance (systems-management ID) the file is about.
+    #[arg(long)]
+    instance: Option<String>,
+    /// The file; it must stay unchanged until the upload is done.
+    file: PathBuf,
+    /// Name to announce (default: the file's name).
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, default_value = "diagnostics")]
+    class: String,
+    #[arg(long, default_value = "file")]
+    subclass: String,
+    /// Wait until the upload is done, refused or failed, printing progress.
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -148,6 +181,64 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .register_integrator(&name, &version, std::env::consts::OS)
                 .await?;
             println!("{id}");
+            Ok(())
+        }
+        Cmd::Upload(a) => {
+            let a = *a;
+            let client =
+                Client::new(&a.conn.socket).with_timeout(std::time::Duration::from_secs(3600));
+            client
+                .register_integrator(
+                    &a.integrator,
+                    env!("CARGO_PKG_VERSION"),
+                    std::env::consts::OS,
+                )
+                .await?;
+            let path = std::path::absolute(&a.file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;
+            let u = client
+                .upload(&rs_proxy::bulk::UploadRequest {
+                    integrator: a.integrator,
+                    instance: a.instance,
+                    path: path.display().to_string(),
+                    name: a.name,
+                    class: Some(a.class),
+                    subclass: Some(a.subclass),
+                    precedence: None,
+                })
+                .await?;
+            println!("{}", u.id);
+            if a.wait {
+                let mut last = (String::new(), u64::MAX);
+                loop {
+                    let s = client.upload_state(&u.id).await?;
+                    if (s.state.clone(), s.sent) != last {
+                        eprintln!(
+                            "{}: {} of {} bytes{}",
+                            s.state,
+                            s.sent,
+                            s.size,
+                            s.reason
+                                .as_deref()
+                                .map(|r| format!(" ({r})"))
+                                .unwrap_or_default()
+                        );
+                        last = (s.state.clone(), s.sent);
+                    }
+                    match s.state.as_str() {
+                        "done" => break,
+                        "refused" | "failed" => {
+                            anyhow::bail!("upload {}: {}", s.state, s.reason.unwrap_or_default())
+                        }
+                        _ => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Uploads { conn } => {
+            let v = Client::new(conn.socket).uploads().await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
         Cmd::Status { conn } => {

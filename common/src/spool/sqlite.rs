@@ -17,7 +17,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::Notify;
 
 use super::{
-    DeadLetter, DropRecord, Enqueued, Settle, Spool, SpoolConfig, SpoolError, SpoolStats, Spooled,
+    DeadLetter, DropRecord, Enqueued, Fate, Settle, Spool, SpoolConfig, SpoolError, SpoolStats,
+    Spooled,
 };
 use crate::codec::{Limits, RawMessage, decode_header_part, encode_header};
 use crate::db::{Db, DbError, DbState};
@@ -215,6 +216,39 @@ impl Spool for SqliteSpool {
 
     async fn drops(&self, limit: usize) -> Result<Vec<DropRecord>, SpoolError> {
         Ok(self.db.read(move |w| Ok(w.drop_records(limit)?)).await?)
+    }
+
+    async fn fate(&self, id: MessageId) -> Result<Fate, SpoolError> {
+        Ok(self
+            .db
+            .read(move |w| {
+                let c = &w.conn;
+                let id = id.as_str();
+                if c.query_row("SELECT 1 FROM spool WHERE id = ?1", [id], |_| Ok(()))
+                    .optional()?
+                    .is_some()
+                {
+                    return Ok(Fate::Waiting);
+                }
+                let dead: Option<(String, String)> = c
+                    .query_row(
+                        "SELECT code, reason FROM dead_letters WHERE id = ?1",
+                        [id],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                if let Some((code, text)) = dead {
+                    return Ok(Fate::Dead(Reason {
+                        code: Code::new(code).unwrap_or_else(|| Code::known("invalid")),
+                        text,
+                    }));
+                }
+                let why: Option<String> = c
+                    .query_row("SELECT why FROM drops WHERE id = ?1", [id], |r| r.get(0))
+                    .optional()?;
+                Ok(why.map_or(Fate::Gone, Fate::Dropped))
+            })
+            .await?)
     }
 }
 
