@@ -3,6 +3,7 @@
 
 mod backchannel;
 pub(crate) mod backchannel_faults;
+mod bulk;
 mod codec_errors;
 mod codec_examples;
 mod codec_props;

@@ -1,0 +1,474 @@
+//! Bulk uploads (seed 004, Figs. 20-21): a multi-GB file through an MLM
+//! with a cut in the middle, stored once and verified, the MLM's memory
+//! flat; and the receiver's rules at the protocol level: single-use and
+//! expiring URLs, a wrong hash refused with nothing stored, resume from the
+//! offset, refusal by an MLM's size limit.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rs_common::codec::EnvelopeWriter;
+use rs_common::model::*;
+use rs_common::{MessageId, RsId, Timestamp};
+use rs_proxy::client::Client;
+use rs_tests::deploy::{Deployment, Extra, server_metrics, wait_for};
+
+use crate::backchannel::{exe, tmp};
+
+/// Peak resident memory (VmHWM) of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn sha256_file(p: &Path) -> String {
+    let (_, h) = rs_common::bulk::hash_file(p, None).unwrap();
+    rs_common::codec::sha256_hex(&h.finish())
+}
+
+fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+async fn metric(addr: &str, name: &str) -> u64 {
+    server_metrics(addr)
+        .await
+        .ok()
+        .and_then(|m| m.get(name).copied())
+        .unwrap_or(0)
+}
+
+/// The messages of one kind the application server stored, as
+/// (id, content) pairs, read from its database.
+fn stored_of_kind(appserver_dir: &Path, kind: &str) -> Vec<(String, String)> {
+    let conn = rusqlite::Connection::open_with_flags(
+        appserver_dir.join("appserver.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut st = conn
+        .prepare("SELECT id, content FROM messages WHERE kind = ?1 ORDER BY rowid")
+        .unwrap();
+    st.query_map([kind], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            String::from_utf8_lossy(&r.get::<_, Vec<u8>>(1)?).into_owned(),
+        ))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2gb_upload_through_an_mlm_survives_a_cut_and_is_stored_once_with_flat_mlm_memory() {
+    const SIZE: u64 = 2 << 30;
+    let dir = tmp("bulk-2gb");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d
+        .appserver("127.0.0.1:0", "[bulk]\nmin_free_disk_mb = 256\n")
+        .unwrap();
+    let m = d
+        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    // A sparse 2 GiB core file, with some non-zero bytes so a misplaced
+    // range would change the hash.
+    let file = dir.join("core.4711");
+    {
+        use std::io::{Seek as _, SeekFrom, Write as _};
+        let mut f = std::fs::File::create(&file).unwrap();
+        f.set_len(SIZE).unwrap();
+        for at in [0, SIZE / 3, SIZE / 2 + 7, SIZE - 5] {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(b"rs!").unwrap();
+        }
+    }
+    let want = sha256_file(&file);
+
+    let client = Client::new(&s).with_timeout(Duration::from_secs(120));
+    client
+        .register_integrator("cores", "1.0", "linux")
+        .await
+        .unwrap();
+    let up = client
+        .upload(&rs_proxy::bulk::UploadRequest {
+            integrator: "cores".into(),
+            path: file.display().to_string(),
+            class: Some("diagnostics".into()),
+            subclass: Some("core".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(up.size, SIZE);
+    assert_eq!(up.sha256, want);
+
+    // Cut the transfer in the middle: kill the MLM relaying it.
+    assert!(
+        wait_for(Duration::from_secs(120), || block(async {
+            metric(&m, "bulk.bytes_relayed").await > SIZE / 4
+        })),
+        "the transfer did not get going; see {}",
+        dir.display()
+    );
+    let first_pid = d.node("m1").child.as_ref().unwrap().id();
+    let first_peak = peak_rss(first_pid);
+    d.node("m1").kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.restart("m1").unwrap();
+    let second_pid = d.node("m1").child.as_ref().unwrap().id();
+
+    assert!(
+        wait_for(Duration::from_secs(300), || block(async {
+            client
+                .upload_state(&up.id)
+                .await
+                .is_ok_and(|u| u.state == "done")
+        })),
+        "upload not done: {:?}",
+        client.upload_state(&up.id).await
+    );
+    let second_peak = peak_rss(second_pid);
+    let relayed_after = metric(&m, "bulk.bytes_relayed").await;
+
+    // Resumed, not started over: every byte reached the server once.
+    assert!(metric(&a, "bulk.resumed").await >= 1);
+    assert_eq!(metric(&a, "bulk.bytes_received").await, SIZE);
+    assert!(relayed_after > 0 && relayed_after < SIZE, "{relayed_after}");
+    assert_eq!(metric(&a, "bulk.completed").await, 1);
+    // The MLM streamed it: memory flat in both of its lives.
+    for (life, peak) in [("first", first_peak), ("second", second_peak)] {
+        assert!(
+            peak > 0 && peak < 64 << 20,
+            "MLM peak RSS in its {life} life: {} MB",
+            peak >> 20
+        );
+    }
+    // Stored once, verified, and announced once with where to fetch it.
+    let stored = dir.join("appserver/bulk/files").join(&up.request);
+    assert_eq!(std::fs::metadata(&stored).unwrap().len(), SIZE);
+    assert_eq!(sha256_file(&stored), want);
+    let _ = std::fs::remove_file(&stored);
+    let _ = std::fs::remove_file(&file);
+    let bulk = stored_of_kind(&dir.join("appserver"), "bulk-request");
+    let announced: Vec<_> = bulk
+        .iter()
+        .filter(|(_, c)| c.contains("/rs/v1/control/uploads/"))
+        .collect();
+    assert_eq!(bulk.len(), 2, "the request and its announcement: {bulk:?}");
+    assert_eq!(announced.len(), 1, "{bulk:?}");
+    assert!(announced[0].1.contains(&up.request));
+    eprintln!(
+        "2 GiB through the MLM: peak RSS {} MB / {} MB",
+        first_peak >> 20,
+        second_peak >> 20
+    );
+    d.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Posts one bulk request as component `from` (talking to the server
+/// directly); returns the server's answer from the back-channel.
+async fn request_upload(a: &str, from: &str, size: u64, sha: [u8; 32]) -> (MessageId, Grant) {
+    let now = Timestamp::now();
+    let me = RsId::new(from).unwrap();
+    let m = Message {
+        header: Header {
+            id: MessageId::generate(),
+            created: now,
+            class: Classification::new("diagnostics", "core"),
+            route: Route::Source(Source {
+                component: me.clone(),
+                version: "1".into(),
+                qos: Qos {
+                    expiry: None,
+                    precedence: 3,
+                    persistent: true,
+                },
+            }),
+            routing: Vec::new(),
+        },
+        content: Content::BulkRequest(BulkRequest {
+            direction: Direction::Upload,
+            name: "core.1".into(),
+            size,
+            sha256: sha,
+            class: Classification::new("diagnostics", "core"),
+            url: None,
+            expires: None,
+        }),
+    };
+    let up = rs_common::upstream::Upstream::new(rs_common::upstream::UpstreamConfig {
+        urls: vec![format!("http://{a}")],
+        ..Default::default()
+    })
+    .unwrap();
+    let mut w = EnvelopeWriter::new(&EnvelopeMeta::new(me, now));
+    w.push(&m);
+    let reply = up.post(&w.finish(), None).await.unwrap();
+    assert_eq!(reply.meta.outcomes[0].1, rs_common::Outcome::Accepted);
+    let grant = reply
+        .messages
+        .iter()
+        .find_map(
+            |r| match r.clone().decode(&Default::default()).ok()?.content {
+                Content::BulkResponse(b) if b.request == m.header.id => Some(b.grant),
+                _ => None,
+            },
+        )
+        .expect("the answer rides on the reply");
+    (m.header.id, grant)
+}
+
+fn url_of(a: &str, g: &Grant) -> String {
+    match g {
+        Grant::Granted { url, .. } => format!("http://{a}{url}"),
+        Grant::Refused { reason, .. } => panic!("refused: {reason}"),
+    }
+}
+
+async fn put(url: &str, range: Option<&str>, body: Vec<u8>) -> (u16, String, Option<u64>) {
+    let mut r = reqwest::Client::new().put(url).body(body);
+    if let Some(range) = range {
+        r = r.header("content-range", range);
+    }
+    let resp = r.send().await.unwrap();
+    let off = resp
+        .headers()
+        .get("upload-offset")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    (resp.status().as_u16(), resp.text().await.unwrap(), off)
+}
+
+async fn head(url: &str) -> (u16, Option<u64>, bool) {
+    let resp = reqwest::Client::new().head(url).send().await.unwrap();
+    let h = resp.headers();
+    (
+        resp.status().as_u16(),
+        h.get("upload-offset")
+            .and_then(|v| v.to_str().ok()?.parse().ok()),
+        h.contains_key("upload-complete"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_urls_are_single_use_resumable_expiring_and_refuse_a_wrong_hash() {
+    let dir = tmp("bulk-rules");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d
+        .appserver(
+            "127.0.0.1:0",
+            "[bulk]\nmin_free_disk_mb = 1\nmax_upload_bytes = 1000000\n",
+        )
+        .unwrap();
+    let files = dir.join("appserver/bulk/files");
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let sha = openssl_sha(&data);
+
+    // Too large: refused for good, nothing granted.
+    let (_, g) = request_upload(&a, "acme.p9", 2_000_000, sha).await;
+    assert!(
+        matches!(&g, Grant::Refused { reason, retry_after: None } if reason.code.as_str() == "too-large"),
+        "{g:?}"
+    );
+
+    // A wrong hash: refused, nothing stored, the URL spent.
+    let (_, g) = request_upload(&a, "acme.p9", data.len() as u64, [7; 32]).await;
+    let url = url_of(&a, &g);
+    let (st, text, _) = put(&url, None, data.clone()).await;
+    assert_eq!(st, 422, "{text}");
+    assert_eq!(put(&url, None, data.clone()).await.0, 410);
+    assert_eq!(std::fs::read_dir(&files).unwrap().count(), 0);
+    assert_eq!(metric(&a, "bulk.completed").await, 0);
+
+    // Cut after half, resumed from the offset the server reports.
+    let (req, g) = request_upload(&a, "acme.p9", data.len() as u64, sha).await;
+    let url = url_of(&a, &g);
+    let half = data.len() / 2;
+    {
+        // A raw connection: the head and half the body, then the line drops.
+        use tokio::io::AsyncWriteExt as _;
+        let path = url.trim_start_matches(&format!("http://{a}"));
+        let mut c = tokio::net::TcpStream::connect(&a).await.unwrap();
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nhost: {a}\r\ncontent-length: {}\r\n\r\n",
+            data.len()
+        );
+        c.write_all(head.as_bytes()).await.unwrap();
+        c.write_all(&data[..half]).await.unwrap();
+        c.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(c);
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || block(async {
+            head(&url).await.1 == Some(half as u64)
+        })),
+        "{:?}",
+        head(&url).await
+    );
+    // A range that does not start at the offset is refused with it.
+    let total = data.len();
+    let (st, _, off) = put(
+        &url,
+        Some(&format!("bytes 10-{}/{total}", total - 1)),
+        data[10..].to_vec(),
+    )
+    .await;
+    assert_eq!((st, off), (409, Some(half as u64)));
+    let (st, text, _) = put(
+        &url,
+        Some(&format!("bytes {half}-{}/{total}", total - 1)),
+        data[half..].to_vec(),
+    )
+    .await;
+    assert_eq!(st, 201, "{text}");
+    let stored = std::fs::read(files.join(req.as_str())).unwrap();
+    assert_eq!(stored, data);
+    // Used: a second transfer is refused, the probe says it is complete.
+    assert_eq!(put(&url, None, data.clone()).await.0, 410);
+    let (st, _, complete) = head(&url).await;
+    assert_eq!((st, complete), (200, true));
+    assert_eq!(metric(&a, "bulk.completed").await, 1);
+
+    // Unknown and malformed tokens.
+    assert_eq!(
+        put(
+            &format!("http://{a}/rs/v1/bulk/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+            None,
+            vec![1]
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        put(
+            &format!("http://{a}/rs/v1/bulk/..%2F..%2Fetc"),
+            None,
+            vec![1]
+        )
+        .await
+        .0,
+        404
+    );
+    d.stop_all();
+
+    // Expired: a server that grants for one second.
+    let dir2 = tmp("bulk-expiry");
+    let mut d2 = Deployment::new(&dir2, exe()).unwrap();
+    let a2 = d2
+        .appserver(
+            "127.0.0.1:0",
+            "[bulk]\nmin_free_disk_mb = 1\ngrant_secs = 1\n",
+        )
+        .unwrap();
+    let (_, g) = request_upload(&a2, "acme.p9", data.len() as u64, sha).await;
+    let url = url_of(&a2, &g);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (st, text, _) = put(&url, None, data.clone()).await;
+    assert_eq!(st, 410, "{text}");
+    assert!(text.contains("expired"), "{text}");
+    d2.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&dir2);
+}
+
+fn openssl_sha(data: &[u8]) -> [u8; 32] {
+    let mut h = rs_common::bulk::Sha256::default();
+    h.update(data);
+    h.finish()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mlm_refuses_an_upload_over_its_limit_and_the_proxy_reports_it() {
+    let dir = tmp("bulk-mlm-limit");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d
+        .appserver("127.0.0.1:0", "[bulk]\nmin_free_disk_mb = 1\n")
+        .unwrap();
+    let m = d
+        .mlm(
+            "m1",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra {
+                tables: "[bulk]\nmax_upload_bytes = 1000\n".into(),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let small = dir.join("small.log");
+    let big = dir.join("big.log");
+    std::fs::write(&small, vec![b'a'; 500]).unwrap();
+    std::fs::write(&big, vec![b'b'; 5000]).unwrap();
+    let client = Client::new(&s);
+    client
+        .register_integrator("logs", "1.0", "linux")
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for f in [&small, &big] {
+        ids.push(
+            client
+                .upload(&rs_proxy::bulk::UploadRequest {
+                    integrator: "logs".into(),
+                    path: f.display().to_string(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let settled = |id: &str| {
+        let id = id.to_owned();
+        let client = &client;
+        move || {
+            block(async {
+                client
+                    .upload_state(&id)
+                    .await
+                    .is_ok_and(|u| ["done", "refused", "failed"].contains(&u.state.as_str()))
+            })
+        }
+    };
+    assert!(wait_for(Duration::from_secs(60), settled(&ids[0])));
+    assert!(wait_for(Duration::from_secs(60), settled(&ids[1])));
+    let ok = client.upload_state(&ids[0]).await.unwrap();
+    let refused = client.upload_state(&ids[1]).await.unwrap();
+    assert_eq!(ok.state, "done", "{ok:?}");
+    assert_eq!(refused.state, "refused", "{refused:?}");
+    assert!(
+        refused
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("too-large"),
+        "{refused:?}"
+    );
+    let stored = std::fs::read(dir.join("appserver/bulk/files").join(&ok.request)).unwrap();
+    assert_eq!(stored, std::fs::read(&small).unwrap());
+    assert_eq!(metric(&m, "bulk.requests_refused").await, 1);
+    // Handing over a file that is not there, or a relative path, is refused at once.
+    let e = client
+        .upload(&rs_proxy::bulk::UploadRequest {
+            integrator: "logs".into(),
+            path: "relative/core".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("absolute"), "{e}");
+    d.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+}
