@@ -486,7 +486,7 @@ fn small_body() -> impl Filter<Extract = (bytes::Bytes,), Error = warp::Rejectio
     })
 }
 
-fn refuse(status: http::StatusCode, text: impl Into<String>) -> warp::Rejection {
+pub(crate) fn refuse(status: http::StatusCode, text: impl Into<String>) -> warp::Rejection {
     warp::reject::custom(Refusal::new(status, text))
 }
 
@@ -526,6 +526,17 @@ pub async fn status_tree(app: &AppServer) -> StatusNode {
         (
             "bulk.transfers_refused",
             b.transfers_refused.load(Ordering::Relaxed),
+        ),
+    ]);
+    let d = &app.downloads;
+    metrics.extend([
+        ("bulk.published", d.published.load(Ordering::Relaxed)),
+        ("bulk.offers", d.offers.load(Ordering::Relaxed)),
+        ("bulk.unpublished", d.unpublished.load(Ordering::Relaxed)),
+        ("bulk.bytes_served", d.bytes_served.load(Ordering::Relaxed)),
+        (
+            "bulk.fetches_refused",
+            d.fetches_refused.load(Ordering::Relaxed),
         ),
     ]);
     let throttle = app.current_throttle().metrics();
@@ -852,10 +863,40 @@ const MAX_TTL_SECS: u64 = 30 * 86_400;
 /// `POST /rs/v1/control/send`: answers at once with a job ID; each
 /// destination's outcome arrives later (`GET /rs/v1/control/jobs/{id}`).
 async fn send(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, warp::Rejection> {
-    let bad = |status, t: String| refuse(status, t);
     let req = rs_common::codec::decode_send_request(body, &rs_common::codec::Limits::default())
-        .map_err(|e| bad(http::StatusCode::BAD_REQUEST, format!("send request: {e}")))?;
-    if req.ttl_secs.is_some_and(|t| t == 0 || t > MAX_TTL_SECS) {
+        .map_err(|e| refuse(http::StatusCode::BAD_REQUEST, format!("send request: {e}")))?;
+    let action = req.action.clone();
+    let job = start_job(
+        app,
+        &req.to,
+        &req.groups,
+        req.ttl_secs,
+        req.notify.clone(),
+        action.name(),
+        |id, dests, expiry, now| {
+            rs_common::control::control_message(id, dests, Some(expiry), &action, now)
+        },
+    )
+    .await?;
+    Ok(xml_response(encode_job(&job)))
+}
+
+/// Starts a job: expands `groups`, splits the destinations by next hop,
+/// and records the job with one copy per hop of the message `build` makes
+/// (given the message ID, the destinations behind the hop, the expiry and
+/// now). Returns the job as recorded.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn start_job(
+    app: &AppServer,
+    to: &[RsId],
+    groups: &[String],
+    ttl_secs: Option<u64>,
+    notify: Option<String>,
+    action: &str,
+    build: impl Fn(rs_common::MessageId, Vec<RsId>, Timestamp, Timestamp) -> rs_common::model::Message,
+) -> Result<rs_common::codec::api::Job, warp::Rejection> {
+    let bad = |status, t: String| refuse(status, t);
+    if ttl_secs.is_some_and(|t| t == 0 || t > MAX_TTL_SECS) {
         return Err(bad(
             http::StatusCode::BAD_REQUEST,
             format!("ttl-secs: from 1 to {MAX_TTL_SECS} (30 days)"),
@@ -865,7 +906,7 @@ async fn send(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, war
     // Destinations: the IDs named (each must be known) and every member
     // of the groups named (members never seen start failed in the job).
     let mut dests: std::collections::BTreeSet<RsId> = std::collections::BTreeSet::new();
-    for g in &req.groups {
+    for g in groups {
         let found = app
             .store
             .groups(Some(g.clone()))
@@ -885,7 +926,7 @@ async fn send(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, war
         }
         dests.extend(members);
     }
-    let named: std::collections::BTreeSet<RsId> = req.to.iter().cloned().collect();
+    let named: std::collections::BTreeSet<RsId> = to.iter().cloned().collect();
     dests.extend(named.iter().cloned());
     // One copy per next hop, listing the destinations behind it.
     let mut by_hop: std::collections::BTreeMap<String, Vec<RsId>> =
@@ -907,19 +948,11 @@ async fn send(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, war
     }
     let message_id = rs_common::MessageId::generate();
     let job_id = rs_common::MessageId::generate().to_string();
-    let expiry = now.saturating_add(std::time::Duration::from_secs(
-        req.ttl_secs.unwrap_or(86_400),
-    ));
+    let expiry = now.saturating_add(std::time::Duration::from_secs(ttl_secs.unwrap_or(86_400)));
     let copies = by_hop
         .into_iter()
         .map(|(hop, dests)| {
-            let mut m = rs_common::control::control_message(
-                message_id.clone(),
-                dests,
-                Some(expiry),
-                &req.action,
-                now,
-            );
+            let mut m = build(message_id.clone(), dests, expiry, now);
             m.header.routing.push(rs_common::Hop {
                 component: app.id.clone(),
                 received: now,
@@ -932,12 +965,12 @@ async fn send(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, war
         .create_job(
             NewJob {
                 id: job_id.clone(),
-                action: req.action.name().to_owned(),
+                action: action.to_owned(),
                 message: message_id.clone(),
                 copies,
                 unreachable,
                 expiry: Some(expiry),
-                notify: req.notify.clone(),
+                notify,
             },
             now,
         )
@@ -945,13 +978,11 @@ async fn send(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, war
         .map_err(unavailable)?;
     app.outbox_ready.notify_waiters();
     app.jobs_changed.send_modify(|v| *v += 1);
-    let job = app
-        .store
-        .job(job_id.clone())
+    app.store
+        .job(job_id)
         .await
         .map_err(unavailable)?
-        .ok_or_else(|| unavailable("the job just recorded is gone"))?;
-    Ok(xml_response(encode_job(&job)))
+        .ok_or_else(|| unavailable("the job just recorded is gone"))
 }
 
 /// `GET /rs/v1/control/jobs/{id}[?after=V&wait=S]`: each destination's

@@ -13,6 +13,7 @@ pub mod ingress;
 pub mod jobs;
 pub mod modules;
 pub mod monitor;
+pub mod publish;
 pub mod rsctl;
 pub mod store;
 
@@ -57,6 +58,8 @@ pub struct AppServer {
     pub modules: Vec<Arc<dyn modules::ServiceModule>>,
     /// Bulk uploads: grants, transfers, stored files.
     pub uploads: bulk::Uploads,
+    /// Published files offered for download.
+    pub downloads: publish::Stats,
 }
 
 impl AppServer {
@@ -121,6 +124,7 @@ impl AppServer {
         Ok(Arc::new(AppServer {
             id,
             uploads,
+            downloads: publish::Stats::default(),
             modules,
             store,
             clock,
@@ -154,6 +158,8 @@ impl AppServer {
                 .or(bulk::routes(self.clone()))
                 .unify()
                 .or(bulk::control_routes(self.clone()))
+                .unify()
+                .or(publish::routes(self.clone()))
                 .unify()
                 .or(control::routes(self.clone()))
                 .unify()
@@ -214,6 +220,7 @@ pub async fn run(
     }
     let expire = tokio::spawn(jobs::expire(app.clone(), shutdown.clone()));
     let uploads = tokio::spawn(bulk::sweep(app.clone(), shutdown.clone()));
+    let unpublisher = tokio::spawn(publish::unpublisher(app.clone(), shutdown.clone()));
     // Configured modules' own subscriptions (created or updated).
     for m in &app.cfg.modules {
         if let Some(s) = &m.subscribe {
@@ -249,6 +256,7 @@ pub async fn run(
     let _ = purge.await;
     let _ = expire.await;
     let _ = uploads.await;
+    let _ = unpublisher.await;
     let _ = timers.await;
     let _ = pool.await;
     let _ = flush.await;

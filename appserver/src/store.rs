@@ -154,6 +154,23 @@ CREATE TABLE IF NOT EXISTS uploads (
     reason    TEXT
 );
 CREATE INDEX IF NOT EXISTS uploads_open ON uploads (state, expires);
+CREATE TABLE IF NOT EXISTS files (
+    sha256  TEXT    PRIMARY KEY,
+    name    TEXT    NOT NULL,
+    size    INTEGER NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS offers (
+    digest         TEXT    PRIMARY KEY,
+    sha256         TEXT    NOT NULL,
+    job            TEXT    NOT NULL,
+    message        TEXT    NOT NULL,
+    expires        INTEGER NOT NULL,
+    state          TEXT    NOT NULL DEFAULT 'open',
+    created        INTEGER NOT NULL,
+    unpublished_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS offers_open ON offers (state);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT    PRIMARY KEY,
     value INTEGER NOT NULL

@@ -300,6 +300,199 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Fetches a published file from `url` into `part` (appending to what
+    /// an earlier, cut fetch left there, with `Range`), then verifies the
+    /// whole of it against `size` and `sha256` (hex). `Complete` means
+    /// `part` now holds exactly the file; a mismatch deletes it.
+    pub async fn fetch(&self, url: &str, part: &Path, size: u64, sha256: &str) -> Answer {
+        use tokio::io::AsyncWriteExt as _;
+        let mut have = tokio::fs::metadata(part).await.map_or(0, |m| m.len());
+        if have > size {
+            let _ = tokio::fs::remove_file(part).await;
+            have = 0;
+        }
+        if have < size {
+            let mut req = self.http.get(url);
+            if have > 0 {
+                req = req.header(http::header::RANGE, format!("bytes={have}-"));
+            }
+            let mut resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    return Answer::Unavailable {
+                        why: crate::upstream::error_chain(&e),
+                    };
+                }
+            };
+            let status = resp.status();
+            if status == StatusCode::OK && have > 0 {
+                // The server sent it all again: start over.
+                have = 0;
+            } else if status != StatusCode::PARTIAL_CONTENT && status != StatusCode::OK {
+                let headers = resp.headers().clone();
+                let text = resp.text().await.unwrap_or_default();
+                return answer_of(status, &headers, text.trim().chars().take(500).collect());
+            }
+            let file = if have == 0 {
+                tokio::fs::File::create(part).await
+            } else {
+                tokio::fs::OpenOptions::new().append(true).open(part).await
+            };
+            let mut file = match file {
+                Ok(f) => f,
+                Err(e) => {
+                    return Answer::Busy {
+                        after: Duration::from_secs(60),
+                        why: format!("{}: {e}", part.display()),
+                    };
+                }
+            };
+            let mut got = have;
+            loop {
+                match resp.chunk().await {
+                    Ok(Some(b)) => {
+                        if got + b.len() as u64 > size {
+                            let _ = tokio::fs::remove_file(part).await;
+                            return Answer::Mismatch {
+                                why: format!("more than the {size} bytes offered"),
+                            };
+                        }
+                        if let Err(e) = file.write_all(&b).await {
+                            let _ = file.flush().await;
+                            let _ = file.set_len(got).await;
+                            return Answer::Busy {
+                                after: Duration::from_secs(60),
+                                why: format!("{}: {e}", part.display()),
+                            };
+                        }
+                        got += b.len() as u64;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = file.flush().await;
+                        return Answer::Unavailable {
+                            why: format!(
+                                "cut after {got} of {size} bytes: {}",
+                                crate::upstream::error_chain(&e)
+                            ),
+                        };
+                    }
+                }
+            }
+            if let Err(e) = file.sync_all().await {
+                return Answer::Busy {
+                    after: Duration::from_secs(60),
+                    why: e.to_string(),
+                };
+            }
+            if got < size {
+                return Answer::Partial { offset: got };
+            }
+        }
+        let p = part.to_path_buf();
+        let hashed = tokio::task::spawn_blocking(move || {
+            hash_file(&p, None).map(|(n, h)| (n, crate::codec::sha256_hex(&h.finish())))
+        })
+        .await;
+        match hashed {
+            Ok(Ok((n, h))) if n == size && h == sha256 => Answer::Complete,
+            Ok(Ok(_)) => {
+                let _ = tokio::fs::remove_file(part).await;
+                Answer::Mismatch {
+                    why: format!("the file fetched does not have SHA-256 {sha256}"),
+                }
+            }
+            Ok(Err(e)) => Answer::Unavailable {
+                why: format!("{}: {e}", part.display()),
+            },
+            Err(e) => Answer::Unavailable { why: e.to_string() },
+        }
+    }
+}
+
+/// Serves a stored file for `GET`, honouring a single `Range: bytes=S-` or
+/// `bytes=S-E` (206 and `Content-Range`; 416 when it starts past the end).
+/// Every byte sent is added to `served`.
+pub async fn serve_file(
+    path: &Path,
+    size: u64,
+    range: Option<&http::HeaderValue>,
+    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> warp::reply::Response {
+    use tokio::io::AsyncSeekExt as _;
+    let text = |status: StatusCode, t: String| {
+        let mut r = warp::reply::Response::new(format!("{t}\n").into());
+        *r.status_mut() = status;
+        r
+    };
+    let wanted = match range.map(|v| v.to_str().ok().and_then(parse_range)) {
+        None => None,
+        Some(Some((s, e))) if s < size => Some((s, e.unwrap_or(size - 1).min(size - 1))),
+        Some(_) => {
+            let mut r = text(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range not satisfiable".into(),
+            );
+            if let Ok(v) = http::HeaderValue::from_str(&format!("bytes */{size}")) {
+                r.headers_mut().insert(http::header::CONTENT_RANGE, v);
+            }
+            return r;
+        }
+    };
+    let (start, end) = wanted.unwrap_or((0, size.saturating_sub(1)));
+    let len = if size == 0 { 0 } else { end - start + 1 };
+    let mut f = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) => return text(StatusCode::GONE, format!("the file is gone: {e}")),
+    };
+    if let Err(e) = f.seek(std::io::SeekFrom::Start(start)).await {
+        return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    let body = tokio_util::io::ReaderStream::with_capacity(
+        tokio::io::AsyncReadExt::take(f, len),
+        256 << 10,
+    )
+    .map(move |c| {
+        if let Ok(b) = &c {
+            served.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        c
+    });
+    let mut r = warp::reply::Reply::into_response(warp::reply::stream(body));
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    h.insert(
+        http::header::ACCEPT_RANGES,
+        http::HeaderValue::from_static("bytes"),
+    );
+    if wanted.is_some() {
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = http::HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")) {
+            r.headers_mut().insert(http::header::CONTENT_RANGE, v);
+        }
+    }
+    r
+}
+
+/// `bytes=S-` or `bytes=S-E` (one range only).
+fn parse_range(s: &str) -> Option<(u64, Option<u64>)> {
+    let (a, b) = s.trim().strip_prefix("bytes=")?.split_once('-')?;
+    let start = a.trim().parse().ok()?;
+    let end = match b.trim() {
+        "" => None,
+        e => Some(e.parse().ok()?),
+    };
+    if end.is_some_and(|e| e < start) {
+        return None;
+    }
+    Some((start, end))
+}
+
 /// Reads a request body of known length chunk by chunk, giving up when no
 /// byte arrives for `idle` (a stalled or half-open sender).
 pub async fn next_chunk<S, B>(body: &mut S, idle: Duration) -> Result<Option<bytes::Bytes>, String>
@@ -332,6 +525,15 @@ mod tests {
             "bytes 0-1",
         ] {
             assert_eq!(ContentRange::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn ranges_parse() {
+        assert_eq!(parse_range("bytes=10-"), Some((10, None)));
+        assert_eq!(parse_range("bytes=10-19"), Some((10, Some(19))));
+        for bad in ["bytes=5-4", "bytes=-5", "bytes=1-2,4-5", "items=1-2"] {
+            assert_eq!(parse_range(bad), None, "{bad}");
         }
     }
 

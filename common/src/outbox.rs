@@ -56,6 +56,24 @@ impl Outbox {
     pub fn open(path: &std::path::Path) -> Result<Self, DbError> {
         let conn = crate::db::open(path)?;
         conn.execute_batch(SCHEMA)?;
+        // Columns added for download offers (files from before get them).
+        for (col, ddl) in [
+            ("bulk", "ALTER TABLE outbox ADD COLUMN bulk TEXT"),
+            (
+                "held",
+                "ALTER TABLE outbox ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
+            ),
+        ] {
+            let has: bool = conn
+                .prepare("SELECT 1 FROM pragma_table_info('outbox') WHERE name = ?1")?
+                .exists([col])?;
+            if !has {
+                conn.execute_batch(ddl)?;
+            }
+        }
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS outbox_bulk ON outbox (bulk) WHERE bulk IS NOT NULL",
+        )?;
         Ok(Outbox {
             db: Db::start("rs-outbox", Plain(conn))?,
         })
@@ -115,15 +133,32 @@ impl Outbox {
         copies: Vec<(RsId, RawMessage)>,
         now: Timestamp,
     ) -> Result<Vec<MessageId>, DbError> {
+        self.accept_bulk(copies, None, now).await
+    }
+
+    /// Like [`Outbox::accept`], for copies of a download offer: they name
+    /// the cached file `bulk` (its SHA-256), and with `held` they are not
+    /// handed out until [`Outbox::release`] (the file is not here yet).
+    pub async fn accept_bulk(
+        &self,
+        copies: Vec<(RsId, RawMessage)>,
+        bulk: Option<(String, bool)>,
+        now: Timestamp,
+    ) -> Result<Vec<MessageId>, DbError> {
         self.db
             .write(move |s| {
                 let mut ids = Vec::new();
+                let (file, held) = match &bulk {
+                    Some((sha, held)) => (Some(sha.as_str()), i64::from(*held)),
+                    None => (None, 0),
+                };
                 for (hop, m) in &copies {
                     let header = encode_header(&m.header, m.kind, m.data.as_ref());
                     exec(
                         &s.0,
-                        "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id, hop) DO NOTHING",
+                        "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content,
+                                             bulk, held)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id, hop) DO NOTHING",
                         params![
                             m.header.id.as_str(),
                             hop.as_str(),
@@ -132,7 +167,9 @@ impl Outbox {
                             m.kind.as_str(),
                             m.content_type,
                             header,
-                            &m.content[..]
+                            &m.content[..],
+                            file,
+                            held
                         ],
                     )?;
                     exec(
@@ -187,7 +224,7 @@ impl Outbox {
                     let mut st = s.0.prepare_cached(
                         "SELECT id, content_type, header, content FROM outbox
                          WHERE hop = ?1 AND (offered IS NULL OR offered < ?2)
-                           AND (expiry IS NULL OR expiry > ?4)
+                           AND (expiry IS NULL OR expiry > ?4) AND held = 0
                          ORDER BY created LIMIT ?3",
                     )?;
                     st.query_map(
@@ -281,6 +318,46 @@ impl Outbox {
                     params![id.as_str(), now.as_millis()],
                 )?;
                 Ok(())
+            })
+            .await
+    }
+
+    /// The file `bulk` is here: its held copies may go. Returns how many.
+    pub async fn release(&self, bulk: String) -> Result<u64, DbError> {
+        self.db
+            .write(move |s| {
+                let n = exec(
+                    &s.0,
+                    "UPDATE outbox SET held = 0 WHERE bulk = ?1 AND held = 1",
+                    params![bulk],
+                )?;
+                Ok(n as u64)
+            })
+            .await
+    }
+
+    /// The file `bulk` cannot be had: its copies are dropped. Returns the
+    /// number dropped.
+    pub async fn drop_bulk(&self, bulk: String) -> Result<u64, DbError> {
+        self.db
+            .write(move |s| {
+                let n = exec(&s.0, "DELETE FROM outbox WHERE bulk = ?1", params![bulk])?;
+                Ok(n as u64)
+            })
+            .await
+    }
+
+    /// Copies of offers of the file `bulk` not yet acknowledged (while any
+    /// remain, the file must stay).
+    pub async fn bulk_pending(&self, bulk: String) -> Result<u64, DbError> {
+        self.db
+            .read(move |s| {
+                let n: i64 = s.0.query_row(
+                    "SELECT COUNT(*) FROM outbox WHERE bulk = ?1",
+                    params![bulk],
+                    |r| r.get(0),
+                )?;
+                Ok(u64::try_from(n).unwrap_or(0))
             })
             .await
     }

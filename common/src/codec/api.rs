@@ -89,6 +89,119 @@ pub fn decode_send_request(bytes: &[u8], limits: &Limits) -> Result<SendRequest,
     })
 }
 
+/// A request to offer a published file to components and groups: they
+/// fetch it (through the MLM nearest them) and process it by its class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferRequest {
+    pub to: Vec<RsId>,
+    pub groups: Vec<String>,
+    /// The published file (`PUT /files/{name}` answered its SHA-256).
+    pub sha256: [u8; 32],
+    /// What it is: `software`/`package` is installed, `configuration`/...
+    /// is applied as a configuration change; anything else is kept.
+    pub class: String,
+    pub sub: String,
+    pub ttl_secs: Option<u64>,
+    pub notify: Option<String>,
+}
+
+pub fn encode_offer_request(r: &OfferRequest) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(256);
+    let mut x = XmlOut::document(&mut buf);
+    x.open("offer")
+        .attr("file", &super::sha256_hex(&r.sha256))
+        .attr("class", &r.class)
+        .attr("sub", &r.sub)
+        .attr_num_opt("ttl-secs", r.ttl_secs)
+        .attr_opt("notify", r.notify.as_deref())
+        .gt()
+        .newline();
+    for t in &r.to {
+        x.open("to").attr("id", t.as_str()).empty().newline();
+    }
+    for g in &r.groups {
+        x.open("to").attr("group", g).empty().newline();
+    }
+    x.close("offer").newline();
+    buf
+}
+
+/// Decodes `<offer>`: at least one `<to id>` or `<to group>`.
+pub fn decode_offer_request(bytes: &[u8], limits: &Limits) -> Result<OfferRequest, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("offer")?;
+    let sha256 = root.req_with("file", super::parse_sha256)?;
+    let class = root.req_with("class", token)?;
+    let sub = root.req_with("sub", token)?;
+    let ttl_secs = root.opt_u64("ttl-secs")?;
+    let notify = root.opt_with("notify", notify_url)?;
+    let (mut to, mut groups) = (Vec::new(), Vec::new());
+    while let Some(tag) = x.child(&root)? {
+        match tag.name {
+            "to" => {
+                match (tag.opt("id"), tag.opt("group")) {
+                    (Some(_), None) => to.push(tag.req_with("id", |s| RsId::new(s))?),
+                    (None, Some(_)) => groups.push(tag.req_with("group", token)?),
+                    _ => return Err(tag.bad("id", "a <to> names either an id or a group")),
+                }
+                x.end(&tag)?;
+            }
+            _ => return Err(root.unexpected_child(&tag)),
+        }
+    }
+    x.finish()?;
+    if to.is_empty() && groups.is_empty() {
+        return Err(XmlError::MissingElement {
+            element: "offer".into(),
+            child: "to",
+        });
+    }
+    Ok(OfferRequest {
+        to,
+        groups,
+        sha256,
+        class,
+        sub,
+        ttl_secs,
+        notify,
+    })
+}
+
+/// A published file (the answer to `PUT /files/{name}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedFile {
+    pub name: String,
+    pub size: u64,
+    pub sha256: [u8; 32],
+}
+
+pub fn encode_file(f: &PublishedFile) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(128);
+    let mut x = XmlOut::document(&mut buf);
+    x.open("file")
+        .attr("name", &f.name)
+        .attr_num("size", f.size)
+        .attr("sha256", &super::sha256_hex(&f.sha256))
+        .empty()
+        .newline();
+    buf
+}
+
+pub fn decode_file(bytes: &[u8], limits: &Limits) -> Result<PublishedFile, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("file")?;
+    let f = PublishedFile {
+        name: root.req("name")?.to_owned(),
+        size: root.opt_u64("size")?.unwrap_or(0),
+        sha256: root.req_with("sha256", super::parse_sha256)?,
+    };
+    if let Some(tag) = x.child(&root)? {
+        return Err(root.unexpected_child(&tag));
+    }
+    x.finish()?;
+    Ok(f)
+}
+
 fn notify_url(s: &str) -> Result<String, &'static str> {
     if (s.starts_with("http://") || s.starts_with("https://")) && s.len() <= 2048 {
         Ok(s.to_owned())

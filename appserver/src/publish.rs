@@ -1,0 +1,416 @@
+//! Downloads from the application server (seed 004, Figs. 22-23). An
+//! admin publishes a file (`PUT /rs/v1/control/files/{name}`: streamed,
+//! hashed, stored once by SHA-256) and offers it to components and groups
+//! (`POST /rs/v1/control/offer`): the offer is a `bulk-request`
+//! (`direction="download"`) sent as a job, one copy per next hop, carrying
+//! a fresh unguessable URL `/rs/v1/bulk/{token}` from which each hop
+//! fetches the file once (with `Range` to resume). The URL closes
+//! (un-published) once the job is done: every destination has answered or
+//! expired.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::StatusCode;
+use rs_common::Timestamp;
+use rs_common::bulk;
+use rs_common::codec::api::{PublishedFile, decode_offer_request, encode_file};
+use rs_common::model::*;
+use rusqlite::OptionalExtension as _;
+use tokio::io::AsyncWriteExt as _;
+use warp::Filter;
+
+use crate::AppServer;
+use crate::control::refuse;
+
+/// Largest file that may be published.
+const MAX_PUBLISH: u64 = 64 << 30;
+
+/// Download counters (status metrics).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub published: AtomicU64,
+    pub offers: AtomicU64,
+    pub unpublished: AtomicU64,
+    /// Bytes of published files sent to fetchers.
+    pub bytes_served: Arc<AtomicU64>,
+    pub fetches_refused: AtomicU64,
+}
+
+fn text(status: StatusCode, t: impl Into<String>) -> warp::reply::Response {
+    let mut r = warp::reply::Response::new(format!("{}\n", t.into()).into());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn published_dir(app: &AppServer) -> PathBuf {
+    app.uploads.dir.join("published")
+}
+
+/// Where a published file is kept (by its SHA-256).
+pub fn published_path(app: &AppServer, sha: &str) -> PathBuf {
+    published_dir(app).join(sha)
+}
+
+/// The routes: publish, offer, and `GET /rs/v1/bulk/{token}`.
+pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    let put = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "files" / String)
+            .and(warp::put())
+            .and(warp::header::headers_cloned())
+            .and(warp::body::stream())
+            .then(move |name: String, headers: http::HeaderMap, body| {
+                let app = app.clone();
+                async move { publish(&app, name, &headers, Box::pin(body)).await }
+            })
+    };
+    let offer = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "offer")
+            .and(warp::post())
+            .and(warp::body::content_length_limit(1 << 20))
+            .and(warp::body::bytes())
+            .and_then(move |body: bytes::Bytes| {
+                let app = app.clone();
+                async move { offer(&app, &body).await }
+            })
+    };
+    let get = warp::path!("rs" / "v1" / "bulk" / String)
+        .and(warp::get())
+        .and(warp::header::optional::<String>("range"))
+        .then(move |token: String, range: Option<String>| {
+            let app = app.clone();
+            async move { fetch(&app, &token, range).await }
+        });
+    put.boxed()
+        .or(offer.boxed())
+        .unify()
+        .or(get.boxed())
+        .unify()
+        .boxed()
+}
+
+async fn publish<S, B>(
+    app: &AppServer,
+    name: String,
+    headers: &http::HeaderMap,
+    mut body: std::pin::Pin<Box<S>>,
+) -> warp::reply::Response
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + ?Sized,
+    B: bytes::Buf,
+{
+    let name = percent_decode(&name);
+    if name.is_empty()
+        || name.len() > 255
+        || name.contains(['/', '\\'])
+        || name == "."
+        || name == ".."
+        || name.chars().any(char::is_control)
+    {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "the file name must be 1-255 characters without path separators",
+        );
+    }
+    let Some(len) = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    else {
+        return text(StatusCode::LENGTH_REQUIRED, "Content-Length must be given");
+    };
+    if len > MAX_PUBLISH {
+        return text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {MAX_PUBLISH} bytes"),
+        );
+    }
+    if let Some(free) = rs_common::throttle::free_bytes(&app.uploads.dir)
+        && free < len.saturating_add(app.cfg.bulk.min_free_disk_mb << 20)
+    {
+        return text(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!(
+                "{len} bytes would leave less than {} MB free",
+                app.cfg.bulk.min_free_disk_mb
+            ),
+        );
+    }
+    let dir = published_dir(app);
+    if let Err(e) = tokio::fs::create_dir_all(&dir).await {
+        return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    let tmp = dir.join(format!(
+        ".incoming-{}",
+        bulk::new_token().unwrap_or_default()
+    ));
+    let mut file = match tokio::fs::File::create(&tmp).await {
+        Ok(f) => f,
+        Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let mut hasher = bulk::Sha256::default();
+    let mut got = 0u64;
+    let idle = std::time::Duration::from_secs(app.cfg.bulk.idle_secs.max(1));
+    let failed = loop {
+        match bulk::next_chunk(&mut body, idle).await {
+            Ok(Some(c)) => {
+                got += c.len() as u64;
+                if got > len {
+                    break Some((StatusCode::BAD_REQUEST, "more than Content-Length".into()));
+                }
+                if let Err(e) = file.write_all(&c).await {
+                    break Some((StatusCode::INSUFFICIENT_STORAGE, e.to_string()));
+                }
+                hasher.update(&c);
+            }
+            Ok(None) => break None,
+            Err(e) => break Some((StatusCode::BAD_REQUEST, e)),
+        }
+    };
+    let synced = file.sync_all().await;
+    drop(file);
+    if let Some((status, why)) = failed.or_else(|| {
+        (got != len).then(|| (StatusCode::BAD_REQUEST, format!("{got} of {len} bytes")))
+    }) {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return text(status, format!("not published: {why}"));
+    }
+    if let Err(e) = synced {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    let sha = hasher.finish();
+    let hex = rs_common::codec::sha256_hex(&sha);
+    if let Err(e) = tokio::fs::rename(&tmp, published_path(app, &hex)).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    let now = app.clock.now();
+    let (h, n) = (hex.clone(), name.clone());
+    let r = app
+        .store
+        .db
+        .write(move |s| {
+            crate::store::exec(
+                &s.0,
+                "INSERT INTO files (sha256, name, size, created) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (sha256) DO UPDATE SET name = ?2",
+                rusqlite::params![
+                    h,
+                    n,
+                    i64::try_from(len).unwrap_or(i64::MAX),
+                    now.as_millis()
+                ],
+            )?;
+            Ok(())
+        })
+        .await;
+    if let Err(e) = r {
+        return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    app.downloads.published.fetch_add(1, Ordering::Relaxed);
+    tracing::info!("published {name} ({len} bytes, SHA-256 {hex})");
+    rs_common::ingress::xml_response(encode_file(&PublishedFile {
+        name,
+        size: len,
+        sha256: sha,
+    }))
+}
+
+/// `%XX` in a path segment (file names with spaces and the like).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn offer(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, warp::Rejection> {
+    let req = decode_offer_request(body, &rs_common::codec::Limits::default())
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("offer: {e}")))?;
+    let hex = rs_common::codec::sha256_hex(&req.sha256);
+    let h = hex.clone();
+    let file: Option<(String, i64)> = app
+        .store
+        .db
+        .read(move |s| {
+            Ok(s.0
+                .query_row("SELECT name, size FROM files WHERE sha256 = ?1", [h], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?)
+        })
+        .await
+        .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let Some((name, size)) = file else {
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            format!("no published file {hex}; PUT it to /rs/v1/control/files/NAME first"),
+        ));
+    };
+    if !published_path(app, &hex).exists() {
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            format!("the published file {hex} is gone from disk"),
+        ));
+    }
+    let token = bulk::new_token().map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    let url = format!("{}{token}", bulk::PATH);
+    let class = Classification::new(req.class.clone(), req.sub.clone());
+    let size = u64::try_from(size).unwrap_or(0);
+    let job = crate::control::start_job(
+        app,
+        &req.to,
+        &req.groups,
+        req.ttl_secs,
+        req.notify.clone(),
+        "offer",
+        |id, dests, expiry, now| Message {
+            header: Header {
+                id,
+                created: now,
+                class: class.clone(),
+                route: Route::Destination(Destination::new(dests, Some(expiry))),
+                routing: Vec::new(),
+            },
+            content: Content::BulkRequest(BulkRequest {
+                direction: Direction::Download,
+                name: name.clone(),
+                size,
+                sha256: req.sha256,
+                class: class.clone(),
+                url: Some(url.clone()),
+                expires: Some(expiry),
+            }),
+        },
+    )
+    .await?;
+    let (digest, job_id, message, expires, now) = (
+        bulk::token_digest(&token),
+        job.id.clone(),
+        job.message.clone(),
+        job.expiry.map_or(i64::MAX, Timestamp::as_millis),
+        app.clock.now(),
+    );
+    app.store
+        .db
+        .write(move |s| {
+            crate::store::exec(
+                &s.0,
+                "INSERT INTO offers (digest, sha256, job, message, expires, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                rusqlite::params![digest, hex, job_id, message, expires, now.as_millis()],
+            )?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    app.downloads.offers.fetch_add(1, Ordering::Relaxed);
+    Ok(rs_common::ingress::xml_response(
+        rs_common::codec::api::encode_job(&job),
+    ))
+}
+
+async fn fetch(app: &AppServer, token: &str, range: Option<String>) -> warp::reply::Response {
+    let refused = |status, t: &str| {
+        app.downloads
+            .fetches_refused
+            .fetch_add(1, Ordering::Relaxed);
+        text(status, t)
+    };
+    if !bulk::is_token(token) {
+        return refused(StatusCode::NOT_FOUND, "no such file URL");
+    }
+    let digest = bulk::token_digest(token);
+    let row: Option<(String, String, i64, i64)> = match app
+        .store
+        .db
+        .read(move |s| {
+            Ok(s.0
+                .query_row(
+                    "SELECT o.sha256, o.state, o.expires, f.size FROM offers o
+                     JOIN files f ON f.sha256 = o.sha256 WHERE o.digest = ?1",
+                    [digest],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()?)
+        })
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let Some((sha, state, expires, size)) = row else {
+        return refused(StatusCode::NOT_FOUND, "no such file URL");
+    };
+    if state != "open" || expires <= app.clock.now().as_millis() {
+        return refused(StatusCode::GONE, "this file is not published any more");
+    }
+    let range = range.and_then(|r| http::HeaderValue::from_str(&r).ok());
+    bulk::serve_file(
+        &published_path(app, &sha),
+        u64::try_from(size).unwrap_or(0),
+        range.as_ref(),
+        app.downloads.bytes_served.clone(),
+    )
+    .await
+}
+
+/// Closes the URLs of offers whose jobs are done (every destination
+/// answered or expired) or that expired. Returns how many.
+pub async fn unpublish(app: &AppServer) -> Result<u64, rs_common::db::DbError> {
+    let now = app.clock.now().as_millis();
+    let n = app
+        .store
+        .db
+        .write(move |s| {
+            let n = crate::store::exec(
+                &s.0,
+                "UPDATE offers SET state = 'unpublished', unpublished_at = ?1
+                 WHERE state = 'open' AND (expires <= ?1 OR NOT EXISTS (
+                     SELECT 1 FROM job_targets t WHERE t.job = offers.job
+                       AND t.state IN ('pending', 'delivered')))",
+                [now],
+            )?;
+            Ok(n as u64)
+        })
+        .await?;
+    if n > 0 {
+        app.downloads.unpublished.fetch_add(n, Ordering::Relaxed);
+        tracing::info!("{n} offered file URL(s) closed: their jobs are done");
+    }
+    Ok(n)
+}
+
+/// Runs [`unpublish`] whenever a job changes (and every minute).
+pub async fn unpublisher(app: Arc<AppServer>, stop: tokio_util::sync::CancellationToken) {
+    let mut changed = app.jobs_changed.subscribe();
+    loop {
+        if let Err(e) = unpublish(&app).await {
+            tracing::error!("unpublish: {e}");
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = changed.changed() => {}
+            () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+        }
+    }
+}
