@@ -74,8 +74,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "offer")
             .and(warp::post())
-            .and(warp::body::content_length_limit(1 << 20))
-            .and(warp::body::bytes())
+            .and(crate::control::small_body())
             .and_then(move |body: bytes::Bytes| {
                 let app = app.clone();
                 async move { offer(&app, &body).await }
