@@ -477,7 +477,8 @@ async fn put_throttle(
 }
 
 /// A request body of at most 1 MiB.
-pub(crate) fn small_body() -> impl Filter<Extract = (bytes::Bytes,), Error = warp::Rejection> + Clone {
+pub(crate) fn small_body() -> impl Filter<Extract = (bytes::Bytes,), Error = warp::Rejection> + Clone
+{
     warp::body::content_length_limit(1 << 20).and({
         // Bounded: content_length_limit refuses a body over 1 MiB or
         // without a Content-Length.

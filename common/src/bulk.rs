@@ -105,6 +105,17 @@ pub fn token_of(url: &str) -> Option<&str> {
     is_token(t).then_some(t)
 }
 
+/// The URL to use for a bulk URL received from the next hop: an absolute
+/// URL as it is, a path on the next hop (`/rs/v1/bulk/...`) joined to
+/// `base`, the next hop's base URL in use.
+pub fn resolve(base: &str, url: &str) -> String {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        url.to_owned()
+    } else {
+        format!("{}{url}", base.trim_end_matches('/'))
+    }
+}
+
 /// `Content-Range: bytes START-END/TOTAL` (END inclusive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContentRange {

@@ -25,7 +25,7 @@ use warp::Filter;
 use crate::Mlm;
 
 /// `[bulk]` in mlm.toml.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BulkSection {
     /// Refuse upload requests larger than this (none: no limit here).
@@ -34,6 +34,24 @@ pub struct BulkSection {
     /// A relayed transfer that sends nothing for this long is cut.
     #[serde(default = "default_idle")]
     pub idle_secs: u64,
+    /// Bound of the download cache: beyond it, files every destination
+    /// has fetched are evicted, least recently used first.
+    #[serde(default = "default_cache_max")]
+    pub cache_max_bytes: u64,
+}
+
+impl Default for BulkSection {
+    fn default() -> Self {
+        BulkSection {
+            max_upload_bytes: None,
+            idle_secs: default_idle(),
+            cache_max_bytes: default_cache_max(),
+        }
+    }
+}
+
+fn default_cache_max() -> u64 {
+    20 << 30
 }
 
 fn default_idle() -> u64 {
@@ -142,6 +160,7 @@ fn upstream_url(mlm: &Mlm, token: &str) -> String {
 
 /// `HEAD` and `PUT /rs/v1/bulk/{token}`, relayed.
 pub fn routes(mlm: Arc<Mlm>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    let mlm_get = mlm.clone();
     let head = {
         let mlm = mlm.clone();
         warp::path!("rs" / "v1" / "bulk" / String)
@@ -172,7 +191,44 @@ pub fn routes(mlm: Arc<Mlm>) -> warp::filters::BoxedFilter<(warp::reply::Respons
             let mlm = mlm.clone();
             async move { relay(&mlm, token, headers, Box::pin(body)).await }
         });
-    head.boxed().or(put.boxed()).unify().boxed()
+    let get = {
+        let mlm = mlm_get;
+        warp::path!("rs" / "v1" / "bulk" / String)
+            .and(warp::get())
+            .and(warp::header::optional::<String>("range"))
+            .then(move |token: String, range: Option<String>| {
+                let mlm = mlm.clone();
+                async move { serve(&mlm, &token, range).await }
+            })
+    };
+    head.boxed()
+        .or(put.boxed())
+        .unify()
+        .or(get.boxed())
+        .unify()
+        .boxed()
+}
+
+/// `GET /rs/v1/bulk/{token}`: a cached download, for the destinations
+/// behind this MLM.
+async fn serve(mlm: &Mlm, token: &str, range: Option<String>) -> warp::reply::Response {
+    if !rs_common::bulk::is_token(token) {
+        return text(StatusCode::NOT_FOUND, "no such file URL");
+    }
+    match mlm.cache.lookup(token, mlm.clock.now()).await {
+        Ok(Some((path, size))) => {
+            let range = range.and_then(|r| http::HeaderValue::from_str(&r).ok());
+            rs_common::bulk::serve_file(
+                &path,
+                size,
+                range.as_ref(),
+                mlm.cache.stats.served_bytes.clone(),
+            )
+            .await
+        }
+        Ok(None) => text(StatusCode::NOT_FOUND, "no such file URL (or not here yet)"),
+        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }
 
 async fn relay<S, B>(

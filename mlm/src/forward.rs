@@ -281,7 +281,11 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
 /// now safe, to acknowledge upstream.
 pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
     let mut copies = Vec::new();
+    // Download offers: the file is fetched once into the cache, and the
+    // copies handed down name this MLM's URL for it (held until it is here).
+    let mut offers: Vec<(String, bool, Vec<(rs_common::RsId, RawMessage)>)> = Vec::new();
     let mut for_me = Vec::new();
+    let mut failed = Vec::new();
     for m in msgs {
         let mut by_hop: std::collections::BTreeMap<rs_common::RsId, Vec<rs_common::RsId>> =
             Default::default();
@@ -301,6 +305,16 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
             };
             by_hop.entry(hop).or_default().push(d.clone());
         }
+        let offer = match download_offer(mlm, &m).await {
+            Ok(o) => o,
+            Err(e) => {
+                // Not acknowledged: offered again, and tried again then.
+                tracing::error!("download offer {}: {e}", m.header.id);
+                failed.push(m.header.id.clone());
+                continue;
+            }
+        };
+        let mut these = Vec::new();
         for (hop, dests) in by_hop {
             let mut c = m.clone();
             c.header.route = rs_common::Route::Destination(rs_common::model::Destination::new(
@@ -313,16 +327,23 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
                 received: now,
                 sent: Some(now),
             });
-            copies.push((hop, c));
+            if let Some((_, _, b)) = &offer {
+                c = rs_common::model::Message {
+                    header: c.header,
+                    content: Content::BulkRequest(b.clone()),
+                }
+                .to_raw();
+            }
+            these.push((hop, c));
+        }
+        match offer {
+            Some((sha, cached, _)) => offers.push((sha, cached, these)),
+            None => copies.extend(these),
         }
     }
     let all_ids: Vec<MessageId> = copies.iter().map(|(_, m)| m.header.id.clone()).collect();
-    match mlm.outbox.accept(copies, mlm.clock.now()).await {
-        Ok(mut ids) => {
-            mlm.outbox_ready.notify_waiters();
-            ids.extend(for_me);
-            ids
-        }
+    let mut ids = match mlm.outbox.accept(copies, mlm.clock.now()).await {
+        Ok(ids) => ids,
         Err(e) => {
             tracing::error!(
                 "back-channel queue: {e}; {} messages not acknowledged",
@@ -330,7 +351,54 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
             );
             Vec::new()
         }
+    };
+    for (sha, cached, these) in offers {
+        match mlm
+            .outbox
+            .accept_bulk(these, Some((sha, !cached)), mlm.clock.now())
+            .await
+        {
+            Ok(more) => ids.extend(more),
+            Err(e) => tracing::error!("back-channel queue: {e}; a download offer not acknowledged"),
+        }
     }
+    mlm.outbox_ready.notify_waiters();
+    ids.extend(for_me);
+    ids.retain(|i| !failed.contains(i));
+    ids
+}
+
+/// For a download offer: records it in the cache and returns the file's
+/// SHA-256, whether it is here already, and the offer as this MLM hands it
+/// down (with its own URL). `None` for any other message.
+async fn download_offer(
+    mlm: &Mlm,
+    m: &RawMessage,
+) -> Result<Option<(String, bool, rs_common::model::BulkRequest)>, String> {
+    if m.kind != rs_common::model::ContentKind::BulkRequest {
+        return Ok(None);
+    }
+    let full = m
+        .clone()
+        .decode(&mlm.cfg.limits())
+        .map_err(|e| e.to_string())?;
+    let Content::BulkRequest(mut b) = full.content else {
+        return Ok(None);
+    };
+    if b.direction != rs_common::model::Direction::Download {
+        return Ok(None);
+    }
+    let Some(source) = b.url.clone() else {
+        return Err("a download offer without a URL".into());
+    };
+    let sha = rs_common::codec::sha256_hex(&b.sha256);
+    let (url, cached) = mlm
+        .cache
+        .want(sha.clone(), b.name.clone(), b.size, source, mlm.clock.now())
+        .await
+        .map_err(|e| e.to_string())?;
+    b.url = Some(url);
+    Ok(Some((sha, cached, b)))
 }
 
 /// Acknowledgements of messages taken down from relayed replies, and

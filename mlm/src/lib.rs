@@ -7,6 +7,7 @@
 pub mod actions;
 pub mod aggregate;
 pub mod bulk;
+pub mod cache;
 pub mod config;
 pub mod forward;
 pub mod modules;
@@ -78,6 +79,8 @@ pub struct Mlm {
     /// Relays uploads upstream.
     pub bulk_client: rs_common::bulk::Client,
     pub bulk_stats: bulk::Stats,
+    /// Downloads fetched once and published for the subtree.
+    pub cache: cache::Cache,
 }
 
 /// How [`run`] ended.
@@ -142,6 +145,7 @@ impl Mlm {
             stop,
             bulk_client: rs_common::bulk::Client::new().map_err(anyhow::Error::msg)?,
             bulk_stats: bulk::Stats::default(),
+            cache: cache::Cache::open(&cfg.data_dir).context("opening the bulk cache")?,
             cfg,
         }))
     }
@@ -207,6 +211,10 @@ impl Mlm {
         metrics.extend(throttle);
         if let Ok(n) = self.outbox.pending().await {
             metrics.push(("backchannel.pending", n));
+        }
+        if let Ok((n, b)) = self.cache.usage().await {
+            metrics.push(("bulk.cache_files", n));
+            metrics.push(("bulk.cache_bytes", b));
         }
         StatusNode {
             id: Some(self.id.clone()),
@@ -328,6 +336,7 @@ pub async fn run(
             sender_stop.clone(),
         ))
     };
+    let fetcher = tokio::spawn(cache::run(mlm.clone(), shutdown.clone()));
     tokio::spawn(rs_common::ingress::reoffer_ticker(
         mlm.outbox_ready.clone(),
         mlm.cfg.offer_again(),
@@ -391,6 +400,7 @@ pub async fn run(
     }
     serve_tcp(listener, mlm.routes(), ServeConfig::default(), shutdown).await;
     let _ = background.await;
+    let _ = fetcher.await;
     if let Err(e) = mlm
         .infrastructure(SUB_SHUTDOWN, Duration::from_secs(86_400), 6)
         .await
