@@ -345,7 +345,7 @@ async fn fetch_one(mlm: &Mlm, e: &Entry) -> Result<(), String> {
         .fetched_bytes
         .fetch_add(after.saturating_sub(have), Ordering::Relaxed);
     let now = mlm.clock.now();
-    let r = match answer {
+    match answer {
         Answer::Complete => {
             tokio::fs::rename(cache.part(&e.sha), cache.path(&e.sha))
                 .await
@@ -411,8 +411,7 @@ async fn fetch_one(mlm: &Mlm, e: &Entry) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())
         }
-    };
-    r
+    }
 }
 
 /// Keeps the cache within its bound: evicts files no copy waits for any

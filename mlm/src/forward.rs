@@ -279,11 +279,14 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
 /// copy per next hop, listing the destinations behind it (the MLM nearest
 /// the destinations thus makes one copy per destination). Returns the IDs
 /// now safe, to acknowledge upstream.
+/// Copies of a back-channel message, by the next hop each goes to.
+type Copies = Vec<(rs_common::RsId, RawMessage)>;
+
 pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
     let mut copies = Vec::new();
     // Download offers: the file is fetched once into the cache, and the
     // copies handed down name this MLM's URL for it (held until it is here).
-    let mut offers: Vec<(String, bool, Vec<(rs_common::RsId, RawMessage)>)> = Vec::new();
+    let mut offers: Vec<(String, bool, Copies)> = Vec::new();
     let mut for_me = Vec::new();
     let mut failed = Vec::new();
     for m in msgs {
