@@ -275,13 +275,13 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
     envelope_response(w.finish())
 }
 
+/// Copies of a back-channel message, by the next hop each goes to.
+type Copies = Vec<(rs_common::RsId, RawMessage)>;
+
 /// Takes back-channel messages from upstream into this MLM's queue: one
 /// copy per next hop, listing the destinations behind it (the MLM nearest
 /// the destinations thus makes one copy per destination). Returns the IDs
 /// now safe, to acknowledge upstream.
-/// Copies of a back-channel message, by the next hop each goes to.
-type Copies = Vec<(rs_common::RsId, RawMessage)>;
-
 pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
     let mut copies = Vec::new();
     // Download offers: the file is fetched once into the cache, and the
