@@ -54,6 +54,23 @@ enum Cmd {
     Groups(GroupCmd),
     /// Send a control action; prints the job and, with --watch, follows it.
     Send(Box<SendArgs>),
+    /// Publish a file and offer it to components and groups (software is
+    /// installed, configuration applied); shows the upload's progress, the
+    /// job, and with --watch each destination as it fetches and processes it.
+    Publish(Box<PublishArgs>),
+    /// Files uploaded by components (newest first).
+    Uploads {
+        /// Only from this component.
+        #[arg(long)]
+        component: Option<String>,
+    },
+    /// Save an uploaded file (by its request ID).
+    Fetch {
+        request: String,
+        /// Where to write it.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
     /// Jobs: one control action and its destinations.
     #[command(subcommand)]
     Jobs(JobCmd),
@@ -260,6 +277,89 @@ struct SendArgs {
     /// Follow the job until it finishes.
     #[arg(long, short)]
     watch: bool,
+}
+
+#[derive(Debug, Args)]
+struct PublishArgs {
+    /// The file to publish.
+    file: PathBuf,
+    /// A destination component (repeatable).
+    #[arg(long = "to")]
+    to: Vec<String>,
+    /// A destination group (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// What it is: `software` (installed by each proxy's install command),
+    /// `configuration` (applied as a configuration change), or anything
+    /// else (kept).
+    #[arg(long, default_value = "software")]
+    class: String,
+    #[arg(long = "subclass", default_value = "package")]
+    subclass: String,
+    /// The name to publish it under (default: the file's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// How long the offer stands, seconds.
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// POST the job document here at each change.
+    #[arg(long)]
+    notify: Option<String>,
+    /// Follow the job until every destination has answered.
+    #[arg(long, short)]
+    watch: bool,
+}
+
+/// Streams a file to `PUT /files/{name}` with a progress bar on a terminal.
+async fn publish_file(api: &Api, path: &std::path::Path, name: &str) -> anyhow::Result<Vec<u8>> {
+    use futures_util::StreamExt as _;
+    let f = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("{}", path.display()))?;
+    let size = f.metadata().await?.len();
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(size)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("publishing {name}"));
+    let b = bar.clone();
+    let body = tokio_util::io::ReaderStream::with_capacity(f, 256 << 10).map(move |c| {
+        if let Ok(chunk) = &c {
+            b.inc(chunk.len() as u64);
+        }
+        c
+    });
+    let mut enc = String::new();
+    for c in name.bytes() {
+        if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+            enc.push(char::from(c));
+        } else {
+            enc.push_str(&format!("%{c:02X}"));
+        }
+    }
+    let url = format!("{}/rs/v1/control/files/{enc}", api.base);
+    let resp = reqwest::Client::new()
+        .put(&url)
+        .header(reqwest::header::CONTENT_LENGTH, size)
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    bar.finish_and_clear();
+    let status = resp.status();
+    let bytes = resp.bytes().await?.to_vec();
+    if !status.is_success() {
+        bail!("{status}: {}", String::from_utf8_lossy(&bytes).trim());
+    }
+    Ok(bytes)
 }
 
 fn action_of(a: &SendArgs) -> anyhow::Result<ControlAction> {
@@ -632,6 +732,85 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 println!("deleted {name}");
             }
         },
+        Cmd::Publish(a) => {
+            let name = match &a.name {
+                Some(n) => n.clone(),
+                None => a
+                    .file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .context("the file has no name; give --name")?,
+            };
+            let b = publish_file(&api, &a.file, &name).await?;
+            let file = rs_common::codec::api::decode_file(&b, &limits)?;
+            println!(
+                "published {} ({} bytes, SHA-256 {})",
+                file.name,
+                file.size,
+                rs_common::codec::sha256_hex(&file.sha256)
+            );
+            let req = rs_common::codec::api::OfferRequest {
+                to: a
+                    .to
+                    .iter()
+                    .map(|t| RsId::new(t).map_err(|e| anyhow::anyhow!("--to {t}: {e}")))
+                    .collect::<Result<_, _>>()?,
+                groups: a.groups.clone(),
+                sha256: file.sha256,
+                class: a.class.clone(),
+                sub: a.subclass.clone(),
+                ttl_secs: a.ttl,
+                notify: a.notify.clone(),
+            };
+            let b = api
+                .call(
+                    reqwest::Method::POST,
+                    "offer",
+                    Some(rs_common::codec::api::encode_offer_request(&req)),
+                )
+                .await?;
+            let job = decode_job(&b, &limits)?;
+            if a.watch {
+                println!("{}", summary(&job));
+                let j = watch(&api, &job.id).await?;
+                return Ok(finished_well(&j));
+            }
+            print_job(&job);
+        }
+        Cmd::Uploads { component } => {
+            let path = match component {
+                Some(c) => format!("uploads?component={c}"),
+                None => "uploads".to_owned(),
+            };
+            let b = api.call(reqwest::Method::GET, &path, None).await?;
+            print!("{}", String::from_utf8_lossy(&b));
+        }
+        Cmd::Fetch { request, output } => {
+            let url = format!("{}/rs/v1/control/uploads/{request}/file", api.base);
+            let mut resp = reqwest::Client::new()
+                .get(&url)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach {url}"))?;
+            if !resp.status().is_success() {
+                bail!(
+                    "{}: {}",
+                    resp.status(),
+                    resp.text().await.unwrap_or_default().trim()
+                );
+            }
+            use tokio::io::AsyncWriteExt as _;
+            let mut f = tokio::fs::File::create(&output)
+                .await
+                .with_context(|| format!("{}", output.display()))?;
+            let mut n = 0u64;
+            while let Some(chunk) = resp.chunk().await? {
+                f.write_all(&chunk).await?;
+                n += chunk.len() as u64;
+            }
+            f.sync_all().await?;
+            println!("{n} bytes written to {}", output.display());
+        }
         Cmd::Send(a) => {
             let req = SendRequest {
                 to: a

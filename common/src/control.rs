@@ -237,21 +237,39 @@ pub fn response_message(
     to: &crate::codec::RawMessage,
     from: RsId,
     version: &str,
-    response: (
-        crate::outcome::Outcome,
-        Vec<Detail>,
-        Option<crate::model::ResultPayload>,
-    ),
+    response: Answer,
+    now: Timestamp,
+) -> Result<crate::model::Message, crate::ids::IdError> {
+    response_to(
+        &to.header.id,
+        &to.header.class.subclass,
+        from,
+        version,
+        response,
+        now,
+    )
+}
+
+/// The response to the back-channel message `id` (of subclass `subclass`):
+/// its ID derives from `id`, so answering twice sends the same message,
+/// which the receivers drop as a duplicate.
+pub fn response_to(
+    id: &crate::ids::MessageId,
+    subclass: &str,
+    from: RsId,
+    version: &str,
+    response: Answer,
     now: Timestamp,
 ) -> Result<crate::model::Message, crate::ids::IdError> {
     use crate::model::*;
-    let id = to.header.id.as_str();
+    let reference = id.clone();
+    let id = id.as_str();
     let (outcome, details, result) = response;
     Ok(Message {
         header: Header {
             id: crate::ids::MessageId::new(format!("re-{}", &id[..id.len().min(60)]))?,
             created: now,
-            class: Classification::new(CLASS_CONTROL, to.header.class.subclass.clone()),
+            class: Classification::new(CLASS_CONTROL, subclass),
             route: Route::Source(Source {
                 component: from,
                 version: version.into(),
@@ -264,7 +282,7 @@ pub fn response_message(
             routing: Vec::new(),
         },
         content: Content::Response(Response {
-            reference: to.header.id.clone(),
+            reference,
             outcome,
             details,
             result,

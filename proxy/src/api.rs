@@ -317,7 +317,7 @@ pub fn routes(
         });
     let upload_get = warp::path!("v1" / "uploads" / String)
         .and(warp::get())
-        .and(p)
+        .and(p.clone())
         .then(|id: String, proxy: Arc<Proxy>| async move {
             match proxy.uploads.get(id.clone()).await {
                 Ok(Some(u)) => json(StatusCode::OK, &u),
@@ -325,7 +325,18 @@ pub fn routes(
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             }
         });
+    let downloads = warp::path!("v1" / "downloads")
+        .and(warp::get())
+        .and(p)
+        .then(|proxy: Arc<Proxy>| async move {
+            match crate::download::list(&proxy, 1000).await {
+                Ok(list) => json(StatusCode::OK, &list),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+            }
+        });
     let routes = upload
+        .or(downloads)
+        .unify()
         .or(uploads)
         .unify()
         .or(upload_get)

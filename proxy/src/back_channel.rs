@@ -45,7 +45,9 @@ impl BackChannel for Actions {
             let mut acked = Vec::new();
             for m in msgs {
                 match self.handle(&m).await {
-                    Ok(()) => acked.push(m.header.id),
+                    Ok(true) => acked.push(m.header.id),
+                    // Held: acknowledged later (a download not here yet).
+                    Ok(false) => {}
                     // Not acknowledged: it will be offered again.
                     Err(e) => tracing::warn!("back-channel message {}: {e}", m.header.id),
                 }
@@ -59,10 +61,43 @@ impl BackChannel for Actions {
             acked
         })
     }
+
+    fn take_notices(&self) -> (Vec<MessageId>, Vec<(MessageId, rs_common::RsId)>) {
+        let acks = self
+            .proxy
+            .download_acks
+            .lock()
+            .map(|mut a| std::mem::take(&mut *a))
+            .unwrap_or_default();
+        (acks, Vec::new())
+    }
 }
 
 impl Actions {
-    async fn handle(&self, m: &RawMessage) -> Result<(), String> {
+    /// Deals with one back-channel message; `Ok(true)` acknowledges it.
+    async fn handle(&self, m: &RawMessage) -> Result<bool, String> {
+        if m.kind == ContentKind::BulkRequest
+            && m.header
+                .destinations()
+                .iter()
+                .any(|d| d.is_within(&self.proxy.id))
+        {
+            let limits = rs_common::codec::Limits::default();
+            match m.clone().decode(&limits).map(|f| f.content) {
+                Ok(Content::BulkRequest(b)) if b.direction == Direction::Download => {
+                    return crate::download::offered(&self.proxy, m, &b).await;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("download offer {} does not decode: {e}", m.header.id);
+                    return Ok(true);
+                }
+            }
+        }
+        self.handle_once(m).await.map(|()| true)
+    }
+
+    async fn handle_once(&self, m: &RawMessage) -> Result<(), String> {
         let p = &self.proxy;
         let id = m.header.id.to_string();
         if p.registry
@@ -163,36 +198,18 @@ impl Actions {
             }
             ControlAction::SoftwareUpdate { .. } => answer_refused(
                 "unsupported",
-                format!(
-                    "{} is not supported by this version of rs-proxy yet",
-                    action.name()
-                ),
+                "software reaches rs-proxy as a download offer of class software/package \
+                 (rsctl publish); the softwareUpdate action carries no bytes",
             ),
         }
     }
 }
 
 impl Actions {
-    /// `configChange`: lays the TOML document given over the configuration
-    /// file (so one change can go to a whole group of proxies, each keeping
-    /// its own identity and paths), validates the result, refuses what
-    /// would orphan this proxy's identity or state, writes it in place of
-    /// the old one (atomically: a crash leaves one or the other whole) and
-    /// asks for a restart to take it up. A refusal keeps the old one.
+    /// `configChange` ([`Proxy::change_config`]), then a stop once the
+    /// batch is answered, to start again with the new configuration.
     fn change_config(&self, patch: &str) -> Result<String, Outcome> {
-        let p = &self.proxy;
-        let Some(path) = &p.config_path else {
-            return Err(Outcome::rejected(
-                "unsupported",
-                "this proxy was not started from a configuration file",
-            ));
-        };
-        let identity = vec![p.cfg.id.clone(), p.cfg.data_dir.display().to_string()];
-        let done = rs_common::config_file::change(path, patch, &identity, |text| {
-            let c = crate::Config::parse(text)?;
-            Ok(vec![c.id, c.data_dir.display().to_string()])
-        })?;
-        p.restart.store(true, Ordering::Relaxed);
+        let done = self.proxy.change_config(patch)?;
         self.stop_after_batch.store(true, Ordering::Relaxed);
         Ok(done)
     }

@@ -72,6 +72,14 @@ pub struct BulkSection {
     /// has not changed) before the upload is given up as `failed`.
     #[serde(default = "default_max_mismatches")]
     pub max_mismatches: u32,
+    /// Downloads of class `software` are handed to this command (program
+    /// and arguments; the file in `RS_FILE`, see docs/configuration.md);
+    /// its exit status is the answer. Empty: software is refused.
+    #[serde(default)]
+    pub install_command: Vec<String>,
+    /// How long the install command may run.
+    #[serde(default = "default_install_timeout")]
+    pub install_timeout_secs: u64,
 }
 
 impl Default for BulkSection {
@@ -79,6 +87,8 @@ impl Default for BulkSection {
         BulkSection {
             grant_timeout_secs: default_grant_timeout(),
             max_mismatches: default_max_mismatches(),
+            install_command: Vec::new(),
+            install_timeout_secs: default_install_timeout(),
         }
     }
 }
@@ -88,6 +98,9 @@ fn default_grant_timeout() -> u64 {
 }
 fn default_max_mismatches() -> u32 {
     3
+}
+fn default_install_timeout() -> u64 {
+    600
 }
 
 /// `POST /v1/uploads`.
@@ -189,11 +202,11 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 /// The proxy's uploads: their durable states and the transfers under way.
 #[derive(Debug)]
 pub struct Uploads {
-    db: Db<Plain>,
+    pub(crate) db: Db<Plain>,
     /// Woken when a grant arrives or an upload is handed over.
     pub wake: tokio::sync::Notify,
-    client: rs_common::bulk::Client,
-    /// Uploads with a transfer task running.
+    pub(crate) client: rs_common::bulk::Client,
+    /// Uploads (and downloads, `d:` + offer) with a task running.
     active: Mutex<HashSet<String>>,
 }
 
@@ -201,6 +214,7 @@ impl Uploads {
     pub fn open(path: &std::path::Path) -> anyhow::Result<Self> {
         let conn = rs_common::db::open(path)?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(crate::download::SCHEMA)?;
         Ok(Uploads {
             db: Db::start("rs-proxy-bulk", Plain(conn))?,
             wake: tokio::sync::Notify::new(),
@@ -603,6 +617,32 @@ pub async fn run(
                 }
             }
             Err(e) => tracing::error!("uploads: {e}"),
+        }
+        match crate::download::due(&proxy, now).await {
+            Ok(offers) => {
+                for offer in offers {
+                    let key = format!("d:{offer}");
+                    let fresh = proxy
+                        .uploads
+                        .active
+                        .lock()
+                        .is_ok_and(|mut a| a.insert(key.clone()));
+                    if !fresh {
+                        continue;
+                    }
+                    let (proxy, upstream) = (proxy.clone(), upstream.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = crate::download::step(&proxy, &upstream, offer).await {
+                            tracing::error!("download: {e}");
+                        }
+                        if let Ok(mut a) = proxy.uploads.active.lock() {
+                            a.remove(&key);
+                        }
+                        proxy.uploads.wake.notify_one();
+                    });
+                }
+            }
+            Err(e) => tracing::error!("downloads: {e}"),
         }
         tokio::select! {
             () = stop.cancelled() => return,

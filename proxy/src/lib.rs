@@ -10,6 +10,7 @@ pub mod back_channel;
 pub mod bulk;
 pub mod client;
 pub mod config;
+pub mod download;
 pub mod hostwatch;
 pub mod registry;
 
@@ -56,8 +57,10 @@ pub struct Proxy {
     pub actions_applied: std::sync::atomic::AtomicU64,
     pub actions_duplicate: std::sync::atomic::AtomicU64,
     pub throttle: Arc<rs_common::throttle::Throttle>,
-    /// Files handed over for upload (`bulk.db`).
+    /// Files handed over for upload, and downloads offered (`bulk.db`).
     pub uploads: bulk::Uploads,
+    /// Download offers now fetched, to acknowledge on the next POST.
+    pub download_acks: std::sync::Mutex<Vec<MessageId>>,
 }
 
 /// Starts this program over in place to read the configuration again;
@@ -112,6 +115,7 @@ impl Proxy {
         Ok(Arc::new(Proxy {
             id,
             uploads,
+            download_acks: std::sync::Mutex::new(Vec::new()),
             spool,
             registry,
             sender_stats: Arc::new(SenderStats::default()),
@@ -142,6 +146,29 @@ impl Proxy {
             Some(Enqueued::Refused(reason)) => Err(SubmitError::Refused(reason)),
             None => Err(SubmitError::Storage("the spool gave no answer".into())),
         }
+    }
+
+    /// `configChange`: lays the TOML document given over the configuration
+    /// file (so one change can go to a whole group of proxies, each keeping
+    /// its own identity and paths), validates the result, refuses what
+    /// would orphan this proxy's identity or state, writes it in place of
+    /// the old one (atomically: a crash leaves one or the other whole) and
+    /// marks the proxy to restart to take it up once stopped. A refusal
+    /// keeps the old one.
+    pub fn change_config(&self, patch: &str) -> Result<String, rs_common::Outcome> {
+        let Some(path) = &self.config_path else {
+            return Err(rs_common::Outcome::rejected(
+                "unsupported",
+                "this proxy was not started from a configuration file",
+            ));
+        };
+        let identity = vec![self.cfg.id.clone(), self.cfg.data_dir.display().to_string()];
+        let done = rs_common::config_file::change(path, patch, &identity, |text| {
+            let c = Config::parse(text)?;
+            Ok(vec![c.id, c.data_dir.display().to_string()])
+        })?;
+        self.restart.store(true, Ordering::Relaxed);
+        Ok(done)
     }
 
     /// A forward header from `component` created now.
