@@ -192,6 +192,26 @@ impl Mlm {
                 "bulk.requests_refused",
                 self.bulk_stats.requests_refused.load(Ordering::Relaxed),
             ),
+            (
+                "bulk.fetches",
+                self.cache.stats.fetches.load(Ordering::Relaxed),
+            ),
+            (
+                "bulk.fetched_bytes",
+                self.cache.stats.fetched_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "bulk.served_bytes",
+                self.cache.stats.served_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "bulk.evicted",
+                self.cache.stats.evicted.load(Ordering::Relaxed),
+            ),
+            (
+                "bulk.fetch_failed",
+                self.cache.stats.failed.load(Ordering::Relaxed),
+            ),
         ];
         let mut state = NodeState::Ok;
         match self.spool.stats().await {

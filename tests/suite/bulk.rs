@@ -472,3 +472,294 @@ async fn an_mlm_refuses_an_upload_over_its_limit_and_the_proxy_reports_it() {
     d.stop_all();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An install command for proxy `dir`: copies the file it is given to
+/// `dir/installed/NAME` and says so (what the job's result shows).
+fn installer(dir: &Path) -> String {
+    format!(
+        "[bulk]\ninstall_command = [\"sh\", \"-c\", \"mkdir -p \\\"$0/installed\\\" && cp \\\"$RS_FILE\\\" \\\"$0/.installing\\\" && mv \\\"$0/.installing\\\" \\\"$0/installed/$RS_NAME\\\" && echo installed $RS_NAME\", \"{}\"]\n",
+        dir.display()
+    )
+}
+
+async fn components(a: &str) -> String {
+    reqwest::get(format!("http://{a}/rs/v1/control/components"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsctl_publishes_software_to_20_proxies_fetched_once_from_the_server_and_installed_by_each()
+{
+    const N: usize = 20;
+    let dir = tmp("bulk-fanout");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d
+        .appserver("127.0.0.1:0", "[bulk]\nmin_free_disk_mb = 1\n")
+        .unwrap();
+    let m = d
+        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let name = format!("p{}", i + 1);
+        let id = format!("acme.p{}", i + 1);
+        let extra = Extra {
+            tables: installer(&dir.join(&name)),
+            ..Extra::default()
+        };
+        d.proxy(&name, &id, std::slice::from_ref(&m), &extra)
+            .unwrap();
+        ids.push(id);
+    }
+    assert!(
+        wait_for(Duration::from_secs(60), || block(async {
+            let c = components(&a).await;
+            ids.iter().all(|id| c.contains(&format!("id=\"{id}\"")))
+        })),
+        "not every proxy reported"
+    );
+    let mut args = vec!["groups", "set", "stores"];
+    for id in &ids {
+        args.extend(["--member", id.as_str()]);
+    }
+    let (code, out, err) = crate::backchannel_faults::rsctl(&a, &args);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // A 3 MB package, not all one byte.
+    let pkg = dir.join("agent-2.1.tar.gz");
+    let bytes: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&pkg, &bytes).unwrap();
+    let (code, out, err) = crate::backchannel_faults::rsctl(
+        &a,
+        &[
+            "publish",
+            pkg.to_str().unwrap(),
+            "--group",
+            "stores",
+            "--class",
+            "software",
+            "--subclass",
+            "package",
+            "--watch",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("{N}/{N} final: {N} succeeded")),
+        "{out}"
+    );
+    // Each proxy installed exactly these bytes.
+    for i in 0..N {
+        let got =
+            std::fs::read(dir.join(format!("p{}/installed/agent-2.1.tar.gz", i + 1))).unwrap();
+        assert!(got == bytes, "p{} installed something else", i + 1);
+    }
+    // The file crossed the server's link once, to the MLM; the MLM served
+    // it to each of its proxies.
+    let size = bytes.len() as u64;
+    assert_eq!(metric(&a, "bulk.bytes_served").await, size);
+    assert_eq!(
+        metric(&m, "bulk.fetched_bytes").await,
+        size,
+        "{:?}",
+        server_metrics(&m).await
+    );
+    assert_eq!(metric(&m, "bulk.served_bytes").await, size * N as u64);
+    // Everyone answered: the server's URL is closed.
+    assert!(wait_for(Duration::from_secs(10), || block(async {
+        metric(&a, "bulk.unpublished").await == 1
+    })));
+    d.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The offer's URL on the server, from its offers table (for the test's
+/// own fetch).
+fn offer_count(appserver_dir: &Path, state: &str) -> i64 {
+    let conn = rusqlite::Connection::open_with_flags(
+        appserver_dir.join("appserver.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    conn.query_row(
+        "SELECT COUNT(*) FROM offers WHERE state = ?1",
+        [state],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_survives_a_cut_waits_for_a_closed_window_and_reaches_a_direct_proxy() {
+    const SIZE: u64 = 512 << 20;
+    let dir = tmp("bulk-download-cut");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d
+        .appserver("127.0.0.1:0", "[bulk]\nmin_free_disk_mb = 1\n")
+        .unwrap();
+    let m = d
+        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    // p1 behind the MLM; p2 behind it too, but its clock (moved by the
+    // test) is outside its bulk window; p3 talks to the server directly.
+    let p1 = d
+        .proxy(
+            "p1",
+            "acme.p1",
+            std::slice::from_ref(&m),
+            &Extra {
+                tables: installer(&dir.join("p1")),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let opens = (now / 3600 + 2) * 3600;
+    let window = format!(
+        "{:02}:00-{:02}:00",
+        (opens / 3600) % 24,
+        (opens / 3600 + 1) % 24
+    );
+    let clock = dir.join("p2-clock");
+    std::fs::write(&clock, "+0s\n").unwrap();
+    d.env = vec![
+        (
+            "LD_PRELOAD".into(),
+            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into(),
+        ),
+        (
+            "FAKETIME_TIMESTAMP_FILE".into(),
+            clock.display().to_string(),
+        ),
+        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    let p2 = d
+        .proxy(
+            "p2",
+            "acme.p2",
+            std::slice::from_ref(&m),
+            &Extra {
+                tables: format!(
+                    "{}[[throttle.rule]]\nname = \"night-bulk\"\nclass = \"bulk\"\nwindow = \"{window}\"\n",
+                    installer(&dir.join("p2"))
+                ),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    d.env.clear();
+    let p3 = d
+        .proxy(
+            "p3",
+            "acme.p3",
+            std::slice::from_ref(&a),
+            &Extra {
+                tables: installer(&dir.join("p3")),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(60), || block(async {
+        let c = components(&a).await;
+        ["acme.p1", "acme.p2", "acme.p3"]
+            .iter()
+            .all(|id| c.contains(&format!("id=\"{id}\"")))
+    })));
+
+    let pkg = dir.join("big.pkg");
+    {
+        use std::io::{Seek as _, SeekFrom, Write as _};
+        let mut f = std::fs::File::create(&pkg).unwrap();
+        f.set_len(SIZE).unwrap();
+        for at in [1, SIZE / 2, SIZE - 9] {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(b"offered").unwrap();
+        }
+    }
+    let want = sha256_file(&pkg);
+    let (code, out, err) = crate::backchannel_faults::rsctl(
+        &a,
+        &[
+            "publish",
+            pkg.to_str().unwrap(),
+            "--to",
+            "acme.p1",
+            "--to",
+            "acme.p2",
+            "--to",
+            "acme.p3",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let job = out
+        .split_whitespace()
+        .skip_while(|w| *w != "job")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+
+    // Cut the MLM's fetch from the server in the middle.
+    let part = dir.join(format!("m1/cache/{want}.part"));
+    assert!(
+        wait_for(Duration::from_secs(120), || std::fs::metadata(&part)
+            .is_ok_and(|m| m.len() > SIZE / 2)),
+        "the MLM did not start fetching"
+    );
+    d.node("m1").kill();
+    d.restart("m1").unwrap();
+
+    // p1 (behind the MLM) and p3 (direct) install it; p2 waits.
+    let installed = |p: &str| dir.join(format!("{p}/installed/big.pkg"));
+    assert!(
+        wait_for(Duration::from_secs(180), || installed("p1").exists()
+            && installed("p3").exists()),
+        "not installed: {out}"
+    );
+    for p in ["p1", "p3"] {
+        assert_eq!(sha256_file(&installed(p)), want);
+    }
+    // Resumed, not fetched again from the start: the server sent the file
+    // to the MLM about once (plus what was in flight at the cut), and once
+    // to p3.
+    let served = metric(&a, "bulk.bytes_served").await;
+    assert!(
+        served >= 2 * SIZE && served < 2 * SIZE + SIZE / 4,
+        "served {served} bytes for 2 fetches of {SIZE}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!installed("p2").exists(), "p2 fetched outside its window");
+    let held = Client::new(&p2)
+        .call::<()>(http::Method::GET, "/v1/downloads", None)
+        .await
+        .unwrap();
+    assert!(
+        held.to_string().contains("night-bulk"),
+        "p2's download should wait for its window: {held}"
+    );
+    // Its window opens: it gets the file then.
+    std::fs::write(&clock, format!("+{}s\n", opens - now + 30)).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || installed("p2").exists()),
+        "p2 did not fetch once its window opened"
+    );
+    assert_eq!(sha256_file(&installed("p2")), want);
+    let (_, out, _) = crate::backchannel_faults::rsctl(&a, &["jobs", "show", &job]);
+    assert!(out.contains("3/3 final: 3 succeeded"), "{out}");
+    assert!(wait_for(Duration::from_secs(10), || offer_count(
+        &dir.join("appserver"),
+        "unpublished"
+    ) == 1));
+    let _ = (p1, p3);
+    d.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+}
