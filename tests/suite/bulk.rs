@@ -763,3 +763,69 @@ async fn a_download_survives_a_cut_waits_for_a_closed_window_and_reaches_a_direc
     d.stop_all();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_grant_runs_out_during_an_outage_is_asked_for_again_and_completes() {
+    const SIZE: u64 = 256 << 20;
+    let dir = tmp("bulk-regrant");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d
+        .appserver(
+            "127.0.0.1:0",
+            "[bulk]\nmin_free_disk_mb = 1\ngrant_secs = 2\n",
+        )
+        .unwrap();
+    let m = d
+        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let file = dir.join("inventory.tar");
+    std::fs::File::create(&file).unwrap().set_len(SIZE).unwrap();
+    let client = Client::new(&s).with_timeout(Duration::from_secs(60));
+    client
+        .register_integrator("inv", "1.0", "linux")
+        .await
+        .unwrap();
+    let up = client
+        .upload(&rs_proxy::bulk::UploadRequest {
+            integrator: "inv".into(),
+            path: file.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The transfer is under way; the MLM goes away for longer than the
+    // grant lasts.
+    assert!(wait_for(Duration::from_secs(60), || block(async {
+        metric(&m, "bulk.bytes_relayed").await > 0
+    })));
+    d.node("m1").kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    d.restart("m1").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(120), || block(async {
+            client
+                .upload_state(&up.id)
+                .await
+                .is_ok_and(|u| u.state == "done")
+        })),
+        "{:?}",
+        client.upload_state(&up.id).await
+    );
+    let done = client.upload_state(&up.id).await.unwrap();
+    assert!(done.requests >= 2, "{done:?}");
+    assert_ne!(done.request, up.request, "a new request replaced the first");
+    assert_eq!(metric(&a, "bulk.completed").await, 1);
+    assert!(metric(&a, "bulk.granted").await >= 2);
+    let stored = dir.join("appserver/bulk/files").join(&done.request);
+    assert_eq!(std::fs::metadata(&stored).unwrap().len(), SIZE);
+    // The first grant's URL is spent: it expired unused.
+    assert!(
+        !dir.join("appserver/bulk/files").join(&up.request).exists(),
+        "the expired grant stored nothing"
+    );
+    d.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+}
