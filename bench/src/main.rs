@@ -12,6 +12,7 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 mod backchannel;
+mod bulk;
 mod collector;
 mod forward;
 mod throttle;
@@ -333,6 +334,10 @@ fn main() {
             (
                 "collector",
                 Box::new(move || collector::run(runs).map_err(|e| format!("{e:#}"))),
+            ),
+            (
+                "bulk",
+                Box::new(move || bulk::run(runs).map_err(|e| format!("{e:#}"))),
             ),
         ];
         groups.retain(|(g, _)| want(g));
