@@ -381,7 +381,7 @@ async fn measure(exe: &Path, dir: &Path, runs: usize) -> anyhow::Result<Vec<Figu
     let sha = publish(&a, &down_file, "download.bin").await?;
     let behind = RsId::new("acme.p7")?;
     simulate(&m, std::slice::from_ref(&behind)).await?;
-    post_as(&a, "acme.p8", None).await?;
+    simulate(&a, &[RsId::new("acme.p8")?]).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     offer(&a, sha, &[behind.clone(), RsId::new("acme.p8")?], &[]).await?;
     let at_mlm = offered_url(&m, "acme.p7").await?;
