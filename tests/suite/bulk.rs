@@ -337,6 +337,44 @@ async fn upload_urls_are_single_use_resumable_expiring_and_refuse_a_wrong_hash()
     assert_eq!((st, complete), (200, true));
     assert_eq!(metric(&a, "bulk.completed").await, 1);
 
+    // Publishing answers a valid <file>; an offer document is valid too,
+    // and an offer of an unknown file or to an unknown component is refused.
+    let r = reqwest::Client::new()
+        .put(format!("http://{a}/rs/v1/control/files/tuning%20v2.toml"))
+        .body("heartbeat_secs = 30\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let file_doc = r.bytes().await.unwrap();
+    rs_tests::assert_control_api_valid(&file_doc, &dir.join("file.xml"));
+    let file = rs_common::codec::api::decode_file(&file_doc, &Default::default()).unwrap();
+    assert_eq!((file.name.as_str(), file.size), ("tuning v2.toml", 20));
+    let offer = |sha: [u8; 32], to: &str| rs_common::codec::api::OfferRequest {
+        to: vec![RsId::new(to).unwrap()],
+        groups: vec![],
+        sha256: sha,
+        class: "configuration".into(),
+        sub: "proxy".into(),
+        ttl_secs: None,
+        notify: None,
+    };
+    let doc = rs_common::codec::api::encode_offer_request(&offer(file.sha256, "acme.p9"));
+    rs_tests::assert_control_api_valid(&doc, &dir.join("offer.xml"));
+    for (req, want) in [
+        (offer([1; 32], "acme.p9"), "no published file"),
+        (offer(file.sha256, "acme.p77"), "unknown destination"),
+    ] {
+        let r = reqwest::Client::new()
+            .post(format!("http://{a}/rs/v1/control/offer"))
+            .body(rs_common::codec::api::encode_offer_request(&req))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        assert!(r.text().await.unwrap().contains(want));
+    }
+
     // Unknown and malformed tokens.
     assert_eq!(
         put(
@@ -407,6 +445,14 @@ async fn an_mlm_refuses_an_upload_over_its_limit_and_the_proxy_reports_it() {
     let s = d
         .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
         .unwrap();
+    // A service module subscribed to diagnostics, pulling a feed.
+    let r = reqwest::Client::new()
+        .post(format!("http://{a}/rs/v1/control/subscriptions"))
+        .body(r#"<subscription name="diag" class="diagnostics" delivery="feed"/>"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     let small = dir.join("small.log");
     let big = dir.join("big.log");
     std::fs::write(&small, vec![b'a'; 500]).unwrap();
@@ -459,6 +505,35 @@ async fn an_mlm_refuses_an_upload_over_its_limit_and_the_proxy_reports_it() {
     let stored = std::fs::read(dir.join("appserver/bulk/files").join(&ok.request)).unwrap();
     assert_eq!(stored, std::fs::read(&small).unwrap());
     assert_eq!(metric(&m, "bulk.requests_refused").await, 1);
+    // The module hears of the stored file once (not of the request), with
+    // where to fetch it; the file is there.
+    let feed = reqwest::get(format!(
+        "http://{a}/rs/v1/control/subscriptions/diag/feed?wait=0"
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert_eq!(feed.matches("<bulk-request").count(), 1, "{feed}");
+    let url = format!("/rs/v1/control/uploads/{}/file", ok.request);
+    assert!(feed.contains(&url), "{feed}");
+    let got = reqwest::get(format!("http://{a}{url}"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &std::fs::read(&small).unwrap()[..]);
+    // The uploads list is a valid control API document.
+    let list = reqwest::get(format!("http://{a}/rs/v1/control/uploads"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    rs_tests::assert_control_api_valid(&list, &dir.join("uploads.xml"));
+    assert!(String::from_utf8_lossy(&list).contains("state=\"complete\""));
     // Handing over a file that is not there, or a relative path, is refused at once.
     let e = client
         .upload(&rs_proxy::bulk::UploadRequest {

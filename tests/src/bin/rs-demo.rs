@@ -157,7 +157,11 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
             &name,
             &format!("acme.p{i}"),
             std::slice::from_ref(&m),
-            &Extra::default(),
+            &Extra {
+                // Software offered to the proxies is "installed" by this.
+                tables: "[bulk]\ninstall_command = [\"sh\", \"-c\", \"echo installed $RS_NAME, $RS_SIZE bytes, SHA-256 $RS_SHA256\"]\n".into(),
+                ..Extra::default()
+            },
         )?;
         let log = cli.data.join(&name).join("app.log");
         std::fs::write(&log, "")?;
@@ -194,6 +198,10 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     match admin_demo(&a, cli.proxies.max(1)).await {
         Ok(line) => println!("{line}"),
         Err(e) => println!("back-channel check failed: {e:#}"),
+    }
+    match bulk_demo(&a, &m, &sockets[0].0, &cli.data).await {
+        Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+        Err(e) => println!("bulk transfer check failed: {e:#}"),
     }
     println!("administer it with rsctl (from another shell):");
     println!("  export RSCTL_SERVER=http://{a}");
@@ -360,6 +368,122 @@ async fn admin_demo(a: &str, proxies: usize) -> anyhow::Result<String> {
         started.elapsed().as_millis(),
         job.id
     ))
+}
+
+/// Bulk transfers: one proxy uploads a 32 MB diagnostics bundle through
+/// the MLM; the server publishes an 8 MB package to the group, which the
+/// MLM fetches once and every proxy installs.
+async fn bulk_demo(
+    a: &str,
+    m: &str,
+    socket: &std::path::Path,
+    data: &std::path::Path,
+) -> anyhow::Result<Vec<String>> {
+    use rs_common::codec::Limits;
+    use rs_common::codec::api::{OfferRequest, decode_file, decode_job, encode_offer_request};
+    let mut out = Vec::new();
+    // Upload.
+    let bundle = data.join("diag-bundle.tar");
+    let bytes: Vec<u8> = (0..32_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(&bundle, &bytes)?;
+    let client = rs_proxy::client::Client::new(socket).with_timeout(Duration::from_secs(120));
+    client.register_integrator("diag", "1.0", "linux").await?;
+    let started = Instant::now();
+    let up = client
+        .upload(&rs_proxy::bulk::UploadRequest {
+            integrator: "diag".into(),
+            path: bundle.display().to_string(),
+            class: Some("diagnostics".into()),
+            subclass: Some("bundle".into()),
+            ..Default::default()
+        })
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let u = client.upload_state(&up.id).await?;
+        if u.state == "done" {
+            break;
+        }
+        anyhow::ensure!(
+            !["refused", "failed"].contains(&u.state.as_str()) && Instant::now() < deadline,
+            "upload {}: {} {:?}",
+            u.id,
+            u.state,
+            u.reason
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    out.push(format!(
+        "upload: acme.p1 sent a 32 MB bundle through the MLM, stored and SHA-256 verified at the server in {} ms (rsctl uploads)",
+        started.elapsed().as_millis()
+    ));
+    // Download to the group.
+    let http = reqwest::Client::new();
+    let base = format!("http://{a}/rs/v1/control");
+    let pkg: Vec<u8> = (0..8_000_000u32).map(|i| (i ^ (i >> 7)) as u8).collect();
+    let started = Instant::now();
+    let r = http
+        .put(format!("{base}/files/agent-1.1.pkg"))
+        .body(pkg.clone())
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "publish: {}", r.text().await?);
+    let file = decode_file(&r.bytes().await?, &Limits::default())?;
+    let offer = OfferRequest {
+        to: Vec::new(),
+        groups: vec!["acme-proxies".into()],
+        sha256: file.sha256,
+        class: "software".into(),
+        sub: "package".into(),
+        ttl_secs: Some(3600),
+        notify: None,
+    };
+    let r = http
+        .post(format!("{base}/offer"))
+        .body(encode_offer_request(&offer))
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "offer: {}", r.text().await?);
+    let mut job = decode_job(&r.bytes().await?, &Limits::default())?;
+    while !job.is_done() {
+        let b = http
+            .get(format!(
+                "{base}/jobs/{}?after={}&wait=25",
+                job.id, job.version
+            ))
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        job = decode_job(&b, &Limits::default())?;
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(90),
+            "job {} did not finish",
+            job.id
+        );
+    }
+    let served = server_metrics(a)
+        .await?
+        .get("bulk.bytes_served")
+        .copied()
+        .unwrap_or(0);
+    let from_cache = server_metrics(m)
+        .await?
+        .get("bulk.served_bytes")
+        .copied()
+        .unwrap_or(0);
+    out.push(format!(
+        "software: agent-1.1.pkg (8 MB) installed by {}/{} proxies in {} ms; {} bytes left the server, the MLM served {} from its cache (job {})",
+        job.count("succeeded"),
+        job.targets.len(),
+        started.elapsed().as_millis(),
+        served,
+        from_cache,
+        job.id
+    ));
+    Ok(out)
 }
 
 async fn print_line(start: Instant, sockets: &[(PathBuf, PathBuf)], mlm: &str, app: &str) {
