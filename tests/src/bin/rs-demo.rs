@@ -383,7 +383,7 @@ async fn bulk_demo(
     use rs_common::codec::api::{OfferRequest, decode_file, decode_job, encode_offer_request};
     let mut out = Vec::new();
     // Upload.
-    let bundle = data.join("diag-bundle.tar");
+    let bundle = std::path::absolute(data.join("diag-bundle.tar"))?;
     let bytes: Vec<u8> = (0..32_000_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
         .collect();
