@@ -148,7 +148,7 @@ async fn latency(exe: &Path, dir: &Path, n: usize) -> anyhow::Result<(Vec<f64>, 
 
 /// Posts one heartbeat from each of `ids` to the MLM at `m`, as if each
 /// were a proxy calling in.
-async fn simulate(http: &reqwest::Client, m: &str, ids: &[RsId]) -> anyhow::Result<()> {
+pub(crate) async fn simulate(http: &reqwest::Client, m: &str, ids: &[RsId]) -> anyhow::Result<()> {
     for id in ids {
         let now = Timestamp::now();
         let meta = EnvelopeMeta::new(id.clone(), now);

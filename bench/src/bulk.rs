@@ -18,7 +18,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rs_common::codec::EnvelopeWriter;
-use rs_common::control::{NodeState, StatusNode, status_message};
 use rs_common::model::*;
 use rs_common::{MessageId, RsId, Timestamp};
 use rs_tests::deploy::{Deployment, Extra, server_metrics};
@@ -208,36 +207,10 @@ async fn get(url: &str, size: u64) -> anyhow::Result<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
-/// Announces components to the MLM at `m` (a cold start from each), so
+/// Announces components to the tier at `m` (a cold start from each), so
 /// the server routes offers to them through it.
 async fn simulate(m: &str, ids: &[RsId]) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
-    for id in ids {
-        let now = Timestamp::now();
-        let tree = StatusNode {
-            id: Some(id.clone()),
-            ..StatusNode::new("proxy", NodeState::Ok)
-        };
-        let msg = status_message(
-            id.clone(),
-            rs_common::control::SUB_COLD_START,
-            &tree,
-            now,
-            Duration::from_secs(3600),
-            5,
-        );
-        let mut w = EnvelopeWriter::new(&EnvelopeMeta::new(id.clone(), now));
-        w.push(&msg);
-        let enc = w.finish();
-        let r = http
-            .post(format!("http://{m}/rs/v1/envelope"))
-            .header("content-type", enc.content_type)
-            .body(enc.body)
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "simulated {id}: {}", r.status());
-    }
-    Ok(())
+    crate::backchannel::simulate(&reqwest::Client::new(), m, ids).await
 }
 
 /// Publishes `file` at the server; returns its SHA-256.

@@ -63,17 +63,36 @@ fn stored_of_kind(appserver_dir: &Path, kind: &str) -> Vec<(String, String)> {
     .unwrap()
 }
 
+/// A deployment under `name`: the application server (with `[bulk]`
+/// settings `bulk`) and an MLM `acme.m1` (with `mlm` tables) in front of it.
+fn server_and_mlm(
+    name: &str,
+    bulk: &str,
+    mlm: &str,
+) -> (Deployment, std::path::PathBuf, String, String) {
+    let dir = tmp(name);
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d
+        .appserver("127.0.0.1:0", &format!("[bulk]\n{bulk}\n"))
+        .unwrap();
+    let m = d
+        .mlm(
+            "m1",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra {
+                tables: mlm.into(),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    (d, dir, a, m)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_2gb_upload_through_an_mlm_survives_a_cut_and_is_stored_once_with_flat_mlm_memory() {
     const SIZE: u64 = 2 << 30;
-    let dir = tmp("bulk-2gb");
-    let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d
-        .appserver("127.0.0.1:0", "[bulk]\nmin_free_disk_mb = 256\n")
-        .unwrap();
-    let m = d
-        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &Extra::default())
-        .unwrap();
+    let (mut d, dir, a, m) = server_and_mlm("bulk-2gb", "min_free_disk_mb = 256", "");
     let s = d
         .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
         .unwrap();
@@ -426,22 +445,11 @@ fn openssl_sha(data: &[u8]) -> [u8; 32] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mlm_refuses_an_upload_over_its_limit_and_the_proxy_reports_it() {
-    let dir = tmp("bulk-mlm-limit");
-    let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d
-        .appserver("127.0.0.1:0", "[bulk]\nmin_free_disk_mb = 1\n")
-        .unwrap();
-    let m = d
-        .mlm(
-            "m1",
-            "acme.m1",
-            std::slice::from_ref(&a),
-            &Extra {
-                tables: "[bulk]\nmax_upload_bytes = 1000\n".into(),
-                ..Extra::default()
-            },
-        )
-        .unwrap();
+    let (mut d, dir, a, m) = server_and_mlm(
+        "bulk-mlm-limit",
+        "min_free_disk_mb = 1",
+        "[bulk]\nmax_upload_bytes = 1000\n",
+    );
     let s = d
         .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
         .unwrap();
@@ -570,14 +578,7 @@ async fn components(a: &str) -> String {
 async fn rsctl_publishes_software_to_20_proxies_fetched_once_from_the_server_and_installed_by_each()
 {
     const N: usize = 20;
-    let dir = tmp("bulk-fanout");
-    let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d
-        .appserver("127.0.0.1:0", "[bulk]\nmin_free_disk_mb = 1\n")
-        .unwrap();
-    let m = d
-        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &Extra::default())
-        .unwrap();
+    let (mut d, dir, a, m) = server_and_mlm("bulk-fanout", "min_free_disk_mb = 1", "");
     let mut ids = Vec::new();
     for i in 0..N {
         let name = format!("p{}", i + 1);
@@ -673,14 +674,7 @@ fn offer_count(appserver_dir: &Path, state: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_survives_a_cut_waits_for_a_closed_window_and_reaches_a_direct_proxy() {
     const SIZE: u64 = 512 << 20;
-    let dir = tmp("bulk-download-cut");
-    let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d
-        .appserver("127.0.0.1:0", "[bulk]\nmin_free_disk_mb = 1\n")
-        .unwrap();
-    let m = d
-        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &Extra::default())
-        .unwrap();
+    let (mut d, dir, a, m) = server_and_mlm("bulk-download-cut", "min_free_disk_mb = 1", "");
     // p1 behind the MLM; p2 behind it too, but its clock (moved by the
     // test) is outside its bulk window; p3 talks to the server directly.
     let p1 = d
@@ -842,17 +836,8 @@ async fn a_download_survives_a_cut_waits_for_a_closed_window_and_reaches_a_direc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_whose_grant_runs_out_during_an_outage_is_asked_for_again_and_completes() {
     const SIZE: u64 = 256 << 20;
-    let dir = tmp("bulk-regrant");
-    let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d
-        .appserver(
-            "127.0.0.1:0",
-            "[bulk]\nmin_free_disk_mb = 1\ngrant_secs = 2\n",
-        )
-        .unwrap();
-    let m = d
-        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &Extra::default())
-        .unwrap();
+    let (mut d, dir, a, m) =
+        server_and_mlm("bulk-regrant", "min_free_disk_mb = 1\ngrant_secs = 2", "");
     let s = d
         .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
         .unwrap();

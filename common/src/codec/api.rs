@@ -34,12 +34,7 @@ pub fn encode_send_request(r: &SendRequest) -> Vec<u8> {
         .attr_opt("notify", r.notify.as_deref())
         .gt()
         .newline();
-    for t in &r.to {
-        x.open("to").attr("id", t.as_str()).empty().newline();
-    }
-    for g in &r.groups {
-        x.open("to").attr("group", g).empty().newline();
-    }
+    write_to(&mut x, &r.to, &r.groups);
     let control = super::encode_control(&r.action);
     let body = control.strip_prefix(super::xml::DECL).unwrap_or(&control);
     x.buf.extend_from_slice(body);
@@ -58,14 +53,7 @@ pub fn decode_send_request(bytes: &[u8], limits: &Limits) -> Result<SendRequest,
     let mut action = None;
     while let Some(tag) = x.child(&root)? {
         match tag.name {
-            "to" if action.is_none() => {
-                match (tag.opt("id"), tag.opt("group")) {
-                    (Some(_), None) => to.push(tag.req_with("id", |s| RsId::new(s))?),
-                    (None, Some(_)) => groups.push(tag.req_with("group", token)?),
-                    _ => return Err(tag.bad("id", "a <to> names either an id or a group")),
-                }
-                x.end(&tag)?;
-            }
+            "to" if action.is_none() => read_to(&mut x, &tag, &mut to, &mut groups)?,
             "control" if action.is_none() => action = Some(control_body(&mut x, &tag)?),
             _ => return Err(root.unexpected_child(&tag)),
         }
@@ -116,12 +104,7 @@ pub fn encode_offer_request(r: &OfferRequest) -> Vec<u8> {
         .attr_opt("notify", r.notify.as_deref())
         .gt()
         .newline();
-    for t in &r.to {
-        x.open("to").attr("id", t.as_str()).empty().newline();
-    }
-    for g in &r.groups {
-        x.open("to").attr("group", g).empty().newline();
-    }
+    write_to(&mut x, &r.to, &r.groups);
     x.close("offer").newline();
     buf
 }
@@ -138,14 +121,7 @@ pub fn decode_offer_request(bytes: &[u8], limits: &Limits) -> Result<OfferReques
     let (mut to, mut groups) = (Vec::new(), Vec::new());
     while let Some(tag) = x.child(&root)? {
         match tag.name {
-            "to" => {
-                match (tag.opt("id"), tag.opt("group")) {
-                    (Some(_), None) => to.push(tag.req_with("id", |s| RsId::new(s))?),
-                    (None, Some(_)) => groups.push(tag.req_with("group", token)?),
-                    _ => return Err(tag.bad("id", "a <to> names either an id or a group")),
-                }
-                x.end(&tag)?;
-            }
+            "to" => read_to(&mut x, &tag, &mut to, &mut groups)?,
             _ => return Err(root.unexpected_child(&tag)),
         }
     }
@@ -200,6 +176,31 @@ pub fn decode_file(bytes: &[u8], limits: &Limits) -> Result<PublishedFile, XmlEr
     }
     x.finish()?;
     Ok(f)
+}
+
+/// The `<to id>` and `<to group>` elements of `send` and `offer`.
+fn write_to(x: &mut XmlOut<'_>, to: &[RsId], groups: &[String]) {
+    for t in to {
+        x.open("to").attr("id", t.as_str()).empty().newline();
+    }
+    for g in groups {
+        x.open("to").attr("group", g).empty().newline();
+    }
+}
+
+/// Reads one `<to>`: exactly one of `id` (a component) and `group`.
+fn read_to(
+    x: &mut XmlIn<'_>,
+    tag: &Tag<'_>,
+    to: &mut Vec<RsId>,
+    groups: &mut Vec<String>,
+) -> Result<(), XmlError> {
+    match (tag.opt("id"), tag.opt("group")) {
+        (Some(_), None) => to.push(tag.req_with("id", |s| RsId::new(s))?),
+        (None, Some(_)) => groups.push(tag.req_with("group", token)?),
+        _ => return Err(tag.bad("id", "a <to> names either an id or a group")),
+    }
+    x.end(tag)
 }
 
 fn notify_url(s: &str) -> Result<String, &'static str> {

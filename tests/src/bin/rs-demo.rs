@@ -343,24 +343,8 @@ async fn admin_demo(a: &str, proxies: usize) -> anyhow::Result<String> {
         .send()
         .await?;
     anyhow::ensure!(r.status().is_success(), "send: {}", r.text().await?);
-    let mut job = decode_job(&r.bytes().await?, &Limits::default())?;
-    while !job.is_done() {
-        let b = http
-            .get(format!(
-                "{base}/jobs/{}?after={}&wait=25",
-                job.id, job.version
-            ))
-            .send()
-            .await?
-            .bytes()
-            .await?;
-        job = decode_job(&b, &Limits::default())?;
-        anyhow::ensure!(
-            Instant::now() < deadline + Duration::from_secs(30),
-            "job {} did not finish",
-            job.id
-        );
-    }
+    let job = decode_job(&r.bytes().await?, &Limits::default())?;
+    let job = until_done(&http, &base, job, deadline + Duration::from_secs(30)).await?;
     Ok(format!(
         "group acme-proxies: getStatus answered by {}/{} proxies through the MLM in {} ms (job {})",
         job.count("succeeded"),
@@ -446,24 +430,8 @@ async fn bulk_demo(
         .send()
         .await?;
     anyhow::ensure!(r.status().is_success(), "offer: {}", r.text().await?);
-    let mut job = decode_job(&r.bytes().await?, &Limits::default())?;
-    while !job.is_done() {
-        let b = http
-            .get(format!(
-                "{base}/jobs/{}?after={}&wait=25",
-                job.id, job.version
-            ))
-            .send()
-            .await?
-            .bytes()
-            .await?;
-        job = decode_job(&b, &Limits::default())?;
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(90),
-            "job {} did not finish",
-            job.id
-        );
-    }
+    let job = decode_job(&r.bytes().await?, &Limits::default())?;
+    let job = until_done(&http, &base, job, started + Duration::from_secs(90)).await?;
     let served = server_metrics(a)
         .await?
         .get("bulk.bytes_served")
@@ -484,6 +452,30 @@ async fn bulk_demo(
         job.id
     ));
     Ok(out)
+}
+
+/// Follows a job (long polls on its version) until it is done.
+async fn until_done(
+    http: &reqwest::Client,
+    base: &str,
+    mut job: rs_common::codec::api::Job,
+    deadline: Instant,
+) -> anyhow::Result<rs_common::codec::api::Job> {
+    use rs_common::codec::{Limits, api::decode_job};
+    while !job.is_done() {
+        let b = http
+            .get(format!(
+                "{base}/jobs/{}?after={}&wait=25",
+                job.id, job.version
+            ))
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        job = decode_job(&b, &Limits::default())?;
+        anyhow::ensure!(Instant::now() < deadline, "job {} did not finish", job.id);
+    }
+    Ok(job)
 }
 
 async fn print_line(start: Instant, sockets: &[(PathBuf, PathBuf)], mlm: &str, app: &str) {
