@@ -674,7 +674,13 @@ fn offer_count(appserver_dir: &Path, state: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_survives_a_cut_waits_for_a_closed_window_and_reaches_a_direct_proxy() {
     const SIZE: u64 = 512 << 20;
-    let (mut d, dir, a, m) = server_and_mlm("bulk-download-cut", "min_free_disk_mb = 1", "");
+    // The MLM's cache is bounded far below the file: it must still keep
+    // the file until every destination behind it has fetched it.
+    let (mut d, dir, a, m) = server_and_mlm(
+        "bulk-download-cut",
+        "min_free_disk_mb = 1",
+        "[bulk]\ncache_max_bytes = 1\n",
+    );
     // p1 behind the MLM; p2 behind it too, but its clock (moved by the
     // test) is outside its bulk window; p3 talks to the server directly.
     let p1 = d
@@ -807,6 +813,12 @@ async fn a_download_survives_a_cut_waits_for_a_closed_window_and_reaches_a_direc
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!installed("p2").exists(), "p2 fetched outside its window");
+    assert_eq!(
+        metric(&m, "bulk.evicted").await,
+        0,
+        "evicted while p2 waits"
+    );
+    assert_eq!(metric(&m, "bulk.cache_files").await, 1);
     let held = Client::new(&p2)
         .call::<()>(http::Method::GET, "/v1/downloads", None)
         .await
@@ -824,6 +836,11 @@ async fn a_download_survives_a_cut_waits_for_a_closed_window_and_reaches_a_direc
     assert_eq!(sha256_file(&installed("p2")), want);
     let (_, out, _) = crate::backchannel_faults::rsctl(&a, &["jobs", "show", &job]);
     assert!(out.contains("3/3 final: 3 succeeded"), "{out}");
+    // Delivered everywhere and over its bound: the MLM lets it go.
+    assert!(wait_for(Duration::from_secs(10), || block(async {
+        metric(&m, "bulk.evicted").await == 1 && metric(&m, "bulk.cache_files").await == 0
+    })));
+    assert!(!dir.join(format!("m1/cache/{want}")).exists());
     assert!(wait_for(Duration::from_secs(10), || offer_count(
         &dir.join("appserver"),
         "unpublished"
@@ -886,6 +903,54 @@ async fn an_upload_whose_grant_runs_out_during_an_outage_is_asked_for_again_and_
         !dir.join("appserver/bulk/files").join(&up.request).exists(),
         "the expired grant stored nothing"
     );
+    d.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_file_offered_to_a_proxy_is_applied_and_the_proxy_restarts_with_it() {
+    let (mut d, dir, a, m) = server_and_mlm("bulk-config", "min_free_disk_mb = 1", "");
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(30), || block(async {
+        components(&a).await.contains("id=\"acme.p1\"")
+    })));
+    let tuning = dir.join("tuning.toml");
+    std::fs::write(
+        &tuning,
+        "heartbeat_secs = 7\n[upstream]\npoll_hold_secs = 11\n",
+    )
+    .unwrap();
+    let (code, out, err) = crate::backchannel_faults::rsctl(
+        &a,
+        &[
+            "publish",
+            tuning.to_str().unwrap(),
+            "--to",
+            "acme.p1",
+            "--class",
+            "configuration",
+            "--subclass",
+            "proxy",
+            "--watch",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("1/1 final: 1 succeeded"), "{out}");
+    // The file on disk carries the change, the rest of it kept.
+    let cfg = std::fs::read_to_string(dir.join("p1.toml")).unwrap();
+    assert!(cfg.contains("heartbeat_secs = 7"), "{cfg}");
+    assert!(cfg.contains("poll_hold_secs = 11"), "{cfg}");
+    assert!(cfg.contains("acme.p1"), "{cfg}");
+    // The proxy came back with it and still takes integrators' messages.
+    assert!(wait_for(Duration::from_secs(30), || s.exists()
+        && block(async { Client::new(&s).status().await.is_ok() })));
+    let st = Client::new(&s)
+        .call::<()>(http::Method::GET, "/v1/downloads", None)
+        .await
+        .unwrap();
+    assert!(st.to_string().contains("\"state\":\"done\""), "{st}");
     d.stop_all();
     let _ = std::fs::remove_dir_all(&dir);
 }
