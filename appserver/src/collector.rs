@@ -1,10 +1,14 @@
 //! Peripheral work (seeds 000/001): the durable collector queue, its
 //! processors, and the subscriptions that create the work.
 //!
-//! Core work (validate, deduplicate, persist) happens before the reply;
-//! for each stored message the ingest transaction also queues one *task*
-//! per matching subscription (`tasks` table), so neither exists without
-//! the other. A pool of processors takes tasks up after the reply:
+//! Core work (validate, deduplicate, persist) happens before the reply.
+//! The stored messages, in storage order, are the collector's durable
+//! queue: after the reply, the *expander* reads the messages past its
+//! cursor and makes one *task* per matching subscription (`tasks` table),
+//! moving its cursor (`cursors`) past them in the same transaction, so
+//! each stored message gets its tasks exactly once, crash or not, and no
+//! task exists without its message. It gives way to the core work while
+//! envelopes are in hand. A pool of processors takes the tasks up:
 //!
 //! - a processor *claims* a task (state `taken`, `attempts` + 1, invisible
 //!   until `visible_at` = now + the visibility timeout, `taken_by` = the
@@ -27,7 +31,6 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::AppServer;
-use crate::store::Incoming;
 use rs_common::Timestamp;
 use rs_common::db::DbError;
 use rs_common::model::Severity;
@@ -48,6 +51,9 @@ pub struct Subscription {
     /// Alarms and events at least this severe.
     pub min_severity: Option<Severity>,
     pub delivery: Delivery,
+    /// It takes messages stored after this one (storage order): those
+    /// stored after it was made.
+    pub from_seq: i64,
 }
 
 fn rank(s: Severity) -> i64 {
@@ -73,11 +79,12 @@ fn row_sub(r: &rusqlite::Row<'_>) -> rusqlite::Result<Subscription> {
             ("module", Some(m)) => Delivery::Module(m),
             _ => Delivery::Feed,
         },
+        from_seq: r.get(10)?,
     })
 }
 
 const SUB_COLUMNS: &str =
-    "id, name, class, subclass, customer, source, type, min_severity, delivery, url";
+    "id, name, class, subclass, customer, source, type, min_severity, delivery, url, from_seq";
 
 /// Every subscription (inside a transaction).
 pub(crate) fn subscriptions_in(conn: &Connection) -> rusqlite::Result<Vec<Subscription>> {
@@ -87,42 +94,89 @@ pub(crate) fn subscriptions_in(conn: &Connection) -> rusqlite::Result<Vec<Subscr
     st.query_map([], row_sub)?.collect()
 }
 
-fn matches(s: &Subscription, inc: &Incoming) -> bool {
-    let m = &inc.msg;
-    let Some(src) = m.header.source() else {
-        return false;
-    };
-    s.class.as_deref().is_none_or(|c| m.header.class.class == c)
-        && s.subclass
-            .as_deref()
-            .is_none_or(|c| m.header.class.subclass == c)
-        && s.customer
-            .as_deref()
-            .is_none_or(|c| src.component.customer().as_str() == c)
-        && s.source
-            .as_deref()
-            .is_none_or(|c| rs_common::RsId::new(c).is_ok_and(|c| src.component.is_within(&c)))
-        && s.kind.as_deref().is_none_or(|k| m.kind.as_str() == k)
-        && s.min_severity
-            .is_none_or(|min| inc.severity.is_some_and(|sev| rank(sev) <= rank(min)))
+/// What the expander reads of a stored message to match subscriptions.
+struct Stored {
+    seq: i64,
+    id: String,
+    class: String,
+    subclass: String,
+    customer: String,
+    component: String,
+    kind: String,
+    severity: Option<i64>,
+    /// An upload request (a `bulk-request` without a URL): its file is
+    /// announced once stored, and only the announcement is delivered.
+    upload_request: bool,
 }
 
-/// Queues one task per subscription `inc` matches (inside the ingest
-/// transaction).
-pub(crate) fn queue_tasks(
+fn matches(s: &Subscription, m: &Stored) -> bool {
+    m.seq > s.from_seq
+        && !m.upload_request
+        && s.class.as_deref().is_none_or(|c| m.class == c)
+        && s.subclass.as_deref().is_none_or(|c| m.subclass == c)
+        && s.customer.as_deref().is_none_or(|c| m.customer == c)
+        && s.source.as_deref().is_none_or(|c| {
+            m.component == c
+                || (m.component.len() > c.len()
+                    && m.component.starts_with(c)
+                    && m.component.as_bytes()[c.len()] == b'.')
+        })
+        && s.kind.as_deref().is_none_or(|k| m.kind == k)
+        && s.min_severity
+            .is_none_or(|min| m.severity.is_some_and(|sev| sev <= rank(min)))
+}
+
+/// Makes the tasks of up to `limit` stored messages past the expander's
+/// cursor (one per matching subscription) and moves the cursor past them,
+/// in one transaction: each message is expanded exactly once, crash or
+/// not. Returns how many messages and tasks.
+pub(crate) fn expand_in(
     conn: &Connection,
-    subs: &[Subscription],
-    inc: &Incoming,
+    limit: usize,
     now: Timestamp,
-) -> rusqlite::Result<()> {
-    for s in subs.iter().filter(|s| matches(s, inc)) {
-        conn.prepare_cached(
-            "INSERT INTO tasks (sub, message, visible_at, created) VALUES (?1, ?2, ?3, ?3)
-             ON CONFLICT (sub, message) DO NOTHING",
+) -> rusqlite::Result<(usize, usize)> {
+    let cursor: i64 =
+        conn.query_row("SELECT seq FROM cursors WHERE name = 'expander'", [], |r| {
+            r.get(0)
+        })?;
+    let rows: Vec<Stored> = conn
+        .prepare_cached(
+            "SELECT rowid, id, class, subclass, customer, component, kind, severity,
+                    kind = 'bulk-request' AND instr(CAST(content AS TEXT), ' url=') = 0
+             FROM messages WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
         )?
-        .execute(params![s.id, inc.msg.header.id.as_str(), now.as_millis()])?;
+        .query_map(params![cursor, limit as i64], |r| {
+            Ok(Stored {
+                seq: r.get(0)?,
+                id: r.get(1)?,
+                class: r.get(2)?,
+                subclass: r.get(3)?,
+                customer: r.get(4)?,
+                component: r.get(5)?,
+                kind: r.get(6)?,
+                severity: r.get(7)?,
+                upload_request: r.get(8)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let Some(last) = rows.last().map(|m| m.seq) else {
+        return Ok((0, 0));
+    };
+    let subs = subscriptions_in(conn)?;
+    let mut tasks = 0;
+    for m in &rows {
+        for s in subs.iter().filter(|s| matches(s, m)) {
+            tasks += conn
+                .prepare_cached(
+                    "INSERT INTO tasks (sub, message, visible_at, created) VALUES (?1, ?2, ?3, ?3)
+                     ON CONFLICT (sub, message) DO NOTHING",
+                )?
+                .execute(params![s.id, m.id, now.as_millis()])?;
+        }
     }
-    Ok(())
+    conn.prepare_cached("UPDATE cursors SET seq = ?1 WHERE name = 'expander'")?
+        .execute(params![last])?;
+    Ok((rows.len(), tasks))
 }
 
 /// A task claimed by a processor.
@@ -147,6 +201,13 @@ pub struct TaskRow {
 }
 
 impl crate::store::Store {
+    /// Expands up to `limit` stored messages into tasks ([`expand_in`]).
+    pub async fn expand(&self, limit: usize, now: Timestamp) -> Result<(usize, usize), DbError> {
+        self.db
+            .write(move |w| Ok(expand_in(&w.0, limit, now)?))
+            .await
+    }
+
     /// Creates (or replaces, by name) a subscription. Only messages stored
     /// from now on are delivered to it; returns its ID.
     pub async fn subscribe(&self, s: Subscription, now: Timestamp) -> Result<i64, DbError> {
@@ -159,8 +220,9 @@ impl crate::store::Store {
                     Delivery::Feed => None,
                 };
                 w.0.execute(
-                    "INSERT INTO subscriptions (name, class, subclass, customer, source, type, min_severity, delivery, url, created)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                    "INSERT INTO subscriptions (name, class, subclass, customer, source, type, min_severity, delivery, url, created,
+                                                from_seq)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, (SELECT COALESCE(MAX(rowid), 0) FROM messages))
                      ON CONFLICT (name) DO UPDATE SET class = ?2, subclass = ?3, customer = ?4, source = ?5,
                         type = ?6, min_severity = ?7, delivery = ?8, url = ?9",
                     params![
@@ -428,6 +490,42 @@ pub struct PoolConfig {
 }
 
 /// Runs the processors until `stop`.
+/// The expander: makes the tasks of stored messages after the replies,
+/// in storage order. It gives way to the core work: while envelopes are
+/// in hand it expands in small steps with a pause between, so a burst is
+/// answered at full speed and its peripheral work follows.
+pub async fn run_expander(app: Arc<AppServer>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        loop {
+            let busy = app.load.inflight() > 0;
+            let limit = if busy { 100 } else { 1000 };
+            match app.store.expand(limit, app.clock.now()).await {
+                Ok((n, tasks)) => {
+                    if tasks > 0 {
+                        app.tasks_ready.notify_one();
+                        app.feed_ready.send_modify(|v| *v += 1);
+                    }
+                    if n < limit {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("collector expander: {e}");
+                    break;
+                }
+            }
+            if busy {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = app.expand_ready.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 pub async fn run_pool(
     app: Arc<AppServer>,
     cfg: PoolConfig,

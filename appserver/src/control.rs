@@ -293,6 +293,8 @@ async fn subscribe(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response
         kind: d.kind.clone(),
         min_severity: d.min_severity,
         delivery: d.delivery.clone(),
+        // Set by the store: what is stored by then.
+        from_seq: 0,
     };
     if let crate::collector::Delivery::Module(m) = &d.delivery
         && !app.module(m).is_some_and(|m| m.takes_messages())

@@ -47,6 +47,8 @@ pub struct AppServer {
     pub throttle: std::sync::RwLock<Arc<rs_common::throttle::Throttle>>,
     /// Envelopes being handled (backpressure advice).
     pub load: rs_common::ingress::Load,
+    /// Woken when messages are stored (the collector's expander waits on it).
+    pub expand_ready: tokio::sync::Notify,
     /// Woken when peripheral tasks are queued (idle processors wait on it).
     pub tasks_ready: tokio::sync::Notify,
     /// Woken when a feed subscription may have something new.
@@ -63,13 +65,10 @@ pub struct AppServer {
 }
 
 impl AppServer {
-    /// New messages were stored: wake the processors and held feed pulls.
+    /// New messages were stored: wake the collector's expander (which
+    /// wakes the processors and held feed pulls once it made their tasks).
     pub fn stored_new(&self) {
-        // One processor looks; each that finds a task wakes the next (see
-        // collector::run_pool), so a burst of envelopes does not send every
-        // idle processor to the database each time.
-        self.tasks_ready.notify_one();
-        self.feed_ready.send_modify(|v| *v += 1);
+        self.expand_ready.notify_one();
     }
 
     /// The service module of this name.
@@ -131,6 +130,7 @@ impl AppServer {
             throttle: std::sync::RwLock::new(Arc::new(throttle)),
             throttle_cfg: std::sync::RwLock::new(cfg.throttle.clone()),
             load: rs_common::ingress::Load::new(cfg.busy_envelopes),
+            expand_ready: tokio::sync::Notify::new(),
             tasks_ready: tokio::sync::Notify::new(),
             feed_ready: tokio::sync::watch::Sender::new(0),
             stats: ingress::Stats::default(),
@@ -229,6 +229,7 @@ pub async fn run(
         }
     }
     let timers = tokio::spawn(modules::run_timers(app.clone(), shutdown.clone()));
+    let expander = tokio::spawn(collector::run_expander(app.clone(), shutdown.clone()));
     let pool = tokio::spawn(collector::run_pool(
         app.clone(),
         collector::PoolConfig {
@@ -259,6 +260,7 @@ pub async fn run(
     let _ = unpublisher.await;
     let _ = timers.await;
     let _ = pool.await;
+    let _ = expander.await;
     let _ = flush.await;
     let _ = push.await;
     tracing::info!("rs-appserver stopped");

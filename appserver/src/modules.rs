@@ -188,6 +188,7 @@ impl SubscribeConfig {
             kind: self.kind.clone(),
             min_severity: severity,
             delivery: crate::collector::Delivery::Module(module.to_owned()),
+            from_seq: 0,
         })
     }
 }

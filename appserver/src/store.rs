@@ -171,6 +171,10 @@ CREATE TABLE IF NOT EXISTS offers (
     unpublished_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS offers_open ON offers (state);
+CREATE TABLE IF NOT EXISTS cursors (
+    name TEXT    PRIMARY KEY,
+    seq  INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT    PRIMARY KEY,
     value INTEGER NOT NULL
@@ -266,7 +270,7 @@ pub struct Store {
     pub(crate) db: Db<Plain>,
 }
 
-fn severity_rank(s: Severity) -> i64 {
+pub(crate) fn severity_rank(s: Severity) -> i64 {
     // critical = 0 ... info = 4, as the enum orders them.
     Severity::ALL.iter().position(|x| *x == s).unwrap_or(4) as i64
 }
@@ -305,6 +309,23 @@ impl Store {
     pub fn open(path: &std::path::Path) -> Result<Self, DbError> {
         let conn = rs_common::db::open(path)?;
         conn.execute_batch(SCHEMA)?;
+        // Subscriptions take messages stored after they were made
+        // (`from_seq`); databases from before the column get it.
+        let has: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('subscriptions') WHERE name = 'from_seq'")?
+            .exists([])?;
+        if !has {
+            conn.execute_batch(
+                "ALTER TABLE subscriptions ADD COLUMN from_seq INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
+        // The collector's expander starts after what is stored already (a
+        // database from before it had its tasks made at ingest).
+        conn.execute(
+            "INSERT INTO cursors (name, seq) SELECT 'expander', COALESCE(MAX(rowid), 0) FROM messages
+             WHERE true ON CONFLICT (name) DO NOTHING",
+            [],
+        )?;
         Ok(Store {
             db: Db::start("rs-appserver-store", Plain(conn))?,
         })
@@ -498,10 +519,9 @@ pub(crate) fn ingest_in(
     let mut out = Vec::with_capacity(batch.len());
     let (mut new, mut dup) = (0, 0);
     let mut touched = std::collections::HashSet::new();
-    // Peripheral work is queued in this same transaction: a
-    // stored message always has its tasks, and no task exists
-    // without its message.
-    let subs = crate::collector::subscriptions_in(conn)?;
+    // Peripheral work is not queued here: the messages table is the
+    // collector's log, and the expander (collector.rs) makes each stored
+    // message's tasks after the reply, from its own durable cursor.
     for inc in batch {
         let m = &inc.msg;
         let Some(src) = m.header.source() else {
@@ -540,9 +560,8 @@ pub(crate) fn ingest_in(
         }
         new += 1;
         out.push(Stored::New);
-        match &inc.bulk {
-            None => crate::collector::queue_tasks(conn, &subs, inc, now)?,
-            Some(d) => crate::bulk::record_decision(conn, d, now)?,
+        if let Some(d) = &inc.bulk {
+            crate::bulk::record_decision(conn, d, now)?;
         }
         // One update per component per batch is enough.
         if touched.insert(src.component.as_str().to_owned()) {
