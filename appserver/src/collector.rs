@@ -142,7 +142,8 @@ pub(crate) fn expand_in(
     let rows: Vec<Stored> = conn
         .prepare_cached(
             "SELECT rowid, id, class, subclass, customer, component, kind, severity,
-                    kind = 'bulk-request' AND instr(CAST(content AS TEXT), ' url=') = 0
+                    CASE WHEN kind = 'bulk-request' THEN instr(CAST(content AS TEXT), ' url=') = 0
+                         ELSE 0 END
              FROM messages WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
         )?
         .query_map(params![cursor, limit as i64], |r| {
@@ -490,15 +491,27 @@ pub struct PoolConfig {
 }
 
 /// Runs the processors until `stop`.
+/// Background work gives way while envelopes were answered this recently...
+const GIVE_WAY: Duration = Duration::from_millis(50);
+/// ...but for no longer than this at a time.
+const MAX_DEFER: Duration = Duration::from_secs(1);
+
 /// The expander: makes the tasks of stored messages after the replies,
 /// in storage order. It gives way to the core work: while envelopes are
 /// in hand it expands in small steps with a pause between, so a burst is
 /// answered at full speed and its peripheral work follows.
 pub async fn run_expander(app: Arc<AppServer>, stop: tokio_util::sync::CancellationToken) {
+    let mut last_step = tokio::time::Instant::now();
     loop {
         loop {
-            let busy = app.load.inflight() > 0;
-            let limit = if busy { 100 } else { 1000 };
+            // While replies are being made, wait (but never more than
+            // MAX_DEFER between steps, so the work keeps up under any load).
+            if app.load.busy_within(GIVE_WAY) && last_step.elapsed() < MAX_DEFER {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            last_step = tokio::time::Instant::now();
+            let limit = 1000;
             match app.store.expand(limit, app.clock.now()).await {
                 Ok((n, tasks)) => {
                     if tasks > 0 {
@@ -513,9 +526,6 @@ pub async fn run_expander(app: Arc<AppServer>, stop: tokio_util::sync::Cancellat
                     tracing::error!("collector expander: {e}");
                     break;
                 }
-            }
-            if busy {
-                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
         tokio::select! {
@@ -547,10 +557,18 @@ pub async fn run_pool(
                 std::process::id(),
                 rs_common::MessageId::generate()
             );
+            let mut last_work = tokio::time::Instant::now();
             loop {
                 if stop.is_cancelled() {
                     return;
                 }
+                // Give way to the replies while envelopes are being
+                // answered, for at most MAX_DEFER between deliveries.
+                if app.load.busy_within(GIVE_WAY) && last_work.elapsed() < MAX_DEFER {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                last_work = tokio::time::Instant::now();
                 let now = app.clock.now();
                 let task = match app.store.claim(me.clone(), now, cfg.visibility).await {
                     Ok(t) => t,

@@ -172,6 +172,9 @@ pub async fn offer_back_channel<F, Fut>(
 pub struct Load {
     inflight: std::sync::atomic::AtomicUsize,
     busy_at: usize,
+    /// When the last envelope was done (ms after `born`).
+    last_done: std::sync::atomic::AtomicU64,
+    born: std::time::Instant,
     /// Replies that carried a resume-after advice.
     pub advised: std::sync::atomic::AtomicU64,
 }
@@ -182,6 +185,10 @@ pub struct LoadGuard<'a>(&'a Load);
 
 impl Drop for LoadGuard<'_> {
     fn drop(&mut self) {
+        let ms = u64::try_from(self.0.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0
+            .last_done
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
         self.0
             .inflight
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -193,6 +200,8 @@ impl Load {
         Load {
             inflight: std::sync::atomic::AtomicUsize::new(0),
             busy_at: busy_at.max(1),
+            last_done: std::sync::atomic::AtomicU64::new(0),
+            born: std::time::Instant::now(),
             advised: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -206,6 +215,17 @@ impl Load {
     /// Envelopes being handled now.
     pub fn inflight(&self) -> usize {
         self.inflight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether envelopes are being handled now or were within `d`: the
+    /// tier is answering senders, and background work should give way.
+    pub fn busy_within(&self, d: Duration) -> bool {
+        if self.inflight() > 0 {
+            return true;
+        }
+        let last = self.last_done.load(std::sync::atomic::Ordering::Relaxed);
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last > 0 && now.saturating_sub(last) < u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The wait to advise now, if the tier is busy: 250 ms per multiple of
