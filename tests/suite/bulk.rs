@@ -516,7 +516,7 @@ async fn an_mlm_refuses_an_upload_over_its_limit_and_the_proxy_reports_it() {
     // The module hears of the stored file once (not of the request), with
     // where to fetch it; the file is there.
     let feed = reqwest::get(format!(
-        "http://{a}/rs/v1/control/subscriptions/diag/feed?wait=0"
+        "http://{a}/rs/v1/control/subscriptions/diag/feed?wait=20"
     ))
     .await
     .unwrap()
