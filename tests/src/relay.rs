@@ -4,6 +4,10 @@
 //! moment a marker passes, after the server has written it and before the
 //! client reads it: a reply lost on the way.
 //!
+//! It can also be told to misbehave ([`Fault`]): delay every chunk, stall
+//! everything (a blackhole: connections stay open, nothing passes), or
+//! reset every connection open now.
+//!
 //! Plain TCP on loopback; the tiers speak HTTP through it unchanged.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,9 +16,24 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
+/// A standing misbehaviour of the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fault {
+    #[default]
+    None,
+    /// Every chunk waits this long before it goes on.
+    Delay(std::time::Duration),
+    /// Nothing passes either way (connections stay open, half-open as far
+    /// as either end can tell) until the fault is cleared.
+    Blackhole,
+}
+
 /// What the relay saw and what it is told to do.
 #[derive(Debug, Default)]
 pub struct Link {
+    fault: Mutex<Fault>,
+    /// Bumped by [`Link::reset`]: connections of an older generation end.
+    generation: AtomicU64,
     /// Bytes from the client to the server (requests).
     pub up_bytes: AtomicU64,
     /// Bytes from the server to the client (replies).
@@ -84,6 +103,22 @@ impl Link {
         if let Ok(mut c) = self.cut_up.lock() {
             *c = Some(marker.as_bytes().to_vec());
         }
+    }
+
+    /// Sets (or with `Fault::None` clears) a standing fault.
+    pub fn set_fault(&self, f: Fault) {
+        if let Ok(mut x) = self.fault.lock() {
+            *x = f;
+        }
+    }
+
+    fn fault(&self) -> Fault {
+        self.fault.lock().map(|f| *f).unwrap_or_default()
+    }
+
+    /// Resets every connection open now (new ones are taken as usual).
+    pub fn reset(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn armed(&self) -> bool {
@@ -157,11 +192,29 @@ async fn pump(
     // The end of the previous chunk, so a marker split across two reads is
     // still found.
     let mut tail: Vec<u8> = Vec::new();
+    let born = link.generation.load(Ordering::Relaxed);
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            () = reset_of(&link, born) => return,
         };
+        // A standing fault holds the chunk (or ends the connection).
+        loop {
+            if link.generation.load(Ordering::Relaxed) != born {
+                return;
+            }
+            match link.fault() {
+                Fault::None => break,
+                Fault::Delay(d) => {
+                    tokio::time::sleep(d).await;
+                    break;
+                }
+                Fault::Blackhole => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
         let chunk = &buf[..n];
         let mut window = tail.clone();
         window.extend_from_slice(chunk);
@@ -200,6 +253,13 @@ async fn pipe(client: TcpStream, server: TcpStream, link: Arc<Link>) {
     tokio::select! {
         () = pump(cr, sw, link.clone(), Way::Up) => {}
         () = pump(sr, cw, link, Way::Down) => {}
+    }
+}
+
+/// Resolves when the link is reset past generation `born`.
+async fn reset_of(link: &Link, born: u64) {
+    while link.generation.load(Ordering::Relaxed) == born {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

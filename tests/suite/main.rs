@@ -8,6 +8,7 @@ mod codec_errors;
 mod codec_examples;
 mod codec_props;
 mod dtd_valid;
+mod faults;
 pub(crate) mod forward;
 mod fuzz_replay;
 mod golden;
