@@ -17,6 +17,7 @@ use rs_common::upstream::BackChannel;
 use rs_common::{MessageId, Outcome};
 
 use crate::Proxy;
+use crate::registry::Claim;
 
 /// Applies control actions addressed to this proxy.
 #[derive(Debug)]
@@ -25,6 +26,9 @@ pub struct Actions {
     /// An action (`shutdown`, `configChange`) stops the daemon once the
     /// batch it came in is answered and marked applied.
     stop_after_batch: AtomicBool,
+    /// Answers of applied actions that could not be recorded in proxy.db
+    /// (a full disk), until they are spooled.
+    unrecorded: std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>,
 }
 
 impl Actions {
@@ -32,6 +36,7 @@ impl Actions {
         Actions {
             proxy,
             stop_after_batch: AtomicBool::new(false),
+            unrecorded: Default::default(),
         }
     }
 }
@@ -100,39 +105,67 @@ impl Actions {
     async fn handle_once(&self, m: &RawMessage) -> Result<(), String> {
         let p = &self.proxy;
         let id = m.header.id.to_string();
-        if p.registry
-            .seen(id.clone())
+        // Recorded before it is applied: applied at most once, even if the
+        // proxy dies or its disk fills up on the way.
+        let claim = p
+            .registry
+            .claim(id.clone())
             .await
-            .map_err(|e| e.to_string())?
-        {
-            p.actions_duplicate.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        if !m.header.destinations().iter().any(|d| d.is_within(&p.id)) {
-            tracing::warn!("back-channel message {id} is not for {}; ignored", p.id);
-            return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
-        }
-        if m.kind == ContentKind::BulkResponse {
-            // The answer to an upload request: no response goes back.
-            let limits = rs_common::codec::Limits::default();
-            match m.clone().decode(&limits).map(|f| f.content) {
-                Ok(Content::BulkResponse(b)) => crate::bulk::answered(p, &b).await?,
-                Ok(_) => {}
-                Err(e) => tracing::warn!("bulk response {id} does not decode: {e}"),
+            .map_err(|e| e.to_string())?;
+        let answer = match claim {
+            Claim::Done => {
+                p.actions_duplicate.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
             }
-            return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
-        }
-        if m.header.is_expired(p.clock.now()) {
-            // Too late to act on; the application server marks it expired.
-            tracing::info!(
-                "control {} ({id}) arrived expired; not applied",
-                m.header.class.subclass
-            );
-            return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
-        }
-        let answer = self.apply(m).await;
-        p.actions_applied.fetch_add(1, Ordering::Relaxed);
-        tracing::info!("control {} ({}): {}", m.header.class.subclass, id, answer.0);
+            // Applied, its answer not known to be spooled: spool it again.
+            Claim::Answered(saved) => return self.send_answer(id, saved).await,
+            Claim::Interrupted => {
+                let kept = self.unrecorded.lock().ok().and_then(|mut u| u.remove(&id));
+                if let Some(saved) = kept {
+                    // Its answer could not be recorded (a full disk), but
+                    // this process still has it.
+                    return self.send_answer(id, saved).await;
+                }
+                p.actions_duplicate.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    "action {id} ({}) was being applied when its answer was lost; not applied again",
+                    m.header.class.subclass
+                );
+                answer_refused(
+                    "failed",
+                    "rs-proxy stopped (or could not record the answer) while applying this \
+                     action; it is not applied a second time",
+                )
+            }
+            Claim::New => {
+                if !m.header.destinations().iter().any(|d| d.is_within(&p.id)) {
+                    tracing::warn!("back-channel message {id} is not for {}; ignored", p.id);
+                    return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
+                }
+                if m.kind == ContentKind::BulkResponse {
+                    // The answer to an upload request: no response goes back.
+                    let limits = rs_common::codec::Limits::default();
+                    match m.clone().decode(&limits).map(|f| f.content) {
+                        Ok(Content::BulkResponse(b)) => crate::bulk::answered(p, &b).await?,
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("bulk response {id} does not decode: {e}"),
+                    }
+                    return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
+                }
+                if m.header.is_expired(p.clock.now()) {
+                    // Too late to act on; the application server marks it expired.
+                    tracing::info!(
+                        "control {} ({id}) arrived expired; not applied",
+                        m.header.class.subclass
+                    );
+                    return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
+                }
+                let answer = self.apply(m).await;
+                p.actions_applied.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("control {} ({}): {}", m.header.class.subclass, id, answer.0);
+                answer
+            }
+        };
         let response = response_message(
             m,
             p.id.clone(),
@@ -141,7 +174,22 @@ impl Actions {
             p.clock.now(),
         )
         .map_err(|e| e.to_string())?;
-        p.submit(response).await.map_err(|e| e.to_string())?;
+        let saved = save(&response.to_raw());
+        if let Err(e) = p.registry.answered(id.clone(), saved.clone()).await {
+            // Spooled below; if that fails too, kept here for the next offer.
+            tracing::warn!("action {id}: its answer could not be recorded: {e}");
+            if let Ok(mut u) = self.unrecorded.lock() {
+                u.insert(id.clone(), saved.clone());
+            }
+        }
+        self.send_answer(id, saved).await
+    }
+
+    /// Spools a recorded answer; then the action is done.
+    async fn send_answer(&self, id: String, saved: Vec<u8>) -> Result<(), String> {
+        let p = &self.proxy;
+        let raw = load(&saved).ok_or("a recorded answer does not decode")?;
+        p.submit_raw(raw).await.map_err(|e| e.to_string())?;
         p.registry.mark_seen(id).await.map_err(|e| e.to_string())
     }
 
@@ -203,6 +251,34 @@ impl Actions {
             ),
         }
     }
+}
+
+/// A response message as `received.response` keeps it: its content type,
+/// a newline, its header part's length, a newline, the header part and the
+/// content.
+fn save(m: &RawMessage) -> Vec<u8> {
+    let header = rs_common::codec::encode_header(&m.header, m.kind, m.data.as_ref());
+    let mut out = format!("{}\n{}\n", m.content_type, header.len()).into_bytes();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&m.content);
+    out
+}
+
+fn load(b: &[u8]) -> Option<RawMessage> {
+    let mut parts = b.splitn(3, |c| *c == b'\n');
+    let content_type = std::str::from_utf8(parts.next()?).ok()?.to_owned();
+    let len: usize = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let rest = parts.next()?;
+    let (header, content) = (rest.get(..len)?, rest.get(len..)?);
+    let (header, kind, data) =
+        rs_common::codec::decode_header_part(header, &rs_common::codec::Limits::default()).ok()?;
+    Some(RawMessage {
+        header,
+        kind,
+        data,
+        content_type,
+        content: bytes::Bytes::copy_from_slice(content),
+    })
 }
 
 impl Actions {

@@ -134,8 +134,15 @@ impl Proxy {
 
     /// Spools a message durably; returns once it would survive a crash.
     pub async fn submit(&self, m: Message) -> Result<MessageId, SubmitError> {
-        let id = m.header.id.clone();
-        let raw = m.to_raw();
+        self.submit_raw(m.to_raw()).await
+    }
+
+    /// Spools an encoded message durably (a duplicate ID is already there).
+    pub async fn submit_raw(
+        &self,
+        raw: rs_common::codec::RawMessage,
+    ) -> Result<MessageId, SubmitError> {
+        let id = raw.header.id.clone();
         let r = self
             .spool
             .enqueue(vec![raw], self.clock.now())

@@ -140,6 +140,22 @@ impl Registry {
     pub fn open(path: &std::path::Path, me: RsId) -> Result<Self, DbError> {
         let conn = rs_common::db::open(path)?;
         conn.execute_batch(SCHEMA)?;
+        // What became of each control action (files from before have every
+        // action they saw done).
+        for (col, ddl) in [
+            (
+                "state",
+                "ALTER TABLE received ADD COLUMN state TEXT NOT NULL DEFAULT 'done'",
+            ),
+            ("response", "ALTER TABLE received ADD COLUMN response BLOB"),
+        ] {
+            let has: bool = conn
+                .prepare("SELECT 1 FROM pragma_table_info('received') WHERE name = ?1")?
+                .exists([col])?;
+            if !has {
+                conn.execute_batch(ddl)?;
+            }
+        }
         Ok(Registry {
             db: Db::start("rs-proxy-registry", State { conn, me })?,
             cache: Default::default(),
@@ -331,7 +347,65 @@ impl Registry {
     }
 }
 
+/// What a proxy did with a back-channel message before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Never seen: it is now recorded as being applied.
+    New,
+    /// Being applied when the proxy stopped (or its answer could not be
+    /// recorded): it must not be applied again.
+    Interrupted,
+    /// Applied; its answer (an encoded response message) is not known to
+    /// be spooled yet.
+    Answered(Vec<u8>),
+    /// Done: applied (or dropped) and answered.
+    Done,
+}
+
 impl Registry {
+    /// Records that control action `id` is about to be applied, unless it
+    /// was before: then says how far it got. Applying only after this
+    /// commits is what makes an action applied at most once.
+    pub async fn claim(&self, id: String) -> Result<Claim, DbError> {
+        self.db
+            .write(move |s| {
+                let row: Option<(String, Option<Vec<u8>>)> = s
+                    .conn
+                    .query_row(
+                        "SELECT state, response FROM received WHERE id = ?1",
+                        params![id],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                Ok(match row {
+                    None => {
+                        s.conn.execute(
+                            "INSERT INTO received (id, at, state) VALUES (?1, ?2, 'applying')",
+                            params![id, Timestamp::now().as_millis()],
+                        )?;
+                        Claim::New
+                    }
+                    Some((state, _)) if state == "applying" => Claim::Interrupted,
+                    Some((state, Some(r))) if state == "answered" => Claim::Answered(r),
+                    Some(_) => Claim::Done,
+                })
+            })
+            .await
+    }
+
+    /// Records an applied action's answer (until it is spooled).
+    pub async fn answered(&self, id: String, response: Vec<u8>) -> Result<(), DbError> {
+        self.db
+            .write(move |s| {
+                s.conn.execute(
+                    "UPDATE received SET state = 'answered', response = ?2 WHERE id = ?1",
+                    params![id, response],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
     /// Whether back-channel message `id` was already handled.
     pub async fn seen(&self, id: String) -> Result<bool, DbError> {
         self.db
@@ -351,7 +425,8 @@ impl Registry {
         self.db
             .write(move |s| {
                 s.conn.execute(
-                    "INSERT INTO received (id, at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
+                    "INSERT INTO received (id, at, state) VALUES (?1, ?2, 'done')
+                     ON CONFLICT (id) DO UPDATE SET state = 'done', response = NULL",
                     params![id, Timestamp::now().as_millis()],
                 )?;
                 Ok(())
