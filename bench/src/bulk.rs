@@ -44,7 +44,7 @@ fn nginx_bin() -> &'static str {
 
 /// Installs nginx from Debian if it is missing (without starting the
 /// system service: the benchmark runs its own).
-fn ensure_nginx() -> anyhow::Result<()> {
+pub(crate) fn ensure_nginx() -> anyhow::Result<()> {
     if Path::new("/usr/sbin/nginx").exists() || have("nginx") {
         return Ok(());
     }
@@ -62,9 +62,9 @@ fn ensure_nginx() -> anyhow::Result<()> {
 }
 
 /// nginx relaying to `upstream`, listening on a free loopback port.
-struct Nginx {
+pub(crate) struct Nginx {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
 }
 
 impl Drop for Nginx {
@@ -74,7 +74,7 @@ impl Drop for Nginx {
     }
 }
 
-fn start_nginx(prefix: &Path, upstream: &str) -> anyhow::Result<Nginx> {
+pub(crate) fn start_nginx(prefix: &Path, upstream: &str) -> anyhow::Result<Nginx> {
     std::fs::create_dir_all(prefix)?;
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;

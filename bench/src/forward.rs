@@ -148,7 +148,7 @@ async fn until_stored(app: &str, target: u64, limit: Duration) -> anyhow::Result
     }
 }
 
-fn rss_mb(pid: u32) -> Option<f64> {
+pub(crate) fn rss_mb(pid: u32) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = s
         .lines()

@@ -15,6 +15,7 @@ mod backchannel;
 mod bulk;
 mod collector;
 mod forward;
+mod relay;
 mod throttle;
 
 /// One figure, as `docs/benchmarks.json` holds it.
@@ -338,6 +339,10 @@ fn main() {
             (
                 "bulk",
                 Box::new(move || bulk::run(runs).map_err(|e| format!("{e:#}"))),
+            ),
+            (
+                "relay",
+                Box::new(move || relay::run(runs).map_err(|e| format!("{e:#}"))),
             ),
         ];
         groups.retain(|(g, _)| want(g));
