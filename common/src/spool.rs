@@ -192,6 +192,15 @@ pub trait Spool: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<DropRecord>, SpoolError>> + Send;
 
+    /// The wall clock went back `by_ms`: moves the next-attempt times
+    /// still ahead of `now` back by as much (they were set on the clock as
+    /// it was). Returns how many.
+    fn rebase(
+        &self,
+        by_ms: i64,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<u64, SpoolError>> + Send;
+
     /// What became of a message enqueued here (as far as the records that
     /// are kept still say).
     fn fate(&self, id: MessageId) -> impl Future<Output = Result<Fate, SpoolError>> + Send;

@@ -331,6 +331,10 @@ pub trait BackChannel: Send + Sync + 'static {
     }
 }
 
+/// A backward step of the wall clock larger than this (against the
+/// monotonic clock) moves the spool's retry times back with it.
+const CLOCK_JUMP: Duration = Duration::from_secs(2);
+
 /// Drains a spool upstream until cancelled.
 pub struct Sender<S: Spool> {
     pub me: RsId,
@@ -392,11 +396,25 @@ impl<S: Spool> Sender<S> {
         let mut polling = false;
         // A poll answered at once with nothing is not repeated before this.
         let mut next_poll = tokio::time::Instant::now();
+        // The wall clock against the monotonic one, to notice jumps.
+        let mut wall_seen = (self.clock.now(), tokio::time::Instant::now());
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
             let now = self.clock.now();
+            // The wall clock went back: retry times set before were set on
+            // the clock as it was, and would now wait the jump on top of
+            // their backoff. Move them back by the jump.
+            let expected = wall_seen.0.saturating_add(wall_seen.1.elapsed());
+            let back = expected.as_millis() - now.as_millis();
+            if back > CLOCK_JUMP.as_millis() as i64 {
+                tracing::warn!("the wall clock went back {back} ms; rescheduling retries");
+                if let Err(e) = self.spool.rebase(back, now).await {
+                    tracing::error!("spool rebase: {e}");
+                }
+            }
+            wall_seen = (now, tokio::time::Instant::now());
             if last_sweep.is_none_or(|t| t.elapsed() >= self.cfg.sweep_every) {
                 if let Err(e) = self.spool.sweep(now).await {
                     tracing::error!("spool sweep: {e}");

@@ -301,11 +301,14 @@ async fn nothing_is_lost_or_doubled_under_kills_link_faults_a_full_disk_and_cloc
         }
     }
     let acked = acked.lock().unwrap().clone();
+    let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
+    for o in &others {
+        *kinds.entry(o).or_default() += 1;
+    }
     eprintln!(
-        "fault suite: {} s, {kills} kills, {} other faults ({:?}); {} messages acknowledged, {} sends refused",
+        "fault suite: {} s, {kills} kills, {} other faults ({kinds:?}); {} messages acknowledged, {} sends refused",
         started.elapsed().as_secs(),
         others.len(),
-        others,
         acked.len(),
         refused
             .iter()

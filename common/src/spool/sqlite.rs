@@ -218,6 +218,20 @@ impl Spool for SqliteSpool {
         Ok(self.db.read(move |w| Ok(w.drop_records(limit)?)).await?)
     }
 
+    async fn rebase(&self, by_ms: i64, now: Timestamp) -> Result<u64, SpoolError> {
+        Ok(self
+            .db
+            .write(move |w| {
+                let n = exec(
+                    &w.conn,
+                    "UPDATE spool SET next_attempt = MAX(?2, next_attempt - ?1) WHERE next_attempt > ?2",
+                    params![by_ms, now.as_millis()],
+                )?;
+                Ok(n as u64)
+            })
+            .await?)
+    }
+
     async fn fate(&self, id: MessageId) -> Result<Fate, SpoolError> {
         Ok(self
             .db
