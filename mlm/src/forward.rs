@@ -54,7 +54,7 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-fn unavailable(text: impl Into<String>) -> Outcome {
+pub(crate) fn unavailable(text: impl Into<String>) -> Outcome {
     Outcome::retry(Duration::from_secs(5), "unavailable", text)
 }
 
@@ -217,7 +217,9 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
         let results = if mlm.cfg.custody {
             custody(mlm, &forward, now).await
         } else {
-            relay(mlm, &forward).await
+            mlm.coalescer
+                .relay(forward.iter().map(|(_, m)| m.clone()).collect())
+                .await
         };
         for ((slot, _), o) in forward.iter().zip(results) {
             match &o {
@@ -507,7 +509,9 @@ async fn post(
     Ok(reply)
 }
 
-async fn relay(mlm: &Mlm, forward: &[(usize, RawMessage)]) -> Vec<Outcome> {
+/// Relays `forward` upstream in one envelope (one by one if the upstream
+/// refuses it as a whole); their outcomes, in order.
+pub(crate) async fn relay(mlm: &Mlm, forward: &[(usize, RawMessage)]) -> Vec<Outcome> {
     let all: Vec<&RawMessage> = forward.iter().map(|(_, m)| m).collect();
     match post(mlm, &all).await {
         Ok(reply) => map_outcomes(&all, &reply.meta),

@@ -8,6 +8,7 @@ pub mod actions;
 pub mod aggregate;
 pub mod bulk;
 pub mod cache;
+pub mod coalesce;
 pub mod config;
 pub mod forward;
 pub mod modules;
@@ -81,6 +82,8 @@ pub struct Mlm {
     pub bulk_stats: bulk::Stats,
     /// Downloads fetched once and published for the subtree.
     pub cache: cache::Cache,
+    /// Synchronous relays, several envelopes per upstream POST under load.
+    pub coalescer: coalesce::Coalescer,
 }
 
 /// How [`run`] ended.
@@ -146,6 +149,7 @@ impl Mlm {
             bulk_client: rs_common::bulk::Client::new().map_err(anyhow::Error::msg)?,
             bulk_stats: bulk::Stats::default(),
             cache: cache::Cache::open(&cfg.data_dir).context("opening the bulk cache")?,
+            coalescer: coalesce::Coalescer::default(),
             cfg,
         }))
     }
@@ -357,6 +361,7 @@ pub async fn run(
         ))
     };
     let fetcher = tokio::spawn(cache::run(mlm.clone(), shutdown.clone()));
+    tokio::spawn(coalesce::run(mlm.clone()));
     tokio::spawn(rs_common::ingress::reoffer_ticker(
         mlm.outbox_ready.clone(),
         mlm.cfg.offer_again(),
