@@ -341,6 +341,10 @@ fn main() {
                 Box::new(move || bulk::run(runs).map_err(|e| format!("{e:#}"))),
             ),
             (
+                "idle",
+                Box::new(move || forward::idle(runs).map_err(|e| format!("{e:#}"))),
+            ),
+            (
                 "relay",
                 Box::new(move || relay::run(runs).map_err(|e| format!("{e:#}"))),
             ),

@@ -5,11 +5,11 @@
 //! each message answered with the server's outcome) and through nginx
 //! `proxy_pass` (bench/nginx/relay.conf) to the same application server,
 //! which stores every message either way. Envelopes per second, median of
-//! the runs. Also the idle MLM's resident memory.
+//! the runs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rs_common::codec::EnvelopeWriter;
 use rs_common::model::*;
@@ -105,15 +105,6 @@ pub(crate) fn run(runs: usize) -> anyhow::Result<Vec<Figure>> {
             std::slice::from_ref(&a),
             &Extra::default(),
         )?;
-        // Idle: started, called in upstream, nothing relayed yet.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let pid = d
-            .nodes
-            .get("mlm")
-            .and_then(|n| n.child.as_ref())
-            .map(std::process::Child::id)
-            .ok_or_else(|| anyhow::anyhow!("no MLM process"))?;
-        let idle = crate::forward::rss_mb(pid).unwrap_or(0.0);
         let nginx = crate::bulk::start_nginx(&dir.join("nginx"), &a)?;
         let (mut ours, mut peer) = (Vec::new(), Vec::new());
         for i in 0..runs {
@@ -124,48 +115,33 @@ pub(crate) fn run(runs: usize) -> anyhow::Result<Vec<Figure>> {
         }
         drop(nginx);
         d.stop_all();
-        anyhow::Ok((ours, peer, idle))
+        anyhow::Ok((ours, peer))
     });
     let _ = std::fs::remove_dir_all(&dir);
-    let (ours, peer, idle) = r?;
+    let (ours, peer) = r?;
     let command = format!("cargo run --release -p rs-bench -- relay --runs {runs}");
     let (v, pv) = (
         crate::forward::median(&mut ours.clone()),
         crate::forward::median(&mut peer.clone()),
     );
-    Ok(vec![
-        Figure {
-            peer: Some(
-                "nginx proxy_pass of the same POSTs (64 KiB buffers, keepalive upstream)".into(),
+    Ok(vec![Figure {
+        peer: Some(
+            "nginx proxy_pass of the same POSTs (64 KiB buffers, keepalive upstream)".into(),
+        ),
+        peer_value: Some(pv),
+        ratio: Some(v / pv),
+        target: Some(">= 1.0x nginx".into()),
+        ..Figure::measured(
+            "relay_small_envelopes_per_s",
+            format!(
+                "one-alarm envelopes (about 1.5 KB, each a new message) relayed by rs-mlm to the application server and answered with its outcomes, {POSTERS} concurrent simulated proxies, stored at the server"
             ),
-            peer_value: Some(pv),
-            ratio: Some(v / pv),
-            target: Some(">= 1.0x nginx".into()),
-            ..Figure::measured(
-                "relay_small_envelopes_per_s",
-                format!(
-                    "one-alarm envelopes (about 1.5 KB, each a new message) relayed by rs-mlm to the application server and answered with its outcomes, {POSTERS} concurrent simulated proxies, stored at the server"
-                ),
-                v,
-                "envelopes/s",
-                "higher",
-                ours.len(),
-                spread(&ours),
-                &command,
-            )
-        },
-        Figure {
-            target: Some("<= 20 MB".into()),
-            ..Figure::measured(
-                "rss_idle_mlm_mb",
-                "resident memory of an idle rs-mlm (3 s after start)".into(),
-                idle,
-                "MB",
-                "lower",
-                1,
-                (idle, idle),
-                &command,
-            )
-        },
-    ])
+            v,
+            "envelopes/s",
+            "higher",
+            ours.len(),
+            spread(&ours),
+            &command,
+        )
+    }])
 }
