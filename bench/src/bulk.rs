@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use rs_common::codec::EnvelopeWriter;
 use rs_common::model::*;
-use rs_common::{MessageId, RsId, Timestamp};
+use rs_common::{RsId, Timestamp};
 use rs_tests::deploy::{Deployment, Extra, server_metrics};
 
 use crate::{Figure, spread};
@@ -140,33 +140,12 @@ async fn post_as(a: &str, from: &str, m: Option<Message>) -> anyhow::Result<Vec<
 /// Asks the server for an upload grant of `size` bytes; returns its path.
 async fn grant(a: &str, size: u64, sha: &str) -> anyhow::Result<String> {
     let from = "acme.p9";
-    let id = MessageId::generate();
-    let m = Message {
-        header: Header {
-            id: id.clone(),
-            created: Timestamp::now(),
-            class: Classification::new("diagnostics", "core"),
-            route: Route::Source(Source {
-                component: RsId::new(from)?,
-                version: "bench".into(),
-                qos: Qos {
-                    expiry: None,
-                    precedence: 3,
-                    persistent: true,
-                },
-            }),
-            routing: Vec::new(),
-        },
-        content: Content::BulkRequest(BulkRequest {
-            direction: Direction::Upload,
-            name: "core".into(),
-            size,
-            sha256: rs_common::codec::parse_sha256(sha).map_err(anyhow::Error::msg)?,
-            class: Classification::new("diagnostics", "core"),
-            url: None,
-            expires: None,
-        }),
-    };
+    let m = rs_tests::upload_request(
+        &RsId::new(from)?,
+        size,
+        rs_common::codec::parse_sha256(sha).map_err(anyhow::Error::msg)?,
+    );
+    let id = m.header.id.clone();
     for b in post_as(a, from, Some(m)).await? {
         if let Content::BulkResponse(r) = b.content
             && r.request == id

@@ -34,3 +34,40 @@ pub fn assert_control_api_valid(doc: &[u8], scratch: &std::path::Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A bulk request for an upload of `size` bytes with SHA-256 `sha`, from
+/// component `from` (class diagnostics/core): what a client sends to be
+/// granted an upload URL.
+pub fn upload_request(
+    from: &rs_common::RsId,
+    size: u64,
+    sha: [u8; 32],
+) -> rs_common::model::Message {
+    use rs_common::model::*;
+    Message {
+        header: Header {
+            id: rs_common::MessageId::generate(),
+            created: rs_common::Timestamp::now(),
+            class: Classification::new("diagnostics", "core"),
+            route: Route::Source(Source {
+                component: from.clone(),
+                version: "1".into(),
+                qos: Qos {
+                    expiry: None,
+                    precedence: 3,
+                    persistent: true,
+                },
+            }),
+            routing: Vec::new(),
+        },
+        content: Content::BulkRequest(BulkRequest {
+            direction: Direction::Upload,
+            name: "core.1".into(),
+            size,
+            sha256: sha,
+            class: Classification::new("diagnostics", "core"),
+            url: None,
+            expires: None,
+        }),
+    }
+}

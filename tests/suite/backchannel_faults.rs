@@ -258,14 +258,10 @@ fn libfaketime() -> std::path::PathBuf {
     p
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_proxy_away_for_an_hour_gets_what_has_not_expired() {
-    let dir = tmp("away-an-hour");
-    let mut d = Deployment::new(&dir, exe()).unwrap();
-    // The appserver and the MLM run on a clock the test moves.
-    let clock = dir.join("faketime");
-    std::fs::write(&clock, "+0s\n").unwrap();
-    d.env = vec![
+/// The environment that puts a daemon on a wall clock the test moves by
+/// writing an offset (`+3600s`) into `clock` (its monotonic clock runs on).
+pub(crate) fn faketime(clock: &std::path::Path) -> Vec<(String, String)> {
+    vec![
         ("LD_PRELOAD".into(), libfaketime().display().to_string()),
         (
             "FAKETIME_TIMESTAMP_FILE".into(),
@@ -273,7 +269,17 @@ async fn a_proxy_away_for_an_hour_gets_what_has_not_expired() {
         ),
         ("FAKETIME_CACHE_DURATION".into(), "1".into()),
         ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-    ];
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_away_for_an_hour_gets_what_has_not_expired() {
+    let dir = tmp("away-an-hour");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    // The appserver and the MLM run on a clock the test moves.
+    let clock = dir.join("faketime");
+    std::fs::write(&clock, "+0s\n").unwrap();
+    d.env = faketime(&clock);
     let a = d.appserver("127.0.0.1:0", "").unwrap();
     let m = d
         .mlm(

@@ -197,32 +197,7 @@ async fn a_2gb_upload_through_an_mlm_survives_a_cut_and_is_stored_once_with_flat
 async fn request_upload(a: &str, from: &str, size: u64, sha: [u8; 32]) -> (MessageId, Grant) {
     let now = Timestamp::now();
     let me = RsId::new(from).unwrap();
-    let m = Message {
-        header: Header {
-            id: MessageId::generate(),
-            created: now,
-            class: Classification::new("diagnostics", "core"),
-            route: Route::Source(Source {
-                component: me.clone(),
-                version: "1".into(),
-                qos: Qos {
-                    expiry: None,
-                    precedence: 3,
-                    persistent: true,
-                },
-            }),
-            routing: Vec::new(),
-        },
-        content: Content::BulkRequest(BulkRequest {
-            direction: Direction::Upload,
-            name: "core.1".into(),
-            size,
-            sha256: sha,
-            class: Classification::new("diagnostics", "core"),
-            url: None,
-            expires: None,
-        }),
-    };
+    let m = rs_tests::upload_request(&me, size, sha);
     let up = rs_common::upstream::Upstream::new(rs_common::upstream::UpstreamConfig {
         urls: vec![format!("http://{a}")],
         ..Default::default()
@@ -706,18 +681,7 @@ async fn a_download_survives_a_cut_waits_for_a_closed_window_and_reaches_a_direc
     );
     let clock = dir.join("p2-clock");
     std::fs::write(&clock, "+0s\n").unwrap();
-    d.env = vec![
-        (
-            "LD_PRELOAD".into(),
-            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into(),
-        ),
-        (
-            "FAKETIME_TIMESTAMP_FILE".into(),
-            clock.display().to_string(),
-        ),
-        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-    ];
+    d.env = crate::backchannel_faults::faketime(&clock);
     let p2 = d
         .proxy(
             "p2",

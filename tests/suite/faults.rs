@@ -150,18 +150,7 @@ async fn nothing_is_lost_or_doubled_under_kills_link_faults_a_full_disk_and_cloc
     );
     let clock = dir.join("p4-clock");
     std::fs::write(&clock, "+0s\n").unwrap();
-    d.env = vec![
-        (
-            "LD_PRELOAD".into(),
-            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into(),
-        ),
-        (
-            "FAKETIME_TIMESTAMP_FILE".into(),
-            clock.display().to_string(),
-        ),
-        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-    ];
+    d.env = crate::backchannel_faults::faketime(&clock);
     sockets.push(
         d.proxy("p4", "acme.p4", std::slice::from_ref(&rm), &extra)
             .unwrap(),
