@@ -31,9 +31,9 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::AppServer;
-use rs_common::Timestamp;
 use rs_common::db::DbError;
 use rs_common::model::Severity;
+use rs_common::{RsId, Timestamp};
 
 pub use rs_common::codec::api::Delivery;
 
@@ -116,10 +116,10 @@ fn matches(s: &Subscription, m: &Stored) -> bool {
         && s.subclass.as_deref().is_none_or(|c| m.subclass == c)
         && s.customer.as_deref().is_none_or(|c| m.customer == c)
         && s.source.as_deref().is_none_or(|c| {
-            m.component == c
-                || (m.component.len() > c.len()
-                    && m.component.starts_with(c)
-                    && m.component.as_bytes()[c.len()] == b'.')
+            let (Ok(m), Ok(c)) = (RsId::new(&m.component), RsId::new(c)) else {
+                return false;
+            };
+            m.is_within(&c)
         })
         && s.kind.as_deref().is_none_or(|k| m.kind == k)
         && s.min_severity

@@ -105,7 +105,10 @@ where
     S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + ?Sized,
     B: bytes::Buf,
 {
-    let name = percent_decode(&name);
+    // Path segments arrive percent-encoded (names with spaces and such).
+    let name = percent_encoding::percent_decode_str(&name)
+        .decode_utf8_lossy()
+        .into_owned();
     if name.is_empty()
         || name.len() > 255
         || name.contains(['/', '\\'])
@@ -220,26 +223,6 @@ where
         size: len,
         sha256: sha,
     }))
-}
-
-/// `%XX` in a path segment (file names with spaces and the like).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn offer(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, warp::Rejection> {

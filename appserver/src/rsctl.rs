@@ -337,14 +337,7 @@ async fn publish_file(api: &Api, path: &std::path::Path, name: &str) -> anyhow::
         }
         c
     });
-    let mut enc = String::new();
-    for c in name.bytes() {
-        if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
-            enc.push(char::from(c));
-        } else {
-            enc.push_str(&format!("%{c:02X}"));
-        }
-    }
+    let enc = percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC);
     let url = format!("{}/rs/v1/control/files/{enc}", api.base);
     let resp = reqwest::Client::new()
         .put(&url)
