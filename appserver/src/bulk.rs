@@ -143,6 +143,17 @@ impl Uploads {
         self.dir.join("files").join(request)
     }
 
+    /// Counts a decision once it is stored with its request (a repeat of
+    /// a request is decided again but not stored).
+    pub fn count(&self, d: &Decided) {
+        let c = if d.grant.is_some() {
+            &self.stats.granted
+        } else {
+            &self.stats.refused
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Grants or refuses an upload request. `m` is the request as it
     /// arrived (its source and routing say where the answer goes).
     pub fn decide(&self, m: &RawMessage, b: &BulkRequest, now: Timestamp) -> Option<Decided> {
@@ -153,7 +164,6 @@ impl Uploads {
             .last()
             .map_or_else(|| src.component.to_string(), |h| h.component.to_string());
         let refuse = |code: &'static str, text: String, retry: Option<Duration>| {
-            self.stats.refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!("upload {} ({}) refused: {text}", m.header.id, b.name);
             Grant::Refused {
                 reason: Reason::new(code, text),
@@ -197,7 +207,6 @@ impl Uploads {
                         subclass: b.class.subclass.clone(),
                         expires,
                     });
-                    self.stats.granted.fetch_add(1, Ordering::Relaxed);
                     Grant::Granted {
                         url: format!("{}{token}", bulk::PATH),
                         expires,

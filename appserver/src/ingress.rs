@@ -169,10 +169,18 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
         }
     }
     if !batch.is_empty() {
-        let decided = batch.iter().any(|i| i.bulk.is_some());
+        let decided: Vec<Option<crate::bulk::Decided>> =
+            batch.iter().map(|i| i.bulk.clone()).collect();
         match app.store.ingest(batch, now).await {
             Ok(results) => {
-                if decided {
+                let mut answered = false;
+                for (d, r) in decided.iter().zip(&results) {
+                    if let (Some(d), Stored::New) = (d, r) {
+                        app.uploads.count(d);
+                        answered = true;
+                    }
+                }
+                if answered {
                     // Bulk answers wait on the back-channel.
                     app.outbox_ready.notify_waiters();
                 }
