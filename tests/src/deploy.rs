@@ -56,7 +56,12 @@ impl Node {
             .append(true)
             .open(&self.log)?;
         let err = log.try_clone()?;
+        // Its own process group: a Ctrl-C at the terminal reaches the demo
+        // (or test) only, which then stops the tiers in order, instead of
+        // every daemon at once.
+        use std::os::unix::process::CommandExt as _;
         let child = Command::new(exe)
+            .process_group(0)
             .arg(self.role.arg())
             .args(&self.args)
             .env(
