@@ -20,7 +20,7 @@ use http::StatusCode;
 use rs_common::bulk::{self, ContentRange, UPLOAD_COMPLETE, UPLOAD_LENGTH, UPLOAD_OFFSET};
 use rs_common::codec::RawMessage;
 use rs_common::model::*;
-use rs_common::throttle::{Decision, Subject};
+use rs_common::throttle::Held;
 use rs_common::{MessageId, Reason, Timestamp};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt as _;
@@ -436,20 +436,9 @@ where
         return reply(StatusCode::INTERNAL_SERVER_ERROR, "bad component in store");
     };
     let throttle = app.current_throttle();
-    let _permit = match throttle.bulk_permit(&Subject {
-        component: &component,
-        class: "bulk",
-        kind: ContentKind::BulkRequest,
-        bytes: range.len(),
-        precedence: 3,
-        severity: None,
-    }) {
+    let _permit = match throttle.bulk_permit(&component, range.len(), 3) {
         Ok(p) => p,
-        Err(d) => {
-            let (after, why) = match d {
-                Decision::Wait { after, why } => (after, why),
-                Decision::Admit => (Duration::from_secs(1), "busy".to_owned()),
-            };
+        Err(Held { after, why }) => {
             up.stats.transfers_refused.fetch_add(1, Ordering::Relaxed);
             return with(
                 reply(StatusCode::SERVICE_UNAVAILABLE, why),

@@ -242,14 +242,11 @@ impl Client {
             Ok(resp) => {
                 let status = resp.status();
                 let headers = resp.headers().clone();
-                let text: String = resp
-                    .text()
-                    .await
-                    .unwrap_or_default()
-                    .chars()
-                    .take(500)
-                    .collect();
-                answer_of(status, &headers, text.trim().to_owned())
+                answer_of(
+                    status,
+                    &headers,
+                    crate::upstream::short_text(resp, 500).await,
+                )
             }
             Err(e) => Answer::Unavailable {
                 why: crate::upstream::error_chain(&e),
@@ -342,8 +339,11 @@ impl Client {
                 have = 0;
             } else if status != StatusCode::PARTIAL_CONTENT && status != StatusCode::OK {
                 let headers = resp.headers().clone();
-                let text = resp.text().await.unwrap_or_default();
-                return answer_of(status, &headers, text.trim().chars().take(500).collect());
+                return answer_of(
+                    status,
+                    &headers,
+                    crate::upstream::short_text(resp, 500).await,
+                );
             }
             let file = if have == 0 {
                 tokio::fs::File::create(part).await

@@ -519,6 +519,13 @@ pub struct Throttle {
     max_bulk: Option<u32>,
 }
 
+/// Why a bulk transfer may not start now, and when to ask again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub after: Duration,
+    pub why: String,
+}
+
 /// Held while one bulk transfer runs; dropping it frees its place.
 #[derive(Debug)]
 pub struct BulkPermit(Arc<std::sync::atomic::AtomicU32>);
@@ -530,12 +537,25 @@ impl Drop for BulkPermit {
 }
 
 impl Throttle {
-    /// The accept/refuse decision for a bulk transfer (an upload offered
-    /// from below, a download to fetch): the rules as for any message of
-    /// `s` (typically class `bulk`, its size in `bytes`), then the cap on
-    /// transfers at once. The permit is held for the transfer.
-    pub fn bulk_permit(&self, s: &Subject<'_>) -> Result<BulkPermit, Decision> {
+    /// The accept/refuse decision for a bulk transfer (an upload sent or
+    /// relayed, a download to fetch) by `component`, `bytes` still to go:
+    /// the rules as for a message of class `bulk` and type `bulk-request`
+    /// of that size, then the cap on transfers at once. The permit is held
+    /// for the transfer.
+    pub fn bulk_permit(
+        &self,
+        component: &RsId,
+        bytes: u64,
+        precedence: u8,
+    ) -> Result<BulkPermit, Held> {
         use std::sync::atomic::Ordering;
+        let held = |d: Decision| match d {
+            Decision::Wait { after, why } => Held { after, why },
+            Decision::Admit => Held {
+                after: Duration::from_secs(1),
+                why: String::new(),
+            },
+        };
         if let Some(max) = self.max_bulk {
             let taken = self
                 .bulk
@@ -544,19 +564,26 @@ impl Throttle {
                 })
                 .is_ok();
             if !taken {
-                return Err(self.hold(
+                return Err(held(self.hold(
                     "bulk",
                     Duration::from_secs(30),
                     format!("{max} bulk transfers are under way already"),
-                ));
+                )));
             }
         } else {
             self.bulk.fetch_add(1, Ordering::AcqRel);
         }
         let permit = BulkPermit(self.bulk.clone());
-        match self.check(s) {
+        match self.check(&Subject {
+            component,
+            class: "bulk",
+            kind: ContentKind::BulkRequest,
+            bytes,
+            precedence,
+            severity: None,
+        }) {
             Decision::Admit => Ok(permit),
-            wait => Err(wait),
+            wait => Err(held(wait)),
         }
     }
 

@@ -185,14 +185,7 @@ impl Upstream {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            let text: String = resp
-                .text()
-                .await
-                .unwrap_or_default()
-                .chars()
-                .take(500)
-                .collect();
-            let text = text.trim().to_owned();
+            let text = short_text(resp, 500).await;
             return Err(match status {
                 400 | 415 => PostError::Refused { url, status, text },
                 413 => PostError::TooLarge { url, text },
@@ -231,6 +224,19 @@ impl Upstream {
         dec.finish()
             .map_err(|error| PostError::BadReply { url, error })
     }
+}
+
+/// The first `max` characters of a reply's text, trimmed (what an error
+/// answer says, bounded; empty if it cannot be read).
+pub async fn short_text(resp: reqwest::Response, max: usize) -> String {
+    let text: String = resp
+        .text()
+        .await
+        .unwrap_or_default()
+        .chars()
+        .take(max)
+        .collect();
+    text.trim().to_owned()
 }
 
 /// An error and its sources, joined with ": ".

@@ -18,7 +18,7 @@ use std::time::Duration;
 use http::StatusCode;
 use rs_common::bulk::{ContentRange, UPLOAD_COMPLETE, UPLOAD_LENGTH, UPLOAD_OFFSET};
 use rs_common::model::{ContentKind, Direction};
-use rs_common::throttle::{Decision, Subject};
+use rs_common::throttle::Held;
 use serde::{Deserialize, Serialize};
 use warp::Filter;
 
@@ -135,14 +135,8 @@ async fn pass_down(r: Result<reqwest::Response, reqwest::Error>) -> warp::reply:
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let body: String = resp
-        .text()
-        .await
-        .unwrap_or_default()
-        .chars()
-        .take(4096)
-        .collect();
-    let mut out = warp::reply::Response::new(body.into());
+    let body = rs_common::upstream::short_text(resp, 4096).await;
+    let mut out = warp::reply::Response::new(format!("{body}\n").into());
     *out.status_mut() = status;
     for (k, v) in keep {
         out.headers_mut().insert(k, v);
@@ -263,21 +257,10 @@ where
             "Content-Range must be bytes START-END/SIZE and match Content-Length",
         );
     }
-    let _permit = match mlm.throttle.bulk_permit(&Subject {
-        component: &mlm.id,
-        class: "bulk",
-        kind: ContentKind::BulkRequest,
-        bytes: len,
-        precedence: 3,
-        severity: None,
-    }) {
+    let _permit = match mlm.throttle.bulk_permit(&mlm.id, len, 3) {
         Ok(p) => p,
-        Err(d) => {
+        Err(Held { after, why }) => {
             mlm.bulk_stats.refused.fetch_add(1, Ordering::Relaxed);
-            let (after, why) = match d {
-                Decision::Wait { after, why } => (after, why),
-                Decision::Admit => (Duration::from_secs(1), "busy".to_owned()),
-            };
             let mut r = text(StatusCode::SERVICE_UNAVAILABLE, why);
             if let Ok(v) = http::HeaderValue::from_str(&after.as_secs().max(1).to_string()) {
                 r.headers_mut().insert(http::header::RETRY_AFTER, v);

@@ -19,8 +19,7 @@ use std::time::Duration;
 use rs_common::Timestamp;
 use rs_common::bulk::{self, Answer};
 use rs_common::db::{Db, DbError, Plain};
-use rs_common::model::ContentKind;
-use rs_common::throttle::{Decision, Subject};
+use rs_common::throttle::Held;
 use rusqlite::{OptionalExtension as _, params};
 
 use crate::Mlm;
@@ -305,20 +304,12 @@ async fn fetch_one(mlm: &Mlm, e: &Entry) -> Result<(), String> {
     let have = tokio::fs::metadata(cache.part(&e.sha))
         .await
         .map_or(0, |m| m.len());
-    let _permit = match mlm.throttle.bulk_permit(&Subject {
-        component: &mlm.id,
-        class: "bulk",
-        kind: ContentKind::BulkRequest,
-        bytes: e.size.saturating_sub(have),
-        precedence: 3,
-        severity: None,
-    }) {
+    let _permit = match mlm
+        .throttle
+        .bulk_permit(&mlm.id, e.size.saturating_sub(have), 3)
+    {
         Ok(p) => p,
-        Err(d) => {
-            let (after, why) = match d {
-                Decision::Wait { after, why } => (after, why),
-                Decision::Admit => (Duration::from_secs(1), String::new()),
-            };
+        Err(Held { after, why }) => {
             return cache
                 .set(
                     &e.sha,

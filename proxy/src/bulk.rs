@@ -25,7 +25,7 @@ use rs_common::bulk::Answer;
 use rs_common::db::{Db, DbError, Plain};
 use rs_common::model::*;
 use rs_common::spool::{Fate, Spool as _};
-use rs_common::throttle::{Decision, Subject};
+use rs_common::throttle::Held;
 use rs_common::{MessageId, RsId, Timestamp};
 use rusqlite::{OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
@@ -769,22 +769,18 @@ async fn transfer(
     };
     // Hold a place for the transfer (and pass the throttle's windows and
     // quotas for class `bulk`) for as long as it runs.
-    let _permit = match proxy.throttle.bulk_permit(&Subject {
-        component: &source,
-        class: "bulk",
-        kind: ContentKind::BulkRequest,
-        bytes: r.up.size.saturating_sub(r.up.sent),
-        precedence: r.precedence,
-        severity: None,
-    }) {
-        Ok(p) => p,
-        Err(Decision::Wait { after, why }) => {
-            let mut c = at(now, after);
-            c.reason = Some(why);
-            return up.update(id, c, now).await.map_err(|e| e.to_string());
-        }
-        Err(Decision::Admit) => return Ok(()),
-    };
+    let _permit =
+        match proxy
+            .throttle
+            .bulk_permit(&source, r.up.size.saturating_sub(r.up.sent), r.precedence)
+        {
+            Ok(p) => p,
+            Err(Held { after, why }) => {
+                let mut c = at(now, after);
+                c.reason = Some(why);
+                return up.update(id, c, now).await.map_err(|e| e.to_string());
+            }
+        };
     let url = format!(
         "{}{}{token}",
         upstream.current_url().trim_end_matches('/'),

@@ -25,7 +25,7 @@ use rs_common::bulk::Answer;
 use rs_common::codec::RawMessage;
 use rs_common::control::{Answer as Reply, answer_refused};
 use rs_common::model::*;
-use rs_common::throttle::{Decision, Subject};
+use rs_common::throttle::Held;
 use rs_common::{MessageId, Outcome, Timestamp};
 use rusqlite::{OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
@@ -327,20 +327,12 @@ async fn fetch(
         .map_err(|e| e.to_string())?;
     let part = dir.join(format!("{}.part", d.sha256));
     let have = tokio::fs::metadata(&part).await.map_or(0, |m| m.len());
-    let _permit = match proxy.throttle.bulk_permit(&Subject {
-        component: &proxy.id,
-        class: "bulk",
-        kind: ContentKind::BulkRequest,
-        bytes: d.size.saturating_sub(have),
-        precedence: 3,
-        severity: None,
-    }) {
+    let _permit = match proxy
+        .throttle
+        .bulk_permit(&proxy.id, d.size.saturating_sub(have), 3)
+    {
         Ok(p) => p,
-        Err(dec) => {
-            let (after, why) = match dec {
-                Decision::Wait { after, why } => (after, why),
-                Decision::Admit => (Duration::from_secs(1), String::new()),
-            };
+        Err(Held { after, why }) => {
             return set(
                 proxy,
                 &d.offer,

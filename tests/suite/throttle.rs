@@ -363,17 +363,20 @@ fn bulk_transfers_are_capped_and_ask_the_same_rules() {
     let t = Throttle::new(&cfg, c.clone(), None, None).unwrap();
     let upload = Msg::new("acme.p1", "bulk", 2_000_000_000);
     // By day the window refuses, and the refused transfer holds no place.
-    assert!(t.bulk_permit(&upload.subject()).is_err());
+    let permit = || t.bulk_permit(&upload.component, upload.bytes, upload.precedence);
+    assert!(permit().is_err());
     assert_eq!(t.bulk_transfers(), 0);
     c.set("2026-11-24T22:00:00Z"); // 23:00 in Berlin
-    let p1 = t.bulk_permit(&upload.subject()).unwrap();
-    let _p2 = t.bulk_permit(&upload.subject()).unwrap();
-    match t.bulk_permit(&upload.subject()) {
-        Err(Decision::Wait { why, .. }) => assert!(why.contains("2 bulk transfers"), "{why}"),
+    let p1 = permit().unwrap();
+    let _p2 = permit().unwrap();
+    match permit() {
+        Err(rs_common::throttle::Held { why, .. }) => {
+            assert!(why.contains("2 bulk transfers"), "{why}")
+        }
         other => panic!("a third transfer at once: {other:?}"),
     }
     drop(p1);
-    assert!(t.bulk_permit(&upload.subject()).is_ok());
+    assert!(permit().is_ok());
 }
 
 #[test]
