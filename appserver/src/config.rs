@@ -68,6 +68,30 @@ pub struct Config {
     /// Bulk uploads: limits and how long grants last.
     #[serde(default)]
     pub bulk: crate::bulk::BulkConfig,
+    /// TLS with mutual authentication (docs/security.md). Without it the
+    /// server speaks plain HTTP and checks no identities (loopback
+    /// benchmarks only).
+    #[serde(default)]
+    pub tls: Option<rs_common::tls::TlsConfig>,
+    /// The provider's CA, for enrollment and revocation through the
+    /// control API (docs/security.md).
+    #[serde(default)]
+    pub ca: Option<CaSection>,
+}
+
+/// `[ca]`: where the CA lives and what it issues.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaSection {
+    /// The directory `rsctl ca init` created.
+    pub dir: PathBuf,
+    /// Days a certificate issued at enrollment is valid.
+    #[serde(default = "default_cert_days")]
+    pub cert_days: u32,
+}
+
+fn default_cert_days() -> u32 {
+    365
 }
 
 /// Decoder limits (see docs/protocol.md, Limits).

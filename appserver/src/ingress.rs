@@ -30,6 +30,11 @@ pub struct Stats {
     /// Peripheral tasks completed, and attempts that failed.
     pub tasks_done: AtomicU64,
     pub tasks_failed: AtomicU64,
+    /// Certificates issued at enrollment, enrollments refused, and
+    /// certificates revoked through the control API.
+    pub enrolled: AtomicU64,
+    pub enroll_refused: AtomicU64,
+    pub revoked: AtomicU64,
 }
 
 pub fn route(
@@ -39,10 +44,16 @@ pub fn route(
     let timeout = Duration::from_secs(app.cfg.body_timeout_secs);
     warp::path!("rs" / "v1" / "envelope")
         .and(warp::post())
+        .and(rs_common::auth::caller_filter())
         .and(envelope(limits, timeout))
-        .then(move |env: RawEnvelope| {
+        .then(move |caller: rs_common::auth::Caller, env: RawEnvelope| {
             let app = app.clone();
-            async move { handle(&app, env).await }
+            async move {
+                match rs_common::auth::screen(&caller, &app.id, &env, &app.auth) {
+                    Ok(refused) => handle(&app, env, refused).await,
+                    Err(r) => r.response(),
+                }
+            }
         })
 }
 
@@ -110,7 +121,12 @@ fn examine(app: &AppServer, m: RawMessage, now: Timestamp) -> Result<Incoming, O
     Ok(inc)
 }
 
-async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
+/// `refused[i]`: message `i` is not the caller's to send (anti-spoofing).
+async fn handle(
+    app: &AppServer,
+    env: RawEnvelope,
+    refused: Vec<Option<Outcome>>,
+) -> warp::reply::Response {
     let _busy = app.load.enter();
     let now = app.clock.now();
     let sender = env.meta.sender.clone();
@@ -124,11 +140,18 @@ async fn handle(app: &AppServer, env: RawEnvelope) -> warp::reply::Response {
         .received
         .fetch_add(env.messages.len() as u64, Ordering::Relaxed);
     let ids: Vec<MessageId> = env.messages.iter().map(|m| m.header.id.clone()).collect();
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; ids.len()];
+    app.stats.rejected.fetch_add(
+        refused.iter().filter(|o| o.is_some()).count() as u64,
+        Ordering::Relaxed,
+    );
+    let mut outcomes: Vec<Option<Outcome>> = refused;
     let mut batch = Vec::new();
     let mut slots = Vec::new();
     let throttle = app.current_throttle();
     for (i, m) in env.messages.into_iter().enumerate() {
+        if outcomes[i].is_some() {
+            continue;
+        }
         match examine(app, m, now) {
             Ok(inc) => {
                 if !throttle.is_empty()

@@ -15,6 +15,7 @@ pub mod modules;
 pub mod monitor;
 pub mod publish;
 pub mod rsctl;
+pub mod security;
 pub mod store;
 
 use std::sync::Arc;
@@ -62,6 +63,12 @@ pub struct AppServer {
     pub uploads: bulk::Uploads,
     /// Published files offered for download.
     pub downloads: publish::Stats,
+    /// The TLS listener's context (`None`: plain HTTP).
+    pub tls: Option<Arc<rs_common::tls::TlsServer>>,
+    /// The provider's CA, when this server enrolls components.
+    pub ca: Option<Arc<rs_common::pki::Ca>>,
+    /// Refused callers and spoofed messages.
+    pub auth: rs_common::auth::Stats,
 }
 
 impl AppServer {
@@ -124,6 +131,17 @@ impl AppServer {
             id,
             uploads,
             downloads: publish::Stats::default(),
+            tls: match &cfg.tls {
+                Some(t) => Some(rs_common::tls::TlsServer::new(t).map_err(anyhow::Error::msg)?),
+                None => None,
+            },
+            ca: match &cfg.ca {
+                Some(c) => Some(Arc::new(
+                    rs_common::pki::Ca::open(&c.dir).map_err(anyhow::Error::msg)?,
+                )),
+                None => None,
+            },
+            auth: rs_common::auth::Stats::default(),
             modules,
             store,
             clock,
@@ -154,17 +172,23 @@ impl AppServer {
             .and(warp::get())
             .map(|| "ok\n");
         finish(
-            ingress::route(self.clone())
-                .or(bulk::routes(self.clone()))
-                .unify()
-                .or(bulk::control_routes(self.clone()))
-                .unify()
-                .or(publish::routes(self.clone()))
-                .unify()
-                .or(control::routes(self.clone()))
-                .unify()
-                .or(health.map(warp::Reply::into_response))
-                .unify(),
+            security::gate().and(
+                ingress::route(self.clone())
+                    .or(bulk::routes(self.clone()))
+                    .unify()
+                    .or(security::public_routes(self.clone()))
+                    .unify()
+                    .or(bulk::control_routes(self.clone()))
+                    .unify()
+                    .or(publish::routes(self.clone()))
+                    .unify()
+                    .or(control::routes(self.clone()))
+                    .unify()
+                    .or(security::control_routes(self.clone()))
+                    .unify()
+                    .or(health.map(warp::Reply::into_response))
+                    .unify(),
+            ),
         )
     }
 }
@@ -253,7 +277,26 @@ pub async fn run(
         app.cfg.offer_again(),
         shutdown.clone(),
     ));
-    serve_tcp(listener, app.routes(), ServeConfig::default(), shutdown).await;
+    if let (Some(_), Some(t)) = (&app.tls, &app.cfg.tls) {
+        // Revocations made by `rsctl ca revoke` on the CA directory (or a
+        // list dropped in place) are in force within the refresh.
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        let every = Duration::from_secs(t.crl_refresh_secs.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+                app.reload_crl();
+            }
+        });
+    }
+    let serve_cfg = ServeConfig {
+        observer: Some(Arc::new(security::Auditor(Arc::downgrade(&app)))),
+        ..ServeConfig::default()
+    };
+    serve_tcp(listener, app.tls.clone(), app.routes(), serve_cfg, shutdown).await;
     let _ = purge.await;
     let _ = expire.await;
     let _ = uploads.await;

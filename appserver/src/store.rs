@@ -309,6 +309,7 @@ impl Store {
     pub fn open(path: &std::path::Path) -> Result<Self, DbError> {
         let conn = rs_common::db::open(path)?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(crate::security::SCHEMA)?;
         // Subscriptions take messages stored after they were made
         // (`from_seq`); databases from before the column get it.
         let has: bool = conn

@@ -162,7 +162,7 @@ async fn grant(a: &str, size: u64, sha: &str) -> anyhow::Result<String> {
 /// Seconds for one PUT of `file` to `url` (201 expected).
 async fn put(url: &str, file: &Path, size: u64) -> anyhow::Result<f64> {
     let t0 = Instant::now();
-    let answer = rs_common::bulk::Client::new()
+    let answer = rs_common::bulk::Client::new(None)
         .map_err(anyhow::Error::msg)?
         .put_file(url, file, 0, size)
         .await;

@@ -222,8 +222,8 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new() -> Result<Self, String> {
-        let http = reqwest::Client::builder()
+    pub fn new(tls: Option<&crate::tls::TlsConfig>) -> Result<Self, String> {
+        let http = crate::tls::client(tls)?
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(120))
             .tcp_nodelay(true)

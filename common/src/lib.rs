@@ -25,21 +25,29 @@ pub use outcome::{Code, Outcome, Reason};
 pub use time::Timestamp;
 
 #[cfg(feature = "runtime")]
+pub mod auth;
+#[cfg(feature = "runtime")]
 pub mod bulk;
 #[cfg(feature = "runtime")]
 pub mod config_file;
 #[cfg(feature = "runtime")]
 pub mod db;
 #[cfg(feature = "runtime")]
+pub mod enroll;
+#[cfg(feature = "runtime")]
 pub mod ingress;
 #[cfg(feature = "runtime")]
 pub mod outbox;
+#[cfg(feature = "runtime")]
+pub mod pki;
 #[cfg(feature = "runtime")]
 pub mod server;
 #[cfg(feature = "runtime")]
 pub mod spool;
 #[cfg(feature = "runtime")]
 pub mod throttle;
+#[cfg(feature = "runtime")]
+pub mod tls;
 #[cfg(feature = "runtime")]
 pub mod upstream;
 

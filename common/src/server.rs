@@ -18,7 +18,27 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service as _;
 use warp::Filter;
+
+use crate::pki::Identity;
+use crate::tls::TlsServer;
 use warp::reject::Reject;
+
+/// Passes requests from any verified certificate (component or admin), or
+/// from anyone on a plain listener; refuses anonymous TLS callers.
+pub fn authenticated() -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static
+{
+    peer()
+        .and_then(|p: Peer| async move {
+            match p {
+                Peer::Tls(_, None) => Err(warp::reject::custom(Refusal::new(
+                    http::StatusCode::UNAUTHORIZED,
+                    "a client certificate is required",
+                ))),
+                _ => Ok(()),
+            }
+        })
+        .untuple_one()
+}
 
 /// Bounds of one listener.
 #[derive(Debug, Clone)]
@@ -29,6 +49,20 @@ pub struct ServeConfig {
     pub header_timeout: Duration,
     /// How long in-flight requests may finish after shutdown begins.
     pub grace: Duration,
+    /// Told of every response (the appserver's audit log).
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+/// Sees each request's outcome once its response head is ready.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    fn responded(
+        &self,
+        peer: &Peer,
+        method: &http::Method,
+        uri: &http::Uri,
+        status: http::StatusCode,
+        took: Duration,
+    );
 }
 
 impl Default for ServeConfig {
@@ -37,6 +71,7 @@ impl Default for ServeConfig {
             max_connections: 4096,
             header_timeout: Duration::from_secs(10),
             grace: Duration::from_secs(10),
+            observer: None,
         }
     }
 }
@@ -45,9 +80,37 @@ impl Default for ServeConfig {
 /// extensions (read it with `warp::ext::optional::<Peer>()`).
 #[derive(Debug, Clone)]
 pub enum Peer {
+    /// Plain HTTP over TCP (TLS off: loopback, benchmarks).
     Tcp(SocketAddr),
+    /// TLS over TCP, with the identity of the verified client certificate
+    /// (`None`: the client presented none).
+    Tls(SocketAddr, Option<Arc<Identity>>),
     /// A Unix-domain socket client (the proxy's local integrator API).
     Local,
+}
+
+impl Peer {
+    /// The verified identity, when the peer presented a certificate.
+    pub fn identity(&self) -> Option<&Identity> {
+        match self {
+            Peer::Tls(_, Some(i)) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// True when the connection is plain TCP (no TLS configured).
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Peer::Tcp(_))
+    }
+}
+
+/// Who is calling, as a filter (requests served by something other than
+/// our accept loop count as plain).
+pub fn peer() -> impl Filter<Extract = (Peer,), Error = Infallible> + Clone + Send + Sync + 'static
+{
+    warp::ext::optional::<Peer>().map(|p: Option<Peer>| {
+        p.unwrap_or(Peer::Tcp(SocketAddr::from(([0, 0, 0, 0], 0))))
+    })
 }
 
 /// A listener the accept loop can serve: TCP, or a Unix-domain socket.
@@ -74,9 +137,11 @@ impl Listener for UnixListener {
     }
 }
 
-/// Serves `filter` on a TCP listener until `shutdown`, then drains.
+/// Serves `filter` on a TCP listener until `shutdown`, then drains; over
+/// TLS when `tls` is given.
 pub async fn serve_tcp<F>(
     listener: TcpListener,
+    tls: Option<Arc<TlsServer>>,
     filter: F,
     cfg: ServeConfig,
     shutdown: CancellationToken,
@@ -87,7 +152,7 @@ pub async fn serve_tcp<F>(
         + Sync
         + 'static,
 {
-    serve(listener, filter, cfg, shutdown).await;
+    serve(listener, tls, filter, cfg, shutdown).await;
 }
 
 /// Serves `filter` on a Unix-domain socket until `shutdown`, then drains.
@@ -103,12 +168,19 @@ pub async fn serve_unix<F>(
         + Sync
         + 'static,
 {
-    serve(listener, filter, cfg, shutdown).await;
+    serve(listener, None, filter, cfg, shutdown).await;
 }
 
-/// The accept loop: one task per connection, at most `max_connections`.
-pub async fn serve<L, F>(listener: L, filter: F, cfg: ServeConfig, shutdown: CancellationToken)
-where
+/// The accept loop: one task per connection, at most `max_connections`;
+/// with `tls`, each connection's handshake runs in its own task, bounded by
+/// the header timeout.
+pub async fn serve<L, F>(
+    listener: L,
+    tls: Option<Arc<TlsServer>>,
+    filter: F,
+    cfg: ServeConfig,
+    shutdown: CancellationToken,
+) where
     L: Listener,
     F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
         + Clone
@@ -128,16 +200,29 @@ where
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((io, peer)) => {
-                tracker.spawn(serve_conn(
-                    io,
-                    peer,
-                    filter.clone(),
-                    cfg.clone(),
-                    shutdown.clone(),
-                    permit,
-                ));
-            }
+            Ok((io, peer)) => match (&tls, peer) {
+                (Some(tls), Peer::Tcp(addr)) => {
+                    tracker.spawn(handshake(
+                        tls.clone(),
+                        io,
+                        addr,
+                        filter.clone(),
+                        cfg.clone(),
+                        shutdown.clone(),
+                        permit,
+                    ));
+                }
+                (_, peer) => {
+                    tracker.spawn(serve_conn(
+                        io,
+                        peer,
+                        filter.clone(),
+                        cfg.clone(),
+                        shutdown.clone(),
+                        permit,
+                    ));
+                }
+            },
             Err(e) => {
                 // EMFILE and friends: back off rather than spin.
                 tracing::warn!("accept failed: {e}");
@@ -152,6 +237,76 @@ where
     {
         tracing::warn!("connections still open after the shutdown grace period");
     }
+}
+
+/// The TLS handshake of one connection (within the header timeout, so a
+/// client that never finishes it cannot hold a slot), then its requests.
+async fn handshake<IO, F>(
+    tls: Arc<TlsServer>,
+    io: IO,
+    addr: SocketAddr,
+    filter: F,
+    cfg: ServeConfig,
+    shutdown: CancellationToken,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    use std::sync::atomic::Ordering;
+    let ssl = match openssl::ssl::Ssl::new(tls.acceptor.context()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("TLS: {e}");
+            return;
+        }
+    };
+    let Ok(mut stream) = tokio_openssl::SslStream::new(ssl, io) else {
+        return;
+    };
+    let done = tokio::select! {
+        () = shutdown.cancelled() => return,
+        r = tokio::time::timeout(cfg.header_timeout, std::pin::Pin::new(&mut stream).accept()) => r,
+    };
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tls.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("TLS handshake with {addr} failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tls.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("TLS handshake with {addr} timed out");
+            return;
+        }
+    }
+    tls.stats.handshakes.fetch_add(1, Ordering::Relaxed);
+    let identity = match stream.ssl().peer_certificate() {
+        Some(c) => match Identity::from_cert(&c) {
+            Ok(i) => Some(Arc::new(i)),
+            Err(e) => {
+                // Signed by our CA but not one of ours in form: refuse.
+                tls.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("{addr}: {e}");
+                return;
+            }
+        },
+        None => None,
+    };
+    serve_conn(
+        stream,
+        Peer::Tls(addr, identity),
+        filter,
+        cfg,
+        shutdown,
+        permit,
+    )
+    .await;
 }
 
 async fn serve_conn<IO, F>(
@@ -170,10 +325,21 @@ async fn serve_conn<IO, F>(
         + 'static,
 {
     let svc = warp::service(filter);
+    let observer = cfg.observer.clone();
     let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(peer.clone());
         let mut svc = svc.clone();
-        async move { svc.call(req).await.map_err(|e: Infallible| match e {}) }
+        let seen = observer
+            .clone()
+            .map(|o| (o, peer.clone(), req.method().clone(), req.uri().clone()));
+        async move {
+            let started = std::time::Instant::now();
+            let r = svc.call(req).await.map_err(|e: Infallible| match e {});
+            if let (Some((o, p, m, u)), Ok(resp)) = (seen, &r) {
+                o.responded(&p, &m, &u, resp.status(), started.elapsed());
+            }
+            r
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

@@ -43,6 +43,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Limits on the replies we accept.
     pub limits: Limits,
+    /// TLS towards the upstream (`None`: plain HTTP).
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Default for UpstreamConfig {
@@ -52,6 +54,7 @@ impl Default for UpstreamConfig {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             limits: Limits::default(),
+            tls: None,
         }
     }
 }
@@ -105,7 +108,7 @@ impl Upstream {
         if cfg.urls.is_empty() {
             return Err("no upstream URL configured".into());
         }
-        let client = reqwest::Client::builder()
+        let client = crate::tls::client(cfg.tls.as_ref())?
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(50))
             .tcp_nodelay(true)
@@ -116,6 +119,16 @@ impl Upstream {
             cfg,
             current: AtomicUsize::new(0),
         })
+    }
+
+    /// The HTTP client (TLS set up as configured).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// Every upstream URL, in order.
+    pub fn urls(&self) -> &[String] {
+        &self.cfg.urls
     }
 
     /// The URL in use.
@@ -237,6 +250,24 @@ pub async fn short_text(resp: reqwest::Response, max: usize) -> String {
         .take(max)
         .collect();
     text.trim().to_owned()
+}
+
+/// A reply's body, refused when longer than `max` bytes.
+pub async fn bounded_body(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let url = resp.url().to_string();
+    let mut out = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                if out.len() + c.len() > max {
+                    return Err(format!("{url}: the reply is longer than {max} bytes"));
+                }
+                out.extend_from_slice(&c);
+            }
+            Ok(None) => return Ok(out),
+            Err(e) => return Err(format!("{url}: {}", error_chain(&e))),
+        }
+    }
 }
 
 /// An error and its sources, joined with ": ".

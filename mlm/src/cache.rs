@@ -75,7 +75,10 @@ struct Entry {
 }
 
 impl Cache {
-    pub fn open(data_dir: &std::path::Path) -> anyhow::Result<Self> {
+    pub fn open(
+        data_dir: &std::path::Path,
+        tls: Option<&rs_common::tls::TlsConfig>,
+    ) -> anyhow::Result<Self> {
         let dir = data_dir.join("cache");
         std::fs::create_dir_all(&dir)?;
         let conn = rs_common::db::open(&data_dir.join("cache.db"))?;
@@ -85,7 +88,7 @@ impl Cache {
             dir,
             stats: Stats::default(),
             wake: tokio::sync::Notify::new(),
-            client: bulk::Client::new().map_err(anyhow::Error::msg)?,
+            client: bulk::Client::new(tls).map_err(anyhow::Error::msg)?,
         })
     }
 

@@ -59,6 +59,14 @@ pub struct Config {
     /// Uploads relayed through this MLM.
     #[serde(default)]
     pub bulk: crate::bulk::BulkSection,
+    /// TLS with mutual authentication (docs/security.md), for the listener
+    /// and the upstream client. Without it: plain HTTP, no identities.
+    #[serde(default)]
+    pub tls: Option<rs_common::tls::TlsConfig>,
+    /// A one-time enrollment token: when `tls.cert` does not exist yet the
+    /// MLM creates its key and obtains its certificate with it on start.
+    #[serde(default)]
+    pub enroll_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -12,6 +12,7 @@ use rs_common::ingress::{MAX_OFFER, envelope, envelope_response, offer_back_chan
 use rs_common::model::{Advice, Content, EnvelopeMeta, Hop};
 use rs_common::spool::{Enqueued, Spool as _};
 use rs_common::upstream::PostError;
+use rs_common::auth::Caller;
 use rs_common::{MessageId, Outcome, Timestamp};
 use warp::Filter;
 
@@ -43,10 +44,16 @@ pub fn route(
     let timeout = Duration::from_secs(mlm.cfg.body_timeout_secs);
     warp::path!("rs" / "v1" / "envelope")
         .and(warp::post())
+        .and(rs_common::auth::caller_filter())
         .and(envelope(limits, timeout))
-        .then(move |env: RawEnvelope| {
+        .then(move |caller: Caller, env: RawEnvelope| {
             let mlm = mlm.clone();
-            async move { handle(&mlm, env).await }
+            async move {
+                match rs_common::auth::screen(&caller, &mlm.id, &env, &mlm.auth) {
+                    Ok(refused) => handle(&mlm, env, refused).await,
+                    Err(r) => r.response(),
+                }
+            }
         })
 }
 
@@ -58,7 +65,12 @@ pub(crate) fn unavailable(text: impl Into<String>) -> Outcome {
     Outcome::retry(Duration::from_secs(5), "unavailable", text)
 }
 
-async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
+/// `refused[i]`: message `i` is not the caller's to send (anti-spoofing).
+async fn handle(
+    mlm: &Mlm,
+    env: RawEnvelope,
+    refused: Vec<Option<Outcome>>,
+) -> warp::reply::Response {
     let _busy = mlm.load.enter();
     let now = mlm.clock.now();
     let st = &mlm.stats;
@@ -66,7 +78,12 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
     st.received
         .fetch_add(env.messages.len() as u64, Ordering::Relaxed);
     let ids: Vec<MessageId> = env.messages.iter().map(|m| m.header.id.clone()).collect();
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; ids.len()];
+    let mut outcomes: Vec<Option<Outcome>> = refused;
+    // Refused messages go no further (nor teach routes).
+    st.rejected.fetch_add(
+        outcomes.iter().filter(|o| o.is_some()).count() as u64,
+        Ordering::Relaxed,
+    );
     let sender = env.meta.sender.clone();
     let poll = env.meta.poll;
     let ids_empty = ids.is_empty();
@@ -74,7 +91,9 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
     let mut sources: Vec<rs_common::RsId> = env
         .messages
         .iter()
-        .filter_map(|m| m.header.source().map(|s| s.component.clone()))
+        .zip(&outcomes)
+        .filter(|(_, o)| o.is_none())
+        .filter_map(|(m, _)| m.header.source().map(|s| s.component.clone()))
         .collect();
     sources.sort_unstable();
     sources.dedup();
@@ -103,6 +122,9 @@ async fn handle(mlm: &Mlm, env: RawEnvelope) -> warp::reply::Response {
     let mut aggregate: Vec<(usize, usize, String, Member)> = Vec::new();
 
     for (i, m) in env.messages.into_iter().enumerate() {
+        if outcomes[i].is_some() {
+            continue;
+        }
         if m.header.source().is_none() {
             bump(&st.rejected);
             outcomes[i] = Some(Outcome::rejected(

@@ -66,6 +66,10 @@ pub struct Mlm {
     pub delivered_up: std::sync::Mutex<Vec<(rs_common::MessageId, RsId)>>,
     /// Envelopes being handled (backpressure advice).
     pub load: rs_common::ingress::Load,
+    /// The TLS listener's context (`None`: plain HTTP).
+    pub tls: Option<Arc<rs_common::tls::TlsServer>>,
+    /// Refusals of callers and of messages they may not send.
+    pub auth: rs_common::auth::Stats,
     /// Until when (ms) the upstream asked this MLM to hold back; passed on
     /// to the callers so a storm does not just move up a tier.
     pub upstream_busy_until: std::sync::atomic::AtomicI64,
@@ -119,6 +123,7 @@ impl Mlm {
             Upstream::new(UpstreamConfig {
                 urls: cfg.upstream.urls.clone(),
                 timeout: Duration::from_secs(cfg.upstream.timeout_secs),
+                tls: cfg.tls.clone(),
                 ..UpstreamConfig::default()
             })
             .map_err(anyhow::Error::msg)?,
@@ -142,13 +147,19 @@ impl Mlm {
             delivered_up: std::sync::Mutex::new(Vec::new()),
             paused: Arc::new(AtomicBool::new(false)),
             load: rs_common::ingress::Load::new(cfg.busy_envelopes),
+            tls: match &cfg.tls {
+                Some(t) => Some(rs_common::tls::TlsServer::new(t).map_err(anyhow::Error::msg)?),
+                None => None,
+            },
+            auth: rs_common::auth::Stats::default(),
             upstream_busy_until: std::sync::atomic::AtomicI64::new(0),
             config_path,
             restart: AtomicBool::new(false),
             stop,
-            bulk_client: rs_common::bulk::Client::new().map_err(anyhow::Error::msg)?,
+            bulk_client: rs_common::bulk::Client::new(cfg.tls.as_ref())
+                .map_err(anyhow::Error::msg)?,
             bulk_stats: bulk::Stats::default(),
-            cache: cache::Cache::open(&cfg.data_dir).context("opening the bulk cache")?,
+            cache: cache::Cache::open(&cfg.data_dir, cfg.tls.as_ref()).context("opening the bulk cache")?,
             coalescer: coalesce::Coalescer::default(),
             cfg,
         }))
@@ -304,16 +315,76 @@ impl Mlm {
         let health = warp::path!("rs" / "v1" / "health")
             .and(warp::get())
             .map(|| warp::reply::Reply::into_response("ok\n"));
+        let crl = rs_common::tls::crl_route(self.cfg.tls.as_ref().and_then(|t| t.crl.clone()));
         finish(
             forward::route(self.clone())
                 .or(bulk::routes(self.clone()))
                 .unify()
-                .or(status)
+                .or(rs_common::server::authenticated().and(status))
+                .unify()
+                .or(crl)
+                .unify()
+                .or(enroll_relay(self.clone()))
                 .unify()
                 .or(health)
                 .unify(),
         )
     }
+}
+
+/// `POST /rs/v1/enroll` passed on to the upstream as it is: a component
+/// below enrolls through the tiers it will talk through (it has no
+/// certificate yet, so this is the one tier endpoint that needs none).
+fn enroll_relay(
+    mlm: Arc<Mlm>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+    warp::path!("rs" / "v1" / "enroll")
+        .and(warp::post())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::body::content_length_limit(16 * 1024))
+        .and(warp::body::bytes())
+        .then(move |auth: Option<String>, body: bytes::Bytes| {
+            let mlm = mlm.clone();
+            async move {
+                let mut last = "no upstream".to_owned();
+                for url in mlm.upstream.urls() {
+                    let mut req = mlm
+                        .upstream
+                        .http()
+                        .post(format!("{}/rs/v1/enroll", url.trim_end_matches('/')))
+                        .header("content-type", "application/pkcs10")
+                        .timeout(Duration::from_secs(30))
+                        .body(body.clone());
+                    if let Some(a) = &auth {
+                        req = req.header("authorization", a);
+                    }
+                    match req.send().await {
+                        Ok(r) => {
+                            let status = r.status();
+                            return match rs_common::upstream::bounded_body(r, 1 << 20).await {
+                                Ok(b) => {
+                                    let mut resp = warp::reply::Response::new(b.into());
+                                    *resp.status_mut() = status;
+                                    resp
+                                }
+                                Err(e) => rs_common::server::Refusal::new(
+                                    http::StatusCode::BAD_GATEWAY,
+                                    e,
+                                )
+                                .response(),
+                            };
+                        }
+                        Err(e) => last = rs_common::upstream::error_chain(&e),
+                    }
+                }
+                let mut r = rs_common::server::Refusal::new(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the upstream is unreachable: {last}"),
+                );
+                r.retry_after = Some(Duration::from_secs(10));
+                r.response()
+            }
+        })
 }
 
 /// Serves until `shutdown`; runs the sender, heartbeats and the
@@ -324,7 +395,28 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Exit> {
+    if let Some(t) = &cfg.tls {
+        let want = cfg.rs_id().map_err(anyhow::Error::msg)?;
+        rs_common::enroll::ensure(
+            t,
+            cfg.enroll_token.as_deref(),
+            &cfg.upstream.urls,
+            Some(&want),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+    }
     let mlm = Mlm::open(cfg, config_path, shutdown.clone())?;
+    if let (Some(tls), Some(t)) = (&mlm.tls, &mlm.cfg.tls) {
+        // Revocations reach this tier from upstream within the refresh.
+        tokio::spawn(rs_common::enroll::refresh_crl(
+            mlm.upstream.http().clone(),
+            mlm.cfg.upstream.urls.clone(),
+            tls.revocations.clone(),
+            Duration::from_secs(t.crl_refresh_secs.max(1)),
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(
         "rs-mlm {} listening on {}, upstream {:?}{}",
         mlm.id,
@@ -423,7 +515,14 @@ pub async fn run(
             mlm.stopping.cancel();
         });
     }
-    serve_tcp(listener, mlm.routes(), ServeConfig::default(), shutdown).await;
+    serve_tcp(
+        listener,
+        mlm.tls.clone(),
+        mlm.routes(),
+        ServeConfig::default(),
+        shutdown,
+    )
+    .await;
     let _ = background.await;
     let _ = fetcher.await;
     if let Err(e) = mlm

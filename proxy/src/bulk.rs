@@ -211,14 +211,17 @@ pub struct Uploads {
 }
 
 impl Uploads {
-    pub fn open(path: &std::path::Path) -> anyhow::Result<Self> {
+    pub fn open(
+        path: &std::path::Path,
+        tls: Option<&rs_common::tls::TlsConfig>,
+    ) -> anyhow::Result<Self> {
         let conn = rs_common::db::open(path)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::download::SCHEMA)?;
         Ok(Uploads {
             db: Db::start("rs-proxy-bulk", Plain(conn))?,
             wake: tokio::sync::Notify::new(),
-            client: rs_common::bulk::Client::new().map_err(anyhow::Error::msg)?,
+            client: rs_common::bulk::Client::new(tls).map_err(anyhow::Error::msg)?,
             active: Mutex::new(HashSet::new()),
         })
     }

@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// This proxy's remote services ID, e.g. `acme.p1`.
-    pub id: String,
+    /// This proxy's remote services ID, e.g. `acme.p1`. May be left out
+    /// when it enrolls: the ID then comes with its certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// Where state lives: `spool.db` (outgoing messages) and `proxy.db`
     /// (integrators, support instances and their IDs).
     pub data_dir: PathBuf,
@@ -33,6 +35,14 @@ pub struct Config {
     /// Uploads (docs/configuration.md, Bulk transfers).
     #[serde(default)]
     pub bulk: crate::bulk::BulkSection,
+    /// TLS with mutual authentication towards the upstream
+    /// (docs/security.md). Without it: plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<rs_common::tls::TlsConfig>,
+    /// A one-time enrollment token: when `tls.cert` does not exist yet the
+    /// proxy creates its key and obtains its certificate and ID with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enroll_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -144,8 +154,16 @@ impl Config {
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// The configured ID, or the one in the certificate.
     pub fn rs_id(&self) -> Result<RsId, String> {
-        RsId::new(&self.id).map_err(|e| format!("id {:?}: {e}", self.id))
+        match (&self.id, &self.tls) {
+            (Some(id), _) => RsId::new(id).map_err(|e| format!("id {id:?}: {e}")),
+            (None, Some(t)) if t.cert.exists() => t
+                .identity()?
+                .component()
+                .ok_or_else(|| format!("{} is not a component certificate", t.cert.display())),
+            (None, _) => Err("no id configured and no certificate to take it from".into()),
+        }
     }
 
     pub fn heartbeat(&self) -> Duration {

@@ -111,7 +111,8 @@ impl Proxy {
                 .map_err(anyhow::Error::msg)?,
         );
         let uploads =
-            bulk::Uploads::open(&cfg.data_dir.join("bulk.db")).context("opening bulk.db")?;
+            bulk::Uploads::open(&cfg.data_dir.join("bulk.db"), cfg.tls.as_ref())
+                .context("opening bulk.db")?;
         Ok(Arc::new(Proxy {
             id,
             uploads,
@@ -169,10 +170,11 @@ impl Proxy {
                 "this proxy was not started from a configuration file",
             ));
         };
-        let identity = vec![self.cfg.id.clone(), self.cfg.data_dir.display().to_string()];
+        let identity = vec![self.id.to_string(), self.cfg.data_dir.display().to_string()];
         let done = rs_common::config_file::change(path, patch, &identity, |text| {
             let c = Config::parse(text)?;
-            Ok(vec![c.id, c.data_dir.display().to_string()])
+            let id = c.rs_id().unwrap_or_else(|_| self.id.clone());
+            Ok(vec![id.to_string(), c.data_dir.display().to_string()])
         })?;
         self.restart.store(true, Ordering::Relaxed);
         Ok(done)
@@ -338,10 +340,29 @@ pub async fn run(
     config_path: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Exit> {
+    let mut cfg = cfg;
+    if let Some(t) = &cfg.tls {
+        // First start: create the key and obtain the certificate (and the
+        // ID with it) through the upstream.
+        let want = match &cfg.id {
+            Some(id) => Some(RsId::new(id.clone()).map_err(|e| anyhow::anyhow!("id {id:?}: {e}"))?),
+            None => None,
+        };
+        let me = rs_common::enroll::ensure(
+            t,
+            cfg.enroll_token.as_deref(),
+            &cfg.upstream.urls,
+            want.as_ref(),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        cfg.id = Some(me.name);
+    }
     let proxy = Proxy::open(cfg, config_path, shutdown.clone())?;
     let upstream = Arc::new(
         Upstream::new(UpstreamConfig {
             urls: proxy.cfg.upstream.urls.clone(),
+            tls: proxy.cfg.tls.clone(),
             ..UpstreamConfig::default()
         })
         .map_err(anyhow::Error::msg)?,
@@ -435,6 +456,7 @@ pub async fn run(
             tracing::info!("integrator API also on {}", l.local_addr()?);
             Some(tokio::spawn(rs_common::server::serve_tcp(
                 l,
+                None,
                 api::routes(proxy.clone()),
                 rs_common::server::ServeConfig::default(),
                 shutdown.clone(),

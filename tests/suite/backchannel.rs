@@ -186,7 +186,7 @@ async fn control_actions_reach_a_proxy_and_complete_their_jobs() {
     let after = rs_proxy::Config::load(&cfg_path).unwrap();
     assert_eq!(after.heartbeat_secs, 7);
     assert_eq!(after.upstream.poll_hold_secs, 20);
-    assert_eq!(after.id, "acme.p1");
+    assert_eq!(after.id.as_deref(), Some("acme.p1"));
     assert_eq!(
         after.upstream.urls,
         rs_proxy::Config::parse(&before).unwrap().upstream.urls

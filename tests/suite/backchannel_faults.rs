@@ -457,6 +457,7 @@ async fn subscriber() -> (
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(rs_common::server::serve_tcp(
         l,
+        None,
         rs_common::server::finish(route),
         rs_common::server::ServeConfig::default(),
         stop.clone(),
@@ -559,7 +560,7 @@ async fn rsctl_changes_a_groups_configuration_and_subscribers_get_the_job_pushed
     for i in 1..=3 {
         let cfg = rs_proxy::Config::load(&dir.join(format!("p{i}.toml"))).unwrap();
         assert_eq!(cfg.heartbeat_secs, 9);
-        assert_eq!(cfg.id, format!("acme.p{i}"));
+        assert_eq!(cfg.id, Some(format!("acme.p{i}")));
     }
     let job_id = out.split_whitespace().nth(1).unwrap().to_owned();
     // The subscriber is pushed the job until it accepts; the last push it

@@ -57,6 +57,7 @@ async fn receiver() -> (String, Arc<Receiver>) {
     let addr = l.local_addr().unwrap().to_string();
     tokio::spawn(rs_common::server::serve_tcp(
         l,
+        None,
         rs_common::server::finish(route),
         rs_common::server::ServeConfig::default(),
         tokio_util::sync::CancellationToken::new(),

@@ -1,0 +1,849 @@
+//! The server's side of security (docs/security.md): enrollment of new
+//! components with one-time tokens, the revocation list, who may use the
+//! control API and for which customers, and the audit log of everything
+//! done through it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use openssl::x509::X509Req;
+use rs_common::codec::XmlOut;
+use rs_common::db::DbError;
+use rs_common::pki::{CertSpec, Role};
+use rs_common::server::{Peer, Refusal};
+use rs_common::{ComponentKind, CustomerId, RsId, Timestamp};
+use rusqlite::{OptionalExtension, params};
+use warp::Filter;
+
+use crate::AppServer;
+use crate::store::exec;
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS enrollments (
+    token_hash TEXT    PRIMARY KEY,
+    customer   TEXT    NOT NULL,
+    kind       TEXT    NOT NULL,
+    component  TEXT,
+    dns        TEXT    NOT NULL DEFAULT '',
+    ips        TEXT    NOT NULL DEFAULT '',
+    created    INTEGER NOT NULL,
+    created_by TEXT    NOT NULL,
+    expires    INTEGER NOT NULL,
+    used_at    INTEGER,
+    issued     TEXT,
+    serial     TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq    INTEGER PRIMARY KEY,
+    at     INTEGER NOT NULL,
+    admin  TEXT    NOT NULL,
+    peer   TEXT    NOT NULL,
+    method TEXT    NOT NULL,
+    path   TEXT    NOT NULL,
+    status INTEGER NOT NULL,
+    millis INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_admin ON audit (admin, seq);
+";
+
+/// The customers an admin may see and command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grants {
+    /// Every customer, and the provider-wide settings.
+    All,
+    Some(Vec<String>),
+}
+
+impl Grants {
+    /// From an admin certificate's O field: `*`, or customer IDs separated
+    /// by commas.
+    pub fn parse(o: &str) -> Grants {
+        if o.trim() == "*" {
+            return Grants::All;
+        }
+        Grants::Some(
+            o.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        )
+    }
+
+    pub fn customer(&self, c: &str) -> bool {
+        match self {
+            Grants::All => true,
+            Grants::Some(v) => v.iter().any(|x| x == c),
+        }
+    }
+
+    pub fn component(&self, id: &RsId) -> bool {
+        self.customer(id.customer().as_str())
+    }
+
+    pub fn is_all(&self) -> bool {
+        *self == Grants::All
+    }
+
+    /// The refusal of an action on `what` (a customer or component).
+    pub fn refuse(what: &str) -> warp::Rejection {
+        warp::reject::custom(Refusal::new(
+            http::StatusCode::FORBIDDEN,
+            format!("not granted: {what}"),
+        ))
+    }
+}
+
+/// Who is using the control API.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// The certificate's CN, or `local` on a plain listener.
+    pub name: String,
+    pub grants: Grants,
+}
+
+fn admin_of(peer: &Peer) -> Result<Admin, Refusal> {
+    match peer {
+        // Plain HTTP (no TLS configured): nobody is authenticated, so the
+        // API is as open as the listener; docs/security.md says to keep
+        // such a server on loopback.
+        Peer::Tcp(_) | Peer::Local => Ok(Admin {
+            name: "local".into(),
+            grants: Grants::All,
+        }),
+        Peer::Tls(_, None) => Err(Refusal::new(
+            http::StatusCode::UNAUTHORIZED,
+            "the control API needs an admin certificate",
+        )),
+        Peer::Tls(_, Some(id)) if id.role == Role::Admin => Ok(Admin {
+            name: id.name.clone(),
+            grants: Grants::parse(&id.customer),
+        }),
+        Peer::Tls(_, Some(id)) => Err(Refusal::new(
+            http::StatusCode::FORBIDDEN,
+            format!("{} is a component, not an admin", id.name),
+        )),
+    }
+}
+
+/// The admin calling (for handlers that scope what they show or do).
+pub fn admin() -> impl Filter<Extract = (Admin,), Error = warp::Rejection> + Clone + Send + Sync + 'static
+{
+    rs_common::server::peer()
+        .and_then(|p: Peer| async move { admin_of(&p).map_err(warp::reject::custom) })
+}
+
+/// Control paths only an admin granted every customer may use: they change
+/// what applies to all (throttle, subscriptions and their tasks, groups,
+/// published files, exports, the audit of others).
+fn provider_wide(method: &http::Method, path: &str) -> bool {
+    let p = path.trim_start_matches("/rs/v1/control/");
+    let first = p.split('/').next().unwrap_or("");
+    match first {
+        "throttle" | "groups" | "files" => method != http::Method::GET,
+        "subscriptions" | "tasks" | "export" | "certificates" => true,
+        _ => false,
+    }
+}
+
+/// Stands before every route: the control API needs an admin (and some of
+/// it one granted all customers), the status page any verified
+/// certificate; everything else decides for itself.
+pub fn gate() -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    rs_common::server::peer()
+        .and(warp::method())
+        .and(warp::path::full())
+        .and_then(
+            |p: Peer, method: http::Method, path: warp::path::FullPath| async move {
+                let path = path.as_str();
+                if path.starts_with("/rs/v1/control/") {
+                    let a = admin_of(&p).map_err(warp::reject::custom)?;
+                    if provider_wide(&method, path) && !a.grants.is_all() {
+                        return Err(Grants::refuse("this needs an admin of every customer"));
+                    }
+                } else if path == "/rs/v1/status" && matches!(p, Peer::Tls(_, None)) {
+                    return Err(warp::reject::custom(Refusal::new(
+                        http::StatusCode::UNAUTHORIZED,
+                        "a client certificate is required",
+                    )));
+                }
+                Ok::<(), warp::Rejection>(())
+            },
+        )
+        .untuple_one()
+}
+
+/// Records control API requests in the audit log (called by the accept
+/// loop after each response).
+#[derive(Debug)]
+pub struct Auditor(pub std::sync::Weak<AppServer>);
+
+impl rs_common::server::Observer for Auditor {
+    fn responded(
+        &self,
+        peer: &Peer,
+        method: &http::Method,
+        uri: &http::Uri,
+        status: http::StatusCode,
+        took: Duration,
+    ) {
+        if !uri.path().starts_with("/rs/v1/control/") {
+            return;
+        }
+        let Some(app) = self.0.upgrade() else { return };
+        let admin = match peer {
+            Peer::Tls(_, Some(id)) => id.name.clone(),
+            Peer::Tls(_, None) => "(no certificate)".into(),
+            Peer::Tcp(_) | Peer::Local => "local".into(),
+        };
+        let from = match peer {
+            Peer::Tls(a, _) | Peer::Tcp(a) => a.to_string(),
+            Peer::Local => "local".into(),
+        };
+        let path = uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default();
+        let method = method.to_string();
+        let now = app.clock.now().as_millis();
+        let millis = took.as_millis() as i64;
+        let status = i64::from(status.as_u16());
+        tokio::spawn(async move {
+            let r = app
+                .store
+                .db
+                .write(move |s| {
+                    exec(
+                        &s.0,
+                        "INSERT INTO audit (at, admin, peer, method, path, status, millis)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        params![now, admin, from, method, path, status, millis],
+                    )?;
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("audit log: {e}");
+            }
+        });
+    }
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone)]
+pub struct AuditRow {
+    pub seq: i64,
+    pub at: i64,
+    pub admin: String,
+    pub peer: String,
+    pub method: String,
+    pub path: String,
+    pub status: i64,
+    pub millis: i64,
+}
+
+fn sha256_hex(s: &str) -> String {
+    openssl::sha::sha256(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn new_token() -> Result<String, String> {
+    use base64::Engine as _;
+    let mut b = [0u8; 24];
+    openssl::rand::rand_bytes(&mut b).map_err(|e| format!("openssl: {e}"))?;
+    Ok(format!(
+        "rse_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    ))
+}
+
+/// An enrollment token being made.
+#[derive(Debug, Clone)]
+pub struct NewEnrollment {
+    pub customer: CustomerId,
+    pub kind: ComponentKind,
+    /// The ID the component gets (re-enrollment, or an MLM); `None`: the
+    /// next free ID of its kind under the customer.
+    pub component: Option<RsId>,
+    pub dns: Vec<String>,
+    pub ips: Vec<std::net::IpAddr>,
+    pub ttl: Duration,
+}
+
+/// Why an enrollment failed.
+#[derive(Debug)]
+pub enum EnrollError {
+    /// Unknown, used or expired token.
+    Token,
+    Bad(String),
+    Db(DbError),
+}
+
+impl AppServer {
+    /// Makes a one-time enrollment token; returns it with its expiry.
+    pub async fn create_enrollment(
+        &self,
+        e: NewEnrollment,
+        by: &str,
+    ) -> Result<(String, Timestamp), String> {
+        if self.ca.is_none() {
+            return Err("this server has no [ca] configured".into());
+        }
+        if !matches!(e.kind, ComponentKind::Proxy | ComponentKind::Mlm) {
+            return Err("only proxies and MLMs enroll".into());
+        }
+        if let Some(c) = &e.component
+            && (c.customer() != e.customer || c.kind() != e.kind)
+        {
+            return Err(format!(
+                "{c} is not a {} of customer {}",
+                e.kind.as_str(),
+                e.customer.as_str()
+            ));
+        }
+        if e.kind == ComponentKind::Mlm && e.component.is_none() {
+            return Err("an MLM's enrollment names its ID (component=...)".into());
+        }
+        let token = new_token()?;
+        let now = self.clock.now();
+        let expires = now.as_millis() + e.ttl.as_millis() as i64;
+        let row = (
+            sha256_hex(&token),
+            e.customer.as_str().to_owned(),
+            e.kind.as_str().to_owned(),
+            e.component.as_ref().map(|c| c.to_string()),
+            e.dns.join(","),
+            e.ips
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            by.to_owned(),
+        );
+        self.store
+            .db
+            .write(move |s| {
+                exec(
+                    &s.0,
+                    "INSERT INTO enrollments (token_hash, customer, kind, component, dns, ips, created, created_by, expires)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![row.0, row.1, row.2, row.3, row.4, row.5, now.as_millis(), row.6, expires],
+                )?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((
+            token,
+            Timestamp::from_millis(expires).unwrap_or_else(Timestamp::now),
+        ))
+    }
+
+    /// Redeems a token for a certificate of the key in `csr`.
+    pub async fn enroll(&self, token: &str, csr: &[u8]) -> Result<Vec<u8>, EnrollError> {
+        let Some(ca) = self.ca.clone() else {
+            return Err(EnrollError::Bad("this server enrolls nobody: no [ca]".into()));
+        };
+        let req = X509Req::from_pem(csr)
+            .map_err(|e| EnrollError::Bad(format!("not a PEM signing request: {e}")))?;
+        let key = req
+            .public_key()
+            .map_err(|e| EnrollError::Bad(format!("signing request key: {e}")))?;
+        if !req.verify(&key).unwrap_or(false) {
+            return Err(EnrollError::Bad(
+                "the signing request's signature does not match its key".into(),
+            ));
+        }
+        let hash = sha256_hex(token);
+        let now = self.clock.now().as_millis();
+        let days = self.cfg.ca.as_ref().map_or(365, |c| c.cert_days);
+        let pem = self
+            .store
+            .db
+            .write(move |s| {
+                let row: Option<(String, String, Option<String>, String, String)> = s
+                    .0
+                    .query_row(
+                        "SELECT customer, kind, component, dns, ips FROM enrollments
+                         WHERE token_hash = ?1 AND used_at IS NULL AND expires > ?2",
+                        params![hash, now],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                    )
+                    .optional()?;
+                let Some((customer, kind, component, dns, ips)) = row else {
+                    return Ok(Err(EnrollError::Token));
+                };
+                let id = match component {
+                    Some(c) => c,
+                    None => next_id(&s.0, &customer, &kind)?,
+                };
+                let mut spec = match RsId::new(id.clone()) {
+                    Ok(rs) => CertSpec::component(&rs, days),
+                    Err(e) => return Ok(Err(EnrollError::Bad(format!("{id}: {e}")))),
+                };
+                spec.dns = dns.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+                spec.ips = ips.split(',').filter_map(|s| s.parse().ok()).collect();
+                // Signed inside the transaction: the token is spent only
+                // with a certificate issued for it.
+                let cert = match ca.sign_request(&spec, &req) {
+                    Ok(c) => c,
+                    Err(e) => return Ok(Err(EnrollError::Bad(e))),
+                };
+                let serial = rs_common::pki::serial_hex(&cert);
+                exec(
+                    &s.0,
+                    "UPDATE enrollments SET used_at = ?2, issued = ?3, serial = ?4 WHERE token_hash = ?1",
+                    params![hash, now, id, serial],
+                )?;
+                Ok(cert
+                    .to_pem()
+                    .map_err(|e| EnrollError::Bad(format!("openssl: {e}"))))
+            })
+            .await
+            .map_err(EnrollError::Db)??;
+        Ok(pem)
+    }
+
+    /// Revokes certificates (by serial, or every live one of a component)
+    /// and puts the new list in force here at once. Returns the serials
+    /// revoked with their holders.
+    pub fn revoke(&self, serial: Option<&str>, name: Option<&str>) -> Result<Vec<(String, String)>, String> {
+        let Some(ca) = &self.ca else {
+            return Err("this server has no [ca] configured".into());
+        };
+        let targets: Vec<(String, String)> = match (serial, name) {
+            (Some(s), _) => {
+                let s = s.trim().to_ascii_uppercase();
+                let all = ca.list(None)?;
+                let Some(c) = all.into_iter().find(|c| c.serial == s) else {
+                    return Err(format!("no certificate with serial {s}"));
+                };
+                vec![(c.serial, c.name)]
+            }
+            (None, Some(n)) => ca
+                .list(Some(n))?
+                .into_iter()
+                .filter(|c| c.revoked_at.is_none())
+                .map(|c| (c.serial, c.name))
+                .collect(),
+            (None, None) => return Err("say which: serial=... or component=...".into()),
+        };
+        let mut done = Vec::new();
+        for (s, n) in targets {
+            if ca.revoke(&s, "revoked through the control API")? {
+                done.push((s, n));
+            }
+        }
+        self.reload_crl();
+        Ok(done)
+    }
+
+    /// Re-reads the revocation list (the CA's, or the configured file).
+    pub fn reload_crl(&self) {
+        if let Some(t) = &self.tls {
+            let r = match (&self.ca, &self.cfg.tls.as_ref().and_then(|t| t.crl.clone())) {
+                (Some(ca), None) => std::fs::read(ca.dir().join("crl.pem"))
+                    .map_err(|e| e.to_string())
+                    .and_then(|pem| t.revocations.install(&pem)),
+                _ => t.revocations.reload(),
+            };
+            if let Err(e) = r {
+                tracing::warn!("revocation list: {e}");
+            }
+        }
+    }
+
+    /// The audit log, newest first.
+    pub async fn audit(
+        &self,
+        admin: Option<String>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, DbError> {
+        self.store
+            .db
+            .read(move |s| {
+                let mut st = s.0.prepare_cached(
+                    "SELECT seq, at, admin, peer, method, path, status, millis FROM audit
+                     WHERE (?1 IS NULL OR admin = ?1) AND (?2 IS NULL OR seq < ?2)
+                     ORDER BY seq DESC LIMIT ?3",
+                )?;
+                let rows = st.query_map(params![admin, before, limit], |r| {
+                    Ok(AuditRow {
+                        seq: r.get(0)?,
+                        at: r.get(1)?,
+                        admin: r.get(2)?,
+                        peer: r.get(3)?,
+                        method: r.get(4)?,
+                        path: r.get(5)?,
+                        status: r.get(6)?,
+                        millis: r.get(7)?,
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+}
+
+/// The next free `customer.<letter>N`: above every ID issued or seen.
+fn next_id(conn: &rusqlite::Connection, customer: &str, kind: &str) -> Result<String, DbError> {
+    let letter = ComponentKind::parse(kind)
+        .and_then(ComponentKind::letter)
+        .unwrap_or('p');
+    let prefix = format!("{customer}.{letter}");
+    let mut max = 0u32;
+    let mut st = conn.prepare_cached(
+        "SELECT issued FROM enrollments WHERE customer = ?1 AND issued IS NOT NULL
+         UNION ALL SELECT component FROM enrollments WHERE customer = ?1 AND component IS NOT NULL
+         UNION ALL SELECT id FROM components WHERE customer = ?1",
+    )?;
+    let ids = st.query_map(params![customer], |r| r.get::<_, String>(0))?;
+    for id in ids {
+        let id = id?;
+        if let Some(n) = id.strip_prefix(&prefix).and_then(|n| n.parse::<u32>().ok()) {
+            max = max.max(n);
+        }
+    }
+    Ok(format!("{prefix}{}", max + 1))
+}
+
+/// `POST /rs/v1/enroll` and `GET /rs/v1/crl`: open to components without
+/// a certificate (yet).
+pub fn public_routes(
+    app: Arc<AppServer>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+    let enroll = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "enroll")
+            .and(warp::post())
+            .and(warp::header::optional::<String>("authorization"))
+            .and(warp::body::content_length_limit(16 * 1024))
+            .and({
+                // Bounded by the content length limit above.
+                #[allow(clippy::disallowed_methods)]
+                warp::body::bytes()
+            })
+            .then(move |auth: Option<String>, body: bytes::Bytes| {
+                let app = app.clone();
+                async move {
+                    let token = auth
+                        .as_deref()
+                        .and_then(|a| a.strip_prefix("Bearer "))
+                        .map(str::trim)
+                        .unwrap_or("");
+                    let refuse = |s, t: String| Refusal::new(s, t).response();
+                    if token.is_empty() {
+                        return refuse(
+                            http::StatusCode::UNAUTHORIZED,
+                            "an enrollment token is required (Authorization: Bearer ...)".into(),
+                        );
+                    }
+                    match app.enroll(token, &body).await {
+                        Ok(pem) => {
+                            app.stats.enrolled.fetch_add(1, Ordering::Relaxed);
+                            let mut r = warp::reply::Response::new(pem.into());
+                            r.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("application/x-pem-file"),
+                            );
+                            r
+                        }
+                        Err(EnrollError::Token) => {
+                            app.stats.enroll_refused.fetch_add(1, Ordering::Relaxed);
+                            refuse(
+                                http::StatusCode::UNAUTHORIZED,
+                                "unknown, used or expired enrollment token".into(),
+                            )
+                        }
+                        Err(EnrollError::Bad(e)) => {
+                            app.stats.enroll_refused.fetch_add(1, Ordering::Relaxed);
+                            refuse(http::StatusCode::BAD_REQUEST, e)
+                        }
+                        Err(EnrollError::Db(e)) => {
+                            refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                        }
+                    }
+                }
+            })
+    };
+    let path = app
+        .cfg
+        .tls
+        .as_ref()
+        .and_then(|t| t.crl.clone())
+        .or_else(|| app.cfg.ca.as_ref().map(|c| c.dir.join("crl.pem")));
+    enroll.or(rs_common::tls::crl_route(path)).unify()
+}
+
+fn xml(body: Vec<u8>) -> warp::reply::Response {
+    let mut r = warp::reply::Response::new(body.into());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/xml; charset=utf-8"),
+    );
+    r
+}
+
+fn bad(text: impl Into<String>) -> warp::reply::Response {
+    Refusal::new(http::StatusCode::BAD_REQUEST, text).response()
+}
+
+/// `/rs/v1/control/enrollments`, `/revoke`, `/certificates`, `/audit`.
+pub fn control_routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    let enroll = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "enrollments")
+            .and(warp::post())
+            .and(admin())
+            .and(warp::query::<HashMap<String, String>>())
+            .then(move |a: Admin, q: HashMap<String, String>| {
+                let app = app.clone();
+                async move { create_enrollment(&app, &a, &q).await }
+            })
+    };
+    let revoke = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "revoke")
+            .and(warp::post())
+            .and(admin())
+            .and(warp::query::<HashMap<String, String>>())
+            .then(move |a: Admin, q: HashMap<String, String>| {
+                let app = app.clone();
+                async move { revoke(&app, &a, &q) }
+            })
+    };
+    let certs = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "certificates")
+            .and(warp::get())
+            .and(warp::query::<HashMap<String, String>>())
+            .then(move |q: HashMap<String, String>| {
+                let app = app.clone();
+                async move { certificates(&app, &q) }
+            })
+    };
+    let audit = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "audit")
+            .and(warp::get())
+            .and(admin())
+            .and(warp::query::<HashMap<String, String>>())
+            .then(move |a: Admin, q: HashMap<String, String>| {
+                let app = app.clone();
+                async move { audit(&app, &a, &q).await }
+            })
+    };
+    enroll
+        .or(revoke)
+        .unify()
+        .or(certs)
+        .unify()
+        .or(audit)
+        .unify()
+        .boxed()
+}
+
+async fn create_enrollment(
+    app: &AppServer,
+    a: &Admin,
+    q: &HashMap<String, String>,
+) -> warp::reply::Response {
+    let component = match q.get("component").map(|c| RsId::new(c.clone())) {
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => return bad(format!("component: {e}")),
+        None => None,
+    };
+    let customer = match (q.get("customer"), &component) {
+        (Some(c), _) => match CustomerId::new(c.clone()) {
+            Ok(c) => c,
+            Err(e) => return bad(format!("customer: {e}")),
+        },
+        (None, Some(c)) => c.customer(),
+        (None, None) => return bad("say for whom: customer=... or component=..."),
+    };
+    if !a.grants.customer(customer.as_str()) {
+        return Refusal::new(
+            http::StatusCode::FORBIDDEN,
+            format!("not granted: customer {}", customer.as_str()),
+        )
+        .response();
+    }
+    let kind = match q.get("kind").map(String::as_str) {
+        None => component.as_ref().map_or(ComponentKind::Proxy, RsId::kind),
+        Some(k) => match ComponentKind::parse(k) {
+            Some(k) => k,
+            None => return bad(format!("kind {k:?}: proxy or mlm")),
+        },
+    };
+    let ttl = match q.get("ttl-secs").map(|t| t.parse::<u64>()) {
+        None => Duration::from_secs(7 * 86_400),
+        Some(Ok(t)) if t > 0 => Duration::from_secs(t),
+        _ => return bad("ttl-secs: a positive number"),
+    };
+    let split = |k: &str| -> Vec<String> {
+        q.get(k)
+            .map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut ips = Vec::new();
+    for ip in split("ip") {
+        match ip.parse() {
+            Ok(i) => ips.push(i),
+            Err(e) => return bad(format!("ip {ip:?}: {e}")),
+        }
+    }
+    let e = NewEnrollment {
+        customer: customer.clone(),
+        kind,
+        component: component.clone(),
+        dns: split("dns"),
+        ips,
+        ttl,
+    };
+    match app.create_enrollment(e, &a.name).await {
+        Ok((token, expires)) => {
+            let mut buf = Vec::new();
+            let mut x = XmlOut::document(&mut buf);
+            x.open("enrollment")
+                .attr("token", &token)
+                .attr("customer", customer.as_str())
+                .attr("kind", kind.as_str())
+                .attr_opt("component", component.as_ref().map(RsId::as_str))
+                .attr_ts("expires", expires)
+                .empty()
+                .newline();
+            xml(buf)
+        }
+        Err(e) => bad(e),
+    }
+}
+
+fn revoke(app: &AppServer, a: &Admin, q: &HashMap<String, String>) -> warp::reply::Response {
+    let serial = q.get("serial").map(String::as_str);
+    let name = q.get("component").map(String::as_str);
+    if let Some(n) = name {
+        match RsId::new(n) {
+            Ok(id) if a.grants.component(&id) => {}
+            Ok(id) => {
+                return Refusal::new(
+                    http::StatusCode::FORBIDDEN,
+                    format!("not granted: {id}"),
+                )
+                .response();
+            }
+            Err(e) => return bad(format!("component: {e}")),
+        }
+    } else if !a.grants.is_all() {
+        return Refusal::new(
+            http::StatusCode::FORBIDDEN,
+            "revoking by serial needs an admin of every customer; name the component",
+        )
+        .response();
+    }
+    match app.revoke(serial, name) {
+        Ok(done) => {
+            app.stats
+                .revoked
+                .fetch_add(done.len() as u64, Ordering::Relaxed);
+            let mut buf = Vec::new();
+            let mut x = XmlOut::document(&mut buf);
+            x.open("revoked")
+                .attr_num("count", done.len() as u64)
+                .gt()
+                .newline();
+            for (s, n) in &done {
+                x.open("certificate")
+                    .attr("serial", s)
+                    .attr("name", n)
+                    .empty()
+                    .newline();
+            }
+            x.close("revoked").newline();
+            xml(buf)
+        }
+        Err(e) => bad(e),
+    }
+}
+
+fn certificates(app: &AppServer, q: &HashMap<String, String>) -> warp::reply::Response {
+    let Some(ca) = &app.ca else {
+        return bad("this server has no [ca] configured");
+    };
+    let list = match ca.list(q.get("name").map(String::as_str)) {
+        Ok(l) => l,
+        Err(e) => return bad(e),
+    };
+    let ts = |s: i64| Timestamp::from_millis(s * 1000).unwrap_or_else(Timestamp::now);
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    x.open("certificates")
+        .attr_num("count", list.len() as u64)
+        .gt()
+        .newline();
+    for c in &list {
+        x.open("certificate")
+            .attr("serial", &c.serial)
+            .attr("name", &c.name)
+            .attr("customer", &c.customer)
+            .attr("role", &c.role)
+            .attr_ts("issued", ts(c.issued_at))
+            .attr_ts("not-after", ts(c.not_after))
+            .attr_ts_opt("revoked", c.revoked_at.map(ts))
+            .empty()
+            .newline();
+    }
+    x.close("certificates").newline();
+    xml(buf)
+}
+
+async fn audit(app: &AppServer, a: &Admin, q: &HashMap<String, String>) -> warp::reply::Response {
+    // An admin of some customers sees their own entries only.
+    let who = if a.grants.is_all() {
+        q.get("admin").cloned()
+    } else {
+        Some(a.name.clone())
+    };
+    let before = q.get("before").and_then(|b| b.parse().ok());
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100u32)
+        .clamp(1, 1000);
+    let rows = match app.audit(who, before, limit).await {
+        Ok(r) => r,
+        Err(e) => {
+            return Refusal::new(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()).response();
+        }
+    };
+    let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    x.open("audit")
+        .attr_num("count", rows.len() as u64)
+        .gt()
+        .newline();
+    for r in &rows {
+        x.open("entry")
+            .attr_num("seq", r.seq as u64)
+            .attr_ts("at", ts(r.at))
+            .attr("admin", &r.admin)
+            .attr("peer", &r.peer)
+            .attr("method", &r.method)
+            .attr("path", &r.path)
+            .attr_num("status", r.status as u64)
+            .attr_num("millis", r.millis as u64)
+            .empty()
+            .newline();
+    }
+    x.close("audit").newline();
+    xml(buf)
+}
