@@ -12,7 +12,7 @@ use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use rs_common::codec::Limits;
 use rs_common::codec::api::{
@@ -37,6 +37,16 @@ struct Cli {
         global = true
     )]
     server: String,
+    /// The provider's CA certificate: the only one trusted for an https
+    /// server (docs/security.md).
+    #[arg(long, env = "RSCTL_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// This admin's certificate (issued with `rsctl ca issue --role admin`).
+    #[arg(long, env = "RSCTL_CERT", global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "RSCTL_KEY", global = true, requires = "cert")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -77,6 +87,104 @@ enum Cmd {
     /// Throttle rules: the server's own, or pushed to components.
     #[command(subcommand)]
     Throttle(ThrottleCmd),
+    /// The certificate authority, on its directory (no server needed):
+    /// create it, issue and revoke certificates, list them.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// Make a one-time enrollment token for a new (or re-deployed) proxy
+    /// or MLM; prints the token.
+    Enroll(EnrollArgs),
+    /// Revoke a component's certificates through the server (in force at
+    /// once there, and at every tier within its refresh interval).
+    Revoke {
+        /// Every live certificate of this component.
+        #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
+        component: Option<String>,
+        /// One certificate, by serial (hex).
+        #[arg(long)]
+        serial: Option<String>,
+    },
+    /// The audit log of the control API (newest first).
+    Audit {
+        /// Only this admin's requests.
+        #[arg(long)]
+        admin: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCmd {
+    /// Create a CA in a new directory.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA's name (its certificate's CN).
+        #[arg(long, default_value = "Remote Services CA")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a certificate with a fresh key: writes NAME.pem and NAME.key
+    /// (mode 0600) to --out. For servers give their --dns names and --ip
+    /// addresses; for an admin, --role admin and --customers.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A component ID (e.g. rs.a1, acme.m1) or an admin's name.
+        name: String,
+        #[arg(long, default_value = "component")]
+        role: String,
+        /// Admins only: the customers granted, comma-separated, or `*`.
+        #[arg(long)]
+        customers: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        dns: Vec<String>,
+        #[arg(long, value_delimiter = ',')]
+        ip: Vec<std::net::IpAddr>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Where to write the files.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// Revoke by serial, or every certificate of a name; rewrites crl.pem.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, conflicts_with = "name", required_unless_present = "name")]
+        serial: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Every certificate issued.
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    /// The customer the new component belongs to.
+    #[arg(long, required_unless_present = "component")]
+    customer: Option<String>,
+    /// The ID it gets (re-deployment after a compromise, or an MLM);
+    /// without it a new proxy gets the next free ID.
+    #[arg(long)]
+    component: Option<String>,
+    /// proxy or mlm.
+    #[arg(long)]
+    kind: Option<String>,
+    /// Host names and addresses it serves on (MLMs).
+    #[arg(long, value_delimiter = ',')]
+    dns: Vec<String>,
+    #[arg(long, value_delimiter = ',')]
+    ip: Vec<String>,
+    /// How long the token may be used.
+    #[arg(long, default_value_t = 7 * 86_400)]
+    ttl_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -339,7 +447,8 @@ async fn publish_file(api: &Api, path: &std::path::Path, name: &str) -> anyhow::
     });
     let enc = percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC);
     let url = format!("{}/rs/v1/control/files/{enc}", api.base);
-    let resp = reqwest::Client::new()
+    let resp = api
+        .stream_http
         .put(&url)
         .header(reqwest::header::CONTENT_LENGTH, size)
         .body(reqwest::Body::wrap_stream(body))
@@ -412,16 +521,36 @@ fn action_of(a: &SendArgs) -> anyhow::Result<ControlAction> {
 struct Api {
     base: String,
     http: reqwest::Client,
+    /// Without a whole-request timeout: file transfers.
+    stream_http: reqwest::Client,
+}
+
+/// An HTTP client for the server: with --ca, trusting only that CA, and
+/// with --cert/--key presenting the admin's certificate.
+fn http_client(cli: &Cli) -> anyhow::Result<reqwest::ClientBuilder> {
+    match (&cli.ca, &cli.cert, &cli.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let t = rs_common::tls::TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                crl: None,
+                crl_refresh_secs: 60,
+            };
+            rs_common::tls::client(Some(&t)).map_err(anyhow::Error::msg)
+        }
+        (Some(ca), _, _) => rs_common::tls::client_trusting(ca).map_err(anyhow::Error::msg),
+        (None, _, _) => Ok(reqwest::Client::builder()),
+    }
 }
 
 impl Api {
-    fn new(base: &str) -> anyhow::Result<Self> {
+    fn new(cli: &Cli) -> anyhow::Result<Self> {
         Ok(Api {
-            base: base.trim_end_matches('/').to_owned(),
+            base: cli.server.trim_end_matches('/').to_owned(),
             // Long enough for a held watch (the server holds up to 25 s).
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()?,
+            http: http_client(cli)?.timeout(Duration::from_secs(60)).build()?,
+            stream_http: http_client(cli)?.build()?,
         })
     }
 
@@ -591,7 +720,10 @@ fn finished_well(j: &Job) -> bool {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
-    let api = Api::new(&cli.server)?;
+    if let Cmd::Ca(c) = &cli.cmd {
+        return ca_command(c).map(|()| true);
+    }
+    let api = Api::new(&cli)?;
     let limits = Limits::default();
     match cli.cmd {
         Cmd::Components => {
@@ -780,7 +912,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Cmd::Fetch { request, output } => {
             let url = format!("{}/rs/v1/control/uploads/{request}/file", api.base);
-            let mut resp = reqwest::Client::new()
+            let mut resp = api
+                .stream_http
                 .get(&url)
                 .send()
                 .await
@@ -841,6 +974,64 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Cmd::Throttle(t) => return throttle(&api, t).await,
         Cmd::Jobs(JobCmd::Watch { id }) => {
             return Ok(finished_well(&watch(&api, &id).await?));
+        }
+        Cmd::Ca(_) => unreachable!("handled before the API is set up"),
+        Cmd::Enroll(e) => {
+            let enc = |s: &str| {
+                percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            };
+            let mut q = vec![format!("ttl-secs={}", e.ttl_secs)];
+            for (k, v) in [
+                ("customer", &e.customer),
+                ("component", &e.component),
+                ("kind", &e.kind),
+            ] {
+                if let Some(v) = v {
+                    q.push(format!("{k}={}", enc(v)));
+                }
+            }
+            if !e.dns.is_empty() {
+                q.push(format!("dns={}", enc(&e.dns.join(","))));
+            }
+            if !e.ip.is_empty() {
+                q.push(format!("ip={}", enc(&e.ip.join(","))));
+            }
+            let b = api
+                .call(
+                    reqwest::Method::POST,
+                    &format!("enrollments?{}", q.join("&")),
+                    None,
+                )
+                .await?;
+            let text = String::from_utf8_lossy(&b);
+            // The token alone on stdout, for scripts; the rest on stderr.
+            let token = text
+                .split("token=\"")
+                .nth(1)
+                .and_then(|t| t.split('"').next())
+                .ok_or_else(|| anyhow!("unexpected answer: {text}"))?;
+            eprint!("{text}");
+            println!("{token}");
+        }
+        Cmd::Revoke { component, serial } => {
+            let q = match (component, serial) {
+                (Some(c), _) => format!("component={c}"),
+                (None, Some(s)) => format!("serial={s}"),
+                (None, None) => bail!("--component or --serial"),
+            };
+            let b = api
+                .call(reqwest::Method::POST, &format!("revoke?{q}"), None)
+                .await?;
+            print!("{}", String::from_utf8_lossy(&b));
+        }
+        Cmd::Audit { admin, limit } => {
+            let mut path = format!("audit?limit={limit}");
+            if let Some(a) = admin {
+                path.push_str(&format!("&admin={a}"));
+            }
+            let b = api.call(reqwest::Method::GET, &path, None).await?;
+            print!("{}", String::from_utf8_lossy(&b));
         }
     }
     Ok(true)
@@ -976,6 +1167,117 @@ fn selector(g: &GroupDef) -> String {
 
 /// Runs `rsctl` with these arguments (the first is the program name) and
 /// returns the exit status.
+fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
+    use rs_common::pki::{Ca, CertSpec, Role};
+    let m = anyhow::Error::msg;
+    match c {
+        CaCmd::Init { dir, name, days } => {
+            let ca = Ca::init(dir, name, *days).map_err(m)?;
+            println!(
+                "CA {name:?} created in {} (ca.pem to every component, ca.key stays here; serial {})",
+                dir.display(),
+                rs_common::pki::serial_hex(ca.cert())
+            );
+        }
+        CaCmd::Issue {
+            dir,
+            name,
+            role,
+            customers,
+            dns,
+            ip,
+            days,
+            out,
+        } => {
+            let ca = Ca::open(dir).map_err(m)?;
+            let role = Role::parse(role).ok_or_else(|| anyhow!("--role: component or admin"))?;
+            let customer = match role {
+                Role::Admin => customers
+                    .clone()
+                    .ok_or_else(|| anyhow!("an admin needs --customers (comma-separated, or *)"))?,
+                Role::Component => RsId::new(name.clone())
+                    .map_err(|e| anyhow!("{name}: {e}"))?
+                    .customer()
+                    .as_str()
+                    .to_owned(),
+            };
+            let spec = CertSpec {
+                name: name.clone(),
+                customer,
+                role,
+                dns: dns.clone(),
+                ips: ip.clone(),
+                days: *days,
+            };
+            let key = rs_common::pki::generate_key().map_err(m)?;
+            let cert = ca.issue(&spec, &key).map_err(m)?;
+            std::fs::create_dir_all(out)?;
+            let (cp, kp) = (
+                out.join(format!("{name}.pem")),
+                out.join(format!("{name}.key")),
+            );
+            rs_common::pki::write_private(&kp, &key.private_key_to_pem_pkcs8()?).map_err(m)?;
+            rs_common::pki::write_file(&cp, &cert.to_pem()?).map_err(m)?;
+            println!(
+                "issued {} to {name} (serial {}): {}, {}",
+                role.as_str(),
+                rs_common::pki::serial_hex(&cert),
+                cp.display(),
+                kp.display()
+            );
+        }
+        CaCmd::Revoke { dir, serial, name } => {
+            let ca = Ca::open(dir).map_err(m)?;
+            let serials: Vec<String> = match (serial, name) {
+                (Some(s), _) => vec![s.clone()],
+                (None, Some(n)) => ca
+                    .list(Some(n))
+                    .map_err(m)?
+                    .into_iter()
+                    .filter(|c| c.revoked_at.is_none())
+                    .map(|c| c.serial)
+                    .collect(),
+                (None, None) => bail!("--serial or --name"),
+            };
+            if serials.is_empty() {
+                bail!("nothing to revoke");
+            }
+            for s in &serials {
+                if ca.revoke(s, "revoked with rsctl ca revoke").map_err(m)? {
+                    println!("revoked {s}");
+                } else {
+                    println!("{s} was revoked already");
+                }
+            }
+            println!("{} rewritten", dir.join("crl.pem").display());
+        }
+        CaCmd::List { dir } => {
+            let ca = Ca::open(dir).map_err(m)?;
+            println!(
+                "{:<34} {:<20} {:<10} {:<9} {:<10} REVOKED",
+                "SERIAL", "NAME", "CUSTOMER", "ROLE", "NOT AFTER"
+            );
+            let day = |s: i64| {
+                rs_common::Timestamp::from_millis(s * 1000)
+                    .map(|t| t.to_string().chars().take(10).collect::<String>())
+                    .unwrap_or_default()
+            };
+            for c in ca.list(None).map_err(m)? {
+                println!(
+                    "{:<34} {:<20} {:<10} {:<9} {:<10} {}",
+                    c.serial,
+                    c.name,
+                    c.customer,
+                    c.role,
+                    day(c.not_after),
+                    c.revoked_at.map(day).unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn main_with<I, T>(args: I) -> i32
 where
     I: IntoIterator<Item = T>,

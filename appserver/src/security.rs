@@ -128,8 +128,8 @@ fn admin_of(peer: &Peer) -> Result<Admin, Refusal> {
 }
 
 /// The admin calling (for handlers that scope what they show or do).
-pub fn admin() -> impl Filter<Extract = (Admin,), Error = warp::Rejection> + Clone + Send + Sync + 'static
-{
+pub fn admin()
+-> impl Filter<Extract = (Admin,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
     rs_common::server::peer()
         .and_then(|p: Peer| async move { admin_of(&p).map_err(warp::reject::custom) })
 }
@@ -150,7 +150,8 @@ fn provider_wide(method: &http::Method, path: &str) -> bool {
 /// Stands before every route: the control API needs an admin (and some of
 /// it one granted all customers), the status page any verified
 /// certificate; everything else decides for itself.
-pub fn gate() -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+pub fn gate() -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static
+{
     rs_common::server::peer()
         .and(warp::method())
         .and(warp::path::full())
@@ -345,7 +346,9 @@ impl AppServer {
     /// Redeems a token for a certificate of the key in `csr`.
     pub async fn enroll(&self, token: &str, csr: &[u8]) -> Result<Vec<u8>, EnrollError> {
         let Some(ca) = self.ca.clone() else {
-            return Err(EnrollError::Bad("this server enrolls nobody: no [ca]".into()));
+            return Err(EnrollError::Bad(
+                "this server enrolls nobody: no [ca]".into(),
+            ));
         };
         let req = X509Req::from_pem(csr)
             .map_err(|e| EnrollError::Bad(format!("not a PEM signing request: {e}")))?;
@@ -410,7 +413,11 @@ impl AppServer {
     /// Revokes certificates (by serial, or every live one of a component)
     /// and puts the new list in force here at once. Returns the serials
     /// revoked with their holders.
-    pub fn revoke(&self, serial: Option<&str>, name: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    pub fn revoke(
+        &self,
+        serial: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Vec<(String, String)>, String> {
         let Some(ca) = &self.ca else {
             return Err("this server has no [ca] configured".into());
         };
@@ -734,11 +741,8 @@ fn revoke(app: &AppServer, a: &Admin, q: &HashMap<String, String>) -> warp::repl
         match RsId::new(n) {
             Ok(id) if a.grants.component(&id) => {}
             Ok(id) => {
-                return Refusal::new(
-                    http::StatusCode::FORBIDDEN,
-                    format!("not granted: {id}"),
-                )
-                .response();
+                return Refusal::new(http::StatusCode::FORBIDDEN, format!("not granted: {id}"))
+                    .response();
             }
             Err(e) => return bad(format!("component: {e}")),
         }

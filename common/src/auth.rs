@@ -122,10 +122,8 @@ pub fn screen(
 
 /// Refusals by caller: the caller must be a component (any, when open).
 pub fn caller_filter()
--> impl warp::Filter<Extract = (Caller,), Error = warp::Rejection> + Clone + Send + Sync + 'static
-{
+-> impl warp::Filter<Extract = (Caller,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
     use warp::Filter as _;
-    crate::server::peer().and_then(|p: Peer| async move {
-        component(&p).map_err(warp::reject::custom)
-    })
+    crate::server::peer()
+        .and_then(|p: Peer| async move { component(&p).map_err(warp::reject::custom) })
 }

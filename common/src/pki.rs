@@ -18,7 +18,7 @@ use openssl::bn::{BigNum, MsbOption};
 use openssl::ec::{EcGroup, EcKey};
 use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
-use openssl::pkey::{PKey, PKeyRef, Private, Public};
+use openssl::pkey::{HasPublic, PKey, PKeyRef, Private};
 use openssl::x509::extension::{
     AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
     SubjectKeyIdentifier,
@@ -78,7 +78,12 @@ impl Identity {
                 .subject_name()
                 .entries_by_nid(nid)
                 .next()
-                .ok_or_else(|| format!("the certificate subject has no {}", nid.short_name().unwrap_or("?")))?;
+                .ok_or_else(|| {
+                    format!(
+                        "the certificate subject has no {}",
+                        nid.short_name().unwrap_or("?")
+                    )
+                })?;
             e.data()
                 .to_string()
                 .map_err(|e| format!("certificate subject: {e}"))
@@ -86,10 +91,12 @@ impl Identity {
         let name = field(Nid::COMMONNAME)?;
         let customer = field(Nid::ORGANIZATIONNAME)?;
         let role_s = field(Nid::ORGANIZATIONALUNITNAME)?;
-        let role = Role::parse(&role_s)
-            .ok_or_else(|| format!("certificate role (OU) {role_s:?} is neither component nor admin"))?;
+        let role = Role::parse(&role_s).ok_or_else(|| {
+            format!("certificate role (OU) {role_s:?} is neither component nor admin")
+        })?;
         if role == Role::Component {
-            let id = RsId::new(name.clone()).map_err(|e| format!("certificate CN {name:?}: {e}"))?;
+            let id =
+                RsId::new(name.clone()).map_err(|e| format!("certificate CN {name:?}: {e}"))?;
             if id.customer().as_str() != customer {
                 return Err(format!(
                     "certificate CN {name} does not belong to its customer (O) {customer}"
@@ -225,8 +232,14 @@ impl Ca {
             .map_err(ssl)?;
         b.set_not_after(&*Asn1Time::days_from_now(days).map_err(ssl)?)
             .map_err(ssl)?;
-        b.append_extension(BasicConstraints::new().critical().ca().build().map_err(ssl)?)
-            .map_err(ssl)?;
+        b.append_extension(
+            BasicConstraints::new()
+                .critical()
+                .ca()
+                .build()
+                .map_err(ssl)?,
+        )
+        .map_err(ssl)?;
         b.append_extension(
             KeyUsage::new()
                 .critical()
@@ -299,11 +312,18 @@ impl Ca {
     }
 
     /// Issues a certificate for `pubkey` as `spec` says, and records it.
-    pub fn issue(&self, spec: &CertSpec, pubkey: &PKeyRef<Public>) -> Result<X509, String> {
+    pub fn issue<T: HasPublic>(
+        &self,
+        spec: &CertSpec,
+        pubkey: &PKeyRef<T>,
+    ) -> Result<X509, String> {
         if spec.role == Role::Component {
             let id = RsId::new(spec.name.clone()).map_err(|e| format!("{}: {e}", spec.name))?;
             if id.customer().as_str() != spec.customer {
-                return Err(format!("{} is not of customer {}", spec.name, spec.customer));
+                return Err(format!(
+                    "{} is not of customer {}",
+                    spec.name, spec.customer
+                ));
             }
         }
         let mut name_b = X509NameBuilder::new().map_err(ssl)?;
@@ -412,7 +432,11 @@ impl Ca {
             .optional()
             .map_err(|e| format!("ca.db: {e}"))?;
         match known {
-            None => return Err(format!("this CA issued no certificate with serial {serial}")),
+            None => {
+                return Err(format!(
+                    "this CA issued no certificate with serial {serial}"
+                ));
+            }
             Some(Some(_)) => return Ok(false),
             Some(None) => {}
         }
@@ -516,7 +540,11 @@ impl Ca {
 
 /// DER encoding of a non-negative INTEGER (the CRL number's value).
 fn der_integer(n: u64) -> Vec<u8> {
-    let mut bytes: Vec<u8> = n.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+    let mut bytes: Vec<u8> = n
+        .to_be_bytes()
+        .into_iter()
+        .skip_while(|b| *b == 0)
+        .collect();
     if bytes.first().is_none_or(|b| b & 0x80 != 0) {
         bytes.insert(0, 0);
     }

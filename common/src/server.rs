@@ -25,8 +25,8 @@ use warp::reject::Reject;
 
 /// Passes requests from any verified certificate (component or admin), or
 /// from anyone on a plain listener; refuses anonymous TLS callers.
-pub fn authenticated() -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static
-{
+pub fn authenticated()
+-> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static {
     peer()
         .and_then(|p: Peer| async move {
             match p {
@@ -108,9 +108,8 @@ impl Peer {
 /// our accept loop count as plain).
 pub fn peer() -> impl Filter<Extract = (Peer,), Error = Infallible> + Clone + Send + Sync + 'static
 {
-    warp::ext::optional::<Peer>().map(|p: Option<Peer>| {
-        p.unwrap_or(Peer::Tcp(SocketAddr::from(([0, 0, 0, 0], 0))))
-    })
+    warp::ext::optional::<Peer>()
+        .map(|p: Option<Peer>| p.unwrap_or(Peer::Tcp(SocketAddr::from(([0, 0, 0, 0], 0)))))
 }
 
 /// A listener the accept loop can serve: TCP, or a Unix-domain socket.

@@ -60,8 +60,7 @@ impl TlsConfig {
 
     /// This component's identity, read from its certificate.
     pub fn identity(&self) -> Result<Identity, String> {
-        let pem =
-            std::fs::read(&self.cert).map_err(|e| format!("{}: {e}", self.cert.display()))?;
+        let pem = std::fs::read(&self.cert).map_err(|e| format!("{}: {e}", self.cert.display()))?;
         let cert = X509::from_pem(&pem).map_err(|e| format!("{}: {e}", self.cert.display()))?;
         Identity::from_cert(&cert)
     }
@@ -136,7 +135,12 @@ impl Revocations {
         let Ok(mtime) = std::fs::metadata(p).and_then(|m| m.modified()) else {
             return Ok(false);
         };
-        if self.loaded.lock().map(|l| l.1 == Some(mtime)).unwrap_or(false) {
+        if self
+            .loaded
+            .lock()
+            .map(|l| l.1 == Some(mtime))
+            .unwrap_or(false)
+        {
             return Ok(false);
         }
         let pem = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -149,10 +153,7 @@ impl Revocations {
 
     fn apply(&self, pem: &[u8]) -> Result<bool, String> {
         let crl = X509Crl::from_pem(pem).map_err(|e| format!("revocation list: {e}"))?;
-        let key = self
-            .ca
-            .public_key()
-            .map_err(|e| format!("CA key: {e}"))?;
+        let key = self.ca.public_key().map_err(|e| format!("CA key: {e}"))?;
         if crl
             .issuer_name()
             .try_cmp(self.ca.subject_name())
@@ -233,8 +234,13 @@ impl TlsServer {
             .map_err(|x| format!("{}: {x}", cfg.key.display()))?;
         b.set_certificate_chain_file(&cfg.cert)
             .map_err(|x| format!("{}: {x}", cfg.cert.display()))?;
-        b.check_private_key()
-            .map_err(|x| format!("{} does not match {}: {x}", cfg.key.display(), cfg.cert.display()))?;
+        b.check_private_key().map_err(|x| {
+            format!(
+                "{} does not match {}: {x}",
+                cfg.key.display(),
+                cfg.cert.display()
+            )
+        })?;
         b.set_ca_file(&cfg.ca)
             .map_err(|x| format!("{}: {x}", cfg.ca.display()))?;
         b.set_client_ca_list(X509Name::load_client_ca_file(&cfg.ca).map_err(e)?);

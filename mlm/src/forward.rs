@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use rs_common::auth::Caller;
 use rs_common::codec::{EnvelopeWriter, RawEnvelope, RawMessage};
 use rs_common::ingress::{MAX_OFFER, envelope, envelope_response, offer_back_channel};
 use rs_common::model::{Advice, Content, EnvelopeMeta, Hop};
 use rs_common::spool::{Enqueued, Spool as _};
 use rs_common::upstream::PostError;
-use rs_common::auth::Caller;
 use rs_common::{MessageId, Outcome, Timestamp};
 use warp::Filter;
 

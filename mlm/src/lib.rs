@@ -159,7 +159,8 @@ impl Mlm {
             bulk_client: rs_common::bulk::Client::new(cfg.tls.as_ref())
                 .map_err(anyhow::Error::msg)?,
             bulk_stats: bulk::Stats::default(),
-            cache: cache::Cache::open(&cfg.data_dir, cfg.tls.as_ref()).context("opening the bulk cache")?,
+            cache: cache::Cache::open(&cfg.data_dir, cfg.tls.as_ref())
+                .context("opening the bulk cache")?,
             coalescer: coalesce::Coalescer::default(),
             cfg,
         }))

@@ -110,9 +110,8 @@ impl Proxy {
             rs_common::throttle::open(&cfg.throttle, clock.clone(), &cfg.data_dir)
                 .map_err(anyhow::Error::msg)?,
         );
-        let uploads =
-            bulk::Uploads::open(&cfg.data_dir.join("bulk.db"), cfg.tls.as_ref())
-                .context("opening bulk.db")?;
+        let uploads = bulk::Uploads::open(&cfg.data_dir.join("bulk.db"), cfg.tls.as_ref())
+            .context("opening bulk.db")?;
         Ok(Arc::new(Proxy {
             id,
             uploads,

@@ -3,10 +3,14 @@
 //! `rs-demo` executable started in one of its roles, so one build gives all
 //! three tiers and the example integrator.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use rs_common::pki::{Ca, CertSpec, Role as CertRole};
+use rs_common::tls::TlsConfig;
 
 use rs_common::codec::{Limits, decode_status};
 use rs_proxy::client::Client;
@@ -146,9 +150,185 @@ fn write(path: &Path, text: &str) -> std::io::Result<()> {
 fn urls(addrs: &[String]) -> String {
     addrs
         .iter()
-        .map(|a| format!("\"http://{a}\""))
+        .map(|a| format!("\"{}\"", base(a)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A deployment's certificate authority and its admin's certificate (what
+/// a provider sets up once with `rsctl ca init` and `rsctl ca issue`).
+#[derive(Debug)]
+pub struct Pki {
+    /// The CA's directory.
+    pub dir: PathBuf,
+    /// The admin's certificate, key and the CA certificate.
+    pub admin: TlsConfig,
+}
+
+impl Pki {
+    /// A new CA in `dir`, and an admin `ops` granted every customer.
+    pub fn create(dir: &Path) -> anyhow::Result<Pki> {
+        let ca = Ca::init(dir, "Remote Services test CA", 30).map_err(anyhow::Error::msg)?;
+        let spec = CertSpec {
+            name: "ops".into(),
+            customer: "*".into(),
+            role: CertRole::Admin,
+            dns: Vec::new(),
+            ips: Vec::new(),
+            days: 30,
+        };
+        let admin = issue_into(&ca, &spec, &dir.join("admin"))?;
+        Ok(Pki {
+            dir: dir.to_owned(),
+            admin,
+        })
+    }
+
+    /// The CA of this (test) process, shared by its deployments.
+    pub fn shared() -> Arc<Pki> {
+        static P: OnceLock<Arc<Pki>> = OnceLock::new();
+        P.get_or_init(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let dir = std::env::temp_dir().join(format!("rs-pki-{}-{nanos}", std::process::id()));
+            Arc::new(Pki::create(&dir).expect("creating the test CA"))
+        })
+        .clone()
+    }
+
+    pub fn ca(&self) -> anyhow::Result<Ca> {
+        Ca::open(&self.dir).map_err(anyhow::Error::msg)
+    }
+
+    /// Issues a component certificate (serving on 127.0.0.1 / localhost)
+    /// with a fresh key into `out`.
+    pub fn issue(&self, id: &str, out: &Path) -> anyhow::Result<TlsConfig> {
+        let rs = rs_common::RsId::new(id).map_err(|e| anyhow::anyhow!("{id}: {e}"))?;
+        let mut spec = CertSpec::component(&rs, 30);
+        spec.dns = vec!["localhost".into()];
+        spec.ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+        issue_into(&self.ca()?, &spec, out)
+    }
+
+    /// An HTTP client presenting the admin's certificate.
+    pub fn admin_client(&self) -> reqwest::Client {
+        rs_common::tls::client(Some(&self.admin))
+            .and_then(|b| b.build().map_err(|e| e.to_string()))
+            .expect("admin client")
+    }
+}
+
+/// Writes a fresh key and a certificate for `spec` into `out`.
+fn issue_into(ca: &Ca, spec: &CertSpec, out: &Path) -> anyhow::Result<TlsConfig> {
+    std::fs::create_dir_all(out)?;
+    let key = rs_common::pki::generate_key().map_err(anyhow::Error::msg)?;
+    let cert = ca.issue(spec, &key).map_err(anyhow::Error::msg)?;
+    let t = TlsConfig {
+        cert: out.join("cert.pem"),
+        key: out.join("key.pem"),
+        ca: out.join("ca.pem"),
+        crl: None,
+        crl_refresh_secs: 1,
+    };
+    rs_common::pki::write_private(&t.key, &key.private_key_to_pem_pkcs8()?)
+        .map_err(anyhow::Error::msg)?;
+    std::fs::write(&t.cert, cert.to_pem()?)?;
+    std::fs::write(&t.ca, ca.cert().to_pem()?)?;
+    Ok(t)
+}
+
+/// `[tls]` of a daemon's configuration.
+pub fn tls_toml(t: &TlsConfig) -> String {
+    let mut s = format!(
+        "\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\ncrl_refresh_secs = {}\n",
+        t.cert.display(),
+        t.key.display(),
+        t.ca.display(),
+        t.crl_refresh_secs
+    );
+    if let Some(c) = &t.crl {
+        s.push_str(&format!("crl = \"{}\"\n", c.display()));
+    }
+    s
+}
+
+/// Servers started with TLS, by address, and the CA they trust.
+fn tls_servers() -> &'static Mutex<HashMap<String, Arc<Pki>>> {
+    static S: OnceLock<Mutex<HashMap<String, Arc<Pki>>>> = OnceLock::new();
+    S.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The base URL of a server of a deployment (`https://` when it runs TLS).
+pub fn base(addr: &str) -> String {
+    let tls = tls_servers()
+        .lock()
+        .map(|m| m.contains_key(addr))
+        .unwrap_or(false);
+    if tls {
+        format!("https://{addr}")
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// An HTTP client for a server of a deployment: with the admin's
+/// certificate when it runs TLS. A fresh client each time (a client keeps
+/// connections bound to the runtime that made them).
+pub fn admin(addr: &str) -> reqwest::Client {
+    let pki = tls_servers().lock().ok().and_then(|m| m.get(addr).cloned());
+    match pki {
+        Some(p) => p.admin_client(),
+        None => reqwest::Client::new(),
+    }
+}
+
+/// A component's TLS material (its certificate issued on the spot) for
+/// talking to a server of a deployment; `None` for a plain server.
+pub fn component_tls(addr: &str, id: &str) -> anyhow::Result<Option<TlsConfig>> {
+    let pki = tls_servers().lock().ok().and_then(|m| m.get(addr).cloned());
+    let Some(p) = pki else { return Ok(None) };
+    let out = p.dir.join("clients").join(id);
+    Ok(Some(if out.join("cert.pem").exists() {
+        let mut t = TlsConfig::in_dir(&out);
+        t.crl = None;
+        t
+    } else {
+        p.issue(id, &out)?
+    }))
+}
+
+/// A client presenting a component's certificate to a server of a
+/// deployment: what a proxy or MLM would send with.
+pub fn component_client(addr: &str, id: &str) -> anyhow::Result<reqwest::Client> {
+    Ok(rs_common::tls::client(component_tls(addr, id)?.as_ref())
+        .map_err(anyhow::Error::msg)?
+        .build()?)
+}
+
+/// [`admin`] for the server a URL names.
+pub fn admin_for_url(url: &str) -> reqwest::Client {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    admin(rest.split('/').next().unwrap_or(rest))
+}
+
+/// `rsctl` arguments that reach a server of a deployment: its URL and, for
+/// TLS, the CA and the admin's certificate.
+pub fn rsctl_args(addr: &str) -> Vec<String> {
+    let mut v = vec!["--server".to_owned(), base(addr)];
+    let pki = tls_servers().lock().ok().and_then(|m| m.get(addr).cloned());
+    if let Some(p) = pki {
+        for (k, f) in [
+            ("--ca", &p.admin.ca),
+            ("--cert", &p.admin.cert),
+            ("--key", &p.admin.key),
+        ] {
+            v.push(k.into());
+            v.push(f.display().to_string());
+        }
+    }
+    v
 }
 
 /// More configuration for a daemon: top-level keys, keys of its
@@ -168,10 +348,31 @@ pub struct Deployment {
     pub nodes: BTreeMap<String, Node>,
     /// Environment given to the daemons started from now on.
     pub env: Vec<(String, String)>,
+    /// The CA of the deployment: TLS with mutual authentication between
+    /// the tiers, proxies enrolled with tokens. `None`: plain HTTP.
+    pub pki: Option<Arc<Pki>>,
+    /// The application server's address, once started (proxies enroll
+    /// through it).
+    pub appserver_addr: Option<String>,
 }
 
 impl Deployment {
+    /// A deployment with TLS, on the test process's CA.
     pub fn new(dir: impl Into<PathBuf>, exe: impl Into<PathBuf>) -> std::io::Result<Self> {
+        Self::with_pki(dir, exe, Some(Pki::shared()))
+    }
+
+    /// A deployment on plain HTTP (the benchmarks compare against peers
+    /// that run without TLS).
+    pub fn plain(dir: impl Into<PathBuf>, exe: impl Into<PathBuf>) -> std::io::Result<Self> {
+        Self::with_pki(dir, exe, None)
+    }
+
+    pub fn with_pki(
+        dir: impl Into<PathBuf>,
+        exe: impl Into<PathBuf>,
+        pki: Option<Arc<Pki>>,
+    ) -> std::io::Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(dir.join("logs"))?;
         Ok(Deployment {
@@ -179,10 +380,65 @@ impl Deployment {
             exe: exe.into(),
             nodes: BTreeMap::new(),
             env: Vec::new(),
+            pki,
+            appserver_addr: None,
         })
     }
 
+    /// `[tls]` for a server component, with a certificate issued now (or
+    /// the one issued before, on a restart).
+    fn server_tls(&self, name: &str, id: &str, crl: bool) -> anyhow::Result<String> {
+        let Some(p) = &self.pki else {
+            return Ok(String::new());
+        };
+        let out = self.dir.join(name).join("tls");
+        let mut t = if out.join("cert.pem").exists() {
+            TlsConfig::in_dir(&out)
+        } else {
+            p.issue(id, &out)?
+        };
+        t.crl = crl.then(|| out.join("crl.pem"));
+        t.crl_refresh_secs = 1;
+        Ok(tls_toml(&t))
+    }
+
+    /// An enrollment token for `id`, made through the control API with
+    /// `rsctl` as an admin would.
+    pub fn enrollment_token(&self, id: &str) -> anyhow::Result<String> {
+        let (Some(p), Some(a)) = (&self.pki, &self.appserver_addr) else {
+            anyhow::bail!("no TLS or no application server to enroll with");
+        };
+        let out = Command::new(&self.exe)
+            .arg("rsctl")
+            .arg("--server")
+            .arg(base(a))
+            .arg("--ca")
+            .arg(&p.admin.ca)
+            .arg("--cert")
+            .arg(&p.admin.cert)
+            .arg("--key")
+            .arg(&p.admin.key)
+            .args(["enroll", "--component", id])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "rsctl enroll: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+
     fn server(&mut self, name: &str, role: Role, config: String) -> anyhow::Result<String> {
+        if let (Some(p), Ok(mut m)) = (&self.pki, tls_servers().lock())
+            && let Some(l) = config.lines().find_map(|l| l.strip_prefix("listen = \""))
+        {
+            // A fixed address is TLS before it answers (tests that wait
+            // for it to come up use base()).
+            let a = l.trim_end_matches('"');
+            if !a.ends_with(":0") {
+                m.insert(a.to_owned(), p.clone());
+            }
+        }
         let cfg_path = self.dir.join(format!("{name}.toml"));
         let addr_file = self.dir.join(format!("{name}.addr"));
         let _ = std::fs::remove_file(&addr_file);
@@ -219,17 +475,26 @@ impl Deployment {
         write(&cfg_path, &pinned)?;
         node.addr = Some(addr.clone());
         self.nodes.insert(name.into(), node);
+        if let (Some(p), Ok(mut m)) = (&self.pki, tls_servers().lock()) {
+            m.insert(addr.clone(), p.clone());
+        }
         Ok(addr)
     }
 
     /// Starts the application server (`extra`: more TOML); returns its address.
     pub fn appserver(&mut self, listen: &str, extra: &str) -> anyhow::Result<String> {
         let dir = self.dir.join("appserver");
-        let cfg = format!(
+        let mut cfg = format!(
             "id = \"rs.a1\"\nlisten = \"{listen}\"\ndata_dir = \"{}\"\n{extra}\n",
             dir.display()
         );
-        self.server("appserver", Role::AppServer, cfg)
+        if let Some(p) = &self.pki {
+            cfg.push_str(&self.server_tls("appserver", "rs.a1", false)?);
+            cfg.push_str(&format!("\n[ca]\ndir = \"{}\"\n", p.dir.display()));
+        }
+        let a = self.server("appserver", Role::AppServer, cfg)?;
+        self.appserver_addr = Some(a.clone());
+        Ok(a)
     }
 
     /// Starts an MLM; returns its address.
@@ -241,12 +506,13 @@ impl Deployment {
         extra: &Extra,
     ) -> anyhow::Result<String> {
         let cfg = format!(
-            "id = \"{id}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nheartbeat_secs = 5\n{}\n[upstream]\nurls = [{}]\n{}\n{}\n",
+            "id = \"{id}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nheartbeat_secs = 5\n{}\n[upstream]\nurls = [{}]\n{}\n{}\n{}",
             self.dir.join(name).display(),
             extra.top,
             urls(upstream),
             extra.upstream,
-            extra.tables
+            extra.tables,
+            self.server_tls(name, id, true)?
         );
         self.server(name, Role::Mlm, cfg)
     }
@@ -263,10 +529,32 @@ impl Deployment {
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("rs-proxy.sock");
         let cfg_path = self.dir.join(format!("{name}.toml"));
+        // With TLS the proxy enrolls on its first start: it makes its own
+        // key and obtains its certificate with a one-time token (without an
+        // application server to make tokens, the CA issues one directly).
+        let (token, tls) = match &self.pki {
+            None => (String::new(), String::new()),
+            Some(p) => {
+                let out = dir.join("tls");
+                let mut t = TlsConfig::in_dir(&out);
+                t.crl = None;
+                let token = if out.join("cert.pem").exists() {
+                    String::new()
+                } else if self.appserver_addr.is_some() {
+                    std::fs::create_dir_all(&out)?;
+                    std::fs::copy(&p.admin.ca, &t.ca)?;
+                    format!("enroll_token = \"{}\"\n", self.enrollment_token(id)?)
+                } else {
+                    t = p.issue(id, &out)?;
+                    String::new()
+                };
+                (token, tls_toml(&t))
+            }
+        };
         write(
             &cfg_path,
             &format!(
-                "id = \"{id}\"\ndata_dir = \"{}\"\nsocket = \"{}\"\nheartbeat_secs = 5\n{}\n[upstream]\nurls = [{}]\n{}\n{}\n",
+                "id = \"{id}\"\ndata_dir = \"{}\"\nsocket = \"{}\"\nheartbeat_secs = 5\n{token}{}\n[upstream]\nurls = [{}]\n{}\n{}\n{tls}",
                 dir.display(),
                 socket.display(),
                 extra.top,
@@ -356,7 +644,9 @@ impl Deployment {
 
 /// The metrics of a server's `/rs/v1/status` tree.
 pub async fn server_metrics(addr: &str) -> anyhow::Result<BTreeMap<String, u64>> {
-    let body = reqwest::get(format!("http://{addr}/rs/v1/status"))
+    let body = admin(addr)
+        .get(format!("{}/rs/v1/status", base(addr)))
+        .send()
         .await?
         .bytes()
         .await?;

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rs_tests::deploy::{Deployment, Extra, proxy_metrics, wait_for};
+use rs_tests::deploy::{Deployment, Extra, admin, base, proxy_metrics, wait_for};
 
 pub(crate) fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_rs-demo"))
@@ -18,8 +18,8 @@ pub(crate) fn tmp(name: &str) -> PathBuf {
 }
 
 pub(crate) async fn post(a: &str, body: &str) -> (u16, String) {
-    let r = reqwest::Client::new()
-        .post(format!("http://{a}/rs/v1/control/send"))
+    let r = admin(&a)
+        .post(format!("{}/rs/v1/control/send", base(&a)))
         .body(body.to_owned())
         .send()
         .await
@@ -33,7 +33,9 @@ pub(crate) fn attr<'a>(doc: &'a str, name: &str) -> &'a str {
 }
 
 pub(crate) async fn job(a: &str, id: &str) -> String {
-    reqwest::get(format!("http://{a}/rs/v1/control/jobs/{id}"))
+    admin(&a)
+        .get(format!("{}/rs/v1/control/jobs/{id}", base(&a)))
+        .send()
         .await
         .unwrap()
         .text()
@@ -64,7 +66,9 @@ async fn control_actions_reach_a_proxy_and_complete_their_jobs() {
     assert!(wait_for(Duration::from_secs(30), || {
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async {
-                reqwest::get(format!("http://{a}/rs/v1/control/components"))
+                admin(&a)
+                    .get(format!("{}/rs/v1/control/components", base(&a)))
+                    .send()
                     .await
                     .unwrap()
                     .text()
@@ -252,7 +256,9 @@ async fn control_actions_travel_through_an_mlm_to_each_proxy() {
     assert!(wait_for(Duration::from_secs(30), || {
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async {
-                let c = reqwest::get(format!("http://{a}/rs/v1/control/components"))
+                let c = admin(&a)
+                    .get(format!("{}/rs/v1/control/components", base(&a)))
+                    .send()
                     .await
                     .unwrap()
                     .text()

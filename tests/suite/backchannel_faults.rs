@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rs_common::codec::Limits;
 use rs_common::codec::api::{decode_components, decode_job};
-use rs_tests::deploy::{Deployment, Extra, proxy_metrics, server_metrics};
+use rs_tests::deploy::{Deployment, Extra, admin, base, proxy_metrics, server_metrics};
 
 use crate::backchannel::{attr, exe, post, tmp};
 
@@ -31,7 +31,11 @@ where
 
 /// The components the server knows, with the tiers they are reached through.
 async fn routes(a: &str) -> std::collections::BTreeMap<String, Vec<String>> {
-    let Ok(r) = reqwest::get(format!("http://{a}/rs/v1/control/components")).await else {
+    let Ok(r) = admin(&a)
+        .get(format!("{}/rs/v1/control/components", base(&a)))
+        .send()
+        .await
+    else {
         return Default::default();
     };
     let b = r.bytes().await.unwrap_or_default();
@@ -51,7 +55,12 @@ async fn routes(a: &str) -> std::collections::BTreeMap<String, Vec<String>> {
 async fn finish(a: &str, id: &str, secs: u64) -> rs_common::codec::api::Job {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     loop {
-        let b = reqwest::get(format!("http://{a}/rs/v1/control/jobs/{id}?after=0&wait=5"))
+        let b = admin(&a)
+            .get(format!(
+                "{}/rs/v1/control/jobs/{id}?after=0&wait=5",
+                base(&a)
+            ))
+            .send()
             .await
             .unwrap()
             .bytes()
@@ -66,8 +75,8 @@ async fn finish(a: &str, id: &str, secs: u64) -> rs_common::codec::api::Job {
 }
 
 async fn put(a: &str, path: &str, body: &str) -> (u16, String) {
-    let r = reqwest::Client::new()
-        .put(format!("http://{a}/rs/v1/control/{path}"))
+    let r = admin(&a)
+        .put(format!("{}/rs/v1/control/{path}", base(&a)))
         .body(body.to_owned())
         .send()
         .await
@@ -372,11 +381,12 @@ async fn a_job_completes_across_the_reconnect_it_causes_and_routes_follow_the_pr
 
     // Move the proxy to the other MLM: the action resets its connection,
     // and its job still completes.
+    let m2u = base(&m2);
     let (_, body) = post(
         &a,
         &format!(
             r#"<send><to id="acme.p1"/><control action="configChange"><config>[upstream]
-urls = ["http://{m2}"]
+urls = ["{m2u}"]
 </config></control></send>"#
         ),
     )
@@ -469,8 +479,7 @@ async fn subscriber() -> (
 pub(crate) fn rsctl(a: &str, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(exe())
         .arg("rsctl")
-        .arg("--server")
-        .arg(format!("http://{a}"))
+        .args(rs_tests::deploy::rsctl_args(a))
         .args(args)
         .output()
         .unwrap();
@@ -633,8 +642,9 @@ async fn post_envelope(
         w.push(m);
     }
     let enc = w.finish();
-    let r = reqwest::Client::new()
-        .post(format!("http://{a}/rs/v1/envelope"))
+    let r = rs_tests::deploy::component_client(a, sender)
+        .unwrap()
+        .post(format!("{}/rs/v1/envelope", base(a)))
         .header("content-type", enc.content_type)
         .body(enc.body)
         .send()

@@ -11,7 +11,7 @@ use rs_common::codec::EnvelopeWriter;
 use rs_common::model::*;
 use rs_common::{MessageId, RsId, Timestamp};
 use rs_proxy::client::Client;
-use rs_tests::deploy::{Deployment, Extra, server_metrics, wait_for};
+use rs_tests::deploy::{Deployment, Extra, admin, base, server_metrics, wait_for};
 
 use crate::backchannel::{exe, tmp};
 
@@ -199,7 +199,8 @@ async fn request_upload(a: &str, from: &str, size: u64, sha: [u8; 32]) -> (Messa
     let me = RsId::new(from).unwrap();
     let m = rs_tests::upload_request(&me, size, sha);
     let up = rs_common::upstream::Upstream::new(rs_common::upstream::UpstreamConfig {
-        urls: vec![format!("http://{a}")],
+        urls: vec![base(a)],
+        tls: rs_tests::deploy::component_tls(a, from).unwrap(),
         ..Default::default()
     })
     .unwrap();
@@ -222,13 +223,13 @@ async fn request_upload(a: &str, from: &str, size: u64, sha: [u8; 32]) -> (Messa
 
 fn url_of(a: &str, g: &Grant) -> String {
     match g {
-        Grant::Granted { url, .. } => format!("http://{a}{url}"),
+        Grant::Granted { url, .. } => format!("{}{url}", base(a)),
         Grant::Refused { reason, .. } => panic!("refused: {reason}"),
     }
 }
 
 async fn put(url: &str, range: Option<&str>, body: Vec<u8>) -> (u16, String, Option<u64>) {
-    let mut r = reqwest::Client::new().put(url).body(body);
+    let mut r = rs_tests::deploy::admin_for_url(url).put(url).body(body);
     if let Some(range) = range {
         r = r.header("content-range", range);
     }
@@ -241,7 +242,11 @@ async fn put(url: &str, range: Option<&str>, body: Vec<u8>) -> (u16, String, Opt
 }
 
 async fn head(url: &str) -> (u16, Option<u64>, bool) {
-    let resp = reqwest::Client::new().head(url).send().await.unwrap();
+    let resp = rs_tests::deploy::admin_for_url(url)
+        .head(url)
+        .send()
+        .await
+        .unwrap();
     let h = resp.headers();
     (
         resp.status().as_u16(),
@@ -254,7 +259,7 @@ async fn head(url: &str) -> (u16, Option<u64>, bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_urls_are_single_use_resumable_expiring_and_refuse_a_wrong_hash() {
     let dir = tmp("bulk-rules");
-    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let mut d = Deployment::plain(&dir, exe()).unwrap();
     let a = d
         .appserver(
             "127.0.0.1:0",
@@ -288,7 +293,7 @@ async fn upload_urls_are_single_use_resumable_expiring_and_refuse_a_wrong_hash()
     {
         // A raw connection: the head and half the body, then the line drops.
         use tokio::io::AsyncWriteExt as _;
-        let path = url.trim_start_matches(&format!("http://{a}"));
+        let path = url.trim_start_matches(&base(&a));
         let mut c = tokio::net::TcpStream::connect(&a).await.unwrap();
         let head = format!(
             "PUT {path} HTTP/1.1\r\nhost: {a}\r\ncontent-length: {}\r\n\r\n",
@@ -333,8 +338,8 @@ async fn upload_urls_are_single_use_resumable_expiring_and_refuse_a_wrong_hash()
 
     // Publishing answers a valid <file>; an offer document is valid too,
     // and an offer of an unknown file or to an unknown component is refused.
-    let r = reqwest::Client::new()
-        .put(format!("http://{a}/rs/v1/control/files/tuning%20v2.toml"))
+    let r = admin(&a)
+        .put(format!("{}/rs/v1/control/files/tuning%20v2.toml", base(&a)))
         .body("heartbeat_secs = 30\n")
         .send()
         .await
@@ -359,8 +364,8 @@ async fn upload_urls_are_single_use_resumable_expiring_and_refuse_a_wrong_hash()
         (offer([1; 32], "acme.p9"), "no published file"),
         (offer(file.sha256, "acme.p77"), "unknown destination"),
     ] {
-        let r = reqwest::Client::new()
-            .post(format!("http://{a}/rs/v1/control/offer"))
+        let r = admin(&a)
+            .post(format!("{}/rs/v1/control/offer", base(&a)))
             .body(rs_common::codec::api::encode_offer_request(&req))
             .send()
             .await
@@ -372,7 +377,7 @@ async fn upload_urls_are_single_use_resumable_expiring_and_refuse_a_wrong_hash()
     // Unknown and malformed tokens.
     assert_eq!(
         put(
-            &format!("http://{a}/rs/v1/bulk/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+            &format!("{}/rs/v1/bulk/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", base(&a)),
             None,
             vec![1]
         )
@@ -382,7 +387,7 @@ async fn upload_urls_are_single_use_resumable_expiring_and_refuse_a_wrong_hash()
     );
     assert_eq!(
         put(
-            &format!("http://{a}/rs/v1/bulk/..%2F..%2Fetc"),
+            &format!("{}/rs/v1/bulk/..%2F..%2Fetc", base(&a)),
             None,
             vec![1]
         )
@@ -429,8 +434,8 @@ async fn an_mlm_refuses_an_upload_over_its_limit_and_the_proxy_reports_it() {
         .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
         .unwrap();
     // A service module subscribed to diagnostics, pulling a feed.
-    let r = reqwest::Client::new()
-        .post(format!("http://{a}/rs/v1/control/subscriptions"))
+    let r = admin(&a)
+        .post(format!("{}/rs/v1/control/subscriptions", base(&a)))
         .body(r#"<subscription name="diag" class="diagnostics" delivery="feed"/>"#)
         .send()
         .await
@@ -490,18 +495,23 @@ async fn an_mlm_refuses_an_upload_over_its_limit_and_the_proxy_reports_it() {
     assert_eq!(metric(&m, "bulk.requests_refused").await, 1);
     // The module hears of the stored file once (not of the request), with
     // where to fetch it; the file is there.
-    let feed = reqwest::get(format!(
-        "http://{a}/rs/v1/control/subscriptions/diag/feed?wait=20"
-    ))
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    let feed = admin(&a)
+        .get(format!(
+            "{}/rs/v1/control/subscriptions/diag/feed?wait=20",
+            base(&a)
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(feed.matches("<bulk-request").count(), 1, "{feed}");
     let url = format!("/rs/v1/control/uploads/{}/file", ok.request);
     assert!(feed.contains(&url), "{feed}");
-    let got = reqwest::get(format!("http://{a}{url}"))
+    let got = admin(&a)
+        .get(format!("{}{url}", base(&a)))
+        .send()
         .await
         .unwrap()
         .bytes()
@@ -509,7 +519,9 @@ async fn an_mlm_refuses_an_upload_over_its_limit_and_the_proxy_reports_it() {
         .unwrap();
     assert_eq!(&got[..], &std::fs::read(&small).unwrap()[..]);
     // The uploads list is a valid control API document.
-    let list = reqwest::get(format!("http://{a}/rs/v1/control/uploads"))
+    let list = admin(&a)
+        .get(format!("{}/rs/v1/control/uploads", base(&a)))
+        .send()
         .await
         .unwrap()
         .bytes()
@@ -541,7 +553,9 @@ fn installer(dir: &Path) -> String {
 }
 
 async fn components(a: &str) -> String {
-    reqwest::get(format!("http://{a}/rs/v1/control/components"))
+    admin(&a)
+        .get(format!("{}/rs/v1/control/components", base(&a)))
+        .send()
         .await
         .unwrap()
         .text()

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rs_proxy::api::SendRequest;
 use rs_proxy::client::{Client, ClientError};
 use rs_tests::deploy::{
-    Deployment, Extra, integrity, proxy_metrics, server_metrics, stored_ids, wait_for,
+    Deployment, Extra, admin, base, integrity, proxy_metrics, server_metrics, stored_ids, wait_for,
 };
 
 fn exe() -> PathBuf {
@@ -118,16 +118,21 @@ async fn messages_flow_end_to_end_and_are_stored_once() {
 
     // Each went through the MLM, which appended its routing hop, and the
     // server knows both proxies and how they are reached.
-    let body = reqwest::get(format!(
-        "http://{a}/rs/v1/control/messages?component=acme.p1.s1&limit=1000"
-    ))
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    let body = admin(&a)
+        .get(format!(
+            "{}/rs/v1/control/messages?component=acme.p1.s1&limit=1000",
+            base(&a)
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(body.contains("via=\"acme.m1\""), "{body}");
-    let comps = reqwest::get(format!("http://{a}/rs/v1/control/components"))
+    let comps = admin(&a)
+        .get(format!("{}/rs/v1/control/components", base(&a)))
+        .send()
         .await
         .unwrap()
         .text()
@@ -221,14 +226,17 @@ async fn mlm_filters_aggregates_and_drops_repeats_as_configured() {
         stored.contains(&first) != stored.contains(&repeat),
         "exactly one of two repeats is kept"
     );
-    let body = reqwest::get(format!(
-        "http://{a}/rs/v1/control/messages?component=acme.m1&type=alarm"
-    ))
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    let body = admin(&a)
+        .get(format!(
+            "{}/rs/v1/control/messages?component=acme.m1&type=alarm",
+            base(&a)
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
         body.contains("<detail name=\"aggregated.count\">4</detail>"),
         "{body}"
@@ -609,14 +617,17 @@ async fn mlms_chain_and_each_appends_its_hop() {
         &[id.clone()].into(),
         Duration::from_secs(30)
     ));
-    let body = reqwest::get(format!(
-        "http://{a}/rs/v1/control/messages?component=acme.p1.s1"
-    ))
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    let body = admin(&a)
+        .get(format!(
+            "{}/rs/v1/control/messages?component=acme.p1.s1",
+            base(&a)
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
         body.contains(&format!("id=\"{id}\"")) && body.contains("via=\"acme.m1 rs.m1\""),
         "{body}"

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rs_tests::deploy::{Deployment, Extra, server_metrics, wait_for};
+use rs_tests::deploy::{Deployment, Extra, admin, base, server_metrics, wait_for};
 
 use crate::backchannel::{attr, exe, tmp};
 use crate::forward::{alarm, register};
@@ -66,8 +66,8 @@ async fn receiver() -> (String, Arc<Receiver>) {
 }
 
 async fn post(a: &str, path: &str, body: String) -> (u16, String) {
-    let r = reqwest::Client::new()
-        .post(format!("http://{a}/rs/v1/control/{path}"))
+    let r = admin(&a)
+        .post(format!("{}/rs/v1/control/{path}", base(&a)))
         .body(body)
         .send()
         .await
@@ -76,7 +76,9 @@ async fn post(a: &str, path: &str, body: String) -> (u16, String) {
 }
 
 async fn get(a: &str, path: &str) -> String {
-    reqwest::get(format!("http://{a}/rs/v1/control/{path}"))
+    admin(&a)
+        .get(format!("{}/rs/v1/control/{path}", base(&a)))
+        .send()
         .await
         .unwrap()
         .text()
@@ -538,7 +540,9 @@ async fn built_in_modules_notify_and_export_once_and_queries_export_streamed_in_
     assert_eq!(pages, 3);
     assert_eq!(ids_in(&whole).len(), 10);
     // Bad parameters are refused.
-    let r = reqwest::get(format!("http://{a}/rs/v1/control/export?after=x"))
+    let r = admin(&a)
+        .get(format!("{}/rs/v1/control/export?after=x", base(&a)))
+        .send()
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);

@@ -720,7 +720,7 @@ mod on_daemons {
             }
             let enc = w.finish();
             let r = http
-                .post(format!("http://{a}/rs/v1/envelope"))
+                .post(format!("{}/rs/v1/envelope", rs_tests::deploy::base(&a)))
                 .header("content-type", enc.content_type)
                 .body(enc.body)
                 .send()
@@ -760,7 +760,7 @@ mod on_daemons {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_thousand_proxies_reconnecting_at_once_drain_without_refusals() {
         let dir = tmp("storm");
-        let mut d = Deployment::new(&dir, exe()).unwrap();
+        let mut d = Deployment::plain(&dir, exe()).unwrap();
         let a = d.appserver("127.0.0.1:0", "busy_envelopes = 16").unwrap();
         const PROXIES: usize = 1000;
         const BACKLOG: usize = 20;

@@ -141,7 +141,10 @@ const LOG_LINES: &[&str] = &[
 async fn demo(cli: Cli) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let _ = std::fs::remove_dir_all(&cli.data);
-    let mut d = Deployment::new(&cli.data, exe)?;
+    // The deployment's own CA: every tier talks mutual TLS, and the
+    // proxies enroll with one-time tokens on their first start.
+    let pki = std::sync::Arc::new(rs_tests::deploy::Pki::create(&cli.data.join("ca"))?);
+    let mut d = Deployment::with_pki(&cli.data, exe, Some(pki.clone()))?;
     let a = d.appserver("127.0.0.1:0", "heartbeat_secs = 5")?;
     let mlm_tables = Extra {
         tables: "[[drop_repeats]]\nclass = \"inventory\"\nwindow_secs = 600\n\n\
@@ -194,7 +197,21 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         "each proxy has an rs-hostwatch integrator; state and logs in {}",
         cli.data.display()
     );
-    println!("try: curl -s 'http://{a}/rs/v1/control/messages?type=alarm&limit=5'");
+    let t = &pki.admin;
+    println!(
+        "mutual TLS between every tier; the CA is in {}, the admin's certificate in {}",
+        pki.dir.display(),
+        t.cert
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    );
+    println!(
+        "try: curl -s --cacert {} --cert {} --key {} 'https://{a}/rs/v1/control/messages?type=alarm&limit=5'",
+        t.ca.display(),
+        t.cert.display(),
+        t.key.display()
+    );
     match admin_demo(&a, cli.proxies.max(1)).await {
         Ok(line) => println!("{line}"),
         Err(e) => println!("back-channel check failed: {e:#}"),
@@ -204,7 +221,13 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         Err(e) => println!("bulk transfer check failed: {e:#}"),
     }
     println!("administer it with rsctl (from another shell):");
-    println!("  export RSCTL_SERVER=http://{a}");
+    println!("  export RSCTL_SERVER=https://{a}");
+    println!(
+        "  export RSCTL_CA={} RSCTL_CERT={} RSCTL_KEY={}",
+        t.ca.display(),
+        t.cert.display(),
+        t.key.display()
+    );
     println!("  cargo run --release -p rs-appserver --bin rsctl -- components");
     println!(
         "  cargo run --release -p rs-appserver --bin rsctl -- send configChange --group acme-proxies --set heartbeat_secs=10 --watch"
@@ -301,8 +324,8 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
 async fn admin_demo(a: &str, proxies: usize) -> anyhow::Result<String> {
     use rs_common::codec::Limits;
     use rs_common::codec::api::{GroupDef, decode_components, decode_job, encode_group};
-    let http = reqwest::Client::new();
-    let base = format!("http://{a}/rs/v1/control");
+    let http = rs_tests::deploy::admin(a);
+    let base = format!("{}/rs/v1/control", rs_tests::deploy::base(a));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let b = http
@@ -404,8 +427,8 @@ async fn bulk_demo(
         started.elapsed().as_millis()
     ));
     // Download to the group.
-    let http = reqwest::Client::new();
-    let base = format!("http://{a}/rs/v1/control");
+    let http = rs_tests::deploy::admin(a);
+    let base = format!("{}/rs/v1/control", rs_tests::deploy::base(a));
     let pkg: Vec<u8> = (0..8_000_000u32).map(|i| (i ^ (i >> 7)) as u8).collect();
     let started = Instant::now();
     let r = http
