@@ -20,6 +20,57 @@ use crate::tls::{Revocations, TlsConfig};
 /// Most bytes of a certificate or revocation list accepted in a reply.
 const MAX_PEM: usize = 1 << 20;
 
+/// [`ensure`], trying again (1 s doubling to a minute) while the upstream
+/// is unreachable, until `stop`. A refusal (a bad or spent token) is final.
+pub async fn ensure_retrying(
+    tls: &TlsConfig,
+    token: Option<&str>,
+    urls: &[String],
+    want: Option<&RsId>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<Identity, String> {
+    let mut attempt = 0u32;
+    loop {
+        match ensure(tls, token, urls, want).await {
+            Ok(id) => return Ok(id),
+            Err(Failed::Refused(e)) => return Err(e),
+            Err(Failed::Unreachable(e)) => {
+                let wait = crate::upstream::backoff(attempt, Duration::from_secs(60));
+                attempt += 1;
+                tracing::warn!("enrollment: {e}; trying again in {} s", wait.as_secs().max(1));
+                tokio::select! {
+                    () = stop.cancelled() => return Err("stopped before enrolling".into()),
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Why enrollment did not happen.
+#[derive(Debug, Clone)]
+pub enum Failed {
+    /// Refused (bad, spent or expired token; a bad certificate back) or
+    /// misconfigured: trying again will not help.
+    Refused(String),
+    /// Nothing answered: try again later.
+    Unreachable(String),
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failed::Refused(e) | Failed::Unreachable(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<String> for Failed {
+    fn from(e: String) -> Self {
+        Failed::Refused(e)
+    }
+}
+
 /// Returns this component's identity, enrolling first when it has no
 /// certificate yet. `want`: the ID configured, which the certificate must
 /// name.
@@ -28,13 +79,13 @@ pub async fn ensure(
     token: Option<&str>,
     urls: &[String],
     want: Option<&RsId>,
-) -> Result<Identity, String> {
+) -> Result<Identity, Failed> {
     if !tls.cert.exists() {
         let Some(token) = token else {
-            return Err(format!(
+            return Err(Failed::Refused(format!(
                 "no certificate at {} and no enroll_token to obtain one with",
                 tls.cert.display()
-            ));
+            )));
         };
         enroll(tls, token, urls).await?;
     }
@@ -42,16 +93,16 @@ pub async fn ensure(
     if let Some(w) = want
         && id.name != w.as_str()
     {
-        return Err(format!(
+        return Err(Failed::Refused(format!(
             "the certificate {} names {}, but this component is configured as {w}",
             tls.cert.display(),
             id.name
-        ));
+        )));
     }
     Ok(id)
 }
 
-async fn enroll(tls: &TlsConfig, token: &str, urls: &[String]) -> Result<(), String> {
+async fn enroll(tls: &TlsConfig, token: &str, urls: &[String]) -> Result<(), Failed> {
     // A key from an earlier attempt is reused: the request can be repeated.
     let key = if tls.key.exists() {
         let pem = std::fs::read(&tls.key).map_err(|e| format!("{}: {e}", tls.key.display()))?;
@@ -97,21 +148,32 @@ async fn enroll(tls: &TlsConfig, token: &str, urls: &[String]) -> Result<(), Str
         let status = resp.status();
         let body = crate::upstream::bounded_body(resp, MAX_PEM).await?;
         if !status.is_success() {
-            return Err(format!(
+            let e = format!(
                 "{base} refused the enrollment ({status}): {}",
                 String::from_utf8_lossy(&body).trim()
-            ));
+            );
+            // A tier between us and the server that cannot reach it, or a
+            // server busy: later. Anything else is the token's fault.
+            if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
+                last = e;
+                continue;
+            }
+            return Err(Failed::Refused(e));
         }
         let cert = X509::from_pem(&body).map_err(|e| format!("the certificate returned: {e}"))?;
         let ca_key = ca.public_key().map_err(|e| format!("CA key: {e}"))?;
         if !cert.verify(&ca_key).unwrap_or(false) {
-            return Err("the certificate returned is not signed by our CA".into());
+            return Err(Failed::Refused(
+                "the certificate returned is not signed by our CA".into(),
+            ));
         }
         let ours = cert
             .public_key()
             .map_err(|e| format!("certificate key: {e}"))?;
         if !ours.public_eq(&key) {
-            return Err("the certificate returned is not for our key".into());
+            return Err(Failed::Refused(
+                "the certificate returned is not for our key".into(),
+            ));
         }
         let id = Identity::from_cert(&cert)?;
         pki::write_file(&tls.cert, &body)?;
@@ -123,7 +185,7 @@ async fn enroll(tls: &TlsConfig, token: &str, urls: &[String]) -> Result<(), Str
         }
         return Ok(());
     }
-    Err(format!("enrollment failed: {last}"))
+    Err(Failed::Unreachable(format!("enrollment failed: {last}")))
 }
 
 async fn fetch_crl(

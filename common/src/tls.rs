@@ -274,6 +274,11 @@ pub fn client(cfg: Option<&TlsConfig>) -> Result<reqwest::ClientBuilder, String>
         return Ok(b);
     };
     let b = client_trusting(&cfg.ca)?;
+    if !cfg.cert.exists() {
+        // Not enrolled yet: the tiers will refuse what it sends (401) until
+        // it is, and it keeps everything meanwhile.
+        return Ok(b);
+    }
     let cert = std::fs::read(&cfg.cert).map_err(|e| format!("{}: {e}", cfg.cert.display()))?;
     let key = std::fs::read(&cfg.key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
     let id = reqwest::Identity::from_pkcs8_pem(&cert, &key)

@@ -398,11 +398,13 @@ pub async fn run(
 ) -> anyhow::Result<Exit> {
     if let Some(t) = &cfg.tls {
         let want = cfg.rs_id().map_err(anyhow::Error::msg)?;
-        rs_common::enroll::ensure(
+        // It cannot serve TLS without a certificate: wait for enrollment.
+        rs_common::enroll::ensure_retrying(
             t,
             cfg.enroll_token.as_deref(),
             &cfg.upstream.urls,
             Some(&want),
+            &shutdown,
         )
         .await
         .map_err(anyhow::Error::msg)?;

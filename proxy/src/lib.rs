@@ -340,24 +340,55 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Exit> {
     let mut cfg = cfg;
+    let mut enroll_later = None;
     if let Some(t) = &cfg.tls {
         // First start: create the key and obtain the certificate (and the
-        // ID with it) through the upstream.
+        // ID with it) through the upstream. With its ID configured the
+        // proxy need not wait: it takes and spools its integrators'
+        // messages at once, enrolls in the background and starts again
+        // once it holds its certificate.
         let want = match &cfg.id {
             Some(id) => Some(RsId::new(id.clone()).map_err(|e| anyhow::anyhow!("id {id:?}: {e}"))?),
             None => None,
         };
-        let me = rs_common::enroll::ensure(
-            t,
-            cfg.enroll_token.as_deref(),
-            &cfg.upstream.urls,
-            want.as_ref(),
-        )
-        .await
-        .map_err(anyhow::Error::msg)?;
-        cfg.id = Some(me.name);
+        if want.is_some() && !t.cert.exists() {
+            enroll_later = Some((t.clone(), want));
+        } else {
+            let me = rs_common::enroll::ensure_retrying(
+                t,
+                cfg.enroll_token.as_deref(),
+                &cfg.upstream.urls,
+                want.as_ref(),
+                &shutdown,
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            cfg.id = Some(me.name);
+        }
     }
     let proxy = Proxy::open(cfg, config_path, shutdown.clone())?;
+    if let Some((t, want)) = enroll_later {
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let p = &proxy;
+            match rs_common::enroll::ensure_retrying(
+                &t,
+                p.cfg.enroll_token.as_deref(),
+                &p.cfg.upstream.urls,
+                want.as_ref(),
+                &p.stop,
+            )
+            .await
+            {
+                Ok(_) => {
+                    tracing::info!("enrolled: starting again with the certificate");
+                    p.restart.store(true, Ordering::Relaxed);
+                    p.stop.cancel();
+                }
+                Err(e) => tracing::error!("enrollment: {e}; sending is refused until it is fixed"),
+            }
+        });
+    }
     let upstream = Arc::new(
         Upstream::new(UpstreamConfig {
             urls: proxy.cfg.upstream.urls.clone(),

@@ -147,13 +147,6 @@ fn write(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::write(path, text)
 }
 
-fn urls(addrs: &[String]) -> String {
-    addrs
-        .iter()
-        .map(|a| format!("\"{}\"", base(a)))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 /// A deployment's certificate authority and its admin's certificate (what
 /// a provider sets up once with `rsctl ca init` and `rsctl ca issue`).
@@ -385,6 +378,17 @@ impl Deployment {
         })
     }
 
+    /// The upstream URLs of a daemon (through relays too: with TLS every
+    /// server of the deployment speaks it).
+    fn urls(&self, addrs: &[String]) -> String {
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        addrs
+            .iter()
+            .map(|a| format!("\"{scheme}://{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// `[tls]` for a server component, with a certificate issued now (or
     /// the one issued before, on a restart).
     fn server_tls(&self, name: &str, id: &str, crl: bool) -> anyhow::Result<String> {
@@ -509,7 +513,7 @@ impl Deployment {
             "id = \"{id}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nheartbeat_secs = 5\n{}\n[upstream]\nurls = [{}]\n{}\n{}\n{}",
             self.dir.join(name).display(),
             extra.top,
-            urls(upstream),
+            self.urls(upstream),
             extra.upstream,
             extra.tables,
             self.server_tls(name, id, true)?
@@ -558,7 +562,7 @@ impl Deployment {
                 dir.display(),
                 socket.display(),
                 extra.top,
-                urls(upstream),
+                self.urls(upstream),
                 extra.upstream,
                 extra.tables
             ),
