@@ -35,9 +35,10 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         warp::path!("rs" / "v1" / "control" / "messages")
             .and(warp::get())
             .and(warp::query::<HashMap<String, String>>())
-            .and_then(move |q| {
+            .and(crate::security::admin())
+            .and_then(move |q, admin: crate::security::Admin| {
                 let app = app.clone();
-                async move { messages(&app, q).await }
+                async move { messages(&app, q, &admin.grants).await }
             })
     };
     let export = {
@@ -54,9 +55,10 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "components")
             .and(warp::get())
-            .and_then(move || {
+            .and(crate::security::admin())
+            .and_then(move |admin: crate::security::Admin| {
                 let app = app.clone();
-                async move { components(&app).await }
+                async move { components(&app, &admin.grants).await }
             })
     };
     let send = {
@@ -64,9 +66,10 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         warp::path!("rs" / "v1" / "control" / "send")
             .and(warp::post())
             .and(small_body())
-            .and_then(move |body: bytes::Bytes| {
+            .and(crate::security::admin())
+            .and_then(move |body: bytes::Bytes, admin: crate::security::Admin| {
                 let app = app.clone();
-                async move { send(&app, &body).await }
+                async move { send(&app, &body, &admin.grants).await }
             })
     };
     let job = {
@@ -542,6 +545,18 @@ pub async fn status_tree(app: &AppServer) -> StatusNode {
             d.fetches_refused.load(Ordering::Relaxed),
         ),
     ]);
+    metrics.extend(rs_common::auth::metrics(app.tls.as_deref(), &app.auth));
+    metrics.extend([
+        ("enroll.issued", app.stats.enrolled.load(Ordering::Relaxed)),
+        (
+            "enroll.refused",
+            app.stats.enroll_refused.load(Ordering::Relaxed),
+        ),
+        (
+            "certificates.revoked",
+            app.stats.revoked.load(Ordering::Relaxed),
+        ),
+    ]);
     let throttle = app.current_throttle().metrics();
     metrics.extend(throttle.iter().map(|(k, v)| (k.as_str(), *v)));
     let state = match app.store.stats().await {
@@ -641,8 +656,33 @@ fn query_of(q: HashMap<String, String>, export: bool) -> Result<Query, warp::Rej
 async fn messages(
     app: &AppServer,
     q: HashMap<String, String>,
+    grants: &crate::security::Grants,
 ) -> Result<warp::reply::Response, warp::Rejection> {
-    let query = query_of(q, false)?;
+    let mut query = query_of(q, false)?;
+    // An admin of some customers asks within them.
+    if let crate::security::Grants::Some(list) = grants {
+        let of_component = query
+            .component
+            .as_deref()
+            .and_then(|c| RsId::new(c).ok())
+            .map(|c| c.customer().as_str().to_owned());
+        match (query.customer.clone(), of_component) {
+            (Some(c), _) | (None, Some(c)) if !grants.customer(&c) => {
+                return Err(refuse(
+                    http::StatusCode::FORBIDDEN,
+                    format!("not granted: customer {c}"),
+                ));
+            }
+            (Some(_), _) | (None, Some(_)) => {}
+            (None, None) if list.len() == 1 => query.customer = Some(list[0].clone()),
+            (None, None) => {
+                return Err(refuse(
+                    http::StatusCode::FORBIDDEN,
+                    "name one of the customers granted (customer=...)",
+                ));
+            }
+        }
+    }
     let rows = app
         .store
         .query(query)
@@ -823,8 +863,12 @@ fn memchr_decl_end(doc: &[u8]) -> Option<usize> {
     }
 }
 
-async fn components(app: &AppServer) -> Result<warp::reply::Response, warp::Rejection> {
-    let rows = app.store.components().await.map_err(unavailable)?;
+async fn components(
+    app: &AppServer,
+    grants: &crate::security::Grants,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let mut rows = app.store.components().await.map_err(unavailable)?;
+    rows.retain(|c| RsId::new(&c.id).is_ok_and(|id| grants.component(&id)));
     let limits = rs_common::codec::Limits::default();
     let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
     let list: Vec<Component> = rows
@@ -865,12 +909,17 @@ const MAX_TTL_SECS: u64 = 30 * 86_400;
 
 /// `POST /rs/v1/control/send`: answers at once with a job ID; each
 /// destination's outcome arrives later (`GET /rs/v1/control/jobs/{id}`).
-async fn send(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, warp::Rejection> {
+async fn send(
+    app: &AppServer,
+    body: &[u8],
+    grants: &crate::security::Grants,
+) -> Result<warp::reply::Response, warp::Rejection> {
     let req = rs_common::codec::decode_send_request(body, &rs_common::codec::Limits::default())
         .map_err(|e| refuse(http::StatusCode::BAD_REQUEST, format!("send request: {e}")))?;
     let action = req.action.clone();
     let job = start_job(
         app,
+        grants,
         &req.to,
         &req.groups,
         req.ttl_secs,
@@ -891,6 +940,7 @@ async fn send(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, war
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn start_job(
     app: &AppServer,
+    grants: &crate::security::Grants,
     to: &[RsId],
     groups: &[String],
     ttl_secs: Option<u64>,
@@ -931,6 +981,13 @@ pub(crate) async fn start_job(
     }
     let named: std::collections::BTreeSet<RsId> = to.iter().cloned().collect();
     dests.extend(named.iter().cloned());
+    // An admin commands only the customers granted, groups included.
+    if let Some(d) = dests.iter().find(|d| !grants.component(d)) {
+        return Err(bad(
+            http::StatusCode::FORBIDDEN,
+            format!("not granted: {d} (customer {})", d.customer().as_str()),
+        ));
+    }
     // One copy per next hop, listing the destinations behind it.
     let mut by_hop: std::collections::BTreeMap<String, Vec<RsId>> =
         std::collections::BTreeMap::new();

@@ -75,9 +75,10 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         warp::path!("rs" / "v1" / "control" / "offer")
             .and(warp::post())
             .and(crate::control::small_body())
-            .and_then(move |body: bytes::Bytes| {
+            .and(crate::security::admin())
+            .and_then(move |body: bytes::Bytes, admin: crate::security::Admin| {
                 let app = app.clone();
-                async move { offer(&app, &body).await }
+                async move { offer(&app, &body, &admin.grants).await }
             })
     };
     let get = warp::path!("rs" / "v1" / "bulk" / String)
@@ -225,7 +226,11 @@ where
     }))
 }
 
-async fn offer(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, warp::Rejection> {
+async fn offer(
+    app: &AppServer,
+    body: &[u8],
+    grants: &crate::security::Grants,
+) -> Result<warp::reply::Response, warp::Rejection> {
     let req = decode_offer_request(body, &rs_common::codec::Limits::default())
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("offer: {e}")))?;
     let hex = rs_common::codec::sha256_hex(&req.sha256);
@@ -260,6 +265,7 @@ async fn offer(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, wa
     let size = u64::try_from(size).unwrap_or(0);
     let job = crate::control::start_job(
         app,
+        grants,
         &req.to,
         &req.groups,
         req.ttl_secs,

@@ -127,3 +127,32 @@ pub fn caller_filter()
     crate::server::peer()
         .and_then(|p: Peer| async move { component(&p).map_err(warp::reject::custom) })
 }
+
+/// The security counters a tier shows in its status: handshakes, refused
+/// handshakes (bad, expired, unknown-CA or revoked certificates, old
+/// protocol versions, weak ciphers, timeouts), refused callers and
+/// messages.
+pub fn metrics(tls: Option<&crate::tls::TlsServer>, auth: &Stats) -> Vec<(&'static str, u64)> {
+    let mut v = vec![
+        (
+            "auth.envelopes_refused",
+            auth.envelopes_refused.load(Ordering::Relaxed),
+        ),
+        ("auth.spoofed", auth.spoofed.load(Ordering::Relaxed)),
+    ];
+    if let Some(t) = tls {
+        v.extend([
+            ("tls.handshakes", t.stats.handshakes.load(Ordering::Relaxed)),
+            (
+                "tls.handshakes_failed",
+                t.stats.handshakes_failed.load(Ordering::Relaxed),
+            ),
+            (
+                "tls.revoked_refused",
+                t.revocations.refused.load(Ordering::Relaxed),
+            ),
+            ("tls.revoked", t.revocations.len() as u64),
+        ]);
+    }
+    v
+}

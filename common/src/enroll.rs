@@ -37,7 +37,10 @@ pub async fn ensure_retrying(
             Err(Failed::Unreachable(e)) => {
                 let wait = crate::upstream::backoff(attempt, Duration::from_secs(60));
                 attempt += 1;
-                tracing::warn!("enrollment: {e}; trying again in {} s", wait.as_secs().max(1));
+                tracing::warn!(
+                    "enrollment: {e}; trying again in {} s",
+                    wait.as_secs().max(1)
+                );
                 tokio::select! {
                     () = stop.cancelled() => return Err("stopped before enrolling".into()),
                     () = tokio::time::sleep(wait) => {}

@@ -333,6 +333,10 @@ async fn serve_conn<IO, F>(
             .map(|o| (o, peer.clone(), req.method().clone(), req.uri().clone()));
         async move {
             let started = std::time::Instant::now();
+            // Ambiguous lengths (request smuggling) are hyper's to refuse:
+            // differing Content-Lengths get 400; with Transfer-Encoding the
+            // length is ignored and the connection closed after the reply,
+            // so nothing after the chunked body is read as a request.
             let r = svc.call(req).await.map_err(|e: Infallible| match e {});
             if let (Some((o, p, m, u)), Ok(resp)) = (seen, &r) {
                 o.responded(&p, &m, &u, resp.status(), started.elapsed());

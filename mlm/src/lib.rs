@@ -169,7 +169,9 @@ impl Mlm {
     /// The MLM's status: its own state, queue depths and counters.
     pub async fn status_tree(&self) -> StatusNode {
         let s = &self.stats;
-        let mut metrics: Vec<(&str, u64)> = vec![
+        let mut metrics: Vec<(&str, u64)> =
+            rs_common::auth::metrics(self.tls.as_deref(), &self.auth);
+        metrics.extend([
             ("envelopes.received", s.envelopes.load(Ordering::Relaxed)),
             ("messages.received", s.received.load(Ordering::Relaxed)),
             ("messages.forwarded", s.forwarded.load(Ordering::Relaxed)),
@@ -228,7 +230,7 @@ impl Mlm {
                 "bulk.fetch_failed",
                 self.cache.stats.failed.load(Ordering::Relaxed),
             ),
-        ];
+        ]);
         let mut state = NodeState::Ok;
         match self.spool.stats().await {
             Ok(sp) => {
@@ -343,7 +345,11 @@ fn enroll_relay(
         .and(warp::post())
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::body::content_length_limit(16 * 1024))
-        .and(warp::body::bytes())
+        .and({
+            // Bounded by the content length limit above.
+            #[allow(clippy::disallowed_methods)]
+            warp::body::bytes()
+        })
         .then(move |auth: Option<String>, body: bytes::Bytes| {
             let mlm = mlm.clone();
             async move {

@@ -147,7 +147,6 @@ fn write(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::write(path, text)
 }
 
-
 /// A deployment's certificate authority and its admin's certificate (what
 /// a provider sets up once with `rsctl ca init` and `rsctl ca issue`).
 #[derive(Debug)]

@@ -18,8 +18,8 @@ pub(crate) fn tmp(name: &str) -> PathBuf {
 }
 
 pub(crate) async fn post(a: &str, body: &str) -> (u16, String) {
-    let r = admin(&a)
-        .post(format!("{}/rs/v1/control/send", base(&a)))
+    let r = admin(a)
+        .post(format!("{}/rs/v1/control/send", base(a)))
         .body(body.to_owned())
         .send()
         .await
@@ -33,8 +33,8 @@ pub(crate) fn attr<'a>(doc: &'a str, name: &str) -> &'a str {
 }
 
 pub(crate) async fn job(a: &str, id: &str) -> String {
-    admin(&a)
-        .get(format!("{}/rs/v1/control/jobs/{id}", base(&a)))
+    admin(a)
+        .get(format!("{}/rs/v1/control/jobs/{id}", base(a)))
         .send()
         .await
         .unwrap()

@@ -31,8 +31,8 @@ where
 
 /// The components the server knows, with the tiers they are reached through.
 async fn routes(a: &str) -> std::collections::BTreeMap<String, Vec<String>> {
-    let Ok(r) = admin(&a)
-        .get(format!("{}/rs/v1/control/components", base(&a)))
+    let Ok(r) = admin(a)
+        .get(format!("{}/rs/v1/control/components", base(a)))
         .send()
         .await
     else {
@@ -55,10 +55,10 @@ async fn routes(a: &str) -> std::collections::BTreeMap<String, Vec<String>> {
 async fn finish(a: &str, id: &str, secs: u64) -> rs_common::codec::api::Job {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     loop {
-        let b = admin(&a)
+        let b = admin(a)
             .get(format!(
                 "{}/rs/v1/control/jobs/{id}?after=0&wait=5",
-                base(&a)
+                base(a)
             ))
             .send()
             .await
@@ -75,8 +75,8 @@ async fn finish(a: &str, id: &str, secs: u64) -> rs_common::codec::api::Job {
 }
 
 async fn put(a: &str, path: &str, body: &str) -> (u16, String) {
-    let r = admin(&a)
-        .put(format!("{}/rs/v1/control/{path}", base(&a)))
+    let r = admin(a)
+        .put(format!("{}/rs/v1/control/{path}", base(a)))
         .body(body.to_owned())
         .send()
         .await
@@ -87,7 +87,8 @@ async fn put(a: &str, path: &str, body: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_message_crosses_each_link_once_and_reaches_all_fifty_proxies() {
     let dir = tmp("group50");
-    let mut d = Deployment::new(&dir, exe()).unwrap();
+    // Plain HTTP: the relay between the tiers reads (or cuts) what crosses it.
+    let mut d = Deployment::plain(&dir, exe()).unwrap();
     let a = d.appserver("127.0.0.1:0", "").unwrap();
     // Every byte between the appserver and the MLM goes through the relay.
     let (relay, link) = rs_tests::relay::start(a.clone()).await.unwrap();
@@ -198,7 +199,8 @@ async fn a_group_message_crosses_each_link_once_and_reaches_all_fifty_proxies() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_reply_is_offered_again_and_the_action_applied_once() {
     let dir = tmp("cut-reply");
-    let mut d = Deployment::new(&dir, exe()).unwrap();
+    // Plain HTTP: the relay between the tiers reads (or cuts) what crosses it.
+    let mut d = Deployment::plain(&dir, exe()).unwrap();
     let a = d.appserver("127.0.0.1:0", "offer_again_secs = 2").unwrap();
     let (relay, link) = rs_tests::relay::start(a.clone()).await.unwrap();
     let s = d

@@ -553,8 +553,8 @@ fn installer(dir: &Path) -> String {
 }
 
 async fn components(a: &str) -> String {
-    admin(&a)
-        .get(format!("{}/rs/v1/control/components", base(&a)))
+    admin(a)
+        .get(format!("{}/rs/v1/control/components", base(a)))
         .send()
         .await
         .unwrap()

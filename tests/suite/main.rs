@@ -12,5 +12,6 @@ mod faults;
 pub(crate) mod forward;
 mod fuzz_replay;
 mod golden;
+mod security;
 mod subscriptions;
 mod throttle;

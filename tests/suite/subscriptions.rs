@@ -66,8 +66,8 @@ async fn receiver() -> (String, Arc<Receiver>) {
 }
 
 async fn post(a: &str, path: &str, body: String) -> (u16, String) {
-    let r = admin(&a)
-        .post(format!("{}/rs/v1/control/{path}", base(&a)))
+    let r = admin(a)
+        .post(format!("{}/rs/v1/control/{path}", base(a)))
         .body(body)
         .send()
         .await
@@ -76,8 +76,8 @@ async fn post(a: &str, path: &str, body: String) -> (u16, String) {
 }
 
 async fn get(a: &str, path: &str) -> String {
-    admin(&a)
-        .get(format!("{}/rs/v1/control/{path}", base(&a)))
+    admin(a)
+        .get(format!("{}/rs/v1/control/{path}", base(a)))
         .send()
         .await
         .unwrap()

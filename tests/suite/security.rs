@@ -1,0 +1,750 @@
+//! Security (docs/security.md), on real daemons over mutual TLS: a site's
+//! certificate can neither send as another site nor read its back-channel;
+//! bad, expired, revoked and foreign certificates, old protocol versions and
+//! weak ciphers are refused at the handshake; enrollment tokens are single
+//! use and a re-deployed proxy loses nothing; admins see and command only
+//! the customers granted, and everything they do is audited; hostile HTTP
+//! is refused.
+
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rs_common::codec::{EnvelopeWriter, Limits, RawEnvelope, decode_headers};
+use rs_common::model::{EnvelopeMeta, Message, Route};
+use rs_common::pki::{CertSpec, Role};
+use rs_common::tls::TlsConfig;
+use rs_common::{Outcome, RsId, Timestamp};
+use rs_tests::deploy::{
+    Deployment, Extra, Pki, admin, base, component_client, component_tls, server_metrics,
+    stored_ids,
+};
+
+use crate::backchannel::{attr, exe, post, tmp, until_done};
+use crate::forward::register;
+
+async fn until<F, Fut>(secs: u64, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if cond().await {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Alarms claiming each of `sources`, in an envelope from `sender`.
+fn envelope(sender: &str, sources: &[&str]) -> (Vec<Message>, String, Vec<u8>) {
+    let msgs: Vec<Message> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut m = rs_common::samples::alarm_of_size(i, 512);
+            if let Route::Source(src) = &mut m.header.route {
+                src.component = RsId::new(*s).unwrap();
+                src.qos.expiry = None;
+            }
+            m.header.created = Timestamp::now();
+            m.header.routing.clear();
+            m
+        })
+        .collect();
+    let meta = EnvelopeMeta::new(RsId::new(sender).unwrap(), Timestamp::now());
+    let mut w = EnvelopeWriter::new(&meta);
+    for m in &msgs {
+        w.push(m);
+    }
+    let enc = w.finish();
+    (msgs, enc.content_type, enc.body.to_vec())
+}
+
+/// POSTs an envelope; the status and, for 200, the reply.
+async fn send_env(
+    http: &reqwest::Client,
+    addr: &str,
+    ct: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Option<RawEnvelope>), String> {
+    let r = http
+        .post(format!("{}/rs/v1/envelope", base(addr)))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| rs_common::upstream::error_chain(&e))?;
+    let status = r.status().as_u16();
+    if status != 200 {
+        return Ok((status, None));
+    }
+    let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+    let env = decode_headers(&ct, r.bytes().await.unwrap(), &Limits::default()).unwrap();
+    Ok((status, Some(env)))
+}
+
+fn outcome_of<'a>(env: &'a RawEnvelope, m: &Message) -> &'a Outcome {
+    &env.meta
+        .outcomes
+        .iter()
+        .find(|(id, _)| *id == m.header.id)
+        .expect("an outcome for every message")
+        .1
+}
+
+fn is_forbidden(o: &Outcome) -> bool {
+    matches!(o, Outcome::Rejected(r) if r.code.as_str() == "forbidden")
+}
+
+async fn metric(addr: &str, name: &str) -> u64 {
+    server_metrics(addr)
+        .await
+        .unwrap()
+        .get(name)
+        .copied()
+        .unwrap_or(0)
+}
+
+async fn components(a: &str) -> String {
+    admin(a)
+        .get(format!("{}/rs/v1/control/components", base(a)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_certificate_can_neither_send_as_another_site_nor_read_its_back_channel() {
+    let dir = tmp("spoof");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra::default(),
+        )
+        .unwrap();
+    d.proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    assert!(until(30, || async { components(&a).await.contains("acme.p1") }).await);
+
+    // A control action for acme.p1 waits while the proxy is away.
+    d.node("p1").stop(Duration::from_secs(8));
+    let (s, body) = post(
+        &a,
+        r#"<send><to id="acme.p1"/><control action="getStatus"/></send>"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let job_id = attr(&body, "id").to_owned();
+
+    // Another customer's proxy, holding its own valid certificate.
+    let thief = component_client(&m, "globex.p1").unwrap();
+    // Polling as acme.p1: refused whole, nothing handed over.
+    let (_, ct, body) = envelope("acme.p1", &[]);
+    let (st, reply) = send_env(&thief, &m, &ct, body).await.unwrap();
+    assert_eq!(st, 403);
+    assert!(reply.is_none());
+    // As itself: its own (empty) back-channel, never acme.p1's.
+    let (_, ct, body) = envelope("globex.p1", &[]);
+    let (st, reply) = send_env(&thief, &m, &ct, body).await.unwrap();
+    assert_eq!(st, 200);
+    assert!(reply.unwrap().messages.is_empty());
+
+    // Sending as acme.p1 (and as itself in the same envelope): refused at
+    // the MLM; its own message the MLM passes on, and the server refuses
+    // it too, for acme's MLM does not speak for globex (defence in depth).
+    let (msgs, ct, body) = envelope("globex.p1", &["acme.p1", "globex.p1"]);
+    let (_, reply) = send_env(&thief, &m, &ct, body).await.unwrap();
+    let reply = reply.unwrap();
+    assert!(is_forbidden(outcome_of(&reply, &msgs[0])), "{reply:?}");
+    assert!(is_forbidden(outcome_of(&reply, &msgs[1])), "{reply:?}");
+    // Same customer, another proxy: a proxy speaks only for itself and
+    // what it allocated.
+    let sibling = component_client(&m, "acme.p2").unwrap();
+    let (msgs2, ct, body) = envelope("acme.p2", &["acme.p1", "acme.p2.s1"]);
+    let (_, reply) = send_env(&sibling, &m, &ct, body).await.unwrap();
+    let reply = reply.unwrap();
+    assert!(is_forbidden(outcome_of(&reply, &msgs2[0])));
+    assert_eq!(*outcome_of(&reply, &msgs2[1]), Outcome::Accepted);
+    // A customer MLM at the server: its own customer's components only.
+    let other_mlm = component_client(&a, "globex.m1").unwrap();
+    let (msgs3, ct, body) = envelope("globex.m1", &["acme.p1", "globex.p9"]);
+    let (_, reply) = send_env(&other_mlm, &a, &ct, body).await.unwrap();
+    let reply = reply.unwrap();
+    assert!(is_forbidden(outcome_of(&reply, &msgs3[0])));
+    assert_eq!(*outcome_of(&reply, &msgs3[1]), Outcome::Accepted);
+
+    // The accepted arrive; the spoofed never do.
+    let appdir = dir.join("appserver");
+    let want = [&msgs2[1], &msgs3[1]];
+    assert!(
+        until(30, || async {
+            let ids = stored_ids(&appdir).unwrap();
+            want.iter().all(|m| ids.contains(&m.header.id.to_string()))
+        })
+        .await
+    );
+    let ids = stored_ids(&appdir).unwrap();
+    for m in [&msgs[0], &msgs[1], &msgs2[0], &msgs3[0]] {
+        assert!(!ids.contains(&m.header.id.to_string()));
+    }
+    assert!(metric(&m, "auth.spoofed").await >= 2);
+    assert!(metric(&m, "auth.envelopes_refused").await >= 1);
+    assert!(metric(&a, "auth.spoofed").await >= 2);
+
+    // The owner comes back and gets its action.
+    d.restart("p1").unwrap();
+    let j = until_done(&a, &job_id).await;
+    assert!(j.contains("state=\"succeeded\""), "{j}");
+    d.stop_all();
+}
+
+/// A raw TLS client: `configure` narrows what it offers.
+fn raw_tls(
+    addr: &str,
+    ca: &Path,
+    id: Option<&TlsConfig>,
+    configure: impl FnOnce(&mut openssl::ssl::SslConnectorBuilder),
+) -> Result<openssl::ssl::SslStream<std::net::TcpStream>, String> {
+    use openssl::ssl::{SslConnector, SslFiletype, SslMethod};
+    let mut b = SslConnector::builder(SslMethod::tls_client()).map_err(|e| e.to_string())?;
+    b.set_ca_file(ca).map_err(|e| e.to_string())?;
+    if let Some(t) = id {
+        b.set_certificate_chain_file(&t.cert)
+            .map_err(|e| e.to_string())?;
+        b.set_private_key_file(&t.key, SslFiletype::PEM)
+            .map_err(|e| e.to_string())?;
+    }
+    configure(&mut b);
+    let tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).ok();
+    b.build()
+        .connect("127.0.0.1", tcp)
+        .map_err(|e| e.to_string())
+}
+
+fn issue(pki: &Pki, spec: &CertSpec, out: &Path) -> TlsConfig {
+    std::fs::create_dir_all(out).unwrap();
+    let ca = pki.ca().unwrap();
+    let key = rs_common::pki::generate_key().unwrap();
+    let cert = ca.issue(spec, &key).unwrap();
+    let t = TlsConfig::in_dir(out);
+    std::fs::write(&t.key, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    std::fs::write(&t.cert, cert.to_pem().unwrap()).unwrap();
+    std::fs::copy(&pki.admin.ca, &t.ca).unwrap();
+    t
+}
+
+fn client_of(t: &TlsConfig) -> reqwest::Client {
+    rs_common::tls::client(Some(t)).unwrap().build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_certificates_old_protocols_and_weak_ciphers_are_refused_at_the_handshake() {
+    let dir = tmp("handshake");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra::default(),
+        )
+        .unwrap();
+    let pki = d.pki.clone().unwrap();
+    let ca = pki.admin.ca.clone();
+    let (_, ct, body) = envelope("acme.p5", &["acme.p5"]);
+
+    // A good certificate gets through (the control for what follows).
+    let good = component_tls(&m, "acme.p5").unwrap().unwrap();
+    let (st, _) = send_env(&client_of(&good), &m, &ct, body.clone())
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    // No certificate: the handshake passes, the endpoint refuses.
+    let anon = rs_common::tls::client_trusting(&ca)
+        .unwrap()
+        .build()
+        .unwrap();
+    assert_eq!(send_env(&anon, &m, &ct, body.clone()).await.unwrap().0, 401);
+    assert_eq!(send_env(&anon, &a, &ct, body.clone()).await.unwrap().0, 401);
+
+    let failed_before = metric(&m, "tls.handshakes_failed").await;
+    // A certificate from another CA naming the same component.
+    let foreign = Pki::create(&dir.join("foreign-ca")).unwrap();
+    let fake = foreign.issue("acme.p5", &dir.join("fake")).unwrap();
+    let mut fake_here = fake.clone();
+    fake_here.ca = ca.clone();
+    let e = send_env(&client_of(&fake_here), &m, &ct, body.clone()).await;
+    assert!(e.is_err(), "{e:?}");
+    // An expired certificate from our CA.
+    let mut spec = CertSpec::component(&RsId::new("acme.p6").unwrap(), 0);
+    spec.days = 0;
+    let expired = issue(&pki, &spec, &dir.join("expired"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let e = send_env(&client_of(&expired), &m, &ct, body.clone()).await;
+    assert!(e.is_err(), "{e:?}");
+    assert!(metric(&m, "tls.handshakes_failed").await >= failed_before + 2);
+
+    // Old protocol versions and weak ciphers, with a valid certificate.
+    let (m2, ca2, good2) = (m.clone(), ca.clone(), good.clone());
+    let results = tokio::task::spawn_blocking(move || {
+        use openssl::ssl::SslVersion;
+        let ok = raw_tls(&m2, &ca2, Some(&good2), |_| {}).map(|_| ());
+        let tls11 = raw_tls(&m2, &ca2, Some(&good2), |b| {
+            b.set_security_level(0);
+            b.set_min_proto_version(Some(SslVersion::TLS1)).unwrap();
+            b.set_max_proto_version(Some(SslVersion::TLS1_1)).unwrap();
+            b.set_cipher_list("ALL:@SECLEVEL=0").unwrap();
+        })
+        .map(|_| ());
+        let tls10 = raw_tls(&m2, &ca2, Some(&good2), |b| {
+            b.set_security_level(0);
+            b.set_min_proto_version(Some(SslVersion::TLS1)).unwrap();
+            b.set_max_proto_version(Some(SslVersion::TLS1)).unwrap();
+            b.set_cipher_list("ALL:@SECLEVEL=0").unwrap();
+        })
+        .map(|_| ());
+        let weak = raw_tls(&m2, &ca2, Some(&good2), |b| {
+            b.set_max_proto_version(Some(SslVersion::TLS1_2)).unwrap();
+            b.set_cipher_list("ECDHE-ECDSA-AES128-SHA:AES128-SHA:DES-CBC3-SHA:@SECLEVEL=0")
+                .unwrap();
+        })
+        .map(|_| ());
+        (ok, tls11, tls10, weak)
+    })
+    .await
+    .unwrap();
+    assert!(results.0.is_ok(), "{:?}", results.0);
+    assert!(results.1.is_err(), "TLS 1.1 was accepted");
+    assert!(results.2.is_err(), "TLS 1.0 was accepted");
+    assert!(results.3.is_err(), "a CBC/SHA-1 cipher was accepted");
+
+    // Revoked through the control API: refused by the server at once and
+    // by the MLM within its refresh of the list.
+    let out = std::process::Command::new(exe())
+        .arg("rsctl")
+        .args(rs_tests::deploy::rsctl_args(&a))
+        .args(["revoke", "--component", "acme.p5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("count=\"1\""));
+    let e = send_env(&client_of(&good), &a, &ct, body.clone()).await;
+    assert!(e.is_err(), "the server still takes a revoked certificate");
+    assert!(
+        until(15, || async {
+            send_env(&client_of(&good), &m, &ct, body.clone())
+                .await
+                .is_err()
+        })
+        .await,
+        "the MLM still takes a revoked certificate"
+    );
+    assert!(metric(&m, "tls.revoked_refused").await >= 1);
+    assert!(metric(&m, "tls.revoked").await >= 1);
+    assert!(metric(&a, "certificates.revoked").await >= 1);
+    d.stop_all();
+}
+
+fn token_of(config: &Path) -> String {
+    let text = std::fs::read_to_string(config).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("enroll_token"))
+        .expect("an enroll_token");
+    line.split('"').nth(1).unwrap().to_owned()
+}
+
+async fn enroll_raw(
+    http: &reqwest::Client,
+    addr: &str,
+    token: &str,
+    csr: Vec<u8>,
+) -> (u16, String) {
+    let r = http
+        .post(format!("{}/rs/v1/enroll", base(addr)))
+        .bearer_auth(token)
+        .header("content-type", "application/pkcs10")
+        .body(csr)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn csr() -> Vec<u8> {
+    let key = rs_common::pki::generate_key().unwrap();
+    rs_common::pki::csr(&key).unwrap().to_pem().unwrap()
+}
+
+fn cn_of(pem: &str) -> String {
+    let cert = openssl::x509::X509::from_pem(pem.as_bytes()).unwrap();
+    rs_common::pki::Identity::from_cert(&cert).unwrap().name
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_single_use_and_a_redeployed_proxy_loses_nothing_from_its_spool() {
+    let dir = tmp("enroll");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra::default(),
+        )
+        .unwrap();
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let cfg = dir.join("p1.toml");
+    let pki = d.pki.clone().unwrap();
+    let anon = rs_common::tls::client_trusting(&pki.admin.ca)
+        .unwrap()
+        .build()
+        .unwrap();
+
+    // The token p1 enrolled with is spent; an unknown one never worked.
+    let used = token_of(&cfg);
+    assert!(until(30, || async { dir.join("p1/tls/cert.pem").exists() }).await);
+    assert_eq!(enroll_raw(&anon, &m, &used, csr()).await.0, 401);
+    assert_eq!(enroll_raw(&anon, &a, "rse_nonsense", csr()).await.0, 401);
+    // A bad request does not spend a token; through the MLM it works once.
+    let t = d.enrollment_token("acme.p9").unwrap();
+    assert_eq!(
+        enroll_raw(&anon, &m, &t, b"not a CSR".to_vec()).await.0,
+        400
+    );
+    let (st, pem) = enroll_raw(&anon, &m, &t, csr()).await;
+    assert_eq!(st, 200, "{pem}");
+    assert_eq!(cn_of(&pem), "acme.p9");
+    assert_eq!(enroll_raw(&anon, &m, &t, csr()).await.0, 401);
+    // A token for a customer gives the next free proxy ID.
+    let out = std::process::Command::new(exe())
+        .arg("rsctl")
+        .args(rs_tests::deploy::rsctl_args(&a))
+        .args(["enroll", "--customer", "acme"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let t = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let (st, pem) = enroll_raw(&anon, &a, &t, csr()).await;
+    assert_eq!(st, 200, "{pem}");
+    assert_eq!(cn_of(&pem), "acme.p10");
+    assert!(metric(&a, "enroll.issued").await >= 3);
+    assert!(metric(&a, "enroll.refused").await >= 3);
+
+    // Traffic before the compromise.
+    let c = register(&s).await;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        sent.push(
+            c.send(
+                "alarm",
+                &crate::forward::alarm(&format!("before {i}"), None),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    // The site is cut off (its MLM down) and keeps spooling ...
+    d.node("mlm").stop(Duration::from_secs(8));
+    for i in 0..10 {
+        sent.push(
+            c.send(
+                "alarm",
+                &crate::forward::alarm(&format!("during {i}"), None),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    // ... when its key is found compromised: revoke, new token, new key.
+    let old = dir.join("old-p1-tls");
+    std::fs::create_dir_all(&old).unwrap();
+    for f in ["cert.pem", "key.pem", "ca.pem"] {
+        std::fs::copy(dir.join("p1/tls").join(f), old.join(f)).unwrap();
+    }
+    let out = std::process::Command::new(exe())
+        .arg("rsctl")
+        .args(rs_tests::deploy::rsctl_args(&a))
+        .args(["revoke", "--component", "acme.p1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let fresh = d.enrollment_token("acme.p1").unwrap();
+    d.node("p1").stop(Duration::from_secs(8));
+    std::fs::remove_file(dir.join("p1/tls/cert.pem")).unwrap();
+    std::fs::remove_file(dir.join("p1/tls/key.pem")).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace(&used, &fresh)).unwrap();
+    d.restart("mlm").unwrap();
+    d.restart("p1").unwrap();
+
+    // Everything the integrator was told is spooled arrives, once.
+    let appdir = dir.join("appserver");
+    assert!(
+        until(60, || async {
+            let ids = stored_ids(&appdir).unwrap();
+            sent.iter().all(|id| ids.contains(id))
+        })
+        .await,
+        "the re-deployed proxy did not deliver its spool"
+    );
+    let ids = stored_ids(&appdir).unwrap();
+    for id in &sent {
+        assert_eq!(ids.iter().filter(|x| *x == id).count(), 1);
+    }
+    let new_cert = std::fs::read_to_string(dir.join("p1/tls/cert.pem")).unwrap();
+    assert_ne!(
+        new_cert,
+        std::fs::read_to_string(old.join("cert.pem")).unwrap()
+    );
+    // The stolen certificate no longer gets in anywhere.
+    let mut stolen = TlsConfig::in_dir(&old);
+    stolen.crl = None;
+    let (_, ct, body) = envelope("acme.p1", &["acme.p1"]);
+    assert!(
+        until(15, || async {
+            send_env(&client_of(&stolen), &m, &ct, body.clone())
+                .await
+                .is_err()
+        })
+        .await
+    );
+    assert!(send_env(&client_of(&stolen), &a, &ct, body).await.is_err());
+    d.stop_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_see_and_command_only_their_customers_and_every_request_is_audited() {
+    let dir = tmp("admins");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    d.proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    d.proxy(
+        "g1",
+        "globex.p1",
+        std::slice::from_ref(&a),
+        &Extra::default(),
+    )
+    .unwrap();
+    assert!(
+        until(30, || async {
+            let c = components(&a).await;
+            c.contains("acme.p1") && c.contains("globex.p1")
+        })
+        .await
+    );
+    let pki = d.pki.clone().unwrap();
+    let alice = client_of(&issue(
+        &pki,
+        &CertSpec {
+            name: "alice".into(),
+            customer: "globex".into(),
+            role: Role::Admin,
+            dns: Vec::new(),
+            ips: Vec::new(),
+            days: 1,
+        },
+        &dir.join("alice"),
+    ));
+    let url = |p: &str| format!("{}/rs/v1/control/{p}", base(&a));
+
+    // She sees globex only.
+    let list = alice.get(url("components")).send().await.unwrap();
+    assert_eq!(list.status(), 200);
+    let list = list.text().await.unwrap();
+    assert!(
+        list.contains("globex.p1") && !list.contains("acme.p1"),
+        "{list}"
+    );
+    let r = alice
+        .get(url("messages?customer=acme"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // She commands globex, not acme; provider-wide settings are not hers.
+    let send = |to: &str| format!(r#"<send><to id="{to}"/><control action="ping"/></send>"#);
+    let r = alice
+        .post(url("send"))
+        .body(send("acme.p1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = alice
+        .post(url("send"))
+        .body(send("globex.p1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = alice
+        .put(url("throttle"))
+        .body("<throttle/>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // A component's certificate is not an admin's; no certificate, no API.
+    let comp = component_client(&a, "acme.p1").unwrap();
+    assert_eq!(
+        comp.get(url("components")).send().await.unwrap().status(),
+        403
+    );
+    let anon = rs_common::tls::client_trusting(&pki.admin.ca)
+        .unwrap()
+        .build()
+        .unwrap();
+    assert_eq!(
+        anon.get(url("components")).send().await.unwrap().status(),
+        401
+    );
+    // The provider's admin commands anyone.
+    let (s, _) = post(&a, &send("acme.p1")).await;
+    assert_eq!(s, 200);
+
+    // Every request is in the audit log: who, what, when, the outcome.
+    let mut log = String::new();
+    for _ in 0..100 {
+        log = admin(&a)
+            .get(url("audit?limit=100"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if log.contains(r#"admin="alice""#) && log.contains(r#"status="403""#) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        log.contains(r#"admin="alice""#) && log.contains(r#"status="403""#),
+        "{log}"
+    );
+    assert!(log.contains(r#"admin="ops""#));
+    assert!(log.contains(r#"admin="(no certificate)""#) || log.contains("status=\"401\""));
+    rs_tests::assert_control_api_valid(log.as_bytes(), &dir.join("audit.xml"));
+    let hers = alice
+        .get(url("audit"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        hers.contains(r#"admin="alice""#) && !hers.contains(r#"admin="ops""#),
+        "{hers}"
+    );
+    d.stop_all();
+}
+
+/// Writes `req` on a TLS connection and reads everything that comes back
+/// until the server closes (or 20 s pass).
+fn exchange(mut s: openssl::ssl::SslStream<std::net::TcpStream>, req: &[u8]) -> String {
+    s.write_all(req).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_slow_clients_and_replayed_ids_are_refused_over_tls() {
+    let dir = tmp("hostile");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let pki = d.pki.clone().unwrap();
+    let me = component_tls(&a, "acme.p3").unwrap().unwrap();
+    let ca: PathBuf = pki.admin.ca.clone();
+
+    let (a2, ca2, me2) = (a.clone(), ca.clone(), me.clone());
+    let (cl_te, dup_cl, slow_head, no_handshake) = tokio::task::spawn_blocking(move || {
+        let conn = || raw_tls(&a2, &ca2, Some(&me2), |_| {}).unwrap();
+        // Content-Length and Transfer-Encoding together, the length
+        // covering a second request hidden after the chunked body.
+        let cl_te = exchange(
+            conn(),
+            b"POST /rs/v1/envelope HTTP/1.1\r\nhost: x\r\ncontent-length: 57\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /rs/v1/control/components HTTP/1.1\r\nhost: x\r\n\r\n",
+        );
+        // Two Content-Lengths that disagree.
+        let dup_cl = exchange(
+            conn(),
+            b"POST /rs/v1/envelope HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 50\r\n\r\nhello",
+        );
+        // A request head that never ends: dropped after the header
+        // timeout, not held.
+        let started = std::time::Instant::now();
+        let slow = exchange(conn(), b"POST /rs/v1/envelope HTTP/1.1\r\nhost: x\r\n");
+        let slow_head = (slow, started.elapsed());
+        // A TCP connection that never starts its handshake.
+        let started = std::time::Instant::now();
+        let mut tcp = std::net::TcpStream::connect(&a2).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).ok();
+        let mut b = [0u8; 1];
+        let r = tcp.read(&mut b);
+        let no_handshake = (r.map(|n| n == 0).unwrap_or(true), started.elapsed());
+        (cl_te, dup_cl, slow_head, no_handshake)
+    })
+    .await
+    .unwrap();
+    // One answer, not 200, and the connection closed: the hidden request
+    // was never served.
+    assert_eq!(cl_te.matches("HTTP/1.1 ").count(), 1, "{cl_te}");
+    assert!(!cl_te.starts_with("HTTP/1.1 200"), "{cl_te}");
+    assert!(cl_te.contains("connection: close"), "{cl_te}");
+    assert!(!cl_te.contains("<components"), "{cl_te}");
+    assert!(dup_cl.starts_with("HTTP/1.1 400"), "{dup_cl}");
+    assert!(!slow_head.0.starts_with("HTTP/1.1 200"), "{}", slow_head.0);
+    assert!(
+        slow_head.1 < Duration::from_secs(19),
+        "held {:?}",
+        slow_head.1
+    );
+    assert!(no_handshake.0, "the server kept a silent connection");
+    assert!(no_handshake.1 < Duration::from_secs(19));
+    assert!(metric(&a, "tls.handshakes_failed").await >= 1);
+
+    // The same message twice (a replay, or a retry after a lost reply):
+    // accepted both times, stored once.
+    let http = client_of(&me);
+    let (msgs, ct, body) = envelope("acme.p3", &["acme.p3"]);
+    for _ in 0..2 {
+        let (st, reply) = send_env(&http, &a, &ct, body.clone()).await.unwrap();
+        assert_eq!(st, 200);
+        assert_eq!(*outcome_of(&reply.unwrap(), &msgs[0]), Outcome::Accepted);
+    }
+    let ids = stored_ids(&dir.join("appserver")).unwrap();
+    let id = msgs[0].header.id.to_string();
+    assert_eq!(ids.iter().filter(|x| **x == id).count(), 1);
+    assert!(
+        metric(&a, "store.duplicates_total").await >= 1
+            || metric(&a, "messages.duplicates").await >= 1
+    );
+    d.stop_all();
+}
