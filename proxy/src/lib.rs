@@ -352,8 +352,25 @@ pub async fn run(
             None => None,
         };
         if want.is_some() && !t.cert.exists() {
-            enroll_later = Some((t.clone(), want));
+            // One attempt now (the usual case: the upstream answers).
+            match rs_common::enroll::ensure(
+                t,
+                cfg.enroll_token.as_deref(),
+                &cfg.upstream.urls,
+                want.as_ref(),
+            )
+            .await
+            {
+                Ok(me) => cfg.id = Some(me.name),
+                Err(rs_common::enroll::Failed::Refused(e)) => anyhow::bail!(e),
+                Err(rs_common::enroll::Failed::Unreachable(e)) => {
+                    tracing::warn!("{e}; taking messages meanwhile, enrolling in the background");
+                    enroll_later = Some((t.clone(), want));
+                }
+            }
         } else {
+            // Enrolled already (the certificate is checked against the
+            // ID), or no ID to start with: wait for the certificate.
             let me = rs_common::enroll::ensure_retrying(
                 t,
                 cfg.enroll_token.as_deref(),

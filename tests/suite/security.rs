@@ -337,7 +337,7 @@ async fn bad_certificates_old_protocols_and_weak_ciphers_are_refused_at_the_hand
     let out = std::process::Command::new(exe())
         .arg("rsctl")
         .args(rs_tests::deploy::rsctl_args(&a))
-        .args(["revoke", "--component", "acme.p5"])
+        .args(["revoke", "--serial", &good.identity().unwrap().serial])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -397,19 +397,26 @@ fn cn_of(pem: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_single_use_and_a_redeployed_proxy_loses_nothing_from_its_spool() {
+    // Its own customer: revocations by component name reach no other
+    // test sharing the CA.
     let dir = tmp("enroll");
     let mut d = Deployment::new(&dir, exe()).unwrap();
     let a = d.appserver("127.0.0.1:0", "").unwrap();
     let m = d
         .mlm(
             "mlm",
-            "acme.m1",
+            "redeploy.m1",
             std::slice::from_ref(&a),
             &Extra::default(),
         )
         .unwrap();
     let s = d
-        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .proxy(
+            "p1",
+            "redeploy.p1",
+            std::slice::from_ref(&m),
+            &Extra::default(),
+        )
         .unwrap();
     let cfg = dir.join("p1.toml");
     let pki = d.pki.clone().unwrap();
@@ -424,27 +431,27 @@ async fn tokens_are_single_use_and_a_redeployed_proxy_loses_nothing_from_its_spo
     assert_eq!(enroll_raw(&anon, &m, &used, csr()).await.0, 401);
     assert_eq!(enroll_raw(&anon, &a, "rse_nonsense", csr()).await.0, 401);
     // A bad request does not spend a token; through the MLM it works once.
-    let t = d.enrollment_token("acme.p9").unwrap();
+    let t = d.enrollment_token("redeploy.p9").unwrap();
     assert_eq!(
         enroll_raw(&anon, &m, &t, b"not a CSR".to_vec()).await.0,
         400
     );
     let (st, pem) = enroll_raw(&anon, &m, &t, csr()).await;
     assert_eq!(st, 200, "{pem}");
-    assert_eq!(cn_of(&pem), "acme.p9");
+    assert_eq!(cn_of(&pem), "redeploy.p9");
     assert_eq!(enroll_raw(&anon, &m, &t, csr()).await.0, 401);
     // A token for a customer gives the next free proxy ID.
     let out = std::process::Command::new(exe())
         .arg("rsctl")
         .args(rs_tests::deploy::rsctl_args(&a))
-        .args(["enroll", "--customer", "acme"])
+        .args(["enroll", "--customer", "redeploy"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let t = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let (st, pem) = enroll_raw(&anon, &a, &t, csr()).await;
     assert_eq!(st, 200, "{pem}");
-    assert_eq!(cn_of(&pem), "acme.p10");
+    assert_eq!(cn_of(&pem), "redeploy.p10");
     assert!(metric(&a, "enroll.issued").await >= 3);
     assert!(metric(&a, "enroll.refused").await >= 3);
 
@@ -482,18 +489,27 @@ async fn tokens_are_single_use_and_a_redeployed_proxy_loses_nothing_from_its_spo
     let out = std::process::Command::new(exe())
         .arg("rsctl")
         .args(rs_tests::deploy::rsctl_args(&a))
-        .args(["revoke", "--component", "acme.p1"])
+        .args(["revoke", "--component", "redeploy.p1"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let fresh = d.enrollment_token("acme.p1").unwrap();
+    let fresh = d.enrollment_token("redeploy.p1").unwrap();
     d.node("p1").stop(Duration::from_secs(8));
     std::fs::remove_file(dir.join("p1/tls/cert.pem")).unwrap();
     std::fs::remove_file(dir.join("p1/tls/key.pem")).unwrap();
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace(&used, &fresh)).unwrap();
-    d.restart("mlm").unwrap();
+    // The proxy comes back first: it cannot enroll yet (its MLM is down),
+    // so it takes messages meanwhile and enrolls in the background, then
+    // starts again with its new certificate.
     d.restart("p1").unwrap();
+    let c = register(&s).await;
+    sent.push(
+        c.send("alarm", &crate::forward::alarm("while enrolling", None))
+            .await
+            .unwrap(),
+    );
+    d.restart("mlm").unwrap();
 
     // Everything the integrator was told is spooled arrives, once.
     let appdir = dir.join("appserver");
@@ -517,7 +533,7 @@ async fn tokens_are_single_use_and_a_redeployed_proxy_loses_nothing_from_its_spo
     // The stolen certificate no longer gets in anywhere.
     let mut stolen = TlsConfig::in_dir(&old);
     stolen.crl = None;
-    let (_, ct, body) = envelope("acme.p1", &["acme.p1"]);
+    let (_, ct, body) = envelope("redeploy.p1", &["redeploy.p1"]);
     assert!(
         until(15, || async {
             send_env(&client_of(&stolen), &m, &ct, body.clone())
