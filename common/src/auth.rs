@@ -112,7 +112,7 @@ pub fn screen(
                 m.header.id
             );
             out[i] = Some(Outcome::rejected(
-                "forbidden",
+                "spoofed-source",
                 format!("{peer} may not speak for {c}"),
             ));
         }

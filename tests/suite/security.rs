@@ -98,7 +98,7 @@ fn outcome_of<'a>(env: &'a RawEnvelope, m: &Message) -> &'a Outcome {
 }
 
 fn is_forbidden(o: &Outcome) -> bool {
-    matches!(o, Outcome::Rejected(r) if r.code.as_str() == "forbidden")
+    matches!(o, Outcome::Rejected(r) if r.code.as_str() == "spoofed-source")
 }
 
 async fn metric(addr: &str, name: &str) -> u64 {
