@@ -117,9 +117,21 @@ fn default_spool_days() -> u64 {
 impl Config {
     pub fn parse(text: &str) -> Result<Self, String> {
         let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        let id = c.rs_id()?;
-        if id.kind() != rs_common::ComponentKind::Proxy {
-            return Err(format!("id {:?} is not a proxy ID (like acme.p1)", c.id));
+        match (&c.id, &c.tls) {
+            (Some(id), _) => {
+                let rs = RsId::new(id).map_err(|e| format!("id {id:?}: {e}"))?;
+                if rs.kind() != rs_common::ComponentKind::Proxy {
+                    return Err(format!("id {id:?} is not a proxy ID (like acme.p1)"));
+                }
+            }
+            // The ID comes with the certificate (enrolled, or to enroll).
+            (None, Some(t)) if t.cert.exists() || c.enroll_token.is_some() => {}
+            (None, _) => {
+                return Err(
+                    "id is required (or [tls] with an enroll_token: the ID then comes with the certificate)"
+                        .into(),
+                );
+            }
         }
         if c.upstream.urls.is_empty() {
             return Err("upstream.urls: at least one URL is required".into());

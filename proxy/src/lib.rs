@@ -329,6 +329,14 @@ impl Proxy {
     }
 }
 
+/// The proxy ID a certificate names (refusing one issued to anything else).
+fn proxy_id(me: rs_common::pki::Identity) -> anyhow::Result<String> {
+    match me.component() {
+        Some(id) if id.kind() == rs_common::ComponentKind::Proxy => Ok(me.name),
+        _ => anyhow::bail!("the certificate names {}, which is not a proxy", me.name),
+    }
+}
+
 /// Runs the proxy until `shutdown`: the integrator API on its socket, the
 /// sender, heartbeats. On shutdown it spools a shutdown message and gives
 /// the sender a moment to deliver it (and the acknowledgements of what it
@@ -361,7 +369,7 @@ pub async fn run(
             )
             .await
             {
-                Ok(me) => cfg.id = Some(me.name),
+                Ok(me) => cfg.id = Some(proxy_id(me)?),
                 Err(rs_common::enroll::Failed::Refused(e)) => anyhow::bail!(e),
                 Err(rs_common::enroll::Failed::Unreachable(e)) => {
                     tracing::warn!("{e}; taking messages meanwhile, enrolling in the background");
@@ -380,7 +388,7 @@ pub async fn run(
             )
             .await
             .map_err(anyhow::Error::msg)?;
-            cfg.id = Some(me.name);
+            cfg.id = Some(proxy_id(me)?);
         }
     }
     let proxy = Proxy::open(cfg, config_path, shutdown.clone())?;
