@@ -68,7 +68,7 @@ async fn until_done(http: &reqwest::Client, a: &str, doc: &str) -> anyhow::Resul
 /// (one-way ms, round-trip ms) per action.
 async fn latency(exe: &Path, dir: &Path, n: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let _ = std::fs::remove_dir_all(dir);
-    let mut d = Deployment::new(dir, exe)?;
+    let mut d = Deployment::plain(dir, exe)?; // plain HTTP, as the peers run
     let a = d.appserver("127.0.0.1:0", "")?;
     let m = d.mlm(
         "mlm",
@@ -212,7 +212,7 @@ async fn fanout(
     sizes: &[usize],
 ) -> anyhow::Result<Vec<(usize, u64, u64, u64)>> {
     let _ = std::fs::remove_dir_all(dir);
-    let mut d = Deployment::new(dir, exe)?;
+    let mut d = Deployment::plain(dir, exe)?; // plain HTTP, as the peers run
     let a = d.appserver("127.0.0.1:0", "")?;
     let (relay, link) = rs_tests::relay::start(a.clone()).await?;
     let m = d.mlm(

@@ -276,7 +276,7 @@ pub(crate) fn run(runs: usize) -> anyhow::Result<Vec<Figure>> {
 }
 
 async fn measure(exe: &Path, dir: &Path, runs: usize) -> anyhow::Result<Vec<Figure>> {
-    let mut d = Deployment::new(dir, exe)?;
+    let mut d = Deployment::plain(dir, exe)?; // plain HTTP, as the peers run
     let a = d.appserver(
         "127.0.0.1:0",
         "[bulk]\nmin_free_disk_mb = 256\nmax_upload_bytes = 4294967296\n",

@@ -117,7 +117,7 @@ async fn one(
     subs: usize,
 ) -> anyhow::Result<(f64, Vec<f64>, u64, f64)> {
     let _ = std::fs::remove_dir_all(dir);
-    let mut d = Deployment::new(dir, exe)?;
+    let mut d = Deployment::plain(dir, exe)?; // plain HTTP, as the peers run
     let a = d.appserver("127.0.0.1:0", "task_max_attempts = 1000")?;
     let (hook, got) = receiver().await?;
     let http = reqwest::Client::new();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rs_proxy::api::SendRequest;
 use rs_proxy::client::Client;
-use rs_tests::deploy::{Deployment, Extra, server_metrics};
+use rs_tests::deploy::{Deployment, Extra, Pki, server_metrics};
 
 use crate::Figure;
 
@@ -246,9 +246,22 @@ struct Ours {
     drain: f64,
 }
 
-async fn ours(exe: &Path, s: &Settings, dir: &Path) -> anyhow::Result<Ours> {
+/// The forward path; `tls`: with mutual TLS between the tiers (the demo's
+/// and a provider's setting) instead of plain HTTP (as the peers run);
+/// `drain`: also the backlog drain.
+async fn ours(
+    exe: &Path,
+    s: &Settings,
+    dir: &Path,
+    tls: bool,
+    drain: bool,
+) -> anyhow::Result<Ours> {
     let _ = std::fs::remove_dir_all(dir);
-    let mut d = Deployment::new(dir, exe)?;
+    let mut d = if tls {
+        Deployment::with_pki(dir, exe, Some(Arc::new(Pki::create(&dir.join("ca"))?)))?
+    } else {
+        Deployment::plain(dir, exe)?
+    };
     let a = d.appserver("127.0.0.1:0", "heartbeat_secs = 3600")?;
     let m = d.mlm(
         "mlm",
@@ -273,6 +286,11 @@ async fn ours(exe: &Path, s: &Settings, dir: &Path) -> anyhow::Result<Ours> {
     load(&socket, s.messages, s.clients).await?;
     let done = until_stored(&a, base + s.messages, Duration::from_secs(600)).await?;
     let rate = s.messages as f64 / done.duration_since(t0).as_secs_f64();
+    if !drain {
+        d.stop_all();
+        let _ = std::fs::remove_dir_all(dir);
+        return Ok(Ours { rate, drain: 0.0 });
+    }
 
     // Drain: the MLM is away while the backlog builds up at the proxy.
     d.node("mlm").kill();
@@ -435,7 +453,7 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
     let (mut rate, mut drain, mut prate, mut pdrain) = (vec![], vec![], vec![], vec![]);
     for i in 0..s.runs {
         eprintln!("rs-bench forward: run {} of {}: ours", i + 1, s.runs);
-        let o = rt.block_on(ours(&exe, s, &tmp.join("ours")))?;
+        let o = rt.block_on(ours(&exe, s, &tmp.join("ours"), false, true))?;
         eprintln!(
             "rs-bench forward: run {} of {}: mosquitto bridge",
             i + 1,
@@ -524,4 +542,57 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
             None,
         ),
     ])
+}
+
+/// What mutual TLS costs on the forward path: the same path, the same
+/// load, with TLS between the tiers and without, alternating, `runs` times.
+pub(crate) fn mtls(s: &Settings) -> anyhow::Result<Vec<Figure>> {
+    let exe = exe()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let tmp = std::env::temp_dir().join(format!("rs-bench-mtls-{}", std::process::id()));
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for i in 0..s.runs {
+        eprintln!("rs-bench mtls: run {} of {}", i + 1, s.runs);
+        with.push(
+            rt.block_on(ours(&exe, s, &tmp.join("tls"), true, false))?
+                .rate,
+        );
+        without.push(
+            rt.block_on(ours(&exe, s, &tmp.join("plain"), false, false))?
+                .rate,
+        );
+        eprintln!("  mTLS {:.0}/s, plain {:.0}/s", with[i], without[i]);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (min, max) = (
+        with.iter().copied().fold(f64::INFINITY, f64::min),
+        with.iter().copied().fold(0.0, f64::max),
+    );
+    let value = median(&mut with);
+    let peer_value = median(&mut without);
+    Ok(vec![Figure {
+        id: "forward_msgs_per_s_mtls".into(),
+        what: format!(
+            "durable forward path with mutual TLS between every tier (proxy enrolled, MLM and server certificates, ECDSA P-256), 2 KB alarms, {} messages, {} concurrent integrator clients",
+            s.messages, s.clients
+        ),
+        value,
+        unit: "messages/s".into(),
+        runs: with.len() as u32,
+        min,
+        max,
+        peer: Some("the same path on plain HTTP, same run".into()),
+        ratio: Some(value / peer_value),
+        peer_value: Some(peer_value),
+        better: "higher".into(),
+        command: format!(
+            "cargo run --release -p rs-bench -- mtls --messages {} --runs {}",
+            s.messages, s.runs
+        ),
+        measured_at: crate::now(),
+        target: None,
+        machine: Some(crate::machine()),
+    }])
 }

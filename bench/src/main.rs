@@ -314,6 +314,7 @@ fn main() {
     let back = backchannel::Settings {
         actions: opt(&args, "--actions", 300).max(10) as usize,
     };
+    let mtls_settings = settings.clone();
     let json = root().join("docs/benchmarks.json");
     let mut figs = load(&json);
     let before = figs.clone();
@@ -323,6 +324,10 @@ fn main() {
             (
                 "forward",
                 Box::new(move || forward::run(&settings).map_err(|e| format!("{e:#}"))),
+            ),
+            (
+                "mtls",
+                Box::new(move || forward::mtls(&mtls_settings).map_err(|e| format!("{e:#}"))),
             ),
             (
                 "throttle",

@@ -97,7 +97,7 @@ pub(crate) fn run(runs: usize) -> anyhow::Result<Vec<Figure>> {
     let dir = std::env::temp_dir().join(format!("rs-bench-relay-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let r = rt.block_on(async {
-        let mut d = Deployment::new(&dir, &exe)?;
+        let mut d = Deployment::plain(&dir, &exe)?; // plain HTTP, as the peers run
         let a = d.appserver("127.0.0.1:0", "")?;
         let m = d.mlm(
             "mlm",

@@ -94,7 +94,7 @@ fn check_cost() -> anyhow::Result<(f64, f64, f64)> {
 /// Stored messages/s over the steady part of a 2x overload.
 async fn accuracy(exe: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<f64> {
     let _ = std::fs::remove_dir_all(dir);
-    let mut d = Deployment::new(dir, exe)?;
+    let mut d = Deployment::plain(dir, exe)?; // plain HTTP, as the peers run
     let a = d.appserver("127.0.0.1:0", "")?;
     let s = d.proxy(
         "p1",
