@@ -363,6 +363,28 @@ impl AppServer {
         let hash = sha256_hex(token);
         let now = self.clock.now().as_millis();
         let days = self.cfg.ca.as_ref().map_or(365, |c| c.cert_days);
+        // A token that cannot be good costs a read, never a write (a flood
+        // of guesses does not queue behind the ingest transactions).
+        let probe = hash.clone();
+        let live: bool = self
+            .store
+            .db
+            .read(move |s| {
+                Ok(s.0
+                    .query_row(
+                        "SELECT 1 FROM enrollments
+                         WHERE token_hash = ?1 AND used_at IS NULL AND expires > ?2",
+                        params![probe, now],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some())
+            })
+            .await
+            .map_err(EnrollError::Db)?;
+        if !live {
+            return Err(EnrollError::Token);
+        }
         let pem = self
             .store
             .db

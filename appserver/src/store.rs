@@ -505,6 +505,14 @@ impl Store {
                     "DELETE FROM messages WHERE received < ?1",
                     params![horizon],
                 )?;
+                // The audit log and spent or expired enrollment tokens
+                // are kept as long as the messages.
+                exec(&s.0, "DELETE FROM audit WHERE at < ?1", params![horizon])?;
+                exec(
+                    &s.0,
+                    "DELETE FROM enrollments WHERE expires < ?1",
+                    params![horizon],
+                )?;
                 Ok(n as u64)
             })
             .await
