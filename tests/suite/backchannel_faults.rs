@@ -12,7 +12,7 @@ use rs_tests::deploy::{Deployment, Extra, admin, base, proxy_metrics, server_met
 use crate::backchannel::{attr, exe, post, tmp};
 
 /// Waits (async) until `cond` holds or `secs` pass; returns whether it held.
-async fn until<F, Fut>(secs: u64, mut cond: F) -> bool
+pub(crate) async fn until<F, Fut>(secs: u64, mut cond: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

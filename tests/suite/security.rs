@@ -21,24 +21,8 @@ use rs_tests::deploy::{
 };
 
 use crate::backchannel::{attr, exe, post, tmp, until_done};
+use crate::backchannel_faults::{rsctl, until};
 use crate::forward::register;
-
-async fn until<F, Fut>(secs: u64, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if cond().await {
-            return true;
-        }
-        if std::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Alarms claiming each of `sources`, in an envelope from `sender`.
 fn envelope(sender: &str, sources: &[&str]) -> (Vec<Message>, String, Vec<u8>) {
@@ -334,14 +318,12 @@ async fn bad_certificates_old_protocols_and_weak_ciphers_are_refused_at_the_hand
 
     // Revoked through the control API: refused by the server at once and
     // by the MLM within its refresh of the list.
-    let out = std::process::Command::new(exe())
-        .arg("rsctl")
-        .args(rs_tests::deploy::rsctl_args(&a))
-        .args(["revoke", "--serial", &good.identity().unwrap().serial])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("count=\"1\""));
+    let (code, out, err) = rsctl(
+        &a,
+        &["revoke", "--serial", &good.identity().unwrap().serial],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("count=\"1\""), "{out}");
     let e = send_env(&client_of(&good), &a, &ct, body.clone()).await;
     assert!(e.is_err(), "the server still takes a revoked certificate");
     assert!(
@@ -441,14 +423,9 @@ async fn tokens_are_single_use_and_a_redeployed_proxy_loses_nothing_from_its_spo
     assert_eq!(cn_of(&pem), "redeploy.p9");
     assert_eq!(enroll_raw(&anon, &m, &t, csr()).await.0, 401);
     // A token for a customer gives the next free proxy ID.
-    let out = std::process::Command::new(exe())
-        .arg("rsctl")
-        .args(rs_tests::deploy::rsctl_args(&a))
-        .args(["enroll", "--customer", "redeploy"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let t = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let (code, out, err) = rsctl(&a, &["enroll", "--customer", "redeploy"]);
+    assert_eq!(code, 0, "{err}");
+    let t = out.trim().to_owned();
     let (st, pem) = enroll_raw(&anon, &a, &t, csr()).await;
     assert_eq!(st, 200, "{pem}");
     assert_eq!(cn_of(&pem), "redeploy.p10");
@@ -486,13 +463,9 @@ async fn tokens_are_single_use_and_a_redeployed_proxy_loses_nothing_from_its_spo
     for f in ["cert.pem", "key.pem", "ca.pem"] {
         std::fs::copy(dir.join("p1/tls").join(f), old.join(f)).unwrap();
     }
-    let out = std::process::Command::new(exe())
-        .arg("rsctl")
-        .args(rs_tests::deploy::rsctl_args(&a))
-        .args(["revoke", "--component", "redeploy.p1"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let (code, out, err) = rsctl(&a, &["revoke", "--component", "redeploy.p1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("count=\"1\""), "{out}");
     let fresh = d.enrollment_token("redeploy.p1").unwrap();
     d.node("p1").stop(Duration::from_secs(8));
     std::fs::remove_file(dir.join("p1/tls/cert.pem")).unwrap();
