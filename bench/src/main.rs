@@ -15,6 +15,7 @@ mod backchannel;
 mod bulk;
 mod collector;
 mod forward;
+mod longpoll;
 mod relay;
 mod throttle;
 
@@ -315,6 +316,7 @@ fn main() {
         actions: opt(&args, "--actions", 300).max(10) as usize,
     };
     let mtls_settings = settings.clone();
+    let proxies = opt(&args, "--proxies", 10_000).max(1) as usize;
     let json = root().join("docs/benchmarks.json");
     let mut figs = load(&json);
     let before = figs.clone();
@@ -352,6 +354,10 @@ fn main() {
             (
                 "relay",
                 Box::new(move || relay::run(runs).map_err(|e| format!("{e:#}"))),
+            ),
+            (
+                "longpoll",
+                Box::new(move || longpoll::run(runs, proxies).map_err(|e| format!("{e:#}"))),
             ),
         ];
         groups.retain(|(g, _)| want(g));

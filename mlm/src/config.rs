@@ -39,6 +39,11 @@ pub struct Config {
     /// wait before their next POST (backpressure).
     #[serde(default = "default_busy_envelopes")]
     pub busy_envelopes: usize,
+    /// Connections served at once (each proxy holds one for its long
+    /// poll); more wait in the accept queue. Needs as many file
+    /// descriptors (`LimitNOFILE` in the systemd unit).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     #[serde(default)]
     pub spool: SpoolSection,
     /// Discard messages that match.
@@ -228,4 +233,7 @@ fn default_offer_again() -> u64 {
 
 fn default_busy_envelopes() -> usize {
     256
+}
+fn default_max_connections() -> usize {
+    4096
 }

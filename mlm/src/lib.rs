@@ -524,14 +524,11 @@ pub async fn run(
             mlm.stopping.cancel();
         });
     }
-    serve_tcp(
-        listener,
-        mlm.tls.clone(),
-        mlm.routes(),
-        ServeConfig::default(),
-        shutdown,
-    )
-    .await;
+    let serve_cfg = ServeConfig {
+        max_connections: mlm.cfg.max_connections.max(1),
+        ..ServeConfig::default()
+    };
+    serve_tcp(listener, mlm.tls.clone(), mlm.routes(), serve_cfg, shutdown).await;
     let _ = background.await;
     let _ = fetcher.await;
     if let Err(e) = mlm

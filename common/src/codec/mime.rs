@@ -47,7 +47,9 @@ impl EnvelopeWriter {
         let mut w = EnvelopeWriter {
             boundary,
             delim,
-            buf: Vec::with_capacity(4096),
+            // Room for the envelope header; grows by doubling (an MLM keeps one
+            // per held long poll, so it starts small).
+            buf: Vec::with_capacity(1024),
             messages: 0,
         };
         // The first delimiter has no leading CRLF.
