@@ -77,9 +77,10 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         warp::path!("rs" / "v1" / "control" / "jobs" / String)
             .and(warp::get())
             .and(warp::query::<HashMap<String, String>>())
-            .and_then(move |id: String, q| {
+            .and(crate::security::admin())
+            .and_then(move |id: String, q, admin: crate::security::Admin| {
                 let app = app.clone();
-                async move { job(&app, id, q).await }
+                async move { job(&app, id, q, &admin.grants).await }
             })
     };
     let group_list = {
@@ -1052,6 +1053,7 @@ async fn job(
     app: &AppServer,
     id: String,
     q: HashMap<String, String>,
+    grants: &crate::security::Grants,
 ) -> Result<warp::reply::Response, warp::Rejection> {
     let bad = |t: String| refuse(http::StatusCode::BAD_REQUEST, t);
     let mut after = None;
@@ -1084,6 +1086,13 @@ async fn job(
             .await
             .map_err(unavailable)?
             .ok_or_else(|| refuse(http::StatusCode::NOT_FOUND, format!("no job {id:?}")))?;
+        // A job is shown to an admin granted every one of its destinations.
+        if let Some(t) = job.targets.iter().find(|t| !grants.component(&t.id)) {
+            return Err(refuse(
+                http::StatusCode::FORBIDDEN,
+                format!("not granted: {} (a destination of job {id})", t.id),
+            ));
+        }
         let hold = after.is_some_and(|a| job.version <= a) && !job.is_done();
         if !hold {
             return Ok(xml_response(encode_job(&job)));

@@ -50,7 +50,7 @@ pub fn route(
             let mlm = mlm.clone();
             async move {
                 match rs_common::auth::screen(&caller, &mlm.id, &env, &mlm.auth) {
-                    Ok(refused) => handle(&mlm, env, refused).await,
+                    Ok(refused) => handle(&mlm, &caller, env, refused).await,
                     Err(r) => r.response(),
                 }
             }
@@ -68,6 +68,7 @@ pub(crate) fn unavailable(text: impl Into<String>) -> Outcome {
 /// `refused[i]`: message `i` is not the caller's to send (anti-spoofing).
 async fn handle(
     mlm: &Mlm,
+    caller: &Caller,
     env: RawEnvelope,
     refused: Vec<Option<Outcome>>,
 ) -> warp::reply::Response {
@@ -116,7 +117,18 @@ async fn handle(
         && let Ok(mut up) = mlm.delivered_up.lock()
     {
         up.extend(delivered);
-        up.extend(env.meta.delivered.iter().cloned());
+        // Deliveries reported from below count only for the caller's own
+        // subtree (a site cannot complete another's job).
+        up.extend(
+            env.meta
+                .delivered
+                .iter()
+                .filter(|(_, dest)| match caller {
+                    Caller::Open => true,
+                    Caller::Component(p) => rs_common::auth::may_speak_for(p, &mlm.id, dest),
+                })
+                .cloned(),
+        );
     }
     let mut forward: Vec<(usize, RawMessage)> = Vec::new();
     let mut aggregate: Vec<(usize, usize, String, Member)> = Vec::new();

@@ -94,6 +94,17 @@ async fn metric(addr: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+async fn body_of_job(a: &str, id: &str) -> String {
+    admin(a)
+        .get(format!("{}/rs/v1/control/jobs/{id}", base(a)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn components(a: &str) -> String {
     admin(a)
         .get(format!("{}/rs/v1/control/components", base(a)))
@@ -186,6 +197,37 @@ async fn a_site_certificate_can_neither_send_as_another_site_nor_read_its_back_c
     assert!(metric(&m, "auth.spoofed").await >= 2);
     assert!(metric(&m, "auth.envelopes_refused").await >= 1);
     assert!(metric(&a, "auth.spoofed").await >= 2);
+
+    // A sibling reports the waiting action delivered to acme.p1: the MLM
+    // passes on deliveries only within the caller's subtree, so the job
+    // stays pending until acme.p1 itself takes it.
+    let message = attr(&body_of_job(&a, &job_id).await, "message").to_owned();
+    // With a message of its own, which the MLM forwards at once, the
+    // deliveries it was told of riding along.
+    let (own, _, _) = envelope("acme.p2", &["acme.p2"]);
+    let mut meta = EnvelopeMeta::new(RsId::new("acme.p2").unwrap(), Timestamp::now());
+    meta.delivered = vec![(
+        rs_common::MessageId::new(message).unwrap(),
+        RsId::new("acme.p1").unwrap(),
+    )];
+    let mut w = EnvelopeWriter::new(&meta);
+    w.push(&own[0]);
+    let enc = w.finish();
+    let (st, _) = send_env(&sibling, &m, &enc.content_type, enc.body.to_vec())
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    let appdir = dir.join("appserver");
+    let own_id = own[0].header.id.to_string();
+    assert!(
+        until(30, || async {
+            stored_ids(&appdir).unwrap().contains(&own_id)
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let j = body_of_job(&a, &job_id).await;
+    assert!(j.contains(r#"state="pending""#), "{j}");
 
     // The owner comes back and gets its action.
     d.restart("p1").unwrap();
@@ -585,6 +627,13 @@ async fn admins_see_and_command_only_their_customers_and_every_request_is_audite
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    let hers = attr(&r.text().await.unwrap(), "id").to_owned();
+    let r = alice
+        .get(url(&format!("jobs/{hers}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let r = alice
         .put(url("throttle"))
         .body("<throttle/>")
@@ -607,8 +656,16 @@ async fn admins_see_and_command_only_their_customers_and_every_request_is_audite
         401
     );
     // The provider's admin commands anyone.
-    let (s, _) = post(&a, &send("acme.p1")).await;
+    let (s, body) = post(&a, &send("acme.p1")).await;
     assert_eq!(s, 200);
+    // ... and its job is not alice's to see.
+    let theirs = attr(&body, "id").to_owned();
+    let r = alice
+        .get(url(&format!("jobs/{theirs}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
 
     // Every request is in the audit log: who, what, when, the outcome.
     let mut log = String::new();
