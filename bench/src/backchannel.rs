@@ -65,8 +65,14 @@ async fn until_done(http: &reqwest::Client, a: &str, doc: &str) -> anyhow::Resul
     Ok(())
 }
 
-/// (one-way ms, round-trip ms) per action.
-async fn latency(exe: &Path, dir: &Path, n: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+/// (one-way ms, round-trip ms) per action, to `proxies` proxies behind the
+/// MLM (each action to one of them, at random).
+pub(crate) async fn latency(
+    exe: &Path,
+    dir: &Path,
+    n: usize,
+    proxies: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let _ = std::fs::remove_dir_all(dir);
     let mut d = Deployment::plain(dir, exe)?; // plain HTTP, as the peers run
     let a = d.appserver("127.0.0.1:0", "")?;
@@ -76,7 +82,14 @@ async fn latency(exe: &Path, dir: &Path, n: usize) -> anyhow::Result<(Vec<f64>, 
         std::slice::from_ref(&a),
         &Extra::default(),
     )?;
-    d.proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())?;
+    for i in 1..=proxies.max(1) {
+        d.proxy(
+            &format!("p{i}"),
+            &format!("acme.p{i}"),
+            std::slice::from_ref(&m),
+            &Extra::default(),
+        )?;
+    }
     let http = reqwest::Client::new();
     // Warm up: the route is known and the first action has gone through.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -98,31 +111,62 @@ async fn latency(exe: &Path, dir: &Path, n: usize) -> anyhow::Result<(Vec<f64>, 
             Err(e) => return Err(e),
         }
     }
-    let mut sent: Vec<(String, i64, Duration)> = Vec::with_capacity(n);
+    // Every proxy reachable before timing starts.
+    for i in 2..=proxies {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match post(
+                &http,
+                &a,
+                format!(r#"<send><to id="acme.p{i}"/><control action="ping"/></send>"#),
+            )
+            .await
+            {
+                Ok(doc) => {
+                    until_done(&http, &a, &doc).await?;
+                    break;
+                }
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let mut sent: Vec<(String, String, i64, Duration)> = Vec::with_capacity(n);
     for _ in 0..n {
         tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..100))).await;
+        let to = format!("acme.p{}", 1 + fastrand::usize(0..proxies.max(1)));
         let t0 = Timestamp::now().as_millis();
         let start = Instant::now();
         let doc = post(
             &http,
             &a,
-            r#"<send><to id="acme.p1"/><control action="ping"/></send>"#.into(),
+            format!(r#"<send><to id="{to}"/><control action="ping"/></send>"#),
         )
         .await?;
         until_done(&http, &a, &doc).await?;
         let job = decode_job(doc.as_bytes(), &Limits::default())?;
-        sent.push((job.message, t0, start.elapsed()));
+        sent.push((job.message, to, t0, start.elapsed()));
     }
     // When each action was applied: its response's creation time.
-    let body = http
-        .get(format!(
-            "http://{a}/rs/v1/control/messages?type=response&component=acme.p1&limit=10000"
-        ))
-        .send()
-        .await?
-        .text()
-        .await?;
     let mut applied = std::collections::HashMap::new();
+    let mut asked: Vec<&str> = sent.iter().map(|s| s.1.as_str()).collect();
+    asked.sort_unstable();
+    asked.dedup();
+    let mut body = String::new();
+    for to in asked {
+        body.push_str(
+            &http
+                .get(format!(
+                    "http://{a}/rs/v1/control/messages?type=response&component={to}&limit=10000"
+                ))
+                .send()
+                .await?
+                .text()
+                .await?,
+        );
+    }
     for m in body.split("<message ").skip(1) {
         let attr = |name: &str| -> Option<String> {
             let k = format!("{name}=\"");
@@ -135,7 +179,7 @@ async fn latency(exe: &Path, dir: &Path, n: usize) -> anyhow::Result<(Vec<f64>, 
     }
     let mut one_way = Vec::new();
     let mut round = Vec::new();
-    for (msg, t0, rt) in sent {
+    for (msg, _, t0, rt) in sent {
         let at = applied
             .get(&msg)
             .ok_or_else(|| anyhow::anyhow!("no response stored for {msg}"))?;
@@ -296,7 +340,8 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
         .build()?;
     let tmp = std::env::temp_dir().join(format!("rs-bench-back-{}", std::process::id()));
     eprintln!("rs-bench backchannel: latency, {} actions", s.actions);
-    let (mut one_way, mut round) = rt.block_on(latency(&exe, &tmp.join("latency"), s.actions))?;
+    let (mut one_way, mut round) =
+        rt.block_on(latency(&exe, &tmp.join("latency"), s.actions, 1))?;
     eprintln!("rs-bench backchannel: group fan-out");
     let fan = rt.block_on(fanout(&exe, &tmp.join("fanout"), &[10, 100, 1000]))?;
     let _ = std::fs::remove_dir_all(&tmp);

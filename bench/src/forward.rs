@@ -241,20 +241,32 @@ pub(crate) fn rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-struct Ours {
-    rate: f64,
+pub(crate) struct Ours {
+    pub(crate) rate: f64,
     drain: f64,
 }
 
 /// The forward path; `tls`: with mutual TLS between the tiers (the demo's
 /// and a provider's setting) instead of plain HTTP (as the peers run);
 /// `drain`: also the backlog drain.
-async fn ours(
+pub(crate) async fn ours(
     exe: &Path,
     s: &Settings,
     dir: &Path,
     tls: bool,
     drain: bool,
+) -> anyhow::Result<Ours> {
+    ours_with(exe, s, dir, tls, drain, "").await
+}
+
+/// [`ours`] with more keys for the proxy's `[upstream]` (a batch size).
+pub(crate) async fn ours_with(
+    exe: &Path,
+    s: &Settings,
+    dir: &Path,
+    tls: bool,
+    drain: bool,
+    upstream: &str,
 ) -> anyhow::Result<Ours> {
     let _ = std::fs::remove_dir_all(dir);
     let mut d = if tls {
@@ -272,7 +284,7 @@ async fn ours(
     // The backoff is capped at 1 s so the drain starts as soon as the MLM
     // is back, whatever point the proxy's backoff had reached.
     let big = Extra {
-        upstream: "max_backoff_secs = 1".into(),
+        upstream: format!("max_backoff_secs = 1\n{upstream}"),
         tables: "[spool]\nmax_bytes = 8000000000\n".into(),
         ..Extra::default()
     };

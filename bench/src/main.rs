@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 mod backchannel;
 mod bulk;
 mod collector;
+mod curves;
 mod forward;
 mod longpoll;
 mod relay;
@@ -279,6 +280,15 @@ fn markdown(figs: &[Figure]) -> String {
             f.measured_at,
         ));
     }
+    let plots = curves::listed();
+    if !plots.is_empty() {
+        s.push_str("\n## Plots\n\n");
+        for (name, about) in plots {
+            s.push_str(&format!(
+                "![{name}](plots/{name}.svg)\n\n{about} (points: [`plots/{name}.json`](plots/{name}.json))\n\n"
+            ));
+        }
+    }
     let mut machines: Vec<&str> = figs.iter().filter_map(|f| f.machine.as_deref()).collect();
     machines.sort_unstable();
     machines.dedup();
@@ -317,6 +327,7 @@ fn main() {
     };
     let mtls_settings = settings.clone();
     let proxies = opt(&args, "--proxies", 10_000).max(1) as usize;
+    let curve_messages = opt(&args, "--messages", 20_000);
     let json = root().join("docs/benchmarks.json");
     let mut figs = load(&json);
     let before = figs.clone();
@@ -354,6 +365,14 @@ fn main() {
             (
                 "relay",
                 Box::new(move || relay::run(runs).map_err(|e| format!("{e:#}"))),
+            ),
+            (
+                "curves",
+                Box::new(move || {
+                    curves::run(runs, curve_messages)
+                        .map(|()| Vec::new())
+                        .map_err(|e| format!("{e:#}"))
+                }),
             ),
             (
                 "longpoll",
