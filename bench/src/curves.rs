@@ -42,7 +42,15 @@ pub(crate) fn svg(
         xs.iter().copied().map(tx).fold(f64::INFINITY, f64::min),
         xs.iter().copied().map(tx).fold(f64::NEG_INFINITY, f64::max),
     );
-    let y1 = ys.iter().copied().fold(0.0, f64::max) * 1.1;
+    // Five ticks of a round step (1, 2 or 5 times a power of ten).
+    let raw = (ys.iter().copied().fold(0.0, f64::max) * 1.05 / 5.0).max(1e-9);
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
+    let y1 = step * 5.0;
     let (pw, ph) = (w - left - right, h - top - bottom);
     let px = |x: f64| {
         left + if x1 > x0 {
