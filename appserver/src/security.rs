@@ -11,6 +11,7 @@ use std::time::Duration;
 use openssl::x509::X509Req;
 use rs_common::codec::XmlOut;
 use rs_common::db::DbError;
+use rs_common::ingress::xml_response;
 use rs_common::pki::{CertSpec, Role};
 use rs_common::server::{Peer, Refusal};
 use rs_common::{ComponentKind, CustomerId, RsId, Timestamp};
@@ -608,15 +609,6 @@ pub fn public_routes(
     enroll.or(rs_common::tls::crl_route(path)).unify()
 }
 
-fn xml(body: Vec<u8>) -> warp::reply::Response {
-    let mut r = warp::reply::Response::new(body.into());
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/xml; charset=utf-8"),
-    );
-    r
-}
-
 fn bad(text: impl Into<String>) -> warp::reply::Response {
     Refusal::new(http::StatusCode::BAD_REQUEST, text).response()
 }
@@ -750,7 +742,7 @@ async fn create_enrollment(
                 .attr_ts("expires", expires)
                 .empty()
                 .newline();
-            xml(buf)
+            xml_response(buf)
         }
         Err(e) => bad(e),
     }
@@ -794,7 +786,7 @@ fn revoke(app: &AppServer, a: &Admin, q: &HashMap<String, String>) -> warp::repl
                     .newline();
             }
             x.close("revoked").newline();
-            xml(buf)
+            xml_response(buf)
         }
         Err(e) => bad(e),
     }
@@ -828,7 +820,7 @@ fn certificates(app: &AppServer, q: &HashMap<String, String>) -> warp::reply::Re
             .newline();
     }
     x.close("certificates").newline();
-    xml(buf)
+    xml_response(buf)
 }
 
 async fn audit(app: &AppServer, a: &Admin, q: &HashMap<String, String>) -> warp::reply::Response {
@@ -871,5 +863,5 @@ async fn audit(app: &AppServer, a: &Admin, q: &HashMap<String, String>) -> warp:
             .newline();
     }
     x.close("audit").newline();
-    xml(buf)
+    xml_response(buf)
 }

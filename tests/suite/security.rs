@@ -20,7 +20,7 @@ use rs_tests::deploy::{
     stored_ids,
 };
 
-use crate::backchannel::{attr, exe, post, tmp, until_done};
+use crate::backchannel::{attr, exe, job, post, tmp, until_done};
 use crate::backchannel_faults::{rsctl, until};
 use crate::forward::register;
 
@@ -92,17 +92,6 @@ async fn metric(addr: &str, name: &str) -> u64 {
         .get(name)
         .copied()
         .unwrap_or(0)
-}
-
-async fn body_of_job(a: &str, id: &str) -> String {
-    admin(a)
-        .get(format!("{}/rs/v1/control/jobs/{id}", base(a)))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 async fn components(a: &str) -> String {
@@ -201,7 +190,7 @@ async fn a_site_certificate_can_neither_send_as_another_site_nor_read_its_back_c
     // A sibling reports the waiting action delivered to acme.p1: the MLM
     // passes on deliveries only within the caller's subtree, so the job
     // stays pending until acme.p1 itself takes it.
-    let message = attr(&body_of_job(&a, &job_id).await, "message").to_owned();
+    let message = attr(&job(&a, &job_id).await, "message").to_owned();
     // With a message of its own, which the MLM forwards at once, the
     // deliveries it was told of riding along.
     let (own, _, _) = envelope("acme.p2", &["acme.p2"]);
@@ -226,7 +215,7 @@ async fn a_site_certificate_can_neither_send_as_another_site_nor_read_its_back_c
         .await
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let j = body_of_job(&a, &job_id).await;
+    let j = job(&a, &job_id).await;
     assert!(j.contains(r#"state="pending""#), "{j}");
 
     // The owner comes back and gets its action.
