@@ -165,7 +165,7 @@ impl Revocations {
         }
         let this_update = asn1_unix(crl.last_update())?;
         let mut loaded = self.loaded.lock().map_err(|_| "revocations poisoned")?;
-        if this_update <= loaded.0 {
+        if this_update < loaded.0 {
             return Ok(false);
         }
         let serials: HashSet<String> = crl
@@ -182,9 +182,17 @@ impl Revocations {
             })
             .unwrap_or_default();
         let n = serials.len();
-        if let Ok(mut s) = self.serials.write() {
-            *s = serials;
+        let mut current = self.serials.write().map_err(|_| "revocations poisoned")?;
+        // Lists are dated to the second: one signed in the same second as
+        // the list in force is taken only if it revokes more (revocations
+        // are never undone, so an older list cannot pass for a newer one).
+        if this_update == loaded.0
+            && (serials.len() <= current.len() || !serials.is_superset(&current))
+        {
+            return Ok(false);
         }
+        *current = serials;
+        drop(current);
         loaded.0 = this_update;
         tracing::info!("revocation list in force: {n} revoked");
         Ok(true)

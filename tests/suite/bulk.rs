@@ -552,7 +552,7 @@ fn installer(dir: &Path) -> String {
     )
 }
 
-async fn components(a: &str) -> String {
+pub(crate) async fn components(a: &str) -> String {
     admin(a)
         .get(format!("{}/rs/v1/control/components", base(a)))
         .send()

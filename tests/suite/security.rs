@@ -22,6 +22,7 @@ use rs_tests::deploy::{
 
 use crate::backchannel::{attr, exe, job, post, tmp, until_done};
 use crate::backchannel_faults::{rsctl, until};
+use crate::bulk::components;
 use crate::forward::register;
 
 /// Alarms claiming each of `sources`, in an envelope from `sender`.
@@ -92,17 +93,6 @@ async fn metric(addr: &str, name: &str) -> u64 {
         .get(name)
         .copied()
         .unwrap_or(0)
-}
-
-async fn components(a: &str) -> String {
-    admin(a)
-        .get(format!("{}/rs/v1/control/components", base(a)))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,6 +345,15 @@ async fn bad_certificates_old_protocols_and_weak_ciphers_are_refused_at_the_hand
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("count=\"1\""), "{out}");
+    // A second revocation right after (lists are dated to the second):
+    // both are in force, here and below.
+    let (code, _, err) = rsctl(
+        &a,
+        &["revoke", "--serial", &expired.identity().unwrap().serial],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(metric(&a, "tls.revoked").await >= 2);
+    assert!(until(15, || async { metric(&m, "tls.revoked").await >= 2 }).await);
     let e = send_env(&client_of(&good), &a, &ct, body.clone()).await;
     assert!(e.is_err(), "the server still takes a revoked certificate");
     assert!(
