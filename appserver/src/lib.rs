@@ -116,7 +116,13 @@ impl AppServer {
     }
 
     /// Opens the store.
-    pub fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
+    pub fn open(mut cfg: Config) -> anyhow::Result<Arc<Self>> {
+        // Without a list of its own, the server keeps the CA's in force.
+        if let (Some(t), Some(ca)) = (cfg.tls.as_mut(), &cfg.ca)
+            && t.crl.is_none()
+        {
+            t.crl = Some(ca.dir.join("crl.pem"));
+        }
         let id = cfg.rs_id().map_err(anyhow::Error::msg)?;
         let store = store::Store::open(&cfg.data_dir.join("appserver.db"))?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);

@@ -471,18 +471,13 @@ impl AppServer {
         Ok(done)
     }
 
-    /// Re-reads the revocation list (the CA's, or the configured file).
+    /// Re-reads the revocation list (the configured file, or the CA's:
+    /// [`AppServer::open`] makes that the configured one).
     pub fn reload_crl(&self) {
-        if let Some(t) = &self.tls {
-            let r = match (&self.ca, &self.cfg.tls.as_ref().and_then(|t| t.crl.clone())) {
-                (Some(ca), None) => std::fs::read(ca.dir().join("crl.pem"))
-                    .map_err(|e| e.to_string())
-                    .and_then(|pem| t.revocations.install(&pem)),
-                _ => t.revocations.reload(),
-            };
-            if let Err(e) = r {
-                tracing::warn!("revocation list: {e}");
-            }
+        if let Some(t) = &self.tls
+            && let Err(e) = t.revocations.reload()
+        {
+            tracing::warn!("revocation list: {e}");
         }
     }
 
