@@ -837,6 +837,7 @@ impl crate::store::Store {
                     status: None,
                     response: None,
                     bulk: None,
+                    seal: None,
                 };
                 crate::store::ingest_in(&s.0, std::slice::from_ref(&inc), now)?;
                 Ok(())

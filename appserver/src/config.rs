@@ -77,6 +77,19 @@ pub struct Config {
     /// control API (docs/security.md).
     #[serde(default)]
     pub ca: Option<CaSection>,
+    /// Payload seals (docs/security.md, Payload seals): sealed messages
+    /// are always opened and checked; `require` refuses unsealed ones.
+    #[serde(default)]
+    pub seal: SealSection,
+}
+
+/// `[seal]` of the application server.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealSection {
+    /// `none` (the default), `signed` or `encrypted`.
+    #[serde(default)]
+    pub require: rs_common::seal::Require,
 }
 
 /// `[ca]`: where the CA lives and what it issues.

@@ -547,6 +547,24 @@ pub async fn status_tree(app: &AppServer) -> StatusNode {
         ),
     ]);
     metrics.extend(rs_common::auth::metrics(app.tls.as_deref(), &app.auth));
+    if let Some(o) = &app.opener {
+        let s = &o.stats;
+        metrics.extend([
+            (
+                "seal.opened_signed",
+                s.opened_signed.load(Ordering::Relaxed),
+            ),
+            (
+                "seal.opened_encrypted",
+                s.opened_encrypted.load(Ordering::Relaxed),
+            ),
+            ("seal.refused", s.refused.load(Ordering::Relaxed)),
+            (
+                "seal.unsealed_refused",
+                s.unsealed_refused.load(Ordering::Relaxed),
+            ),
+        ]);
+    }
     metrics.extend([
         ("enroll.issued", app.stats.enrolled.load(Ordering::Relaxed)),
         (
@@ -827,6 +845,7 @@ fn write_message(x: &mut XmlOut<'_>, task: Option<i64>, seq: Option<i64>, r: &cr
         .attr_ts("created", ts(r.created))
         .attr_ts("received", ts(r.received))
         .attr("via", &r.via)
+        .attr_opt("seal", r.seal.as_deref())
         .gt();
     if r.kind == "data" {
         x.open("data")

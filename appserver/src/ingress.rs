@@ -68,6 +68,26 @@ fn examine(app: &AppServer, m: RawMessage, now: Timestamp) -> Result<Incoming, O
     if m.header.is_expired(now) {
         return Err(Outcome::Expired);
     }
+    // A seal is opened (and checked) before anything reads the content.
+    let (m, seal) = match (m.seal(), &app.opener) {
+        (None, _) => (m, None),
+        (Some(_), Some(opener)) => {
+            let (opened, seal, _signer) = opener.open(m)?;
+            (opened, Some(seal))
+        }
+        (Some(_), None) => {
+            return Err(Outcome::rejected(
+                "seal-invalid",
+                "this server has no certificate to open seals with (no [tls])",
+            ));
+        }
+    };
+    if let Some(refusal) = app.cfg.seal.require.refuses(seal) {
+        if let Some(o) = &app.opener {
+            o.stats.unsealed_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        return Err(refusal);
+    }
     let limits = app.cfg.limits();
     let full_raw = m.clone();
     let full = m
@@ -80,6 +100,7 @@ fn examine(app: &AppServer, m: RawMessage, now: Timestamp) -> Result<Incoming, O
         status: None,
         response: None,
         bulk: None,
+        seal,
     };
     match &full.content {
         Content::Alarm(a) => inc.severity = Some(a.severity),

@@ -69,6 +69,8 @@ pub struct AppServer {
     pub ca: Option<Arc<rs_common::pki::Ca>>,
     /// Refused callers and spoofed messages.
     pub auth: rs_common::auth::Stats,
+    /// Opens sealed messages (with TLS: this server's key, the CA).
+    pub opener: Option<rs_common::seal::Opener>,
 }
 
 impl AppServer {
@@ -133,14 +135,27 @@ impl AppServer {
             vec![Arc::new(monitor::HeartbeatMonitor)];
         modules.extend(cfg.modules.iter().map(|m| m.build(timeout)));
         let uploads = bulk::Uploads::open(&cfg.data_dir, cfg.bulk.clone())?;
+        let tls = match &cfg.tls {
+            Some(t) => Some(rs_common::tls::TlsServer::new(t).map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        // Seals are checked against the same revocation list as handshakes.
+        let opener = match (&cfg.tls, &tls) {
+            (Some(t), Some(server)) => Some(
+                rs_common::seal::Opener::new(t, server.revocations.clone())
+                    .map_err(anyhow::Error::msg)?,
+            ),
+            _ => None,
+        };
+        if opener.is_none() && cfg.seal.require != rs_common::seal::Require::None {
+            anyhow::bail!("[seal] require needs [tls]: seals are checked against the CA");
+        }
         Ok(Arc::new(AppServer {
             id,
             uploads,
             downloads: publish::Stats::default(),
-            tls: match &cfg.tls {
-                Some(t) => Some(rs_common::tls::TlsServer::new(t).map_err(anyhow::Error::msg)?),
-                None => None,
-            },
+            tls,
+            opener,
             ca: match &cfg.ca {
                 Some(c) => Some(Arc::new(
                     rs_common::pki::Ca::open(&c.dir).map_err(anyhow::Error::msg)?,

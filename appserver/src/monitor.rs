@@ -114,6 +114,7 @@ fn notification(
         status: None,
         response: None,
         bulk: None,
+        seal: None,
     })
 }
 

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS messages (
     via          TEXT    NOT NULL,
     header       BLOB    NOT NULL,
     content_type TEXT    NOT NULL,
-    content      BLOB    NOT NULL
+    content      BLOB    NOT NULL,
+    seal         TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_received  ON messages (received);
 CREATE INDEX IF NOT EXISTS messages_component ON messages (component, received);
@@ -194,6 +195,8 @@ pub struct Incoming {
     /// For upload requests: the server's answer, recorded with the request
     /// (and then no peripheral tasks: the file's announcement gets them).
     pub bulk: Option<crate::bulk::Decided>,
+    /// How it came sealed (stored opened).
+    pub seal: Option<rs_common::Seal>,
 }
 
 /// What the store did with one message.
@@ -219,6 +222,8 @@ pub struct Row {
     pub via: String,
     pub content_type: String,
     pub content: Vec<u8>,
+    /// `signed` or `encrypted` when it came sealed.
+    pub seal: Option<String>,
 }
 
 /// A component as the server knows it.
@@ -320,6 +325,13 @@ impl Store {
                 "ALTER TABLE subscriptions ADD COLUMN from_seq INTEGER NOT NULL DEFAULT 0",
             )?;
         }
+        // How a message came sealed; databases from before seals get it.
+        let has: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'seal'")?
+            .exists([])?;
+        if !has {
+            conn.execute_batch("ALTER TABLE messages ADD COLUMN seal TEXT")?;
+        }
         // The collector's expander starts after what is stored already (a
         // database from before it had its tasks made at ingest).
         conn.execute(
@@ -348,7 +360,7 @@ impl Store {
             .read(move |s| {
                 let mut sql = String::from(
                     "SELECT rowid, id, received, created, component, kind, class, subclass, severity, via,
-                            content_type, content FROM messages WHERE 1 = 1",
+                            content_type, content, seal FROM messages WHERE 1 = 1",
                 );
                 let mut args: Vec<rusqlite::types::Value> = Vec::new();
                 let mut add = |cond: &str, v: rusqlite::types::Value| {
@@ -409,6 +421,7 @@ impl Store {
                         via: r.get(9)?,
                         content_type: r.get(10)?,
                         content: r.get(11)?,
+                        seal: r.get(12)?,
                     })
                 })?;
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -543,8 +556,8 @@ pub(crate) fn ingest_in(
         let n = exec(
             conn,
             "INSERT INTO messages (id, received, created, component, customer, kind, class,
-                                   subclass, severity, via, header, content_type, content)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                                   subclass, severity, via, header, content_type, content, seal)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
              ON CONFLICT (id) DO NOTHING",
             params![
                 m.header.id.as_str(),
@@ -560,6 +573,7 @@ pub(crate) fn ingest_in(
                 header,
                 m.content_type,
                 &m.content[..],
+                inc.seal.map(rs_common::Seal::as_str),
             ],
         )?;
         if n == 0 {

@@ -207,6 +207,66 @@ pub enum DecodeError {
     UnknownContentType { id: MessageId, value: String },
     #[error("content of message {id}: {reason}")]
     ContentMismatch { id: MessageId, reason: String },
+    #[error("content of message {id} is sealed ({seal}); the application server opens it")]
+    Sealed { id: MessageId, seal: &'static str },
+}
+
+/// How a message's content is sealed (`docs/protocol.md` §7.7): signed by
+/// the component that made it, or signed and then encrypted to the
+/// application server. Tiers in between pass sealed contents on untouched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Seal {
+    Signed,
+    Encrypted,
+}
+
+impl Seal {
+    /// The content part's `Content-Type` for this seal.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Seal::Signed => "application/pkcs7-mime; smime-type=signed-data",
+            Seal::Encrypted => "application/pkcs7-mime; smime-type=enveloped-data",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Seal::Signed => "signed",
+            Seal::Encrypted => "encrypted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Seal> {
+        match s {
+            "signed" => Some(Seal::Signed),
+            "encrypted" => Some(Seal::Encrypted),
+            _ => None,
+        }
+    }
+
+    /// The seal a content part's `Content-Type` names: `Ok(None)` for any
+    /// other media type, `Err` for `application/pkcs7-mime` without a
+    /// `smime-type` this protocol knows.
+    pub fn of_content_type(ct: &str) -> Result<Option<Seal>, String> {
+        let base = ct.split(';').next().unwrap_or("").trim();
+        if !base.eq_ignore_ascii_case("application/pkcs7-mime") {
+            return Ok(None);
+        }
+        let smime = ct.split(';').skip(1).find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.trim()
+                .eq_ignore_ascii_case("smime-type")
+                .then(|| v.trim().trim_matches('"').to_ascii_lowercase())
+        });
+        match smime.as_deref() {
+            Some("signed-data") => Ok(Some(Seal::Signed)),
+            Some("enveloped-data") => Ok(Some(Seal::Encrypted)),
+            Some(other) => Err(format!(
+                "smime-type {other:?} is neither signed-data nor enveloped-data"
+            )),
+            None => Err("application/pkcs7-mime without smime-type".into()),
+        }
+    }
 }
 
 /// A message whose content has not been parsed: what a forwarder handles.
@@ -220,7 +280,8 @@ pub struct RawMessage {
     /// The content part's `Content-Type`.
     pub content_type: String,
     /// The content part's body: for data messages exactly as on the wire
-    /// (see [`DataInfo::encoding`]); for the others the XML document.
+    /// (see [`DataInfo::encoding`]); for the others the XML document; for a
+    /// sealed message (see [`RawMessage::seal`]) the DER of the seal.
     pub content: Bytes,
 }
 
@@ -235,9 +296,23 @@ pub struct DataInfo {
 }
 
 impl RawMessage {
-    /// Parses the content, completing the message.
+    /// Parses the content, completing the message. A sealed content is
+    /// refused ([`DecodeError::Sealed`]): only the application server can
+    /// open it.
     pub fn decode(self, limits: &Limits) -> Result<Message, DecodeError> {
+        if let Some(seal) = self.seal() {
+            return Err(DecodeError::Sealed {
+                id: self.header.id,
+                seal: seal.as_str(),
+            });
+        }
         content::decode(self, limits)
+    }
+
+    /// The content's seal, if it is sealed (the decoder accepts only the
+    /// two `smime-type`s, so anything else here is unsealed).
+    pub fn seal(&self) -> Option<Seal> {
+        Seal::of_content_type(&self.content_type).ok().flatten()
     }
 
     /// Bytes this message takes in an envelope, roughly (for batching).

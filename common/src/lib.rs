@@ -16,7 +16,7 @@ pub mod samples;
 pub mod time;
 
 pub use codec::{
-    DecodeError, Encoded, EnvelopeWriter, Limits, RawEnvelope, RawMessage, StreamDecoder,
+    DecodeError, Encoded, EnvelopeWriter, Limits, RawEnvelope, RawMessage, Seal, StreamDecoder,
     decode_envelope, decode_headers, encode_envelope,
 };
 pub use ids::{ComponentKind, CustomerId, MessageId, RsId};
@@ -40,6 +40,8 @@ pub mod ingress;
 pub mod outbox;
 #[cfg(feature = "runtime")]
 pub mod pki;
+#[cfg(feature = "runtime")]
+pub mod seal;
 #[cfg(feature = "runtime")]
 pub mod server;
 #[cfg(feature = "runtime")]

@@ -390,6 +390,10 @@ pub struct Sender<S: Spool> {
     /// When idle, keep a long poll open, asking the upstream to hold the
     /// reply this long.
     pub poll: Option<Duration>,
+    /// Seals this component's own messages as they go into an envelope
+    /// (the spool keeps them as made, so one spooled before the component
+    /// had its certificate is sealed too).
+    pub seal: Option<Arc<crate::seal::Sealer>>,
 }
 
 /// The shortest time between two long polls, whatever the upstream does.
@@ -720,6 +724,19 @@ impl<S: Spool> Sender<S> {
                 && h.sent.is_none()
             {
                 h.sent = Some(now);
+            }
+            if let Some(sealer) = &self.seal
+                && sealer.wants(&m)
+            {
+                match sealer.seal(&m) {
+                    Ok(sealed) => m = sealed,
+                    Err(e) => {
+                        // Never sent unsealed: it stays in the spool and,
+                        // without an outcome, is retried with backoff.
+                        tracing::error!("message {}: cannot seal: {e}", m.header.id);
+                        continue;
+                    }
+                }
             }
             w.push_raw(&m);
             ids.push(m.header.id);

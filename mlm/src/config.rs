@@ -72,6 +72,11 @@ pub struct Config {
     /// MLM creates its key and obtains its certificate with it on start.
     #[serde(default)]
     pub enroll_token: Option<String>,
+    /// Seal the messages this MLM makes itself (heartbeats, aggregated
+    /// summaries, answers): docs/security.md, Payload seals. Needs `[tls]`.
+    /// Messages relayed from below keep whatever seal they came with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<rs_common::seal::SealConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -191,6 +196,11 @@ impl Config {
         }
         if c.upstream.urls.is_empty() {
             return Err("upstream.urls: at least one URL is required".into());
+        }
+        if c.seal.is_some() && c.tls.is_none() {
+            return Err(
+                "[seal] needs [tls]: messages are sealed with this MLM's certificate".into(),
+            );
         }
         // Build the modules once to report rule errors at load time.
         crate::modules::build(&c)?;

@@ -68,6 +68,8 @@ pub struct Mlm {
     pub load: rs_common::ingress::Load,
     /// The TLS listener's context (`None`: plain HTTP).
     pub tls: Option<Arc<rs_common::tls::TlsServer>>,
+    /// Seals the messages this MLM makes (`[seal]`).
+    pub sealer: Option<Arc<rs_common::seal::Sealer>>,
     /// Refusals of callers and of messages they may not send.
     pub auth: rs_common::auth::Stats,
     /// Until when (ms) the upstream asked this MLM to hold back; passed on
@@ -151,6 +153,13 @@ impl Mlm {
                 Some(t) => Some(rs_common::tls::TlsServer::new(t).map_err(anyhow::Error::msg)?),
                 None => None,
             },
+            sealer: match (&cfg.seal, &cfg.tls) {
+                (Some(seal), Some(tls)) => Some(Arc::new(
+                    rs_common::seal::Sealer::new(tls, seal)
+                        .map_err(|e| anyhow::anyhow!("[seal]: {e}"))?,
+                )),
+                _ => None,
+            },
             auth: rs_common::auth::Stats::default(),
             upstream_busy_until: std::sync::atomic::AtomicI64::new(0),
             config_path,
@@ -171,6 +180,15 @@ impl Mlm {
         let s = &self.stats;
         let mut metrics: Vec<(&str, u64)> =
             rs_common::auth::metrics(self.tls.as_deref(), &self.auth);
+        if let Some(seal) = &self.sealer {
+            metrics.extend([
+                ("seal.sealed", seal.stats.sealed.load(Ordering::Relaxed)),
+                (
+                    "seal.failed",
+                    seal.stats.seal_failed.load(Ordering::Relaxed),
+                ),
+            ]);
+        }
         metrics.extend([
             ("envelopes.received", s.envelopes.load(Ordering::Relaxed)),
             ("messages.received", s.received.load(Ordering::Relaxed)),
@@ -452,6 +470,7 @@ pub async fn run(
         back: Some(Arc::new(forward::Downstream(mlm.clone()))),
         // Long-poll upstream on behalf of the whole subtree.
         poll: Some(Duration::from_secs(25)),
+        seal: mlm.sealer.clone(),
     };
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
     let flush = {

@@ -261,6 +261,10 @@ pub fn routes(
                     "applied": proxy.actions_applied.load(Ordering::Relaxed),
                     "duplicates": proxy.actions_duplicate.load(Ordering::Relaxed),
                 },
+                "seal": proxy.sealer.as_ref().map(|s| serde_json::json!({
+                    "sealed": s.stats.sealed.load(Ordering::Relaxed),
+                    "failed": s.stats.seal_failed.load(Ordering::Relaxed),
+                })),
                 "forwarding": !proxy.paused.load(Ordering::Relaxed),
                 "uploads": proxy.uploads.counts().await.unwrap_or_default().into_iter().collect::<BTreeMap<_, _>>(),
             }),

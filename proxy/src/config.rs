@@ -43,6 +43,11 @@ pub struct Config {
     /// proxy creates its key and obtains its certificate and ID with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enroll_token: Option<String>,
+    /// Seal every message this proxy makes: sign it with its certificate,
+    /// and with `encrypt_to`, encrypt it to the application server
+    /// (docs/security.md, Payload seals). Needs `[tls]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<rs_common::seal::SealConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -132,6 +137,11 @@ impl Config {
                         .into(),
                 );
             }
+        }
+        if c.seal.is_some() && c.tls.is_none() {
+            return Err(
+                "[seal] needs [tls]: messages are sealed with this proxy's certificate".into(),
+            );
         }
         if c.upstream.urls.is_empty() {
             return Err("upstream.urls: at least one URL is required".into());

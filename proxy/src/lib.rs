@@ -61,6 +61,9 @@ pub struct Proxy {
     pub uploads: bulk::Uploads,
     /// Download offers now fetched, to acknowledge on the next POST.
     pub download_acks: std::sync::Mutex<Vec<MessageId>>,
+    /// Seals this proxy's messages as they are sent (`[seal]`; none until
+    /// the proxy holds its certificate).
+    pub sealer: Option<Arc<rs_common::seal::Sealer>>,
 }
 
 /// Starts this program over in place to read the configuration again;
@@ -112,8 +115,16 @@ impl Proxy {
         );
         let uploads = bulk::Uploads::open(&cfg.data_dir.join("bulk.db"), cfg.tls.as_ref())
             .context("opening bulk.db")?;
+        let sealer = match (&cfg.seal, &cfg.tls) {
+            (Some(seal), Some(tls)) if tls.cert.exists() => Some(Arc::new(
+                rs_common::seal::Sealer::new(tls, seal)
+                    .map_err(|e| anyhow::anyhow!("[seal]: {e}"))?,
+            )),
+            _ => None,
+        };
         Ok(Arc::new(Proxy {
             id,
+            sealer,
             uploads,
             download_acks: std::sync::Mutex::new(Vec::new()),
             spool,
@@ -443,6 +454,7 @@ pub async fn run(
         back: Some(Arc::new(back_channel::Actions::new(proxy.clone()))),
         poll: (proxy.cfg.upstream.poll_hold_secs > 0)
             .then(|| Duration::from_secs(proxy.cfg.upstream.poll_hold_secs)),
+        seal: proxy.sealer.clone(),
     };
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
     let flush = {

@@ -665,7 +665,7 @@ pub async fn server_metrics(addr: &str) -> anyhow::Result<BTreeMap<String, u64>>
 pub async fn proxy_metrics(socket: &Path) -> anyhow::Result<BTreeMap<String, u64>> {
     let v = Client::new(socket).status().await?;
     let mut out = BTreeMap::new();
-    for section in ["spool", "upstream", "backchannel", "throttle"] {
+    for section in ["spool", "upstream", "backchannel", "throttle", "seal"] {
         if let Some(obj) = v.get(section).and_then(|s| s.as_object()) {
             for (k, val) in obj {
                 if let Some(n) = val.as_u64() {

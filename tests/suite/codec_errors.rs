@@ -700,3 +700,81 @@ fn message_ids_in_errors() {
         "message m7 has a header part but no content part after it"
     );
 }
+
+/// A message whose content part is `ctype`, base64 of `der`.
+fn sealed_body(ty: &str, ctype: &str, der: &[u8]) -> Vec<u8> {
+    let mut h = header("m1", ty);
+    if ty == "data" {
+        h = h.replace(
+            "</source>",
+            r#"</source><data mime="text/plain" size="3" encoding="binary"/>"#,
+        );
+    }
+    format!(
+        "--B\r\nContent-Type: text/xml\r\nContent-ID: <envelope@rs>\r\n\r\n{ROOT}\
+         \r\n--B\r\nContent-Type: text/xml\r\nContent-ID: <m1@header>\r\n\r\n{h}\
+         \r\n--B\r\nContent-Type: {ctype}\r\nContent-ID: <m1@content>\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\n{}\r\n--B--\r\n",
+        openssl::base64::encode_block(der)
+    )
+    .into_bytes()
+}
+
+#[test]
+fn sealed_contents_pass_forwarders_untouched_and_are_never_parsed_on_the_way() {
+    // Arbitrary bytes (a seal is DER), including the boundary itself.
+    let der: Vec<u8> = [&[0x30, 0x82, 0, 0xff][..], b"\r\n--B\r\n", &[0u8; 40]].concat();
+    for (ty, seal) in [
+        ("alarm", "signed-data"),
+        ("data", "enveloped-data"),
+        ("response", "signed-data"),
+    ] {
+        let ctype = format!("application/pkcs7-mime; smime-type={seal}");
+        let raw = decode_headers(
+            CT,
+            Bytes::from(sealed_body(ty, &ctype, &der)),
+            &Limits::default(),
+        )
+        .unwrap();
+        let m = &raw.messages[0];
+        // Transfer-decoded, otherwise as sent; the data size in the
+        // header describes the sealed data, not the seal.
+        assert_eq!(&m.content[..], &der[..]);
+        assert_eq!(
+            m.seal(),
+            Some(if seal == "signed-data" {
+                Seal::Signed
+            } else {
+                Seal::Encrypted
+            })
+        );
+        // Only the server opens it: decoding the content is refused.
+        assert!(matches!(
+            m.clone().decode(&Limits::default()),
+            Err(DecodeError::Sealed { .. })
+        ));
+        // A forwarder writes it on byte for byte (base64 again, the seal
+        // holding the boundary).
+        let mut w = EnvelopeWriter::new(&raw.meta);
+        w.push_raw(m);
+        let enc = w.finish();
+        let again = decode_headers(&enc.content_type, enc.body, &Limits::default()).unwrap();
+        assert_eq!(again.messages[0], *m);
+    }
+    // pkcs7-mime that is not one of the two seals is refused, naming it.
+    let e = decode(
+        CT,
+        sealed_body(
+            "alarm",
+            "application/pkcs7-mime; smime-type=compressed-data",
+            &der,
+        ),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, DecodeError::ContentMismatch { reason, .. } if reason.contains("compressed-data")),
+        "{e}"
+    );
+    let e = decode(CT, sealed_body("alarm", "application/pkcs7-mime", &der)).unwrap_err();
+    assert!(matches!(e, DecodeError::ContentMismatch { .. }), "{e}");
+}

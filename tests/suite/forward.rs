@@ -69,7 +69,7 @@ pub(crate) fn assert_exactly_once(dir: &Path, ids: &HashSet<String>) {
     }
 }
 
-fn free_port() -> String {
+pub(crate) fn free_port() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
 }

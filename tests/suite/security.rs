@@ -782,3 +782,271 @@ async fn smuggling_slow_clients_and_replayed_ids_are_refused_over_tls() {
     );
     d.stop_all();
 }
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Every file under `dir` (databases, their journals) that holds `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p).is_ok_and(|b| find(&b, needle).is_some()) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// An alarm from `source` carrying `text`, sealed by `sealer` when given.
+fn sealed_alarm(
+    source: &str,
+    text: &str,
+    sealer: Option<&rs_common::seal::Sealer>,
+) -> rs_common::RawMessage {
+    let mut m = rs_common::samples::alarm_of_size(0, 256);
+    if let Route::Source(src) = &mut m.header.route {
+        src.component = RsId::new(source).unwrap();
+        src.qos.expiry = None;
+    }
+    m.header.id = rs_common::MessageId::generate();
+    m.header.created = Timestamp::now();
+    m.header.routing.clear();
+    if let rs_common::Content::Alarm(a) = &mut m.content {
+        a.text = text.into();
+    }
+    let raw = m.to_raw();
+    match sealer {
+        Some(s) => s.seal(&raw).unwrap(),
+        None => raw,
+    }
+}
+
+/// POSTs raw messages as `sender`; the outcome of each.
+async fn post_raw(
+    http: &reqwest::Client,
+    addr: &str,
+    sender: &str,
+    msgs: &[rs_common::RawMessage],
+) -> Vec<Outcome> {
+    let meta = EnvelopeMeta::new(RsId::new(sender).unwrap(), Timestamp::now());
+    let mut w = EnvelopeWriter::new(&meta);
+    for m in msgs {
+        w.push_raw(m);
+    }
+    let enc = w.finish();
+    let (st, reply) = send_env(http, addr, &enc.content_type, enc.body.to_vec())
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    let reply = reply.unwrap();
+    msgs.iter()
+        .map(|m| {
+            reply
+                .meta
+                .outcomes
+                .iter()
+                .find(|(id, _)| *id == m.header.id)
+                .expect("an outcome for every message")
+                .1
+                .clone()
+        })
+        .collect()
+}
+
+fn refused_as(o: &Outcome, code: &str) -> bool {
+    matches!(o, Outcome::Rejected(r) if r.code.as_str() == code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payload_seals_keep_what_relays_messages_from_reading_or_altering_them() {
+    let dir = tmp("seal");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let pki = d.pki.clone().unwrap();
+    // The server's certificate exists before the sites that encrypt to it.
+    let server_cert = pki
+        .issue("rs.a1", &dir.join("appserver").join("tls"))
+        .unwrap()
+        .cert;
+    let port = crate::forward::free_port();
+    // A custody MLM, its upstream down: what it relays sits in its spool.
+    // It seals what it makes itself (heartbeats), signed only.
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&port),
+            &Extra {
+                top: "custody = true".into(),
+                tables: "[seal]\n".into(),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    let sealed_site = Extra {
+        tables: format!("[seal]\nencrypt_to = \"{}\"\n", server_cert.display()),
+        ..Extra::default()
+    };
+    let s1 = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &sealed_site)
+        .unwrap();
+    let s2 = d
+        .proxy("p2", "acme.p2", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let (c1, c2) = (register(&s1).await, register(&s2).await);
+    let mut sealed_ids = Vec::new();
+    let mut open_ids = Vec::new();
+    for i in 0..5 {
+        let a = crate::forward::alarm(&format!("sealed-secret-{i}"), None);
+        sealed_ids.push(c1.send("alarm", &a).await.unwrap());
+        let a = crate::forward::alarm(&format!("open-text-{i}"), None);
+        open_ids.push(c2.send("alarm", &a).await.unwrap());
+    }
+    let taken = |s: PathBuf| async move {
+        rs_tests::deploy::proxy_metrics(&s)
+            .await
+            .is_ok_and(|m| m.get("spool.messages") == Some(&0))
+    };
+    assert!(
+        until(30, || taken(s1.clone())).await,
+        "the MLM did not take custody"
+    );
+    assert!(
+        until(30, || taken(s2.clone())).await,
+        "the MLM did not take custody"
+    );
+    let p1 = rs_tests::deploy::proxy_metrics(&s1).await.unwrap();
+    assert!(p1.get("seal.sealed").copied().unwrap_or(0) >= 5, "{p1:?}");
+    // What the MLM holds: the unsealed site's text, never the sealed one's.
+    let mlm_dir = dir.join("mlm");
+    assert!(!files_holding(&mlm_dir, b"open-text-").is_empty());
+    assert_eq!(
+        files_holding(&mlm_dir, b"sealed-secret-"),
+        Vec::<PathBuf>::new()
+    );
+
+    // The server comes up demanding seals.
+    let a = d
+        .appserver(&port, "[seal]\nrequire = \"signed\"\n")
+        .unwrap();
+    let appdir = dir.join("appserver");
+    assert!(
+        until(60, || async {
+            let ids = stored_ids(&appdir).unwrap();
+            sealed_ids.iter().all(|i| ids.contains(i))
+        })
+        .await,
+        "sealed messages were not stored"
+    );
+    // Opened at the server: the text as the site wrote it, marked.
+    let body = admin(&a)
+        .get(format!(
+            "{}/rs/v1/control/messages?customer=acme&type=alarm&limit=100",
+            base(&a)
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.contains("sealed-secret-3"), "{body}");
+    assert!(body.contains(r#"seal="encrypted""#), "{body}");
+    assert!(metric(&a, "seal.opened_encrypted").await >= 5);
+    // The MLM's own heartbeats arrive signed.
+    assert!(until(30, || async { metric(&a, "seal.opened_signed").await >= 1 }).await);
+    // Unsealed messages are refused by the policy, never stored.
+    assert!(
+        until(30, || async {
+            metric(&a, "seal.unsealed_refused").await >= 5
+        })
+        .await
+    );
+    let ids = stored_ids(&appdir).unwrap();
+    assert!(open_ids.iter().all(|i| !ids.contains(i)));
+
+    // A relay that terminates HTTPS (here: holding the MLM's certificate)
+    // tries its hand at sealed messages from a site.
+    let relay = component_client(&a, "acme.m1").unwrap();
+    let site_tls = component_tls(&a, "acme.p91").unwrap().unwrap();
+    let signer =
+        rs_common::seal::Sealer::new(&site_tls, &rs_common::seal::SealConfig::default()).unwrap();
+    let encrypter = rs_common::seal::Sealer::new(
+        &site_tls,
+        &rs_common::seal::SealConfig {
+            encrypt_to: Some(server_cert.clone()),
+        },
+    )
+    .unwrap();
+    let good = sealed_alarm("acme.p91.s1", "intact", Some(&signer));
+    // Content altered inside the signature.
+    let mut altered = sealed_alarm("acme.p91", "pay 100 to alice", Some(&signer));
+    let mut der = altered.content.to_vec();
+    let at = find(&der, b"pay 100").unwrap();
+    der[at + 4] = b'9';
+    altered.content = der.into();
+    // A seal moved onto another message's header (a new ID: a replay).
+    let mut moved = sealed_alarm("acme.p91", "once", Some(&signer));
+    moved.header.id = rs_common::MessageId::generate();
+    // Reclassified.
+    let mut reclassified = sealed_alarm("acme.p91", "minor thing", Some(&signer));
+    reclassified.header.class.subclass = "other".into();
+    // Ciphertext altered.
+    let mut scrambled = sealed_alarm("acme.p91", "secret", Some(&encrypter));
+    let mut der = scrambled.content.to_vec();
+    let n = der.len();
+    der[n - 20] ^= 0x55;
+    scrambled.content = der.into();
+    // Signed by another site over a header naming this one.
+    let other = rs_common::seal::Sealer::new(
+        &component_tls(&a, "acme.p92").unwrap().unwrap(),
+        &rs_common::seal::SealConfig::default(),
+    )
+    .unwrap();
+    let claimed = other
+        .seal(&sealed_alarm("acme.p91", "as someone else", None))
+        .unwrap();
+    let unsealed = sealed_alarm("acme.p91", "plain", None);
+    let all = [
+        good.clone(),
+        altered,
+        moved,
+        reclassified,
+        scrambled,
+        claimed,
+        unsealed,
+    ];
+    let refused_before = metric(&a, "seal.refused").await;
+    let outcomes = post_raw(&relay, &a, "acme.m1", &all).await;
+    assert_eq!(outcomes[0], Outcome::Accepted, "{outcomes:?}");
+    for (i, o) in outcomes.iter().enumerate().take(6).skip(1) {
+        assert!(refused_as(o, "seal-invalid"), "message {i}: {o:?}");
+    }
+    assert!(
+        refused_as(&outcomes[6], "seal-required"),
+        "{:?}",
+        outcomes[6]
+    );
+    assert_eq!(metric(&a, "seal.refused").await - refused_before, 5);
+    let ids = stored_ids(&appdir).unwrap();
+    assert!(ids.contains(&good.header.id.to_string()));
+    for m in &all[1..] {
+        assert!(!ids.contains(&m.header.id.to_string()));
+    }
+
+    // A revoked site's seals are refused, even when relayed by a tier that
+    // never saw its certificate.
+    let serial = site_tls.identity().unwrap().serial;
+    let (code, _, err) = rsctl(&a, &["revoke", "--serial", &serial]);
+    assert_eq!(code, 0, "{err}");
+    let late = sealed_alarm("acme.p91", "after revocation", Some(&signer));
+    let outcomes = post_raw(&relay, &a, "acme.m1", std::slice::from_ref(&late)).await;
+    assert!(refused_as(&outcomes[0], "seal-invalid"), "{outcomes:?}");
+    d.stop_all();
+}

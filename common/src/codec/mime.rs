@@ -150,6 +150,19 @@ impl EnvelopeWriter {
     /// Adds a message whose content is passed through unparsed (a forwarder
     /// after appending its routing hop).
     pub fn push_raw(&mut self, m: &RawMessage) {
+        if let Some(seal) = m.seal() {
+            // A seal is DER: always base64, whatever the kind.
+            self.header_part(&m.header, m.kind, m.data.as_ref());
+            self.start_part();
+            self.part_headers(
+                seal.content_type(),
+                &Self::cid(&m.header.id, "content"),
+                Some(TransferEncoding::Base64),
+            );
+            append_base64(&mut self.buf, &m.content);
+            self.messages += 1;
+            return;
+        }
         let collides = self.collides(&m.content);
         match &m.data {
             Some(info) if collides && info.encoding == TransferEncoding::Binary => {
@@ -688,7 +701,15 @@ impl StreamDecoder {
                     return Err(DecodeError::HeaderWithoutContent(header.id));
                 }
                 let content_type = h.content_type.unwrap_or("application/octet-stream");
+                let sealed = super::Seal::of_content_type(content_type).map_err(|reason| {
+                    DecodeError::ContentMismatch {
+                        id: id.clone(),
+                        reason,
+                    }
+                })?;
                 let content = match &data {
+                    // A seal's DER, whatever the kind; opened at the server.
+                    _ if sealed.is_some() => xml_body(&body)?,
                     Some(info) => {
                         if info.encoding != encoding {
                             return Err(DecodeError::ContentMismatch {
