@@ -154,6 +154,17 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     };
     let m = d.mlm("mlm", "acme.m1", std::slice::from_ref(&a), &mlm_tables)?;
     let mut sockets = Vec::new();
+    // The first proxy seals what it sends (signed, and encrypted to the
+    // server): the MLM relays it without reading it (so it is never
+    // aggregated there), the server opens and checks it.
+    let seal = format!(
+        "[seal]\nencrypt_to = \"{}\"\n",
+        cli.data
+            .join("appserver")
+            .join("tls")
+            .join("cert.pem")
+            .display()
+    );
     for i in 1..=cli.proxies.max(1) {
         let name = format!("proxy{i}");
         let socket = d.proxy(
@@ -162,7 +173,10 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
             std::slice::from_ref(&m),
             &Extra {
                 // Software offered to the proxies is "installed" by this.
-                tables: "[bulk]\ninstall_command = [\"sh\", \"-c\", \"echo installed $RS_NAME, $RS_SIZE bytes, SHA-256 $RS_SHA256\"]\n".into(),
+                tables: format!(
+                    "[bulk]\ninstall_command = [\"sh\", \"-c\", \"echo installed $RS_NAME, $RS_SIZE bytes, SHA-256 $RS_SHA256\"]\n{}",
+                    if i == 1 { seal.as_str() } else { "" }
+                ),
                 ..Extra::default()
             },
         )?;
@@ -292,6 +306,11 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         }
     }
     print_line(start, &sockets, &m, &a).await;
+    let opened = server_metrics(&a)
+        .await
+        .ok()
+        .and_then(|m| m.get("seal.opened_encrypted").copied())
+        .unwrap_or(0);
     d.stop_all();
     let ids = stored_ids(&cli.data.join("appserver"))?;
     let unique: std::collections::HashSet<&String> = ids.iter().collect();
@@ -310,6 +329,9 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         } else {
             "not drained (see the logs)"
         }
+    );
+    println!(
+        "{opened} messages of acme.p1 came sealed (signed, encrypted to rs.a1) and were opened and checked at the server"
     );
     println!(
         "the data stays in {} (logs in logs/); run again to start afresh",
