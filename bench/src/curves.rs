@@ -204,6 +204,7 @@ pub(crate) fn run(runs: usize, messages: u64) -> anyhow::Result<()> {
                 false,
                 false,
                 &format!("max_messages = {batch}"),
+                false,
             ))?;
             v.push(o.rate);
         }

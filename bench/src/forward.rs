@@ -256,10 +256,12 @@ pub(crate) async fn ours(
     tls: bool,
     drain: bool,
 ) -> anyhow::Result<Ours> {
-    ours_with(exe, s, dir, tls, drain, "").await
+    ours_with(exe, s, dir, tls, drain, "", false).await
 }
 
-/// [`ours`] with more keys for the proxy's `[upstream]` (a batch size).
+/// [`ours`] with more keys for the proxy's `[upstream]` (a batch size);
+/// `seal`: the proxy seals every message (signed, encrypted to the server;
+/// needs `tls`).
 pub(crate) async fn ours_with(
     exe: &Path,
     s: &Settings,
@@ -267,6 +269,7 @@ pub(crate) async fn ours_with(
     tls: bool,
     drain: bool,
     upstream: &str,
+    seal: bool,
 ) -> anyhow::Result<Ours> {
     let _ = std::fs::remove_dir_all(dir);
     let mut d = if tls {
@@ -283,9 +286,17 @@ pub(crate) async fn ours_with(
     )?;
     // The backoff is capped at 1 s so the drain starts as soon as the MLM
     // is back, whatever point the proxy's backoff had reached.
+    let sealing = if seal {
+        format!(
+            "[seal]\nencrypt_to = \"{}\"\n",
+            dir.join("appserver/tls/cert.pem").display()
+        )
+    } else {
+        String::new()
+    };
     let big = Extra {
         upstream: format!("max_backoff_secs = 1\n{upstream}"),
-        tables: "[spool]\nmax_bytes = 8000000000\n".into(),
+        tables: format!("[spool]\nmax_bytes = 8000000000\n{sealing}"),
         ..Extra::default()
     };
     let socket = d.proxy("p1", "acme.p1", std::slice::from_ref(&m), &big)?;
@@ -557,14 +568,16 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
 }
 
 /// What mutual TLS costs on the forward path: the same path, the same
-/// load, with TLS between the tiers and without, alternating, `runs` times.
+/// load, with TLS between the tiers and without, alternating, `runs` times;
+/// and what payload seals cost on top (the proxy signing every message and
+/// encrypting it to the server, which opens and checks each).
 pub(crate) fn mtls(s: &Settings) -> anyhow::Result<Vec<Figure>> {
     let exe = exe()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let tmp = std::env::temp_dir().join(format!("rs-bench-mtls-{}", std::process::id()));
-    let (mut with, mut without) = (Vec::new(), Vec::new());
+    let (mut with, mut without, mut sealed) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..s.runs {
         eprintln!("rs-bench mtls: run {} of {}", i + 1, s.runs);
         with.push(
@@ -575,36 +588,79 @@ pub(crate) fn mtls(s: &Settings) -> anyhow::Result<Vec<Figure>> {
             rt.block_on(ours(&exe, s, &tmp.join("plain"), false, false))?
                 .rate,
         );
-        eprintln!("  mTLS {:.0}/s, plain {:.0}/s", with[i], without[i]);
+        sealed.push(
+            rt.block_on(ours_with(
+                &exe,
+                s,
+                &tmp.join("sealed"),
+                true,
+                false,
+                "",
+                true,
+            ))?
+            .rate,
+        );
+        eprintln!(
+            "  mTLS {:.0}/s, plain {:.0}/s, mTLS + seals {:.0}/s",
+            with[i], without[i], sealed[i]
+        );
     }
     let _ = std::fs::remove_dir_all(&tmp);
-    let (min, max) = (
-        with.iter().copied().fold(f64::INFINITY, f64::min),
-        with.iter().copied().fold(0.0, f64::max),
-    );
+    let range = |v: &[f64]| {
+        (
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(0.0, f64::max),
+        )
+    };
+    let (min, max) = range(&with);
+    let (smin, smax) = range(&sealed);
     let value = median(&mut with);
     let peer_value = median(&mut without);
-    Ok(vec![Figure {
-        id: "forward_msgs_per_s_mtls".into(),
-        what: format!(
-            "durable forward path with mutual TLS between every tier (proxy enrolled, MLM and server certificates, ECDSA P-256), 2 KB alarms, {} messages, {} concurrent integrator clients",
-            s.messages, s.clients
-        ),
-        value,
-        unit: "messages/s".into(),
-        runs: with.len() as u32,
-        min,
-        max,
-        peer: Some("the same path on plain HTTP, same run".into()),
-        ratio: Some(value / peer_value),
-        peer_value: Some(peer_value),
-        better: "higher".into(),
-        command: format!(
-            "cargo run --release -p rs-bench -- mtls --messages {} --runs {}",
-            s.messages, s.runs
-        ),
-        measured_at: crate::now(),
-        target: None,
-        machine: Some(crate::machine()),
-    }])
+    let sealed_value = median(&mut sealed);
+    let command = format!(
+        "cargo run --release -p rs-bench -- mtls --messages {} --runs {}",
+        s.messages, s.runs
+    );
+    Ok(vec![
+        Figure {
+            id: "forward_msgs_per_s_mtls".into(),
+            what: format!(
+                "durable forward path with mutual TLS between every tier (proxy enrolled, MLM and server certificates, ECDSA P-256), 2 KB alarms, {} messages, {} concurrent integrator clients",
+                s.messages, s.clients
+            ),
+            value,
+            unit: "messages/s".into(),
+            runs: with.len() as u32,
+            min,
+            max,
+            peer: Some("the same path on plain HTTP, same run".into()),
+            ratio: Some(value / peer_value),
+            peer_value: Some(peer_value),
+            better: "higher".into(),
+            command: command.clone(),
+            measured_at: crate::now(),
+            target: None,
+            machine: Some(crate::machine()),
+        },
+        Figure {
+            id: "forward_msgs_per_s_sealed".into(),
+            what: format!(
+                "the same path with payload seals: the proxy signs every message (ECDSA P-256) and encrypts it to the server (CMS, ECDH + AES-256), the server decrypts and verifies each before storing; {} messages",
+                s.messages
+            ),
+            value: sealed_value,
+            unit: "messages/s".into(),
+            runs: sealed.len() as u32,
+            min: smin,
+            max: smax,
+            peer: Some("the same path with mutual TLS and no seals, same run".into()),
+            ratio: Some(sealed_value / value),
+            peer_value: Some(value),
+            better: "higher".into(),
+            command,
+            measured_at: crate::now(),
+            target: None,
+            machine: Some(crate::machine()),
+        },
+    ])
 }

@@ -17,12 +17,12 @@
 //! server's certificate (EC keys: ECDH key agreement; AES-256-CBC), over
 //! the DER of the `SignedData` (sign, then encrypt).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use openssl::asn1::Asn1Time;
 use openssl::cms::{CMSOptions, CmsContentInfo};
 use openssl::pkcs7::{Pkcs7, Pkcs7Flags};
 use openssl::pkey::{PKey, Private};
@@ -34,8 +34,8 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{RawMessage, Seal};
 use crate::ids::{ComponentKind, RsId};
 use crate::outcome::Outcome;
-use crate::pki::{Identity, Role, serial_hex};
-use crate::tls::{Revocations, TlsConfig};
+use crate::pki::{Identity, Role};
+use crate::tls::{Revocations, TlsConfig, asn1_unix};
 
 /// First line of the signed document.
 const MAGIC: &str = "rs-seal/1";
@@ -280,8 +280,26 @@ pub struct Opener {
     cert: X509,
     key: PKey<Private>,
     revocations: Arc<Revocations>,
+    /// Signer certificates already checked (issued by the CA, a component),
+    /// by the SHA-256 of their DER: a site seals every message with the
+    /// same certificate, and checking the CA's signature on it each time
+    /// would add a third to the server's public-key work per message.
+    /// Dates and revocation are checked every time.
+    checked: Mutex<HashMap<[u8; 32], Checked>>,
     pub stats: Arc<SealStats>,
 }
+
+/// A signer certificate that chains to the CA.
+#[derive(Debug, Clone)]
+struct Checked {
+    id: RsId,
+    serial: String,
+    not_before: i64,
+    not_after: i64,
+}
+
+/// Certificates remembered as checked; the map starts over beyond this.
+const MAX_CHECKED: usize = 10_000;
 
 impl std::fmt::Debug for Opener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -304,8 +322,45 @@ impl Opener {
             cert: X509::from_pem(&read(&tls.cert)?).map_err(ossl("server certificate"))?,
             key: PKey::private_key_from_pem(&read(&tls.key)?).map_err(ossl("server key"))?,
             revocations,
+            checked: Mutex::new(HashMap::new()),
             stats: Arc::default(),
         })
+    }
+
+    /// The signer's identity, once its certificate is known to chain to
+    /// the CA and be a component's.
+    fn check_signer(&self, signer: &openssl::x509::X509Ref) -> Result<Checked, Outcome> {
+        let der = signer.to_der().map_err(|e| bad(e.to_string()))?;
+        let digest = openssl::sha::sha256(&der);
+        if let Some(c) = self
+            .checked
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&digest).cloned())
+        {
+            return Ok(c);
+        }
+        let ca_key = self.ca.public_key().map_err(|e| bad(e.to_string()))?;
+        if !signer.verify(&ca_key).unwrap_or(false) {
+            return Err(bad("the signer's certificate is not issued by this CA"));
+        }
+        let who = Identity::from_cert(signer).map_err(bad)?;
+        if who.role != Role::Component {
+            return Err(bad("signed with an admin certificate"));
+        }
+        let c = Checked {
+            id: RsId::new(who.name).map_err(|e| bad(e.to_string()))?,
+            serial: who.serial,
+            not_before: asn1_unix(signer.not_before()).map_err(bad)?,
+            not_after: asn1_unix(signer.not_after()).map_err(bad)?,
+        };
+        if let Ok(mut m) = self.checked.lock() {
+            if m.len() >= MAX_CHECKED {
+                m.clear();
+            }
+            m.insert(digest, c.clone());
+        }
+        Ok(c)
     }
 
     /// Opens a sealed message: `Ok` is the message as its maker wrote it
@@ -343,22 +398,15 @@ impl Opener {
         let (Some(signer), None) = (it.next(), it.next()) else {
             return Err(bad("a seal has exactly one signer"));
         };
-        let ca_key = self.ca.public_key().map_err(|e| bad(e.to_string()))?;
-        if !signer.verify(&ca_key).unwrap_or(false) {
-            return Err(bad("the signer's certificate is not issued by this CA"));
-        }
-        let now = Asn1Time::days_from_now(0).map_err(|e| bad(e.to_string()))?;
-        if signer.not_before() > now || signer.not_after() < now {
+        let checked = self.check_signer(signer)?;
+        let now = crate::Timestamp::now().as_millis() / 1000;
+        if now < checked.not_before || now > checked.not_after {
             return Err(bad("the signer's certificate is not valid now"));
         }
-        if self.revocations.is_revoked(&serial_hex(signer)) {
+        if self.revocations.is_revoked(&checked.serial) {
             return Err(bad("the signer's certificate is revoked"));
         }
-        let who = Identity::from_cert(signer).map_err(bad)?;
-        if who.role != Role::Component {
-            return Err(bad("signed with an admin certificate"));
-        }
-        let signer_id = RsId::new(who.name).map_err(|e| bad(e.to_string()))?;
+        let signer_id = checked.id;
         let source = m
             .header
             .source()

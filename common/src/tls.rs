@@ -199,7 +199,7 @@ impl Revocations {
     }
 }
 
-fn asn1_unix(t: &openssl::asn1::Asn1TimeRef) -> Result<i64, String> {
+pub(crate) fn asn1_unix(t: &openssl::asn1::Asn1TimeRef) -> Result<i64, String> {
     let epoch = openssl::asn1::Asn1Time::from_unix(0).map_err(|e| e.to_string())?;
     let d = epoch.diff(t).map_err(|e| e.to_string())?;
     Ok(i64::from(d.days) * 86_400 + i64::from(d.secs))
