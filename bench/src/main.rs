@@ -216,6 +216,57 @@ fn codec() -> Result<Vec<Figure>, String> {
             });
         }
     }
+    run(Command::new("cargo").current_dir(root()).args([
+        "bench",
+        "-p",
+        "rs-common",
+        "--bench",
+        "seal",
+        "--",
+        "--noplot",
+    ]))?;
+    let parse = criterion_times("seal", "parse_certificate")?.0 / 1e3;
+    for (bench, what) in [
+        (
+            "sign",
+            "sealing a 2 KB alarm, signed (PKCS #7, ECDSA P-256)",
+        ),
+        (
+            "sign_encrypt",
+            "sealing a 2 KB alarm, signed and encrypted to the server (CMS, ECDH P-256 + AES-256)",
+        ),
+        (
+            "open_signed",
+            "opening a signed seal at the server (parse, verify, signer and field checks)",
+        ),
+        (
+            "open_encrypted",
+            "opening a signed and encrypted seal at the server (decrypt, then as signed)",
+        ),
+    ] {
+        let (median, min, max, runs) = criterion_times("seal", bench)?;
+        let us = |ns: f64| ns / 1e3;
+        out.push(Figure {
+            id: format!("seal_{bench}_us"),
+            what: format!("{what}, one core"),
+            value: us(median),
+            unit: "µs".into(),
+            runs,
+            min: us(min),
+            max: us(max),
+            peer: Some(
+                "parsing one X.509 certificate with OpenSSL 3.0 (each seal carries the signer's)"
+                    .into(),
+            ),
+            peer_value: Some(parse),
+            ratio: Some(us(median) / parse),
+            better: "lower".into(),
+            command: command.clone(),
+            measured_at: at.clone(),
+            target: None,
+            machine: Some(machine.clone()),
+        });
+    }
     if let (Some(&h), Some(&f)) = (rates.get("decode_headers"), rates.get("decode_full"))
         && let Some(fig) = out
             .iter_mut()
