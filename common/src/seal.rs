@@ -498,6 +498,21 @@ fn check_document<'a>(doc: &'a [u8], m: &RawMessage) -> Result<(String, &'a [u8]
     if Seal::of_content_type(ct).ok().flatten().is_some() {
         return Err(bad("a seal inside a seal"));
     }
+    if ct.is_empty() || ct.len() > 255 || ct.bytes().any(|b| !(0x20..0x7f).contains(&b)) {
+        return Err(bad("the sealed content-type is not printable ASCII of 1-255 bytes"));
+    }
+    // An XML content must have been an XML part (as the decoder demands of
+    // an unsealed one); a data content's type is its own.
+    let base = ct.split(';').next().unwrap_or("").trim();
+    if m.data.is_none()
+        && !base.eq_ignore_ascii_case("text/xml")
+        && !base.eq_ignore_ascii_case("application/xml")
+    {
+        return Err(bad(format!(
+            "a sealed {} content must be text/xml, not {ct}",
+            m.kind.as_str()
+        )));
+    }
     Ok((ct.to_owned(), &doc[end + 2..]))
 }
 
