@@ -499,7 +499,9 @@ fn check_document<'a>(doc: &'a [u8], m: &RawMessage) -> Result<(String, &'a [u8]
         return Err(bad("a seal inside a seal"));
     }
     if ct.is_empty() || ct.len() > 255 || ct.bytes().any(|b| !(0x20..0x7f).contains(&b)) {
-        return Err(bad("the sealed content-type is not printable ASCII of 1-255 bytes"));
+        return Err(bad(
+            "the sealed content-type is not printable ASCII of 1-255 bytes",
+        ));
     }
     // An XML content must have been an XML part (as the decoder demands of
     // an unsealed one); a data content's type is its own.

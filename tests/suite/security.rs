@@ -1012,6 +1012,12 @@ async fn payload_seals_keep_what_relays_messages_from_reading_or_altering_them()
     let claimed = other
         .seal(&sealed_alarm("acme.p91", "as someone else", None))
         .unwrap();
+    // An XML content sealed under another media type.
+    let mislabelled = {
+        let mut m = sealed_alarm("acme.p91", "typed", None);
+        m.content_type = "application/json".into();
+        signer.seal(&m).unwrap()
+    };
     let unsealed = sealed_alarm("acme.p91", "plain", None);
     let all = [
         good.clone(),
@@ -1020,20 +1026,21 @@ async fn payload_seals_keep_what_relays_messages_from_reading_or_altering_them()
         reclassified,
         scrambled,
         claimed,
+        mislabelled,
         unsealed,
     ];
     let refused_before = metric(&a, "seal.refused").await;
     let outcomes = post_raw(&relay, &a, "acme.m1", &all).await;
     assert_eq!(outcomes[0], Outcome::Accepted, "{outcomes:?}");
-    for (i, o) in outcomes.iter().enumerate().take(6).skip(1) {
+    for (i, o) in outcomes.iter().enumerate().take(7).skip(1) {
         assert!(refused_as(o, "seal-invalid"), "message {i}: {o:?}");
     }
     assert!(
-        refused_as(&outcomes[6], "seal-required"),
+        refused_as(&outcomes[7], "seal-required"),
         "{:?}",
-        outcomes[6]
+        outcomes[7]
     );
-    assert_eq!(metric(&a, "seal.refused").await - refused_before, 5);
+    assert_eq!(metric(&a, "seal.refused").await - refused_before, 6);
     let ids = stored_ids(&appdir).unwrap();
     assert!(ids.contains(&good.header.id.to_string()));
     for m in &all[1..] {
