@@ -277,9 +277,12 @@ impl TlsServer {
 /// A client for the tiers: trusts only the CA, presents this component's
 /// certificate, TLS 1.2 or newer. `None` gives a plain-HTTP client.
 pub fn client(cfg: Option<&TlsConfig>) -> Result<reqwest::ClientBuilder, String> {
-    let b = reqwest::Client::builder();
     let Some(cfg) = cfg else {
-        return Ok(b);
+        // Plain HTTP: no roots at all. (Left to itself, native-tls loads
+        // the system's whole root store into every client: several MB of
+        // resident memory in an idle proxy, for certificates it must never
+        // trust anyway.)
+        return Ok(reqwest::Client::builder().tls_certs_only([]));
     };
     let b = client_trusting(&cfg.ca)?;
     if !cfg.cert.exists() {
