@@ -32,15 +32,20 @@ pub(crate) fn attr<'a>(doc: &'a str, name: &str) -> &'a str {
     &doc[start..start + doc[start..].find('"').unwrap()]
 }
 
-pub(crate) async fn job(a: &str, id: &str) -> String {
+/// The text of `GET /rs/v1/control/{path}` as the admin.
+pub(crate) async fn control_get(a: &str, path: &str) -> String {
     admin(a)
-        .get(format!("{}/rs/v1/control/jobs/{id}", base(a)))
+        .get(format!("{}/rs/v1/control/{path}", base(a)))
         .send()
         .await
         .unwrap()
         .text()
         .await
         .unwrap()
+}
+
+pub(crate) async fn job(a: &str, id: &str) -> String {
+    control_get(a, &format!("jobs/{id}")).await
 }
 
 pub(crate) async fn until_done(a: &str, id: &str) -> String {
@@ -256,14 +261,7 @@ async fn control_actions_travel_through_an_mlm_to_each_proxy() {
     assert!(wait_for(Duration::from_secs(30), || {
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async {
-                let c = admin(&a)
-                    .get(format!("{}/rs/v1/control/components", base(&a)))
-                    .send()
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap();
+                let c = control_get(&a, "components").await;
                 c.contains("id=\"acme.p1\"") && c.contains("id=\"acme.p2\"")
             })
         })

@@ -495,17 +495,7 @@ async fn an_mlm_refuses_an_upload_over_its_limit_and_the_proxy_reports_it() {
     assert_eq!(metric(&m, "bulk.requests_refused").await, 1);
     // The module hears of the stored file once (not of the request), with
     // where to fetch it; the file is there.
-    let feed = admin(&a)
-        .get(format!(
-            "{}/rs/v1/control/subscriptions/diag/feed?wait=20",
-            base(&a)
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let feed = crate::backchannel::control_get(&a, "subscriptions/diag/feed?wait=20").await;
     assert_eq!(feed.matches("<bulk-request").count(), 1, "{feed}");
     let url = format!("/rs/v1/control/uploads/{}/file", ok.request);
     assert!(feed.contains(&url), "{feed}");

@@ -118,17 +118,8 @@ async fn messages_flow_end_to_end_and_are_stored_once() {
 
     // Each went through the MLM, which appended its routing hop, and the
     // server knows both proxies and how they are reached.
-    let body = admin(&a)
-        .get(format!(
-            "{}/rs/v1/control/messages?component=acme.p1.s1&limit=1000",
-            base(&a)
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body =
+        crate::backchannel::control_get(&a, "messages?component=acme.p1.s1&limit=1000").await;
     assert!(body.contains("via=\"acme.m1\""), "{body}");
     let comps = admin(&a)
         .get(format!("{}/rs/v1/control/components", base(&a)))

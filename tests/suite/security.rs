@@ -20,7 +20,7 @@ use rs_tests::deploy::{
     stored_ids,
 };
 
-use crate::backchannel::{attr, exe, job, post, tmp, until_done};
+use crate::backchannel::{attr, control_get, exe, job, post, tmp, until_done};
 use crate::backchannel_faults::{rsctl, until};
 use crate::bulk::components;
 use crate::forward::register;
@@ -945,17 +945,7 @@ async fn payload_seals_keep_what_relays_messages_from_reading_or_altering_them()
         "sealed messages were not stored"
     );
     // Opened at the server: the text as the site wrote it, marked.
-    let body = admin(&a)
-        .get(format!(
-            "{}/rs/v1/control/messages?customer=acme&type=alarm&limit=100",
-            base(&a)
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = control_get(&a, "messages?customer=acme&type=alarm&limit=100").await;
     assert!(body.contains("sealed-secret-3"), "{body}");
     assert!(body.contains(r#"seal="encrypted""#), "{body}");
     assert!(metric(&a, "seal.opened_encrypted").await >= 5);
