@@ -518,6 +518,7 @@ impl<S: Spool> Sender<S> {
                     }
                     break;
                 }
+                let batch = self.seal_batch(batch).await;
                 let (enc, ids) = self.envelope(&batch, now, std::mem::take(&mut acks), None);
                 let upstream = self.upstream.clone();
                 inflight.push(Box::pin(async move {
@@ -699,6 +700,33 @@ impl<S: Spool> Sender<S> {
         keep
     }
 
+    /// Seals what this component made (`[seal]`), on the blocking pool:
+    /// it is public-key work per message, and a proxy's runtime has a
+    /// single thread that also answers its integrators.
+    async fn seal_batch(&self, batch: Vec<Spooled>) -> Vec<Spooled> {
+        let Some(sealer) = self.seal.clone() else {
+            return batch;
+        };
+        if !batch.iter().any(|s| sealer.wants(&s.msg)) {
+            return batch;
+        }
+        let mut copy = batch.clone();
+        let sealed = tokio::task::spawn_blocking(move || {
+            for s in &mut copy {
+                if sealer.wants(&s.msg) {
+                    match sealer.seal(&s.msg) {
+                        Ok(m) => s.msg = m,
+                        Err(e) => tracing::error!("message {}: cannot seal: {e}", s.msg.header.id),
+                    }
+                }
+            }
+            copy
+        })
+        .await;
+        // A failed task leaves them unsealed: envelope() holds them back.
+        sealed.unwrap_or(batch)
+    }
+
     fn envelope(
         &self,
         batch: &[Spooled],
@@ -728,15 +756,10 @@ impl<S: Spool> Sender<S> {
             if let Some(sealer) = &self.seal
                 && sealer.wants(&m)
             {
-                match sealer.seal(&m) {
-                    Ok(sealed) => m = sealed,
-                    Err(e) => {
-                        // Never sent unsealed: it stays in the spool and,
-                        // without an outcome, is retried with backoff.
-                        tracing::error!("message {}: cannot seal: {e}", m.header.id);
-                        continue;
-                    }
-                }
+                // Its seal failed (seal_batch): never sent unsealed. It
+                // stays in the spool and, without an outcome, is retried
+                // with backoff.
+                continue;
             }
             w.push_raw(&m);
             ids.push(m.header.id);
