@@ -543,57 +543,48 @@ pub fn public_routes(
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
     let enroll = {
         let app = app.clone();
-        warp::path!("rs" / "v1" / "enroll")
-            .and(warp::post())
-            .and(warp::header::optional::<String>("authorization"))
-            .and(warp::body::content_length_limit(16 * 1024))
-            .and({
-                // Bounded by the content length limit above.
-                #[allow(clippy::disallowed_methods)]
-                warp::body::bytes()
-            })
-            .then(move |auth: Option<String>, body: bytes::Bytes| {
-                let app = app.clone();
-                async move {
-                    let token = auth
-                        .as_deref()
-                        .and_then(|a| a.strip_prefix("Bearer "))
-                        .map(str::trim)
-                        .unwrap_or("");
-                    let refuse = |s, t: String| Refusal::new(s, t).response();
-                    if token.is_empty() {
-                        return refuse(
-                            http::StatusCode::UNAUTHORIZED,
-                            "an enrollment token is required (Authorization: Bearer ...)".into(),
+        rs_common::enroll::request().then(move |auth: Option<String>, body: bytes::Bytes| {
+            let app = app.clone();
+            async move {
+                let token = auth
+                    .as_deref()
+                    .and_then(|a| a.strip_prefix("Bearer "))
+                    .map(str::trim)
+                    .unwrap_or("");
+                let refuse = |s, t: String| Refusal::new(s, t).response();
+                if token.is_empty() {
+                    return refuse(
+                        http::StatusCode::UNAUTHORIZED,
+                        "an enrollment token is required (Authorization: Bearer ...)".into(),
+                    );
+                }
+                match app.enroll(token, &body).await {
+                    Ok(pem) => {
+                        app.stats.enrolled.fetch_add(1, Ordering::Relaxed);
+                        let mut r = warp::reply::Response::new(pem.into());
+                        r.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/x-pem-file"),
                         );
+                        r
                     }
-                    match app.enroll(token, &body).await {
-                        Ok(pem) => {
-                            app.stats.enrolled.fetch_add(1, Ordering::Relaxed);
-                            let mut r = warp::reply::Response::new(pem.into());
-                            r.headers_mut().insert(
-                                http::header::CONTENT_TYPE,
-                                http::HeaderValue::from_static("application/x-pem-file"),
-                            );
-                            r
-                        }
-                        Err(EnrollError::Token) => {
-                            app.stats.enroll_refused.fetch_add(1, Ordering::Relaxed);
-                            refuse(
-                                http::StatusCode::UNAUTHORIZED,
-                                "unknown, used or expired enrollment token".into(),
-                            )
-                        }
-                        Err(EnrollError::Bad(e)) => {
-                            app.stats.enroll_refused.fetch_add(1, Ordering::Relaxed);
-                            refuse(http::StatusCode::BAD_REQUEST, e)
-                        }
-                        Err(EnrollError::Db(e)) => {
-                            refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-                        }
+                    Err(EnrollError::Token) => {
+                        app.stats.enroll_refused.fetch_add(1, Ordering::Relaxed);
+                        refuse(
+                            http::StatusCode::UNAUTHORIZED,
+                            "unknown, used or expired enrollment token".into(),
+                        )
+                    }
+                    Err(EnrollError::Bad(e)) => {
+                        app.stats.enroll_refused.fetch_add(1, Ordering::Relaxed);
+                        refuse(http::StatusCode::BAD_REQUEST, e)
+                    }
+                    Err(EnrollError::Db(e)) => {
+                        refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
                     }
                 }
-            })
+            }
+        })
     };
     let path = app
         .cfg

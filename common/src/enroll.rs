@@ -203,6 +203,23 @@ async fn fetch_crl(
 }
 
 /// Fetches the revocation list from a tier (`GET /rs/v1/crl`).
+/// `POST /rs/v1/enroll` as a tier receives it: the `Authorization` header
+/// (the token) and the body (a CSR, at most 16 KiB). The server answers it;
+/// an MLM passes it on upstream.
+pub fn request()
+-> impl warp::Filter<Extract = (Option<String>, bytes::Bytes), Error = warp::Rejection> + Clone {
+    use warp::Filter as _;
+    warp::path!("rs" / "v1" / "enroll")
+        .and(warp::post())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::body::content_length_limit(16 * 1024))
+        .and({
+            // Bounded by the content length limit above.
+            #[allow(clippy::disallowed_methods)]
+            warp::body::bytes()
+        })
+}
+
 pub async fn get_crl(http: &reqwest::Client, base: &str) -> Result<Vec<u8>, String> {
     let base = base.trim_end_matches('/');
     let resp = http

@@ -359,57 +359,47 @@ impl Mlm {
 fn enroll_relay(
     mlm: Arc<Mlm>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
-    warp::path!("rs" / "v1" / "enroll")
-        .and(warp::post())
-        .and(warp::header::optional::<String>("authorization"))
-        .and(warp::body::content_length_limit(16 * 1024))
-        .and({
-            // Bounded by the content length limit above.
-            #[allow(clippy::disallowed_methods)]
-            warp::body::bytes()
-        })
-        .then(move |auth: Option<String>, body: bytes::Bytes| {
-            let mlm = mlm.clone();
-            async move {
-                let mut last = "no upstream".to_owned();
-                for url in mlm.upstream.urls() {
-                    let mut req = mlm
-                        .upstream
-                        .http()
-                        .post(format!("{}/rs/v1/enroll", url.trim_end_matches('/')))
-                        .header("content-type", "application/pkcs10")
-                        .timeout(Duration::from_secs(30))
-                        .body(body.clone());
-                    if let Some(a) = &auth {
-                        req = req.header("authorization", a);
-                    }
-                    match req.send().await {
-                        Ok(r) => {
-                            let status = r.status();
-                            return match rs_common::upstream::bounded_body(r, 1 << 20).await {
-                                Ok(b) => {
-                                    let mut resp = warp::reply::Response::new(b.into());
-                                    *resp.status_mut() = status;
-                                    resp
-                                }
-                                Err(e) => rs_common::server::Refusal::new(
-                                    http::StatusCode::BAD_GATEWAY,
-                                    e,
-                                )
-                                .response(),
-                            };
-                        }
-                        Err(e) => last = rs_common::upstream::error_chain(&e),
-                    }
+    rs_common::enroll::request().then(move |auth: Option<String>, body: bytes::Bytes| {
+        let mlm = mlm.clone();
+        async move {
+            let mut last = "no upstream".to_owned();
+            for url in mlm.upstream.urls() {
+                let mut req = mlm
+                    .upstream
+                    .http()
+                    .post(format!("{}/rs/v1/enroll", url.trim_end_matches('/')))
+                    .header("content-type", "application/pkcs10")
+                    .timeout(Duration::from_secs(30))
+                    .body(body.clone());
+                if let Some(a) = &auth {
+                    req = req.header("authorization", a);
                 }
-                let mut r = rs_common::server::Refusal::new(
-                    http::StatusCode::SERVICE_UNAVAILABLE,
-                    format!("the upstream is unreachable: {last}"),
-                );
-                r.retry_after = Some(Duration::from_secs(10));
-                r.response()
+                match req.send().await {
+                    Ok(r) => {
+                        let status = r.status();
+                        return match rs_common::upstream::bounded_body(r, 1 << 20).await {
+                            Ok(b) => {
+                                let mut resp = warp::reply::Response::new(b.into());
+                                *resp.status_mut() = status;
+                                resp
+                            }
+                            Err(e) => {
+                                rs_common::server::Refusal::new(http::StatusCode::BAD_GATEWAY, e)
+                                    .response()
+                            }
+                        };
+                    }
+                    Err(e) => last = rs_common::upstream::error_chain(&e),
+                }
             }
-        })
+            let mut r = rs_common::server::Refusal::new(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("the upstream is unreachable: {last}"),
+            );
+            r.retry_after = Some(Duration::from_secs(10));
+            r.response()
+        }
+    })
 }
 
 /// Serves until `shutdown`; runs the sender, heartbeats and the
