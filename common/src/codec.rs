@@ -28,9 +28,9 @@ pub use self::content::{parse_sha256, sha256_hex};
 pub use self::control::{
     ControlError, decode_control, decode_status, encode_control, encode_status,
 };
-pub use self::header::is_token;
+pub use self::header::{is_mime_type, is_token};
 pub use self::mime::{EnvelopeWriter, StreamDecoder};
-pub use self::xml::XmlOut;
+pub use self::xml::{XmlOut, first_illegal_char};
 use crate::ids::MessageId;
 use crate::model::{ContentKind, Envelope, EnvelopeMeta, Header, Message, TransferEncoding};
 

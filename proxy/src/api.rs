@@ -21,6 +21,10 @@ use crate::{Proxy, SubmitError};
 /// Largest request body accepted.
 const MAX_BODY: u64 = 1 << 20;
 
+/// Longest alarm key (an attribute on the wire: escaped, it stays within
+/// the codec's attribute limit).
+const MAX_KEY: usize = 1024;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterIntegrator {
@@ -461,6 +465,19 @@ pub async fn send(
         precedence,
         persistent: req.persistent.unwrap_or(true),
     };
+    // Everything that goes into the message is checked here, so what is
+    // spooled always encodes to what every tier's decoder takes (the
+    // codec's default limits) without parsing it back.
+    let limits = rs_common::codec::Limits::default();
+    if req.details.len() + 2 > limits.max_elements {
+        return Err(bad(format!("at most {} details", limits.max_elements - 2)));
+    }
+    if let Some(k) = &req.key {
+        if k.len() > MAX_KEY {
+            return Err(bad(format!("key longer than {MAX_KEY} bytes")));
+        }
+        check_text(k)?;
+    }
     let mut details = Vec::new();
     for (k, v) in &req.details {
         if !rs_common::codec::is_token(k) {
@@ -514,6 +531,11 @@ pub async fn send(
                 .mime
                 .clone()
                 .unwrap_or_else(|| "application/octet-stream".into());
+            if !rs_common::codec::is_mime_type(&mime) {
+                return Err(bad(format!(
+                    "mime {mime:?}: type/subtype[; parameters], printable ASCII, at most 255 bytes"
+                )));
+            }
             Content::Data(Data {
                 mime,
                 encoding: TransferEncoding::Binary,
@@ -523,13 +545,15 @@ pub async fn send(
     };
     let source = instance.unwrap_or_else(|| integ.id.clone());
     let header = proxy.header(source, integ.version.clone(), class, qos);
-    let msg = Message { header, content };
-    // What we spool must read back: check it through the codec once.
-    let raw = msg.to_raw();
-    raw.clone()
-        .decode(&rs_common::codec::Limits::default())
-        .map_err(|e| bad(format!("message would not decode: {e}")))?;
-    proxy.submit(msg).await.map(|id| id.to_string())
+    let raw = Message { header, content }.to_raw();
+    if raw.content.len() > limits.max_part_bytes {
+        return Err(bad(format!(
+            "the message encodes to {} bytes, more than {}",
+            raw.content.len(),
+            limits.max_part_bytes
+        )));
+    }
+    proxy.submit_raw(raw).await.map(|id| id.to_string())
 }
 
 /// Text XML 1.0 can carry, at most 256 KiB.
@@ -537,9 +561,7 @@ fn check_text(t: &str) -> Result<(), SubmitError> {
     if t.len() > 256 << 10 {
         return Err(SubmitError::Invalid("text longer than 256 KiB".into()));
     }
-    if let Some(c) = t.chars().find(|&c| {
-        !matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
-    }) {
+    if let Some((_, c)) = rs_common::codec::first_illegal_char(t) {
         return Err(SubmitError::Invalid(format!(
             "character U+{:04X} cannot be sent (XML 1.0 does not allow it)",
             c as u32

@@ -672,6 +672,35 @@ async fn the_integrator_api_also_answers_on_loopback_tcp() {
             .unwrap()
             .contains("an alarm needs a severity")
     );
+    // What could not travel is refused here, before it is spooled.
+    let long_key = "k".repeat(1025);
+    for (what, body, says) in [
+        (
+            "alarm",
+            format!(r#"{{"integrator":"tcp-script","severity":"minor","key":"{long_key}"}}"#),
+            "key longer than 1024 bytes",
+        ),
+        (
+            "alarm",
+            r#"{"integrator":"tcp-script","severity":"minor","key":"a\u0001b"}"#.to_owned(),
+            "U+0001",
+        ),
+        (
+            "data",
+            r#"{"integrator":"tcp-script","mime":"text/plain\r\nX: y","data":"z"}"#.to_owned(),
+            "mime",
+        ),
+    ] {
+        let r = http
+            .post(format!("http://{api}/v1/{what}"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{says}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains(says), "{text}");
+    }
     d.stop_all();
 }
 

@@ -26,14 +26,17 @@ pub(crate) fn token(s: &str) -> Result<String, &'static str> {
 
 /// A MIME type as carried in attributes: printable ASCII, `type/subtype`
 /// with optional parameters, at most 255 bytes.
-pub(crate) fn mime_type(s: &str) -> Result<String, &'static str> {
-    let ok = s.len() <= 255
+pub fn is_mime_type(s: &str) -> bool {
+    s.len() <= 255
         && s.bytes().all(|c| (0x20..0x7f).contains(&c))
         && s.split(';')
             .next()
             .and_then(|t| t.trim().split_once('/'))
-            .is_some_and(|(a, b)| is_token(a) && is_token(b.trim()));
-    if ok {
+            .is_some_and(|(a, b)| is_token(a) && is_token(b.trim()))
+}
+
+pub(crate) fn mime_type(s: &str) -> Result<String, &'static str> {
+    if is_mime_type(s) {
         Ok(s.to_owned())
     } else {
         Err("not a MIME type (type/subtype[; params], printable ASCII, at most 255 bytes)")

@@ -165,10 +165,52 @@ impl<'a> Tag<'a> {
 }
 
 fn check_value_chars(v: &str) -> Result<(), XmlError> {
-    match v.char_indices().find(|&(_, c)| !is_xml_char(c)) {
+    match first_illegal_char(v) {
         Some((offset, _)) => Err(XmlError::IllegalChar { offset }),
         None => Ok(()),
     }
+}
+
+/// Byte classes for the scans below, one table per use so each scan is a
+/// single lookup per byte (texts are mostly plain; these run on every
+/// message at every tier). `SUSPECT`: bytes that may begin a character XML
+/// 1.0 does not allow (C0 controls other than tab, LF and CR; 0xEF may
+/// begin U+FFFE or U+FFFF). `TEXT` and `ATTR`: what escaping must look at
+/// in character data and in a double-quoted attribute value.
+const SUSPECT: [bool; 256] = byte_class(b"");
+const TEXT: [bool; 256] = byte_class(b"&<>\r");
+const ATTR: [bool; 256] = byte_class(b"&<>\r\"\t\n");
+
+const fn byte_class(extra: &[u8]) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = !matches!(b as u8, b'\t' | b'\n' | b'\r');
+        b += 1;
+    }
+    t[0xEF] = true;
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = true;
+        i += 1;
+    }
+    t
+}
+
+/// The first character of `s` that XML 1.0 does not allow, with its byte
+/// offset.
+pub fn first_illegal_char(s: &str) -> Option<(usize, char)> {
+    let bytes = s.as_bytes();
+    let mut at = 0;
+    while let Some(off) = bytes[at..].iter().position(|&b| SUSPECT[usize::from(b)]) {
+        at += off;
+        let c = s[at..].chars().next()?;
+        if !is_xml_char(c) {
+            return Some((at, c));
+        }
+        at += c.len_utf8();
+    }
+    None
 }
 
 /// Decimal without sign or leading `+`, as the DTDs' numeric attributes.
@@ -548,37 +590,36 @@ impl<'a> XmlOut<'a> {
     }
 }
 
-fn needs_escape(b: u8, attr: bool) -> bool {
-    match b {
-        b'&' | b'<' | b'>' | b'\r' => true,
-        b'"' | b'\t' | b'\n' => attr,
-        0xEF => true, // may start U+FFFE / U+FFFF; checked per character
-        c => c < 0x20,
-    }
-}
-
 fn escape_into(out: &mut Vec<u8>, s: &str, attr: bool) {
+    let class = if attr { &ATTR } else { &TEXT };
     let bytes = s.as_bytes();
-    let Some(first) = bytes.iter().position(|&b| needs_escape(b, attr)) else {
-        out.extend_from_slice(bytes);
-        return;
-    };
-    out.extend_from_slice(&bytes[..first]);
-    let mut tmp = [0u8; 4];
-    for c in s[first..].chars() {
+    let (mut done, mut at) = (0, 0);
+    while let Some(off) = bytes[at..].iter().position(|&b| class[usize::from(b)]) {
+        at += off;
+        let Some(c) = s[at..].chars().next() else {
+            break;
+        };
         let rep: &[u8] = match c {
             '&' => b"&amp;",
             '<' => b"&lt;",
             '>' => b"&gt;",
             '\r' => b"&#13;",
-            '"' if attr => b"&quot;",
-            '\t' if attr => b"&#9;",
-            '\n' if attr => b"&#10;",
+            '"' => b"&quot;",
+            '\t' => b"&#9;",
+            '\n' => b"&#10;",
             c if !is_xml_char(c) => "\u{FFFD}".as_bytes(),
-            c => c.encode_utf8(&mut tmp).as_bytes(),
+            // A character beginning with 0xEF that XML allows: kept.
+            c => {
+                at += c.len_utf8();
+                continue;
+            }
         };
+        out.extend_from_slice(&bytes[done..at]);
         out.extend_from_slice(rep);
+        at += c.len_utf8();
+        done = at;
     }
+    out.extend_from_slice(&bytes[done..]);
 }
 
 #[cfg(test)]
@@ -596,6 +637,16 @@ mod tests {
         assert_eq!(esc("a<b>&\"c\"", false), "a&lt;b&gt;&amp;\"c\"");
         assert_eq!(esc("a\tb\nc\rd\"", true), "a&#9;b&#10;c&#13;d&quot;");
         assert_eq!(esc("x\u{1}y\u{FFFE}z€", false), "x\u{FFFD}y\u{FFFD}z€");
+        // Tab and LF stay as they are in text; U+FFFD and U+EFFF (0xEF...)
+        // are allowed and kept.
+        assert_eq!(
+            esc("a\tb\nc\u{FFFD}\u{EFFF}\u{FFFF}", false),
+            "a\tb\nc\u{FFFD}\u{EFFF}\u{FFFD}"
+        );
+        assert_eq!(esc("plain", true), "plain");
+        assert_eq!(first_illegal_char("ok\t\n\r€\u{FFFD}"), None);
+        assert_eq!(first_illegal_char("ab\u{FFFE}"), Some((2, '\u{FFFE}')));
+        assert_eq!(first_illegal_char("\u{EFFF}x\u{B}"), Some((4, '\u{B}')));
     }
 
     #[test]
