@@ -23,7 +23,6 @@ use super::{
 use crate::codec::{Limits, RawMessage, decode_header_part, encode_header};
 use crate::db::{Db, DbError, DbState};
 use crate::ids::MessageId;
-use crate::model::ContentKind;
 use crate::outcome::{Code, Reason};
 use crate::time::Timestamp;
 
@@ -105,6 +104,18 @@ CREATE TABLE IF NOT EXISTS seen (
 );
 ";
 
+/// A message as the database thread reads it for sending; its header is
+/// parsed by the caller.
+#[derive(Debug)]
+struct Row {
+    id: String,
+    header: Vec<u8>,
+    content_type: String,
+    content: Bytes,
+    attempts: u32,
+    spooled_at: Timestamp,
+}
+
 /// How long drop records are kept.
 const DROPS_KEPT: Duration = Duration::from_secs(30 * 86_400);
 
@@ -115,7 +126,6 @@ struct Worker {
     cfg: SpoolConfig,
     total_bytes: u64,
     inflight: HashSet<String>,
-    limits: Limits,
 }
 
 impl DbState for Worker {
@@ -150,7 +160,6 @@ impl SqliteSpool {
             cfg,
             total_bytes: u64::try_from(total_bytes).unwrap_or(0),
             inflight: HashSet::new(),
-            limits: Limits::default(),
         };
         Ok(SqliteSpool {
             db: Db::start("rs-spool", worker)?,
@@ -170,6 +179,15 @@ impl Spool for SqliteSpool {
         msgs: Vec<RawMessage>,
         now: Timestamp,
     ) -> Result<Vec<Enqueued>, SpoolError> {
+        // The headers are written here, not on the database thread, which
+        // every caller shares.
+        let msgs: Vec<(RawMessage, Vec<u8>)> = msgs
+            .into_iter()
+            .map(|m| {
+                let header = encode_header(&m.header, m.kind, m.data.as_ref());
+                (m, header)
+            })
+            .collect();
         let r = self.db.write(move |w| Ok(w.enqueue(msgs, now)?)).await?;
         if r.contains(&Enqueued::Stored) {
             self.notify.notify_one();
@@ -184,10 +202,32 @@ impl Spool for SqliteSpool {
         now: Timestamp,
         infrastructure_only: bool,
     ) -> Result<Vec<Spooled>, SpoolError> {
-        Ok(self
+        let rows = self
             .db
             .read(move |w| Ok(w.dequeue(max_messages, max_bytes, now, infrastructure_only)?))
-            .await?)
+            .await?;
+        // Headers are parsed here rather than on the database thread.
+        let limits = Limits::default();
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            match decode_header_part(&r.header, &limits) {
+                Ok((header, kind, data)) => out.push(Spooled {
+                    msg: RawMessage {
+                        header,
+                        kind,
+                        data,
+                        content_type: r.content_type,
+                        content: r.content,
+                    },
+                    attempts: r.attempts,
+                    spooled_at: r.spooled_at,
+                }),
+                // Cannot happen for what we wrote. It stays taken, so it is
+                // not offered again until the next start.
+                Err(e) => tracing::error!("spooled message {} has an unreadable header: {e}", r.id),
+            }
+        }
+        Ok(out)
     }
 
     async fn settle(
@@ -291,18 +331,23 @@ fn bump(conn: &Connection, name: &str, by: u64) -> rusqlite::Result<()> {
 impl Worker {
     fn enqueue(
         &mut self,
-        msgs: Vec<RawMessage>,
+        msgs: Vec<(RawMessage, Vec<u8>)>,
         now: Timestamp,
     ) -> Result<Vec<Enqueued>, SpoolError> {
         let mut out = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            out.push(self.enqueue_one(m, now).map_err(db)?);
+        for (m, header) in msgs {
+            out.push(self.enqueue_one(m, header, now).map_err(db)?);
         }
         Ok(out)
     }
 
-    fn enqueue_one(&mut self, m: RawMessage, now: Timestamp) -> rusqlite::Result<Enqueued> {
-        let id = m.header.id.as_str().to_owned();
+    fn enqueue_one(
+        &mut self,
+        m: RawMessage,
+        header: Vec<u8>,
+        now: Timestamp,
+    ) -> rusqlite::Result<Enqueued> {
+        let id = m.header.id.as_str();
         if self.cfg.dedupe_window.is_some() {
             let fresh = exec(
                 &self.conn,
@@ -315,7 +360,6 @@ impl Worker {
             }
         }
         let qos = m.header.source().map(|s| s.qos).unwrap_or_default();
-        let header = encode_header(&m.header, m.kind, m.data.as_ref());
         let bytes = (header.len() + m.content.len()) as u64;
         if self.total_bytes + bytes > self.cfg.max_bytes
             && !self.make_room(bytes, qos.persistent, qos.precedence, now)?
@@ -418,18 +462,18 @@ impl Worker {
         max_bytes: usize,
         now: Timestamp,
         infrastructure_only: bool,
-    ) -> Result<Vec<Spooled>, SpoolError> {
+    ) -> Result<Vec<Row>, SpoolError> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut st = self
             .conn
             .prepare_cached(if infrastructure_only {
-                "SELECT id, attempts, created, kind, content_type, header, content, bytes FROM spool
+                "SELECT id, attempts, created, content_type, header, content, bytes FROM spool
                  WHERE next_attempt <= ?1 AND (expiry IS NULL OR expiry > ?1)
                    AND class IN ('control', 'infrastructure')
                  ORDER BY precedence DESC, seq LIMIT ?2"
             } else {
-                "SELECT id, attempts, created, kind, content_type, header, content, bytes FROM spool
+                "SELECT id, attempts, created, content_type, header, content, bytes FROM spool
                  WHERE next_attempt <= ?1 AND (expiry IS NULL OR expiry > ?1)
                  ORDER BY precedence DESC, seq LIMIT ?2"
             })
@@ -441,32 +485,18 @@ impl Worker {
             if self.inflight.contains(&id) {
                 continue;
             }
-            let size = usize::try_from(r.get::<_, i64>(7).map_err(db)?).unwrap_or(usize::MAX);
+            let size = usize::try_from(r.get::<_, i64>(6).map_err(db)?).unwrap_or(usize::MAX);
             if !out.is_empty() && (bytes + size > max_bytes || out.len() >= max_messages) {
                 break;
             }
-            let header: Vec<u8> = r.get(5).map_err(db)?;
-            let (header, kind, data) = match decode_header_part(&header, &self.limits) {
-                Ok(h) => h,
-                Err(e) => {
-                    // Cannot happen for what we wrote; keep it out of the way.
-                    tracing::error!("spooled message {id} has an unreadable header: {e}");
-                    continue;
-                }
-            };
-            let kind_s: String = r.get(3).map_err(db)?;
-            debug_assert_eq!(ContentKind::parse(&kind_s), Some(kind));
-            let content: Vec<u8> = r.get(6).map_err(db)?;
-            out.push(Spooled {
-                msg: RawMessage {
-                    header,
-                    kind,
-                    data,
-                    content_type: r.get(4).map_err(db)?,
-                    content: Bytes::from(content),
-                },
+            let content: Vec<u8> = r.get(5).map_err(db)?;
+            out.push(Row {
+                header: r.get(4).map_err(db)?,
+                content_type: r.get(3).map_err(db)?,
+                content: Bytes::from(content),
                 attempts: r.get(1).map_err(db)?,
                 spooled_at: Timestamp::from_millis(r.get(2).map_err(db)?).unwrap_or(now),
+                id: id.clone(),
             });
             bytes += size;
             self.inflight.insert(id);
@@ -483,6 +513,19 @@ impl Worker {
         let mut expired = 0u64;
         for (id, s) in results {
             self.inflight.remove(id.as_str());
+            if s == Settle::Delivered {
+                // The common case in one statement.
+                let size: Option<i64> = self
+                    .conn
+                    .prepare_cached("DELETE FROM spool WHERE id = ?1 RETURNING bytes")
+                    .and_then(|mut st| st.query_row(params![id.as_str()], |r| r.get(0)).optional())
+                    .map_err(db)?;
+                if let Some(size) = size {
+                    self.total_bytes -= u64::try_from(size).unwrap_or(0);
+                    delivered += 1;
+                }
+                continue;
+            }
             let size: Option<i64> = self
                 .conn
                 .query_row(
@@ -495,7 +538,7 @@ impl Worker {
             let Some(size) = size else { continue };
             let size = u64::try_from(size).unwrap_or(0);
             match s {
-                Settle::Release => {}
+                Settle::Release | Settle::Delivered => {}
                 Settle::Defer { at } => {
                     exec(
                         &self.conn,
@@ -511,16 +554,6 @@ impl Worker {
                         params![id.as_str(), ms(at)],
                     )
                     .map_err(db)?;
-                }
-                Settle::Delivered => {
-                    exec(
-                        &self.conn,
-                        "DELETE FROM spool WHERE id = ?1",
-                        params![id.as_str()],
-                    )
-                    .map_err(db)?;
-                    self.total_bytes -= size;
-                    delivered += 1;
                 }
                 Settle::Expired => {
                     exec(&self.conn,
