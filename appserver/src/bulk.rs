@@ -831,14 +831,7 @@ impl crate::store::Store {
                     header,
                     content: Content::BulkRequest(b),
                 };
-                let inc = crate::store::Incoming {
-                    msg: announcement.to_raw(),
-                    severity: None,
-                    status: None,
-                    response: None,
-                    bulk: None,
-                    seal: None,
-                };
+                let inc = crate::store::Incoming::new(announcement.to_raw());
                 crate::store::ingest_in(&s.0, std::slice::from_ref(&inc), now)?;
                 Ok(())
             })

@@ -89,18 +89,13 @@ fn examine(app: &AppServer, m: RawMessage, now: Timestamp) -> Result<Incoming, O
         return Err(refusal);
     }
     let limits = app.cfg.limits();
-    let full_raw = m.clone();
     let full = m
         .clone()
         .decode(&limits)
         .map_err(|e| Outcome::rejected("invalid", e.to_string()))?;
     let mut inc = Incoming {
-        msg: m,
-        severity: None,
-        status: None,
-        response: None,
-        bulk: None,
         seal,
+        ..Incoming::new(m)
     };
     match &full.content {
         Content::Alarm(a) => inc.severity = Some(a.severity),
@@ -111,7 +106,7 @@ fn examine(app: &AppServer, m: RawMessage, now: Timestamp) -> Result<Incoming, O
                     "only uploads are requested from below; downloads are offered from above",
                 ));
             }
-            inc.bulk = app.uploads.decide(&full_raw, b, now);
+            inc.bulk = app.uploads.decide(&inc.msg, b, now);
         }
         Content::Event(e) => inc.severity = Some(e.severity),
         Content::Response(r) => {

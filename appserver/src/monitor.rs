@@ -109,12 +109,8 @@ fn notification(
         }),
     };
     Some(Incoming {
-        msg: m.to_raw(),
         severity: Some(severity),
-        status: None,
-        response: None,
-        bulk: None,
-        seal: None,
+        ..Incoming::new(m.to_raw())
     })
 }
 

@@ -186,6 +186,9 @@ CREATE TABLE IF NOT EXISTS counters (
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub msg: RawMessage,
+    /// The header part as stored, written before the message reaches the
+    /// database thread (which every envelope shares).
+    pub header: Vec<u8>,
     pub severity: Option<Severity>,
     /// For heartbeats, cold starts and shutdowns: the status tree (XML)
     /// and its root state.
@@ -197,6 +200,21 @@ pub struct Incoming {
     pub bulk: Option<crate::bulk::Decided>,
     /// How it came sealed (stored opened).
     pub seal: Option<rs_common::Seal>,
+}
+
+impl Incoming {
+    /// A message to store, with nothing more to record beside it.
+    pub fn new(msg: RawMessage) -> Self {
+        Incoming {
+            header: encode_header(&msg.header, msg.kind, msg.data.as_ref()),
+            msg,
+            severity: None,
+            status: None,
+            response: None,
+            bulk: None,
+            seal: None,
+        }
+    }
 }
 
 /// What the store did with one message.
@@ -552,7 +570,6 @@ pub(crate) fn ingest_in(
             ));
         };
         let via = via_of(m);
-        let header = encode_header(&m.header, m.kind, m.data.as_ref());
         let n = exec(
             conn,
             "INSERT INTO messages (id, received, created, component, customer, kind, class,
@@ -570,7 +587,7 @@ pub(crate) fn ingest_in(
                 m.header.class.subclass,
                 inc.severity.map(severity_rank),
                 via,
-                header,
+                inc.header,
                 m.content_type,
                 &m.content[..],
                 inc.seal.map(rs_common::Seal::as_str),

@@ -3,6 +3,8 @@
 //! kept until the hop acknowledges them and offered again if it does not.
 //! Also the tier's knowledge of which next hop reaches which component.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -50,7 +52,15 @@ fn exec(
 #[derive(Debug, Clone)]
 pub struct Outbox {
     db: Db<Plain>,
+    /// The routes as stored (component -> hop), so that an envelope from a
+    /// hop whose components are already known writes nothing: every POST
+    /// names its sources, and a route changes rarely. Cleared when it grows
+    /// past [`KNOWN_ROUTES`] (it then fills again from what arrives).
+    known: Arc<Mutex<HashMap<String, String>>>,
 }
+
+/// Routes remembered in memory at most.
+const KNOWN_ROUTES: usize = 100_000;
 
 impl Outbox {
     pub fn open(path: &std::path::Path) -> Result<Self, DbError> {
@@ -76,6 +86,7 @@ impl Outbox {
         )?;
         Ok(Outbox {
             db: Db::start("rs-outbox", Plain(conn))?,
+            known: Arc::default(),
         })
     }
 
@@ -86,9 +97,22 @@ impl Outbox {
         components: Vec<RsId>,
         now: Timestamp,
     ) -> Result<(), DbError> {
+        let new: Vec<RsId> = {
+            let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            components
+                .into_iter()
+                .chain(std::iter::once(hop.clone()))
+                .filter(|c| known.get(c.as_str()).is_none_or(|h| h != hop.as_str()))
+                .collect()
+        };
+        if new.is_empty() {
+            return Ok(());
+        }
+        let written = new.clone();
+        let hop_s = hop.as_str().to_owned();
         self.db
             .write(move |s| {
-                for c in components.iter().chain(std::iter::once(&hop)) {
+                for c in &new {
                     exec(
                         &s.0,
                         "INSERT INTO routes (component, hop, updated) VALUES (?1, ?2, ?3)
@@ -98,7 +122,15 @@ impl Outbox {
                 }
                 Ok(())
             })
-            .await
+            .await?;
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() + written.len() > KNOWN_ROUTES {
+            known.clear();
+        }
+        for c in written {
+            known.insert(c.as_str().to_owned(), hop_s.clone());
+        }
+        Ok(())
     }
 
     /// The next hop towards `dest`: the hop of `dest` or of the nearest
