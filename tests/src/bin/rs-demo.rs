@@ -557,11 +557,25 @@ fn main() {
         let argv = std::iter::once(std::ffi::OsString::from("rsctl")).chain(args.iter().cloned());
         std::process::exit(rs_appserver::rsctl::main_with(argv));
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // Each role runs on the runtime its own program uses: rs-proxy and
+    // rs-hostwatch on one thread, the servers on one worker per core.
+    let built = match cli.role {
+        Some(Role::Proxy { .. } | Role::Hostwatch(_)) => {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
+        Some(Role::Appserver { .. } | Role::Mlm { .. }) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+        }
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build(),
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rs-demo: cannot start the runtime: {e}");
