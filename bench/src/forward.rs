@@ -241,9 +241,28 @@ pub(crate) fn rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// CPU time (user + system, ms) a process has used so far.
+pub(crate) fn cpu_ms(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): utime is the
+    // 12th and stime the 13th, in clock ticks (100 per second on Linux).
+    let rest = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) * 10.0
+}
+
+fn cpu_total(pids: &[u32]) -> f64 {
+    pids.iter().map(|&p| cpu_ms(p)).sum()
+}
+
 pub(crate) struct Ours {
     pub(crate) rate: f64,
     drain: f64,
+    /// CPU time of the three daemons per message (µs), throughput phase.
+    cpu_us: f64,
 }
 
 /// The forward path; `tls`: with mutual TLS between the tiers (the demo's
@@ -304,15 +323,25 @@ pub(crate) async fn ours_with(
     c.register_integrator("bench", "1", "linux").await?;
 
     // Throughput: from the first send until the last is stored.
+    let pids: Vec<u32> = ["appserver", "mlm", "p1"]
+        .iter()
+        .filter_map(|n| d.node(n).child.as_ref().map(Child::id))
+        .collect();
     let base = stored(&a).await;
+    let cpu0 = cpu_total(&pids);
     let t0 = Instant::now();
     load(&socket, s.messages, s.clients).await?;
     let done = until_stored(&a, base + s.messages, Duration::from_secs(600)).await?;
     let rate = s.messages as f64 / done.duration_since(t0).as_secs_f64();
+    let cpu_us = (cpu_total(&pids) - cpu0) * 1000.0 / s.messages as f64;
     if !drain {
         d.stop_all();
         let _ = std::fs::remove_dir_all(dir);
-        return Ok(Ours { rate, drain: 0.0 });
+        return Ok(Ours {
+            rate,
+            drain: 0.0,
+            cpu_us,
+        });
     }
 
     // Drain: the MLM is away while the backlog builds up at the proxy.
@@ -325,7 +354,11 @@ pub(crate) async fn ours_with(
     let drain = s.backlog as f64 / done.duration_since(t0).as_secs_f64();
     d.stop_all();
     let _ = std::fs::remove_dir_all(dir);
-    Ok(Ours { rate, drain })
+    Ok(Ours {
+        rate,
+        drain,
+        cpu_us,
+    })
 }
 
 struct Broker(Child);
@@ -433,21 +466,26 @@ fn wait_child(mut c: Child, limit: Duration) -> anyhow::Result<()> {
     }
 }
 
-fn peer(s: &Settings, dir: &Path) -> anyhow::Result<(f64, f64)> {
+/// The bridge's figures: (messages/s, drain messages/s, CPU µs of the two
+/// brokers per message in the throughput phase).
+fn peer(s: &Settings, dir: &Path) -> anyhow::Result<(f64, f64, f64)> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let (pa, pb) = (free_port()?, free_port()?);
-    let _b = broker("broker-b.conf", dir, pa, pb, "b")?;
-    let _a = broker("broker-a.conf", dir, pa, pb, "a")?;
+    let b = broker("broker-b.conf", dir, pa, pb, "b")?;
+    let a = broker("broker-a.conf", dir, pa, pb, "a")?;
     std::thread::sleep(Duration::from_millis(500)); // the bridge connects
 
     // Throughput: the subscriber is online; first publish until last received.
     let subscriber = sub(pb, s.messages)?;
     std::thread::sleep(Duration::from_millis(300));
+    let brokers = [a.0.id(), b.0.id()];
+    let cpu0 = cpu_total(&brokers);
     let t0 = Instant::now();
     publish(pa, s.messages)?;
     wait_child(subscriber, Duration::from_secs(600))?;
     let rate = s.messages as f64 / t0.elapsed().as_secs_f64();
+    let cpu_us = (cpu_total(&brokers) - cpu0) * 1000.0 / s.messages as f64;
 
     // Drain: the subscriber's persistent session is offline while the
     // backlog builds up at broker B.
@@ -457,7 +495,7 @@ fn peer(s: &Settings, dir: &Path) -> anyhow::Result<(f64, f64)> {
     wait_child(sub(pb, s.backlog)?, Duration::from_secs(3600))?;
     let drain = s.backlog as f64 / t0.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(dir);
-    Ok((rate, drain))
+    Ok((rate, drain, cpu_us))
 }
 
 pub(crate) fn median(v: &mut [f64]) -> f64 {
@@ -474,6 +512,7 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
         .build()?;
     let tmp = std::env::temp_dir().join(format!("rs-bench-{}", std::process::id()));
     let (mut rate, mut drain, mut prate, mut pdrain) = (vec![], vec![], vec![], vec![]);
+    let (mut cpu, mut pcpu) = (vec![], vec![]);
     for i in 0..s.runs {
         eprintln!("rs-bench forward: run {} of {}: ours", i + 1, s.runs);
         let o = rt.block_on(ours(&exe, s, &tmp.join("ours"), false, true))?;
@@ -482,15 +521,17 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
             i + 1,
             s.runs
         );
-        let (pr, pd) = peer(s, &tmp.join("peer"))?;
+        let (pr, pd, pc) = peer(s, &tmp.join("peer"))?;
         eprintln!(
-            "  ours {:.0}/s drain {:.0}/s; mosquitto {pr:.0}/s drain {pd:.0}/s",
-            o.rate, o.drain
+            "  ours {:.0}/s drain {:.0}/s {:.0} µs CPU/message; mosquitto {pr:.0}/s drain {pd:.0}/s {pc:.0} µs CPU/message",
+            o.rate, o.drain, o.cpu_us
         );
         rate.push(o.rate);
         drain.push(o.drain);
+        cpu.push(o.cpu_us);
         prate.push(pr);
         pdrain.push(pd);
+        pcpu.push(pc);
     }
     let _ = std::fs::remove_dir_all(&tmp);
     let command = format!(
@@ -548,6 +589,21 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
                 &mut prate,
             )),
             Some("ratio >= 1"),
+        ),
+        fig(
+            "forward_cpu_us_per_msg",
+            format!(
+                "CPU time (user + system) of rs-proxy, rs-mlm and rs-appserver per message in the forward_msgs_per_s run ({} messages)",
+                s.messages
+            ),
+            &mut cpu,
+            "µs",
+            "lower",
+            Some((
+                "the bridge's two mosquitto brokers per message in its run",
+                &mut pcpu,
+            )),
+            None,
         ),
         fig(
             "drain_msgs_per_s",
