@@ -37,6 +37,8 @@ pub mod enroll;
 #[cfg(feature = "runtime")]
 pub mod ingress;
 #[cfg(feature = "runtime")]
+pub mod mem;
+#[cfg(feature = "runtime")]
 pub mod outbox;
 #[cfg(feature = "runtime")]
 pub mod pki;

@@ -490,6 +490,9 @@ pub async fn run(
             // The interval can change with the upstream's advice.
             let mut last_beat = tokio::time::Instant::now();
             let mut next_sweep = tokio::time::Instant::now();
+            // Start-up's garbage (the clients' TLS set-up) goes back once
+            // everything is built; later, after each heartbeat.
+            let mut trimmed = false;
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -522,6 +525,10 @@ pub async fn run(
                     if let Err(e) = mlm.infrastructure(SUB_HEARTBEAT, every * 2, 2).await {
                         tracing::warn!("heartbeat: {e}");
                     }
+                    rs_common::mem::trim();
+                } else if !trimmed && last_beat.elapsed() >= Duration::from_secs(1) {
+                    trimmed = true;
+                    rs_common::mem::trim();
                 }
             }
         })

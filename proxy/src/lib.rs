@@ -491,10 +491,17 @@ pub async fn run(
             // The interval can change with the upstream's advice (the first
             // reply usually brings it): look again every quarter second.
             let mut last = tokio::time::Instant::now();
+            // Start-up's garbage (the clients' TLS set-up) goes back once
+            // the sender and the bulk task have built theirs.
+            let mut trimmed = false;
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+                if !trimmed && last.elapsed() >= Duration::from_secs(1) {
+                    trimmed = true;
+                    rs_common::mem::trim();
                 }
                 if last.elapsed() < proxy.heartbeat_interval() {
                     continue;
@@ -511,6 +518,7 @@ pub async fn run(
                 if let Err(e) = proxy.infrastructure(SUB_HEARTBEAT, ttl, 2).await {
                     tracing::warn!("heartbeat: {e}");
                 }
+                rs_common::mem::trim();
             }
         })
     };
