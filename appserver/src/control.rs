@@ -575,6 +575,10 @@ pub async fn status_tree(app: &AppServer) -> StatusNode {
             "certificates.revoked",
             app.stats.revoked.load(Ordering::Relaxed),
         ),
+        (
+            "certificates.renewed",
+            app.stats.renewed.load(Ordering::Relaxed),
+        ),
     ]);
     let throttle = app.current_throttle().metrics();
     metrics.extend(throttle.iter().map(|(k, v)| (k.as_str(), *v)));

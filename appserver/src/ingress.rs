@@ -34,6 +34,8 @@ pub struct Stats {
     /// certificates revoked through the control API.
     pub enrolled: AtomicU64,
     pub enroll_refused: AtomicU64,
+    /// Certificates renewed (`POST /rs/v1/enroll` with a signed request).
+    pub renewed: AtomicU64,
     pub revoked: AtomicU64,
 }
 

@@ -536,6 +536,7 @@ fn http_client(cli: &Cli) -> anyhow::Result<reqwest::ClientBuilder> {
                 ca: ca.clone(),
                 crl: None,
                 crl_refresh_secs: 60,
+                renew_before_days: 30,
             };
             rs_common::tls::client(Some(&t)).map_err(anyhow::Error::msg)
         }

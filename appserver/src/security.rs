@@ -12,7 +12,7 @@ use openssl::x509::X509Req;
 use rs_common::codec::XmlOut;
 use rs_common::db::DbError;
 use rs_common::ingress::xml_response;
-use rs_common::pki::{CertSpec, Role};
+use rs_common::pki::{CertSpec, Identity, Role};
 use rs_common::server::{Peer, Refusal};
 use rs_common::{ComponentKind, CustomerId, RsId, Timestamp};
 use rusqlite::{OptionalExtension, params};
@@ -433,6 +433,98 @@ impl AppServer {
         Ok(pem)
     }
 
+    /// Renews a component's certificate (`rs_common::enroll` module docs):
+    /// `body` is a PEM PKCS #7 SignedData over a signing request for the
+    /// new key, signed with the component's current certificate, which
+    /// must be this CA's, a component's, valid now and not revoked. The new
+    /// certificate names the same ID, customer and addresses.
+    pub async fn renew(&self, body: &[u8]) -> Result<Vec<u8>, EnrollError> {
+        use openssl::pkcs7::{Pkcs7, Pkcs7Flags};
+        let Some(ca) = self.ca.clone() else {
+            return Err(EnrollError::Bad(
+                "this server renews nothing: no [ca]".into(),
+            ));
+        };
+        let bad = |t: &str| EnrollError::Bad(t.to_owned());
+        let p7 = Pkcs7::from_pem(body).map_err(|_| bad("not a PEM PKCS #7 SignedData"))?;
+        let none = openssl::stack::Stack::new().map_err(|e| EnrollError::Bad(e.to_string()))?;
+        let signers = p7
+            .signers(&none, Pkcs7Flags::empty())
+            .map_err(|_| bad("the signer's certificate is not in the request"))?;
+        let mut it = signers.iter();
+        let (Some(old), None) = (it.next(), it.next()) else {
+            return Err(bad("a renewal has exactly one signer"));
+        };
+        let ca_key = ca
+            .cert()
+            .public_key()
+            .map_err(|e| EnrollError::Bad(e.to_string()))?;
+        if !old.verify(&ca_key).unwrap_or(false) {
+            return Err(bad("the signer's certificate is not issued by this CA"));
+        }
+        let who = Identity::from_cert(old).map_err(EnrollError::Bad)?;
+        let Some(id) = who.component() else {
+            return Err(bad("only a component's certificate is renewed this way"));
+        };
+        let now = openssl::asn1::Asn1Time::days_from_now(0)
+            .map_err(|e| EnrollError::Bad(e.to_string()))?;
+        if old.not_before() > now || old.not_after() < now {
+            return Err(bad("the signer's certificate is not valid now"));
+        }
+        if self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.revocations.is_revoked(&who.serial))
+        {
+            return Err(bad("the signer's certificate is revoked"));
+        }
+        // The signature (the chain was checked above, against this one
+        // CA; NOVERIFY skips OpenSSL's S/MIME purpose check).
+        let mut csr = Vec::new();
+        p7.verify(
+            &none,
+            &openssl::x509::store::X509StoreBuilder::new()
+                .map_err(|e| EnrollError::Bad(e.to_string()))?
+                .build(),
+            None,
+            Some(&mut csr),
+            Pkcs7Flags::BINARY | Pkcs7Flags::NOVERIFY,
+        )
+        .map_err(|_| bad("the signature does not verify"))?;
+        let req = X509Req::from_pem(&csr)
+            .map_err(|e| EnrollError::Bad(format!("not a PEM signing request: {e}")))?;
+        let mut spec = CertSpec::component(&id, self.cfg.ca.as_ref().map_or(365, |c| c.cert_days));
+        if let Some(names) = old.subject_alt_names() {
+            for n in &names {
+                if let Some(d) = n.dnsname() {
+                    spec.dns.push(d.to_owned());
+                }
+                match n.ipaddress() {
+                    Some(&[a, b, c, d]) => {
+                        spec.ips.push(std::net::Ipv4Addr::new(a, b, c, d).into())
+                    }
+                    Some(v6) => {
+                        if let Ok(o) = <[u8; 16]>::try_from(v6) {
+                            spec.ips.push(std::net::Ipv6Addr::from(o).into());
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        let old_serial = who.serial;
+        let cert = tokio::task::spawn_blocking(move || ca.sign_request(&spec, &req))
+            .await
+            .map_err(|e| EnrollError::Bad(e.to_string()))?
+            .map_err(EnrollError::Bad)?;
+        tracing::info!(
+            "renewed the certificate of {id}: {old_serial} -> {}",
+            rs_common::pki::serial_hex(&cert)
+        );
+        cert.to_pem()
+            .map_err(|e| EnrollError::Bad(format!("openssl: {e}")))
+    }
+
     /// Revokes certificates (by serial, or every live one of a component)
     /// and puts the new list in force here at once. Returns the serials
     /// revoked with their holders.
@@ -552,6 +644,30 @@ pub fn public_routes(
                     .map(str::trim)
                     .unwrap_or("");
                 let refuse = |s, t: String| Refusal::new(s, t).response();
+                if token.is_empty() && body.starts_with(b"-----BEGIN PKCS7-----") {
+                    return match app.renew(&body).await {
+                        Ok(pem) => {
+                            app.stats.renewed.fetch_add(1, Ordering::Relaxed);
+                            let mut r = warp::reply::Response::new(pem.into());
+                            r.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("application/x-pem-file"),
+                            );
+                            r
+                        }
+                        Err(EnrollError::Bad(e)) => {
+                            app.stats.enroll_refused.fetch_add(1, Ordering::Relaxed);
+                            refuse(http::StatusCode::FORBIDDEN, e)
+                        }
+                        Err(EnrollError::Token) => refuse(
+                            http::StatusCode::UNAUTHORIZED,
+                            "unknown, used or expired enrollment token".into(),
+                        ),
+                        Err(EnrollError::Db(e)) => {
+                            refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                        }
+                    };
+                }
                 if token.is_empty() {
                     return refuse(
                         http::StatusCode::UNAUTHORIZED,

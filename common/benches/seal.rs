@@ -30,6 +30,7 @@ fn issue(ca: &Ca, id: &str, out: &Path) -> TlsConfig {
         ca: out.join("ca.pem"),
         crl: None,
         crl_refresh_secs: 60,
+        renew_before_days: 30,
     };
     write_private(&t.key, &key.private_key_to_pem_pkcs8().unwrap()).unwrap();
     std::fs::write(&t.cert, cert.to_pem().unwrap()).unwrap();

@@ -7,6 +7,13 @@
 //! `Content-Type: application/pkcs10`, body the PEM request; `200` with the
 //! PEM certificate, `401` for an unknown, used or expired token, `400` for a
 //! bad request. `GET /rs/v1/crl` serves the CA's current revocation list.
+//!
+//! Renewal: a component whose certificate nears its end posts, to the same
+//! endpoint and without a token, a PEM PKCS #7 SignedData made with its
+//! current key and certificate whose content is a signing request for a
+//! new key; the server answers the certificate for the new key under the
+//! same ID. The new key and certificate replace the old pair so that a
+//! crash at any moment leaves one whole pair ([`finish_renewal`]).
 
 use std::time::Duration;
 
@@ -83,6 +90,7 @@ pub async fn ensure(
     urls: &[String],
     want: Option<&RsId>,
 ) -> Result<Identity, Failed> {
+    finish_renewal(tls)?;
     if !tls.cert.exists() {
         let Some(token) = token else {
             return Err(Failed::Refused(format!(
@@ -131,17 +139,52 @@ async fn enroll(tls: &TlsConfig, token: &str, urls: &[String]) -> Result<(), Fai
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| format!("HTTP client: {e}"))?;
+    let (base, pem, cert) = obtain(
+        &http,
+        urls,
+        Some(token),
+        "application/pkcs10",
+        csr,
+        (&ca, &key),
+        "enrollment",
+    )
+    .await?;
+    let id = Identity::from_cert(&cert)?;
+    pki::write_file(&tls.cert, &pem)?;
+    tracing::info!("enrolled as {} (certificate {})", id.name, id.serial);
+    if tls.crl.is_some()
+        && let Err(e) = fetch_crl(&http, &base, &ca, tls).await
+    {
+        tracing::warn!("revocation list: {e}");
+    }
+    Ok(())
+}
+
+/// POSTs `body` to `/rs/v1/enroll` at each upstream in turn until one
+/// answers; returns its base URL and the certificate it issued (PEM and
+/// parsed), checked to be signed by the CA and for the key (`for_key`). A
+/// tier that cannot reach the server or is busy (5xx, 429) passes the turn
+/// to the next; any other refusal is final (`what` names the request).
+async fn obtain(
+    http: &reqwest::Client,
+    urls: &[String],
+    token: Option<&str>,
+    content_type: &str,
+    body: Vec<u8>,
+    (ca, for_key): (&X509, &PKey<openssl::pkey::Private>),
+    what: &str,
+) -> Result<(String, Vec<u8>, X509), Failed> {
     let mut last = String::from("no upstream URL configured");
     for url in urls {
         let base = url.trim_end_matches('/');
-        let r = http
+        let mut req = http
             .post(format!("{base}/rs/v1/enroll"))
-            .bearer_auth(token)
-            .header("content-type", "application/pkcs10")
-            .body(csr.clone())
-            .send()
-            .await;
-        let resp = match r {
+            .header("content-type", content_type)
+            .body(body.clone());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
                 last = format!("{base}: {e}");
@@ -149,46 +192,185 @@ async fn enroll(tls: &TlsConfig, token: &str, urls: &[String]) -> Result<(), Fai
             }
         };
         let status = resp.status();
-        let body = crate::upstream::bounded_body(resp, MAX_PEM).await?;
+        let pem = crate::upstream::bounded_body(resp, MAX_PEM).await?;
         if !status.is_success() {
             let e = format!(
-                "{base} refused the enrollment ({status}): {}",
-                String::from_utf8_lossy(&body).trim()
+                "{base} refused the {what} ({status}): {}",
+                String::from_utf8_lossy(&pem).trim()
             );
-            // A tier between us and the server that cannot reach it, or a
-            // server busy: later. Anything else is the token's fault.
             if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
                 last = e;
                 continue;
             }
             return Err(Failed::Refused(e));
         }
-        let cert = X509::from_pem(&body).map_err(|e| format!("the certificate returned: {e}"))?;
+        let cert = X509::from_pem(&pem).map_err(|e| format!("the certificate returned: {e}"))?;
         let ca_key = ca.public_key().map_err(|e| format!("CA key: {e}"))?;
         if !cert.verify(&ca_key).unwrap_or(false) {
             return Err(Failed::Refused(
                 "the certificate returned is not signed by our CA".into(),
             ));
         }
-        let ours = cert
-            .public_key()
-            .map_err(|e| format!("certificate key: {e}"))?;
-        if !ours.public_eq(&key) {
+        if !cert.public_key().is_ok_and(|k| k.public_eq(for_key)) {
             return Err(Failed::Refused(
                 "the certificate returned is not for our key".into(),
             ));
         }
-        let id = Identity::from_cert(&cert)?;
-        pki::write_file(&tls.cert, &body)?;
-        tracing::info!("enrolled as {} (certificate {})", id.name, id.serial);
-        if tls.crl.is_some()
-            && let Err(e) = fetch_crl(&http, base, &ca, tls).await
-        {
-            tracing::warn!("revocation list: {e}");
-        }
+        return Ok((base.to_owned(), pem, cert));
+    }
+    Err(Failed::Unreachable(format!("{what} failed: {last}")))
+}
+
+/// Where a renewal writes the new key and certificate before they
+/// replace the old ones.
+fn next_paths(tls: &TlsConfig) -> (std::path::PathBuf, std::path::PathBuf) {
+    (
+        tls.key.with_extension("next"),
+        tls.cert.with_extension("next"),
+    )
+}
+
+/// Completes or undoes a renewal a crash interrupted. A renewal writes the
+/// new key and certificate beside the old (`key.next`, then `cert.next`),
+/// then renames the key into place, then the certificate: with both new
+/// files still there the old pair is whole (the new files go); with only
+/// `cert.next` left the key was replaced, so the certificate follows it.
+pub fn finish_renewal(tls: &TlsConfig) -> Result<(), String> {
+    let (key_next, cert_next) = next_paths(tls);
+    if key_next.exists() {
+        let _ = std::fs::remove_file(&cert_next);
+        return std::fs::remove_file(&key_next).map_err(|e| format!("{}: {e}", key_next.display()));
+    }
+    if !cert_next.exists() {
         return Ok(());
     }
-    Err(Failed::Unreachable(format!("enrollment failed: {last}")))
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let key = PKey::private_key_from_pem(&read(&tls.key)?)
+        .map_err(|e| format!("{}: {e}", tls.key.display()))?;
+    let matches = X509::from_pem(&read(&cert_next)?)
+        .ok()
+        .and_then(|c| c.public_key().ok())
+        .is_some_and(|k| k.public_eq(&key));
+    if matches {
+        tracing::info!("completing the certificate renewal a stop interrupted");
+        std::fs::rename(&cert_next, &tls.cert).map_err(|e| format!("{}: {e}", tls.cert.display()))
+    } else {
+        std::fs::remove_file(&cert_next).map_err(|e| format!("{}: {e}", cert_next.display()))
+    }
+}
+
+/// Whether the certificate `cert` is due for renewal at `now` (UNIX
+/// seconds): less than `before_days`, or a third of its lifetime, remains.
+pub fn renewal_due(cert: &X509, before_days: u32, now: i64) -> Result<bool, String> {
+    let from = crate::tls::asn1_unix(cert.not_before())?;
+    let until = crate::tls::asn1_unix(cert.not_after())?;
+    let margin = (i64::from(before_days) * 86_400).min((until - from) / 3);
+    Ok(until - now < margin)
+}
+
+/// Renews this component's certificate through `urls` when it is due
+/// ([`renewal_due`]); `Ok(true)` when a new key and certificate are in
+/// place (the caller starts again to use them). The old certificate stays
+/// valid until it expires: were it revoked here and the answer lost, the
+/// component would hold no usable certificate.
+pub async fn renew_if_due(tls: &TlsConfig, urls: &[String]) -> Result<bool, Failed> {
+    finish_renewal(tls)?;
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let cert =
+        X509::from_pem(&read(&tls.cert)?).map_err(|e| format!("{}: {e}", tls.cert.display()))?;
+    let now = crate::Timestamp::now().as_millis() / 1000;
+    if !renewal_due(&cert, tls.renew_before_days, now)? {
+        return Ok(false);
+    }
+    let old = Identity::from_cert(&cert)?;
+    let key = PKey::private_key_from_pem(&read(&tls.key)?)
+        .map_err(|e| format!("{}: {e}", tls.key.display()))?;
+    let new_key = pki::generate_key()?;
+    let csr = pki::csr(&new_key)?
+        .to_pem()
+        .map_err(|e| format!("openssl: {e}"))?;
+    let certs = openssl::stack::Stack::new().map_err(|e| format!("openssl: {e}"))?;
+    let body = openssl::pkcs7::Pkcs7::sign(
+        &cert,
+        &key,
+        &certs,
+        &csr,
+        openssl::pkcs7::Pkcs7Flags::BINARY | openssl::pkcs7::Pkcs7Flags::NOSMIMECAP,
+    )
+    .and_then(|p7| p7.to_pem())
+    .map_err(|e| format!("signing the renewal: {e}"))?;
+    let ca = X509::from_pem(&read(&tls.ca)?).map_err(|e| format!("{}: {e}", tls.ca.display()))?;
+    let http = crate::tls::client(Some(tls))?
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))?;
+    let (_, pem, new) = obtain(
+        &http,
+        urls,
+        None,
+        "application/pkcs7-mime",
+        body,
+        (&ca, &new_key),
+        "renewal",
+    )
+    .await?;
+    let id = Identity::from_cert(&new)?;
+    if id.name != old.name {
+        return Err(Failed::Refused(format!(
+            "the certificate returned names {}, not {}",
+            id.name, old.name
+        )));
+    }
+    let (key_next, cert_next) = next_paths(tls);
+    pki::write_private(
+        &key_next,
+        &new_key
+            .private_key_to_pem_pkcs8()
+            .map_err(|e| format!("openssl: {e}"))?,
+    )?;
+    pki::write_private(&cert_next, &pem)?;
+    std::fs::rename(&key_next, &tls.key).map_err(|e| format!("{}: {e}", tls.key.display()))?;
+    std::fs::rename(&cert_next, &tls.cert).map_err(|e| format!("{}: {e}", tls.cert.display()))?;
+    tracing::info!(
+        "renewed the certificate of {}: {} -> {}",
+        id.name,
+        old.serial,
+        id.serial
+    );
+    Ok(true)
+}
+
+/// Checks at start and then hourly whether this component's certificate
+/// is due for renewal, renews it and calls `renewed` (which restarts the
+/// daemon with the new pair). Runs until `stop`.
+pub async fn renew_loop(
+    tls: TlsConfig,
+    urls: Vec<String>,
+    stop: tokio_util::sync::CancellationToken,
+    renewed: impl FnOnce(),
+) {
+    let mut attempt = 0u32;
+    loop {
+        let wait = match renew_if_due(&tls, &urls).await {
+            Ok(true) => {
+                renewed();
+                return;
+            }
+            Ok(false) => {
+                attempt = 0;
+                Duration::from_secs(3600)
+            }
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!("certificate renewal: {e}");
+                crate::upstream::backoff(attempt, Duration::from_secs(3600))
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
 }
 
 async fn fetch_crl(
@@ -261,5 +443,100 @@ pub async fn refresh_crl(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, CertSpec};
+
+    /// A component's key and certificate from `ca`, as PEM.
+    fn pair(ca: &Ca, id: &str) -> (Vec<u8>, Vec<u8>) {
+        let key = pki::generate_key().unwrap();
+        let spec = CertSpec::component(&RsId::new(id).unwrap(), 30);
+        let cert = ca.issue(&spec, &key).unwrap();
+        (
+            key.private_key_to_pem_pkcs8().unwrap(),
+            cert.to_pem().unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_renewal_cut_short_leaves_one_whole_pair() {
+        let dir = std::env::temp_dir().join(format!("rs-renewal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = Ca::init(&dir.join("ca"), "test CA", 30).unwrap();
+        let tls = TlsConfig::in_dir(&dir);
+        let (key_next, cert_next) = next_paths(&tls);
+        let (old_key, old_cert) = pair(&ca, "acme.p1");
+        let (new_key, new_cert) = pair(&ca, "acme.p1");
+        let set = |files: &[(&std::path::Path, &[u8])]| {
+            for p in [&tls.key, &tls.cert, &key_next, &cert_next] {
+                let _ = std::fs::remove_file(p);
+            }
+            for (p, b) in files {
+                std::fs::write(p, b).unwrap();
+            }
+        };
+        let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+        let left = || key_next.exists() || cert_next.exists();
+
+        // Cut before the key was replaced: the old pair stays.
+        set(&[
+            (&tls.key, &old_key),
+            (&tls.cert, &old_cert),
+            (&key_next, &new_key),
+            (&cert_next, &new_cert),
+        ]);
+        finish_renewal(&tls).unwrap();
+        assert_eq!(
+            (read(&tls.key), read(&tls.cert)),
+            (old_key.clone(), old_cert.clone())
+        );
+        assert!(!left());
+        // Cut between the two renames: the certificate follows the key.
+        set(&[
+            (&tls.key, &new_key),
+            (&tls.cert, &old_cert),
+            (&cert_next, &new_cert),
+        ]);
+        finish_renewal(&tls).unwrap();
+        assert_eq!(
+            (read(&tls.key), read(&tls.cert)),
+            (new_key.clone(), new_cert.clone())
+        );
+        assert!(!left());
+        // A stray certificate for another key is dropped.
+        set(&[
+            (&tls.key, &old_key),
+            (&tls.cert, &old_cert),
+            (&cert_next, &new_cert),
+        ]);
+        finish_renewal(&tls).unwrap();
+        assert_eq!((read(&tls.key), read(&tls.cert)), (old_key, old_cert));
+        assert!(!left());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn renewal_is_due_in_the_last_third_or_the_last_days() {
+        let dir = std::env::temp_dir().join(format!("rs-renewal-due-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ca = Ca::init(&dir, "test CA", 30).unwrap();
+        let key = pki::generate_key().unwrap();
+        let id = RsId::new("acme.p1").unwrap();
+        let now = crate::Timestamp::now().as_millis() / 1000;
+        // 365 days: due in the last 30 days.
+        let year = ca.issue(&CertSpec::component(&id, 365), &key).unwrap();
+        assert!(!renewal_due(&year, 30, now).unwrap());
+        assert!(!renewal_due(&year, 30, now + 334 * 86_400).unwrap());
+        assert!(renewal_due(&year, 30, now + 336 * 86_400).unwrap());
+        // 30 days: due in the last third (10 days), not the last 30.
+        let month = ca.issue(&CertSpec::component(&id, 30), &key).unwrap();
+        assert!(!renewal_due(&month, 30, now + 19 * 86_400).unwrap());
+        assert!(renewal_due(&month, 30, now + 21 * 86_400).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

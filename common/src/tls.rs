@@ -39,10 +39,18 @@ pub struct TlsConfig {
     /// upstream (and a server re-reads `crl`).
     #[serde(default = "default_crl_refresh")]
     pub crl_refresh_secs: u64,
+    /// A proxy or MLM renews its certificate when less than this many days
+    /// (or a third of its lifetime, whichever is less) remain.
+    #[serde(default = "default_renew_before")]
+    pub renew_before_days: u32,
 }
 
 fn default_crl_refresh() -> u64 {
     60
+}
+
+fn default_renew_before() -> u32 {
+    30
 }
 
 impl TlsConfig {
@@ -55,6 +63,7 @@ impl TlsConfig {
             ca: dir.join("ca.pem"),
             crl: Some(dir.join("crl.pem")),
             crl_refresh_secs: default_crl_refresh(),
+            renew_before_days: default_renew_before(),
         }
     }
 

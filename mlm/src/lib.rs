@@ -434,6 +434,20 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    if let Some(t) = &mlm.cfg.tls {
+        // Renewed before it expires; started again with the new pair.
+        let m = mlm.clone();
+        tokio::spawn(rs_common::enroll::renew_loop(
+            t.clone(),
+            mlm.cfg.upstream.urls.clone(),
+            mlm.stop.clone(),
+            move || {
+                tracing::info!("certificate renewed: starting again with it");
+                m.restart.store(true, Ordering::Relaxed);
+                m.stop.cancel();
+            },
+        ));
+    }
     tracing::info!(
         "rs-mlm {} listening on {}, upstream {:?}{}",
         mlm.id,

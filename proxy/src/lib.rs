@@ -425,6 +425,21 @@ pub async fn run(
             }
         });
     }
+    if let Some(t) = &proxy.cfg.tls
+        && t.cert.exists()
+    {
+        // Renewed before it expires; started again with the new pair.
+        let p = proxy.clone();
+        tokio::spawn(rs_common::enroll::renew_loop(
+            t.clone(),
+            proxy.cfg.upstream.urls.clone(),
+            proxy.stop.clone(),
+            move || {
+                p.restart.store(true, Ordering::Relaxed);
+                p.stop.cancel();
+            },
+        ));
+    }
     let upstream = Arc::new(
         Upstream::new(UpstreamConfig {
             urls: proxy.cfg.upstream.urls.clone(),

@@ -223,6 +223,7 @@ fn issue_into(ca: &Ca, spec: &CertSpec, out: &Path) -> anyhow::Result<TlsConfig>
         ca: out.join("ca.pem"),
         crl: None,
         crl_refresh_secs: 1,
+        renew_before_days: 30,
     };
     rs_common::pki::write_private(&t.key, &key.private_key_to_pem_pkcs8()?)
         .map_err(anyhow::Error::msg)?;

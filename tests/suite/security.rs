@@ -2,7 +2,8 @@
 //! certificate can neither send as another site nor read its back-channel;
 //! bad, expired, revoked and foreign certificates, old protocol versions and
 //! weak ciphers are refused at the handshake; enrollment tokens are single
-//! use and a re-deployed proxy loses nothing; admins see and command only
+//! use and a re-deployed proxy loses nothing; certificates are renewed
+//! before they expire, by their holders only; admins see and command only
 //! the customers granted, and everything they do is audited; hostile HTTP
 //! is refused.
 
@@ -23,7 +24,7 @@ use rs_tests::deploy::{
 use crate::backchannel::{attr, control_get, exe, job, post, tmp, until_done};
 use crate::backchannel_faults::{rsctl, until};
 use crate::bulk::components;
-use crate::forward::register;
+use crate::forward::{all_stored, assert_exactly_once, register};
 
 /// Alarms claiming each of `sources`, in an envelope from `sender`.
 fn envelope(sender: &str, sources: &[&str]) -> (Vec<Message>, String, Vec<u8>) {
@@ -465,28 +466,10 @@ async fn tokens_are_single_use_and_a_redeployed_proxy_loses_nothing_from_its_spo
     // Traffic before the compromise.
     let c = register(&s).await;
     let mut sent = Vec::new();
-    for i in 0..5 {
-        sent.push(
-            c.send(
-                "alarm",
-                &crate::forward::alarm(&format!("before {i}"), None),
-            )
-            .await
-            .unwrap(),
-        );
-    }
+    sent.extend(send_alarms(&c, "before", 5).await);
     // The site is cut off (its MLM down) and keeps spooling ...
     d.node("mlm").stop(Duration::from_secs(8));
-    for i in 0..10 {
-        sent.push(
-            c.send(
-                "alarm",
-                &crate::forward::alarm(&format!("during {i}"), None),
-            )
-            .await
-            .unwrap(),
-        );
-    }
+    sent.extend(send_alarms(&c, "during", 10).await);
     // ... when its key is found compromised: revoke, new token, new key.
     let old = dir.join("old-p1-tls");
     std::fs::create_dir_all(&old).unwrap();
@@ -515,19 +498,12 @@ async fn tokens_are_single_use_and_a_redeployed_proxy_loses_nothing_from_its_spo
     d.restart("mlm").unwrap();
 
     // Everything the integrator was told is spooled arrives, once.
-    let appdir = dir.join("appserver");
+    let sent: std::collections::HashSet<String> = sent.into_iter().collect();
     assert!(
-        until(60, || async {
-            let ids = stored_ids(&appdir).unwrap();
-            sent.iter().all(|id| ids.contains(id))
-        })
-        .await,
+        all_stored(&dir, &sent, Duration::from_secs(60)),
         "the re-deployed proxy did not deliver its spool"
     );
-    let ids = stored_ids(&appdir).unwrap();
-    for id in &sent {
-        assert_eq!(ids.iter().filter(|x| *x == id).count(), 1);
-    }
+    assert_exactly_once(&dir, &sent);
     let new_cert = std::fs::read_to_string(dir.join("p1/tls/cert.pem")).unwrap();
     assert_ne!(
         new_cert,
@@ -546,6 +522,196 @@ async fn tokens_are_single_use_and_a_redeployed_proxy_loses_nothing_from_its_spo
         .await
     );
     assert!(send_env(&client_of(&stolen), &a, &ct, body).await.is_err());
+    d.stop_all();
+}
+
+/// Sends `n` alarms labelled `label` through `c`; their message IDs.
+async fn send_alarms(c: &rs_proxy::client::Client, label: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let a = crate::forward::alarm(&format!("{label} {i}"), None);
+        ids.push(c.send("alarm", &a).await.unwrap());
+    }
+    ids
+}
+
+/// A renewal request (`POST /rs/v1/enroll`, no token): a signing request
+/// for a new key, signed with the key and certificate of `t`.
+fn renewal(t: &TlsConfig) -> Vec<u8> {
+    let cert = openssl::x509::X509::from_pem(&std::fs::read(&t.cert).unwrap()).unwrap();
+    let key = openssl::pkey::PKey::private_key_from_pem(&std::fs::read(&t.key).unwrap()).unwrap();
+    let new_key = rs_common::pki::generate_key().unwrap();
+    let csr = rs_common::pki::csr(&new_key).unwrap().to_pem().unwrap();
+    let flags = openssl::pkcs7::Pkcs7Flags::BINARY | openssl::pkcs7::Pkcs7Flags::NOSMIMECAP;
+    openssl::pkcs7::Pkcs7::sign(
+        &cert,
+        &key,
+        &openssl::stack::Stack::new().unwrap(),
+        &csr,
+        flags,
+    )
+    .unwrap()
+    .to_pem()
+    .unwrap()
+}
+
+async fn post_renewal(client: &reqwest::Client, at: &str, body: Vec<u8>) -> (u16, String) {
+    let r = client
+        .post(format!("{}/rs/v1/enroll", base(at)))
+        .header("content-type", "application/pkcs7-mime")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+fn cert_of(path: &Path) -> openssl::x509::X509 {
+    openssl::x509::X509::from_pem(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_renewed_before_they_expire_by_their_holders_only() {
+    let dir = tmp("renew");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "renew.m1",
+            std::slice::from_ref(&a),
+            &Extra::default(),
+        )
+        .unwrap();
+    let pki = d.pki.clone().unwrap();
+
+    // p1 holds a certificate for one day, and its clock is 17 hours on:
+    // less than a third of the lifetime is left, so it is due. Its MLM is
+    // down at first, so the proxy spools and tries again.
+    let old = issue(
+        &pki,
+        &CertSpec::component(&RsId::new("renew.p1").unwrap(), 1),
+        &dir.join("p1/tls"),
+    );
+    let old_cert = cert_of(&old.cert);
+    let old_key = std::fs::read(&old.key).unwrap();
+    d.node("mlm").stop(Duration::from_secs(8));
+    let clock = dir.join("p1-clock");
+    std::fs::write(&clock, "+61200s\n").unwrap();
+    d.env = crate::backchannel_faults::faketime(&clock);
+    let s = d
+        .proxy(
+            "p1",
+            "renew.p1",
+            std::slice::from_ref(&m),
+            &Extra::default(),
+        )
+        .unwrap();
+    d.env.clear();
+    let c = register(&s).await;
+    let mut sent = Vec::new();
+    sent.extend(send_alarms(&c, "before", 5).await);
+    // The MLM comes back with a one-day server certificate and its clock
+    // 17 hours on: it renews too (keeping its addresses, or p1 could not
+    // reach it) and starts again on the same port.
+    let mut spec = CertSpec::component(&RsId::new("renew.m1").unwrap(), 1);
+    spec.dns = vec!["localhost".into()];
+    spec.ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+    let mlm_tls = issue(&pki, &spec, &dir.join("mlm/tls"));
+    let mlm_old = cert_of(&mlm_tls.cert);
+    d.nodes.get_mut("mlm").unwrap().env = crate::backchannel_faults::faketime(&clock);
+    d.restart("mlm").unwrap();
+
+    // Renewed through the MLM (a new key, the same ID, the server's full
+    // lifetime), and started again with it: the spool is delivered once.
+    assert!(
+        until(60, || async {
+            std::fs::read(&old.key).is_ok_and(|k| k != old_key)
+                && std::fs::read(&old.cert).is_ok_and(|c| {
+                    openssl::x509::X509::from_pem(&c)
+                        .is_ok_and(|c| c.serial_number() != old_cert.serial_number())
+                })
+        })
+        .await,
+        "p1 did not renew its certificate; see {}",
+        dir.join("logs/p1.log").display()
+    );
+    let mlm_serial = rs_common::pki::serial_hex(&mlm_old);
+    assert!(
+        until(30, || async {
+            rs_common::pki::serial_hex(&cert_of(&mlm_tls.cert)) != mlm_serial
+        })
+        .await,
+        "the MLM did not renew its certificate; see {}",
+        dir.join("logs/mlm.log").display()
+    );
+    let mlm_new = cert_of(&mlm_tls.cert);
+    assert!(mlm_new.not_after() > mlm_old.not_after());
+    let new_cert = cert_of(&old.cert);
+    assert_eq!(
+        cn_of(&String::from_utf8(new_cert.to_pem().unwrap()).unwrap()),
+        "renew.p1"
+    );
+    assert!(new_cert.not_after() > old_cert.not_after());
+    assert!(!dir.join("p1/tls/key.next").exists() && !dir.join("p1/tls/cert.next").exists());
+    // It starts again with the new pair.
+    assert!(
+        until(30, || async {
+            rs_proxy::client::Client::new(&s)
+                .register_integrator("suite", "1.0", "linux")
+                .await
+                .is_ok()
+        })
+        .await
+    );
+    let c = register(&s).await;
+    sent.extend(send_alarms(&c, "after", 5).await);
+    let sent: std::collections::HashSet<String> = sent.into_iter().collect();
+    assert!(
+        all_stored(&dir, &sent, Duration::from_secs(60)),
+        "messages from before and after the renewal were not all stored"
+    );
+    assert_exactly_once(&dir, &sent);
+    assert!(metric(&a, "certificates.renewed").await >= 2);
+    // Once renewed it is not due again (its clock still 17 hours on).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        rs_common::pki::serial_hex(&cert_of(&old.cert)),
+        rs_common::pki::serial_hex(&new_cert)
+    );
+
+    // Only the holder of a valid certificate of this CA renews: not a
+    // revoked one, not an admin's, not another CA's, not a forgery.
+    let anon = rs_common::tls::client_trusting(&pki.admin.ca)
+        .unwrap()
+        .build()
+        .unwrap();
+    let p8 = issue(
+        &pki,
+        &CertSpec::component(&RsId::new("renew.p8").unwrap(), 30),
+        &dir.join("p8"),
+    );
+    let (st, pem) = post_renewal(&anon, &m, renewal(&p8)).await;
+    assert_eq!(st, 200, "{pem}");
+    assert_eq!(cn_of(&pem), "renew.p8");
+    let (code, _, err) = rsctl(&a, &["revoke", "--component", "renew.p8"]);
+    assert_eq!(code, 0, "{err}");
+    let (st, why) = post_renewal(&anon, &a, renewal(&p8)).await;
+    assert_eq!((st, why.contains("revoked")), (403, true), "{why}");
+    let (st, why) = post_renewal(&anon, &a, renewal(&pki.admin)).await;
+    assert_eq!(st, 403, "{why}");
+    let foreign = Pki::create(&dir.join("foreign-ca")).unwrap();
+    let f = foreign.issue("renew.p1", &dir.join("foreign")).unwrap();
+    let (st, why) = post_renewal(&anon, &a, renewal(&f)).await;
+    assert_eq!(
+        (st, why.contains("not issued by this CA")),
+        (403, true),
+        "{why}"
+    );
+    let mut forged = renewal(&p8);
+    let n = forged.len() / 2;
+    forged[n] = if forged[n] == b'A' { b'B' } else { b'A' };
+    assert_eq!(post_renewal(&anon, &a, forged).await.0, 403);
     d.stop_all();
 }
 
