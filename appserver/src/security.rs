@@ -439,7 +439,7 @@ impl AppServer {
     /// must be this CA's, a component's, valid now and not revoked. The new
     /// certificate names the same ID, customer and addresses.
     pub async fn renew(&self, body: &[u8]) -> Result<Vec<u8>, EnrollError> {
-        use openssl::pkcs7::{Pkcs7, Pkcs7Flags};
+        use openssl::pkcs7::Pkcs7;
         let Some(ca) = self.ca.clone() else {
             return Err(EnrollError::Bad(
                 "this server renews nothing: no [ca]".into(),
@@ -447,14 +447,7 @@ impl AppServer {
         };
         let bad = |t: &str| EnrollError::Bad(t.to_owned());
         let p7 = Pkcs7::from_pem(body).map_err(|_| bad("not a PEM PKCS #7 SignedData"))?;
-        let none = openssl::stack::Stack::new().map_err(|e| EnrollError::Bad(e.to_string()))?;
-        let signers = p7
-            .signers(&none, Pkcs7Flags::empty())
-            .map_err(|_| bad("the signer's certificate is not in the request"))?;
-        let mut it = signers.iter();
-        let (Some(old), None) = (it.next(), it.next()) else {
-            return Err(bad("a renewal has exactly one signer"));
-        };
+        let old = rs_common::pki::sole_signer(&p7, "renewal").map_err(EnrollError::Bad)?;
         let ca_key = ca
             .cert()
             .public_key()
@@ -462,7 +455,7 @@ impl AppServer {
         if !old.verify(&ca_key).unwrap_or(false) {
             return Err(bad("the signer's certificate is not issued by this CA"));
         }
-        let who = Identity::from_cert(old).map_err(EnrollError::Bad)?;
+        let who = Identity::from_cert(&old).map_err(EnrollError::Bad)?;
         let Some(id) = who.component() else {
             return Err(bad("only a component's certificate is renewed this way"));
         };
@@ -478,19 +471,10 @@ impl AppServer {
         {
             return Err(bad("the signer's certificate is revoked"));
         }
-        // The signature (the chain was checked above, against this one
-        // CA; NOVERIFY skips OpenSSL's S/MIME purpose check).
-        let mut csr = Vec::new();
-        p7.verify(
-            &none,
-            &openssl::x509::store::X509StoreBuilder::new()
-                .map_err(|e| EnrollError::Bad(e.to_string()))?
-                .build(),
-            None,
-            Some(&mut csr),
-            Pkcs7Flags::BINARY | Pkcs7Flags::NOVERIFY,
-        )
-        .map_err(|_| bad("the signature does not verify"))?;
+        // The signature (the chain was checked above).
+        let csr = rs_common::pki::signed_content(&p7)
+            .map_err(EnrollError::Bad)?
+            .ok_or_else(|| bad("the signature does not verify"))?;
         let req = X509Req::from_pem(&csr)
             .map_err(|e| EnrollError::Bad(format!("not a PEM signing request: {e}")))?;
         let mut spec = CertSpec::component(&id, self.cfg.ca.as_ref().map_or(365, |c| c.cert_days));

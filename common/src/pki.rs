@@ -128,6 +128,39 @@ pub fn serial_hex(cert: &X509Ref) -> String {
         .unwrap_or_default()
 }
 
+/// The one signer of a PKCS #7 SignedData that carries its certificate
+/// (a payload seal, a renewal request); `what` names the document in the
+/// error.
+pub fn sole_signer(p7: &openssl::pkcs7::Pkcs7Ref, what: &str) -> Result<X509, String> {
+    let none = openssl::stack::Stack::new().map_err(|e| e.to_string())?;
+    let signers = p7
+        .signers(&none, openssl::pkcs7::Pkcs7Flags::empty())
+        .map_err(|_| format!("the signer's certificate is not in the {what}"))?;
+    let mut it = signers.iter();
+    match (it.next(), it.next()) {
+        (Some(signer), None) => Ok(signer.to_owned()),
+        _ => Err(format!("a {what} has exactly one signer")),
+    }
+}
+
+/// The content of a PKCS #7 SignedData once its signature verifies, or
+/// `None`. The caller checks the signer's certificate (chain, validity,
+/// revocation) against the one CA this deployment has; NOVERIFY skips
+/// OpenSSL's S/MIME purpose check, which our component certificates do not
+/// carry.
+pub fn signed_content(p7: &openssl::pkcs7::Pkcs7Ref) -> Result<Option<Vec<u8>>, String> {
+    let none = openssl::stack::Stack::new().map_err(|e| e.to_string())?;
+    let store = openssl::x509::store::X509StoreBuilder::new()
+        .map_err(|e| e.to_string())?
+        .build();
+    let mut content = Vec::new();
+    let flags = openssl::pkcs7::Pkcs7Flags::BINARY | openssl::pkcs7::Pkcs7Flags::NOVERIFY;
+    Ok(p7
+        .verify(&none, &store, None, Some(&mut content), flags)
+        .ok()
+        .map(|()| content))
+}
+
 /// A fresh private key (ECDSA P-256: small, fast handshakes).
 pub fn generate_key() -> Result<PKey<Private>, String> {
     let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).map_err(ssl)?;

@@ -390,15 +390,8 @@ impl Opener {
         };
         let p7 =
             Pkcs7::from_der(&signed).map_err(|e| bad(format!("not PKCS #7 SignedData: {e}")))?;
-        let none = Stack::new().map_err(|e| bad(e.to_string()))?;
-        let signers = p7
-            .signers(&none, Pkcs7Flags::empty())
-            .map_err(|_| bad("the signer's certificate is not in the seal"))?;
-        let mut it = signers.iter();
-        let (Some(signer), None) = (it.next(), it.next()) else {
-            return Err(bad("a seal has exactly one signer"));
-        };
-        let checked = self.check_signer(signer)?;
+        let signer = crate::pki::sole_signer(&p7, "seal").map_err(bad)?;
+        let checked = self.check_signer(&signer)?;
         let now = crate::Timestamp::now().as_millis() / 1000;
         if now < checked.not_before || now > checked.not_after {
             return Err(bad("the signer's certificate is not valid now"));
@@ -418,20 +411,10 @@ impl Opener {
                 "signed by {signer_id}, which does not speak for the source {source}"
             )));
         }
-        // The signature itself (the chain was checked above, against the
-        // one CA this deployment has; NOVERIFY skips OpenSSL's S/MIME
-        // purpose check, which our component certificates do not carry).
-        let mut doc = Vec::new();
-        p7.verify(
-            &none,
-            &openssl::x509::store::X509StoreBuilder::new()
-                .map_err(|e| bad(e.to_string()))?
-                .build(),
-            None,
-            Some(&mut doc),
-            Pkcs7Flags::BINARY | Pkcs7Flags::NOVERIFY,
-        )
-        .map_err(|_| bad("the signature does not verify: the content was altered"))?;
+        // The signature itself (the chain was checked above).
+        let doc = crate::pki::signed_content(&p7)
+            .map_err(bad)?
+            .ok_or_else(|| bad("the signature does not verify: the content was altered"))?;
         if doc.len() > MAX_SEALED {
             return Err(bad("the sealed document is too large"));
         }
