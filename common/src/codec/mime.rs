@@ -8,6 +8,7 @@
 //! The media type itself is parsed with the `mime` crate.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::LazyLock;
 
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
@@ -362,7 +363,7 @@ impl Scanner {
                 let hstart = pad;
                 let hlimit = self.limits.max_part_header_bytes + 4;
                 let window = &buf[hstart..buf.len().min(hstart + hlimit)];
-                let Some(hend) = memchr::memmem::find(window, b"\r\n\r\n") else {
+                let Some(hend) = BLANK_LINE.find(window) else {
                     if window.len() >= hlimit {
                         return Err(DecodeError::PartHeaders {
                             part,
@@ -410,6 +411,10 @@ impl Scanner {
         }
     }
 }
+
+/// The blank line that ends a part's headers, searched for in every part at
+/// every tier: built once (`memmem::find` builds its searcher on each call).
+static BLANK_LINE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
 
 /// Decodes an envelope as its body arrives, holding at most one part (plus
 /// the last chunk) in memory. Feed it with [`push`](Self::push) or
