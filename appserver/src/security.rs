@@ -628,39 +628,31 @@ pub fn public_routes(
                     .map(str::trim)
                     .unwrap_or("");
                 let refuse = |s, t: String| Refusal::new(s, t).response();
-                if token.is_empty() && body.starts_with(b"-----BEGIN PKCS7-----") {
-                    return match app.renew(&body).await {
-                        Ok(pem) => {
-                            app.stats.renewed.fetch_add(1, Ordering::Relaxed);
-                            let mut r = warp::reply::Response::new(pem.into());
-                            r.headers_mut().insert(
-                                http::header::CONTENT_TYPE,
-                                http::HeaderValue::from_static("application/x-pem-file"),
-                            );
-                            r
-                        }
-                        Err(EnrollError::Bad(e)) => {
-                            app.stats.enroll_refused.fetch_add(1, Ordering::Relaxed);
-                            refuse(http::StatusCode::FORBIDDEN, e)
-                        }
-                        Err(EnrollError::Token) => refuse(
-                            http::StatusCode::UNAUTHORIZED,
-                            "unknown, used or expired enrollment token".into(),
-                        ),
-                        Err(EnrollError::Db(e)) => {
-                            refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-                        }
-                    };
-                }
-                if token.is_empty() {
+                // A renewal is signed by the certificate it renews; an
+                // enrollment carries its token.
+                let renewal = token.is_empty() && body.starts_with(b"-----BEGIN PKCS7-----");
+                if token.is_empty() && !renewal {
                     return refuse(
                         http::StatusCode::UNAUTHORIZED,
                         "an enrollment token is required (Authorization: Bearer ...)".into(),
                     );
                 }
-                match app.enroll(token, &body).await {
+                let (outcome, done, refused_as) = if renewal {
+                    (
+                        app.renew(&body).await,
+                        &app.stats.renewed,
+                        http::StatusCode::FORBIDDEN,
+                    )
+                } else {
+                    (
+                        app.enroll(token, &body).await,
+                        &app.stats.enrolled,
+                        http::StatusCode::BAD_REQUEST,
+                    )
+                };
+                match outcome {
                     Ok(pem) => {
-                        app.stats.enrolled.fetch_add(1, Ordering::Relaxed);
+                        done.fetch_add(1, Ordering::Relaxed);
                         let mut r = warp::reply::Response::new(pem.into());
                         r.headers_mut().insert(
                             http::header::CONTENT_TYPE,
@@ -677,7 +669,7 @@ pub fn public_routes(
                     }
                     Err(EnrollError::Bad(e)) => {
                         app.stats.enroll_refused.fetch_add(1, Ordering::Relaxed);
-                        refuse(http::StatusCode::BAD_REQUEST, e)
+                        refuse(refused_as, e)
                     }
                     Err(EnrollError::Db(e)) => {
                         refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
