@@ -227,6 +227,22 @@ impl Cache {
         Ok(row.map(|(sha, size)| (self.path(&sha), u64::try_from(size).unwrap_or(0))))
     }
 
+    /// Whether `sha` is cached here.
+    pub async fn is_cached(&self, sha: String) -> Result<bool, DbError> {
+        self.db
+            .read(move |s| {
+                Ok(s.0
+                    .query_row(
+                        "SELECT 1 FROM files WHERE sha256 = ?1 AND state = 'cached'",
+                        [&sha],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some())
+            })
+            .await
+    }
+
     /// Bytes of cached files, and the files, least recently used first.
     async fn cached(&self) -> Result<Vec<(String, u64)>, DbError> {
         self.db
@@ -278,6 +294,21 @@ fn backoff(attempts: u32) -> Duration {
 
 /// The fetcher and evictor: runs until `stop`.
 pub async fn run(mlm: Arc<Mlm>, stop: tokio_util::sync::CancellationToken) {
+    // A stop between marking a file cached and releasing its held copies
+    // left them held: release what waits for a file that is here.
+    match mlm.cache.cached().await {
+        Ok(files) => {
+            for (sha, _) in files {
+                match mlm.outbox.release(sha.clone()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("bulk cache: {sha} is here; {n} offer(s) released"),
+                    Err(e) => tracing::error!("bulk cache {sha}: {e}"),
+                }
+            }
+            mlm.outbox_ready.notify_waiters();
+        }
+        Err(e) => tracing::error!("bulk cache: {e}"),
+    }
     loop {
         let now = mlm.clock.now();
         match mlm.cache.due(now).await {

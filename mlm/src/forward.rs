@@ -394,17 +394,41 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
     for (sha, cached, these) in offers {
         match mlm
             .outbox
-            .accept_bulk(these, Some((sha, !cached)), mlm.clock.now())
+            .accept_bulk(these, Some((sha.clone(), !cached)), mlm.clock.now())
             .await
         {
             Ok(more) => ids.extend(more),
-            Err(e) => tracing::error!("back-channel queue: {e}; a download offer not acknowledged"),
+            Err(e) => {
+                tracing::error!("back-channel queue: {e}; a download offer not acknowledged");
+                continue;
+            }
+        }
+        if !cached {
+            release_if_cached(mlm, sha).await;
         }
     }
     mlm.outbox_ready.notify_waiters();
     ids.extend(for_me);
     ids.retain(|i| !failed.contains(i));
     ids
+}
+
+/// Held copies of an offer were just queued: if the fetcher finished the
+/// file meanwhile, its release ran before they were there, so they go now.
+/// (The fetcher marks a file cached before it releases; copies committed
+/// before that mark are released by the fetcher, the others here.)
+async fn release_if_cached(mlm: &Mlm, sha: String) {
+    match mlm.cache.is_cached(sha.clone()).await {
+        Ok(false) => {}
+        Ok(true) => match mlm.outbox.release(sha.clone()).await {
+            Ok(n) if n > 0 => {
+                tracing::info!("bulk cache: {sha} already here; {n} offer(s) released")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("bulk cache {sha}: {e}; offers released at the next start"),
+        },
+        Err(e) => tracing::error!("bulk cache {sha}: {e}; offers released at the next start"),
+    }
 }
 
 /// For a download offer: records it in the cache and returns the file's

@@ -479,17 +479,39 @@ async fn subscriber() -> (
 
 /// Runs `rsctl` (the multi-call executable's role) against `a`.
 pub(crate) fn rsctl(a: &str, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(exe())
+    use std::io::Read as _;
+    let mut child = std::process::Command::new(exe())
         .arg("rsctl")
         .args(rs_tests::deploy::rsctl_args(a))
         .args(args)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let drain = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    // A watch that never ends fails its test (exit -1) instead of holding
+    // the whole suite.
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code().unwrap_or(-1);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break -1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (code, out.join().unwrap(), err.join().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
