@@ -40,6 +40,12 @@ pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, path)?;
+    sync_parent(path)
+}
+
+/// Syncs the directory that holds `path`, so that a rename into it
+/// outlasts a power loss.
+pub fn sync_parent(path: &std::path::Path) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => std::path::Path::new("."),

@@ -116,8 +116,7 @@ pub async fn ensure(
 async fn enroll(tls: &TlsConfig, token: &str, urls: &[String]) -> Result<(), Failed> {
     // A key from an earlier attempt is reused: the request can be repeated.
     let key = if tls.key.exists() {
-        let pem = std::fs::read(&tls.key).map_err(|e| format!("{}: {e}", tls.key.display()))?;
-        PKey::private_key_from_pem(&pem).map_err(|e| format!("{}: {e}", tls.key.display()))?
+        pki::read_key(&tls.key)?
     } else {
         if let Some(d) = tls.key.parent() {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -133,8 +132,7 @@ async fn enroll(tls: &TlsConfig, token: &str, urls: &[String]) -> Result<(), Fai
     let csr = pki::csr(&key)?
         .to_pem()
         .map_err(|e| format!("openssl: {e}"))?;
-    let ca_pem = std::fs::read(&tls.ca).map_err(|e| format!("{}: {e}", tls.ca.display()))?;
-    let ca = X509::from_pem(&ca_pem).map_err(|e| format!("{}: {e}", tls.ca.display()))?;
+    let ca = pki::read_cert(&tls.ca)?;
     let http = crate::tls::client_trusting(&tls.ca)?
         .timeout(Duration::from_secs(30))
         .build()
@@ -244,16 +242,14 @@ pub fn finish_renewal(tls: &TlsConfig) -> Result<(), String> {
     if !cert_next.exists() {
         return Ok(());
     }
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let key = PKey::private_key_from_pem(&read(&tls.key)?)
-        .map_err(|e| format!("{}: {e}", tls.key.display()))?;
-    let matches = X509::from_pem(&read(&cert_next)?)
+    let key = pki::read_key(&tls.key)?;
+    let matches = X509::from_pem(&pki::read_file(&cert_next)?)
         .ok()
         .and_then(|c| c.public_key().ok())
         .is_some_and(|k| k.public_eq(&key));
     if matches {
         tracing::info!("completing the certificate renewal a stop interrupted");
-        std::fs::rename(&cert_next, &tls.cert).map_err(|e| format!("{}: {e}", tls.cert.display()))
+        pki::rename(&cert_next, &tls.cert)
     } else {
         std::fs::remove_file(&cert_next).map_err(|e| format!("{}: {e}", cert_next.display()))
     }
@@ -275,16 +271,13 @@ pub fn renewal_due(cert: &X509, before_days: u32, now: i64) -> Result<bool, Stri
 /// component would hold no usable certificate.
 pub async fn renew_if_due(tls: &TlsConfig, urls: &[String]) -> Result<bool, Failed> {
     finish_renewal(tls)?;
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let cert =
-        X509::from_pem(&read(&tls.cert)?).map_err(|e| format!("{}: {e}", tls.cert.display()))?;
+    let cert = pki::read_cert(&tls.cert)?;
     let now = crate::Timestamp::now().as_millis() / 1000;
     if !renewal_due(&cert, tls.renew_before_days, now)? {
         return Ok(false);
     }
     let old = Identity::from_cert(&cert)?;
-    let key = PKey::private_key_from_pem(&read(&tls.key)?)
-        .map_err(|e| format!("{}: {e}", tls.key.display()))?;
+    let key = pki::read_key(&tls.key)?;
     let new_key = pki::generate_key()?;
     let csr = pki::csr(&new_key)?
         .to_pem()
@@ -299,7 +292,7 @@ pub async fn renew_if_due(tls: &TlsConfig, urls: &[String]) -> Result<bool, Fail
     )
     .and_then(|p7| p7.to_pem())
     .map_err(|e| format!("signing the renewal: {e}"))?;
-    let ca = X509::from_pem(&read(&tls.ca)?).map_err(|e| format!("{}: {e}", tls.ca.display()))?;
+    let ca = pki::read_cert(&tls.ca)?;
     let http = crate::tls::client(Some(tls))?
         .timeout(Duration::from_secs(30))
         .build()
@@ -329,8 +322,10 @@ pub async fn renew_if_due(tls: &TlsConfig, urls: &[String]) -> Result<bool, Fail
             .map_err(|e| format!("openssl: {e}"))?,
     )?;
     pki::write_private(&cert_next, &pem)?;
-    std::fs::rename(&key_next, &tls.key).map_err(|e| format!("{}: {e}", tls.key.display()))?;
-    std::fs::rename(&cert_next, &tls.cert).map_err(|e| format!("{}: {e}", tls.cert.display()))?;
+    // The key is in place, durably, before the certificate follows it: a
+    // power loss in between leaves what finish_renewal completes.
+    pki::rename(&key_next, &tls.key)?;
+    pki::rename(&cert_next, &tls.cert)?;
     tracing::info!(
         "renewed the certificate of {}: {} -> {}",
         id.name,

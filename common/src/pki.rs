@@ -600,11 +600,11 @@ pub(crate) fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` so that a crash leaves the old file or the new
+/// one, whole ([`crate::config_file::write_atomically`]).
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    crate::config_file::write_atomically(path, bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Writes a private key readable by its owner only.
@@ -622,5 +622,28 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    rename(&tmp, path)
+}
+
+/// Renames `from` to `to` and syncs the directory, so that the rename
+/// outlasts a power loss (and comes before any later one).
+pub fn rename(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::rename(from, to)
+        .and_then(|()| crate::config_file::sync_parent(to))
+        .map_err(|e| format!("{}: {e}", to.display()))
+}
+
+/// A file's bytes; errors name the file.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A PEM certificate from a file; errors name the file.
+pub fn read_cert(path: &Path) -> Result<X509, String> {
+    X509::from_pem(&read_file(path)?).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A PEM private key from a file; errors name the file.
+pub fn read_key(path: &Path) -> Result<PKey<Private>, String> {
+    PKey::private_key_from_pem(&read_file(path)?).map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -69,14 +69,12 @@ impl TlsConfig {
 
     /// This component's identity, read from its certificate.
     pub fn identity(&self) -> Result<Identity, String> {
-        let pem = std::fs::read(&self.cert).map_err(|e| format!("{}: {e}", self.cert.display()))?;
-        let cert = X509::from_pem(&pem).map_err(|e| format!("{}: {e}", self.cert.display()))?;
+        let cert = crate::pki::read_cert(&self.cert)?;
         Identity::from_cert(&cert)
     }
 
     fn ca_cert(&self) -> Result<X509, String> {
-        let pem = std::fs::read(&self.ca).map_err(|e| format!("{}: {e}", self.ca.display()))?;
-        X509::from_pem(&pem).map_err(|e| format!("{}: {e}", self.ca.display()))
+        crate::pki::read_cert(&self.ca)
     }
 }
 
@@ -152,7 +150,7 @@ impl Revocations {
         {
             return Ok(false);
         }
-        let pem = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let pem = crate::pki::read_file(p)?;
         let changed = self.apply(&pem)?;
         if let Ok(mut l) = self.loaded.lock() {
             l.1 = Some(mtime);
@@ -299,8 +297,8 @@ pub fn client(cfg: Option<&TlsConfig>) -> Result<reqwest::ClientBuilder, String>
         // it is, and it keeps everything meanwhile.
         return Ok(b);
     }
-    let cert = std::fs::read(&cfg.cert).map_err(|e| format!("{}: {e}", cfg.cert.display()))?;
-    let key = std::fs::read(&cfg.key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
+    let cert = crate::pki::read_file(&cfg.cert)?;
+    let key = crate::pki::read_file(&cfg.key)?;
     let id = reqwest::Identity::from_pkcs8_pem(&cert, &key)
         .map_err(|e| format!("{}: {e}", cfg.cert.display()))?;
     Ok(b.identity(id))
@@ -309,7 +307,7 @@ pub fn client(cfg: Option<&TlsConfig>) -> Result<reqwest::ClientBuilder, String>
 /// A client that trusts only the CA in `ca` and presents no certificate
 /// (enrollment, before there is one).
 pub fn client_trusting(ca: &Path) -> Result<reqwest::ClientBuilder, String> {
-    let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+    let pem = crate::pki::read_file(ca)?;
     let root =
         reqwest::Certificate::from_pem(&pem).map_err(|e| format!("{}: {e}", ca.display()))?;
     Ok(reqwest::Client::builder()
