@@ -949,6 +949,7 @@ async fn send(
         req.ttl_secs,
         req.notify.clone(),
         action.name(),
+        None,
         |id, dests, expiry, now| {
             rs_common::control::control_message(id, dests, Some(expiry), &action, now)
         },
@@ -960,7 +961,8 @@ async fn send(
 /// Starts a job: expands `groups`, splits the destinations by next hop,
 /// and records the job with one copy per hop of the message `build` makes
 /// (given the message ID, the destinations behind the hop, the expiry and
-/// now). Returns the job as recorded.
+/// now), and with `offer` the download URL it offers (see
+/// [`NewJob::offer`]). Returns the job as recorded.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn start_job(
     app: &AppServer,
@@ -970,6 +972,7 @@ pub(crate) async fn start_job(
     ttl_secs: Option<u64>,
     notify: Option<String>,
     action: &str,
+    offer: Option<(String, String)>,
     build: impl Fn(rs_common::MessageId, Vec<RsId>, Timestamp, Timestamp) -> rs_common::model::Message,
 ) -> Result<rs_common::codec::api::Job, warp::Rejection> {
     let bad = |status, t: String| refuse(status, t);
@@ -1055,6 +1058,7 @@ pub(crate) async fn start_job(
                 unreachable,
                 expiry: Some(expiry),
                 notify,
+                offer,
             },
             now,
         )

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::StatusCode;
-use rs_common::Timestamp;
 use rs_common::bulk;
 use rs_common::codec::api::{PublishedFile, decode_offer_request, encode_file};
 use rs_common::model::*;
@@ -271,6 +270,9 @@ async fn offer(
         req.ttl_secs,
         req.notify.clone(),
         "offer",
+        // The URL is recorded with the job: a copy may be fetched as soon
+        // as it leaves, before this handler runs on.
+        Some((bulk::token_digest(&token), hex.clone())),
         |id, dests, expiry, now| Message {
             header: Header {
                 id,
@@ -291,26 +293,6 @@ async fn offer(
         },
     )
     .await?;
-    let (digest, job_id, message, expires, now) = (
-        bulk::token_digest(&token),
-        job.id.clone(),
-        job.message.clone(),
-        job.expiry.map_or(i64::MAX, Timestamp::as_millis),
-        app.clock.now(),
-    );
-    app.store
-        .db
-        .write(move |s| {
-            crate::store::exec(
-                &s.0,
-                "INSERT INTO offers (digest, sha256, job, message, expires, created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                rusqlite::params![digest, hex, job_id, message, expires, now.as_millis()],
-            )?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     app.downloads.offers.fetch_add(1, Ordering::Relaxed);
     Ok(rs_common::ingress::xml_response(
         rs_common::codec::api::encode_job(&job),

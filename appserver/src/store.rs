@@ -756,6 +756,21 @@ impl Store {
                         ],
                     )?;
                 }
+                if let Some((digest, sha256)) = &job.offer {
+                    exec(
+                        &s.0,
+                        "INSERT INTO offers (digest, sha256, job, message, expires, created)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![
+                            digest,
+                            sha256,
+                            job.id,
+                            job.message.as_str(),
+                            expiry.unwrap_or(i64::MAX),
+                            now.as_millis()
+                        ],
+                    )?;
+                }
                 Ok(())
             })
             .await
@@ -1216,6 +1231,10 @@ pub struct NewJob {
     pub unreachable: Vec<RsId>,
     pub expiry: Option<Timestamp>,
     pub notify: Option<String>,
+    /// A download offer's URL (its token's digest) and file (SHA-256),
+    /// recorded with the job: its copies may be fetched as soon as they
+    /// leave, so the URL must exist by then.
+    pub offer: Option<(String, String)>,
 }
 
 fn bump_job(conn: &Connection, message: &MessageId) -> rusqlite::Result<()> {

@@ -281,6 +281,13 @@ impl TlsServer {
     }
 }
 
+/// How long a client keeps an idle connection for reuse: well under the
+/// servers' header timeout (`server::ServeConfig`, 10 s), which also closes
+/// a keep-alive connection left idle that long. A client holding it longer
+/// races that close: a request written just as the server closes is lost
+/// mid-flight (`IncompleteMessage`), and a POST is not retried for it.
+pub const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A client for the tiers: trusts only the CA, presents this component's
 /// certificate, TLS 1.2 or newer. `None` gives a plain-HTTP client.
 pub fn client(cfg: Option<&TlsConfig>) -> Result<reqwest::ClientBuilder, String> {
@@ -289,7 +296,9 @@ pub fn client(cfg: Option<&TlsConfig>) -> Result<reqwest::ClientBuilder, String>
         // the system's whole root store into every client: several MB of
         // resident memory in an idle proxy, for certificates it must never
         // trust anyway.)
-        return Ok(reqwest::Client::builder().tls_certs_only([]));
+        return Ok(reqwest::Client::builder()
+            .tls_certs_only([])
+            .pool_idle_timeout(POOL_IDLE));
     };
     let b = client_trusting(&cfg.ca)?;
     if !cfg.cert.exists() {
@@ -312,7 +321,8 @@ pub fn client_trusting(ca: &Path) -> Result<reqwest::ClientBuilder, String> {
         reqwest::Certificate::from_pem(&pem).map_err(|e| format!("{}: {e}", ca.display()))?;
     Ok(reqwest::Client::builder()
         .tls_certs_only([root])
-        .min_tls_version(reqwest::tls::Version::TLS_1_2))
+        .min_tls_version(reqwest::tls::Version::TLS_1_2)
+        .pool_idle_timeout(POOL_IDLE))
 }
 
 /// `GET /rs/v1/crl`: the revocation list in force here (from `path`),
