@@ -190,6 +190,7 @@ pub(crate) fn run(runs: usize, messages: u64) -> anyhow::Result<()> {
         messages,
         backlog: 0,
         clients: 32,
+        batch: 1,
         runs,
     };
     // Throughput against the batch size.

@@ -26,6 +26,9 @@ pub(crate) struct Settings {
     pub(crate) messages: u64,
     pub(crate) backlog: u64,
     pub(crate) clients: usize,
+    /// Messages per call: 1 sends each with `POST /v1/alarm`, more send
+    /// them in batches with `POST /v1/batch`.
+    pub(crate) batch: usize,
     pub(crate) runs: usize,
 }
 
@@ -183,19 +186,31 @@ pub(crate) fn alarm(i: u64) -> SendRequest {
 }
 
 /// Sends `n` alarms through the proxy with `clients` concurrent clients.
-async fn load(socket: &Path, n: u64, clients: usize) -> anyhow::Result<()> {
+async fn load(socket: &Path, n: u64, clients: usize, batch: usize) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
+    let batch = batch.max(1) as u64;
     for _ in 0..clients {
         let (next, socket) = (next.clone(), socket.to_path_buf());
         tasks.push(tokio::spawn(async move {
             let c = Client::new(&socket);
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
+                let i = next.fetch_add(batch, Ordering::Relaxed);
                 if i >= n {
                     return anyhow::Ok(());
                 }
-                c.send("alarm", &alarm(i)).await?;
+                if batch == 1 {
+                    c.send("alarm", &alarm(i)).await?;
+                    continue;
+                }
+                let items = (i..(i + batch).min(n))
+                    .map(|j| rs_proxy::api::BatchItem::Alarm(alarm(j)))
+                    .collect();
+                for r in c.send_batch(items).await? {
+                    if let rs_proxy::api::BatchResult::Failed { status, error } = r {
+                        anyhow::bail!("batch item refused ({status}): {error}");
+                    }
+                }
             }
         }));
     }
@@ -257,6 +272,9 @@ pub(crate) fn cpu_ms(pid: u32) -> f64 {
 fn cpu_total(pids: &[u32]) -> f64 {
     pids.iter().map(|&p| cpu_ms(p)).sum()
 }
+
+/// Integrator clients in the one-message-per-call run.
+const SINGLE_CLIENTS: usize = 32;
 
 pub(crate) struct Ours {
     pub(crate) rate: f64,
@@ -330,7 +348,7 @@ pub(crate) async fn ours_with(
     let base = stored(&a).await;
     let cpu0 = cpu_total(&pids);
     let t0 = Instant::now();
-    load(&socket, s.messages, s.clients).await?;
+    load(&socket, s.messages, s.clients, s.batch).await?;
     let done = until_stored(&a, base + s.messages, Duration::from_secs(600)).await?;
     let rate = s.messages as f64 / done.duration_since(t0).as_secs_f64();
     let cpu_us = (cpu_total(&pids) - cpu0) * 1000.0 / s.messages as f64;
@@ -346,7 +364,7 @@ pub(crate) async fn ours_with(
 
     // Drain: the MLM is away while the backlog builds up at the proxy.
     d.node("mlm").kill();
-    load(&socket, s.backlog, s.clients).await?;
+    load(&socket, s.backlog, s.clients, s.batch).await?;
     let base = stored(&a).await;
     let t0 = Instant::now();
     d.restart("mlm")?;
@@ -513,9 +531,21 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
     let tmp = std::env::temp_dir().join(format!("rs-bench-{}", std::process::id()));
     let (mut rate, mut drain, mut prate, mut pdrain) = (vec![], vec![], vec![], vec![]);
     let (mut cpu, mut pcpu) = (vec![], vec![]);
+    let (mut single, mut single_cpu) = (vec![], vec![]);
+    let one_by_one = Settings {
+        clients: SINGLE_CLIENTS,
+        batch: 1,
+        ..s.clone()
+    };
     for i in 0..s.runs {
         eprintln!("rs-bench forward: run {} of {}: ours", i + 1, s.runs);
         let o = rt.block_on(ours(&exe, s, &tmp.join("ours"), false, true))?;
+        eprintln!(
+            "rs-bench forward: run {} of {}: ours, one message per call",
+            i + 1,
+            s.runs
+        );
+        let o1 = rt.block_on(ours(&exe, &one_by_one, &tmp.join("ours1"), false, false))?;
         eprintln!(
             "rs-bench forward: run {} of {}: mosquitto bridge",
             i + 1,
@@ -523,9 +553,11 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
         );
         let (pr, pd, pc) = peer(s, &tmp.join("peer"))?;
         eprintln!(
-            "  ours {:.0}/s drain {:.0}/s {:.0} µs CPU/message; mosquitto {pr:.0}/s drain {pd:.0}/s {pc:.0} µs CPU/message",
-            o.rate, o.drain, o.cpu_us
+            "  ours {:.0}/s drain {:.0}/s {:.0} µs CPU/message (one per call: {:.0}/s, {:.0} µs); mosquitto {pr:.0}/s drain {pd:.0}/s {pc:.0} µs CPU/message",
+            o.rate, o.drain, o.cpu_us, o1.rate, o1.cpu_us
         );
+        single.push(o1.rate);
+        single_cpu.push(o1.cpu_us);
         rate.push(o.rate);
         drain.push(o.drain);
         cpu.push(o.cpu_us);
@@ -535,8 +567,8 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
     }
     let _ = std::fs::remove_dir_all(&tmp);
     let command = format!(
-        "cargo run --release -p rs-bench -- forward --messages {} --backlog {} --runs {}",
-        s.messages, s.backlog, s.runs
+        "cargo run --release -p rs-bench -- forward --messages {} --backlog {} --clients {} --batch {} --runs {}",
+        s.messages, s.backlog, s.clients, s.batch, s.runs
     );
     let at = crate::now();
     let machine = crate::machine();
@@ -578,17 +610,47 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
         fig(
             "forward_msgs_per_s",
             format!(
-                "durable forward path, integrator -> proxy spool -> MLM -> appserver stored, 2 KB alarms, {} messages, {} concurrent integrator clients",
-                s.messages, s.clients
+                "durable forward path, integrator -> proxy spool -> MLM -> appserver stored, 2 KB alarms, {} messages, {} concurrent integrator clients each sending batches of {} (POST /v1/batch)",
+                s.messages, s.clients, s.batch
             ),
             &mut rate,
             "messages/s",
             "higher",
             Some((
                 "mosquitto bridge A -> B, QoS 1, persistence on, 2 KB",
-                &mut prate,
+                &mut prate.clone(),
             )),
             Some("ratio >= 1"),
+        ),
+        fig(
+            "forward_msgs_per_s_single",
+            format!(
+                "the same path with each message its own call (POST /v1/alarm), {} messages, {SINGLE_CLIENTS} concurrent integrator clients",
+                s.messages
+            ),
+            &mut single,
+            "messages/s",
+            "higher",
+            Some((
+                "mosquitto bridge A -> B, QoS 1, persistence on, 2 KB",
+                &mut prate,
+            )),
+            None,
+        ),
+        fig(
+            "forward_cpu_us_per_msg_single",
+            format!(
+                "CPU time (user + system) of rs-proxy, rs-mlm and rs-appserver per message in the forward_msgs_per_s_single run ({} messages)",
+                s.messages
+            ),
+            &mut single_cpu,
+            "µs",
+            "lower",
+            Some((
+                "the bridge's two mosquitto brokers per message in its run",
+                &mut pcpu.clone(),
+            )),
+            None,
         ),
         fig(
             "forward_cpu_us_per_msg",
@@ -681,8 +743,8 @@ pub(crate) fn mtls(s: &Settings) -> anyhow::Result<Vec<Figure>> {
         Figure {
             id: "forward_msgs_per_s_mtls".into(),
             what: format!(
-                "durable forward path with mutual TLS between every tier (proxy enrolled, MLM and server certificates, ECDSA P-256), 2 KB alarms, {} messages, {} concurrent integrator clients",
-                s.messages, s.clients
+                "durable forward path with mutual TLS between every tier (proxy enrolled, MLM and server certificates, ECDSA P-256), 2 KB alarms, {} messages, {} concurrent integrator clients each sending batches of {}",
+                s.messages, s.clients, s.batch
             ),
             value,
             unit: "messages/s".into(),

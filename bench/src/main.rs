@@ -369,7 +369,8 @@ fn main() {
     let settings = forward::Settings {
         messages: opt(&args, "--messages", 100_000),
         backlog: opt(&args, "--backlog", 1_000_000),
-        clients: opt(&args, "--clients", 32) as usize,
+        clients: opt(&args, "--clients", 8) as usize,
+        batch: opt(&args, "--batch", 20).max(1) as usize,
         runs: opt(&args, "--runs", 3).max(1) as usize,
     };
     let runs = settings.runs;

@@ -98,6 +98,56 @@ pub struct Sent {
     pub message_id: String,
 }
 
+/// Most messages in one batch.
+pub const MAX_BATCH: usize = 1000;
+
+/// Largest batch request body accepted.
+const MAX_BATCH_BODY: u64 = 8 << 20;
+
+/// One message of a batch, tagged with its type: `{"alarm": {...}}`,
+/// `{"event": {...}}` or `{"data": {...}}`, each holding what
+/// `POST /v1/alarm` (`event`, `data`) takes.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchItem {
+    Alarm(SendRequest),
+    Event(SendRequest),
+    Data(SendRequest),
+}
+
+impl BatchItem {
+    fn split(self) -> (ContentKind, SendRequest) {
+        match self {
+            BatchItem::Alarm(r) => (ContentKind::Alarm, r),
+            BatchItem::Event(r) => (ContentKind::Event, r),
+            BatchItem::Data(r) => (ContentKind::Data, r),
+        }
+    }
+}
+
+/// `POST /v1/batch`: many messages in one call, spooled in one
+/// transaction.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub messages: Vec<BatchItem>,
+}
+
+/// What became of one message of a batch: its ID once durably spooled, or
+/// why not, with the status `POST /v1/alarm` would have answered.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum BatchResult {
+    Sent { message_id: String },
+    Failed { status: u16, error: String },
+}
+
+/// The answer to a batch: one result per message, in order.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchReply {
+    pub results: Vec<BatchResult>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Registered {
     pub id: String,
@@ -227,14 +277,31 @@ pub fn routes(
                 };
                 match send(&proxy, kind, req).await {
                     Ok(id) => json(StatusCode::OK, &Sent { message_id: id }),
-                    Err(SubmitError::Invalid(t)) => error(StatusCode::BAD_REQUEST, t),
-                    Err(SubmitError::Refused(r)) => {
-                        error(StatusCode::INSUFFICIENT_STORAGE, r.to_string())
+                    Err(e) => {
+                        let (status, text) = refusal(e);
+                        error(status, text)
                     }
-                    Err(SubmitError::Storage(t)) => error(StatusCode::SERVICE_UNAVAILABLE, t),
                 }
             },
         );
+    let batch = warp::path!("v1" / "batch")
+        .and(warp::post())
+        .and(p.clone())
+        .and(warp::body::content_length_limit(MAX_BATCH_BODY).and(warp::body::json()))
+        .then(|proxy: Arc<Proxy>, req: BatchRequest| async move {
+            if req.messages.len() > MAX_BATCH {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("at most {MAX_BATCH} messages in a batch"),
+                );
+            }
+            json(
+                StatusCode::OK,
+                &BatchReply {
+                    results: send_batch(&proxy, req.messages).await,
+                },
+            )
+        });
     let status = warp::path!("v1" / "status").and(warp::get()).and(p.clone()).then(|proxy: Arc<Proxy>| async move {
         let spool = proxy.spool.stats().await.unwrap_or_default();
         let st = &proxy.sender_stats;
@@ -361,6 +428,8 @@ pub fn routes(
         .unify()
         .or(drops)
         .unify()
+        .or(batch)
+        .unify()
         .or(send)
         .unify();
     rs_common::server::finish(routes)
@@ -422,6 +491,63 @@ pub async fn send(
     kind: ContentKind,
     req: SendRequest,
 ) -> Result<String, SubmitError> {
+    let raw = build(proxy, kind, req).await?;
+    proxy.submit_raw(raw).await.map(|id| id.to_string())
+}
+
+/// The status and text a refused send answers with.
+fn refusal(e: SubmitError) -> (StatusCode, String) {
+    match e {
+        SubmitError::Invalid(t) => (StatusCode::BAD_REQUEST, t),
+        SubmitError::Refused(r) => (StatusCode::INSUFFICIENT_STORAGE, r.to_string()),
+        SubmitError::Storage(t) => (StatusCode::SERVICE_UNAVAILABLE, t),
+    }
+}
+
+/// Builds every message of a batch and spools those that are valid in one
+/// transaction (one fsync for all); a bad one is refused alone.
+pub async fn send_batch(proxy: &Proxy, items: Vec<BatchItem>) -> Vec<BatchResult> {
+    let failed = |e: SubmitError| {
+        let (status, error) = refusal(e);
+        BatchResult::Failed {
+            status: status.as_u16(),
+            error,
+        }
+    };
+    let mut results = Vec::with_capacity(items.len());
+    let mut raws = Vec::with_capacity(items.len());
+    for item in items {
+        let (kind, req) = item.split();
+        match build(proxy, kind, req).await {
+            Ok(raw) => {
+                results.push(None);
+                raws.push(raw);
+            }
+            Err(e) => results.push(Some(failed(e))),
+        }
+    }
+    let mut spooled = proxy.submit_many(raws).await.into_iter();
+    results
+        .into_iter()
+        .map(|r| match r {
+            Some(f) => f,
+            None => match spooled.next() {
+                Some(Ok(id)) => BatchResult::Sent {
+                    message_id: id.to_string(),
+                },
+                Some(Err(e)) => failed(e),
+                None => failed(SubmitError::Storage("the spool gave no answer".into())),
+            },
+        })
+        .collect()
+}
+
+/// Builds one message from an API request, checking everything in it.
+async fn build(
+    proxy: &Proxy,
+    kind: ContentKind,
+    req: SendRequest,
+) -> Result<rs_common::codec::RawMessage, SubmitError> {
     let bad = |t: String| SubmitError::Invalid(t);
     let (integ, instance) = resolve(proxy, &req.integrator, req.instance.as_deref()).await?;
     let severity = match &req.severity {
@@ -553,7 +679,7 @@ pub async fn send(
             limits.max_part_bytes
         )));
     }
-    proxy.submit_raw(raw).await.map(|id| id.to_string())
+    Ok(raw)
 }
 
 /// Text XML 1.0 can carry, at most 256 KiB.

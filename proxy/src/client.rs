@@ -180,6 +180,25 @@ impl Client {
         Ok(r.message_id)
     }
 
+    /// Sends many messages in one call (`what` and request each); returns
+    /// one result per message, in order: its ID once the proxy has spooled
+    /// it durably (all in one transaction), or why not.
+    pub async fn send_batch(
+        &self,
+        items: Vec<crate::api::BatchItem>,
+    ) -> Result<Vec<crate::api::BatchResult>, ClientError> {
+        let v = self
+            .call(
+                http::Method::POST,
+                "/v1/batch",
+                Some(&crate::api::BatchRequest { messages: items }),
+            )
+            .await?;
+        let r: crate::api::BatchReply =
+            serde_json::from_value(v).map_err(|e| ClientError::Other(e.to_string()))?;
+        Ok(r.results)
+    }
+
     pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
         self.call::<()>(http::Method::GET, "/v1/status", None).await
     }

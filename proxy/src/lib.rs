@@ -166,6 +166,37 @@ impl Proxy {
         }
     }
 
+    /// Spools many messages in one transaction (one fsync for all); one
+    /// result per message, in order.
+    pub async fn submit_many(
+        &self,
+        raws: Vec<rs_common::codec::RawMessage>,
+    ) -> Vec<Result<MessageId, SubmitError>> {
+        if raws.is_empty() {
+            return Vec::new();
+        }
+        let ids: Vec<MessageId> = raws.iter().map(|r| r.header.id.clone()).collect();
+        match self.spool.enqueue(raws, self.clock.now()).await {
+            Ok(r) => ids
+                .into_iter()
+                .zip(
+                    r.into_iter()
+                        .map(Some)
+                        .chain(std::iter::repeat_with(|| None)),
+                )
+                .map(|(id, e)| match e {
+                    Some(Enqueued::Stored) | Some(Enqueued::Duplicate) => Ok(id),
+                    Some(Enqueued::Refused(reason)) => Err(SubmitError::Refused(reason)),
+                    None => Err(SubmitError::Storage("the spool gave no answer".into())),
+                })
+                .collect(),
+            Err(e) => ids
+                .iter()
+                .map(|_| Err(SubmitError::Storage(e.to_string())))
+                .collect(),
+        }
+    }
+
     /// `configChange`: lays the TOML document given over the configuration
     /// file (so one change can go to a whole group of proxies, each keeping
     /// its own identity and paths), validates the result, refuses what

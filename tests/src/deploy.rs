@@ -501,6 +501,20 @@ impl Deployment {
         Ok(a)
     }
 
+    /// The usual upper tiers: the application server and one MLM
+    /// (`mlm`, `acme.m1`) under it, both as configured by default; returns
+    /// their addresses.
+    pub fn server_and_mlm(&mut self) -> anyhow::Result<(String, String)> {
+        let a = self.appserver("127.0.0.1:0", "")?;
+        let m = self.mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra::default(),
+        )?;
+        Ok((a, m))
+    }
+
     /// Starts an MLM; returns its address.
     pub fn mlm(
         &mut self,

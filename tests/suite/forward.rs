@@ -78,15 +78,7 @@ pub(crate) fn free_port() -> String {
 async fn messages_flow_end_to_end_and_are_stored_once() {
     let dir = tmp("e2e");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d.appserver("127.0.0.1:0", "").unwrap();
-    let m = d
-        .mlm(
-            "mlm",
-            "acme.m1",
-            std::slice::from_ref(&a),
-            &Extra::default(),
-        )
-        .unwrap();
+    let (a, m) = d.server_and_mlm().unwrap();
     let s1 = d
         .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
         .unwrap();
@@ -441,15 +433,7 @@ async fn a_full_spool_evicts_by_policy_and_counts() {
 async fn sigkill_of_each_tier_loses_nothing_acknowledged_and_stores_nothing_twice() {
     let dir = tmp("kill");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d.appserver("127.0.0.1:0", "").unwrap();
-    let m = d
-        .mlm(
-            "mlm",
-            "acme.m1",
-            std::slice::from_ref(&a),
-            &Extra::default(),
-        )
-        .unwrap();
+    let (_, m) = d.server_and_mlm().unwrap();
     let fast = Extra {
         upstream: "max_backoff_secs = 1".into(),
         ..Extra::default()
@@ -719,4 +703,103 @@ fn the_packaged_example_configurations_load() {
     rs_appserver::Config::parse(&read("appserver.toml")).unwrap();
     rs_mlm::Config::parse(&read("mlm.toml")).unwrap();
     rs_proxy::Config::parse(&read("proxy.toml")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answers_each_message_and_what_it_acknowledged_survives_sigkill() {
+    use rs_proxy::api::{BatchItem, BatchResult};
+    let dir = tmp("batch");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (_, m) = d.server_and_mlm().unwrap();
+    let fast = Extra {
+        upstream: "max_backoff_secs = 1".into(),
+        ..Extra::default()
+    };
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &fast)
+        .unwrap();
+    let c = register(&s).await;
+
+    // The MLM is away: what the batch acknowledges is only in the proxy's
+    // spool when the proxy is killed.
+    d.node("mlm").signal("KILL");
+    let _ = d.node("mlm").child.take().map(|mut c| c.wait());
+    let mut items = Vec::new();
+    for i in 0..60 {
+        items.push(match i % 20 {
+            7 => BatchItem::Alarm(SendRequest {
+                severity: None,
+                ..alarm("no severity", None)
+            }),
+            13 => BatchItem::Event(SendRequest {
+                class: Some("not a token".into()),
+                ..alarm("bad class", None)
+            }),
+            17 => BatchItem::Data(SendRequest {
+                mime: Some("text/plain".into()),
+                ..alarm("no data", None)
+            }),
+            _ if i % 3 == 0 => BatchItem::Event(SendRequest {
+                severity: Some("info".into()),
+                ..alarm(&format!("batch event {i}"), None)
+            }),
+            _ if i % 3 == 1 => BatchItem::Data(SendRequest {
+                severity: None,
+                mime: Some("text/plain".into()),
+                data: Some(format!("batch data {i}")),
+                ..alarm("", None)
+            }),
+            _ => BatchItem::Alarm(alarm(&format!("batch alarm {i}"), None)),
+        });
+    }
+    let spooled = || async { proxy_metrics(&s).await.unwrap()["spool.messages"] };
+    let before = spooled().await;
+    let results = c.send_batch(items).await.unwrap();
+    assert_eq!(results.len(), 60);
+    let mut ids = HashSet::new();
+    for (i, r) in results.iter().enumerate() {
+        match (i % 20, r) {
+            (7 | 13 | 17, BatchResult::Failed { status, error }) => {
+                assert_eq!(*status, 400, "item {i}: {error}");
+                let says = match i % 20 {
+                    7 => "an alarm needs a severity",
+                    13 => "class/subclass",
+                    _ => "data needs exactly one of data or data_base64",
+                };
+                assert!(error.contains(says), "item {i}: {error}");
+            }
+            (_, BatchResult::Sent { message_id }) if !matches!(i % 20, 7 | 13 | 17) => {
+                ids.insert(message_id.clone());
+            }
+            _ => panic!("item {i}: {r:?}"),
+        }
+    }
+    assert_eq!(ids.len(), 51, "each valid message has its own ID");
+    // The refused ones were not spooled (a heartbeat may have been).
+    let added = spooled().await - before;
+    assert!((51..=52).contains(&added), "{added} spooled");
+
+    // Killed right after the answer, the proxy still has every message.
+    d.node("p1").signal("KILL");
+    let _ = d.node("p1").child.take().map(|mut c| c.wait());
+    tokio::task::block_in_place(|| d.restart("p1")).unwrap();
+    tokio::task::block_in_place(|| d.restart("mlm")).unwrap();
+    assert!(
+        all_stored(&dir, &ids, Duration::from_secs(60)),
+        "acknowledged messages were lost"
+    );
+    assert_exactly_once(&dir, &ids);
+
+    // A batch over the limit, or one that is not JSON, is refused whole.
+    let too_many: Vec<BatchItem> = (0..=rs_proxy::api::MAX_BATCH)
+        .map(|i| BatchItem::Alarm(alarm(&format!("x{i}"), None)))
+        .collect();
+    match c.send_batch(too_many).await {
+        Err(ClientError::Refused { status, text }) => {
+            assert_eq!(status, 413);
+            assert!(text.contains("at most 1000 messages"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    d.stop_all();
 }
