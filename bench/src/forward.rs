@@ -273,6 +273,15 @@ fn cpu_total(pids: &[u32]) -> f64 {
     pids.iter().map(|&p| cpu_ms(p)).sum()
 }
 
+/// Removes what earlier runs left under `tmp` and waits until the kernel
+/// has written back their dirty pages: a drain leaves gigabytes to write
+/// (and to free), which would otherwise slow whichever run comes next.
+pub(crate) fn quiet_disk(tmp: &Path) {
+    let _ = std::fs::remove_dir_all(tmp);
+    let _ = Command::new("sync").status();
+    std::thread::sleep(Duration::from_secs(2));
+}
+
 /// Integrator clients in the one-message-per-call run.
 const SINGLE_CLIENTS: usize = 32;
 
@@ -539,18 +548,21 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
     };
     for i in 0..s.runs {
         eprintln!("rs-bench forward: run {} of {}: ours", i + 1, s.runs);
+        quiet_disk(&tmp);
         let o = rt.block_on(ours(&exe, s, &tmp.join("ours"), false, true))?;
         eprintln!(
             "rs-bench forward: run {} of {}: ours, one message per call",
             i + 1,
             s.runs
         );
+        quiet_disk(&tmp);
         let o1 = rt.block_on(ours(&exe, &one_by_one, &tmp.join("ours1"), false, false))?;
         eprintln!(
             "rs-bench forward: run {} of {}: mosquitto bridge",
             i + 1,
             s.runs
         );
+        quiet_disk(&tmp);
         let (pr, pd, pc) = peer(s, &tmp.join("peer"))?;
         eprintln!(
             "  ours {:.0}/s drain {:.0}/s {:.0} µs CPU/message (one per call: {:.0}/s, {:.0} µs); mosquitto {pr:.0}/s drain {pd:.0}/s {pc:.0} µs CPU/message",
@@ -698,14 +710,17 @@ pub(crate) fn mtls(s: &Settings) -> anyhow::Result<Vec<Figure>> {
     let (mut with, mut without, mut sealed) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..s.runs {
         eprintln!("rs-bench mtls: run {} of {}", i + 1, s.runs);
+        quiet_disk(&tmp);
         with.push(
             rt.block_on(ours(&exe, s, &tmp.join("tls"), true, false))?
                 .rate,
         );
+        quiet_disk(&tmp);
         without.push(
             rt.block_on(ours(&exe, s, &tmp.join("plain"), false, false))?
                 .rate,
         );
+        quiet_disk(&tmp);
         sealed.push(
             rt.block_on(ours_with(
                 &exe,

@@ -3,6 +3,14 @@
 //! in its queue and runs the writes in one transaction, each in its own
 //! savepoint, so one fsync serves many callers and a failing job undoes
 //! only itself. A write's caller hears its result only after the commit.
+//!
+//! A write whose loss in a power failure only makes work be done again
+//! (a spool forgetting that a message was delivered sends it again, and
+//! the receiver drops the duplicate) may be *relaxed*: a batch of only
+//! such writes commits without an fsync (`synchronous=NORMAL`: still
+//! atomic, and safe against a crash of the process, but on disk only with
+//! the next fsynced commit or checkpoint). A batch with any other write is
+//! fsynced whole.
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
@@ -52,8 +60,12 @@ enum Job<S> {
     Read(Box<dyn FnOnce(&mut S) + Send>),
     /// Called with the state inside the batch's transaction, or with `None`
     /// if the transaction could not begin; returns what to tell the caller
-    /// once the commit's fate is known.
-    Write(WriteJob<S>),
+    /// once the commit's fate is known. `relaxed`: the commit need not be
+    /// fsynced for this one.
+    Write {
+        job: WriteJob<S>,
+        relaxed: bool,
+    },
 }
 
 /// Handle to the database thread; cheap to clone.
@@ -101,6 +113,8 @@ impl<S: DbState> Db<S> {
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
+                // What `synchronous` is set to (open() sets FULL).
+                let mut relaxed = false;
                 while let Some(first) = rx.blocking_recv() {
                     let mut batch = vec![first];
                     while batch.len() < 256 {
@@ -109,28 +123,50 @@ impl<S: DbState> Db<S> {
                             Err(_) => break,
                         }
                     }
-                    run_batch(&mut state, batch);
+                    run_batch(&mut state, batch, &mut relaxed);
                 }
             })
             .map_err(|e| DbError::Sql(format!("cannot start the database thread: {e}")))?;
         Ok(Db { tx })
     }
 
-    /// Runs `f` in the next transaction; returns once it has committed.
+    /// Runs `f` in the next transaction; returns once it has committed, on
+    /// disk.
     pub async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut S) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, DbError> {
+        self.write_as(f, false).await
+    }
+
+    /// [`Db::write`] for a write that may be lost in a power failure (see
+    /// the module's documentation): returns once it has committed, maybe
+    /// not yet on disk.
+    pub async fn write_relaxed<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut S) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, DbError> {
+        self.write_as(f, true).await
+    }
+
+    async fn write_as<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut S) -> Result<T, DbError> + Send + 'static,
+        relaxed: bool,
+    ) -> Result<T, DbError> {
         let (tx, rx) = oneshot::channel();
-        let job = Job::Write(Box::new(move |s: Option<&mut S>| {
-            let r = match s {
-                Some(s) => in_savepoint(s, f),
-                None => Err(DbError::Sql("the transaction could not begin".into())),
-            };
-            Box::new(move |committed: Result<(), DbError>| {
-                let _ = tx.send(committed.and(r));
-            }) as Deliver
-        }));
+        let job = Job::Write {
+            job: Box::new(move |s: Option<&mut S>| {
+                let r = match s {
+                    Some(s) => in_savepoint(s, f),
+                    None => Err(DbError::Sql("the transaction could not begin".into())),
+                };
+                Box::new(move |committed: Result<(), DbError>| {
+                    let _ = tx.send(committed.and(r));
+                }) as Deliver
+            }),
+            relaxed,
+        };
         self.tx.send(job).await.map_err(|_| DbError::Closed)?;
         rx.await.map_err(|_| DbError::Closed)?
     }
@@ -169,22 +205,39 @@ fn in_savepoint<S: DbState, T>(
     }
 }
 
-fn run_batch<S: DbState>(state: &mut S, batch: Vec<Job<S>>) {
-    let writes = batch.iter().any(|j| matches!(j, Job::Write(_)));
-    let began: Result<(), DbError> = if writes {
-        state
+/// `relaxed`: what `synchronous` is set to; set here to what the batch
+/// needs.
+fn run_batch<S: DbState>(state: &mut S, batch: Vec<Job<S>>, relaxed: &mut bool) {
+    let writes = batch.iter().any(|j| matches!(j, Job::Write { .. }));
+    let lax = batch
+        .iter()
+        .all(|j| !matches!(j, Job::Write { relaxed: false, .. }));
+    let mut began: Result<(), DbError> = Ok(());
+    if writes && lax != *relaxed {
+        began = state
+            .conn()
+            .execute_batch(if lax {
+                "PRAGMA synchronous=NORMAL"
+            } else {
+                "PRAGMA synchronous=FULL"
+            })
+            .map_err(DbError::from);
+        if began.is_ok() {
+            *relaxed = lax;
+        }
+    }
+    if writes && began.is_ok() {
+        began = state
             .conn()
             .execute_batch("BEGIN IMMEDIATE")
-            .map_err(DbError::from)
-    } else {
-        Ok(())
-    };
+            .map_err(DbError::from);
+    }
     let before = state.save();
     let mut deliveries = Vec::new();
     for job in batch {
         match job {
             Job::Read(f) => f(state),
-            Job::Write(f) => {
+            Job::Write { job: f, .. } => {
                 let deliver = if began.is_ok() {
                     f(Some(&mut *state))
                 } else {
@@ -206,5 +259,45 @@ fn run_batch<S: DbState>(state: &mut S, batch: Vec<Job<S>>) {
     }
     for d in deliveries {
         d(committed.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `PRAGMA synchronous` as a job sees it: 1 NORMAL, 2 FULL.
+    fn sync_mode(s: &mut Plain) -> Result<i64, DbError> {
+        Ok(s.0.query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_durable_write_always_commits_fsynced_and_a_relaxed_batch_need_not() {
+        let dir = std::env::temp_dir().join(format!("rs-db-relaxed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let db = Db::start("rs-test-db", Plain(open(&dir.join("t.db")).unwrap())).unwrap();
+        assert_eq!(db.write_relaxed(sync_mode).await.unwrap(), 1);
+        assert_eq!(db.write(sync_mode).await.unwrap(), 2);
+        assert_eq!(db.write_relaxed(sync_mode).await.unwrap(), 1);
+        // Mixed in whatever batches they fall into: a durable write never
+        // commits unfsynced.
+        let mut jobs = tokio::task::JoinSet::new();
+        for i in 0..200 {
+            let db = db.clone();
+            jobs.spawn(async move {
+                if i % 2 == 0 {
+                    (true, db.write(sync_mode).await.unwrap())
+                } else {
+                    (false, db.write_relaxed(sync_mode).await.unwrap())
+                }
+            });
+        }
+        while let Some(r) = jobs.join_next().await {
+            let (durable, mode) = r.unwrap();
+            if durable {
+                assert_eq!(mode, 2);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

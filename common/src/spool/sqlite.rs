@@ -8,7 +8,7 @@
 //! the fsync is shared: the thread commits every request waiting in its
 //! queue in one transaction.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS spool (
     header       BLOB    NOT NULL,
     content      BLOB    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS spool_order ON spool (precedence DESC, seq);
+DROP INDEX IF EXISTS spool_order;
+CREATE INDEX IF NOT EXISTS spool_due ON spool (precedence DESC, seq, next_attempt, expiry, bytes);
 CREATE INDEX IF NOT EXISTS spool_evict ON spool (persistent, precedence, seq);
 CREATE INDEX IF NOT EXISTS spool_expiry ON spool (expiry) WHERE expiry IS NOT NULL;
 CREATE INDEX IF NOT EXISTS spool_created ON spool (created);
@@ -125,7 +126,10 @@ struct Worker {
     conn: Connection,
     cfg: SpoolConfig,
     total_bytes: u64,
-    inflight: HashSet<String>,
+    /// Messages handed to the sender and not yet settled: ID to row.
+    inflight: HashMap<String, i64>,
+    /// The same rows, for skipping them while choosing the next batch.
+    inflight_rows: HashSet<i64>,
 }
 
 impl DbState for Worker {
@@ -159,7 +163,8 @@ impl SqliteSpool {
             conn,
             cfg,
             total_bytes: u64::try_from(total_bytes).unwrap_or(0),
-            inflight: HashSet::new(),
+            inflight: HashMap::new(),
+            inflight_rows: HashSet::new(),
         };
         Ok(SqliteSpool {
             db: Db::start("rs-spool", worker)?,
@@ -235,11 +240,14 @@ impl Spool for SqliteSpool {
         results: Vec<(MessageId, Settle)>,
         now: Timestamp,
     ) -> Result<(), SpoolError> {
-        Ok(self.db.write(move |w| Ok(w.settle(results, now)?)).await?)
+        Ok(self
+            .db
+            .write_relaxed(move |w| Ok(w.settle(results, now)?))
+            .await?)
     }
 
     async fn sweep(&self, now: Timestamp) -> Result<u64, SpoolError> {
-        Ok(self.db.write(move |w| Ok(w.sweep(now)?)).await?)
+        Ok(self.db.write_relaxed(move |w| Ok(w.sweep(now)?)).await?)
     }
 
     async fn next_due(&self) -> Result<Option<Timestamp>, SpoolError> {
@@ -261,7 +269,7 @@ impl Spool for SqliteSpool {
     async fn rebase(&self, by_ms: i64, now: Timestamp) -> Result<u64, SpoolError> {
         Ok(self
             .db
-            .write(move |w| {
+            .write_relaxed(move |w| {
                 let n = exec(
                     &w.conn,
                     "UPDATE spool SET next_attempt = MAX(?2, next_attempt - ?1) WHERE next_attempt > ?2",
@@ -463,43 +471,69 @@ impl Worker {
         now: Timestamp,
         infrastructure_only: bool,
     ) -> Result<Vec<Row>, SpoolError> {
-        let mut out = Vec::new();
+        // First the rows, from the index alone (spool_due holds every
+        // column this reads): the messages in flight, skipped here, are at
+        // the front of the order, and a backlog drained with several
+        // envelopes in flight would otherwise read each of those rows
+        // from the table on every call.
+        let mut picked = Vec::new();
         let mut bytes = 0usize;
+        {
+            let mut st = self
+                .conn
+                .prepare_cached(if infrastructure_only {
+                    "SELECT seq, bytes FROM spool
+                     WHERE next_attempt <= ?1 AND (expiry IS NULL OR expiry > ?1)
+                       AND class IN ('control', 'infrastructure')
+                     ORDER BY precedence DESC, seq LIMIT ?2"
+                } else {
+                    "SELECT seq, bytes FROM spool
+                     WHERE next_attempt <= ?1 AND (expiry IS NULL OR expiry > ?1)
+                     ORDER BY precedence DESC, seq LIMIT ?2"
+                })
+                .map_err(db)?;
+            let limit = i64::try_from(max_messages + self.inflight.len()).unwrap_or(i64::MAX);
+            let mut rows = st.query(params![ms(now), limit]).map_err(db)?;
+            while let Some(r) = rows.next().map_err(db)? {
+                let seq: i64 = r.get(0).map_err(db)?;
+                if self.inflight_rows.contains(&seq) {
+                    continue;
+                }
+                let size = usize::try_from(r.get::<_, i64>(1).map_err(db)?).unwrap_or(usize::MAX);
+                if !picked.is_empty() && (bytes + size > max_bytes || picked.len() >= max_messages)
+                {
+                    break;
+                }
+                bytes += size;
+                picked.push(seq);
+            }
+        }
+        // Then each chosen message.
+        let mut out = Vec::with_capacity(picked.len());
         let mut st = self
             .conn
-            .prepare_cached(if infrastructure_only {
-                "SELECT id, attempts, created, content_type, header, content, bytes FROM spool
-                 WHERE next_attempt <= ?1 AND (expiry IS NULL OR expiry > ?1)
-                   AND class IN ('control', 'infrastructure')
-                 ORDER BY precedence DESC, seq LIMIT ?2"
-            } else {
-                "SELECT id, attempts, created, content_type, header, content, bytes FROM spool
-                 WHERE next_attempt <= ?1 AND (expiry IS NULL OR expiry > ?1)
-                 ORDER BY precedence DESC, seq LIMIT ?2"
-            })
+            .prepare_cached(
+                "SELECT id, attempts, created, content_type, header, content FROM spool
+                 WHERE seq = ?1",
+            )
             .map_err(db)?;
-        let limit = i64::try_from(max_messages + self.inflight.len()).unwrap_or(i64::MAX);
-        let mut rows = st.query(params![ms(now), limit]).map_err(db)?;
-        while let Some(r) = rows.next().map_err(db)? {
-            let id: String = r.get(0).map_err(db)?;
-            if self.inflight.contains(&id) {
-                continue;
-            }
-            let size = usize::try_from(r.get::<_, i64>(6).map_err(db)?).unwrap_or(usize::MAX);
-            if !out.is_empty() && (bytes + size > max_bytes || out.len() >= max_messages) {
-                break;
-            }
-            let content: Vec<u8> = r.get(5).map_err(db)?;
-            out.push(Row {
-                header: r.get(4).map_err(db)?,
-                content_type: r.get(3).map_err(db)?,
-                content: Bytes::from(content),
-                attempts: r.get(1).map_err(db)?,
-                spooled_at: Timestamp::from_millis(r.get(2).map_err(db)?).unwrap_or(now),
-                id: id.clone(),
-            });
-            bytes += size;
-            self.inflight.insert(id);
+        for seq in picked {
+            let row = st
+                .query_row(params![seq], |r| {
+                    let content: Vec<u8> = r.get(5)?;
+                    Ok(Row {
+                        id: r.get(0)?,
+                        attempts: r.get(1)?,
+                        spooled_at: Timestamp::from_millis(r.get(2)?).unwrap_or(now),
+                        content_type: r.get(3)?,
+                        header: r.get(4)?,
+                        content: Bytes::from(content),
+                    })
+                })
+                .map_err(db)?;
+            self.inflight.insert(row.id.clone(), seq);
+            self.inflight_rows.insert(seq);
+            out.push(row);
         }
         Ok(out)
     }
@@ -512,7 +546,9 @@ impl Worker {
         let mut delivered = 0u64;
         let mut expired = 0u64;
         for (id, s) in results {
-            self.inflight.remove(id.as_str());
+            if let Some(seq) = self.inflight.remove(id.as_str()) {
+                self.inflight_rows.remove(&seq);
+            }
             if s == Settle::Delivered {
                 // The common case in one statement.
                 let size: Option<i64> = self
@@ -614,7 +650,7 @@ impl Worker {
             };
             let ids: Vec<(String, i64)> = ids
                 .into_iter()
-                .filter(|(id, _)| !self.inflight.contains(id))
+                .filter(|(id, _)| !self.inflight.contains_key(id))
                 .collect();
             for (id, size) in &ids {
                 exec(
@@ -666,7 +702,7 @@ impl Worker {
         let mut rows = st.query(params![limit]).map_err(db)?;
         while let Some(r) = rows.next().map_err(db)? {
             let id: String = r.get(0).map_err(db)?;
-            if !self.inflight.contains(&id) {
+            if !self.inflight.contains_key(&id) {
                 return Ok(Timestamp::from_millis(r.get(1).map_err(db)?));
             }
         }
