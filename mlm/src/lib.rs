@@ -539,6 +539,7 @@ pub async fn run(
                     if let Err(e) = mlm.infrastructure(SUB_HEARTBEAT, every * 2, 2).await {
                         tracing::warn!("heartbeat: {e}");
                     }
+                    let _ = mlm.spool.release_memory().await;
                     rs_common::mem::trim();
                 } else if !trimmed && last_beat.elapsed() >= Duration::from_secs(1) {
                     trimmed = true;

@@ -564,6 +564,7 @@ pub async fn run(
                 if let Err(e) = proxy.infrastructure(SUB_HEARTBEAT, ttl, 2).await {
                     tracing::warn!("heartbeat: {e}");
                 }
+                let _ = proxy.spool.release_memory().await;
                 rs_common::mem::trim();
             }
         })

@@ -172,6 +172,13 @@ impl SqliteSpool {
         })
     }
 
+    /// Gives back the page cache SQLite keeps (up to `cache_size`, see
+    /// [`crate::db::open`]): a burst fills it and an idle spool needs none
+    /// of it.
+    pub async fn release_memory(&self) -> Result<(), SpoolError> {
+        Ok(self.db.read(|w| Ok(w.conn.release_memory()?)).await?)
+    }
+
     /// Woken whenever messages are stored (for the sender loop).
     pub fn notified(&self) -> Arc<Notify> {
         self.notify.clone()
