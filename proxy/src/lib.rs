@@ -153,17 +153,10 @@ impl Proxy {
         &self,
         raw: rs_common::codec::RawMessage,
     ) -> Result<MessageId, SubmitError> {
-        let id = raw.header.id.clone();
-        let r = self
-            .spool
-            .enqueue(vec![raw], self.clock.now())
+        self.submit_many(vec![raw])
             .await
-            .map_err(|e| SubmitError::Storage(e.to_string()))?;
-        match r.into_iter().next() {
-            Some(Enqueued::Stored) | Some(Enqueued::Duplicate) => Ok(id),
-            Some(Enqueued::Refused(reason)) => Err(SubmitError::Refused(reason)),
-            None => Err(SubmitError::Storage("the spool gave no answer".into())),
-        }
+            .pop()
+            .unwrap_or_else(|| Err(SubmitError::Storage("the spool gave no answer".into())))
     }
 
     /// Spools many messages in one transaction (one fsync for all); one
