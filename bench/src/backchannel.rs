@@ -75,13 +75,7 @@ pub(crate) async fn latency(
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let _ = std::fs::remove_dir_all(dir);
     let mut d = Deployment::plain(dir, exe)?; // plain HTTP, as the peers run
-    let a = d.appserver("127.0.0.1:0", "")?;
-    let m = d.mlm(
-        "mlm",
-        "acme.m1",
-        std::slice::from_ref(&a),
-        &Extra::default(),
-    )?;
+    let (a, m) = d.server_and_mlm()?;
     for i in 1..=proxies.max(1) {
         d.proxy(
             &format!("p{i}"),

@@ -14,7 +14,7 @@ use std::time::Instant;
 use rs_common::codec::EnvelopeWriter;
 use rs_common::model::*;
 use rs_common::{MessageId, RsId, Timestamp};
-use rs_tests::deploy::{Deployment, Extra};
+use rs_tests::deploy::Deployment;
 
 use crate::{Figure, spread};
 
@@ -98,13 +98,7 @@ pub(crate) fn run(runs: usize) -> anyhow::Result<Vec<Figure>> {
     let _ = std::fs::remove_dir_all(&dir);
     let r = rt.block_on(async {
         let mut d = Deployment::plain(&dir, &exe)?; // plain HTTP, as the peers run
-        let a = d.appserver("127.0.0.1:0", "")?;
-        let m = d.mlm(
-            "mlm",
-            "acme.m1",
-            std::slice::from_ref(&a),
-            &Extra::default(),
-        )?;
+        let (a, m) = d.server_and_mlm()?;
         let nginx = crate::bulk::start_nginx(&dir.join("nginx"), &a)?;
         let (mut ours, mut peer) = (Vec::new(), Vec::new());
         for i in 0..runs {

@@ -242,15 +242,7 @@ async fn control_actions_reach_a_proxy_and_complete_their_jobs() {
 async fn control_actions_travel_through_an_mlm_to_each_proxy() {
     let dir = tmp("backchannel-mlm");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d.appserver("127.0.0.1:0", "").unwrap();
-    let m = d
-        .mlm(
-            "mlm",
-            "acme.m1",
-            std::slice::from_ref(&a),
-            &Extra::default(),
-        )
-        .unwrap();
+    let (a, m) = d.server_and_mlm().unwrap();
     let s1 = d
         .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
         .unwrap();

@@ -291,15 +291,7 @@ async fn a_proxy_away_for_an_hour_gets_what_has_not_expired() {
     let clock = dir.join("faketime");
     std::fs::write(&clock, "+0s\n").unwrap();
     d.env = faketime(&clock);
-    let a = d.appserver("127.0.0.1:0", "").unwrap();
-    let m = d
-        .mlm(
-            "mlm",
-            "acme.m1",
-            std::slice::from_ref(&a),
-            &Extra::default(),
-        )
-        .unwrap();
+    let (a, m) = d.server_and_mlm().unwrap();
     d.env.clear();
     let s = d
         .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
@@ -518,15 +510,7 @@ pub(crate) fn rsctl(a: &str, args: &[&str]) -> (i32, String, String) {
 async fn rsctl_changes_a_groups_configuration_and_subscribers_get_the_job_pushed() {
     let dir = tmp("rsctl");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d.appserver("127.0.0.1:0", "").unwrap();
-    let m = d
-        .mlm(
-            "mlm",
-            "acme.m1",
-            std::slice::from_ref(&a),
-            &Extra::default(),
-        )
-        .unwrap();
+    let (a, m) = d.server_and_mlm().unwrap();
     for i in 1..=3 {
         d.proxy(
             &format!("p{i}"),

@@ -100,15 +100,7 @@ async fn metric(addr: &str, name: &str) -> u64 {
 async fn a_site_certificate_can_neither_send_as_another_site_nor_read_its_back_channel() {
     let dir = tmp("spoof");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d.appserver("127.0.0.1:0", "").unwrap();
-    let m = d
-        .mlm(
-            "mlm",
-            "acme.m1",
-            std::slice::from_ref(&a),
-            &Extra::default(),
-        )
-        .unwrap();
+    let (a, m) = d.server_and_mlm().unwrap();
     d.proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
         .unwrap();
     assert!(until(30, || async { components(&a).await.contains("acme.p1") }).await);
@@ -260,15 +252,7 @@ fn client_of(t: &TlsConfig) -> reqwest::Client {
 async fn bad_certificates_old_protocols_and_weak_ciphers_are_refused_at_the_handshake() {
     let dir = tmp("handshake");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d.appserver("127.0.0.1:0", "").unwrap();
-    let m = d
-        .mlm(
-            "mlm",
-            "acme.m1",
-            std::slice::from_ref(&a),
-            &Extra::default(),
-        )
-        .unwrap();
+    let (a, m) = d.server_and_mlm().unwrap();
     let pki = d.pki.clone().unwrap();
     let ca = pki.admin.ca.clone();
     let (_, ct, body) = envelope("acme.p5", &["acme.p5"]);

@@ -559,15 +559,7 @@ mod on_daemons {
     async fn a_throttled_forwarder_refuses_for_now_and_everything_arrives_later() {
         let dir = tmp("throttle-forwarder");
         let mut d = Deployment::new(&dir, exe()).unwrap();
-        let a = d.appserver("127.0.0.1:0", "").unwrap();
-        let m = d
-            .mlm(
-                "mlm",
-                "acme.m1",
-                std::slice::from_ref(&a),
-                &Extra::default(),
-            )
-            .unwrap();
+        let (a, m) = d.server_and_mlm().unwrap();
         let s = d
             .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
             .unwrap();
