@@ -814,7 +814,7 @@ impl crate::store::Store {
                     header,
                     kind,
                     data,
-                    content_type,
+                    content_type: content_type.into(),
                     content: bytes::Bytes::from(content),
                 };
                 let full = raw

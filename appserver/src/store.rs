@@ -818,7 +818,7 @@ impl Store {
                         header,
                         kind,
                         data,
-                        content_type,
+                        content_type: content_type.into(),
                         content: bytes::Bytes::from(content),
                     });
                 }

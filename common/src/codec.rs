@@ -19,6 +19,7 @@ mod meta;
 mod mime;
 pub(crate) mod xml;
 
+use std::borrow::Cow;
 use std::fmt;
 
 use bytes::Bytes;
@@ -277,8 +278,9 @@ pub struct RawMessage {
     pub kind: ContentKind,
     /// For data messages: the MIME type, declared size and encoding.
     pub data: Option<DataInfo>,
-    /// The content part's `Content-Type`.
-    pub content_type: String,
+    /// The content part's `Content-Type` (borrowed when it is the XML part
+    /// type this codec writes, which nearly every message has).
+    pub content_type: Cow<'static, str>,
     /// The content part's body: for data messages exactly as on the wire
     /// (see [`DataInfo::encoding`]); for the others the XML document; for a
     /// sealed message (see [`RawMessage::seal`]) the DER of the seal.
@@ -407,6 +409,19 @@ pub fn decode_header_part(
     limits: &Limits,
 ) -> Result<(Header, ContentKind, Option<DataInfo>), XmlError> {
     header::decode(bytes, limits)
+}
+
+/// A header part's body read by both header parsers: the fast path for
+/// the layout this codec writes (`None` when it declines) and the general
+/// parser (for `fuzzing`, which checks they agree).
+pub(crate) fn decode_header_both(
+    bytes: &[u8],
+    limits: &Limits,
+) -> (Option<header::Decoded>, Result<header::Decoded, XmlError>) {
+    (
+        header::canonical(bytes, limits),
+        header::general(bytes, limits),
+    )
 }
 
 /// Decodes an envelope-header part's body (for tools, tests and fuzzing).

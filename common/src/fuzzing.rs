@@ -77,6 +77,25 @@ pub fn envelope(data: &[u8]) {
     }
 }
 
+/// Decodes a header part with both header parsers and panics unless they
+/// agree: whatever the canonical-layout fast path accepts, the general
+/// parser decodes to the same header (and `decode_header_part`, which
+/// tries the fast path first, gives that too). Returns whether the fast
+/// path took the document.
+pub fn header_paths(doc: &[u8], limits: &Limits) -> bool {
+    let (fast, general) = codec::decode_header_both(doc, limits);
+    let Some(fast) = fast else {
+        assert_eq!(decode_header_part(doc, limits), general);
+        return false;
+    };
+    assert_eq!(
+        general.as_ref(),
+        Ok(&fast),
+        "the fast path accepted a header the general parser reads differently"
+    );
+    true
+}
+
 /// The XML document parsers; the first byte picks the document type.
 pub fn xml(data: &[u8]) {
     let Some((&which, doc)) = data.split_first() else {
@@ -85,7 +104,7 @@ pub fn xml(data: &[u8]) {
     let limits = limits();
     match which % 9 {
         0 => {
-            let _ = decode_header_part(doc, &limits);
+            header_paths(doc, &limits);
         }
         1 => {
             let _ = codec::decode_meta_part(doc, &limits);

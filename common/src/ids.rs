@@ -270,6 +270,14 @@ impl MessageId {
         Ok(())
     }
 
+    /// An ID already checked with [`validate`](Self::validate) (the codec
+    /// checks a Content-ID's ID without allocating, and makes the ID only
+    /// when it needs one).
+    pub(crate) fn from_validated(s: &str) -> Self {
+        debug_assert!(Self::validate(s).is_ok(), "{s:?} was not validated");
+        MessageId(s.to_owned())
+    }
+
     /// A fresh, time-ordered, globally unique ID (UUIDv7).
     pub fn generate() -> Self {
         MessageId(uuid::Uuid::now_v7().simple().to_string())
@@ -300,6 +308,13 @@ macro_rules! string_id_impls {
         }
         impl AsRef<str> for $t {
             fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+        // Hashes and compares as the string it wraps (derived on the one
+        // field), so sets of IDs can be searched by `&str`.
+        impl std::borrow::Borrow<str> for $t {
+            fn borrow(&self) -> &str {
                 &self.0
             }
         }

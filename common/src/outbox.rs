@@ -279,7 +279,7 @@ impl Outbox {
                         header,
                         kind,
                         data,
-                        content_type,
+                        content_type: content_type.into(),
                         content: Bytes::from(content),
                     });
                 }

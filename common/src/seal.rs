@@ -236,7 +236,7 @@ impl Sealer {
             header: m.header.clone(),
             kind: m.kind,
             data: m.data.clone(),
-            content_type: seal.content_type().to_owned(),
+            content_type: seal.content_type().into(),
             content: Bytes::from(content),
         })
     }
@@ -424,7 +424,7 @@ impl Opener {
                 header: m.header,
                 kind: m.kind,
                 data: m.data,
-                content_type,
+                content_type: content_type.into(),
                 content: Bytes::copy_from_slice(content),
             },
             seal,

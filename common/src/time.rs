@@ -59,6 +59,53 @@ impl Timestamp {
     /// Parses the wire form.
     pub fn parse(s: &str) -> Result<Self, TimestampError> {
         let b = s.as_bytes();
+        // The form every tier writes (three fractional digits) is read in
+        // one pass: headers carry several timestamps and are read at every
+        // tier.
+        if let [
+            y0,
+            y1,
+            y2,
+            y3,
+            b'-',
+            m0,
+            m1,
+            b'-',
+            d0,
+            d1,
+            b'T',
+            h0,
+            h1,
+            b':',
+            i0,
+            i1,
+            b':',
+            s0,
+            s1,
+            b'.',
+            f0,
+            f1,
+            f2,
+            b'Z',
+        ] = *b
+        {
+            let digits = [
+                y0, y1, y2, y3, m0, m1, d0, d1, h0, h1, i0, i1, s0, s1, f0, f1, f2,
+            ];
+            if !digits.iter().all(u8::is_ascii_digit) {
+                return Err(TimestampError);
+            }
+            let n = |hi: u8, lo: u8| i64::from(hi - b'0') * 10 + i64::from(lo - b'0');
+            return Self::from_fields(
+                n(y0, y1) * 100 + n(y2, y3),
+                n(m0, m1),
+                n(d0, d1),
+                n(h0, h1),
+                n(i0, i1),
+                n(s0, s1),
+                n(f0, f1) * 10 + i64::from(f2 - b'0'),
+            );
+        }
         if b.len() < 20 || b[b.len() - 1] != b'Z' {
             return Err(TimestampError);
         }
@@ -101,6 +148,19 @@ impl Timestamp {
             }
             _ => return Err(TimestampError),
         };
+        Self::from_fields(year, month, day, hour, min, sec, ms)
+    }
+
+    /// The instant of a parsed date and time, if each field is in range.
+    fn from_fields(
+        year: i64,
+        month: i64,
+        day: i64,
+        hour: i64,
+        min: i64,
+        sec: i64,
+        ms: i64,
+    ) -> Result<Self, TimestampError> {
         if !(1..=12).contains(&month)
             || day < 1
             || day > days_in_month(year, month)
@@ -230,6 +290,15 @@ mod tests {
             "2026-11-24T22:56:37.Z",
             "2026-11-24T22:56:37.1234567890Z",
             "+026-11-24T22:56:37Z",
+            // The three-digit form has its own reading; it refuses the same.
+            "2023-02-29T00:00:00.000Z",
+            "2026-13-24T22:56:37.123Z",
+            "2026-11-31T22:56:37.123Z",
+            "2026-11-24T22:60:37.123Z",
+            "2026-11-24T22:56:3a.123Z",
+            "2026-11-24T22:56:37.12+Z",
+            "2026-11-24T22:56:37,123Z",
+            "-026-11-24T22:56:37.123Z",
         ] {
             assert!(Timestamp::parse(bad).is_err(), "{bad} accepted");
         }
@@ -241,6 +310,24 @@ mod tests {
             Timestamp::from_millis(MAX_MS).unwrap().to_string(),
             "9999-12-31T23:59:59.999Z"
         );
+    }
+
+    /// The three-digit form reads as the general reading does: the same
+    /// instant written with two and with four fractional digits.
+    #[test]
+    fn three_digit_form_agrees_with_the_general_reading() {
+        let mut ms = MIN_MS;
+        while ms < MAX_MS {
+            let wire = Timestamp(ms).to_string();
+            let (head, frac) = wire.split_at(20);
+            let four = format!("{head}{}0Z", &frac[..3]);
+            assert_eq!(Timestamp::parse(&wire), Timestamp::parse(&four), "{wire}");
+            if ms % 10 == 0 {
+                let two = format!("{head}{}Z", &frac[..2]);
+                assert_eq!(Timestamp::parse(&wire), Timestamp::parse(&two), "{wire}");
+            }
+            ms += 7_654_321_097;
+        }
     }
 
     #[test]

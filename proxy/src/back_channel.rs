@@ -276,7 +276,7 @@ fn load(b: &[u8]) -> Option<RawMessage> {
         header,
         kind,
         data,
-        content_type,
+        content_type: content_type.into(),
         content: bytes::Bytes::copy_from_slice(content),
     })
 }

@@ -70,3 +70,49 @@ fn thousand_message_envelope_round_trips() {
     let back = decode_envelope(&enc.content_type, enc.body, &Limits::default()).unwrap();
     assert_eq!(back, env);
 }
+
+/// Bytes a mutation writes into a header: the ones that matter to XML and
+/// to the fast path's literals, and some that are merely different.
+const EDIT_BYTES: &[u8] = b"\"'&<>=/ \t\r\n#;x0159.-Z_:\x00\x7f\x80\xc3\xef";
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Every header this codec writes takes the canonical-layout fast path
+    /// and reads back the same through it and through the general parser.
+    #[test]
+    fn written_headers_take_the_fast_path(m in arb::message()) {
+        let raw = m.to_raw();
+        let doc = codec::encode_header(&m.header, raw.kind, raw.data.as_ref());
+        prop_assert!(rs_common::fuzzing::header_paths(&doc, &Limits::default()));
+        let back = codec::decode_header_part(&doc, &Limits::default()).unwrap();
+        prop_assert_eq!(back, (m.header, raw.kind, raw.data));
+    }
+
+    /// Whatever an edited header becomes, the fast path either declines it
+    /// or reads exactly what the general parser reads (`header_paths`
+    /// panics otherwise); tight limits reach the limit checks too.
+    #[test]
+    fn edited_headers_read_the_same_by_both_paths(
+        m in arb::message(),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), 0..EDIT_BYTES.len(), 0u8..3), 1..4),
+        tight in any::<bool>(),
+    ) {
+        let raw = m.to_raw();
+        let mut doc = codec::encode_header(&m.header, raw.kind, raw.data.as_ref());
+        for (at, b, op) in edits {
+            let i = at.index(doc.len());
+            match op {
+                0 => doc[i] = EDIT_BYTES[b],
+                1 => doc.insert(i, EDIT_BYTES[b]),
+                _ => { doc.remove(i); }
+            }
+        }
+        let limits = if tight {
+            Limits { max_attr_bytes: 24, max_elements: 4, max_xml_depth: 3, ..Limits::default() }
+        } else {
+            Limits::default()
+        };
+        rs_common::fuzzing::header_paths(&doc, &limits);
+    }
+}

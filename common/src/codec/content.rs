@@ -1,6 +1,7 @@
 //! Content documents (`dtd/alarm.dtd`, `event.dtd`, `response.dtd`,
 //! `bulk-request.dtd`, `bulk-response.dtd`) and raw data contents.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -33,12 +34,12 @@ pub(crate) fn encode_raw(m: &Message) -> RawMessage {
                 size: d.bytes.len() as u64,
                 encoding: d.encoding,
             };
-            (Some(info), d.mime.clone(), content)
+            (Some(info), Cow::Owned(d.mime.clone()), content)
         }
         other => {
             let mut v = Vec::with_capacity(256);
             encode_xml(other, &mut v);
-            (None, XML_PART_TYPE.to_owned(), Bytes::from(v))
+            (None, Cow::Borrowed(XML_PART_TYPE), Bytes::from(v))
         }
     };
     RawMessage {

@@ -7,7 +7,9 @@
 //! it, and must enforce this protocol's pairing rules per part as it goes.
 //! The media type itself is parsed with the `mime` crate.
 
+use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
+use std::ops::Range;
 use std::sync::LazyLock;
 
 use base64::Engine as _;
@@ -441,9 +443,23 @@ struct PartHeaders<'a> {
     cte: Option<&'a str>,
 }
 
-fn parse_part_headers<'a>(block: &'a [u8], part: &PartRef) -> Result<PartHeaders<'a>, DecodeError> {
+fn parse_part_headers(block: &[u8], index: usize) -> Result<PartHeaders<'_>, DecodeError> {
+    // The block this codec writes for an XML part, read without splitting
+    // lines; it means exactly what the general reading below makes of it.
+    if let Some(cid) = block
+        .strip_prefix(XML_PART_HEADERS)
+        .and_then(|rest| rest.strip_suffix(b"\r\n"))
+        .filter(|cid| cid.iter().all(u8::is_ascii_graphic))
+        .and_then(|cid| std::str::from_utf8(cid).ok())
+    {
+        return Ok(PartHeaders {
+            content_type: Some(XML_PART_TYPE),
+            content_id: Some(cid),
+            cte: None,
+        });
+    }
     let err = |reason: String| DecodeError::PartHeaders {
-        part: part.clone(),
+        part: PartRef::Index(index),
         reason,
     };
     let text = std::str::from_utf8(block).map_err(|_| err("not ASCII".into()))?;
@@ -489,20 +505,35 @@ fn trunc(s: &str) -> String {
     s.chars().take(60).collect()
 }
 
-/// What a Content-ID names.
-enum Cid {
+/// The start of the header block of an XML part as this codec writes it,
+/// up to the Content-ID's value.
+const XML_PART_HEADERS: &[u8] = b"Content-Type: text/xml; charset=utf-8\r\nContent-ID: ";
+
+/// What a Content-ID names; a message ID here is valid.
+enum Cid<'a> {
     Root,
-    Header(MessageId),
-    Content(MessageId),
+    Header(&'a str),
+    Content(&'a str),
 }
 
-fn parse_cid(v: &str) -> Option<Cid> {
+impl Cid<'_> {
+    /// This part, for an error.
+    fn part_ref(&self) -> PartRef {
+        match self {
+            Cid::Root => PartRef::Root,
+            Cid::Header(id) => PartRef::Header(MessageId::from_validated(id)),
+            Cid::Content(id) => PartRef::Content(MessageId::from_validated(id)),
+        }
+    }
+}
+
+fn parse_cid(v: &str) -> Option<Cid<'_>> {
     if v == ROOT_CONTENT_ID {
         return Some(Cid::Root);
     }
     let inner = v.strip_prefix('<')?.strip_suffix('>')?;
     let (id, which) = inner.split_once('@')?;
-    let id = MessageId::new(id).ok()?;
+    MessageId::validate(id).ok()?;
     match which {
         "header" => Some(Cid::Header(id)),
         "content" => Some(Cid::Content(id)),
@@ -576,9 +607,11 @@ impl StreamDecoder {
                     let base = off;
                     off += consumed;
                     self.scanner.scan_from = 0;
-                    let block = chunk.slice(base + headers.start..base + headers.end);
-                    let body = chunk.slice(base + body.start..base + body.end);
-                    self.handle_part(&block, body)?;
+                    self.handle_part(
+                        &chunk,
+                        base + headers.start..base + headers.end,
+                        base + body.start..base + body.end,
+                    )?;
                 }
             }
         }
@@ -600,53 +633,65 @@ impl StreamDecoder {
                 } => {
                     let part = self.buf.split_to(consumed).freeze();
                     self.scanner.scan_from = 0;
-                    self.handle_part(&part.slice(headers), part.slice(body))?;
+                    self.handle_part(&part, headers, body)?;
                 }
             }
         }
     }
 
-    fn handle_part(&mut self, block: &[u8], body: Bytes) -> Result<(), DecodeError> {
+    /// Handles one part: `src[headers]` is its header block, `src[body]`
+    /// its body. Only a content part's body is kept, as a slice of `src`.
+    fn handle_part(
+        &mut self,
+        src: &Bytes,
+        headers: Range<usize>,
+        body: Range<usize>,
+    ) -> Result<(), DecodeError> {
         self.parts += 1;
-        let index = PartRef::Index(self.parts);
-        let h = parse_part_headers(block, &index)?;
+        let index = self.parts;
+        let h = parse_part_headers(&src[headers], index)?;
         let cid_value = h.content_id.ok_or(DecodeError::MissingContentId {
-            part: index.clone(),
+            part: PartRef::Index(index),
         })?;
         let cid = parse_cid(cid_value).ok_or_else(|| DecodeError::BadContentId {
-            part: index.clone(),
+            part: PartRef::Index(index),
             value: trunc(cid_value),
         })?;
-        let part_ref = match &cid {
-            Cid::Root => PartRef::Root,
-            Cid::Header(id) => PartRef::Header(id.clone()),
-            Cid::Content(id) => PartRef::Content(id.clone()),
-        };
+        let part_ref = || cid.part_ref();
         let encoding = match h.cte {
             None => TransferEncoding::Binary,
             Some(v) => TransferEncoding::parse(v).ok_or_else(|| DecodeError::TransferEncoding {
-                part: part_ref.clone(),
+                part: part_ref(),
                 value: trunc(v),
             })?,
         };
         if self.meta.is_none() && !matches!(cid, Cid::Root) {
             return Err(DecodeError::MissingRoot);
         }
-        let xml_body = |body: &Bytes| -> Result<Bytes, DecodeError> {
+        // The body after transfer decoding, borrowed where it is not encoded.
+        let wire = &src[body.clone()];
+        let decoded = || -> Result<Cow<'_, [u8]>, DecodeError> {
             match encoding {
-                TransferEncoding::Binary => Ok(body.clone()),
+                TransferEncoding::Binary => Ok(Cow::Borrowed(wire)),
                 TransferEncoding::Base64 => {
-                    decode_base64(body)
-                        .map(Bytes::from)
+                    decode_base64(wire)
+                        .map(Cow::Owned)
                         .map_err(|reason| DecodeError::Base64 {
-                            part: part_ref.clone(),
+                            part: part_ref(),
                             reason,
                         })
                 }
             }
         };
+        // The same, kept: a slice of `src`, or the decoded bytes.
+        let kept = || -> Result<Bytes, DecodeError> {
+            match decoded()? {
+                Cow::Borrowed(_) => Ok(src.slice(body.clone())),
+                Cow::Owned(v) => Ok(Bytes::from(v)),
+            }
+        };
         let xml_err = |error: XmlError| DecodeError::Xml {
-            part: part_ref.clone(),
+            part: part_ref(),
             error,
         };
         match cid {
@@ -656,17 +701,14 @@ impl StreamDecoder {
                         part: PartRef::Root,
                     });
                 }
-                let xml = xml_body(&body)?;
-                self.meta = Some(meta::decode(&xml, &self.limits).map_err(xml_err)?);
+                self.meta = Some(meta::decode(&decoded()?, &self.limits).map_err(xml_err)?);
             }
             Cid::Header(id) => {
                 if let Some((pending, _, _)) = self.pending.take() {
                     return Err(DecodeError::HeaderWithoutContent(pending.id));
                 }
-                if self.seen.contains(&id) {
-                    return Err(DecodeError::DuplicatePart {
-                        part: PartRef::Header(id),
-                    });
+                if self.seen.contains(id) {
+                    return Err(DecodeError::DuplicatePart { part: part_ref() });
                 }
                 self.messages += 1;
                 if self.messages > self.limits.max_messages {
@@ -674,51 +716,54 @@ impl StreamDecoder {
                         limit: self.limits.max_messages,
                     });
                 }
-                let xml = xml_body(&body)?;
                 let (header, kind, data) =
-                    header::decode(&xml, &self.limits).map_err(|e| match e {
+                    header::decode(&decoded()?, &self.limits).map_err(|e| match e {
                         XmlError::UnknownContentType(value) => DecodeError::UnknownContentType {
-                            id: id.clone(),
+                            id: MessageId::from_validated(id),
                             value,
                         },
                         error => xml_err(error),
                     })?;
-                if header.id != id {
+                if header.id.as_str() != id {
                     return Err(xml_err(XmlError::Invalid(format!(
                         "header id {} differs from its Content-ID",
                         header.id
                     ))));
                 }
-                self.seen.insert(id);
+                self.seen.insert(header.id.clone());
                 self.pending = Some((header, kind, data));
             }
             Cid::Content(id) => {
                 let Some((header, kind, data)) = self.pending.take() else {
-                    return Err(if self.seen.contains(&id) {
-                        DecodeError::DuplicatePart {
-                            part: PartRef::Content(id),
-                        }
+                    return Err(if self.seen.contains(id) {
+                        DecodeError::DuplicatePart { part: part_ref() }
                     } else {
-                        DecodeError::ContentWithoutHeader(id)
+                        DecodeError::ContentWithoutHeader(MessageId::from_validated(id))
                     });
                 };
-                if header.id != id {
+                if header.id.as_str() != id {
                     return Err(DecodeError::HeaderWithoutContent(header.id));
                 }
                 let content_type = h.content_type.unwrap_or("application/octet-stream");
-                let sealed = super::Seal::of_content_type(content_type).map_err(|reason| {
-                    DecodeError::ContentMismatch {
-                        id: id.clone(),
-                        reason,
-                    }
-                })?;
+                // Nearly every content is an XML part as this codec writes it.
+                let xml_part = content_type == XML_PART_TYPE;
+                let sealed = if xml_part {
+                    None
+                } else {
+                    super::Seal::of_content_type(content_type).map_err(|reason| {
+                        DecodeError::ContentMismatch {
+                            id: header.id.clone(),
+                            reason,
+                        }
+                    })?
+                };
                 let content = match &data {
                     // A seal's DER, whatever the kind; opened at the server.
-                    _ if sealed.is_some() => xml_body(&body)?,
+                    _ if sealed.is_some() => kept()?,
                     Some(info) => {
                         if info.encoding != encoding {
                             return Err(DecodeError::ContentMismatch {
-                                id,
+                                id: header.id,
                                 reason: format!(
                                     "header says {} encoding, part says {}",
                                     info.encoding.as_str(),
@@ -726,15 +771,16 @@ impl StreamDecoder {
                                 ),
                             });
                         }
-                        body
+                        src.slice(body)
                     }
+                    None if xml_part => kept()?,
                     None => {
                         let base = content_type.split(';').next().unwrap_or("").trim();
                         if !base.eq_ignore_ascii_case("text/xml")
                             && !base.eq_ignore_ascii_case("application/xml")
                         {
                             return Err(DecodeError::ContentMismatch {
-                                id,
+                                id: header.id,
                                 reason: format!(
                                     "a {} content must be text/xml, not {}",
                                     kind.as_str(),
@@ -742,14 +788,18 @@ impl StreamDecoder {
                                 ),
                             });
                         }
-                        xml_body(&body)?
+                        kept()?
                     }
                 };
                 self.ready.push_back(RawMessage {
                     header,
                     kind,
                     data,
-                    content_type: content_type.to_owned(),
+                    content_type: if xml_part {
+                        Cow::Borrowed(XML_PART_TYPE)
+                    } else {
+                        Cow::Owned(content_type.to_owned())
+                    },
                     content,
                 });
             }

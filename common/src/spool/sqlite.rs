@@ -228,7 +228,7 @@ impl Spool for SqliteSpool {
                         header,
                         kind,
                         data,
-                        content_type: r.content_type,
+                        content_type: r.content_type.into(),
                         content: r.content,
                     },
                     attempts: r.attempts,
