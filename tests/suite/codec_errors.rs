@@ -558,6 +558,41 @@ fn each_bad_input_has_its_own_error() {
     }
 }
 
+/// An envelope as the codec writes it (each part read by the fast paths)
+/// with hundreds of messages, one ID repeated far from its first use: the
+/// second header is refused by ID, whichever message repeats.
+#[test]
+fn a_repeated_message_id_is_found_among_many() {
+    let messages: Vec<Message> = (0..300)
+        .map(|i| rs_common::samples::alarm_of_size(i, 600))
+        .collect();
+    for (first, again) in [(0, 299), (150, 151), (17, 260)] {
+        let mut env = Envelope {
+            meta: rs_common::samples::request_meta("acme.p1"),
+            messages: messages.clone(),
+        };
+        env.messages[again].header.id = env.messages[first].header.id.clone();
+        let enc = encode_envelope(&env);
+        let want = env.messages[first].header.id.clone();
+        assert_eq!(
+            decode_headers(&enc.content_type, enc.body, &Limits::default()),
+            Err(DecodeError::DuplicatePart {
+                part: PartRef::Header(want)
+            }),
+            "message {again} repeats message {first}'s ID"
+        );
+    }
+    let env = Envelope {
+        meta: rs_common::samples::request_meta("acme.p1"),
+        messages,
+    };
+    let enc = encode_envelope(&env);
+    assert_eq!(
+        decode_envelope(&enc.content_type, enc.body, &Limits::default()),
+        Ok(env)
+    );
+}
+
 #[test]
 fn limits_are_enforced() {
     let h1 = header("m1", "alarm");

@@ -431,8 +431,12 @@ impl<'a> Canon<'a> {
     /// and within the attribute limit.
     fn value(&mut self) -> Option<&'a str> {
         let rest = self.s.as_bytes().get(self.at..)?;
-        let end = memchr::memchr(b'"', rest)?;
-        if end > self.max_attr || rest[..end].iter().any(|&c| PLAIN[usize::from(c)]) {
+        // One pass that finds the quote and checks each byte (values here
+        // are short: a memchr and a second pass cost more).
+        let end = rest
+            .iter()
+            .position(|&c| c == b'"' || PLAIN[usize::from(c)])?;
+        if rest[end] != b'"' || end > self.max_attr {
             return None;
         }
         let v = self.s.get(self.at..self.at + end)?;

@@ -8,7 +8,8 @@
 //! The media type itself is parsed with the `mime` crate.
 
 use std::borrow::Cow;
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
 use std::ops::Range;
 use std::sync::LazyLock;
 
@@ -288,6 +289,23 @@ struct Scanner {
 }
 
 impl Scanner {
+    /// The first delimiter in `hay`. It starts with CR, which the XML
+    /// parts this codec writes never contain (CR is written as `&#13;`),
+    /// so looking for CRs and comparing at each is cheaper than a general
+    /// substring search; a part with many CRs (binary data) goes to the
+    /// general search after a few misses.
+    fn find_delim(&self, hay: &[u8]) -> Option<usize> {
+        for (misses, i) in memchr::memchr_iter(b'\r', hay).enumerate() {
+            if hay[i..].starts_with(&self.delim) {
+                return Some(i);
+            }
+            if misses == 8 {
+                return self.finder.find(&hay[i..]).map(|j| i + j);
+            }
+        }
+        None
+    }
+
     /// Looks at the front of `buf` in the current state.
     fn step(&mut self, buf: &[u8], part_no: usize) -> Result<Step, DecodeError> {
         match self.state {
@@ -380,7 +398,7 @@ impl Scanner {
                 let headers = hstart + 2..hstart + hend + 2;
                 let body_start = hstart + hend + 4;
                 let from = self.scan_from.max(body_start);
-                match self.finder.find(&buf[from.min(buf.len())..]) {
+                match self.find_delim(&buf[from.min(buf.len())..]) {
                     Some(i) => {
                         let body_end = from + i;
                         if body_end - body_start > self.limits.max_part_bytes {
@@ -432,7 +450,7 @@ pub struct StreamDecoder {
     parts: usize,
     meta: Option<EnvelopeMeta>,
     pending: Option<(Header, ContentKind, Option<DataInfo>)>,
-    seen: HashSet<MessageId>,
+    seen: SeenIds,
     ready: VecDeque<RawMessage>,
     messages: usize,
 }
@@ -440,21 +458,26 @@ pub struct StreamDecoder {
 struct PartHeaders<'a> {
     content_type: Option<&'a str>,
     content_id: Option<&'a str>,
+    /// The Content-ID already parsed (when the block was read whole).
+    cid: Option<Cid<'a>>,
     cte: Option<&'a str>,
 }
 
 fn parse_part_headers(block: &[u8], index: usize) -> Result<PartHeaders<'_>, DecodeError> {
     // The block this codec writes for an XML part, read without splitting
-    // lines; it means exactly what the general reading below makes of it.
-    if let Some(cid) = block
+    // lines when its Content-ID is one `parse_cid` takes (those are
+    // printable ASCII without spaces, so the general reading below makes
+    // the same of the block).
+    if let Some(value) = block
         .strip_prefix(XML_PART_HEADERS)
         .and_then(|rest| rest.strip_suffix(b"\r\n"))
-        .filter(|cid| cid.iter().all(u8::is_ascii_graphic))
         .and_then(|cid| std::str::from_utf8(cid).ok())
+        && let Some(cid) = parse_cid(value)
     {
         return Ok(PartHeaders {
             content_type: Some(XML_PART_TYPE),
-            content_id: Some(cid),
+            content_id: Some(value),
+            cid: Some(cid),
             cte: None,
         });
     }
@@ -466,6 +489,7 @@ fn parse_part_headers(block: &[u8], index: usize) -> Result<PartHeaders<'_>, Dec
     let mut h = PartHeaders {
         content_type: None,
         content_id: None,
+        cid: None,
         cte: None,
     };
     for line in text.split("\r\n").filter(|l| !l.is_empty()) {
@@ -509,7 +533,48 @@ fn trunc(s: &str) -> String {
 /// up to the Content-ID's value.
 const XML_PART_HEADERS: &[u8] = b"Content-Type: text/xml; charset=utf-8\r\nContent-ID: ";
 
+/// The message IDs an envelope has named so far, for refusing a second
+/// part with the same Content-ID. The IDs are kept end to end in one
+/// string and the table holds where each is, so noting an ID allocates
+/// nothing (only the string and table grow, by doubling).
+#[derive(Debug, Default)]
+struct SeenIds {
+    ids: String,
+    /// Where each ID is in `ids`.
+    table: hashbrown::HashTable<Range<usize>>,
+    hasher: RandomState,
+}
+
+impl SeenIds {
+    /// Notes `id`; false if it was already noted.
+    fn insert(&mut self, id: &str) -> bool {
+        let hash = self.hasher.hash_one(id);
+        let ids = &self.ids;
+        let at = |r: &Range<usize>| &ids[r.clone()];
+        match self
+            .table
+            .entry(hash, |r| at(r) == id, |r| self.hasher.hash_one(at(r)))
+        {
+            hashbrown::hash_table::Entry::Occupied(_) => false,
+            hashbrown::hash_table::Entry::Vacant(slot) => {
+                let start = ids.len();
+                self.ids.push_str(id);
+                slot.insert(start..self.ids.len());
+                true
+            }
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        let at = |r: &Range<usize>| &self.ids[r.clone()];
+        self.table
+            .find(self.hasher.hash_one(id), |r| at(r) == id)
+            .is_some()
+    }
+}
+
 /// What a Content-ID names; a message ID here is valid.
+#[derive(Debug, Clone, Copy)]
 enum Cid<'a> {
     Root,
     Header(&'a str),
@@ -531,14 +596,18 @@ fn parse_cid(v: &str) -> Option<Cid<'_>> {
     if v == ROOT_CONTENT_ID {
         return Some(Cid::Root);
     }
-    let inner = v.strip_prefix('<')?.strip_suffix('>')?;
-    let (id, which) = inner.split_once('@')?;
+    let inner = v.strip_prefix('<')?;
+    // An ID has no `@`, so this reads `<id@header>` and `<id@content>` as
+    // splitting at the first `@` would.
+    let cid = match inner.strip_suffix("@header>") {
+        Some(id) => Cid::Header(id),
+        None => Cid::Content(inner.strip_suffix("@content>")?),
+    };
+    let (Cid::Header(id) | Cid::Content(id)) = cid else {
+        return None;
+    };
     MessageId::validate(id).ok()?;
-    match which {
-        "header" => Some(Cid::Header(id)),
-        "content" => Some(Cid::Content(id)),
-        _ => None,
-    }
+    Some(cid)
 }
 
 impl StreamDecoder {
@@ -563,7 +632,7 @@ impl StreamDecoder {
             parts: 0,
             meta: None,
             pending: None,
-            seen: HashSet::new(),
+            seen: SeenIds::default(),
             ready: VecDeque::new(),
             messages: 0,
         })
@@ -653,10 +722,13 @@ impl StreamDecoder {
         let cid_value = h.content_id.ok_or(DecodeError::MissingContentId {
             part: PartRef::Index(index),
         })?;
-        let cid = parse_cid(cid_value).ok_or_else(|| DecodeError::BadContentId {
-            part: PartRef::Index(index),
-            value: trunc(cid_value),
-        })?;
+        let cid =
+            h.cid
+                .or_else(|| parse_cid(cid_value))
+                .ok_or_else(|| DecodeError::BadContentId {
+                    part: PartRef::Index(index),
+                    value: trunc(cid_value),
+                })?;
         let part_ref = || cid.part_ref();
         let encoding = match h.cte {
             None => TransferEncoding::Binary,
@@ -707,7 +779,7 @@ impl StreamDecoder {
                 if let Some((pending, _, _)) = self.pending.take() {
                     return Err(DecodeError::HeaderWithoutContent(pending.id));
                 }
-                if self.seen.contains(id) {
+                if !self.seen.insert(id) {
                     return Err(DecodeError::DuplicatePart { part: part_ref() });
                 }
                 self.messages += 1;
@@ -730,7 +802,6 @@ impl StreamDecoder {
                         header.id
                     ))));
                 }
-                self.seen.insert(header.id.clone());
                 self.pending = Some((header, kind, data));
             }
             Cid::Content(id) => {
