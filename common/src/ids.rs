@@ -187,10 +187,22 @@ impl RsId {
         if s.len() > MAX_RS_ID_LEN {
             return Err(IdError::TooLong { max: MAX_RS_ID_LEN });
         }
-        let mut parts = s.split('.');
-        check_customer(parts.next().unwrap_or(""))?;
-        for seg in parts {
-            check_segment(seg)?;
+        // Split at each `.` by hand: IDs are short, and a `str::split`
+        // searcher costs more to set up than these few bytes take to scan
+        // (every tier checks the RsIds of every header).
+        let b = s.as_bytes();
+        let dot = |from: usize| {
+            b[from..]
+                .iter()
+                .position(|&c| c == b'.')
+                .map_or(b.len(), |i| from + i)
+        };
+        let mut end = dot(0);
+        check_customer(&s[..end])?;
+        while end < b.len() {
+            let start = end + 1;
+            end = dot(start);
+            check_segment(&s[start..end])?;
         }
         Ok(())
     }
@@ -359,6 +371,7 @@ mod tests {
         assert_eq!(RsId::new("acme").unwrap().kind(), ComponentKind::Customer);
         for bad in [
             "",
+            ".p1",
             "Acme",
             "1acme",
             "acme.",

@@ -416,6 +416,7 @@ struct Canon<'a> {
 
 impl<'a> Canon<'a> {
     /// Steps over `lit` if the input continues with it.
+    #[inline]
     fn lit(&mut self, lit: &[u8]) -> Option<()> {
         let rest = self.s.as_bytes().get(self.at..)?;
         if rest.starts_with(lit) {
@@ -429,6 +430,7 @@ impl<'a> Canon<'a> {
     /// An attribute value up to its closing quote (the cursor is just after
     /// the opening one), if it is printable ASCII with nothing to resolve
     /// and within the attribute limit.
+    #[inline]
     fn value(&mut self) -> Option<&'a str> {
         let rest = self.s.as_bytes().get(self.at..)?;
         // One pass that finds the quote and checks each byte (values here
@@ -444,15 +446,18 @@ impl<'a> Canon<'a> {
         Some(v)
     }
 
+    #[inline]
     fn token(&mut self) -> Option<String> {
         token(self.value()?).ok()
     }
 
+    #[inline]
     fn ts(&mut self) -> Option<Timestamp> {
         Timestamp::parse(self.value()?).ok()
     }
 
     /// An optional timestamp attribute that starts with `lit`.
+    #[inline]
     fn opt_ts(&mut self, lit: &[u8]) -> Option<Option<Timestamp>> {
         if self.lit(lit).is_some() {
             self.ts().map(Some)

@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::ops::Range;
 use std::sync::LazyLock;
 
@@ -542,7 +542,10 @@ struct SeenIds {
     ids: String,
     /// Where each ID is in `ids`.
     table: hashbrown::HashTable<Range<usize>>,
-    hasher: RandomState,
+    /// foldhash, seeded at random per process. An envelope holds at most
+    /// `max_messages` IDs, so even IDs chosen to collide cost a bounded
+    /// number of comparisons.
+    hasher: hashbrown::DefaultHashBuilder,
 }
 
 impl SeenIds {
