@@ -449,7 +449,7 @@ pub struct StreamDecoder {
     total: usize,
     parts: usize,
     meta: Option<EnvelopeMeta>,
-    pending: Option<(Header, ContentKind, Option<DataInfo>)>,
+    pending: Option<header::Decoded>,
     seen: SeenIds,
     ready: VecDeque<RawMessage>,
     messages: usize,
