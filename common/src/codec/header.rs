@@ -453,6 +453,19 @@ impl<'a> Canon<'a> {
 
     #[inline]
     fn ts(&mut self) -> Option<Timestamp> {
+        // A timestamp as written is 24 bytes and its closing quote: parsed
+        // in place (whatever parses is digits and separators, so plain)
+        // rather than scanned byte by byte first.
+        if self.max_attr >= 24
+            && self.s.as_bytes().get(self.at + 24) == Some(&b'"')
+            && let Some(t) = self
+                .s
+                .get(self.at..self.at + 24)
+                .and_then(|v| Timestamp::parse(v).ok())
+        {
+            self.at += 25;
+            return Some(t);
+        }
         Timestamp::parse(self.value()?).ok()
     }
 
