@@ -95,7 +95,7 @@ impl Timestamp {
             if !digits.iter().all(u8::is_ascii_digit) {
                 return Err(TimestampError);
             }
-            let n = |hi: u8, lo: u8| i64::from(hi - b'0') * 10 + i64::from(lo - b'0');
+            let n = |hi: u8, lo: u8| u32::from(hi - b'0') * 10 + u32::from(lo - b'0');
             return Self::from_fields(
                 n(y0, y1) * 100 + n(y2, y3),
                 n(m0, m1),
@@ -103,19 +103,20 @@ impl Timestamp {
                 n(h0, h1),
                 n(i0, i1),
                 n(s0, s1),
-                n(f0, f1) * 10 + i64::from(f2 - b'0'),
+                n(f0, f1) * 10 + u32::from(f2 - b'0'),
             );
         }
         if b.len() < 20 || b[b.len() - 1] != b'Z' {
             return Err(TimestampError);
         }
-        let num = |r: std::ops::Range<usize>| -> Result<i64, TimestampError> {
-            let mut v = 0i64;
+        // At most nine digits: fits a u32.
+        let num = |r: std::ops::Range<usize>| -> Result<u32, TimestampError> {
+            let mut v = 0u32;
             for &c in &b[r] {
                 if !c.is_ascii_digit() {
                     return Err(TimestampError);
                 }
-                v = v * 10 + i64::from(c - b'0');
+                v = v * 10 + u32::from(c - b'0');
             }
             Ok(v)
         };
@@ -151,15 +152,17 @@ impl Timestamp {
         Self::from_fields(year, month, day, hour, min, sec, ms)
     }
 
-    /// The instant of a parsed date and time, if each field is in range.
+    /// The instant of a parsed date and time (a four-digit year, so 0 to
+    /// 9999), if each field is in range. Unsigned arithmetic: every tier
+    /// reads several timestamps per message.
     fn from_fields(
-        year: i64,
-        month: i64,
-        day: i64,
-        hour: i64,
-        min: i64,
-        sec: i64,
-        ms: i64,
+        year: u32,
+        month: u32,
+        day: u32,
+        hour: u32,
+        min: u32,
+        sec: u32,
+        ms: u32,
     ) -> Result<Self, TimestampError> {
         if !(1..=12).contains(&month)
             || day < 1
@@ -171,9 +174,8 @@ impl Timestamp {
             return Err(TimestampError);
         }
         let days = days_from_civil(year, month, day);
-        Ok(Timestamp(
-            ((days * 24 + hour) * 60 + min) * 60_000 + sec * 1000 + ms,
-        ))
+        let in_day = ((hour * 60 + min) * 60 + sec) * 1000 + ms;
+        Ok(Timestamp(days * 86_400_000 + i64::from(in_day)))
     }
 
     /// Appends the wire form (always with three fractional digits).
@@ -205,11 +207,11 @@ impl Timestamp {
     }
 }
 
-fn is_leap(y: i64) -> bool {
-    y % 4 == 0 && (y % 100 != 0 || y % 400 == 0)
+fn is_leap(y: u32) -> bool {
+    y.is_multiple_of(4) && (!y.is_multiple_of(100) || y.is_multiple_of(400))
 }
 
-fn days_in_month(y: i64, m: i64) -> i64 {
+fn days_in_month(y: u32, m: u32) -> u32 {
     match m {
         2 if is_leap(y) => 29,
         2 => 28,
@@ -219,14 +221,17 @@ fn days_in_month(y: i64, m: i64) -> i64 {
 }
 
 // Howard Hinnant's days_from_civil / civil_from_days (public domain).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
+// Here for years 0 to 9999, counted from 400 years earlier so that the
+// year before March of year 0 is not negative, then shifted back by one
+// era (146,097 days).
+fn days_from_civil(y: u32, m: u32, d: u32) -> i64 {
+    let y = y + 400 - u32::from(m <= 2);
+    let era = y / 400;
     let yoe = y - era * 400;
     let mp = (m + 9) % 12;
     let doy = (153 * mp + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    i64::from(era * 146_097 + doe) - 719_468 - 146_097
 }
 
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
