@@ -594,7 +594,7 @@ impl Deployment {
         };
         let _ = std::fs::remove_file(&socket);
         node.start(&self.exe)?;
-        if !wait_for(Duration::from_secs(30), || socket.exists()) {
+        if !wait_for(Duration::from_secs(30), || accepts(&socket)) {
             anyhow::bail!("{name} did not start; see {}", node.log.display());
         }
         self.nodes.insert(name.into(), node);
@@ -643,7 +643,7 @@ impl Deployment {
             (Some(a), _) => wait_for(Duration::from_secs(30), || {
                 std::net::TcpStream::connect(&a).is_ok()
             }),
-            (None, Some(s)) => wait_for(Duration::from_secs(30), || s.exists()),
+            (None, Some(s)) => wait_for(Duration::from_secs(30), || accepts(&s)),
             _ => true,
         };
         anyhow::ensure!(ok, "{name} did not come back");
@@ -711,4 +711,10 @@ pub fn integrity(path: &Path) -> anyhow::Result<String> {
     let conn =
         rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     Ok(conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+}
+
+/// True once a proxy's socket takes connections. The file appears at
+/// `bind`, a moment before `listen`: a connection in between is refused.
+fn accepts(socket: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(socket).is_ok()
 }
