@@ -129,10 +129,11 @@ pub(crate) fn general(bytes: &[u8], limits: &Limits) -> Result<Decoded, XmlError
         .ok_or_else(|| XmlError::UnknownContentType(kind_s.to_owned()))?;
     let created = root.req_ts("created")?;
     let locator = root.req("locator")?;
-    let want_source = match locator {
-        "source" => true,
-        "destination" => false,
-        other => return Err(root.bad("locator", format!("{other:?} is not source or destination"))),
+    let Some(want_source) = is_source_locator(locator) else {
+        return Err(root.bad(
+            "locator",
+            format!("{locator:?} is not source or destination"),
+        ));
     };
 
     let mut class = None;
@@ -173,11 +174,7 @@ pub(crate) fn general(bytes: &[u8], limits: &Limits) -> Result<Decoded, XmlError
                 data = Some(DataInfo {
                     mime: tag.req_with("mime", mime_type)?,
                     size: tag.req_with("size", parse_u64)?,
-                    encoding: tag.req_with("encoding", |s| {
-                        TransferEncoding::parse(s)
-                            .filter(|e| e.as_str() == s)
-                            .ok_or("not binary or base64")
-                    })?,
+                    encoding: tag.req_with("encoding", data_encoding)?,
                 });
                 x.end(&tag)?;
             }
@@ -228,7 +225,7 @@ fn missing(child: &'static str) -> XmlError {
 fn source(x: &mut XmlIn<'_>, tag: &Tag<'_>) -> Result<Source, XmlError> {
     let component = tag.req_with("component", |s| RsId::new(s))?;
     let version = tag.req("version")?;
-    if version.is_empty() || version.len() > 64 {
+    if !is_version(version) {
         return Err(tag.bad("version", "must be 1 to 64 bytes"));
     }
     let mut qos = None;
@@ -236,19 +233,8 @@ fn source(x: &mut XmlIn<'_>, tag: &Tag<'_>) -> Result<Source, XmlError> {
         if q.name != "qos" || qos.is_some() {
             return Err(tag.unexpected_child(&q));
         }
-        let precedence = q.req_with("precedence", |s| {
-            parse_u64(s).and_then(|p| {
-                u8::try_from(p)
-                    .ok()
-                    .filter(|&p| p <= MAX_PRECEDENCE)
-                    .ok_or("precedence must be 0 to 9")
-            })
-        })?;
-        let persistent = q.req_with("persistent", |s| match s {
-            "yes" => Ok(true),
-            "no" => Ok(false),
-            _ => Err("must be yes or no"),
-        })?;
+        let precedence = q.req_with("precedence", precedence)?;
+        let persistent = q.req_with("persistent", persistent)?;
         qos = Some(Qos {
             expiry: q.opt_ts("expiry")?,
             precedence,
@@ -264,6 +250,49 @@ fn source(x: &mut XmlIn<'_>, tag: &Tag<'_>) -> Result<Source, XmlError> {
             child: "qos",
         })?,
     })
+}
+
+// The checks of single attribute values, shared by both readers so that
+// they cannot drift apart.
+
+/// `locator`: true for `source`, false for `destination`.
+fn is_source_locator(s: &str) -> Option<bool> {
+    match s {
+        "source" => Some(true),
+        "destination" => Some(false),
+        _ => None,
+    }
+}
+
+/// `source version`: 1 to 64 bytes.
+fn is_version(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64
+}
+
+/// `qos precedence`: a decimal 0 to 9.
+fn precedence(s: &str) -> Result<u8, &'static str> {
+    parse_u64(s).and_then(|p| {
+        u8::try_from(p)
+            .ok()
+            .filter(|&p| p <= MAX_PRECEDENCE)
+            .ok_or("precedence must be 0 to 9")
+    })
+}
+
+/// `qos persistent`: `yes` or `no`.
+fn persistent(s: &str) -> Result<bool, &'static str> {
+    match s {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        _ => Err("must be yes or no"),
+    }
+}
+
+/// `data encoding`: `binary` or `base64`, exactly.
+fn data_encoding(s: &str) -> Result<TransferEncoding, &'static str> {
+    TransferEncoding::parse(s)
+        .filter(|e| e.as_str() == s)
+        .ok_or("not binary or base64")
 }
 
 /// Reads a header in exactly the layout [`encode`] writes, or returns
@@ -295,11 +324,7 @@ pub(crate) fn canonical(bytes: &[u8], limits: &Limits) -> Option<Decoded> {
     c.lit(b" created=\"")?;
     let created = c.ts()?;
     c.lit(b" locator=\"")?;
-    let want_source = match c.value()? {
-        "source" => true,
-        "destination" => false,
-        _ => return None,
-    };
+    let want_source = is_source_locator(c.value()?)?;
     c.lit(b">\n<class name=\"")?;
     let class = c.token()?;
     c.lit(b" sub=\"")?;
@@ -311,21 +336,15 @@ pub(crate) fn canonical(bytes: &[u8], limits: &Limits) -> Option<Decoded> {
         let component = RsId::new(c.value()?).ok()?;
         c.lit(b" version=\"")?;
         let version = c.value()?;
-        if version.is_empty() || version.len() > 64 {
+        if !is_version(version) {
             return None;
         }
         c.lit(b"><qos")?;
         let expiry = c.opt_ts(b" expiry=\"")?;
         c.lit(b" precedence=\"")?;
-        let precedence = u8::try_from(parse_u64(c.value()?).ok()?)
-            .ok()
-            .filter(|&p| p <= MAX_PRECEDENCE)?;
+        let precedence = precedence(c.value()?).ok()?;
         c.lit(b" persistent=\"")?;
-        let persistent = match c.value()? {
-            "yes" => true,
-            "no" => false,
-            _ => return None,
-        };
+        let persistent = persistent(c.value()?).ok()?;
         c.lit(b"/></source>\n")?;
         elements += 2;
         Route::Source(Source {
@@ -361,8 +380,7 @@ pub(crate) fn canonical(bytes: &[u8], limits: &Limits) -> Option<Decoded> {
         c.lit(b" size=\"")?;
         let size = parse_u64(c.value()?).ok()?;
         c.lit(b" encoding=\"")?;
-        let e = c.value()?;
-        let encoding = TransferEncoding::parse(e).filter(|x| x.as_str() == e)?;
+        let encoding = data_encoding(c.value()?).ok()?;
         c.lit(b"/>\n")?;
         elements += 1;
         Some(DataInfo {
