@@ -203,8 +203,8 @@ impl Uploads {
                         name: b.name.clone(),
                         size: b.size,
                         sha256: rs_common::codec::sha256_hex(&b.sha256),
-                        class: b.class.class.clone(),
-                        subclass: b.class.subclass.clone(),
+                        class: b.class.class.to_string(),
+                        subclass: b.class.subclass.to_string(),
                         expires,
                     });
                     Grant::Granted {
@@ -224,7 +224,7 @@ impl Uploads {
                     vec![src.component.clone()],
                     Some(now.saturating_add(Duration::from_secs(self.cfg.grant_secs))),
                 )),
-                routing: Vec::new(),
+                routing: Default::default(),
             },
             content: Content::BulkResponse(BulkResponse {
                 request: m.header.id.clone(),

@@ -92,7 +92,7 @@ fn notification(
                     persistent: true,
                 },
             }),
-            routing: Vec::new(),
+            routing: Default::default(),
         },
         content: Content::Alarm(Alarm {
             severity,

@@ -279,7 +279,7 @@ async fn offer(
                 created: now,
                 class: class.clone(),
                 route: Route::Destination(Destination::new(dests, Some(expiry))),
-                routing: Vec::new(),
+                routing: Default::default(),
             },
             content: Content::BulkRequest(BulkRequest {
                 direction: Direction::Download,

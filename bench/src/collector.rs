@@ -96,7 +96,7 @@ fn alarm(proxy: &RsId, i: usize) -> Message {
                     persistent: true,
                 },
             }),
-            routing: vec![],
+            routing: Default::default(),
         },
         content: Content::Alarm(Alarm {
             severity: Severity::Major,

@@ -36,7 +36,7 @@ fn alarm(from: &RsId, i: usize) -> Message {
                     persistent: true,
                 },
             }),
-            routing: Vec::new(),
+            routing: Default::default(),
         },
         content: Content::Alarm(Alarm {
             severity: Severity::Major,

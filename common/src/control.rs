@@ -186,14 +186,14 @@ pub fn status_message(
             class: Classification::new(CLASS_INFRASTRUCTURE, sub),
             route: Route::Source(Source {
                 component,
-                version: tree.version.clone().unwrap_or_else(|| "0".into()),
+                version: tree.version.as_deref().unwrap_or("0").into(),
                 qos: Qos {
                     expiry: Some(now.saturating_add(ttl)),
                     precedence,
                     persistent: false,
                 },
             }),
-            routing: Vec::new(),
+            routing: Default::default(),
         },
         content: Content::Data(Data {
             mime: "text/xml".into(),
@@ -219,7 +219,7 @@ pub fn control_message(
             created: now,
             class: Classification::new(CLASS_CONTROL, action.name()),
             route: Route::Destination(Destination::new(to, expiry)),
-            routing: Vec::new(),
+            routing: Default::default(),
         },
         content: Content::Data(Data {
             mime: "text/xml".into(),
@@ -279,7 +279,7 @@ pub fn response_to(
                     persistent: true,
                 },
             }),
-            routing: Vec::new(),
+            routing: Default::default(),
         },
         content: Content::Response(Response {
             reference,

@@ -12,6 +12,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use compact_str::CompactString;
+
 /// Longest remote services ID accepted, in bytes.
 pub const MAX_RS_ID_LEN: usize = 64;
 /// Longest message ID accepted, in bytes.
@@ -151,13 +153,13 @@ fn check_segment(seg: &str) -> Result<ComponentKind, IdError> {
 
 /// A customer ID: `[a-z][a-z0-9-]{0,31}`, given at customer registration.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CustomerId(String);
+pub struct CustomerId(CompactString);
 
 impl CustomerId {
-    pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
-        let s = s.into();
-        check_customer(&s)?;
-        Ok(CustomerId(s))
+    pub fn new(s: impl AsRef<str>) -> Result<Self, IdError> {
+        let s = s.as_ref();
+        check_customer(s)?;
+        Ok(CustomerId(CompactString::new(s)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -173,13 +175,13 @@ impl CustomerId {
 /// A remote services ID: a customer ID followed by zero or more
 /// `.<kind letter><number>` segments.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RsId(String);
+pub struct RsId(CompactString);
 
 impl RsId {
-    pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
-        let s = s.into();
-        Self::validate(&s)?;
-        Ok(RsId(s))
+    pub fn new(s: impl AsRef<str>) -> Result<Self, IdError> {
+        let s = s.as_ref();
+        Self::validate(s)?;
+        Ok(RsId(CompactString::new(s)))
     }
 
     /// Checks `s` without allocating.
@@ -223,7 +225,7 @@ impl RsId {
 
     /// The customer this component belongs to.
     pub fn customer(&self) -> CustomerId {
-        CustomerId(self.0.split('.').next().unwrap_or_default().to_owned())
+        CustomerId(self.0.split('.').next().unwrap_or_default().into())
     }
 
     /// The kind of component, from the last segment.
@@ -237,14 +239,14 @@ impl RsId {
 
     /// The component that allocated this ID, if any.
     pub fn parent(&self) -> Option<RsId> {
-        self.0.rfind('.').map(|i| RsId(self.0[..i].to_owned()))
+        self.0.rfind('.').map(|i| RsId(self.0[..i].into()))
     }
 
     /// True when `self` is `other` or was allocated (directly or not) under it.
     pub fn is_within(&self, other: &RsId) -> bool {
         self.0 == other.0
             || (self.0.len() > other.0.len()
-                && self.0.starts_with(&other.0)
+                && self.0.starts_with(other.0.as_str())
                 && self.0.as_bytes()[other.0.len()] == b'.')
     }
 }
@@ -255,13 +257,13 @@ impl RsId {
 /// sort by creation time; other implementations may use any scheme that is
 /// globally unique within the character set.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MessageId(String);
+pub struct MessageId(CompactString);
 
 impl MessageId {
-    pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
-        let s = s.into();
-        Self::validate(&s)?;
-        Ok(MessageId(s))
+    pub fn new(s: impl AsRef<str>) -> Result<Self, IdError> {
+        let s = s.as_ref();
+        Self::validate(s)?;
+        Ok(MessageId(CompactString::new(s)))
     }
 
     /// Checks `s` without allocating.
@@ -290,12 +292,16 @@ impl MessageId {
     /// when it needs one).
     pub(crate) fn from_validated(s: &str) -> Self {
         debug_assert!(Self::validate(s).is_ok(), "{s:?} was not validated");
-        MessageId(s.to_owned())
+        MessageId(CompactString::new(s))
     }
 
     /// A fresh, time-ordered, globally unique ID (UUIDv7).
     pub fn generate() -> Self {
-        MessageId(uuid::Uuid::now_v7().simple().to_string())
+        MessageId(CompactString::new(
+            uuid::Uuid::now_v7()
+                .simple()
+                .encode_lower(&mut uuid::Uuid::encode_buffer()),
+        ))
     }
 
     pub fn as_str(&self) -> &str {
@@ -347,7 +353,7 @@ macro_rules! string_id_impls {
         }
         impl From<$t> for String {
             fn from(id: $t) -> String {
-                id.0
+                id.0.into()
             }
         }
     )*};

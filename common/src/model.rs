@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use compact_str::CompactString;
+use smallvec::SmallVec;
 
 use crate::ids::{MessageId, RsId};
 use crate::outcome::{Outcome, Reason};
@@ -20,15 +22,15 @@ pub const DEFAULT_PRECEDENCE: u8 = 5;
 /// Both parts are tokens of 1 to 64 bytes of `[A-Za-z0-9._-]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Classification {
-    pub class: String,
-    pub subclass: String,
+    pub class: CompactString,
+    pub subclass: CompactString,
 }
 
 impl Classification {
-    pub fn new(class: impl Into<String>, subclass: impl Into<String>) -> Self {
+    pub fn new(class: impl AsRef<str>, subclass: impl AsRef<str>) -> Self {
         Classification {
-            class: class.into(),
-            subclass: subclass.into(),
+            class: CompactString::new(class),
+            subclass: CompactString::new(subclass),
         }
     }
 }
@@ -63,7 +65,7 @@ pub struct Source {
     /// integrator or MLM).
     pub component: RsId,
     /// Software version of the originating component.
-    pub version: String,
+    pub version: CompactString,
     pub qos: Qos,
 }
 
@@ -100,6 +102,11 @@ pub struct Hop {
     pub sent: Option<Timestamp>,
 }
 
+/// The routing elements of a header, oldest first. Two are held inline (a
+/// message from a proxy reaches the application server through one MLM),
+/// so reading a header allocates nothing for them.
+pub type Hops = SmallVec<[Hop; 2]>;
+
 /// The header of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -107,7 +114,7 @@ pub struct Header {
     pub created: Timestamp,
     pub class: Classification,
     pub route: Route,
-    pub routing: Vec<Hop>,
+    pub routing: Hops,
 }
 
 impl Header {

@@ -50,7 +50,7 @@ pub fn forward_header(msg: &str, component: &str, class: &str, sub: &str) -> Hea
                 persistent: true,
             },
         }),
-        routing: vec![Hop {
+        routing: smallvec::smallvec![Hop {
             component: rs("acme.m1"),
             received: at(5),
             sent: Some(at(7)),
@@ -68,7 +68,7 @@ pub fn back_header(msg: &str, to: &[&str], class: &str, sub: &str) -> Header {
             to.iter().map(|d| rs(d)).collect(),
             Some(at(3_600_000)),
         )),
-        routing: vec![Hop {
+        routing: smallvec::smallvec![Hop {
             component: rs("rs.a1"),
             received: t0(),
             sent: Some(at(1)),

@@ -235,7 +235,7 @@ pub fn summary(me: &RsId, g: &Group, window: Duration, now: Timestamp) -> Option
                     persistent,
                 },
             }),
-            routing: Vec::new(),
+            routing: Default::default(),
         },
         content: Content::Alarm(Alarm {
             severity,

@@ -194,8 +194,8 @@ async fn handle(
                         persistent: qos.persistent,
                         expiry: qos.expiry.map(Timestamp::as_millis),
                         source,
-                        class: h.class.class.clone(),
-                        subclass: h.class.subclass.clone(),
+                        class: h.class.class.to_string(),
+                        subclass: h.class.subclass.to_string(),
                         text,
                     },
                 ));

@@ -206,10 +206,10 @@ impl ServiceModule for Modify {
             s.qos.precedence = p;
         }
         if let Some(c) = &self.class {
-            m.raw.header.class.class = c.clone();
+            m.raw.header.class.class = c.as_str().into();
         }
         if let Some(c) = &self.subclass {
-            m.raw.header.class.subclass = c.clone();
+            m.raw.header.class.subclass = c.as_str().into();
         }
         if self.severity.is_some() || self.detail.is_some() {
             let (sev, det) = (self.severity, self.detail.clone());

@@ -424,8 +424,8 @@ pub async fn start(proxy: &Proxy, req: UploadRequest) -> Result<Upload, SubmitEr
         );
         let (sha, c, sc) = (
             rs_common::codec::sha256_hex(&sha256),
-            class.class.clone(),
-            class.subclass.clone(),
+            class.class.to_string(),
+            class.subclass.to_string(),
         );
         up.db
             .write(move |s| {

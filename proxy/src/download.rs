@@ -198,8 +198,8 @@ pub async fn offered(proxy: &Proxy, m: &RawMessage, b: &BulkRequest) -> Result<b
         rs_common::codec::sha256_hex(&b.sha256),
         b.name.clone(),
         i64::try_from(b.size).unwrap_or(i64::MAX),
-        b.class.class.clone(),
-        b.class.subclass.clone(),
+        b.class.class.to_string(),
+        b.class.subclass.to_string(),
         b.expires.or(m.header.expiry()).map(Timestamp::as_millis),
     );
     proxy

@@ -228,10 +228,10 @@ impl Proxy {
             class,
             route: Route::Source(Source {
                 component,
-                version,
+                version: version.into(),
                 qos,
             }),
-            routing: Vec::new(),
+            routing: Default::default(),
         }
     }
 

@@ -104,7 +104,7 @@ fn mime() -> impl Strategy<Value = String> {
 }
 
 fn classification() -> impl Strategy<Value = Classification> {
-    (token(), token()).prop_map(|(class, subclass)| Classification { class, subclass })
+    (token(), token()).prop_map(|(class, subclass)| Classification::new(class, subclass))
 }
 
 fn control_action() -> impl Strategy<Value = ControlAction> {
@@ -255,7 +255,7 @@ fn route() -> impl Strategy<Value = Route> {
             .prop_map(|(component, version, expiry, precedence, persistent)| {
                 Route::Source(Source {
                     component,
-                    version,
+                    version: version.into(),
                     qos: Qos {
                         expiry,
                         precedence,
@@ -283,7 +283,7 @@ pub fn message() -> impl Strategy<Value = Message> {
                 created,
                 class,
                 route,
-                routing,
+                routing: routing.into(),
             },
             content,
         })

@@ -58,7 +58,7 @@ pub fn upload_request(
                     persistent: true,
                 },
             }),
-            routing: Vec::new(),
+            routing: Default::default(),
         },
         content: Content::BulkRequest(BulkRequest {
             direction: Direction::Upload,

@@ -1,11 +1,13 @@
 //! The message header document (`dtd/header.dtd`).
 
+use compact_str::CompactString;
+
 use super::xml::{Tag, XmlIn, XmlOut, parse_u64};
 use super::{DataInfo, Limits, XmlError};
 use crate::ids::{MessageId, RsId};
 use crate::model::{
-    Classification, ContentKind, Destination, Header, Hop, MAX_PRECEDENCE, Qos, Route, Source,
-    TransferEncoding,
+    Classification, ContentKind, Destination, Header, Hop, Hops, MAX_PRECEDENCE, Qos, Route,
+    Source, TransferEncoding,
 };
 use crate::time::Timestamp;
 
@@ -17,9 +19,10 @@ pub fn is_token(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
-pub(crate) fn token(s: &str) -> Result<String, &'static str> {
+/// A token as whichever string type the model holds it in.
+pub(crate) fn token<T: for<'a> From<&'a str>>(s: &str) -> Result<T, &'static str> {
     if is_token(s) {
-        Ok(s.to_owned())
+        Ok(T::from(s))
     } else {
         Err("not a token of 1-64 characters [A-Za-z0-9._-]")
     }
@@ -139,7 +142,7 @@ pub(crate) fn general(bytes: &[u8], limits: &Limits) -> Result<Decoded, XmlError
     let mut class = None;
     let mut route = None;
     let mut data = None;
-    let mut routing = Vec::new();
+    let mut routing = Hops::new();
     while let Some(tag) = x.child(&root)? {
         match tag.name {
             "class" if class.is_none() && route.is_none() => {
@@ -244,7 +247,7 @@ fn source(x: &mut XmlIn<'_>, tag: &Tag<'_>) -> Result<Source, XmlError> {
     }
     Ok(Source {
         component,
-        version: version.to_owned(),
+        version: version.into(),
         qos: qos.ok_or(XmlError::MissingElement {
             element: "source".into(),
             child: "qos",
@@ -349,7 +352,7 @@ pub(crate) fn canonical(bytes: &[u8], limits: &Limits) -> Option<Decoded> {
         elements += 2;
         Route::Source(Source {
             component,
-            version: version.to_owned(),
+            version: version.into(),
             qos: Qos {
                 expiry,
                 precedence,
@@ -394,7 +397,7 @@ pub(crate) fn canonical(bytes: &[u8], limits: &Limits) -> Option<Decoded> {
     if (kind == ContentKind::Data) != data.is_some() {
         return None;
     }
-    let mut routing = Vec::new();
+    let mut routing = Hops::new();
     while c.lit(b"<routing component=\"").is_some() {
         let component = RsId::new(c.value()?).ok()?;
         c.lit(b" received=\"")?;
@@ -465,7 +468,7 @@ impl<'a> Canon<'a> {
     }
 
     #[inline]
-    fn token(&mut self) -> Option<String> {
+    fn token(&mut self) -> Option<CompactString> {
         token(self.value()?).ok()
     }
 

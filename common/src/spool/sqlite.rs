@@ -405,7 +405,7 @@ impl Worker {
                 m.content_type,
                 header,
                 &m.content[..],
-                m.header.class.class,
+                m.header.class.class.as_str(),
             ],
         )?;
         if n == 0 {
