@@ -12,6 +12,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use arrayvec::ArrayString;
 use compact_str::CompactString;
 
 /// Longest remote services ID accepted, in bytes.
@@ -257,13 +258,13 @@ impl RsId {
 /// sort by creation time; other implementations may use any scheme that is
 /// globally unique within the character set.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MessageId(CompactString);
+pub struct MessageId(IdRepr);
 
 impl MessageId {
     pub fn new(s: impl AsRef<str>) -> Result<Self, IdError> {
         let s = s.as_ref();
         Self::validate(s)?;
-        Ok(MessageId(CompactString::new(s)))
+        Ok(MessageId(IdRepr::new(s)))
     }
 
     /// Checks `s` without allocating.
@@ -292,12 +293,12 @@ impl MessageId {
     /// when it needs one).
     pub(crate) fn from_validated(s: &str) -> Self {
         debug_assert!(Self::validate(s).is_ok(), "{s:?} was not validated");
-        MessageId(CompactString::new(s))
+        MessageId(IdRepr::new(s))
     }
 
     /// A fresh, time-ordered, globally unique ID (UUIDv7).
     pub fn generate() -> Self {
-        MessageId(CompactString::new(
+        MessageId(IdRepr::new(
             uuid::Uuid::now_v7()
                 .simple()
                 .encode_lower(&mut uuid::Uuid::encode_buffer()),
@@ -306,6 +307,76 @@ impl MessageId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// A message ID's text: inline up to 32 bytes (a UUID in simple form, what
+/// this suite generates), boxed beyond. Every tier reads the ID of every
+/// header it routes, so reading one should not allocate. Compares, orders
+/// and hashes as the string (so `MessageId: Borrow<str>` holds).
+#[derive(Clone)]
+enum IdRepr {
+    Inline(ArrayString<32>),
+    Boxed(Box<str>),
+}
+
+impl IdRepr {
+    fn new(s: &str) -> Self {
+        match ArrayString::from(s) {
+            Ok(a) => IdRepr::Inline(a),
+            Err(_) => IdRepr::Boxed(s.into()),
+        }
+    }
+}
+
+impl std::ops::Deref for IdRepr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            IdRepr::Inline(a) => a.as_str(),
+            IdRepr::Boxed(b) => b,
+        }
+    }
+}
+
+impl PartialEq for IdRepr {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for IdRepr {}
+
+impl PartialOrd for IdRepr {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for IdRepr {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (**self).cmp(&**other)
+    }
+}
+
+impl std::hash::Hash for IdRepr {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (**self).hash(state);
+    }
+}
+
+impl fmt::Debug for IdRepr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl From<IdRepr> for String {
+    fn from(r: IdRepr) -> String {
+        match r {
+            IdRepr::Inline(a) => a.as_str().to_owned(),
+            IdRepr::Boxed(b) => b.into(),
+        }
     }
 }
 
