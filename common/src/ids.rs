@@ -380,6 +380,13 @@ impl From<IdRepr> for String {
     }
 }
 
+/// True for the bytes message IDs and tokens are made of, `[A-Za-z0-9._-]`,
+/// by table lookup (every tier checks several of each in every header).
+#[inline]
+pub(crate) fn is_token_byte(c: u8) -> bool {
+    MESSAGE_ID_CHAR[usize::from(c)]
+}
+
 /// The bytes a message ID is made of: `[A-Za-z0-9._-]`.
 const MESSAGE_ID_CHAR: [bool; 256] = {
     let mut t = [false; 256];

@@ -58,53 +58,17 @@ impl Timestamp {
 
     /// Parses the wire form.
     pub fn parse(s: &str) -> Result<Self, TimestampError> {
-        let b = s.as_bytes();
-        // The form every tier writes (three fractional digits) is read in
-        // one pass: headers carry several timestamps and are read at every
-        // tier.
-        if let [
-            y0,
-            y1,
-            y2,
-            y3,
-            b'-',
-            m0,
-            m1,
-            b'-',
-            d0,
-            d1,
-            b'T',
-            h0,
-            h1,
-            b':',
-            i0,
-            i1,
-            b':',
-            s0,
-            s1,
-            b'.',
-            f0,
-            f1,
-            f2,
-            b'Z',
-        ] = *b
-        {
-            let digits = [
-                y0, y1, y2, y3, m0, m1, d0, d1, h0, h1, i0, i1, s0, s1, f0, f1, f2,
-            ];
-            if !digits.iter().all(u8::is_ascii_digit) {
-                return Err(TimestampError);
-            }
-            let n = |hi: u8, lo: u8| u32::from(hi - b'0') * 10 + u32::from(lo - b'0');
-            return Self::from_fields(
-                n(y0, y1) * 100 + n(y2, y3),
-                n(m0, m1),
-                n(d0, d1),
-                n(h0, h1),
-                n(i0, i1),
-                n(s0, s1),
-                n(f0, f1) * 10 + u32::from(f2 - b'0'),
-            );
+        Self::parse_bytes(s.as_bytes())
+    }
+
+    /// Parses the wire form from bytes (anything but ASCII is refused).
+    pub(crate) fn parse_bytes(b: &[u8]) -> Result<Self, TimestampError> {
+        // The form every tier writes (three fractional digits) is read by
+        // word arithmetic: headers carry several timestamps and are read at
+        // every tier.
+        if let Ok(w) = <&[u8; 24]>::try_from(b) {
+            let [y, mo, d, h, mi, sec, ms] = written_fields(w).ok_or(TimestampError)?;
+            return Self::from_fields(y, mo, d, h, mi, sec, ms);
         }
         if b.len() < 20 || b[b.len() - 1] != b'Z' {
             return Err(TimestampError);
@@ -205,6 +169,63 @@ impl Timestamp {
         put(20, 3, ms);
         out.extend_from_slice(&buf);
     }
+}
+
+/// The fields of `YYYY-MM-DDTHH:MM:SS.mmmZ` (year, month, day, hour,
+/// minute, second, millisecond), if every digit is a digit and every
+/// separator is in place; ranges are the caller's to check.
+///
+/// Three 8-byte words at a time, written out by hand because no crate
+/// reads this one fixed form: each word is XORed with the form's template,
+/// which leaves separators 0 and digits 0 to 9 when the input matches.
+fn written_fields(b: &[u8; 24]) -> Option<[u32; 7]> {
+    const TEMPLATE: &[u8; 24] = b"0000-00-00T00:00:00.000Z";
+    const HIGH: u64 = 0xF0F0_F0F0_F0F0_F0F0;
+    const SIX: u64 = 0x0606_0606_0606_0606;
+    let word = |a: &[u8; 24], i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&a[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(w)
+    };
+    // 0xFF at the digits of each word.
+    const fn digit_mask(i: usize) -> u64 {
+        let mut m = 0u64;
+        let mut k = 0;
+        while k < 8 {
+            if TEMPLATE[i * 8 + k] == b'0' {
+                m |= 0xFF << (8 * k);
+            }
+            k += 1;
+        }
+        m
+    }
+    const MASKS: [u64; 3] = [digit_mask(0), digit_mask(1), digit_mask(2)];
+    let mut x = [0u64; 3];
+    let mut bad = 0u64;
+    for i in 0..3 {
+        let v = word(b, i) ^ word(TEMPLATE, i);
+        let d = v & MASKS[i];
+        // A separator must match exactly; a digit byte must be 0x00-0x09:
+        // no high nibble, and a low nibble that 6 does not carry past 15
+        // (no carry crosses bytes once the high nibbles are clear, and a
+        // wrap only happens when one is not).
+        bad |= (v & !MASKS[i]) | (d & HIGH) | (d.wrapping_add(SIX) & HIGH & MASKS[i]);
+        x[i] = d;
+    }
+    if bad != 0 {
+        return None;
+    }
+    let digit = |at: usize| ((x[at / 8] >> (8 * (at % 8))) & 0xFF) as u32;
+    let two = |at: usize| digit(at) * 10 + digit(at + 1);
+    Some([
+        two(0) * 100 + two(2),
+        two(5),
+        two(8),
+        two(11),
+        two(14),
+        two(17),
+        two(20) * 10 + digit(22),
+    ])
 }
 
 fn is_leap(y: u32) -> bool {
@@ -332,6 +353,38 @@ mod tests {
                 assert_eq!(Timestamp::parse(&wire), Timestamp::parse(&two), "{wire}");
             }
             ms += 7_654_321_097;
+        }
+    }
+
+    /// The word-at-a-time reading of the three-digit form takes exactly
+    /// what the general reading takes: every byte of a written timestamp
+    /// replaced by every other byte reads as the same text with a fourth
+    /// fractional digit does (or, for the final `Z`, only a `Z` reads).
+    #[test]
+    fn three_digit_form_refuses_every_stray_byte() {
+        for wire in [
+            "2026-11-24T22:56:37.123Z",
+            "2024-02-29T09:09:09.999Z",
+            "0000-01-01T00:00:00.000Z",
+        ] {
+            for at in 0..24 {
+                for c in 0..=255u8 {
+                    let mut b = wire.as_bytes().to_vec();
+                    b[at] = c;
+                    let got = Timestamp::parse_bytes(&b);
+                    if at == 23 {
+                        assert_eq!(got.is_ok(), c == b'Z', "{wire} with {c:#x} at {at}");
+                        continue;
+                    }
+                    let mut four = b[..23].to_vec();
+                    four.extend_from_slice(b"0Z");
+                    assert_eq!(
+                        got,
+                        Timestamp::parse_bytes(&four),
+                        "{wire} with {c:#x} at {at}"
+                    );
+                }
+            }
         }
     }
 

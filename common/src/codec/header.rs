@@ -13,10 +13,7 @@ use crate::time::Timestamp;
 
 /// A token: 1 to 64 bytes of `[A-Za-z0-9._-]` (class, subclass, names).
 pub fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(crate::ids::is_token_byte)
 }
 
 /// A token as whichever string type the model holds it in.
@@ -479,10 +476,7 @@ impl<'a> Canon<'a> {
         // rather than scanned byte by byte first.
         if self.max_attr >= 24
             && self.s.as_bytes().get(self.at + 24) == Some(&b'"')
-            && let Some(t) = self
-                .s
-                .get(self.at..self.at + 24)
-                .and_then(|v| Timestamp::parse(v).ok())
+            && let Ok(t) = Timestamp::parse_bytes(&self.s.as_bytes()[self.at..self.at + 24])
         {
             self.at += 25;
             return Some(t);
