@@ -453,6 +453,8 @@ pub struct StreamDecoder {
     seen: SeenIds,
     ready: VecDeque<RawMessage>,
     messages: usize,
+    /// Body bytes up to the end of the root part (where messages start).
+    root_end: usize,
 }
 
 struct PartHeaders<'a> {
@@ -568,6 +570,18 @@ impl SeenIds {
         }
     }
 
+    /// True when the next new ID needs the table to grow.
+    fn is_full(&self) -> bool {
+        self.table.len() == self.table.capacity()
+    }
+
+    /// Makes room for `n` more IDs of about `len` bytes.
+    fn reserve(&mut self, n: usize, len: usize) {
+        let (ids, hasher) = (&self.ids, &self.hasher);
+        self.table.reserve(n, |r| hasher.hash_one(&ids[r.clone()]));
+        self.ids.reserve(n.saturating_mul(len));
+    }
+
     fn contains(&self, id: &str) -> bool {
         let at = |r: &Range<usize>| &self.ids[r.clone()];
         self.table
@@ -638,6 +652,7 @@ impl StreamDecoder {
             seen: SeenIds::default(),
             ready: VecDeque::new(),
             messages: 0,
+            root_end: 0,
         })
     }
 
@@ -683,6 +698,7 @@ impl StreamDecoder {
                         &chunk,
                         base + headers.start..base + headers.end,
                         base + body.start..base + body.end,
+                        chunk.len() - off,
                     )?;
                 }
             }
@@ -705,19 +721,36 @@ impl StreamDecoder {
                 } => {
                     let part = self.buf.split_to(consumed).freeze();
                     self.scanner.scan_from = 0;
-                    self.handle_part(&part, headers, body)?;
+                    let ahead = self.buf.len();
+                    self.handle_part(&part, headers, body, ahead)?;
                 }
             }
         }
     }
 
+    /// How many more messages the `ahead` bytes already in hand after the
+    /// current part hold at the average size so far (at least one), within
+    /// the message limit. The queue of messages and the set of IDs are
+    /// grown by the current one and this many when full, rather than doubled and copied again
+    /// and again while a whole body is read; with a body fed in small
+    /// chunks it stays small. At worst (a small first message, then large
+    /// ones) it overestimates up to the message limit.
+    fn expected_more(&self, ahead: usize) -> usize {
+        let per = self.total.saturating_sub(ahead + self.root_end) / self.messages.max(1);
+        (ahead / per.max(1))
+            .min(self.limits.max_messages.saturating_sub(self.messages))
+            .max(1)
+    }
+
     /// Handles one part: `src[headers]` is its header block, `src[body]`
-    /// its body. Only a content part's body is kept, as a slice of `src`.
+    /// its body, and `ahead` bytes of the body follow it already in hand.
+    /// Only a content part's body is kept, as a slice of `src`.
     fn handle_part(
         &mut self,
         src: &Bytes,
         headers: Range<usize>,
         body: Range<usize>,
+        ahead: usize,
     ) -> Result<(), DecodeError> {
         self.parts += 1;
         let index = self.parts;
@@ -777,10 +810,14 @@ impl StreamDecoder {
                     });
                 }
                 self.meta = Some(meta::decode(&decoded()?, &self.limits).map_err(xml_err)?);
+                self.root_end = self.total - ahead;
             }
             Cid::Header(id) => {
                 if let Some((pending, _, _)) = self.pending.take() {
                     return Err(DecodeError::HeaderWithoutContent(pending.id));
+                }
+                if self.seen.is_full() {
+                    self.seen.reserve(1 + self.expected_more(ahead), id.len());
                 }
                 if !self.seen.insert(id) {
                     return Err(DecodeError::DuplicatePart { part: part_ref() });
@@ -865,6 +902,9 @@ impl StreamDecoder {
                         kept()?
                     }
                 };
+                if self.ready.len() == self.ready.capacity() {
+                    self.ready.reserve(1 + self.expected_more(ahead));
+                }
                 self.ready.push_back(RawMessage {
                     header,
                     kind,
@@ -907,5 +947,56 @@ impl StreamDecoder {
             meta,
             messages: self.ready.into(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::encode_envelope;
+    use crate::model::Envelope;
+    use crate::samples;
+
+    fn decoder(enc: &super::super::Encoded, limits: Limits) -> StreamDecoder {
+        StreamDecoder::new(&enc.content_type, limits).unwrap()
+    }
+
+    /// The queue of decoded messages grows by what the bytes in hand hold:
+    /// about once, to about the number of messages, for a whole body; little
+    /// for a body fed in chunks and read as it comes; never past the message
+    /// limit, even when a small first message makes the rest look many.
+    #[test]
+    fn the_message_queue_grows_by_the_bytes_in_hand_within_the_limit() {
+        let enc = encode_envelope(&samples::bench_envelope());
+        let mut d = decoder(&enc, Limits::default());
+        d.push_bytes(enc.body.clone()).unwrap();
+        assert_eq!(d.ready.len(), 100);
+        assert!(d.ready.capacity() < 125, "{}", d.ready.capacity());
+
+        let mut d = decoder(&enc, Limits::default());
+        let mut n = 0;
+        for chunk in enc.body.chunks(4096) {
+            d.push(chunk).unwrap();
+            while d.pop().is_some() {
+                n += 1;
+            }
+        }
+        assert_eq!(n, 100);
+        assert!(d.ready.capacity() <= 8, "{}", d.ready.capacity());
+
+        let mut messages = vec![samples::alarm_of_size(0, 600)];
+        messages.extend((1..10).map(|i| samples::alarm_of_size(i, 64 * 1024)));
+        let enc = encode_envelope(&Envelope {
+            meta: samples::request_meta("acme.p1"),
+            messages,
+        });
+        let limits = Limits {
+            max_messages: 10,
+            ..Limits::default()
+        };
+        let mut d = decoder(&enc, limits);
+        d.push_bytes(enc.body.clone()).unwrap();
+        assert_eq!(d.ready.len(), 10);
+        assert!(d.ready.capacity() <= 10, "{}", d.ready.capacity());
     }
 }
