@@ -277,15 +277,14 @@ impl MessageId {
                 max: MAX_MESSAGE_ID_LEN,
             });
         }
-        // A table lookup per byte: every tier checks the IDs of every
-        // message, twice (Content-ID and header).
-        match s.bytes().position(|c| !MESSAGE_ID_CHAR[usize::from(c)]) {
-            Some(at) => Err(IdError::BadChar {
-                ch: char::from(s.as_bytes()[at]),
-                at,
-            }),
-            None => Ok(()),
+        if all_token_bytes(s.as_bytes()) {
+            return Ok(());
         }
+        let at = s.bytes().position(|c| !is_token_byte(c)).unwrap_or(0);
+        Err(IdError::BadChar {
+            ch: char::from(s.as_bytes()[at]),
+            at,
+        })
     }
 
     /// An ID already checked with [`validate`](Self::validate) (the codec
@@ -380,24 +379,26 @@ impl From<IdRepr> for String {
     }
 }
 
-/// True for the bytes message IDs and tokens are made of, `[A-Za-z0-9._-]`,
-/// by table lookup (every tier checks several of each in every header).
+/// True for the bytes message IDs and tokens are made of, `[A-Za-z0-9._-]`.
 #[inline]
-pub(crate) fn is_token_byte(c: u8) -> bool {
-    MESSAGE_ID_CHAR[usize::from(c)]
+pub(crate) const fn is_token_byte(c: u8) -> bool {
+    // `| 0x20` folds upper case onto lower and moves nothing else into
+    // a-z. Comparisons only, no table: see `all_token_bytes`.
+    (c | 0x20).wrapping_sub(b'a') < 26
+        || c.wrapping_sub(b'0') < 10
+        || c == b'.'
+        || c == b'_'
+        || c == b'-'
 }
 
-/// The bytes a message ID is made of: `[A-Za-z0-9._-]`.
-const MESSAGE_ID_CHAR: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut c = 0;
-    while c < 256 {
-        let b = c as u8;
-        t[c] = b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
-        c += 1;
-    }
-    t
-};
+/// True when every byte is a token byte. Every tier checks several IDs and
+/// tokens in every header, so this is written to run without an early
+/// exit, which the compiler turns into a vector loop; an error's position
+/// is looked for only once there is one.
+#[inline]
+pub(crate) fn all_token_bytes(b: &[u8]) -> bool {
+    b.iter().fold(true, |ok, &c| ok & is_token_byte(c))
+}
 
 macro_rules! string_id_impls {
     ($($t:ident),*) => {$(
@@ -470,6 +471,31 @@ mod tests {
             assert!(RsId::new(bad).is_err(), "{bad:?} accepted");
         }
         assert!(RsId::new(format!("a{}", "b".repeat(64))).is_err());
+    }
+
+    #[test]
+    fn token_bytes_are_letters_digits_dot_underscore_and_hyphen() {
+        for c in 0..=255u8 {
+            let want = c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-');
+            assert_eq!(is_token_byte(c), want, "{c:#x}");
+            let mut id = *b"0123456789abcdefghijklmnopqrstuvwxyz-_.ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+            for at in [0, 17, 63] {
+                let keep = id[at];
+                id[at] = c;
+                assert_eq!(all_token_bytes(&id), want, "{c:#x} at {at}");
+                let s = String::from_utf8_lossy(&id[..64]);
+                if c.is_ascii() {
+                    match MessageId::validate(&s) {
+                        Ok(()) => assert!(want),
+                        Err(IdError::BadChar { at: got, .. }) => {
+                            assert_eq!((got, want), (at, false))
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                id[at] = keep;
+            }
+        }
     }
 
     #[test]

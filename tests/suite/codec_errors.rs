@@ -121,6 +121,14 @@ fn each_bad_input_has_its_own_error() {
             |e| matches!(e, DecodeError::HeaderWithoutContent(i) if i.as_str() == "m1"),
         ),
         (
+            // The content of the header just read is recognised by its ID;
+            // any other ID in a content part is checked as ever.
+            "content part with a bad ID after a header",
+            CT.into(),
+            body(&[root, ("<m1@header>", "", &h1), ("<m/1@content>", "", ALARM)]),
+            |e| matches!(e, DecodeError::BadContentId { .. }),
+        ),
+        (
             "content without header",
             CT.into(),
             body(&[root, ("<m1@content>", "", ALARM)]),

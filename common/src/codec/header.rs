@@ -13,7 +13,7 @@ use crate::time::Timestamp;
 
 /// A token: 1 to 64 bytes of `[A-Za-z0-9._-]` (class, subclass, names).
 pub fn is_token(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(crate::ids::is_token_byte)
+    !s.is_empty() && s.len() <= 64 && crate::ids::all_token_bytes(s.as_bytes())
 }
 
 /// A token as whichever string type the model holds it in.
@@ -312,7 +312,9 @@ pub(crate) fn canonical(bytes: &[u8], limits: &Limits) -> Option<Decoded> {
         return None;
     }
     let mut c = Canon {
-        s: std::str::from_utf8(bytes).ok()?,
+        // SIMD validation (the std check takes a byte per instruction or so,
+        // on every header at every tier).
+        s: simdutf8::basic::from_utf8(bytes).ok()?,
         at: 0,
         max_attr: limits.max_attr_bytes,
     };

@@ -465,7 +465,13 @@ struct PartHeaders<'a> {
     cte: Option<&'a str>,
 }
 
-fn parse_part_headers(block: &[u8], index: usize) -> Result<PartHeaders<'_>, DecodeError> {
+/// `pending` is the ID of the message whose header came last, if its
+/// content has not (see [`parse_cid`]).
+fn parse_part_headers<'a>(
+    block: &'a [u8],
+    index: usize,
+    pending: Option<&str>,
+) -> Result<PartHeaders<'a>, DecodeError> {
     // The block this codec writes for an XML part, read without splitting
     // lines when its Content-ID is one `parse_cid` takes (those are
     // printable ASCII without spaces, so the general reading below makes
@@ -474,7 +480,7 @@ fn parse_part_headers(block: &[u8], index: usize) -> Result<PartHeaders<'_>, Dec
         .strip_prefix(XML_PART_HEADERS)
         .and_then(|rest| rest.strip_suffix(b"\r\n"))
         .and_then(|cid| std::str::from_utf8(cid).ok())
-        && let Some(cid) = parse_cid(value)
+        && let Some(cid) = parse_cid(value, pending)
     {
         return Ok(PartHeaders {
             content_type: Some(XML_PART_TYPE),
@@ -609,7 +615,10 @@ impl Cid<'_> {
     }
 }
 
-fn parse_cid(v: &str) -> Option<Cid<'_>> {
+/// Reads a Content-ID. A content part naming `pending`, the ID of the
+/// header just read (already checked), needs no second check: every tier
+/// reads two Content-IDs and a header ID per message.
+fn parse_cid<'a>(v: &'a str, pending: Option<&str>) -> Option<Cid<'a>> {
     if v == ROOT_CONTENT_ID {
         return Some(Cid::Root);
     }
@@ -620,10 +629,11 @@ fn parse_cid(v: &str) -> Option<Cid<'_>> {
         Some(id) => Cid::Header(id),
         None => Cid::Content(inner.strip_suffix("@content>")?),
     };
-    let (Cid::Header(id) | Cid::Content(id)) = cid else {
-        return None;
-    };
-    MessageId::validate(id).ok()?;
+    match cid {
+        Cid::Content(id) if Some(id) == pending => {}
+        Cid::Header(id) | Cid::Content(id) => MessageId::validate(id).ok()?,
+        Cid::Root => return None,
+    }
     Some(cid)
 }
 
@@ -754,17 +764,18 @@ impl StreamDecoder {
     ) -> Result<(), DecodeError> {
         self.parts += 1;
         let index = self.parts;
-        let h = parse_part_headers(&src[headers], index)?;
+        let pending = self.pending.as_ref().map(|(h, _, _)| h.id.as_str());
+        let h = parse_part_headers(&src[headers], index, pending)?;
         let cid_value = h.content_id.ok_or(DecodeError::MissingContentId {
             part: PartRef::Index(index),
         })?;
-        let cid =
-            h.cid
-                .or_else(|| parse_cid(cid_value))
-                .ok_or_else(|| DecodeError::BadContentId {
-                    part: PartRef::Index(index),
-                    value: trunc(cid_value),
-                })?;
+        let cid = h
+            .cid
+            .or_else(|| parse_cid(cid_value, pending))
+            .ok_or_else(|| DecodeError::BadContentId {
+                part: PartRef::Index(index),
+                value: trunc(cid_value),
+            })?;
         let part_ref = || cid.part_ref();
         let encoding = match h.cte {
             None => TransferEncoding::Binary,

@@ -20,7 +20,9 @@ pub(crate) const DECL: &[u8] = b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n";
 
 /// Checks that `bytes` is UTF-8 made only of characters XML 1.0 allows.
 pub(crate) fn check_chars(bytes: &[u8]) -> Result<&str, XmlError> {
-    let s = std::str::from_utf8(bytes).map_err(|e| XmlError::InvalidUtf8 {
+    // SIMD validation; the `compat` flavour reports where invalid input
+    // starts, as the std check does.
+    let s = simdutf8::compat::from_utf8(bytes).map_err(|e| XmlError::InvalidUtf8 {
         offset: e.valid_up_to(),
     })?;
     let bad = |b: u8| b < 0x20 && b != b'\t' && b != b'\n' && b != b'\r';
