@@ -395,6 +395,7 @@ async fn upload_urls_are_single_use_resumable_expiring_and_refuse_a_wrong_hash()
         .0,
         404
     );
+    refused_while_writing(&a, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA").await;
     d.stop_all();
 
     // Expired: a server that grants for one second.
@@ -417,6 +418,48 @@ async fn upload_urls_are_single_use_resumable_expiring_and_refuse_a_wrong_hash()
     let _ = std::fs::remove_dir_all(&dir2);
 }
 
+/// Refused before its body is read (`token` is no upload URL there), a
+/// sender still writing its body reads the answer rather than a reset: the
+/// server at `addr` reads on (within a bound) before it closes. Half the
+/// body, a pause in which the server has decided, then the rest; over TLS
+/// with a component's certificate where the server runs TLS.
+async fn refused_while_writing(addr: &str, token: &str) {
+    use std::io::{Read as _, Write as _};
+    let tls = rs_tests::deploy::component_tls(addr, "acme.p1").unwrap();
+    let (addr, token) = (addr.to_owned(), token.to_owned());
+    let answer = tokio::task::spawn_blocking(move || {
+        let tcp = std::net::TcpStream::connect(&addr).unwrap();
+        let mut c: Box<dyn ReadWrite> = match &tls {
+            None => Box::new(tcp),
+            Some(t) => {
+                use openssl::ssl::{SslConnector, SslFiletype, SslMethod};
+                let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+                b.set_ca_file(&t.ca).unwrap();
+                b.set_certificate_chain_file(&t.cert).unwrap();
+                b.set_private_key_file(&t.key, SslFiletype::PEM).unwrap();
+                Box::new(b.build().connect("127.0.0.1", tcp).unwrap())
+            }
+        };
+        let head = format!(
+            "PUT /rs/v1/bulk/{token} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 100000\r\n\
+             content-range: bytes 0-99999/100000\r\nconnection: close\r\n\r\n"
+        );
+        c.write_all(head.as_bytes()).unwrap();
+        c.write_all(&[7; 50_000]).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        c.write_all(&[7; 50_000]).expect("the server still reads");
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).expect("the answer, not a reset");
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+}
+
+trait ReadWrite: std::io::Read + std::io::Write + Send {}
+impl<T: std::io::Read + std::io::Write + Send> ReadWrite for T {}
+
 fn openssl_sha(data: &[u8]) -> [u8; 32] {
     let mut h = rs_common::bulk::Sha256::default();
     h.update(data);
@@ -430,6 +473,8 @@ async fn an_mlm_refuses_an_upload_over_its_limit_and_the_proxy_reports_it() {
         "min_free_disk_mb = 1",
         "[bulk]\nmax_upload_bytes = 1000\n",
     );
+    // The MLM refuses what it will not relay the same way.
+    refused_while_writing(&m, "short").await;
     let s = d
         .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
         .unwrap();
