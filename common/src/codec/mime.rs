@@ -740,11 +740,11 @@ impl StreamDecoder {
 
     /// How many more messages the `ahead` bytes already in hand after the
     /// current part hold at the average size so far (at least one), within
-    /// the message limit. The queue of messages and the set of IDs are
-    /// grown by the current one and this many when full, rather than doubled and copied again
-    /// and again while a whole body is read; with a body fed in small
-    /// chunks it stays small. At worst (a small first message, then large
-    /// ones) it overestimates up to the message limit.
+    /// the message limit. When full, the queue of messages and the set of
+    /// IDs grow by the current message and this many, rather than doubling
+    /// and being copied again and again while a whole body is read; with a
+    /// body fed in small chunks they stay small. At worst (a small first
+    /// message, then large ones) it overestimates up to the message limit.
     fn expected_more(&self, ahead: usize) -> usize {
         let per = self.total.saturating_sub(ahead + self.root_end) / self.messages.max(1);
         (ahead / per.max(1))
