@@ -368,28 +368,11 @@ impl Drop for Active<'_> {
     }
 }
 
-/// `PUT`: the answer goes out once what is left of the body is read (up to
-/// a bound; see [`bulk::drain`]), however early it was decided.
 async fn receive<S, B>(
     app: &AppServer,
     token: &str,
     headers: &http::HeaderMap,
     mut body: std::pin::Pin<Box<S>>,
-) -> warp::reply::Response
-where
-    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + ?Sized,
-    B: bytes::Buf,
-{
-    let r = store(app, token, headers, &mut body).await;
-    bulk::drain(&mut body).await;
-    r
-}
-
-async fn store<S, B>(
-    app: &AppServer,
-    token: &str,
-    headers: &http::HeaderMap,
-    body: &mut std::pin::Pin<Box<S>>,
 ) -> warp::reply::Response
 where
     S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + ?Sized,
@@ -504,7 +487,7 @@ where
     let idle = Duration::from_secs(up.cfg.idle_secs.max(1));
     let mut got = 0u64;
     let cut = loop {
-        match bulk::next_chunk(body, idle).await {
+        match bulk::next_chunk(&mut body, idle).await {
             Ok(Some(chunk)) => {
                 if got + chunk.len() as u64 > range.len() {
                     break Some("more bytes than Content-Length".to_owned());

@@ -519,38 +519,6 @@ where
     }
 }
 
-/// Most of a request body the receiving end reads and drops before an
-/// early answer (see [`drain`]).
-pub const DRAIN_BYTES: usize = 1 << 20;
-/// Longest it reads for.
-pub const DRAIN_TIME: Duration = Duration::from_secs(2);
-
-/// Reads and drops what is left of a request body, up to [`DRAIN_BYTES`]
-/// and for at most [`DRAIN_TIME`], before a reply goes out. An upload
-/// refused before its body is read (expired URL, wrong offset, throttled)
-/// would otherwise be answered and its connection closed while the client
-/// is still writing, and most clients then report a broken pipe instead of
-/// the answer; nginx reads on for the same reason ("lingering close").
-/// Past the bound the connection is closed anyway, and a resumable sender
-/// asks with `HEAD` where it stands.
-pub async fn drain<S, B>(body: &mut S)
-where
-    S: futures_util::Stream<Item = Result<B, warp::Error>> + Unpin,
-    B: bytes::Buf,
-{
-    let deadline = tokio::time::Instant::now() + DRAIN_TIME;
-    let mut n = 0;
-    while n < DRAIN_BYTES {
-        match tokio::time::timeout_at(deadline, body.next()).await {
-            Ok(Some(Ok(mut b))) => {
-                n += b.remaining();
-                b.advance(b.remaining());
-            }
-            _ => return,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

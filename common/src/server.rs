@@ -325,7 +325,8 @@ async fn serve_conn<IO, F>(
 {
     let svc = warp::service(filter);
     let observer = cfg.observer.clone();
-    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let mut req = req.map(|b| Lingering(Some(b)));
         req.extensions_mut().insert(peer.clone());
         let mut svc = svc.clone();
         let seen = observer
@@ -361,6 +362,75 @@ async fn serve_conn<IO, F>(
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(cfg.grace, conn).await;
         }
+    }
+}
+
+/// Most of a request body read and dropped after a handler answered
+/// without reading it all (see [`Lingering`]).
+pub const LINGER_BYTES: usize = 1 << 20;
+/// Longest that reading goes on.
+pub const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// A request body that, dropped before its end (a handler answered without
+/// reading it: a refused upload, a throttled or oversized envelope), is read
+/// on and dropped in the background, up to [`LINGER_BYTES`] and for at most
+/// [`LINGER_TIME`], while the answer goes out. hyper would otherwise close
+/// the connection with the body unread, which resets it under a client
+/// still writing, and most clients then report a broken pipe instead of
+/// the answer; nginx reads on for the same reason ("lingering close").
+/// Past the bound the connection is closed anyway.
+#[derive(Debug)]
+struct Lingering(Option<hyper::body::Incoming>);
+
+impl hyper::body::Body for Lingering {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        match self.get_mut().0.as_mut() {
+            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(hyper::body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0.as_ref().map_or_else(
+            || hyper::body::SizeHint::with_exact(0),
+            hyper::body::Body::size_hint,
+        )
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        use hyper::body::Body as _;
+        let Some(mut body) = self.0.take() else {
+            return;
+        };
+        if body.is_end_stream() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            use http_body_util::BodyExt as _;
+            let deadline = tokio::time::Instant::now() + LINGER_TIME;
+            let mut n = 0;
+            while n < LINGER_BYTES {
+                match tokio::time::timeout_at(deadline, body.frame()).await {
+                    Ok(Some(Ok(f))) => n += f.data_ref().map_or(0, bytes::Bytes::len),
+                    _ => return,
+                }
+            }
+        });
     }
 }
 

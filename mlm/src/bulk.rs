@@ -18,7 +18,7 @@ use std::time::Duration;
 use http::StatusCode;
 use rs_common::bulk::{ContentRange, UPLOAD_COMPLETE, UPLOAD_LENGTH, UPLOAD_OFFSET};
 use rs_common::model::{ContentKind, Direction};
-use rs_common::throttle::{BulkPermit, Held};
+use rs_common::throttle::Held;
 use serde::{Deserialize, Serialize};
 use warp::Filter;
 
@@ -225,25 +225,25 @@ async fn serve(mlm: &Mlm, token: &str, range: Option<String>) -> warp::reply::Re
     }
 }
 
-/// What a `PUT` to relay declares (length, range) and its throttle permit,
-/// or the answer refusing it.
-fn admit(
+async fn relay<S, B>(
     mlm: &Mlm,
-    token: &str,
-    headers: &http::HeaderMap,
-) -> Result<(u64, Option<String>, BulkPermit), Box<warp::reply::Response>> {
-    if !rs_common::bulk::is_token(token) {
-        return Err(Box::new(text(StatusCode::NOT_FOUND, "no such upload URL")));
+    token: String,
+    headers: http::HeaderMap,
+    body: std::pin::Pin<Box<S>>,
+) -> warp::reply::Response
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + 'static + ?Sized,
+    B: bytes::Buf + Send + 'static,
+{
+    if !rs_common::bulk::is_token(&token) {
+        return text(StatusCode::NOT_FOUND, "no such upload URL");
     }
     let Some(len) = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
     else {
-        return Err(Box::new(text(
-            StatusCode::LENGTH_REQUIRED,
-            "Content-Length must be given",
-        )));
+        return text(StatusCode::LENGTH_REQUIRED, "Content-Length must be given");
     };
     let range = headers
         .get(http::header::CONTENT_RANGE)
@@ -252,41 +252,20 @@ fn admit(
     if let Some(r) = &range
         && ContentRange::parse(r).is_none_or(|r| r.len() != len)
     {
-        return Err(Box::new(text(
+        return text(
             StatusCode::BAD_REQUEST,
             "Content-Range must be bytes START-END/SIZE and match Content-Length",
-        )));
+        );
     }
-    match mlm.throttle.bulk_permit(&mlm.id, len, 3) {
-        Ok(p) => Ok((len, range, p)),
+    let _permit = match mlm.throttle.bulk_permit(&mlm.id, len, 3) {
+        Ok(p) => p,
         Err(Held { after, why }) => {
             mlm.bulk_stats.refused.fetch_add(1, Ordering::Relaxed);
             let mut r = text(StatusCode::SERVICE_UNAVAILABLE, why);
             if let Ok(v) = http::HeaderValue::from_str(&after.as_secs().max(1).to_string()) {
                 r.headers_mut().insert(http::header::RETRY_AFTER, v);
             }
-            Err(Box::new(r))
-        }
-    }
-}
-
-async fn relay<S, B>(
-    mlm: &Mlm,
-    token: String,
-    headers: http::HeaderMap,
-    mut body: std::pin::Pin<Box<S>>,
-) -> warp::reply::Response
-where
-    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + 'static + ?Sized,
-    B: bytes::Buf + Send + 'static,
-{
-    let (len, range, _permit) = match admit(mlm, &token, &headers) {
-        Ok(a) => a,
-        Err(r) => {
-            // Answered before the body is read: read on (bounded) so the
-            // sender sees the answer, not a broken pipe.
-            rs_common::bulk::drain(&mut body).await;
-            return *r;
+            return r;
         }
     };
     mlm.bulk_stats.transfers.fetch_add(1, Ordering::Relaxed);
