@@ -164,22 +164,17 @@ async fn handle(
                 bump(&st.filtered);
                 outcomes[i] = Some(Outcome::Accepted);
             }
-            Verdict::Aggregate { rule, group } => {
+            Verdict::Aggregate {
+                rule,
+                group,
+                severity,
+                text,
+            } => {
                 let src = view
                     .raw
                     .header
                     .source()
                     .map(|s| (s.component.to_string(), s.qos));
-                let (severity, text) = match view.message().map(|m| &m.content) {
-                    Some(Content::Alarm(a)) => (a.severity, a.text.clone()),
-                    _ => {
-                        outcomes[i] = Some(Outcome::rejected(
-                            "invalid",
-                            "alarm content does not decode",
-                        ));
-                        continue;
-                    }
-                };
                 let Some((source, qos)) = src else { continue };
                 let h = &view.raw.header;
                 aggregate.push((

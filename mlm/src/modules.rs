@@ -79,8 +79,14 @@ pub enum Verdict {
     Pass,
     /// Accepted and dropped here (counted).
     Discard(&'static str),
-    /// Accepted into aggregation group `group` of rule `rule`.
-    Aggregate { rule: usize, group: String },
+    /// Accepted into aggregation group `group` of rule `rule`; the alarm's
+    /// severity and text, read by the module, go into the summary.
+    Aggregate {
+        rule: usize,
+        group: String,
+        severity: Severity,
+        text: String,
+    },
 }
 
 /// A service module of the MLM.
@@ -200,10 +206,17 @@ impl ServiceModule for Modify {
         if !self.when.matches(m) {
             return Verdict::Pass;
         }
+        // Precedence is QoS, outside a seal; class, subclass and content
+        // are sealed, so a sealed message keeps them (changing them would
+        // make the server refuse the seal).
+        let sealed = m.raw.seal().is_some();
         if let Some(p) = self.precedence
             && let rs_common::Route::Source(s) = &mut m.raw.header.route
         {
             s.qos.precedence = p;
+        }
+        if sealed {
+            return Verdict::Pass;
         }
         if let Some(c) = &self.class {
             m.raw.header.class.class = c.as_str().into();
@@ -316,27 +329,29 @@ impl ServiceModule for Aggregate {
         "aggregate"
     }
     fn inspect(&self, m: &mut View, _now: Timestamp) -> Verdict {
-        if m.raw.kind != ContentKind::Alarm || !self.when.matches(m) {
+        // A sealed alarm cannot be read here, so it cannot be summarised:
+        // it goes on whole (only the application server opens it). An
+        // alarm whose content does not decode goes on too; the server
+        // answers for it, a forwarder never refuses what it cannot read.
+        if m.raw.kind != ContentKind::Alarm || m.raw.seal().is_some() || !self.when.matches(m) {
             return Verdict::Pass;
         }
         let h = &m.raw.header;
+        let class = format!("{}/{}", h.class.class, h.class.subclass);
+        let source = h.source().map(|s| s.component.to_string());
+        let Some(Content::Alarm(a)) = m.message().map(|m| &m.content) else {
+            return Verdict::Pass;
+        };
         let group = match self.group_by.as_str() {
-            "source" => h
-                .source()
-                .map(|s| s.component.to_string())
-                .unwrap_or_default(),
-            "class" => format!("{}/{}", h.class.class, h.class.subclass),
-            _ => {
-                let class = format!("{}/{}", h.class.class, h.class.subclass);
-                match m.message().map(|m| &m.content) {
-                    Some(Content::Alarm(a)) => a.key.clone().unwrap_or(class),
-                    _ => return Verdict::Pass,
-                }
-            }
+            "source" => source.unwrap_or_default(),
+            "class" => class,
+            _ => a.key.clone().unwrap_or(class),
         };
         Verdict::Aggregate {
             rule: self.rule,
             group,
+            severity: a.severity,
+            text: a.text.clone(),
         }
     }
 }

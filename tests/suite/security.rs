@@ -1201,3 +1201,88 @@ async fn payload_seals_keep_what_relays_messages_from_reading_or_altering_them()
     assert!(refused_as(&outcomes[0], "seal-invalid"), "{outcomes:?}");
     d.stop_all();
 }
+
+/// Modules that read or change contents (here an attribute change and an
+/// aggregation catching every alarm) cannot read a sealed alarm: it must
+/// pass them untouched and be stored opened at the server, never be
+/// refused at the MLM (which dead-lettered it at the proxy after its
+/// integrator had been told it was accepted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_alarms_pass_content_reading_modules_untouched_and_are_stored() {
+    let dir = tmp("seal-modules");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let server_cert = dir.join("appserver").join("tls").join("cert.pem");
+    let modules = Extra {
+        tables: "[[modify]]\ntype = \"alarm\"\nset_subclass = \"renamed\"\nadd_detail = \"seen.by=m1\"\n\n\
+                 [[aggregate]]\ntype = \"alarm\"\nwindow_secs = 1\ngroup_by = \"source\"\n"
+            .into(),
+        ..Extra::default()
+    };
+    let m = d
+        .mlm("mlm", "acme.m1", std::slice::from_ref(&a), &modules)
+        .unwrap();
+    let sealed_site = Extra {
+        tables: format!("[seal]\nencrypt_to = \"{}\"\n", server_cert.display()),
+        ..Extra::default()
+    };
+    let s1 = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &sealed_site)
+        .unwrap();
+    let s2 = d
+        .proxy("p2", "acme.p2", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let (c1, c2) = (register(&s1).await, register(&s2).await);
+    let mut sealed = std::collections::HashSet::new();
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let disk = |text: String| rs_proxy::api::SendRequest {
+            subclass: Some("disk".into()),
+            ..crate::forward::alarm(&text, None)
+        };
+        sealed.insert(
+            c1.send("alarm", &disk(format!("sealed disk {i}")))
+                .await
+                .unwrap(),
+        );
+        open.push(
+            c2.send("alarm", &disk(format!("open disk {i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(
+        all_stored(&dir, &sealed, Duration::from_secs(60)),
+        "sealed alarms were not stored"
+    );
+    assert_exactly_once(&dir, &sealed);
+    // Stored as the site sealed them: opened, not renamed, not annotated.
+    let body = control_get(&a, "messages?component=acme.p1.s1&type=alarm&limit=100").await;
+    assert!(body.contains("sealed disk 2"), "{body}");
+    assert!(body.contains(r#"seal="encrypted""#), "{body}");
+    assert!(
+        !body.contains("renamed") && !body.contains("seen.by"),
+        "{body}"
+    );
+    // The unsealed site's alarms were read, changed and aggregated.
+    assert!(
+        until(30, || async {
+            stored_ids(&dir.join("appserver"))
+                .unwrap()
+                .iter()
+                .any(|id| id.starts_with("agg-"))
+        })
+        .await,
+        "no summary of the open site's alarms"
+    );
+    let stored = stored_ids(&dir.join("appserver")).unwrap();
+    assert!(open.iter().all(|id| !stored.contains(id)));
+    let mm = server_metrics(&m).await.unwrap();
+    assert_eq!(mm.get("messages.aggregated"), Some(&3), "{mm:?}");
+    assert_eq!(mm.get("messages.rejected"), Some(&0), "{mm:?}");
+    // Nobody was told "accepted" for a message later refused for good.
+    let p1 = rs_tests::deploy::proxy_metrics(&s1).await.unwrap();
+    assert_eq!(p1.get("spool.dead_letters"), Some(&0), "{p1:?}");
+    assert!(p1.get("seal.sealed").copied().unwrap_or(0) >= 3, "{p1:?}");
+    d.stop_all();
+}
