@@ -220,6 +220,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let _lock = rs_common::datadir::DataDirLock::acquire(&cfg.data_dir, "rs-appserver")
+        .map_err(anyhow::Error::msg)?;
     let app = AppServer::open(cfg)?;
     // A throttle set at run time outlives restarts.
     if let Some(doc) = app.store.setting("throttle").await? {

@@ -31,6 +31,8 @@ pub mod bulk;
 #[cfg(feature = "runtime")]
 pub mod config_file;
 #[cfg(feature = "runtime")]
+pub mod datadir;
+#[cfg(feature = "runtime")]
 pub mod db;
 #[cfg(feature = "runtime")]
 pub mod enroll;
@@ -55,20 +57,34 @@ pub mod tls;
 #[cfg(feature = "runtime")]
 pub mod upstream;
 
-/// Cancels `token` on SIGTERM or SIGINT (Ctrl-C).
+/// Cancels `token` on SIGTERM or SIGINT (Ctrl-C). SIGHUP, which would
+/// otherwise kill the daemon without a shutdown (and which service
+/// managers send as "reload"), is caught and logged: the daemon goes on
+/// with the configuration it started with.
 #[cfg(feature = "runtime")]
 pub async fn shutdown_on_signal(token: tokio_util::sync::CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = hup.recv() => {
+                tracing::warn!(
+                    "SIGHUP: reloading is not supported; going on with the configuration \
+                     in force (restart the service to apply a changed file)"
+                );
+                continue;
+            }
+        }
+        break;
     }
     token.cancel();
 }

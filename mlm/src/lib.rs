@@ -410,6 +410,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Exit> {
+    let _lock = rs_common::datadir::DataDirLock::acquire(&cfg.data_dir, "rs-mlm")
+        .map_err(anyhow::Error::msg)?;
     if let Some(t) = &cfg.tls {
         let want = cfg.rs_id().map_err(anyhow::Error::msg)?;
         // It cannot serve TLS without a certificate: wait for enrollment.

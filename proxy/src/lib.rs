@@ -383,6 +383,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Exit> {
     let mut cfg = cfg;
+    // Before anything touches the directory, its socket or its key.
+    let _lock = rs_common::datadir::DataDirLock::acquire(&cfg.data_dir, "rs-proxy")
+        .map_err(anyhow::Error::msg)?;
     let mut enroll_later = None;
     if let Some(t) = &cfg.tls {
         // First start: create the key and obtain the certificate (and the

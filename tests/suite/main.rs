@@ -12,6 +12,7 @@ mod faults;
 pub(crate) mod forward;
 mod fuzz_replay;
 mod golden;
+mod operations;
 mod security;
 mod subscriptions;
 mod throttle;

@@ -1,0 +1,124 @@
+//! Running the daemons as an operator does, on real processes: one daemon
+//! per data directory, signals a service manager sends, configurations
+//! refused at start rather than failing forever, counters that survive
+//! restarts.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use rs_tests::deploy::{Deployment, Extra, proxy_metrics, wait_for};
+
+use crate::backchannel::{exe, tmp};
+use crate::forward::{alarm, all_stored, assert_exactly_once, register};
+
+/// Runs a daemon role to its end (or kills it after `secs`); its exit
+/// code (-1 if it had to be killed) and everything it printed.
+pub(crate) fn run_role(role: &str, args: &[&str], secs: u64) -> (i32, String) {
+    let out = std::env::temp_dir().join(format!(
+        "rs-role-{}-{}.log",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    let log = std::fs::File::create(&out).unwrap();
+    let mut child = std::process::Command::new(exe())
+        .arg(role)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code().unwrap_or(-1);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break -1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    (code, text)
+}
+
+/// A copy of a server's configuration listening on a port of its own
+/// (so only the data directory is shared).
+fn on_another_port(config: &Path, to: &Path) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let text = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("listen = ") {
+                "listen = \"127.0.0.1:0\"".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(to, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_copy_on_a_data_directory_is_refused_and_sighup_does_not_kill() {
+    let dir = tmp("ops-lock");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (_a, m) = d.server_and_mlm().unwrap();
+    let sock = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let c = register(&sock).await;
+    let mut ids = HashSet::new();
+    ids.insert(c.send("alarm", &alarm("before", None)).await.unwrap());
+
+    // A second copy of each daemon, on the same data directory.
+    let proxy_cfg = dir.join("p1.toml");
+    let (code, out) = run_role("proxy", &["--config", proxy_cfg.to_str().unwrap()], 30);
+    assert_ne!(code, 0, "a second proxy started: {out}");
+    assert!(
+        out.contains("is in use by rs-proxy (pid") && out.contains("stop it first"),
+        "{out}"
+    );
+    for (role, name, daemon) in [
+        ("mlm", "mlm", "rs-mlm"),
+        ("appserver", "appserver", "rs-appserver"),
+    ] {
+        let cfg = dir.join(format!("{name}-second.toml"));
+        on_another_port(&dir.join(format!("{name}.toml")), &cfg);
+        let (code, out) = run_role(role, &["--config", cfg.to_str().unwrap()], 30);
+        assert_ne!(code, 0, "a second {role} started: {out}");
+        assert!(
+            out.contains(&format!("is in use by {daemon} (pid")),
+            "{out}"
+        );
+    }
+    // The first copies were not disturbed: the proxy still owns its socket.
+    assert!(sock.exists());
+    ids.insert(c.send("alarm", &alarm("after", None)).await.unwrap());
+
+    // SIGHUP (a service manager's "reload") leaves every daemon running.
+    for n in ["p1", "mlm", "appserver"] {
+        d.node(n).signal("HUP");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for n in ["p1", "mlm", "appserver"] {
+        assert!(d.node(n).is_running(), "{n} died of SIGHUP");
+        let log = std::fs::read_to_string(dir.join("logs").join(format!("{n}.log"))).unwrap();
+        assert!(log.contains("SIGHUP"), "{n}: {log}");
+    }
+    ids.insert(c.send("alarm", &alarm("after hup", None)).await.unwrap());
+    assert!(all_stored(&dir, &ids, Duration::from_secs(30)));
+    assert_exactly_once(&dir, &ids);
+    let pm = proxy_metrics(&sock).await.unwrap();
+    assert_eq!(pm.get("spool.dead_letters"), Some(&0));
+    // A killed daemon's lock goes with it: it starts again at once.
+    d.restart("p1").unwrap();
+    assert!(wait_for(Duration::from_secs(10), || sock.exists()));
+    d.stop_all();
+}
