@@ -141,10 +141,10 @@ pub(crate) fn expand_in(
         })?;
     let rows: Vec<Stored> = conn
         .prepare_cached(
-            "SELECT rowid, id, class, subclass, customer, component, kind, severity,
+            "SELECT seq, id, class, subclass, customer, component, kind, severity,
                     CASE WHEN kind = 'bulk-request' THEN instr(CAST(content AS TEXT), ' url=') = 0
                          ELSE 0 END
-             FROM messages WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+             FROM messages WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?
         .query_map(params![cursor, limit as i64], |r| {
             Ok(Stored {
@@ -223,7 +223,7 @@ impl crate::store::Store {
                 w.0.execute(
                     "INSERT INTO subscriptions (name, class, subclass, customer, source, type, min_severity, delivery, url, created,
                                                 from_seq)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, (SELECT COALESCE(MAX(rowid), 0) FROM messages))
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, (SELECT COALESCE(MAX(seq), 0) FROM messages))
                      ON CONFLICT (name) DO UPDATE SET class = ?2, subclass = ?3, customer = ?4, source = ?5,
                         type = ?6, min_severity = ?7, delivery = ?8, url = ?9",
                     params![

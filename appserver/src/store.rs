@@ -15,25 +15,6 @@ use rs_common::{ComponentKind, CustomerId, MessageId, RsId, Timestamp};
 use rusqlite::{Connection, OptionalExtension, params};
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS messages (
-    id           TEXT    PRIMARY KEY,
-    received     INTEGER NOT NULL,
-    created      INTEGER NOT NULL,
-    component    TEXT    NOT NULL,
-    customer     TEXT    NOT NULL,
-    kind         TEXT    NOT NULL,
-    class        TEXT    NOT NULL,
-    subclass     TEXT    NOT NULL,
-    severity     INTEGER,
-    via          TEXT    NOT NULL,
-    header       BLOB    NOT NULL,
-    content_type TEXT    NOT NULL,
-    content      BLOB    NOT NULL,
-    seal         TEXT
-);
-CREATE INDEX IF NOT EXISTS messages_received  ON messages (received);
-CREATE INDEX IF NOT EXISTS messages_component ON messages (component, received);
-CREATE INDEX IF NOT EXISTS messages_class     ON messages (class, subclass, received);
 CREATE TABLE IF NOT EXISTS components (
     id         TEXT    PRIMARY KEY,
     kind       TEXT    NOT NULL,
@@ -181,6 +162,74 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 );
 ";
+
+/// The stored messages: `seq` is the storage order (the collector's log
+/// and the export cursor), `id` the duplicate check.
+const MESSAGES: &str = "
+CREATE TABLE IF NOT EXISTS messages (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           TEXT    NOT NULL UNIQUE,
+    received     INTEGER NOT NULL,
+    created      INTEGER NOT NULL,
+    component    TEXT    NOT NULL,
+    customer     TEXT    NOT NULL,
+    kind         TEXT    NOT NULL,
+    class        TEXT    NOT NULL,
+    subclass     TEXT    NOT NULL,
+    severity     INTEGER,
+    via          TEXT    NOT NULL,
+    header       BLOB    NOT NULL,
+    content_type TEXT    NOT NULL,
+    content      BLOB    NOT NULL,
+    seal         TEXT
+);
+";
+
+const MESSAGE_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS messages_received  ON messages (received);
+CREATE INDEX IF NOT EXISTS messages_component ON messages (component, received);
+CREATE INDEX IF NOT EXISTS messages_class     ON messages (class, subclass, received);
+";
+
+/// The columns of `messages` after `seq`, as both layouts have them.
+const MESSAGE_COLUMNS: &str = "id, received, created, component, customer, kind, class, \
+     subclass, severity, via, header, content_type, content, seal";
+
+/// Databases written before `messages.seq` existed ordered messages by
+/// their rowid, which SQLite reuses once the newest rows are deleted (a
+/// retention purge of an idle system): new messages then sorted below
+/// the expander's and the export clients' cursors and were skipped. The
+/// table is rebuilt with `seq INTEGER PRIMARY KEY AUTOINCREMENT` (never
+/// reused: SQLite keeps the highest ever given in `sqlite_sequence`), each
+/// message keeping its old rowid as its `seq`, so every cursor handed out
+/// stays valid; the sequence starts above every cursor the database
+/// itself holds. One transaction: a crash leaves the old table whole.
+fn migrate_message_seq(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'seq'")?
+        .exists([])?;
+    if has {
+        return Ok(());
+    }
+    let n: i64 = conn.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))?;
+    tracing::info!("appserver.db: giving {n} stored messages a sequence that is never reused");
+    let create = MESSAGES.replace("IF NOT EXISTS messages", "messages_seq");
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         {create}
+         INSERT INTO messages_seq (seq, {MESSAGE_COLUMNS})
+             SELECT rowid, {MESSAGE_COLUMNS} FROM messages ORDER BY rowid;
+         DROP TABLE messages;
+         ALTER TABLE messages_seq RENAME TO messages;
+         INSERT INTO sqlite_sequence (name, seq)
+             SELECT 'messages', 0 WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'messages');
+         UPDATE sqlite_sequence SET seq = MAX(seq,
+                 (SELECT COALESCE(MAX(seq), 0) FROM cursors),
+                 (SELECT COALESCE(MAX(from_seq), 0) FROM subscriptions))
+             WHERE name = 'messages';
+         COMMIT;"
+    ))
+}
 
 /// A message ready to store, with what the store indexes.
 #[derive(Debug, Clone)]
@@ -331,6 +380,7 @@ fn via_of(m: &RawMessage) -> String {
 impl Store {
     pub fn open(path: &std::path::Path) -> Result<Self, DbError> {
         let conn = rs_common::db::open(path)?;
+        conn.execute_batch(MESSAGES)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::security::SCHEMA)?;
         // Subscriptions take messages stored after they were made
@@ -350,10 +400,12 @@ impl Store {
         if !has {
             conn.execute_batch("ALTER TABLE messages ADD COLUMN seal TEXT")?;
         }
+        migrate_message_seq(&conn)?;
+        conn.execute_batch(MESSAGE_INDEXES)?;
         // The collector's expander starts after what is stored already (a
         // database from before it had its tasks made at ingest).
         conn.execute(
-            "INSERT INTO cursors (name, seq) SELECT 'expander', COALESCE(MAX(rowid), 0) FROM messages
+            "INSERT INTO cursors (name, seq) SELECT 'expander', COALESCE(MAX(seq), 0) FROM messages
              WHERE true ON CONFLICT (name) DO NOTHING",
             [],
         )?;
@@ -377,7 +429,7 @@ impl Store {
         self.db
             .read(move |s| {
                 let mut sql = String::from(
-                    "SELECT rowid, id, received, created, component, kind, class, subclass, severity, via,
+                    "SELECT seq, id, received, created, component, kind, class, subclass, severity, via,
                             content_type, content, seal FROM messages WHERE 1 = 1",
                 );
                 let mut args: Vec<rusqlite::types::Value> = Vec::new();
@@ -412,12 +464,13 @@ impl Store {
                 if let Some(k) = q.kind {
                     add("kind =", k.as_str().to_owned().into());
                 }
-                // The rowid is the storage order: SQLite gives each new row
-                // a rowid above every other, and only retention deletes
-                // (the oldest), so a cursor never skips a later message.
+                // `seq` is the storage order: each new message gets one
+                // above every other ever given (AUTOINCREMENT, never
+                // reused, even after a purge), so a cursor never skips a
+                // later message.
                 if let Some(a) = q.after {
-                    add("rowid >", a.into());
-                    sql.push_str(" ORDER BY rowid");
+                    add("seq >", a.into());
+                    sql.push_str(" ORDER BY seq");
                 } else {
                     sql.push_str(" ORDER BY received DESC, id");
                 }

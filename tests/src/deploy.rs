@@ -699,7 +699,7 @@ pub fn stored_ids(appserver_dir: &Path) -> anyhow::Result<Vec<String>> {
         appserver_dir.join("appserver.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )?;
-    let mut st = conn.prepare("SELECT id FROM messages ORDER BY rowid")?;
+    let mut st = conn.prepare("SELECT id FROM messages ORDER BY seq")?;
     let ids = st
         .query_map([], |r| r.get(0))?
         .collect::<Result<Vec<String>, _>>()?;

@@ -50,7 +50,7 @@ fn stored_of_kind(appserver_dir: &Path, kind: &str) -> Vec<(String, String)> {
     )
     .unwrap();
     let mut st = conn
-        .prepare("SELECT id, content FROM messages WHERE kind = ?1 ORDER BY rowid")
+        .prepare("SELECT id, content FROM messages WHERE kind = ?1 ORDER BY seq")
         .unwrap();
     st.query_map([kind], |r| {
         Ok((

@@ -555,3 +555,158 @@ async fn built_in_modules_notify_and_export_once_and_queries_export_streamed_in_
     assert_eq!(exported(&export).len(), 10);
     d.stop_all();
 }
+
+/// The cursor of a feed answer (`<messages ... cursor="C">`).
+fn cursor_of(feed: &str) -> String {
+    let i = feed.find("cursor=\"").unwrap() + 8;
+    feed[i..i + feed[i..].find('"').unwrap()].to_owned()
+}
+
+/// The `next` cursor of an export's `<end>`.
+fn next_of(export: &str) -> u64 {
+    let i = export.find("next=\"").unwrap() + 6;
+    export[i..i + export[i..].find('"').unwrap()]
+        .parse()
+        .unwrap()
+}
+
+/// An idle system whose messages all age out: the retention purge deletes
+/// the newest rows too. Messages stored after it must still come after
+/// every cursor handed out (SQLite gave their rowids from below them, so
+/// subscriptions and exports skipped them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_never_go_back_when_retention_purges_the_newest_messages() {
+    let dir = tmp("purge-cursors");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let clock = dir.join("faketime");
+    std::fs::write(&clock, "+0s\n").unwrap();
+    d.env = crate::backchannel_faults::faketime(&clock);
+    let a = d.appserver("127.0.0.1:0", "retention_days = 1").unwrap();
+    d.env.clear();
+    let (s, _) = post(
+        &a,
+        "subscriptions",
+        r#"<subscription name="all" type="alarm" delivery="feed"/>"#.into(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let sock = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let c = register(&sock).await;
+    for i in 0..3 {
+        c.send("alarm", &alarm(&format!("old {i}"), None))
+            .await
+            .unwrap();
+    }
+    let f = get_until(&a, "subscriptions/all/feed?wait=0", |t| {
+        t.contains("count=\"3\"")
+    })
+    .await;
+    assert!(f.contains("count=\"3\""), "{f}");
+    let cursor = cursor_of(&f);
+    let next = next_of(&get(&a, "export?type=alarm").await);
+    assert!(next > 0);
+    let f = get(&a, &format!("subscriptions/all/feed?after={cursor}&wait=0")).await;
+    assert!(f.contains("count=\"0\""), "{f}");
+
+    // Two days later everything has aged out (the purge runs at start).
+    d.node("p1").stop(Duration::from_secs(10));
+    d.node("appserver").stop(Duration::from_secs(10));
+    std::fs::write(&clock, "+172800s\n").unwrap();
+    d.restart("appserver").unwrap();
+    assert!(
+        until(30, || rs_tests::deploy::stored_ids(&dir.join("appserver"))
+            .is_ok_and(|ids| ids.is_empty())),
+        "the purge did not run"
+    );
+    d.restart("p1").unwrap();
+    let c = register(&sock).await;
+    let mut new = Vec::new();
+    for i in 0..2 {
+        new.push(
+            c.send("alarm", &alarm(&format!("new {i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    // The subscription gets both, after the cursor it acknowledged ...
+    let f = get_until(
+        &a,
+        &format!("subscriptions/all/feed?after={cursor}&wait=1"),
+        |t| new.iter().all(|id| t.contains(id.as_str())),
+    )
+    .await;
+    assert!(new.iter().all(|id| f.contains(id.as_str())), "{f}");
+    // ... and an export continuing from where it stopped shows them.
+    let e = get(&a, &format!("export?type=alarm&after={next}")).await;
+    assert!(new.iter().all(|id| e.contains(id.as_str())), "{e}");
+    assert!(seqs(&e).iter().all(|s| *s > next), "{e}");
+    d.stop_all();
+}
+
+/// A database written before messages had their own sequence (ordered by
+/// rowid; tests/fixtures/appserver-rowid-order.db, made by that code: four
+/// alarms and a feed subscription that has not taken them yet) is
+/// migrated in place: every message kept with its old place as its
+/// cursor, the subscription's backlog intact, new messages after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_ordered_by_rowid_is_migrated_with_its_messages_and_cursors() {
+    let dir = tmp("seq-migration");
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join("appserver-rowid-order.db");
+    let before: Vec<(u64, String)> = {
+        let conn = rusqlite::Connection::open_with_flags(
+            &fixture,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let mut st = conn
+            .prepare("SELECT rowid, id FROM messages ORDER BY rowid")
+            .unwrap();
+        st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert!(before.len() >= 6, "{before:?}");
+    std::fs::create_dir_all(dir.join("appserver")).unwrap();
+    std::fs::copy(&fixture, dir.join("appserver").join("appserver.db")).unwrap();
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let e = get(&a, "export").await;
+    let after: Vec<(u64, String)> = e
+        .match_indices("<message seq=\"")
+        .map(|(i, m)| {
+            let v = &e[i + m.len()..];
+            let seq = v[..v.find('"').unwrap()].parse().unwrap();
+            let j = v.find(" id=\"").unwrap() + 5;
+            (seq, v[j..j + v[j..].find('"').unwrap()].to_owned())
+        })
+        .collect();
+    assert_eq!(after, before, "{e}");
+    // The feed's backlog from before the upgrade is still there.
+    let f = get(&a, "subscriptions/all/feed?wait=0").await;
+    assert!(f.contains("count=\"4\""), "{f}");
+    let sock = d
+        .proxy("p2", "acme.p2", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let c = register(&sock).await;
+    let id = c
+        .send("alarm", &alarm("after the upgrade", None))
+        .await
+        .unwrap();
+    let f = get_until(&a, "subscriptions/all/feed?wait=0", |t| {
+        t.contains(id.as_str())
+    })
+    .await;
+    assert!(f.contains("count=\"5\""), "{f}");
+    let last = before.last().unwrap().0;
+    let e = get(&a, &format!("export?after={last}&type=alarm")).await;
+    assert!(
+        e.contains(id.as_str()) && seqs(&e).iter().all(|s| *s > last),
+        "{e}"
+    );
+    d.stop_all();
+}
