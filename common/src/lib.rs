@@ -57,6 +57,26 @@ pub mod tls;
 #[cfg(feature = "runtime")]
 pub mod upstream;
 
+/// Fault injection for the test suite: with `RS_CRASH_AT=<point>` in its
+/// environment a daemon aborts when it reaches that point, as a SIGKILL at
+/// that instant would stop it (nothing flushed, nothing cleaned up), so a
+/// test can place a crash exactly between two steps that must not be
+/// separated by one. Written here rather than with the `fail` crate, whose
+/// actions cannot end the process (a panic inside a tokio task is caught).
+/// Without the variable this is one load of a cached `Option`.
+#[cfg(feature = "runtime")]
+pub fn crash_point(name: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("RS_CRASH_AT").ok())
+        .as_deref()
+        == Some(name)
+    {
+        tracing::error!("RS_CRASH_AT={name}: aborting here");
+        std::process::abort();
+    }
+}
+
 /// Cancels `token` on SIGTERM or SIGINT (Ctrl-C). SIGHUP, which would
 /// otherwise kill the daemon without a shutdown (and which service
 /// managers send as "reload"), is caught and logged: the daemon goes on

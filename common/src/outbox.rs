@@ -35,8 +35,9 @@ CREATE TABLE IF NOT EXISTS routes (
     updated   INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS received (
-    id TEXT    PRIMARY KEY,
-    at INTEGER NOT NULL
+    id    TEXT    PRIMARY KEY,
+    at    INTEGER NOT NULL,
+    state TEXT    NOT NULL DEFAULT 'done'
 );
 ";
 
@@ -46,6 +47,17 @@ fn exec(
     p: impl rusqlite::Params,
 ) -> rusqlite::Result<usize> {
     conn.prepare_cached(sql)?.execute(p)
+}
+
+/// What a tier did with an action addressed to it before ([`Outbox::claim`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Never seen: now recorded as being applied.
+    New,
+    /// Being applied when the process stopped: not applied again.
+    Interrupted,
+    /// Applied and answered (or dropped) before.
+    Done,
 }
 
 /// Handle to the queue; cheap to clone.
@@ -66,17 +78,24 @@ impl Outbox {
     pub fn open(path: &std::path::Path) -> Result<Self, DbError> {
         let conn = crate::db::open(path)?;
         conn.execute_batch(SCHEMA)?;
-        // Columns added for download offers (files from before get them).
-        for (col, ddl) in [
-            ("bulk", "ALTER TABLE outbox ADD COLUMN bulk TEXT"),
+        // Columns added for download offers and for actions being applied
+        // (files from before get them).
+        for (table, col, ddl) in [
+            ("outbox", "bulk", "ALTER TABLE outbox ADD COLUMN bulk TEXT"),
             (
+                "outbox",
                 "held",
                 "ALTER TABLE outbox ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
             ),
+            (
+                "received",
+                "state",
+                "ALTER TABLE received ADD COLUMN state TEXT NOT NULL DEFAULT 'done'",
+            ),
         ] {
             let has: bool = conn
-                .prepare("SELECT 1 FROM pragma_table_info('outbox') WHERE name = ?1")?
-                .exists([col])?;
+                .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+                .exists([table, col])?;
             if !has {
                 conn.execute_batch(ddl)?;
             }
@@ -324,29 +343,45 @@ impl Outbox {
             .await
     }
 
-    /// True when a message with this ID was received (and kept) before.
-    pub async fn seen(&self, id: MessageId) -> Result<bool, DbError> {
+    /// Records that the action `id` (addressed to this tier) is about to
+    /// be applied, unless it was before: then says how far it got.
+    /// Applying only after this commits is what makes an action applied at
+    /// most once, whatever instant the process dies at.
+    pub async fn claim(&self, id: MessageId, now: Timestamp) -> Result<Claim, DbError> {
         self.db
-            .read(move |s| {
-                Ok(s.0
-                    .query_row(
-                        "SELECT 1 FROM received WHERE id = ?1",
+            .write(move |s| {
+                let state: Option<String> =
+                    s.0.query_row(
+                        "SELECT state FROM received WHERE id = ?1",
                         params![id.as_str()],
-                        |_| Ok(()),
+                        |r| r.get(0),
                     )
-                    .optional()?
-                    .is_some())
+                    .optional()?;
+                Ok(match state.as_deref() {
+                    None => {
+                        exec(
+                            &s.0,
+                            "INSERT INTO received (id, at, state) VALUES (?1, ?2, 'applying')",
+                            params![id.as_str(), now.as_millis()],
+                        )?;
+                        Claim::New
+                    }
+                    Some("applying") => Claim::Interrupted,
+                    Some(_) => Claim::Done,
+                })
             })
             .await
     }
 
-    /// Remembers that a message with this ID was received and dealt with.
+    /// Remembers that a message with this ID was received and dealt with
+    /// (an action claimed is then done).
     pub async fn mark_seen(&self, id: MessageId, now: Timestamp) -> Result<(), DbError> {
         self.db
             .write(move |s| {
                 exec(
                     &s.0,
-                    "INSERT INTO received (id, at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
+                    "INSERT INTO received (id, at, state) VALUES (?1, ?2, 'done')
+                     ON CONFLICT (id) DO UPDATE SET state = 'done'",
                     params![id.as_str(), now.as_millis()],
                 )?;
                 Ok(())

@@ -1,7 +1,8 @@
 //! Control actions addressed to the MLM itself (seed 004: "a message
 //! addressed to an MLM is processed there"). Each is applied at most once
-//! (its ID is remembered in the back-channel queue's `received` table) and
-//! answered with a message response that the MLM's own sender carries up.
+//! (recorded in the back-channel queue's `received` table before it is
+//! applied) and answered with a message response that the MLM's own sender
+//! carries up.
 
 use std::sync::atomic::Ordering;
 
@@ -10,44 +11,68 @@ use rs_common::control::{
     Answer, ControlAction, action_of, answer_config, answer_ok, answer_refused, answer_status,
     answer_with, response_message,
 };
+use rs_common::outbox::Claim;
 use rs_common::spool::Spool as _;
 
 use crate::Mlm;
 
 /// Applies `m` (addressed to this MLM) once and spools the response.
 /// `Ok` means it is safe to acknowledge upstream.
+///
+/// The action is recorded (claimed) before it is applied and marked done
+/// once its answer is spooled; one found still being applied (the MLM
+/// died in between) is answered `failed` and not applied again.
 pub async fn apply_own(mlm: &Mlm, m: &RawMessage) -> Result<(), String> {
     let id = m.header.id.clone();
-    if mlm
+    let now = mlm.clock.now();
+    let answer = match mlm
         .outbox
-        .seen(id.clone())
+        .claim(id.clone(), now)
         .await
         .map_err(|e| e.to_string())?
     {
-        return Ok(());
-    }
-    let now = mlm.clock.now();
-    if m.header.is_expired(now) {
-        tracing::info!(
-            "control {} ({id}) arrived expired; not applied",
-            m.header.class.subclass
-        );
-    } else {
-        let answer = answer(mlm, m).await;
-        tracing::info!(
-            "control {} ({id}) for this MLM: {}",
-            m.header.class.subclass,
-            answer.0
-        );
-        let response = response_message(m, mlm.id.clone(), env!("CARGO_PKG_VERSION"), answer, now)
-            .map_err(|e| e.to_string())?;
-        // The spool refuses a response ID it already holds, so a crash
-        // between here and `mark_seen` answers once.
-        mlm.spool
-            .enqueue(vec![response.to_raw()], now)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
+        Claim::Done => return Ok(()),
+        Claim::Interrupted => {
+            tracing::warn!(
+                "control {} ({id}) was being applied when rs-mlm stopped; not applied again",
+                m.header.class.subclass
+            );
+            answer_refused(
+                "failed",
+                "rs-mlm stopped while applying this action; it is not applied a second time",
+            )
+        }
+        Claim::New if m.header.is_expired(now) => {
+            tracing::info!(
+                "control {} ({id}) arrived expired; not applied",
+                m.header.class.subclass
+            );
+            return mlm
+                .outbox
+                .mark_seen(id, now)
+                .await
+                .map_err(|e| e.to_string());
+        }
+        Claim::New => {
+            let answer = answer(mlm, m).await;
+            mlm.stats.actions_applied.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                "control {} ({id}) for this MLM: {}",
+                m.header.class.subclass,
+                answer.0
+            );
+            rs_common::crash_point("mlm-action-applied");
+            answer
+        }
+    };
+    let response = response_message(m, mlm.id.clone(), env!("CARGO_PKG_VERSION"), answer, now)
+        .map_err(|e| e.to_string())?;
+    // The spool refuses a response ID it already holds (it derives from
+    // the action's), so a crash between here and `mark_seen` answers once.
+    mlm.spool
+        .enqueue(vec![response.to_raw()], now)
+        .await
+        .map_err(|e| e.to_string())?;
     mlm.outbox
         .mark_seen(id, now)
         .await

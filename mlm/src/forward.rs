@@ -35,6 +35,8 @@ pub struct Stats {
     pub throttled: AtomicU64,
     /// Back-channel messages dropped because their expiry passed.
     pub back_expired: AtomicU64,
+    /// Control actions addressed to this MLM that it applied.
+    pub actions_applied: AtomicU64,
 }
 
 pub fn route(

@@ -208,6 +208,7 @@ impl Mlm {
                 "backchannel.expired",
                 s.back_expired.load(Ordering::Relaxed),
             ),
+            ("actions.applied", s.actions_applied.load(Ordering::Relaxed)),
             (
                 "upstream.accepted",
                 self.sender_stats.accepted.load(Ordering::Relaxed),

@@ -713,3 +713,65 @@ async fn a_forwarder_reports_deliveries_only_for_its_own_subtree() {
     assert!(j.version >= 1);
     d.stop_all();
 }
+
+/// An MLM that dies right after applying an action addressed to itself,
+/// before its answer is spooled, must not apply it again when the action
+/// is offered again after its restart (it recorded the action only after
+/// answering, so it did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mlm_killed_while_applying_its_own_action_does_not_apply_it_again() {
+    let dir = tmp("mlm-crash-apply");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "offer_again_secs = 2").unwrap();
+    d.env = vec![("RS_CRASH_AT".into(), "mlm-action-applied".into())];
+    d.mlm(
+        "mlm",
+        "acme.m1",
+        std::slice::from_ref(&a),
+        &Extra::default(),
+    )
+    .unwrap();
+    d.env.clear();
+    // Started again without the crash.
+    d.node("mlm").env.clear();
+    assert!(until(30, || async { routes(&a).await.contains_key("acme.m1") }).await);
+    let (st, body) = post(
+        &a,
+        r#"<send><to id="acme.m1"/><control action="ping"/></send>"#,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let job_id = attr(&body, "id").to_owned();
+    assert!(
+        wait_for_exit(&mut d, "mlm", 30),
+        "the MLM did not reach the crash point"
+    );
+    d.restart("mlm").unwrap();
+    let j = finish(&a, &job_id, 60).await;
+    let t = &j.targets[0];
+    assert_eq!(t.state.as_str(), "failed", "{j:?}");
+    assert!(
+        t.text
+            .as_deref()
+            .unwrap_or("")
+            .contains("not applied a second time"),
+        "{j:?}"
+    );
+    let log = std::fs::read_to_string(dir.join("logs").join("mlm.log")).unwrap();
+    assert_eq!(
+        log.matches("for this MLM:").count(),
+        1,
+        "applied more than once: {log}"
+    );
+    assert!(
+        log.contains("was being applied when rs-mlm stopped"),
+        "{log}"
+    );
+    d.stop_all();
+}
+
+/// Waits until a node's process has ended by itself.
+fn wait_for_exit(d: &mut Deployment, name: &str, secs: u64) -> bool {
+    let node = d.node(name);
+    rs_tests::deploy::wait_for(Duration::from_secs(secs), || !node.is_running())
+}
