@@ -151,6 +151,7 @@ pub fn metrics(tls: Option<&crate::tls::TlsServer>, auth: &Stats) -> Vec<(&'stat
                 "tls.revoked_refused",
                 t.revocations.refused.load(Ordering::Relaxed),
             ),
+            ("tls.revoked_cut", t.revocations.cut.load(Ordering::Relaxed)),
             ("tls.revoked", t.revocations.len() as u64),
         ]);
     }

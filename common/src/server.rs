@@ -20,7 +20,7 @@ use tower_service::Service as _;
 use warp::Filter;
 
 use crate::pki::Identity;
-use crate::tls::TlsServer;
+use crate::tls::{Revocations, TlsServer};
 use warp::reject::Reject;
 
 /// Passes requests from any verified certificate (component or admin), or
@@ -219,6 +219,7 @@ pub async fn serve<L, F>(
                         cfg.clone(),
                         shutdown.clone(),
                         permit,
+                        None,
                     ));
                 }
             },
@@ -297,6 +298,18 @@ async fn handshake<IO, F>(
         },
         None => None,
     };
+    if let Some(i) = &identity
+        && tls.revocations.is_revoked(&i.serial)
+    {
+        // A resumed session skips the handshake's revocation check.
+        tls.revocations.refused.fetch_add(1, Ordering::Relaxed);
+        tls.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            "{addr}: resumed a session of revoked certificate {}",
+            i.serial
+        );
+        return;
+    }
     serve_conn(
         stream,
         Peer::Tls(addr, identity),
@@ -304,10 +317,23 @@ async fn handshake<IO, F>(
         cfg,
         shutdown,
         permit,
+        Some(tls.revocations.clone()),
     )
     .await;
 }
 
+/// The revoked certificate a TLS connection was opened with, if it is.
+fn revoked_peer<'a>(rev: Option<&Revocations>, peer: &'a Peer) -> Option<&'a Identity> {
+    let i = peer.identity()?;
+    rev.is_some_and(|r| r.is_revoked(&i.serial)).then_some(i)
+}
+
+/// Serves one connection's requests. With `revocations` (TLS), a request
+/// on a connection whose certificate has been revoked since it was opened
+/// is refused, and the connection is closed as soon as a list revoking it
+/// is put in force, even mid-request (a held long poll): a revoked site is
+/// cut off within the same bound as new connections, not when it next
+/// reconnects.
 async fn serve_conn<IO, F>(
     io: IO,
     peer: Peer,
@@ -315,6 +341,7 @@ async fn serve_conn<IO, F>(
     cfg: ServeConfig,
     shutdown: CancellationToken,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    revocations: Option<Arc<Revocations>>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
@@ -325,6 +352,9 @@ async fn serve_conn<IO, F>(
 {
     let svc = warp::service(filter);
     let observer = cfg.observer.clone();
+    let mut revised = revocations.as_ref().map(|r| r.watch());
+    let conn_peer = peer.clone();
+    let conn_rev = revocations.clone();
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let mut req = req.map(|b| Lingering(Some(b)));
         req.extensions_mut().insert(peer.clone());
@@ -332,8 +362,29 @@ async fn serve_conn<IO, F>(
         let seen = observer
             .clone()
             .map(|o| (o, peer.clone(), req.method().clone(), req.uri().clone()));
+        let revoked = revoked_peer(revocations.as_deref(), &peer).map(|i| i.serial.clone());
+        if revoked.is_some()
+            && let Some(r) = &revocations
+        {
+            r.cut.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         async move {
             let started = std::time::Instant::now();
+            if let Some(serial) = revoked {
+                let mut r = Refusal::new(
+                    http::StatusCode::UNAUTHORIZED,
+                    format!("the client certificate (serial {serial}) has been revoked"),
+                )
+                .response();
+                r.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                if let Some((o, p, m, u)) = seen {
+                    o.responded(&p, &m, &u, r.status(), started.elapsed());
+                }
+                return Ok(r);
+            }
             // Ambiguous lengths (request smuggling) are hyper's to refuse:
             // differing Content-Lengths get 400; with Transfer-Encoding the
             // length is ignored and the connection closed after the reply,
@@ -352,15 +403,41 @@ async fn serve_conn<IO, F>(
         .keep_alive(true);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!("connection ended: {e}");
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!("connection ended: {e}");
+                }
+                return;
             }
-        }
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(cfg.grace, conn).await;
+            () = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(cfg.grace, conn).await;
+                return;
+            }
+            Ok(()) = async {
+                match revised.as_mut() {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(i) = revoked_peer(conn_rev.as_deref(), &conn_peer) {
+                    if let Some(r) = &conn_rev {
+                        r.cut.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tracing::info!(
+                        "{}: certificate {} of {} revoked; connection closed",
+                        match &conn_peer { Peer::Tls(a, _) | Peer::Tcp(a) => a.to_string(), Peer::Local => "local".into() },
+                        i.serial,
+                        i.name
+                    );
+                    // Dropping the connection closes it, with whatever it
+                    // was serving (a held long poll's reply never goes out;
+                    // what it would have carried stays queued).
+                    return;
+                }
+            }
         }
     }
 }

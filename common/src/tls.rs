@@ -88,6 +88,13 @@ pub struct Revocations {
     loaded: Mutex<(i64, Option<SystemTime>)>,
     /// Handshakes refused because the peer's certificate is revoked.
     pub refused: AtomicU64,
+    /// Connections closed, or requests refused, because the certificate
+    /// they were opened with was revoked since (or came with a resumed
+    /// session, which skips the handshake's check).
+    pub cut: AtomicU64,
+    /// Bumped each time a new list is put in force: open connections
+    /// look again at the certificate they were opened with.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Revocations {
@@ -99,6 +106,8 @@ impl Revocations {
             serials: RwLock::new(HashSet::new()),
             loaded: Mutex::new((i64::MIN, None)),
             refused: AtomicU64::new(0),
+            cut: AtomicU64::new(0),
+            changed: tokio::sync::watch::Sender::new(0),
         };
         r.reload()?;
         Ok(r)
@@ -109,6 +118,11 @@ impl Revocations {
             .read()
             .map(|s| s.contains(serial))
             .unwrap_or(true)
+    }
+
+    /// Woken each time a new list is put in force.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// How many serials are revoked.
@@ -201,6 +215,7 @@ impl Revocations {
         *current = serials;
         drop(current);
         loaded.0 = this_update;
+        self.changed.send_modify(|v| *v += 1);
         tracing::info!("revocation list in force: {n} revoked");
         Ok(true)
     }
@@ -259,6 +274,14 @@ impl TlsServer {
         b.set_ca_file(&cfg.ca)
             .map_err(|x| format!("{}: {x}", cfg.ca.display()))?;
         b.set_client_ca_list(X509Name::load_client_ca_file(&cfg.ca).map_err(e)?);
+        // Sessions may be resumed (TLS 1.2 session IDs, TLS 1.3 tickets;
+        // Java and curl resume by default): without a session ID context
+        // OpenSSL answers a resumption attempt with an internal-error
+        // alert when client certificates are asked for. A resumed session
+        // skips the verify callback below, so the accept loop checks the
+        // certificate against the revocation list on every connection and
+        // request as well (`server::serve_conn`).
+        b.set_session_id_context(b"remote-services").map_err(e)?;
         let rev = revocations.clone();
         b.set_verify_callback(SslVerifyMode::PEER, move |ok, ctx| {
             if !ok {

@@ -1286,3 +1286,111 @@ async fn sealed_alarms_pass_content_reading_modules_untouched_and_are_stored() {
     assert!(p1.get("seal.sealed").copied().unwrap_or(0) >= 3, "{p1:?}");
     d.stop_all();
 }
+
+/// An empty envelope from `sender`; with `hold`, asking the tier to hold
+/// the reply (a long poll, as a proxy with nothing to send keeps one open).
+fn empty_envelope(sender: &str, hold: Option<Duration>) -> (String, Vec<u8>) {
+    let mut meta = EnvelopeMeta::new(RsId::new(sender).unwrap(), Timestamp::now());
+    meta.poll = hold;
+    let enc = EnvelopeWriter::new(&meta).finish();
+    (enc.content_type, enc.body.to_vec())
+}
+
+/// `openssl s_client` with a client certificate, saving (`-sess_out`) or
+/// offering (`-sess_in`) a session; what it printed.
+fn s_client(addr: &str, t: &TlsConfig, version: &str, sess: (&str, &Path)) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", addr, version, "-ign_eof"])
+        .arg("-cert")
+        .arg(&t.cert)
+        .arg("-key")
+        .arg(&t.key)
+        .arg("-CAfile")
+        .arg(&t.ca)
+        .arg(sess.0)
+        .arg(sess.1)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl (scripts/packages installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET /rs/v1/status HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Clients resume TLS sessions (curl and Java do by default): both
+/// servers let them, over TLS 1.2 and 1.3. A certificate revoked while
+/// its connections are open is cut off on them at once (a held long poll,
+/// a kept-alive connection), not only refused on new ones, and a resumed
+/// session of it is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_and_a_revoked_certificate_is_cut_off_on_open_connections() {
+    let dir = tmp("revoked-open");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (a, m) = d.server_and_mlm().unwrap();
+    let me = component_tls(&a, "acme.p7").unwrap().unwrap();
+    // Resumption, at both servers, in both versions.
+    let mut sessions = Vec::new();
+    for (addr, tier) in [(&a, "server"), (&m, "mlm")] {
+        for v in ["-tls1_2", "-tls1_3"] {
+            let f = dir.join(format!("session-{tier}{v}.pem"));
+            let first = s_client(addr, &me, v, ("-sess_out", &f));
+            assert!(first.contains("HTTP/1.1 200"), "{tier} {v}: {first}");
+            let again = s_client(addr, &me, v, ("-sess_in", &f));
+            assert!(again.contains("Reused,"), "{tier} {v} not resumed: {again}");
+            assert!(again.contains("HTTP/1.1 200"), "{tier} {v}: {again}");
+            sessions.push((addr.clone(), tier, v, f));
+        }
+    }
+
+    // Open connections of acme.p7: long polls held at both tiers, and a
+    // client with a kept-alive connection to each.
+    let http = client_of(&me);
+    let mut polls = Vec::new();
+    for addr in [&a, &m] {
+        let (ct, body) = empty_envelope("acme.p7", None);
+        let (st, _) = send_env(&http, addr, &ct, body).await.unwrap();
+        assert_eq!(st, 200, "kept-alive connection to {addr}");
+        let (ct, body) = empty_envelope("acme.p7", Some(Duration::from_secs(25)));
+        let (h, addr, ct) = (http.clone(), addr.clone(), ct.clone());
+        polls.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            (send_env(&h, &addr, &ct, body).await, started.elapsed())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, _, err) = rsctl(&a, &["revoke", "--serial", &me.identity().unwrap().serial]);
+    assert_eq!(code, 0, "{err}");
+    for (i, p) in polls.into_iter().enumerate() {
+        let (r, took) = p.await.unwrap();
+        // A held poll is answered 200 when its hold ends: it must have
+        // been cut instead.
+        assert!(
+            !matches!(r, Ok((200, _))),
+            "poll {i} answered after {took:?}: {r:?}"
+        );
+    }
+    for addr in [&a, &m] {
+        let (ct, body) = empty_envelope("acme.p7", None);
+        let r = send_env(&http, addr, &ct, body).await;
+        assert!(!matches!(r, Ok((200, _))), "{addr} still serves it: {r:?}");
+        assert!(metric(addr, "tls.revoked_cut").await >= 1, "{addr}");
+    }
+    // A session resumed with the revoked certificate gets nothing.
+    for (addr, tier, v, f) in &sessions {
+        let again = s_client(addr, &me, v, ("-sess_in", f));
+        assert!(!again.contains("HTTP/1.1 200"), "{tier} {v}: {again}");
+    }
+    d.stop_all();
+}
