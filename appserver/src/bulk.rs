@@ -158,11 +158,12 @@ impl Uploads {
     /// arrived (its source and routing say where the answer goes).
     pub fn decide(&self, m: &RawMessage, b: &BulkRequest, now: Timestamp) -> Option<Decided> {
         let src = m.header.source()?;
-        let hop = m
-            .header
-            .routing
-            .last()
-            .map_or_else(|| src.component.to_string(), |h| h.component.to_string());
+        // The answer goes to the tier the request came through: the last
+        // hop, or (sent directly) the proxy that polls for the source.
+        let hop = m.header.routing.last().map_or_else(
+            || src.component.tier().to_string(),
+            |h| h.component.to_string(),
+        );
         let refuse = |code: &'static str, text: String, retry: Option<Duration>| {
             tracing::info!("upload {} ({}) refused: {text}", m.header.id, b.name);
             Grant::Refused {
@@ -701,22 +702,30 @@ impl crate::store::Store {
     }
 
     /// Uploads, newest first; `request` selects one.
+    /// Uploads, newest first, of the customers in `grants`.
     pub async fn uploads(
         &self,
         request: Option<String>,
         component: Option<String>,
+        grants: crate::security::Grants,
         limit: usize,
     ) -> Result<Vec<UploadRow>, rs_common::db::DbError> {
+        // The granted customers as ",a,b," (NULL: all).
+        let customers = match grants {
+            crate::security::Grants::All => None,
+            crate::security::Grants::Some(v) => Some(format!(",{},", v.join(","))),
+        };
         self.db
             .read(move |s| {
                 let mut st = s.0.prepare_cached(&format!(
                     "SELECT {UPLOAD_COLUMNS} FROM uploads
                      WHERE (?1 IS NULL OR request = ?1) AND (?2 IS NULL OR component = ?2)
+                       AND (?4 IS NULL OR instr(?4, ',' || customer || ',') > 0)
                      ORDER BY granted DESC LIMIT ?3"
                 ))?;
                 let rows = st
                     .query_map(
-                        rusqlite::params![request, component, limit as i64],
+                        rusqlite::params![request, component, limit as i64, customers],
                         upload_row,
                     )?
                     .collect::<Result<Vec<_>, _>>()?;
@@ -877,52 +886,67 @@ pub fn control_routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "uploads")
             .and(warp::get())
+            .and(crate::security::admin())
             .and(warp::query::<std::collections::HashMap<String, String>>())
-            .then(move |q: std::collections::HashMap<String, String>| {
-                let app = app.clone();
-                async move {
-                    let limit = q
-                        .get("limit")
-                        .and_then(|l| l.parse().ok())
-                        .unwrap_or(100usize)
-                        .clamp(1, 10_000);
-                    match app
-                        .store
-                        .uploads(
-                            q.get("request").cloned(),
-                            q.get("component").cloned(),
-                            limit,
-                        )
-                        .await
-                    {
-                        Ok(mut rows) => {
-                            for r in &mut rows {
-                                r.received = match r.state.as_str() {
-                                    "complete" => r.size,
-                                    _ => tokio::fs::metadata(app.uploads.partial(&r.digest))
-                                        .await
-                                        .map_or(0, |m| m.len()),
-                                };
+            .then(
+                move |admin: crate::security::Admin,
+                      q: std::collections::HashMap<String, String>| {
+                    let app = app.clone();
+                    async move {
+                        let limit = q
+                            .get("limit")
+                            .and_then(|l| l.parse().ok())
+                            .unwrap_or(100usize)
+                            .clamp(1, 10_000);
+                        match app
+                            .store
+                            .uploads(
+                                q.get("request").cloned(),
+                                q.get("component").cloned(),
+                                admin.grants.clone(),
+                                limit,
+                            )
+                            .await
+                        {
+                            Ok(mut rows) => {
+                                for r in &mut rows {
+                                    r.received = match r.state.as_str() {
+                                        "complete" => r.size,
+                                        _ => tokio::fs::metadata(app.uploads.partial(&r.digest))
+                                            .await
+                                            .map_or(0, |m| m.len()),
+                                    };
+                                }
+                                rs_common::ingress::xml_response(encode_uploads(&rows))
                             }
-                            rs_common::ingress::xml_response(encode_uploads(&rows))
+                            Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
                         }
-                        Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
                     }
-                }
-            })
+                },
+            )
     };
     let file = warp::path!("rs" / "v1" / "control" / "uploads" / String / "file")
         .and(warp::get())
-        .then(move |request: String| {
+        .and(crate::security::admin())
+        .then(move |request: String, admin: crate::security::Admin| {
             let app = app.clone();
-            async move { fetch(&app, request).await }
+            async move { fetch(&app, request, &admin.grants).await }
         });
     list.boxed().or(file.boxed()).unify().boxed()
 }
 
-/// Streams a stored upload.
-async fn fetch(app: &AppServer, request: String) -> warp::reply::Response {
-    let row = match app.store.uploads(Some(request.clone()), None, 1).await {
+/// Streams a stored upload (of a customer in `grants`: another's is as
+/// unknown as one that does not exist).
+async fn fetch(
+    app: &AppServer,
+    request: String,
+    grants: &crate::security::Grants,
+) -> warp::reply::Response {
+    let row = match app
+        .store
+        .uploads(Some(request.clone()), None, grants.clone(), 1)
+        .await
+    {
         Ok(r) => r.into_iter().next(),
         Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };

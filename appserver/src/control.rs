@@ -25,6 +25,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "status")
             .and(warp::get())
+            .and(rs_common::server::authenticated())
             .then(move || {
                 let app = app.clone();
                 async move { status(&app).await }
@@ -45,8 +46,9 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "export")
             .and(warp::get())
+            .and(crate::security::provider())
             .and(warp::query::<HashMap<String, String>>())
-            .and_then(move |q| {
+            .and_then(move |_: crate::security::Admin, q| {
                 let app = app.clone();
                 async move { export(&app, q).await }
             })
@@ -87,35 +89,41 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "groups")
             .and(warp::get())
-            .and_then(move || {
+            .and(crate::security::admin())
+            .and_then(move |admin: crate::security::Admin| {
                 let app = app.clone();
-                async move { groups(&app, None).await }
+                async move { groups(&app, None, &admin.grants).await }
             })
     };
     let group_get = {
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "groups" / String)
             .and(warp::get())
-            .and_then(move |name: String| {
+            .and(crate::security::admin())
+            .and_then(move |name: String, admin: crate::security::Admin| {
                 let app = app.clone();
-                async move { groups(&app, Some(name)).await }
+                async move { groups(&app, Some(name), &admin.grants).await }
             })
     };
     let group_put = {
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "groups" / String)
             .and(warp::put())
+            .and(crate::security::provider())
             .and(small_body())
-            .and_then(move |name: String, body: bytes::Bytes| {
-                let app = app.clone();
-                async move { put_group(&app, name, &body).await }
-            })
+            .and_then(
+                move |name: String, _: crate::security::Admin, body: bytes::Bytes| {
+                    let app = app.clone();
+                    async move { put_group(&app, name, &body).await }
+                },
+            )
     };
     let group_delete = {
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "groups" / String)
             .and(warp::delete())
-            .and_then(move |name: String| {
+            .and(crate::security::provider())
+            .and_then(move |name: String, _: crate::security::Admin| {
                 let app = app.clone();
                 async move { delete_group(&app, name).await }
             })
@@ -124,12 +132,23 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "throttle")
             .and(warp::get())
-            .map(move || {
-                let cfg = app
+            .and(crate::security::admin())
+            .map(move |admin: crate::security::Admin| {
+                let mut cfg = app
                     .throttle_cfg
                     .read()
                     .map(|c| c.clone())
                     .unwrap_or_default();
+                // A customer's admin sees the rules that can apply to
+                // its customers, not those naming another customer.
+                cfg.rule.retain(|r| {
+                    r.customer
+                        .as_deref()
+                        .is_none_or(|c| admin.grants.customer(c))
+                        && r.component.as_deref().is_none_or(|c| {
+                            RsId::new(c).is_ok_and(|id| admin.grants.component(&id))
+                        })
+                });
                 xml_response(rs_common::throttle::encode_throttle(&cfg))
             })
     };
@@ -137,8 +156,9 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "throttle")
             .and(warp::put())
+            .and(crate::security::provider())
             .and(small_body())
-            .and_then(move |body: bytes::Bytes| {
+            .and_then(move |_: crate::security::Admin, body: bytes::Bytes| {
                 let app = app.clone();
                 async move { put_throttle(&app, &body).await }
             })
@@ -147,8 +167,9 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "subscriptions")
             .and(warp::post())
+            .and(crate::security::provider())
             .and(small_body())
-            .and_then(move |body: bytes::Bytes| {
+            .and_then(move |_: crate::security::Admin, body: bytes::Bytes| {
                 let app = app.clone();
                 async move { subscribe(&app, &body).await }
             })
@@ -157,7 +178,8 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "subscriptions")
             .and(warp::get())
-            .and_then(move || {
+            .and(crate::security::provider())
+            .and_then(move |_: crate::security::Admin| {
                 let app = app.clone();
                 async move { subscriptions(&app).await }
             })
@@ -166,7 +188,8 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "subscriptions" / String)
             .and(warp::delete())
-            .and_then(move |name: String| {
+            .and(crate::security::provider())
+            .and_then(move |name: String, _: crate::security::Admin| {
                 let app = app.clone();
                 async move {
                     match app.store.unsubscribe(name.clone()).await {
@@ -186,8 +209,9 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "subscriptions" / String / "feed")
             .and(warp::get())
+            .and(crate::security::provider())
             .and(warp::query::<HashMap<String, String>>())
-            .and_then(move |name: String, q| {
+            .and_then(move |name: String, _: crate::security::Admin, q| {
                 let app = app.clone();
                 async move { feed(&app, name, q).await }
             })
@@ -196,8 +220,9 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "tasks")
             .and(warp::get())
+            .and(crate::security::provider())
             .and(warp::query::<HashMap<String, String>>())
-            .and_then(move |q| {
+            .and_then(move |_: crate::security::Admin, q| {
                 let app = app.clone();
                 async move { tasks(&app, q).await }
             })
@@ -206,19 +231,23 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "tasks" / "replay")
             .and(warp::post())
+            .and(crate::security::provider())
             .and(warp::query::<HashMap<String, String>>())
-            .and_then(move |q| {
+            .and_then(move |_: crate::security::Admin, q| {
                 let app = app.clone();
                 async move { replay(&app, q).await }
             })
     };
     let tags = warp::path!("rs" / "v1" / "control" / "components" / String / "tags")
         .and(warp::put())
+        .and(crate::security::admin())
         .and(small_body())
-        .and_then(move |id: String, body: bytes::Bytes| {
-            let app = app.clone();
-            async move { put_tags(&app, id, &body).await }
-        });
+        .and_then(
+            move |id: String, admin: crate::security::Admin, body: bytes::Bytes| {
+                let app = app.clone();
+                async move { put_tags(&app, id, &body, &admin.grants).await }
+            },
+        );
     // Each route is boxed before they are joined: a chain of twenty
     // unboxed `or`s nests its types twenty deep, and type-checking that
     // took rustc minutes.
@@ -1133,11 +1162,23 @@ async fn job(
 }
 
 /// `GET /rs/v1/control/groups[/{name}]`: definitions and members now.
+/// Groups as `grants` may see them: a group selecting another customer is
+/// not shown, and of the others only the members of granted customers.
 async fn groups(
     app: &AppServer,
     name: Option<String>,
+    grants: &crate::security::Grants,
 ) -> Result<warp::reply::Response, warp::Rejection> {
-    let list = app.store.groups(name.clone()).await.map_err(unavailable)?;
+    let mut list = app.store.groups(name.clone()).await.map_err(unavailable)?;
+    list.retain(|(g, _)| {
+        g.customer
+            .as_ref()
+            .is_none_or(|c| grants.customer(c.as_str()))
+    });
+    for (g, members) in &mut list {
+        g.members.retain(|m| grants.component(m));
+        members.retain(|m| grants.component(m));
+    }
     if let (Some(n), true) = (&name, list.is_empty()) {
         return Err(refuse(
             http::StatusCode::NOT_FOUND,
@@ -1171,7 +1212,7 @@ async fn put_group(
         .put_group(g, app.clock.now())
         .await
         .map_err(unavailable)?;
-    groups(app, Some(name)).await
+    groups(app, Some(name), &crate::security::Grants::All).await
 }
 
 async fn delete_group(
@@ -1200,9 +1241,14 @@ async fn put_tags(
     app: &AppServer,
     id: String,
     body: &[u8],
+    grants: &crate::security::Grants,
 ) -> Result<warp::reply::Response, warp::Rejection> {
     let bad = |t: String| refuse(http::StatusCode::BAD_REQUEST, t);
     let component = RsId::new(&id).map_err(|e| bad(format!("component {id:?}: {e}")))?;
+    // Tags move components into and out of groups other admins use.
+    if !grants.component(&component) {
+        return Err(crate::security::Grants::refuse(component.as_str()));
+    }
     let tags = decode_tags(body, &rs_common::codec::Limits::default())
         .map_err(|e| bad(format!("tags: {e}")))?;
     if !app

@@ -62,12 +62,15 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "files" / String)
             .and(warp::put())
+            .and(crate::security::provider())
             .and(warp::header::headers_cloned())
             .and(warp::body::stream())
-            .then(move |name: String, headers: http::HeaderMap, body| {
-                let app = app.clone();
-                async move { publish(&app, name, &headers, Box::pin(body)).await }
-            })
+            .then(
+                move |name: String, _: crate::security::Admin, headers: http::HeaderMap, body| {
+                    let app = app.clone();
+                    async move { publish(&app, name, &headers, Box::pin(body)).await }
+                },
+            )
     };
     let offer = {
         let app = app.clone();

@@ -128,51 +128,44 @@ fn admin_of(peer: &Peer) -> Result<Admin, Refusal> {
     }
 }
 
-/// The admin calling (for handlers that scope what they show or do).
+/// The admin calling (for handlers that scope what they show or do by the
+/// admin's grants). Every control route takes this or [`provider`]: the
+/// access rule lives on the route, so it applies to exactly the paths the
+/// router matches (a path-prefix test beside the router let
+/// `/rs/v1/status/` through while `/rs/v1/status` was checked).
 pub fn admin()
 -> impl Filter<Extract = (Admin,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
     rs_common::server::peer()
         .and_then(|p: Peer| async move { admin_of(&p).map_err(warp::reject::custom) })
 }
 
-/// Control paths only an admin granted every customer may use: they change
-/// what applies to all (throttle, subscriptions and their tasks, groups,
-/// published files, exports, the audit of others).
-fn provider_wide(method: &http::Method, path: &str) -> bool {
-    let p = path.trim_start_matches("/rs/v1/control/");
-    let first = p.split('/').next().unwrap_or("");
-    match first {
-        "throttle" | "groups" | "files" => method != http::Method::GET,
-        "subscriptions" | "tasks" | "export" | "certificates" => true,
-        _ => false,
-    }
+/// An admin granted every customer: for what applies to all customers
+/// (throttle rules, subscriptions and their tasks, changes to groups,
+/// published files, exports across customers, the CA's certificates).
+pub fn provider()
+-> impl Filter<Extract = (Admin,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    admin().and_then(|a: Admin| async move {
+        if a.grants.is_all() {
+            Ok(a)
+        } else {
+            Err(Grants::refuse("this needs an admin of every customer"))
+        }
+    })
 }
 
-/// Stands before every route: the control API needs an admin (and some of
-/// it one granted all customers), the status page any verified
-/// certificate; everything else decides for itself.
+/// Stands before every route: anything under the control API needs an
+/// admin (defence in depth: each control route also names whom it serves,
+/// [`admin`] or [`provider`], and scopes what it shows by the grants).
 pub fn gate() -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static
 {
     rs_common::server::peer()
-        .and(warp::method())
         .and(warp::path::full())
-        .and_then(
-            |p: Peer, method: http::Method, path: warp::path::FullPath| async move {
-                let path = path.as_str();
-                if path.starts_with("/rs/v1/control/") {
-                    let a = admin_of(&p).map_err(warp::reject::custom)?;
-                    if provider_wide(&method, path) && !a.grants.is_all() {
-                        return Err(Grants::refuse("this needs an admin of every customer"));
-                    }
-                } else if path == "/rs/v1/status" && matches!(p, Peer::Tls(_, None)) {
-                    return Err(warp::reject::custom(Refusal::new(
-                        http::StatusCode::UNAUTHORIZED,
-                        "a client certificate is required",
-                    )));
-                }
-                Ok::<(), warp::Rejection>(())
-            },
-        )
+        .and_then(|p: Peer, path: warp::path::FullPath| async move {
+            if path.as_str().starts_with("/rs/v1/control/") {
+                admin_of(&p).map_err(warp::reject::custom)?;
+            }
+            Ok::<(), warp::Rejection>(())
+        })
         .untuple_one()
 }
 
@@ -719,8 +712,9 @@ pub fn control_routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "certificates")
             .and(warp::get())
+            .and(provider())
             .and(warp::query::<HashMap<String, String>>())
-            .then(move |q: HashMap<String, String>| {
+            .then(move |_: Admin, q: HashMap<String, String>| {
                 let app = app.clone();
                 async move { certificates(&app, &q) }
             })

@@ -740,8 +740,9 @@ pub struct Completion {
 
 impl Store {
     /// The tier through which `dest` is reached from here: the last hop of
-    /// its latest route, or itself when it talks to us directly. `None`
-    /// for a component never seen.
+    /// its latest route, or (when it talks to us directly) the tier that
+    /// polls for it: itself, or the proxy that allocated an integrator or
+    /// support instance. `None` for a component never seen.
     pub async fn next_hop(&self, dest: RsId) -> Result<Option<String>, DbError> {
         self.db
             .read(move |s| {
@@ -755,7 +756,7 @@ impl Store {
                 Ok(via.map(|v| {
                     v.split_whitespace()
                         .last()
-                        .map_or_else(|| dest.to_string(), str::to_owned)
+                        .map_or_else(|| dest.tier().to_string(), str::to_owned)
                 }))
             })
             .await

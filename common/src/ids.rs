@@ -243,6 +243,23 @@ impl RsId {
         self.0.rfind('.').map(|i| RsId(self.0[..i].into()))
     }
 
+    /// The tier that sends and polls for this component: itself for a
+    /// proxy, an MLM or a server; for an integrator or a support instance,
+    /// the proxy that allocated it (they never call in themselves).
+    pub fn tier(&self) -> RsId {
+        let mut id = self.clone();
+        while matches!(
+            id.kind(),
+            ComponentKind::Integrator | ComponentKind::SupportInstance
+        ) {
+            match id.parent() {
+                Some(p) => id = p,
+                None => break,
+            }
+        }
+        id
+    }
+
     /// True when `self` is `other` or was allocated (directly or not) under it.
     pub fn is_within(&self, other: &RsId) -> bool {
         self.0 == other.0
@@ -451,6 +468,14 @@ mod tests {
         let s = p.child(ComponentKind::SupportInstance, 12).unwrap();
         assert_eq!(s.as_str(), "acme.p3.s12");
         assert_eq!(s.parent(), Some(p.clone()));
+        // Integrators and instances are polled for by their proxy.
+        assert_eq!(s.tier(), p);
+        assert_eq!(
+            RsId::new("acme.m1.p3.i2").unwrap().tier().as_str(),
+            "acme.m1.p3"
+        );
+        assert_eq!(p.tier(), p);
+        assert_eq!(RsId::new("acme.m1").unwrap().tier().as_str(), "acme.m1");
         assert!(s.is_within(&p));
         assert!(!RsId::new("acme.p31").unwrap().is_within(&p));
         assert_eq!(RsId::new("acme").unwrap().kind(), ComponentKind::Customer);

@@ -1394,3 +1394,460 @@ async fn sessions_resume_and_a_revoked_certificate_is_cut_off_on_open_connection
     }
     d.stop_all();
 }
+
+/// Every route of the control API, as docs/control-api.md lists them
+/// (`GET /rs/v1/control/jobs/{id}`, query strings and options left out).
+fn documented_control_routes() -> std::collections::BTreeSet<String> {
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/control-api.md"),
+    )
+    .unwrap();
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter(|l| l.contains(" /rs/v1/control/"))
+        .map(|l| {
+            let route = &l[..l.find('`').unwrap()];
+            route.split(['?', '[']).next().unwrap().trim().to_owned()
+        })
+        .collect()
+}
+
+/// What an admin of one customer must get from a route aimed at another
+/// customer's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Refused (`403`, or `404` as if it did not exist).
+    Refused,
+    /// Answered, showing only what is granted (nothing of the other).
+    Scoped,
+}
+
+/// An admin granted one customer (globex) walks every control route
+/// against another's (acme's) data: each is refused or answers with
+/// globex's part only. Routes checked by path beside the router also
+/// hold for the same path with a trailing slash, which the router
+/// matches too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
+    let dir = tmp("grants-walk");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d
+        .appserver("127.0.0.1:0", "[bulk]\nmin_free_disk_mb = 1\n")
+        .unwrap();
+    let s1 = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    d.proxy(
+        "g1",
+        "globex.p1",
+        std::slice::from_ref(&a),
+        &Extra::default(),
+    )
+    .unwrap();
+    assert!(
+        until(30, || async {
+            let c = components(&a).await;
+            c.contains("acme.p1") && c.contains("globex.p1")
+        })
+        .await
+    );
+    let url = |p: &str| format!("{}/rs/v1/control/{p}", base(&a));
+    let ops = admin(&a);
+    // acme's data, made by the provider's admin and by acme's site.
+    let c1 = register(&s1).await;
+    c1.send("alarm", &crate::forward::alarm("acme's own alarm", None))
+        .await
+        .unwrap();
+    let file = dir.join("acme-core.txt");
+    std::fs::write(&file, b"acme's core file").unwrap();
+    c1.register_integrator("cores", "1.0", "linux")
+        .await
+        .unwrap();
+    let up = c1
+        .upload(&rs_proxy::bulk::UploadRequest {
+            integrator: "cores".into(),
+            path: file.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        until(60, || async {
+            c1.upload_state(&up.id)
+                .await
+                .is_ok_and(|u| u.state == "done")
+        })
+        .await,
+        "acme's upload did not complete: {:?}",
+        c1.upload_state(&up.id).await
+    );
+    for (method, path, body) in [
+        (
+            "PUT",
+            "components/acme.p1/tags",
+            r#"<tags><tag name="eu"/></tags>"#,
+        ),
+        (
+            "PUT",
+            "groups/acme-all",
+            r#"<group name="acme-all" customer="acme"/>"#,
+        ),
+        (
+            "PUT",
+            "groups/mixed",
+            r#"<group name="mixed"><member id="acme.p1"/><member id="globex.p1"/></group>"#,
+        ),
+        (
+            "PUT",
+            "throttle",
+            r#"<throttle><rule name="acme-rate" customer="acme" per="customer" messages-per-sec="1000"/></throttle>"#,
+        ),
+        (
+            "POST",
+            "subscriptions",
+            r#"<subscription name="acme-feed" customer="acme" delivery="feed"/>"#,
+        ),
+    ] {
+        let r = ops
+            .request(method.parse().unwrap(), url(path))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "{method} {path}: {}",
+            r.text().await.unwrap()
+        );
+    }
+    let (st, body) = post(
+        &a,
+        r#"<send><to id="acme.p1"/><control action="ping"/></send>"#,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let acme_job = attr(&body, "id").to_owned();
+    let r = ops
+        .put(url("files/acme-agent.tgz"))
+        .body(b"acme's software".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sha = attr(&r.text().await.unwrap(), "sha256").to_owned();
+    let serial = component_tls(&a, "acme.p1")
+        .unwrap()
+        .unwrap()
+        .identity()
+        .unwrap()
+        .serial;
+
+    let pki = d.pki.clone().unwrap();
+    let alice = client_of(&issue(
+        &pki,
+        &CertSpec {
+            name: "alice".into(),
+            customer: "globex".into(),
+            role: Role::Admin,
+            dns: Vec::new(),
+            ips: Vec::new(),
+            days: 1,
+        },
+        &dir.join("alice"),
+    ));
+    use Expect::{Refused, Scoped};
+    let offer =
+        format!(r#"<offer file="{sha}" class="software" sub="package"><to id="acme.p1"/></offer>"#);
+    let walk: Vec<(&str, &str, String, String, Expect)> = vec![
+        (
+            "GET /rs/v1/control/components",
+            "GET",
+            "components".into(),
+            String::new(),
+            Scoped,
+        ),
+        (
+            "PUT /rs/v1/control/components/{id}/tags",
+            "PUT",
+            "components/acme.p1/tags".into(),
+            r#"<tags><tag name="mine"/></tags>"#.into(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/groups",
+            "GET",
+            "groups".into(),
+            String::new(),
+            Scoped,
+        ),
+        (
+            "GET /rs/v1/control/groups/{name}",
+            "GET",
+            "groups/acme-all".into(),
+            String::new(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/groups/{name}",
+            "GET",
+            "groups/mixed".into(),
+            String::new(),
+            Scoped,
+        ),
+        (
+            "PUT /rs/v1/control/groups/{name}",
+            "PUT",
+            "groups/mixed".into(),
+            r#"<group name="mixed"><member id="globex.p1"/></group>"#.into(),
+            Refused,
+        ),
+        (
+            "DELETE /rs/v1/control/groups/{name}",
+            "DELETE",
+            "groups/acme-all".into(),
+            String::new(),
+            Refused,
+        ),
+        (
+            "POST /rs/v1/control/send",
+            "POST",
+            "send".into(),
+            r#"<send><to id="acme.p1"/><control action="ping"/></send>"#.into(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/jobs/{id}",
+            "GET",
+            format!("jobs/{acme_job}"),
+            String::new(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/messages",
+            "GET",
+            "messages?customer=acme".into(),
+            String::new(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/messages",
+            "GET",
+            "messages?limit=1000".into(),
+            String::new(),
+            Scoped,
+        ),
+        (
+            "GET /rs/v1/control/export",
+            "GET",
+            "export".into(),
+            String::new(),
+            Refused,
+        ),
+        (
+            "POST /rs/v1/control/subscriptions",
+            "POST",
+            "subscriptions".into(),
+            r#"<subscription name="peek" customer="acme" delivery="feed"/>"#.into(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/subscriptions",
+            "GET",
+            "subscriptions".into(),
+            String::new(),
+            Refused,
+        ),
+        (
+            "DELETE /rs/v1/control/subscriptions/{name}",
+            "DELETE",
+            "subscriptions/acme-feed".into(),
+            String::new(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/subscriptions/{name}/feed",
+            "GET",
+            "subscriptions/acme-feed/feed?wait=0".into(),
+            String::new(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/tasks",
+            "GET",
+            "tasks".into(),
+            String::new(),
+            Refused,
+        ),
+        (
+            "POST /rs/v1/control/tasks/replay",
+            "POST",
+            "tasks/replay".into(),
+            String::new(),
+            Refused,
+        ),
+        (
+            "PUT /rs/v1/control/files/{name}",
+            "PUT",
+            "files/acme-agent.tgz".into(),
+            "replaced".into(),
+            Refused,
+        ),
+        (
+            "POST /rs/v1/control/offer",
+            "POST",
+            "offer".into(),
+            offer,
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/uploads",
+            "GET",
+            "uploads".into(),
+            String::new(),
+            Scoped,
+        ),
+        (
+            "GET /rs/v1/control/uploads",
+            "GET",
+            "uploads?component=acme.p1.s1".into(),
+            String::new(),
+            Scoped,
+        ),
+        (
+            "GET /rs/v1/control/uploads/{request}/file",
+            "GET",
+            format!("uploads/{}/file", up.request),
+            String::new(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/throttle",
+            "GET",
+            "throttle".into(),
+            String::new(),
+            Scoped,
+        ),
+        (
+            "PUT /rs/v1/control/throttle",
+            "PUT",
+            "throttle".into(),
+            "<throttle/>".into(),
+            Refused,
+        ),
+        (
+            "POST /rs/v1/control/enrollments",
+            "POST",
+            "enrollments?customer=acme".into(),
+            String::new(),
+            Refused,
+        ),
+        (
+            "POST /rs/v1/control/revoke",
+            "POST",
+            "revoke?component=acme.p1".into(),
+            String::new(),
+            Refused,
+        ),
+        (
+            "POST /rs/v1/control/revoke",
+            "POST",
+            format!("revoke?serial={serial}"),
+            String::new(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/certificates",
+            "GET",
+            "certificates".into(),
+            String::new(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/audit",
+            "GET",
+            "audit?limit=1000".into(),
+            String::new(),
+            Scoped,
+        ),
+    ];
+    let walked: std::collections::BTreeSet<String> = walk.iter().map(|w| w.0.to_owned()).collect();
+    assert_eq!(
+        walked,
+        documented_control_routes(),
+        "every documented control route is walked"
+    );
+    let anon = rs_common::tls::client_trusting(&pki.admin.ca)
+        .unwrap()
+        .build()
+        .unwrap();
+    for (route, method, path, body, expect) in &walk {
+        let send = |c: &reqwest::Client, p: String| {
+            c.request(method.parse().unwrap(), p)
+                .body(body.clone())
+                .send()
+        };
+        let r = send(&alice, url(path)).await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        match expect {
+            Refused => assert!(
+                matches!(status, 403 | 404),
+                "{route} ({path}): {status} {text}"
+            ),
+            Scoped => assert_eq!(status, 200, "{route} ({path}): {text}"),
+        }
+        // A refusal is a line of text (it may repeat what was asked); an
+        // answer shows nothing of acme's.
+        let leak = match (expect, *route) {
+            (Refused, _) => text.starts_with("<?xml") || text.len() > 200,
+            (Scoped, "GET /rs/v1/control/audit") => text.contains(r#"admin="ops""#),
+            (Scoped, _) => {
+                text.contains("acme.p1")
+                    || text.contains("acme-rate")
+                    || text.contains("customer=\"acme\"")
+            }
+        };
+        assert!(!leak, "{route} ({path}) shows acme's data: {text}");
+        // The same path with a trailing slash is matched by the router
+        // too, and must be guarded the same way.
+        let (p, q) = path.split_once('?').unwrap_or((path.as_str(), ""));
+        let slashed = url(&format!("{p}/{}{q}", if q.is_empty() { "" } else { "?" }));
+        let again = send(&alice, slashed.clone())
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert!(again != 200 || *expect == Scoped, "{slashed}: {again}");
+        let anon_status = send(&anon, slashed.clone())
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert!(
+            matches!(anon_status, 401 | 404),
+            "{slashed} without a certificate: {anon_status}"
+        );
+    }
+    // Nothing of acme's changed.
+    let comps = components(&a).await;
+    assert!(!comps.contains("mine"), "{comps}");
+    let groups = control_get(&a, "groups").await;
+    assert!(
+        groups.contains("acme-all") && groups.contains("acme.p1"),
+        "{groups}"
+    );
+    let subs = control_get(&a, "subscriptions").await;
+    assert!(subs.contains("acme-feed"), "{subs}");
+    // The status page needs a certificate, with or without the slash.
+    for p in ["/rs/v1/status", "/rs/v1/status/"] {
+        let st = anon
+            .get(format!("{}{p}", base(&a)))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(st, 401, "{p}");
+    }
+    d.stop_all();
+}
