@@ -180,9 +180,99 @@ fn body<T: serde::de::DeserializeOwned + Send>()
 }
 
 /// The API's routes, finished for serving.
+/// The API on the Unix socket.
 pub fn routes(
     proxy: Arc<Proxy>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible>
++ Clone
++ Send
++ Sync
++ 'static {
+    rs_common::server::finish(api(proxy))
+}
+
+/// The API on the loopback TCP listener bound to `bound`: only for requests
+/// addressed to it. A web page the user visits can make the browser send
+/// requests to 127.0.0.1 under a name the page's site controls (DNS
+/// rebinding); such a request carries that name as its `Host`, and is
+/// refused here before it can register, send or read anything.
+pub fn tcp_routes(
+    proxy: Arc<Proxy>,
+    bound: std::net::SocketAddr,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible>
++ Clone
++ Send
++ Sync
++ 'static {
+    rs_common::server::finish(local_host(bound).and(api(proxy)))
+}
+
+fn local_host(
+    bound: std::net::SocketAddr,
+) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    warp::header::optional::<String>("host")
+        .and_then(move |h: Option<String>| async move {
+            match h {
+                Some(h) if !is_local_host(&h, bound) => {
+                    Err(warp::reject::custom(rs_common::server::Refusal::new(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "Host {h:?} is not this proxy's integrator API: address it as \
+                             localhost:{port} or {bound}",
+                            port = bound.port()
+                        ),
+                    )))
+                }
+                _ => Ok(()),
+            }
+        })
+        .untuple_one()
+}
+
+/// True for `localhost`, or a loopback address, with `bound`'s port or
+/// none.
+fn is_local_host(host: &str, bound: std::net::SocketAddr) -> bool {
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((name, "")) => (name, None),
+            Some((name, p)) => match p.strip_prefix(':') {
+                Some(p) => (name, Some(p)),
+                None => return false,
+            },
+            None => return false,
+        },
+        None => match host.split_once(':') {
+            Some((name, p)) => (name, Some(p)),
+            None => (host, None),
+        },
+    };
+    let name_ok = name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    name_ok && port.is_none_or(|p| p.parse::<u16>() == Ok(bound.port()))
+}
+
+/// Gives the integrator socket its configured permissions and group.
+pub fn secure_socket(cfg: &crate::Config) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = &cfg.socket;
+    let mode = cfg.socket_mode().map_err(anyhow::Error::msg)?;
+    if let Some(g) = &cfg.socket_group {
+        let group = nix::unistd::Group::from_name(g)
+            .map_err(|e| anyhow::anyhow!("socket_group {g:?}: {e}"))?
+            .ok_or_else(|| anyhow::anyhow!("socket_group {g:?}: no such group"))?;
+        nix::unistd::chown(path.as_path(), None, Some(group.gid))
+            .map_err(|e| anyhow::anyhow!("socket_group {g:?} on {}: {e}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| anyhow::anyhow!("socket_mode on {}: {e}", path.display()))?;
+    Ok(())
+}
+
+fn api(
+    proxy: Arc<Proxy>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
 + Clone
 + Send
 + Sync
@@ -409,7 +499,7 @@ pub fn routes(
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
             }
         });
-    let routes = upload
+    upload
         .or(downloads)
         .unify()
         .or(uploads)
@@ -431,8 +521,7 @@ pub fn routes(
         .or(batch)
         .unify()
         .or(send)
-        .unify();
-    rs_common::server::finish(routes)
+        .unify()
 }
 
 fn default_precedence(kind: ContentKind, severity: Severity) -> u8 {
@@ -694,4 +783,38 @@ fn check_text(t: &str) -> Result<(), SubmitError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_local_host;
+
+    #[test]
+    fn only_this_listener_is_a_local_host() {
+        let bound: std::net::SocketAddr = "127.0.0.1:8449".parse().unwrap();
+        for ok in [
+            "localhost",
+            "LOCALHOST:8449",
+            "127.0.0.1:8449",
+            "127.0.0.1",
+            "[::1]:8449",
+            "[::1]",
+        ] {
+            assert!(is_local_host(ok, bound), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8449",
+            "localhost:8450",
+            "127.0.0.1:80",
+            "10.0.0.1:8449",
+            "localhost.evil.example:8449",
+            "[::1]x",
+            "[::1",
+            "localhost:",
+            "",
+        ] {
+            assert!(!is_local_host(bad, bound), "{bad}");
+        }
+    }
 }

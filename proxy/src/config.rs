@@ -19,6 +19,14 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The integrator API's Unix-domain socket.
     pub socket: PathBuf,
+    /// The socket's permissions (octal): who may connect. Connecting needs
+    /// write permission, so `0660` lets the owner and `socket_group` in.
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: String,
+    /// The socket's group (a name): integrators running as other users
+    /// connect when they are in it. Left out: the daemon's own group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
     /// Also serve the integrator API on this loopback TCP address (for
     /// integrators that cannot use a Unix socket). Loopback only.
     #[serde(default)]
@@ -94,6 +102,10 @@ impl Default for SpoolSection {
     }
 }
 
+fn default_socket_mode() -> String {
+    "0660".into()
+}
+
 fn default_heartbeat() -> u64 {
     60
 }
@@ -151,6 +163,7 @@ impl Config {
                 return Err(format!("upstream.urls: {u:?} is not an http(s) URL"));
             }
         }
+        c.socket_mode()?;
         if let Some(a) = c.api_listen
             && !a.ip().is_loopback()
         {
@@ -186,6 +199,24 @@ impl Config {
                 .ok_or_else(|| format!("{} is not a component certificate", t.cert.display())),
             (None, _) => Err("no id configured and no certificate to take it from".into()),
         }
+    }
+
+    /// `socket_mode` as permission bits.
+    pub fn socket_mode(&self) -> Result<u32, String> {
+        let m =
+            u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8).map_err(|_| {
+                format!(
+                    "socket_mode {:?}: octal permissions like \"0660\"",
+                    self.socket_mode
+                )
+            })?;
+        if m > 0o777 || m & 0o600 != 0o600 {
+            return Err(format!(
+                "socket_mode {:?}: the owner needs read and write (0600 to 0777)",
+                self.socket_mode
+            ));
+        }
+        Ok(m)
     }
 
     pub fn heartbeat(&self) -> Duration {

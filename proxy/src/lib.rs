@@ -513,6 +513,7 @@ pub async fn run(
     }
     let listener = tokio::net::UnixListener::bind(&proxy.cfg.socket)
         .with_context(|| format!("cannot listen on {}", proxy.cfg.socket.display()))?;
+    api::secure_socket(&proxy.cfg)?;
     tracing::info!(
         "rs-proxy {} serving integrators on {}, upstream {:?}",
         proxy.id,
@@ -571,11 +572,12 @@ pub async fn run(
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
-            tracing::info!("integrator API also on {}", l.local_addr()?);
+            let bound = l.local_addr()?;
+            tracing::info!("integrator API also on {bound}");
             Some(tokio::spawn(rs_common::server::serve_tcp(
                 l,
                 None,
-                api::routes(proxy.clone()),
+                api::tcp_routes(proxy.clone(), bound),
                 rs_common::server::ServeConfig::default(),
                 shutdown.clone(),
             )))

@@ -122,3 +122,139 @@ async fn a_second_copy_on_a_data_directory_is_refused_and_sighup_does_not_kill()
     assert!(wait_for(Duration::from_secs(10), || sock.exists()));
     d.stop_all();
 }
+
+/// One HTTP/1.1 request on a fresh connection to `addr` with this `Host`;
+/// the status code.
+fn status_with_host(addr: &str, host: &str, method: &str, path: &str, body: &str) -> u16 {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// curl on the integrator socket as another user (uid `nobody`, group
+/// `gid`, no other groups): its exit status and output.
+fn curl_as(gid: u32, socket: &Path, path: &str) -> (i32, String) {
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", &format!("--regid={gid}"), "--clear-groups"])
+        .args(["curl", "-sS", "--unix-socket"])
+        .arg(socket)
+        .arg(format!("http://proxy{path}"))
+        .output()
+        .expect("setpriv and curl (scripts/packages installs curl)");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The integrator API is for this host's integrators: on loopback TCP a
+/// request naming another host (a web page's DNS rebinding) is refused,
+/// and the Unix socket lets in the group the operator names, nobody else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_integrator_api_refuses_foreign_hosts_and_its_socket_admits_its_group() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tmp("ops-api-access");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (_a, m) = d.server_and_mlm().unwrap();
+    let port = crate::forward::free_port();
+    // `daemon` (gid 1) is in every Debian base system.
+    let sock = d
+        .proxy(
+            "p1",
+            "acme.p1",
+            std::slice::from_ref(&m),
+            &Extra {
+                top: format!(
+                    "api_listen = \"{port}\"\nsocket_mode = \"0660\"\nsocket_group = \"daemon\"\n"
+                ),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660, "{:o}", meta.mode());
+    assert_eq!(meta.gid(), 1);
+    // A user in the group connects; one outside it is refused.
+    let (code, out) = curl_as(1, &sock, "/v1/status");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"spool\""), "{out}");
+    let (code, out) = curl_as(65534, &sock, "/v1/status");
+    assert_ne!(code, 0, "{out}");
+
+    // Loopback TCP: addressed as localhost or its address, served; under
+    // any other name, refused and nothing done.
+    let p = port.rsplit(':').next().unwrap().to_owned();
+    for host in [format!("localhost:{p}"), port.clone(), format!("[::1]:{p}")] {
+        assert_eq!(
+            status_with_host(&port, &host, "GET", "/v1/status", ""),
+            200,
+            "{host}"
+        );
+    }
+    let register = r#"{"name":"rebound","version":"1.0"}"#;
+    for host in [
+        format!("evil.example:{p}"),
+        "evil.example".to_owned(),
+        format!("localhost:{}", p.parse::<u16>().unwrap() + 1),
+    ] {
+        assert_eq!(
+            status_with_host(&port, &host, "GET", "/v1/status", ""),
+            403,
+            "{host}"
+        );
+        assert_eq!(
+            status_with_host(&port, &host, "POST", "/v1/integrators", register),
+            403,
+            "{host}"
+        );
+    }
+    let conn = rusqlite::Connection::open_with_flags(
+        dir.join("p1").join("proxy.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let n: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM integrators WHERE name = 'rebound'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 0, "a refused request registered an integrator");
+    // The same request addressed properly does register it.
+    assert_eq!(
+        status_with_host(
+            &port,
+            &format!("localhost:{p}"),
+            "POST",
+            "/v1/integrators",
+            register
+        ),
+        200
+    );
+    let n: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM integrators WHERE name = 'rebound'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    d.stop_all();
+}
