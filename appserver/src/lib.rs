@@ -157,9 +157,20 @@ impl AppServer {
             tls,
             opener,
             ca: match &cfg.ca {
-                Some(c) => Some(Arc::new(
-                    rs_common::pki::Ca::open(&c.dir).map_err(anyhow::Error::msg)?,
-                )),
+                Some(c) => {
+                    let ca = rs_common::pki::Ca::open(&c.dir)
+                        .map_err(|e| anyhow::anyhow!("[ca] dir {}: {e}", c.dir.display()))?;
+                    ca.check_writable().map_err(|e| {
+                        anyhow::anyhow!(
+                            "[ca] dir {} is not writable ({e}): enrollment, renewal and revocation \
+                             write ca.db and crl.pem there; run the server as a user who may \
+                             write it, and under systemd with ProtectSystem=strict list it in \
+                             ReadWritePaths=",
+                            c.dir.display()
+                        )
+                    })?;
+                    Some(Arc::new(ca))
+                }
                 None => None,
             },
             auth: rs_common::auth::Stats::default(),

@@ -1173,7 +1173,7 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
     let m = anyhow::Error::msg;
     match c {
         CaCmd::Init { dir, name, days } => {
-            let ca = Ca::init(dir, name, *days).map_err(m)?;
+            let ca = Ca::init(dir, name, *days)?;
             println!(
                 "CA {name:?} created in {} (ca.pem to every component, ca.key stays here; serial {})",
                 dir.display(),
@@ -1190,7 +1190,7 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
             days,
             out,
         } => {
-            let ca = Ca::open(dir).map_err(m)?;
+            let ca = Ca::open(dir)?;
             let role = Role::parse(role).ok_or_else(|| anyhow!("--role: component or admin"))?;
             let customer = match role {
                 Role::Admin => customers
@@ -1211,7 +1211,7 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
                 days: *days,
             };
             let key = rs_common::pki::generate_key().map_err(m)?;
-            let cert = ca.issue(&spec, &key).map_err(m)?;
+            let cert = ca.issue(&spec, &key)?;
             std::fs::create_dir_all(out)?;
             let (cp, kp) = (
                 out.join(format!("{name}.pem")),
@@ -1228,12 +1228,11 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
             );
         }
         CaCmd::Revoke { dir, serial, name } => {
-            let ca = Ca::open(dir).map_err(m)?;
+            let ca = Ca::open(dir)?;
             let serials: Vec<String> = match (serial, name) {
                 (Some(s), _) => vec![s.clone()],
                 (None, Some(n)) => ca
-                    .list(Some(n))
-                    .map_err(m)?
+                    .list(Some(n))?
                     .into_iter()
                     .filter(|c| c.revoked_at.is_none())
                     .map(|c| c.serial)
@@ -1244,7 +1243,7 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
                 bail!("nothing to revoke");
             }
             for s in &serials {
-                if ca.revoke(s, "revoked with rsctl ca revoke").map_err(m)? {
+                if ca.revoke(s, "revoked with rsctl ca revoke")? {
                     println!("revoked {s}");
                 } else {
                     println!("{s} was revoked already");
@@ -1253,7 +1252,7 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
             println!("{} rewritten", dir.join("crl.pem").display());
         }
         CaCmd::List { dir } => {
-            let ca = Ca::open(dir).map_err(m)?;
+            let ca = Ca::open(dir)?;
             println!(
                 "{:<34} {:<20} {:<10} {:<9} {:<10} REVOKED",
                 "SERIAL", "NAME", "CUSTOMER", "ROLE", "NOT AFTER"
@@ -1263,7 +1262,7 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
                     .map(|t| t.to_string().chars().take(10).collect::<String>())
                     .unwrap_or_default()
             };
-            for c in ca.list(None).map_err(m)? {
+            for c in ca.list(None)? {
                 println!(
                     "{:<34} {:<20} {:<10} {:<9} {:<10} {}",
                     c.serial,

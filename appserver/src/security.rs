@@ -12,7 +12,7 @@ use openssl::x509::X509Req;
 use rs_common::codec::XmlOut;
 use rs_common::db::DbError;
 use rs_common::ingress::xml_response;
-use rs_common::pki::{CertSpec, Identity, Role};
+use rs_common::pki::{CaError, CertSpec, Identity, Role};
 use rs_common::server::{Peer, Refusal};
 use rs_common::{ComponentKind, CustomerId, RsId, Timestamp};
 use rusqlite::{OptionalExtension, params};
@@ -275,6 +275,18 @@ pub enum EnrollError {
     Token,
     Bad(String),
     Db(DbError),
+    /// The CA could not sign or record (its files, its database): a
+    /// server fault.
+    Ca(String),
+}
+
+impl From<CaError> for EnrollError {
+    fn from(e: CaError) -> Self {
+        match e {
+            CaError::Refused(t) => EnrollError::Bad(t),
+            CaError::Fault(t) => EnrollError::Ca(t),
+        }
+    }
 }
 
 impl AppServer {
@@ -283,26 +295,30 @@ impl AppServer {
         &self,
         e: NewEnrollment,
         by: &str,
-    ) -> Result<(String, Timestamp), String> {
+    ) -> Result<(String, Timestamp), EnrollError> {
         if self.ca.is_none() {
-            return Err("this server has no [ca] configured".into());
+            return Err(EnrollError::Bad(
+                "this server has no [ca] configured".into(),
+            ));
         }
         if !matches!(e.kind, ComponentKind::Proxy | ComponentKind::Mlm) {
-            return Err("only proxies and MLMs enroll".into());
+            return Err(EnrollError::Bad("only proxies and MLMs enroll".into()));
         }
         if let Some(c) = &e.component
             && (c.customer() != e.customer || c.kind() != e.kind)
         {
-            return Err(format!(
+            return Err(EnrollError::Bad(format!(
                 "{c} is not a {} of customer {}",
                 e.kind.as_str(),
                 e.customer.as_str()
-            ));
+            )));
         }
         if e.kind == ComponentKind::Mlm && e.component.is_none() {
-            return Err("an MLM's enrollment names its ID (component=...)".into());
+            return Err(EnrollError::Bad(
+                "an MLM's enrollment names its ID (component=...)".into(),
+            ));
         }
-        let token = new_token()?;
+        let token = new_token().map_err(EnrollError::Ca)?;
         let now = self.clock.now();
         let expires = now.as_millis() + e.ttl.as_millis() as i64;
         let row = (
@@ -330,7 +346,7 @@ impl AppServer {
                 Ok(())
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(EnrollError::Db)?;
         Ok((
             token,
             Timestamp::from_millis(expires).unwrap_or_else(Timestamp::now),
@@ -409,7 +425,7 @@ impl AppServer {
                 // with a certificate issued for it.
                 let cert = match ca.sign_request(&spec, &req) {
                     Ok(c) => c,
-                    Err(e) => return Ok(Err(EnrollError::Bad(e))),
+                    Err(e) => return Ok(Err(e.into())),
                 };
                 let serial = rs_common::pki::serial_hex(&cert);
                 exec(
@@ -492,8 +508,7 @@ impl AppServer {
         let old_serial = who.serial;
         let cert = tokio::task::spawn_blocking(move || ca.sign_request(&spec, &req))
             .await
-            .map_err(|e| EnrollError::Bad(e.to_string()))?
-            .map_err(EnrollError::Bad)?;
+            .map_err(|e| EnrollError::Ca(e.to_string()))??;
         tracing::info!(
             "renewed the certificate of {id}: {old_serial} -> {}",
             rs_common::pki::serial_hex(&cert)
@@ -509,16 +524,18 @@ impl AppServer {
         &self,
         serial: Option<&str>,
         name: Option<&str>,
-    ) -> Result<Vec<(String, String)>, String> {
+    ) -> Result<Vec<(String, String)>, CaError> {
         let Some(ca) = &self.ca else {
-            return Err("this server has no [ca] configured".into());
+            return Err(CaError::Refused(
+                "this server has no [ca] configured".into(),
+            ));
         };
         let targets: Vec<(String, String)> = match (serial, name) {
             (Some(s), _) => {
                 let s = s.trim().to_ascii_uppercase();
                 let all = ca.list(None)?;
                 let Some(c) = all.into_iter().find(|c| c.serial == s) else {
-                    return Err(format!("no certificate with serial {s}"));
+                    return Err(CaError::Refused(format!("no certificate with serial {s}")));
                 };
                 vec![(c.serial, c.name)]
             }
@@ -528,7 +545,11 @@ impl AppServer {
                 .filter(|c| c.revoked_at.is_none())
                 .map(|c| (c.serial, c.name))
                 .collect(),
-            (None, None) => return Err("say which: serial=... or component=...".into()),
+            (None, None) => {
+                return Err(CaError::Refused(
+                    "say which: serial=... or component=...".into(),
+                ));
+            }
         };
         let mut done = Vec::new();
         for (s, n) in targets {
@@ -665,7 +686,15 @@ pub fn public_routes(
                         refuse(refused_as, e)
                     }
                     Err(EnrollError::Db(e)) => {
+                        tracing::error!("enrollment: {e}");
                         refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                    }
+                    Err(EnrollError::Ca(e)) => {
+                        tracing::error!("enrollment: the CA failed: {e}");
+                        refuse(
+                            http::StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("the CA failed: {e}"),
+                        )
                     }
                 }
             }
@@ -682,6 +711,22 @@ pub fn public_routes(
 
 fn bad(text: impl Into<String>) -> warp::reply::Response {
     Refusal::new(http::StatusCode::BAD_REQUEST, text).response()
+}
+
+/// A CA error as an answer: the caller's mistake is `400`; the CA's own
+/// failure is a server fault, `500`, and logged.
+fn ca_failed(what: &str, e: CaError) -> warp::reply::Response {
+    match e {
+        CaError::Refused(t) => bad(t),
+        CaError::Fault(t) => {
+            tracing::error!("{what}: the CA failed: {t}");
+            Refusal::new(
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the CA failed: {t}"),
+            )
+            .response()
+        }
+    }
 }
 
 /// `/rs/v1/control/enrollments`, `/revoke`, `/certificates`, `/audit`.
@@ -816,7 +861,13 @@ async fn create_enrollment(
                 .newline();
             xml_response(buf)
         }
-        Err(e) => bad(e),
+        Err(EnrollError::Db(e)) => {
+            tracing::error!("enrollment token: {e}");
+            Refusal::new(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()).response()
+        }
+        Err(EnrollError::Ca(e)) => ca_failed("enrollment token", CaError::Fault(e)),
+        Err(EnrollError::Bad(e)) => bad(e),
+        Err(EnrollError::Token) => bad("no token"),
     }
 }
 
@@ -860,7 +911,7 @@ fn revoke(app: &AppServer, a: &Admin, q: &HashMap<String, String>) -> warp::repl
             x.close("revoked").newline();
             xml_response(buf)
         }
-        Err(e) => bad(e),
+        Err(e) => ca_failed("revocation", e),
     }
 }
 
@@ -870,7 +921,7 @@ fn certificates(app: &AppServer, q: &HashMap<String, String>) -> warp::reply::Re
     };
     let list = match ca.list(q.get("name").map(String::as_str)) {
         Ok(l) => l,
-        Err(e) => return bad(e),
+        Err(e) => return ca_failed("certificate list", e),
     };
     let ts = |s: i64| Timestamp::from_millis(s * 1000).unwrap_or_else(Timestamp::now);
     let mut buf = Vec::new();

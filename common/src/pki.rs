@@ -226,6 +226,28 @@ pub struct Issued {
     pub reason: Option<String>,
 }
 
+/// Why the CA did not do what was asked: the request's fault (it names
+/// something unknown or malformed: a client error), or the CA's own (its
+/// files or database cannot be read or written, OpenSSL failed: a server
+/// fault, to answer 5xx and log).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CaError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("the CA failed: {0}")]
+    Fault(String),
+}
+
+impl CaError {
+    fn fault(e: impl std::fmt::Display) -> CaError {
+        CaError::Fault(e.to_string())
+    }
+
+    fn db(e: rusqlite::Error) -> CaError {
+        CaError::Fault(format!("ca.db: {e}"))
+    }
+}
+
 /// The certificate authority in a directory.
 #[derive(Debug)]
 pub struct Ca {
@@ -240,56 +262,67 @@ const CRL_DAYS: u32 = 30;
 
 impl Ca {
     /// Creates a CA in `dir` (which must not hold one yet).
-    pub fn init(dir: &Path, name: &str, days: u32) -> Result<Ca, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    pub fn init(dir: &Path, name: &str, days: u32) -> Result<Ca, CaError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CaError::fault(format!("{}: {e}", dir.display())))?;
         let key_path = dir.join("ca.key");
         if key_path.exists() {
-            return Err(format!("{} already holds a CA", dir.display()));
+            return Err(CaError::Refused(format!(
+                "{} already holds a CA",
+                dir.display()
+            )));
         }
-        let key = generate_key()?;
-        let mut name_b = X509NameBuilder::new().map_err(ssl)?;
+        let key = generate_key().map_err(CaError::Fault)?;
+        let mut name_b = X509NameBuilder::new().map_err(CaError::fault)?;
         name_b
             .append_entry_by_nid(Nid::COMMONNAME, name)
-            .map_err(ssl)?;
+            .map_err(CaError::fault)?;
         name_b
             .append_entry_by_nid(Nid::ORGANIZATIONALUNITNAME, "ca")
-            .map_err(ssl)?;
+            .map_err(CaError::fault)?;
         let subject = name_b.build();
-        let mut b = X509Builder::new().map_err(ssl)?;
-        b.set_version(2).map_err(ssl)?;
-        b.set_serial_number(&*random_serial()?).map_err(ssl)?;
-        b.set_subject_name(&subject).map_err(ssl)?;
-        b.set_issuer_name(&subject).map_err(ssl)?;
-        b.set_pubkey(&key).map_err(ssl)?;
-        b.set_not_before(&*Asn1Time::days_from_now(0).map_err(ssl)?)
-            .map_err(ssl)?;
-        b.set_not_after(&*Asn1Time::days_from_now(days).map_err(ssl)?)
-            .map_err(ssl)?;
+        let mut b = X509Builder::new().map_err(CaError::fault)?;
+        b.set_version(2).map_err(CaError::fault)?;
+        b.set_serial_number(&*random_serial().map_err(CaError::Fault)?)
+            .map_err(CaError::fault)?;
+        b.set_subject_name(&subject).map_err(CaError::fault)?;
+        b.set_issuer_name(&subject).map_err(CaError::fault)?;
+        b.set_pubkey(&key).map_err(CaError::fault)?;
+        b.set_not_before(&*Asn1Time::days_from_now(0).map_err(CaError::fault)?)
+            .map_err(CaError::fault)?;
+        b.set_not_after(&*Asn1Time::days_from_now(days).map_err(CaError::fault)?)
+            .map_err(CaError::fault)?;
         b.append_extension(
             BasicConstraints::new()
                 .critical()
                 .ca()
                 .build()
-                .map_err(ssl)?,
+                .map_err(CaError::fault)?,
         )
-        .map_err(ssl)?;
+        .map_err(CaError::fault)?;
         b.append_extension(
             KeyUsage::new()
                 .critical()
                 .key_cert_sign()
                 .crl_sign()
                 .build()
-                .map_err(ssl)?,
+                .map_err(CaError::fault)?,
         )
-        .map_err(ssl)?;
+        .map_err(CaError::fault)?;
         let ski = SubjectKeyIdentifier::new()
             .build(&b.x509v3_context(None, None))
-            .map_err(ssl)?;
-        b.append_extension(ski).map_err(ssl)?;
-        b.sign(&key, MessageDigest::sha256()).map_err(ssl)?;
+            .map_err(CaError::fault)?;
+        b.append_extension(ski).map_err(CaError::fault)?;
+        b.sign(&key, MessageDigest::sha256())
+            .map_err(CaError::fault)?;
         let cert = b.build();
-        write_private(&key_path, &key.private_key_to_pem_pkcs8().map_err(ssl)?)?;
-        write_file(&dir.join("ca.pem"), &cert.to_pem().map_err(ssl)?)?;
+        write_private(
+            &key_path,
+            &key.private_key_to_pem_pkcs8().map_err(CaError::fault)?,
+        )
+        .map_err(CaError::Fault)?;
+        write_file(&dir.join("ca.pem"), &cert.to_pem().map_err(CaError::fault)?)
+            .map_err(CaError::Fault)?;
         let ca = Ca {
             dir: dir.to_owned(),
             cert,
@@ -301,12 +334,10 @@ impl Ca {
     }
 
     /// Opens the CA in `dir`.
-    pub fn open(dir: &Path) -> Result<Ca, String> {
-        let read = |f: &str| {
-            std::fs::read(dir.join(f)).map_err(|e| format!("{}: {e}", dir.join(f).display()))
-        };
-        let cert = X509::from_pem(&read("ca.pem")?).map_err(ssl)?;
-        let key = PKey::private_key_from_pem(&read("ca.key")?).map_err(ssl)?;
+    pub fn open(dir: &Path) -> Result<Ca, CaError> {
+        let read = |f: &str| read_file(&dir.join(f)).map_err(CaError::Fault);
+        let cert = X509::from_pem(&read("ca.pem")?).map_err(CaError::fault)?;
+        let key = PKey::private_key_from_pem(&read("ca.key")?).map_err(CaError::fault)?;
         Ok(Ca {
             dir: dir.to_owned(),
             cert,
@@ -318,14 +349,30 @@ impl Ca {
         &self.cert
     }
 
+    /// Checks that issuing and revoking can write what they write here
+    /// (`ca.db`, `crl.pem`, a file beside them while it is replaced), so a
+    /// server whose CA directory is read-only (a service manager's
+    /// `ProtectSystem=strict` without it in `ReadWritePaths=`) says so at
+    /// start instead of failing every enrollment later.
+    pub fn check_writable(&self) -> Result<(), CaError> {
+        let probe = self.dir.join(".rs-write-check");
+        std::fs::write(&probe, b"")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| CaError::Fault(format!("{}: {e}", self.dir.display())))?;
+        let db = self.db()?;
+        db.execute_batch("BEGIN IMMEDIATE; COMMIT;")
+            .map_err(CaError::db)?;
+        Ok(())
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    fn db(&self) -> Result<Connection, String> {
-        let c = Connection::open(self.dir.join("ca.db")).map_err(|e| format!("ca.db: {e}"))?;
+    fn db(&self) -> Result<Connection, CaError> {
+        let c = Connection::open(self.dir.join("ca.db")).map_err(CaError::db)?;
         c.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(|e| format!("ca.db: {e}"))?;
+            .map_err(CaError::db)?;
         c.execute_batch(
             "PRAGMA journal_mode = WAL;
              CREATE TABLE IF NOT EXISTS certs (
@@ -340,7 +387,7 @@ impl Ca {
              );
              CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);",
         )
-        .map_err(|e| format!("ca.db: {e}"))?;
+        .map_err(CaError::db)?;
         Ok(c)
     }
 
@@ -349,60 +396,67 @@ impl Ca {
         &self,
         spec: &CertSpec,
         pubkey: &PKeyRef<T>,
-    ) -> Result<X509, String> {
+    ) -> Result<X509, CaError> {
         if spec.role == Role::Component {
-            let id = RsId::new(spec.name.clone()).map_err(|e| format!("{}: {e}", spec.name))?;
+            let id = RsId::new(spec.name.clone())
+                .map_err(|e| CaError::Refused(format!("{}: {e}", spec.name)))?;
             if id.customer().as_str() != spec.customer {
-                return Err(format!(
+                return Err(CaError::Refused(format!(
                     "{} is not of customer {}",
                     spec.name, spec.customer
-                ));
+                )));
             }
         }
-        let mut name_b = X509NameBuilder::new().map_err(ssl)?;
+        let mut name_b = X509NameBuilder::new().map_err(CaError::fault)?;
         name_b
             .append_entry_by_nid(Nid::COMMONNAME, &spec.name)
-            .map_err(ssl)?;
+            .map_err(CaError::fault)?;
         name_b
             .append_entry_by_nid(Nid::ORGANIZATIONNAME, &spec.customer)
-            .map_err(ssl)?;
+            .map_err(CaError::fault)?;
         name_b
             .append_entry_by_nid(Nid::ORGANIZATIONALUNITNAME, spec.role.as_str())
-            .map_err(ssl)?;
+            .map_err(CaError::fault)?;
         let subject = name_b.build();
-        let serial = random_serial()?;
-        let mut b = X509Builder::new().map_err(ssl)?;
-        b.set_version(2).map_err(ssl)?;
-        b.set_serial_number(&serial).map_err(ssl)?;
-        b.set_subject_name(&subject).map_err(ssl)?;
-        b.set_issuer_name(self.cert.subject_name()).map_err(ssl)?;
-        b.set_pubkey(pubkey).map_err(ssl)?;
+        let serial = random_serial().map_err(CaError::Fault)?;
+        let mut b = X509Builder::new().map_err(CaError::fault)?;
+        b.set_version(2).map_err(CaError::fault)?;
+        b.set_serial_number(&serial).map_err(CaError::fault)?;
+        b.set_subject_name(&subject).map_err(CaError::fault)?;
+        b.set_issuer_name(self.cert.subject_name())
+            .map_err(CaError::fault)?;
+        b.set_pubkey(pubkey).map_err(CaError::fault)?;
         // An hour's slack for clocks a little behind.
         let now = now_secs();
-        b.set_not_before(&*Asn1Time::from_unix(now - 3600).map_err(ssl)?)
-            .map_err(ssl)?;
+        b.set_not_before(&*Asn1Time::from_unix(now - 3600).map_err(CaError::fault)?)
+            .map_err(CaError::fault)?;
         let not_after = now + i64::from(spec.days) * 86_400;
-        b.set_not_after(&*Asn1Time::from_unix(not_after).map_err(ssl)?)
-            .map_err(ssl)?;
-        b.append_extension(BasicConstraints::new().critical().build().map_err(ssl)?)
-            .map_err(ssl)?;
+        b.set_not_after(&*Asn1Time::from_unix(not_after).map_err(CaError::fault)?)
+            .map_err(CaError::fault)?;
+        b.append_extension(
+            BasicConstraints::new()
+                .critical()
+                .build()
+                .map_err(CaError::fault)?,
+        )
+        .map_err(CaError::fault)?;
         b.append_extension(
             KeyUsage::new()
                 .critical()
                 .digital_signature()
                 .key_encipherment()
                 .build()
-                .map_err(ssl)?,
+                .map_err(CaError::fault)?,
         )
-        .map_err(ssl)?;
+        .map_err(CaError::fault)?;
         b.append_extension(
             ExtendedKeyUsage::new()
                 .server_auth()
                 .client_auth()
                 .build()
-                .map_err(ssl)?,
+                .map_err(CaError::fault)?,
         )
-        .map_err(ssl)?;
+        .map_err(CaError::fault)?;
         if !spec.dns.is_empty() || !spec.ips.is_empty() {
             let mut san = SubjectAlternativeName::new();
             for d in &spec.dns {
@@ -413,15 +467,16 @@ impl Ca {
             }
             let ext = san
                 .build(&b.x509v3_context(Some(&self.cert), None))
-                .map_err(ssl)?;
-            b.append_extension(ext).map_err(ssl)?;
+                .map_err(CaError::fault)?;
+            b.append_extension(ext).map_err(CaError::fault)?;
         }
         let aki = AuthorityKeyIdentifier::new()
             .keyid(true)
             .build(&b.x509v3_context(Some(&self.cert), None))
-            .map_err(ssl)?;
-        b.append_extension(aki).map_err(ssl)?;
-        b.sign(&self.key, MessageDigest::sha256()).map_err(ssl)?;
+            .map_err(CaError::fault)?;
+        b.append_extension(aki).map_err(CaError::fault)?;
+        b.sign(&self.key, MessageDigest::sha256())
+            .map_err(CaError::fault)?;
         let cert = b.build();
         let serial = serial_hex(&cert);
         self.db()?
@@ -437,23 +492,25 @@ impl Ca {
                     not_after
                 ],
             )
-            .map_err(|e| format!("ca.db: {e}"))?;
+            .map_err(CaError::db)?;
         Ok(cert)
     }
 
     /// Issues a certificate for the key in a signing request (whose
     /// signature proves the requester holds the key).
-    pub fn sign_request(&self, spec: &CertSpec, req: &X509Req) -> Result<X509, String> {
-        let key = req.public_key().map_err(ssl)?;
-        if !req.verify(&key).map_err(ssl)? {
-            return Err("the signing request's signature does not match its key".into());
+    pub fn sign_request(&self, spec: &CertSpec, req: &X509Req) -> Result<X509, CaError> {
+        let key = req.public_key().map_err(CaError::fault)?;
+        if !req.verify(&key).map_err(CaError::fault)? {
+            return Err(CaError::Refused(
+                "the signing request's signature does not match its key".into(),
+            ));
         }
         self.issue(spec, &key)
     }
 
     /// Revokes a certificate by serial (hex) and rewrites the CRL. `Ok(false)`
     /// when it was already revoked.
-    pub fn revoke(&self, serial: &str, reason: &str) -> Result<bool, String> {
+    pub fn revoke(&self, serial: &str, reason: &str) -> Result<bool, CaError> {
         let serial = serial.trim().to_ascii_uppercase();
         let db = self.db()?;
         let known: Option<Option<i64>> = db
@@ -463,12 +520,12 @@ impl Ca {
                 |r| r.get(0),
             )
             .optional()
-            .map_err(|e| format!("ca.db: {e}"))?;
+            .map_err(CaError::db)?;
         match known {
             None => {
-                return Err(format!(
+                return Err(CaError::Refused(format!(
                     "this CA issued no certificate with serial {serial}"
-                ));
+                )));
             }
             Some(Some(_)) => return Ok(false),
             Some(None) => {}
@@ -477,20 +534,20 @@ impl Ca {
             "UPDATE certs SET revoked_at = ?2, reason = ?3 WHERE serial = ?1",
             params![serial, now_secs(), reason],
         )
-        .map_err(|e| format!("ca.db: {e}"))?;
+        .map_err(CaError::db)?;
         self.write_crl()?;
         Ok(true)
     }
 
     /// Every certificate issued (newest first), optionally only `name`'s.
-    pub fn list(&self, name: Option<&str>) -> Result<Vec<Issued>, String> {
+    pub fn list(&self, name: Option<&str>) -> Result<Vec<Issued>, CaError> {
         let db = self.db()?;
         let mut st = db
             .prepare(
                 "SELECT serial, name, customer, role, not_after, issued_at, revoked_at, reason
                  FROM certs WHERE ?1 IS NULL OR name = ?1 ORDER BY issued_at DESC, serial",
             )
-            .map_err(|e| format!("ca.db: {e}"))?;
+            .map_err(CaError::db)?;
         let rows = st
             .query_map(params![name], |r| {
                 Ok(Issued {
@@ -504,13 +561,12 @@ impl Ca {
                     reason: r.get(7)?,
                 })
             })
-            .map_err(|e| format!("ca.db: {e}"))?;
-        rows.collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("ca.db: {e}"))
+            .map_err(CaError::db)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(CaError::db)
     }
 
     /// A freshly signed CRL listing every revoked certificate.
-    pub fn crl(&self) -> Result<X509Crl, String> {
+    pub fn crl(&self) -> Result<X509Crl, CaError> {
         let db = self.db()?;
         let number: i64 = db
             .query_row(
@@ -519,54 +575,59 @@ impl Ca {
                 [],
                 |r| r.get(0),
             )
-            .map_err(|e| format!("ca.db: {e}"))?;
+            .map_err(CaError::db)?;
         let revoked: Vec<(String, i64)> = {
             let mut st = db
                 .prepare("SELECT serial, revoked_at FROM certs WHERE revoked_at IS NOT NULL")
-                .map_err(|e| format!("ca.db: {e}"))?;
+                .map_err(CaError::db)?;
             st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(|e| format!("ca.db: {e}"))?
+                .map_err(CaError::db)?
                 .collect::<Result<_, _>>()
-                .map_err(|e| format!("ca.db: {e}"))?
+                .map_err(CaError::db)?
         };
-        let mut b = X509CrlBuilder::new().map_err(ssl)?;
-        b.set_issuer_name(self.cert.subject_name()).map_err(ssl)?;
+        let mut b = X509CrlBuilder::new().map_err(CaError::fault)?;
+        b.set_issuer_name(self.cert.subject_name())
+            .map_err(CaError::fault)?;
         let now = now_secs();
-        b.set_last_update(&*Asn1Time::from_unix(now).map_err(ssl)?)
-            .map_err(ssl)?;
-        b.set_next_update(&*Asn1Time::days_from_now(CRL_DAYS).map_err(ssl)?)
-            .map_err(ssl)?;
+        b.set_last_update(&*Asn1Time::from_unix(now).map_err(CaError::fault)?)
+            .map_err(CaError::fault)?;
+        b.set_next_update(&*Asn1Time::days_from_now(CRL_DAYS).map_err(CaError::fault)?)
+            .map_err(CaError::fault)?;
         for (serial, at) in &revoked {
-            let mut r = X509RevokedBuilder::new().map_err(ssl)?;
-            let bn = BigNum::from_hex_str(serial).map_err(ssl)?;
-            r.set_serial_number(&*Asn1Integer::from_bn(&bn).map_err(ssl)?)
-                .map_err(ssl)?;
-            r.set_revocation_date(&*Asn1Time::from_unix(*at).map_err(ssl)?)
-                .map_err(ssl)?;
-            b.add_revoked(r.build()).map_err(ssl)?;
+            let mut r = X509RevokedBuilder::new().map_err(CaError::fault)?;
+            let bn = BigNum::from_hex_str(serial).map_err(CaError::fault)?;
+            r.set_serial_number(&*Asn1Integer::from_bn(&bn).map_err(CaError::fault)?)
+                .map_err(CaError::fault)?;
+            r.set_revocation_date(&*Asn1Time::from_unix(*at).map_err(CaError::fault)?)
+                .map_err(CaError::fault)?;
+            b.add_revoked(r.build()).map_err(CaError::fault)?;
         }
         // The context of a throwaway certificate builder yields the CA's
         // key identifier (the CRL builder has no v3 context of its own).
-        let ctx_owner = X509Builder::new().map_err(ssl)?;
+        let ctx_owner = X509Builder::new().map_err(CaError::fault)?;
         let aki = AuthorityKeyIdentifier::new()
             .keyid(true)
             .build(&ctx_owner.x509v3_context(Some(&self.cert), None))
-            .map_err(ssl)?;
-        b.append_extension(aki).map_err(ssl)?;
-        let oid = Asn1Object::from_str("2.5.29.20").map_err(ssl)?;
-        let value = Asn1OctetString::new_from_bytes(&der_integer(number as u64)).map_err(ssl)?;
-        b.append_extension(X509Extension::new_from_der(&oid, false, &value).map_err(ssl)?)
-            .map_err(ssl)?;
-        b.sort().map_err(ssl)?;
-        b.sign(&self.key, MessageDigest::sha256()).map_err(ssl)?;
-        b.build().map_err(ssl)
+            .map_err(CaError::fault)?;
+        b.append_extension(aki).map_err(CaError::fault)?;
+        let oid = Asn1Object::from_str("2.5.29.20").map_err(CaError::fault)?;
+        let value =
+            Asn1OctetString::new_from_bytes(&der_integer(number as u64)).map_err(CaError::fault)?;
+        b.append_extension(
+            X509Extension::new_from_der(&oid, false, &value).map_err(CaError::fault)?,
+        )
+        .map_err(CaError::fault)?;
+        b.sort().map_err(CaError::fault)?;
+        b.sign(&self.key, MessageDigest::sha256())
+            .map_err(CaError::fault)?;
+        b.build().map_err(CaError::fault)
     }
 
     /// Signs a fresh CRL and writes it to `crl.pem` (atomically).
-    pub fn write_crl(&self) -> Result<PathBuf, String> {
+    pub fn write_crl(&self) -> Result<PathBuf, CaError> {
         let crl = self.crl()?;
         let path = self.dir.join("crl.pem");
-        write_file(&path, &crl.to_pem().map_err(ssl)?)?;
+        write_file(&path, &crl.to_pem().map_err(CaError::fault)?).map_err(CaError::Fault)?;
         Ok(path)
     }
 }

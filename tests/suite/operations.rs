@@ -258,3 +258,104 @@ async fn the_integrator_api_refuses_foreign_hosts_and_its_socket_admits_its_grou
     assert_eq!(n, 1);
     d.stop_all();
 }
+
+/// A unit file's values of `key` (every line, space-separated values).
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .collect()
+}
+
+/// The shipped units pass `systemd-analyze verify`, and every path the
+/// daemon writes with the shipped example configuration (its data
+/// directory, the CA's, the proxy's socket, the configuration file that
+/// configChange rewrites) is writable under the unit's ProtectSystem=strict
+/// (a state, runtime or ReadWritePaths= directory). The CA directory
+/// missing from the server's unit made every enrollment fail.
+#[test]
+fn the_systemd_units_verify_and_let_each_daemon_write_what_it_writes() {
+    use std::path::PathBuf;
+    let root = rs_tests::repo_root().join("packaging");
+    let scratch = tmp("units");
+    std::fs::create_dir_all(&scratch).unwrap();
+    for (name, example) in [
+        ("rs-appserver", "appserver.toml"),
+        ("rs-mlm", "mlm.toml"),
+        ("rs-proxy", "proxy.toml"),
+    ] {
+        let unit =
+            std::fs::read_to_string(root.join("systemd").join(format!("{name}.service"))).unwrap();
+        let text = std::fs::read_to_string(root.join("etc").join(example)).unwrap();
+        assert_eq!(unit_values(&unit, "ProtectSystem"), ["strict"], "{name}");
+        let exec = unit_values(&unit, "ExecStart");
+        let config = PathBuf::from(&exec[exec.iter().position(|a| a == "--config").unwrap() + 1]);
+        assert!(config.ends_with(example), "{name}: {config:?}");
+        let mut writable: Vec<PathBuf> = unit_values(&unit, "ReadWritePaths")
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        writable.extend(
+            unit_values(&unit, "StateDirectory")
+                .iter()
+                .map(|d| PathBuf::from("/var/lib").join(d)),
+        );
+        writable.extend(
+            unit_values(&unit, "RuntimeDirectory")
+                .iter()
+                .map(|d| PathBuf::from("/run").join(d)),
+        );
+        let writes: Vec<PathBuf> = match name {
+            "rs-appserver" => {
+                let c = rs_appserver::Config::parse(&text).unwrap();
+                vec![c.data_dir.clone(), c.ca.unwrap().dir]
+            }
+            "rs-mlm" => {
+                let c = rs_mlm::Config::parse(&text).unwrap();
+                let t = c.tls.clone().unwrap();
+                vec![
+                    c.data_dir.clone(),
+                    config.clone(),
+                    t.cert,
+                    t.key,
+                    t.crl.unwrap(),
+                ]
+            }
+            _ => {
+                let c = rs_proxy::Config::parse(&text).unwrap();
+                let t = c.tls.clone().unwrap();
+                vec![
+                    c.data_dir.clone(),
+                    c.socket.clone(),
+                    config.clone(),
+                    t.cert,
+                    t.key,
+                ]
+            }
+        };
+        for w in &writes {
+            assert!(
+                writable.iter().any(|d| w.starts_with(d)),
+                "{name} writes {} but its unit lets it write only {writable:?}",
+                w.display()
+            );
+        }
+        // systemd-analyze verify, with a binary that exists here.
+        let checked = scratch.join(format!("{name}.service"));
+        std::fs::write(
+            &checked,
+            unit.replace(&format!("/usr/local/bin/{name}"), "/bin/true"),
+        )
+        .unwrap();
+        let out = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&checked)
+            .output()
+            .expect("systemd-analyze (scripts/packages installs systemd)");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{name}: {said}"
+        );
+    }
+}

@@ -9,6 +9,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rs_common::codec::{EnvelopeWriter, Limits, RawEnvelope, decode_headers};
@@ -1849,5 +1850,86 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
             .status();
         assert_eq!(st, 401, "{p}");
     }
+    d.stop_all();
+}
+
+/// A directory bind-mounted read-only onto itself (what systemd's
+/// `ProtectSystem=strict` does to a path not in `ReadWritePaths=`), until
+/// dropped.
+struct ReadOnly(PathBuf);
+
+impl ReadOnly {
+    fn mount(dir: &Path) -> ReadOnly {
+        let run = |args: &[&str]| {
+            let st = std::process::Command::new("mount")
+                .args(args)
+                .arg(dir)
+                .arg(dir)
+                .status()
+                .unwrap();
+            assert!(st.success(), "mount {args:?}");
+        };
+        run(&["--bind"]);
+        let ro = ReadOnly(dir.to_owned());
+        run(&["-o", "remount,bind,ro"]);
+        ro
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The CA directory read-only under the server (a systemd unit with
+/// ProtectSystem=strict that does not list it): enrollment and revocation
+/// are server faults, answered 5xx and logged (they were 400 with nothing
+/// in the log), and a server started that way refuses to start, saying
+/// what to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_ca_directory_is_a_logged_server_fault_and_refused_at_start() {
+    let dir = tmp("ca-read-only");
+    let pki = Arc::new(Pki::create(&dir.join("ca")).unwrap());
+    let mut d = Deployment::with_pki(&dir, exe(), Some(pki.clone())).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    pki.issue("acme.p1", &dir.join("p1-tls")).unwrap();
+    let token = d.enrollment_token("acme.p2").unwrap();
+    let ro = ReadOnly::mount(&pki.dir);
+
+    let (code, _, err) = rsctl(&a, &["revoke", "--component", "acme.p1"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("500") && err.contains("the CA failed"),
+        "{err}"
+    );
+    let anon = rs_common::tls::client_trusting(&pki.admin.ca)
+        .unwrap()
+        .build()
+        .unwrap();
+    let (st, text) = enroll_raw(&anon, &a, &token, csr()).await;
+    assert_eq!(st, 500, "{text}");
+    assert!(
+        text.contains("ca.db") || text.contains("Read-only"),
+        "{text}"
+    );
+    let log = std::fs::read_to_string(dir.join("logs").join("appserver.log")).unwrap();
+    assert!(log.contains("revocation: the CA failed"), "{log}");
+    assert!(log.contains("enrollment: the CA failed"), "{log}");
+    // Nothing was spent: the token still works once the CA can write.
+    d.node("appserver").stop(Duration::from_secs(10));
+    let cfg = dir.join("appserver.toml");
+    let (code, out) =
+        crate::operations::run_role("appserver", &["--config", cfg.to_str().unwrap()], 30);
+    assert_eq!(code, 1, "started with a read-only CA: {out}");
+    assert!(
+        out.contains("is not writable") && out.contains("ReadWritePaths="),
+        "{out}"
+    );
+    drop(ro);
+    d.restart("appserver").unwrap();
+    let (st, text) = enroll_raw(&anon, &a, &token, csr()).await;
+    assert_eq!(st, 200, "{text}");
+    assert_eq!(cn_of(&text), "acme.p2");
     d.stop_all();
 }
