@@ -29,7 +29,7 @@ pub struct Config {
     #[serde(default = "default_body_timeout")]
     pub body_timeout_secs: u64,
     #[serde(default)]
-    pub limits: LimitsConfig,
+    pub limits: rs_common::ingress::LimitsSection,
     /// What may come in when (docs/configuration.md, Throttle). Replaced at
     /// run time through the control API (kept in appserver.db).
     #[serde(default)]
@@ -107,15 +107,6 @@ fn default_cert_days() -> u32 {
     365
 }
 
-/// Decoder limits (see docs/protocol.md, Limits).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
-    pub max_envelope_bytes: Option<usize>,
-    pub max_messages: Option<usize>,
-    pub max_part_bytes: Option<usize>,
-}
-
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8440))
 }
@@ -167,16 +158,7 @@ impl Config {
     }
 
     pub fn limits(&self) -> Limits {
-        let d = Limits::default();
-        Limits {
-            max_envelope_bytes: self
-                .limits
-                .max_envelope_bytes
-                .unwrap_or(d.max_envelope_bytes),
-            max_messages: self.limits.max_messages.unwrap_or(d.max_messages),
-            max_part_bytes: self.limits.max_part_bytes.unwrap_or(d.max_part_bytes),
-            ..d
-        }
+        self.limits.limits()
     }
 
     pub fn retention(&self) -> Duration {

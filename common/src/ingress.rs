@@ -23,12 +23,25 @@ pub fn status_for(e: &DecodeError) -> StatusCode {
 
 /// Extracts a decoded envelope (headers parsed, contents raw) from a POST,
 /// refusing with 415, 413, 400 or 408 and a text naming the part and the
-/// reason. Nothing is read beyond the limits.
+/// reason. Nothing is read beyond the limits, and a body whose
+/// `Content-Length` already says it is over the envelope limit is refused
+/// before any of it is read.
 pub fn envelope(
     limits: Limits,
     body_timeout: Duration,
 ) -> impl Filter<Extract = (RawEnvelope,), Error = warp::Rejection> + Clone {
+    let max = limits.max_envelope_bytes;
     warp::header::optional::<String>("content-type")
+        .and(warp::header::optional::<u64>("content-length"))
+        .and_then(move |ct: Option<String>, len: Option<u64>| async move {
+            match len {
+                Some(n) if n > max as u64 => Err(warp::reject::custom(Refusal::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    DecodeError::EnvelopeTooLarge { limit: max }.to_string(),
+                ))),
+                _ => Ok(ct),
+            }
+        })
         .and(warp::body::stream())
         .and_then(move |ct: Option<String>, body| {
             read_envelope(ct.unwrap_or_default(), body, limits.clone(), body_timeout)
@@ -239,5 +252,32 @@ impl Load {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let base = (250 * (n / self.busy_at) as u64).min(10_000);
         Some(Duration::from_millis(base / 2 + fastrand::u64(0..=base)))
+    }
+}
+
+/// `[limits]` of the tiers that receive envelopes (the application server
+/// and the MLM): the decoder limits of docs/protocol.md section 11, each
+/// left out keeping its default.
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_envelope_bytes: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_messages: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_part_bytes: Option<usize>,
+}
+
+impl LimitsSection {
+    /// The limits in force: the defaults with what is configured.
+    pub fn limits(&self) -> Limits {
+        let d = Limits::default();
+        Limits {
+            max_envelope_bytes: self.max_envelope_bytes.unwrap_or(d.max_envelope_bytes),
+            max_messages: self.max_messages.unwrap_or(d.max_messages),
+            max_part_bytes: self.max_part_bytes.unwrap_or(d.max_part_bytes),
+            ..d
+        }
     }
 }

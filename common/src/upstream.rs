@@ -95,6 +95,26 @@ pub enum PostError {
     BadReply { url: String, error: DecodeError },
 }
 
+/// Checks a daemon's `upstream.urls` when its configuration is loaded: at
+/// least one, each an absolute `http` or `https` URL with a host (what
+/// the client can POST to). A daemon refuses to start otherwise rather
+/// than failing every POST for ever.
+pub fn check_urls(urls: &[String]) -> Result<(), String> {
+    if urls.is_empty() {
+        return Err("upstream.urls: at least one URL is required".into());
+    }
+    for u in urls {
+        let parsed = reqwest::Url::parse(u)
+            .map_err(|e| format!("upstream.urls: {u:?} is not a URL ({e})"))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(format!(
+                "upstream.urls: {u:?} is not an http(s) URL (like https://mlm1.example:8441)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// An HTTP client for the next hop.
 #[derive(Debug)]
 pub struct Upstream {

@@ -46,6 +46,9 @@ pub struct Config {
     pub max_connections: usize,
     #[serde(default)]
     pub spool: SpoolSection,
+    /// Decoder limits for what arrives (docs/protocol.md, Limits).
+    #[serde(default)]
+    pub limits: rs_common::ingress::LimitsSection,
     /// Discard messages that match.
     #[serde(default)]
     pub filter: Vec<FilterRule>,
@@ -194,9 +197,7 @@ impl Config {
         if id.kind() != ComponentKind::Mlm {
             return Err(format!("id {:?} is not an MLM ID (like acme.m1)", c.id));
         }
-        if c.upstream.urls.is_empty() {
-            return Err("upstream.urls: at least one URL is required".into());
-        }
+        rs_common::upstream::check_urls(&c.upstream.urls)?;
         if c.seal.is_some() && c.tls.is_none() {
             return Err(
                 "[seal] needs [tls]: messages are sealed with this MLM's certificate".into(),
@@ -229,7 +230,7 @@ impl Config {
     }
 
     pub fn limits(&self) -> Limits {
-        Limits::default()
+        self.limits.limits()
     }
 
     pub fn heartbeat(&self) -> Duration {

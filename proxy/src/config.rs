@@ -155,14 +155,7 @@ impl Config {
                 "[seal] needs [tls]: messages are sealed with this proxy's certificate".into(),
             );
         }
-        if c.upstream.urls.is_empty() {
-            return Err("upstream.urls: at least one URL is required".into());
-        }
-        for u in &c.upstream.urls {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
-                return Err(format!("upstream.urls: {u:?} is not an http(s) URL"));
-            }
-        }
+        rs_common::upstream::check_urls(&c.upstream.urls)?;
         c.socket_mode()?;
         if let Some(a) = c.api_listen
             && !a.ip().is_loopback()

@@ -359,3 +359,93 @@ fn the_systemd_units_verify_and_let_each_daemon_write_what_it_writes() {
         );
     }
 }
+
+/// The head of a POST whose `Content-Length` says `len`, on a TLS
+/// connection as component `id`, and nothing more: the status of the
+/// answer that comes within `wait` (0: none came).
+fn head_only(addr: &str, id: &str, len: u64, wait: Duration) -> u16 {
+    use std::io::{Read as _, Write as _};
+    let t = rs_tests::deploy::component_tls(addr, id).unwrap().unwrap();
+    let mut s = crate::security::raw_tls(addr, &t.ca, Some(&t), |_| {}).unwrap();
+    s.get_ref().set_read_timeout(Some(wait)).unwrap();
+    write!(
+        s,
+        "POST /rs/v1/envelope HTTP/1.1\r\nhost: x\r\ncontent-type: multipart/related; boundary=b; type=\"text/xml\"\r\ncontent-length: {len}\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Configurations that cannot work are refused at start, and the MLM
+/// takes `[limits]` like the server: an envelope whose Content-Length is
+/// over a tier's limit is refused from its head, before a byte of the
+/// body is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_upstreams_are_refused_at_start_and_oversized_envelopes_from_their_head() {
+    let dir = tmp("ops-limits");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra {
+                tables: "[limits]\nmax_envelope_bytes = 65536\n".into(),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    // An MLM and a proxy with an upstream they cannot POST to.
+    for (role, name, text) in [
+        (
+            "mlm",
+            "bad-mlm",
+            format!(
+                "id = \"acme.m9\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[upstream]\nurls = [\"ftp://{a}\"]\n",
+                dir.join("bad-mlm").display()
+            ),
+        ),
+        (
+            "proxy",
+            "bad-proxy",
+            format!(
+                "id = \"acme.p9\"\ndata_dir = \"{}\"\nsocket = \"{}\"\n[upstream]\nurls = [\"https://\"]\n",
+                dir.join("bad-proxy").display(),
+                dir.join("bad-proxy.sock").display()
+            ),
+        ),
+    ] {
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, text).unwrap();
+        let (code, out) = run_role(role, &["--config", cfg.to_str().unwrap()], 30);
+        assert_eq!(code, 1, "{role}: {out}");
+        assert!(
+            out.contains("upstream.urls") && out.contains("is not"),
+            "{role}: {out}"
+        );
+    }
+
+    // Over the MLM's configured limit, and over the server's default one.
+    let (m2, a2) = (m.clone(), a.clone());
+    let (mlm_status, server_status, mlm_within) = tokio::task::spawn_blocking(move || {
+        (
+            head_only(&m2, "acme.p1", 100_000, Duration::from_secs(10)),
+            head_only(&a2, "acme.p1", 1 << 30, Duration::from_secs(10)),
+            head_only(&m2, "acme.p1", 1000, Duration::from_secs(2)),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(mlm_status, 413);
+    assert_eq!(server_status, 413);
+    // Within the limit, the tier waits for the body (no answer yet).
+    assert_eq!(mlm_within, 0);
+    d.stop_all();
+}

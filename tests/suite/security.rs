@@ -210,7 +210,7 @@ async fn a_site_certificate_can_neither_send_as_another_site_nor_read_its_back_c
 }
 
 /// A raw TLS client: `configure` narrows what it offers.
-fn raw_tls(
+pub(crate) fn raw_tls(
     addr: &str,
     ca: &Path,
     id: Option<&TlsConfig>,
