@@ -39,7 +39,7 @@ pub struct AppServer {
     pub stats: ingress::Stats,
     pub started: rs_common::Timestamp,
     /// Woken when back-channel messages are queued (long polls wait on it).
-    pub outbox_ready: Arc<tokio::sync::Notify>,
+    pub outbox_ready: Arc<rs_common::ingress::BackChannelReady>,
     /// Cancelled when the server begins to stop (ends held long polls).
     pub stopping: CancellationToken,
     /// Bumped whenever a job changes (watchers of jobs wait on it).
@@ -185,7 +185,7 @@ impl AppServer {
             feed_ready: tokio::sync::watch::Sender::new(0),
             stats: ingress::Stats::default(),
             started: rs_common::Timestamp::now(),
-            outbox_ready: Arc::new(tokio::sync::Notify::new()),
+            outbox_ready: Arc::new(rs_common::ingress::BackChannelReady::new(cfg.offer_again())),
             stopping: CancellationToken::new(),
             jobs_changed: tokio::sync::watch::Sender::new(0),
             cfg,
@@ -308,7 +308,6 @@ pub async fn run(
     let push = tokio::spawn(jobs::push(app.clone(), shutdown.clone()));
     tokio::spawn(rs_common::ingress::reoffer_ticker(
         app.outbox_ready.clone(),
-        app.cfg.offer_again(),
         shutdown.clone(),
     ));
     if let (Some(_), Some(t)) = (&app.tls, &app.cfg.tls) {

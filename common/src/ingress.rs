@@ -108,22 +108,104 @@ pub fn xml_response(doc: Vec<u8>) -> warp::reply::Response {
     r
 }
 
-/// Wakes every held long poll of a tier each `again`, so that messages
-/// offered on a reply that never arrived (and so never acknowledged) go out
-/// again on a poll already held, not only on the next one. One wake per
-/// interval for the whole tier, whatever the number of messages.
-pub async fn reoffer_ticker(
-    ready: std::sync::Arc<tokio::sync::Notify>,
+/// What wakes a tier's held long polls: messages queued for the back-channel
+/// (`notify_waiters`, by whoever queued them), and messages handed out but
+/// not acknowledged becoming due to be offered again. For the latter it
+/// keeps when each offer falls due (`offer_again` after it went out,
+/// rounded up to [`REOFFER_RESOLUTION`]) and [`reoffer_ticker`] wakes the
+/// polls then, so a message whose reply was lost goes out again
+/// `offer_again` after it was offered, not up to twice that (a fixed-phase
+/// ticker woke them at the first tick after they were due).
+#[derive(Debug)]
+pub struct BackChannelReady {
+    ready: tokio::sync::Notify,
     again: Duration,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(again) => ready.notify_waiters(),
+    born: tokio::time::Instant,
+    /// Due times (ms after `born`), one entry per resolution step.
+    due: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Told when an earlier due time than the ticker's is recorded.
+    replan: tokio::sync::Notify,
+}
+
+/// How finely re-offer wake-ups are kept: one wake-up of every held poll
+/// per step at most, whatever the number of messages.
+pub const REOFFER_RESOLUTION: Duration = Duration::from_millis(50);
+
+impl BackChannelReady {
+    pub fn new(again: Duration) -> Self {
+        BackChannelReady {
+            ready: tokio::sync::Notify::new(),
+            again,
+            born: tokio::time::Instant::now(),
+            due: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            replan: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Wakes every held long poll (messages were queued).
+    pub fn notify_waiters(&self) {
+        self.ready.notify_waiters();
+    }
+
+    /// How long an offered message waits for its acknowledgement.
+    pub fn offer_again(&self) -> Duration {
+        self.again
+    }
+
+    /// Messages were handed out now: wake the polls when they fall due.
+    fn offered(&self) {
+        let step = REOFFER_RESOLUTION.as_millis() as u64;
+        let at = (self.born.elapsed() + self.again).as_millis() as u64;
+        let at = at.div_ceil(step) * step;
+        let Ok(mut due) = self.due.lock() else { return };
+        let earliest = due.first().is_none_or(|first| at < *first);
+        due.insert(at);
+        drop(due);
+        if earliest {
+            self.replan.notify_one();
+        }
+    }
+
+    /// The earliest due time, if any.
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        let due = self.due.lock().ok()?;
+        due.first().map(|ms| self.born + Duration::from_millis(*ms))
+    }
+
+    /// Forgets the due times that have passed.
+    fn passed(&self) {
+        let now = self.born.elapsed().as_millis() as u64;
+        if let Ok(mut due) = self.due.lock() {
+            *due = due.split_off(&(now + 1));
         }
     }
 }
+
+/// Wakes a tier's held long polls when offered messages fall due again
+/// (see [`BackChannelReady`]), and in any case every `offer_again` (a wall
+/// clock moved back makes a message due later than its wake-up said).
+pub async fn reoffer_ticker(
+    ready: std::sync::Arc<BackChannelReady>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut every = tokio::time::Instant::now() + ready.again;
+    loop {
+        let next = ready.next_due().map_or(every, |d| d.min(every));
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = ready.replan.notified() => continue,
+            () = tokio::time::sleep_until(next) => {
+                ready.passed();
+                let now = tokio::time::Instant::now();
+                if now >= every {
+                    every = now + ready.again;
+                }
+                ready.notify_waiters();
+            }
+        }
+    }
+}
+
 /// Most back-channel messages in one reply.
 pub const MAX_OFFER: usize = 200;
 /// Longest long-poll hold any tier grants.
@@ -136,7 +218,7 @@ pub const MAX_HOLD: Duration = Duration::from_secs(25);
 /// and looks again. Every tier's reply side uses this one loop.
 pub async fn offer_back_channel<F, Fut>(
     w: &mut EnvelopeWriter,
-    ready: &tokio::sync::Notify,
+    ready: &BackChannelReady,
     hold: Option<Duration>,
     stop: &tokio_util::sync::CancellationToken,
     mut offer: F,
@@ -148,7 +230,7 @@ pub async fn offer_back_channel<F, Fut>(
     loop {
         // Registered before looking, so a message queued while we look
         // still wakes us.
-        let notified = ready.notified();
+        let notified = ready.ready.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         match offer().await {
@@ -156,6 +238,7 @@ pub async fn offer_back_channel<F, Fut>(
                 for m in &msgs {
                     w.push_raw(m);
                 }
+                ready.offered();
                 return;
             }
             Ok(_) => {}

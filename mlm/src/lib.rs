@@ -57,7 +57,7 @@ pub struct Mlm {
     /// The back-channel queue for the subtree, and its routes.
     pub outbox: rs_common::outbox::Outbox,
     /// Woken when back-channel messages are queued.
-    pub outbox_ready: Arc<tokio::sync::Notify>,
+    pub outbox_ready: Arc<rs_common::ingress::BackChannelReady>,
     /// Back-channel messages received on relayed replies, to acknowledge
     /// upstream on the next relayed POST.
     pub upstream_acks: std::sync::Mutex<Vec<rs_common::MessageId>>,
@@ -144,7 +144,7 @@ impl Mlm {
             stopping: CancellationToken::new(),
             outbox: rs_common::outbox::Outbox::open(&cfg.data_dir.join("outbox.db"))
                 .context("opening the back-channel queue")?,
-            outbox_ready: Arc::new(tokio::sync::Notify::new()),
+            outbox_ready: Arc::new(rs_common::ingress::BackChannelReady::new(cfg.offer_again())),
             upstream_acks: std::sync::Mutex::new(Vec::new()),
             delivered_up: std::sync::Mutex::new(Vec::new()),
             paused: Arc::new(AtomicBool::new(false)),
@@ -491,7 +491,6 @@ pub async fn run(
     tokio::spawn(coalesce::run(mlm.clone()));
     tokio::spawn(rs_common::ingress::reoffer_ticker(
         mlm.outbox_ready.clone(),
-        mlm.cfg.offer_again(),
         shutdown.clone(),
     ));
     if let Err(e) = mlm

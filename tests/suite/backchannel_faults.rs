@@ -775,3 +775,98 @@ fn wait_for_exit(d: &mut Deployment, name: &str, secs: u64) -> bool {
     let node = d.node(name);
     rs_tests::deploy::wait_for(Duration::from_secs(secs), || !node.is_running())
 }
+
+/// Long-polls the server as `id` (acknowledging nothing) until a reply
+/// carries back-channel message `want`; when it came.
+async fn poll_until(a: &str, id: &str, want: &str) -> std::time::Instant {
+    use crate::security::{client_of, empty_envelope, send_env};
+    let http = client_of(&rs_tests::deploy::component_tls(a, id).unwrap().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{want} never came to {id}"
+        );
+        let (ct, body) = empty_envelope(id, Some(Duration::from_secs(25)));
+        let (st, reply) = send_env(&http, a, &ct, body).await.unwrap();
+        assert_eq!(st, 200);
+        if reply
+            .unwrap()
+            .messages
+            .iter()
+            .any(|m| m.header.id.as_str() == want)
+        {
+            return std::time::Instant::now();
+        }
+    }
+}
+
+/// A back-channel message handed out and not acknowledged (its reply was
+/// lost) is offered again `offer_again_secs` after it went out, on a long
+/// poll already held: not at the next tick of a fixed ticker, which made
+/// the first re-offer come after up to twice the interval. Two messages
+/// offered half an interval apart show it: a fixed ticker is late by at
+/// least half an interval for one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacknowledged_message_is_offered_again_after_offer_again_secs() {
+    const AGAIN: u64 = 4;
+    let dir = tmp("reoffer-timing");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d
+        .appserver("127.0.0.1:0", &format!("offer_again_secs = {AGAIN}"))
+        .unwrap();
+    // Two sites the server has heard from.
+    for id in ["acme.p1", "acme.p2"] {
+        let http =
+            crate::security::client_of(&rs_tests::deploy::component_tls(&a, id).unwrap().unwrap());
+        let (_, ct, body) = crate::security::envelope(id, &[id]);
+        let (st, _) = crate::security::send_env(&http, &a, &ct, body)
+            .await
+            .unwrap();
+        assert_eq!(st, 200);
+    }
+    let send = |to: &'static str| {
+        let a = a.clone();
+        async move {
+            let (st, body) = post(
+                &a,
+                &format!(r#"<send><to id="{to}"/><control action="ping"/></send>"#),
+            )
+            .await;
+            assert_eq!(st, 200, "{body}");
+            let job = crate::backchannel::job(&a, attr(&body, "id")).await;
+            attr(&job, "message").to_owned()
+        }
+    };
+    let mut lateness = Vec::new();
+    let m1 = send("acme.p1").await;
+    let first1 = poll_until(&a, "acme.p1", &m1).await;
+    let again1 = tokio::spawn({
+        let (a, m1) = (a.clone(), m1.clone());
+        async move { poll_until(&a, "acme.p1", &m1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(AGAIN * 1000 / 2)).await;
+    let m2 = send("acme.p2").await;
+    let first2 = poll_until(&a, "acme.p2", &m2).await;
+    let again2 = poll_until(&a, "acme.p2", &m2).await;
+    let again1 = again1.await.unwrap();
+    // The second re-offer of the first, a whole interval after its first.
+    let third1 = poll_until(&a, "acme.p1", &m1).await;
+    for (name, from, to) in [
+        ("first re-offer of m1", first1, again1),
+        ("first re-offer of m2", first2, again2),
+        ("second re-offer of m1", again1, third1),
+    ] {
+        let waited = to - from;
+        let late = waited.as_secs_f64() - AGAIN as f64;
+        assert!(late > -0.05, "{name} came early: {waited:?}");
+        lateness.push((name, late));
+    }
+    assert!(
+        lateness
+            .iter()
+            .all(|(_, late)| *late < AGAIN as f64 / 2.0 - 0.5),
+        "re-offers later than offer_again_secs = {AGAIN}: {lateness:?}"
+    );
+    d.stop_all();
+}

@@ -28,7 +28,7 @@ use crate::bulk::components;
 use crate::forward::{all_stored, assert_exactly_once, register};
 
 /// Alarms claiming each of `sources`, in an envelope from `sender`.
-fn envelope(sender: &str, sources: &[&str]) -> (Vec<Message>, String, Vec<u8>) {
+pub(crate) fn envelope(sender: &str, sources: &[&str]) -> (Vec<Message>, String, Vec<u8>) {
     let msgs: Vec<Message> = sources
         .iter()
         .enumerate()
@@ -53,7 +53,7 @@ fn envelope(sender: &str, sources: &[&str]) -> (Vec<Message>, String, Vec<u8>) {
 }
 
 /// POSTs an envelope; the status and, for 200, the reply.
-async fn send_env(
+pub(crate) async fn send_env(
     http: &reqwest::Client,
     addr: &str,
     ct: &str,
@@ -245,7 +245,7 @@ fn issue(pki: &Pki, spec: &CertSpec, out: &Path) -> TlsConfig {
     t
 }
 
-fn client_of(t: &TlsConfig) -> reqwest::Client {
+pub(crate) fn client_of(t: &TlsConfig) -> reqwest::Client {
     rs_common::tls::client(Some(t)).unwrap().build().unwrap()
 }
 
@@ -1290,7 +1290,7 @@ async fn sealed_alarms_pass_content_reading_modules_untouched_and_are_stored() {
 
 /// An empty envelope from `sender`; with `hold`, asking the tier to hold
 /// the reply (a long poll, as a proxy with nothing to send keeps one open).
-fn empty_envelope(sender: &str, hold: Option<Duration>) -> (String, Vec<u8>) {
+pub(crate) fn empty_envelope(sender: &str, hold: Option<Duration>) -> (String, Vec<u8>) {
     let mut meta = EnvelopeMeta::new(RsId::new(sender).unwrap(), Timestamp::now());
     meta.poll = hold;
     let enc = EnvelopeWriter::new(&meta).finish();
