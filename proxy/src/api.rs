@@ -400,6 +400,9 @@ fn api(
             StatusCode::OK,
             &serde_json::json!({
                 "id": proxy.id.to_string(),
+                // `spool` counts persist across restarts; the sections
+                // after it count since this process started.
+                "started": proxy.started.to_string(),
                 "spool": {
                     "messages": spool.messages, "bytes": spool.bytes,
                     "dead_letters": spool.dead_letters, "delivered_total": spool.delivered_total,

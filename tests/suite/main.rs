@@ -7,6 +7,7 @@ mod bulk;
 mod codec_errors;
 mod codec_examples;
 mod codec_props;
+mod demo;
 mod dtd_valid;
 mod faults;
 pub(crate) mod forward;

@@ -36,6 +36,10 @@ struct Cli {
     /// Where state and logs go (wiped at start).
     #[arg(long, default_value = "target/rs-demo")]
     data: PathBuf,
+    /// The application server's address (the commands the demo prints
+    /// for rsctl and curl name it).
+    #[arg(long, default_value = "127.0.0.1:8440")]
+    listen: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,7 +149,9 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     // proxies enroll with one-time tokens on their first start.
     let pki = std::sync::Arc::new(rs_tests::deploy::Pki::create(&cli.data.join("ca"))?);
     let mut d = Deployment::with_pki(&cli.data, exe, Some(pki.clone()))?;
-    let a = d.appserver("127.0.0.1:0", "heartbeat_secs = 5")?;
+    let a = d
+        .appserver(&cli.listen, "heartbeat_secs = 5")
+        .map_err(|e| anyhow::anyhow!("{e:#} (is {} in use? give --listen)", cli.listen))?;
     let mlm_tables = Extra {
         tables: "[[drop_repeats]]\nclass = \"inventory\"\nwindow_secs = 600\n\n\
                  [[aggregate]]\ntype = \"alarm\"\nsubclass = \"disk\"\nwindow_secs = 10\ngroup_by = \"class\"\n"
@@ -234,18 +240,13 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
         Err(e) => println!("bulk transfer check failed: {e:#}"),
     }
-    println!("administer it with rsctl (from another shell):");
-    println!("  export RSCTL_SERVER=https://{a}");
-    println!(
-        "  export RSCTL_CA={} RSCTL_CERT={} RSCTL_KEY={}",
-        t.ca.display(),
-        t.cert.display(),
-        t.key.display()
-    );
-    println!("  cargo run --release -p rs-appserver --bin rsctl -- components");
-    println!(
-        "  cargo run --release -p rs-appserver --bin rsctl -- send configChange --group acme-proxies --set heartbeat_secs=10 --watch"
-    );
+    // The demo's own program is rsctl too (`rs-demo rsctl ...`), so these
+    // run at once, with nothing more to build.
+    let me = std::env::current_exe()?;
+    println!("administer it with rsctl (from another shell, in this directory):");
+    for line in admin_commands(&a, t, &me) {
+        println!("  {line}");
+    }
     println!(
         "{}",
         match cli.duration {
@@ -255,7 +256,7 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "  time | proxies: spooled   sent queued | MLM: received forwarded aggregated filtered | appserver: stored components"
+        "  time | proxies: spooled delivered queued dead | MLM: received forwarded aggregated filtered | appserver: stored components"
     );
 
     let stop = CancellationToken::new();
@@ -306,6 +307,7 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         }
     }
     print_line(start, &sockets, &m, &a).await;
+    let totals = spools(&sockets).await;
     let opened = server_metrics(&a)
         .await
         .ok()
@@ -330,6 +332,16 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
             "not drained (see the logs)"
         }
     );
+    println!(
+        "proxies: {} spooled = {} delivered + {} queued + {} dead letters + {} expired or dropped",
+        totals.spooled, totals.delivered, totals.queued, totals.dead, totals.dropped
+    );
+    if totals.dead > 0 {
+        println!(
+            "DEAD LETTERS: {} messages were refused for good (see GET /v1/dead-letters on each proxy)",
+            totals.dead
+        );
+    }
     println!(
         "{opened} messages of acme.p1 came sealed (signed, encrypted to rs.a1) and were opened and checked at the server"
     );
@@ -523,25 +535,74 @@ async fn until_done(
     Ok(job)
 }
 
-async fn print_line(start: Instant, sockets: &[(PathBuf, PathBuf)], mlm: &str, app: &str) {
-    let (mut spooled, mut sent, mut queued) = (0, 0, 0);
+/// The commands the demo prints for administering it: exactly what the
+/// README shows, with this run's address and certificate paths.
+fn admin_commands(a: &str, t: &rs_common::tls::TlsConfig, exe: &std::path::Path) -> Vec<String> {
+    let rsctl = exe
+        .strip_prefix(std::env::current_dir().unwrap_or_default())
+        .unwrap_or(exe)
+        .display()
+        .to_string();
+    vec![
+        format!(
+            "export RSCTL_SERVER=https://{a} RSCTL_CA={} RSCTL_CERT={} RSCTL_KEY={}",
+            t.ca.display(),
+            t.cert.display(),
+            t.key.display()
+        ),
+        format!("{rsctl} rsctl components"),
+        format!(
+            "{rsctl} rsctl send configChange --group acme-proxies --set heartbeat_secs=10 --watch"
+        ),
+        "curl -s --cacert \"$RSCTL_CA\" --cert \"$RSCTL_CERT\" --key \"$RSCTL_KEY\" \"$RSCTL_SERVER/rs/v1/control/messages?type=alarm&limit=5\"".into(),
+    ]
+}
+
+/// The proxies' counters, from their spools (which outlive restarts: a
+/// proxy starts again after it enrolls and after a configChange, and an
+/// in-memory counter would start again from 0).
+#[derive(Debug, Default)]
+struct Spools {
+    /// Every message the integrators handed over.
+    spooled: u64,
+    /// Accepted upstream.
+    delivered: u64,
+    /// Waiting to go.
+    queued: u64,
+    /// Refused for good (the proxies' dead letters).
+    dead: u64,
+    /// Expired, evicted or aged out before they could go.
+    dropped: u64,
+}
+
+async fn spools(sockets: &[(PathBuf, PathBuf)]) -> Spools {
+    let mut t = Spools::default();
     for (s, _) in sockets {
         if let Ok(p) = proxy_metrics(s).await {
-            sent += p.get("upstream.accepted").copied().unwrap_or(0);
-            queued += p.get("spool.messages").copied().unwrap_or(0);
-            spooled += p.get("spool.delivered_total").copied().unwrap_or(0)
-                + p.get("spool.messages").copied().unwrap_or(0);
+            let g = |k: &str| p.get(k).copied().unwrap_or(0);
+            t.delivered += g("spool.delivered_total");
+            t.queued += g("spool.messages");
+            t.dead += g("spool.dead_letters");
+            t.dropped +=
+                g("spool.expired_total") + g("spool.evicted_total") + g("spool.aged_out_total");
         }
     }
+    t.spooled = t.delivered + t.queued + t.dead + t.dropped;
+    t
+}
+
+async fn print_line(start: Instant, sockets: &[(PathBuf, PathBuf)], mlm: &str, app: &str) {
+    let t = spools(sockets).await;
     let mm = server_metrics(mlm).await.unwrap_or_default();
     let am = server_metrics(app).await.unwrap_or_default();
     let g = |m: &std::collections::BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
     println!(
-        "{:>5}s | {:>16} {:>6} {:>6} | {:>13} {:>9} {:>10} {:>8} | {:>17} {:>10}",
+        "{:>5}s | {:>16} {:>9} {:>6} {:>4} | {:>13} {:>9} {:>10} {:>8} | {:>17} {:>10}",
         start.elapsed().as_secs(),
-        spooled,
-        sent,
-        queued,
+        t.spooled,
+        t.delivered,
+        t.queued,
+        t.dead,
         g(&mm, "messages.received"),
         g(&mm, "messages.forwarded"),
         g(&mm, "messages.aggregated"),

@@ -1,0 +1,144 @@
+//! The README's main job, run as a user runs it: the demo deployment does
+//! real work end to end, its counters add up across the proxies'
+//! restarts, and the admin commands the README shows (which the demo
+//! prints with its own address and certificates) work exactly as written
+//! while it runs.
+
+use std::io::BufRead as _;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::backchannel::{exe, tmp};
+
+/// Runs `line` (commands as printed, after `export`) in a shell.
+fn shell(export: &str, line: &str) -> (i32, String) {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("{export}\n{line}"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The commands in the README's code block that follows `after`.
+fn readme_block(after: &str) -> Vec<String> {
+    let readme = std::fs::read_to_string(rs_tests::repo_root().join("README.md")).unwrap();
+    let rest = &readme[readme.find(after).expect("the README's admin steps")..];
+    let block = &rest[rest.find("```sh\n").unwrap() + 6..];
+    block[..block.find("```").unwrap()]
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_and_the_readme_admin_commands_work_as_written() {
+    let dir = tmp("demo");
+    let listen = crate::forward::free_port();
+    let mut child = Command::new(exe())
+        .args([
+            "--duration",
+            "40",
+            "--proxies",
+            "2",
+            "--listen",
+            &listen,
+            "--data",
+        ])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let next = || rx.recv_timeout(Duration::from_secs(180)).ok();
+    let mut head = Vec::new();
+    while let Some(l) = next() {
+        let done = l.starts_with("running for");
+        head.push(l);
+        if done {
+            break;
+        }
+    }
+    let text = head.join("\n");
+    assert!(text.contains("getStatus answered by 2/2"), "{text}");
+    assert!(text.contains("installed by 2/2"), "{text}");
+    let printed: Vec<String> = head
+        .iter()
+        .skip_while(|l| !l.starts_with("administer it with rsctl"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| l.trim().to_owned())
+        .collect();
+    assert_eq!(printed.len(), 4, "{text}");
+
+    // The README shows the same commands, for the default run from the
+    // repository: the release build, target/rs-demo, 127.0.0.1:8440.
+    let exe_path = exe().display().to_string();
+    let as_in_readme: Vec<String> = printed
+        .iter()
+        .map(|l| {
+            l.replace(&exe_path, "target/release/rs-demo")
+                .replace(&dir.display().to_string(), "target/rs-demo")
+                .replace(&listen, "127.0.0.1:8440")
+        })
+        .collect();
+    assert_eq!(
+        readme_block("administer the deployment"),
+        as_in_readme,
+        "the README's admin steps are not what the demo prints"
+    );
+
+    // Run them as printed, while the demo runs.
+    let export = &printed[0];
+    let (code, out) = shell(export, &printed[1]);
+    assert_eq!(code, 0, "{}: {out}", printed[1]);
+    assert!(out.contains("acme.p1") && out.contains("acme.m1"), "{out}");
+    // A configuration change restarts every proxy in place.
+    let (code, out) = shell(export, &printed[2]);
+    assert_eq!(code, 0, "{}: {out}", printed[2]);
+    assert!(out.contains("2/2 final: 2 succeeded"), "{out}");
+    let (code, out) = shell(export, &printed[3]);
+    assert_eq!(code, 0, "{}: {out}", printed[3]);
+    assert!(out.contains("<messages"), "{out}");
+
+    let mut tail = Vec::new();
+    while let Some(l) = next() {
+        tail.push(l);
+    }
+    let status = child.wait().unwrap();
+    let tail = tail.join("\n");
+    assert!(status.success(), "{tail}");
+    assert!(tail.contains("each exactly once"), "{tail}");
+    assert!(tail.contains("proxy spools drained"), "{tail}");
+    assert!(!tail.contains("DEAD LETTERS"), "{tail}");
+    // The proxies restarted (after enrolling, and for the configuration
+    // change), yet what they report adds up: spooled = delivered + queued
+    // + dead + dropped, all from counters kept in their spools.
+    let line = tail
+        .lines()
+        .find(|l| l.starts_with("proxies: "))
+        .unwrap_or_else(|| panic!("{tail}"));
+    let n: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(n.len(), 5, "{line}");
+    assert!(n[0] > 0 && n[0] == n[1] + n[2] + n[3] + n[4], "{line}");
+    assert_eq!((n[2], n[3]), (0, 0), "{line}");
+}
