@@ -351,7 +351,8 @@ enum JobCmd {
 struct SendArgs {
     /// getStatus, ping, shutdown, getConfig, configChange, enableInstance,
     /// disableInstance, enableForwarding, disableForwarding,
-    /// deregisterIntegrator, softwareUpdate.
+    /// deregisterIntegrator, softwareUpdate, replayDeadLetters,
+    /// discardDeadLetters.
     action: String,
     /// A destination component (repeatable).
     #[arg(long = "to")]
@@ -369,6 +370,10 @@ struct SendArgs {
     /// enableInstance, disableInstance, deregisterIntegrator: the target.
     #[arg(long)]
     target: Option<String>,
+    /// replayDeadLetters, discardDeadLetters: only this message (by ID);
+    /// left out, every dead letter of each destination.
+    #[arg(long)]
+    message: Option<String>,
     /// softwareUpdate: package, version and (optionally) bulk URL.
     #[arg(long)]
     package: Option<String>,
@@ -482,6 +487,20 @@ fn action_of(a: &SendArgs) -> anyhow::Result<ControlAction> {
         "enableInstance" => ControlAction::EnableInstance(target()?),
         "disableInstance" => ControlAction::DisableInstance(target()?),
         "deregisterIntegrator" => ControlAction::DeregisterIntegrator(target()?),
+        "replayDeadLetters" | "discardDeadLetters" => {
+            let only = a
+                .message
+                .as_deref()
+                .map(|m| {
+                    rs_common::MessageId::new(m).map_err(|e| anyhow::anyhow!("--message {m}: {e}"))
+                })
+                .transpose()?;
+            if a.action == "replayDeadLetters" {
+                ControlAction::ReplayDeadLetters(only)
+            } else {
+                ControlAction::DiscardDeadLetters(only)
+            }
+        }
         "configChange" => {
             let mut config = match &a.config {
                 Some(f) => std::fs::read_to_string(f)
@@ -731,16 +750,23 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let b = api.call(reqwest::Method::GET, "components", None).await?;
             let list = decode_components(&b, &limits)?;
             println!(
-                "{:<24} {:<10} {:<9} {:<10} {:<20} TAGS",
-                "ID", "KIND", "STATE", "LAST SEEN", "VIA"
+                "{:<24} {:<10} {:<9} {:>4} {:<10} {:<20} TAGS",
+                "ID", "KIND", "STATE", "DEAD", "LAST SEEN", "VIA"
             );
             for c in &list {
                 let via: Vec<&str> = c.via.iter().map(RsId::as_str).collect();
+                // Dead letters, as the component's last status reported.
+                let dead = c
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.metrics.iter().find(|d| d.name == "spool.dead_letters"))
+                    .map_or_else(|| "-".to_owned(), |d| d.value.clone());
                 println!(
-                    "{:<24} {:<10} {:<9} {:<10} {:<20} {}",
+                    "{:<24} {:<10} {:<9} {:>4} {:<10} {:<20} {}",
                     c.id.as_str(),
                     c.id.kind().as_str(),
                     c.state.as_deref().unwrap_or("-"),
+                    dead,
                     ago(c.last_seen),
                     if via.is_empty() {
                         "direct".to_owned()

@@ -55,6 +55,11 @@ pub enum ControlAction {
     /// Keep spooling but stop forwarding.
     DisableForwarding,
     DeregisterIntegrator(RsId),
+    /// Put dead letters (messages refused for good upstream) back in the
+    /// spool to be sent again: this one, or every one.
+    ReplayDeadLetters(Option<crate::ids::MessageId>),
+    /// Delete dead letters (recorded as dropped): this one, or every one.
+    DiscardDeadLetters(Option<crate::ids::MessageId>),
 }
 
 impl ControlAction {
@@ -72,11 +77,13 @@ impl ControlAction {
             ControlAction::EnableForwarding => "enableForwarding",
             ControlAction::DisableForwarding => "disableForwarding",
             ControlAction::DeregisterIntegrator(_) => "deregisterIntegrator",
+            ControlAction::ReplayDeadLetters(_) => "replayDeadLetters",
+            ControlAction::DiscardDeadLetters(_) => "discardDeadLetters",
         }
     }
 
     /// Every action name, in DTD order.
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 13] = [
         "getStatus",
         "ping",
         "shutdown",
@@ -88,6 +95,8 @@ impl ControlAction {
         "enableForwarding",
         "disableForwarding",
         "deregisterIntegrator",
+        "replayDeadLetters",
+        "discardDeadLetters",
     ];
 }
 

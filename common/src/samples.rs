@@ -318,6 +318,8 @@ pub fn control_actions() -> Vec<ControlAction> {
         ControlAction::EnableForwarding,
         ControlAction::DisableForwarding,
         ControlAction::DeregisterIntegrator(rs("acme.p1.i1")),
+        ControlAction::ReplayDeadLetters(None),
+        ControlAction::DiscardDeadLetters(Some(id("a-disk-full"))),
     ]
 }
 

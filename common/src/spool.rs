@@ -204,4 +204,63 @@ pub trait Spool: Send + Sync + 'static {
     /// What became of a message enqueued here (as far as the records that
     /// are kept still say).
     fn fate(&self, id: MessageId) -> impl Future<Output = Result<Fate, SpoolError>> + Send;
+
+    /// Puts dead letters (`only` this one, or every one) back in the spool
+    /// to be sent again from the start, in one transaction. Returns how
+    /// many went back and how many stay dead because the spool has no room
+    /// for them.
+    fn replay_dead(
+        &self,
+        only: Option<MessageId>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(u64, u64), SpoolError>> + Send;
+
+    /// Deletes dead letters (`only` this one, or every one), recording each
+    /// as dropped (`discarded`). Returns how many.
+    fn discard_dead(
+        &self,
+        only: Option<MessageId>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<u64, SpoolError>> + Send;
+}
+
+/// What an admin does with dead letters (`replayDeadLetters`,
+/// `discardDeadLetters`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterAction {
+    Replay,
+    Discard,
+}
+
+/// Carries out a dead-letter action on a tier's spool (`only` this
+/// message, or every one) and says how it went: one definition for every
+/// tier that keeps dead letters (proxy, MLM).
+pub async fn apply_dead_letters<S: Spool>(
+    spool: &S,
+    what: DeadLetterAction,
+    only: Option<MessageId>,
+    now: Timestamp,
+) -> crate::control::Answer {
+    use crate::control::{answer_refused, answer_with};
+    let named = only.as_ref().map(|m| m.to_string());
+    let result = match what {
+        DeadLetterAction::Replay => spool.replay_dead(only, now).await.map(|(back, stay)| {
+            let mut t = format!("{back} dead letter(s) put back in the spool");
+            if stay > 0 {
+                t.push_str(&format!(
+                    "; {stay} stay dead letters: the spool has no room for them"
+                ));
+            }
+            (back + stay, t)
+        }),
+        DeadLetterAction::Discard => spool
+            .discard_dead(only, now)
+            .await
+            .map(|n| (n, format!("{n} dead letter(s) discarded"))),
+    };
+    match (result, named) {
+        (Err(e), _) => answer_refused("failed", e.to_string()),
+        (Ok((0, _)), Some(id)) => answer_refused("invalid", format!("no dead letter {id} here")),
+        (Ok((_, text)), _) => answer_with("text/plain", text),
+    }
 }

@@ -12,7 +12,7 @@ use rs_common::control::{
     answer_with, response_message,
 };
 use rs_common::outbox::Claim;
-use rs_common::spool::Spool as _;
+use rs_common::spool::{DeadLetterAction, Spool as _, apply_dead_letters};
 
 use crate::Mlm;
 
@@ -119,6 +119,24 @@ async fn answer(mlm: &Mlm, m: &RawMessage) -> Answer {
                 }
                 Err(o) => (o, Vec::new(), None),
             }
+        }
+        ControlAction::ReplayDeadLetters(m) => {
+            apply_dead_letters(
+                &mlm.spool,
+                DeadLetterAction::Replay,
+                m.clone(),
+                mlm.clock.now(),
+            )
+            .await
+        }
+        ControlAction::DiscardDeadLetters(m) => {
+            apply_dead_letters(
+                &mlm.spool,
+                DeadLetterAction::Discard,
+                m.clone(),
+                mlm.clock.now(),
+            )
+            .await
         }
         other => answer_refused(
             "unsupported",

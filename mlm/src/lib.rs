@@ -256,6 +256,10 @@ impl Mlm {
                 metrics.push(("spool.messages", sp.messages));
                 metrics.push(("spool.bytes", sp.bytes));
                 metrics.push(("spool.dead_letters", sp.dead_letters));
+                // As for a proxy: dead letters need an admin's decision.
+                if sp.dead_letters > 0 {
+                    state = NodeState::Degraded;
+                }
                 metrics.push(("spool.evicted_total", sp.evicted_total));
             }
             Err(_) => state = NodeState::Degraded,

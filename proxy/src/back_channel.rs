@@ -13,6 +13,7 @@ use rs_common::control::{
     response_message,
 };
 use rs_common::model::*;
+use rs_common::spool::{DeadLetterAction, apply_dead_letters};
 use rs_common::upstream::BackChannel;
 use rs_common::{MessageId, Outcome};
 
@@ -249,6 +250,19 @@ impl Actions {
                 "software reaches rs-proxy as a download offer of class software/package \
                  (rsctl publish); the softwareUpdate action carries no bytes",
             ),
+            ControlAction::ReplayDeadLetters(m) => {
+                apply_dead_letters(&p.spool, DeadLetterAction::Replay, m.clone(), p.clock.now())
+                    .await
+            }
+            ControlAction::DiscardDeadLetters(m) => {
+                apply_dead_letters(
+                    &p.spool,
+                    DeadLetterAction::Discard,
+                    m.clone(),
+                    p.clock.now(),
+                )
+                .await
+            }
         }
     }
 }

@@ -254,6 +254,12 @@ impl Proxy {
                 ] {
                     metrics.push(Detail::new(k, v.to_string()));
                 }
+                // Messages refused for good need someone to look at them
+                // (replayDeadLetters, discardDeadLetters): the site shows
+                // degraded at the centre until they are dealt with.
+                if s.dead_letters > 0 {
+                    state = NodeState::Degraded;
+                }
             }
             Err(_) => state = NodeState::Degraded,
         }

@@ -118,6 +118,8 @@ fn control_action() -> impl Strategy<Value = ControlAction> {
         rs_id().prop_map(ControlAction::EnableInstance),
         rs_id().prop_map(ControlAction::DisableInstance),
         rs_id().prop_map(ControlAction::DeregisterIntegrator),
+        option::of(message_id()).prop_map(ControlAction::ReplayDeadLetters),
+        option::of(message_id()).prop_map(ControlAction::DiscardDeadLetters),
         (token(), token(), option::of(url())).prop_map(|(package, version, url)| {
             ControlAction::SoftwareUpdate {
                 package,

@@ -803,3 +803,144 @@ async fn a_batch_answers_each_message_and_what_it_acknowledged_survives_sigkill(
     }
     d.stop_all();
 }
+
+/// A message refused for good upstream is a dead letter at its proxy: the
+/// centre sees it (the site is degraded and `rsctl components` counts its
+/// dead letters, from the heartbeat), and an admin replays or discards it
+/// through the back-channel once the cause is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_show_at_the_centre_and_are_replayed_or_discarded_by_an_admin() {
+    use crate::backchannel_faults::{rsctl, until};
+    let dir = tmp("dead-letters");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    // The server refuses any part over 4000 bytes (for now); heartbeats
+    // every 2 s.
+    let a = d
+        .appserver(
+            "127.0.0.1:0",
+            "heartbeat_secs = 2\n[limits]\nmax_part_bytes = 4000\n",
+        )
+        .unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra::default(),
+        )
+        .unwrap();
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let c = register(&s).await;
+    let big = |n: u32| alarm(&format!("core dump {n}: {}", "x".repeat(6000)), None);
+    let (big1, big2) = (
+        c.send("alarm", &big(1)).await.unwrap(),
+        c.send("alarm", &big(2)).await.unwrap(),
+    );
+    let small = c.send("alarm", &alarm("small", None)).await.unwrap();
+    let appdir = dir.join("appserver");
+    assert!(
+        wait_for(Duration::from_secs(30), || stored_ids(&appdir)
+            .is_ok_and(|ids| ids.contains(&small))),
+        "the small alarm did not arrive"
+    );
+    assert!(
+        until(30, || async {
+            proxy_metrics(&s)
+                .await
+                .is_ok_and(|m| m.get("spool.dead_letters") == Some(&2))
+        })
+        .await,
+        "{:?}",
+        proxy_metrics(&s).await
+    );
+    // The centre sees it with the site's next heartbeat.
+    let row = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("acme.p1 "))
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert!(
+        until(30, || async {
+            let (_, out, _) = rsctl(&a, &["components"]);
+            row(&out).get(2..4) == Some(&["degraded".to_owned(), "2".to_owned()][..])
+        })
+        .await,
+        "{}",
+        rsctl(&a, &["components"]).1
+    );
+
+    // The cause is fixed: the server takes big parts again.
+    d.node("appserver").stop(Duration::from_secs(10));
+    let cfg = dir.join("appserver.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("[limits]\nmax_part_bytes = 4000\n", "")).unwrap();
+    d.restart("appserver").unwrap();
+    // One is not wanted any more; an unknown one is refused with the reason.
+    let (code, out, err) = rsctl(
+        &a,
+        &[
+            "send",
+            "discardDeadLetters",
+            "--to",
+            "acme.p1",
+            "--message",
+            &big1,
+            "--watch",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("1 dead letter(s) discarded"), "{out}");
+    let (code, out, _) = rsctl(
+        &a,
+        &[
+            "send",
+            "replayDeadLetters",
+            "--to",
+            "acme.p1",
+            "--message",
+            "no-such-message",
+            "--watch",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(out.contains("no dead letter no-such-message here"), "{out}");
+    // The other goes again, and is stored once.
+    let (code, out, err) = rsctl(
+        &a,
+        &["send", "replayDeadLetters", "--to", "acme.p1", "--watch"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("1 dead letter(s) put back in the spool"),
+        "{out}"
+    );
+    let want: HashSet<String> = [big2.clone(), small.clone()].into_iter().collect();
+    assert!(
+        all_stored(&dir, &want, Duration::from_secs(30)),
+        "not replayed"
+    );
+    assert_exactly_once(&dir, &want);
+    assert!(!stored_ids(&appdir).unwrap().contains(&big1));
+    let drops = Client::new(&s)
+        .call::<()>(http::Method::GET, "/v1/drops", None)
+        .await
+        .unwrap();
+    assert!(
+        drops.to_string().contains(&big1) && drops.to_string().contains("discarded"),
+        "{drops}"
+    );
+    // And the site is well again at the centre.
+    assert!(
+        until(30, || async {
+            let (_, out, _) = rsctl(&a, &["components"]);
+            row(&out).get(2..4) == Some(&["ok".to_owned(), "0".to_owned()][..])
+        })
+        .await,
+        "{}",
+        rsctl(&a, &["components"]).1
+    );
+    d.stop_all();
+}

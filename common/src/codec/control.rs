@@ -6,7 +6,7 @@ use super::header::token;
 use super::xml::{Tag, XmlIn, XmlOut};
 use super::{Limits, XmlError};
 use crate::control::{ControlAction, NodeState, StatusNode};
-use crate::ids::RsId;
+use crate::ids::{MessageId, RsId};
 use crate::model::Detail;
 
 /// Why a control or status payload was refused.
@@ -35,6 +35,10 @@ pub fn encode_control(a: &ControlAction) -> Vec<u8> {
         }
         ControlAction::ConfigChange { config } => {
             x.gt().text_element("config", config).close("control");
+        }
+        ControlAction::ReplayDeadLetters(m) | ControlAction::DiscardDeadLetters(m) => {
+            x.attr_opt("message", m.as_ref().map(MessageId::as_str))
+                .empty();
         }
         _ => {
             x.empty();
@@ -67,6 +71,12 @@ pub(crate) fn control_body(x: &mut XmlIn<'_>, root: &Tag<'_>) -> Result<ControlA
         "enableInstance" => ControlAction::EnableInstance(target()?),
         "disableInstance" => ControlAction::DisableInstance(target()?),
         "deregisterIntegrator" => ControlAction::DeregisterIntegrator(target()?),
+        "replayDeadLetters" => {
+            ControlAction::ReplayDeadLetters(root.opt_with("message", |s| MessageId::new(s))?)
+        }
+        "discardDeadLetters" => {
+            ControlAction::DiscardDeadLetters(root.opt_with("message", |s| MessageId::new(s))?)
+        }
         "softwareUpdate" => ControlAction::SoftwareUpdate {
             package: root.req_with("package", token)?,
             version: root.req_with("version", token)?,

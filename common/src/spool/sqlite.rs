@@ -186,6 +186,48 @@ impl SqliteSpool {
 }
 
 impl Spool for SqliteSpool {
+    async fn replay_dead(
+        &self,
+        only: Option<MessageId>,
+        now: Timestamp,
+    ) -> Result<(u64, u64), SpoolError> {
+        let r = self
+            .db
+            .write(move |w| Ok(w.replay_dead(only.as_ref().map(MessageId::as_str), now)?))
+            .await?;
+        if r.0 > 0 {
+            self.notify.notify_one();
+        }
+        Ok(r)
+    }
+
+    async fn discard_dead(
+        &self,
+        only: Option<MessageId>,
+        now: Timestamp,
+    ) -> Result<u64, SpoolError> {
+        Ok(self
+            .db
+            .write(move |w| {
+                let id = only.as_ref().map(MessageId::as_str);
+                exec(
+                    &w.conn,
+                    "INSERT INTO drops (id, at, why, precedence, persistent)
+                     SELECT id, ?2, 'discarded', 0, 1 FROM dead_letters WHERE ?1 IS NULL OR id = ?1",
+                    params![id, ms(now)],
+                )
+                .map_err(db)?;
+                let n = exec(
+                    &w.conn,
+                    "DELETE FROM dead_letters WHERE ?1 IS NULL OR id = ?1",
+                    params![id],
+                )
+                .map_err(db)?;
+                Ok(n as u64)
+            })
+            .await?)
+    }
+
     async fn enqueue(
         &self,
         msgs: Vec<RawMessage>,
@@ -374,6 +416,74 @@ impl Worker {
                 return Ok(Enqueued::Duplicate);
             }
         }
+        self.insert(m, header, now)
+    }
+
+    /// Dead letters back into the spool, as [`Spool::replay_dead`] says.
+    /// They were received here once already, so the duplicate check of
+    /// custody does not apply; room is made as for a new message.
+    fn replay_dead(
+        &mut self,
+        only: Option<&str>,
+        now: Timestamp,
+    ) -> Result<(u64, u64), SpoolError> {
+        let rows: Vec<(String, String, Vec<u8>, Vec<u8>)> = {
+            let mut st = self
+                .conn
+                .prepare(
+                    "SELECT id, content_type, header, content FROM dead_letters
+                     WHERE ?1 IS NULL OR id = ?1 ORDER BY at",
+                )
+                .map_err(db)?;
+            st.query_map(params![only], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .map_err(db)?
+            .collect::<Result<_, _>>()
+            .map_err(db)?
+        };
+        let (mut back, mut stay) = (0, 0);
+        for (id, content_type, header, content) in rows {
+            let Ok((h, kind, data)) = decode_header_part(&header, &Limits::default()) else {
+                tracing::warn!("dead letter {id}: its stored header does not decode; kept");
+                stay += 1;
+                continue;
+            };
+            let m = RawMessage {
+                header: h,
+                kind,
+                data,
+                content_type: content_type.into(),
+                content: Bytes::from(content),
+            };
+            match self.insert(m, header, now).map_err(db)? {
+                Enqueued::Refused(_) => stay += 1,
+                // Stored, or (still) in the spool under the same ID.
+                Enqueued::Stored | Enqueued::Duplicate => {
+                    exec(
+                        &self.conn,
+                        "DELETE FROM dead_letters WHERE id = ?1",
+                        params![id],
+                    )
+                    .map_err(db)?;
+                    back += 1;
+                }
+            }
+        }
+        if back > 0 {
+            tracing::info!("{back} dead letter(s) put back in the spool");
+        }
+        Ok((back, stay))
+    }
+
+    /// Stores one message in the spool (room made if it can be).
+    fn insert(
+        &mut self,
+        m: RawMessage,
+        header: Vec<u8>,
+        now: Timestamp,
+    ) -> rusqlite::Result<Enqueued> {
+        let id = m.header.id.as_str();
         let qos = m.header.source().map(|s| s.qos).unwrap_or_default();
         let bytes = (header.len() + m.content.len()) as u64;
         if self.total_bytes + bytes > self.cfg.max_bytes
