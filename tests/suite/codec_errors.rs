@@ -5,11 +5,12 @@ use bytes::Bytes;
 use rs_common::codec::{DecodeError, Limits, PartRef, XmlError};
 use rs_common::*;
 
-const CT: &str = "multipart/related; boundary=\"B\"; type=\"text/xml\"; start=\"<envelope@rs>\"";
-const ROOT: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+pub(crate) const CT: &str =
+    "multipart/related; boundary=\"B\"; type=\"text/xml\"; start=\"<envelope@rs>\"";
+pub(crate) const ROOT: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
 <envelope version="1" sender="acme.p1" created="2026-11-24T22:56:37.123Z"/>"#;
 
-fn header(id: &str, ty: &str) -> String {
+pub(crate) fn header(id: &str, ty: &str) -> String {
     format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <header id="{id}" type="{ty}" created="2026-11-24T22:56:37.123Z" locator="source">
@@ -19,10 +20,11 @@ fn header(id: &str, ty: &str) -> String {
     )
 }
 
-const ALARM: &str = r#"<alarm severity="major" state="raised"><text>disk full</text></alarm>"#;
+pub(crate) const ALARM: &str =
+    r#"<alarm severity="major" state="raised"><text>disk full</text></alarm>"#;
 
 /// A body from `(Content-ID, extra headers, body)` parts, properly closed.
-fn body(parts: &[(&str, &str, &str)]) -> Vec<u8> {
+pub(crate) fn body(parts: &[(&str, &str, &str)]) -> Vec<u8> {
     let mut v = Vec::new();
     for (i, (cid, extra, b)) in parts.iter().enumerate() {
         if i > 0 {

@@ -8,6 +8,7 @@ mod codec_errors;
 mod codec_examples;
 mod codec_props;
 mod demo;
+mod documents;
 mod dtd_valid;
 mod faults;
 pub(crate) mod forward;
