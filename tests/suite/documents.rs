@@ -4,7 +4,6 @@
 //! and that the protocol's examples are what a tier accepts.
 
 use std::path::Path;
-use std::time::Duration;
 
 use rs_common::codec::{EnvelopeWriter, Limits, decode_headers};
 use rs_common::model::EnvelopeMeta;
