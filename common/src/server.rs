@@ -322,10 +322,14 @@ async fn handshake<IO, F>(
     .await;
 }
 
-/// The revoked certificate a TLS connection was opened with, if it is.
-fn revoked_peer<'a>(rev: Option<&Revocations>, peer: &'a Peer) -> Option<&'a Identity> {
-    let i = peer.identity()?;
-    rev.is_some_and(|r| r.is_revoked(&i.serial)).then_some(i)
+/// The certificate a TLS connection was opened with (`serial (name)`), if
+/// it is revoked now; counted in `tls.revoked_cut`.
+fn revoked_now(rev: Option<&Revocations>, peer: &Peer) -> Option<String> {
+    let (r, i) = (rev?, peer.identity()?);
+    r.is_revoked(&i.serial).then(|| {
+        r.cut.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{} ({})", i.serial, i.name)
+    })
 }
 
 /// Serves one connection's requests. With `revocations` (TLS), a request
@@ -362,18 +366,13 @@ async fn serve_conn<IO, F>(
         let seen = observer
             .clone()
             .map(|o| (o, peer.clone(), req.method().clone(), req.uri().clone()));
-        let revoked = revoked_peer(revocations.as_deref(), &peer).map(|i| i.serial.clone());
-        if revoked.is_some()
-            && let Some(r) = &revocations
-        {
-            r.cut.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        let revoked = revoked_now(revocations.as_deref(), &peer);
         async move {
             let started = std::time::Instant::now();
-            if let Some(serial) = revoked {
+            if let Some(who) = revoked {
                 let mut r = Refusal::new(
                     http::StatusCode::UNAUTHORIZED,
-                    format!("the client certificate (serial {serial}) has been revoked"),
+                    format!("the client certificate {who} has been revoked"),
                 )
                 .response();
                 r.headers_mut().insert(
@@ -422,16 +421,8 @@ async fn serve_conn<IO, F>(
                     None => std::future::pending().await,
                 }
             } => {
-                if let Some(i) = revoked_peer(conn_rev.as_deref(), &conn_peer) {
-                    if let Some(r) = &conn_rev {
-                        r.cut.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    tracing::info!(
-                        "{}: certificate {} of {} revoked; connection closed",
-                        match &conn_peer { Peer::Tls(a, _) | Peer::Tcp(a) => a.to_string(), Peer::Local => "local".into() },
-                        i.serial,
-                        i.name
-                    );
+                if let Some(who) = revoked_now(conn_rev.as_deref(), &conn_peer) {
+                    tracing::info!("certificate {who} revoked: its connection is closed");
                     // Dropping the connection closes it, with whatever it
                     // was serving (a held long poll's reply never goes out;
                     // what it would have carried stays queued).

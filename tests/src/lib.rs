@@ -16,6 +16,24 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Waits for a child process to end, killing it after `limit` (so a
+/// command that never ends fails its test instead of holding the suite);
+/// its exit code, -1 if it had to be killed or died of a signal.
+pub fn wait_or_kill(child: &mut std::process::Child, limit: std::time::Duration) -> i32 {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().expect("waiting for a child") {
+            return st.code().unwrap_or(-1);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return -1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Asserts that `doc` is valid against `dtd/control-api.dtd` (xmllint,
 /// from libxml2-utils, which scripts/test installs). `scratch` is a file
 /// path the document may be written to.

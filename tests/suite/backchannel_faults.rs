@@ -491,18 +491,7 @@ pub(crate) fn rsctl(a: &str, args: &[&str]) -> (i32, String, String) {
     let err = drain(Box::new(child.stderr.take().unwrap()));
     // A watch that never ends fails its test (exit -1) instead of holding
     // the whole suite.
-    let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    let code = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code().unwrap_or(-1);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break -1;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let code = rs_tests::wait_or_kill(&mut child, Duration::from_secs(180));
     (code, out.join().unwrap(), err.join().unwrap())
 }
 

@@ -30,18 +30,7 @@ pub(crate) fn run_role(role: &str, args: &[&str], secs: u64) -> (i32, String) {
         .stderr(log)
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    let code = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code().unwrap_or(-1);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break -1;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let code = rs_tests::wait_or_kill(&mut child, Duration::from_secs(secs));
     let text = std::fs::read_to_string(&out).unwrap_or_default();
     let _ = std::fs::remove_file(&out);
     (code, text)

@@ -704,12 +704,13 @@ async fn certificates_are_renewed_before_they_expire_by_their_holders_only() {
     d.stop_all();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admins_see_and_command_only_their_customers_and_every_request_is_audited() {
-    let dir = tmp("admins");
-    let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d.appserver("127.0.0.1:0", "").unwrap();
-    d.proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
+/// A server (`server_extra`: more of its TOML) with one proxy of acme and
+/// one of globex talking to it directly, both seen; the server's address
+/// and acme's socket.
+async fn acme_and_globex(d: &mut Deployment, server_extra: &str) -> (String, PathBuf) {
+    let a = d.appserver("127.0.0.1:0", server_extra).unwrap();
+    let s1 = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
         .unwrap();
     d.proxy(
         "g1",
@@ -725,6 +726,14 @@ async fn admins_see_and_command_only_their_customers_and_every_request_is_audite
         })
         .await
     );
+    (a, s1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_see_and_command_only_their_customers_and_every_request_is_audited() {
+    let dir = tmp("admins");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (a, _) = acme_and_globex(&mut d, "").await;
     let pki = d.pki.clone().unwrap();
     let alice = client_of(&issue(
         &pki,
@@ -1432,26 +1441,7 @@ enum Expect {
 async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
     let dir = tmp("grants-walk");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d
-        .appserver("127.0.0.1:0", "[bulk]\nmin_free_disk_mb = 1\n")
-        .unwrap();
-    let s1 = d
-        .proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
-        .unwrap();
-    d.proxy(
-        "g1",
-        "globex.p1",
-        std::slice::from_ref(&a),
-        &Extra::default(),
-    )
-    .unwrap();
-    assert!(
-        until(30, || async {
-            let c = components(&a).await;
-            c.contains("acme.p1") && c.contains("globex.p1")
-        })
-        .await
-    );
+    let (a, s1) = acme_and_globex(&mut d, "[bulk]\nmin_free_disk_mb = 1\n").await;
     let url = |p: &str| format!("{}/rs/v1/control/{p}", base(&a));
     let ops = admin(&a);
     // acme's data, made by the provider's admin and by acme's site.
