@@ -1028,6 +1028,28 @@ fn refused_as(o: &Outcome, code: &str) -> bool {
     matches!(o, Outcome::Rejected(r) if r.code.as_str() == code)
 }
 
+/// Two sites behind MLM `m`: acme.p1 seals what it sends (signed, and
+/// encrypted to the server's certificate `server_cert`), acme.p2 does not;
+/// each site's socket and a registered client.
+async fn sealed_and_open_sites(
+    d: &mut Deployment,
+    m: &str,
+    server_cert: &Path,
+) -> (
+    (PathBuf, rs_proxy::client::Client),
+    (PathBuf, rs_proxy::client::Client),
+) {
+    let sealed_site = Extra {
+        tables: format!("[seal]\nencrypt_to = \"{}\"\n", server_cert.display()),
+        ..Extra::default()
+    };
+    let up = [m.to_owned()];
+    let s1 = d.proxy("p1", "acme.p1", &up, &sealed_site).unwrap();
+    let s2 = d.proxy("p2", "acme.p2", &up, &Extra::default()).unwrap();
+    let (c1, c2) = (register(&s1).await, register(&s2).await);
+    ((s1, c1), (s2, c2))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payload_seals_keep_what_relays_messages_from_reading_or_altering_them() {
     let dir = tmp("seal");
@@ -1053,17 +1075,7 @@ async fn payload_seals_keep_what_relays_messages_from_reading_or_altering_them()
             },
         )
         .unwrap();
-    let sealed_site = Extra {
-        tables: format!("[seal]\nencrypt_to = \"{}\"\n", server_cert.display()),
-        ..Extra::default()
-    };
-    let s1 = d
-        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &sealed_site)
-        .unwrap();
-    let s2 = d
-        .proxy("p2", "acme.p2", std::slice::from_ref(&m), &Extra::default())
-        .unwrap();
-    let (c1, c2) = (register(&s1).await, register(&s2).await);
+    let ((s1, c1), (s2, c2)) = sealed_and_open_sites(&mut d, &m, &server_cert).await;
     let mut sealed_ids = Vec::new();
     let mut open_ids = Vec::new();
     for i in 0..5 {
@@ -1232,17 +1244,7 @@ async fn sealed_alarms_pass_content_reading_modules_untouched_and_are_stored() {
     let m = d
         .mlm("mlm", "acme.m1", std::slice::from_ref(&a), &modules)
         .unwrap();
-    let sealed_site = Extra {
-        tables: format!("[seal]\nencrypt_to = \"{}\"\n", server_cert.display()),
-        ..Extra::default()
-    };
-    let s1 = d
-        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &sealed_site)
-        .unwrap();
-    let s2 = d
-        .proxy("p2", "acme.p2", std::slice::from_ref(&m), &Extra::default())
-        .unwrap();
-    let (c1, c2) = (register(&s1).await, register(&s2).await);
+    let ((s1, c1), (_, c2)) = sealed_and_open_sites(&mut d, &m, &server_cert).await;
     let mut sealed = std::collections::HashSet::new();
     let mut open = Vec::new();
     for i in 0..3 {
