@@ -704,6 +704,23 @@ async fn certificates_are_renewed_before_they_expire_by_their_holders_only() {
     d.stop_all();
 }
 
+/// A client presenting the certificate of `alice`, an admin granted
+/// customer globex only.
+fn globex_admin(pki: &Pki, dir: &Path) -> reqwest::Client {
+    client_of(&issue(
+        pki,
+        &CertSpec {
+            name: "alice".into(),
+            customer: "globex".into(),
+            role: Role::Admin,
+            dns: Vec::new(),
+            ips: Vec::new(),
+            days: 1,
+        },
+        &dir.join("alice"),
+    ))
+}
+
 /// A server (`server_extra`: more of its TOML) with one proxy of acme and
 /// one of globex talking to it directly, both seen; the server's address
 /// and acme's socket.
@@ -735,18 +752,7 @@ async fn admins_see_and_command_only_their_customers_and_every_request_is_audite
     let mut d = Deployment::new(&dir, exe()).unwrap();
     let (a, _) = acme_and_globex(&mut d, "").await;
     let pki = d.pki.clone().unwrap();
-    let alice = client_of(&issue(
-        &pki,
-        &CertSpec {
-            name: "alice".into(),
-            customer: "globex".into(),
-            role: Role::Admin,
-            dns: Vec::new(),
-            ips: Vec::new(),
-            days: 1,
-        },
-        &dir.join("alice"),
-    ));
+    let alice = globex_admin(&pki, &dir);
     let url = |p: &str| format!("{}/rs/v1/control/{p}", base(&a));
 
     // She sees globex only.
@@ -1537,18 +1543,7 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
         .serial;
 
     let pki = d.pki.clone().unwrap();
-    let alice = client_of(&issue(
-        &pki,
-        &CertSpec {
-            name: "alice".into(),
-            customer: "globex".into(),
-            role: Role::Admin,
-            dns: Vec::new(),
-            ips: Vec::new(),
-            days: 1,
-        },
-        &dir.join("alice"),
-    ));
+    let alice = globex_admin(&pki, &dir);
     use Expect::{Refused, Scoped};
     let offer =
         format!(r#"<offer file="{sha}" class="software" sub="package"><to id="acme.p1"/></offer>"#);
