@@ -17,11 +17,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
-use rs_common::bulk::{self, ContentRange, UPLOAD_COMPLETE, UPLOAD_LENGTH, UPLOAD_OFFSET};
-use rs_common::codec::RawMessage;
-use rs_common::model::*;
-use rs_common::throttle::Held;
-use rs_common::{MessageId, Reason, Timestamp};
+use rs_net::bulk::{self, ContentRange, UPLOAD_COMPLETE, UPLOAD_LENGTH, UPLOAD_OFFSET};
+use rs_node::throttle::Held;
+use rs_protocol::codec::RawMessage;
+use rs_protocol::model::*;
+use rs_protocol::{MessageId, Reason, Timestamp};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt as _;
 use warp::Filter;
@@ -181,7 +181,7 @@ impl Uploads {
                 ),
                 None,
             )
-        } else if let Some(free) = rs_common::throttle::free_bytes(&self.dir)
+        } else if let Some(free) = rs_node::throttle::free_bytes(&self.dir)
             && free < b.size.saturating_add(self.cfg.min_free_disk_mb << 20)
         {
             refuse(
@@ -203,7 +203,7 @@ impl Uploads {
                         customer: src.component.customer().to_string(),
                         name: b.name.clone(),
                         size: b.size,
-                        sha256: rs_common::codec::sha256_hex(&b.sha256),
+                        sha256: rs_protocol::codec::sha256_hex(&b.sha256),
                         class: b.class.class.to_string(),
                         subclass: b.class.subclass.to_string(),
                         expires,
@@ -433,7 +433,7 @@ where
         }
         Active(&up.active, row.digest.clone())
     };
-    let Ok(component) = rs_common::RsId::new(&row.component) else {
+    let Ok(component) = rs_protocol::RsId::new(&row.component) else {
         return reply(StatusCode::INTERNAL_SERVER_ERROR, "bad component in store");
     };
     let throttle = app.current_throttle();
@@ -543,7 +543,7 @@ where
         return reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
     }
     drop(file);
-    let sha = rs_common::codec::sha256_hex(&hasher.finish());
+    let sha = rs_protocol::codec::sha256_hex(&hasher.finish());
     if sha != row.sha256 {
         up.stats.mismatched.fetch_add(1, Ordering::Relaxed);
         let why = format!("SHA-256 {sha} differs from the {} granted", row.sha256);
@@ -617,7 +617,7 @@ pub(crate) fn record_decision(
     conn: &rusqlite::Connection,
     d: &Decided,
     now: Timestamp,
-) -> Result<(), rs_common::db::DbError> {
+) -> Result<(), rs_store::db::DbError> {
     use crate::store::exec;
     use rusqlite::params;
     if let Some(g) = &d.grant {
@@ -642,7 +642,7 @@ pub(crate) fn record_decision(
         )?;
     }
     let m = &d.reply;
-    let header = rs_common::codec::encode_header(&m.header, m.kind, m.data.as_ref());
+    let header = rs_protocol::codec::encode_header(&m.header, m.kind, m.data.as_ref());
     exec(
         conn,
         "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content)
@@ -687,7 +687,7 @@ impl crate::store::Store {
     pub async fn upload_by_digest(
         &self,
         digest: String,
-    ) -> Result<Option<UploadRow>, rs_common::db::DbError> {
+    ) -> Result<Option<UploadRow>, rs_store::db::DbError> {
         use rusqlite::OptionalExtension as _;
         self.db
             .read(move |s| {
@@ -709,7 +709,7 @@ impl crate::store::Store {
         component: Option<String>,
         grants: crate::security::Grants,
         limit: usize,
-    ) -> Result<Vec<UploadRow>, rs_common::db::DbError> {
+    ) -> Result<Vec<UploadRow>, rs_store::db::DbError> {
         // The granted customers as ",a,b," (NULL: all).
         let customers = match grants {
             crate::security::Grants::All => None,
@@ -740,7 +740,7 @@ impl crate::store::Store {
         digest: String,
         why: String,
         now: Timestamp,
-    ) -> Result<(), rs_common::db::DbError> {
+    ) -> Result<(), rs_store::db::DbError> {
         self.db
             .write(move |s| {
                 crate::store::exec(
@@ -759,7 +759,7 @@ impl crate::store::Store {
     pub async fn expire_uploads(
         &self,
         now: Timestamp,
-    ) -> Result<Vec<String>, rs_common::db::DbError> {
+    ) -> Result<Vec<String>, rs_store::db::DbError> {
         self.db
             .write(move |s| {
                 let gone: Vec<String> =
@@ -786,8 +786,8 @@ impl crate::store::Store {
         &self,
         digest: String,
         now: Timestamp,
-    ) -> Result<(), rs_common::db::DbError> {
-        use rs_common::db::DbError;
+    ) -> Result<(), rs_store::db::DbError> {
+        use rs_store::db::DbError;
         use rusqlite::OptionalExtension as _;
         self.db
             .write(move |s| {
@@ -815,10 +815,9 @@ impl crate::store::Store {
                 let Some((header, content_type, content)) = stored else {
                     return Err(DbError::Sql(format!("the request {request} is not stored")));
                 };
-                let limits = rs_common::codec::Limits::default();
-                let (header, kind, data) =
-                    rs_common::codec::decode_header_part(&header, &limits)
-                        .map_err(|e| DbError::Sql(format!("request {request}: {e}")))?;
+                let limits = rs_protocol::codec::Limits::default();
+                let (header, kind, data) = rs_protocol::codec::decode_header_part(&header, &limits)
+                    .map_err(|e| DbError::Sql(format!("request {request}: {e}")))?;
                 let raw = RawMessage {
                     header,
                     kind,
@@ -850,7 +849,7 @@ impl crate::store::Store {
 
 /// `GET /rs/v1/control/uploads` as XML (dtd/control-api.dtd, `uploads`).
 pub fn encode_uploads(list: &[UploadRow]) -> Vec<u8> {
-    use rs_common::codec::XmlOut;
+    use rs_protocol::codec::XmlOut;
     let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
     let mut buf = Vec::new();
     let mut x = XmlOut::document(&mut buf);
@@ -917,7 +916,7 @@ pub fn control_routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::
                                             .map_or(0, |m| m.len()),
                                     };
                                 }
-                                rs_common::ingress::xml_response(encode_uploads(&rows))
+                                rs_node::ingress::xml_response(encode_uploads(&rows))
                             }
                             Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
                         }

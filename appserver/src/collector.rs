@@ -31,11 +31,11 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::AppServer;
-use rs_common::db::DbError;
-use rs_common::model::Severity;
-use rs_common::{RsId, Timestamp};
+use rs_protocol::model::Severity;
+use rs_protocol::{RsId, Timestamp};
+use rs_store::db::DbError;
 
-pub use rs_common::codec::api::Delivery;
+pub use rs_protocol::codec::api::Delivery;
 
 /// A subscription: which stored messages, and how they are delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -555,7 +555,7 @@ pub async fn run_pool(
             let me = format!(
                 "{}-{n}-{}",
                 std::process::id(),
-                rs_common::MessageId::generate()
+                rs_protocol::MessageId::generate()
             );
             let mut last_work = tokio::time::Instant::now();
             loop {
@@ -606,7 +606,7 @@ pub async fn run_pool(
                             .tasks_failed
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let backoff =
-                            Duration::from_millis((500u64 << task.attempts.min(10)).min(300_000));
+                            rs_net::retry::backoff(task.attempts, Duration::from_secs(300));
                         tracing::warn!("task {} ({}): {why}", task.id, task.sub.name);
                         if let Err(e) = app
                             .store

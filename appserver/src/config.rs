@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rs_common::RsId;
-use rs_common::codec::Limits;
+use rs_protocol::RsId;
+use rs_protocol::codec::Limits;
 use serde::Deserialize;
 
 /// `appserver.toml`.
@@ -29,11 +29,11 @@ pub struct Config {
     #[serde(default = "default_body_timeout")]
     pub body_timeout_secs: u64,
     #[serde(default)]
-    pub limits: rs_common::ingress::LimitsSection,
+    pub limits: rs_node::ingress::LimitsSection,
     /// What may come in when (docs/configuration.md, Throttle). Replaced at
     /// run time through the control API (kept in appserver.db).
     #[serde(default)]
-    pub throttle: rs_common::throttle::ThrottleConfig,
+    pub throttle: rs_node::throttle::ThrottleConfig,
     /// Seconds after which a back-channel message handed to a next hop
     /// that has not acknowledged it is offered again (its reply may have
     /// been lost).
@@ -72,7 +72,7 @@ pub struct Config {
     /// server speaks plain HTTP and checks no identities (loopback
     /// benchmarks only).
     #[serde(default)]
-    pub tls: Option<rs_common::tls::TlsConfig>,
+    pub tls: Option<rs_net::tls::TlsConfig>,
     /// The provider's CA, for enrollment and revocation through the
     /// control API (docs/security.md).
     #[serde(default)]
@@ -89,7 +89,7 @@ pub struct Config {
 pub struct SealSection {
     /// `none` (the default), `signed` or `encrypted`.
     #[serde(default)]
-    pub require: rs_common::seal::Require,
+    pub require: rs_net::seal::Require,
 }
 
 /// `[ca]`: where the CA lives and what it issues.

@@ -6,17 +6,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use base64::Engine as _;
-use rs_common::codec::{XmlOut, encode_status};
-use rs_common::control::{NodeState, StatusNode};
-use rs_common::ingress::xml_response;
-use rs_common::model::{ContentKind, Detail, Severity};
-use rs_common::server::Refusal;
-use rs_common::{RsId, Timestamp};
+use rs_net::server::Refusal;
+use rs_node::ingress::xml_response;
+use rs_protocol::codec::{XmlOut, encode_status};
+use rs_protocol::control::{NodeState, StatusNode};
+use rs_protocol::model::{ContentKind, Detail, Severity};
+use rs_protocol::{RsId, Timestamp};
 use warp::Filter;
 
 use crate::AppServer;
 use crate::store::{NewJob, Query};
-use rs_common::codec::api::{
+use rs_protocol::codec::api::{
     Component, decode_group, decode_tags, encode_components, encode_groups, encode_job, encode_tags,
 };
 
@@ -25,7 +25,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "status")
             .and(warp::get())
-            .and(rs_common::server::authenticated())
+            .and(rs_net::server::authenticated())
             .then(move || {
                 let app = app.clone();
                 async move { status(&app).await }
@@ -149,7 +149,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
                             RsId::new(c).is_ok_and(|id| admin.grants.component(&id))
                         })
                 });
-                xml_response(rs_common::throttle::encode_throttle(&cfg))
+                xml_response(rs_node::throttle::encode_throttle(&cfg))
             })
     };
     let throttle_put = {
@@ -277,8 +277,8 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
     all
 }
 
-fn def_of(s: &crate::collector::Subscription) -> rs_common::codec::api::SubscriptionDef {
-    rs_common::codec::api::SubscriptionDef {
+fn def_of(s: &crate::collector::Subscription) -> rs_protocol::codec::api::SubscriptionDef {
+    rs_protocol::codec::api::SubscriptionDef {
         name: s.name.clone(),
         class: s.class.clone(),
         subclass: s.subclass.clone(),
@@ -300,7 +300,7 @@ async fn subscriptions(app: &AppServer) -> Result<warp::reply::Response, warp::R
         .gt()
         .newline();
     for (s, c) in &list {
-        rs_common::codec::api::write_subscription(
+        rs_protocol::codec::api::write_subscription(
             &mut x,
             &def_of(s),
             Some((c.pending, c.done, c.failed)),
@@ -314,8 +314,9 @@ async fn subscriptions(app: &AppServer) -> Result<warp::reply::Response, warp::R
 /// `POST /rs/v1/control/subscriptions`: creates or replaces one (by name);
 /// messages stored from then on are delivered to it.
 async fn subscribe(app: &AppServer, body: &[u8]) -> Result<warp::reply::Response, warp::Rejection> {
-    let d = rs_common::codec::api::decode_subscription(body, &rs_common::codec::Limits::default())
-        .map_err(|e| refuse(http::StatusCode::BAD_REQUEST, format!("subscription: {e}")))?;
+    let d =
+        rs_protocol::codec::api::decode_subscription(body, &rs_protocol::codec::Limits::default())
+            .map_err(|e| refuse(http::StatusCode::BAD_REQUEST, format!("subscription: {e}")))?;
     let s = crate::collector::Subscription {
         id: 0,
         name: d.name.clone(),
@@ -499,10 +500,10 @@ async fn put_throttle(
     body: &[u8],
 ) -> Result<warp::reply::Response, warp::Rejection> {
     let bad = |t: String| refuse(http::StatusCode::BAD_REQUEST, t);
-    let cfg = rs_common::throttle::decode_throttle(body, &rs_common::codec::Limits::default())
+    let cfg = rs_node::throttle::decode_throttle(body, &rs_protocol::codec::Limits::default())
         .map_err(|e| bad(format!("throttle: {e}")))?;
-    rs_common::throttle::Throttle::new(&cfg, app.clock.clone(), None, None).map_err(bad)?;
-    let doc = rs_common::throttle::encode_throttle(&cfg);
+    rs_node::throttle::Throttle::new(&cfg, app.clock.clone(), None, None).map_err(bad)?;
+    let doc = rs_node::throttle::encode_throttle(&cfg);
     app.store
         .set_setting("throttle", doc.clone())
         .await
@@ -575,7 +576,7 @@ pub async fn status_tree(app: &AppServer) -> StatusNode {
             d.fetches_refused.load(Ordering::Relaxed),
         ),
     ]);
-    metrics.extend(rs_common::auth::metrics(app.tls.as_deref(), &app.auth));
+    metrics.extend(rs_net::auth::metrics(app.tls.as_deref(), &app.auth));
     if let Some(o) = &app.opener {
         let s = &o.stats;
         metrics.extend([
@@ -665,7 +666,8 @@ fn query_of(q: HashMap<String, String>, export: bool) -> Result<Query, warp::Rej
                 query.component = Some(v);
             }
             "customer" => {
-                rs_common::CustomerId::new(&v).map_err(|e| bad(format!("customer {v:?}: {e}")))?;
+                rs_protocol::CustomerId::new(&v)
+                    .map_err(|e| bad(format!("customer {v:?}: {e}")))?;
                 query.customer = Some(v);
             }
             "class" => query.class = Some(v),
@@ -922,7 +924,7 @@ async fn components(
 ) -> Result<warp::reply::Response, warp::Rejection> {
     let mut rows = app.store.components().await.map_err(unavailable)?;
     rows.retain(|c| RsId::new(&c.id).is_ok_and(|id| grants.component(&id)));
-    let limits = rs_common::codec::Limits::default();
+    let limits = rs_protocol::codec::Limits::default();
     let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
     let list: Vec<Component> = rows
         .into_iter()
@@ -944,7 +946,7 @@ async fn components(
                 // the whole list.
                 status: c
                     .status
-                    .and_then(|x| rs_common::codec::decode_status(&x, &limits).ok()),
+                    .and_then(|x| rs_protocol::codec::decode_status(&x, &limits).ok()),
             })
         })
         .collect();
@@ -967,7 +969,7 @@ async fn send(
     body: &[u8],
     grants: &crate::security::Grants,
 ) -> Result<warp::reply::Response, warp::Rejection> {
-    let req = rs_common::codec::decode_send_request(body, &rs_common::codec::Limits::default())
+    let req = rs_protocol::codec::decode_send_request(body, &rs_protocol::codec::Limits::default())
         .map_err(|e| refuse(http::StatusCode::BAD_REQUEST, format!("send request: {e}")))?;
     let action = req.action.clone();
     let job = start_job(
@@ -980,7 +982,7 @@ async fn send(
         action.name(),
         None,
         |id, dests, expiry, now| {
-            rs_common::control::control_message(id, dests, Some(expiry), &action, now)
+            rs_protocol::control::control_message(id, dests, Some(expiry), &action, now)
         },
     )
     .await?;
@@ -1002,8 +1004,13 @@ pub(crate) async fn start_job(
     notify: Option<String>,
     action: &str,
     offer: Option<(String, String)>,
-    build: impl Fn(rs_common::MessageId, Vec<RsId>, Timestamp, Timestamp) -> rs_common::model::Message,
-) -> Result<rs_common::codec::api::Job, warp::Rejection> {
+    build: impl Fn(
+        rs_protocol::MessageId,
+        Vec<RsId>,
+        Timestamp,
+        Timestamp,
+    ) -> rs_protocol::model::Message,
+) -> Result<rs_protocol::codec::api::Job, warp::Rejection> {
     let bad = |status, t: String| refuse(status, t);
     if ttl_secs.is_some_and(|t| t == 0 || t > MAX_TTL_SECS) {
         return Err(bad(
@@ -1062,14 +1069,14 @@ pub(crate) async fn start_job(
             None => unreachable.push(d),
         }
     }
-    let message_id = rs_common::MessageId::generate();
-    let job_id = rs_common::MessageId::generate().to_string();
+    let message_id = rs_protocol::MessageId::generate();
+    let job_id = rs_protocol::MessageId::generate().to_string();
     let expiry = now.saturating_add(std::time::Duration::from_secs(ttl_secs.unwrap_or(86_400)));
     let copies = by_hop
         .into_iter()
         .map(|(hop, dests)| {
             let mut m = build(message_id.clone(), dests, expiry, now);
-            m.header.routing.push(rs_common::Hop {
+            m.header.routing.push(rs_protocol::Hop {
                 component: app.id.clone(),
                 received: now,
                 sent: Some(now),
@@ -1195,7 +1202,7 @@ async fn put_group(
     body: &[u8],
 ) -> Result<warp::reply::Response, warp::Rejection> {
     let bad = |t: String| refuse(http::StatusCode::BAD_REQUEST, t);
-    let g = decode_group(body, &rs_common::codec::Limits::default())
+    let g = decode_group(body, &rs_protocol::codec::Limits::default())
         .map_err(|e| bad(format!("group: {e}")))?;
     if g.name != name {
         return Err(bad(format!(
@@ -1249,7 +1256,7 @@ async fn put_tags(
     if !grants.component(&component) {
         return Err(crate::security::Grants::refuse(component.as_str()));
     }
-    let tags = decode_tags(body, &rs_common::codec::Limits::default())
+    let tags = decode_tags(body, &rs_protocol::codec::Limits::default())
         .map_err(|e| bad(format!("tags: {e}")))?;
     if !app
         .store

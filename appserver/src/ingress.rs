@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rs_common::codec::{EnvelopeWriter, RawEnvelope, RawMessage, decode_status};
-use rs_common::control::{CLASS_INFRASTRUCTURE, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN};
-use rs_common::ingress::{MAX_OFFER, envelope, envelope_response, offer_back_channel};
-use rs_common::model::{Advice, Content, EnvelopeMeta};
-use rs_common::{MessageId, Outcome, Timestamp};
+use rs_node::ingress::{MAX_OFFER, envelope, envelope_response, offer_back_channel};
+use rs_protocol::codec::{EnvelopeWriter, RawEnvelope, RawMessage, decode_status};
+use rs_protocol::control::{CLASS_INFRASTRUCTURE, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN};
+use rs_protocol::model::{Advice, Content, EnvelopeMeta};
+use rs_protocol::{MessageId, Outcome, Timestamp};
 use warp::Filter;
 
 use crate::AppServer;
@@ -46,12 +46,12 @@ pub fn route(
     let timeout = Duration::from_secs(app.cfg.body_timeout_secs);
     warp::path!("rs" / "v1" / "envelope")
         .and(warp::post())
-        .and(rs_common::auth::caller_filter())
+        .and(rs_net::auth::caller_filter())
         .and(envelope(limits, timeout))
-        .then(move |caller: rs_common::auth::Caller, env: RawEnvelope| {
+        .then(move |caller: rs_net::auth::Caller, env: RawEnvelope| {
             let app = app.clone();
             async move {
-                match rs_common::auth::screen(&caller, &app.id, &env, &app.auth) {
+                match rs_net::auth::screen(&caller, &app.id, &env, &app.auth) {
                     Ok(refused) => handle(&app, env, refused).await,
                     Err(r) => r.response(),
                 }
@@ -102,7 +102,7 @@ fn examine(app: &AppServer, m: RawMessage, now: Timestamp) -> Result<Incoming, O
     match &full.content {
         Content::Alarm(a) => inc.severity = Some(a.severity),
         Content::BulkRequest(b) => {
-            if b.direction != rs_common::model::Direction::Upload {
+            if b.direction != rs_protocol::model::Direction::Upload {
                 return Err(Outcome::rejected(
                     "invalid",
                     "only uploads are requested from below; downloads are offered from above",
@@ -186,7 +186,7 @@ async fn handle(
                 if !throttle.is_empty()
                     && let Some(src) = inc.msg.header.source()
                 {
-                    let subject = rs_common::throttle::Subject {
+                    let subject = rs_node::throttle::Subject {
                         component: &src.component,
                         class: &inc.msg.header.class.class,
                         kind: inc.msg.kind,
@@ -194,7 +194,7 @@ async fn handle(
                         precedence: src.qos.precedence,
                         severity: inc.severity,
                     };
-                    if let rs_common::throttle::Decision::Wait { after, why } =
+                    if let rs_node::throttle::Decision::Wait { after, why } =
                         throttle.check(&subject)
                     {
                         // The sender keeps it and comes back then.
@@ -309,7 +309,7 @@ async fn handle(
         .collect();
     meta.advice = Some(Advice {
         heartbeat: Some(Duration::from_secs(app.cfg.heartbeat_secs)),
-        poll_hold: Some(rs_common::ingress::MAX_HOLD),
+        poll_hold: Some(rs_node::ingress::MAX_HOLD),
         resume_after: if pure_poll { None } else { app.load.advice() },
         ..Advice::default()
     });

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rs_common::codec::api::encode_job;
+use rs_protocol::codec::api::encode_job;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppServer;

@@ -14,15 +14,14 @@ pub mod jobs;
 pub mod modules;
 pub mod monitor;
 pub mod publish;
-pub mod rsctl;
 pub mod security;
 pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rs_common::server::{ServeConfig, finish, serve_tcp};
-use rs_common::upstream::{Clock, SystemClock};
+use rs_net::server::{ServeConfig, finish, serve_tcp};
+use rs_protocol::time::{Clock, SystemClock};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use warp::Filter;
@@ -33,21 +32,21 @@ pub use config::Config;
 #[derive(Debug)]
 pub struct AppServer {
     pub cfg: Config,
-    pub id: rs_common::RsId,
+    pub id: rs_protocol::RsId,
     pub store: store::Store,
     pub clock: Arc<dyn Clock>,
     pub stats: ingress::Stats,
-    pub started: rs_common::Timestamp,
+    pub started: rs_protocol::Timestamp,
     /// Woken when back-channel messages are queued (long polls wait on it).
-    pub outbox_ready: Arc<rs_common::ingress::BackChannelReady>,
+    pub outbox_ready: Arc<rs_node::ingress::BackChannelReady>,
     /// Cancelled when the server begins to stop (ends held long polls).
     pub stopping: CancellationToken,
     /// Bumped whenever a job changes (watchers of jobs wait on it).
     pub jobs_changed: tokio::sync::watch::Sender<u64>,
     /// What may come in now; replaced whole through the control API.
-    pub throttle: std::sync::RwLock<Arc<rs_common::throttle::Throttle>>,
+    pub throttle: std::sync::RwLock<Arc<rs_node::throttle::Throttle>>,
     /// Envelopes being handled (backpressure advice).
-    pub load: rs_common::ingress::Load,
+    pub load: rs_node::ingress::Load,
     /// Woken when messages are stored (the collector's expander waits on it).
     pub expand_ready: tokio::sync::Notify,
     /// Woken when peripheral tasks are queued (idle processors wait on it).
@@ -55,7 +54,7 @@ pub struct AppServer {
     /// Woken when a feed subscription may have something new.
     pub feed_ready: tokio::sync::watch::Sender<u64>,
     /// Its configuration, as the API shows it.
-    pub throttle_cfg: std::sync::RwLock<rs_common::throttle::ThrottleConfig>,
+    pub throttle_cfg: std::sync::RwLock<rs_node::throttle::ThrottleConfig>,
     /// The built-in service modules: the heartbeat monitor, then those
     /// configured.
     pub modules: Vec<Arc<dyn modules::ServiceModule>>,
@@ -64,13 +63,13 @@ pub struct AppServer {
     /// Published files offered for download.
     pub downloads: publish::Stats,
     /// The TLS listener's context (`None`: plain HTTP).
-    pub tls: Option<Arc<rs_common::tls::TlsServer>>,
+    pub tls: Option<Arc<rs_net::tls::TlsServer>>,
     /// The provider's CA, when this server enrolls components.
-    pub ca: Option<Arc<rs_common::pki::Ca>>,
+    pub ca: Option<Arc<rs_net::pki::Ca>>,
     /// Refused callers and spoofed messages.
-    pub auth: rs_common::auth::Stats,
+    pub auth: rs_net::auth::Stats,
     /// Opens sealed messages (with TLS: this server's key, the CA).
-    pub opener: Option<rs_common::seal::Opener>,
+    pub opener: Option<rs_net::seal::Opener>,
 }
 
 impl AppServer {
@@ -95,7 +94,7 @@ impl AppServer {
     }
 
     /// The throttle in force.
-    pub fn current_throttle(&self) -> Arc<rs_common::throttle::Throttle> {
+    pub fn current_throttle(&self) -> Arc<rs_node::throttle::Throttle> {
         self.throttle
             .read()
             .map(|t| t.clone())
@@ -104,10 +103,10 @@ impl AppServer {
 
     /// Replaces the throttle (usage counters carry over: they live in
     /// throttle.db by rule name and key).
-    pub fn set_throttle(&self, cfg: rs_common::throttle::ThrottleConfig) -> Result<(), String> {
+    pub fn set_throttle(&self, cfg: rs_node::throttle::ThrottleConfig) -> Result<(), String> {
         let old = self.current_throttle();
         old.flush()?;
-        let t = rs_common::throttle::open(&cfg, self.clock.clone(), &self.cfg.data_dir)?;
+        let t = rs_node::throttle::open(&cfg, self.clock.clone(), &self.cfg.data_dir)?;
         if let Ok(mut w) = self.throttle.write() {
             *w = Arc::new(t);
         }
@@ -128,7 +127,7 @@ impl AppServer {
         let id = cfg.rs_id().map_err(anyhow::Error::msg)?;
         let store = store::Store::open(&cfg.data_dir.join("appserver.db"))?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let throttle = rs_common::throttle::open(&cfg.throttle, clock.clone(), &cfg.data_dir)
+        let throttle = rs_node::throttle::open(&cfg.throttle, clock.clone(), &cfg.data_dir)
             .map_err(anyhow::Error::msg)?;
         let timeout = Duration::from_secs(cfg.webhook_timeout_secs.max(1));
         let mut modules: Vec<Arc<dyn modules::ServiceModule>> =
@@ -136,18 +135,18 @@ impl AppServer {
         modules.extend(cfg.modules.iter().map(|m| m.build(timeout)));
         let uploads = bulk::Uploads::open(&cfg.data_dir, cfg.bulk.clone())?;
         let tls = match &cfg.tls {
-            Some(t) => Some(rs_common::tls::TlsServer::new(t).map_err(anyhow::Error::msg)?),
+            Some(t) => Some(rs_net::tls::TlsServer::new(t).map_err(anyhow::Error::msg)?),
             None => None,
         };
         // Seals are checked against the same revocation list as handshakes.
         let opener = match (&cfg.tls, &tls) {
             (Some(t), Some(server)) => Some(
-                rs_common::seal::Opener::new(t, server.revocations.clone())
+                rs_net::seal::Opener::new(t, server.revocations.clone())
                     .map_err(anyhow::Error::msg)?,
             ),
             _ => None,
         };
-        if opener.is_none() && cfg.seal.require != rs_common::seal::Require::None {
+        if opener.is_none() && cfg.seal.require != rs_net::seal::Require::None {
             anyhow::bail!("[seal] require needs [tls]: seals are checked against the CA");
         }
         Ok(Arc::new(AppServer {
@@ -158,7 +157,7 @@ impl AppServer {
             opener,
             ca: match &cfg.ca {
                 Some(c) => {
-                    let ca = rs_common::pki::Ca::open(&c.dir)
+                    let ca = rs_net::pki::Ca::open(&c.dir)
                         .map_err(|e| anyhow::anyhow!("[ca] dir {}: {e}", c.dir.display()))?;
                     ca.check_writable().map_err(|e| {
                         anyhow::anyhow!(
@@ -173,19 +172,19 @@ impl AppServer {
                 }
                 None => None,
             },
-            auth: rs_common::auth::Stats::default(),
+            auth: rs_net::auth::Stats::default(),
             modules,
             store,
             clock,
             throttle: std::sync::RwLock::new(Arc::new(throttle)),
             throttle_cfg: std::sync::RwLock::new(cfg.throttle.clone()),
-            load: rs_common::ingress::Load::new(cfg.busy_envelopes),
+            load: rs_node::ingress::Load::new(cfg.busy_envelopes),
             expand_ready: tokio::sync::Notify::new(),
             tasks_ready: tokio::sync::Notify::new(),
             feed_ready: tokio::sync::watch::Sender::new(0),
             stats: ingress::Stats::default(),
-            started: rs_common::Timestamp::now(),
-            outbox_ready: Arc::new(rs_common::ingress::BackChannelReady::new(cfg.offer_again())),
+            started: rs_protocol::Timestamp::now(),
+            outbox_ready: Arc::new(rs_node::ingress::BackChannelReady::new(cfg.offer_again())),
             stopping: CancellationToken::new(),
             jobs_changed: tokio::sync::watch::Sender::new(0),
             cfg,
@@ -231,12 +230,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let _lock = rs_common::datadir::DataDirLock::acquire(&cfg.data_dir, "rs-appserver")
+    let _lock = rs_store::datadir::DataDirLock::acquire(&cfg.data_dir, "rs-appserver")
         .map_err(anyhow::Error::msg)?;
     let app = AppServer::open(cfg)?;
     // A throttle set at run time outlives restarts.
     if let Some(doc) = app.store.setting("throttle").await? {
-        match rs_common::throttle::decode_throttle(&doc, &rs_common::codec::Limits::default()) {
+        match rs_node::throttle::decode_throttle(&doc, &rs_protocol::codec::Limits::default()) {
             Ok(t) => {
                 if let Err(e) = app.set_throttle(t) {
                     tracing::error!(
@@ -300,13 +299,13 @@ pub async fn run(
     ));
     let flush = {
         let app = app.clone();
-        tokio::spawn(rs_common::throttle::flush_loop(
+        tokio::spawn(rs_node::throttle::flush_loop(
             move || app.current_throttle(),
             shutdown.clone(),
         ))
     };
     let push = tokio::spawn(jobs::push(app.clone(), shutdown.clone()));
-    tokio::spawn(rs_common::ingress::reoffer_ticker(
+    tokio::spawn(rs_node::ingress::reoffer_ticker(
         app.outbox_ready.clone(),
         shutdown.clone(),
     ));

@@ -3,9 +3,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
+use rs_node::daemon;
 
 /// The Remote Services application server.
 #[derive(Debug, Parser)]
@@ -22,20 +21,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    daemon::init_logging();
     let args = Args::parse();
     let cfg = rs_appserver::Config::load(&args.config).map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    if let Some(f) = &args.addr_file {
-        std::fs::write(f, listener.local_addr()?.to_string())?;
-    }
-    let shutdown = CancellationToken::new();
-    tokio::spawn(rs_common::shutdown_on_signal(shutdown.clone()));
-    rs_appserver::run(cfg, listener, shutdown).await
+    let listener = daemon::bind(cfg.listen, args.addr_file.as_deref()).await?;
+    rs_appserver::run(cfg, listener, daemon::shutdown_token()).await
 }

@@ -163,7 +163,7 @@ impl SubscribeConfig {
     /// The subscription `module` takes at start.
     pub fn to_subscription(&self, module: &str) -> Result<crate::collector::Subscription, String> {
         let severity = match &self.min_severity {
-            Some(s) => Some(rs_common::model::Severity::parse(s).ok_or_else(|| {
+            Some(s) => Some(rs_protocol::model::Severity::parse(s).ok_or_else(|| {
                 format!(
                     "module {module}: min_severity {s:?}: critical, major, minor, warning or info"
                 )
@@ -171,12 +171,12 @@ impl SubscribeConfig {
             None => None,
         };
         if let Some(k) = &self.kind
-            && rs_common::model::ContentKind::parse(k).is_none()
+            && rs_protocol::model::ContentKind::parse(k).is_none()
         {
             return Err(format!("module {module}: type {k:?} is not a content type"));
         }
         if let Some(s) = &self.source {
-            rs_common::RsId::new(s).map_err(|e| format!("module {module}: source {s:?}: {e}"))?;
+            rs_protocol::RsId::new(s).map_err(|e| format!("module {module}: source {s:?}: {e}"))?;
         }
         Ok(crate::collector::Subscription {
             id: 0,
@@ -275,24 +275,24 @@ impl ServiceModule for AlarmNotifier {
 }
 
 fn ts(ms: i64) -> String {
-    rs_common::Timestamp::from_millis(ms)
+    rs_protocol::Timestamp::from_millis(ms)
         .map(|t| t.to_string())
         .unwrap_or_default()
 }
 
 /// An alarm's or event's text (empty for other contents).
 fn alarm_text(m: &Row) -> String {
-    use rs_common::model::{Content, ContentKind};
+    use rs_protocol::model::{Content, ContentKind};
     let Some(kind) = ContentKind::parse(&m.kind) else {
         return String::new();
     };
     if !matches!(kind, ContentKind::Alarm | ContentKind::Event) {
         return String::new();
     }
-    match rs_common::codec::decode_content_part(
+    match rs_protocol::codec::decode_content_part(
         kind,
         &m.content,
-        &rs_common::codec::Limits::default(),
+        &rs_protocol::codec::Limits::default(),
     ) {
         Ok(Content::Alarm(a)) => a.text,
         Ok(Content::Event(e)) => e.text,
@@ -328,7 +328,7 @@ impl ServiceModule for XmlExport {
             let bytes = d.xml.to_vec();
             tokio::task::spawn_blocking(move || {
                 std::fs::create_dir_all(&dir)?;
-                rs_common::config_file::write_atomically(&path, &bytes)
+                rs_store::files::write_atomically(&path, &bytes)
             })
             .await
             .map_err(|e| e.to_string())?

@@ -13,8 +13,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rs_common::model::*;
-use rs_common::{MessageId, RsId, Timestamp};
+use rs_protocol::model::*;
+use rs_protocol::{MessageId, RsId, Timestamp};
 
 use crate::AppServer;
 use crate::store::Incoming;
@@ -82,7 +82,7 @@ fn notification(
         header: Header {
             id,
             created: now,
-            class: Classification::new(rs_common::control::CLASS_INFRASTRUCTURE, sub),
+            class: Classification::new(rs_protocol::control::CLASS_INFRASTRUCTURE, sub),
             route: Route::Source(Source {
                 component: app.id.clone(),
                 version: env!("CARGO_PKG_VERSION").into(),

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::StatusCode;
-use rs_common::bulk;
-use rs_common::codec::api::{PublishedFile, decode_offer_request, encode_file};
-use rs_common::model::*;
+use rs_net::bulk;
+use rs_protocol::codec::api::{PublishedFile, decode_offer_request, encode_file};
+use rs_protocol::model::*;
 use rusqlite::OptionalExtension as _;
 use tokio::io::AsyncWriteExt as _;
 use warp::Filter;
@@ -136,7 +136,7 @@ where
             format!("at most {MAX_PUBLISH} bytes"),
         );
     }
-    if let Some(free) = rs_common::throttle::free_bytes(&app.uploads.dir)
+    if let Some(free) = rs_node::throttle::free_bytes(&app.uploads.dir)
         && free < len.saturating_add(app.cfg.bulk.min_free_disk_mb << 20)
     {
         return text(
@@ -191,7 +191,7 @@ where
         return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
     }
     let sha = hasher.finish();
-    let hex = rs_common::codec::sha256_hex(&sha);
+    let hex = rs_protocol::codec::sha256_hex(&sha);
     if let Err(e) = tokio::fs::rename(&tmp, published_path(app, &hex)).await {
         let _ = tokio::fs::remove_file(&tmp).await;
         return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
@@ -221,7 +221,7 @@ where
     }
     app.downloads.published.fetch_add(1, Ordering::Relaxed);
     tracing::info!("published {name} ({len} bytes, SHA-256 {hex})");
-    rs_common::ingress::xml_response(encode_file(&PublishedFile {
+    rs_node::ingress::xml_response(encode_file(&PublishedFile {
         name,
         size: len,
         sha256: sha,
@@ -233,9 +233,9 @@ async fn offer(
     body: &[u8],
     grants: &crate::security::Grants,
 ) -> Result<warp::reply::Response, warp::Rejection> {
-    let req = decode_offer_request(body, &rs_common::codec::Limits::default())
+    let req = decode_offer_request(body, &rs_protocol::codec::Limits::default())
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("offer: {e}")))?;
-    let hex = rs_common::codec::sha256_hex(&req.sha256);
+    let hex = rs_protocol::codec::sha256_hex(&req.sha256);
     let h = hex.clone();
     let file: Option<(String, i64)> = app
         .store
@@ -297,8 +297,8 @@ async fn offer(
     )
     .await?;
     app.downloads.offers.fetch_add(1, Ordering::Relaxed);
-    Ok(rs_common::ingress::xml_response(
-        rs_common::codec::api::encode_job(&job),
+    Ok(rs_node::ingress::xml_response(
+        rs_protocol::codec::api::encode_job(&job),
     ))
 }
 
@@ -349,7 +349,7 @@ async fn fetch(app: &AppServer, token: &str, range: Option<String>) -> warp::rep
 
 /// Closes the URLs of offers whose jobs are done (every destination
 /// answered or expired) or that expired. Returns how many.
-pub async fn unpublish(app: &AppServer) -> Result<u64, rs_common::db::DbError> {
+pub async fn unpublish(app: &AppServer) -> Result<u64, rs_store::db::DbError> {
     let now = app.clock.now().as_millis();
     let n = app
         .store

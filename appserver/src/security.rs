@@ -9,12 +9,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use openssl::x509::X509Req;
-use rs_common::codec::XmlOut;
-use rs_common::db::DbError;
-use rs_common::ingress::xml_response;
-use rs_common::pki::{CaError, CertSpec, Identity, Role};
-use rs_common::server::{Peer, Refusal};
-use rs_common::{ComponentKind, CustomerId, RsId, Timestamp};
+use rs_net::pki::{CaError, CertSpec, Identity, Role};
+use rs_net::server::{Peer, Refusal};
+use rs_node::ingress::xml_response;
+use rs_protocol::codec::XmlOut;
+use rs_protocol::{ComponentKind, CustomerId, RsId, Timestamp};
+use rs_store::db::DbError;
 use rusqlite::{OptionalExtension, params};
 use warp::Filter;
 
@@ -135,7 +135,7 @@ fn admin_of(peer: &Peer) -> Result<Admin, Refusal> {
 /// `/rs/v1/status/` through while `/rs/v1/status` was checked).
 pub fn admin()
 -> impl Filter<Extract = (Admin,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
-    rs_common::server::peer()
+    rs_net::server::peer()
         .and_then(|p: Peer| async move { admin_of(&p).map_err(warp::reject::custom) })
 }
 
@@ -158,7 +158,7 @@ pub fn provider()
 /// [`admin`] or [`provider`], and scopes what it shows by the grants).
 pub fn gate() -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static
 {
-    rs_common::server::peer()
+    rs_net::server::peer()
         .and(warp::path::full())
         .and_then(|p: Peer, path: warp::path::FullPath| async move {
             if path.as_str().starts_with("/rs/v1/control/") {
@@ -174,7 +174,7 @@ pub fn gate() -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Se
 #[derive(Debug)]
 pub struct Auditor(pub std::sync::Weak<AppServer>);
 
-impl rs_common::server::Observer for Auditor {
+impl rs_net::server::Observer for Auditor {
     fn responded(
         &self,
         peer: &Peer,
@@ -427,7 +427,7 @@ impl AppServer {
                     Ok(c) => c,
                     Err(e) => return Ok(Err(e.into())),
                 };
-                let serial = rs_common::pki::serial_hex(&cert);
+                let serial = rs_net::pki::serial_hex(&cert);
                 exec(
                     &s.0,
                     "UPDATE enrollments SET used_at = ?2, issued = ?3, serial = ?4 WHERE token_hash = ?1",
@@ -442,7 +442,7 @@ impl AppServer {
         Ok(pem)
     }
 
-    /// Renews a component's certificate (`rs_common::enroll` module docs):
+    /// Renews a component's certificate (`rs_net::enroll` module docs):
     /// `body` is a PEM PKCS #7 SignedData over a signing request for the
     /// new key, signed with the component's current certificate, which
     /// must be this CA's, a component's, valid now and not revoked. The new
@@ -456,7 +456,7 @@ impl AppServer {
         };
         let bad = |t: &str| EnrollError::Bad(t.to_owned());
         let p7 = Pkcs7::from_pem(body).map_err(|_| bad("not a PEM PKCS #7 SignedData"))?;
-        let old = rs_common::pki::sole_signer(&p7, "renewal").map_err(EnrollError::Bad)?;
+        let old = rs_net::pki::sole_signer(&p7, "renewal").map_err(EnrollError::Bad)?;
         let ca_key = ca
             .cert()
             .public_key()
@@ -481,7 +481,7 @@ impl AppServer {
             return Err(bad("the signer's certificate is revoked"));
         }
         // The signature (the chain was checked above).
-        let csr = rs_common::pki::signed_content(&p7)
+        let csr = rs_net::pki::signed_content(&p7)
             .map_err(EnrollError::Bad)?
             .ok_or_else(|| bad("the signature does not verify"))?;
         let req = X509Req::from_pem(&csr)
@@ -511,7 +511,7 @@ impl AppServer {
             .map_err(|e| EnrollError::Ca(e.to_string()))??;
         tracing::info!(
             "renewed the certificate of {id}: {old_serial} -> {}",
-            rs_common::pki::serial_hex(&cert)
+            rs_net::pki::serial_hex(&cert)
         );
         cert.to_pem()
             .map_err(|e| EnrollError::Bad(format!("openssl: {e}")))
@@ -633,7 +633,7 @@ pub fn public_routes(
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
     let enroll = {
         let app = app.clone();
-        rs_common::enroll::request().then(move |auth: Option<String>, body: bytes::Bytes| {
+        rs_net::enroll::request().then(move |auth: Option<String>, body: bytes::Bytes| {
             let app = app.clone();
             async move {
                 let token = auth
@@ -706,7 +706,7 @@ pub fn public_routes(
         .as_ref()
         .and_then(|t| t.crl.clone())
         .or_else(|| app.cfg.ca.as_ref().map(|c| c.dir.join("crl.pem")));
-    enroll.or(rs_common::tls::crl_route(path)).unify()
+    enroll.or(rs_net::tls::crl_route(path)).unify()
 }
 
 fn bad(text: impl Into<String>) -> warp::reply::Response {

@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
-use rs_common::codec::api::{GroupDef, Job, JobTarget};
-use rs_common::codec::{RawMessage, encode_header};
-use rs_common::db::{Db, DbError, Plain};
-use rs_common::model::{ContentKind, Severity};
-use rs_common::{ComponentKind, CustomerId, MessageId, RsId, Timestamp};
+use rs_protocol::codec::api::{GroupDef, Job, JobTarget};
+use rs_protocol::codec::{RawMessage, encode_header};
+use rs_protocol::model::{ContentKind, Severity};
+use rs_protocol::{ComponentKind, CustomerId, MessageId, RsId, Timestamp};
+use rs_store::db::{Db, DbError, Plain};
 use rusqlite::{Connection, OptionalExtension, params};
 
 const SCHEMA: &str = "
@@ -243,12 +243,12 @@ pub struct Incoming {
     /// and its root state.
     pub status: Option<(Vec<u8>, String)>,
     /// For responses: what they answer, from whom, the outcome and result.
-    pub response: Option<(MessageId, RsId, rs_common::Outcome, Option<String>)>,
+    pub response: Option<(MessageId, RsId, rs_protocol::Outcome, Option<String>)>,
     /// For upload requests: the server's answer, recorded with the request
     /// (and then no peripheral tasks: the file's announcement gets them).
     pub bulk: Option<crate::bulk::Decided>,
     /// How it came sealed (stored opened).
-    pub seal: Option<rs_common::Seal>,
+    pub seal: Option<rs_protocol::Seal>,
 }
 
 impl Incoming {
@@ -379,7 +379,7 @@ fn via_of(m: &RawMessage) -> String {
 
 impl Store {
     pub fn open(path: &std::path::Path) -> Result<Self, DbError> {
-        let conn = rs_common::db::open(path)?;
+        let conn = rs_store::db::open(path)?;
         conn.execute_batch(MESSAGES)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::security::SCHEMA)?;
@@ -643,7 +643,7 @@ pub(crate) fn ingest_in(
                 inc.header,
                 m.content_type,
                 &m.content[..],
-                inc.seal.map(rs_common::Seal::as_str),
+                inc.seal.map(rs_protocol::Seal::as_str),
             ],
         )?;
         if n == 0 {
@@ -840,7 +840,7 @@ impl Store {
         again: Duration,
         limit: usize,
     ) -> Result<Vec<RawMessage>, DbError> {
-        let limits = rs_common::codec::Limits::default();
+        let limits = rs_protocol::codec::Limits::default();
         self.db
             .write(move |s| {
                 let before = now.as_millis() - i64::try_from(again.as_millis()).unwrap_or(i64::MAX);
@@ -859,7 +859,7 @@ impl Store {
                 };
                 for (id, content_type, header, content) in rows {
                     let Ok((header, kind, data)) =
-                        rs_common::codec::decode_header_part(&header, &limits)
+                        rs_protocol::codec::decode_header_part(&header, &limits)
                     else {
                         continue;
                     };

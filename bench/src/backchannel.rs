@@ -17,11 +17,11 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rs_common::codec::Limits;
-use rs_common::codec::api::{GroupDef, decode_job, encode_group};
-use rs_common::control::{NodeState, StatusNode, status_message};
-use rs_common::model::EnvelopeMeta;
-use rs_common::{ComponentKind, CustomerId, RsId, Timestamp};
+use rs_protocol::codec::Limits;
+use rs_protocol::codec::api::{GroupDef, decode_job, encode_group};
+use rs_protocol::control::{NodeState, StatusNode, status_message};
+use rs_protocol::model::EnvelopeMeta;
+use rs_protocol::{ComponentKind, CustomerId, RsId, Timestamp};
 use rs_tests::deploy::{Deployment, Extra, server_metrics};
 
 use crate::{Figure, percentile, spread};
@@ -179,13 +179,13 @@ pub(crate) async fn simulate(http: &reqwest::Client, m: &str, ids: &[RsId]) -> a
         };
         let msg = status_message(
             id.clone(),
-            rs_common::control::SUB_COLD_START,
+            rs_protocol::control::SUB_COLD_START,
             &tree,
             now,
             Duration::from_secs(3600),
             5,
         );
-        let mut w = rs_common::codec::EnvelopeWriter::new(&meta);
+        let mut w = rs_protocol::codec::EnvelopeWriter::new(&meta);
         w.push(&msg);
         let enc = w.finish();
         let r = http

@@ -17,9 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rs_common::codec::EnvelopeWriter;
-use rs_common::model::*;
-use rs_common::{RsId, Timestamp};
+use rs_protocol::codec::EnvelopeWriter;
+use rs_protocol::model::*;
+use rs_protocol::{RsId, Timestamp};
 use rs_tests::deploy::{Deployment, Extra, server_metrics};
 
 use crate::{Figure, spread};
@@ -126,14 +126,14 @@ fn make_file(path: &Path, size: u64, seed: u8) -> anyhow::Result<String> {
         f.write_all(&[seed, 1, 2, 3, 4, 5, 6, 7])?;
     }
     drop(f);
-    let (_, h) = rs_common::bulk::hash_file(path, None)?;
-    Ok(rs_common::codec::sha256_hex(&h.finish()))
+    let (_, h) = rs_net::bulk::hash_file(path, None)?;
+    Ok(rs_protocol::codec::sha256_hex(&h.finish()))
 }
 
 /// Posts `m` from component `from` straight to the server `a` (empty for
 /// a pure poll); returns the back-channel messages on the reply.
 async fn post_as(a: &str, from: &str, m: Option<Message>) -> anyhow::Result<Vec<Message>> {
-    let up = rs_common::upstream::Upstream::new(rs_common::upstream::UpstreamConfig {
+    let up = rs_node::upstream::Upstream::new(rs_node::upstream::UpstreamConfig {
         urls: vec![format!("http://{a}")],
         ..Default::default()
     })
@@ -156,7 +156,7 @@ async fn grant(a: &str, size: u64, sha: &str) -> anyhow::Result<String> {
     let m = rs_tests::upload_request(
         &RsId::new(from)?,
         size,
-        rs_common::codec::parse_sha256(sha).map_err(anyhow::Error::msg)?,
+        rs_protocol::codec::parse_sha256(sha).map_err(anyhow::Error::msg)?,
     );
     let id = m.header.id.clone();
     for b in post_as(a, from, Some(m)).await? {
@@ -175,12 +175,12 @@ async fn grant(a: &str, size: u64, sha: &str) -> anyhow::Result<String> {
 /// Seconds for one PUT of `file` to `url` (201 expected).
 async fn put(url: &str, file: &Path, size: u64) -> anyhow::Result<f64> {
     let t0 = Instant::now();
-    let answer = rs_common::bulk::Client::new(None)
+    let answer = rs_net::bulk::Client::new(None)
         .map_err(anyhow::Error::msg)?
         .put_file(url, file, 0, size)
         .await;
     anyhow::ensure!(
-        answer == rs_common::bulk::Answer::Complete,
+        answer == rs_net::bulk::Answer::Complete,
         "upload to {url}: {answer}"
     );
     Ok(t0.elapsed().as_secs_f64())
@@ -218,13 +218,13 @@ async fn publish(a: &str, file: &Path, name: &str) -> anyhow::Result<[u8; 32]> {
         .send()
         .await?;
     anyhow::ensure!(r.status().is_success(), "publish: {}", r.status());
-    let f = rs_common::codec::api::decode_file(&r.bytes().await?, &Default::default())?;
+    let f = rs_protocol::codec::api::decode_file(&r.bytes().await?, &Default::default())?;
     Ok(f.sha256)
 }
 
 /// Offers a published file to `to` (ids) or a group.
 async fn offer(a: &str, sha: [u8; 32], to: &[RsId], groups: &[String]) -> anyhow::Result<()> {
-    let req = rs_common::codec::api::OfferRequest {
+    let req = rs_protocol::codec::api::OfferRequest {
         to: to.to_vec(),
         groups: groups.to_vec(),
         sha256: sha,
@@ -235,7 +235,7 @@ async fn offer(a: &str, sha: [u8; 32], to: &[RsId], groups: &[String]) -> anyhow
     };
     let r = reqwest::Client::new()
         .post(format!("http://{a}/rs/v1/control/offer"))
-        .body(rs_common::codec::api::encode_offer_request(&req))
+        .body(rs_protocol::codec::api::encode_offer_request(&req))
         .send()
         .await?;
     anyhow::ensure!(r.status().is_success(), "offer: {}", r.text().await?);

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rs_common::model::*;
-use rs_common::{MessageId, RsId, Timestamp};
+use rs_protocol::model::*;
+use rs_protocol::{MessageId, RsId, Timestamp};
 use rs_tests::deploy::Deployment;
 
 use crate::{Figure, percentile, spread};
@@ -140,7 +140,7 @@ async fn one(
                 let mut lat = Vec::with_capacity(ENVELOPES);
                 for e in 0..ENVELOPES {
                     let meta = EnvelopeMeta::new(id.clone(), Timestamp::now());
-                    let mut w = rs_common::codec::EnvelopeWriter::new(&meta);
+                    let mut w = rs_protocol::codec::EnvelopeWriter::new(&meta);
                     for i in 0..PER_ENVELOPE {
                         w.push(&alarm(&id, e * PER_ENVELOPE + i));
                     }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rs_common::codec::EnvelopeWriter;
-use rs_common::model::EnvelopeMeta;
-use rs_common::{RsId, Timestamp};
+use rs_protocol::codec::EnvelopeWriter;
+use rs_protocol::model::EnvelopeMeta;
+use rs_protocol::{RsId, Timestamp};
 use rs_tests::deploy::{Deployment, Extra};
 
 use crate::Figure;

@@ -172,8 +172,8 @@ fn codec() -> Result<Vec<Figure>, String> {
         "--",
         "--noplot",
     ]))?;
-    let env = rs_common::samples::bench_envelope();
-    let bytes = rs_common::encode_envelope(&env).body.len() as f64;
+    let env = rs_protocol::samples::bench_envelope();
+    let bytes = rs_protocol::encode_envelope(&env).body.len() as f64;
     let messages = env.messages.len() as f64;
     let command = "cargo run --release -p rs-bench -- codec".to_owned();
     let at = now();

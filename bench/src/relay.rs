@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use rs_common::codec::EnvelopeWriter;
-use rs_common::model::*;
-use rs_common::{MessageId, RsId, Timestamp};
+use rs_protocol::codec::EnvelopeWriter;
+use rs_protocol::model::*;
+use rs_protocol::{MessageId, RsId, Timestamp};
 use rs_tests::deploy::Deployment;
 
 use crate::{Figure, spread};

@@ -13,10 +13,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rs_common::RsId;
-use rs_common::model::ContentKind;
-use rs_common::throttle::{Per, Period, Rule, Subject, Throttle, ThrottleConfig};
-use rs_common::upstream::SystemClock;
+use rs_node::throttle::{Per, Period, Rule, Subject, Throttle, ThrottleConfig};
+use rs_protocol::RsId;
+use rs_protocol::model::ContentKind;
+use rs_protocol::time::SystemClock;
 use rs_tests::deploy::{Deployment, Extra};
 
 use crate::Figure;

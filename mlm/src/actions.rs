@@ -6,13 +6,13 @@
 
 use std::sync::atomic::Ordering;
 
-use rs_common::codec::RawMessage;
-use rs_common::control::{
+use rs_protocol::codec::RawMessage;
+use rs_protocol::control::{
     Answer, ControlAction, action_of, answer_config, answer_ok, answer_refused, answer_status,
     answer_with, response_message,
 };
-use rs_common::outbox::Claim;
-use rs_common::spool::{DeadLetterAction, Spool as _, apply_dead_letters};
+use rs_store::outbox::Claim;
+use rs_store::spool::{DeadLetterAction, Spool as _, apply_dead_letters};
 
 use crate::Mlm;
 
@@ -61,7 +61,7 @@ pub async fn apply_own(mlm: &Mlm, m: &RawMessage) -> Result<(), String> {
                 m.header.class.subclass,
                 answer.0
             );
-            rs_common::crash_point("mlm-action-applied");
+            rs_node::daemon::crash_point("mlm-action-applied");
             answer
         }
     };
@@ -109,7 +109,7 @@ async fn answer(mlm: &Mlm, m: &RawMessage) -> Answer {
                 );
             };
             let identity = vec![mlm.cfg.id.clone(), mlm.cfg.data_dir.display().to_string()];
-            match rs_common::config_file::change(path, config, &identity, |text| {
+            match rs_node::config_file::change(path, config, &identity, |text| {
                 let c = crate::Config::parse(text)?;
                 Ok(vec![c.id, c.data_dir.display().to_string()])
             }) {

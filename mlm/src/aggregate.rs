@@ -11,9 +11,9 @@
 
 use std::time::Duration;
 
-use rs_common::db::{Db, DbError, Plain};
-use rs_common::model::*;
-use rs_common::{MessageId, RsId, Timestamp};
+use rs_protocol::model::*;
+use rs_protocol::{MessageId, RsId, Timestamp};
+use rs_store::db::{Db, DbError, Plain};
 use rusqlite::params;
 
 const SCHEMA: &str = "
@@ -70,7 +70,7 @@ fn rank(s: Severity) -> i64 {
 
 impl AggregationQueue {
     pub fn open(path: &std::path::Path) -> Result<Self, DbError> {
-        let conn = rs_common::db::open(path)?;
+        let conn = rs_store::db::open(path)?;
         conn.execute_batch(SCHEMA)?;
         Ok(AggregationQueue {
             db: Db::start("rs-mlm-aggregation", Plain(conn))?,

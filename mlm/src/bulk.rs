@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
-use rs_common::bulk::{ContentRange, UPLOAD_COMPLETE, UPLOAD_LENGTH, UPLOAD_OFFSET};
-use rs_common::model::{ContentKind, Direction};
-use rs_common::throttle::Held;
+use rs_net::bulk::{ContentRange, UPLOAD_COMPLETE, UPLOAD_LENGTH, UPLOAD_OFFSET};
+use rs_node::throttle::Held;
+use rs_protocol::model::{ContentKind, Direction};
 use serde::{Deserialize, Serialize};
 use warp::Filter;
 
@@ -69,23 +69,26 @@ pub struct Stats {
 
 /// Whether an upload request may pass this MLM; the outcome to answer if
 /// not.
-pub fn check_request(mlm: &Mlm, raw: &rs_common::codec::RawMessage) -> Option<rs_common::Outcome> {
+pub fn check_request(
+    mlm: &Mlm,
+    raw: &rs_protocol::codec::RawMessage,
+) -> Option<rs_protocol::Outcome> {
     if raw.kind != ContentKind::BulkRequest {
         return None;
     }
     let max = mlm.cfg.bulk.max_upload_bytes?;
     let full = match raw.clone().decode(&mlm.cfg.limits()) {
         Ok(m) => m,
-        Err(e) => return Some(rs_common::Outcome::rejected("invalid", e.to_string())),
+        Err(e) => return Some(rs_protocol::Outcome::rejected("invalid", e.to_string())),
     };
     match full.content {
-        rs_common::model::Content::BulkRequest(b)
+        rs_protocol::model::Content::BulkRequest(b)
             if b.direction == Direction::Upload && b.size > max =>
         {
             mlm.bulk_stats
                 .requests_refused
                 .fetch_add(1, Ordering::Relaxed);
-            Some(rs_common::Outcome::rejected(
+            Some(rs_protocol::Outcome::rejected(
                 "too-large",
                 format!(
                     "{} bytes exceed the upload limit of {max} bytes at {}",
@@ -115,7 +118,7 @@ async fn pass_down(r: Result<reqwest::Response, reqwest::Error>) -> warp::reply:
         Err(e) => {
             return text(
                 StatusCode::BAD_GATEWAY,
-                format!("upstream: {}", rs_common::upstream::error_chain(&e)),
+                format!("upstream: {}", rs_net::http::error_chain(&e)),
             );
         }
     };
@@ -135,7 +138,7 @@ async fn pass_down(r: Result<reqwest::Response, reqwest::Error>) -> warp::reply:
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let body = rs_common::upstream::short_text(resp, 4096).await;
+    let body = rs_net::http::short_text(resp, 4096).await;
     let mut out = warp::reply::Response::new(format!("{body}\n").into());
     *out.status_mut() = status;
     for (k, v) in keep {
@@ -148,7 +151,7 @@ fn upstream_url(mlm: &Mlm, token: &str) -> String {
     format!(
         "{}{}{token}",
         mlm.upstream.current_url().trim_end_matches('/'),
-        rs_common::bulk::PATH
+        rs_net::bulk::PATH
     )
 }
 
@@ -162,7 +165,7 @@ pub fn routes(mlm: Arc<Mlm>) -> warp::filters::BoxedFilter<(warp::reply::Respons
             .then(move |token: String| {
                 let mlm = mlm.clone();
                 async move {
-                    if !rs_common::bulk::is_token(&token) {
+                    if !rs_net::bulk::is_token(&token) {
                         return text(StatusCode::NOT_FOUND, "no such upload URL");
                     }
                     pass_down(
@@ -206,13 +209,13 @@ pub fn routes(mlm: Arc<Mlm>) -> warp::filters::BoxedFilter<(warp::reply::Respons
 /// `GET /rs/v1/bulk/{token}`: a cached download, for the destinations
 /// behind this MLM.
 async fn serve(mlm: &Mlm, token: &str, range: Option<String>) -> warp::reply::Response {
-    if !rs_common::bulk::is_token(token) {
+    if !rs_net::bulk::is_token(token) {
         return text(StatusCode::NOT_FOUND, "no such file URL");
     }
     match mlm.cache.lookup(token, mlm.clock.now()).await {
         Ok(Some((path, size))) => {
             let range = range.and_then(|r| http::HeaderValue::from_str(&r).ok());
-            rs_common::bulk::serve_file(
+            rs_net::bulk::serve_file(
                 &path,
                 size,
                 range.as_ref(),
@@ -235,7 +238,7 @@ where
     S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + 'static + ?Sized,
     B: bytes::Buf + Send + 'static,
 {
-    if !rs_common::bulk::is_token(&token) {
+    if !rs_net::bulk::is_token(&token) {
         return text(StatusCode::NOT_FOUND, "no such upload URL");
     }
     let Some(len) = headers
@@ -278,7 +281,7 @@ where
         let counter = counter.clone();
         async move {
             let mut body = state?;
-            match rs_common::bulk::next_chunk(&mut body, idle).await {
+            match rs_net::bulk::next_chunk(&mut body, idle).await {
                 Ok(Some(b)) => {
                     counter.fetch_add(b.len() as u64, Ordering::Relaxed);
                     Some((Ok(b), Some(body)))

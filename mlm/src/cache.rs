@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rs_common::Timestamp;
-use rs_common::bulk::{self, Answer};
-use rs_common::db::{Db, DbError, Plain};
-use rs_common::throttle::Held;
+use rs_net::bulk::{self, Answer};
+use rs_node::throttle::Held;
+use rs_protocol::Timestamp;
+use rs_store::db::{Db, DbError, Plain};
 use rusqlite::{OptionalExtension as _, params};
 
 use crate::Mlm;
@@ -77,11 +77,11 @@ struct Entry {
 impl Cache {
     pub fn open(
         data_dir: &std::path::Path,
-        tls: Option<&rs_common::tls::TlsConfig>,
+        tls: Option<&rs_net::tls::TlsConfig>,
     ) -> anyhow::Result<Self> {
         let dir = data_dir.join("cache");
         std::fs::create_dir_all(&dir)?;
-        let conn = rs_common::db::open(&data_dir.join("cache.db"))?;
+        let conn = rs_store::db::open(&data_dir.join("cache.db"))?;
         conn.execute_batch(SCHEMA)?;
         Ok(Cache {
             db: Db::start("rs-mlm-cache", Plain(conn))?,
@@ -285,13 +285,6 @@ impl Cache {
     }
 }
 
-/// Backoff after a failed fetch: 1 s doubling to 5 minutes, with jitter.
-fn backoff(attempts: u32) -> Duration {
-    Duration::from_secs(1u64 << attempts.min(8))
-        .min(Duration::from_secs(300))
-        .mul_f64(0.75 + fastrand::f64() / 2.0)
-}
-
 /// The fetcher and evictor: runs until `stop`.
 pub async fn run(mlm: Arc<Mlm>, stop: tokio_util::sync::CancellationToken) {
     // A stop between marking a file cached and releasing its held copies
@@ -430,7 +423,10 @@ async fn fetch_one(mlm: &Mlm, e: &Entry) -> Result<(), String> {
                     &e.sha,
                     "fetching",
                     e.attempts + 1,
-                    now.saturating_add(backoff(e.attempts)),
+                    now.saturating_add(rs_net::retry::backoff(
+                        e.attempts,
+                        Duration::from_secs(300),
+                    )),
                     Some(why),
                 )
                 .await

@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
-use rs_common::Outcome;
-use rs_common::codec::RawMessage;
+use rs_protocol::Outcome;
+use rs_protocol::codec::RawMessage;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::Mlm;

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rs_common::codec::Limits;
-use rs_common::{ComponentKind, RsId};
+use rs_protocol::codec::Limits;
+use rs_protocol::{ComponentKind, RsId};
 use serde::{Deserialize, Serialize};
 
 /// `mlm.toml`.
@@ -48,7 +48,7 @@ pub struct Config {
     pub spool: SpoolSection,
     /// Decoder limits for what arrives (docs/protocol.md, Limits).
     #[serde(default)]
-    pub limits: rs_common::ingress::LimitsSection,
+    pub limits: rs_node::ingress::LimitsSection,
     /// Discard messages that match.
     #[serde(default)]
     pub filter: Vec<FilterRule>,
@@ -63,14 +63,14 @@ pub struct Config {
     pub drop_repeats: Vec<RepeatRule>,
     /// What may come in when (docs/configuration.md, Throttle).
     #[serde(default)]
-    pub throttle: rs_common::throttle::ThrottleConfig,
+    pub throttle: rs_node::throttle::ThrottleConfig,
     /// Uploads relayed through this MLM.
     #[serde(default)]
     pub bulk: crate::bulk::BulkSection,
     /// TLS with mutual authentication (docs/security.md), for the listener
     /// and the upstream client. Without it: plain HTTP, no identities.
     #[serde(default)]
-    pub tls: Option<rs_common::tls::TlsConfig>,
+    pub tls: Option<rs_net::tls::TlsConfig>,
     /// A one-time enrollment token: when `tls.cert` does not exist yet the
     /// MLM creates its key and obtains its certificate with it on start.
     #[serde(default)]
@@ -79,7 +79,7 @@ pub struct Config {
     /// summaries, answers): docs/security.md, Payload seals. Needs `[tls]`.
     /// Messages relayed from below keep whatever seal they came with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seal: Option<rs_common::seal::SealConfig>,
+    pub seal: Option<rs_net::seal::SealConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -197,7 +197,7 @@ impl Config {
         if id.kind() != ComponentKind::Mlm {
             return Err(format!("id {:?} is not an MLM ID (like acme.m1)", c.id));
         }
-        rs_common::upstream::check_urls(&c.upstream.urls)?;
+        rs_node::upstream::check_urls(&c.upstream.urls)?;
         if c.seal.is_some() && c.tls.is_none() {
             return Err(
                 "[seal] needs [tls]: messages are sealed with this MLM's certificate".into(),
@@ -205,9 +205,9 @@ impl Config {
         }
         // Build the modules once to report rule errors at load time.
         crate::modules::build(&c)?;
-        rs_common::throttle::Throttle::new(
+        rs_node::throttle::Throttle::new(
             &c.throttle,
-            std::sync::Arc::new(rs_common::upstream::SystemClock),
+            std::sync::Arc::new(rs_protocol::time::SystemClock),
             None,
             None,
         )?;

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rs_common::auth::Caller;
-use rs_common::codec::{EnvelopeWriter, RawEnvelope, RawMessage};
-use rs_common::ingress::{MAX_OFFER, envelope, envelope_response, offer_back_channel};
-use rs_common::model::{Advice, Content, EnvelopeMeta, Hop};
-use rs_common::spool::{Enqueued, Spool as _};
-use rs_common::upstream::PostError;
-use rs_common::{MessageId, Outcome, Timestamp};
+use rs_net::auth::Caller;
+use rs_node::ingress::{MAX_OFFER, envelope, envelope_response, offer_back_channel};
+use rs_node::upstream::PostError;
+use rs_protocol::codec::{EnvelopeWriter, RawEnvelope, RawMessage};
+use rs_protocol::model::{Advice, Content, EnvelopeMeta, Hop};
+use rs_protocol::{MessageId, Outcome, Timestamp};
+use rs_store::spool::{Enqueued, Spool as _};
 use warp::Filter;
 
 use crate::Mlm;
@@ -46,12 +46,12 @@ pub fn route(
     let timeout = Duration::from_secs(mlm.cfg.body_timeout_secs);
     warp::path!("rs" / "v1" / "envelope")
         .and(warp::post())
-        .and(rs_common::auth::caller_filter())
+        .and(rs_net::auth::caller_filter())
         .and(envelope(limits, timeout))
         .then(move |caller: Caller, env: RawEnvelope| {
             let mlm = mlm.clone();
             async move {
-                match rs_common::auth::screen(&caller, &mlm.id, &env, &mlm.auth) {
+                match rs_net::auth::screen(&caller, &mlm.id, &env, &mlm.auth) {
                     Ok(refused) => handle(&mlm, &caller, env, refused).await,
                     Err(r) => r.response(),
                 }
@@ -91,7 +91,7 @@ async fn handle(
     let poll = env.meta.poll;
     let ids_empty = ids.is_empty();
     // Who is behind the caller: the sources of what it sends.
-    let mut sources: Vec<rs_common::RsId> = env
+    let mut sources: Vec<rs_protocol::RsId> = env
         .messages
         .iter()
         .zip(&outcomes)
@@ -127,7 +127,7 @@ async fn handle(
                 .iter()
                 .filter(|(_, dest)| match caller {
                     Caller::Open => true,
-                    Caller::Component(p) => rs_common::auth::may_speak_for(p, &mlm.id, dest),
+                    Caller::Component(p) => rs_net::auth::may_speak_for(p, &mlm.id, dest),
                 })
                 .cloned(),
         );
@@ -204,7 +204,7 @@ async fn handle(
                     outcomes[i] = Some(o);
                     continue;
                 }
-                if let rs_common::throttle::Decision::Wait { after, why } =
+                if let rs_node::throttle::Decision::Wait { after, why } =
                     mlm.throttle.check_raw(&raw)
                 {
                     // The sender keeps custody and comes back then.
@@ -278,7 +278,7 @@ async fn handle(
     // Pass on the interval the upstream asks for, so settings cannot drift.
     meta.advice = Some(Advice {
         heartbeat: Some(mlm.sender_stats.heartbeat(mlm.cfg.heartbeat())),
-        poll_hold: Some(rs_common::ingress::MAX_HOLD),
+        poll_hold: Some(rs_node::ingress::MAX_HOLD),
         resume_after: if ids_empty {
             None
         } else {
@@ -309,7 +309,7 @@ async fn handle(
 }
 
 /// Copies of a back-channel message, by the next hop each goes to.
-type Copies = Vec<(rs_common::RsId, RawMessage)>;
+type Copies = Vec<(rs_protocol::RsId, RawMessage)>;
 
 /// Takes back-channel messages from upstream into this MLM's queue: one
 /// copy per next hop, listing the destinations behind it (the MLM nearest
@@ -323,7 +323,7 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
     let mut for_me = Vec::new();
     let mut failed = Vec::new();
     for m in msgs {
-        let mut by_hop: std::collections::BTreeMap<rs_common::RsId, Vec<rs_common::RsId>> =
+        let mut by_hop: std::collections::BTreeMap<rs_protocol::RsId, Vec<rs_protocol::RsId>> =
             Default::default();
         for d in m.header.destinations() {
             if *d == mlm.id {
@@ -353,7 +353,7 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
         let mut these = Vec::new();
         for (hop, dests) in by_hop {
             let mut c = m.clone();
-            c.header.route = rs_common::Route::Destination(rs_common::model::Destination::new(
+            c.header.route = rs_protocol::Route::Destination(rs_protocol::model::Destination::new(
                 dests,
                 m.header.expiry(),
             ));
@@ -364,7 +364,7 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
                 sent: Some(now),
             });
             if let Some((_, _, b)) = &offer {
-                c = rs_common::model::Message {
+                c = rs_protocol::model::Message {
                     header: c.header,
                     content: Content::BulkRequest(b.clone()),
                 }
@@ -434,8 +434,8 @@ async fn release_if_cached(mlm: &Mlm, sha: String) {
 async fn download_offer(
     mlm: &Mlm,
     m: &RawMessage,
-) -> Result<Option<(String, bool, rs_common::model::BulkRequest)>, String> {
-    if m.kind != rs_common::model::ContentKind::BulkRequest {
+) -> Result<Option<(String, bool, rs_protocol::model::BulkRequest)>, String> {
+    if m.kind != rs_protocol::model::ContentKind::BulkRequest {
         return Ok(None);
     }
     let full = m
@@ -445,13 +445,13 @@ async fn download_offer(
     let Content::BulkRequest(mut b) = full.content else {
         return Ok(None);
     };
-    if b.direction != rs_common::model::Direction::Download {
+    if b.direction != rs_protocol::model::Direction::Download {
         return Ok(None);
     }
     let Some(source) = b.url.clone() else {
         return Err("a download offer without a URL".into());
     };
-    let sha = rs_common::codec::sha256_hex(&b.sha256);
+    let sha = rs_protocol::codec::sha256_hex(&b.sha256);
     let (url, cached) = mlm
         .cache
         .want(sha.clone(), b.name.clone(), b.size, source, mlm.clock.now())
@@ -464,7 +464,7 @@ async fn download_offer(
 /// Acknowledgements of messages taken down from relayed replies, and
 /// deliveries in the subtree, for the next POST upstream (relayed or the
 /// MLM's own).
-fn take_notices(mlm: &Mlm) -> (Vec<MessageId>, Vec<(MessageId, rs_common::RsId)>) {
+fn take_notices(mlm: &Mlm) -> (Vec<MessageId>, Vec<(MessageId, rs_protocol::RsId)>) {
     let acks = mlm
         .upstream_acks
         .lock()
@@ -482,7 +482,7 @@ fn take_notices(mlm: &Mlm) -> (Vec<MessageId>, Vec<(MessageId, rs_common::RsId)>
 #[derive(Debug)]
 pub struct Downstream(pub std::sync::Arc<Mlm>);
 
-impl rs_common::upstream::BackChannel for Downstream {
+impl rs_node::upstream::BackChannel for Downstream {
     fn receive(
         &self,
         msgs: Vec<RawMessage>,
@@ -490,7 +490,7 @@ impl rs_common::upstream::BackChannel for Downstream {
         Box::pin(take_down(&self.0, msgs))
     }
 
-    fn take_notices(&self) -> (Vec<MessageId>, Vec<(MessageId, rs_common::RsId)>) {
+    fn take_notices(&self) -> (Vec<MessageId>, Vec<(MessageId, rs_protocol::RsId)>) {
         take_notices(&self.0)
     }
 }
@@ -523,7 +523,7 @@ async fn custody(mlm: &Mlm, forward: &[(usize, RawMessage)], now: Timestamp) -> 
 async fn post(
     mlm: &Mlm,
     batch: &[&RawMessage],
-) -> Result<rs_common::codec::RawEnvelope, PostError> {
+) -> Result<rs_protocol::codec::RawEnvelope, PostError> {
     let sent = mlm.clock.now();
     let mut meta = EnvelopeMeta::new(mlm.id.clone(), sent);
     let (acks, delivered) = take_notices(mlm);

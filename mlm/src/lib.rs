@@ -18,19 +18,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rs_common::RsId;
-use rs_common::codec::encode_status;
-use rs_common::control::{
+use rs_net::server::{ServeConfig, finish, serve_tcp};
+use rs_node::ingress::xml_response;
+use rs_node::upstream::{Sender, SenderConfig, SenderStats, Upstream, UpstreamConfig};
+use rs_protocol::RsId;
+use rs_protocol::codec::encode_status;
+use rs_protocol::control::{
     NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode, status_message,
 };
-use rs_common::ingress::xml_response;
-use rs_common::model::*;
-use rs_common::server::{ServeConfig, finish, serve_tcp};
-use rs_common::spool::sqlite::SqliteSpool;
-use rs_common::spool::{Spool, SpoolConfig};
-use rs_common::upstream::{
-    Clock, Sender, SenderConfig, SenderStats, SystemClock, Upstream, UpstreamConfig,
-};
+use rs_protocol::model::*;
+use rs_protocol::time::{Clock, SystemClock};
+use rs_store::spool::sqlite::SqliteSpool;
+use rs_store::spool::{Spool, SpoolConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use warp::Filter;
@@ -47,31 +46,31 @@ pub struct Mlm {
     pub spool: SqliteSpool,
     pub upstream: Arc<Upstream>,
     /// What may come in now (forwarding and custody alike).
-    pub throttle: Arc<rs_common::throttle::Throttle>,
+    pub throttle: Arc<rs_node::throttle::Throttle>,
     pub stats: forward::Stats,
     pub sender_stats: Arc<SenderStats>,
     pub clock: Arc<dyn Clock>,
-    pub started: rs_common::Timestamp,
+    pub started: rs_protocol::Timestamp,
     /// Cancelled when the MLM begins to stop (ends held long polls).
     pub stopping: CancellationToken,
     /// The back-channel queue for the subtree, and its routes.
-    pub outbox: rs_common::outbox::Outbox,
+    pub outbox: rs_store::outbox::Outbox,
     /// Woken when back-channel messages are queued.
-    pub outbox_ready: Arc<rs_common::ingress::BackChannelReady>,
+    pub outbox_ready: Arc<rs_node::ingress::BackChannelReady>,
     /// Back-channel messages received on relayed replies, to acknowledge
     /// upstream on the next relayed POST.
-    pub upstream_acks: std::sync::Mutex<Vec<rs_common::MessageId>>,
+    pub upstream_acks: std::sync::Mutex<Vec<rs_protocol::MessageId>>,
     /// Deliveries in the subtree (message, final destination) to report
     /// upstream on the next POST.
-    pub delivered_up: std::sync::Mutex<Vec<(rs_common::MessageId, RsId)>>,
+    pub delivered_up: std::sync::Mutex<Vec<(rs_protocol::MessageId, RsId)>>,
     /// Envelopes being handled (backpressure advice).
-    pub load: rs_common::ingress::Load,
+    pub load: rs_node::ingress::Load,
     /// The TLS listener's context (`None`: plain HTTP).
-    pub tls: Option<Arc<rs_common::tls::TlsServer>>,
+    pub tls: Option<Arc<rs_net::tls::TlsServer>>,
     /// Seals the messages this MLM makes (`[seal]`).
-    pub sealer: Option<Arc<rs_common::seal::Sealer>>,
+    pub sealer: Option<Arc<rs_net::seal::Sealer>>,
     /// Refusals of callers and of messages they may not send.
-    pub auth: rs_common::auth::Stats,
+    pub auth: rs_net::auth::Stats,
     /// Until when (ms) the upstream asked this MLM to hold back; passed on
     /// to the callers so a storm does not just move up a tier.
     pub upstream_busy_until: std::sync::atomic::AtomicI64,
@@ -84,7 +83,7 @@ pub struct Mlm {
     /// Cancelled to stop the MLM (a signal, or `configChange`).
     pub stop: CancellationToken,
     /// Relays uploads upstream.
-    pub bulk_client: rs_common::bulk::Client,
+    pub bulk_client: rs_net::bulk::Client,
     pub bulk_stats: bulk::Stats,
     /// Downloads fetched once and published for the subtree.
     pub cache: cache::Cache,
@@ -92,13 +91,7 @@ pub struct Mlm {
     pub coalescer: coalesce::Coalescer,
 }
 
-/// How [`run`] ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    Stopped,
-    /// Stopped to start again with the configuration file as it is now.
-    Restart,
-}
+pub use rs_node::daemon::Exit;
 
 impl Mlm {
     pub fn open(
@@ -116,7 +109,7 @@ impl Mlm {
         spool_cfg.dedupe_window = Some(spool_cfg.max_age);
         let spool = SqliteSpool::open(spool_cfg).context("opening the spool")?;
         let throttle = Arc::new(
-            rs_common::throttle::open(&cfg.throttle, Arc::new(SystemClock), &cfg.data_dir)
+            rs_node::throttle::open(&cfg.throttle, Arc::new(SystemClock), &cfg.data_dir)
                 .map_err(anyhow::Error::msg)?,
         );
         let aggregation = aggregate::AggregationQueue::open(&cfg.data_dir.join("mlm.db"))
@@ -140,33 +133,32 @@ impl Mlm {
             stats: forward::Stats::default(),
             sender_stats: Arc::new(SenderStats::default()),
             clock: Arc::new(SystemClock),
-            started: rs_common::Timestamp::now(),
+            started: rs_protocol::Timestamp::now(),
             stopping: CancellationToken::new(),
-            outbox: rs_common::outbox::Outbox::open(&cfg.data_dir.join("outbox.db"))
+            outbox: rs_store::outbox::Outbox::open(&cfg.data_dir.join("outbox.db"))
                 .context("opening the back-channel queue")?,
-            outbox_ready: Arc::new(rs_common::ingress::BackChannelReady::new(cfg.offer_again())),
+            outbox_ready: Arc::new(rs_node::ingress::BackChannelReady::new(cfg.offer_again())),
             upstream_acks: std::sync::Mutex::new(Vec::new()),
             delivered_up: std::sync::Mutex::new(Vec::new()),
             paused: Arc::new(AtomicBool::new(false)),
-            load: rs_common::ingress::Load::new(cfg.busy_envelopes),
+            load: rs_node::ingress::Load::new(cfg.busy_envelopes),
             tls: match &cfg.tls {
-                Some(t) => Some(rs_common::tls::TlsServer::new(t).map_err(anyhow::Error::msg)?),
+                Some(t) => Some(rs_net::tls::TlsServer::new(t).map_err(anyhow::Error::msg)?),
                 None => None,
             },
             sealer: match (&cfg.seal, &cfg.tls) {
                 (Some(seal), Some(tls)) => Some(Arc::new(
-                    rs_common::seal::Sealer::new(tls, seal)
+                    rs_net::seal::Sealer::new(tls, seal)
                         .map_err(|e| anyhow::anyhow!("[seal]: {e}"))?,
                 )),
                 _ => None,
             },
-            auth: rs_common::auth::Stats::default(),
+            auth: rs_net::auth::Stats::default(),
             upstream_busy_until: std::sync::atomic::AtomicI64::new(0),
             config_path,
             restart: AtomicBool::new(false),
             stop,
-            bulk_client: rs_common::bulk::Client::new(cfg.tls.as_ref())
-                .map_err(anyhow::Error::msg)?,
+            bulk_client: rs_net::bulk::Client::new(cfg.tls.as_ref()).map_err(anyhow::Error::msg)?,
             bulk_stats: bulk::Stats::default(),
             cache: cache::Cache::open(&cfg.data_dir, cfg.tls.as_ref())
                 .context("opening the bulk cache")?,
@@ -178,8 +170,7 @@ impl Mlm {
     /// The MLM's status: its own state, queue depths and counters.
     pub async fn status_tree(&self) -> StatusNode {
         let s = &self.stats;
-        let mut metrics: Vec<(&str, u64)> =
-            rs_common::auth::metrics(self.tls.as_deref(), &self.auth);
+        let mut metrics: Vec<(&str, u64)> = rs_net::auth::metrics(self.tls.as_deref(), &self.auth);
         if let Some(seal) = &self.sealer {
             metrics.extend([
                 ("seal.sealed", seal.stats.sealed.load(Ordering::Relaxed)),
@@ -341,12 +332,12 @@ impl Mlm {
         let health = warp::path!("rs" / "v1" / "health")
             .and(warp::get())
             .map(|| warp::reply::Reply::into_response("ok\n"));
-        let crl = rs_common::tls::crl_route(self.cfg.tls.as_ref().and_then(|t| t.crl.clone()));
+        let crl = rs_net::tls::crl_route(self.cfg.tls.as_ref().and_then(|t| t.crl.clone()));
         finish(
             forward::route(self.clone())
                 .or(bulk::routes(self.clone()))
                 .unify()
-                .or(rs_common::server::authenticated().and(status))
+                .or(rs_net::server::authenticated().and(status))
                 .unify()
                 .or(crl)
                 .unify()
@@ -364,7 +355,7 @@ impl Mlm {
 fn enroll_relay(
     mlm: Arc<Mlm>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
-    rs_common::enroll::request().then(move |auth: Option<String>, body: bytes::Bytes| {
+    rs_net::enroll::request().then(move |auth: Option<String>, body: bytes::Bytes| {
         let mlm = mlm.clone();
         async move {
             let mut last = "no upstream".to_owned();
@@ -382,22 +373,22 @@ fn enroll_relay(
                 match req.send().await {
                     Ok(r) => {
                         let status = r.status();
-                        return match rs_common::upstream::bounded_body(r, 1 << 20).await {
+                        return match rs_net::http::bounded_body(r, 1 << 20).await {
                             Ok(b) => {
                                 let mut resp = warp::reply::Response::new(b.into());
                                 *resp.status_mut() = status;
                                 resp
                             }
                             Err(e) => {
-                                rs_common::server::Refusal::new(http::StatusCode::BAD_GATEWAY, e)
+                                rs_net::server::Refusal::new(http::StatusCode::BAD_GATEWAY, e)
                                     .response()
                             }
                         };
                     }
-                    Err(e) => last = rs_common::upstream::error_chain(&e),
+                    Err(e) => last = rs_net::http::error_chain(&e),
                 }
             }
-            let mut r = rs_common::server::Refusal::new(
+            let mut r = rs_net::server::Refusal::new(
                 http::StatusCode::SERVICE_UNAVAILABLE,
                 format!("the upstream is unreachable: {last}"),
             );
@@ -415,12 +406,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Exit> {
-    let _lock = rs_common::datadir::DataDirLock::acquire(&cfg.data_dir, "rs-mlm")
+    let _lock = rs_store::datadir::DataDirLock::acquire(&cfg.data_dir, "rs-mlm")
         .map_err(anyhow::Error::msg)?;
     if let Some(t) = &cfg.tls {
         let want = cfg.rs_id().map_err(anyhow::Error::msg)?;
         // It cannot serve TLS without a certificate: wait for enrollment.
-        rs_common::enroll::ensure_retrying(
+        rs_net::enroll::ensure_retrying(
             t,
             cfg.enroll_token.as_deref(),
             &cfg.upstream.urls,
@@ -433,7 +424,7 @@ pub async fn run(
     let mlm = Mlm::open(cfg, config_path, shutdown.clone())?;
     if let (Some(tls), Some(t)) = (&mlm.tls, &mlm.cfg.tls) {
         // Revocations reach this tier from upstream within the refresh.
-        tokio::spawn(rs_common::enroll::refresh_crl(
+        tokio::spawn(rs_net::enroll::refresh_crl(
             mlm.upstream.http().clone(),
             mlm.cfg.upstream.urls.clone(),
             tls.revocations.clone(),
@@ -444,7 +435,7 @@ pub async fn run(
     if let Some(t) = &mlm.cfg.tls {
         // Renewed before it expires; started again with the new pair.
         let m = mlm.clone();
-        tokio::spawn(rs_common::enroll::renew_loop(
+        tokio::spawn(rs_net::enroll::renew_loop(
             t.clone(),
             mlm.cfg.upstream.urls.clone(),
             mlm.stop.clone(),
@@ -486,14 +477,14 @@ pub async fn run(
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
     let flush = {
         let t = mlm.throttle.clone();
-        tokio::spawn(rs_common::throttle::flush_loop(
+        tokio::spawn(rs_node::throttle::flush_loop(
             move || t.clone(),
             sender_stop.clone(),
         ))
     };
     let fetcher = tokio::spawn(cache::run(mlm.clone(), shutdown.clone()));
     tokio::spawn(coalesce::run(mlm.clone()));
-    tokio::spawn(rs_common::ingress::reoffer_ticker(
+    tokio::spawn(rs_node::ingress::reoffer_ticker(
         mlm.outbox_ready.clone(),
         shutdown.clone(),
     ));
@@ -546,10 +537,10 @@ pub async fn run(
                         tracing::warn!("heartbeat: {e}");
                     }
                     let _ = mlm.spool.release_memory().await;
-                    rs_common::mem::trim();
+                    rs_node::mem::trim();
                 } else if !trimmed && last_beat.elapsed() >= Duration::from_secs(1) {
                     trimmed = true;
-                    rs_common::mem::trim();
+                    rs_node::mem::trim();
                 }
             }
         })

@@ -13,9 +13,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rs_common::codec::{Limits, RawMessage, is_token};
-use rs_common::model::{Content, ContentKind, Detail, MAX_PRECEDENCE, Message, Severity};
-use rs_common::{RsId, Timestamp};
+use rs_protocol::codec::{Limits, RawMessage, is_token};
+use rs_protocol::model::{Content, ContentKind, Detail, MAX_PRECEDENCE, Message, Severity};
+use rs_protocol::{RsId, Timestamp};
 
 use crate::config::{Config, Match};
 
@@ -211,7 +211,7 @@ impl ServiceModule for Modify {
         // make the server refuse the seal).
         let sealed = m.raw.seal().is_some();
         if let Some(p) = self.precedence
-            && let rs_common::Route::Source(s) = &mut m.raw.header.route
+            && let rs_protocol::Route::Source(s) = &mut m.raw.header.route
         {
             s.qos.precedence = p;
         }

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use http::StatusCode;
-use rs_common::RsId;
-use rs_common::model::*;
-use rs_common::spool::Spool as _;
+use rs_protocol::RsId;
+use rs_protocol::model::*;
+use rs_store::spool::Spool as _;
 use serde::{Deserialize, Serialize};
 use warp::Filter;
 
@@ -188,7 +188,7 @@ pub fn routes(
 + Send
 + Sync
 + 'static {
-    rs_common::server::finish(api(proxy))
+    rs_net::server::finish(api(proxy))
 }
 
 /// The API on the loopback TCP listener bound to `bound`: only for requests
@@ -204,7 +204,7 @@ pub fn tcp_routes(
 + Send
 + Sync
 + 'static {
-    rs_common::server::finish(local_host(bound).and(api(proxy)))
+    rs_net::server::finish(local_host(bound).and(api(proxy)))
 }
 
 fn local_host(
@@ -214,7 +214,7 @@ fn local_host(
         .and_then(move |h: Option<String>| async move {
             match h {
                 Some(h) if !is_local_host(&h, bound) => {
-                    Err(warp::reject::custom(rs_common::server::Refusal::new(
+                    Err(warp::reject::custom(rs_net::server::Refusal::new(
                         StatusCode::FORBIDDEN,
                         format!(
                             "Host {h:?} is not this proxy's integrator API: address it as \
@@ -283,7 +283,7 @@ fn api(
         .and(p.clone())
         .and(body::<RegisterIntegrator>())
         .then(|proxy: Arc<Proxy>, req: RegisterIntegrator| async move {
-            if !rs_common::codec::is_token(&req.name) {
+            if !rs_protocol::codec::is_token(&req.name) {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "name must be 1-64 characters of [A-Za-z0-9._-]",
@@ -639,7 +639,7 @@ async fn build(
     proxy: &Proxy,
     kind: ContentKind,
     req: SendRequest,
-) -> Result<rs_common::codec::RawMessage, SubmitError> {
+) -> Result<rs_protocol::codec::RawMessage, SubmitError> {
     let bad = |t: String| SubmitError::Invalid(t);
     let (integ, instance) = resolve(proxy, &req.integrator, req.instance.as_deref()).await?;
     let severity = match &req.severity {
@@ -661,7 +661,7 @@ async fn build(
         req.subclass.clone().unwrap_or_else(|| def_sub.into()),
     );
     for t in [&class.class, &class.subclass] {
-        if !rs_common::codec::is_token(t) {
+        if !rs_protocol::codec::is_token(t) {
             return Err(bad(format!(
                 "class/subclass {t:?}: 1-64 characters of [A-Za-z0-9._-]"
             )));
@@ -686,7 +686,7 @@ async fn build(
     // Everything that goes into the message is checked here, so what is
     // spooled always encodes to what every tier's decoder takes (the
     // codec's default limits) without parsing it back.
-    let limits = rs_common::codec::Limits::default();
+    let limits = rs_protocol::codec::Limits::default();
     if req.details.len() + 2 > limits.max_elements {
         return Err(bad(format!("at most {} details", limits.max_elements - 2)));
     }
@@ -698,7 +698,7 @@ async fn build(
     }
     let mut details = Vec::new();
     for (k, v) in &req.details {
-        if !rs_common::codec::is_token(k) {
+        if !rs_protocol::codec::is_token(k) {
             return Err(bad(format!(
                 "detail name {k:?}: 1-64 characters of [A-Za-z0-9._-]"
             )));
@@ -723,7 +723,7 @@ async fn build(
         }),
         ContentKind::Event => {
             if let Some(k) = &req.kind
-                && !rs_common::codec::is_token(k)
+                && !rs_protocol::codec::is_token(k)
             {
                 return Err(bad(format!(
                     "kind {k:?}: 1-64 characters of [A-Za-z0-9._-]"
@@ -749,7 +749,7 @@ async fn build(
                 .mime
                 .clone()
                 .unwrap_or_else(|| "application/octet-stream".into());
-            if !rs_common::codec::is_mime_type(&mime) {
+            if !rs_protocol::codec::is_mime_type(&mime) {
                 return Err(bad(format!(
                     "mime {mime:?}: type/subtype[; parameters], printable ASCII, at most 255 bytes"
                 )));
@@ -779,7 +779,7 @@ fn check_text(t: &str) -> Result<(), SubmitError> {
     if t.len() > 256 << 10 {
         return Err(SubmitError::Invalid("text longer than 256 KiB".into()));
     }
-    if let Some((_, c)) = rs_common::codec::first_illegal_char(t) {
+    if let Some((_, c)) = rs_protocol::codec::first_illegal_char(t) {
         return Err(SubmitError::Invalid(format!(
             "character U+{:04X} cannot be sent (XML 1.0 does not allow it)",
             c as u32

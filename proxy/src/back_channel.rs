@@ -7,15 +7,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rs_common::codec::RawMessage;
-use rs_common::control::{
+use rs_node::upstream::BackChannel;
+use rs_protocol::codec::RawMessage;
+use rs_protocol::control::{
     Answer, ControlAction, action_of, answer_config, answer_ok, answer_refused, answer_status,
     response_message,
 };
-use rs_common::model::*;
-use rs_common::spool::{DeadLetterAction, apply_dead_letters};
-use rs_common::upstream::BackChannel;
-use rs_common::{MessageId, Outcome};
+use rs_protocol::model::*;
+use rs_protocol::{MessageId, Outcome};
+use rs_store::spool::{DeadLetterAction, apply_dead_letters};
 
 use crate::Proxy;
 use crate::registry::Claim;
@@ -68,7 +68,7 @@ impl BackChannel for Actions {
         })
     }
 
-    fn take_notices(&self) -> (Vec<MessageId>, Vec<(MessageId, rs_common::RsId)>) {
+    fn take_notices(&self) -> (Vec<MessageId>, Vec<(MessageId, rs_protocol::RsId)>) {
         let acks = self
             .proxy
             .download_acks
@@ -88,7 +88,7 @@ impl Actions {
                 .iter()
                 .any(|d| d.is_within(&self.proxy.id))
         {
-            let limits = rs_common::codec::Limits::default();
+            let limits = rs_protocol::codec::Limits::default();
             match m.clone().decode(&limits).map(|f| f.content) {
                 Ok(Content::BulkRequest(b)) if b.direction == Direction::Download => {
                     return crate::download::offered(&self.proxy, m, &b).await;
@@ -145,7 +145,7 @@ impl Actions {
                 }
                 if m.kind == ContentKind::BulkResponse {
                     // The answer to an upload request: no response goes back.
-                    let limits = rs_common::codec::Limits::default();
+                    let limits = rs_protocol::codec::Limits::default();
                     match m.clone().decode(&limits).map(|f| f.content) {
                         Ok(Content::BulkResponse(b)) => crate::bulk::answered(p, &b).await?,
                         Ok(_) => {}
@@ -271,7 +271,7 @@ impl Actions {
 /// a newline, its header part's length, a newline, the header part and the
 /// content.
 fn save(m: &RawMessage) -> Vec<u8> {
-    let header = rs_common::codec::encode_header(&m.header, m.kind, m.data.as_ref());
+    let header = rs_protocol::codec::encode_header(&m.header, m.kind, m.data.as_ref());
     let mut out = format!("{}\n{}\n", m.content_type, header.len()).into_bytes();
     out.extend_from_slice(&header);
     out.extend_from_slice(&m.content);
@@ -285,7 +285,8 @@ fn load(b: &[u8]) -> Option<RawMessage> {
     let rest = parts.next()?;
     let (header, content) = (rest.get(..len)?, rest.get(len..)?);
     let (header, kind, data) =
-        rs_common::codec::decode_header_part(header, &rs_common::codec::Limits::default()).ok()?;
+        rs_protocol::codec::decode_header_part(header, &rs_protocol::codec::Limits::default())
+            .ok()?;
     Some(RawMessage {
         header,
         kind,

@@ -21,12 +21,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rs_common::bulk::Answer;
-use rs_common::db::{Db, DbError, Plain};
-use rs_common::model::*;
-use rs_common::spool::{Fate, Spool as _};
-use rs_common::throttle::Held;
-use rs_common::{MessageId, RsId, Timestamp};
+use rs_net::bulk::Answer;
+use rs_node::throttle::Held;
+use rs_protocol::model::*;
+use rs_protocol::{MessageId, RsId, Timestamp};
+use rs_store::db::{Db, DbError, Plain};
+use rs_store::spool::{Fate, Spool as _};
 use rusqlite::{OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 
@@ -205,7 +205,7 @@ pub struct Uploads {
     pub(crate) db: Db<Plain>,
     /// Woken when a grant arrives or an upload is handed over.
     pub wake: tokio::sync::Notify,
-    pub(crate) client: rs_common::bulk::Client,
+    pub(crate) client: rs_net::bulk::Client,
     /// Uploads (and downloads, `d:` + offer) with a task running.
     active: Mutex<HashSet<String>>,
 }
@@ -213,15 +213,15 @@ pub struct Uploads {
 impl Uploads {
     pub fn open(
         path: &std::path::Path,
-        tls: Option<&rs_common::tls::TlsConfig>,
+        tls: Option<&rs_net::tls::TlsConfig>,
     ) -> anyhow::Result<Self> {
-        let conn = rs_common::db::open(path)?;
+        let conn = rs_store::db::open(path)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::download::SCHEMA)?;
         Ok(Uploads {
             db: Db::start("rs-proxy-bulk", Plain(conn))?,
             wake: tokio::sync::Notify::new(),
-            client: rs_common::bulk::Client::new(tls).map_err(anyhow::Error::msg)?,
+            client: rs_net::bulk::Client::new(tls).map_err(anyhow::Error::msg)?,
             active: Mutex::new(HashSet::new()),
         })
     }
@@ -384,7 +384,7 @@ pub async fn start(proxy: &Proxy, req: UploadRequest) -> Result<Upload, SubmitEr
         req.subclass.clone().unwrap_or_else(|| "file".into()),
     );
     for t in [&class.class, &class.subclass] {
-        if !rs_common::codec::is_token(t) {
+        if !rs_protocol::codec::is_token(t) {
             return Err(bad(format!(
                 "class/subclass {t:?}: 1-64 characters of [A-Za-z0-9._-]"
             )));
@@ -395,7 +395,7 @@ pub async fn start(proxy: &Proxy, req: UploadRequest) -> Result<Upload, SubmitEr
         return Err(bad("precedence must be 0 to 9"));
     }
     let p = path.clone();
-    let (size, hash) = tokio::task::spawn_blocking(move || rs_common::bulk::hash_file(&p, None))
+    let (size, hash) = tokio::task::spawn_blocking(move || rs_net::bulk::hash_file(&p, None))
         .await
         .map_err(|e| SubmitError::Storage(e.to_string()))?
         .map_err(|e| bad(format!("{}: {e}", req.path)))?;
@@ -423,7 +423,7 @@ pub async fn start(proxy: &Proxy, req: UploadRequest) -> Result<Upload, SubmitEr
             name.clone(),
         );
         let (sha, c, sc) = (
-            rs_common::codec::sha256_hex(&sha256),
+            rs_protocol::codec::sha256_hex(&sha256),
             class.class.to_string(),
             class.subclass.to_string(),
         );
@@ -503,7 +503,7 @@ fn request_message(
 async fn ask_again(proxy: &Proxy, r: &Row, why: &str) -> Result<(), String> {
     let up = &r.up;
     let source = RsId::new(&up.source).map_err(|e| e.to_string())?;
-    let sha = rs_common::codec::parse_sha256(&up.sha256).map_err(str::to_owned)?;
+    let sha = rs_protocol::codec::parse_sha256(&up.sha256).map_err(str::to_owned)?;
     let msg = request_message(
         proxy,
         &source,
@@ -606,7 +606,7 @@ pub async fn answered(proxy: &Proxy, b: &BulkResponse) -> Result<(), String> {
 /// The watchdog and transfer starter: runs until `stop`.
 pub async fn run(
     proxy: Arc<Proxy>,
-    upstream: Arc<rs_common::upstream::Upstream>,
+    upstream: Arc<rs_node::upstream::Upstream>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -657,7 +657,7 @@ pub async fn run(
 
 async fn step(
     proxy: &Arc<Proxy>,
-    upstream: &Arc<rs_common::upstream::Upstream>,
+    upstream: &Arc<rs_node::upstream::Upstream>,
     r: Row,
     now: Timestamp,
 ) -> Result<(), String> {
@@ -714,17 +714,11 @@ async fn step(
     }
 }
 
-/// Backoff after a failed attempt: 1 s doubling to 60 s, with jitter.
-fn backoff(attempts: u32) -> Duration {
-    let base = Duration::from_secs(1u64 << attempts.min(6)).min(Duration::from_secs(60));
-    base.mul_f64(0.75 + fastrand::f64() / 2.0)
-}
-
 /// One transfer attempt (a probe, then the rest of the file), and what it
 /// means for the upload.
 async fn transfer(
     proxy: &Proxy,
-    upstream: &rs_common::upstream::Upstream,
+    upstream: &rs_node::upstream::Upstream,
     r: &Row,
 ) -> Result<(), String> {
     let up = &proxy.uploads;
@@ -761,7 +755,7 @@ async fn transfer(
                 .map_err(|e| e.to_string());
         }
     }
-    let Some(token) = r.url.as_deref().and_then(rs_common::bulk::token_of) else {
+    let Some(token) = r.url.as_deref().and_then(rs_net::bulk::token_of) else {
         return ask_again(proxy, r, "the grant's URL is not usable").await;
     };
     if r.expires.is_some_and(|e| e <= now.as_millis()) {
@@ -787,7 +781,7 @@ async fn transfer(
     let url = format!(
         "{}{}{token}",
         upstream.current_url().trim_end_matches('/'),
-        rs_common::bulk::PATH
+        rs_net::bulk::PATH
     );
     let answer = match up.client.probe(&url).await {
         Answer::Partial { offset } => {
@@ -834,8 +828,8 @@ async fn transfer(
             // The file, or the bytes on the way? Look at the file again.
             let p = path.clone();
             let now_hash = tokio::task::spawn_blocking(move || {
-                rs_common::bulk::hash_file(&p, None)
-                    .map(|(_, h)| rs_common::codec::sha256_hex(&h.finish()))
+                rs_net::bulk::hash_file(&p, None)
+                    .map(|(_, h)| rs_protocol::codec::sha256_hex(&h.finish()))
             })
             .await
             .map_err(|e| e.to_string())?;
@@ -866,7 +860,10 @@ async fn transfer(
                 reason: Some(why),
                 sent,
                 attempts: Some(r.attempts + 1),
-                ..at(now, backoff(r.attempts))
+                ..at(
+                    now,
+                    rs_net::retry::backoff(r.attempts, Duration::from_secs(60)),
+                )
             }
         }
     };

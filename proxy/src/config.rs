@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rs_common::RsId;
+use rs_protocol::RsId;
 use serde::{Deserialize, Serialize};
 
 /// `proxy.toml`.
@@ -39,14 +39,14 @@ pub struct Config {
     pub heartbeat_secs: u64,
     /// What may be sent when (docs/configuration.md, Throttle).
     #[serde(default)]
-    pub throttle: rs_common::throttle::ThrottleConfig,
+    pub throttle: rs_node::throttle::ThrottleConfig,
     /// Uploads (docs/configuration.md, Bulk transfers).
     #[serde(default)]
     pub bulk: crate::bulk::BulkSection,
     /// TLS with mutual authentication towards the upstream
     /// (docs/security.md). Without it: plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<rs_common::tls::TlsConfig>,
+    pub tls: Option<rs_net::tls::TlsConfig>,
     /// A one-time enrollment token: when `tls.cert` does not exist yet the
     /// proxy creates its key and obtains its certificate and ID with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,7 +55,7 @@ pub struct Config {
     /// and with `encrypt_to`, encrypt it to the application server
     /// (docs/security.md, Payload seals). Needs `[tls]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seal: Option<rs_common::seal::SealConfig>,
+    pub seal: Option<rs_net::seal::SealConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -137,7 +137,7 @@ impl Config {
         match (&c.id, &c.tls) {
             (Some(id), _) => {
                 let rs = RsId::new(id).map_err(|e| format!("id {id:?}: {e}"))?;
-                if rs.kind() != rs_common::ComponentKind::Proxy {
+                if rs.kind() != rs_protocol::ComponentKind::Proxy {
                     return Err(format!("id {id:?} is not a proxy ID (like acme.p1)"));
                 }
             }
@@ -155,7 +155,7 @@ impl Config {
                 "[seal] needs [tls]: messages are sealed with this proxy's certificate".into(),
             );
         }
-        rs_common::upstream::check_urls(&c.upstream.urls)?;
+        rs_node::upstream::check_urls(&c.upstream.urls)?;
         c.socket_mode()?;
         if let Some(a) = c.api_listen
             && !a.ip().is_loopback()
@@ -165,9 +165,9 @@ impl Config {
             ));
         }
         // Compiling checks every rule (zones, windows, rates).
-        rs_common::throttle::Throttle::new(
+        rs_node::throttle::Throttle::new(
             &c.throttle,
-            std::sync::Arc::new(rs_common::upstream::SystemClock),
+            std::sync::Arc::new(rs_protocol::time::SystemClock),
             None,
             None,
         )?;

@@ -21,12 +21,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rs_common::bulk::Answer;
-use rs_common::codec::RawMessage;
-use rs_common::control::{Answer as Reply, answer_refused};
-use rs_common::model::*;
-use rs_common::throttle::Held;
-use rs_common::{MessageId, Outcome, Timestamp};
+use rs_net::bulk::Answer;
+use rs_node::throttle::Held;
+use rs_protocol::codec::RawMessage;
+use rs_protocol::control::{Answer as Reply, answer_refused};
+use rs_protocol::model::*;
+use rs_protocol::{MessageId, Outcome, Timestamp};
 use rusqlite::{OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 
@@ -195,7 +195,7 @@ pub async fn offered(proxy: &Proxy, m: &RawMessage, b: &BulkRequest) -> Result<b
     }
     let now = proxy.clock.now();
     let (sha, name, size, class, sub, expires) = (
-        rs_common::codec::sha256_hex(&b.sha256),
+        rs_protocol::codec::sha256_hex(&b.sha256),
         b.name.clone(),
         i64::try_from(b.size).unwrap_or(i64::MAX),
         b.class.class.to_string(),
@@ -266,17 +266,10 @@ async fn get(proxy: &Proxy, offer: String) -> Result<Option<Row>, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Backoff after a failed fetch: 1 s doubling to 5 minutes, with jitter.
-fn backoff(attempts: u32) -> Duration {
-    Duration::from_secs(1u64 << attempts.min(8))
-        .min(Duration::from_secs(300))
-        .mul_f64(0.75 + fastrand::f64() / 2.0)
-}
-
 /// One step of one download: fetch it, or process it once fetched.
 pub(crate) async fn step(
     proxy: &Arc<Proxy>,
-    upstream: &rs_common::upstream::Upstream,
+    upstream: &rs_node::upstream::Upstream,
     offer: String,
 ) -> Result<(), String> {
     let Some(r) = get(proxy, offer).await? else {
@@ -303,7 +296,7 @@ pub(crate) async fn step(
 
 async fn fetch(
     proxy: &Arc<Proxy>,
-    upstream: &rs_common::upstream::Upstream,
+    upstream: &rs_node::upstream::Upstream,
     r: &Row,
 ) -> Result<(), String> {
     let d = &r.d;
@@ -345,7 +338,7 @@ async fn fetch(
             .await;
         }
     };
-    let url = rs_common::bulk::resolve(upstream.current_url(), &r.url);
+    let url = rs_net::bulk::resolve(upstream.current_url(), &r.url);
     let answer = proxy
         .uploads
         .client
@@ -391,7 +384,7 @@ async fn fetch(
                 proxy,
                 &d.offer,
                 "offered",
-                now.saturating_add(backoff(r.attempts)),
+                now.saturating_add(rs_net::retry::backoff(r.attempts, Duration::from_secs(300))),
                 r.attempts + 1,
                 Some(why),
                 None,
@@ -510,7 +503,7 @@ async fn finish(proxy: &Proxy, r: &Row, answer: Reply) -> Result<(), String> {
         other => Some(other.to_string()),
     };
     let offer = MessageId::new(d.offer.clone()).map_err(|e| e.to_string())?;
-    let msg = rs_common::control::response_to(
+    let msg = rs_protocol::control::response_to(
         &offer,
         &d.subclass,
         proxy.id.clone(),

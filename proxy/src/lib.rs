@@ -19,16 +19,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rs_common::control::{
+use rs_node::upstream::{Sender, SenderConfig, SenderStats, Upstream, UpstreamConfig};
+use rs_protocol::control::{
     NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode, status_message,
 };
-use rs_common::model::*;
-use rs_common::spool::sqlite::SqliteSpool;
-use rs_common::spool::{Enqueued, Spool, SpoolConfig};
-use rs_common::upstream::{
-    Clock, Sender, SenderConfig, SenderStats, SystemClock, Upstream, UpstreamConfig,
-};
-use rs_common::{MessageId, RsId};
+use rs_protocol::model::*;
+use rs_protocol::time::{Clock, SystemClock};
+use rs_protocol::{MessageId, RsId};
+use rs_store::spool::sqlite::SqliteSpool;
+use rs_store::spool::{Enqueued, Spool, SpoolConfig};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -43,7 +42,7 @@ pub struct Proxy {
     pub sender_stats: Arc<SenderStats>,
     pub paused: Arc<AtomicBool>,
     pub clock: Arc<dyn Clock>,
-    pub started: rs_common::Timestamp,
+    pub started: rs_protocol::Timestamp,
     /// The file the configuration came from: `configChange` replaces it.
     pub config_path: Option<std::path::PathBuf>,
     /// Cancelled to stop the daemon (a signal, or the `shutdown` and
@@ -56,33 +55,17 @@ pub struct Proxy {
     /// after they were applied (dropped as duplicates), since start.
     pub actions_applied: std::sync::atomic::AtomicU64,
     pub actions_duplicate: std::sync::atomic::AtomicU64,
-    pub throttle: Arc<rs_common::throttle::Throttle>,
+    pub throttle: Arc<rs_node::throttle::Throttle>,
     /// Files handed over for upload, and downloads offered (`bulk.db`).
     pub uploads: bulk::Uploads,
     /// Download offers now fetched, to acknowledge on the next POST.
     pub download_acks: std::sync::Mutex<Vec<MessageId>>,
     /// Seals this proxy's messages as they are sent (`[seal]`; none until
     /// the proxy holds its certificate).
-    pub sealer: Option<Arc<rs_common::seal::Sealer>>,
+    pub sealer: Option<Arc<rs_net::seal::Sealer>>,
 }
 
-/// Starts this program over in place to read the configuration again;
-/// returns only on failure.
-pub fn start_again() -> anyhow::Error {
-    anyhow::anyhow!(
-        "cannot start again: {}",
-        rs_common::config_file::start_again()
-    )
-}
-
-/// How [`run`] ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    /// Stopped for good (a signal or the `shutdown` action).
-    Stopped,
-    /// Stopped to start again with the configuration file as it is now.
-    Restart,
-}
+pub use rs_node::daemon::Exit;
 
 /// Why a message was not spooled.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +73,7 @@ pub enum SubmitError {
     #[error("{0}")]
     Invalid(String),
     #[error("not spooled: {0}")]
-    Refused(rs_common::Reason),
+    Refused(rs_protocol::Reason),
     #[error("{0}")]
     Storage(String),
 }
@@ -110,15 +93,14 @@ impl Proxy {
             .context("opening the registry")?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let throttle = Arc::new(
-            rs_common::throttle::open(&cfg.throttle, clock.clone(), &cfg.data_dir)
+            rs_node::throttle::open(&cfg.throttle, clock.clone(), &cfg.data_dir)
                 .map_err(anyhow::Error::msg)?,
         );
         let uploads = bulk::Uploads::open(&cfg.data_dir.join("bulk.db"), cfg.tls.as_ref())
             .context("opening bulk.db")?;
         let sealer = match (&cfg.seal, &cfg.tls) {
             (Some(seal), Some(tls)) if tls.cert.exists() => Some(Arc::new(
-                rs_common::seal::Sealer::new(tls, seal)
-                    .map_err(|e| anyhow::anyhow!("[seal]: {e}"))?,
+                rs_net::seal::Sealer::new(tls, seal).map_err(|e| anyhow::anyhow!("[seal]: {e}"))?,
             )),
             _ => None,
         };
@@ -133,7 +115,7 @@ impl Proxy {
             paused: Arc::new(AtomicBool::new(false)),
             clock,
             throttle,
-            started: rs_common::Timestamp::now(),
+            started: rs_protocol::Timestamp::now(),
             config_path,
             stop,
             restart: AtomicBool::new(false),
@@ -151,7 +133,7 @@ impl Proxy {
     /// Spools an encoded message durably (a duplicate ID is already there).
     pub async fn submit_raw(
         &self,
-        raw: rs_common::codec::RawMessage,
+        raw: rs_protocol::codec::RawMessage,
     ) -> Result<MessageId, SubmitError> {
         self.submit_many(vec![raw])
             .await
@@ -163,7 +145,7 @@ impl Proxy {
     /// result per message, in order.
     pub async fn submit_many(
         &self,
-        raws: Vec<rs_common::codec::RawMessage>,
+        raws: Vec<rs_protocol::codec::RawMessage>,
     ) -> Vec<Result<MessageId, SubmitError>> {
         if raws.is_empty() {
             return Vec::new();
@@ -197,15 +179,15 @@ impl Proxy {
     /// the old one (atomically: a crash leaves one or the other whole) and
     /// marks the proxy to restart to take it up once stopped. A refusal
     /// keeps the old one.
-    pub fn change_config(&self, patch: &str) -> Result<String, rs_common::Outcome> {
+    pub fn change_config(&self, patch: &str) -> Result<String, rs_protocol::Outcome> {
         let Some(path) = &self.config_path else {
-            return Err(rs_common::Outcome::rejected(
+            return Err(rs_protocol::Outcome::rejected(
                 "unsupported",
                 "this proxy was not started from a configuration file",
             ));
         };
         let identity = vec![self.id.to_string(), self.cfg.data_dir.display().to_string()];
-        let done = rs_common::config_file::change(path, patch, &identity, |text| {
+        let done = rs_node::config_file::change(path, patch, &identity, |text| {
             let c = Config::parse(text)?;
             let id = c.rs_id().unwrap_or_else(|_| self.id.clone());
             Ok(vec![id.to_string(), c.data_dir.display().to_string()])
@@ -371,9 +353,9 @@ impl Proxy {
 }
 
 /// The proxy ID a certificate names (refusing one issued to anything else).
-fn proxy_id(me: rs_common::pki::Identity) -> anyhow::Result<String> {
+fn proxy_id(me: rs_net::pki::Identity) -> anyhow::Result<String> {
     match me.component() {
-        Some(id) if id.kind() == rs_common::ComponentKind::Proxy => Ok(me.name),
+        Some(id) if id.kind() == rs_protocol::ComponentKind::Proxy => Ok(me.name),
         _ => anyhow::bail!("the certificate names {}, which is not a proxy", me.name),
     }
 }
@@ -390,7 +372,7 @@ pub async fn run(
 ) -> anyhow::Result<Exit> {
     let mut cfg = cfg;
     // Before anything touches the directory, its socket or its key.
-    let _lock = rs_common::datadir::DataDirLock::acquire(&cfg.data_dir, "rs-proxy")
+    let _lock = rs_store::datadir::DataDirLock::acquire(&cfg.data_dir, "rs-proxy")
         .map_err(anyhow::Error::msg)?;
     let mut enroll_later = None;
     if let Some(t) = &cfg.tls {
@@ -405,7 +387,7 @@ pub async fn run(
         };
         if want.is_some() && !t.cert.exists() {
             // One attempt now (the usual case: the upstream answers).
-            match rs_common::enroll::ensure(
+            match rs_net::enroll::ensure(
                 t,
                 cfg.enroll_token.as_deref(),
                 &cfg.upstream.urls,
@@ -414,8 +396,8 @@ pub async fn run(
             .await
             {
                 Ok(me) => cfg.id = Some(proxy_id(me)?),
-                Err(rs_common::enroll::Failed::Refused(e)) => anyhow::bail!(e),
-                Err(rs_common::enroll::Failed::Unreachable(e)) => {
+                Err(rs_net::enroll::Failed::Refused(e)) => anyhow::bail!(e),
+                Err(rs_net::enroll::Failed::Unreachable(e)) => {
                     tracing::warn!("{e}; taking messages meanwhile, enrolling in the background");
                     enroll_later = Some((t.clone(), want));
                 }
@@ -423,7 +405,7 @@ pub async fn run(
         } else {
             // Enrolled already (the certificate is checked against the
             // ID), or no ID to start with: wait for the certificate.
-            let me = rs_common::enroll::ensure_retrying(
+            let me = rs_net::enroll::ensure_retrying(
                 t,
                 cfg.enroll_token.as_deref(),
                 &cfg.upstream.urls,
@@ -440,7 +422,7 @@ pub async fn run(
         let proxy = proxy.clone();
         tokio::spawn(async move {
             let p = &proxy;
-            match rs_common::enroll::ensure_retrying(
+            match rs_net::enroll::ensure_retrying(
                 &t,
                 p.cfg.enroll_token.as_deref(),
                 &p.cfg.upstream.urls,
@@ -463,7 +445,7 @@ pub async fn run(
     {
         // Renewed before it expires; started again with the new pair.
         let p = proxy.clone();
-        tokio::spawn(rs_common::enroll::renew_loop(
+        tokio::spawn(rs_net::enroll::renew_loop(
             t.clone(),
             proxy.cfg.upstream.urls.clone(),
             proxy.stop.clone(),
@@ -507,7 +489,7 @@ pub async fn run(
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
     let flush = {
         let t = proxy.throttle.clone();
-        tokio::spawn(rs_common::throttle::flush_loop(
+        tokio::spawn(rs_node::throttle::flush_loop(
             move || t.clone(),
             sender_stop.clone(),
         ))
@@ -550,7 +532,7 @@ pub async fn run(
                 }
                 if !trimmed && last.elapsed() >= Duration::from_secs(1) {
                     trimmed = true;
-                    rs_common::mem::trim();
+                    rs_node::mem::trim();
                 }
                 if last.elapsed() < proxy.heartbeat_interval() {
                     continue;
@@ -568,7 +550,7 @@ pub async fn run(
                     tracing::warn!("heartbeat: {e}");
                 }
                 let _ = proxy.spool.release_memory().await;
-                rs_common::mem::trim();
+                rs_node::mem::trim();
             }
         })
     };
@@ -580,20 +562,20 @@ pub async fn run(
                 .with_context(|| format!("cannot listen on {addr}"))?;
             let bound = l.local_addr()?;
             tracing::info!("integrator API also on {bound}");
-            Some(tokio::spawn(rs_common::server::serve_tcp(
+            Some(tokio::spawn(rs_net::server::serve_tcp(
                 l,
                 None,
                 api::tcp_routes(proxy.clone(), bound),
-                rs_common::server::ServeConfig::default(),
+                rs_net::server::ServeConfig::default(),
                 shutdown.clone(),
             )))
         }
         None => None,
     };
-    rs_common::server::serve_unix(
+    rs_net::server::serve_unix(
         listener,
         api::routes(proxy.clone()),
-        rs_common::server::ServeConfig::default(),
+        rs_net::server::ServeConfig::default(),
         shutdown.clone(),
     )
     .await;

@@ -6,9 +6,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use rs_node::daemon;
 use rs_proxy::api::SendRequest;
 use rs_proxy::client::Client;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "The Remote Services proxy")]
@@ -158,19 +158,10 @@ async fn main() {
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Run { config } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
+            daemon::init_logging();
             let cfg = rs_proxy::Config::load(&config).map_err(anyhow::Error::msg)?;
-            let shutdown = CancellationToken::new();
-            tokio::spawn(rs_common::shutdown_on_signal(shutdown.clone()));
-            match rs_proxy::run(cfg, Some(config), shutdown).await? {
-                rs_proxy::Exit::Stopped => Ok(()),
-                rs_proxy::Exit::Restart => Err(rs_proxy::start_again()),
-            }
+            let exit = rs_proxy::run(cfg, Some(config), daemon::shutdown_token()).await?;
+            daemon::finish(exit)
         }
         Cmd::Register {
             conn,

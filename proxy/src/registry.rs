@@ -3,8 +3,8 @@
 //! IDs the proxy allocates from its own (`acme.p1` -> `acme.p1.i3`,
 //! `acme.p1.s12`). Numbers are never reused.
 
-use rs_common::db::{Db, DbError, DbState};
-use rs_common::{ComponentKind, RsId, Timestamp};
+use rs_protocol::{ComponentKind, RsId, Timestamp};
+use rs_store::db::{Db, DbError, DbState};
 use rusqlite::{Connection, OptionalExtension, params};
 
 const SCHEMA: &str = "
@@ -138,7 +138,7 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Instance> {
 
 impl Registry {
     pub fn open(path: &std::path::Path, me: RsId) -> Result<Self, DbError> {
-        let conn = rs_common::db::open(path)?;
+        let conn = rs_store::db::open(path)?;
         conn.execute_batch(SCHEMA)?;
         // What became of each control action (files from before have every
         // action they saw done).

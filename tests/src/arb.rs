@@ -5,8 +5,8 @@ use std::time::Duration;
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
-use rs_common::control::ControlAction;
-use rs_common::*;
+use rs_protocol::control::ControlAction;
+use rs_protocol::*;
 
 /// Characters XML 1.0 can carry, weighted towards the ones that need
 /// escaping.
@@ -232,7 +232,7 @@ pub fn content() -> impl Strategy<Value = Content> {
         control_action().prop_map(|a| Content::Data(Data {
             mime: "text/xml".into(),
             encoding: TransferEncoding::Binary,
-            bytes: rs_common::codec::encode_control(&a).into(),
+            bytes: rs_protocol::codec::encode_control(&a).into(),
         })),
     ]
 }

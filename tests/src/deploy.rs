@@ -9,10 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use rs_common::pki::{Ca, CertSpec, Role as CertRole};
-use rs_common::tls::TlsConfig;
+use rs_net::pki::{Ca, CertSpec, Role as CertRole};
+use rs_net::tls::TlsConfig;
 
-use rs_common::codec::{Limits, decode_status};
+use rs_protocol::codec::{Limits, decode_status};
 use rs_proxy::client::Client;
 
 /// The role of a process.
@@ -197,7 +197,7 @@ impl Pki {
     /// Issues a component certificate (serving on 127.0.0.1 / localhost)
     /// with a fresh key into `out`.
     pub fn issue(&self, id: &str, out: &Path) -> anyhow::Result<TlsConfig> {
-        let rs = rs_common::RsId::new(id).map_err(|e| anyhow::anyhow!("{id}: {e}"))?;
+        let rs = rs_protocol::RsId::new(id).map_err(|e| anyhow::anyhow!("{id}: {e}"))?;
         let mut spec = CertSpec::component(&rs, 30);
         spec.dns = vec!["localhost".into()];
         spec.ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
@@ -206,7 +206,7 @@ impl Pki {
 
     /// An HTTP client presenting the admin's certificate.
     pub fn admin_client(&self) -> reqwest::Client {
-        rs_common::tls::client(Some(&self.admin))
+        rs_net::tls::client(Some(&self.admin))
             .and_then(|b| b.build().map_err(|e| e.to_string()))
             .expect("admin client")
     }
@@ -215,7 +215,7 @@ impl Pki {
 /// Writes a fresh key and a certificate for `spec` into `out`.
 fn issue_into(ca: &Ca, spec: &CertSpec, out: &Path) -> anyhow::Result<TlsConfig> {
     std::fs::create_dir_all(out)?;
-    let key = rs_common::pki::generate_key().map_err(anyhow::Error::msg)?;
+    let key = rs_net::pki::generate_key().map_err(anyhow::Error::msg)?;
     let cert = ca.issue(spec, &key).map_err(anyhow::Error::msg)?;
     let t = TlsConfig {
         cert: out.join("cert.pem"),
@@ -225,7 +225,7 @@ fn issue_into(ca: &Ca, spec: &CertSpec, out: &Path) -> anyhow::Result<TlsConfig>
         crl_refresh_secs: 1,
         renew_before_days: 30,
     };
-    rs_common::pki::write_private(&t.key, &key.private_key_to_pem_pkcs8()?)
+    rs_net::pki::write_private(&t.key, &key.private_key_to_pem_pkcs8()?)
         .map_err(anyhow::Error::msg)?;
     std::fs::write(&t.cert, cert.to_pem()?)?;
     std::fs::write(&t.ca, ca.cert().to_pem()?)?;
@@ -295,7 +295,7 @@ pub fn component_tls(addr: &str, id: &str) -> anyhow::Result<Option<TlsConfig>> 
 /// A client presenting a component's certificate to a server of a
 /// deployment: what a proxy or MLM would send with.
 pub fn component_client(addr: &str, id: &str) -> anyhow::Result<reqwest::Client> {
-    Ok(rs_common::tls::client(component_tls(addr, id)?.as_ref())
+    Ok(rs_net::tls::client(component_tls(addr, id)?.as_ref())
         .map_err(anyhow::Error::msg)?
         .build()?)
 }

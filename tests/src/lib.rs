@@ -57,15 +57,15 @@ pub fn assert_control_api_valid(doc: &[u8], scratch: &std::path::Path) {
 /// component `from` (class diagnostics/core): what a client sends to be
 /// granted an upload URL.
 pub fn upload_request(
-    from: &rs_common::RsId,
+    from: &rs_protocol::RsId,
     size: u64,
     sha: [u8; 32],
-) -> rs_common::model::Message {
-    use rs_common::model::*;
+) -> rs_protocol::model::Message {
+    use rs_protocol::model::*;
     Message {
         header: Header {
-            id: rs_common::MessageId::generate(),
-            created: rs_common::Timestamp::now(),
+            id: rs_protocol::MessageId::generate(),
+            created: rs_protocol::Timestamp::now(),
             class: Classification::new("diagnostics", "core"),
             route: Route::Source(Source {
                 component: from.clone(),

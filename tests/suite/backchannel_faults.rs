@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use rs_common::codec::Limits;
-use rs_common::codec::api::{decode_components, decode_job};
+use rs_protocol::codec::Limits;
+use rs_protocol::codec::api::{decode_components, decode_job};
 use rs_tests::deploy::{Deployment, Extra, admin, base, proxy_metrics, server_metrics};
 
 use crate::backchannel::{attr, exe, post, tmp};
@@ -52,7 +52,7 @@ async fn routes(a: &str) -> std::collections::BTreeMap<String, Vec<String>> {
 }
 
 /// The job's target states, once it is done (or after `secs`).
-async fn finish(a: &str, id: &str, secs: u64) -> rs_common::codec::api::Job {
+async fn finish(a: &str, id: &str, secs: u64) -> rs_protocol::codec::api::Job {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     loop {
         let b = admin(a)
@@ -459,11 +459,11 @@ async fn subscriber() -> (
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(rs_common::server::serve_tcp(
+    tokio::spawn(rs_net::server::serve_tcp(
         l,
         None,
-        rs_common::server::finish(route),
-        rs_common::server::ServeConfig::default(),
+        rs_net::server::finish(route),
+        rs_net::server::ServeConfig::default(),
         stop.clone(),
     ));
     (addr, got, stop)
@@ -626,15 +626,15 @@ async fn rsctl_changes_a_groups_configuration_and_subscribers_get_the_job_pushed
 async fn post_envelope(
     a: &str,
     sender: &str,
-    msgs: &[rs_common::Message],
-    delivered: Vec<(rs_common::MessageId, rs_common::RsId)>,
-) -> rs_common::codec::RawEnvelope {
-    let mut meta = rs_common::EnvelopeMeta::new(
-        rs_common::RsId::new(sender).unwrap(),
-        rs_common::Timestamp::now(),
+    msgs: &[rs_protocol::Message],
+    delivered: Vec<(rs_protocol::MessageId, rs_protocol::RsId)>,
+) -> rs_protocol::codec::RawEnvelope {
+    let mut meta = rs_protocol::EnvelopeMeta::new(
+        rs_protocol::RsId::new(sender).unwrap(),
+        rs_protocol::Timestamp::now(),
     );
     meta.delivered = delivered;
-    let mut w = rs_common::codec::EnvelopeWriter::new(&meta);
+    let mut w = rs_protocol::codec::EnvelopeWriter::new(&meta);
     for m in msgs {
         w.push(m);
     }
@@ -649,38 +649,38 @@ async fn post_envelope(
         .unwrap();
     assert_eq!(r.status(), 200);
     let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
-    rs_common::codec::decode_headers(&ct, r.bytes().await.unwrap(), &Limits::default()).unwrap()
+    rs_protocol::codec::decode_headers(&ct, r.bytes().await.unwrap(), &Limits::default()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarder_reports_deliveries_only_for_its_own_subtree() {
-    use rs_common::control::{NodeState, StatusNode, status_message};
+    use rs_protocol::control::{NodeState, StatusNode, status_message};
     let dir = tmp("delivered");
     let mut d = Deployment::new(&dir, exe()).unwrap();
     let a = d.appserver("127.0.0.1:0", "").unwrap();
     // A hand-written MLM acme.m7 relays acme.p7's cold start: the server
     // learns that acme.p7 is reached through acme.m7.
-    let now = rs_common::Timestamp::now();
-    let p7 = rs_common::RsId::new("acme.p7").unwrap();
+    let now = rs_protocol::Timestamp::now();
+    let p7 = rs_protocol::RsId::new("acme.p7").unwrap();
     let tree = StatusNode {
         id: Some(p7.clone()),
         ..StatusNode::new("proxy", NodeState::Ok)
     };
     let mut m = status_message(
         p7.clone(),
-        rs_common::control::SUB_COLD_START,
+        rs_protocol::control::SUB_COLD_START,
         &tree,
         now,
         Duration::from_secs(600),
         5,
     );
-    m.header.routing.push(rs_common::Hop {
-        component: rs_common::RsId::new("acme.m7").unwrap(),
+    m.header.routing.push(rs_protocol::Hop {
+        component: rs_protocol::RsId::new("acme.m7").unwrap(),
         received: now,
         sent: Some(now),
     });
     let reply = post_envelope(&a, "acme.m7", &[m], Vec::new()).await;
-    assert_eq!(reply.meta.outcomes[0].1, rs_common::Outcome::Accepted);
+    assert_eq!(reply.meta.outcomes[0].1, rs_protocol::Outcome::Accepted);
     assert_eq!(routes(&a).await["acme.p7"], ["acme.m7"]);
 
     let (_, body) = post(
@@ -688,7 +688,7 @@ async fn a_forwarder_reports_deliveries_only_for_its_own_subtree() {
         r#"<send><to id="acme.p7"/><control action="ping"/></send>"#,
     )
     .await;
-    let msg = rs_common::MessageId::new(attr(&body, "message")).unwrap();
+    let msg = rs_protocol::MessageId::new(attr(&body, "message")).unwrap();
     // Another component cannot claim the delivery...
     post_envelope(&a, "acme.m8", &[], vec![(msg.clone(), p7.clone())]).await;
     let j = finish(&a, attr(&body, "id"), 0).await;

@@ -7,9 +7,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rs_common::codec::EnvelopeWriter;
-use rs_common::model::*;
-use rs_common::{MessageId, RsId, Timestamp};
+use rs_protocol::codec::EnvelopeWriter;
+use rs_protocol::model::*;
+use rs_protocol::{MessageId, RsId, Timestamp};
 use rs_proxy::client::Client;
 use rs_tests::deploy::{Deployment, Extra, admin, base, server_metrics, wait_for};
 
@@ -25,8 +25,8 @@ fn peak_rss(pid: u32) -> u64 {
 }
 
 fn sha256_file(p: &Path) -> String {
-    let (_, h) = rs_common::bulk::hash_file(p, None).unwrap();
-    rs_common::codec::sha256_hex(&h.finish())
+    let (_, h) = rs_net::bulk::hash_file(p, None).unwrap();
+    rs_protocol::codec::sha256_hex(&h.finish())
 }
 
 fn block<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -198,7 +198,7 @@ async fn request_upload(a: &str, from: &str, size: u64, sha: [u8; 32]) -> (Messa
     let now = Timestamp::now();
     let me = RsId::new(from).unwrap();
     let m = rs_tests::upload_request(&me, size, sha);
-    let up = rs_common::upstream::Upstream::new(rs_common::upstream::UpstreamConfig {
+    let up = rs_node::upstream::Upstream::new(rs_node::upstream::UpstreamConfig {
         urls: vec![base(a)],
         tls: rs_tests::deploy::component_tls(a, from).unwrap(),
         ..Default::default()
@@ -207,7 +207,7 @@ async fn request_upload(a: &str, from: &str, size: u64, sha: [u8; 32]) -> (Messa
     let mut w = EnvelopeWriter::new(&EnvelopeMeta::new(me, now));
     w.push(&m);
     let reply = up.post(&w.finish(), None).await.unwrap();
-    assert_eq!(reply.meta.outcomes[0].1, rs_common::Outcome::Accepted);
+    assert_eq!(reply.meta.outcomes[0].1, rs_protocol::Outcome::Accepted);
     let grant = reply
         .messages
         .iter()
@@ -347,9 +347,9 @@ async fn upload_urls_are_single_use_resumable_expiring_and_refuse_a_wrong_hash()
     assert_eq!(r.status(), 200);
     let file_doc = r.bytes().await.unwrap();
     rs_tests::assert_control_api_valid(&file_doc, &dir.join("file.xml"));
-    let file = rs_common::codec::api::decode_file(&file_doc, &Default::default()).unwrap();
+    let file = rs_protocol::codec::api::decode_file(&file_doc, &Default::default()).unwrap();
     assert_eq!((file.name.as_str(), file.size), ("tuning v2.toml", 20));
-    let offer = |sha: [u8; 32], to: &str| rs_common::codec::api::OfferRequest {
+    let offer = |sha: [u8; 32], to: &str| rs_protocol::codec::api::OfferRequest {
         to: vec![RsId::new(to).unwrap()],
         groups: vec![],
         sha256: sha,
@@ -358,7 +358,7 @@ async fn upload_urls_are_single_use_resumable_expiring_and_refuse_a_wrong_hash()
         ttl_secs: None,
         notify: None,
     };
-    let doc = rs_common::codec::api::encode_offer_request(&offer(file.sha256, "acme.p9"));
+    let doc = rs_protocol::codec::api::encode_offer_request(&offer(file.sha256, "acme.p9"));
     rs_tests::assert_control_api_valid(&doc, &dir.join("offer.xml"));
     for (req, want) in [
         (offer([1; 32], "acme.p9"), "no published file"),
@@ -366,7 +366,7 @@ async fn upload_urls_are_single_use_resumable_expiring_and_refuse_a_wrong_hash()
     ] {
         let r = admin(&a)
             .post(format!("{}/rs/v1/control/offer", base(&a)))
-            .body(rs_common::codec::api::encode_offer_request(&req))
+            .body(rs_protocol::codec::api::encode_offer_request(&req))
             .send()
             .await
             .unwrap();
@@ -461,7 +461,7 @@ trait ReadWrite: std::io::Read + std::io::Write + Send {}
 impl<T: std::io::Read + std::io::Write + Send> ReadWrite for T {}
 
 fn openssl_sha(data: &[u8]) -> [u8; 32] {
-    let mut h = rs_common::bulk::Sha256::default();
+    let mut h = rs_net::bulk::Sha256::default();
     h.update(data);
     h.finish()
 }

@@ -2,8 +2,8 @@
 //! part and the reason, and never a panic.
 
 use bytes::Bytes;
-use rs_common::codec::{DecodeError, Limits, PartRef, XmlError};
-use rs_common::*;
+use rs_protocol::codec::{DecodeError, Limits, PartRef, XmlError};
+use rs_protocol::*;
 
 pub(crate) const CT: &str =
     "multipart/related; boundary=\"B\"; type=\"text/xml\"; start=\"<envelope@rs>\"";
@@ -574,11 +574,11 @@ fn each_bad_input_has_its_own_error() {
 #[test]
 fn a_repeated_message_id_is_found_among_many() {
     let messages: Vec<Message> = (0..300)
-        .map(|i| rs_common::samples::alarm_of_size(i, 600))
+        .map(|i| rs_protocol::samples::alarm_of_size(i, 600))
         .collect();
     for (first, again) in [(0, 299), (150, 151), (17, 260)] {
         let mut env = Envelope {
-            meta: rs_common::samples::request_meta("acme.p1"),
+            meta: rs_protocol::samples::request_meta("acme.p1"),
             messages: messages.clone(),
         };
         env.messages[again].header.id = env.messages[first].header.id.clone();
@@ -593,7 +593,7 @@ fn a_repeated_message_id_is_found_among_many() {
         );
     }
     let env = Envelope {
-        meta: rs_common::samples::request_meta("acme.p1"),
+        meta: rs_protocol::samples::request_meta("acme.p1"),
         messages,
     };
     let enc = encode_envelope(&env);

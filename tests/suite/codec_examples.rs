@@ -2,12 +2,12 @@
 //! encode -> decode, whole, header-only and streamed.
 
 use bytes::Bytes;
-use rs_common::codec::{
+use rs_protocol::codec::{
     Limits, StreamDecoder, decode_control, decode_status, encode_control, encode_status,
 };
-use rs_common::control::StatusNode;
-use rs_common::samples;
-use rs_common::*;
+use rs_protocol::control::StatusNode;
+use rs_protocol::samples;
+use rs_protocol::*;
 
 fn one(m: &Message) -> Envelope {
     Envelope {

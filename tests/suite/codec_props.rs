@@ -2,8 +2,8 @@
 //! envelopes of up to 1,000 messages, whole, header-only and streamed.
 
 use proptest::prelude::*;
-use rs_common::codec::Limits;
-use rs_common::*;
+use rs_protocol::codec::Limits;
+use rs_protocol::*;
 use rs_tests::arb;
 
 proptest! {
@@ -60,10 +60,10 @@ proptest! {
 #[test]
 fn thousand_message_envelope_round_trips() {
     let messages: Vec<Message> = (0..1000)
-        .map(|i| rs_common::samples::alarm_of_size(i, 2048))
+        .map(|i| rs_protocol::samples::alarm_of_size(i, 2048))
         .collect();
     let env = Envelope {
-        meta: rs_common::samples::request_meta("acme.p1"),
+        meta: rs_protocol::samples::request_meta("acme.p1"),
         messages,
     };
     let enc = encode_envelope(&env);
@@ -84,7 +84,7 @@ proptest! {
     fn written_headers_take_the_fast_path(m in arb::message()) {
         let raw = m.to_raw();
         let doc = codec::encode_header(&m.header, raw.kind, raw.data.as_ref());
-        prop_assert!(rs_common::fuzzing::header_paths(&doc, &Limits::default()));
+        prop_assert!(rs_protocol::fuzzing::header_paths(&doc, &Limits::default()));
         let back = codec::decode_header_part(&doc, &Limits::default()).unwrap();
         prop_assert_eq!(back, (m.header, raw.kind, raw.data));
     }
@@ -114,7 +114,7 @@ proptest! {
             Some(attr) => Limits { max_attr_bytes: attr, max_elements: 4, max_xml_depth: 3, ..Limits::default() },
             None => Limits::default(),
         };
-        rs_common::fuzzing::header_paths(&doc, &limits);
+        rs_protocol::fuzzing::header_paths(&doc, &limits);
     }
 }
 
@@ -123,10 +123,10 @@ proptest! {
 /// (an attribute just over the limit is refused, whichever path sees it).
 #[test]
 fn sample_headers_read_the_same_under_every_small_limit() {
-    for m in rs_common::samples::every_kind() {
+    for m in rs_protocol::samples::every_kind() {
         let raw = m.to_raw();
         let doc = codec::encode_header(&m.header, raw.kind, raw.data.as_ref());
-        assert!(rs_common::fuzzing::header_paths(&doc, &Limits::default()));
+        assert!(rs_protocol::fuzzing::header_paths(&doc, &Limits::default()));
         for attr in 0..=40 {
             for elements in 0..=8 {
                 for depth in 1..=4 {
@@ -136,7 +136,7 @@ fn sample_headers_read_the_same_under_every_small_limit() {
                         max_xml_depth: depth,
                         ..Limits::default()
                     };
-                    rs_common::fuzzing::header_paths(&doc, &limits);
+                    rs_protocol::fuzzing::header_paths(&doc, &limits);
                 }
             }
         }

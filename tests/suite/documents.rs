@@ -5,9 +5,9 @@
 
 use std::path::Path;
 
-use rs_common::codec::{EnvelopeWriter, Limits, decode_headers};
-use rs_common::model::EnvelopeMeta;
-use rs_common::{Outcome, RsId, Timestamp};
+use rs_protocol::codec::{EnvelopeWriter, Limits, decode_headers};
+use rs_protocol::model::EnvelopeMeta;
+use rs_protocol::{Outcome, RsId, Timestamp};
 use rs_tests::deploy::{Deployment, admin, base, stored_ids};
 
 use crate::backchannel::{exe, tmp};
@@ -155,11 +155,11 @@ async fn stored_messages_come_back_in_documents_the_control_dtd_declares() {
     assert_eq!(r.status(), 200);
     // One message of every kind that travels up (the back-channel's stay
     // out: the server refuses them upward).
-    let msgs: Vec<_> = rs_common::samples::every_kind()
+    let msgs: Vec<_> = rs_protocol::samples::every_kind()
         .into_iter()
         .filter(|m| m.header.source().is_some())
         .map(|mut m| {
-            if let rs_common::Route::Source(s) = &mut m.header.route {
+            if let rs_protocol::Route::Source(s) = &mut m.header.route {
                 s.qos.expiry = None;
             }
             m

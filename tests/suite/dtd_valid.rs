@@ -8,10 +8,10 @@ use std::process::Command;
 
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::TestRunner;
-use rs_common::codec::{encode_control, encode_header, encode_meta, encode_status};
-use rs_common::control::{CLASS_CONTROL, CLASS_INFRASTRUCTURE};
-use rs_common::samples;
-use rs_common::*;
+use rs_protocol::codec::{encode_control, encode_header, encode_meta, encode_status};
+use rs_protocol::control::{CLASS_CONTROL, CLASS_INFRASTRUCTURE};
+use rs_protocol::samples;
+use rs_protocol::*;
 use rs_tests::{arb, repo_root};
 
 /// Documents to validate, grouped by DTD file name.

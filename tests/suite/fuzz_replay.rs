@@ -31,10 +31,10 @@ fn replay(target: &str, f: fn(&[u8])) {
 
 #[test]
 fn envelope_corpus() {
-    replay("envelope", rs_common::fuzzing::envelope);
+    replay("envelope", rs_protocol::fuzzing::envelope);
 }
 
 #[test]
 fn xml_corpus() {
-    replay("xml", rs_common::fuzzing::xml);
+    replay("xml", rs_protocol::fuzzing::xml);
 }

@@ -5,9 +5,9 @@
 use std::fs;
 use std::time::Duration;
 
-use rs_common::codec::{Limits, encode_control, encode_header, encode_meta, encode_status};
-use rs_common::samples;
-use rs_common::*;
+use rs_protocol::codec::{Limits, encode_control, encode_header, encode_meta, encode_status};
+use rs_protocol::samples;
+use rs_protocol::*;
 use rs_tests::repo_root;
 
 fn pick(ids: &[&str]) -> Vec<Message> {

@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rs_common::codec::{EnvelopeWriter, Limits, RawEnvelope, decode_headers};
-use rs_common::model::{EnvelopeMeta, Message, Route};
-use rs_common::pki::{CertSpec, Role};
-use rs_common::tls::TlsConfig;
-use rs_common::{Outcome, RsId, Timestamp};
+use rs_net::pki::{CertSpec, Role};
+use rs_net::tls::TlsConfig;
+use rs_protocol::codec::{EnvelopeWriter, Limits, RawEnvelope, decode_headers};
+use rs_protocol::model::{EnvelopeMeta, Message, Route};
+use rs_protocol::{Outcome, RsId, Timestamp};
 use rs_tests::deploy::{
     Deployment, Extra, Pki, admin, base, component_client, component_tls, server_metrics,
     stored_ids,
@@ -33,7 +33,7 @@ pub(crate) fn envelope(sender: &str, sources: &[&str]) -> (Vec<Message>, String,
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let mut m = rs_common::samples::alarm_of_size(i, 512);
+            let mut m = rs_protocol::samples::alarm_of_size(i, 512);
             if let Route::Source(src) = &mut m.header.route {
                 src.component = RsId::new(*s).unwrap();
                 src.qos.expiry = None;
@@ -65,7 +65,7 @@ pub(crate) async fn send_env(
         .body(body)
         .send()
         .await
-        .map_err(|e| rs_common::upstream::error_chain(&e))?;
+        .map_err(|e| rs_net::http::error_chain(&e))?;
     let status = r.status().as_u16();
     if status != 200 {
         return Ok((status, None));
@@ -180,7 +180,7 @@ async fn a_site_certificate_can_neither_send_as_another_site_nor_read_its_back_c
     let (own, _, _) = envelope("acme.p2", &["acme.p2"]);
     let mut meta = EnvelopeMeta::new(RsId::new("acme.p2").unwrap(), Timestamp::now());
     meta.delivered = vec![(
-        rs_common::MessageId::new(message).unwrap(),
+        rs_protocol::MessageId::new(message).unwrap(),
         RsId::new("acme.p1").unwrap(),
     )];
     let mut w = EnvelopeWriter::new(&meta);
@@ -236,7 +236,7 @@ pub(crate) fn raw_tls(
 fn issue(pki: &Pki, spec: &CertSpec, out: &Path) -> TlsConfig {
     std::fs::create_dir_all(out).unwrap();
     let ca = pki.ca().unwrap();
-    let key = rs_common::pki::generate_key().unwrap();
+    let key = rs_net::pki::generate_key().unwrap();
     let cert = ca.issue(spec, &key).unwrap();
     let t = TlsConfig::in_dir(out);
     std::fs::write(&t.key, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
@@ -246,7 +246,7 @@ fn issue(pki: &Pki, spec: &CertSpec, out: &Path) -> TlsConfig {
 }
 
 pub(crate) fn client_of(t: &TlsConfig) -> reqwest::Client {
-    rs_common::tls::client(Some(t)).unwrap().build().unwrap()
+    rs_net::tls::client(Some(t)).unwrap().build().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,10 +265,7 @@ async fn bad_certificates_old_protocols_and_weak_ciphers_are_refused_at_the_hand
         .unwrap();
     assert_eq!(st, 200);
     // No certificate: the handshake passes, the endpoint refuses.
-    let anon = rs_common::tls::client_trusting(&ca)
-        .unwrap()
-        .build()
-        .unwrap();
+    let anon = rs_net::tls::client_trusting(&ca).unwrap().build().unwrap();
     assert_eq!(send_env(&anon, &m, &ct, body.clone()).await.unwrap().0, 401);
     assert_eq!(send_env(&anon, &a, &ct, body.clone()).await.unwrap().0, 401);
 
@@ -384,13 +381,13 @@ async fn enroll_raw(
 }
 
 fn csr() -> Vec<u8> {
-    let key = rs_common::pki::generate_key().unwrap();
-    rs_common::pki::csr(&key).unwrap().to_pem().unwrap()
+    let key = rs_net::pki::generate_key().unwrap();
+    rs_net::pki::csr(&key).unwrap().to_pem().unwrap()
 }
 
 fn cn_of(pem: &str) -> String {
     let cert = openssl::x509::X509::from_pem(pem.as_bytes()).unwrap();
-    rs_common::pki::Identity::from_cert(&cert).unwrap().name
+    rs_net::pki::Identity::from_cert(&cert).unwrap().name
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,7 +418,7 @@ async fn tokens_are_single_use_and_a_redeployed_proxy_loses_nothing_from_its_spo
     // A connection per request: these POSTs follow each other closely,
     // and a pooled connection the server is closing as it is reused ends
     // the request without an answer (hyper's IncompleteMessage).
-    let anon = rs_common::tls::client_trusting(&pki.admin.ca)
+    let anon = rs_net::tls::client_trusting(&pki.admin.ca)
         .unwrap()
         .pool_max_idle_per_host(0)
         .build()
@@ -529,8 +526,8 @@ async fn send_alarms(c: &rs_proxy::client::Client, label: &str, n: usize) -> Vec
 fn renewal(t: &TlsConfig) -> Vec<u8> {
     let cert = openssl::x509::X509::from_pem(&std::fs::read(&t.cert).unwrap()).unwrap();
     let key = openssl::pkey::PKey::private_key_from_pem(&std::fs::read(&t.key).unwrap()).unwrap();
-    let new_key = rs_common::pki::generate_key().unwrap();
-    let csr = rs_common::pki::csr(&new_key).unwrap().to_pem().unwrap();
+    let new_key = rs_net::pki::generate_key().unwrap();
+    let csr = rs_net::pki::csr(&new_key).unwrap().to_pem().unwrap();
     let flags = openssl::pkcs7::Pkcs7Flags::BINARY | openssl::pkcs7::Pkcs7Flags::NOSMIMECAP;
     openssl::pkcs7::Pkcs7::sign(
         &cert,
@@ -625,10 +622,10 @@ async fn certificates_are_renewed_before_they_expire_by_their_holders_only() {
         "p1 did not renew its certificate; see {}",
         dir.join("logs/p1.log").display()
     );
-    let mlm_serial = rs_common::pki::serial_hex(&mlm_old);
+    let mlm_serial = rs_net::pki::serial_hex(&mlm_old);
     assert!(
         until(30, || async {
-            rs_common::pki::serial_hex(&cert_of(&mlm_tls.cert)) != mlm_serial
+            rs_net::pki::serial_hex(&cert_of(&mlm_tls.cert)) != mlm_serial
         })
         .await,
         "the MLM did not renew its certificate; see {}",
@@ -665,13 +662,13 @@ async fn certificates_are_renewed_before_they_expire_by_their_holders_only() {
     // Once renewed it is not due again (its clock still 17 hours on).
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        rs_common::pki::serial_hex(&cert_of(&old.cert)),
-        rs_common::pki::serial_hex(&new_cert)
+        rs_net::pki::serial_hex(&cert_of(&old.cert)),
+        rs_net::pki::serial_hex(&new_cert)
     );
 
     // Only the holder of a valid certificate of this CA renews: not a
     // revoked one, not an admin's, not another CA's, not a forgery.
-    let anon = rs_common::tls::client_trusting(&pki.admin.ca)
+    let anon = rs_net::tls::client_trusting(&pki.admin.ca)
         .unwrap()
         .build()
         .unwrap();
@@ -805,7 +802,7 @@ async fn admins_see_and_command_only_their_customers_and_every_request_is_audite
         comp.get(url("components")).send().await.unwrap().status(),
         403
     );
-    let anon = rs_common::tls::client_trusting(&pki.admin.ca)
+    let anon = rs_net::tls::client_trusting(&pki.admin.ca)
         .unwrap()
         .build()
         .unwrap();
@@ -978,17 +975,17 @@ fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 fn sealed_alarm(
     source: &str,
     text: &str,
-    sealer: Option<&rs_common::seal::Sealer>,
-) -> rs_common::RawMessage {
-    let mut m = rs_common::samples::alarm_of_size(0, 256);
+    sealer: Option<&rs_net::seal::Sealer>,
+) -> rs_protocol::RawMessage {
+    let mut m = rs_protocol::samples::alarm_of_size(0, 256);
     if let Route::Source(src) = &mut m.header.route {
         src.component = RsId::new(source).unwrap();
         src.qos.expiry = None;
     }
-    m.header.id = rs_common::MessageId::generate();
+    m.header.id = rs_protocol::MessageId::generate();
     m.header.created = Timestamp::now();
     m.header.routing.clear();
-    if let rs_common::Content::Alarm(a) = &mut m.content {
+    if let rs_protocol::Content::Alarm(a) = &mut m.content {
         a.text = text.into();
     }
     let raw = m.to_raw();
@@ -1003,7 +1000,7 @@ async fn post_raw(
     http: &reqwest::Client,
     addr: &str,
     sender: &str,
-    msgs: &[rs_common::RawMessage],
+    msgs: &[rs_protocol::RawMessage],
 ) -> Vec<Outcome> {
     let meta = EnvelopeMeta::new(RsId::new(sender).unwrap(), Timestamp::now());
     let mut w = EnvelopeWriter::new(&meta);
@@ -1148,10 +1145,10 @@ async fn payload_seals_keep_what_relays_messages_from_reading_or_altering_them()
     let relay = component_client(&a, "acme.m1").unwrap();
     let site_tls = component_tls(&a, "acme.p91").unwrap().unwrap();
     let signer =
-        rs_common::seal::Sealer::new(&site_tls, &rs_common::seal::SealConfig::default()).unwrap();
-    let encrypter = rs_common::seal::Sealer::new(
+        rs_net::seal::Sealer::new(&site_tls, &rs_net::seal::SealConfig::default()).unwrap();
+    let encrypter = rs_net::seal::Sealer::new(
         &site_tls,
-        &rs_common::seal::SealConfig {
+        &rs_net::seal::SealConfig {
             encrypt_to: Some(server_cert.clone()),
         },
     )
@@ -1165,7 +1162,7 @@ async fn payload_seals_keep_what_relays_messages_from_reading_or_altering_them()
     altered.content = der.into();
     // A seal moved onto another message's header (a new ID: a replay).
     let mut moved = sealed_alarm("acme.p91", "once", Some(&signer));
-    moved.header.id = rs_common::MessageId::generate();
+    moved.header.id = rs_protocol::MessageId::generate();
     // Reclassified.
     let mut reclassified = sealed_alarm("acme.p91", "minor thing", Some(&signer));
     reclassified.header.class.subclass = "other".into();
@@ -1176,9 +1173,9 @@ async fn payload_seals_keep_what_relays_messages_from_reading_or_altering_them()
     der[n - 20] ^= 0x55;
     scrambled.content = der.into();
     // Signed by another site over a header naming this one.
-    let other = rs_common::seal::Sealer::new(
+    let other = rs_net::seal::Sealer::new(
         &component_tls(&a, "acme.p92").unwrap().unwrap(),
-        &rs_common::seal::SealConfig::default(),
+        &rs_net::seal::SealConfig::default(),
     )
     .unwrap();
     let claimed = other
@@ -1765,7 +1762,7 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
         documented_control_routes(),
         "every documented control route is walked"
     );
-    let anon = rs_common::tls::client_trusting(&pki.admin.ca)
+    let anon = rs_net::tls::client_trusting(&pki.admin.ca)
         .unwrap()
         .build()
         .unwrap();
@@ -1890,7 +1887,7 @@ async fn a_read_only_ca_directory_is_a_logged_server_fault_and_refused_at_start(
         err.contains("500") && err.contains("the CA failed"),
         "{err}"
     );
-    let anon = rs_common::tls::client_trusting(&pki.admin.ca)
+    let anon = rs_net::tls::client_trusting(&pki.admin.ca)
         .unwrap()
         .build()
         .unwrap();

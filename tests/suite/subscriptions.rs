@@ -55,11 +55,11 @@ async fn receiver() -> (String, Arc<Receiver>) {
         });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(rs_common::server::serve_tcp(
+    tokio::spawn(rs_net::server::serve_tcp(
         l,
         None,
-        rs_common::server::finish(route),
-        rs_common::server::ServeConfig::default(),
+        rs_net::server::finish(route),
+        rs_net::server::ServeConfig::default(),
         tokio_util::sync::CancellationToken::new(),
     ));
     (addr, r)

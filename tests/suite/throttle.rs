@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use rs_common::model::{ContentKind, Severity};
-use rs_common::throttle::{
+use rs_node::throttle::{
     Decision, Per, Period, Rule, SqliteUsage, Subject, Throttle, ThrottleConfig,
 };
-use rs_common::upstream::Clock;
-use rs_common::{RsId, Timestamp};
+use rs_protocol::model::{ContentKind, Severity};
+use rs_protocol::time::Clock;
+use rs_protocol::{RsId, Timestamp};
 
 /// A clock the test moves.
 #[derive(Debug, Default)]
@@ -342,9 +342,9 @@ fn the_throttle_document_round_trips_and_validates_against_its_dtd() {
         min_free_disk_mb: Some(512),
         max_bulk_transfers: Some(4),
     };
-    let doc = rs_common::throttle::encode_throttle(&cfg);
+    let doc = rs_node::throttle::encode_throttle(&cfg);
     let back =
-        rs_common::throttle::decode_throttle(&doc, &rs_common::codec::Limits::default()).unwrap();
+        rs_node::throttle::decode_throttle(&doc, &rs_protocol::codec::Limits::default()).unwrap();
     assert_eq!(back, cfg);
     rs_tests::assert_control_api_valid(
         &doc,
@@ -370,7 +370,7 @@ fn bulk_transfers_are_capped_and_ask_the_same_rules() {
     let p1 = permit().unwrap();
     let _p2 = permit().unwrap();
     match permit() {
-        Err(rs_common::throttle::Held { why, .. }) => {
+        Err(rs_node::throttle::Held { why, .. }) => {
             assert!(why.contains("2 bulk transfers"), "{why}")
         }
         other => panic!("a third transfer at once: {other:?}"),
@@ -687,25 +687,25 @@ mod on_daemons {
         backlog: usize,
         batch: usize,
     ) -> (u64, u64, u64) {
-        use rs_common::model::*;
-        let me = rs_common::RsId::new(format!("storm.p{i}")).unwrap();
+        use rs_protocol::model::*;
+        let me = rs_protocol::RsId::new(format!("storm.p{i}")).unwrap();
         let mut pending: Vec<Message> = (0..backlog)
             .map(|k| {
-                let mut m = rs_common::samples::alarm_of_size(i * backlog + k, 1024);
+                let mut m = rs_protocol::samples::alarm_of_size(i * backlog + k, 1024);
                 if let Route::Source(src) = &mut m.header.route {
                     src.component = me.clone();
                     src.qos.expiry = None;
                 }
-                m.header.created = rs_common::Timestamp::now();
+                m.header.created = rs_protocol::Timestamp::now();
                 m
             })
             .collect();
         let (mut failures, mut retried, mut advised) = (0, 0, 0);
         while !pending.is_empty() {
             let take: Vec<Message> = pending.iter().take(batch).cloned().collect();
-            let mut w = rs_common::codec::EnvelopeWriter::new(&EnvelopeMeta::new(
+            let mut w = rs_protocol::codec::EnvelopeWriter::new(&EnvelopeMeta::new(
                 me.clone(),
-                rs_common::Timestamp::now(),
+                rs_protocol::Timestamp::now(),
             ));
             for m in &take {
                 w.push(m);
@@ -726,17 +726,17 @@ mod on_daemons {
                 continue;
             };
             let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
-            let reply = rs_common::codec::decode_headers(
+            let reply = rs_protocol::codec::decode_headers(
                 &ct,
                 r.bytes().await.unwrap(),
-                &rs_common::codec::Limits::default(),
+                &rs_protocol::codec::Limits::default(),
             )
             .unwrap();
             let accepted: std::collections::HashSet<_> = reply
                 .meta
                 .outcomes
                 .iter()
-                .filter(|(_, o)| *o == rs_common::Outcome::Accepted)
+                .filter(|(_, o)| *o == rs_protocol::Outcome::Accepted)
                 .map(|(id, _)| id.clone())
                 .collect();
             retried += (take.len() - accepted.len()) as u64;

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use rs_node::daemon;
 use rs_tests::deploy::{Deployment, Extra, proxy_metrics, server_metrics, stored_ids};
 use tokio_util::sync::CancellationToken;
 
@@ -73,52 +74,23 @@ enum Role {
     },
 }
 
-fn logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(false)
-        .init();
-}
-
 async fn serve_role(role: Role) -> anyhow::Result<()> {
-    logging();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(rs_common::shutdown_on_signal(shutdown.clone()));
-    let bind = |listen: std::net::SocketAddr, addr_file: Option<PathBuf>| async move {
-        let l = tokio::net::TcpListener::bind(listen).await?;
-        if let Some(f) = addr_file {
-            // Written whole, then renamed, so readers never see half of it.
-            let tmp = f.with_extension("tmp");
-            std::fs::write(&tmp, l.local_addr()?.to_string())?;
-            std::fs::rename(&tmp, &f)?;
-        }
-        anyhow::Ok(l)
-    };
+    daemon::init_logging();
+    let shutdown = daemon::shutdown_token();
     match role {
         Role::Appserver { config, addr_file } => {
             let cfg = rs_appserver::Config::load(&config).map_err(anyhow::Error::msg)?;
-            let l = bind(cfg.listen, addr_file).await?;
+            let l = daemon::bind(cfg.listen, addr_file.as_deref()).await?;
             rs_appserver::run(cfg, l, shutdown).await
         }
         Role::Mlm { config, addr_file } => {
             let cfg = rs_mlm::Config::load(&config).map_err(anyhow::Error::msg)?;
-            let l = bind(cfg.listen, addr_file).await?;
-            match rs_mlm::run(cfg, Some(config), l, shutdown).await? {
-                rs_mlm::Exit::Stopped => Ok(()),
-                rs_mlm::Exit::Restart => Err(anyhow::anyhow!(
-                    "cannot start again: {}",
-                    rs_common::config_file::start_again()
-                )),
-            }
+            let l = daemon::bind(cfg.listen, addr_file.as_deref()).await?;
+            daemon::finish(rs_mlm::run(cfg, Some(config), l, shutdown).await?)
         }
         Role::Proxy { config } => {
             let cfg = rs_proxy::Config::load(&config).map_err(anyhow::Error::msg)?;
-            match rs_proxy::run(cfg, Some(config), shutdown).await? {
-                rs_proxy::Exit::Stopped => Ok(()),
-                rs_proxy::Exit::Restart => Err(rs_proxy::start_again()),
-            }
+            daemon::finish(rs_proxy::run(cfg, Some(config), shutdown).await?)
         }
         Role::Rsctl { .. } => Ok(()),
         Role::Hostwatch(args) => {
@@ -260,7 +232,7 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     );
 
     let stop = CancellationToken::new();
-    tokio::spawn(rs_common::shutdown_on_signal(stop.clone()));
+    tokio::spawn(rs_node::daemon::shutdown_on_signal(stop.clone()));
     let start = Instant::now();
     let mut tick = 0u64;
     loop {
@@ -356,8 +328,8 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
 /// acme) and asks the group for its status through the back-channel,
 /// waiting for every answer: the control path working end to end.
 async fn admin_demo(a: &str, proxies: usize) -> anyhow::Result<String> {
-    use rs_common::codec::Limits;
-    use rs_common::codec::api::{GroupDef, decode_components, decode_job, encode_group};
+    use rs_protocol::codec::Limits;
+    use rs_protocol::codec::api::{GroupDef, decode_components, decode_job, encode_group};
     let http = rs_tests::deploy::admin(a);
     let base = format!("{}/rs/v1/control", rs_tests::deploy::base(a));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -370,7 +342,7 @@ async fn admin_demo(a: &str, proxies: usize) -> anyhow::Result<String> {
             .await?;
         let known = decode_components(&b, &Limits::default())?
             .iter()
-            .filter(|c| c.id.kind() == rs_common::ComponentKind::Proxy)
+            .filter(|c| c.id.kind() == rs_protocol::ComponentKind::Proxy)
             .count();
         if known >= proxies {
             break;
@@ -383,8 +355,8 @@ async fn admin_demo(a: &str, proxies: usize) -> anyhow::Result<String> {
     }
     let group = GroupDef {
         name: "acme-proxies".into(),
-        customer: Some(rs_common::CustomerId::new("acme")?),
-        kind: Some(rs_common::ComponentKind::Proxy),
+        customer: Some(rs_protocol::CustomerId::new("acme")?),
+        kind: Some(rs_protocol::ComponentKind::Proxy),
         ..GroupDef::default()
     };
     let r = http
@@ -420,8 +392,8 @@ async fn bulk_demo(
     socket: &std::path::Path,
     data: &std::path::Path,
 ) -> anyhow::Result<Vec<String>> {
-    use rs_common::codec::Limits;
-    use rs_common::codec::api::{OfferRequest, decode_file, decode_job, encode_offer_request};
+    use rs_protocol::codec::Limits;
+    use rs_protocol::codec::api::{OfferRequest, decode_file, decode_job, encode_offer_request};
     let mut out = Vec::new();
     // Upload.
     let bundle = std::path::absolute(data.join("diag-bundle.tar"))?;
@@ -515,10 +487,10 @@ async fn bulk_demo(
 async fn until_done(
     http: &reqwest::Client,
     base: &str,
-    mut job: rs_common::codec::api::Job,
+    mut job: rs_protocol::codec::api::Job,
     deadline: Instant,
-) -> anyhow::Result<rs_common::codec::api::Job> {
-    use rs_common::codec::{Limits, api::decode_job};
+) -> anyhow::Result<rs_protocol::codec::api::Job> {
+    use rs_protocol::codec::{Limits, api::decode_job};
     while !job.is_done() {
         let b = http
             .get(format!(
@@ -537,7 +509,7 @@ async fn until_done(
 
 /// The commands the demo prints for administering it: exactly what the
 /// README shows, with this run's address and certificate paths.
-fn admin_commands(a: &str, t: &rs_common::tls::TlsConfig, exe: &std::path::Path) -> Vec<String> {
+fn admin_commands(a: &str, t: &rs_net::tls::TlsConfig, exe: &std::path::Path) -> Vec<String> {
     let rsctl = exe
         .strip_prefix(std::env::current_dir().unwrap_or_default())
         .unwrap_or(exe)
@@ -616,7 +588,7 @@ fn main() {
     let cli = Cli::parse();
     if let Some(Role::Rsctl { args }) = &cli.role {
         let argv = std::iter::once(std::ffi::OsString::from("rsctl")).chain(args.iter().cloned());
-        std::process::exit(rs_appserver::rsctl::main_with(argv));
+        std::process::exit(rs_ctl::main_with(argv));
     }
     // Each role runs on the runtime its own program uses: rs-proxy and
     // rs-hostwatch on one thread, the servers on one worker per core.

@@ -1,0 +1,1341 @@
+//! `rsctl`: the administrator's command line over the application server's
+//! XML control API (docs/control-api.md): components, tags, groups,
+//! sending control actions, and watching jobs finish.
+//!
+//! Exit status: 0 on success; 1 when the server refused a request or a
+//! watched job ended with a destination failed or expired; 2 for usage
+//! errors (from clap).
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use rs_protocol::codec::Limits;
+use rs_protocol::codec::api::{
+    GroupDef, Job, SendRequest, decode_components, decode_groups, decode_job, encode_group,
+    encode_send_request, encode_tags,
+};
+use rs_protocol::control::{ControlAction, StatusNode};
+use rs_protocol::{ComponentKind, CustomerId, RsId};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Administer Remote Services through the application server's control API"
+)]
+struct Cli {
+    /// The application server's base URL.
+    #[arg(
+        long,
+        short,
+        env = "RSCTL_SERVER",
+        default_value = "http://127.0.0.1:8440",
+        global = true
+    )]
+    server: String,
+    /// The provider's CA certificate: the only one trusted for an https
+    /// server (docs/security.md).
+    #[arg(long, env = "RSCTL_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// This admin's certificate (issued with `rsctl ca issue --role admin`).
+    #[arg(long, env = "RSCTL_CERT", global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "RSCTL_KEY", global = true, requires = "cert")]
+    key: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// List the components the server knows: state, last seen, route, tags.
+    Components,
+    /// Show one component's status tree.
+    Component { id: String },
+    /// Replace a component's tags (none: remove them all).
+    Tag { id: String, tags: Vec<String> },
+    /// Groups of components.
+    #[command(subcommand)]
+    Groups(GroupCmd),
+    /// Send a control action; prints the job and, with --watch, follows it.
+    Send(Box<SendArgs>),
+    /// Publish a file and offer it to components and groups (software is
+    /// installed, configuration applied); shows the upload's progress, the
+    /// job, and with --watch each destination as it fetches and processes it.
+    Publish(Box<PublishArgs>),
+    /// Files uploaded by components (newest first).
+    Uploads {
+        /// Only from this component.
+        #[arg(long)]
+        component: Option<String>,
+    },
+    /// Save an uploaded file (by its request ID).
+    Fetch {
+        request: String,
+        /// Where to write it.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+    /// Jobs: one control action and its destinations.
+    #[command(subcommand)]
+    Jobs(JobCmd),
+    /// Throttle rules: the server's own, or pushed to components.
+    #[command(subcommand)]
+    Throttle(ThrottleCmd),
+    /// The certificate authority, on its directory (no server needed):
+    /// create it, issue and revoke certificates, list them.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// Make a one-time enrollment token for a new (or re-deployed) proxy
+    /// or MLM; prints the token.
+    Enroll(EnrollArgs),
+    /// Revoke a component's certificates through the server (in force at
+    /// once there, and at every tier within its refresh interval).
+    Revoke {
+        /// Every live certificate of this component.
+        #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
+        component: Option<String>,
+        /// One certificate, by serial (hex).
+        #[arg(long)]
+        serial: Option<String>,
+    },
+    /// The audit log of the control API (newest first).
+    Audit {
+        /// Only this admin's requests.
+        #[arg(long)]
+        admin: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCmd {
+    /// Create a CA in a new directory.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA's name (its certificate's CN).
+        #[arg(long, default_value = "Remote Services CA")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a certificate with a fresh key: writes NAME.pem and NAME.key
+    /// (mode 0600) to --out. For servers give their --dns names and --ip
+    /// addresses; for an admin, --role admin and --customers.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A component ID (e.g. rs.a1, acme.m1) or an admin's name.
+        name: String,
+        #[arg(long, default_value = "component")]
+        role: String,
+        /// Admins only: the customers granted, comma-separated, or `*`.
+        #[arg(long)]
+        customers: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        dns: Vec<String>,
+        #[arg(long, value_delimiter = ',')]
+        ip: Vec<std::net::IpAddr>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Where to write the files.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// Revoke by serial, or every certificate of a name; rewrites crl.pem.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, conflicts_with = "name", required_unless_present = "name")]
+        serial: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Every certificate issued.
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    /// The customer the new component belongs to.
+    #[arg(long, required_unless_present = "component")]
+    customer: Option<String>,
+    /// The ID it gets (re-deployment after a compromise, or an MLM);
+    /// without it a new proxy gets the next free ID.
+    #[arg(long)]
+    component: Option<String>,
+    /// proxy or mlm.
+    #[arg(long)]
+    kind: Option<String>,
+    /// Host names and addresses it serves on (MLMs).
+    #[arg(long, value_delimiter = ',')]
+    dns: Vec<String>,
+    #[arg(long, value_delimiter = ',')]
+    ip: Vec<String>,
+    /// How long the token may be used.
+    #[arg(long, default_value_t = 7 * 86_400)]
+    ttl_secs: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum ThrottleCmd {
+    /// The server's throttle rules.
+    Show,
+    /// Add or replace a rule. Without --to/--group: the server's (other
+    /// rules kept). With them: sent as a configChange that makes this the
+    /// destinations' only rule.
+    Set(Box<RuleArgs>),
+    /// Remove the server's rule of this name.
+    Remove { name: String },
+    /// Remove every rule of the destinations (or, without --to/--group,
+    /// of the server).
+    Clear {
+        #[command(flatten)]
+        targets: Targets,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Targets {
+    /// Push to this component (repeatable).
+    #[arg(long = "to")]
+    to: Vec<String>,
+    /// Push to this group (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// Follow the push until it finishes.
+    #[arg(long, short)]
+    watch: bool,
+}
+
+#[derive(Debug, Args)]
+struct RuleArgs {
+    name: String,
+    /// Match: this customer's components.
+    #[arg(long)]
+    customer: Option<String>,
+    /// Match: this component and what is allocated under it.
+    #[arg(long)]
+    component: Option<String>,
+    /// Match: this data class.
+    #[arg(long)]
+    class: Option<String>,
+    /// Match: this content type (alarm, event, data, ...).
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// Separate allowances per: all, customer, component, class.
+    #[arg(long, default_value = "all")]
+    per: String,
+    #[arg(long)]
+    messages_per_sec: Option<f64>,
+    #[arg(long)]
+    bytes_per_sec: Option<u64>,
+    #[arg(long)]
+    burst_secs: Option<f64>,
+    #[arg(long)]
+    quota_bytes: Option<u64>,
+    /// hour or day.
+    #[arg(long)]
+    quota_period: Option<String>,
+    /// HH:MM-HH:MM, local to --time-zone.
+    #[arg(long)]
+    window: Option<String>,
+    /// IANA zone name (default UTC).
+    #[arg(long)]
+    time_zone: Option<String>,
+    #[arg(long)]
+    exempt_severity: Option<String>,
+    #[arg(long)]
+    exempt_precedence: Option<u8>,
+    #[command(flatten)]
+    targets: Targets,
+}
+
+fn rule_of(a: &RuleArgs) -> anyhow::Result<rs_protocol::throttle::Rule> {
+    use rs_protocol::throttle::{Per, Period, Rule};
+    Ok(Rule {
+        name: a.name.clone(),
+        customer: a.customer.clone(),
+        component: a.component.clone(),
+        class: a.class.clone(),
+        kind: a.kind.clone(),
+        per: match a.per.as_str() {
+            "all" => Per::All,
+            "customer" => Per::Customer,
+            "component" => Per::Component,
+            "class" => Per::Class,
+            other => bail!("--per {other}: one of all, customer, component, class"),
+        },
+        messages_per_sec: a.messages_per_sec,
+        bytes_per_sec: a.bytes_per_sec,
+        burst_secs: a.burst_secs,
+        quota_bytes: a.quota_bytes,
+        quota_period: match a.quota_period.as_deref() {
+            None => None,
+            Some("hour") => Some(Period::Hour),
+            Some("day") => Some(Period::Day),
+            Some(other) => bail!("--quota-period {other}: hour or day"),
+        },
+        window: a.window.clone(),
+        time_zone: a.time_zone.clone(),
+        exempt_severity: a.exempt_severity.clone(),
+        exempt_precedence: a.exempt_precedence,
+    })
+}
+
+fn print_throttle(cfg: &rs_protocol::throttle::ThrottleConfig) {
+    if cfg.rule.is_empty() {
+        println!("no throttle rules");
+    }
+    for r in &cfg.rule {
+        let doc = rs_protocol::throttle::encode_throttle(&rs_protocol::throttle::ThrottleConfig {
+            rule: vec![r.clone()],
+            ..Default::default()
+        });
+        let text = String::from_utf8_lossy(&doc);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("<rule"))
+            .unwrap_or("")
+            .trim_start_matches("<rule ")
+            .trim_end_matches("/>");
+        println!("{line}");
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCmd {
+    /// Every group with its size.
+    List,
+    /// A group's definition and its members now.
+    Show { name: String },
+    /// Create or replace a group: members, a selector, or both.
+    Set {
+        name: String,
+        /// A static member (repeatable).
+        #[arg(long = "member")]
+        members: Vec<String>,
+        /// Selector: components of this customer.
+        #[arg(long)]
+        customer: Option<String>,
+        /// Selector: components of this kind (proxy, mlm, instance, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Selector: components with this tag.
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// Delete a group.
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobCmd {
+    /// A job's destinations and their states.
+    Show { id: String },
+    /// Follow a job until every destination is final.
+    Watch { id: String },
+}
+
+#[derive(Debug, Args)]
+struct SendArgs {
+    /// getStatus, ping, shutdown, getConfig, configChange, enableInstance,
+    /// disableInstance, enableForwarding, disableForwarding,
+    /// deregisterIntegrator, softwareUpdate, replayDeadLetters,
+    /// discardDeadLetters.
+    action: String,
+    /// A destination component (repeatable).
+    #[arg(long = "to")]
+    to: Vec<String>,
+    /// A destination group (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// configChange: a TOML file laid over each destination's configuration.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// configChange: one TOML setting (`heartbeat_secs=60`,
+    /// `upstream.poll_hold_secs=20`); repeatable, after --config.
+    #[arg(long = "set")]
+    set: Vec<String>,
+    /// enableInstance, disableInstance, deregisterIntegrator: the target.
+    #[arg(long)]
+    target: Option<String>,
+    /// replayDeadLetters, discardDeadLetters: only this message (by ID);
+    /// left out, every dead letter of each destination.
+    #[arg(long)]
+    message: Option<String>,
+    /// softwareUpdate: package, version and (optionally) bulk URL.
+    #[arg(long)]
+    package: Option<String>,
+    #[arg(long = "package-version")]
+    package_version: Option<String>,
+    #[arg(long)]
+    url: Option<String>,
+    /// How long the action may wait to be delivered, seconds.
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// POST the job document here at each change.
+    #[arg(long)]
+    notify: Option<String>,
+    /// Follow the job until it finishes.
+    #[arg(long, short)]
+    watch: bool,
+}
+
+#[derive(Debug, Args)]
+struct PublishArgs {
+    /// The file to publish.
+    file: PathBuf,
+    /// A destination component (repeatable).
+    #[arg(long = "to")]
+    to: Vec<String>,
+    /// A destination group (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// What it is: `software` (installed by each proxy's install command),
+    /// `configuration` (applied as a configuration change), or anything
+    /// else (kept).
+    #[arg(long, default_value = "software")]
+    class: String,
+    #[arg(long = "subclass", default_value = "package")]
+    subclass: String,
+    /// The name to publish it under (default: the file's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// How long the offer stands, seconds.
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// POST the job document here at each change.
+    #[arg(long)]
+    notify: Option<String>,
+    /// Follow the job until every destination has answered.
+    #[arg(long, short)]
+    watch: bool,
+}
+
+/// Streams a file to `PUT /files/{name}` with a progress bar on a terminal.
+async fn publish_file(api: &Api, path: &std::path::Path, name: &str) -> anyhow::Result<Vec<u8>> {
+    use futures_util::StreamExt as _;
+    let f = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("{}", path.display()))?;
+    let size = f.metadata().await?.len();
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(size)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("publishing {name}"));
+    let b = bar.clone();
+    let body = tokio_util::io::ReaderStream::with_capacity(f, 256 << 10).map(move |c| {
+        if let Ok(chunk) = &c {
+            b.inc(chunk.len() as u64);
+        }
+        c
+    });
+    let enc = percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC);
+    let url = format!("{}/rs/v1/control/files/{enc}", api.base);
+    let resp = api
+        .stream_http
+        .put(&url)
+        .header(reqwest::header::CONTENT_LENGTH, size)
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    bar.finish_and_clear();
+    let status = resp.status();
+    let bytes = resp.bytes().await?.to_vec();
+    if !status.is_success() {
+        bail!("{status}: {}", String::from_utf8_lossy(&bytes).trim());
+    }
+    Ok(bytes)
+}
+
+fn action_of(a: &SendArgs) -> anyhow::Result<ControlAction> {
+    let target = || -> anyhow::Result<RsId> {
+        let t = a
+            .target
+            .as_deref()
+            .with_context(|| format!("{} needs --target", a.action))?;
+        RsId::new(t).map_err(|e| anyhow::anyhow!("--target {t}: {e}"))
+    };
+    Ok(match a.action.as_str() {
+        "getStatus" => ControlAction::GetStatus,
+        "ping" => ControlAction::Ping,
+        "shutdown" => ControlAction::Shutdown,
+        "getConfig" => ControlAction::GetConfig,
+        "enableForwarding" => ControlAction::EnableForwarding,
+        "disableForwarding" => ControlAction::DisableForwarding,
+        "enableInstance" => ControlAction::EnableInstance(target()?),
+        "disableInstance" => ControlAction::DisableInstance(target()?),
+        "deregisterIntegrator" => ControlAction::DeregisterIntegrator(target()?),
+        "replayDeadLetters" | "discardDeadLetters" => {
+            let only = a
+                .message
+                .as_deref()
+                .map(|m| {
+                    rs_protocol::MessageId::new(m)
+                        .map_err(|e| anyhow::anyhow!("--message {m}: {e}"))
+                })
+                .transpose()?;
+            if a.action == "replayDeadLetters" {
+                ControlAction::ReplayDeadLetters(only)
+            } else {
+                ControlAction::DiscardDeadLetters(only)
+            }
+        }
+        "configChange" => {
+            let mut config = match &a.config {
+                Some(f) => std::fs::read_to_string(f)
+                    .with_context(|| format!("--config {}", f.display()))?,
+                None => String::new(),
+            };
+            for s in &a.set {
+                if !config.is_empty() && !config.ends_with('\n') {
+                    config.push('\n');
+                }
+                config.push_str(s);
+                config.push('\n');
+            }
+            if config.trim().is_empty() {
+                bail!("configChange needs --config FILE or --set KEY=VALUE");
+            }
+            ControlAction::ConfigChange { config }
+        }
+        "softwareUpdate" => ControlAction::SoftwareUpdate {
+            package: a
+                .package
+                .clone()
+                .context("softwareUpdate needs --package")?,
+            version: a
+                .package_version
+                .clone()
+                .context("softwareUpdate needs --package-version")?,
+            url: a.url.clone(),
+        },
+        other => bail!(
+            "unknown action {other:?}; one of {}",
+            ControlAction::NAMES.join(", ")
+        ),
+    })
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+    /// Without a whole-request timeout: file transfers.
+    stream_http: reqwest::Client,
+}
+
+/// An HTTP client for the server: with --ca, trusting only that CA, and
+/// with --cert/--key presenting the admin's certificate.
+fn http_client(cli: &Cli) -> anyhow::Result<reqwest::ClientBuilder> {
+    match (&cli.ca, &cli.cert, &cli.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let t = rs_net::tls::TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                crl: None,
+                crl_refresh_secs: 60,
+                renew_before_days: 30,
+            };
+            rs_net::tls::client(Some(&t)).map_err(anyhow::Error::msg)
+        }
+        (Some(ca), _, _) => rs_net::tls::client_trusting(ca).map_err(anyhow::Error::msg),
+        (None, _, _) => Ok(reqwest::Client::builder()),
+    }
+}
+
+impl Api {
+    fn new(cli: &Cli) -> anyhow::Result<Self> {
+        Ok(Api {
+            base: cli.server.trim_end_matches('/').to_owned(),
+            // Long enough for a held watch (the server holds up to 25 s).
+            http: http_client(cli)?.timeout(Duration::from_secs(60)).build()?,
+            stream_http: http_client(cli)?.build()?,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<Vec<u8>> {
+        let url = format!("{}/rs/v1/control/{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
+                .body(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?.to_vec();
+        if !status.is_success() {
+            bail!(
+                "{status}: {}",
+                String::from_utf8_lossy(&bytes).trim().trim_end_matches('.')
+            );
+        }
+        Ok(bytes)
+    }
+
+    async fn job(&self, id: &str, after: Option<u64>) -> anyhow::Result<Job> {
+        let path = match after {
+            Some(v) => format!("jobs/{id}?after={v}&wait=25"),
+            None => format!("jobs/{id}"),
+        };
+        let b = self.call(reqwest::Method::GET, &path, None).await?;
+        Ok(decode_job(&b, &Limits::default())?)
+    }
+}
+
+fn ago(t: rs_protocol::Timestamp) -> String {
+    let s = (rs_protocol::Timestamp::now().as_millis() - t.as_millis()).max(0) / 1000;
+    match s {
+        0..=119 => format!("{s}s ago"),
+        120..=7199 => format!("{}m ago", s / 60),
+        _ => format!("{}h ago", s / 3600),
+    }
+}
+
+fn print_tree(n: &StatusNode, depth: usize) {
+    let label =
+        n.id.as_ref()
+            .map(|i| i.to_string())
+            .or_else(|| n.name.clone())
+            .unwrap_or_default();
+    println!(
+        "{:indent$}{} {} [{}]{}",
+        "",
+        n.kind,
+        label,
+        n.state.as_str(),
+        n.version
+            .as_deref()
+            .map(|v| format!(" v{v}"))
+            .unwrap_or_default(),
+        indent = depth * 2
+    );
+    for m in &n.metrics {
+        println!(
+            "{:indent$}{} = {}",
+            "",
+            m.name,
+            m.value,
+            indent = depth * 2 + 4
+        );
+    }
+    for c in &n.children {
+        print_tree(c, depth + 1);
+    }
+}
+
+fn summary(j: &Job) -> String {
+    let mut parts = Vec::new();
+    for s in ["succeeded", "failed", "expired", "delivered", "pending"] {
+        let n = j.count(s);
+        if n > 0 {
+            parts.push(format!("{n} {s}"));
+        }
+    }
+    let done = j.targets.iter().filter(|t| t.is_final()).count();
+    format!(
+        "job {} ({}): {done}/{} final: {}",
+        j.id,
+        j.action,
+        j.targets.len(),
+        parts.join(", ")
+    )
+}
+
+fn print_job(j: &Job) {
+    println!("{}", summary(j));
+    for t in &j.targets {
+        println!("  {:<24} {:<10} {}", t.id.as_str(), t.state, detail(t));
+    }
+}
+
+fn detail(t: &rs_protocol::codec::api::JobTarget) -> String {
+    let mut d = String::new();
+    if let Some(c) = &t.code {
+        d.push_str(c);
+    }
+    if let Some(x) = &t.text {
+        if !d.is_empty() {
+            d.push_str(": ");
+        }
+        d.push_str(x);
+    }
+    if let Some(r) = &t.result {
+        let first = r.lines().next().unwrap_or("");
+        if !d.is_empty() {
+            d.push_str("; ");
+        }
+        d.push_str(first);
+        if r.lines().nth(1).is_some() {
+            d.push_str(" ...");
+        }
+    }
+    d
+}
+
+/// Follows a job, printing each destination as it changes and a progress
+/// line; returns the final job.
+async fn watch(api: &Api, id: &str) -> anyhow::Result<Job> {
+    let tty = std::io::stdout().is_terminal();
+    let mut job = api.job(id, None).await?;
+    let mut seen: std::collections::HashMap<String, String> = Default::default();
+    loop {
+        for t in &job.targets {
+            if seen.get(t.id.as_str()) != Some(&t.state) {
+                seen.insert(t.id.to_string(), t.state.clone());
+                if tty {
+                    print!("\r\x1b[2K");
+                }
+                println!("  {:<24} {:<10} {}", t.id.as_str(), t.state, detail(t));
+            }
+        }
+        if tty {
+            print!("\r\x1b[2K{}", summary(&job));
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+        } else {
+            println!("{}", summary(&job));
+        }
+        if job.is_done() {
+            if tty {
+                println!();
+            }
+            return Ok(job);
+        }
+        job = api.job(id, Some(job.version)).await?;
+    }
+}
+
+fn finished_well(j: &Job) -> bool {
+    j.targets.iter().all(|t| t.state == "succeeded")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    if let Cmd::Ca(c) = &cli.cmd {
+        return ca_command(c).map(|()| true);
+    }
+    let api = Api::new(&cli)?;
+    let limits = Limits::default();
+    match cli.cmd {
+        Cmd::Components => {
+            let b = api.call(reqwest::Method::GET, "components", None).await?;
+            let list = decode_components(&b, &limits)?;
+            println!(
+                "{:<24} {:<10} {:<9} {:>4} {:<10} {:<20} TAGS",
+                "ID", "KIND", "STATE", "DEAD", "LAST SEEN", "VIA"
+            );
+            for c in &list {
+                let via: Vec<&str> = c.via.iter().map(RsId::as_str).collect();
+                // Dead letters, as the component's last status reported.
+                let dead = c
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.metrics.iter().find(|d| d.name == "spool.dead_letters"))
+                    .map_or_else(|| "-".to_owned(), |d| d.value.clone());
+                println!(
+                    "{:<24} {:<10} {:<9} {:>4} {:<10} {:<20} {}",
+                    c.id.as_str(),
+                    c.id.kind().as_str(),
+                    c.state.as_deref().unwrap_or("-"),
+                    dead,
+                    ago(c.last_seen),
+                    if via.is_empty() {
+                        "direct".to_owned()
+                    } else {
+                        via.join(" > ")
+                    },
+                    c.tags.join(",")
+                );
+            }
+            println!("{} components", list.len());
+        }
+        Cmd::Component { id } => {
+            let b = api.call(reqwest::Method::GET, "components", None).await?;
+            let list = decode_components(&b, &limits)?;
+            let c = list
+                .iter()
+                .find(|c| c.id.as_str() == id)
+                .with_context(|| format!("no component {id}"))?;
+            println!(
+                "{} (last seen {}, via {})",
+                c.id,
+                ago(c.last_seen),
+                if c.via.is_empty() {
+                    "direct".to_owned()
+                } else {
+                    c.via
+                        .iter()
+                        .map(RsId::as_str)
+                        .collect::<Vec<_>>()
+                        .join(" > ")
+                }
+            );
+            match &c.status {
+                Some(s) => print_tree(s, 0),
+                None => println!("no status tree yet"),
+            }
+        }
+        Cmd::Tag { id, tags } => {
+            api.call(
+                reqwest::Method::PUT,
+                &format!("components/{id}/tags"),
+                Some(encode_tags(&tags)),
+            )
+            .await?;
+            println!("{id}: tags {}", tags.join(","));
+        }
+        Cmd::Groups(g) => match g {
+            GroupCmd::List => {
+                let b = api.call(reqwest::Method::GET, "groups", None).await?;
+                for g in decode_groups(&b, &limits)? {
+                    println!(
+                        "{:<24} {:>6} members  {}",
+                        g.name,
+                        g.members.len(),
+                        selector(&g)
+                    );
+                }
+            }
+            GroupCmd::Show { name } => {
+                let b = api
+                    .call(reqwest::Method::GET, &format!("groups/{name}"), None)
+                    .await?;
+                for g in decode_groups(&b, &limits)? {
+                    println!("{} ({} members) {}", g.name, g.members.len(), selector(&g));
+                    for m in &g.members {
+                        println!("  {m}");
+                    }
+                }
+            }
+            GroupCmd::Set {
+                name,
+                members,
+                customer,
+                kind,
+                tag,
+            } => {
+                let def = GroupDef {
+                    name: name.clone(),
+                    members: members
+                        .iter()
+                        .map(|m| RsId::new(m).map_err(|e| anyhow::anyhow!("--member {m}: {e}")))
+                        .collect::<anyhow::Result<_>>()?,
+                    customer: customer
+                        .map(|c| {
+                            CustomerId::new(&c).map_err(|e| anyhow::anyhow!("--customer {c}: {e}"))
+                        })
+                        .transpose()?,
+                    kind: kind
+                        .map(|k| {
+                            ComponentKind::parse(&k)
+                                .with_context(|| format!("--kind {k}: not a component kind"))
+                        })
+                        .transpose()?,
+                    tag,
+                };
+                let b = api
+                    .call(
+                        reqwest::Method::PUT,
+                        &format!("groups/{name}"),
+                        Some(encode_group(&def)),
+                    )
+                    .await?;
+                for g in decode_groups(&b, &limits)? {
+                    println!(
+                        "{}: {} members now {}",
+                        g.name,
+                        g.members.len(),
+                        selector(&g)
+                    );
+                }
+            }
+            GroupCmd::Delete { name } => {
+                api.call(reqwest::Method::DELETE, &format!("groups/{name}"), None)
+                    .await?;
+                println!("deleted {name}");
+            }
+        },
+        Cmd::Publish(a) => {
+            let name = match &a.name {
+                Some(n) => n.clone(),
+                None => a
+                    .file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .context("the file has no name; give --name")?,
+            };
+            let b = publish_file(&api, &a.file, &name).await?;
+            let file = rs_protocol::codec::api::decode_file(&b, &limits)?;
+            println!(
+                "published {} ({} bytes, SHA-256 {})",
+                file.name,
+                file.size,
+                rs_protocol::codec::sha256_hex(&file.sha256)
+            );
+            let req = rs_protocol::codec::api::OfferRequest {
+                to: a
+                    .to
+                    .iter()
+                    .map(|t| RsId::new(t).map_err(|e| anyhow::anyhow!("--to {t}: {e}")))
+                    .collect::<Result<_, _>>()?,
+                groups: a.groups.clone(),
+                sha256: file.sha256,
+                class: a.class.clone(),
+                sub: a.subclass.clone(),
+                ttl_secs: a.ttl,
+                notify: a.notify.clone(),
+            };
+            let b = api
+                .call(
+                    reqwest::Method::POST,
+                    "offer",
+                    Some(rs_protocol::codec::api::encode_offer_request(&req)),
+                )
+                .await?;
+            let job = decode_job(&b, &limits)?;
+            if a.watch {
+                println!("{}", summary(&job));
+                let j = watch(&api, &job.id).await?;
+                return Ok(finished_well(&j));
+            }
+            print_job(&job);
+        }
+        Cmd::Uploads { component } => {
+            let path = match component {
+                Some(c) => format!("uploads?component={c}"),
+                None => "uploads".to_owned(),
+            };
+            let b = api.call(reqwest::Method::GET, &path, None).await?;
+            print!("{}", String::from_utf8_lossy(&b));
+        }
+        Cmd::Fetch { request, output } => {
+            let url = format!("{}/rs/v1/control/uploads/{request}/file", api.base);
+            let mut resp = api
+                .stream_http
+                .get(&url)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach {url}"))?;
+            if !resp.status().is_success() {
+                bail!(
+                    "{}: {}",
+                    resp.status(),
+                    resp.text().await.unwrap_or_default().trim()
+                );
+            }
+            use tokio::io::AsyncWriteExt as _;
+            let mut f = tokio::fs::File::create(&output)
+                .await
+                .with_context(|| format!("{}", output.display()))?;
+            let mut n = 0u64;
+            while let Some(chunk) = resp.chunk().await? {
+                f.write_all(&chunk).await?;
+                n += chunk.len() as u64;
+            }
+            f.sync_all().await?;
+            println!("{n} bytes written to {}", output.display());
+        }
+        Cmd::Send(a) => {
+            let req = SendRequest {
+                to: a
+                    .to
+                    .iter()
+                    .map(|t| RsId::new(t).map_err(|e| anyhow::anyhow!("--to {t}: {e}")))
+                    .collect::<anyhow::Result<_>>()?,
+                groups: a.groups.clone(),
+                action: action_of(&a)?,
+                ttl_secs: a.ttl,
+                notify: a.notify.clone(),
+            };
+            if req.to.is_empty() && req.groups.is_empty() {
+                bail!("give at least one --to or --group");
+            }
+            let b = api
+                .call(
+                    reqwest::Method::POST,
+                    "send",
+                    Some(encode_send_request(&req)),
+                )
+                .await?;
+            let job = decode_job(&b, &limits)?;
+            println!(
+                "job {} ({}, {} destinations)",
+                job.id,
+                job.action,
+                job.targets.len()
+            );
+            if a.watch {
+                return Ok(finished_well(&watch(&api, &job.id).await?));
+            }
+        }
+        Cmd::Jobs(JobCmd::Show { id }) => print_job(&api.job(&id, None).await?),
+        Cmd::Throttle(t) => return throttle(&api, t).await,
+        Cmd::Jobs(JobCmd::Watch { id }) => {
+            return Ok(finished_well(&watch(&api, &id).await?));
+        }
+        Cmd::Ca(_) => unreachable!("handled before the API is set up"),
+        Cmd::Enroll(e) => {
+            let enc = |s: &str| {
+                percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            };
+            let mut q = vec![format!("ttl-secs={}", e.ttl_secs)];
+            for (k, v) in [
+                ("customer", &e.customer),
+                ("component", &e.component),
+                ("kind", &e.kind),
+            ] {
+                if let Some(v) = v {
+                    q.push(format!("{k}={}", enc(v)));
+                }
+            }
+            if !e.dns.is_empty() {
+                q.push(format!("dns={}", enc(&e.dns.join(","))));
+            }
+            if !e.ip.is_empty() {
+                q.push(format!("ip={}", enc(&e.ip.join(","))));
+            }
+            let b = api
+                .call(
+                    reqwest::Method::POST,
+                    &format!("enrollments?{}", q.join("&")),
+                    None,
+                )
+                .await?;
+            let text = String::from_utf8_lossy(&b);
+            // The token alone on stdout, for scripts; the rest on stderr.
+            let token = text
+                .split("token=\"")
+                .nth(1)
+                .and_then(|t| t.split('"').next())
+                .ok_or_else(|| anyhow!("unexpected answer: {text}"))?;
+            eprint!("{text}");
+            println!("{token}");
+        }
+        Cmd::Revoke { component, serial } => {
+            let q = match (component, serial) {
+                (Some(c), _) => format!("component={c}"),
+                (None, Some(s)) => format!("serial={s}"),
+                (None, None) => bail!("--component or --serial"),
+            };
+            let b = api
+                .call(reqwest::Method::POST, &format!("revoke?{q}"), None)
+                .await?;
+            print!("{}", String::from_utf8_lossy(&b));
+        }
+        Cmd::Audit { admin, limit } => {
+            let mut path = format!("audit?limit={limit}");
+            if let Some(a) = admin {
+                path.push_str(&format!("&admin={a}"));
+            }
+            let b = api.call(reqwest::Method::GET, &path, None).await?;
+            print!("{}", String::from_utf8_lossy(&b));
+        }
+    }
+    Ok(true)
+}
+
+async fn server_throttle(api: &Api) -> anyhow::Result<rs_protocol::throttle::ThrottleConfig> {
+    let b = api.call(reqwest::Method::GET, "throttle", None).await?;
+    Ok(rs_protocol::throttle::decode_throttle(
+        &b,
+        &Limits::default(),
+    )?)
+}
+
+async fn put_throttle(
+    api: &Api,
+    cfg: &rs_protocol::throttle::ThrottleConfig,
+) -> anyhow::Result<()> {
+    let b = api
+        .call(
+            reqwest::Method::PUT,
+            "throttle",
+            Some(rs_protocol::throttle::encode_throttle(cfg)),
+        )
+        .await?;
+    print_throttle(&rs_protocol::throttle::decode_throttle(
+        &b,
+        &Limits::default(),
+    )?);
+    Ok(())
+}
+
+/// Sends `[throttle]` settings to components as a configChange.
+async fn push_throttle(
+    api: &Api,
+    t: &Targets,
+    cfg: rs_protocol::throttle::ThrottleConfig,
+) -> anyhow::Result<bool> {
+    #[derive(serde::Serialize)]
+    struct Doc {
+        throttle: ThrottleDoc,
+    }
+    #[derive(serde::Serialize)]
+    struct ThrottleDoc {
+        rule: Vec<rs_protocol::throttle::Rule>,
+    }
+    let config = toml::to_string(&Doc {
+        throttle: ThrottleDoc { rule: cfg.rule },
+    })?;
+    let req = SendRequest {
+        to: t
+            .to
+            .iter()
+            .map(|x| RsId::new(x).map_err(|e| anyhow::anyhow!("--to {x}: {e}")))
+            .collect::<anyhow::Result<_>>()?,
+        groups: t.groups.clone(),
+        action: ControlAction::ConfigChange { config },
+        ttl_secs: None,
+        notify: None,
+    };
+    let b = api
+        .call(
+            reqwest::Method::POST,
+            "send",
+            Some(encode_send_request(&req)),
+        )
+        .await?;
+    let job = decode_job(&b, &Limits::default())?;
+    println!(
+        "job {} (configChange, {} destinations)",
+        job.id,
+        job.targets.len()
+    );
+    if t.watch {
+        return Ok(finished_well(&watch(api, &job.id).await?));
+    }
+    Ok(true)
+}
+
+async fn throttle(api: &Api, cmd: ThrottleCmd) -> anyhow::Result<bool> {
+    match cmd {
+        ThrottleCmd::Show => print_throttle(&server_throttle(api).await?),
+        ThrottleCmd::Set(a) => {
+            let rule = rule_of(&a)?;
+            if a.targets.to.is_empty() && a.targets.groups.is_empty() {
+                let mut cfg = server_throttle(api).await?;
+                cfg.rule.retain(|r| r.name != rule.name);
+                cfg.rule.push(rule);
+                put_throttle(api, &cfg).await?;
+            } else {
+                let cfg = rs_protocol::throttle::ThrottleConfig {
+                    rule: vec![rule],
+                    ..Default::default()
+                };
+                return push_throttle(api, &a.targets, cfg).await;
+            }
+        }
+        ThrottleCmd::Remove { name } => {
+            let mut cfg = server_throttle(api).await?;
+            let before = cfg.rule.len();
+            cfg.rule.retain(|r| r.name != name);
+            if cfg.rule.len() == before {
+                bail!("no rule {name:?}");
+            }
+            put_throttle(api, &cfg).await?;
+        }
+        ThrottleCmd::Clear { targets } => {
+            if targets.to.is_empty() && targets.groups.is_empty() {
+                let mut cfg = server_throttle(api).await?;
+                cfg.rule.clear();
+                put_throttle(api, &cfg).await?;
+            } else {
+                return push_throttle(api, &targets, Default::default()).await;
+            }
+        }
+    }
+    Ok(true)
+}
+
+fn selector(g: &GroupDef) -> String {
+    let mut s = Vec::new();
+    if let Some(c) = &g.customer {
+        s.push(format!("customer={c}"));
+    }
+    if let Some(k) = g.kind {
+        s.push(format!("kind={}", k.as_str()));
+    }
+    if let Some(t) = &g.tag {
+        s.push(format!("tag={t}"));
+    }
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!("[{}]", s.join(" "))
+    }
+}
+
+/// Runs `rsctl` with these arguments (the first is the program name) and
+/// returns the exit status.
+fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
+    use rs_net::pki::{Ca, CertSpec, Role};
+    let m = anyhow::Error::msg;
+    match c {
+        CaCmd::Init { dir, name, days } => {
+            let ca = Ca::init(dir, name, *days)?;
+            println!(
+                "CA {name:?} created in {} (ca.pem to every component, ca.key stays here; serial {})",
+                dir.display(),
+                rs_net::pki::serial_hex(ca.cert())
+            );
+        }
+        CaCmd::Issue {
+            dir,
+            name,
+            role,
+            customers,
+            dns,
+            ip,
+            days,
+            out,
+        } => {
+            let ca = Ca::open(dir)?;
+            let role = Role::parse(role).ok_or_else(|| anyhow!("--role: component or admin"))?;
+            let customer = match role {
+                Role::Admin => customers
+                    .clone()
+                    .ok_or_else(|| anyhow!("an admin needs --customers (comma-separated, or *)"))?,
+                Role::Component => RsId::new(name.clone())
+                    .map_err(|e| anyhow!("{name}: {e}"))?
+                    .customer()
+                    .as_str()
+                    .to_owned(),
+            };
+            let spec = CertSpec {
+                name: name.clone(),
+                customer,
+                role,
+                dns: dns.clone(),
+                ips: ip.clone(),
+                days: *days,
+            };
+            let key = rs_net::pki::generate_key().map_err(m)?;
+            let cert = ca.issue(&spec, &key)?;
+            std::fs::create_dir_all(out)?;
+            let (cp, kp) = (
+                out.join(format!("{name}.pem")),
+                out.join(format!("{name}.key")),
+            );
+            rs_net::pki::write_private(&kp, &key.private_key_to_pem_pkcs8()?).map_err(m)?;
+            rs_net::pki::write_file(&cp, &cert.to_pem()?).map_err(m)?;
+            println!(
+                "issued {} to {name} (serial {}): {}, {}",
+                role.as_str(),
+                rs_net::pki::serial_hex(&cert),
+                cp.display(),
+                kp.display()
+            );
+        }
+        CaCmd::Revoke { dir, serial, name } => {
+            let ca = Ca::open(dir)?;
+            let serials: Vec<String> = match (serial, name) {
+                (Some(s), _) => vec![s.clone()],
+                (None, Some(n)) => ca
+                    .list(Some(n))?
+                    .into_iter()
+                    .filter(|c| c.revoked_at.is_none())
+                    .map(|c| c.serial)
+                    .collect(),
+                (None, None) => bail!("--serial or --name"),
+            };
+            if serials.is_empty() {
+                bail!("nothing to revoke");
+            }
+            for s in &serials {
+                if ca.revoke(s, "revoked with rsctl ca revoke")? {
+                    println!("revoked {s}");
+                } else {
+                    println!("{s} was revoked already");
+                }
+            }
+            println!("{} rewritten", dir.join("crl.pem").display());
+        }
+        CaCmd::List { dir } => {
+            let ca = Ca::open(dir)?;
+            println!(
+                "{:<34} {:<20} {:<10} {:<9} {:<10} REVOKED",
+                "SERIAL", "NAME", "CUSTOMER", "ROLE", "NOT AFTER"
+            );
+            let day = |s: i64| {
+                rs_protocol::Timestamp::from_millis(s * 1000)
+                    .map(|t| t.to_string().chars().take(10).collect::<String>())
+                    .unwrap_or_default()
+            };
+            for c in ca.list(None)? {
+                println!(
+                    "{:<34} {:<20} {:<10} {:<9} {:<10} {}",
+                    c.serial,
+                    c.name,
+                    c.customer,
+                    c.role,
+                    day(c.not_after),
+                    c.revoked_at.map(day).unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn main_with<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rsctl: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(e) => {
+            eprintln!("rsctl: {e:#}");
+            1
+        }
+    }
+}

@@ -1,0 +1,784 @@
+//! The upstream side of every sender (seed 004, Fig. 14): POSTing envelopes
+//! to the next hop with failover among several URLs, and the sender loop
+//! that drains a spool, acting on each message's outcome.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use rs_net::http::{error_chain, short_text};
+use rs_net::retry::backoff;
+use rs_protocol::codec::{
+    DecodeError, Encoded, EnvelopeWriter, Limits, RawEnvelope, StreamDecoder,
+};
+use rs_protocol::ids::{MessageId, RsId};
+use rs_protocol::model::{Advice, EnvelopeMeta};
+use rs_protocol::outcome::{Code, Outcome, Reason};
+use rs_protocol::time::{Clock, Timestamp};
+use rs_store::spool::{Settle, Spool, Spooled};
+
+/// Where and how to POST.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Base URLs (`http://host:port`), tried in order; the first that works
+    /// is used until it fails.
+    pub urls: Vec<String>,
+    /// Whole-request timeout (excluding any long-poll hold).
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Limits on the replies we accept.
+    pub limits: Limits,
+    /// TLS towards the upstream (`None`: plain HTTP).
+    pub tls: Option<rs_net::tls::TlsConfig>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            urls: Vec::new(),
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            limits: Limits::default(),
+            tls: None,
+        }
+    }
+}
+
+/// Why a POST did not produce a reply envelope.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PostError {
+    /// Nothing (or nothing usable) came back: connection refused, reset,
+    /// timed out, or a 5xx. The request may or may not have been processed.
+    #[error("{url}: {reason}")]
+    Unavailable { url: String, reason: String },
+    /// The tier cannot take work now (429/503).
+    #[error("{url}: busy ({status}), retry after {retry_after:?}")]
+    Busy {
+        url: String,
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    /// The envelope was refused as malformed (400/415): nothing processed.
+    #[error("{url}: envelope refused ({status}): {text}")]
+    Refused {
+        url: String,
+        status: u16,
+        text: String,
+    },
+    /// 413: the envelope is larger than the next hop takes.
+    #[error("{url}: envelope too large: {text}")]
+    TooLarge { url: String, text: String },
+    /// 401/403: our credentials are not accepted.
+    #[error("{url}: not authorised ({status}): {text}")]
+    Unauthorised {
+        url: String,
+        status: u16,
+        text: String,
+    },
+    /// The reply could not be decoded.
+    #[error("{url}: malformed reply: {error}")]
+    BadReply { url: String, error: DecodeError },
+}
+
+/// Checks a daemon's `upstream.urls` when its configuration is loaded: at
+/// least one, each an absolute `http` or `https` URL with a host (what
+/// the client can POST to). A daemon refuses to start otherwise rather
+/// than failing every POST for ever.
+pub fn check_urls(urls: &[String]) -> Result<(), String> {
+    if urls.is_empty() {
+        return Err("upstream.urls: at least one URL is required".into());
+    }
+    for u in urls {
+        let parsed = reqwest::Url::parse(u)
+            .map_err(|e| format!("upstream.urls: {u:?} is not a URL ({e})"))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(format!(
+                "upstream.urls: {u:?} is not an http(s) URL (like https://mlm1.example:8441)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An HTTP client for the next hop.
+#[derive(Debug)]
+pub struct Upstream {
+    client: reqwest::Client,
+    cfg: UpstreamConfig,
+    current: AtomicUsize,
+}
+
+impl Upstream {
+    pub fn new(cfg: UpstreamConfig) -> Result<Self, String> {
+        if cfg.urls.is_empty() {
+            return Err("no upstream URL configured".into());
+        }
+        let client = rs_net::tls::client(cfg.tls.as_ref())?
+            .connect_timeout(cfg.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(50))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Upstream {
+            client,
+            cfg,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    /// The HTTP client (TLS set up as configured).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// Every upstream URL, in order.
+    pub fn urls(&self) -> &[String] {
+        &self.cfg.urls
+    }
+
+    /// The URL in use.
+    pub fn current_url(&self) -> &str {
+        let i = self.current.load(Ordering::Relaxed) % self.cfg.urls.len();
+        &self.cfg.urls[i]
+    }
+
+    /// POSTs an envelope, failing over through the URLs in order when one
+    /// is unavailable. `hold` is the long-poll hold asked for, added to the
+    /// timeout.
+    pub async fn post(
+        &self,
+        enc: &Encoded,
+        hold: Option<Duration>,
+    ) -> Result<RawEnvelope, PostError> {
+        let n = self.cfg.urls.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            match self.post_to(&self.cfg.urls[i], enc, hold).await {
+                Err(e @ PostError::Unavailable { .. }) => {
+                    tracing::debug!("upstream {e}");
+                    last = Some(e);
+                }
+                other => {
+                    if k > 0 {
+                        tracing::info!("failed over to upstream {}", self.cfg.urls[i]);
+                    }
+                    self.current.store(i, Ordering::Relaxed);
+                    return other;
+                }
+            }
+        }
+        Err(last.unwrap_or(PostError::Unavailable {
+            url: String::new(),
+            reason: "no upstream".into(),
+        }))
+    }
+
+    async fn post_to(
+        &self,
+        base: &str,
+        enc: &Encoded,
+        hold: Option<Duration>,
+    ) -> Result<RawEnvelope, PostError> {
+        let url = format!("{}/rs/v1/envelope", base.trim_end_matches('/'));
+        let unavailable = |reason: String| PostError::Unavailable {
+            url: url.clone(),
+            reason,
+        };
+        let resp = self
+            .client
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, &enc.content_type)
+            .timeout(self.cfg.timeout + hold.unwrap_or_default())
+            .body(enc.body.clone())
+            .send()
+            .await
+            .map_err(|e| unavailable(error_chain(&e)))?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let text = short_text(resp, 500).await;
+            return Err(match status {
+                400 | 415 => PostError::Refused { url, status, text },
+                413 => PostError::TooLarge { url, text },
+                401 | 403 => PostError::Unauthorised { url, status, text },
+                429 | 503 => PostError::Busy {
+                    url,
+                    status,
+                    retry_after,
+                },
+                _ => unavailable(format!("HTTP {status}: {text}")),
+            });
+        }
+        let ct = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let mut dec = StreamDecoder::new(&ct, self.cfg.limits.clone()).map_err(|error| {
+            PostError::BadReply {
+                url: url.clone(),
+                error,
+            }
+        })?;
+        let mut resp = resp;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => dec.push_bytes(chunk).map_err(|error| PostError::BadReply {
+                    url: url.clone(),
+                    error,
+                })?,
+                Ok(None) => break,
+                Err(e) => return Err(unavailable(format!("reply cut: {}", error_chain(&e)))),
+            }
+        }
+        dec.finish()
+            .map_err(|error| PostError::BadReply { url, error })
+    }
+}
+
+/// How the sender batches and paces.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+    /// Longest backoff between attempts.
+    pub max_backoff: Duration,
+    /// How often expired and aged-out messages are swept.
+    pub sweep_every: Duration,
+    /// Envelopes in flight at once.
+    pub parallel: usize,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            max_messages: 500,
+            max_bytes: 4 << 20,
+            max_backoff: Duration::from_secs(300),
+            sweep_every: Duration::from_secs(5),
+            parallel: 4,
+        }
+    }
+}
+
+/// Live counters of a sender, for status.
+#[derive(Debug, Default)]
+pub struct SenderStats {
+    pub posts_ok: AtomicU64,
+    pub posts_failed: AtomicU64,
+    pub sent: AtomicU64,
+    pub accepted: AtomicU64,
+    pub retried: AtomicU64,
+    pub rejected: AtomicU64,
+    pub expired: AtomicU64,
+    /// Messages the throttle held back in the spool (each time).
+    pub throttled: AtomicU64,
+    pub connected: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+    /// Heartbeat interval advised by the next hop, in ms (0: none yet).
+    pub advised_heartbeat_ms: AtomicU64,
+}
+
+impl SenderStats {
+    /// The heartbeat interval the next hop advised, or `default` until it
+    /// has advised one.
+    pub fn heartbeat(&self, default: Duration) -> Duration {
+        match self.advised_heartbeat_ms.load(Ordering::Relaxed) {
+            0 => default,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
+    fn fail(&self, e: &PostError) {
+        self.posts_failed.fetch_add(1, Ordering::Relaxed);
+        self.connected.store(false, Ordering::Relaxed);
+        if let Ok(mut l) = self.last_error.lock() {
+            *l = Some(e.to_string());
+        }
+    }
+}
+
+/// Takes the back-channel messages a reply carried; returns the IDs it has
+/// made durable or applied, which the sender acknowledges on its next POST.
+pub trait BackChannel: Send + Sync + 'static {
+    fn receive(
+        &self,
+        msgs: Vec<rs_protocol::codec::RawMessage>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<MessageId>> + Send + '_>>;
+
+    /// What else to put in the next envelope's header: acknowledgements
+    /// gathered elsewhere (an MLM's relayed replies) and delivery notices
+    /// from the subtree. Taken once; lost with a failed POST, which is
+    /// safe (unacknowledged messages come again; notices are informational).
+    fn take_notices(&self) -> (Vec<MessageId>, Vec<(MessageId, RsId)>) {
+        (Vec::new(), Vec::new())
+    }
+}
+
+/// A backward step of the wall clock larger than this (against the
+/// monotonic clock) moves the spool's retry times back with it.
+const CLOCK_JUMP: Duration = Duration::from_secs(2);
+
+/// Drains a spool upstream until cancelled.
+pub struct Sender<S: Spool> {
+    pub me: RsId,
+    pub spool: S,
+    pub upstream: Arc<Upstream>,
+    pub cfg: SenderConfig,
+    pub clock: Arc<dyn Clock>,
+    pub wake: Arc<Notify>,
+    pub stats: Arc<SenderStats>,
+    /// Forwarding switched off (`disableForwarding`): keep spooling.
+    pub paused: Arc<AtomicBool>,
+    /// What may go now; what it holds back waits in the spool.
+    pub throttle: Option<Arc<crate::throttle::Throttle>>,
+    /// Where back-channel messages go; `None` ignores them.
+    pub back: Option<Arc<dyn BackChannel>>,
+    /// When idle, keep a long poll open, asking the upstream to hold the
+    /// reply this long.
+    pub poll: Option<Duration>,
+    /// Seals this component's own messages as they go into an envelope
+    /// (the spool keeps them as made, so one spooled before the component
+    /// had its certificate is sealed too).
+    pub seal: Option<Arc<rs_net::seal::Sealer>>,
+}
+
+/// The shortest time between two long polls, whatever the upstream does.
+const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What an envelope in flight yields: its messages, their IDs, the byte
+/// budget it was cut to, and how the POST went.
+type InFlight = (
+    Vec<Spooled>,
+    Vec<MessageId>,
+    usize,
+    Result<RawEnvelope, PostError>,
+);
+
+impl<S: Spool> std::fmt::Debug for Sender<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Spool> Sender<S> {
+    pub async fn run(self, shutdown: CancellationToken) {
+        use futures_util::StreamExt as _;
+        let mut failures: u32 = 0;
+        let mut advice = Advice::default();
+        // After a 400 on a batch, send these one by one to find the bad one.
+        let mut isolate: usize = 0;
+        let mut last_sweep = None::<tokio::time::Instant>;
+        // No new POST before this (backoff, or the upstream's advice).
+        let mut resume_at = tokio::time::Instant::now();
+        // Several envelopes may be in flight at once, so one round trip's
+        // latency does not bound the throughput; the spool keeps a message
+        // from being taken twice.
+        let mut inflight = futures_util::stream::FuturesUnordered::<
+            std::pin::Pin<Box<dyn std::future::Future<Output = InFlight> + Send>>,
+        >::new();
+        // Back-channel messages received and not yet acknowledged upstream.
+        let mut acks: Vec<MessageId> = Vec::new();
+        let mut polling = false;
+        // A poll answered at once with nothing is not repeated before this.
+        let mut next_poll = tokio::time::Instant::now();
+        // The wall clock against the monotonic one, to notice jumps.
+        let mut wall_seen = (self.clock.now(), tokio::time::Instant::now());
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let now = self.clock.now();
+            // The wall clock went back: retry times set before were set on
+            // the clock as it was, and would now wait the jump on top of
+            // their backoff. Move them back by the jump.
+            let expected = wall_seen.0.saturating_add(wall_seen.1.elapsed());
+            let back = expected.as_millis() - now.as_millis();
+            if back > CLOCK_JUMP.as_millis() as i64 {
+                tracing::warn!("the wall clock went back {back} ms; rescheduling retries");
+                if let Err(e) = self.spool.rebase(back, now).await {
+                    tracing::error!("spool rebase: {e}");
+                }
+            }
+            wall_seen = (now, tokio::time::Instant::now());
+            if last_sweep.is_none_or(|t| t.elapsed() >= self.cfg.sweep_every) {
+                if let Err(e) = self.spool.sweep(now).await {
+                    tracing::error!("spool sweep: {e}");
+                }
+                last_sweep = Some(tokio::time::Instant::now());
+            }
+            let parallel = if isolate > 0 {
+                1
+            } else {
+                self.cfg.parallel.max(1)
+            };
+            let mut next_due = None;
+            // With forwarding switched off, integrators' messages wait in the
+            // spool; control responses, heartbeats and the long poll go on.
+            let paused = self.paused.load(Ordering::Relaxed);
+            while inflight.len() < parallel && tokio::time::Instant::now() >= resume_at {
+                let max_messages = if isolate > 0 {
+                    1
+                } else {
+                    advice.max_messages.map_or(self.cfg.max_messages, |m| {
+                        (m as usize).clamp(1, self.cfg.max_messages)
+                    })
+                };
+                let max_bytes = advice.max_bytes.map_or(self.cfg.max_bytes, |b| {
+                    (b as usize).clamp(4096, self.cfg.max_bytes)
+                });
+                let batch = match self
+                    .spool
+                    .dequeue(max_messages, max_bytes, now, paused)
+                    .await
+                {
+                    Ok(b) => self.throttled(b, now).await,
+                    Err(e) => {
+                        tracing::error!("spool dequeue: {e}");
+                        resume_at = tokio::time::Instant::now() + Duration::from_secs(1);
+                        break;
+                    }
+                };
+                if batch.is_empty() {
+                    next_due = self.spool.next_due().await.ok().flatten();
+                    // Nothing to send: keep one long poll open for the
+                    // back-channel (it also carries our acknowledgements).
+                    if let Some(hold) = self.poll
+                        && !polling
+                        && tokio::time::Instant::now() >= next_poll
+                    {
+                        polling = true;
+                        next_poll = tokio::time::Instant::now() + MIN_POLL_INTERVAL;
+                        // Never ask for more than the upstream grants.
+                        let hold = advice.poll_hold.map_or(hold, |granted| {
+                            hold.min(granted.max(Duration::from_secs(1)))
+                        });
+                        let (enc, _) =
+                            self.envelope(&[], now, std::mem::take(&mut acks), Some(hold));
+                        let upstream = self.upstream.clone();
+                        inflight.push(Box::pin(async move {
+                            let r = upstream.post(&enc, Some(hold)).await;
+                            (Vec::new(), Vec::new(), max_bytes, r)
+                        }));
+                    }
+                    break;
+                }
+                let batch = self.seal_batch(batch).await;
+                let (enc, ids) = self.envelope(&batch, now, std::mem::take(&mut acks), None);
+                let upstream = self.upstream.clone();
+                inflight.push(Box::pin(async move {
+                    let r = upstream.post(&enc, None).await;
+                    (batch, ids, max_bytes, r)
+                }));
+            }
+            if inflight.is_empty() {
+                let wait = if tokio::time::Instant::now() < resume_at {
+                    resume_at - tokio::time::Instant::now()
+                } else {
+                    match next_due {
+                        Some(t) => t
+                            .since(now)
+                            .clamp(Duration::from_millis(10), self.cfg.sweep_every),
+                        None => self.cfg.sweep_every,
+                    }
+                };
+                // Come back in time for the next long poll.
+                let wait = match self.poll {
+                    Some(_) if !polling => {
+                        wait.min(next_poll.saturating_duration_since(tokio::time::Instant::now()))
+                    }
+                    _ => wait,
+                };
+                self.idle(&shutdown, wait.max(Duration::from_millis(10)))
+                    .await;
+                continue;
+            }
+            // Messages waiting for a time (backoff, throttle) become due
+            // while a long poll is held: go and send them then.
+            let due_at = next_due.map(|t| {
+                tokio::time::Instant::now()
+                    + t.since(now)
+                        .clamp(Duration::from_millis(50), self.cfg.sweep_every)
+            });
+            let (batch, ids, max_bytes, result) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                Some(done) = inflight.next() => done,
+                // New messages while only a long poll is out: go and send.
+                () = self.wake.notified(), if inflight.len() < parallel => continue,
+                () = sleep_until_opt(due_at), if inflight.len() < parallel && due_at.is_some() => continue,
+            };
+            if batch.is_empty() {
+                polling = false;
+            }
+            match result {
+                Ok(reply) => {
+                    failures = 0;
+                    isolate = isolate.saturating_sub(1);
+                    self.stats.posts_ok.fetch_add(1, Ordering::Relaxed);
+                    self.stats.connected.store(true, Ordering::Relaxed);
+                    self.stats
+                        .sent
+                        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    if let Some(a) = reply.meta.advice {
+                        advice = a;
+                        if let Some(h) = a.heartbeat {
+                            self.stats
+                                .advised_heartbeat_ms
+                                .store(h.as_millis() as u64, Ordering::Relaxed);
+                        }
+                        if let Some(pause) = a.resume_after.filter(|d| !d.is_zero()) {
+                            resume_at = resume_at.max(tokio::time::Instant::now() + pause);
+                        }
+                    }
+                    self.settle(&batch, &reply.meta, self.clock.now()).await;
+                    if batch.is_empty() && !reply.messages.is_empty() {
+                        // A poll that brought something: more may follow
+                        // at once, so poll again without the pause.
+                        next_poll = tokio::time::Instant::now();
+                    }
+                    if let Some(back) = &self.back
+                        && !reply.messages.is_empty()
+                    {
+                        acks.extend(back.receive(reply.messages).await);
+                    }
+                }
+                Err(e) => {
+                    self.stats.fail(&e);
+                    let now = self.clock.now();
+                    let release = |s: Settle| {
+                        ids.iter()
+                            .map(|id| (id.clone(), s.clone()))
+                            .collect::<Vec<_>>()
+                    };
+                    let (settles, wait) = match &e {
+                        PostError::Refused { text, .. } if batch.len() == 1 => {
+                            let reason = Reason {
+                                code: Code::known("invalid"),
+                                text: format!("refused by the next hop: {text}"),
+                            };
+                            (release(Settle::Dead(reason)), Duration::ZERO)
+                        }
+                        PostError::Refused { .. } => {
+                            tracing::warn!(
+                                "{e}; sending these {} messages one by one",
+                                batch.len()
+                            );
+                            isolate = isolate.max(batch.len());
+                            (release(Settle::Release), Duration::ZERO)
+                        }
+                        PostError::TooLarge { text, .. } if batch.len() == 1 => {
+                            let reason = Reason {
+                                code: Code::known("too-large"),
+                                text: format!("refused by the next hop: {text}"),
+                            };
+                            (release(Settle::Dead(reason)), Duration::ZERO)
+                        }
+                        PostError::TooLarge { .. } => {
+                            advice.max_bytes = Some((max_bytes / 2) as u64);
+                            (release(Settle::Release), Duration::ZERO)
+                        }
+                        PostError::Busy { retry_after, .. } => {
+                            failures += 1;
+                            let w = backoff(failures, self.cfg.max_backoff);
+                            (
+                                release(Settle::Release),
+                                retry_after.map_or(w, |r| r.max(w / 4)),
+                            )
+                        }
+                        _ => {
+                            failures += 1;
+                            tracing::warn!("upstream: {e}");
+                            (
+                                release(Settle::Release),
+                                backoff(failures, self.cfg.max_backoff),
+                            )
+                        }
+                    };
+                    if let Err(e) = self.spool.settle(settles, now).await {
+                        tracing::error!("spool settle: {e}");
+                    }
+                    if !wait.is_zero() {
+                        resume_at = resume_at.max(tokio::time::Instant::now() + wait);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits up to `d`, or until new messages are spooled or shutdown.
+    async fn idle(&self, shutdown: &CancellationToken, d: Duration) {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = self.wake.notified() => {}
+            () = tokio::time::sleep(d) => {}
+        }
+    }
+
+    /// Keeps what the throttle admits (in the spool's order: precedence,
+    /// then age, so higher precedence takes the capacity first); defers
+    /// the rest in the spool until the throttle says.
+    async fn throttled(&self, batch: Vec<Spooled>, now: Timestamp) -> Vec<Spooled> {
+        let Some(t) = self.throttle.as_ref().filter(|t| !t.is_empty()) else {
+            return batch;
+        };
+        let mut keep = Vec::with_capacity(batch.len());
+        let mut defer = Vec::new();
+        for s in batch {
+            match t.check_raw(&s.msg) {
+                crate::throttle::Decision::Admit => keep.push(s),
+                crate::throttle::Decision::Wait { after, .. } => {
+                    self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    defer.push((
+                        s.msg.header.id.clone(),
+                        Settle::Defer {
+                            at: now.saturating_add(after),
+                        },
+                    ));
+                }
+            }
+        }
+        if !defer.is_empty()
+            && let Err(e) = self.spool.settle(defer, now).await
+        {
+            tracing::error!("spool settle: {e}");
+        }
+        keep
+    }
+
+    /// Seals what this component made (`[seal]`), on the blocking pool:
+    /// it is public-key work per message, and a proxy's runtime has a
+    /// single thread that also answers its integrators.
+    async fn seal_batch(&self, batch: Vec<Spooled>) -> Vec<Spooled> {
+        let Some(sealer) = self.seal.clone() else {
+            return batch;
+        };
+        if !batch.iter().any(|s| sealer.wants(&s.msg)) {
+            return batch;
+        }
+        let mut copy = batch.clone();
+        let sealed = tokio::task::spawn_blocking(move || {
+            for s in &mut copy {
+                if sealer.wants(&s.msg) {
+                    match sealer.seal(&s.msg) {
+                        Ok(m) => s.msg = m,
+                        Err(e) => tracing::error!("message {}: cannot seal: {e}", s.msg.header.id),
+                    }
+                }
+            }
+            copy
+        })
+        .await;
+        // A failed task leaves them unsealed: envelope() holds them back.
+        sealed.unwrap_or(batch)
+    }
+
+    fn envelope(
+        &self,
+        batch: &[Spooled],
+        now: Timestamp,
+        acks: Vec<MessageId>,
+        poll: Option<Duration>,
+    ) -> (Encoded, Vec<MessageId>) {
+        let mut meta = EnvelopeMeta::new(self.me.clone(), now);
+        meta.acks = acks;
+        if let Some(back) = &self.back {
+            let (more, delivered) = back.take_notices();
+            meta.acks.extend(more);
+            meta.delivered = delivered;
+        }
+        meta.poll = poll;
+        let mut w = EnvelopeWriter::new(&meta);
+        let mut ids = Vec::with_capacity(batch.len());
+        for s in batch {
+            let mut m = s.msg.clone();
+            // A hop we appended on receipt (custody) gets its sent time now.
+            if let Some(h) = m.header.routing.last_mut()
+                && h.component == self.me
+                && h.sent.is_none()
+            {
+                h.sent = Some(now);
+            }
+            if let Some(sealer) = &self.seal
+                && sealer.wants(&m)
+            {
+                // Its seal failed (seal_batch): never sent unsealed. It
+                // stays in the spool and, without an outcome, is retried
+                // with backoff.
+                continue;
+            }
+            w.push_raw(&m);
+            ids.push(m.header.id);
+        }
+        (w.finish(), ids)
+    }
+
+    async fn settle(&self, batch: &[Spooled], meta: &EnvelopeMeta, now: Timestamp) {
+        let outcomes: HashMap<&MessageId, &Outcome> =
+            meta.outcomes.iter().map(|(id, o)| (id, o)).collect();
+        let mut settles = Vec::with_capacity(batch.len());
+        for s in batch {
+            let id = &s.msg.header.id;
+            // Never sooner than the hint; a little jitter so a throttled
+            // crowd does not come back in step.
+            let retry_at = |after: Duration| {
+                let after = after.max(Duration::from_millis(100));
+                let jitter =
+                    Duration::from_millis(fastrand::u64(0..=after.as_millis() as u64 / 10));
+                now.saturating_add(after + jitter)
+            };
+            let settle = match outcomes.get(id) {
+                Some(Outcome::Accepted) => {
+                    self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    Settle::Delivered
+                }
+                Some(Outcome::Retry { after, reason }) => {
+                    tracing::debug!("message {id}: retry after {after:?} ({reason})");
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    Settle::Retry {
+                        at: retry_at(*after),
+                    }
+                }
+                Some(Outcome::Rejected(reason)) => {
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    Settle::Dead(reason.clone())
+                }
+                Some(Outcome::Expired) => {
+                    self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                    Settle::Expired
+                }
+                None => {
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    Settle::Retry {
+                        at: now.saturating_add(backoff(s.attempts + 1, self.cfg.max_backoff)),
+                    }
+                }
+            };
+            settles.push((id.clone(), settle));
+        }
+        if let Err(e) = self.spool.settle(settles, now).await {
+            tracing::error!("spool settle: {e}");
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,19 @@
+//! Storage: the stores the tiers keep on disk, each behind the operations
+//! it offers, and the files under them.
+//!
+//! - [`spool`]: the custody spool of a sender (proxy and MLM), a trait with
+//!   its SQLite engine;
+//! - [`outbox`]: the durable back-channel queue of a node, split by next
+//!   hop;
+//! - [`db`]: opening a SQLite database with the product's durability
+//!   settings, and running its work on a thread of its own;
+//! - [`datadir`]: the lock that keeps two daemons off one data directory;
+//! - [`files`]: replacing a file atomically.
+//!
+//! Depends only on `rs-protocol`.
+
+pub mod datadir;
+pub mod db;
+pub mod files;
+pub mod outbox;
+pub mod spool;
