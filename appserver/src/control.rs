@@ -982,7 +982,7 @@ async fn send(
         action.name(),
         None,
         |id, dests, expiry, now| {
-            rs_protocol::control::control_message(id, dests, Some(expiry), &action, now)
+            rs_protocol::control_messages::control_message(id, dests, Some(expiry), &action, now)
         },
     )
     .await?;

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use rs_protocol::codec::Limits;
 use rs_protocol::codec::api::{GroupDef, decode_job, encode_group};
-use rs_protocol::control::{NodeState, StatusNode, status_message};
+use rs_protocol::control::{NodeState, StatusNode};
+use rs_protocol::control_messages::status_message;
 use rs_protocol::model::EnvelopeMeta;
 use rs_protocol::{ComponentKind, CustomerId, RsId, Timestamp};
 use rs_tests::deploy::{Deployment, Extra, server_metrics};

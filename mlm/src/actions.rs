@@ -7,9 +7,10 @@
 use std::sync::atomic::Ordering;
 
 use rs_protocol::codec::RawMessage;
-use rs_protocol::control::{
-    Answer, ControlAction, action_of, answer_config, answer_ok, answer_refused, answer_status,
-    answer_with, response_message,
+use rs_protocol::control::ControlAction;
+use rs_protocol::control_messages::{
+    Answer, action_of, answer_config, answer_ok, answer_refused, answer_status, answer_with,
+    response_message,
 };
 use rs_store::outbox::Claim;
 use rs_store::spool::{DeadLetterAction, Spool as _, apply_dead_letters};
@@ -138,9 +139,16 @@ async fn answer(mlm: &Mlm, m: &RawMessage) -> Answer {
             )
             .await
         }
-        other => answer_refused(
+        // Actions on a proxy's integrators and instances, and the ones an
+        // MLM has no mechanism for (no package installer, no remote stop:
+        // a farm member is stopped by its service manager).
+        ControlAction::Shutdown
+        | ControlAction::SoftwareUpdate { .. }
+        | ControlAction::EnableInstance(_)
+        | ControlAction::DisableInstance(_)
+        | ControlAction::DeregisterIntegrator(_) => answer_refused(
             "unsupported",
-            format!("{} is not an action an MLM carries out", other.name()),
+            format!("{} is not an action an MLM carries out", action.name()),
         ),
     }
 }

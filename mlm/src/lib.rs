@@ -23,9 +23,8 @@ use rs_node::ingress::xml_response;
 use rs_node::upstream::{Sender, SenderConfig, SenderStats, Upstream, UpstreamConfig};
 use rs_protocol::RsId;
 use rs_protocol::codec::encode_status;
-use rs_protocol::control::{
-    NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode, status_message,
-};
+use rs_protocol::control::{NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode};
+use rs_protocol::control_messages::status_message;
 use rs_protocol::model::*;
 use rs_protocol::time::{Clock, SystemClock};
 use rs_store::spool::sqlite::SqliteSpool;

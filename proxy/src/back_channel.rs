@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rs_node::upstream::BackChannel;
 use rs_protocol::codec::RawMessage;
-use rs_protocol::control::{
-    Answer, ControlAction, action_of, answer_config, answer_ok, answer_refused, answer_status,
-    response_message,
+use rs_protocol::control::ControlAction;
+use rs_protocol::control_messages::{
+    Answer, action_of, answer_config, answer_ok, answer_refused, answer_status, response_message,
 };
 use rs_protocol::model::*;
 use rs_protocol::{MessageId, Outcome};

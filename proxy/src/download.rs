@@ -24,7 +24,7 @@ use std::time::Duration;
 use rs_net::bulk::Answer;
 use rs_node::throttle::Held;
 use rs_protocol::codec::RawMessage;
-use rs_protocol::control::{Answer as Reply, answer_refused};
+use rs_protocol::control_messages::{Answer as Reply, answer_refused};
 use rs_protocol::model::*;
 use rs_protocol::{MessageId, Outcome, Timestamp};
 use rusqlite::{OptionalExtension as _, params};
@@ -503,7 +503,7 @@ async fn finish(proxy: &Proxy, r: &Row, answer: Reply) -> Result<(), String> {
         other => Some(other.to_string()),
     };
     let offer = MessageId::new(d.offer.clone()).map_err(|e| e.to_string())?;
-    let msg = rs_protocol::control::response_to(
+    let msg = rs_protocol::control_messages::response_to(
         &offer,
         &d.subclass,
         proxy.id.clone(),

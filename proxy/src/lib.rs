@@ -20,9 +20,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rs_node::upstream::{Sender, SenderConfig, SenderStats, Upstream, UpstreamConfig};
-use rs_protocol::control::{
-    NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode, status_message,
-};
+use rs_protocol::control::{NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode};
+use rs_protocol::control_messages::status_message;
 use rs_protocol::model::*;
 use rs_protocol::time::{Clock, SystemClock};
 use rs_protocol::{MessageId, RsId};

@@ -5,7 +5,7 @@ use std::time::Duration;
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
-use rs_protocol::control::ControlAction;
+use rs_protocol::control::{ActionKind, ControlAction};
 use rs_protocol::*;
 
 /// Characters XML 1.0 can carry, weighted towards the ones that need
@@ -107,28 +107,38 @@ fn classification() -> impl Strategy<Value = Classification> {
     (token(), token()).prop_map(|(class, subclass)| Classification::new(class, subclass))
 }
 
+/// Any control action: a kind drawn from every kind, then its payload (the
+/// match has no catch-all, so a new action must be given one here).
 fn control_action() -> impl Strategy<Value = ControlAction> {
-    prop_oneof![
-        Just(ControlAction::GetStatus),
-        Just(ControlAction::Ping),
-        Just(ControlAction::Shutdown),
-        Just(ControlAction::GetConfig),
-        Just(ControlAction::EnableForwarding),
-        Just(ControlAction::DisableForwarding),
-        rs_id().prop_map(ControlAction::EnableInstance),
-        rs_id().prop_map(ControlAction::DisableInstance),
-        rs_id().prop_map(ControlAction::DeregisterIntegrator),
-        option::of(message_id()).prop_map(ControlAction::ReplayDeadLetters),
-        option::of(message_id()).prop_map(ControlAction::DiscardDeadLetters),
-        (token(), token(), option::of(url())).prop_map(|(package, version, url)| {
-            ControlAction::SoftwareUpdate {
+    prop::sample::select(ActionKind::ALL.to_vec()).prop_flat_map(|kind| match kind {
+        ActionKind::GetStatus => Just(ControlAction::GetStatus).boxed(),
+        ActionKind::Ping => Just(ControlAction::Ping).boxed(),
+        ActionKind::Shutdown => Just(ControlAction::Shutdown).boxed(),
+        ActionKind::GetConfig => Just(ControlAction::GetConfig).boxed(),
+        ActionKind::EnableForwarding => Just(ControlAction::EnableForwarding).boxed(),
+        ActionKind::DisableForwarding => Just(ControlAction::DisableForwarding).boxed(),
+        ActionKind::EnableInstance => rs_id().prop_map(ControlAction::EnableInstance).boxed(),
+        ActionKind::DisableInstance => rs_id().prop_map(ControlAction::DisableInstance).boxed(),
+        ActionKind::DeregisterIntegrator => rs_id()
+            .prop_map(ControlAction::DeregisterIntegrator)
+            .boxed(),
+        ActionKind::ReplayDeadLetters => option::of(message_id())
+            .prop_map(ControlAction::ReplayDeadLetters)
+            .boxed(),
+        ActionKind::DiscardDeadLetters => option::of(message_id())
+            .prop_map(ControlAction::DiscardDeadLetters)
+            .boxed(),
+        ActionKind::SoftwareUpdate => (token(), token(), option::of(url()))
+            .prop_map(|(package, version, url)| ControlAction::SoftwareUpdate {
                 package,
                 version,
                 url,
-            }
-        }),
-        xml_text(200).prop_map(|config| ControlAction::ConfigChange { config }),
-    ]
+            })
+            .boxed(),
+        ActionKind::ConfigChange => xml_text(200)
+            .prop_map(|config| ControlAction::ConfigChange { config })
+            .boxed(),
+    })
 }
 
 pub fn content() -> impl Strategy<Value = Content> {

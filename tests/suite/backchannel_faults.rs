@@ -654,7 +654,8 @@ async fn post_envelope(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarder_reports_deliveries_only_for_its_own_subtree() {
-    use rs_protocol::control::{NodeState, StatusNode, status_message};
+    use rs_protocol::control::{NodeState, StatusNode};
+    use rs_protocol::control_messages::status_message;
     let dir = tmp("delivered");
     let mut d = Deployment::new(&dir, exe()).unwrap();
     let a = d.appserver("127.0.0.1:0", "").unwrap();

@@ -19,7 +19,7 @@ use rs_protocol::codec::api::{
     GroupDef, Job, SendRequest, decode_components, decode_groups, decode_job, encode_group,
     encode_send_request, encode_tags,
 };
-use rs_protocol::control::{ControlAction, StatusNode};
+use rs_protocol::control::{ActionKind, ControlAction, StatusNode};
 use rs_protocol::{ComponentKind, CustomerId, RsId};
 
 #[derive(Debug, Parser)]
@@ -477,32 +477,31 @@ fn action_of(a: &SendArgs) -> anyhow::Result<ControlAction> {
             .with_context(|| format!("{} needs --target", a.action))?;
         RsId::new(t).map_err(|e| anyhow::anyhow!("--target {t}: {e}"))
     };
-    Ok(match a.action.as_str() {
-        "getStatus" => ControlAction::GetStatus,
-        "ping" => ControlAction::Ping,
-        "shutdown" => ControlAction::Shutdown,
-        "getConfig" => ControlAction::GetConfig,
-        "enableForwarding" => ControlAction::EnableForwarding,
-        "disableForwarding" => ControlAction::DisableForwarding,
-        "enableInstance" => ControlAction::EnableInstance(target()?),
-        "disableInstance" => ControlAction::DisableInstance(target()?),
-        "deregisterIntegrator" => ControlAction::DeregisterIntegrator(target()?),
-        "replayDeadLetters" | "discardDeadLetters" => {
-            let only = a
-                .message
-                .as_deref()
-                .map(|m| {
-                    rs_protocol::MessageId::new(m)
-                        .map_err(|e| anyhow::anyhow!("--message {m}: {e}"))
-                })
-                .transpose()?;
-            if a.action == "replayDeadLetters" {
-                ControlAction::ReplayDeadLetters(only)
-            } else {
-                ControlAction::DiscardDeadLetters(only)
-            }
-        }
-        "configChange" => {
+    let Some(kind) = ActionKind::parse(&a.action) else {
+        let names: Vec<_> = ActionKind::ALL.iter().map(|k| k.name()).collect();
+        bail!("unknown action {:?}; one of {}", a.action, names.join(", "));
+    };
+    let only = || {
+        a.message
+            .as_deref()
+            .map(|m| {
+                rs_protocol::MessageId::new(m).map_err(|e| anyhow::anyhow!("--message {m}: {e}"))
+            })
+            .transpose()
+    };
+    Ok(match kind {
+        ActionKind::GetStatus => ControlAction::GetStatus,
+        ActionKind::Ping => ControlAction::Ping,
+        ActionKind::Shutdown => ControlAction::Shutdown,
+        ActionKind::GetConfig => ControlAction::GetConfig,
+        ActionKind::EnableForwarding => ControlAction::EnableForwarding,
+        ActionKind::DisableForwarding => ControlAction::DisableForwarding,
+        ActionKind::EnableInstance => ControlAction::EnableInstance(target()?),
+        ActionKind::DisableInstance => ControlAction::DisableInstance(target()?),
+        ActionKind::DeregisterIntegrator => ControlAction::DeregisterIntegrator(target()?),
+        ActionKind::ReplayDeadLetters => ControlAction::ReplayDeadLetters(only()?),
+        ActionKind::DiscardDeadLetters => ControlAction::DiscardDeadLetters(only()?),
+        ActionKind::ConfigChange => {
             let mut config = match &a.config {
                 Some(f) => std::fs::read_to_string(f)
                     .with_context(|| format!("--config {}", f.display()))?,
@@ -520,7 +519,7 @@ fn action_of(a: &SendArgs) -> anyhow::Result<ControlAction> {
             }
             ControlAction::ConfigChange { config }
         }
-        "softwareUpdate" => ControlAction::SoftwareUpdate {
+        ActionKind::SoftwareUpdate => ControlAction::SoftwareUpdate {
             package: a
                 .package
                 .clone()
@@ -531,10 +530,6 @@ fn action_of(a: &SendArgs) -> anyhow::Result<ControlAction> {
                 .context("softwareUpdate needs --package-version")?,
             url: a.url.clone(),
         },
-        other => bail!(
-            "unknown action {other:?}; one of {}",
-            ControlAction::NAMES.join(", ")
-        ),
     })
 }
 

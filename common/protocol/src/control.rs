@@ -10,7 +10,7 @@
 //! whose `ref` is the control message's ID; `getStatus` and `getConfig` put
 //! their answer in the response's `result` element.
 
-use crate::ids::RsId;
+use crate::ids::{MessageId, RsId};
 use crate::model::Detail;
 use crate::time::Timestamp;
 
@@ -25,79 +25,110 @@ pub const SUB_SHUTDOWN: &str = "shutdown";
 /// Class of control actions; the subclass is the action name.
 pub const CLASS_CONTROL: &str = "control";
 
-/// An action the provider asks a component to carry out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ControlAction {
+/// Defines the control actions once: each action's variant, its payload
+/// and its name on the wire (the `action` attribute and the message
+/// subclass). From this one list come [`ControlAction`], its fieldless
+/// twin [`ActionKind`] (every kind, names both ways), and
+/// [`ControlAction::kind`]. Everything else that must know every action (the
+/// codec, rsctl's parsing, the samples, the handlers at the proxy and the
+/// MLM) matches on one of the two enums without a catch-all arm, so adding
+/// an action here makes the compiler list each place that must handle it.
+/// Written as a macro because no crate derives a fieldless twin together
+/// with the names (strum's `EnumDiscriminants` and `EnumString` would, at
+/// the price of a proc-macro dependency in the one crate that has none).
+macro_rules! control_actions {
+    ($(
+        $(#[$doc:meta])*
+        $variant:ident $( ( $($tuple:ty),* ) )? $( { $($(#[$fdoc:meta])* $field:ident : $fty:ty),* $(,)? } )? = $name:literal
+    ),* $(,)?) => {
+        /// An action the provider asks a component to carry out.
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum ControlAction {
+            $(
+                $(#[$doc])*
+                $variant $( ( $($tuple),* ) )? $( { $($(#[$fdoc])* $field : $fty),* } )?,
+            )*
+        }
+
+        /// Which action, without its payload.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ActionKind {
+            $( $variant, )*
+        }
+
+        impl ActionKind {
+            /// Every kind, in the order of the definition (and the DTD).
+            pub const ALL: &'static [ActionKind] = &[$(ActionKind::$variant),*];
+
+            /// The action name: the `action` attribute and the message
+            /// subclass.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $( ActionKind::$variant => $name, )*
+                }
+            }
+
+            /// The kind named `name`, if any.
+            pub fn parse(name: &str) -> Option<Self> {
+                match name {
+                    $( $name => Some(ActionKind::$variant), )*
+                    _ => None,
+                }
+            }
+        }
+
+        impl ControlAction {
+            /// Which action this is.
+            pub fn kind(&self) -> ActionKind {
+                match self {
+                    $( ControlAction::$variant { .. } => ActionKind::$variant, )*
+                }
+            }
+        }
+    };
+}
+
+control_actions! {
     /// Answer with the component's status tree.
-    GetStatus,
+    GetStatus = "getStatus",
     /// Answer at once; a very basic heartbeat.
-    Ping,
+    Ping = "ping",
     /// Stop the component cleanly (it sends its shutdown message first).
-    Shutdown,
+    Shutdown = "shutdown",
     /// Install a package fetched through the bulk download path.
     SoftwareUpdate {
         package: String,
         version: String,
         /// Where the bulk offer for the package bytes is (if already known).
         url: Option<String>,
-    },
+    } = "softwareUpdate",
     /// Replace the component's configuration with this TOML document. A bad
     /// one is refused with the reason and the old one kept.
-    ConfigChange {
-        config: String,
-    },
+    ConfigChange { config: String } = "configChange",
     /// Answer with the component's configuration (TOML).
-    GetConfig,
-    EnableInstance(RsId),
-    DisableInstance(RsId),
+    GetConfig = "getConfig",
+    /// Let this support instance's messages through again.
+    EnableInstance(RsId) = "enableInstance",
+    /// Refuse this support instance's messages at the proxy.
+    DisableInstance(RsId) = "disableInstance",
     /// Resume forwarding messages from integrators.
-    EnableForwarding,
+    EnableForwarding = "enableForwarding",
     /// Keep spooling but stop forwarding.
-    DisableForwarding,
-    DeregisterIntegrator(RsId),
+    DisableForwarding = "disableForwarding",
+    /// Forget this integrator (its registration and its instances).
+    DeregisterIntegrator(RsId) = "deregisterIntegrator",
     /// Put dead letters (messages refused for good upstream) back in the
     /// spool to be sent again: this one, or every one.
-    ReplayDeadLetters(Option<crate::ids::MessageId>),
+    ReplayDeadLetters(Option<MessageId>) = "replayDeadLetters",
     /// Delete dead letters (recorded as dropped): this one, or every one.
-    DiscardDeadLetters(Option<crate::ids::MessageId>),
+    DiscardDeadLetters(Option<MessageId>) = "discardDeadLetters",
 }
 
 impl ControlAction {
     /// The action name: the `action` attribute and the message subclass.
     pub fn name(&self) -> &'static str {
-        match self {
-            ControlAction::GetStatus => "getStatus",
-            ControlAction::Ping => "ping",
-            ControlAction::Shutdown => "shutdown",
-            ControlAction::SoftwareUpdate { .. } => "softwareUpdate",
-            ControlAction::ConfigChange { .. } => "configChange",
-            ControlAction::GetConfig => "getConfig",
-            ControlAction::EnableInstance(_) => "enableInstance",
-            ControlAction::DisableInstance(_) => "disableInstance",
-            ControlAction::EnableForwarding => "enableForwarding",
-            ControlAction::DisableForwarding => "disableForwarding",
-            ControlAction::DeregisterIntegrator(_) => "deregisterIntegrator",
-            ControlAction::ReplayDeadLetters(_) => "replayDeadLetters",
-            ControlAction::DiscardDeadLetters(_) => "discardDeadLetters",
-        }
+        self.kind().name()
     }
-
-    /// Every action name, in DTD order.
-    pub const NAMES: [&'static str; 13] = [
-        "getStatus",
-        "ping",
-        "shutdown",
-        "softwareUpdate",
-        "configChange",
-        "getConfig",
-        "enableInstance",
-        "disableInstance",
-        "enableForwarding",
-        "disableForwarding",
-        "deregisterIntegrator",
-        "replayDeadLetters",
-        "discardDeadLetters",
-    ];
 }
 
 /// Health of one node of a status tree.
@@ -173,199 +204,5 @@ impl StatusNode {
         for c in &self.children {
             c.walk(f);
         }
-    }
-}
-
-/// An infrastructure message (`heartbeat`, `coldStart`, `shutdown`) from
-/// `component` carrying its status tree: not persistent, expiring after
-/// `ttl` (a stale heartbeat is worth nothing).
-pub fn status_message(
-    component: RsId,
-    sub: &str,
-    tree: &StatusNode,
-    now: Timestamp,
-    ttl: std::time::Duration,
-    precedence: u8,
-) -> crate::model::Message {
-    use crate::model::*;
-    Message {
-        header: Header {
-            id: crate::ids::MessageId::generate(),
-            created: now,
-            class: Classification::new(CLASS_INFRASTRUCTURE, sub),
-            route: Route::Source(Source {
-                component,
-                version: tree.version.as_deref().unwrap_or("0").into(),
-                qos: Qos {
-                    expiry: Some(now.saturating_add(ttl)),
-                    precedence,
-                    persistent: false,
-                },
-            }),
-            routing: Default::default(),
-        },
-        content: Content::Data(Data {
-            mime: "text/xml".into(),
-            encoding: TransferEncoding::Binary,
-            bytes: crate::codec::encode_status(tree).into(),
-        }),
-    }
-}
-
-/// A back-channel message carrying `action` to `to`, worth delivering
-/// until `expiry`.
-pub fn control_message(
-    id: crate::ids::MessageId,
-    to: Vec<RsId>,
-    expiry: Option<Timestamp>,
-    action: &ControlAction,
-    now: Timestamp,
-) -> crate::model::Message {
-    use crate::model::*;
-    Message {
-        header: Header {
-            id,
-            created: now,
-            class: Classification::new(CLASS_CONTROL, action.name()),
-            route: Route::Destination(Destination::new(to, expiry)),
-            routing: Default::default(),
-        },
-        content: Content::Data(Data {
-            mime: "text/xml".into(),
-            encoding: TransferEncoding::Binary,
-            bytes: crate::codec::encode_control(action).into(),
-        }),
-    }
-}
-
-/// The message response a component sends for the back-channel message
-/// `to`. Its ID follows from the action's (`re-` and the action's ID), so
-/// a second attempt after a crash is refused upstream as a duplicate
-/// rather than stored as a second response.
-pub fn response_message(
-    to: &crate::codec::RawMessage,
-    from: RsId,
-    version: &str,
-    response: Answer,
-    now: Timestamp,
-) -> Result<crate::model::Message, crate::ids::IdError> {
-    response_to(
-        &to.header.id,
-        &to.header.class.subclass,
-        from,
-        version,
-        response,
-        now,
-    )
-}
-
-/// The response to the back-channel message `id` (of subclass `subclass`):
-/// its ID derives from `id`, so answering twice sends the same message,
-/// which the receivers drop as a duplicate.
-pub fn response_to(
-    id: &crate::ids::MessageId,
-    subclass: &str,
-    from: RsId,
-    version: &str,
-    response: Answer,
-    now: Timestamp,
-) -> Result<crate::model::Message, crate::ids::IdError> {
-    use crate::model::*;
-    let reference = id.clone();
-    let id = id.as_str();
-    let (outcome, details, result) = response;
-    Ok(Message {
-        header: Header {
-            id: crate::ids::MessageId::new(format!("re-{}", &id[..id.len().min(60)]))?,
-            created: now,
-            class: Classification::new(CLASS_CONTROL, subclass),
-            route: Route::Source(Source {
-                component: from,
-                version: version.into(),
-                qos: Qos {
-                    expiry: Some(now.saturating_add(std::time::Duration::from_secs(86_400))),
-                    precedence: 7,
-                    persistent: true,
-                },
-            }),
-            routing: Default::default(),
-        },
-        content: Content::Response(Response {
-            reference,
-            outcome,
-            details,
-            result,
-        }),
-    })
-}
-
-/// How a destination answers a control action: the outcome, details, and
-/// an optional result.
-pub type Answer = (
-    crate::outcome::Outcome,
-    Vec<Detail>,
-    Option<crate::model::ResultPayload>,
-);
-
-/// Done, nothing to say.
-pub fn answer_ok() -> Answer {
-    (crate::outcome::Outcome::Accepted, Vec::new(), None)
-}
-
-/// Refused with `code` and the reason.
-pub fn answer_refused(code: &'static str, text: impl Into<String>) -> Answer {
-    (
-        crate::outcome::Outcome::rejected(code, text),
-        Vec::new(),
-        None,
-    )
-}
-
-/// Done, with a result document.
-pub fn answer_with(mime: &str, text: String) -> Answer {
-    (
-        crate::outcome::Outcome::Accepted,
-        Vec::new(),
-        Some(crate::model::ResultPayload {
-            mime: mime.into(),
-            text,
-        }),
-    )
-}
-
-/// `getStatus`: the status tree as the result.
-pub fn answer_status(tree: &StatusNode) -> Answer {
-    answer_with(
-        "text/xml",
-        String::from_utf8_lossy(&crate::codec::encode_status(tree)).into_owned(),
-    )
-}
-
-/// `getConfig`: the configuration (TOML) as the result.
-pub fn answer_config<E: std::fmt::Display>(toml: Result<String, E>) -> Answer {
-    match toml {
-        Ok(text) => answer_with("application/toml", text),
-        Err(e) => answer_refused("failed", e.to_string()),
-    }
-}
-
-/// The control action a back-channel message carries, or the outcome that
-/// refuses it (not a control message, or a payload that does not decode).
-pub fn action_of(m: &crate::codec::RawMessage) -> Result<ControlAction, crate::outcome::Outcome> {
-    use crate::model::{Content, Message};
-    let limits = crate::codec::Limits::default();
-    match m.clone().decode(&limits) {
-        Ok(Message {
-            content: Content::Data(d),
-            ..
-        }) if m.header.class.class == CLASS_CONTROL => {
-            crate::codec::decode_control(&d.bytes, &limits).map_err(|e| {
-                crate::outcome::Outcome::rejected("invalid", format!("control payload: {e}"))
-            })
-        }
-        _ => Err(crate::outcome::Outcome::rejected(
-            "unsupported",
-            "only control actions are carried out here",
-        )),
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod codec;
 pub mod control;
+pub mod control_messages;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ids;

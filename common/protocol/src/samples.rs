@@ -10,7 +10,8 @@ use bytes::Bytes;
 
 use crate::codec::{encode_control, encode_status};
 use crate::control::{
-    CLASS_CONTROL, CLASS_INFRASTRUCTURE, ControlAction, NodeState, SUB_HEARTBEAT, StatusNode,
+    ActionKind, CLASS_CONTROL, CLASS_INFRASTRUCTURE, ControlAction, NodeState, SUB_HEARTBEAT,
+    StatusNode,
 };
 use crate::ids::{MessageId, RsId};
 use crate::model::*;
@@ -298,29 +299,36 @@ pub fn control_message(msg: &str, to: &[&str], action: &ControlAction) -> Messag
     }
 }
 
-/// One of every control action.
+/// One of every control action, in the order of [`ActionKind::ALL`].
 pub fn control_actions() -> Vec<ControlAction> {
-    vec![
-        ControlAction::GetStatus,
-        ControlAction::Ping,
-        ControlAction::Shutdown,
-        ControlAction::SoftwareUpdate {
+    ActionKind::ALL.iter().map(|k| control_action(*k)).collect()
+}
+
+/// A sample of the action `kind`.
+pub fn control_action(kind: ActionKind) -> ControlAction {
+    match kind {
+        ActionKind::GetStatus => ControlAction::GetStatus,
+        ActionKind::Ping => ControlAction::Ping,
+        ActionKind::Shutdown => ControlAction::Shutdown,
+        ActionKind::SoftwareUpdate => ControlAction::SoftwareUpdate {
             package: "rs-proxy".into(),
             version: "0.2.0".into(),
             url: Some("https://rs.example.net/rs/v1/bulk/9Qd3kLx0bV7nE2".into()),
         },
-        ControlAction::ConfigChange {
+        ActionKind::ConfigChange => ControlAction::ConfigChange {
             config: "[upstream]\nurls = [\"https://mlm1.acme.example:8443\"]\n".into(),
         },
-        ControlAction::GetConfig,
-        ControlAction::EnableInstance(rs("acme.p1.s1")),
-        ControlAction::DisableInstance(rs("acme.p1.s1")),
-        ControlAction::EnableForwarding,
-        ControlAction::DisableForwarding,
-        ControlAction::DeregisterIntegrator(rs("acme.p1.i1")),
-        ControlAction::ReplayDeadLetters(None),
-        ControlAction::DiscardDeadLetters(Some(id("a-disk-full"))),
-    ]
+        ActionKind::GetConfig => ControlAction::GetConfig,
+        ActionKind::EnableInstance => ControlAction::EnableInstance(rs("acme.p1.s1")),
+        ActionKind::DisableInstance => ControlAction::DisableInstance(rs("acme.p1.s1")),
+        ActionKind::EnableForwarding => ControlAction::EnableForwarding,
+        ActionKind::DisableForwarding => ControlAction::DisableForwarding,
+        ActionKind::DeregisterIntegrator => ControlAction::DeregisterIntegrator(rs("acme.p1.i1")),
+        ActionKind::ReplayDeadLetters => ControlAction::ReplayDeadLetters(None),
+        ActionKind::DiscardDeadLetters => {
+            ControlAction::DiscardDeadLetters(Some(id("a-disk-full")))
+        }
+    }
 }
 
 /// An envelope header for a POST from `sender`.

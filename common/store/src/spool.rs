@@ -240,8 +240,8 @@ pub async fn apply_dead_letters<S: Spool>(
     what: DeadLetterAction,
     only: Option<MessageId>,
     now: Timestamp,
-) -> rs_protocol::control::Answer {
-    use rs_protocol::control::{answer_refused, answer_with};
+) -> rs_protocol::control_messages::Answer {
+    use rs_protocol::control_messages::{answer_refused, answer_with};
     let named = only.as_ref().map(|m| m.to_string());
     let result = match what {
         DeadLetterAction::Replay => spool.replay_dead(only, now).await.map(|(back, stay)| {

@@ -5,7 +5,7 @@ use super::content::url;
 use super::header::token;
 use super::xml::{Tag, XmlIn, XmlOut};
 use super::{Limits, XmlError};
-use crate::control::{ControlAction, NodeState, StatusNode};
+use crate::control::{ActionKind, ControlAction, NodeState, StatusNode};
 use crate::ids::{MessageId, RsId};
 use crate::model::Detail;
 
@@ -40,7 +40,12 @@ pub fn encode_control(a: &ControlAction) -> Vec<u8> {
             x.attr_opt("message", m.as_ref().map(MessageId::as_str))
                 .empty();
         }
-        _ => {
+        ControlAction::GetStatus
+        | ControlAction::Ping
+        | ControlAction::Shutdown
+        | ControlAction::GetConfig
+        | ControlAction::EnableForwarding
+        | ControlAction::DisableForwarding => {
             x.empty();
         }
     }
@@ -61,28 +66,32 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<ControlAction, Co
 /// its end tag.
 pub(crate) fn control_body(x: &mut XmlIn<'_>, root: &Tag<'_>) -> Result<ControlAction, XmlError> {
     let target = || root.req_with("target", |s| RsId::new(s));
-    let action = match root.req("action")? {
-        "getStatus" => ControlAction::GetStatus,
-        "ping" => ControlAction::Ping,
-        "shutdown" => ControlAction::Shutdown,
-        "getConfig" => ControlAction::GetConfig,
-        "enableForwarding" => ControlAction::EnableForwarding,
-        "disableForwarding" => ControlAction::DisableForwarding,
-        "enableInstance" => ControlAction::EnableInstance(target()?),
-        "disableInstance" => ControlAction::DisableInstance(target()?),
-        "deregisterIntegrator" => ControlAction::DeregisterIntegrator(target()?),
-        "replayDeadLetters" => {
+    let name = root.req("action")?;
+    let Some(kind) = ActionKind::parse(name) else {
+        return Err(root.bad("action", format!("unknown control action {name:?}")));
+    };
+    let action = match kind {
+        ActionKind::GetStatus => ControlAction::GetStatus,
+        ActionKind::Ping => ControlAction::Ping,
+        ActionKind::Shutdown => ControlAction::Shutdown,
+        ActionKind::GetConfig => ControlAction::GetConfig,
+        ActionKind::EnableForwarding => ControlAction::EnableForwarding,
+        ActionKind::DisableForwarding => ControlAction::DisableForwarding,
+        ActionKind::EnableInstance => ControlAction::EnableInstance(target()?),
+        ActionKind::DisableInstance => ControlAction::DisableInstance(target()?),
+        ActionKind::DeregisterIntegrator => ControlAction::DeregisterIntegrator(target()?),
+        ActionKind::ReplayDeadLetters => {
             ControlAction::ReplayDeadLetters(root.opt_with("message", |s| MessageId::new(s))?)
         }
-        "discardDeadLetters" => {
+        ActionKind::DiscardDeadLetters => {
             ControlAction::DiscardDeadLetters(root.opt_with("message", |s| MessageId::new(s))?)
         }
-        "softwareUpdate" => ControlAction::SoftwareUpdate {
+        ActionKind::SoftwareUpdate => ControlAction::SoftwareUpdate {
             package: root.req_with("package", token)?,
             version: root.req_with("version", token)?,
             url: root.opt_with("url", url)?,
         },
-        "configChange" => {
+        ActionKind::ConfigChange => {
             let mut config = None;
             while let Some(tag) = x.child(root)? {
                 if tag.name != "config" || config.is_some() {
@@ -96,9 +105,6 @@ pub(crate) fn control_body(x: &mut XmlIn<'_>, root: &Tag<'_>) -> Result<ControlA
                     child: "config",
                 })?,
             });
-        }
-        other => {
-            return Err(root.bad("action", format!("unknown control action {other:?}")));
         }
     };
     x.end(root)?;
