@@ -97,29 +97,7 @@ pub struct Uploads {
     active: Mutex<HashSet<String>>,
 }
 
-/// A grant to record with its request.
-#[derive(Debug, Clone)]
-pub struct NewUpload {
-    pub digest: String,
-    pub request: MessageId,
-    pub component: String,
-    pub customer: String,
-    pub name: String,
-    pub size: u64,
-    pub sha256: String,
-    pub class: String,
-    pub subclass: String,
-    pub expires: Timestamp,
-}
-
-/// The server's answer to one bulk request: the grant (if any) and the
-/// `bulk-response` for the back-channel, queued for `hop`.
-#[derive(Debug, Clone)]
-pub struct Decided {
-    pub grant: Option<NewUpload>,
-    pub hop: String,
-    pub reply: RawMessage,
-}
+pub use crate::store::{Decided, NewUpload};
 
 impl Uploads {
     pub fn open(data_dir: &Path, cfg: BulkConfig) -> std::io::Result<Self> {
@@ -608,57 +586,6 @@ pub async fn sweep(app: Arc<AppServer>, stop: tokio_util::sync::CancellationToke
             () = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
     }
-}
-
-/// Records an upload decision with its request (inside the ingest
-/// transaction): the grant, and the answer queued for the hop it goes
-/// down through.
-pub(crate) fn record_decision(
-    conn: &rusqlite::Connection,
-    d: &Decided,
-    now: Timestamp,
-) -> Result<(), rs_store::db::DbError> {
-    use crate::store::exec;
-    use rusqlite::params;
-    if let Some(g) = &d.grant {
-        exec(
-            conn,
-            "INSERT INTO uploads (digest, request, component, customer, name, size, sha256,
-                                  class, subclass, granted, expires)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                g.digest,
-                g.request.as_str(),
-                g.component,
-                g.customer,
-                g.name,
-                i64::try_from(g.size).unwrap_or(i64::MAX),
-                g.sha256,
-                g.class,
-                g.subclass,
-                now.as_millis(),
-                g.expires.as_millis()
-            ],
-        )?;
-    }
-    let m = &d.reply;
-    let header = rs_protocol::codec::encode_header(&m.header, m.kind, m.data.as_ref());
-    exec(
-        conn,
-        "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
-            m.header.id.as_str(),
-            d.hop,
-            now.as_millis(),
-            m.header.expiry().map(Timestamp::as_millis),
-            m.kind.as_str(),
-            m.content_type,
-            header,
-            &m.content[..]
-        ],
-    )?;
-    Ok(())
 }
 
 const UPLOAD_COLUMNS: &str = "digest, request, component, name, size, sha256, class, subclass,

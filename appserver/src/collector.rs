@@ -35,26 +35,7 @@ use rs_protocol::model::Severity;
 use rs_protocol::{RsId, Timestamp};
 use rs_store::db::DbError;
 
-pub use rs_protocol::codec::api::Delivery;
-
-/// A subscription: which stored messages, and how they are delivered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subscription {
-    pub id: i64,
-    pub name: String,
-    pub class: Option<String>,
-    pub subclass: Option<String>,
-    pub customer: Option<String>,
-    /// The source component, or anything allocated under it.
-    pub source: Option<String>,
-    pub kind: Option<String>,
-    /// Alarms and events at least this severe.
-    pub min_severity: Option<Severity>,
-    pub delivery: Delivery,
-    /// It takes messages stored after this one (storage order): those
-    /// stored after it was made.
-    pub from_seq: i64,
-}
+pub use crate::subscription::{Delivery, Subscription};
 
 fn rank(s: Severity) -> i64 {
     Severity::ALL.iter().position(|x| *x == s).unwrap_or(4) as i64
@@ -643,7 +624,7 @@ async fn process(app: &AppServer, client: &reqwest::Client, t: &Claimed) -> Resu
     let row = rows
         .first()
         .ok_or_else(|| format!("message {} is no longer stored", t.message))?;
-    let doc = crate::control::messages_doc(std::slice::from_ref(row));
+    let doc = crate::documents::messages_doc(std::slice::from_ref(row));
     match &t.sub.delivery {
         Delivery::Feed => Ok(()),
         Delivery::Module(name) => {

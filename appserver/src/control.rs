@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use base64::Engine as _;
 use rs_net::server::Refusal;
 use rs_node::ingress::xml_response;
 use rs_protocol::codec::{XmlOut, encode_status};
@@ -419,7 +418,9 @@ async fn feed(
             let tagged: Vec<(Option<i64>, &crate::store::Row)> =
                 msgs.iter().map(|(t, r)| (*t, r)).collect();
             let cursor = rows.last().map(|(t, _)| *t).or(after);
-            return Ok(xml_response(messages_doc_tagged(&tagged, cursor)));
+            return Ok(xml_response(crate::documents::messages_doc_tagged(
+                &tagged, cursor,
+            )));
         }
         tokio::select! {
             r = changes.changed() => if r.is_err() { return Err(unavailable("stopping")) },
@@ -742,7 +743,7 @@ async fn messages(
         .query(query)
         .await
         .map_err(|e| refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    Ok(xml_response(messages_doc(&rows)))
+    Ok(xml_response(crate::documents::messages_doc(&rows)))
 }
 
 /// Rows an export reads from the database at a time.
@@ -787,7 +788,7 @@ async fn export(
             let mut buf = Vec::with_capacity(page.len() * 1024);
             let mut x = XmlOut::fragment(&mut buf);
             for r in &page {
-                write_message(&mut x, None, Some(r.seq), r);
+                crate::documents::write_message(&mut x, None, Some(r.seq), r);
                 cursor = r.seq;
             }
             count += page.len();
@@ -836,86 +837,6 @@ async fn export(
         http::HeaderValue::from_static("text/xml; charset=utf-8"),
     );
     Ok(r)
-}
-
-/// The `<messages>` document of stored messages (the query answer, and
-/// each webhook delivery with one message).
-pub fn messages_doc(rows: &[crate::store::Row]) -> Vec<u8> {
-    let tagged: Vec<(Option<i64>, &crate::store::Row)> = rows.iter().map(|r| (None, r)).collect();
-    messages_doc_tagged(&tagged, None)
-}
-
-/// `<messages>` with each message's task ID (a feed) and the feed's cursor.
-pub fn messages_doc_tagged(
-    rows: &[(Option<i64>, &crate::store::Row)],
-    cursor: Option<i64>,
-) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(256 + rows.len() * 1024);
-    let mut x = XmlOut::document(&mut buf);
-    x.open("messages").attr_num("count", rows.len() as u64);
-    if let Some(c) = cursor {
-        x.attr_num("cursor", u64::try_from(c).unwrap_or(0));
-    }
-    x.gt().newline();
-    for (task, r) in rows {
-        write_message(&mut x, *task, None, r);
-    }
-    x.close("messages").newline();
-    buf
-}
-
-/// One stored `<message>`, with its task ID (a feed) or its storage
-/// sequence number (an export).
-fn write_message(x: &mut XmlOut<'_>, task: Option<i64>, seq: Option<i64>, r: &crate::store::Row) {
-    let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
-    x.open("message")
-        .attr_num_opt("task", task.and_then(|t| u64::try_from(t).ok()))
-        .attr_num_opt("seq", seq.and_then(|t| u64::try_from(t).ok()))
-        .attr("id", &r.id)
-        .attr("type", &r.kind)
-        .attr("component", &r.component)
-        .attr("class", &r.class)
-        .attr("sub", &r.subclass)
-        .attr_opt("severity", r.severity.map(Severity::as_str))
-        .attr_ts("created", ts(r.created))
-        .attr_ts("received", ts(r.received))
-        .attr("via", &r.via)
-        .attr_opt("seal", r.seal.as_deref())
-        .gt();
-    if r.kind == "data" {
-        x.open("data")
-            .attr("mime", &r.content_type)
-            .attr_num("size", r.content.len() as u64);
-        match std::str::from_utf8(&r.content) {
-            Ok(text) if r.content_type.starts_with("text/") => {
-                x.gt().text(text).close("data");
-            }
-            _ => {
-                x.attr("encoding", "base64")
-                    .gt()
-                    .text(&base64::engine::general_purpose::STANDARD.encode(&r.content))
-                    .close("data");
-            }
-        }
-    } else {
-        // XML contents were validated when stored; embed the document.
-        let doc = &r.content[..];
-        let body = match memchr_decl_end(doc) {
-            Some(i) => &doc[i..],
-            None => doc,
-        };
-        x.buf.extend_from_slice(body.trim_ascii());
-    }
-    x.close("message").newline();
-}
-
-/// The offset just after an XML declaration at the start of `doc`.
-fn memchr_decl_end(doc: &[u8]) -> Option<usize> {
-    if doc.starts_with(b"<?xml") {
-        doc.windows(2).position(|w| w == b"?>").map(|i| i + 2)
-    } else {
-        None
-    }
 }
 
 async fn components(

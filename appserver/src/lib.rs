@@ -9,6 +9,7 @@ pub mod bulk;
 pub mod collector;
 pub mod config;
 pub mod control;
+mod documents;
 pub mod ingress;
 pub mod jobs;
 pub mod modules;
@@ -16,6 +17,7 @@ pub mod monitor;
 pub mod publish;
 pub mod security;
 pub mod store;
+pub mod subscription;
 
 use std::sync::Arc;
 use std::time::Duration;

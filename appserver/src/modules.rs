@@ -161,7 +161,10 @@ impl ModuleConfig {
 
 impl SubscribeConfig {
     /// The subscription `module` takes at start.
-    pub fn to_subscription(&self, module: &str) -> Result<crate::collector::Subscription, String> {
+    pub fn to_subscription(
+        &self,
+        module: &str,
+    ) -> Result<crate::subscription::Subscription, String> {
         let severity = match &self.min_severity {
             Some(s) => Some(rs_protocol::model::Severity::parse(s).ok_or_else(|| {
                 format!(
@@ -178,7 +181,7 @@ impl SubscribeConfig {
         if let Some(s) = &self.source {
             rs_protocol::RsId::new(s).map_err(|e| format!("module {module}: source {s:?}: {e}"))?;
         }
-        Ok(crate::collector::Subscription {
+        Ok(crate::subscription::Subscription {
             id: 0,
             name: module.to_owned(),
             class: self.class.clone(),
@@ -187,7 +190,7 @@ impl SubscribeConfig {
             source: self.source.clone(),
             kind: self.kind.clone(),
             min_severity: severity,
-            delivery: crate::collector::Delivery::Module(module.to_owned()),
+            delivery: crate::subscription::Delivery::Module(module.to_owned()),
             from_seq: 0,
         })
     }
@@ -383,7 +386,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             sub.delivery,
-            crate::collector::Delivery::Module("oncall".into())
+            crate::subscription::Delivery::Module("oncall".into())
         );
         for (bad, why) in [
             (

@@ -19,31 +19,7 @@ use rs_protocol::{MessageId, RsId, Timestamp};
 use crate::AppServer;
 use crate::store::Incoming;
 
-/// A component's health as the monitor sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    Ok,
-    Late,
-    Failed,
-}
-
-impl Health {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Ok => "ok",
-            Health::Late => "late",
-            Health::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Health {
-        match s {
-            "late" => Health::Late,
-            "failed" => Health::Failed,
-            _ => Health::Ok,
-        }
-    }
-}
+pub use crate::store::Health;
 
 fn notification(
     app: &AppServer,

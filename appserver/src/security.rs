@@ -21,34 +21,6 @@ use warp::Filter;
 use crate::AppServer;
 use crate::store::exec;
 
-pub(crate) const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS enrollments (
-    token_hash TEXT    PRIMARY KEY,
-    customer   TEXT    NOT NULL,
-    kind       TEXT    NOT NULL,
-    component  TEXT,
-    dns        TEXT    NOT NULL DEFAULT '',
-    ips        TEXT    NOT NULL DEFAULT '',
-    created    INTEGER NOT NULL,
-    created_by TEXT    NOT NULL,
-    expires    INTEGER NOT NULL,
-    used_at    INTEGER,
-    issued     TEXT,
-    serial     TEXT
-);
-CREATE TABLE IF NOT EXISTS audit (
-    seq    INTEGER PRIMARY KEY,
-    at     INTEGER NOT NULL,
-    admin  TEXT    NOT NULL,
-    peer   TEXT    NOT NULL,
-    method TEXT    NOT NULL,
-    path   TEXT    NOT NULL,
-    status INTEGER NOT NULL,
-    millis INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_admin ON audit (admin, seq);
-";
-
 /// The customers an admin may see and command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Grants {

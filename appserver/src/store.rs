@@ -246,7 +246,7 @@ pub struct Incoming {
     pub response: Option<(MessageId, RsId, rs_protocol::Outcome, Option<String>)>,
     /// For upload requests: the server's answer, recorded with the request
     /// (and then no peripheral tasks: the file's announcement gets them).
-    pub bulk: Option<crate::bulk::Decided>,
+    pub bulk: Option<Decided>,
     /// How it came sealed (stored opened).
     pub seal: Option<rs_protocol::Seal>,
 }
@@ -382,7 +382,7 @@ impl Store {
         let conn = rs_store::db::open(path)?;
         conn.execute_batch(MESSAGES)?;
         conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(crate::security::SCHEMA)?;
+        conn.execute_batch(SECURITY_SCHEMA)?;
         // Subscriptions take messages stored after they were made
         // (`from_seq`); databases from before the column get it.
         let has: bool = conn
@@ -654,7 +654,7 @@ pub(crate) fn ingest_in(
         new += 1;
         out.push(Stored::New);
         if let Some(d) = &inc.bulk {
-            crate::bulk::record_decision(conn, d, now)?;
+            record_decision(conn, d, now)?;
         }
         // One update per component per batch is enough.
         if touched.insert(src.component.as_str().to_owned()) {
@@ -1064,7 +1064,7 @@ impl Store {
     }
 
     /// Proxies and MLMs: (ID, last seen, health as last recorded).
-    pub async fn health_scan(&self) -> Result<Vec<(String, i64, crate::monitor::Health)>, DbError> {
+    pub async fn health_scan(&self) -> Result<Vec<(String, i64, Health)>, DbError> {
         self.db
             .read(|s| {
                 let mut st = s.0.prepare_cached(
@@ -1076,7 +1076,7 @@ impl Store {
                     Ok((
                         r.get::<_, String>(0)?,
                         r.get::<_, i64>(1)?,
-                        crate::monitor::Health::parse(&r.get::<_, String>(2)?),
+                        Health::parse(&r.get::<_, String>(2)?),
                     ))
                 })?;
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -1087,7 +1087,7 @@ impl Store {
     pub async fn set_health(
         &self,
         component: String,
-        h: crate::monitor::Health,
+        h: Health,
         now: Timestamp,
     ) -> Result<(), DbError> {
         self.db
@@ -1356,4 +1356,133 @@ fn read_job(conn: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
         version: u64::try_from(version).unwrap_or(0),
         targets,
     }))
+}
+
+/// The tables of enrollments, admins and the audit log (`security.rs`).
+const SECURITY_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS enrollments (
+    token_hash TEXT    PRIMARY KEY,
+    customer   TEXT    NOT NULL,
+    kind       TEXT    NOT NULL,
+    component  TEXT,
+    dns        TEXT    NOT NULL DEFAULT '',
+    ips        TEXT    NOT NULL DEFAULT '',
+    created    INTEGER NOT NULL,
+    created_by TEXT    NOT NULL,
+    expires    INTEGER NOT NULL,
+    used_at    INTEGER,
+    issued     TEXT,
+    serial     TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq    INTEGER PRIMARY KEY,
+    at     INTEGER NOT NULL,
+    admin  TEXT    NOT NULL,
+    peer   TEXT    NOT NULL,
+    method TEXT    NOT NULL,
+    path   TEXT    NOT NULL,
+    status INTEGER NOT NULL,
+    millis INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_admin ON audit (admin, seq);
+";
+
+/// A grant to record with its request.
+#[derive(Debug, Clone)]
+pub struct NewUpload {
+    pub digest: String,
+    pub request: MessageId,
+    pub component: String,
+    pub customer: String,
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub class: String,
+    pub subclass: String,
+    pub expires: Timestamp,
+}
+
+/// The server's answer to one bulk request: the grant (if any) and the
+/// `bulk-response` for the back-channel, queued for `hop`.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    pub grant: Option<NewUpload>,
+    pub hop: String,
+    pub reply: RawMessage,
+}
+
+/// Records an upload decision with its request (inside the ingest
+/// transaction): the grant, and the answer queued for the hop it goes
+/// down through.
+pub(crate) fn record_decision(
+    conn: &rusqlite::Connection,
+    d: &Decided,
+    now: Timestamp,
+) -> Result<(), rs_store::db::DbError> {
+    use rusqlite::params;
+    if let Some(g) = &d.grant {
+        exec(
+            conn,
+            "INSERT INTO uploads (digest, request, component, customer, name, size, sha256,
+                                  class, subclass, granted, expires)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                g.digest,
+                g.request.as_str(),
+                g.component,
+                g.customer,
+                g.name,
+                i64::try_from(g.size).unwrap_or(i64::MAX),
+                g.sha256,
+                g.class,
+                g.subclass,
+                now.as_millis(),
+                g.expires.as_millis()
+            ],
+        )?;
+    }
+    let m = &d.reply;
+    let header = rs_protocol::codec::encode_header(&m.header, m.kind, m.data.as_ref());
+    exec(
+        conn,
+        "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            m.header.id.as_str(),
+            d.hop,
+            now.as_millis(),
+            m.header.expiry().map(Timestamp::as_millis),
+            m.kind.as_str(),
+            m.content_type,
+            header,
+            &m.content[..]
+        ],
+    )?;
+    Ok(())
+}
+
+/// A component's health as the monitor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    Late,
+    Failed,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Late => "late",
+            Health::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Health {
+        match s {
+            "late" => Health::Late,
+            "failed" => Health::Failed,
+            _ => Health::Ok,
+        }
+    }
 }

@@ -8,6 +8,8 @@ use rs_protocol::codec::Limits;
 use rs_protocol::{ComponentKind, RsId};
 use serde::{Deserialize, Serialize};
 
+pub use crate::modules::{AggregateRule, FilterRule, Match, ModifyRule, RepeatRule};
+
 /// `mlm.toml`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -108,66 +110,6 @@ impl Default for SpoolSection {
     }
 }
 
-/// Which messages a rule applies to; every field given must match.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Match {
-    pub class: Option<String>,
-    pub subclass: Option<String>,
-    /// Content type: alarm, event, response, bulk-request, bulk-response, data.
-    #[serde(rename = "type")]
-    pub kind: Option<String>,
-    /// Alarms and events less severe than this match (e.g. "warning"
-    /// matches warning and info).
-    pub severity_at_most: Option<String>,
-    /// Alarms and events at least this severe match.
-    pub severity_at_least: Option<String>,
-    /// The source component, or a component it was allocated under.
-    pub source: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct FilterRule {
-    #[serde(flatten)]
-    pub when: Match,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModifyRule {
-    #[serde(flatten)]
-    pub when: Match,
-    pub set_precedence: Option<u8>,
-    pub set_class: Option<String>,
-    pub set_subclass: Option<String>,
-    /// Alarms and events: replace the severity.
-    pub set_severity: Option<String>,
-    /// Add a detail NAME=VALUE to alarms and events.
-    pub add_detail: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AggregateRule {
-    #[serde(flatten)]
-    pub when: Match,
-    /// Seconds from the first alarm of a group to its summary.
-    pub window_secs: u64,
-    /// Alarms with the same value of this are one group: "key" (the
-    /// integrator's alarm key), "source", or "class" (class/subclass).
-    #[serde(default = "default_group")]
-    pub group_by: String,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RepeatRule {
-    #[serde(flatten)]
-    pub when: Match,
-    pub window_secs: u64,
-}
-
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8441))
 }
@@ -186,9 +128,6 @@ fn default_spool_bytes() -> u64 {
 fn default_spool_days() -> u64 {
     7
 }
-fn default_group() -> String {
-    "key".into()
-}
 
 impl Config {
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -204,7 +143,7 @@ impl Config {
             );
         }
         // Build the modules once to report rule errors at load time.
-        crate::modules::build(&c)?;
+        crate::modules::build(&c.filter, &c.modify, &c.drop_repeats, &c.aggregate)?;
         rs_node::throttle::Throttle::new(
             &c.throttle,
             std::sync::Arc::new(rs_protocol::time::SystemClock),

@@ -99,7 +99,8 @@ impl Mlm {
         stop: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         let id = cfg.rs_id().map_err(anyhow::Error::msg)?;
-        let modules = modules::build(&cfg).map_err(anyhow::Error::msg)?;
+        let modules = modules::build(&cfg.filter, &cfg.modify, &cfg.drop_repeats, &cfg.aggregate)
+            .map_err(anyhow::Error::msg)?;
         let mut spool_cfg = SpoolConfig::new(cfg.data_dir.join("spool.db"));
         spool_cfg.max_bytes = cfg.spool.max_bytes;
         spool_cfg.max_age = Duration::from_secs(cfg.spool.max_age_days * 86_400);

@@ -17,7 +17,7 @@ use rs_protocol::codec::{Limits, RawMessage, is_token};
 use rs_protocol::model::{Content, ContentKind, Detail, MAX_PRECEDENCE, Message, Severity};
 use rs_protocol::{RsId, Timestamp};
 
-use crate::config::{Config, Match};
+use serde::{Deserialize, Serialize};
 
 /// A forward message as modules see it: the header at once, the content
 /// decoded only if a module asks for it.
@@ -96,6 +96,73 @@ pub trait ServiceModule: Send + Sync + std::fmt::Debug {
     fn inspect(&self, m: &mut View, now: Timestamp) -> Verdict;
     /// Periodic phase (housekeeping).
     fn tick(&self, _now: Timestamp) {}
+}
+
+// The rules as configured (`[[filter]]`, `[[modify]]`, `[[aggregate]]`,
+// `[[drop_repeats]]` in the MLM's TOML).
+
+/// Which messages a rule applies to; every field given must match.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    pub class: Option<String>,
+    pub subclass: Option<String>,
+    /// Content type: alarm, event, response, bulk-request, bulk-response, data.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Alarms and events less severe than this match (e.g. "warning"
+    /// matches warning and info).
+    pub severity_at_most: Option<String>,
+    /// Alarms and events at least this severe match.
+    pub severity_at_least: Option<String>,
+    /// The source component, or a component it was allocated under.
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterRule {
+    #[serde(flatten)]
+    pub when: Match,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModifyRule {
+    #[serde(flatten)]
+    pub when: Match,
+    pub set_precedence: Option<u8>,
+    pub set_class: Option<String>,
+    pub set_subclass: Option<String>,
+    /// Alarms and events: replace the severity.
+    pub set_severity: Option<String>,
+    /// Add a detail NAME=VALUE to alarms and events.
+    pub add_detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateRule {
+    #[serde(flatten)]
+    pub when: Match,
+    /// Seconds from the first alarm of a group to its summary.
+    pub window_secs: u64,
+    /// Alarms with the same value of this are one group: "key" (the
+    /// integrator's alarm key), "source", or "class" (class/subclass).
+    #[serde(default = "default_group")]
+    pub group_by: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepeatRule {
+    #[serde(flatten)]
+    pub when: Match,
+    pub window_secs: u64,
+}
+
+fn default_group() -> String {
+    "key".into()
 }
 
 /// A compiled [`Match`].
@@ -356,15 +423,20 @@ impl ServiceModule for Aggregate {
     }
 }
 
-/// The modules configured in `cfg`, in application order.
-pub fn build(cfg: &Config) -> Result<Vec<Box<dyn ServiceModule>>, String> {
+/// The modules these rules configure, in application order.
+pub fn build(
+    filter: &[FilterRule],
+    modify: &[ModifyRule],
+    drop_repeats: &[RepeatRule],
+    aggregate: &[AggregateRule],
+) -> Result<Vec<Box<dyn ServiceModule>>, String> {
     let mut out: Vec<Box<dyn ServiceModule>> = Vec::new();
-    for (i, f) in cfg.filter.iter().enumerate() {
+    for (i, f) in filter.iter().enumerate() {
         out.push(Box::new(Filter(
             Matcher::compile(&f.when).map_err(|e| format!("filter {i}: {e}"))?,
         )));
     }
-    for (i, m) in cfg.modify.iter().enumerate() {
+    for (i, m) in modify.iter().enumerate() {
         let err = |e: String| format!("modify {i}: {e}");
         if m.set_precedence.is_some_and(|p| p > MAX_PRECEDENCE) {
             return Err(err("set_precedence must be 0 to 9".into()));
@@ -395,7 +467,7 @@ pub fn build(cfg: &Config) -> Result<Vec<Box<dyn ServiceModule>>, String> {
             detail,
         }));
     }
-    for (i, r) in cfg.drop_repeats.iter().enumerate() {
+    for (i, r) in drop_repeats.iter().enumerate() {
         if r.window_secs == 0 {
             return Err(format!("drop_repeats {i}: window_secs must be at least 1"));
         }
@@ -405,7 +477,7 @@ pub fn build(cfg: &Config) -> Result<Vec<Box<dyn ServiceModule>>, String> {
             seen: Mutex::new(HashMap::new()),
         }));
     }
-    for (i, a) in cfg.aggregate.iter().enumerate() {
+    for (i, a) in aggregate.iter().enumerate() {
         if a.window_secs == 0 {
             return Err(format!("aggregate {i}: window_secs must be at least 1"));
         }

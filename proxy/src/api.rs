@@ -538,45 +538,6 @@ fn default_precedence(kind: ContentKind, severity: Severity) -> u8 {
     }
 }
 
-/// The integrator named (by RS ID or name) and, if given, its support
-/// instance by systems-management ID (registered on first use).
-pub(crate) async fn resolve(
-    proxy: &Proxy,
-    integrator: &str,
-    instance: Option<&str>,
-) -> Result<(crate::registry::Integrator, Option<RsId>), SubmitError> {
-    let bad = |t: String| SubmitError::Invalid(t);
-    let integ = proxy
-        .registry
-        .integrator(integrator.to_owned())
-        .await
-        .map_err(|e| SubmitError::Storage(e.to_string()))?
-        .ok_or_else(|| {
-            bad(format!(
-                "no integrator {:?}; register it first (POST /v1/integrators)",
-                integrator
-            ))
-        })?;
-    let instance = match instance {
-        Some(sm) => {
-            if sm.is_empty() || sm.len() > 255 {
-                return Err(bad("instance must be 1 to 255 bytes".into()));
-            }
-            let i = proxy
-                .registry
-                .instance(integ.id.clone(), sm.to_owned(), None)
-                .await
-                .map_err(|e| SubmitError::Storage(e.to_string()))?;
-            if !i.enabled {
-                return Err(bad(format!("support instance {} ({sm}) is disabled", i.id)));
-            }
-            Some(i.id)
-        }
-        None => None,
-    };
-    Ok((integ, instance))
-}
-
 /// Builds and spools one message from an API request.
 pub async fn send(
     proxy: &Proxy,
@@ -641,7 +602,10 @@ async fn build(
     req: SendRequest,
 ) -> Result<rs_protocol::codec::RawMessage, SubmitError> {
     let bad = |t: String| SubmitError::Invalid(t);
-    let (integ, instance) = resolve(proxy, &req.integrator, req.instance.as_deref()).await?;
+    let (integ, instance) = proxy
+        .registry
+        .resolve(&req.integrator, req.instance.as_deref())
+        .await?;
     let severity = match &req.severity {
         Some(s) => Severity::parse(s).ok_or_else(|| {
             bad(format!(

@@ -353,8 +353,10 @@ fn bad(t: impl Into<String>) -> SubmitError {
 /// Hands a file over for upload: hashes it, records the upload, spools
 /// the bulk request. Returns the upload once it is durable.
 pub async fn start(proxy: &Proxy, req: UploadRequest) -> Result<Upload, SubmitError> {
-    let (integ, instance) =
-        crate::api::resolve(proxy, &req.integrator, req.instance.as_deref()).await?;
+    let (integ, instance) = proxy
+        .registry
+        .resolve(&req.integrator, req.instance.as_deref())
+        .await?;
     let path = PathBuf::from(&req.path);
     if !path.is_absolute() {
         return Err(bad(format!("path {:?} must be absolute", req.path)));

@@ -3,6 +3,7 @@
 //! IDs the proxy allocates from its own (`acme.p1` -> `acme.p1.i3`,
 //! `acme.p1.s12`). Numbers are never reused.
 
+use crate::SubmitError;
 use rs_protocol::{ComponentKind, RsId, Timestamp};
 use rs_store::db::{Db, DbError, DbState};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -363,6 +364,43 @@ pub enum Claim {
 }
 
 impl Registry {
+    /// The integrator named (by RS ID or name) and, if given, its support
+    /// instance by systems-management ID (registered on first use).
+    pub(crate) async fn resolve(
+        &self,
+        integrator: &str,
+        instance: Option<&str>,
+    ) -> Result<(Integrator, Option<RsId>), SubmitError> {
+        let bad = |t: String| SubmitError::Invalid(t);
+        let integ = self
+            .integrator(integrator.to_owned())
+            .await
+            .map_err(|e| SubmitError::Storage(e.to_string()))?
+            .ok_or_else(|| {
+                bad(format!(
+                    "no integrator {:?}; register it first (POST /v1/integrators)",
+                    integrator
+                ))
+            })?;
+        let instance = match instance {
+            Some(sm) => {
+                if sm.is_empty() || sm.len() > 255 {
+                    return Err(bad("instance must be 1 to 255 bytes".into()));
+                }
+                let i = self
+                    .instance(integ.id.clone(), sm.to_owned(), None)
+                    .await
+                    .map_err(|e| SubmitError::Storage(e.to_string()))?;
+                if !i.enabled {
+                    return Err(bad(format!("support instance {} ({sm}) is disabled", i.id)));
+                }
+                Some(i.id)
+            }
+            None => None,
+        };
+        Ok((integ, instance))
+    }
+
     /// Records that control action `id` is about to be applied, unless it
     /// was before: then says how far it got. Applying only after this
     /// commits is what makes an action applied at most once.

@@ -1,6 +1,7 @@
 //! The one integration-test binary: every suite module is compiled in here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
 
+mod architecture;
 mod backchannel;
 pub(crate) mod backchannel_faults;
 mod bulk;
