@@ -161,12 +161,13 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 }
 
 /// Codec: encode, full decode and header-only decode of 100 messages of
-/// about 2 KB (common/benches/codec.rs).
+/// about 2 KB (common/protocol/benches/codec.rs), and seals
+/// (common/net/benches/seal.rs).
 fn codec() -> Result<Vec<Figure>, String> {
     run(Command::new("cargo").current_dir(root()).args([
         "bench",
         "-p",
-        "rs-common",
+        "rs-protocol",
         "--bench",
         "codec",
         "--",
@@ -216,15 +217,9 @@ fn codec() -> Result<Vec<Figure>, String> {
             });
         }
     }
-    run(Command::new("cargo").current_dir(root()).args([
-        "bench",
-        "-p",
-        "rs-common",
-        "--bench",
-        "seal",
-        "--",
-        "--noplot",
-    ]))?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["bench", "-p", "rs-net", "--bench", "seal", "--", "--noplot"]))?;
     let parse = criterion_times("seal", "parse_certificate")?.0 / 1e3;
     for (bench, what) in [
         (
