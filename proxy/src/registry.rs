@@ -61,8 +61,8 @@ pub struct State {
 
 impl DbState for State {
     type Saved = ();
-    fn conn(&self) -> &Connection {
-        &self.conn
+    fn txn(&mut self) -> &mut dyn rs_store::db::Txn {
+        &mut self.conn
     }
     fn save(&self) {}
     fn restore(&mut self, (): ()) {}

@@ -6,6 +6,7 @@
 
 pub mod arb;
 pub mod deploy;
+pub mod postgres;
 pub mod relay;
 
 use std::path::PathBuf;

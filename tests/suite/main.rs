@@ -19,5 +19,6 @@ mod fuzz_replay;
 mod golden;
 mod operations;
 mod security;
+mod storage;
 mod subscriptions;
 mod throttle;

@@ -30,12 +30,40 @@ impl From<rusqlite::Error> for DbError {
     }
 }
 
+/// Transaction control, as the database thread needs it from either
+/// engine (SQLite's own connection, or [`crate::sql::Conn`]).
+pub trait Txn {
+    /// Begins the batch's transaction (SQLite: `BEGIN IMMEDIATE`).
+    fn begin(&mut self) -> Result<(), DbError>;
+    /// Whether the next commits may skip their fsync (module docs).
+    fn durability(&mut self, relaxed: bool) -> Result<(), DbError>;
+    /// Runs one parameterless statement (`SAVEPOINT job`, `COMMIT`, ...).
+    fn run(&mut self, sql: &str) -> Result<(), DbError>;
+}
+
+impl Txn for Connection {
+    fn begin(&mut self) -> Result<(), DbError> {
+        Ok(self.execute_batch("BEGIN IMMEDIATE")?)
+    }
+    fn durability(&mut self, relaxed: bool) -> Result<(), DbError> {
+        Ok(self.execute_batch(if relaxed {
+            "PRAGMA synchronous=NORMAL"
+        } else {
+            "PRAGMA synchronous=FULL"
+        })?)
+    }
+    fn run(&mut self, sql: &str) -> Result<(), DbError> {
+        self.prepare_cached(sql)?.execute([])?;
+        Ok(())
+    }
+}
+
 /// State owned by the database thread: the connection and whatever the
 /// owner caches beside it, which a failed write must restore.
 pub trait DbState: Send + 'static {
     /// What `restore` needs to undo in-memory changes of one job.
     type Saved;
-    fn conn(&self) -> &Connection;
+    fn txn(&mut self) -> &mut dyn Txn;
     fn save(&self) -> Self::Saved;
     fn restore(&mut self, saved: Self::Saved);
 }
@@ -46,8 +74,8 @@ pub struct Plain(pub Connection);
 
 impl DbState for Plain {
     type Saved = ();
-    fn conn(&self) -> &Connection {
-        &self.0
+    fn txn(&mut self) -> &mut dyn Txn {
+        &mut self.0
     }
     fn save(&self) {}
     fn restore(&mut self, (): ()) {}
@@ -197,15 +225,16 @@ fn in_savepoint<S: DbState, T>(
     s: &mut S,
     f: impl FnOnce(&mut S) -> Result<T, DbError>,
 ) -> Result<T, DbError> {
-    s.conn().prepare_cached("SAVEPOINT job")?.execute([])?;
+    s.txn().run("SAVEPOINT job")?;
     let saved = s.save();
     match f(s) {
         Ok(v) => {
-            s.conn().prepare_cached("RELEASE job")?.execute([])?;
+            s.txn().run("RELEASE job")?;
             Ok(v)
         }
         Err(e) => {
-            let _ = s.conn().execute_batch("ROLLBACK TO job; RELEASE job");
+            let _ = s.txn().run("ROLLBACK TO job");
+            let _ = s.txn().run("RELEASE job");
             s.restore(saved);
             Err(e)
         }
@@ -221,23 +250,13 @@ fn run_batch<S: DbState>(state: &mut S, batch: Vec<Job<S>>, relaxed: &mut bool) 
         .all(|j| !matches!(j, Job::Write { relaxed: false, .. }));
     let mut began: Result<(), DbError> = Ok(());
     if writes && lax != *relaxed {
-        began = state
-            .conn()
-            .execute_batch(if lax {
-                "PRAGMA synchronous=NORMAL"
-            } else {
-                "PRAGMA synchronous=FULL"
-            })
-            .map_err(DbError::from);
+        began = state.txn().durability(lax);
         if began.is_ok() {
             *relaxed = lax;
         }
     }
     if writes && began.is_ok() {
-        began = state
-            .conn()
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(DbError::from);
+        began = state.txn().begin();
     }
     let before = state.save();
     let mut deliveries = Vec::new();
@@ -255,12 +274,12 @@ fn run_batch<S: DbState>(state: &mut S, batch: Vec<Job<S>>, relaxed: &mut bool) 
         }
     }
     let committed = match (&began, writes) {
-        (Ok(()), true) => state.conn().execute_batch("COMMIT").map_err(DbError::from),
+        (Ok(()), true) => state.txn().run("COMMIT"),
         (Ok(()), false) => Ok(()),
         (Err(e), _) => Err(e.clone()),
     };
     if let Err(e) = &committed {
-        let _ = state.conn().execute_batch("ROLLBACK");
+        let _ = state.txn().run("ROLLBACK");
         state.restore(before);
         tracing::error!("commit failed: {e}");
     }

@@ -5,6 +5,8 @@
 //!   its SQLite engine;
 //! - [`outbox`]: the durable back-channel queue of a node, split by next
 //!   hop;
+//! - [`sql`]: one SQL interface over SQLite and PostgreSQL, with
+//!   versioned migrations;
 //! - [`db`]: opening a SQLite database with the product's durability
 //!   settings, and running its work on a thread of its own;
 //! - [`datadir`]: the lock that keeps two daemons off one data directory;
@@ -17,3 +19,4 @@ pub mod db;
 pub mod files;
 pub mod outbox;
 pub mod spool;
+pub mod sql;

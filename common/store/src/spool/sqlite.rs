@@ -138,8 +138,8 @@ impl DbState for Worker {
     // message a failed settle took out of it is merely offered again, and
     // receivers drop duplicates.
     type Saved = u64;
-    fn conn(&self) -> &Connection {
-        &self.conn
+    fn txn(&mut self) -> &mut dyn crate::db::Txn {
+        &mut self.conn
     }
     fn save(&self) -> Self::Saved {
         self.total_bytes
