@@ -22,6 +22,8 @@ use rs_node::throttle::Held;
 use rs_protocol::codec::RawMessage;
 use rs_protocol::model::*;
 use rs_protocol::{MessageId, Reason, Timestamp};
+use rs_store::db::DbError;
+use rs_store::params;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt as _;
 use warp::Filter;
@@ -591,13 +593,13 @@ pub async fn sweep(app: Arc<AppServer>, stop: tokio_util::sync::CancellationToke
 const UPLOAD_COLUMNS: &str = "digest, request, component, name, size, sha256, class, subclass,
      granted, expires, state, done_at, reason";
 
-fn upload_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRow> {
+fn upload_row(r: &rs_store::sql::Row<'_>) -> Result<UploadRow, DbError> {
     Ok(UploadRow {
         digest: r.get(0)?,
         request: r.get(1)?,
         component: r.get(2)?,
         name: r.get(3)?,
-        size: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
+        size: u64::try_from(r.get::<i64>(4)?).unwrap_or(0),
         sha256: r.get(5)?,
         class: r.get(6)?,
         subclass: r.get(7)?,
@@ -615,15 +617,13 @@ impl crate::store::Store {
         &self,
         digest: String,
     ) -> Result<Option<UploadRow>, rs_store::db::DbError> {
-        use rusqlite::OptionalExtension as _;
         self.db
             .read(move |s| {
-                Ok(s.0
-                    .prepare_cached(&format!(
-                        "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE digest = ?1"
-                    ))?
-                    .query_row([digest], upload_row)
-                    .optional()?)
+                s.row(
+                    &format!("SELECT {UPLOAD_COLUMNS} FROM uploads WHERE digest = ?1"),
+                    params![digest],
+                    upload_row,
+                )
             })
             .await
     }
@@ -637,26 +637,40 @@ impl crate::store::Store {
         grants: crate::security::Grants,
         limit: usize,
     ) -> Result<Vec<UploadRow>, rs_store::db::DbError> {
-        // The granted customers as ",a,b," (NULL: all).
+        // The granted customers, one placeholder each from ?4 (all: no
+        // condition; none: no rows).
         let customers = match grants {
             crate::security::Grants::All => None,
-            crate::security::Grants::Some(v) => Some(format!(",{},", v.join(","))),
+            crate::security::Grants::Some(v) => Some(v),
         };
         self.db
             .read(move |s| {
-                let mut st = s.0.prepare_cached(&format!(
-                    "SELECT {UPLOAD_COLUMNS} FROM uploads
-                     WHERE (?1 IS NULL OR request = ?1) AND (?2 IS NULL OR component = ?2)
-                       AND (?4 IS NULL OR instr(?4, ',' || customer || ',') > 0)
-                     ORDER BY granted DESC LIMIT ?3"
-                ))?;
-                let rows = st
-                    .query_map(
-                        rusqlite::params![request, component, limit as i64, customers],
-                        upload_row,
-                    )?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(rows)
+                let only = match &customers {
+                    None => String::new(),
+                    Some(v) if v.is_empty() => " AND 1 = 0".into(),
+                    Some(v) => format!(
+                        " AND customer IN ({})",
+                        (0..v.len())
+                            .map(|i| format!("?{}", i + 4))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
+                let limit = limit as i64;
+                let mut args: Vec<&dyn rs_store::sql::ToParam> = vec![&request, &component, &limit];
+                for c in customers.iter().flatten() {
+                    args.push(c);
+                }
+                s.rows(
+                    &format!(
+                        "SELECT {UPLOAD_COLUMNS} FROM uploads
+                         WHERE (CAST(?1 AS TEXT) IS NULL OR request = ?1)
+                           AND (CAST(?2 AS TEXT) IS NULL OR component = ?2){only}
+                         ORDER BY granted DESC LIMIT ?3"
+                    ),
+                    &args,
+                    upload_row,
+                )
             })
             .await
     }
@@ -671,10 +685,10 @@ impl crate::store::Store {
         self.db
             .write(move |s| {
                 crate::store::exec(
-                    &s.0,
+                    s,
                     "UPDATE uploads SET state = 'failed', reason = ?2, done_at = ?3
                      WHERE digest = ?1 AND state = 'open'",
-                    rusqlite::params![digest, why, now.as_millis()],
+                    params![digest, why, now.as_millis()],
                 )?;
                 Ok(())
             })
@@ -689,17 +703,11 @@ impl crate::store::Store {
     ) -> Result<Vec<String>, rs_store::db::DbError> {
         self.db
             .write(move |s| {
-                let gone: Vec<String> =
-                    s.0.prepare_cached(
-                        "SELECT digest FROM uploads WHERE state = 'open' AND expires <= ?1",
-                    )?
-                    .query_map([now.as_millis()], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?;
-                crate::store::exec(
-                    &s.0,
+                let gone: Vec<String> = s.rows(
                     "UPDATE uploads SET state = 'expired', done_at = ?1
-                     WHERE state = 'open' AND expires <= ?1",
-                    [now.as_millis()],
+                     WHERE state = 'open' AND expires <= ?1 RETURNING digest",
+                    params![now.as_millis()],
+                    |r| r.get(0),
                 )?;
                 Ok(gone)
             })
@@ -715,30 +723,27 @@ impl crate::store::Store {
         now: Timestamp,
     ) -> Result<(), rs_store::db::DbError> {
         use rs_store::db::DbError;
-        use rusqlite::OptionalExtension as _;
         self.db
             .write(move |s| {
                 let n = crate::store::exec(
-                    &s.0,
+                    s,
                     "UPDATE uploads SET state = 'complete', done_at = ?2
                      WHERE digest = ?1 AND state = 'open'",
-                    rusqlite::params![digest, now.as_millis()],
+                    params![digest, now.as_millis()],
                 )?;
                 if n == 0 {
                     return Ok(());
                 }
-                let request: String = s.0.query_row(
+                let request: String = s.one(
                     "SELECT request FROM uploads WHERE digest = ?1",
-                    [&digest],
+                    params![digest],
                     |r| r.get(0),
                 )?;
-                let stored: Option<(Vec<u8>, String, Vec<u8>)> =
-                    s.0.query_row(
-                        "SELECT header, content_type, content FROM messages WHERE id = ?1",
-                        [&request],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                    )
-                    .optional()?;
+                let stored: Option<(Vec<u8>, String, Vec<u8>)> = s.row(
+                    "SELECT header, content_type, content FROM messages WHERE id = ?1",
+                    params![request],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?;
                 let Some((header, content_type, content)) = stored else {
                     return Err(DbError::Sql(format!("the request {request} is not stored")));
                 };
@@ -767,7 +772,7 @@ impl crate::store::Store {
                     content: Content::BulkRequest(b),
                 };
                 let inc = crate::store::Incoming::new(announcement.to_raw());
-                crate::store::ingest_in(&s.0, std::slice::from_ref(&inc), now)?;
+                crate::store::ingest_in(s, std::slice::from_ref(&inc), now)?;
                 Ok(())
             })
             .await

@@ -28,7 +28,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rs_store::params;
+use rs_store::sql::Conn;
 
 use crate::AppServer;
 use rs_protocol::model::Severity;
@@ -41,7 +42,7 @@ fn rank(s: Severity) -> i64 {
     Severity::ALL.iter().position(|x| *x == s).unwrap_or(4) as i64
 }
 
-fn row_sub(r: &rusqlite::Row<'_>) -> rusqlite::Result<Subscription> {
+fn row_sub(r: &rs_store::sql::Row<'_>) -> Result<Subscription, DbError> {
     let delivery: String = r.get(8)?;
     let url: Option<String> = r.get(9)?;
     Ok(Subscription {
@@ -53,7 +54,7 @@ fn row_sub(r: &rusqlite::Row<'_>) -> rusqlite::Result<Subscription> {
         source: r.get(5)?,
         kind: r.get(6)?,
         min_severity: r
-            .get::<_, Option<i64>>(7)?
+            .get::<Option<i64>>(7)?
             .and_then(|i| Severity::ALL.get(usize::try_from(i).ok()?).copied()),
         delivery: match (delivery.as_str(), url) {
             ("webhook", Some(u)) => Delivery::Webhook(u),
@@ -68,11 +69,12 @@ const SUB_COLUMNS: &str =
     "id, name, class, subclass, customer, source, type, min_severity, delivery, url, from_seq";
 
 /// Every subscription (inside a transaction).
-pub(crate) fn subscriptions_in(conn: &Connection) -> rusqlite::Result<Vec<Subscription>> {
-    let mut st = conn.prepare_cached(&format!(
-        "SELECT {SUB_COLUMNS} FROM subscriptions ORDER BY id"
-    ))?;
-    st.query_map([], row_sub)?.collect()
+pub(crate) fn subscriptions_in(conn: &mut Conn) -> Result<Vec<Subscription>, DbError> {
+    conn.rows(
+        &format!("SELECT {SUB_COLUMNS} FROM subscriptions ORDER BY id"),
+        params![],
+        row_sub,
+    )
 }
 
 /// What the expander reads of a stored message to match subscriptions.
@@ -112,22 +114,29 @@ fn matches(s: &Subscription, m: &Stored) -> bool {
 /// in one transaction: each message is expanded exactly once, crash or
 /// not. Returns how many messages and tasks.
 pub(crate) fn expand_in(
-    conn: &Connection,
+    conn: &mut Conn,
     limit: usize,
     now: Timestamp,
-) -> rusqlite::Result<(usize, usize)> {
-    let cursor: i64 =
-        conn.query_row("SELECT seq FROM cursors WHERE name = 'expander'", [], |r| {
-            r.get(0)
-        })?;
-    let rows: Vec<Stored> = conn
-        .prepare_cached(
+) -> Result<(usize, usize), DbError> {
+    let cursor: i64 = conn.one(
+        "SELECT seq FROM cursors WHERE name = 'expander'",
+        params![],
+        |r| r.get(0),
+    )?;
+    // Whether the content of a `bulk-request` has a URL (a request for
+    // an upload has none).
+    let has_url = match conn.engine() {
+        rs_store::sql::Engine::Sqlite => "instr(CAST(content AS TEXT), ' url=') > 0",
+        rs_store::sql::Engine::Postgres => "position(' url='::bytea IN content) > 0",
+    };
+    let rows: Vec<Stored> = conn.rows(
+        &format!(
             "SELECT seq, id, class, subclass, customer, component, kind, severity,
-                    CASE WHEN kind = 'bulk-request' THEN instr(CAST(content AS TEXT), ' url=') = 0
-                         ELSE 0 END
-             FROM messages WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?
-        .query_map(params![cursor, limit as i64], |r| {
+                    CASE WHEN kind = 'bulk-request' AND NOT {has_url} THEN 1 ELSE 0 END
+             FROM messages WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ),
+        params![cursor, limit as i64],
+        |r| {
             Ok(Stored {
                 seq: r.get(0)?,
                 id: r.get(1)?,
@@ -139,8 +148,8 @@ pub(crate) fn expand_in(
                 severity: r.get(7)?,
                 upload_request: r.get(8)?,
             })
-        })?
-        .collect::<Result<_, _>>()?;
+        },
+    )?;
     let Some(last) = rows.last().map(|m| m.seq) else {
         return Ok((0, 0));
     };
@@ -148,16 +157,17 @@ pub(crate) fn expand_in(
     let mut tasks = 0;
     for m in &rows {
         for s in subs.iter().filter(|s| matches(s, m)) {
-            tasks += conn
-                .prepare_cached(
-                    "INSERT INTO tasks (sub, message, visible_at, created) VALUES (?1, ?2, ?3, ?3)
-                     ON CONFLICT (sub, message) DO NOTHING",
-                )?
-                .execute(params![s.id, m.id, now.as_millis()])?;
+            tasks += conn.exec(
+                "INSERT INTO tasks (sub, message, visible_at, created) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT (sub, message) DO NOTHING",
+                params![s.id, m.id, now.as_millis()],
+            )? as usize;
         }
     }
-    conn.prepare_cached("UPDATE cursors SET seq = ?1 WHERE name = 'expander'")?
-        .execute(params![last])?;
+    conn.exec(
+        "UPDATE cursors SET seq = ?1 WHERE name = 'expander'",
+        params![last],
+    )?;
     Ok((rows.len(), tasks))
 }
 
@@ -185,9 +195,7 @@ pub struct TaskRow {
 impl crate::store::Store {
     /// Expands up to `limit` stored messages into tasks ([`expand_in`]).
     pub async fn expand(&self, limit: usize, now: Timestamp) -> Result<(usize, usize), DbError> {
-        self.db
-            .write(move |w| Ok(expand_in(&w.0, limit, now)?))
-            .await
+        self.db.write(move |w| expand_in(w, limit, now)).await
     }
 
     /// Creates (or replaces, by name) a subscription. Only messages stored
@@ -201,7 +209,7 @@ impl crate::store::Store {
                     Delivery::Webhook(u) | Delivery::Module(u) => Some(u.clone()),
                     Delivery::Feed => None,
                 };
-                w.0.execute(
+                w.exec(
                     "INSERT INTO subscriptions (name, class, subclass, customer, source, type, min_severity, delivery, url, created,
                                                 from_seq)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, (SELECT COALESCE(MAX(seq), 0) FROM messages))
@@ -220,11 +228,11 @@ impl crate::store::Store {
                         now.as_millis()
                     ],
                 )?;
-                Ok(w.0.query_row(
+                w.one(
                     "SELECT id FROM subscriptions WHERE name = ?1",
                     params![s.name],
                     |r| r.get(0),
-                )?)
+                )
             })
             .await
     }
@@ -233,16 +241,14 @@ impl crate::store::Store {
     pub async fn unsubscribe(&self, name: String) -> Result<bool, DbError> {
         self.db
             .write(move |w| {
-                let id: Option<i64> =
-                    w.0.query_row(
-                        "SELECT id FROM subscriptions WHERE name = ?1",
-                        params![name],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
+                let id: Option<i64> = w.row(
+                    "SELECT id FROM subscriptions WHERE name = ?1",
+                    params![name],
+                    |r| r.get(0),
+                )?;
                 let Some(id) = id else { return Ok(false) };
-                w.0.execute("DELETE FROM tasks WHERE sub = ?1", params![id])?;
-                w.0.execute("DELETE FROM subscriptions WHERE id = ?1", params![id])?;
+                w.exec("DELETE FROM tasks WHERE sub = ?1", params![id])?;
+                w.exec("DELETE FROM subscriptions WHERE id = ?1", params![id])?;
                 Ok(true)
             })
             .await
@@ -251,17 +257,16 @@ impl crate::store::Store {
     pub async fn subscriptions(&self) -> Result<Vec<(Subscription, TaskCounts)>, DbError> {
         self.db
             .read(|r| {
-                let subs = subscriptions_in(&r.0)?;
+                let subs = subscriptions_in(r)?;
                 let mut out = Vec::new();
                 for s in subs {
                     let mut c = TaskCounts::default();
-                    let mut st = r.0.prepare_cached(
+                    let rows = r.rows(
                         "SELECT state, COUNT(*) FROM tasks WHERE sub = ?1 GROUP BY state",
+                        params![s.id],
+                        |x| Ok((x.get::<String>(0)?, x.get::<i64>(1)?)),
                     )?;
-                    for row in st.query_map(params![s.id], |x| {
-                        Ok((x.get::<_, String>(0)?, x.get::<_, i64>(1)?))
-                    })? {
-                        let (state, n) = row?;
+                    for (state, n) in rows {
                         let n = u64::try_from(n).unwrap_or(0);
                         match state.as_str() {
                             "ready" | "taken" => c.pending += n,
@@ -287,9 +292,7 @@ impl crate::store::Store {
             .write(move |w| {
                 let now_ms = now.as_millis();
                 let until = now_ms + i64::try_from(visibility.as_millis()).unwrap_or(i64::MAX / 2);
-                let row: Option<(i64, i64, String, i64)> = w
-                    .0
-                    .prepare_cached(
+                let row: Option<(i64, i64, String, i64)> = w.row(
                         "UPDATE tasks SET state = 'taken', attempts = attempts + 1, visible_at = ?2, taken_by = ?3
                          WHERE id = (
                            SELECT h.id FROM (
@@ -300,15 +303,13 @@ impl crate::store::Store {
                            WHERE h.visible_at <= ?1
                            ORDER BY h.visible_at, h.id LIMIT 1)
                          RETURNING id, sub, message, attempts",
-                    )?
-                    .query_row(params![now_ms, until, by], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })
-                    .optional()?;
+                        params![now_ms, until, by],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    )?;
                 let Some((id, sub, message, attempts)) = row else {
                     return Ok(None);
                 };
-                let sub = w.0.query_row(
+                let sub = w.one(
                     &format!("SELECT {SUB_COLUMNS} FROM subscriptions WHERE id = ?1"),
                     params![sub],
                     row_sub,
@@ -333,12 +334,11 @@ impl crate::store::Store {
         let (id, attempts) = (t.id, t.attempts);
         self.db
             .write(move |w| {
-                let n =
-                    w.0.prepare_cached(
-                        "UPDATE tasks SET state = 'done', done_at = ?4, last_error = NULL
+                let n = w.exec(
+                    "UPDATE tasks SET state = 'done', done_at = ?4, last_error = NULL
                      WHERE id = ?1 AND state = 'taken' AND taken_by = ?2 AND attempts = ?3",
-                    )?
-                    .execute(params![id, by, attempts, now.as_millis()])?;
+                    params![id, by, attempts, now.as_millis()],
+                )?;
                 Ok(n == 1)
             })
             .await
@@ -358,19 +358,19 @@ impl crate::store::Store {
         let (id, attempts) = (t.id, t.attempts);
         self.db
             .write(move |w| {
-                w.0.prepare_cached(
+                w.exec(
                     "UPDATE tasks SET state = CASE WHEN attempts >= ?4 THEN 'failed' ELSE 'ready' END,
                                       visible_at = ?5, last_error = ?6
                      WHERE id = ?1 AND state = 'taken' AND taken_by = ?2 AND attempts = ?3",
-                )?
-                .execute(params![
-                    id,
-                    by,
-                    attempts,
-                    max_attempts,
-                    now.as_millis() + i64::try_from(backoff.as_millis()).unwrap_or(0),
-                    error
-                ])?;
+                    params![
+                        id,
+                        by,
+                        attempts,
+                        max_attempts,
+                        now.as_millis() + i64::try_from(backoff.as_millis()).unwrap_or(0),
+                        error
+                    ],
+                )?;
                 Ok(())
             })
             .await
@@ -380,23 +380,23 @@ impl crate::store::Store {
     pub async fn tasks(&self, state: String, limit: usize) -> Result<Vec<TaskRow>, DbError> {
         self.db
             .read(move |r| {
-                let mut st = r.0.prepare_cached(
+                r.rows(
                     "SELECT t.id, s.name, t.message, t.state, t.attempts, t.last_error, t.created
                      FROM tasks t JOIN subscriptions s ON s.id = t.sub
                      WHERE t.state = ?1 ORDER BY t.id LIMIT ?2",
-                )?;
-                let rows = st.query_map(params![state, limit as i64], |x| {
-                    Ok(TaskRow {
-                        id: x.get(0)?,
-                        sub: x.get(1)?,
-                        message: x.get(2)?,
-                        state: x.get(3)?,
-                        attempts: u32::try_from(x.get::<_, i64>(4)?).unwrap_or(0),
-                        last_error: x.get(5)?,
-                        created: x.get(6)?,
-                    })
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                    params![state, limit as i64],
+                    |x| {
+                        Ok(TaskRow {
+                            id: x.get(0)?,
+                            sub: x.get(1)?,
+                            message: x.get(2)?,
+                            state: x.get(3)?,
+                            attempts: u32::try_from(x.get::<i64>(4)?).unwrap_or(0),
+                            last_error: x.get(5)?,
+                            created: x.get(6)?,
+                        })
+                    },
+                )
             })
             .await
     }
@@ -405,12 +405,11 @@ impl crate::store::Store {
     pub async fn replay(&self, id: Option<i64>, now: Timestamp) -> Result<u64, DbError> {
         self.db
             .write(move |w| {
-                let n = w.0.execute(
+                w.exec(
                     "UPDATE tasks SET state = 'ready', attempts = 0, visible_at = ?2
-                     WHERE state = 'failed' AND (?1 IS NULL OR id = ?1)",
+                     WHERE state = 'failed' AND (CAST(?1 AS BIGINT) IS NULL OR id = ?1)",
                     params![id, now.as_millis()],
-                )?;
-                Ok(n as u64)
+                )
             })
             .await
     }
@@ -427,27 +426,23 @@ impl crate::store::Store {
     ) -> Result<Option<Vec<(i64, String)>>, DbError> {
         self.db
             .write(move |w| {
-                let id: Option<i64> = w
-                    .0
-                    .query_row(
-                        "SELECT id FROM subscriptions WHERE name = ?1 AND delivery = 'feed'",
-                        params![name],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
+                let id: Option<i64> = w.row(
+                    "SELECT id FROM subscriptions WHERE name = ?1 AND delivery = 'feed'",
+                    params![name],
+                    |r| r.get(0),
+                )?;
                 let Some(id) = id else { return Ok(None) };
                 if let Some(a) = ack {
-                    w.0.execute(
+                    w.exec(
                         "UPDATE tasks SET state = 'done', done_at = ?3 WHERE sub = ?1 AND id <= ?2 AND state = 'ready'",
                         params![id, a, now.as_millis()],
                     )?;
                 }
-                let mut st = w.0.prepare_cached(
+                let rows = w.rows(
                     "SELECT id, message FROM tasks WHERE sub = ?1 AND state = 'ready' ORDER BY id LIMIT ?2",
+                    params![id, limit as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )?;
-                let rows = st
-                    .query_map(params![id, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<Vec<_>, _>>()?;
                 Ok(Some(rows))
             })
             .await

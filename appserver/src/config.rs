@@ -17,8 +17,17 @@ pub struct Config {
     /// Where to listen for envelopes and control requests.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Where the database lives (`appserver.db`).
+    /// Where local files live: the SQLite database `appserver.db` (unless
+    /// `database` names a PostgreSQL server), uploads in progress,
+    /// published files, the throttle's usage counters.
     pub data_dir: PathBuf,
+    /// The shared database of a farm of servers: a `postgres://` URL
+    /// (tokio-postgres's forms: `postgres://user:password@host:port/db`,
+    /// `?sslmode=...` and other parameters as libpq spells them). Every
+    /// member of the farm names the same database; the server's tables
+    /// are in the schema `appserver` there. Absent: SQLite in `data_dir`.
+    #[serde(default)]
+    pub database: Option<String>,
     /// Days stored messages (and the duplicate-detection IDs) are kept.
     #[serde(default = "default_retention")]
     pub retention_days: u32,
@@ -131,6 +140,15 @@ impl Config {
         if c.heartbeat_secs == 0 {
             return Err("heartbeat_secs must be at least 1".into());
         }
+        if let Some(d) = &c.database
+            && !rs_store::sql::is_postgres_url(d)
+        {
+            return Err(format!(
+                "database = {:?}: expected a postgres:// URL (without it the server uses \
+                 SQLite in data_dir)",
+                rs_store::sql::redact(d)
+            ));
+        }
         let mut names = std::collections::HashSet::new();
         for m in &c.modules {
             m.check()?;
@@ -145,6 +163,16 @@ impl Config {
     pub fn load(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Where the store's tables are: the farm's PostgreSQL database, or
+    /// `appserver.db` in `data_dir`.
+    pub fn store_location(&self) -> rs_store::sql::Location {
+        rs_store::sql::Location::choose(
+            self.database.as_deref(),
+            self.data_dir.join("appserver.db"),
+            "appserver",
+        )
     }
 
     /// How long an unacknowledged back-channel message waits before it is

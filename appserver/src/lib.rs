@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod modules;
 pub mod monitor;
 pub mod publish;
+mod schema;
 pub mod security;
 pub mod store;
 pub mod subscription;
@@ -127,7 +128,9 @@ impl AppServer {
             t.crl = Some(ca.dir.join("crl.pem"));
         }
         let id = cfg.rs_id().map_err(anyhow::Error::msg)?;
-        let store = store::Store::open(&cfg.data_dir.join("appserver.db"))?;
+        let at = cfg.store_location();
+        let store = store::Store::open(&at)
+            .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", at.describe()))?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let throttle = rs_node::throttle::open(&cfg.throttle, clock.clone(), &cfg.data_dir)
             .map_err(anyhow::Error::msg)?;

@@ -8,6 +8,7 @@
 //! (un-published) once the job is done: every destination has answered or
 //! expired.
 
+use rs_store::params;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +17,6 @@ use http::StatusCode;
 use rs_net::bulk;
 use rs_protocol::codec::api::{PublishedFile, decode_offer_request, encode_file};
 use rs_protocol::model::*;
-use rusqlite::OptionalExtension as _;
 use tokio::io::AsyncWriteExt as _;
 use warp::Filter;
 
@@ -203,10 +203,10 @@ where
         .db
         .write(move |s| {
             crate::store::exec(
-                &s.0,
+                s,
                 "INSERT INTO files (sha256, name, size, created) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (sha256) DO UPDATE SET name = ?2",
-                rusqlite::params![
+                params![
                     h,
                     n,
                     i64::try_from(len).unwrap_or(i64::MAX),
@@ -241,11 +241,11 @@ async fn offer(
         .store
         .db
         .read(move |s| {
-            Ok(s.0
-                .query_row("SELECT name, size FROM files WHERE sha256 = ?1", [h], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .optional()?)
+            s.row(
+                "SELECT name, size FROM files WHERE sha256 = ?1",
+                params![h],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
         })
         .await
         .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
@@ -317,14 +317,12 @@ async fn fetch(app: &AppServer, token: &str, range: Option<String>) -> warp::rep
         .store
         .db
         .read(move |s| {
-            Ok(s.0
-                .query_row(
-                    "SELECT o.sha256, o.state, o.expires, f.size FROM offers o
-                     JOIN files f ON f.sha256 = o.sha256 WHERE o.digest = ?1",
-                    [digest],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )
-                .optional()?)
+            s.row(
+                "SELECT o.sha256, o.state, o.expires, f.size FROM offers o
+                 JOIN files f ON f.sha256 = o.sha256 WHERE o.digest = ?1",
+                params![digest],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
         })
         .await
     {
@@ -356,14 +354,14 @@ pub async fn unpublish(app: &AppServer) -> Result<u64, rs_store::db::DbError> {
         .db
         .write(move |s| {
             let n = crate::store::exec(
-                &s.0,
+                s,
                 "UPDATE offers SET state = 'unpublished', unpublished_at = ?1
                  WHERE state = 'open' AND (expires <= ?1 OR NOT EXISTS (
                      SELECT 1 FROM job_targets t WHERE t.job = offers.job
                        AND t.state IN ('pending', 'delivered')))",
-                [now],
+                params![now],
             )?;
-            Ok(n as u64)
+            Ok(n)
         })
         .await?;
     if n > 0 {

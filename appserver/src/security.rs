@@ -15,7 +15,8 @@ use rs_node::ingress::xml_response;
 use rs_protocol::codec::XmlOut;
 use rs_protocol::{ComponentKind, CustomerId, RsId, Timestamp};
 use rs_store::db::DbError;
-use rusqlite::{OptionalExtension, params};
+use rs_store::params;
+use rs_store::sql::Conn;
 use warp::Filter;
 
 use crate::AppServer;
@@ -182,7 +183,7 @@ impl rs_net::server::Observer for Auditor {
                 .db
                 .write(move |s| {
                     exec(
-                        &s.0,
+                        s,
                         "INSERT INTO audit (at, admin, peer, method, path, status, millis)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                         params![now, admin, from, method, path, status, millis],
@@ -310,7 +311,7 @@ impl AppServer {
             .db
             .write(move |s| {
                 exec(
-                    &s.0,
+                    s,
                     "INSERT INTO enrollments (token_hash, customer, kind, component, dns, ips, created, created_by, expires)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     params![row.0, row.1, row.2, row.3, row.4, row.5, now.as_millis(), row.6, expires],
@@ -352,15 +353,11 @@ impl AppServer {
             .store
             .db
             .read(move |s| {
-                Ok(s.0
-                    .query_row(
-                        "SELECT 1 FROM enrollments
-                         WHERE token_hash = ?1 AND used_at IS NULL AND expires > ?2",
-                        params![probe, now],
-                        |_| Ok(()),
-                    )
-                    .optional()?
-                    .is_some())
+                s.exists(
+                    "SELECT 1 FROM enrollments
+                     WHERE token_hash = ?1 AND used_at IS NULL AND expires > ?2",
+                    params![probe, now],
+                )
             })
             .await
             .map_err(EnrollError::Db)?;
@@ -371,21 +368,18 @@ impl AppServer {
             .store
             .db
             .write(move |s| {
-                let row: Option<(String, String, Option<String>, String, String)> = s
-                    .0
-                    .query_row(
-                        "SELECT customer, kind, component, dns, ips FROM enrollments
-                         WHERE token_hash = ?1 AND used_at IS NULL AND expires > ?2",
-                        params![hash, now],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-                    )
-                    .optional()?;
+                let row: Option<(String, String, Option<String>, String, String)> = s.row(
+                    "SELECT customer, kind, component, dns, ips FROM enrollments
+                     WHERE token_hash = ?1 AND used_at IS NULL AND expires > ?2",
+                    params![hash, now],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )?;
                 let Some((customer, kind, component, dns, ips)) = row else {
                     return Ok(Err(EnrollError::Token));
                 };
                 let id = match component {
                     Some(c) => c,
-                    None => next_id(&s.0, &customer, &kind)?,
+                    None => next_id(s, &customer, &kind)?,
                 };
                 let mut spec = match RsId::new(id.clone()) {
                     Ok(rs) => CertSpec::component(&rs, days),
@@ -401,7 +395,7 @@ impl AppServer {
                 };
                 let serial = rs_net::pki::serial_hex(&cert);
                 exec(
-                    &s.0,
+                    s,
                     "UPDATE enrollments SET used_at = ?2, issued = ?3, serial = ?4 WHERE token_hash = ?1",
                     params![hash, now, id, serial],
                 )?;
@@ -553,44 +547,45 @@ impl AppServer {
         self.store
             .db
             .read(move |s| {
-                let mut st = s.0.prepare_cached(
+                s.rows(
                     "SELECT seq, at, admin, peer, method, path, status, millis FROM audit
-                     WHERE (?1 IS NULL OR admin = ?1) AND (?2 IS NULL OR seq < ?2)
+                     WHERE (CAST(?1 AS TEXT) IS NULL OR admin = ?1)
+                       AND (CAST(?2 AS BIGINT) IS NULL OR seq < ?2)
                      ORDER BY seq DESC LIMIT ?3",
-                )?;
-                let rows = st.query_map(params![admin, before, limit], |r| {
-                    Ok(AuditRow {
-                        seq: r.get(0)?,
-                        at: r.get(1)?,
-                        admin: r.get(2)?,
-                        peer: r.get(3)?,
-                        method: r.get(4)?,
-                        path: r.get(5)?,
-                        status: r.get(6)?,
-                        millis: r.get(7)?,
-                    })
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                    params![admin, before, limit],
+                    |r| {
+                        Ok(AuditRow {
+                            seq: r.get(0)?,
+                            at: r.get(1)?,
+                            admin: r.get(2)?,
+                            peer: r.get(3)?,
+                            method: r.get(4)?,
+                            path: r.get(5)?,
+                            status: r.get(6)?,
+                            millis: r.get(7)?,
+                        })
+                    },
+                )
             })
             .await
     }
 }
 
 /// The next free `customer.<letter>N`: above every ID issued or seen.
-fn next_id(conn: &rusqlite::Connection, customer: &str, kind: &str) -> Result<String, DbError> {
+fn next_id(conn: &mut Conn, customer: &str, kind: &str) -> Result<String, DbError> {
     let letter = ComponentKind::parse(kind)
         .and_then(ComponentKind::letter)
         .unwrap_or('p');
     let prefix = format!("{customer}.{letter}");
     let mut max = 0u32;
-    let mut st = conn.prepare_cached(
+    let ids = conn.rows(
         "SELECT issued FROM enrollments WHERE customer = ?1 AND issued IS NOT NULL
          UNION ALL SELECT component FROM enrollments WHERE customer = ?1 AND component IS NOT NULL
          UNION ALL SELECT id FROM components WHERE customer = ?1",
+        params![customer],
+        |r| r.get::<String>(0),
     )?;
-    let ids = st.query_map(params![customer], |r| r.get::<_, String>(0))?;
     for id in ids {
-        let id = id?;
         if let Some(n) = id.strip_prefix(&prefix).and_then(|n| n.parse::<u32>().ok()) {
             max = max.max(n);
         }

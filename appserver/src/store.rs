@@ -11,225 +11,9 @@ use rs_protocol::codec::api::{GroupDef, Job, JobTarget};
 use rs_protocol::codec::{RawMessage, encode_header};
 use rs_protocol::model::{ContentKind, Severity};
 use rs_protocol::{ComponentKind, CustomerId, MessageId, RsId, Timestamp};
-use rs_store::db::{Db, DbError, Plain};
-use rusqlite::{Connection, OptionalExtension, params};
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS components (
-    id         TEXT    PRIMARY KEY,
-    kind       TEXT    NOT NULL,
-    customer   TEXT    NOT NULL,
-    version    TEXT,
-    first_seen INTEGER NOT NULL,
-    last_seen  INTEGER NOT NULL,
-    via        TEXT    NOT NULL,
-    state      TEXT,
-    status     BLOB,
-    status_at  INTEGER
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    id           TEXT    NOT NULL,
-    hop          TEXT    NOT NULL,
-    created      INTEGER NOT NULL,
-    expiry       INTEGER,
-    offered      INTEGER,
-    kind         TEXT    NOT NULL,
-    content_type TEXT    NOT NULL,
-    header       BLOB    NOT NULL,
-    content      BLOB    NOT NULL,
-    PRIMARY KEY (id, hop)
-);
-CREATE INDEX IF NOT EXISTS outbox_hop ON outbox (hop, created);
-CREATE TABLE IF NOT EXISTS jobs (
-    id       TEXT    PRIMARY KEY,
-    created  INTEGER NOT NULL,
-    action   TEXT    NOT NULL,
-    message  TEXT    NOT NULL UNIQUE,
-    expiry   INTEGER,
-    version  INTEGER NOT NULL DEFAULT 0,
-    notify   TEXT,
-    notified INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expiry);
-CREATE TABLE IF NOT EXISTS groups (
-    name     TEXT    PRIMARY KEY,
-    customer TEXT,
-    kind     TEXT,
-    tag      TEXT,
-    updated  INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS group_members (
-    grp       TEXT NOT NULL,
-    component TEXT NOT NULL,
-    PRIMARY KEY (grp, component)
-);
-CREATE TABLE IF NOT EXISTS component_tags (
-    component TEXT NOT NULL,
-    tag       TEXT NOT NULL,
-    PRIMARY KEY (component, tag)
-);
-CREATE INDEX IF NOT EXISTS component_tags_tag ON component_tags (tag);
-CREATE TABLE IF NOT EXISTS job_targets (
-    job     TEXT    NOT NULL,
-    dest    TEXT    NOT NULL,
-    state   TEXT    NOT NULL,
-    updated INTEGER NOT NULL,
-    code    TEXT,
-    text    TEXT,
-    result  TEXT,
-    PRIMARY KEY (job, dest)
-);
-CREATE TABLE IF NOT EXISTS subscriptions (
-    id           INTEGER PRIMARY KEY,
-    name         TEXT    NOT NULL UNIQUE,
-    class        TEXT,
-    subclass     TEXT,
-    customer     TEXT,
-    source       TEXT,
-    type         TEXT,
-    min_severity INTEGER,
-    delivery     TEXT    NOT NULL,
-    url          TEXT,
-    created      INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tasks (
-    id         INTEGER PRIMARY KEY,
-    sub        INTEGER NOT NULL,
-    message    TEXT    NOT NULL,
-    state      TEXT    NOT NULL DEFAULT 'ready',
-    attempts   INTEGER NOT NULL DEFAULT 0,
-    visible_at INTEGER NOT NULL,
-    taken_by   TEXT,
-    last_error TEXT,
-    created    INTEGER NOT NULL,
-    done_at    INTEGER,
-    UNIQUE (sub, message)
-);
-CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, visible_at);
-CREATE INDEX IF NOT EXISTS tasks_sub   ON tasks (sub, state, id);
--- Each subscription's unfinished tasks in order: its head (the only one a
--- processor may claim) is one index probe away, however long the backlog.
-CREATE INDEX IF NOT EXISTS tasks_open  ON tasks (sub, id) WHERE state IN ('ready', 'taken');
-CREATE TABLE IF NOT EXISTS health (
-    component TEXT    PRIMARY KEY,
-    state     TEXT    NOT NULL,
-    since     INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS settings (
-    name  TEXT PRIMARY KEY,
-    value BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS uploads (
-    digest    TEXT    PRIMARY KEY,
-    request   TEXT    NOT NULL UNIQUE,
-    component TEXT    NOT NULL,
-    customer  TEXT    NOT NULL,
-    name      TEXT    NOT NULL,
-    size      INTEGER NOT NULL,
-    sha256    TEXT    NOT NULL,
-    class     TEXT    NOT NULL,
-    subclass  TEXT    NOT NULL,
-    granted   INTEGER NOT NULL,
-    expires   INTEGER NOT NULL,
-    state     TEXT    NOT NULL DEFAULT 'open',
-    done_at   INTEGER,
-    reason    TEXT
-);
-CREATE INDEX IF NOT EXISTS uploads_open ON uploads (state, expires);
-CREATE TABLE IF NOT EXISTS files (
-    sha256  TEXT    PRIMARY KEY,
-    name    TEXT    NOT NULL,
-    size    INTEGER NOT NULL,
-    created INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS offers (
-    digest         TEXT    PRIMARY KEY,
-    sha256         TEXT    NOT NULL,
-    job            TEXT    NOT NULL,
-    message        TEXT    NOT NULL,
-    expires        INTEGER NOT NULL,
-    state          TEXT    NOT NULL DEFAULT 'open',
-    created        INTEGER NOT NULL,
-    unpublished_at INTEGER
-);
-CREATE INDEX IF NOT EXISTS offers_open ON offers (state);
-CREATE TABLE IF NOT EXISTS cursors (
-    name TEXT    PRIMARY KEY,
-    seq  INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS counters (
-    name  TEXT    PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-";
-
-/// The stored messages: `seq` is the storage order (the collector's log
-/// and the export cursor), `id` the duplicate check.
-const MESSAGES: &str = "
-CREATE TABLE IF NOT EXISTS messages (
-    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
-    id           TEXT    NOT NULL UNIQUE,
-    received     INTEGER NOT NULL,
-    created      INTEGER NOT NULL,
-    component    TEXT    NOT NULL,
-    customer     TEXT    NOT NULL,
-    kind         TEXT    NOT NULL,
-    class        TEXT    NOT NULL,
-    subclass     TEXT    NOT NULL,
-    severity     INTEGER,
-    via          TEXT    NOT NULL,
-    header       BLOB    NOT NULL,
-    content_type TEXT    NOT NULL,
-    content      BLOB    NOT NULL,
-    seal         TEXT
-);
-";
-
-const MESSAGE_INDEXES: &str = "
-CREATE INDEX IF NOT EXISTS messages_received  ON messages (received);
-CREATE INDEX IF NOT EXISTS messages_component ON messages (component, received);
-CREATE INDEX IF NOT EXISTS messages_class     ON messages (class, subclass, received);
-";
-
-/// The columns of `messages` after `seq`, as both layouts have them.
-const MESSAGE_COLUMNS: &str = "id, received, created, component, customer, kind, class, \
-     subclass, severity, via, header, content_type, content, seal";
-
-/// Databases written before `messages.seq` existed ordered messages by
-/// their rowid, which SQLite reuses once the newest rows are deleted (a
-/// retention purge of an idle system): new messages then sorted below
-/// the expander's and the export clients' cursors and were skipped. The
-/// table is rebuilt with `seq INTEGER PRIMARY KEY AUTOINCREMENT` (never
-/// reused: SQLite keeps the highest ever given in `sqlite_sequence`), each
-/// message keeping its old rowid as its `seq`, so every cursor handed out
-/// stays valid; the sequence starts above every cursor the database
-/// itself holds. One transaction: a crash leaves the old table whole.
-fn migrate_message_seq(conn: &Connection) -> rusqlite::Result<()> {
-    let has: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'seq'")?
-        .exists([])?;
-    if has {
-        return Ok(());
-    }
-    let n: i64 = conn.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))?;
-    tracing::info!("appserver.db: giving {n} stored messages a sequence that is never reused");
-    let create = MESSAGES.replace("IF NOT EXISTS messages", "messages_seq");
-    conn.execute_batch(&format!(
-        "BEGIN IMMEDIATE;
-         {create}
-         INSERT INTO messages_seq (seq, {MESSAGE_COLUMNS})
-             SELECT rowid, {MESSAGE_COLUMNS} FROM messages ORDER BY rowid;
-         DROP TABLE messages;
-         ALTER TABLE messages_seq RENAME TO messages;
-         INSERT INTO sqlite_sequence (name, seq)
-             SELECT 'messages', 0 WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'messages');
-         UPDATE sqlite_sequence SET seq = MAX(seq,
-                 (SELECT COALESCE(MAX(seq), 0) FROM cursors),
-                 (SELECT COALESCE(MAX(from_seq), 0) FROM subscriptions))
-             WHERE name = 'messages';
-         COMMIT;"
-    ))
-}
+use rs_store::db::{Db, DbError};
+use rs_store::params;
+use rs_store::sql::Conn;
 
 /// A message ready to store, with what the store indexes.
 #[derive(Debug, Clone)]
@@ -339,7 +123,7 @@ pub struct StoreStats {
 /// Handle to the store.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pub(crate) db: Db<Plain>,
+    pub(crate) db: Db<Conn>,
 }
 
 pub(crate) fn severity_rank(s: Severity) -> i64 {
@@ -347,16 +131,17 @@ pub(crate) fn severity_rank(s: Severity) -> i64 {
     Severity::ALL.iter().position(|x| *x == s).unwrap_or(4) as i64
 }
 
-/// Runs a statement through the connection's statement cache.
+/// Runs a statement (through the connection's statement cache); how many
+/// rows it changed.
 pub(crate) fn exec(
-    conn: &Connection,
+    conn: &mut Conn,
     sql: &str,
-    p: impl rusqlite::Params,
-) -> rusqlite::Result<usize> {
-    conn.prepare_cached(sql)?.execute(p)
+    p: &[&dyn rs_store::sql::ToParam],
+) -> Result<u64, DbError> {
+    conn.exec(sql, p)
 }
 
-fn bump(conn: &Connection, name: &str, by: u64) -> rusqlite::Result<()> {
+fn bump(conn: &mut Conn, name: &str, by: u64) -> Result<(), DbError> {
     if by > 0 {
         exec(
             conn,
@@ -378,39 +163,12 @@ fn via_of(m: &RawMessage) -> String {
 }
 
 impl Store {
-    pub fn open(path: &std::path::Path) -> Result<Self, DbError> {
-        let conn = rs_store::db::open(path)?;
-        conn.execute_batch(MESSAGES)?;
-        conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(SECURITY_SCHEMA)?;
-        // Subscriptions take messages stored after they were made
-        // (`from_seq`); databases from before the column get it.
-        let has: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('subscriptions') WHERE name = 'from_seq'")?
-            .exists([])?;
-        if !has {
-            conn.execute_batch(
-                "ALTER TABLE subscriptions ADD COLUMN from_seq INTEGER NOT NULL DEFAULT 0",
-            )?;
-        }
-        // How a message came sealed; databases from before seals get it.
-        let has: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'seal'")?
-            .exists([])?;
-        if !has {
-            conn.execute_batch("ALTER TABLE messages ADD COLUMN seal TEXT")?;
-        }
-        migrate_message_seq(&conn)?;
-        conn.execute_batch(MESSAGE_INDEXES)?;
-        // The collector's expander starts after what is stored already (a
-        // database from before it had its tasks made at ingest).
-        conn.execute(
-            "INSERT INTO cursors (name, seq) SELECT 'expander', COALESCE(MAX(seq), 0) FROM messages
-             WHERE true ON CONFLICT (name) DO NOTHING",
-            [],
-        )?;
+    /// Opens the store at `at` (an SQLite file, or a schema in a
+    /// PostgreSQL database shared by a farm) and migrates its schema.
+    pub fn open(at: &rs_store::sql::Location) -> Result<Self, DbError> {
+        let conn = Conn::open(at, crate::schema::MIGRATIONS)?;
         Ok(Store {
-            db: Db::start("rs-appserver-store", Plain(conn))?,
+            db: Db::start("rs-appserver-store", conn)?,
         })
     }
 
@@ -421,7 +179,7 @@ impl Store {
         batch: Vec<Incoming>,
         now: Timestamp,
     ) -> Result<Vec<Stored>, DbError> {
-        self.db.write(move |s| ingest_in(&s.0, &batch, now)).await
+        self.db.write(move |s| ingest_in(s, &batch, now)).await
     }
 
     /// Stored messages matching `q`, newest first.
@@ -432,8 +190,8 @@ impl Store {
                     "SELECT seq, id, received, created, component, kind, class, subclass, severity, via,
                             content_type, content, seal FROM messages WHERE 1 = 1",
                 );
-                let mut args: Vec<rusqlite::types::Value> = Vec::new();
-                let mut add = |cond: &str, v: rusqlite::types::Value| {
+                let mut args: Vec<rs_store::sql::Owned> = Vec::new();
+                let mut add = |cond: &str, v: rs_store::sql::Owned| {
                     args.push(v);
                     sql.push_str(&format!(" AND {cond} ?{}", args.len()));
                 };
@@ -475,8 +233,9 @@ impl Store {
                     sql.push_str(" ORDER BY received DESC, id");
                 }
                 sql.push_str(&format!(" LIMIT {}", q.limit.min(10_000)));
-                let mut st = s.0.prepare(&sql)?;
-                let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
+                let args: Vec<&dyn rs_store::sql::ToParam> =
+                    args.iter().map(|a| a as &dyn rs_store::sql::ToParam).collect();
+                s.rows(&sql, &args, |r| {
                     Ok(Row {
                         seq: r.get(0)?,
                         id: r.get(1)?,
@@ -487,15 +246,14 @@ impl Store {
                         class: r.get(6)?,
                         subclass: r.get(7)?,
                         severity: r
-                            .get::<_, Option<i64>>(8)?
+                            .get::<Option<i64>>(8)?
                             .and_then(|i| Severity::ALL.get(usize::try_from(i).ok()?).copied()),
                         via: r.get(9)?,
                         content_type: r.get(10)?,
                         content: r.get(11)?,
                         seal: r.get(12)?,
                     })
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                })
             })
             .await
     }
@@ -504,7 +262,7 @@ impl Store {
     pub async fn count_id(&self, id: MessageId) -> Result<u64, DbError> {
         self.db
             .read(move |s| {
-                let n: i64 = s.0.query_row(
+                let n: i64 = s.one(
                     "SELECT COUNT(*) FROM messages WHERE id = ?1",
                     params![id.as_str()],
                     |r| r.get(0),
@@ -519,33 +277,33 @@ impl Store {
             .read(|s| {
                 let mut tags: std::collections::HashMap<String, Vec<String>> =
                     std::collections::HashMap::new();
-                let mut st =
-                    s.0.prepare("SELECT component, tag FROM component_tags ORDER BY tag")?;
-                for r in
-                    st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-                {
-                    let (c, t) = r?;
+                let pairs = s.rows(
+                    "SELECT component, tag FROM component_tags ORDER BY tag",
+                    params![],
+                    |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)),
+                )?;
+                for (c, t) in pairs {
                     tags.entry(c).or_default().push(t);
                 }
-                let mut st = s.0.prepare(
+                s.rows(
                     "SELECT id, kind, version, first_seen, last_seen, via, state, status
                      FROM components ORDER BY id",
-                )?;
-                let rows = st.query_map([], |r| {
-                    let id: String = r.get(0)?;
-                    Ok(ComponentRow {
-                        tags: tags.remove(&id).unwrap_or_default(),
-                        id,
-                        kind: r.get(1)?,
-                        version: r.get(2)?,
-                        first_seen: r.get(3)?,
-                        last_seen: r.get(4)?,
-                        via: r.get(5)?,
-                        state: r.get(6)?,
-                        status: r.get(7)?,
-                    })
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                    params![],
+                    |r| {
+                        let id: String = r.get(0)?;
+                        Ok(ComponentRow {
+                            tags: tags.remove(&id).unwrap_or_default(),
+                            id,
+                            kind: r.get(1)?,
+                            version: r.get(2)?,
+                            first_seen: r.get(3)?,
+                            last_seen: r.get(4)?,
+                            via: r.get(5)?,
+                            state: r.get(6)?,
+                            status: r.get(7)?,
+                        })
+                    },
+                )
             })
             .await
     }
@@ -553,26 +311,26 @@ impl Store {
     pub async fn stats(&self) -> Result<StoreStats, DbError> {
         self.db
             .read(|s| {
-                let counter = |name: &str| -> rusqlite::Result<u64> {
-                    let v: Option<i64> =
-                        s.0.query_row(
-                            "SELECT value FROM counters WHERE name = ?1",
-                            params![name],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
+                let mut counter = |name: &str| -> Result<u64, DbError> {
+                    let v: Option<i64> = s.row(
+                        "SELECT value FROM counters WHERE name = ?1",
+                        params![name],
+                        |r| r.get(0),
+                    )?;
                     Ok(u64::try_from(v.unwrap_or(0)).unwrap_or(0))
                 };
-                let (messages, components): (i64, i64) = s.0.query_row(
+                let stored_total = counter("stored")?;
+                let duplicates_total = counter("duplicates")?;
+                let (messages, components): (i64, i64) = s.one(
                     "SELECT (SELECT COUNT(*) FROM messages), (SELECT COUNT(*) FROM components)",
-                    [],
+                    params![],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )?;
                 Ok(StoreStats {
                     messages: u64::try_from(messages).unwrap_or(0),
                     components: u64::try_from(components).unwrap_or(0),
-                    stored_total: counter("stored")?,
-                    duplicates_total: counter("duplicates")?,
+                    stored_total,
+                    duplicates_total,
                 })
             })
             .await
@@ -585,19 +343,19 @@ impl Store {
         self.db
             .write(move |s| {
                 let n = exec(
-                    &s.0,
+                    s,
                     "DELETE FROM messages WHERE received < ?1",
                     params![horizon],
                 )?;
                 // The audit log and spent or expired enrollment tokens
                 // are kept as long as the messages.
-                exec(&s.0, "DELETE FROM audit WHERE at < ?1", params![horizon])?;
+                exec(s, "DELETE FROM audit WHERE at < ?1", params![horizon])?;
                 exec(
-                    &s.0,
+                    s,
                     "DELETE FROM enrollments WHERE expires < ?1",
                     params![horizon],
                 )?;
-                Ok(n as u64)
+                Ok(n)
             })
             .await
     }
@@ -605,7 +363,7 @@ impl Store {
 
 /// Stores a batch inside the caller's transaction (see [`Store::ingest`]).
 pub(crate) fn ingest_in(
-    conn: &Connection,
+    conn: &mut Conn,
     batch: &[Incoming],
     now: Timestamp,
 ) -> Result<Vec<Stored>, DbError> {
@@ -689,12 +447,12 @@ pub(crate) fn ingest_in(
 }
 
 fn upsert_component(
-    conn: &Connection,
+    conn: &mut Conn,
     id: &RsId,
     version: &str,
     via: &str,
     now: Timestamp,
-) -> rusqlite::Result<()> {
+) -> Result<(), DbError> {
     exec(
         conn,
         "INSERT INTO components (id, kind, customer, version, first_seen, last_seen, via)
@@ -712,7 +470,7 @@ fn upsert_component(
     Ok(())
 }
 
-fn touch(conn: &Connection, id: &RsId, via: &str, now: Timestamp) -> rusqlite::Result<()> {
+fn touch(conn: &mut Conn, id: &RsId, via: &str, now: Timestamp) -> Result<(), DbError> {
     exec(
         conn,
         "INSERT INTO components (id, kind, customer, first_seen, last_seen, via)
@@ -746,13 +504,11 @@ impl Store {
     pub async fn next_hop(&self, dest: RsId) -> Result<Option<String>, DbError> {
         self.db
             .read(move |s| {
-                let via: Option<String> =
-                    s.0.query_row(
-                        "SELECT via FROM components WHERE id = ?1",
-                        params![dest.as_str()],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
+                let via: Option<String> = s.row(
+                    "SELECT via FROM components WHERE id = ?1",
+                    params![dest.as_str()],
+                    |r| r.get(0),
+                )?;
                 Ok(via.map(|v| {
                     v.split_whitespace()
                         .last()
@@ -770,14 +526,14 @@ impl Store {
             .write(move |s| {
                 let expiry = job.expiry.map(Timestamp::as_millis);
                 exec(
-                    &s.0,
+                    s,
                     "INSERT INTO jobs (id, created, action, message, expiry, notify)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     params![job.id, now.as_millis(), job.action, job.message.as_str(), expiry, job.notify],
                 )?;
                 for d in &job.unreachable {
                     exec(
-                        &s.0,
+                        s,
                         "INSERT INTO job_targets (job, dest, state, updated, code, text)
                          VALUES (?1, ?2, 'failed', ?3, 'unknown-destination', 'never seen by this server')
                          ON CONFLICT (job, dest) DO NOTHING",
@@ -787,7 +543,7 @@ impl Store {
                 for (hop, m) in &job.copies {
                     for d in m.header.destinations() {
                         exec(
-                            &s.0,
+                            s,
                             "INSERT INTO job_targets (job, dest, state, updated) VALUES (?1, ?2, 'pending', ?3)
                              ON CONFLICT (job, dest) DO NOTHING",
                             params![job.id, d.as_str(), now.as_millis()],
@@ -795,7 +551,7 @@ impl Store {
                     }
                     let header = encode_header(&m.header, m.kind, m.data.as_ref());
                     exec(
-                        &s.0,
+                        s,
                         "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                         params![
@@ -812,7 +568,7 @@ impl Store {
                 }
                 if let Some((digest, sha256)) = &job.offer {
                     exec(
-                        &s.0,
+                        s,
                         "INSERT INTO offers (digest, sha256, job, message, expires, created)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                         params![
@@ -845,18 +601,14 @@ impl Store {
             .write(move |s| {
                 let before = now.as_millis() - i64::try_from(again.as_millis()).unwrap_or(i64::MAX);
                 let mut out = Vec::new();
-                let rows: Vec<(String, String, Vec<u8>, Vec<u8>)> = {
-                    let mut st = s.0.prepare_cached(
-                        "SELECT id, content_type, header, content FROM outbox
-                         WHERE hop = ?1 AND (offered IS NULL OR offered < ?2)
-                           AND (expiry IS NULL OR expiry > ?3)
-                         ORDER BY created LIMIT ?4",
-                    )?;
-                    st.query_map(params![hop, before, now.as_millis(), limit as i64], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })?
-                    .collect::<Result<_, _>>()?
-                };
+                let rows: Vec<(String, String, Vec<u8>, Vec<u8>)> = s.rows(
+                    "SELECT id, content_type, header, content FROM outbox
+                     WHERE hop = ?1 AND (offered IS NULL OR offered < ?2)
+                       AND (expiry IS NULL OR expiry > ?3)
+                     ORDER BY created LIMIT ?4",
+                    params![hop, before, now.as_millis(), limit as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )?;
                 for (id, content_type, header, content) in rows {
                     let Ok((header, kind, data)) =
                         rs_protocol::codec::decode_header_part(&header, &limits)
@@ -864,7 +616,7 @@ impl Store {
                         continue;
                     };
                     exec(
-                        &s.0,
+                        s,
                         "UPDATE outbox SET offered = ?3 WHERE id = ?1 AND hop = ?2",
                         params![id, hop, now.as_millis()],
                     )?;
@@ -897,15 +649,15 @@ impl Store {
             .write(move |s| {
                 let mut changed = false;
                 for id in &ids {
-                    exec(&s.0, "DELETE FROM outbox WHERE id = ?1 AND hop = ?2", params![id.as_str(), hop])?;
+                    exec(s, "DELETE FROM outbox WHERE id = ?1 AND hop = ?2", params![id.as_str(), hop])?;
                     let n = exec(
-                        &s.0,
+                        s,
                         "UPDATE job_targets SET state = 'delivered', updated = ?3
                          WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2 AND state = 'pending'",
                         params![id.as_str(), hop, now.as_millis()],
                     )?;
                     if n > 0 {
-                        bump_job(&s.0, id)?;
+                        bump_job(s, id)?;
                         changed = true;
                     }
                 }
@@ -931,23 +683,23 @@ impl Store {
             .write(move |s| {
                 let mut changed = false;
                 for (id, dest) in &list {
-                    let via: Option<String> = s
-                        .0
-                        .prepare_cached("SELECT via FROM components WHERE id = ?1")?
-                        .query_row(params![dest.as_str()], |r| r.get(0))
-                        .optional()?;
+                    let via: Option<String> = s.row(
+                        "SELECT via FROM components WHERE id = ?1",
+                        params![dest.as_str()],
+                        |r| r.get(0),
+                    )?;
                     if !via.is_some_and(|v| v.split_whitespace().any(|h| h == from.as_str())) {
                         tracing::warn!("{from} reported delivering {id} to {dest}, which it does not reach; ignored");
                         continue;
                     }
                     let n = exec(
-                        &s.0,
+                        s,
                         "UPDATE job_targets SET state = 'delivered', updated = ?3
                          WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2 AND state = 'pending'",
                         params![id.as_str(), dest.as_str(), now.as_millis()],
                     )?;
                     if n > 0 {
-                        bump_job(&s.0, id)?;
+                        bump_job(s, id)?;
                         changed = true;
                     }
                 }
@@ -968,7 +720,7 @@ impl Store {
         self.db
             .write(move |s| {
                 let n = exec(
-                    &s.0,
+                    s,
                     "UPDATE job_targets SET state = ?3, code = ?4, text = ?5, result = ?6, updated = ?7
                      WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2
                        AND state IN ('pending', 'delivered')",
@@ -983,7 +735,7 @@ impl Store {
                     ],
                 )?;
                 if n > 0 {
-                    bump_job(&s.0, &reference)?;
+                    bump_job(s, &reference)?;
                 }
                 Ok(n > 0)
             })
@@ -991,7 +743,7 @@ impl Store {
     }
 
     pub async fn job(&self, id: String) -> Result<Option<Job>, DbError> {
-        self.db.read(move |s| Ok(read_job(&s.0, &id)?)).await
+        self.db.read(move |s| read_job(s, &id)).await
     }
 
     /// Jobs with a subscriber that has not seen their latest version:
@@ -999,17 +751,15 @@ impl Store {
     pub async fn unnotified(&self, limit: usize) -> Result<Vec<(String, Job)>, DbError> {
         self.db
             .read(move |s| {
-                let heads: Vec<(String, String)> = {
-                    let mut st = s.0.prepare_cached(
-                        "SELECT id, notify FROM jobs WHERE notify IS NOT NULL AND notified < version
-                         ORDER BY created LIMIT ?1",
-                    )?;
-                    st.query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
-                        .collect::<Result<_, _>>()?
-                };
+                let heads: Vec<(String, String)> = s.rows(
+                    "SELECT id, notify FROM jobs WHERE notify IS NOT NULL AND notified < version
+                     ORDER BY created LIMIT ?1",
+                    params![limit as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
                 let mut out = Vec::new();
                 for (id, url) in heads {
-                    if let Some(j) = read_job(&s.0, &id)? {
+                    if let Some(j) = read_job(s, &id)? {
                         out.push((url, j));
                     }
                 }
@@ -1023,8 +773,9 @@ impl Store {
         self.db
             .write(move |s| {
                 exec(
-                    &s.0,
-                    "UPDATE jobs SET notified = MAX(notified, ?2) WHERE id = ?1",
+                    s,
+                    "UPDATE jobs SET notified = CASE WHEN notified < ?2 THEN ?2 ELSE notified END
+                     WHERE id = ?1",
                     params![job, i64::try_from(version).unwrap_or(i64::MAX)],
                 )?;
                 Ok(())
@@ -1040,21 +791,21 @@ impl Store {
         self.db
             .write(move |s| {
                 let n = exec(
-                    &s.0,
+                    s,
                     "UPDATE jobs SET version = version + 1
                      WHERE expiry IS NOT NULL AND expiry <= ?1 AND id IN (
                         SELECT job FROM job_targets WHERE state IN ('pending', 'delivered'))",
                     params![now.as_millis()],
                 )?;
                 exec(
-                    &s.0,
+                    s,
                     "UPDATE job_targets SET state = 'expired', updated = ?1
                      WHERE state IN ('pending', 'delivered') AND job IN (
                         SELECT id FROM jobs WHERE expiry IS NOT NULL AND expiry <= ?1)",
                     params![now.as_millis()],
                 )?;
                 exec(
-                    &s.0,
+                    s,
                     "DELETE FROM outbox WHERE expiry IS NOT NULL AND expiry <= ?1",
                     params![now.as_millis()],
                 )?;
@@ -1067,19 +818,19 @@ impl Store {
     pub async fn health_scan(&self) -> Result<Vec<(String, i64, Health)>, DbError> {
         self.db
             .read(|s| {
-                let mut st = s.0.prepare_cached(
+                s.rows(
                     "SELECT c.id, c.last_seen, COALESCE(h.state, 'ok') FROM components c
                      LEFT JOIN health h ON h.component = c.id
                      WHERE c.kind IN ('proxy', 'mlm')",
-                )?;
-                let rows = st.query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, i64>(1)?,
-                        Health::parse(&r.get::<_, String>(2)?),
-                    ))
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                    params![],
+                    |r| {
+                        Ok((
+                            r.get::<String>(0)?,
+                            r.get::<i64>(1)?,
+                            Health::parse(&r.get::<String>(2)?),
+                        ))
+                    },
+                )
             })
             .await
     }
@@ -1093,7 +844,7 @@ impl Store {
         self.db
             .write(move |s| {
                 exec(
-                    &s.0,
+                    s,
                     "INSERT INTO health (component, state, since) VALUES (?1, ?2, ?3)
                      ON CONFLICT (component) DO UPDATE SET state = ?2, since = ?3",
                     params![component, h.as_str(), now.as_millis()],
@@ -1107,13 +858,11 @@ impl Store {
     pub async fn setting(&self, name: &'static str) -> Result<Option<Vec<u8>>, DbError> {
         self.db
             .read(move |s| {
-                Ok(s.0
-                    .query_row(
-                        "SELECT value FROM settings WHERE name = ?1",
-                        params![name],
-                        |r| r.get(0),
-                    )
-                    .optional()?)
+                s.row(
+                    "SELECT value FROM settings WHERE name = ?1",
+                    params![name],
+                    |r| r.get(0),
+                )
             })
             .await
     }
@@ -1122,7 +871,7 @@ impl Store {
         self.db
             .write(move |s| {
                 exec(
-                    &s.0,
+                    s,
                     "INSERT INTO settings (name, value) VALUES (?1, ?2)
                      ON CONFLICT (name) DO UPDATE SET value = ?2",
                     params![name, value],
@@ -1137,7 +886,7 @@ impl Store {
         self.db
             .write(move |s| {
                 exec(
-                    &s.0,
+                    s,
                     "INSERT INTO groups (name, customer, kind, tag, updated) VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT (name) DO UPDATE SET customer = ?2, kind = ?3, tag = ?4, updated = ?5",
                     params![
@@ -1148,10 +897,10 @@ impl Store {
                         now.as_millis()
                     ],
                 )?;
-                exec(&s.0, "DELETE FROM group_members WHERE grp = ?1", params![g.name])?;
+                exec(s, "DELETE FROM group_members WHERE grp = ?1", params![g.name])?;
                 for m in &g.members {
                     exec(
-                        &s.0,
+                        s,
                         "INSERT INTO group_members (grp, component) VALUES (?1, ?2)
                          ON CONFLICT (grp, component) DO NOTHING",
                         params![g.name, m.as_str()],
@@ -1166,12 +915,8 @@ impl Store {
     pub async fn delete_group(&self, name: String) -> Result<bool, DbError> {
         self.db
             .write(move |s| {
-                exec(
-                    &s.0,
-                    "DELETE FROM group_members WHERE grp = ?1",
-                    params![name],
-                )?;
-                Ok(exec(&s.0, "DELETE FROM groups WHERE name = ?1", params![name])? > 0)
+                exec(s, "DELETE FROM group_members WHERE grp = ?1", params![name])?;
+                Ok(exec(s, "DELETE FROM groups WHERE name = ?1", params![name])? > 0)
             })
             .await
     }
@@ -1184,14 +929,12 @@ impl Store {
     ) -> Result<Vec<(GroupDef, Vec<RsId>)>, DbError> {
         self.db
             .read(move |s| {
-                let defs: Vec<GroupRow> = {
-                    let mut st = s.0.prepare_cached(
-                        "SELECT name, customer, kind, tag FROM groups
-                         WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
-                    )?;
-                    st.query_map(params![only], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                        .collect::<Result<_, _>>()?
-                };
+                let defs: Vec<GroupRow> = s.rows(
+                    "SELECT name, customer, kind, tag FROM groups
+                     WHERE CAST(?1 AS TEXT) IS NULL OR name = ?1 ORDER BY name",
+                    params![only],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )?;
                 let mut out = Vec::new();
                 for (name, customer, kind, tag) in defs {
                     let mut g = GroupDef {
@@ -1201,30 +944,32 @@ impl Store {
                         tag,
                         members: Vec::new(),
                     };
-                    let mut st = s.0.prepare_cached(
-                        "SELECT component FROM group_members WHERE grp = ?1 ORDER BY component",
-                    )?;
-                    g.members = st
-                        .query_map(params![g.name], |r| r.get::<_, String>(0))?
-                        .filter_map(|r| r.ok().and_then(|c| RsId::new(c).ok()))
+                    g.members = s
+                        .rows(
+                            "SELECT component FROM group_members WHERE grp = ?1 ORDER BY component",
+                            params![g.name],
+                            |r| r.get::<String>(0),
+                        )?
+                        .into_iter()
+                        .filter_map(|c| RsId::new(c).ok())
                         .collect();
                     let mut all: std::collections::BTreeSet<RsId> = g.members.iter().cloned().collect();
                     if g.has_selector() {
-                        let mut st = s.0.prepare_cached(
+                        let rows = s.rows(
                             "SELECT id FROM components
-                             WHERE (?1 IS NULL OR customer = ?1) AND (?2 IS NULL OR kind = ?2)
-                               AND (?3 IS NULL OR id IN (SELECT component FROM component_tags WHERE tag = ?3))",
-                        )?;
-                        let rows = st.query_map(
+                             WHERE (CAST(?1 AS TEXT) IS NULL OR customer = ?1)
+                               AND (CAST(?2 AS TEXT) IS NULL OR kind = ?2)
+                               AND (CAST(?3 AS TEXT) IS NULL
+                                    OR id IN (SELECT component FROM component_tags WHERE tag = ?3))",
                             params![
                                 g.customer.as_ref().map(|c| c.as_str().to_owned()),
                                 g.kind.map(|k| k.as_str()),
                                 g.tag
                             ],
-                            |r| r.get::<_, String>(0),
+                            |r| r.get::<String>(0),
                         )?;
                         for r in rows {
-                            if let Ok(id) = RsId::new(r?) {
+                            if let Ok(id) = RsId::new(r) {
                                 all.insert(id);
                             }
                         }
@@ -1240,25 +985,21 @@ impl Store {
     pub async fn set_tags(&self, component: RsId, tags: Vec<String>) -> Result<bool, DbError> {
         self.db
             .write(move |s| {
-                let known =
-                    s.0.query_row(
-                        "SELECT 1 FROM components WHERE id = ?1",
-                        params![component.as_str()],
-                        |_| Ok(()),
-                    )
-                    .optional()?
-                    .is_some();
+                let known = s.exists(
+                    "SELECT 1 FROM components WHERE id = ?1",
+                    params![component.as_str()],
+                )?;
                 if !known {
                     return Ok(false);
                 }
                 exec(
-                    &s.0,
+                    s,
                     "DELETE FROM component_tags WHERE component = ?1",
                     params![component.as_str()],
                 )?;
                 for t in &tags {
                     exec(
-                        &s.0,
+                        s,
                         "INSERT INTO component_tags (component, tag) VALUES (?1, ?2)
                          ON CONFLICT (component, tag) DO NOTHING",
                         params![component.as_str(), t],
@@ -1291,7 +1032,7 @@ pub struct NewJob {
     pub offer: Option<(String, String)>,
 }
 
-fn bump_job(conn: &Connection, message: &MessageId) -> rusqlite::Result<()> {
+fn bump_job(conn: &mut Conn, message: &MessageId) -> Result<(), DbError> {
     exec(
         conn,
         "UPDATE jobs SET version = version + 1 WHERE message = ?1",
@@ -1300,42 +1041,41 @@ fn bump_job(conn: &Connection, message: &MessageId) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn read_job(conn: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
+fn read_job(conn: &mut Conn, id: &str) -> Result<Option<Job>, DbError> {
     let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
-    let head: Option<(String, i64, String, String, Option<i64>, i64)> = conn
-        .query_row(
-            "SELECT id, created, action, message, expiry, version FROM jobs WHERE id = ?1",
+    let head: Option<(String, i64, String, String, Option<i64>, i64)> = conn.row(
+        "SELECT id, created, action, message, expiry, version FROM jobs WHERE id = ?1",
+        params![id],
+        |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        },
+    )?;
+    let Some((id, created, action, message, expiry, version)) = head else {
+        return Ok(None);
+    };
+    let targets = conn
+        .rows(
+            "SELECT dest, state, updated, code, text, result FROM job_targets WHERE job = ?1 ORDER BY dest",
             params![id],
             |r| {
                 Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
+                    r.get::<String>(0)?,
+                    r.get::<String>(1)?,
+                    r.get::<i64>(2)?,
                     r.get(3)?,
                     r.get(4)?,
                     r.get(5)?,
                 ))
             },
-        )
-        .optional()?;
-    let Some((id, created, action, message, expiry, version)) = head else {
-        return Ok(None);
-    };
-    let mut st = conn.prepare_cached(
-        "SELECT dest, state, updated, code, text, result FROM job_targets WHERE job = ?1 ORDER BY dest",
-    )?;
-    let targets = st
-        .query_map(params![id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
-        })?
-        .filter_map(Result::ok)
+        )?
+        .into_iter()
         .filter_map(|(dest, state, updated, code, text, result)| {
             Some(JobTarget {
                 id: RsId::new(dest).ok()?,
@@ -1357,35 +1097,6 @@ fn read_job(conn: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
         targets,
     }))
 }
-
-/// The tables of enrollments, admins and the audit log (`security.rs`).
-const SECURITY_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS enrollments (
-    token_hash TEXT    PRIMARY KEY,
-    customer   TEXT    NOT NULL,
-    kind       TEXT    NOT NULL,
-    component  TEXT,
-    dns        TEXT    NOT NULL DEFAULT '',
-    ips        TEXT    NOT NULL DEFAULT '',
-    created    INTEGER NOT NULL,
-    created_by TEXT    NOT NULL,
-    expires    INTEGER NOT NULL,
-    used_at    INTEGER,
-    issued     TEXT,
-    serial     TEXT
-);
-CREATE TABLE IF NOT EXISTS audit (
-    seq    INTEGER PRIMARY KEY,
-    at     INTEGER NOT NULL,
-    admin  TEXT    NOT NULL,
-    peer   TEXT    NOT NULL,
-    method TEXT    NOT NULL,
-    path   TEXT    NOT NULL,
-    status INTEGER NOT NULL,
-    millis INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_admin ON audit (admin, seq);
-";
 
 /// A grant to record with its request.
 #[derive(Debug, Clone)]
@@ -1415,11 +1126,10 @@ pub struct Decided {
 /// transaction): the grant, and the answer queued for the hop it goes
 /// down through.
 pub(crate) fn record_decision(
-    conn: &rusqlite::Connection,
+    conn: &mut Conn,
     d: &Decided,
     now: Timestamp,
 ) -> Result<(), rs_store::db::DbError> {
-    use rusqlite::params;
     if let Some(g) = &d.grant {
         exec(
             conn,

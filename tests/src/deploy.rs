@@ -333,6 +333,23 @@ pub struct Extra {
     pub tables: String,
 }
 
+/// The engine the application servers of this test run store on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreEngine {
+    Sqlite,
+    Postgres,
+}
+
+/// `RS_TEST_STORE=postgres` runs the application servers on PostgreSQL
+/// (scripts/test runs the end-to-end modules a second time so); anything
+/// else, SQLite.
+pub fn store_engine() -> StoreEngine {
+    match std::env::var("RS_TEST_STORE").as_deref() {
+        Ok("postgres") => StoreEngine::Postgres,
+        _ => StoreEngine::Sqlite,
+    }
+}
+
 /// A deployment under one directory.
 #[derive(Debug)]
 pub struct Deployment {
@@ -486,10 +503,24 @@ impl Deployment {
     }
 
     /// Starts the application server (`extra`: more TOML); returns its address.
+    /// Its store is on the engine [`store_engine`] names: a database of its
+    /// own on the test process's PostgreSQL (its URL kept in
+    /// `appserver/database.url`, where [`stored_ids`] finds it), or SQLite.
     pub fn appserver(&mut self, listen: &str, extra: &str) -> anyhow::Result<String> {
         let dir = self.dir.join("appserver");
+        std::fs::create_dir_all(&dir)?;
+        let url_file = dir.join("database.url");
+        let database = match (store_engine(), std::fs::read_to_string(&url_file)) {
+            (StoreEngine::Postgres, Ok(url)) => format!("database = \"{}\"\n", url.trim()),
+            (StoreEngine::Postgres, Err(_)) => {
+                let url = crate::postgres::Postgres::shared().database("appserver");
+                write(&url_file, &url)?;
+                format!("database = \"{url}\"\n")
+            }
+            (StoreEngine::Sqlite, _) => String::new(),
+        };
         let mut cfg = format!(
-            "id = \"rs.a1\"\nlisten = \"{listen}\"\ndata_dir = \"{}\"\n{extra}\n",
+            "id = \"rs.a1\"\nlisten = \"{listen}\"\ndata_dir = \"{}\"\n{database}{extra}\n",
             dir.display()
         );
         if let Some(p) = &self.pki {
@@ -695,6 +726,31 @@ pub async fn proxy_metrics(socket: &Path) -> anyhow::Result<BTreeMap<String, u64
 /// Every message ID stored by the application server, in storage order,
 /// read from its database file (read-only).
 pub fn stored_ids(appserver_dir: &Path) -> anyhow::Result<Vec<String>> {
+    if let Ok(url) = std::fs::read_to_string(appserver_dir.join("database.url")) {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                url.trim(),
+            ])
+            .args(["-c", "SELECT id FROM appserver.messages ORDER BY seq"])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect());
+    }
     let conn = rusqlite::Connection::open_with_flags(
         appserver_dir.join("appserver.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,

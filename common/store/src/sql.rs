@@ -126,6 +126,11 @@ impl ToParam for String {
         Value::Text(self)
     }
 }
+impl ToParam for std::borrow::Cow<'_, str> {
+    fn param(&self) -> Value<'_> {
+        Value::Text(self)
+    }
+}
 impl ToParam for [u8] {
     fn param(&self) -> Value<'_> {
         Value::Blob(self)
@@ -844,6 +849,16 @@ impl Conn {
     pub fn exists(&mut self, sql: &str, params: &[&dyn ToParam]) -> Result<bool, DbError> {
         Ok(self.row(sql, params, |_| Ok(()))?.is_some())
     }
+}
+
+/// A store that keeps nothing beside its connection runs on `Db<Conn>`.
+impl crate::db::DbState for Conn {
+    type Saved = ();
+    fn txn(&mut self) -> &mut dyn crate::db::Txn {
+        self
+    }
+    fn save(&self) {}
+    fn restore(&mut self, (): ()) {}
 }
 
 impl crate::db::Txn for Conn {
