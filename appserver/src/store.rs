@@ -146,7 +146,7 @@ fn bump(conn: &mut Conn, name: &str, by: u64) -> Result<(), DbError> {
         exec(
             conn,
             "INSERT INTO counters (name, value) VALUES (?1, ?2)
-             ON CONFLICT (name) DO UPDATE SET value = value + ?2",
+             ON CONFLICT (name) DO UPDATE SET value = counters.value + ?2",
             params![name, i64::try_from(by).unwrap_or(i64::MAX)],
         )?;
     }

@@ -364,6 +364,9 @@ pub struct Deployment {
     /// The application server's address, once started (proxies enroll
     /// through it).
     pub appserver_addr: Option<String>,
+    /// The engine its application server stores on ([`store_engine`]
+    /// unless a test needs one).
+    pub store: StoreEngine,
 }
 
 impl Deployment {
@@ -392,6 +395,7 @@ impl Deployment {
             env: Vec::new(),
             pki,
             appserver_addr: None,
+            store: store_engine(),
         })
     }
 
@@ -510,7 +514,7 @@ impl Deployment {
         let dir = self.dir.join("appserver");
         std::fs::create_dir_all(&dir)?;
         let url_file = dir.join("database.url");
-        let database = match (store_engine(), std::fs::read_to_string(&url_file)) {
+        let database = match (self.store, std::fs::read_to_string(&url_file)) {
             (StoreEngine::Postgres, Ok(url)) => format!("database = \"{}\"\n", url.trim()),
             (StoreEngine::Postgres, Err(_)) => {
                 let url = crate::postgres::Postgres::shared().database("appserver");
@@ -726,40 +730,41 @@ pub async fn proxy_metrics(socket: &Path) -> anyhow::Result<BTreeMap<String, u64
 /// Every message ID stored by the application server, in storage order,
 /// read from its database file (read-only).
 pub fn stored_ids(appserver_dir: &Path) -> anyhow::Result<Vec<String>> {
-    if let Ok(url) = std::fs::read_to_string(appserver_dir.join("database.url")) {
-        let out = Command::new("psql")
-            .args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-d",
-                url.trim(),
-            ])
-            .args(["-c", "SELECT id FROM appserver.messages ORDER BY seq"])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "psql: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return Ok(String::from_utf8(out.stdout)?
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(str::to_owned)
-            .collect());
-    }
-    let conn = rusqlite::Connection::open_with_flags(
-        appserver_dir.join("appserver.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )?;
-    let mut st = conn.prepare("SELECT id FROM messages ORDER BY seq")?;
-    let ids = st
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<Vec<String>, _>>()?;
-    Ok(ids)
+    with_appserver_db(appserver_dir, |c| {
+        c.rows(
+            "SELECT id FROM messages ORDER BY seq",
+            rs_store::params![],
+            |r| r.get(0),
+        )
+    })
+}
+
+/// Runs `f` on a connection to what an application server stored, on
+/// whichever engine it runs: its PostgreSQL database when `database.url`
+/// names one (see [`Deployment::appserver`]), else its SQLite file (read
+/// only). On a thread of its own: PostgreSQL's blocking client must not
+/// run on a thread that drives async tasks.
+pub fn with_appserver_db<T: Send>(
+    appserver_dir: &Path,
+    f: impl FnOnce(&mut rs_store::sql::Conn) -> Result<T, rs_store::db::DbError> + Send,
+) -> anyhow::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut conn = match std::fs::read_to_string(appserver_dir.join("database.url")) {
+                Ok(url) => rs_store::sql::Conn::connect(&rs_store::sql::Location::Postgres {
+                    url: url.trim().to_owned(),
+                    schema: "appserver".into(),
+                })?,
+                Err(_) => rs_store::sql::Conn::sqlite(rusqlite::Connection::open_with_flags(
+                    appserver_dir.join("appserver.db"),
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )?),
+            };
+            Ok(f(&mut conn)?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("reading the server's store panicked"))?
+    })
 }
 
 /// `PRAGMA integrity_check` of a SQLite file: "ok" when sound.

@@ -44,22 +44,18 @@ async fn metric(addr: &str, name: &str) -> u64 {
 /// The messages of one kind the application server stored, as
 /// (id, content) pairs, read from its database.
 fn stored_of_kind(appserver_dir: &Path, kind: &str) -> Vec<(String, String)> {
-    let conn = rusqlite::Connection::open_with_flags(
-        appserver_dir.join("appserver.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let mut st = conn
-        .prepare("SELECT id, content FROM messages WHERE kind = ?1 ORDER BY seq")
-        .unwrap();
-    st.query_map([kind], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            String::from_utf8_lossy(&r.get::<_, Vec<u8>>(1)?).into_owned(),
-        ))
+    rs_tests::deploy::with_appserver_db(appserver_dir, |c| {
+        c.rows(
+            "SELECT id, content FROM messages WHERE kind = ?1 ORDER BY seq",
+            rs_store::params![kind],
+            |r| {
+                Ok((
+                    r.get::<String>(0)?,
+                    String::from_utf8_lossy(&r.get::<Vec<u8>>(1)?).into_owned(),
+                ))
+            },
+        )
     })
-    .unwrap()
-    .collect::<Result<_, _>>()
     .unwrap()
 }
 
@@ -682,16 +678,13 @@ async fn rsctl_publishes_software_to_20_proxies_fetched_once_from_the_server_and
 /// The offer's URL on the server, from its offers table (for the test's
 /// own fetch).
 fn offer_count(appserver_dir: &Path, state: &str) -> i64 {
-    let conn = rusqlite::Connection::open_with_flags(
-        appserver_dir.join("appserver.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    conn.query_row(
-        "SELECT COUNT(*) FROM offers WHERE state = ?1",
-        [state],
-        |r| r.get(0),
-    )
+    rs_tests::deploy::with_appserver_db(appserver_dir, |c| {
+        c.one(
+            "SELECT COUNT(*) FROM offers WHERE state = ?1",
+            rs_store::params![state],
+            |r| r.get(0),
+        )
+    })
     .unwrap()
 }
 

@@ -503,6 +503,12 @@ async fn sigkill_of_each_tier_loses_nothing_acknowledged_and_stores_nothing_twic
         "p1/proxy.db",
         "p2/spool.db",
     ] {
+        // On PostgreSQL the server's store is not a file of its own.
+        if db.starts_with("appserver/")
+            && rs_tests::deploy::store_engine() == rs_tests::deploy::StoreEngine::Postgres
+        {
+            continue;
+        }
         assert_eq!(integrity(&dir.join(db)).unwrap(), "ok", "{db}");
     }
 }

@@ -674,6 +674,8 @@ async fn a_database_ordered_by_rowid_is_migrated_with_its_messages_and_cursors()
     std::fs::create_dir_all(dir.join("appserver")).unwrap();
     std::fs::copy(&fixture, dir.join("appserver").join("appserver.db")).unwrap();
     let mut d = Deployment::new(&dir, exe()).unwrap();
+    // An SQLite file's upgrade, whatever engine the other tests run on.
+    d.store = rs_tests::deploy::StoreEngine::Sqlite;
     let a = d.appserver("127.0.0.1:0", "").unwrap();
     let e = get(&a, "export").await;
     let after: Vec<(u64, String)> = e

@@ -559,6 +559,16 @@ impl Conn {
     /// `migrations`. A database from a newer release (a version this code
     /// does not know) is refused, never changed.
     pub fn open(at: &Location, migrations: &[Migration]) -> Result<Conn, DbError> {
+        Conn::open_with(at, Some(migrations))
+    }
+
+    /// Connects to a store without touching its schema (for tools and
+    /// tests that read what a daemon wrote).
+    pub fn connect(at: &Location) -> Result<Conn, DbError> {
+        Conn::open_with(at, None)
+    }
+
+    fn open_with(at: &Location, migrations: Option<&[Migration]>) -> Result<Conn, DbError> {
         match at {
             Location::Sqlite(_) => Conn::open_here(at, migrations),
             // The blocking client runs a runtime of its own, which cannot
@@ -572,7 +582,7 @@ impl Conn {
         }
     }
 
-    fn open_here(at: &Location, migrations: &[Migration]) -> Result<Conn, DbError> {
+    fn open_here(at: &Location, migrations: Option<&[Migration]>) -> Result<Conn, DbError> {
         let mut conn = match at {
             Location::Sqlite(path) => Conn {
                 inner: Inner::Sqlite(crate::db::open(path)?),
@@ -604,7 +614,9 @@ impl Conn {
                 }
             }
         };
-        conn.migrate(migrations)?;
+        if let Some(m) = migrations {
+            conn.migrate(m)?;
+        }
         Ok(conn)
     }
 
