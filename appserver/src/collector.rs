@@ -118,8 +118,14 @@ pub(crate) fn expand_in(
     limit: usize,
     now: Timestamp,
 ) -> Result<(usize, usize), DbError> {
+    // One expander at a time across a farm (PostgreSQL: the row stays
+    // locked to the commit; SQLite has one writer).
+    let lock = match conn.engine() {
+        rs_store::sql::Engine::Sqlite => "",
+        rs_store::sql::Engine::Postgres => " FOR UPDATE",
+    };
     let cursor: i64 = conn.one(
-        "SELECT seq FROM cursors WHERE name = 'expander'",
+        &format!("SELECT seq FROM cursors WHERE name = 'expander'{lock}"),
         params![],
         |r| r.get(0),
     )?;
@@ -168,6 +174,9 @@ pub(crate) fn expand_in(
         "UPDATE cursors SET seq = ?1 WHERE name = 'expander'",
         params![last],
     )?;
+    if tasks > 0 {
+        conn.notify(crate::farm::TASKS)?;
+    }
     Ok((rows.len(), tasks))
 }
 
@@ -292,6 +301,10 @@ impl crate::store::Store {
             .write(move |w| {
                 let now_ms = now.as_millis();
                 let until = now_ms + i64::try_from(visibility.as_millis()).unwrap_or(i64::MAX / 2);
+                // The last line is checked again on the row itself: of two
+                // farm members choosing the same head, the second finds it
+                // taken (invisible) once the first commits, and claims
+                // nothing.
                 let row: Option<(i64, i64, String, i64)> = w.row(
                         "UPDATE tasks SET state = 'taken', attempts = attempts + 1, visible_at = ?2, taken_by = ?3
                          WHERE id = (
@@ -302,6 +315,7 @@ impl crate::store::Store {
                            ) heads JOIN tasks h ON h.id = heads.head
                            WHERE h.visible_at <= ?1
                            ORDER BY h.visible_at, h.id LIMIT 1)
+                         AND state IN ('ready', 'taken') AND visible_at <= ?1
                          RETURNING id, sub, message, attempts",
                         params![now_ms, until, by],
                         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
@@ -405,11 +419,15 @@ impl crate::store::Store {
     pub async fn replay(&self, id: Option<i64>, now: Timestamp) -> Result<u64, DbError> {
         self.db
             .write(move |w| {
-                w.exec(
+                let n = w.exec(
                     "UPDATE tasks SET state = 'ready', attempts = 0, visible_at = ?2
                      WHERE state = 'failed' AND (CAST(?1 AS BIGINT) IS NULL OR id = ?1)",
                     params![id, now.as_millis()],
-                )
+                )?;
+                if n > 0 {
+                    w.notify(crate::farm::TASKS)?;
+                }
+                Ok(n)
             })
             .await
     }
@@ -479,7 +497,8 @@ const MAX_DEFER: Duration = Duration::from_secs(1);
 pub async fn run_expander(app: Arc<AppServer>, stop: tokio_util::sync::CancellationToken) {
     let mut last_step = tokio::time::Instant::now();
     loop {
-        loop {
+        // Once per farm: on its leader (woken when it becomes one).
+        while app.is_leader() {
             // While replies are being made, wait (but never more than
             // MAX_DEFER between steps, so the work keeps up under any load).
             if app.load.busy_within(GIVE_WAY) && last_step.elapsed() < MAX_DEFER {

@@ -23,10 +23,12 @@ const RETRY: Duration = Duration::from_secs(5);
 /// Marks destinations of expired jobs, once a second.
 pub async fn expire(app: Arc<AppServer>, shutdown: CancellationToken) {
     loop {
-        match app.store.expire(app.clock.now()).await {
-            Ok(true) => app.jobs_changed.send_modify(|v| *v += 1),
-            Ok(false) => {}
-            Err(e) => tracing::error!("job expiry: {e}"),
+        if app.is_leader() {
+            match app.store.expire(app.clock.now()).await {
+                Ok(true) => app.jobs_changed.send_modify(|v| *v += 1),
+                Ok(false) => {}
+                Err(e) => tracing::error!("job expiry: {e}"),
+            }
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -48,7 +50,13 @@ pub async fn push(app: Arc<AppServer>, shutdown: CancellationToken) {
     loop {
         changes.borrow_and_update();
         let mut failed = false;
-        match app.store.unnotified(100).await {
+        // Once per farm: on its leader (woken when it becomes one).
+        let due = if app.is_leader() {
+            app.store.unnotified(100).await
+        } else {
+            Ok(Vec::new())
+        };
+        match due {
             Ok(jobs) => {
                 for (url, job) in jobs {
                     let r = client

@@ -10,6 +10,7 @@ pub mod collector;
 pub mod config;
 pub mod control;
 mod documents;
+mod farm;
 pub mod ingress;
 pub mod jobs;
 pub mod modules;
@@ -73,6 +74,8 @@ pub struct AppServer {
     pub auth: rs_net::auth::Stats,
     /// Opens sealed messages (with TLS: this server's key, the CA).
     pub opener: Option<rs_net::seal::Opener>,
+    /// Its place in a farm: wake-ups from the other members, leadership.
+    pub presence: rs_store::sql::Presence,
 }
 
 impl AppServer {
@@ -80,6 +83,12 @@ impl AppServer {
     /// wakes the processors and held feed pulls once it made their tasks).
     pub fn stored_new(&self) {
         self.expand_ready.notify_one();
+    }
+
+    /// Whether this server runs the work done once per farm (always, on
+    /// SQLite): farm.rs.
+    pub fn is_leader(&self) -> bool {
+        self.presence.is_leader()
     }
 
     /// The service module of this name.
@@ -131,6 +140,9 @@ impl AppServer {
         let at = cfg.store_location();
         let store = store::Store::open(&at)
             .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", at.describe()))?;
+        let slot = Arc::new(std::sync::OnceLock::new());
+        let presence = farm::join(&at, slot.clone())
+            .map_err(|e| anyhow::anyhow!("joining the farm at {}: {e}", at.describe()))?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let throttle = rs_node::throttle::open(&cfg.throttle, clock.clone(), &cfg.data_dir)
             .map_err(anyhow::Error::msg)?;
@@ -154,7 +166,8 @@ impl AppServer {
         if opener.is_none() && cfg.seal.require != rs_net::seal::Require::None {
             anyhow::bail!("[seal] require needs [tls]: seals are checked against the CA");
         }
-        Ok(Arc::new(AppServer {
+        let app = Arc::new(AppServer {
+            presence,
             id,
             uploads,
             downloads: publish::Stats::default(),
@@ -193,7 +206,9 @@ impl AppServer {
             stopping: CancellationToken::new(),
             jobs_changed: tokio::sync::watch::Sender::new(0),
             cfg,
-        }))
+        });
+        let _ = slot.set(Arc::downgrade(&app));
+        Ok(app)
     }
 
     /// All routes, finished for serving.
@@ -261,14 +276,21 @@ pub async fn run(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             loop {
-                match app.store.purge(app.clock.now(), app.cfg.retention()).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!("purged {n} messages past the retention window"),
-                    Err(e) => tracing::error!("purge: {e}"),
-                }
+                // Once per farm, on its leader; a member that is not (or
+                // not yet: it takes a moment at start) looks again soon.
+                let next = if app.is_leader() {
+                    match app.store.purge(app.clock.now(), app.cfg.retention()).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!("purged {n} messages past the retention window"),
+                        Err(e) => tracing::error!("purge: {e}"),
+                    }
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::from_secs(1)
+                };
                 tokio::select! {
                     () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                    () = tokio::time::sleep(next) => {}
                 }
             }
         })

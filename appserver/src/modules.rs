@@ -352,7 +352,10 @@ pub async fn run_timers(app: Arc<AppServer>, stop: tokio_util::sync::Cancellatio
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep(period) => {}
                 }
-                m.tick(&app).await;
+                // Once per farm: on its leader.
+                if app.is_leader() {
+                    m.tick(&app).await;
+                }
             }
         }));
     }

@@ -14,11 +14,22 @@ use rs_store::params;
 use rs_store::sql::{Conn, Engine, Migration};
 
 /// Every schema change, in order (append only).
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "baseline",
-    apply: baseline,
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "baseline",
+        apply: baseline,
+    },
+    Migration {
+        version: 2,
+        name: "one enrollment per issued ID",
+        // Two farm members enrolling for one customer at once may both
+        // choose the same next ID: the second's commit fails here (its
+        // token stays unspent, the caller tries again) instead of two
+        // certificates naming one component.
+        apply: |c| c.batch("CREATE UNIQUE INDEX enrollments_issued ON enrollments (issued)"),
+    },
+];
 
 fn baseline(c: &mut Conn) -> Result<(), DbError> {
     match c.engine() {

@@ -369,6 +369,12 @@ pub(crate) fn ingest_in(
 ) -> Result<Vec<Stored>, DbError> {
     let mut out = Vec::with_capacity(batch.len());
     let (mut new, mut dup) = (0, 0);
+    // `seq` is drawn in commit order (farm members' ingests commit one
+    // after another), so a reader following it never passes a message
+    // committed later with a smaller number.
+    if !batch.is_empty() {
+        conn.serialize(crate::farm::MESSAGE_ORDER)?;
+    }
     let mut touched = std::collections::HashSet::new();
     // Peripheral work is not queued here: the messages table is the
     // collector's log, and the expander (collector.rs) makes each stored
@@ -443,6 +449,9 @@ pub(crate) fn ingest_in(
     }
     bump(conn, "stored", new)?;
     bump(conn, "duplicates", dup)?;
+    if new > 0 {
+        conn.notify(crate::farm::MESSAGES)?;
+    }
     Ok(out)
 }
 
@@ -566,6 +575,8 @@ impl Store {
                         ],
                     )?;
                 }
+                s.notify(crate::farm::OUTBOX)?;
+                s.notify(crate::farm::JOBS)?;
                 if let Some((digest, sha256)) = &job.offer {
                     exec(
                         s,
@@ -809,6 +820,9 @@ impl Store {
                     "DELETE FROM outbox WHERE expiry IS NOT NULL AND expiry <= ?1",
                     params![now.as_millis()],
                 )?;
+                if n > 0 {
+                    s.notify(crate::farm::JOBS)?;
+                }
                 Ok(n > 0)
             })
             .await
@@ -1038,7 +1052,7 @@ fn bump_job(conn: &mut Conn, message: &MessageId) -> Result<(), DbError> {
         "UPDATE jobs SET version = version + 1 WHERE message = ?1",
         params![message.as_str()],
     )?;
-    Ok(())
+    conn.notify(crate::farm::JOBS)
 }
 
 fn read_job(conn: &mut Conn, id: &str) -> Result<Option<Job>, DbError> {
@@ -1168,6 +1182,7 @@ pub(crate) fn record_decision(
             &m.content[..]
         ],
     )?;
+    conn.notify(crate::farm::OUTBOX)?;
     Ok(())
 }
 

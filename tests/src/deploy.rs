@@ -333,6 +333,20 @@ pub struct Extra {
     pub tables: String,
 }
 
+/// haproxy in front of a farm; stopped when dropped.
+#[derive(Debug)]
+pub struct Haproxy {
+    child: Child,
+    pub addr: String,
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The engine the application servers of this test run store on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreEngine {
@@ -534,6 +548,69 @@ impl Deployment {
         let a = self.server("appserver", Role::AppServer, cfg)?;
         self.appserver_addr = Some(a.clone());
         Ok(a)
+    }
+
+    /// Starts a member `name` of an application-server farm on the
+    /// PostgreSQL database `database` (every member the same ID, `rs.a1`,
+    /// and the same CA); returns its address. `stored_ids(dir/name)`
+    /// reads the farm's store.
+    pub fn farm_member(
+        &mut self,
+        name: &str,
+        database: &str,
+        extra: &str,
+    ) -> anyhow::Result<String> {
+        let dir = self.dir.join(name);
+        std::fs::create_dir_all(&dir)?;
+        write(&dir.join("database.url"), database)?;
+        let mut cfg = format!(
+            "id = \"rs.a1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ndatabase = \"{database}\"\n{extra}\n",
+            dir.display()
+        );
+        if let Some(p) = &self.pki {
+            cfg.push_str(&self.server_tls(name, "rs.a1", false)?);
+            cfg.push_str(&format!("\n[ca]\ndir = \"{}\"\n", p.dir.display()));
+        }
+        self.server(name, Role::AppServer, cfg)
+    }
+
+    /// Puts haproxy with packaging/haproxy/rs-appserver-farm.cfg in front
+    /// of two farm members; its address becomes the deployment's
+    /// application server (what MLMs and enrollments use).
+    pub fn farm_balancer(&mut self, members: [&str; 2]) -> anyhow::Result<Haproxy> {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.to_string()
+        };
+        let log = std::fs::File::create(self.dir.join("logs").join("haproxy.log"))?;
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(crate::repo_root().join("packaging/haproxy/rs-appserver-farm.cfg"))
+            .env("RS_FARM_BIND", &addr)
+            .env("RS_MEMBER1", members[0])
+            .env("RS_MEMBER2", members[1])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("haproxy (Debian's haproxy package): {e}"))?;
+        let h = Haproxy {
+            child,
+            addr: addr.clone(),
+        };
+        anyhow::ensure!(
+            wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(
+                &addr
+            )
+            .is_ok()),
+            "haproxy did not start listening on {addr}"
+        );
+        if let (Some(p), Ok(mut m)) = (&self.pki, tls_servers().lock()) {
+            m.insert(addr.clone(), p.clone());
+        }
+        self.appserver_addr = Some(addr);
+        Ok(h)
     }
 
     /// The usual upper tiers: the application server and one MLM

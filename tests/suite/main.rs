@@ -13,6 +13,7 @@ mod codec_props;
 mod demo;
 mod documents;
 mod dtd_valid;
+mod farm;
 mod faults;
 pub(crate) mod forward;
 mod fuzz_replay;

@@ -355,7 +355,11 @@ impl Ca {
     /// `ProtectSystem=strict` without it in `ReadWritePaths=`) says so at
     /// start instead of failing every enrollment later.
     pub fn check_writable(&self) -> Result<(), CaError> {
-        let probe = self.dir.join(".rs-write-check");
+        // A name of this process's own: servers sharing the directory (a
+        // farm's members on one host) start at once.
+        let probe = self
+            .dir
+            .join(format!(".rs-write-check-{}", std::process::id()));
         std::fs::write(&probe, b"")
             .and_then(|()| std::fs::remove_file(&probe))
             .map_err(|e| CaError::Fault(format!("{}: {e}", self.dir.display())))?;

@@ -857,6 +857,28 @@ impl Conn {
             .ok_or_else(|| DbError::Sql(format!("no row from: {}", sql.trim())))
     }
 
+    /// Tells every member of a farm listening on `channel` (a [`Presence`])
+    /// once this transaction commits; nothing on SQLite, where the one
+    /// process that writes is the one that waits.
+    pub fn notify(&mut self, channel: &str) -> Result<(), DbError> {
+        if self.engine() == Engine::Postgres {
+            self.one("SELECT pg_notify(?1, '')", params![channel], |_| Ok(()))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the transactions that call this with the same `key` commit
+    /// one after another (PostgreSQL: a transaction-scoped advisory lock;
+    /// SQLite has one writer already). A sequence drawn after it is in
+    /// commit order: a reader that follows it never passes a row that
+    /// commits later with a smaller number.
+    pub fn serialize(&mut self, key: i64) -> Result<(), DbError> {
+        if self.engine() == Engine::Postgres {
+            self.one("SELECT pg_advisory_xact_lock(?1)", params![key], |_| Ok(()))?;
+        }
+        Ok(())
+    }
+
     /// Whether a query returns any row.
     pub fn exists(&mut self, sql: &str, params: &[&dyn ToParam]) -> Result<bool, DbError> {
         Ok(self.row(sql, params, |_| Ok(()))?.is_some())
@@ -897,6 +919,120 @@ impl crate::db::Txn for Conn {
                 Ok(())
             }
             Inner::Postgres(_) => self.batch(sql),
+        }
+    }
+}
+
+/// A farm member's standing session on the shared database: it hears the
+/// notifications other members' commits send ([`Conn::notify`]) and holds
+/// the farm's leadership (an advisory lock) while it is the leader. Work
+/// that must run once per farm runs where [`Presence::is_leader`] holds;
+/// when the leader dies its session ends, the lock is free, and another
+/// member takes it within a second or two. On SQLite the one server is
+/// always the leader and nothing is heard.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    leader: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Presence {
+    /// The presence of the only server (SQLite).
+    pub fn alone() -> Presence {
+        Presence {
+            leader: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        }
+    }
+
+    /// Starts the session at `at` (PostgreSQL; SQLite: [`Presence::alone`]):
+    /// listens on `channels`, calls `heard` with each notification's
+    /// channel, and contends for leadership under `lock`. Reconnects by
+    /// itself; while disconnected it is not the leader.
+    pub fn start(
+        at: &Location,
+        channels: &'static [&'static str],
+        lock: i64,
+        heard: impl Fn(&str) + Send + 'static,
+    ) -> Result<Presence, DbError> {
+        let Location::Postgres { url, .. } = at else {
+            return Ok(Presence::alone());
+        };
+        let config: postgres::Config = url
+            .parse()
+            .map_err(|e| DbError::Sql(format!("{}: {e}", redact(url))))?;
+        let p = Presence {
+            leader: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let leader = p.leader.clone();
+        std::thread::Builder::new()
+            .name("rs-presence".into())
+            .spawn(move || {
+                loop {
+                    if let Err(e) = presence_session(&config, channels, lock, &leader, &heard) {
+                        tracing::warn!("farm presence: {e}; connecting again");
+                    }
+                    if leader.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        tracing::warn!("no longer the farm's leader (lost the database session)");
+                    }
+                    // Whatever was missed while away: wake everything.
+                    for c in channels {
+                        heard(c);
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })
+            .map_err(|e| DbError::Sql(format!("cannot start the presence thread: {e}")))?;
+        Ok(p)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// One session of a [`Presence`], until its connection fails.
+fn presence_session(
+    config: &postgres::Config,
+    channels: &[&str],
+    lock: i64,
+    leader: &std::sync::atomic::AtomicBool,
+    heard: &dyn Fn(&str),
+) -> Result<(), DbError> {
+    let mut config = config.clone();
+    config.connect_timeout(Duration::from_secs(5));
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(5));
+    config.application_name("remote-services presence");
+    let mut client = config.connect(postgres::NoTls)?;
+    for c in channels {
+        client.batch_execute(&format!("LISTEN {c}"))?;
+    }
+    loop {
+        if !leader.load(std::sync::atomic::Ordering::SeqCst) {
+            let got: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&lock])?
+                .get(0);
+            if got {
+                leader.store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::info!("this server is now the farm's leader");
+                // Its once-per-farm work starts now, not at its next tick.
+                for c in channels {
+                    heard(c);
+                }
+            }
+        } else {
+            // A dead connection shows here within the keepalive's reach.
+            client.batch_execute("SELECT 1")?;
+        }
+        {
+            use postgres::fallible_iterator::FallibleIterator as _;
+            let mut n = client.notifications();
+            let mut it = n.timeout_iter(Duration::from_millis(500));
+            while let Some(note) = it.next()? {
+                heard(note.channel());
+            }
+        }
+        if client.is_closed() {
+            return Err(DbError::Sql("the connection closed".into()));
         }
     }
 }

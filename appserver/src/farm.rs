@@ -1,0 +1,60 @@
+//! What makes several application servers on one PostgreSQL database one
+//! farm (docs/operations.md, "Scaling out"): the channels on which a
+//! member's commits wake the others, the farm's leader, and the locks
+//! that order what a single writer used to.
+//!
+//! - A held long poll on one member wakes when another queues a message
+//!   for its hop ([`OUTBOX`]); the expander when any member stores
+//!   messages ([`MESSAGES`]); idle processors and feed pulls when tasks are
+//!   made ([`TASKS`]); job watchers and pushes when a job changes
+//!   ([`JOBS`]). Each member also wakes its own waiters directly.
+//! - Work that runs once per farm (retention, job expiry and pushes,
+//!   upload sweeps, closing offers, module timers such as the heartbeat
+//!   monitor, the collector's expander) runs on the leader only.
+//!
+//! On SQLite there is one server: it is always the leader.
+
+use std::sync::{Arc, OnceLock, Weak};
+
+use rs_store::db::DbError;
+use rs_store::sql::{Location, Presence};
+
+use crate::AppServer;
+
+pub(crate) const OUTBOX: &str = "rs_outbox";
+pub(crate) const MESSAGES: &str = "rs_messages";
+pub(crate) const TASKS: &str = "rs_tasks";
+pub(crate) const JOBS: &str = "rs_jobs";
+const CHANNELS: &[&str] = &[OUTBOX, MESSAGES, TASKS, JOBS];
+
+/// The advisory lock the leader holds.
+const LEADER: i64 = 0x7273_6c65_6164;
+/// The lock that puts message sequence numbers in commit order.
+pub(crate) const MESSAGE_ORDER: i64 = 0x7273_6d73_6771;
+
+/// Joins the farm at `at`; `app` is filled in once the server exists.
+pub(crate) fn join(
+    at: &Location,
+    app: Arc<OnceLock<Weak<AppServer>>>,
+) -> Result<Presence, DbError> {
+    Presence::start(at, CHANNELS, LEADER, move |channel| {
+        let Some(app) = app.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        wake(&app, channel);
+    })
+}
+
+/// What another member's commit on `channel` means here.
+fn wake(app: &AppServer, channel: &str) {
+    match channel {
+        OUTBOX => app.outbox_ready.notify_waiters(),
+        MESSAGES => app.stored_new(),
+        TASKS => {
+            app.tasks_ready.notify_waiters();
+            app.feed_ready.send_modify(|v| *v += 1);
+        }
+        JOBS => app.jobs_changed.send_modify(|v| *v += 1),
+        _ => {}
+    }
+}

@@ -1,0 +1,156 @@
+//! Application servers as a farm: two members on one PostgreSQL database
+//! behind haproxy (packaging/haproxy/rs-appserver-farm.cfg), with an MLM
+//! and a proxy in front. Any member stores any envelope exactly once, the
+//! back-channel reaches the proxy whichever member it polls, jobs and
+//! subscriptions belong to the farm, and a member killed under load loses
+//! nothing: the MLM carries on through the other.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use rs_tests::deploy::{Deployment, Extra, admin, base, server_metrics, stored_ids, wait_for};
+use rs_tests::postgres::Postgres;
+
+use crate::backchannel::{attr, exe, tmp, until_done};
+use crate::forward::{alarm, register};
+
+async fn control(a: &str, method: http::Method, path: &str, body: &str) -> (u16, String) {
+    let r = admin(a)
+        .request(method, format!("{}/rs/v1/control/{path}", base(a)))
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Sends getStatus to `acme.p1` through `via`; the job as `check` (another
+/// member) sees it once done.
+async fn get_status(via: &str, check: &str) -> String {
+    let (status, body) = control(
+        via,
+        http::Method::POST,
+        "send",
+        r#"<send><to id="acme.p1"/><control action="getStatus"/></send>"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    until_done(check, attr(&body, "id")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_farm_of_two_servers_shares_everything_and_loses_nothing_when_one_is_killed() {
+    let dir = tmp("farm");
+    let url = Postgres::shared().database("farm");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a1 = d.farm_member("a1", &url, "").unwrap();
+    let a2 = d.farm_member("a2", &url, "").unwrap();
+    let lb = d.farm_balancer([&a1, &a2]).unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&lb.addr),
+            &Extra::default(),
+        )
+        .unwrap();
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    // A subscription made through one member is the farm's.
+    let (st, body) = control(
+        &a1,
+        http::Method::POST,
+        "subscriptions",
+        r#"<subscription name="all" type="alarm" delivery="feed"/>"#,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    // Both members know the proxy from its cold start, whichever stored it.
+    for a in [&a1, &a2] {
+        let known = wait_for(Duration::from_secs(30), || {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    control(a, http::Method::GET, "components", "")
+                        .await
+                        .1
+                        .contains("id=\"acme.p1\"")
+                })
+            })
+        });
+        assert!(known, "{a} does not know acme.p1");
+    }
+
+    // The back-channel: a job made on either member reaches the proxy
+    // (whichever member its MLM's long poll is held on) and completes,
+    // as the other member sees it.
+    for (via, check) in [(&a1, &a2), (&a2, &a1)] {
+        let j = get_status(via, check).await;
+        assert!(
+            j.contains("<target id=\"acme.p1\" state=\"succeeded\""),
+            "job made on {via}, read on {check}: {j}"
+        );
+    }
+
+    // Under load, the member carrying the MLM's envelopes is killed:
+    // every message the proxy accepted is stored once, through the other.
+    let c = register(&s).await;
+    let mut sent = HashSet::new();
+    let envelopes = |m: BTreeMap<String, u64>| m.get("envelopes.received").copied().unwrap_or(0);
+    let mut survivor = String::new();
+    for i in 0..300 {
+        if i == 100 {
+            let n1 = envelopes(server_metrics(&a1).await.unwrap());
+            let n2 = envelopes(server_metrics(&a2).await.unwrap());
+            let (victim, other) = if n1 >= n2 { ("a1", "a2") } else { ("a2", "a1") };
+            d.node(victim).kill();
+            survivor = other.to_owned();
+        }
+        sent.insert(
+            c.send("alarm", &alarm(&format!("farm alarm {i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    let live = if survivor == "a1" {
+        a1.clone()
+    } else {
+        a2.clone()
+    };
+    let stored_all = wait_for(Duration::from_secs(90), || {
+        stored_ids(&dir.join(&survivor)).is_ok_and(|s| {
+            let s: HashSet<String> = s.into_iter().collect();
+            sent.is_subset(&s)
+        })
+    });
+    assert!(stored_all, "messages accepted by the proxy were lost");
+    let stored = stored_ids(&dir.join(&survivor)).unwrap();
+    let unique: HashSet<&String> = stored.iter().collect();
+    assert_eq!(unique.len(), stored.len(), "a message was stored twice");
+
+    // The survivor is the leader now: its expander gave the farm's feed
+    // every alarm, in storage order.
+    let feed = wait_for(Duration::from_secs(30), || {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                let f = control(
+                    &live,
+                    http::Method::GET,
+                    "subscriptions/all/feed?wait=0&limit=1000",
+                    "",
+                )
+                .await
+                .1;
+                sent.iter().all(|id| f.contains(id.as_str()))
+            })
+        })
+    });
+    assert!(feed, "the feed lacks alarms stored after the kill");
+
+    // And the back-channel goes on through the balancer.
+    let j = get_status(&lb.addr, &lb.addr).await;
+    assert!(j.contains("state=\"succeeded\""), "{j}");
+    d.stop_all();
+    drop(lb);
+    let _ = std::fs::remove_dir_all(&dir);
+}
