@@ -276,6 +276,15 @@ impl Postgres {
     }
 }
 
+/// A server of one test's own ([`Postgres::start`]) goes with it; the
+/// shared one lives as long as the process (its watchdog removes it).
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")

@@ -154,3 +154,64 @@ async fn a_farm_of_two_servers_shares_everything_and_loses_nothing_when_one_is_k
     drop(lb);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// PostgreSQL goes away under load and comes back: meanwhile the server
+/// answers `retry` (the proxy keeps custody of what it accepted), then it
+/// reconnects by itself; nothing accepted is lost or stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_restart_under_load_loses_nothing_and_the_server_reconnects() {
+    // A server of its own: the other tests share theirs.
+    let pg = Postgres::start().unwrap();
+    let url = pg.database("restart");
+    let dir = tmp("pg-restart");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.farm_member("a1", &url, "").unwrap();
+    d.appserver_addr = Some(a.clone());
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let c = register(&s).await;
+    let mut sent = HashSet::new();
+    for i in 0..300 {
+        if i == 100 {
+            pg.kill().unwrap();
+        }
+        if (100..110).contains(&i) {
+            // Long enough for the proxy to try (and be told to retry).
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        if i == 200 {
+            pg.restart().unwrap();
+        }
+        sent.insert(
+            c.send("alarm", &alarm(&format!("restart alarm {i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    let stored_all = wait_for(Duration::from_secs(90), || {
+        stored_ids(&dir.join("a1")).is_ok_and(|s| {
+            let s: HashSet<String> = s.into_iter().collect();
+            sent.is_subset(&s)
+        })
+    });
+    assert!(stored_all, "messages accepted by the proxy were lost");
+    let stored = stored_ids(&dir.join("a1")).unwrap();
+    let unique: HashSet<&String> = stored.iter().collect();
+    assert_eq!(unique.len(), stored.len(), "a message was stored twice");
+    assert!(
+        d.node("a1").is_running(),
+        "the server died with its database"
+    );
+    // While the database was away the server said so (a logged fault),
+    // and it answered the proxy to try again rather than failing it.
+    let log = std::fs::read_to_string(dir.join("logs").join("a1.log")).unwrap();
+    assert!(log.contains("ERROR"), "the outage was not logged");
+    let pm = rs_tests::deploy::proxy_metrics(&s).await.unwrap();
+    assert!(
+        pm.get("upstream.retried") > Some(&0),
+        "the proxy was never told to retry: {pm:?}"
+    );
+    d.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+}
