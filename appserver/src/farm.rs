@@ -7,7 +7,9 @@
 //!   for its hop ([`OUTBOX`]); the expander when any member stores
 //!   messages ([`MESSAGES`]); idle processors and feed pulls when tasks are
 //!   made ([`TASKS`]); job watchers and pushes when a job changes
-//!   ([`JOBS`]). Each member also wakes its own waiters directly.
+//!   ([`JOBS`]); and every member puts a throttle document set through
+//!   any of them in force ([`SETTINGS`]). Each member also wakes its own
+//!   waiters directly.
 //! - Work that runs once per farm (retention, job expiry and pushes,
 //!   upload sweeps, closing offers, module timers such as the heartbeat
 //!   monitor, the collector's expander) runs on the leader only.
@@ -25,7 +27,8 @@ pub(crate) const OUTBOX: &str = "rs_outbox";
 pub(crate) const MESSAGES: &str = "rs_messages";
 pub(crate) const TASKS: &str = "rs_tasks";
 pub(crate) const JOBS: &str = "rs_jobs";
-const CHANNELS: &[&str] = &[OUTBOX, MESSAGES, TASKS, JOBS];
+pub(crate) const SETTINGS: &str = "rs_settings";
+const CHANNELS: &[&str] = &[OUTBOX, MESSAGES, TASKS, JOBS, SETTINGS];
 
 /// The advisory lock the leader holds.
 const LEADER: i64 = 0x7273_6c65_6164;
@@ -37,16 +40,19 @@ pub(crate) fn join(
     at: &Location,
     app: Arc<OnceLock<Weak<AppServer>>>,
 ) -> Result<Presence, DbError> {
+    // Notifications arrive on the presence thread; async work they start
+    // runs on the server's runtime.
+    let rt = tokio::runtime::Handle::try_current().ok();
     Presence::start(at, CHANNELS, LEADER, move |channel| {
         let Some(app) = app.get().and_then(Weak::upgrade) else {
             return;
         };
-        wake(&app, channel);
+        wake(&app, channel, rt.as_ref());
     })
 }
 
 /// What another member's commit on `channel` means here.
-fn wake(app: &AppServer, channel: &str) {
+fn wake(app: &Arc<AppServer>, channel: &str, rt: Option<&tokio::runtime::Handle>) {
     match channel {
         OUTBOX => app.outbox_ready.notify_waiters(),
         MESSAGES => app.stored_new(),
@@ -55,6 +61,17 @@ fn wake(app: &AppServer, channel: &str) {
             app.feed_ready.send_modify(|v| *v += 1);
         }
         JOBS => app.jobs_changed.send_modify(|v| *v += 1),
+        // The throttle document, set through any member, is the farm's.
+        SETTINGS => {
+            if let Some(rt) = rt {
+                let app = app.clone();
+                rt.spawn(async move {
+                    if let Err(e) = app.load_stored_throttle().await {
+                        tracing::error!("throttle set by another member: {e}");
+                    }
+                });
+            }
+        }
         _ => {}
     }
 }

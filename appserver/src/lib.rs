@@ -91,6 +91,25 @@ impl AppServer {
         self.presence.is_leader()
     }
 
+    /// Puts the throttle stored through the control API (by this server
+    /// or, in a farm, any member) in force, if there is one.
+    pub async fn load_stored_throttle(&self) -> Result<(), rs_store::db::DbError> {
+        let Some(doc) = self.store.setting("throttle").await? else {
+            return Ok(());
+        };
+        match rs_node::throttle::decode_throttle(&doc, &rs_protocol::codec::Limits::default()) {
+            Ok(t) => {
+                if let Err(e) = self.set_throttle(t) {
+                    tracing::error!(
+                        "the stored throttle is not valid any more ({e}); using the configured one"
+                    );
+                }
+            }
+            Err(e) => tracing::error!("the stored throttle does not decode: {e}"),
+        }
+        Ok(())
+    }
+
     /// The service module of this name.
     pub fn module(&self, name: &str) -> Option<&Arc<dyn modules::ServiceModule>> {
         self.modules.iter().find(|m| m.name() == name)
@@ -254,18 +273,7 @@ pub async fn run(
         .map_err(anyhow::Error::msg)?;
     let app = AppServer::open(cfg)?;
     // A throttle set at run time outlives restarts.
-    if let Some(doc) = app.store.setting("throttle").await? {
-        match rs_node::throttle::decode_throttle(&doc, &rs_protocol::codec::Limits::default()) {
-            Ok(t) => {
-                if let Err(e) = app.set_throttle(t) {
-                    tracing::error!(
-                        "the stored throttle is not valid any more ({e}); using the configured one"
-                    );
-                }
-            }
-            Err(e) => tracing::error!("the stored throttle does not decode: {e}"),
-        }
-    }
+    app.load_stored_throttle().await?;
     tracing::info!(
         "rs-appserver {} listening on {}",
         app.id,

@@ -890,6 +890,7 @@ impl Store {
                      ON CONFLICT (name) DO UPDATE SET value = ?2",
                     params![name, value],
                 )?;
+                s.notify(crate::farm::SETTINGS)?;
                 Ok(())
             })
             .await

@@ -66,6 +66,26 @@ async fn a_farm_of_two_servers_shares_everything_and_loses_nothing_when_one_is_k
     )
     .await;
     assert_eq!(st, 200, "{body}");
+    // Throttle rules set through one member are in force on the other.
+    let (st, body) = control(
+        &a1,
+        http::Method::PUT,
+        "throttle",
+        r#"<throttle><rule name="farm-rate" customer="acme" per="customer" messages-per-sec="5000"/></throttle>"#,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let shared = wait_for(Duration::from_secs(10), || {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                control(&a2, http::Method::GET, "throttle", "")
+                    .await
+                    .1
+                    .contains("farm-rate")
+            })
+        })
+    });
+    assert!(shared, "a2 does not apply the throttle set through a1");
     // Both members know the proxy from its cold start, whichever stored it.
     for a in [&a1, &a2] {
         let known = wait_for(Duration::from_secs(30), || {
