@@ -186,7 +186,12 @@ pub(crate) fn alarm(i: u64) -> SendRequest {
 }
 
 /// Sends `n` alarms through the proxy with `clients` concurrent clients.
-async fn load(socket: &Path, n: u64, clients: usize, batch: usize) -> anyhow::Result<()> {
+pub(crate) async fn load(
+    socket: &Path,
+    n: u64,
+    clients: usize,
+    batch: usize,
+) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     let batch = batch.max(1) as u64;
@@ -229,7 +234,11 @@ pub(crate) async fn stored(app: &str) -> u64 {
 }
 
 /// Waits until the server has stored `target` messages; returns when.
-async fn until_stored(app: &str, target: u64, limit: Duration) -> anyhow::Result<Instant> {
+pub(crate) async fn until_stored(
+    app: &str,
+    target: u64,
+    limit: Duration,
+) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + limit;
     loop {
         if stored(app).await >= target {
@@ -269,7 +278,7 @@ pub(crate) fn cpu_ms(pid: u32) -> f64 {
     (tick(11) + tick(12)) * 10.0
 }
 
-fn cpu_total(pids: &[u32]) -> f64 {
+pub(crate) fn cpu_total(pids: &[u32]) -> f64 {
     pids.iter().map(|&p| cpu_ms(p)).sum()
 }
 

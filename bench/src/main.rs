@@ -18,6 +18,7 @@ mod curves;
 mod forward;
 mod longpoll;
 mod relay;
+mod storage;
 mod throttle;
 
 /// One figure, as `docs/benchmarks.json` holds it.
@@ -373,6 +374,7 @@ fn main() {
         actions: opt(&args, "--actions", 300).max(10) as usize,
     };
     let mtls_settings = settings.clone();
+    let storage_settings = settings.clone();
     let proxies = opt(&args, "--proxies", 10_000).max(1) as usize;
     let curve_messages = opt(&args, "--messages", 20_000);
     let json = root().join("docs/benchmarks.json");
@@ -408,6 +410,10 @@ fn main() {
             (
                 "idle",
                 Box::new(move || forward::idle(runs).map_err(|e| format!("{e:#}"))),
+            ),
+            (
+                "storage",
+                Box::new(move || storage::run(&storage_settings).map_err(|e| format!("{e:#}"))),
             ),
             (
                 "relay",

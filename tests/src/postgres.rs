@@ -230,6 +230,17 @@ impl Postgres {
             .map_err(|e| format!("watchdog: {e}"))
     }
 
+    /// The postmaster's process ID, while it runs.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
