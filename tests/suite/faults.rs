@@ -22,6 +22,10 @@
 //! reported to its sender (a send either returned a message ID or an
 //! error).
 //!
+//! The farm mode does the same against two application servers on one
+//! PostgreSQL behind haproxy, with kills of either member and PostgreSQL
+//! restarts among the faults.
+//!
 //! `RS_FAULTS=long` runs the long mode (at least 100 kills; minutes);
 //! the default short mode runs in CI. `RS_FAULTS_SEED` replays a run.
 
@@ -399,4 +403,205 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// The farm mode: two application servers on one PostgreSQL (a server of
+/// the test's own) behind haproxy, an MLM and two proxies in front, while
+/// integrators send and control actions go down through the balancer; the
+/// faults are SIGKILLs of either member, of the MLM or of a proxy, and
+/// PostgreSQL stopped at once (`pg_ctl -m immediate`) and started again.
+/// Afterwards every message a proxy acknowledged is stored exactly once,
+/// every control action was answered and applied at most once, and
+/// nothing was rejected for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn farm_mode_loses_nothing_when_members_the_mlm_and_postgresql_die() {
+    let mode = mode();
+    let seed = std::env::var("RS_FAULTS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let steps = mode.steps / 2;
+    eprintln!("fault suite, farm mode: {steps} steps, seed {seed} (RS_FAULTS_SEED replays it)");
+    let pg = rs_tests::postgres::Postgres::start().unwrap();
+    let url = pg.database("faults");
+    let dir = tmp("faults-farm");
+    let mut d = Deployment::plain(&dir, exe()).unwrap();
+    let a1 = d.farm_member("a1", &url, "heartbeat_secs = 5").unwrap();
+    let a2 = d.farm_member("a2", &url, "heartbeat_secs = 5").unwrap();
+    let lb = d.farm_balancer([&a1, &a2]).unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&lb.addr),
+            &Extra::default(),
+        )
+        .unwrap();
+    let extra = Extra {
+        upstream: "max_backoff_secs = 2\n".into(),
+        ..Extra::default()
+    };
+    let mut sockets = Vec::new();
+    for i in 1..=2 {
+        sockets.push(
+            d.proxy(
+                &format!("p{i}"),
+                &format!("acme.p{i}"),
+                std::slice::from_ref(&m),
+                &extra,
+            )
+            .unwrap(),
+        );
+    }
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let refused = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (k, s) in sockets.iter().enumerate() {
+        let (s, acked, refused, stop) = (s.clone(), acked.clone(), refused.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut c = None;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if c.is_none() {
+                    let client = rs_proxy::client::Client::new(&s);
+                    c = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        client.register_integrator("suite", "1.0", "linux"),
+                    )
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                    .then_some(client);
+                    if c.is_none() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                }
+                let Some(client) = &c else { continue };
+                i += 1;
+                match client
+                    .send("alarm", &alarm(&format!("farm p{k} alarm {i}"), None))
+                    .await
+                {
+                    Ok(id) => {
+                        acked.lock().unwrap().insert(id);
+                    }
+                    Err(_) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        c = None;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        }));
+    }
+
+    let mut done: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut jobs = Vec::new();
+    let started = Instant::now();
+    for _ in 0..steps {
+        let to = format!("acme.p{}", rng.usize(1..=2));
+        let (status, body) = tokio::time::timeout(
+            Duration::from_secs(5),
+            crate::backchannel::post(
+                &lb.addr,
+                &format!(r#"<send ttl-secs="3600"><to id="{to}"/><control action="ping"/></send>"#),
+            ),
+        )
+        .await
+        .unwrap_or_default();
+        if status == 200 {
+            jobs.push((
+                crate::backchannel::attr(&body, "id").to_owned(),
+                crate::backchannel::attr(&body, "message").to_owned(),
+            ));
+        }
+        let what = match rng.usize(..4) {
+            0 | 1 => {
+                let name = ["a1", "a2"][rng.usize(..2)];
+                d.node(name).kill();
+                tokio::time::sleep(Duration::from_millis(rng.u64(100..1500))).await;
+                d.restart(name).unwrap();
+                "member killed"
+            }
+            2 => {
+                let name = ["mlm", "p1", "p2"][rng.usize(..3)];
+                d.node(name).kill();
+                tokio::time::sleep(Duration::from_millis(rng.u64(100..800))).await;
+                d.restart(name).unwrap();
+                "tier killed"
+            }
+            _ => {
+                pg.kill().unwrap();
+                tokio::time::sleep(mode.hold).await;
+                pg.restart().unwrap();
+                "PostgreSQL restarted"
+            }
+        };
+        *done.entry(what).or_default() += 1;
+        tokio::time::sleep(mode.hold).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    for name in ["a1", "a2", "mlm", "p1", "p2"] {
+        if !d.node(name).is_running() {
+            d.restart(name).unwrap();
+        }
+    }
+    let acked = acked.lock().unwrap().clone();
+    eprintln!(
+        "fault suite, farm mode: {} s, {done:?}; {} messages acknowledged, {} sends refused",
+        started.elapsed().as_secs(),
+        acked.len(),
+        refused.load(Ordering::Relaxed)
+    );
+    assert!(!acked.is_empty());
+    let stored_all = rs_tests::deploy::wait_for(Duration::from_secs(240), || {
+        rs_tests::deploy::stored_ids(&dir.join("a1")).is_ok_and(|s| {
+            let s: HashSet<String> = s.into_iter().collect();
+            acked.is_subset(&s)
+        })
+    });
+    assert!(
+        stored_all,
+        "not every acknowledged message was stored (seed {seed}); see {}",
+        dir.display()
+    );
+    let stored = rs_tests::deploy::stored_ids(&dir.join("a1")).unwrap();
+    let unique: HashSet<&String> = stored.iter().collect();
+    assert_eq!(
+        unique.len(),
+        stored.len(),
+        "a message was stored twice (seed {seed})"
+    );
+    for (job, message) in &jobs {
+        let j = crate::backchannel::until_done(&lb.addr, job).await;
+        if !j.contains("state=\"succeeded\"") {
+            assert!(
+                j.contains("not applied a second time"),
+                "job {job} (seed {seed}): {j}"
+            );
+        }
+        let mut applied = 0;
+        for p in 1..=2 {
+            let log =
+                std::fs::read_to_string(dir.join(format!("logs/p{p}.log"))).unwrap_or_default();
+            applied += log.matches(&format!("control ping ({message})")).count();
+        }
+        assert_eq!(
+            applied, 1,
+            "ping {message} applied {applied} times (seed {seed})"
+        );
+    }
+    for s in &sockets {
+        let pm = proxy_metrics(s).await.unwrap();
+        assert_eq!(pm.get("spool.dead_letters"), Some(&0), "{pm:?}");
+    }
+    d.stop_all();
+    drop(lb);
+    let _ = std::fs::remove_dir_all(&dir);
 }
