@@ -48,6 +48,12 @@ pub struct BulkConfig {
     /// is kept for the resume).
     #[serde(default = "default_idle")]
     pub idle_secs: u64,
+    /// Where uploads (arriving and stored) and published files are kept;
+    /// default `data_dir/bulk`. The members of a farm name one shared
+    /// directory (NFS or a cluster file system), so an upload resumes and
+    /// a published file is served through any member.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for BulkConfig {
@@ -57,6 +63,7 @@ impl Default for BulkConfig {
             grant_secs: default_grant_secs(),
             min_free_disk_mb: default_min_free(),
             idle_secs: default_idle(),
+            dir: None,
         }
     }
 }
@@ -103,7 +110,7 @@ pub use crate::store::{Decided, NewUpload};
 
 impl Uploads {
     pub fn open(data_dir: &Path, cfg: BulkConfig) -> std::io::Result<Self> {
-        let dir = data_dir.join("bulk");
+        let dir = cfg.dir.clone().unwrap_or_else(|| data_dir.join("bulk"));
         std::fs::create_dir_all(dir.join("partial"))?;
         std::fs::create_dir_all(dir.join("files"))?;
         Ok(Uploads {

@@ -552,8 +552,9 @@ impl Deployment {
 
     /// Starts a member `name` of an application-server farm on the
     /// PostgreSQL database `database` (every member the same ID, `rs.a1`,
-    /// and the same CA); returns its address. `stored_ids(dir/name)`
-    /// reads the farm's store.
+    /// the same certificate and key, in `farm/tls`: the farm is one
+    /// server to those who talk to it or seal to it; and the same CA);
+    /// returns its address. `stored_ids(dir/name)` reads the farm's store.
     pub fn farm_member(
         &mut self,
         name: &str,
@@ -567,20 +568,34 @@ impl Deployment {
             "id = \"rs.a1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ndatabase = \"{database}\"\n{extra}\n",
             dir.display()
         );
+        // Bulk files in one directory for the farm (docs/operations.md).
+        if !extra.contains("[bulk]") {
+            cfg.push_str(&format!(
+                "\n[bulk]\ndir = \"{}\"\n",
+                self.dir.join("farm").join("bulk").display()
+            ));
+        }
         if let Some(p) = &self.pki {
-            cfg.push_str(&self.server_tls(name, "rs.a1", false)?);
+            cfg.push_str(&self.server_tls("farm", "rs.a1", false)?);
             cfg.push_str(&format!("\n[ca]\ndir = \"{}\"\n", p.dir.display()));
         }
         self.server(name, Role::AppServer, cfg)
     }
 
     /// Puts haproxy with packaging/haproxy/rs-appserver-farm.cfg in front
-    /// of two farm members; its address becomes the deployment's
-    /// application server (what MLMs and enrollments use).
+    /// of two farm members, on a free port; its address becomes the
+    /// deployment's application server (what MLMs and enrollments use).
     pub fn farm_balancer(&mut self, members: [&str; 2]) -> anyhow::Result<Haproxy> {
-        let addr = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        self.farm_balancer_at("127.0.0.1:0", members)
+    }
+
+    /// [`Deployment::farm_balancer`] listening on `bind` (port 0: a free one).
+    pub fn farm_balancer_at(&mut self, bind: &str, members: [&str; 2]) -> anyhow::Result<Haproxy> {
+        let addr = if bind.ends_with(":0") {
+            let l = std::net::TcpListener::bind(bind)?;
             l.local_addr()?.to_string()
+        } else {
+            bind.to_owned()
         };
         let log = std::fs::File::create(self.dir.join("logs").join("haproxy.log"))?;
         let child = Command::new("haproxy")

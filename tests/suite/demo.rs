@@ -142,3 +142,51 @@ async fn the_demo_runs_and_the_readme_admin_commands_work_as_written() {
     assert!(n[0] > 0 && n[0] == n[1] + n[2] + n[3] + n[4], "{line}");
     assert_eq!((n[2], n[3]), (0, 0), "{line}");
 }
+
+/// `rs-demo --farm` (documented in the README and docs/operations.md):
+/// two application servers on a PostgreSQL the demo sets up itself, behind
+/// haproxy, do the demo's whole work: the back-channel, an upload, software
+/// published and installed, every message stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_as_a_farm_on_postgresql() {
+    let dir = tmp("demo-farm");
+    let listen = crate::forward::free_port();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(exe())
+            .args([
+                "--farm",
+                "--duration",
+                "20",
+                "--proxies",
+                "2",
+                "--listen",
+                &listen,
+                "--data",
+            ])
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut text = String::new();
+        if let Some(out) = child.stdout.take() {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                text.push_str(&l);
+                text.push('\n');
+            }
+        }
+        let code = rs_tests::wait_or_kill(&mut child, Duration::from_secs(240));
+        let _ = std::fs::remove_dir_all(&dir);
+        (code, text)
+    })
+    .await
+    .unwrap();
+    let (code, text) = out;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("farm: application servers a1"), "{text}");
+    assert!(text.contains("getStatus answered by 2/2"), "{text}");
+    assert!(text.contains("stored and SHA-256 verified"), "{text}");
+    assert!(text.contains("installed by 2/2"), "{text}");
+    assert!(text.contains("each exactly once"), "{text}");
+}

@@ -41,6 +41,12 @@ struct Cli {
     /// for rsctl and curl name it).
     #[arg(long, default_value = "127.0.0.1:8440")]
     listen: String,
+    /// Run the application server as a farm: two servers on a PostgreSQL
+    /// server the demo sets up itself (initdb in a temporary directory,
+    /// removed when the demo ends), behind haproxy on `--listen`. Needs
+    /// Debian's postgresql and haproxy (scripts/packages installs them).
+    #[arg(long)]
+    farm: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,9 +127,29 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     // proxies enroll with one-time tokens on their first start.
     let pki = std::sync::Arc::new(rs_tests::deploy::Pki::create(&cli.data.join("ca"))?);
     let mut d = Deployment::with_pki(&cli.data, exe, Some(pki.clone()))?;
-    let a = d
-        .appserver(&cli.listen, "heartbeat_secs = 5")
-        .map_err(|e| anyhow::anyhow!("{e:#} (is {} in use? give --listen)", cli.listen))?;
+    // The farm's PostgreSQL and balancer live as long as the demo.
+    let mut farm = None;
+    let (a, members, server_dir) = if cli.farm {
+        let pg = rs_tests::postgres::Postgres::start().map_err(anyhow::Error::msg)?;
+        let url = pg.database("rs_demo");
+        let a1 = d.farm_member("a1", &url, "heartbeat_secs = 5")?;
+        let a2 = d.farm_member("a2", &url, "heartbeat_secs = 5")?;
+        let lb = d
+            .farm_balancer_at(&cli.listen, [&a1, &a2])
+            .map_err(|e| anyhow::anyhow!("{e:#} (is {} in use? give --listen)", cli.listen))?;
+        let a = lb.addr.clone();
+        println!(
+            "farm: application servers a1 ({a1}) and a2 ({a2}) on PostgreSQL {} behind haproxy ({a})",
+            rs_store::sql::redact(&url)
+        );
+        farm = Some((pg, lb));
+        (a, vec![a1, a2], cli.data.join("a1"))
+    } else {
+        let a = d
+            .appserver(&cli.listen, "heartbeat_secs = 5")
+            .map_err(|e| anyhow::anyhow!("{e:#} (is {} in use? give --listen)", cli.listen))?;
+        (a.clone(), vec![a], cli.data.join("appserver"))
+    };
     let mlm_tables = Extra {
         tables: "[[drop_repeats]]\nclass = \"inventory\"\nwindow_secs = 600\n\n\
                  [[aggregate]]\ntype = \"alarm\"\nsubclass = \"disk\"\nwindow_secs = 10\ngroup_by = \"class\"\n"
@@ -138,7 +164,7 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     let seal = format!(
         "[seal]\nencrypt_to = \"{}\"\n",
         cli.data
-            .join("appserver")
+            .join(if cli.farm { "farm" } else { "appserver" })
             .join("tls")
             .join("cert.pem")
             .display()
@@ -208,7 +234,7 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         Ok(line) => println!("{line}"),
         Err(e) => println!("back-channel check failed: {e:#}"),
     }
-    match bulk_demo(&a, &m, &sockets[0].0, &cli.data).await {
+    match bulk_demo(&a, &members, &m, &sockets[0].0, &cli.data).await {
         Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
         Err(e) => println!("bulk transfer check failed: {e:#}"),
     }
@@ -280,13 +306,18 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     }
     print_line(start, &sockets, &m, &a).await;
     let totals = spools(&sockets).await;
-    let opened = server_metrics(&a)
-        .await
-        .ok()
-        .and_then(|m| m.get("seal.opened_encrypted").copied())
-        .unwrap_or(0);
+    // Each server counts what it opened itself.
+    let mut opened = 0;
+    for member in &members {
+        opened += server_metrics(member)
+            .await
+            .ok()
+            .and_then(|m| m.get("seal.opened_encrypted").copied())
+            .unwrap_or(0);
+    }
     d.stop_all();
-    let ids = stored_ids(&cli.data.join("appserver"))?;
+    let ids = stored_ids(&server_dir)?;
+    drop(farm);
     let unique: std::collections::HashSet<&String> = ids.iter().collect();
     println!();
     println!(
@@ -388,6 +419,7 @@ async fn admin_demo(a: &str, proxies: usize) -> anyhow::Result<String> {
 /// MLM fetches once and every proxy installs.
 async fn bulk_demo(
     a: &str,
+    members: &[String],
     m: &str,
     socket: &std::path::Path,
     data: &std::path::Path,
@@ -461,11 +493,15 @@ async fn bulk_demo(
     anyhow::ensure!(r.status().is_success(), "offer: {}", r.text().await?);
     let job = decode_job(&r.bytes().await?, &Limits::default())?;
     let job = until_done(&http, &base, job, started + Duration::from_secs(90)).await?;
-    let served = server_metrics(a)
-        .await?
-        .get("bulk.bytes_served")
-        .copied()
-        .unwrap_or(0);
+    // Each server (a farm's members) counts what it served itself.
+    let mut served = 0;
+    for member in members {
+        served += server_metrics(member)
+            .await?
+            .get("bulk.bytes_served")
+            .copied()
+            .unwrap_or(0);
+    }
     let from_cache = server_metrics(m)
         .await?
         .get("bulk.served_bytes")
