@@ -712,3 +712,78 @@ async fn a_database_ordered_by_rowid_is_migrated_with_its_messages_and_cursors()
     );
     d.stop_all();
 }
+
+/// A database written by the last release before schema versions
+/// (tests/fixtures/appserver-release-5fa08a5.db: made by that commit's own
+/// demo, `rs-demo --duration 8 --proxies 1`, with its messages, jobs, an
+/// upload and the demo's enrollments in it) is migrated in place when this
+/// release opens it: every message kept at its place in storage order, the
+/// jobs kept, the schema versioned, and new messages stored after the old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_of_the_release_before_schema_versions_is_migrated_in_place() {
+    let dir = tmp("release-migration");
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join("appserver-release-5fa08a5.db");
+    std::fs::create_dir_all(dir.join("appserver")).unwrap();
+    std::fs::copy(&fixture, dir.join("appserver").join("appserver.db")).unwrap();
+    let read = |dir: &std::path::Path| {
+        rs_tests::deploy::with_appserver_db(&dir.join("appserver"), |c| {
+            let msgs: Vec<(i64, String)> = c.rows(
+                "SELECT seq, id FROM messages ORDER BY seq",
+                rs_store::params![],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let jobs: i64 = c.one("SELECT COUNT(*) FROM jobs", rs_store::params![], |r| {
+                r.get(0)
+            })?;
+            Ok((msgs, jobs))
+        })
+        .unwrap()
+    };
+    let (before, jobs_before) = read(&dir);
+    assert!(
+        before.len() >= 20 && jobs_before >= 2,
+        "{} messages, {jobs_before} jobs",
+        before.len()
+    );
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    // An SQLite file's upgrade, whatever engine the other tests run on.
+    d.store = rs_tests::deploy::StoreEngine::Sqlite;
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let sock = d
+        .proxy("p2", "acme.p2", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let c = register(&sock).await;
+    let id = c
+        .send("alarm", &alarm("after the upgrade", None))
+        .await
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            rs_tests::deploy::stored_ids(&dir.join("appserver")).is_ok_and(|s| s.contains(&id))
+        }),
+        "the new alarm was not stored"
+    );
+    d.stop_all();
+    let (after, jobs_after) = read(&dir);
+    assert_eq!(
+        &after[..before.len()],
+        &before[..],
+        "old messages moved or went"
+    );
+    assert!(
+        after[before.len()..].iter().any(|(_, i)| *i == id),
+        "the new alarm is not after the old messages"
+    );
+    assert_eq!(jobs_after, jobs_before);
+    let version: i64 = rs_tests::deploy::with_appserver_db(&dir.join("appserver"), |c| {
+        c.one(
+            "SELECT MAX(version) FROM rs_schema",
+            rs_store::params![],
+            |r| r.get(0),
+        )
+    })
+    .unwrap();
+    assert_eq!(version, 2, "not migrated to the current schema");
+}
