@@ -8,7 +8,6 @@
 //! (un-published) once the job is done: every destination has answered or
 //! expired.
 
-use rs_store::params;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -197,24 +196,9 @@ where
         return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
     }
     let now = app.clock.now();
-    let (h, n) = (hex.clone(), name.clone());
     let r = app
         .store
-        .db
-        .write(move |s| {
-            crate::store::exec(
-                s,
-                "INSERT INTO files (sha256, name, size, created) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (sha256) DO UPDATE SET name = ?2",
-                params![
-                    h,
-                    n,
-                    i64::try_from(len).unwrap_or(i64::MAX),
-                    now.as_millis()
-                ],
-            )?;
-            Ok(())
-        })
+        .publish_file(hex.clone(), name.clone(), len, now)
         .await;
     if let Err(e) = r {
         return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
@@ -236,17 +220,9 @@ async fn offer(
     let req = decode_offer_request(body, &rs_protocol::codec::Limits::default())
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("offer: {e}")))?;
     let hex = rs_protocol::codec::sha256_hex(&req.sha256);
-    let h = hex.clone();
     let file: Option<(String, i64)> = app
         .store
-        .db
-        .read(move |s| {
-            s.row(
-                "SELECT name, size FROM files WHERE sha256 = ?1",
-                params![h],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-        })
+        .published_file(hex.clone())
         .await
         .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let Some((name, size)) = file else {
@@ -313,19 +289,7 @@ async fn fetch(app: &AppServer, token: &str, range: Option<String>) -> warp::rep
         return refused(StatusCode::NOT_FOUND, "no such file URL");
     }
     let digest = bulk::token_digest(token);
-    let row: Option<(String, String, i64, i64)> = match app
-        .store
-        .db
-        .read(move |s| {
-            s.row(
-                "SELECT o.sha256, o.state, o.expires, f.size FROM offers o
-                 JOIN files f ON f.sha256 = o.sha256 WHERE o.digest = ?1",
-                params![digest],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-        })
-        .await
-    {
+    let row: Option<(String, String, i64, i64)> = match app.store.offer_by_digest(digest).await {
         Ok(r) => r,
         Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
@@ -348,22 +312,7 @@ async fn fetch(app: &AppServer, token: &str, range: Option<String>) -> warp::rep
 /// Closes the URLs of offers whose jobs are done (every destination
 /// answered or expired) or that expired. Returns how many.
 pub async fn unpublish(app: &AppServer) -> Result<u64, rs_store::db::DbError> {
-    let now = app.clock.now().as_millis();
-    let n = app
-        .store
-        .db
-        .write(move |s| {
-            let n = crate::store::exec(
-                s,
-                "UPDATE offers SET state = 'unpublished', unpublished_at = ?1
-                 WHERE state = 'open' AND (expires <= ?1 OR NOT EXISTS (
-                     SELECT 1 FROM job_targets t WHERE t.job = offers.job
-                       AND t.state IN ('pending', 'delivered')))",
-                params![now],
-            )?;
-            Ok(n)
-        })
-        .await?;
+    let n = app.store.unpublish(app.clock.now()).await?;
     if n > 0 {
         app.downloads.unpublished.fetch_add(n, Ordering::Relaxed);
         tracing::info!("{n} offered file URL(s) closed: their jobs are done");

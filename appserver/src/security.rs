@@ -15,12 +15,9 @@ use rs_node::ingress::xml_response;
 use rs_protocol::codec::XmlOut;
 use rs_protocol::{ComponentKind, CustomerId, RsId, Timestamp};
 use rs_store::db::DbError;
-use rs_store::params;
-use rs_store::sql::Conn;
 use warp::Filter;
 
 use crate::AppServer;
-use crate::store::exec;
 
 /// The customers an admin may see and command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +28,15 @@ pub enum Grants {
 }
 
 impl Grants {
+    /// The customers granted (`None`: every customer), as the store
+    /// selects by them.
+    pub fn customers(&self) -> Option<Vec<String>> {
+        match self {
+            Grants::All => None,
+            Grants::Some(v) => Some(v.clone()),
+        }
+    }
+
     /// From an admin certificate's O field: `*`, or customer IDs separated
     /// by commas.
     pub fn parse(o: &str) -> Grants {
@@ -180,16 +186,7 @@ impl rs_net::server::Observer for Auditor {
         tokio::spawn(async move {
             let r = app
                 .store
-                .db
-                .write(move |s| {
-                    exec(
-                        s,
-                        "INSERT INTO audit (at, admin, peer, method, path, status, millis)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![now, admin, from, method, path, status, millis],
-                    )?;
-                    Ok(())
-                })
+                .audit_record(now, admin, from, method, path, status, millis)
                 .await;
             if let Err(e) = r {
                 tracing::error!("audit log: {e}");
@@ -198,18 +195,7 @@ impl rs_net::server::Observer for Auditor {
     }
 }
 
-/// One line of the audit log.
-#[derive(Debug, Clone)]
-pub struct AuditRow {
-    pub seq: i64,
-    pub at: i64,
-    pub admin: String,
-    pub peer: String,
-    pub method: String,
-    pub path: String,
-    pub status: i64,
-    pub millis: i64,
-}
+pub use crate::store::security::AuditRow;
 
 fn sha256_hex(s: &str) -> String {
     openssl::sha::sha256(s.as_bytes())
@@ -294,29 +280,22 @@ impl AppServer {
         let token = new_token().map_err(EnrollError::Ca)?;
         let now = self.clock.now();
         let expires = now.as_millis() + e.ttl.as_millis() as i64;
-        let row = (
-            sha256_hex(&token),
-            e.customer.as_str().to_owned(),
-            e.kind.as_str().to_owned(),
-            e.component.as_ref().map(|c| c.to_string()),
-            e.dns.join(","),
-            e.ips
-                .iter()
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-            by.to_owned(),
-        );
         self.store
-            .db
-            .write(move |s| {
-                exec(
-                    s,
-                    "INSERT INTO enrollments (token_hash, customer, kind, component, dns, ips, created, created_by, expires)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    params![row.0, row.1, row.2, row.3, row.4, row.5, now.as_millis(), row.6, expires],
-                )?;
-                Ok(())
+            .add_enrollment(crate::store::security::NewEnrollment {
+                token_hash: sha256_hex(&token),
+                customer: e.customer.as_str().to_owned(),
+                kind: e.kind.as_str().to_owned(),
+                component: e.component.as_ref().map(|c| c.to_string()),
+                dns: e.dns.join(","),
+                ips: e
+                    .ips
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                created: now.as_millis(),
+                created_by: by.to_owned(),
+                expires,
             })
             .await
             .map_err(EnrollError::Db)?;
@@ -348,17 +327,9 @@ impl AppServer {
         let days = self.cfg.ca.as_ref().map_or(365, |c| c.cert_days);
         // A token that cannot be good costs a read, never a write (a flood
         // of guesses does not queue behind the ingest transactions).
-        let probe = hash.clone();
-        let live: bool = self
+        let live = self
             .store
-            .db
-            .read(move |s| {
-                s.exists(
-                    "SELECT 1 FROM enrollments
-                     WHERE token_hash = ?1 AND used_at IS NULL AND expires > ?2",
-                    params![probe, now],
-                )
-            })
+            .enrollment_live(hash.clone(), now)
             .await
             .map_err(EnrollError::Db)?;
         if !live {
@@ -366,45 +337,30 @@ impl AppServer {
         }
         let pem = self
             .store
-            .db
-            .write(move |s| {
-                let row: Option<(String, String, Option<String>, String, String)> = s.row(
-                    "SELECT customer, kind, component, dns, ips FROM enrollments
-                     WHERE token_hash = ?1 AND used_at IS NULL AND expires > ?2",
-                    params![hash, now],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-                )?;
-                let Some((customer, kind, component, dns, ips)) = row else {
-                    return Ok(Err(EnrollError::Token));
-                };
-                let id = match component {
-                    Some(c) => c,
-                    None => next_id(s, &customer, &kind)?,
-                };
-                let mut spec = match RsId::new(id.clone()) {
+            .redeem_enrollment(hash, now, move |r| {
+                let mut spec = match RsId::new(r.id.clone()) {
                     Ok(rs) => CertSpec::component(&rs, days),
-                    Err(e) => return Ok(Err(EnrollError::Bad(format!("{id}: {e}")))),
+                    Err(e) => return Err(EnrollError::Bad(format!("{}: {e}", r.id))),
                 };
-                spec.dns = dns.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
-                spec.ips = ips.split(',').filter_map(|s| s.parse().ok()).collect();
+                spec.dns = r
+                    .dns
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                spec.ips = r.ips.split(',').filter_map(|s| s.parse().ok()).collect();
                 // Signed inside the transaction: the token is spent only
                 // with a certificate issued for it.
-                let cert = match ca.sign_request(&spec, &req) {
-                    Ok(c) => c,
-                    Err(e) => return Ok(Err(e.into())),
-                };
+                let cert = ca.sign_request(&spec, &req)?;
                 let serial = rs_net::pki::serial_hex(&cert);
-                exec(
-                    s,
-                    "UPDATE enrollments SET used_at = ?2, issued = ?3, serial = ?4 WHERE token_hash = ?1",
-                    params![hash, now, id, serial],
-                )?;
-                Ok(cert
+                let pem = cert
                     .to_pem()
-                    .map_err(|e| EnrollError::Bad(format!("openssl: {e}"))))
+                    .map_err(|e| EnrollError::Bad(format!("openssl: {e}")))?;
+                Ok((pem, serial))
             })
             .await
-            .map_err(EnrollError::Db)??;
+            .map_err(EnrollError::Db)?
+            .ok_or(EnrollError::Token)??;
         Ok(pem)
     }
 
@@ -544,53 +500,8 @@ impl AppServer {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Vec<AuditRow>, DbError> {
-        self.store
-            .db
-            .read(move |s| {
-                s.rows(
-                    "SELECT seq, at, admin, peer, method, path, status, millis FROM audit
-                     WHERE (CAST(?1 AS TEXT) IS NULL OR admin = ?1)
-                       AND (CAST(?2 AS BIGINT) IS NULL OR seq < ?2)
-                     ORDER BY seq DESC LIMIT ?3",
-                    params![admin, before, limit],
-                    |r| {
-                        Ok(AuditRow {
-                            seq: r.get(0)?,
-                            at: r.get(1)?,
-                            admin: r.get(2)?,
-                            peer: r.get(3)?,
-                            method: r.get(4)?,
-                            path: r.get(5)?,
-                            status: r.get(6)?,
-                            millis: r.get(7)?,
-                        })
-                    },
-                )
-            })
-            .await
+        self.store.audit_log(admin, before, limit).await
     }
-}
-
-/// The next free `customer.<letter>N`: above every ID issued or seen.
-fn next_id(conn: &mut Conn, customer: &str, kind: &str) -> Result<String, DbError> {
-    let letter = ComponentKind::parse(kind)
-        .and_then(ComponentKind::letter)
-        .unwrap_or('p');
-    let prefix = format!("{customer}.{letter}");
-    let mut max = 0u32;
-    let ids = conn.rows(
-        "SELECT issued FROM enrollments WHERE customer = ?1 AND issued IS NOT NULL
-         UNION ALL SELECT component FROM enrollments WHERE customer = ?1 AND component IS NOT NULL
-         UNION ALL SELECT id FROM components WHERE customer = ?1",
-        params![customer],
-        |r| r.get::<String>(0),
-    )?;
-    for id in ids {
-        if let Some(n) = id.strip_prefix(&prefix).and_then(|n| n.parse::<u32>().ok()) {
-            max = max.max(n);
-        }
-    }
-    Ok(format!("{prefix}{}", max + 1))
 }
 
 /// `POST /rs/v1/enroll` and `GET /rs/v1/crl`: open to components without

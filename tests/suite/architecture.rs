@@ -225,3 +225,67 @@ fn the_dtds_list_exactly_the_defined_control_actions() {
         assert_eq!(ActionKind::parse(k.name()), Some(*k));
     }
 }
+
+/// Every `.rs` file under `dir`.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(rust_files(&p));
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The application server's SQL is all in its storage code (`store/`, and
+/// the schema in `schema.rs`): the rest calls the store's operations, so
+/// an engine's differences and a farm's locking stay in one place.
+#[test]
+fn the_application_server_has_no_sql_outside_its_storage_code() {
+    let src = root().join("appserver/src");
+    let store = src.join("store");
+    let mut found = Vec::new();
+    for f in rust_files(&src) {
+        if f.starts_with(&store) || f.ends_with("schema.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            let code = line.trim_start();
+            if code.starts_with("//") {
+                continue;
+            }
+            if [
+                "SELECT ",
+                "INSERT INTO",
+                "UPDATE ",
+                "DELETE FROM",
+                "CREATE TABLE",
+            ]
+            .iter()
+            .any(|k| code.contains(k))
+            {
+                found.push(format!("{}:{}: {}", f.display(), i + 1, code));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "SQL outside appserver/src/store/:\n{}",
+        found.join("\n")
+    );
+    // And the storage code is where the statements are.
+    let stored: usize = rust_files(&store)
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .matches("SELECT ")
+                .count()
+        })
+        .sum();
+    assert!(stored > 20, "only {stored} SELECTs under store/");
+}

@@ -2,8 +2,22 @@
 //! (the message ID is the primary key, kept for the retention window), and
 //! each component's latest status tree, last-seen time and route.
 //!
-//! The SQL is portable (SQLite here; the PostgreSQL backend of the farm
-//! issue runs the same statements).
+//! Every SQL statement of the server is in this module and its children
+//! (and the schema in schema.rs); the rest of the server calls their
+//! operations. The statements run on both engines (rs_store::sql): an
+//! SQLite file, or a farm's PostgreSQL.
+//!
+//! - this file: messages, components and routes, jobs and the
+//!   back-channel queue, groups and tags, health, settings;
+//! - [`tasks`]: subscriptions and the collector's task queue;
+//! - [`uploads`]: upload grants and their states;
+//! - `files`: published files and download offers;
+//! - [`security`]: enrollments and the audit log.
+
+mod files;
+pub mod security;
+pub(crate) mod tasks;
+pub mod uploads;
 
 use std::time::Duration;
 
