@@ -22,12 +22,19 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 2,
-        name: "one enrollment per issued ID",
+        name: "one enrollment per allocated ID",
         // Two farm members enrolling for one customer at once may both
-        // choose the same next ID: the second's commit fails here (its
+        // allocate the same next ID: the second's commit fails here (its
         // token stays unspent, the caller tries again) instead of two
-        // certificates naming one component.
-        apply: |c| c.batch("CREATE UNIQUE INDEX enrollments_issued ON enrollments (issued)"),
+        // certificates naming one component. Tokens that name their
+        // component (a redeployed site enrolls its ID again) are not
+        // constrained.
+        apply: |c| {
+            c.batch(
+                "CREATE UNIQUE INDEX enrollments_allocated ON enrollments (issued)
+                 WHERE component IS NULL",
+            )
+        },
     },
 ];
 

@@ -181,7 +181,7 @@ impl super::Store {
 
 /// The next free `customer.<letter>N`: above every ID issued or seen.
 /// Two farm members choosing one at once: the second's commit fails on
-/// the unique issued ID (schema version 2), and its caller tries again.
+/// the unique allocated ID (schema version 2), and its caller tries again.
 fn next_id(conn: &mut Conn, customer: &str, kind: &str) -> Result<String, DbError> {
     let letter = ComponentKind::parse(kind)
         .and_then(ComponentKind::letter)
