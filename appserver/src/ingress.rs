@@ -152,7 +152,7 @@ async fn handle(
     let delivered = env.meta.delivered.clone();
     let env_poll = env.meta.poll;
     let pure_poll = env.messages.is_empty();
-    let mut responses = Vec::new();
+    let mut responses = false;
     app.stats.envelopes.fetch_add(1, Ordering::Relaxed);
     app.stats
         .received
@@ -204,9 +204,7 @@ async fn handle(
                         continue;
                     }
                 }
-                if let Some(r) = &inc.response {
-                    responses.push(r.clone());
-                }
+                responses |= inc.response.is_some();
                 batch.push(inc);
                 slots.push(i);
             }
@@ -273,26 +271,9 @@ async fn handle(
         Ok(changed) => jobs_changed |= changed,
         Err(e) => tracing::error!("delivery notices from {sender}: {e}"),
     }
-    // Responses to control actions complete their jobs.
-    for (reference, source, outcome, result) in responses {
-        let (ok, code, text) = match &outcome {
-            Outcome::Accepted => (true, None, None),
-            Outcome::Rejected(r) | Outcome::Retry { reason: r, .. } => {
-                (false, Some(r.code.to_string()), Some(r.text.clone()))
-            }
-            Outcome::Expired => (false, Some("expired".to_owned()), None),
-        };
-        let c = crate::store::Completion {
-            succeeded: ok,
-            code,
-            text,
-            result,
-        };
-        match app.store.complete(reference, source, c, now).await {
-            Ok(changed) => jobs_changed |= changed,
-            Err(e) => tracing::error!("job update: {e}"),
-        }
-    }
+    // Responses to control actions completed their jobs as they were
+    // stored (store::ingest_in).
+    jobs_changed |= responses;
     if jobs_changed {
         app.jobs_changed.send_modify(|v| *v += 1);
     }

@@ -81,9 +81,7 @@ async fn one_run(
         }
         (StoreEngine::Postgres, _) => {
             let url = pg.database("bench_farm");
-            let a1 = d.farm_member("a1", &url, "heartbeat_secs = 3600")?;
-            let a2 = d.farm_member("a2", &url, "heartbeat_secs = 3600")?;
-            let lb = d.farm_balancer([&a1, &a2])?;
+            let (_, _, lb) = d.farm(&url, "heartbeat_secs = 3600")?;
             let addr = lb.addr.clone();
             balancer = Some(lb);
             (addr, vec!["a1", "a2"])
@@ -130,9 +128,7 @@ async fn failover(dir: &Path, pg: &Postgres) -> anyhow::Result<f64> {
     let _ = std::fs::remove_dir_all(dir);
     let mut d = Deployment::plain(dir, exe()?)?;
     let url = pg.database("bench_failover");
-    let a1 = d.farm_member("a1", &url, "heartbeat_secs = 3600")?;
-    let a2 = d.farm_member("a2", &url, "heartbeat_secs = 3600")?;
-    let lb = d.farm_balancer([&a1, &a2])?;
+    let (a1, a2, lb) = d.farm(&url, "heartbeat_secs = 3600")?;
     let m = d.mlm(
         "mlm",
         "acme.m1",

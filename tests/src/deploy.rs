@@ -582,6 +582,19 @@ impl Deployment {
         self.server(name, Role::AppServer, cfg)
     }
 
+    /// A farm of two members, `a1` and `a2`, on `database`, with haproxy in
+    /// front: (a1's address, a2's, the balancer).
+    pub fn farm(
+        &mut self,
+        database: &str,
+        extra: &str,
+    ) -> anyhow::Result<(String, String, Haproxy)> {
+        let a1 = self.farm_member("a1", database, extra)?;
+        let a2 = self.farm_member("a2", database, extra)?;
+        let lb = self.farm_balancer([&a1, &a2])?;
+        Ok((a1, a2, lb))
+    }
+
     /// Puts haproxy with packaging/haproxy/rs-appserver-farm.cfg in front
     /// of two farm members, on a free port; its address becomes the
     /// deployment's application server (what MLMs and enrollments use).

@@ -43,9 +43,7 @@ async fn a_farm_of_two_servers_shares_everything_and_loses_nothing_when_one_is_k
     let dir = tmp("farm");
     let url = Postgres::shared().database("farm");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a1 = d.farm_member("a1", &url, "").unwrap();
-    let a2 = d.farm_member("a2", &url, "").unwrap();
-    let lb = d.farm_balancer([&a1, &a2]).unwrap();
+    let (a1, a2, lb) = d.farm(&url, "").unwrap();
     let m = d
         .mlm(
             "mlm",

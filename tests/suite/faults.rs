@@ -179,45 +179,16 @@ async fn nothing_is_lost_or_doubled_under_kills_link_faults_a_full_disk_and_cloc
     let big = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
     for (k, s) in sockets.iter().enumerate() {
-        let (s, acked, refused, stop) = (s.clone(), acked.clone(), refused.clone(), stop.clone());
-        let big = big.clone();
-        writers.push(tokio::spawn(async move {
-            let mut c = None;
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                if c.is_none() {
-                    let client = rs_proxy::client::Client::new(&s);
-                    c = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        client.register_integrator("suite", "1.0", "linux"),
-                    )
-                    .await
-                    .is_ok_and(|r| r.is_ok())
-                    .then_some(client);
-                    if c.is_none() {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                }
-                let Some(client) = &c else { continue };
-                i += 1;
-                let mut text = format!("p{k} alarm {i}");
-                if k == 2 && big.load(Ordering::Relaxed) {
-                    text.push_str(&" padding".repeat(32 << 10));
-                }
-                match client.send("alarm", &alarm(&text, None)).await {
-                    Ok(id) => {
-                        acked.lock().unwrap().insert(id);
-                    }
-                    Err(_) => {
-                        refused[k].fetch_add(1, Ordering::Relaxed);
-                        c = None;
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(15)).await;
-            }
-        }));
+        writers.push(writer(
+            s.clone(),
+            k,
+            Shared {
+                acked: acked.clone(),
+                refused: refused.clone(),
+                stop: stop.clone(),
+                big: big.clone(),
+            },
+        ));
     }
 
     // Faults, half of them kills.
@@ -390,6 +361,59 @@ async fn nothing_is_lost_or_doubled_under_kills_link_faults_a_full_disk_and_cloc
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What the integrators of a run share with it.
+struct Shared {
+    /// IDs the proxies acknowledged (each must end up stored, once).
+    acked: Arc<Mutex<HashSet<String>>>,
+    /// Sends refused, per integrator (each a refusal its sender heard).
+    refused: Arc<Vec<AtomicU64>>,
+    stop: Arc<AtomicBool>,
+    /// While set, integrator 2 sends alarms of 256 KB.
+    big: Arc<AtomicBool>,
+}
+
+/// Integrator `k`: sends alarms through the proxy at `socket` as fast as
+/// it acknowledges them, registering again after a refusal, until `stop`.
+fn writer(socket: std::path::PathBuf, k: usize, sh: Shared) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut c = None;
+        let mut i = 0u64;
+        while !sh.stop.load(Ordering::Relaxed) {
+            if c.is_none() {
+                let client = rs_proxy::client::Client::new(&socket);
+                c = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client.register_integrator("suite", "1.0", "linux"),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok())
+                .then_some(client);
+                if c.is_none() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
+            let Some(client) = &c else { continue };
+            i += 1;
+            let mut text = format!("p{k} alarm {i}");
+            if k == 2 && sh.big.load(Ordering::Relaxed) {
+                text.push_str(&" padding".repeat(32 << 10));
+            }
+            match client.send("alarm", &alarm(&text, None)).await {
+                Ok(id) => {
+                    sh.acked.lock().unwrap().insert(id);
+                }
+                Err(_) => {
+                    sh.refused[k].fetch_add(1, Ordering::Relaxed);
+                    c = None;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+    })
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
@@ -427,9 +451,7 @@ async fn farm_mode_loses_nothing_when_members_the_mlm_and_postgresql_die() {
     let url = pg.database("faults");
     let dir = tmp("faults-farm");
     let mut d = Deployment::plain(&dir, exe()).unwrap();
-    let a1 = d.farm_member("a1", &url, "heartbeat_secs = 5").unwrap();
-    let a2 = d.farm_member("a2", &url, "heartbeat_secs = 5").unwrap();
-    let lb = d.farm_balancer([&a1, &a2]).unwrap();
+    let (_, _, lb) = d.farm(&url, "heartbeat_secs = 5").unwrap();
     let m = d
         .mlm(
             "mlm",
@@ -455,47 +477,20 @@ async fn farm_mode_loses_nothing_when_members_the_mlm_and_postgresql_die() {
         );
     }
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let refused = Arc::new(AtomicU64::new(0));
+    let refused: Arc<Vec<AtomicU64>> = Arc::new((0..2).map(|_| AtomicU64::new(0)).collect());
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
     for (k, s) in sockets.iter().enumerate() {
-        let (s, acked, refused, stop) = (s.clone(), acked.clone(), refused.clone(), stop.clone());
-        writers.push(tokio::spawn(async move {
-            let mut c = None;
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                if c.is_none() {
-                    let client = rs_proxy::client::Client::new(&s);
-                    c = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        client.register_integrator("suite", "1.0", "linux"),
-                    )
-                    .await
-                    .is_ok_and(|r| r.is_ok())
-                    .then_some(client);
-                    if c.is_none() {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                }
-                let Some(client) = &c else { continue };
-                i += 1;
-                match client
-                    .send("alarm", &alarm(&format!("farm p{k} alarm {i}"), None))
-                    .await
-                {
-                    Ok(id) => {
-                        acked.lock().unwrap().insert(id);
-                    }
-                    Err(_) => {
-                        refused.fetch_add(1, Ordering::Relaxed);
-                        c = None;
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(15)).await;
-            }
-        }));
+        writers.push(writer(
+            s.clone(),
+            k,
+            Shared {
+                acked: acked.clone(),
+                refused: refused.clone(),
+                stop: stop.clone(),
+                big: Arc::new(AtomicBool::new(false)),
+            },
+        ));
     }
 
     let mut done: std::collections::BTreeMap<&str, usize> = Default::default();
@@ -557,7 +552,10 @@ async fn farm_mode_loses_nothing_when_members_the_mlm_and_postgresql_die() {
         "fault suite, farm mode: {} s, {done:?}; {} messages acknowledged, {} sends refused",
         started.elapsed().as_secs(),
         acked.len(),
-        refused.load(Ordering::Relaxed)
+        refused
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .sum::<u64>()
     );
     assert!(!acked.is_empty());
     let stored_all = rs_tests::deploy::wait_for(Duration::from_secs(240), || {

@@ -434,6 +434,17 @@ pub(crate) fn ingest_in(
         if let Some(d) = &inc.bulk {
             record_decision(conn, d, now)?;
         }
+        // A response completes its job in the transaction that stores it:
+        // accepted means recorded, whatever happens next.
+        if let Some((reference, source, outcome, result)) = &inc.response {
+            complete_in(
+                conn,
+                reference,
+                source,
+                &completion_of(outcome, result.clone()),
+                now,
+            )?;
+        }
         // One update per component per batch is enough.
         if touched.insert(src.component.as_str().to_owned()) {
             upsert_component(conn, &src.component, &src.version, &via, now)?;
@@ -733,40 +744,6 @@ impl Store {
             .await
     }
 
-    /// A response from `source` to message `reference` completes that
-    /// destination of its job (once: a final state stays).
-    pub async fn complete(
-        &self,
-        reference: MessageId,
-        source: RsId,
-        c: Completion,
-        now: Timestamp,
-    ) -> Result<bool, DbError> {
-        self.db
-            .write(move |s| {
-                let n = exec(
-                    s,
-                    "UPDATE job_targets SET state = ?3, code = ?4, text = ?5, result = ?6, updated = ?7
-                     WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2
-                       AND state IN ('pending', 'delivered')",
-                    params![
-                        reference.as_str(),
-                        source.as_str(),
-                        if c.succeeded { "succeeded" } else { "failed" },
-                        c.code,
-                        c.text,
-                        c.result,
-                        now.as_millis()
-                    ],
-                )?;
-                if n > 0 {
-                    bump_job(s, &reference)?;
-                }
-                Ok(n > 0)
-            })
-            .await
-    }
-
     pub async fn job(&self, id: String) -> Result<Option<Job>, DbError> {
         self.db.read(move |s| read_job(s, &id)).await
     }
@@ -1059,6 +1036,55 @@ pub struct NewJob {
     /// recorded with the job: its copies may be fetched as soon as they
     /// leave, so the URL must exist by then.
     pub offer: Option<(String, String)>,
+}
+
+/// A response from `source` to message `reference` completes that
+/// destination of its job (once: a final state stays), inside the
+/// caller's transaction. True when the job changed.
+fn complete_in(
+    conn: &mut Conn,
+    reference: &MessageId,
+    source: &RsId,
+    c: &Completion,
+    now: Timestamp,
+) -> Result<bool, DbError> {
+    let n = exec(
+        conn,
+        "UPDATE job_targets SET state = ?3, code = ?4, text = ?5, result = ?6, updated = ?7
+         WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2
+           AND state IN ('pending', 'delivered')",
+        params![
+            reference.as_str(),
+            source.as_str(),
+            if c.succeeded { "succeeded" } else { "failed" },
+            c.code,
+            c.text,
+            c.result,
+            now.as_millis()
+        ],
+    )?;
+    if n > 0 {
+        bump_job(conn, reference)?;
+    }
+    Ok(n > 0)
+}
+
+/// How a response's outcome completes its destination.
+fn completion_of(outcome: &rs_protocol::Outcome, result: Option<String>) -> Completion {
+    use rs_protocol::Outcome;
+    let (succeeded, code, text) = match outcome {
+        Outcome::Accepted => (true, None, None),
+        Outcome::Rejected(r) | Outcome::Retry { reason: r, .. } => {
+            (false, Some(r.code.to_string()), Some(r.text.clone()))
+        }
+        Outcome::Expired => (false, Some("expired".to_owned()), None),
+    };
+    Completion {
+        succeeded,
+        code,
+        text,
+        result,
+    }
 }
 
 fn bump_job(conn: &mut Conn, message: &MessageId) -> Result<(), DbError> {

@@ -92,8 +92,10 @@ pub fn response_message(
 }
 
 /// The response to the back-channel message `id` (of subclass `subclass`):
-/// its ID derives from `id`, so answering twice sends the same message,
-/// which the receivers drop as a duplicate.
+/// its ID derives from `id` and the responder, so answering twice sends
+/// the same message, which the receivers drop as a duplicate, while the
+/// responses of the several destinations of one fanned-out message stay
+/// distinct messages.
 pub fn response_to(
     id: &crate::ids::MessageId,
     subclass: &str,
@@ -104,11 +106,14 @@ pub fn response_to(
 ) -> Result<crate::model::Message, crate::ids::IdError> {
     use crate::model::*;
     let reference = id.clone();
-    let id = id.as_str();
+    let derived = uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!("{}\n{}", id.as_str(), from.as_str()).as_bytes(),
+    );
     let (outcome, details, result) = response;
     Ok(Message {
         header: Header {
-            id: crate::ids::MessageId::new(format!("re-{}", &id[..id.len().min(60)]))?,
+            id: crate::ids::MessageId::new(format!("re-{}", derived.simple()))?,
             created: now,
             class: Classification::new(CLASS_CONTROL, subclass),
             route: Route::Source(Source {
