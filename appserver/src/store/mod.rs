@@ -145,20 +145,9 @@ pub(crate) fn severity_rank(s: Severity) -> i64 {
     Severity::ALL.iter().position(|x| *x == s).unwrap_or(4) as i64
 }
 
-/// Runs a statement (through the connection's statement cache); how many
-/// rows it changed.
-pub(crate) fn exec(
-    conn: &mut Conn,
-    sql: &str,
-    p: &[&dyn rs_store::sql::ToParam],
-) -> Result<u64, DbError> {
-    conn.exec(sql, p)
-}
-
 fn bump(conn: &mut Conn, name: &str, by: u64) -> Result<(), DbError> {
     if by > 0 {
-        exec(
-            conn,
+        conn.exec(
             "INSERT INTO counters (name, value) VALUES (?1, ?2)
              ON CONFLICT (name) DO UPDATE SET value = counters.value + ?2",
             params![name, i64::try_from(by).unwrap_or(i64::MAX)],
@@ -356,16 +345,11 @@ impl Store {
         let horizon = now.as_millis() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         self.db
             .write(move |s| {
-                let n = exec(
-                    s,
-                    "DELETE FROM messages WHERE received < ?1",
-                    params![horizon],
-                )?;
+                let n = s.exec("DELETE FROM messages WHERE received < ?1", params![horizon])?;
                 // The audit log and spent or expired enrollment tokens
                 // are kept as long as the messages.
-                exec(s, "DELETE FROM audit WHERE at < ?1", params![horizon])?;
-                exec(
-                    s,
+                s.exec("DELETE FROM audit WHERE at < ?1", params![horizon])?;
+                s.exec(
                     "DELETE FROM enrollments WHERE expires < ?1",
                     params![horizon],
                 )?;
@@ -401,8 +385,7 @@ pub(crate) fn ingest_in(
             ));
         };
         let via = via_of(m);
-        let n = exec(
-            conn,
+        let n = conn.exec(
             "INSERT INTO messages (id, received, created, component, customer, kind, class,
                                    subclass, severity, via, header, content_type, content, seal)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
@@ -450,8 +433,7 @@ pub(crate) fn ingest_in(
             upsert_component(conn, &src.component, &src.version, &via, now)?;
         }
         if let Some((xml, state)) = &inc.status {
-            exec(
-                conn,
+            conn.exec(
                 "UPDATE components SET state = ?2, status = ?3, status_at = ?4 WHERE id = ?1",
                 params![
                     src.component.as_str(),
@@ -487,8 +469,7 @@ fn upsert_component(
     via: &str,
     now: Timestamp,
 ) -> Result<(), DbError> {
-    exec(
-        conn,
+    conn.exec(
         "INSERT INTO components (id, kind, customer, version, first_seen, last_seen, via)
          VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)
          ON CONFLICT (id) DO UPDATE SET version = ?4, last_seen = ?5, via = ?6",
@@ -505,8 +486,7 @@ fn upsert_component(
 }
 
 fn touch(conn: &mut Conn, id: &RsId, via: &str, now: Timestamp) -> Result<(), DbError> {
-    exec(
-        conn,
+    conn.exec(
         "INSERT INTO components (id, kind, customer, first_seen, last_seen, via)
          VALUES (?1, ?2, ?3, ?4, ?4, ?5)
          ON CONFLICT (id) DO UPDATE SET last_seen = ?4, via = ?5",
@@ -559,16 +539,12 @@ impl Store {
         self.db
             .write(move |s| {
                 let expiry = job.expiry.map(Timestamp::as_millis);
-                exec(
-                    s,
-                    "INSERT INTO jobs (id, created, action, message, expiry, notify)
+                s.exec("INSERT INTO jobs (id, created, action, message, expiry, notify)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     params![job.id, now.as_millis(), job.action, job.message.as_str(), expiry, job.notify],
                 )?;
                 for d in &job.unreachable {
-                    exec(
-                        s,
-                        "INSERT INTO job_targets (job, dest, state, updated, code, text)
+                    s.exec("INSERT INTO job_targets (job, dest, state, updated, code, text)
                          VALUES (?1, ?2, 'failed', ?3, 'unknown-destination', 'never seen by this server')
                          ON CONFLICT (job, dest) DO NOTHING",
                         params![job.id, d.as_str(), now.as_millis()],
@@ -576,17 +552,13 @@ impl Store {
                 }
                 for (hop, m) in &job.copies {
                     for d in m.header.destinations() {
-                        exec(
-                            s,
-                            "INSERT INTO job_targets (job, dest, state, updated) VALUES (?1, ?2, 'pending', ?3)
+                        s.exec("INSERT INTO job_targets (job, dest, state, updated) VALUES (?1, ?2, 'pending', ?3)
                              ON CONFLICT (job, dest) DO NOTHING",
                             params![job.id, d.as_str(), now.as_millis()],
                         )?;
                     }
                     let header = encode_header(&m.header, m.kind, m.data.as_ref());
-                    exec(
-                        s,
-                        "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content)
+                    s.exec("INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                         params![
                             m.header.id.as_str(),
@@ -603,9 +575,7 @@ impl Store {
                 s.notify(crate::farm::OUTBOX)?;
                 s.notify(crate::farm::JOBS)?;
                 if let Some((digest, sha256)) = &job.offer {
-                    exec(
-                        s,
-                        "INSERT INTO offers (digest, sha256, job, message, expires, created)
+                    s.exec("INSERT INTO offers (digest, sha256, job, message, expires, created)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                         params![
                             digest,
@@ -651,8 +621,7 @@ impl Store {
                     else {
                         continue;
                     };
-                    exec(
-                        s,
+                    s.exec(
                         "UPDATE outbox SET offered = ?3 WHERE id = ?1 AND hop = ?2",
                         params![id, hop, now.as_millis()],
                     )?;
@@ -685,10 +654,8 @@ impl Store {
             .write(move |s| {
                 let mut changed = false;
                 for id in &ids {
-                    exec(s, "DELETE FROM outbox WHERE id = ?1 AND hop = ?2", params![id.as_str(), hop])?;
-                    let n = exec(
-                        s,
-                        "UPDATE job_targets SET state = 'delivered', updated = ?3
+                    s.exec("DELETE FROM outbox WHERE id = ?1 AND hop = ?2", params![id.as_str(), hop])?;
+                    let n = s.exec("UPDATE job_targets SET state = 'delivered', updated = ?3
                          WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2 AND state = 'pending'",
                         params![id.as_str(), hop, now.as_millis()],
                     )?;
@@ -728,9 +695,7 @@ impl Store {
                         tracing::warn!("{from} reported delivering {id} to {dest}, which it does not reach; ignored");
                         continue;
                     }
-                    let n = exec(
-                        s,
-                        "UPDATE job_targets SET state = 'delivered', updated = ?3
+                    let n = s.exec("UPDATE job_targets SET state = 'delivered', updated = ?3
                          WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2 AND state = 'pending'",
                         params![id.as_str(), dest.as_str(), now.as_millis()],
                     )?;
@@ -774,8 +739,7 @@ impl Store {
     pub async fn notified(&self, job: String, version: u64) -> Result<(), DbError> {
         self.db
             .write(move |s| {
-                exec(
-                    s,
+                s.exec(
                     "UPDATE jobs SET notified = CASE WHEN notified < ?2 THEN ?2 ELSE notified END
                      WHERE id = ?1",
                     params![job, i64::try_from(version).unwrap_or(i64::MAX)],
@@ -792,22 +756,19 @@ impl Store {
     pub async fn expire(&self, now: Timestamp) -> Result<bool, DbError> {
         self.db
             .write(move |s| {
-                let n = exec(
-                    s,
+                let n = s.exec(
                     "UPDATE jobs SET version = version + 1
                      WHERE expiry IS NOT NULL AND expiry <= ?1 AND id IN (
                         SELECT job FROM job_targets WHERE state IN ('pending', 'delivered'))",
                     params![now.as_millis()],
                 )?;
-                exec(
-                    s,
+                s.exec(
                     "UPDATE job_targets SET state = 'expired', updated = ?1
                      WHERE state IN ('pending', 'delivered') AND job IN (
                         SELECT id FROM jobs WHERE expiry IS NOT NULL AND expiry <= ?1)",
                     params![now.as_millis()],
                 )?;
-                exec(
-                    s,
+                s.exec(
                     "DELETE FROM outbox WHERE expiry IS NOT NULL AND expiry <= ?1",
                     params![now.as_millis()],
                 )?;
@@ -848,8 +809,7 @@ impl Store {
     ) -> Result<(), DbError> {
         self.db
             .write(move |s| {
-                exec(
-                    s,
+                s.exec(
                     "INSERT INTO health (component, state, since) VALUES (?1, ?2, ?3)
                      ON CONFLICT (component) DO UPDATE SET state = ?2, since = ?3",
                     params![component, h.as_str(), now.as_millis()],
@@ -875,8 +835,7 @@ impl Store {
     pub async fn set_setting(&self, name: &'static str, value: Vec<u8>) -> Result<(), DbError> {
         self.db
             .write(move |s| {
-                exec(
-                    s,
+                s.exec(
                     "INSERT INTO settings (name, value) VALUES (?1, ?2)
                      ON CONFLICT (name) DO UPDATE SET value = ?2",
                     params![name, value],
@@ -891,9 +850,7 @@ impl Store {
     pub async fn put_group(&self, g: GroupDef, now: Timestamp) -> Result<(), DbError> {
         self.db
             .write(move |s| {
-                exec(
-                    s,
-                    "INSERT INTO groups (name, customer, kind, tag, updated) VALUES (?1, ?2, ?3, ?4, ?5)
+                s.exec("INSERT INTO groups (name, customer, kind, tag, updated) VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT (name) DO UPDATE SET customer = ?2, kind = ?3, tag = ?4, updated = ?5",
                     params![
                         g.name,
@@ -903,11 +860,9 @@ impl Store {
                         now.as_millis()
                     ],
                 )?;
-                exec(s, "DELETE FROM group_members WHERE grp = ?1", params![g.name])?;
+                s.exec("DELETE FROM group_members WHERE grp = ?1", params![g.name])?;
                 for m in &g.members {
-                    exec(
-                        s,
-                        "INSERT INTO group_members (grp, component) VALUES (?1, ?2)
+                    s.exec("INSERT INTO group_members (grp, component) VALUES (?1, ?2)
                          ON CONFLICT (grp, component) DO NOTHING",
                         params![g.name, m.as_str()],
                     )?;
@@ -921,8 +876,8 @@ impl Store {
     pub async fn delete_group(&self, name: String) -> Result<bool, DbError> {
         self.db
             .write(move |s| {
-                exec(s, "DELETE FROM group_members WHERE grp = ?1", params![name])?;
-                Ok(exec(s, "DELETE FROM groups WHERE name = ?1", params![name])? > 0)
+                s.exec("DELETE FROM group_members WHERE grp = ?1", params![name])?;
+                Ok(s.exec("DELETE FROM groups WHERE name = ?1", params![name])? > 0)
             })
             .await
     }
@@ -998,14 +953,12 @@ impl Store {
                 if !known {
                     return Ok(false);
                 }
-                exec(
-                    s,
+                s.exec(
                     "DELETE FROM component_tags WHERE component = ?1",
                     params![component.as_str()],
                 )?;
                 for t in &tags {
-                    exec(
-                        s,
+                    s.exec(
                         "INSERT INTO component_tags (component, tag) VALUES (?1, ?2)
                          ON CONFLICT (component, tag) DO NOTHING",
                         params![component.as_str(), t],
@@ -1048,8 +1001,7 @@ fn complete_in(
     c: &Completion,
     now: Timestamp,
 ) -> Result<bool, DbError> {
-    let n = exec(
-        conn,
+    let n = conn.exec(
         "UPDATE job_targets SET state = ?3, code = ?4, text = ?5, result = ?6, updated = ?7
          WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2
            AND state IN ('pending', 'delivered')",
@@ -1088,8 +1040,7 @@ fn completion_of(outcome: &rs_protocol::Outcome, result: Option<String>) -> Comp
 }
 
 fn bump_job(conn: &mut Conn, message: &MessageId) -> Result<(), DbError> {
-    exec(
-        conn,
+    conn.exec(
         "UPDATE jobs SET version = version + 1 WHERE message = ?1",
         params![message.as_str()],
     )?;
@@ -1186,8 +1137,7 @@ pub(crate) fn record_decision(
     now: Timestamp,
 ) -> Result<(), rs_store::db::DbError> {
     if let Some(g) = &d.grant {
-        exec(
-            conn,
+        conn.exec(
             "INSERT INTO uploads (digest, request, component, customer, name, size, sha256,
                                   class, subclass, granted, expires)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -1208,8 +1158,7 @@ pub(crate) fn record_decision(
     }
     let m = &d.reply;
     let header = rs_protocol::codec::encode_header(&m.header, m.kind, m.data.as_ref());
-    exec(
-        conn,
+    conn.exec(
         "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![

@@ -117,8 +117,7 @@ impl super::Store {
     ) -> Result<(), rs_store::db::DbError> {
         self.db
             .write(move |s| {
-                crate::store::exec(
-                    s,
+                s.exec(
                     "UPDATE uploads SET state = 'failed', reason = ?2, done_at = ?3
                      WHERE digest = ?1 AND state = 'open'",
                     params![digest, why, now.as_millis()],
@@ -158,8 +157,7 @@ impl super::Store {
         use rs_store::db::DbError;
         self.db
             .write(move |s| {
-                let n = crate::store::exec(
-                    s,
+                let n = s.exec(
                     "UPDATE uploads SET state = 'complete', done_at = ?2
                      WHERE digest = ?1 AND state = 'open'",
                     params![digest, now.as_millis()],
