@@ -317,7 +317,7 @@ impl AppServer {
         let key = req
             .public_key()
             .map_err(|e| EnrollError::Bad(format!("signing request key: {e}")))?;
-        if !req.verify(&key).unwrap_or(false) {
+        if !rs_net::pki::SignedBy::signed_by(&*req, &key) {
             return Err(EnrollError::Bad(
                 "the signing request's signature does not match its key".into(),
             ));
@@ -383,7 +383,7 @@ impl AppServer {
             .cert()
             .public_key()
             .map_err(|e| EnrollError::Bad(e.to_string()))?;
-        if !old.verify(&ca_key).unwrap_or(false) {
+        if !rs_net::pki::SignedBy::signed_by(&*old, &ca_key) {
             return Err(bad("the signer's certificate is not issued by this CA"));
         }
         let who = Identity::from_cert(&old).map_err(EnrollError::Bad)?;

@@ -204,7 +204,7 @@ async fn obtain(
         }
         let cert = X509::from_pem(&pem).map_err(|e| format!("the certificate returned: {e}"))?;
         let ca_key = ca.public_key().map_err(|e| format!("CA key: {e}"))?;
-        if !cert.verify(&ca_key).unwrap_or(false) {
+        if !crate::pki::SignedBy::signed_by(&*cert, &ca_key) {
             return Err(Failed::Refused(
                 "the certificate returned is not signed by our CA".into(),
             ));

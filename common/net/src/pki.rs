@@ -128,6 +128,50 @@ pub fn serial_hex(cert: &X509Ref) -> String {
         .unwrap_or_default()
 }
 
+/// Whether a certificate, signing request or revocation list is signed by
+/// `key`, with OpenSSL's reason for a "no" taken off the thread's error
+/// queue. `X509_verify` and its kin answer 0 and leave the reason queued,
+/// and the openssl crate's bindings return `Ok(false)` without draining
+/// it; the next TLS read or write on the same thread, for any connection
+/// a tokio worker serves, then reads the stale entry as its own failure
+/// and closes that connection (a refused renewal or seal cut the next
+/// request on a kept-alive connection with no answer). Every signature
+/// check on a certificate goes through here (clippy.toml disallows the
+/// bindings).
+pub trait SignedBy {
+    fn signed_by<T: HasPublic>(&self, key: &PKeyRef<T>) -> bool;
+}
+
+/// Drains what `outcome`'s check left queued when it did not verify.
+fn settled(outcome: Result<bool, openssl::error::ErrorStack>) -> bool {
+    let ok = outcome.unwrap_or(false);
+    if !ok {
+        drop(openssl::error::ErrorStack::get());
+    }
+    ok
+}
+
+#[allow(clippy::disallowed_methods)]
+impl SignedBy for openssl::x509::X509Ref {
+    fn signed_by<T: HasPublic>(&self, key: &PKeyRef<T>) -> bool {
+        settled(self.verify(key))
+    }
+}
+
+#[allow(clippy::disallowed_methods)]
+impl SignedBy for openssl::x509::X509ReqRef {
+    fn signed_by<T: HasPublic>(&self, key: &PKeyRef<T>) -> bool {
+        settled(self.verify(key))
+    }
+}
+
+#[allow(clippy::disallowed_methods)]
+impl SignedBy for openssl::x509::X509CrlRef {
+    fn signed_by<T: HasPublic>(&self, key: &PKeyRef<T>) -> bool {
+        settled(self.verify(key))
+    }
+}
+
 /// The one signer of a PKCS #7 SignedData that carries its certificate
 /// (a payload seal, a renewal request); `what` names the document in the
 /// error.
@@ -508,7 +552,7 @@ impl Ca {
     /// signature proves the requester holds the key).
     pub fn sign_request(&self, spec: &CertSpec, req: &X509Req) -> Result<X509, CaError> {
         let key = req.public_key().map_err(CaError::fault)?;
-        if !req.verify(&key).map_err(CaError::fault)? {
+        if !req.signed_by(&key) {
             return Err(CaError::Refused(
                 "the signing request's signature does not match its key".into(),
             ));

@@ -159,7 +159,7 @@ impl Sealer {
                 let r = X509::from_pem(&read(p)?).map_err(|e| format!("{}: {e}", p.display()))?;
                 let ca = X509::from_pem(&read(&tls.ca)?).map_err(ossl("CA certificate"))?;
                 let ca_key = ca.public_key().map_err(ossl("CA certificate"))?;
-                if !r.verify(&ca_key).unwrap_or(false) {
+                if !crate::pki::SignedBy::signed_by(&*r, &ca_key) {
                     return Err(format!(
                         "{}: not issued by the CA in {}",
                         p.display(),
@@ -341,7 +341,7 @@ impl Opener {
             return Ok(c);
         }
         let ca_key = self.ca.public_key().map_err(|e| bad(e.to_string()))?;
-        if !signer.verify(&ca_key).unwrap_or(false) {
+        if !crate::pki::SignedBy::signed_by(signer, &ca_key) {
             return Err(bad("the signer's certificate is not issued by this CA"));
         }
         let who = Identity::from_cert(signer).map_err(bad)?;

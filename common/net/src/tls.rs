@@ -180,7 +180,7 @@ impl Revocations {
             .try_cmp(self.ca.subject_name())
             .map_err(|e| format!("revocation list: {e}"))?
             != std::cmp::Ordering::Equal
-            || !crl.verify(&key).unwrap_or(false)
+            || !crate::pki::SignedBy::signed_by(&*crl, &key)
         {
             return Err("the revocation list is not signed by our CA".into());
         }
