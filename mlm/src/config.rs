@@ -22,6 +22,16 @@ pub struct Config {
     /// Where `spool.db` (custody, summaries, heartbeats) and `mlm.db`
     /// (aggregation queue) live.
     pub data_dir: PathBuf,
+    /// The shared database of a farm of MLMs: a `postgres://` URL (the
+    /// forms are the application server's `database`). Every member names
+    /// the same database and the same `id`; the farm's back-channel queue,
+    /// its routes and the IDs it has received are in the schema `mlm`
+    /// there, so any member hands any component its messages and a held
+    /// long poll on one member wakes when another queues for it. Absent:
+    /// `outbox.db` in `data_dir`. (The custody spool, aggregation windows,
+    /// download cache and throttle counters stay in `data_dir`.)
+    #[serde(default)]
+    pub database: Option<String>,
     pub upstream: UpstreamSection,
     /// Accept messages into this MLM's own durable spool and forward them
     /// later (for sites whose WAN is often down), instead of answering
@@ -137,6 +147,15 @@ impl Config {
             return Err(format!("id {:?} is not an MLM ID (like acme.m1)", c.id));
         }
         rs_node::upstream::check_urls(&c.upstream.urls)?;
+        if let Some(d) = &c.database
+            && !rs_store::sql::is_postgres_url(d)
+        {
+            return Err(format!(
+                "database = {:?}: expected a postgres:// URL (without it the MLM keeps its \
+                 back-channel queue in data_dir)",
+                rs_store::sql::redact(d)
+            ));
+        }
         if c.seal.is_some() && c.tls.is_none() {
             return Err(
                 "[seal] needs [tls]: messages are sealed with this MLM's certificate".into(),
@@ -156,6 +175,16 @@ impl Config {
     pub fn load(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Where the back-channel queue is: the farm's PostgreSQL database, or
+    /// `outbox.db` in `data_dir`.
+    pub fn queue_location(&self) -> rs_store::sql::Location {
+        rs_store::sql::Location::choose(
+            self.database.as_deref(),
+            self.data_dir.join("outbox.db"),
+            "mlm",
+        )
     }
 
     /// How long an unacknowledged back-channel message waits before it is

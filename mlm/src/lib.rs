@@ -54,8 +54,11 @@ pub struct Mlm {
     pub stopping: CancellationToken,
     /// The back-channel queue for the subtree, and its routes.
     pub outbox: rs_store::outbox::Outbox,
-    /// Woken when back-channel messages are queued.
+    /// Woken when back-channel messages are queued (here, or by another
+    /// member of a farm).
     pub outbox_ready: Arc<rs_node::ingress::BackChannelReady>,
+    /// This member's session on a farm's database (alone on SQLite).
+    pub presence: rs_store::sql::Presence,
     /// Back-channel messages received on relayed replies, to acknowledge
     /// upstream on the next relayed POST.
     pub upstream_acks: std::sync::Mutex<Vec<rs_protocol::MessageId>>,
@@ -92,6 +95,10 @@ pub struct Mlm {
 
 pub use rs_node::daemon::Exit;
 
+/// The advisory lock held by the leader of a farm of MLMs (see
+/// [`rs_store::sql::Presence`]).
+const FARM_LEADER: i64 = 0x7273_6d6c_6d6c;
+
 impl Mlm {
     pub fn open(
         cfg: Config,
@@ -123,6 +130,23 @@ impl Mlm {
             })
             .map_err(anyhow::Error::msg)?,
         );
+        let queue_at = cfg.queue_location();
+        let outbox = rs_store::outbox::Outbox::open(&queue_at).with_context(|| {
+            format!("opening the back-channel queue at {}", queue_at.describe())
+        })?;
+        let outbox_ready = Arc::new(rs_node::ingress::BackChannelReady::new(cfg.offer_again()));
+        // In a farm, another member's commit to the queue wakes the long
+        // polls held here.
+        let presence = {
+            let ready = outbox_ready.clone();
+            rs_store::sql::Presence::start(
+                &queue_at,
+                &[rs_store::outbox::READY],
+                FARM_LEADER,
+                move |_| ready.notify_waiters(),
+            )
+            .context("joining the farm")?
+        };
         Ok(Arc::new(Mlm {
             id,
             modules,
@@ -135,9 +159,9 @@ impl Mlm {
             clock: Arc::new(SystemClock),
             started: rs_protocol::Timestamp::now(),
             stopping: CancellationToken::new(),
-            outbox: rs_store::outbox::Outbox::open(&cfg.data_dir.join("outbox.db"))
-                .context("opening the back-channel queue")?,
-            outbox_ready: Arc::new(rs_node::ingress::BackChannelReady::new(cfg.offer_again())),
+            outbox,
+            outbox_ready,
+            presence,
             upstream_acks: std::sync::Mutex::new(Vec::new()),
             delivered_up: std::sync::Mutex::new(Vec::new()),
             paused: Arc::new(AtomicBool::new(false)),

@@ -1,6 +1,8 @@
 //! The storage layer on both engines: the same scenarios against an SQLite
 //! file and a throwaway PostgreSQL server.
 
+use std::time::Duration;
+
 use rs_store::db::{Db, DbError, DbState, Txn};
 use rs_store::params;
 use rs_store::sql::{Conn, Location, Migration};
@@ -460,6 +462,401 @@ mod task_queue {
 
     #[test]
     fn the_task_queue_follows_its_model_on_postgresql() {
+        check("postgres");
+    }
+}
+
+/// An MLM's `outbox.db` from the releases before schema versions (and
+/// before the columns later ones added at start) is adopted in place: its queued message is handed out, its routes and
+/// received IDs hold, and it is at version 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_of_the_release_before_versions_is_migrated_with_its_messages() {
+    use rs_protocol::codec::encode_header;
+    use rs_protocol::{RsId, Timestamp};
+    let dir = std::env::temp_dir().join(format!("rs-outbox-legacy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("outbox.db");
+    let mut m = rs_protocol::samples::alarm_of_size(1, 600);
+    m.header.route = rs_protocol::Route::Destination(rs_protocol::model::Destination::new(
+        vec![RsId::new("acme.p1").unwrap()],
+        None,
+    ));
+    let raw = m.to_raw();
+    let now = Timestamp::now().as_millis();
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        // The tables as releases before download offers and claimed actions
+        // made them (common/store/src/outbox.rs until 5fa08a5 added, at
+        // every start, the columns bulk, held and state): the migration
+        // adds them.
+        c.execute_batch(
+            "CREATE TABLE IF NOT EXISTS outbox (
+                 id TEXT NOT NULL, hop TEXT NOT NULL, created INTEGER NOT NULL,
+                 expiry INTEGER, offered INTEGER, kind TEXT NOT NULL,
+                 content_type TEXT NOT NULL, header BLOB NOT NULL, content BLOB NOT NULL,
+                 PRIMARY KEY (id, hop));
+             CREATE INDEX IF NOT EXISTS outbox_hop ON outbox (hop, created);
+             CREATE TABLE IF NOT EXISTS routes (
+                 component TEXT PRIMARY KEY, hop TEXT NOT NULL, updated INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS received (id TEXT PRIMARY KEY, at INTEGER NOT NULL);",
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO outbox (id, hop, created, kind, content_type, header, content)
+             VALUES (?1, 'acme.p1', ?2, ?3, ?4, ?5, ?6)",
+            rusqlite::params![
+                raw.header.id.as_str(),
+                now,
+                raw.kind.as_str(),
+                raw.content_type.to_string(),
+                encode_header(&raw.header, raw.kind, raw.data.as_ref()),
+                &raw.content[..]
+            ],
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO routes VALUES ('acme.p1', 'acme.p1', ?1)",
+            rusqlite::params![now],
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO received (id, at) VALUES (?1, ?2)",
+            rusqlite::params![raw.header.id.as_str(), now],
+        )
+        .unwrap();
+    }
+    let q = rs_store::outbox::Outbox::open(&Location::Sqlite(path.clone())).unwrap();
+    let p1 = RsId::new("acme.p1").unwrap();
+    assert_eq!(
+        q.route(RsId::new("acme.p1").unwrap()).await.unwrap(),
+        Some(p1.clone())
+    );
+    // Received before: offered again from upstream, it is not queued twice.
+    let ids = q
+        .accept(vec![(p1.clone(), raw.clone())], Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(ids, vec![raw.header.id.clone()]);
+    let offered = q
+        .offer(p1.clone(), Timestamp::now(), Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    assert_eq!(offered.len(), 1);
+    assert_eq!(offered[0].header.id, raw.header.id);
+    assert_eq!(offered[0].content, raw.content);
+    let delivered = q
+        .acknowledge(p1.clone(), vec![raw.header.id.clone()])
+        .await
+        .unwrap();
+    assert_eq!(delivered, vec![(raw.header.id.clone(), p1)]);
+    assert_eq!(q.pending().await.unwrap(), 0);
+    drop(q);
+    let mut c = Conn::connect(&Location::Sqlite(path)).unwrap();
+    assert_eq!(c.schema_version().unwrap(), 1);
+}
+
+/// The back-channel queue (rs_store::outbox, the MLM's; a farm's on
+/// PostgreSQL) against a plain model: what an offer hands out, in what
+/// order and how often, what an acknowledgement removes and reports as
+/// delivered, that a message received again is not queued again, that
+/// held download offers wait for their file, and what a sweep drops.
+mod back_channel_queue {
+    use std::collections::{BTreeSet, HashMap};
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+    use rs_protocol::codec::RawMessage;
+    use rs_protocol::model::Destination;
+    use rs_protocol::samples::alarm_of_size;
+    use rs_protocol::{Route, RsId, Timestamp};
+    use rs_store::outbox::Outbox;
+    use rs_store::sql::Location;
+    use rs_tests::postgres::Postgres;
+
+    const HOPS: [&str; 3] = ["acme.p1", "acme.p2", "acme.m9"];
+    /// Offered again after this long without an acknowledgement.
+    const AGAIN: Duration = Duration::from_secs(10);
+    /// Received IDs are remembered this long.
+    const REMEMBER: Duration = Duration::from_secs(60);
+    const LIMIT: usize = 3;
+    const T0: i64 = 1_800_000_000_000;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A message from upstream (a new one, or again the `i`-th one
+        /// seen), with copies for the hops in the mask, each copy final
+        /// for its hop or not, expiring after so many seconds, held for
+        /// the download offer `bulk`.
+        Accept {
+            again: Option<usize>,
+            hops: u8,
+            direct: bool,
+            expires: Option<u64>,
+            bulk: Option<u8>,
+        },
+        Offer(usize),
+        /// The hop acknowledges the `i`-th, `j`-th... of what it was last
+        /// handed.
+        Ack(usize, Vec<usize>),
+        Release(u8),
+        Sweep,
+        /// The clock moves on.
+        Tick(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (
+                prop::option::weighted(0.2, 0usize..8),
+                1u8..8,
+                any::<bool>(),
+                prop::option::weighted(0.3, 1u64..40),
+                prop::option::weighted(0.2, 0u8..2)
+            )
+                .prop_map(|(again, hops, direct, expires, bulk)| Op::Accept {
+                    again,
+                    hops,
+                    direct,
+                    expires,
+                    bulk
+                }),
+            4 => (0usize..3).prop_map(Op::Offer),
+            3 => (0usize..3, prop::collection::vec(0usize..4, 0..3)).prop_map(|(h, i)| Op::Ack(h, i)),
+            1 => (0u8..2).prop_map(Op::Release),
+            1 => Just(Op::Sweep),
+            2 => (1u64..25).prop_map(Op::Tick),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    struct Copy {
+        id: String,
+        hop: &'static str,
+        expiry: Option<i64>,
+        offered: Option<i64>,
+        held: bool,
+        bulk: Option<String>,
+        direct: bool,
+    }
+
+    #[derive(Debug, Default)]
+    struct Model {
+        copies: Vec<Copy>,
+        received: HashMap<String, i64>,
+    }
+
+    impl Model {
+        fn offer(&mut self, hop: &str, now: i64) -> Vec<String> {
+            let before = now - AGAIN.as_millis() as i64;
+            let mut out = Vec::new();
+            for c in self.copies.iter_mut() {
+                if out.len() == LIMIT {
+                    break;
+                }
+                if c.hop == hop
+                    && c.offered.is_none_or(|o| o < before)
+                    && c.expiry.is_none_or(|e| e > now)
+                    && !c.held
+                {
+                    c.offered = Some(now);
+                    out.push(c.id.clone());
+                }
+            }
+            out
+        }
+    }
+
+    fn message(hop: &str, direct: bool, expiry: Option<i64>, n: usize) -> RawMessage {
+        let mut m = alarm_of_size(n, 600);
+        let to = if direct { hop } else { "acme.p7" };
+        m.header.route = Route::Destination(Destination::new(
+            vec![RsId::new(to).unwrap()],
+            expiry.and_then(Timestamp::from_millis),
+        ));
+        m.to_raw()
+    }
+
+    async fn run(at: Location, ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let q = Outbox::open(&at).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut model = Model::default();
+        let mut now = T0;
+        let mut seen: Vec<(rs_protocol::MessageId, u8, bool, Option<i64>)> = Vec::new();
+        let mut handed: HashMap<&str, Vec<String>> = HashMap::new();
+        let ts = |ms: i64| Timestamp::from_millis(ms).unwrap();
+        for (n, op) in ops.into_iter().enumerate() {
+            // Each step a millisecond on: copies are ordered by creation.
+            now += 1;
+            match op {
+                Op::Accept {
+                    again,
+                    hops,
+                    direct,
+                    expires,
+                    bulk,
+                } => {
+                    let (id, hops, direct, expiry) = match again.and_then(|i| seen.get(i)) {
+                        Some(s) => s.clone(),
+                        None => {
+                            let expiry = expires.map(|s| now + s as i64 * 1000);
+                            let id = rs_protocol::MessageId::generate();
+                            seen.push((id.clone(), hops, direct, expiry));
+                            (id, hops, direct, expiry)
+                        }
+                    };
+                    let mut copies = Vec::new();
+                    for (i, hop) in HOPS.iter().enumerate() {
+                        if hops & (1 << i) != 0 {
+                            let mut m = message(hop, direct, expiry, n);
+                            m.header.id = id.clone();
+                            copies.push((RsId::new(*hop).unwrap(), m));
+                        }
+                    }
+                    let bulk = bulk.map(|b| (format!("sha{b}"), true));
+                    let got = q
+                        .accept_bulk(copies.clone(), bulk.clone(), ts(now))
+                        .await
+                        .unwrap();
+                    prop_assert_eq!(got, vec![id.clone()], "accept acknowledges the message");
+                    if !model.received.contains_key(id.as_str()) {
+                        model.received.insert(id.as_str().to_owned(), now);
+                        for (hop, _) in &copies {
+                            let hop = HOPS.iter().find(|h| **h == hop.as_str()).unwrap();
+                            // Forgotten as received but still queued: the
+                            // copy there stays as it is.
+                            if model
+                                .copies
+                                .iter()
+                                .any(|c| c.id == id.as_str() && c.hop == *hop)
+                            {
+                                continue;
+                            }
+                            model.copies.push(Copy {
+                                id: id.as_str().to_owned(),
+                                hop,
+                                expiry,
+                                offered: None,
+                                held: bulk.is_some(),
+                                bulk: bulk.as_ref().map(|b| b.0.clone()),
+                                direct,
+                            });
+                        }
+                    }
+                }
+                Op::Offer(h) => {
+                    let hop = HOPS[h];
+                    let got: Vec<String> = q
+                        .offer(RsId::new(hop).unwrap(), ts(now), AGAIN, LIMIT)
+                        .await
+                        .unwrap()
+                        .into_iter()
+                        .map(|m| m.header.id.as_str().to_owned())
+                        .collect();
+                    let want = model.offer(hop, now);
+                    prop_assert_eq!(&got, &want, "offer to {} at {}", hop, now - T0);
+                    handed.insert(hop, got);
+                }
+                Op::Ack(h, picks) => {
+                    let hop = HOPS[h];
+                    let last = handed.get(hop).cloned().unwrap_or_default();
+                    let ids: BTreeSet<String> =
+                        picks.iter().filter_map(|i| last.get(*i).cloned()).collect();
+                    let got: BTreeSet<String> = q
+                        .acknowledge(
+                            RsId::new(hop).unwrap(),
+                            ids.iter()
+                                .map(|i| rs_protocol::MessageId::new(i.clone()).unwrap())
+                                .collect(),
+                        )
+                        .await
+                        .unwrap()
+                        .into_iter()
+                        .map(|(id, _)| id.as_str().to_owned())
+                        .collect();
+                    let mut want = BTreeSet::new();
+                    model.copies.retain(|c| {
+                        let acked = c.hop == hop && ids.contains(&c.id);
+                        if acked && c.direct {
+                            want.insert(c.id.clone());
+                        }
+                        !acked
+                    });
+                    prop_assert_eq!(got, want, "delivered, acknowledged by {}", hop);
+                }
+                Op::Release(b) => {
+                    let bulk = format!("sha{b}");
+                    let got = q.release(bulk.clone()).await.unwrap();
+                    let mut want = 0;
+                    for c in model.copies.iter_mut() {
+                        if c.held && c.bulk.as_deref() == Some(bulk.as_str()) {
+                            c.held = false;
+                            want += 1;
+                        }
+                    }
+                    prop_assert_eq!(got, want, "released");
+                }
+                Op::Sweep => {
+                    let got = q.sweep(ts(now), REMEMBER).await.unwrap();
+                    let before = model.copies.len();
+                    model.copies.retain(|c| c.expiry.is_none_or(|e| e > now));
+                    let horizon = now - REMEMBER.as_millis() as i64;
+                    model.received.retain(|_, at| *at >= horizon);
+                    prop_assert_eq!(got, (before - model.copies.len()) as u64, "swept");
+                }
+                Op::Tick(s) => now += s as i64 * 1000,
+            }
+        }
+        prop_assert_eq!(
+            q.pending().await.unwrap(),
+            model.copies.len() as u64,
+            "pending"
+        );
+        for b in 0..2u8 {
+            let bulk = format!("sha{b}");
+            let want = model
+                .copies
+                .iter()
+                .filter(|c| c.bulk.as_deref() == Some(bulk.as_str()))
+                .count() as u64;
+            prop_assert_eq!(q.bulk_pending(bulk).await.unwrap(), want, "bulk pending");
+        }
+        Ok(())
+    }
+
+    fn check(engine: &str) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let case = std::sync::atomic::AtomicU32::new(0);
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            cases: 24,
+            ..ProptestConfig::default()
+        });
+        runner
+            .run(&proptest::collection::vec(op(), 1..60), |ops| {
+                let i = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let at = match engine {
+                    "sqlite" => {
+                        let dir = std::env::temp_dir()
+                            .join(format!("rs-outboxq-{}-{i}", std::process::id()));
+                        let _ = std::fs::remove_dir_all(&dir);
+                        Location::Sqlite(dir.join("outbox.db"))
+                    }
+                    _ => Location::Postgres {
+                        url: Postgres::shared().database("outboxq"),
+                        schema: "mlm".into(),
+                    },
+                };
+                rt.block_on(run(at, ops))
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn the_back_channel_queue_follows_its_model_on_sqlite() {
+        check("sqlite");
+    }
+
+    #[test]
+    fn the_back_channel_queue_follows_its_model_on_postgresql() {
         check("postgres");
     }
 }

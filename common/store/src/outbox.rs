@@ -5,17 +5,27 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rusqlite::{OptionalExtension, params};
 
-use crate::db::{Db, DbError, Plain};
+use crate::db::{Db, DbError};
+use crate::params;
+use crate::sql::{Conn, Engine, Location, Migration};
 use rs_protocol::codec::{Limits, RawMessage, decode_header_part, encode_header};
 use rs_protocol::ids::{MessageId, RsId};
 use rs_protocol::time::Timestamp;
 
-const SCHEMA: &str = "
+/// The queue's schema changes, in order (append only). On SQLite version
+/// 1 also adopts the files of releases before versions, with the columns
+/// they gained at every start; on PostgreSQL it creates the tables.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "baseline",
+    apply: baseline,
+}];
+
+const SQLITE: &str = "
 CREATE TABLE IF NOT EXISTS outbox (
     id           TEXT    NOT NULL,
     hop          TEXT    NOT NULL,
@@ -41,13 +51,68 @@ CREATE TABLE IF NOT EXISTS received (
 );
 ";
 
-fn exec(
-    conn: &rusqlite::Connection,
-    sql: &str,
-    p: impl rusqlite::Params,
-) -> rusqlite::Result<usize> {
-    conn.prepare_cached(sql)?.execute(p)
+const POSTGRES: &str = "
+CREATE TABLE outbox (
+    id           TEXT   NOT NULL,
+    hop          TEXT   NOT NULL,
+    created      BIGINT NOT NULL,
+    expiry       BIGINT,
+    offered      BIGINT,
+    kind         TEXT   NOT NULL,
+    content_type TEXT   NOT NULL,
+    header       BYTEA  NOT NULL,
+    content      BYTEA  NOT NULL,
+    bulk         TEXT,
+    held         BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (id, hop)
+);
+CREATE INDEX outbox_hop ON outbox (hop, created);
+CREATE INDEX outbox_bulk ON outbox (bulk) WHERE bulk IS NOT NULL;
+CREATE TABLE routes (
+    component TEXT   PRIMARY KEY,
+    hop       TEXT   NOT NULL,
+    updated   BIGINT NOT NULL
+);
+CREATE TABLE received (
+    id    TEXT   PRIMARY KEY,
+    at    BIGINT NOT NULL,
+    state TEXT   NOT NULL DEFAULT 'done'
+);
+";
+
+fn baseline(c: &mut Conn) -> Result<(), DbError> {
+    if c.engine() == Engine::Postgres {
+        return c.batch(POSTGRES);
+    }
+    c.batch(SQLITE)?;
+    // Columns added for download offers and for actions being applied
+    // (files from before get them).
+    for (table, col, ddl) in [
+        ("outbox", "bulk", "ALTER TABLE outbox ADD COLUMN bulk TEXT"),
+        (
+            "outbox",
+            "held",
+            "ALTER TABLE outbox ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "received",
+            "state",
+            "ALTER TABLE received ADD COLUMN state TEXT NOT NULL DEFAULT 'done'",
+        ),
+    ] {
+        if !c.exists(
+            "SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, col],
+        )? {
+            c.batch(ddl)?;
+        }
+    }
+    c.batch("CREATE INDEX IF NOT EXISTS outbox_bulk ON outbox (bulk) WHERE bulk IS NOT NULL")
 }
+
+/// The PostgreSQL channel on which a farm member's commit to the queue
+/// wakes the others' held long polls ([`Outbox::open`]'s callers listen).
+pub const READY: &str = "rs_mlm_outbox";
 
 /// What a tier did with an action addressed to it before ([`Outbox::claim`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,51 +126,42 @@ pub enum Claim {
 }
 
 /// Handle to the queue; cheap to clone.
+///
+/// On PostgreSQL the queue, the routes and the received IDs are a farm's:
+/// every member hands out any hop's messages and takes its
+/// acknowledgements. Offers lock what they hand out (`SKIP LOCKED`), so two
+/// members polled at once by one hop do not both hand out a message, and
+/// every commit that makes messages ready notifies [`READY`].
 #[derive(Debug, Clone)]
 pub struct Outbox {
-    db: Db<Plain>,
-    /// The routes as stored (component -> hop), so that an envelope from a
-    /// hop whose components are already known writes nothing: every POST
-    /// names its sources, and a route changes rarely. Cleared when it grows
-    /// past [`KNOWN_ROUTES`] (it then fills again from what arrives).
-    known: Arc<Mutex<HashMap<String, String>>>,
+    db: Db<Conn>,
+    /// The routes as stored (component -> hop, and when this process last
+    /// saw them stored), so that an envelope from a hop whose components
+    /// are already known writes nothing: every POST names its sources, and
+    /// a route changes rarely. Cleared when it grows past
+    /// [`KNOWN_ROUTES`] (it then fills again from what arrives). In a farm
+    /// another member may change a route, so an entry is trusted for
+    /// [`KNOWN_FOR`] only.
+    known: Arc<Mutex<HashMap<String, (String, Instant)>>>,
+    engine: Engine,
 }
 
 /// Routes remembered in memory at most.
 const KNOWN_ROUTES: usize = 100_000;
 
+/// How long a remembered route is trusted on a shared database.
+const KNOWN_FOR: Duration = Duration::from_secs(60);
+
 impl Outbox {
-    pub fn open(path: &std::path::Path) -> Result<Self, DbError> {
-        let conn = crate::db::open(path)?;
-        conn.execute_batch(SCHEMA)?;
-        // Columns added for download offers and for actions being applied
-        // (files from before get them).
-        for (table, col, ddl) in [
-            ("outbox", "bulk", "ALTER TABLE outbox ADD COLUMN bulk TEXT"),
-            (
-                "outbox",
-                "held",
-                "ALTER TABLE outbox ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
-            ),
-            (
-                "received",
-                "state",
-                "ALTER TABLE received ADD COLUMN state TEXT NOT NULL DEFAULT 'done'",
-            ),
-        ] {
-            let has: bool = conn
-                .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
-                .exists([table, col])?;
-            if !has {
-                conn.execute_batch(ddl)?;
-            }
-        }
-        conn.execute_batch(
-            "CREATE INDEX IF NOT EXISTS outbox_bulk ON outbox (bulk) WHERE bulk IS NOT NULL",
-        )?;
+    /// Opens the queue at `at` (an SQLite file of this tier's, or a farm's
+    /// PostgreSQL schema), migrating its schema in place.
+    pub fn open(at: &Location) -> Result<Self, DbError> {
+        let conn = Conn::open(at, MIGRATIONS)?;
+        let engine = conn.engine();
         Ok(Outbox {
-            db: Db::start("rs-outbox", Plain(conn))?,
+            db: Db::start("rs-outbox", conn)?,
             known: Arc::default(),
+            engine,
         })
     }
 
@@ -116,12 +172,17 @@ impl Outbox {
         components: Vec<RsId>,
         now: Timestamp,
     ) -> Result<(), DbError> {
+        let trusted = |at: &Instant| self.engine == Engine::Sqlite || at.elapsed() < KNOWN_FOR;
         let new: Vec<RsId> = {
             let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
             components
                 .into_iter()
                 .chain(std::iter::once(hop.clone()))
-                .filter(|c| known.get(c.as_str()).is_none_or(|h| h != hop.as_str()))
+                .filter(|c| {
+                    known
+                        .get(c.as_str())
+                        .is_none_or(|(h, at)| h != hop.as_str() || !trusted(at))
+                })
                 .collect()
         };
         if new.is_empty() {
@@ -130,13 +191,12 @@ impl Outbox {
         let written = new.clone();
         let hop_s = hop.as_str().to_owned();
         self.db
-            .write(move |s| {
-                for c in &new {
-                    exec(
-                        &s.0,
+            .write(move |c| {
+                for d in &new {
+                    c.exec(
                         "INSERT INTO routes (component, hop, updated) VALUES (?1, ?2, ?3)
                          ON CONFLICT (component) DO UPDATE SET hop = ?2, updated = ?3",
-                        params![c.as_str(), hop.as_str(), now.as_millis()],
+                        params![d.as_str(), hop.as_str(), now.as_millis()],
                     )?;
                 }
                 Ok(())
@@ -146,8 +206,9 @@ impl Outbox {
         if known.len() + written.len() > KNOWN_ROUTES {
             known.clear();
         }
-        for c in written {
-            known.insert(c.as_str().to_owned(), hop_s.clone());
+        let at = Instant::now();
+        for d in written {
+            known.insert(d.as_str().to_owned(), (hop_s.clone(), at));
         }
         Ok(())
     }
@@ -156,16 +217,14 @@ impl Outbox {
     /// component it was allocated under; `None` if unknown.
     pub async fn route(&self, dest: RsId) -> Result<Option<RsId>, DbError> {
         self.db
-            .read(move |s| {
+            .read(move |c| {
                 let mut at = Some(dest);
                 while let Some(d) = at {
-                    let hop: Option<String> =
-                        s.0.query_row(
-                            "SELECT hop FROM routes WHERE component = ?1",
-                            params![d.as_str()],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
+                    let hop: Option<String> = c.row(
+                        "SELECT hop FROM routes WHERE component = ?1",
+                        params![d.as_str()],
+                        |r| r.get(0),
+                    )?;
                     if let Some(h) = hop {
                         return Ok(RsId::new(h).ok());
                     }
@@ -176,8 +235,10 @@ impl Outbox {
             .await
     }
 
-    /// Queues messages (received from upstream, so each at most once: an
-    /// ID already received is skipped). Returns the IDs now safe, to
+    /// Queues messages received from upstream, each at most once: a
+    /// message whose ID was received before (upstream offering it again
+    /// because the acknowledgement was lost, possibly to another member of
+    /// a farm) is not queued again. Returns the IDs now safe, to
     /// acknowledge upstream.
     pub async fn accept(
         &self,
@@ -197,16 +258,34 @@ impl Outbox {
         now: Timestamp,
     ) -> Result<Vec<MessageId>, DbError> {
         self.db
-            .write(move |s| {
-                let mut ids = Vec::new();
+            .write(move |c| {
                 let (file, held) = match &bulk {
                     Some((sha, held)) => (Some(sha.as_str()), i64::from(*held)),
                     None => (None, 0),
                 };
+                // What was received before this batch (its own copies of
+                // one message each go in).
+                let mut ids: Vec<MessageId> = Vec::new();
+                let mut before = Vec::new();
+                for (_, m) in &copies {
+                    let id = &m.header.id;
+                    if !ids.contains(id) {
+                        if c.exists(
+                            "SELECT 1 FROM received WHERE id = ?1",
+                            params![id.as_str()],
+                        )? {
+                            before.push(id.clone());
+                        }
+                        ids.push(id.clone());
+                    }
+                }
+                let mut queued = 0;
                 for (hop, m) in &copies {
+                    if before.contains(&m.header.id) {
+                        continue;
+                    }
                     let header = encode_header(&m.header, m.kind, m.data.as_ref());
-                    exec(
-                        &s.0,
+                    queued += c.exec(
                         "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content,
                                              bulk, held)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id, hop) DO NOTHING",
@@ -223,14 +302,13 @@ impl Outbox {
                             held
                         ],
                     )?;
-                    exec(
-                        &s.0,
+                    c.exec(
                         "INSERT INTO received (id, at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
                         params![m.header.id.as_str(), now.as_millis()],
                     )?;
-                    if !ids.contains(&m.header.id) {
-                        ids.push(m.header.id.clone());
-                    }
+                }
+                if queued > 0 && held == 0 {
+                    c.notify(READY)?;
                 }
                 Ok(ids)
             })
@@ -244,16 +322,15 @@ impl Outbox {
     /// messages were dropped.
     pub async fn sweep(&self, now: Timestamp, remember: Duration) -> Result<u64, DbError> {
         self.db
-            .write(move |s| {
-                let n = exec(
-                    &s.0,
+            .write(move |c| {
+                let n = c.exec(
                     "DELETE FROM outbox WHERE expiry IS NOT NULL AND expiry <= ?1",
                     params![now.as_millis()],
                 )?;
                 let horizon =
                     now.as_millis() - i64::try_from(remember.as_millis()).unwrap_or(i64::MAX);
-                exec(&s.0, "DELETE FROM received WHERE at < ?1", params![horizon])?;
-                Ok(n as u64)
+                c.exec("DELETE FROM received WHERE at < ?1", params![horizon])?;
+                Ok(n)
             })
             .await
     }
@@ -268,29 +345,25 @@ impl Outbox {
         limit: usize,
     ) -> Result<Vec<RawMessage>, DbError> {
         let limits = Limits::default();
+        // Rows another member is offering right now are left to it.
+        let sql = match self.engine {
+            Engine::Sqlite => OFFER,
+            Engine::Postgres => OFFER_LOCKED,
+        };
         self.db
-            .write(move |s| {
+            .write(move |c| {
                 let before = now.as_millis() - i64::try_from(again.as_millis()).unwrap_or(i64::MAX);
-                let rows: Vec<(String, String, Vec<u8>, Vec<u8>)> = {
-                    let mut st = s.0.prepare_cached(
-                        "SELECT id, content_type, header, content FROM outbox
-                         WHERE hop = ?1 AND (offered IS NULL OR offered < ?2)
-                           AND (expiry IS NULL OR expiry > ?4) AND held = 0
-                         ORDER BY created LIMIT ?3",
-                    )?;
-                    st.query_map(
-                        params![hop.as_str(), before, limit as i64, now.as_millis()],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                    )?
-                    .collect::<Result<_, _>>()?
-                };
+                let rows: Vec<(String, String, Vec<u8>, Vec<u8>)> = c.rows(
+                    sql,
+                    params![hop.as_str(), before, limit as i64, now.as_millis()],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )?;
                 let mut out = Vec::new();
                 for (id, content_type, header, content) in rows {
                     let Ok((header, kind, data)) = decode_header_part(&header, &limits) else {
                         continue;
                     };
-                    exec(
-                        &s.0,
+                    c.exec(
                         "UPDATE outbox SET offered = ?3 WHERE id = ?1 AND hop = ?2",
                         params![id, hop.as_str(), now.as_millis()],
                     )?;
@@ -319,24 +392,20 @@ impl Outbox {
         }
         let limits = Limits::default();
         self.db
-            .write(move |s| {
+            .write(move |c| {
                 let mut delivered = Vec::new();
                 for id in &ids {
-                    let header: Option<Vec<u8>> =
-                        s.0.prepare_cached("SELECT header FROM outbox WHERE id = ?1 AND hop = ?2")?
-                            .query_row(params![id.as_str(), hop.as_str()], |r| r.get(0))
-                            .optional()?;
+                    let header: Option<Vec<u8>> = c.row(
+                        "DELETE FROM outbox WHERE id = ?1 AND hop = ?2 RETURNING header",
+                        params![id.as_str(), hop.as_str()],
+                        |r| r.get(0),
+                    )?;
                     let Some(header) = header else { continue };
                     if decode_header_part(&header, &limits)
                         .is_ok_and(|(h, _, _)| h.destinations().contains(&hop))
                     {
                         delivered.push((id.clone(), hop.clone()));
                     }
-                    exec(
-                        &s.0,
-                        "DELETE FROM outbox WHERE id = ?1 AND hop = ?2",
-                        params![id.as_str(), hop.as_str()],
-                    )?;
                 }
                 Ok(delivered)
             })
@@ -346,28 +415,27 @@ impl Outbox {
     /// Records that the action `id` (addressed to this tier) is about to
     /// be applied, unless it was before: then says how far it got.
     /// Applying only after this commits is what makes an action applied at
-    /// most once, whatever instant the process dies at.
+    /// most once, whatever instant the process dies at (and, in a farm,
+    /// whichever member it reaches).
     pub async fn claim(&self, id: MessageId, now: Timestamp) -> Result<Claim, DbError> {
         self.db
-            .write(move |s| {
-                let state: Option<String> =
-                    s.0.query_row(
-                        "SELECT state FROM received WHERE id = ?1",
-                        params![id.as_str()],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
+            .write(move |c| {
+                if c.exec(
+                    "INSERT INTO received (id, at, state) VALUES (?1, ?2, 'applying')
+                     ON CONFLICT (id) DO NOTHING",
+                    params![id.as_str(), now.as_millis()],
+                )? == 1
+                {
+                    return Ok(Claim::New);
+                }
+                let state: Option<String> = c.row(
+                    "SELECT state FROM received WHERE id = ?1",
+                    params![id.as_str()],
+                    |r| r.get(0),
+                )?;
                 Ok(match state.as_deref() {
-                    None => {
-                        exec(
-                            &s.0,
-                            "INSERT INTO received (id, at, state) VALUES (?1, ?2, 'applying')",
-                            params![id.as_str(), now.as_millis()],
-                        )?;
-                        Claim::New
-                    }
                     Some("applying") => Claim::Interrupted,
-                    Some(_) => Claim::Done,
+                    _ => Claim::Done,
                 })
             })
             .await
@@ -377,9 +445,8 @@ impl Outbox {
     /// (an action claimed is then done).
     pub async fn mark_seen(&self, id: MessageId, now: Timestamp) -> Result<(), DbError> {
         self.db
-            .write(move |s| {
-                exec(
-                    &s.0,
+            .write(move |c| {
+                c.exec(
                     "INSERT INTO received (id, at, state) VALUES (?1, ?2, 'done')
                      ON CONFLICT (id) DO UPDATE SET state = 'done'",
                     params![id.as_str(), now.as_millis()],
@@ -392,13 +459,15 @@ impl Outbox {
     /// The file `bulk` is here: its held copies may go. Returns how many.
     pub async fn release(&self, bulk: String) -> Result<u64, DbError> {
         self.db
-            .write(move |s| {
-                let n = exec(
-                    &s.0,
+            .write(move |c| {
+                let n = c.exec(
                     "UPDATE outbox SET held = 0 WHERE bulk = ?1 AND held = 1",
                     params![bulk],
                 )?;
-                Ok(n as u64)
+                if n > 0 {
+                    c.notify(READY)?;
+                }
+                Ok(n)
             })
             .await
     }
@@ -407,10 +476,7 @@ impl Outbox {
     /// number dropped.
     pub async fn drop_bulk(&self, bulk: String) -> Result<u64, DbError> {
         self.db
-            .write(move |s| {
-                let n = exec(&s.0, "DELETE FROM outbox WHERE bulk = ?1", params![bulk])?;
-                Ok(n as u64)
-            })
+            .write(move |c| c.exec("DELETE FROM outbox WHERE bulk = ?1", params![bulk]))
             .await
     }
 
@@ -418,8 +484,8 @@ impl Outbox {
     /// remain, the file must stay).
     pub async fn bulk_pending(&self, bulk: String) -> Result<u64, DbError> {
         self.db
-            .read(move |s| {
-                let n: i64 = s.0.query_row(
+            .read(move |c| {
+                let n: i64 = c.one(
                     "SELECT COUNT(*) FROM outbox WHERE bulk = ?1",
                     params![bulk],
                     |r| r.get(0),
@@ -432,11 +498,20 @@ impl Outbox {
     /// Messages waiting.
     pub async fn pending(&self) -> Result<u64, DbError> {
         self.db
-            .read(|s| {
-                let n: i64 =
-                    s.0.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?;
+            .read(|c| {
+                let n: i64 = c.one("SELECT COUNT(*) FROM outbox", params![], |r| r.get(0))?;
                 Ok(u64::try_from(n).unwrap_or(0))
             })
             .await
     }
 }
+
+const OFFER: &str = "SELECT id, content_type, header, content FROM outbox
+     WHERE hop = ?1 AND (offered IS NULL OR offered < ?2)
+       AND (expiry IS NULL OR expiry > ?4) AND held = 0
+     ORDER BY created LIMIT ?3";
+
+const OFFER_LOCKED: &str = "SELECT id, content_type, header, content FROM outbox
+     WHERE hop = ?1 AND (offered IS NULL OR offered < ?2)
+       AND (expiry IS NULL OR expiry > ?4) AND held = 0
+     ORDER BY created LIMIT ?3 FOR UPDATE SKIP LOCKED";
