@@ -233,3 +233,96 @@ async fn a_postgresql_restart_under_load_loses_nothing_and_the_server_reconnects
     d.stop_all();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Two MLMs with one ID on one PostgreSQL database are one MLM to the
+/// server: whichever member takes an action from the server, the proxy
+/// that long-polls the other member receives its copy at once (the
+/// member's commit wakes the other's held poll; without that the copy
+/// would wait out the poll's 25 s hold), and each action completes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mlms_on_one_database_hand_out_each_others_back_channel_at_once() {
+    let dir = tmp("mlmfarm");
+    let url = Postgres::shared().database("mlmfarm");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let farm = Extra {
+        top: format!("database = \"{url}\"\n"),
+        ..Extra::default()
+    };
+    let m1 = d
+        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &farm)
+        .unwrap();
+    let m2 = d
+        .mlm("m2", "acme.m1", std::slice::from_ref(&a), &farm)
+        .unwrap();
+    let s1 = d
+        .proxy(
+            "p1",
+            "acme.p1",
+            std::slice::from_ref(&m1),
+            &Extra::default(),
+        )
+        .unwrap();
+    let s2 = d
+        .proxy(
+            "p2",
+            "acme.p2",
+            std::slice::from_ref(&m2),
+            &Extra::default(),
+        )
+        .unwrap();
+    register(&s1).await;
+    register(&s2).await;
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let c = crate::bulk::components(&a).await;
+                    c.contains("id=\"acme.p1\"") && c.contains("id=\"acme.p2\"")
+                })
+            })
+        }),
+        "the server did not learn of both proxies"
+    );
+    for round in 0..3 {
+        let started = std::time::Instant::now();
+        let (status, body) = control(
+            &a,
+            http::Method::POST,
+            "send",
+            r#"<send><to id="acme.p1"/><to id="acme.p2"/><control action="getStatus"/></send>"#,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let j = until_done(&a, attr(&body, "id")).await;
+        let took = started.elapsed();
+        for p in ["acme.p1", "acme.p2"] {
+            assert!(
+                j.contains(&format!("<target id=\"{p}\" state=\"succeeded\"")),
+                "round {round}: {j}"
+            );
+        }
+        assert!(
+            took < Duration::from_secs(5),
+            "round {round}: took {took:?}; a proxy polling the member that did not take \
+             the action waited for its poll to run out"
+        );
+    }
+    // Every copy was acknowledged: the farm's queue is empty.
+    let url2 = url.clone();
+    let left: i64 = tokio::task::spawn_blocking(move || {
+        let mut c = rs_store::sql::Conn::connect(&rs_store::sql::Location::Postgres {
+            url: url2,
+            schema: "mlm".into(),
+        })
+        .unwrap();
+        c.one("SELECT COUNT(*) FROM outbox", rs_store::params![], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    d.stop_all();
+}
