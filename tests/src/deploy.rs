@@ -595,7 +595,7 @@ impl Deployment {
         Ok((a1, a2, lb))
     }
 
-    /// Puts haproxy with packaging/haproxy/rs-appserver-farm.cfg in front
+    /// Puts haproxy with packaging/haproxy/rs-farm.cfg in front
     /// of two farm members, on a free port; its address becomes the
     /// deployment's application server (what MLMs and enrollments use).
     pub fn farm_balancer(&mut self, members: [&str; 2]) -> anyhow::Result<Haproxy> {
@@ -604,17 +604,29 @@ impl Deployment {
 
     /// [`Deployment::farm_balancer`] listening on `bind` (port 0: a free one).
     pub fn farm_balancer_at(&mut self, bind: &str, members: [&str; 2]) -> anyhow::Result<Haproxy> {
+        let h = self.balancer_at(bind, members)?;
+        self.appserver_addr = Some(h.addr.clone());
+        Ok(h)
+    }
+
+    /// haproxy with packaging/haproxy/rs-farm.cfg (TCP
+    /// passthrough) in front of two members of any tier's farm, on `bind`.
+    pub fn balancer_at(&mut self, bind: &str, members: [&str; 2]) -> anyhow::Result<Haproxy> {
         let addr = if bind.ends_with(":0") {
             let l = std::net::TcpListener::bind(bind)?;
             l.local_addr()?.to_string()
         } else {
             bind.to_owned()
         };
-        let log = std::fs::File::create(self.dir.join("logs").join("haproxy.log"))?;
+        let log = std::fs::File::create(
+            self.dir
+                .join("logs")
+                .join(format!("haproxy-{}.log", addr.replace([':', '.'], "-"))),
+        )?;
         let child = Command::new("haproxy")
             .arg("-db")
             .arg("-f")
-            .arg(crate::repo_root().join("packaging/haproxy/rs-appserver-farm.cfg"))
+            .arg(crate::repo_root().join("packaging/haproxy/rs-farm.cfg"))
             .env("RS_FARM_BIND", &addr)
             .env("RS_MEMBER1", members[0])
             .env("RS_MEMBER2", members[1])
@@ -637,7 +649,6 @@ impl Deployment {
         if let (Some(p), Ok(mut m)) = (&self.pki, tls_servers().lock()) {
             m.insert(addr.clone(), p.clone());
         }
-        self.appserver_addr = Some(addr);
         Ok(h)
     }
 

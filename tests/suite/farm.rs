@@ -1,5 +1,5 @@
 //! Application servers as a farm: two members on one PostgreSQL database
-//! behind haproxy (packaging/haproxy/rs-appserver-farm.cfg), with an MLM
+//! behind haproxy (packaging/haproxy/rs-farm.cfg), with an MLM
 //! and a proxy in front. Any member stores any envelope exactly once, the
 //! back-channel reaches the proxy whichever member it polls, jobs and
 //! subscriptions belong to the farm, and a member killed under load loses
@@ -325,4 +325,89 @@ async fn mlms_on_one_database_hand_out_each_others_back_channel_at_once() {
     .unwrap();
     assert_eq!(left, 0);
     d.stop_all();
+}
+
+/// A farm of two MLMs behind haproxy (packaging/haproxy/rs-farm.cfg), the
+/// proxies given the balancer's address. The member carrying most of the
+/// envelopes is killed (SIGKILL) under load: every alarm the proxies
+/// accepted is stored once, through the other member, and the
+/// back-channel reaches every proxy through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mlm_farm_behind_haproxy_loses_nothing_when_a_member_is_killed() {
+    const PROXIES: usize = 3;
+    let dir = tmp("mlmfarm-kill");
+    let url = Postgres::shared().database("mlmfarmkill");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let farm = Extra {
+        top: format!("database = \"{url}\"\n"),
+        ..Extra::default()
+    };
+    let m1 = d
+        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &farm)
+        .unwrap();
+    let m2 = d
+        .mlm("m2", "acme.m1", std::slice::from_ref(&a), &farm)
+        .unwrap();
+    let lb = d.balancer_at("127.0.0.1:0", [&m1, &m2]).unwrap();
+    let mut clients = Vec::new();
+    for i in 1..=PROXIES {
+        let s = d
+            .proxy(
+                &format!("p{i}"),
+                &format!("acme.p{i}"),
+                std::slice::from_ref(&lb.addr),
+                &Extra::default(),
+            )
+            .unwrap();
+        clients.push(register(&s).await);
+    }
+    let mut sent = HashSet::new();
+    let envelopes = |m: BTreeMap<String, u64>| m.get("envelopes.received").copied().unwrap_or(0);
+    for i in 0..240 {
+        if i == 80 {
+            let n1 = envelopes(server_metrics(&m1).await.unwrap());
+            let n2 = envelopes(server_metrics(&m2).await.unwrap());
+            d.node(if n1 >= n2 { "m1" } else { "m2" }).kill();
+        }
+        let c = &clients[i % PROXIES];
+        sent.insert(
+            c.send("alarm", &alarm(&format!("mlm farm alarm {i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    let stored_all = wait_for(Duration::from_secs(90), || {
+        stored_ids(&dir.join("appserver")).is_ok_and(|s| {
+            let s: HashSet<String> = s.into_iter().collect();
+            sent.is_subset(&s)
+        })
+    });
+    assert!(stored_all, "messages accepted by the proxies were lost");
+    let stored = stored_ids(&dir.join("appserver")).unwrap();
+    let unique: HashSet<&String> = stored.iter().collect();
+    assert_eq!(unique.len(), stored.len(), "a message was stored twice");
+
+    // The back-channel reaches every proxy through the survivor.
+    let to: String = (1..=PROXIES)
+        .map(|i| format!("<to id=\"acme.p{i}\"/>"))
+        .collect();
+    let (status, body) = control(
+        &a,
+        http::Method::POST,
+        "send",
+        &format!("<send>{to}<control action=\"getStatus\"/></send>"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let j = until_done(&a, attr(&body, "id")).await;
+    for i in 1..=PROXIES {
+        assert!(
+            j.contains(&format!("<target id=\"acme.p{i}\" state=\"succeeded\"")),
+            "{j}"
+        );
+    }
+    d.stop_all();
+    drop(lb);
+    let _ = std::fs::remove_dir_all(&dir);
 }
