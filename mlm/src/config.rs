@@ -25,7 +25,7 @@ pub struct Config {
     /// The shared database of a farm of MLMs: a `postgres://` URL (the
     /// forms are the application server's `database`). Every member names
     /// the same database and the same `id`; the farm's back-channel queue,
-    /// its routes and the IDs it has received are in the schema `mlm`
+    /// its routes and the IDs it has received are in the schema `mlm_<id>`
     /// there, so any member hands any component its messages and a held
     /// long poll on one member wakes when another queues for it. Absent:
     /// `outbox.db` in `data_dir`. (The custody spool, aggregation windows,
@@ -177,13 +177,18 @@ impl Config {
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// Where the back-channel queue is: the farm's PostgreSQL database, or
-    /// `outbox.db` in `data_dir`.
+    /// Where the back-channel queue is: the farm's schema in its PostgreSQL
+    /// database (`mlm_` and the ID, `.` and `-` as `_`: several farms may
+    /// share one database), or `outbox.db` in `data_dir`.
     pub fn queue_location(&self) -> rs_store::sql::Location {
+        let schema: String = format!("mlm_{}", self.id.to_ascii_lowercase())
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
         rs_store::sql::Location::choose(
             self.database.as_deref(),
             self.data_dir.join("outbox.db"),
-            "mlm",
+            &schema,
         )
     }
 

@@ -131,7 +131,7 @@ impl Mlm {
             .map_err(anyhow::Error::msg)?,
         );
         let queue_at = cfg.queue_location();
-        let outbox = rs_store::outbox::Outbox::open(&queue_at).with_context(|| {
+        let outbox = rs_store::outbox::Outbox::open(&queue_at, &id).with_context(|| {
             format!("opening the back-channel queue at {}", queue_at.describe())
         })?;
         let outbox_ready = Arc::new(rs_node::ingress::BackChannelReady::new(cfg.offer_again()));

@@ -313,7 +313,7 @@ async fn mlms_on_one_database_hand_out_each_others_back_channel_at_once() {
     let left: i64 = tokio::task::spawn_blocking(move || {
         let mut c = rs_store::sql::Conn::connect(&rs_store::sql::Location::Postgres {
             url: url2,
-            schema: "mlm".into(),
+            schema: "mlm_acme_m1".into(),
         })
         .unwrap();
         c.one("SELECT COUNT(*) FROM outbox", rs_store::params![], |r| {

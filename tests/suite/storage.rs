@@ -468,7 +468,7 @@ mod task_queue {
 
 /// An MLM's `outbox.db` from the releases before schema versions (and
 /// before the columns later ones added at start) is adopted in place: its queued message is handed out, its routes and
-/// received IDs hold, and it is at version 1.
+/// received IDs hold, and it is at the current version, its owner's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outbox_of_the_release_before_versions_is_migrated_with_its_messages() {
     use rs_protocol::codec::encode_header;
@@ -526,7 +526,8 @@ async fn an_outbox_of_the_release_before_versions_is_migrated_with_its_messages(
         )
         .unwrap();
     }
-    let q = rs_store::outbox::Outbox::open(&Location::Sqlite(path.clone())).unwrap();
+    let m1 = RsId::new("acme.m1").unwrap();
+    let q = rs_store::outbox::Outbox::open(&Location::Sqlite(path.clone()), &m1).unwrap();
     let p1 = RsId::new("acme.p1").unwrap();
     assert_eq!(
         q.route(RsId::new("acme.p1").unwrap()).await.unwrap(),
@@ -552,8 +553,21 @@ async fn an_outbox_of_the_release_before_versions_is_migrated_with_its_messages(
     assert_eq!(delivered, vec![(raw.header.id.clone(), p1)]);
     assert_eq!(q.pending().await.unwrap(), 0);
     drop(q);
-    let mut c = Conn::connect(&Location::Sqlite(path)).unwrap();
-    assert_eq!(c.schema_version().unwrap(), 1);
+    let mut c = Conn::connect(&Location::Sqlite(path.clone())).unwrap();
+    assert_eq!(c.schema_version().unwrap(), 2);
+    drop(c);
+    // It is acme.m1's now: another MLM is refused it, and says why.
+    let e = rs_store::outbox::Outbox::open(
+        &Location::Sqlite(path.clone()),
+        &RsId::new("acme.m2").unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("the back-channel queue of acme.m1, not of acme.m2"),
+        "{e}"
+    );
+    assert!(rs_store::outbox::Outbox::open(&Location::Sqlite(path), &m1).is_ok());
 }
 
 /// The back-channel queue (rs_store::outbox, the MLM's; a farm's on
@@ -678,7 +692,8 @@ mod back_channel_queue {
     }
 
     async fn run(at: Location, ops: Vec<Op>) -> Result<(), TestCaseError> {
-        let q = Outbox::open(&at).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let q = Outbox::open(&at, &RsId::new("acme.m1").unwrap())
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let mut model = Model::default();
         let mut now = T0;
         let mut seen: Vec<(rs_protocol::MessageId, u8, bool, Option<i64>)> = Vec::new();

@@ -19,11 +19,20 @@ use rs_protocol::time::Timestamp;
 /// The queue's schema changes, in order (append only). On SQLite version
 /// 1 also adopts the files of releases before versions, with the columns
 /// they gained at every start; on PostgreSQL it creates the tables.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "baseline",
-    apply: baseline,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "baseline",
+        apply: baseline,
+    },
+    Migration {
+        version: 2,
+        name: "the queue's owner",
+        // The component whose queue this is (all members of a farm share
+        // one ID): another component's queue is refused at open.
+        apply: |c| c.batch("CREATE TABLE owner (id TEXT PRIMARY KEY)"),
+    },
+];
 
 const SQLITE: &str = "
 CREATE TABLE IF NOT EXISTS outbox (
@@ -153,10 +162,35 @@ const KNOWN_ROUTES: usize = 100_000;
 const KNOWN_FOR: Duration = Duration::from_secs(60);
 
 impl Outbox {
-    /// Opens the queue at `at` (an SQLite file of this tier's, or a farm's
-    /// PostgreSQL schema), migrating its schema in place.
-    pub fn open(at: &Location) -> Result<Self, DbError> {
-        let conn = Conn::open(at, MIGRATIONS)?;
+    /// Opens the queue of `owner` at `at` (an SQLite file of this tier's,
+    /// or a farm's PostgreSQL schema), migrating its schema in place. A
+    /// queue another component owns is refused: two MLMs that are not one
+    /// farm must never hand out each other's messages.
+    pub fn open(at: &Location, owner: &RsId) -> Result<Self, DbError> {
+        // PostgreSQL's blocking client may not run on a thread that drives
+        // async tasks (a daemon opens its stores from its async main): the
+        // first statements run on a thread of their own, like the connect.
+        let conn = std::thread::scope(|s| {
+            s.spawn(|| -> Result<Conn, DbError> {
+                let mut conn = Conn::open(at, MIGRATIONS)?;
+                conn.exec(
+                    "INSERT INTO owner (id) SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM owner)",
+                    params![owner.as_str()],
+                )?;
+                let owners: Vec<String> =
+                    conn.rows("SELECT id FROM owner", params![], |r| r.get(0))?;
+                if owners.iter().any(|o| o != owner.as_str()) {
+                    return Err(DbError::Sql(format!(
+                        "{} is the back-channel queue of {}, not of {owner}",
+                        at.describe(),
+                        owners.join(", ")
+                    )));
+                }
+                Ok(conn)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(DbError::Sql("opening the queue panicked".into())))
+        })?;
         let engine = conn.engine();
         Ok(Outbox {
             db: Db::start("rs-outbox", conn)?,
