@@ -24,6 +24,21 @@ async fn control(a: &str, method: http::Method, path: &str, body: &str) -> (u16,
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+/// Waits until every message in `sent` is stored by the server whose data
+/// directory is `dir`, and checks none is stored twice.
+fn assert_stored_once(dir: &std::path::Path, sent: &HashSet<String>) {
+    let stored_all = wait_for(Duration::from_secs(90), || {
+        stored_ids(dir).is_ok_and(|s| {
+            let s: HashSet<String> = s.into_iter().collect();
+            sent.is_subset(&s)
+        })
+    });
+    assert!(stored_all, "messages the proxies accepted were lost");
+    let stored = stored_ids(dir).unwrap();
+    let unique: HashSet<&String> = stored.iter().collect();
+    assert_eq!(unique.len(), stored.len(), "a message was stored twice");
+}
+
 /// Sends getStatus to `acme.p1` through `via`; the job as `check` (another
 /// member) sees it once done.
 async fn get_status(via: &str, check: &str) -> String {
@@ -135,16 +150,7 @@ async fn a_farm_of_two_servers_shares_everything_and_loses_nothing_when_one_is_k
     } else {
         a2.clone()
     };
-    let stored_all = wait_for(Duration::from_secs(90), || {
-        stored_ids(&dir.join(&survivor)).is_ok_and(|s| {
-            let s: HashSet<String> = s.into_iter().collect();
-            sent.is_subset(&s)
-        })
-    });
-    assert!(stored_all, "messages accepted by the proxy were lost");
-    let stored = stored_ids(&dir.join(&survivor)).unwrap();
-    let unique: HashSet<&String> = stored.iter().collect();
-    assert_eq!(unique.len(), stored.len(), "a message was stored twice");
+    assert_stored_once(&dir.join(&survivor), &sent);
 
     // The survivor is the leader now: its expander gave the farm's feed
     // every alarm, in storage order.
@@ -207,16 +213,7 @@ async fn a_postgresql_restart_under_load_loses_nothing_and_the_server_reconnects
                 .unwrap(),
         );
     }
-    let stored_all = wait_for(Duration::from_secs(90), || {
-        stored_ids(&dir.join("a1")).is_ok_and(|s| {
-            let s: HashSet<String> = s.into_iter().collect();
-            sent.is_subset(&s)
-        })
-    });
-    assert!(stored_all, "messages accepted by the proxy were lost");
-    let stored = stored_ids(&dir.join("a1")).unwrap();
-    let unique: HashSet<&String> = stored.iter().collect();
-    assert_eq!(unique.len(), stored.len(), "a message was stored twice");
+    assert_stored_once(&dir.join("a1"), &sent);
     assert!(
         d.node("a1").is_running(),
         "the server died with its database"
@@ -377,16 +374,7 @@ async fn an_mlm_farm_behind_haproxy_loses_nothing_when_a_member_is_killed() {
                 .unwrap(),
         );
     }
-    let stored_all = wait_for(Duration::from_secs(90), || {
-        stored_ids(&dir.join("appserver")).is_ok_and(|s| {
-            let s: HashSet<String> = s.into_iter().collect();
-            sent.is_subset(&s)
-        })
-    });
-    assert!(stored_all, "messages accepted by the proxies were lost");
-    let stored = stored_ids(&dir.join("appserver")).unwrap();
-    let unique: HashSet<&String> = stored.iter().collect();
-    assert_eq!(unique.len(), stored.len(), "a message was stored twice");
+    assert_stored_once(&dir.join("appserver"), &sent);
 
     // The back-channel reaches every proxy through the survivor.
     let to: String = (1..=PROXIES)

@@ -203,6 +203,45 @@ async fn group_commit_undoes_only_the_failing_job_on_both_engines() {
 /// rules (one task per message and matching subscription; only a
 /// subscription's oldest unfinished task may be claimed; a claim that
 /// fails `MAX_ATTEMPTS` times is failed; a replay makes the failed ready).
+/// Runs a model-based test's cases on `engine`: each case a sequence of
+/// `ops` against a fresh store (an SQLite file `name`-<pid>-<case>, or a
+/// new PostgreSQL database `name` with the store's `schema`).
+fn model_cases<O: std::fmt::Debug, F>(
+    engine: &str,
+    name: &str,
+    schema: &str,
+    op: impl proptest::strategy::Strategy<Value = O>,
+    len: std::ops::Range<usize>,
+    run: impl Fn(Location, Vec<O>) -> F,
+) where
+    F: std::future::Future<Output = Result<(), proptest::test_runner::TestCaseError>>,
+{
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let case = std::sync::atomic::AtomicU32::new(0);
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases: 24,
+        ..proptest::test_runner::Config::default()
+    });
+    runner
+        .run(&proptest::collection::vec(op, len), |ops| {
+            let i = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let at = match engine {
+                "sqlite" => {
+                    let dir =
+                        std::env::temp_dir().join(format!("rs-{name}-{}-{i}", std::process::id()));
+                    let _ = std::fs::remove_dir_all(&dir);
+                    Location::Sqlite(dir.join("store.db"))
+                }
+                _ => Location::Postgres {
+                    url: Postgres::shared().database(name),
+                    schema: schema.into(),
+                },
+            };
+            rt.block_on(run(at, ops))
+        })
+        .unwrap();
+}
+
 mod task_queue {
     use std::collections::HashMap;
     use std::time::Duration;
@@ -214,7 +253,6 @@ mod task_queue {
     use rs_protocol::Timestamp;
     use rs_protocol::samples::alarm_of_size;
     use rs_store::sql::Location;
-    use rs_tests::postgres::Postgres;
 
     const MAX_ATTEMPTS: u32 = 2;
     /// Two subscriptions: one takes class `monitoring` only, one takes all.
@@ -429,30 +467,7 @@ mod task_queue {
     }
 
     fn check(engine: &str) {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let case = std::sync::atomic::AtomicU32::new(0);
-        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-            cases: 24,
-            ..ProptestConfig::default()
-        });
-        runner
-            .run(&proptest::collection::vec(op(), 1..40), |ops| {
-                let i = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let at = match engine {
-                    "sqlite" => {
-                        let dir = std::env::temp_dir()
-                            .join(format!("rs-taskq-{}-{i}", std::process::id()));
-                        let _ = std::fs::remove_dir_all(&dir);
-                        Location::Sqlite(dir.join("appserver.db"))
-                    }
-                    _ => Location::Postgres {
-                        url: Postgres::shared().database("taskq"),
-                        schema: "appserver".into(),
-                    },
-                };
-                rt.block_on(run(at, ops))
-            })
-            .unwrap();
+        super::model_cases(engine, "taskq", "appserver", op(), 1..40, run);
     }
 
     #[test]
@@ -586,7 +601,6 @@ mod back_channel_queue {
     use rs_protocol::{Route, RsId, Timestamp};
     use rs_store::outbox::Outbox;
     use rs_store::sql::Location;
-    use rs_tests::postgres::Postgres;
 
     const HOPS: [&str; 3] = ["acme.p1", "acme.p2", "acme.m9"];
     /// Offered again after this long without an acknowledgement.
@@ -839,30 +853,7 @@ mod back_channel_queue {
     }
 
     fn check(engine: &str) {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let case = std::sync::atomic::AtomicU32::new(0);
-        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-            cases: 24,
-            ..ProptestConfig::default()
-        });
-        runner
-            .run(&proptest::collection::vec(op(), 1..60), |ops| {
-                let i = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let at = match engine {
-                    "sqlite" => {
-                        let dir = std::env::temp_dir()
-                            .join(format!("rs-outboxq-{}-{i}", std::process::id()));
-                        let _ = std::fs::remove_dir_all(&dir);
-                        Location::Sqlite(dir.join("outbox.db"))
-                    }
-                    _ => Location::Postgres {
-                        url: Postgres::shared().database("outboxq"),
-                        schema: "mlm".into(),
-                    },
-                };
-                rt.block_on(run(at, ops))
-            })
-            .unwrap();
+        super::model_cases(engine, "outboxq", "mlm_acme_m1", op(), 1..60, run);
     }
 
     #[test]
