@@ -231,6 +231,25 @@ async fn a_postgresql_restart_under_load_loses_nothing_and_the_server_reconnects
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A server (SQLite) with a farm of two MLMs, `m1` and `m2`, both
+/// `acme.m1`, on `database`: (the deployment, the server's address, m1's,
+/// m2's).
+fn mlm_farm(dir: &std::path::Path, database: &str) -> (Deployment, String, String, String) {
+    let mut d = Deployment::new(dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let farm = Extra {
+        top: format!("database = \"{database}\"\n"),
+        ..Extra::default()
+    };
+    let m1 = d
+        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &farm)
+        .unwrap();
+    let m2 = d
+        .mlm("m2", "acme.m1", std::slice::from_ref(&a), &farm)
+        .unwrap();
+    (d, a, m1, m2)
+}
+
 /// Two MLMs with one ID on one PostgreSQL database are one MLM to the
 /// server: whichever member takes an action from the server, the proxy
 /// that long-polls the other member receives its copy at once (the
@@ -240,18 +259,7 @@ async fn a_postgresql_restart_under_load_loses_nothing_and_the_server_reconnects
 async fn mlms_on_one_database_hand_out_each_others_back_channel_at_once() {
     let dir = tmp("mlmfarm");
     let url = Postgres::shared().database("mlmfarm");
-    let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d.appserver("127.0.0.1:0", "").unwrap();
-    let farm = Extra {
-        top: format!("database = \"{url}\"\n"),
-        ..Extra::default()
-    };
-    let m1 = d
-        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &farm)
-        .unwrap();
-    let m2 = d
-        .mlm("m2", "acme.m1", std::slice::from_ref(&a), &farm)
-        .unwrap();
+    let (mut d, a, m1, m2) = mlm_farm(&dir, &url);
     let s1 = d
         .proxy(
             "p1",
@@ -334,18 +342,7 @@ async fn an_mlm_farm_behind_haproxy_loses_nothing_when_a_member_is_killed() {
     const PROXIES: usize = 3;
     let dir = tmp("mlmfarm-kill");
     let url = Postgres::shared().database("mlmfarmkill");
-    let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d.appserver("127.0.0.1:0", "").unwrap();
-    let farm = Extra {
-        top: format!("database = \"{url}\"\n"),
-        ..Extra::default()
-    };
-    let m1 = d
-        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &farm)
-        .unwrap();
-    let m2 = d
-        .mlm("m2", "acme.m1", std::slice::from_ref(&a), &farm)
-        .unwrap();
+    let (mut d, a, m1, m2) = mlm_farm(&dir, &url);
     let lb = d.balancer_at("127.0.0.1:0", [&m1, &m2]).unwrap();
     let mut clients = Vec::new();
     for i in 1..=PROXIES {
