@@ -140,6 +140,36 @@ fn migrations_run_once_in_order_and_a_newer_schema_is_refused() {
     }
 }
 
+/// Farm members started together on a new database: every one opens it
+/// (the schema, its version table and the migrations made once, under one
+/// lock), none fails on another's concurrent creation.
+#[test]
+fn members_opening_a_new_database_at_once_all_succeed() {
+    for round in 0..6 {
+        let at = Location::Postgres {
+            url: Postgres::shared().database("together"),
+            schema: format!("s{round}"),
+        };
+        let start = std::sync::Barrier::new(4);
+        let results: Vec<Result<i64, String>> = std::thread::scope(|s| {
+            let opened: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        Conn::open(&at, &[V1, V2])
+                            .and_then(|mut c| c.schema_version())
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            opened.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in results {
+            assert_eq!(r, Ok(2), "round {round}");
+        }
+    }
+}
+
 struct State(Conn);
 impl DbState for State {
     type Saved = ();

@@ -455,6 +455,13 @@ impl std::fmt::Debug for Pg {
 /// the store's thread.
 const STATEMENT_TIMEOUT: &str = "30s";
 
+/// The advisory lock migrations (and the creation of a store's schema)
+/// run under on PostgreSQL.
+const MIGRATION_LOCK: i64 = 7273636865;
+
+/// The columns of `rs_schema`, the record of applied migrations.
+const RS_SCHEMA: &str = "version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied BIGINT NOT NULL";
+
 impl Pg {
     fn client(&mut self) -> Result<&mut postgres::Client, DbError> {
         if self
@@ -472,9 +479,19 @@ impl Pg {
         if self.client.is_none() {
             self.statements.clear();
             let mut c = self.config.connect(postgres::NoTls)?;
+            // The schema and its version table are made under the
+            // migrations' lock: farm members starting together on a new
+            // database would otherwise race in CREATE ... IF NOT EXISTS,
+            // which is not safe against a concurrent creation (a unique
+            // violation in the catalog). Once they exist this takes the
+            // lock for a moment and changes nothing.
             c.batch_execute(&format!(
                 "SET statement_timeout = '{STATEMENT_TIMEOUT}';
+                 BEGIN;
+                 SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
                  CREATE SCHEMA IF NOT EXISTS {s};
+                 CREATE TABLE IF NOT EXISTS {s}.rs_schema ({RS_SCHEMA});
+                 COMMIT;
                  SET search_path TO {s};",
                 s = self.schema
             ))?;
@@ -644,13 +661,9 @@ impl Conn {
 
     /// The schema version the database is at (0: none yet).
     pub fn schema_version(&mut self) -> Result<i64, DbError> {
-        self.batch(
-            "CREATE TABLE IF NOT EXISTS rs_schema (
-                 version BIGINT PRIMARY KEY,
-                 name    TEXT   NOT NULL,
-                 applied BIGINT NOT NULL
-             )",
-        )?;
+        self.batch(&format!(
+            "CREATE TABLE IF NOT EXISTS rs_schema ({RS_SCHEMA})"
+        ))?;
         self.one(
             "SELECT COALESCE(MAX(version), 0) FROM rs_schema",
             params![],
@@ -679,8 +692,8 @@ impl Conn {
             self.begin()?;
             if self.engine() == Engine::Postgres {
                 self.one(
-                    "SELECT pg_advisory_xact_lock(7273636865)",
-                    params![],
+                    "SELECT pg_advisory_xact_lock(?1)",
+                    params![MIGRATION_LOCK],
                     |_| Ok(()),
                 )?;
             }
