@@ -32,6 +32,10 @@ pub struct Config {
     /// download cache and throttle counters stay in `data_dir`.)
     #[serde(default)]
     pub database: Option<String>,
+    /// This member's name in a farm (with `database`): how the farm's
+    /// status lists it. Default: the host's name and the listen port.
+    #[serde(default)]
+    pub member: Option<String>,
     pub upstream: UpstreamSection,
     /// Accept messages into this MLM's own durable spool and forward them
     /// later (for sites whose WAN is often down), instead of answering
@@ -190,6 +194,17 @@ impl Config {
             self.data_dir.join("outbox.db"),
             &schema,
         )
+    }
+
+    /// This member's name in a farm (`member`, or the host's name and the
+    /// listen port).
+    pub fn member_name(&self) -> String {
+        self.member.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{host}:{}", self.listen.port())
+        })
     }
 
     /// How long an unacknowledged back-channel message waits before it is

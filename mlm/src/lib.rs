@@ -99,6 +99,13 @@ pub use rs_node::daemon::Exit;
 /// [`rs_store::sql::Presence`]).
 const FARM_LEADER: i64 = 0x7273_6d6c_6d6c;
 
+/// How often a farm member records that it is alive, and its load.
+const FARM_BEAT: Duration = Duration::from_secs(2);
+/// A member silent for this long is shown failed.
+const FARM_LATE: Duration = Duration::from_secs(6);
+/// A member silent for this long is forgotten.
+const FARM_FORGET: Duration = Duration::from_secs(3600);
+
 impl Mlm {
     pub fn open(
         cfg: Config,
@@ -292,7 +299,22 @@ impl Mlm {
             metrics.push(("bulk.cache_files", n));
             metrics.push(("bulk.cache_bytes", b));
         }
+        let mut children = Vec::new();
+        if self.cfg.database.is_some() {
+            match self.farm_members().await {
+                Ok(members) => {
+                    let live = members.iter().filter(|m| m.state == NodeState::Ok).count();
+                    metrics.push(("farm.members", live as u64));
+                    children = members;
+                }
+                Err(e) => {
+                    tracing::error!("farm members: {e}");
+                    state = NodeState::Degraded;
+                }
+            }
+        }
         StatusNode {
+            children,
             id: Some(self.id.clone()),
             version: Some(env!("CARGO_PKG_VERSION").into()),
             since: Some(self.started),
@@ -301,6 +323,66 @@ impl Mlm {
                 .map(|(k, v)| Detail::new(k, v.to_string()))
                 .collect(),
             ..StatusNode::new("mlm", state)
+        }
+    }
+
+    /// The farm's members as status nodes: failed when silent for
+    /// [`FARM_LATE`], with the load each last recorded.
+    async fn farm_members(&self) -> Result<Vec<StatusNode>, rs_store::db::DbError> {
+        let now = self.clock.now();
+        let ago = |d: Duration| {
+            rs_protocol::Timestamp::from_millis(
+                now.as_millis() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+            )
+            .unwrap_or(now)
+        };
+        let late = ago(FARM_LATE);
+        Ok(self
+            .outbox
+            .members(ago(FARM_FORGET))
+            .await?
+            .into_iter()
+            .map(|m| {
+                let state = if m.seen >= late {
+                    NodeState::Ok
+                } else {
+                    NodeState::Failed
+                };
+                StatusNode {
+                    name: Some(m.name),
+                    since: Some(m.started),
+                    metrics: vec![
+                        Detail::new("seen", m.seen.to_string()),
+                        Detail::new("envelopes.in_hand", m.in_hand.to_string()),
+                        Detail::new("envelopes.received", m.envelopes.to_string()),
+                        Detail::new("messages.forwarded", m.forwarded.to_string()),
+                    ],
+                    ..StatusNode::new("member", state)
+                }
+            })
+            .collect())
+    }
+
+    /// Records this member's beat in the farm's database, every
+    /// [`FARM_BEAT`] until `stop`.
+    async fn beat(self: Arc<Self>, stop: CancellationToken) {
+        let name = self.cfg.member_name();
+        loop {
+            let m = rs_store::outbox::Member {
+                name: name.clone(),
+                started: self.started,
+                seen: self.clock.now(),
+                in_hand: self.load.inflight() as u64,
+                envelopes: self.stats.envelopes.load(Ordering::Relaxed),
+                forwarded: self.stats.forwarded.load(Ordering::Relaxed),
+            };
+            if let Err(e) = self.outbox.beat(m).await {
+                tracing::warn!("farm membership: {e}");
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(FARM_BEAT) => {}
+            }
         }
     }
 
@@ -506,6 +588,9 @@ pub async fn run(
             sender_stop.clone(),
         ))
     };
+    if mlm.cfg.database.is_some() {
+        tokio::spawn(mlm.clone().beat(shutdown.clone()));
+    }
     let fetcher = tokio::spawn(cache::run(mlm.clone(), shutdown.clone()));
     tokio::spawn(coalesce::run(mlm.clone()));
     tokio::spawn(rs_node::ingress::reoffer_ticker(

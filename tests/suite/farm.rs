@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+use rs_protocol::control::NodeState;
 use rs_tests::deploy::{Deployment, Extra, admin, base, server_metrics, stored_ids, wait_for};
 use rs_tests::postgres::Postgres;
 
@@ -231,23 +232,57 @@ async fn a_postgresql_restart_under_load_loses_nothing_and_the_server_reconnects
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A server (SQLite) with a farm of two MLMs, `m1` and `m2`, both
-/// `acme.m1`, on `database`: (the deployment, the server's address, m1's,
-/// m2's).
+/// A server (SQLite) with a farm of two MLMs, `m1` and `m2` (their member
+/// names too), both `acme.m1`, on `database`: (the deployment, the
+/// server's address, m1's, m2's).
 fn mlm_farm(dir: &std::path::Path, database: &str) -> (Deployment, String, String, String) {
     let mut d = Deployment::new(dir, exe()).unwrap();
-    let a = d.appserver("127.0.0.1:0", "").unwrap();
-    let farm = Extra {
-        top: format!("database = \"{database}\"\n"),
+    // Heartbeats every 2 s: the server sees the farm's members soon.
+    let a = d.appserver("127.0.0.1:0", "heartbeat_secs = 2").unwrap();
+    let member = |name: &str| Extra {
+        top: format!("database = \"{database}\"\nmember = \"{name}\"\n"),
         ..Extra::default()
     };
     let m1 = d
-        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &farm)
+        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &member("m1"))
         .unwrap();
     let m2 = d
-        .mlm("m2", "acme.m1", std::slice::from_ref(&a), &farm)
+        .mlm("m2", "acme.m1", std::slice::from_ref(&a), &member("m2"))
         .unwrap();
     (d, a, m1, m2)
+}
+
+/// The members an MLM's status lists, by name, with their states.
+async fn members(m: &str) -> BTreeMap<String, NodeState> {
+    let Ok(r) = admin(m)
+        .get(format!("{}/rs/v1/status", base(m)))
+        .send()
+        .await
+    else {
+        return BTreeMap::new();
+    };
+    let body = r.bytes().await.unwrap_or_default();
+    let Ok(tree) = rs_protocol::codec::decode_status(&body, &rs_protocol::codec::Limits::default())
+    else {
+        return BTreeMap::new();
+    };
+    tree.children
+        .into_iter()
+        .filter(|c| c.kind == "member")
+        .filter_map(|c| Some((c.name?, c.state)))
+        .collect()
+}
+
+/// Whether `m` comes to list exactly `want` within 30 s.
+async fn until_members(m: &str, want: &BTreeMap<String, NodeState>) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if members(m).await == *want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
 }
 
 /// Two MLMs with one ID on one PostgreSQL database are one MLM to the
@@ -356,13 +391,28 @@ async fn an_mlm_farm_behind_haproxy_loses_nothing_when_a_member_is_killed() {
             .unwrap();
         clients.push(register(&s).await);
     }
+    // Each member lists both, alive, in its status.
+    let name = |m: &str| if m == m1 { "m1" } else { "m2" }.to_owned();
+    let both = BTreeMap::from([(name(&m1), NodeState::Ok), (name(&m2), NodeState::Ok)]);
+    for m in [&m1, &m2] {
+        assert!(
+            until_members(m, &both).await,
+            "{m} does not list both members alive: {:?}",
+            members(m).await
+        );
+    }
     let mut sent = HashSet::new();
     let envelopes = |m: BTreeMap<String, u64>| m.get("envelopes.received").copied().unwrap_or(0);
+    let mut survivor = String::new();
+    let mut victim = String::new();
     for i in 0..240 {
         if i == 80 {
             let n1 = envelopes(server_metrics(&m1).await.unwrap());
             let n2 = envelopes(server_metrics(&m2).await.unwrap());
-            d.node(if n1 >= n2 { "m1" } else { "m2" }).kill();
+            let (v, sv) = if n1 >= n2 { ("m1", &m2) } else { ("m2", &m1) };
+            d.node(v).kill();
+            victim = if v == "m1" { m1.clone() } else { m2.clone() };
+            survivor = sv.clone();
         }
         let c = &clients[i % PROXIES];
         sent.insert(
@@ -372,6 +422,36 @@ async fn an_mlm_farm_behind_haproxy_loses_nothing_when_a_member_is_killed() {
         );
     }
     assert_stored_once(&dir.join("appserver"), &sent);
+
+    // The survivor shows the dead member failed, and the server sees the
+    // farm (one MLM) with its members in the status the survivor reports.
+    let after = BTreeMap::from([
+        (name(&survivor), NodeState::Ok),
+        (name(&victim), NodeState::Failed),
+    ]);
+    assert!(
+        until_members(&survivor, &after).await,
+        "the survivor does not show the dead member failed: {:?}",
+        members(&survivor).await
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let c = crate::bulk::components(&a).await;
+                    c.contains(&format!(
+                        "kind=\"member\" name=\"{}\" state=\"failed\"",
+                        name(&victim)
+                    )) && c.contains(&format!(
+                        "kind=\"member\" name=\"{}\" state=\"ok\"",
+                        name(&survivor)
+                    ))
+                })
+            })
+        }),
+        "the server's view of acme.m1 lacks its members: {}",
+        crate::bulk::components(&a).await
+    );
 
     // The back-channel reaches every proxy through the survivor.
     let to: String = (1..=PROXIES)

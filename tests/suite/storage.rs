@@ -170,6 +170,36 @@ fn members_opening_a_new_database_at_once_all_succeed() {
     }
 }
 
+/// The members of an MLM farm starting together on a new database: each
+/// opens the farm's queue (one records the owner, the others find it).
+#[test]
+fn mlm_farm_members_opening_a_new_queue_at_once_all_succeed() {
+    for round in 0..4 {
+        let at = Location::Postgres {
+            url: Postgres::shared().database("queuetogether"),
+            schema: format!("mlm_acme_m{round}"),
+        };
+        let owner = rs_protocol::RsId::new(format!("acme.m{round}")).unwrap();
+        let start = std::sync::Barrier::new(3);
+        let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+            let opened: Vec<_> = (0..3)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        rs_store::outbox::Outbox::open(&at, &owner)
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            opened.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in results {
+            assert_eq!(r, Ok(()), "round {round}");
+        }
+    }
+}
+
 struct State(Conn);
 impl DbState for State {
     type Saved = ();
@@ -599,7 +629,10 @@ async fn an_outbox_of_the_release_before_versions_is_migrated_with_its_messages(
     assert_eq!(q.pending().await.unwrap(), 0);
     drop(q);
     let mut c = Conn::connect(&Location::Sqlite(path.clone())).unwrap();
-    assert_eq!(c.schema_version().unwrap(), 2);
+    assert_eq!(
+        c.schema_version().unwrap(),
+        rs_store::outbox::MIGRATIONS.len() as i64
+    );
     drop(c);
     // It is acme.m1's now: another MLM is refused it, and says why.
     let e = rs_store::outbox::Outbox::open(

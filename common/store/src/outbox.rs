@@ -32,7 +32,40 @@ pub const MIGRATIONS: &[Migration] = &[
         // one ID): another component's queue is refused at open.
         apply: |c| c.batch("CREATE TABLE owner (id TEXT PRIMARY KEY)"),
     },
+    Migration {
+        version: 3,
+        name: "farm members",
+        apply: |c| {
+            c.batch(
+                "CREATE TABLE members (
+                     name      TEXT   PRIMARY KEY,
+                     started   BIGINT NOT NULL,
+                     seen      BIGINT NOT NULL,
+                     in_hand   BIGINT NOT NULL,
+                     envelopes BIGINT NOT NULL,
+                     forwarded BIGINT NOT NULL
+                 )",
+            )
+        },
+    },
 ];
+
+/// A member of a farm sharing one queue, as its last beat recorded it
+/// ([`Outbox::beat`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Unique in the farm (by default the host's name and the port).
+    pub name: String,
+    pub started: Timestamp,
+    /// Its last beat.
+    pub seen: Timestamp,
+    /// Envelopes it was handling then.
+    pub in_hand: u64,
+    /// Envelopes received since it started.
+    pub envelopes: u64,
+    /// Messages it forwarded upstream since it started.
+    pub forwarded: u64,
+}
 
 const SQLITE: &str = "
 CREATE TABLE IF NOT EXISTS outbox (
@@ -155,6 +188,9 @@ pub struct Outbox {
     engine: Engine,
 }
 
+/// The advisory lock under which a queue's owner is recorded.
+const OWNER_LOCK: i64 = 0x7273_6f77_6e72;
+
 /// Routes remembered in memory at most.
 const KNOWN_ROUTES: usize = 100_000;
 
@@ -173,12 +209,26 @@ impl Outbox {
         let conn = std::thread::scope(|s| {
             s.spawn(|| -> Result<Conn, DbError> {
                 let mut conn = Conn::open(at, MIGRATIONS)?;
-                conn.exec(
-                    "INSERT INTO owner (id) SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM owner)",
-                    params![owner.as_str()],
-                )?;
-                let owners: Vec<String> =
-                    conn.rows("SELECT id FROM owner", params![], |r| r.get(0))?;
+                // Members of a farm starting together: one records the
+                // owner, the others find it.
+                conn.begin()?;
+                let owners = conn.serialize(OWNER_LOCK).and_then(|()| {
+                    conn.exec(
+                        "INSERT INTO owner (id) SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM owner)",
+                        params![owner.as_str()],
+                    )?;
+                    conn.rows("SELECT id FROM owner", params![], |r| r.get::<String>(0))
+                });
+                let owners = match owners {
+                    Ok(o) => {
+                        conn.commit()?;
+                        o
+                    }
+                    Err(e) => {
+                        let _ = conn.rollback();
+                        return Err(e);
+                    }
+                };
                 if owners.iter().any(|o| o != owner.as_str()) {
                     return Err(DbError::Sql(format!(
                         "{} is the back-channel queue of {}, not of {owner}",
@@ -525,6 +575,63 @@ impl Outbox {
                     |r| r.get(0),
                 )?;
                 Ok(u64::try_from(n).unwrap_or(0))
+            })
+            .await
+    }
+
+    /// Records this member's beat: that it is alive now and its load. A
+    /// farm's members beat every few seconds; the others read the table
+    /// ([`Outbox::members`]).
+    pub async fn beat(&self, m: Member) -> Result<(), DbError> {
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.db
+            .write_relaxed(move |c| {
+                c.exec(
+                    "INSERT INTO members (name, started, seen, in_hand, envelopes, forwarded)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (name) DO UPDATE SET started = ?2, seen = ?3, in_hand = ?4,
+                         envelopes = ?5, forwarded = ?6",
+                    params![
+                        m.name,
+                        m.started.as_millis(),
+                        m.seen.as_millis(),
+                        count(m.in_hand),
+                        count(m.envelopes),
+                        count(m.forwarded)
+                    ],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// The farm's members by name, as their last beats recorded them;
+    /// members silent since before `forget` are forgotten.
+    pub async fn members(&self, forget: Timestamp) -> Result<Vec<Member>, DbError> {
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        let ts =
+            |ms: i64| Timestamp::from_millis(ms).unwrap_or(Timestamp::from_millis(0).expect("0"));
+        self.db
+            .write_relaxed(move |c| {
+                c.exec(
+                    "DELETE FROM members WHERE seen < ?1",
+                    params![forget.as_millis()],
+                )?;
+                c.rows(
+                    "SELECT name, started, seen, in_hand, envelopes, forwarded FROM members
+                     ORDER BY name",
+                    params![],
+                    |r| {
+                        Ok(Member {
+                            name: r.get(0)?,
+                            started: ts(r.get(1)?),
+                            seen: ts(r.get(2)?),
+                            in_hand: count(r.get(3)?),
+                            envelopes: count(r.get(4)?),
+                            forwarded: count(r.get(5)?),
+                        })
+                    },
+                )
             })
             .await
     }
