@@ -17,6 +17,7 @@ mod collector;
 mod curves;
 mod forward;
 mod longpoll;
+mod mlmfarm;
 mod relay;
 mod storage;
 mod throttle;
@@ -426,6 +427,10 @@ fn main() {
                         .map(|()| Vec::new())
                         .map_err(|e| format!("{e:#}"))
                 }),
+            ),
+            (
+                "mlmfarm",
+                Box::new(move || mlmfarm::run(runs, back.actions).map_err(|e| format!("{e:#}"))),
             ),
             (
                 "longpoll",
