@@ -374,18 +374,42 @@ async fn mlms_on_one_database_hand_out_each_others_back_channel_at_once() {
 /// back-channel reaches every proxy through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mlm_farm_behind_haproxy_loses_nothing_when_a_member_is_killed() {
+    a_member_killed(true).await;
+}
+
+/// The same with no balancer: the proxies list both members' URLs (their
+/// failover list), so they all start on the first, which is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_listing_an_mlm_farms_members_fail_over_and_lose_nothing() {
+    a_member_killed(false).await;
+}
+
+/// Three proxies on a farm of two MLMs, through haproxy or listing the
+/// members; the busier member is killed under load.
+async fn a_member_killed(balanced: bool) {
     const PROXIES: usize = 3;
-    let dir = tmp("mlmfarm-kill");
-    let url = Postgres::shared().database("mlmfarmkill");
+    let name = if balanced {
+        "mlmfarm-kill"
+    } else {
+        "mlmfarm-urls"
+    };
+    let dir = tmp(name);
+    let url = Postgres::shared().database(&name.replace('-', ""));
     let (mut d, a, m1, m2) = mlm_farm(&dir, &url);
-    let lb = d.balancer_at("127.0.0.1:0", [&m1, &m2]).unwrap();
+    let (lb, upstream) = if balanced {
+        let lb = d.balancer_at("127.0.0.1:0", [&m1, &m2]).unwrap();
+        let up = vec![lb.addr.clone()];
+        (Some(lb), up)
+    } else {
+        (None, vec![m1.clone(), m2.clone()])
+    };
     let mut clients = Vec::new();
     for i in 1..=PROXIES {
         let s = d
             .proxy(
                 &format!("p{i}"),
                 &format!("acme.p{i}"),
-                std::slice::from_ref(&lb.addr),
+                &upstream,
                 &Extra::default(),
             )
             .unwrap();
