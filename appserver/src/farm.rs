@@ -43,7 +43,8 @@ pub(crate) fn join(
     // Notifications arrive on the presence thread; async work they start
     // runs on the server's runtime.
     let rt = tokio::runtime::Handle::try_current().ok();
-    Presence::start(at, CHANNELS, LEADER, move |channel| {
+    let channels = CHANNELS.iter().map(|c| (*c).to_owned()).collect();
+    Presence::start(at, channels, LEADER, move |channel| {
         let Some(app) = app.get().and_then(Weak::upgrade) else {
             return;
         };

@@ -10,7 +10,7 @@
 //! server answers takes the action and commits the proxy's copy to the
 //! farm's queue. When the proxy long-polls the other member, that member
 //! hands the copy out when the commit's notification wakes it (`NOTIFY
-//! rs_mlm_outbox`); with the proxies split two and two, the farm's p99
+//! rs_mlm_<id>`); with the proxies split two and two, the farm's p99
 //! includes that cross-member path.
 //! Durability: the server on SQLite (WAL, synchronous=FULL) in both; the
 //! farm's queue on PostgreSQL with fsync and synchronous_commit on, the

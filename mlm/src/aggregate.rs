@@ -13,10 +13,23 @@ use std::time::Duration;
 
 use rs_protocol::model::*;
 use rs_protocol::{MessageId, RsId, Timestamp};
-use rs_store::db::{Db, DbError, Plain};
-use rusqlite::params;
+use rs_store::db::{Db, DbError};
+use rs_store::params;
+use rs_store::sql::{Conn, Engine, Location, Migration};
 
-const SCHEMA: &str = "
+/// The queue's schema changes, in order (append only). On SQLite version
+/// 1 adopts the `mlm.db` of releases before versions as it is; on
+/// PostgreSQL (a farm's) it creates the table.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "baseline",
+    apply: |c| match c.engine() {
+        Engine::Sqlite => c.batch(SQLITE),
+        Engine::Postgres => c.batch(POSTGRES),
+    },
+}];
+
+const SQLITE: &str = "
 CREATE TABLE IF NOT EXISTS aggregation (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     rule       INTEGER NOT NULL,
@@ -33,6 +46,25 @@ CREATE TABLE IF NOT EXISTS aggregation (
     text       TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS aggregation_group ON aggregation (rule, grp, seq);
+";
+
+const POSTGRES: &str = "
+CREATE TABLE aggregation (
+    seq        BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    rule       BIGINT NOT NULL,
+    grp        TEXT   NOT NULL,
+    id         TEXT   NOT NULL UNIQUE,
+    received   BIGINT NOT NULL,
+    severity   BIGINT NOT NULL,
+    precedence BIGINT NOT NULL,
+    persistent BIGINT NOT NULL,
+    expiry     BIGINT,
+    source     TEXT   NOT NULL,
+    class      TEXT   NOT NULL,
+    subclass   TEXT   NOT NULL,
+    text       TEXT   NOT NULL
+);
+CREATE INDEX aggregation_group ON aggregation (rule, grp, seq);
 ";
 
 /// One aggregated alarm, as kept.
@@ -58,10 +90,12 @@ pub struct Group {
     pub members: Vec<Member>,
 }
 
-/// Handle to the aggregation queue.
+/// Handle to the queue; cheap to clone. On PostgreSQL it is a farm's:
+/// every member adds what passes through it, and the farm's leader alone
+/// turns due groups into summaries (`Mlm::flush_aggregates`).
 #[derive(Debug, Clone)]
 pub struct AggregationQueue {
-    db: Db<Plain>,
+    db: Db<Conn>,
 }
 
 fn rank(s: Severity) -> i64 {
@@ -69,26 +103,32 @@ fn rank(s: Severity) -> i64 {
 }
 
 impl AggregationQueue {
-    pub fn open(path: &std::path::Path) -> Result<Self, DbError> {
-        let conn = rs_store::db::open(path)?;
-        conn.execute_batch(SCHEMA)?;
+    /// Opens the queue at `at` (`mlm.db`, or a farm's schema), migrating
+    /// its schema in place.
+    pub fn open(at: &Location) -> Result<Self, DbError> {
+        // Off the async workers, as every PostgreSQL open (rs_store::sql).
+        let conn = std::thread::scope(|s| {
+            s.spawn(|| Conn::open(at, MIGRATIONS))
+                .join()
+                .unwrap_or_else(|_| Err(DbError::Sql("opening the queue panicked".into())))
+        })?;
         Ok(AggregationQueue {
-            db: Db::start("rs-mlm-aggregation", Plain(conn))?,
+            db: Db::start("rs-mlm-aggregation", conn)?,
         })
     }
 
-    /// Stores members durably; a member already held is ignored.
+    /// Adds messages to their groups (rule index, group key), durably.
     pub async fn add(&self, items: Vec<(usize, String, Member)>) -> Result<(), DbError> {
         self.db
-            .write(move |s| {
+            .write(move |c| {
                 for (rule, grp, m) in items {
-                    s.0.execute(
+                    c.exec(
                         "INSERT INTO aggregation (rule, grp, id, received, severity, precedence, persistent,
                                                   expiry, source, class, subclass, text)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                          ON CONFLICT (id) DO NOTHING",
                         params![
-                            rule as i64, grp, m.id, m.received, rank(m.severity), m.precedence,
+                            rule, grp, m.id, m.received, rank(m.severity), m.precedence,
                             m.persistent, m.expiry, m.source, m.class, m.subclass, m.text
                         ],
                     )?;
@@ -98,40 +138,39 @@ impl AggregationQueue {
             .await
     }
 
-    /// Groups whose first member arrived at least their rule's window ago.
+    /// Groups whose window (per rule) has passed since their first member.
     pub async fn due(&self, now: Timestamp, windows: Vec<Duration>) -> Result<Vec<Group>, DbError> {
         self.db
-            .read(move |s| {
-                let mut st = s.0.prepare(
+            .read(move |c| {
+                let rows = c.rows(
                     "SELECT rule, grp, id, received, severity, precedence, persistent, expiry, source,
                             class, subclass, text
                      FROM aggregation ORDER BY rule, grp, seq",
+                    params![],
+                    |r| {
+                        Ok((
+                            r.get::<usize>(0)?,
+                            r.get::<String>(1)?,
+                            Member {
+                                id: r.get(2)?,
+                                received: r.get(3)?,
+                                severity: Severity::ALL
+                                    .get(r.get::<usize>(4)?)
+                                    .copied()
+                                    .unwrap_or(Severity::Info),
+                                precedence: r.get(5)?,
+                                persistent: r.get(6)?,
+                                expiry: r.get(7)?,
+                                source: r.get(8)?,
+                                class: r.get(9)?,
+                                subclass: r.get(10)?,
+                                text: r.get(11)?,
+                            },
+                        ))
+                    },
                 )?;
-                let rows = st.query_map([], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        Member {
-                            id: r.get(2)?,
-                            received: r.get(3)?,
-                            severity: Severity::ALL
-                                .get(usize::try_from(r.get::<_, i64>(4)?).unwrap_or(4))
-                                .copied()
-                                .unwrap_or(Severity::Info),
-                            precedence: r.get(5)?,
-                            persistent: r.get(6)?,
-                            expiry: r.get(7)?,
-                            source: r.get(8)?,
-                            class: r.get(9)?,
-                            subclass: r.get(10)?,
-                            text: r.get(11)?,
-                        },
-                    ))
-                })?;
                 let mut groups: Vec<Group> = Vec::new();
-                for row in rows {
-                    let (rule, grp, m) = row?;
-                    let rule = usize::try_from(rule).unwrap_or(0);
+                for (rule, grp, m) in rows {
                     match groups.last_mut() {
                         Some(g) if g.rule == rule && g.group == grp => g.members.push(m),
                         _ => groups.push(Group {
@@ -151,12 +190,12 @@ impl AggregationQueue {
             .await
     }
 
-    /// Forgets the members of a summarised group.
+    /// Removes members whose summary is spooled.
     pub async fn remove(&self, ids: Vec<String>) -> Result<(), DbError> {
         self.db
-            .write(move |s| {
+            .write(move |c| {
                 for id in ids {
-                    s.0.execute("DELETE FROM aggregation WHERE id = ?1", params![id])?;
+                    c.exec("DELETE FROM aggregation WHERE id = ?1", params![id])?;
                 }
                 Ok(())
             })
@@ -166,16 +205,14 @@ impl AggregationQueue {
     /// Members waiting.
     pub async fn pending(&self) -> Result<u64, DbError> {
         self.db
-            .read(|s| {
-                let n: i64 =
-                    s.0.query_row("SELECT COUNT(*) FROM aggregation", [], |r| r.get(0))?;
+            .read(|c| {
+                let n: i64 = c.one("SELECT COUNT(*) FROM aggregation", params![], |r| r.get(0))?;
                 Ok(u64::try_from(n).unwrap_or(0))
             })
             .await
     }
 }
 
-/// The summary alarm of a group, sent by the MLM itself.
 pub fn summary(me: &RsId, g: &Group, window: Duration, now: Timestamp) -> Option<Message> {
     let first = g.members.first()?;
     let last = g.members.last()?;

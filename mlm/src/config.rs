@@ -185,15 +185,29 @@ impl Config {
     /// database (`mlm_` and the ID, `.` and `-` as `_`: several farms may
     /// share one database), or `outbox.db` in `data_dir`.
     pub fn queue_location(&self) -> rs_store::sql::Location {
-        let schema: String = format!("mlm_{}", self.id.to_ascii_lowercase())
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
         rs_store::sql::Location::choose(
             self.database.as_deref(),
             self.data_dir.join("outbox.db"),
-            &schema,
+            &self.farm_schema(""),
         )
+    }
+
+    /// Where the aggregation queue is: the farm's schema `mlm_<id>_agg`, or
+    /// `mlm.db` in `data_dir`.
+    pub fn aggregation_location(&self) -> rs_store::sql::Location {
+        rs_store::sql::Location::choose(
+            self.database.as_deref(),
+            self.data_dir.join("mlm.db"),
+            &self.farm_schema("_agg"),
+        )
+    }
+
+    /// `mlm_` and the ID (`.` and `-` as `_`), then `suffix`.
+    fn farm_schema(&self, suffix: &str) -> String {
+        format!("mlm_{}{suffix}", self.id.to_ascii_lowercase())
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect()
     }
 
     /// This member's name in a farm (`member`, or the host's name and the

@@ -95,10 +95,6 @@ pub struct Mlm {
 
 pub use rs_node::daemon::Exit;
 
-/// The advisory lock held by the leader of a farm of MLMs (see
-/// [`rs_store::sql::Presence`]).
-const FARM_LEADER: i64 = 0x7273_6d6c_6d6c;
-
 /// How often a farm member records that it is alive, and its load.
 const FARM_BEAT: Duration = Duration::from_secs(2);
 /// A member silent for this long is shown failed.
@@ -126,8 +122,14 @@ impl Mlm {
             rs_node::throttle::open(&cfg.throttle, Arc::new(SystemClock), &cfg.data_dir)
                 .map_err(anyhow::Error::msg)?,
         );
-        let aggregation = aggregate::AggregationQueue::open(&cfg.data_dir.join("mlm.db"))
-            .context("opening the aggregation queue")?;
+        let aggregation_at = cfg.aggregation_location();
+        let aggregation =
+            aggregate::AggregationQueue::open(&aggregation_at).with_context(|| {
+                format!(
+                    "opening the aggregation queue at {}",
+                    aggregation_at.describe()
+                )
+            })?;
         let upstream = Arc::new(
             Upstream::new(UpstreamConfig {
                 urls: cfg.upstream.urls.clone(),
@@ -148,8 +150,8 @@ impl Mlm {
             let ready = outbox_ready.clone();
             rs_store::sql::Presence::start(
                 &queue_at,
-                &[rs_store::outbox::READY],
-                FARM_LEADER,
+                vec![rs_store::outbox::ready_channel(&queue_at)],
+                rs_store::sql::lock_key(&format!("rs-mlm leader {}", cfg.id)),
                 move |_| ready.notify_waiters(),
             )
             .context("joining the farm")?
@@ -395,8 +397,13 @@ impl Mlm {
         Ok(())
     }
 
-    /// Turns due aggregation groups into summaries in the spool.
+    /// Turns due aggregation groups into summaries in the spool; in a farm
+    /// on the leader only (the queue is the farm's: one summary per group,
+    /// whichever members its alarms passed through).
     pub async fn flush_aggregates(&self) -> anyhow::Result<usize> {
+        if !self.presence.is_leader() {
+            return Ok(0);
+        }
         let windows: Vec<Duration> = self
             .cfg
             .aggregate

@@ -239,9 +239,13 @@ fn mlm_farm(dir: &std::path::Path, database: &str) -> (Deployment, String, Strin
     let mut d = Deployment::new(dir, exe()).unwrap();
     // Heartbeats every 2 s: the server sees the farm's members soon.
     let a = d.appserver("127.0.0.1:0", "heartbeat_secs = 2").unwrap();
-    let member = |name: &str| Extra {
+    // Alarms of subclass farmagg are aggregated, by class, for 2 s.
+    let member = |name: &str| {
+        Extra {
         top: format!("database = \"{database}\"\nmember = \"{name}\"\n"),
+        tables: "[[aggregate]]\ntype = \"alarm\"\nsubclass = \"farmagg\"\nwindow_secs = 2\ngroup_by = \"class\"\n".into(),
         ..Extra::default()
+    }
     };
     let m1 = d
         .mlm("m1", "acme.m1", std::slice::from_ref(&a), &member("m1"))
@@ -290,6 +294,7 @@ async fn until_members(m: &str, want: &BTreeMap<String, NodeState>) -> bool {
 /// that long-polls the other member receives its copy at once (the
 /// member's commit wakes the other's held poll; without that the copy
 /// would wait out the poll's 25 s hold), and each action completes once.
+/// Alarms aggregated through both members make one summary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mlms_on_one_database_hand_out_each_others_back_channel_at_once() {
     let dir = tmp("mlmfarm");
@@ -311,8 +316,8 @@ async fn mlms_on_one_database_hand_out_each_others_back_channel_at_once() {
             &Extra::default(),
         )
         .unwrap();
-    register(&s1).await;
-    register(&s2).await;
+    let c1 = register(&s1).await;
+    let c2 = register(&s2).await;
     assert!(
         wait_for(Duration::from_secs(30), || {
             tokio::task::block_in_place(|| {
@@ -348,6 +353,46 @@ async fn mlms_on_one_database_hand_out_each_others_back_channel_at_once() {
              the action waited for its poll to run out"
         );
     }
+    // Aggregation windows are the farm's: alarms through either member
+    // make one summary, made by the leader alone.
+    let mut aggregated = Vec::new();
+    for i in 0..3 {
+        for c in [&c1, &c2] {
+            let a = rs_proxy::api::SendRequest {
+                subclass: Some("farmagg".into()),
+                ..alarm(&format!("farm disk {i}"), None)
+            };
+            aggregated.push(c.send("alarm", &a).await.unwrap());
+        }
+    }
+    let summaries = |dir: &std::path::Path| -> Vec<String> {
+        stored_ids(&dir.join("appserver"))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|id| id.starts_with("agg-"))
+            .collect()
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), || !summaries(&dir).is_empty()),
+        "no summary of the farm's aggregated alarms"
+    );
+    // Later flushes would have made a second one by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(summaries(&dir).len(), 1, "{:?}", summaries(&dir));
+    let (_, body) = control(
+        &a,
+        http::Method::GET,
+        "messages?component=acme.m1&type=alarm",
+        "",
+    )
+    .await;
+    assert!(
+        body.contains("<detail name=\"aggregated.count\">6</detail>"),
+        "{body}"
+    );
+    let stored = stored_ids(&dir.join("appserver")).unwrap();
+    assert!(aggregated.iter().all(|id| !stored.contains(id)));
+
     // Every copy was acknowledged: the farm's queue is empty.
     let url2 = url.clone();
     let left: i64 = tokio::task::spawn_blocking(move || {

@@ -152,9 +152,18 @@ fn baseline(c: &mut Conn) -> Result<(), DbError> {
     c.batch("CREATE INDEX IF NOT EXISTS outbox_bulk ON outbox (bulk) WHERE bulk IS NOT NULL")
 }
 
-/// The PostgreSQL channel on which a farm member's commit to the queue
-/// wakes the others' held long polls ([`Outbox::open`]'s callers listen).
-pub const READY: &str = "rs_mlm_outbox";
+/// The PostgreSQL channel on which a farm member's commit to the queue at
+/// `at` wakes the others' held long polls: `rs_` and the queue's schema
+/// (each farm its own; at most 63 bytes, PostgreSQL's limit).
+pub fn ready_channel(at: &Location) -> String {
+    let schema = match at {
+        Location::Postgres { schema, .. } => schema.as_str(),
+        Location::Sqlite(_) => "outbox",
+    };
+    let mut c = format!("rs_{schema}");
+    c.truncate(63);
+    c
+}
 
 /// What a tier did with an action addressed to it before ([`Outbox::claim`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +182,7 @@ pub enum Claim {
 /// every member hands out any hop's messages and takes its
 /// acknowledgements. Offers lock what they hand out (`SKIP LOCKED`), so two
 /// members polled at once by one hop do not both hand out a message, and
-/// every commit that makes messages ready notifies [`READY`].
+/// every commit that makes messages ready notifies [`ready_channel`].
 #[derive(Debug, Clone)]
 pub struct Outbox {
     db: Db<Conn>,
@@ -186,6 +195,8 @@ pub struct Outbox {
     /// [`KNOWN_FOR`] only.
     known: Arc<Mutex<HashMap<String, (String, Instant)>>>,
     engine: Engine,
+    /// [`ready_channel`].
+    ready: Arc<str>,
 }
 
 /// The advisory lock under which a queue's owner is recorded.
@@ -246,6 +257,7 @@ impl Outbox {
             db: Db::start("rs-outbox", conn)?,
             known: Arc::default(),
             engine,
+            ready: ready_channel(at).into(),
         })
     }
 
@@ -341,6 +353,7 @@ impl Outbox {
         bulk: Option<(String, bool)>,
         now: Timestamp,
     ) -> Result<Vec<MessageId>, DbError> {
+        let ready = self.ready.clone();
         self.db
             .write(move |c| {
                 let (file, held) = match &bulk {
@@ -392,7 +405,7 @@ impl Outbox {
                     )?;
                 }
                 if queued > 0 && held == 0 {
-                    c.notify(READY)?;
+                    c.notify(&ready)?;
                 }
                 Ok(ids)
             })
@@ -542,6 +555,7 @@ impl Outbox {
 
     /// The file `bulk` is here: its held copies may go. Returns how many.
     pub async fn release(&self, bulk: String) -> Result<u64, DbError> {
+        let ready = self.ready.clone();
         self.db
             .write(move |c| {
                 let n = c.exec(
@@ -549,7 +563,7 @@ impl Outbox {
                     params![bulk],
                 )?;
                 if n > 0 {
-                    c.notify(READY)?;
+                    c.notify(&ready)?;
                 }
                 Ok(n)
             })

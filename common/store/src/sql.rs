@@ -936,6 +936,17 @@ impl crate::db::Txn for Conn {
     }
 }
 
+/// An advisory lock key of 64 bits named by `name` (FNV-1a), for locks
+/// that belong to one of several farms sharing a database.
+pub fn lock_key(name: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
 /// A farm member's standing session on the shared database: it hears the
 /// notifications other members' commits send ([`Conn::notify`]) and holds
 /// the farm's leadership (an advisory lock) while it is the leader. Work
@@ -962,7 +973,7 @@ impl Presence {
     /// itself; while disconnected it is not the leader.
     pub fn start(
         at: &Location,
-        channels: &'static [&'static str],
+        channels: Vec<String>,
         lock: i64,
         heard: impl Fn(&str) + Send + 'static,
     ) -> Result<Presence, DbError> {
@@ -980,14 +991,14 @@ impl Presence {
             .name("rs-presence".into())
             .spawn(move || {
                 loop {
-                    if let Err(e) = presence_session(&config, channels, lock, &leader, &heard) {
+                    if let Err(e) = presence_session(&config, &channels, lock, &leader, &heard) {
                         tracing::warn!("farm presence: {e}; connecting again");
                     }
                     if leader.swap(false, std::sync::atomic::Ordering::SeqCst) {
                         tracing::warn!("no longer the farm's leader (lost the database session)");
                     }
                     // Whatever was missed while away: wake everything.
-                    for c in channels {
+                    for c in &channels {
                         heard(c);
                     }
                     std::thread::sleep(Duration::from_secs(1));
@@ -1005,7 +1016,7 @@ impl Presence {
 /// One session of a [`Presence`], until its connection fails.
 fn presence_session(
     config: &postgres::Config,
-    channels: &[&str],
+    channels: &[String],
     lock: i64,
     leader: &std::sync::atomic::AtomicBool,
     heard: &dyn Fn(&str),
