@@ -175,6 +175,17 @@ impl Config {
         )
     }
 
+    /// Where the throttle's usage counters are: the farm's schema
+    /// `appserver_throttle` (its members' counts add up), or `throttle.db`
+    /// in `data_dir`.
+    pub fn throttle_location(&self) -> rs_store::sql::Location {
+        rs_store::sql::Location::choose(
+            self.database.as_deref(),
+            self.data_dir.join("throttle.db"),
+            "appserver_throttle",
+        )
+    }
+
     /// How long an unacknowledged back-channel message waits before it is
     /// offered again.
     pub fn offer_again(&self) -> Duration {

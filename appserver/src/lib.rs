@@ -133,11 +133,16 @@ impl AppServer {
     }
 
     /// Replaces the throttle (usage counters carry over: they live in
-    /// throttle.db by rule name and key).
+    /// throttle.db, or the farm's database, by rule name and key).
     pub fn set_throttle(&self, cfg: rs_node::throttle::ThrottleConfig) -> Result<(), String> {
         let old = self.current_throttle();
         old.flush()?;
-        let t = rs_node::throttle::open(&cfg, self.clock.clone(), &self.cfg.data_dir)?;
+        let t = rs_node::throttle::open_at(
+            &cfg,
+            self.clock.clone(),
+            &self.cfg.data_dir,
+            &self.cfg.throttle_location(),
+        )?;
         if let Ok(mut w) = self.throttle.write() {
             *w = Arc::new(t);
         }
@@ -163,8 +168,13 @@ impl AppServer {
         let presence = farm::join(&at, slot.clone())
             .map_err(|e| anyhow::anyhow!("joining the farm at {}: {e}", at.describe()))?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let throttle = rs_node::throttle::open(&cfg.throttle, clock.clone(), &cfg.data_dir)
-            .map_err(anyhow::Error::msg)?;
+        let throttle = rs_node::throttle::open_at(
+            &cfg.throttle,
+            clock.clone(),
+            &cfg.data_dir,
+            &cfg.throttle_location(),
+        )
+        .map_err(anyhow::Error::msg)?;
         let timeout = Duration::from_secs(cfg.webhook_timeout_secs.max(1));
         let mut modules: Vec<Arc<dyn modules::ServiceModule>> =
             vec![Arc::new(monitor::HeartbeatMonitor)];

@@ -202,6 +202,17 @@ impl Config {
         )
     }
 
+    /// Where the throttle's usage counters are: the farm's schema
+    /// `mlm_<id>_throttle` (its members' counts add up), or `throttle.db` in
+    /// `data_dir`.
+    pub fn throttle_location(&self) -> rs_store::sql::Location {
+        rs_store::sql::Location::choose(
+            self.database.as_deref(),
+            self.data_dir.join("throttle.db"),
+            &self.farm_schema("_throttle"),
+        )
+    }
+
     /// `mlm_` and the ID (`.` and `-` as `_`), then `suffix`.
     fn farm_schema(&self, suffix: &str) -> String {
         format!("mlm_{}{suffix}", self.id.to_ascii_lowercase())

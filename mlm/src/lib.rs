@@ -119,8 +119,13 @@ impl Mlm {
         spool_cfg.dedupe_window = Some(spool_cfg.max_age);
         let spool = SqliteSpool::open(spool_cfg).context("opening the spool")?;
         let throttle = Arc::new(
-            rs_node::throttle::open(&cfg.throttle, Arc::new(SystemClock), &cfg.data_dir)
-                .map_err(anyhow::Error::msg)?,
+            rs_node::throttle::open_at(
+                &cfg.throttle,
+                Arc::new(SystemClock),
+                &cfg.data_dir,
+                &cfg.throttle_location(),
+            )
+            .map_err(anyhow::Error::msg)?,
         );
         let aggregation_at = cfg.aggregation_location();
         let aggregation =

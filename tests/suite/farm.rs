@@ -236,16 +236,25 @@ async fn a_postgresql_restart_under_load_loses_nothing_and_the_server_reconnects
 /// names too), both `acme.m1`, on `database`: (the deployment, the
 /// server's address, m1's, m2's).
 fn mlm_farm(dir: &std::path::Path, database: &str) -> (Deployment, String, String, String) {
+    mlm_farm_with(dir, database, "")
+}
+
+/// [`mlm_farm`] with more configuration tables for both members.
+fn mlm_farm_with(
+    dir: &std::path::Path,
+    database: &str,
+    tables: &str,
+) -> (Deployment, String, String, String) {
     let mut d = Deployment::new(dir, exe()).unwrap();
     // Heartbeats every 2 s: the server sees the farm's members soon.
     let a = d.appserver("127.0.0.1:0", "heartbeat_secs = 2").unwrap();
     // Alarms of subclass farmagg are aggregated, by class, for 2 s.
-    let member = |name: &str| {
-        Extra {
+    let member = |name: &str| Extra {
         top: format!("database = \"{database}\"\nmember = \"{name}\"\n"),
-        tables: "[[aggregate]]\ntype = \"alarm\"\nsubclass = \"farmagg\"\nwindow_secs = 2\ngroup_by = \"class\"\n".into(),
+        tables: format!(
+            "[[aggregate]]\ntype = \"alarm\"\nsubclass = \"farmagg\"\nwindow_secs = 2\ngroup_by = \"class\"\n{tables}"
+        ),
         ..Extra::default()
-    }
     };
     let m1 = d
         .mlm("m1", "acme.m1", std::slice::from_ref(&a), &member("m1"))
@@ -544,4 +553,96 @@ async fn a_member_killed(balanced: bool) {
     d.stop_all();
     drop(lb);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A quota on an MLM farm is the farm's: two members each carrying half
+/// the traffic admit about the quota between them (each flush adds a
+/// member's counts to the farm's and reads the total back), not the
+/// quota each. Offered: about 1.5 times the quota, paced at 10 alarms/s
+/// per proxy; admitted: within 10% of the quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_on_an_mlm_farm_holds_for_the_farm_as_a_whole() {
+    const QUOTA: u64 = 300_000;
+    let dir = tmp("mlmfarm-quota");
+    let url = Postgres::shared().database("mlmfarmquota");
+    let (mut d, _a, m1, m2) = mlm_farm_with(
+        &dir,
+        &url,
+        &format!(
+            "[[throttle.rule]]\nname = \"farm-cap\"\nclass = \"quota\"\nquota_bytes = {QUOTA}\nquota_period = \"day\"\n"
+        ),
+    );
+    let mut clients = Vec::new();
+    for (i, m) in [&m1, &m2].into_iter().enumerate() {
+        let s = d
+            .proxy(
+                &format!("p{}", i + 1),
+                &format!("acme.p{}", i + 1),
+                std::slice::from_ref(m),
+                &Extra::default(),
+            )
+            .unwrap();
+        clients.push(register(&s).await);
+    }
+    let text = "q".repeat(2000);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for i in 0..120 {
+        tick.tick().await;
+        for c in &clients {
+            let a = rs_proxy::api::SendRequest {
+                class: Some("quota".into()),
+                subclass: Some("cap".into()),
+                ..alarm(&format!("{i} {text}"), None)
+            };
+            c.send("alarm", &a).await.unwrap();
+        }
+    }
+    // Both members flush and read back (every second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = |m: &str| {
+        let m = m.to_owned();
+        async move {
+            server_metrics(&m)
+                .await
+                .unwrap()
+                .get("throttle.farm-cap.bytes")
+                .copied()
+                .unwrap_or(0)
+        }
+    };
+    let (u1, u2) = (used(&m1).await, used(&m2).await);
+    // The farm's total as the database has it.
+    let url2 = url.clone();
+    let total: i64 = tokio::task::spawn_blocking(move || {
+        let mut c = rs_store::sql::Conn::connect(&rs_store::sql::Location::Postgres {
+            url: url2,
+            schema: "mlm_acme_m1_throttle".into(),
+        })
+        .unwrap();
+        c.one(
+            "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM usage WHERE rule = 'farm-cap'",
+            rs_store::params![],
+            |r| r.get(0),
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    let total = total as u64;
+    assert!(
+        total <= QUOTA + QUOTA / 10,
+        "the farm admitted {total} bytes against a quota of {QUOTA}"
+    );
+    assert!(
+        total >= QUOTA * 8 / 10,
+        "the quota was not reached ({total} of {QUOTA}): the test offered too little"
+    );
+    // Each member reports the farm's usage, not its own share.
+    for u in [u1, u2] {
+        assert!(
+            u >= total * 9 / 10 && u <= total,
+            "member reports {u}, farm {total}"
+        );
+    }
+    d.stop_all();
 }

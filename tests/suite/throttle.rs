@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use rs_node::throttle::{
-    Decision, Per, Period, Rule, SqliteUsage, Subject, Throttle, ThrottleConfig,
-};
+use rs_node::throttle::{Decision, Per, Period, Rule, SqlUsage, Subject, Throttle, ThrottleConfig};
 use rs_protocol::model::{ContentKind, Severity};
 use rs_protocol::time::Clock;
 use rs_protocol::{RsId, Timestamp};
@@ -262,7 +260,11 @@ fn quotas_are_per_key_hold_within_five_percent_and_survive_a_restart() {
         }],
         ..ThrottleConfig::default()
     };
-    let usage = || Some(Arc::new(SqliteUsage::open(&dir.join("throttle.db")).unwrap()) as _);
+    let usage = || {
+        Some(Arc::new(
+            SqlUsage::open(&rs_store::sql::Location::Sqlite(dir.join("throttle.db"))).unwrap(),
+        ) as _)
+    };
     let t = Throttle::new(&cfg, c.clone(), usage(), None).unwrap();
     let m = Msg::new("acme.p1", "data", 100_000);
     // One 100 KB message a second for 12 simulated hours: 4.3 GB offered.

@@ -32,6 +32,8 @@ use rs_protocol::ids::RsId;
 use rs_protocol::model::{ContentKind, Severity};
 use rs_protocol::time::Clock;
 use rs_protocol::time::Timestamp;
+use rs_store::params;
+use rs_store::sql::{Conn, Engine, Location, Migration};
 
 pub use rs_protocol::throttle::{
     Per, Period, Rule, ThrottleConfig, decode_throttle, encode_throttle,
@@ -62,14 +64,19 @@ pub enum Decision {
 }
 
 /// Durable usage counters: `(rule, key, period start ms) -> (bytes,
-/// messages)`. The SQLite implementation keeps them in the daemon's
-/// database; the MLM farm backs the same interface with PostgreSQL so a
-/// farm holds its quotas as a whole.
+/// messages)`, in the daemon's `throttle.db` or, for a farm, in its
+/// PostgreSQL database ([`SqlUsage`]), where the members' counts add up so
+/// a farm holds its quotas as a whole.
 pub trait UsageStore: Send + Sync + std::fmt::Debug {
     /// Counters for periods starting at or after `since` (ms).
     fn load(&self, since: i64) -> Result<Vec<UsageRow>, String>;
     /// Adds these increments.
     fn add(&self, rows: &[UsageRow]) -> Result<(), String>;
+    /// Whether other processes add to the same counters (a farm's): then
+    /// every flush reads the totals back.
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// One counter.
@@ -709,10 +716,21 @@ impl Throttle {
                 })
                 .collect()
         };
-        if rows.is_empty() {
-            return Ok(());
+        if !rows.is_empty() {
+            u.add(&rows)?;
         }
-        u.add(&rows)
+        if u.shared() {
+            // The farm's totals: what every member flushed, plus what this
+            // one counted since its rows were taken.
+            let totals = u.load(self.clock.now().as_millis() - 31 * 86_400_000)?;
+            let mut c = self.counts.lock().map_err(|_| "poisoned")?;
+            for t in totals {
+                let e = c.entry((t.rule, t.key, t.period_start)).or_default();
+                e.bytes = t.bytes + e.dirty_bytes;
+                e.messages = t.messages + e.dirty_messages;
+            }
+        }
+        Ok(())
     }
 
     /// For status: per rule, messages held back since start; and the usage
@@ -826,77 +844,117 @@ impl Throttle {
     }
 }
 
-/// Usage counters in a SQLite file (`throttle.db` in the data directory).
+/// The usage table's schema changes, in order (append only). Version 1
+/// adopts the `throttle.db` of releases before versions as it is.
+pub const USAGE_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "baseline",
+    apply: |c| {
+        c.batch(
+            "CREATE TABLE IF NOT EXISTS usage (
+                rule         TEXT   NOT NULL,
+                key          TEXT   NOT NULL,
+                period_start BIGINT NOT NULL,
+                bytes        BIGINT NOT NULL,
+                messages     BIGINT NOT NULL,
+                PRIMARY KEY (rule, key, period_start)
+            )",
+        )
+    },
+}];
+
+/// Usage counters in a table on either engine (rs_store::sql):
+/// `throttle.db` in the data directory, or a farm's PostgreSQL schema,
+/// where every member adds its counts and reads the farm's totals back.
 #[derive(Debug)]
-pub struct SqliteUsage {
-    conn: Mutex<rusqlite::Connection>,
+pub struct SqlUsage {
+    conn: Mutex<Conn>,
+    shared: bool,
 }
 
-impl SqliteUsage {
-    pub fn open(path: &std::path::Path) -> Result<Self, rs_store::db::DbError> {
-        let conn = rs_store::db::open(path)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS usage (
-                rule         TEXT    NOT NULL,
-                key          TEXT    NOT NULL,
-                period_start INTEGER NOT NULL,
-                bytes        INTEGER NOT NULL,
-                messages     INTEGER NOT NULL,
-                PRIMARY KEY (rule, key, period_start)
-            );",
-        )?;
-        Ok(SqliteUsage {
+impl SqlUsage {
+    pub fn open(at: &Location) -> Result<Self, rs_store::db::DbError> {
+        let conn = off_runtime(|| Conn::open(at, USAGE_MIGRATIONS))?;
+        Ok(SqlUsage {
+            shared: conn.engine() == Engine::Postgres,
             conn: Mutex::new(conn),
         })
     }
 }
 
-impl UsageStore for SqliteUsage {
+/// Runs `f` on a thread of its own: PostgreSQL's blocking client may not
+/// run on a thread that drives async tasks (a daemon opens its throttle
+/// from its async main; flushes run on the blocking pool).
+fn off_runtime<T: Send>(
+    f: impl FnOnce() -> Result<T, rs_store::db::DbError> + Send,
+) -> Result<T, rs_store::db::DbError> {
+    std::thread::scope(|s| {
+        s.spawn(f).join().unwrap_or_else(|_| {
+            Err(rs_store::db::DbError::Sql(
+                "the usage store panicked".into(),
+            ))
+        })
+    })
+}
+
+impl UsageStore for SqlUsage {
     fn load(&self, since: i64) -> Result<Vec<UsageRow>, String> {
-        let c = self.conn.lock().map_err(|_| "poisoned")?;
-        let mut st = c
-            .prepare(
+        let mut guard = self.conn.lock().map_err(|_| "poisoned")?;
+        let c: &mut Conn = &mut guard;
+        off_runtime(|| {
+            c.rows(
                 "SELECT rule, key, period_start, bytes, messages FROM usage WHERE period_start >= ?1",
+                params![since],
+                |r| {
+                    Ok(UsageRow {
+                        rule: r.get(0)?,
+                        key: r.get(1)?,
+                        period_start: r.get(2)?,
+                        bytes: r.get(3)?,
+                        messages: r.get(4)?,
+                    })
+                },
             )
-            .map_err(|e| e.to_string())?;
-        let rows = st
-            .query_map([since], |r| {
-                Ok(UsageRow {
-                    rule: r.get(0)?,
-                    key: r.get(1)?,
-                    period_start: r.get(2)?,
-                    bytes: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
-                    messages: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
-                })
-            })
-            .map_err(|e| e.to_string())?;
-        rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+        })
+        .map_err(|e| e.to_string())
     }
 
     fn add(&self, rows: &[UsageRow]) -> Result<(), String> {
-        let mut c = self.conn.lock().map_err(|_| "poisoned")?;
-        let tx = c.transaction().map_err(|e| e.to_string())?;
-        for r in rows {
-            tx.execute(
-                "INSERT INTO usage (rule, key, period_start, bytes, messages) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (rule, key, period_start) DO UPDATE SET bytes = bytes + ?4, messages = messages + ?5",
-                rusqlite::params![
-                    r.rule,
-                    r.key,
-                    r.period_start,
-                    i64::try_from(r.bytes).unwrap_or(i64::MAX),
-                    i64::try_from(r.messages).unwrap_or(i64::MAX)
-                ],
-            )
-            .map_err(|e| e.to_string())?;
-        }
-        // Older periods are of no use any more.
-        tx.execute(
-            "DELETE FROM usage WHERE period_start < (SELECT MAX(period_start) FROM usage) - 2764800000",
-            [],
-        )
-        .map_err(|e| e.to_string())?;
-        tx.commit().map_err(|e| e.to_string())
+        let mut guard = self.conn.lock().map_err(|_| "poisoned")?;
+        let c: &mut Conn = &mut guard;
+        off_runtime(|| {
+            c.begin()?;
+            let r = (|| {
+                for r in rows {
+                    c.exec(
+                        "INSERT INTO usage (rule, key, period_start, bytes, messages)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (rule, key, period_start)
+                         DO UPDATE SET bytes = usage.bytes + ?4, messages = usage.messages + ?5",
+                        params![r.rule, r.key, r.period_start, r.bytes, r.messages],
+                    )?;
+                }
+                // Older periods are of no use any more.
+                c.exec(
+                    "DELETE FROM usage
+                     WHERE period_start < (SELECT MAX(period_start) FROM usage) - 2764800000",
+                    params![],
+                )?;
+                Ok(())
+            })();
+            match r {
+                Ok(()) => c.commit(),
+                Err(e) => {
+                    let _ = c.rollback();
+                    Err(e)
+                }
+            }
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    fn shared(&self) -> bool {
+        self.shared
     }
 }
 
@@ -907,7 +965,23 @@ pub fn open(
     clock: Arc<dyn Clock>,
     data_dir: &std::path::Path,
 ) -> Result<Throttle, String> {
-    let usage = SqliteUsage::open(&data_dir.join("throttle.db")).map_err(|e| e.to_string())?;
+    open_at(
+        cfg,
+        clock,
+        data_dir,
+        &Location::Sqlite(data_dir.join("throttle.db")),
+    )
+}
+
+/// [`open`] with the usage counters at `usage` (a farm's database).
+pub fn open_at(
+    cfg: &ThrottleConfig,
+    clock: Arc<dyn Clock>,
+    data_dir: &std::path::Path,
+    usage: &Location,
+) -> Result<Throttle, String> {
+    let usage = SqlUsage::open(usage)
+        .map_err(|e| format!("throttle usage at {}: {e}", usage.describe()))?;
     Throttle::new(cfg, clock, Some(Arc::new(usage)), Some(data_dir))
 }
 
