@@ -144,6 +144,15 @@ impl Mlm {
             })
             .map_err(anyhow::Error::msg)?,
         );
+        if cfg.custody && cfg.database.is_some() {
+            // docs/operations.md, "A farm of MLMs": what a member takes into
+            // custody waits for that member.
+            tracing::warn!(
+                "custody = true in a farm: the custody spool is this member's own; what it \
+                 holds is forwarded only when this member runs (farm members normally relay \
+                 synchronously, custody = false)"
+            );
+        }
         let queue_at = cfg.queue_location();
         let outbox = rs_store::outbox::Outbox::open(&queue_at, &id).with_context(|| {
             format!("opening the back-channel queue at {}", queue_at.describe())

@@ -40,6 +40,37 @@ fn assert_stored_once(dir: &std::path::Path, sent: &HashSet<String>) {
     assert_eq!(unique.len(), stored.len(), "a message was stored twice");
 }
 
+/// Sends `n` alarms through `clients` in turn, killing `pg` after the
+/// first third (pausing 300 ms after each of the next ten: long enough for
+/// the senders to try and be told to retry) and restarting it after two
+/// thirds: the IDs the proxies accepted.
+async fn send_across_a_restart(
+    pg: &Postgres,
+    clients: &[rs_proxy::client::Client],
+    n: usize,
+    label: &str,
+) -> HashSet<String> {
+    let mut sent = HashSet::new();
+    for i in 0..n {
+        if i == n / 3 {
+            pg.kill().unwrap();
+        }
+        if (n / 3..n / 3 + 10).contains(&i) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        if i == 2 * n / 3 {
+            pg.restart().unwrap();
+        }
+        sent.insert(
+            clients[i % clients.len()]
+                .send("alarm", &alarm(&format!("{label} alarm {i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    sent
+}
+
 /// Sends getStatus to `acme.p1` through `via`; the job as `check` (another
 /// member) sees it once done.
 async fn get_status(via: &str, check: &str) -> String {
@@ -196,24 +227,7 @@ async fn a_postgresql_restart_under_load_loses_nothing_and_the_server_reconnects
         .proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
         .unwrap();
     let c = register(&s).await;
-    let mut sent = HashSet::new();
-    for i in 0..300 {
-        if i == 100 {
-            pg.kill().unwrap();
-        }
-        if (100..110).contains(&i) {
-            // Long enough for the proxy to try (and be told to retry).
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        if i == 200 {
-            pg.restart().unwrap();
-        }
-        sent.insert(
-            c.send("alarm", &alarm(&format!("restart alarm {i}"), None))
-                .await
-                .unwrap(),
-        );
-    }
+    let sent = send_across_a_restart(&pg, std::slice::from_ref(&c), 300, "restart").await;
     assert_stored_once(&dir.join("a1"), &sent);
     assert!(
         d.node("a1").is_running(),
@@ -671,24 +685,7 @@ async fn an_mlm_farm_carries_on_through_a_postgresql_restart() {
             .unwrap();
         clients.push(register(&s).await);
     }
-    let mut sent = HashSet::new();
-    for i in 0..200 {
-        if i == 60 {
-            pg.kill().unwrap();
-        }
-        if (60..70).contains(&i) {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        if i == 140 {
-            pg.restart().unwrap();
-        }
-        sent.insert(
-            clients[i % 2]
-                .send("alarm", &alarm(&format!("pg restart alarm {i}"), None))
-                .await
-                .unwrap(),
-        );
-    }
+    let sent = send_across_a_restart(&pg, &clients, 210, "mlm restart").await;
     assert_stored_once(&dir.join("appserver"), &sent);
     for m in ["m1", "m2"] {
         assert!(d.node(m).is_running(), "{m} died with its database");
