@@ -145,7 +145,7 @@ impl Mlm {
             .map_err(anyhow::Error::msg)?,
         );
         if cfg.custody && cfg.database.is_some() {
-            // docs/operations.md, "A farm of MLMs": what a member takes into
+            // docs/operations.md, "Scaling out: a farm of MLMs": what a member takes into
             // custody waits for that member.
             tracing::warn!(
                 "custody = true in a farm: the custody spool is this member's own; what it \
