@@ -468,14 +468,12 @@ impl Deployment {
     }
 
     fn server(&mut self, name: &str, role: Role, config: String) -> anyhow::Result<String> {
-        if let (Some(p), Ok(mut m)) = (&self.pki, tls_servers().lock())
-            && let Some(l) = config.lines().find_map(|l| l.strip_prefix("listen = \""))
-        {
-            // A fixed address is TLS before it answers (tests that wait
-            // for it to come up use base()).
+        if let Some(l) = config.lines().find_map(|l| l.strip_prefix("listen = \"")) {
+            // A fixed address is TLS (or plain) before it answers (tests
+            // that wait for it to come up use base()).
             let a = l.trim_end_matches('"');
             if !a.ends_with(":0") {
-                m.insert(a.to_owned(), p.clone());
+                self.register_addr(a);
             }
         }
         let cfg_path = self.dir.join(format!("{name}.toml"));
@@ -514,10 +512,20 @@ impl Deployment {
         write(&cfg_path, &pinned)?;
         node.addr = Some(addr.clone());
         self.nodes.insert(name.into(), node);
-        if let (Some(p), Ok(mut m)) = (&self.pki, tls_servers().lock()) {
-            m.insert(addr.clone(), p.clone());
-        }
+        self.register_addr(&addr);
         Ok(addr)
+    }
+
+    /// Records whether `addr` now speaks TLS (this deployment's PKI) or
+    /// plain HTTP: tests run in parallel and ports are reused, so an
+    /// address a finished test served over TLS may be plain now.
+    fn register_addr(&self, addr: &str) {
+        if let Ok(mut m) = tls_servers().lock() {
+            match &self.pki {
+                Some(p) => m.insert(addr.to_owned(), p.clone()),
+                None => m.remove(addr),
+            };
+        }
     }
 
     /// Starts the application server (`extra`: more TOML); returns its address.
@@ -646,9 +654,7 @@ impl Deployment {
             .is_ok()),
             "haproxy did not start listening on {addr}"
         );
-        if let (Some(p), Ok(mut m)) = (&self.pki, tls_servers().lock()) {
-            m.insert(addr.clone(), p.clone());
-        }
+        self.register_addr(&addr);
         Ok(h)
     }
 

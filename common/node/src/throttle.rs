@@ -868,7 +868,8 @@ pub const USAGE_MIGRATIONS: &[Migration] = &[Migration {
 /// where every member adds its counts and reads the farm's totals back.
 #[derive(Debug)]
 pub struct SqlUsage {
-    conn: Mutex<Conn>,
+    /// Always `Some` but while dropped.
+    conn: Mutex<Option<Conn>>,
     shared: bool,
 }
 
@@ -877,8 +878,32 @@ impl SqlUsage {
         let conn = off_runtime(|| Conn::open(at, USAGE_MIGRATIONS))?;
         Ok(SqlUsage {
             shared: conn.engine() == Engine::Postgres,
-            conn: Mutex::new(conn),
+            conn: Mutex::new(Some(conn)),
         })
+    }
+
+    /// Runs `f` on the connection, off the async workers.
+    fn with<T: Send>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> Result<T, rs_store::db::DbError> + Send,
+    ) -> Result<T, String> {
+        let mut guard = self.conn.lock().map_err(|_| "poisoned")?;
+        let c = guard.as_mut().ok_or("the usage store is closed")?;
+        off_runtime(|| f(c)).map_err(|e| e.to_string())
+    }
+}
+
+/// A replaced throttle (the server's, set at run time) is dropped
+/// wherever its last user lets go of it, often on an async worker, where
+/// closing a PostgreSQL connection would panic (the blocking client runs
+/// a runtime of its own): the connection is closed on a thread of its own.
+impl Drop for SqlUsage {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.get_mut().ok().and_then(Option::take) {
+            let _ = std::thread::Builder::new()
+                .name("rs-usage-close".into())
+                .spawn(move || drop(c));
+        }
     }
 }
 
@@ -899,9 +924,7 @@ fn off_runtime<T: Send>(
 
 impl UsageStore for SqlUsage {
     fn load(&self, since: i64) -> Result<Vec<UsageRow>, String> {
-        let mut guard = self.conn.lock().map_err(|_| "poisoned")?;
-        let c: &mut Conn = &mut guard;
-        off_runtime(|| {
+        self.with(|c| {
             c.rows(
                 "SELECT rule, key, period_start, bytes, messages FROM usage WHERE period_start >= ?1",
                 params![since],
@@ -916,13 +939,10 @@ impl UsageStore for SqlUsage {
                 },
             )
         })
-        .map_err(|e| e.to_string())
     }
 
     fn add(&self, rows: &[UsageRow]) -> Result<(), String> {
-        let mut guard = self.conn.lock().map_err(|_| "poisoned")?;
-        let c: &mut Conn = &mut guard;
-        off_runtime(|| {
+        self.with(|c| {
             c.begin()?;
             let r = (|| {
                 for r in rows {
@@ -950,7 +970,6 @@ impl UsageStore for SqlUsage {
                 }
             }
         })
-        .map_err(|e| e.to_string())
     }
 
     fn shared(&self) -> bool {
