@@ -612,14 +612,20 @@ impl Deployment {
 
     /// [`Deployment::farm_balancer`] listening on `bind` (port 0: a free one).
     pub fn farm_balancer_at(&mut self, bind: &str, members: [&str; 2]) -> anyhow::Result<Haproxy> {
-        let h = self.balancer_at(bind, members)?;
+        let h = self.balancer_at(bind, &members)?;
         self.appserver_addr = Some(h.addr.clone());
         Ok(h)
     }
 
     /// haproxy with packaging/haproxy/rs-farm.cfg (TCP
-    /// passthrough) in front of two members of any tier's farm, on `bind`.
-    pub fn balancer_at(&mut self, bind: &str, members: [&str; 2]) -> anyhow::Result<Haproxy> {
+    /// passthrough) in front of two to four members of any tier's farm, on
+    /// `bind`.
+    pub fn balancer_at(&mut self, bind: &str, members: &[&str]) -> anyhow::Result<Haproxy> {
+        anyhow::ensure!(
+            (2..=4).contains(&members.len()),
+            "packaging/haproxy/rs-farm.cfg takes two to four members, not {}",
+            members.len()
+        );
         let addr = if bind.ends_with(":0") {
             let l = std::net::TcpListener::bind(bind)?;
             l.local_addr()?.to_string()
@@ -631,13 +637,20 @@ impl Deployment {
                 .join("logs")
                 .join(format!("haproxy-{}.log", addr.replace([':', '.'], "-"))),
         )?;
-        let child = Command::new("haproxy")
+        let mut haproxy = Command::new("haproxy");
+        haproxy
             .arg("-db")
             .arg("-f")
             .arg(crate::repo_root().join("packaging/haproxy/rs-farm.cfg"))
-            .env("RS_FARM_BIND", &addr)
-            .env("RS_MEMBER1", members[0])
-            .env("RS_MEMBER2", members[1])
+            .env("RS_FARM_BIND", &addr);
+        for i in 0..4 {
+            let var = format!("RS_MEMBER{}", i + 1);
+            match members.get(i) {
+                Some(m) => haproxy.env(var, m),
+                None => haproxy.env_remove(var),
+            };
+        }
+        let child = haproxy
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -259,6 +259,21 @@ fn mlm_farm_with(
     database: &str,
     tables: &str,
 ) -> (Deployment, String, String, String) {
+    let (d, a, mut m) = mlm_farm_of(dir, database, tables, 2);
+    let m2 = m.pop().unwrap();
+    let m1 = m.pop().unwrap();
+    (d, a, m1, m2)
+}
+
+/// A server (SQLite) with a farm of `n` MLMs, `m1`...`mN` (their member
+/// names too), all `acme.m1`, on `database`, each with `tables` too: (the
+/// deployment, the server's address, the members' addresses in order).
+fn mlm_farm_of(
+    dir: &std::path::Path,
+    database: &str,
+    tables: &str,
+    n: usize,
+) -> (Deployment, String, Vec<String>) {
     let mut d = Deployment::new(dir, exe()).unwrap();
     // Heartbeats every 2 s: the server sees the farm's members soon.
     let a = d.appserver("127.0.0.1:0", "heartbeat_secs = 2").unwrap();
@@ -270,13 +285,14 @@ fn mlm_farm_with(
         ),
         ..Extra::default()
     };
-    let m1 = d
-        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &member("m1"))
-        .unwrap();
-    let m2 = d
-        .mlm("m2", "acme.m1", std::slice::from_ref(&a), &member("m2"))
-        .unwrap();
-    (d, a, m1, m2)
+    let members = (1..=n)
+        .map(|i| {
+            let name = format!("m{i}");
+            d.mlm(&name, "acme.m1", std::slice::from_ref(&a), &member(&name))
+                .unwrap()
+        })
+        .collect();
+    (d, a, members)
 }
 
 /// A proxy on each member (`acme.p1` on the first, `acme.p2` on the
@@ -453,25 +469,26 @@ async fn mlms_on_one_database_hand_out_each_others_back_channel_at_once() {
     d.stop_all();
 }
 
-/// A farm of two MLMs behind haproxy (packaging/haproxy/rs-farm.cfg), the
-/// proxies given the balancer's address. The member carrying most of the
-/// envelopes is killed (SIGKILL) under load: every alarm the proxies
-/// accepted is stored once, through the other member, and the
-/// back-channel reaches every proxy through it.
+/// A farm of three MLMs behind haproxy (packaging/haproxy/rs-farm.cfg),
+/// the proxies given the balancer's address. The member carrying most of
+/// the envelopes is killed (SIGKILL) under load: every alarm the proxies
+/// accepted is stored once, through the others, and the back-channel
+/// reaches every proxy through them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mlm_farm_behind_haproxy_loses_nothing_when_a_member_is_killed() {
     a_member_killed(true).await;
 }
 
-/// The same with no balancer: the proxies list both members' URLs (their
-/// failover list), so they all start on the first, which is killed.
+/// The same with no balancer and two members: the proxies list both
+/// members' URLs (their failover list), so they all start on the first,
+/// which is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_listing_an_mlm_farms_members_fail_over_and_lose_nothing() {
     a_member_killed(false).await;
 }
 
-/// Three proxies on a farm of two MLMs, through haproxy or listing the
-/// members; the busier member is killed under load.
+/// Three proxies on a farm of MLMs, three through haproxy or two listed
+/// by the proxies; the busiest member is killed under load.
 async fn a_member_killed(balanced: bool) {
     const PROXIES: usize = 3;
     let name = if balanced {
@@ -481,13 +498,14 @@ async fn a_member_killed(balanced: bool) {
     };
     let dir = tmp(name);
     let url = Postgres::shared().database(&name.replace('-', ""));
-    let (mut d, a, m1, m2) = mlm_farm(&dir, &url);
+    let (mut d, a, ms) = mlm_farm_of(&dir, &url, "", if balanced { 3 } else { 2 });
     let (lb, upstream) = if balanced {
-        let lb = d.balancer_at("127.0.0.1:0", [&m1, &m2]).unwrap();
+        let addrs: Vec<&str> = ms.iter().map(String::as_str).collect();
+        let lb = d.balancer_at("127.0.0.1:0", &addrs).unwrap();
         let up = vec![lb.addr.clone()];
         (Some(lb), up)
     } else {
-        (None, vec![m1.clone(), m2.clone()])
+        (None, ms.clone())
     };
     let mut clients = Vec::new();
     for i in 1..=PROXIES {
@@ -501,28 +519,28 @@ async fn a_member_killed(balanced: bool) {
             .unwrap();
         clients.push(register(&s).await);
     }
-    // Each member lists both, alive, in its status.
-    let name = |m: &str| if m == m1 { "m1" } else { "m2" }.to_owned();
-    let both = BTreeMap::from([(name(&m1), NodeState::Ok), (name(&m2), NodeState::Ok)]);
-    for m in [&m1, &m2] {
+    // Each member lists them all, alive, in its status.
+    let names: Vec<String> = (1..=ms.len()).map(|i| format!("m{i}")).collect();
+    let all_ok: BTreeMap<String, NodeState> =
+        names.iter().map(|n| (n.clone(), NodeState::Ok)).collect();
+    for m in &ms {
         assert!(
-            until_members(m, &both).await,
-            "{m} does not list both members alive: {:?}",
+            until_members(m, &all_ok).await,
+            "{m} does not list every member alive: {:?}",
             members(m).await
         );
     }
     let mut sent = HashSet::new();
     let envelopes = |m: BTreeMap<String, u64>| m.get("envelopes.received").copied().unwrap_or(0);
-    let mut survivor = String::new();
-    let mut victim = String::new();
+    let mut victim = 0;
     for i in 0..240 {
         if i == 80 {
-            let n1 = envelopes(server_metrics(&m1).await.unwrap());
-            let n2 = envelopes(server_metrics(&m2).await.unwrap());
-            let (v, sv) = if n1 >= n2 { ("m1", &m2) } else { ("m2", &m1) };
-            d.node(v).kill();
-            victim = if v == "m1" { m1.clone() } else { m2.clone() };
-            survivor = sv.clone();
+            let mut carried = Vec::new();
+            for m in &ms {
+                carried.push(envelopes(server_metrics(m).await.unwrap()));
+            }
+            victim = (0..ms.len()).max_by_key(|&k| carried[k]).unwrap();
+            d.node(&names[victim]).kill();
         }
         let c = &clients[i % PROXIES];
         sent.insert(
@@ -533,29 +551,25 @@ async fn a_member_killed(balanced: bool) {
     }
     assert_stored_once(&dir.join("appserver"), &sent);
 
-    // The survivor shows the dead member failed, and the server sees the
-    // farm (one MLM) with its members in the status the survivor reports.
-    let after = BTreeMap::from([
-        (name(&survivor), NodeState::Ok),
-        (name(&victim), NodeState::Failed),
-    ]);
+    // The survivors show the dead member failed, and the server sees the
+    // farm (one MLM) with its members in the status the survivors report.
+    let mut after = all_ok.clone();
+    after.insert(names[victim].clone(), NodeState::Failed);
+    let survivor = &ms[(victim + 1) % ms.len()];
     assert!(
-        until_members(&survivor, &after).await,
+        until_members(survivor, &after).await,
         "the survivor does not show the dead member failed: {:?}",
-        members(&survivor).await
+        members(survivor).await
     );
     assert!(
         wait_for(Duration::from_secs(30), || {
             tokio::task::block_in_place(|| {
                 tokio::runtime::Handle::current().block_on(async {
                     let c = crate::bulk::components(&a).await;
-                    c.contains(&format!(
-                        "kind=\"member\" name=\"{}\" state=\"failed\"",
-                        name(&victim)
-                    )) && c.contains(&format!(
-                        "kind=\"member\" name=\"{}\" state=\"ok\"",
-                        name(&survivor)
-                    ))
+                    names.iter().enumerate().all(|(k, n)| {
+                        let state = if k == victim { "failed" } else { "ok" };
+                        c.contains(&format!("kind=\"member\" name=\"{n}\" state=\"{state}\""))
+                    })
                 })
             })
         }),
@@ -563,7 +577,7 @@ async fn a_member_killed(balanced: bool) {
         crate::bulk::components(&a).await
     );
 
-    // The back-channel reaches every proxy through the survivor.
+    // The back-channel reaches every proxy through the survivors.
     let to: String = (1..=PROXIES)
         .map(|i| format!("<to id=\"acme.p{i}\"/>"))
         .collect();
