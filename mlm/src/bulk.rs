@@ -38,6 +38,11 @@ pub struct BulkSection {
     /// has fetched are evicted, least recently used first.
     #[serde(default = "default_cache_max")]
     pub cache_max_bytes: u64,
+    /// Where cached files are (default: `data_dir/cache`). Members of a
+    /// farm that share it (one host, or a shared filesystem) fetch each
+    /// download once for the farm.
+    #[serde(default)]
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for BulkSection {
@@ -46,6 +51,7 @@ impl Default for BulkSection {
             max_upload_bytes: None,
             idle_secs: default_idle(),
             cache_max_bytes: default_cache_max(),
+            cache_dir: None,
         }
     }
 }
@@ -213,7 +219,7 @@ async fn serve(mlm: &Mlm, token: &str, range: Option<String>) -> warp::reply::Re
         return text(StatusCode::NOT_FOUND, "no such file URL");
     }
     match mlm.cache.lookup(token, mlm.clock.now()).await {
-        Ok(Some((path, size))) => {
+        Ok(crate::cache::Lookup::Here(path, size)) => {
             let range = range.and_then(|r| http::HeaderValue::from_str(&r).ok());
             rs_net::bulk::serve_file(
                 &path,
@@ -223,7 +229,21 @@ async fn serve(mlm: &Mlm, token: &str, range: Option<String>) -> warp::reply::Re
             )
             .await
         }
-        Ok(None) => text(StatusCode::NOT_FOUND, "no such file URL (or not here yet)"),
+        Ok(crate::cache::Lookup::Elsewhere) => {
+            // The farm has it; this member's directory does not, yet.
+            let mut r = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "being fetched into this member's cache; try again",
+            );
+            r.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("5"),
+            );
+            r
+        }
+        Ok(crate::cache::Lookup::Unknown) => {
+            text(StatusCode::NOT_FOUND, "no such file URL (or not here yet)")
+        }
         Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

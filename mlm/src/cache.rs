@@ -1,30 +1,53 @@
 //! The MLM's bulk cache (seed 004, Figs. 22-23): a download offered from
 //! above is fetched once (whatever the number of destinations behind this
-//! MLM), verified by size and SHA-256, kept content-addressed under
-//! `data_dir/cache/SHA256`, and published here at a fresh unguessable URL
-//! that the copies of the offer handed down carry instead of the upstream's.
-//! Those copies wait in the outbox (held) until the file is here.
+//! MLM), verified by size and SHA-256, kept content-addressed under the
+//! cache directory (`[bulk] cache_dir`, by default `data_dir/cache`) as
+//! `SHA256`, and published here at a fresh unguessable URL that the copies
+//! of the offer handed down carry instead of the upstream's. Those copies
+//! wait in the back-channel queue (held) until the file is here.
 //!
 //! A watchdog (the fetcher) retries fetches that fail or that the throttle
 //! holds back, resuming with `Range` from what a cut left. The cache is
 //! bounded (`[bulk] cache_max_bytes`): files no copy waits for any more
 //! (every destination behind has fetched it and acknowledged) are evicted,
 //! least recently used first. Everything survives restarts (`cache.db`).
+//!
+//! In a farm the cache's records are the farm's (schema `mlm_<id>_cache`)
+//! and the farm's leader alone fetches and evicts, so a download leaves
+//! the server once per farm; a new leader resumes a cut fetch from the
+//! `.part` file. Members that share the cache directory (one host, or a
+//! shared filesystem) serve every file from it. A member whose directory
+//! lacks a file the farm has cached answers `503` with `Retry-After` and
+//! fetches that file into its own directory (docs/operations.md).
 
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rs_net::bulk::{self, Answer};
 use rs_node::throttle::Held;
 use rs_protocol::Timestamp;
-use rs_store::db::{Db, DbError, Plain};
-use rusqlite::{OptionalExtension as _, params};
+use rs_store::db::{Db, DbError};
+use rs_store::params;
+use rs_store::sql::{Conn, Engine, Location, Migration};
 
 use crate::Mlm;
 
-const SCHEMA: &str = "
+/// The cache's schema changes, in order (append only). On SQLite version 1
+/// adopts the `cache.db` of releases before versions as it is; on
+/// PostgreSQL (a farm's) it creates the tables.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "baseline",
+    apply: |c| match c.engine() {
+        Engine::Sqlite => c.batch(SQLITE),
+        Engine::Postgres => c.batch(POSTGRES),
+    },
+}];
+
+const SQLITE: &str = "
 CREATE TABLE IF NOT EXISTS files (
     sha256    TEXT    PRIMARY KEY,
     name      TEXT    NOT NULL,
@@ -45,6 +68,27 @@ CREATE TABLE IF NOT EXISTS tokens (
 CREATE INDEX IF NOT EXISTS tokens_sha ON tokens (sha256);
 ";
 
+const POSTGRES: &str = "
+CREATE TABLE files (
+    sha256    TEXT   PRIMARY KEY,
+    name      TEXT   NOT NULL,
+    size      BIGINT NOT NULL,
+    source    TEXT   NOT NULL,
+    state     TEXT   NOT NULL DEFAULT 'fetching',
+    attempts  BIGINT NOT NULL DEFAULT 0,
+    next_at   BIGINT NOT NULL,
+    reason    TEXT,
+    created   BIGINT NOT NULL,
+    last_used BIGINT NOT NULL
+);
+CREATE TABLE tokens (
+    digest  TEXT   PRIMARY KEY,
+    sha256  TEXT   NOT NULL,
+    created BIGINT NOT NULL
+);
+CREATE INDEX tokens_sha ON tokens (sha256);
+";
+
 /// Cache counters (status metrics).
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -58,12 +102,19 @@ pub struct Stats {
 /// The cache.
 #[derive(Debug)]
 pub struct Cache {
-    db: Db<Plain>,
+    db: Db<Conn>,
     pub dir: PathBuf,
     pub stats: Stats,
     /// Woken when a new file is wanted.
     pub wake: tokio::sync::Notify,
     client: bulk::Client,
+    /// Files the farm has cached that this member's directory lacks (it
+    /// does not share the leader's): fetched into it, for itself.
+    missing: Mutex<HashSet<String>>,
+    /// This member's mark on the partial files it fetches for itself:
+    /// members that share a directory but not the leader's may fetch the
+    /// same file at once, each into its own part.
+    member: String,
 }
 
 #[derive(Debug, Clone)]
@@ -74,21 +125,53 @@ struct Entry {
     attempts: u32,
 }
 
+/// What a download URL's token names.
+#[derive(Debug)]
+pub enum Lookup {
+    /// The file, here: its path and size.
+    Here(PathBuf, u64),
+    /// Cached by the farm, not (yet) in this member's directory.
+    Elsewhere,
+    /// No such URL, or its file not fetched yet.
+    Unknown,
+}
+
+fn entry(r: &rs_store::sql::Row<'_>) -> Result<Entry, DbError> {
+    Ok(Entry {
+        sha: r.get(0)?,
+        size: u64::try_from(r.get::<i64>(1)?).unwrap_or(0),
+        source: r.get(2)?,
+        attempts: u32::try_from(r.get::<i64>(3)?).unwrap_or(u32::MAX),
+    })
+}
+
 impl Cache {
+    /// Opens the cache's records at `at` (`cache.db`, or a farm's schema),
+    /// migrating them in place, with its files in `dir`.
     pub fn open(
-        data_dir: &std::path::Path,
+        at: &Location,
+        dir: PathBuf,
+        member: &str,
         tls: Option<&rs_net::tls::TlsConfig>,
     ) -> anyhow::Result<Self> {
-        let dir = data_dir.join("cache");
         std::fs::create_dir_all(&dir)?;
-        let conn = rs_store::db::open(&data_dir.join("cache.db"))?;
-        conn.execute_batch(SCHEMA)?;
+        // Off the async workers, as every PostgreSQL open (rs_store::sql).
+        let conn = std::thread::scope(|s| {
+            s.spawn(|| Conn::open(at, MIGRATIONS))
+                .join()
+                .unwrap_or_else(|_| Err(DbError::Sql("opening the cache panicked".into())))
+        })?;
         Ok(Cache {
-            db: Db::start("rs-mlm-cache", Plain(conn))?,
+            db: Db::start("rs-mlm-cache", conn)?,
             dir,
             stats: Stats::default(),
             wake: tokio::sync::Notify::new(),
             client: bulk::Client::new(tls).map_err(anyhow::Error::msg)?,
+            missing: Mutex::new(HashSet::new()),
+            member: member
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect(),
         })
     }
 
@@ -96,8 +179,15 @@ impl Cache {
         self.dir.join(sha)
     }
 
+    /// The farm's partial file (the leader's fetch: a new leader resumes
+    /// it).
     fn part(&self, sha: &str) -> PathBuf {
         self.dir.join(format!("{sha}.part"))
+    }
+
+    /// This member's own partial file (a fetch for itself).
+    fn own_part(&self, sha: &str) -> PathBuf {
+        self.dir.join(format!("{sha}.{}.part", self.member))
     }
 
     /// A download of `sha` (from `source`, a path on the upstream) is
@@ -116,31 +206,32 @@ impl Cache {
         let digest = bulk::token_digest(&token);
         let cached = self
             .db
-            .write(move |s| {
-                s.0.prepare_cached(
+            .write(move |c| {
+                c.exec(
                     "INSERT INTO files (sha256, name, size, source, next_at, created, last_used)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5)
                      ON CONFLICT (sha256) DO UPDATE SET
                         source = ?4, last_used = ?5,
-                        state = CASE WHEN state = 'failed' THEN 'fetching' ELSE state END,
-                        attempts = CASE WHEN state = 'failed' THEN 0 ELSE attempts END,
-                        next_at = CASE WHEN state = 'failed' THEN ?5 ELSE next_at END",
-                )?
-                .execute(params![
-                    sha,
-                    name,
-                    i64::try_from(size).unwrap_or(i64::MAX),
-                    source,
-                    now.as_millis()
-                ])?;
-                s.0.prepare_cached(
+                        state = CASE WHEN files.state = 'failed' THEN 'fetching' ELSE files.state END,
+                        attempts = CASE WHEN files.state = 'failed' THEN 0 ELSE files.attempts END,
+                        next_at = CASE WHEN files.state = 'failed' THEN ?5 ELSE files.next_at END",
+                    params![
+                        sha,
+                        name,
+                        i64::try_from(size).unwrap_or(i64::MAX),
+                        source,
+                        now.as_millis()
+                    ],
+                )?;
+                c.exec(
                     "INSERT INTO tokens (digest, sha256, created) VALUES (?1, ?2, ?3)",
-                )?
-                .execute(params![digest, sha, now.as_millis()])?;
-                let state: String =
-                    s.0.query_row("SELECT state FROM files WHERE sha256 = ?1", [&sha], |r| {
-                        r.get(0)
-                    })?;
+                    params![digest, sha, now.as_millis()],
+                )?;
+                let state: String = c.one(
+                    "SELECT state FROM files WHERE sha256 = ?1",
+                    params![sha],
+                    |r| r.get(0),
+                )?;
                 Ok(state == "cached")
             })
             .await?;
@@ -152,22 +243,27 @@ impl Cache {
 
     async fn due(&self, now: Timestamp) -> Result<Vec<Entry>, DbError> {
         self.db
-            .read(move |s| {
-                let mut st = s.0.prepare_cached(
+            .read(move |c| {
+                c.rows(
                     "SELECT sha256, size, source, attempts FROM files
                      WHERE state = 'fetching' AND next_at <= ?1 ORDER BY created LIMIT 16",
-                )?;
-                let rows = st
-                    .query_map([now.as_millis()], |r| {
-                        Ok(Entry {
-                            sha: r.get(0)?,
-                            size: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
-                            source: r.get(2)?,
-                            attempts: r.get(3)?,
-                        })
-                    })?
-                    .collect::<Result<_, _>>()?;
-                Ok(rows)
+                    params![now.as_millis()],
+                    entry,
+                )
+            })
+            .await
+    }
+
+    /// A file the farm has cached, to fetch into this member's directory.
+    async fn cached_entry(&self, sha: String) -> Result<Option<Entry>, DbError> {
+        self.db
+            .read(move |c| {
+                c.row(
+                    "SELECT sha256, size, source, attempts FROM files
+                     WHERE sha256 = ?1 AND state = 'cached'",
+                    params![sha],
+                    entry,
+                )
             })
             .await
     }
@@ -182,63 +278,63 @@ impl Cache {
     ) -> Result<(), DbError> {
         let sha = sha.to_owned();
         self.db
-            .write(move |s| {
-                s.0.prepare_cached(
+            .write(move |c| {
+                c.exec(
                     "UPDATE files SET state = ?2, attempts = ?3, next_at = ?4, reason = ?5
                      WHERE sha256 = ?1",
-                )?
-                .execute(params![
-                    sha,
-                    state,
-                    attempts,
-                    next_at.as_millis(),
-                    reason
-                ])?;
+                    params![sha, state, i64::from(attempts), next_at.as_millis(), reason],
+                )?;
                 Ok(())
             })
             .await
     }
 
-    /// The cached file a URL token names: its path and size.
-    pub async fn lookup(
-        &self,
-        token: &str,
-        now: Timestamp,
-    ) -> Result<Option<(PathBuf, u64)>, DbError> {
+    /// What a URL token names. A file the farm has cached but this
+    /// member's directory lacks is wanted here from now on (the fetcher
+    /// brings it).
+    pub async fn lookup(&self, token: &str, now: Timestamp) -> Result<Lookup, DbError> {
         let digest = bulk::token_digest(token);
         let row: Option<(String, i64)> = self
             .db
-            .write(move |s| {
-                let row: Option<(String, i64)> =
-                    s.0.query_row(
-                        "SELECT f.sha256, f.size FROM tokens t JOIN files f ON f.sha256 = t.sha256
-                         WHERE t.digest = ?1 AND f.state = 'cached'",
-                        [&digest],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?;
+            .write(move |c| {
+                let row: Option<(String, i64)> = c.row(
+                    "SELECT f.sha256, f.size FROM tokens t JOIN files f ON f.sha256 = t.sha256
+                     WHERE t.digest = ?1 AND f.state = 'cached'",
+                    params![digest],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
                 if let Some((sha, _)) = &row {
-                    s.0.prepare_cached("UPDATE files SET last_used = ?2 WHERE sha256 = ?1")?
-                        .execute(params![sha, now.as_millis()])?;
+                    c.exec(
+                        "UPDATE files SET last_used = ?2 WHERE sha256 = ?1",
+                        params![sha, now.as_millis()],
+                    )?;
                 }
                 Ok(row)
             })
             .await?;
-        Ok(row.map(|(sha, size)| (self.path(&sha), u64::try_from(size).unwrap_or(0))))
+        let Some((sha, size)) = row else {
+            return Ok(Lookup::Unknown);
+        };
+        let path = self.path(&sha);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(Lookup::Here(path, u64::try_from(size).unwrap_or(0)));
+        }
+        if let Ok(mut m) = self.missing.lock()
+            && m.insert(sha)
+        {
+            self.wake.notify_one();
+        }
+        Ok(Lookup::Elsewhere)
     }
 
     /// Whether `sha` is cached here.
     pub async fn is_cached(&self, sha: String) -> Result<bool, DbError> {
         self.db
-            .read(move |s| {
-                Ok(s.0
-                    .query_row(
-                        "SELECT 1 FROM files WHERE sha256 = ?1 AND state = 'cached'",
-                        [&sha],
-                        |_| Ok(()),
-                    )
-                    .optional()?
-                    .is_some())
+            .read(move |c| {
+                c.exists(
+                    "SELECT 1 FROM files WHERE sha256 = ?1 AND state = 'cached'",
+                    params![sha],
+                )
             })
             .await
     }
@@ -246,25 +342,30 @@ impl Cache {
     /// Bytes of cached files, and the files, least recently used first.
     async fn cached(&self) -> Result<Vec<(String, u64)>, DbError> {
         self.db
-            .read(|s| {
-                let mut st = s.0.prepare_cached(
+            .read(|c| {
+                c.rows(
                     "SELECT sha256, size FROM files WHERE state = 'cached' ORDER BY last_used",
-                )?;
-                let rows = st
-                    .query_map([], |r| {
-                        Ok((r.get(0)?, u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0)))
-                    })?
-                    .collect::<Result<_, _>>()?;
-                Ok(rows)
+                    params![],
+                    |r| Ok((r.get(0)?, u64::try_from(r.get::<i64>(1)?).unwrap_or(0))),
+                )
             })
             .await
     }
 
+    /// Every file the cache has a record of, in any state.
+    async fn known(&self) -> Result<HashSet<String>, DbError> {
+        let rows = self
+            .db
+            .read(|c| c.rows("SELECT sha256 FROM files", params![], |r| r.get(0)))
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     async fn forget(&self, sha: String) -> Result<(), DbError> {
         self.db
-            .write(move |s| {
-                s.0.execute("DELETE FROM tokens WHERE sha256 = ?1", [&sha])?;
-                s.0.execute("DELETE FROM files WHERE sha256 = ?1", [&sha])?;
+            .write(move |c| {
+                c.exec("DELETE FROM tokens WHERE sha256 = ?1", params![sha])?;
+                c.exec("DELETE FROM files WHERE sha256 = ?1", params![sha])?;
                 Ok(())
             })
             .await
@@ -273,10 +374,11 @@ impl Cache {
     /// Files cached, and their bytes (status).
     pub async fn usage(&self) -> Result<(u64, u64), DbError> {
         self.db
-            .read(|s| {
-                let (n, b): (i64, i64) = s.0.query_row(
-                    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE state = 'cached'",
-                    [],
+            .read(|c| {
+                let (n, b): (i64, i64) = c.one(
+                    "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM files
+                     WHERE state = 'cached'",
+                    params![],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )?;
                 Ok((u64::try_from(n).unwrap_or(0), u64::try_from(b).unwrap_or(0)))
@@ -285,7 +387,9 @@ impl Cache {
     }
 }
 
-/// The fetcher and evictor: runs until `stop`.
+/// The fetcher and evictor: runs until `stop`. In a farm the leader
+/// fetches and evicts for the farm; every member fetches what its own
+/// directory lacks and removes what the farm forgot.
 pub async fn run(mlm: Arc<Mlm>, stop: tokio_util::sync::CancellationToken) {
     // A stop between marking a file cached and releasing its held copies
     // left them held: release what waits for a file that is here.
@@ -304,18 +408,34 @@ pub async fn run(mlm: Arc<Mlm>, stop: tokio_util::sync::CancellationToken) {
     }
     loop {
         let now = mlm.clock.now();
-        match mlm.cache.due(now).await {
-            Ok(list) => {
-                for e in list {
-                    if let Err(err) = fetch_one(&mlm, &e).await {
-                        tracing::error!("bulk cache {}: {err}", e.sha);
+        if mlm.presence.is_leader() {
+            match mlm.cache.due(now).await {
+                Ok(list) => {
+                    for e in list {
+                        if let Err(err) = fetch_one(&mlm, &e).await {
+                            tracing::error!("bulk cache {}: {err}", e.sha);
+                        }
                     }
                 }
+                Err(e) => tracing::error!("bulk cache: {e}"),
             }
-            Err(e) => tracing::error!("bulk cache: {e}"),
+            if let Err(e) = evict(&mlm).await {
+                tracing::error!("bulk cache eviction: {e}");
+            }
         }
-        if let Err(e) = evict(&mlm).await {
-            tracing::error!("bulk cache eviction: {e}");
+        let missing: Vec<String> = mlm
+            .cache
+            .missing
+            .lock()
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default();
+        for sha in missing {
+            if let Err(err) = fetch_missing(&mlm, sha.clone()).await {
+                tracing::warn!("bulk cache {sha}: fetching it into this member's directory: {err}");
+            }
+        }
+        if let Err(e) = prune(&mlm.cache).await {
+            tracing::warn!("bulk cache: {e}");
         }
         tokio::select! {
             () = stop.cancelled() => return,
@@ -323,6 +443,103 @@ pub async fn run(mlm: Arc<Mlm>, stop: tokio_util::sync::CancellationToken) {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
+}
+
+/// Fetches a file the farm has cached into this member's directory, which
+/// lacks it (the leader's directory is not shared with this member).
+async fn fetch_missing(mlm: &Mlm, sha: String) -> Result<(), String> {
+    let cache = &mlm.cache;
+    let done = |sha: &str| {
+        if let Ok(mut m) = cache.missing.lock() {
+            m.remove(sha);
+        }
+    };
+    let Some(e) = cache
+        .cached_entry(sha.clone())
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        // Evicted by the farm meanwhile: nothing to serve any more.
+        done(&sha);
+        return Ok(());
+    };
+    if tokio::fs::try_exists(cache.path(&sha))
+        .await
+        .unwrap_or(false)
+    {
+        done(&sha);
+        return Ok(());
+    }
+    let have = tokio::fs::metadata(cache.own_part(&sha))
+        .await
+        .map_or(0, |m| m.len());
+    let Ok(_permit) = mlm
+        .throttle
+        .bulk_permit(&mlm.id, e.size.saturating_sub(have), 3)
+    else {
+        // Held back by the throttle: the next round asks again.
+        return Ok(());
+    };
+    let url = bulk::resolve(mlm.upstream.current_url(), &e.source);
+    cache.stats.fetches.fetch_add(1, Ordering::Relaxed);
+    let answer = cache
+        .client
+        .fetch(&url, &cache.own_part(&sha), e.size, &sha)
+        .await;
+    let after = tokio::fs::metadata(cache.own_part(&sha))
+        .await
+        .map_or(0, |m| m.len());
+    cache
+        .stats
+        .fetched_bytes
+        .fetch_add(after.saturating_sub(have), Ordering::Relaxed);
+    match answer {
+        Answer::Complete => {
+            tokio::fs::rename(cache.own_part(&sha), cache.path(&sha))
+                .await
+                .map_err(|err| err.to_string())?;
+            done(&sha);
+            tracing::info!(
+                "bulk cache: {sha} ({} bytes) fetched and verified into this member's directory",
+                e.size
+            );
+            Ok(())
+        }
+        Answer::Gone { why } => {
+            let _ = tokio::fs::remove_file(cache.own_part(&sha)).await;
+            done(&sha);
+            Err(why)
+        }
+        Answer::Partial { .. } => Ok(()),
+        Answer::Busy { why, .. }
+        | Answer::Mismatch { why }
+        | Answer::Conflict { why }
+        | Answer::Unavailable { why } => Err(why),
+    }
+}
+
+/// Removes files (and partial files) from this member's directory that the
+/// cache no longer has a record of: evicted or forgotten by the farm's
+/// leader, which removed its own copy.
+async fn prune(cache: &Cache) -> Result<(), String> {
+    let known = cache.known().await.map_err(|e| e.to_string())?;
+    let mut dir = tokio::fs::read_dir(&cache.dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    while let Some(f) = dir.next_entry().await.map_err(|e| e.to_string())? {
+        let name = f.file_name().to_string_lossy().into_owned();
+        // SHA, SHA.part, or SHA.MEMBER.part.
+        let sha = name.split('.').next().unwrap_or_default();
+        // Only the cache's own names (a SHA-256 in hex).
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        if !known.contains(sha) {
+            let _ = tokio::fs::remove_file(f.path()).await;
+            tracing::info!("bulk cache: removed {name}, which the farm no longer keeps");
+        }
+    }
+    Ok(())
 }
 
 async fn fetch_one(mlm: &Mlm, e: &Entry) -> Result<(), String> {

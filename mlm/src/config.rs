@@ -202,6 +202,25 @@ impl Config {
         )
     }
 
+    /// Where the bulk cache's records are: the farm's schema
+    /// `mlm_<id>_cache`, or `cache.db` in `data_dir`.
+    pub fn cache_location(&self) -> rs_store::sql::Location {
+        rs_store::sql::Location::choose(
+            self.database.as_deref(),
+            self.data_dir.join("cache.db"),
+            &self.farm_schema("_cache"),
+        )
+    }
+
+    /// Where the bulk cache's files are: `[bulk] cache_dir`, or `cache` in
+    /// `data_dir`.
+    pub fn cache_dir(&self) -> std::path::PathBuf {
+        self.bulk
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("cache"))
+    }
+
     /// Where the throttle's usage counters are: the farm's schema
     /// `mlm_<id>_throttle` (its members' counts add up), or `throttle.db` in
     /// `data_dir`.

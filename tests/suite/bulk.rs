@@ -33,7 +33,7 @@ fn block<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
-async fn metric(addr: &str, name: &str) -> u64 {
+pub(crate) async fn metric(addr: &str, name: &str) -> u64 {
     server_metrics(addr)
         .await
         .ok()
@@ -576,7 +576,7 @@ async fn an_mlm_refuses_an_upload_over_its_limit_and_the_proxy_reports_it() {
 
 /// An install command for proxy `dir`: copies the file it is given to
 /// `dir/installed/NAME` and says so (what the job's result shows).
-fn installer(dir: &Path) -> String {
+pub(crate) fn installer(dir: &Path) -> String {
     format!(
         "[bulk]\ninstall_command = [\"sh\", \"-c\", \"mkdir -p \\\"$0/installed\\\" && cp \\\"$RS_FILE\\\" \\\"$0/.installing\\\" && mv \\\"$0/.installing\\\" \\\"$0/installed/$RS_NAME\\\" && echo installed $RS_NAME\", \"{}\"]\n",
         dir.display()

@@ -144,9 +144,12 @@ async fn the_demo_runs_and_the_readme_admin_commands_work_as_written() {
 }
 
 /// `rs-demo --farm` (documented in the README and docs/operations.md):
-/// two application servers on a PostgreSQL the demo sets up itself, behind
-/// haproxy, do the demo's whole work: the back-channel, an upload, software
-/// published and installed, every message stored once.
+/// two application servers and three MLMs on a PostgreSQL the demo sets up
+/// itself, each farm behind haproxy, do the demo's whole work: the
+/// back-channel, an upload, software published and installed. Under the
+/// demo's load one MLM member is killed and started again, and still every
+/// alarm the proxies accepted is stored, every message once, the proxies'
+/// spools drained.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_as_a_farm_on_postgresql() {
     let dir = tmp("demo-farm");
@@ -185,8 +188,27 @@ async fn the_demo_runs_as_a_farm_on_postgresql() {
     let (code, text) = out;
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("farm: application servers a1"), "{text}");
+    assert!(text.contains("farm: MLMs m1"), "{text}");
     assert!(text.contains("getStatus answered by 2/2"), "{text}");
     assert!(text.contains("stored and SHA-256 verified"), "{text}");
     assert!(text.contains("installed by 2/2"), "{text}");
+    // The three MLMs share one cache directory: the package left the
+    // server once.
+    assert!(text.contains("; 8000000 bytes left the server"), "{text}");
+    assert!(text.contains("farm: killed MLM member m"), "{text}");
+    assert!(text.contains("started again"), "{text}");
+    // Under load: hundreds of alarms accepted, every one stored.
+    let load = text
+        .lines()
+        .find(|l| l.starts_with("load: the proxies accepted "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let accepted: u64 = load
+        .split_whitespace()
+        .nth(4)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{load}"));
+    assert!(accepted > 1000, "{load}");
+    assert!(load.ends_with("every one stored"), "{load}");
     assert!(text.contains("each exactly once"), "{text}");
+    assert!(text.contains("proxy spools drained"), "{text}");
 }

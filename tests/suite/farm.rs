@@ -259,20 +259,21 @@ fn mlm_farm_with(
     database: &str,
     tables: &str,
 ) -> (Deployment, String, String, String) {
-    let (d, a, mut m) = mlm_farm_of(dir, database, tables, 2);
+    let (d, a, mut m) = mlm_farm_of(dir, database, 2, |_| tables.to_owned());
     let m2 = m.pop().unwrap();
     let m1 = m.pop().unwrap();
     (d, a, m1, m2)
 }
 
 /// A server (SQLite) with a farm of `n` MLMs, `m1`...`mN` (their member
-/// names too), all `acme.m1`, on `database`, each with `tables` too: (the
-/// deployment, the server's address, the members' addresses in order).
+/// names too), all `acme.m1`, on `database`, each with `tables(name)` too,
+/// started in order (so `m1` leads): (the deployment, the server's
+/// address, the members' addresses in order).
 fn mlm_farm_of(
     dir: &std::path::Path,
     database: &str,
-    tables: &str,
     n: usize,
+    tables: impl Fn(&str) -> String,
 ) -> (Deployment, String, Vec<String>) {
     let mut d = Deployment::new(dir, exe()).unwrap();
     // Heartbeats every 2 s: the server sees the farm's members soon.
@@ -281,7 +282,8 @@ fn mlm_farm_of(
     let member = |name: &str| Extra {
         top: format!("database = \"{database}\"\nmember = \"{name}\"\n"),
         tables: format!(
-            "[[aggregate]]\ntype = \"alarm\"\nsubclass = \"farmagg\"\nwindow_secs = 2\ngroup_by = \"class\"\n{tables}"
+            "[[aggregate]]\ntype = \"alarm\"\nsubclass = \"farmagg\"\nwindow_secs = 2\ngroup_by = \"class\"\n{}",
+            tables(name)
         ),
         ..Extra::default()
     };
@@ -498,7 +500,7 @@ async fn a_member_killed(balanced: bool) {
     };
     let dir = tmp(name);
     let url = Postgres::shared().database(&name.replace('-', ""));
-    let (mut d, a, ms) = mlm_farm_of(&dir, &url, "", if balanced { 3 } else { 2 });
+    let (mut d, a, ms) = mlm_farm_of(&dir, &url, if balanced { 3 } else { 2 }, |_| String::new());
     let (lb, upstream) = if balanced {
         let addrs: Vec<&str> = ms.iter().map(String::as_str).collect();
         let lb = d.balancer_at("127.0.0.1:0", &addrs).unwrap();
@@ -729,4 +731,112 @@ async fn an_mlm_farm_carries_on_through_a_postgresql_restart() {
         );
     }
     d.stop_all();
+}
+
+/// A download leaves the server once for the members of an MLM farm that
+/// share a cache directory, and any member serves it. Three members, two
+/// proxies on each: `m1` (the leader: it started first) and `m2` share a
+/// directory, `m3` has its own. The leader fetches for the farm; `m2`
+/// serves its proxies from the shared directory without fetching; `m3`,
+/// whose directory lacks the file, answers its proxies "try again" while
+/// it fetches a copy for itself. So the package crosses the server's link
+/// twice (once per directory), not six times, and every proxy installs
+/// exactly its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_is_fetched_once_per_shared_cache_directory_of_an_mlm_farm() {
+    let dir = tmp("mlmfarm-bulk");
+    let url = Postgres::shared().database("mlmfarmbulk");
+    let shared = dir.join("shared-cache");
+    let (mut d, a, ms) = mlm_farm_of(&dir, &url, 3, |name| {
+        if name == "m3" {
+            String::new()
+        } else {
+            format!("[bulk]\ncache_dir = \"{}\"\n", shared.display())
+        }
+    });
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let name = format!("p{}", i + 1);
+        let id = format!("acme.p{}", i + 1);
+        let extra = Extra {
+            tables: crate::bulk::installer(&dir.join(&name)),
+            ..Extra::default()
+        };
+        d.proxy(&name, &id, std::slice::from_ref(&ms[i / 2]), &extra)
+            .unwrap();
+        ids.push(id);
+    }
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let c = crate::bulk::components(&a).await;
+                    ids.iter().all(|id| c.contains(&format!("id=\"{id}\"")))
+                })
+            })
+        }),
+        "not every proxy reported"
+    );
+    let mut args = vec!["groups", "set", "farm-proxies"];
+    for id in &ids {
+        args.extend(["--member", id.as_str()]);
+    }
+    let (code, out, err) = crate::backchannel_faults::rsctl(&a, &args);
+    assert_eq!(code, 0, "{out}{err}");
+    let pkg = dir.join("agent-3.0.tar.gz");
+    let bytes: Vec<u8> = (0..2_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
+        .collect();
+    std::fs::write(&pkg, &bytes).unwrap();
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        crate::backchannel_faults::rsctl(
+            &a,
+            &[
+                "publish",
+                pkg.to_str().unwrap(),
+                "--group",
+                "farm-proxies",
+                "--class",
+                "software",
+                "--subclass",
+                "package",
+                "--watch",
+            ],
+        )
+    });
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("6/6 final: 6 succeeded"), "{out}");
+    for i in 0..6 {
+        let got =
+            std::fs::read(dir.join(format!("p{}/installed/agent-3.0.tar.gz", i + 1))).unwrap();
+        assert!(got == bytes, "p{} installed something else", i + 1);
+    }
+    let size = bytes.len() as u64;
+    let metric = crate::bulk::metric;
+    assert_eq!(
+        metric(&a, "bulk.bytes_served").await,
+        2 * size,
+        "the package left the server other than once per cache directory"
+    );
+    // The leader fetched for the shared directory; m2 served from it.
+    assert_eq!(metric(&ms[0], "bulk.fetched_bytes").await, size);
+    assert_eq!(metric(&ms[1], "bulk.fetched_bytes").await, 0);
+    assert_eq!(metric(&ms[1], "bulk.served_bytes").await, 2 * size);
+    // m3 fetched its own copy, and served its proxies from it.
+    assert_eq!(metric(&ms[2], "bulk.fetched_bytes").await, size);
+    assert_eq!(metric(&ms[2], "bulk.served_bytes").await, 2 * size);
+    // One file in the shared directory (no partial left), one in m3's.
+    let files = |p: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(p)
+            .map(|r| {
+                r.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(files(&shared).len(), 1, "{:?}", files(&shared));
+    assert_eq!(files(&dir.join("m3/cache")).len(), 1);
+    d.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
 }

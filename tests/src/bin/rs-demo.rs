@@ -41,13 +41,26 @@ struct Cli {
     /// for rsctl and curl name it).
     #[arg(long, default_value = "127.0.0.1:8440")]
     listen: String,
-    /// Run the application server as a farm: two servers on a PostgreSQL
-    /// server the demo sets up itself (initdb in a temporary directory,
-    /// removed when the demo ends), behind haproxy on `--listen`. Needs
-    /// Debian's postgresql and haproxy (scripts/packages installs them).
+    /// Run the upper tiers as farms on a PostgreSQL server the demo sets
+    /// up itself (initdb in a temporary directory, removed when the demo
+    /// ends): two application servers behind haproxy on `--listen`, and
+    /// three MLMs behind haproxy of their own, one of which the demo kills
+    /// (SIGKILL) under load and restarts. Needs Debian's postgresql and
+    /// haproxy (scripts/packages installs them).
     #[arg(long)]
     farm: bool,
+    /// Alarms per second sent through the proxies (round-robin, through
+    /// their integrator sockets) besides what the integrators report;
+    /// each is checked stored once at the end. Default: 0, or 200 with
+    /// `--farm`.
+    #[arg(long)]
+    load: Option<u32>,
 }
+
+/// When, in the running phase of `--farm`, an MLM member is killed and
+/// when it is started again.
+const FARM_KILL_AT: Duration = Duration::from_secs(6);
+const FARM_RESTART_AT: Duration = Duration::from_secs(14);
 
 #[derive(Debug, Subcommand)]
 enum Role {
@@ -156,7 +169,49 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
             .into(),
         ..Extra::default()
     };
-    let m = d.mlm("mlm", "acme.m1", std::slice::from_ref(&a), &mlm_tables)?;
+    // In farm mode the MLM is three members on one database behind
+    // haproxy; `m` is where the proxies connect either way.
+    let mut mlm_lb = None;
+    let (m, mlms) = if let Some((pg, _)) = &farm {
+        let url = pg.database("rs_demo_mlm");
+        let mut mlms = Vec::new();
+        for i in 1..=3 {
+            let name = format!("m{i}");
+            // One cache directory for the farm: a download leaves the
+            // server once, and any member serves it.
+            let member = Extra {
+                top: format!("database = \"{url}\"\nmember = \"{name}\"\n"),
+                tables: format!(
+                    "{}[bulk]\ncache_dir = \"{}\"\n",
+                    mlm_tables.tables,
+                    std::path::absolute(cli.data.join("mlm-cache"))?.display()
+                ),
+                ..Extra::default()
+            };
+            mlms.push((
+                name.clone(),
+                d.mlm(&name, "acme.m1", std::slice::from_ref(&a), &member)?,
+            ));
+        }
+        let addrs: Vec<&str> = mlms.iter().map(|(_, a)| a.as_str()).collect();
+        let lb = d.balancer_at("127.0.0.1:0", &addrs)?;
+        println!(
+            "farm: MLMs {} (all acme.m1) on PostgreSQL {} behind haproxy ({})",
+            mlms.iter()
+                .map(|(n, a)| format!("{n} ({a})"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            rs_store::sql::redact(&url),
+            lb.addr
+        );
+        let m = lb.addr.clone();
+        mlm_lb = Some(lb);
+        (m, mlms)
+    } else {
+        let m = d.mlm("mlm", "acme.m1", std::slice::from_ref(&a), &mlm_tables)?;
+        (m.clone(), vec![("mlm".to_owned(), m)])
+    };
+    let mlm_addrs: Vec<String> = mlms.iter().map(|(_, a)| a.clone()).collect();
     let mut sockets = Vec::new();
     // The first proxy seals what it sends (signed, and encrypted to the
     // server): the MLM relays it without reading it (so it is never
@@ -234,7 +289,7 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         Ok(line) => println!("{line}"),
         Err(e) => println!("back-channel check failed: {e:#}"),
     }
-    match bulk_demo(&a, &members, &m, &sockets[0].0, &cli.data).await {
+    match bulk_demo(&a, &members, &mlm_addrs, &sockets[0].0, &cli.data).await {
         Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
         Err(e) => println!("bulk transfer check failed: {e:#}"),
     }
@@ -259,8 +314,21 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
 
     let stop = CancellationToken::new();
     tokio::spawn(rs_node::daemon::shutdown_on_signal(stop.clone()));
+    let rate = cli.load.unwrap_or(if cli.farm { 200 } else { 0 });
+    let stop_load = CancellationToken::new();
+    let loader = tokio::spawn(load(
+        sockets.iter().map(|(s, _)| s.clone()).collect(),
+        rate,
+        stop_load.clone(),
+    ));
+    if rate > 0 {
+        println!("load: {rate} alarms/s through the proxies besides the integrators'");
+    }
     let start = Instant::now();
     let mut tick = 0u64;
+    // The MLM member killed in farm mode, while it is down.
+    let mut killed: Option<String> = None;
+    let mut restarted = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -272,8 +340,38 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(log) {
             let _ = writeln!(f, "{}", LOG_LINES[(tick as usize * 7) % LOG_LINES.len()]);
         }
+        if cli.farm && killed.is_none() && start.elapsed() >= FARM_KILL_AT {
+            // The member carrying the most envelopes goes, mid-load.
+            let mut busiest = (0, 0);
+            for (k, (_, addr)) in mlms.iter().enumerate() {
+                let n = server_metrics(addr)
+                    .await
+                    .ok()
+                    .and_then(|m| m.get("envelopes.received").copied())
+                    .unwrap_or(0);
+                if n >= busiest.1 {
+                    busiest = (k, n);
+                }
+            }
+            let name = mlms[busiest.0].0.clone();
+            d.node(&name).kill();
+            println!(
+                "farm: killed MLM member {name} (SIGKILL) after {} envelopes; its proxies go on through the others",
+                busiest.1
+            );
+            killed = Some(name);
+        }
+        if let Some(name) = killed.as_ref().filter(|_| !restarted)
+            && start.elapsed() >= FARM_RESTART_AT
+        {
+            match tokio::task::block_in_place(|| d.restart(name)) {
+                Ok(()) => println!("farm: MLM member {name} started again"),
+                Err(e) => println!("farm: MLM member {name} did not start again: {e:#}"),
+            }
+            restarted = true;
+        }
         if tick.is_multiple_of(4) {
-            print_line(start, &sockets, &m, &a).await;
+            print_line(start, &sockets, &mlm_addrs, &a).await;
         }
         if cli
             .duration
@@ -282,6 +380,8 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
             break;
         }
     }
+    stop_load.cancel();
+    let (loaded, refused) = loader.await.unwrap_or_default();
     println!();
     println!("stopping: integrators, then proxies (each sends its shutdown message), MLM, server");
     for (name, n) in d.nodes.iter_mut() {
@@ -304,7 +404,7 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    print_line(start, &sockets, &m, &a).await;
+    print_line(start, &sockets, &mlm_addrs, &a).await;
     let totals = spools(&sockets).await;
     // Each server counts what it opened itself.
     let mut opened = 0;
@@ -317,8 +417,22 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     }
     d.stop_all();
     let ids = stored_ids(&server_dir)?;
+    drop(mlm_lb);
     drop(farm);
     let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    if rate > 0 {
+        let missing = loaded.iter().filter(|id| !unique.contains(id)).count();
+        println!(
+            "load: the proxies accepted {} alarms ({} calls refused while a proxy restarted); {}",
+            loaded.len(),
+            refused,
+            if missing == 0 {
+                "every one stored".to_owned()
+            } else {
+                format!("{missing} NOT STORED")
+            }
+        );
+    }
     println!();
     println!(
         "stored {} messages at the application server ({} distinct IDs: {}); proxy spools {}",
@@ -420,7 +534,7 @@ async fn admin_demo(a: &str, proxies: usize) -> anyhow::Result<String> {
 async fn bulk_demo(
     a: &str,
     members: &[String],
-    m: &str,
+    mlms: &[String],
     socket: &std::path::Path,
     data: &std::path::Path,
 ) -> anyhow::Result<Vec<String>> {
@@ -502,11 +616,15 @@ async fn bulk_demo(
             .copied()
             .unwrap_or(0);
     }
-    let from_cache = server_metrics(m)
-        .await?
-        .get("bulk.served_bytes")
-        .copied()
-        .unwrap_or(0);
+    // And each MLM (a farm's members) what it served from its cache.
+    let mut from_cache = 0;
+    for m in mlms {
+        from_cache += server_metrics(m)
+            .await?
+            .get("bulk.served_bytes")
+            .copied()
+            .unwrap_or(0);
+    }
     out.push(format!(
         "software: agent-1.1.pkg (8 MB) installed by {}/{} proxies in {} ms; {} bytes left the server, the MLM served {} from its cache (job {})",
         job.count("succeeded"),
@@ -517,6 +635,57 @@ async fn bulk_demo(
         job.id
     ));
     Ok(out)
+}
+
+/// Sends `rate` alarms a second, round-robin through the proxies'
+/// integrator sockets, until `stop`: the IDs the proxies accepted (each
+/// spooled durably before the answer) and the number of calls refused
+/// (a proxy restarting; refused is not accepted, so not lost).
+async fn load(sockets: Vec<PathBuf>, rate: u32, stop: CancellationToken) -> (Vec<String>, u64) {
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    if rate == 0 || sockets.is_empty() {
+        return (accepted, refused);
+    }
+    let clients: Vec<_> = sockets
+        .iter()
+        .map(|s| rs_proxy::client::Client::new(s).with_timeout(Duration::from_secs(10)))
+        .collect();
+    for c in &clients {
+        let _ = c.register_integrator("load", "1.0", "linux").await;
+    }
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    while !stop.is_cancelled() {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        // Catch up to the rate since the start (calls take time too).
+        let due = started.elapsed().as_millis() as u64 * u64::from(rate) / 1000;
+        while sent < due && !stop.is_cancelled() {
+            let c = &clients[(sent as usize) % clients.len()];
+            let req = rs_proxy::api::SendRequest {
+                integrator: "load".into(),
+                instance: Some("loadgen".into()),
+                severity: Some("minor".into()),
+                key: Some(format!("load:{}", sent % 50)),
+                text: Some(format!("demo load alarm {sent}")),
+                ..rs_proxy::api::SendRequest::default()
+            };
+            match c.send("alarm", &req).await {
+                Ok(id) => accepted.push(id),
+                Err(_) => {
+                    refused += 1;
+                    // Registered again once the proxy is back.
+                    let _ = c.register_integrator("load", "1.0", "linux").await;
+                }
+            }
+            sent += 1;
+        }
+    }
+    (accepted, refused)
 }
 
 /// Follows a job (long polls on its version) until it is done.
@@ -599,9 +768,16 @@ async fn spools(sockets: &[(PathBuf, PathBuf)]) -> Spools {
     t
 }
 
-async fn print_line(start: Instant, sockets: &[(PathBuf, PathBuf)], mlm: &str, app: &str) {
+/// One line of what flows through each tier; an MLM farm's counters are
+/// its members' own, summed (a member killed or restarted counts from 0).
+async fn print_line(start: Instant, sockets: &[(PathBuf, PathBuf)], mlms: &[String], app: &str) {
     let t = spools(sockets).await;
-    let mm = server_metrics(mlm).await.unwrap_or_default();
+    let mut mm = std::collections::BTreeMap::<String, u64>::new();
+    for m in mlms {
+        for (k, v) in server_metrics(m).await.unwrap_or_default() {
+            *mm.entry(k).or_default() += v;
+        }
+    }
     let am = server_metrics(app).await.unwrap_or_default();
     let g = |m: &std::collections::BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
     println!(
