@@ -62,6 +62,16 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
                 async move { components(&app, &admin.grants).await }
             })
     };
+    let farms = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "farms")
+            .and(warp::get())
+            .and(crate::security::admin())
+            .and_then(move |admin: crate::security::Admin| {
+                let app = app.clone();
+                async move { farms(&app, &admin.grants).await }
+            })
+    };
     let send = {
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "send")
@@ -255,6 +265,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         messages.boxed(),
         export.boxed(),
         components.boxed(),
+        farms.boxed(),
         send.boxed(),
         job.boxed(),
         group_list.boxed(),
@@ -872,6 +883,47 @@ async fn components(
         })
         .collect();
     Ok(xml_response(encode_components(&list)))
+}
+
+/// `GET /rs/v1/control/farms`: the MLM farms among the components the
+/// admin may see, each with its members and their load as the farm's
+/// latest status reported them (every member lists them all, from the
+/// farm's database).
+async fn farms(
+    app: &AppServer,
+    grants: &crate::security::Grants,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    use rs_protocol::codec::api::{Farm, FarmMember, encode_farms};
+    let mut rows = app.store.components().await.map_err(unavailable)?;
+    rows.retain(|c| RsId::new(&c.id).is_ok_and(|id| grants.component(&id)));
+    let limits = rs_protocol::codec::Limits::default();
+    let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
+    let list: Vec<Farm> = rows
+        .into_iter()
+        .filter_map(|c| {
+            let status = rs_protocol::codec::decode_status(c.status.as_deref()?, &limits).ok()?;
+            let members: Vec<FarmMember> = status
+                .children
+                .iter()
+                .filter_map(FarmMember::from_status)
+                .collect();
+            if members.is_empty() {
+                return None;
+            }
+            Some(Farm {
+                id: RsId::new(&c.id).ok()?,
+                last_seen: ts(c.last_seen),
+                state: c.state,
+                via: c
+                    .via
+                    .split_whitespace()
+                    .filter_map(|v| RsId::new(v).ok())
+                    .collect(),
+                members,
+            })
+        })
+        .collect();
+    Ok(xml_response(encode_farms(&list)))
 }
 
 fn unavailable(e: impl std::fmt::Display) -> warp::Rejection {

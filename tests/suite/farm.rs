@@ -563,20 +563,46 @@ async fn a_member_killed(balanced: bool) {
         "the survivor does not show the dead member failed: {:?}",
         members(survivor).await
     );
+    // The server addresses the farm, one MLM; its control API and rsctl
+    // show the farm's members as its heartbeats report them.
+    let want: BTreeMap<String, String> = names
+        .iter()
+        .enumerate()
+        .map(|(k, n)| (n.clone(), if k == victim { "failed" } else { "ok" }.into()))
+        .collect();
+    let mut farms = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        farms = control(&a, http::Method::GET, "farms", "").await.1;
+        let seen: BTreeMap<String, String> =
+            rs_protocol::codec::api::decode_farms(farms.as_bytes(), &Default::default())
+                .unwrap()
+                .into_iter()
+                .filter(|f| f.id.as_str() == "acme.m1")
+                .flat_map(|f| f.members)
+                .map(|m| (m.name, m.state))
+                .collect();
+        if seen == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     assert!(
-        wait_for(Duration::from_secs(30), || {
-            tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(async {
-                    let c = crate::bulk::components(&a).await;
-                    names.iter().enumerate().all(|(k, n)| {
-                        let state = if k == victim { "failed" } else { "ok" };
-                        c.contains(&format!("kind=\"member\" name=\"{n}\" state=\"{state}\""))
-                    })
-                })
-            })
-        }),
-        "the server's view of acme.m1 lacks its members: {}",
-        crate::bulk::components(&a).await
+        farms.contains(&format!("members=\"{}\" ok=\"{}\"", ms.len(), ms.len() - 1)),
+        "the server's view of the farm acme.m1: {farms}"
+    );
+    rs_tests::assert_control_api_valid(farms.as_bytes(), &dir.join("farms.xml"));
+    let (code, out, err) = crate::backchannel_faults::rsctl(&a, &["farms"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.lines().any(|l| l.starts_with("acme.m1")
+            && l.contains(&names[victim])
+            && l.contains("failed")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("farms: 1, members: {}", ms.len())),
+        "{out}"
     );
 
     // The back-channel reaches every proxy through the survivors.

@@ -57,6 +57,9 @@ enum Cmd {
     Components,
     /// Show one component's status tree.
     Component { id: String },
+    /// MLM farms: each farm's members, their state and load (envelopes in
+    /// hand, received, messages forwarded), as the farm last reported.
+    Farms,
     /// Replace a component's tags (none: remove them all).
     Tag { id: String, tags: Vec<String> },
     /// Groups of components.
@@ -773,6 +776,30 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 );
             }
             println!("{} components", list.len());
+        }
+        Cmd::Farms => {
+            let b = api.call(reqwest::Method::GET, "farms", None).await?;
+            let list = rs_protocol::codec::api::decode_farms(&b, &limits)?;
+            println!(
+                "{:<24} {:<16} {:<7} {:<10} {:>8} {:>10} {:>10}",
+                "FARM", "MEMBER", "STATE", "SEEN", "IN HAND", "ENVELOPES", "FORWARDED"
+            );
+            for f in &list {
+                for m in &f.members {
+                    println!(
+                        "{:<24} {:<16} {:<7} {:<10} {:>8} {:>10} {:>10}",
+                        f.id.as_str(),
+                        m.name,
+                        m.state,
+                        m.seen.map_or_else(|| "-".to_owned(), ago),
+                        m.in_hand,
+                        m.envelopes,
+                        m.forwarded
+                    );
+                }
+            }
+            let members: usize = list.iter().map(|f| f.members.len()).sum();
+            println!("farms: {}, members: {members}", list.len());
         }
         Cmd::Component { id } => {
             let b = api.call(reqwest::Method::GET, "components", None).await?;

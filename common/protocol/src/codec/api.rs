@@ -552,6 +552,140 @@ pub fn decode_components(bytes: &[u8], limits: &Limits) -> Result<Vec<Component>
     Ok(out)
 }
 
+/// A farm of MLMs (one ID, several members on one database) as its latest
+/// status showed it: `GET /rs/v1/control/farms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Farm {
+    pub id: RsId,
+    /// When the server last heard from any member.
+    pub last_seen: Timestamp,
+    /// The farm's health at the server (the heartbeat monitor's).
+    pub state: Option<String>,
+    /// The tiers it is reached through, farthest first.
+    pub via: Vec<RsId>,
+    pub members: Vec<FarmMember>,
+}
+
+/// One member of a [`Farm`], with the load it last recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FarmMember {
+    pub name: String,
+    /// `ok`, or `failed` once silent for the farm's late time.
+    pub state: String,
+    pub since: Option<Timestamp>,
+    /// Its last beat in the farm's database.
+    pub seen: Option<Timestamp>,
+    /// Envelopes it was handling (held long polls among them).
+    pub in_hand: u64,
+    /// Envelopes received since it started.
+    pub envelopes: u64,
+    /// Messages it forwarded upstream since it started.
+    pub forwarded: u64,
+}
+
+impl FarmMember {
+    /// A member from its node in a farm's status tree (`kind="member"`).
+    pub fn from_status(n: &StatusNode) -> Option<FarmMember> {
+        if n.kind != "member" {
+            return None;
+        }
+        let metric = |k: &str| {
+            n.metrics
+                .iter()
+                .find(|d| d.name == k)
+                .map(|d| d.value.as_str())
+        };
+        let num = |k: &str| metric(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Some(FarmMember {
+            name: n.name.clone()?,
+            state: n.state.as_str().to_owned(),
+            since: n.since,
+            seen: metric("seen").and_then(|v| Timestamp::parse(v).ok()),
+            in_hand: num("envelopes.in_hand"),
+            envelopes: num("envelopes.received"),
+            forwarded: num("messages.forwarded"),
+        })
+    }
+}
+
+pub fn encode_farms(list: &[Farm]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    x.open("farms")
+        .attr_num("count", list.len() as u64)
+        .gt()
+        .newline();
+    for f in list {
+        let via: Vec<&str> = f.via.iter().map(RsId::as_str).collect();
+        let ok = f.members.iter().filter(|m| m.state == "ok").count();
+        x.open("farm")
+            .attr("id", f.id.as_str())
+            .attr("kind", f.id.kind().as_str())
+            .attr_ts("last-seen", f.last_seen)
+            .attr("via", &via.join(" "))
+            .attr_opt("state", f.state.as_deref())
+            .attr_num("members", f.members.len() as u64)
+            .attr_num("ok", ok as u64)
+            .gt()
+            .newline();
+        for m in &f.members {
+            x.open("farm-member")
+                .attr("name", &m.name)
+                .attr("state", &m.state)
+                .attr_ts_opt("since", m.since)
+                .attr_ts_opt("seen", m.seen)
+                .attr_num("in-hand", m.in_hand)
+                .attr_num("envelopes", m.envelopes)
+                .attr_num("forwarded", m.forwarded)
+                .empty()
+                .newline();
+        }
+        x.close("farm").newline();
+    }
+    x.close("farms").newline();
+    buf
+}
+
+pub fn decode_farms(bytes: &[u8], limits: &Limits) -> Result<Vec<Farm>, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("farms")?;
+    let mut out = Vec::new();
+    while let Some(tag) = x.child(&root)? {
+        if tag.name != "farm" {
+            return Err(root.unexpected_child(&tag));
+        }
+        let mut via = Vec::new();
+        for v in tag.opt("via").unwrap_or("").split_whitespace() {
+            via.push(RsId::new(v).map_err(|e| tag.bad("via", e.to_string()))?);
+        }
+        let mut f = Farm {
+            id: tag.req_with("id", |s| RsId::new(s))?,
+            last_seen: tag.req_ts("last-seen")?,
+            state: tag.opt("state").map(str::to_owned),
+            via,
+            members: Vec::new(),
+        };
+        while let Some(m) = x.child(&tag)? {
+            if m.name != "farm-member" {
+                return Err(tag.unexpected_child(&m));
+            }
+            f.members.push(FarmMember {
+                name: m.req("name")?.to_owned(),
+                state: m.req("state")?.to_owned(),
+                since: m.opt_ts("since")?,
+                seen: m.opt_ts("seen")?,
+                in_hand: m.opt_u64("in-hand")?.unwrap_or(0),
+                envelopes: m.opt_u64("envelopes")?.unwrap_or(0),
+                forwarded: m.opt_u64("forwarded")?.unwrap_or(0),
+            });
+            x.end(&m)?;
+        }
+        out.push(f);
+    }
+    x.finish()?;
+    Ok(out)
+}
+
 /// A subscription, as `POST /rs/v1/control/subscriptions` takes it: which
 /// stored messages (every attribute given must match) and how they are
 /// delivered.
