@@ -326,6 +326,8 @@ impl Mlm {
                 Ok(members) => {
                     let live = members.iter().filter(|m| m.state == NodeState::Ok).count();
                     metrics.push(("farm.members", live as u64));
+                    // The members this one shares throttle rates with.
+                    metrics.push(("farm.rate_share", u64::from(self.throttle.share())));
                     children = members;
                 }
                 Err(e) => {
@@ -399,6 +401,18 @@ impl Mlm {
             };
             if let Err(e) = self.outbox.beat(m).await {
                 tracing::warn!("farm membership: {e}");
+            }
+            // Rates are the farm's: each live member admits its share.
+            // (Unchanged while the database is away: the last count holds.)
+            if let Ok(members) = self.farm_members().await {
+                let live = members.iter().filter(|m| m.state == NodeState::Ok).count();
+                let live = u32::try_from(live).unwrap_or(u32::MAX).max(1);
+                if live != self.throttle.share() {
+                    tracing::info!(
+                        "farm: {live} live member(s); each admits 1/{live} of every throttle rate"
+                    );
+                    self.throttle.set_share(live);
+                }
             }
             tokio::select! {
                 () = stop.cancelled() => return,

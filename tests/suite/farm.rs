@@ -866,3 +866,78 @@ async fn a_download_is_fetched_once_per_shared_cache_directory_of_an_mlm_farm() 
     d.stop_all();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A rate on an MLM farm is the farm's: each live member admits an equal
+/// share of it (every admitted message spends as many cells of the rate as
+/// there are live members), so two members each offered more than the
+/// rate admit about the rate between them, not twice it. 20 alarms/s for
+/// the farm; each member offered about 25/s for 16 s; what the server
+/// stores in the last 12 s (the bursts spent) stays within 10% of the
+/// rate, while one member alone would admit 20/s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_on_an_mlm_farm_holds_for_the_farm_as_a_whole() {
+    const RATE: u64 = 20;
+    let dir = tmp("mlmfarm-rate");
+    let url = Postgres::shared().database("mlmfarmrate");
+    let (mut d, _a, m1, m2) = mlm_farm_with(
+        &dir,
+        &url,
+        &format!(
+            "[[throttle.rule]]\nname = \"farm-rate\"\nclass = \"rated\"\nmessages_per_sec = {RATE}\nburst_secs = 1\n"
+        ),
+    );
+    let clients = proxy_on_each(&mut d, [&m1, &m2]).await;
+    // Both members see each other: each admits half the rate.
+    let both = BTreeMap::from([("m1".into(), NodeState::Ok), ("m2".into(), NodeState::Ok)]);
+    assert!(until_members(&m1, &both).await && until_members(&m2, &both).await);
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let s1 = server_metrics(&m1).await.unwrap_or_default();
+                    let s2 = server_metrics(&m2).await.unwrap_or_default();
+                    s1.get("farm.rate_share") == Some(&2) && s2.get("farm.rate_share") == Some(&2)
+                })
+            })
+        }),
+        "the members do not share the rate"
+    );
+    let mut sent = HashSet::new();
+    let stored = |sent: &HashSet<String>| {
+        stored_ids(&dir.join("appserver"))
+            .unwrap()
+            .into_iter()
+            .filter(|id| sent.contains(id))
+            .count() as u64
+    };
+    let start = std::time::Instant::now();
+    let mut window: Option<(std::time::Instant, u64)> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(40));
+    while start.elapsed() < Duration::from_secs(16) {
+        tick.tick().await;
+        for c in &clients {
+            let a = rs_proxy::api::SendRequest {
+                class: Some("rated".into()),
+                subclass: Some("r".into()),
+                ..alarm("rated alarm", None)
+            };
+            sent.insert(c.send("alarm", &a).await.unwrap());
+        }
+        if window.is_none() && start.elapsed() >= Duration::from_secs(4) {
+            window = Some((std::time::Instant::now(), stored(&sent)));
+        }
+    }
+    let (from, before) = window.unwrap();
+    let admitted = stored(&sent) - before;
+    let secs = from.elapsed().as_secs_f64();
+    let rate = admitted as f64 / secs;
+    assert!(
+        rate <= RATE as f64 * 1.1,
+        "the farm admitted {admitted} alarms in {secs:.1} s ({rate:.1}/s) against a rate of {RATE}/s"
+    );
+    assert!(
+        rate >= RATE as f64 * 0.6,
+        "only {rate:.1}/s went through: the test offered too little"
+    );
+    d.stop_all();
+}

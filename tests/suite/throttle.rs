@@ -245,6 +245,57 @@ fn rates_hold_within_five_percent_under_twice_the_load() {
     );
 }
 
+/// A farm's rates: with the share set to the live members, each member's
+/// throttle admits its part of a message rate and of a byte rate (three
+/// members: a third each, within 5%), and all of it again when it is
+/// alone.
+#[test]
+fn a_share_of_a_farms_rates_holds_per_member() {
+    let c = FakeClock::at("2026-11-24T00:00:00Z");
+    let t = throttle(
+        &c,
+        vec![
+            Rule {
+                name: "msgs".into(),
+                class: Some("events".into()),
+                messages_per_sec: Some(90.0),
+                burst_secs: Some(1.0),
+                ..Rule::default()
+            },
+            Rule {
+                name: "bytes".into(),
+                class: Some("data".into()),
+                bytes_per_sec: Some(900_000),
+                ..Rule::default()
+            },
+        ],
+    );
+    t.set_share(3);
+    let total = Duration::from_secs(600);
+    let every = Duration::from_millis(5);
+    let m = Msg::new("acme.p1", "events", 100);
+    let got = offer(&c, &t, &m, every, total) as f64;
+    let want = 30.0 * total.as_secs_f64();
+    assert!(
+        (got - want).abs() / want < 0.05,
+        "{got} messages, want {want}"
+    );
+    let m = Msg::new("acme.p1", "data", 10_000);
+    let got = offer(&c, &t, &m, every, total) as f64 * 10_000.0;
+    let want = 300_000.0 * total.as_secs_f64();
+    assert!((got - want).abs() / want < 0.05, "{got} bytes, want {want}");
+    // Alone again: the whole rate.
+    t.set_share(0);
+    assert_eq!(t.share(), 1);
+    let m = Msg::new("acme.p1", "events", 100);
+    let got = offer(&c, &t, &m, every, total) as f64;
+    let want = 90.0 * total.as_secs_f64();
+    assert!(
+        (got - want).abs() / want < 0.05,
+        "{got} messages, want {want}"
+    );
+}
+
 #[test]
 fn quotas_are_per_key_hold_within_five_percent_and_survive_a_restart() {
     let dir = crate::backchannel::tmp("throttle-quota");

@@ -169,7 +169,8 @@ struct Compiled {
     tz: jiff::tz::TimeZone,
     window: Option<Window>,
     exempt_severity: Option<Severity>,
-    messages: Option<Limiter>,
+    /// Message and byte rates, each with its burst (in cells).
+    messages: Option<(Limiter, u32)>,
     bytes: Option<(Limiter, u32)>,
     /// Time-zone arithmetic is the costly part of a check, and its answers
     /// hold for a while: the window's state for the current UTC minute
@@ -240,7 +241,7 @@ impl Compiled {
         }
         let messages = rule
             .messages_per_sec
-            .map(|r| limiter(r, burst, clock).map(|l| l.0))
+            .map(|r| limiter(r, burst, clock))
             .transpose()
             .map_err(bad)?;
         let bytes = rule
@@ -447,6 +448,10 @@ pub struct Throttle {
     /// Bulk transfers under way, and the cap.
     bulk: Arc<std::sync::atomic::AtomicU32>,
     max_bulk: Option<u32>,
+    /// The members a farm's rates are shared among (1 alone): each
+    /// admitted message spends this many cells of its rates, so each
+    /// member admits its share and the farm the rate.
+    share: std::sync::atomic::AtomicU32,
 }
 
 /// Why a bulk transfer may not start now, and when to ask again.
@@ -547,6 +552,7 @@ impl Throttle {
             held: Mutex::new(HashMap::new()),
             bulk: Arc::new(std::sync::atomic::AtomicU32::new(0)),
             max_bulk: cfg.max_bulk_transfers,
+            share: std::sync::atomic::AtomicU32::new(1),
             disk: match (cfg.min_free_disk_mb, data_dir) {
                 (Some(mb), Some(d)) => Some((d.to_path_buf(), mb * 1024 * 1024)),
                 _ => None,
@@ -554,6 +560,20 @@ impl Throttle {
         };
         t.reload()?;
         Ok(t)
+    }
+
+    /// Shares every rule's rates among `members` (a farm's live members,
+    /// each holding an equal part; at least 1): a member then admits
+    /// `rate / members`, and the farm the rate. Quotas need no share (their
+    /// counters are the farm's).
+    pub fn set_share(&self, members: u32) {
+        self.share
+            .store(members.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The members the rates are shared among now.
+    pub fn share(&self) -> u32 {
+        self.share.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// No rules at all (checks cost nothing).
@@ -637,10 +657,17 @@ impl Throttle {
                 }
             }
         }
+        // In a farm each message spends `share` cells: this member's part
+        // of the rate (a cost above the burst takes the whole burst).
+        let share = u64::from(self.share());
+        let cells = |n: u64, burst: u32| {
+            NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX).clamp(1, burst))
+                .unwrap_or(NonZeroU32::MIN)
+        };
         for r in &matching {
             let key = r.key(s);
-            if let Some(l) = &r.messages
-                && let Err(not_until) = l.check_key(&key)
+            if let Some((l, burst)) = &r.messages
+                && let Ok(Err(not_until)) = l.check_key_n(&key, cells(share, *burst))
             {
                 let after = not_until
                     .wait_time_from(governor::clock::Clock::now(&GovClock(self.clock.clone())));
@@ -652,9 +679,8 @@ impl Throttle {
             }
             if let Some((l, burst)) = &r.bytes {
                 // A message larger than the burst takes the whole burst.
-                let n = u32::try_from(s.bytes).unwrap_or(u32::MAX).clamp(1, *burst);
                 if let Ok(Err(not_until)) =
-                    l.check_key_n(&key, NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN))
+                    l.check_key_n(&key, cells(s.bytes.saturating_mul(share), *burst))
                 {
                     let after = not_until
                         .wait_time_from(governor::clock::Clock::now(&GovClock(self.clock.clone())));
