@@ -99,6 +99,30 @@ pub(crate) async fn timed_actions(
     n: usize,
     proxies: usize,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let (one_way, round, _) = timed_actions_taken(a, n, proxies, &[]).await?;
+    Ok((one_way, round))
+}
+
+/// What an MLM at `m` reports as taken from upstream
+/// (`backchannel.taken`).
+async fn taken(m: &str) -> u64 {
+    rs_tests::deploy::server_metrics(m)
+        .await
+        .ok()
+        .and_then(|x| x.get("backchannel.taken").copied())
+        .unwrap_or(0)
+}
+
+/// [`timed_actions`], also telling for each timed action its destination
+/// and which of the farm `members` (MLM addresses) took it from the
+/// server (the one whose `backchannel.taken` grew; none when it cannot be
+/// told).
+pub(crate) async fn timed_actions_taken(
+    a: &str,
+    n: usize,
+    proxies: usize,
+    members: &[String],
+) -> anyhow::Result<(Vec<f64>, Vec<f64>, Vec<(String, Option<usize>)>)> {
     let a = a.to_owned();
     let http = reqwest::Client::new();
     // Warm up: every proxy reachable (its route known, a first action
@@ -126,9 +150,14 @@ pub(crate) async fn timed_actions(
         }
     }
     let mut sent: Vec<(String, String, i64, Duration)> = Vec::with_capacity(n);
+    let mut takers = Vec::with_capacity(n);
     for _ in 0..n {
         tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..100))).await;
         let to = format!("acme.p{}", 1 + fastrand::usize(0..proxies.max(1)));
+        let mut before = Vec::with_capacity(members.len());
+        for m in members {
+            before.push(taken(m).await);
+        }
         let t0 = Timestamp::now().as_millis();
         let start = Instant::now();
         let doc = post(
@@ -138,8 +167,16 @@ pub(crate) async fn timed_actions(
         )
         .await?;
         until_done(&http, &a, &doc).await?;
+        let rt = start.elapsed();
+        let mut grew = Vec::new();
+        for (k, m) in members.iter().enumerate() {
+            if taken(m).await > before[k] {
+                grew.push(k);
+            }
+        }
+        takers.push((to.clone(), (grew.len() == 1).then(|| grew[0])));
         let job = decode_job(doc.as_bytes(), &Limits::default())?;
-        sent.push((job.message, to, t0, start.elapsed()));
+        sent.push((job.message, to, t0, rt));
     }
     // When each action was applied: its response's creation time.
     let mut applied = std::collections::HashMap::new();
@@ -178,7 +215,7 @@ pub(crate) async fn timed_actions(
         one_way.push((at - t0).max(0) as f64);
         round.push(rt.as_secs_f64() * 1000.0);
     }
-    Ok((one_way, round))
+    Ok((one_way, round, takers))
 }
 
 /// Posts one heartbeat from each of `ids` to the MLM at `m`, as if each

@@ -18,6 +18,7 @@ mod curves;
 mod forward;
 mod longpoll;
 mod mlmfarm;
+mod mlmkill;
 mod relay;
 mod storage;
 mod throttle;
@@ -377,6 +378,7 @@ fn main() {
     let mtls_settings = settings.clone();
     let storage_settings = settings.clone();
     let proxies = opt(&args, "--proxies", 10_000).max(1) as usize;
+    let kill_rate = opt(&args, "--rate", 5_000).max(60);
     let curve_messages = opt(&args, "--messages", 20_000);
     let json = root().join("docs/benchmarks.json");
     let mut figs = load(&json);
@@ -431,6 +433,10 @@ fn main() {
             (
                 "mlmfarm",
                 Box::new(move || mlmfarm::run(runs, back.actions).map_err(|e| format!("{e:#}"))),
+            ),
+            (
+                "mlmkill",
+                Box::new(move || mlmkill::run(runs, kill_rate).map_err(|e| format!("{e:#}"))),
             ),
             (
                 "longpoll",

@@ -35,6 +35,9 @@ pub struct Stats {
     pub throttled: AtomicU64,
     /// Back-channel messages dropped because their expiry passed.
     pub back_expired: AtomicU64,
+    /// Back-channel messages taken from upstream (on replies to this
+    /// member's POSTs; in a farm, the member that took each).
+    pub back_taken: AtomicU64,
     /// Control actions addressed to this MLM that it applied.
     pub actions_applied: AtomicU64,
 }
@@ -316,6 +319,9 @@ type Copies = Vec<(rs_protocol::RsId, RawMessage)>;
 /// the destinations thus makes one copy per destination). Returns the IDs
 /// now safe, to acknowledge upstream.
 pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
+    mlm.stats
+        .back_taken
+        .fetch_add(msgs.len() as u64, Ordering::Relaxed);
     let mut copies = Vec::new();
     // Download offers: the file is fetched once into the cache, and the
     // copies handed down name this MLM's URL for it (held until it is here).

@@ -251,6 +251,7 @@ impl Mlm {
                 "backchannel.expired",
                 s.back_expired.load(Ordering::Relaxed),
             ),
+            ("backchannel.taken", s.back_taken.load(Ordering::Relaxed)),
             ("actions.applied", s.actions_applied.load(Ordering::Relaxed)),
             (
                 "upstream.accepted",
