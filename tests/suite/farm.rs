@@ -941,3 +941,95 @@ async fn a_rate_on_an_mlm_farm_holds_for_the_farm_as_a_whole() {
     );
     d.stop_all();
 }
+
+/// An upload relayed through one member of an MLM farm (behind haproxy)
+/// resumes through another when that member dies: the relay keeps no
+/// state of its own (the server holds what arrived), so the proxy's next
+/// `HEAD`/`PUT` from where the server stopped goes to a live member. Every
+/// byte reaches the server once and the file is stored once, verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_through_an_mlm_farm_resumes_through_another_member_after_a_cut() {
+    const SIZE: u64 = 512 << 20;
+    let dir = tmp("mlmfarm-upload");
+    let url = Postgres::shared().database("mlmfarmupload");
+    let (mut d, a, ms) = mlm_farm_of(&dir, &url, 2, |_| String::new());
+    let addrs: Vec<&str> = ms.iter().map(String::as_str).collect();
+    let lb = d.balancer_at("127.0.0.1:0", &addrs).unwrap();
+    let s = d
+        .proxy(
+            "p1",
+            "acme.p1",
+            std::slice::from_ref(&lb.addr),
+            &Extra::default(),
+        )
+        .unwrap();
+    // A sparse file with a few bytes set, so a misplaced range changes the
+    // hash.
+    let file = dir.join("core.farm");
+    {
+        use std::io::{Seek as _, SeekFrom, Write as _};
+        let mut f = std::fs::File::create(&file).unwrap();
+        f.set_len(SIZE).unwrap();
+        for at in [0, SIZE / 3, SIZE / 2 + 7, SIZE - 5] {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(b"rs!").unwrap();
+        }
+    }
+    let want = crate::bulk::sha256_file(&file);
+    let client = rs_proxy::client::Client::new(&s).with_timeout(Duration::from_secs(120));
+    client
+        .register_integrator("cores", "1.0", "linux")
+        .await
+        .unwrap();
+    let up = client
+        .upload(&rs_proxy::bulk::UploadRequest {
+            integrator: "cores".into(),
+            path: file.display().to_string(),
+            class: Some("diagnostics".into()),
+            subclass: Some("core".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let metric = crate::bulk::metric;
+    use crate::bulk::block;
+    // Cut it in the middle: kill the member relaying it.
+    let mut relaying = None;
+    assert!(
+        wait_for(Duration::from_secs(120), || block(async {
+            for (k, m) in ms.iter().enumerate() {
+                if metric(m, "bulk.bytes_relayed").await > SIZE / 4 {
+                    relaying = Some(k);
+                    return true;
+                }
+            }
+            false
+        })),
+        "the transfer did not get going"
+    );
+    let victim = relaying.unwrap();
+    d.node(&format!("m{}", victim + 1)).kill();
+    let survivor = &ms[1 - victim];
+    assert!(
+        wait_for(Duration::from_secs(300), || block(async {
+            client
+                .upload_state(&up.id)
+                .await
+                .is_ok_and(|u| u.state == "done")
+        })),
+        "upload not done: {:?}",
+        client.upload_state(&up.id).await
+    );
+    // Resumed through the survivor, not started over.
+    let relayed = metric(survivor, "bulk.bytes_relayed").await;
+    assert!(relayed > 0 && relayed < SIZE * 3 / 4, "{relayed}");
+    assert!(metric(&a, "bulk.resumed").await >= 1);
+    assert_eq!(metric(&a, "bulk.bytes_received").await, SIZE);
+    assert_eq!(metric(&a, "bulk.completed").await, 1);
+    let stored = dir.join("appserver/bulk/files").join(&up.request);
+    assert_eq!(std::fs::metadata(&stored).unwrap().len(), SIZE);
+    assert_eq!(crate::bulk::sha256_file(&stored), want);
+    d.stop_all();
+    drop(lb);
+    let _ = std::fs::remove_dir_all(&dir);
+}
