@@ -850,15 +850,17 @@ async fn export(
     Ok(r)
 }
 
-async fn components(
+/// The components the admin's grants let it see, with their latest status
+/// trees.
+async fn visible_components(
     app: &AppServer,
     grants: &crate::security::Grants,
-) -> Result<warp::reply::Response, warp::Rejection> {
+) -> Result<Vec<Component>, warp::Rejection> {
     let mut rows = app.store.components().await.map_err(unavailable)?;
     rows.retain(|c| RsId::new(&c.id).is_ok_and(|id| grants.component(&id)));
     let limits = rs_protocol::codec::Limits::default();
     let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
-    let list: Vec<Component> = rows
+    Ok(rows
         .into_iter()
         .filter_map(|c| {
             Some(Component {
@@ -881,7 +883,14 @@ async fn components(
                     .and_then(|x| rs_protocol::codec::decode_status(&x, &limits).ok()),
             })
         })
-        .collect();
+        .collect())
+}
+
+async fn components(
+    app: &AppServer,
+    grants: &crate::security::Grants,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let list = visible_components(app, grants).await?;
     Ok(xml_response(encode_components(&list)))
 }
 
@@ -894,31 +903,21 @@ async fn farms(
     grants: &crate::security::Grants,
 ) -> Result<warp::reply::Response, warp::Rejection> {
     use rs_protocol::codec::api::{Farm, FarmMember, encode_farms};
-    let mut rows = app.store.components().await.map_err(unavailable)?;
-    rows.retain(|c| RsId::new(&c.id).is_ok_and(|id| grants.component(&id)));
-    let limits = rs_protocol::codec::Limits::default();
-    let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
-    let list: Vec<Farm> = rows
+    let list: Vec<Farm> = visible_components(app, grants)
+        .await?
         .into_iter()
         .filter_map(|c| {
-            let status = rs_protocol::codec::decode_status(c.status.as_deref()?, &limits).ok()?;
-            let members: Vec<FarmMember> = status
+            let members: Vec<FarmMember> = c
+                .status?
                 .children
                 .iter()
                 .filter_map(FarmMember::from_status)
                 .collect();
-            if members.is_empty() {
-                return None;
-            }
-            Some(Farm {
-                id: RsId::new(&c.id).ok()?,
-                last_seen: ts(c.last_seen),
+            (!members.is_empty()).then_some(Farm {
+                id: c.id,
+                last_seen: c.last_seen,
                 state: c.state,
-                via: c
-                    .via
-                    .split_whitespace()
-                    .filter_map(|v| RsId::new(v).ok())
-                    .collect(),
+                via: c.via,
                 members,
             })
         })

@@ -19,6 +19,7 @@ mod forward;
 mod longpoll;
 mod mlmfarm;
 mod mlmkill;
+mod mlmstorm;
 mod relay;
 mod storage;
 mod throttle;
@@ -437,6 +438,10 @@ fn main() {
             (
                 "mlmkill",
                 Box::new(move || mlmkill::run(runs, kill_rate).map_err(|e| format!("{e:#}"))),
+            ),
+            (
+                "mlmstorm",
+                Box::new(move || mlmstorm::run(runs, proxies).map_err(|e| format!("{e:#}"))),
             ),
             (
                 "longpoll",

@@ -234,6 +234,8 @@ impl Mlm {
         }
         metrics.extend([
             ("envelopes.received", s.envelopes.load(Ordering::Relaxed)),
+            // Held long polls among them.
+            ("envelopes.in_hand", self.load.inflight() as u64),
             ("messages.received", s.received.load(Ordering::Relaxed)),
             ("messages.forwarded", s.forwarded.load(Ordering::Relaxed)),
             ("messages.accepted", s.accepted.load(Ordering::Relaxed)),

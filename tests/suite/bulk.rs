@@ -583,6 +583,63 @@ pub(crate) fn installer(dir: &Path) -> String {
     )
 }
 
+/// Once every one of `ids` (proxies `p1`... under `dir`, with
+/// [`installer`]) has reported, puts them in `group` and publishes a
+/// package `name` of `size` bytes (not all one byte) to it with `rsctl
+/// publish --watch`: every proxy installs exactly its bytes. Returns them.
+pub(crate) fn publish_to_group(
+    a: &str,
+    dir: &Path,
+    ids: &[String],
+    group: &str,
+    name: &str,
+    size: u32,
+) -> Vec<u8> {
+    assert!(
+        wait_for(Duration::from_secs(60), || block(async {
+            let c = components(a).await;
+            ids.iter().all(|id| c.contains(&format!("id=\"{id}\"")))
+        })),
+        "not every proxy reported"
+    );
+    let mut args = vec!["groups", "set", group];
+    for id in ids {
+        args.extend(["--member", id.as_str()]);
+    }
+    let (code, out, err) = crate::backchannel_faults::rsctl(a, &args);
+    assert_eq!(code, 0, "{out}{err}");
+    let pkg = dir.join(name);
+    let bytes: Vec<u8> = (0..size)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&pkg, &bytes).unwrap();
+    let (code, out, err) = crate::backchannel_faults::rsctl(
+        a,
+        &[
+            "publish",
+            pkg.to_str().unwrap(),
+            "--group",
+            group,
+            "--class",
+            "software",
+            "--subclass",
+            "package",
+            "--watch",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let n = ids.len();
+    assert!(
+        out.contains(&format!("{n}/{n} final: {n} succeeded")),
+        "{out}"
+    );
+    for i in 0..n {
+        let got = std::fs::read(dir.join(format!("p{}/installed/{name}", i + 1))).unwrap();
+        assert!(got == bytes, "p{} installed something else", i + 1);
+    }
+    bytes
+}
+
 pub(crate) async fn components(a: &str) -> String {
     admin(a)
         .get(format!("{}/rs/v1/control/components", base(a)))
@@ -611,51 +668,7 @@ async fn rsctl_publishes_software_to_20_proxies_fetched_once_from_the_server_and
             .unwrap();
         ids.push(id);
     }
-    assert!(
-        wait_for(Duration::from_secs(60), || block(async {
-            let c = components(&a).await;
-            ids.iter().all(|id| c.contains(&format!("id=\"{id}\"")))
-        })),
-        "not every proxy reported"
-    );
-    let mut args = vec!["groups", "set", "stores"];
-    for id in &ids {
-        args.extend(["--member", id.as_str()]);
-    }
-    let (code, out, err) = crate::backchannel_faults::rsctl(&a, &args);
-    assert_eq!(code, 0, "{out}{err}");
-
-    // A 3 MB package, not all one byte.
-    let pkg = dir.join("agent-2.1.tar.gz");
-    let bytes: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    std::fs::write(&pkg, &bytes).unwrap();
-    let (code, out, err) = crate::backchannel_faults::rsctl(
-        &a,
-        &[
-            "publish",
-            pkg.to_str().unwrap(),
-            "--group",
-            "stores",
-            "--class",
-            "software",
-            "--subclass",
-            "package",
-            "--watch",
-        ],
-    );
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        out.contains(&format!("{N}/{N} final: {N} succeeded")),
-        "{out}"
-    );
-    // Each proxy installed exactly these bytes.
-    for i in 0..N {
-        let got =
-            std::fs::read(dir.join(format!("p{}/installed/agent-2.1.tar.gz", i + 1))).unwrap();
-        assert!(got == bytes, "p{} installed something else", i + 1);
-    }
+    let bytes = publish_to_group(&a, &dir, &ids, "stores", "agent-2.1.tar.gz", 3_000_000);
     // The file crossed the server's link once, to the MLM; the MLM served
     // it to each of its proxies.
     let size = bytes.len() as u64;
