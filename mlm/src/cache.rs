@@ -111,10 +111,6 @@ pub struct Cache {
     /// Files the farm has cached that this member's directory lacks (it
     /// does not share the leader's): fetched into it, for itself.
     missing: Mutex<HashSet<String>>,
-    /// This member's mark on the partial files it fetches for itself:
-    /// members that share a directory but not the leader's may fetch the
-    /// same file at once, each into its own part.
-    member: String,
 }
 
 #[derive(Debug, Clone)]
@@ -151,7 +147,6 @@ impl Cache {
     pub fn open(
         at: &Location,
         dir: PathBuf,
-        member: &str,
         tls: Option<&rs_net::tls::TlsConfig>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&dir)?;
@@ -168,10 +163,6 @@ impl Cache {
             wake: tokio::sync::Notify::new(),
             client: bulk::Client::new(tls).map_err(anyhow::Error::msg)?,
             missing: Mutex::new(HashSet::new()),
-            member: member
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                .collect(),
         })
     }
 
@@ -179,15 +170,28 @@ impl Cache {
         self.dir.join(sha)
     }
 
-    /// The farm's partial file (the leader's fetch: a new leader resumes
-    /// it).
+    /// The partial file of a fetch under way (a fetch after a cut, by this
+    /// member or another sharing the directory, resumes it).
     fn part(&self, sha: &str) -> PathBuf {
         self.dir.join(format!("{sha}.part"))
     }
 
-    /// This member's own partial file (a fetch for itself).
-    fn own_part(&self, sha: &str) -> PathBuf {
-        self.dir.join(format!("{sha}.{}.part", self.member))
+    /// The right to fetch `sha` into this directory, if no other process
+    /// sharing it holds it now: an exclusive `flock` on `SHA.lock`, which
+    /// the kernel drops when its holder dies (so a dead member strands no
+    /// fetch). `None`: another member is fetching it.
+    fn fetch_lock(&self, sha: &str) -> Result<Option<std::fs::File>, String> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(format!("{sha}.lock")))
+            .map_err(|e| e.to_string())?;
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(f)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(format!("locking {sha}.lock: {e}")),
+        }
     }
 
     /// A download of `sha` (from `source`, a path on the upstream) is
@@ -463,6 +467,10 @@ async fn fetch_missing(mlm: &Mlm, sha: String) -> Result<(), String> {
         done(&sha);
         return Ok(());
     };
+    // One fetch per directory: a member sharing it may be fetching it.
+    let Some(_lock) = cache.fetch_lock(&sha)? else {
+        return Ok(());
+    };
     if tokio::fs::try_exists(cache.path(&sha))
         .await
         .unwrap_or(false)
@@ -470,7 +478,7 @@ async fn fetch_missing(mlm: &Mlm, sha: String) -> Result<(), String> {
         done(&sha);
         return Ok(());
     }
-    let have = tokio::fs::metadata(cache.own_part(&sha))
+    let have = tokio::fs::metadata(cache.part(&sha))
         .await
         .map_or(0, |m| m.len());
     let Ok(_permit) = mlm
@@ -484,9 +492,9 @@ async fn fetch_missing(mlm: &Mlm, sha: String) -> Result<(), String> {
     cache.stats.fetches.fetch_add(1, Ordering::Relaxed);
     let answer = cache
         .client
-        .fetch(&url, &cache.own_part(&sha), e.size, &sha)
+        .fetch(&url, &cache.part(&sha), e.size, &sha)
         .await;
-    let after = tokio::fs::metadata(cache.own_part(&sha))
+    let after = tokio::fs::metadata(cache.part(&sha))
         .await
         .map_or(0, |m| m.len());
     cache
@@ -495,7 +503,7 @@ async fn fetch_missing(mlm: &Mlm, sha: String) -> Result<(), String> {
         .fetch_add(after.saturating_sub(have), Ordering::Relaxed);
     match answer {
         Answer::Complete => {
-            tokio::fs::rename(cache.own_part(&sha), cache.path(&sha))
+            tokio::fs::rename(cache.part(&sha), cache.path(&sha))
                 .await
                 .map_err(|err| err.to_string())?;
             done(&sha);
@@ -506,7 +514,7 @@ async fn fetch_missing(mlm: &Mlm, sha: String) -> Result<(), String> {
             Ok(())
         }
         Answer::Gone { why } => {
-            let _ = tokio::fs::remove_file(cache.own_part(&sha)).await;
+            let _ = tokio::fs::remove_file(cache.part(&sha)).await;
             done(&sha);
             Err(why)
         }
@@ -528,7 +536,7 @@ async fn prune(cache: &Cache) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     while let Some(f) = dir.next_entry().await.map_err(|e| e.to_string())? {
         let name = f.file_name().to_string_lossy().into_owned();
-        // SHA, SHA.part, or SHA.MEMBER.part.
+        // SHA, SHA.part or SHA.lock.
         let sha = name.split('.').next().unwrap_or_default();
         // Only the cache's own names (a SHA-256 in hex).
         if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -544,6 +552,11 @@ async fn prune(cache: &Cache) -> Result<(), String> {
 
 async fn fetch_one(mlm: &Mlm, e: &Entry) -> Result<(), String> {
     let cache = &mlm.cache;
+    // A member sharing the directory may be fetching it for itself: the
+    // next round finds the file here.
+    let Some(_lock) = cache.fetch_lock(&e.sha)? else {
+        return Ok(());
+    };
     let now = mlm.clock.now();
     let have = tokio::fs::metadata(cache.part(&e.sha))
         .await

@@ -207,13 +207,8 @@ impl Mlm {
             stop,
             bulk_client: rs_net::bulk::Client::new(cfg.tls.as_ref()).map_err(anyhow::Error::msg)?,
             bulk_stats: bulk::Stats::default(),
-            cache: cache::Cache::open(
-                &cfg.cache_location(),
-                cfg.cache_dir(),
-                &cfg.member_name(),
-                cfg.tls.as_ref(),
-            )
-            .context("opening the bulk cache")?,
+            cache: cache::Cache::open(&cfg.cache_location(), cfg.cache_dir(), cfg.tls.as_ref())
+                .context("opening the bulk cache")?,
             coalescer: coalesce::Coalescer::default(),
             cfg,
         }))
