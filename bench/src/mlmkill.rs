@@ -93,18 +93,14 @@ async fn one(exe: &Path, dir: &Path, pg: &Postgres, rate: u64) -> anyhow::Result
     let mut d = Deployment::plain(dir, exe)?; // plain HTTP, as the peers run
     let a = d.appserver("127.0.0.1:0", "")?;
     let url = pg.database("bench_mlmkill");
-    let mut members = Vec::new();
-    for i in 1..=MEMBERS {
-        let name = format!("m{i}");
-        let farm = Extra {
-            top: format!("database = \"{url}\"\nmember = \"{name}\"\n"),
-            ..Extra::default()
-        };
-        members.push((
-            name.clone(),
-            d.mlm(&name, "acme.m1", std::slice::from_ref(&a), &farm)?,
-        ));
-    }
+    let members: Vec<(String, String)> = d
+        .mlm_farm(MEMBERS, "acme.m1", std::slice::from_ref(&a), &url, |_| {
+            Extra::default()
+        })?
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| (format!("m{}", i + 1), a))
+        .collect();
     let addrs: Vec<&str> = members.iter().map(|(_, a)| a.as_str()).collect();
     let lb = d.balancer_at("127.0.0.1:0", &addrs)?;
     let mut sockets = Vec::new();
@@ -160,17 +156,8 @@ async fn one(exe: &Path, dir: &Path, pg: &Postgres, rate: u64) -> anyhow::Result
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rate_before = (stored_total(a.clone()).await - n0) as f64 / t0.elapsed().as_secs_f64();
     // The busiest member goes.
-    let mut busiest = (0, 0);
-    for (k, (_, addr)) in members.iter().enumerate() {
-        let n = server_metrics(addr)
-            .await
-            .ok()
-            .and_then(|m| m.get("envelopes.received").copied())
-            .unwrap_or(0);
-        if n >= busiest.1 {
-            busiest = (k, n);
-        }
-    }
+    let addrs: Vec<String> = members.iter().map(|(_, a)| a.clone()).collect();
+    let busiest = rs_tests::deploy::busiest(&addrs).await;
     let killed_at = Instant::now();
     d.node(&members[busiest.0].0).kill();
     tokio::time::sleep(AFTER_KILL).await;

@@ -207,19 +207,18 @@ async fn one(n: usize, dir: &std::path::Path, pg: &Postgres) -> anyhow::Result<R
     let mut d = Deployment::with_pki(dir, exe()?, Some(pki.clone()))?;
     let a = d.appserver("127.0.0.1:0", "heartbeat_secs = 3600")?;
     let url = pg.database("bench_mlmstorm");
-    let mut members = Vec::new();
-    for i in 1..=MEMBERS {
-        let name = format!("m{i}");
-        let farm = Extra {
-            top: format!(
-                "database = \"{url}\"\nmember = \"{name}\"\nmax_connections = {}\nbusy_envelopes = {}\n",
-                n + 1024,
-                n + 1024
-            ),
+    // Room for every poll on any member.
+    let room = format!(
+        "max_connections = {}\nbusy_envelopes = {}\n",
+        n + 1024,
+        n + 1024
+    );
+    let members = d.mlm_farm(MEMBERS, "acme.m1", std::slice::from_ref(&a), &url, |_| {
+        Extra {
+            top: room.clone(),
             ..Extra::default()
-        };
-        members.push(d.mlm(&name, "acme.m1", std::slice::from_ref(&a), &farm)?);
-    }
+        }
+    })?;
     let mut sockets = Vec::new();
     for i in 1..=REAL {
         let mut list = members.clone();

@@ -705,6 +705,28 @@ impl Deployment {
         self.server(name, Role::Mlm, cfg)
     }
 
+    /// Starts `n` MLMs `m1`...`mN` (their member names too), all with ID
+    /// `id` under `upstream`: one farm on `database`. `extra(name)` adds to
+    /// each member's configuration. Started in order (so `m1` is usually
+    /// the first leader); returns their addresses in order.
+    pub fn mlm_farm(
+        &mut self,
+        n: usize,
+        id: &str,
+        upstream: &[String],
+        database: &str,
+        extra: impl Fn(&str) -> Extra,
+    ) -> anyhow::Result<Vec<String>> {
+        (1..=n)
+            .map(|i| {
+                let name = format!("m{i}");
+                let mut e = extra(&name);
+                e.top = format!("database = \"{database}\"\nmember = \"{name}\"\n{}", e.top);
+                self.mlm(&name, id, upstream, &e)
+            })
+            .collect()
+    }
+
     /// Starts a proxy; returns its integrator socket.
     pub fn proxy(
         &mut self,
@@ -828,6 +850,23 @@ impl Deployment {
             }
         }
     }
+}
+
+/// Which of `members` (an MLM farm's addresses) has received the most
+/// envelopes (its `envelopes.received`): its index, and that count.
+pub async fn busiest(members: &[String]) -> (usize, u64) {
+    let mut top = (0, 0);
+    for (k, m) in members.iter().enumerate() {
+        let n = server_metrics(m)
+            .await
+            .ok()
+            .and_then(|x| x.get("envelopes.received").copied())
+            .unwrap_or(0);
+        if n >= top.1 {
+            top = (k, n);
+        }
+    }
+    top
 }
 
 /// The metrics of a server's `/rs/v1/status` tree.

@@ -29,6 +29,47 @@ pub(crate) fn sha256_file(p: &Path) -> String {
     rs_protocol::codec::sha256_hex(&h.finish())
 }
 
+/// Writes a sparse core file of `size` bytes at `file` and hands it to the
+/// proxy at `socket` to upload (integrator `cores`): the proxy's client,
+/// the upload as accepted, and the file's SHA-256.
+pub(crate) async fn upload_core(
+    socket: &Path,
+    file: &Path,
+    size: u64,
+) -> (Client, rs_proxy::bulk::Upload, String) {
+    let want = sparse_core(file, size);
+    let client = Client::new(socket).with_timeout(Duration::from_secs(120));
+    client
+        .register_integrator("cores", "1.0", "linux")
+        .await
+        .unwrap();
+    let up = client
+        .upload(&rs_proxy::bulk::UploadRequest {
+            integrator: "cores".into(),
+            path: file.display().to_string(),
+            class: Some("diagnostics".into()),
+            subclass: Some("core".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    (client, up, want)
+}
+
+/// A sparse core file of `size` bytes, with some non-zero bytes so a
+/// misplaced range would change the hash; returns its SHA-256.
+pub(crate) fn sparse_core(file: &Path, size: u64) -> String {
+    use std::io::{Seek as _, SeekFrom, Write as _};
+    let mut f = std::fs::File::create(file).unwrap();
+    f.set_len(size).unwrap();
+    for at in [0, size / 3, size / 2 + 7, size - 5] {
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(b"rs!").unwrap();
+    }
+    drop(f);
+    sha256_file(file)
+}
+
 pub(crate) fn block<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
@@ -92,35 +133,8 @@ async fn a_2gb_upload_through_an_mlm_survives_a_cut_and_is_stored_once_with_flat
     let s = d
         .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
         .unwrap();
-    // A sparse 2 GiB core file, with some non-zero bytes so a misplaced
-    // range would change the hash.
     let file = dir.join("core.4711");
-    {
-        use std::io::{Seek as _, SeekFrom, Write as _};
-        let mut f = std::fs::File::create(&file).unwrap();
-        f.set_len(SIZE).unwrap();
-        for at in [0, SIZE / 3, SIZE / 2 + 7, SIZE - 5] {
-            f.seek(SeekFrom::Start(at)).unwrap();
-            f.write_all(b"rs!").unwrap();
-        }
-    }
-    let want = sha256_file(&file);
-
-    let client = Client::new(&s).with_timeout(Duration::from_secs(120));
-    client
-        .register_integrator("cores", "1.0", "linux")
-        .await
-        .unwrap();
-    let up = client
-        .upload(&rs_proxy::bulk::UploadRequest {
-            integrator: "cores".into(),
-            path: file.display().to_string(),
-            class: Some("diagnostics".into()),
-            subclass: Some("core".into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (client, up, want) = upload_core(&s, &file, SIZE).await;
     assert_eq!(up.size, SIZE);
     assert_eq!(up.sha256, want);
 

@@ -279,21 +279,15 @@ fn mlm_farm_of(
     // Heartbeats every 2 s: the server sees the farm's members soon.
     let a = d.appserver("127.0.0.1:0", "heartbeat_secs = 2").unwrap();
     // Alarms of subclass farmagg are aggregated, by class, for 2 s.
-    let member = |name: &str| Extra {
-        top: format!("database = \"{database}\"\nmember = \"{name}\"\n"),
-        tables: format!(
-            "[[aggregate]]\ntype = \"alarm\"\nsubclass = \"farmagg\"\nwindow_secs = 2\ngroup_by = \"class\"\n{}",
-            tables(name)
-        ),
-        ..Extra::default()
-    };
-    let members = (1..=n)
-        .map(|i| {
-            let name = format!("m{i}");
-            d.mlm(&name, "acme.m1", std::slice::from_ref(&a), &member(&name))
-                .unwrap()
+    let members = d
+        .mlm_farm(n, "acme.m1", std::slice::from_ref(&a), database, |name| Extra {
+            tables: format!(
+                "[[aggregate]]\ntype = \"alarm\"\nsubclass = \"farmagg\"\nwindow_secs = 2\ngroup_by = \"class\"\n{}",
+                tables(name)
+            ),
+            ..Extra::default()
         })
-        .collect();
+        .unwrap();
     (d, a, members)
 }
 
@@ -533,15 +527,10 @@ async fn a_member_killed(balanced: bool) {
         );
     }
     let mut sent = HashSet::new();
-    let envelopes = |m: BTreeMap<String, u64>| m.get("envelopes.received").copied().unwrap_or(0);
     let mut victim = 0;
     for i in 0..240 {
         if i == 80 {
-            let mut carried = Vec::new();
-            for m in &ms {
-                carried.push(envelopes(server_metrics(m).await.unwrap()));
-            }
-            victim = (0..ms.len()).max_by_key(|&k| carried[k]).unwrap();
+            victim = rs_tests::deploy::busiest(&ms).await.0;
             d.node(&names[victim]).kill();
         }
         let c = &clients[i % PROXIES];
@@ -932,34 +921,7 @@ async fn an_upload_through_an_mlm_farm_resumes_through_another_member_after_a_cu
             &Extra::default(),
         )
         .unwrap();
-    // A sparse file with a few bytes set, so a misplaced range changes the
-    // hash.
-    let file = dir.join("core.farm");
-    {
-        use std::io::{Seek as _, SeekFrom, Write as _};
-        let mut f = std::fs::File::create(&file).unwrap();
-        f.set_len(SIZE).unwrap();
-        for at in [0, SIZE / 3, SIZE / 2 + 7, SIZE - 5] {
-            f.seek(SeekFrom::Start(at)).unwrap();
-            f.write_all(b"rs!").unwrap();
-        }
-    }
-    let want = crate::bulk::sha256_file(&file);
-    let client = rs_proxy::client::Client::new(&s).with_timeout(Duration::from_secs(120));
-    client
-        .register_integrator("cores", "1.0", "linux")
-        .await
-        .unwrap();
-    let up = client
-        .upload(&rs_proxy::bulk::UploadRequest {
-            integrator: "cores".into(),
-            path: file.display().to_string(),
-            class: Some("diagnostics".into()),
-            subclass: Some("core".into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (client, up, want) = crate::bulk::upload_core(&s, &dir.join("core.farm"), SIZE).await;
     let metric = crate::bulk::metric;
     use crate::bulk::block;
     // Cut it in the middle: kill the member relaying it.

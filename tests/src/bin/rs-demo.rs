@@ -174,25 +174,22 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     let mut mlm_lb = None;
     let (m, mlms) = if let Some((pg, _)) = &farm {
         let url = pg.database("rs_demo_mlm");
-        let mut mlms = Vec::new();
-        for i in 1..=3 {
-            let name = format!("m{i}");
-            // One cache directory for the farm: a download leaves the
-            // server once, and any member serves it.
-            let member = Extra {
-                top: format!("database = \"{url}\"\nmember = \"{name}\"\n"),
-                tables: format!(
-                    "{}[bulk]\ncache_dir = \"{}\"\n",
-                    mlm_tables.tables,
-                    std::path::absolute(cli.data.join("mlm-cache"))?.display()
-                ),
-                ..Extra::default()
-            };
-            mlms.push((
-                name.clone(),
-                d.mlm(&name, "acme.m1", std::slice::from_ref(&a), &member)?,
-            ));
-        }
+        // One cache directory for the farm: a download leaves the server
+        // once, and any member serves it.
+        let cache = std::path::absolute(cli.data.join("mlm-cache"))?;
+        let addrs = d.mlm_farm(3, "acme.m1", std::slice::from_ref(&a), &url, |_| Extra {
+            tables: format!(
+                "{}[bulk]\ncache_dir = \"{}\"\n",
+                mlm_tables.tables,
+                cache.display()
+            ),
+            ..Extra::default()
+        })?;
+        let mlms: Vec<(String, String)> = addrs
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| (format!("m{}", i + 1), a))
+            .collect();
         let addrs: Vec<&str> = mlms.iter().map(|(_, a)| a.as_str()).collect();
         let lb = d.balancer_at("127.0.0.1:0", &addrs)?;
         println!(
@@ -342,17 +339,7 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         }
         if cli.farm && killed.is_none() && start.elapsed() >= FARM_KILL_AT {
             // The member carrying the most envelopes goes, mid-load.
-            let mut busiest = (0, 0);
-            for (k, (_, addr)) in mlms.iter().enumerate() {
-                let n = server_metrics(addr)
-                    .await
-                    .ok()
-                    .and_then(|m| m.get("envelopes.received").copied())
-                    .unwrap_or(0);
-                if n >= busiest.1 {
-                    busiest = (k, n);
-                }
-            }
+            let busiest = rs_tests::deploy::busiest(&mlm_addrs).await;
             let name = mlms[busiest.0].0.clone();
             d.node(&name).kill();
             println!(
