@@ -56,6 +56,20 @@ pub(crate) async fn upload_core(
     (client, up, want)
 }
 
+/// Waits (up to 300 s) until the proxy reports upload `id` done.
+pub(crate) async fn until_uploaded(client: &Client, id: &str) {
+    assert!(
+        wait_for(Duration::from_secs(300), || block(async {
+            client
+                .upload_state(id)
+                .await
+                .is_ok_and(|u| u.state == "done")
+        })),
+        "upload not done: {:?}",
+        client.upload_state(id).await
+    );
+}
+
 /// A sparse core file of `size` bytes, with some non-zero bytes so a
 /// misplaced range would change the hash; returns its SHA-256.
 pub(crate) fn sparse_core(file: &Path, size: u64) -> String {
@@ -153,16 +167,7 @@ async fn a_2gb_upload_through_an_mlm_survives_a_cut_and_is_stored_once_with_flat
     d.restart("m1").unwrap();
     let second_pid = d.node("m1").child.as_ref().unwrap().id();
 
-    assert!(
-        wait_for(Duration::from_secs(300), || block(async {
-            client
-                .upload_state(&up.id)
-                .await
-                .is_ok_and(|u| u.state == "done")
-        })),
-        "upload not done: {:?}",
-        client.upload_state(&up.id).await
-    );
+    until_uploaded(&client, &up.id).await;
     let second_peak = peak_rss(second_pid);
     let relayed_after = metric(&m, "bulk.bytes_relayed").await;
 

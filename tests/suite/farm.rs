@@ -941,16 +941,7 @@ async fn an_upload_through_an_mlm_farm_resumes_through_another_member_after_a_cu
     let victim = relaying.unwrap();
     d.node(&format!("m{}", victim + 1)).kill();
     let survivor = &ms[1 - victim];
-    assert!(
-        wait_for(Duration::from_secs(300), || block(async {
-            client
-                .upload_state(&up.id)
-                .await
-                .is_ok_and(|u| u.state == "done")
-        })),
-        "upload not done: {:?}",
-        client.upload_state(&up.id).await
-    );
+    crate::bulk::until_uploaded(&client, &up.id).await;
     // Resumed through the survivor, not started over.
     let relayed = metric(survivor, "bulk.bytes_relayed").await;
     assert!(relayed > 0 && relayed < SIZE * 3 / 4, "{relayed}");
