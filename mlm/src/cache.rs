@@ -391,6 +391,9 @@ impl Cache {
     }
 }
 
+/// How often a member looks for copies the farm no longer keeps.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 /// The fetcher and evictor: runs until `stop`. In a farm the leader
 /// fetches and evicts for the farm; every member fetches what its own
 /// directory lacks and removes what the farm forgot.
@@ -410,6 +413,8 @@ pub async fn run(mlm: Arc<Mlm>, stop: tokio_util::sync::CancellationToken) {
         }
         Err(e) => tracing::error!("bulk cache: {e}"),
     }
+    // Copies the farm forgot are rare (evictions): looked for every minute.
+    let mut pruned: Option<std::time::Instant> = None;
     loop {
         let now = mlm.clock.now();
         if mlm.presence.is_leader() {
@@ -438,8 +443,11 @@ pub async fn run(mlm: Arc<Mlm>, stop: tokio_util::sync::CancellationToken) {
                 tracing::warn!("bulk cache {sha}: fetching it into this member's directory: {err}");
             }
         }
-        if let Err(e) = prune(&mlm.cache).await {
-            tracing::warn!("bulk cache: {e}");
+        if pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            if let Err(e) = prune(&mlm.cache).await {
+                tracing::warn!("bulk cache: {e}");
+            }
+            pruned = Some(std::time::Instant::now());
         }
         tokio::select! {
             () = stop.cancelled() => return,
