@@ -1606,6 +1606,13 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
             Scoped,
         ),
         (
+            "GET /rs/v1/control/farms",
+            "GET",
+            "farms".into(),
+            String::new(),
+            Scoped,
+        ),
+        (
             "PUT /rs/v1/control/components/{id}/tags",
             "PUT",
             "components/acme.p1/tags".into(),
