@@ -221,6 +221,17 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("cache"))
     }
 
+    /// Where the spool is (custody, summaries, this MLM's own messages):
+    /// the farm's schema `mlm_<id>_spool`, shared by its members, or
+    /// `spool.db` in `data_dir`.
+    pub fn spool_location(&self) -> rs_store::sql::Location {
+        rs_store::sql::Location::choose(
+            self.database.as_deref(),
+            self.data_dir.join("spool.db"),
+            &self.farm_schema("_spool"),
+        )
+    }
+
     /// Where the throttle's usage counters are: the farm's schema
     /// `mlm_<id>_throttle` (its members' counts add up), or `throttle.db` in
     /// `data_dir`.

@@ -27,8 +27,9 @@ use rs_protocol::control::{NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOW
 use rs_protocol::control_messages::status_message;
 use rs_protocol::model::*;
 use rs_protocol::time::{Clock, SystemClock};
+use rs_store::spool::postgres::PgSpool;
 use rs_store::spool::sqlite::SqliteSpool;
-use rs_store::spool::{Spool, SpoolConfig};
+use rs_store::spool::{AnySpool, Spool, SpoolConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use warp::Filter;
@@ -42,7 +43,8 @@ pub struct Mlm {
     pub id: RsId,
     pub modules: Vec<Box<dyn modules::ServiceModule>>,
     pub aggregation: aggregate::AggregationQueue,
-    pub spool: SqliteSpool,
+    /// Its own SQLite file, or shared by the members of a farm.
+    pub spool: AnySpool,
     pub upstream: Arc<Upstream>,
     /// What may come in now (forwarding and custody alike).
     pub throttle: Arc<rs_node::throttle::Throttle>,
@@ -95,6 +97,29 @@ pub struct Mlm {
 
 pub use rs_node::daemon::Exit;
 
+/// An MLM that joins a farm may still hold messages in the spool file it
+/// kept alone (`spool.db` in its data directory): they move into the
+/// farm's spool before its sender starts, so none is stranded in a file
+/// no sender reads any more.
+async fn adopt_local_spool(mlm: &Mlm) -> anyhow::Result<()> {
+    let file = mlm.cfg.data_dir.join("spool.db");
+    if !matches!(mlm.spool, AnySpool::Postgres(_)) || !file.exists() {
+        return Ok(());
+    }
+    let old = SqliteSpool::open(SpoolConfig::new(&file))
+        .with_context(|| format!("opening {} to move what it holds", file.display()))?;
+    let moved = rs_store::spool::move_waiting(&old, &mlm.spool, mlm.clock.now())
+        .await
+        .with_context(|| format!("moving what {} holds into the farm's spool", file.display()))?;
+    if moved > 0 {
+        tracing::info!(
+            "moved {moved} message(s) from {} into the farm's spool",
+            file.display()
+        );
+    }
+    Ok(())
+}
+
 /// How often a farm member records that it is alive, and its load.
 const FARM_BEAT: Duration = Duration::from_secs(2);
 /// A member silent for this long is shown failed.
@@ -117,7 +142,16 @@ impl Mlm {
         // Custody means receiving other components' messages: refuse a
         // message ID already accepted within the spool's age window.
         spool_cfg.dedupe_window = Some(spool_cfg.max_age);
-        let spool = SqliteSpool::open(spool_cfg).context("opening the spool")?;
+        let spool_at = cfg.spool_location();
+        let spool = match &spool_at {
+            rs_store::sql::Location::Sqlite(_) => {
+                AnySpool::Sqlite(SqliteSpool::open(spool_cfg).context("opening the spool")?)
+            }
+            rs_store::sql::Location::Postgres { .. } => AnySpool::Postgres(
+                PgSpool::open(spool_cfg, &spool_at, &cfg.member_name())
+                    .with_context(|| format!("opening the spool at {}", spool_at.describe()))?,
+            ),
+        };
         let throttle = Arc::new(
             rs_node::throttle::open_at(
                 &cfg.throttle,
@@ -144,15 +178,6 @@ impl Mlm {
             })
             .map_err(anyhow::Error::msg)?,
         );
-        if cfg.custody && cfg.database.is_some() {
-            // docs/operations.md, "Scaling out: a farm of MLMs": what a member takes into
-            // custody waits for that member.
-            tracing::warn!(
-                "custody = true in a farm: the custody spool is this member's own; what it \
-                 holds is forwarded only when this member runs (farm members normally relay \
-                 synchronously, custody = false)"
-            );
-        }
         let queue_at = cfg.queue_location();
         let outbox = rs_store::outbox::Outbox::open(&queue_at, &id).with_context(|| {
             format!("opening the back-channel queue at {}", queue_at.describe())
@@ -601,6 +626,7 @@ pub async fn run(
             ""
         }
     );
+    adopt_local_spool(&mlm).await?;
     let sender_stop = CancellationToken::new();
     let sender = Sender {
         me: mlm.id.clone(),

@@ -955,3 +955,127 @@ async fn an_upload_through_an_mlm_farm_resumes_through_another_member_after_a_cu
     drop(lb);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An MLM farm keeping custody shares one spool on its database: what a
+/// member accepted is sent by whichever member is alive. Here the first
+/// member's upstream swallows its POSTs (a blackholed relay), so the
+/// messages it took for sending stay claimed by it; it is killed with
+/// them in flight, and the second member, whose upstream works, takes
+/// them when the dead member's claims lapse. Every alarm the proxy handed
+/// over is stored, once, and the shared spool ends empty. (With a spool
+/// per member they would wait in the dead member's file; with claims that
+/// never lapse, in the shared table.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custody_farm_shares_its_spool_and_a_dead_members_messages_go_on_through_another() {
+    let dir = tmp("mlmfarm-custody");
+    let pg = Postgres::shared();
+    let url = pg.database("mlmfarmcustody");
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let (via, link) = rs_tests::relay::start(a.clone()).await.unwrap();
+    let member = |name: &str| Extra {
+        top: format!("database = \"{url}\"\nmember = \"{name}\"\ncustody = true"),
+        ..Extra::default()
+    };
+    let m1 = d.mlm("m1", "acme.m1", &[via], &member("m1")).unwrap();
+    d.mlm("m2", "acme.m1", std::slice::from_ref(&a), &member("m2"))
+        .unwrap();
+    let s = d
+        .proxy(
+            "p1",
+            "acme.p1",
+            std::slice::from_ref(&m1),
+            &Extra::default(),
+        )
+        .unwrap();
+    let c = register(&s).await;
+    link.set_fault(rs_tests::relay::Fault::Blackhole);
+    let mut sent = HashSet::new();
+    for i in 0..40 {
+        sent.insert(
+            c.send("alarm", &alarm(&format!("custody farm alarm {i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    let claimed_by_m1 = || {
+        pg.psql(
+            &db,
+            "SELECT count(*) FROM mlm_acme_m1_spool.spool WHERE claimed_by = 'm1'",
+        )
+        .map(|s| s.trim().parse::<u64>().unwrap_or(0))
+        .unwrap_or(0)
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), || claimed_by_m1() > 0),
+        "the first member never held messages in flight"
+    );
+    d.node("m1").kill();
+    let held = claimed_by_m1();
+    assert!(held > 0, "the killed member held nothing");
+    assert_stored_once(&dir.join("appserver"), &sent);
+    assert!(
+        wait_for(Duration::from_secs(30), || pg
+            .psql(&db, "SELECT count(*) FROM mlm_acme_m1_spool.spool")
+            .is_ok_and(|s| s.trim() == "0")),
+        "the shared spool did not empty"
+    );
+    d.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An MLM that kept custody alone and joins a farm (its configuration
+/// gains `database`) brings what its own spool file still holds: the
+/// messages move into the farm's spool when it starts, and are delivered
+/// once the server is up, each once. (Left in `spool.db`, no sender would
+/// read them again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mlm_joining_a_farm_brings_the_messages_its_own_spool_holds() {
+    let dir = tmp("mlmfarm-join");
+    let url = Postgres::shared().database("mlmfarmjoin");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    // No server yet: the MLM keeps what it accepts.
+    let port = crate::forward::free_port();
+    let custody = Extra {
+        top: "custody = true".into(),
+        ..Extra::default()
+    };
+    let m = d
+        .mlm("m1", "acme.m1", std::slice::from_ref(&port), &custody)
+        .unwrap();
+    let s = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let c = register(&s).await;
+    let mut sent = HashSet::new();
+    for i in 0..20 {
+        sent.insert(
+            c.send("alarm", &alarm(&format!("joining {i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(
+        crate::forward::handed_over(&s, 20),
+        "the MLM did not take custody"
+    );
+    d.node("m1").kill();
+    let cfg = dir.join("m1.toml");
+    let before = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("database = \"{url}\"\nmember = \"m1\"\n{before}"),
+    )
+    .unwrap();
+    tokio::task::block_in_place(|| d.restart("m1")).unwrap();
+    d.appserver(&port, "").unwrap();
+    assert_stored_once(&dir.join("appserver"), &sent);
+    let log = std::fs::read_to_string(dir.join("logs").join("m1.log")).unwrap();
+    assert!(
+        log.contains("into the farm's spool"),
+        "the move is not logged"
+    );
+    d.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -513,6 +513,21 @@ async fn sigkill_of_each_tier_loses_nothing_acknowledged_and_stores_nothing_twic
     }
 }
 
+/// Waits (30 s at most) until the proxy at `socket` has handed over at
+/// least `n` messages and keeps none.
+pub(crate) fn handed_over(socket: &std::path::Path, n: u64) -> bool {
+    wait_for(Duration::from_secs(30), || {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(proxy_metrics(socket))
+                .is_ok_and(|m| {
+                    m.get("spool.messages") == Some(&0)
+                        && m.get("upstream.accepted").copied().unwrap_or(0) >= n
+                })
+        })
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custody_mlm_accepts_while_its_upstream_is_down_and_delivers_later() {
     let dir = tmp("custody");
@@ -538,19 +553,7 @@ async fn a_custody_mlm_accepts_while_its_upstream_is_down_and_delivers_later() {
         );
     }
     // The MLM took custody: the proxy's spool empties with no server up.
-    assert!(
-        wait_for(Duration::from_secs(30), || {
-            tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current()
-                    .block_on(proxy_metrics(&s))
-                    .is_ok_and(|m| {
-                        m.get("spool.messages") == Some(&0)
-                            && m.get("upstream.accepted").copied().unwrap_or(0) >= 20
-                    })
-            })
-        }),
-        "the MLM did not take custody"
-    );
+    assert!(handed_over(&s, 20), "the MLM did not take custody");
     // Custody survives a crash of the MLM.
     d.node("mlm").signal("KILL");
     let _ = d.node("mlm").child.take().map(|mut c| c.wait());

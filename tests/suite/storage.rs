@@ -929,3 +929,607 @@ mod back_channel_queue {
         check("postgres");
     }
 }
+
+/// The spool, against a plain in-memory model of its rules, on both
+/// engines (the proxy's and a single MLM's SQLite spool; an MLM farm's
+/// shared spool on PostgreSQL): what is taken for sending and in which
+/// order (precedence, then age; due; not expired; not in flight), what
+/// each settlement does, the sweep (expired, aged out), the dedupe window,
+/// eviction when full (less important first, oldest first) and refusal,
+/// dead letters replayed and discarded, and every count and fate.
+mod spool_model {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+    use rs_protocol::codec::{RawMessage, encode_header};
+    use rs_protocol::model::Qos;
+    use rs_protocol::outcome::{Code, Reason};
+    use rs_protocol::samples::alarm_of_size;
+    use rs_protocol::{MessageId, Route, Timestamp};
+    use rs_store::spool::postgres::PgSpool;
+    use rs_store::spool::sqlite::SqliteSpool;
+    use rs_store::spool::{AnySpool, Enqueued, Fate, Settle, Spool, SpoolConfig};
+    use rs_store::sql::Location;
+
+    /// Messages older than this age out.
+    const MAX_AGE: Duration = Duration::from_secs(120);
+    /// About twelve messages fit.
+    const MAX_BYTES: u64 = 12_000;
+    /// In the past of the wall clock: a shared spool's renewed claims
+    /// (wall clock plus the lease) then never lapse within a case, as the
+    /// SQLite spool's in-flight messages never do.
+    const T0: i64 = 1_700_000_000_000;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Messages: each new, or again the `i`-th one made; precedence,
+        /// persistent, expiring after so many seconds.
+        Enqueue(Vec<(Option<usize>, u8, bool, Option<u64>)>),
+        Dequeue(usize),
+        /// Settle the `i`-th of what the last dequeue handed out (how: 0
+        /// delivered, 1 retry in `s` seconds, 2 release, 3 defer `s`
+        /// seconds, 4 dead, 5 expired).
+        Settle(Vec<(usize, u8, u64)>),
+        Sweep,
+        Replay,
+        Discard,
+        Tick(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let msg = (
+            prop::option::weighted(0.15, 0usize..10),
+            0u8..3,
+            any::<bool>(),
+            prop::option::weighted(0.3, 1u64..60),
+        );
+        prop_oneof![
+            4 => prop::collection::vec(msg, 1..4).prop_map(Op::Enqueue),
+            4 => (1usize..5).prop_map(Op::Dequeue),
+            4 => prop::collection::vec((0usize..5, 0u8..6, 0u64..30), 1..4).prop_map(Op::Settle),
+            1 => Just(Op::Sweep),
+            1 => Just(Op::Replay),
+            1 => Just(Op::Discard),
+            2 => (1u64..40).prop_map(Op::Tick),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    struct M {
+        id: String,
+        precedence: u8,
+        persistent: bool,
+        expiry: Option<i64>,
+        created: i64,
+        bytes: u64,
+        attempts: u32,
+        next_attempt: i64,
+        inflight: bool,
+    }
+
+    #[derive(Debug, Default)]
+    struct Model {
+        /// In the order stored (the spool's sequence).
+        spool: Vec<M>,
+        /// ID -> (when, the message as it was).
+        dead: HashMap<String, (i64, M)>,
+        /// ID -> why, for each drop (more than one: fate not checked).
+        drops: HashMap<String, Vec<String>>,
+        seen: HashMap<String, i64>,
+        delivered: u64,
+        expired: u64,
+        aged_out: u64,
+        evicted: u64,
+        refused: u64,
+        duplicates: u64,
+    }
+
+    impl Model {
+        fn total(&self) -> u64 {
+            self.spool.iter().map(|m| m.bytes).sum()
+        }
+
+        fn drop_rec(&mut self, id: &str, why: &str) {
+            self.drops.entry(id.into()).or_default().push(why.into());
+        }
+
+        /// `insert` of the spool: room made, or refused.
+        fn insert(&mut self, mut m: M, now: i64) -> Enqueued {
+            let total = self.total();
+            if total + m.bytes > MAX_BYTES {
+                let mut order: Vec<usize> = (0..self.spool.len())
+                    .filter(|&i| {
+                        let v = &self.spool[i];
+                        !v.persistent & m.persistent
+                            || (v.persistent == m.persistent && v.precedence <= m.precedence)
+                    })
+                    .collect();
+                order.sort_by_key(|&i| (self.spool[i].persistent, self.spool[i].precedence, i));
+                let mut freed = 0;
+                let mut victims = Vec::new();
+                for i in order {
+                    if total - freed + m.bytes <= MAX_BYTES {
+                        break;
+                    }
+                    freed += self.spool[i].bytes;
+                    victims.push(i);
+                }
+                if total - freed + m.bytes > MAX_BYTES {
+                    self.refused += 1;
+                    return Enqueued::Refused(Reason {
+                        code: Code::known("disk-full"),
+                        text: String::new(),
+                    });
+                }
+                victims.sort_unstable();
+                for i in victims.into_iter().rev() {
+                    let v = self.spool.remove(i);
+                    self.drop_rec(&v.id, "evicted");
+                    self.evicted += 1;
+                }
+            }
+            if self.spool.iter().any(|s| s.id == m.id) {
+                self.duplicates += 1;
+                return Enqueued::Duplicate;
+            }
+            m.created = now;
+            m.attempts = 0;
+            m.next_attempt = 0;
+            m.inflight = false;
+            self.spool.push(m);
+            Enqueued::Stored
+        }
+
+        fn dequeue(&mut self, max: usize, now: i64) -> Vec<String> {
+            let mut due: Vec<usize> = (0..self.spool.len())
+                .filter(|&i| {
+                    let m = &self.spool[i];
+                    !m.inflight && m.next_attempt <= now && m.expiry.is_none_or(|e| e > now)
+                })
+                .collect();
+            due.sort_by_key(|&i| (std::cmp::Reverse(self.spool[i].precedence), i));
+            due.truncate(max);
+            due.into_iter()
+                .map(|i| {
+                    self.spool[i].inflight = true;
+                    self.spool[i].id.clone()
+                })
+                .collect()
+        }
+    }
+
+    fn kinds(how: u8, s: u64, now: i64) -> Settle {
+        let at = Timestamp::from_millis(now + s as i64 * 1000).unwrap();
+        match how {
+            0 => Settle::Delivered,
+            1 => Settle::Retry { at },
+            2 => Settle::Release,
+            3 => Settle::Defer { at },
+            4 => Settle::Dead(Reason {
+                code: Code::known("invalid"),
+                text: "refused".into(),
+            }),
+            _ => Settle::Expired,
+        }
+    }
+
+    fn open(at: &Location, case: &str) -> AnySpool {
+        let file = match at {
+            Location::Sqlite(p) => p.clone(),
+            Location::Postgres { .. } => std::path::PathBuf::from(case),
+        };
+        let mut cfg = SpoolConfig::new(file);
+        cfg.max_bytes = MAX_BYTES;
+        cfg.max_age = MAX_AGE;
+        cfg.dedupe_window = Some(MAX_AGE);
+        cfg.lease = Duration::from_secs(86_400);
+        match at {
+            Location::Sqlite(_) => AnySpool::Sqlite(SqliteSpool::open(cfg).unwrap()),
+            Location::Postgres { .. } => AnySpool::Postgres(PgSpool::open(cfg, at, "m1").unwrap()),
+        }
+    }
+
+    async fn run(at: Location, ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let q = open(&at, "spool");
+        let mut model = Model::default();
+        let mut now = T0;
+        let ts = |ms: i64| Timestamp::from_millis(ms).unwrap();
+        // Every message made: (its raw form, its model entry).
+        let mut made: Vec<(RawMessage, M)> = Vec::new();
+        let mut handed: Vec<String> = Vec::new();
+        for (n, op) in ops.into_iter().enumerate() {
+            now += 1;
+            match op {
+                Op::Enqueue(msgs) => {
+                    let mut raws = Vec::new();
+                    let mut entries = Vec::new();
+                    for (k, (again, precedence, persistent, expires)) in
+                        msgs.into_iter().enumerate()
+                    {
+                        let (raw, m) = match again.and_then(|i| made.get(i)) {
+                            Some(x) => x.clone(),
+                            None => {
+                                let mut msg = alarm_of_size(n * 8 + k, 600 + 50 * (k % 3));
+                                let expiry = expires.map(|s| now + s as i64 * 1000);
+                                if let Route::Source(s) = &mut msg.header.route {
+                                    s.qos = Qos {
+                                        expiry: expiry.and_then(Timestamp::from_millis),
+                                        precedence,
+                                        persistent,
+                                    };
+                                }
+                                let raw = msg.to_raw();
+                                let header =
+                                    encode_header(&raw.header, raw.kind, raw.data.as_ref());
+                                let m = M {
+                                    id: raw.header.id.as_str().to_owned(),
+                                    precedence,
+                                    persistent,
+                                    expiry,
+                                    created: 0,
+                                    bytes: (header.len() + raw.content.len()) as u64,
+                                    attempts: 0,
+                                    next_attempt: 0,
+                                    inflight: false,
+                                };
+                                made.push((raw.clone(), m.clone()));
+                                (raw, m)
+                            }
+                        };
+                        raws.push(raw);
+                        entries.push(m);
+                    }
+                    let got = q.enqueue(raws, ts(now)).await.unwrap();
+                    let mut want = Vec::new();
+                    for m in entries {
+                        if model.seen.contains_key(&m.id) {
+                            model.duplicates += 1;
+                            want.push(Enqueued::Duplicate);
+                            continue;
+                        }
+                        model.seen.insert(m.id.clone(), now);
+                        want.push(model.insert(m, now));
+                    }
+                    let strip = |v: Vec<Enqueued>| -> Vec<String> {
+                        v.into_iter()
+                            .map(|e| match e {
+                                Enqueued::Refused(r) => format!("refused {}", r.code.as_str()),
+                                other => format!("{other:?}"),
+                            })
+                            .collect()
+                    };
+                    prop_assert_eq!(strip(got), strip(want), "enqueue at step {}", n);
+                }
+                Op::Dequeue(max) => {
+                    let got: Vec<String> = q
+                        .dequeue(max, 1 << 30, ts(now), false)
+                        .await
+                        .unwrap()
+                        .into_iter()
+                        .map(|s| s.msg.header.id.as_str().to_owned())
+                        .collect();
+                    let want = model.dequeue(max, now);
+                    prop_assert_eq!(&got, &want, "dequeue at step {}", n);
+                    handed = got;
+                }
+                Op::Settle(picks) => {
+                    let mut results = Vec::new();
+                    let mut done = std::collections::HashSet::new();
+                    for (i, how, s) in picks {
+                        let Some(id) = handed.get(i) else { continue };
+                        if !done.insert(id.clone()) {
+                            continue;
+                        }
+                        // Only what is in flight (handed out, not settled).
+                        let Some(k) = model.spool.iter().position(|m| m.id == *id && m.inflight)
+                        else {
+                            continue;
+                        };
+                        let settle = kinds(how, s, now);
+                        match &settle {
+                            Settle::Delivered => {
+                                model.spool.remove(k);
+                                model.delivered += 1;
+                            }
+                            Settle::Retry { at } => {
+                                let m = &mut model.spool[k];
+                                m.attempts += 1;
+                                m.next_attempt = at.as_millis();
+                                m.inflight = false;
+                            }
+                            Settle::Release => model.spool[k].inflight = false,
+                            Settle::Defer { at } => {
+                                let m = &mut model.spool[k];
+                                m.next_attempt = at.as_millis();
+                                m.inflight = false;
+                            }
+                            Settle::Dead(_) => {
+                                let m = model.spool.remove(k);
+                                model.dead.entry(m.id.clone()).or_insert((now, m));
+                            }
+                            Settle::Expired => {
+                                let m = model.spool.remove(k);
+                                model.drop_rec(&m.id, "expired");
+                                model.expired += 1;
+                            }
+                        }
+                        results.push((MessageId::new(id.clone()).unwrap(), settle));
+                    }
+                    q.settle(results, ts(now)).await.unwrap();
+                }
+                Op::Sweep => {
+                    let got = q.sweep(ts(now)).await.unwrap();
+                    let mut want = 0;
+                    let oldest = now - MAX_AGE.as_millis() as i64;
+                    for (why, gone) in [
+                        (
+                            "expired",
+                            &(|m: &M| m.expiry.is_some_and(|e| e <= now)) as &dyn Fn(&M) -> bool,
+                        ),
+                        ("aged-out", &|m: &M| m.created < oldest),
+                    ] {
+                        let (out, keep): (Vec<M>, Vec<M>) = std::mem::take(&mut model.spool)
+                            .into_iter()
+                            .partition(|m| !m.inflight && gone(m));
+                        model.spool = keep;
+                        for m in &out {
+                            model.drop_rec(&m.id, why);
+                        }
+                        if why == "expired" {
+                            model.expired += out.len() as u64;
+                        } else {
+                            model.aged_out += out.len() as u64;
+                        }
+                        want += out.len() as u64;
+                    }
+                    model.seen.retain(|_, at| *at >= oldest);
+                    prop_assert_eq!(got, want, "swept at step {}", n);
+                }
+                Op::Replay => {
+                    let got = q.replay_dead(None, ts(now)).await.unwrap();
+                    let mut dead: Vec<(i64, M)> = model.dead.drain().map(|(_, v)| v).collect();
+                    dead.sort_by(|a, b| (a.0, &a.1.id).cmp(&(b.0, &b.1.id)));
+                    let (mut back, mut stay) = (0, 0);
+                    for (at, m) in dead {
+                        match model.insert(m.clone(), now) {
+                            Enqueued::Refused(_) => {
+                                stay += 1;
+                                model.dead.insert(m.id.clone(), (at, m));
+                            }
+                            _ => back += 1,
+                        }
+                    }
+                    prop_assert_eq!(got, (back, stay), "replayed at step {}", n);
+                }
+                Op::Discard => {
+                    let got = q.discard_dead(None, ts(now)).await.unwrap();
+                    let ids: Vec<String> = model.dead.drain().map(|(id, _)| id).collect();
+                    for id in &ids {
+                        model.drop_rec(id, "discarded");
+                    }
+                    prop_assert_eq!(got, ids.len() as u64, "discarded at step {}", n);
+                }
+                Op::Tick(s) => now += s as i64 * 1000,
+            }
+            let st = q.stats().await.unwrap();
+            prop_assert_eq!(
+                st.messages,
+                model.spool.len() as u64,
+                "messages at step {}",
+                n
+            );
+            prop_assert_eq!(st.bytes, model.total(), "bytes at step {}", n);
+            prop_assert_eq!(
+                st.dead_letters,
+                model.dead.len() as u64,
+                "dead at step {}",
+                n
+            );
+        }
+        let st = q.stats().await.unwrap();
+        prop_assert_eq!(
+            (
+                st.delivered_total,
+                st.expired_total,
+                st.aged_out_total,
+                st.evicted_total,
+                st.refused_total,
+                st.duplicates_total
+            ),
+            (
+                model.delivered,
+                model.expired,
+                model.aged_out,
+                model.evicted,
+                model.refused,
+                model.duplicates
+            ),
+            "counts: delivered, expired, aged out, evicted, refused, duplicates"
+        );
+        let want_due = model
+            .spool
+            .iter()
+            .filter(|m| !m.inflight)
+            .map(|m| m.next_attempt)
+            .min();
+        prop_assert_eq!(
+            q.next_due().await.unwrap().map(Timestamp::as_millis),
+            want_due,
+            "next due"
+        );
+        for (raw, _) in &made {
+            let id = raw.header.id.as_str();
+            let want = if model.spool.iter().any(|m| m.id == id) {
+                Fate::Waiting
+            } else if model.dead.contains_key(id) {
+                Fate::Dead(Reason {
+                    code: Code::known("invalid"),
+                    text: "refused".into(),
+                })
+            } else {
+                match model.drops.get(id).map(Vec::as_slice) {
+                    Some([why]) => Fate::Dropped(why.clone()),
+                    Some(_) => continue,
+                    None => Fate::Gone,
+                }
+            };
+            prop_assert_eq!(
+                q.fate(raw.header.id.clone()).await.unwrap(),
+                want,
+                "fate of {}",
+                id
+            );
+        }
+        Ok(())
+    }
+
+    fn check(engine: &str) {
+        super::model_cases(engine, "spoolmodel", "mlm_acme_m1_spool", op(), 1..60, run);
+    }
+
+    #[test]
+    fn the_spool_follows_its_model_on_sqlite() {
+        check("sqlite");
+    }
+
+    #[test]
+    fn the_shared_spool_follows_its_model_on_postgresql() {
+        check("postgres");
+    }
+}
+
+/// Two members of a farm on one shared spool: taking messages at the same
+/// time they never take the same one, and between them take all; a
+/// member's claims hold while it lives (renewed), lapse when it dies (the
+/// other takes its messages when its `next_due` says), and are released
+/// when it starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_a_shared_spool_never_take_the_same_message_and_a_dead_ones_claims_lapse() {
+    use rs_protocol::samples::alarm_of_size;
+    use rs_protocol::{MessageId, Timestamp};
+    use rs_store::spool::postgres::PgSpool;
+    use rs_store::spool::{Settle, Spool, SpoolConfig};
+    use std::collections::HashSet;
+
+    let at = Location::Postgres {
+        url: Postgres::shared().database("sharedspool"),
+        schema: "mlm_acme_m1_spool".into(),
+    };
+    let open = |member: &str| {
+        let mut cfg = SpoolConfig::new("unused");
+        cfg.lease = Duration::from_secs(2);
+        PgSpool::open(cfg, &at, member).unwrap()
+    };
+    let (m1, m2) = (open("m1"), open("m2"));
+    // Not expiring (the samples' expiry is in the past of the wall clock).
+    let msgs = |n: usize| -> Vec<_> {
+        (0..n)
+            .map(|i| {
+                let mut m = alarm_of_size(i, 700);
+                if let rs_protocol::Route::Source(s) = &mut m.header.route {
+                    s.qos.expiry = None;
+                }
+                m.to_raw()
+            })
+            .collect()
+    };
+    let all: HashSet<String> = {
+        let batch = msgs(400);
+        let ids = batch
+            .iter()
+            .map(|m| m.header.id.as_str().to_owned())
+            .collect();
+        m1.enqueue(batch, Timestamp::now()).await.unwrap();
+        ids
+    };
+    let drain = |s: PgSpool| {
+        tokio::spawn(async move {
+            let mut took = Vec::new();
+            loop {
+                let b = s
+                    .dequeue(7, 1 << 20, Timestamp::now(), false)
+                    .await
+                    .unwrap();
+                if b.is_empty() {
+                    return took;
+                }
+                let ids: Vec<MessageId> = b.iter().map(|x| x.msg.header.id.clone()).collect();
+                took.extend(ids.iter().map(|i| i.as_str().to_owned()));
+                let done = ids.into_iter().map(|i| (i, Settle::Delivered)).collect();
+                s.settle(done, Timestamp::now()).await.unwrap();
+                // As a sender's POST would: the other member goes on.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let (a, b) = (drain(m1.clone()), drain(m2.clone()));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert!(
+        !a.is_empty() && !b.is_empty(),
+        "both members took messages: {} and {}",
+        a.len(),
+        b.len()
+    );
+    let (sa, sb): (HashSet<_>, HashSet<_>) =
+        (a.iter().cloned().collect(), b.iter().cloned().collect());
+    assert_eq!(
+        sa.len() + sb.len(),
+        a.len() + b.len(),
+        "a member took one twice"
+    );
+    assert!(sa.is_disjoint(&sb), "both members took the same message");
+    assert_eq!(&sa | &sb, all, "between them they took every message");
+
+    // Claims held by a live member are renewed past the lease.
+    m1.enqueue(msgs(5), Timestamp::now()).await.unwrap();
+    let held = m1
+        .dequeue(10, 1 << 20, Timestamp::now(), false)
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 5);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        m2.dequeue(10, 1 << 20, Timestamp::now(), false)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a live member's claims lapsed"
+    );
+    // Its process ends: the claims lapse within the lease, and the other
+    // member's next_due says when.
+    drop(m1);
+    let due = m2
+        .next_due()
+        .await
+        .unwrap()
+        .expect("the held messages are due some time");
+    assert!(
+        due.as_millis() <= Timestamp::now().as_millis() + 2_000,
+        "next_due does not name the lease's end"
+    );
+    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    let taken = m2
+        .dequeue(10, 1 << 20, Timestamp::now(), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        taken.len(),
+        5,
+        "the dead member's messages were not taken over"
+    );
+
+    // A member that starts again releases what its name held.
+    let m2b = open("m2");
+    let m3 = open("m3");
+    let again = m3
+        .dequeue(10, 1 << 20, Timestamp::now(), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.len(),
+        5,
+        "a restarted member's old claims were not released"
+    );
+    drop(m2b);
+}

@@ -6,10 +6,12 @@
 //! only when its delivery is settled: delivered (the next hop accepted it),
 //! dead (rejected for good, kept in the dead letters with the reason),
 //! expired, or evicted under pressure; every removal other than delivery is
-//! recorded with its reason and counted. The interface is async so a
-//! PostgreSQL backend can implement it; [`sqlite::SqliteSpool`] is the
-//! embedded one.
+//! recorded with its reason and counted. Two engines implement it:
+//! [`sqlite::SqliteSpool`], embedded (the proxy's, and a single MLM's),
+//! and [`postgres::PgSpool`], one spool shared by the members of an MLM
+//! farm. [`AnySpool`] is whichever the configuration chose.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
@@ -34,6 +36,11 @@ pub struct SpoolConfig {
     /// Remember accepted message IDs this long and refuse them as
     /// duplicates (forwarders keeping custody); `None` for originators.
     pub dedupe_window: Option<Duration>,
+    /// A shared spool ([`postgres::PgSpool`]): how long a member's claim
+    /// on the messages it is sending holds without renewal (renewed every
+    /// quarter of it while the member lives). A member that dies holds its
+    /// messages no longer.
+    pub lease: Duration,
 }
 
 impl SpoolConfig {
@@ -43,6 +50,7 @@ impl SpoolConfig {
             max_bytes: 1 << 30,
             max_age: Duration::from_secs(7 * 86_400),
             dedupe_window: None,
+            lease: Duration::from_secs(20),
         }
     }
 }
@@ -222,6 +230,170 @@ pub trait Spool: Send + Sync + 'static {
         only: Option<MessageId>,
         now: Timestamp,
     ) -> impl Future<Output = Result<u64, SpoolError>> + Send;
+}
+
+/// A spooled message as read back from its stored parts (the header part
+/// as the spool wrote it with `encode_header`): one reading for both
+/// engines and for dead letters.
+pub(crate) fn stored_message(
+    header: &[u8],
+    content_type: String,
+    content: bytes::Bytes,
+) -> Result<RawMessage, rs_protocol::codec::XmlError> {
+    let (header, kind, data) =
+        rs_protocol::codec::decode_header_part(header, &rs_protocol::codec::Limits::default())?;
+    Ok(RawMessage {
+        header,
+        kind,
+        data,
+        content_type: content_type.into(),
+        content,
+    })
+}
+
+/// The spool a tier's configuration chose: its own SQLite file, or its
+/// farm's on PostgreSQL.
+#[derive(Debug, Clone)]
+pub enum AnySpool {
+    Sqlite(sqlite::SqliteSpool),
+    Postgres(postgres::PgSpool),
+}
+
+impl AnySpool {
+    /// Woken whenever messages are stored through this handle.
+    pub fn notified(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        match self {
+            AnySpool::Sqlite(s) => s.notified(),
+            AnySpool::Postgres(s) => s.notified(),
+        }
+    }
+
+    /// Gives back memory an idle spool does not need (SQLite's page
+    /// cache; nothing to give on PostgreSQL).
+    pub async fn release_memory(&self) -> Result<(), SpoolError> {
+        match self {
+            AnySpool::Sqlite(s) => s.release_memory().await,
+            AnySpool::Postgres(_) => Ok(()),
+        }
+    }
+}
+
+/// Calls the same method on whichever engine.
+macro_rules! either {
+    ($self:ident.$m:ident($($a:expr),*)) => {
+        match $self {
+            AnySpool::Sqlite(s) => s.$m($($a),*).await,
+            AnySpool::Postgres(s) => s.$m($($a),*).await,
+        }
+    };
+}
+
+impl Spool for AnySpool {
+    async fn enqueue(
+        &self,
+        msgs: Vec<RawMessage>,
+        now: Timestamp,
+    ) -> Result<Vec<Enqueued>, SpoolError> {
+        either!(self.enqueue(msgs, now))
+    }
+    async fn dequeue(
+        &self,
+        max_messages: usize,
+        max_bytes: usize,
+        now: Timestamp,
+        infrastructure_only: bool,
+    ) -> Result<Vec<Spooled>, SpoolError> {
+        either!(self.dequeue(max_messages, max_bytes, now, infrastructure_only))
+    }
+    async fn settle(
+        &self,
+        results: Vec<(MessageId, Settle)>,
+        now: Timestamp,
+    ) -> Result<(), SpoolError> {
+        either!(self.settle(results, now))
+    }
+    async fn sweep(&self, now: Timestamp) -> Result<u64, SpoolError> {
+        either!(self.sweep(now))
+    }
+    async fn next_due(&self) -> Result<Option<Timestamp>, SpoolError> {
+        either!(self.next_due())
+    }
+    async fn stats(&self) -> Result<SpoolStats, SpoolError> {
+        either!(self.stats())
+    }
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
+        either!(self.dead_letters(limit))
+    }
+    async fn drops(&self, limit: usize) -> Result<Vec<DropRecord>, SpoolError> {
+        either!(self.drops(limit))
+    }
+    async fn rebase(&self, by_ms: i64, now: Timestamp) -> Result<u64, SpoolError> {
+        either!(self.rebase(by_ms, now))
+    }
+    async fn fate(&self, id: MessageId) -> Result<Fate, SpoolError> {
+        either!(self.fate(id))
+    }
+    async fn replay_dead(
+        &self,
+        only: Option<MessageId>,
+        now: Timestamp,
+    ) -> Result<(u64, u64), SpoolError> {
+        either!(self.replay_dead(only, now))
+    }
+    async fn discard_dead(
+        &self,
+        only: Option<MessageId>,
+        now: Timestamp,
+    ) -> Result<u64, SpoolError> {
+        either!(self.discard_dead(only, now))
+    }
+}
+
+/// Moves what waits in `from` (a tier's SQLite spool from before it
+/// joined a farm) into `into`, oldest first within precedence, so nothing
+/// accepted before the move is stranded in a file no sender reads. Each
+/// message leaves `from` only once `into` has stored it (or already had
+/// it). Returns how many moved; dead letters stay where they are.
+pub async fn move_waiting<A: Spool, B: Spool>(
+    from: &A,
+    into: &B,
+    now: Timestamp,
+) -> Result<u64, SpoolError> {
+    // Messages waiting out a backoff go too (it was the old sender's).
+    from.rebase(i64::MAX / 4, now).await?;
+    let mut moved = 0;
+    loop {
+        let batch = from.dequeue(500, 16 << 20, now, false).await?;
+        if batch.is_empty() {
+            return Ok(moved);
+        }
+        let ids: Vec<MessageId> = batch.iter().map(|s| s.msg.header.id.clone()).collect();
+        let got = into
+            .enqueue(batch.into_iter().map(|s| s.msg).collect(), now)
+            .await;
+        let got = match got {
+            Ok(g) => g,
+            Err(e) => {
+                let back = ids.into_iter().map(|id| (id, Settle::Release)).collect();
+                from.settle(back, now).await?;
+                return Err(e);
+            }
+        };
+        let mut settles = Vec::with_capacity(ids.len());
+        for (id, r) in ids.into_iter().zip(got) {
+            match r {
+                Enqueued::Stored | Enqueued::Duplicate => {
+                    moved += 1;
+                    settles.push((id, Settle::Delivered));
+                }
+                Enqueued::Refused(reason) => {
+                    tracing::warn!("message {id} stays in the old spool: {reason}");
+                    settles.push((id, Settle::Dead(reason)));
+                }
+            }
+        }
+        from.settle(settles, now).await?;
+    }
 }
 
 /// What an admin does with dead letters (`replayDeadLetters`,

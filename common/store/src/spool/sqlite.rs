@@ -21,7 +21,7 @@ use super::{
     Spooled,
 };
 use crate::db::{Db, DbError, DbState};
-use rs_protocol::codec::{Limits, RawMessage, decode_header_part, encode_header};
+use rs_protocol::codec::{RawMessage, encode_header};
 use rs_protocol::ids::MessageId;
 use rs_protocol::outcome::{Code, Reason};
 use rs_protocol::time::Timestamp;
@@ -261,18 +261,11 @@ impl Spool for SqliteSpool {
             .read(move |w| Ok(w.dequeue(max_messages, max_bytes, now, infrastructure_only)?))
             .await?;
         // Headers are parsed here rather than on the database thread.
-        let limits = Limits::default();
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            match decode_header_part(&r.header, &limits) {
-                Ok((header, kind, data)) => out.push(Spooled {
-                    msg: RawMessage {
-                        header,
-                        kind,
-                        data,
-                        content_type: r.content_type.into(),
-                        content: r.content,
-                    },
+            match super::stored_message(&r.header, r.content_type, r.content) {
+                Ok(msg) => out.push(Spooled {
+                    msg,
                     attempts: r.attempts,
                     spooled_at: r.spooled_at,
                 }),
@@ -432,7 +425,7 @@ impl Worker {
                 .conn
                 .prepare(
                     "SELECT id, content_type, header, content FROM dead_letters
-                     WHERE ?1 IS NULL OR id = ?1 ORDER BY at",
+                     WHERE ?1 IS NULL OR id = ?1 ORDER BY at, id",
                 )
                 .map_err(db)?;
             st.query_map(params![only], |r| {
@@ -444,17 +437,10 @@ impl Worker {
         };
         let (mut back, mut stay) = (0, 0);
         for (id, content_type, header, content) in rows {
-            let Ok((h, kind, data)) = decode_header_part(&header, &Limits::default()) else {
+            let Ok(m) = super::stored_message(&header, content_type, Bytes::from(content)) else {
                 tracing::warn!("dead letter {id}: its stored header does not decode; kept");
                 stay += 1;
                 continue;
-            };
-            let m = RawMessage {
-                header: h,
-                kind,
-                data,
-                content_type: content_type.into(),
-                content: Bytes::from(content),
             };
             match self.insert(m, header, now).map_err(db)? {
                 Enqueued::Refused(_) => stay += 1,
