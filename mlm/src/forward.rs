@@ -117,23 +117,29 @@ async fn handle(
             Vec::new()
         }
     };
-    // Deliveries here and further down go up with the next POST.
-    if (!delivered.is_empty() || !env.meta.delivered.is_empty())
-        && let Ok(mut up) = mlm.delivered_up.lock()
-    {
-        up.extend(delivered);
-        // Deliveries reported from below count only for the caller's own
-        // subtree (a site cannot complete another's job).
-        up.extend(
-            env.meta
-                .delivered
-                .iter()
-                .filter(|(_, dest)| match caller {
-                    Caller::Open => true,
-                    Caller::Component(p) => rs_net::auth::may_speak_for(p, &mlm.id, dest),
-                })
-                .cloned(),
-        );
+    // Deliveries here and further down go up with the next POST (kept in
+    // the queue's database too until a POST carried them: a farm's other
+    // members send those of a member that died first).
+    let mut notices = delivered;
+    // Deliveries reported from below count only for the caller's own
+    // subtree (a site cannot complete another's job).
+    notices.extend(
+        env.meta
+            .delivered
+            .iter()
+            .filter(|(_, dest)| match caller {
+                Caller::Open => true,
+                Caller::Component(p) => rs_net::auth::may_speak_for(p, &mlm.id, dest),
+            })
+            .cloned(),
+    );
+    if !notices.is_empty() {
+        if let Err(e) = mlm.outbox.note_delivered(notices.clone(), now).await {
+            tracing::warn!("delivery notices: {e}");
+        }
+        if let Ok(mut up) = mlm.delivered_up.lock() {
+            up.extend(notices);
+        }
     }
     let mut forward: Vec<(usize, RawMessage)> = Vec::new();
     let mut aggregate: Vec<(usize, usize, String, Member)> = Vec::new();
@@ -499,7 +505,56 @@ impl rs_node::upstream::BackChannel for Downstream {
     fn take_notices(&self) -> (Vec<MessageId>, Vec<(MessageId, rs_protocol::RsId)>) {
         take_notices(&self.0)
     }
+
+    fn notices_done(&self, notices: Vec<(MessageId, rs_protocol::RsId)>, sent: bool) {
+        notices_done(&self.0, notices, sent);
+    }
 }
+
+/// A POST that carried delivery notices ended: forget them once sent,
+/// keep them for the next POST otherwise.
+fn notices_done(mlm: &Mlm, notices: Vec<(MessageId, rs_protocol::RsId)>, sent: bool) {
+    if notices.is_empty() {
+        return;
+    }
+    if sent {
+        let outbox = mlm.outbox.clone();
+        tokio::spawn(async move {
+            if let Err(e) = outbox.notices_sent(notices).await {
+                tracing::warn!("delivery notices sent: {e}");
+            }
+        });
+    } else if let Ok(mut d) = mlm.delivered_up.lock() {
+        d.extend(notices);
+    }
+}
+
+/// Delivery notices recorded long enough ago that whoever recorded them
+/// should have sent them (a farm member that died first, or this MLM's
+/// previous process): taken into this member's next POSTs, unless it
+/// holds them already.
+pub(crate) async fn pick_up_notices(mlm: &Mlm, now: Timestamp) {
+    let before =
+        Timestamp::from_millis(now.as_millis() - NOTICES_STALE.as_millis() as i64).unwrap_or(now);
+    match mlm.outbox.stale_notices(before, now, 1000).await {
+        Ok(stale) if !stale.is_empty() => {
+            if let Ok(mut d) = mlm.delivered_up.lock() {
+                let held: std::collections::HashSet<_> = d.iter().cloned().collect();
+                let new: Vec<_> = stale.into_iter().filter(|n| !held.contains(n)).collect();
+                if !new.is_empty() {
+                    tracing::info!("{} delivery notice(s) left unsent: sending them", new.len());
+                }
+                d.extend(new);
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("delivery notices left unsent: {e}"),
+    }
+}
+
+/// A delivery notice still recorded this long after it was (or was last
+/// picked up) was not sent by whoever holds it.
+const NOTICES_STALE: Duration = Duration::from_secs(15);
 
 /// Custody: accepted once in this MLM's durable spool; its sender forwards.
 async fn custody(mlm: &Mlm, forward: &[(usize, RawMessage)], now: Timestamp) -> Vec<Outcome> {
@@ -544,15 +599,16 @@ async fn post(
         w.push_raw(&m);
     }
     let reply = match mlm.upstream.post(&w.finish(), None).await {
-        Ok(r) => r,
+        Ok(r) => {
+            notices_done(mlm, meta.delivered, true);
+            r
+        }
         Err(e) => {
             // Not sent: keep them for the next POST.
             if let Ok(mut a) = mlm.upstream_acks.lock() {
                 a.extend(meta.acks);
             }
-            if let Ok(mut d) = mlm.delivered_up.lock() {
-                d.extend(meta.delivered);
-            }
+            notices_done(mlm, meta.delivered, false);
             return Err(e);
         }
     };

@@ -702,6 +702,7 @@ pub async fn run(
                         }
                         Err(e) => tracing::error!("back-channel sweep: {e}"),
                     }
+                    forward::pick_up_notices(&mlm, now).await;
                 }
                 let every = mlm.heartbeat_interval();
                 if last_beat.elapsed() >= every {

@@ -30,7 +30,7 @@ where
 }
 
 /// The components the server knows, with the tiers they are reached through.
-async fn routes(a: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+pub(crate) async fn routes(a: &str) -> std::collections::BTreeMap<String, Vec<String>> {
     let Ok(r) = admin(a)
         .get(format!("{}/rs/v1/control/components", base(a)))
         .send()
@@ -52,7 +52,7 @@ async fn routes(a: &str) -> std::collections::BTreeMap<String, Vec<String>> {
 }
 
 /// The job's target states, once it is done (or after `secs`).
-async fn finish(a: &str, id: &str, secs: u64) -> rs_protocol::codec::api::Job {
+pub(crate) async fn finish(a: &str, id: &str, secs: u64) -> rs_protocol::codec::api::Job {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     loop {
         let b = admin(a)
@@ -623,7 +623,7 @@ async fn rsctl_changes_a_groups_configuration_and_subscribers_get_the_job_pushed
 }
 
 /// POSTs `msgs` to `a` as an envelope from `sender`, with these notices.
-async fn post_envelope(
+pub(crate) async fn post_envelope(
     a: &str,
     sender: &str,
     msgs: &[rs_protocol::Message],

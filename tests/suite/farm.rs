@@ -1079,3 +1079,100 @@ async fn an_mlm_joining_a_farm_brings_the_messages_its_own_spool_holds() {
     d.stop_all();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Delivery notices on their way up are the farm's: a member that
+/// recorded one and died before its POST carried it (its upstream
+/// swallows its POSTs: a blackholed relay) leaves it in the farm's
+/// database, and another member sends it, so the job's target at the
+/// server shows `delivered`. (Kept in the dead member's memory only, it
+/// would stay `pending`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_members_delivery_notices_reach_the_server_through_another() {
+    use crate::backchannel_faults::{finish, post_envelope, routes};
+    use rs_protocol::control::{NodeState, StatusNode};
+    let dir = tmp("mlmfarm-notices");
+    let pg = Postgres::shared();
+    let url = pg.database("mlmfarmnotices");
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let (via, link) = rs_tests::relay::start(a.clone()).await.unwrap();
+    let member = |name: &str| Extra {
+        top: format!("database = \"{url}\"\nmember = \"{name}\""),
+        ..Extra::default()
+    };
+    let m1 = d.mlm("m1", "acme.m1", &[via], &member("m1")).unwrap();
+    let m2 = d
+        .mlm("m2", "acme.m1", std::slice::from_ref(&a), &member("m2"))
+        .unwrap();
+    // A site acme.p7 (hand-written envelopes) makes itself known through
+    // the second member: the server reaches it through the farm.
+    let now = rs_protocol::Timestamp::now();
+    let p7 = rs_protocol::RsId::new("acme.p7").unwrap();
+    let tree = StatusNode {
+        id: Some(p7.clone()),
+        ..StatusNode::new("proxy", NodeState::Ok)
+    };
+    let cold = rs_protocol::control_messages::status_message(
+        p7.clone(),
+        rs_protocol::control::SUB_COLD_START,
+        &tree,
+        now,
+        Duration::from_secs(600),
+        5,
+    );
+    post_envelope(&m2, "acme.p7", &[cold], Vec::new()).await;
+    assert!(
+        wait_for(Duration::from_secs(30), || tokio::task::block_in_place(
+            || {
+                tokio::runtime::Handle::current()
+                    .block_on(routes(&a))
+                    .get("acme.p7")
+                    .is_some_and(|v| v == &["acme.m1"])
+            }
+        )),
+        "the server does not reach acme.p7 through the farm"
+    );
+    let (status, body) = control(
+        &a,
+        http::Method::POST,
+        "send",
+        r#"<send><to id="acme.p7"/><control action="ping"/></send>"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let msg = rs_protocol::MessageId::new(attr(&body, "message")).unwrap();
+    // The first member hears of the delivery, and cannot pass it on.
+    link.set_fault(rs_tests::relay::Fault::Blackhole);
+    post_envelope(&m1, "acme.p7", &[], vec![(msg.clone(), p7.clone())]).await;
+    let recorded = || {
+        pg.psql(&db, "SELECT count(*) FROM mlm_acme_m1.notices")
+            .is_ok_and(|s| s.trim() == "1")
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), recorded),
+        "the notice is not in the farm's database"
+    );
+    d.node("m1").kill();
+    let j = finish(&a, attr(&body, "id"), 0).await;
+    assert_eq!(j.targets[0].state, "pending", "{j:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut j = j;
+    while j.targets[0].state != "delivered" && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        j = finish(&a, attr(&body, "id"), 0).await;
+    }
+    assert_eq!(
+        j.targets[0].state, "delivered",
+        "the dead member's notice never reached the server: {j:?}"
+    );
+    // Sent, it is forgotten.
+    assert!(
+        wait_for(Duration::from_secs(10), || pg
+            .psql(&db, "SELECT count(*) FROM mlm_acme_m1.notices")
+            .is_ok_and(|s| s.trim() == "0")),
+        "a sent notice is still recorded"
+    );
+    d.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -320,10 +320,23 @@ pub trait BackChannel: Send + Sync + 'static {
 
     /// What else to put in the next envelope's header: acknowledgements
     /// gathered elsewhere (an MLM's relayed replies) and delivery notices
-    /// from the subtree. Taken once; lost with a failed POST, which is
-    /// safe (unacknowledged messages come again; notices are informational).
+    /// from the subtree. Taken once; acknowledgements are lost with a
+    /// failed POST, which is safe (unacknowledged messages come again);
+    /// the notices are handed back through [`BackChannel::notices_done`].
     fn take_notices(&self) -> (Vec<MessageId>, Vec<(MessageId, RsId)>) {
         (Vec::new(), Vec::new())
+    }
+
+    /// The POST that carried these delivery notices ended: `sent` (the
+    /// upstream has them), or not (to be sent again).
+    fn notices_done(&self, _notices: Vec<(MessageId, RsId)>, _sent: bool) {}
+}
+
+fn notices_done(back: Option<&dyn BackChannel>, notices: Vec<(MessageId, RsId)>, sent: bool) {
+    if let Some(b) = back
+        && !notices.is_empty()
+    {
+        b.notices_done(notices, sent);
     }
 }
 
@@ -467,21 +480,24 @@ impl<S: Spool> Sender<S> {
                         let hold = advice.poll_hold.map_or(hold, |granted| {
                             hold.min(granted.max(Duration::from_secs(1)))
                         });
-                        let (enc, _) =
+                        let (enc, _, notices) =
                             self.envelope(&[], now, std::mem::take(&mut acks), Some(hold));
-                        let upstream = self.upstream.clone();
+                        let (upstream, back) = (self.upstream.clone(), self.back.clone());
                         inflight.push(Box::pin(async move {
                             let r = upstream.post(&enc, Some(hold)).await;
+                            notices_done(back.as_deref(), notices, r.is_ok());
                             (Vec::new(), Vec::new(), max_bytes, r)
                         }));
                     }
                     break;
                 }
                 let batch = self.seal_batch(batch).await;
-                let (enc, ids) = self.envelope(&batch, now, std::mem::take(&mut acks), None);
-                let upstream = self.upstream.clone();
+                let (enc, ids, notices) =
+                    self.envelope(&batch, now, std::mem::take(&mut acks), None);
+                let (upstream, back) = (self.upstream.clone(), self.back.clone());
                 inflight.push(Box::pin(async move {
                     let r = upstream.post(&enc, None).await;
+                    notices_done(back.as_deref(), notices, r.is_ok());
                     (batch, ids, max_bytes, r)
                 }));
             }
@@ -692,7 +708,7 @@ impl<S: Spool> Sender<S> {
         now: Timestamp,
         acks: Vec<MessageId>,
         poll: Option<Duration>,
-    ) -> (Encoded, Vec<MessageId>) {
+    ) -> (Encoded, Vec<MessageId>, Vec<(MessageId, RsId)>) {
         let mut meta = EnvelopeMeta::new(self.me.clone(), now);
         meta.acks = acks;
         if let Some(back) = &self.back {
@@ -723,7 +739,8 @@ impl<S: Spool> Sender<S> {
             w.push_raw(&m);
             ids.push(m.header.id);
         }
-        (w.finish(), ids)
+        let enc = w.finish();
+        (enc, ids, meta.delivered)
     }
 
     async fn settle(&self, batch: &[Spooled], meta: &EnvelopeMeta, now: Timestamp) {

@@ -48,6 +48,22 @@ pub const MIGRATIONS: &[Migration] = &[
             )
         },
     },
+    Migration {
+        version: 4,
+        name: "delivery notices",
+        // Deliveries in the subtree on their way up (a farm's: any member
+        // sends what a dead member had not).
+        apply: |c| {
+            c.batch(
+                "CREATE TABLE notices (
+                     id   TEXT   NOT NULL,
+                     dest TEXT   NOT NULL,
+                     at   BIGINT NOT NULL,
+                     PRIMARY KEY (id, dest)
+                 )",
+            )
+        },
+    },
 ];
 
 /// A member of a farm sharing one queue, as its last beat recorded it
@@ -648,6 +664,85 @@ impl Outbox {
                 )
             })
             .await
+    }
+
+    /// Records deliveries in the subtree (message, final destination) to
+    /// report upstream, until [`Outbox::notices_sent`] says they were.
+    pub async fn note_delivered(
+        &self,
+        notices: Vec<(MessageId, RsId)>,
+        now: Timestamp,
+    ) -> Result<(), DbError> {
+        if notices.is_empty() {
+            return Ok(());
+        }
+        // Informational: one lost in a power failure only goes unreported.
+        self.db
+            .write_relaxed(move |c| {
+                for (id, dest) in &notices {
+                    c.exec(
+                        "INSERT INTO notices (id, dest, at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (id, dest) DO NOTHING",
+                        params![id.as_str(), dest.as_str(), now.as_millis()],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// The upstream has these notices: forget them.
+    pub async fn notices_sent(&self, notices: Vec<(MessageId, RsId)>) -> Result<(), DbError> {
+        self.db
+            .write_relaxed(move |c| {
+                for (id, dest) in &notices {
+                    c.exec(
+                        "DELETE FROM notices WHERE id = ?1 AND dest = ?2",
+                        params![id.as_str(), dest.as_str()],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Up to `limit` notices recorded before `before` and still not sent
+    /// (their member died, or the process stopped, before its POST went
+    /// through), stamped `now` so that the next look leaves them alone for
+    /// as long again. In a farm two members never take the same ones at
+    /// once (`SKIP LOCKED`).
+    pub async fn stale_notices(
+        &self,
+        before: Timestamp,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(MessageId, RsId)>, DbError> {
+        let sql = match self.engine {
+            Engine::Postgres => {
+                "UPDATE notices SET at = ?2 WHERE (id, dest) IN
+                     (SELECT id, dest FROM notices WHERE at < ?1 LIMIT ?3 FOR UPDATE SKIP LOCKED)
+                 RETURNING id, dest"
+            }
+            Engine::Sqlite => {
+                "UPDATE notices SET at = ?2 WHERE (id, dest) IN
+                     (SELECT id, dest FROM notices WHERE at < ?1 LIMIT ?3)
+                 RETURNING id, dest"
+            }
+        };
+        let rows: Vec<(String, String)> = self
+            .db
+            .write_relaxed(move |c| {
+                c.rows(
+                    sql,
+                    params![before.as_millis(), now.as_millis(), limit],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, dest)| Some((MessageId::new(id).ok()?, RsId::new(dest).ok()?)))
+            .collect())
     }
 
     /// Messages waiting.
