@@ -204,7 +204,8 @@ impl AppServer {
             opener,
             ca: match &cfg.ca {
                 Some(c) => {
-                    let ca = rs_net::pki::Ca::open(&c.dir)
+                    let records = rs_net::pki::records_at(&c.dir, cfg.database.as_deref());
+                    let ca = rs_net::pki::Ca::open_with(&c.dir, records)
                         .map_err(|e| anyhow::anyhow!("[ca] dir {}: {e}", c.dir.display()))?;
                     ca.check_writable().map_err(|e| {
                         anyhow::anyhow!(
@@ -356,16 +357,22 @@ pub async fn run(
     ));
     if let (Some(_), Some(t)) = (&app.tls, &app.cfg.tls) {
         // Revocations made by `rsctl ca revoke` on the CA directory (or a
-        // list dropped in place) are in force within the refresh.
+        // list dropped in place), or through another member of a farm
+        // (the CA's records are the farm's), are in force within the
+        // refresh.
         let (app, shutdown) = (app.clone(), shutdown.clone());
         let every = Duration::from_secs(t.crl_refresh_secs.max(1));
         tokio::spawn(async move {
+            let mut seen = None;
             loop {
+                if let Some(ca) = app.ca.clone() {
+                    seen = security::rewrite_crl_if_revoked(ca, seen).await;
+                }
+                app.reload_crl();
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(every) => {}
                 }
-                app.reload_crl();
             }
         });
     }

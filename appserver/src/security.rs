@@ -628,7 +628,7 @@ pub fn control_routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::
             .and(warp::query::<HashMap<String, String>>())
             .then(move |a: Admin, q: HashMap<String, String>| {
                 let app = app.clone();
-                async move { revoke(&app, &a, &q) }
+                on_blocking_thread(move || revoke(&app, &a, &q))
             })
     };
     let certs = {
@@ -639,7 +639,7 @@ pub fn control_routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::
             .and(warp::query::<HashMap<String, String>>())
             .then(move |_: Admin, q: HashMap<String, String>| {
                 let app = app.clone();
-                async move { certificates(&app, &q) }
+                on_blocking_thread(move || certificates(&app, &q))
             })
     };
     let audit = {
@@ -747,6 +747,22 @@ async fn create_enrollment(
         Err(EnrollError::Bad(e)) => bad(e),
         Err(EnrollError::Token) => bad("no token"),
     }
+}
+
+/// Runs a request that reads or writes the CA's records: on a blocking
+/// thread, since on PostgreSQL they go through its blocking client, which
+/// must not run on a thread that drives async tasks.
+async fn on_blocking_thread(
+    f: impl FnOnce() -> warp::reply::Response + Send + 'static,
+) -> warp::reply::Response {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        tracing::error!("the CA's records: {e}");
+        Refusal::new(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "the CA's records could not be reached",
+        )
+        .response()
+    })
 }
 
 fn revoke(app: &AppServer, a: &Admin, q: &HashMap<String, String>) -> warp::reply::Response {
@@ -865,4 +881,35 @@ async fn audit(app: &AppServer, a: &Admin, q: &HashMap<String, String>) -> warp:
     }
     x.close("audit").newline();
     xml_response(buf)
+}
+
+/// Rewrites the CA's `crl.pem` here if its records say that revocations
+/// changed since `seen` (what the last look found; `None`: never looked),
+/// so a revocation made through another member of a farm, or with `rsctl
+/// ca revoke --database`, is in this member's list too. Returns what it
+/// found.
+pub async fn rewrite_crl_if_revoked(
+    ca: std::sync::Arc<rs_net::pki::Ca>,
+    seen: Option<(i64, i64)>,
+) -> Option<(i64, i64)> {
+    let r = tokio::task::spawn_blocking(move || {
+        let now = ca.records().revocations()?;
+        if seen != Some(now) {
+            ca.write_crl()
+                .map_err(|e| rs_store::db::DbError::Sql(e.to_string()))?;
+        }
+        Ok::<_, rs_store::db::DbError>(now)
+    })
+    .await;
+    match r {
+        Ok(Ok(now)) => Some(now),
+        Ok(Err(e)) => {
+            tracing::warn!("the CA's revocations: {e}");
+            seen
+        }
+        Err(e) => {
+            tracing::warn!("the CA's revocations: {e}");
+            seen
+        }
+    }
 }

@@ -561,7 +561,8 @@ impl Deployment {
     /// Starts a member `name` of an application-server farm on the
     /// PostgreSQL database `database` (every member the same ID, `rs.a1`,
     /// the same certificate and key, in `farm/tls`: the farm is one
-    /// server to those who talk to it or seal to it; and the same CA);
+    /// server to those who talk to it or seal to it; and the same CA, its
+    /// directory the deployment's unless `extra` has a `[ca]` of its own);
     /// returns its address. `stored_ids(dir/name)` reads the farm's store.
     pub fn farm_member(
         &mut self,
@@ -585,7 +586,11 @@ impl Deployment {
         }
         if let Some(p) = &self.pki {
             cfg.push_str(&self.server_tls("farm", "rs.a1", false)?);
-            cfg.push_str(&format!("\n[ca]\ndir = \"{}\"\n", p.dir.display()));
+            // The deployment's CA directory, unless `extra` names another
+            // (a copy of it on the member's own host).
+            if !extra.contains("[ca]") {
+                cfg.push_str(&format!("\n[ca]\ndir = \"{}\"\n", p.dir.display()));
+            }
         }
         self.server(name, Role::AppServer, cfg)
     }

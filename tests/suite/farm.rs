@@ -1176,3 +1176,88 @@ async fn a_dead_members_delivery_notices_reach_the_server_through_another() {
     d.stop_all();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The CA's records are the farm's: members on separate hosts (each with
+/// its own copy of the CA's directory: its certificate, key and list) see
+/// the certificates any member issued, revoke them through any member,
+/// and every member's revocation list follows within its refresh. Also
+/// `rsctl ca list --database` reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_farms_members_share_the_cas_records_and_revocations() {
+    use crate::security::{client_of, empty_envelope, send_env};
+    let dir = tmp("farm-ca");
+    let url = Postgres::shared().database("farmca");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let pki = d.pki.clone().unwrap();
+    let mut addrs = Vec::new();
+    for name in ["a1", "a2"] {
+        let own = dir.join(format!("ca-{name}"));
+        std::fs::create_dir_all(&own).unwrap();
+        for f in ["ca.pem", "ca.key", "crl.pem"] {
+            std::fs::copy(pki.dir.join(f), own.join(f)).unwrap();
+        }
+        let extra = format!("[ca]\ndir = \"{}\"\n", own.display());
+        addrs.push(d.farm_member(name, &url, &extra).unwrap());
+    }
+    let (a1, a2) = (addrs[0].clone(), addrs[1].clone());
+    // acme.p7 enrolls through the first member.
+    d.appserver_addr = Some(a1.clone());
+    let token = d.enrollment_token("acme.p7").unwrap();
+    let mut tls = rs_net::tls::TlsConfig::in_dir(&dir.join("p7"));
+    tls.crl = None;
+    std::fs::create_dir_all(dir.join("p7")).unwrap();
+    std::fs::copy(&pki.admin.ca, &tls.ca).unwrap();
+    let me = rs_net::enroll::ensure(&tls, Some(&token), &[base(&a1)], None)
+        .await
+        .unwrap();
+    // The second member knows the certificate.
+    let (status, list) = control(&a2, http::Method::GET, "certificates?name=acme.p7", "").await;
+    assert_eq!(status, 200, "{list}");
+    assert!(list.contains(&me.serial), "a2 does not know it: {list}");
+    // Both serve it...
+    let http = client_of(&tls);
+    for a in [&a1, &a2] {
+        let (ct, body) = empty_envelope("acme.p7", None);
+        let r = send_env(&http, a, &ct, body).await;
+        assert!(matches!(r, Ok((200, _))), "{a}: {r:?}");
+    }
+    // ...until it is revoked through the second member; then neither.
+    let (code, out, err) =
+        crate::backchannel_faults::rsctl(&a2, &["revoke", "--serial", &me.serial]);
+    assert_eq!(code, 0, "{out}{err}");
+    for a in [&a2, &a1] {
+        let refused = wait_for(Duration::from_secs(15), || {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let http = client_of(&tls);
+                    let (ct, body) = empty_envelope("acme.p7", None);
+                    !matches!(send_env(&http, a, &ct, body).await, Ok((200, _)))
+                })
+            })
+        });
+        assert!(refused, "{a} still serves a certificate revoked through a2");
+    }
+    // rsctl reads the farm's records.
+    let out = std::process::Command::new(exe())
+        .args(["rsctl", "ca", "list", "--dir"])
+        .arg(dir.join("ca-a1"))
+        .args(["--database", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&me.serial))
+        .unwrap_or("");
+    assert!(
+        line.contains("acme.p7") && !line.trim_end().ends_with('-'),
+        "rsctl ca list --database: {text}"
+    );
+    d.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1533,3 +1533,107 @@ async fn members_of_a_shared_spool_never_take_the_same_message_and_a_dead_ones_c
     );
     drop(m2b);
 }
+
+/// The CA's records on both engines: a certificate recorded is listed
+/// (by name too), revoked once (again: `Already`; an unknown serial:
+/// `Unknown`), its revocation counted; revocation lists are numbered
+/// upwards; a `ca.db` written by the release before versions (no
+/// `rs_schema`, its certificates in it) is adopted with them, and copied
+/// into PostgreSQL records that hold nothing yet.
+#[test]
+fn the_cas_records_behave_the_same_on_both_engines_and_an_old_ca_db_is_kept() {
+    use rs_store::certs::{Cert, CertRecords, Revoked};
+    let dir = std::env::temp_dir().join(format!("rs-storage-cadb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // What the release before wrote (pki.rs's DDL then) and one record.
+    let old = dir.join("ca.db");
+    {
+        #[allow(clippy::disallowed_methods)]
+        let c = rusqlite::Connection::open(&old).unwrap();
+        c.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE IF NOT EXISTS certs (
+                 serial TEXT PRIMARY KEY, name TEXT NOT NULL, customer TEXT NOT NULL,
+                 role TEXT NOT NULL, issued_at INTEGER NOT NULL, not_after INTEGER NOT NULL,
+                 revoked_at INTEGER, reason TEXT);
+             CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+             INSERT INTO certs VALUES ('0A1B', 'acme.p1', 'acme', 'component', 100, 200, NULL, NULL);
+             INSERT INTO meta VALUES ('crl_number', 41);",
+        )
+        .unwrap();
+    }
+    let kept = CertRecords::open(Location::Sqlite(old.clone()));
+    assert_eq!(kept.list(None).unwrap()[0].serial, "0A1B");
+    let (_, n) = kept.for_crl().unwrap();
+    assert_eq!(n, 42, "the old file's CRL number goes on");
+
+    let cert = |serial: &str, name: &str, at: i64| Cert {
+        serial: serial.into(),
+        name: name.into(),
+        customer: "acme".into(),
+        role: "component".into(),
+        not_after: at + 1000,
+        issued_at: at,
+        revoked_at: None,
+        reason: None,
+    };
+    for (engine, at) in engines("carecords") {
+        let r = CertRecords::open(at.clone());
+        r.check_writable().unwrap();
+        if engine == "postgres" {
+            assert_eq!(
+                r.adopt(&kept).unwrap(),
+                1,
+                "{engine}: the old records copied"
+            );
+            assert_eq!(r.adopt(&kept).unwrap(), 0, "{engine}: copied once");
+            let (_, n) = r.for_crl().unwrap();
+            assert_eq!(n, 43, "{engine}: the CRL number goes on after adoption");
+        } else {
+            r.record(&cert("0A1B", "acme.p1", 100)).unwrap();
+        }
+        r.record(&cert("0C2D", "acme.p2", 300)).unwrap();
+        r.record(&cert("0E3F", "acme.p2", 400)).unwrap();
+        assert!(
+            r.record(&cert("0E3F", "acme.p2", 400)).is_err(),
+            "{engine}: a serial twice"
+        );
+        let all: Vec<String> = r
+            .list(None)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.serial)
+            .collect();
+        assert_eq!(all, ["0E3F", "0C2D", "0A1B"], "{engine}: newest first");
+        assert_eq!(r.list(Some("acme.p2")).unwrap().len(), 2, "{engine}");
+        assert_eq!(r.revocations().unwrap(), (0, 0), "{engine}");
+        assert_eq!(
+            r.revoke("0C2D", 500, "test").unwrap(),
+            Revoked::Now,
+            "{engine}"
+        );
+        assert_eq!(
+            r.revoke("0C2D", 600, "test").unwrap(),
+            Revoked::Already,
+            "{engine}"
+        );
+        assert_eq!(
+            r.revoke("FFFF", 600, "test").unwrap(),
+            Revoked::Unknown,
+            "{engine}"
+        );
+        assert_eq!(r.revocations().unwrap(), (1, 500), "{engine}");
+        let (revoked, a) = r.for_crl().unwrap();
+        let (_, b) = r.for_crl().unwrap();
+        assert_eq!(revoked, [("0C2D".to_owned(), 500)], "{engine}");
+        assert!(b > a, "{engine}: CRL numbers grow");
+        let c = &r.list(Some("acme.p2")).unwrap()[1];
+        assert_eq!(
+            (c.revoked_at, c.reason.as_deref()),
+            (Some(500), Some("test")),
+            "{engine}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

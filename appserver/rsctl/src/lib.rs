@@ -123,6 +123,11 @@ enum CaCmd {
     Init {
         #[arg(long)]
         dir: PathBuf,
+        /// The farm's PostgreSQL database (`postgres://...`, as the
+        /// servers' `database`) holding the CA's records; without it,
+        /// `ca.db` in --dir.
+        #[arg(long)]
+        database: Option<String>,
         /// The CA's name (its certificate's CN).
         #[arg(long, default_value = "Remote Services CA")]
         name: String,
@@ -135,6 +140,11 @@ enum CaCmd {
     Issue {
         #[arg(long)]
         dir: PathBuf,
+        /// The farm's PostgreSQL database (`postgres://...`, as the
+        /// servers' `database`) holding the CA's records; without it,
+        /// `ca.db` in --dir.
+        #[arg(long)]
+        database: Option<String>,
         /// A component ID (e.g. rs.a1, acme.m1) or an admin's name.
         name: String,
         #[arg(long, default_value = "component")]
@@ -156,6 +166,11 @@ enum CaCmd {
     Revoke {
         #[arg(long)]
         dir: PathBuf,
+        /// The farm's PostgreSQL database (`postgres://...`, as the
+        /// servers' `database`) holding the CA's records; without it,
+        /// `ca.db` in --dir.
+        #[arg(long)]
+        database: Option<String>,
         #[arg(long, conflicts_with = "name", required_unless_present = "name")]
         serial: Option<String>,
         #[arg(long)]
@@ -165,6 +180,11 @@ enum CaCmd {
     List {
         #[arg(long)]
         dir: PathBuf,
+        /// The farm's PostgreSQL database (`postgres://...`, as the
+        /// servers' `database`) holding the CA's records; without it,
+        /// `ca.db` in --dir.
+        #[arg(long)]
+        database: Option<String>,
     },
 }
 
@@ -739,9 +759,6 @@ fn finished_well(j: &Job) -> bool {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
-    if let Cmd::Ca(c) = &cli.cmd {
-        return ca_command(c).map(|()| true);
-    }
     let api = Api::new(&cli)?;
     let limits = Limits::default();
     match cli.cmd {
@@ -1221,11 +1238,16 @@ fn selector(g: &GroupDef) -> String {
 /// Runs `rsctl` with these arguments (the first is the program name) and
 /// returns the exit status.
 fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
-    use rs_net::pki::{Ca, CertSpec, Role};
+    use rs_net::pki::{Ca, CertSpec, Role, records_at};
     let m = anyhow::Error::msg;
     match c {
-        CaCmd::Init { dir, name, days } => {
-            let ca = Ca::init(dir, name, *days)?;
+        CaCmd::Init {
+            dir,
+            database,
+            name,
+            days,
+        } => {
+            let ca = Ca::init_with(dir, name, *days, records_at(dir, database.as_deref()))?;
             println!(
                 "CA {name:?} created in {} (ca.pem to every component, ca.key stays here; serial {})",
                 dir.display(),
@@ -1234,6 +1256,7 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
         }
         CaCmd::Issue {
             dir,
+            database,
             name,
             role,
             customers,
@@ -1242,7 +1265,7 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
             days,
             out,
         } => {
-            let ca = Ca::open(dir)?;
+            let ca = Ca::open_with(dir, records_at(dir, database.as_deref()))?;
             let role = Role::parse(role).ok_or_else(|| anyhow!("--role: component or admin"))?;
             let customer = match role {
                 Role::Admin => customers
@@ -1279,8 +1302,13 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
                 kp.display()
             );
         }
-        CaCmd::Revoke { dir, serial, name } => {
-            let ca = Ca::open(dir)?;
+        CaCmd::Revoke {
+            dir,
+            database,
+            serial,
+            name,
+        } => {
+            let ca = Ca::open_with(dir, records_at(dir, database.as_deref()))?;
             let serials: Vec<String> = match (serial, name) {
                 (Some(s), _) => vec![s.clone()],
                 (None, Some(n)) => ca
@@ -1303,8 +1331,8 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
             }
             println!("{} rewritten", dir.join("crl.pem").display());
         }
-        CaCmd::List { dir } => {
-            let ca = Ca::open(dir)?;
+        CaCmd::List { dir, database } => {
+            let ca = Ca::open_with(dir, records_at(dir, database.as_deref()))?;
             println!(
                 "{:<34} {:<20} {:<10} {:<9} {:<10} REVOKED",
                 "SERIAL", "NAME", "CUSTOMER", "ROLE", "NOT AFTER"
@@ -1342,6 +1370,18 @@ where
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
+    // The CA's commands work on its directory (and database) directly,
+    // synchronously: no runtime, so its records' blocking PostgreSQL
+    // client runs on a plain thread.
+    if let Cmd::Ca(c) = &cli.cmd {
+        return match ca_command(c) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("rsctl: {e:#}");
+                1
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

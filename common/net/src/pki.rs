@@ -5,10 +5,12 @@
 //! chain against the CA certificate and the serial against the CA's
 //! revocation list (a standard X.509 CRL, `crl.pem`).
 //!
-//! The CA lives in one directory: `ca.pem` (public), `ca.key` (mode 0600),
-//! `ca.db` (SQLite: every certificate issued, when, and whether revoked, so
-//! two processes, an appserver enrolling and an admin revoking, can share it)
-//! and `crl.pem`, rewritten on every revocation.
+//! The CA lives in one directory: `ca.pem` (public), `ca.key` (mode 0600)
+//! and `crl.pem`, rewritten on every revocation. What it issued (every
+//! certificate, when, and whether revoked) is recorded through
+//! `rs_store::certs`: `ca.db` in the directory (SQLite, so two processes,
+//! an appserver enrolling and an admin revoking, can share it), or a
+//! farm's PostgreSQL database, shared by its servers.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -27,7 +29,8 @@ use openssl::x509::{
     X509, X509Builder, X509Crl, X509CrlBuilder, X509Extension, X509NameBuilder, X509Ref, X509Req,
     X509ReqBuilder, X509RevokedBuilder,
 };
-use rusqlite::{Connection, OptionalExtension, params};
+use rs_store::certs::{CertRecords, Revoked};
+use rs_store::sql::Location;
 
 use rs_protocol::RsId;
 
@@ -256,19 +259,8 @@ impl CertSpec {
     }
 }
 
-/// One certificate the CA issued.
-#[derive(Debug, Clone)]
-pub struct Issued {
-    pub serial: String,
-    pub name: String,
-    pub customer: String,
-    pub role: String,
-    /// Unix seconds.
-    pub not_after: i64,
-    pub issued_at: i64,
-    pub revoked_at: Option<i64>,
-    pub reason: Option<String>,
-}
+/// A certificate the CA issued, as its records hold it.
+pub use rs_store::certs::Cert as Issued;
 
 /// Why the CA did not do what was asked: the request's fault (it names
 /// something unknown or malformed: a client error), or the CA's own (its
@@ -287,8 +279,8 @@ impl CaError {
         CaError::Fault(e.to_string())
     }
 
-    fn db(e: rusqlite::Error) -> CaError {
-        CaError::Fault(format!("ca.db: {e}"))
+    fn db(e: rs_store::db::DbError) -> CaError {
+        CaError::Fault(format!("the CA's records: {e}"))
     }
 }
 
@@ -298,6 +290,14 @@ pub struct Ca {
     dir: PathBuf,
     cert: X509,
     key: PKey<Private>,
+    records: CertRecords,
+}
+
+/// Where the records of the CA in `dir` are: the farm's `database`
+/// (schema `appserver_ca`) when it is a `postgres://` URL, else `ca.db` in
+/// `dir`.
+pub fn records_at(dir: &Path, database: Option<&str>) -> Location {
+    Location::choose(database, dir.join("ca.db"), "appserver_ca")
 }
 
 /// How long a revocation list stays valid: tiers refresh it far more often
@@ -305,8 +305,15 @@ pub struct Ca {
 const CRL_DAYS: u32 = 30;
 
 impl Ca {
-    /// Creates a CA in `dir` (which must not hold one yet).
+    /// Creates a CA in `dir` (which must not hold one yet), its records in
+    /// `ca.db` there.
     pub fn init(dir: &Path, name: &str, days: u32) -> Result<Ca, CaError> {
+        Ca::init_with(dir, name, days, records_at(dir, None))
+    }
+
+    /// Creates a CA in `dir` (which must not hold one yet), its records
+    /// at `records`.
+    pub fn init_with(dir: &Path, name: &str, days: u32, records: Location) -> Result<Ca, CaError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| CaError::fault(format!("{}: {e}", dir.display())))?;
         let key_path = dir.join("ca.key");
@@ -371,30 +378,57 @@ impl Ca {
             dir: dir.to_owned(),
             cert,
             key,
+            records: CertRecords::open(records),
         };
-        ca.db()?;
         ca.write_crl()?;
         Ok(ca)
     }
 
-    /// Opens the CA in `dir`.
+    /// Opens the CA in `dir`, its records in `ca.db` there.
     pub fn open(dir: &Path) -> Result<Ca, CaError> {
+        Ca::open_with(dir, records_at(dir, None))
+    }
+
+    /// Opens the CA in `dir` with its records at `records`. Records on
+    /// PostgreSQL that hold no certificate yet first take in what `ca.db`
+    /// in `dir` holds (a server joining a farm), so every certificate the
+    /// CA issued stays known and revocable.
+    pub fn open_with(dir: &Path, records: Location) -> Result<Ca, CaError> {
         let read = |f: &str| read_file(&dir.join(f)).map_err(CaError::Fault);
         let cert = X509::from_pem(&read("ca.pem")?).map_err(CaError::fault)?;
         let key = PKey::private_key_from_pem(&read("ca.key")?).map_err(CaError::fault)?;
+        let shared = matches!(records, Location::Postgres { .. });
+        let records = CertRecords::open(records);
+        let local = dir.join("ca.db");
+        if shared && local.exists() {
+            let from = CertRecords::open(Location::Sqlite(local));
+            let n = records.adopt(&from).map_err(CaError::db)?;
+            if n > 0 {
+                tracing::info!(
+                    "the CA's records: {n} certificate(s) taken in from {}",
+                    from.describe()
+                );
+            }
+        }
         Ok(Ca {
             dir: dir.to_owned(),
             cert,
             key,
+            records,
         })
+    }
+
+    /// Where its records are.
+    pub fn records(&self) -> &CertRecords {
+        &self.records
     }
 
     pub fn cert(&self) -> &X509 {
         &self.cert
     }
 
-    /// Checks that issuing and revoking can write what they write here
-    /// (`ca.db`, `crl.pem`, a file beside them while it is replaced), so a
+    /// Checks that issuing and revoking can write what they write (its
+    /// records; `crl.pem` here, a file beside it while it is replaced), so a
     /// server whose CA directory is read-only (a service manager's
     /// `ProtectSystem=strict` without it in `ReadWritePaths=`) says so at
     /// start instead of failing every enrollment later.
@@ -407,40 +441,11 @@ impl Ca {
         std::fs::write(&probe, b"")
             .and_then(|()| std::fs::remove_file(&probe))
             .map_err(|e| CaError::Fault(format!("{}: {e}", self.dir.display())))?;
-        let db = self.db()?;
-        db.execute_batch("BEGIN IMMEDIATE; COMMIT;")
-            .map_err(CaError::db)?;
-        Ok(())
+        self.records.check_writable().map_err(CaError::db)
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    fn db(&self) -> Result<Connection, CaError> {
-        // The CA's records are opened here, not through rs_store::db: the
-        // CA directory is shared with rsctl (a synchronous program), and
-        // the server calls this only inside spawn_blocking.
-        #[allow(clippy::disallowed_methods)]
-        let c = Connection::open(self.dir.join("ca.db")).map_err(CaError::db)?;
-        c.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(CaError::db)?;
-        c.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             CREATE TABLE IF NOT EXISTS certs (
-                 serial     TEXT PRIMARY KEY,
-                 name       TEXT NOT NULL,
-                 customer   TEXT NOT NULL,
-                 role       TEXT NOT NULL,
-                 issued_at  INTEGER NOT NULL,
-                 not_after  INTEGER NOT NULL,
-                 revoked_at INTEGER,
-                 reason     TEXT
-             );
-             CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);",
-        )
-        .map_err(CaError::db)?;
-        Ok(c)
     }
 
     /// Issues a certificate for `pubkey` as `spec` says, and records it.
@@ -530,20 +535,17 @@ impl Ca {
         b.sign(&self.key, MessageDigest::sha256())
             .map_err(CaError::fault)?;
         let cert = b.build();
-        let serial = serial_hex(&cert);
-        self.db()?
-            .execute(
-                "INSERT INTO certs (serial, name, customer, role, issued_at, not_after)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    serial,
-                    spec.name,
-                    spec.customer,
-                    spec.role.as_str(),
-                    now,
-                    not_after
-                ],
-            )
+        self.records
+            .record(&Issued {
+                serial: serial_hex(&cert),
+                name: spec.name.clone(),
+                customer: spec.customer.clone(),
+                role: spec.role.as_str().into(),
+                issued_at: now,
+                not_after,
+                revoked_at: None,
+                reason: None,
+            })
             .map_err(CaError::db)?;
         Ok(cert)
     }
@@ -564,79 +566,30 @@ impl Ca {
     /// when it was already revoked.
     pub fn revoke(&self, serial: &str, reason: &str) -> Result<bool, CaError> {
         let serial = serial.trim().to_ascii_uppercase();
-        let db = self.db()?;
-        let known: Option<Option<i64>> = db
-            .query_row(
-                "SELECT revoked_at FROM certs WHERE serial = ?1",
-                params![serial],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(CaError::db)?;
-        match known {
-            None => {
-                return Err(CaError::Refused(format!(
-                    "this CA issued no certificate with serial {serial}"
-                )));
+        match self
+            .records
+            .revoke(&serial, now_secs(), reason)
+            .map_err(CaError::db)?
+        {
+            Revoked::Unknown => Err(CaError::Refused(format!(
+                "this CA issued no certificate with serial {serial}"
+            ))),
+            Revoked::Already => Ok(false),
+            Revoked::Now => {
+                self.write_crl()?;
+                Ok(true)
             }
-            Some(Some(_)) => return Ok(false),
-            Some(None) => {}
         }
-        db.execute(
-            "UPDATE certs SET revoked_at = ?2, reason = ?3 WHERE serial = ?1",
-            params![serial, now_secs(), reason],
-        )
-        .map_err(CaError::db)?;
-        self.write_crl()?;
-        Ok(true)
     }
 
     /// Every certificate issued (newest first), optionally only `name`'s.
     pub fn list(&self, name: Option<&str>) -> Result<Vec<Issued>, CaError> {
-        let db = self.db()?;
-        let mut st = db
-            .prepare(
-                "SELECT serial, name, customer, role, not_after, issued_at, revoked_at, reason
-                 FROM certs WHERE ?1 IS NULL OR name = ?1 ORDER BY issued_at DESC, serial",
-            )
-            .map_err(CaError::db)?;
-        let rows = st
-            .query_map(params![name], |r| {
-                Ok(Issued {
-                    serial: r.get(0)?,
-                    name: r.get(1)?,
-                    customer: r.get(2)?,
-                    role: r.get(3)?,
-                    not_after: r.get(4)?,
-                    issued_at: r.get(5)?,
-                    revoked_at: r.get(6)?,
-                    reason: r.get(7)?,
-                })
-            })
-            .map_err(CaError::db)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(CaError::db)
+        self.records.list(name).map_err(CaError::db)
     }
 
     /// A freshly signed CRL listing every revoked certificate.
     pub fn crl(&self) -> Result<X509Crl, CaError> {
-        let db = self.db()?;
-        let number: i64 = db
-            .query_row(
-                "INSERT INTO meta (k, v) VALUES ('crl_number', 1)
-                 ON CONFLICT (k) DO UPDATE SET v = v + 1 RETURNING v",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(CaError::db)?;
-        let revoked: Vec<(String, i64)> = {
-            let mut st = db
-                .prepare("SELECT serial, revoked_at FROM certs WHERE revoked_at IS NOT NULL")
-                .map_err(CaError::db)?;
-            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(CaError::db)?
-                .collect::<Result<_, _>>()
-                .map_err(CaError::db)?
-        };
+        let (revoked, number) = self.records.for_crl().map_err(CaError::db)?;
         let mut b = X509CrlBuilder::new().map_err(CaError::fault)?;
         b.set_issuer_name(self.cert.subject_name())
             .map_err(CaError::fault)?;

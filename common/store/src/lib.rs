@@ -3,6 +3,7 @@
 //!
 //! - [`spool`]: the custody spool of a sender (proxy and MLM), a trait with
 //!   its SQLite engine;
+//! - [`certs`]: the CA's records of what it issued and revoked;
 //! - [`outbox`]: the durable back-channel queue of a node, split by next
 //!   hop;
 //! - [`sql`]: one SQL interface over SQLite and PostgreSQL, with
@@ -14,6 +15,7 @@
 //!
 //! Depends only on `rs-protocol`.
 
+pub mod certs;
 pub mod datadir;
 pub mod db;
 pub mod files;
