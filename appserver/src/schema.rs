@@ -36,6 +36,17 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             )
         },
     },
+    Migration {
+        version: 3,
+        name: "one back-channel queue",
+        // The queue's operations are rs_store::queue's, shared with the
+        // MLM: its table has the MLM's columns for download offers (the
+        // server's copies never are held).
+        apply: |c| {
+            c.batch("ALTER TABLE outbox ADD COLUMN bulk TEXT")?;
+            c.batch("ALTER TABLE outbox ADD COLUMN held BIGINT NOT NULL DEFAULT 0")
+        },
+    },
 ];
 
 fn baseline(c: &mut Conn) -> Result<(), DbError> {

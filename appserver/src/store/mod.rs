@@ -557,20 +557,7 @@ impl Store {
                             params![job.id, d.as_str(), now.as_millis()],
                         )?;
                     }
-                    let header = encode_header(&m.header, m.kind, m.data.as_ref());
-                    s.exec("INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                        params![
-                            m.header.id.as_str(),
-                            hop,
-                            now.as_millis(),
-                            expiry,
-                            m.kind.as_str(),
-                            m.content_type,
-                            header,
-                            &m.content[..]
-                        ],
-                    )?;
+                    rs_store::queue::put(s, hop, m, expiry, None, false, now)?;
                 }
                 s.notify(crate::farm::OUTBOX)?;
                 s.notify(crate::farm::JOBS)?;
@@ -602,39 +589,8 @@ impl Store {
         again: Duration,
         limit: usize,
     ) -> Result<Vec<RawMessage>, DbError> {
-        let limits = rs_protocol::codec::Limits::default();
         self.db
-            .write(move |s| {
-                let before = now.as_millis() - i64::try_from(again.as_millis()).unwrap_or(i64::MAX);
-                let mut out = Vec::new();
-                let rows: Vec<(String, String, Vec<u8>, Vec<u8>)> = s.rows(
-                    "SELECT id, content_type, header, content FROM outbox
-                     WHERE hop = ?1 AND (offered IS NULL OR offered < ?2)
-                       AND (expiry IS NULL OR expiry > ?3)
-                     ORDER BY created LIMIT ?4",
-                    params![hop, before, now.as_millis(), limit as i64],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )?;
-                for (id, content_type, header, content) in rows {
-                    let Ok((header, kind, data)) =
-                        rs_protocol::codec::decode_header_part(&header, &limits)
-                    else {
-                        continue;
-                    };
-                    s.exec(
-                        "UPDATE outbox SET offered = ?3 WHERE id = ?1 AND hop = ?2",
-                        params![id, hop, now.as_millis()],
-                    )?;
-                    out.push(RawMessage {
-                        header,
-                        kind,
-                        data,
-                        content_type: content_type.into(),
-                        content: bytes::Bytes::from(content),
-                    });
-                }
-                Ok(out)
-            })
+            .write(move |s| rs_store::queue::offer(s, &hop, now, again, limit))
             .await
     }
 
@@ -654,7 +610,7 @@ impl Store {
             .write(move |s| {
                 let mut changed = false;
                 for id in &ids {
-                    s.exec("DELETE FROM outbox WHERE id = ?1 AND hop = ?2", params![id.as_str(), hop])?;
+                    rs_store::queue::acknowledged(s, &hop, id.as_str())?;
                     let n = s.exec("UPDATE job_targets SET state = 'delivered', updated = ?3
                          WHERE job = (SELECT id FROM jobs WHERE message = ?1) AND dest = ?2 AND state = 'pending'",
                         params![id.as_str(), hop, now.as_millis()],
@@ -768,10 +724,7 @@ impl Store {
                         SELECT id FROM jobs WHERE expiry IS NOT NULL AND expiry <= ?1)",
                     params![now.as_millis()],
                 )?;
-                s.exec(
-                    "DELETE FROM outbox WHERE expiry IS NOT NULL AND expiry <= ?1",
-                    params![now.as_millis()],
-                )?;
+                rs_store::queue::drop_expired(s, now)?;
                 if n > 0 {
                     s.notify(crate::farm::JOBS)?;
                 }
@@ -1157,20 +1110,14 @@ pub(crate) fn record_decision(
         )?;
     }
     let m = &d.reply;
-    let header = rs_protocol::codec::encode_header(&m.header, m.kind, m.data.as_ref());
-    conn.exec(
-        "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
-            m.header.id.as_str(),
-            d.hop,
-            now.as_millis(),
-            m.header.expiry().map(Timestamp::as_millis),
-            m.kind.as_str(),
-            m.content_type,
-            header,
-            &m.content[..]
-        ],
+    rs_store::queue::put(
+        conn,
+        &d.hop,
+        m,
+        m.header.expiry().map(Timestamp::as_millis),
+        None,
+        false,
+        now,
     )?;
     conn.notify(crate::farm::OUTBOX)?;
     Ok(())

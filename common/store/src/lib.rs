@@ -4,6 +4,8 @@
 //! - [`spool`]: the custody spool of a sender (proxy and MLM), a trait with
 //!   its SQLite engine;
 //! - [`certs`]: the CA's records of what it issued and revoked;
+//! - [`queue`]: the back-channel queue's operations, inside the
+//!   transactions of the stores that hold one (the MLM's and the server's);
 //! - [`outbox`]: the durable back-channel queue of a node, split by next
 //!   hop;
 //! - [`sql`]: one SQL interface over SQLite and PostgreSQL, with
@@ -20,5 +22,6 @@ pub mod datadir;
 pub mod db;
 pub mod files;
 pub mod outbox;
+pub mod queue;
 pub mod spool;
 pub mod sql;

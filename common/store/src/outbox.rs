@@ -7,12 +7,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use crate::db::{Db, DbError};
 use crate::params;
 use crate::sql::{Conn, Engine, Location, Migration};
-use rs_protocol::codec::{Limits, RawMessage, decode_header_part, encode_header};
+use rs_protocol::codec::{Limits, RawMessage, decode_header_part};
 use rs_protocol::ids::{MessageId, RsId};
 use rs_protocol::time::Timestamp;
 
@@ -373,8 +371,8 @@ impl Outbox {
         self.db
             .write(move |c| {
                 let (file, held) = match &bulk {
-                    Some((sha, held)) => (Some(sha.as_str()), i64::from(*held)),
-                    None => (None, 0),
+                    Some((sha, held)) => (Some(sha.as_str()), *held),
+                    None => (None, false),
                 };
                 // What was received before this batch (its own copies of
                 // one message each go in).
@@ -383,10 +381,7 @@ impl Outbox {
                 for (_, m) in &copies {
                     let id = &m.header.id;
                     if !ids.contains(id) {
-                        if c.exists(
-                            "SELECT 1 FROM received WHERE id = ?1",
-                            params![id.as_str()],
-                        )? {
+                        if c.exists("SELECT 1 FROM received WHERE id = ?1", params![id.as_str()])? {
                             before.push(id.clone());
                         }
                         ids.push(id.clone());
@@ -397,30 +392,21 @@ impl Outbox {
                     if before.contains(&m.header.id) {
                         continue;
                     }
-                    let header = encode_header(&m.header, m.kind, m.data.as_ref());
-                    queued += c.exec(
-                        "INSERT INTO outbox (id, hop, created, expiry, kind, content_type, header, content,
-                                             bulk, held)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id, hop) DO NOTHING",
-                        params![
-                            m.header.id.as_str(),
-                            hop.as_str(),
-                            now.as_millis(),
-                            m.header.expiry().map(Timestamp::as_millis),
-                            m.kind.as_str(),
-                            m.content_type,
-                            header,
-                            &m.content[..],
-                            file,
-                            held
-                        ],
+                    queued += crate::queue::put(
+                        c,
+                        hop.as_str(),
+                        m,
+                        m.header.expiry().map(Timestamp::as_millis),
+                        file,
+                        held,
+                        now,
                     )?;
                     c.exec(
                         "INSERT INTO received (id, at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
                         params![m.header.id.as_str(), now.as_millis()],
                     )?;
                 }
-                if queued > 0 && held == 0 {
+                if queued > 0 && !held {
                     c.notify(&ready)?;
                 }
                 Ok(ids)
@@ -436,10 +422,7 @@ impl Outbox {
     pub async fn sweep(&self, now: Timestamp, remember: Duration) -> Result<u64, DbError> {
         self.db
             .write(move |c| {
-                let n = c.exec(
-                    "DELETE FROM outbox WHERE expiry IS NOT NULL AND expiry <= ?1",
-                    params![now.as_millis()],
-                )?;
+                let n = crate::queue::drop_expired(c, now)?;
                 let horizon =
                     now.as_millis() - i64::try_from(remember.as_millis()).unwrap_or(i64::MAX);
                 c.exec("DELETE FROM received WHERE at < ?1", params![horizon])?;
@@ -457,39 +440,8 @@ impl Outbox {
         again: Duration,
         limit: usize,
     ) -> Result<Vec<RawMessage>, DbError> {
-        let limits = Limits::default();
-        // Rows another member is offering right now are left to it.
-        let sql = match self.engine {
-            Engine::Sqlite => OFFER,
-            Engine::Postgres => OFFER_LOCKED,
-        };
         self.db
-            .write(move |c| {
-                let before = now.as_millis() - i64::try_from(again.as_millis()).unwrap_or(i64::MAX);
-                let rows: Vec<(String, String, Vec<u8>, Vec<u8>)> = c.rows(
-                    sql,
-                    params![hop.as_str(), before, limit as i64, now.as_millis()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )?;
-                let mut out = Vec::new();
-                for (id, content_type, header, content) in rows {
-                    let Ok((header, kind, data)) = decode_header_part(&header, &limits) else {
-                        continue;
-                    };
-                    c.exec(
-                        "UPDATE outbox SET offered = ?3 WHERE id = ?1 AND hop = ?2",
-                        params![id, hop.as_str(), now.as_millis()],
-                    )?;
-                    out.push(RawMessage {
-                        header,
-                        kind,
-                        data,
-                        content_type: content_type.into(),
-                        content: Bytes::from(content),
-                    });
-                }
-                Ok(out)
-            })
+            .write(move |c| crate::queue::offer(c, hop.as_str(), now, again, limit))
             .await
     }
 
@@ -508,11 +460,7 @@ impl Outbox {
             .write(move |c| {
                 let mut delivered = Vec::new();
                 for id in &ids {
-                    let header: Option<Vec<u8>> = c.row(
-                        "DELETE FROM outbox WHERE id = ?1 AND hop = ?2 RETURNING header",
-                        params![id.as_str(), hop.as_str()],
-                        |r| r.get(0),
-                    )?;
+                    let header = crate::queue::acknowledged(c, hop.as_str(), id.as_str())?;
                     let Some(header) = header else { continue };
                     if decode_header_part(&header, &limits)
                         .is_ok_and(|(h, _, _)| h.destinations().contains(&hop))
@@ -574,10 +522,7 @@ impl Outbox {
         let ready = self.ready.clone();
         self.db
             .write(move |c| {
-                let n = c.exec(
-                    "UPDATE outbox SET held = 0 WHERE bulk = ?1 AND held = 1",
-                    params![bulk],
-                )?;
+                let n = crate::queue::release(c, &bulk)?;
                 if n > 0 {
                     c.notify(&ready)?;
                 }
@@ -755,13 +700,3 @@ impl Outbox {
             .await
     }
 }
-
-const OFFER: &str = "SELECT id, content_type, header, content FROM outbox
-     WHERE hop = ?1 AND (offered IS NULL OR offered < ?2)
-       AND (expiry IS NULL OR expiry > ?4) AND held = 0
-     ORDER BY created LIMIT ?3";
-
-const OFFER_LOCKED: &str = "SELECT id, content_type, header, content FROM outbox
-     WHERE hop = ?1 AND (offered IS NULL OR offered < ?2)
-       AND (expiry IS NULL OR expiry > ?4) AND held = 0
-     ORDER BY created LIMIT ?3 FOR UPDATE SKIP LOCKED";
