@@ -28,6 +28,10 @@ pub struct Config {
     /// are in the schema `appserver` there. Absent: SQLite in `data_dir`.
     #[serde(default)]
     pub database: Option<String>,
+    /// This member's name in a farm (with `database`): how the farm's view
+    /// lists it. Default: the host's name and the listen port.
+    #[serde(default)]
+    pub member: Option<String>,
     /// Days stored messages (and the duplicate-detection IDs) are kept.
     #[serde(default = "default_retention")]
     pub retention_days: u32,
@@ -184,6 +188,17 @@ impl Config {
             self.data_dir.join("throttle.db"),
             "appserver_throttle",
         )
+    }
+
+    /// This member's name in a farm (`member`, or the host's name and the
+    /// listen port).
+    pub fn member_name(&self) -> String {
+        self.member.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{host}:{}", self.listen.port())
+        })
     }
 
     /// How long an unacknowledged back-channel message waits before it is

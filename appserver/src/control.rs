@@ -622,8 +622,13 @@ pub async fn status_tree(app: &AppServer) -> StatusNode {
             app.stats.renewed.load(Ordering::Relaxed),
         ),
     ]);
-    let throttle = app.current_throttle().metrics();
+    let throttle = app.current_throttle();
+    let share = u64::from(throttle.share());
+    let throttle = throttle.metrics();
     metrics.extend(throttle.iter().map(|(k, v)| (k.as_str(), *v)));
+    if app.in_farm() {
+        metrics.push(("farm.rate_share", share));
+    }
     let state = match app.store.stats().await {
         Ok(st) => {
             metrics.push(("store.messages", st.messages));
@@ -903,10 +908,46 @@ async fn farms(
     grants: &crate::security::Grants,
 ) -> Result<warp::reply::Response, warp::Rejection> {
     use rs_protocol::codec::api::{Farm, FarmMember, encode_farms};
-    let list: Vec<Farm> = visible_components(app, grants)
-        .await?
+    // The servers' own farm, for the provider's admins.
+    let mut servers = Vec::new();
+    if app.in_farm() && grants.is_all() {
+        let members: Vec<FarmMember> = crate::farm::members(app)
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .map(|(m, state)| FarmMember {
+                name: m.name,
+                state: state.as_str().into(),
+                since: Some(m.started),
+                seen: Some(m.seen),
+                in_hand: m.in_hand,
+                envelopes: m.envelopes,
+                forwarded: m.forwarded,
+            })
+            .collect();
+        servers.push(Farm {
+            id: app.id.clone(),
+            last_seen: members
+                .iter()
+                .filter_map(|m| m.seen)
+                .max()
+                .unwrap_or_else(|| app.clock.now()),
+            state: Some(
+                if members.iter().any(|m| m.state == "ok") {
+                    "ok"
+                } else {
+                    "failed"
+                }
+                .into(),
+            ),
+            via: Vec::new(),
+            members,
+        });
+    }
+    let mlms = visible_components(app, grants).await?;
+    let list: Vec<Farm> = servers
         .into_iter()
-        .filter_map(|c| {
+        .chain(mlms.into_iter().filter_map(|c| {
             let members: Vec<FarmMember> = c
                 .status?
                 .children
@@ -920,7 +961,7 @@ async fn farms(
                 via: c.via,
                 members,
             })
-        })
+        }))
         .collect();
     Ok(xml_response(encode_farms(&list)))
 }

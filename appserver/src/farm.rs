@@ -30,6 +30,84 @@ pub(crate) const JOBS: &str = "rs_jobs";
 pub(crate) const SETTINGS: &str = "rs_settings";
 const CHANNELS: &[&str] = &[OUTBOX, MESSAGES, TASKS, JOBS, SETTINGS];
 
+/// How often a member records that it is alive, and its load.
+const BEAT: std::time::Duration = std::time::Duration::from_secs(2);
+/// A member silent for this long is shown failed (and no longer counted
+/// among those sharing the farm's rates).
+const LATE: std::time::Duration = std::time::Duration::from_secs(6);
+/// A member silent for this long is forgotten.
+const FORGET: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The farm's members as their beats recorded them, each `ok` or `failed`
+/// (silent for [`LATE`]).
+pub(crate) async fn members(
+    app: &AppServer,
+) -> Result<Vec<(rs_store::members::Member, rs_protocol::control::NodeState)>, DbError> {
+    let now = app.clock.now();
+    let ago = |d: std::time::Duration| {
+        rs_protocol::Timestamp::from_millis(
+            now.as_millis() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        )
+        .unwrap_or(now)
+    };
+    let late = ago(LATE);
+    Ok(app
+        .store
+        .members(ago(FORGET))
+        .await?
+        .into_iter()
+        .map(|m| {
+            let state = if m.seen >= late {
+                rs_protocol::control::NodeState::Ok
+            } else {
+                rs_protocol::control::NodeState::Failed
+            };
+            (m, state)
+        })
+        .collect())
+}
+
+/// Records this member's beat every [`BEAT`] until `stop`, and shares the
+/// farm's throttle rates among the live members (each admits its share,
+/// so the farm admits the rate; quotas are counted in the farm's database
+/// already).
+pub(crate) async fn beat(app: Arc<AppServer>, stop: tokio_util::sync::CancellationToken) {
+    use std::sync::atomic::Ordering;
+    let name = app.cfg.member_name();
+    loop {
+        let m = rs_store::members::Member {
+            name: name.clone(),
+            started: app.started,
+            seen: app.clock.now(),
+            in_hand: app.load.inflight() as u64,
+            envelopes: app.stats.envelopes.load(Ordering::Relaxed),
+            forwarded: app.stats.accepted.load(Ordering::Relaxed),
+        };
+        if let Err(e) = app.store.beat(m).await {
+            tracing::warn!("farm membership: {e}");
+        }
+        // While the database is away the last count holds.
+        if let Ok(all) = members(&app).await {
+            let live = all
+                .iter()
+                .filter(|(_, s)| *s == rs_protocol::control::NodeState::Ok)
+                .count();
+            let live = u32::try_from(live).unwrap_or(u32::MAX).max(1);
+            let t = app.current_throttle();
+            if live != t.share() {
+                tracing::info!(
+                    "farm: {live} live member(s); each admits 1/{live} of every throttle rate"
+                );
+                t.set_share(live);
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(BEAT) => {}
+        }
+    }
+}
+
 /// The advisory lock the leader holds.
 const LEADER: i64 = 0x7273_6c65_6164;
 /// The lock that puts message sequence numbers in commit order.

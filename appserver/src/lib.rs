@@ -91,6 +91,15 @@ impl AppServer {
         self.presence.is_leader()
     }
 
+    /// Whether this server is a member of a farm (its store on
+    /// PostgreSQL).
+    pub fn in_farm(&self) -> bool {
+        self.cfg
+            .database
+            .as_deref()
+            .is_some_and(rs_store::sql::is_postgres_url)
+    }
+
     /// Puts the throttle stored through the control API (by this server
     /// or, in a farm, any member) in force, if there is one.
     pub async fn load_stored_throttle(&self) -> Result<(), rs_store::db::DbError> {
@@ -143,6 +152,8 @@ impl AppServer {
             &self.cfg.data_dir,
             &self.cfg.throttle_location(),
         )?;
+        // A farm's rates stay shared among its live members.
+        t.set_share(old.share());
         if let Ok(mut w) = self.throttle.write() {
             *w = Arc::new(t);
         }
@@ -320,6 +331,9 @@ pub async fn run(
             shutdown.cancelled().await;
             app.stopping.cancel();
         });
+    }
+    if app.in_farm() {
+        tokio::spawn(farm::beat(app.clone(), shutdown.clone()));
     }
     let expire = tokio::spawn(jobs::expire(app.clone(), shutdown.clone()));
     let uploads = tokio::spawn(bulk::sweep(app.clone(), shutdown.clone()));

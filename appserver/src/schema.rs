@@ -47,6 +47,13 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             c.batch("ALTER TABLE outbox ADD COLUMN held BIGINT NOT NULL DEFAULT 0")
         },
     },
+    Migration {
+        version: 4,
+        name: "farm members",
+        // Each member's beat: the farm's view, and its rates shared among
+        // the live members.
+        apply: |c| c.batch(rs_store::members::TABLE),
+    },
 ];
 
 fn baseline(c: &mut Conn) -> Result<(), DbError> {

@@ -27,9 +27,10 @@ pub struct Config {
     /// the same database and the same `id`; the farm's back-channel queue,
     /// its routes and the IDs it has received are in the schema `mlm_<id>`
     /// there, so any member hands any component its messages and a held
-    /// long poll on one member wakes when another queues for it. Absent:
-    /// `outbox.db` in `data_dir`. (The custody spool, aggregation windows,
-    /// download cache and throttle counters stay in `data_dir`.)
+    /// long poll on one member wakes when another queues for it. So are
+    /// its spool, aggregation windows, download cache records, throttle
+    /// counters and delivery notices (docs/configuration.md). Absent: files
+    /// in `data_dir`.
     #[serde(default)]
     pub database: Option<String>,
     /// This member's name in a farm (with `database`): how the farm's

@@ -860,9 +860,22 @@ async fn a_rate_on_an_mlm_farm_holds_for_the_farm_as_a_whole() {
         }),
         "the members do not share the rate"
     );
+    assert_rate_holds(&clients, &dir.join("appserver"), RATE).await;
+    d.stop_all();
+}
+
+/// Sends alarms of class `rated` through each of `clients` every 40 ms
+/// for 16 s and checks that the server (its store read from `store`)
+/// admitted `rate` a second (within 10%, and at least 60% of it: enough
+/// was offered) from the fourth second on.
+async fn assert_rate_holds(
+    clients: &[rs_proxy::client::Client],
+    store: &std::path::Path,
+    rate: u64,
+) {
     let mut sent = HashSet::new();
     let stored = |sent: &HashSet<String>| {
-        stored_ids(&dir.join("appserver"))
+        stored_ids(store)
             .unwrap()
             .into_iter()
             .filter(|id| sent.contains(id))
@@ -873,7 +886,7 @@ async fn a_rate_on_an_mlm_farm_holds_for_the_farm_as_a_whole() {
     let mut tick = tokio::time::interval(Duration::from_millis(40));
     while start.elapsed() < Duration::from_secs(16) {
         tick.tick().await;
-        for c in &clients {
+        for c in clients {
             let a = rs_proxy::api::SendRequest {
                 class: Some("rated".into()),
                 subclass: Some("r".into()),
@@ -888,16 +901,84 @@ async fn a_rate_on_an_mlm_farm_holds_for_the_farm_as_a_whole() {
     let (from, before) = window.unwrap();
     let admitted = stored(&sent) - before;
     let secs = from.elapsed().as_secs_f64();
-    let rate = admitted as f64 / secs;
+    let got = admitted as f64 / secs;
     assert!(
-        rate <= RATE as f64 * 1.1,
-        "the farm admitted {admitted} alarms in {secs:.1} s ({rate:.1}/s) against a rate of {RATE}/s"
+        got <= rate as f64 * 1.1,
+        "the farm admitted {admitted} alarms in {secs:.1} s ({got:.1}/s) against a rate of {rate}/s"
     );
     assert!(
-        rate >= RATE as f64 * 0.6,
-        "only {rate:.1}/s went through: the test offered too little"
+        got >= rate as f64 * 0.6,
+        "only {got:.1}/s went through: the test offered too little"
+    );
+}
+
+/// A rate at a farm of application servers holds for the farm: each
+/// member records its beat in the farm's database and admits its share
+/// of the rate among the live members (with the rate per member, two
+/// members admit twice it). The farm and its members show in `/farms`
+/// and `rsctl farms`; a member killed is shown failed, and the survivor
+/// takes the whole rate again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_on_a_farm_of_servers_holds_for_the_farm_as_a_whole() {
+    const RATE: u64 = 20;
+    let dir = tmp("farm-rate");
+    let url = Postgres::shared().database("farmrate");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let rule = format!(
+        "member = \"{{}}\"\n[[throttle.rule]]\nname = \"farm-rate\"\nclass = \"rated\"\nmessages_per_sec = {RATE}\nburst_secs = 1\n"
+    );
+    let a1 = d
+        .farm_member("a1", &url, &rule.replace("{}", "a1"))
+        .unwrap();
+    let a2 = d
+        .farm_member("a2", &url, &rule.replace("{}", "a2"))
+        .unwrap();
+    d.appserver_addr = Some(a1.clone());
+    let share = |a: &String, want: u64| {
+        let a = a.clone();
+        move || {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    server_metrics(&a)
+                        .await
+                        .unwrap_or_default()
+                        .get("farm.rate_share")
+                        == Some(&want)
+                })
+            })
+        }
+    };
+    assert!(
+        wait_for(Duration::from_secs(15), share(&a1, 2))
+            && wait_for(Duration::from_secs(15), share(&a2, 2)),
+        "the members do not share the rate"
+    );
+    let clients = proxy_on_each(&mut d, [&a1, &a2]).await;
+    assert_rate_holds(&clients, &dir.join("a1"), RATE).await;
+
+    // The farm, seen through either member.
+    let (status, farms) = control(&a2, http::Method::GET, "farms", "").await;
+    assert_eq!(status, 200, "{farms}");
+    assert!(
+        farms.contains("id=\"rs.a1\"") && farms.contains("members=\"2\" ok=\"2\""),
+        "{farms}"
+    );
+    rs_tests::assert_control_api_valid(farms.as_bytes(), &dir.join("farms.xml"));
+    // One dies: shown failed, and the other admits the whole rate.
+    d.node("a2").kill();
+    assert!(
+        wait_for(Duration::from_secs(20), share(&a1, 1)),
+        "the survivor still admits half the rate"
+    );
+    let (code, out, err) = crate::backchannel_faults::rsctl(&a1, &["farms"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("rs.a1") && l.contains("a2") && l.contains("failed")),
+        "{out}"
     );
     d.stop_all();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// An upload relayed through one member of an MLM farm (behind haproxy)

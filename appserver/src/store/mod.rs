@@ -311,6 +311,24 @@ impl Store {
             .await
     }
 
+    /// Records this member's beat in the farm's table of members.
+    pub async fn beat(&self, m: rs_store::members::Member) -> Result<(), DbError> {
+        self.db
+            .write_relaxed(move |s| rs_store::members::beat(s, &m))
+            .await
+    }
+
+    /// The farm's members as their last beats recorded them (those silent
+    /// since before `forget` are forgotten).
+    pub async fn members(
+        &self,
+        forget: Timestamp,
+    ) -> Result<Vec<rs_store::members::Member>, DbError> {
+        self.db
+            .write_relaxed(move |s| rs_store::members::list(s, forget))
+            .await
+    }
+
     pub async fn stats(&self) -> Result<StoreStats, DbError> {
         self.db
             .read(|s| {

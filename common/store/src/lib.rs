@@ -4,6 +4,7 @@
 //! - [`spool`]: the custody spool of a sender (proxy and MLM), a trait with
 //!   its SQLite engine;
 //! - [`certs`]: the CA's records of what it issued and revoked;
+//! - [`members`]: a farm's members and their beats;
 //! - [`queue`]: the back-channel queue's operations, inside the
 //!   transactions of the stores that hold one (the MLM's and the server's);
 //! - [`outbox`]: the durable back-channel queue of a node, split by next
@@ -21,6 +22,7 @@ pub mod certs;
 pub mod datadir;
 pub mod db;
 pub mod files;
+pub mod members;
 pub mod outbox;
 pub mod queue;
 pub mod spool;

@@ -33,18 +33,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 3,
         name: "farm members",
-        apply: |c| {
-            c.batch(
-                "CREATE TABLE members (
-                     name      TEXT   PRIMARY KEY,
-                     started   BIGINT NOT NULL,
-                     seen      BIGINT NOT NULL,
-                     in_hand   BIGINT NOT NULL,
-                     envelopes BIGINT NOT NULL,
-                     forwarded BIGINT NOT NULL
-                 )",
-            )
-        },
+        apply: |c| c.batch(crate::members::TABLE),
     },
     Migration {
         version: 4,
@@ -64,22 +53,7 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
-/// A member of a farm sharing one queue, as its last beat recorded it
-/// ([`Outbox::beat`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Member {
-    /// Unique in the farm (by default the host's name and the port).
-    pub name: String,
-    pub started: Timestamp,
-    /// Its last beat.
-    pub seen: Timestamp,
-    /// Envelopes it was handling then.
-    pub in_hand: u64,
-    /// Envelopes received since it started.
-    pub envelopes: u64,
-    /// Messages it forwarded upstream since it started.
-    pub forwarded: u64,
-}
+pub use crate::members::Member;
 
 const SQLITE: &str = "
 CREATE TABLE IF NOT EXISTS outbox (
@@ -558,56 +532,16 @@ impl Outbox {
     /// farm's members beat every few seconds; the others read the table
     /// ([`Outbox::members`]).
     pub async fn beat(&self, m: Member) -> Result<(), DbError> {
-        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         self.db
-            .write_relaxed(move |c| {
-                c.exec(
-                    "INSERT INTO members (name, started, seen, in_hand, envelopes, forwarded)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (name) DO UPDATE SET started = ?2, seen = ?3, in_hand = ?4,
-                         envelopes = ?5, forwarded = ?6",
-                    params![
-                        m.name,
-                        m.started.as_millis(),
-                        m.seen.as_millis(),
-                        count(m.in_hand),
-                        count(m.envelopes),
-                        count(m.forwarded)
-                    ],
-                )?;
-                Ok(())
-            })
+            .write_relaxed(move |c| crate::members::beat(c, &m))
             .await
     }
 
     /// The farm's members by name, as their last beats recorded them;
     /// members silent since before `forget` are forgotten.
     pub async fn members(&self, forget: Timestamp) -> Result<Vec<Member>, DbError> {
-        let count = |n: i64| u64::try_from(n).unwrap_or(0);
-        let ts =
-            |ms: i64| Timestamp::from_millis(ms).unwrap_or(Timestamp::from_millis(0).expect("0"));
         self.db
-            .write_relaxed(move |c| {
-                c.exec(
-                    "DELETE FROM members WHERE seen < ?1",
-                    params![forget.as_millis()],
-                )?;
-                c.rows(
-                    "SELECT name, started, seen, in_hand, envelopes, forwarded FROM members
-                     ORDER BY name",
-                    params![],
-                    |r| {
-                        Ok(Member {
-                            name: r.get(0)?,
-                            started: ts(r.get(1)?),
-                            seen: ts(r.get(2)?),
-                            in_hand: count(r.get(3)?),
-                            envelopes: count(r.get(4)?),
-                            forwarded: count(r.get(5)?),
-                        })
-                    },
-                )
-            })
+            .write_relaxed(move |c| crate::members::list(c, forget))
             .await
     }
 
