@@ -193,12 +193,9 @@ impl Config {
     /// This member's name in a farm (`member`, or the host's name and the
     /// listen port).
     pub fn member_name(&self) -> String {
-        self.member.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "localhost".into());
-            format!("{host}:{}", self.listen.port())
-        })
+        self.member
+            .clone()
+            .unwrap_or_else(|| rs_store::members::default_name(self.listen.port()))
     }
 
     /// How long an unacknowledged back-channel message waits before it is

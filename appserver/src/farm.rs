@@ -30,34 +30,20 @@ pub(crate) const JOBS: &str = "rs_jobs";
 pub(crate) const SETTINGS: &str = "rs_settings";
 const CHANNELS: &[&str] = &[OUTBOX, MESSAGES, TASKS, JOBS, SETTINGS];
 
-/// How often a member records that it is alive, and its load.
-const BEAT: std::time::Duration = std::time::Duration::from_secs(2);
-/// A member silent for this long is shown failed (and no longer counted
-/// among those sharing the farm's rates).
-const LATE: std::time::Duration = std::time::Duration::from_secs(6);
-/// A member silent for this long is forgotten.
-const FORGET: std::time::Duration = std::time::Duration::from_secs(3600);
-
 /// The farm's members as their beats recorded them, each `ok` or `failed`
-/// (silent for [`LATE`]).
+/// (silent for `rs_store::members::LATE`).
 pub(crate) async fn members(
     app: &AppServer,
 ) -> Result<Vec<(rs_store::members::Member, rs_protocol::control::NodeState)>, DbError> {
+    use rs_store::members::{FORGET, alive, before};
     let now = app.clock.now();
-    let ago = |d: std::time::Duration| {
-        rs_protocol::Timestamp::from_millis(
-            now.as_millis() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-        )
-        .unwrap_or(now)
-    };
-    let late = ago(LATE);
     Ok(app
         .store
-        .members(ago(FORGET))
+        .members(before(now, FORGET))
         .await?
         .into_iter()
         .map(|m| {
-            let state = if m.seen >= late {
+            let state = if alive(&m, now) {
                 rs_protocol::control::NodeState::Ok
             } else {
                 rs_protocol::control::NodeState::Failed
@@ -67,7 +53,7 @@ pub(crate) async fn members(
         .collect())
 }
 
-/// Records this member's beat every [`BEAT`] until `stop`, and shares the
+/// Records this member's beat every `rs_store::members::BEAT` until `stop`, and shares the
 /// farm's throttle rates among the live members (each admits its share,
 /// so the farm admits the rate; quotas are counted in the farm's database
 /// already).
@@ -103,7 +89,7 @@ pub(crate) async fn beat(app: Arc<AppServer>, stop: tokio_util::sync::Cancellati
         }
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(BEAT) => {}
+            () = tokio::time::sleep(rs_store::members::BEAT) => {}
         }
     }
 }

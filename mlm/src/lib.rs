@@ -120,13 +120,6 @@ async fn adopt_local_spool(mlm: &Mlm) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often a farm member records that it is alive, and its load.
-const FARM_BEAT: Duration = Duration::from_secs(2);
-/// A member silent for this long is shown failed.
-const FARM_LATE: Duration = Duration::from_secs(6);
-/// A member silent for this long is forgotten.
-const FARM_FORGET: Duration = Duration::from_secs(3600);
-
 impl Mlm {
     pub fn open(
         cfg: Config,
@@ -373,23 +366,17 @@ impl Mlm {
     }
 
     /// The farm's members as status nodes: failed when silent for
-    /// [`FARM_LATE`], with the load each last recorded.
+    /// `rs_store::members::LATE`, with the load each last recorded.
     async fn farm_members(&self) -> Result<Vec<StatusNode>, rs_store::db::DbError> {
+        use rs_store::members::{FORGET, alive, before};
         let now = self.clock.now();
-        let ago = |d: Duration| {
-            rs_protocol::Timestamp::from_millis(
-                now.as_millis() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-            )
-            .unwrap_or(now)
-        };
-        let late = ago(FARM_LATE);
         Ok(self
             .outbox
-            .members(ago(FARM_FORGET))
+            .members(before(now, FORGET))
             .await?
             .into_iter()
             .map(|m| {
-                let state = if m.seen >= late {
+                let state = if alive(&m, now) {
                     NodeState::Ok
                 } else {
                     NodeState::Failed
@@ -410,7 +397,7 @@ impl Mlm {
     }
 
     /// Records this member's beat in the farm's database, every
-    /// [`FARM_BEAT`] until `stop`.
+    /// `rs_store::members::BEAT` until `stop`.
     async fn beat(self: Arc<Self>, stop: CancellationToken) {
         let name = self.cfg.member_name();
         loop {
@@ -439,7 +426,7 @@ impl Mlm {
             }
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(FARM_BEAT) => {}
+                () = tokio::time::sleep(rs_store::members::BEAT) => {}
             }
         }
     }

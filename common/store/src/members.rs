@@ -37,6 +37,34 @@ pub struct Member {
     pub forwarded: u64,
 }
 
+/// How often a member records its beat.
+pub const BEAT: std::time::Duration = std::time::Duration::from_secs(2);
+/// A member silent for this long is shown failed (and no longer shares
+/// the farm's rates).
+pub const LATE: std::time::Duration = std::time::Duration::from_secs(6);
+/// A member silent for this long is forgotten.
+pub const FORGET: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Whether `m`'s last beat is less than [`LATE`] before `now`.
+pub fn alive(m: &Member, now: Timestamp) -> bool {
+    m.seen >= before(now, LATE)
+}
+
+/// The instant `d` before `now`.
+pub fn before(now: Timestamp, d: std::time::Duration) -> Timestamp {
+    Timestamp::from_millis(now.as_millis() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(now)
+}
+
+/// A member's name when its configuration gives none: the host's name
+/// and the port it listens on.
+pub fn default_name(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{port}")
+}
+
 fn count(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
