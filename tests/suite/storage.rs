@@ -1637,3 +1637,113 @@ fn the_cas_records_behave_the_same_on_both_engines_and_an_old_ca_db_is_kept() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Files written by the releases before schema versions (the same tables,
+/// no `rs_schema`), with what they hold: the proxy's spool, the MLM's
+/// aggregation queue and a throttle's usage counters are each adopted in
+/// place at version 1, nothing lost. (Each file is written by the store
+/// itself and its version record removed: exactly what the code before
+/// versions left.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_of_the_release_before_versions_are_adopted_with_what_they_hold() {
+    use rs_node::throttle::{SqlUsage, UsageRow, UsageStore as _};
+    use rs_protocol::Timestamp;
+    use rs_store::spool::sqlite::SqliteSpool;
+    use rs_store::spool::{Spool as _, SpoolConfig};
+    let dir = std::env::temp_dir().join(format!("rs-storage-unversioned-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let unversion = |file: &std::path::Path| {
+        #[allow(clippy::disallowed_methods)]
+        let c = rusqlite::Connection::open(file).unwrap();
+        c.execute_batch("DROP TABLE rs_schema").unwrap();
+    };
+    let version = |file: &std::path::Path| -> i64 {
+        let mut c = Conn::connect(&Location::Sqlite(file.to_owned())).unwrap();
+        c.schema_version().unwrap()
+    };
+
+    // The spool, with three messages waiting.
+    let file = dir.join("spool.db");
+    let now = Timestamp::now();
+    let msgs: Vec<_> = (0..3)
+        .map(|i| {
+            let mut m = rs_protocol::samples::alarm_of_size(i, 800);
+            if let rs_protocol::Route::Source(s) = &mut m.header.route {
+                s.qos.expiry = None;
+            }
+            m.to_raw()
+        })
+        .collect();
+    let ids: Vec<String> = msgs
+        .iter()
+        .map(|m| m.header.id.as_str().to_owned())
+        .collect();
+    {
+        let s = SqliteSpool::open(SpoolConfig::new(&file)).unwrap();
+        s.enqueue(msgs, now).await.unwrap();
+    }
+    unversion(&file);
+    assert_eq!(version(&file), 0);
+    let s = SqliteSpool::open(SpoolConfig::new(&file)).unwrap();
+    let got: Vec<String> = s
+        .dequeue(10, 1 << 20, now, false)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.msg.header.id.as_str().to_owned())
+        .collect();
+    assert_eq!(got, ids, "the old spool's messages");
+    drop(s);
+    assert_eq!(version(&file), 1);
+
+    // The aggregation queue, with an alarm in a window.
+    let file = dir.join("mlm.db");
+    let at = Location::Sqlite(file.clone());
+    let member = rs_mlm::aggregate::Member {
+        id: "01a0000000000000000000000000aggr".into(),
+        received: now.as_millis(),
+        severity: rs_protocol::Severity::Major,
+        precedence: 3,
+        persistent: true,
+        expiry: None,
+        source: "acme.p1".into(),
+        class: "monitoring".into(),
+        subclass: "disk".into(),
+        text: "disk full".into(),
+    };
+    {
+        let q = rs_mlm::aggregate::AggregationQueue::open(&at).unwrap();
+        q.add(vec![(0, "g".into(), member)]).await.unwrap();
+    }
+    unversion(&file);
+    let q = rs_mlm::aggregate::AggregationQueue::open(&at).unwrap();
+    assert_eq!(q.pending().await.unwrap(), 1, "the old window's alarm");
+    drop(q);
+    assert_eq!(version(&file), 1);
+
+    // A throttle's usage counters.
+    let file = dir.join("throttle.db");
+    let at = Location::Sqlite(file.clone());
+    let row = UsageRow {
+        rule: "daily".into(),
+        key: String::new(),
+        period_start: now.as_millis(),
+        bytes: 123_456,
+        messages: 7,
+    };
+    SqlUsage::open(&at)
+        .unwrap()
+        .add(std::slice::from_ref(&row))
+        .unwrap();
+    unversion(&file);
+    let usage = SqlUsage::open(&at).unwrap();
+    let rows = usage.load(0).unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r.rule == "daily" && r.bytes == 123_456 && r.messages == 7),
+        "the old counters: {rows:?}"
+    );
+    drop(usage);
+    assert_eq!(version(&file), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -651,6 +651,15 @@ impl Conn {
         }
     }
 
+    /// The SQLite connection itself, for a store that works on it directly
+    /// once its migrations have run (the spool).
+    pub fn into_sqlite(self) -> Option<rusqlite::Connection> {
+        match self.inner {
+            Inner::Sqlite(c) => Some(c),
+            Inner::Postgres(_) => None,
+        }
+    }
+
     /// The SQLite connection, where one store needs SQLite's own features.
     pub fn as_sqlite(&self) -> Option<&rusqlite::Connection> {
         match &self.inner {

@@ -55,6 +55,15 @@ impl From<SpoolError> for DbError {
     }
 }
 
+/// The spool's schema changes, in order (append only). Version 1 is the
+/// schema of the releases before versions (`CREATE ... IF NOT EXISTS`), so
+/// their files are adopted as they are, with what they hold.
+pub const MIGRATIONS: &[crate::sql::Migration] = &[crate::sql::Migration {
+    version: 1,
+    name: "baseline",
+    apply: |c| c.batch(SCHEMA),
+}];
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS spool (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -152,8 +161,10 @@ impl DbState for Worker {
 impl SqliteSpool {
     /// Opens (creating if needed) the spool at `cfg.path`.
     pub fn open(cfg: SpoolConfig) -> Result<Self, SpoolError> {
-        let conn = crate::db::open(&cfg.path)?;
-        conn.execute_batch(SCHEMA).map_err(db)?;
+        let conn =
+            crate::sql::Conn::open(&crate::sql::Location::Sqlite(cfg.path.clone()), MIGRATIONS)?
+                .into_sqlite()
+                .ok_or_else(|| SpoolError::Db("the spool is an SQLite file".into()))?;
         let total_bytes: i64 = conn
             .query_row("SELECT COALESCE(SUM(bytes), 0) FROM spool", [], |r| {
                 r.get(0)
