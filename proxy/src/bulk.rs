@@ -32,6 +32,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Proxy, SubmitError};
 
+/// The bulk store's schema changes (uploads, and downloads in the same
+/// file), in order (append only). Version 1 adopts the files of releases
+/// before versions as they are.
+pub const MIGRATIONS: &[rs_store::sql::Migration] = &[rs_store::sql::Migration {
+    version: 1,
+    name: "baseline",
+    apply: |c| {
+        c.batch(SCHEMA)?;
+        c.batch(crate::download::SCHEMA)
+    },
+}];
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS uploads (
     id         TEXT    PRIMARY KEY,
@@ -215,9 +227,12 @@ impl Uploads {
         path: &std::path::Path,
         tls: Option<&rs_net::tls::TlsConfig>,
     ) -> anyhow::Result<Self> {
-        let conn = rs_store::db::open(path)?;
-        conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(crate::download::SCHEMA)?;
+        let conn = rs_store::sql::Conn::open(
+            &rs_store::sql::Location::Sqlite(path.to_owned()),
+            MIGRATIONS,
+        )?
+        .into_sqlite()
+        .ok_or_else(|| anyhow::anyhow!("the bulk store is an SQLite file"))?;
         Ok(Uploads {
             db: Db::start("rs-proxy-bulk", Plain(conn))?,
             wake: tokio::sync::Notify::new(),

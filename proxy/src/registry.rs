@@ -8,6 +8,34 @@ use rs_protocol::{ComponentKind, RsId, Timestamp};
 use rs_store::db::{Db, DbError, DbState};
 use rusqlite::{Connection, OptionalExtension, params};
 
+/// The registry's schema changes, in order (append only). Version 1
+/// adopts the files of releases before versions, with the columns they
+/// gained at every start.
+pub const MIGRATIONS: &[rs_store::sql::Migration] = &[rs_store::sql::Migration {
+    version: 1,
+    name: "baseline",
+    apply: |c| {
+        c.batch(SCHEMA)?;
+        // What became of each control action (files from before have every
+        // action they saw done).
+        for (col, ddl) in [
+            (
+                "state",
+                "ALTER TABLE received ADD COLUMN state TEXT NOT NULL DEFAULT 'done'",
+            ),
+            ("response", "ALTER TABLE received ADD COLUMN response BLOB"),
+        ] {
+            if !c.exists(
+                "SELECT 1 FROM pragma_table_info('received') WHERE name = ?1",
+                rs_store::params![col],
+            )? {
+                c.batch(ddl)?;
+            }
+        }
+        Ok(())
+    },
+}];
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS integrators (
     id         TEXT    PRIMARY KEY,
@@ -139,24 +167,12 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Instance> {
 
 impl Registry {
     pub fn open(path: &std::path::Path, me: RsId) -> Result<Self, DbError> {
-        let conn = rs_store::db::open(path)?;
-        conn.execute_batch(SCHEMA)?;
-        // What became of each control action (files from before have every
-        // action they saw done).
-        for (col, ddl) in [
-            (
-                "state",
-                "ALTER TABLE received ADD COLUMN state TEXT NOT NULL DEFAULT 'done'",
-            ),
-            ("response", "ALTER TABLE received ADD COLUMN response BLOB"),
-        ] {
-            let has: bool = conn
-                .prepare("SELECT 1 FROM pragma_table_info('received') WHERE name = ?1")?
-                .exists([col])?;
-            if !has {
-                conn.execute_batch(ddl)?;
-            }
-        }
+        let conn = rs_store::sql::Conn::open(
+            &rs_store::sql::Location::Sqlite(path.to_owned()),
+            MIGRATIONS,
+        )?
+        .into_sqlite()
+        .ok_or_else(|| DbError::Sql("the registry is an SQLite file".into()))?;
         Ok(Registry {
             db: Db::start("rs-proxy-registry", State { conn, me })?,
             cache: Default::default(),

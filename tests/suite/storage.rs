@@ -1639,9 +1639,9 @@ fn the_cas_records_behave_the_same_on_both_engines_and_an_old_ca_db_is_kept() {
 }
 
 /// Files written by the releases before schema versions (the same tables,
-/// no `rs_schema`), with what they hold: the proxy's spool, the MLM's
-/// aggregation queue and a throttle's usage counters are each adopted in
-/// place at version 1, nothing lost. (Each file is written by the store
+/// no `rs_schema`), with what they hold: the proxy's spool, registry and
+/// bulk store, the MLM's aggregation queue and a throttle's usage counters
+/// are each adopted in place at version 1, nothing lost. (Each file is written by the store
 /// itself and its version record removed: exactly what the code before
 /// versions left.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1744,6 +1744,29 @@ async fn files_of_the_release_before_versions_are_adopted_with_what_they_hold() 
         "the old counters: {rows:?}"
     );
     drop(usage);
+    assert_eq!(version(&file), 1);
+
+    // The proxy's registry, with an integrator and its allocated ID.
+    let file = dir.join("registry.db");
+    let me = rs_protocol::RsId::new("acme.p1").unwrap();
+    let first = {
+        let r = rs_proxy::registry::Registry::open(&file, me.clone()).unwrap();
+        r.register_integrator("nagios".into(), "4.5".into(), "linux".into())
+            .await
+            .unwrap()
+    };
+    unversion(&file);
+    let r = rs_proxy::registry::Registry::open(&file, me.clone()).unwrap();
+    let again: Vec<_> = r.integrators().await.unwrap();
+    assert_eq!(again, vec![first], "the old registry's integrator");
+    drop(r);
+    assert_eq!(version(&file), 1);
+
+    // The proxy's bulk store (uploads and downloads in one file).
+    let file = dir.join("bulk.db");
+    drop(rs_proxy::bulk::Uploads::open(&file, None).unwrap());
+    unversion(&file);
+    drop(rs_proxy::bulk::Uploads::open(&file, None).unwrap());
     assert_eq!(version(&file), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
