@@ -394,6 +394,19 @@ fn api(
         });
     let status = warp::path!("v1" / "status").and(warp::get()).and(p.clone()).then(|proxy: Arc<Proxy>| async move {
         let spool = proxy.spool.stats().await.unwrap_or_default();
+        // A damaged spool this start moved aside, while the file is there.
+        let recovery = proxy
+            .spool_recovery
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .filter(|r| r.moved_to.exists())
+            .map(|r| serde_json::json!({
+                "at": r.at.to_string(),
+                "moved_to": r.moved_to.display().to_string(),
+                "problem": r.problem,
+                "salvaged": r.salvaged,
+            }));
         let st = &proxy.sender_stats;
         let last_error = st.last_error.lock().ok().and_then(|l| l.clone());
         json(
@@ -409,6 +422,7 @@ fn api(
                     "expired_total": spool.expired_total, "evicted_total": spool.evicted_total,
                     "aged_out_total": spool.aged_out_total, "refused_total": spool.refused_total,
                 },
+                "spool_recovery": recovery,
                 "upstream": {
                     "connected": st.connected.load(Ordering::Relaxed),
                     "posts_ok": st.posts_ok.load(Ordering::Relaxed),

@@ -37,6 +37,9 @@ pub struct Proxy {
     pub cfg: Config,
     pub id: RsId,
     pub spool: SqliteSpool,
+    /// The damaged spool file this start moved aside and replaced, if any
+    /// (shown in the status tree, so at the centre, until removed).
+    pub spool_recovery: std::sync::Mutex<Option<rs_store::spool::sqlite::Recovery>>,
     pub registry: registry::Registry,
     pub sender_stats: Arc<SenderStats>,
     pub paused: Arc<AtomicBool>,
@@ -87,7 +90,12 @@ impl Proxy {
         let mut spool_cfg = SpoolConfig::new(cfg.data_dir.join("spool.db"));
         spool_cfg.max_bytes = cfg.spool.max_bytes;
         spool_cfg.max_age = Duration::from_secs(cfg.spool.max_age_days * 86_400);
-        let spool = SqliteSpool::open(spool_cfg).context("opening the spool")?;
+        // A damaged spool must not keep the site down: it is moved aside
+        // and replaced, what it holds is spooled again once running, and
+        // the status says so.
+        let (spool, spool_recovery) =
+            SqliteSpool::open_or_recover(spool_cfg, rs_protocol::Timestamp::now())
+                .context("opening the spool")?;
         let registry = registry::Registry::open(&cfg.data_dir.join("proxy.db"), id.clone())
             .context("opening the registry")?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -108,6 +116,7 @@ impl Proxy {
             sealer,
             uploads,
             download_acks: std::sync::Mutex::new(Vec::new()),
+            spool_recovery: std::sync::Mutex::new(spool_recovery),
             spool,
             registry,
             sender_stats: Arc::new(SenderStats::default()),
@@ -244,6 +253,19 @@ impl Proxy {
             }
             Err(_) => state = NodeState::Degraded,
         }
+        // A spool this start found damaged and replaced: reported (and the
+        // site degraded) until an operator removes the file moved aside.
+        let recovery = self.spool_recovery.lock().ok().and_then(|r| r.clone());
+        if let Some(r) = recovery.filter(|r| r.moved_to.exists()) {
+            state = NodeState::Degraded;
+            metrics.push(Detail::new("spool.recovered_at", r.at.to_string()));
+            metrics.push(Detail::new(
+                "spool.recovered_from",
+                r.moved_to.display().to_string(),
+            ));
+            metrics.push(Detail::new("spool.recovered_problem", r.problem));
+            metrics.push(Detail::new("spool.salvaged", r.salvaged.to_string()));
+        }
         let st = &self.sender_stats;
         metrics.push(Detail::new(
             "upstream.accepted",
@@ -364,6 +386,73 @@ fn proxy_id(me: rs_net::pki::Identity) -> anyhow::Result<String> {
 /// the sender a moment to deliver it (and the acknowledgements of what it
 /// applied). `config_path` is where `configChange` writes a new
 /// configuration; without it that action is refused.
+/// `rs-proxy spool verify`: checks the spool file at `path` without
+/// changing it (the daemon may be running) and describes it: integrity,
+/// schema version, waiting messages by precedence, those held back or
+/// expired, dead letters, drop records. `Ok((false, _))`: it is damaged
+/// (the daemon moves such a file aside at its next start).
+pub fn verify_spool(path: &std::path::Path) -> Result<(bool, String), String> {
+    use std::fmt::Write as _;
+    let v = rs_store::spool::sqlite::verify(path, rs_protocol::Timestamp::now())
+        .map_err(|e| e.to_string())?;
+    let mut t = format!(
+        "spool {}: integrity {}, schema version {}\n",
+        path.display(),
+        v.integrity,
+        v.version
+    );
+    let (n, b) = v
+        .by_precedence
+        .iter()
+        .fold((0, 0), |(n, b), (_, m, x)| (n + m, b + x));
+    let _ = writeln!(t, "waiting: {n} message(s), {b} bytes");
+    for (p, m, x) in &v.by_precedence {
+        let _ = writeln!(t, "  precedence {p}: {m} message(s), {x} bytes");
+    }
+    let _ = writeln!(
+        t,
+        "held back until later: {}; expired (dropped at the next sweep): {}",
+        v.later, v.expired
+    );
+    let _ = writeln!(t, "dead letters: {}", v.dead_letters);
+    let drops: Vec<String> = v.drops.iter().map(|(w, n)| format!("{w} {n}")).collect();
+    let _ = writeln!(
+        t,
+        "drop records: {}",
+        if drops.is_empty() {
+            "none".into()
+        } else {
+            drops.join(", ")
+        }
+    );
+    Ok((v.is_ok(), t))
+}
+
+/// Spools again what can be read from a damaged spool this start moved
+/// aside ([`SqliteSpool::open_or_recover`]), before the sender starts.
+async fn salvage_spool(proxy: &Proxy) {
+    let moved = proxy
+        .spool_recovery
+        .lock()
+        .ok()
+        .and_then(|r| r.as_ref().map(|r| r.moved_to.clone()));
+    let Some(moved) = moved else { return };
+    match proxy
+        .spool
+        .salvage_from(&moved, rs_protocol::Timestamp::now())
+        .await
+    {
+        Ok(n) => {
+            if let Ok(mut r) = proxy.spool_recovery.lock()
+                && let Some(r) = r.as_mut()
+            {
+                r.salvaged = n;
+            }
+        }
+        Err(e) => tracing::error!("salvaging the damaged spool {}: {e}", moved.display()),
+    }
+}
+
 pub async fn run(
     cfg: Config,
     config_path: Option<std::path::PathBuf>,
@@ -462,6 +551,7 @@ pub async fn run(
         })
         .map_err(anyhow::Error::msg)?,
     );
+    salvage_spool(&proxy).await;
     let sender_stop = CancellationToken::new();
     let uploads = tokio::spawn(bulk::run(proxy.clone(), upstream.clone(), shutdown.clone()));
     let sender = Sender {

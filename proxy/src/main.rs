@@ -51,6 +51,25 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Work on the spool file.
+    #[command(subcommand)]
+    Spool(SpoolCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum SpoolCmd {
+    /// Check the spool without changing it (the daemon may run): SQLite's
+    /// integrity check, then what it holds by state and precedence. Exit
+    /// status 0 when intact, 1 when damaged (the daemon moves a damaged
+    /// spool aside at its next start and spools again what it can read).
+    Verify {
+        /// The proxy's configuration: checks `spool.db` in its data_dir.
+        #[arg(long, short, required_unless_present = "file")]
+        config: Option<PathBuf>,
+        /// A spool file to check instead.
+        #[arg(long, conflicts_with = "config")]
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +181,22 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let cfg = rs_proxy::Config::load(&config).map_err(anyhow::Error::msg)?;
             let exit = rs_proxy::run(cfg, Some(config), daemon::shutdown_token()).await?;
             daemon::finish(exit)
+        }
+        Cmd::Spool(SpoolCmd::Verify { config, file }) => {
+            let path = match (file, config) {
+                (Some(f), _) => f,
+                (None, Some(c)) => rs_proxy::Config::load(&c)
+                    .map_err(anyhow::Error::msg)?
+                    .data_dir
+                    .join("spool.db"),
+                (None, None) => anyhow::bail!("--config or --file"),
+            };
+            let (ok, text) = rs_proxy::verify_spool(&path).map_err(anyhow::Error::msg)?;
+            print!("{text}");
+            if !ok {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Cmd::Register {
             conn,

@@ -953,3 +953,112 @@ async fn dead_letters_show_at_the_centre_and_are_replayed_or_discarded_by_an_adm
     );
     d.stop_all();
 }
+
+/// A damaged spool does not keep a site down (Vector's disk buffer wedges
+/// until someone deletes it by hand): `rs-proxy spool verify` reports the
+/// damage; at its next start the proxy moves the file aside, starts a new
+/// spool, spools again every message it can read from the old one, and
+/// reports the recovery in its status (degraded until the file moved
+/// aside is removed). Here an index page of a spool holding 40 undelivered
+/// alarms is overwritten: all 40 reach the server, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_spool_is_moved_aside_reported_and_what_it_held_is_sent() {
+    let dir = tmp("damaged-spool");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    // No server yet: the alarms wait in the proxy's spool.
+    let port = free_port();
+    let s = d
+        .proxy(
+            "p1",
+            "acme.p1",
+            std::slice::from_ref(&port),
+            &Extra::default(),
+        )
+        .unwrap();
+    let c = register(&s).await;
+    let mut ids = HashSet::new();
+    for i in 0..40 {
+        ids.insert(
+            c.send("alarm", &alarm(&format!("kept through damage {i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    d.node("p1").stop(Duration::from_secs(10));
+    let spool = dir.join("p1").join("spool.db");
+    let (ok, text) = rs_proxy::verify_spool(&spool).unwrap();
+    assert!(ok && text.contains("waiting: 4"), "{text}");
+
+    // Damage: the spool's index page overwritten (the table intact).
+    {
+        #[allow(clippy::disallowed_methods)]
+        let c = rusqlite::Connection::open(&spool).unwrap();
+        c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+        let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+        let root: i64 = c
+            .query_row(
+                "SELECT rootpage FROM sqlite_master WHERE name = 'spool_due'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        drop(c);
+        use std::io::{Seek as _, Write as _};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&spool)
+            .unwrap();
+        f.seek(std::io::SeekFrom::Start(((root - 1) * page) as u64))
+            .unwrap();
+        f.write_all(&vec![0xA5; page as usize]).unwrap();
+        f.sync_all().unwrap();
+    }
+    let (ok, text) = rs_proxy::verify_spool(&spool).unwrap();
+    assert!(!ok, "the damage is not found: {text}");
+
+    // The proxy starts anyway, with the damaged file moved aside.
+    tokio::task::block_in_place(|| d.restart("p1")).unwrap();
+    let moved: Vec<_> = std::fs::read_dir(dir.join("p1"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("spool.db.damaged-")
+        })
+        .collect();
+    assert!(!moved.is_empty(), "the damaged spool was not moved aside");
+    let status = rs_proxy::client::Client::new(&s).status().await.unwrap();
+    // The 40 alarms and the proxy's own messages (cold start, heartbeat).
+    assert!(
+        status["spool_recovery"]["salvaged"].as_u64() >= Some(40),
+        "the recovery is not reported: {status}"
+    );
+    let a = d.appserver(&port, "").unwrap();
+    assert!(
+        all_stored(&dir, &ids, Duration::from_secs(60)),
+        "the alarms of the damaged spool were not delivered"
+    );
+    assert_exactly_once(&dir, &ids);
+    // The centre sees it in the site's status (its cold start's tree).
+    let seen = wait_for(Duration::from_secs(30), || {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                rs_tests::deploy::admin(&a)
+                    .get(format!(
+                        "{}/rs/v1/control/components",
+                        rs_tests::deploy::base(&a)
+                    ))
+                    .send()
+                    .await
+                    .ok()?
+                    .text()
+                    .await
+                    .ok()
+            })
+        })
+        .is_some_and(|t| t.contains("spool.recovered_from"))
+    });
+    assert!(seen, "the server was not told of the recovery");
+    d.stop_all();
+}

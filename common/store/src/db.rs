@@ -141,6 +141,18 @@ pub fn open(path: &std::path::Path) -> Result<Connection, DbError> {
     Ok(conn)
 }
 
+/// Opens a database to read it only (a spool being checked, or salvaged
+/// after its check failed): nothing in the file is changed, and a file
+/// that is not a database is not made one.
+pub fn open_read_only(path: &std::path::Path) -> Result<Connection, rusqlite::Error> {
+    // The one place a product database is opened to read only (clippy.toml).
+    #[allow(clippy::disallowed_methods)]
+    Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+}
+
 impl<S: DbState> Db<S> {
     /// Starts the thread that owns `state`.
     pub fn start(name: &str, mut state: S) -> Result<Self, DbError> {

@@ -920,3 +920,233 @@ impl Worker {
         Ok(out)
     }
 }
+
+/// What a check of a spool file found (`rs-proxy spool verify`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// `ok`, or what SQLite's integrity check reported.
+    pub integrity: String,
+    /// The schema version recorded (0: none, a file from before versions).
+    pub version: i64,
+    /// Waiting messages by precedence (highest first): (precedence,
+    /// messages, bytes).
+    pub by_precedence: Vec<(u8, u64, u64)>,
+    /// Of the waiting, those held back until later (backoff, throttle).
+    pub later: u64,
+    /// Of the waiting, those whose expiry has passed (the next sweep drops
+    /// them).
+    pub expired: u64,
+    pub dead_letters: u64,
+    /// Drop records kept, by why.
+    pub drops: Vec<(String, u64)>,
+}
+
+impl Verified {
+    pub fn is_ok(&self) -> bool {
+        self.integrity == "ok"
+    }
+}
+
+/// Checks the spool file at `path` without changing it: SQLite's full
+/// integrity check, the schema version, and what the spool holds by state
+/// and precedence (counts only where the file can be read).
+pub fn verify(path: &std::path::Path, now: Timestamp) -> Result<Verified, SpoolError> {
+    if !path.exists() {
+        return Err(SpoolError::Db(format!("{}: no such file", path.display())));
+    }
+    let c = crate::db::open_read_only(path).map_err(db)?;
+    let mut problems: Vec<String> = Vec::new();
+    let checked = c.prepare("PRAGMA integrity_check").and_then(|mut st| {
+        st.query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()
+    });
+    match checked {
+        Ok(lines) => problems.extend(lines.into_iter().filter(|l| l != "ok")),
+        Err(e) => problems.push(e.to_string()),
+    }
+    let mut v = Verified {
+        integrity: if problems.is_empty() {
+            "ok".into()
+        } else {
+            problems.join("; ")
+        },
+        ..Verified::default()
+    };
+    // The counts are best effort on a damaged file.
+    v.version = c
+        .query_row("SELECT COALESCE(MAX(version), 0) FROM rs_schema", [], |r| {
+            r.get(0)
+        })
+        .unwrap_or(0);
+    if let Ok(mut st) = c.prepare(
+        "SELECT precedence, COUNT(*), COALESCE(SUM(bytes), 0) FROM spool
+         GROUP BY precedence ORDER BY precedence DESC",
+    ) && let Ok(rows) = st.query_map([], |r| {
+        Ok((r.get::<_, u8>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+    }) {
+        for (p, n, b) in rows.flatten() {
+            v.by_precedence.push((p, n as u64, b as u64));
+        }
+    }
+    let count = |sql: &str| -> u64 {
+        c.query_row(sql, params![ms(now)], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .unwrap_or(0)
+    };
+    v.later = count("SELECT COUNT(*) FROM spool WHERE next_attempt > ?1");
+    v.expired = count("SELECT COUNT(*) FROM spool WHERE expiry IS NOT NULL AND expiry <= ?1");
+    v.dead_letters = count("SELECT COUNT(*) FROM dead_letters WHERE ?1 IS NOT NULL");
+    if let Ok(mut st) = c.prepare("SELECT why, COUNT(*) FROM drops GROUP BY why ORDER BY why")
+        && let Ok(rows) = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+    {
+        v.drops = rows.flatten().map(|(w, n)| (w, n as u64)).collect();
+    }
+    Ok(v)
+}
+
+/// A spool file that failed its check at start, moved aside and replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Where the damaged file is now (with its `-wal` and `-shm`).
+    pub moved_to: std::path::PathBuf,
+    /// What the check found.
+    pub problem: String,
+    /// Messages read from it and spooled again.
+    pub salvaged: u64,
+    /// When.
+    pub at: Timestamp,
+}
+
+/// Whether an error opening a spool means its file is damaged (rather
+/// than, say, unreadable for want of rights or disk).
+fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
+/// The problem that makes the spool file at `path` unusable, if any: it
+/// is not a database, or SQLite's quick check finds damage. `Err`: the
+/// file could not be checked at all (not damage: rights, disk).
+fn damage(path: &std::path::Path) -> Result<Option<String>, SpoolError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let c = match crate::db::open_read_only(path) {
+        Ok(c) => c,
+        Err(e) if is_damage(&e) => return Ok(Some(e.to_string())),
+        Err(e) => return Err(db(e)),
+    };
+    let lines: Result<Vec<String>, rusqlite::Error> = c
+        .prepare("PRAGMA quick_check")
+        .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect());
+    match lines {
+        Ok(l) if l.iter().all(|x| x == "ok") => Ok(None),
+        Ok(l) => Ok(Some(l.join("; "))),
+        Err(e) if is_damage(&e) => Ok(Some(e.to_string())),
+        Err(e) => Err(db(e)),
+    }
+}
+
+/// Reads what can still be read from a damaged spool file: every waiting
+/// message whose row and header are intact, in the spool's order.
+fn salvage(path: &std::path::Path) -> Vec<RawMessage> {
+    let Ok(c) = crate::db::open_read_only(path) else {
+        return Vec::new();
+    };
+    // The table alone, in its own order (no index, which may be what is
+    // damaged); sorted into the spool's order here.
+    let Ok(mut st) = c.prepare("SELECT seq, precedence, header, content_type, content FROM spool")
+    else {
+        return Vec::new();
+    };
+    let Ok(mut rows) = st.query([]) else {
+        return Vec::new();
+    };
+    /// One stored message as read: seq, precedence, header, content
+    /// type, content.
+    type Found = (i64, u8, Vec<u8>, String, Vec<u8>);
+    let mut found = Vec::new();
+    // A damaged page ends the scan with an error: what came before it is
+    // kept.
+    while let Ok(Some(r)) = rows.next() {
+        let row: rusqlite::Result<Found> =
+            (|| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))();
+        if let Ok((seq, precedence, header, content_type, content)) = row
+            && let Ok(m) = super::stored_message(&header, content_type, Bytes::from(content))
+        {
+            found.push((std::cmp::Reverse(precedence), seq, m));
+        }
+    }
+    found.sort_by_key(|(p, seq, _)| (*p, *seq));
+    found.into_iter().map(|(_, _, m)| m).collect()
+}
+
+impl SqliteSpool {
+    /// Opens the spool at `cfg.path`; if its file fails its check (damaged,
+    /// or not a database at all), moves it aside (`spool.db.damaged-<ms>`,
+    /// with its `-wal` and `-shm`) and starts a new spool in its place,
+    /// instead of failing to start: the caller then spools again what can
+    /// be read from the old file ([`SqliteSpool::salvage_from`]) and
+    /// reports the [`Recovery`]. A file that cannot be checked for another
+    /// reason (rights, disk) is an error, and nothing is moved.
+    pub fn open_or_recover(
+        cfg: SpoolConfig,
+        now: Timestamp,
+    ) -> Result<(Self, Option<Recovery>), SpoolError> {
+        let path = cfg.path.clone();
+        let Some(problem) = damage(&path)? else {
+            return Ok((SqliteSpool::open(cfg)?, None));
+        };
+        let mut moved_to = path.clone().into_os_string();
+        moved_to.push(format!(".damaged-{}", ms(now)));
+        let moved_to = std::path::PathBuf::from(moved_to);
+        for suffix in ["", "-wal", "-shm"] {
+            let mut from = path.clone().into_os_string();
+            from.push(suffix);
+            let mut to = moved_to.clone().into_os_string();
+            to.push(suffix);
+            if std::path::Path::new(&from).exists() {
+                std::fs::rename(&from, &to).map_err(|e| {
+                    SpoolError::Db(format!("moving the damaged spool {}: {e}", path.display()))
+                })?;
+            }
+        }
+        tracing::error!(
+            "the spool {} is damaged ({problem}); moved to {} and started anew",
+            path.display(),
+            moved_to.display()
+        );
+        Ok((
+            SqliteSpool::open(cfg)?,
+            Some(Recovery {
+                moved_to,
+                problem,
+                salvaged: 0,
+                at: now,
+            }),
+        ))
+    }
+
+    /// Spools again every message that can still be read from the damaged
+    /// spool file at `path` (duplicates of what is here already are
+    /// recognised by ID); returns how many were stored.
+    pub async fn salvage_from(
+        &self,
+        path: &std::path::Path,
+        now: Timestamp,
+    ) -> Result<u64, SpoolError> {
+        let path = path.to_owned();
+        let found = tokio::task::spawn_blocking(move || salvage(&path))
+            .await
+            .map_err(|e| SpoolError::Db(e.to_string()))?;
+        let mut salvaged = 0;
+        for chunk in found.chunks(256) {
+            let r = self.enqueue(chunk.to_vec(), now).await?;
+            salvaged += r.iter().filter(|e| **e == Enqueued::Stored).count() as u64;
+        }
+        tracing::warn!("{salvaged} message(s) read from the damaged spool and spooled again");
+        Ok(salvaged)
+    }
+}
