@@ -16,12 +16,19 @@ struct Args {
     /// Write the bound address to this file once listening.
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    /// Check the configuration (the same checks as at start) and exit:
+    /// 0 when it is good, 1 with the problem as FILE:LINE: KEY: problem.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    daemon::init_logging();
     let args = Args::parse();
+    if args.check_config {
+        std::process::exit(daemon::check_config(&args.config, rs_mlm::Config::parse));
+    }
+    daemon::init_logging();
     let cfg = rs_mlm::Config::load(&args.config).map_err(anyhow::Error::msg)?;
     let listener = daemon::bind(cfg.listen, args.addr_file.as_deref()).await?;
     let exit = rs_mlm::run(cfg, Some(args.config), listener, daemon::shutdown_token()).await?;

@@ -54,6 +54,12 @@ enum Cmd {
     /// Work on the spool file.
     #[command(subcommand)]
     Spool(SpoolCmd),
+    /// Check the configuration (the same checks as at start) and exit: 0
+    /// when it is good, 1 with the problem as FILE:LINE: KEY: problem.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -181,6 +187,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let cfg = rs_proxy::Config::load(&config).map_err(anyhow::Error::msg)?;
             let exit = rs_proxy::run(cfg, Some(config), daemon::shutdown_token()).await?;
             daemon::finish(exit)
+        }
+        Cmd::CheckConfig { config } => {
+            std::process::exit(daemon::check_config(&config, rs_proxy::Config::parse));
         }
         Cmd::Spool(SpoolCmd::Verify { config, file }) => {
             let path = match (file, config) {

@@ -70,6 +70,9 @@ enum Role {
         config: PathBuf,
         #[arg(long)]
         addr_file: Option<PathBuf>,
+        /// Check the configuration and exit (as `rs-appserver --check-config`).
+        #[arg(long)]
+        check_config: bool,
     },
     /// Run an MLM.
     Mlm {
@@ -77,11 +80,17 @@ enum Role {
         config: PathBuf,
         #[arg(long)]
         addr_file: Option<PathBuf>,
+        /// Check the configuration and exit (as `rs-mlm --check-config`).
+        #[arg(long)]
+        check_config: bool,
     },
     /// Run a proxy.
     Proxy {
         #[arg(long)]
         config: PathBuf,
+        /// Check the configuration and exit (as `rs-proxy check-config`).
+        #[arg(long)]
+        check_config: bool,
     },
     /// Run the example integrator.
     Hostwatch(rs_proxy::hostwatch::Args),
@@ -94,20 +103,41 @@ enum Role {
 }
 
 async fn serve_role(role: Role) -> anyhow::Result<()> {
+    match &role {
+        Role::Appserver {
+            config,
+            check_config: true,
+            ..
+        } => std::process::exit(daemon::check_config(config, rs_appserver::Config::parse)),
+        Role::Mlm {
+            config,
+            check_config: true,
+            ..
+        } => std::process::exit(daemon::check_config(config, rs_mlm::Config::parse)),
+        Role::Proxy {
+            config,
+            check_config: true,
+        } => std::process::exit(daemon::check_config(config, rs_proxy::Config::parse)),
+        _ => {}
+    }
     daemon::init_logging();
     let shutdown = daemon::shutdown_token();
     match role {
-        Role::Appserver { config, addr_file } => {
+        Role::Appserver {
+            config, addr_file, ..
+        } => {
             let cfg = rs_appserver::Config::load(&config).map_err(anyhow::Error::msg)?;
             let l = daemon::bind(cfg.listen, addr_file.as_deref()).await?;
             rs_appserver::run(cfg, l, shutdown).await
         }
-        Role::Mlm { config, addr_file } => {
+        Role::Mlm {
+            config, addr_file, ..
+        } => {
             let cfg = rs_mlm::Config::load(&config).map_err(anyhow::Error::msg)?;
             let l = daemon::bind(cfg.listen, addr_file.as_deref()).await?;
             daemon::finish(rs_mlm::run(cfg, Some(config), l, shutdown).await?)
         }
-        Role::Proxy { config } => {
+        Role::Proxy { config, .. } => {
             let cfg = rs_proxy::Config::load(&config).map_err(anyhow::Error::msg)?;
             daemon::finish(rs_proxy::run(cfg, Some(config), shutdown).await?)
         }
