@@ -893,12 +893,11 @@ pub async fn rewrite_crl_if_revoked(
     seen: Option<(i64, i64)>,
 ) -> Option<(i64, i64)> {
     let r = tokio::task::spawn_blocking(move || {
-        let now = ca.records().revocations()?;
+        let now = ca.revocations()?;
         if seen != Some(now) {
-            ca.write_crl()
-                .map_err(|e| rs_store::db::DbError::Sql(e.to_string()))?;
+            ca.write_crl()?;
         }
-        Ok::<_, rs_store::db::DbError>(now)
+        Ok::<_, rs_net::pki::CaError>(now)
     })
     .await;
     match r {

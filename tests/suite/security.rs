@@ -1951,15 +1951,22 @@ async fn a_read_only_ca_directory_is_a_logged_server_fault_and_refused_at_start(
         .unwrap()
         .build()
         .unwrap();
-    let (st, text) = enroll_raw(&anon, &a, &token, csr()).await;
-    assert_eq!(st, 500, "{text}");
-    assert!(
-        text.contains("ca.db") || text.contains("Read-only"),
-        "{text}"
-    );
+    // With its records in the directory (SQLite), enrollment writes there
+    // too; a farm's server (PostgreSQL) keeps them in its database and
+    // writes the directory only for the revocation list.
+    let records_in_dir = rs_tests::deploy::store_engine() == rs_tests::deploy::StoreEngine::Sqlite;
     let log = std::fs::read_to_string(dir.join("logs").join("appserver.log")).unwrap();
     assert!(log.contains("revocation: the CA failed"), "{log}");
-    assert!(log.contains("enrollment: the CA failed"), "{log}");
+    if records_in_dir {
+        let (st, text) = enroll_raw(&anon, &a, &token, csr()).await;
+        assert_eq!(st, 500, "{text}");
+        assert!(
+            text.contains("ca.db") || text.contains("Read-only"),
+            "{text}"
+        );
+        let log = std::fs::read_to_string(dir.join("logs").join("appserver.log")).unwrap();
+        assert!(log.contains("enrollment: the CA failed"), "{log}");
+    }
     // Nothing was spent: the token still works once the CA can write.
     d.node("appserver").stop(Duration::from_secs(10));
     let cfg = dir.join("appserver.toml");

@@ -1583,11 +1583,11 @@ fn the_cas_records_behave_the_same_on_both_engines_and_an_old_ca_db_is_kept() {
         r.check_writable().unwrap();
         if engine == "postgres" {
             assert_eq!(
-                r.adopt(&kept).unwrap(),
+                r.take_in(&kept).unwrap(),
                 1,
                 "{engine}: the old records copied"
             );
-            assert_eq!(r.adopt(&kept).unwrap(), 0, "{engine}: copied once");
+            assert_eq!(r.take_in(&kept).unwrap(), 0, "{engine}: copied once");
             let (_, n) = r.for_crl().unwrap();
             assert_eq!(n, 43, "{engine}: the CRL number goes on after adoption");
         } else {

@@ -291,6 +291,9 @@ pub struct Ca {
     cert: X509,
     key: PKey<Private>,
     records: CertRecords,
+    /// The directory's `ca.db` when the records are elsewhere (a farm's
+    /// database): taken in before each read.
+    local: Option<CertRecords>,
 }
 
 /// Where the records of the CA in `dir` are: the farm's `database`
@@ -379,6 +382,7 @@ impl Ca {
             cert,
             key,
             records: CertRecords::open(records),
+            local: None,
         };
         ca.write_crl()?;
         Ok(ca)
@@ -398,24 +402,42 @@ impl Ca {
         let cert = X509::from_pem(&read("ca.pem")?).map_err(CaError::fault)?;
         let key = PKey::private_key_from_pem(&read("ca.key")?).map_err(CaError::fault)?;
         let shared = matches!(records, Location::Postgres { .. });
-        let records = CertRecords::open(records);
-        let local = dir.join("ca.db");
-        if shared && local.exists() {
-            let from = CertRecords::open(Location::Sqlite(local));
-            let n = records.adopt(&from).map_err(CaError::db)?;
-            if n > 0 {
-                tracing::info!(
-                    "the CA's records: {n} certificate(s) taken in from {}",
-                    from.describe()
-                );
-            }
-        }
-        Ok(Ca {
+        let ca = Ca {
             dir: dir.to_owned(),
             cert,
             key,
-            records,
-        })
+            records: CertRecords::open(records),
+            local: shared.then(|| CertRecords::open(Location::Sqlite(dir.join("ca.db")))),
+        };
+        ca.take_in_local();
+        Ok(ca)
+    }
+
+    /// With records on PostgreSQL: takes in what the directory's `ca.db`
+    /// holds that they do not (certificates issued, or revoked, with
+    /// `rsctl ca` on the directory without `--database`, or before the
+    /// server joined a farm). Run before every read of the records; a
+    /// `ca.db` that cannot be read is logged and left alone.
+    fn take_in_local(&self) {
+        let Some(local) = &self.local else { return };
+        if !self.dir.join("ca.db").exists() {
+            return;
+        }
+        match self.records.take_in(local) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                "the CA's records: {n} certificate record(s) taken in from {}",
+                local.describe()
+            ),
+            Err(e) => tracing::warn!("the CA's records: reading {}: {e}", local.describe()),
+        }
+    }
+
+    /// How many certificates are revoked and the latest revocation (see
+    /// `CertRecords::revocations`), after taking in the directory's own.
+    pub fn revocations(&self) -> Result<(i64, i64), CaError> {
+        self.take_in_local();
+        self.records.revocations().map_err(CaError::db)
     }
 
     /// Where its records are.
@@ -565,6 +587,7 @@ impl Ca {
     /// Revokes a certificate by serial (hex) and rewrites the CRL. `Ok(false)`
     /// when it was already revoked.
     pub fn revoke(&self, serial: &str, reason: &str) -> Result<bool, CaError> {
+        self.take_in_local();
         let serial = serial.trim().to_ascii_uppercase();
         match self
             .records
@@ -584,11 +607,13 @@ impl Ca {
 
     /// Every certificate issued (newest first), optionally only `name`'s.
     pub fn list(&self, name: Option<&str>) -> Result<Vec<Issued>, CaError> {
+        self.take_in_local();
         self.records.list(name).map_err(CaError::db)
     }
 
     /// A freshly signed CRL listing every revoked certificate.
     pub fn crl(&self) -> Result<X509Crl, CaError> {
+        self.take_in_local();
         let (revoked, number) = self.records.for_crl().map_err(CaError::db)?;
         let mut b = X509CrlBuilder::new().map_err(CaError::fault)?;
         b.set_issuer_name(self.cert.subject_name())

@@ -134,7 +134,7 @@ impl CertRecords {
 
     /// Records a certificate just issued.
     pub fn record(&self, cert: &Cert) -> Result<(), DbError> {
-        self.with(|c| insert(c, cert, ""))
+        self.with(|c| insert(c, cert, "")).map(|_| ())
     }
 
     /// Marks the certificate `serial` (upper-case hex) revoked at `at`
@@ -218,14 +218,13 @@ impl CertRecords {
         })
     }
 
-    /// Copies what `from` records (a server's `ca.db` from before it
-    /// joined a farm) into these records, if they hold no certificate yet:
+    /// Takes in what `from` records and these do not: certificates not
+    /// recorded here, and revocations of certificates recorded here
+    /// unrevoked (a server's `ca.db` from before it joined a farm, or one
+    /// written by `rsctl ca` on the CA's directory without `--database`):
     /// nothing a CA issued is forgotten, so every certificate can still be
-    /// revoked. Returns how many were copied.
-    pub fn adopt(&self, from: &CertRecords) -> Result<u64, DbError> {
-        if self.with(|c| c.exists("SELECT 1 FROM certs", params![]))? {
-            return Ok(0);
-        }
+    /// revoked. Returns how many records that added or revoked.
+    pub fn take_in(&self, from: &CertRecords) -> Result<u64, DbError> {
         let certs = from.list(None)?;
         let number: Option<i64> = from.with(|c| {
             c.row(
@@ -236,8 +235,15 @@ impl CertRecords {
         })?;
         self.with(|c| {
             c.begin()?;
+            let mut changed = 0;
             for cert in &certs {
-                insert(c, cert, "ON CONFLICT (serial) DO NOTHING")?;
+                changed += insert(
+                    c,
+                    cert,
+                    "ON CONFLICT (serial) DO UPDATE SET revoked_at = EXCLUDED.revoked_at,
+                         reason = EXCLUDED.reason
+                     WHERE certs.revoked_at IS NULL AND EXCLUDED.revoked_at IS NOT NULL",
+                )?;
             }
             if let Some(n) = number {
                 c.exec(
@@ -246,15 +252,15 @@ impl CertRecords {
                     params![n],
                 )?;
             }
-            c.commit()
-        })?;
-        Ok(certs.len() as u64)
+            c.commit()?;
+            Ok(changed)
+        })
     }
 }
 
 /// Inserts one certificate's record (`then`: what to do with a serial
-/// recorded already; nothing: refuse it).
-fn insert(c: &mut Conn, cert: &Cert, then: &str) -> Result<(), DbError> {
+/// recorded already; nothing: refuse it); how many rows it changed.
+fn insert(c: &mut Conn, cert: &Cert, then: &str) -> Result<u64, DbError> {
     c.exec(
         &format!(
             "INSERT INTO certs (serial, name, customer, role, issued_at, not_after, revoked_at, reason)
@@ -270,6 +276,5 @@ fn insert(c: &mut Conn, cert: &Cert, then: &str) -> Result<(), DbError> {
             cert.revoked_at,
             cert.reason
         ],
-    )?;
-    Ok(())
+    )
 }
