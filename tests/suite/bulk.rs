@@ -153,8 +153,10 @@ async fn a_2gb_upload_through_an_mlm_survives_a_cut_and_is_stored_once_with_flat
     assert_eq!(up.sha256, want);
 
     // Cut the transfer in the middle: kill the MLM relaying it.
+    // Generous: on a shared 2-core machine the suite's heaviest tests (the
+    // farm demo) may run beside this one.
     assert!(
-        wait_for(Duration::from_secs(120), || block(async {
+        wait_for(Duration::from_secs(300), || block(async {
             metric(&m, "bulk.bytes_relayed").await > SIZE / 4
         })),
         "the transfer did not get going; see {}",

@@ -1247,9 +1247,10 @@ async fn a_dead_members_delivery_notices_reach_the_server_through_another() {
         j.targets[0].state, "delivered",
         "the dead member's notice never reached the server: {j:?}"
     );
-    // Sent, it is forgotten.
+    // Sent, it is forgotten: once the POST that carried it has its answer
+    // (a long poll's, up to its 25 s hold).
     assert!(
-        wait_for(Duration::from_secs(10), || pg
+        wait_for(Duration::from_secs(60), || pg
             .psql(&db, "SELECT count(*) FROM mlm_acme_m1.notices")
             .is_ok_and(|s| s.trim() == "0")),
         "a sent notice is still recorded"
