@@ -1037,6 +1037,48 @@ async fn an_upload_through_an_mlm_farm_resumes_through_another_member_after_a_cu
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A server and a farm of two MLMs (`acme.m1`) on a database of their own:
+/// the first member reaches the server through a relay the test can break
+/// (its link), the second directly. `top` is added to both members'
+/// configuration. Returns the deployment, the database's name, the
+/// server's and the members' addresses, and the first member's link.
+struct OneLinkBroken {
+    d: Deployment,
+    db: String,
+    a: String,
+    m1: String,
+    m2: String,
+    link: std::sync::Arc<rs_tests::relay::Link>,
+}
+
+async fn farm_with_one_breakable_link(
+    dir: &std::path::Path,
+    name: &str,
+    top: &str,
+) -> OneLinkBroken {
+    let url = Postgres::shared().database(name);
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let mut d = Deployment::new(dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let (via, link) = rs_tests::relay::start(a.clone()).await.unwrap();
+    let member = |m: &str| Extra {
+        top: format!("database = \"{url}\"\nmember = \"{m}\"\n{top}"),
+        ..Extra::default()
+    };
+    let m1 = d.mlm("m1", "acme.m1", &[via], &member("m1")).unwrap();
+    let m2 = d
+        .mlm("m2", "acme.m1", std::slice::from_ref(&a), &member("m2"))
+        .unwrap();
+    OneLinkBroken {
+        d,
+        db,
+        a,
+        m1,
+        m2,
+        link,
+    }
+}
+
 /// An MLM farm keeping custody shares one spool on its database: what a
 /// member accepted is sent by whichever member is alive. Here the first
 /// member's upstream swallows its POSTs (a blackholed relay), so the
@@ -1050,18 +1092,13 @@ async fn an_upload_through_an_mlm_farm_resumes_through_another_member_after_a_cu
 async fn a_custody_farm_shares_its_spool_and_a_dead_members_messages_go_on_through_another() {
     let dir = tmp("mlmfarm-custody");
     let pg = Postgres::shared();
-    let url = pg.database("mlmfarmcustody");
-    let db = url.rsplit('/').next().unwrap().to_owned();
-    let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d.appserver("127.0.0.1:0", "").unwrap();
-    let (via, link) = rs_tests::relay::start(a.clone()).await.unwrap();
-    let member = |name: &str| Extra {
-        top: format!("database = \"{url}\"\nmember = \"{name}\"\ncustody = true"),
-        ..Extra::default()
-    };
-    let m1 = d.mlm("m1", "acme.m1", &[via], &member("m1")).unwrap();
-    d.mlm("m2", "acme.m1", std::slice::from_ref(&a), &member("m2"))
-        .unwrap();
+    let OneLinkBroken {
+        mut d,
+        db,
+        m1,
+        link,
+        ..
+    } = farm_with_one_breakable_link(&dir, "mlmfarmcustody", "custody = true").await;
     let s = d
         .proxy(
             "p1",
@@ -1173,19 +1210,15 @@ async fn a_dead_members_delivery_notices_reach_the_server_through_another() {
     use rs_protocol::control::{NodeState, StatusNode};
     let dir = tmp("mlmfarm-notices");
     let pg = Postgres::shared();
-    let url = pg.database("mlmfarmnotices");
-    let db = url.rsplit('/').next().unwrap().to_owned();
-    let mut d = Deployment::new(&dir, exe()).unwrap();
-    let a = d.appserver("127.0.0.1:0", "").unwrap();
-    let (via, link) = rs_tests::relay::start(a.clone()).await.unwrap();
-    let member = |name: &str| Extra {
-        top: format!("database = \"{url}\"\nmember = \"{name}\""),
-        ..Extra::default()
-    };
-    let m1 = d.mlm("m1", "acme.m1", &[via], &member("m1")).unwrap();
-    let m2 = d
-        .mlm("m2", "acme.m1", std::slice::from_ref(&a), &member("m2"))
-        .unwrap();
+    let OneLinkBroken {
+        mut d,
+        db,
+        a,
+        m1,
+        m2,
+        link,
+        ..
+    } = farm_with_one_breakable_link(&dir, "mlmfarmnotices", "").await;
     // A site acme.p7 (hand-written envelopes) makes itself known through
     // the second member: the server reaches it through the farm.
     let now = rs_protocol::Timestamp::now();
