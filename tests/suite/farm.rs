@@ -1037,6 +1037,14 @@ async fn an_upload_through_an_mlm_farm_resumes_through_another_member_after_a_cu
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What the count query `sql` answers in the database `db` (0 when it
+/// cannot be asked).
+fn count_of(pg: &Postgres, db: &str, sql: &str) -> u64 {
+    pg.psql(db, sql)
+        .map(|s| s.trim().parse::<u64>().unwrap_or(0))
+        .unwrap_or(0)
+}
+
 /// A server and a farm of two MLMs (`acme.m1`) on a database of their own:
 /// the first member reaches the server through a relay the test can break
 /// (its link), the second directly. `top` is added to both members'
@@ -1118,12 +1126,11 @@ async fn a_custody_farm_shares_its_spool_and_a_dead_members_messages_go_on_throu
         );
     }
     let claimed_by_m1 = || {
-        pg.psql(
+        count_of(
+            pg,
             &db,
             "SELECT count(*) FROM mlm_acme_m1_spool.spool WHERE claimed_by = 'm1'",
         )
-        .map(|s| s.trim().parse::<u64>().unwrap_or(0))
-        .unwrap_or(0)
     };
     assert!(
         wait_for(Duration::from_secs(30), || claimed_by_m1() > 0),
@@ -1134,9 +1141,11 @@ async fn a_custody_farm_shares_its_spool_and_a_dead_members_messages_go_on_throu
     assert!(held > 0, "the killed member held nothing");
     assert_stored_once(&dir.join("appserver"), &sent);
     assert!(
-        wait_for(Duration::from_secs(30), || pg
-            .psql(&db, "SELECT count(*) FROM mlm_acme_m1_spool.spool")
-            .is_ok_and(|s| s.trim() == "0")),
+        wait_for(Duration::from_secs(30), || count_of(
+            pg,
+            &db,
+            "SELECT count(*) FROM mlm_acme_m1_spool.spool"
+        ) == 0),
         "the shared spool did not empty"
     );
     d.stop_all();
@@ -1259,10 +1268,8 @@ async fn a_dead_members_delivery_notices_reach_the_server_through_another() {
     // The first member hears of the delivery, and cannot pass it on.
     link.set_fault(rs_tests::relay::Fault::Blackhole);
     post_envelope(&m1, "acme.p7", &[], vec![(msg.clone(), p7.clone())]).await;
-    let recorded = || {
-        pg.psql(&db, "SELECT count(*) FROM mlm_acme_m1.notices")
-            .is_ok_and(|s| s.trim() == "1")
-    };
+    let notices = || count_of(pg, &db, "SELECT count(*) FROM mlm_acme_m1.notices");
+    let recorded = || notices() == 1;
     assert!(
         wait_for(Duration::from_secs(10), recorded),
         "the notice is not in the farm's database"
@@ -1283,9 +1290,7 @@ async fn a_dead_members_delivery_notices_reach_the_server_through_another() {
     // Sent, it is forgotten: once the POST that carried it has its answer
     // (a long poll's, up to its 25 s hold).
     assert!(
-        wait_for(Duration::from_secs(60), || pg
-            .psql(&db, "SELECT count(*) FROM mlm_acme_m1.notices")
-            .is_ok_and(|s| s.trim() == "0")),
+        wait_for(Duration::from_secs(60), || notices() == 0),
         "a sent notice is still recorded"
     );
     d.stop_all();
