@@ -246,20 +246,48 @@ async fn renew(db: Db<Conn>, member: Arc<str>, lease: Duration, alive: Weak<()>)
     }
 }
 
-/// Stores one message (room made if it can be), as the SQLite spool does.
+/// The spool's byte total, read for a transaction that stores messages:
+/// its row stays locked until the commit, so members storing at once take
+/// turns and each sees what the others stored. The transaction works on
+/// the value and writes it back once ([`write_total`]).
+fn total_for_update(c: &mut Conn) -> Result<u64, DbError> {
+    c.exec(
+        "INSERT INTO counters (name, value) VALUES ('bytes', 0) ON CONFLICT (name) DO NOTHING",
+        params![],
+    )?;
+    let v: i64 = c.one(
+        "SELECT value FROM counters WHERE name = 'bytes' FOR UPDATE",
+        params![],
+        |r| r.get(0),
+    )?;
+    Ok(u64::try_from(v).unwrap_or(0))
+}
+
+fn write_total(c: &mut Conn, total: u64) -> Result<(), DbError> {
+    c.exec(
+        "UPDATE counters SET value = ?1 WHERE name = 'bytes'",
+        params![total],
+    )?;
+    Ok(())
+}
+
+/// Stores one message (room made if it can be), as the SQLite spool does;
+/// `total` is the spool's byte total ([`total_for_update`]), kept up to
+/// date here.
 fn insert(
     c: &mut Conn,
     cfg: &SpoolConfig,
+    total: &mut u64,
     m: &RawMessage,
     header: &[u8],
     now: Timestamp,
 ) -> Result<Enqueued, DbError> {
     let qos = m.header.source().map(|s| s.qos).unwrap_or_default();
     let bytes = (header.len() + m.content.len()) as u64;
-    let total = u64::try_from(counter(c, "bytes")?).unwrap_or(0);
-    if total + bytes > cfg.max_bytes
+    if *total + bytes > cfg.max_bytes
         && !make_room(c, cfg, total, bytes, qos.persistent, qos.precedence, now)?
     {
+        let total = *total;
         bump(c, "refused", 1)?;
         return Ok(Enqueued::Refused(Reason {
             code: Code::known("disk-full"),
@@ -292,7 +320,7 @@ fn insert(
         bump(c, "duplicates", 1)?;
         return Ok(Enqueued::Duplicate);
     }
-    bump(c, "bytes", count(bytes))?;
+    *total += bytes;
     Ok(Enqueued::Stored)
 }
 
@@ -302,7 +330,7 @@ fn insert(
 fn make_room(
     c: &mut Conn,
     cfg: &SpoolConfig,
-    total: u64,
+    total: &mut u64,
     need: u64,
     persistent: bool,
     precedence: u8,
@@ -318,13 +346,13 @@ fn make_room(
     let mut victims = Vec::new();
     let mut freed = 0u64;
     for (seq, b) in candidates {
-        if total - freed + need <= cfg.max_bytes {
+        if *total - freed + need <= cfg.max_bytes {
             break;
         }
         freed += b;
         victims.push(seq);
     }
-    if total - freed + need > cfg.max_bytes {
+    if *total - freed + need > cfg.max_bytes {
         return Ok(false);
     }
     let mut gone = 0u64;
@@ -348,7 +376,7 @@ fn make_room(
     }
     tracing::warn!("spool full: evicted {evicted} messages ({gone} bytes)");
     bump(c, "evicted", evicted)?;
-    bump(c, "bytes", -count(gone))?;
+    *total -= gone;
     Ok(true)
 }
 
@@ -367,13 +395,14 @@ fn replay_dead(
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
     )?;
     let (mut back, mut stay) = (0, 0);
+    let mut total = total_for_update(c)?;
     for (id, content_type, header, content) in rows {
         let Ok(m) = super::stored_message(&header, content_type, Bytes::from(content)) else {
             tracing::warn!("dead letter {id}: its stored header does not decode; kept");
             stay += 1;
             continue;
         };
-        match insert(c, cfg, &m, &header, now)? {
+        match insert(c, cfg, &mut total, &m, &header, now)? {
             Enqueued::Refused(_) => stay += 1,
             Enqueued::Stored | Enqueued::Duplicate => {
                 c.exec("DELETE FROM dead_letters WHERE id = ?1", params![id])?;
@@ -381,6 +410,7 @@ fn replay_dead(
             }
         }
     }
+    write_total(c, total)?;
     if back > 0 {
         tracing::info!("{back} dead letter(s) put back in the spool");
     }
@@ -607,6 +637,7 @@ impl Spool for PgSpool {
             .db
             .write(move |c| {
                 let mut out = Vec::with_capacity(msgs.len());
+                let mut total = total_for_update(c)?;
                 for (m, header) in &msgs {
                     if cfg.dedupe_window.is_some() {
                         let fresh = c.exec(
@@ -619,8 +650,9 @@ impl Spool for PgSpool {
                             continue;
                         }
                     }
-                    out.push(insert(c, &cfg, m, header, now)?);
+                    out.push(insert(c, &cfg, &mut total, m, header, now)?);
                 }
+                write_total(c, total)?;
                 Ok(out)
             })
             .await

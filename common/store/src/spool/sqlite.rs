@@ -995,7 +995,12 @@ pub fn verify(path: &std::path::Path, now: Timestamp) -> Result<Verified, SpoolE
     };
     v.later = count("SELECT COUNT(*) FROM spool WHERE next_attempt > ?1");
     v.expired = count("SELECT COUNT(*) FROM spool WHERE expiry IS NOT NULL AND expiry <= ?1");
-    v.dead_letters = count("SELECT COUNT(*) FROM dead_letters WHERE ?1 IS NOT NULL");
+    v.dead_letters = c
+        .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map(|n| n as u64)
+        .unwrap_or(0);
     if let Ok(mut st) = c.prepare("SELECT why, COUNT(*) FROM drops GROUP BY why ORDER BY why")
         && let Ok(rows) = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
     {
