@@ -35,6 +35,12 @@ pub struct Config {
     /// Days stored messages (and the duplicate-detection IDs) are kept.
     #[serde(default = "default_retention")]
     pub retention_days: u32,
+    /// Seconds a stopping (or reloading) daemon gives what is in flight:
+    /// requests being answered finish, and the sender delivers what it
+    /// holds while the next hop takes it. The unit's `TimeoutStopSec`
+    /// must be longer.
+    #[serde(default = "rs_node::daemon::default_grace_secs")]
+    pub shutdown_grace_secs: u64,
     /// Heartbeat interval every component is told to use.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
@@ -210,6 +216,11 @@ impl Config {
 
     pub fn limits(&self) -> Limits {
         self.limits.limits()
+    }
+
+    /// [`Config::shutdown_grace_secs`].
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
     }
 
     pub fn retention(&self) -> Duration {

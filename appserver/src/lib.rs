@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rs_net::server::{ServeConfig, finish, serve_tcp};
+pub use rs_node::daemon::Exit;
 use rs_protocol::time::{Clock, SystemClock};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -285,12 +286,26 @@ impl AppServer {
     }
 }
 
+/// The daemon as `rs-appserver --config FILE` runs it: signals (SIGHUP
+/// reloads the file, [`rs_node::daemon::lifecycle`]), the configuration,
+/// the listener (kept across a reload), [`run`], and a start in place
+/// after a reload.
+pub async fn daemon(
+    config: std::path::PathBuf,
+    addr_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let shutdown = rs_node::daemon::signals(Some(config.clone()), Config::parse);
+    let cfg = Config::load(&config).map_err(anyhow::Error::msg)?;
+    let listener = rs_node::daemon::bind(cfg.listen, addr_file.as_deref()).await?;
+    rs_node::daemon::finish(run(cfg, listener, shutdown).await?)
+}
+
 /// Serves until `shutdown`, purging expired messages hourly.
 pub async fn run(
     cfg: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Exit> {
     let _lock = rs_store::datadir::DataDirLock::acquire(&cfg.data_dir, "rs-appserver")
         .map_err(anyhow::Error::msg)?;
     let app = AppServer::open(cfg)?;
@@ -392,8 +407,17 @@ pub async fn run(
     }
     let serve_cfg = ServeConfig {
         observer: Some(Arc::new(security::Auditor(Arc::downgrade(&app)))),
+        grace: app.cfg.shutdown_grace(),
         ..ServeConfig::default()
     };
+    {
+        let a = app.clone();
+        rs_node::daemon::watchdog(shutdown.clone(), move || {
+            let a = a.clone();
+            async move { a.store.ping().await.map_err(|e| e.to_string()) }
+        });
+    }
+    rs_node::daemon::ready(&format!("serving on {}", listener.local_addr()?));
     serve_tcp(listener, app.tls.clone(), app.routes(), serve_cfg, shutdown).await;
     let _ = purge.await;
     let _ = expire.await;
@@ -405,5 +429,5 @@ pub async fn run(
     let _ = flush.await;
     let _ = push.await;
     tracing::info!("rs-appserver stopped");
-    Ok(())
+    Ok(Exit::Stopped)
 }

@@ -1,5 +1,5 @@
 //! `rs-appserver --config appserver.toml`: parses flags and configuration,
-//! binds, and hands over to `rs_appserver::run`.
+//! and hands over to `rs_appserver::daemon`.
 
 use std::path::PathBuf;
 
@@ -33,7 +33,5 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
     daemon::init_logging();
-    let cfg = rs_appserver::Config::load(&args.config).map_err(anyhow::Error::msg)?;
-    let listener = daemon::bind(cfg.listen, args.addr_file.as_deref()).await?;
-    rs_appserver::run(cfg, listener, daemon::shutdown_token()).await
+    rs_appserver::daemon(args.config, args.addr_file).await
 }

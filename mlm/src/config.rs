@@ -43,6 +43,12 @@ pub struct Config {
     /// only once the upstream has accepted them.
     #[serde(default)]
     pub custody: bool,
+    /// Seconds a stopping (or reloading) daemon gives what is in flight:
+    /// requests being answered finish, and the sender delivers what it
+    /// holds while the next hop takes it. The unit's `TimeoutStopSec`
+    /// must be longer.
+    #[serde(default = "rs_node::daemon::default_grace_secs")]
+    pub shutdown_grace_secs: u64,
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
     #[serde(default = "default_body_timeout")]
@@ -276,6 +282,11 @@ impl Config {
 
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_secs.max(1))
+    }
+
+    /// [`Config::shutdown_grace_secs`].
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
     }
 }
 

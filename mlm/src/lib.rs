@@ -554,6 +554,20 @@ fn enroll_relay(
     })
 }
 
+/// The daemon as `rs-mlm --config FILE` runs it: signals (SIGHUP reloads
+/// the file, [`rs_node::daemon::lifecycle`]), the configuration, the
+/// listener (kept across a reload), [`run`], and a start in place after a
+/// reload, a `configChange` or a renewed certificate.
+pub async fn daemon(
+    config: std::path::PathBuf,
+    addr_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let shutdown = rs_node::daemon::signals(Some(config.clone()), Config::parse);
+    let cfg = Config::load(&config).map_err(anyhow::Error::msg)?;
+    let listener = rs_node::daemon::bind(cfg.listen, addr_file.as_deref()).await?;
+    rs_node::daemon::finish(run(cfg, Some(config), listener, shutdown).await?)
+}
+
 /// Serves until `shutdown`; runs the sender, heartbeats and the
 /// aggregation flush beside it.
 pub async fn run(
@@ -713,11 +727,22 @@ pub async fn run(
             mlm.stopping.cancel();
         });
     }
+    let grace = mlm.cfg.shutdown_grace();
     let serve_cfg = ServeConfig {
         max_connections: mlm.cfg.max_connections.max(1),
+        grace,
         ..ServeConfig::default()
     };
+    {
+        let m = mlm.clone();
+        rs_node::daemon::watchdog(shutdown.clone(), move || {
+            let m = m.clone();
+            async move { m.spool.stats().await.map(|_| ()).map_err(|e| e.to_string()) }
+        });
+    }
+    rs_node::daemon::ready(&format!("serving on {}", listener.local_addr()?));
     serve_tcp(listener, mlm.tls.clone(), mlm.routes(), serve_cfg, shutdown).await;
+    let drain_until = tokio::time::Instant::now() + grace;
     let _ = background.await;
     let _ = fetcher.await;
     if let Err(e) = mlm
@@ -726,12 +751,10 @@ pub async fn run(
     {
         tracing::warn!("shutdown message: {e}");
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while tokio::time::Instant::now() < deadline {
-        match mlm.spool.stats().await {
-            Ok(s) if s.messages == 0 => break,
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
+    if mlm.cfg.database.is_none() {
+        // A farm's spool is the farm's: the other members deliver it (this
+        // member's claims are released when it starts again, or lapse).
+        rs_node::upstream::drain(&mlm.spool, &mlm.sender_stats, drain_until).await;
     }
     sender_stop.cancel();
     let _ = sender_task.await;

@@ -1,5 +1,5 @@
-//! `rs-mlm --config mlm.toml`: parses flags and configuration, binds, and
-//! hands over to `rs_mlm::run`.
+//! `rs-mlm --config mlm.toml`: parses flags and hands over to
+//! `rs_mlm::daemon`.
 
 use std::path::PathBuf;
 
@@ -29,8 +29,5 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(daemon::check_config(&args.config, rs_mlm::Config::parse));
     }
     daemon::init_logging();
-    let cfg = rs_mlm::Config::load(&args.config).map_err(anyhow::Error::msg)?;
-    let listener = daemon::bind(cfg.listen, args.addr_file.as_deref()).await?;
-    let exit = rs_mlm::run(cfg, Some(args.config), listener, daemon::shutdown_token()).await?;
-    daemon::finish(exit)
+    rs_mlm::daemon(args.config, args.addr_file).await
 }

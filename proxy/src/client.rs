@@ -82,45 +82,52 @@ impl Client {
         path: &str,
         body: Option<&T>,
     ) -> Result<serde_json::Value, ClientError> {
+        let bytes = match body {
+            Some(b) => {
+                Bytes::from(serde_json::to_vec(b).map_err(|e| ClientError::Other(e.to_string()))?)
+            }
+            None => Bytes::new(),
+        };
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, "rs-proxy")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(bytes))
+            .map_err(|e| ClientError::Other(e.to_string()))?;
         let fut = async {
             let mut guard = self.conn.lock().await;
-            let reusable = match guard.as_mut() {
-                Some(c) => c.ready().await.is_ok(),
-                None => false,
+            let mut req = Some(req);
+            let resp = loop {
+                let Some(r) = req.take() else {
+                    return Err(ClientError::Other("no request".into()));
+                };
+                let reused = match guard.as_mut() {
+                    Some(c) => c.ready().await.is_ok(),
+                    None => false,
+                };
+                if !reused {
+                    *guard = Some(self.connect().await?);
+                }
+                let Some(send) = guard.as_mut() else {
+                    return Err(ClientError::Other("no connection".into()));
+                };
+                match send.try_send_request(r).await {
+                    Ok(resp) => break resp,
+                    Err(mut e) => {
+                        *guard = None;
+                        // The kept connection was closed (the proxy
+                        // stopping or reloading) before the request went
+                        // out: hyper hands it back, and it is sent once
+                        // more on a new connection. A request that went out
+                        // is never sent again (it may have been taken).
+                        match e.take_message() {
+                            Some(unsent) if reused => req = Some(unsent),
+                            _ => return Err(ClientError::Other(e.into_error().to_string())),
+                        }
+                    }
+                }
             };
-            if !reusable {
-                let stream = tokio::net::UnixStream::connect(&self.socket)
-                    .await
-                    .map_err(|e| ClientError::Connect {
-                        path: self.socket.display().to_string(),
-                        reason: e.to_string(),
-                    })?;
-                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| ClientError::Other(e.to_string()))?;
-                tokio::spawn(conn);
-                *guard = Some(send);
-            }
-            let Some(send) = guard.as_mut() else {
-                return Err(ClientError::Other("no connection".into()));
-            };
-            let bytes = match body {
-                Some(b) => Bytes::from(
-                    serde_json::to_vec(b).map_err(|e| ClientError::Other(e.to_string()))?,
-                ),
-                None => Bytes::new(),
-            };
-            let req = http::Request::builder()
-                .method(method)
-                .uri(path)
-                .header(http::header::HOST, "rs-proxy")
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(bytes))
-                .map_err(|e| ClientError::Other(e.to_string()))?;
-            let resp = send
-                .send_request(req)
-                .await
-                .map_err(|e| ClientError::Other(e.to_string()))?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), 16 << 20)
                 .collect()
@@ -149,6 +156,20 @@ impl Client {
                 self.timeout
             ))
         })?
+    }
+
+    async fn connect(&self) -> Result<Conn, ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| ClientError::Connect {
+                path: self.socket.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Other(e.to_string()))?;
+        tokio::spawn(conn);
+        Ok(send)
     }
 
     /// Registers (or re-registers) an integrator; returns its RS ID.

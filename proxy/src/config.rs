@@ -34,6 +34,12 @@ pub struct Config {
     pub upstream: UpstreamSection,
     #[serde(default)]
     pub spool: SpoolSection,
+    /// Seconds a stopping (or reloading) daemon gives what is in flight:
+    /// requests being answered finish, and the sender delivers what it
+    /// holds while the next hop takes it. The unit's `TimeoutStopSec`
+    /// must be longer.
+    #[serde(default = "rs_node::daemon::default_grace_secs")]
+    pub shutdown_grace_secs: u64,
     /// Heartbeat interval until the upstream advises one.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
@@ -214,5 +220,10 @@ impl Config {
 
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_secs)
+    }
+
+    /// [`Config::shutdown_grace_secs`].
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
     }
 }

@@ -453,6 +453,16 @@ async fn salvage_spool(proxy: &Proxy) {
     }
 }
 
+/// The daemon as `rs-proxy run --config FILE` runs it: signals (SIGHUP
+/// reloads the file, [`rs_node::daemon::lifecycle`]), the configuration,
+/// [`run`], and a start in place after a reload, a `configChange`, an
+/// enrollment or a renewed certificate (the integrator socket kept open).
+pub async fn daemon(config: std::path::PathBuf) -> anyhow::Result<()> {
+    let shutdown = rs_node::daemon::signals(Some(config.clone()), Config::parse);
+    let cfg = Config::load(&config).map_err(anyhow::Error::msg)?;
+    rs_node::daemon::finish(run(cfg, Some(config), shutdown).await?)
+}
+
 pub async fn run(
     cfg: Config,
     config_path: Option<std::path::PathBuf>,
@@ -584,12 +594,7 @@ pub async fn run(
         ))
     };
 
-    let _ = std::fs::remove_file(&proxy.cfg.socket);
-    if let Some(dir) = proxy.cfg.socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let listener = tokio::net::UnixListener::bind(&proxy.cfg.socket)
-        .with_context(|| format!("cannot listen on {}", proxy.cfg.socket.display()))?;
+    let listener = rs_node::daemon::bind_unix(&proxy.cfg.socket)?;
     api::secure_socket(&proxy.cfg)?;
     tracing::info!(
         "rs-proxy {} serving integrators on {}, upstream {:?}",
@@ -646,9 +651,7 @@ pub async fn run(
 
     let tcp_api = match proxy.cfg.api_listen {
         Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
+            let l = rs_node::daemon::bind(addr, None).await?;
             let bound = l.local_addr()?;
             tracing::info!("integrator API also on {bound}");
             Some(tokio::spawn(rs_net::server::serve_tcp(
@@ -661,19 +664,41 @@ pub async fn run(
         }
         None => None,
     };
+    let grace = proxy.cfg.shutdown_grace();
+    {
+        let p = proxy.clone();
+        rs_node::daemon::watchdog(shutdown.clone(), move || {
+            let p = p.clone();
+            async move { p.spool.stats().await.map(|_| ()).map_err(|e| e.to_string()) }
+        });
+    }
+    rs_node::daemon::ready(&format!(
+        "serving integrators on {}",
+        proxy.cfg.socket.display()
+    ));
     rs_net::server::serve_unix(
         listener,
         api::routes(proxy.clone()),
-        rs_net::server::ServeConfig::default(),
+        rs_net::server::ServeConfig {
+            grace,
+            ..rs_net::server::ServeConfig::default()
+        },
         shutdown.clone(),
     )
     .await;
+    // The drain: what is in flight above had `grace`; the sender gets what
+    // is left of it to deliver what the spool holds.
+    let drain_until = tokio::time::Instant::now() + grace;
     if let Some(t) = tcp_api {
         let _ = t.await;
     }
     let _ = beats.await;
     let _ = uploads.await;
-    let _ = std::fs::remove_file(&proxy.cfg.socket);
+    let restarting = proxy.restart.load(Ordering::Relaxed) || rs_node::daemon::reloading();
+    if !restarting {
+        // Starting again in place keeps the socket (and its listener).
+        let _ = std::fs::remove_file(&proxy.cfg.socket);
+    }
 
     // Say goodbye, and let the sender try to deliver it (and anything else).
     if let Err(e) = proxy
@@ -682,17 +707,11 @@ pub async fn run(
     {
         tracing::warn!("shutdown message: {e}");
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while tokio::time::Instant::now() < deadline {
-        match proxy.spool.stats().await {
-            Ok(s) if s.messages == 0 => break,
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+    rs_node::upstream::drain(&proxy.spool, &proxy.sender_stats, drain_until).await;
     sender_stop.cancel();
     let _ = sender_task.await;
     let _ = flush.await;
-    if proxy.restart.load(Ordering::Relaxed) {
+    if restarting {
         tracing::info!("rs-proxy stopped; starting again with the new configuration");
         Ok(Exit::Restart)
     } else {

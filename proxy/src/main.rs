@@ -184,9 +184,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Run { config } => {
             daemon::init_logging();
-            let cfg = rs_proxy::Config::load(&config).map_err(anyhow::Error::msg)?;
-            let exit = rs_proxy::run(cfg, Some(config), daemon::shutdown_token()).await?;
-            daemon::finish(exit)
+            rs_proxy::daemon(config).await
         }
         Cmd::CheckConfig { config } => {
             std::process::exit(daemon::check_config(&config, rs_proxy::Config::parse));

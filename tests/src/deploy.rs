@@ -958,3 +958,73 @@ pub fn integrity(path: &Path) -> anyhow::Result<String> {
 fn accepts(socket: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(socket).is_ok()
 }
+
+/// The service manager's end of `NOTIFY_SOCKET` (what systemd reads a
+/// `Type=notify` daemon's `READY=1`, `RELOADING=1`, `STOPPING=1`,
+/// `STATUS=` and `WATCHDOG=1` from): a datagram socket whose messages are
+/// collected in order. Give [`Notifications::env`] to one daemon.
+#[derive(Debug)]
+pub struct Notifications {
+    path: PathBuf,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Notifications {
+    pub fn bind(path: impl Into<PathBuf>) -> std::io::Result<Self> {
+        let path = path.into();
+        let _ = std::fs::remove_file(&path);
+        let sock = std::os::unix::net::UnixDatagram::bind(&path)?;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            // Until the Notifications is dropped.
+            while Arc::strong_count(&s) > 1 {
+                if let Ok(n) = sock.recv(&mut buf)
+                    && let Ok(mut v) = s.lock()
+                {
+                    v.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+        });
+        Ok(Notifications { path, seen })
+    }
+
+    /// `NOTIFY_SOCKET` for the daemon.
+    pub fn env(&self) -> (String, String) {
+        ("NOTIFY_SOCKET".into(), self.path.display().to_string())
+    }
+
+    /// Every message so far, in order.
+    pub fn all(&self) -> Vec<String> {
+        self.seen.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Messages received from `from` on (an index into [`Self::all`]).
+    pub fn since(&self, from: usize) -> Vec<String> {
+        self.all().into_iter().skip(from).collect()
+    }
+
+    /// Waits up to `timeout` for a message from `from` on with a line equal
+    /// to `line` (`READY=1`); its index.
+    pub fn wait(&self, from: usize, line: &str, timeout: Duration) -> Option<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let all = self.all();
+            if let Some(i) = (from..all.len()).find(|&i| all[i].lines().any(|l| l == line)) {
+                return Some(i);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Notifications {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

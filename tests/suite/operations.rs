@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
-use rs_tests::deploy::{Deployment, Extra, proxy_metrics, wait_for};
+use rs_tests::deploy::{Deployment, Extra, Notifications, proxy_metrics, wait_for};
 
 use crate::backchannel::{exe, tmp};
 use crate::forward::{alarm, all_stored, assert_exactly_once, register};
@@ -91,7 +91,7 @@ async fn a_second_copy_on_a_data_directory_is_refused_and_sighup_does_not_kill()
     assert!(sock.exists());
     ids.insert(c.send("alarm", &alarm("after", None)).await.unwrap());
 
-    // SIGHUP (a service manager's "reload") leaves every daemon running.
+    // SIGHUP (a service manager's "reload") leaves every daemon serving.
     for n in ["p1", "mlm", "appserver"] {
         d.node(n).signal("HUP");
     }
@@ -288,6 +288,17 @@ fn the_systemd_units_verify_and_let_each_daemon_write_what_it_writes() {
                 && pre.iter().any(|a| config == Path::new(a)),
             "{name}: ExecStartPre {pre:?}"
         );
+        // It tells systemd when it serves, reloads and stops; a reload runs
+        // the same check first, then SIGHUP.
+        assert_eq!(unit_values(&unit, "Type"), ["notify"], "{name}");
+        let reload = unit_values(&unit, "ExecReload");
+        assert!(
+            reload.starts_with(&pre) && reload.ends_with(&["-HUP".into(), "$MAINPID".into()]),
+            "{name}: ExecReload {reload:?}"
+        );
+        // Longer than the drain it allows (shutdown_grace_secs).
+        let stop: u64 = unit_values(&unit, "TimeoutStopSec")[0].parse().unwrap();
+        assert!(stop > rs_node::daemon::default_grace_secs(), "{name}");
         let mut writable: Vec<PathBuf> = unit_values(&unit, "ReadWritePaths")
             .iter()
             .map(PathBuf::from)
@@ -499,4 +510,240 @@ fn check_config_names_the_file_line_and_key_of_a_problem() {
         assert!(!Path::new("/nonexistent").exists());
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A reload as a service manager does it (`systemctl reload`: the unit's
+/// `ExecReload` checks the file, then SIGHUP; `Type=notify`): a bad file is
+/// refused with its file, line and key in the service's status and the
+/// daemon goes on with the configuration in force; a good one is taken up
+/// through the start-up code (`RELOADING=1`, then `READY=1`) while
+/// integrators keep sending and clients keep connecting: nobody is
+/// refused, nothing is lost or stored twice. SIGTERM says `STOPPING=1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_takes_up_a_good_configuration_without_refusing_anyone_and_keeps_a_bad_ones_daemon_serving()
+ {
+    let dir = tmp("ops-reload");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let na = Notifications::bind(dir.join("appserver.notify")).unwrap();
+    d.env = vec![na.env()];
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let nm = Notifications::bind(dir.join("mlm.notify")).unwrap();
+    d.env = vec![nm.env(), ("WATCHDOG_USEC".into(), "1000000".into())];
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra {
+                tables: "[limits]\nmax_envelope_bytes = 65536\n".into(),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    let np = Notifications::bind(dir.join("p1.notify")).unwrap();
+    d.env = vec![np.env()];
+    let sock = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    d.env.clear();
+    let wait = Duration::from_secs(30);
+    for (n, what) in [(&na, "appserver"), (&nm, "mlm"), (&np, "p1")] {
+        assert!(
+            n.wait(0, "READY=1", wait).is_some(),
+            "{what}: {:?}",
+            n.all()
+        );
+    }
+    // The watchdog is pinged while the MLM's storage answers.
+    assert!(nm.wait(0, "WATCHDOG=1", wait).is_some(), "{:?}", nm.all());
+    let limit_of_mlm = |len| {
+        let m = m.clone();
+        tokio::task::spawn_blocking(move || head_only(&m, "acme.p1", len, Duration::from_secs(2)))
+    };
+    assert_eq!(limit_of_mlm(100_000).await.unwrap(), 413);
+
+    // Load beside every reload: an integrator sending, and clients opening
+    // a fresh connection to the MLM for each request.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let c = register(&sock).await;
+    let sending = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut ids, mut failed) = (HashSet::new(), Vec::new());
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                i += 1;
+                match c
+                    .send("alarm", &alarm(&format!("through reloads {i}"), None))
+                    .await
+                {
+                    Ok(id) => {
+                        ids.insert(id);
+                    }
+                    Err(e) => failed.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ids, failed)
+        })
+    };
+    let asking = {
+        let stop = stop.clone();
+        let t = rs_tests::deploy::component_tls(&m, "acme.p1").unwrap();
+        let client = rs_net::tls::client(t.as_ref())
+            .unwrap()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        let url = format!("{}/rs/v1/health", rs_tests::deploy::base(&m));
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.is_cancelled() {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status().is_success() => ok += 1,
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(rs_net::http::error_chain(&e)),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A bad file: refused, with its file, line and key; the old one holds.
+    let cfg = dir.join("mlm.toml");
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("bogus = 1\n{good}")).unwrap();
+    let from = nm.all().len();
+    d.node("mlm").signal("HUP");
+    let why = format!(
+        "STATUS=serving; reload refused: {}:1: unknown field `bogus`",
+        cfg.display()
+    );
+    assert!(
+        wait_for(wait, || nm.since(from).iter().any(|m| m.contains(&why))),
+        "{:?}",
+        nm.since(from)
+    );
+    assert!(!nm.since(from).iter().any(|m| m.contains("RELOADING=1")));
+    assert_eq!(limit_of_mlm(100_000).await.unwrap(), 413);
+    let log = std::fs::read_to_string(dir.join("logs/mlm.log")).unwrap();
+    assert!(
+        log.contains("the configuration is refused, going on with the one in force"),
+        "{log}"
+    );
+
+    // A good one: taken up, each daemon in turn, under the load.
+    std::fs::write(
+        &cfg,
+        good.replace("max_envelope_bytes = 65536", "max_envelope_bytes = 1048576"),
+    )
+    .unwrap();
+    for (name, n) in [("mlm", &nm), ("p1", &np), ("appserver", &na)] {
+        let from = n.all().len();
+        d.node(name).signal("HUP");
+        let r = n.wait(from, "RELOADING=1", wait);
+        assert!(r.is_some(), "{name}: {:?}", n.since(from));
+        assert!(
+            n.wait(r.unwrap() + 1, "READY=1", wait).is_some(),
+            "{name}: {:?}",
+            n.since(from)
+        );
+        assert!(d.node(name).is_running(), "{name}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Over 65536 bytes is now within the MLM's limit: it waits for the body.
+    assert_eq!(limit_of_mlm(100_000).await.unwrap(), 0);
+
+    stop.cancel();
+    let (ids, send_failed) = sending.await.unwrap();
+    let (asked, ask_failed) = asking.await.unwrap();
+    assert!(
+        send_failed.is_empty(),
+        "sends failed during reloads: {send_failed:?}"
+    );
+    assert!(
+        ask_failed.is_empty(),
+        "requests failed during reloads: {ask_failed:?}"
+    );
+    assert!(
+        ids.len() > 100 && asked > 100,
+        "{} sent, {asked} asked",
+        ids.len()
+    );
+    assert!(all_stored(&dir, &ids, Duration::from_secs(60)));
+    assert_exactly_once(&dir, &ids);
+
+    // SIGTERM: the service manager hears the daemon is stopping.
+    let from = nm.all().len();
+    d.node("mlm").stop(Duration::from_secs(20));
+    assert!(
+        nm.wait(from, "STOPPING=1", wait).is_some(),
+        "{:?}",
+        nm.since(from)
+    );
+    d.stop_all();
+}
+
+/// SIGTERM while integrators send: what the proxy accepted is delivered
+/// within its grace before it exits (its spool is empty once it is
+/// gone), an MLM stopped and started again under the load loses nothing,
+/// and every accepted message is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_within_the_grace_and_loses_nothing() {
+    let dir = tmp("ops-sigterm");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (_a, m) = d.server_and_mlm().unwrap();
+    let sock = d
+        .proxy(
+            "p1",
+            "acme.p1",
+            std::slice::from_ref(&m),
+            &Extra {
+                top: "shutdown_grace_secs = 15\n".into(),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    let send_for = |sock: std::path::PathBuf, ms: u64| async move {
+        let c = register(&sock).await;
+        let until = tokio::time::Instant::now() + Duration::from_millis(ms);
+        let mut ids = HashSet::new();
+        let mut i = 0;
+        while tokio::time::Instant::now() < until {
+            i += 1;
+            // Refused while the proxy stops: not accepted, not counted.
+            if let Ok(id) = c
+                .send("alarm", &alarm(&format!("under load {i}"), None))
+                .await
+            {
+                ids.insert(id);
+            }
+        }
+        ids
+    };
+    let mut ids = HashSet::new();
+    // The MLM stopped (SIGTERM) and started again while the proxy sends.
+    let load = tokio::spawn(send_for(sock.clone(), 4000));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    d.node("mlm").stop(Duration::from_secs(20));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.restart("mlm").unwrap();
+    ids.extend(load.await.unwrap());
+    // The proxy stopped under load: it drains before it exits.
+    let load = tokio::spawn(send_for(sock.clone(), 3000));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    d.node("p1").stop(Duration::from_secs(30));
+    ids.extend(load.await.unwrap());
+    let (ok, text) = rs_proxy::verify_spool(&dir.join("p1").join("spool.db")).unwrap();
+    assert!(ok && text.contains("waiting: 0"), "{text}");
+    let log = std::fs::read_to_string(dir.join("logs/p1.log")).unwrap();
+    assert!(!log.contains("grace over"), "{log}");
+    d.restart("p1").unwrap();
+    assert!(ids.len() > 100, "{}", ids.len());
+    assert!(all_stored(&dir, &ids, Duration::from_secs(60)));
+    assert_exactly_once(&dir, &ids);
+    d.stop_all();
 }

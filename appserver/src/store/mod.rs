@@ -175,6 +175,11 @@ impl Store {
         })
     }
 
+    /// Answers once the store's thread has come to this request.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        self.db.ping().await
+    }
+
     /// Stores a batch in one transaction: each message once (a known ID is
     /// a duplicate), and the sources' last-seen times, routes and status.
     pub async fn ingest(

@@ -269,10 +269,10 @@ async fn handshake<IO, F>(
     let Ok(mut stream) = tokio_openssl::SslStream::new(ssl, io) else {
         return;
     };
-    let done = tokio::select! {
-        () = shutdown.cancelled() => return,
-        r = tokio::time::timeout(cfg.header_timeout, std::pin::Pin::new(&mut stream).accept()) => r,
-    };
+    // Not cut short by a shutdown: a connection accepted just before one
+    // (or before a reload) is served its first request, within the grace.
+    let done =
+        tokio::time::timeout(cfg.header_timeout, std::pin::Pin::new(&mut stream).accept()).await;
     match done {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
@@ -360,7 +360,18 @@ async fn serve_conn<IO, F>(
     let mut revised = revocations.as_ref().map(|r| r.watch());
     let conn_peer = peer.clone();
     let conn_rev = revocations.clone();
+    // Requests begun on this connection, told to a shutdown waiting for
+    // the next one (below).
+    let begun = Arc::new((
+        std::sync::atomic::AtomicU64::new(0),
+        tokio::sync::Notify::new(),
+    ));
+    let seen_begin = begun.clone();
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        seen_begin
+            .0
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        seen_begin.1.notify_waiters();
         let mut req = req.map(|b| Lingering(Some(b)));
         req.extensions_mut().insert(peer.clone());
         let mut svc = svc.clone();
@@ -412,6 +423,41 @@ async fn serve_conn<IO, F>(
                 return;
             }
             () = shutdown.cancelled() => {
+                // hyper closes a connection between requests at once: a
+                // client that has just sent its next request on it (or its
+                // first, on a connection accepted just before a stop or a
+                // reload) would see it closed unanswered, and could not
+                // tell whether it was taken. So a connection between
+                // requests is given a moment for its next one, which is
+                // answered with `Connection: close`; one in a request
+                // finishes it and closes.
+                let wait = if begun.0.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                    cfg.header_timeout
+                } else {
+                    IDLE_AT_SHUTDOWN
+                }
+                .min(cfg.grace);
+                let before = begun.0.load(std::sync::atomic::Ordering::Relaxed);
+                let next = async {
+                    loop {
+                        let n = begun.1.notified();
+                        if begun.0.load(std::sync::atomic::Ordering::Relaxed) > before {
+                            return;
+                        }
+                        n.await;
+                    }
+                };
+                // A request in progress now is answered in any case.
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!("connection ended: {e}");
+                        }
+                        return;
+                    }
+                    () = next => {}
+                    () = tokio::time::sleep(wait) => {}
+                }
                 conn.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(cfg.grace, conn).await;
                 return;
@@ -433,6 +479,10 @@ async fn serve_conn<IO, F>(
         }
     }
 }
+
+/// How long a stopping server keeps a connection that is between requests
+/// open for its next one ([`serve_conn`]).
+const IDLE_AT_SHUTDOWN: Duration = Duration::from_secs(1);
 
 /// Most of a request body read and dropped after a handler answered
 /// without reading it all (see [`Lingering`]).

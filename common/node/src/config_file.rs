@@ -69,13 +69,17 @@ where
 
 /// Starts this program over in this process, with the same arguments
 /// (same PID, so a service manager sees no exit), to read its
-/// configuration file again. Returns only on failure.
+/// configuration file again; its listeners stay open across the exec
+/// ([`crate::inherit`]). Returns only on failure.
 pub fn start_again() -> std::io::Error {
     use std::os::unix::process::CommandExt as _;
     match std::env::current_exe() {
-        Ok(exe) => std::process::Command::new(exe)
-            .args(std::env::args_os().skip(1))
-            .exec(),
+        Ok(exe) => {
+            let mut cmd = std::process::Command::new(exe);
+            cmd.args(std::env::args_os().skip(1));
+            crate::inherit::pass_on(&mut cmd);
+            cmd.exec()
+        }
         Err(e) => e,
     }
 }

@@ -3,7 +3,8 @@
 //! its `run`; everything around them is here.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
@@ -29,16 +30,32 @@ pub fn init_logging() {
         .init();
 }
 
-/// Binds `listen`; with `addr_file`, writes the bound address there (for
-/// scripts and tests that start a daemon on port 0).
+/// Binds `listen` (or takes the listener the previous image of this
+/// process kept open across a start in place, [`crate::inherit`]); with
+/// `addr_file`, writes the bound address there (for scripts and tests that
+/// start a daemon on port 0).
 pub async fn bind(
     listen: SocketAddr,
     addr_file: Option<&Path>,
 ) -> anyhow::Result<tokio::net::TcpListener> {
     use anyhow::Context as _;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    use std::os::fd::AsFd as _;
+    let key = format!("tcp {listen}");
+    let listener = match crate::inherit::take(&key) {
+        Some(fd) => {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)?
+        }
+        None => {
+            crate::inherit::release_port(listen.port());
+            tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?
+        }
+    };
+    let bound = format!("tcp {}", listener.local_addr()?);
+    crate::inherit::keep(&key, &bound, listener.as_fd())?;
     if let Some(f) = addr_file {
         // Whole or not at all, so a script polling for it never reads half.
         rs_store::files::write_atomically(f, listener.local_addr()?.to_string().as_bytes())
@@ -47,20 +64,66 @@ pub async fn bind(
     Ok(listener)
 }
 
-/// A token cancelled on SIGTERM or SIGINT ([`shutdown_on_signal`]).
-pub fn shutdown_token() -> CancellationToken {
+/// Binds the Unix-domain socket `path` (replacing a stale file), or takes
+/// the one the previous image kept open, as [`bind`].
+pub fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use anyhow::Context as _;
+    use std::os::fd::AsFd as _;
+    let key = format!("unix {}", path.display());
+    let listener = match crate::inherit::take(&key).filter(|_| path.exists()) {
+        Some(fd) => {
+            let l = std::os::unix::net::UnixListener::from(fd);
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)?
+        }
+        None => {
+            let _ = std::fs::remove_file(path);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on {}", path.display()))?
+        }
+    };
+    crate::inherit::keep(&key, &key, listener.as_fd())?;
+    Ok(listener)
+}
+
+/// `shutdown_grace_secs` when a configuration leaves it out.
+pub fn default_grace_secs() -> u64 {
+    10
+}
+
+/// Set once a good configuration has been read on SIGHUP: the run ends
+/// (draining as on SIGTERM) and [`finish`] starts the program over with it.
+static RELOADING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the run is ending to start again in place (a reload), so what
+/// it would remove on a stop for good (the proxy's socket file) stays.
+pub fn reloading() -> bool {
+    RELOADING.load(Ordering::Relaxed)
+}
+
+/// A token cancelled on SIGTERM or SIGINT, or on SIGHUP when the
+/// configuration file at `config` passes `check` ([`lifecycle`]).
+pub fn signals<T: 'static>(
+    config: Option<PathBuf>,
+    check: fn(&str) -> Result<T, String>,
+) -> CancellationToken {
     let token = CancellationToken::new();
-    tokio::spawn(shutdown_on_signal(token.clone()));
+    tokio::spawn(lifecycle(token.clone(), config, check));
     token
 }
 
 /// What `main` returns once `run` has ended: nothing after a stop; after a
-/// `configChange`, the program started over in place (same PID, so a
-/// service manager sees no exit), which returns only on failure.
+/// reload or a `configChange`, the program started over in place (same
+/// PID, so a service manager sees no exit; the listeners kept open), which
+/// returns only on failure.
 pub fn finish(exit: Exit) -> anyhow::Result<()> {
     match exit {
-        Exit::Stopped => Ok(()),
-        Exit::Restart => Err(anyhow::anyhow!(
+        Exit::Stopped if !reloading() => Ok(()),
+        Exit::Stopped | Exit::Restart => Err(anyhow::anyhow!(
             "cannot start again: {}",
             crate::config_file::start_again()
         )),
@@ -86,11 +149,26 @@ pub fn crash_point(name: &str) {
     }
 }
 
-/// Cancels `token` on SIGTERM or SIGINT (Ctrl-C). SIGHUP, which would
-/// otherwise kill the daemon without a shutdown (and which service
-/// managers send as "reload"), is caught and logged: the daemon goes on
-/// with the configuration it started with.
-pub async fn shutdown_on_signal(token: tokio_util::sync::CancellationToken) {
+/// The service manager's side of a daemon's life, by signal:
+///
+/// - SIGTERM, SIGINT: `STOPPING=1` to the service manager, then `token` is
+///   cancelled and the run drains (within its `shutdown_grace_secs`);
+/// - SIGHUP: the configuration file is read and checked by the same code
+///   as at start (`check`, the daemon's `Config::parse`). A bad one is
+///   refused with its file, line and key, in the log and in the service's
+///   status line (`systemctl status`), and the daemon goes on with the
+///   configuration in force. A good one: `RELOADING=1`, the run drains as
+///   on a stop and [`finish`] starts the program over with it, its
+///   listeners kept open; the new image says `READY=1` when it serves
+///   ([`ready`]).
+///
+/// Without a service manager (no `NOTIFY_SOCKET`) the notifications are
+/// skipped.
+pub async fn lifecycle<T>(
+    token: CancellationToken,
+    config: Option<PathBuf>,
+    check: fn(&str) -> Result<T, String>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -105,16 +183,107 @@ pub async fn shutdown_on_signal(token: tokio_util::sync::CancellationToken) {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
             _ = hup.recv() => {
-                tracing::warn!(
-                    "SIGHUP: reloading is not supported; going on with the configuration \
-                     in force (restart the service to apply a changed file)"
-                );
-                continue;
+                if token.is_cancelled() {
+                    tracing::info!("SIGHUP: already reloading");
+                    continue;
+                }
+                let Some(path) = &config else {
+                    tracing::warn!("SIGHUP: no configuration file to read again; going on");
+                    continue;
+                };
+                match check_file(path, check) {
+                    Err(why) => {
+                        tracing::error!(
+                            "SIGHUP: the configuration is refused, going on with the one in \
+                             force: {why}"
+                        );
+                        notify(&[sd_notify::NotifyState::Status(&format!(
+                            "serving; reload refused: {why}"
+                        ))]);
+                        continue;
+                    }
+                    Ok(()) => {
+                        tracing::info!(
+                            "SIGHUP: {} is good; draining, then starting again with it \
+                             (listeners kept open)",
+                            path.display()
+                        );
+                        RELOADING.store(true, Ordering::Relaxed);
+                        let mut states = vec![
+                            sd_notify::NotifyState::Reloading,
+                            sd_notify::NotifyState::Status("reloading"),
+                        ];
+                        if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+                            states.push(now);
+                        }
+                        notify(&states);
+                        token.cancel();
+                        // Still listening: a SIGTERM during the drain makes
+                        // it a stop for good.
+                        continue;
+                    }
+                }
             }
         }
         break;
     }
+    RELOADING.store(false, Ordering::Relaxed);
+    crate::inherit::forget_kept();
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping: draining"),
+    ]);
     token.cancel();
+}
+
+/// Tells the service manager the daemon serves (`READY=1`: start-up, or a
+/// reload, is complete), and closes inherited listeners the configuration
+/// no longer names. Called by each daemon once its listeners accept.
+pub fn ready(what: &str) {
+    crate::inherit::close_unclaimed();
+    RELOADING.store(false, Ordering::Relaxed);
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(what),
+    ]);
+}
+
+/// With a watchdog configured (`WatchdogSec=` in the unit), pings it every
+/// half period while `alive` answers within that half period (the daemon's
+/// storage thread answers a query): a daemon whose storage is wedged stops
+/// pinging, and the service manager restarts it. Until `stop`.
+pub fn watchdog<F, Fut>(stop: CancellationToken, alive: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let every = period / 2;
+    tracing::info!("watchdog: pinging every {every:?} while storage answers");
+    tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(every, alive()).await {
+                Ok(Ok(())) => notify(&[sd_notify::NotifyState::Watchdog]),
+                Ok(Err(e)) => tracing::error!("watchdog: not pinging: {e}"),
+                Err(_) => {
+                    tracing::error!("watchdog: not pinging: storage did not answer in {every:?}")
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+}
+
+/// One message to the service manager (nothing without one).
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify the service manager: {e}");
+    }
 }
 
 /// `check-config`: reads the configuration file at `path` with `parse` (the
@@ -123,23 +292,28 @@ pub async fn shutdown_on_signal(token: tokio_util::sync::CancellationToken) {
 /// `FILE:LINE: KEY: problem` (the line of the key it names, when it names
 /// one that is in the file). Returns the exit status: 0 good, 1 not.
 pub fn check_config<T>(path: &std::path::Path, parse: impl Fn(&str) -> Result<T, String>) -> i32 {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("{}: {e}", path.display());
-            return 1;
-        }
-    };
-    match parse(&text) {
-        Ok(_) => {
+    match check_file(path, parse) {
+        Ok(()) => {
             println!("{}: ok", path.display());
             0
         }
         Err(e) => {
-            eprintln!("{}", locate_problem(path, &text, &e));
+            eprintln!("{e}");
             1
         }
     }
+}
+
+/// Reads and checks the configuration file at `path` with `parse`: the
+/// problem as `FILE:LINE: KEY: problem`, if any.
+pub fn check_file<T>(
+    path: &std::path::Path,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse(&text)
+        .map(|_| ())
+        .map_err(|e| locate_problem(path, &text, &e))
 }
 
 /// A configuration problem as `FILE:LINE: KEY: problem`: TOML's own errors

@@ -9,7 +9,9 @@
 //!   back-channel readiness);
 //! - [`config_file`]: `configChange` applied to a daemon's file;
 //! - [`daemon`]: the skeleton the three daemons share (logging,
-//!   configuration loading, signals, shutdown);
+//!   configuration loading, signals, reload, the service manager's
+//!   notifications, shutdown);
+//! - [`inherit`]: listening sockets kept open across a start in place;
 //! - [`mem`]: giving freed memory back to the kernel.
 //!
 //! Depends on `rs-protocol`, `rs-store` and `rs-net`.
@@ -17,6 +19,7 @@
 pub mod config_file;
 pub mod daemon;
 pub mod ingress;
+pub mod inherit;
 pub mod mem;
 pub mod throttle;
 pub mod upstream;

@@ -11,8 +11,8 @@
 /// heartbeat, so an idle one keeps only what it uses; a call walks the free
 /// lists, well under a millisecond for an idle daemon's heap.
 ///
-/// No maintained crate wraps this one libc call, hence the workspace's only
-/// `unsafe` block.
+/// No maintained crate wraps this one libc call, hence one of the
+/// workspace's two `unsafe` places (with `inherit::adopt`).
 pub fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[allow(unsafe_code)]

@@ -310,6 +310,38 @@ impl SenderStats {
     }
 }
 
+/// A stopping tier's last delivery: waits while the sender (still
+/// running) empties `spool`, until it is empty, `until` passes, or the next
+/// hop fails a POST (it is not there to take the rest: waiting longer
+/// would only delay the stop). What is left stays spooled, durably, for
+/// the next start.
+pub async fn drain<S: Spool>(spool: &S, stats: &SenderStats, until: tokio::time::Instant) {
+    let failed_before = stats.posts_failed.load(Ordering::Relaxed);
+    loop {
+        match spool.stats().await {
+            Ok(s) if s.messages == 0 => return,
+            Ok(s) => {
+                if tokio::time::Instant::now() >= until {
+                    tracing::info!("stopping with {} messages spooled (grace over)", s.messages);
+                    return;
+                }
+                if stats.posts_failed.load(Ordering::Relaxed) > failed_before {
+                    tracing::info!(
+                        "stopping with {} messages spooled (the next hop is not taking them)",
+                        s.messages
+                    );
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("drain: {e}");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Takes the back-channel messages a reply carried; returns the IDs it has
 /// made durable or applied, which the sender acknowledges on its next POST.
 pub trait BackChannel: Send + Sync + 'static {

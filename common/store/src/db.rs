@@ -177,6 +177,12 @@ impl<S: DbState> Db<S> {
         Ok(Db { tx })
     }
 
+    /// Answers once the thread has come to this request: whether storage
+    /// is alive and keeping up (a service manager's watchdog).
+    pub async fn ping(&self) -> Result<(), DbError> {
+        self.read(|_| Ok(())).await
+    }
+
     /// Runs `f` in the next transaction; returns once it has committed, on
     /// disk.
     pub async fn write<T: Send + 'static>(

@@ -121,28 +121,17 @@ async fn serve_role(role: Role) -> anyhow::Result<()> {
         _ => {}
     }
     daemon::init_logging();
-    let shutdown = daemon::shutdown_token();
     match role {
         Role::Appserver {
             config, addr_file, ..
-        } => {
-            let cfg = rs_appserver::Config::load(&config).map_err(anyhow::Error::msg)?;
-            let l = daemon::bind(cfg.listen, addr_file.as_deref()).await?;
-            rs_appserver::run(cfg, l, shutdown).await
-        }
+        } => rs_appserver::daemon(config, addr_file).await,
         Role::Mlm {
             config, addr_file, ..
-        } => {
-            let cfg = rs_mlm::Config::load(&config).map_err(anyhow::Error::msg)?;
-            let l = daemon::bind(cfg.listen, addr_file.as_deref()).await?;
-            daemon::finish(rs_mlm::run(cfg, Some(config), l, shutdown).await?)
-        }
-        Role::Proxy { config, .. } => {
-            let cfg = rs_proxy::Config::load(&config).map_err(anyhow::Error::msg)?;
-            daemon::finish(rs_proxy::run(cfg, Some(config), shutdown).await?)
-        }
+        } => rs_mlm::daemon(config, addr_file).await,
+        Role::Proxy { config, .. } => rs_proxy::daemon(config).await,
         Role::Rsctl { .. } => Ok(()),
         Role::Hostwatch(args) => {
+            let shutdown = daemon::signals::<()>(None, |_| Ok(()));
             tokio::select! {
                 () = rs_proxy::hostwatch::run(args) => {}
                 () = shutdown.cancelled() => {}
@@ -339,8 +328,7 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
         "  time | proxies: spooled delivered queued dead | MLM: received forwarded aggregated filtered | appserver: stored components"
     );
 
-    let stop = CancellationToken::new();
-    tokio::spawn(rs_node::daemon::shutdown_on_signal(stop.clone()));
+    let stop = rs_node::daemon::signals::<()>(None, |_| Ok(()));
     let rate = cli.load.unwrap_or(if cli.farm { 200 } else { 0 });
     let stop_load = CancellationToken::new();
     let loader = tokio::spawn(load(
