@@ -143,17 +143,18 @@ impl Config {
     /// Parses and checks a configuration document.
     pub fn parse(text: &str) -> Result<Self, String> {
         let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        c.rs_id()?;
+        let mut p = rs_node::daemon::Problems::default();
+        p.check(c.rs_id());
         if c.retention_days == 0 {
-            return Err("retention_days must be at least 1".into());
+            p.add("retention_days must be at least 1");
         }
         if c.heartbeat_secs == 0 {
-            return Err("heartbeat_secs must be at least 1".into());
+            p.add("heartbeat_secs must be at least 1");
         }
         if let Some(d) = &c.database
             && !rs_store::sql::is_postgres_url(d)
         {
-            return Err(format!(
+            p.add(format!(
                 "database = {:?}: expected a postgres:// URL (without it the server uses \
                  SQLite in data_dir)",
                 rs_store::sql::redact(d)
@@ -161,12 +162,12 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         for m in &c.modules {
-            m.check()?;
+            p.check(m.check());
             if !names.insert(m.name.as_str()) {
-                return Err(format!("two modules are named {:?}", m.name));
+                p.add(format!("two modules are named {:?}", m.name));
             }
         }
-        Ok(c)
+        p.into_result(c)
     }
 
     /// Reads and parses a configuration file.

@@ -153,34 +153,39 @@ fn default_spool_days() -> u64 {
 impl Config {
     pub fn parse(text: &str) -> Result<Self, String> {
         let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        let id = c.rs_id()?;
-        if id.kind() != ComponentKind::Mlm {
-            return Err(format!("id {:?} is not an MLM ID (like acme.m1)", c.id));
+        let mut p = rs_node::daemon::Problems::default();
+        if let Some(id) = p.check(c.rs_id())
+            && id.kind() != ComponentKind::Mlm
+        {
+            p.add(format!("id {:?} is not an MLM ID (like acme.m1)", c.id));
         }
-        rs_node::upstream::check_urls(&c.upstream.urls)?;
+        p.check(rs_node::upstream::check_urls(&c.upstream.urls));
         if let Some(d) = &c.database
             && !rs_store::sql::is_postgres_url(d)
         {
-            return Err(format!(
+            p.add(format!(
                 "database = {:?}: expected a postgres:// URL (without it the MLM keeps its \
                  back-channel queue in data_dir)",
                 rs_store::sql::redact(d)
             ));
         }
         if c.seal.is_some() && c.tls.is_none() {
-            return Err(
-                "[seal] needs [tls]: messages are sealed with this MLM's certificate".into(),
-            );
+            p.add("[seal] needs [tls]: messages are sealed with this MLM's certificate");
         }
         // Build the modules once to report rule errors at load time.
-        crate::modules::build(&c.filter, &c.modify, &c.drop_repeats, &c.aggregate)?;
-        rs_node::throttle::Throttle::new(
+        p.check(crate::modules::build(
+            &c.filter,
+            &c.modify,
+            &c.drop_repeats,
+            &c.aggregate,
+        ));
+        p.check(rs_node::throttle::Throttle::new(
             &c.throttle,
             std::sync::Arc::new(rs_protocol::time::SystemClock),
             None,
             None,
-        )?;
-        Ok(c)
+        ));
+        p.into_result(c)
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self, String> {

@@ -140,47 +140,47 @@ fn default_spool_days() -> u64 {
 impl Config {
     pub fn parse(text: &str) -> Result<Self, String> {
         let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut p = rs_node::daemon::Problems::default();
         match (&c.id, &c.tls) {
             (Some(id), _) => {
-                let rs = RsId::new(id).map_err(|e| format!("id {id:?}: {e}"))?;
-                if rs.kind() != rs_protocol::ComponentKind::Proxy {
-                    return Err(format!("id {id:?} is not a proxy ID (like acme.p1)"));
+                if let Some(rs) = p.check(RsId::new(id).map_err(|e| format!("id {id:?}: {e}")))
+                    && rs.kind() != rs_protocol::ComponentKind::Proxy
+                {
+                    p.add(format!("id {id:?} is not a proxy ID (like acme.p1)"));
                 }
             }
             // The ID comes with the certificate (enrolled, or to enroll).
             (None, Some(t)) if t.cert.exists() || c.enroll_token.is_some() => {}
-            (None, _) => {
-                return Err(
-                    "id is required (or [tls] with an enroll_token: the ID then comes with the certificate)"
-                        .into(),
-                );
-            }
+            (None, _) => p.add(
+                "id is required (or [tls] with an enroll_token: the ID then comes with the certificate)",
+            ),
         }
         if c.seal.is_some() && c.tls.is_none() {
-            return Err(
-                "[seal] needs [tls]: messages are sealed with this proxy's certificate".into(),
-            );
+            p.add("[seal] needs [tls]: messages are sealed with this proxy's certificate");
         }
-        rs_node::upstream::check_urls(&c.upstream.urls)?;
-        c.socket_mode()?;
+        p.check(rs_node::upstream::check_urls(&c.upstream.urls));
+        p.check(c.socket_mode());
         if let Some(a) = c.api_listen
             && !a.ip().is_loopback()
         {
-            return Err(format!(
+            p.add(format!(
                 "api_listen {a}: the integrator API is served on loopback addresses only"
             ));
         }
         // Compiling checks every rule (zones, windows, rates).
-        rs_node::throttle::Throttle::new(
+        p.check(rs_node::throttle::Throttle::new(
             &c.throttle,
             std::sync::Arc::new(rs_protocol::time::SystemClock),
             None,
             None,
-        )?;
-        if c.upstream.max_messages == 0 || c.heartbeat_secs == 0 {
-            return Err("upstream.max_messages and heartbeat_secs must be at least 1".into());
+        ));
+        if c.upstream.max_messages == 0 {
+            p.add("upstream.max_messages must be at least 1");
         }
-        Ok(c)
+        if c.heartbeat_secs == 0 {
+            p.add("heartbeat_secs must be at least 1");
+        }
+        p.into_result(c)
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self, String> {

@@ -494,6 +494,31 @@ fn check_config_names_the_file_line_and_key_of_a_problem() {
             ":1: id: ",
         ),
     ];
+    // Every problem found after parsing is named, each on its own line.
+    let f = dir.join("several.toml");
+    std::fs::write(
+        &f,
+        "id = \"acme.m7\"\ndata_dir = \"/nonexistent\"\nsocket = \"/nonexistent/s\"\napi_listen = \"10.0.0.1:8449\"\nheartbeat_secs = 0\n[upstream]\nurls = [\"ftp://127.0.0.1:1\"]\n",
+    )
+    .unwrap();
+    let (code, out) = run_role(
+        "proxy",
+        &["--config", f.to_str().unwrap(), "--check-config"],
+        30,
+    );
+    assert_eq!(code, 1, "{out}");
+    for want in [
+        ":1: id: ",
+        ":4: api_listen: ",
+        ":5: heartbeat_secs: ",
+        ":7: upstream.urls: ",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("{}{want}", f.display()))),
+            "wanted a line {want:?} in {out}"
+        );
+    }
     for (role, text, want) in cases {
         let f = dir.join(format!("{role}.toml"));
         std::fs::write(&f, text).unwrap();

@@ -193,6 +193,7 @@ pub async fn lifecycle<T>(
                 };
                 match check_file(path, check) {
                     Err(why) => {
+                        let why = why.replace('\n', "; ");
                         tracing::error!(
                             "SIGHUP: the configuration is refused, going on with the one in \
                              force: {why}"
@@ -288,9 +289,10 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
 
 /// `check-config`: reads the configuration file at `path` with `parse` (the
 /// daemon's own parsing and checks, the same code as at start) and says
-/// whether it would start with it: `FILE: ok`, or the problem as
+/// whether it would start with it: `FILE: ok`, or each problem as
 /// `FILE:LINE: KEY: problem` (the line of the key it names, when it names
-/// one that is in the file). Returns the exit status: 0 good, 1 not.
+/// one that is in the file), one per line. Returns the exit status: 0
+/// good, 1 not.
 pub fn check_config<T>(path: &std::path::Path, parse: impl Fn(&str) -> Result<T, String>) -> i32 {
     match check_file(path, parse) {
         Ok(()) => {
@@ -313,7 +315,47 @@ pub fn check_file<T>(
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     parse(&text)
         .map(|_| ())
-        .map_err(|e| locate_problem(path, &text, &e))
+        .map_err(|e| locate_problems(path, &text, &e))
+}
+
+/// The problems found checking a configuration after it parsed, so that
+/// `check-config` and a refused reload name every one, not the first.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<String>);
+
+impl Problems {
+    /// Notes `problem`.
+    pub fn add(&mut self, problem: impl Into<String>) {
+        self.0.push(problem.into());
+    }
+
+    /// Notes the problem `r` carries, if any; its value otherwise.
+    pub fn check<T>(&mut self, r: Result<T, String>) -> Option<T> {
+        r.map_err(|e| self.0.push(e)).ok()
+    }
+
+    /// `value` when nothing was noted; else every problem, one per line.
+    pub fn into_result<T>(self, value: T) -> Result<T, String> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.0.join("\n"))
+        }
+    }
+}
+
+/// Configuration problems (one per line, as [`Problems`] gives them) each
+/// as `FILE:LINE: KEY: problem`; a TOML error is one problem (parsing
+/// stops at it).
+fn locate_problems(path: &std::path::Path, text: &str, problems: &str) -> String {
+    if problems.starts_with("TOML parse error") {
+        return locate_problem(path, text, problems);
+    }
+    problems
+        .lines()
+        .map(|p| locate_problem(path, text, p))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A configuration problem as `FILE:LINE: KEY: problem`: TOML's own errors
@@ -406,5 +448,25 @@ mod check_tests {
             locate_problem(path, text, "something else"),
             "/etc/rs/proxy.toml: something else"
         );
+    }
+
+    #[test]
+    fn every_problem_is_named_on_its_own_line() {
+        let path = std::path::Path::new("/etc/rs/proxy.toml");
+        let text = "id = \"acme.x1\"\nheartbeat_secs = 0\n";
+        let mut p = Problems::default();
+        p.add("id \"acme.x1\" is not a proxy ID");
+        assert_eq!(
+            p.check::<()>(Err("heartbeat_secs must be at least 1".into())),
+            None
+        );
+        assert_eq!(p.check(Ok::<_, String>(7)), Some(7));
+        let all = p.into_result(()).unwrap_err();
+        assert_eq!(
+            locate_problems(path, text, &all),
+            "/etc/rs/proxy.toml:1: id: id \"acme.x1\" is not a proxy ID\n\
+             /etc/rs/proxy.toml:2: heartbeat_secs: heartbeat_secs must be at least 1"
+        );
+        assert!(Problems::default().into_result(()).is_ok());
     }
 }
