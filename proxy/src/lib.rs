@@ -8,9 +8,11 @@
 pub mod api;
 pub mod back_channel;
 pub mod bulk;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod download;
+pub mod enroll;
 pub mod hostwatch;
 pub mod registry;
 

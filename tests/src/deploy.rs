@@ -826,6 +826,33 @@ impl Deployment {
             .unwrap_or_else(|| panic!("no node {name}"))
     }
 
+    /// Starts a proxy with a configuration written elsewhere (by `rs-proxy
+    /// enroll`, say), waiting until its socket accepts.
+    pub fn start_proxy_with(
+        &mut self,
+        name: &str,
+        config: &Path,
+        socket: &Path,
+    ) -> anyhow::Result<()> {
+        let mut node = Node {
+            name: name.into(),
+            role: Role::Proxy,
+            args: vec!["--config".into(), config.display().to_string()],
+            log: self.dir.join("logs").join(format!("{name}.log")),
+            child: None,
+            addr: None,
+            socket: Some(socket.to_owned()),
+            config: Some(config.to_owned()),
+            env: self.env.clone(),
+        };
+        node.start(&self.exe)?;
+        if !wait_for(Duration::from_secs(30), || accepts(socket)) {
+            anyhow::bail!("{name} did not start; see {}", node.log.display());
+        }
+        self.nodes.insert(name.into(), node);
+        Ok(())
+    }
+
     /// Restarts a node (after a kill), waiting until it serves again.
     pub fn restart(&mut self, name: &str) -> anyhow::Result<()> {
         let exe = self.exe.clone();

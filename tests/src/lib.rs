@@ -19,6 +19,17 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The name of the user the tests run as.
+pub fn whoami() -> String {
+    std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "root".into())
+}
+
 /// Waits for a child process to end, killing it after `limit` (so a
 /// command that never ends fails its test instead of holding the suite);
 /// its exit code, -1 if it had to be killed or died of a signal.

@@ -772,3 +772,105 @@ async fn sigterm_under_load_drains_within_the_grace_and_loses_nothing() {
     assert_exactly_once(&dir, &ids);
     d.stop_all();
 }
+
+/// A site in one step: on a machine with the package's default
+/// configuration, `rs-proxy enroll --server URL --token T` obtains the
+/// certificate and the ID, writes a configuration the proxy starts with
+/// (keeping what the file had), and the proxy sends with it. A spent or
+/// bad token changes nothing; an enrolled site is not enrolled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_enrolls_in_one_step_and_its_proxy_sends() {
+    let dir = tmp("ops-enroll");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (_a, m) = d.server_and_mlm().unwrap();
+    let pki = d.pki.clone().unwrap();
+    let site = dir.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    // What the package installs: the commented default configuration.
+    let config = site.join("proxy.toml");
+    let packaged = rs_tests::repo_root().join("packaging/etc/proxy.toml");
+    std::fs::copy(&packaged, &config).unwrap();
+    let packaged_text = std::fs::read_to_string(&config).unwrap();
+    let (data, socket) = (site.join("state"), site.join("rs-proxy.sock"));
+    let me = rs_tests::whoami();
+    let enroll = |token: &str| {
+        run_role(
+            "rs-proxy",
+            &[
+                "enroll",
+                "--server",
+                &format!("https://{m}"),
+                "--token",
+                token,
+                "--ca",
+                pki.admin.ca.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--socket",
+                socket.to_str().unwrap(),
+                "--user",
+                &me,
+                "--no-start",
+            ],
+            60,
+        )
+    };
+    // A bad token: refused, and the file is as the package left it.
+    let (code, out) = enroll("rse_not-a-token");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("enrollment"), "{out}");
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), packaged_text);
+
+    let token = d.enrollment_token("acme.p7").unwrap();
+    let (code, out) = enroll(&token);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("enrolled as acme.p7"), "{out}");
+    let written = std::fs::read_to_string(&config).unwrap();
+    let c = rs_proxy::Config::parse(&written).unwrap();
+    assert_eq!(c.id.as_deref(), Some("acme.p7"));
+    assert_eq!(c.upstream.urls, [format!("https://{m}")]);
+    assert!(c.enroll_token.is_none(), "the spent token is not kept");
+    // What the operator had in the file is kept (the package's socket mode).
+    let packaged_cfg: toml::Table = packaged_text.parse().unwrap();
+    assert_eq!(
+        Some(c.socket_mode.as_str()),
+        packaged_cfg
+            .get("socket_mode")
+            .and_then(|v| v.as_str())
+            .or(Some("0660"))
+    );
+    let key = c.tls.as_ref().unwrap().key.clone();
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o077,
+        0
+    );
+    let (code, out) = run_role(
+        "proxy",
+        &["--config", config.to_str().unwrap(), "--check-config"],
+        30,
+    );
+    assert_eq!(code, 0, "{out}");
+
+    // Enrolled: not again (its certificate is not replaced).
+    let cert = std::fs::read(&c.tls.as_ref().unwrap().cert).unwrap();
+    let (code, out) = enroll(&d.enrollment_token("acme.p8").unwrap());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("enrolled already"), "{out}");
+    assert_eq!(std::fs::read(&c.tls.as_ref().unwrap().cert).unwrap(), cert);
+
+    // The proxy starts with what was written, and sends.
+    d.start_proxy_with("site", &config, &socket).unwrap();
+    let client = register(&socket).await;
+    let mut ids = HashSet::new();
+    ids.insert(
+        client
+            .send("alarm", &alarm("from a site enrolled in one step", None))
+            .await
+            .unwrap(),
+    );
+    assert!(all_stored(&dir, &ids, Duration::from_secs(30)));
+    d.stop_all();
+}

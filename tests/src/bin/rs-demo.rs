@@ -94,6 +94,12 @@ enum Role {
     },
     /// Run the example integrator.
     Hostwatch(rs_proxy::hostwatch::Args),
+    /// The proxy's command line (the same as the `rs-proxy` program).
+    #[command(name = "rs-proxy", disable_help_flag = true)]
+    ProxyCli {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// The admin command line (the same as the `rsctl` program).
     #[command(disable_help_flag = true)]
     Rsctl {
@@ -129,7 +135,7 @@ async fn serve_role(role: Role) -> anyhow::Result<()> {
             config, addr_file, ..
         } => rs_mlm::daemon(config, addr_file).await,
         Role::Proxy { config, .. } => rs_proxy::daemon(config).await,
-        Role::Rsctl { .. } => Ok(()),
+        Role::Rsctl { .. } | Role::ProxyCli { .. } => Ok(()),
         Role::Hostwatch(args) => {
             let shutdown = daemon::signals::<()>(None, |_| Ok(()));
             tokio::select! {
@@ -806,6 +812,11 @@ fn main() {
     if let Some(Role::Rsctl { args }) = &cli.role {
         let argv = std::iter::once(std::ffi::OsString::from("rsctl")).chain(args.iter().cloned());
         std::process::exit(rs_ctl::main_with(argv));
+    }
+    if let Some(Role::ProxyCli { args }) = &cli.role {
+        let argv =
+            std::iter::once(std::ffi::OsString::from("rs-proxy")).chain(args.iter().cloned());
+        std::process::exit(rs_proxy::cli::main_with(argv));
     }
     // Each role runs on the runtime its own program uses: rs-proxy and
     // rs-hostwatch on one thread, the servers on one worker per core.
