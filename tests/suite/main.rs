@@ -19,6 +19,7 @@ pub(crate) mod forward;
 mod fuzz_replay;
 mod golden;
 mod operations;
+mod packaging;
 mod security;
 mod storage;
 mod subscriptions;

@@ -352,7 +352,7 @@ fn the_systemd_units_verify_and_let_each_daemon_write_what_it_writes() {
         let checked = scratch.join(format!("{name}.service"));
         std::fs::write(
             &checked,
-            unit.replace(&format!("/usr/local/bin/{name}"), "/bin/true"),
+            unit.replace(&format!("/usr/bin/{name}"), "/bin/true"),
         )
         .unwrap();
         let out = std::process::Command::new("systemd-analyze")
