@@ -57,10 +57,13 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         warp::path!("rs" / "v1" / "control" / "components")
             .and(warp::get())
             .and(crate::security::admin())
-            .and_then(move |admin: crate::security::Admin| {
-                let app = app.clone();
-                async move { components(&app, &admin.grants).await }
-            })
+            .and(warp::query::<HashMap<String, String>>())
+            .and_then(
+                move |admin: crate::security::Admin, q: HashMap<String, String>| {
+                    let app = app.clone();
+                    async move { components(&app, &admin.grants, q).await }
+                },
+            )
     };
     let farms = {
         let app = app.clone();
@@ -868,6 +871,9 @@ async fn visible_components(
     Ok(rows
         .into_iter()
         .filter_map(|c| {
+            let status = c
+                .status
+                .and_then(|x| rs_protocol::codec::decode_status(&x, &limits).ok());
             Some(Component {
                 id: RsId::new(&c.id).ok()?,
                 version: c.version,
@@ -880,22 +886,42 @@ async fn visible_components(
                     .collect(),
                 state: c.state,
                 tags: c.tags,
+                at_risk: status
+                    .as_ref()
+                    .and_then(rs_protocol::control::queue_health::at_risk),
                 // Stored when it arrived, so it decodes; a tree that does
                 // not (an older format) is left out rather than failing
                 // the whole list.
-                status: c
-                    .status
-                    .and_then(|x| rs_protocol::codec::decode_status(&x, &limits).ok()),
+                status,
             })
         })
         .collect())
 }
 
+/// `GET /components`; `?at_risk=1` keeps the components whose latest
+/// status puts them at risk of losing what they hold.
 async fn components(
     app: &AppServer,
     grants: &crate::security::Grants,
+    q: HashMap<String, String>,
 ) -> Result<warp::reply::Response, warp::Rejection> {
-    let list = visible_components(app, grants).await?;
+    if let Some(k) = q.keys().find(|k| *k != "at_risk") {
+        return Err(refuse(
+            http::StatusCode::BAD_REQUEST,
+            format!("unknown parameter {k:?} (at_risk)"),
+        ));
+    }
+    let mut list = visible_components(app, grants).await?;
+    match q.get("at_risk").map(String::as_str) {
+        None | Some("0" | "false") => {}
+        Some("1" | "true") => list.retain(|c| c.at_risk.is_some()),
+        Some(other) => {
+            return Err(refuse(
+                http::StatusCode::BAD_REQUEST,
+                format!("at_risk={other}: 1 or 0"),
+            ));
+        }
+    }
     Ok(xml_response(encode_components(&list)))
 }
 

@@ -50,6 +50,8 @@ pub struct Mlm {
     pub throttle: Arc<rs_node::throttle::Throttle>,
     pub stats: forward::Stats,
     pub sender_stats: Arc<SenderStats>,
+    /// The last heartbeat's sample of the spool (queue health).
+    pub queue_health: rs_node::health::QueueHealth,
     pub clock: Arc<dyn Clock>,
     pub started: rs_protocol::Timestamp,
     /// Cancelled when the MLM begins to stop (ends held long polls).
@@ -197,6 +199,7 @@ impl Mlm {
             throttle,
             stats: forward::Stats::default(),
             sender_stats: Arc::new(SenderStats::default()),
+            queue_health: rs_node::health::QueueHealth::default(),
             clock: Arc::new(SystemClock),
             started: rs_protocol::Timestamp::now(),
             stopping: CancellationToken::new(),
@@ -234,6 +237,12 @@ impl Mlm {
 
     /// The MLM's status: its own state, queue depths and counters.
     pub async fn status_tree(&self) -> StatusNode {
+        self.tree(false).await
+    }
+
+    /// The status tree; for a heartbeat (`beat`), its queue health becomes
+    /// what the next heartbeat's is measured against.
+    async fn tree(&self, beat: bool) -> StatusNode {
         let s = &self.stats;
         let mut metrics: Vec<(&str, u64)> = rs_net::auth::metrics(self.tls.as_deref(), &self.auth);
         if let Some(seal) = &self.sealer {
@@ -310,8 +319,15 @@ impl Mlm {
             ),
         ]);
         let mut state = NodeState::Ok;
+        let mut health = Vec::new();
         match self.spool.stats().await {
             Ok(sp) => {
+                health = self.queue_health.details(
+                    &sp,
+                    self.cfg.spool.max_bytes,
+                    self.clock.now(),
+                    beat,
+                );
                 metrics.push(("spool.messages", sp.messages));
                 metrics.push(("spool.bytes", sp.bytes));
                 metrics.push(("spool.dead_letters", sp.dead_letters));
@@ -360,6 +376,7 @@ impl Mlm {
             metrics: metrics
                 .into_iter()
                 .map(|(k, v)| Detail::new(k, v.to_string()))
+                .chain(health)
                 .collect(),
             ..StatusNode::new("mlm", state)
         }
@@ -434,7 +451,7 @@ impl Mlm {
     /// Spools one of the MLM's own infrastructure messages.
     async fn infrastructure(&self, sub: &str, ttl: Duration, precedence: u8) -> anyhow::Result<()> {
         let now = self.clock.now();
-        let tree = self.status_tree().await;
+        let tree = self.tree(sub == SUB_HEARTBEAT).await;
         let msg = status_message(self.id.clone(), sub, &tree, now, ttl, precedence);
         self.spool.enqueue(vec![msg.to_raw()], now).await?;
         Ok(())
@@ -711,6 +728,7 @@ pub async fn run(
                     if let Err(e) = mlm.infrastructure(SUB_HEARTBEAT, every * 2, 2).await {
                         tracing::warn!("heartbeat: {e}");
                     }
+
                     let _ = mlm.spool.release_memory().await;
                     rs_node::mem::trim();
                 } else if !trimmed && last_beat.elapsed() >= Duration::from_secs(1) {

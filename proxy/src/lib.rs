@@ -42,6 +42,8 @@ pub struct Proxy {
     /// The damaged spool file this start moved aside and replaced, if any
     /// (shown in the status tree, so at the centre, until removed).
     pub spool_recovery: std::sync::Mutex<Option<rs_store::spool::sqlite::Recovery>>,
+    /// The last heartbeat's sample of the spool (queue health).
+    pub queue_health: rs_node::health::QueueHealth,
     pub registry: registry::Registry,
     pub sender_stats: Arc<SenderStats>,
     pub paused: Arc<AtomicBool>,
@@ -119,6 +121,7 @@ impl Proxy {
             uploads,
             download_acks: std::sync::Mutex::new(Vec::new()),
             spool_recovery: std::sync::Mutex::new(spool_recovery),
+            queue_health: rs_node::health::QueueHealth::default(),
             spool,
             registry,
             sender_stats: Arc::new(SenderStats::default()),
@@ -230,10 +233,22 @@ impl Proxy {
     /// The status tree: this proxy, its integrators, their platforms and
     /// support instances.
     pub async fn status_tree(&self) -> StatusNode {
+        self.tree(false).await
+    }
+
+    /// The status tree; for a heartbeat (`beat`), its queue health becomes
+    /// what the next heartbeat's is measured against.
+    async fn tree(&self, beat: bool) -> StatusNode {
         let mut metrics = Vec::new();
         let mut state = NodeState::Ok;
         match self.spool.stats().await {
             Ok(s) => {
+                metrics.extend(self.queue_health.details(
+                    &s,
+                    self.cfg.spool.max_bytes,
+                    self.clock.now(),
+                    beat,
+                ));
                 for (k, v) in [
                     ("spool.messages", s.messages),
                     ("spool.bytes", s.bytes),
@@ -358,7 +373,7 @@ impl Proxy {
         ttl: Duration,
         precedence: u8,
     ) -> Result<MessageId, SubmitError> {
-        let tree = self.status_tree().await;
+        let tree = self.tree(sub == SUB_HEARTBEAT).await;
         self.submit(status_message(
             self.id.clone(),
             sub,
@@ -645,6 +660,7 @@ pub async fn run(
                 if let Err(e) = proxy.infrastructure(SUB_HEARTBEAT, ttl, 2).await {
                     tracing::warn!("heartbeat: {e}");
                 }
+
                 let _ = proxy.spool.release_memory().await;
                 rs_node::mem::trim();
             }

@@ -680,7 +680,13 @@ impl Deployment {
     /// (`mlm`, `acme.m1`) under it, both as configured by default; returns
     /// their addresses.
     pub fn server_and_mlm(&mut self) -> anyhow::Result<(String, String)> {
-        let a = self.appserver("127.0.0.1:0", "")?;
+        self.server_and_mlm_with("")
+    }
+
+    /// [`Self::server_and_mlm`], with `extra` in the server's
+    /// configuration (`heartbeat_secs = 2`, say).
+    pub fn server_and_mlm_with(&mut self, extra: &str) -> anyhow::Result<(String, String)> {
+        let a = self.appserver("127.0.0.1:0", extra)?;
         let m = self.mlm(
             "mlm",
             "acme.m1",

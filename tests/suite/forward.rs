@@ -824,19 +824,8 @@ async fn dead_letters_show_at_the_centre_and_are_replayed_or_discarded_by_an_adm
     let mut d = Deployment::new(&dir, exe()).unwrap();
     // The server refuses any part over 4000 bytes (for now); heartbeats
     // every 2 s.
-    let a = d
-        .appserver(
-            "127.0.0.1:0",
-            "heartbeat_secs = 2\n[limits]\nmax_part_bytes = 4000\n",
-        )
-        .unwrap();
-    let m = d
-        .mlm(
-            "mlm",
-            "acme.m1",
-            std::slice::from_ref(&a),
-            &Extra::default(),
-        )
+    let (a, m) = d
+        .server_and_mlm_with("heartbeat_secs = 2\n[limits]\nmax_part_bytes = 4000\n")
         .unwrap();
     let s = d
         .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())

@@ -874,3 +874,127 @@ async fn a_site_enrolls_in_one_step_and_its_proxy_sends() {
     assert!(all_stored(&dir, &ids, Duration::from_secs(30)));
     d.stop_all();
 }
+
+/// Queue health at the centre: a site whose spool fills (its messages held
+/// back by a closed throttle window, its heartbeats still going up) is
+/// listed by `rsctl components --at-risk` with how full it is within a
+/// heartbeat or two, and with what it drops once it overflows; a healthy
+/// site is not listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_whose_spool_fills_or_drops_is_listed_at_risk() {
+    use crate::backchannel_faults::rsctl;
+    let dir = tmp("ops-at-risk");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (a, m) = d.server_and_mlm_with("heartbeat_secs = 2").unwrap();
+    // A window that is closed now: six hours from now, for a minute.
+    let minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 60
+        % 1440;
+    let (at, until) = ((minute + 360) % 1440, (minute + 361) % 1440);
+    let window = format!(
+        "{:02}:{:02}-{:02}:{:02}",
+        at / 60,
+        at % 60,
+        until / 60,
+        until % 60
+    );
+    let s1 = d
+        .proxy(
+            "p1",
+            "acme.p1",
+            std::slice::from_ref(&m),
+            &Extra {
+                tables: format!(
+                    "[spool]\nmax_bytes = 200000\n[[throttle.rule]]\nname = \"later\"\nclass = \"held\"\nwindow = \"{window}\"\n"
+                ),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    let s2 = d
+        .proxy("p2", "acme.p2", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let held = |i: usize| rs_proxy::api::SendRequest {
+        integrator: "suite".into(),
+        class: Some("held".into()),
+        mime: Some("text/plain".into()),
+        data: Some(format!("{i:05} {}", "x".repeat(10_000))),
+        precedence: Some(2),
+        ..Default::default()
+    };
+    let c1 = register(&s1).await;
+    let c2 = register(&s2).await;
+    c2.send("alarm", &alarm("a healthy site", None))
+        .await
+        .unwrap();
+    // 17 messages of 10 kB: about 85% of the 200 kB spool.
+    for i in 0..17 {
+        c1.send("data", &held(i)).await.unwrap();
+    }
+    let listed = |want: &'static str| {
+        let a = a.clone();
+        wait_for(Duration::from_secs(60), move || {
+            let (_, out, _) = rsctl(&a, &["components", "--at-risk"]);
+            out.lines()
+                .any(|l| l.starts_with("acme.p1 ") && l.contains(want))
+        })
+    };
+    assert!(
+        listed("% full"),
+        "{:?}",
+        rsctl(&a, &["components", "--at-risk"])
+    );
+    let (_, out, _) = rsctl(&a, &["components", "--at-risk"]);
+    assert!(
+        !out.lines()
+            .any(|l| l.starts_with("acme.p2 ") || l.starts_with("acme.m1 ")),
+        "{out}"
+    );
+    let (_, all, _) = rsctl(&a, &["components"]);
+    assert!(all.contains("acme.p2"), "{all}");
+    // Overflowing: older held messages are evicted for the new ones (the
+    // next heartbeat says so, then the one after says nothing more was).
+    for i in 17..40 {
+        c1.send("data", &held(i)).await.unwrap();
+    }
+    let pm = proxy_metrics(&s1).await.unwrap();
+    assert!(
+        pm.get("spool.evicted_total").is_some_and(|n| *n > 0),
+        "{pm:?}"
+    );
+    assert!(
+        listed("dropped since the last heartbeat"),
+        "{}",
+        rsctl(&a, &["components", "--at-risk"]).1
+    );
+    // The control API says the same, and refuses what it does not know.
+    let body = rs_tests::deploy::admin(&a)
+        .get(format!(
+            "{}/rs/v1/control/components?at_risk=1",
+            rs_tests::deploy::base(&a)
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        body.contains("id=\"acme.p1\"") && body.contains("at-risk=\""),
+        "{body}"
+    );
+    assert!(!body.contains("id=\"acme.p2\""), "{body}");
+    let bad = rs_tests::deploy::admin(&a)
+        .get(format!(
+            "{}/rs/v1/control/components?at_risk=maybe",
+            rs_tests::deploy::base(&a)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    d.stop_all();
+}

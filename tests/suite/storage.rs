@@ -1321,6 +1321,12 @@ mod spool_model {
             );
             prop_assert_eq!(st.bytes, model.total(), "bytes at step {}", n);
             prop_assert_eq!(
+                st.oldest.map(|t| t.as_millis()),
+                model.spool.iter().map(|m| m.created).min(),
+                "oldest at step {}",
+                n
+            );
+            prop_assert_eq!(
                 st.dead_letters,
                 model.dead.len() as u64,
                 "dead at step {}",
@@ -1396,6 +1402,64 @@ mod spool_model {
     #[test]
     fn the_shared_spool_follows_its_model_on_postgresql() {
         check("postgres");
+    }
+
+    /// A full spool still takes its tier's status messages (a heartbeat)
+    /// in the headroom above `max_bytes`, and only those: the centre keeps
+    /// seeing a site whose spool is full (`rsctl components --at-risk`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_spool_still_takes_its_status_messages_on_both_engines() {
+        use rs_protocol::control::SUB_HEARTBEAT;
+        use rs_protocol::control_messages::status_message;
+        for (engine, at) in super::engines("headroom") {
+            let q = open(&at, "headroom");
+            let now = Timestamp::now();
+            // Full of persistent alarms as important as a heartbeat (a
+            // heartbeat cannot evict them; the next one evicts the first).
+            let alarm = |i: usize, persistent: bool| {
+                let mut m = alarm_of_size(i, 600);
+                if let Route::Source(s) = &mut m.header.route {
+                    s.qos = Qos {
+                        expiry: None,
+                        precedence: 2,
+                        persistent,
+                    };
+                }
+                m.to_raw()
+            };
+            let mut i = 0;
+            while q.stats().await.unwrap().evicted_total == 0 {
+                q.enqueue(vec![alarm(i, true)], now).await.unwrap();
+                i += 1;
+            }
+            assert!(i >= 10, "{engine}: {i} fitted");
+            let beat = status_message(
+                rs_protocol::RsId::new("acme.p1").unwrap(),
+                SUB_HEARTBEAT,
+                &rs_protocol::samples::status_tree(),
+                now,
+                Duration::from_secs(120),
+                2,
+            );
+            assert_eq!(
+                q.enqueue(vec![beat.to_raw()], now).await.unwrap(),
+                [Enqueued::Stored],
+                "{engine}: the heartbeat is taken"
+            );
+            assert!(
+                matches!(
+                    q.enqueue(vec![alarm(i + 1, false)], now).await.unwrap()[0],
+                    Enqueued::Refused(_)
+                ),
+                "{engine}: an alarm is not"
+            );
+            let st = q.stats().await.unwrap();
+            assert_eq!(
+                st.messages, i as u64,
+                "{engine}: the alarms left and the heartbeat"
+            );
+            assert!(st.bytes > MAX_BYTES, "{engine}: {}", st.bytes);
+        }
     }
 }
 

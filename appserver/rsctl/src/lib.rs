@@ -53,8 +53,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// List the components the server knows: state, last seen, route, tags.
-    Components,
+    /// List the components the server knows: state, last seen, route, tags,
+    /// and why one is at risk of losing what it holds (its spool 80% full,
+    /// dropping or dead-lettering, as its last heartbeat said).
+    Components {
+        /// Only those at risk.
+        #[arg(long)]
+        at_risk: bool,
+    },
     /// Show one component's status tree.
     Component { id: String },
     /// MLM farms: each farm's members, their state and load (envelopes in
@@ -762,12 +768,17 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let api = Api::new(&cli)?;
     let limits = Limits::default();
     match cli.cmd {
-        Cmd::Components => {
-            let b = api.call(reqwest::Method::GET, "components", None).await?;
+        Cmd::Components { at_risk } => {
+            let path = if at_risk {
+                "components?at_risk=1"
+            } else {
+                "components"
+            };
+            let b = api.call(reqwest::Method::GET, path, None).await?;
             let list = decode_components(&b, &limits)?;
             println!(
-                "{:<24} {:<10} {:<9} {:>4} {:<10} {:<20} TAGS",
-                "ID", "KIND", "STATE", "DEAD", "LAST SEEN", "VIA"
+                "{:<24} {:<10} {:<9} {:>4} {:<10} {:<20} {:<12} AT RISK",
+                "ID", "KIND", "STATE", "DEAD", "LAST SEEN", "VIA", "TAGS"
             );
             for c in &list {
                 let via: Vec<&str> = c.via.iter().map(RsId::as_str).collect();
@@ -778,7 +789,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     .and_then(|s| s.metrics.iter().find(|d| d.name == "spool.dead_letters"))
                     .map_or_else(|| "-".to_owned(), |d| d.value.clone());
                 println!(
-                    "{:<24} {:<10} {:<9} {:>4} {:<10} {:<20} {}",
+                    "{:<24} {:<10} {:<9} {:>4} {:<10} {:<20} {:<12} {}",
                     c.id.as_str(),
                     c.id.kind().as_str(),
                     c.state.as_deref().unwrap_or("-"),
@@ -789,7 +800,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     } else {
                         via.join(" > ")
                     },
-                    c.tags.join(",")
+                    if c.tags.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        c.tags.join(",")
+                    },
+                    c.at_risk.as_deref().unwrap_or("-")
                 );
             }
             println!("{} components", list.len());

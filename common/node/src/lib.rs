@@ -12,12 +12,14 @@
 //!   configuration loading, signals, reload, the service manager's
 //!   notifications, shutdown);
 //! - [`inherit`]: listening sockets kept open across a start in place;
+//! - [`health`]: queue health in a tier's status tree (and heartbeats);
 //! - [`mem`]: giving freed memory back to the kernel.
 //!
 //! Depends on `rs-protocol`, `rs-store` and `rs-net`.
 
 pub mod config_file;
 pub mod daemon;
+pub mod health;
 pub mod ingress;
 pub mod inherit;
 pub mod mem;

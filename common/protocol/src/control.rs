@@ -165,6 +165,99 @@ impl NodeState {
     }
 }
 
+/// Queue health a tier reports in every status tree it sends up (and so in
+/// every heartbeat): metric names, and the rule the centre applies to them
+/// (`rsctl components --at-risk`).
+pub mod queue_health {
+    use super::StatusNode;
+
+    /// Bytes the spool may hold (`[spool] max_bytes`).
+    pub const MAX_BYTES: &str = "spool.max_bytes";
+    /// How full the spool is, in percent of `max_bytes`.
+    pub const FILL_PCT: &str = "spool.fill_pct";
+    /// Seconds the oldest waiting message has waited in this spool.
+    pub const OLDEST_AGE_SECS: &str = "spool.oldest_age_secs";
+    /// Seconds until the spool is full at the rate it grew since the last
+    /// heartbeat (left out while it does not grow).
+    pub const FULL_IN_SECS: &str = "spool.full_in_secs";
+    /// Messages dropped since the last heartbeat: evicted for room, aged
+    /// out, or refused because the spool was full.
+    pub const DROPPED: &str = "spool.dropped_since_beat";
+    /// Messages dead-lettered since the last heartbeat.
+    pub const DEAD_LETTERED: &str = "spool.dead_lettered_since_beat";
+    /// A spool this full (percent) puts its site at risk.
+    pub const AT_RISK_PCT: u64 = 80;
+
+    /// Why a tier whose latest status is `status` is at risk of losing
+    /// what it holds: its spool at least [`AT_RISK_PCT`] full, dropping,
+    /// or dead-lettering (both since its previous heartbeat); `None` when
+    /// it is not (or does not report queue health).
+    pub fn at_risk(status: &StatusNode) -> Option<String> {
+        let get = |name: &str| {
+            status
+                .metrics
+                .iter()
+                .find(|d| d.name == name)
+                .and_then(|d| d.value.parse::<u64>().ok())
+        };
+        let mut why = Vec::new();
+        if let Some(p) = get(FILL_PCT).filter(|p| *p >= AT_RISK_PCT) {
+            let full_in = get(FULL_IN_SECS)
+                .map(|s| format!(", full in {s} s"))
+                .unwrap_or_default();
+            why.push(format!("spool {p}% full{full_in}"));
+        }
+        if let Some(n) = get(DROPPED).filter(|n| *n > 0) {
+            why.push(format!("{n} dropped since the last heartbeat"));
+        }
+        if let Some(n) = get(DEAD_LETTERED).filter(|n| *n > 0) {
+            why.push(format!("{n} dead-lettered since the last heartbeat"));
+        }
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::control::NodeState;
+        use crate::model::Detail;
+
+        fn node(metrics: &[(&str, &str)]) -> StatusNode {
+            StatusNode {
+                kind: "proxy".into(),
+                id: None,
+                name: None,
+                state: NodeState::Ok,
+                version: None,
+                since: None,
+                metrics: metrics.iter().map(|(k, v)| Detail::new(*k, *v)).collect(),
+                children: Vec::new(),
+            }
+        }
+
+        #[test]
+        fn a_full_dropping_or_dead_lettering_spool_is_at_risk() {
+            assert_eq!(at_risk(&node(&[(FILL_PCT, "79"), (DROPPED, "0")])), None);
+            assert_eq!(at_risk(&node(&[])), None);
+            assert_eq!(
+                at_risk(&node(&[(FILL_PCT, "80"), (FULL_IN_SECS, "95")])).as_deref(),
+                Some("spool 80% full, full in 95 s")
+            );
+            assert_eq!(
+                at_risk(&node(&[
+                    (FILL_PCT, "3"),
+                    (DROPPED, "4"),
+                    (DEAD_LETTERED, "1")
+                ]))
+                .as_deref(),
+                Some(
+                    "4 dropped since the last heartbeat; 1 dead-lettered since the last heartbeat"
+                )
+            );
+        }
+    }
+}
+
 /// One node of the hierarchical status tree: a proxy contains its
 /// integrators, an integrator its platforms, a platform its support
 /// instances; an MLM reports its own state and queue depths.

@@ -55,6 +55,26 @@ impl SpoolConfig {
     }
 }
 
+impl SpoolConfig {
+    /// Room kept above `max_bytes` for a tier's own status messages
+    /// (class `infrastructure`: heartbeats, cold start, shutdown; small and
+    /// short-lived), so that a full spool still reports itself to the
+    /// centre (`rsctl components --at-risk`): 1% of `max_bytes`, at least
+    /// 64 KiB.
+    pub fn status_headroom(&self) -> u64 {
+        (self.max_bytes / 100).max(64 << 10)
+    }
+
+    /// Whether `bytes` more of message `m` fit beside the `total` held:
+    /// within `max_bytes`, or, for a status message, within the headroom
+    /// above it.
+    pub fn fits(&self, total: u64, bytes: u64, m: &RawMessage) -> bool {
+        total + bytes <= self.max_bytes
+            || (m.header.class.class == rs_protocol::control::CLASS_INFRASTRUCTURE
+                && total + bytes <= self.max_bytes + self.status_headroom())
+    }
+}
+
 /// What happened to a message offered to the spool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enqueued {
@@ -140,6 +160,8 @@ pub struct SpoolStats {
     pub aged_out_total: u64,
     pub refused_total: u64,
     pub duplicates_total: u64,
+    /// When the oldest message waiting was spooled.
+    pub oldest: Option<Timestamp>,
 }
 
 /// Why a spool operation failed (the database, not the message).

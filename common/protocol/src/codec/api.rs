@@ -473,6 +473,9 @@ pub struct Component {
     pub via: Vec<RsId>,
     pub state: Option<String>,
     pub tags: Vec<String>,
+    /// Why its latest status puts it at risk of losing what it holds
+    /// (`control::queue_health::at_risk`), if it does.
+    pub at_risk: Option<String>,
     pub status: Option<StatusNode>,
 }
 
@@ -493,7 +496,8 @@ pub fn encode_components(list: &[Component]) -> Vec<u8> {
             .attr_ts("last-seen", c.last_seen)
             .attr("via", &via.join(" "))
             .attr_opt("state", c.state.as_deref())
-            .attr("tags", &c.tags.join(" "));
+            .attr("tags", &c.tags.join(" "))
+            .attr_opt("at-risk", c.at_risk.as_deref());
         match &c.status {
             Some(s) => {
                 x.gt();
@@ -538,6 +542,7 @@ pub fn decode_components(bytes: &[u8], limits: &Limits) -> Result<Vec<Component>
             via,
             state: tag.opt("state").map(str::to_owned),
             tags: ids("tags")?,
+            at_risk: tag.opt("at-risk").map(str::to_owned),
             status: None,
         };
         while let Some(s) = x.child(&tag)? {

@@ -284,7 +284,7 @@ fn insert(
 ) -> Result<Enqueued, DbError> {
     let qos = m.header.source().map(|s| s.qos).unwrap_or_default();
     let bytes = (header.len() + m.content.len()) as u64;
-    if *total + bytes > cfg.max_bytes
+    if !cfg.fits(*total, bytes, m)
         && !make_room(c, cfg, total, bytes, qos.persistent, qos.precedence, now)?
     {
         let total = *total;
@@ -746,10 +746,11 @@ impl Spool for PgSpool {
     async fn stats(&self) -> Result<SpoolStats, SpoolError> {
         self.db
             .read(|c| {
-                let (messages, dead): (u64, u64) = c.one(
-                    "SELECT (SELECT COUNT(*) FROM spool), (SELECT COUNT(*) FROM dead_letters)",
+                let (messages, dead, oldest): (u64, u64, Option<i64>) = c.one(
+                    "SELECT (SELECT COUNT(*) FROM spool), (SELECT COUNT(*) FROM dead_letters),
+                            (SELECT MIN(created) FROM spool)",
                     params![],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )?;
                 let mut n = |name: &str| counter(c, name).map(|v| u64::try_from(v).unwrap_or(0));
                 Ok(SpoolStats {
@@ -762,6 +763,7 @@ impl Spool for PgSpool {
                     aged_out_total: n("aged-out")?,
                     refused_total: n("refused")?,
                     duplicates_total: n("duplicates")?,
+                    oldest: oldest.and_then(Timestamp::from_millis),
                 })
             })
             .await

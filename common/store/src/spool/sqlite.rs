@@ -483,7 +483,7 @@ impl Worker {
         let id = m.header.id.as_str();
         let qos = m.header.source().map(|s| s.qos).unwrap_or_default();
         let bytes = (header.len() + m.content.len()) as u64;
-        if self.total_bytes + bytes > self.cfg.max_bytes
+        if !self.cfg.fits(self.total_bytes, bytes, &m)
             && !self.make_room(bytes, qos.persistent, qos.precedence, now)?
         {
             bump(&self.conn, "refused", 1)?;
@@ -837,12 +837,13 @@ impl Worker {
     }
 
     fn stats(&self) -> Result<SpoolStats, SpoolError> {
-        let (messages, dead): (i64, i64) = self
+        let (messages, dead, oldest): (i64, i64, Option<i64>) = self
             .conn
             .query_row(
-                "SELECT (SELECT COUNT(*) FROM spool), (SELECT COUNT(*) FROM dead_letters)",
+                "SELECT (SELECT COUNT(*) FROM spool), (SELECT COUNT(*) FROM dead_letters),
+                        (SELECT MIN(created) FROM spool)",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .map_err(db)?;
         Ok(SpoolStats {
@@ -855,6 +856,7 @@ impl Worker {
             aged_out_total: self.counter("aged-out")?,
             refused_total: self.counter("refused")?,
             duplicates_total: self.counter("duplicates")?,
+            oldest: oldest.and_then(Timestamp::from_millis),
         })
     }
 
