@@ -998,3 +998,47 @@ async fn a_site_whose_spool_fills_or_drops_is_listed_at_risk() {
     assert_eq!(bad.status(), 400);
     d.stop_all();
 }
+
+/// Logs a journal or a log shipper can read: plain text without terminal
+/// escapes when not on a terminal, and with `RS_LOG_FORMAT=json` one JSON
+/// object per line with the time, level, target and message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_plain_off_a_terminal_and_json_lines_when_asked() {
+    let dir = tmp("ops-logs");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    d.env = vec![("RS_LOG_FORMAT".into(), "json".into())];
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    d.env.clear();
+    let _m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra::default(),
+        )
+        .unwrap();
+    d.stop_all();
+    let json = std::fs::read_to_string(dir.join("logs/appserver.log")).unwrap();
+    let mut lines = 0;
+    for l in json.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(
+            v["timestamp"].is_string()
+                && v["level"].is_string()
+                && v["target"].is_string()
+                && v["fields"]["message"].is_string(),
+            "{l}"
+        );
+        lines += 1;
+    }
+    assert!(
+        json.contains("\"level\":\"INFO\"") && json.contains("listening on") && lines >= 3,
+        "{json}"
+    );
+    let text = std::fs::read_to_string(dir.join("logs/mlm.log")).unwrap();
+    assert!(
+        text.contains(" INFO ") && !text.contains('\u{1b}'),
+        "{text}"
+    );
+}

@@ -18,16 +18,21 @@ pub enum Exit {
     Restart,
 }
 
-/// Logs to standard output, filtered by `RUST_LOG` (default `info`),
-/// coloured only on a terminal (a journal or a log file gets plain text).
+/// Logs to standard output, filtered by `RUST_LOG` (default `info`):
+/// coloured text on a terminal, plain text elsewhere (a journal, a file),
+/// or with `RS_LOG_FORMAT=json` one JSON object per line (`timestamp`,
+/// `level`, `target`, `fields.message` and the event's other fields) for
+/// a log shipper.
 pub fn init_logging() {
     use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    if std::env::var("RS_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().with_ansi(false).init();
+    } else {
+        logs.with_ansi(std::io::stdout().is_terminal()).init();
+    }
 }
 
 /// Binds `listen` (or takes the listener the previous image of this
