@@ -13,7 +13,6 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -79,19 +78,21 @@ fn default_idle() -> u64 {
     60
 }
 
-/// Upload counters (status metrics).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub granted: AtomicU64,
-    pub refused: AtomicU64,
-    pub completed: AtomicU64,
-    pub mismatched: AtomicU64,
-    /// Transfers that continued a partial file.
-    pub resumed: AtomicU64,
-    /// Bytes written by transfers (a resumed file counts only its rest).
-    pub bytes_received: AtomicU64,
-    /// Requests to transfer refused (unknown, used, expired URL; busy).
-    pub transfers_refused: AtomicU64,
+rs_net::counters! {
+    /// Upload counters (status and metrics).
+    pub struct Stats {
+        granted: "uploads_total" {result = "granted"}, "Upload requests and transfers, by result.";
+        refused: "uploads_total" {result = "refused"}, "Upload requests and transfers, by result.";
+        completed: "uploads_total" {result = "completed"}, "Upload requests and transfers, by result.";
+        mismatched: "uploads_total" {result = "mismatched"}, "Upload requests and transfers, by result.";
+        /// Transfers that continued a partial file.
+        resumed: "uploads_total" {result = "resumed"}, "Upload requests and transfers, by result.";
+        /// Bytes written by transfers (a resumed file counts only its rest).
+        bytes_received: "bulk_bytes_total" {direction = "received"}, "Bulk bytes moved, by direction.";
+        /// Requests to transfer refused (unknown, used, expired URL; busy).
+        transfers_refused: "bulk_refused_total" {reason = "transfer"},
+            "Bulk transfers and requests refused, by reason.";
+    }
 }
 
 /// The upload side of the server.
@@ -136,7 +137,7 @@ impl Uploads {
         } else {
             &self.stats.refused
         };
-        c.fetch_add(1, Ordering::Relaxed);
+        c.inc();
     }
 
     /// Grants or refuses an upload request. `m` is the request as it
@@ -273,10 +274,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
 /// The upload a token names, if it may still be used; otherwise the answer.
 async fn usable(app: &AppServer, token: &str) -> Result<UploadRow, warp::reply::Response> {
     let refused = |status: StatusCode, t: String| {
-        app.uploads
-            .stats
-            .transfers_refused
-            .fetch_add(1, Ordering::Relaxed);
+        app.uploads.stats.transfers_refused.inc();
         reply(status, t)
     };
     if !bulk::is_token(token) {
@@ -407,7 +405,7 @@ where
     let _permit = match throttle.bulk_permit(&component, range.len(), 3) {
         Ok(p) => p,
         Err(Held { after, why }) => {
-            up.stats.transfers_refused.fetch_add(1, Ordering::Relaxed);
+            up.stats.transfers_refused.inc();
             return with(
                 reply(StatusCode::SERVICE_UNAVAILABLE, why),
                 "retry-after",
@@ -429,7 +427,7 @@ where
     }
     // The hash covers the whole file: take up what arrived before.
     let mut hasher = if have > 0 {
-        up.stats.resumed.fetch_add(1, Ordering::Relaxed);
+        up.stats.resumed.inc();
         let p = path.clone();
         match tokio::task::spawn_blocking(move || bulk::hash_file(&p, Some(have))).await {
             Ok(Ok((n, h))) if n == have => h,
@@ -479,9 +477,7 @@ where
                 }
                 hasher.update(&chunk);
                 got += chunk.len() as u64;
-                up.stats
-                    .bytes_received
-                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                up.stats.bytes_received.inc_by(chunk.len() as u64);
             }
             Ok(None) => break None,
             Err(e) => break Some(e),
@@ -512,7 +508,7 @@ where
     drop(file);
     let sha = rs_protocol::codec::sha256_hex(&hasher.finish());
     if sha != row.sha256 {
-        up.stats.mismatched.fetch_add(1, Ordering::Relaxed);
+        up.stats.mismatched.inc();
         let why = format!("SHA-256 {sha} differs from the {} granted", row.sha256);
         let _ = tokio::fs::remove_file(&path).await;
         if let Err(e) = app
@@ -540,7 +536,7 @@ where
         .await
     {
         Ok(()) => {
-            up.stats.completed.fetch_add(1, Ordering::Relaxed);
+            up.stats.completed.inc();
             app.stored_new();
             tracing::info!(
                 "upload {} ({}, {} bytes from {}) stored",

@@ -146,9 +146,7 @@ pub async fn run_pool(
                 match result {
                     Ok(()) => match app.store.complete_task(&task, me.clone(), now).await {
                         Ok(true) => {
-                            app.stats
-                                .tasks_done
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            app.stats.tasks_done.inc();
                         }
                         Ok(false) => {
                             tracing::warn!("task {} was taken over; not completed here", task.id)
@@ -156,9 +154,7 @@ pub async fn run_pool(
                         Err(e) => tracing::error!("task {}: {e}", task.id),
                     },
                     Err(why) => {
-                        app.stats
-                            .tasks_failed
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        app.stats.tasks_failed.inc();
                         let backoff =
                             rs_net::retry::backoff(task.attempts, Duration::from_secs(300));
                         tracing::warn!("task {} ({}): {why}", task.id, task.sub.name);

@@ -17,6 +17,12 @@ pub struct Config {
     /// Where to listen for envelopes and control requests.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Where Prometheus scrapes `/metrics` (plain HTTP), or `off`.
+    #[serde(
+        default = "default_metrics_listen",
+        deserialize_with = "rs_node::metrics::listen_or_off"
+    )]
+    pub metrics_listen: Option<SocketAddr>,
     /// Where local files live: the SQLite database `appserver.db` (unless
     /// `database` names a PostgreSQL server), uploads in progress,
     /// published files, the throttle's usage counters.
@@ -124,6 +130,12 @@ pub struct CaSection {
 
 fn default_cert_days() -> u32 {
     365
+}
+
+/// The server's `/metrics` port by default (the proxy's is 9471, the
+/// MLM's 9472).
+fn default_metrics_listen() -> Option<SocketAddr> {
+    rs_node::metrics::loopback(9473)
 }
 
 fn default_listen() -> SocketAddr {

@@ -546,84 +546,54 @@ pub(crate) fn refuse(status: http::StatusCode, text: impl Into<String>) -> warp:
 pub async fn status_tree(app: &AppServer) -> StatusNode {
     let s = &app.stats;
     let mut metrics = vec![
-        ("envelopes.received", s.envelopes.load(Ordering::Relaxed)),
-        ("messages.received", s.received.load(Ordering::Relaxed)),
-        ("messages.accepted", s.accepted.load(Ordering::Relaxed)),
-        ("messages.duplicates", s.duplicates.load(Ordering::Relaxed)),
-        ("messages.rejected", s.rejected.load(Ordering::Relaxed)),
-        ("messages.expired", s.expired.load(Ordering::Relaxed)),
-        ("messages.retried", s.retried.load(Ordering::Relaxed)),
-        ("messages.throttled", s.throttled.load(Ordering::Relaxed)),
+        ("envelopes.received", s.envelopes.get()),
+        ("messages.received", s.received.get()),
+        ("messages.accepted", s.accepted.get()),
+        ("messages.duplicates", s.duplicates.get()),
+        ("messages.rejected", s.rejected.get()),
+        ("messages.expired", s.expired.get()),
+        ("messages.retried", s.retried.get()),
+        ("messages.throttled", s.throttled.get()),
         (
             "replies.advised_wait",
             app.load.advised.load(Ordering::Relaxed),
         ),
-        ("tasks.done", s.tasks_done.load(Ordering::Relaxed)),
-        (
-            "tasks.failed_attempts",
-            s.tasks_failed.load(Ordering::Relaxed),
-        ),
+        ("tasks.done", s.tasks_done.get()),
+        ("tasks.failed_attempts", s.tasks_failed.get()),
     ];
     let b = &app.uploads.stats;
     metrics.extend([
-        ("bulk.granted", b.granted.load(Ordering::Relaxed)),
-        ("bulk.refused", b.refused.load(Ordering::Relaxed)),
-        ("bulk.completed", b.completed.load(Ordering::Relaxed)),
-        ("bulk.mismatched", b.mismatched.load(Ordering::Relaxed)),
-        ("bulk.resumed", b.resumed.load(Ordering::Relaxed)),
-        (
-            "bulk.bytes_received",
-            b.bytes_received.load(Ordering::Relaxed),
-        ),
-        (
-            "bulk.transfers_refused",
-            b.transfers_refused.load(Ordering::Relaxed),
-        ),
+        ("bulk.granted", b.granted.get()),
+        ("bulk.refused", b.refused.get()),
+        ("bulk.completed", b.completed.get()),
+        ("bulk.mismatched", b.mismatched.get()),
+        ("bulk.resumed", b.resumed.get()),
+        ("bulk.bytes_received", b.bytes_received.get()),
+        ("bulk.transfers_refused", b.transfers_refused.get()),
     ]);
     let d = &app.downloads;
     metrics.extend([
-        ("bulk.published", d.published.load(Ordering::Relaxed)),
-        ("bulk.offers", d.offers.load(Ordering::Relaxed)),
-        ("bulk.unpublished", d.unpublished.load(Ordering::Relaxed)),
-        ("bulk.bytes_served", d.bytes_served.load(Ordering::Relaxed)),
-        (
-            "bulk.fetches_refused",
-            d.fetches_refused.load(Ordering::Relaxed),
-        ),
+        ("bulk.published", d.published.get()),
+        ("bulk.offers", d.offers.get()),
+        ("bulk.unpublished", d.unpublished.get()),
+        ("bulk.bytes_served", d.bytes_served.get()),
+        ("bulk.fetches_refused", d.fetches_refused.get()),
     ]);
     metrics.extend(rs_net::auth::metrics(app.tls.as_deref(), &app.auth));
     if let Some(o) = &app.opener {
         let s = &o.stats;
         metrics.extend([
-            (
-                "seal.opened_signed",
-                s.opened_signed.load(Ordering::Relaxed),
-            ),
-            (
-                "seal.opened_encrypted",
-                s.opened_encrypted.load(Ordering::Relaxed),
-            ),
-            ("seal.refused", s.refused.load(Ordering::Relaxed)),
-            (
-                "seal.unsealed_refused",
-                s.unsealed_refused.load(Ordering::Relaxed),
-            ),
+            ("seal.opened_signed", s.opened_signed.get()),
+            ("seal.opened_encrypted", s.opened_encrypted.get()),
+            ("seal.refused", s.refused.get()),
+            ("seal.unsealed_refused", s.unsealed_refused.get()),
         ]);
     }
     metrics.extend([
-        ("enroll.issued", app.stats.enrolled.load(Ordering::Relaxed)),
-        (
-            "enroll.refused",
-            app.stats.enroll_refused.load(Ordering::Relaxed),
-        ),
-        (
-            "certificates.revoked",
-            app.stats.revoked.load(Ordering::Relaxed),
-        ),
-        (
-            "certificates.renewed",
-            app.stats.renewed.load(Ordering::Relaxed),
-        ),
+        ("enroll.issued", app.stats.enrolled.get()),
+        ("enroll.refused", app.stats.enroll_refused.get()),
+        ("certificates.revoked", app.stats.revoked.get()),
+        ("certificates.renewed", app.stats.renewed.get()),
     ]);
     let throttle = app.current_throttle();
     let share = u64::from(throttle.share());

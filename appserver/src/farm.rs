@@ -58,7 +58,6 @@ pub(crate) async fn members(
 /// so the farm admits the rate; quotas are counted in the farm's database
 /// already).
 pub(crate) async fn beat(app: Arc<AppServer>, stop: tokio_util::sync::CancellationToken) {
-    use std::sync::atomic::Ordering;
     let name = app.cfg.member_name();
     loop {
         let m = rs_store::members::Member {
@@ -66,8 +65,8 @@ pub(crate) async fn beat(app: Arc<AppServer>, stop: tokio_util::sync::Cancellati
             started: app.started,
             seen: app.clock.now(),
             in_hand: app.load.inflight() as u64,
-            envelopes: app.stats.envelopes.load(Ordering::Relaxed),
-            forwarded: app.stats.accepted.load(Ordering::Relaxed),
+            envelopes: app.stats.envelopes.get(),
+            forwarded: app.stats.accepted.get(),
         };
         if let Err(e) = app.store.beat(m).await {
             tracing::warn!("farm membership: {e}");

@@ -2,7 +2,6 @@
 //! The reply leaves only after the batch has committed.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rs_node::ingress::{MAX_OFFER, envelope, envelope_response, offer_back_channel};
@@ -15,28 +14,31 @@ use warp::Filter;
 use crate::AppServer;
 use crate::store::{Incoming, Stored};
 
-/// Live counters.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub envelopes: AtomicU64,
-    pub received: AtomicU64,
-    pub accepted: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub rejected: AtomicU64,
-    pub expired: AtomicU64,
-    pub retried: AtomicU64,
-    /// Of the retried: held back by the throttle.
-    pub throttled: AtomicU64,
-    /// Peripheral tasks completed, and attempts that failed.
-    pub tasks_done: AtomicU64,
-    pub tasks_failed: AtomicU64,
-    /// Certificates issued at enrollment, enrollments refused, and
-    /// certificates revoked through the control API.
-    pub enrolled: AtomicU64,
-    pub enroll_refused: AtomicU64,
-    /// Certificates renewed (`POST /rs/v1/enroll` with a signed request).
-    pub renewed: AtomicU64,
-    pub revoked: AtomicU64,
+rs_net::counters! {
+    /// Live counters (status and metrics).
+    pub struct Stats {
+        envelopes: "envelopes_received_total", "Envelopes received from below.";
+        received: "messages_received_total", "Messages received from below.";
+        accepted: "messages_accepted_total", "Messages answered accepted.";
+        duplicates: "messages_duplicate_total", "Messages received again (answered accepted, stored once).";
+        rejected: "messages_refused_total" {reason = "rejected"},
+            "Messages this tier refused, by reason.";
+        expired: "messages_refused_total" {reason = "expired"},
+            "Messages this tier refused, by reason.";
+        retried: "messages_retry_total", "Messages answered retry.";
+        /// Of the retried: held back by the throttle.
+        throttled: "messages_throttled_total", "Messages the throttle answered retry.";
+        /// Peripheral tasks completed, and attempts that failed.
+        tasks_done: "tasks_total" {result = "done"}, "Peripheral task attempts, by result.";
+        tasks_failed: "tasks_total" {result = "failed"}, "Peripheral task attempts, by result.";
+        /// Certificates issued at enrollment, enrollments refused, and
+        /// certificates revoked through the control API.
+        enrolled: "enrollments_total" {result = "issued"}, "Enrollments, by result.";
+        enroll_refused: "enrollments_total" {result = "refused"}, "Enrollments, by result.";
+        /// Certificates renewed (`POST /rs/v1/enroll` with a signed request).
+        renewed: "enrollments_total" {result = "renewed"}, "Enrollments, by result.";
+        revoked: "certificates_revoked_total", "Certificates revoked through the control API.";
+    }
 }
 
 pub fn route(
@@ -86,7 +88,7 @@ fn examine(app: &AppServer, m: RawMessage, now: Timestamp) -> Result<Incoming, O
     };
     if let Some(refusal) = app.cfg.seal.require.refuses(seal) {
         if let Some(o) = &app.opener {
-            o.stats.unsealed_refused.fetch_add(1, Ordering::Relaxed);
+            o.stats.unsealed_refused.inc();
         }
         return Err(refusal);
     }
@@ -153,15 +155,12 @@ async fn handle(
     let env_poll = env.meta.poll;
     let pure_poll = env.messages.is_empty();
     let mut responses = false;
-    app.stats.envelopes.fetch_add(1, Ordering::Relaxed);
-    app.stats
-        .received
-        .fetch_add(env.messages.len() as u64, Ordering::Relaxed);
+    app.stats.envelopes.inc();
+    app.stats.received.inc_by(env.messages.len() as u64);
     let ids: Vec<MessageId> = env.messages.iter().map(|m| m.header.id.clone()).collect();
-    app.stats.rejected.fetch_add(
-        refused.iter().filter(|o| o.is_some()).count() as u64,
-        Ordering::Relaxed,
-    );
+    app.stats
+        .rejected
+        .inc_by(refused.iter().filter(|o| o.is_some()).count() as u64);
     let mut outcomes: Vec<Option<Outcome>> = refused;
     let mut batch = Vec::new();
     let mut slots = Vec::new();
@@ -198,8 +197,8 @@ async fn handle(
                         throttle.check(&subject)
                     {
                         // The sender keeps it and comes back then.
-                        app.stats.retried.fetch_add(1, Ordering::Relaxed);
-                        app.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                        app.stats.retried.inc();
+                        app.stats.throttled.inc();
                         outcomes[i] = Some(Outcome::retry(after, "throttled", why));
                         continue;
                     }
@@ -210,8 +209,8 @@ async fn handle(
             }
             Err(o) => {
                 match &o {
-                    Outcome::Expired => app.stats.expired.fetch_add(1, Ordering::Relaxed),
-                    _ => app.stats.rejected.fetch_add(1, Ordering::Relaxed),
+                    Outcome::Expired => app.stats.expired.inc(),
+                    _ => app.stats.rejected.inc(),
                 };
                 tracing::debug!("message {}: {o}", ids[i]);
                 outcomes[i] = Some(o);
@@ -221,6 +220,15 @@ async fn handle(
     if !batch.is_empty() {
         let decided: Vec<Option<crate::bulk::Decided>> =
             batch.iter().map(|i| i.bulk.clone()).collect();
+        // Hop times: how long each tier held each message (duplicates too:
+        // they were held as long); the transit of those stored new below.
+        let created: Vec<rs_protocol::Timestamp> = batch
+            .iter()
+            .map(|i| {
+                app.gauges.observe_hops(&i.msg.header);
+                i.msg.header.created
+            })
+            .collect();
         match app.store.ingest(batch, now).await {
             Ok(results) => {
                 let mut answered = false;
@@ -238,11 +246,13 @@ async fn handle(
                     // Peripheral work waits for the processors.
                     app.stored_new();
                 }
-                for (slot, r) in slots.iter().zip(results) {
+                for ((slot, r), created) in slots.iter().zip(results).zip(created) {
                     if r == Stored::Duplicate {
-                        app.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        app.stats.duplicates.inc();
+                    } else {
+                        app.gauges.observe_transit(created, now);
                     }
-                    app.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    app.stats.accepted.inc();
                     outcomes[*slot] = Some(Outcome::Accepted);
                 }
             }
@@ -250,7 +260,7 @@ async fn handle(
                 // Nothing of the batch was stored: the senders keep custody.
                 tracing::error!("store: {e}");
                 for slot in &slots {
-                    app.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    app.stats.retried.inc();
                     outcomes[*slot] = Some(Outcome::retry(
                         Duration::from_secs(5),
                         "unavailable",

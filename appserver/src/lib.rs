@@ -77,6 +77,95 @@ pub struct AppServer {
     pub opener: Option<rs_net::seal::Opener>,
     /// Its place in a farm: wake-ups from the other members, leadership.
     pub presence: rs_store::sql::Presence,
+    /// This server's metrics (`/metrics`); the counters in it are the ones
+    /// the status tree shows.
+    pub metrics: rs_net::metrics::Registry,
+    pub gauges: Gauges,
+}
+
+/// The server's gauges read from storage at each scrape, and the
+/// latencies it sees in the hops of what it stores.
+#[derive(Debug, Clone)]
+pub struct Gauges {
+    pub throttle: rs_node::metrics::ThrottleGauges,
+    pub stored: rs_node::metrics::Totals,
+    pub store_messages: rs_net::metrics::IntGauge,
+    pub components: rs_net::metrics::IntGauge,
+    pub backchannel_pending: rs_net::metrics::IntGauge,
+    pub tasks: rs_net::metrics::IntGaugeVec,
+    /// From a message's creation to its storage here.
+    pub transit: rs_net::metrics::Histogram,
+    /// How long each MLM on the way held a message (a proxy is the
+    /// source, not a hop: its spool wait is its own `spool_wait_seconds`).
+    pub held_at_mlm: rs_net::metrics::Histogram,
+}
+
+impl Default for Gauges {
+    fn default() -> Self {
+        use rs_net::metrics::{gauge, gauge_by, latency};
+        let held = |tier: &str| {
+            latency(
+                "message_held_seconds",
+                "How long a tier on the way held a message (its hop's sent minus received, on its own clock), by kind of tier (mlm).",
+                &[("tier", tier)],
+            )
+        };
+        Gauges {
+            throttle: Default::default(),
+            stored: rs_node::metrics::Totals::new(
+                "messages_stored_total",
+                "Messages stored, by outcome, over the store's life (a farm's: the farm's).",
+                "outcome",
+            ),
+            store_messages: gauge(
+                "store_messages",
+                "Messages held in the store (within the retention window).",
+                &[],
+            ),
+            components: gauge("components", "Components the server knows.", &[]),
+            backchannel_pending: gauge(
+                "backchannel_pending",
+                "Back-channel copies queued for next hops, not yet acknowledged.",
+                &[],
+            ),
+            tasks: gauge_by(
+                "tasks",
+                "Peripheral tasks not done, by state (ready, taken, failed).",
+                "state",
+            ),
+            transit: latency(
+                "message_transit_seconds",
+                "From a message's creation at its source to its storage here (across clocks: skew shows).",
+                &[],
+            ),
+            held_at_mlm: held("mlm"),
+        }
+    }
+}
+
+/// Milliseconds as seconds, negative (clock skew) as zero.
+fn seconds(ms: i64) -> f64 {
+    ms.max(0) as f64 / 1000.0
+}
+
+impl Gauges {
+    /// Observes the transit of a message created at `created`, stored now.
+    pub fn observe_transit(&self, created: rs_protocol::Timestamp, now: rs_protocol::Timestamp) {
+        self.transit
+            .observe(seconds(now.as_millis() - created.as_millis()));
+    }
+
+    /// Observes how long each tier on the way held a message.
+    pub fn observe_hops(&self, h: &rs_protocol::model::Header) {
+        use rs_protocol::ids::ComponentKind;
+        for hop in &h.routing {
+            let Some(sent) = hop.sent else { continue };
+            let held = seconds(sent.as_millis() - hop.received.as_millis());
+            if hop.component.kind() == ComponentKind::Mlm {
+                self.held_at_mlm.observe(held);
+            }
+        }
+    }
 }
 
 impl AppServer {
@@ -247,10 +336,81 @@ impl AppServer {
             outbox_ready: Arc::new(rs_node::ingress::BackChannelReady::new(cfg.offer_again())),
             stopping: CancellationToken::new(),
             jobs_changed: tokio::sync::watch::Sender::new(0),
+            metrics: rs_net::metrics::Registry::new(),
+            gauges: Gauges::default(),
             cfg,
         });
         let _ = slot.set(Arc::downgrade(&app));
+        app.register_metrics();
         Ok(app)
+    }
+
+    /// Registers every counter and gauge of this server in its registry.
+    fn register_metrics(self: &Arc<Self>) {
+        let r = &self.metrics;
+        self.stats.register(r);
+        self.auth.register(r);
+        self.uploads.stats.register(r);
+        self.downloads.register(r);
+        if let Some(t) = &self.tls {
+            t.stats.register(r);
+            r.add(&t.revocations.cut);
+        }
+        if let Some(o) = &self.opener {
+            o.stats.register(r);
+        }
+        let g = &self.gauges;
+        g.throttle.register(r);
+        r.add(g.stored.collector());
+        r.add(&g.store_messages);
+        r.add(&g.components);
+        r.add(&g.backchannel_pending);
+        r.add(&g.tasks);
+        r.add(&g.transit);
+        r.add(&g.held_at_mlm);
+        rs_node::metrics::pulling(
+            r,
+            self,
+            "envelopes_in_hand",
+            "Envelopes being handled now, held long polls among them.",
+            |a| a.load.inflight() as f64,
+        );
+        rs_node::metrics::pulling(
+            r,
+            self,
+            "longpolls_held",
+            "Long polls held now, waiting for a back-channel message.",
+            |a| a.outbox_ready.holders() as f64,
+        );
+    }
+
+    /// Sets the gauges read from storage, before a scrape.
+    pub async fn refresh_metrics(&self) {
+        let g = &self.gauges;
+        g.throttle.update(&self.current_throttle());
+        let gauge =
+            |g: &rs_net::metrics::IntGauge, n: u64| g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        match self.store.stats().await {
+            Ok(st) => {
+                gauge(&g.store_messages, st.messages);
+                gauge(&g.components, st.components);
+                g.stored.set("new", st.stored_total);
+                g.stored.set("duplicate", st.duplicates_total);
+            }
+            Err(e) => tracing::error!("metrics: store stats: {e}"),
+        }
+        match self.store.depths().await {
+            Ok((pending, tasks)) => {
+                gauge(&g.backchannel_pending, pending);
+                g.tasks.reset();
+                for (state, n) in tasks {
+                    g.tasks
+                        .with_label_values(&[state.as_str()])
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+            Err(e) => tracing::error!("metrics: store depths: {e}"),
+        }
     }
 
     /// All routes, finished for serving.
@@ -404,6 +564,18 @@ pub async fn run(
                 }
             }
         });
+    }
+    if let Some(addr) = app.cfg.metrics_listen {
+        let a = app.clone();
+        tokio::spawn(rs_node::metrics::serve(
+            addr,
+            app.metrics.clone(),
+            move || {
+                let a = a.clone();
+                async move { a.refresh_metrics().await }
+            },
+            shutdown.clone(),
+        ));
     }
     let serve_cfg = ServeConfig {
         observer: Some(Arc::new(security::Auditor(Arc::downgrade(&app)))),

@@ -10,7 +10,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::StatusCode;
 use rs_net::bulk;
@@ -25,15 +24,17 @@ use crate::control::refuse;
 /// Largest file that may be published.
 const MAX_PUBLISH: u64 = 64 << 30;
 
-/// Download counters (status metrics).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub published: AtomicU64,
-    pub offers: AtomicU64,
-    pub unpublished: AtomicU64,
-    /// Bytes of published files sent to fetchers.
-    pub bytes_served: Arc<AtomicU64>,
-    pub fetches_refused: AtomicU64,
+rs_net::counters! {
+    /// Download counters (status and metrics).
+    pub struct Stats {
+        published: "files_published_total", "Files published for download.";
+        offers: "download_offers_total", "Download offers queued to destinations.";
+        unpublished: "files_unpublished_total", "Files withdrawn.";
+        /// Bytes of published files sent to fetchers.
+        bytes_served: "bulk_bytes_total" {direction = "served"}, "Bulk bytes moved, by direction.";
+        fetches_refused: "bulk_refused_total" {reason = "fetch"},
+            "Bulk transfers and requests refused, by reason.";
+    }
 }
 
 fn text(status: StatusCode, t: impl Into<String>) -> warp::reply::Response {
@@ -203,7 +204,7 @@ where
     if let Err(e) = r {
         return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
     }
-    app.downloads.published.fetch_add(1, Ordering::Relaxed);
+    app.downloads.published.inc();
     tracing::info!("published {name} ({len} bytes, SHA-256 {hex})");
     rs_node::ingress::xml_response(encode_file(&PublishedFile {
         name,
@@ -272,7 +273,7 @@ async fn offer(
         },
     )
     .await?;
-    app.downloads.offers.fetch_add(1, Ordering::Relaxed);
+    app.downloads.offers.inc();
     Ok(rs_node::ingress::xml_response(
         rs_protocol::codec::api::encode_job(&job),
     ))
@@ -280,9 +281,7 @@ async fn offer(
 
 async fn fetch(app: &AppServer, token: &str, range: Option<String>) -> warp::reply::Response {
     let refused = |status, t: &str| {
-        app.downloads
-            .fetches_refused
-            .fetch_add(1, Ordering::Relaxed);
+        app.downloads.fetches_refused.inc();
         text(status, t)
     };
     if !bulk::is_token(token) {
@@ -314,7 +313,7 @@ async fn fetch(app: &AppServer, token: &str, range: Option<String>) -> warp::rep
 pub async fn unpublish(app: &AppServer) -> Result<u64, rs_store::db::DbError> {
     let n = app.store.unpublish(app.clock.now()).await?;
     if n > 0 {
-        app.downloads.unpublished.fetch_add(n, Ordering::Relaxed);
+        app.downloads.unpublished.inc_by(n);
         tracing::info!("{n} offered file URL(s) closed: their jobs are done");
     }
     Ok(n)

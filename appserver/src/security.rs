@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use openssl::x509::X509Req;
@@ -544,7 +543,7 @@ pub fn public_routes(
                 };
                 match outcome {
                     Ok(pem) => {
-                        done.fetch_add(1, Ordering::Relaxed);
+                        done.inc();
                         let mut r = warp::reply::Response::new(pem.into());
                         r.headers_mut().insert(
                             http::header::CONTENT_TYPE,
@@ -553,14 +552,14 @@ pub fn public_routes(
                         r
                     }
                     Err(EnrollError::Token) => {
-                        app.stats.enroll_refused.fetch_add(1, Ordering::Relaxed);
+                        app.stats.enroll_refused.inc();
                         refuse(
                             http::StatusCode::UNAUTHORIZED,
                             "unknown, used or expired enrollment token".into(),
                         )
                     }
                     Err(EnrollError::Bad(e)) => {
-                        app.stats.enroll_refused.fetch_add(1, Ordering::Relaxed);
+                        app.stats.enroll_refused.inc();
                         refuse(refused_as, e)
                     }
                     Err(EnrollError::Db(e)) => {
@@ -786,9 +785,7 @@ fn revoke(app: &AppServer, a: &Admin, q: &HashMap<String, String>) -> warp::repl
     }
     match app.revoke(serial, name) {
         Ok(done) => {
-            app.stats
-                .revoked
-                .fetch_add(done.len() as u64, Ordering::Relaxed);
+            app.stats.revoked.inc_by(done.len() as u64);
             let mut buf = Vec::new();
             let mut x = XmlOut::document(&mut buf);
             x.open("revoked")

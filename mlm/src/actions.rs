@@ -56,7 +56,7 @@ pub async fn apply_own(mlm: &Mlm, m: &RawMessage) -> Result<(), String> {
         }
         Claim::New => {
             let answer = answer(mlm, m).await;
-            mlm.stats.actions_applied.fetch_add(1, Ordering::Relaxed);
+            mlm.stats.actions_applied.inc();
             tracing::info!(
                 "control {} ({id}) for this MLM: {}",
                 m.header.class.subclass,

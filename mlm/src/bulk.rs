@@ -12,7 +12,6 @@
 //! way).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -64,13 +63,15 @@ fn default_idle() -> u64 {
     60
 }
 
-/// Relay counters (status metrics).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub transfers: AtomicU64,
-    pub bytes_relayed: Arc<AtomicU64>,
-    pub refused: AtomicU64,
-    pub requests_refused: AtomicU64,
+rs_net::counters! {
+    /// Relay counters (status and metrics).
+    pub struct Stats {
+        transfers: "bulk_transfers_total", "Bulk transfers relayed.";
+        bytes_relayed: "bulk_bytes_total" {direction = "relayed"}, "Bulk bytes moved, by direction.";
+        refused: "bulk_refused_total" {reason = "transfer"}, "Bulk transfers and requests refused, by reason.";
+        requests_refused: "bulk_refused_total" {reason = "request"},
+            "Bulk transfers and requests refused, by reason.";
+    }
 }
 
 /// Whether an upload request may pass this MLM; the outcome to answer if
@@ -91,9 +92,7 @@ pub fn check_request(
         rs_protocol::model::Content::BulkRequest(b)
             if b.direction == Direction::Upload && b.size > max =>
         {
-            mlm.bulk_stats
-                .requests_refused
-                .fetch_add(1, Ordering::Relaxed);
+            mlm.bulk_stats.requests_refused.inc();
             Some(rs_protocol::Outcome::rejected(
                 "too-large",
                 format!(
@@ -283,7 +282,7 @@ where
     let _permit = match mlm.throttle.bulk_permit(&mlm.id, len, 3) {
         Ok(p) => p,
         Err(Held { after, why }) => {
-            mlm.bulk_stats.refused.fetch_add(1, Ordering::Relaxed);
+            mlm.bulk_stats.refused.inc();
             let mut r = text(StatusCode::SERVICE_UNAVAILABLE, why);
             if let Ok(v) = http::HeaderValue::from_str(&after.as_secs().max(1).to_string()) {
                 r.headers_mut().insert(http::header::RETRY_AFTER, v);
@@ -291,7 +290,7 @@ where
             return r;
         }
     };
-    mlm.bulk_stats.transfers.fetch_add(1, Ordering::Relaxed);
+    mlm.bulk_stats.transfers.inc();
     let idle = Duration::from_secs(mlm.cfg.bulk.idle_secs.max(1));
     let counter = mlm.bulk_stats.bytes_relayed.clone();
     // Chunks go up as they come; a sender silent for `idle` ends the
@@ -303,7 +302,7 @@ where
             let mut body = state?;
             match rs_net::bulk::next_chunk(&mut body, idle).await {
                 Ok(Some(b)) => {
-                    counter.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    counter.inc_by(b.len() as u64);
                     Some((Ok(b), Some(body)))
                 }
                 Ok(None) => None,

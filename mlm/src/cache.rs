@@ -22,7 +22,6 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,14 +88,15 @@ CREATE TABLE tokens (
 CREATE INDEX tokens_sha ON tokens (sha256);
 ";
 
-/// Cache counters (status metrics).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub fetches: AtomicU64,
-    pub fetched_bytes: AtomicU64,
-    pub served_bytes: Arc<AtomicU64>,
-    pub evicted: AtomicU64,
-    pub failed: AtomicU64,
+rs_net::counters! {
+    /// Cache counters (status and metrics).
+    pub struct Stats {
+        fetches: "download_cache_fetches_total", "Files fetched from upstream into the download cache.";
+        fetched_bytes: "bulk_bytes_total" {direction = "fetched"}, "Bulk bytes moved, by direction.";
+        served_bytes: "bulk_bytes_total" {direction = "served"}, "Bulk bytes moved, by direction.";
+        evicted: "download_cache_evicted_total", "Files evicted from the download cache.";
+        failed: "download_cache_failures_total", "Fetches into the download cache that failed.";
+    }
 }
 
 /// The cache.
@@ -497,7 +497,7 @@ async fn fetch_missing(mlm: &Mlm, sha: String) -> Result<(), String> {
         return Ok(());
     };
     let url = bulk::resolve(mlm.upstream.current_url(), &e.source);
-    cache.stats.fetches.fetch_add(1, Ordering::Relaxed);
+    cache.stats.fetches.inc();
     let answer = cache
         .client
         .fetch(&url, &cache.part(&sha), e.size, &sha)
@@ -505,10 +505,7 @@ async fn fetch_missing(mlm: &Mlm, sha: String) -> Result<(), String> {
     let after = tokio::fs::metadata(cache.part(&sha))
         .await
         .map_or(0, |m| m.len());
-    cache
-        .stats
-        .fetched_bytes
-        .fetch_add(after.saturating_sub(have), Ordering::Relaxed);
+    cache.stats.fetched_bytes.inc_by(after.saturating_sub(have));
     match answer {
         Answer::Complete => {
             tokio::fs::rename(cache.part(&sha), cache.path(&sha))
@@ -588,7 +585,7 @@ async fn fetch_one(mlm: &Mlm, e: &Entry) -> Result<(), String> {
         }
     };
     let url = bulk::resolve(mlm.upstream.current_url(), &e.source);
-    cache.stats.fetches.fetch_add(1, Ordering::Relaxed);
+    cache.stats.fetches.inc();
     let answer = cache
         .client
         .fetch(&url, &cache.part(&e.sha), e.size, &e.sha)
@@ -596,10 +593,7 @@ async fn fetch_one(mlm: &Mlm, e: &Entry) -> Result<(), String> {
     let after = tokio::fs::metadata(cache.part(&e.sha))
         .await
         .map_or(0, |m| m.len());
-    cache
-        .stats
-        .fetched_bytes
-        .fetch_add(after.saturating_sub(have), Ordering::Relaxed);
+    cache.stats.fetched_bytes.inc_by(after.saturating_sub(have));
     let now = mlm.clock.now();
     match answer {
         Answer::Complete => {
@@ -624,7 +618,7 @@ async fn fetch_one(mlm: &Mlm, e: &Entry) -> Result<(), String> {
             Ok(())
         }
         Answer::Gone { why } => {
-            cache.stats.failed.fetch_add(1, Ordering::Relaxed);
+            cache.stats.failed.inc();
             let _ = tokio::fs::remove_file(cache.part(&e.sha)).await;
             let n = mlm
                 .outbox
@@ -692,7 +686,7 @@ async fn evict(mlm: &Mlm) -> Result<(), String> {
         let _ = tokio::fs::remove_file(cache.path(&sha)).await;
         let _ = tokio::fs::remove_file(cache.part(&sha)).await;
         cache.forget(sha.clone()).await.map_err(|e| e.to_string())?;
-        cache.stats.evicted.fetch_add(1, Ordering::Relaxed);
+        cache.stats.evicted.inc();
         total = total.saturating_sub(size);
         tracing::info!("bulk cache: evicted {sha} ({size} bytes)");
     }

@@ -19,6 +19,12 @@ pub struct Config {
     pub id: String,
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Where Prometheus scrapes `/metrics` (plain HTTP), or `off`.
+    #[serde(
+        default = "default_metrics_listen",
+        deserialize_with = "rs_node::metrics::listen_or_off"
+    )]
+    pub metrics_listen: Option<SocketAddr>,
     /// Where `spool.db` (custody, summaries, heartbeats) and `mlm.db`
     /// (aggregation queue) live.
     pub data_dir: PathBuf,
@@ -129,6 +135,12 @@ impl Default for SpoolSection {
             max_age_days: default_spool_days(),
         }
     }
+}
+
+/// The MLM's `/metrics` port by default (the proxy's is 9471, the
+/// server's 9473).
+fn default_metrics_listen() -> Option<SocketAddr> {
+    rs_node::metrics::loopback(9472)
 }
 
 fn default_listen() -> SocketAddr {

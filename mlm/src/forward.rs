@@ -4,7 +4,7 @@
 //! the MLM's own spool in custody mode. Every tier appends its routing hop.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rs_net::auth::Caller;
@@ -20,26 +20,36 @@ use crate::Mlm;
 use crate::aggregate::Member;
 use crate::modules::{Verdict, View};
 
-/// Live counters.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub envelopes: AtomicU64,
-    pub received: AtomicU64,
-    pub forwarded: AtomicU64,
-    pub accepted: AtomicU64,
-    pub filtered: AtomicU64,
-    pub aggregated: AtomicU64,
-    pub retried: AtomicU64,
-    pub rejected: AtomicU64,
-    pub expired: AtomicU64,
-    pub throttled: AtomicU64,
-    /// Back-channel messages dropped because their expiry passed.
-    pub back_expired: AtomicU64,
-    /// Back-channel messages taken from upstream (on replies to this
-    /// member's POSTs; in a farm, the member that took each).
-    pub back_taken: AtomicU64,
-    /// Control actions addressed to this MLM that it applied.
-    pub actions_applied: AtomicU64,
+rs_net::counters! {
+    /// Live counters (status and metrics).
+    pub struct Stats {
+        envelopes: "envelopes_received_total", "Envelopes received from below.";
+        received: "messages_received_total", "Messages received from below.";
+        /// Of the received, those the next hop accepted from this MLM.
+        forwarded: "messages_forwarded_total", "Messages the next hop accepted from this tier.";
+        /// Answered accepted (forwarded, taken into custody, filtered,
+        /// aggregated).
+        accepted: "messages_accepted_total", "Messages answered accepted.";
+        filtered: "messages_filtered_total", "Messages a module dropped (answered accepted).";
+        aggregated: "messages_aggregated_total",
+            "Messages held for an aggregation window (answered accepted).";
+        /// The next hop answered retry.
+        retried: "messages_retry_total", "Messages answered retry.";
+        rejected: "messages_refused_total" {reason = "rejected"},
+            "Messages this tier refused, by reason.";
+        expired: "messages_refused_total" {reason = "expired"},
+            "Messages this tier refused, by reason.";
+        throttled: "messages_throttled_total", "Messages the throttle answered retry.";
+        /// Back-channel messages dropped because their expiry passed.
+        back_expired: "backchannel_expired_total",
+            "Back-channel messages dropped because their expiry passed.";
+        /// Back-channel messages taken from upstream (on replies to this
+        /// member's POSTs; in a farm, the member that took each).
+        back_taken: "backchannel_taken_total", "Back-channel messages taken from upstream.";
+        /// Control actions addressed to this MLM that it applied.
+        actions_applied: "backchannel_actions_total" {result = "applied"},
+            "Control actions addressed to this tier, by result.";
+    }
 }
 
 pub fn route(
@@ -62,8 +72,8 @@ pub fn route(
         })
 }
 
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+fn bump(c: &rs_net::metrics::IntCounter) {
+    c.inc();
 }
 
 pub(crate) fn unavailable(text: impl Into<String>) -> Outcome {
@@ -81,15 +91,12 @@ async fn handle(
     let now = mlm.clock.now();
     let st = &mlm.stats;
     bump(&st.envelopes);
-    st.received
-        .fetch_add(env.messages.len() as u64, Ordering::Relaxed);
+    st.received.inc_by(env.messages.len() as u64);
     let ids: Vec<MessageId> = env.messages.iter().map(|m| m.header.id.clone()).collect();
     let mut outcomes: Vec<Option<Outcome>> = refused;
     // Refused messages go no further (nor teach routes).
-    st.rejected.fetch_add(
-        outcomes.iter().filter(|o| o.is_some()).count() as u64,
-        Ordering::Relaxed,
-    );
+    st.rejected
+        .inc_by(outcomes.iter().filter(|o| o.is_some()).count() as u64);
     let sender = env.meta.sender.clone();
     let poll = env.meta.poll;
     let ids_empty = ids.is_empty();
@@ -239,8 +246,7 @@ async fn handle(
             .collect();
         let o = match mlm.aggregation.add(items).await {
             Ok(()) => {
-                st.aggregated
-                    .fetch_add(slots.len() as u64, Ordering::Relaxed);
+                st.aggregated.inc_by(slots.len() as u64);
                 Outcome::Accepted
             }
             Err(e) => {
@@ -325,9 +331,7 @@ type Copies = Vec<(rs_protocol::RsId, RawMessage)>;
 /// the destinations thus makes one copy per destination). Returns the IDs
 /// now safe, to acknowledge upstream.
 pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
-    mlm.stats
-        .back_taken
-        .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+    mlm.stats.back_taken.inc_by(msgs.len() as u64);
     let mut copies = Vec::new();
     // Download offers: the file is fetched once into the cache, and the
     // copies handed down name this MLM's URL for it (held until it is here).

@@ -95,6 +95,43 @@ pub struct Mlm {
     pub cache: cache::Cache,
     /// Synchronous relays, several envelopes per upstream POST under load.
     pub coalescer: coalesce::Coalescer,
+    /// This MLM's metrics (`/metrics`); the counters in it are the ones the
+    /// status tree shows.
+    pub metrics: rs_net::metrics::Registry,
+    pub gauges: Gauges,
+}
+
+/// The MLM's gauges read from storage at each scrape.
+#[derive(Debug, Clone)]
+pub struct Gauges {
+    pub spool: rs_node::metrics::SpoolGauges,
+    pub throttle: rs_node::metrics::ThrottleGauges,
+    pub backchannel_pending: rs_net::metrics::IntGauge,
+    pub aggregation_pending: rs_net::metrics::IntGauge,
+    pub cache_files: rs_net::metrics::IntGauge,
+    pub cache_bytes: rs_net::metrics::IntGauge,
+}
+
+impl Default for Gauges {
+    fn default() -> Self {
+        use rs_net::metrics::gauge;
+        Gauges {
+            spool: Default::default(),
+            throttle: Default::default(),
+            backchannel_pending: gauge(
+                "backchannel_pending",
+                "Back-channel messages queued for the tiers below (a farm's: the farm's queue).",
+                &[],
+            ),
+            aggregation_pending: gauge(
+                "aggregation_pending",
+                "Messages held in aggregation windows.",
+                &[],
+            ),
+            cache_files: gauge("download_cache_files", "Files in the download cache.", &[]),
+            cache_bytes: gauge("download_cache_bytes", "Bytes in the download cache.", &[]),
+        }
+    }
 }
 
 pub use rs_node::daemon::Exit;
@@ -231,8 +268,76 @@ impl Mlm {
             cache: cache::Cache::open(&cfg.cache_location(), cfg.cache_dir(), cfg.tls.as_ref())
                 .context("opening the bulk cache")?,
             coalescer: coalesce::Coalescer::default(),
+            metrics: rs_net::metrics::Registry::new(),
+            gauges: Gauges::default(),
             cfg,
-        }))
+        })
+        .registered())
+    }
+
+    /// Registers every counter and gauge of this MLM in its registry.
+    fn registered(self: Arc<Self>) -> Arc<Self> {
+        let r = &self.metrics;
+        self.stats.register(r);
+        self.sender_stats.register(r);
+        self.auth.register(r);
+        self.bulk_stats.register(r);
+        self.cache.stats.register(r);
+        if let Some(t) = &self.tls {
+            t.stats.register(r);
+            r.add(&t.revocations.cut);
+        }
+        if let Some(s) = &self.sealer {
+            s.stats.register(r);
+        }
+        let g = &self.gauges;
+        g.spool.register(r);
+        g.throttle.register(r);
+        r.add(&g.backchannel_pending);
+        r.add(&g.aggregation_pending);
+        r.add(&g.cache_files);
+        r.add(&g.cache_bytes);
+        rs_node::metrics::pulling(
+            r,
+            &self,
+            "envelopes_in_hand",
+            "Envelopes being handled now, held long polls among them.",
+            |m| m.load.inflight() as f64,
+        );
+        rs_node::metrics::pulling(
+            r,
+            &self,
+            "longpolls_held",
+            "Long polls held now, waiting for a back-channel message.",
+            |m| m.outbox_ready.holders() as f64,
+        );
+        self
+    }
+
+    /// Sets the gauges read from storage, before a scrape.
+    pub async fn refresh_metrics(&self) {
+        let g = &self.gauges;
+        g.spool
+            .refresh(
+                &self.spool,
+                self.cfg.spool.max_bytes,
+                &self.queue_health,
+                self.clock.now(),
+            )
+            .await;
+        g.throttle.update(&self.throttle);
+        let gauge =
+            |g: &rs_net::metrics::IntGauge, n: u64| g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        if let Ok(n) = self.outbox.pending().await {
+            gauge(&g.backchannel_pending, n);
+        }
+        if let Ok(n) = self.aggregation.pending().await {
+            gauge(&g.aggregation_pending, n);
+        }
+        if let Ok((n, b)) = self.cache.usage().await {
+            gauge(&g.cache_files, n);
+            gauge(&g.cache_bytes, b);
+        }
     }
 
     /// The MLM's status: its own state, queue depths and counters.
@@ -247,76 +352,43 @@ impl Mlm {
         let mut metrics: Vec<(&str, u64)> = rs_net::auth::metrics(self.tls.as_deref(), &self.auth);
         if let Some(seal) = &self.sealer {
             metrics.extend([
-                ("seal.sealed", seal.stats.sealed.load(Ordering::Relaxed)),
-                (
-                    "seal.failed",
-                    seal.stats.seal_failed.load(Ordering::Relaxed),
-                ),
+                ("seal.sealed", seal.stats.sealed.get()),
+                ("seal.failed", seal.stats.seal_failed.get()),
             ]);
         }
         metrics.extend([
-            ("envelopes.received", s.envelopes.load(Ordering::Relaxed)),
+            ("envelopes.received", s.envelopes.get()),
             // Held long polls among them.
             ("envelopes.in_hand", self.load.inflight() as u64),
-            ("messages.received", s.received.load(Ordering::Relaxed)),
-            ("messages.forwarded", s.forwarded.load(Ordering::Relaxed)),
-            ("messages.accepted", s.accepted.load(Ordering::Relaxed)),
-            ("messages.filtered", s.filtered.load(Ordering::Relaxed)),
-            ("messages.aggregated", s.aggregated.load(Ordering::Relaxed)),
-            ("messages.retried", s.retried.load(Ordering::Relaxed)),
-            ("messages.rejected", s.rejected.load(Ordering::Relaxed)),
-            ("messages.expired", s.expired.load(Ordering::Relaxed)),
-            ("messages.throttled", s.throttled.load(Ordering::Relaxed)),
+            ("messages.received", s.received.get()),
+            ("messages.forwarded", s.forwarded.get()),
+            ("messages.accepted", s.accepted.get()),
+            ("messages.filtered", s.filtered.get()),
+            ("messages.aggregated", s.aggregated.get()),
+            ("messages.retried", s.retried.get()),
+            ("messages.rejected", s.rejected.get()),
+            ("messages.expired", s.expired.get()),
+            ("messages.throttled", s.throttled.get()),
             (
                 "replies.advised_wait",
                 self.load.advised.load(Ordering::Relaxed),
             ),
-            (
-                "backchannel.expired",
-                s.back_expired.load(Ordering::Relaxed),
-            ),
-            ("backchannel.taken", s.back_taken.load(Ordering::Relaxed)),
-            ("actions.applied", s.actions_applied.load(Ordering::Relaxed)),
-            (
-                "upstream.accepted",
-                self.sender_stats.accepted.load(Ordering::Relaxed),
-            ),
-            (
-                "bulk.transfers",
-                self.bulk_stats.transfers.load(Ordering::Relaxed),
-            ),
-            (
-                "bulk.bytes_relayed",
-                self.bulk_stats.bytes_relayed.load(Ordering::Relaxed),
-            ),
-            (
-                "bulk.refused",
-                self.bulk_stats.refused.load(Ordering::Relaxed),
-            ),
+            ("backchannel.expired", s.back_expired.get()),
+            ("backchannel.taken", s.back_taken.get()),
+            ("actions.applied", s.actions_applied.get()),
+            ("upstream.accepted", self.sender_stats.accepted.get()),
+            ("bulk.transfers", self.bulk_stats.transfers.get()),
+            ("bulk.bytes_relayed", self.bulk_stats.bytes_relayed.get()),
+            ("bulk.refused", self.bulk_stats.refused.get()),
             (
                 "bulk.requests_refused",
-                self.bulk_stats.requests_refused.load(Ordering::Relaxed),
+                self.bulk_stats.requests_refused.get(),
             ),
-            (
-                "bulk.fetches",
-                self.cache.stats.fetches.load(Ordering::Relaxed),
-            ),
-            (
-                "bulk.fetched_bytes",
-                self.cache.stats.fetched_bytes.load(Ordering::Relaxed),
-            ),
-            (
-                "bulk.served_bytes",
-                self.cache.stats.served_bytes.load(Ordering::Relaxed),
-            ),
-            (
-                "bulk.evicted",
-                self.cache.stats.evicted.load(Ordering::Relaxed),
-            ),
-            (
-                "bulk.fetch_failed",
-                self.cache.stats.failed.load(Ordering::Relaxed),
-            ),
+            ("bulk.fetches", self.cache.stats.fetches.get()),
+            ("bulk.fetched_bytes", self.cache.stats.fetched_bytes.get()),
+            ("bulk.served_bytes", self.cache.stats.served_bytes.get()),
+            ("bulk.evicted", self.cache.stats.evicted.get()),
+            ("bulk.fetch_failed", self.cache.stats.failed.get()),
         ]);
         let mut state = NodeState::Ok;
         let mut health = Vec::new();
@@ -423,8 +495,8 @@ impl Mlm {
                 started: self.started,
                 seen: self.clock.now(),
                 in_hand: self.load.inflight() as u64,
-                envelopes: self.stats.envelopes.load(Ordering::Relaxed),
-                forwarded: self.stats.forwarded.load(Ordering::Relaxed),
+                envelopes: self.stats.envelopes.get(),
+                forwarded: self.stats.forwarded.get(),
             };
             if let Err(e) = self.outbox.beat(m).await {
                 tracing::warn!("farm membership: {e}");
@@ -716,7 +788,7 @@ pub async fn run(
                         .await
                     {
                         Ok(n) => {
-                            mlm.stats.back_expired.fetch_add(n, Ordering::Relaxed);
+                            mlm.stats.back_expired.inc_by(n);
                         }
                         Err(e) => tracing::error!("back-channel sweep: {e}"),
                     }
@@ -744,6 +816,18 @@ pub async fn run(
             shutdown.cancelled().await;
             mlm.stopping.cancel();
         });
+    }
+    if let Some(addr) = mlm.cfg.metrics_listen {
+        let m = mlm.clone();
+        tokio::spawn(rs_node::metrics::serve(
+            addr,
+            mlm.metrics.clone(),
+            move || {
+                let m = m.clone();
+                async move { m.refresh_metrics().await }
+            },
+            shutdown.clone(),
+        ));
     }
     let grace = mlm.cfg.shutdown_grace();
     let serve_cfg = ServeConfig {

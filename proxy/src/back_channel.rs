@@ -115,7 +115,7 @@ impl Actions {
             .map_err(|e| e.to_string())?;
         let answer = match claim {
             Claim::Done => {
-                p.actions_duplicate.fetch_add(1, Ordering::Relaxed);
+                p.stats.actions_duplicate.inc();
                 return Ok(());
             }
             // Applied, its answer not known to be spooled: spool it again.
@@ -127,7 +127,7 @@ impl Actions {
                     // this process still has it.
                     return self.send_answer(id, saved).await;
                 }
-                p.actions_duplicate.fetch_add(1, Ordering::Relaxed);
+                p.stats.actions_duplicate.inc();
                 tracing::warn!(
                     "action {id} ({}) was being applied when its answer was lost; not applied again",
                     m.header.class.subclass
@@ -162,7 +162,7 @@ impl Actions {
                     return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
                 }
                 let answer = self.apply(m).await;
-                p.actions_applied.fetch_add(1, Ordering::Relaxed);
+                p.stats.actions_applied.inc();
                 tracing::info!("control {} ({}): {}", m.header.class.subclass, id, answer.0);
                 answer
             }

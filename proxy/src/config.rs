@@ -31,6 +31,13 @@ pub struct Config {
     /// integrators that cannot use a Unix socket). Loopback only.
     #[serde(default)]
     pub api_listen: Option<std::net::SocketAddr>,
+    /// Where Prometheus scrapes `/metrics` (plain HTTP), or `off`.
+    #[serde(
+        default = "default_metrics_listen",
+        deserialize_with = "rs_node::metrics::listen_or_off",
+        serialize_with = "rs_node::metrics::serialize_listen"
+    )]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub upstream: UpstreamSection,
     #[serde(default)]
     pub spool: SpoolSection,
@@ -106,6 +113,12 @@ impl Default for SpoolSection {
             max_age_days: default_spool_days(),
         }
     }
+}
+
+/// The proxy's `/metrics` port by default (the MLM's is 9472, the
+/// server's 9473).
+fn default_metrics_listen() -> Option<std::net::SocketAddr> {
+    rs_node::metrics::loopback(9471)
 }
 
 fn default_socket_mode() -> String {

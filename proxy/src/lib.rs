@@ -57,10 +57,13 @@ pub struct Proxy {
     /// Set when the daemon should start again once stopped (to take up a
     /// configuration that `configChange` wrote).
     pub restart: AtomicBool,
-    /// Control actions applied, and back-channel messages received again
-    /// after they were applied (dropped as duplicates), since start.
-    pub actions_applied: std::sync::atomic::AtomicU64,
-    pub actions_duplicate: std::sync::atomic::AtomicU64,
+    /// Messages in, and control actions applied, since start.
+    pub stats: Stats,
+    /// This proxy's metrics (`/metrics`); the counters in it are the ones
+    /// the status tree shows.
+    pub metrics: rs_net::metrics::Registry,
+    pub spool_gauges: rs_node::metrics::SpoolGauges,
+    pub throttle_gauges: rs_node::metrics::ThrottleGauges,
     pub throttle: Arc<rs_node::throttle::Throttle>,
     /// Files handed over for upload, and downloads offered (`bulk.db`).
     pub uploads: bulk::Uploads,
@@ -72,6 +75,26 @@ pub struct Proxy {
 }
 
 pub use rs_node::daemon::Exit;
+
+rs_net::counters! {
+    /// A proxy's own counters (the sender's are [`SenderStats`]).
+    pub struct Stats {
+        /// Messages integrators handed in that the spool took.
+        spooled: "messages_received_total", "Messages integrators handed in that the spool took.";
+        duplicates: "messages_duplicate_total",
+            "Messages handed in again under an ID the spool holds (taken once).";
+        /// Refused at the spool's door (full of more important messages).
+        refused: "messages_refused_total" {reason = "spool"}, "Messages this tier refused, by reason.";
+        /// Not spooled because the spool's database failed.
+        storage: "messages_refused_total" {reason = "storage"}, "Messages this tier refused, by reason.";
+        /// Control actions applied, and back-channel messages received
+        /// again after they were applied (dropped as duplicates).
+        actions_applied: "backchannel_actions_total" {result = "applied"},
+            "Control actions addressed to this tier, by result.";
+        actions_duplicate: "backchannel_actions_total" {result = "duplicate"},
+            "Control actions addressed to this tier, by result.";
+    }
+}
 
 /// Why a message was not spooled.
 #[derive(Debug, thiserror::Error)]
@@ -132,10 +155,46 @@ impl Proxy {
             config_path,
             stop,
             restart: AtomicBool::new(false),
-            actions_applied: Default::default(),
-            actions_duplicate: Default::default(),
+            stats: Stats::default(),
+            metrics: rs_net::metrics::Registry::new(),
+            spool_gauges: Default::default(),
+            throttle_gauges: Default::default(),
             cfg,
-        }))
+        })
+        .registered())
+    }
+
+    /// Registers every counter and gauge of this proxy in its registry.
+    fn registered(self: Arc<Self>) -> Arc<Self> {
+        let r = &self.metrics;
+        self.stats.register(r);
+        self.sender_stats.register(r);
+        self.spool_gauges.register(r);
+        self.throttle_gauges.register(r);
+        if let Some(s) = &self.sealer {
+            s.stats.register(r);
+        }
+        rs_node::metrics::pulling(
+            r,
+            &self,
+            "forwarding_enabled",
+            "0 while forwarding of integrator data is switched off (disableForwarding), else 1.",
+            |p| f64::from(u8::from(!p.paused.load(Ordering::Relaxed))),
+        );
+        self
+    }
+
+    /// Sets the gauges read from storage, before a scrape.
+    pub async fn refresh_metrics(&self) {
+        self.spool_gauges
+            .refresh(
+                &self.spool,
+                self.cfg.spool.max_bytes,
+                &self.queue_health,
+                self.clock.now(),
+            )
+            .await;
+        self.throttle_gauges.update(&self.throttle);
     }
 
     /// Spools a message durably; returns once it would survive a crash.
@@ -173,14 +232,30 @@ impl Proxy {
                         .chain(std::iter::repeat_with(|| None)),
                 )
                 .map(|(id, e)| match e {
-                    Some(Enqueued::Stored) | Some(Enqueued::Duplicate) => Ok(id),
-                    Some(Enqueued::Refused(reason)) => Err(SubmitError::Refused(reason)),
-                    None => Err(SubmitError::Storage("the spool gave no answer".into())),
+                    Some(Enqueued::Stored) => {
+                        self.stats.spooled.inc();
+                        Ok(id)
+                    }
+                    Some(Enqueued::Duplicate) => {
+                        self.stats.duplicates.inc();
+                        Ok(id)
+                    }
+                    Some(Enqueued::Refused(reason)) => {
+                        self.stats.refused.inc();
+                        Err(SubmitError::Refused(reason))
+                    }
+                    None => {
+                        self.stats.storage.inc();
+                        Err(SubmitError::Storage("the spool gave no answer".into()))
+                    }
                 })
                 .collect(),
             Err(e) => ids
                 .iter()
-                .map(|_| Err(SubmitError::Storage(e.to_string())))
+                .map(|_| {
+                    self.stats.storage.inc();
+                    Err(SubmitError::Storage(e.to_string()))
+                })
                 .collect(),
         }
     }
@@ -286,11 +361,11 @@ impl Proxy {
         let st = &self.sender_stats;
         metrics.push(Detail::new(
             "upstream.accepted",
-            st.accepted.load(Ordering::Relaxed).to_string(),
+            st.accepted.get().to_string(),
         ));
         metrics.push(Detail::new(
             "upstream.posts_failed",
-            st.posts_failed.load(Ordering::Relaxed).to_string(),
+            st.posts_failed.get().to_string(),
         ));
         metrics.push(Detail::new(
             "upstream.connected",
@@ -302,18 +377,15 @@ impl Proxy {
         ));
         metrics.push(Detail::new(
             "backchannel.applied",
-            self.actions_applied.load(Ordering::Relaxed).to_string(),
+            self.stats.actions_applied.get().to_string(),
         ));
         metrics.push(Detail::new(
             "backchannel.duplicates",
-            self.actions_duplicate.load(Ordering::Relaxed).to_string(),
+            self.stats.actions_duplicate.get().to_string(),
         ));
         metrics.push(Detail::new(
             "throttle.held",
-            self.sender_stats
-                .throttled
-                .load(Ordering::Relaxed)
-                .to_string(),
+            self.sender_stats.throttled.get().to_string(),
         ));
         for (k, v) in self.throttle.metrics() {
             metrics.push(Detail::new(k, v.to_string()));
@@ -682,6 +754,18 @@ pub async fn run(
         }
         None => None,
     };
+    let metrics = proxy.cfg.metrics_listen.map(|addr| {
+        let p = proxy.clone();
+        tokio::spawn(rs_node::metrics::serve(
+            addr,
+            proxy.metrics.clone(),
+            move || {
+                let p = p.clone();
+                async move { p.refresh_metrics().await }
+            },
+            shutdown.clone(),
+        ))
+    });
     let grace = proxy.cfg.shutdown_grace();
     {
         let p = proxy.clone();
@@ -708,6 +792,9 @@ pub async fn run(
     // is left of it to deliver what the spool holds.
     let drain_until = tokio::time::Instant::now() + grace;
     if let Some(t) = tcp_api {
+        let _ = t.await;
+    }
+    if let Some(t) = metrics {
         let _ = t.await;
     }
     let _ = beats.await;

@@ -52,9 +52,29 @@ pub struct Node {
     pub env: Vec<(String, String)>,
 }
 
+/// Gives a configuration that does not say where `/metrics` is served a
+/// port of its own (`127.0.0.1:0`): the daemons' fixed defaults would
+/// collide between the many a test run starts at once. A test that
+/// scrapes names a port.
+pub fn metrics_on_any_port(config: &Path) -> std::io::Result<()> {
+    let text = match std::fs::read_to_string(config) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if text.contains("metrics_listen") {
+        return Ok(());
+    }
+    // A top-level key goes before the first table.
+    std::fs::write(config, format!("metrics_listen = \"127.0.0.1:0\"\n{text}"))
+}
+
 impl Node {
     /// Starts (or restarts) the process.
     pub fn start(&mut self, exe: &Path) -> std::io::Result<()> {
+        if let Some(c) = &self.config {
+            metrics_on_any_port(c)?;
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

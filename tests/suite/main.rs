@@ -18,6 +18,7 @@ mod faults;
 pub(crate) mod forward;
 mod fuzz_replay;
 mod golden;
+pub(crate) mod metrics;
 mod operations;
 mod packaging;
 mod security;

@@ -362,6 +362,28 @@ impl Store {
             .await
     }
 
+    /// Back-channel copies not yet acknowledged, and peripheral tasks not
+    /// done by state (metrics).
+    pub async fn depths(&self) -> Result<(u64, Vec<(String, u64)>), DbError> {
+        self.db
+            .read(|s| {
+                let pending: i64 = s.one("SELECT COUNT(*) FROM outbox", params![], |r| r.get(0))?;
+                let tasks: Vec<(String, i64)> = s.rows(
+                    "SELECT state, COUNT(*) FROM tasks WHERE state <> 'done' GROUP BY state",
+                    params![],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                Ok((
+                    u64::try_from(pending).unwrap_or(0),
+                    tasks
+                        .into_iter()
+                        .map(|(st, n)| (st, u64::try_from(n).unwrap_or(0)))
+                        .collect(),
+                ))
+            })
+            .await
+    }
+
     /// Forgets messages received before `now - retention` (and with them
     /// their IDs: the retention window is also the duplicate window).
     pub async fn purge(&self, now: Timestamp, retention: Duration) -> Result<u64, DbError> {

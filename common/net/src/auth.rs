@@ -16,8 +16,6 @@
 //! On a plain-HTTP listener (TLS not configured: loopback benchmarks) there
 //! is no identity and nothing is checked.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use crate::pki::Role;
 use crate::server::{Peer, Refusal};
 use rs_protocol::codec::RawEnvelope;
@@ -32,15 +30,18 @@ pub enum Caller {
     Component(RsId),
 }
 
-/// Counters of refusals (shown in each tier's status).
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Envelopes refused: no certificate, an admin's, or a sender that is
-    /// not the caller.
-    pub envelopes_refused: AtomicU64,
-    /// Messages refused because their source or a hop is not the caller's
-    /// to speak for.
-    pub spoofed: AtomicU64,
+crate::counters! {
+    /// Counters of refusals (shown in each tier's status and metrics).
+    pub struct Stats {
+        /// Envelopes refused: no certificate, an admin's, or a sender that
+        /// is not the caller.
+        envelopes_refused: "envelopes_refused_total" {reason = "caller"},
+            "Envelopes refused before their messages were read, by reason.";
+        /// Messages refused because their source or a hop is not the
+        /// caller's to speak for.
+        spoofed: "messages_spoofed_total",
+            "Messages refused (as rejected) for a source or hop not the caller's to speak for.";
+    }
 }
 
 /// The calling component, or the refusal for a caller that is none.
@@ -87,7 +88,7 @@ pub fn screen(
         return Ok(vec![None; n]);
     };
     if env.meta.sender != *peer {
-        stats.envelopes_refused.fetch_add(1, Ordering::Relaxed);
+        stats.envelopes_refused.inc();
         return Err(Refusal::new(
             http::StatusCode::FORBIDDEN,
             format!(
@@ -106,7 +107,7 @@ pub fn screen(
             .chain(m.header.routing.iter().map(|h| &h.component))
             .find(|c| !may_speak_for(peer, own, c));
         if let Some(c) = bad {
-            stats.spoofed.fetch_add(1, Ordering::Relaxed);
+            stats.spoofed.inc();
             tracing::warn!(
                 "{peer} sent message {} naming {c}, which it may not speak for: refused",
                 m.header.id
@@ -134,24 +135,15 @@ pub fn caller_filter()
 /// messages.
 pub fn metrics(tls: Option<&crate::tls::TlsServer>, auth: &Stats) -> Vec<(&'static str, u64)> {
     let mut v = vec![
-        (
-            "auth.envelopes_refused",
-            auth.envelopes_refused.load(Ordering::Relaxed),
-        ),
-        ("auth.spoofed", auth.spoofed.load(Ordering::Relaxed)),
+        ("auth.envelopes_refused", auth.envelopes_refused.get()),
+        ("auth.spoofed", auth.spoofed.get()),
     ];
     if let Some(t) = tls {
         v.extend([
-            ("tls.handshakes", t.stats.handshakes.load(Ordering::Relaxed)),
-            (
-                "tls.handshakes_failed",
-                t.stats.handshakes_failed.load(Ordering::Relaxed),
-            ),
-            (
-                "tls.revoked_refused",
-                t.revocations.refused.load(Ordering::Relaxed),
-            ),
-            ("tls.revoked_cut", t.revocations.cut.load(Ordering::Relaxed)),
+            ("tls.handshakes", t.stats.handshakes.get()),
+            ("tls.handshakes_failed", t.stats.handshakes_failed()),
+            ("tls.revoked_refused", t.stats.revoked.get()),
+            ("tls.revoked_cut", t.revocations.cut.get()),
             ("tls.revoked", t.revocations.len() as u64),
         ]);
     }

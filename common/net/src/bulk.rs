@@ -421,7 +421,7 @@ pub async fn serve_file(
     path: &Path,
     size: u64,
     range: Option<&http::HeaderValue>,
-    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    served: crate::metrics::IntCounter,
 ) -> warp::reply::Response {
     use tokio::io::AsyncSeekExt as _;
     let text = |status: StatusCode, t: String| {
@@ -458,7 +458,7 @@ pub async fn serve_file(
     )
     .map(move |c| {
         if let Ok(b) = &c {
-            served.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            served.inc_by(b.len() as u64);
         }
         c
     });

@@ -18,6 +18,7 @@ pub mod auth;
 pub mod bulk;
 pub mod enroll;
 pub mod http;
+pub mod metrics;
 pub mod pki;
 pub mod refusal;
 pub mod retry;

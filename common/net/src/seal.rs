@@ -19,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -90,17 +89,22 @@ impl Require {
     }
 }
 
-/// Counters of sealing and opening.
-#[derive(Debug, Default)]
-pub struct SealStats {
-    pub sealed: AtomicU64,
-    pub seal_failed: AtomicU64,
-    pub opened_signed: AtomicU64,
-    pub opened_encrypted: AtomicU64,
-    /// Seals that did not open or verify (counted once per message).
-    pub refused: AtomicU64,
-    /// Unsealed messages refused by the server's policy.
-    pub unsealed_refused: AtomicU64,
+crate::counters! {
+    /// Counters of sealing and opening.
+    pub struct SealStats {
+        sealed: "seals_total" {result = "sealed"}, "Messages sealed and seals opened, by result.";
+        seal_failed: "seals_total" {result = "seal_failed"},
+            "Messages sealed and seals opened, by result.";
+        opened_signed: "seals_total" {result = "opened_signed"},
+            "Messages sealed and seals opened, by result.";
+        opened_encrypted: "seals_total" {result = "opened_encrypted"},
+            "Messages sealed and seals opened, by result.";
+        /// Seals that did not open or verify (counted once per message).
+        refused: "seals_total" {result = "refused"}, "Messages sealed and seals opened, by result.";
+        /// Unsealed messages refused by the server's policy.
+        unsealed_refused: "messages_unsealed_refused_total",
+            "Unsealed messages refused (as rejected) by the policy.";
+    }
 }
 
 /// Seals the messages of one component with its certificate and key.
@@ -205,8 +209,8 @@ impl Sealer {
     pub fn seal(&self, m: &RawMessage) -> Result<RawMessage, String> {
         let r = self.seal_inner(m);
         match &r {
-            Ok(_) => self.stats.sealed.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.stats.seal_failed.fetch_add(1, Ordering::Relaxed),
+            Ok(_) => self.stats.sealed.inc(),
+            Err(_) => self.stats.seal_failed.inc(),
         };
         r
     }
@@ -372,7 +376,7 @@ impl Opener {
             Ok((_, Seal::Encrypted, _)) => &self.stats.opened_encrypted,
             Err(_) => &self.stats.refused,
         }
-        .fetch_add(1, Ordering::Relaxed);
+        .inc();
         r
     }
 

@@ -258,7 +258,6 @@ async fn handshake<IO, F>(
         + Sync
         + 'static,
 {
-    use std::sync::atomic::Ordering;
     let ssl = match openssl::ssl::Ssl::new(tls.acceptor.context()) {
         Ok(s) => s,
         Err(e) => {
@@ -276,23 +275,23 @@ async fn handshake<IO, F>(
     match done {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            tls.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            tls.stats.failed(stream.ssl());
             tracing::info!("TLS handshake with {addr} failed: {e}");
             return;
         }
         Err(_) => {
-            tls.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            tls.stats.timeout.inc();
             tracing::info!("TLS handshake with {addr} timed out");
             return;
         }
     }
-    tls.stats.handshakes.fetch_add(1, Ordering::Relaxed);
+    tls.stats.handshakes.inc();
     let identity = match stream.ssl().peer_certificate() {
         Some(c) => match Identity::from_cert(&c) {
             Ok(i) => Some(Arc::new(i)),
             Err(e) => {
                 // Signed by our CA but not one of ours in form: refuse.
-                tls.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                tls.stats.identity.inc();
                 tracing::warn!("{addr}: {e}");
                 return;
             }
@@ -303,8 +302,7 @@ async fn handshake<IO, F>(
         && tls.revocations.is_revoked(&i.serial)
     {
         // A resumed session skips the handshake's revocation check.
-        tls.revocations.refused.fetch_add(1, Ordering::Relaxed);
-        tls.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+        tls.stats.revoked.inc();
         tracing::info!(
             "{addr}: resumed a session of revoked certificate {}",
             i.serial
@@ -328,7 +326,7 @@ async fn handshake<IO, F>(
 fn revoked_now(rev: Option<&Revocations>, peer: &Peer) -> Option<String> {
     let (r, i) = (rev?, peer.identity()?);
     r.is_revoked(&i.serial).then(|| {
-        r.cut.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        r.cut.inc();
         format!("{} ({})", i.serial, i.name)
     })
 }

@@ -11,7 +11,6 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
@@ -86,12 +85,10 @@ pub struct Revocations {
     serials: RwLock<HashSet<String>>,
     /// The loaded list's thisUpdate (Unix seconds) and its file's mtime.
     loaded: Mutex<(i64, Option<SystemTime>)>,
-    /// Handshakes refused because the peer's certificate is revoked.
-    pub refused: AtomicU64,
     /// Connections closed, or requests refused, because the certificate
     /// they were opened with was revoked since (or came with a resumed
     /// session, which skips the handshake's check).
-    pub cut: AtomicU64,
+    pub cut: crate::metrics::IntCounter,
     /// Bumped each time a new list is put in force: open connections
     /// look again at the certificate they were opened with.
     changed: tokio::sync::watch::Sender<u64>,
@@ -105,8 +102,11 @@ impl Revocations {
             path,
             serials: RwLock::new(HashSet::new()),
             loaded: Mutex::new((i64::MIN, None)),
-            refused: AtomicU64::new(0),
-            cut: AtomicU64::new(0),
+            cut: crate::metrics::counter(
+                "tls_revoked_cut_total",
+                "Connections closed, or requests refused, because their certificate was revoked since they opened.",
+                &[],
+            ),
             changed: tokio::sync::watch::Sender::new(0),
         };
         r.reload()?;
@@ -227,13 +227,77 @@ pub(crate) fn asn1_unix(t: &openssl::asn1::Asn1TimeRef) -> Result<i64, String> {
     Ok(i64::from(d.days) * 86_400 + i64::from(d.secs))
 }
 
-/// Counters of a TLS listener.
-#[derive(Debug, Default)]
-pub struct TlsStats {
-    pub handshakes: AtomicU64,
-    /// Handshakes that failed (bad or revoked certificate, old protocol
-    /// version, no common cipher, garbage, timeout).
-    pub handshakes_failed: AtomicU64,
+crate::counters! {
+    /// Counters of a TLS listener.
+    pub struct TlsStats {
+        handshakes: "tls_handshakes_total", "TLS handshakes completed.";
+        /// The handshake did not finish within the header timeout.
+        timeout: "tls_handshake_failures_total" {reason = "timeout"},
+            "TLS handshakes that failed, by reason.";
+        /// No common version or cipher, not TLS at all, no certificate
+        /// where one is required.
+        protocol: "tls_handshake_failures_total" {reason = "protocol"},
+            "TLS handshakes that failed, by reason.";
+        /// A certificate not signed by the CA (or not verifiable).
+        untrusted: "tls_handshake_failures_total" {reason = "untrusted"},
+            "TLS handshakes that failed, by reason.";
+        /// A certificate out of its validity period.
+        expired: "tls_handshake_failures_total" {reason = "expired"},
+            "TLS handshakes that failed, by reason.";
+        /// A revoked certificate (in the handshake, or on a resumed
+        /// session, which skips the handshake's check).
+        revoked: "tls_handshake_failures_total" {reason = "revoked"},
+            "TLS handshakes that failed, by reason.";
+        /// Signed by the CA but not one of ours in form.
+        identity: "tls_handshake_failures_total" {reason = "identity"},
+            "TLS handshakes that failed, by reason.";
+    }
+}
+
+impl TlsStats {
+    /// Handshakes that failed, for any reason.
+    pub fn handshakes_failed(&self) -> u64 {
+        [
+            &self.timeout,
+            &self.protocol,
+            &self.untrusted,
+            &self.expired,
+            &self.revoked,
+            &self.identity,
+        ]
+        .iter()
+        .map(|c| c.get())
+        .sum()
+    }
+
+    /// Counts a handshake that failed, by `ssl`'s verification result
+    /// (one the verify callback refused as revoked is counted there).
+    pub fn failed(&self, ssl: &openssl::ssl::SslRef) {
+        if REFUSED_AS_REVOKED.replace(false) {
+            return;
+        }
+        // OpenSSL's X509_V_ERR_* codes (x509_vfy.h), a stable ABI.
+        const NOT_YET_VALID: i32 = 9;
+        const EXPIRED: i32 = 10;
+        const REVOKED: i32 = 23;
+        let c = match ssl.verify_result().as_raw() {
+            0 => &self.protocol,
+            NOT_YET_VALID | EXPIRED => &self.expired,
+            REVOKED => &self.revoked,
+            _ => &self.untrusted,
+        };
+        c.inc();
+    }
+}
+
+thread_local! {
+    /// Set by the verify callback when it refuses a revoked certificate
+    /// (and counts it), taken by [`TlsStats::failed`] for the same
+    /// handshake: the callback runs inside the poll of `accept` that then
+    /// returns the failure, on the same thread, with no other task between.
+    /// (OpenSSL's verify result cannot say "revoked" for us: setting it
+    /// from the callback needs an unsafe constructor.)
+    static REFUSED_AS_REVOKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A TLS listener's context.
@@ -283,6 +347,8 @@ impl TlsServer {
         // request as well (`server::serve_conn`).
         b.set_session_id_context(b"remote-services").map_err(e)?;
         let rev = revocations.clone();
+        let stats = TlsStats::default();
+        let revoked = stats.revoked.clone();
         b.set_verify_callback(SslVerifyMode::PEER, move |ok, ctx| {
             if !ok {
                 return false;
@@ -291,7 +357,8 @@ impl TlsServer {
                 && let Some(c) = ctx.current_cert()
                 && rev.is_revoked(&serial_hex(c))
             {
-                rev.refused.fetch_add(1, Ordering::Relaxed);
+                revoked.inc();
+                REFUSED_AS_REVOKED.set(true);
                 return false;
             }
             true
@@ -299,7 +366,7 @@ impl TlsServer {
         Ok(Arc::new(TlsServer {
             acceptor: b.build(),
             revocations,
-            stats: TlsStats::default(),
+            stats,
         }))
     }
 }

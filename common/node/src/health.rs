@@ -31,6 +31,18 @@ fn dropped(s: &SpoolStats) -> u64 {
 }
 
 impl QueueHealth {
+    /// Seconds until a spool holding `s` (of at most `max_bytes`) is full
+    /// at the rate it grew since the last heartbeat; `None` while it is
+    /// not growing (or before the first heartbeat).
+    pub fn full_in_secs(&self, s: &SpoolStats, max_bytes: u64) -> Option<i64> {
+        let last = self.last_beat.lock().ok().and_then(|l| *l)?;
+        let secs = last.at.elapsed().as_secs_f64();
+        let rate =
+            (s.bytes > last.bytes && secs > 0.0).then(|| (s.bytes - last.bytes) as f64 / secs)?;
+        let left = max_bytes.saturating_sub(s.bytes) as f64;
+        Some((left / rate) as i64)
+    }
+
     /// The queue-health figures of a spool holding `s` (of at most
     /// `max_bytes`) at `now`, against the last heartbeat's sample. For a
     /// heartbeat (`beat`), `s` becomes the sample the next one is measured

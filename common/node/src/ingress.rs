@@ -125,6 +125,17 @@ pub struct BackChannelReady {
     due: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     /// Told when an earlier due time than the ticker's is recorded.
     replan: tokio::sync::Notify,
+    /// Long polls held now, waiting for a message.
+    holders: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a held long poll while it waits.
+struct Holding<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// How finely re-offer wake-ups are kept: one wake-up of every held poll
@@ -139,7 +150,13 @@ impl BackChannelReady {
             born: tokio::time::Instant::now(),
             due: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             replan: tokio::sync::Notify::new(),
+            holders: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// Long polls held now, waiting for a message.
+    pub fn holders(&self) -> usize {
+        self.holders.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Wakes every held long poll (messages were queued).
@@ -227,6 +244,7 @@ pub async fn offer_back_channel<F, Fut>(
     Fut: std::future::Future<Output = Result<Vec<RawMessage>, String>>,
 {
     let deadline = tokio::time::Instant::now() + hold.unwrap_or_default().min(MAX_HOLD);
+    let mut holding = None;
     loop {
         // Registered before looking, so a message queued while we look
         // still wakes us.
@@ -249,6 +267,12 @@ pub async fn offer_back_channel<F, Fut>(
         }
         if hold.is_none() || tokio::time::Instant::now() >= deadline {
             return;
+        }
+        if holding.is_none() {
+            ready
+                .holders
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            holding = Some(Holding(&ready.holders));
         }
         tokio::select! {
             () = notified => {}

@@ -23,5 +23,6 @@ pub mod health;
 pub mod ingress;
 pub mod inherit;
 pub mod mem;
+pub mod metrics;
 pub mod throttle;
 pub mod upstream;

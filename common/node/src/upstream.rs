@@ -273,25 +273,90 @@ impl Default for SenderConfig {
     }
 }
 
-/// Live counters of a sender, for status.
-#[derive(Debug, Default)]
+rs_net::counters! {
+    /// A sender's message counters (status and metrics).
+    pub struct SenderCounters {
+        posts_ok: "upstream_posts_total" {result = "ok"}, "POSTs to the next hop, by result.";
+        posts_failed: "upstream_posts_total" {result = "failed"}, "POSTs to the next hop, by result.";
+        /// Messages sent up (each attempt).
+        sent: "upstream_messages_sent_total", "Messages sent to the next hop (each attempt).";
+        accepted: "upstream_messages_total" {outcome = "accepted"},
+            "Messages sent to the next hop, by the outcome it answered.";
+        retried: "upstream_messages_total" {outcome = "retry"},
+            "Messages sent to the next hop, by the outcome it answered.";
+        rejected: "upstream_messages_total" {outcome = "rejected"},
+            "Messages sent to the next hop, by the outcome it answered.";
+        expired: "upstream_messages_total" {outcome = "expired"},
+            "Messages sent to the next hop, by the outcome it answered.";
+        /// Messages the throttle held back in the spool (each time).
+        throttled: "upstream_messages_throttled_total",
+            "Messages the throttle held back in the spool (each time).";
+    }
+}
+
+/// Live counters of a sender, for status and metrics.
+#[derive(Debug)]
 pub struct SenderStats {
-    pub posts_ok: AtomicU64,
-    pub posts_failed: AtomicU64,
-    pub sent: AtomicU64,
-    pub accepted: AtomicU64,
-    pub retried: AtomicU64,
-    pub rejected: AtomicU64,
-    pub expired: AtomicU64,
-    /// Messages the throttle held back in the spool (each time).
-    pub throttled: AtomicU64,
+    pub counters: SenderCounters,
     pub connected: AtomicBool,
     pub last_error: Mutex<Option<String>>,
     /// Heartbeat interval advised by the next hop, in ms (0: none yet).
     pub advised_heartbeat_ms: AtomicU64,
+    /// Round trips of POSTs that carried messages (long polls, held by
+    /// design, are not timed).
+    pub post_seconds: rs_net::metrics::Histogram,
+    /// From spooling to the next hop's acceptance, of each message
+    /// delivered.
+    pub spool_wait_seconds: rs_net::metrics::Histogram,
+}
+
+impl Default for SenderStats {
+    fn default() -> Self {
+        SenderStats {
+            counters: SenderCounters::default(),
+            connected: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            advised_heartbeat_ms: AtomicU64::new(0),
+            post_seconds: rs_net::metrics::latency(
+                "upstream_post_duration_seconds",
+                "Round trips of POSTs carrying messages to the next hop (long polls excluded).",
+                &[],
+            ),
+            spool_wait_seconds: rs_net::metrics::latency(
+                "spool_wait_seconds",
+                "From spooling to the next hop's acceptance, of each message delivered.",
+                &[],
+            ),
+        }
+    }
+}
+
+impl std::ops::Deref for SenderStats {
+    type Target = SenderCounters;
+    fn deref(&self) -> &SenderCounters {
+        &self.counters
+    }
 }
 
 impl SenderStats {
+    /// Adds the counters, the round-trip histogram and whether the next
+    /// hop answers (`upstream_connected`) to `r`.
+    pub fn register(self: &Arc<Self>, r: &rs_net::metrics::Registry) {
+        self.counters.register(r);
+        r.add(&self.post_seconds);
+        r.add(&self.spool_wait_seconds);
+        let me = Arc::downgrade(self);
+        r.add(&rs_net::metrics::pulling(
+            "upstream_connected",
+            "1 while the last POST to the next hop succeeded, else 0.",
+            move || {
+                me.upgrade()
+                    .is_some_and(|s| s.connected.load(Ordering::Relaxed)) as i64
+                    as f64
+            },
+        ));
+    }
+
     /// The heartbeat interval the next hop advised, or `default` until it
     /// has advised one.
     pub fn heartbeat(&self, default: Duration) -> Duration {
@@ -302,7 +367,7 @@ impl SenderStats {
     }
 
     fn fail(&self, e: &PostError) {
-        self.posts_failed.fetch_add(1, Ordering::Relaxed);
+        self.posts_failed.inc();
         self.connected.store(false, Ordering::Relaxed);
         if let Ok(mut l) = self.last_error.lock() {
             *l = Some(e.to_string());
@@ -316,7 +381,7 @@ impl SenderStats {
 /// would only delay the stop). What is left stays spooled, durably, for
 /// the next start.
 pub async fn drain<S: Spool>(spool: &S, stats: &SenderStats, until: tokio::time::Instant) {
-    let failed_before = stats.posts_failed.load(Ordering::Relaxed);
+    let failed_before = stats.posts_failed.get();
     loop {
         match spool.stats().await {
             Ok(s) if s.messages == 0 => return,
@@ -325,7 +390,7 @@ pub async fn drain<S: Spool>(spool: &S, stats: &SenderStats, until: tokio::time:
                     tracing::info!("stopping with {} messages spooled (grace over)", s.messages);
                     return;
                 }
-                if stats.posts_failed.load(Ordering::Relaxed) > failed_before {
+                if stats.posts_failed.get() > failed_before {
                     tracing::info!(
                         "stopping with {} messages spooled (the next hop is not taking them)",
                         s.messages
@@ -527,8 +592,11 @@ impl<S: Spool> Sender<S> {
                 let (enc, ids, notices) =
                     self.envelope(&batch, now, std::mem::take(&mut acks), None);
                 let (upstream, back) = (self.upstream.clone(), self.back.clone());
+                let timer = self.stats.post_seconds.clone();
                 inflight.push(Box::pin(async move {
+                    let started = std::time::Instant::now();
                     let r = upstream.post(&enc, None).await;
+                    timer.observe(started.elapsed().as_secs_f64());
                     notices_done(back.as_deref(), notices, r.is_ok());
                     (batch, ids, max_bytes, r)
                 }));
@@ -576,11 +644,9 @@ impl<S: Spool> Sender<S> {
                 Ok(reply) => {
                     failures = 0;
                     isolate = isolate.saturating_sub(1);
-                    self.stats.posts_ok.fetch_add(1, Ordering::Relaxed);
+                    self.stats.posts_ok.inc();
                     self.stats.connected.store(true, Ordering::Relaxed);
-                    self.stats
-                        .sent
-                        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    self.stats.sent.inc_by(ids.len() as u64);
                     if let Some(a) = reply.meta.advice {
                         advice = a;
                         if let Some(h) = a.heartbeat {
@@ -689,7 +755,7 @@ impl<S: Spool> Sender<S> {
             match t.check_raw(&s.msg) {
                 crate::throttle::Decision::Admit => keep.push(s),
                 crate::throttle::Decision::Wait { after, .. } => {
-                    self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    self.stats.throttled.inc();
                     defer.push((
                         s.msg.header.id.clone(),
                         Settle::Defer {
@@ -791,26 +857,29 @@ impl<S: Spool> Sender<S> {
             };
             let settle = match outcomes.get(id) {
                 Some(Outcome::Accepted) => {
-                    self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    self.stats.accepted.inc();
+                    self.stats.spool_wait_seconds.observe(
+                        (now.as_millis() - s.spooled_at.as_millis()).max(0) as f64 / 1000.0,
+                    );
                     Settle::Delivered
                 }
                 Some(Outcome::Retry { after, reason }) => {
                     tracing::debug!("message {id}: retry after {after:?} ({reason})");
-                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    self.stats.retried.inc();
                     Settle::Retry {
                         at: retry_at(*after),
                     }
                 }
                 Some(Outcome::Rejected(reason)) => {
-                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    self.stats.rejected.inc();
                     Settle::Dead(reason.clone())
                 }
                 Some(Outcome::Expired) => {
-                    self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                    self.stats.expired.inc();
                     Settle::Expired
                 }
                 None => {
-                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    self.stats.retried.inc();
                     Settle::Retry {
                         at: now.saturating_add(backoff(s.attempts + 1, self.cfg.max_backoff)),
                     }

@@ -164,6 +164,23 @@ pub struct SpoolStats {
     pub oldest: Option<Timestamp>,
 }
 
+/// The waiting messages of one precedence (metrics: depth and oldest age
+/// by precedence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Depth {
+    pub precedence: u8,
+    pub messages: u64,
+    pub bytes: u64,
+    /// When the oldest of them was spooled.
+    pub oldest: Option<Timestamp>,
+}
+
+/// The query behind [`Spool::depths`], the same on both engines.
+const DEPTHS: &str =
+    "SELECT precedence, COUNT(*), CAST(COALESCE(SUM(bytes), 0) AS BIGINT), MIN(created)
+     FROM spool
+     GROUP BY precedence ORDER BY precedence DESC";
+
 /// Why a spool operation failed (the database, not the message).
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -211,6 +228,10 @@ pub trait Spool: Send + Sync + 'static {
     fn next_due(&self) -> impl Future<Output = Result<Option<Timestamp>, SpoolError>> + Send;
 
     fn stats(&self) -> impl Future<Output = Result<SpoolStats, SpoolError>> + Send;
+
+    /// The waiting messages by precedence, highest first (one scan of the
+    /// spool: for scrapes, not for every heartbeat).
+    fn depths(&self) -> impl Future<Output = Result<Vec<Depth>, SpoolError>> + Send;
 
     fn dead_letters(
         &self,
@@ -342,6 +363,9 @@ impl Spool for AnySpool {
     }
     async fn stats(&self) -> Result<SpoolStats, SpoolError> {
         either!(self.stats())
+    }
+    async fn depths(&self) -> Result<Vec<Depth>, SpoolError> {
+        either!(self.depths())
     }
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
         either!(self.dead_letters(limit))

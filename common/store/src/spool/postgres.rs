@@ -30,8 +30,8 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::{
-    DeadLetter, DropRecord, Enqueued, Fate, Settle, Spool, SpoolConfig, SpoolError, SpoolStats,
-    Spooled,
+    DeadLetter, Depth, DropRecord, Enqueued, Fate, Settle, Spool, SpoolConfig, SpoolError,
+    SpoolStats, Spooled,
 };
 use crate::db::{Db, DbError};
 use crate::params;
@@ -768,6 +768,27 @@ impl Spool for PgSpool {
             })
             .await
             .map_err(sql)
+    }
+
+    async fn depths(&self) -> Result<Vec<Depth>, SpoolError> {
+        let rows: Vec<(i64, i64, i64, Option<i64>)> = self
+            .db
+            .read(|c| {
+                c.rows(super::DEPTHS, params![], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+            })
+            .await
+            .map_err(sql)?;
+        Ok(rows
+            .into_iter()
+            .map(|(p, n, b, oldest)| Depth {
+                precedence: u8::try_from(p).unwrap_or(u8::MAX),
+                messages: n.max(0) as u64,
+                bytes: b.max(0) as u64,
+                oldest: oldest.and_then(Timestamp::from_millis),
+            })
+            .collect())
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {

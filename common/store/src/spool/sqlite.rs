@@ -17,8 +17,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::Notify;
 
 use super::{
-    DeadLetter, DropRecord, Enqueued, Fate, Settle, Spool, SpoolConfig, SpoolError, SpoolStats,
-    Spooled,
+    DEPTHS, DeadLetter, Depth, DropRecord, Enqueued, Fate, Settle, Spool, SpoolConfig, SpoolError,
+    SpoolStats, Spooled,
 };
 use crate::db::{Db, DbError, DbState};
 use rs_protocol::codec::{RawMessage, encode_header};
@@ -309,6 +309,26 @@ impl Spool for SqliteSpool {
 
     async fn stats(&self) -> Result<SpoolStats, SpoolError> {
         Ok(self.db.read(|w| Ok(w.stats()?)).await?)
+    }
+
+    async fn depths(&self) -> Result<Vec<Depth>, SpoolError> {
+        Ok(self
+            .db
+            .read(|w| {
+                let mut st = w.conn.prepare_cached(DEPTHS).map_err(db)?;
+                let rows = st
+                    .query_map([], |r| {
+                        Ok(Depth {
+                            precedence: r.get(0)?,
+                            messages: r.get::<_, i64>(1)?.max(0) as u64,
+                            bytes: r.get::<_, i64>(2)?.max(0) as u64,
+                            oldest: r.get::<_, Option<i64>>(3)?.and_then(Timestamp::from_millis),
+                        })
+                    })
+                    .map_err(db)?;
+                Ok(rows.collect::<Result<Vec<_>, _>>().map_err(db)?)
+            })
+            .await?)
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
