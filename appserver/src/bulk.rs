@@ -151,7 +151,7 @@ impl Uploads {
             |h| h.component.to_string(),
         );
         let refuse = |code: &'static str, text: String, retry: Option<Duration>| {
-            tracing::info!("upload {} ({}) refused: {text}", m.header.id, b.name);
+            tracing::info!(message_id = %m.header.id, "upload ({}) refused: {text}", b.name);
             Grant::Refused {
                 reason: Reason::new(code, text),
                 retry_after: retry,

@@ -41,6 +41,16 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
                 async move { messages(&app, q, &admin.grants).await }
             })
     };
+    let trace = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "messages" / String / "trace")
+            .and(warp::get())
+            .and(crate::security::admin())
+            .and_then(move |id: String, admin: crate::security::Admin| {
+                let app = app.clone();
+                async move { trace(&app, id, &admin.grants).await }
+            })
+    };
     let export = {
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "export")
@@ -266,6 +276,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
     let mut all = status.boxed();
     for r in [
         messages.boxed(),
+        trace.boxed(),
         export.boxed(),
         components.boxed(),
         farms.boxed(),
@@ -733,6 +744,120 @@ async fn messages(
         .await
         .map_err(|e| refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     Ok(xml_response(crate::documents::messages_doc(&rows)))
+}
+
+/// `GET /rs/v1/control/messages/{id}/trace`: the hops and times of a
+/// message (its header's routing, its storage here), or, for one sent
+/// down, its job's destinations and the next hops it still waits for.
+/// An admin sees a stored message of a customer granted, a job whose
+/// destinations are all granted.
+async fn trace(
+    app: &AppServer,
+    id: String,
+    grants: &crate::security::Grants,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    use rs_protocol::codec::api::{Trace, TraceEvent, TraceWait};
+    let id = rs_protocol::MessageId::new(id)
+        .map_err(|e| refuse(http::StatusCode::BAD_REQUEST, format!("message ID: {e}")))?;
+    let rows = app
+        .store
+        .trace(id.as_str().to_owned())
+        .await
+        .map_err(unavailable)?;
+    let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);
+    let event = |at, component: &RsId, what: &str| TraceEvent {
+        at,
+        component: component.clone(),
+        what: what.into(),
+        detail: None,
+    };
+    let mut t = Trace {
+        id: id.as_str().to_owned(),
+        state: "unknown".into(),
+        job: None,
+        events: Vec::new(),
+        waiting: Vec::new(),
+    };
+    if let Some((header, received, customer)) = rows.stored {
+        if !grants.customer(&customer) {
+            return Err(refuse(
+                http::StatusCode::FORBIDDEN,
+                format!("not granted: customer {customer}"),
+            ));
+        }
+        let (h, _, _) =
+            rs_protocol::codec::decode_header_part(&header, &rs_protocol::codec::Limits::default())
+                .map_err(|e| {
+                    tracing::error!(message_id = %id, "stored header does not decode: {e}");
+                    refuse(
+                        http::StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("the stored header of {id} does not decode"),
+                    )
+                })?;
+        if let Some(src) = h.source() {
+            t.events.push(event(h.created, &src.component, "created"));
+        }
+        for hop in &h.routing {
+            t.events
+                .push(event(hop.received, &hop.component, "received"));
+            if let Some(sent) = hop.sent {
+                t.events.push(event(sent, &hop.component, "sent"));
+            }
+        }
+        t.events.push(event(ts(received), &app.id, "stored"));
+        t.state = "stored".into();
+    }
+    if let Some(job_id) = rows.job {
+        let job = app
+            .store
+            .job(job_id.clone())
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| unavailable(format!("job {job_id} went away")))?;
+        if let Some(d) = job.targets.iter().find(|d| !grants.component(&d.id)) {
+            return Err(refuse(
+                http::StatusCode::FORBIDDEN,
+                format!("not granted: {} (a destination of job {job_id})", d.id),
+            ));
+        }
+        t.events.push(TraceEvent {
+            detail: Some(job.action.clone()),
+            ..event(job.created, &app.id, "queued")
+        });
+        for d in job.targets.iter().filter(|d| d.state != "pending") {
+            let detail = match (&d.code, &d.text) {
+                (Some(c), Some(x)) => Some(format!("{c}: {x}")),
+                (Some(c), None) => Some(c.clone()),
+                (None, x) => x.clone(),
+            };
+            t.events.push(TraceEvent {
+                detail,
+                ..event(d.updated, &d.id, &d.state)
+            });
+        }
+        t.state = if job.is_done() { "done" } else { "on-its-way" }.into();
+        t.job = Some(job_id);
+    }
+    // Copies still queued here (a job's, or an offer's and a response's,
+    // which only a provider admin sees).
+    if t.job.is_some() || grants.is_all() {
+        for (hop, since, offered) in rows.queued {
+            let Ok(next_hop) = RsId::new(&hop) else {
+                continue;
+            };
+            t.waiting.push(TraceWait {
+                component: app.id.clone(),
+                next_hop,
+                since: ts(since),
+                offered: offered.map(ts),
+            });
+        }
+        if t.state == "unknown" && !t.waiting.is_empty() {
+            t.state = "on-its-way".into();
+        }
+    }
+    t.events.sort_by_key(|e| e.at);
+    Ok(xml_response(rs_protocol::codec::api::encode_trace(&t)))
 }
 
 /// Rows an export reads from the database at a time.

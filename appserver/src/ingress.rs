@@ -212,7 +212,7 @@ async fn handle(
                     Outcome::Expired => app.stats.expired.inc(),
                     _ => app.stats.rejected.inc(),
                 };
-                tracing::debug!("message {}: {o}", ids[i]);
+                tracing::debug!(message_id = %ids[i], "refused: {o}");
                 outcomes[i] = Some(o);
             }
         }

@@ -178,7 +178,7 @@ async fn handle(
         }
         match verdict {
             Verdict::Discard(why) => {
-                tracing::debug!("message {} discarded ({why})", ids[i]);
+                tracing::debug!(message_id = %ids[i], "discarded ({why})");
                 bump(&st.filtered);
                 outcomes[i] = Some(Outcome::Accepted);
             }
@@ -346,7 +346,9 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
                 match crate::actions::apply_own(mlm, &m).await {
                     Ok(()) => for_me.push(m.header.id.clone()),
                     // Not acknowledged: offered again.
-                    Err(e) => tracing::error!("control {} for this MLM: {e}", m.header.id),
+                    Err(e) => {
+                        tracing::error!(message_id = %m.header.id, "control for this MLM: {e}")
+                    }
                 }
                 continue;
             }
@@ -361,7 +363,7 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
             Ok(o) => o,
             Err(e) => {
                 // Not acknowledged: offered again, and tried again then.
-                tracing::error!("download offer {}: {e}", m.header.id);
+                tracing::error!(message_id = %m.header.id, "download offer: {e}");
                 failed.push(m.header.id.clone());
                 continue;
             }

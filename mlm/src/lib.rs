@@ -653,7 +653,7 @@ pub async fn daemon(
 ) -> anyhow::Result<()> {
     let shutdown = rs_node::daemon::signals(Some(config.clone()), Config::parse);
     let cfg = Config::load(&config).map_err(anyhow::Error::msg)?;
-    let listener = rs_node::daemon::bind(cfg.listen, addr_file.as_deref()).await?;
+    let listener = rs_node::daemon::bind("main", cfg.listen, addr_file.as_deref()).await?;
     rs_node::daemon::finish(run(cfg, Some(config), listener, shutdown).await?)
 }
 

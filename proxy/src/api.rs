@@ -472,6 +472,46 @@ fn api(
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     });
+    // Where one message is (`rs-proxy trace`): still here (and why it
+    // waits: the next hop's state), dead-lettered, dropped, or gone (sent
+    // on: the centre's `rsctl trace` has its hops from there).
+    let trace = warp::path!("v1" / "messages" / String)
+        .and(warp::get())
+        .and(p.clone())
+        .then(|id: String, proxy: Arc<Proxy>| async move {
+            let id = match rs_protocol::MessageId::new(id) {
+                Ok(id) => id,
+                Err(e) => return error(StatusCode::BAD_REQUEST, format!("message ID: {e}")),
+            };
+            let fate = match proxy.spool.fate(id.clone()).await {
+                Ok(f) => f,
+                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            };
+            let st = &proxy.sender_stats;
+            let (state, reason) = match fate {
+                rs_store::spool::Fate::Waiting => ("waiting", None),
+                rs_store::spool::Fate::Dead(r) => (
+                    "dead-letter",
+                    Some(format!("{}: {}", r.code.as_str(), r.text)),
+                ),
+                rs_store::spool::Fate::Dropped(why) => ("dropped", Some(why)),
+                rs_store::spool::Fate::Gone => ("gone", None),
+            };
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "id": id.as_str(),
+                    "state": state,
+                    "reason": reason,
+                    "upstream": {
+                        "urls": proxy.cfg.upstream.urls,
+                        "connected": st.connected.load(Ordering::Relaxed),
+                        "last_error": st.last_error.lock().ok().and_then(|l| l.clone()),
+                    },
+                    "forwarding": !proxy.paused.load(Ordering::Relaxed),
+                }),
+            )
+        });
     let upload = warp::path!("v1" / "uploads")
         .and(warp::post())
         .and(p.clone())
@@ -534,6 +574,8 @@ fn api(
         .or(dead)
         .unify()
         .or(drops)
+        .unify()
+        .or(trace)
         .unify()
         .or(batch)
         .unify()

@@ -55,7 +55,9 @@ impl BackChannel for Actions {
                     // Held: acknowledged later (a download not here yet).
                     Ok(false) => {}
                     // Not acknowledged: it will be offered again.
-                    Err(e) => tracing::warn!("back-channel message {}: {e}", m.header.id),
+                    Err(e) => {
+                        tracing::warn!(message_id = %m.header.id, "back-channel message: {e}")
+                    }
                 }
             }
             if self.stop_after_batch.swap(false, Ordering::Relaxed) {
@@ -95,7 +97,7 @@ impl Actions {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!("download offer {} does not decode: {e}", m.header.id);
+                    tracing::warn!(message_id = %m.header.id, "download offer does not decode: {e}");
                     return Ok(true);
                 }
             }
@@ -140,7 +142,7 @@ impl Actions {
             }
             Claim::New => {
                 if !m.header.destinations().iter().any(|d| d.is_within(&p.id)) {
-                    tracing::warn!("back-channel message {id} is not for {}; ignored", p.id);
+                    tracing::warn!(message_id = %id, "back-channel message not for {}; ignored", p.id);
                     return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
                 }
                 if m.kind == ContentKind::BulkResponse {
@@ -149,7 +151,9 @@ impl Actions {
                     match m.clone().decode(&limits).map(|f| f.content) {
                         Ok(Content::BulkResponse(b)) => crate::bulk::answered(p, &b).await?,
                         Ok(_) => {}
-                        Err(e) => tracing::warn!("bulk response {id} does not decode: {e}"),
+                        Err(e) => {
+                            tracing::warn!(message_id = %id, "bulk response does not decode: {e}")
+                        }
                     }
                     return p.registry.mark_seen(id).await.map_err(|e| e.to_string());
                 }
@@ -178,7 +182,7 @@ impl Actions {
         let saved = save(&response.to_raw());
         if let Err(e) = p.registry.answered(id.clone(), saved.clone()).await {
             // Spooled below; if that fails too, kept here for the next offer.
-            tracing::warn!("action {id}: its answer could not be recorded: {e}");
+            tracing::warn!(message_id = %id, "action: its answer could not be recorded: {e}");
             if let Ok(mut u) = self.unrecorded.lock() {
                 u.insert(id.clone(), saved.clone());
             }

@@ -54,6 +54,15 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Where a message sent through this proxy is: waiting in the spool
+    /// (and why: the next hop's state), dead-lettered, dropped, or sent on
+    /// (then `rsctl trace ID` at the centre shows its hops).
+    Trace {
+        /// The message ID `send` printed.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Work on the spool file.
     #[command(subcommand)]
     Spool(SpoolCmd),
@@ -378,6 +387,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
+        Cmd::Trace { id, conn } => {
+            let v = Client::new(conn.socket).trace(&id).await?;
+            print!("{}", trace_text(&v));
+            Ok(())
+        }
         Cmd::Send(a) => {
             let a = *a;
             let client = Client::new(&a.conn.socket);
@@ -431,5 +445,42 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("{}", client.send(what, &req).await?);
             Ok(())
         }
+    }
+}
+
+/// `rs-proxy trace`'s answer for people.
+fn trace_text(v: &serde_json::Value) -> String {
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("");
+    let id = s("id");
+    let up = &v["upstream"];
+    let urls: Vec<&str> = up["urls"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|u| u.as_str()).collect())
+        .unwrap_or_default();
+    match s("state") {
+        "waiting" => {
+            let why = if v["forwarding"] == false {
+                "forwarding is switched off (enableForwarding turns it on)".to_owned()
+            } else if up["connected"] == true {
+                "the next hop answers: it goes with the next POST (or waits for its backoff or the throttle)".to_owned()
+            } else {
+                match up["last_error"].as_str() {
+                    Some(e) => format!("the next hop does not answer: {e}"),
+                    None => "no POST has reached the next hop yet".to_owned(),
+                }
+            };
+            format!(
+                "message {id}: waiting in this proxy's spool for {}\n  {why}\n",
+                urls.join(", ")
+            )
+        }
+        "dead-letter" => format!(
+            "message {id}: refused for good upstream ({}); replayDeadLetters sends it again\n",
+            s("reason")
+        ),
+        "dropped" => format!("message {id}: dropped here undelivered ({})\n", s("reason")),
+        _ => format!(
+            "message {id}: not in this proxy's spool: sent on (`rsctl trace {id}` at the centre shows its hops), or never spooled here\n"
+        ),
     }
 }

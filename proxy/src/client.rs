@@ -223,4 +223,10 @@ impl Client {
     pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
         self.call::<()>(http::Method::GET, "/v1/status", None).await
     }
+
+    /// Where message `id` is (`GET /v1/messages/{id}`).
+    pub async fn trace(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        self.call::<()>(http::Method::GET, &format!("/v1/messages/{id}"), None)
+            .await
+    }
 }

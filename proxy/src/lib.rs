@@ -741,7 +741,7 @@ pub async fn run(
 
     let tcp_api = match proxy.cfg.api_listen {
         Some(addr) => {
-            let l = rs_node::daemon::bind(addr, None).await?;
+            let l = rs_node::daemon::bind("api", addr, None).await?;
             let bound = l.local_addr()?;
             tracing::info!("integrator API also on {bound}");
             Some(tokio::spawn(rs_net::server::serve_tcp(

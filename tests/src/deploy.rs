@@ -53,9 +53,9 @@ pub struct Node {
 }
 
 /// Gives a configuration that does not say where `/metrics` is served a
-/// port of its own (`127.0.0.1:0`): the daemons' fixed defaults would
-/// collide between the many a test run starts at once. A test that
-/// scrapes names a port.
+/// free port of its own: the daemons' fixed defaults would collide between
+/// the many a test run starts at once. [`Deployment::metrics_addr`] reads
+/// it back.
 pub fn metrics_on_any_port(config: &Path) -> std::io::Result<()> {
     let text = match std::fs::read_to_string(config) {
         Ok(t) => t,
@@ -65,8 +65,9 @@ pub fn metrics_on_any_port(config: &Path) -> std::io::Result<()> {
     if text.contains("metrics_listen") {
         return Ok(());
     }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     // A top-level key goes before the first table.
-    std::fs::write(config, format!("metrics_listen = \"127.0.0.1:0\"\n{text}"))
+    std::fs::write(config, format!("metrics_listen = \"{port}\"\n{text}"))
 }
 
 impl Node {
@@ -499,7 +500,10 @@ impl Deployment {
         let cfg_path = self.dir.join(format!("{name}.toml"));
         let addr_file = self.dir.join(format!("{name}.addr"));
         let _ = std::fs::remove_file(&addr_file);
+        // Its metrics port too is kept through the rewrite below.
         write(&cfg_path, &config)?;
+        metrics_on_any_port(&cfg_path)?;
+        let config = std::fs::read_to_string(&cfg_path)?;
         let mut node = Node {
             name: name.into(),
             role,
@@ -844,6 +848,22 @@ impl Deployment {
         node.start(&self.exe)?;
         self.nodes.insert(name.into(), node);
         Ok(())
+    }
+
+    /// Where node `name` serves `/metrics` (its configuration's
+    /// `metrics_listen`).
+    pub fn metrics_addr(&mut self, name: &str) -> String {
+        let config = self
+            .node(name)
+            .config
+            .clone()
+            .expect("a node with a configuration");
+        let text = std::fs::read_to_string(&config).unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("metrics_listen = \""))
+            .and_then(|l| l.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("{}: no metrics_listen", config.display()))
+            .to_owned()
     }
 
     pub fn node(&mut self, name: &str) -> &mut Node {

@@ -3,7 +3,7 @@
 //! the status trees, and showing a spool filling while its upstream is
 //! away and draining when it is back.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use rs_tests::deploy::{Deployment, Extra, proxy_metrics, server_metrics, wait_for};
@@ -15,7 +15,8 @@ use crate::forward::{alarm, all_stored, assert_exactly_once, free_port, register
 pub(crate) type Scrape = BTreeMap<String, f64>;
 
 /// Scrapes `http://addr/metrics`; fails the test if `promtool check
-/// metrics` finds anything wrong with it (format or naming).
+/// metrics` finds anything wrong with it (format or naming), or if a
+/// family is missing from docs/operations.md's table of every metric.
 pub(crate) async fn scrape(addr: &str) -> Scrape {
     let r = reqwest::get(format!("http://{addr}/metrics"))
         .await
@@ -25,7 +26,79 @@ pub(crate) async fn scrape(addr: &str) -> Scrape {
     assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
     let text = r.text().await.unwrap();
     promtool(&text);
+    let documented = documented();
+    for family in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        assert!(
+            documented.contains(family),
+            "{family} is not in docs/operations.md's table of metrics"
+        );
+    }
     parse(&text)
+}
+
+/// The metric names docs/operations.md's Monitoring section documents.
+fn documented() -> BTreeSet<String> {
+    let doc = std::fs::read_to_string(rs_tests::repo_root().join("docs/operations.md")).unwrap();
+    let start = doc
+        .find("## Monitoring with Prometheus")
+        .expect("the section");
+    let section = &doc[start..];
+    let end = section[3..].find("\n## ").map_or(section.len(), |e| e + 3);
+    names(&section[..end])
+}
+
+/// Every `rs_...` name in `text`.
+fn names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("rs_") {
+        let tail = &rest[i..];
+        let n = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()))
+            .unwrap_or(tail.len());
+        let before = rest[..i].chars().next_back();
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            out.insert(tail[..n].to_owned());
+        }
+        rest = &tail[n..];
+    }
+    out
+}
+
+/// The alerting rules load in Prometheus (`promtool check rules`) and
+/// name only metrics the daemons serve (as documented).
+#[test]
+fn the_alerting_rules_load_and_name_only_documented_metrics() {
+    let rules = rs_tests::repo_root().join("packaging/prometheus/rs-alerts.yml");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let documented = documented();
+    let used = names(&std::fs::read_to_string(&rules).unwrap());
+    assert!(used.len() >= 10, "{used:?}");
+    for n in used {
+        // Histogram series are named after their family.
+        let family = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| n.strip_suffix(s))
+            .unwrap_or(&n);
+        assert!(
+            documented.contains(family),
+            "{n} is not a documented metric"
+        );
+    }
 }
 
 /// `promtool check metrics` on `text`: its lint too (names, units, help).

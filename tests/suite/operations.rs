@@ -1042,3 +1042,114 @@ async fn logs_are_plain_off_a_terminal_and_json_lines_when_asked() {
         "{text}"
     );
 }
+
+/// Issue 25, tracing: `rsctl trace` shows the hops and times a stored
+/// message took through the tiers, and for one still on its way where it
+/// waits: a job's copy queued for an MLM that is down, then its
+/// destination's answer once the MLM is back; `rs-proxy trace` at the
+/// site says a message is spooled and why (the next hop's error), or sent
+/// on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsctl_trace_shows_a_messages_hops_and_where_it_waits() {
+    use crate::backchannel::attr;
+    use crate::backchannel_faults::rsctl;
+    let dir = tmp("ops-trace");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (a, m) = d.server_and_mlm().unwrap();
+    let sock = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let c = register(&sock).await;
+    let id = c.send("alarm", &alarm("traced", None)).await.unwrap();
+    let ids: HashSet<String> = [id.clone()].into();
+    assert!(all_stored(&dir, &ids, Duration::from_secs(30)));
+
+    // Stored: created at the source, through the MLM, stored here; in
+    // time order, each line with its time since the one before.
+    let (code, out, err) = rsctl(&a, &["trace", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("stored at the server"), "{out}");
+    let at = |what: &str, who: &str| {
+        out.lines()
+            .position(|l| l.contains(who) && l.split_whitespace().any(|w| w == what))
+            .unwrap_or_else(|| panic!("no {who} {what}: {out}"))
+    };
+    let steps = [
+        at("created", "acme.p1"),
+        at("received", "acme.m1"),
+        at("sent", "acme.m1"),
+        at("stored", "rs.a1"),
+    ];
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{out}");
+    assert!(out.contains(" ms"), "{out}");
+    // The site: sent on.
+    let socket = sock.to_str().unwrap();
+    let (code, out) = run_role("rs-proxy", &["trace", &id, "--socket", socket], 30);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("sent on"), "{out}");
+
+    // With the MLM down, a new alarm waits at the site, and says why; the
+    // server has never seen it.
+    d.node("mlm").kill();
+    let waiting = c.send("alarm", &alarm("stuck", None)).await.unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let (_, out) = run_role("rs-proxy", &["trace", &waiting, "--socket", socket], 30);
+            out.contains("waiting in this proxy's spool") && out.contains("does not answer")
+        }),
+        "{}",
+        run_role("rs-proxy", &["trace", &waiting, "--socket", socket], 30).1
+    );
+    let (code, out, err) = rsctl(&a, &["trace", &waiting]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("not at this server"), "{out}");
+
+    // A job sent down while the MLM is down waits here for it.
+    let r = rs_tests::deploy::admin(&a)
+        .post(format!("{}/rs/v1/control/send", rs_tests::deploy::base(&a)))
+        .body(r#"<send><to id="acme.p1"/><control action="ping"/></send>"#)
+        .send()
+        .await
+        .unwrap();
+    let body = r.text().await.unwrap();
+    let job_message = attr(&body, "message").to_owned();
+    let (code, out, err) = rsctl(&a, &["trace", &job_message]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("on its way down"), "{out}");
+    // The documents as the API gives them are what control-api.dtd says.
+    for (name, m) in [("stored", &id), ("waiting", &job_message)] {
+        let doc = rs_tests::deploy::admin(&a)
+            .get(format!(
+                "{}/rs/v1/control/messages/{m}/trace",
+                rs_tests::deploy::base(&a)
+            ))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        rs_tests::assert_control_api_valid(&doc, &dir.join(format!("trace-{name}.xml")));
+    }
+    assert!(out.contains("queued") && out.contains("ping"), "{out}");
+    assert!(out.contains("waits at rs.a1 for acme.m1"), "{out}");
+
+    // Back: the alarm arrives, the ping is answered, and the traces say so.
+    d.restart("mlm").unwrap();
+    let ids: HashSet<String> = [waiting.clone()].into();
+    assert!(all_stored(&dir, &ids, Duration::from_secs(60)));
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let (_, out, _) = rsctl(&a, &["trace", &job_message]);
+            out.contains("every destination is final") && out.contains("succeeded")
+        }),
+        "{}",
+        rsctl(&a, &["trace", &job_message]).1
+    );
+    let (_, out, _) = rsctl(&a, &["trace", &waiting]);
+    assert!(out.contains("stored at the server"), "{out}");
+    // A malformed ID is the client's mistake.
+    let (code, _, err) = rsctl(&a, &["trace", "not an id"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("400") || err.contains("message ID"), "{err}");
+}

@@ -19,9 +19,17 @@ use crate::forward::alarm;
 
 const PACKAGES: [&str; 4] = ["rs-proxy", "rs-mlm", "rs-appserver", "rsctl"];
 
+/// One `scripts/package` at a time: cargo-deb works on the programs in
+/// `target/` (stripping a copy, in a work directory of its own there), and
+/// two runs at once handed an installation a half-written program.
+static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The packages of the debug binaries, at Debian version `version`, in
 /// `out`.
 fn build(out: &Path, version: &str) -> Vec<PathBuf> {
+    let _one = BUILDING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let root = rs_tests::repo_root();
     for b in [
         "rs-proxy",
@@ -100,6 +108,12 @@ fn the_packages_hold_what_an_installation_needs() {
             has(&format!("/usr/share/doc/{name}/operations.md")),
             "{name}"
         );
+        if *name == "rsctl" {
+            assert!(
+                has("/usr/share/doc/rsctl/examples/rs-alerts.yml"),
+                "the alerting rules: {contents}"
+            );
+        }
         let x = dir.join(format!("x-{name}"));
         output(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&x));
         let ctl = dir.join(format!("c-{name}"));
@@ -387,6 +401,16 @@ async fn installed_packages_serve_enroll_a_site_and_upgrade_without_losing_a_spo
         "{}",
         std::fs::read_to_string(dir.join("proxy.log")).unwrap()
     );
+    // Each daemon serves /metrics where its packaged configuration says,
+    // counting the alarm that went through.
+    for (port, counter) in [
+        (9471, "rs_messages_received_total"),
+        (9472, "rs_messages_forwarded_total"),
+        (9473, "rs_messages_accepted_total"),
+    ] {
+        let s = crate::metrics::scrape(&format!("127.0.0.1:{port}")).await;
+        assert!(crate::metrics::get(&s, counter) >= 1.0, "{port}: {s:?}");
+    }
 
     // The upgrade, with the MLM down: the proxy holds what it takes.
     stop(&mut m);

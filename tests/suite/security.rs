@@ -285,6 +285,21 @@ async fn bad_certificates_old_protocols_and_weak_ciphers_are_refused_at_the_hand
     let e = send_env(&client_of(&expired), &m, &ct, body.clone()).await;
     assert!(e.is_err(), "{e:?}");
     assert!(metric(&m, "tls.handshakes_failed").await >= failed_before + 2);
+    // /metrics says why, by reason.
+    let mx = d.metrics_addr("mlm");
+    let failures = |s: &crate::metrics::Scrape, reason: &str| {
+        crate::metrics::get(
+            s,
+            &format!("rs_tls_handshake_failures_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    let s = crate::metrics::scrape(&mx).await;
+    assert!(failures(&s, "untrusted") >= 1.0, "{s:?}");
+    assert!(failures(&s, "expired") >= 1.0, "{s:?}");
+    assert!(
+        crate::metrics::get(&s, "rs_tls_handshakes_total") >= 1.0,
+        "{s:?}"
+    );
 
     // Old protocol versions and weak ciphers, with a valid certificate.
     let (m2, ca2, good2) = (m.clone(), ca.clone(), good.clone());
@@ -319,6 +334,8 @@ async fn bad_certificates_old_protocols_and_weak_ciphers_are_refused_at_the_hand
     assert!(results.1.is_err(), "TLS 1.1 was accepted");
     assert!(results.2.is_err(), "TLS 1.0 was accepted");
     assert!(results.3.is_err(), "a CBC/SHA-1 cipher was accepted");
+    let s = crate::metrics::scrape(&mx).await;
+    assert!(failures(&s, "protocol") >= 3.0, "{s:?}");
 
     // Revoked through the control API: refused by the server at once and
     // by the MLM within its refresh of the list.
@@ -350,6 +367,8 @@ async fn bad_certificates_old_protocols_and_weak_ciphers_are_refused_at_the_hand
     );
     assert!(metric(&m, "tls.revoked_refused").await >= 1);
     assert!(metric(&m, "tls.revoked").await >= 1);
+    let s = crate::metrics::scrape(&mx).await;
+    assert!(failures(&s, "revoked") >= 1.0, "{s:?}");
     assert!(metric(&a, "certificates.revoked").await >= 1);
     d.stop_all();
 }
@@ -1504,7 +1523,8 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
     let ops = admin(&a);
     // acme's data, made by the provider's admin and by acme's site.
     let c1 = register(&s1).await;
-    c1.send("alarm", &crate::forward::alarm("acme's own alarm", None))
+    let acme_alarm = c1
+        .send("alarm", &crate::forward::alarm("acme's own alarm", None))
         .await
         .unwrap();
     let file = dir.join("acme-core.txt");
@@ -1577,6 +1597,7 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
     .await;
     assert_eq!(st, 200, "{body}");
     let acme_job = attr(&body, "id").to_owned();
+    let acme_job_message = attr(&body, "message").to_owned();
     let r = ops
         .put(url("files/acme-agent.tgz"))
         .body(b"acme's software".to_vec())
@@ -1681,6 +1702,20 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
             "messages?limit=1000".into(),
             String::new(),
             Scoped,
+        ),
+        (
+            "GET /rs/v1/control/messages/{id}/trace",
+            "GET",
+            format!("messages/{acme_alarm}/trace"),
+            String::new(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/messages/{id}/trace",
+            "GET",
+            format!("messages/{acme_job_message}/trace"),
+            String::new(),
+            Refused,
         ),
         (
             "GET /rs/v1/control/export",

@@ -63,6 +63,14 @@ enum Cmd {
     },
     /// Show one component's status tree.
     Component { id: String },
+    /// Where a message went: the hops and times it took through the tiers
+    /// to the server, or, for one sent down, each destination's state and
+    /// the next hops it still waits for.
+    Trace {
+        /// The message ID (as `rs-proxy send` printed it, or a job's
+        /// message).
+        id: String,
+    },
     /// MLM farms: each farm's members, their state and load (envelopes in
     /// hand, received, messages forwarded), as the farm last reported.
     Farms,
@@ -696,6 +704,61 @@ fn summary(j: &Job) -> String {
     )
 }
 
+/// A trace as a timeline: each step with the time since the one before
+/// and since the first, then where the message waits.
+fn trace_text(t: &rs_protocol::codec::api::Trace) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let state = match t.state.as_str() {
+        "stored" => "stored at the server",
+        "on-its-way" => "on its way down",
+        "done" => "sent down; every destination is final",
+        _ => {
+            "not at this server: it waits at its source's proxy (`rs-proxy trace ID` there \
+             says where) or in a custody MLM's spool, or was never sent"
+        }
+    };
+    let _ = writeln!(out, "message {}: {state}", t.id);
+    if let Some(j) = &t.job {
+        let _ = writeln!(out, "job {j}");
+    }
+    let first = t.events.first().map(|e| e.at);
+    let mut last = first;
+    for e in &t.events {
+        let ms = |from: Option<rs_protocol::Timestamp>| {
+            from.map_or(0, |f| e.at.as_millis() - f.as_millis())
+        };
+        let _ = writeln!(
+            out,
+            "  {}  {:<24} {:<10} {:>+9} ms {:>+10} ms{}",
+            e.at,
+            e.component.as_str(),
+            e.what,
+            ms(last),
+            ms(first),
+            e.detail
+                .as_deref()
+                .map(|d| format!("  {d}"))
+                .unwrap_or_default()
+        );
+        last = Some(e.at);
+    }
+    for w in &t.waiting {
+        let _ = writeln!(
+            out,
+            "  waits at {} for {} since {}, {}",
+            w.component.as_str(),
+            w.next_hop.as_str(),
+            w.since,
+            w.offered.map_or_else(
+                || "not offered yet (no poll from it since)".to_owned(),
+                |o| format!("last offered {o}, not acknowledged")
+            )
+        );
+    }
+    out
+}
+
 fn print_job(j: &Job) {
     println!("{}", summary(j));
     for t in &j.targets {
@@ -1054,6 +1117,17 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             }
         }
         Cmd::Jobs(JobCmd::Show { id }) => print_job(&api.job(&id, None).await?),
+        Cmd::Trace { id } => {
+            let path = format!(
+                "messages/{}/trace",
+                percent_encoding::utf8_percent_encode(&id, percent_encoding::NON_ALPHANUMERIC)
+            );
+            let b = api.call(reqwest::Method::GET, &path, None).await?;
+            print!(
+                "{}",
+                trace_text(&rs_protocol::codec::api::decode_trace(&b, &limits)?)
+            );
+        }
         Cmd::Throttle(t) => return throttle(&api, t).await,
         Cmd::Jobs(JobCmd::Watch { id }) => {
             return Ok(finished_well(&watch(&api, &id).await?));

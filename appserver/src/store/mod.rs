@@ -91,6 +91,17 @@ pub struct Row {
     pub seal: Option<String>,
 }
 
+/// What the server knows of one message ID (`rsctl trace`): the stored
+/// message (its header part, when it arrived, its customer), the job that
+/// sent it down, and its copies still queued for next hops.
+#[derive(Debug, Clone, Default)]
+pub struct TraceRows {
+    pub stored: Option<(Vec<u8>, i64, String)>,
+    pub job: Option<String>,
+    /// (next hop, queued at, last offered at).
+    pub queued: Vec<(String, i64, Option<i64>)>,
+}
+
 /// A component as the server knows it.
 #[derive(Debug, Clone)]
 pub struct ComponentRow {
@@ -706,6 +717,32 @@ impl Store {
                     }
                 }
                 Ok(changed)
+            })
+            .await
+    }
+
+    /// [`TraceRows`] of `id`.
+    pub async fn trace(&self, id: String) -> Result<TraceRows, DbError> {
+        self.db
+            .read(move |s| {
+                let stored = s.row(
+                    "SELECT header, received, customer FROM messages WHERE id = ?1",
+                    params![id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?;
+                let job = s.row("SELECT id FROM jobs WHERE message = ?1", params![id], |r| {
+                    r.get(0)
+                })?;
+                let queued = s.rows(
+                    "SELECT hop, created, offered FROM outbox WHERE id = ?1 ORDER BY hop",
+                    params![id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?;
+                Ok(TraceRows {
+                    stored,
+                    job,
+                    queued,
+                })
             })
             .await
     }

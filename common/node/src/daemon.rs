@@ -35,17 +35,19 @@ pub fn init_logging() {
     }
 }
 
-/// Binds `listen` (or takes the listener the previous image of this
-/// process kept open across a start in place, [`crate::inherit`]); with
-/// `addr_file`, writes the bound address there (for scripts and tests that
-/// start a daemon on port 0).
+/// Binds `listen` for `what` (`main`, `metrics`, `api`: the name keeps two
+/// listeners apart when both are configured on port 0), or takes the
+/// listener the previous image of this process kept open for it across a
+/// start in place ([`crate::inherit`]); with `addr_file`, writes the bound
+/// address there (for scripts and tests that start a daemon on port 0).
 pub async fn bind(
+    what: &str,
     listen: SocketAddr,
     addr_file: Option<&Path>,
 ) -> anyhow::Result<tokio::net::TcpListener> {
     use anyhow::Context as _;
     use std::os::fd::AsFd as _;
-    let key = format!("tcp {listen}");
+    let key = format!("tcp {what} {listen}");
     let listener = match crate::inherit::take(&key) {
         Some(fd) => {
             let l = std::net::TcpListener::from(fd);
@@ -59,7 +61,7 @@ pub async fn bind(
                 .with_context(|| format!("cannot listen on {listen}"))?
         }
     };
-    let bound = format!("tcp {}", listener.local_addr()?);
+    let bound = format!("tcp {what} {}", listener.local_addr()?);
     crate::inherit::keep(&key, &bound, listener.as_fd())?;
     if let Some(f) = addr_file {
         // Whole or not at all, so a script polling for it never reads half.

@@ -5,7 +5,8 @@
 //! the new image.
 //!
 //! Every listener a daemon binds through [`crate::daemon`] is registered
-//! here by a key naming what it listens on (`tcp 127.0.0.1:7000`, `unix
+//! here by a key naming what it is for and where it listens (`tcp main
+//! 127.0.0.1:7000`, `tcp metrics 127.0.0.1:0`, `unix
 //! /run/rs-proxy/rs-proxy.sock`), as a duplicate descriptor. Just before
 //! the `exec`, [`pass_on`] clears close-on-exec on the duplicates and names
 //! them in `RS_LISTEN_FDS` (descriptor, key and bound address,
@@ -24,8 +25,8 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 const FDS: &str = "RS_LISTEN_FDS";
 const PID: &str = "RS_LISTEN_PID";
 
-/// One listener: the key its configuration named it by (`tcp
-/// 127.0.0.1:0`) and the one it is bound to (`tcp 127.0.0.1:43567`).
+/// One listener: the key its configuration named it by (`tcp main
+/// 127.0.0.1:0`) and the one it is bound to (`tcp main 127.0.0.1:43567`).
 struct Entry {
     key: String,
     bound: String,

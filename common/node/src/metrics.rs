@@ -70,7 +70,7 @@ pub async fn serve<F, Fut>(
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let listener = match crate::daemon::bind(listen, None).await {
+    let listener = match crate::daemon::bind("metrics", listen, None).await {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("metrics: {e:#}; serving no /metrics");
@@ -212,7 +212,7 @@ impl Default for SpoolGauges {
             ),
             read_failures: counter(
                 "spool_read_failures_total",
-                "Scrapes and heartbeats that could not read the spool.",
+                "Scrapes that could not read the spool.",
                 &[],
             ),
         }

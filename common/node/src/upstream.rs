@@ -789,7 +789,9 @@ impl<S: Spool> Sender<S> {
                 if sealer.wants(&s.msg) {
                     match sealer.seal(&s.msg) {
                         Ok(m) => s.msg = m,
-                        Err(e) => tracing::error!("message {}: cannot seal: {e}", s.msg.header.id),
+                        Err(e) => {
+                            tracing::error!(message_id = %s.msg.header.id, "cannot seal: {e}")
+                        }
                     }
                 }
             }
@@ -864,7 +866,7 @@ impl<S: Spool> Sender<S> {
                     Settle::Delivered
                 }
                 Some(Outcome::Retry { after, reason }) => {
-                    tracing::debug!("message {id}: retry after {after:?} ({reason})");
+                    tracing::debug!(message_id = %id, "retry after {after:?} ({reason})");
                     self.stats.retried.inc();
                     Settle::Retry {
                         at: retry_at(*after),

@@ -433,7 +433,7 @@ pub async fn move_waiting<A: Spool, B: Spool>(
                     settles.push((id, Settle::Delivered));
                 }
                 Enqueued::Refused(reason) => {
-                    tracing::warn!("message {id} stays in the old spool: {reason}");
+                    tracing::warn!(message_id = %id, "stays in the old spool: {reason}");
                     settles.push((id, Settle::Dead(reason)));
                 }
             }

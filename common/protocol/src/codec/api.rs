@@ -462,6 +462,110 @@ pub fn decode_job(bytes: &[u8], limits: &Limits) -> Result<Job, XmlError> {
     Ok(j)
 }
 
+/// One step of a message through the tiers, as the server knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceEvent {
+    pub at: Timestamp,
+    pub component: RsId,
+    /// Up: `created` (at its source), `received` and `sent` (by a tier on
+    /// the way, from its routing hop), `stored` (here). Down: `queued`
+    /// (here, for a next hop), then each destination's job state:
+    /// `delivered`, `succeeded`, `failed`, `expired`.
+    pub what: String,
+    /// Why, for a failed or expired destination (its code and text).
+    pub detail: Option<String>,
+}
+
+/// Where a message waits now: queued here for a next hop, last offered
+/// on a reply at `offered` (never, if absent), not yet acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceWait {
+    pub component: RsId,
+    pub next_hop: RsId,
+    pub since: Timestamp,
+    pub offered: Option<Timestamp>,
+}
+
+/// `GET /rs/v1/control/messages/{id}/trace`: the hops and times of a
+/// message, and where it waits if it is still on its way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trace {
+    pub id: String,
+    /// `stored` (it reached this server), `on-its-way` (sent down, some
+    /// destination not final), `done` (sent down, every destination
+    /// final), `unknown` (not here: still at a site or an MLM, or never
+    /// sent).
+    pub state: String,
+    /// The job that sent it down.
+    pub job: Option<String>,
+    /// In time order.
+    pub events: Vec<TraceEvent>,
+    pub waiting: Vec<TraceWait>,
+}
+
+pub fn encode_trace(t: &Trace) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(256 + t.events.len() * 128);
+    let mut x = XmlOut::document(&mut buf);
+    x.open("trace")
+        .attr("id", &t.id)
+        .attr("state", &t.state)
+        .attr_opt("job", t.job.as_deref())
+        .gt()
+        .newline();
+    for e in &t.events {
+        x.open("step")
+            .attr_ts("at", e.at)
+            .attr("component", e.component.as_str())
+            .attr("what", &e.what)
+            .attr_opt("detail", e.detail.as_deref())
+            .empty()
+            .newline();
+    }
+    for w in &t.waiting {
+        x.open("waiting")
+            .attr("component", w.component.as_str())
+            .attr("next-hop", w.next_hop.as_str())
+            .attr_ts("since", w.since)
+            .attr_ts_opt("offered", w.offered)
+            .empty()
+            .newline();
+    }
+    x.close("trace").newline();
+    buf
+}
+
+pub fn decode_trace(bytes: &[u8], limits: &Limits) -> Result<Trace, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("trace")?;
+    let mut t = Trace {
+        id: root.req_with("id", token)?,
+        state: root.req_with("state", token)?,
+        job: root.opt_with("job", token)?,
+        events: Vec::new(),
+        waiting: Vec::new(),
+    };
+    while let Some(tag) = x.child(&root)? {
+        match tag.name {
+            "step" => t.events.push(TraceEvent {
+                at: tag.req_ts("at")?,
+                component: tag.req_with("component", |s| RsId::new(s))?,
+                what: tag.req_with("what", token)?,
+                detail: tag.opt("detail").map(str::to_owned),
+            }),
+            "waiting" => t.waiting.push(TraceWait {
+                component: tag.req_with("component", |s| RsId::new(s))?,
+                next_hop: tag.req_with("next-hop", |s| RsId::new(s))?,
+                since: tag.req_ts("since")?,
+                offered: tag.opt_ts("offered")?,
+            }),
+            _ => return Err(root.unexpected_child(&tag)),
+        }
+        x.end(&tag)?;
+    }
+    x.finish()?;
+    Ok(t)
+}
+
 /// A component as the application server knows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Component {

@@ -398,7 +398,7 @@ fn replay_dead(
     let mut total = total_for_update(c)?;
     for (id, content_type, header, content) in rows {
         let Ok(m) = super::stored_message(&header, content_type, Bytes::from(content)) else {
-            tracing::warn!("dead letter {id}: its stored header does not decode; kept");
+            tracing::warn!(message_id = %id, "dead letter: its stored header does not decode; kept");
             stay += 1;
             continue;
         };
@@ -504,7 +504,7 @@ fn settle(
                         ],
                     )?;
                     freed += b;
-                    tracing::warn!("message {id} dead-lettered: {reason}");
+                    tracing::warn!(message_id = %id, "dead-lettered: {reason}");
                 }
             }
         }
@@ -697,7 +697,9 @@ impl Spool for PgSpool {
                 }),
                 // Cannot happen for what we wrote. It stays claimed (and is
                 // offered again when the claim lapses).
-                Err(e) => tracing::error!("spooled message {} has an unreadable header: {e}", r.id),
+                Err(e) => {
+                    tracing::error!(message_id = %r.id, "spooled message has an unreadable header: {e}")
+                }
             }
         }
         Ok(out)

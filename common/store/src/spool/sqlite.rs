@@ -282,7 +282,9 @@ impl Spool for SqliteSpool {
                 }),
                 // Cannot happen for what we wrote. It stays taken, so it is
                 // not offered again until the next start.
-                Err(e) => tracing::error!("spooled message {} has an unreadable header: {e}", r.id),
+                Err(e) => {
+                    tracing::error!(message_id = %r.id, "spooled message has an unreadable header: {e}")
+                }
             }
         }
         Ok(out)
@@ -469,7 +471,7 @@ impl Worker {
         let (mut back, mut stay) = (0, 0);
         for (id, content_type, header, content) in rows {
             let Ok(m) = super::stored_message(&header, content_type, Bytes::from(content)) else {
-                tracing::warn!("dead letter {id}: its stored header does not decode; kept");
+                tracing::warn!(message_id = %id, "dead letter: its stored header does not decode; kept");
                 stay += 1;
                 continue;
             };
@@ -756,7 +758,7 @@ impl Worker {
                     )
                     .map_err(db)?;
                     self.total_bytes -= size;
-                    tracing::warn!("message {id} dead-lettered: {reason}");
+                    tracing::warn!(message_id = %id, "dead-lettered: {reason}");
                 }
             }
         }
