@@ -23,6 +23,11 @@ pub struct Config {
         deserialize_with = "rs_node::metrics::listen_or_off"
     )]
     pub metrics_listen: Option<SocketAddr>,
+    /// Resident memory (MB) above which no new connection is accepted
+    /// until it is back under (they wait in the kernel's accept queue).
+    /// Absent: no bound.
+    #[serde(default)]
+    pub memory_limit_mb: Option<u64>,
     /// Where local files live: the SQLite database `appserver.db` (unless
     /// `database` names a PostgreSQL server), uploads in progress,
     /// published files, the throttle's usage counters.

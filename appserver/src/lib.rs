@@ -81,6 +81,8 @@ pub struct AppServer {
     /// the status tree shows.
     pub metrics: rs_net::metrics::Registry,
     pub gauges: Gauges,
+    /// `memory_limit_mb`, enforced where connections are accepted.
+    pub memory: Option<Arc<rs_node::mem::MemoryBound>>,
 }
 
 /// The server's gauges read from storage at each scrape, and the
@@ -338,6 +340,9 @@ impl AppServer {
             jobs_changed: tokio::sync::watch::Sender::new(0),
             metrics: rs_net::metrics::Registry::new(),
             gauges: Gauges::default(),
+            memory: cfg
+                .memory_limit_mb
+                .map(|mb| rs_node::mem::MemoryBound::new(mb << 20)),
             cfg,
         });
         let _ = slot.set(Arc::downgrade(&app));
@@ -358,6 +363,10 @@ impl AppServer {
         }
         if let Some(o) = &self.opener {
             o.stats.register(r);
+        }
+        rs_node::mem::register_resident(r);
+        if let Some(m) = &self.memory {
+            m.register(r);
         }
         let g = &self.gauges;
         g.throttle.register(r);
@@ -580,6 +589,7 @@ pub async fn run(
     let serve_cfg = ServeConfig {
         observer: Some(Arc::new(security::Auditor(Arc::downgrade(&app)))),
         grace: app.cfg.shutdown_grace(),
+        admit: app.memory.as_ref().map(|m| m.admission()),
         ..ServeConfig::default()
     };
     {

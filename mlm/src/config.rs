@@ -73,6 +73,12 @@ pub struct Config {
     /// descriptors (`LimitNOFILE` in the systemd unit).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Resident memory (MB) above which no new connection is accepted
+    /// until it is back under (connections wait in the kernel's accept
+    /// queue; proxies with a failover list move to another member).
+    /// Absent: no bound but `max_connections`.
+    #[serde(default)]
+    pub memory_limit_mb: Option<u64>,
     #[serde(default)]
     pub spool: SpoolSection,
     /// Decoder limits for what arrives (docs/protocol.md, Limits).

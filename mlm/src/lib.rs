@@ -99,6 +99,8 @@ pub struct Mlm {
     /// status tree shows.
     pub metrics: rs_net::metrics::Registry,
     pub gauges: Gauges,
+    /// `memory_limit_mb`, enforced where connections are accepted.
+    pub memory: Option<Arc<rs_node::mem::MemoryBound>>,
 }
 
 /// The MLM's gauges read from storage at each scrape.
@@ -270,6 +272,9 @@ impl Mlm {
             coalescer: coalesce::Coalescer::default(),
             metrics: rs_net::metrics::Registry::new(),
             gauges: Gauges::default(),
+            memory: cfg
+                .memory_limit_mb
+                .map(|mb| rs_node::mem::MemoryBound::new(mb << 20)),
             cfg,
         })
         .registered())
@@ -289,6 +294,10 @@ impl Mlm {
         }
         if let Some(s) = &self.sealer {
             s.stats.register(r);
+        }
+        rs_node::mem::register_resident(r);
+        if let Some(m) = &self.memory {
+            m.register(r);
         }
         let g = &self.gauges;
         g.spool.register(r);
@@ -832,6 +841,7 @@ pub async fn run(
     let grace = mlm.cfg.shutdown_grace();
     let serve_cfg = ServeConfig {
         max_connections: mlm.cfg.max_connections.max(1),
+        admit: mlm.memory.as_ref().map(|m| m.admission()),
         grace,
         ..ServeConfig::default()
     };

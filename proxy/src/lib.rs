@@ -171,6 +171,7 @@ impl Proxy {
         self.sender_stats.register(r);
         self.spool_gauges.register(r);
         self.throttle_gauges.register(r);
+        rs_node::mem::register_resident(r);
         if let Some(s) = &self.sealer {
             s.stats.register(r);
         }

@@ -1153,3 +1153,137 @@ async fn rsctl_trace_shows_a_messages_hops_and_where_it_waits() {
     assert_ne!(code, 0);
     assert!(err.contains("400") || err.contains("message ID"), "{err}");
 }
+
+/// Issue 24, a member's memory bound: above `memory_limit_mb` an MLM
+/// accepts no new connection (a request waits in the accept queue rather
+/// than being served, and /metrics, on its own listener, says so); a
+/// reload with a bound it is under serves the connection that waited,
+/// refusing no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mlm_over_its_memory_bound_accepts_nothing_new_until_it_is_under() {
+    let dir = tmp("ops-membound");
+    let mut d = Deployment::plain(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let m = d
+        .mlm(
+            "mlm",
+            "acme.m1",
+            std::slice::from_ref(&a),
+            &Extra {
+                top: "memory_limit_mb = 1".into(),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    let health = format!("http://{m}/rs/v1/health");
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let e = quick.get(&health).send().await;
+    assert!(
+        e.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "served over its bound: {e:?}"
+    );
+    let mx = d.metrics_addr("mlm");
+    let s = crate::metrics::scrape(&mx).await;
+    assert_eq!(
+        crate::metrics::get(&s, "rs_memory_over_bound"),
+        1.0,
+        "{s:?}"
+    );
+    assert!(
+        crate::metrics::get(&s, "rs_memory_bound_closed_total") >= 1.0,
+        "{s:?}"
+    );
+    assert!(
+        crate::metrics::get(&s, "rs_memory_resident_bytes")
+            > crate::metrics::get(&s, "rs_memory_bound_bytes"),
+        "{s:?}"
+    );
+
+    // A request that waits meanwhile is served once the bound is raised.
+    let waiting = tokio::spawn(async move {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap()
+            .get(&health)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cfg = dir.join("mlm.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("memory_limit_mb = 1\n", "memory_limit_mb = 65536\n"),
+    )
+    .unwrap();
+    d.node("mlm").signal("HUP");
+    assert_eq!(waiting.await.unwrap().unwrap(), 200);
+    let e = quick.get(format!("http://{m}/rs/v1/health")).send().await;
+    assert_eq!(e.unwrap().status(), 200);
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let s = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(crate::metrics::scrape(&mx))
+            });
+            crate::metrics::get(&s, "rs_memory_over_bound") == 0.0
+        }),
+        "still over"
+    );
+}
+
+/// The endpoint and /metrics both on port 0: a reload hands each listener
+/// back to its own purpose (they were once kept under one key, and the
+/// endpoint came back on the metrics socket while clients were refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_gives_two_listeners_on_port_zero_back_their_own_sockets() {
+    let dir = tmp("ops-port0");
+    let mut d = Deployment::plain(&dir, exe()).unwrap();
+    let a = d
+        .appserver("127.0.0.1:0", "metrics_listen = \"127.0.0.1:0\"\n")
+        .unwrap();
+    // Unpinned again: both listeners as configured, on port 0.
+    let cfg = dir.join("appserver.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(&format!("listen = \"{a}\""), "listen = \"127.0.0.1:0\""),
+    )
+    .unwrap();
+    assert!(
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .contains("listen = \"127.0.0.1:0\"\n")
+    );
+    let health = format!("http://{a}/rs/v1/health");
+    assert_eq!(reqwest::get(&health).await.unwrap().status(), 200);
+    d.node("appserver").signal("HUP");
+    let log = dir.join("logs").join("appserver.log");
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.matches("listening on").count() >= 2)
+        }),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    for _ in 0..20 {
+        let r = reqwest::get(&health).await;
+        assert_eq!(
+            r.map(|r| r.status().as_u16()).ok(),
+            Some(200),
+            "after the reload"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.join("appserver.addr"))
+            .unwrap()
+            .trim(),
+        a,
+        "the endpoint moved"
+    );
+}

@@ -52,7 +52,24 @@ pub struct ServeConfig {
     pub grace: Duration,
     /// Told of every response (the appserver's audit log).
     pub observer: Option<Arc<dyn Observer>>,
+    /// Whether a new connection may be accepted now (a memory bound);
+    /// while it says no, the loop accepts nothing and the connections wait
+    /// in the kernel's accept queue.
+    pub admit: Option<Admission>,
 }
+
+/// A gate on accepting connections ([`ServeConfig::admit`]).
+#[derive(Clone)]
+pub struct Admission(pub Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Admission")
+    }
+}
+
+/// How often a closed gate is looked at again.
+const ADMIT_AGAIN: Duration = Duration::from_millis(50);
 
 /// Sees each request's outcome once its response head is ready.
 pub trait Observer: Send + Sync + std::fmt::Debug {
@@ -73,6 +90,7 @@ impl Default for ServeConfig {
             header_timeout: Duration::from_secs(10),
             grace: Duration::from_secs(10),
             observer: None,
+            admit: None,
         }
     }
 }
@@ -195,6 +213,22 @@ pub async fn serve<L, F>(
             () = shutdown.cancelled() => break,
             p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
+        if let Some(admit) = &cfg.admit
+            && !admit.0()
+        {
+            // Over the bound: nothing new until it is back under (what is
+            // served goes on, and frees what it holds as it ends).
+            let mut closed = true;
+            while closed {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(ADMIT_AGAIN) => closed = !admit.0(),
+                }
+            }
+            if closed {
+                break;
+            }
+        }
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
             a = listener.accept() => a,
