@@ -38,12 +38,62 @@ const REAL: usize = 3;
 const ALARMS_PER_SEC: u64 = 20;
 const HOLD: Duration = Duration::from_secs(25);
 const STORM_LIMIT: Duration = Duration::from_secs(120);
+/// Each member's `memory_limit_mb`: above it a member accepts no new
+/// connection (the proxies it defers go to another member).
+const BOUND_MB: u64 = 448;
 
 /// Counters of the load generator.
 #[derive(Default)]
 struct Gen {
     answered: AtomicU64,
     failed: AtomicU64,
+    /// The failures by kind (what the simulated proxy saw).
+    why: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Gen {
+    /// Prints the failures by kind since the last report, and forgets them.
+    fn report(&self, when: &str) {
+        if let Ok(mut w) = self.why.lock() {
+            for (why, n) in w.iter() {
+                eprintln!("    {n:>6} failed polls {when}: {why}");
+            }
+            w.clear();
+        }
+    }
+
+    fn fail(&self, why: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut w) = self.why.lock() {
+            *w.entry(why).or_default() += 1;
+        }
+    }
+}
+
+/// What kind of failure a poll met: the HTTP status, or the innermost
+/// cause of a transport error (connection refused or reset, a TLS alert,
+/// a timeout), shortened so that like failures count together.
+fn kind(e: &reqwest::Error) -> String {
+    let mut inner: &dyn std::error::Error = e;
+    while let Some(s) = inner.source() {
+        inner = s;
+    }
+    let text = inner.to_string();
+    let text: String = text
+        .chars()
+        .filter(|c| !c.is_ascii_digit())
+        .take(60)
+        .collect();
+    let what = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() || e.is_decode() {
+        "body"
+    } else {
+        "request"
+    };
+    format!("{what}: {text}")
 }
 
 /// One simulated proxy: long-polls the first of `urls` that answers, as
@@ -66,13 +116,21 @@ async fn sim(
             .body(enc.body)
             .send()
             .await;
-        match r {
-            Ok(r) if r.status() == 200 => {
-                let _ = r.bytes().await;
-                g.answered.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {
-                g.failed.fetch_add(1, Ordering::Relaxed);
+        let failed = match r {
+            Ok(r) if r.status() == 200 => match r.bytes().await {
+                Ok(_) => {
+                    g.answered.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                Err(e) => Some(kind(&e)),
+            },
+            Ok(r) => Some(format!("status {}", r.status().as_u16())),
+            Err(e) => Some(kind(&e)),
+        };
+        match failed {
+            None => {}
+            Some(why) => {
+                g.fail(why);
                 // The next member of the list, after a pause.
                 k += 1;
                 tokio::time::sleep(Duration::from_millis(500 + fastrand::u64(0..500))).await;
@@ -198,6 +256,31 @@ struct Run {
     peak_mb: f64,
     alarm_p99_ms: f64,
     alarms: usize,
+    /// Times a member's memory bound closed the door, all members.
+    closed: u64,
+}
+
+/// The sum over `members` of a counter in their /metrics.
+async fn counter_of(d: &mut Deployment, members: &[&str], name: &str) -> u64 {
+    let mut total = 0;
+    for m in members {
+        let addr = d.metrics_addr(m);
+        let Ok(r) = reqwest::get(format!("http://{addr}/metrics")).await else {
+            continue;
+        };
+        let text = r.text().await.unwrap_or_default();
+        total += text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0) as u64;
+    }
+    total
 }
 
 #[allow(clippy::too_many_lines)]
@@ -209,7 +292,7 @@ async fn one(n: usize, dir: &std::path::Path, pg: &Postgres) -> anyhow::Result<R
     let url = pg.database("bench_mlmstorm");
     // Room for every poll on any member.
     let room = format!(
-        "max_connections = {}\nbusy_envelopes = {}\n",
+        "max_connections = {}\nbusy_envelopes = {}\nmemory_limit_mb = {BOUND_MB}\n",
         n + 1024,
         n + 1024
     );
@@ -309,6 +392,7 @@ async fn one(n: usize, dir: &std::path::Path, pg: &Postgres) -> anyhow::Result<R
     tokio::task::block_in_place(|| d.restart("m1"))?;
     let (held, took) = until_held(Duration::from_secs(120)).await;
     eprintln!("  m1 killed and restarted: {held} polls held again after {took:?}");
+    g.report("while m1 was killed and restarted");
 
     // The real proxies' alarms, from just before the storm.
     let alarms_stop = Arc::new(AtomicBool::new(false));
@@ -452,6 +536,19 @@ async fn one(n: usize, dir: &std::path::Path, pg: &Postgres) -> anyhow::Result<R
         during.len()
     );
     let alarm_p99_ms = percentile(&mut lat, 0.99);
+    let all = ["m1", "m2", "m3"];
+    let closed = counter_of(&mut d, &all, "rs_memory_bound_closed_total").await;
+    eprintln!("  memory bound ({BOUND_MB} MB a member) closed the door {closed} times");
+    // What the members saw (m1's since its restart).
+    for reason in ["timeout", "protocol", "untrusted", "identity", "revoked"] {
+        let name = format!("rs_tls_handshake_failures_total{{reason=\"{reason}\"}}");
+        let n = counter_of(&mut d, &all, &name).await;
+        if n > 0 {
+            eprintln!("    members: {n} TLS handshakes failed ({reason})");
+        }
+    }
+    let handshakes = counter_of(&mut d, &all, "rs_tls_handshakes_total").await;
+    eprintln!("    members: {handshakes} TLS handshakes completed");
     d.stop_all();
     let _ = std::fs::remove_dir_all(dir);
     eprintln!(
@@ -460,6 +557,7 @@ async fn one(n: usize, dir: &std::path::Path, pg: &Postgres) -> anyhow::Result<R
         g.answered.load(Ordering::Relaxed),
         g.failed.load(Ordering::Relaxed)
     );
+    g.report("during and after the storm");
     Ok(Run {
         per_poll_mb,
         held,
@@ -467,6 +565,7 @@ async fn one(n: usize, dir: &std::path::Path, pg: &Postgres) -> anyhow::Result<R
         peak_mb,
         alarm_p99_ms,
         alarms: during.len(),
+        closed,
     })
 }
 
@@ -571,11 +670,12 @@ fn storm(runs: usize, n: usize) -> anyhow::Result<Vec<Figure>> {
         figure(
             "mlm_farm_storm_peak_rss_mb",
             format!(
-                "the largest resident memory of any of the {MEMBERS} members (sampled every 250 ms) during the storm of mlm_farm_reconnect_storm_s, {n} proxies between them"
+                "the largest resident memory of any of the {MEMBERS} members (sampled every 250 ms) during the storm of mlm_farm_reconnect_storm_s, {n} proxies between them; each member bound by memory_limit_mb = {BOUND_MB}, which closed the door to new connections {} times over the runs",
+                rs.iter().map(|r| r.closed).sum::<u64>()
             ),
             col(|r| r.peak_mb),
             "MB",
-            "no member exceeds its memory bound (issue 24; docs/operations.md, sizing)",
+            &format!("no member exceeds its memory bound (issue 24): under {BOUND_MB} MB"),
         ),
         figure(
             "rss_mlm_farm_10k_longpoll_mtls_mb",
