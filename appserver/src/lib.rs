@@ -105,13 +105,6 @@ pub struct Gauges {
 impl Default for Gauges {
     fn default() -> Self {
         use rs_net::metrics::{gauge, gauge_by, latency};
-        let held = |tier: &str| {
-            latency(
-                "message_held_seconds",
-                "How long a tier on the way held a message (its hop's sent minus received, on its own clock), by kind of tier (mlm).",
-                &[("tier", tier)],
-            )
-        };
         Gauges {
             throttle: Default::default(),
             stored: rs_node::metrics::Totals::new(
@@ -140,7 +133,11 @@ impl Default for Gauges {
                 "From a message's creation at its source to its storage here (across clocks: skew shows).",
                 &[],
             ),
-            held_at_mlm: held("mlm"),
+            held_at_mlm: latency(
+                "message_held_seconds",
+                "How long a tier on the way held a message (its hop's sent minus received, on its own clock), by kind of tier (mlm).",
+                &[("tier", "mlm")],
+            ),
         }
     }
 }
@@ -397,8 +394,7 @@ impl AppServer {
     pub async fn refresh_metrics(&self) {
         let g = &self.gauges;
         g.throttle.update(&self.current_throttle());
-        let gauge =
-            |g: &rs_net::metrics::IntGauge, n: u64| g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        let gauge = rs_net::metrics::set;
         match self.store.stats().await {
             Ok(st) => {
                 gauge(&g.store_messages, st.messages);
@@ -413,9 +409,7 @@ impl AppServer {
                 gauge(&g.backchannel_pending, pending);
                 g.tasks.reset();
                 for (state, n) in tasks {
-                    g.tasks
-                        .with_label_values(&[state.as_str()])
-                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                    gauge(&g.tasks.with_label_values(&[state.as_str()]), n);
                 }
             }
             Err(e) => tracing::error!("metrics: store depths: {e}"),

@@ -335,8 +335,7 @@ impl Mlm {
             )
             .await;
         g.throttle.update(&self.throttle);
-        let gauge =
-            |g: &rs_net::metrics::IntGauge, n: u64| g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        let gauge = rs_net::metrics::set;
         if let Ok(n) = self.outbox.pending().await {
             gauge(&g.backchannel_pending, n);
         }

@@ -13,7 +13,7 @@
 //! (the status tree does).
 
 pub use prometheus::core::Collector;
-pub use prometheus::{Gauge, Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+pub use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 /// Every metric's name starts with this and `_`.
 pub const PREFIX: &str = "rs";
@@ -94,12 +94,9 @@ pub fn gauge(name: &str, help: &str, labels: &[(&str, &str)]) -> IntGauge {
     IntGauge::with_opts(opts(name, help, labels)).expect("a valid gauge name")
 }
 
-/// A gauge of fractional values (seconds, ratios).
-///
-/// # Panics
-/// As [`counter`].
-pub fn float_gauge(name: &str, help: &str, labels: &[(&str, &str)]) -> Gauge {
-    Gauge::with_opts(opts(name, help, labels)).expect("a valid gauge name")
+/// Sets `g` to a count (saturating: a gauge holds an `i64`).
+pub fn set(g: &IntGauge, n: u64) {
+    g.set(i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 /// A gauge read from `f` at each scrape (for a value kept elsewhere: a

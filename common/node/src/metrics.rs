@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rs_net::metrics::{IntCounter, IntGauge, IntGaugeVec, Maybe, Registry};
+use rs_net::metrics::{IntCounter, IntGauge, IntGaugeVec, Maybe, Registry, set};
 use rs_protocol::time::Timestamp;
 use rs_store::spool::{Depth, SpoolStats};
 use tokio_util::sync::CancellationToken;
@@ -48,15 +48,6 @@ pub fn loopback(port: u16) -> Option<SocketAddr> {
     Some(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
-/// A problem with `metrics_listen` for `check-config`: the endpoint is
-/// for the host's own scraper (or one reaching it through a tunnel), so an
-/// address other than loopback is allowed but said.
-pub fn check_listen(listen: Option<SocketAddr>) -> Option<String> {
-    listen
-        .filter(|a| !a.ip().is_loopback())
-        .map(|a| format!("metrics_listen {a}: /metrics is plain HTTP without authentication; keep it on loopback or behind a firewall"))
-}
-
 /// Serves `GET /metrics` on `listen` until `shutdown`: `refresh` sets the
 /// storage-read gauges, then the registry is written out. A port that
 /// cannot be bound is logged and the daemon goes on without metrics: a
@@ -79,6 +70,11 @@ pub async fn serve<F, Fut>(
     };
     let bound = listener.local_addr().map_or(listen, |a| a);
     tracing::info!("metrics on http://{bound}/metrics");
+    if !bound.ip().is_loopback() {
+        tracing::warn!(
+            "metrics_listen {bound}: /metrics is plain HTTP without authentication; keep it on loopback or behind a firewall"
+        );
+    }
     let route = warp::path!("metrics")
         .and(warp::get())
         .then(move || {
@@ -267,20 +263,16 @@ impl SpoolGauges {
         self.oldest_age.reset();
         for d in depths {
             let p = d.precedence.to_string();
-            self.messages
-                .with_label_values(&[p.as_str()])
-                .set(i64::try_from(d.messages).unwrap_or(i64::MAX));
+            set(&self.messages.with_label_values(&[p.as_str()]), d.messages);
             let age = d
                 .oldest
                 .map_or(0, |o| (now.as_millis() - o.as_millis()).max(0) / 1000);
             self.oldest_age.with_label_values(&[p.as_str()]).set(age);
         }
-        self.bytes.set(i64::try_from(s.bytes).unwrap_or(i64::MAX));
-        self.max_bytes
-            .set(i64::try_from(max_bytes).unwrap_or(i64::MAX));
+        set(&self.bytes, s.bytes);
+        set(&self.max_bytes, max_bytes);
         self.full_in.set(health.full_in_secs(s, max_bytes));
-        self.dead_letters
-            .set(i64::try_from(s.dead_letters).unwrap_or(i64::MAX));
+        set(&self.dead_letters, s.dead_letters);
         for (fate, n) in [
             ("delivered", s.delivered_total),
             ("expired", s.expired_total),
@@ -349,12 +341,8 @@ impl ThrottleGauges {
         self.usage_messages.reset();
         for u in usage {
             let l = [u.rule.as_str(), u.key.as_str()];
-            self.usage_bytes
-                .with_label_values(&l)
-                .set(i64::try_from(u.bytes).unwrap_or(i64::MAX));
-            self.usage_messages
-                .with_label_values(&l)
-                .set(i64::try_from(u.messages).unwrap_or(i64::MAX));
+            set(&self.usage_bytes.with_label_values(&l), u.bytes);
+            set(&self.usage_messages.with_label_values(&l), u.messages);
         }
     }
 }

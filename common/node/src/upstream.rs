@@ -345,16 +345,13 @@ impl SenderStats {
         self.counters.register(r);
         r.add(&self.post_seconds);
         r.add(&self.spool_wait_seconds);
-        let me = Arc::downgrade(self);
-        r.add(&rs_net::metrics::pulling(
+        crate::metrics::pulling(
+            r,
+            self,
             "upstream_connected",
             "1 while the last POST to the next hop succeeded, else 0.",
-            move || {
-                me.upgrade()
-                    .is_some_and(|s| s.connected.load(Ordering::Relaxed)) as i64
-                    as f64
-            },
-        ));
+            |s| f64::from(u8::from(s.connected.load(Ordering::Relaxed))),
+        );
     }
 
     /// The heartbeat interval the next hop advised, or `default` until it
