@@ -355,14 +355,129 @@ fn markdown(figs: &[Figure]) -> String {
     s
 }
 
+/// The benchmark groups, in the order they run, and what each measures.
+const GROUPS: &[(&str, &str)] = &[
+    (
+        "codec",
+        "encode and decode of 2 KB messages, and seals (criterion)",
+    ),
+    (
+        "forward",
+        "the durable forward path against a mosquitto bridge, and the drain",
+    ),
+    ("mtls", "the forward path over mutual TLS"),
+    (
+        "throttle",
+        "the cost of throttle checks, and the forward path with rules",
+    ),
+    (
+        "backchannel",
+        "control actions to sites: latency and WAN bytes",
+    ),
+    (
+        "collector",
+        "what webhook subscriptions cost the server's ingest",
+    ),
+    ("bulk", "bulk uploads and downloads against nginx"),
+    ("idle", "resident memory of the idle daemons"),
+    (
+        "storage",
+        "ingest on PostgreSQL against SQLite, and a farm of two servers",
+    ),
+    ("relay", "the MLM relaying small envelopes against nginx"),
+    ("curves", "throughput and latency curves (plots)"),
+    (
+        "mlmfarm",
+        "an MLM farm's back-channel: latency of control actions across members",
+    ),
+    ("mlmkill", "an MLM farm member killed under load"),
+    (
+        "mlmstorm",
+        "10,000 proxies reconnecting to an MLM farm over mutual TLS",
+    ),
+    (
+        "longpoll",
+        "an MLM's memory holding many proxies' long polls",
+    ),
+];
+
+/// Options that take a number, with what they set (defaults in brackets).
+const OPTIONS: &[(&str, &str)] = &[
+    (
+        "--messages",
+        "messages per forward run [100000]; per curve [20000]",
+    ),
+    ("--backlog", "messages of the drain's backlog [1000000]"),
+    ("--clients", "concurrent posters [8]"),
+    ("--batch", "messages per POST [20]"),
+    (
+        "--runs",
+        "runs of each benchmark, reported as median and spread [3]",
+    ),
+    (
+        "--actions",
+        "control actions in the back-channel runs [300]",
+    ),
+    (
+        "--proxies",
+        "simulated proxies of mlmstorm and longpoll [10000]",
+    ),
+    ("--rate", "alarms a second in mlmkill [5000]"),
+];
+
+fn usage() -> String {
+    let mut u = String::from(
+        "rs-bench [GROUP...] [--OPTION N...] [--report-only]\n\n\
+         Runs the named benchmark groups (all of them when none is named), merges\n\
+         their figures into docs/benchmarks.json by id and rewrites\n\
+         docs/benchmarks.md. --report-only rewrites the report from the JSON.\n\nGroups:\n",
+    );
+    for (g, what) in GROUPS {
+        u.push_str(&format!("  {g:<12} {what}\n"));
+    }
+    u.push_str("\nOptions:\n");
+    for (o, what) in OPTIONS {
+        u.push_str(&format!("  {o:<12} N  {what}\n"));
+    }
+    u.push_str("  --report-only   write the report from docs/benchmarks.json, run nothing\n");
+    u.push_str("  -h, --help      this text\n");
+    u
+}
+
+/// Refuses what is neither a group, an option with its number, nor a flag
+/// (a typo would otherwise run every group, for hours).
+fn check_args(args: &[String]) -> Result<(), String> {
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if OPTIONS.iter().any(|(o, _)| *o == a) {
+            match args.get(i + 1).map(|v| v.parse::<u64>()) {
+                Some(Ok(_)) => i += 2,
+                _ => return Err(format!("{a} takes a number")),
+            }
+        } else if a == "--report-only" || GROUPS.iter().any(|(g, _)| *g == a) {
+            i += 1;
+        } else {
+            return Err(format!("unknown group or option {a:?}"));
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{}", usage());
+        return;
+    }
+    if let Err(e) = check_args(&args) {
+        eprintln!("rs-bench: {e}\n\n{}", usage());
+        std::process::exit(2);
+    }
     let report_only = args.iter().any(|a| a == "--report-only");
     let groups_named: Vec<&String> = args
         .iter()
-        .enumerate()
-        .filter(|(i, a)| !a.starts_with("--") && (*i == 0 || !args[i - 1].starts_with("--")))
-        .map(|(_, a)| a)
+        .filter(|a| GROUPS.iter().any(|(g, _)| g == a))
         .collect();
     let want = |g: &str| groups_named.is_empty() || groups_named.iter().any(|a| *a == g);
     let settings = forward::Settings {
@@ -448,6 +563,13 @@ fn main() {
                 Box::new(move || longpoll::run(runs, proxies).map_err(|e| format!("{e:#}"))),
             ),
         ];
+        debug_assert!(
+            groups
+                .iter()
+                .map(|(g, _)| *g)
+                .eq(GROUPS.iter().map(|(g, _)| *g)),
+            "GROUPS lists every group, in order"
+        );
         groups.retain(|(g, _)| want(g));
         for (name, f) in groups {
             match f() {
@@ -477,4 +599,31 @@ fn main() {
         "rs-bench: wrote docs/benchmarks.md and docs/benchmarks.json ({} figures)",
         figs.len()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn groups_options_and_their_numbers_pass_and_anything_else_is_refused() {
+        assert!(check_args(&args(&["mlmstorm", "--runs", "1", "--proxies", "500"])).is_ok());
+        assert!(check_args(&args(&["--report-only"])).is_ok());
+        assert!(check_args(&args(&[])).is_ok());
+        assert!(check_args(&args(&["mlmstrom"])).is_err());
+        assert!(check_args(&args(&["--runs"])).is_err());
+        assert!(check_args(&args(&["--runs", "three"])).is_err());
+        assert!(check_args(&args(&["--duration", "5"])).is_err());
+        let u = usage();
+        for (g, _) in GROUPS {
+            assert!(u.contains(g), "{g}");
+        }
+        for (o, _) in OPTIONS {
+            assert!(u.contains(o), "{o}");
+        }
+    }
 }
