@@ -48,14 +48,19 @@ pub struct Node {
     /// The integrator socket, for proxies.
     pub socket: Option<PathBuf>,
     pub config: Option<PathBuf>,
+    /// The log's length when the process was last started: what it logs
+    /// about this run comes after.
+    pub log_start: u64,
     /// More environment for the process (e.g. `LD_PRELOAD` of libfaketime).
     pub env: Vec<(String, String)>,
 }
 
 /// Gives a configuration that does not say where `/metrics` is served a
-/// free port of its own: the daemons' fixed defaults would collide between
-/// the many a test run starts at once. [`Deployment::metrics_addr`] reads
-/// it back.
+/// port of its own, chosen by the kernel when the daemon binds: the
+/// daemons' fixed defaults would collide between the many a test run
+/// starts at once, and a port picked here and bound later can be taken by
+/// another test meanwhile. [`Deployment::metrics_addr`] reads the bound
+/// address from the daemon's log.
 pub fn metrics_on_any_port(config: &Path) -> std::io::Result<()> {
     let text = match std::fs::read_to_string(config) {
         Ok(t) => t,
@@ -65,9 +70,8 @@ pub fn metrics_on_any_port(config: &Path) -> std::io::Result<()> {
     if text.contains("metrics_listen") {
         return Ok(());
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     // A top-level key goes before the first table.
-    std::fs::write(config, format!("metrics_listen = \"{port}\"\n{text}"))
+    std::fs::write(config, format!("metrics_listen = \"127.0.0.1:0\"\n{text}"))
 }
 
 impl Node {
@@ -80,6 +84,7 @@ impl Node {
             .create(true)
             .append(true)
             .open(&self.log)?;
+        self.log_start = log.metadata()?.len();
         let err = log.try_clone()?;
         // Its own process group: a Ctrl-C at the terminal reaches the demo
         // (or test) only, which then stops the tiers in order, instead of
@@ -518,6 +523,7 @@ impl Deployment {
             addr: None,
             socket: None,
             config: Some(cfg_path.clone()),
+            log_start: 0,
             env: self.env.clone(),
         };
         node.start(&self.exe)?;
@@ -527,12 +533,15 @@ impl Deployment {
             anyhow::bail!("{name} did not start; see {}", node.log.display());
         }
         let addr = std::fs::read_to_string(&addr_file)?.trim().to_owned();
-        // Pin the port, so a restart listens where the others connect.
-        let pinned = config.replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"{addr}\""),
-            1,
-        );
+        // Pin the port, so a restart listens where the others connect
+        // (the line that starts with `listen`, not `metrics_listen`).
+        let pinned = config
+            .split_inclusive('\n')
+            .map(|l| match l.strip_prefix("listen = \"127.0.0.1:0\"") {
+                Some(rest) => format!("listen = \"{addr}\"{rest}"),
+                None => l.to_owned(),
+            })
+            .collect::<String>();
         write(&cfg_path, &pinned)?;
         node.addr = Some(addr.clone());
         self.nodes.insert(name.into(), node);
@@ -817,6 +826,7 @@ impl Deployment {
             addr: None,
             socket: Some(socket.clone()),
             config: Some(cfg_path),
+            log_start: 0,
             env: self.env.clone(),
         };
         let _ = std::fs::remove_file(&socket);
@@ -843,6 +853,7 @@ impl Deployment {
             addr: None,
             socket: None,
             config: None,
+            log_start: 0,
             env: self.env.clone(),
         };
         node.start(&self.exe)?;
@@ -850,20 +861,35 @@ impl Deployment {
         Ok(())
     }
 
-    /// Where node `name` serves `/metrics` (its configuration's
-    /// `metrics_listen`).
+    /// Where node `name` serves `/metrics`: its configuration's
+    /// `metrics_listen`, or, for port 0, the address its log says it bound
+    /// in this run (waiting up to 30 s for the line).
     pub fn metrics_addr(&mut self, name: &str) -> String {
-        let config = self
-            .node(name)
-            .config
-            .clone()
-            .expect("a node with a configuration");
+        let node = self.node(name);
+        let config = node.config.clone().expect("a node with a configuration");
         let text = std::fs::read_to_string(&config).unwrap_or_default();
-        text.lines()
+        let configured = text
+            .lines()
             .find_map(|l| l.strip_prefix("metrics_listen = \""))
             .and_then(|l| l.strip_suffix('"'))
             .unwrap_or_else(|| panic!("{}: no metrics_listen", config.display()))
-            .to_owned()
+            .to_owned();
+        if !configured.ends_with(":0") {
+            return configured;
+        }
+        let (log, start) = (node.log.clone(), node.log_start);
+        let bound = || {
+            let bytes = std::fs::read(&log).ok()?;
+            let run = String::from_utf8_lossy(bytes.get(start as usize..)?).into_owned();
+            let (_, rest) = run.rsplit_once("metrics on http://")?;
+            Some(rest.split_once("/metrics")?.0.to_owned())
+        };
+        let mut found = None;
+        wait_for(Duration::from_secs(30), || {
+            found = bound();
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("{name}: no \"metrics on\" line in {}", log.display()))
     }
 
     pub fn node(&mut self, name: &str) -> &mut Node {
@@ -889,6 +915,7 @@ impl Deployment {
             addr: None,
             socket: Some(socket.to_owned()),
             config: Some(config.to_owned()),
+            log_start: 0,
             env: self.env.clone(),
         };
         node.start(&self.exe)?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use rs_tests::deploy::{Deployment, Extra, proxy_metrics, server_metrics, wait_for};
 
 use crate::backchannel::{exe, tmp};
-use crate::forward::{alarm, all_stored, assert_exactly_once, free_port, register};
+use crate::forward::{alarm, all_stored, assert_exactly_once, register};
 
 /// A scrape: each series (`name{labels}`) and its value.
 pub(crate) type Scrape = BTreeMap<String, f64>;
@@ -149,37 +149,28 @@ fn sum(s: &Scrape, name: &str) -> f64 {
         .sum()
 }
 
-fn top(line: &str) -> Extra {
-    Extra {
-        top: line.into(),
-        ..Extra::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_tier_serves_metrics_promtool_accepts_counting_what_went_through() {
     let dir = tmp("metrics");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let (pa, pm, pp) = (free_port(), free_port(), free_port());
-    let a = d
-        .appserver("127.0.0.1:0", &format!("metrics_listen = \"{pa}\"\n"))
-        .unwrap();
+    // Each tier on a port of the kernel's choosing, read back from its log.
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
     let m = d
         .mlm(
             "mlm",
             "acme.m1",
             std::slice::from_ref(&a),
-            &top(&format!("metrics_listen = \"{pm}\"")),
+            &Extra::default(),
         )
         .unwrap();
     let sock = d
-        .proxy(
-            "p1",
-            "acme.p1",
-            std::slice::from_ref(&m),
-            &top(&format!("metrics_listen = \"{pp}\"")),
-        )
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
         .unwrap();
+    let (pa, pm, pp) = (
+        d.metrics_addr("appserver"),
+        d.metrics_addr("mlm"),
+        d.metrics_addr("p1"),
+    );
     let c = register(&sock).await;
     let mut ids = HashSet::new();
     for i in 0..20 {
