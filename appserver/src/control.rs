@@ -556,22 +556,16 @@ pub(crate) fn refuse(status: http::StatusCode, text: impl Into<String>) -> warp:
 /// The server's own status tree.
 pub async fn status_tree(app: &AppServer) -> StatusNode {
     let s = &app.stats;
-    let mut metrics = vec![
-        ("envelopes.received", s.envelopes.get()),
-        ("messages.received", s.received.get()),
-        ("messages.accepted", s.accepted.get()),
+    let mut metrics = app.counts.status().to_vec();
+    metrics.extend([
         ("messages.duplicates", s.duplicates.get()),
-        ("messages.rejected", s.rejected.get()),
-        ("messages.expired", s.expired.get()),
-        ("messages.retried", s.retried.get()),
-        ("messages.throttled", s.throttled.get()),
         (
             "replies.advised_wait",
             app.load.advised.load(Ordering::Relaxed),
         ),
         ("tasks.done", s.tasks_done.get()),
         ("tasks.failed_attempts", s.tasks_failed.get()),
-    ];
+    ]);
     let b = &app.uploads.stats;
     metrics.extend([
         ("bulk.granted", b.granted.get()),

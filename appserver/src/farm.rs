@@ -65,8 +65,8 @@ pub(crate) async fn beat(app: Arc<AppServer>, stop: tokio_util::sync::Cancellati
             started: app.started,
             seen: app.clock.now(),
             in_hand: app.load.inflight() as u64,
-            envelopes: app.stats.envelopes.get(),
-            forwarded: app.stats.accepted.get(),
+            envelopes: app.counts.envelopes.get(),
+            forwarded: app.counts.accepted.get(),
         };
         if let Err(e) = app.store.beat(m).await {
             tracing::warn!("farm membership: {e}");

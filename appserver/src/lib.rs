@@ -40,6 +40,8 @@ pub struct AppServer {
     pub id: rs_protocol::RsId,
     pub store: store::Store,
     pub clock: Arc<dyn Clock>,
+    /// What the envelope pipeline counts, and the server's own counters.
+    pub counts: rs_node::pipeline::Counts,
     pub stats: ingress::Stats,
     pub started: rs_protocol::Timestamp,
     /// Woken when back-channel messages are queued (long polls wait on it).
@@ -330,6 +332,7 @@ impl AppServer {
             expand_ready: tokio::sync::Notify::new(),
             tasks_ready: tokio::sync::Notify::new(),
             feed_ready: tokio::sync::watch::Sender::new(0),
+            counts: rs_node::pipeline::Counts::default(),
             stats: ingress::Stats::default(),
             started: rs_protocol::Timestamp::now(),
             outbox_ready: Arc::new(rs_node::ingress::BackChannelReady::new(cfg.offer_again())),
@@ -350,6 +353,7 @@ impl AppServer {
     /// Registers every counter and gauge of this server in its registry.
     fn register_metrics(self: &Arc<Self>) {
         let r = &self.metrics;
+        self.counts.register(r);
         self.stats.register(r);
         self.auth.register(r);
         self.uploads.stats.register(r);
@@ -429,7 +433,7 @@ impl AppServer {
             .map(|| "ok\n");
         finish(
             security::gate().and(
-                ingress::route(self.clone())
+                rs_node::pipeline::route(self.clone())
                     .or(bulk::routes(self.clone()))
                     .unify()
                     .or(security::public_routes(self.clone()))
@@ -568,10 +572,14 @@ pub async fn run(
             }
         });
     }
-    if let Some(addr) = app.cfg.metrics_listen {
+    let metrics = match app.cfg.metrics_listen {
+        Some(addr) => rs_node::metrics::listen(addr).await,
+        None => None,
+    };
+    if let Some(l) = metrics {
         let a = app.clone();
         tokio::spawn(rs_node::metrics::serve(
-            addr,
+            l,
             app.metrics.clone(),
             move || {
                 let a = a.clone();

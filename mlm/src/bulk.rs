@@ -155,7 +155,7 @@ async fn pass_down(r: Result<reqwest::Response, reqwest::Error>) -> warp::reply:
 fn upstream_url(mlm: &Mlm, token: &str) -> String {
     format!(
         "{}{}{token}",
-        mlm.upstream.current_url().trim_end_matches('/'),
+        mlm.uplink.upstream().current_url().trim_end_matches('/'),
         rs_net::bulk::PATH
     )
 }

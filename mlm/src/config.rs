@@ -117,31 +117,9 @@ pub struct Config {
     pub seal: Option<rs_net::seal::SealConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamSection {
-    pub urls: Vec<String>,
-    #[serde(default = "default_timeout")]
-    pub timeout_secs: u64,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SpoolSection {
-    #[serde(default = "default_spool_bytes")]
-    pub max_bytes: u64,
-    #[serde(default = "default_spool_days")]
-    pub max_age_days: u64,
-}
-
-impl Default for SpoolSection {
-    fn default() -> Self {
-        SpoolSection {
-            max_bytes: default_spool_bytes(),
-            max_age_days: default_spool_days(),
-        }
-    }
-}
+pub use rs_node::sections::UpstreamSection;
+/// The MLM's `[spool]`: 1 GiB by default.
+pub type SpoolSection = rs_node::sections::SpoolSection<1024>;
 
 /// The MLM's `/metrics` port by default (the proxy's is 9471, the
 /// server's 9473).
@@ -157,15 +135,6 @@ fn default_heartbeat() -> u64 {
 }
 fn default_body_timeout() -> u64 {
     60
-}
-fn default_timeout() -> u64 {
-    30
-}
-fn default_spool_bytes() -> u64 {
-    1 << 30
-}
-fn default_spool_days() -> u64 {
-    7
 }
 
 impl Config {

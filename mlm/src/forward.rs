@@ -1,45 +1,35 @@
-//! The intermediate receiver (seed 004, Figs. 15-16): for each forward
+//! The intermediate receiver (seed 004, Figs. 15-16), the MLM's stages of
+//! the common envelope pipeline ([`rs_node::pipeline`]): for each forward
 //! message, the service modules, then the throttle, then forwarding — at
 //! once to the upstream (the reply says what the upstream said), or into
-//! the MLM's own spool in custody mode. Every tier appends its routing hop.
+//! the MLM's own spool in custody mode. Every tier appends its routing
+//! hop. Also what comes down: back-channel messages taken into the
+//! subtree's queue, and the relay through the MLM's uplink.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rs_net::auth::Caller;
-use rs_node::ingress::{MAX_OFFER, envelope, envelope_response, offer_back_channel};
 use rs_node::upstream::PostError;
-use rs_protocol::codec::{EnvelopeWriter, RawEnvelope, RawMessage};
+use rs_protocol::codec::RawMessage;
 use rs_protocol::model::{Advice, Content, EnvelopeMeta, Hop};
 use rs_protocol::{MessageId, Outcome, Timestamp};
 use rs_store::spool::{Enqueued, Spool as _};
-use warp::Filter;
 
 use crate::Mlm;
 use crate::aggregate::Member;
 use crate::modules::{Verdict, View};
 
 rs_net::counters! {
-    /// Live counters (status and metrics).
+    /// Live counters (status and metrics) beside the pipeline's
+    /// ([`rs_node::pipeline::Counts`]).
     pub struct Stats {
-        envelopes: "envelopes_received_total", "Envelopes received from below.";
-        received: "messages_received_total", "Messages received from below.";
         /// Of the received, those the next hop accepted from this MLM.
         forwarded: "messages_forwarded_total", "Messages the next hop accepted from this tier.";
-        /// Answered accepted (forwarded, taken into custody, filtered,
-        /// aggregated).
-        accepted: "messages_accepted_total", "Messages answered accepted.";
         filtered: "messages_filtered_total", "Messages a module dropped (answered accepted).";
         aggregated: "messages_aggregated_total",
             "Messages held for an aggregation window (answered accepted).";
-        /// The next hop answered retry.
-        retried: "messages_retry_total", "Messages answered retry.";
-        rejected: "messages_refused_total" {reason = "rejected"},
-            "Messages this tier refused, by reason.";
-        expired: "messages_refused_total" {reason = "expired"},
-            "Messages this tier refused, by reason.";
-        throttled: "messages_throttled_total", "Messages the throttle answered retry.";
         /// Back-channel messages dropped because their expiry passed.
         back_expired: "backchannel_expired_total",
             "Back-channel messages dropped because their expiry passed.";
@@ -52,125 +42,105 @@ rs_net::counters! {
     }
 }
 
-pub fn route(
-    mlm: Arc<Mlm>,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
-    let limits = mlm.cfg.limits();
-    let timeout = Duration::from_secs(mlm.cfg.body_timeout_secs);
-    warp::path!("rs" / "v1" / "envelope")
-        .and(warp::post())
-        .and(rs_net::auth::caller_filter())
-        .and(envelope(limits, timeout))
-        .then(move |caller: Caller, env: RawEnvelope| {
-            let mlm = mlm.clone();
-            async move {
-                match rs_net::auth::screen(&caller, &mlm.id, &env, &mlm.auth) {
-                    Ok(refused) => handle(&mlm, &caller, env, refused).await,
-                    Err(r) => r.response(),
-                }
-            }
-        })
-}
-
-fn bump(c: &rs_net::metrics::IntCounter) {
-    c.inc();
-}
-
 pub(crate) fn unavailable(text: impl Into<String>) -> Outcome {
     Outcome::retry(Duration::from_secs(5), "unavailable", text)
 }
 
-/// `refused[i]`: message `i` is not the caller's to send (anti-spoofing).
-async fn handle(
-    mlm: &Mlm,
-    caller: &Caller,
-    env: RawEnvelope,
-    refused: Vec<Option<Outcome>>,
-) -> warp::reply::Response {
-    let _busy = mlm.load.enter();
-    let now = mlm.clock.now();
-    let st = &mlm.stats;
-    bump(&st.envelopes);
-    st.received.inc_by(env.messages.len() as u64);
-    let ids: Vec<MessageId> = env.messages.iter().map(|m| m.header.id.clone()).collect();
-    let mut outcomes: Vec<Option<Outcome>> = refused;
-    // Refused messages go no further (nor teach routes).
-    st.rejected
-        .inc_by(outcomes.iter().filter(|o| o.is_some()).count() as u64);
-    let sender = env.meta.sender.clone();
-    let poll = env.meta.poll;
-    let ids_empty = ids.is_empty();
-    // Who is behind the caller: the sources of what it sends.
-    let mut sources: Vec<rs_protocol::RsId> = env
-        .messages
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, o)| o.is_none())
-        .filter_map(|(m, _)| m.header.source().map(|s| s.component.clone()))
-        .collect();
-    sources.sort_unstable();
-    sources.dedup();
-    if let Err(e) = mlm.outbox.learn(sender.clone(), sources, now).await {
-        tracing::error!("routes: {e}");
-    }
-    let delivered = match mlm
-        .outbox
-        .acknowledge(sender.clone(), env.meta.acks.clone())
-        .await
-    {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!("acknowledgements from {sender}: {e}");
-            Vec::new()
-        }
-    };
-    // Deliveries here and further down go up with the next POST (kept in
-    // the queue's database too until a POST carried them: a farm's other
-    // members send those of a member that died first).
-    let mut notices = delivered;
-    // Deliveries reported from below count only for the caller's own
-    // subtree (a site cannot complete another's job).
-    notices.extend(
-        env.meta
-            .delivered
-            .iter()
-            .filter(|(_, dest)| match caller {
-                Caller::Open => true,
-                Caller::Component(p) => rs_net::auth::may_speak_for(p, &mlm.id, dest),
-            })
-            .cloned(),
-    );
-    if !notices.is_empty() {
-        if let Err(e) = mlm.outbox.note_delivered(notices.clone(), now).await {
-            tracing::warn!("delivery notices: {e}");
-        }
-        if let Ok(mut up) = mlm.delivered_up.lock() {
-            up.extend(notices);
-        }
-    }
-    let mut forward: Vec<(usize, RawMessage)> = Vec::new();
-    let mut aggregate: Vec<(usize, usize, String, Member)> = Vec::new();
+/// A message the MLM keeps: to forward (relay or custody), or to hold for
+/// an aggregation window.
+#[derive(Debug)]
+pub enum Kept {
+    Forward(RawMessage),
+    Aggregate {
+        rule: usize,
+        group: String,
+        member: Member,
+    },
+}
 
-    for (i, m) in env.messages.into_iter().enumerate() {
-        if outcomes[i].is_some() {
-            continue;
+/// The intermediate receiver (seed 004, Figs. 15-16) as a stage of the
+/// common pipeline: the service modules, the bulk-request check, the
+/// throttle, then forwarding (at once upstream, or into custody).
+impl rs_node::pipeline::Tier for Mlm {
+    type Kept = Kept;
+
+    fn id(&self) -> &rs_protocol::RsId {
+        &self.id
+    }
+
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    fn counts(&self) -> &rs_node::pipeline::Counts {
+        &self.counts
+    }
+
+    fn load(&self) -> &rs_node::ingress::Load {
+        &self.load
+    }
+
+    fn auth(&self) -> &rs_net::auth::Stats {
+        &self.auth
+    }
+
+    fn limits(&self) -> (rs_protocol::codec::Limits, Duration) {
+        (
+            self.cfg.limits(),
+            Duration::from_secs(self.cfg.body_timeout_secs),
+        )
+    }
+
+    /// Learns the routes to the caller's sources, takes its
+    /// acknowledgements, and sends deliveries (here and reported from
+    /// below) up with the next POST; they are kept in the queue's
+    /// database too until a POST carried them, so a farm's other members
+    /// send those of a member that died first.
+    async fn took(
+        &self,
+        caller: &Caller,
+        meta: &EnvelopeMeta,
+        sources: Vec<rs_protocol::RsId>,
+        now: Timestamp,
+    ) {
+        let sender = &meta.sender;
+        if let Err(e) = self.outbox.learn(sender.clone(), sources, now).await {
+            tracing::error!("routes: {e}");
         }
-        if m.header.source().is_none() {
-            bump(&st.rejected);
-            outcomes[i] = Some(Outcome::rejected(
-                "invalid",
-                "a back-channel message (locator=destination) cannot be sent upward",
-            ));
-            continue;
+        let mut notices = match self
+            .outbox
+            .acknowledge(sender.clone(), meta.acks.clone())
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("acknowledgements from {sender}: {e}");
+                Vec::new()
+            }
+        };
+        // Deliveries reported from below count only for the caller's own
+        // subtree (a site cannot complete another's job).
+        notices.extend(
+            meta.delivered
+                .iter()
+                .filter(|(_, dest)| match caller {
+                    Caller::Open => true,
+                    Caller::Component(p) => rs_net::auth::may_speak_for(p, &self.id, dest),
+                })
+                .cloned(),
+        );
+        if !notices.is_empty() {
+            if let Err(e) = self.outbox.note_delivered(notices.clone(), now).await {
+                tracing::warn!("delivery notices: {e}");
+            }
+            self.uplink.notices().deliver(notices);
         }
-        if m.header.is_expired(now) {
-            bump(&st.expired);
-            outcomes[i] = Some(Outcome::Expired);
-            continue;
-        }
+    }
+
+    fn examine(&self, m: RawMessage, now: Timestamp) -> Result<Kept, Outcome> {
         let mut view = View::new(m);
         let mut verdict = Verdict::Pass;
-        for module in &mlm.modules {
+        for module in &self.modules {
             verdict = module.inspect(&mut view, now);
             if verdict != Verdict::Pass {
                 break;
@@ -178,9 +148,9 @@ async fn handle(
         }
         match verdict {
             Verdict::Discard(why) => {
-                tracing::debug!(message_id = %ids[i], "discarded ({why})");
-                bump(&st.filtered);
-                outcomes[i] = Some(Outcome::Accepted);
+                tracing::debug!(message_id = %view.raw.header.id, "discarded ({why})");
+                self.stats.filtered.inc();
+                Err(Outcome::Accepted)
             }
             Verdict::Aggregate {
                 rule,
@@ -188,139 +158,148 @@ async fn handle(
                 severity,
                 text,
             } => {
-                let src = view
-                    .raw
-                    .header
-                    .source()
-                    .map(|s| (s.component.to_string(), s.qos));
-                let Some((source, qos)) = src else { continue };
                 let h = &view.raw.header;
-                aggregate.push((
-                    i,
+                let Some(src) = h.source() else {
+                    return Err(unavailable("no source"));
+                };
+                Ok(Kept::Aggregate {
                     rule,
                     group,
-                    Member {
+                    member: Member {
                         id: h.id.to_string(),
                         received: now.as_millis(),
                         severity,
-                        precedence: qos.precedence,
-                        persistent: qos.persistent,
-                        expiry: qos.expiry.map(Timestamp::as_millis),
-                        source,
+                        precedence: src.qos.precedence,
+                        persistent: src.qos.persistent,
+                        expiry: src.qos.expiry.map(Timestamp::as_millis),
+                        source: src.component.to_string(),
                         class: h.class.class.to_string(),
                         subclass: h.class.subclass.to_string(),
                         text,
                     },
-                ));
+                })
             }
             Verdict::Pass => {
-                let mut raw = view.into_raw();
-                if let Some(o) = crate::bulk::check_request(mlm, &raw) {
-                    bump(&st.rejected);
-                    outcomes[i] = Some(o);
-                    continue;
+                let raw = view.into_raw();
+                match crate::bulk::check_request(self, &raw) {
+                    Some(refused) => Err(refused),
+                    None => Ok(Kept::Forward(raw)),
                 }
-                if let rs_node::throttle::Decision::Wait { after, why } =
-                    mlm.throttle.check_raw(&raw)
-                {
-                    // The sender keeps custody and comes back then.
-                    bump(&st.throttled);
-                    outcomes[i] = Some(Outcome::retry(after, "throttled", why));
-                    continue;
-                }
-                raw.header.routing.push(Hop {
-                    component: mlm.id.clone(),
-                    received: now,
-                    sent: None,
-                });
-                forward.push((i, raw));
             }
         }
     }
 
-    if !aggregate.is_empty() {
-        let slots: Vec<usize> = aggregate.iter().map(|a| a.0).collect();
-        let items = aggregate
+    fn throttle(&self) -> Arc<rs_node::throttle::Throttle> {
+        self.throttle.clone()
+    }
+
+    /// What is held for aggregation is not throttled (its summary is).
+    fn subject<'a>(
+        &self,
+        kept: &'a Kept,
+        throttle: &rs_node::throttle::Throttle,
+    ) -> Option<rs_node::throttle::Subject<'a>> {
+        match kept {
+            Kept::Forward(raw) => rs_node::throttle::Subject::of(raw, throttle.needs_severity()),
+            Kept::Aggregate { .. } => None,
+        }
+    }
+
+    async fn dispose(&self, kept: Vec<Kept>, now: Timestamp) -> Vec<Outcome> {
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; kept.len()];
+        let mut forward: Vec<(usize, RawMessage)> = Vec::new();
+        let mut aggregate = Vec::new();
+        for (i, k) in kept.into_iter().enumerate() {
+            match k {
+                Kept::Forward(mut raw) => {
+                    raw.header.routing.push(Hop {
+                        component: self.id.clone(),
+                        received: now,
+                        sent: None,
+                    });
+                    forward.push((i, raw));
+                }
+                Kept::Aggregate {
+                    rule,
+                    group,
+                    member,
+                } => aggregate.push((i, (rule, group, member))),
+            }
+        }
+        if !aggregate.is_empty() {
+            let (slots, items): (Vec<usize>, Vec<_>) = aggregate.into_iter().unzip();
+            let o = match self.aggregation.add(items).await {
+                Ok(()) => {
+                    self.stats.aggregated.inc_by(slots.len() as u64);
+                    Outcome::Accepted
+                }
+                Err(e) => {
+                    tracing::error!("aggregation queue: {e}");
+                    unavailable("the MLM could not store the message for aggregation")
+                }
+            };
+            for s in slots {
+                outcomes[s] = Some(o.clone());
+            }
+        }
+        if !forward.is_empty() {
+            let results = if self.cfg.custody {
+                custody(self, &forward, now).await
+            } else {
+                self.coalescer
+                    .relay(forward.iter().map(|(_, m)| m.clone()).collect())
+                    .await
+            };
+            for ((slot, _), o) in forward.iter().zip(results) {
+                if o == Outcome::Accepted {
+                    self.stats.forwarded.inc();
+                }
+                outcomes[*slot] = Some(o);
+            }
+        }
+        outcomes
             .into_iter()
-            .map(|(_, r, g, m)| (r, g, m))
-            .collect();
-        let o = match mlm.aggregation.add(items).await {
-            Ok(()) => {
-                st.aggregated.inc_by(slots.len() as u64);
-                Outcome::Accepted
-            }
-            Err(e) => {
-                tracing::error!("aggregation queue: {e}");
-                unavailable("the MLM could not store the message for aggregation")
-            }
-        };
-        for s in slots {
-            outcomes[s] = Some(o.clone());
+            .map(|o| o.unwrap_or_else(|| unavailable("")))
+            .collect()
+    }
+
+    /// Passes on the interval the upstream asks for, so settings cannot
+    /// drift, and the upstream's request to hold back, so a storm does
+    /// not just move up a tier.
+    fn advice(&self, pure_poll: bool) -> Advice {
+        Advice {
+            heartbeat: Some(self.sender_stats.heartbeat(self.cfg.heartbeat())),
+            poll_hold: Some(rs_node::ingress::MAX_HOLD),
+            resume_after: if pure_poll {
+                None
+            } else {
+                let upstream = self.upstream_busy_until.load(Ordering::Relaxed)
+                    - self.clock.now().as_millis();
+                let passed_on = (upstream > 0).then(|| Duration::from_millis(upstream as u64));
+                self.load.advice().max(passed_on)
+            },
+            ..Advice::default()
         }
     }
 
-    if !forward.is_empty() {
-        let results = if mlm.cfg.custody {
-            custody(mlm, &forward, now).await
-        } else {
-            mlm.coalescer
-                .relay(forward.iter().map(|(_, m)| m.clone()).collect())
-                .await
-        };
-        for ((slot, _), o) in forward.iter().zip(results) {
-            match &o {
-                Outcome::Accepted => bump(&st.forwarded),
-                Outcome::Retry { .. } => bump(&st.retried),
-                Outcome::Rejected(_) => bump(&st.rejected),
-                Outcome::Expired => bump(&st.expired),
-            }
-            outcomes[*slot] = Some(o);
-        }
+    fn ready(&self) -> &rs_node::ingress::BackChannelReady {
+        &self.outbox_ready
     }
 
-    let mut meta = EnvelopeMeta::new(mlm.id.clone(), mlm.clock.now());
-    meta.outcomes = ids
-        .into_iter()
-        .zip(outcomes)
-        .map(|(id, o)| {
-            let o = o.unwrap_or_else(|| unavailable(""));
-            if o == Outcome::Accepted {
-                bump(&st.accepted);
-            }
-            (id, o)
-        })
-        .collect();
-    // Pass on the interval the upstream asks for, so settings cannot drift.
-    meta.advice = Some(Advice {
-        heartbeat: Some(mlm.sender_stats.heartbeat(mlm.cfg.heartbeat())),
-        poll_hold: Some(rs_node::ingress::MAX_HOLD),
-        resume_after: if ids_empty {
-            None
-        } else {
-            let upstream =
-                mlm.upstream_busy_until.load(Ordering::Relaxed) - mlm.clock.now().as_millis();
-            let passed_on = (upstream > 0).then(|| Duration::from_millis(upstream as u64));
-            mlm.load.advice().max(passed_on)
-        },
-        ..Advice::default()
-    });
-    let mut w = EnvelopeWriter::new(&meta);
-    // What waits for the caller's subtree rides on the reply; a long poll
-    // with nothing in it is held until something does (or the hold runs out).
-    let hold = poll.filter(|_| ids_empty);
-    offer_back_channel(&mut w, &mlm.outbox_ready, hold, &mlm.stopping, || {
-        let outbox = mlm.outbox.clone();
-        let (hop, now) = (sender.clone(), mlm.clock.now());
-        let again = mlm.cfg.offer_again();
-        async move {
-            outbox
-                .offer(hop, now, again, MAX_OFFER)
-                .await
-                .map_err(|e| e.to_string())
-        }
-    })
-    .await;
-    envelope_response(w.finish())
+    fn stopping(&self) -> &tokio_util::sync::CancellationToken {
+        &self.stopping
+    }
+
+    async fn offer(
+        &self,
+        hop: rs_protocol::RsId,
+        limit: usize,
+    ) -> Result<Vec<RawMessage>, String> {
+        self.outbox
+            .offer(hop, self.clock.now(), self.cfg.offer_again(), limit)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Copies of a back-channel message, by the next hop each goes to.
@@ -479,59 +458,35 @@ async fn download_offer(
     Ok(Some((sha, cached, b)))
 }
 
-/// Acknowledgements of messages taken down from relayed replies, and
-/// deliveries in the subtree, for the next POST upstream (relayed or the
-/// MLM's own).
-fn take_notices(mlm: &Mlm) -> (Vec<MessageId>, Vec<(MessageId, rs_protocol::RsId)>) {
-    let acks = mlm
-        .upstream_acks
-        .lock()
-        .map(|mut a| std::mem::take(&mut *a))
-        .unwrap_or_default();
-    let delivered = mlm
-        .delivered_up
-        .lock()
-        .map(|mut d| std::mem::take(&mut *d))
-        .unwrap_or_default();
-    (acks, delivered)
-}
-
-/// The MLM's own sender hands the back-channel it long-polls for here.
+/// The MLM's uplink hands the back-channel its replies bring here (those
+/// of its own sender's long poll and of relayed envelopes alike).
 #[derive(Debug)]
-pub struct Downstream(pub std::sync::Arc<Mlm>);
+pub struct Downstream(pub std::sync::Weak<Mlm>);
 
-impl rs_node::upstream::BackChannel for Downstream {
+impl rs_node::uplink::BackChannel for Downstream {
     fn receive(
         &self,
         msgs: Vec<RawMessage>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<MessageId>> + Send + '_>> {
-        Box::pin(take_down(&self.0, msgs))
+        Box::pin(async move {
+            match self.0.upgrade() {
+                Some(mlm) => take_down(&mlm, msgs).await,
+                // Stopping: not acknowledged, so offered again.
+                None => Vec::new(),
+            }
+        })
     }
 
-    fn take_notices(&self) -> (Vec<MessageId>, Vec<(MessageId, rs_protocol::RsId)>) {
-        take_notices(&self.0)
-    }
-
-    fn notices_done(&self, notices: Vec<(MessageId, rs_protocol::RsId)>, sent: bool) {
-        notices_done(&self.0, notices, sent);
-    }
-}
-
-/// A POST that carried delivery notices ended: forget them once sent,
-/// keep them for the next POST otherwise.
-fn notices_done(mlm: &Mlm, notices: Vec<(MessageId, rs_protocol::RsId)>, sent: bool) {
-    if notices.is_empty() {
-        return;
-    }
-    if sent {
+    /// Sent up: forgotten from the queue's database too (where a farm's
+    /// other members would otherwise send them again).
+    fn delivered_sent(&self, notices: Vec<(MessageId, rs_protocol::RsId)>) {
+        let Some(mlm) = self.0.upgrade() else { return };
         let outbox = mlm.outbox.clone();
         tokio::spawn(async move {
             if let Err(e) = outbox.notices_sent(notices).await {
                 tracing::warn!("delivery notices sent: {e}");
             }
         });
-    } else if let Ok(mut d) = mlm.delivered_up.lock() {
-        d.extend(notices);
     }
 }
 
@@ -544,13 +499,9 @@ pub(crate) async fn pick_up_notices(mlm: &Mlm, now: Timestamp) {
         Timestamp::from_millis(now.as_millis() - NOTICES_STALE.as_millis() as i64).unwrap_or(now);
     match mlm.outbox.stale_notices(before, now, 1000).await {
         Ok(stale) if !stale.is_empty() => {
-            if let Ok(mut d) = mlm.delivered_up.lock() {
-                let held: std::collections::HashSet<_> = d.iter().cloned().collect();
-                let new: Vec<_> = stale.into_iter().filter(|n| !held.contains(n)).collect();
-                if !new.is_empty() {
-                    tracing::info!("{} delivery notice(s) left unsent: sending them", new.len());
-                }
-                d.extend(new);
+            let new = mlm.uplink.notices().deliver_unheld(stale);
+            if new > 0 {
+                tracing::info!("{new} delivery notice(s) left unsent: sending them");
             }
         }
         Ok(_) => {}
@@ -586,49 +537,31 @@ async fn custody(mlm: &Mlm, forward: &[(usize, RawMessage)], now: Timestamp) -> 
     }
 }
 
-/// Synchronous relay: one envelope upstream, its outcomes back down.
+/// Synchronous relay: one envelope upstream through the MLM's uplink,
+/// its outcomes back down.
 async fn post(
     mlm: &Mlm,
     batch: &[&RawMessage],
 ) -> Result<rs_protocol::codec::RawEnvelope, PostError> {
     let sent = mlm.clock.now();
-    let mut meta = EnvelopeMeta::new(mlm.id.clone(), sent);
-    let (acks, delivered) = take_notices(mlm);
-    meta.acks = acks;
-    meta.delivered = delivered;
-    let mut w = EnvelopeWriter::new(&meta);
-    for m in batch {
-        let mut m = (*m).clone();
-        if let Some(h) = m.header.routing.last_mut() {
-            h.sent = Some(sent);
-        }
-        w.push_raw(&m);
-    }
-    let reply = match mlm.upstream.post(&w.finish(), None).await {
-        Ok(r) => {
-            notices_done(mlm, meta.delivered, true);
-            r
-        }
-        Err(e) => {
-            // Not sent: keep them for the next POST.
-            if let Ok(mut a) = mlm.upstream_acks.lock() {
-                a.extend(meta.acks);
+    let (out, ()) = mlm.uplink.envelope(sent, None, |w| {
+        for m in batch {
+            let mut m = (*m).clone();
+            if let Some(h) = m.header.routing.last_mut() {
+                h.sent = Some(sent);
             }
-            notices_done(mlm, meta.delivered, false);
-            return Err(e);
+            w.push_raw(&m);
         }
-    };
+    });
+    let mut reply = mlm.uplink.send(out, None).await?;
     if let Some(wait) = reply.meta.advice.and_then(|a| a.resume_after) {
         let until = mlm.clock.now().as_millis() + i64::try_from(wait.as_millis()).unwrap_or(0);
         mlm.upstream_busy_until.fetch_max(until, Ordering::Relaxed);
     }
     // Back-channel messages for the subtree may ride on any reply.
-    if !reply.messages.is_empty() {
-        let ids = take_down(mlm, reply.messages.clone()).await;
-        if let Ok(mut acks) = mlm.upstream_acks.lock() {
-            acks.extend(ids);
-        }
-    }
+    mlm.uplink
+        .receive(std::mem::take(&mut reply.messages))
+        .await;
     Ok(reply)
 }
 
@@ -644,33 +577,16 @@ pub(crate) async fn relay(mlm: &Mlm, forward: &[(usize, RawMessage)]) -> Vec<Out
             for m in &all {
                 out.push(match post(mlm, &[*m]).await {
                     Ok(reply) => map_outcomes(&[*m], &reply.meta).remove(0),
-                    Err(e) => outcome_of_error(&e),
+                    Err(e) => e.outcome(),
                 });
             }
             out
         }
         Err(e) => {
             tracing::warn!("upstream: {e}");
-            let o = outcome_of_error(&e);
+            let o = e.outcome();
             all.iter().map(|_| o.clone()).collect()
         }
-    }
-}
-
-fn outcome_of_error(e: &PostError) -> Outcome {
-    match e {
-        PostError::Refused { text, .. } => {
-            Outcome::rejected("invalid", format!("refused upstream: {text}"))
-        }
-        PostError::TooLarge { text, .. } => {
-            Outcome::rejected("too-large", format!("refused upstream: {text}"))
-        }
-        PostError::Busy { retry_after, .. } => Outcome::retry(
-            retry_after.unwrap_or(Duration::from_secs(5)),
-            "overloaded",
-            "the upstream is busy",
-        ),
-        other => unavailable(format!("upstream unavailable: {other}")),
     }
 }
 

@@ -20,7 +20,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rs_net::server::{ServeConfig, finish, serve_tcp};
 use rs_node::ingress::xml_response;
-use rs_node::upstream::{Sender, SenderConfig, SenderStats, Upstream, UpstreamConfig};
+use rs_node::sender::{Sender, SenderStats};
+use rs_node::upstream::Upstream;
 use rs_protocol::RsId;
 use rs_protocol::codec::encode_status;
 use rs_protocol::control::{NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode};
@@ -45,9 +46,13 @@ pub struct Mlm {
     pub aggregation: aggregate::AggregationQueue,
     /// Its own SQLite file, or shared by the members of a farm.
     pub spool: AnySpool,
-    pub upstream: Arc<Upstream>,
+    /// Every POST upstream (the sender's, and relays while the caller
+    /// waits), with the acknowledgements and delivery notices due.
+    pub uplink: Arc<rs_node::uplink::Uplink>,
     /// What may come in now (forwarding and custody alike).
     pub throttle: Arc<rs_node::throttle::Throttle>,
+    /// What the envelope pipeline counts, and the MLM's own counters.
+    pub counts: rs_node::pipeline::Counts,
     pub stats: forward::Stats,
     pub sender_stats: Arc<SenderStats>,
     /// The last heartbeat's sample of the spool (queue health).
@@ -63,12 +68,6 @@ pub struct Mlm {
     pub outbox_ready: Arc<rs_node::ingress::BackChannelReady>,
     /// This member's session on a farm's database (alone on SQLite).
     pub presence: rs_store::sql::Presence,
-    /// Back-channel messages received on relayed replies, to acknowledge
-    /// upstream on the next relayed POST.
-    pub upstream_acks: std::sync::Mutex<Vec<rs_protocol::MessageId>>,
-    /// Deliveries in the subtree (message, final destination) to report
-    /// upstream on the next POST.
-    pub delivered_up: std::sync::Mutex<Vec<(rs_protocol::MessageId, RsId)>>,
     /// Envelopes being handled (backpressure advice).
     pub load: rs_node::ingress::Load,
     /// The TLS listener's context (`None`: plain HTTP).
@@ -204,13 +203,7 @@ impl Mlm {
                 )
             })?;
         let upstream = Arc::new(
-            Upstream::new(UpstreamConfig {
-                urls: cfg.upstream.urls.clone(),
-                timeout: Duration::from_secs(cfg.upstream.timeout_secs),
-                tls: cfg.tls.clone(),
-                ..UpstreamConfig::default()
-            })
-            .map_err(anyhow::Error::msg)?,
+            Upstream::new(cfg.upstream.client(cfg.tls.clone())).map_err(anyhow::Error::msg)?,
         );
         let queue_at = cfg.queue_location();
         let outbox = rs_store::outbox::Outbox::open(&queue_at, &id).with_context(|| {
@@ -229,13 +222,33 @@ impl Mlm {
             )
             .context("joining the farm")?
         };
-        Ok(Arc::new(Mlm {
+        let tls = match &cfg.tls {
+            Some(t) => Some(rs_net::tls::TlsServer::new(t).map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        let sealer = match (&cfg.seal, &cfg.tls) {
+            (Some(seal), Some(tls)) => Some(Arc::new(
+                rs_net::seal::Sealer::new(tls, seal).map_err(|e| anyhow::anyhow!("[seal]: {e}"))?,
+            )),
+            _ => None,
+        };
+        let bulk_client = rs_net::bulk::Client::new(cfg.tls.as_ref()).map_err(anyhow::Error::msg)?;
+        let cache = cache::Cache::open(&cfg.cache_location(), cfg.cache_dir(), cfg.tls.as_ref())
+            .context("opening the bulk cache")?;
+        // The uplink hands the back-channel its replies bring to this MLM
+        // (weakly: the MLM owns its uplink).
+        Ok(Arc::new_cyclic(|me| Mlm {
+            uplink: Arc::new(rs_node::uplink::Uplink::new(
+                id.clone(),
+                upstream,
+                Some(Arc::new(forward::Downstream(me.clone()))),
+            )),
             id,
             modules,
             aggregation,
             spool,
-            upstream,
             throttle,
+            counts: rs_node::pipeline::Counts::default(),
             stats: forward::Stats::default(),
             sender_stats: Arc::new(SenderStats::default()),
             queue_health: rs_node::health::QueueHealth::default(),
@@ -245,30 +258,18 @@ impl Mlm {
             outbox,
             outbox_ready,
             presence,
-            upstream_acks: std::sync::Mutex::new(Vec::new()),
-            delivered_up: std::sync::Mutex::new(Vec::new()),
             paused: Arc::new(AtomicBool::new(false)),
             load: rs_node::ingress::Load::new(cfg.busy_envelopes),
-            tls: match &cfg.tls {
-                Some(t) => Some(rs_net::tls::TlsServer::new(t).map_err(anyhow::Error::msg)?),
-                None => None,
-            },
-            sealer: match (&cfg.seal, &cfg.tls) {
-                (Some(seal), Some(tls)) => Some(Arc::new(
-                    rs_net::seal::Sealer::new(tls, seal)
-                        .map_err(|e| anyhow::anyhow!("[seal]: {e}"))?,
-                )),
-                _ => None,
-            },
+            tls,
+            sealer,
             auth: rs_net::auth::Stats::default(),
             upstream_busy_until: std::sync::atomic::AtomicI64::new(0),
             config_path,
             restart: AtomicBool::new(false),
             stop,
-            bulk_client: rs_net::bulk::Client::new(cfg.tls.as_ref()).map_err(anyhow::Error::msg)?,
+            bulk_client,
             bulk_stats: bulk::Stats::default(),
-            cache: cache::Cache::open(&cfg.cache_location(), cfg.cache_dir(), cfg.tls.as_ref())
-                .context("opening the bulk cache")?,
+            cache,
             coalescer: coalesce::Coalescer::default(),
             metrics: rs_net::metrics::Registry::new(),
             gauges: Gauges::default(),
@@ -283,6 +284,7 @@ impl Mlm {
     /// Registers every counter and gauge of this MLM in its registry.
     fn registered(self: Arc<Self>) -> Arc<Self> {
         let r = &self.metrics;
+        self.counts.register(r);
         self.stats.register(r);
         self.sender_stats.register(r);
         self.auth.register(r);
@@ -364,19 +366,13 @@ impl Mlm {
                 ("seal.failed", seal.stats.seal_failed.get()),
             ]);
         }
+        metrics.extend(self.counts.status());
         metrics.extend([
-            ("envelopes.received", s.envelopes.get()),
             // Held long polls among them.
             ("envelopes.in_hand", self.load.inflight() as u64),
-            ("messages.received", s.received.get()),
             ("messages.forwarded", s.forwarded.get()),
-            ("messages.accepted", s.accepted.get()),
             ("messages.filtered", s.filtered.get()),
             ("messages.aggregated", s.aggregated.get()),
-            ("messages.retried", s.retried.get()),
-            ("messages.rejected", s.rejected.get()),
-            ("messages.expired", s.expired.get()),
-            ("messages.throttled", s.throttled.get()),
             (
                 "replies.advised_wait",
                 self.load.advised.load(Ordering::Relaxed),
@@ -503,7 +499,7 @@ impl Mlm {
                 started: self.started,
                 seen: self.clock.now(),
                 in_hand: self.load.inflight() as u64,
-                envelopes: self.stats.envelopes.get(),
+                envelopes: self.counts.envelopes.get(),
                 forwarded: self.stats.forwarded.get(),
             };
             if let Err(e) = self.outbox.beat(m).await {
@@ -587,7 +583,7 @@ impl Mlm {
             .map(|| warp::reply::Reply::into_response("ok\n"));
         let crl = rs_net::tls::crl_route(self.cfg.tls.as_ref().and_then(|t| t.crl.clone()));
         finish(
-            forward::route(self.clone())
+            rs_node::pipeline::route(self.clone())
                 .or(bulk::routes(self.clone()))
                 .unify()
                 .or(rs_net::server::authenticated().and(status))
@@ -612,9 +608,10 @@ fn enroll_relay(
         let mlm = mlm.clone();
         async move {
             let mut last = "no upstream".to_owned();
-            for url in mlm.upstream.urls() {
+            for url in mlm.uplink.upstream().urls() {
                 let mut req = mlm
-                    .upstream
+                    .uplink
+                    .upstream()
                     .http()
                     .post(format!("{}/rs/v1/enroll", url.trim_end_matches('/')))
                     .header("content-type", "application/pkcs10")
@@ -692,7 +689,7 @@ pub async fn run(
     if let (Some(tls), Some(t)) = (&mlm.tls, &mlm.cfg.tls) {
         // Revocations reach this tier from upstream within the refresh.
         tokio::spawn(rs_net::enroll::refresh_crl(
-            mlm.upstream.http().clone(),
+            mlm.uplink.upstream().http().clone(),
             mlm.cfg.upstream.urls.clone(),
             tls.revocations.clone(),
             Duration::from_secs(t.crl_refresh_secs.max(1)),
@@ -729,17 +726,16 @@ pub async fn run(
     let sender = Sender {
         me: mlm.id.clone(),
         spool: mlm.spool.clone(),
-        upstream: mlm.upstream.clone(),
-        cfg: SenderConfig::default(),
+        uplink: mlm.uplink.clone(),
+        cfg: mlm.cfg.upstream.sender(),
         clock: mlm.clock.clone(),
         wake: mlm.spool.notified(),
         stats: mlm.sender_stats.clone(),
         paused: mlm.paused.clone(),
         // What it sends was admitted when it came in.
         throttle: None,
-        back: Some(Arc::new(forward::Downstream(mlm.clone()))),
         // Long-poll upstream on behalf of the whole subtree.
-        poll: Some(Duration::from_secs(25)),
+        poll: mlm.cfg.upstream.poll(),
         seal: mlm.sealer.clone(),
     };
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
@@ -825,10 +821,14 @@ pub async fn run(
             mlm.stopping.cancel();
         });
     }
-    if let Some(addr) = mlm.cfg.metrics_listen {
+    let metrics = match mlm.cfg.metrics_listen {
+        Some(addr) => rs_node::metrics::listen(addr).await,
+        None => None,
+    };
+    if let Some(l) = metrics {
         let m = mlm.clone();
         tokio::spawn(rs_node::metrics::serve(
-            addr,
+            l,
             mlm.metrics.clone(),
             move || {
                 let m = m.clone();
@@ -865,7 +865,7 @@ pub async fn run(
     if mlm.cfg.database.is_none() {
         // A farm's spool is the farm's: the other members deliver it (this
         // member's claims are released when it starts again, or lapse).
-        rs_node::upstream::drain(&mlm.spool, &mlm.sender_stats, drain_until).await;
+        rs_node::sender::drain(&mlm.spool, &mlm.sender_stats, drain_until).await;
     }
     sender_stop.cancel();
     let _ = sender_task.await;

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rs_node::upstream::BackChannel;
+use rs_node::uplink::BackChannel;
 use rs_protocol::codec::RawMessage;
 use rs_protocol::control::ControlAction;
 use rs_protocol::control_messages::{
@@ -68,16 +68,6 @@ impl BackChannel for Actions {
             }
             acked
         })
-    }
-
-    fn take_notices(&self) -> (Vec<MessageId>, Vec<(MessageId, rs_protocol::RsId)>) {
-        let acks = self
-            .proxy
-            .download_acks
-            .lock()
-            .map(|mut a| std::mem::take(&mut *a))
-            .unwrap_or_default();
-        (acks, Vec::new())
     }
 }
 

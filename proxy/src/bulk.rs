@@ -623,7 +623,7 @@ pub async fn answered(proxy: &Proxy, b: &BulkResponse) -> Result<(), String> {
 /// The watchdog and transfer starter: runs until `stop`.
 pub async fn run(
     proxy: Arc<Proxy>,
-    upstream: Arc<rs_node::upstream::Upstream>,
+    uplink: Arc<rs_node::uplink::Uplink>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -631,7 +631,7 @@ pub async fn run(
         match proxy.uploads.due(now).await {
             Ok(rows) => {
                 for r in rows {
-                    if let Err(e) = step(&proxy, &upstream, r, now).await {
+                    if let Err(e) = step(&proxy, &uplink, r, now).await {
                         tracing::error!("uploads: {e}");
                     }
                 }
@@ -650,9 +650,9 @@ pub async fn run(
                     if !fresh {
                         continue;
                     }
-                    let (proxy, upstream) = (proxy.clone(), upstream.clone());
+                    let (proxy, uplink) = (proxy.clone(), uplink.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = crate::download::step(&proxy, &upstream, offer).await {
+                        if let Err(e) = crate::download::step(&proxy, &uplink, offer).await {
                             tracing::error!("download: {e}");
                         }
                         if let Ok(mut a) = proxy.uploads.active.lock() {
@@ -674,7 +674,7 @@ pub async fn run(
 
 async fn step(
     proxy: &Arc<Proxy>,
-    upstream: &Arc<rs_node::upstream::Upstream>,
+    uplink: &Arc<rs_node::uplink::Uplink>,
     r: Row,
     now: Timestamp,
 ) -> Result<(), String> {
@@ -714,9 +714,9 @@ async fn step(
                 return Err("lock poisoned".into());
             };
             if a.insert(id.clone()) {
-                let (proxy, upstream) = (proxy.clone(), upstream.clone());
+                let (proxy, uplink) = (proxy.clone(), uplink.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = transfer(&proxy, &upstream, &r).await {
+                    if let Err(e) = transfer(&proxy, uplink.upstream(), &r).await {
                         tracing::error!("upload {}: {e}", r.up.id);
                     }
                     if let Ok(mut a) = proxy.uploads.active.lock() {

@@ -71,49 +71,9 @@ pub struct Config {
     pub seal: Option<rs_net::seal::SealConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamSection {
-    /// Base URLs of the MLM(s) or application server, tried in order.
-    pub urls: Vec<String>,
-    /// Most messages per envelope.
-    #[serde(default = "default_batch")]
-    pub max_messages: usize,
-    /// Most bytes per envelope.
-    #[serde(default = "default_batch_bytes")]
-    pub max_bytes: usize,
-    /// Longest wait between attempts, seconds.
-    #[serde(default = "default_backoff")]
-    pub max_backoff_secs: u64,
-    /// Envelopes in flight at once (1 keeps strict precedence order across
-    /// envelopes; more drains a backlog faster).
-    #[serde(default = "default_parallel")]
-    pub parallel: usize,
-    /// When idle, keep a long poll open for the back-channel, asking the
-    /// upstream to hold it this many seconds (0: do not poll).
-    #[serde(default = "default_poll_hold")]
-    pub poll_hold_secs: u64,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SpoolSection {
-    /// Bytes the spool may hold; beyond, less important messages are evicted.
-    #[serde(default = "default_spool_bytes")]
-    pub max_bytes: u64,
-    /// Days a message may wait before it is dropped as aged out.
-    #[serde(default = "default_spool_days")]
-    pub max_age_days: u64,
-}
-
-impl Default for SpoolSection {
-    fn default() -> Self {
-        SpoolSection {
-            max_bytes: default_spool_bytes(),
-            max_age_days: default_spool_days(),
-        }
-    }
-}
+pub use rs_node::sections::UpstreamSection;
+/// The proxy's `[spool]`: 256 MiB by default.
+pub type SpoolSection = rs_node::sections::SpoolSection<256>;
 
 /// The proxy's `/metrics` port by default (the MLM's is 9472, the
 /// server's 9473).
@@ -127,27 +87,6 @@ fn default_socket_mode() -> String {
 
 fn default_heartbeat() -> u64 {
     60
-}
-fn default_batch() -> usize {
-    500
-}
-fn default_batch_bytes() -> usize {
-    4 << 20
-}
-fn default_backoff() -> u64 {
-    300
-}
-fn default_poll_hold() -> u64 {
-    25
-}
-fn default_parallel() -> usize {
-    4
-}
-fn default_spool_bytes() -> u64 {
-    256 << 20
-}
-fn default_spool_days() -> u64 {
-    7
 }
 
 impl Config {

@@ -269,14 +269,14 @@ async fn get(proxy: &Proxy, offer: String) -> Result<Option<Row>, String> {
 /// One step of one download: fetch it, or process it once fetched.
 pub(crate) async fn step(
     proxy: &Arc<Proxy>,
-    upstream: &rs_node::upstream::Upstream,
+    uplink: &rs_node::uplink::Uplink,
     offer: String,
 ) -> Result<(), String> {
     let Some(r) = get(proxy, offer).await? else {
         return Ok(());
     };
     match r.d.state.as_str() {
-        "offered" => fetch(proxy, upstream, &r).await,
+        "offered" => fetch(proxy, uplink, &r).await,
         "fetched" => process(proxy, &r).await,
         // Died while processing: say so rather than do it twice.
         "processing" => {
@@ -296,7 +296,7 @@ pub(crate) async fn step(
 
 async fn fetch(
     proxy: &Arc<Proxy>,
-    upstream: &rs_node::upstream::Upstream,
+    uplink: &rs_node::uplink::Uplink,
     r: &Row,
 ) -> Result<(), String> {
     let d = &r.d;
@@ -338,7 +338,7 @@ async fn fetch(
             .await;
         }
     };
-    let url = rs_net::bulk::resolve(upstream.current_url(), &r.url);
+    let url = rs_net::bulk::resolve(uplink.upstream().current_url(), &r.url);
     let answer = proxy
         .uploads
         .client
@@ -353,10 +353,8 @@ async fn fetch(
             set(proxy, &d.offer, "fetched", now, 0, None, None).await?;
             tracing::info!("download {} fetched and verified", d.name);
             // Acknowledged on the next POST: the tier above may let go.
-            if let Ok(id) = MessageId::new(d.offer.clone())
-                && let Ok(mut acks) = proxy.download_acks.lock()
-            {
-                acks.push(id);
+            if let Ok(id) = MessageId::new(d.offer.clone()) {
+                uplink.notices().ack([id]);
             }
             process(proxy, r).await
         }

@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rs_node::upstream::{Sender, SenderConfig, SenderStats, Upstream, UpstreamConfig};
+use rs_node::sender::{Sender, SenderStats};
+use rs_node::upstream::Upstream;
 use rs_protocol::control::{NodeState, SUB_COLD_START, SUB_HEARTBEAT, SUB_SHUTDOWN, StatusNode};
 use rs_protocol::control_messages::status_message;
 use rs_protocol::model::*;
@@ -67,8 +68,6 @@ pub struct Proxy {
     pub throttle: Arc<rs_node::throttle::Throttle>,
     /// Files handed over for upload, and downloads offered (`bulk.db`).
     pub uploads: bulk::Uploads,
-    /// Download offers now fetched, to acknowledge on the next POST.
-    pub download_acks: std::sync::Mutex<Vec<MessageId>>,
     /// Seals this proxy's messages as they are sent (`[seal]`; none until
     /// the proxy holds its certificate).
     pub sealer: Option<Arc<rs_net::seal::Sealer>>,
@@ -142,7 +141,6 @@ impl Proxy {
             id,
             sealer,
             uploads,
-            download_acks: std::sync::Mutex::new(Vec::new()),
             spool_recovery: std::sync::Mutex::new(spool_recovery),
             queue_health: rs_node::health::QueueHealth::default(),
             spool,
@@ -644,35 +642,28 @@ pub async fn run(
         ));
     }
     let upstream = Arc::new(
-        Upstream::new(UpstreamConfig {
-            urls: proxy.cfg.upstream.urls.clone(),
-            tls: proxy.cfg.tls.clone(),
-            ..UpstreamConfig::default()
-        })
-        .map_err(anyhow::Error::msg)?,
+        Upstream::new(proxy.cfg.upstream.client(proxy.cfg.tls.clone()))
+            .map_err(anyhow::Error::msg)?,
     );
     salvage_spool(&proxy).await;
     let sender_stop = CancellationToken::new();
-    let uploads = tokio::spawn(bulk::run(proxy.clone(), upstream.clone(), shutdown.clone()));
+    let uplink = Arc::new(rs_node::uplink::Uplink::new(
+        proxy.id.clone(),
+        upstream,
+        Some(Arc::new(back_channel::Actions::new(proxy.clone()))),
+    ));
+    let uploads = tokio::spawn(bulk::run(proxy.clone(), uplink.clone(), shutdown.clone()));
     let sender = Sender {
         me: proxy.id.clone(),
         spool: proxy.spool.clone(),
-        upstream,
-        cfg: SenderConfig {
-            max_messages: proxy.cfg.upstream.max_messages,
-            max_bytes: proxy.cfg.upstream.max_bytes,
-            max_backoff: Duration::from_secs(proxy.cfg.upstream.max_backoff_secs),
-            parallel: proxy.cfg.upstream.parallel.max(1),
-            ..SenderConfig::default()
-        },
+        uplink,
+        cfg: proxy.cfg.upstream.sender(),
         clock: proxy.clock.clone(),
         wake: proxy.spool.notified(),
         stats: proxy.sender_stats.clone(),
         paused: proxy.paused.clone(),
         throttle: Some(proxy.throttle.clone()),
-        back: Some(Arc::new(back_channel::Actions::new(proxy.clone()))),
-        poll: (proxy.cfg.upstream.poll_hold_secs > 0)
-            .then(|| Duration::from_secs(proxy.cfg.upstream.poll_hold_secs)),
+        poll: proxy.cfg.upstream.poll(),
         seal: proxy.sealer.clone(),
     };
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
@@ -755,10 +746,14 @@ pub async fn run(
         }
         None => None,
     };
-    let metrics = proxy.cfg.metrics_listen.map(|addr| {
+    let metrics = match proxy.cfg.metrics_listen {
+        Some(addr) => rs_node::metrics::listen(addr).await,
+        None => None,
+    };
+    let metrics = metrics.map(|l| {
         let p = proxy.clone();
         tokio::spawn(rs_node::metrics::serve(
-            addr,
+            l,
             proxy.metrics.clone(),
             move || {
                 let p = p.clone();
@@ -813,7 +808,7 @@ pub async fn run(
     {
         tracing::warn!("shutdown message: {e}");
     }
-    rs_node::upstream::drain(&proxy.spool, &proxy.sender_stats, drain_until).await;
+    rs_node::sender::drain(&proxy.spool, &proxy.sender_stats, drain_until).await;
     sender_stop.cancel();
     let _ = sender_task.await;
     let _ = flush.await;

@@ -1261,6 +1261,8 @@ async fn a_reload_gives_two_listeners_on_port_zero_back_their_own_sockets() {
     );
     let health = format!("http://{a}/rs/v1/health");
     assert_eq!(reqwest::get(&health).await.unwrap().status(), 200);
+    let mx = d.metrics_addr("appserver");
+    crate::metrics::scrape(&mx).await;
     d.node("appserver").signal("HUP");
     let log = dir.join("logs").join("appserver.log");
     assert!(
@@ -1286,4 +1288,14 @@ async fn a_reload_gives_two_listeners_on_port_zero_back_their_own_sockets() {
         a,
         "the endpoint moved"
     );
+    // /metrics too stays where it was: its listener is taken before the
+    // reload closes what nobody took (it was once bound by a task that
+    // ran after that, and came back on another port, or not at all).
+    let r = reqwest::get(format!("http://{mx}/metrics")).await;
+    assert_eq!(
+        r.map(|r| r.status().as_u16()).ok(),
+        Some(200),
+        "/metrics after the reload"
+    );
+    assert_eq!(d.metrics_addr("appserver"), mx, "/metrics moved");
 }

@@ -1,13 +1,21 @@
 //! The node: what a running tier is made of beyond the protocol, storage and
 //! network layers.
 //!
-//! - [`upstream`]: the sender, POSTing envelopes to the next hop with
-//!   failover, draining a spool and acting on each outcome;
+//! - [`upstream`]: POSTing envelopes to the next hop, with failover among
+//!   its URLs, and why a POST failed;
+//! - [`uplink`]: every POST's envelope with the acknowledgements and
+//!   delivery notices due, and the back-channel its reply brings;
+//! - [`sender`]: draining a spool through the uplink, acting on each
+//!   outcome;
 //! - [`throttle`]: the throttle control of seed 004 (token buckets,
 //!   windows, shared usage);
 //! - [`ingress`]: receiving envelopes (the warp filter, limits, load,
 //!   back-channel readiness);
+//! - [`pipeline`]: the stages every receiving tier runs an envelope
+//!   through (screen, back-channel bookkeeping, examine, throttle,
+//!   dispose, reply), written once for the MLM and the server;
 //! - [`config_file`]: `configChange` applied to a daemon's file;
+//! - [`sections`]: configuration sections the proxy and the MLM share;
 //! - [`daemon`]: the skeleton the three daemons share (logging,
 //!   configuration loading, signals, reload, the service manager's
 //!   notifications, shutdown);
@@ -24,5 +32,9 @@ pub mod ingress;
 pub mod inherit;
 pub mod mem;
 pub mod metrics;
+pub mod pipeline;
+pub mod sections;
+pub mod sender;
 pub mod throttle;
+pub mod uplink;
 pub mod upstream;

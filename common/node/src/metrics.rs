@@ -48,12 +48,25 @@ pub fn loopback(port: u16) -> Option<SocketAddr> {
     Some(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
-/// Serves `GET /metrics` on `listen` until `shutdown`: `refresh` sets the
-/// storage-read gauges, then the registry is written out. A port that
-/// cannot be bound is logged and the daemon goes on without metrics: a
-/// site's forwarding matters more than its scrape.
+/// Binds `metrics_listen` (or takes the listener kept for it across a
+/// start in place): called before the daemon says it is ready, which
+/// closes inherited listeners nobody took. A port that cannot be bound is
+/// logged and the daemon goes on without metrics: a site's forwarding
+/// matters more than its scrape.
+pub async fn listen(listen: SocketAddr) -> Option<tokio::net::TcpListener> {
+    match crate::daemon::bind("metrics", listen, None).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::error!("metrics: {e:#}; serving no /metrics");
+            None
+        }
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`: `refresh` sets
+/// the storage-read gauges, then the registry is written out.
 pub async fn serve<F, Fut>(
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     registry: Registry,
     refresh: F,
     shutdown: CancellationToken,
@@ -61,14 +74,9 @@ pub async fn serve<F, Fut>(
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let listener = match crate::daemon::bind("metrics", listen, None).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("metrics: {e:#}; serving no /metrics");
-            return;
-        }
+    let Ok(bound) = listener.local_addr() else {
+        return;
     };
-    let bound = listener.local_addr().map_or(listen, |a| a);
     tracing::info!("metrics on http://{bound}/metrics");
     if !bound.ip().is_loopback() {
         tracing::warn!(
