@@ -96,6 +96,17 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
                 async move { send(&app, &body, &admin.grants).await }
             })
     };
+    let jobs = {
+        let app = app.clone();
+        warp::path!("rs" / "v1" / "control" / "jobs")
+            .and(warp::get())
+            .and(warp::query::<HashMap<String, String>>())
+            .and(crate::security::admin())
+            .and_then(move |q, admin: crate::security::Admin| {
+                let app = app.clone();
+                async move { jobs(&app, q, &admin.grants).await }
+            })
+    };
     let job = {
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "jobs" / String)
@@ -282,6 +293,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         farms.boxed(),
         send.boxed(),
         job.boxed(),
+        jobs.boxed(),
         group_list.boxed(),
         group_get.boxed(),
         group_put.boxed(),
@@ -1119,8 +1131,9 @@ async fn send(
 
 /// Starts a job: expands `groups`, splits the destinations by next hop,
 /// and records the job with one copy per hop of the message `build` makes
-/// (given the message ID, the destinations behind the hop, the expiry and
-/// now), and with `offer` the download URL it offers (see
+/// (given the message ID, all the destinations, the expiry and now; each
+/// copy lists those behind its hop), and with `offer` the download URL it
+/// offers (see
 /// [`NewJob::offer`]). Returns the job as recorded.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn start_job(
@@ -1180,36 +1193,28 @@ pub(crate) async fn start_job(
         ));
     }
     // One copy per next hop, listing the destinations behind it.
-    let mut by_hop: std::collections::BTreeMap<String, Vec<RsId>> =
-        std::collections::BTreeMap::new();
-    let mut unreachable = Vec::new();
-    for d in dests {
-        match app.store.next_hop(d.clone()).await.map_err(unavailable)? {
-            Some(hop) => by_hop.entry(hop).or_default().push(d),
-            None if named.contains(&d) => {
-                return Err(bad(
-                    http::StatusCode::NOT_FOUND,
-                    format!(
-                        "unknown destination {d}: no such component has reported to this server"
-                    ),
-                ));
-            }
-            None => unreachable.push(d),
-        }
+    let all: Vec<RsId> = dests.into_iter().collect();
+    let (by_hop, unreachable) = rs_node::next_hop::split(all.clone(), |d| app.store.next_hop(d))
+        .await
+        .map_err(unavailable)?;
+    if let Some(d) = unreachable.iter().find(|d| named.contains(*d)) {
+        return Err(bad(
+            http::StatusCode::NOT_FOUND,
+            format!("unknown destination {d}: no such component has reported to this server"),
+        ));
     }
     let message_id = rs_protocol::MessageId::generate();
     let job_id = rs_protocol::MessageId::generate().to_string();
     let expiry = now.saturating_add(std::time::Duration::from_secs(ttl_secs.unwrap_or(86_400)));
+    let whole = build(message_id.clone(), all, expiry, now);
     let copies = by_hop
         .into_iter()
         .map(|(hop, dests)| {
-            let mut m = build(message_id.clone(), dests, expiry, now);
-            m.header.routing.push(rs_protocol::Hop {
-                component: app.id.clone(),
-                received: now,
-                sent: Some(now),
-            });
-            (hop, m.to_raw())
+            let copy = rs_protocol::model::Message {
+                header: whole.header.copy_for_hop(dests, &app.id, now),
+                content: whole.content.clone(),
+            };
+            (hop, copy.to_raw())
         })
         .collect();
     app.store
@@ -1292,6 +1297,75 @@ async fn job(
             r = changes.changed() => { if r.is_err() { return Ok(xml_response(encode_job(&job))); } }
             () = tokio::time::sleep_until(deadline) => return Ok(xml_response(encode_job(&job))),
             () = app.stopping.cancelled() => return Ok(xml_response(encode_job(&job))),
+        }
+    }
+}
+
+/// `GET /rs/v1/control/jobs[?state=running|done&before=JOB&limit=N]`:
+/// the newest jobs first, those of which `grants` covers every
+/// destination, with how many destinations are in each state; `before`
+/// pages on from a job (the last of the page before).
+async fn jobs(
+    app: &AppServer,
+    q: HashMap<String, String>,
+    grants: &crate::security::Grants,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let bad = |t: String| refuse(http::StatusCode::BAD_REQUEST, t);
+    let mut limit = 50usize;
+    let mut state = None;
+    let mut before = None;
+    for (k, v) in &q {
+        match k.as_str() {
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| (1..=1000).contains(l))
+                    .ok_or_else(|| bad(format!("limit {v:?}: from 1 to 1000")))?;
+            }
+            "state" => match v.as_str() {
+                "running" => state = Some(false),
+                "done" => state = Some(true),
+                _ => return Err(bad(format!("state {v:?}: running or done"))),
+            },
+            "before" => before = Some(v.clone()),
+            other => return Err(bad(format!("unknown parameter {other:?}"))),
+        }
+    }
+    // A job this admin may not see is answered as one that does not
+    // exist: the answer tells nothing of another customer's jobs.
+    if let Some(b) = &before {
+        let seen = app.store.job(b.clone()).await.map_err(unavailable)?;
+        if !seen.is_some_and(|j| j.targets.iter().all(|t| grants.component(&t.id))) {
+            return Err(refuse(
+                http::StatusCode::NOT_FOUND,
+                format!("before {b:?}: no such job"),
+            ));
+        }
+    }
+    // Read in chunks until the page is full of jobs this admin may see.
+    let mut page = Vec::new();
+    let mut from = before;
+    loop {
+        let chunk = app
+            .store
+            .jobs(200, from.clone())
+            .await
+            .map_err(unavailable)?;
+        let last = chunk.last().map(|j| j.id.clone());
+        for j in chunk {
+            if j.targets.iter().all(|t| grants.component(&t.id))
+                && state.is_none_or(|done| j.is_done() == done)
+            {
+                page.push(j);
+                if page.len() == limit {
+                    return Ok(xml_response(rs_protocol::codec::api::encode_jobs(&page)));
+                }
+            }
+        }
+        match last {
+            Some(l) => from = Some(l),
+            None => return Ok(xml_response(rs_protocol::codec::api::encode_jobs(&page))),
         }
     }
 }

@@ -287,11 +287,7 @@ impl rs_node::pipeline::Tier for AppServer {
         &self.stopping
     }
 
-    async fn offer(
-        &self,
-        hop: rs_protocol::RsId,
-        limit: usize,
-    ) -> Result<Vec<RawMessage>, String> {
+    async fn offer(&self, hop: rs_protocol::RsId, limit: usize) -> Result<Vec<RawMessage>, String> {
         self.store
             .offer(
                 hop.to_string(),

@@ -273,8 +273,8 @@ impl rs_node::pipeline::Tier for Mlm {
             resume_after: if pure_poll {
                 None
             } else {
-                let upstream = self.upstream_busy_until.load(Ordering::Relaxed)
-                    - self.clock.now().as_millis();
+                let upstream =
+                    self.upstream_busy_until.load(Ordering::Relaxed) - self.clock.now().as_millis();
                 let passed_on = (upstream > 0).then(|| Duration::from_millis(upstream as u64));
                 self.load.advice().max(passed_on)
             },
@@ -290,11 +290,7 @@ impl rs_node::pipeline::Tier for Mlm {
         &self.stopping
     }
 
-    async fn offer(
-        &self,
-        hop: rs_protocol::RsId,
-        limit: usize,
-    ) -> Result<Vec<RawMessage>, String> {
+    async fn offer(&self, hop: rs_protocol::RsId, limit: usize) -> Result<Vec<RawMessage>, String> {
         self.outbox
             .offer(hop, self.clock.now(), self.cfg.offer_again(), limit)
             .await
@@ -318,25 +314,30 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
     let mut for_me = Vec::new();
     let mut failed = Vec::new();
     for m in msgs {
-        let mut by_hop: std::collections::BTreeMap<rs_protocol::RsId, Vec<rs_protocol::RsId>> =
-            Default::default();
-        for d in m.header.destinations() {
-            if *d == mlm.id {
-                match crate::actions::apply_own(mlm, &m).await {
-                    Ok(()) => for_me.push(m.header.id.clone()),
-                    // Not acknowledged: offered again.
-                    Err(e) => {
-                        tracing::error!(message_id = %m.header.id, "control for this MLM: {e}")
-                    }
+        let (mine, others): (Vec<_>, Vec<_>) = m
+            .header
+            .destinations()
+            .iter()
+            .cloned()
+            .partition(|d| *d == mlm.id);
+        if !mine.is_empty() {
+            match crate::actions::apply_own(mlm, &m).await {
+                Ok(()) => for_me.push(m.header.id.clone()),
+                // Not acknowledged: offered again.
+                Err(e) => {
+                    tracing::error!(message_id = %m.header.id, "control for this MLM: {e}")
                 }
-                continue;
             }
-            let hop = match mlm.outbox.route(d.clone()).await {
-                Ok(Some(h)) => h,
-                // Not seen yet: it will call in itself.
-                _ => d.clone(),
-            };
-            by_hop.entry(hop).or_default().push(d.clone());
+        }
+        let (mut by_hop, unknown) = rs_node::next_hop::split(others, |d| async {
+            // A lookup that fails counts as no route.
+            Ok::<_, std::convert::Infallible>(mlm.outbox.route(d).await.ok().flatten())
+        })
+        .await
+        .unwrap_or_else(|never| match never {});
+        // Not seen yet: it will call in itself.
+        for d in unknown {
+            by_hop.entry(d.clone()).or_default().push(d);
         }
         let offer = match download_offer(mlm, &m).await {
             Ok(o) => o,
@@ -350,16 +351,7 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
         let mut these = Vec::new();
         for (hop, dests) in by_hop {
             let mut c = m.clone();
-            c.header.route = rs_protocol::Route::Destination(rs_protocol::model::Destination::new(
-                dests,
-                m.header.expiry(),
-            ));
-            let now = mlm.clock.now();
-            c.header.routing.push(Hop {
-                component: mlm.id.clone(),
-                received: now,
-                sent: Some(now),
-            });
+            c.header = m.header.copy_for_hop(dests, &mlm.id, mlm.clock.now());
             if let Some((_, _, b)) = &offer {
                 c = rs_protocol::model::Message {
                     header: c.header,

@@ -232,7 +232,8 @@ impl Mlm {
             )),
             _ => None,
         };
-        let bulk_client = rs_net::bulk::Client::new(cfg.tls.as_ref()).map_err(anyhow::Error::msg)?;
+        let bulk_client =
+            rs_net::bulk::Client::new(cfg.tls.as_ref()).map_err(anyhow::Error::msg)?;
         let cache = cache::Cache::open(&cfg.cache_location(), cfg.cache_dir(), cfg.tls.as_ref())
             .context("opening the bulk cache")?;
         // The uplink hands the back-channel its replies bring to this MLM

@@ -1299,3 +1299,236 @@ async fn a_reload_gives_two_listeners_on_port_zero_back_their_own_sockets() {
     );
     assert_eq!(d.metrics_addr("appserver"), mx, "/metrics moved");
 }
+
+/// Issue 27, rsctl: the queries a script needs (messages, export paged by
+/// cursor, subscriptions and their feed, tasks, certificates, audit) as
+/// commands, each printed as a table for people, or as the control API's
+/// document in JSON or XML (`--output`), the same for every command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsctl_answers_queries_as_tables_json_and_xml_and_pages_an_export() {
+    use crate::backchannel_faults::rsctl;
+    let json = |a: &str, args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let (code, out, err) = rsctl(a, &all);
+        assert_eq!(code, 0, "rsctl {args:?}: {out}{err}");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    };
+    let ids_in = |v: &serde_json::Value, path: &[&str]| -> Vec<String> {
+        let mut at = v;
+        for p in path {
+            at = &at[*p];
+        }
+        at.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let dir = tmp("ops-rsctl-out");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (a, m) = d.server_and_mlm().unwrap();
+    let sock = d
+        .proxy("p1", "acme.p1", std::slice::from_ref(&m), &Extra::default())
+        .unwrap();
+    let c = register(&sock).await;
+    let mut sent = HashSet::new();
+    for i in 0..5 {
+        sent.insert(
+            c.send("alarm", &alarm(&format!("out{i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(all_stored(&dir, &sent, Duration::from_secs(30)));
+
+    // messages: the same five, as JSON, as the server's XML, as a table.
+    let v = json(&a, &["messages", "--type", "alarm", "--customer", "acme"]);
+    let got: HashSet<String> = ids_in(&v, &["messages", "message"]).into_iter().collect();
+    assert_eq!(got, sent, "{v}");
+    assert_eq!(v["messages"]["message"][0]["alarm"][0]["severity"], "major");
+    let (code, out, err) = rsctl(&a, &["-o", "xml", "messages", "--type", "alarm"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("<?xml") && out.contains("<messages count=\"5\""),
+        "{out}"
+    );
+    let (code, out, err) = rsctl(&a, &["messages", "--type", "alarm"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("RECEIVED"), "{out}");
+    assert!(sent.iter().all(|id| out.contains(id.as_str())), "{out}");
+
+    // export, paged: 3, then from the cursor the other 2; none twice.
+    let page = |after: &str, limit: Option<&str>| {
+        let mut args = vec![
+            "-o",
+            "json",
+            "export",
+            "--customer",
+            "acme",
+            "--type",
+            "alarm",
+        ];
+        args.extend(["--after", after]);
+        if let Some(l) = limit {
+            args.extend(["--limit", l]);
+        }
+        let (code, out, err) = rsctl(&a, &args);
+        assert_eq!(code, 0, "{out}{err}");
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let (end, msgs) = lines.split_last().expect("an end line");
+        let ids: Vec<String> = msgs
+            .iter()
+            .map(|m| m["message"]["id"].as_str().unwrap().to_owned())
+            .collect();
+        (ids, end["end"].clone())
+    };
+    let (first, end) = page("0", Some("3"));
+    assert_eq!(first.len(), 3, "{end}");
+    assert_eq!(end["complete"], "no", "{end}");
+    let next = end["next"].as_str().unwrap().to_owned();
+    let (rest, end) = page(&next, None);
+    assert_eq!(end["complete"], "yes", "{end}");
+    let all: Vec<String> = first.iter().chain(&rest).cloned().collect();
+    assert_eq!(all.len(), 5, "{all:?}");
+    assert_eq!(all.iter().cloned().collect::<HashSet<_>>(), sent);
+
+    // A feed subscription gets what is stored from then on, once each;
+    // acknowledged by cursor, it is not handed out again.
+    let v = json(
+        &a,
+        &[
+            "subscriptions",
+            "set",
+            "noc",
+            "--delivery",
+            "feed",
+            "--type",
+            "alarm",
+        ],
+    );
+    assert_eq!(
+        v["subscriptions"]["subscription"][0]["delivery"], "feed",
+        "{v}"
+    );
+    let later: Vec<String> = vec![
+        c.send("alarm", &alarm("later0", None)).await.unwrap(),
+        c.send("alarm", &alarm("later1", None)).await.unwrap(),
+    ];
+    assert!(all_stored(
+        &dir,
+        &later.iter().cloned().collect(),
+        Duration::from_secs(30)
+    ));
+    let mut fed = Vec::new();
+    let mut cursor = "0".to_owned();
+    for _ in 0..10 {
+        let v = json(
+            &a,
+            &[
+                "subscriptions",
+                "feed",
+                "noc",
+                "--after",
+                &cursor,
+                "--wait",
+                "5",
+            ],
+        );
+        fed.extend(ids_in(&v, &["messages", "message"]));
+        cursor = v["messages"]["cursor"]
+            .as_str()
+            .unwrap_or(&cursor)
+            .to_owned();
+        if fed.len() >= 2 {
+            break;
+        }
+    }
+    // (In storage order, which the proxy's parallel envelopes may make
+    // other than the order they were sent in.)
+    let (mut fed_sorted, mut later_sorted) = (fed.clone(), later.clone());
+    fed_sorted.sort();
+    later_sorted.sort();
+    assert_eq!(
+        fed_sorted, later_sorted,
+        "the feed: what came after, once each"
+    );
+    let v = json(&a, &["subscriptions", "feed", "noc", "--after", &cursor]);
+    assert!(ids_in(&v, &["messages", "message"]).is_empty(), "{v}");
+    let v = json(&a, &["subscriptions", "list"]);
+    let subs = v["subscriptions"]["subscription"].as_array().unwrap();
+    assert!(subs.iter().any(|s| s["name"] == "noc"), "{v}");
+
+    // Tasks: none failed; components, certificates and the audit log.
+    let v = json(&a, &["tasks", "list", "--state", "failed"]);
+    assert_eq!(v["tasks"]["count"], "0", "{v}");
+    let v = json(&a, &["tasks", "replay"]);
+    assert_eq!(v["replayed"]["count"], "0", "{v}");
+    let v = json(&a, &["components"]);
+    assert!(
+        ids_in(&v, &["components", "component"]).contains(&"acme.p1".to_owned()),
+        "{v}"
+    );
+    let v = json(&a, &["certificates", "--name", "acme.p1"]);
+    let certs = v["certificates"]["certificate"].as_array().unwrap();
+    assert!(
+        !certs.is_empty() && certs.iter().all(|c| c["name"] == "acme.p1"),
+        "{v}"
+    );
+    let v = json(&a, &["audit", "--limit", "5"]);
+    let entries = v["audit"]["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), 5, "{v}");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["path"].as_str().unwrap().contains("/subscriptions")),
+        "{v}"
+    );
+
+    // A job, watched: progress on stderr, the final job as JSON; then in
+    // the list of jobs with its counts.
+    let (code, out, err) = rsctl(
+        &a,
+        &["-o", "json", "send", "ping", "--to", "acme.p1", "--watch"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let job: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(job["job"]["state"], "done", "{job}");
+    assert!(err.contains("acme.p1"), "progress on stderr: {err}");
+    let id = job["job"]["id"].as_str().unwrap().to_owned();
+    let v = json(&a, &["jobs", "list", "--state", "done"]);
+    let listed = v["jobs"]["job"]
+        .as_array()
+        .and_then(|l| l.iter().find(|j| j["id"] == id.as_str()).cloned())
+        .unwrap_or_else(|| panic!("job {id} not listed: {v}"));
+    assert_eq!(listed["succeeded"], "1", "{listed}");
+    assert_eq!(listed["targets"], "1", "{listed}");
+    let v = json(&a, &["jobs", "list", "--state", "running"]);
+    assert!(
+        !v.to_string().contains(id.as_str()),
+        "a done job listed as running: {v}"
+    );
+
+    // Results with no document: fields, as JSON or as one element.
+    let v = json(&a, &["subscriptions", "delete", "noc"]);
+    assert_eq!(v, serde_json::json!({"deleted": "noc"}));
+    let (code, out, _) = rsctl(&a, &["-o", "xml", "groups", "delete", "nothing-here"]);
+    assert_ne!(code, 0, "{out}");
+
+    // Mistakes: a format that is not one, a webhook without its URL.
+    let (code, _, err) = rsctl(&a, &["-o", "yaml", "components"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = rsctl(&a, &["subscriptions", "set", "x", "--delivery", "webhook"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("needs --url"), "{err}");
+    let v = json(&a, &["subscriptions", "list"]);
+    assert!(
+        v["subscriptions"]["subscription"].is_null(),
+        "nothing made: {v}"
+    );
+}

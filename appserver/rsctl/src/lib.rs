@@ -8,6 +8,10 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod output;
+
+use output::{Out, cell, rows, table};
+
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -47,6 +51,18 @@ struct Cli {
     /// Its private key.
     #[arg(long, env = "RSCTL_KEY", global = true, requires = "cert")]
     key: Option<PathBuf>,
+    /// How results are printed: `table` for people; `json` or `xml` for
+    /// scripts (the control API's document, mapped to JSON or as the
+    /// server answered it; docs/control-api.md, rsctl).
+    #[arg(
+        long,
+        short,
+        value_enum,
+        env = "RSCTL_OUTPUT",
+        default_value = "table",
+        global = true
+    )]
+    output: output::Format,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -93,10 +109,45 @@ enum Cmd {
     },
     /// Save an uploaded file (by its request ID).
     Fetch {
+        /// The upload request's ID (`rsctl uploads` lists them).
         request: String,
         /// Where to write it.
-        #[arg(long, short)]
-        output: PathBuf,
+        file: PathBuf,
+    },
+    /// Stored messages, newest first (at most --limit).
+    Messages {
+        #[command(flatten)]
+        filter: MessageFilter,
+        /// At most this many (1-10000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Every stored message matching the filters, oldest first, in pages
+    /// from a cursor: what a script exports (one line, or JSON object, a
+    /// message; the cursor to go on from at the end).
+    Export {
+        #[command(flatten)]
+        filter: MessageFilter,
+        /// Only messages stored after this cursor (the `next` of a
+        /// previous export).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many in all (default: every one).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Subscriptions: service modules' and webhooks' share of the stored
+    /// messages, with their tasks pending, done and failed.
+    #[command(subcommand)]
+    Subscriptions(SubscriptionCmd),
+    /// The collector's tasks (failed ones, to replay).
+    #[command(subcommand)]
+    Tasks(TaskCmd),
+    /// Every certificate the server's CA issued (newest first).
+    Certificates {
+        /// Only those of this component or admin.
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Jobs: one control action and its destinations.
     #[command(subcommand)]
@@ -126,8 +177,140 @@ enum Cmd {
         /// Only this admin's requests.
         #[arg(long)]
         admin: Option<String>,
+        /// Only entries older than this one (its `seq`): the next page.
+        #[arg(long)]
+        before: Option<u64>,
+        /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+    },
+}
+
+/// The filters of `messages` and `export` (all optional, combined).
+#[derive(Debug, Args)]
+struct MessageFilter {
+    /// Sent by this component exactly.
+    #[arg(long)]
+    component: Option<String>,
+    /// Of this customer's components.
+    #[arg(long)]
+    customer: Option<String>,
+    /// Of this data class.
+    #[arg(long)]
+    class: Option<String>,
+    /// Of this subclass.
+    #[arg(long)]
+    sub: Option<String>,
+    /// Of this content type (alarm, event, response, data, ...).
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// Alarms and events at least this severe (critical, major, minor,
+    /// warning, info).
+    #[arg(long)]
+    severity: Option<String>,
+    /// Received at or after this time (2026-11-24T22:56:37Z).
+    #[arg(long)]
+    since: Option<String>,
+    /// Received before this time.
+    #[arg(long)]
+    until: Option<String>,
+}
+
+impl MessageFilter {
+    /// The query string's filter part.
+    fn query(&self) -> Vec<String> {
+        [
+            ("component", &self.component),
+            ("customer", &self.customer),
+            ("class", &self.class),
+            ("sub", &self.sub),
+            ("type", &self.kind),
+            ("severity", &self.severity),
+            ("since", &self.since),
+            ("until", &self.until),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", enc(v))))
+        .collect()
+    }
+}
+
+/// A query-string value.
+fn enc(v: &str) -> String {
+    percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+#[derive(Debug, Subcommand)]
+enum SubscriptionCmd {
+    /// Every subscription with its tasks pending, done and failed.
+    List,
+    /// Create a subscription or replace the one of this name; it receives
+    /// what is stored from then on. The filters given must all match.
+    Set {
+        name: String,
+        /// webhook (each message POSTed to --url), feed (pulled with
+        /// `subscriptions feed`) or module (a built-in module, --module).
+        #[arg(long)]
+        delivery: String,
+        /// webhook: where to POST.
+        #[arg(long)]
+        url: Option<String>,
+        /// module: the `[[modules]]` name in appserver.toml.
+        #[arg(long)]
+        module: Option<String>,
+        /// Filter: this data class.
+        #[arg(long)]
+        class: Option<String>,
+        /// Filter: this subclass.
+        #[arg(long)]
+        sub: Option<String>,
+        /// Filter: this customer's components.
+        #[arg(long)]
+        customer: Option<String>,
+        /// Filter: this component and what is allocated under it.
+        #[arg(long)]
+        source: Option<String>,
+        /// Filter: this content type.
+        #[arg(long = "type")]
+        kind: Option<String>,
+        /// Filter: alarms and events at least this severe.
+        #[arg(long)]
+        min_severity: Option<String>,
+    },
+    /// Delete a subscription and its tasks.
+    Delete { name: String },
+    /// The next messages of a feed subscription, in storage order;
+    /// --after acknowledges everything up to that cursor.
+    Feed {
+        name: String,
+        /// The cursor of the last messages handled (acknowledges them).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// With nothing new, wait up to this many seconds (at most 60).
+        #[arg(long, default_value_t = 0)]
+        wait: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCmd {
+    /// Tasks in one state.
+    List {
+        /// ready, taken, done or failed.
+        #[arg(long, default_value = "failed")]
+        state: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Make failed tasks ready again (one, or all).
+    Replay {
+        /// Only this task.
+        #[arg(long)]
+        id: Option<u64>,
     },
 }
 
@@ -378,6 +561,19 @@ enum GroupCmd {
 
 #[derive(Debug, Subcommand)]
 enum JobCmd {
+    /// The newest jobs first, with how many destinations are in each
+    /// state (those whose every destination this admin is granted).
+    List {
+        /// Only running (some destination not final yet) or done ones.
+        #[arg(long)]
+        state: Option<String>,
+        /// Older than this job (the last of the page before).
+        #[arg(long)]
+        before: Option<String>,
+        /// At most this many (1-1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// A job's destinations and their states.
     Show { id: String },
     /// Follow a job until every destination is final.
@@ -635,6 +831,26 @@ impl Api {
         Ok(bytes)
     }
 
+    /// A GET whose answer is read as it comes (a file, an export), with
+    /// no whole-request timeout.
+    async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}/rs/v1/control/{path}", self.base);
+        let resp = self
+            .stream_http
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        if !resp.status().is_success() {
+            bail!(
+                "{}: {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default().trim()
+            );
+        }
+        Ok(resp)
+    }
+
     async fn job(&self, id: &str, after: Option<u64>) -> anyhow::Result<Job> {
         let path = match after {
             Some(v) => format!("jobs/{id}?after={v}&wait=25"),
@@ -791,9 +1007,28 @@ fn detail(t: &rs_protocol::codec::api::JobTarget) -> String {
 }
 
 /// Follows a job, printing each destination as it changes and a progress
-/// line; returns the final job.
-async fn watch(api: &Api, id: &str) -> anyhow::Result<Job> {
-    let tty = std::io::stdout().is_terminal();
+/// line (on stdout for people, on stderr when the result is for a
+/// script); returns the final job.
+async fn watch(api: &Api, id: &str, to_stdout: bool) -> anyhow::Result<Job> {
+    use std::io::Write as _;
+    let tty = if to_stdout {
+        std::io::stdout().is_terminal()
+    } else {
+        std::io::stderr().is_terminal()
+    };
+    let say = |text: &str, end: bool| {
+        let mut w: Box<dyn std::io::Write> = if to_stdout {
+            Box::new(std::io::stdout().lock())
+        } else {
+            Box::new(std::io::stderr().lock())
+        };
+        let _ = if end {
+            writeln!(w, "{text}")
+        } else {
+            write!(w, "{text}")
+        };
+        let _ = w.flush();
+    };
     let mut job = api.job(id, None).await?;
     let mut seen: std::collections::HashMap<String, String> = Default::default();
     loop {
@@ -801,21 +1036,22 @@ async fn watch(api: &Api, id: &str) -> anyhow::Result<Job> {
             if seen.get(t.id.as_str()) != Some(&t.state) {
                 seen.insert(t.id.to_string(), t.state.clone());
                 if tty {
-                    print!("\r\x1b[2K");
+                    say("\r\x1b[2K", false);
                 }
-                println!("  {:<24} {:<10} {}", t.id.as_str(), t.state, detail(t));
+                say(
+                    &format!("  {:<24} {:<10} {}", t.id.as_str(), t.state, detail(t)),
+                    true,
+                );
             }
         }
         if tty {
-            print!("\r\x1b[2K{}", summary(&job));
-            use std::io::Write as _;
-            let _ = std::io::stdout().flush();
+            say(&format!("\r\x1b[2K{}", summary(&job)), false);
         } else {
-            println!("{}", summary(&job));
+            say(&summary(&job), true);
         }
         if job.is_done() {
             if tty {
-                println!();
+                say("", true);
             }
             return Ok(job);
         }
@@ -829,6 +1065,7 @@ fn finished_well(j: &Job) -> bool {
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let api = Api::new(&cli)?;
+    let out = Out(cli.output);
     let limits = Limits::default();
     match cli.cmd {
         Cmd::Components { at_risk } => {
@@ -839,63 +1076,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             };
             let b = api.call(reqwest::Method::GET, path, None).await?;
             let list = decode_components(&b, &limits)?;
-            println!(
-                "{:<24} {:<10} {:<9} {:>4} {:<10} {:<20} {:<12} AT RISK",
-                "ID", "KIND", "STATE", "DEAD", "LAST SEEN", "VIA", "TAGS"
-            );
-            for c in &list {
-                let via: Vec<&str> = c.via.iter().map(RsId::as_str).collect();
-                // Dead letters, as the component's last status reported.
-                let dead = c
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.metrics.iter().find(|d| d.name == "spool.dead_letters"))
-                    .map_or_else(|| "-".to_owned(), |d| d.value.clone());
-                println!(
-                    "{:<24} {:<10} {:<9} {:>4} {:<10} {:<20} {:<12} {}",
-                    c.id.as_str(),
-                    c.id.kind().as_str(),
-                    c.state.as_deref().unwrap_or("-"),
-                    dead,
-                    ago(c.last_seen),
-                    if via.is_empty() {
-                        "direct".to_owned()
-                    } else {
-                        via.join(" > ")
-                    },
-                    if c.tags.is_empty() {
-                        "-".to_owned()
-                    } else {
-                        c.tags.join(",")
-                    },
-                    c.at_risk.as_deref().unwrap_or("-")
-                );
-            }
-            println!("{} components", list.len());
+            out.doc(&b, |_| print_components(&list))?;
         }
         Cmd::Farms => {
             let b = api.call(reqwest::Method::GET, "farms", None).await?;
             let list = rs_protocol::codec::api::decode_farms(&b, &limits)?;
-            println!(
-                "{:<24} {:<16} {:<7} {:<10} {:>8} {:>10} {:>10}",
-                "FARM", "MEMBER", "STATE", "SEEN", "IN HAND", "ENVELOPES", "FORWARDED"
-            );
-            for f in &list {
-                for m in &f.members {
-                    println!(
-                        "{:<24} {:<16} {:<7} {:<10} {:>8} {:>10} {:>10}",
-                        f.id.as_str(),
-                        m.name,
-                        m.state,
-                        m.seen.map_or_else(|| "-".to_owned(), ago),
-                        m.in_hand,
-                        m.envelopes,
-                        m.forwarded
-                    );
-                }
-            }
-            let members: usize = list.iter().map(|f| f.members.len()).sum();
-            println!("farms: {}, members: {members}", list.len());
+            out.doc(&b, |_| print_farms(&list))?;
         }
         Cmd::Component { id } => {
             let b = api.call(reqwest::Method::GET, "components", None).await?;
@@ -904,56 +1090,67 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 .iter()
                 .find(|c| c.id.as_str() == id)
                 .with_context(|| format!("no component {id}"))?;
-            println!(
-                "{} (last seen {}, via {})",
-                c.id,
-                ago(c.last_seen),
-                if c.via.is_empty() {
-                    "direct".to_owned()
-                } else {
-                    c.via
-                        .iter()
-                        .map(RsId::as_str)
-                        .collect::<Vec<_>>()
-                        .join(" > ")
+            // Its own <components> document, of one.
+            let one = rs_protocol::codec::api::encode_components(std::slice::from_ref(c));
+            out.doc(&one, |_| {
+                println!(
+                    "{} (last seen {}, via {})",
+                    c.id,
+                    ago(c.last_seen),
+                    if c.via.is_empty() {
+                        "direct".to_owned()
+                    } else {
+                        c.via
+                            .iter()
+                            .map(RsId::as_str)
+                            .collect::<Vec<_>>()
+                            .join(" > ")
+                    }
+                );
+                match &c.status {
+                    Some(s) => print_tree(s, 0),
+                    None => println!("no status tree yet"),
                 }
-            );
-            match &c.status {
-                Some(s) => print_tree(s, 0),
-                None => println!("no status tree yet"),
-            }
+            })?;
         }
         Cmd::Tag { id, tags } => {
-            api.call(
-                reqwest::Method::PUT,
-                &format!("components/{id}/tags"),
-                Some(encode_tags(&tags)),
-            )
-            .await?;
-            println!("{id}: tags {}", tags.join(","));
+            let b = api
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("components/{id}/tags"),
+                    Some(encode_tags(&tags)),
+                )
+                .await?;
+            out.doc(&b, |_| println!("{id}: tags {}", tags.join(",")))?;
         }
         Cmd::Groups(g) => match g {
             GroupCmd::List => {
                 let b = api.call(reqwest::Method::GET, "groups", None).await?;
-                for g in decode_groups(&b, &limits)? {
-                    println!(
-                        "{:<24} {:>6} members  {}",
-                        g.name,
-                        g.members.len(),
-                        selector(&g)
-                    );
-                }
+                let groups = decode_groups(&b, &limits)?;
+                out.doc(&b, |_| {
+                    for g in &groups {
+                        println!(
+                            "{:<24} {:>6} members  {}",
+                            g.name,
+                            g.members.len(),
+                            selector(g)
+                        );
+                    }
+                })?;
             }
             GroupCmd::Show { name } => {
                 let b = api
                     .call(reqwest::Method::GET, &format!("groups/{name}"), None)
                     .await?;
-                for g in decode_groups(&b, &limits)? {
-                    println!("{} ({} members) {}", g.name, g.members.len(), selector(&g));
-                    for m in &g.members {
-                        println!("  {m}");
+                let groups = decode_groups(&b, &limits)?;
+                out.doc(&b, |_| {
+                    for g in &groups {
+                        println!("{} ({} members) {}", g.name, g.members.len(), selector(g));
+                        for m in &g.members {
+                            println!("  {m}");
+                        }
                     }
-                }
+                })?;
             }
             GroupCmd::Set {
                 name,
@@ -988,19 +1185,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                         Some(encode_group(&def)),
                     )
                     .await?;
-                for g in decode_groups(&b, &limits)? {
-                    println!(
-                        "{}: {} members now {}",
-                        g.name,
-                        g.members.len(),
-                        selector(&g)
-                    );
-                }
+                let groups = decode_groups(&b, &limits)?;
+                out.doc(&b, |_| {
+                    for g in &groups {
+                        println!(
+                            "{}: {} members now {}",
+                            g.name,
+                            g.members.len(),
+                            selector(g)
+                        );
+                    }
+                })?;
             }
             GroupCmd::Delete { name } => {
                 api.call(reqwest::Method::DELETE, &format!("groups/{name}"), None)
                     .await?;
-                println!("deleted {name}");
+                out.fields(&[("deleted", name.clone())], || println!("deleted {name}"));
             }
         },
         Cmd::Publish(a) => {
@@ -1014,12 +1214,18 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             };
             let b = publish_file(&api, &a.file, &name).await?;
             let file = rs_protocol::codec::api::decode_file(&b, &limits)?;
-            println!(
+            // The job is the result; the file's line is for people.
+            let said = format!(
                 "published {} ({} bytes, SHA-256 {})",
                 file.name,
                 file.size,
                 rs_protocol::codec::sha256_hex(&file.sha256)
             );
+            if out.people() {
+                println!("{said}");
+            } else {
+                eprintln!("{said}");
+            }
             let req = rs_protocol::codec::api::OfferRequest {
                 to: a
                     .to
@@ -1042,46 +1248,60 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 .await?;
             let job = decode_job(&b, &limits)?;
             if a.watch {
-                println!("{}", summary(&job));
-                let j = watch(&api, &job.id).await?;
-                return Ok(finished_well(&j));
+                return follow(&api, out, &job).await;
             }
-            print_job(&job);
+            out.doc(&b, |_| print_job(&job))?;
         }
         Cmd::Uploads { component } => {
             let path = match component {
-                Some(c) => format!("uploads?component={c}"),
+                Some(c) => format!("uploads?component={}", enc(&c)),
                 None => "uploads".to_owned(),
             };
             let b = api.call(reqwest::Method::GET, &path, None).await?;
-            print!("{}", String::from_utf8_lossy(&b));
-        }
-        Cmd::Fetch { request, output } => {
-            let url = format!("{}/rs/v1/control/uploads/{request}/file", api.base);
-            let mut resp = api
-                .stream_http
-                .get(&url)
-                .send()
-                .await
-                .with_context(|| format!("cannot reach {url}"))?;
-            if !resp.status().is_success() {
-                bail!(
-                    "{}: {}",
-                    resp.status(),
-                    resp.text().await.unwrap_or_default().trim()
+            out.doc(&b, |d| {
+                table(
+                    &rows(d, "upload"),
+                    &[
+                        ("REQUEST", "request"),
+                        ("COMPONENT", "component"),
+                        ("NAME", "name"),
+                        ("SIZE", "size"),
+                        ("STATE", "state"),
+                        ("RECEIVED", "received"),
+                        ("REASON", "reason"),
+                    ],
                 );
-            }
+            })?;
+        }
+        Cmd::Fetch { request, file } => {
+            let mut resp = api
+                .stream(&format!("uploads/{}/file", enc(&request)))
+                .await?;
+            let sha = resp
+                .headers()
+                .get("x-rs-sha256")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
             use tokio::io::AsyncWriteExt as _;
-            let mut f = tokio::fs::File::create(&output)
+            let mut f = tokio::fs::File::create(&file)
                 .await
-                .with_context(|| format!("{}", output.display()))?;
+                .with_context(|| format!("{}", file.display()))?;
             let mut n = 0u64;
             while let Some(chunk) = resp.chunk().await? {
                 f.write_all(&chunk).await?;
                 n += chunk.len() as u64;
             }
             f.sync_all().await?;
-            println!("{n} bytes written to {}", output.display());
+            out.fields(
+                &[
+                    ("request", request.clone()),
+                    ("file", file.display().to_string()),
+                    ("bytes", n.to_string()),
+                    ("sha256", sha),
+                ],
+                || println!("{n} bytes written to {}", file.display()),
+            );
         }
         Cmd::Send(a) => {
             let req = SendRequest {
@@ -1106,38 +1326,70 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 )
                 .await?;
             let job = decode_job(&b, &limits)?;
-            println!(
-                "job {} ({}, {} destinations)",
-                job.id,
-                job.action,
-                job.targets.len()
-            );
             if a.watch {
-                return Ok(finished_well(&watch(&api, &job.id).await?));
+                return follow(&api, out, &job).await;
             }
+            out.doc(&b, |_| {
+                println!(
+                    "job {} ({}, {} destinations)",
+                    job.id,
+                    job.action,
+                    job.targets.len()
+                );
+            })?;
         }
-        Cmd::Jobs(JobCmd::Show { id }) => print_job(&api.job(&id, None).await?),
-        Cmd::Trace { id } => {
-            let path = format!(
-                "messages/{}/trace",
-                percent_encoding::utf8_percent_encode(&id, percent_encoding::NON_ALPHANUMERIC)
-            );
-            let b = api.call(reqwest::Method::GET, &path, None).await?;
-            print!(
-                "{}",
-                trace_text(&rs_protocol::codec::api::decode_trace(&b, &limits)?)
-            );
+        Cmd::Jobs(JobCmd::List {
+            state,
+            before,
+            limit,
+        }) => {
+            let mut q = vec![format!("limit={limit}")];
+            if let Some(st) = state {
+                q.push(format!("state={}", enc(&st)));
+            }
+            if let Some(b) = before {
+                q.push(format!("before={}", enc(&b)));
+            }
+            let b = api
+                .call(reqwest::Method::GET, &format!("jobs?{}", q.join("&")), None)
+                .await?;
+            out.doc(&b, |d| {
+                table(
+                    &rows(d, "job"),
+                    &[
+                        ("ID", "id"),
+                        ("ACTION", "action"),
+                        ("CREATED", "created"),
+                        ("STATE", "state"),
+                        ("TARGETS", "targets"),
+                        ("PENDING", "pending"),
+                        ("DELIVERED", "delivered"),
+                        ("SUCCEEDED", "succeeded"),
+                        ("FAILED", "failed"),
+                        ("EXPIRED", "expired"),
+                    ],
+                );
+            })?;
         }
-        Cmd::Throttle(t) => return throttle(&api, t).await,
+        Cmd::Jobs(JobCmd::Show { id }) => {
+            let job = api.job(&id, None).await?;
+            out.doc(&rs_protocol::codec::api::encode_job(&job), |_| {
+                print_job(&job);
+            })?;
+        }
         Cmd::Jobs(JobCmd::Watch { id }) => {
-            return Ok(finished_well(&watch(&api, &id).await?));
+            let job = api.job(&id, None).await?;
+            return follow(&api, out, &job).await;
         }
+        Cmd::Trace { id } => {
+            let path = format!("messages/{}/trace", enc(&id));
+            let b = api.call(reqwest::Method::GET, &path, None).await?;
+            let trace = rs_protocol::codec::api::decode_trace(&b, &limits)?;
+            out.doc(&b, |_| print!("{}", trace_text(&trace)))?;
+        }
+        Cmd::Throttle(t) => return throttle(&api, out, t).await,
         Cmd::Ca(_) => unreachable!("handled before the API is set up"),
         Cmd::Enroll(e) => {
-            let enc = |s: &str| {
-                percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
-                    .to_string()
-            };
             let mut q = vec![format!("ttl-secs={}", e.ttl_secs)];
             for (k, v) in [
                 ("customer", &e.customer),
@@ -1161,37 +1413,432 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     None,
                 )
                 .await?;
-            let text = String::from_utf8_lossy(&b);
-            // The token alone on stdout, for scripts; the rest on stderr.
-            let token = text
-                .split("token=\"")
-                .nth(1)
-                .and_then(|t| t.split('"').next())
-                .ok_or_else(|| anyhow!("unexpected answer: {text}"))?;
-            eprint!("{text}");
-            println!("{token}");
+            out.doc(&b, |d| {
+                // The token alone on stdout, for scripts; the rest on stderr.
+                let e = d["enrollment"].as_object();
+                let get = |k: &str| e.and_then(|e| e.get(k)).and_then(|v| v.as_str());
+                eprintln!(
+                    "enrollment token for {} {} of customer {}, usable until {}",
+                    get("kind").unwrap_or("-"),
+                    get("component").unwrap_or("(next free ID)"),
+                    get("customer").unwrap_or("-"),
+                    get("expires").unwrap_or("-")
+                );
+                println!("{}", get("token").unwrap_or(""));
+            })?;
         }
         Cmd::Revoke { component, serial } => {
             let q = match (component, serial) {
-                (Some(c), _) => format!("component={c}"),
-                (None, Some(s)) => format!("serial={s}"),
+                (Some(c), _) => format!("component={}", enc(&c)),
+                (None, Some(s)) => format!("serial={}", enc(&s)),
                 (None, None) => bail!("--component or --serial"),
             };
             let b = api
                 .call(reqwest::Method::POST, &format!("revoke?{q}"), None)
                 .await?;
-            print!("{}", String::from_utf8_lossy(&b));
+            out.doc(&b, |d| {
+                let r = rows(d, "certificate");
+                println!("{} certificate(s) revoked", r.len());
+                table(&r, CERTIFICATE_COLUMNS);
+            })?;
         }
-        Cmd::Audit { admin, limit } => {
+        Cmd::Certificates { name } => {
+            let path = match name {
+                Some(n) => format!("certificates?name={}", enc(&n)),
+                None => "certificates".to_owned(),
+            };
+            let b = api.call(reqwest::Method::GET, &path, None).await?;
+            out.doc(&b, |d| table(&rows(d, "certificate"), CERTIFICATE_COLUMNS))?;
+        }
+        Cmd::Audit {
+            admin,
+            before,
+            limit,
+        } => {
             let mut path = format!("audit?limit={limit}");
             if let Some(a) = admin {
-                path.push_str(&format!("&admin={a}"));
+                path.push_str(&format!("&admin={}", enc(&a)));
+            }
+            if let Some(b) = before {
+                path.push_str(&format!("&before={b}"));
             }
             let b = api.call(reqwest::Method::GET, &path, None).await?;
-            print!("{}", String::from_utf8_lossy(&b));
+            out.doc(&b, |d| {
+                table(
+                    &rows(d, "entry"),
+                    &[
+                        ("SEQ", "seq"),
+                        ("AT", "at"),
+                        ("ADMIN", "admin"),
+                        ("PEER", "peer"),
+                        ("METHOD", "method"),
+                        ("STATUS", "status"),
+                        ("MS", "millis"),
+                        ("PATH", "path"),
+                    ],
+                );
+            })?;
+        }
+        Cmd::Messages { filter, limit } => {
+            let mut q = filter.query();
+            q.push(format!("limit={limit}"));
+            let b = api
+                .call(
+                    reqwest::Method::GET,
+                    &format!("messages?{}", q.join("&")),
+                    None,
+                )
+                .await?;
+            out.doc(&b, |d| table(&rows(d, "message"), MESSAGE_COLUMNS))?;
+        }
+        Cmd::Export {
+            filter,
+            after,
+            limit,
+        } => return export(&api, out, &filter, after, limit).await,
+        Cmd::Subscriptions(c) => subscriptions(&api, out, c).await?,
+        Cmd::Tasks(TaskCmd::List { state, limit }) => {
+            let b = api
+                .call(
+                    reqwest::Method::GET,
+                    &format!("tasks?state={}&limit={limit}", enc(&state)),
+                    None,
+                )
+                .await?;
+            out.doc(&b, |d| {
+                table(
+                    &rows(d, "task"),
+                    &[
+                        ("ID", "id"),
+                        ("SUBSCRIPTION", "subscription"),
+                        ("MESSAGE", "message"),
+                        ("STATE", "state"),
+                        ("ATTEMPTS", "attempts"),
+                        ("CREATED", "created"),
+                        ("LAST ERROR", "text"),
+                    ],
+                );
+            })?;
+        }
+        Cmd::Tasks(TaskCmd::Replay { id }) => {
+            let path = match id {
+                Some(i) => format!("tasks/replay?id={i}"),
+                None => "tasks/replay".to_owned(),
+            };
+            let b = api.call(reqwest::Method::POST, &path, None).await?;
+            out.doc(&b, |d| {
+                println!(
+                    "{} task(s) ready again",
+                    d["replayed"]["count"].as_str().unwrap_or("0")
+                );
+            })?;
         }
     }
     Ok(true)
+}
+
+const CERTIFICATE_COLUMNS: &[(&str, &str)] = &[
+    ("SERIAL", "serial"),
+    ("NAME", "name"),
+    ("CUSTOMER", "customer"),
+    ("ROLE", "role"),
+    ("ISSUED", "issued"),
+    ("NOT AFTER", "not-after"),
+    ("REVOKED", "revoked"),
+];
+
+const MESSAGE_COLUMNS: &[(&str, &str)] = &[
+    ("RECEIVED", "received"),
+    ("ID", "id"),
+    ("TYPE", "type"),
+    ("COMPONENT", "component"),
+    ("CLASS", "class"),
+    ("SUB", "sub"),
+    ("SEVERITY", "severity"),
+];
+
+fn print_components(list: &[rs_protocol::codec::api::Component]) {
+    println!(
+        "{:<24} {:<10} {:<9} {:>4} {:<10} {:<20} {:<12} AT RISK",
+        "ID", "KIND", "STATE", "DEAD", "LAST SEEN", "VIA", "TAGS"
+    );
+    for c in list {
+        let via: Vec<&str> = c.via.iter().map(RsId::as_str).collect();
+        // Dead letters, as the component's last status reported.
+        let dead = c
+            .status
+            .as_ref()
+            .and_then(|s| s.metrics.iter().find(|d| d.name == "spool.dead_letters"))
+            .map_or_else(|| "-".to_owned(), |d| d.value.clone());
+        println!(
+            "{:<24} {:<10} {:<9} {:>4} {:<10} {:<20} {:<12} {}",
+            c.id.as_str(),
+            c.id.kind().as_str(),
+            c.state.as_deref().unwrap_or("-"),
+            dead,
+            ago(c.last_seen),
+            if via.is_empty() {
+                "direct".to_owned()
+            } else {
+                via.join(" > ")
+            },
+            if c.tags.is_empty() {
+                "-".to_owned()
+            } else {
+                c.tags.join(",")
+            },
+            c.at_risk.as_deref().unwrap_or("-")
+        );
+    }
+    println!("{} components", list.len());
+}
+
+fn print_farms(list: &[rs_protocol::codec::api::Farm]) {
+    println!(
+        "{:<24} {:<16} {:<7} {:<10} {:>8} {:>10} {:>10}",
+        "FARM", "MEMBER", "STATE", "SEEN", "IN HAND", "ENVELOPES", "FORWARDED"
+    );
+    for f in list {
+        for m in &f.members {
+            println!(
+                "{:<24} {:<16} {:<7} {:<10} {:>8} {:>10} {:>10}",
+                f.id.as_str(),
+                m.name,
+                m.state,
+                m.seen.map_or_else(|| "-".to_owned(), ago),
+                m.in_hand,
+                m.envelopes,
+                m.forwarded
+            );
+        }
+    }
+    let members: usize = list.iter().map(|f| f.members.len()).sum();
+    println!("farms: {}, members: {members}", list.len());
+}
+
+/// `--watch`: follows `job` to its end (progress on stdout for people, on
+/// stderr otherwise), then prints the final job; true when every
+/// destination succeeded.
+async fn follow(api: &Api, out: Out, job: &Job) -> anyhow::Result<bool> {
+    if out.people() {
+        println!(
+            "job {} ({}, {} destinations)",
+            job.id,
+            job.action,
+            job.targets.len()
+        );
+    }
+    let j = watch(api, &job.id, out.people()).await?;
+    if !out.people() {
+        out.doc(&rs_protocol::codec::api::encode_job(&j), |_| {})?;
+    }
+    Ok(finished_well(&j))
+}
+
+/// `rsctl export`: pages of at most 1,000 from `after` until the export is
+/// complete or `limit` is reached; a line (or a JSON object) per message,
+/// then the cursor to go on from. With `--output xml`, one request,
+/// streamed through as the server sends it.
+async fn export(
+    api: &Api,
+    out: Out,
+    filter: &MessageFilter,
+    mut after: u64,
+    limit: Option<u64>,
+) -> anyhow::Result<bool> {
+    const PAGE: u64 = 1000;
+    if out.0 == output::Format::Xml {
+        let mut q = filter.query();
+        q.push(format!("after={after}"));
+        if let Some(l) = limit {
+            q.push(format!("limit={l}"));
+        }
+        let mut resp = api.stream(&format!("export?{}", q.join("&"))).await?;
+        use std::io::Write as _;
+        let mut so = std::io::stdout().lock();
+        while let Some(chunk) = resp.chunk().await? {
+            so.write_all(&chunk)?;
+        }
+        return Ok(true);
+    }
+    let mut left = limit;
+    let mut count = 0u64;
+    if out.people() {
+        println!(
+            "{:<8} {:<26} {:<38} {:<9} {:<20} {:<20} SEVERITY",
+            "SEQ", "RECEIVED", "ID", "TYPE", "COMPONENT", "CLASS/SUB"
+        );
+    }
+    loop {
+        let page = left.map_or(PAGE, |l| l.min(PAGE));
+        let mut q = filter.query();
+        q.push(format!("after={after}&limit={page}"));
+        let b = api
+            .call(
+                reqwest::Method::GET,
+                &format!("export?{}", q.join("&")),
+                None,
+            )
+            .await?;
+        let d = output::to_json(&b)?;
+        for m in rows(&d, "message") {
+            if out.people() {
+                println!(
+                    "{:<8} {:<26} {:<38} {:<9} {:<20} {:<20} {}",
+                    cell(m, "seq"),
+                    cell(m, "received"),
+                    cell(m, "id"),
+                    cell(m, "type"),
+                    cell(m, "component"),
+                    format!("{}/{}", cell(m, "class"), cell(m, "sub")),
+                    cell(m, "severity")
+                );
+            } else {
+                println!("{}", serde_json::json!({ "message": m }));
+            }
+        }
+        let end = rows(&d, "end");
+        let end = end.first().context("the export has no <end>: it was cut")?;
+        let n: u64 = cell(end, "count").parse().unwrap_or(0);
+        count += n;
+        after = cell(end, "next").parse().unwrap_or(after);
+        left = left.map(|l| l.saturating_sub(n));
+        let complete = cell(end, "complete") == "yes";
+        if complete || n == 0 || left == Some(0) {
+            if out.people() {
+                println!(
+                    "{count} messages; {}; go on with --after {after}",
+                    if complete {
+                        "complete"
+                    } else {
+                        "there may be more"
+                    }
+                );
+            } else {
+                println!(
+                    "{}",
+                    serde_json::json!({"end": {
+                        "count": count.to_string(),
+                        "next": after.to_string(),
+                        "complete": if complete { "yes" } else { "no" },
+                    }})
+                );
+            }
+            return Ok(true);
+        }
+    }
+}
+
+async fn subscriptions(api: &Api, out: Out, cmd: SubscriptionCmd) -> anyhow::Result<()> {
+    use rs_protocol::codec::api::{Delivery, SubscriptionDef, encode_subscription};
+    let columns: &[(&str, &str)] = &[
+        ("NAME", "name"),
+        ("DELIVERY", "delivery"),
+        ("PENDING", "pending"),
+        ("DONE", "done"),
+        ("FAILED", "failed"),
+        ("CLASS", "class"),
+        ("SUB", "sub"),
+        ("CUSTOMER", "customer"),
+        ("SOURCE", "source"),
+        ("TYPE", "type"),
+        ("MIN SEVERITY", "min-severity"),
+        ("TO", "url"),
+    ];
+    match cmd {
+        SubscriptionCmd::List => {
+            let b = api
+                .call(reqwest::Method::GET, "subscriptions", None)
+                .await?;
+            out.doc(&b, |d| table(&rows(d, "subscription"), columns))?;
+        }
+        SubscriptionCmd::Set {
+            name,
+            delivery,
+            url,
+            module,
+            class,
+            sub,
+            customer,
+            source,
+            kind,
+            min_severity,
+        } => {
+            let delivery = match (delivery.as_str(), url, module) {
+                ("webhook", Some(u), None) => Delivery::Webhook(u),
+                ("module", None, Some(m)) => Delivery::Module(m),
+                ("feed", None, None) => Delivery::Feed,
+                ("webhook", ..) => bail!("--delivery webhook needs --url (and no --module)"),
+                ("module", ..) => bail!("--delivery module needs --module (and no --url)"),
+                ("feed", ..) => bail!("--delivery feed takes neither --url nor --module"),
+                (other, ..) => bail!("--delivery {other}: webhook, feed or module"),
+            };
+            let def = SubscriptionDef {
+                name,
+                class,
+                subclass: sub,
+                customer,
+                source: source
+                    .map(|s| RsId::new(&s).map_err(|e| anyhow!("--source {s}: {e}")))
+                    .transpose()?,
+                kind,
+                min_severity: min_severity
+                    .map(|s| {
+                        rs_protocol::model::Severity::parse(&s).with_context(|| {
+                            format!("--min-severity {s}: critical, major, minor, warning or info")
+                        })
+                    })
+                    .transpose()?,
+                delivery,
+            };
+            let b = api
+                .call(
+                    reqwest::Method::POST,
+                    "subscriptions",
+                    Some(encode_subscription(&def)),
+                )
+                .await?;
+            out.doc(&b, |d| table(&rows(d, "subscription"), columns))?;
+        }
+        SubscriptionCmd::Delete { name } => {
+            api.call(
+                reqwest::Method::DELETE,
+                &format!("subscriptions/{}", enc(&name)),
+                None,
+            )
+            .await?;
+            out.fields(&[("deleted", name.clone())], || println!("deleted {name}"));
+        }
+        SubscriptionCmd::Feed {
+            name,
+            after,
+            limit,
+            wait,
+        } => {
+            let b = api
+                .call(
+                    reqwest::Method::GET,
+                    &format!(
+                        "subscriptions/{}/feed?after={after}&limit={limit}&wait={wait}",
+                        enc(&name)
+                    ),
+                    None,
+                )
+                .await?;
+            out.doc(&b, |d| {
+                let r = rows(d, "message");
+                let mut cols = vec![("TASK", "task")];
+                cols.extend_from_slice(MESSAGE_COLUMNS);
+                table(&r, &cols);
+                let cursor = d["messages"]["cursor"].as_str().unwrap_or("-");
+                println!(
+                    "{} messages; acknowledge them with --after {cursor}",
+                    r.len()
+                );
+            })?;
+        }
+    }
+    Ok(())
 }
 
 async fn server_throttle(api: &Api) -> anyhow::Result<rs_protocol::throttle::ThrottleConfig> {
@@ -1204,6 +1851,7 @@ async fn server_throttle(api: &Api) -> anyhow::Result<rs_protocol::throttle::Thr
 
 async fn put_throttle(
     api: &Api,
+    out: Out,
     cfg: &rs_protocol::throttle::ThrottleConfig,
 ) -> anyhow::Result<()> {
     let b = api
@@ -1213,16 +1861,14 @@ async fn put_throttle(
             Some(rs_protocol::throttle::encode_throttle(cfg)),
         )
         .await?;
-    print_throttle(&rs_protocol::throttle::decode_throttle(
-        &b,
-        &Limits::default(),
-    )?);
-    Ok(())
+    let now = rs_protocol::throttle::decode_throttle(&b, &Limits::default())?;
+    out.doc(&b, |_| print_throttle(&now))
 }
 
 /// Sends `[throttle]` settings to components as a configChange.
 async fn push_throttle(
     api: &Api,
+    out: Out,
     t: &Targets,
     cfg: rs_protocol::throttle::ThrottleConfig,
 ) -> anyhow::Result<bool> {
@@ -1256,33 +1902,39 @@ async fn push_throttle(
         )
         .await?;
     let job = decode_job(&b, &Limits::default())?;
-    println!(
-        "job {} (configChange, {} destinations)",
-        job.id,
-        job.targets.len()
-    );
     if t.watch {
-        return Ok(finished_well(&watch(api, &job.id).await?));
+        return follow(api, out, &job).await;
     }
+    out.doc(&b, |_| {
+        println!(
+            "job {} (configChange, {} destinations)",
+            job.id,
+            job.targets.len()
+        );
+    })?;
     Ok(true)
 }
 
-async fn throttle(api: &Api, cmd: ThrottleCmd) -> anyhow::Result<bool> {
+async fn throttle(api: &Api, out: Out, cmd: ThrottleCmd) -> anyhow::Result<bool> {
     match cmd {
-        ThrottleCmd::Show => print_throttle(&server_throttle(api).await?),
+        ThrottleCmd::Show => {
+            let b = api.call(reqwest::Method::GET, "throttle", None).await?;
+            let cfg = rs_protocol::throttle::decode_throttle(&b, &Limits::default())?;
+            out.doc(&b, |_| print_throttle(&cfg))?;
+        }
         ThrottleCmd::Set(a) => {
             let rule = rule_of(&a)?;
             if a.targets.to.is_empty() && a.targets.groups.is_empty() {
                 let mut cfg = server_throttle(api).await?;
                 cfg.rule.retain(|r| r.name != rule.name);
                 cfg.rule.push(rule);
-                put_throttle(api, &cfg).await?;
+                put_throttle(api, out, &cfg).await?;
             } else {
                 let cfg = rs_protocol::throttle::ThrottleConfig {
                     rule: vec![rule],
                     ..Default::default()
                 };
-                return push_throttle(api, &a.targets, cfg).await;
+                return push_throttle(api, out, &a.targets, cfg).await;
             }
         }
         ThrottleCmd::Remove { name } => {
@@ -1292,15 +1944,15 @@ async fn throttle(api: &Api, cmd: ThrottleCmd) -> anyhow::Result<bool> {
             if cfg.rule.len() == before {
                 bail!("no rule {name:?}");
             }
-            put_throttle(api, &cfg).await?;
+            put_throttle(api, out, &cfg).await?;
         }
         ThrottleCmd::Clear { targets } => {
             if targets.to.is_empty() && targets.groups.is_empty() {
                 let mut cfg = server_throttle(api).await?;
                 cfg.rule.clear();
-                put_throttle(api, &cfg).await?;
+                put_throttle(api, out, &cfg).await?;
             } else {
-                return push_throttle(api, &targets, Default::default()).await;
+                return push_throttle(api, out, &targets, Default::default()).await;
             }
         }
     }
@@ -1327,7 +1979,7 @@ fn selector(g: &GroupDef) -> String {
 
 /// Runs `rsctl` with these arguments (the first is the program name) and
 /// returns the exit status.
-fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
+fn ca_command(c: &CaCmd, out: Out) -> anyhow::Result<()> {
     use rs_net::pki::{Ca, CertSpec, Role, records_at};
     let m = anyhow::Error::msg;
     match c {
@@ -1338,10 +1990,19 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
             days,
         } => {
             let ca = Ca::init_with(dir, name, *days, records_at(dir, database.as_deref()))?;
-            println!(
-                "CA {name:?} created in {} (ca.pem to every component, ca.key stays here; serial {})",
-                dir.display(),
-                rs_net::pki::serial_hex(ca.cert())
+            let serial = rs_net::pki::serial_hex(ca.cert());
+            out.fields(
+                &[
+                    ("created", dir.join("ca.pem").display().to_string()),
+                    ("name", name.clone()),
+                    ("serial", serial.clone()),
+                ],
+                || {
+                    println!(
+                        "CA {name:?} created in {} (ca.pem to every component, ca.key stays here; serial {serial})",
+                        dir.display(),
+                    );
+                },
             );
         }
         CaCmd::Issue {
@@ -1353,7 +2014,7 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
             dns,
             ip,
             days,
-            out,
+            out: out_dir,
         } => {
             let ca = Ca::open_with(dir, records_at(dir, database.as_deref()))?;
             let role = Role::parse(role).ok_or_else(|| anyhow!("--role: component or admin"))?;
@@ -1377,19 +2038,30 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
             };
             let key = rs_net::pki::generate_key().map_err(m)?;
             let cert = ca.issue(&spec, &key)?;
-            std::fs::create_dir_all(out)?;
+            std::fs::create_dir_all(out_dir)?;
             let (cp, kp) = (
-                out.join(format!("{name}.pem")),
-                out.join(format!("{name}.key")),
+                out_dir.join(format!("{name}.pem")),
+                out_dir.join(format!("{name}.key")),
             );
             rs_net::pki::write_private(&kp, &key.private_key_to_pem_pkcs8()?).map_err(m)?;
             rs_net::pki::write_file(&cp, &cert.to_pem()?).map_err(m)?;
-            println!(
-                "issued {} to {name} (serial {}): {}, {}",
-                role.as_str(),
-                rs_net::pki::serial_hex(&cert),
-                cp.display(),
-                kp.display()
+            let serial = rs_net::pki::serial_hex(&cert);
+            out.fields(
+                &[
+                    ("issued", name.clone()),
+                    ("role", role.as_str().to_owned()),
+                    ("serial", serial.clone()),
+                    ("cert", cp.display().to_string()),
+                    ("key", kp.display().to_string()),
+                ],
+                || {
+                    println!(
+                        "issued {} to {name} (serial {serial}): {}, {}",
+                        role.as_str(),
+                        cp.display(),
+                        kp.display()
+                    );
+                },
             );
         }
         CaCmd::Revoke {
@@ -1412,37 +2084,68 @@ fn ca_command(c: &CaCmd) -> anyhow::Result<()> {
             if serials.is_empty() {
                 bail!("nothing to revoke");
             }
+            let mut now = Vec::new();
             for s in &serials {
                 if ca.revoke(s, "revoked with rsctl ca revoke")? {
-                    println!("revoked {s}");
-                } else {
+                    now.push(s.clone());
+                    if out.people() {
+                        println!("revoked {s}");
+                    }
+                } else if out.people() {
                     println!("{s} was revoked already");
                 }
             }
-            println!("{} rewritten", dir.join("crl.pem").display());
+            let crl = dir.join("crl.pem");
+            out.fields(
+                &[
+                    ("revoked", now.join(",")),
+                    ("crl", crl.display().to_string()),
+                ],
+                || println!("{} rewritten", crl.display()),
+            );
         }
         CaCmd::List { dir, database } => {
             let ca = Ca::open_with(dir, records_at(dir, database.as_deref()))?;
-            println!(
-                "{:<34} {:<20} {:<10} {:<9} {:<10} REVOKED",
-                "SERIAL", "NAME", "CUSTOMER", "ROLE", "NOT AFTER"
-            );
             let day = |s: i64| {
                 rs_protocol::Timestamp::from_millis(s * 1000)
                     .map(|t| t.to_string().chars().take(10).collect::<String>())
                     .unwrap_or_default()
             };
-            for c in ca.list(None)? {
-                println!(
-                    "{:<34} {:<20} {:<10} {:<9} {:<10} {}",
-                    c.serial,
-                    c.name,
-                    c.customer,
-                    c.role,
+            // The server's <certificates> document, made here from the
+            // records (no server needed).
+            let list = ca.list(None)?;
+            let mut doc = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<certificates count=\"{}\">\n",
+                list.len()
+            );
+            for c in &list {
+                let esc = |v: &str| quick_xml::escape::escape(v).into_owned();
+                doc.push_str(&format!(
+                    "<certificate serial=\"{}\" name=\"{}\" customer=\"{}\" role=\"{}\" not-after=\"{}\"{}/>\n",
+                    esc(&c.serial),
+                    esc(&c.name),
+                    esc(&c.customer),
+                    esc(&c.role),
                     day(c.not_after),
-                    c.revoked_at.map(day).unwrap_or_else(|| "-".into())
-                );
+                    c.revoked_at
+                        .map(|r| format!(" revoked=\"{}\"", day(r)))
+                        .unwrap_or_default()
+                ));
             }
+            doc.push_str("</certificates>\n");
+            out.doc(doc.as_bytes(), |d| {
+                table(
+                    &rows(d, "certificate"),
+                    &[
+                        ("SERIAL", "serial"),
+                        ("NAME", "name"),
+                        ("CUSTOMER", "customer"),
+                        ("ROLE", "role"),
+                        ("NOT AFTER", "not-after"),
+                        ("REVOKED", "revoked"),
+                    ],
+                );
+            })?;
         }
     }
     Ok(())
@@ -1464,7 +2167,7 @@ where
     // synchronously: no runtime, so its records' blocking PostgreSQL
     // client runs on a plain thread.
     if let Cmd::Ca(c) = &cli.cmd {
-        return match ca_command(c) {
+        return match ca_command(c, Out(cli.output)) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("rsctl: {e:#}");

@@ -751,6 +751,36 @@ impl Store {
         self.db.read(move |s| read_job(s, &id)).await
     }
 
+    /// Up to `limit` jobs, newest first, from before the job `before` (a
+    /// page's last), each with its destinations.
+    pub async fn jobs(&self, limit: usize, before: Option<String>) -> Result<Vec<Job>, DbError> {
+        self.db
+            .read(move |s| {
+                let ids: Vec<String> = match &before {
+                    Some(b) => s.rows(
+                        "SELECT id FROM jobs
+                         WHERE (created, id) < (SELECT created, id FROM jobs WHERE id = ?1)
+                         ORDER BY created DESC, id DESC LIMIT ?2",
+                        params![b, limit as i64],
+                        |r| r.get(0),
+                    )?,
+                    None => s.rows(
+                        "SELECT id FROM jobs ORDER BY created DESC, id DESC LIMIT ?1",
+                        params![limit as i64],
+                        |r| r.get(0),
+                    )?,
+                };
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if let Some(j) = read_job(s, &id)? {
+                        out.push(j);
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
     /// Jobs with a subscriber that has not seen their latest version:
     /// (job, URL, the job now).
     pub async fn unnotified(&self, limit: usize) -> Result<Vec<(String, Job)>, DbError> {

@@ -11,6 +11,8 @@
 //!   windows, shared usage);
 //! - [`ingress`]: receiving envelopes (the warp filter, limits, load,
 //!   back-channel readiness);
+//! - [`next_hop`]: splitting a back-channel message's destinations by the
+//!   next hop each is reached through;
 //! - [`pipeline`]: the stages every receiving tier runs an envelope
 //!   through (screen, back-channel bookkeeping, examine, throttle,
 //!   dispose, reply), written once for the MLM and the server;
@@ -32,6 +34,7 @@ pub mod ingress;
 pub mod inherit;
 pub mod mem;
 pub mod metrics;
+pub mod next_hop;
 pub mod pipeline;
 pub mod sections;
 pub mod sender;

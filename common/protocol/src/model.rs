@@ -146,6 +146,21 @@ impl Header {
     pub fn is_expired(&self, now: Timestamp) -> bool {
         self.expiry().is_some_and(|e| e <= now)
     }
+
+    /// The copy of this back-channel header that goes to one next hop: it
+    /// lists `dests`, the destinations behind that hop (the expiry kept),
+    /// and carries the hop of `me`, which received and sends it `now`.
+    /// How the server and every MLM on the way split a message by next hop.
+    pub fn copy_for_hop(&self, dests: Vec<RsId>, me: &RsId, now: Timestamp) -> Header {
+        let mut h = self.clone();
+        h.route = Route::Destination(Destination::new(dests, self.expiry()));
+        h.routing.push(Hop {
+            component: me.clone(),
+            received: now,
+            sent: Some(now),
+        });
+        h
+    }
 }
 
 /// The six content types.

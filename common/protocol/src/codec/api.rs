@@ -387,9 +387,8 @@ impl Job {
     }
 }
 
-pub fn encode_job(j: &Job) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(256 + j.targets.len() * 128);
-    let mut x = XmlOut::document(&mut buf);
+/// A `<job>` start tag with the job's attributes, left open.
+fn job_head<'x, 'b>(x: &'x mut XmlOut<'b>, j: &Job) -> &'x mut XmlOut<'b> {
     x.open("job")
         .attr("id", &j.id)
         .attr("message", &j.message)
@@ -399,8 +398,12 @@ pub fn encode_job(j: &Job) -> Vec<u8> {
         .attr_ts_opt("expiry", j.expiry)
         .attr_num("version", j.version)
         .attr("state", if j.is_done() { "done" } else { "running" })
-        .gt()
-        .newline();
+}
+
+pub fn encode_job(j: &Job) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(256 + j.targets.len() * 128);
+    let mut x = XmlOut::document(&mut buf);
+    job_head(&mut x, j).gt().newline();
     for t in &j.targets {
         x.open("target")
             .attr("id", t.id.as_str())
@@ -422,6 +425,26 @@ pub fn encode_job(j: &Job) -> Vec<u8> {
         x.newline();
     }
     x.close("job").newline();
+    buf
+}
+
+/// `GET /jobs`: each job's head and how many of its destinations are in
+/// each state, without the destinations themselves.
+pub fn encode_jobs(list: &[Job]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(128 + list.len() * 256);
+    let mut x = XmlOut::document(&mut buf);
+    x.open("jobs")
+        .attr_num("count", list.len() as u64)
+        .gt()
+        .newline();
+    for j in list {
+        job_head(&mut x, j);
+        for s in ["pending", "delivered", "succeeded", "failed", "expired"] {
+            x.attr_num(s, j.count(s) as u64);
+        }
+        x.empty().newline();
+    }
+    x.close("jobs").newline();
     buf
 }
 
