@@ -38,18 +38,31 @@ struct Cli {
         short,
         env = "RSCTL_SERVER",
         default_value = "http://127.0.0.1:8440",
-        global = true
+        global = true,
+        help_heading = "Global options"
     )]
     server: String,
     /// The provider's CA certificate: the only one trusted for an https
     /// server (docs/security.md).
-    #[arg(long, env = "RSCTL_CA", global = true)]
+    #[arg(long, env = "RSCTL_CA", global = true, help_heading = "Global options")]
     ca: Option<PathBuf>,
     /// This admin's certificate (issued with `rsctl ca issue --role admin`).
-    #[arg(long, env = "RSCTL_CERT", global = true, requires = "key")]
+    #[arg(
+        long,
+        env = "RSCTL_CERT",
+        global = true,
+        requires = "key",
+        help_heading = "Global options"
+    )]
     cert: Option<PathBuf>,
     /// Its private key.
-    #[arg(long, env = "RSCTL_KEY", global = true, requires = "cert")]
+    #[arg(
+        long,
+        env = "RSCTL_KEY",
+        global = true,
+        requires = "cert",
+        help_heading = "Global options"
+    )]
     key: Option<PathBuf>,
     /// How results are printed: `table` for people; `json` or `xml` for
     /// scripts (the control API's document, mapped to JSON or as the
@@ -60,7 +73,8 @@ struct Cli {
         value_enum,
         env = "RSCTL_OUTPUT",
         default_value = "table",
-        global = true
+        global = true,
+        help_heading = "Global options"
     )]
     output: output::Format,
     #[command(subcommand)]
@@ -78,7 +92,10 @@ enum Cmd {
         at_risk: bool,
     },
     /// Show one component's status tree.
-    Component { id: String },
+    Component {
+        /// The component's ID (acme.p1).
+        id: String,
+    },
     /// Where a message went: the hops and times it took through the tiers
     /// to the server, or, for one sent down, each destination's state and
     /// the next hops it still waits for.
@@ -91,7 +108,12 @@ enum Cmd {
     /// hand, received, messages forwarded), as the farm last reported.
     Farms,
     /// Replace a component's tags (none: remove them all).
-    Tag { id: String, tags: Vec<String> },
+    Tag {
+        /// The component's ID.
+        id: String,
+        /// Its tags from now on (none: remove them all).
+        tags: Vec<String>,
+    },
     /// Groups of components.
     #[command(subcommand)]
     Groups(GroupCmd),
@@ -247,6 +269,7 @@ enum SubscriptionCmd {
     /// Create a subscription or replace the one of this name; it receives
     /// what is stored from then on. The filters given must all match.
     Set {
+        /// The subscription's name.
         name: String,
         /// webhook (each message POSTed to --url), feed (pulled with
         /// `subscriptions feed`) or module (a built-in module, --module).
@@ -278,10 +301,14 @@ enum SubscriptionCmd {
         min_severity: Option<String>,
     },
     /// Delete a subscription and its tasks.
-    Delete { name: String },
+    Delete {
+        /// The subscription's name.
+        name: String,
+    },
     /// The next messages of a feed subscription, in storage order;
     /// --after acknowledges everything up to that cursor.
     Feed {
+        /// The feed subscription's name.
         name: String,
         /// The cursor of the last messages handled (acknowledges them).
         #[arg(long, default_value_t = 0)]
@@ -318,6 +345,7 @@ enum TaskCmd {
 enum CaCmd {
     /// Create a CA in a new directory.
     Init {
+        /// The CA's directory (ca.pem, ca.key, crl.pem).
         #[arg(long)]
         dir: PathBuf,
         /// The farm's PostgreSQL database (`postgres://...`, as the
@@ -328,6 +356,7 @@ enum CaCmd {
         /// The CA's name (its certificate's CN).
         #[arg(long, default_value = "Remote Services CA")]
         name: String,
+        /// How long the CA's certificate is valid.
         #[arg(long, default_value_t = 3650)]
         days: u32,
     },
@@ -335,6 +364,7 @@ enum CaCmd {
     /// (mode 0600) to --out. For servers give their --dns names and --ip
     /// addresses; for an admin, --role admin and --customers.
     Issue {
+        /// The CA's directory (ca.pem, ca.key, crl.pem).
         #[arg(long)]
         dir: PathBuf,
         /// The farm's PostgreSQL database (`postgres://...`, as the
@@ -344,15 +374,19 @@ enum CaCmd {
         database: Option<String>,
         /// A component ID (e.g. rs.a1, acme.m1) or an admin's name.
         name: String,
+        /// component or admin.
         #[arg(long, default_value = "component")]
         role: String,
         /// Admins only: the customers granted, comma-separated, or `*`.
         #[arg(long)]
         customers: Option<String>,
+        /// Servers: the host names it serves on, comma-separated.
         #[arg(long, value_delimiter = ',')]
         dns: Vec<String>,
+        /// Servers: the addresses it serves on, comma-separated.
         #[arg(long, value_delimiter = ',')]
         ip: Vec<std::net::IpAddr>,
+        /// How long the certificate is valid.
         #[arg(long, default_value_t = 365)]
         days: u32,
         /// Where to write the files.
@@ -361,6 +395,7 @@ enum CaCmd {
     },
     /// Revoke by serial, or every certificate of a name; rewrites crl.pem.
     Revoke {
+        /// The CA's directory (ca.pem, ca.key, crl.pem).
         #[arg(long)]
         dir: PathBuf,
         /// The farm's PostgreSQL database (`postgres://...`, as the
@@ -368,13 +403,16 @@ enum CaCmd {
         /// `ca.db` in --dir.
         #[arg(long)]
         database: Option<String>,
+        /// One certificate, by serial (hex).
         #[arg(long, conflicts_with = "name", required_unless_present = "name")]
         serial: Option<String>,
+        /// Every live certificate of this name.
         #[arg(long)]
         name: Option<String>,
     },
     /// Every certificate issued.
     List {
+        /// The CA's directory (ca.pem, ca.key, crl.pem).
         #[arg(long)]
         dir: PathBuf,
         /// The farm's PostgreSQL database (`postgres://...`, as the
@@ -397,9 +435,10 @@ struct EnrollArgs {
     /// proxy or mlm.
     #[arg(long)]
     kind: Option<String>,
-    /// Host names and addresses it serves on (MLMs).
+    /// Host names it serves on (MLMs), comma-separated.
     #[arg(long, value_delimiter = ',')]
     dns: Vec<String>,
+    /// Addresses it serves on (MLMs), comma-separated.
     #[arg(long, value_delimiter = ',')]
     ip: Vec<String>,
     /// How long the token may be used.
@@ -416,7 +455,10 @@ enum ThrottleCmd {
     /// destinations' only rule.
     Set(Box<RuleArgs>),
     /// Remove the server's rule of this name.
-    Remove { name: String },
+    Remove {
+        /// The rule's name.
+        name: String,
+    },
     /// Remove every rule of the destinations (or, without --to/--group,
     /// of the server).
     Clear {
@@ -440,6 +482,7 @@ struct Targets {
 
 #[derive(Debug, Args)]
 struct RuleArgs {
+    /// The rule's name (a rule of that name is replaced).
     name: String,
     /// Match: this customer's components.
     #[arg(long)]
@@ -456,12 +499,16 @@ struct RuleArgs {
     /// Separate allowances per: all, customer, component, class.
     #[arg(long, default_value = "all")]
     per: String,
+    /// Rate: messages per second (token bucket).
     #[arg(long)]
     messages_per_sec: Option<f64>,
+    /// Rate: bytes per second.
     #[arg(long)]
     bytes_per_sec: Option<u64>,
+    /// How many seconds of the rate may come at once.
     #[arg(long)]
     burst_secs: Option<f64>,
+    /// Quota: bytes per --quota-period.
     #[arg(long)]
     quota_bytes: Option<u64>,
     /// hour or day.
@@ -473,8 +520,10 @@ struct RuleArgs {
     /// IANA zone name (default UTC).
     #[arg(long)]
     time_zone: Option<String>,
+    /// Alarms at least this severe pass regardless (critical, major, ...).
     #[arg(long)]
     exempt_severity: Option<String>,
+    /// Messages of at least this precedence pass regardless.
     #[arg(long)]
     exempt_precedence: Option<u8>,
     #[command(flatten)]
@@ -538,9 +587,13 @@ enum GroupCmd {
     /// Every group with its size.
     List,
     /// A group's definition and its members now.
-    Show { name: String },
+    Show {
+        /// The group's name.
+        name: String,
+    },
     /// Create or replace a group: members, a selector, or both.
     Set {
+        /// The group's name.
         name: String,
         /// A static member (repeatable).
         #[arg(long = "member")]
@@ -556,7 +609,10 @@ enum GroupCmd {
         tag: Option<String>,
     },
     /// Delete a group.
-    Delete { name: String },
+    Delete {
+        /// The group's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -575,9 +631,15 @@ enum JobCmd {
         limit: u32,
     },
     /// A job's destinations and their states.
-    Show { id: String },
+    Show {
+        /// The job's ID (as `send` or `jobs list` printed it).
+        id: String,
+    },
     /// Follow a job until every destination is final.
-    Watch { id: String },
+    Watch {
+        /// The job's ID.
+        id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -607,11 +669,13 @@ struct SendArgs {
     /// left out, every dead letter of each destination.
     #[arg(long)]
     message: Option<String>,
-    /// softwareUpdate: package, version and (optionally) bulk URL.
+    /// softwareUpdate: the package's name.
     #[arg(long)]
     package: Option<String>,
+    /// softwareUpdate: the version to install.
     #[arg(long = "package-version")]
     package_version: Option<String>,
+    /// softwareUpdate: where to fetch it (a bulk URL; optional).
     #[arg(long)]
     url: Option<String>,
     /// How long the action may wait to be delivered, seconds.
@@ -640,6 +704,7 @@ struct PublishArgs {
     /// else (kept).
     #[arg(long, default_value = "software")]
     class: String,
+    /// Its subclass (for configuration: the kind of component it is for).
     #[arg(long = "subclass", default_value = "package")]
     subclass: String,
     /// The name to publish it under (default: the file's name).
@@ -2192,5 +2257,48 @@ where
             eprintln!("rsctl: {e:#}");
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    /// Every command and argument says what it is, and the global options
+    /// stand apart from each command's own in its help.
+    #[test]
+    fn every_command_and_argument_is_described_and_global_options_stand_apart() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+                if a.is_global_set() {
+                    assert_eq!(
+                        a.get_help_heading(),
+                        Some("Global options"),
+                        "{path} {id}: a global option under its own heading"
+                    );
+                }
+            }
+            for s in c.get_subcommands() {
+                if s.get_name() == "help" {
+                    continue;
+                }
+                let p = format!("{path} {}", s.get_name());
+                if s.get_about().is_none() {
+                    missing.push(format!("{p} (the command)"));
+                }
+                walk(s, &p, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "rsctl", &mut missing);
+        assert!(missing.is_empty(), "not described: {missing:#?}");
     }
 }
