@@ -561,6 +561,37 @@ impl Deployment {
         }
     }
 
+    /// This deployment's copy of the run's CA (its key, certificate and
+    /// revocation list; its `ca.db` a link to the run's), made at the first
+    /// call: for servers whose CA records are in a PostgreSQL database of
+    /// this deployment's own. The CA directory holds the revocation list
+    /// the server writes from its records, so servers with different
+    /// records must not share one (the last to write undid the others'
+    /// revocations, and a site revoked in one test got in again). On
+    /// SQLite the records are the directory's `ca.db`, shared like the
+    /// directory.
+    fn own_ca_dir(&self) -> anyhow::Result<PathBuf> {
+        let p = self
+            .pki
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("a deployment without a CA"))?;
+        let own = self.dir.join("ca");
+        if !own.join("ca.key").exists() {
+            std::fs::create_dir_all(&own)?;
+            for f in ["ca.pem", "ca.key", "crl.pem"] {
+                if p.dir.join(f).exists() {
+                    std::fs::copy(p.dir.join(f), own.join(f))?;
+                }
+            }
+            // The certificates the suite issues go into the run's `ca.db`;
+            // the server takes them in from there (as a farm's server takes
+            // in those issued with `rsctl ca` on its directory), so they
+            // stay known and revocable through it.
+            std::os::unix::fs::symlink(p.dir.join("ca.db"), own.join("ca.db"))?;
+        }
+        Ok(own)
+    }
+
     /// Starts the application server (`extra`: more TOML); returns its address.
     /// Its store is on the engine [`store_engine`] names: a database of its
     /// own on the test process's PostgreSQL (its URL kept in
@@ -582,9 +613,13 @@ impl Deployment {
             "id = \"rs.a1\"\nlisten = \"{listen}\"\ndata_dir = \"{}\"\n{database}{extra}\n",
             dir.display()
         );
-        if let Some(p) = &self.pki {
+        if self.pki.is_some() {
             cfg.push_str(&self.server_tls("appserver", "rs.a1", false)?);
-            cfg.push_str(&format!("\n[ca]\ndir = \"{}\"\n", p.dir.display()));
+            let ca = match self.store {
+                StoreEngine::Postgres => self.own_ca_dir()?,
+                StoreEngine::Sqlite => self.pki.as_ref().map(|p| p.dir.clone()).unwrap_or_default(),
+            };
+            cfg.push_str(&format!("\n[ca]\ndir = \"{}\"\n", ca.display()));
         }
         let a = self.server("appserver", Role::AppServer, cfg)?;
         self.appserver_addr = Some(a.clone());
@@ -617,12 +652,13 @@ impl Deployment {
                 self.dir.join("farm").join("bulk").display()
             ));
         }
-        if let Some(p) = &self.pki {
+        if self.pki.is_some() {
             cfg.push_str(&self.server_tls("farm", "rs.a1", false)?);
             // The deployment's CA directory, unless `extra` names another
             // (a copy of it on the member's own host).
             if !extra.contains("[ca]") {
-                cfg.push_str(&format!("\n[ca]\ndir = \"{}\"\n", p.dir.display()));
+                let ca = self.own_ca_dir()?;
+                cfg.push_str(&format!("\n[ca]\ndir = \"{}\"\n", ca.display()));
             }
         }
         self.server(name, Role::AppServer, cfg)
