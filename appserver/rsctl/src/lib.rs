@@ -1322,21 +1322,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 Some(c) => format!("uploads?component={}", enc(&c)),
                 None => "uploads".to_owned(),
             };
-            let b = api.call(reqwest::Method::GET, &path, None).await?;
-            out.doc(&b, |d| {
-                table(
-                    &rows(d, "upload"),
-                    &[
-                        ("REQUEST", "request"),
-                        ("COMPONENT", "component"),
-                        ("NAME", "name"),
-                        ("SIZE", "size"),
-                        ("STATE", "state"),
-                        ("RECEIVED", "received"),
-                        ("REASON", "reason"),
-                    ],
-                );
-            })?;
+            list(
+                &api,
+                out,
+                &path,
+                "upload",
+                &[
+                    ("REQUEST", "request"),
+                    ("COMPONENT", "component"),
+                    ("NAME", "name"),
+                    ("SIZE", "size"),
+                    ("STATE", "state"),
+                    ("RECEIVED", "received"),
+                    ("REASON", "reason"),
+                ],
+            )
+            .await?;
         }
         Cmd::Fetch { request, file } => {
             let mut resp = api
@@ -1415,26 +1416,25 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             if let Some(b) = before {
                 q.push(format!("before={}", enc(&b)));
             }
-            let b = api
-                .call(reqwest::Method::GET, &format!("jobs?{}", q.join("&")), None)
-                .await?;
-            out.doc(&b, |d| {
-                table(
-                    &rows(d, "job"),
-                    &[
-                        ("ID", "id"),
-                        ("ACTION", "action"),
-                        ("CREATED", "created"),
-                        ("STATE", "state"),
-                        ("TARGETS", "targets"),
-                        ("PENDING", "pending"),
-                        ("DELIVERED", "delivered"),
-                        ("SUCCEEDED", "succeeded"),
-                        ("FAILED", "failed"),
-                        ("EXPIRED", "expired"),
-                    ],
-                );
-            })?;
+            list(
+                &api,
+                out,
+                &format!("jobs?{}", q.join("&")),
+                "job",
+                &[
+                    ("ID", "id"),
+                    ("ACTION", "action"),
+                    ("CREATED", "created"),
+                    ("STATE", "state"),
+                    ("TARGETS", "targets"),
+                    ("PENDING", "pending"),
+                    ("DELIVERED", "delivered"),
+                    ("SUCCEEDED", "succeeded"),
+                    ("FAILED", "failed"),
+                    ("EXPIRED", "expired"),
+                ],
+            )
+            .await?;
         }
         Cmd::Jobs(JobCmd::Show { id }) => {
             let job = api.job(&id, None).await?;
@@ -1512,8 +1512,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 Some(n) => format!("certificates?name={}", enc(&n)),
                 None => "certificates".to_owned(),
             };
-            let b = api.call(reqwest::Method::GET, &path, None).await?;
-            out.doc(&b, |d| table(&rows(d, "certificate"), CERTIFICATE_COLUMNS))?;
+            list(&api, out, &path, "certificate", CERTIFICATE_COLUMNS).await?;
         }
         Cmd::Audit {
             admin,
@@ -1527,34 +1526,29 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             if let Some(b) = before {
                 path.push_str(&format!("&before={b}"));
             }
-            let b = api.call(reqwest::Method::GET, &path, None).await?;
-            out.doc(&b, |d| {
-                table(
-                    &rows(d, "entry"),
-                    &[
-                        ("SEQ", "seq"),
-                        ("AT", "at"),
-                        ("ADMIN", "admin"),
-                        ("PEER", "peer"),
-                        ("METHOD", "method"),
-                        ("STATUS", "status"),
-                        ("MS", "millis"),
-                        ("PATH", "path"),
-                    ],
-                );
-            })?;
+            list(
+                &api,
+                out,
+                &path,
+                "entry",
+                &[
+                    ("SEQ", "seq"),
+                    ("AT", "at"),
+                    ("ADMIN", "admin"),
+                    ("PEER", "peer"),
+                    ("METHOD", "method"),
+                    ("STATUS", "status"),
+                    ("MS", "millis"),
+                    ("PATH", "path"),
+                ],
+            )
+            .await?;
         }
         Cmd::Messages { filter, limit } => {
             let mut q = filter.query();
             q.push(format!("limit={limit}"));
-            let b = api
-                .call(
-                    reqwest::Method::GET,
-                    &format!("messages?{}", q.join("&")),
-                    None,
-                )
-                .await?;
-            out.doc(&b, |d| table(&rows(d, "message"), MESSAGE_COLUMNS))?;
+            let path = format!("messages?{}", q.join("&"));
+            list(&api, out, &path, "message", MESSAGE_COLUMNS).await?;
         }
         Cmd::Export {
             filter,
@@ -1563,27 +1557,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         } => return export(&api, out, &filter, after, limit).await,
         Cmd::Subscriptions(c) => subscriptions(&api, out, c).await?,
         Cmd::Tasks(TaskCmd::List { state, limit }) => {
-            let b = api
-                .call(
-                    reqwest::Method::GET,
-                    &format!("tasks?state={}&limit={limit}", enc(&state)),
-                    None,
-                )
-                .await?;
-            out.doc(&b, |d| {
-                table(
-                    &rows(d, "task"),
-                    &[
-                        ("ID", "id"),
-                        ("SUBSCRIPTION", "subscription"),
-                        ("MESSAGE", "message"),
-                        ("STATE", "state"),
-                        ("ATTEMPTS", "attempts"),
-                        ("CREATED", "created"),
-                        ("LAST ERROR", "text"),
-                    ],
-                );
-            })?;
+            list(
+                &api,
+                out,
+                &format!("tasks?state={}&limit={limit}", enc(&state)),
+                "task",
+                &[
+                    ("ID", "id"),
+                    ("SUBSCRIPTION", "subscription"),
+                    ("MESSAGE", "message"),
+                    ("STATE", "state"),
+                    ("ATTEMPTS", "attempts"),
+                    ("CREATED", "created"),
+                    ("LAST ERROR", "text"),
+                ],
+            )
+            .await?;
         }
         Cmd::Tasks(TaskCmd::Replay { id }) => {
             let path = match id {
@@ -1600,6 +1589,19 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// A GET answered by a list document: printed as a table of its
+/// `element`s under `columns`, or as the document (`--output`).
+async fn list(
+    api: &Api,
+    out: Out,
+    path: &str,
+    element: &str,
+    columns: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let b = api.call(reqwest::Method::GET, path, None).await?;
+    out.doc(&b, |d| table(&rows(d, element), columns))
 }
 
 const CERTIFICATE_COLUMNS: &[(&str, &str)] = &[
@@ -1812,10 +1814,7 @@ async fn subscriptions(api: &Api, out: Out, cmd: SubscriptionCmd) -> anyhow::Res
     ];
     match cmd {
         SubscriptionCmd::List => {
-            let b = api
-                .call(reqwest::Method::GET, "subscriptions", None)
-                .await?;
-            out.doc(&b, |d| table(&rows(d, "subscription"), columns))?;
+            list(api, out, "subscriptions", "subscription", columns).await?;
         }
         SubscriptionCmd::Set {
             name,
