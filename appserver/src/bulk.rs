@@ -611,7 +611,7 @@ pub fn control_routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "uploads")
             .and(warp::get())
-            .and(crate::security::admin())
+            .and(crate::security::admin(&app))
             .and(warp::query::<std::collections::HashMap<String, String>>())
             .then(
                 move |admin: crate::security::Admin,
@@ -652,7 +652,7 @@ pub fn control_routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::
     };
     let file = warp::path!("rs" / "v1" / "control" / "uploads" / String / "file")
         .and(warp::get())
-        .and(crate::security::admin())
+        .and(crate::security::admin(&app))
         .then(move |request: String, admin: crate::security::Admin| {
             let app = app.clone();
             async move { fetch(&app, request, &admin.grants).await }

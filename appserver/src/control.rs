@@ -35,7 +35,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         warp::path!("rs" / "v1" / "control" / "messages")
             .and(warp::get())
             .and(warp::query::<HashMap<String, String>>())
-            .and(crate::security::admin())
+            .and(crate::security::admin(&app))
             .and_then(move |q, admin: crate::security::Admin| {
                 let app = app.clone();
                 async move { messages(&app, q, &admin.grants).await }
@@ -45,17 +45,17 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "messages" / String / "trace")
             .and(warp::get())
-            .and(crate::security::admin())
+            .and(crate::security::admin(&app))
             .and_then(move |id: String, admin: crate::security::Admin| {
                 let app = app.clone();
-                async move { trace(&app, id, &admin.grants).await }
+                async move { trace(&app, decoded(&id), &admin.grants).await }
             })
     };
     let export = {
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "export")
             .and(warp::get())
-            .and(crate::security::provider())
+            .and(crate::security::provider(&app))
             .and(warp::query::<HashMap<String, String>>())
             .and_then(move |_: crate::security::Admin, q| {
                 let app = app.clone();
@@ -66,7 +66,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "components")
             .and(warp::get())
-            .and(crate::security::admin())
+            .and(crate::security::admin(&app))
             .and(warp::query::<HashMap<String, String>>())
             .and_then(
                 move |admin: crate::security::Admin, q: HashMap<String, String>| {
@@ -79,7 +79,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "farms")
             .and(warp::get())
-            .and(crate::security::admin())
+            .and(crate::security::admin(&app))
             .and_then(move |admin: crate::security::Admin| {
                 let app = app.clone();
                 async move { farms(&app, &admin.grants).await }
@@ -90,7 +90,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         warp::path!("rs" / "v1" / "control" / "send")
             .and(warp::post())
             .and(small_body())
-            .and(crate::security::admin())
+            .and(crate::security::admin(&app))
             .and_then(move |body: bytes::Bytes, admin: crate::security::Admin| {
                 let app = app.clone();
                 async move { send(&app, &body, &admin.grants).await }
@@ -101,7 +101,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         warp::path!("rs" / "v1" / "control" / "jobs")
             .and(warp::get())
             .and(warp::query::<HashMap<String, String>>())
-            .and(crate::security::admin())
+            .and(crate::security::admin(&app))
             .and_then(move |q, admin: crate::security::Admin| {
                 let app = app.clone();
                 async move { jobs(&app, q, &admin.grants).await }
@@ -112,7 +112,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         warp::path!("rs" / "v1" / "control" / "jobs" / String)
             .and(warp::get())
             .and(warp::query::<HashMap<String, String>>())
-            .and(crate::security::admin())
+            .and(crate::security::admin(&app))
             .and_then(move |id: String, q, admin: crate::security::Admin| {
                 let app = app.clone();
                 async move { job(&app, id, q, &admin.grants).await }
@@ -122,7 +122,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "groups")
             .and(warp::get())
-            .and(crate::security::admin())
+            .and(crate::security::admin(&app))
             .and_then(move |admin: crate::security::Admin| {
                 let app = app.clone();
                 async move { groups(&app, None, &admin.grants).await }
@@ -132,7 +132,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "groups" / String)
             .and(warp::get())
-            .and(crate::security::admin())
+            .and(crate::security::admin(&app))
             .and_then(move |name: String, admin: crate::security::Admin| {
                 let app = app.clone();
                 async move { groups(&app, Some(name), &admin.grants).await }
@@ -142,7 +142,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "groups" / String)
             .and(warp::put())
-            .and(crate::security::provider())
+            .and(crate::security::provider(&app))
             .and(small_body())
             .and_then(
                 move |name: String, _: crate::security::Admin, body: bytes::Bytes| {
@@ -155,7 +155,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "groups" / String)
             .and(warp::delete())
-            .and(crate::security::provider())
+            .and(crate::security::provider(&app))
             .and_then(move |name: String, _: crate::security::Admin| {
                 let app = app.clone();
                 async move { delete_group(&app, name).await }
@@ -165,7 +165,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "throttle")
             .and(warp::get())
-            .and(crate::security::admin())
+            .and(crate::security::admin(&app))
             .map(move |admin: crate::security::Admin| {
                 let mut cfg = app
                     .throttle_cfg
@@ -189,7 +189,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "throttle")
             .and(warp::put())
-            .and(crate::security::provider())
+            .and(crate::security::provider(&app))
             .and(small_body())
             .and_then(move |_: crate::security::Admin, body: bytes::Bytes| {
                 let app = app.clone();
@@ -200,7 +200,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "subscriptions")
             .and(warp::post())
-            .and(crate::security::provider())
+            .and(crate::security::provider(&app))
             .and(small_body())
             .and_then(move |_: crate::security::Admin, body: bytes::Bytes| {
                 let app = app.clone();
@@ -211,7 +211,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "subscriptions")
             .and(warp::get())
-            .and(crate::security::provider())
+            .and(crate::security::provider(&app))
             .and_then(move |_: crate::security::Admin| {
                 let app = app.clone();
                 async move { subscriptions(&app).await }
@@ -221,9 +221,10 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "subscriptions" / String)
             .and(warp::delete())
-            .and(crate::security::provider())
+            .and(crate::security::provider(&app))
             .and_then(move |name: String, _: crate::security::Admin| {
                 let app = app.clone();
+                let name = decoded(&name);
                 async move {
                     match app.store.unsubscribe(name.clone()).await {
                         Ok(true) => Ok(warp::reply::Reply::into_response(
@@ -242,18 +243,18 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "subscriptions" / String / "feed")
             .and(warp::get())
-            .and(crate::security::provider())
+            .and(crate::security::provider(&app))
             .and(warp::query::<HashMap<String, String>>())
             .and_then(move |name: String, _: crate::security::Admin, q| {
                 let app = app.clone();
-                async move { feed(&app, name, q).await }
+                async move { feed(&app, decoded(&name), q).await }
             })
     };
     let tasks = {
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "tasks")
             .and(warp::get())
-            .and(crate::security::provider())
+            .and(crate::security::provider(&app))
             .and(warp::query::<HashMap<String, String>>())
             .and_then(move |_: crate::security::Admin, q| {
                 let app = app.clone();
@@ -264,7 +265,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "tasks" / "replay")
             .and(warp::post())
-            .and(crate::security::provider())
+            .and(crate::security::provider(&app))
             .and(warp::query::<HashMap<String, String>>())
             .and_then(move |_: crate::security::Admin, q| {
                 let app = app.clone();
@@ -273,7 +274,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
     };
     let tags = warp::path!("rs" / "v1" / "control" / "components" / String / "tags")
         .and(warp::put())
-        .and(crate::security::admin())
+        .and(crate::security::admin(&app))
         .and(small_body())
         .and_then(
             move |id: String, admin: crate::security::Admin, body: bytes::Bytes| {
@@ -561,6 +562,14 @@ pub(crate) fn small_body() -> impl Filter<Extract = (bytes::Bytes,), Error = war
     })
 }
 
+/// A path segment as sent: percent-encoded by clients that encode every
+/// character but letters and digits (rsctl), or not at all.
+pub(crate) fn decoded(segment: &str) -> String {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 pub(crate) fn refuse(status: http::StatusCode, text: impl Into<String>) -> warp::Rejection {
     warp::reject::custom(Refusal::new(status, text))
 }
@@ -720,7 +729,22 @@ async fn messages(
     grants: &crate::security::Grants,
 ) -> Result<warp::reply::Response, warp::Rejection> {
     let mut query = query_of(q, false)?;
-    // An admin of some customers asks within them.
+    scope(&mut query, grants)?;
+    let rows = app
+        .store
+        .query(query)
+        .await
+        .map_err(|e| refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(xml_response(crate::documents::messages_doc(&rows)))
+}
+
+/// Keeps a query of stored messages within the customers `grants`
+/// covers: one named must be granted; with none named, an admin of one
+/// customer asks within it, an admin of several must name one.
+pub(crate) fn scope(
+    query: &mut Query,
+    grants: &crate::security::Grants,
+) -> Result<(), warp::Rejection> {
     if let crate::security::Grants::Some(list) = grants {
         let of_component = query
             .component
@@ -744,12 +768,7 @@ async fn messages(
             }
         }
     }
-    let rows = app
-        .store
-        .query(query)
-        .await
-        .map_err(|e| refuse(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    Ok(xml_response(crate::documents::messages_doc(&rows)))
+    Ok(())
 }
 
 /// `GET /rs/v1/control/messages/{id}/trace`: the hops and times of a
@@ -961,7 +980,7 @@ async fn export(
 
 /// The components the admin's grants let it see, with their latest status
 /// trees.
-async fn visible_components(
+pub(crate) async fn visible_components(
     app: &AppServer,
     grants: &crate::security::Grants,
 ) -> Result<Vec<Component>, warp::Rejection> {
@@ -1276,19 +1295,7 @@ async fn job(
     let mut changes = app.jobs_changed.subscribe();
     loop {
         changes.borrow_and_update();
-        let job = app
-            .store
-            .job(id.clone())
-            .await
-            .map_err(unavailable)?
-            .ok_or_else(|| refuse(http::StatusCode::NOT_FOUND, format!("no job {id:?}")))?;
-        // A job is shown to an admin granted every one of its destinations.
-        if let Some(t) = job.targets.iter().find(|t| !grants.component(&t.id)) {
-            return Err(refuse(
-                http::StatusCode::FORBIDDEN,
-                format!("not granted: {} (a destination of job {id})", t.id),
-            ));
-        }
+        let job = visible_job(app, &id, grants).await?;
         let hold = after.is_some_and(|a| job.version <= a) && !job.is_done();
         if !hold {
             return Ok(xml_response(encode_job(&job)));
@@ -1299,6 +1306,29 @@ async fn job(
             () = app.stopping.cancelled() => return Ok(xml_response(encode_job(&job))),
         }
     }
+}
+
+/// The job `id` if `grants` covers every one of its destinations.
+pub(crate) async fn visible_job(
+    app: &AppServer,
+    id: &str,
+    grants: &crate::security::Grants,
+) -> Result<rs_protocol::codec::api::Job, warp::Rejection> {
+    let job = app
+        .store
+        .job(id.to_owned())
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| refuse(http::StatusCode::NOT_FOUND, format!("no job {id:?}")))?;
+    // Answered as a job that does not exist: naming the destination not
+    // granted would tell another customer's component.
+    if job.targets.iter().any(|t| !grants.component(&t.id)) {
+        return Err(refuse(
+            http::StatusCode::NOT_FOUND,
+            format!("no job {id:?}"),
+        ));
+    }
+    Ok(job)
 }
 
 /// `GET /rs/v1/control/jobs[?state=running|done&before=JOB&limit=N]`:
@@ -1332,6 +1362,19 @@ async fn jobs(
             other => return Err(bad(format!("unknown parameter {other:?}"))),
         }
     }
+    let page = job_page(app, grants, state, before, limit).await?;
+    Ok(xml_response(rs_protocol::codec::api::encode_jobs(&page)))
+}
+
+/// The newest jobs (before the job `before`) whose every destination
+/// `grants` covers, finished (`state` true) or running (false) or both.
+pub(crate) async fn job_page(
+    app: &AppServer,
+    grants: &crate::security::Grants,
+    state: Option<bool>,
+    before: Option<String>,
+    limit: usize,
+) -> Result<Vec<rs_protocol::codec::api::Job>, warp::Rejection> {
     // A job this admin may not see is answered as one that does not
     // exist: the answer tells nothing of another customer's jobs.
     if let Some(b) = &before {
@@ -1359,13 +1402,13 @@ async fn jobs(
             {
                 page.push(j);
                 if page.len() == limit {
-                    return Ok(xml_response(rs_protocol::codec::api::encode_jobs(&page)));
+                    return Ok(page);
                 }
             }
         }
         match last {
             Some(l) => from = Some(l),
-            None => return Ok(xml_response(rs_protocol::codec::api::encode_jobs(&page))),
+            None => return Ok(page),
         }
     }
 }
@@ -1378,6 +1421,16 @@ async fn groups(
     name: Option<String>,
     grants: &crate::security::Grants,
 ) -> Result<warp::reply::Response, warp::Rejection> {
+    let list = visible_groups(app, name, grants).await?;
+    Ok(xml_response(encode_groups(&list)))
+}
+
+/// Groups (all, or the one named) as `grants` may see them.
+pub(crate) async fn visible_groups(
+    app: &AppServer,
+    name: Option<String>,
+    grants: &crate::security::Grants,
+) -> Result<Vec<(rs_protocol::codec::api::GroupDef, Vec<RsId>)>, warp::Rejection> {
     let mut list = app.store.groups(name.clone()).await.map_err(unavailable)?;
     list.retain(|(g, _)| {
         g.customer
@@ -1394,7 +1447,7 @@ async fn groups(
             format!("no group {n:?}"),
         ));
     }
-    Ok(xml_response(encode_groups(&list)))
+    Ok(list)
 }
 
 /// `PUT /rs/v1/control/groups/{name}`: creates or replaces a group.

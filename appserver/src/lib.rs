@@ -15,11 +15,13 @@ pub mod ingress;
 pub mod jobs;
 pub mod modules;
 pub mod monitor;
+pub mod portal;
 pub mod publish;
 mod schema;
 pub mod security;
 pub mod store;
 pub mod subscription;
+pub mod tokens;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -432,7 +434,7 @@ impl AppServer {
             .and(warp::get())
             .map(|| "ok\n");
         finish(
-            security::gate().and(
+            security::gate(self).and(
                 rs_node::pipeline::route(self.clone())
                     .or(bulk::routes(self.clone()))
                     .unify()
@@ -445,6 +447,10 @@ impl AppServer {
                     .or(control::routes(self.clone()))
                     .unify()
                     .or(security::control_routes(self.clone()))
+                    .unify()
+                    .or(tokens::routes(self.clone()))
+                    .unify()
+                    .or(portal::routes(self.clone()))
                     .unify()
                     .or(health.map(warp::Reply::into_response))
                     .unify(),

@@ -62,7 +62,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "files" / String)
             .and(warp::put())
-            .and(crate::security::provider())
+            .and(crate::security::provider(&app))
             .and(warp::header::headers_cloned())
             .and(warp::body::stream())
             .then(
@@ -77,7 +77,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
         warp::path!("rs" / "v1" / "control" / "offer")
             .and(warp::post())
             .and(crate::control::small_body())
-            .and(crate::security::admin())
+            .and(crate::security::admin(&app))
             .and_then(move |body: bytes::Bytes, admin: crate::security::Admin| {
                 let app = app.clone();
                 async move { offer(&app, &body, &admin.grants).await }

@@ -54,6 +54,15 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         // the live members.
         apply: |c| c.batch(rs_store::members::TABLE),
     },
+    Migration {
+        version: 5,
+        name: "API tokens and portal sessions",
+        // Admins without a client certificate: API tokens (only their
+        // SHA-256 is kept) and the web portal's sessions (the same: the
+        // cookie's hash). A session made with a token lives no longer
+        // than the token (store/admins.rs joins them at every request).
+        apply: |c| c.batch(crate::store::admins::TABLES),
+    },
 ];
 
 fn baseline(c: &mut Conn) -> Result<(), DbError> {

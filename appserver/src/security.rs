@@ -111,18 +111,52 @@ fn admin_of(peer: &Peer) -> Result<Admin, Refusal> {
 /// access rule lives on the route, so it applies to exactly the paths the
 /// router matches (a path-prefix test beside the router let
 /// `/rs/v1/status/` through while `/rs/v1/status` was checked).
-pub fn admin()
--> impl Filter<Extract = (Admin,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+pub fn admin(
+    app: &Arc<AppServer>,
+) -> impl Filter<Extract = (Admin,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    let app = app.clone();
     rs_net::server::peer()
-        .and_then(|p: Peer| async move { admin_of(&p).map_err(warp::reject::custom) })
+        .and(warp::header::optional::<String>("authorization"))
+        .and_then(move |p: Peer, auth: Option<String>| {
+            let app = app.clone();
+            async move {
+                caller(&app, &p, auth.as_deref())
+                    .await
+                    .map_err(warp::reject::custom)
+            }
+        })
+}
+
+/// The token of an `Authorization: Bearer` header.
+pub fn bearer(authorization: &str) -> Option<&str> {
+    authorization
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Who is calling: the admin certificate presented, else the API token
+/// (`Authorization: Bearer`, [`crate::tokens`]), else on a plain listener
+/// `local`. A component's certificate is never an admin, token or not.
+pub async fn caller(
+    app: &AppServer,
+    peer: &Peer,
+    authorization: Option<&str>,
+) -> Result<Admin, Refusal> {
+    match (peer, authorization.and_then(bearer)) {
+        (Peer::Tls(_, Some(_)), _) | (_, None) => admin_of(peer),
+        (_, Some(token)) => crate::tokens::admin(app, token).await,
+    }
 }
 
 /// An admin granted every customer: for what applies to all customers
 /// (throttle rules, subscriptions and their tasks, changes to groups,
-/// published files, exports across customers, the CA's certificates).
-pub fn provider()
--> impl Filter<Extract = (Admin,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
-    admin().and_then(|a: Admin| async move {
+/// published files, exports across customers, the CA's certificates, API
+/// tokens).
+pub fn provider(
+    app: &Arc<AppServer>,
+) -> impl Filter<Extract = (Admin,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    admin(app).and_then(|a: Admin| async move {
         if a.grants.is_all() {
             Ok(a)
         } else {
@@ -134,55 +168,76 @@ pub fn provider()
 /// Stands before every route: anything under the control API needs an
 /// admin (defence in depth: each control route also names whom it serves,
 /// [`admin`] or [`provider`], and scopes what it shows by the grants).
-pub fn gate() -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static
-{
+pub fn gate(
+    app: &Arc<AppServer>,
+) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    let app = app.clone();
     rs_net::server::peer()
         .and(warp::path::full())
-        .and_then(|p: Peer, path: warp::path::FullPath| async move {
-            if path.as_str().starts_with("/rs/v1/control/") {
-                admin_of(&p).map_err(warp::reject::custom)?;
-            }
-            Ok::<(), warp::Rejection>(())
-        })
+        .and(warp::header::optional::<String>("authorization"))
+        .and_then(
+            move |p: Peer, path: warp::path::FullPath, auth: Option<String>| {
+                let app = app.clone();
+                async move {
+                    if path.as_str().starts_with("/rs/v1/control/") {
+                        caller(&app, &p, auth.as_deref())
+                            .await
+                            .map_err(warp::reject::custom)?;
+                    }
+                    Ok::<(), warp::Rejection>(())
+                }
+            },
+        )
         .untuple_one()
 }
 
-/// Records control API requests in the audit log (called by the accept
-/// loop after each response).
+/// Records control API requests and the portal's actions in the audit
+/// log (called by the accept loop after each response).
 #[derive(Debug)]
 pub struct Auditor(pub std::sync::Weak<AppServer>);
 
 impl rs_net::server::Observer for Auditor {
+    fn wants(&self, method: &http::Method, uri: &http::Uri) -> bool {
+        let path = uri.path();
+        // The portal's pages are reads of what the API shows; its actions
+        // are audited, its login by the login itself (it knows the token).
+        path.starts_with("/rs/v1/control/")
+            || (path.starts_with(crate::portal::ROOT)
+                && method != http::Method::GET
+                && path != crate::portal::LOGIN)
+    }
+
     fn responded(
         &self,
         peer: &Peer,
-        method: &http::Method,
-        uri: &http::Uri,
+        head: &rs_net::server::RequestHead,
         status: http::StatusCode,
         took: Duration,
     ) {
-        if !uri.path().starts_with("/rs/v1/control/") {
-            return;
-        }
         let Some(app) = self.0.upgrade() else { return };
-        let admin = match peer {
-            Peer::Tls(_, Some(id)) => id.name.clone(),
-            Peer::Tls(_, None) => "(no certificate)".into(),
-            Peer::Tcp(_) | Peer::Local => "local".into(),
-        };
         let from = match peer {
             Peer::Tls(a, _) | Peer::Tcp(a) => a.to_string(),
             Peer::Local => "local".into(),
         };
-        let path = uri
+        let path = head
+            .uri
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_default();
-        let method = method.to_string();
+        let method = head.method.to_string();
         let now = app.clock.now().as_millis();
         let millis = took.as_millis() as i64;
         let status = i64::from(status.as_u16());
+        let peer = peer.clone();
+        let authorization = head
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer)
+            .map(str::to_owned);
+        let session = crate::portal::session_cookie(&head.headers);
         tokio::spawn(async move {
+            let admin = audited_as(&app, &peer, authorization, session).await;
             let r = app
                 .store
                 .audit_record(now, admin, from, method, path, status, millis)
@@ -194,9 +249,33 @@ impl rs_net::server::Observer for Auditor {
     }
 }
 
+/// The name the audit log gives the caller: as [`caller`] decides, and for
+/// the portal the admin of its session.
+async fn audited_as(
+    app: &AppServer,
+    peer: &Peer,
+    token: Option<String>,
+    session: Option<String>,
+) -> String {
+    match (peer, token, session) {
+        (Peer::Tls(_, Some(id)), _, _) => id.name.clone(),
+        (_, Some(t), _) => match app.store.token_name(sha256_hex(&t)).await {
+            Ok(Some(name)) => crate::tokens::admin_name(&name),
+            Ok(None) => "(unknown token)".into(),
+            Err(e) => format!("(token not looked up: {e})"),
+        },
+        (_, None, Some(cookie)) => match crate::portal::session_admin(app, &cookie).await {
+            Some(name) => name,
+            None => "(no session)".into(),
+        },
+        (Peer::Tls(_, None), None, None) => "(no certificate)".into(),
+        (Peer::Tcp(_) | Peer::Local, None, None) => "local".into(),
+    }
+}
+
 pub use crate::store::security::AuditRow;
 
-fn sha256_hex(s: &str) -> String {
+pub(crate) fn sha256_hex(s: &str) -> String {
     openssl::sha::sha256(s.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -204,11 +283,18 @@ fn sha256_hex(s: &str) -> String {
 }
 
 fn new_token() -> Result<String, String> {
+    random_secret("rse_", 24)
+}
+
+/// `prefix` and `n` random bytes (OpenSSL's generator), base64url: the
+/// enrollment tokens, API tokens, portal session cookies and their CSRF
+/// tokens.
+pub(crate) fn random_secret(prefix: &str, n: usize) -> Result<String, String> {
     use base64::Engine as _;
-    let mut b = [0u8; 24];
+    let mut b = vec![0u8; n];
     openssl::rand::rand_bytes(&mut b).map_err(|e| format!("openssl: {e}"))?;
     Ok(format!(
-        "rse_{}",
+        "{prefix}{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
     ))
 }
@@ -612,7 +698,7 @@ pub fn control_routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "enrollments")
             .and(warp::post())
-            .and(admin())
+            .and(admin(&app))
             .and(warp::query::<HashMap<String, String>>())
             .then(move |a: Admin, q: HashMap<String, String>| {
                 let app = app.clone();
@@ -623,7 +709,7 @@ pub fn control_routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "revoke")
             .and(warp::post())
-            .and(admin())
+            .and(admin(&app))
             .and(warp::query::<HashMap<String, String>>())
             .then(move |a: Admin, q: HashMap<String, String>| {
                 let app = app.clone();
@@ -634,7 +720,7 @@ pub fn control_routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "certificates")
             .and(warp::get())
-            .and(provider())
+            .and(provider(&app))
             .and(warp::query::<HashMap<String, String>>())
             .then(move |_: Admin, q: HashMap<String, String>| {
                 let app = app.clone();
@@ -645,7 +731,7 @@ pub fn control_routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::
         let app = app.clone();
         warp::path!("rs" / "v1" / "control" / "audit")
             .and(warp::get())
-            .and(admin())
+            .and(admin(&app))
             .and(warp::query::<HashMap<String, String>>())
             .then(move |a: Admin, q: HashMap<String, String>| {
                 let app = app.clone();

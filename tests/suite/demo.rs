@@ -104,6 +104,54 @@ async fn the_demo_runs_and_the_readme_admin_commands_work_as_written() {
         "the README's admin steps are not what the demo prints"
     );
 
+    // The web portal it prints: log in with the printed token and see
+    // the sites.
+    let portal = head
+        .iter()
+        .find_map(|l| l.strip_prefix("web portal: "))
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_owned();
+    assert_eq!(portal, format!("https://{listen}/portal/"));
+    let token = head
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("log in with the API token "))
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_owned();
+    let ca = dir.join("ca/admin/ca.pem");
+    let browser = rs_net::tls::client_trusting(&ca)
+        .unwrap()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = browser
+        .post(format!("{portal}login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let fleet = browser
+        .get(&portal)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        fleet.contains(r#"data-id="acme.p1""#) && fleet.contains(r#"data-id="acme.m1""#),
+        "{fleet}"
+    );
+
     // Run them as printed, while the demo runs.
     let export = &printed[0];
     let (code, out) = shell(export, &printed[1]);

@@ -774,6 +774,20 @@ fn read_answer(s: &mut impl std::io::Read) -> Option<u16> {
 
 /// A client presenting the certificate of `alice`, an admin granted
 /// customer globex only.
+/// A client without a certificate that sends an API token.
+pub(crate) fn bearer_client(ca: &Path, token: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    rs_net::tls::client_trusting(ca)
+        .unwrap()
+        .default_headers(h)
+        .build()
+        .unwrap()
+}
+
 fn globex_admin(pki: &Pki, dir: &Path) -> reqwest::Client {
     client_of(&issue(
         pki,
@@ -792,7 +806,7 @@ fn globex_admin(pki: &Pki, dir: &Path) -> reqwest::Client {
 /// A server (`server_extra`: more of its TOML) with one proxy of acme and
 /// one of globex talking to it directly, both seen; the server's address
 /// and acme's socket.
-async fn acme_and_globex(d: &mut Deployment, server_extra: &str) -> (String, PathBuf) {
+pub(crate) async fn acme_and_globex(d: &mut Deployment, server_extra: &str) -> (String, PathBuf) {
     let a = d.appserver("127.0.0.1:0", server_extra).unwrap();
     let s1 = d
         .proxy("p1", "acme.p1", std::slice::from_ref(&a), &Extra::default())
@@ -884,14 +898,17 @@ async fn admins_see_and_command_only_their_customers_and_every_request_is_audite
     // The provider's admin commands anyone.
     let (s, body) = post(&a, &send("acme.p1")).await;
     assert_eq!(s, 200);
-    // ... and its job is not alice's to see.
+    // ... and its job is not alice's to see: it is not found (a refusal
+    // would name the destination, another customer's component).
     let theirs = attr(&body, "id").to_owned();
     let r = alice
         .get(url(&format!("jobs/{theirs}")))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403);
+    assert_eq!(r.status(), 404);
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("acme"), "{text}");
 
     // Every request is in the audit log: who, what, when, the outcome.
     let mut log = String::new();
@@ -1864,6 +1881,27 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
             String::new(),
             Scoped,
         ),
+        (
+            "POST /rs/v1/control/tokens",
+            "POST",
+            "tokens".into(),
+            r#"<token name="acme-backdoor" customers="acme"/>"#.into(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/tokens",
+            "GET",
+            "tokens".into(),
+            String::new(),
+            Refused,
+        ),
+        (
+            "DELETE /rs/v1/control/tokens/{name}",
+            "DELETE",
+            "tokens/acme-ops".into(),
+            String::new(),
+            Refused,
+        ),
     ];
     let walked: std::collections::BTreeSet<String> = walk.iter().map(|w| w.0.to_owned()).collect();
     assert_eq!(
@@ -1875,13 +1913,31 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
         .unwrap()
         .build()
         .unwrap();
-    for (route, method, path, body, expect) in &walk {
+    // The same walk with an API token of globex's (no certificate), and
+    // acme's own token, which the walk must not be able to revoke.
+    let token_of = |name: &str, customers: &str| {
+        let ops = ops.clone();
+        let url = url("tokens");
+        let body = format!(r#"<token name="{name}" customers="{customers}"/>"#);
+        async move {
+            let r = ops.post(url).body(body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            attr(&r.text().await.unwrap(), "secret").to_owned()
+        }
+    };
+    let alice_token = bearer_client(&pki.admin.ca, &token_of("alice-t", "globex").await);
+    let acme_token = token_of("acme-ops", "acme").await;
+    for (alice, (route, method, path, body, expect)) in walk
+        .iter()
+        .map(|w| (&alice, w))
+        .chain(walk.iter().map(|w| (&alice_token, w)))
+    {
         let send = |c: &reqwest::Client, p: String| {
             c.request(method.parse().unwrap(), p)
                 .body(body.clone())
                 .send()
         };
-        let r = send(&alice, url(path)).await.unwrap();
+        let r = send(alice, url(path)).await.unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
         match expect {
@@ -1909,7 +1965,7 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
         // too, and must be guarded the same way.
         let (p, q) = path.split_once('?').unwrap_or((path.as_str(), ""));
         let slashed = url(&format!("{p}/{}{q}", if q.is_empty() { "" } else { "?" }));
-        let again = send(&alice, slashed.clone())
+        let again = send(alice, slashed.clone())
             .await
             .unwrap()
             .status()
@@ -1925,7 +1981,13 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
             "{slashed} without a certificate: {anon_status}"
         );
     }
-    // Nothing of acme's changed.
+    // Nothing of acme's changed: its token still works, and no token was
+    // made for acme.
+    let acme = bearer_client(&pki.admin.ca, &acme_token);
+    let r = acme.get(url("components")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let tokens = control_get(&a, "tokens").await;
+    assert!(!tokens.contains("acme-backdoor"), "{tokens}");
     let comps = components(&a).await;
     assert!(!comps.contains("mine"), "{comps}");
     let groups = control_get(&a, "groups").await;

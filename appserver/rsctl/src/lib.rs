@@ -64,6 +64,16 @@ struct Cli {
         help_heading = "Global options"
     )]
     key: Option<PathBuf>,
+    /// An API token instead of a certificate (`rsctl tokens create`; sent
+    /// as `Authorization: Bearer`; a certificate given too wins).
+    #[arg(
+        long,
+        env = "RSCTL_TOKEN",
+        global = true,
+        hide_env_values = true,
+        help_heading = "Global options"
+    )]
+    token: Option<String>,
     /// How results are printed: `table` for people; `json` or `xml` for
     /// scripts (the control API's document, mapped to JSON or as the
     /// server answered it; docs/control-api.md, rsctl).
@@ -165,6 +175,10 @@ enum Cmd {
     /// The collector's tasks (failed ones, to replay).
     #[command(subcommand)]
     Tasks(TaskCmd),
+    /// API tokens: for scripts without a certificate and the web portal's
+    /// login (an admin of every customer makes and revokes them).
+    #[command(subcommand)]
+    Tokens(TokenCmd),
     /// Every certificate the server's CA issued (newest first).
     Certificates {
         /// Only those of this component or admin.
@@ -260,6 +274,30 @@ impl MessageFilter {
 /// A query-string value.
 fn enc(v: &str) -> String {
     percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Every token (never its secret): grants, who made it, expiry,
+    /// revocation.
+    List,
+    /// Make a token; prints it (the only time it is shown).
+    Create {
+        /// Its name: the audit log names its requests token:NAME.
+        name: String,
+        /// The customers it grants: `*` for every one, or IDs separated by
+        /// commas.
+        #[arg(long)]
+        customers: String,
+        /// How long it is good for, 1 to 366 days.
+        #[arg(long, default_value_t = 90)]
+        days: u64,
+    },
+    /// Revoke a token at once, ending its portal sessions.
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -838,9 +876,26 @@ struct Api {
     stream_http: reqwest::Client,
 }
 
-/// An HTTP client for the server: with --ca, trusting only that CA, and
-/// with --cert/--key presenting the admin's certificate.
+/// An HTTP client for the server: with --ca, trusting only that CA; with
+/// --cert/--key presenting the admin's certificate; with --token sending
+/// the API token.
 fn http_client(cli: &Cli) -> anyhow::Result<reqwest::ClientBuilder> {
+    let builder = tls_client(cli)?;
+    Ok(match &cli.token {
+        Some(t) => {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+                .context("--token: not a header value")?;
+            v.set_sensitive(true);
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(reqwest::header::AUTHORIZATION, v);
+            builder.default_headers(h)
+        }
+        None => builder,
+    })
+}
+
+/// The TLS part of [`http_client`].
+fn tls_client(cli: &Cli) -> anyhow::Result<reqwest::ClientBuilder> {
     match (&cli.ca, &cli.cert, &cli.key) {
         (Some(ca), Some(cert), Some(key)) => {
             let t = rs_net::tls::TlsConfig {
@@ -1556,6 +1611,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             limit,
         } => return export(&api, out, &filter, after, limit).await,
         Cmd::Subscriptions(c) => subscriptions(&api, out, c).await?,
+        Cmd::Tokens(c) => tokens(&api, out, c).await?,
         Cmd::Tasks(TaskCmd::List { state, limit }) => {
             list(
                 &api,
@@ -1794,6 +1850,55 @@ async fn export(
             return Ok(true);
         }
     }
+}
+
+async fn tokens(api: &Api, out: Out, cmd: TokenCmd) -> anyhow::Result<()> {
+    use rs_protocol::codec::api::{TokenRequest, encode_token_request};
+    let columns: &[(&str, &str)] = &[
+        ("NAME", "name"),
+        ("CUSTOMERS", "customers"),
+        ("CREATED", "created"),
+        ("BY", "created-by"),
+        ("EXPIRES", "expires"),
+        ("REVOKED", "revoked"),
+    ];
+    match cmd {
+        TokenCmd::List => list(api, out, "tokens", "token", columns).await?,
+        TokenCmd::Create {
+            name,
+            customers,
+            days,
+        } => {
+            let body = encode_token_request(&TokenRequest {
+                name,
+                customers,
+                days: Some(days),
+            });
+            let b = api
+                .call(reqwest::Method::POST, "tokens", Some(body))
+                .await?;
+            out.doc(&b, |d| {
+                let t = &rows(d, "token")[0];
+                println!("{}", cell(t, "secret"));
+                eprintln!(
+                    "token {} for {} until {}: send it as \"Authorization: Bearer TOKEN\", or log in to the portal with it; it is not shown again",
+                    cell(t, "name"),
+                    cell(t, "customers"),
+                    cell(t, "expires")
+                );
+            })?;
+        }
+        TokenCmd::Revoke { name } => {
+            api.call(
+                reqwest::Method::DELETE,
+                &format!("tokens/{}", enc(&name)),
+                None,
+            )
+            .await?;
+            out.fields(&[("revoked", name.clone())], || println!("revoked {name}"));
+        }
+    }
+    Ok(())
 }
 
 async fn subscriptions(api: &Api, out: Out, cmd: SubscriptionCmd) -> anyhow::Result<()> {

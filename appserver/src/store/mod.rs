@@ -12,8 +12,10 @@
 //! - [`tasks`]: subscriptions and the collector's task queue;
 //! - [`uploads`]: upload grants and their states;
 //! - `files`: published files and download offers;
-//! - [`security`]: enrollments and the audit log.
+//! - [`security`]: enrollments and the audit log;
+//! - [`admins`]: API tokens and the portal's sessions.
 
+pub mod admins;
 mod files;
 pub mod security;
 pub(crate) mod tasks;
@@ -122,6 +124,9 @@ pub struct Query {
     /// One message by ID.
     pub id: Option<String>,
     pub component: Option<String>,
+    /// A component and those it allocated (a proxy's integrators and
+    /// support instances).
+    pub within: Option<String>,
     pub customer: Option<String>,
     pub class: Option<String>,
     pub subclass: Option<String>,
@@ -133,6 +138,9 @@ pub struct Query {
     /// Export: only messages stored after this cursor, in storage order
     /// (without it: newest first).
     pub after: Option<i64>,
+    /// Newest first in storage order, stored before this cursor (the
+    /// portal's pages; ignored with `after`).
+    pub before: Option<i64>,
     pub limit: usize,
 }
 
@@ -210,44 +218,67 @@ impl Store {
                             content_type, content, seal FROM messages WHERE 1 = 1",
                 );
                 let mut args: Vec<rs_store::sql::Owned> = Vec::new();
-                let mut add = |cond: &str, v: rs_store::sql::Owned| {
+                fn add(
+                    sql: &mut String,
+                    args: &mut Vec<rs_store::sql::Owned>,
+                    cond: &str,
+                    v: rs_store::sql::Owned,
+                ) {
                     args.push(v);
                     sql.push_str(&format!(" AND {cond} ?{}", args.len()));
-                };
+                }
                 if let Some(c) = q.id {
-                    add("id =", c.into());
+                    add(&mut sql, &mut args, "id =", c.into());
                 }
                 if let Some(c) = q.component {
-                    add("component =", c.into());
+                    add(&mut sql, &mut args, "component =", c.into());
+                }
+                if let Some(c) = q.within {
+                    // `ID` itself, or `ID.` followed by anything: every
+                    // such ID sorts between `ID.` and `ID/` ('/' follows
+                    // '.'), so the component index serves it.
+                    let n = args.len();
+                    args.push(c.clone().into());
+                    args.push(format!("{c}.").into());
+                    args.push(format!("{c}/").into());
+                    sql.push_str(&format!(
+                        " AND (component = ?{} OR (component > ?{} AND component < ?{}))",
+                        n + 1,
+                        n + 2,
+                        n + 3
+                    ));
                 }
                 if let Some(c) = q.customer {
-                    add("customer =", c.into());
+                    add(&mut sql, &mut args, "customer =", c.into());
                 }
                 if let Some(c) = q.class {
-                    add("class =", c.into());
+                    add(&mut sql, &mut args, "class =", c.into());
                 }
                 if let Some(c) = q.subclass {
-                    add("subclass =", c.into());
+                    add(&mut sql, &mut args, "subclass =", c.into());
                 }
                 if let Some(sev) = q.severity {
-                    add("severity <=", severity_rank(sev).into());
+                    add(&mut sql, &mut args, "severity <=", severity_rank(sev).into());
                 }
                 if let Some(t) = q.since {
-                    add("received >=", t.into());
+                    add(&mut sql, &mut args, "received >=", t.into());
                 }
                 if let Some(t) = q.until {
-                    add("received <", t.into());
+                    add(&mut sql, &mut args, "received <", t.into());
                 }
                 if let Some(k) = q.kind {
-                    add("kind =", k.as_str().to_owned().into());
+                    add(&mut sql, &mut args, "kind =", k.as_str().to_owned().into());
                 }
                 // `seq` is the storage order: each new message gets one
                 // above every other ever given (AUTOINCREMENT, never
                 // reused, even after a purge), so a cursor never skips a
                 // later message.
                 if let Some(a) = q.after {
-                    add("seq >", a.into());
+                    add(&mut sql, &mut args, "seq >", a.into());
                     sql.push_str(" ORDER BY seq");
+                } else if let Some(b) = q.before {
+                    add(&mut sql, &mut args, "seq <", b.into());
+                    sql.push_str(" ORDER BY seq DESC");
                 } else {
                     sql.push_str(" ORDER BY received DESC, id");
                 }
@@ -409,6 +440,7 @@ impl Store {
                     "DELETE FROM enrollments WHERE expires < ?1",
                     params![horizon],
                 )?;
+                admins::purge(s, now.as_millis(), horizon)?;
                 Ok(n)
             })
             .await

@@ -71,16 +71,25 @@ impl std::fmt::Debug for Admission {
 /// How often a closed gate is looked at again.
 const ADMIT_AGAIN: Duration = Duration::from_millis(50);
 
-/// Sees each request's outcome once its response head is ready.
+/// Sees the outcome of the requests it asks about once their response
+/// head is ready.
 pub trait Observer: Send + Sync + std::fmt::Debug {
-    fn responded(
-        &self,
-        peer: &Peer,
-        method: &http::Method,
-        uri: &http::Uri,
-        status: http::StatusCode,
-        took: Duration,
-    );
+    /// Whether to see this request (its head is kept for [`responded`]
+    /// only if so: the envelopes on the forward path pay nothing).
+    ///
+    /// [`responded`]: Observer::responded
+    fn wants(&self, method: &http::Method, uri: &http::Uri) -> bool;
+
+    /// `head`: the request's method, URI and headers.
+    fn responded(&self, peer: &Peer, head: &RequestHead, status: http::StatusCode, took: Duration);
+}
+
+/// What an [`Observer`] sees of a request.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub headers: http::HeaderMap,
 }
 
 impl Default for ServeConfig {
@@ -409,7 +418,15 @@ async fn serve_conn<IO, F>(
         let mut svc = svc.clone();
         let seen = observer
             .clone()
-            .map(|o| (o, peer.clone(), req.method().clone(), req.uri().clone()));
+            .filter(|o| o.wants(req.method(), req.uri()))
+            .map(|o| {
+                let head = RequestHead {
+                    method: req.method().clone(),
+                    uri: req.uri().clone(),
+                    headers: req.headers().clone(),
+                };
+                (o, peer.clone(), head)
+            });
         let revoked = revoked_now(revocations.as_deref(), &peer);
         async move {
             let started = std::time::Instant::now();
@@ -423,8 +440,8 @@ async fn serve_conn<IO, F>(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
                 );
-                if let Some((o, p, m, u)) = seen {
-                    o.responded(&p, &m, &u, r.status(), started.elapsed());
+                if let Some((o, p, head)) = seen {
+                    o.responded(&p, &head, r.status(), started.elapsed());
                 }
                 return Ok(r);
             }
@@ -433,8 +450,8 @@ async fn serve_conn<IO, F>(
             // length is ignored and the connection closed after the reply,
             // so nothing after the chunked body is read as a request.
             let r = svc.call(req).await.map_err(|e: Infallible| match e {});
-            if let (Some((o, p, m, u)), Ok(resp)) = (seen, &r) {
-                o.responded(&p, &m, &u, resp.status(), started.elapsed());
+            if let (Some((o, p, head)), Ok(resp)) = (seen, &r) {
+                o.responded(&p, &head, resp.status(), started.elapsed());
             }
             r
         }

@@ -322,6 +322,17 @@ async fn demo(cli: Cli) -> anyhow::Result<()> {
     for line in admin_commands(&a, t, &me) {
         println!("  {line}");
     }
+    match portal_token(&a).await {
+        Ok(token) => {
+            println!("web portal: https://{a}/portal/");
+            println!("  log in with the API token {token}");
+            println!(
+                "  (made for this run, good for a day; the browser warns of the demo's own CA: import {} or accept it)",
+                t.ca.display()
+            );
+        }
+        Err(e) => println!("web portal: no login token: {e:#}"),
+    }
     println!(
         "{}",
         match cli.duration {
@@ -721,6 +732,46 @@ async fn until_done(
         anyhow::ensure!(Instant::now() < deadline, "job {} did not finish", job.id);
     }
     Ok(job)
+}
+
+/// An API token of every customer for the web portal's login, named
+/// after this run (a demo started again on the same data keeps the
+/// tokens of earlier runs).
+async fn portal_token(a: &str) -> anyhow::Result<String> {
+    let name = format!(
+        "demo-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+    );
+    let r = rs_tests::deploy::admin(a)
+        .post(format!(
+            "{}/rs/v1/control/tokens",
+            rs_tests::deploy::base(a)
+        ))
+        .body(rs_protocol::codec::api::encode_token_request(
+            &rs_protocol::codec::api::TokenRequest {
+                name,
+                customers: "*".into(),
+                days: Some(1),
+            },
+        ))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        r.status().is_success(),
+        "{}: {}",
+        r.status(),
+        r.text().await?
+    );
+    let list = rs_protocol::codec::api::decode_tokens(
+        &r.bytes().await?,
+        &rs_protocol::codec::Limits::default(),
+    )?;
+    list.into_iter()
+        .next()
+        .and_then(|t| t.secret)
+        .ok_or_else(|| anyhow::anyhow!("the answer has no token"))
 }
 
 /// The commands the demo prints for administering it: exactly what the

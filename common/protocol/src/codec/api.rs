@@ -938,3 +938,142 @@ pub fn decode_subscription(bytes: &[u8], limits: &Limits) -> Result<Subscription
     x.finish()?;
     Ok(s)
 }
+
+/// `POST /tokens`: an API token to make, for an admin without a client
+/// certificate (a script, or the web portal's login).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRequest {
+    /// Unique among the server's tokens; the audit log names its
+    /// requests `token:NAME`.
+    pub name: String,
+    /// `*` (every customer), or customer IDs separated by commas.
+    pub customers: String,
+    /// How long it is good for (default 90, at most 366).
+    pub days: Option<u64>,
+}
+
+/// An API token as the server lists it; `secret` only in the answer that
+/// made it (the server keeps its hash, never the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub name: String,
+    pub customers: String,
+    pub created: Timestamp,
+    pub created_by: String,
+    pub expires: Timestamp,
+    pub revoked: Option<Timestamp>,
+    pub secret: Option<String>,
+}
+
+/// The longest a token may be made good for.
+pub const MAX_TOKEN_DAYS: u64 = 366;
+
+/// `customers` of a token: `*`, or customer IDs separated by commas.
+fn token_customers(s: &str) -> Result<String, String> {
+    if s.trim() == "*" {
+        return Ok("*".into());
+    }
+    let list: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .map(|c| {
+            CustomerId::new(c)
+                .map(|_| c.to_owned())
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    if list.is_empty() {
+        return Err("`*` or customer IDs separated by commas".into());
+    }
+    Ok(list.join(","))
+}
+
+pub fn encode_token_request(r: &TokenRequest) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    x.open("token")
+        .attr("name", &r.name)
+        .attr("customers", &r.customers)
+        .attr_num_opt("days", r.days)
+        .empty()
+        .newline();
+    buf
+}
+
+pub fn decode_token_request(bytes: &[u8], limits: &Limits) -> Result<TokenRequest, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("token")?;
+    let r = TokenRequest {
+        name: root.req_with("name", token)?,
+        customers: root.req_with("customers", token_customers)?,
+        days: root.opt_with("days", |s| {
+            super::xml::parse_u64(s)
+                .map_err(str::to_owned)
+                .and_then(|d| {
+                    if (1..=MAX_TOKEN_DAYS).contains(&d) {
+                        Ok(d)
+                    } else {
+                        Err(format!("from 1 to {MAX_TOKEN_DAYS}"))
+                    }
+                })
+        })?,
+    };
+    if let Some(c) = x.child(&root)? {
+        return Err(root.unexpected_child(&c));
+    }
+    x.finish()?;
+    Ok(r)
+}
+
+fn write_token(x: &mut XmlOut<'_>, t: &ApiToken) {
+    x.open("token")
+        .attr("name", &t.name)
+        .attr("customers", &t.customers)
+        .attr_ts("created", t.created)
+        .attr("created-by", &t.created_by)
+        .attr_ts("expires", t.expires)
+        .attr_ts_opt("revoked", t.revoked)
+        .attr_opt("secret", t.secret.as_deref())
+        .empty()
+        .newline();
+}
+
+/// `<tokens>`: the server's API tokens (without secrets), or the one just
+/// made (with its secret).
+pub fn encode_tokens(list: &[ApiToken]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    x.open("tokens")
+        .attr_num("count", list.len() as u64)
+        .gt()
+        .newline();
+    for t in list {
+        write_token(&mut x, t);
+    }
+    x.close("tokens").newline();
+    buf
+}
+
+pub fn decode_tokens(bytes: &[u8], limits: &Limits) -> Result<Vec<ApiToken>, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("tokens")?;
+    let mut out = Vec::new();
+    while let Some(t) = x.child(&root)? {
+        if t.name != "token" {
+            return Err(root.unexpected_child(&t));
+        }
+        let ts = |s: &str| Timestamp::parse(s);
+        out.push(ApiToken {
+            name: t.req_with("name", token)?,
+            customers: t.req_with("customers", token_customers)?,
+            created: t.req_with("created", ts)?,
+            created_by: t.req_with("created-by", |s| Ok::<_, String>(s.to_owned()))?,
+            expires: t.req_with("expires", ts)?,
+            revoked: t.opt_with("revoked", ts)?,
+            secret: t.opt_with("secret", |s| Ok::<_, String>(s.to_owned()))?,
+        });
+        x.end(&t)?;
+    }
+    x.finish()?;
+    Ok(out)
+}

@@ -1,0 +1,495 @@
+//! The web portal (docs/control-api.md, "The web portal"): sessions from
+//! API tokens, every page scoped by the session's grants, forms that need
+//! the session's CSRF token, security headers; and the same in a real
+//! browser (Debian's chromium driven by playwright, tests/browser/).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rs_tests::deploy::{Deployment, Extra, admin, base};
+use tokio::io::AsyncBufReadExt as _;
+
+use crate::backchannel::{attr, control_get, exe, tmp};
+use crate::backchannel_faults::{rsctl, until};
+use crate::forward::{alarm, register};
+use crate::security::bearer_client;
+
+/// Makes an API token as the provider's admin; its secret.
+async fn token(a: &str, name: &str, customers: &str) -> String {
+    let r = admin(a)
+        .post(format!("{}/rs/v1/control/tokens", base(a)))
+        .body(format!(r#"<token name="{name}" customers="{customers}"/>"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    rs_tests::assert_control_api_valid(
+        text.as_bytes(),
+        &std::env::temp_dir().join(format!("rs-token-{name}.xml")),
+    );
+    attr(&text, "secret").to_owned()
+}
+
+/// An HTML form's body (`application/x-www-form-urlencoded`).
+fn form_body<V: AsRef<str>>(pairs: &[(&str, V)]) -> String {
+    let enc = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", enc(k), enc(v.as_ref())))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// A browser-like client: no certificate, no redirects followed.
+fn browser(ca: &Path) -> reqwest::Client {
+    rs_net::tls::client_trusting(ca)
+        .unwrap()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Logs in with a token; the session cookie (`name=value`) and the whole
+/// `Set-Cookie` line.
+async fn login(c: &reqwest::Client, a: &str, token: &str) -> (String, String) {
+    let r = c
+        .post(format!("{}/portal/login", base(a)))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(&[("token", token)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "{:?}", r.text().await);
+    assert_eq!(r.headers()["location"], "/portal/");
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    (set.split(';').next().unwrap().to_owned(), set)
+}
+
+async fn page(
+    c: &reqwest::Client,
+    a: &str,
+    cookie: &str,
+    path: &str,
+) -> (u16, http::HeaderMap, String) {
+    let r = c
+        .get(format!("{}{path}", base(a)))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    let h = r.headers().clone();
+    (st, h, r.text().await.unwrap())
+}
+
+/// The portal's CSRF token on a page.
+fn csrf(html: &str) -> String {
+    let at = html.find(r#"name="csrf" value=""#).unwrap() + r#"name="csrf" value=""#.len();
+    html[at..at + html[at..].find('"').unwrap()].to_owned()
+}
+
+const PAGES: &[&str] = &[
+    "/portal/",
+    "/portal/topology",
+    "/portal/alarms?type=any",
+    "/portal/jobs",
+    "/portal/send",
+    "/portal/groups",
+    "/portal/audit",
+];
+
+/// An admin of acme, logged in with an acme token, sees acme's sites,
+/// alarms and jobs and nothing of globex on any page; globex's component
+/// and job are "not found" or refused; a form without the session's CSRF
+/// token or from another origin changes nothing; a configuration change
+/// sent from the page completes and is audited under the token's name;
+/// revoking the token ends the session at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_forms() {
+    let dir = tmp("portal");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (a, s1) = crate::security::acme_and_globex(&mut d, "").await;
+    let c1 = register(&s1).await;
+    c1.send("alarm", &alarm("acme's disk is full", None))
+        .await
+        .unwrap();
+    // rsctl makes the token, and uses it instead of a certificate.
+    let (code, out, err) = rsctl(
+        &a,
+        &[
+            "tokens",
+            "create",
+            "acme-ops",
+            "--customers",
+            "acme",
+            "--days",
+            "7",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("not shown again"), "{err}");
+    let acme_token = out.trim().to_owned();
+    assert!(acme_token.starts_with("rst_"), "{out}");
+    let ca = d.pki.clone().unwrap().admin.ca.clone();
+    let as_acme = std::process::Command::new(exe())
+        .args(["rsctl", "--server", &base(&a), "--ca"])
+        .arg(&ca)
+        .args(["--token", &acme_token, "components"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&as_acme.stdout);
+    assert!(as_acme.status.success(), "{listed}");
+    assert!(
+        listed.contains("acme.p1") && !listed.contains("globex"),
+        "{listed}"
+    );
+    // A job of globex's, which acme's admin must not see.
+    let (st, body) = crate::backchannel::post(
+        &a,
+        r#"<send><to id="globex.p1"/><control action="ping"/></send>"#,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let globex_job = attr(&body, "id").to_owned();
+    assert!(
+        until(30, || async {
+            control_get(&a, "messages?type=alarm&customer=acme")
+                .await
+                .contains("disk is full")
+        })
+        .await
+    );
+
+    let c = browser(&ca);
+    // Without a session every page sends to the login; a POST is refused.
+    let (st, h, _) = page(&c, &a, "", "/portal/").await;
+    assert_eq!(
+        (st, h["location"].to_str().unwrap()),
+        (303, "/portal/login")
+    );
+    let (st, _, html) = page(&c, &a, "", "/portal/login").await;
+    assert_eq!(st, 200);
+    assert!(html.contains(r#"id="token""#), "{html}");
+    // A token the server does not know is refused, and audited.
+    let r = c
+        .post(format!("{}/portal/login", base(&a)))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(&[("token", "rst_not-a-token")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+
+    let (cookie, set) = login(&c, &a, &acme_token).await;
+    for attr in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/portal/"] {
+        assert!(set.contains(attr), "{set} lacks {attr}");
+    }
+    let mut html_of = std::collections::HashMap::new();
+    for p in PAGES
+        .iter()
+        .copied()
+        .chain(["/portal/component?id=acme.p1"])
+    {
+        let (st, h, html) = page(&c, &a, &cookie, p).await;
+        assert_eq!(st, 200, "{p}: {html}");
+        assert!(
+            h["content-security-policy"]
+                .to_str()
+                .unwrap()
+                .starts_with("default-src 'none'"),
+            "{p}"
+        );
+        assert_eq!(h["x-frame-options"], "DENY", "{p}");
+        assert_eq!(h["x-content-type-options"], "nosniff", "{p}");
+        assert_eq!(h["cache-control"], "no-store", "{p}");
+        assert!(h.contains_key("strict-transport-security"), "{p}");
+        assert!(!html.contains("globex"), "{p} shows globex: {html}");
+        assert!(
+            html.contains("token:acme-ops"),
+            "{p} does not name the admin"
+        );
+        html_of.insert(p, html);
+    }
+    assert!(html_of["/portal/"].contains(r#"data-id="acme.p1""#));
+    // A proxy's page lists what its integrators sent.
+    assert!(html_of["/portal/component?id=acme.p1"].contains("disk is full"));
+    assert!(
+        html_of["/portal/alarms?type=any"].contains("acme&#x27;s disk is full")
+            || html_of["/portal/alarms?type=any"].contains("acme&#39;s disk is full"),
+        "{}",
+        html_of["/portal/alarms?type=any"]
+    );
+    // Another customer's component and job, and its alarms, are not shown.
+    for (p, want) in [
+        ("/portal/component?id=globex.p1", 404),
+        (&*format!("/portal/job?id={globex_job}"), 404),
+        ("/portal/alarms?customer=globex", 403),
+    ] {
+        let (st, _, html) = page(&c, &a, &cookie, p).await;
+        assert_eq!(st, want, "{p}: {html}");
+        assert!(
+            !html.contains("globex.p1") && !html.contains("ping"),
+            "{p}: {html}"
+        );
+    }
+
+    // The send form: without the CSRF token, or from another site,
+    // nothing is sent.
+    let token_on_page = csrf(&html_of["/portal/send"]);
+    let form = |csrf: &str| {
+        [
+            ("csrf", csrf.to_owned()),
+            ("target", "acme.p1".to_owned()),
+            ("action", "configChange".to_owned()),
+            ("config", "heartbeat_secs = 7".to_owned()),
+        ]
+    };
+    let jobs_before = control_get(&a, "jobs").await;
+    for (origin, csrf) in [
+        (None, "not-the-token"),
+        (None, ""),
+        (Some("https://evil.example"), token_on_page.as_str()),
+    ] {
+        let mut r = c
+            .post(format!("{}/portal/send", base(&a)))
+            .header("cookie", &cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form_body(&form(csrf)));
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 403, "origin {origin:?} csrf {csrf:?}");
+    }
+    assert_eq!(
+        attr(&control_get(&a, "jobs").await, "count"),
+        attr(&jobs_before, "count"),
+        "a refused form started a job"
+    );
+    // With it, the job starts and its page shows it finishing.
+    let r = c
+        .post(format!("{}/portal/send", base(&a)))
+        .header("cookie", &cookie)
+        .header("origin", base(&a))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(&form(&token_on_page)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "{:?}", r.text().await);
+    let to = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(to.starts_with("/portal/job?id="), "{to}");
+    assert!(
+        until(60, || async {
+            let (_, _, html) = page(&c, &a, &cookie, &to).await;
+            html.contains(r#"id="job-state">done"#)
+                && html.contains(r#"data-id="acme.p1""#)
+                && html.contains(">succeeded<")
+        })
+        .await,
+        "{}",
+        page(&c, &a, &cookie, &to).await.2
+    );
+    // Audited under the token's name, the login too; a customer's admin
+    // reads its own lines on the audit page.
+    let audit = control_get(&a, "audit?admin=token:acme-ops").await;
+    assert!(
+        audit.contains(r#"path="/portal/send""#) && audit.contains(r#"status="303""#),
+        "{audit}"
+    );
+    assert!(audit.contains(r#"path="/portal/login""#), "{audit}");
+    let all = control_get(&a, "audit").await;
+    assert!(all.contains(r#"admin="(unknown token)""#), "{all}");
+    let (_, _, mine) = page(&c, &a, &cookie, "/portal/audit").await;
+    assert!(
+        mine.contains("/portal/send") && !mine.contains(">ops<"),
+        "{mine}"
+    );
+
+    // The token also works on the API, scoped the same way.
+    let api = bearer_client(&ca, &acme_token);
+    let comps = api
+        .get(format!("{}/rs/v1/control/components", base(&a)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        comps.contains("acme.p1") && !comps.contains("globex"),
+        "{comps}"
+    );
+    // Revoked: the session ends at once, and the API refuses the token.
+    let (code, _, err) = rsctl(&a, &["tokens", "revoke", "acme-ops"]);
+    assert_eq!(code, 0, "{err}");
+    let (st, h, _) = page(&c, &a, &cookie, "/portal/").await;
+    assert_eq!(
+        (st, h["location"].to_str().unwrap()),
+        (303, "/portal/login")
+    );
+    let st = api
+        .get(format!("{}/rs/v1/control/components", base(&a)))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 401);
+    let (code, listed, err) = rsctl(&a, &["tokens", "list", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let t = &v["tokens"]["token"][0];
+    assert_eq!(
+        (t["name"].as_str(), t["customers"].as_str()),
+        (Some("acme-ops"), Some("acme")),
+        "{v}"
+    );
+    assert!(t["revoked"].is_string() && t["secret"].is_null(), "{v}");
+    d.stop_all();
+}
+
+/// Where Debian's chromium is.
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// The portal in Debian's chromium, driven by playwright
+/// (tests/browser/portal.py): an admin of acme and one of globex log in
+/// with their tokens on the login page and see every page without any of
+/// the other's components; the provider's admin sends a configuration
+/// change to a group from the send page, and the job's page shows its
+/// progress by itself until every destination succeeded (one proxy is
+/// held stopped until the page showed the job running). With
+/// `RS_BLESS=1` the screenshots are written to docs/portal/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portal_works_in_a_real_browser_for_each_customer_apart() {
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: scripts/packages installs Debian's chromium"
+    );
+    let dir = tmp("portal-browser");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (a, s1) = crate::security::acme_and_globex(&mut d, "").await;
+    let s2 = d
+        .proxy("p2", "acme.p2", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    for s in [&s1, &s2] {
+        register(s)
+            .await
+            .send("alarm", &alarm("a disk is nearly full", None))
+            .await
+            .unwrap();
+    }
+    let r = admin(&a)
+        .put(format!("{}/rs/v1/control/groups/acme-all", base(&a)))
+        .body(r#"<group name="acme-all" customer="acme" kind="proxy"/>"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        until(30, || async {
+            let g = control_get(&a, "groups/acme-all").await;
+            g.contains("acme.p1") && g.contains("acme.p2")
+        })
+        .await
+    );
+    let shots: PathBuf = if std::env::var_os("RS_BLESS").is_some() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/portal")
+    } else {
+        dir.join("screenshots")
+    };
+    std::fs::create_dir_all(&shots).unwrap();
+    let pages: Vec<String> = PAGES.iter().map(|p| p.to_string()).collect();
+    let own = |id: &str| vec![format!("/portal/component?id={id}")];
+    let cfg = serde_json::json!({
+        "base": base(&a),
+        "chromium": CHROMIUM,
+        "pages": pages,
+        "users": [
+            {"name": "acme", "token": token(&a, "acme-web", "acme").await, "forbidden": ["globex."], "pages": own("acme.p1")},
+            {"name": "globex", "token": token(&a, "globex-web", "globex").await, "forbidden": ["acme."], "pages": own("globex.p1")},
+            {"name": "ops", "token": token(&a, "ops-web", "*").await, "forbidden": [], "pages": own("acme.p1"),
+             "screenshots": shots.display().to_string(),
+             "send": {"target": "group:acme-all", "config": "heartbeat_secs = 9",
+                      "screenshot": shots.join("job.png").display().to_string()}},
+        ],
+    });
+    // acme.p2 is held until the job's page has shown the job running.
+    d.node("p2").signal("STOP");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/portal.py");
+    let mut child = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(cfg.to_string())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 (scripts/packages installs playwright)");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut result = None;
+    let mut first_state = None;
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(300), lines.next_line()).await
+    {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        if let Some(p) = v.get("progress") {
+            first_state = Some(p["state"].as_str().unwrap_or("").to_owned());
+            d.node("p2").signal("CONT");
+        } else if let Some(r) = v.get("result") {
+            result = Some(r.clone());
+        }
+    }
+    d.node("p2").signal("CONT");
+    let status = child.wait().await.unwrap();
+    assert!(status.success(), "{script:?} failed: {status}");
+    let r = result.expect("the script's result");
+    assert_eq!(r["leaks"], serde_json::json!([]), "{r:#}");
+    for (k, v) in r["pages"].as_object().unwrap() {
+        assert_eq!(v, 200, "{k}");
+    }
+    assert_eq!(r["pages"].as_object().unwrap().len(), 3 * (pages.len() + 1));
+    assert_eq!(r["who"]["acme"], "token:acme-web");
+    for u in ["acme", "globex", "ops"] {
+        assert!(
+            r["after_logout"][u]
+                .as_str()
+                .unwrap()
+                .ends_with("/portal/login"),
+            "{r:#}"
+        );
+    }
+    // Nothing broke the page's policy (a violation is logged to the console).
+    let console: Vec<&str> = r["console"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    assert!(
+        !console
+            .iter()
+            .any(|c| c.contains("Content Security Policy")),
+        "{console:?}"
+    );
+    // The job ran while the page watched: first running, then done by the
+    // page's own updates, every member of the group succeeded.
+    assert_eq!(first_state.as_deref(), Some("running"), "{r:#}");
+    let job = &r["job"];
+    assert_eq!(
+        job["states"].as_array().unwrap().last().unwrap(),
+        "done",
+        "{job:#}"
+    );
+    assert_eq!(
+        job["targets"],
+        serde_json::json!({"acme.p1": "succeeded", "acme.p2": "succeeded"}),
+        "{job:#}"
+    );
+    for name in ["fleet", "alarms", "jobs", "job", "topology", "component"] {
+        assert!(shots.join(format!("{name}.png")).exists(), "{name}.png");
+    }
+    d.stop_all();
+}
