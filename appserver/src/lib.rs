@@ -71,6 +71,8 @@ pub struct AppServer {
     pub uploads: bulk::Uploads,
     /// Published files offered for download.
     pub downloads: publish::Stats,
+    /// What the portal's charts draw.
+    pub history: portal::charts::History,
     /// The TLS listener's context (`None`: plain HTTP).
     pub tls: Option<Arc<rs_net::tls::TlsServer>>,
     /// The provider's CA, when this server enrolls components.
@@ -304,6 +306,7 @@ impl AppServer {
             id,
             uploads,
             downloads: publish::Stats::default(),
+            history: portal::charts::History::default(),
             tls,
             opener,
             ca: match &cfg.ca {
@@ -489,6 +492,20 @@ pub async fn run(
         app.id,
         listener.local_addr()?
     );
+    // The portal's charts: a sample now, then every 15 s.
+    let sampler = {
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(portal::charts::EVERY);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => app.history.sample(&app).await,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        })
+    };
     let purge = {
         let app = app.clone();
         let shutdown = shutdown.clone();
@@ -610,6 +627,7 @@ pub async fn run(
     rs_node::daemon::ready(&format!("serving on {}", listener.local_addr()?));
     serve_tcp(listener, app.tls.clone(), app.routes(), serve_cfg, shutdown).await;
     let _ = purge.await;
+    let _ = sampler.await;
     let _ = expire.await;
     let _ = uploads.await;
     let _ = unpublisher.await;

@@ -116,6 +116,11 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
     c1.send("alarm", &alarm("acme's disk is full", None))
         .await
         .unwrap();
+    // Two of globex's, which acme's charts must not count.
+    let g1 = register(&dir.join("g1/rs-proxy.sock")).await;
+    for text in ["globex's first", "globex's second"] {
+        g1.send("alarm", &alarm(text, None)).await.unwrap();
+    }
     // rsctl makes the token, and uses it instead of a certificate.
     let (code, out, err) = rsctl(
         &a,
@@ -159,6 +164,9 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
             control_get(&a, "messages?type=alarm&customer=acme")
                 .await
                 .contains("disk is full")
+                && control_get(&a, "messages?type=alarm&customer=globex")
+                    .await
+                    .contains("globex's second")
         })
         .await
     );
@@ -215,6 +223,15 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
         html_of.insert(p, html);
     }
     assert!(html_of["/portal/"].contains(r#"data-id="acme.p1""#));
+    // The charts: the history's curves, and acme's one major alarm of
+    // the day (not globex's two).
+    let fleet = &html_of["/portal/"];
+    assert!(fleet.contains(r#"<polyline class="curve c1""#), "{fleet}");
+    let alarms = &html_of["/portal/alarms?type=any"];
+    assert!(
+        alarms.contains(r#"<rect class="bar major""#) && alarms.contains(r#"y="41">1</text>"#),
+        "{alarms}"
+    );
     // A proxy's page lists what its integrators sent.
     assert!(html_of["/portal/component?id=acme.p1"].contains("disk is full"));
     assert!(

@@ -13,6 +13,7 @@
 //! Every answer carries a Content-Security-Policy that allows nothing but
 //! this server's stylesheet, and forbids framing.
 
+pub mod charts;
 mod pages;
 
 use std::collections::HashMap;

@@ -229,6 +229,7 @@ struct Fleet {
     nav: Nav,
     customers: Vec<CustomerBlock>,
     total: usize,
+    charts: Vec<super::charts::LineChart>,
 }
 
 fn site_row(c: &Component, now: Timestamp) -> SiteRow {
@@ -286,6 +287,7 @@ async fn fleet(app: &AppServer, v: &Viewer) -> Result<String, Failure> {
     }
     Ok(Fleet {
         nav: Nav::new(v, "Fleet", 10),
+        charts: super::charts::fleet(&app.history, &v.admin.grants),
         total: list.len(),
         customers: by.into_values().collect(),
     }
@@ -539,6 +541,8 @@ struct Alarms {
     next: Option<i64>,
     /// The query string of this page's filters, for the next page's link.
     filters: String,
+    /// Alarms of the last day by severity.
+    bars: Vec<super::charts::Bar>,
 }
 
 const PAGE: usize = 50;
@@ -605,7 +609,11 @@ async fn alarms(
         enc(&severity),
         enc(&customer)
     );
+    let bars = super::charts::alarms(app, &v.admin.grants)
+        .await
+        .map_err(unavailable)?;
     Ok(Alarms {
+        bars,
         // The first page follows what arrives; older pages stay still.
         nav: Nav::new(
             v,

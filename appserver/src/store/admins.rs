@@ -223,3 +223,40 @@ impl super::Store {
             .await
     }
 }
+
+impl super::Store {
+    /// Messages stored in `[from, to)` by customer (the portal's rate
+    /// chart; the `received` index serves it).
+    pub async fn stored_by_customer(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, i64)>, DbError> {
+        self.db
+            .read(move |s| {
+                s.rows(
+                    "SELECT customer, COUNT(*) FROM messages
+                     WHERE received >= ?1 AND received < ?2 GROUP BY customer",
+                    params![from, to],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })
+            .await
+    }
+
+    /// Alarms stored since `since` by customer and severity (its rank:
+    /// 0 critical … 4 info).
+    pub async fn alarms_by_severity(&self, since: i64) -> Result<Vec<(String, i64, i64)>, DbError> {
+        self.db
+            .read(move |s| {
+                s.rows(
+                    "SELECT customer, severity, COUNT(*) FROM messages
+                     WHERE received >= ?1 AND kind = 'alarm' AND severity IS NOT NULL
+                     GROUP BY customer, severity",
+                    params![since],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+            })
+            .await
+    }
+}
