@@ -139,12 +139,10 @@ pub(crate) struct LineChart {
 pub(crate) const WIDTH: f64 = 560.0;
 pub(crate) const HEIGHT: f64 = 140.0;
 
-fn line_chart(
-    title: &'static str,
-    points: &[Point],
-    curves: &[(&'static str, &'static str, fn(&Point) -> f64)],
-    unit: &str,
-) -> LineChart {
+/// A curve to draw: its label, its CSS class, and its figure at a sample.
+type CurveOf = (&'static str, &'static str, fn(&Point) -> f64);
+
+fn line_chart(title: &'static str, points: &[Point], curves: &[CurveOf], unit: &str) -> LineChart {
     let max = points
         .iter()
         .flat_map(|p| curves.iter().map(move |c| (c.2)(p)))
