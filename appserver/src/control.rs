@@ -167,22 +167,10 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
             .and(warp::get())
             .and(crate::security::admin(&app))
             .map(move |admin: crate::security::Admin| {
-                let mut cfg = app
-                    .throttle_cfg
-                    .read()
-                    .map(|c| c.clone())
-                    .unwrap_or_default();
-                // A customer's admin sees the rules that can apply to
-                // its customers, not those naming another customer.
-                cfg.rule.retain(|r| {
-                    r.customer
-                        .as_deref()
-                        .is_none_or(|c| admin.grants.customer(c))
-                        && r.component.as_deref().is_none_or(|c| {
-                            RsId::new(c).is_ok_and(|id| admin.grants.component(&id))
-                        })
-                });
-                xml_response(rs_node::throttle::encode_throttle(&cfg))
+                xml_response(rs_node::throttle::encode_throttle(&visible_throttle(
+                    &app,
+                    &admin.grants,
+                )))
             })
     };
     let throttle_put = {
@@ -314,7 +302,9 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
     all
 }
 
-fn def_of(s: &crate::collector::Subscription) -> rs_protocol::codec::api::SubscriptionDef {
+pub(crate) fn def_of(
+    s: &crate::collector::Subscription,
+) -> rs_protocol::codec::api::SubscriptionDef {
     rs_protocol::codec::api::SubscriptionDef {
         name: s.name.clone(),
         class: s.class.clone(),
@@ -516,13 +506,7 @@ async fn replay(
     app: &AppServer,
     q: HashMap<String, String>,
 ) -> Result<warp::reply::Response, warp::Rejection> {
-    let id = num(&q, "id", i64::MAX)?;
-    let n = app
-        .store
-        .replay(id, app.clock.now())
-        .await
-        .map_err(unavailable)?;
-    app.tasks_ready.notify_waiters();
+    let n = replay_tasks(app, num(&q, "id", i64::MAX)?).await?;
     let mut buf = Vec::new();
     XmlOut::document(&mut buf)
         .open("replayed")
@@ -532,8 +516,39 @@ async fn replay(
     Ok(xml_response(buf))
 }
 
+/// Puts failed tasks back in the queue: this one, or every one; how many.
+pub(crate) async fn replay_tasks(app: &AppServer, id: Option<i64>) -> Result<u64, warp::Rejection> {
+    let n = app
+        .store
+        .replay(id, app.clock.now())
+        .await
+        .map_err(unavailable)?;
+    app.tasks_ready.notify_waiters();
+    Ok(n)
+}
+
 /// `PUT /rs/v1/control/throttle`: replaces this server's throttle, checked
 /// first (a bad document changes nothing), kept across restarts.
+/// This server's throttle as `grants` may see it: a customer's admin sees
+/// the rules that can apply to its customers, not those naming another.
+pub(crate) fn visible_throttle(
+    app: &AppServer,
+    grants: &crate::security::Grants,
+) -> rs_node::throttle::ThrottleConfig {
+    let mut cfg = app
+        .throttle_cfg
+        .read()
+        .map(|c| c.clone())
+        .unwrap_or_default();
+    cfg.rule.retain(|r| {
+        r.customer.as_deref().is_none_or(|c| grants.customer(c))
+            && r.component
+                .as_deref()
+                .is_none_or(|c| RsId::new(c).is_ok_and(|id| grants.component(&id)))
+    });
+    cfg
+}
+
 async fn put_throttle(
     app: &AppServer,
     body: &[u8],
@@ -1465,31 +1480,49 @@ async fn put_group(
             g.name
         )));
     }
+    save_group(app, g).await?;
+    groups(app, Some(name), &crate::security::Grants::All).await
+}
+
+/// Creates or replaces a group (for an admin of every customer).
+pub(crate) async fn save_group(
+    app: &AppServer,
+    g: rs_protocol::codec::api::GroupDef,
+) -> Result<(), warp::Rejection> {
     if g.members.is_empty() && !g.has_selector() {
-        return Err(bad(format!(
-            "group {name:?}: give members, a selector (customer, kind, tag) or both"
-        )));
+        return Err(refuse(
+            http::StatusCode::BAD_REQUEST,
+            format!(
+                "group {:?}: give members, a selector (customer, kind, tag) or both",
+                g.name
+            ),
+        ));
     }
     app.store
         .put_group(g, app.clock.now())
         .await
-        .map_err(unavailable)?;
-    groups(app, Some(name), &crate::security::Grants::All).await
+        .map_err(unavailable)
 }
 
 async fn delete_group(
     app: &AppServer,
     name: String,
 ) -> Result<warp::reply::Response, warp::Rejection> {
+    remove_group(app, name).await?;
+    Ok(warp::reply::Reply::into_response(
+        http::StatusCode::NO_CONTENT,
+    ))
+}
+
+/// Deletes a group (for an admin of every customer).
+pub(crate) async fn remove_group(app: &AppServer, name: String) -> Result<(), warp::Rejection> {
     if app
         .store
         .delete_group(name.clone())
         .await
         .map_err(unavailable)?
     {
-        Ok(warp::reply::Reply::into_response(
-            http::StatusCode::NO_CONTENT,
-        ))
+        Ok(())
     } else {
         Err(refuse(
             http::StatusCode::NOT_FOUND,

@@ -98,6 +98,7 @@ const PAGES: &[&str] = &[
     "/portal/jobs",
     "/portal/send",
     "/portal/groups",
+    "/portal/throttle",
     "/portal/audit",
 ];
 
@@ -171,6 +172,16 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
         .await
     );
 
+    // Throttle rules of both customers; acme's admin sees only its own.
+    let r = admin(&a)
+        .put(format!("{}/rs/v1/control/throttle", base(&a)))
+        .body(
+            r#"<throttle><rule name="acme-rate" customer="acme" per="customer" messages-per-sec="1000"/><rule name="globex-rate" customer="globex" per="customer" messages-per-sec="5"/></throttle>"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
     let c = browser(&ca);
     // Without a session every page sends to the login; a POST is refused.
     let (st, h, _) = page(&c, &a, "", "/portal/").await;
@@ -232,6 +243,30 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
         alarms.contains(r#"<rect class="bar major""#) && alarms.contains(r#"y="41">1</text>"#),
         "{alarms}"
     );
+    assert!(html_of["/portal/throttle"].contains("acme-rate"));
+    // Provider-wide pages and changes are refused to a customer's admin,
+    // and change nothing.
+    let (st, _, _) = page(&c, &a, &cookie, "/portal/subscriptions").await;
+    assert_eq!(st, 403);
+    let token_on_page = csrf(&html_of["/portal/groups"]);
+    for (path, body) in [
+        ("groups", vec![("name", "acme-web"), ("customer", "acme")]),
+        ("groups/delete", vec![("name", "acme-web")]),
+        ("subscriptions/replay", vec![]),
+    ] {
+        let mut body = body;
+        body.push(("csrf", token_on_page.as_str()));
+        let r = c
+            .post(format!("{}/portal/{path}", base(&a)))
+            .header("cookie", &cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form_body(&body))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+    }
+    assert!(!control_get(&a, "groups").await.contains("acme-web"));
     // A proxy's page lists what its integrators sent.
     assert!(html_of["/portal/component?id=acme.p1"].contains("disk is full"));
     assert!(
@@ -356,10 +391,71 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
         .unwrap()
         .status();
     assert_eq!(st, 401);
+    // The provider's admin changes groups and replays tasks from the
+    // pages.
+    let ops = token(&a, "ops-web", "*").await;
+    let (ops_cookie, _) = login(&c, &a, &ops).await;
+    let (st, _, html) = page(&c, &a, &ops_cookie, "/portal/groups").await;
+    assert_eq!(st, 200);
+    let ops_csrf = csrf(&html);
+    let post_form = |path: &'static str, body: Vec<(&'static str, String)>| {
+        let c = c.clone();
+        let a = a.clone();
+        let cookie = ops_cookie.clone();
+        let csrf = ops_csrf.clone();
+        async move {
+            let mut body = body;
+            body.push(("csrf", csrf));
+            c.post(format!("{}/portal/{path}", base(&a)))
+                .header("cookie", cookie)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form_body(&body))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = post_form(
+        "groups",
+        vec![
+            ("name", "acme-web".into()),
+            ("customer", "acme".into()),
+            ("kind", "proxy".into()),
+            ("tag", String::new()),
+            ("members", "globex.p1".into()),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), 303);
+    let g = control_get(&a, "groups/acme-web").await;
+    assert!(
+        g.contains("acme.p1") && g.contains("globex.p1") && !g.contains("acme.p1.s1"),
+        "{g}"
+    );
+    let r = post_form(
+        "groups",
+        vec![("name", "bad name".into()), ("customer", "acme".into())],
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains(r#"id="error""#));
+    let r = post_form("groups/delete", vec![("name", "acme-web".into())]).await;
+    assert_eq!(r.status(), 303);
+    assert!(!control_get(&a, "groups").await.contains("acme-web"));
+    let (st, _, html) = page(&c, &a, &ops_cookie, "/portal/subscriptions").await;
+    assert_eq!(st, 200, "{html}");
+    let r = post_form("subscriptions/replay", vec![]).await;
+    assert_eq!(r.status(), 303);
+    let (_, _, html) = page(&c, &a, &ops_cookie, "/portal/throttle").await;
+    assert!(
+        html.contains("acme-rate") && html.contains("globex-rate"),
+        "{html}"
+    );
     let (code, listed, err) = rsctl(&a, &["tokens", "list", "-o", "json"]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
     let t = &v["tokens"]["token"][0];
+    assert_eq!(v["tokens"]["count"], "2", "{v}");
     assert_eq!(
         (t["name"].as_str(), t["customers"].as_str()),
         (Some("acme-ops"), Some("acme")),
@@ -428,7 +524,7 @@ async fn the_portal_works_in_a_real_browser_for_each_customer_apart() {
         "users": [
             {"name": "acme", "token": token(&a, "acme-web", "acme").await, "forbidden": ["globex."], "pages": own("acme.p1")},
             {"name": "globex", "token": token(&a, "globex-web", "globex").await, "forbidden": ["acme."], "pages": own("globex.p1")},
-            {"name": "ops", "token": token(&a, "ops-web", "*").await, "forbidden": [], "pages": own("acme.p1"),
+            {"name": "ops", "token": token(&a, "ops-web", "*").await, "forbidden": [], "pages": [own("acme.p1")[0].clone(), "/portal/subscriptions".to_owned()],
              "screenshots": shots.display().to_string(),
              "send": {"target": "group:acme-all", "config": "heartbeat_secs = 9",
                       "screenshot": shots.join("job.png").display().to_string()}},
@@ -467,7 +563,10 @@ async fn the_portal_works_in_a_real_browser_for_each_customer_apart() {
     for (k, v) in r["pages"].as_object().unwrap() {
         assert_eq!(v, 200, "{k}");
     }
-    assert_eq!(r["pages"].as_object().unwrap().len(), 3 * (pages.len() + 1));
+    assert_eq!(
+        r["pages"].as_object().unwrap().len(),
+        3 * (pages.len() + 1) + 1
+    );
     assert_eq!(r["who"]["acme"], "token:acme-web");
     for u in ["acme", "globex", "ops"] {
         assert!(
@@ -505,7 +604,17 @@ async fn the_portal_works_in_a_real_browser_for_each_customer_apart() {
         serde_json::json!({"acme.p1": "succeeded", "acme.p2": "succeeded"}),
         "{job:#}"
     );
-    for name in ["fleet", "alarms", "jobs", "job", "topology", "component"] {
+    for name in [
+        "fleet",
+        "alarms",
+        "jobs",
+        "job",
+        "topology",
+        "component",
+        "throttle",
+        "subscriptions",
+        "groups",
+    ] {
         assert!(shots.join(format!("{name}.png")).exists(), "{name}.png");
     }
     d.stop_all();

@@ -101,7 +101,9 @@ pub(super) async fn get(
         "jobs" => jobs(app, v, q).await,
         "job" => job(app, v, q).await,
         "send" => send_form(app, v, q.get("to"), None).await,
-        "groups" => groups(app, v).await,
+        "groups" => groups(app, v, None).await,
+        "throttle" => throttle(app, v),
+        "subscriptions" => subscriptions(app, v).await,
         "audit" => audit(app, v, q).await,
         _ => Err(Failure(http::StatusCode::NOT_FOUND, "no such page".into())),
     };
@@ -128,10 +130,33 @@ pub(super) async fn post(
                 }
             }
         },
+        "groups" | "groups/delete" => match change_group(app, v, page, form).await {
+            Ok(()) => see_other(&format!("{}groups", super::ROOT)),
+            Err(Failure(status, text)) => match groups(app, v, Some(text)).await {
+                Ok(body) => html(status, body),
+                Err(f) => failed(v, f),
+            },
+        },
+        "subscriptions/replay" => match replay(app, v, form).await {
+            Ok(()) => see_other(&format!("{}subscriptions", super::ROOT)),
+            Err(f) => failed(v, f),
+        },
         _ => failed(
             v,
             Failure(http::StatusCode::NOT_FOUND, "no such action".into()),
         ),
+    }
+}
+
+/// What only an admin of every customer may see or do.
+fn provider_only(v: &Viewer) -> Result<(), Failure> {
+    if v.admin.grants.is_all() {
+        Ok(())
+    } else {
+        Err(Failure(
+            http::StatusCode::FORBIDDEN,
+            "this needs an admin of every customer".into(),
+        ))
     }
 }
 
@@ -885,9 +910,62 @@ pub(crate) struct GroupRow {
 struct Groups {
     nav: Nav,
     rows: Vec<GroupRow>,
+    /// Whether the viewer may change groups (an admin of every customer).
+    provider: bool,
+    kinds: Vec<&'static str>,
+    error: Option<String>,
 }
 
-async fn groups(app: &AppServer, v: &Viewer) -> Result<String, Failure> {
+/// `POST groups` (create or replace, from the form) and `groups/delete`.
+async fn change_group(
+    app: &AppServer,
+    v: &Viewer,
+    page: &str,
+    form: &HashMap<String, String>,
+) -> Result<(), Failure> {
+    provider_only(v)?;
+    let bad = |t: String| Failure(http::StatusCode::BAD_REQUEST, t);
+    let field = |k: &str| {
+        form.get(k)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let name = field("name").ok_or_else(|| bad("a group needs a name".into()))?;
+    if page == "groups/delete" {
+        crate::control::remove_group(app, name.clone()).await?;
+        tracing::info!("portal: {} deleted group {name}", v.admin.name);
+        return Ok(());
+    }
+    let g = rs_protocol::codec::api::GroupDef {
+        customer: field("customer")
+            .map(|c| {
+                rs_protocol::CustomerId::new(&c).map_err(|e| bad(format!("customer {c:?}: {e}")))
+            })
+            .transpose()?,
+        kind: field("kind")
+            .map(|k| {
+                rs_protocol::ComponentKind::parse(&k).ok_or_else(|| bad(format!("kind {k:?}")))
+            })
+            .transpose()?,
+        tag: field("tag"),
+        members: field("members")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(|m| RsId::new(m).map_err(|e| bad(format!("member {m:?}: {e}"))))
+            .collect::<Result<_, _>>()?,
+        name,
+    };
+    // The same checks as the API's document (names are tokens).
+    let doc = rs_protocol::codec::api::encode_group(&g);
+    let g = rs_protocol::codec::api::decode_group(&doc, &rs_protocol::codec::Limits::default())
+        .map_err(|e| bad(format!("group: {e}")))?;
+    let name = g.name.clone();
+    crate::control::save_group(app, g).await?;
+    tracing::info!("portal: {} saved group {name}", v.admin.name);
+    Ok(())
+}
+
+async fn groups(app: &AppServer, v: &Viewer, error: Option<String>) -> Result<String, Failure> {
     let rows = crate::control::visible_groups(app, None, &v.admin.grants)
         .await?
         .into_iter()
@@ -915,6 +993,17 @@ async fn groups(app: &AppServer, v: &Viewer) -> Result<String, Failure> {
     Ok(Groups {
         nav: Nav::new(v, "Groups", 0),
         rows,
+        provider: v.admin.grants.is_all(),
+        kinds: [
+            rs_protocol::ComponentKind::Proxy,
+            rs_protocol::ComponentKind::Mlm,
+            rs_protocol::ComponentKind::Integrator,
+            rs_protocol::ComponentKind::SupportInstance,
+        ]
+        .iter()
+        .map(|k| k.as_str())
+        .collect(),
+        error,
     }
     .render()?)
 }
@@ -973,4 +1062,191 @@ async fn audit(
         next,
     }
     .render()?)
+}
+
+// ---- throttle ----
+
+pub(crate) struct RuleRow {
+    pub name: String,
+    /// The rule as its TOML (what it matches and what it allows).
+    pub toml: String,
+    pub held: u64,
+}
+
+pub(crate) struct UsageLine {
+    pub rule: String,
+    pub key: String,
+    pub since: String,
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+#[derive(Template)]
+#[template(path = "portal/throttle.html")]
+struct Throttle {
+    nav: Nav,
+    rules: Vec<RuleRow>,
+    usage: Vec<UsageLine>,
+    min_free_disk_mb: String,
+}
+
+/// The rules the viewer may see (as the API shows them), messages each
+/// held back since this server started, and the current quota periods'
+/// usage of the viewer's customers and components.
+fn throttle(app: &AppServer, v: &Viewer) -> Result<String, Failure> {
+    let cfg = crate::control::visible_throttle(app, &v.admin.grants);
+    let (held, usage) = app.current_throttle().report();
+    let visible = |rule: &str| cfg.rule.iter().any(|r| r.name == rule);
+    let granted_key = |key: &str| {
+        key.is_empty() && v.admin.grants.is_all()
+            || v.admin.grants.customer(key)
+            || RsId::new(key).is_ok_and(|id| v.admin.grants.component(&id))
+    };
+    let rules = cfg
+        .rule
+        .iter()
+        .map(|r| RuleRow {
+            name: r.name.clone(),
+            toml: toml::to_string(r)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.starts_with("name ="))
+                .collect::<Vec<_>>()
+                .join(", "),
+            held: held
+                .iter()
+                .find(|(n, _)| *n == r.name)
+                .map_or(0, |(_, h)| *h),
+        })
+        .collect();
+    let usage = usage
+        .into_iter()
+        .filter(|u| visible(&u.rule) && granted_key(&u.key))
+        .map(|u| UsageLine {
+            since: ts(u.period_start).to_string(),
+            rule: u.rule,
+            key: u.key,
+            messages: u.messages,
+            bytes: u.bytes,
+        })
+        .collect();
+    Ok(Throttle {
+        nav: Nav::new(v, "Throttle", 10),
+        rules,
+        usage,
+        min_free_disk_mb: cfg
+            .min_free_disk_mb
+            .map(|m| format!("{m} MB"))
+            .unwrap_or_else(|| "none".into()),
+    }
+    .render()?)
+}
+
+// ---- subscriptions and failed tasks ----
+
+pub(crate) struct SubRow {
+    pub name: String,
+    pub delivery: String,
+    pub filters: String,
+    pub pending: u64,
+    pub done: u64,
+    pub failed: u64,
+}
+
+pub(crate) struct TaskLine {
+    pub id: i64,
+    pub subscription: String,
+    pub message: String,
+    pub attempts: u32,
+    pub created: String,
+    pub error: String,
+}
+
+#[derive(Template)]
+#[template(path = "portal/subscriptions.html")]
+struct Subscriptions {
+    nav: Nav,
+    subs: Vec<SubRow>,
+    failed: Vec<TaskLine>,
+}
+
+async fn subscriptions(app: &AppServer, v: &Viewer) -> Result<String, Failure> {
+    use rs_protocol::codec::api::Delivery;
+    provider_only(v)?;
+    let subs = app
+        .store
+        .subscriptions()
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(|(s, c)| {
+            let d = crate::control::def_of(s);
+            let filters = [
+                d.class.as_ref().map(|c| format!("class={c}")),
+                d.subclass.as_ref().map(|c| format!("sub={c}")),
+                d.customer.as_ref().map(|c| format!("customer={c}")),
+                d.source.as_ref().map(|c| format!("source={}", c.as_str())),
+                d.kind.as_ref().map(|c| format!("type={c}")),
+                d.min_severity.map(|c| format!("severity>={}", c.as_str())),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ");
+            SubRow {
+                delivery: match &d.delivery {
+                    Delivery::Webhook(u) => format!("webhook {u}"),
+                    Delivery::Feed => "feed".into(),
+                    Delivery::Module(m) => format!("module {m}"),
+                },
+                name: d.name,
+                filters,
+                pending: c.pending,
+                done: c.done,
+                failed: c.failed,
+            }
+        })
+        .collect();
+    let failed = app
+        .store
+        .tasks("failed".into(), 100)
+        .await
+        .map_err(unavailable)?
+        .into_iter()
+        .map(|t| TaskLine {
+            id: t.id,
+            subscription: t.sub,
+            message: t.message,
+            attempts: t.attempts,
+            created: ts(t.created).to_string(),
+            error: t.last_error.unwrap_or_default(),
+        })
+        .collect();
+    Ok(Subscriptions {
+        nav: Nav::new(v, "Subscriptions and failed tasks", 0),
+        subs,
+        failed,
+    }
+    .render()?)
+}
+
+/// `POST subscriptions/replay`: one failed task (`id`), or every one.
+async fn replay(
+    app: &AppServer,
+    v: &Viewer,
+    form: &HashMap<String, String>,
+) -> Result<(), Failure> {
+    provider_only(v)?;
+    let id = match form.get("id").map(|i| i.trim()).filter(|i| !i.is_empty()) {
+        Some(i) => Some(i.parse::<i64>().map_err(|_| {
+            Failure(
+                http::StatusCode::BAD_REQUEST,
+                format!("task {i:?}: a number"),
+            )
+        })?),
+        None => None,
+    };
+    let n = crate::control::replay_tasks(app, id).await?;
+    tracing::info!("portal: {} replayed {n} failed tasks", v.admin.name);
+    Ok(())
 }
