@@ -69,6 +69,10 @@ pub struct Config {
     /// been lost).
     #[serde(default = "default_offer_again")]
     pub offer_again_secs: u64,
+    /// Seconds between the samples the portal's charts draw (they keep
+    /// two hours' worth at 15 s: 480 samples).
+    #[serde(default = "default_chart_sample")]
+    pub chart_sample_secs: u64,
     /// A proxy or MLM silent for this many heartbeat intervals is late...
     #[serde(default = "default_late_after")]
     pub heartbeat_late_after: u32,
@@ -266,6 +270,10 @@ fn default_max_attempts() -> u32 {
 fn default_webhook_timeout() -> u64 {
     10
 }
+fn default_chart_sample() -> u64 {
+    15
+}
+
 fn default_late_after() -> u32 {
     2
 }

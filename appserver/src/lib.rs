@@ -492,12 +492,12 @@ pub async fn run(
         app.id,
         listener.local_addr()?
     );
-    // The portal's charts: a sample now, then every 15 s.
+    // The portal's charts: a sample now, then every chart_sample_secs.
     let sampler = {
         let app = app.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(portal::charts::EVERY);
+            let mut tick = tokio::time::interval(portal::charts::every(&app));
             loop {
                 tokio::select! {
                     _ = tick.tick() => app.history.sample(&app).await,

@@ -220,6 +220,19 @@ async fn offer(
 ) -> Result<warp::reply::Response, warp::Rejection> {
     let req = decode_offer_request(body, &rs_protocol::codec::Limits::default())
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("offer: {e}")))?;
+    let job = start_offer(app, grants, req).await?;
+    Ok(rs_node::ingress::xml_response(
+        rs_protocol::codec::api::encode_job(&job),
+    ))
+}
+
+/// Offers a published file to components and groups: a job whose message
+/// carries a download URL for it.
+pub(crate) async fn start_offer(
+    app: &AppServer,
+    grants: &crate::security::Grants,
+    req: rs_protocol::codec::api::OfferRequest,
+) -> Result<rs_protocol::codec::api::Job, warp::Rejection> {
     let hex = rs_protocol::codec::sha256_hex(&req.sha256);
     let file: Option<(String, i64)> = app
         .store
@@ -274,9 +287,7 @@ async fn offer(
     )
     .await?;
     app.downloads.offers.inc();
-    Ok(rs_node::ingress::xml_response(
-        rs_protocol::codec::api::encode_job(&job),
-    ))
+    Ok(job)
 }
 
 async fn fetch(app: &AppServer, token: &str, range: Option<String>) -> warp::reply::Response {

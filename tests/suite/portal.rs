@@ -112,7 +112,7 @@ const PAGES: &[&str] = &[
 async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_forms() {
     let dir = tmp("portal");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let (a, s1) = crate::security::acme_and_globex(&mut d, "").await;
+    let (a, s1) = crate::security::acme_and_globex(&mut d, "chart_sample_secs = 1").await;
     let c1 = register(&s1).await;
     c1.send("alarm", &alarm("acme's disk is full", None))
         .await
@@ -236,8 +236,24 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
     assert!(html_of["/portal/"].contains(r#"data-id="acme.p1""#));
     // The charts: the history's curves, and acme's one major alarm of
     // the day (not globex's two).
-    let fleet = &html_of["/portal/"];
-    assert!(fleet.contains(r#"<polyline class="curve c1""#), "{fleet}");
+    // The stored-rate curve rises off its baseline where acme's alarm was
+    // stored (a sample a second here).
+    let rate_curve = |html: &str| -> Vec<f64> {
+        let at = html.find(r#"<polyline class="curve c1" points=""#).unwrap() + 35;
+        html[at..at + html[at..].find('"').unwrap()]
+            .split_whitespace()
+            .map(|p| p.split_once(',').unwrap().1.parse().unwrap())
+            .collect()
+    };
+    assert!(
+        until(20, || async {
+            let ys = rate_curve(&page(&c, &a, &cookie, "/portal/").await.2);
+            ys.len() >= 2 && ys.iter().any(|y| *y < 110.0)
+        })
+        .await,
+        "{}",
+        page(&c, &a, &cookie, "/portal/").await.2
+    );
     let alarms = &html_of["/portal/alarms?type=any"];
     assert!(
         alarms.contains(r#"<rect class="bar major""#) && alarms.contains(r#"y="41">1</text>"#),
@@ -246,13 +262,16 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
     assert!(html_of["/portal/throttle"].contains("acme-rate"));
     // Provider-wide pages and changes are refused to a customer's admin,
     // and change nothing.
-    let (st, _, _) = page(&c, &a, &cookie, "/portal/subscriptions").await;
-    assert_eq!(st, 403);
+    for p in ["/portal/subscriptions", "/portal/files"] {
+        let (st, _, _) = page(&c, &a, &cookie, p).await;
+        assert_eq!(st, 403, "{p}");
+    }
     let token_on_page = csrf(&html_of["/portal/groups"]);
     for (path, body) in [
         ("groups", vec![("name", "acme-web"), ("customer", "acme")]),
         ("groups/delete", vec![("name", "acme-web")]),
         ("subscriptions/replay", vec![]),
+        ("files/offer", vec![("file", "00"), ("target", "acme.p1")]),
     ] {
         let mut body = body;
         body.push(("csrf", token_on_page.as_str()));
@@ -446,6 +465,42 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
     assert_eq!(st, 200, "{html}");
     let r = post_form("subscriptions/replay", vec![]).await;
     assert_eq!(r.status(), 303);
+    // A published file offered to a site from the files page: the job's
+    // page follows it to the end.
+    let r = admin(&a)
+        .put(format!("{}/rs/v1/control/files/notes.txt", base(&a)))
+        .body(b"release notes".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sha = attr(&r.text().await.unwrap(), "sha256").to_owned();
+    let (st, _, html) = page(&c, &a, &ops_cookie, "/portal/files").await;
+    assert!(
+        st == 200 && html.contains("notes.txt") && html.contains(&sha),
+        "{html}"
+    );
+    let r = post_form(
+        "files/offer",
+        vec![
+            ("file", sha.clone()),
+            ("target", "acme.p1".into()),
+            ("class", "data".into()),
+            ("sub", "notes".into()),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), 303, "{:?}", r.text().await);
+    let to = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        until(60, || async {
+            let (_, _, html) = page(&c, &a, &ops_cookie, &to).await;
+            html.contains(r#"id="job-state">done"#) && html.contains(">succeeded<")
+        })
+        .await,
+        "{}",
+        page(&c, &a, &ops_cookie, &to).await.2
+    );
     let (_, _, html) = page(&c, &a, &ops_cookie, "/portal/throttle").await;
     assert!(
         html.contains("acme-rate") && html.contains("globex-rate"),
@@ -484,7 +539,7 @@ async fn the_portal_works_in_a_real_browser_for_each_customer_apart() {
     );
     let dir = tmp("portal-browser");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let (a, s1) = crate::security::acme_and_globex(&mut d, "").await;
+    let (a, s1) = crate::security::acme_and_globex(&mut d, "chart_sample_secs = 1").await;
     let s2 = d
         .proxy("p2", "acme.p2", std::slice::from_ref(&a), &Extra::default())
         .unwrap();
@@ -524,7 +579,7 @@ async fn the_portal_works_in_a_real_browser_for_each_customer_apart() {
         "users": [
             {"name": "acme", "token": token(&a, "acme-web", "acme").await, "forbidden": ["globex."], "pages": own("acme.p1")},
             {"name": "globex", "token": token(&a, "globex-web", "globex").await, "forbidden": ["acme."], "pages": own("globex.p1")},
-            {"name": "ops", "token": token(&a, "ops-web", "*").await, "forbidden": [], "pages": [own("acme.p1")[0].clone(), "/portal/subscriptions".to_owned()],
+            {"name": "ops", "token": token(&a, "ops-web", "*").await, "forbidden": [], "pages": [own("acme.p1")[0].clone(), "/portal/subscriptions".to_owned(), "/portal/files".to_owned()],
              "screenshots": shots.display().to_string(),
              "send": {"target": "group:acme-all", "config": "heartbeat_secs = 9",
                       "screenshot": shots.join("job.png").display().to_string()}},
@@ -565,7 +620,7 @@ async fn the_portal_works_in_a_real_browser_for_each_customer_apart() {
     }
     assert_eq!(
         r["pages"].as_object().unwrap().len(),
-        3 * (pages.len() + 1) + 1
+        3 * (pages.len() + 1) + 2
     );
     assert_eq!(r["who"]["acme"], "token:acme-web");
     for u in ["acme", "globex", "ops"] {
@@ -614,6 +669,7 @@ async fn the_portal_works_in_a_real_browser_for_each_customer_apart() {
         "throttle",
         "subscriptions",
         "groups",
+        "files",
     ] {
         assert!(shots.join(format!("{name}.png")).exists(), "{name}.png");
     }

@@ -1,7 +1,8 @@
 //! The portal's charts, drawn by the server as SVG: messages stored per
-//! second and the backlog at each tier over the last two hours (from
-//! samples this server takes every [`EVERY`], kept in memory: a restarted
-//! member starts a new curve), and alarms by severity over the last day.
+//! second and the backlog at each tier (from the last [`KEEP`] samples
+//! this server takes every `chart_sample_secs`, two hours at the default
+//! 15 s, kept in memory: a restarted member starts a new curve), and
+//! alarms by severity over the last day.
 //! Every figure is kept per customer, so a chart shows only the customers
 //! its viewer is granted.
 
@@ -15,10 +16,13 @@ use rs_protocol::model::Severity;
 use crate::AppServer;
 use crate::security::Grants;
 
-/// How often the history is sampled.
-pub const EVERY: Duration = Duration::from_secs(15);
-/// How many samples are kept: two hours.
+/// How many samples are kept (two hours at one every 15 s).
 const KEEP: usize = 480;
+
+/// How often the history is sampled (`chart_sample_secs`, at least 1 s).
+pub fn every(app: &AppServer) -> Duration {
+    Duration::from_secs(app.cfg.chart_sample_secs.max(1))
+}
 
 /// One customer's figures at one time.
 #[derive(Debug, Clone, Copy, Default)]
@@ -40,7 +44,7 @@ pub struct History {
 }
 
 impl History {
-    /// Takes one sample (called every [`EVERY`] by the server).
+    /// Takes one sample (called every [`every`] by the server).
     pub async fn sample(&self, app: &AppServer) {
         let now = app.clock.now().as_millis();
         let from = self
@@ -48,7 +52,7 @@ impl History {
             .lock()
             .ok()
             .and_then(|l| *l)
-            .unwrap_or(now - EVERY.as_millis() as i64);
+            .unwrap_or(now - every(app).as_millis() as i64);
         let stored = match app.store.stored_by_customer(from, now).await {
             Ok(s) => s,
             Err(e) => {
@@ -133,16 +137,24 @@ pub(crate) struct LineChart {
     pub y_max: String,
     pub from: String,
     pub samples: usize,
+    /// Seconds between samples.
+    pub every: u64,
 }
 
 /// The plotting area (the template draws the axes around it).
-pub(crate) const WIDTH: f64 = 560.0;
-pub(crate) const HEIGHT: f64 = 140.0;
+pub(crate) const WIDTH: f64 = 440.0;
+pub(crate) const HEIGHT: f64 = 100.0;
 
 /// A curve to draw: its label, its CSS class, and its figure at a sample.
 type CurveOf = (&'static str, &'static str, fn(&Point) -> f64);
 
-fn line_chart(title: &'static str, points: &[Point], curves: &[CurveOf], unit: &str) -> LineChart {
+fn line_chart(
+    title: &'static str,
+    points: &[Point],
+    curves: &[CurveOf],
+    unit: &str,
+    every: u64,
+) -> LineChart {
     let max = points
         .iter()
         .flat_map(|p| curves.iter().map(move |c| (c.2)(p)))
@@ -179,18 +191,21 @@ fn line_chart(title: &'static str, points: &[Point], curves: &[CurveOf], unit: &
             .map(|t| t.to_string())
             .unwrap_or_default(),
         samples: points.len(),
+        every,
     }
 }
 
 /// The fleet page's charts for `grants`.
-pub(crate) fn fleet(history: &History, grants: &Grants) -> Vec<LineChart> {
-    let points = history.summed(grants);
+pub(crate) fn fleet(app: &AppServer, grants: &Grants) -> Vec<LineChart> {
+    let points = app.history.summed(grants);
+    let every = every(app).as_secs();
     vec![
         line_chart(
             "Messages stored per second",
             &points,
             &[("stored", "c1", |p| p.rate)],
             "/s",
+            every,
         ),
         line_chart(
             "Backlog by tier (messages waiting)",
@@ -200,6 +215,7 @@ pub(crate) fn fleet(history: &History, grants: &Grants) -> Vec<LineChart> {
                 ("MLMs", "c2", |p| p.mlms as f64),
             ],
             "",
+            every,
         ),
     ]
 }

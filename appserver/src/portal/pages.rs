@@ -104,6 +104,7 @@ pub(super) async fn get(
         "groups" => groups(app, v, None).await,
         "throttle" => throttle(app, v),
         "subscriptions" => subscriptions(app, v).await,
+        "files" => files(app, v, None).await,
         "audit" => audit(app, v, q).await,
         _ => Err(Failure(http::StatusCode::NOT_FOUND, "no such page".into())),
     };
@@ -133,6 +134,13 @@ pub(super) async fn post(
         "groups" | "groups/delete" => match change_group(app, v, page, form).await {
             Ok(()) => see_other(&format!("{}groups", super::ROOT)),
             Err(Failure(status, text)) => match groups(app, v, Some(text)).await {
+                Ok(body) => html(status, body),
+                Err(f) => failed(v, f),
+            },
+        },
+        "files/offer" => match offer(app, v, form).await {
+            Ok(job) => see_other(&format!("{}job?id={job}", super::ROOT)),
+            Err(Failure(status, text)) => match files(app, v, Some(text)).await {
                 Ok(body) => html(status, body),
                 Err(f) => failed(v, f),
             },
@@ -312,7 +320,7 @@ async fn fleet(app: &AppServer, v: &Viewer) -> Result<String, Failure> {
     }
     Ok(Fleet {
         nav: Nav::new(v, "Fleet", 10),
-        charts: super::charts::fleet(&app.history, &v.admin.grants),
+        charts: super::charts::fleet(app, &v.admin.grants),
         total: list.len(),
         customers: by.into_values().collect(),
     }
@@ -1249,4 +1257,113 @@ async fn replay(
     let n = crate::control::replay_tasks(app, id).await?;
     tracing::info!("portal: {} replayed {n} failed tasks", v.admin.name);
     Ok(())
+}
+
+// ---- files ----
+
+pub(crate) struct FileRow {
+    pub sha256: String,
+    pub name: String,
+    pub size: i64,
+    pub published: String,
+}
+
+#[derive(Template)]
+#[template(path = "portal/files.html")]
+struct Files {
+    nav: Nav,
+    files: Vec<FileRow>,
+    groups: Vec<String>,
+    components: Vec<String>,
+    error: Option<String>,
+}
+
+/// The published files, and a form to offer one to a group or a
+/// component (software is installed, configuration applied; the job's
+/// page shows each destination's progress).
+async fn files(app: &AppServer, v: &Viewer, error: Option<String>) -> Result<String, Failure> {
+    provider_only(v)?;
+    let files = app
+        .store
+        .published_files(200)
+        .await
+        .map_err(unavailable)?
+        .into_iter()
+        .map(|(sha256, name, size, created)| FileRow {
+            sha256,
+            name,
+            size,
+            published: ts(created).to_string(),
+        })
+        .collect();
+    let groups = crate::control::visible_groups(app, None, &v.admin.grants)
+        .await?
+        .into_iter()
+        .filter(|(_, members)| !members.is_empty())
+        .map(|(g, _)| format!("group:{}", g.name))
+        .collect();
+    let components = crate::control::visible_components(app, &v.admin.grants)
+        .await?
+        .into_iter()
+        .filter(|c| c.id.kind() == rs_protocol::ComponentKind::Proxy)
+        .map(|c| c.id.as_str().to_owned())
+        .collect();
+    Ok(Files {
+        nav: Nav::new(v, "Files", 0),
+        files,
+        groups,
+        components,
+        error,
+    }
+    .render()?)
+}
+
+/// `POST files/offer`: the job's ID.
+async fn offer(
+    app: &AppServer,
+    v: &Viewer,
+    form: &HashMap<String, String>,
+) -> Result<String, Failure> {
+    provider_only(v)?;
+    let bad = |t: String| Failure(http::StatusCode::BAD_REQUEST, t);
+    let field = |k: &str| form.get(k).map(|v| v.trim()).unwrap_or("");
+    let hex = field("file");
+    let sha256: [u8; 32] = (0..32)
+        .map(|i| {
+            hex.get(i * 2..i * 2 + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+        .and_then(|v| v.try_into().ok())
+        .filter(|_| hex.len() == 64)
+        .ok_or_else(|| bad(format!("file {hex:?}: a SHA-256 (64 hex digits)")))?;
+    let target = field("target");
+    let (to, groups) = match target.strip_prefix("group:") {
+        Some(g) if !g.is_empty() => (Vec::new(), vec![g.to_owned()]),
+        _ => (
+            vec![RsId::new(target).map_err(|e| bad(format!("destination {target:?}: {e}")))?],
+            Vec::new(),
+        ),
+    };
+    let req = rs_protocol::codec::api::OfferRequest {
+        to,
+        groups,
+        sha256,
+        class: field("class").to_owned(),
+        sub: field("sub").to_owned(),
+        ttl_secs: None,
+        notify: None,
+    };
+    // The same checks as the API's document (class and sub are tokens).
+    let doc = rs_protocol::codec::api::encode_offer_request(&req);
+    let req =
+        rs_protocol::codec::api::decode_offer_request(&doc, &rs_protocol::codec::Limits::default())
+            .map_err(|e| bad(format!("offer: {e}")))?;
+    let job = crate::publish::start_offer(app, &v.admin.grants, req).await?;
+    tracing::info!(
+        "portal: {} offered {hex} to {target} (job {})",
+        v.admin.name,
+        job.id
+    );
+    Ok(job.id)
 }

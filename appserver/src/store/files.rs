@@ -33,6 +33,23 @@ impl super::Store {
             .await
     }
 
+    /// The published files, newest first: SHA-256 (hex), name, size,
+    /// when published.
+    pub async fn published_files(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<(String, String, i64, i64)>, DbError> {
+        self.db
+            .read(move |s| {
+                s.rows(
+                    "SELECT sha256, name, size, created FROM files ORDER BY created DESC LIMIT ?1",
+                    params![i64::from(limit)],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+            })
+            .await
+    }
+
     /// A published file's name and size, by SHA-256 (hex).
     pub async fn published_file(&self, sha256: String) -> Result<Option<(String, i64)>, DbError> {
         self.db
