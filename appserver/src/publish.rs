@@ -22,7 +22,7 @@ use crate::AppServer;
 use crate::control::refuse;
 
 /// Largest file that may be published.
-const MAX_PUBLISH: u64 = 64 << 30;
+pub(crate) const MAX_PUBLISH: u64 = 64 << 30;
 
 rs_net::counters! {
     /// Download counters (status and metrics).
@@ -102,7 +102,7 @@ async fn publish<S, B>(
     app: &AppServer,
     name: String,
     headers: &http::HeaderMap,
-    mut body: std::pin::Pin<Box<S>>,
+    body: std::pin::Pin<Box<S>>,
 ) -> warp::reply::Response
 where
     S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + ?Sized,
@@ -112,6 +112,40 @@ where
     let name = percent_encoding::percent_decode_str(&name)
         .decode_utf8_lossy()
         .into_owned();
+    let Some(len) = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    else {
+        return text(StatusCode::LENGTH_REQUIRED, "Content-Length must be given");
+    };
+    match store_file(app, name, Size::Exact(len), body).await {
+        Ok(f) => rs_node::ingress::xml_response(encode_file(&f)),
+        Err((status, why)) => text(status, why),
+    }
+}
+
+/// How big a file being published is: exactly (the API's Content-Length)
+/// or at most (a browser's upload: the request's length bounds the file
+/// inside it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Size {
+    Exact(u64),
+    AtMost(u64),
+}
+
+/// Publishes `body` under `name`: streamed to the bulk directory, hashed on
+/// the way, synced, renamed to its SHA-256 and recorded; nothing is left
+/// of a failed one.
+pub(crate) async fn store_file<S, B>(
+    app: &AppServer,
+    name: String,
+    size: Size,
+    mut body: std::pin::Pin<Box<S>>,
+) -> Result<PublishedFile, (StatusCode, String)>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + ?Sized,
+    B: bytes::Buf,
+{
     if name.is_empty()
         || name.len() > 255
         || name.contains(['/', '\\'])
@@ -119,37 +153,32 @@ where
         || name == ".."
         || name.chars().any(char::is_control)
     {
-        return text(
+        return Err((
             StatusCode::BAD_REQUEST,
-            "the file name must be 1-255 characters without path separators",
-        );
+            "the file name must be 1-255 characters without path separators".into(),
+        ));
     }
-    let Some(len) = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-    else {
-        return text(StatusCode::LENGTH_REQUIRED, "Content-Length must be given");
-    };
+    let (Size::Exact(len) | Size::AtMost(len)) = size;
     if len > MAX_PUBLISH {
-        return text(
+        return Err((
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("at most {MAX_PUBLISH} bytes"),
-        );
+        ));
     }
     if let Some(free) = rs_node::throttle::free_bytes(&app.uploads.dir)
         && free < len.saturating_add(app.cfg.bulk.min_free_disk_mb << 20)
     {
-        return text(
+        return Err((
             StatusCode::INSUFFICIENT_STORAGE,
             format!(
                 "{len} bytes would leave less than {} MB free",
                 app.cfg.bulk.min_free_disk_mb
             ),
-        );
+        ));
     }
     let dir = published_dir(app);
     if let Err(e) = tokio::fs::create_dir_all(&dir).await {
-        return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        return Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
     }
     let tmp = dir.join(format!(
         ".incoming-{}",
@@ -157,7 +186,7 @@ where
     ));
     let mut file = match tokio::fs::File::create(&tmp).await {
         Ok(f) => f,
-        Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => return Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     };
     let mut hasher = bulk::Sha256::default();
     let mut got = 0u64;
@@ -167,7 +196,7 @@ where
             Ok(Some(c)) => {
                 got += c.len() as u64;
                 if got > len {
-                    break Some((StatusCode::BAD_REQUEST, "more than Content-Length".into()));
+                    break Some((StatusCode::BAD_REQUEST, format!("more than {len} bytes")));
                 }
                 if let Err(e) = file.write_all(&c).await {
                     break Some((StatusCode::INSUFFICIENT_STORAGE, e.to_string()));
@@ -181,36 +210,39 @@ where
     let synced = file.sync_all().await;
     drop(file);
     if let Some((status, why)) = failed.or_else(|| {
-        (got != len).then(|| (StatusCode::BAD_REQUEST, format!("{got} of {len} bytes")))
+        matches!(size, Size::Exact(_))
+            .then_some(())
+            .filter(|()| got != len)
+            .map(|()| (StatusCode::BAD_REQUEST, format!("{got} of {len} bytes")))
     }) {
         let _ = tokio::fs::remove_file(&tmp).await;
-        return text(status, format!("not published: {why}"));
+        return Err((status, format!("not published: {why}")));
     }
     if let Err(e) = synced {
         let _ = tokio::fs::remove_file(&tmp).await;
-        return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        return Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
     }
     let sha = hasher.finish();
     let hex = rs_protocol::codec::sha256_hex(&sha);
     if let Err(e) = tokio::fs::rename(&tmp, published_path(app, &hex)).await {
         let _ = tokio::fs::remove_file(&tmp).await;
-        return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        return Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
     }
     let now = app.clock.now();
     let r = app
         .store
-        .publish_file(hex.clone(), name.clone(), len, now)
+        .publish_file(hex.clone(), name.clone(), got, now)
         .await;
     if let Err(e) = r {
-        return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        return Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
     }
     app.downloads.published.inc();
-    tracing::info!("published {name} ({len} bytes, SHA-256 {hex})");
-    rs_node::ingress::xml_response(encode_file(&PublishedFile {
+    tracing::info!("published {name} ({got} bytes, SHA-256 {hex})");
+    Ok(PublishedFile {
         name,
-        size: len,
+        size: got,
         sha256: sha,
-    }))
+    })
 }
 
 async fn offer(

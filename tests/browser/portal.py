@@ -21,7 +21,8 @@ from playwright.sync_api import sync_playwright
 cfg = json.loads(sys.argv[1])
 base = cfg["base"]
 started = time.monotonic()
-result = {"pages": {}, "leaks": [], "console": [], "who": {}, "after_logout": {}, "job": None}
+result = {"pages": {}, "leaks": [], "console": [], "who": {}, "after_logout": {}, "job": None,
+          "uploaded": None}
 
 
 def say(**kw):
@@ -69,6 +70,16 @@ with sync_playwright() as p:
             if shots:
                 name = path[len("/portal/"):].split("?")[0] or "fleet"
                 page.screenshot(path=f"{shots}/{name}.png", full_page=False)
+        upload = user.get("upload")
+        if upload:
+            # A file published with the upload form: it is listed, with the
+            # SHA-256 of its bytes.
+            page.goto(base + "/portal/files")
+            page.set_input_files("#u-file", upload["path"])
+            page.click("#upload")
+            page.wait_for_url(re.compile(r".*/portal/files$"))
+            html = page.content()
+            result["uploaded"] = upload["name"] in html and upload["sha256"] in html
         send = user.get("send")
         if send:
             page.goto(base + "/portal/send")

@@ -176,12 +176,24 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
     let r = admin(&a)
         .put(format!("{}/rs/v1/control/throttle", base(&a)))
         .body(
-            r#"<throttle><rule name="acme-rate" customer="acme" per="customer" messages-per-sec="1000"/><rule name="globex-rate" customer="globex" per="customer" messages-per-sec="5"/></throttle>"#,
+            r#"<throttle><rule name="acme-rate" customer="acme" per="customer" messages-per-sec="1000"/><rule name="acme-quota" customer="acme" per="customer" quota-bytes="100000000" quota-period="day"/><rule name="globex-rate" customer="globex" per="customer" messages-per-sec="5"/></throttle>"#,
         )
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    // An alarm counted in acme's quota.
+    c1.send("alarm", &alarm("acme's fan is loud", None))
+        .await
+        .unwrap();
+    assert!(
+        until(30, || async {
+            control_get(&a, "messages?type=alarm&customer=acme")
+                .await
+                .contains("fan is loud")
+        })
+        .await
+    );
     let c = browser(&ca);
     // Without a session every page sends to the login; a POST is refused.
     let (st, h, _) = page(&c, &a, "", "/portal/").await;
@@ -234,7 +246,7 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
         html_of.insert(p, html);
     }
     assert!(html_of["/portal/"].contains(r#"data-id="acme.p1""#));
-    // The charts: the history's curves, and acme's one major alarm of
+    // The charts: the history's curves, and acme's two major alarms of
     // the day (not globex's two).
     // The stored-rate curve rises off its baseline where acme's alarm was
     // stored (a sample a second here).
@@ -256,7 +268,7 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
     );
     let alarms = &html_of["/portal/alarms?type=any"];
     assert!(
-        alarms.contains(r#"<rect class="bar major""#) && alarms.contains(r#"y="41">1</text>"#),
+        alarms.contains(r#"<rect class="bar major""#) && alarms.contains(r#"y="41">2</text>"#),
         "{alarms}"
     );
     assert!(html_of["/portal/throttle"].contains("acme-rate"));
@@ -286,6 +298,12 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
         assert_eq!(r.status(), 403, "{path}");
     }
     assert!(!control_get(&a, "groups").await.contains("acme-web"));
+    // A proxy's page shows its customer's quota usage.
+    let comp = &html_of["/portal/component?id=acme.p1"];
+    assert!(
+        comp.contains(r#"<tr class="usage"><td>acme-quota</td><td>acme</td>"#),
+        "{comp}"
+    );
     // A proxy's page lists what its integrators sent.
     assert!(html_of["/portal/component?id=acme.p1"].contains("disk is full"));
     assert!(
@@ -465,6 +483,48 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
     assert_eq!(st, 200, "{html}");
     let r = post_form("subscriptions/replay", vec![]).await;
     assert_eq!(r.status(), 303);
+    // A file published from the browser's upload form: only with the
+    // session's CSRF token before it.
+    let upload = |csrf: String, name: &'static str, bytes: &'static [u8]| {
+        let c = c.clone();
+        let a = a.clone();
+        let cookie = ops_cookie.clone();
+        async move {
+            let b = "rs-boundary-7d1e";
+            let mut body = format!(
+                "--{b}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .into_bytes();
+            body.extend_from_slice(bytes);
+            body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+            c.post(format!("{}/portal/files/upload", base(&a)))
+                .header("cookie", cookie)
+                .header("content-type", format!("multipart/form-data; boundary={b}"))
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = upload("forged".into(), "forged.bin", b"not from the page").await;
+    assert_eq!(r.status(), 403);
+    let r = upload(
+        ops_csrf.clone(),
+        "agent-1.2.bin",
+        b"agent bytes\x00\x01\x02",
+    )
+    .await;
+    assert_eq!(r.status(), 303, "{:?}", r.text().await);
+    let (_, _, html) = page(&c, &a, &ops_cookie, "/portal/files").await;
+    let want = openssl::sha::sha256(b"agent bytes\x00\x01\x02")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    assert!(
+        html.contains("agent-1.2.bin") && html.contains(&want),
+        "{html}"
+    );
+    assert!(!html.contains("forged.bin"), "{html}");
     // A published file offered to a site from the files page: the job's
     // page follows it to the end.
     let r = admin(&a)
@@ -572,6 +632,15 @@ async fn the_portal_works_in_a_real_browser_for_each_customer_apart() {
     std::fs::create_dir_all(&shots).unwrap();
     let pages: Vec<String> = PAGES.iter().map(|p| p.to_string()).collect();
     let own = |id: &str| vec![format!("/portal/component?id={id}")];
+    let upload = dir.join("agent-2.0.tar.gz");
+    let bytes: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&upload, &bytes).unwrap();
+    let upload_sha = openssl::sha::sha256(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
     let cfg = serde_json::json!({
         "base": base(&a),
         "chromium": CHROMIUM,
@@ -581,6 +650,7 @@ async fn the_portal_works_in_a_real_browser_for_each_customer_apart() {
             {"name": "globex", "token": token(&a, "globex-web", "globex").await, "forbidden": ["acme."], "pages": own("globex.p1")},
             {"name": "ops", "token": token(&a, "ops-web", "*").await, "forbidden": [], "pages": [own("acme.p1")[0].clone(), "/portal/subscriptions".to_owned(), "/portal/files".to_owned()],
              "screenshots": shots.display().to_string(),
+             "upload": {"path": upload.display().to_string(), "name": "agent-2.0.tar.gz", "sha256": upload_sha},
              "send": {"target": "group:acme-all", "config": "heartbeat_secs = 9",
                       "screenshot": shots.join("job.png").display().to_string()}},
         ],
@@ -623,6 +693,7 @@ async fn the_portal_works_in_a_real_browser_for_each_customer_apart() {
         3 * (pages.len() + 1) + 2
     );
     assert_eq!(r["who"]["acme"], "token:acme-web");
+    assert_eq!(r["uploaded"], true, "{r:#}");
     for u in ["acme", "globex", "ops"] {
         assert!(
             r["after_logout"][u]

@@ -200,6 +200,25 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
                 },
             )
     };
+    // A browser's file upload (multipart/form-data): streamed, not
+    // read whole as the other forms are.
+    let upload = {
+        let app = app.clone();
+        warp::path!("portal" / "files" / "upload")
+            .and(warp::post())
+            .and(rs_net::server::peer())
+            .and(warp::header::headers_cloned())
+            .and(warp::multipart::form().max_length(Some(crate::publish::MAX_PUBLISH + MAX_FORM)))
+            .then(
+                move |peer: Peer, headers: http::HeaderMap, form: warp::multipart::FormData| {
+                    let app = app.clone();
+                    async move {
+                        let tls = matches!(peer, Peer::Tls(..));
+                        secured(upload(&app, &peer, &headers, form).await, tls)
+                    }
+                },
+            )
+    };
     let post = warp::path("portal")
         .and(warp::path::tail())
         .and(warp::post())
@@ -224,7 +243,7 @@ pub fn routes(app: Arc<AppServer>) -> warp::filters::BoxedFilter<(warp::reply::R
                 }
             },
         );
-    get.or(post).unify().boxed()
+    get.or(upload).unify().or(post).unify().boxed()
 }
 
 async fn get(
@@ -312,6 +331,109 @@ async fn post(
         }
         _ => pages::post(app, &v, tail, &form).await,
     }
+}
+
+/// `POST /portal/files/upload`: the session's CSRF token, then the file
+/// (the form puts them in this order); published as `PUT /files/{name}`
+/// publishes, under the file's own name.
+async fn upload(
+    app: &Arc<AppServer>,
+    peer: &Peer,
+    headers: &http::HeaderMap,
+    form: warp::multipart::FormData,
+) -> warp::reply::Response {
+    use futures_util::StreamExt as _;
+    let tls = matches!(peer, Peer::Tls(..));
+    let refuse = |status, text: String| Refusal::new(status, text).response();
+    if !same_origin(headers, tls) {
+        return refuse(
+            http::StatusCode::FORBIDDEN,
+            "a form from another site (Origin is not this server)".into(),
+        );
+    }
+    let Some(v) = viewer(app, peer, headers).await else {
+        return refuse(
+            http::StatusCode::FORBIDDEN,
+            "no session: log in at /portal/login".into(),
+        );
+    };
+    if !v.admin.grants.is_all() {
+        return refuse(
+            http::StatusCode::FORBIDDEN,
+            "this needs an admin of every customer".into(),
+        );
+    }
+    // The whole request bounds the file in it.
+    let Some(len) = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    else {
+        return refuse(
+            http::StatusCode::LENGTH_REQUIRED,
+            "Content-Length must be given".into(),
+        );
+    };
+    let mut form = Box::pin(form);
+    let mut csrf_ok = false;
+    while let Some(part) = form.next().await {
+        let part = match part {
+            Ok(p) => p,
+            Err(e) => return refuse(http::StatusCode::BAD_REQUEST, format!("upload: {e}")),
+        };
+        match part.name() {
+            "csrf" => {
+                let mut sent = Vec::new();
+                let mut s = Box::pin(part.stream());
+                while let Some(chunk) = s.next().await {
+                    match chunk {
+                        Ok(mut c) => {
+                            while bytes::Buf::has_remaining(&c) {
+                                let b = bytes::Buf::chunk(&c);
+                                sent.extend_from_slice(b);
+                                let n = b.len();
+                                bytes::Buf::advance(&mut c, n);
+                            }
+                        }
+                        Err(e) => {
+                            return refuse(http::StatusCode::BAD_REQUEST, format!("upload: {e}"));
+                        }
+                    }
+                    if sent.len() > 256 {
+                        break;
+                    }
+                }
+                csrf_ok =
+                    sent.len() == v.csrf.len() && openssl::memcmp::eq(&sent, v.csrf.as_bytes());
+            }
+            "file" if csrf_ok => {
+                let name = part.filename().unwrap_or("").to_owned();
+                return match crate::publish::store_file(
+                    app,
+                    name,
+                    crate::publish::Size::AtMost(len),
+                    Box::pin(part.stream()),
+                )
+                .await
+                {
+                    Ok(f) => {
+                        tracing::info!(
+                            "portal: {} published {} ({} bytes)",
+                            v.admin.name,
+                            f.name,
+                            f.size
+                        );
+                        see_other(&format!("{ROOT}files"))
+                    }
+                    Err((status, why)) => refuse(status, why),
+                };
+            }
+            _ => break,
+        }
+    }
+    refuse(
+        http::StatusCode::FORBIDDEN,
+        "the form's CSRF token is not this session's (it must come before the file): reload the page".into(),
+    )
 }
 
 /// `application/x-www-form-urlencoded`, each name once.

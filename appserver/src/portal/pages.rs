@@ -462,6 +462,8 @@ struct ComponentPage {
     tags: String,
     tree: Vec<TreeRow>,
     recent: Vec<MsgRow>,
+    /// This server's quota usage counted for it (or its customer).
+    usage: Vec<UsageLine>,
 }
 
 fn flatten(n: &StatusNode, depth: usize, out: &mut Vec<TreeRow>) {
@@ -547,7 +549,12 @@ async fn component(
         .filter(|r| r.kind == "alarm" || r.kind == "event")
         .map(msg_row)
         .collect();
+    let usage = throttle_usage(app, v)
+        .into_iter()
+        .filter(|u| u.key == c.id.as_str() || u.key == c.id.customer().as_str())
+        .collect();
     Ok(ComponentPage {
+        usage,
         nav: Nav::new(v, c.id.as_str(), 10),
         site: site_row(c, app.clock.now()),
         first_seen: c.first_seen.to_string(),
@@ -1101,15 +1108,33 @@ struct Throttle {
 /// The rules the viewer may see (as the API shows them), messages each
 /// held back since this server started, and the current quota periods'
 /// usage of the viewer's customers and components.
-fn throttle(app: &AppServer, v: &Viewer) -> Result<String, Failure> {
+/// The current quota periods' usage the viewer may see: of the rules it
+/// sees, for its customers and their components.
+fn throttle_usage(app: &AppServer, v: &Viewer) -> Vec<UsageLine> {
     let cfg = crate::control::visible_throttle(app, &v.admin.grants);
-    let (held, usage) = app.current_throttle().report();
+    let (_, usage) = app.current_throttle().report();
     let visible = |rule: &str| cfg.rule.iter().any(|r| r.name == rule);
     let granted_key = |key: &str| {
         key.is_empty() && v.admin.grants.is_all()
             || v.admin.grants.customer(key)
             || RsId::new(key).is_ok_and(|id| v.admin.grants.component(&id))
     };
+    usage
+        .into_iter()
+        .filter(|u| visible(&u.rule) && granted_key(&u.key))
+        .map(|u| UsageLine {
+            since: ts(u.period_start).to_string(),
+            rule: u.rule,
+            key: u.key,
+            messages: u.messages,
+            bytes: u.bytes,
+        })
+        .collect()
+}
+
+fn throttle(app: &AppServer, v: &Viewer) -> Result<String, Failure> {
+    let cfg = crate::control::visible_throttle(app, &v.admin.grants);
+    let (held, _) = app.current_throttle().report();
     let rules = cfg
         .rule
         .iter()
@@ -1127,17 +1152,7 @@ fn throttle(app: &AppServer, v: &Viewer) -> Result<String, Failure> {
                 .map_or(0, |(_, h)| *h),
         })
         .collect();
-    let usage = usage
-        .into_iter()
-        .filter(|u| visible(&u.rule) && granted_key(&u.key))
-        .map(|u| UsageLine {
-            since: ts(u.period_start).to_string(),
-            rule: u.rule,
-            key: u.key,
-            messages: u.messages,
-            bytes: u.bytes,
-        })
-        .collect();
+    let usage = throttle_usage(app, v);
     Ok(Throttle {
         nav: Nav::new(v, "Throttle", 10),
         rules,
