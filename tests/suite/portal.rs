@@ -354,6 +354,20 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
         let r = r.send().await.unwrap();
         assert_eq!(r.status(), 403, "origin {origin:?} csrf {csrf:?}");
     }
+    // With the right token, but aimed at globex's site: refused the same.
+    let r = c
+        .post(format!("{}/portal/send", base(&a)))
+        .header("cookie", &cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(&[
+            ("csrf", token_on_page.as_str()),
+            ("target", "globex.p1"),
+            ("action", "ping"),
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
     assert_eq!(
         attr(&control_get(&a, "jobs").await, "count"),
         attr(&jobs_before, "count"),
@@ -566,6 +580,54 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
         html.contains("acme-rate") && html.contains("globex-rate"),
         "{html}"
     );
+    // An admin certificate logs in as itself; its session is good only
+    // while that certificate is presented.
+    let pki = d.pki.clone().unwrap();
+    let with_cert = rs_net::tls::client(Some(&pki.admin))
+        .unwrap()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let (st, _, html) = page(&with_cert, &a, "", "/portal/login").await;
+    assert!(st == 200 && html.contains("Continue as ops"), "{html}");
+    let (st, _, html) = page(&c, &a, "", "/portal/login").await;
+    assert!(st == 200 && !html.contains("Continue as"), "{html}");
+    let r = with_cert
+        .post(format!("{}/portal/login", base(&a)))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("certificate=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cert_cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (st, _, html) = page(&with_cert, &a, &cert_cookie, "/portal/").await;
+    assert!(
+        st == 200 && html.contains(r#"<span id="who">ops</span>"#),
+        "{html}"
+    );
+    let (st, h, _) = page(&c, &a, &cert_cookie, "/portal/").await;
+    assert_eq!(
+        (st, h["location"].to_str().unwrap()),
+        (303, "/portal/login"),
+        "a certificate's session without the certificate"
+    );
+    // Without a certificate, "use my certificate" logs nobody in.
+    let r = c
+        .post(format!("{}/portal/login", base(&a)))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("certificate=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
     let (code, listed, err) = rsctl(&a, &["tokens", "list", "-o", "json"]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
