@@ -123,21 +123,9 @@ async fn the_demo_runs_and_the_readme_admin_commands_work_as_written() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let r = browser
-        .post(format!("{portal}login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={token}"))
-        .send()
-        .await
-        .unwrap();
+    let r = crate::portal::post_login(&browser, &portal, &format!("token={token}")).await;
     assert_eq!(r.status(), 303);
-    let cookie = r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
+    let cookie = crate::portal::session_of(&r);
     let fleet = browser
         .get(&portal)
         .header("cookie", cookie)

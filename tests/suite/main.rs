@@ -21,7 +21,7 @@ mod golden;
 pub(crate) mod metrics;
 mod operations;
 mod packaging;
-mod portal;
+pub(crate) mod portal;
 mod security;
 mod storage;
 mod subscriptions;

@@ -52,20 +52,41 @@ fn browser(ca: &Path) -> reqwest::Client {
         .unwrap()
 }
 
+/// `POST /portal/login` with a form body, at the portal `portal`
+/// (`https://…/portal/`).
+pub(crate) async fn post_login(c: &reqwest::Client, portal: &str, body: &str) -> reqwest::Response {
+    c.post(format!("{portal}login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The session cookie (`name=value`) a login answered with.
+pub(crate) fn session_of(r: &reqwest::Response) -> String {
+    r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
 /// Logs in with a token; the session cookie (`name=value`) and the whole
 /// `Set-Cookie` line.
 async fn login(c: &reqwest::Client, a: &str, token: &str) -> (String, String) {
-    let r = c
-        .post(format!("{}/portal/login", base(a)))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form_body(&[("token", token)]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303, "{:?}", r.text().await);
+    let r = post_login(
+        c,
+        &format!("{}/portal/", base(a)),
+        &form_body(&[("token", token)]),
+    )
+    .await;
+    assert_eq!(r.status(), 303);
     assert_eq!(r.headers()["location"], "/portal/");
     let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
-    (set.split(';').next().unwrap().to_owned(), set)
+    (session_of(&r), set)
 }
 
 async fn page(
@@ -205,13 +226,12 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
     assert_eq!(st, 200);
     assert!(html.contains(r#"id="token""#), "{html}");
     // A token the server does not know is refused, and audited.
-    let r = c
-        .post(format!("{}/portal/login", base(&a)))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form_body(&[("token", "rst_not-a-token")]))
-        .send()
-        .await
-        .unwrap();
+    let r = post_login(
+        &c,
+        &format!("{}/portal/", base(&a)),
+        "token=rst_not-a-token",
+    )
+    .await;
     assert_eq!(r.status(), 401);
     assert!(r.headers().get("set-cookie").is_none());
 
@@ -592,21 +612,10 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
     assert!(st == 200 && html.contains("Continue as ops"), "{html}");
     let (st, _, html) = page(&c, &a, "", "/portal/login").await;
     assert!(st == 200 && !html.contains("Continue as"), "{html}");
-    let r = with_cert
-        .post(format!("{}/portal/login", base(&a)))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("certificate=1")
-        .send()
-        .await
-        .unwrap();
+    let portal = format!("{}/portal/", base(&a));
+    let r = post_login(&with_cert, &portal, "certificate=1").await;
     assert_eq!(r.status(), 303);
-    let cert_cookie = r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
+    let cert_cookie = session_of(&r);
     let (st, _, html) = page(&with_cert, &a, &cert_cookie, "/portal/").await;
     assert!(
         st == 200 && html.contains(r#"<span id="who">ops</span>"#),
@@ -619,13 +628,7 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
         "a certificate's session without the certificate"
     );
     // Without a certificate, "use my certificate" logs nobody in.
-    let r = c
-        .post(format!("{}/portal/login", base(&a)))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("certificate=1")
-        .send()
-        .await
-        .unwrap();
+    let r = post_login(&c, &portal, "certificate=1").await;
     assert_eq!(r.status(), 401);
     assert!(r.headers().get("set-cookie").is_none());
     let (code, listed, err) = rsctl(&a, &["tokens", "list", "-o", "json"]);

@@ -815,12 +815,13 @@ struct SendPage {
     error: Option<String>,
 }
 
-async fn send_form(
+/// What a form may send to: the viewer's groups with members
+/// (`group:NAME`) and components (of `kind`, if given).
+async fn destinations(
     app: &AppServer,
     v: &Viewer,
-    target: Option<&String>,
-    error: Option<String>,
-) -> Result<String, Failure> {
+    kind: Option<rs_protocol::ComponentKind>,
+) -> Result<(Vec<String>, Vec<String>), Failure> {
     let groups = crate::control::visible_groups(app, None, &v.admin.grants)
         .await?
         .into_iter()
@@ -830,8 +831,36 @@ async fn send_form(
     let components = crate::control::visible_components(app, &v.admin.grants)
         .await?
         .into_iter()
+        .filter(|c| kind.is_none_or(|k| c.id.kind() == k))
         .map(|c| c.id.as_str().to_owned())
         .collect();
+    Ok((groups, components))
+}
+
+/// A form's `target`: `group:NAME`, or a component's ID; as the API's
+/// `to` and `groups`.
+fn target_of(target: &str) -> Result<(Vec<RsId>, Vec<String>), Failure> {
+    Ok(match target.strip_prefix("group:") {
+        Some(g) if !g.is_empty() => (Vec::new(), vec![g.to_owned()]),
+        _ => (
+            vec![RsId::new(target).map_err(|e| {
+                Failure(
+                    http::StatusCode::BAD_REQUEST,
+                    format!("destination {target:?}: {e}"),
+                )
+            })?],
+            Vec::new(),
+        ),
+    })
+}
+
+async fn send_form(
+    app: &AppServer,
+    v: &Viewer,
+    target: Option<&String>,
+    error: Option<String>,
+) -> Result<String, Failure> {
+    let (groups, components) = destinations(app, v, None).await?;
     Ok(SendPage {
         nav: Nav::new(v, "Send a control action", 0),
         actions: form_actions(),
@@ -851,13 +880,7 @@ async fn send(
 ) -> Result<String, Failure> {
     let bad = |t: String| Failure(http::StatusCode::BAD_REQUEST, t);
     let target = form.get("target").map(|t| t.trim()).unwrap_or("");
-    let (to, groups) = match target.strip_prefix("group:") {
-        Some(g) if !g.is_empty() => (Vec::new(), vec![g.to_owned()]),
-        _ => (
-            vec![RsId::new(target).map_err(|e| bad(format!("destination {target:?}: {e}")))?],
-            Vec::new(),
-        ),
-    };
+    let (to, groups) = target_of(target)?;
     let name = form.get("action").map(String::as_str).unwrap_or("");
     let kind = ActionKind::parse(name)
         .filter(|k| form_actions().contains(&k.name()))
@@ -1311,18 +1334,8 @@ async fn files(app: &AppServer, v: &Viewer, error: Option<String>) -> Result<Str
             published: ts(created).to_string(),
         })
         .collect();
-    let groups = crate::control::visible_groups(app, None, &v.admin.grants)
-        .await?
-        .into_iter()
-        .filter(|(_, members)| !members.is_empty())
-        .map(|(g, _)| format!("group:{}", g.name))
-        .collect();
-    let components = crate::control::visible_components(app, &v.admin.grants)
-        .await?
-        .into_iter()
-        .filter(|c| c.id.kind() == rs_protocol::ComponentKind::Proxy)
-        .map(|c| c.id.as_str().to_owned())
-        .collect();
+    let (groups, components) =
+        destinations(app, v, Some(rs_protocol::ComponentKind::Proxy)).await?;
     Ok(Files {
         nav: Nav::new(v, "Files", 0),
         files,
@@ -1353,13 +1366,7 @@ async fn offer(
         .filter(|_| hex.len() == 64)
         .ok_or_else(|| bad(format!("file {hex:?}: a SHA-256 (64 hex digits)")))?;
     let target = field("target");
-    let (to, groups) = match target.strip_prefix("group:") {
-        Some(g) if !g.is_empty() => (Vec::new(), vec![g.to_owned()]),
-        _ => (
-            vec![RsId::new(target).map_err(|e| bad(format!("destination {target:?}: {e}")))?],
-            Vec::new(),
-        ),
-    };
+    let (to, groups) = target_of(target)?;
     let req = rs_protocol::codec::api::OfferRequest {
         to,
         groups,
