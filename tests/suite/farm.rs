@@ -131,6 +131,44 @@ async fn a_farm_of_two_servers_shares_everything_and_loses_nothing_when_one_is_k
         })
     });
     assert!(shared, "a2 does not apply the throttle set through a1");
+    // An API token made through one member opens a portal session on the
+    // other, which the first serves; revoked through either, it ends on
+    // both.
+    let (st, body) = control(
+        &a1,
+        http::Method::POST,
+        "tokens",
+        r#"<token name="farm-web" customers="*"/>"#,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let secret = crate::backchannel::attr(&body, "secret").to_owned();
+    let browser = rs_net::tls::client_trusting(&d.pki.clone().unwrap().admin.ca)
+        .unwrap()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let portal = |a: &str| format!("{}/portal/", rs_tests::deploy::base(a));
+    let r = crate::portal::post_login(&browser, &portal(&a2), &format!("token={secret}")).await;
+    assert_eq!(r.status(), 303);
+    let cookie = crate::portal::session_of(&r);
+    let jobs_page = |a: String| {
+        let browser = browser.clone();
+        let cookie = cookie.clone();
+        async move {
+            browser
+                .get(format!("{a}jobs"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(jobs_page(portal(&a1)).await, 200);
+    let (st, _) = control(&a2, http::Method::DELETE, "tokens/farm-web", "").await;
+    assert_eq!(st, 204);
+    assert_eq!(jobs_page(portal(&a1)).await, 303);
     // Both members know the proxy from its cold start, whichever stored it.
     for a in [&a1, &a2] {
         let known = wait_for(Duration::from_secs(30), || {
