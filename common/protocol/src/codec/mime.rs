@@ -31,6 +31,10 @@ use crate::model::{Content, ContentKind, EnvelopeMeta, Header, Message, Transfer
 pub struct EnvelopeWriter {
     boundary: String,
     delim: Vec<u8>,
+    /// Searches payloads for the delimiter: built once per envelope, not
+    /// once per message (building it is most of the cost of a short
+    /// search).
+    finder: Finder<'static>,
     buf: Vec<u8>,
     messages: usize,
 }
@@ -50,6 +54,7 @@ impl EnvelopeWriter {
         delim.extend_from_slice(boundary.as_bytes());
         let mut w = EnvelopeWriter {
             boundary,
+            finder: Finder::new(&delim).into_owned(),
             delim,
             // Room for the envelope header; grows by doubling (an MLM keeps one
             // per held long poll, so it starts small).
@@ -114,7 +119,7 @@ impl EnvelopeWriter {
 
     /// True when `bytes` would end a part early.
     fn collides(&self, bytes: &[u8]) -> bool {
-        Finder::new(&self.delim).find(bytes).is_some()
+        self.finder.find(bytes).is_some()
     }
 
     /// Adds a decoded message.
