@@ -811,3 +811,45 @@ async fn the_portal_works_in_a_real_browser_for_each_customer_apart() {
     }
     d.stop_all();
 }
+
+/// On a plain loopback listener (no `[tls]`), as the API is open there,
+/// "Continue as local" opens a session of every customer; a token narrows
+/// it to the token's grants; the cookie is not marked Secure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_plain_loopback_listener_the_portal_logs_in_as_local_or_with_a_token() {
+    let dir = tmp("portal-plain");
+    let mut d = Deployment::plain(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let portal = format!("{}/portal/", base(&a));
+    assert!(portal.starts_with("http://"), "{portal}");
+    let (st, _, html) = page(&c, &a, "", "/portal/login").await;
+    assert!(st == 200 && html.contains("Continue as local"), "{html}");
+    let r = post_login(&c, &portal, "certificate=1").await;
+    assert_eq!(r.status(), 303);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set.contains("HttpOnly") && !set.contains("Secure"), "{set}");
+    let (st, h, html) = page(&c, &a, &session_of(&r), "/portal/").await;
+    assert!(
+        st == 200 && html.contains(r#"<span id="who">local</span>"#),
+        "{html}"
+    );
+    assert!(!h.contains_key("strict-transport-security"));
+    // A token on the plain listener: its grants, not local's.
+    let t = token(&a, "acme-local", "acme").await;
+    let r = post_login(&c, &portal, &format!("token={t}")).await;
+    assert_eq!(r.status(), 303);
+    let (st, _, html) = page(&c, &a, &session_of(&r), "/portal/subscriptions").await;
+    assert_eq!(st, 403, "{html}");
+    let api = admin(&a)
+        .get(format!("{}/rs/v1/control/tokens", base(&a)))
+        .header("authorization", format!("Bearer {t}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 403, "a customer's token is not local");
+    d.stop_all();
+}

@@ -167,7 +167,9 @@ fn cookie(value: &str, max_age: u64, tls: bool) -> http::HeaderValue {
 /// A POST from a page of this server: a browser's `Origin`, when sent,
 /// names this host (a form posted from elsewhere is refused even before
 /// its CSRF token is looked at; the login has no session to hold one).
-fn same_origin(headers: &http::HeaderMap, tls: bool) -> bool {
+/// The scheme is not compared: behind a proxy that ends TLS the server
+/// sees plain HTTP while the browser's origin is `https`.
+fn same_origin(headers: &http::HeaderMap) -> bool {
     let Some(origin) = headers.get(http::header::ORIGIN) else {
         return true;
     };
@@ -175,8 +177,11 @@ fn same_origin(headers: &http::HeaderMap, tls: bool) -> bool {
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
-    let scheme = if tls { "https" } else { "http" };
-    origin.to_str().ok() == Some(format!("{scheme}://{host}").as_str())
+    let origin_host = origin.to_str().ok().and_then(|o| {
+        o.strip_prefix("https://")
+            .or_else(|| o.strip_prefix("http://"))
+    });
+    !host.is_empty() && origin_host == Some(host)
 }
 
 /// `/portal/…` (and `/portal`, the same as `/portal/`: every link is
@@ -284,7 +289,7 @@ async fn post(
     body: &[u8],
 ) -> warp::reply::Response {
     let tls = matches!(peer, Peer::Tls(..));
-    if !same_origin(headers, tls) {
+    if !same_origin(headers) {
         return Refusal::new(
             http::StatusCode::FORBIDDEN,
             "a form from another site (Origin is not this server)",
@@ -343,9 +348,8 @@ async fn upload(
     form: warp::multipart::FormData,
 ) -> warp::reply::Response {
     use futures_util::StreamExt as _;
-    let tls = matches!(peer, Peer::Tls(..));
     let refuse = |status, text: String| Refusal::new(status, text).response();
-    if !same_origin(headers, tls) {
+    if !same_origin(headers) {
         return refuse(
             http::StatusCode::FORBIDDEN,
             "a form from another site (Origin is not this server)".into(),
