@@ -263,6 +263,10 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
             html.contains("token:acme-ops"),
             "{p} does not name the admin"
         );
+        assert!(
+            !html.contains(r#"href="/portal/subscriptions""#),
+            "{p} links a provider's page"
+        );
         html_of.insert(p, html);
     }
     assert!(html_of["/portal/"].contains(r#"data-id="acme.p1""#));

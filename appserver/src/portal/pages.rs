@@ -27,6 +27,8 @@ pub(crate) struct Nav {
     /// Seconds between reloads of a page that shows something live (0:
     /// none).
     pub refresh: u32,
+    /// An admin of every customer (the provider-wide pages are linked).
+    pub provider: bool,
 }
 
 impl Nav {
@@ -40,6 +42,7 @@ impl Nav {
             csrf: v.csrf.clone(),
             title: title.into(),
             refresh,
+            provider: v.admin.grants.is_all(),
         }
     }
 }
