@@ -1163,6 +1163,48 @@ async fn send(
     Ok(xml_response(encode_job(&job)))
 }
 
+/// The destinations of a send, an offer or a rollout: the IDs named and
+/// every member of the groups named (a group must exist and have
+/// members), each granted to the admin.
+pub(crate) async fn destinations_of(
+    app: &AppServer,
+    grants: &crate::security::Grants,
+    to: &[RsId],
+    groups: &[String],
+) -> Result<std::collections::BTreeSet<RsId>, warp::Rejection> {
+    let bad = |status, t: String| refuse(status, t);
+    let mut dests: std::collections::BTreeSet<RsId> = std::collections::BTreeSet::new();
+    for g in groups {
+        let found = app
+            .store
+            .groups(Some(g.clone()))
+            .await
+            .map_err(unavailable)?;
+        let Some((_, members)) = found.into_iter().next() else {
+            return Err(bad(
+                http::StatusCode::NOT_FOUND,
+                format!("unknown group {g:?}"),
+            ));
+        };
+        if members.is_empty() {
+            return Err(bad(
+                http::StatusCode::BAD_REQUEST,
+                format!("group {g:?} has no members"),
+            ));
+        }
+        dests.extend(members);
+    }
+    dests.extend(to.iter().cloned());
+    // An admin commands only the customers granted, groups included.
+    if let Some(d) = dests.iter().find(|d| !grants.component(d)) {
+        return Err(bad(
+            http::StatusCode::FORBIDDEN,
+            format!("not granted: {d} (customer {})", d.customer().as_str()),
+        ));
+    }
+    Ok(dests)
+}
+
 /// Starts a job: expands `groups`, splits the destinations by next hop,
 /// and records the job with one copy per hop of the message `build` makes
 /// (given the message ID, all the destinations, the expiry and now; each
@@ -1194,38 +1236,8 @@ pub(crate) async fn start_job(
         ));
     }
     let now = app.clock.now();
-    // Destinations: the IDs named (each must be known) and every member
-    // of the groups named (members never seen start failed in the job).
-    let mut dests: std::collections::BTreeSet<RsId> = std::collections::BTreeSet::new();
-    for g in groups {
-        let found = app
-            .store
-            .groups(Some(g.clone()))
-            .await
-            .map_err(unavailable)?;
-        let Some((_, members)) = found.into_iter().next() else {
-            return Err(bad(
-                http::StatusCode::NOT_FOUND,
-                format!("unknown group {g:?}"),
-            ));
-        };
-        if members.is_empty() {
-            return Err(bad(
-                http::StatusCode::BAD_REQUEST,
-                format!("group {g:?} has no members"),
-            ));
-        }
-        dests.extend(members);
-    }
+    let dests = destinations_of(app, grants, to, groups).await?;
     let named: std::collections::BTreeSet<RsId> = to.iter().cloned().collect();
-    dests.extend(named.iter().cloned());
-    // An admin commands only the customers granted, groups included.
-    if let Some(d) = dests.iter().find(|d| !grants.component(d)) {
-        return Err(bad(
-            http::StatusCode::FORBIDDEN,
-            format!("not granted: {d} (customer {})", d.customer().as_str()),
-        ));
-    }
     // One copy per next hop, listing the destinations behind it.
     let all: Vec<RsId> = dests.into_iter().collect();
     let (by_hop, unreachable) = rs_node::next_hop::split(all.clone(), |d| app.store.next_hop(d))

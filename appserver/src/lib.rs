@@ -5,6 +5,7 @@
 //! `GET /rs/v1/status` and the read side of the control API
 //! (`/rs/v1/control/messages`, `/rs/v1/control/components`).
 
+pub mod audit;
 pub mod bulk;
 pub mod collector;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod modules;
 pub mod monitor;
 pub mod portal;
 pub mod publish;
+pub mod rollouts;
 mod schema;
 pub mod security;
 pub mod store;
@@ -453,6 +455,8 @@ impl AppServer {
                     .unify()
                     .or(tokens::routes(self.clone()))
                     .unify()
+                    .or(rollouts::routes(self.clone()))
+                    .unify()
                     .or(portal::routes(self.clone()))
                     .unify()
                     .or(health.map(warp::Reply::into_response))
@@ -506,6 +510,7 @@ pub async fn run(
             }
         })
     };
+    let rollouts = tokio::spawn(rollouts::controller(app.clone(), shutdown.clone()));
     let purge = {
         let app = app.clone();
         let shutdown = shutdown.clone();
@@ -612,7 +617,7 @@ pub async fn run(
         ));
     }
     let serve_cfg = ServeConfig {
-        observer: Some(Arc::new(security::Auditor(Arc::downgrade(&app)))),
+        observer: Some(Arc::new(audit::Auditor(Arc::downgrade(&app)))),
         grace: app.cfg.shutdown_grace(),
         admit: app.memory.as_ref().map(|m| m.admission()),
         ..ServeConfig::default()
@@ -628,6 +633,7 @@ pub async fn run(
     serve_tcp(listener, app.tls.clone(), app.routes(), serve_cfg, shutdown).await;
     let _ = purge.await;
     let _ = sampler.await;
+    let _ = rollouts.await;
     let _ = expire.await;
     let _ = uploads.await;
     let _ = unpublisher.await;

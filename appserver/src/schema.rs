@@ -61,9 +61,65 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         // SHA-256 is kept) and the web portal's sessions (the same: the
         // cookie's hash). A session made with a token lives no longer
         // than the token (store/admins.rs joins them at every request).
-        apply: |c| c.batch(crate::store::admins::TABLES),
+        apply: |c| c.batch(ADMINS),
+    },
+    Migration {
+        version: 6,
+        name: "rollouts",
+        // A control action sent wave by wave (rollouts.rs): the request,
+        // its state and current wave, each wave's destinations and job.
+        apply: |c| c.batch(ROLLOUTS),
     },
 ];
+
+/// Version 5: API tokens and portal sessions (store/admins.rs), the same
+/// on both engines.
+const ADMINS: &str = "
+CREATE TABLE admin_tokens (
+    name       TEXT   PRIMARY KEY,
+    hash       TEXT   NOT NULL UNIQUE,
+    customers  TEXT   NOT NULL,
+    created    BIGINT NOT NULL,
+    created_by TEXT   NOT NULL,
+    expires    BIGINT NOT NULL,
+    revoked    BIGINT
+);
+CREATE TABLE portal_sessions (
+    hash      TEXT   PRIMARY KEY,
+    admin     TEXT   NOT NULL,
+    customers TEXT   NOT NULL,
+    token     TEXT,
+    csrf      TEXT   NOT NULL,
+    created   BIGINT NOT NULL,
+    expires   BIGINT NOT NULL
+);
+";
+
+/// Version 6: rollouts and their waves (store/rollouts.rs), the same on
+/// both engines.
+const ROLLOUTS: &str = "
+CREATE TABLE rollouts (
+    id           TEXT   PRIMARY KEY,
+    name         TEXT   NOT NULL,
+    action       TEXT   NOT NULL,
+    request      TEXT   NOT NULL,
+    created_by   TEXT   NOT NULL,
+    state        TEXT   NOT NULL,
+    wave         BIGINT NOT NULL,
+    reason       TEXT,
+    created      BIGINT NOT NULL,
+    updated      BIGINT NOT NULL
+);
+CREATE INDEX rollouts_state ON rollouts (state);
+CREATE TABLE rollout_waves (
+    rollout TEXT   NOT NULL,
+    n       BIGINT NOT NULL,
+    members TEXT   NOT NULL,
+    job     TEXT,
+    started BIGINT,
+    PRIMARY KEY (rollout, n)
+);
+";
 
 fn baseline(c: &mut Conn) -> Result<(), DbError> {
     match c.engine() {

@@ -16,35 +16,11 @@ use rs_protocol::codec::api::{ApiToken, decode_token_request, encode_tokens};
 use warp::Filter;
 
 use crate::AppServer;
-use crate::security::{Admin, Grants, random_secret, sha256_hex};
+use crate::security::{Admin, random_secret, sha256_hex};
 use crate::store::admins::TokenRow;
 
 /// How long a token is good for when the request does not say.
 const DEFAULT_DAYS: u64 = 90;
-
-/// The admin a token's requests are audited as.
-pub fn admin_name(token: &str) -> String {
-    format!("token:{token}")
-}
-
-/// The admin whose token this is, if it is good now.
-pub async fn admin(app: &AppServer, secret: &str) -> Result<Admin, Refusal> {
-    let now = app.clock.now().as_millis();
-    match app.store.token_by_hash(sha256_hex(secret), now).await {
-        Ok(Some(t)) => Ok(Admin {
-            name: admin_name(&t.name),
-            grants: Grants::parse(&t.customers),
-        }),
-        Ok(None) => Err(Refusal::new(
-            http::StatusCode::UNAUTHORIZED,
-            "unknown, revoked or expired API token",
-        )),
-        Err(e) => Err(Refusal::new(
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            format!("the token could not be looked up: {e}"),
-        )),
-    }
-}
 
 fn listed(t: TokenRow) -> ApiToken {
     let ts = |ms: i64| Timestamp::from_millis(ms).unwrap_or_else(Timestamp::now);

@@ -22,6 +22,7 @@ pub(crate) mod metrics;
 mod operations;
 mod packaging;
 pub(crate) mod portal;
+mod rollouts;
 mod security;
 mod storage;
 mod subscriptions;

@@ -14,6 +14,8 @@ use crate::backchannel_faults::{rsctl, until};
 use crate::forward::{alarm, register};
 use crate::security::bearer_client;
 
+static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Makes an API token as the provider's admin; its secret.
 async fn token(a: &str, name: &str, customers: &str) -> String {
     let r = admin(a)
@@ -26,7 +28,12 @@ async fn token(a: &str, name: &str, customers: &str) -> String {
     let text = r.text().await.unwrap();
     rs_tests::assert_control_api_valid(
         text.as_bytes(),
-        &std::env::temp_dir().join(format!("rs-token-{name}.xml")),
+        // A file of its own: tests make tokens of one name at once.
+        &std::env::temp_dir().join(format!(
+            "rs-token-{name}-{}-{}.xml",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )),
     );
     attr(&text, "secret").to_owned()
 }

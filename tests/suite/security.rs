@@ -1616,6 +1616,14 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
     let acme_job = attr(&body, "id").to_owned();
     let acme_job_message = attr(&body, "message").to_owned();
     let r = ops
+        .post(url("rollouts"))
+        .body(r#"<rollout name="acme-ping"><to id="acme.p1"/><control action="ping"/></rollout>"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let acme_rollout = attr(&r.text().await.unwrap(), "id").to_owned();
+    let r = ops
         .put(url("files/acme-agent.tgz"))
         .body(b"acme's software".to_vec())
         .send()
@@ -1882,6 +1890,34 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
             Scoped,
         ),
         (
+            "POST /rs/v1/control/rollouts",
+            "POST",
+            "rollouts".into(),
+            r#"<rollout name="peek"><to id="acme.p1"/><control action="ping"/></rollout>"#.into(),
+            Refused,
+        ),
+        (
+            "GET /rs/v1/control/rollouts",
+            "GET",
+            "rollouts".into(),
+            String::new(),
+            Scoped,
+        ),
+        (
+            "GET /rs/v1/control/rollouts/{id}",
+            "GET",
+            format!("rollouts/{acme_rollout}"),
+            String::new(),
+            Refused,
+        ),
+        (
+            "POST /rs/v1/control/rollouts/{id}/{op}",
+            "POST",
+            format!("rollouts/{acme_rollout}/abort"),
+            String::new(),
+            Refused,
+        ),
+        (
             "POST /rs/v1/control/tokens",
             "POST",
             "tokens".into(),
@@ -1954,6 +1990,9 @@ async fn an_admin_of_one_customer_gets_nothing_of_another_on_any_route() {
             (Scoped, "GET /rs/v1/control/audit") => text.contains(r#"admin="ops""#),
             // The list names no destination: acme's job must not be in it.
             (Scoped, "GET /rs/v1/control/jobs") => text.contains(acme_job.as_str()),
+            (Scoped, "GET /rs/v1/control/rollouts") => {
+                text.contains(acme_rollout.as_str()) || text.contains("acme-ping")
+            }
             (Scoped, _) => {
                 text.contains("acme.p1")
                     || text.contains("acme-rate")

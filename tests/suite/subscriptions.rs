@@ -785,5 +785,5 @@ async fn a_database_of_the_release_before_schema_versions_is_migrated_in_place()
         )
     })
     .unwrap();
-    assert_eq!(version, 5, "not migrated to the current schema");
+    assert_eq!(version, 6, "not migrated to the current schema");
 }

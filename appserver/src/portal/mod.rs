@@ -480,7 +480,7 @@ async fn login(
         .map(|t| t.trim())
         .filter(|t| !t.is_empty());
     let who = match token {
-        Some(t) => crate::tokens::admin(app, t).await,
+        Some(t) => crate::security::token_admin(app, t).await,
         None if form.contains_key("certificate") => crate::security::caller(app, peer, None).await,
         None => Err(Refusal::new(
             http::StatusCode::BAD_REQUEST,

@@ -6,28 +6,6 @@ use rs_store::db::DbError;
 use rs_store::params;
 use rs_store::sql::Conn;
 
-/// Schema version 5 (schema.rs), the same on both engines.
-pub(crate) const TABLES: &str = "
-CREATE TABLE admin_tokens (
-    name       TEXT   PRIMARY KEY,
-    hash       TEXT   NOT NULL UNIQUE,
-    customers  TEXT   NOT NULL,
-    created    BIGINT NOT NULL,
-    created_by TEXT   NOT NULL,
-    expires    BIGINT NOT NULL,
-    revoked    BIGINT
-);
-CREATE TABLE portal_sessions (
-    hash      TEXT   PRIMARY KEY,
-    admin     TEXT   NOT NULL,
-    customers TEXT   NOT NULL,
-    token     TEXT,
-    csrf      TEXT   NOT NULL,
-    created   BIGINT NOT NULL,
-    expires   BIGINT NOT NULL
-);
-";
-
 /// An API token as listed (never its secret).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRow {

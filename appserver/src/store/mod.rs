@@ -17,6 +17,7 @@
 
 pub mod admins;
 mod files;
+pub mod rollouts;
 pub mod security;
 pub(crate) mod tasks;
 pub mod uploads;

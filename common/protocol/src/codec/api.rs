@@ -1077,3 +1077,326 @@ pub fn decode_tokens(bytes: &[u8], limits: &Limits) -> Result<Vec<ApiToken>, Xml
     x.finish()?;
     Ok(out)
 }
+
+/// How a rollout's destinations are split into waves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Waves {
+    /// Waves of these sizes, in order: a count, or a percentage of all the
+    /// destinations (each wave takes the next ones, by ID; the last wave
+    /// takes the rest).
+    Sizes(Vec<WaveSize>),
+    /// One wave per customer.
+    Customer,
+    /// One wave per MLM the destinations are reached through (those
+    /// reached directly are one wave of their own).
+    Mlm,
+}
+
+/// The size of one wave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaveSize {
+    Count(u32),
+    Percent(u8),
+}
+
+impl WaveSize {
+    /// How many of `total` destinations it takes.
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            WaveSize::Count(n) => n as usize,
+            WaveSize::Percent(p) => (total * usize::from(p)).div_ceil(100),
+        }
+    }
+}
+
+/// `POST /rollouts`: one control action sent to destinations wave by
+/// wave, each wave started only once the one before succeeded well
+/// enough; halted by errors and by silence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutRequest {
+    pub name: String,
+    pub to: Vec<RsId>,
+    pub groups: Vec<String>,
+    pub waves: Waves,
+    /// The share of a wave (percent) that must succeed before the next
+    /// wave starts (default 100).
+    pub success_pct: u8,
+    /// The rollout halts when more than this many destinations of a wave
+    /// failed, expired or stayed silent (default 0).
+    pub max_failed: u32,
+    /// A destination of the running wave that has not finished this long
+    /// after the wave started counts as failed (default 600).
+    pub silence_secs: u64,
+    /// Each next wave waits for `POST /rollouts/{id}/approve` (default:
+    /// it starts by itself).
+    pub approve: bool,
+    pub action: ControlAction,
+}
+
+fn waves_attr(s: &str) -> Result<Vec<WaveSize>, String> {
+    let sizes: Vec<WaveSize> = s
+        .split(',')
+        .map(str::trim)
+        .map(|w| match w.strip_suffix('%') {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| (1..=100).contains(p))
+                .map(WaveSize::Percent)
+                .ok_or_else(|| format!("{w:?}: a percentage from 1% to 100%")),
+            None => w
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n > 0)
+                .map(WaveSize::Count)
+                .ok_or_else(|| format!("{w:?}: a count (1 or more) or a percentage")),
+        })
+        .collect::<Result<_, _>>()?;
+    if sizes.is_empty() || sizes.len() > 100 {
+        return Err("1 to 100 wave sizes separated by commas".into());
+    }
+    Ok(sizes)
+}
+
+fn waves_text(w: &[WaveSize]) -> String {
+    w.iter()
+        .map(|s| match s {
+            WaveSize::Count(n) => n.to_string(),
+            WaveSize::Percent(p) => format!("{p}%"),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub fn encode_rollout_request(r: &RolloutRequest) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(256);
+    let mut x = XmlOut::document(&mut buf);
+    x.open("rollout").attr("name", &r.name);
+    match &r.waves {
+        Waves::Sizes(s) => x.attr("waves", &waves_text(s)),
+        Waves::Customer => x.attr("by", "customer"),
+        Waves::Mlm => x.attr("by", "mlm"),
+    };
+    x.attr_num("success-pct", u64::from(r.success_pct))
+        .attr_num("max-failed", u64::from(r.max_failed))
+        .attr_num("silence-secs", r.silence_secs)
+        .attr("advance", if r.approve { "approve" } else { "auto" })
+        .gt()
+        .newline();
+    write_to(&mut x, &r.to, &r.groups);
+    let control = super::encode_control(&r.action);
+    let body = control.strip_prefix(super::xml::DECL).unwrap_or(&control);
+    x.buf.extend_from_slice(body);
+    x.close("rollout").newline();
+    buf
+}
+
+/// Decodes `<rollout>`: its name and rules, at least one `<to>`, then one
+/// `<control>`.
+pub fn decode_rollout_request(bytes: &[u8], limits: &Limits) -> Result<RolloutRequest, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("rollout")?;
+    let name = root.req_with("name", token)?;
+    let waves = match (root.opt_with("waves", waves_attr)?, root.opt("by")) {
+        (Some(s), None) => Waves::Sizes(s),
+        (None, Some("customer")) => Waves::Customer,
+        (None, Some("mlm")) => Waves::Mlm,
+        (None, None) => Waves::Sizes(vec![WaveSize::Percent(100)]),
+        (Some(_), Some(_)) => {
+            return Err(root.bad("by", "give waves or by, not both"));
+        }
+        (None, Some(other)) => {
+            return Err(root.bad("by", format!("{other:?}: customer or mlm")));
+        }
+    };
+    let success_pct = root
+        .opt_with("success-pct", |s| {
+            s.parse::<u8>()
+                .ok()
+                .filter(|p| (1..=100).contains(p))
+                .ok_or("a percentage from 1 to 100")
+        })?
+        .unwrap_or(100);
+    let max_failed = root
+        .opt_with("max-failed", |s| s.parse::<u32>().map_err(|_| "a count"))?
+        .unwrap_or(0);
+    let silence_secs = root
+        .opt_with("silence-secs", |s| {
+            s.parse::<u64>()
+                .ok()
+                .filter(|t| (1..=30 * 86_400).contains(t))
+                .ok_or("seconds from 1 to 2592000 (30 days)")
+        })?
+        .unwrap_or(600);
+    let approve = match root.opt("advance") {
+        None | Some("auto") => false,
+        Some("approve") => true,
+        Some(other) => return Err(root.bad("advance", format!("{other:?}: auto or approve"))),
+    };
+    let (mut to, mut groups) = (Vec::new(), Vec::new());
+    let mut action = None;
+    while let Some(tag) = x.child(&root)? {
+        match tag.name {
+            "to" if action.is_none() => read_to(&mut x, &tag, &mut to, &mut groups)?,
+            "control" if action.is_none() => action = Some(control_body(&mut x, &tag)?),
+            _ => return Err(root.unexpected_child(&tag)),
+        }
+    }
+    x.finish()?;
+    if to.is_empty() && groups.is_empty() {
+        return Err(XmlError::MissingElement {
+            element: "rollout".into(),
+            child: "to",
+        });
+    }
+    Ok(RolloutRequest {
+        name,
+        to,
+        groups,
+        waves,
+        success_pct,
+        max_failed,
+        silence_secs,
+        approve,
+        action: action.ok_or(XmlError::MissingElement {
+            element: "rollout".into(),
+            child: "control",
+        })?,
+    })
+}
+
+/// One wave of a rollout as the server shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutWave {
+    /// From 1.
+    pub n: u32,
+    /// `not-sent`, `running`, `succeeded`, `halted` (it stopped the
+    /// rollout) or `done`.
+    pub state: String,
+    pub job: Option<String>,
+    pub started: Option<Timestamp>,
+    /// Each destination and its state: a job target's (`pending`,
+    /// `delivered`, `succeeded`, `failed`, `expired`), or `not-sent`.
+    pub members: Vec<(RsId, String)>,
+}
+
+/// A rollout as the server shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    pub id: String,
+    pub name: String,
+    pub action: String,
+    /// `running`, `waiting` (for approval), `paused`, `halted`,
+    /// `succeeded`, `completed` (every wave sent, some after a halt was
+    /// resumed) or `aborted`.
+    pub state: String,
+    /// The wave running or last run, from 1.
+    pub wave: u32,
+    pub reason: Option<String>,
+    pub created: Timestamp,
+    pub created_by: String,
+    pub waves: Vec<RolloutWave>,
+}
+
+fn write_rollout(x: &mut XmlOut<'_>, r: &Rollout, with_waves: bool) {
+    x.open("rollout")
+        .attr("id", &r.id)
+        .attr("name", &r.name)
+        .attr("action", &r.action)
+        .attr("state", &r.state)
+        .attr_num("wave", u64::from(r.wave))
+        .attr_num("waves", r.waves.len() as u64)
+        .attr_opt("reason", r.reason.as_deref())
+        .attr_ts("created", r.created)
+        .attr("created-by", &r.created_by);
+    if !with_waves {
+        x.empty().newline();
+        return;
+    }
+    x.gt().newline();
+    for w in &r.waves {
+        x.open("wave")
+            .attr_num("n", u64::from(w.n))
+            .attr("state", &w.state)
+            .attr_opt("job", w.job.as_deref())
+            .attr_ts_opt("started", w.started)
+            .gt()
+            .newline();
+        for (id, state) in &w.members {
+            x.open("member")
+                .attr("id", id.as_str())
+                .attr("state", state)
+                .empty()
+                .newline();
+        }
+        x.close("wave").newline();
+    }
+    x.close("rollout").newline();
+}
+
+/// `<rollout>` with its waves and each destination's state.
+pub fn encode_rollout(r: &Rollout) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    write_rollout(&mut x, r, true);
+    buf
+}
+
+/// `<rollouts>`: without their waves.
+pub fn encode_rollouts(list: &[Rollout]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut x = XmlOut::document(&mut buf);
+    x.open("rollouts")
+        .attr_num("count", list.len() as u64)
+        .gt()
+        .newline();
+    for r in list {
+        write_rollout(&mut x, r, false);
+    }
+    x.close("rollouts").newline();
+    buf
+}
+
+/// Decodes `<rollout>` as the server answers it.
+pub fn decode_rollout(bytes: &[u8], limits: &Limits) -> Result<Rollout, XmlError> {
+    let mut x = XmlIn::new(bytes, limits)?;
+    let root = x.root("rollout")?;
+    let ts = |s: &str| Timestamp::parse(s);
+    let text = |s: &str| Ok::<_, String>(s.to_owned());
+    let mut r = Rollout {
+        id: root.req_with("id", text)?,
+        name: root.req_with("name", text)?,
+        action: root.req_with("action", text)?,
+        state: root.req_with("state", text)?,
+        wave: root.req_with("wave", |s| s.parse::<u32>().map_err(|_| "a number"))?,
+        reason: root.opt_with("reason", text)?,
+        created: root.req_with("created", ts)?,
+        created_by: root.req_with("created-by", text)?,
+        waves: Vec::new(),
+    };
+    while let Some(w) = x.child(&root)? {
+        if w.name != "wave" {
+            return Err(root.unexpected_child(&w));
+        }
+        let mut wave = RolloutWave {
+            n: w.req_with("n", |s| s.parse::<u32>().map_err(|_| "a number"))?,
+            state: w.req_with("state", text)?,
+            job: w.opt_with("job", text)?,
+            started: w.opt_with("started", ts)?,
+            members: Vec::new(),
+        };
+        while let Some(m) = x.child(&w)? {
+            if m.name != "member" {
+                return Err(w.unexpected_child(&m));
+            }
+            wave.members.push((
+                m.req_with("id", |s| RsId::new(s))?,
+                m.req_with("state", text)?,
+            ));
+            x.end(&m)?;
+        }
+        r.waves.push(wave);
+    }
+    x.finish()?;
+    Ok(r)
+}

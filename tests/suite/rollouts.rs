@@ -1,0 +1,238 @@
+//! Staged rollouts (docs/control-api.md, Rollouts) on real daemons: a
+//! wave that fails halts the rollout and no later wave is sent; resume
+//! carries on with the next wave; approval between waves; silence halts;
+//! a server killed mid-rollout carries on when it is back.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rs_protocol::codec::Limits;
+use rs_protocol::codec::api::{Rollout, decode_rollout};
+use rs_tests::deploy::{Deployment, Extra, admin, base, proxy_metrics};
+
+use crate::backchannel::{control_get, exe, tmp};
+use crate::backchannel_faults::until;
+
+/// A server with proxies acme.p1..pN straight to it, all reported, in
+/// the group `acme-proxies`; their sockets.
+async fn fleet(d: &mut Deployment, n: usize) -> (String, Vec<PathBuf>) {
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let mut sockets = Vec::new();
+    for i in 1..=n {
+        sockets.push(
+            d.proxy(
+                &format!("p{i}"),
+                &format!("acme.p{i}"),
+                std::slice::from_ref(&a),
+                &Extra::default(),
+            )
+            .unwrap(),
+        );
+    }
+    assert!(
+        until(30, || async {
+            let c = control_get(&a, "components").await;
+            (1..=n).all(|i| c.contains(&format!("id=\"acme.p{i}\"")))
+        })
+        .await
+    );
+    let r = admin(&a)
+        .put(format!("{}/rs/v1/control/groups/acme-proxies", base(&a)))
+        .body(r#"<group name="acme-proxies" customer="acme" kind="proxy"/>"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    (a, sockets)
+}
+
+async fn start(a: &str, body: &str) -> Rollout {
+    let r = admin(a)
+        .post(format!("{}/rs/v1/control/rollouts", base(a)))
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let st = r.status();
+    let text = r.bytes().await.unwrap();
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&text));
+    // A file of its own: the tests run at once.
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = std::env::temp_dir().join(format!("rs-rollout-{}-{n}.xml", std::process::id()));
+    rs_tests::assert_control_api_valid(&text, &file);
+    decode_rollout(&text, &Limits::default()).unwrap()
+}
+
+async fn get(a: &str, id: &str) -> Rollout {
+    let text = control_get(a, &format!("rollouts/{id}")).await;
+    decode_rollout(text.as_bytes(), &Limits::default()).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+async fn step(a: &str, id: &str, op: &str) -> (u16, String) {
+    let r = admin(a)
+        .post(format!("{}/rs/v1/control/rollouts/{id}/{op}", base(a)))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Waits until the rollout is in `state`; the rollout as it then is.
+async fn until_state(a: &str, id: &str, state: &str, secs: u64) -> Rollout {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let r = get(a, id).await;
+        if r.state == state || std::time::Instant::now() > deadline {
+            assert_eq!(r.state, state, "{r:#?}");
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn states(r: &Rollout) -> Vec<Vec<(String, String)>> {
+    r.waves
+        .iter()
+        .map(|w| {
+            w.members
+                .iter()
+                .map(|(id, s)| (id.as_str().to_owned(), s.clone()))
+                .collect()
+        })
+        .collect()
+}
+
+fn pair(id: &str, s: &str) -> (String, String) {
+    (id.to_owned(), s.to_owned())
+}
+
+/// A configuration the proxies refuse fails wave 1: the rollout halts
+/// with the reason, and waves 2 and 3 are never sent (their proxies have
+/// applied nothing). Resumed, it carries on with wave 2, which fails too
+/// and halts it again; aborted, wave 3 is never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_wave_halts_the_rollout_and_no_later_wave_is_sent() {
+    let dir = tmp("rollout-halt");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (a, sockets) = fleet(&mut d, 3).await;
+    let r = start(
+        &a,
+        r#"<rollout name="bad-config" waves="1,1,100%"><to group="acme-proxies"/><control action="configChange"><config>heartbeat_secs = "oops"
+</config></control></rollout>"#,
+    )
+    .await;
+    assert_eq!(r.waves.len(), 3, "{r:#?}");
+    let r = until_state(&a, &r.id, "halted", 60).await;
+    assert_eq!(r.wave, 1);
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("wave 1: 1 of 1 failed"),
+        "{r:#?}"
+    );
+    assert_eq!(
+        states(&r),
+        vec![
+            vec![pair("acme.p1", "failed")],
+            vec![pair("acme.p2", "not-sent")],
+            vec![pair("acme.p3", "not-sent")],
+        ]
+    );
+    // Nothing reached the later waves' proxies, and nothing will.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for s in &sockets[1..] {
+        let m = proxy_metrics(s).await.unwrap();
+        assert_eq!(m.get("backchannel.applied"), Some(&0), "{m:?}");
+    }
+    assert_eq!(get(&a, &r.id).await.waves[1].job, None);
+    // A step the state does not allow.
+    assert_eq!(step(&a, &r.id, "approve").await.0, 409);
+    // Resumed: wave 2 goes, fails, halts it again.
+    let (st, body) = step(&a, &r.id, "resume").await;
+    assert_eq!(st, 200, "{body}");
+    let r = until_state(&a, &r.id, "halted", 60).await;
+    assert_eq!(r.wave, 2, "{r:#?}");
+    assert_eq!(
+        r.waves[1].members,
+        vec![(
+            rs_protocol::RsId::new("acme.p2").unwrap(),
+            "failed".to_owned()
+        )]
+    );
+    let (st, body) = step(&a, &r.id, "abort").await;
+    assert_eq!(st, 200, "{body}");
+    let r = get(&a, &r.id).await;
+    assert_eq!(r.state, "aborted");
+    assert!(
+        r.reason.as_deref().unwrap_or("").contains("aborted by ops"),
+        "{r:#?}"
+    );
+    assert_eq!(states(&r)[2], vec![pair("acme.p3", "not-sent")]);
+    let m = proxy_metrics(&sockets[2]).await.unwrap();
+    assert_eq!(m.get("backchannel.applied"), Some(&0), "{m:?}");
+    // Listed, newest first, without the destinations.
+    let list = control_get(&a, "rollouts").await;
+    assert!(list.contains(&r.id) && !list.contains("acme.p3"), "{list}");
+    d.stop_all();
+}
+
+/// With approval between waves, a rollout waits after wave 1, survives a
+/// SIGKILL of the server while it waits, and succeeds once approved; a
+/// wave with a proxy that does not answer halts on silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_waits_for_approval_survives_a_restart_and_halts_on_silence() {
+    let dir = tmp("rollout-approve");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let (a, _) = fleet(&mut d, 3).await;
+    let r = start(
+        &a,
+        r#"<rollout name="ping-all" waves="1,100%" advance="approve"><to group="acme-proxies"/><control action="ping"/></rollout>"#,
+    )
+    .await;
+    let r = until_state(&a, &r.id, "waiting", 60).await;
+    assert_eq!(r.wave, 1);
+    assert_eq!(states(&r)[0], vec![pair("acme.p1", "succeeded")]);
+    assert_eq!(r.waves[1].state, "not-sent");
+    // Killed while it waits, it waits still when it is back.
+    d.restart("appserver").unwrap();
+    let r = until_state(&a, &r.id, "waiting", 30).await;
+    let (st, body) = step(&a, &r.id, "approve").await;
+    assert_eq!(st, 200, "{body}");
+    let r = until_state(&a, &r.id, "succeeded", 60).await;
+    assert_eq!(
+        states(&r)[1],
+        vec![pair("acme.p2", "succeeded"), pair("acme.p3", "succeeded")]
+    );
+
+    // acme.p1 stopped (SIGSTOP): its wave halts once it has been silent
+    // for silence-secs (its neighbour in the wave succeeded), and the
+    // next wave is not sent.
+    d.node("p1").signal("STOP");
+    let r = start(
+        &a,
+        r#"<rollout name="ping-quiet" waves="2,100%" silence-secs="3"><to group="acme-proxies"/><control action="ping"/></rollout>"#,
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let r = until_state(&a, &r.id, "halted", 30).await;
+    let took = started.elapsed();
+    d.node("p1").signal("CONT");
+    assert!(took >= Duration::from_secs(3), "{took:?}");
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("1 silent for 3 s"),
+        "{r:#?}"
+    );
+    assert_eq!(
+        states(&r),
+        vec![
+            vec![pair("acme.p1", "pending"), pair("acme.p2", "succeeded")],
+            vec![pair("acme.p3", "not-sent")],
+        ]
+    );
+    d.stop_all();
+}
