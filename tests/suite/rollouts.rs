@@ -11,7 +11,7 @@ use rs_protocol::codec::api::{Rollout, decode_rollout};
 use rs_tests::deploy::{Deployment, Extra, admin, base, proxy_metrics};
 
 use crate::backchannel::{control_get, exe, tmp};
-use crate::backchannel_faults::until;
+use crate::backchannel_faults::{rsctl, until};
 
 /// A server with proxies acme.p1..pN straight to it, all reported, in
 /// the group `acme-proxies`; their sockets.
@@ -123,6 +123,11 @@ async fn a_failing_wave_halts_the_rollout_and_no_later_wave_is_sent() {
     )
     .await;
     assert_eq!(r.waves.len(), 3, "{r:#?}");
+    // rsctl follows it wave by wave and fails when it halts.
+    let (code, out, err) = rsctl(&a, &["rollouts", "show", &r.id, "--watch"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("wave 1/3 done: 1 failed"), "{out}");
+    assert!(out.contains("halted: wave 1: 1 of 1 failed"), "{out}");
     let r = until_state(&a, &r.id, "halted", 60).await;
     assert_eq!(r.wave, 1);
     assert!(
@@ -186,20 +191,37 @@ async fn a_rollout_waits_for_approval_survives_a_restart_and_halts_on_silence() 
     let dir = tmp("rollout-approve");
     let mut d = Deployment::new(&dir, exe()).unwrap();
     let (a, _) = fleet(&mut d, 3).await;
-    let r = start(
+    let (code, out, err) = rsctl(
         &a,
-        r#"<rollout name="ping-all" waves="1,100%" advance="approve"><to group="acme-proxies"/><control action="ping"/></rollout>"#,
-    )
-    .await;
-    let r = until_state(&a, &r.id, "waiting", 60).await;
+        &[
+            "-o",
+            "json",
+            "rollouts",
+            "create",
+            "ping-all",
+            "ping",
+            "--group",
+            "acme-proxies",
+            "--waves",
+            "1,100%",
+            "--approve",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = v["rollout"]["id"].as_str().unwrap().to_owned();
+    let r = until_state(&a, &id, "waiting", 60).await;
     assert_eq!(r.wave, 1);
     assert_eq!(states(&r)[0], vec![pair("acme.p1", "succeeded")]);
     assert_eq!(r.waves[1].state, "not-sent");
     // Killed while it waits, it waits still when it is back.
     d.restart("appserver").unwrap();
     let r = until_state(&a, &r.id, "waiting", 30).await;
-    let (st, body) = step(&a, &r.id, "approve").await;
-    assert_eq!(st, 200, "{body}");
+    let (code, out, err) = rsctl(&a, &["rollouts", "approve", &r.id]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = rsctl(&a, &["rollouts", "show", &r.id, "--watch"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("wave 2/2 succeeded: 2 succeeded"), "{out}");
     let r = until_state(&a, &r.id, "succeeded", 60).await;
     assert_eq!(
         states(&r)[1],

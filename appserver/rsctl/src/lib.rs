@@ -175,6 +175,10 @@ enum Cmd {
     /// The collector's tasks (failed ones, to replay).
     #[command(subcommand)]
     Tasks(TaskCmd),
+    /// Rollouts: a control action sent wave by wave, halted by failures
+    /// and silence.
+    #[command(subcommand)]
+    Rollouts(RolloutCmd),
     /// API tokens: for scripts without a certificate and the web portal's
     /// login (an admin of every customer makes and revokes them).
     #[command(subcommand)]
@@ -682,17 +686,33 @@ enum JobCmd {
 
 #[derive(Debug, Args)]
 struct SendArgs {
-    /// getStatus, ping, shutdown, getConfig, configChange, enableInstance,
-    /// disableInstance, enableForwarding, disableForwarding,
-    /// deregisterIntegrator, softwareUpdate, replayDeadLetters,
-    /// discardDeadLetters.
-    action: String,
+    #[command(flatten)]
+    act: ActionArgs,
     /// A destination component (repeatable).
     #[arg(long = "to")]
     to: Vec<String>,
     /// A destination group (repeatable).
     #[arg(long = "group")]
     groups: Vec<String>,
+    /// How long the action may wait to be delivered, seconds.
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// POST the job document here at each change.
+    #[arg(long)]
+    notify: Option<String>,
+    /// Follow the job until it finishes.
+    #[arg(long, short)]
+    watch: bool,
+}
+
+/// A control action and what it carries (`send` and `rollouts create`).
+#[derive(Debug, Args)]
+struct ActionArgs {
+    /// getStatus, ping, shutdown, getConfig, configChange, enableInstance,
+    /// disableInstance, enableForwarding, disableForwarding,
+    /// deregisterIntegrator, softwareUpdate, replayDeadLetters,
+    /// discardDeadLetters.
+    action: String,
     /// configChange: a TOML file laid over each destination's configuration.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -716,15 +736,84 @@ struct SendArgs {
     /// softwareUpdate: where to fetch it (a bulk URL; optional).
     #[arg(long)]
     url: Option<String>,
-    /// How long the action may wait to be delivered, seconds.
+}
+
+/// `rollouts create`.
+#[derive(Debug, Args)]
+struct RolloutArgs {
+    /// The rollout's name.
+    name: String,
+    #[command(flatten)]
+    act: ActionArgs,
+    /// A destination component (repeatable).
+    #[arg(long = "to")]
+    to: Vec<String>,
+    /// A destination group (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// Wave sizes in order, each a count or a percentage of all the
+    /// destinations (`1,10%,100%`; the last takes the rest).
+    #[arg(long, conflicts_with = "by")]
+    waves: Option<String>,
+    /// One wave per `customer`, or per `mlm` the destinations are reached
+    /// through.
     #[arg(long)]
-    ttl: Option<u64>,
-    /// POST the job document here at each change.
+    by: Option<String>,
+    /// The share of a wave (percent) that must succeed before the next
+    /// starts.
+    #[arg(long, default_value_t = 100)]
+    success_pct: u8,
+    /// More destinations of a wave failed, expired or silent than this
+    /// halt the rollout.
+    #[arg(long, default_value_t = 0)]
+    max_failed: u32,
+    /// A destination unfinished this long after its wave started counts
+    /// as failed.
+    #[arg(long, default_value_t = 600)]
+    silence_secs: u64,
+    /// Each next wave waits for `rsctl rollouts approve ID`.
     #[arg(long)]
-    notify: Option<String>,
-    /// Follow the job until it finishes.
+    approve: bool,
+    /// Follow the rollout wave by wave until it ends.
     #[arg(long, short)]
     watch: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCmd {
+    /// Every rollout, newest first.
+    List,
+    /// Send a control action to its destinations wave by wave; halted by
+    /// failures and by silence (docs/control-api.md, Rollouts).
+    Create(RolloutArgs),
+    /// A rollout's waves and each destination's state.
+    Show {
+        /// The rollout's ID.
+        id: String,
+        /// Follow it until it ends.
+        #[arg(long, short)]
+        watch: bool,
+    },
+    /// No next wave starts (the running one goes on).
+    Pause {
+        /// The rollout's ID.
+        id: String,
+    },
+    /// Paused: go on; halted: go on with the next wave.
+    Resume {
+        /// The rollout's ID.
+        id: String,
+    },
+    /// Start the next wave of a rollout waiting for approval.
+    Approve {
+        /// The rollout's ID.
+        id: String,
+    },
+    /// Stop it for good: no later wave is sent.
+    Abort {
+        /// The rollout's ID.
+        id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -805,7 +894,7 @@ async fn publish_file(api: &Api, path: &std::path::Path, name: &str) -> anyhow::
     Ok(bytes)
 }
 
-fn action_of(a: &SendArgs) -> anyhow::Result<ControlAction> {
+fn action_of(a: &ActionArgs) -> anyhow::Result<ControlAction> {
     let target = || -> anyhow::Result<RsId> {
         let t = a
             .target
@@ -1432,7 +1521,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     .map(|t| RsId::new(t).map_err(|e| anyhow::anyhow!("--to {t}: {e}")))
                     .collect::<anyhow::Result<_>>()?,
                 groups: a.groups.clone(),
-                action: action_of(&a)?,
+                action: action_of(&a.act)?,
                 ttl_secs: a.ttl,
                 notify: a.notify.clone(),
             };
@@ -1612,6 +1701,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         } => return export(&api, out, &filter, after, limit).await,
         Cmd::Subscriptions(c) => subscriptions(&api, out, c).await?,
         Cmd::Tokens(c) => tokens(&api, out, c).await?,
+        Cmd::Rollouts(c) => return rollouts(&api, out, c).await,
         Cmd::Tasks(TaskCmd::List { state, limit }) => {
             list(
                 &api,
@@ -1850,6 +1940,186 @@ async fn export(
             return Ok(true);
         }
     }
+}
+
+/// `rsctl rollouts ...`; false when a watched rollout halted or was
+/// aborted.
+async fn rollouts(api: &Api, out: Out, cmd: RolloutCmd) -> anyhow::Result<bool> {
+    use rs_protocol::codec::api::{RolloutRequest, WaveSize, Waves, encode_rollout_request};
+    let (id, watch) = match cmd {
+        RolloutCmd::List => {
+            list(
+                api,
+                out,
+                "rollouts",
+                "rollout",
+                &[
+                    ("ID", "id"),
+                    ("NAME", "name"),
+                    ("ACTION", "action"),
+                    ("STATE", "state"),
+                    ("WAVE", "wave"),
+                    ("WAVES", "waves"),
+                    ("CREATED", "created"),
+                    ("REASON", "reason"),
+                ],
+            )
+            .await?;
+            return Ok(true);
+        }
+        RolloutCmd::Create(a) => {
+            let waves = match (a.waves.as_deref(), a.by.as_deref()) {
+                (_, Some("customer")) => Waves::Customer,
+                (_, Some("mlm")) => Waves::Mlm,
+                (_, Some(other)) => bail!("--by {other}: customer or mlm"),
+                (Some(w), None) => Waves::Sizes(
+                    rs_protocol::codec::api::parse_waves(w).map_err(|e| anyhow!("--waves {e}"))?,
+                ),
+                (None, None) => Waves::Sizes(vec![WaveSize::Percent(100)]),
+            };
+            let req = RolloutRequest {
+                name: a.name.clone(),
+                to: a
+                    .to
+                    .iter()
+                    .map(|t| RsId::new(t).map_err(|e| anyhow::anyhow!("--to {t}: {e}")))
+                    .collect::<anyhow::Result<_>>()?,
+                groups: a.groups.clone(),
+                waves,
+                success_pct: a.success_pct,
+                max_failed: a.max_failed,
+                silence_secs: a.silence_secs,
+                approve: a.approve,
+                action: action_of(&a.act)?,
+            };
+            if req.to.is_empty() && req.groups.is_empty() {
+                bail!("give at least one --to or --group");
+            }
+            let b = api
+                .call(
+                    reqwest::Method::POST,
+                    "rollouts",
+                    Some(encode_rollout_request(&req)),
+                )
+                .await?;
+            let r = rs_protocol::codec::api::decode_rollout(&b, &Limits::default())?;
+            if !a.watch {
+                out.doc(&b, |_| print_rollout(&r))?;
+                return Ok(true);
+            }
+            (r.id, true)
+        }
+        RolloutCmd::Show { id, watch } => (id, watch),
+        RolloutCmd::Pause { id } => return rollout_step(api, out, &id, "pause").await,
+        RolloutCmd::Resume { id } => return rollout_step(api, out, &id, "resume").await,
+        RolloutCmd::Approve { id } => return rollout_step(api, out, &id, "approve").await,
+        RolloutCmd::Abort { id } => return rollout_step(api, out, &id, "abort").await,
+    };
+    let path = format!("rollouts/{}", enc(&id));
+    if !watch {
+        let b = api.call(reqwest::Method::GET, &path, None).await?;
+        let r = rs_protocol::codec::api::decode_rollout(&b, &Limits::default())?;
+        out.doc(&b, |_| print_rollout(&r))?;
+        return Ok(true);
+    }
+    // Watched: a line per wave whenever it changes, until the rollout
+    // ends; one that halts (or is aborted) fails the command.
+    let mut seen: Vec<String> = Vec::new();
+    let mut waiting_said = false;
+    loop {
+        let b = api.call(reqwest::Method::GET, &path, None).await?;
+        let r = rs_protocol::codec::api::decode_rollout(&b, &Limits::default())?;
+        if out.people() {
+            let lines = wave_lines(&r);
+            for (i, l) in lines.iter().enumerate() {
+                if seen.get(i) != Some(l) {
+                    println!("{l}");
+                }
+            }
+            seen = lines;
+            if r.state == "waiting" && !waiting_said {
+                println!("waiting for approval: rsctl rollouts approve {}", r.id);
+                waiting_said = true;
+            }
+        }
+        if r.state != "waiting" {
+            waiting_said = false;
+        }
+        match r.state.as_str() {
+            "succeeded" | "completed" | "halted" | "aborted" => {
+                let good = matches!(r.state.as_str(), "succeeded" | "completed");
+                out.doc(&b, |_| {
+                    println!(
+                        "rollout {} {}{}",
+                        r.id,
+                        r.state,
+                        r.reason
+                            .as_deref()
+                            .map(|w| format!(": {w}"))
+                            .unwrap_or_default()
+                    );
+                })?;
+                return Ok(good);
+            }
+            _ => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+/// One line per wave: its state and how many destinations are in each.
+fn wave_lines(r: &rs_protocol::codec::api::Rollout) -> Vec<String> {
+    r.waves
+        .iter()
+        .map(|w| {
+            let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+            for (_, s) in &w.members {
+                *counts.entry(s.as_str()).or_default() += 1;
+            }
+            let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+            format!(
+                "wave {}/{} {}: {}",
+                w.n,
+                r.waves.len(),
+                w.state,
+                counts.join(", ")
+            )
+        })
+        .collect()
+}
+
+fn print_rollout(r: &rs_protocol::codec::api::Rollout) {
+    println!(
+        "rollout {} ({}, {}): {} at wave {}/{}{}",
+        r.id,
+        r.name,
+        r.action,
+        r.state,
+        r.wave,
+        r.waves.len(),
+        r.reason
+            .as_deref()
+            .map(|w| format!(": {w}"))
+            .unwrap_or_default()
+    );
+    for w in &r.waves {
+        println!("  wave {} {}", w.n, w.state);
+        for (id, s) in &w.members {
+            println!("    {:<24} {s}", id.as_str());
+        }
+    }
+}
+
+async fn rollout_step(api: &Api, out: Out, id: &str, op: &str) -> anyhow::Result<bool> {
+    let b = api
+        .call(
+            reqwest::Method::POST,
+            &format!("rollouts/{}/{op}", enc(id)),
+            None,
+        )
+        .await?;
+    let r = rs_protocol::codec::api::decode_rollout(&b, &Limits::default())?;
+    out.doc(&b, |_| print_rollout(&r))?;
+    Ok(true)
 }
 
 async fn tokens(api: &Api, out: Out, cmd: TokenCmd) -> anyhow::Result<()> {

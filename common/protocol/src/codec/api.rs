@@ -1133,7 +1133,9 @@ pub struct RolloutRequest {
     pub action: ControlAction,
 }
 
-fn waves_attr(s: &str) -> Result<Vec<WaveSize>, String> {
+/// A rollout's `waves`: sizes separated by commas, each a count or a
+/// percentage (`1,10%,100%`).
+pub fn parse_waves(s: &str) -> Result<Vec<WaveSize>, String> {
     let sizes: Vec<WaveSize> = s
         .split(',')
         .map(str::trim)
@@ -1197,7 +1199,7 @@ pub fn decode_rollout_request(bytes: &[u8], limits: &Limits) -> Result<RolloutRe
     let mut x = XmlIn::new(bytes, limits)?;
     let root = x.root("rollout")?;
     let name = root.req_with("name", token)?;
-    let waves = match (root.opt_with("waves", waves_attr)?, root.opt("by")) {
+    let waves = match (root.opt_with("waves", parse_waves)?, root.opt("by")) {
         (Some(s), None) => Waves::Sizes(s),
         (None, Some("customer")) => Waves::Customer,
         (None, Some("mlm")) => Waves::Mlm,
