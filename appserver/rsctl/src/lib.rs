@@ -785,7 +785,7 @@ enum RolloutCmd {
     List,
     /// Send a control action to its destinations wave by wave; halted by
     /// failures and by silence (docs/control-api.md, Rollouts).
-    Create(RolloutArgs),
+    Create(Box<RolloutArgs>),
     /// A rollout's waves and each destination's state.
     Show {
         /// The rollout's ID.
