@@ -99,7 +99,7 @@ async fn waves_of(
 }
 
 /// The rollout as the API shows it, each destination with its state.
-async fn view(
+pub(crate) async fn view(
     app: &AppServer,
     row: &RolloutRow,
     waves: &[WaveRow],

@@ -17,7 +17,7 @@ use crate::security::bearer_client;
 static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Makes an API token as the provider's admin; its secret.
-async fn token(a: &str, name: &str, customers: &str) -> String {
+pub(crate) async fn token(a: &str, name: &str, customers: &str) -> String {
     let r = admin(a)
         .post(format!("{}/rs/v1/control/tokens", base(a)))
         .body(format!(r#"<token name="{name}" customers="{customers}"/>"#))
@@ -39,7 +39,7 @@ async fn token(a: &str, name: &str, customers: &str) -> String {
 }
 
 /// An HTML form's body (`application/x-www-form-urlencoded`).
-fn form_body<V: AsRef<str>>(pairs: &[(&str, V)]) -> String {
+pub(crate) fn form_body<V: AsRef<str>>(pairs: &[(&str, V)]) -> String {
     let enc = |s: &str| {
         percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
     };
@@ -51,7 +51,7 @@ fn form_body<V: AsRef<str>>(pairs: &[(&str, V)]) -> String {
 }
 
 /// A browser-like client: no certificate, no redirects followed.
-fn browser(ca: &Path) -> reqwest::Client {
+pub(crate) fn browser(ca: &Path) -> reqwest::Client {
     rs_net::tls::client_trusting(ca)
         .unwrap()
         .redirect(reqwest::redirect::Policy::none())
@@ -83,7 +83,7 @@ pub(crate) fn session_of(r: &reqwest::Response) -> String {
 
 /// Logs in with a token; the session cookie (`name=value`) and the whole
 /// `Set-Cookie` line.
-async fn login(c: &reqwest::Client, a: &str, token: &str) -> (String, String) {
+pub(crate) async fn login(c: &reqwest::Client, a: &str, token: &str) -> (String, String) {
     let r = post_login(
         c,
         &format!("{}/portal/", base(a)),
@@ -96,7 +96,7 @@ async fn login(c: &reqwest::Client, a: &str, token: &str) -> (String, String) {
     (session_of(&r), set)
 }
 
-async fn page(
+pub(crate) async fn page(
     c: &reqwest::Client,
     a: &str,
     cookie: &str,
@@ -114,7 +114,7 @@ async fn page(
 }
 
 /// The portal's CSRF token on a page.
-fn csrf(html: &str) -> String {
+pub(crate) fn csrf(html: &str) -> String {
     let at = html.find(r#"name="csrf" value=""#).unwrap() + r#"name="csrf" value=""#.len();
     html[at..at + html[at..].find('"').unwrap()].to_owned()
 }
@@ -124,6 +124,7 @@ const PAGES: &[&str] = &[
     "/portal/topology",
     "/portal/alarms?type=any",
     "/portal/jobs",
+    "/portal/rollouts",
     "/portal/send",
     "/portal/groups",
     "/portal/throttle",

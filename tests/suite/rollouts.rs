@@ -154,9 +154,40 @@ async fn a_failing_wave_halts_the_rollout_and_no_later_wave_is_sent() {
     assert_eq!(get(&a, &r.id).await.waves[1].job, None);
     // A step the state does not allow.
     assert_eq!(step(&a, &r.id, "approve").await.0, 409);
-    // Resumed: wave 2 goes, fails, halts it again.
-    let (st, body) = step(&a, &r.id, "resume").await;
-    assert_eq!(st, 200, "{body}");
+    // The portal shows it halted, wave by wave; globex's admin does not
+    // see it at all.
+    use crate::portal::{browser, csrf, form_body, login, page, token};
+    let c = browser(&d.pki.clone().unwrap().admin.ca);
+    let (cookie, _) = login(&c, &a, &token(&a, "ops-roll", "*").await).await;
+    let path = format!("/portal/rollout?id={}", r.id);
+    let (st, _, ops_html) = page(&c, &a, &cookie, &path).await;
+    assert!(
+        st == 200
+            && ops_html.contains(r#"id="rollout-state">halted"#)
+            && ops_html.contains(r#"data-id="acme.p3""#)
+            && ops_html.contains(">not-sent<")
+            && ops_html.contains(r#"id="op-resume""#),
+        "{ops_html}"
+    );
+    let (globex, _) = login(&c, &a, &token(&a, "globex-roll", "globex").await).await;
+    let (st, _, html) = page(&c, &a, &globex, &path).await;
+    assert!(st == 404 && !html.contains("acme"), "{html}");
+    let (_, _, list) = page(&c, &a, &globex, "/portal/rollouts").await;
+    assert!(!list.contains(&r.id), "{list}");
+    // Resumed from the page: wave 2 goes, fails, halts it again.
+    let resp = c
+        .post(format!("{}/portal/rollout/step", base(&a)))
+        .header("cookie", &cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(&[
+            ("csrf", csrf(&ops_html).as_str()),
+            ("id", r.id.as_str()),
+            ("op", "resume"),
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
     let r = until_state(&a, &r.id, "halted", 60).await;
     assert_eq!(r.wave, 2, "{r:#?}");
     assert_eq!(

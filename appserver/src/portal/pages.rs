@@ -108,6 +108,8 @@ pub(super) async fn get(
         "throttle" => throttle(app, v),
         "subscriptions" => subscriptions(app, v).await,
         "files" => files(app, v, None).await,
+        "rollouts" => rollouts(app, v).await,
+        "rollout" => rollout(app, v, q).await,
         "audit" => audit(app, v, q).await,
         _ => Err(Failure(http::StatusCode::NOT_FOUND, "no such page".into())),
     };
@@ -148,6 +150,14 @@ pub(super) async fn post(
                 Err(f) => failed(v, f),
             },
         },
+        "rollout/step" => {
+            let id = form.get("id").cloned().unwrap_or_default();
+            let op = form.get("op").cloned().unwrap_or_default();
+            match crate::rollouts::act(app, &v.admin, &id, &op).await {
+                Ok(_) => see_other(&format!("{}rollout?id={}", super::ROOT, enc(&id))),
+                Err(r) => failed(v, r.into()),
+            }
+        }
         "subscriptions/replay" => match replay(app, v, form).await {
             Ok(()) => see_other(&format!("{}subscriptions", super::ROOT)),
             Err(f) => failed(v, f),
@@ -1391,4 +1401,134 @@ async fn offer(
         job.id
     );
     Ok(job.id)
+}
+
+// ---- rollouts ----
+
+pub(crate) struct RolloutLine {
+    pub id: String,
+    pub name: String,
+    pub action: String,
+    pub state: String,
+    pub class: &'static str,
+    pub wave: u32,
+    pub waves: usize,
+    pub created: String,
+    pub reason: String,
+}
+
+fn rollout_class(state: &str) -> &'static str {
+    match state {
+        "succeeded" | "completed" => "ok",
+        "running" | "waiting" | "paused" => "warn",
+        _ => "bad",
+    }
+}
+
+fn rollout_line(r: &rs_protocol::codec::api::Rollout) -> RolloutLine {
+    RolloutLine {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        action: r.action.clone(),
+        class: rollout_class(&r.state),
+        state: r.state.clone(),
+        wave: r.wave,
+        waves: r.waves.len(),
+        created: r.created.to_string(),
+        reason: r.reason.clone().unwrap_or_default(),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "portal/rollouts.html")]
+struct Rollouts {
+    nav: Nav,
+    rows: Vec<RolloutLine>,
+}
+
+/// The rollouts whose every destination the viewer is granted.
+async fn rollouts(app: &AppServer, v: &Viewer) -> Result<String, Failure> {
+    let mut rows = Vec::new();
+    for r in app.store.rollouts(None).await.map_err(unavailable)? {
+        if let Ok((row, waves)) = crate::rollouts::visible(app, &r.id, &v.admin.grants).await {
+            rows.push(rollout_line(
+                &crate::rollouts::view(app, &row, &waves).await?,
+            ));
+        }
+    }
+    Ok(Rollouts {
+        nav: Nav::new(v, "Rollouts", 5),
+        rows,
+    }
+    .render()?)
+}
+
+pub(crate) struct WaveView {
+    pub n: u32,
+    pub state: String,
+    pub class: &'static str,
+    pub job: String,
+    pub members: Vec<TargetRow>,
+}
+
+#[derive(Template)]
+#[template(path = "portal/rollout.html")]
+struct RolloutPage {
+    nav: Nav,
+    r: RolloutLine,
+    waves: Vec<WaveView>,
+    /// The steps its state allows.
+    ops: Vec<&'static str>,
+}
+
+/// One rollout: its waves and each destination's state, live while it
+/// runs, with the steps its state allows.
+async fn rollout(
+    app: &AppServer,
+    v: &Viewer,
+    q: &HashMap<String, String>,
+) -> Result<String, Failure> {
+    let id = q.get("id").map(String::as_str).unwrap_or("");
+    let (row, waves) = crate::rollouts::visible(app, id, &v.admin.grants).await?;
+    let r = crate::rollouts::view(app, &row, &waves).await?;
+    let ops: Vec<&'static str> = match r.state.as_str() {
+        "running" => vec!["pause", "abort"],
+        "waiting" => vec!["approve", "pause", "abort"],
+        "paused" | "halted" => vec!["resume", "abort"],
+        _ => Vec::new(),
+    };
+    let live = matches!(r.state.as_str(), "running" | "waiting");
+    let waves = r
+        .waves
+        .iter()
+        .map(|w| WaveView {
+            n: w.n,
+            class: match w.state.as_str() {
+                "succeeded" => "ok",
+                "not-sent" => "none",
+                "running" => "warn",
+                _ => "bad",
+            },
+            state: w.state.clone(),
+            job: w.job.clone().unwrap_or_default(),
+            members: w
+                .members
+                .iter()
+                .map(|(id, s)| TargetRow {
+                    id: id.as_str().to_owned(),
+                    class: if s == "not-sent" { "none" } else { class_of(s) },
+                    state: s.clone(),
+                    updated: String::new(),
+                    result: String::new(),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(RolloutPage {
+        nav: Nav::new(v, format!("Rollout {}", r.name), if live { 2 } else { 0 }),
+        r: rollout_line(&r),
+        waves,
+        ops,
+    }
+    .render()?)
 }
