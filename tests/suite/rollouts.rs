@@ -289,3 +289,77 @@ async fn a_rollout_waits_for_approval_survives_a_restart_and_halts_on_silence() 
     );
     d.stop_all();
 }
+
+/// `by="mlm"`: one wave per MLM the destinations are reached through,
+/// those reached directly last; `by="customer"`: one per customer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_by_mlm_and_by_customer_follow_the_tiers_and_the_customers() {
+    let dir = tmp("rollout-by");
+    let mut d = Deployment::new(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let m1 = d
+        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let m2 = d
+        .mlm("m2", "acme.m2", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    for (name, id, up) in [
+        ("p1", "acme.p1", &m1),
+        ("p2", "acme.p2", &m2),
+        ("p3", "acme.p3", &m2),
+        ("p4", "acme.p4", &a),
+        ("g1", "globex.p1", &a),
+    ] {
+        d.proxy(name, id, std::slice::from_ref(up), &Extra::default())
+            .unwrap();
+    }
+    assert!(
+        until(60, || async {
+            let c = control_get(&a, "components").await;
+            ["acme.p1", "acme.p2", "acme.p3", "acme.p4", "globex.p1"]
+                .iter()
+                .all(|id| c.contains(&format!("id=\"{id}\"")))
+        })
+        .await
+    );
+    let ids = |r: &Rollout| -> Vec<Vec<String>> {
+        r.waves
+            .iter()
+            .map(|w| {
+                w.members
+                    .iter()
+                    .map(|(id, _)| id.as_str().to_owned())
+                    .collect()
+            })
+            .collect()
+    };
+    let r = start(
+        &a,
+        r#"<rollout name="by-mlm" by="mlm"><to id="acme.p4"/><to id="acme.p3"/><to id="acme.p2"/><to id="acme.p1"/><control action="ping"/></rollout>"#,
+    )
+    .await;
+    assert_eq!(
+        ids(&r),
+        vec![
+            vec!["acme.p1".to_owned()],
+            vec!["acme.p2".to_owned(), "acme.p3".to_owned()],
+            vec!["acme.p4".to_owned()],
+        ]
+    );
+    let r = until_state(&a, &r.id, "succeeded", 60).await;
+    assert!(r.waves.iter().all(|w| w.state == "succeeded"), "{r:#?}");
+    let r = start(
+        &a,
+        r#"<rollout name="by-customer" by="customer"><to id="globex.p1"/><to id="acme.p4"/><to id="acme.p1"/><control action="ping"/></rollout>"#,
+    )
+    .await;
+    assert_eq!(
+        ids(&r),
+        vec![
+            vec!["acme.p1".to_owned(), "acme.p4".to_owned()],
+            vec!["globex.p1".to_owned()],
+        ]
+    );
+    until_state(&a, &r.id, "succeeded", 60).await;
+    d.stop_all();
+}
