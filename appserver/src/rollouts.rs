@@ -19,8 +19,8 @@ use rs_net::server::Refusal;
 use rs_node::ingress::xml_response;
 use rs_protocol::codec::Limits;
 use rs_protocol::codec::api::{
-    Job, Rollout, RolloutRequest, RolloutWave, Waves, decode_rollout_request, encode_rollout,
-    encode_rollouts,
+    Job, Rollout, RolloutPayload, RolloutRequest, RolloutWave, Waves, decode_rollout_request,
+    encode_rollout, encode_rollouts,
 };
 use rs_protocol::{RsId, Timestamp};
 use tokio_util::sync::CancellationToken;
@@ -213,12 +213,27 @@ pub(crate) async fn create(
             ));
         }
     }
+    if let RolloutPayload::File { sha256, .. } = &req.payload {
+        let hex = rs_protocol::codec::sha256_hex(sha256);
+        if app
+            .store
+            .published_file(hex.clone())
+            .await
+            .map_err(unavailable)?
+            .is_none()
+        {
+            return Err(refuse(
+                http::StatusCode::NOT_FOUND,
+                format!("no published file {hex}; PUT it to /rs/v1/control/files/NAME first"),
+            ));
+        }
+    }
     let waves = waves_of(app, dests, &req.waves).await?;
     let now = app.clock.now().as_millis();
     let row = RolloutRow {
         id: rs_protocol::MessageId::generate().to_string(),
         name: req.name.clone(),
-        action: req.action.name().to_owned(),
+        action: req.payload.name().to_owned(),
         request: String::from_utf8_lossy(body).into_owned(),
         created_by: admin.name.clone(),
         state: "running".into(),
@@ -376,27 +391,49 @@ async fn step(app: &AppServer, id: &str) -> Result<(), String> {
             .split_whitespace()
             .filter_map(|m| RsId::new(m).ok())
             .collect();
-        let action = req.action.clone();
-        let started = crate::control::start_job(
-            app,
-            &Grants::All,
-            &members,
-            &[],
-            Some(req.silence_secs.max(60) * 2),
-            None,
-            action.name(),
-            None,
-            |mid, dests, expiry, now| {
-                rs_protocol::control_messages::control_message(
-                    mid,
-                    dests,
-                    Some(expiry),
-                    &action,
-                    now,
+        // The wave's job expires after twice the silence timeout (at
+        // least two minutes): by then the rollout has judged it.
+        let ttl = Some(req.silence_secs.max(60) * 2);
+        let started = match &req.payload {
+            RolloutPayload::Action(action) => {
+                crate::control::start_job(
+                    app,
+                    &Grants::All,
+                    &members,
+                    &[],
+                    ttl,
+                    None,
+                    action.name(),
+                    None,
+                    |mid, dests, expiry, now| {
+                        rs_protocol::control_messages::control_message(
+                            mid,
+                            dests,
+                            Some(expiry),
+                            action,
+                            now,
+                        )
+                    },
                 )
-            },
-        )
-        .await;
+                .await
+            }
+            RolloutPayload::File { sha256, class, sub } => {
+                crate::publish::start_offer(
+                    app,
+                    &Grants::All,
+                    rs_protocol::codec::api::OfferRequest {
+                        to: members,
+                        groups: Vec::new(),
+                        sha256: *sha256,
+                        class: class.clone(),
+                        sub: sub.clone(),
+                        ttl_secs: ttl,
+                        notify: None,
+                    },
+                )
+                .await
+            }
+        };
         match started {
             Ok(job) => {
                 app.store

@@ -361,5 +361,57 @@ async fn waves_by_mlm_and_by_customer_follow_the_tiers_and_the_customers() {
         ]
     );
     until_state(&a, &r.id, "succeeded", 60).await;
+    // A published file, MLM by MLM, with rsctl following it.
+    let put = admin(&a)
+        .put(format!("{}/rs/v1/control/files/notes.txt", base(&a)))
+        .body(b"release notes, wave by wave".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let sha = crate::backchannel::attr(&put.text().await.unwrap(), "sha256").to_owned();
+    let (code, out, err) = rsctl(
+        &a,
+        &[
+            "rollouts",
+            "create",
+            "notes",
+            "offer",
+            "--file",
+            &sha,
+            "--class",
+            "data",
+            "--subclass",
+            "notes",
+            "--to",
+            "acme.p1",
+            "--to",
+            "acme.p2",
+            "--to",
+            "acme.p3",
+            "--by",
+            "mlm",
+            "--watch",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("wave 2/2 succeeded: 2 succeeded"), "{out}");
+    assert!(out.contains(" succeeded"), "{out}");
+    // An unknown file is refused before anything is sent.
+    let (code, _, err) = rsctl(
+        &a,
+        &[
+            "rollouts",
+            "create",
+            "nothing",
+            "offer",
+            "--file",
+            &"0".repeat(64),
+            "--to",
+            "acme.p1",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("no published file"), "{err}");
     d.stop_all();
 }

@@ -774,6 +774,17 @@ struct RolloutArgs {
     /// Each next wave waits for `rsctl rollouts approve ID`.
     #[arg(long)]
     approve: bool,
+    /// With the action `offer`: the published file to offer (its SHA-256,
+    /// as `rsctl publish` printed it).
+    #[arg(long)]
+    file: Option<String>,
+    /// With `offer`: what the file is (`software` is installed,
+    /// `configuration` applied, anything else kept).
+    #[arg(long, default_value = "software")]
+    class: String,
+    /// With `offer`: its subclass.
+    #[arg(long, default_value = "package")]
+    subclass: String,
     /// Follow the rollout wave by wave until it ends.
     #[arg(long, short)]
     watch: bool,
@@ -1945,7 +1956,9 @@ async fn export(
 /// `rsctl rollouts ...`; false when a watched rollout halted or was
 /// aborted.
 async fn rollouts(api: &Api, out: Out, cmd: RolloutCmd) -> anyhow::Result<bool> {
-    use rs_protocol::codec::api::{RolloutRequest, WaveSize, Waves, encode_rollout_request};
+    use rs_protocol::codec::api::{
+        RolloutPayload, RolloutRequest, WaveSize, Waves, encode_rollout_request,
+    };
     let (id, watch) = match cmd {
         RolloutCmd::List => {
             list(
@@ -1990,7 +2003,17 @@ async fn rollouts(api: &Api, out: Out, cmd: RolloutCmd) -> anyhow::Result<bool> 
                 max_failed: a.max_failed,
                 silence_secs: a.silence_secs,
                 approve: a.approve,
-                action: action_of(&a.act)?,
+                payload: match (a.act.action.as_str(), &a.file) {
+                    ("offer", Some(hex)) => RolloutPayload::File {
+                        sha256: rs_protocol::codec::parse_sha256(hex)
+                            .map_err(|e| anyhow!("--file {hex}: {e}"))?,
+                        class: a.class.clone(),
+                        sub: a.subclass.clone(),
+                    },
+                    ("offer", None) => bail!("offer needs --file SHA256 (a published file)"),
+                    (_, Some(_)) => bail!("--file goes with the action offer"),
+                    _ => RolloutPayload::Action(action_of(&a.act)?),
+                },
             };
             if req.to.is_empty() && req.groups.is_empty() {
                 bail!("give at least one --to or --group");

@@ -1130,7 +1130,31 @@ pub struct RolloutRequest {
     /// Each next wave waits for `POST /rollouts/{id}/approve` (default:
     /// it starts by itself).
     pub approve: bool,
-    pub action: ControlAction,
+    pub payload: RolloutPayload,
+}
+
+/// What a rollout sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RolloutPayload {
+    /// A control action (`<control>`).
+    Action(ControlAction),
+    /// A published file offered for download (`<publish file class
+    /// sub>`, as `POST /offer` offers it).
+    File {
+        sha256: [u8; 32],
+        class: String,
+        sub: String,
+    },
+}
+
+impl RolloutPayload {
+    /// The name its jobs carry: the action's, or `offer`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RolloutPayload::Action(a) => a.name(),
+            RolloutPayload::File { .. } => "offer",
+        }
+    }
 }
 
 /// A rollout's `waves`: sizes separated by commas, each a count or a
@@ -1186,15 +1210,27 @@ pub fn encode_rollout_request(r: &RolloutRequest) -> Vec<u8> {
         .gt()
         .newline();
     write_to(&mut x, &r.to, &r.groups);
-    let control = super::encode_control(&r.action);
-    let body = control.strip_prefix(super::xml::DECL).unwrap_or(&control);
-    x.buf.extend_from_slice(body);
+    match &r.payload {
+        RolloutPayload::Action(a) => {
+            let control = super::encode_control(a);
+            let body = control.strip_prefix(super::xml::DECL).unwrap_or(&control);
+            x.buf.extend_from_slice(body);
+        }
+        RolloutPayload::File { sha256, class, sub } => {
+            x.open("publish")
+                .attr("file", &super::sha256_hex(sha256))
+                .attr("class", class)
+                .attr("sub", sub)
+                .empty()
+                .newline();
+        }
+    }
     x.close("rollout").newline();
     buf
 }
 
 /// Decodes `<rollout>`: its name and rules, at least one `<to>`, then one
-/// `<control>`.
+/// `<control>` or `<publish>`.
 pub fn decode_rollout_request(bytes: &[u8], limits: &Limits) -> Result<RolloutRequest, XmlError> {
     let mut x = XmlIn::new(bytes, limits)?;
     let root = x.root("rollout")?;
@@ -1240,7 +1276,17 @@ pub fn decode_rollout_request(bytes: &[u8], limits: &Limits) -> Result<RolloutRe
     while let Some(tag) = x.child(&root)? {
         match tag.name {
             "to" if action.is_none() => read_to(&mut x, &tag, &mut to, &mut groups)?,
-            "control" if action.is_none() => action = Some(control_body(&mut x, &tag)?),
+            "control" if action.is_none() => {
+                action = Some(RolloutPayload::Action(control_body(&mut x, &tag)?));
+            }
+            "publish" if action.is_none() => {
+                action = Some(RolloutPayload::File {
+                    sha256: tag.req_with("file", super::parse_sha256)?,
+                    class: tag.req_with("class", token)?,
+                    sub: tag.req_with("sub", token)?,
+                });
+                x.end(&tag)?;
+            }
             _ => return Err(root.unexpected_child(&tag)),
         }
     }
@@ -1260,7 +1306,7 @@ pub fn decode_rollout_request(bytes: &[u8], limits: &Limits) -> Result<RolloutRe
         max_failed,
         silence_secs,
         approve,
-        action: action.ok_or(XmlError::MissingElement {
+        payload: action.ok_or(XmlError::MissingElement {
             element: "rollout".into(),
             child: "control",
         })?,
