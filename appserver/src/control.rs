@@ -1158,6 +1158,7 @@ async fn send(
         |id, dests, expiry, now| {
             rs_protocol::control_messages::control_message(id, dests, Some(expiry), &action, now)
         },
+        None,
     )
     .await?;
     Ok(xml_response(encode_job(&job)))
@@ -1210,7 +1211,8 @@ pub(crate) async fn destinations_of(
 /// (given the message ID, all the destinations, the expiry and now; each
 /// copy lists those behind its hop), and with `offer` the download URL it
 /// offers (see
-/// [`NewJob::offer`]). Returns the job as recorded.
+/// [`NewJob::offer`]), under `job_id` if given. Returns the job as
+/// recorded.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn start_job(
     app: &AppServer,
@@ -1227,6 +1229,7 @@ pub(crate) async fn start_job(
         Timestamp,
         Timestamp,
     ) -> rs_protocol::model::Message,
+    job_id: Option<String>,
 ) -> Result<rs_protocol::codec::api::Job, warp::Rejection> {
     let bad = |status, t: String| refuse(status, t);
     if ttl_secs.is_some_and(|t| t == 0 || t > MAX_TTL_SECS) {
@@ -1250,7 +1253,8 @@ pub(crate) async fn start_job(
         ));
     }
     let message_id = rs_protocol::MessageId::generate();
-    let job_id = rs_protocol::MessageId::generate().to_string();
+    // A rollout names its wave's job before it starts it (rollouts.rs).
+    let job_id = job_id.unwrap_or_else(|| rs_protocol::MessageId::generate().to_string());
     let expiry = now.saturating_add(std::time::Duration::from_secs(ttl_secs.unwrap_or(86_400)));
     let whole = build(message_id.clone(), all, expiry, now);
     let copies = by_hop

@@ -252,18 +252,19 @@ async fn offer(
 ) -> Result<warp::reply::Response, warp::Rejection> {
     let req = decode_offer_request(body, &rs_protocol::codec::Limits::default())
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("offer: {e}")))?;
-    let job = start_offer(app, grants, req).await?;
+    let job = start_offer(app, grants, req, None).await?;
     Ok(rs_node::ingress::xml_response(
         rs_protocol::codec::api::encode_job(&job),
     ))
 }
 
-/// Offers a published file to components and groups: a job whose message
-/// carries a download URL for it.
+/// Offers a published file to components and groups: a job (under
+/// `job_id`, if given) whose message carries a download URL for it.
 pub(crate) async fn start_offer(
     app: &AppServer,
     grants: &crate::security::Grants,
     req: rs_protocol::codec::api::OfferRequest,
+    job_id: Option<String>,
 ) -> Result<rs_protocol::codec::api::Job, warp::Rejection> {
     let hex = rs_protocol::codec::sha256_hex(&req.sha256);
     let file: Option<(String, i64)> = app
@@ -316,6 +317,7 @@ pub(crate) async fn start_offer(
                 expires: Some(expiry),
             }),
         },
+        job_id,
     )
     .await?;
     app.downloads.offers.inc();

@@ -385,7 +385,32 @@ async fn step(app: &AppServer, id: &str) -> Result<(), String> {
                 .map_err(|e| e.to_string())
         }
     };
-    let Some(job_id) = &wave.job else {
+    // The wave's job is named before it is started: a member that takes
+    // over as leader, or this one after a crash, starts that job, never a
+    // second one.
+    let job_id = match &wave.job {
+        Some(j) => j.clone(),
+        None => {
+            let j = rs_protocol::MessageId::generate().to_string();
+            let named = app
+                .store
+                .wave_started(id.to_owned(), row.wave, j.clone(), now.as_millis())
+                .await
+                .map_err(|e| e.to_string())?;
+            if !named {
+                // Another member named it first.
+                return Ok(());
+            }
+            j
+        }
+    };
+    let Some(job) = app
+        .store
+        .job(job_id.clone())
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        // Named, not started yet (or its start failed): start it now.
         let members: Vec<RsId> = wave
             .members
             .split_whitespace()
@@ -414,6 +439,7 @@ async fn step(app: &AppServer, id: &str) -> Result<(), String> {
                             now,
                         )
                     },
+                    Some(job_id.clone()),
                 )
                 .await
             }
@@ -430,16 +456,13 @@ async fn step(app: &AppServer, id: &str) -> Result<(), String> {
                         ttl_secs: ttl,
                         notify: None,
                     },
+                    Some(job_id.clone()),
                 )
                 .await
             }
         };
         match started {
             Ok(job) => {
-                app.store
-                    .wave_started(id.to_owned(), row.wave, job.id.clone(), now.as_millis())
-                    .await
-                    .map_err(|e| e.to_string())?;
                 tracing::info!("rollout {id}: wave {} sent as job {}", row.wave + 1, job.id);
             }
             Err(r) => {
@@ -447,7 +470,8 @@ async fn step(app: &AppServer, id: &str) -> Result<(), String> {
                     .find::<Refusal>()
                     .map(|f| f.text.clone())
                     .unwrap_or_else(|| "refused".into());
-                // Storage that failed is tried again; a refusal halts.
+                // Storage that failed is tried again (with the same job
+                // ID); a refusal halts.
                 if r.find::<Refusal>()
                     .is_some_and(|f| f.status.is_server_error())
                 {
@@ -457,14 +481,6 @@ async fn step(app: &AppServer, id: &str) -> Result<(), String> {
             }
         }
         return Ok(());
-    };
-    let Some(job) = app
-        .store
-        .job(job_id.clone())
-        .await
-        .map_err(|e| e.to_string())?
-    else {
-        return Err(format!("its job {job_id} is gone"));
     };
     let n = job.targets.len();
     let succeeded = job.count("succeeded");

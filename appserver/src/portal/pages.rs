@@ -937,6 +937,7 @@ async fn send(
         |id, dests, expiry, now| {
             rs_protocol::control_messages::control_message(id, dests, Some(expiry), &action, now)
         },
+        None,
     )
     .await?;
     tracing::info!(
@@ -1394,7 +1395,7 @@ async fn offer(
     let req =
         rs_protocol::codec::api::decode_offer_request(&doc, &rs_protocol::codec::Limits::default())
             .map_err(|e| bad(format!("offer: {e}")))?;
-    let job = crate::publish::start_offer(app, &v.admin.grants, req).await?;
+    let job = crate::publish::start_offer(app, &v.admin.grants, req, None).await?;
     tracing::info!(
         "portal: {} offered {hex} to {target} (job {})",
         v.admin.name,

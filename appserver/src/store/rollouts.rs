@@ -136,7 +136,8 @@ impl super::Store {
             .await
     }
 
-    /// Records the job a wave was sent as.
+    /// Names the job a wave is sent as (before the job is started); false
+    /// if it has one already.
     pub async fn wave_started(
         &self,
         id: String,
