@@ -905,6 +905,13 @@ async fn publish_file(api: &Api, path: &std::path::Path, name: &str) -> anyhow::
     Ok(bytes)
 }
 
+/// The `--to` destinations, each a component ID.
+fn to_ids(to: &[String]) -> anyhow::Result<Vec<RsId>> {
+    to.iter()
+        .map(|t| RsId::new(t).map_err(|e| anyhow!("--to {t}: {e}")))
+        .collect()
+}
+
 fn action_of(a: &ActionArgs) -> anyhow::Result<ControlAction> {
     let target = || -> anyhow::Result<RsId> {
         let t = a
@@ -1447,11 +1454,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 eprintln!("{said}");
             }
             let req = rs_protocol::codec::api::OfferRequest {
-                to: a
-                    .to
-                    .iter()
-                    .map(|t| RsId::new(t).map_err(|e| anyhow::anyhow!("--to {t}: {e}")))
-                    .collect::<Result<_, _>>()?,
+                to: to_ids(&a.to)?,
                 groups: a.groups.clone(),
                 sha256: file.sha256,
                 class: a.class.clone(),
@@ -1526,11 +1529,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Cmd::Send(a) => {
             let req = SendRequest {
-                to: a
-                    .to
-                    .iter()
-                    .map(|t| RsId::new(t).map_err(|e| anyhow::anyhow!("--to {t}: {e}")))
-                    .collect::<anyhow::Result<_>>()?,
+                to: to_ids(&a.to)?,
                 groups: a.groups.clone(),
                 action: action_of(&a.act)?,
                 ttl_secs: a.ttl,
@@ -1992,11 +1991,7 @@ async fn rollouts(api: &Api, out: Out, cmd: RolloutCmd) -> anyhow::Result<bool> 
             };
             let req = RolloutRequest {
                 name: a.name.clone(),
-                to: a
-                    .to
-                    .iter()
-                    .map(|t| RsId::new(t).map_err(|e| anyhow::anyhow!("--to {t}: {e}")))
-                    .collect::<anyhow::Result<_>>()?,
+                to: to_ids(&a.to)?,
                 groups: a.groups.clone(),
                 waves,
                 success_pct: a.success_pct,
