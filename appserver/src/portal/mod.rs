@@ -296,7 +296,7 @@ async fn post(
         )
         .response();
     }
-    let form: HashMap<String, String> = match serde_urlencoded_form(body) {
+    let form: HashMap<String, String> = match form_fields(body) {
         Ok(f) => f,
         Err(e) => {
             return Refusal::new(http::StatusCode::BAD_REQUEST, format!("form: {e}")).response();
@@ -313,8 +313,7 @@ async fn post(
         .response();
     };
     // The form must carry this session's CSRF token.
-    let sent = form.get("csrf").map(String::as_bytes).unwrap_or(b"");
-    if sent.len() != v.csrf.len() || !openssl::memcmp::eq(sent, v.csrf.as_bytes()) {
+    if !csrf_ok(form.get("csrf").map(String::as_bytes).unwrap_or(b""), &v) {
         return Refusal::new(
             http::StatusCode::FORBIDDEN,
             "the form's CSRF token is not this session's: reload the page",
@@ -378,7 +377,7 @@ async fn upload(
         );
     };
     let mut form = Box::pin(form);
-    let mut csrf_ok = false;
+    let mut good = false;
     while let Some(part) = form.next().await {
         let part = match part {
             Ok(p) => p,
@@ -406,10 +405,9 @@ async fn upload(
                         break;
                     }
                 }
-                csrf_ok =
-                    sent.len() == v.csrf.len() && openssl::memcmp::eq(&sent, v.csrf.as_bytes());
+                good = csrf_ok(&sent, &v);
             }
-            "file" if csrf_ok => {
+            "file" if good => {
                 let name = part.filename().unwrap_or("").to_owned();
                 return match crate::publish::store_file(
                     app,
@@ -441,29 +439,23 @@ async fn upload(
 }
 
 /// `application/x-www-form-urlencoded`, each name once.
-fn serde_urlencoded_form(body: &[u8]) -> Result<HashMap<String, String>, String> {
-    let mut out = HashMap::new();
-    for pair in body.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
-        let (k, v) = match pair.iter().position(|b| *b == b'=') {
-            Some(i) => (&pair[..i], &pair[i + 1..]),
-            None => (pair, &b""[..]),
-        };
-        let decode = |s: &[u8]| -> Result<String, String> {
-            let plus: Vec<u8> = s
-                .iter()
-                .map(|b| if *b == b'+' { b' ' } else { *b })
-                .collect();
-            percent_encoding::percent_decode(&plus)
-                .decode_utf8()
-                .map(|c| c.into_owned())
-                .map_err(|_| "not UTF-8".to_owned())
-        };
-        let k = decode(k)?;
-        if out.insert(k.clone(), decode(v)?).is_some() {
+fn form_fields(body: &[u8]) -> Result<HashMap<String, String>, String> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_bytes(body).map_err(|e| e.to_string())?;
+    let mut out = HashMap::with_capacity(pairs.len());
+    for (k, v) in pairs {
+        if out.contains_key(&k) {
             return Err(format!("{k:?} given twice"));
         }
+        out.insert(k, v);
     }
     Ok(out)
+}
+
+/// Whether a form's `csrf` field is this session's token (compared in
+/// constant time).
+fn csrf_ok(sent: &[u8], v: &Viewer) -> bool {
+    sent.len() == v.csrf.len() && openssl::memcmp::eq(sent, v.csrf.as_bytes())
 }
 
 /// `POST /portal/login`: with `token`, an API token; with `certificate`,
