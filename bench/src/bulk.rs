@@ -142,7 +142,7 @@ async fn post_as(a: &str, from: &str, m: Option<Message>) -> anyhow::Result<Vec<
     if let Some(m) = &m {
         w.push(m);
     }
-    let reply = up.post(&w.finish(), None).await?;
+    let reply = up.post_on(0, &w.finish()).await?;
     Ok(reply
         .messages
         .into_iter()

@@ -155,7 +155,10 @@ async fn pass_down(r: Result<reqwest::Response, reqwest::Error>) -> warp::reply:
 fn upstream_url(mlm: &Mlm, token: &str) -> String {
     format!(
         "{}{}{token}",
-        mlm.uplink.upstream().current_url().trim_end_matches('/'),
+        mlm.uplink
+            .upstream()
+            .url_for(rs_node::routes::Class::Bulk)
+            .trim_end_matches('/'),
         rs_net::bulk::PATH
     )
 }

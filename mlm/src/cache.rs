@@ -496,7 +496,7 @@ async fn fetch_missing(mlm: &Mlm, sha: String) -> Result<(), String> {
         // Held back by the throttle: the next round asks again.
         return Ok(());
     };
-    let url = bulk::resolve(mlm.uplink.upstream().current_url(), &e.source);
+    let url = mlm.uplink.bulk_url(&e.source);
     cache.stats.fetches.inc();
     let answer = cache
         .client
@@ -584,7 +584,7 @@ async fn fetch_one(mlm: &Mlm, e: &Entry) -> Result<(), String> {
                 .map_err(|e| e.to_string());
         }
     };
-    let url = bulk::resolve(mlm.uplink.upstream().current_url(), &e.source);
+    let url = mlm.uplink.bulk_url(&e.source);
     cache.stats.fetches.inc();
     let answer = cache
         .client

@@ -146,7 +146,7 @@ impl Config {
         {
             p.add(format!("id {:?} is not an MLM ID (like acme.m1)", c.id));
         }
-        p.check(rs_node::upstream::check_urls(&c.upstream.urls));
+        p.check(c.upstream.check());
         if let Some(d) = &c.database
             && !rs_store::sql::is_postgres_url(d)
         {

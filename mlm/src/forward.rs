@@ -305,7 +305,11 @@ type Copies = Vec<(rs_protocol::RsId, RawMessage)>;
 /// copy per next hop, listing the destinations behind it (the MLM nearest
 /// the destinations thus makes one copy per destination). Returns the IDs
 /// now safe, to acknowledge upstream.
-pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
+pub async fn take_down(
+    mlm: &Mlm,
+    msgs: Vec<RawMessage>,
+    via: &rs_node::uplink::Via,
+) -> Vec<MessageId> {
     mlm.stats.back_taken.inc_by(msgs.len() as u64);
     let mut copies = Vec::new();
     // Download offers: the file is fetched once into the cache, and the
@@ -339,7 +343,7 @@ pub async fn take_down(mlm: &Mlm, msgs: Vec<RawMessage>) -> Vec<MessageId> {
         for d in unknown {
             by_hop.entry(d.clone()).or_default().push(d);
         }
-        let offer = match download_offer(mlm, &m).await {
+        let offer = match download_offer(mlm, &m, via).await {
             Ok(o) => o,
             Err(e) => {
                 // Not acknowledged: offered again, and tried again then.
@@ -423,6 +427,7 @@ async fn release_if_cached(mlm: &Mlm, sha: String) {
 async fn download_offer(
     mlm: &Mlm,
     m: &RawMessage,
+    via: &rs_node::uplink::Via,
 ) -> Result<Option<(String, bool, rs_protocol::model::BulkRequest)>, String> {
     if m.kind != rs_protocol::model::ContentKind::BulkRequest {
         return Ok(None);
@@ -437,7 +442,7 @@ async fn download_offer(
     if b.direction != rs_protocol::model::Direction::Download {
         return Ok(None);
     }
-    let Some(source) = b.url.clone() else {
+    let Some(source) = b.url.as_deref().map(|u| via.offered_url(u)) else {
         return Err("a download offer without a URL".into());
     };
     let sha = rs_protocol::codec::sha256_hex(&b.sha256);
@@ -459,10 +464,11 @@ impl rs_node::uplink::BackChannel for Downstream {
     fn receive(
         &self,
         msgs: Vec<RawMessage>,
+        via: rs_node::uplink::Via,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<MessageId>> + Send + '_>> {
         Box::pin(async move {
             match self.0.upgrade() {
-                Some(mlm) => take_down(&mlm, msgs).await,
+                Some(mlm) => take_down(&mlm, msgs, &via).await,
                 // Stopping: not acknowledged, so offered again.
                 None => Vec::new(),
             }
@@ -545,14 +551,17 @@ async fn post(
             w.push_raw(&m);
         }
     });
-    let mut reply = mlm.uplink.send(out, None).await?;
+    let rs_node::upstream::Reply {
+        envelope: mut reply,
+        route,
+    } = mlm.uplink.send(out, None).await?;
     if let Some(wait) = reply.meta.advice.and_then(|a| a.resume_after) {
         let until = mlm.clock.now().as_millis() + i64::try_from(wait.as_millis()).unwrap_or(0);
         mlm.upstream_busy_until.fetch_max(until, Ordering::Relaxed);
     }
     // Back-channel messages for the subtree may ride on any reply.
     mlm.uplink
-        .receive(std::mem::take(&mut reply.messages))
+        .receive(std::mem::take(&mut reply.messages), route)
         .await;
     Ok(reply)
 }

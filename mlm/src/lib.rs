@@ -453,6 +453,12 @@ impl Mlm {
             metrics: metrics
                 .into_iter()
                 .map(|(k, v)| Detail::new(k, v.to_string()))
+                .chain(
+                    self.sender_stats
+                        .route_details()
+                        .into_iter()
+                        .map(|(k, v)| Detail::new(k, v)),
+                )
                 .chain(health)
                 .collect(),
             ..StatusNode::new("mlm", state)
@@ -740,6 +746,8 @@ pub async fn run(
         seal: mlm.sealer.clone(),
     };
     let sender_task = tokio::spawn(sender.run(sender_stop.clone()));
+    // With several upstream routes, those messages do not take are probed.
+    tokio::spawn(mlm.uplink.clone().probe_routes(sender_stop.clone()));
     let flush = {
         let t = mlm.throttle.clone();
         tokio::spawn(rs_node::throttle::flush_loop(

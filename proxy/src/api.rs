@@ -431,6 +431,13 @@ fn api(
                     "retried": st.retried.get(),
                     "rejected": st.rejected.get(),
                     "last_error": last_error,
+                    "multi_sent": st.multi_sent.get(),
+                    // Each route as the route choice sees it.
+                    "routes": st.routes.snapshot().into_iter().map(|r| serde_json::json!({
+                        "url": r.url, "messages": r.messages, "bulk": r.bulk, "up": r.up,
+                        "delay_ms": r.delay.map(|d| (d * 1000.0).round() as u64),
+                        "posts": r.posts, "failed": r.failed, "last_error": r.last_error,
+                    })).collect::<Vec<_>>(),
                 },
                 "throttle": {
                     "held": st.throttled.get(),

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rs_node::uplink::BackChannel;
+use rs_node::uplink::{BackChannel, Via};
 use rs_protocol::codec::RawMessage;
 use rs_protocol::control::ControlAction;
 use rs_protocol::control_messages::{
@@ -46,11 +46,12 @@ impl BackChannel for Actions {
     fn receive(
         &self,
         msgs: Vec<RawMessage>,
+        via: Via,
     ) -> Pin<Box<dyn Future<Output = Vec<MessageId>> + Send + '_>> {
         Box::pin(async move {
             let mut acked = Vec::new();
             for m in msgs {
-                match self.handle(&m).await {
+                match self.handle(&m, &via).await {
                     Ok(true) => acked.push(m.header.id),
                     // Held: acknowledged later (a download not here yet).
                     Ok(false) => {}
@@ -73,7 +74,7 @@ impl BackChannel for Actions {
 
 impl Actions {
     /// Deals with one back-channel message; `Ok(true)` acknowledges it.
-    async fn handle(&self, m: &RawMessage) -> Result<bool, String> {
+    async fn handle(&self, m: &RawMessage, via: &Via) -> Result<bool, String> {
         if m.kind == ContentKind::BulkRequest
             && m.header
                 .destinations()
@@ -83,7 +84,7 @@ impl Actions {
             let limits = rs_protocol::codec::Limits::default();
             match m.clone().decode(&limits).map(|f| f.content) {
                 Ok(Content::BulkRequest(b)) if b.direction == Direction::Download => {
-                    return crate::download::offered(&self.proxy, m, &b).await;
+                    return crate::download::offered(&self.proxy, m, &b, via).await;
                 }
                 Ok(_) => {}
                 Err(e) => {

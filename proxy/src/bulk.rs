@@ -797,7 +797,9 @@ async fn transfer(
         };
     let url = format!(
         "{}{}{token}",
-        upstream.current_url().trim_end_matches('/'),
+        upstream
+            .url_for(rs_node::routes::Class::Bulk)
+            .trim_end_matches('/'),
         rs_net::bulk::PATH
     );
     let answer = match up.client.probe(&url).await {

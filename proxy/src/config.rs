@@ -110,7 +110,7 @@ impl Config {
         if c.seal.is_some() && c.tls.is_none() {
             p.add("[seal] needs [tls]: messages are sealed with this proxy's certificate");
         }
-        p.check(rs_node::upstream::check_urls(&c.upstream.urls));
+        p.check(c.upstream.check());
         p.check(c.socket_mode());
         if let Some(a) = c.api_listen
             && !a.ip().is_loopback()

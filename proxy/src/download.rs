@@ -167,7 +167,12 @@ pub async fn list(proxy: &Proxy, limit: usize) -> Result<Vec<Download>, String> 
 /// An offer arrived on the back-channel. Returns whether to acknowledge
 /// it now: only once the file is here (verified), so the tier above keeps
 /// offering it, and keeps the file, until then.
-pub async fn offered(proxy: &Proxy, m: &RawMessage, b: &BulkRequest) -> Result<bool, String> {
+pub async fn offered(
+    proxy: &Proxy,
+    m: &RawMessage,
+    b: &BulkRequest,
+    via: &rs_node::uplink::Via,
+) -> Result<bool, String> {
     let offer = m.header.id.to_string();
     let o = offer.clone();
     let state: Option<String> = proxy
@@ -185,10 +190,11 @@ pub async fn offered(proxy: &Proxy, m: &RawMessage, b: &BulkRequest) -> Result<b
     if let Some(state) = state {
         return Ok(state != "offered");
     }
-    let Some(url) = b.url.clone() else {
+    let Some(url) = b.url.as_deref() else {
         tracing::warn!("download offer {offer} has no URL; ignored");
         return Ok(true);
     };
+    let url = via.offered_url(url);
     if b.name.contains(['/', '\\']) || b.name == ".." || b.name == "." || b.name.is_empty() {
         tracing::warn!("download offer {offer}: file name {:?} refused", b.name);
         return Ok(true);
@@ -338,7 +344,7 @@ async fn fetch(
             .await;
         }
     };
-    let url = rs_net::bulk::resolve(uplink.upstream().current_url(), &r.url);
+    let url = uplink.bulk_url(&r.url);
     let answer = proxy
         .uploads
         .client

@@ -374,6 +374,9 @@ impl Proxy {
                 "no"
             },
         ));
+        for (k, v) in st.route_details() {
+            metrics.push(Detail::new(k, v));
+        }
         metrics.push(Detail::new(
             "backchannel.applied",
             self.stats.actions_applied.get().to_string(),
@@ -653,6 +656,8 @@ pub async fn run(
         Some(Arc::new(back_channel::Actions::new(proxy.clone()))),
     ));
     let uploads = tokio::spawn(bulk::run(proxy.clone(), uplink.clone(), shutdown.clone()));
+    // With several upstream routes, those messages do not take are probed.
+    tokio::spawn(uplink.clone().probe_routes(sender_stop.clone()));
     let sender = Sender {
         me: proxy.id.clone(),
         spool: proxy.spool.clone(),

@@ -223,7 +223,7 @@ async fn request_upload(a: &str, from: &str, size: u64, sha: [u8; 32]) -> (Messa
     .unwrap();
     let mut w = EnvelopeWriter::new(&EnvelopeMeta::new(me, now));
     w.push(&m);
-    let reply = up.post(&w.finish(), None).await.unwrap();
+    let reply = up.post_on(0, &w.finish()).await.unwrap();
     assert_eq!(reply.meta.outcomes[0].1, rs_protocol::Outcome::Accepted);
     let grant = reply
         .messages

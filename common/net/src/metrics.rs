@@ -12,8 +12,9 @@
 //! `promtool check metrics` read, and because its metrics can be read back
 //! (the status tree does).
 
-pub use prometheus::core::Collector;
-pub use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+pub use prometheus::core::{Collector, Desc};
+pub use prometheus::proto::MetricFamily;
+pub use prometheus::{GaugeVec, Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 /// Every metric's name starts with this and `_`.
 pub const PREFIX: &str = "rs";

@@ -1,8 +1,10 @@
 //! The node: what a running tier is made of beyond the protocol, storage and
 //! network layers.
 //!
-//! - [`upstream`]: POSTing envelopes to the next hop, with failover among
-//!   its URLs, and why a POST failed;
+//! - [`upstream`]: POSTing envelopes to the next hop on the route chosen
+//!   among its URLs, failing over and hedging, and why a POST failed;
+//! - [`routes`]: each route's measured health and the choice among them
+//!   (by delay, by class of service);
 //! - [`uplink`]: every POST's envelope with the acknowledgements and
 //!   delivery notices due, and the back-channel its reply brings;
 //! - [`sender`]: draining a spool through the uplink, acting on each
@@ -36,6 +38,7 @@ pub mod mem;
 pub mod metrics;
 pub mod next_hop;
 pub mod pipeline;
+pub mod routes;
 pub mod sections;
 pub mod sender;
 pub mod throttle;

@@ -368,3 +368,145 @@ pub fn pulling<T: Send + Sync + 'static>(
         me.upgrade().map_or(0.0, |t| f(&t))
     }));
 }
+
+/// The upstream routes' metrics, read from the uplink at each scrape:
+/// `upstream_route_up`, `upstream_route_delay_seconds`,
+/// `upstream_route_in_use` (by URL and class), and the totals of moves
+/// and hedged POSTs. Empty until a sender [`RouteGauges::attach`]es its
+/// uplink.
+#[derive(Clone)]
+pub struct RouteGauges(Arc<RouteGaugesInner>);
+
+struct RouteGaugesInner {
+    uplink: std::sync::Mutex<std::sync::Weak<crate::uplink::Uplink>>,
+    up: IntGaugeVec,
+    delay: rs_net::metrics::GaugeVec,
+    in_use: IntGaugeVec,
+    moves: IntCounter,
+    hedged: IntCounter,
+}
+
+impl std::fmt::Debug for RouteGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteGauges").finish_non_exhaustive()
+    }
+}
+
+impl Default for RouteGauges {
+    fn default() -> Self {
+        let vec = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(prometheus_opts(name, help), labels).expect("a valid gauge name")
+        };
+        RouteGauges(Arc::new(RouteGaugesInner {
+            uplink: std::sync::Mutex::new(std::sync::Weak::new()),
+            up: vec(
+                "upstream_route_up",
+                "1 while an upstream route answers (its last POST did not fail), else 0.",
+                &["url"],
+            ),
+            delay: rs_net::metrics::GaugeVec::new(
+                prometheus_opts(
+                    "upstream_route_delay_seconds",
+                    "An upstream route's delay as the route choice sees it (median round trip plus spread, or a stalled POST's wait).",
+                ),
+                &["url"],
+            )
+            .expect("a valid gauge name"),
+            in_use: vec(
+                "upstream_route_in_use",
+                "1 for the route each class of transfer (messages, bulk) takes now.",
+                &["url", "class"],
+            ),
+            moves: rs_net::metrics::counter(
+                "upstream_route_moves_total",
+                "Moves of the messages' upstream route.",
+                &[],
+            ),
+            hedged: rs_net::metrics::counter(
+                "upstream_route_hedged_total",
+                "POSTs of messages sent on a second route because the first did not answer in time.",
+                &[],
+            ),
+        }))
+    }
+}
+
+impl RouteGauges {
+    /// Reads `uplink`'s routes from now on.
+    pub fn attach(&self, uplink: &Arc<crate::uplink::Uplink>) {
+        if let Ok(mut u) = self.0.uplink.lock() {
+            *u = Arc::downgrade(uplink);
+        }
+    }
+
+    /// The routes as they stand (empty before [`RouteGauges::attach`]).
+    pub fn snapshot(&self) -> Vec<crate::routes::RouteStatus> {
+        self.uplink()
+            .map(|u| u.upstream().routes().status())
+            .unwrap_or_default()
+    }
+
+    fn uplink(&self) -> Option<Arc<crate::uplink::Uplink>> {
+        self.0.uplink.lock().ok().and_then(|u| u.upgrade())
+    }
+
+    fn refresh(&self) {
+        let i = &self.0;
+        i.up.reset();
+        i.delay.reset();
+        i.in_use.reset();
+        let Some(uplink) = self.uplink() else {
+            return;
+        };
+        let routes = uplink.upstream().routes();
+        for r in routes.status() {
+            i.up.with_label_values(&[r.url.as_str()])
+                .set(i64::from(r.up));
+            if let Some(d) = r.delay {
+                i.delay.with_label_values(&[r.url.as_str()]).set(d);
+            }
+            for (class, on) in [("messages", r.messages), ("bulk", r.bulk)] {
+                i.in_use
+                    .with_label_values(&[r.url.as_str(), class])
+                    .set(i64::from(on));
+            }
+        }
+        let catch_up = |c: &IntCounter, total: u64| {
+            let now = c.get();
+            if total > now {
+                c.inc_by(total - now);
+            }
+        };
+        catch_up(
+            &i.moves,
+            routes.moves.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        catch_up(
+            &i.hedged,
+            routes.hedged.load(std::sync::atomic::Ordering::Relaxed),
+        );
+    }
+}
+
+impl rs_net::metrics::Collector for RouteGauges {
+    fn desc(&self) -> Vec<&rs_net::metrics::Desc> {
+        let i = &self.0;
+        let mut d = i.up.desc();
+        d.extend(i.delay.desc());
+        d.extend(i.in_use.desc());
+        d.extend(i.moves.desc());
+        d.extend(i.hedged.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<rs_net::metrics::MetricFamily> {
+        self.refresh();
+        let i = &self.0;
+        let mut m = i.up.collect();
+        m.extend(i.delay.collect());
+        m.extend(i.in_use.collect());
+        m.extend(i.moves.collect());
+        m.extend(i.hedged.collect());
+        m
+    }
+}

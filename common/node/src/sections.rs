@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::routes::RouteChoice;
 use crate::sender::SenderConfig;
 use crate::upstream::UpstreamConfig;
 
@@ -13,8 +14,28 @@ use crate::upstream::UpstreamConfig;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
-    /// Base URLs of the MLM(s) or application server, tried in order.
+    /// Base URLs of the MLM(s) or application server: the routes, in the
+    /// order of preference (see [`crate::routes`]).
     pub urls: Vec<String>,
+    /// Routes (among `urls`) bulk transfers take first, in order.
+    #[serde(default)]
+    pub bulk_urls: Vec<String>,
+    /// With several routes: how often one that messages do not take is
+    /// probed, seconds.
+    #[serde(default = "default_probe")]
+    pub probe_secs: u64,
+    /// With several routes: a POST of messages unanswered this long (or
+    /// four times its route's delay, if longer) goes on another route too.
+    #[serde(default = "default_hedge")]
+    pub hedge_after_ms: u64,
+    /// With several routes: the least time between two moves of the
+    /// messages' route (unless the one in use fails), seconds.
+    #[serde(default = "default_dwell")]
+    pub route_dwell_secs: u64,
+    /// With several routes: alarms of this precedence or higher (9:
+    /// critical) also go on a second route at once. Unset: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multi_send_precedence: Option<u8>,
     /// Whole-request timeout of a POST (a long poll's hold comes on top).
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
@@ -38,10 +59,42 @@ pub struct UpstreamSection {
 }
 
 impl UpstreamSection {
+    /// Checks the URLs and the route settings when the configuration is
+    /// loaded.
+    pub fn check(&self) -> Result<(), String> {
+        crate::upstream::check_urls(&self.urls)?;
+        if let Some(u) = self.bulk_urls.iter().find(|u| !self.urls.contains(u)) {
+            return Err(format!(
+                "upstream.bulk_urls: {u:?} is not one of upstream.urls"
+            ));
+        }
+        if self.probe_secs == 0 {
+            return Err("upstream.probe_secs: at least 1".into());
+        }
+        if let Some(p) = self.multi_send_precedence
+            && p > rs_protocol::model::MAX_PRECEDENCE
+        {
+            return Err(format!(
+                "upstream.multi_send_precedence: {p} is not a precedence (0 to 9)"
+            ));
+        }
+        Ok(())
+    }
+
     /// The HTTP side, with `tls` towards the next hop.
     pub fn client(&self, tls: Option<rs_net::tls::TlsConfig>) -> UpstreamConfig {
         UpstreamConfig {
             urls: self.urls.clone(),
+            routes: RouteChoice {
+                probe_every: Duration::from_secs(self.probe_secs.max(1)),
+                bulk: self
+                    .bulk_urls
+                    .iter()
+                    .filter_map(|b| self.urls.iter().position(|u| u == b))
+                    .collect(),
+                dwell: Duration::from_secs(self.route_dwell_secs),
+                hedge_after: Duration::from_millis(self.hedge_after_ms),
+            },
             timeout: Duration::from_secs(self.timeout_secs),
             tls,
             ..UpstreamConfig::default()
@@ -55,6 +108,7 @@ impl UpstreamSection {
             max_bytes: self.max_bytes,
             max_backoff: Duration::from_secs(self.max_backoff_secs),
             parallel: self.parallel.max(1),
+            multi_send: self.multi_send_precedence,
             ..SenderConfig::default()
         }
     }
@@ -76,6 +130,15 @@ fn default_batch_bytes() -> usize {
 }
 fn default_backoff() -> u64 {
     300
+}
+fn default_probe() -> u64 {
+    5
+}
+fn default_hedge() -> u64 {
+    500
+}
+fn default_dwell() -> u64 {
+    10
 }
 fn default_poll_hold() -> u64 {
     25

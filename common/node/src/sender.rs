@@ -11,15 +11,14 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use rs_net::retry::backoff;
-use rs_protocol::codec::RawEnvelope;
 use rs_protocol::ids::{MessageId, RsId};
-use rs_protocol::model::{Advice, EnvelopeMeta};
+use rs_protocol::model::{Advice, ContentKind, EnvelopeMeta};
 use rs_protocol::outcome::Outcome;
 use rs_protocol::time::{Clock, Timestamp};
 use rs_store::spool::{Settle, Spool, Spooled};
 
 use crate::uplink::{Outgoing, Uplink};
-use crate::upstream::PostError;
+use crate::upstream::{PostError, Reply};
 
 /// How the sender batches and paces.
 #[derive(Debug, Clone)]
@@ -32,6 +31,10 @@ pub struct SenderConfig {
     pub sweep_every: Duration,
     /// Envelopes in flight at once.
     pub parallel: usize,
+    /// Alarms of this precedence or higher also go, at once, on a second
+    /// route that is up (`None`: never): whichever route accepts first
+    /// delivers them, and the server stores them once.
+    pub multi_send: Option<u8>,
 }
 
 impl Default for SenderConfig {
@@ -42,6 +45,7 @@ impl Default for SenderConfig {
             max_backoff: Duration::from_secs(300),
             sweep_every: Duration::from_secs(5),
             parallel: 4,
+            multi_send: None,
         }
     }
 }
@@ -64,6 +68,9 @@ rs_net::counters! {
         /// Messages the throttle held back in the spool (each time).
         throttled: "upstream_messages_throttled_total",
             "Messages the throttle held back in the spool (each time).";
+        /// Envelopes of critical alarms also sent on a second route.
+        multi_sent: "upstream_multi_send_total",
+            "Envelopes of critical alarms also sent on a second route (multiple send).";
     }
 }
 
@@ -81,6 +88,8 @@ pub struct SenderStats {
     /// From spooling to the next hop's acceptance, of each message
     /// delivered.
     pub spool_wait_seconds: rs_net::metrics::Histogram,
+    /// The upstream routes (attached by the sender when it starts).
+    pub routes: crate::metrics::RouteGauges,
 }
 
 impl Default for SenderStats {
@@ -100,6 +109,7 @@ impl Default for SenderStats {
                 "From spooling to the next hop's acceptance, of each message delivered.",
                 &[],
             ),
+            routes: crate::metrics::RouteGauges::default(),
         }
     }
 }
@@ -118,6 +128,7 @@ impl SenderStats {
         self.counters.register(r);
         r.add(&self.post_seconds);
         r.add(&self.spool_wait_seconds);
+        r.add(&self.routes);
         crate::metrics::pulling(
             r,
             self,
@@ -125,6 +136,34 @@ impl SenderStats {
             "1 while the last POST to the next hop succeeded, else 0.",
             |s| f64::from(u8::from(s.connected.load(Ordering::Relaxed))),
         );
+    }
+
+    /// The status tree's lines on the upstream routes: the URL messages
+    /// take, and with several routes each one's state.
+    pub fn route_details(&self) -> Vec<(String, String)> {
+        let routes = self.routes.snapshot();
+        let mut out = Vec::new();
+        if let Some(r) = routes.iter().find(|r| r.messages) {
+            out.push(("upstream.route".to_owned(), r.url.clone()));
+        }
+        if routes.len() > 1 {
+            for (i, r) in routes.iter().enumerate() {
+                let delay = r.delay.map_or_else(
+                    || "not measured".to_owned(),
+                    |d| format!("{:.1} ms", d * 1000.0),
+                );
+                let mut v = format!(
+                    "{} {} delay {delay}",
+                    r.url,
+                    if r.up { "up" } else { "down" }
+                );
+                if r.bulk {
+                    v.push_str(", bulk");
+                }
+                out.push((format!("upstream.routes.{i}"), v));
+            }
+        }
+        out
     }
 
     /// The heartbeat interval the next hop advised, or `default` until it
@@ -208,12 +247,14 @@ pub struct Sender<S: Spool> {
 const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What an envelope in flight yields: its messages, their IDs, the byte
-/// budget it was cut to, and how the POST went.
+/// budget it was cut to, how the POST went, and the messages a copy sent
+/// on a second route had accepted there (multiple send).
 type InFlight = (
     Vec<Spooled>,
     Vec<MessageId>,
     usize,
-    Result<RawEnvelope, PostError>,
+    Result<Reply, PostError>,
+    Vec<MessageId>,
 );
 
 impl<S: Spool> std::fmt::Debug for Sender<S> {
@@ -227,6 +268,7 @@ impl<S: Spool> std::fmt::Debug for Sender<S> {
 impl<S: Spool> Sender<S> {
     pub async fn run(self, shutdown: CancellationToken) {
         use futures_util::StreamExt as _;
+        self.stats.routes.attach(&self.uplink);
         let mut failures: u32 = 0;
         let mut advice = Advice::default();
         // After a 400 on a batch, send these one by one to find the bad one.
@@ -318,20 +360,28 @@ impl<S: Spool> Sender<S> {
                         let uplink = self.uplink.clone();
                         inflight.push(Box::pin(async move {
                             let r = uplink.send(out, Some(hold)).await;
-                            (Vec::new(), Vec::new(), max_bytes, r)
+                            (Vec::new(), Vec::new(), max_bytes, r, Vec::new())
                         }));
                     }
                     break;
                 }
                 let batch = self.seal_batch(batch).await;
                 let (out, ids) = self.envelope(&batch, now, None);
+                let copy = self.copy(&batch, &ids, now);
                 let uplink = self.uplink.clone();
                 let timer = self.stats.post_seconds.clone();
                 inflight.push(Box::pin(async move {
                     let started = std::time::Instant::now();
-                    let r = uplink.send(out, None).await;
+                    let main = uplink.send(out, None);
+                    let (r, also) = match copy {
+                        Some(copy) => {
+                            let (r, c) = tokio::join!(main, uplink.send_copy(copy));
+                            (r, accepted(c))
+                        }
+                        None => (main.await, Vec::new()),
+                    };
                     timer.observe(started.elapsed().as_secs_f64());
-                    (batch, ids, max_bytes, r)
+                    (batch, ids, max_bytes, r, also)
                 }));
             }
             if inflight.is_empty() {
@@ -363,7 +413,7 @@ impl<S: Spool> Sender<S> {
                     + t.since(now)
                         .clamp(Duration::from_millis(50), self.cfg.sweep_every)
             });
-            let (batch, ids, max_bytes, result) = tokio::select! {
+            let (batch, ids, max_bytes, result, also) = tokio::select! {
                 () = shutdown.cancelled() => return,
                 Some(done) = inflight.next() => done,
                 // New messages while only a long poll is out: go and send.
@@ -374,7 +424,10 @@ impl<S: Spool> Sender<S> {
                 polling = false;
             }
             match result {
-                Ok(reply) => {
+                Ok(Reply {
+                    envelope: mut reply,
+                    route,
+                }) => {
                     failures = 0;
                     isolate = isolate.saturating_sub(1);
                     self.stats.posts_ok.inc();
@@ -391,20 +444,33 @@ impl<S: Spool> Sender<S> {
                             resume_at = resume_at.max(tokio::time::Instant::now() + pause);
                         }
                     }
+                    // A copy accepted on the other route delivered it.
+                    for (id, o) in &mut reply.meta.outcomes {
+                        if also.contains(id) {
+                            *o = Outcome::Accepted;
+                        }
+                    }
                     self.settle(&batch, &reply.meta, self.clock.now()).await;
                     if batch.is_empty() && !reply.messages.is_empty() {
                         // A poll that brought something: more may follow
                         // at once, so poll again without the pause.
                         next_poll = tokio::time::Instant::now();
                     }
-                    self.uplink.receive(reply.messages).await;
+                    self.uplink.receive(reply.messages, route).await;
                 }
                 Err(e) => {
                     self.stats.fail(&e);
                     let now = self.clock.now();
+                    // Those a copy on the other route delivered are done.
                     let release = |s: Settle| {
                         ids.iter()
-                            .map(|id| (id.clone(), s.clone()))
+                            .map(|id| {
+                                if also.contains(id) {
+                                    (id.clone(), Settle::Delivered)
+                                } else {
+                                    (id.clone(), s.clone())
+                                }
+                            })
                             .collect::<Vec<_>>()
                     };
                     // The envelope as it was is refused: one message alone
@@ -559,6 +625,41 @@ impl<S: Spool> Sender<S> {
         })
     }
 
+    /// Multiple send: the envelope of copies of the alarms in `batch` of
+    /// [`SenderConfig::multi_send`]'s precedence or higher (among `ids`,
+    /// those that went), for a second route that is up.
+    fn copy(&self, batch: &[Spooled], ids: &[MessageId], now: Timestamp) -> Option<Outgoing> {
+        let min = self.cfg.multi_send?;
+        let critical: Vec<&Spooled> = batch
+            .iter()
+            .filter(|s| {
+                s.msg.kind == ContentKind::Alarm
+                    && s.msg
+                        .header
+                        .source()
+                        .is_some_and(|src| src.qos.precedence >= min)
+                    && ids.contains(&s.msg.header.id)
+            })
+            .collect();
+        if critical.is_empty() {
+            return None;
+        }
+        let (out, ()) = self.uplink.copy_envelope(now, |w| {
+            for s in critical {
+                let mut m = s.msg.clone();
+                if let Some(h) = m.header.routing.last_mut()
+                    && h.component == self.me
+                    && h.sent.is_none()
+                {
+                    h.sent = Some(now);
+                }
+                w.push_raw(&m);
+            }
+        })?;
+        self.stats.multi_sent.inc();
+        Some(out)
+    }
+
     async fn settle(&self, batch: &[Spooled], meta: &EnvelopeMeta, now: Timestamp) {
         let outcomes: HashMap<&MessageId, &Outcome> =
             meta.outcomes.iter().map(|(id, o)| (id, o)).collect();
@@ -607,6 +708,24 @@ impl<S: Spool> Sender<S> {
         }
         if let Err(e) = self.spool.settle(settles, now).await {
             tracing::error!("spool settle: {e}");
+        }
+    }
+}
+
+/// The messages a copy's reply says were accepted.
+fn accepted(r: Result<Reply, PostError>) -> Vec<MessageId> {
+    match r {
+        Ok(r) => r
+            .envelope
+            .meta
+            .outcomes
+            .into_iter()
+            .filter(|(_, o)| matches!(o, Outcome::Accepted))
+            .map(|(id, _)| id)
+            .collect(),
+        Err(e) => {
+            tracing::debug!("copy on the second route: {e}");
+            Vec::new()
         }
     }
 }

@@ -1,18 +1,22 @@
-//! The next hop over HTTP (seed 004, Fig. 14): POSTing envelopes with
-//! failover among several URLs, and why a POST did not produce a reply.
+//! The next hop over HTTP (seed 004, Fig. 14): POSTing envelopes on the
+//! route chosen among several URLs ([`crate::routes`]), failing over and
+//! hedging, and why a POST did not produce a reply.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rs_net::http::{error_chain, short_text};
 use rs_protocol::codec::{DecodeError, Encoded, Limits, RawEnvelope, StreamDecoder};
 
+use crate::routes::{Class, RouteChoice, Routes};
+
 /// Where and how to POST.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    /// Base URLs (`http://host:port`), tried in order; the first that works
-    /// is used until it fails.
+    /// Base URLs (`http://host:port`): the routes, in the order of
+    /// preference ([`crate::routes`]).
     pub urls: Vec<String>,
+    /// How the route is chosen among them.
+    pub routes: RouteChoice,
     /// Whole-request timeout (excluding any long-poll hold).
     pub timeout: Duration,
     pub connect_timeout: Duration,
@@ -26,6 +30,7 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
             urls: Vec::new(),
+            routes: RouteChoice::default(),
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             limits: Limits::default(),
@@ -90,12 +95,20 @@ pub fn check_urls(urls: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// An HTTP client for the next hop.
+/// An HTTP client for the next hop, choosing among its routes
+/// ([`crate::routes`]).
 #[derive(Debug)]
 pub struct Upstream {
     client: reqwest::Client,
     cfg: UpstreamConfig,
-    current: AtomicUsize,
+    routes: Routes,
+}
+
+/// A reply envelope and the route (index into the URLs) that answered.
+#[derive(Debug)]
+pub struct Reply {
+    pub envelope: RawEnvelope,
+    pub route: usize,
 }
 
 impl Upstream {
@@ -109,10 +122,11 @@ impl Upstream {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let routes = Routes::new(cfg.urls.clone(), cfg.routes.clone());
         Ok(Upstream {
             client,
             cfg,
-            current: AtomicUsize::new(0),
+            routes,
         })
     }
 
@@ -121,48 +135,164 @@ impl Upstream {
         &self.client
     }
 
-    /// Every upstream URL, in order.
+    /// Every upstream URL, in the configured order.
     pub fn urls(&self) -> &[String] {
         &self.cfg.urls
     }
 
-    /// The URL in use.
-    pub fn current_url(&self) -> &str {
-        let i = self.current.load(Ordering::Relaxed) % self.cfg.urls.len();
-        &self.cfg.urls[i]
+    /// The routes, their health and the choice among them.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
     }
 
-    /// POSTs an envelope, failing over through the URLs in order when one
-    /// is unavailable. `hold` is the long-poll hold asked for, added to the
-    /// timeout.
+    /// The URL `class` goes to now.
+    pub fn url_for(&self, class: Class) -> &str {
+        &self.cfg.urls[self.routes.pick(class)]
+    }
+
+    /// POSTs an envelope on route `first`, then (while a route is
+    /// unavailable) on the route messages go on then, then on the others.
+    /// A POST of messages that stalls is sent on a second route too
+    /// ([`Routes::hedge`]). `hold` is the long-poll hold asked for, added
+    /// to the timeout; a long poll ends when the messages move to another
+    /// route, and goes on there.
     pub async fn post(
         &self,
         enc: &Encoded,
         hold: Option<Duration>,
-    ) -> Result<RawEnvelope, PostError> {
+        first: usize,
+    ) -> Result<Reply, PostError> {
         let n = self.cfg.urls.len();
-        let start = self.current.load(Ordering::Relaxed);
+        let mut tried = vec![false; n];
+        let mut next = Some(first.min(n - 1));
         let mut last = None;
-        for k in 0..n {
-            let i = (start + k) % n;
-            match self.post_to(&self.cfg.urls[i], enc, hold).await {
+        while let Some(i) = next {
+            tried[i] = true;
+            let r = match (hold, self.routes.hedge(i, &tried)) {
+                (None, Some((j, after))) => self.hedged(enc, (i, j), after, &mut tried).await,
+                _ => self
+                    .attempt(i, enc, hold)
+                    .await
+                    .map(|envelope| Reply { envelope, route: i }),
+            };
+            match r {
                 Err(e @ PostError::Unavailable { .. }) => {
                     tracing::debug!("upstream {e}");
                     last = Some(e);
                 }
                 other => {
-                    if k > 0 {
-                        tracing::info!("failed over to upstream {}", self.cfg.urls[i]);
+                    if let Ok(r) = &other
+                        && r.route != first
+                    {
+                        tracing::debug!("sent on upstream route {}", self.cfg.urls[r.route]);
                     }
-                    self.current.store(i, Ordering::Relaxed);
                     return other;
                 }
             }
+            let now = self.routes.pick(Class::Messages);
+            next = std::iter::once(now)
+                .chain(self.routes.fallbacks(now))
+                .find(|&k| !tried[k]);
         }
         Err(last.unwrap_or(PostError::Unavailable {
             url: String::new(),
             reason: "no upstream".into(),
         }))
+    }
+
+    /// POSTs on route `i` alone (a probe, a copy for multiple send).
+    pub async fn post_on(&self, i: usize, enc: &Encoded) -> Result<RawEnvelope, PostError> {
+        self.attempt(i.min(self.cfg.urls.len() - 1), enc, None)
+            .await
+    }
+
+    /// POSTs on `routes.0`; if no answer has come `after`, on `routes.1`
+    /// too. The first answer wins; the other POST is abandoned (its wait
+    /// counts against its route).
+    async fn hedged(
+        &self,
+        enc: &Encoded,
+        (i, j): (usize, usize),
+        after: Duration,
+        tried: &mut [bool],
+    ) -> Result<Reply, PostError> {
+        let first = self.attempt(i, enc, None);
+        tokio::pin!(first);
+        tokio::select! {
+            r = &mut first => return r.map(|envelope| Reply { envelope, route: i }),
+            () = tokio::time::sleep(after) => {}
+        }
+        tried[j] = true;
+        self.routes
+            .hedged
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(
+            "no answer from {} after {after:?}: sending on {} too",
+            self.cfg.urls[i],
+            self.cfg.urls[j]
+        );
+        let second = self.attempt(j, enc, None);
+        tokio::pin!(second);
+        let (mut a, mut b) = (None, None);
+        loop {
+            tokio::select! {
+                r = &mut first, if a.is_none() => match r {
+                    Err(e @ PostError::Unavailable { .. }) => a = Some(e),
+                    other => return other.map(|envelope| Reply { envelope, route: i }),
+                },
+                r = &mut second, if b.is_none() => match r {
+                    Err(e @ PostError::Unavailable { .. }) => b = Some(e),
+                    other => return other.map(|envelope| Reply { envelope, route: j }),
+                },
+            }
+            if let (Some(_), Some(e)) = (&a, &b) {
+                return Err(e.clone());
+            }
+        }
+    }
+
+    /// One POST on route `i`, measured for the route choice.
+    async fn attempt(
+        &self,
+        i: usize,
+        enc: &Encoded,
+        hold: Option<Duration>,
+    ) -> Result<RawEnvelope, PostError> {
+        let url = &self.cfg.urls[i];
+        if hold.is_some() {
+            // A long poll is held by design: not timed, and given up when
+            // the messages move elsewhere (the next POST goes there).
+            self.routes.used(i);
+            let r = tokio::select! {
+                r = self.post_to(url, enc, hold) => r,
+                () = self.routes.moved_from(i) => {
+                    return Err(PostError::Unavailable {
+                        url: url.clone(),
+                        reason: "the messages moved to another route".into(),
+                    });
+                }
+            };
+            match &r {
+                Err(
+                    e @ (PostError::Unavailable { .. }
+                    | PostError::BadReply { .. }
+                    | PostError::Unauthorised { .. }),
+                ) => self.routes.failed(i, None, &e.to_string()),
+                _ => self.routes.up(i),
+            }
+            return r;
+        }
+        let timing = self.routes.start(i);
+        let r = self.post_to(url, enc, hold).await;
+        match &r {
+            Err(
+                e @ (PostError::Unavailable { .. }
+                | PostError::BadReply { .. }
+                | PostError::Unauthorised { .. }),
+            ) => timing.failed(&e.to_string()),
+            _ => timing.ok(enc.body.len()),
+        }
+        r
     }
 
     async fn post_to(
