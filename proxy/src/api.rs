@@ -432,6 +432,8 @@ fn api(
                     "rejected": st.rejected.get(),
                     "last_error": last_error,
                     "multi_sent": st.multi_sent.get(),
+                    "route_moves": st.routes.moves(),
+                    "hedged": st.routes.hedged(),
                     // Each route as the route choice sees it.
                     "routes": st.routes.snapshot().into_iter().map(|r| serde_json::json!({
                         "url": r.url, "messages": r.messages, "bulk": r.bulk, "up": r.up,

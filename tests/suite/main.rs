@@ -23,6 +23,7 @@ mod operations;
 mod packaging;
 pub(crate) mod portal;
 mod rollouts;
+mod routes;
 mod security;
 mod storage;
 mod subscriptions;

@@ -439,6 +439,26 @@ impl RouteGauges {
         }
     }
 
+    /// Moves of the messages' route so far.
+    pub fn moves(&self) -> u64 {
+        self.uplink().map_or(0, |u| {
+            u.upstream()
+                .routes()
+                .moves
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
+    /// POSTs hedged onto a second route so far.
+    pub fn hedged(&self) -> u64 {
+        self.uplink().map_or(0, |u| {
+            u.upstream()
+                .routes()
+                .hedged
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
     /// The routes as they stand (empty before [`RouteGauges::attach`]).
     pub fn snapshot(&self) -> Vec<crate::routes::RouteStatus> {
         self.uplink()

@@ -19,9 +19,9 @@
 //!   [`MOVE_MARGIN`] less), no sooner than [`RouteChoice::dwell`] after the
 //!   last move;
 //! - back to a route earlier in the configured order once that route's
-//!   delay, over a window of good round trips, is within a quarter of the
-//!   route in use (the order states the provider's preference: a private
-//!   line before the internet).
+//!   delay, over a window of round trips made since it was left (at least
+//!   three), is within a quarter of the route in use (the order states
+//!   the provider's preference: a private line before the internet).
 //!
 //! A move is logged and counted; the window and the dwell keep one slow
 //! round trip from moving traffic, and the way back needs a window of good
@@ -150,11 +150,24 @@ impl Health {
         Delay::Known((q(0.5) + spread).max(stalled))
     }
 
-    fn recent_count(&self, now: Instant) -> usize {
-        self.samples
+    /// Whether its last [`TRUSTED_AFTER`] round trips (none older than
+    /// [`WINDOW_AGE`]) each took at most `limit` seconds, and nothing is
+    /// stalled on it.
+    fn last_good(&self, now: Instant, limit: f64) -> bool {
+        let last: Vec<f64> = self
+            .samples
             .iter()
+            .rev()
+            .take(TRUSTED_AFTER)
             .filter(|(at, _)| now.saturating_duration_since(*at) <= WINDOW_AGE)
-            .count()
+            .map(|(_, s)| *s)
+            .collect();
+        last.len() == TRUSTED_AFTER
+            && last.iter().all(|s| *s <= limit)
+            && self
+                .pending
+                .iter()
+                .all(|(_, at)| now.saturating_duration_since(*at).as_secs_f64() <= limit)
     }
 
     fn sample(&mut self, at: Instant, secs: f64) {
@@ -384,32 +397,34 @@ impl Routes {
         let settled = c
             .moved
             .is_none_or(|t| now.duration_since(t) >= self.cfg.dwell);
+        // (where to, whether the route in use is left as degraded)
         let to = match delays[cur] {
             // Down: the fastest route that is up, else the first not
             // measured yet, else stay (each POST still tries every route).
             Delay::Down => best_other(&|_| true)
                 .map(|(i, _)| i)
-                .or_else(|| (0..n).find(|&i| delays[i] == Delay::Unknown)),
+                .or_else(|| (0..n).find(|&i| delays[i] == Delay::Unknown))
+                .map(|i| (i, true)),
             Delay::Unknown => None,
             Delay::Known(d) => {
                 let faster = best_other(&|_| true)
-                    .filter(|(_, b)| settled && d > 2.0 * b + MOVE_MARGIN.as_secs_f64());
-                // Back to a preferred route once a window of its round
-                // trips is as good.
+                    .filter(|(_, b)| settled && d > 2.0 * b + MOVE_MARGIN.as_secs_f64())
+                    .map(|(i, _)| (i, true));
+                // Back to a preferred route once its last round trips
+                // since it was left are as good.
                 let preferred = || {
-                    (0..cur).find(|&i| match delays[i] {
-                        Delay::Known(p) => {
+                    (0..cur)
+                        .find(|&i| {
                             settled
-                                && self.lock(i).recent_count(now) >= TRUSTED_AFTER
-                                && p <= 1.25 * d + 0.002
-                        }
-                        _ => false,
-                    })
+                                && delays[i] != Delay::Down
+                                && self.lock(i).last_good(now, 1.25 * d + 0.002)
+                        })
+                        .map(|i| (i, false))
                 };
-                faster.map(|(i, _)| i).or_else(preferred)
+                faster.or_else(preferred)
             }
         };
-        if let Some(to) = to.filter(|&to| to != cur) {
+        if let Some((to, degraded)) = to.filter(|&(to, _)| to != cur) {
             let show = |d: Delay| match d {
                 Delay::Known(s) => format!("{:.0} ms", s * 1000.0),
                 Delay::Down => "down".into(),
@@ -422,6 +437,15 @@ impl Routes {
                 self.urls[to],
                 show(delays[to])
             );
+            if degraded {
+                // Its round trips from before say nothing about it now:
+                // only what it answers from here on can bring traffic back.
+                let mut h = self.lock(cur);
+                h.samples.clear();
+                if let Delay::Known(d) = delays[cur] {
+                    h.sample(now, d);
+                }
+            }
             c.messages = to;
             c.moved = Some(now);
             self.moves.fetch_add(1, Ordering::Relaxed);
@@ -576,7 +600,7 @@ mod tests {
         r.failed(0, None, "refused");
         assert_eq!(r.pick(Class::Messages), 1, "down: moves despite the dwell");
         r.start(0).ok(10);
-        assert_eq!(r.delay(0, Instant::now()), Delay::Known(0.005));
+        assert!(matches!(r.delay(0, Instant::now()), Delay::Known(_)));
         assert_eq!(
             r.pick(Class::Messages),
             1,
@@ -590,11 +614,28 @@ mod tests {
         feed(&r, 0, 0.5, 8);
         feed(&r, 1, 0.005, 8);
         assert_eq!(r.pick(Class::Messages), 1);
-        feed(&r, 0, 0.005, 3);
-        assert_eq!(r.pick(Class::Messages), 1, "still mostly slow");
-        feed(&r, 0, 0.005, 4);
-        assert_eq!(r.pick(Class::Messages), 0, "a window of good ones");
+        feed(&r, 0, 0.005, 2);
+        assert_eq!(r.pick(Class::Messages), 1, "two good ones are not enough");
+        feed(&r, 0, 0.005, 1);
+        assert_eq!(r.pick(Class::Messages), 0, "three are");
         assert_eq!(r.moves.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn round_trips_from_before_a_route_was_left_do_not_bring_traffic_back() {
+        let r = routes(2);
+        feed(&r, 0, 0.005, 7);
+        feed(&r, 1, 0.005, 8);
+        let mut t = r.start(0);
+        t.started -= Duration::from_secs(1);
+        r.lock(0).pending[0].1 = t.started;
+        assert_eq!(r.pick(Class::Messages), 1);
+        drop(t);
+        assert_eq!(r.pick(Class::Messages), 1, "its good past is forgotten");
+        feed(&r, 0, 0.005, 2);
+        assert_eq!(r.pick(Class::Messages), 1, "two good ones are not a window");
+        feed(&r, 0, 0.005, 1);
+        assert_eq!(r.pick(Class::Messages), 0);
     }
 
     #[test]

@@ -1,0 +1,223 @@
+//! Route choice on real daemons (issue 28, seed 003): a proxy with two
+//! routes, each through its own MLM and a relay that can delay or
+//! blackhole it, keeps its alarms moving when one route degrades, comes
+//! back when it recovers without flapping, sends bulk transfers on the
+//! bulk route and critical alarms on both; nothing is lost or stored
+//! twice.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rs_proxy::client::Client;
+use rs_tests::deploy::{Deployment, Extra};
+use rs_tests::relay::Fault;
+
+use crate::backchannel::{attr, exe, post, tmp};
+use crate::backchannel_faults::{finish, until};
+use crate::forward::{alarm, all_stored, assert_exactly_once, register};
+
+/// The URL the proxy's messages take now, as its status says.
+async fn in_use(socket: &Path) -> Option<String> {
+    let v = Client::new(socket).status().await.ok()?;
+    v["upstream"]["routes"]
+        .as_array()?
+        .iter()
+        .find(|r| r["messages"] == true)
+        .and_then(|r| r["url"].as_str())
+        .map(str::to_owned)
+}
+
+async fn upstream_count(socket: &Path, key: &str) -> u64 {
+    Client::new(socket)
+        .status()
+        .await
+        .ok()
+        .and_then(|v| v["upstream"][key].as_u64())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_with_two_routes_keeps_its_alarms_moving_when_one_degrades() {
+    let dir = tmp("routes");
+    // Plain HTTP: each relay reads what crosses its route.
+    let mut d = Deployment::plain(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "heartbeat_secs = 5").unwrap();
+    // Two MLMs, each with its own queue and spool: two routes that meet
+    // only at the server.
+    let m1 = d
+        .mlm("m1", "acme.m1", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let m2 = d
+        .mlm("m2", "acme.m2", std::slice::from_ref(&a), &Extra::default())
+        .unwrap();
+    let (r1, l1) = rs_tests::relay::start(m1.clone()).await.unwrap();
+    let (r2, l2) = rs_tests::relay::start(m2.clone()).await.unwrap();
+    let (u1, u2) = (format!("http://{r1}"), format!("http://{r2}"));
+    let extra = Extra {
+        upstream: format!(
+            "probe_secs = 1\nroute_dwell_secs = 3\nhedge_after_ms = 300\nmax_backoff_secs = 2\n\
+             multi_send_precedence = 9\nbulk_urls = [\"{u2}\"]\n"
+        ),
+        ..Extra::default()
+    };
+    let s = d
+        .proxy("p1", "acme.p1", &[r1.clone(), r2.clone()], &extra)
+        .unwrap();
+    let c = register(&s).await;
+
+    // Healthy: messages take the first route; the second is probed.
+    let mut acked = HashSet::new();
+    for i in 0..20 {
+        acked.insert(
+            c.send("alarm", &alarm(&format!("calm {i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(all_stored(&dir, &acked, Duration::from_secs(30)));
+    assert_eq!(in_use(&s).await.as_deref(), Some(u1.as_str()));
+    let probed = l2.up_bytes.load(Ordering::Relaxed);
+    assert!(
+        until(10, || async {
+            l2.up_bytes.load(Ordering::Relaxed) > probed
+        })
+        .await,
+        "the idle route is probed"
+    );
+
+    // Multiple send: a critical alarm crosses both routes and is stored
+    // once; a major one takes one route.
+    l1.count_up("crit-0001");
+    l2.count_up("crit-0001");
+    l1.count_up("major-0001");
+    l2.count_up("major-0001");
+    let mut crit = alarm("crit-0001", None);
+    crit.severity = Some("critical".into());
+    let crit_id = c.send("alarm", &crit).await.unwrap();
+    let major_id = c.send("alarm", &alarm("major-0001", None)).await.unwrap();
+    let both: HashSet<String> = [crit_id, major_id].into();
+    assert!(all_stored(&dir, &both, Duration::from_secs(30)));
+    assert!(l1.seen_up("crit-0001") >= 1 && l2.seen_up("crit-0001") >= 1);
+    assert_eq!(l2.seen_up("major-0001"), 0, "a major alarm is not doubled");
+    assert!(upstream_count(&s, "multi_sent").await >= 1);
+    acked.extend(both);
+
+    // Bulk transfers take the bulk route.
+    let (up1, up2) = (
+        l1.up_bytes.load(Ordering::Relaxed),
+        l2.up_bytes.load(Ordering::Relaxed),
+    );
+    let (bc, upload, _) = crate::bulk::upload_core(&s, &dir.join("routes.core"), 3 << 20).await;
+    crate::bulk::until_uploaded(&bc, &upload.id).await;
+    let (up1, up2) = (
+        l1.up_bytes.load(Ordering::Relaxed) - up1,
+        l2.up_bytes.load(Ordering::Relaxed) - up2,
+    );
+    assert!(
+        up2 >= 3 << 20,
+        "the upload went on the bulk route: {up2} bytes"
+    );
+    assert!(up1 < 1 << 20, "not on the messages' route: {up1} bytes");
+
+    // An integrator sending an alarm every 50 ms from now on.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent: Arc<Mutex<Vec<String>>> = Arc::default();
+    let writer = {
+        let (stop, sent, s) = (stop.clone(), sent.clone(), s.clone());
+        tokio::spawn(async move {
+            let c = Client::new(&s);
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(id) = c.send("alarm", &alarm(&format!("steady {i}"), None)).await {
+                    sent.lock().unwrap().push(id);
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    // The first route degrades: the messages leave it within seconds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let moves_before = upstream_count(&s, "route_moves").await;
+    l1.set_fault(Fault::Delay(Duration::from_millis(400)));
+    let t = Instant::now();
+    assert!(
+        until(20, || async {
+            in_use(&s).await.as_deref() == Some(u2.as_str())
+        })
+        .await,
+        "the messages did not leave the degraded route"
+    );
+    eprintln!("left the degraded route after {:?}", t.elapsed());
+    // Probed while degraded, it gets no traffic back.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        in_use(&s).await.as_deref(),
+        Some(u2.as_str()),
+        "went back too soon"
+    );
+    // While they take the second route, a control action reaches the
+    // proxy through it (its long poll moved too).
+    let (st, body) = post(
+        &a,
+        r#"<send ttl-secs="600"><to id="acme.p1"/><control action="ping"/></send>"#,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let j = finish(&a, attr(&body, "id"), 60).await;
+    assert_eq!(j.count("succeeded"), 1, "{j:?}");
+
+    // It recovers: the messages come back once a window of round trips
+    // is good, and do not flap.
+    l1.set_fault(Fault::None);
+    let t = Instant::now();
+    assert!(
+        until(90, || async {
+            in_use(&s).await.as_deref() == Some(u1.as_str())
+        })
+        .await,
+        "the messages did not come back to the recovered route"
+    );
+    eprintln!("came back after {:?}", t.elapsed());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(in_use(&s).await.as_deref(), Some(u1.as_str()), "flapped");
+    assert_eq!(
+        upstream_count(&s, "route_moves").await - moves_before,
+        2,
+        "one move away, one back"
+    );
+
+    // The route in use goes silent: POSTs stalled on it go again on the
+    // other route, and the messages move.
+    l1.set_fault(Fault::Blackhole);
+    let t = Instant::now();
+    assert!(
+        until(20, || async {
+            in_use(&s).await.as_deref() == Some(u2.as_str())
+        })
+        .await,
+        "the messages did not leave the silent route"
+    );
+    eprintln!("left the silent route after {:?}", t.elapsed());
+    assert!(
+        upstream_count(&s, "hedged").await >= 1,
+        "a POST stalled on the silent route went on the other"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let steady: HashSet<String> = sent.lock().unwrap().iter().cloned().collect();
+    assert!(steady.len() > 100, "{} alarms sent", steady.len());
+    acked.extend(steady);
+    assert!(
+        all_stored(&dir, &acked, Duration::from_secs(60)),
+        "an accepted alarm was lost"
+    );
+    l1.set_fault(Fault::None);
+    assert_exactly_once(&dir, &acked);
+    d.stop_all();
+}
