@@ -21,6 +21,7 @@ mod mlmfarm;
 mod mlmkill;
 mod mlmstorm;
 mod relay;
+mod routes;
 mod storage;
 mod throttle;
 
@@ -399,6 +400,10 @@ const GROUPS: &[(&str, &str)] = &[
         "longpoll",
         "an MLM's memory holding many proxies' long polls",
     ),
+    (
+        "routes",
+        "route choice: leaving a degraded route, alarm latency against one route",
+    ),
 ];
 
 /// Options that take a number, with what they set (defaults in brackets).
@@ -561,6 +566,10 @@ fn main() {
             (
                 "longpoll",
                 Box::new(move || longpoll::run(runs, proxies).map_err(|e| format!("{e:#}"))),
+            ),
+            (
+                "routes",
+                Box::new(move || routes::run(runs).map_err(|e| format!("{e:#}"))),
             ),
         ];
         debug_assert!(

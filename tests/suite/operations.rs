@@ -410,8 +410,9 @@ async fn unusable_upstreams_are_refused_at_start_and_oversized_envelopes_from_th
             },
         )
         .unwrap();
-    // An MLM and a proxy with an upstream they cannot POST to.
-    for (role, name, text) in [
+    // An MLM and a proxy with an upstream they cannot POST to, and a
+    // proxy whose bulk route is none of its routes.
+    for (role, name, text, key) in [
         (
             "mlm",
             "bad-mlm",
@@ -419,6 +420,7 @@ async fn unusable_upstreams_are_refused_at_start_and_oversized_envelopes_from_th
                 "id = \"acme.m9\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[upstream]\nurls = [\"ftp://{a}\"]\n",
                 dir.join("bad-mlm").display()
             ),
+            "upstream.urls",
         ),
         (
             "proxy",
@@ -428,16 +430,24 @@ async fn unusable_upstreams_are_refused_at_start_and_oversized_envelopes_from_th
                 dir.join("bad-proxy").display(),
                 dir.join("bad-proxy.sock").display()
             ),
+            "upstream.urls",
+        ),
+        (
+            "proxy",
+            "bad-bulk-proxy",
+            format!(
+                "id = \"acme.p8\"\ndata_dir = \"{}\"\nsocket = \"{}\"\n[upstream]\nurls = [\"http://{a}\"]\nbulk_urls = [\"http://elsewhere.example:8441\"]\n",
+                dir.join("bad-bulk-proxy").display(),
+                dir.join("bad-bulk-proxy.sock").display()
+            ),
+            "upstream.bulk_urls",
         ),
     ] {
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(&cfg, text).unwrap();
         let (code, out) = run_role(role, &["--config", cfg.to_str().unwrap()], 30);
         assert_eq!(code, 1, "{role}: {out}");
-        assert!(
-            out.contains("upstream.urls") && out.contains("is not"),
-            "{role}: {out}"
-        );
+        assert!(out.contains(key) && out.contains("is not"), "{role}: {out}");
     }
 
     // Over the MLM's configured limit, and over the server's default one.

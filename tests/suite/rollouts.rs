@@ -415,3 +415,181 @@ async fn waves_by_mlm_and_by_customer_follow_the_tiers_and_the_customers() {
     assert!(err.contains("no published file"), "{err}");
     d.stop_all();
 }
+
+/// Issue 28 at its scale: a rollout to a group of 100 proxies behind two
+/// MLMs halts by itself on errors (a package that fails to install on
+/// some proxies of the first wave) and on silence (two stopped proxies),
+/// and the later wave is not touched: its MLM's link never carries the
+/// payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_to_a_hundred_proxies_halts_on_errors_and_on_silence_touching_no_later_wave() {
+    const N: usize = 100;
+    let dir = tmp("rollout-100");
+    // Plain HTTP: each MLM's link to the server goes through a relay that
+    // counts what crosses it.
+    let mut d = Deployment::plain(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "").unwrap();
+    let (r1, l1) = rs_tests::relay::start(a.clone()).await.unwrap();
+    let (r2, l2) = rs_tests::relay::start(a.clone()).await.unwrap();
+    let m1 = d
+        .mlm(
+            "m1",
+            "acme.m1",
+            std::slice::from_ref(&r1),
+            &Extra::default(),
+        )
+        .unwrap();
+    let m2 = d
+        .mlm(
+            "m2",
+            "acme.m2",
+            std::slice::from_ref(&r2),
+            &Extra::default(),
+        )
+        .unwrap();
+    let mut sockets = Vec::new();
+    for i in 1..=N {
+        // p1..p50 behind m1 (the first wave), the rest behind m2. Four of
+        // the first wave cannot install the package.
+        let install = if i <= 4 { "false" } else { "true" };
+        let extra = Extra {
+            tables: format!("[bulk]\ninstall_command = [\"{install}\"]\n"),
+            ..Extra::default()
+        };
+        let up = if i <= N / 2 { &m1 } else { &m2 };
+        sockets.push(
+            d.proxy(
+                &format!("p{i}"),
+                &format!("acme.p{i}"),
+                std::slice::from_ref(up),
+                &extra,
+            )
+            .unwrap(),
+        );
+    }
+    assert!(
+        until(120, || async {
+            let c = control_get(&a, "components").await;
+            (1..=N).all(|i| c.contains(&format!("id=\"acme.p{i}\"")))
+        })
+        .await,
+        "not every proxy reported"
+    );
+    let r = admin(&a)
+        .put(format!("{}/rs/v1/control/groups/acme-proxies", base(&a)))
+        .body(r#"<group name="acme-proxies" customer="acme" kind="proxy"/>"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let wave_ids = |r: &Rollout, w: usize| -> Vec<String> {
+        r.waves[w]
+            .members
+            .iter()
+            .map(|(id, _)| id.as_str().to_owned())
+            .collect()
+    };
+
+    // Errors: a package that four proxies of the first wave fail to
+    // install; more than two failures halt the rollout.
+    let put = admin(&a)
+        .put(format!("{}/rs/v1/control/files/rollout100.pkg", base(&a)))
+        .body(vec![7u8; 64 << 10])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let sha = crate::backchannel::attr(&put.text().await.unwrap(), "sha256").to_owned();
+    l1.count("rollout100.pkg");
+    l2.count("rollout100.pkg");
+    let r = start(
+        &a,
+        &format!(
+            r#"<rollout name="pkg" by="mlm" max-failed="2" success-pct="90" silence-secs="120"><to group="acme-proxies"/><publish file="{sha}" class="software" sub="package"/></rollout>"#
+        ),
+    )
+    .await;
+    assert_eq!(r.waves.len(), 2, "{r:#?}");
+    let first = wave_ids(&r, 0);
+    assert_eq!(first.len(), N / 2);
+    assert!(first.iter().all(|id| {
+        id.strip_prefix("acme.p")
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|n| n <= N / 2)
+    }));
+    let r = until_state(&a, &r.id, "halted", 120).await;
+    assert_eq!(r.wave, 1, "{r:#?}");
+    assert!(
+        r.reason.as_deref().unwrap_or("").contains("failed"),
+        "{r:#?}"
+    );
+    let failed: Vec<&str> = r.waves[0]
+        .members
+        .iter()
+        .filter(|(_, s)| s == "failed")
+        .map(|(id, _)| id.as_str())
+        .collect();
+    assert!(
+        failed.len() > 2
+            && failed
+                .iter()
+                .all(|id| ["acme.p1", "acme.p2", "acme.p3", "acme.p4"].contains(id)),
+        "{failed:?}"
+    );
+    assert!(
+        r.waves[1].members.iter().all(|(_, s)| s == "not-sent"),
+        "{r:#?}"
+    );
+    assert_eq!(r.waves[1].job, None);
+    assert!(
+        l1.seen("rollout100.pkg") >= 1,
+        "the first wave's MLM got it"
+    );
+
+    // Silence: two proxies of the first wave stopped; a ping rollout
+    // halts once they have been silent for silence-secs.
+    for p in ["p5", "p6"] {
+        d.node(p).signal("STOP");
+    }
+    l1.count("action=\"ping\"");
+    l2.count("action=\"ping\"");
+    let r = start(
+        &a,
+        r#"<rollout name="ping-100" by="mlm" max-failed="1" silence-secs="5"><to group="acme-proxies"/><control action="ping"/></rollout>"#,
+    )
+    .await;
+    let r = until_state(&a, &r.id, "halted", 60).await;
+    for p in ["p5", "p6"] {
+        d.node(p).signal("CONT");
+    }
+    assert_eq!(r.wave, 1, "{r:#?}");
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("2 silent for 5 s"),
+        "{r:#?}"
+    );
+    let ok = r.waves[0]
+        .members
+        .iter()
+        .filter(|(_, s)| s == "succeeded")
+        .count();
+    assert_eq!(ok, N / 2 - 2, "{r:#?}");
+    assert!(
+        r.waves[1].members.iter().all(|(_, s)| s == "not-sent"),
+        "{r:#?}"
+    );
+    assert!(l1.seen("action=\"ping\"") >= 1);
+
+    // The later wave was never touched: its MLM's link carried neither
+    // payload, and none of its proxies applied anything.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(l2.seen("rollout100.pkg"), 0);
+    assert_eq!(l2.seen("action=\"ping\""), 0);
+    for s in &sockets[N / 2..] {
+        let m = proxy_metrics(s).await.unwrap();
+        assert_eq!(m.get("backchannel.applied"), Some(&0), "{m:?}");
+    }
+    d.stop_all();
+}

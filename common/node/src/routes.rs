@@ -17,7 +17,8 @@
 //! - at once, when it is down, to the route with the lowest delay;
 //! - when another route's delay is less than half of its own (and
 //!   [`MOVE_MARGIN`] less), no sooner than [`RouteChoice::dwell`] after the
-//!   last move;
+//!   last move, unless a POST has waited on it longer than
+//!   [`RouteChoice::hedge_after`] (it has gone quiet);
 //! - back to a route earlier in the configured order once that route's
 //!   delay, over a window of round trips made since it was left (at least
 //!   three), is within a quarter of the route in use (the order states
@@ -119,15 +120,19 @@ struct Health {
 }
 
 impl Health {
+    /// Seconds the oldest timed POST under way has waited (0: none).
+    fn stalled(&self, now: Instant) -> f64 {
+        self.pending
+            .iter()
+            .map(|(_, at)| now.saturating_duration_since(*at).as_secs_f64())
+            .fold(0.0, f64::max)
+    }
+
     fn delay(&self, now: Instant) -> Delay {
         if self.failures > 0 {
             return Delay::Down;
         }
-        let stalled = self
-            .pending
-            .iter()
-            .map(|(_, at)| now.saturating_duration_since(*at).as_secs_f64())
-            .fold(0.0, f64::max);
+        let stalled = self.stalled(now);
         let mut recent: Vec<f64> = self
             .samples
             .iter()
@@ -407,8 +412,11 @@ impl Routes {
                 .map(|i| (i, true)),
             Delay::Unknown => None,
             Delay::Known(d) => {
+                // A POST stalled past the hedging delay moves the messages
+                // even within the dwell: the route has gone quiet.
+                let quiet = self.lock(cur).stalled(now) >= self.cfg.hedge_after.as_secs_f64();
                 let faster = best_other(&|_| true)
-                    .filter(|(_, b)| settled && d > 2.0 * b + MOVE_MARGIN.as_secs_f64())
+                    .filter(|(_, b)| (settled || quiet) && d > 2.0 * b + MOVE_MARGIN.as_secs_f64())
                     .map(|(i, _)| (i, true));
                 // Back to a preferred route once its last round trips
                 // since it was left are as good.
@@ -636,6 +644,24 @@ mod tests {
         assert_eq!(r.pick(Class::Messages), 1, "two good ones are not a window");
         feed(&r, 0, 0.005, 1);
         assert_eq!(r.pick(Class::Messages), 0);
+    }
+
+    #[test]
+    fn a_route_gone_quiet_is_left_within_the_dwell() {
+        let r = Routes::new(
+            vec!["http://a".into(), "http://b".into()],
+            RouteChoice::default(),
+        );
+        feed(&r, 0, 0.5, 8);
+        feed(&r, 1, 0.005, 8);
+        assert_eq!(r.pick(Class::Messages), 1);
+        feed(&r, 0, 0.005, 3);
+        feed(&r, 1, 0.5, 8);
+        // Slower, but the dwell holds: no move yet.
+        assert_eq!(r.pick(Class::Messages), 1);
+        let _t = r.start(1);
+        r.lock(1).pending[0].1 = Instant::now() - Duration::from_millis(600);
+        assert_eq!(r.pick(Class::Messages), 0, "a POST waited past hedge_after");
     }
 
     #[test]

@@ -71,6 +71,12 @@ impl UpstreamSection {
         if self.probe_secs == 0 {
             return Err("upstream.probe_secs: at least 1".into());
         }
+        if self.hedge_after_ms < 50 {
+            return Err(
+                "upstream.hedge_after_ms: at least 50 (less would send most envelopes twice)"
+                    .into(),
+            );
+        }
         if let Some(p) = self.multi_send_precedence
             && p > rs_protocol::model::MAX_PRECEDENCE
         {
