@@ -438,6 +438,7 @@ fn api(
                     "routes": st.routes.snapshot().into_iter().map(|r| serde_json::json!({
                         "url": r.url, "messages": r.messages, "bulk": r.bulk, "up": r.up,
                         "delay_ms": r.delay.map(|d| (d * 1000.0).round() as u64),
+                        "throughput_bytes_per_s": r.throughput.map(|t| t.round() as u64),
                         "posts": r.posts, "failed": r.failed, "last_error": r.last_error,
                     })).collect::<Vec<_>>(),
                 },

@@ -2,9 +2,9 @@
 //! the basis for automatic route selection, routing by type of service,
 //! multiple send).
 //!
-//! Every POST to a route is measured: its round trip (long polls, held by
-//! design, are not), whether it failed, and for large envelopes the bytes
-//! per second. A route's **delay** is the median of its last
+//! Every POST to a route is measured: its round trip (a long poll, held by
+//! design, by what its answer took beyond the hold: the refresh), whether
+//! it failed, and for large envelopes the bytes per second. A route's **delay** is the median of its last
 //! [`WINDOW`] round trips (none older than [`WINDOW_AGE`]) plus their
 //! interquartile spread (the variation of the delay counts against a
 //! route), and at least the age of its oldest POST still waiting: a route
@@ -335,6 +335,15 @@ impl Routes {
     /// An untimed POST to route `i` was answered: the route is up.
     pub fn up(&self, i: usize) {
         self.lock(i).failures = 0;
+    }
+
+    /// A long poll on route `i` was held to the end and answered empty,
+    /// `secs` after its hold: the refresh's round trip, a sample like
+    /// any other.
+    pub fn refreshed(&self, i: usize, secs: f64) {
+        let mut h = self.lock(i);
+        h.failures = 0;
+        h.sample(Instant::now(), secs);
     }
 
     fn answered(&self, i: usize, ticket: u64, started: Instant, bytes: usize) {

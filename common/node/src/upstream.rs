@@ -263,6 +263,7 @@ impl Upstream {
             // A long poll is held by design: not timed, and given up when
             // the messages move elsewhere (the next POST goes there).
             self.routes.used(i);
+            let started = std::time::Instant::now();
             let r = tokio::select! {
                 r = self.post_to(url, enc, hold) => r,
                 () = self.routes.moved_from(i) => {
@@ -278,6 +279,17 @@ impl Upstream {
                     | PostError::BadReply { .. }
                     | PostError::Unauthorised { .. }),
                 ) => self.routes.failed(i, None, &e.to_string()),
+                Ok(reply) => {
+                    // Held for the whole hold and answered empty: what it
+                    // took beyond the hold is the refresh's round trip.
+                    let over = hold.and_then(|h| started.elapsed().checked_sub(h));
+                    match over {
+                        Some(over) if reply.messages.is_empty() => {
+                            self.routes.refreshed(i, over.as_secs_f64());
+                        }
+                        _ => self.routes.up(i),
+                    }
+                }
                 _ => self.routes.up(i),
             }
             return r;
