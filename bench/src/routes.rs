@@ -134,7 +134,7 @@ async fn once(exe: &Path, dir: &Path) -> anyhow::Result<Run> {
         integrator(&one, "one", stop.clone()),
     ];
     let result = async {
-        // Warm-up: both routes measured (the second by probes).
+        // Warm-up: both routes measured by probes.
         tokio::time::sleep(Duration::from_secs(12)).await;
         let (u1, u2) = (format!("http://{r1}"), format!("http://{r2}"));
         anyhow::ensure!(in_use(&two).await.as_deref() == Some(u1.as_str()));

@@ -58,7 +58,7 @@ async fn a_proxy_with_two_routes_keeps_its_alarms_moving_when_one_degrades() {
     let (u1, u2) = (format!("http://{r1}"), format!("http://{r2}"));
     let extra = Extra {
         upstream: format!(
-            "probe_secs = 1\nroute_dwell_secs = 3\nhedge_after_ms = 300\nmax_backoff_secs = 2\n\
+            "probe_secs = 1\nroute_dwell_secs = 3\nhedge_after_ms = 1000\nmax_backoff_secs = 2\n\
              multi_send_precedence = 9\nbulk_urls = [\"{u2}\"]\n"
         ),
         ..Extra::default()
@@ -89,11 +89,11 @@ async fn a_proxy_with_two_routes_keeps_its_alarms_moving_when_one_degrades() {
     );
 
     // Multiple send: a critical alarm crosses both routes and is stored
-    // once; a major one takes one route.
+    // once; a major one is not copied. (A POST that stalls on a loaded
+    // machine may be hedged, so the relays' counts alone cannot tell.)
     l1.count_up("crit-0001");
     l2.count_up("crit-0001");
-    l1.count_up("major-0001");
-    l2.count_up("major-0001");
+    let copies = upstream_count(&s, "multi_sent").await;
     let mut crit = alarm("crit-0001", None);
     crit.severity = Some("critical".into());
     let crit_id = c.send("alarm", &crit).await.unwrap();
@@ -101,8 +101,11 @@ async fn a_proxy_with_two_routes_keeps_its_alarms_moving_when_one_degrades() {
     let both: HashSet<String> = [crit_id, major_id].into();
     assert!(all_stored(&dir, &both, Duration::from_secs(30)));
     assert!(l1.seen_up("crit-0001") >= 1 && l2.seen_up("crit-0001") >= 1);
-    assert_eq!(l2.seen_up("major-0001"), 0, "a major alarm is not doubled");
-    assert!(upstream_count(&s, "multi_sent").await >= 1);
+    assert_eq!(
+        upstream_count(&s, "multi_sent").await - copies,
+        1,
+        "one envelope of copies: the critical alarm's, not the major's"
+    );
     acked.extend(both);
 
     // Bulk transfers take the bulk route.
@@ -185,14 +188,14 @@ async fn a_proxy_with_two_routes_keeps_its_alarms_moving_when_one_degrades() {
     eprintln!("came back after {:?}", t.elapsed());
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(in_use(&s).await.as_deref(), Some(u1.as_str()), "flapped");
-    assert_eq!(
-        upstream_count(&s, "route_moves").await - moves_before,
-        2,
-        "one move away, one back"
-    );
+    // One move away and one back; a stall on a loaded machine may add a
+    // pair, flapping would add many.
+    let moves = upstream_count(&s, "route_moves").await - moves_before;
+    assert!((2..=4).contains(&moves), "{moves} moves");
 
-    // The route in use goes silent: POSTs stalled on it go again on the
-    // other route, and the messages move.
+    // The route in use goes silent: the messages move (on a stalled probe
+    // or POST, whichever comes first; a stalled POST also goes again on
+    // the other route, which the MLM test below checks).
     l1.set_fault(Fault::Blackhole);
     let t = Instant::now();
     assert!(
@@ -202,10 +205,10 @@ async fn a_proxy_with_two_routes_keeps_its_alarms_moving_when_one_degrades() {
         .await,
         "the messages did not leave the silent route"
     );
-    eprintln!("left the silent route after {:?}", t.elapsed());
-    assert!(
-        upstream_count(&s, "hedged").await >= 1,
-        "a POST stalled on the silent route went on the other"
+    eprintln!(
+        "left the silent route after {:?} ({} POSTs hedged)",
+        t.elapsed(),
+        upstream_count(&s, "hedged").await
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
@@ -213,6 +216,117 @@ async fn a_proxy_with_two_routes_keeps_its_alarms_moving_when_one_degrades() {
     let steady: HashSet<String> = sent.lock().unwrap().iter().cloned().collect();
     assert!(steady.len() > 100, "{} alarms sent", steady.len());
     acked.extend(steady);
+    assert!(
+        all_stored(&dir, &acked, Duration::from_secs(60)),
+        "an accepted alarm was lost"
+    );
+    l1.set_fault(Fault::None);
+    assert_exactly_once(&dir, &acked);
+    d.stop_all();
+}
+
+/// The series of `rs_upstream_route_in_use` that is 1 for messages: its URL.
+fn messages_route(s: &crate::metrics::Scrape) -> Option<String> {
+    s.iter()
+        .find(|(k, v)| {
+            k.starts_with("rs_upstream_route_in_use{")
+                && k.contains("class=\"messages\"")
+                && **v == 1.0
+        })
+        .and_then(|(k, _)| k.split("url=\"").nth(1)?.split('"').next())
+        .map(str::to_owned)
+}
+
+/// An MLM relaying (its proxies wait for the server's answer) with two
+/// routes to the server: when the one in use goes silent, the messages
+/// move, the relay stalled on it goes again on the other (hedged), and
+/// what it relays is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mlm_with_two_routes_relays_on_the_other_when_one_goes_silent() {
+    let dir = tmp("routes-mlm");
+    let mut d = Deployment::plain(&dir, exe()).unwrap();
+    let a = d.appserver("127.0.0.1:0", "heartbeat_secs = 5").unwrap();
+    let (r1, l1) = rs_tests::relay::start(a.clone()).await.unwrap();
+    let (r2, _l2) = rs_tests::relay::start(a.clone()).await.unwrap();
+    let (u1, u2) = (format!("http://{r1}"), format!("http://{r2}"));
+    let m = d
+        .mlm(
+            "m1",
+            "acme.m1",
+            &[r1.clone(), r2.clone()],
+            &Extra {
+                // Probes seldom: the relays, not a probe, find the route
+                // gone silent, so a relay stalls on it and is hedged.
+                upstream: "probe_secs = 30\nroute_dwell_secs = 3\nhedge_after_ms = 1000\n".into(),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    let s = d
+        .proxy(
+            "p1",
+            "acme.p1",
+            std::slice::from_ref(&m),
+            &Extra {
+                upstream: "max_backoff_secs = 2\n".into(),
+                ..Extra::default()
+            },
+        )
+        .unwrap();
+    let c = register(&s).await;
+    let metrics = d.metrics_addr("m1");
+    let mut acked = HashSet::new();
+    for i in 0..10 {
+        acked.insert(
+            c.send("alarm", &alarm(&format!("relayed {i}"), None))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(all_stored(&dir, &acked, Duration::from_secs(30)));
+    let scrape = crate::metrics::scrape(&metrics).await;
+    assert_eq!(
+        messages_route(&scrape).as_deref(),
+        Some(u1.as_str()),
+        "{scrape:?}"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent: Arc<Mutex<Vec<String>>> = Arc::default();
+    let writer = {
+        let (stop, sent, s) = (stop.clone(), sent.clone(), s.clone());
+        tokio::spawn(async move {
+            let c = Client::new(&s);
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(id) = c.send("alarm", &alarm(&format!("through {i}"), None)).await {
+                    sent.lock().unwrap().push(id);
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    l1.set_fault(Fault::Blackhole);
+    assert!(
+        until(20, || async {
+            messages_route(&crate::metrics::scrape(&metrics).await).as_deref() == Some(u2.as_str())
+        })
+        .await,
+        "the MLM did not leave the silent route"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let scrape = crate::metrics::scrape(&metrics).await;
+    assert!(
+        crate::metrics::get(&scrape, "rs_upstream_route_hedged_total") >= 1.0,
+        "{scrape:?}"
+    );
+    let through: HashSet<String> = sent.lock().unwrap().iter().cloned().collect();
+    assert!(through.len() > 50, "{} alarms sent", through.len());
+    acked.extend(through);
     assert!(
         all_stored(&dir, &acked, Duration::from_secs(60)),
         "an accepted alarm was lost"

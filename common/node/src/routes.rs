@@ -2,9 +2,13 @@
 //! the basis for automatic route selection, routing by type of service,
 //! multiple send).
 //!
-//! Every POST to a route is measured: its round trip (a long poll, held by
-//! design, by what its answer took beyond the hold: the refresh), whether
-//! it failed, and for large envelopes the bytes per second. A route's **delay** is the median of its last
+//! Every route, the one in use too, is probed with an empty envelope
+//! whenever it has not been measured for a while; a long poll held to its
+//! end measures its route too (what its answer took beyond the hold: the
+//! refresh). Those round trips are comparable across routes; a POST of
+//! messages is not (it includes the upstream's work on them), so it
+//! counts by its failure, by its wait while unanswered, and for large
+//! envelopes by its bytes per second. A route's **delay** is the median of its last
 //! [`WINDOW`] round trips (none older than [`WINDOW_AGE`]) plus their
 //! interquartile spread (the variation of the delay counts against a
 //! route), and at least the age of its oldest POST still waiting: a route
@@ -50,6 +54,9 @@ pub const WINDOW_AGE: Duration = Duration::from_secs(30);
 pub const MOVE_MARGIN: Duration = Duration::from_millis(20);
 /// Round trips a route needs in its window before traffic returns to it.
 const TRUSTED_AFTER: usize = 3;
+/// A POST waiting less than this is not stalled, whatever it normally
+/// takes (seconds).
+const STALL_FLOOR: f64 = 0.25;
 /// Envelopes at least this large also measure a route's throughput.
 const THROUGHPUT_FROM: usize = 64 << 10;
 
@@ -109,10 +116,13 @@ struct Health {
     /// Consecutive failures (0: up).
     failures: u32,
     last_error: Option<String>,
-    /// Timed POSTs under way: (ticket, started).
-    pending: Vec<(u64, Instant)>,
-    /// When a POST of any kind last went to this route.
-    used: Option<Instant>,
+    /// Timed POSTs under way: (ticket, started, a probe).
+    pending: Vec<(u64, Instant, bool)>,
+    /// Round trip of POSTs of messages (smoothed), what such a POST
+    /// normally waits.
+    message_rtt: Option<f64>,
+    /// When the last round trip was added to the window.
+    measured: Option<Instant>,
     /// Bytes per second of large envelopes (smoothed).
     throughput: Option<f64>,
     posts: u64,
@@ -120,11 +130,18 @@ struct Health {
 }
 
 impl Health {
-    /// Seconds the oldest timed POST under way has waited (0: none).
+    /// Seconds the oldest stalled POST under way has waited (0: none):
+    /// one that has waited three times what a POST of messages normally
+    /// does here, and at least [`STALL_FLOOR`] (a busy upstream or a busy
+    /// host is no sign of the route).
     fn stalled(&self, now: Instant) -> f64 {
+        let normal = self
+            .message_rtt
+            .map_or(STALL_FLOOR, |r| (3.0 * r).max(STALL_FLOOR));
         self.pending
             .iter()
-            .map(|(_, at)| now.saturating_duration_since(*at).as_secs_f64())
+            .map(|(_, at, _)| now.saturating_duration_since(*at).as_secs_f64())
+            .filter(|waited| *waited > normal)
             .fold(0.0, f64::max)
     }
 
@@ -169,10 +186,7 @@ impl Health {
             .collect();
         last.len() == TRUSTED_AFTER
             && last.iter().all(|s| *s <= limit)
-            && self
-                .pending
-                .iter()
-                .all(|(_, at)| now.saturating_duration_since(*at).as_secs_f64() <= limit)
+            && self.stalled(now) <= limit
     }
 
     fn sample(&mut self, at: Instant, secs: f64) {
@@ -180,6 +194,7 @@ impl Health {
             self.samples.pop_front();
         }
         self.samples.push_back((at, secs));
+        self.measured = Some(at);
     }
 }
 
@@ -233,6 +248,7 @@ pub struct Timing<'a> {
     route: usize,
     ticket: u64,
     started: Instant,
+    probe: bool,
     done: bool,
 }
 
@@ -241,7 +257,7 @@ impl Timing<'_> {
     pub fn ok(mut self, bytes: usize) {
         self.done = true;
         self.routes
-            .answered(self.route, self.ticket, self.started, bytes);
+            .answered(self.route, self.ticket, self.started, bytes, self.probe);
     }
 
     /// The POST failed: the route is down until one succeeds.
@@ -256,7 +272,7 @@ impl Drop for Timing<'_> {
         if !self.done {
             let waited = self.started.elapsed().as_secs_f64();
             let mut h = self.routes.lock(self.route);
-            h.pending.retain(|(t, _)| *t != self.ticket);
+            h.pending.retain(|(t, _, _)| *t != self.ticket);
             h.sample(Instant::now(), waited);
         }
     }
@@ -308,28 +324,30 @@ impl Routes {
         self.lock(i).delay(now)
     }
 
-    /// A timed POST starts on route `i`.
-    pub fn start(&self, i: usize) -> Timing<'_> {
+    /// A timed POST starts on route `i`: a probe (its answer is a round
+    /// trip for the window) or one carrying messages (its answer is not:
+    /// it includes the upstream's work on them, which an empty probe on
+    /// another route does not, so only probes and refreshes are compared;
+    /// its wait while unanswered counts, and its failure).
+    pub fn start(&self, i: usize, probe: bool) -> Timing<'_> {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let mut h = self.lock(i);
-        h.pending.push((ticket, started));
-        h.used = Some(started);
+        h.pending.push((ticket, started, probe));
         h.posts += 1;
         Timing {
             routes: self,
             route: i,
             ticket,
             started,
+            probe,
             done: false,
         }
     }
 
     /// An untimed POST (a long poll) went to route `i`.
     pub fn used(&self, i: usize) {
-        let mut h = self.lock(i);
-        h.used = Some(Instant::now());
-        h.posts += 1;
+        self.lock(i).posts += 1;
     }
 
     /// An untimed POST to route `i` was answered: the route is up.
@@ -346,12 +364,16 @@ impl Routes {
         h.sample(Instant::now(), secs);
     }
 
-    fn answered(&self, i: usize, ticket: u64, started: Instant, bytes: usize) {
+    fn answered(&self, i: usize, ticket: u64, started: Instant, bytes: usize, probe: bool) {
         let now = Instant::now();
         let secs = now.saturating_duration_since(started).as_secs_f64();
         let mut h = self.lock(i);
-        h.pending.retain(|(t, _)| *t != ticket);
-        h.sample(now, secs);
+        h.pending.retain(|(t, _, _)| *t != ticket);
+        if probe {
+            h.sample(now, secs);
+        } else {
+            h.message_rtt = Some(h.message_rtt.map_or(secs, |r| 0.875 * r + 0.125 * secs));
+        }
         if h.failures > 0 {
             tracing::info!("upstream route {} answers again", self.urls[i]);
         }
@@ -366,7 +388,7 @@ impl Routes {
     pub fn failed(&self, i: usize, ticket: Option<u64>, why: &str) {
         let mut h = self.lock(i);
         if let Some(t) = ticket {
-            h.pending.retain(|(x, _)| *x != t);
+            h.pending.retain(|(x, _, _)| *x != t);
         }
         if h.failures == 0 {
             tracing::warn!("upstream route {} is down: {why}", self.urls[i]);
@@ -462,6 +484,14 @@ impl Routes {
                 if let Delay::Known(d) = delays[cur] {
                     h.sample(now, d);
                 }
+            } else {
+                // Back on the good round trips that brought it back: the
+                // slow ones from before it was left would send it away
+                // again at the end of the dwell.
+                let mut h = self.lock(to);
+                while h.samples.len() > TRUSTED_AFTER {
+                    h.samples.pop_front();
+                }
             }
             c.messages = to;
             c.moved = Some(now);
@@ -506,19 +536,19 @@ impl Routes {
         Some((other, self.cfg.hedge_after.max(mine)))
     }
 
-    /// Routes not used for [`RouteChoice::probe_every`], other than the
-    /// messages' route (its own traffic and long poll measure it).
+    /// Routes with no round trip measured for
+    /// [`RouteChoice::probe_every`] (a long poll's refresh counts), the
+    /// messages' route among them: every route is compared on the same
+    /// empty envelopes.
     pub fn due_for_probe(&self) -> Vec<usize> {
         if self.urls.len() < 2 {
             return Vec::new();
         }
         let now = Instant::now();
-        let cur = self.choice.lock().map(|c| c.messages).unwrap_or(0);
         (0..self.urls.len())
-            .filter(|&i| i != cur)
             .filter(|&i| {
                 self.lock(i)
-                    .used
+                    .measured
                     .is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.probe_every)
             })
             .collect()
@@ -596,7 +626,7 @@ mod tests {
         feed(&r, 1, 0.005, 8);
         feed(&r, 0, 2.0, 1);
         assert_eq!(r.pick(Class::Messages), 0);
-        let t = r.start(0);
+        let t = r.start(0, false);
         r.lock(0).pending[0].1 = Instant::now() - Duration::from_secs(1);
         assert_eq!(r.pick(Class::Messages), 1, "a POST stalled for 1 s");
         drop(t);
@@ -616,7 +646,13 @@ mod tests {
         feed(&r, 1, 0.050, 8);
         r.failed(0, None, "refused");
         assert_eq!(r.pick(Class::Messages), 1, "down: moves despite the dwell");
-        r.start(0).ok(10);
+        r.start(0, false).ok(10);
+        assert_eq!(
+            r.delay(0, Instant::now()),
+            Delay::Unknown,
+            "up; a POST of messages is no round trip for the window"
+        );
+        r.start(0, true).ok(10);
         assert!(matches!(r.delay(0, Instant::now()), Delay::Known(_)));
         assert_eq!(
             r.pick(Class::Messages),
@@ -635,6 +671,12 @@ mod tests {
         assert_eq!(r.pick(Class::Messages), 1, "two good ones are not enough");
         feed(&r, 0, 0.005, 1);
         assert_eq!(r.pick(Class::Messages), 0, "three are");
+        assert_eq!(
+            r.delay(0, Instant::now()),
+            Delay::Known(0.005),
+            "back on the good round trips alone"
+        );
+        assert_eq!(r.pick(Class::Messages), 0, "and it stays");
         assert_eq!(r.moves.load(Ordering::Relaxed), 2);
     }
 
@@ -643,7 +685,7 @@ mod tests {
         let r = routes(2);
         feed(&r, 0, 0.005, 7);
         feed(&r, 1, 0.005, 8);
-        let mut t = r.start(0);
+        let mut t = r.start(0, false);
         t.started -= Duration::from_secs(1);
         r.lock(0).pending[0].1 = t.started;
         assert_eq!(r.pick(Class::Messages), 1);
@@ -668,9 +710,24 @@ mod tests {
         feed(&r, 1, 0.5, 8);
         // Slower, but the dwell holds: no move yet.
         assert_eq!(r.pick(Class::Messages), 1);
-        let _t = r.start(1);
+        let _t = r.start(1, false);
         r.lock(1).pending[0].1 = Instant::now() - Duration::from_millis(600);
         assert_eq!(r.pick(Class::Messages), 0, "a POST waited past hedge_after");
+    }
+
+    #[test]
+    fn a_post_of_messages_taking_its_usual_time_is_not_a_stall() {
+        let r = routes(2);
+        feed(&r, 0, 0.003, 8);
+        feed(&r, 1, 0.003, 8);
+        // The upstream takes 130 ms to store an envelope, on either route;
+        // empty probes take 3 ms.
+        r.lock(0).message_rtt = Some(0.13);
+        let _t = r.start(0, false);
+        r.lock(0).pending[0].1 = Instant::now() - Duration::from_millis(350);
+        assert_eq!(r.pick(Class::Messages), 0, "within three usual round trips");
+        r.lock(0).pending[0].1 = Instant::now() - Duration::from_millis(450);
+        assert_eq!(r.pick(Class::Messages), 1, "past them: stalled");
     }
 
     #[test]

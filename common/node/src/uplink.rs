@@ -311,11 +311,11 @@ impl Uplink {
         }
     }
 
-    /// Probes the routes messages do not take (none with a single URL)
-    /// until `shutdown`: each not used for [`RouteChoice::probe_every`]
-    /// gets an empty envelope, which measures it, brings it back up after
-    /// a failure, carries the acknowledgements due on it and brings down
-    /// any back-channel messages its MLM holds for this tier.
+    /// Probes the routes (none with a single URL) until `shutdown`: each
+    /// not measured for [`RouteChoice::probe_every`] gets an empty
+    /// envelope, which measures it, brings it back up after a failure,
+    /// carries the acknowledgements due on it and brings down any
+    /// back-channel messages its MLM holds for this tier.
     ///
     /// [`RouteChoice::probe_every`]: crate::routes::RouteChoice::probe_every
     pub async fn probe_routes(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
@@ -325,20 +325,35 @@ impl Uplink {
         }
         let tick = (routes.config().probe_every / 5)
             .clamp(Duration::from_millis(100), Duration::from_secs(1));
+        // One probe per route at a time, each on its own task: a probe
+        // stalled on a silent route holds up no other.
+        let probing: Arc<Mutex<std::collections::HashSet<usize>>> = Arc::default();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(tick) => {}
             }
             for i in routes.due_for_probe() {
-                let (out, ()) = self.envelope_on(i, true, Timestamp::now(), None, |_| ());
-                let r = self.upstream.post_on(i, &out.enc).await;
-                let ok = r.is_ok();
-                self.sent(out, ok);
-                match r {
-                    Ok(reply) => self.receive(reply.messages, i).await,
-                    Err(e) => tracing::debug!("probe: {e}"),
+                if !probing.lock().is_ok_and(|mut p| p.insert(i)) {
+                    continue;
                 }
+                let (me, probing, shutdown) = (self.clone(), probing.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    let (out, ()) = me.envelope_on(i, true, Timestamp::now(), None, |_| ());
+                    tokio::select! {
+                        () = shutdown.cancelled() => me.sent(out, false),
+                        r = me.upstream.probe(i, &out.enc) => {
+                            me.sent(out, r.is_ok());
+                            match r {
+                                Ok(reply) => me.receive(reply.messages, i).await,
+                                Err(e) => tracing::debug!("probe: {e}"),
+                            }
+                        }
+                    }
+                    if let Ok(mut p) = probing.lock() {
+                        p.remove(&i);
+                    }
+                });
             }
             // Moves back to a recovered route happen here too when idle.
             routes.pick(Class::Messages);

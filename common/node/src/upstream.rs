@@ -9,6 +9,12 @@ use rs_protocol::codec::{DecodeError, Encoded, Limits, RawEnvelope, StreamDecode
 
 use crate::routes::{Class, RouteChoice, Routes};
 
+/// Why a long poll ended early: the messages moved to another route
+/// (the poll goes on there; [`Upstream::post`] never returns it).
+const MOVED: &str = "the messages moved to another route";
+/// How often one long poll follows the messages to another route.
+const MAX_FOLLOWS: u32 = 8;
+
 /// Where and how to POST.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
@@ -166,16 +172,27 @@ impl Upstream {
         let mut tried = vec![false; n];
         let mut next = Some(first.min(n - 1));
         let mut last = None;
+        let mut follows = 0;
         while let Some(i) = next {
             tried[i] = true;
             let r = match (hold, self.routes.hedge(i, &tried)) {
                 (None, Some((j, after))) => self.hedged(enc, (i, j), after, &mut tried).await,
                 _ => self
-                    .attempt(i, enc, hold)
+                    .attempt(i, enc, hold, false)
                     .await
                     .map(|envelope| Reply { envelope, route: i }),
             };
             match r {
+                // A long poll left behind by the messages: not the route's
+                // fault; it goes on where they went.
+                Err(PostError::Unavailable { reason, .. })
+                    if reason == MOVED && follows < MAX_FOLLOWS =>
+                {
+                    follows += 1;
+                    tried[i] = false;
+                    next = Some(self.routes.current());
+                    continue;
+                }
                 Err(e @ PostError::Unavailable { .. }) => {
                     tracing::debug!("upstream {e}");
                     last = Some(e);
@@ -200,9 +217,16 @@ impl Upstream {
         }))
     }
 
-    /// POSTs on route `i` alone (a probe, a copy for multiple send).
+    /// POSTs on route `i` alone (a copy for multiple send).
     pub async fn post_on(&self, i: usize, enc: &Encoded) -> Result<RawEnvelope, PostError> {
-        self.attempt(i.min(self.cfg.urls.len() - 1), enc, None)
+        self.attempt(i.min(self.cfg.urls.len() - 1), enc, None, false)
+            .await
+    }
+
+    /// Probes route `i` with `enc` (an envelope without messages): its
+    /// round trip goes into the route's window.
+    pub async fn probe(&self, i: usize, enc: &Encoded) -> Result<RawEnvelope, PostError> {
+        self.attempt(i.min(self.cfg.urls.len() - 1), enc, None, true)
             .await
     }
 
@@ -216,7 +240,7 @@ impl Upstream {
         after: Duration,
         tried: &mut [bool],
     ) -> Result<Reply, PostError> {
-        let first = self.attempt(i, enc, None);
+        let first = self.attempt(i, enc, None, false);
         tokio::pin!(first);
         tokio::select! {
             r = &mut first => return r.map(|envelope| Reply { envelope, route: i }),
@@ -231,7 +255,7 @@ impl Upstream {
             self.cfg.urls[i],
             self.cfg.urls[j]
         );
-        let second = self.attempt(j, enc, None);
+        let second = self.attempt(j, enc, None, false);
         tokio::pin!(second);
         let (mut a, mut b) = (None, None);
         loop {
@@ -251,12 +275,14 @@ impl Upstream {
         }
     }
 
-    /// One POST on route `i`, measured for the route choice.
+    /// One POST on route `i`, measured for the route choice (`probe`: an
+    /// empty envelope whose round trip goes into the window).
     async fn attempt(
         &self,
         i: usize,
         enc: &Encoded,
         hold: Option<Duration>,
+        probe: bool,
     ) -> Result<RawEnvelope, PostError> {
         let url = &self.cfg.urls[i];
         if hold.is_some() {
@@ -269,7 +295,7 @@ impl Upstream {
                 () = self.routes.moved_from(i) => {
                     return Err(PostError::Unavailable {
                         url: url.clone(),
-                        reason: "the messages moved to another route".into(),
+                        reason: MOVED.into(),
                     });
                 }
             };
@@ -294,7 +320,7 @@ impl Upstream {
             }
             return r;
         }
-        let timing = self.routes.start(i);
+        let timing = self.routes.start(i, probe);
         let r = self.post_to(url, enc, hold).await;
         match &r {
             Err(
