@@ -230,9 +230,10 @@ impl Upstream {
             .await
     }
 
-    /// POSTs on `routes.0`; if no answer has come `after`, on `routes.1`
-    /// too. The first answer wins; the other POST is abandoned (its wait
-    /// counts against its route).
+    /// POSTs on `routes.0`; if no answer has come `after` (or the
+    /// messages have moved to another route meanwhile), on `routes.1` (or
+    /// where they went) too. The first answer wins; the other POST is
+    /// abandoned (its wait counts against its route).
     async fn hedged(
         &self,
         enc: &Encoded,
@@ -242,16 +243,22 @@ impl Upstream {
     ) -> Result<Reply, PostError> {
         let first = self.attempt(i, enc, None, false);
         tokio::pin!(first);
-        tokio::select! {
+        // The messages leaving this route (it stalled) is as good a reason
+        // as the wait: the POST goes on where they went at once.
+        let j = tokio::select! {
             r = &mut first => return r.map(|envelope| Reply { envelope, route: i }),
-            () = tokio::time::sleep(after) => {}
-        }
+            () = tokio::time::sleep(after) => j,
+            () = self.routes.moved_from(i) => match self.routes.current() {
+                k if k != i && !tried[k] => k,
+                _ => j,
+            },
+        };
         tried[j] = true;
         self.routes
             .hedged
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(
-            "no answer from {} after {after:?}: sending on {} too",
+            "no answer from {} yet: sending on {} too",
             self.cfg.urls[i],
             self.cfg.urls[j]
         );
