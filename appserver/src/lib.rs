@@ -251,6 +251,12 @@ impl AppServer {
         )?;
         // A farm's rates stay shared among its live members.
         t.set_share(old.share());
+        // A farm's usage totals are read in before the new throttle is in
+        // force: until its first flush a second later, its quota usage
+        // (the portal's, the status tree's) would read empty.
+        if let Err(e) = t.flush() {
+            tracing::warn!("throttle usage: {e}");
+        }
         if let Ok(mut w) = self.throttle.write() {
             *w = Arc::new(t);
         }
