@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use rs_proxy::api::SendRequest;
 use rs_proxy::client::Client;
-use rs_tests::deploy::{Deployment, Extra, with_appserver_db};
+use rs_tests::deploy::{Deployment, Extra, proxy_route as in_use, with_appserver_db};
 use rs_tests::relay::{Fault, Link};
 
 use crate::{Figure, percentile, spread};
@@ -31,17 +31,6 @@ use crate::{Figure, percentile, spread};
 const FAULT: Duration = Duration::from_secs(20);
 const DELAY: Duration = Duration::from_millis(300);
 const EVERY: Duration = Duration::from_millis(20);
-
-/// The URL `socket`'s proxy sends messages to now.
-async fn in_use(socket: &Path) -> Option<String> {
-    let v = Client::new(socket).status().await.ok()?;
-    v["upstream"]["routes"]
-        .as_array()?
-        .iter()
-        .find(|r| r["messages"] == true)
-        .and_then(|r| r["url"].as_str())
-        .map(str::to_owned)
-}
 
 /// Sends a major alarm every [`EVERY`] through `socket` until `stop`.
 fn integrator(

@@ -1042,6 +1042,18 @@ pub async fn proxy_metrics(socket: &Path) -> anyhow::Result<BTreeMap<String, u64
     Ok(out)
 }
 
+/// The upstream URL a proxy's messages take now, as its status says
+/// (`upstream.routes`); `None` if it does not answer.
+pub async fn proxy_route(socket: &Path) -> Option<String> {
+    let v = Client::new(socket).status().await.ok()?;
+    v["upstream"]["routes"]
+        .as_array()?
+        .iter()
+        .find(|r| r["messages"] == true)
+        .and_then(|r| r["url"].as_str())
+        .map(str::to_owned)
+}
+
 /// Every message ID stored by the application server, in storage order,
 /// read from its database file (read-only).
 pub fn stored_ids(appserver_dir: &Path) -> anyhow::Result<Vec<String>> {

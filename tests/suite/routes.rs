@@ -12,23 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rs_proxy::client::Client;
-use rs_tests::deploy::{Deployment, Extra};
+use rs_tests::deploy::{Deployment, Extra, proxy_route as in_use};
 use rs_tests::relay::Fault;
 
 use crate::backchannel::{attr, exe, post, tmp};
 use crate::backchannel_faults::{finish, until};
 use crate::forward::{alarm, all_stored, assert_exactly_once, register};
-
-/// The URL the proxy's messages take now, as its status says.
-async fn in_use(socket: &Path) -> Option<String> {
-    let v = Client::new(socket).status().await.ok()?;
-    v["upstream"]["routes"]
-        .as_array()?
-        .iter()
-        .find(|r| r["messages"] == true)
-        .and_then(|r| r["url"].as_str())
-        .map(str::to_owned)
-}
 
 async fn upstream_count(socket: &Path, key: &str) -> u64 {
     Client::new(socket)
@@ -37,6 +26,42 @@ async fn upstream_count(socket: &Path, key: &str) -> u64 {
         .ok()
         .and_then(|v| v["upstream"][key].as_u64())
         .unwrap_or(0)
+}
+
+/// An integrator sending a major alarm every 50 ms through a proxy until
+/// stopped; the IDs the proxy accepted.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    sent: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(socket: &Path, label: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent: Arc<Mutex<Vec<String>>> = Arc::default();
+        let task = {
+            let (stop, sent, s) = (stop.clone(), sent.clone(), socket.to_path_buf());
+            tokio::spawn(async move {
+                let c = Client::new(&s);
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(id) = c.send("alarm", &alarm(&format!("{label} {i}"), None)).await {
+                        sent.lock().unwrap().push(id);
+                    }
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        Writer { stop, sent, task }
+    }
+
+    async fn stop(self) -> HashSet<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        self.sent.lock().unwrap().iter().cloned().collect()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,22 +151,7 @@ async fn a_proxy_with_two_routes_keeps_its_alarms_moving_when_one_degrades() {
     assert!(up1 < 1 << 20, "not on the messages' route: {up1} bytes");
 
     // An integrator sending an alarm every 50 ms from now on.
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent: Arc<Mutex<Vec<String>>> = Arc::default();
-    let writer = {
-        let (stop, sent, s) = (stop.clone(), sent.clone(), s.clone());
-        tokio::spawn(async move {
-            let c = Client::new(&s);
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(id) = c.send("alarm", &alarm(&format!("steady {i}"), None)).await {
-                    sent.lock().unwrap().push(id);
-                }
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let writer = Writer::start(&s, "steady");
 
     // The first route degrades: the messages leave it within seconds.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -211,9 +221,7 @@ async fn a_proxy_with_two_routes_keeps_its_alarms_moving_when_one_degrades() {
         upstream_count(&s, "hedged").await
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
-    let steady: HashSet<String> = sent.lock().unwrap().iter().cloned().collect();
+    let steady = writer.stop().await;
     assert!(steady.len() > 100, "{} alarms sent", steady.len());
     acked.extend(steady);
     assert!(
@@ -291,22 +299,7 @@ async fn an_mlm_with_two_routes_relays_on_the_other_when_one_goes_silent() {
         "{scrape:?}"
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent: Arc<Mutex<Vec<String>>> = Arc::default();
-    let writer = {
-        let (stop, sent, s) = (stop.clone(), sent.clone(), s.clone());
-        tokio::spawn(async move {
-            let c = Client::new(&s);
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(id) = c.send("alarm", &alarm(&format!("through {i}"), None)).await {
-                    sent.lock().unwrap().push(id);
-                }
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let writer = Writer::start(&s, "through");
     tokio::time::sleep(Duration::from_secs(2)).await;
     l1.set_fault(Fault::Blackhole);
     assert!(
@@ -317,14 +310,12 @@ async fn an_mlm_with_two_routes_relays_on_the_other_when_one_goes_silent() {
         "the MLM did not leave the silent route"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
+    let through = writer.stop().await;
     let scrape = crate::metrics::scrape(&metrics).await;
     assert!(
         crate::metrics::get(&scrape, "rs_upstream_route_hedged_total") >= 1.0,
         "{scrape:?}"
     );
-    let through: HashSet<String> = sent.lock().unwrap().iter().cloned().collect();
     assert!(through.len() > 50, "{} alarms sent", through.len());
     acked.extend(through);
     assert!(
