@@ -4,7 +4,12 @@
 //! - throughput of the durable forward path against the proxy's envelope
 //!   batch size (`upstream.max_messages`);
 //! - back-channel latency (API -> proxy applied, p50 and p99) against the
-//!   number of proxies long-polling behind the MLM.
+//!   number of proxies long-polling behind the MLM;
+//! - throughput of the forward path and of the mosquitto bridge (driven
+//!   alike, as the `forward` group drives it) against the number of
+//!   integrator clients (publishers), and against the message size;
+//! - drain time against the backlog, ours and the bridge's, from 10,000
+//!   messages to `--backlog`.
 //!
 //! The SVG is written by hand: a line chart is a few dozen lines, and no
 //! plotting crate is worth its build time here.
@@ -179,8 +184,60 @@ fn write(name: &str, svg_text: &str, series: &[Series], about: &str) -> anyhow::
     Ok(())
 }
 
-/// Both curves; `runs` runs per point (the median is drawn).
-pub(crate) fn run(runs: usize, messages: u64) -> anyhow::Result<()> {
+/// Ours against the bridge at each of `points`, each run with the settings
+/// `at` gives for the point: (ours, bridge) medians of `pick`.
+fn against_bridge(
+    rt: &tokio::runtime::Runtime,
+    exe: &std::path::Path,
+    tmp: &std::path::Path,
+    runs: usize,
+    points: &[u64],
+    drain: bool,
+    at: impl Fn(u64) -> Settings,
+) -> anyhow::Result<[Series; 2]> {
+    let (mut ours, mut bridge) = (Vec::new(), Vec::new());
+    for &x in points {
+        let st = at(x);
+        let (mut o, mut p) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            crate::forward::quiet_disk(tmp);
+            let r = rt.block_on(crate::forward::ours(
+                exe,
+                &st,
+                &tmp.join("ours"),
+                false,
+                drain,
+            ))?;
+            crate::forward::quiet_disk(tmp);
+            let b = crate::forward::peer(rt, &st, &tmp.join("peer"), drain)?;
+            if drain {
+                o.push(st.backlog as f64 / r.drain);
+                p.push(st.backlog as f64 / b.drain);
+            } else {
+                o.push(r.rate);
+                p.push(b.rate);
+            }
+        }
+        let (o, p) = (median(&mut o), median(&mut p));
+        eprintln!("rs-bench curves: {x}: ours {o:.1}, mosquitto bridge {p:.1}");
+        ours.push((x as f64, o));
+        bridge.push((x as f64, p));
+    }
+    Ok([
+        Series {
+            name: "ours".into(),
+            points: ours,
+        },
+        Series {
+            name: "mosquitto bridge".into(),
+            points: bridge,
+        },
+    ])
+}
+
+/// Every curve; `runs` runs per point (the median is drawn); `max_backlog`:
+/// the largest backlog of the drain curve.
+pub(crate) fn run(runs: usize, messages: u64, max_backlog: u64) -> anyhow::Result<()> {
     let exe = crate::forward::exe()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -192,6 +249,7 @@ pub(crate) fn run(runs: usize, messages: u64) -> anyhow::Result<()> {
         clients: 32,
         batch: 1,
         runs,
+        payload: None,
     };
     // Throughput against the batch size.
     let mut thr = Vec::new();
@@ -228,6 +286,100 @@ pub(crate) fn run(runs: usize, messages: u64) -> anyhow::Result<()> {
             "messages stored per second",
             &series,
             true,
+        ),
+        &series,
+        &about,
+    )?;
+
+    // Throughput against the number of clients, and against the size.
+    let command = format!(
+        "cargo run --release -p rs-bench -- curves --messages {messages} --backlog {max_backlog} --runs {runs}"
+    );
+    let like = "the bridge driven as in forward_msgs_per_s: one pipelined QoS 1 publisher per client into broker A, each with as many messages in flight as a batch of ours holds, every message counted at a QoS 1 subscriber on broker B; persistence on both sides (ours fsyncs each tier's group commit before acknowledging, the brokers snapshot every 60 s)";
+    let series = against_bridge(&rt, &exe, &tmp, runs, &[1, 2, 4, 8, 16, 32], false, |c| {
+        Settings {
+            messages,
+            backlog: 0,
+            clients: c as usize,
+            batch: 20,
+            runs,
+            payload: None,
+        }
+    })?;
+    let about = format!(
+        "durable forward path integrator -> proxy -> MLM -> appserver stored against {like}; 2 KB messages, {messages} per run, batches of 20; x: integrator clients (publishers); median of {runs} run(s) per point. Command: {command}"
+    );
+    write(
+        "throughput_vs_clients",
+        &svg(
+            "Forward path against the mosquitto bridge: throughput by clients",
+            "integrator clients / publishers (log scale)",
+            "messages per second, end to end",
+            &series,
+            true,
+        ),
+        &series,
+        &about,
+    )?;
+    let series = against_bridge(
+        &rt,
+        &exe,
+        &tmp,
+        runs,
+        &[200, 1024, 2048, 8192, 65_536],
+        false,
+        |bytes| Settings {
+            messages,
+            backlog: 0,
+            clients: 8,
+            batch: 20,
+            runs,
+            payload: Some(bytes as usize),
+        },
+    )?;
+    let about = format!(
+        "the same paths as throughput_vs_clients with 8 clients (publishers), batches of 20, {messages} messages per run; x: payload bytes per message (the alarm's text; the MQTT payload); median of {runs} run(s) per point. Command: {command}"
+    );
+    write(
+        "throughput_vs_size",
+        &svg(
+            "Forward path against the mosquitto bridge: throughput by message size",
+            "payload bytes per message (log scale)",
+            "messages per second, end to end",
+            &series,
+            true,
+        ),
+        &series,
+        &about,
+    )?;
+
+    // Drain time against the backlog: 200-byte payloads, so that the
+    // largest backlogs fit on the disk here and in mosquitto's memory.
+    let mut backlogs = Vec::new();
+    let mut b = 10_000u64;
+    while b <= max_backlog.max(10_000) {
+        backlogs.push(b);
+        b *= 10;
+    }
+    let series = against_bridge(&rt, &exe, &tmp, runs, &backlogs, true, |backlog| Settings {
+        messages: 1_000,
+        backlog,
+        clients: 8,
+        batch: 20,
+        runs,
+        payload: Some(200),
+    })?;
+    let about = format!(
+        "drain of a backlog of 200-byte messages held at the first hop while the next was away (ours at the proxy while the MLM was down, through MLM to the server; the bridge's at broker A while broker B was down, through B to the subscriber), timed from the restart to the last stored or received; a straight line through the origin is a drain that stays linear; median of {runs} run(s) per point. Command: {command}"
+    );
+    write(
+        "drain_vs_backlog",
+        &svg(
+            "Drain time against the backlog",
+            "messages held while the next hop was away",
+            "seconds to drain",
+            &series,
+            false,
         ),
         &series,
         &about,

@@ -412,7 +412,10 @@ const OPTIONS: &[(&str, &str)] = &[
         "--messages",
         "messages per forward run [100000]; per curve [20000]",
     ),
-    ("--backlog", "messages of the drain's backlog [1000000]"),
+    (
+        "--backlog",
+        "messages of the drain's backlog; the largest of the drain curve [1000000]",
+    ),
     ("--clients", "concurrent posters [8]"),
     ("--batch", "messages per POST [20]"),
     (
@@ -491,6 +494,7 @@ fn main() {
         clients: opt(&args, "--clients", 8) as usize,
         batch: opt(&args, "--batch", 20).max(1) as usize,
         runs: opt(&args, "--runs", 3).max(1) as usize,
+        payload: None,
     };
     let runs = settings.runs;
     let back = backchannel::Settings {
@@ -501,9 +505,9 @@ fn main() {
     let proxies = opt(&args, "--proxies", 10_000).max(1) as usize;
     let kill_rate = opt(&args, "--rate", 5_000).max(60);
     let curve_messages = opt(&args, "--messages", 20_000);
+    let curve_backlog = opt(&args, "--backlog", 1_000_000);
     let json = root().join("docs/benchmarks.json");
     let mut figs = load(&json);
-    let before = figs.clone();
     if !report_only {
         let mut groups: Vec<(&str, Group)> = vec![
             ("codec", Box::new(codec)),
@@ -517,7 +521,7 @@ fn main() {
             ),
             (
                 "throttle",
-                Box::new(move || throttle::run(&before).map_err(|e| format!("{e:#}"))),
+                Box::new(move || throttle::run().map_err(|e| format!("{e:#}"))),
             ),
             (
                 "backchannel",
@@ -546,7 +550,7 @@ fn main() {
             (
                 "curves",
                 Box::new(move || {
-                    curves::run(runs, curve_messages)
+                    curves::run(runs, curve_messages, curve_backlog)
                         .map(|()| Vec::new())
                         .map_err(|e| format!("{e:#}"))
                 }),
