@@ -53,6 +53,31 @@ pub struct Node {
     pub log_start: u64,
     /// More environment for the process (e.g. `LD_PRELOAD` of libfaketime).
     pub env: Vec<(String, String)>,
+    /// While a server is down: its port, held ([`PortHold`]).
+    pub held: Option<PortHold>,
+}
+
+/// A server's port held while the server is down, so that it restarts
+/// where the other tiers connect: tests run in parallel, and a daemon of
+/// another test binding port 0 could otherwise be given the port in
+/// between (a killed MLM then "came back" as another test's server). The
+/// socket is bound and not listening: the kernel picks no port held so
+/// for a bind to port 0, and a connection to it is refused, as to a
+/// server that is down. (tokio's `TcpSocket`: std's sockets cannot be
+/// bound without listening.)
+#[derive(Debug)]
+pub struct PortHold(#[allow(dead_code)] tokio::net::TcpSocket);
+
+impl PortHold {
+    /// Holds the port of `addr` (`127.0.0.1:port`); `None` if it cannot.
+    pub fn new(addr: &str) -> Option<PortHold> {
+        let a: std::net::SocketAddr = addr.parse().ok()?;
+        let s = tokio::net::TcpSocket::new_v4().ok()?;
+        // Bound despite the stopped server's connections in TIME_WAIT.
+        s.set_reuseaddr(true).ok()?;
+        s.bind(a).ok()?;
+        Some(PortHold(s))
+    }
 }
 
 /// Gives a configuration that does not say where `/metrics` is served a
@@ -80,6 +105,8 @@ impl Node {
         if let Some(c) = &self.config {
             metrics_on_any_port(c)?;
         }
+        // Its port is its own again.
+        self.held = None;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -123,6 +150,14 @@ impl Node {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            self.hold_port();
+        }
+    }
+
+    /// Holds a stopped server's port until it starts again.
+    fn hold_port(&mut self) {
+        if let Some(a) = &self.addr {
+            self.held = PortHold::new(a);
         }
     }
 
@@ -131,14 +166,18 @@ impl Node {
         self.signal("TERM");
         if let Some(mut c) = self.child.take() {
             let deadline = Instant::now() + grace;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
+            let mut exited = false;
+            while !exited && Instant::now() < deadline {
+                exited = matches!(c.try_wait(), Ok(Some(_)));
+                if !exited {
+                    std::thread::sleep(Duration::from_millis(50));
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            if !exited {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            self.hold_port();
         }
     }
 
@@ -525,6 +564,7 @@ impl Deployment {
             config: Some(cfg_path.clone()),
             log_start: 0,
             env: self.env.clone(),
+            held: None,
         };
         node.start(&self.exe)?;
         if !wait_for(Duration::from_secs(30), || {
@@ -864,6 +904,7 @@ impl Deployment {
             config: Some(cfg_path),
             log_start: 0,
             env: self.env.clone(),
+            held: None,
         };
         let _ = std::fs::remove_file(&socket);
         node.start(&self.exe)?;
@@ -891,6 +932,7 @@ impl Deployment {
             config: None,
             log_start: 0,
             env: self.env.clone(),
+            held: None,
         };
         node.start(&self.exe)?;
         self.nodes.insert(name.into(), node);
@@ -953,6 +995,7 @@ impl Deployment {
             config: Some(config.to_owned()),
             log_start: 0,
             env: self.env.clone(),
+            held: None,
         };
         node.start(&self.exe)?;
         if !wait_for(Duration::from_secs(30), || accepts(socket)) {
