@@ -370,7 +370,7 @@ pub(crate) fn run(runs: usize, messages: u64, max_backlog: u64) -> anyhow::Resul
         payload: Some(200),
     })?;
     let about = format!(
-        "drain of a backlog of 200-byte messages held at the first hop while the next was away (ours at the proxy while the MLM was down, through MLM to the server; the bridge's at broker A while broker B was down, through B to the subscriber), timed from the restart to the last stored or received; a straight line through the origin is a drain that stays linear; median of {runs} run(s) per point. Command: {command}"
+        "drain of a backlog of 200-byte messages held at the first hop while the next was away (ours at the proxy while the MLM was down, through MLM to the server; the bridge's at broker A while broker B was down, through B to the subscriber), timed from the first message stored or received after the restart to the last; a straight line through the origin is a drain that stays linear; median of {runs} run(s) per point. Command: {command}"
     );
     write(
         "drain_vs_backlog",

@@ -484,10 +484,12 @@ pub(crate) async fn ours_with(
     d.node("mlm").kill();
     load_sized(&socket, s.backlog, s.clients, s.batch, s.payload).await?;
     let base = stored(&a).await;
-    let t0 = Instant::now();
     d.restart("mlm")?;
+    // Timed from the first message stored: each side's reconnect policy
+    // (our proxy's backoff, the bridge's restart timer) is not the drain.
+    let first = until_stored(&a, base + 1, Duration::from_secs(60)).await?;
     let done = until_stored(&a, base + s.backlog, Duration::from_secs(3600)).await?;
-    let drain = s.backlog as f64 / done.duration_since(t0).as_secs_f64();
+    let drain = s.backlog as f64 / done.duration_since(first).as_secs_f64();
     d.stop_all();
     let _ = std::fs::remove_dir_all(dir);
     Ok(Ours {
@@ -626,6 +628,55 @@ async fn publish(
     Ok(())
 }
 
+/// Subscribes as [`sub`] does until `count` messages have come; when the
+/// first came and when the last did (`mosquitto_sub` prints one byte and a
+/// newline per message, read here as they come).
+fn first_and_last(pb: u16, count: u64, limit: Duration) -> anyhow::Result<(Instant, Instant)> {
+    use std::io::Read as _;
+    let mut child = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pb.to_string(),
+            "-t",
+            "rs/#",
+            "-q",
+            "1",
+            "-c",
+            "-i",
+            "bench-sub",
+            "-F",
+            "x",
+        ])
+        .args(["-C", &count.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("mosquitto_sub has no stdout"))?;
+    let reader = std::thread::spawn(move || -> std::io::Result<(Option<Instant>, u64)> {
+        let (mut first, mut lines) = (None, 0u64);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = out.read(&mut buf)?;
+            if n == 0 {
+                return Ok((first, lines));
+            }
+            first.get_or_insert_with(Instant::now);
+            lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+    });
+    wait_child(child, limit)?;
+    let done = Instant::now();
+    let (first, lines) = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the subscriber's reader failed"))??;
+    anyhow::ensure!(lines == count, "the subscriber received {lines} of {count}");
+    Ok((first.unwrap_or(done), done))
+}
+
 fn wait_child(mut c: Child, limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     loop {
@@ -691,15 +742,16 @@ pub(crate) fn peer(
     // Drain, like ours: the far end (broker B, holding the subscriber's
     // persistent session) is away while the backlog builds up at broker A,
     // as ours builds up at the proxy while the MLM is away; then B comes
-    // back, the bridge reconnects (`restart_timeout 1`, as our proxy's
-    // backoff is capped at 1 s) and carries the backlog through B to the
-    // subscriber. Timed from B's start until the subscriber has all.
+    // back, the bridge reconnects and carries the backlog through B to the
+    // subscriber. Timed from the first message received to the last, as
+    // ours from the first stored: mosquitto 2.0.11's bridge reconnected
+    // about 5 s after B came back whatever `restart_timeout` said, which
+    // is its reconnect policy, not its drain.
     stop_broker(b)?;
     rt.block_on(publish(pa, s.backlog, s.clients, s.batch, s.payload))?;
-    let t0 = Instant::now();
     let b = broker("broker-b.conf", dir, pa, pb, "b")?;
-    wait_child(sub(pb, s.backlog)?, Duration::from_secs(3600))?;
-    let drain = s.backlog as f64 / t0.elapsed().as_secs_f64();
+    let (first, done) = first_and_last(pb, s.backlog, Duration::from_secs(3600))?;
+    let drain = s.backlog as f64 / done.duration_since(first).as_secs_f64();
     drop((a, b));
     let _ = std::fs::remove_dir_all(dir);
     Ok(Ours {
@@ -906,14 +958,14 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
         fig(
             "drain_msgs_per_s",
             format!(
-                "drain of a {}-message backlog held at the proxy while the MLM was away, through MLM to the server, timed from the MLM's restart to the last stored",
+                "drain of a {}-message backlog held at the proxy while the MLM was away, through MLM to the server, timed from the first message stored after the MLM's restart to the last",
                 s.backlog
             ),
             &mut drain,
             "messages/s",
             "higher",
             Some((
-                "mosquitto bridge: the same backlog held at broker A while broker B was away (published as in forward_msgs_per_s), through B to the subscriber, timed from B's restart to the last received",
+                "mosquitto bridge: the same backlog held at broker A while broker B was away (published as in forward_msgs_per_s), through B to the subscriber, timed from the first message received after B's restart to the last",
                 &mut pdrain,
             )),
             Some("ratio >= 1"),
