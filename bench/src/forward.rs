@@ -337,8 +337,9 @@ fn ensure_perf() -> anyhow::Result<()> {
 
 /// Counts the `fsync` and `fdatasync` calls of some processes (every
 /// thread) while it runs: `perf stat` on the kernel's syscall tracepoints,
-/// which counts in the kernel without stopping the processes.
-pub(crate) struct Fsyncs(Child);
+/// which counts in the kernel without stopping the processes. Dropped
+/// without [`Fsyncs::stop`] (a run that failed), it stops perf.
+pub(crate) struct Fsyncs(Option<Child>);
 
 impl Fsyncs {
     pub(crate) fn start(pids: &[u32]) -> anyhow::Result<Fsyncs> {
@@ -358,13 +359,17 @@ impl Fsyncs {
             .spawn()?;
         // perf attaches to every thread before it counts.
         std::thread::sleep(Duration::from_millis(300));
-        Ok(Fsyncs(child))
+        Ok(Fsyncs(Some(child)))
     }
 
     /// Stops counting; the calls counted.
-    pub(crate) fn stop(self) -> anyhow::Result<u64> {
-        run_cmd(Command::new("kill").args(["-INT", &self.0.id().to_string()]))?;
-        let out = self.0.wait_with_output()?;
+    pub(crate) fn stop(mut self) -> anyhow::Result<u64> {
+        let child = self
+            .0
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("perf is not running"))?;
+        run_cmd(Command::new("kill").args(["-INT", &child.id().to_string()]))?;
+        let out = child.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stderr);
         let counts: Vec<u64> = text
             .lines()
@@ -373,6 +378,15 @@ impl Fsyncs {
             .collect();
         anyhow::ensure!(counts.len() == 2, "perf stat counted nothing: {text}");
         Ok(counts.iter().sum())
+    }
+}
+
+impl Drop for Fsyncs {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -154,7 +154,16 @@ async fn a_proxy_with_two_routes_keeps_its_alarms_moving_when_one_degrades() {
     let writer = Writer::start(&s, "steady");
 
     // The first route degrades: the messages leave it within seconds.
+    // (On a loaded machine a stalled POST may have moved them off the
+    // healthy first route meanwhile; they come back to it, as below.)
     tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        until(90, || async {
+            in_use(&s).await.as_deref() == Some(u1.as_str())
+        })
+        .await,
+        "the messages are not on the first route before the fault"
+    );
     let moves_before = upstream_count(&s, "route_moves").await;
     l1.set_fault(Fault::Delay(Duration::from_millis(400)));
     let t = Instant::now();
