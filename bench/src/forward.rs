@@ -562,24 +562,29 @@ fn payload(bytes: Option<usize>) -> String {
     line
 }
 
+/// `mosquitto_sub` on broker B at QoS 1 with the persistent session
+/// `bench-sub`, exiting after `count` messages.
+fn sub_command(pb: u16, count: u64) -> Command {
+    let mut c = Command::new("mosquitto_sub");
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pb.to_string(),
+        "-t",
+        "rs/#",
+        "-q",
+        "1",
+        "-c",
+        "-i",
+        "bench-sub",
+    ])
+    .args(["-C", &count.to_string()]);
+    c
+}
+
 fn sub(pb: u16, count: u64) -> anyhow::Result<Child> {
-    Ok(Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pb.to_string(),
-            "-t",
-            "rs/#",
-            "-q",
-            "1",
-            "-c",
-            "-i",
-            "bench-sub",
-        ])
-        .args(["-C", &count.to_string()])
-        .stdout(Stdio::null())
-        .spawn()?)
+    Ok(sub_command(pb, count).stdout(Stdio::null()).spawn()?)
 }
 
 /// Publishes `count` messages at QoS 1 into broker A from `clients`
@@ -647,23 +652,8 @@ async fn publish(
 /// newline per message, read here as they come).
 fn first_and_last(pb: u16, count: u64, limit: Duration) -> anyhow::Result<(Instant, Instant)> {
     use std::io::Read as _;
-    let mut child = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pb.to_string(),
-            "-t",
-            "rs/#",
-            "-q",
-            "1",
-            "-c",
-            "-i",
-            "bench-sub",
-            "-F",
-            "x",
-        ])
-        .args(["-C", &count.to_string()])
+    let mut child = sub_command(pb, count)
+        .args(["-F", "x"])
         .stdout(Stdio::piped())
         .spawn()?;
     let mut out = child
