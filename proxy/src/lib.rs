@@ -537,7 +537,7 @@ async fn salvage_spool(proxy: &Proxy) {
             if let Ok(mut r) = proxy.spool_recovery.lock()
                 && let Some(r) = r.as_mut()
             {
-                r.salvaged = n;
+                r.salvaged += n;
             }
         }
         Err(e) => tracing::error!("salvaging the damaged spool {}: {e}", moved.display()),

@@ -945,11 +945,14 @@ async fn dead_letters_show_at_the_centre_and_are_replayed_or_discarded_by_an_adm
 
 /// A damaged spool does not keep a site down (Vector's disk buffer wedges
 /// until someone deletes it by hand): `rs-proxy spool verify` reports the
-/// damage; at its next start the proxy moves the file aside, starts a new
-/// spool, spools again every message it can read from the old one, and
-/// reports the recovery in its status (degraded until the file moved
-/// aside is removed). Here an index page of a spool holding 40 undelivered
-/// alarms is overwritten: all 40 reach the server, each once.
+/// damage; at its next start the proxy moves a damaged spool file aside and
+/// starts a new one, copies a damaged log segment aside and writes again
+/// every message it can read from it, and reports the recovery in its
+/// status (degraded until what was moved aside is removed). Here both are
+/// damaged while 40 undelivered alarms wait: an index page of `spool.db`
+/// is overwritten, and so are a few bytes of one alarm's record in the
+/// log. The other 39 reach the server, each once; the one overwritten is
+/// beyond reading, and the recovery says where.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_spool_is_moved_aside_reported_and_what_it_held_is_sent() {
     let dir = tmp("damaged-spool");
@@ -965,9 +968,9 @@ async fn a_damaged_spool_is_moved_aside_reported_and_what_it_held_is_sent() {
         )
         .unwrap();
     let c = register(&s).await;
-    let mut ids = HashSet::new();
+    let mut sent = Vec::new();
     for i in 0..40 {
-        ids.insert(
+        sent.push(
             c.send("alarm", &alarm(&format!("kept through damage {i}"), None))
                 .await
                 .unwrap(),
@@ -977,6 +980,37 @@ async fn a_damaged_spool_is_moved_aside_reported_and_what_it_held_is_sent() {
     let spool = dir.join("p1").join("spool.db");
     let (ok, text) = rs_proxy::verify_spool(&spool).unwrap();
     assert!(ok && text.contains("waiting: 4"), "{text}");
+
+    // Damage in the log: a few bytes inside the record of alarm 20, with
+    // records after it intact (not the torn end of a crash).
+    let log = dir.join("p1").join("spool.log");
+    let mut hit = None;
+    for e in std::fs::read_dir(&log).unwrap().flatten() {
+        let data = std::fs::read(e.path()).unwrap();
+        let needle = b"kept through damage 20";
+        if let Some(at) = data
+            .windows(needle.len() + 1)
+            .position(|w| &w[..needle.len()] == needle && !w[needle.len()].is_ascii_digit())
+        {
+            hit = Some((e.path(), at));
+        }
+    }
+    let (segment, at) = hit.expect("alarm 20 is in the log");
+    {
+        use std::io::{Seek as _, Write as _};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap();
+        f.seek(std::io::SeekFrom::Start(at as u64)).unwrap();
+        f.write_all(&[0xA5; 8]).unwrap();
+        f.sync_all().unwrap();
+    }
+    let lost: String = {
+        let (_, text) = rs_proxy::verify_spool(&spool).unwrap();
+        assert!(text.contains("unreadable"), "{text}");
+        text
+    };
 
     // Damage: the spool's index page overwritten (the table intact).
     {
@@ -1017,18 +1051,38 @@ async fn a_damaged_spool_is_moved_aside_reported_and_what_it_held_is_sent() {
         })
         .collect();
     assert!(!moved.is_empty(), "the damaged spool was not moved aside");
+    let copies = std::fs::read_dir(&log)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".seg.damaged-"))
+        .count();
+    assert_eq!(copies, 1, "the damaged segment was not copied aside");
     let status = rs_proxy::client::Client::new(&s).status().await.unwrap();
-    // The 40 alarms and the proxy's own messages (cold start, heartbeat).
+    // 39 alarms and the proxy's own messages (cold start, heartbeat).
     assert!(
-        status["spool_recovery"]["salvaged"].as_u64() >= Some(40),
+        status["spool_recovery"]["salvaged"].as_u64() >= Some(39),
         "the recovery is not reported: {status}"
     );
-    let a = d.appserver(&port, "").unwrap();
     assert!(
-        all_stored(&dir, &ids, Duration::from_secs(60)),
+        status["spool_recovery"]["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("unreadable")),
+        "the log's damage is not reported: {status} ({lost})"
+    );
+    let a = d.appserver(&port, "").unwrap();
+    let overwritten = sent[20].clone();
+    let readable: HashSet<String> = sent.into_iter().filter(|i| *i != overwritten).collect();
+    assert!(
+        all_stored(&dir, &readable, Duration::from_secs(60)),
         "the alarms of the damaged spool were not delivered"
     );
-    assert_exactly_once(&dir, &ids);
+    assert_exactly_once(&dir, &readable);
+    assert!(
+        !stored_ids(&dir.join("appserver"))
+            .unwrap()
+            .contains(&overwritten),
+        "an overwritten record was delivered"
+    );
     // The centre sees it in the site's status (its cold start's tree).
     let seen = wait_for(Duration::from_secs(30), || {
         tokio::task::block_in_place(|| {
@@ -1049,5 +1103,10 @@ async fn a_damaged_spool_is_moved_aside_reported_and_what_it_held_is_sent() {
         .is_some_and(|t| t.contains("spool.recovered_from"))
     });
     assert!(seen, "the server was not told of the recovery");
+    // And the next check finds nothing wrong: the segment was rewritten
+    // without the damage.
+    d.node("p1").stop(Duration::from_secs(10));
+    let (ok, text) = rs_proxy::verify_spool(&spool).unwrap();
+    assert!(ok, "{text}");
     d.stop_all();
 }

@@ -279,7 +279,10 @@ fn model_cases<O: std::fmt::Debug, F>(
     let rt = tokio::runtime::Runtime::new().unwrap();
     let case = std::sync::atomic::AtomicU32::new(0);
     let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
-        cases: 24,
+        cases: std::env::var("RS_MODEL_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(24),
         ..proptest::test_runner::Config::default()
     });
     runner
@@ -975,6 +978,9 @@ mod spool_model {
         Replay,
         Discard,
         Tick(u64),
+        /// Close the spool and open it again (SQLite: what is in flight is
+        /// offered again; PostgreSQL: nothing, the claims held by lease).
+        Reopen,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -992,6 +998,7 @@ mod spool_model {
             1 => Just(Op::Replay),
             1 => Just(Op::Discard),
             2 => (1u64..40).prop_map(Op::Tick),
+            1 => Just(Op::Reopen),
         ]
     }
 
@@ -1124,6 +1131,9 @@ mod spool_model {
         cfg.max_age = MAX_AGE;
         cfg.dedupe_window = Some(MAX_AGE);
         cfg.lease = Duration::from_secs(86_400);
+        // Segments of a few messages: the log rotates, compacts and
+        // deletes what it no longer needs all through a case.
+        cfg.segment_bytes = 4096;
         match at {
             Location::Sqlite(_) => AnySpool::Sqlite(SqliteSpool::open(cfg).unwrap()),
             Location::Postgres { .. } => AnySpool::Postgres(PgSpool::open(cfg, at, "m1").unwrap()),
@@ -1131,7 +1141,7 @@ mod spool_model {
     }
 
     async fn run(at: Location, ops: Vec<Op>) -> Result<(), TestCaseError> {
-        let q = open(&at, "spool");
+        let mut q = open(&at, "spool");
         let mut model = Model::default();
         let mut now = T0;
         let ts = |ms: i64| Timestamp::from_millis(ms).unwrap();
@@ -1311,6 +1321,15 @@ mod spool_model {
                     prop_assert_eq!(got, ids.len() as u64, "discarded at step {}", n);
                 }
                 Op::Tick(s) => now += s as i64 * 1000,
+                Op::Reopen => {
+                    if matches!(at, Location::Sqlite(_)) {
+                        drop(q);
+                        q = open(&at, "spool");
+                        for m in &mut model.spool {
+                            m.inflight = false;
+                        }
+                    }
+                }
             }
             let st = q.stats().await.unwrap();
             prop_assert_eq!(

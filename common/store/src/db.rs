@@ -66,6 +66,14 @@ pub trait DbState: Send + 'static {
     fn txn(&mut self) -> &mut dyn Txn;
     fn save(&self) -> Self::Saved;
     fn restore(&mut self, saved: Self::Saved);
+    /// Called before a batch with writes commits: what else must reach
+    /// the disk first (the spool's log). An error fails the batch.
+    fn before_commit(&mut self) -> Result<(), DbError> {
+        Ok(())
+    }
+    /// Called once a batch with writes has committed (`true`) or failed
+    /// and been undone (`false`).
+    fn after_commit(&mut self, _committed: bool) {}
 }
 
 /// The state of a store that caches nothing beside its connection.
@@ -292,7 +300,9 @@ fn run_batch<S: DbState>(state: &mut S, batch: Vec<Job<S>>, relaxed: &mut bool) 
         }
     }
     let committed = match (&began, writes) {
-        (Ok(()), true) => state.txn().run("COMMIT"),
+        (Ok(()), true) => state
+            .before_commit()
+            .and_then(|()| state.txn().run("COMMIT")),
         (Ok(()), false) => Ok(()),
         (Err(e), _) => Err(e.clone()),
     };
@@ -300,6 +310,9 @@ fn run_batch<S: DbState>(state: &mut S, batch: Vec<Job<S>>, relaxed: &mut bool) 
         let _ = state.txn().run("ROLLBACK");
         state.restore(before);
         tracing::error!("commit failed: {e}");
+    }
+    if writes {
+        state.after_commit(committed.is_ok());
     }
     for d in deliveries {
         d(committed.clone());

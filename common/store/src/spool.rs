@@ -11,6 +11,7 @@
 //! and [`postgres::PgSpool`], one spool shared by the members of an MLM
 //! farm. [`AnySpool`] is whichever the configuration chose.
 
+pub mod log;
 pub mod postgres;
 pub mod sqlite;
 
@@ -41,6 +42,10 @@ pub struct SpoolConfig {
     /// quarter of it while the member lives). A member that dies holds its
     /// messages no longer.
     pub lease: Duration,
+    /// The embedded spool's log: a segment is closed and a new one begun
+    /// at this size (tests make it small to exercise rotation and
+    /// compaction).
+    pub segment_bytes: u64,
 }
 
 impl SpoolConfig {
@@ -51,6 +56,7 @@ impl SpoolConfig {
             max_age: Duration::from_secs(7 * 86_400),
             dedupe_window: None,
             lease: Duration::from_secs(20),
+            segment_bytes: log::SEGMENT_BYTES,
         }
     }
 }
@@ -175,7 +181,7 @@ pub struct Depth {
     pub oldest: Option<Timestamp>,
 }
 
-/// The query behind [`Spool::depths`], the same on both engines.
+/// The query behind [`Spool::depths`] on PostgreSQL.
 const DEPTHS: &str =
     "SELECT precedence, COUNT(*), CAST(COALESCE(SUM(bytes), 0) AS BIGINT), MIN(created)
      FROM spool
