@@ -542,6 +542,54 @@ mod task_queue {
     fn the_task_queue_follows_its_model_on_postgresql() {
         check("postgres");
     }
+
+    /// With no subscription the expander moves past what is stored
+    /// without making tasks; a subscription made later gets the messages
+    /// stored after it, and only those, on both engines.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscription_gets_what_is_stored_after_it_even_after_expansions_without_any() {
+        for (engine, at) in super::engines("expandnone") {
+            let store = Store::open(&at).unwrap();
+            let now = Timestamp::now();
+            store
+                .ingest((1..=3).map(|n| alarm(true, n)).collect(), now)
+                .await
+                .unwrap();
+            let (passed, tasks) = store.expand(1000, now).await.unwrap();
+            assert_eq!((passed, tasks), (3, 0), "{engine}");
+            assert_eq!(store.expand(1000, now).await.unwrap(), (0, 0), "{engine}");
+            let s = Subscription {
+                id: 0,
+                name: "later".into(),
+                class: None,
+                subclass: None,
+                customer: None,
+                source: None,
+                kind: None,
+                min_severity: None,
+                delivery: Delivery::Webhook("http://127.0.0.1:9/".into()),
+                from_seq: 0,
+            };
+            store.subscribe(s, now).await.unwrap();
+            let after: Vec<Incoming> = (4..=5).map(|n| alarm(true, n)).collect();
+            let want: Vec<String> = after
+                .iter()
+                .map(|i| i.msg.header.id.as_str().to_owned())
+                .collect();
+            store.ingest(after, now).await.unwrap();
+            assert_eq!(store.expand(1000, now).await.unwrap(), (2, 2), "{engine}");
+            let mut got = Vec::new();
+            while let Some(c) = store
+                .claim("test".into(), now, Duration::from_secs(3600))
+                .await
+                .unwrap()
+            {
+                store.complete_task(&c, "test".into(), now).await.unwrap();
+                got.push(c.message);
+            }
+            assert_eq!(got, want, "{engine}");
+        }
+    }
 }
 
 /// An MLM's `outbox.db` from the releases before schema versions (and

@@ -103,6 +103,25 @@ pub(crate) fn expand_in(
         params![],
         |r| r.get(0),
     )?;
+    let subs = subscriptions_in(conn)?;
+    if subs.is_empty() {
+        // Nothing to match: the cursor moves past every message stored so
+        // far without reading them back (each read was a page of the
+        // store's file per message, on the writer's thread).
+        let last: i64 = conn.one(
+            "SELECT COALESCE(MAX(seq), 0) FROM messages",
+            params![],
+            |r| r.get(0),
+        )?;
+        if last <= cursor {
+            return Ok((0, 0));
+        }
+        conn.exec(
+            "UPDATE cursors SET seq = ?1 WHERE name = 'expander'",
+            params![last],
+        )?;
+        return Ok((usize::try_from(last - cursor).unwrap_or(usize::MAX), 0));
+    }
     // Whether the content of a `bulk-request` has a URL (a request for
     // an upload has none).
     let has_url = match conn.engine() {
@@ -133,7 +152,6 @@ pub(crate) fn expand_in(
     let Some(last) = rows.last().map(|m| m.seq) else {
         return Ok((0, 0));
     };
-    let subs = subscriptions_in(conn)?;
     let mut tasks = 0;
     for m in &rows {
         for s in subs.iter().filter(|s| matches(s, m)) {
