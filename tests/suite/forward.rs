@@ -511,6 +511,14 @@ async fn sigkill_of_each_tier_loses_nothing_acknowledged_and_stores_nothing_twic
         }
         assert_eq!(integrity(&dir.join(db)).unwrap(), "ok", "{db}");
     }
+    // The server's store was made with its large pages (nothing opened
+    // the file first with SQLite's default).
+    if rs_tests::deploy::store_engine() == rs_tests::deploy::StoreEngine::Sqlite {
+        #[allow(clippy::disallowed_methods)]
+        let c = rusqlite::Connection::open(dir.join("appserver/appserver.db")).unwrap();
+        let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+        assert_eq!(size, 16384);
+    }
 }
 
 /// Waits (30 s at most) until the proxy at `socket` has handed over at

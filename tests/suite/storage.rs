@@ -592,6 +592,42 @@ mod task_queue {
     }
 }
 
+/// A new server store has 16 KiB pages (a 2 KB message shares its page
+/// with others instead of taking one to itself, written whole to the WAL
+/// and again by the checkpoint); a store file made with 4 KiB pages keeps
+/// them and works as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_server_store_has_large_pages_and_an_old_one_keeps_its_own() {
+    use rs_appserver::store::{Incoming, Store};
+    let dir = std::env::temp_dir().join(format!("rs-storage-pages-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let page_size = |file: &std::path::Path| -> i64 {
+        #[allow(clippy::disallowed_methods)]
+        let c = rusqlite::Connection::open(file).unwrap();
+        c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap()
+    };
+    let now = rs_protocol::Timestamp::now();
+    for (file, made_before, want) in [("new.db", false, 16384), ("old.db", true, 4096)] {
+        let file = dir.join(file);
+        if made_before {
+            let c = rs_store::db::open(&file).unwrap();
+            c.execute_batch("CREATE TABLE before (x INTEGER)").unwrap();
+        }
+        let store = Store::open(&Location::Sqlite(file.clone())).unwrap();
+        let m = rs_protocol::samples::alarm_of_size(1, 2048).to_raw();
+        let id = m.header.id.as_str().to_owned();
+        store.ingest(vec![Incoming::new(m)], now).await.unwrap();
+        drop(store);
+        assert_eq!(page_size(&file), want, "{}", file.display());
+        let mut c = rs_store::sql::Conn::connect(&Location::Sqlite(file.clone())).unwrap();
+        let ids: Vec<String> = c
+            .rows("SELECT id FROM messages", rs_store::params![], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ids, vec![id], "{}", file.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// An MLM's `outbox.db` from the releases before schema versions (and
 /// before the columns later ones added at start) is adopted in place: its queued message is handed out, its routes and
 /// received IDs hold, and it is at the current version, its owner's.

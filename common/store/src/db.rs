@@ -127,6 +127,13 @@ impl<S> std::fmt::Debug for Job<S> {
 /// Opens a connection with the durability every store here uses: WAL,
 /// `synchronous=FULL` (a commit is on disk before anyone hears of it).
 pub fn open(path: &std::path::Path) -> Result<Connection, DbError> {
+    open_with(path, None)
+}
+
+/// [`open`], and for a new file, pages of `page_size` bytes (SQLite's
+/// default is 4 KiB; a store of rows of a few KiB wants larger ones, see
+/// [`crate::sql::Conn::open_paged`]). An existing file keeps its own.
+pub fn open_with(path: &std::path::Path, page_size: Option<u32>) -> Result<Connection, DbError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| DbError::Sql(format!("{}: {e}", dir.display())))?;
@@ -142,6 +149,10 @@ pub fn open(path: &std::path::Path) -> Result<Connection, DbError> {
     // about 4 MB): larger ones write a spool's short-lived pages fewer
     // times, but a WAL of tens of MB per database fills a small site's
     // disk (the fault suite's 24 MB one) before it is ever checkpointed.
+    if let Some(size) = page_size {
+        // Takes effect only before the file's first table (and before WAL).
+        conn.execute_batch(&format!("PRAGMA page_size={size}"))?;
+    }
     conn.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;
          PRAGMA cache_size=-16384; PRAGMA mmap_size=268435456;",

@@ -576,33 +576,54 @@ impl Conn {
     /// `migrations`. A database from a newer release (a version this code
     /// does not know) is refused, never changed.
     pub fn open(at: &Location, migrations: &[Migration]) -> Result<Conn, DbError> {
-        Conn::open_with(at, Some(migrations))
+        Conn::open_with(at, Some(migrations), None)
+    }
+
+    /// [`Conn::open`] for a store whose rows are a few KiB (the server's
+    /// messages): a new SQLite file gets pages of `page_size` bytes. With
+    /// SQLite's 4 KiB pages a 2 KiB row takes a page of its own, written
+    /// whole to the WAL and again by the checkpoint: about 10 KB written
+    /// per 2 KB message.
+    pub fn open_paged(
+        at: &Location,
+        migrations: &[Migration],
+        page_size: u32,
+    ) -> Result<Conn, DbError> {
+        Conn::open_with(at, Some(migrations), Some(page_size))
     }
 
     /// Connects to a store without touching its schema (for tools and
     /// tests that read what a daemon wrote).
     pub fn connect(at: &Location) -> Result<Conn, DbError> {
-        Conn::open_with(at, None)
+        Conn::open_with(at, None, None)
     }
 
-    fn open_with(at: &Location, migrations: Option<&[Migration]>) -> Result<Conn, DbError> {
+    fn open_with(
+        at: &Location,
+        migrations: Option<&[Migration]>,
+        page_size: Option<u32>,
+    ) -> Result<Conn, DbError> {
         match at {
-            Location::Sqlite(_) => Conn::open_here(at, migrations),
+            Location::Sqlite(_) => Conn::open_here(at, migrations, page_size),
             // The blocking client runs a runtime of its own, which cannot
             // start on a thread that drives async tasks (a daemon opens its
             // stores from its async main): connect on a thread of its own.
             Location::Postgres { .. } => std::thread::scope(|s| {
-                s.spawn(|| Conn::open_here(at, migrations))
+                s.spawn(|| Conn::open_here(at, migrations, None))
                     .join()
                     .unwrap_or_else(|_| Err(DbError::Sql("opening the database panicked".into())))
             }),
         }
     }
 
-    fn open_here(at: &Location, migrations: Option<&[Migration]>) -> Result<Conn, DbError> {
+    fn open_here(
+        at: &Location,
+        migrations: Option<&[Migration]>,
+        page_size: Option<u32>,
+    ) -> Result<Conn, DbError> {
         let mut conn = match at {
             Location::Sqlite(path) => Conn {
-                inner: Inner::Sqlite(crate::db::open(path)?),
+                inner: Inner::Sqlite(crate::db::open_with(path, page_size)?),
             },
             Location::Postgres { url, schema } => {
                 check_schema(schema)?;
