@@ -949,7 +949,7 @@ pub(crate) fn run(s: &Settings) -> anyhow::Result<Vec<Figure>> {
         ),
         fig(
             "forward_fsyncs_per_msg",
-            "fsync and fdatasync calls of rs-proxy, rs-mlm and rs-appserver per message in the forward_msgs_per_s run (perf stat on the syscall tracepoints): one per group commit of each tier's SQLite database, which acknowledges nothing before it is on disk".to_owned(),
+            "fsync and fdatasync calls of rs-proxy, rs-mlm and rs-appserver per message in the forward_msgs_per_s run (perf stat on the syscall tracepoints): one per group commit of the proxy's spool log (fdatasync) and of the server's SQLite store, which acknowledge nothing before it is on disk, and the checkpoints of each tier's SQLite files".to_owned(),
             &mut fsyncs,
             "calls",
             "lower",
