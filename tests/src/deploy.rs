@@ -80,6 +80,40 @@ impl PortHold {
     }
 }
 
+impl PortHold {
+    /// A free port of 127.0.0.1, chosen by the kernel and held from the
+    /// start.
+    fn any() -> Option<(PortHold, String)> {
+        let s = tokio::net::TcpSocket::new_v4().ok()?;
+        s.bind("127.0.0.1:0".parse().ok()?).ok()?;
+        let addr = s.local_addr().ok()?.to_string();
+        Some((PortHold(s), addr))
+    }
+}
+
+/// Ports handed out by [`held_port`], held until a server of a deployment
+/// starts on one.
+fn held_ports() -> &'static std::sync::Mutex<HashMap<String, PortHold>> {
+    static HELD: std::sync::OnceLock<std::sync::Mutex<HashMap<String, PortHold>>> =
+        std::sync::OnceLock::new();
+    HELD.get_or_init(Default::default)
+}
+
+/// An address for a server a test starts later while other tiers already
+/// dial it (an upstream that is down at first): its port is held until
+/// [`Deployment`] starts a server there. A port merely found free could
+/// meanwhile be taken, by another test's bind to port 0 or by one of the
+/// many connections dialling it (the kernel may give a connection to a
+/// local port that nothing listens on that very port as its own, and the
+/// connection then reaches itself).
+pub fn held_port() -> String {
+    let (hold, addr) = PortHold::any().expect("a port of 127.0.0.1");
+    if let Ok(mut h) = held_ports().lock() {
+        h.insert(addr.clone(), hold);
+    }
+    addr
+}
+
 /// Gives a configuration that does not say where `/metrics` is served a
 /// port of its own, chosen by the kernel when the daemon binds: the
 /// daemons' fixed defaults would collide between the many a test run
@@ -539,6 +573,10 @@ impl Deployment {
             let a = l.trim_end_matches('"');
             if !a.ends_with(":0") {
                 self.register_addr(a);
+            }
+            // A port held for this server is its own now.
+            if let Ok(mut h) = held_ports().lock() {
+                h.remove(a);
             }
         }
         let cfg_path = self.dir.join(format!("{name}.toml"));

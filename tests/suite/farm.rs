@@ -1201,7 +1201,7 @@ async fn an_mlm_joining_a_farm_brings_the_messages_its_own_spool_holds() {
     let url = Postgres::shared().database("mlmfarmjoin");
     let mut d = Deployment::new(&dir, exe()).unwrap();
     // No server yet: the MLM keeps what it accepts.
-    let port = crate::forward::free_port();
+    let port = rs_tests::deploy::held_port();
     let custody = Extra {
         top: "custody = true".into(),
         ..Extra::default()

@@ -238,7 +238,7 @@ async fn an_outage_spools_and_drains_in_precedence_order() {
     let dir = tmp("outage");
     let mut d = Deployment::new(&dir, exe()).unwrap();
     // The proxy's upstream is not there yet.
-    let port = free_port();
+    let port = rs_tests::deploy::held_port();
     let one_at_a_time = Extra {
         upstream: "max_messages = 1\nmax_backoff_secs = 1\nparallel = 1".into(),
         ..Extra::default()
@@ -290,7 +290,7 @@ async fn an_outage_spools_and_drains_in_precedence_order() {
 async fn expired_messages_are_never_delivered() {
     let dir = tmp("expiry");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let port = free_port();
+    let port = rs_tests::deploy::held_port();
     let s = d
         .proxy(
             "p1",
@@ -353,7 +353,7 @@ async fn expired_messages_are_never_delivered() {
 async fn a_full_spool_evicts_by_policy_and_counts() {
     let dir = tmp("evict");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let port = free_port();
+    let port = rs_tests::deploy::held_port();
     let small = Extra {
         tables: "[spool]\nmax_bytes = 40000\n".into(),
         ..Extra::default()
@@ -540,7 +540,7 @@ pub(crate) fn handed_over(socket: &std::path::Path, n: u64) -> bool {
 async fn a_custody_mlm_accepts_while_its_upstream_is_down_and_delivers_later() {
     let dir = tmp("custody");
     let mut d = Deployment::new(&dir, exe()).unwrap();
-    let port = free_port();
+    let port = rs_tests::deploy::held_port();
     let custody = Extra {
         top: "custody = true".into(),
         ..Extra::default()
@@ -966,7 +966,7 @@ async fn a_damaged_spool_is_moved_aside_reported_and_what_it_held_is_sent() {
     let dir = tmp("damaged-spool");
     let mut d = Deployment::new(&dir, exe()).unwrap();
     // No server yet: the alarms wait in the proxy's spool.
-    let port = free_port();
+    let port = rs_tests::deploy::held_port();
     let s = d
         .proxy(
             "p1",

@@ -1151,7 +1151,7 @@ async fn payload_seals_keep_what_relays_messages_from_reading_or_altering_them()
         .issue("rs.a1", &dir.join("appserver").join("tls"))
         .unwrap()
         .cert;
-    let port = crate::forward::free_port();
+    let port = rs_tests::deploy::held_port();
     // A custody MLM, its upstream down: what it relays sits in its spool.
     // It seals what it makes itself (heartbeats), signed only.
     let m = d
