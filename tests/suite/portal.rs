@@ -330,12 +330,21 @@ async fn the_portal_shows_an_admin_only_its_customers_and_takes_only_its_own_for
         assert_eq!(r.status(), 403, "{path}");
     }
     assert!(!control_get(&a, "groups").await.contains("acme-web"));
-    // A proxy's page shows its customer's quota usage.
-    let comp = &html_of["/portal/component?id=acme.p1"];
-    assert!(
-        comp.contains(r#"<tr class="usage"><td>acme-quota</td><td>acme</td>"#),
-        "{comp}"
-    );
+    // A proxy's page shows its customer's quota usage (the server writes
+    // what it counted to its store every second: until then it reads
+    // none).
+    let usage = r#"<tr class="usage"><td>acme-quota</td><td>acme</td>"#;
+    let mut comp = html_of["/portal/component?id=acme.p1"].clone();
+    for _ in 0..60 {
+        if comp.contains(usage) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        comp = page(&c, &a, &cookie, "/portal/component?id=acme.p1")
+            .await
+            .2;
+    }
+    assert!(comp.contains(usage), "{comp}");
     // A proxy's page lists what its integrators sent.
     assert!(html_of["/portal/component?id=acme.p1"].contains("disk is full"));
     assert!(

@@ -49,7 +49,11 @@ const HEAD: usize = 12;
 /// No record is larger (a message is far smaller: the codec's limits).
 const MAX_RECORD: usize = 256 << 20;
 /// A segment is closed and a new one begun once it reaches this size.
-pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// Space comes back a segment at a time (the one appended to only once
+/// the spool is empty): on a site whose disk is nearly full, a small
+/// segment gives it back sooner. Creating one costs a file and a sync of
+/// the directory.
+pub const SEGMENT_BYTES: u64 = 16 << 20;
 
 const PUT: u8 = 1;
 const REMOVE: u8 = 2;
