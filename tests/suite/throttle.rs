@@ -348,6 +348,40 @@ fn quotas_are_per_key_hold_within_five_percent_and_survive_a_restart() {
 }
 
 #[test]
+fn a_component_rule_holds_that_component_and_those_below_it_only() {
+    let c = FakeClock::at("2026-11-24T12:00:00Z");
+    let rule = |component: &str| Rule {
+        name: "site-quota".into(),
+        component: Some(component.into()),
+        per: Per::Component,
+        quota_bytes: Some(1500),
+        ..Rule::default()
+    };
+    let t = throttle(&c, vec![rule("acme.p1")]);
+    let (p1, below, sibling) = (
+        Msg::new("acme.p1", "data", 1000),
+        Msg::new("acme.p1.s1", "data", 1000),
+        Msg::new("acme.p10", "data", 1000),
+    );
+    // Each key has its own quota: a second message of either is held.
+    for m in [&p1, &below] {
+        assert_eq!(t.check(&m.subject()), Decision::Admit);
+        assert!(wait_of(t.check(&m.subject())).is_some());
+    }
+    // acme.p10 is not below acme.p1: never held.
+    for _ in 0..3 {
+        assert_eq!(t.check(&sibling.subject()), Decision::Admit);
+    }
+    // A component that is not an ID is refused when the rules are read.
+    let cfg = ThrottleConfig {
+        rule: vec![rule("acme..p1")],
+        ..ThrottleConfig::default()
+    };
+    let e = Throttle::new(&cfg, c.clone(), None, None).unwrap_err();
+    assert!(e.contains("component \"acme..p1\""), "{e}");
+}
+
+#[test]
 fn severe_alarms_and_high_precedence_pass_a_closed_throttle() {
     let c = FakeClock::at("2026-11-24T12:00:00Z");
     let t = throttle(

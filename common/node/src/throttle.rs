@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,6 +90,24 @@ pub struct UsageRow {
     pub messages: u64,
 }
 
+/// A usage counter's key, borrowed: (rule, key, period start).
+#[derive(Hash)]
+struct CountRef<'a>(&'a str, &'a str, i64);
+
+impl CountRef<'_> {
+    fn owned(&self) -> (String, String, i64) {
+        (self.0.to_owned(), self.1.to_owned(), self.2)
+    }
+}
+
+/// Hashes as the owned key does (a tuple's and a tuple struct's fields
+/// hash in order, `&str` as `String`).
+impl hashbrown::Equivalent<(String, String, i64)> for CountRef<'_> {
+    fn equivalent(&self, k: &(String, String, i64)) -> bool {
+        self.0 == k.0 && self.1 == k.1 && self.2 == k.2
+    }
+}
+
 /// A governor clock over the daemon's [`Clock`] (wall milliseconds), so
 /// rates follow the same (possibly simulated) time as everything else.
 #[derive(Debug, Clone)]
@@ -113,10 +132,35 @@ impl governor::clock::Reference for GovInstant {
     }
 }
 
+thread_local! {
+    /// The instant (ms) of the check under way on this thread: a check
+    /// reads the clock once, and its rate limiters see that instant too.
+    static CHECK_NOW: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Sets [`CHECK_NOW`] for as long as it lives.
+struct CheckInstant;
+
+impl CheckInstant {
+    fn set(now: Timestamp) -> Self {
+        CHECK_NOW.set(Some(u64::try_from(now.as_millis()).unwrap_or(0)));
+        CheckInstant
+    }
+}
+
+impl Drop for CheckInstant {
+    fn drop(&mut self) {
+        CHECK_NOW.set(None);
+    }
+}
+
 impl governor::clock::Clock for GovClock {
     type Instant = GovInstant;
     fn now(&self) -> GovInstant {
-        GovInstant(u64::try_from(self.0.now().as_millis()).unwrap_or(0) * 1_000_000)
+        let ms = CHECK_NOW
+            .get()
+            .unwrap_or_else(|| u64::try_from(self.0.now().as_millis()).unwrap_or(0));
+        GovInstant(ms * 1_000_000)
     }
 }
 
@@ -169,22 +213,40 @@ struct Compiled {
     tz: jiff::tz::TimeZone,
     window: Option<Window>,
     exempt_severity: Option<Severity>,
+    /// The rule's `component`, parsed once.
+    component: Option<RsId>,
     /// Message and byte rates, each with its burst (in cells).
     messages: Option<(Limiter, u32)>,
     bytes: Option<(Limiter, u32)>,
     /// Time-zone arithmetic is the costly part of a check, and its answers
-    /// hold for a while: the window's state for the current UTC minute
-    /// (zone offsets are whole minutes, windows minute-grained), and the
-    /// current quota period.
-    cache: Mutex<Cache>,
+    /// hold for a while, so they are kept, each in one atomic word that a
+    /// check reads without a lock: the UTC minute the window was last seen
+    /// open in (zone offsets are whole minutes, windows minute-grained;
+    /// `(minute + 1) << 1 | open`, 0: nothing kept), and the current quota
+    /// period (see [`pack_period`]).
+    window_seen: AtomicU64,
+    period: AtomicU64,
 }
 
-#[derive(Debug, Default)]
-struct Cache {
-    /// (UTC minute, open then).
-    window: Option<(i64, bool)>,
-    /// (start, end) of the quota period.
-    period: Option<(i64, i64)>,
+/// A quota period `[start, end)` in one word: start and length in whole
+/// minutes (`start << 32 | length`). `None` for one that is not whole
+/// minutes or before 1970 (it is not kept, but worked out each time).
+fn pack_period((start, end): (i64, i64)) -> Option<u64> {
+    if start % 60_000 != 0 || end % 60_000 != 0 {
+        return None;
+    }
+    let s = u32::try_from(start / 60_000).ok()?;
+    let len = u32::try_from((end - start) / 60_000)
+        .ok()
+        .filter(|&l| l > 0)?;
+    Some(u64::from(s) << 32 | u64::from(len))
+}
+
+/// [`pack_period`] reversed; `None` for 0 (nothing kept).
+fn unpack_period(p: u64) -> Option<(i64, i64)> {
+    let start = i64::from(u32::try_from(p >> 32).ok()?) * 60_000;
+    let len = i64::from(u32::try_from(p & 0xFFFF_FFFF).ok()?) * 60_000;
+    (len > 0).then_some((start, start + len))
 }
 
 fn limiter(per_sec: f64, burst_secs: f64, clock: &GovClock) -> Result<(Limiter, u32), String> {
@@ -227,6 +289,11 @@ impl Compiled {
             .as_deref()
             .map(|s| Severity::parse(s).ok_or_else(|| bad(format!("exempt_severity {s:?}"))))
             .transpose()?;
+        let component = rule
+            .component
+            .as_deref()
+            .map(|c| RsId::new(c).map_err(|e| bad(format!("component {c:?}: {e}"))))
+            .transpose()?;
         if let Some(k) = &rule.kind
             && ContentKind::parse(k).is_none()
         {
@@ -259,9 +326,11 @@ impl Compiled {
             tz,
             window,
             exempt_severity,
+            component,
             messages,
             bytes,
-            cache: Mutex::new(Cache::default()),
+            window_seen: AtomicU64::new(0),
+            period: AtomicU64::new(0),
         })
     }
 
@@ -269,10 +338,11 @@ impl Compiled {
         let r = &self.rule;
         r.customer
             .as_deref()
-            .is_none_or(|c| s.component.customer().as_str() == c)
-            && r.component
-                .as_deref()
-                .is_none_or(|c| RsId::new(c).is_ok_and(|c| s.component.is_within(&c)))
+            .is_none_or(|c| s.component.customer_str() == c)
+            && self
+                .component
+                .as_ref()
+                .is_none_or(|c| s.component.is_within(c))
             && r.class.as_deref().is_none_or(|c| s.class == c)
             && r.kind.as_deref().is_none_or(|k| s.kind.as_str() == k)
     }
@@ -285,12 +355,14 @@ impl Compiled {
                 && matches!((self.exempt_severity, s.severity), (Some(min), Some(sev)) if rank(sev) <= rank(min)))
     }
 
-    fn key(&self, s: &Subject<'_>) -> String {
+    /// The allowance a message spends: `s`'s customer, component or class,
+    /// or the rule's one.
+    fn key<'a>(&self, s: &Subject<'a>) -> &'a str {
         match self.rule.per {
-            Per::All => String::new(),
-            Per::Customer => s.component.customer().as_str().to_owned(),
-            Per::Component => s.component.as_str().to_owned(),
-            Per::Class => s.class.to_owned(),
+            Per::All => "",
+            Per::Customer => s.component.customer_str(),
+            Per::Component => s.component.as_str(),
+            Per::Class => s.class,
         }
     }
 
@@ -314,15 +386,16 @@ impl Compiled {
     fn closed_for(&self, now: Timestamp) -> Option<Duration> {
         let w = self.window?;
         let minute = now.as_millis().div_euclid(60_000);
-        if let Ok(c) = self.cache.lock()
-            && let Some((m, true)) = c.window
-            && m == minute
+        let seen = u64::try_from(minute + 1).ok().map(|m| m << 1 | 1);
+        if let Some(v) = seen
+            && self.window_seen.load(Ordering::Relaxed) == v
         {
             return None;
         }
         let closed = self.closed_for_uncached(w, now);
-        if let Ok(mut c) = self.cache.lock() {
-            c.window = Some((minute, closed.is_none()));
+        if let Some(seen) = seen {
+            let open = u64::from(closed.is_none());
+            self.window_seen.store(seen & !1 | open, Ordering::Relaxed);
         }
         closed
     }
@@ -375,15 +448,14 @@ impl Compiled {
     /// hours of the rule's zone (a DST day is 23 or 25 hours long).
     fn period(&self, now: Timestamp) -> (i64, i64) {
         let t = now.as_millis();
-        if let Ok(c) = self.cache.lock()
-            && let Some((s, e)) = c.period
+        if let Some((s, e)) = unpack_period(self.period.load(Ordering::Relaxed))
             && (s..e).contains(&t)
         {
             return (s, e);
         }
         let p = self.period_uncached(now);
-        if let Ok(mut c) = self.cache.lock() {
-            c.period = Some(p);
+        if let Some(packed) = pack_period(p) {
+            self.period.store(packed, Ordering::Relaxed);
         }
         p
     }
@@ -441,7 +513,9 @@ pub struct Throttle {
     rules: Vec<Compiled>,
     clock: Arc<dyn Clock>,
     usage: Option<Arc<dyn UsageStore>>,
-    counts: Mutex<HashMap<(String, String, i64), Count>>,
+    /// Usage by (rule, key, period start); looked up with [`CountRef`]
+    /// (hashbrown's `Equivalent`: a check allocates no key).
+    counts: Mutex<hashbrown::HashMap<(String, String, i64), Count>>,
     /// Messages held back, per rule (since start).
     held: Mutex<HashMap<String, u64>>,
     disk: Option<(std::path::PathBuf, u64)>,
@@ -548,7 +622,7 @@ impl Throttle {
             rules,
             clock,
             usage,
-            counts: Mutex::new(HashMap::new()),
+            counts: Mutex::new(hashbrown::HashMap::new()),
             held: Mutex::new(HashMap::new()),
             bulk: Arc::new(std::sync::atomic::AtomicU32::new(0)),
             max_bulk: cfg.max_bulk_transfers,
@@ -601,6 +675,7 @@ impl Throttle {
             return Decision::Admit;
         }
         let now = self.clock.now();
+        let _instant = CheckInstant::set(now);
         if let Some((dir, floor)) = &self.disk
             && let Some(free) = free_bytes(dir)
             && free < *floor
@@ -611,14 +686,12 @@ impl Throttle {
                 format!("less than {} MB free on the data disk", floor / 1024 / 1024),
             );
         }
-        let matching: Vec<&Compiled> = self
-            .rules
-            .iter()
-            .filter(|r| r.matches(s) && !r.exempt(s))
-            .collect();
+        // The rules that apply, walked three times rather than collected: a
+        // check allocates only the rate limiters' keys.
+        let matching = || self.rules.iter().filter(|r| r.matches(s) && !r.exempt(s));
         // Windows and quotas first: they consume nothing, so a refusal
         // there does not spend another rule's rate.
-        for r in &matching {
+        for r in matching() {
             if let Some(after) = r.closed_for(now) {
                 return self.hold(
                     &r.rule.name,
@@ -637,7 +710,7 @@ impl Throttle {
                     .lock()
                     .ok()
                     .and_then(|c| {
-                        c.get(&(r.rule.name.clone(), r.key(s), start))
+                        c.get(&CountRef(&r.rule.name, r.key(s), start))
                             .map(|x| x.bytes)
                     })
                     .unwrap_or(0);
@@ -664,8 +737,8 @@ impl Throttle {
             NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX).clamp(1, burst))
                 .unwrap_or(NonZeroU32::MIN)
         };
-        for r in &matching {
-            let key = r.key(s);
+        for r in matching().filter(|r| r.messages.is_some() || r.bytes.is_some()) {
+            let key = r.key(s).to_owned();
             if let Some((l, burst)) = &r.messages
                 && let Ok(Err(not_until)) = l.check_key_n(&key, cells(share, *burst))
             {
@@ -695,9 +768,13 @@ impl Throttle {
         // Admitted: count it for every rule it matched (quotas read these;
         // status shows them for every rule).
         if let Ok(mut c) = self.counts.lock() {
-            for r in &matching {
+            for r in matching() {
                 let (start, _) = r.period(now);
-                let e = c.entry((r.rule.name.clone(), r.key(s), start)).or_default();
+                let key = CountRef(&r.rule.name, r.key(s), start);
+                let e = match c.get_mut(&key) {
+                    Some(e) => e,
+                    None => c.entry(key.owned()).or_default(),
+                };
                 e.bytes += s.bytes;
                 e.messages += 1;
                 e.dirty_bytes += s.bytes;
@@ -1051,5 +1128,29 @@ where
         if done {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_quota_period_reads_back_as_it_was_and_odd_ones_are_not_kept() {
+        let day = (1_795_996_800_000, 1_796_083_200_000);
+        let packed = pack_period(day).unwrap();
+        assert_eq!(unpack_period(packed), Some(day));
+        // A DST day of 23 hours, a half-hour zone's hour.
+        for p in [
+            (1_774_832_400_000, 1_774_915_200_000),
+            (1_800_000_000_000 - 1_800_000, 1_800_001_800_000),
+        ] {
+            assert_eq!(unpack_period(pack_period(p).unwrap()), Some(p));
+        }
+        // Not whole minutes, before 1970, or empty: worked out each time.
+        assert_eq!(pack_period((1_795_996_800_001, 1_796_083_200_000)), None);
+        assert_eq!(pack_period((-3_600_000, 0)), None);
+        assert_eq!(pack_period((60_000, 60_000)), None);
+        assert_eq!(unpack_period(0), None);
     }
 }

@@ -226,7 +226,12 @@ impl RsId {
 
     /// The customer this component belongs to.
     pub fn customer(&self) -> CustomerId {
-        CustomerId(self.0.split('.').next().unwrap_or_default().into())
+        CustomerId(self.customer_str().into())
+    }
+
+    /// [`RsId::customer`] without a copy: the ID's first segment.
+    pub fn customer_str(&self) -> &str {
+        self.0.split('.').next().unwrap_or_default()
     }
 
     /// The kind of component, from the last segment.
