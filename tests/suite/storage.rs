@@ -321,6 +321,23 @@ mod task_queue {
     /// Two subscriptions: one takes class `monitoring` only, one takes all.
     const SUBS: [(&str, Option<&str>); 2] = [("disk", Some("monitoring")), ("all", None)];
 
+    /// A webhook subscription to `class` (all classes: `None`), to a
+    /// port nobody listens on.
+    fn webhook_sub(name: &str, class: Option<&str>) -> Subscription {
+        Subscription {
+            id: 0,
+            name: name.into(),
+            class: class.map(Into::into),
+            subclass: None,
+            customer: None,
+            source: None,
+            kind: None,
+            min_severity: None,
+            delivery: Delivery::Webhook("http://127.0.0.1:9/".into()),
+            from_seq: 0,
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         /// Store `n` alarms, of class `monitoring` or `inventory`.
@@ -428,19 +445,10 @@ mod task_queue {
         let store = Store::open(&at).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let now = Timestamp::now();
         for (name, class) in SUBS {
-            let s = Subscription {
-                id: 0,
-                name: name.into(),
-                class: class.map(Into::into),
-                subclass: None,
-                customer: None,
-                source: None,
-                kind: None,
-                min_severity: None,
-                delivery: Delivery::Webhook("http://127.0.0.1:9/".into()),
-                from_seq: 0,
-            };
-            store.subscribe(s, now).await.unwrap();
+            store
+                .subscribe(webhook_sub(name, class), now)
+                .await
+                .unwrap();
         }
         let mut model = Model::default();
         let mut claims: Vec<Claimed> = Vec::new();
@@ -558,19 +566,10 @@ mod task_queue {
             let (passed, tasks) = store.expand(1000, now).await.unwrap();
             assert_eq!((passed, tasks), (3, 0), "{engine}");
             assert_eq!(store.expand(1000, now).await.unwrap(), (0, 0), "{engine}");
-            let s = Subscription {
-                id: 0,
-                name: "later".into(),
-                class: None,
-                subclass: None,
-                customer: None,
-                source: None,
-                kind: None,
-                min_severity: None,
-                delivery: Delivery::Webhook("http://127.0.0.1:9/".into()),
-                from_seq: 0,
-            };
-            store.subscribe(s, now).await.unwrap();
+            store
+                .subscribe(webhook_sub("later", None), now)
+                .await
+                .unwrap();
             let after: Vec<Incoming> = (4..=5).map(|n| alarm(true, n)).collect();
             let want: Vec<String> = after
                 .iter()
