@@ -328,7 +328,7 @@ fn markdown(figs: &[Figure]) -> String {
                 (Some(p), Some(v)) => format!("{p}: {} {}", fmt(v), f.unit),
                 _ => "–".into(),
             },
-            f.ratio.map_or("–".into(), |r| format!("{r:.2}")),
+            f.ratio.map_or("–".into(), ratio_text),
             f.target.as_deref().unwrap_or("–"),
             f.measured_at,
         ));
@@ -616,9 +616,29 @@ fn main() {
     );
 }
 
+/// A ratio with two decimals, or two significant digits below 0.1 (a
+/// target like `< 0.01` needs to see 0.0062, not 0.01).
+fn ratio_text(r: f64) -> String {
+    if r == 0.0 || !r.is_finite() || r.abs() >= 0.1 {
+        return format!("{r:.2}");
+    }
+    let decimals = (-r.abs().log10()).ceil().clamp(1.0, 12.0) as usize + 1;
+    format!("{r:.decimals$}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_ratios_keep_two_significant_digits() {
+        assert_eq!(ratio_text(0.53), "0.53");
+        assert_eq!(ratio_text(1.914), "1.91");
+        assert_eq!(ratio_text(0.0062), "0.0062");
+        assert_eq!(ratio_text(0.0101), "0.010");
+        assert_eq!(ratio_text(0.0454), "0.045");
+        assert_eq!(ratio_text(0.0), "0.00");
+    }
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| (*s).to_owned()).collect()
