@@ -137,10 +137,10 @@ impl Default for Gauges {
 
 pub use rs_node::daemon::Exit;
 
-/// An MLM that joins a farm may still hold messages in the spool file it
-/// kept alone (`spool.db` and its log in its data directory): they move into the
-/// farm's spool before its sender starts, so none is stranded in a file
-/// no sender reads any more.
+/// An MLM that joins a farm may still hold messages in the spool it kept
+/// alone (`spool.db` and its log in its data directory): they move into
+/// the farm's spool before its sender starts, so none is stranded in a
+/// file no sender reads any more.
 async fn adopt_local_spool(mlm: &Mlm) -> anyhow::Result<()> {
     let file = mlm.cfg.data_dir.join("spool.db");
     if !matches!(mlm.spool, AnySpool::Postgres(_)) || !file.exists() {

@@ -78,11 +78,10 @@ impl PortHold {
         s.bind(a).ok()?;
         Some(PortHold(s))
     }
-}
 
-impl PortHold {
     /// A free port of 127.0.0.1, chosen by the kernel and held from the
-    /// start.
+    /// start (without `SO_REUSEADDR`: another socket asking for it too
+    /// could then be bound to the same port).
     fn any() -> Option<(PortHold, String)> {
         let s = tokio::net::TcpSocket::new_v4().ok()?;
         s.bind("127.0.0.1:0".parse().ok()?).ok()?;
